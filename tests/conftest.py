@@ -1,0 +1,23 @@
+"""Shared fixtures: the real-data folder (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    return Path(os.environ.get("ALNUS_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The staged public datasets (BUS-BRA, BrEaST-Lesions-USG); skip when they are not on this machine."""
+    root = _shared_data()
+    if not (root / "BUS-BRA" / "manifest.csv").is_file():
+        pytest.skip(f"real data not found at {root} (set ALNUS_SHARED_DATA to the folder holding BUS-BRA/)")
+    return root
