@@ -1,0 +1,229 @@
+"""The `alnus` command line: parses, calls library functions, prints. No work is done here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alnus import __version__
+from alnus.errors import AlnusError
+
+app = typer.Typer(
+    name="alnus",
+    help="Predict axillary lymph node metastasis from breast ultrasound, and run the validation study around it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Data: import, validate, split, phantom (demo) data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"alnus {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """alnus: deep learning for ALN metastasis from breast ultrasound, with an honest validation study."""
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _print_frame(df, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
+    table = Table(title=title, show_lines=False)
+    for col in df.columns:
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left")
+    for _, row in df.iterrows():
+        table.add_row(*("" if v is None else str(v) for v in row.tolist()))
+    console.print(table)
+
+
+@data_app.command("import")
+def data_import(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="busbra | breast | busi | folders")],
+    src: Annotated[Path, typer.Argument(help="The dataset's folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the manifest (images are not copied).")],
+    patient_regex: Annotated[
+        str | None, typer.Option(help="folders: regex whose first group is the patient ID (on the relative path).")
+    ] = None,
+) -> None:
+    """Write an alnus manifest for a public dataset or a folder of class folders."""
+    from alnus.data.importers import import_dataset
+
+    options = {"patient_regex": patient_regex} if patient_regex else {}
+    path = import_dataset(fmt, src, out, **options)
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    console.print(
+        f"[green]Wrote[/green] {path}: {len(df)} images, {df['patient_id'].nunique()} patients, "
+        f"labels {df['label'].value_counts().to_dict()}"
+    )
+
+
+@data_app.command("validate")
+def data_validate(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (one row per image).")],
+    labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated, e.g. negative,positive.")] = None,
+    drop_invalid: Annotated[
+        bool, typer.Option(help="Write the valid rows and an exclusions table instead of failing.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for manifest.valid.csv and exclusions.csv.")] = None,
+) -> None:
+    """Check every row (files, images, labels, patients, sites, splits, ROI, masks); list all problems at once."""
+    from alnus._io import write_csv
+    from alnus.data.manifest import read_manifest, validate_manifest
+
+    df = read_manifest(manifest)
+    result = validate_manifest(df, manifest.parent, labels=_labels(labels))
+    if result.ok:
+        console.print(f"[green]OK[/green] {manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients, no problems.")
+        return
+    if not drop_invalid:
+        result.raise_if_problems(manifest)
+    folder = out or manifest.parent
+    write_csv(result.exclusions, folder / "exclusions.csv")
+    write_csv(result.valid, folder / "manifest.valid.csv")
+    console.print(
+        f"[yellow]Excluded[/yellow] {len(df) - len(result.valid)} of {len(df)} rows "
+        f"({len(result.problems)} problems): see {folder / 'exclusions.csv'}; "
+        f"valid rows in {folder / 'manifest.valid.csv'}."
+    )
+
+
+@data_app.command("split")
+def data_split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (one row per image).")],
+    out: Annotated[Path, typer.Option(help="Folder for splits.csv and the split report.")],
+    external_site: Annotated[
+        list[str] | None, typer.Option(help="Site(s) held out as the external test (repeatable).")
+    ] = None,
+    internal_test_frac: Annotated[float, typer.Option(help="Share of development patients for the internal test.")] = 0.1,
+    val_frac: Annotated[float, typer.Option(help="Share of the remaining development patients for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (the split is deterministic for a seed).")] = 0,
+    labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated.")] = None,
+    drop_invalid: Annotated[bool, typer.Option(help="Exclude invalid rows (counted in exclusions.csv).")] = False,
+    group_duplicates: Annotated[
+        bool, typer.Option(help="Merge patients sharing near-duplicate images into one group instead of failing.")
+    ] = False,
+    duplicate_check: Annotated[bool, typer.Option(help="Hash images to find near-duplicates across splits.")] = True,
+) -> None:
+    """Patient-level, label-stratified split with a leakage check; external sites are only ever tested on."""
+    from alnus._io import write_csv
+    from alnus.data.manifest import read_manifest, validate_manifest
+    from alnus.data.split import split_manifest
+
+    df = read_manifest(manifest)
+    validation = validate_manifest(df, manifest.parent, labels=_labels(labels))
+    if not validation.ok and not drop_invalid:
+        validation.raise_if_problems(manifest)
+    write_csv(validation.exclusions, out / "exclusions.csv")
+    result = split_manifest(
+        validation.valid,
+        manifest.parent,
+        external_sites=tuple(external_site or ()),
+        internal_test_frac=internal_test_frac,
+        val_frac=val_frac,
+        seed=seed,
+        check_duplicates=duplicate_check,
+        group_duplicates=group_duplicates,
+    )
+    write_csv(result.splits, out / "splits.csv")
+    write_csv(result.report, out / "split_report.csv")
+    write_csv(result.duplicates, out / "near_duplicates.csv")
+    _print_frame(result.report, f"Split of {manifest.name} (seed {seed})")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    excluded = len(df) - len(validation.valid)
+    console.print(
+        f"[green]Wrote[/green] {out / 'splits.csv'} ({len(result.splits)} images"
+        + (f"; {excluded} excluded rows in {out / 'exclusions.csv'}" if excluded else "")
+        + ")."
+    )
+
+
+@data_app.command("combine")
+def data_combine(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifests to combine (e.g. one per hospital).")],
+    out: Annotated[Path, typer.Option(help="The combined manifest's path (paths are rebased to its folder).")],
+) -> None:
+    """Combine several manifests into one (union of columns; image paths rebased)."""
+    from alnus._io import write_csv
+    from alnus.data.manifest import combine_manifests
+
+    df = combine_manifests(manifests, out)
+    write_csv(df, out)
+    console.print(f"[green]Wrote[/green] {out}: {len(df)} images, {df['patient_id'].nunique()} patients.")
+
+
+@data_app.command("phantom")
+def data_phantom(
+    out: Annotated[Path, typer.Argument(help="Folder for the phantom images and manifest.csv.")],
+    patients: Annotated[int, typer.Option(help="Patients at the development site.")] = 160,
+    external_patients: Annotated[int, typer.Option(help="Patients at the external site.")] = 60,
+    overlap: Annotated[float, typer.Option(help="Class overlap: 0 separable, 1 no signal.")] = 0.3,
+    dicom_fraction: Annotated[float, typer.Option(help="Share of images written as DICOM.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Generate ultrasound-like phantom data with a known, tunable class signal (two sites, readers, DICOM)."""
+    from alnus.data.phantom import make_phantom
+
+    path = make_phantom(
+        out,
+        patients=patients,
+        external_patients=external_patients,
+        overlap=overlap,
+        dicom_fraction=dicom_fraction,
+        seed=seed,
+    )
+    console.print(f"[green]Wrote[/green] phantom data: {path}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder for the demo data and run.")] = Path("demo"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the pipeline on built-in phantom data (currently the data steps: phantom, validate, split)."""
+    data = out / "data"
+    console.rule("1/3 phantom data")
+    data_phantom(data, seed=seed)
+    manifest = data / "manifest.csv"
+    console.rule("2/3 validate")
+    data_validate(manifest, labels="negative,positive")
+    console.rule("3/3 split")
+    data_split(manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive")
+    console.print(
+        "[bold]Demo done.[/bold] The data steps ran on phantom data; training, evaluation and the report "
+        "join this command as those stages land (see README)."
+    )
+
+
+def main() -> None:
+    """Entry point: user-actionable errors print as a message with exit code 2, not a traceback."""
+    try:
+        app()
+    except AlnusError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Region of interest: parse lesion boxes, derive them from masks, add the peritumoral margin, crop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from alnus.data.images import load_image
+from alnus.errors import AlnusError
+
+Box = tuple[int, int, int, int]
+"""A box in pixels of the decoded image: (x, y, w, h), x/y the top-left corner."""
+
+RoiMode = Literal["box", "mask", "whole"]
+ROI_MODES: tuple[str, ...] = ("box", "mask", "whole")
+MAX_MARGIN = 2.0
+
+
+class RoiError(AlnusError, ValueError):
+    """A box, mask or ROI policy that cannot be used; the message names the value or the image."""
+
+
+@dataclass(frozen=True)
+class RoiPolicy:
+    """How a lesion crop is taken: from the `roi` box, from the mask, or the whole image.
+
+    `margin` is the fraction of the box's width and height added on each side: the peritumoral
+    region carries signal for ALN status (Zhou et al., Radiology 2020), so a tight crop loses it.
+    """
+
+    mode: RoiMode = "whole"
+    margin: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.mode not in ROI_MODES:
+            raise RoiError(f"unknown ROI mode {self.mode!r}; use one of {', '.join(ROI_MODES)}.")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)):
+            raise RoiError(f"ROI margin must be a number, got {self.margin!r}.")
+        if not (0.0 <= self.margin <= MAX_MARGIN):
+            raise RoiError(
+                f"ROI margin {self.margin} is outside 0..{MAX_MARGIN:g} "
+                "(a fraction of the box width/height added on each side)."
+            )
+        object.__setattr__(self, "margin", float(self.margin))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain JSON-ready values, for the model package metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoiPolicy:
+        """Rebuild a policy written by `to_dict`; unknown keys are an error, missing keys take the defaults."""
+        unknown = sorted(set(data) - {"mode", "margin"})
+        if unknown:
+            raise RoiError(f"unknown ROI policy key(s) {', '.join(map(repr, unknown))}; expected 'mode', 'margin'.")
+        return cls(**dict(data))
+
+
+def parse_box(text: str) -> Box:
+    """Parse an `x,y,w,h` box (also `[x, y, w, h]` or `(x, y, w, h)`) in pixels.
+
+    Raises:
+        RoiError (a ValueError): wrong number of fields, a field that is not a whole number,
+        or a non-positive width/height. Whether the box fits the image is checked by the caller.
+    """
+    raw = str(text).strip()
+    inner = raw
+    if inner[:1] in "[(" and inner[-1:] in "])":
+        inner = inner[1:-1]
+    fields = [f.strip() for f in inner.split(",")]
+    if len(fields) != 4:
+        raise RoiError(f"roi {raw!r} has {len(fields)} field(s); expected 4: x,y,w,h in pixels.")
+    values: list[int] = []
+    for name, field in zip(("x", "y", "w", "h"), fields):
+        try:
+            number = float(field)
+        except ValueError:
+            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.") from None
+        if not math.isfinite(number) or not number.is_integer():
+            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a whole number of pixels.")
+        values.append(int(number))
+    x, y, w, h = values
+    if w <= 0 or h <= 0:
+        raise RoiError(f"roi {raw!r}: width and height must be positive (got w={w}, h={h}).")
+    return x, y, w, h
+
+
+def format_box(box: Box) -> str:
+    """The `x,y,w,h` text of a box, as written in a manifest."""
+    return ",".join(str(v) for v in box)
+
+
+def box_inside(box: Box, shape: tuple[int, int]) -> bool:
+    """Whether the box lies wholly inside an image of `shape` (H, W)."""
+    x, y, w, h = box
+    height, width = shape[:2]
+    return x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height
+
+
+def box_from_mask(mask: np.ndarray) -> Box | None:
+    """Bounding box of the mask's nonzero pixels; None when the mask is empty."""
+    if mask.ndim != 2:
+        raise RoiError(f"a mask must be a 2-D (H, W) array, got shape {mask.shape}.")
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1 = int(rows[0]), int(rows[-1])
+    x0, x1 = int(cols[0]), int(cols[-1])
+    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
+
+
+def expand_box(box: Box, margin: float, shape: tuple[int, int]) -> Box:
+    """Grow the box by `margin` x its width/height on each side, clipped to the image (never empty)."""
+    if not (0.0 <= margin <= MAX_MARGIN):
+        raise RoiError(f"ROI margin {margin} is outside 0..{MAX_MARGIN:g}.")
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        raise RoiError(f"box {format_box(box)} has a non-positive width or height.")
+    height, width = shape[:2]
+    if height <= 0 or width <= 0:
+        raise RoiError(f"cannot place a box in an empty image of shape {tuple(shape)}.")
+    dx, dy = round(w * margin), round(h * margin)
+    # Clip each edge into the image first, so a box lying partly or wholly outside still gives >= 1 pixel.
+    x0 = min(max(x - dx, 0), width - 1)
+    y0 = min(max(y - dy, 0), height - 1)
+    x1 = max(min(x + w + dx, width), x0 + 1)
+    y1 = max(min(y + h + dy, height), y0 + 1)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    """The pixels of `image` inside `box` (a copy); the box must lie inside the image."""
+    if not box_inside(box, image.shape):
+        height, width = image.shape[:2]
+        raise RoiError(f"box {format_box(box)} extends outside the {width}x{height} image.")
+    x, y, w, h = box
+    return image[y : y + h, x : x + w].copy()
+
+
+def mask_path(row: Mapping[str, str]) -> str | None:
+    """The lesion mask of a manifest row: the `mask` column, else the first path of `mask_tumor`."""
+    for column in ("mask", "mask_tumor"):
+        cell = str(row.get(column, "") or "").strip()
+        first = next((part.strip() for part in cell.split(";") if part.strip()), "")
+        if first:
+            return first
+    return None
+
+
+def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int]) -> Box | None:
+    rel = mask_path(row)
+    if rel is None:
+        return None
+    image = row.get("image", "?")
+    mask = load_image(Path(root) / rel)
+    if mask.shape != tuple(shape[:2]):
+        raise RoiError(
+            f"image {image}: mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+            f"{shape[1]}x{shape[0]}; the mask must be drawn on the decoded image."
+        )
+    return box_from_mask(mask)
+
+
+def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
+    text = str(row.get("roi", "") or "").strip()
+    if not text:
+        return None
+    image = row.get("image", "?")
+    try:
+        box = parse_box(text)
+    except RoiError as exc:
+        raise RoiError(f"image {image}: {exc}") from None
+    if not box_inside(box, shape):
+        raise RoiError(
+            f"image {image}: roi {format_box(box)} extends outside the {shape[1]}x{shape[0]} image; "
+            "fix the roi column (x,y,w,h in pixels of the decoded image)."
+        )
+    return box
+
+
+def roi_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: RoiPolicy) -> Box | None:
+    """The crop box of one manifest row under `policy`, margin added and clipped; None for mode "whole".
+
+    Mode "box" uses the `roi` column, else the mask's bounding box; mode "mask" prefers the mask
+    (`mask`, else the first path of `mask_tumor`), else the `roi` column. An empty mask counts as no mask.
+
+    Raises:
+        RoiError (an AlnusError): the row has neither, its box does not fit the image, or its mask
+        does not match the image size; the message names the row's image.
+    """
+    if policy.mode == "whole":
+        return None
+    sources = (_column_box, _mask_box) if policy.mode == "box" else (_mask_box, _column_box)
+    for source in sources:
+        box = source(row, root, shape) if source is _mask_box else source(row, shape)
+        if box is not None:
+            return expand_box(box, policy.margin, shape)
+    raise RoiError(
+        f"image {row.get('image', '?')}: ROI mode {policy.mode!r} needs an 'roi' box (x,y,w,h) or a "
+        "non-empty lesion mask ('mask' or 'mask_tumor' column); add one or use ROI mode 'whole'."
+    )
+
+
+def crop_roi(image: np.ndarray, row: Mapping[str, str], root: Path, policy: RoiPolicy) -> np.ndarray:
+    """Crop a decoded image to its row's ROI under `policy` (the whole image for mode "whole")."""
+    box = roi_box(row, root, image.shape[:2], policy)
+    return image if box is None else crop(image, box)
