@@ -1,26 +1,327 @@
-"""Decode ultrasound images (PNG/JPEG/BMP/TIFF, DICOM) to one representation: uint8 (H, W) grey-scale."""
+"""Decode ultrasound images (PNG/JPEG/BMP/TIFF, DICOM) to one representation: uint8 (H, W) grey-scale.
+
+Colour (RGB, RGBA, palette, YBR, CMYK) becomes luminance as PIL's "L" (ITU-R 601-2); data deeper than
+8 bits is scaled linearly from the image's own min..max to 0..255 (a constant image maps to 0);
+MONOCHROME1 is inverted so that bright = echogenic; DICOM files are cropped to their 2D ultrasound
+region. Unless `frame` says otherwise, a multi-frame DICOM gives its middle frame (a cine sweep is
+usually started before and stopped after the lesion, so the middle frame is the likeliest to show it),
+while a multi-page Pillow file gives its first page (the main image; later pages of MPO or TIFF files
+are often previews or reduced resolutions).
+See docs/architecture.md ("Images").
+"""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from alnus.errors import AlnusError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.pixels.decoders.base import Decoder
+
+# Pillow's default decompression-bomb limit (about 89 Mpx); an ultrasound frame is well under 1 Mpx.
+MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+_SUPPORTED_PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "PALETTE COLOR",
+    # JPEG 2000 only: the codec undoes its colour transform, so decoded pixels are RGB.
+    "YBR_ICT",
+    "YBR_RCT",
+}
+_REGION_BOUNDS = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
 
 
 class ImageReadError(AlnusError):
     """An image could not be decoded; the message names the file and what to do."""
 
 
-def load_image(path: str | Path, *, frame: int | None = None, us_region: bool = True) -> np.ndarray:
-    """Decode `path` to a uint8 (H, W) grey-scale array."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found; check the path (relative to the manifest).")
+def is_dicom(path: str | Path) -> bool:
+    """Whether `path` is a DICOM Part 10 file, by content (b"DICM" at byte 128) whatever its name."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise ImageReadError(f"{path}: cannot decode image ({exc}); re-export the file.") from exc
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(H, W) that `load_image` returns for `path`, read from the header without decoding pixels.
+
+    Fails where `load_image` would on header problems (missing file, not an image, too many pixels,
+    unsupported DICOM photometric interpretation or transfer syntax); truncated pixel data is only
+    found by decoding.
+    """
+    path = _existing_file(path)
+    if is_dicom(path):
+        ds = _read_dicom(path, pixels=False)
+        rows, columns, _, _ = _check_dicom_header(ds, path, max_pixels)
+        box = _us_region_box(ds, path, rows, columns) if us_region else None
+        return (rows, columns) if box is None else (box[1] - box[0], box[3] - box[2])
+    with _open_pillow(path, max_pixels) as im:
+        return im.height, im.width
+
+
+def load_image(
+    path: str | Path, *, frame: int | None = None, us_region: bool = True, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Decode `path` to a C-contiguous uint8 (H, W) grey-scale array.
+
+    Args:
+        frame: 0-based frame of a multi-frame file; None takes a DICOM's middle frame, a TIFF's first page.
+        us_region: crop a DICOM to the union of its 2D tissue regions (SequenceOfUltrasoundRegions).
+        max_pixels: refuse images (one frame) with more pixels than this, before decoding them.
+    """
+    path = _existing_file(path)
+    if is_dicom(path):
+        image = _decode_dicom(path, frame, us_region, max_pixels)
+    else:
+        image = _decode_pillow(path, frame, max_pixels)
+    # Writeable, so callers can augment in place (Pillow's arrays are read-only views).
+    return np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found; check the path (relative to the manifest).")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: is not a file; point to an image file.")
+    return path
+
+
+def _pick_frame(path: Path, frame: int | None, n_frames: int, default: int) -> int:
+    if frame is None:
+        return default
+    if not 0 <= frame < n_frames:
+        raise ImageReadError(
+            f"{path}: frame {frame} requested but the file has {n_frames} frame(s); "
+            f"use a frame from 0 to {n_frames - 1}."
+        )
+    return frame
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale linearly from the array's own min..max to 0..255; a constant array maps to 0."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _to_grey(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3) RGB of any depth -> uint8 (H, W), with PIL's ITU-R 601-2 luminance."""
+    if pixels.dtype != np.uint8:
+        pixels = _scale_to_uint8(pixels)
+    if pixels.ndim == 3:
+        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels), "RGB").convert("L"))
+    return pixels
+
+
+# --- Pillow: PNG, JPEG, BMP, TIFF -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _open_pillow(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Open lazily (header only), refusing decompression bombs: ours and Pillow's limit, warning included."""
+    try:
+        # Scoped, so Pillow's global filters and Image.MAX_IMAGE_PIXELS stay as other users set them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(
+            f"{path}: refused as a possible decompression bomb ({exc}); if the image is genuine, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS or export it smaller."
+        ) from exc
+    except UnidentifiedImageError as exc:
+        hint = (
+            "it is named like DICOM but lacks the DICOM file header ('DICM' at byte 128); re-export it"
+            if path.suffix.lower() in _DICOM_SUFFIXES
+            else "check the path or export the image as PNG"
+        )
+        raise ImageReadError(f"{path}: not a PNG, JPEG, BMP, TIFF or DICOM image; {hint}.") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
+    with im:
+        if im.width * im.height > max_pixels:
+            raise ImageReadError(
+                f"{path}: image has {im.width} x {im.height} pixels, over the limit of {max_pixels:,} "
+                "(a guard against decompression bombs); if it is genuine, pass a larger max_pixels."
+            )
+        yield im
+
+
+def _decode_pillow(path: Path, frame: int | None, max_pixels: int) -> np.ndarray:
+    with _open_pillow(path, max_pixels) as im:
+        index = _pick_frame(path, frame, getattr(im, "n_frames", 1), default=0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if index:
+                    im.seek(index)
+                im.load()
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
+            raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
+        if im.width * im.height > max_pixels:
+            raise ImageReadError(f"{path}: frame {index} has over {max_pixels:,} pixels; export it smaller.")
+        if im.mode in ("I", "F") or im.mode.startswith("I;"):
+            values = np.asarray(im)
+            if not np.isfinite(values).all():
+                raise ImageReadError(f"{path}: contains NaN or infinite pixel values; re-export it.")
+            return _scale_to_uint8(values)
+        try:
+            # convert("L") drops alpha and applies the ITU-R 601-2 luma transform to RGB, P, CMYK...
+            return np.asarray(im if im.mode == "L" else im.convert("L"))
+        except ValueError as exc:
+            raise ImageReadError(
+                f"{path}: Pillow image mode {im.mode!r} cannot be made grey-scale; export the image as PNG."
+            ) from exc
+
+
+# --- DICOM (pydicom) ------------------------------------------------------------------------------
+
+
+def _dicom_tags() -> list[int]:
+    """The tags the decoder needs: group 0028 (image pixel module, palettes), pixel data, US regions."""
+    from pydicom.datadict import DicomDictionary, tag_for_keyword
+
+    tags = [tag for tag in DicomDictionary if tag >> 16 == 0x0028]
+    return [*tags, 0x7FE00010, 0x7FE00001, 0x7FE00002, tag_for_keyword("SequenceOfUltrasoundRegions")]
+
+
+def _read_dicom(path: Path, *, pixels: bool) -> Dataset:
+    """Read only the tags `_dicom_tags` lists: identifiers (names, IDs, dates) are never parsed."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, specific_tags=_dicom_tags(), stop_before_pixels=not pixels)
+    except Exception:  # pydicom raises many types
+        pass
+    # Raised outside the handler so pydicom's exception, whose text may quote file values, is not even
+    # attached as __context__.
+    raise ImageReadError(f"{path}: DICOM header is truncated or corrupt; re-export the file.")
+
+
+def _check_dicom_header(ds: Dataset, path: Path, max_pixels: int) -> tuple[int, int, int, Decoder]:
+    """Refuse what cannot be decoded before touching the pixels; return (rows, columns, frames, decoder)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        photometric = str(ds.PhotometricInterpretation).strip()
+    except (AttributeError, TypeError, ValueError):
+        raise ImageReadError(
+            f"{path}: DICOM file lacks a valid image pixel module (Rows, Columns, Photometric "
+            "Interpretation): it is truncated or corrupt, or not an image (e.g. a report); re-export it."
+        ) from None
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        raise ImageReadError(
+            f"{path}: DICOM photometric interpretation {photometric!r} is not supported "
+            f"(supported: {', '.join(sorted(_SUPPORTED_PHOTOMETRIC))}); export the image as PNG."
+        )
+    # Only one frame is ever decoded, so the limit is per frame; a long cine loop is not a bomb.
+    if rows * columns > max_pixels:
+        raise ImageReadError(
+            f"{path}: DICOM frame has {columns} x {rows} pixels, over the limit of {max_pixels:,} "
+            "(a guard against decompression bombs); if it is genuine, pass a larger max_pixels."
+        )
+    return rows, columns, max(n_frames, 1), _dicom_decoder(ds, path)
+
+
+def _dicom_decoder(ds: Dataset, path: Path) -> Decoder:
+    from pydicom.pixels import get_decoder
+
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise ImageReadError(f"{path}: DICOM file meta lacks a Transfer Syntax UID; re-export the file.")
+    name = getattr(syntax, "name", str(syntax))
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageReadError(
+            f"{path}: DICOM transfer syntax {name!r} cannot be decoded by pydicom; export the image as PNG "
+            "or as uncompressed DICOM."
+        ) from None
+    if not decoder.is_available:
+        raise ImageReadError(
+            f"{path}: DICOM transfer syntax {name!r} needs a decoder that is not installed; install one of "
+            f"({'; '.join(decoder.missing_dependencies)}), e.g. `pip install pylibjpeg pylibjpeg-libjpeg`, "
+            "or export the image as PNG."
+        )
+    return decoder
+
+
+def _us_region_box(ds: Dataset, path: Path, rows: int, columns: int) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), ends exclusive: union of the 2D tissue regions (all regions if none is 2D), clipped.
+
+    RegionSpatialFormat 1 is 2D tissue (DICOM PS3.3 C.8.5.5.1.1); the Max coordinates are inclusive.
+    None when the file has no SequenceOfUltrasoundRegions.
+    """
+    regions = list(ds.get("SequenceOfUltrasoundRegions") or [])
+    if not regions:
+        return None
+    tissue = [region for region in regions if region.get("RegionSpatialFormat") == 1]
+    bounds = []
+    for region in tissue or regions:
+        if any(region.get(key) is None for key in _REGION_BOUNDS):
+            raise ImageReadError(
+                f"{path}: an ultrasound region lacks its location ({', '.join(_REGION_BOUNDS)}); "
+                "load it with us_region=False or re-export the file."
+            )
+        bounds.append([int(region.get(key)) for key in _REGION_BOUNDS])
+    x0, y0 = max(min(b[0] for b in bounds), 0), max(min(b[1] for b in bounds), 0)
+    x1, y1 = min(max(b[2] for b in bounds) + 1, columns), min(max(b[3] for b in bounds) + 1, rows)
+    if x0 >= x1 or y0 >= y1:
+        raise ImageReadError(
+            f"{path}: the ultrasound region lies outside the {columns} x {rows} image; "
+            "load it with us_region=False or re-export the file."
+        )
+    return y0, y1, x0, x1
+
+
+def _decode_dicom(path: Path, frame: int | None, us_region: bool, max_pixels: int) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, as_pixel_options, convert_color_space
+
+    ds = _read_dicom(path, pixels=True)
+    rows, columns, n_frames, decoder = _check_dicom_header(ds, path, max_pixels)
+    index = _pick_frame(path, frame, n_frames, default=0)
+    if "PixelData" not in ds:
+        # pydicom drops a Pixel Data element cut short by the end of the file, so this is also truncation.
+        raise ImageReadError(
+            f"{path}: DICOM file has no pixel data: it is truncated or corrupt, or not an image; re-export it"
+        )
+    box = _us_region_box(ds, path, rows, columns) if us_region else None
+    try:
+        pixels, props = decoder.as_array(ds, index=index, **as_pixel_options(ds))
+        # props describe the array as returned: YBR is RGB already when pydicom or the codec converted it.
+        photometric = str(props["photometric_interpretation"])
+        if photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
+        elif photometric in ("YBR_FULL", "YBR_FULL_422"):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        elif int(props["bits_stored"]) <= 8 and int(props["pixel_representation"]) == 0:
+            pixels = pixels.astype(np.uint8)
+    except Exception:  # pydicom and its codec plugins raise many types
+        pass
+    else:
+        image = _to_grey(pixels)
+        if photometric == "MONOCHROME1":
+            image = 255 - image
+        return image if box is None else image[box[0] : box[1], box[2] : box[3]]
+    # Outside the handler: see _read_dicom.
+    raise ImageReadError(f"{path}: DICOM pixel data is truncated or corrupt; re-export the file.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,10 +55,12 @@ class RoiPolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoiPolicy:
-        """Rebuild a policy written by `to_dict`; unknown keys are an error, missing keys take the defaults."""
+        """Rebuild a policy written by `to_dict`; unknown keys are an error, missing keys take defaults."""
         unknown = sorted(set(data) - {"mode", "margin"})
         if unknown:
-            raise RoiError(f"unknown ROI policy key(s) {', '.join(map(repr, unknown))}; expected 'mode', 'margin'.")
+            raise RoiError(
+                f"unknown ROI policy key(s) {', '.join(map(repr, unknown))}; expected 'mode', 'margin'."
+            )
         return cls(**dict(data))
 
 
@@ -76,11 +79,13 @@ def parse_box(text: str) -> Box:
     if len(fields) != 4:
         raise RoiError(f"roi {raw!r} has {len(fields)} field(s); expected 4: x,y,w,h in pixels.")
     values: list[int] = []
-    for name, field in zip(("x", "y", "w", "h"), fields):
+    for name, field in zip(("x", "y", "w", "h"), fields, strict=True):
         try:
             number = float(field)
         except ValueError:
-            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.") from None
+            raise RoiError(
+                f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels."
+            ) from None
         if not math.isfinite(number) or not number.is_integer():
             raise RoiError(f"roi {raw!r}: {name}={field!r} is not a whole number of pixels.")
         values.append(int(number))
@@ -196,9 +201,10 @@ def roi_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: 
     """
     if policy.mode == "whole":
         return None
-    sources = (_column_box, _mask_box) if policy.mode == "box" else (_mask_box, _column_box)
-    for source in sources:
-        box = source(row, root, shape) if source is _mask_box else source(row, shape)
+    from_column = partial(_column_box, row, shape)
+    from_mask = partial(_mask_box, row, root, shape)
+    for source in (from_column, from_mask) if policy.mode == "box" else (from_mask, from_column):
+        box = source()
         if box is not None:
             return expand_box(box, policy.margin, shape)
     raise RoiError(

@@ -1,0 +1,515 @@
+"""Tests for alnus.data.images: every Pillow mode, pydicom's bundled US files, and the failure modes."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_color_lut
+from pydicom.uid import MPEG2MPML, JPEGLSLossless, UltrasoundImageStorage, generate_uid
+
+from alnus.data.images import MAX_PIXELS, ImageReadError, image_shape, is_dicom, load_image
+
+RNG = np.random.default_rng(0)
+PATIENT_NAME = "Quixotic^Zenobia"
+PATIENT_ID = "PID-7731-XQ"
+INSTITUTION = "Saint Elsewhere Hospital"
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    """ITU-R 601-2 luma, the formula PIL's "L" documents."""
+    r, g, b = rgb
+    return r * 299 / 1000 + g * 587 / 1000 + b * 114 / 1000
+
+
+def _save(path: Path, im: Image.Image, **params: object) -> Path:
+    im.save(path, **params)
+    return path
+
+
+def _write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    regions: list[tuple[int, int, int, int, int]] | None = None,
+) -> Dataset:
+    """Write a US DICOM with identifiers that must never leak; regions are (format, x0, y0, x1, y1)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = UltrasoundImageStorage
+    ds.Modality = "US"
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.PatientBirthDate = "19230417"
+    ds.StudyDate = "20240229"
+    ds.InstitutionName = INSTITUTION
+    ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    if regions is not None:
+        items = []
+        for spatial_format, x0, y0, x1, y1 in regions:
+            item = Dataset()
+            item.RegionSpatialFormat = spatial_format
+            item.RegionDataType = 1
+            item.RegionFlags = 0
+            item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+            item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+            items.append(item)
+        ds.SequenceOfUltrasoundRegions = items
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height but carries no pixels (a decompression-bomb stand-in)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _check(image: np.ndarray, shape: tuple[int, int]) -> None:
+    assert image.dtype == np.uint8
+    assert image.shape == shape
+    assert image.flags.c_contiguous and image.flags.writeable
+
+
+# --- Pillow formats and modes ---------------------------------------------------------------------
+
+
+def test_grey_8bit_png_is_unchanged(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 256, (7, 5), dtype=np.uint8)
+    image = load_image(_save(tmp_path / "a.png", Image.fromarray(pixels)))
+    _check(image, (7, 5))
+    np.testing.assert_array_equal(image, pixels)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif"])
+def test_rgb_becomes_itu601_luminance(tmp_path: Path, suffix: str) -> None:
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (12, 200, 77)]
+    pixels = np.array([colours], dtype=np.uint8)
+    image = load_image(_save(tmp_path / f"a{suffix}", Image.fromarray(pixels, "RGB")))
+    _check(image, (1, len(colours)))
+    assert image[0, 0] == 76  # pure red, as PIL "L"
+    np.testing.assert_allclose(image[0], [_luma(c) for c in colours], atol=1)
+
+
+def test_rgba_drops_alpha(tmp_path: Path) -> None:
+    rgb = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    alpha = RNG.integers(0, 256, (6, 4, 1), dtype=np.uint8)
+    rgba = load_image(
+        _save(tmp_path / "a.png", Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA"))
+    )
+    _check(rgba, (6, 4))
+    np.testing.assert_array_equal(rgba, load_image(_save(tmp_path / "b.png", Image.fromarray(rgb, "RGB"))))
+
+
+def test_la_keeps_grey_drops_alpha(tmp_path: Path) -> None:
+    grey = RNG.integers(0, 256, (3, 8), dtype=np.uint8)
+    la = np.stack([grey, np.full_like(grey, 7)], axis=2)
+    image = load_image(_save(tmp_path / "a.png", Image.fromarray(la, "LA")))
+    _check(image, (3, 8))
+    np.testing.assert_array_equal(image, grey)
+
+
+def test_palette_maps_through_its_colours(tmp_path: Path) -> None:
+    im = Image.fromarray(np.array([[0, 1, 2, 1]], dtype=np.uint8), "P")
+    im.putpalette([255, 0, 0, 0, 0, 255, 40, 40, 40])
+    image = load_image(_save(tmp_path / "a.png", im))
+    _check(image, (1, 4))
+    assert image.tolist() == [[76, round(_luma((0, 0, 255))), 40, round(_luma((0, 0, 255)))]]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp"])
+def test_bilevel_gives_0_and_255(tmp_path: Path, suffix: str) -> None:
+    bits = np.array([[True, False, True], [False, False, True]])
+    image = load_image(_save(tmp_path / f"a{suffix}", Image.fromarray(bits)))
+    _check(image, (2, 3))
+    np.testing.assert_array_equal(image, np.where(bits, 255, 0))
+
+
+def test_cmyk_tiff(tmp_path: Path) -> None:
+    im = Image.new("CMYK", (3, 1))
+    for x, ink in enumerate([(0, 0, 0, 0), (0, 0, 0, 255), (0, 255, 255, 0)]):  # white, black, red
+        im.putpixel((x, 0), ink)
+    image = load_image(_save(tmp_path / "a.tif", im))
+    _check(image, (1, 3))
+    assert image.tolist() == [[255, 0, 76]]
+
+
+def test_jpeg_decodes_close_to_source(tmp_path: Path) -> None:
+    pixels = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (16, 1))
+    image = load_image(_save(tmp_path / "a.jpg", Image.fromarray(pixels), quality=95))
+    _check(image, (16, 32))
+    assert np.abs(image.astype(int) - pixels).max() <= 8
+
+
+def test_16bit_ramp_png_maps_to_0_255(tmp_path: Path) -> None:
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    path = _save(tmp_path / "a.png", Image.fromarray(ramp))
+    assert Image.open(path).mode == "I;16"
+    image = load_image(path)
+    _check(image, (16, 16))
+    np.testing.assert_array_equal(image.ravel(), np.arange(256))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16bit_tiff_scales_from_own_min_max(tmp_path: Path, mode: str) -> None:
+    values = np.linspace(1000, 2000, 50).astype(np.uint16).reshape(5, 10)
+    im = Image.frombytes(mode, (10, 5), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    path = _save(tmp_path / "a.tif", im)
+    assert Image.open(path).mode == mode
+    image = load_image(path)
+    _check(image, (5, 10))
+    expected = np.rint((values.astype(float) - 1000) * 255 / 1000)
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_int32_and_float_tiff_scale_from_own_min_max(tmp_path: Path) -> None:
+    ints = np.array([[-70000, 0], [30000, 130000]], dtype=np.int32)
+    floats = np.array([[-1.5, 0.0], [0.5, 2.5]], dtype=np.float32)
+    assert load_image(_save(tmp_path / "i.tif", Image.fromarray(ints, "I"))).tolist() == [[0, 89], [128, 255]]
+    assert load_image(_save(tmp_path / "f.tif", Image.fromarray(floats, "F"))).tolist() == [
+        [0, 96],
+        [128, 255],
+    ]
+
+
+def test_constant_16bit_image_maps_to_zero(tmp_path: Path) -> None:
+    image = load_image(_save(tmp_path / "a.png", Image.fromarray(np.full((4, 4), 4000, dtype=np.uint16))))
+    _check(image, (4, 4))
+    assert not image.any()
+
+
+def test_float_with_nan_is_refused(tmp_path: Path) -> None:
+    path = _save(tmp_path / "a.tif", Image.fromarray(np.array([[1.0, np.nan]], dtype=np.float32), "F"))
+    with pytest.raises(ImageReadError, match="NaN"):
+        load_image(path)
+
+
+def test_multipage_tiff_frames(tmp_path: Path) -> None:
+    pages = [Image.fromarray(np.full((3, 4), value, dtype=np.uint8)) for value in (10, 20, 30)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    assert load_image(path)[0, 0] == 10  # default: the first page (later ones may be previews)
+    assert load_image(path, frame=0)[0, 0] == 10
+    assert load_image(path, frame=2)[0, 0] == 30
+    with pytest.raises(ImageReadError, match="3 frame"):
+        load_image(path, frame=3)
+
+
+# --- DICOM: pydicom's bundled ultrasound files -----------------------------------------------------
+
+
+def _pil_luma(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb, "RGB").convert("L"))
+
+
+def test_dicom_rgb() -> None:
+    path = get_testdata_file("examples_rgb_color.dcm")
+    image = load_image(path)
+    _check(image, (240, 320))
+    np.testing.assert_array_equal(image, _pil_luma(pydicom.dcmread(path).pixel_array))
+    assert image_shape(path) == (240, 320)
+
+
+def test_dicom_ybr_jpeg_frames_and_region_crop() -> None:
+    path = get_testdata_file("examples_ybr_color.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "YBR_FULL_422" and int(ds.NumberOfFrames) == 30
+    (region,) = ds.SequenceOfUltrasoundRegions
+    assert region.RegionSpatialFormat == 1
+    # The region (84, 31)-(595, 414) runs past the 320 x 240 image: clipped, Max inclusive.
+    y0, x0 = region.RegionLocationMinY0, region.RegionLocationMinX0
+    y1, x1 = min(region.RegionLocationMaxY1 + 1, ds.Rows), min(region.RegionLocationMaxX1 + 1, ds.Columns)
+    rgb = ds.pixel_array  # pydicom 3 returns RGB for YBR (as_rgb)
+    for frame in (0, 7, 29):
+        full = load_image(path, frame=frame, us_region=False)
+        _check(full, (240, 320))
+        # JPEG decoders may round colour conversion differently: allow 1 grey level.
+        assert np.abs(full.astype(int) - _pil_luma(rgb[frame])).max() <= 1
+        np.testing.assert_array_equal(load_image(path, frame=frame), full[y0:y1, x0:x1])
+    assert not np.array_equal(load_image(path, frame=0), load_image(path, frame=29))
+    np.testing.assert_array_equal(load_image(path), load_image(path, frame=15))  # middle frame
+    assert image_shape(path) == (y1 - y0, x1 - x0) == load_image(path).shape
+    assert image_shape(path, us_region=False) == (240, 320)
+    for bad in (30, -1):
+        with pytest.raises(ImageReadError, match="30 frame") as info:
+            load_image(path, frame=bad)
+        assert str(path) in str(info.value)
+
+
+def test_dicom_palette_with_regions() -> None:
+    path = get_testdata_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    formats = [r.RegionSpatialFormat for r in ds.SequenceOfUltrasoundRegions]
+    assert formats == [1, 4]  # 2D tissue and a spectral strip: only the 2D one is kept
+    tissue = ds.SequenceOfUltrasoundRegions[0]
+    y0, x0 = tissue.RegionLocationMinY0, tissue.RegionLocationMinX0
+    y1, x1 = min(tissue.RegionLocationMaxY1 + 1, ds.Rows), min(tissue.RegionLocationMaxX1 + 1, ds.Columns)
+    rgb16 = apply_color_lut(ds.pixel_array, ds)
+    assert rgb16.dtype == np.uint16
+    scaled = np.rint((rgb16 - rgb16.min()) * (255 / (int(rgb16.max()) - int(rgb16.min())))).astype(np.uint8)
+    image = load_image(path)
+    _check(image, (y1 - y0, x1 - x0))
+    np.testing.assert_array_equal(image, _pil_luma(scaled)[y0:y1, x0:x1])
+    assert image_shape(path) == image.shape
+
+
+# --- DICOM: files built here ----------------------------------------------------------------------
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+    _write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1")
+    _write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2")
+    np.testing.assert_array_equal(load_image(tmp_path / "m1.dcm"), 255 - pixels)
+    np.testing.assert_array_equal(load_image(tmp_path / "m2.dcm"), pixels)
+
+
+def test_dicom_12bit_scales_and_monochrome1_inverts(tmp_path: Path) -> None:
+    ramp = np.linspace(100, 4095, 64).astype(np.uint16).reshape(8, 8)
+    _write_dicom(tmp_path / "m2.dcm", ramp, "MONOCHROME2", bits_stored=12)
+    _write_dicom(tmp_path / "m1.dcm", ramp, "MONOCHROME1", bits_stored=12)
+    expected = np.rint((ramp.astype(float) - 100) * 255 / (4095 - 100))
+    np.testing.assert_array_equal(load_image(tmp_path / "m2.dcm"), expected)
+    np.testing.assert_array_equal(load_image(tmp_path / "m1.dcm"), 255 - expected)
+
+
+def test_dicom_multiframe_default_is_middle(tmp_path: Path) -> None:
+    frames = np.stack([np.full((4, 5), v, dtype=np.uint8) for v in (10, 20, 30, 40)])
+    path = tmp_path / "cine.dcm"
+    _write_dicom(path, frames)
+    assert load_image(path)[0, 0] == 30  # frame 4 // 2
+    assert [load_image(path, frame=i)[0, 0] for i in range(4)] == [10, 20, 30, 40]
+    with pytest.raises(ImageReadError, match="4 frame"):
+        load_image(path, frame=4)
+    single = tmp_path / "single.dcm"
+    _write_dicom(single, frames[0])
+    assert load_image(single, frame=0)[0, 0] == 10
+    with pytest.raises(ImageReadError, match="1 frame"):
+        load_image(single, frame=1)
+
+
+@pytest.mark.parametrize(
+    ("regions", "box"),
+    [
+        (None, (0, 20, 0, 30)),  # no sequence: no crop
+        ([(1, 2, 3, 11, 12), (4, 0, 15, 29, 19)], (3, 13, 2, 12)),  # 2D region only; Max inclusive
+        ([(1, 2, 3, 11, 12), (1, 20, 1, 24, 5)], (1, 13, 2, 25)),  # union of the 2D regions
+        ([(3, 5, 5, 9, 9), (4, 0, 15, 29, 19)], (5, 20, 0, 30)),  # none 2D: union of all
+        ([(1, 25, 10, 99, 99)], (10, 20, 25, 30)),  # clipped to the image
+    ],
+)
+def test_dicom_us_region_crop(tmp_path: Path, regions: list | None, box: tuple[int, int, int, int]) -> None:
+    pixels = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+    path = tmp_path / "r.dcm"
+    _write_dicom(path, pixels, regions=regions)
+    y0, y1, x0, x1 = box
+    np.testing.assert_array_equal(load_image(path), pixels[y0:y1, x0:x1])
+    assert image_shape(path) == (y1 - y0, x1 - x0)
+    np.testing.assert_array_equal(load_image(path, us_region=False), pixels)
+    assert image_shape(path, us_region=False) == (20, 30)
+
+
+def test_dicom_region_outside_image_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.dcm"
+    _write_dicom(path, np.zeros((20, 30), dtype=np.uint8), regions=[(1, 40, 40, 50, 50)])
+    with pytest.raises(ImageReadError, match="us_region=False"):
+        load_image(path)
+    assert load_image(path, us_region=False).shape == (20, 30)
+
+
+def test_is_dicom_by_content_not_suffix(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 256, (4, 4), dtype=np.uint8)
+    path = tmp_path / "IM0001"
+    _write_dicom(path, pixels)
+    assert is_dicom(path)
+    np.testing.assert_array_equal(load_image(path), pixels)
+    png_named_dcm = _save(tmp_path / "a.dcm", Image.fromarray(pixels), format="PNG")
+    assert not is_dicom(png_named_dcm)
+    np.testing.assert_array_equal(load_image(png_named_dcm), pixels)
+    assert not is_dicom(tmp_path / "missing.dcm")
+
+
+def test_dcm_without_dicm_header_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "raw.dcm"
+    path.write_bytes(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + bytes(200))
+    with pytest.raises(ImageReadError, match="DICM"):
+        load_image(path)
+
+
+# --- Failure modes --------------------------------------------------------------------------------
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="not found") as info:
+        load_image(tmp_path / "nope.png")
+    assert "nope.png" in str(info.value)
+    with pytest.raises(ImageReadError, match="not a file"):
+        image_shape(tmp_path)
+
+
+def test_non_image_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("patient 12, left breast\n")
+    for func in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match="not a PNG, JPEG, BMP, TIFF or DICOM") as info:
+            func(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_pillow_file(tmp_path: Path, suffix: str) -> None:
+    path = _save(tmp_path / f"a{suffix}", Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8)))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert image_shape(path) == (64, 64)  # the header survives: image_shape does not decode
+    with pytest.raises(ImageReadError, match="truncated or corrupt; re-export it"):
+        load_image(path)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+def test_truncated_dicom(tmp_path: Path) -> None:
+    native = tmp_path / "native.dcm"
+    _write_dicom(native, RNG.integers(0, 256, (64, 64), dtype=np.uint8))
+    native.write_bytes(native.read_bytes()[:-1000])
+    jpeg = tmp_path / "jpeg.dcm"
+    source = Path(get_testdata_file("examples_ybr_color.dcm")).read_bytes()
+    jpeg.write_bytes(source[: len(source) // 2])
+    header = tmp_path / "header.dcm"
+    header.write_bytes(source[:200])
+    for path in (native, jpeg, header):
+        with pytest.raises(ImageReadError, match="truncated or corrupt") as info:
+            load_image(path, frame=0)
+        assert str(path) in str(info.value)
+
+
+def test_png_bomb_header_is_refused(tmp_path: Path) -> None:
+    huge = _png_header(tmp_path / "huge.png", 100_000, 100_000)  # over 2x Pillow's limit: its error
+    for func in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            func(huge)
+
+
+def test_pillow_bomb_warning_becomes_error_without_global_change(tmp_path: Path) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    big = _png_header(tmp_path / "big.png", 10_000, 10_000)  # between Pillow's limit and 2x: only a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            load_image(big, max_pixels=10**9)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert MAX_PIXELS == before  # our default is Pillow's default
+
+
+def test_max_pixels_parameter(tmp_path: Path) -> None:
+    png = _save(tmp_path / "a.png", Image.fromarray(np.zeros((4, 4), dtype=np.uint8)))
+    dcm = tmp_path / "a.dcm"
+    _write_dicom(dcm, np.zeros((4, 4), dtype=np.uint8))
+    for path in (png, dcm):
+        assert load_image(path, max_pixels=16).shape == (4, 4)
+        with pytest.raises(ImageReadError, match="decompression bombs"):
+            load_image(path, max_pixels=15)
+        with pytest.raises(ImageReadError, match="decompression bombs"):
+            image_shape(path, max_pixels=15)
+
+
+def test_dicom_bomb_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.dcm"
+    ds = _write_dicom(path, np.zeros((4, 4), dtype=np.uint8))
+    ds.Rows = ds.Columns = 60_000  # header claims 3.6 Gpx; the 16 bytes of pixel data are never decoded
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="60000 x 60000 pixels"):
+        load_image(path)
+
+
+def _unsupported_photometric(path: Path) -> None:
+    ds = _write_dicom(path, np.zeros((4, 4), dtype=np.uint8))
+    ds.PhotometricInterpretation = "HSV"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _no_decoder_installed(path: Path) -> None:
+    ds = _write_dicom(path, np.zeros((4, 4), dtype=np.uint8))
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(12)])
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _no_decoder_exists(path: Path) -> None:
+    ds = _write_dicom(path, np.zeros((4, 4), dtype=np.uint8))
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([bytes(16)])
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _truncated(path: Path) -> None:
+    _write_dicom(path, np.zeros((32, 32), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_jpeg(path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm"))
+    ds.PatientName, ds.PatientID, ds.InstitutionName = PATIENT_NAME, PATIENT_ID, INSTITUTION
+    ds.PixelData = encapsulate([bytes(64)] * int(ds.NumberOfFrames))
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (_unsupported_photometric, "'HSV' is not supported"),
+        (_no_decoder_installed, "install"),
+        (_no_decoder_exists, "cannot be decoded by pydicom"),
+        (_truncated, "truncated or corrupt"),
+        (_corrupt_jpeg, "truncated or corrupt"),
+    ],
+)
+def test_dicom_errors_never_reveal_identifiers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, build: object, reason: str
+) -> None:
+    path = tmp_path / "study.dcm"
+    build(path)  # type: ignore[operator]
+    assert PATIENT_NAME.encode() in path.read_bytes()  # the identifiers are really in the file
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageReadError) as info:
+            load_image(path, frame=0)
+    message = str(info.value)
+    assert reason in message and str(path) in message
+    chained = [info.value.__cause__, info.value.__context__]
+    said = [message, repr(info.value), caplog.text, *map(str, chained), *(str(w.message) for w in caught)]
+    for secret in (PATIENT_NAME, "Quixotic", "Zenobia", PATIENT_ID, INSTITUTION, "19230417", "20240229"):
+        assert not any(secret in text for text in said), secret
+
+
+@pytest.mark.realdata
+def test_breast_rgba_pngs_decode(shared_data: Path) -> None:
+    for name in ("case001.png", "case002.png"):
+        path = shared_data / "BrEaST-Lesions-USG" / "images" / name
+        with Image.open(path) as im:
+            assert im.mode == "RGBA"
+            expected = np.asarray(im.convert("L"))
+        image = load_image(path)
+        _check(image, expected.shape)
+        np.testing.assert_array_equal(image, expected)
+        assert image_shape(path) == image.shape

@@ -1,0 +1,454 @@
+"""Manifest reading and validation: one test per bad-input kind, each checking row and reason."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import shutil
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from alnus.data.manifest import (
+    EXCLUSION_COLUMNS,
+    REQUIRED_COLUMNS,
+    ManifestError,
+    Problem,
+    Validation,
+    combine_manifests,
+    read_manifest,
+    validate_manifest,
+)
+from alnus.errors import AlnusError
+
+LABELS = ("benign", "malignant")
+SIZE = (40, 30)  # W, H of the test images
+
+
+def write_png(path: Path, size: tuple[int, int] = SIZE) -> None:
+    """A small grey PNG whose content depends on its name, so no two test images share content."""
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+    pixels = rng.integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def write_csv_rows(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str] | None = None) -> Path:
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def clean_rows() -> list[dict[str, str]]:
+    return [
+        {"image": "img/a.png", "patient_id": "P1", "label": "benign", "site": "A", "split": "train"},
+        {"image": "img/b.png", "patient_id": "P1", "label": "benign", "site": "A", "split": "train"},
+        {"image": "img/c.png", "patient_id": "P2", "label": "malignant", "site": "A", "split": "val"},
+    ]
+
+
+Study = Callable[..., Path]
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Study:
+    """Factory: write img/a.png, b.png, c.png (40x30) and a manifest of `rows`; returns the manifest path."""
+
+    def make(rows: Sequence[dict[str, str]] | None = None, *, name: str = "manifest.csv") -> Path:
+        for image in ("a.png", "b.png", "c.png"):
+            write_png(tmp_path / "img" / image)
+        return write_csv_rows(tmp_path / name, clean_rows() if rows is None else rows)
+
+    return make
+
+
+def check(manifest: Path, **kwargs: object) -> tuple[Validation, str]:
+    """Validate a written manifest; returns the validation and the ManifestError message."""
+    result = validate_manifest(read_manifest(manifest), manifest.parent, **{"labels": LABELS, **kwargs})
+    with pytest.raises(ManifestError) as info:
+        result.raise_if_problems(manifest)
+    return result, str(info.value)
+
+
+def with_row(changes: dict[str, str], at: int = 1) -> list[dict[str, str]]:
+    rows = clean_rows()
+    rows[at] = {**rows[at], **changes}
+    return rows
+
+
+# --- a clean manifest -------------------------------------------------------------------------------
+
+
+def test_clean_manifest_is_ok(study: Study) -> None:
+    manifest = study()
+    df = read_manifest(manifest)
+    assert list(df.columns[:3]) == list(REQUIRED_COLUMNS)
+    result = validate_manifest(df, manifest.parent, labels=LABELS)
+    assert result.ok and result.problems == []
+    assert result.valid.equals(df)
+    assert list(result.exclusions.columns) == list(EXCLUSION_COLUMNS) and result.exclusions.empty
+    result.raise_if_problems(manifest)
+
+
+def test_read_manifest_keeps_strings_and_strips_whitespace(tmp_path: Path) -> None:
+    text = "\ufeff image , patient_id,label,age\n a.png ,007, benign ,\n\nb.png,8,malignant,61\n"
+    (tmp_path / "m.csv").write_text(text, encoding="utf-8")
+    df = read_manifest(tmp_path / "m.csv")
+    assert list(df.columns) == ["image", "patient_id", "label", "age"]
+    assert df["patient_id"].tolist() == ["007", "8"], "IDs stay strings: leading zeros are kept"
+    assert df.loc[0, "image"] == "a.png" and df.loc[0, "label"] == "benign"
+    assert df.loc[0, "age"] == ""
+    # The blank line is row 3 in a spreadsheet, so b.png (row 4) keeps index 2.
+    assert df.index.tolist() == [0, 2]
+    result = validate_manifest(df, tmp_path, labels=["benign"], check_images=False)
+    assert [str(p) for p in result.problems] == [
+        "row 4, column 'label': unknown label 'malignant'; allowed labels: benign"
+    ]
+
+
+# --- one test per bad-input kind ------------------------------------------------------------------
+
+
+def test_missing_image_file(study: Study, tmp_path: Path) -> None:
+    result, message = check(study(with_row({"image": "img/gone.png"})))
+    assert f"manifest {tmp_path / 'manifest.csv'}: 1 problem" in message
+    assert "row 3, column 'image': image file not found:" in message
+    assert str(tmp_path / "img" / "gone.png") in message
+    assert result.valid["image"].tolist() == ["img/a.png", "img/c.png"]
+    assert result.valid.index.tolist() == [0, 2], "valid keeps the original index"
+
+
+def test_corrupt_image(study: Study, tmp_path: Path) -> None:
+    manifest = study(with_row({"image": "img/broken.png"}, at=2))
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    result, message = check(manifest)
+    assert "row 4, column 'image': unreadable image:" in message
+    assert "broken.png" in message
+    assert [p.row for p in result.problems] == [4]
+
+
+def test_empty_label(study: Study) -> None:
+    _, message = check(study(with_row({"label": ""}, at=0)))
+    assert "row 2, column 'label': empty label" in message
+
+
+def test_unknown_label(study: Study) -> None:
+    _, message = check(study(with_row({"label": "Malignant"}, at=2)))
+    assert "row 4, column 'label': unknown label 'Malignant'; allowed labels: benign, malignant" in message
+
+
+def test_any_label_accepted_without_a_label_list(study: Study) -> None:
+    manifest = study(with_row({"label": "BI-RADS 4"}))
+    assert validate_manifest(read_manifest(manifest), manifest.parent).ok
+
+
+def test_empty_patient_id_and_image(study: Study) -> None:
+    _, message = check(study(with_row({"patient_id": "", "image": ""})))
+    assert "row 3, column 'image': empty image path" in message
+    assert "row 3, column 'patient_id': empty patient_id" in message
+
+
+def test_duplicate_image_rows(study: Study) -> None:
+    rows = [*clean_rows(), {**clean_rows()[0]}, {**clean_rows()[0], "image": "./img/a.png"}]
+    result, message = check(study(rows))
+    assert "row 5, column 'image': same image as row 2 (img/a.png)" in message
+    assert "row 6, column 'image': same image as row 2 (img/a.png)" in message
+    assert [p.row for p in result.problems] == [5, 6], "the first row is kept, only later copies are reported"
+
+
+def test_duplicate_file_content(study: Study, tmp_path: Path) -> None:
+    manifest = study([*clean_rows(), {"image": "img/copy.png", "patient_id": "P3", "label": "benign"}])
+    shutil.copy(tmp_path / "img" / "b.png", tmp_path / "img" / "copy.png")
+    _, message = check(manifest)
+    assert "row 5, column 'image': same file content as row 3 (img/b.png)" in message
+
+
+def test_duplicate_content_from_sha256_column_without_opening_files(study: Study) -> None:
+    rows = clean_rows()
+    for row, digest in zip(rows, ["AA11", "bb22", "aa11"], strict=True):
+        row["sha256"] = digest
+    rows[1]["image"] = "img/never-written.png"
+    _, message = check(study(rows), check_images=False)
+    assert message.count("problem") == 1 and "1 problem" in message
+    assert "row 4, column 'image': same file content as row 2 (img/a.png)" in message
+
+
+def test_conflicting_sites(study: Study) -> None:
+    _, message = check(study(with_row({"site": "B"})))
+    for row in (2, 3):
+        assert (
+            f"row {row}, column 'site': patient 'P1' is in several sites (A, B; rows 2, 3); "
+            "one patient belongs to one site" in message
+        )
+    assert "row 4" not in message
+
+
+def test_patient_in_two_splits(study: Study) -> None:
+    _, message = check(study(with_row({"split": "internal_test"}, at=0)))
+    assert "2 problems" in message
+    assert (
+        "row 2, column 'split': patient 'P1' is in several splits (internal_test, train; rows 2, 3)"
+        in message
+    )
+    assert "row 3, column 'split': patient 'P1' is in several splits" in message
+    assert "test set leaks into training" in message
+
+
+def test_unknown_split(study: Study) -> None:
+    _, message = check(study(with_row({"split": "test"}, at=2)))
+    assert (
+        "row 4, column 'split': unknown split 'test'; use one of train, val, internal_test, external_test"
+        in message
+    )
+
+
+def test_roi_outside_image(study: Study) -> None:
+    rows = clean_rows()
+    rows[0]["roi"] = "10,10,500,20"
+    rows[1]["roi"] = "[-1, 0, 5, 5]"
+    rows[2]["roi"] = "[0, 0, 40, 30]"
+    result, message = check(study(rows))
+    assert "row 2, column 'roi': box 10,10,500,20 extends outside the 40x30 image" in message
+    assert "row 3, column 'roi': box -1,0,5,5 extends outside the 40x30 image" in message
+    assert [p.row for p in result.problems] == [2, 3], "a box filling the whole image is inside it"
+
+
+@pytest.mark.parametrize(
+    ("roi", "reason"),
+    [
+        ("ten,10,5,5", "roi 'ten,10,5,5': x='ten' is not a number"),
+        ("1,2,3", "roi '1,2,3' has 3 field(s); expected 4"),
+        ("1,2,0,5", "roi '1,2,0,5': width and height must be positive"),
+    ],
+)
+def test_non_numeric_or_malformed_roi(study: Study, roi: str, reason: str) -> None:
+    _, message = check(study(with_row({"roi": roi})), check_images=False)
+    assert f"row 3, column 'roi': {reason}" in message
+
+
+def test_mask_size_mismatch(study: Study, tmp_path: Path) -> None:
+    manifest = study([{**row, "mask": f"masks/{i}.png"} for i, row in enumerate(clean_rows())])
+    for i in range(3):
+        write_png(tmp_path / "masks" / f"{i}.png", SIZE if i != 1 else (20, 30))
+    result, message = check(manifest)
+    assert "row 3, column 'mask': mask masks/1.png is 20x30 but the image is 40x30" in message
+    assert [p.row for p in result.problems] == [3]
+
+
+def test_mask_missing_or_unreadable(study: Study, tmp_path: Path) -> None:
+    rows = clean_rows()
+    rows[0]["mask_tumor"] = "masks/t0.png;masks/gone.png"
+    rows[2]["mask_tumor"] = "masks/bad.png"
+    manifest = study(rows)
+    write_png(tmp_path / "masks" / "t0.png")
+    (tmp_path / "masks" / "bad.png").write_text("not an image")
+    _, message = check(manifest)
+    assert f"row 2, column 'mask_tumor': mask file not found: {tmp_path / 'masks' / 'gone.png'}" in message
+    assert "row 4, column 'mask_tumor': unreadable mask:" in message
+
+
+def test_duplicate_column_names(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("image,patient_id,label, label\na.png,1,benign,malignant\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path / "m.csv")
+    assert info.value.problems == [
+        Problem(None, "label", "column name appears 2 times (columns 3, 4); rename or remove the copies")
+    ]
+    assert "column 'label': column name appears 2 times" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("image,patient_id,label\n", "no data rows"),
+        ("image,patient_id,label\n\n , , \n", "no data rows"),
+        ("", "empty manifest: no header row"),
+    ],
+)
+def test_empty_manifest(tmp_path: Path, text: str, reason: str) -> None:
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path / "m.csv")
+    assert [p.row for p in info.value.problems] == [None]
+    assert reason in str(info.value)
+
+
+# --- file-level problems ----------------------------------------------------------------------------
+
+
+def test_missing_manifest_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"nope\.csv: 1 problem.*\n  file not found"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_missing_required_columns(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("image,pid,diagnosis\na.png,1,benign\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path / "m.csv")
+    assert [(p.row, p.column) for p in info.value.problems] == [(None, "patient_id"), (None, "label")]
+    assert "column 'label': required column is missing (columns found: 'image', 'pid', 'diagnosis')" in str(
+        info.value
+    )
+    result = validate_manifest(pd.DataFrame({"image": ["a.png"]}), tmp_path)
+    assert [p.column for p in result.problems] == ["patient_id", "label"] and result.valid.empty
+
+
+def test_not_a_parsable_csv(tmp_path: Path) -> None:
+    (tmp_path / "ragged.csv").write_text("image,patient_id,label\na.png,1,benign\nb.png,2,benign,extra\n")
+    with pytest.raises(ManifestError, match="row 3: 4 cells but the header has 3 columns; quote cells"):
+        read_manifest(tmp_path / "ragged.csv")
+    (tmp_path / "semi.csv").write_text("image;patient_id;label\na.png;1;benign\n")
+    with pytest.raises(ManifestError, match="save the file comma-separated"):
+        read_manifest(tmp_path / "semi.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81 binary")
+    with pytest.raises(ManifestError, match="not UTF-8 text"):
+        read_manifest(tmp_path / "binary.csv")
+
+
+# --- behaviour across problems ------------------------------------------------------------------------
+
+
+def test_every_problem_reported_at_once(study: Study, tmp_path: Path) -> None:
+    rows = clean_rows()
+    rows[0].update(label="", roi="x,1,2,3")
+    rows[1].update(image="img/gone.png", site="B")
+    rows.append({"image": "img/c.png", "patient_id": "", "label": "maybe", "site": "A"})
+    manifest = study(rows)
+    result, message = check(manifest)
+    expected = {
+        (2, "label"),
+        (2, "roi"),
+        (2, "site"),
+        (3, "image"),
+        (3, "site"),
+        (5, "patient_id"),
+        (5, "label"),
+        (5, "image"),
+    }
+    assert {(p.row, p.column) for p in result.problems} == expected
+    assert f"{len(expected)} problems" in message
+    assert len(message.splitlines()) == 1 + len(expected)
+    assert [p.row for p in result.problems] == sorted(p.row for p in result.problems)
+    assert result.valid["image"].tolist() == ["img/c.png"]
+    exclusions = result.exclusions
+    assert len(exclusions) == len(expected)
+    assert exclusions["row"].tolist() == [p.row for p in result.problems]
+    assert set(exclusions.loc[exclusions["row"] == 3, "image"]) == {"img/gone.png"}
+    assert set(exclusions.loc[exclusions["row"] == 2, "patient_id"]) == {"P1"}
+
+
+def test_check_images_false_opens_no_file(study: Study) -> None:
+    rows = with_row({"image": "img/gone.png", "roi": "0,0,999,999", "mask": "masks/none.png"})
+    manifest = study(rows)
+    assert validate_manifest(read_manifest(manifest), manifest.parent, check_images=False).ok
+
+
+def test_absolute_paths_are_allowed(study: Study, tmp_path: Path) -> None:
+    absolute = {"image": str(tmp_path / "img" / "b.png"), "patient_id": "P1", "label": "benign"}
+    manifest = study([absolute])
+    assert validate_manifest(read_manifest(manifest), tmp_path / "elsewhere").ok
+    relative = validate_manifest(read_manifest(study()), tmp_path / "elsewhere")
+    assert {p.row for p in relative.problems} == {2, 3, 4}, "relative paths are resolved against root"
+
+
+def test_problem_text_and_error_pickle() -> None:
+    problem = Problem(7, "roi", "box 10,10,500,20 extends outside the 320x256 image")
+    assert str(problem) == "row 7, column 'roi': box 10,10,500,20 extends outside the 320x256 image"
+    assert str(Problem(None, "", "no data rows")) == "no data rows"
+    error = ManifestError("m.csv", [problem])
+    assert isinstance(error, AlnusError) and error.exit_code == 2
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.problems == [problem] and str(copy) == str(error)
+
+
+# --- combine_manifests ---------------------------------------------------------------------------------
+
+
+def test_combine_manifests_rebases_paths(tmp_path: Path) -> None:
+    for site in ("siteA", "siteB"):
+        # Named per site so that the two images differ in content, not only in path.
+        write_png(tmp_path / site / "img" / f"{site}.png")
+        write_png(tmp_path / site / "masks" / "x.png")
+    a = write_csv_rows(
+        tmp_path / "siteA" / "manifest.csv",
+        [
+            {
+                "image": "img/siteA.png",
+                "patient_id": "A-1",
+                "label": "benign",
+                "mask": "masks/x.png",
+                "age": "50",
+            }
+        ],
+    )
+    b = write_csv_rows(
+        tmp_path / "siteB" / "manifest.csv",
+        [
+            {
+                "image": "img/siteB.png",
+                "patient_id": "B-1",
+                "label": "malignant",
+                "mask_tumor": "masks/x.png;masks/x.png",
+                "mask_area": "12.5",
+            }
+        ],
+    )
+    out = tmp_path / "study" / "combined.csv"
+    combined = combine_manifests([a, b], out)
+    assert list(combined.columns) == [
+        "image",
+        "patient_id",
+        "label",
+        "mask",
+        "age",
+        "mask_tumor",
+        "mask_area",
+        "source_manifest",
+    ]
+    assert combined["image"].tolist() == ["../siteA/img/siteA.png", "../siteB/img/siteB.png"]
+    assert combined["mask"].tolist() == ["../siteA/masks/x.png", ""]
+    assert combined["mask_tumor"].tolist() == ["", "../siteB/masks/x.png;../siteB/masks/x.png"]
+    assert combined["mask_area"].tolist() == ["", "12.5"], "a numeric mask_* column is not a path"
+    assert combined["age"].tolist() == ["50", ""]
+    assert combined["source_manifest"].tolist() == ["../siteA/manifest.csv", "../siteB/manifest.csv"]
+    # The rebased manifest validates from its own folder.
+    out.parent.mkdir()
+    combined.to_csv(out, index=False)
+    assert validate_manifest(read_manifest(out), out.parent, check_images=True).ok
+
+
+def test_combine_manifests_rejects_shared_patient_ids(tmp_path: Path) -> None:
+    rows = [{"image": "a.png", "patient_id": p, "label": "benign"} for p in ("1", "2", "2")]
+    a = write_csv_rows(tmp_path / "a.csv", rows)
+    b = write_csv_rows(
+        tmp_path / "b.csv", [{"image": "b.png", "patient_id": p, "label": "x"} for p in ("3", "2")]
+    )
+    with pytest.raises(ManifestError) as info:
+        combine_manifests([a, b], tmp_path / "out.csv")
+    assert [(p.row, p.column) for p in info.value.problems] == [(3, "patient_id")]
+    assert f"patient_id '2' of {b} is also in {a} (row 3)" in str(info.value)
+    assert "prefix the IDs per site" in str(info.value)
+    with pytest.raises(ManifestError, match="listed 2 times"):
+        combine_manifests([a, a], tmp_path / "out.csv")
+
+
+# --- real data ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("dataset", ["BUS-BRA", "BrEaST-Lesions-USG"])
+def test_real_manifests_validate(shared_data: Path, dataset: str) -> None:
+    manifest = shared_data / dataset / "manifest.csv"
+    df = read_manifest(manifest)
+    result = validate_manifest(df, manifest.parent, labels=("benign", "malignant", "normal"))
+    assert result.ok, "\n".join(map(str, result.problems[:20]))
+    assert len(result.valid) == len(df) > 0
