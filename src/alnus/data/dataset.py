@@ -264,7 +264,7 @@ class UltrasoundDataset(torch.utils.data.Dataset):
             warnings.warn(
                 f"no row has label {positive_label!r} (labels: {labels}); every target is 0.", stacklevel=2
             )
-        # Rows as string dicts (the manifest's representation, empty = ""): pandas cell access is slow per item.
+        # Rows as string dicts (as in the manifest, empty = ""): pandas cell access is slow per item.
         self._records: list[dict[str, str]] = [
             {str(k): "" if pd.isna(v) else str(v) for k, v in record.items()}
             for record in self.table.to_dict("records")

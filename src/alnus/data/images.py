@@ -121,7 +121,7 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if high == low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.floor((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 def _to_grey(pixels: np.ndarray) -> np.ndarray:
@@ -299,7 +299,7 @@ def _decode_dicom(path: Path, frame: int | None, us_region: bool, max_pixels: in
 
     ds = _read_dicom(path, pixels=True)
     rows, columns, n_frames, decoder = _check_dicom_header(ds, path, max_pixels)
-    index = _pick_frame(path, frame, n_frames, default=0)
+    index = _pick_frame(path, frame, n_frames, default=n_frames // 2)
     if "PixelData" not in ds:
         # pydicom drops a Pixel Data element cut short by the end of the file, so this is also truncation.
         raise ImageReadError(

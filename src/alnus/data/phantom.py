@@ -178,13 +178,11 @@ def _boundary_radius(shape_seed: int, irregularity: float, n: int = 720) -> np.n
     phi = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
     k = np.arange(2, 6)[:, None]
     lobes = (rng.normal(size=(k.size, 1)) * k**-1.5 * np.cos(k * phi + rng.uniform(0, 2 * np.pi, (k.size, 1)))).sum(0)
-    k = np.arange(9, 22)[:, None]
-    spikes = np.maximum(np.cos(k * phi + rng.uniform(0, 2 * np.pi, (k.size, 1))).sum(0), 0.0) ** 2
-    radius = (
-        1.0
-        + irregularity * lobes / np.abs(lobes).max()
-        + 1.6 * max(irregularity - 0.08, 0.0) * spikes / spikes.max()
-    )
+    # Spicules: narrow outward spikes at random angles (angular distance wrapped to [-pi, pi]).
+    at = rng.uniform(0, 2 * np.pi, (int(rng.integers(8, 15)), 1))
+    gap = np.angle(np.exp(1j * (phi - at)))
+    spikes = (rng.uniform(0.4, 1.0, at.shape) * np.exp(-np.abs(gap) / rng.uniform(0.02, 0.05, at.shape))).max(0)
+    radius = 1.0 + irregularity * lobes / np.abs(lobes).max() + 2.0 * max(irregularity - 0.08, 0.0) * spikes
     return radius.astype(np.float32)
 
 
@@ -289,7 +287,7 @@ def render_case(
     radius = case._radius[((phi + np.pi) * (n / (2 * np.pi))).astype(int) % n]
     inside = rho < radius
     # Irregular lesions also have indistinct margins: a wider transition band, in pixels.
-    edge_px = (1.0 + 10.0 * irr) * max(scale, 0.5)
+    edge_px = (1.0 + 5.0 * irr) * max(scale, 0.5)
     soft = np.clip((radius - rho) * min(a, b) / edge_px + 0.5, 0.0, 1.0)
     texture = np.exp(0.25 * _smooth_noise(rng, soft.shape, (4.0 * scale + 1, 6.0 * scale + 1)))
     lesion_amp = 0.85 * case.echogenicity * texture
@@ -314,6 +312,8 @@ def render_case(
     sigma = (0.0, max(scanner.resolution_px[0] * scale, 0.4), max(scanner.resolution_px[1] * scale, 0.5))
     field_ = ndimage.gaussian_filter(rng.standard_normal((2, h, w), dtype=np.float32), sigma, truncate=3.0)
     speckle = field_[0] ** 2 + field_[1] ** 2
+    # Compounding and the scanner's smoothing average a little incoherently, filling the deepest nulls.
+    speckle = ndimage.gaussian_filter(speckle, (sigma[1] * 0.6, sigma[2] * 0.6), truncate=3.0)
     speckle *= np.float32(1.0 / speckle.mean())
     # Electronic noise adds incoherently: its power is exponential, like any complex Gaussian's.
     noise = rng.standard_exponential((h, w), dtype=np.float32) * np.float32(scanner.noise**2)
