@@ -156,7 +156,10 @@ def mrmc_model_vs_readers(
     if m < 2 or n < 2:
         raise StatsError(f"the jackknife needs at least 2 positive and 2 negative cases; got {m} and {n}.")
     model = _scores(model_score, yb.size, "model_score")
-    readers = np.asarray(reader_scores)
+    try:
+        readers = np.asarray(reader_scores, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise StatsError(f"reader_scores must be a numeric array (n_readers, n_cases): {exc}") from exc
     if readers.ndim != 2 or readers.shape[1] != yb.size:
         raise StatsError(
             f"reader_scores must be an array (n_readers, n_cases = {yb.size}); got shape {readers.shape}."

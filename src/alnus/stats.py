@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from scipy import special as _special
 from scipy import stats as _sps
 
 from alnus.errors import AlnusError
@@ -698,7 +699,7 @@ def calibration(
     if int(n_bins) != n_bins or n_bins < 1:
         raise StatsError(f"n_bins must be a positive integer; got {n_bins}.")
     yf = yb.astype(float)
-    lp = _sps.logit(np.clip(p, eps, 1 - eps))
+    lp = _special.logit(np.clip(p, eps, 1 - eps))
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerfectSeparationWarning)
         try:

@@ -312,3 +312,30 @@ def test_warmed_dataset_works_in_dataloader_workers(tmp_path: Path) -> None:
     np.testing.assert_array_equal(torch.cat(targets).numpy(), data.targets)
     means = torch.cat(images).mean(dim=(1, 2, 3)) * 255
     np.testing.assert_allclose(means.numpy(), [10 * i for i in range(6)], atol=1e-3)
+
+
+def test_a_worker_never_writes_the_cache_of_an_unwarmed_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = _table(tmp_path, [_flat(30), _flat(90)], ["m", "b"])
+    cache = ImageCache(tmp_path / "cache")
+    data = UltrasoundDataset(table, tmp_path, PreprocessSpec(size=SIZE), cache=cache, positive_label="m")
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
+    with pytest.warns(UserWarning, match="call dataset.warm"):
+        image, _ = data[1]
+    assert torch.allclose(image, torch.full((1, SIZE, SIZE), 90 / 255))
+    assert not cache.folder.exists()
+
+
+def test_a_transform_returning_the_wrong_type_names_the_row(tmp_path: Path) -> None:
+    table = _table(tmp_path, [_flat(30), _flat(90)], ["m", "b"])
+    data = UltrasoundDataset(
+        table,
+        tmp_path,
+        PreprocessSpec(size=SIZE),
+        cache=None,
+        positive_label="m",
+        transform=lambda image, rng: image.astype(np.int32),
+    )
+    with pytest.raises(DatasetError, match=r"row 3 \(image 'img1.png'\).*int32"):
+        data[1]

@@ -15,8 +15,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import apply_color_lut
-from pydicom.uid import MPEG2MPML, JPEGLSLossless, UltrasoundImageStorage, generate_uid
+from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.pixels.decoders.base import Decoder
+from pydicom.uid import MPEG2MPML, JPEGBaseline8Bit, JPEGLSLossless, UltrasoundImageStorage, generate_uid
 
 from alnus.data.images import MAX_PIXELS, ImageReadError, image_shape, is_dicom, load_image
 
@@ -254,6 +255,21 @@ def test_dicom_ybr_jpeg_frames_and_region_crop() -> None:
         with pytest.raises(ImageReadError, match="30 frame") as info:
             load_image(path, frame=bad)
         assert str(path) in str(info.value)
+
+
+def test_dicom_ybr_left_unconverted_by_the_decoder_is_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = get_testdata_file("examples_ybr_color.dcm")
+    expected = load_image(path, frame=3)
+    as_array = Decoder.as_array
+
+    def raw_as_array(self: Decoder, *args: object, **kwargs: object) -> tuple[np.ndarray, dict]:
+        return as_array(self, *args, **{**kwargs, "raw": True})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Decoder, "as_array", raw_as_array)
+    assert raw_as_array(get_decoder(JPEGBaseline8Bit), pydicom.dcmread(path), index=3)[1][
+        "photometric_interpretation"
+    ].startswith("YBR")
+    assert np.abs(load_image(path, frame=3).astype(int) - expected).max() <= 1
 
 
 def test_dicom_palette_with_regions() -> None:

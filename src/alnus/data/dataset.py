@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,6 +31,7 @@ INTERPOLATION = "bilinear"
 _RESAMPLE = Image.Resampling.BILINEAR
 # Images per cache shard: bounds the memory held while building and the work an interrupted build loses.
 SHARD_SIZE = 1024
+HASH_THREADS = 8
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -331,7 +333,9 @@ class UltrasoundDataset(torch.utils.data.Dataset):
     def keys(self) -> list[str]:
         """Cache key of every item (file contents, frame, ROI inputs); files are hashed once per dataset."""
         if self._keys is None:
-            self._keys = [self._item_key(i) for i in range(len(self))]
+            # hashlib and file reads release the GIL, so threads hash files in parallel.
+            with ThreadPoolExecutor(max_workers=min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+                self._keys = list(pool.map(self._item_key, range(len(self))))
         return self._keys
 
     def decode(self, i: int) -> np.ndarray:

@@ -121,7 +121,7 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if high == low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.floor((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 def _to_grey(pixels: np.ndarray) -> np.ndarray:
@@ -308,7 +308,8 @@ def _decode_dicom(path: Path, frame: int | None, us_region: bool, max_pixels: in
     box = _us_region_box(ds, path, rows, columns) if us_region else None
     try:
         pixels, props = decoder.as_array(ds, index=index, **as_pixel_options(ds))
-        # props describe the array as returned: YBR is RGB already when pydicom or the codec converted it.
+        # props describe the array as returned: pydicom 3 converts YBR to RGB itself (as_rgb), but a codec
+        # plugin may hand back YBR, so convert only what is still YBR.
         photometric = str(props["photometric_interpretation"])
         if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)

@@ -25,7 +25,7 @@ from scipy import ndimage
 from scipy.special import expit
 from scipy.stats import norm
 
-from alnus._io import atomic_write_bytes, write_csv
+from alnus._io import atomic_path, write_csv
 from alnus.errors import AlnusError
 
 __all__ = [
@@ -368,6 +368,12 @@ def simulate_readers(cases: Sequence[PhantomCase], rng: np.random.Generator, *, 
     return pd.DataFrame(columns, index=range(len(cases)))
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write atomically (rename) but without fsync: the phantom can be regenerated, hundreds of fsyncs cost."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array, mode="L").save(buf, format="PNG", compress_level=1)
@@ -527,8 +533,8 @@ def make_phantom(
             )
         else:
             data = _png_bytes(image)
-        atomic_write_bytes(out / image_rel, data)
-        atomic_write_bytes(out / "masks" / f"{stem}.png", _png_bytes(mask))
+        _write(out / image_rel, data)
+        _write(out / "masks" / f"{stem}.png", _png_bytes(mask))
         ys, xs = np.nonzero(mask)
         roi = f"{xs.min()},{ys.min()},{xs.max() - xs.min() + 1},{ys.max() - ys.min() + 1}"
         features = {k: round(v, 4) for k, v in case.features().items()}
