@@ -23,8 +23,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Data: import, validate, split, phantom (demo) data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide console so that tables are not truncated to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _version(value: bool) -> None:
@@ -53,6 +54,16 @@ def _print_frame(df, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
     for _, row in df.iterrows():
         table.add_row(*("" if v is None else str(v) for v in row.tolist()))
     console.print(table)
+
+
+def _raise_with_hint(validation, manifest: Path) -> None:  # noqa: ANN001 - alnus.data.manifest.Validation
+    try:
+        validation.raise_if_problems(manifest)
+    except AlnusError as exc:
+        raise AlnusError(
+            f"{exc}\nFix these rows, or pass --drop-invalid to exclude them (they are listed in exclusions.csv "
+            "and counted in the report)."
+        ) from None
 
 
 @data_app.command("import")
@@ -97,7 +108,7 @@ def data_validate(
         console.print(f"[green]OK[/green] {manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients, no problems.")
         return
     if not drop_invalid:
-        result.raise_if_problems(manifest)
+        _raise_with_hint(result, manifest)
     folder = out or manifest.parent
     write_csv(result.exclusions, folder / "exclusions.csv")
     write_csv(result.valid, folder / "manifest.valid.csv")
@@ -133,7 +144,7 @@ def data_split(
     df = read_manifest(manifest)
     validation = validate_manifest(df, manifest.parent, labels=_labels(labels))
     if not validation.ok and not drop_invalid:
-        validation.raise_if_problems(manifest)
+        _raise_with_hint(validation, manifest)
     write_csv(validation.exclusions, out / "exclusions.csv")
     result = split_manifest(
         validation.valid,

@@ -96,8 +96,8 @@ DEV_SCANNER = Scanner(
 EXTERNAL_SCANNER = Scanner(
     site="external_hospital",
     prefix="EXT",
-    gain_db=-4.0,
-    dynamic_range_db=42.0,
+    gain_db=-2.0,
+    dynamic_range_db=45.0,
     resolution_px=(1.3, 2.4),
     noise=0.08,
     attenuation=1.4,
@@ -132,7 +132,7 @@ class PhantomCase:
     @property
     def echogenicity(self) -> float:
         """Lesion echo amplitude relative to glandular tissue (1 = isoechoic)."""
-        return float(0.4 * math.exp(-0.35 * self.latent[2]))
+        return float(0.3 * math.exp(-0.35 * self.latent[2]))
 
     @property
     def shadowing(self) -> float:
@@ -344,7 +344,7 @@ def _reader_traits(reader: int) -> tuple[np.ndarray, float, float]:
     """A simulated radiologist (fixed per index): feature weights, own noise variance, threshold bias."""
     rng = np.random.default_rng([0x5EAD, reader])
     weights = _SEPARATION * np.exp(rng.normal(0.0, 0.3, _SEPARATION.size))
-    return weights, float(rng.uniform(12.0, 36.0)), float(rng.uniform(-0.3, 0.3))
+    return weights, float(rng.uniform(8.0, 28.0)), float(rng.uniform(-0.3, 0.3))
 
 
 def simulate_readers(cases: Sequence[PhantomCase], rng: np.random.Generator, *, readers: int = 5) -> pd.DataFrame:

@@ -1,0 +1,345 @@
+"""Typed study configuration: YAML plus dotted command-line overrides, checked key by key.
+
+Unknown keys are errors (a typo must not silently fall back to a default). The resolved configuration
+(paths made absolute, defaults filled in) is what a run folder stores as `config.yaml`; loading that file
+again gives the same configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alnus.errors import AlnusError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(AlnusError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the manifest is and how it is validated and split (see `alnus.data.split`)."""
+
+    manifest: str = ""
+    labels: list[str] | None = None
+    positive_label: str = "positive"
+    external_sites: list[str] = field(default_factory=list)
+    internal_test_frac: float = 0.1
+    val_frac: float = 0.1
+    seed: int = 0
+    group_duplicates: bool = False
+    drop_invalid: bool = False
+    check_duplicates: bool = True
+
+
+@dataclass
+class PreprocessConfig:
+    """ROI crop and resize; `size: null` takes each backbone's native input size."""
+
+    size: int | None = None
+    roi: Literal["box", "mask", "whole"] = "whole"
+    margin: float = 0.15
+    keep_aspect: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The training engine's settings (see `alnus.train`)."""
+
+    weights: str = "imagenet"
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    head_epochs: int = 1
+    balance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
+    grad_accum: int = 1
+    early_stopping_patience: int | None = 10
+    selection_metric: Literal["val_auc"] = "val_auc"
+    num_workers: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    # The settings of `alnus.data.augment.UltrasoundAugment` ({} = its defaults); null turns augmentation off.
+    augment: dict[str, Any] | None = field(default_factory=dict)
+    tensorboard: bool = True
+    mlflow: Literal["auto"] | bool = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """How the operating threshold is frozen on validation and how a patient's images are aggregated."""
+
+    threshold_rule: Literal["youden", "sensitivity", "specificity"] = "youden"
+    threshold_target: float | None = None
+    aggregate: Literal["mean", "max"] = "mean"
+
+
+@dataclass
+class Config:
+    """One study: data, preprocessing, the backbones to train, training and evaluation settings."""
+
+    name: str = ""
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder, `runs_dir/name`."""
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+# Training settings that do not change the trained weights; a resumed run may change them freely.
+RESUME_FREE_KEYS = frozenset({"num_workers", "tensorboard", "mlflow", "device"})
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse `key.sub=value` strings; values are YAML scalars or flow collections (`[a, b]`, `null`, `3`)."""
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set train.epochs=3)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Return a copy of the raw YAML mapping with each dotted key set (sections are created as needed)."""
+    out = json.loads(json.dumps(dict(raw), default=str))
+    for key, value in overrides:
+        node = out
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `--set` overrides, resolve paths and check every key and value.
+
+    `data.manifest` is relative to the config file's folder; `runs_dir` is relative to the current
+    folder. Both are stored absolute in the result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, parse_overrides(overrides))
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, base=path.parent, where=str(path))
+
+
+def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path("."), where: str = "config") -> Config:
+    """Build and check a `Config` from plain values; relative `data.manifest` is resolved against `base`."""
+    cfg = _build(Config, raw, "", where)
+    if not cfg.data.manifest:
+        raise ConfigError(
+            f"{where}: data.manifest is required (the manifest CSV, relative to the config file)"
+        )
+    cfg.data.manifest = os.path.abspath(base / cfg.data.manifest)
+    cfg.runs_dir = os.path.abspath(cfg.runs_dir)
+    _check(cfg, where)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The configuration as YAML (what `config.yaml` in the run folder holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def stable_hash(value: Any) -> str:
+    """SHA-256 of a JSON-ready value with sorted keys (config sections, metadata)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def training_settings(cfg: Config) -> dict[str, Any]:
+    """The settings that change trained weights (data, preprocessing, training), for resume checks."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}
+    return {
+        "data": dataclasses.asdict(cfg.data),
+        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "train": train,
+    }
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    label = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: {label} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = [str(k) for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}"
+        )
+    values = {name: _coerce(value, hints[name], prefix + name, where) for name, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, key + ".", where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError as exc:
+                errors.append(str(exc).rsplit(": ", 1)[-1])
+        raise ConfigError(f"{where}: {key} = {value!r} is not valid ({'; or '.join(errors)})")
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{where}: {key} = {value!r}: expected one of {', '.join(map(repr, args))}")
+    if origin is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a list, e.g. [a, b]")
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a mapping of keys to values")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} = {value!r}: expected a whole number")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it was meant to be.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {key} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {key} = {value!r}: expected text")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check(cfg: Config, where: str) -> None:
+    """Range and cross-field checks; each message names the key."""
+    from alnus.models import get_spec
+    from alnus.models.weights import WeightsError, parse_weights
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: {key}: {why}")
+
+    if not _NAME.match(cfg.name):
+        fail("name", f"{cfg.name!r} must be a folder name (letters, digits, '.', '_', '-')")
+    data, pre, train, ev = cfg.data, cfg.preprocess, cfg.train, cfg.evaluate
+    for key, frac in (("data.internal_test_frac", data.internal_test_frac), ("data.val_frac", data.val_frac)):
+        if not 0 <= frac < 1:
+            fail(key, f"{frac} must be at least 0 and below 1")
+    if data.val_frac == 0:
+        fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1")
+    if data.labels is not None:
+        if len(set(data.labels)) != len(data.labels) or len(data.labels) < 2:
+            fail("data.labels", f"{data.labels} must list at least two distinct labels")
+        if data.positive_label not in data.labels:
+            fail("data.positive_label", f"{data.positive_label!r} is not one of data.labels {data.labels}")
+    if not cfg.models:
+        fail("models", "list at least one backbone, e.g. [efficientnet_lite0]")
+    if len(set(cfg.models)) != len(cfg.models):
+        fail("models", f"{cfg.models} lists a backbone twice")
+    for name in cfg.models:
+        try:
+            spec = get_spec(name)
+        except AlnusError as exc:
+            fail("models", str(exc))
+        if pre.size is not None and pre.size < spec.min_input_size:
+            fail("preprocess.size", f"{pre.size} is below {name}'s minimum input size {spec.min_input_size}")
+    if pre.size is not None and pre.size < 1:
+        fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
+    if not 0 <= pre.margin <= 2:
+        fail("preprocess.margin", f"{pre.margin} must be in 0..2 (a fraction of the box added on each side)")
+    try:
+        parse_weights(train.weights)
+    except WeightsError as exc:
+        fail("train.weights", str(exc))
+    for key in ("epochs", "batch_size", "grad_accum"):
+        if getattr(train, key) < 1:
+            fail(f"train.{key}", f"{getattr(train, key)} must be at least 1")
+    for key in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+        if getattr(train, key) < 0 or (key == "lr" and train.lr == 0):
+            fail(
+                f"train.{key}", f"{getattr(train, key)} must be {'positive' if key == 'lr' else 'at least 0'}"
+            )
+    if train.warmup_epochs > train.epochs:
+        fail("train.warmup_epochs", f"{train.warmup_epochs} must not exceed train.epochs ({train.epochs})")
+    if not 0 <= train.head_epochs <= train.epochs:
+        fail("train.head_epochs", f"{train.head_epochs} must be in 0..train.epochs ({train.epochs})")
+    if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
+        fail("train.early_stopping_patience", "must be at least 1, or null to train every epoch")
+    if train.num_workers < 0:
+        fail("train.num_workers", f"{train.num_workers} must be at least 0")
+    if train.augment is not None:
+        from alnus.data.augment import UltrasoundAugment
+
+        try:
+            UltrasoundAugment.from_config(train.augment)
+        except (AlnusError, TypeError, ValueError) as exc:
+            fail("train.augment", str(exc))
+    if ev.threshold_rule in ("sensitivity", "specificity"):
+        if ev.threshold_target is None or not 0 < ev.threshold_target < 1:
+            fail(
+                "evaluate.threshold_target",
+                f"threshold_rule {ev.threshold_rule!r} needs a target in (0, 1), e.g. 0.9",
+            )
