@@ -16,6 +16,7 @@ import numpy as np
 import scipy
 import sklearn
 import statsmodels
+from scipy import stats as sps
 
 from alnus import stats
 from alnus._mrmc import simulate_roe_metz
@@ -72,9 +73,8 @@ def breast_cancer_delong() -> None:
     for name, s in scores.items():
         d = stats.auc_ci(y_te, s)
         b = stats.auc_ci(y_te, s, method="bootstrap")
-        print(
-            f"| {name} | {d.estimate:.4f} | {d.ci_low:.4f}-{d.ci_high:.4f} | {b.ci_low:.4f}-{b.ci_high:.4f} |"
-        )
+        ci_d, ci_b = f"{d.ci_low:.4f}-{d.ci_high:.4f}", f"{b.ci_low:.4f}-{b.ci_high:.4f}"
+        print(f"| {name} | {d.estimate:.4f} | {ci_d} | {ci_b} |")
     print()
     res = stats.delong_test(y_te, scores["mean10"], scores["shape3"])
     print(
@@ -96,32 +96,40 @@ def mrmc_simulation(trials: int, seed: int) -> None:
     print("## 3. MRMC: model vs readers under a Roe-Metz null\n")
     print(
         "Variance components: case 0.3, modality x case 0.3, reader x case 0.2, error 0.2, reader 0.05 "
-        "(per truth state); reader separation mu = 1.5; the model's separation set so that its expected AUC "
-        "equals the mean reader AUC (`alnus._mrmc.simulate_roe_metz`). Test at alpha = 0.05.\n"
+        "or 0.2 (per truth state); reader separation mu = 1.5; the model's separation set so that its "
+        "expected AUC equals the mean reader AUC (`alnus._mrmc.simulate_roe_metz`). Test at alpha = 0.05; "
+        "the CI of the rejection rate is Clopper-Pearson.\n"
     )
-    print(
-        "| readers | cases (pos + neg) | model | trials | rejection rate | 95% CI (Clopper-Pearson) | mean ddf |"
-    )
-    print("|---:|---|---|---:|---:|---|---:|")
+    header = "readers | reader var | cases (pos + neg) | expected AUC model / readers | trials | rejected"
+    print(f"| {header} | 95% CI | median ddf |")
+    print("|---:|---:|---|---|---:|---:|---|---:|")
     rng = np.random.default_rng(seed)
     settings = [
-        (5, 41, 40, None, trials),
-        (3, 41, 40, None, trials),
-        (10, 100, 100, None, trials),
-        (5, 41, 40, 2.6, trials // 2),
+        (5, 0.05, 41, 40, None, trials),
+        (3, 0.05, 41, 40, None, trials),
+        (10, 0.05, 100, 100, None, trials),
+        (5, 0.2, 41, 40, None, trials),
+        (5, 0.05, 41, 40, 2.6, trials // 2),
     ]
-    for readers, n_pos, n_neg, model_mu, n_trials in settings:
+    for readers, var_reader, n_pos, n_neg, model_mu, n_trials in settings:
         results = [
-            stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, n_pos, n_neg, readers, model_mu=model_mu))
+            stats.mrmc_model_vs_readers(
+                *simulate_roe_metz(rng, n_pos, n_neg, readers, var_reader=var_reader, model_mu=model_mu)
+            )
             for _ in range(n_trials)
         ]
         rejected = sum(r.p < 0.05 for r in results)
         ci = stats.proportion_ci(rejected, n_trials)
-        what = "null (same mean AUC)" if model_mu is None else f"better (model mu = {model_mu})"
-        ddf = np.mean([r.df_den for r in results])
+        # Population AUCs of the simulation: Phi(separation / SD of a positive-minus-negative difference).
+        s2 = 2 * (0.3 + 0.3 + 0.2 + 0.2)
+        reader_auc = sps.norm.cdf(1.5 / np.sqrt(s2 + 2 * var_reader))
+        model_auc = reader_auc if model_mu is None else sps.norm.cdf(model_mu / np.sqrt(s2))
+        label = " (null)" if model_mu is None else f" (model mu {model_mu})"
+        what = f"{model_auc:.3f} / {reader_auc:.3f}{label}"
+        ddf = np.median([r.df_den for r in results])
         print(
-            f"| {readers} | {n_pos} + {n_neg} | {what} | {n_trials} | {rejected / n_trials:.3f} "
-            f"| {ci.ci_low:.3f}-{ci.ci_high:.3f} | {ddf:.1f} |"
+            f"| {readers} | {var_reader} | {n_pos} + {n_neg} | {what} | {n_trials} "
+            f"| {rejected / n_trials:.3f} | {ci.ci_low:.3f}-{ci.ci_high:.3f} | {ddf:.1f} |"
         )
     print()
 
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     mrmc_simulation(args.trials, args.seed)
     print(
         f"Date {dt.date.today().isoformat()}; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"scipy {scipy.__version__}, statsmodels {statsmodels.__version__}, scikit-learn {sklearn.__version__}."
+        f"scipy {scipy.__version__}, statsmodels {statsmodels.__version__}, "
+        f"scikit-learn {sklearn.__version__}."
     )
     return 0
 

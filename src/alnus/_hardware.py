@@ -30,7 +30,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # /proc/cpuinfo flag names that mean the CPU computes in bf16 natively.
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 # Flags worth recording with a run: they decide which kernels PyTorch picks.
-REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16")
+REPORTED_FLAGS += ("amx_tile", "amx_bf16", "amx_int8")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -178,7 +179,7 @@ def git_revision() -> dict[str, Any] | None:
     package = Path(__file__).resolve().parent
     # ls-files makes sure this file is tracked: an installed copy inside some unrelated repository (a venv
     # below a project folder) must not report that repository's commit.
-    if _git("ls-files", "--error-unmatch", Path(__file__).name, cwd=package) is None:
+    if _git("ls-files", "--error-unmatch", "__init__.py", cwd=package) is None:
         return None
     sha = _git("rev-parse", "HEAD", cwd=package)
     if not sha:
@@ -203,6 +204,7 @@ def environment_info() -> dict[str, Any]:
     import alnus
 
     flags = cpu_flags()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
@@ -220,7 +222,7 @@ def environment_info() -> dict[str, Any]:
         "cpu": {
             "model": cpu_model(),
             "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "usable_cores": usable,
             "torch_threads": torch.get_num_threads(),
             "flags": sorted(flag for flag in REPORTED_FLAGS if flag in flags),
             "bf16": cpu_has_bf16(flags),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -72,7 +73,8 @@ def data_import(
     src: Annotated[Path, typer.Argument(help="The dataset's folder.")],
     out: Annotated[Path, typer.Argument(help="Folder for the manifest (images are not copied).")],
     patient_regex: Annotated[
-        str | None, typer.Option(help="folders: regex whose first group is the patient ID (on the relative path).")
+        str | None,
+        typer.Option(help="folders: regex whose first group is the patient ID (on the relative path)."),
     ] = None,
 ) -> None:
     """Write an alnus manifest for a public dataset or a folder of class folders."""
@@ -92,11 +94,15 @@ def data_import(
 @data_app.command("validate")
 def data_validate(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV (one row per image).")],
-    labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated, e.g. negative,positive.")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Allowed labels, comma-separated, e.g. negative,positive.")
+    ] = None,
     drop_invalid: Annotated[
         bool, typer.Option(help="Write the valid rows and an exclusions table instead of failing.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Folder for manifest.valid.csv and exclusions.csv.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for manifest.valid.csv and exclusions.csv.")
+    ] = None,
 ) -> None:
     """Check every row (files, images, labels, patients, sites, splits, ROI, masks); list all problems at once."""
     from alnus._io import write_csv
@@ -105,7 +111,9 @@ def data_validate(
     df = read_manifest(manifest)
     result = validate_manifest(df, manifest.parent, labels=_labels(labels))
     if result.ok:
-        console.print(f"[green]OK[/green] {manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients, no problems.")
+        console.print(
+            f"[green]OK[/green] {manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients, no problems."
+        )
         return
     if not drop_invalid:
         _raise_with_hint(result, manifest)
@@ -126,15 +134,24 @@ def data_split(
     external_site: Annotated[
         list[str] | None, typer.Option(help="Site(s) held out as the external test (repeatable).")
     ] = None,
-    internal_test_frac: Annotated[float, typer.Option(help="Share of development patients for the internal test.")] = 0.1,
-    val_frac: Annotated[float, typer.Option(help="Share of the remaining development patients for validation.")] = 0.1,
+    internal_test_frac: Annotated[
+        float, typer.Option(help="Share of development patients for the internal test.")
+    ] = 0.1,
+    val_frac: Annotated[
+        float, typer.Option(help="Share of the remaining development patients for validation.")
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed (the split is deterministic for a seed).")] = 0,
     labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated.")] = None,
-    drop_invalid: Annotated[bool, typer.Option(help="Exclude invalid rows (counted in exclusions.csv).")] = False,
-    group_duplicates: Annotated[
-        bool, typer.Option(help="Merge patients sharing near-duplicate images into one group instead of failing.")
+    drop_invalid: Annotated[
+        bool, typer.Option(help="Exclude invalid rows (counted in exclusions.csv).")
     ] = False,
-    duplicate_check: Annotated[bool, typer.Option(help="Hash images to find near-duplicates across splits.")] = True,
+    group_duplicates: Annotated[
+        bool,
+        typer.Option(help="Merge patients sharing near-duplicate images into one group instead of failing."),
+    ] = False,
+    duplicate_check: Annotated[
+        bool, typer.Option(help="Hash images to find near-duplicates across splits.")
+    ] = True,
 ) -> None:
     """Patient-level, label-stratified split with a leakage check; external sites are only ever tested on."""
     from alnus._io import write_csv
@@ -173,7 +190,9 @@ def data_split(
 @data_app.command("combine")
 def data_combine(
     manifests: Annotated[list[Path], typer.Argument(help="Manifests to combine (e.g. one per hospital).")],
-    out: Annotated[Path, typer.Option(help="The combined manifest's path (paths are rebased to its folder).")],
+    out: Annotated[
+        Path, typer.Option(help="The combined manifest's path (paths are rebased to its folder).")
+    ],
 ) -> None:
     """Combine several manifests into one (union of columns; image paths rebased)."""
     from alnus._io import write_csv
@@ -220,11 +239,45 @@ def demo(
     console.rule("2/3 validate")
     data_validate(manifest, labels="negative,positive")
     console.rule("3/3 split")
-    data_split(manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive")
+    data_split(
+        manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive"
+    )
     console.print(
         "[bold]Demo done.[/bold] The data steps ran on phantom data; training, evaluation and the report "
         "join this command as those stages land (see README)."
     )
+
+
+@app.command("train")
+def train(
+    config: Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/demo.yaml.")],
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Train only this backbone (repeatable); default: `models`."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from each model's checkpoints/last.pt.")] = False,
+) -> None:
+    """Prepare the run folder and train each backbone (single process, one GPU, or under torchrun for DDP)."""
+    from alnus.config import load_config
+    from alnus.train import run_training
+
+    overrides = list(set_ or [])
+    if model:
+        overrides.append(f"models=[{', '.join(model)}]")
+    cfg = load_config(config, overrides)
+    results = run_training(cfg, resume=resume, console=console)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for result in results:
+            console.print(
+                f"[green]{result.backbone}[/green]: best val AUC {result.best_val_auc:.4f} at epoch "
+                f"{result.best_epoch} of {result.epochs_run} ({result.seconds:.0f} s); "
+                f"package {result.package_dir}",
+                highlight=False,
+            )
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ multiplicative noise with unit mean whose amplitude follows the Rayleigh law of 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -73,12 +74,18 @@ class UltrasoundAugment:
         for name, upper in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
-                raise AugmentConfigError(f"augmentation {name} must be a number in [0, {upper:g}], not {value!r}.")
+                raise AugmentConfigError(
+                    f"augmentation {name} must be a number in [0, {upper:g}], not {value!r}."
+                )
             object.__setattr__(self, name, float(value))
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> UltrasoundAugment:
+    def from_config(cls, config: Mapping[str, Any] | None) -> UltrasoundAugment:
         """Build from a config mapping (YAML lists accepted for ranges); unknown keys are an error."""
+        if config is not None and not isinstance(config, Mapping):
+            raise AugmentConfigError(
+                f"the augmentation settings must be a mapping of name: value, not {type(config).__name__}."
+            )
         config = dict(config or {})
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(config) - set(known))
@@ -91,7 +98,9 @@ class UltrasoundAugment:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain numbers and lists, ready for YAML/JSON and `from_config`."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+        }
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Augment `image` (uint8, (H, W)); the same generator state gives the same result."""
@@ -100,7 +109,8 @@ class UltrasoundAugment:
                 f"augmentation expects a uint8 (H, W) image, got {image.dtype} with shape {image.shape}."
             )
         # All ten draws happen whatever the settings, so turning one step off leaves the others' draws alone.
-        flip_h, flip_v, unit_angle, unit_scale, unit_dx, unit_dy, unit_b, unit_c, unit_g, unit_s = rng.random(10)
+        draws = rng.random(10)
+        flip_h, flip_v, unit_angle, unit_scale, unit_dx, unit_dy, unit_b, unit_c, unit_g, unit_s = draws
         out = image
         if flip_h < self.hflip:
             out = out[:, ::-1]
@@ -115,21 +125,25 @@ class UltrasoundAugment:
         lut = self._lookup_table(out, unit_b, unit_c, unit_g)
         sigma = self.speckle * unit_s
         if sigma:
-            # Rayleigh amplitude = sqrt(2 E) with E exponential; float32 and in place keep this under a millisecond.
-            noise = rng.standard_exponential(size=out.shape, dtype=np.float32)
+            # Rayleigh amplitude sqrt(-2 ln U), U uniform in (0, 1]; float32 and in place keep this fast.
+            noise = rng.random(size=out.shape, dtype=np.float32)
+            np.subtract(1, noise, out=noise)
+            np.log(noise, out=noise)
+            np.negative(noise, out=noise)
             np.sqrt(noise, out=noise)
             noise *= sigma * math.sqrt(2) / _RAYLEIGH_STD
             noise += 1 - sigma * _RAYLEIGH_MEAN / _RAYLEIGH_STD
             table = np.arange(256, dtype=np.float32) if lut is None else lut.astype(np.float32)
-            values = table[out]
-            values *= noise
+            values = np.multiply(noise, table[out], out=noise)
             return _to_uint8(values)
         if lut is not None:
             return _to_uint8(lut)[out]
         return np.array(out)
 
-    def _lookup_table(self, image: np.ndarray, unit_b: float, unit_c: float, unit_g: float) -> np.ndarray | None:
-        """Gamma, then contrast around the mean, then brightness, as intensities 0..255 (float); None if off."""
+    def _lookup_table(
+        self, image: np.ndarray, unit_b: float, unit_c: float, unit_g: float
+    ) -> np.ndarray | None:
+        """Gamma, then contrast around the mean, then brightness, as floats on 0..255; None when all off."""
         gamma = _log_uniform(self.gamma, unit_g)
         contrast = 1 + self.contrast * (2 * unit_c - 1)
         brightness = self.brightness * (2 * unit_b - 1)
@@ -159,7 +173,7 @@ def _affine(image: np.ndarray, angle: float, zoom: float, dx: float, dy: float) 
     """Rotate by `angle` (radians) and zoom about the centre, then shift by (dx, dy) pixels; zeros fill in."""
     height, width = image.shape
     cx, cy = width / 2, height / 2
-    # Pillow wants the inverse map, output (x, y) -> input, as (a, b, c, d, e, f); its pixel centres are at +0.5.
+    # Pillow wants the inverse map, output (x, y) -> input, as (a, b, c, d, e, f); pixel centres sit at +0.5.
     cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
     ox, oy = cx + dx, cy + dy
     coeffs = (cos, -sin, cx - cos * ox + sin * oy, sin, cos, cy - sin * ox - cos * oy)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from scipy.special import expit
 from scipy.stats import norm
 
 from alnus._io import atomic_path, write_csv
+from alnus.data.roi import box_from_mask, format_box
 from alnus.errors import AlnusError
 
 __all__ = [
@@ -53,7 +55,8 @@ LABELS = ("negative", "positive")
 
 # Readers: shared case difficulty (variance) makes readers agree with each other as real readers do.
 _CASE_DIFFICULTY_VAR = 20.0
-_READER_SENSITIVITY_4A = 0.70  # average reader's sensitivity at >= 4a at the reference overlap (Zhou 2020: 73%)
+# The average reader's sensitivity at >= 4a at the reference overlap (Zhou 2020: radiologists 73%).
+_READER_SENSITIVITY_4A = 0.70
 _READER_REFERENCE_OVERLAP = 0.3
 # BI-RADS cut points on a reader's standardised suspicion, relative to the 3|4a cut point.
 _BIRADS_CUTS = np.array([-1.0, 0.0, 0.55, 1.05, 1.6])
@@ -99,8 +102,8 @@ EXTERNAL_SCANNER = Scanner(
     gain_db=-2.0,
     dynamic_range_db=45.0,
     resolution_px=(1.3, 2.4),
-    noise=0.08,
-    attenuation=1.4,
+    noise=0.05,
+    attenuation=1.25,
     fov_mm=50.0,
     size_scale=(1.125, 0.9),
 )
@@ -114,10 +117,15 @@ class PhantomCase:
     latent: tuple[float, float, float, float, float]  # one value per FEATURES entry
     shape_seed: int
     tilt_deg: float = 0.0
-    _radius: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_radius", _boundary_radius(self.shape_seed, self.shape_irregularity))
+        if len(self.latent) != len(FEATURES):
+            raise PhantomError(f"PhantomCase: latent needs {len(FEATURES)} values ({', '.join(FEATURES)}).")
+
+    @cached_property
+    def boundary(self) -> np.ndarray:
+        """Boundary radius over 720 angles, relative to the ellipse (1 = on the ellipse)."""
+        return _boundary_radius(self.shape_seed, self.shape_irregularity)
 
     @property
     def shape_irregularity(self) -> float:
@@ -173,15 +181,17 @@ def sample_case(rng: np.random.Generator, positive: bool, *, overlap: float = 0.
 
 
 def _boundary_radius(shape_seed: int, irregularity: float, n: int = 720) -> np.ndarray:
-    """Boundary radius (1 = the ellipse) over n angles: lobulation grows with irregularity, spicules beyond 0.08."""
+    """Boundary radius (1 = ellipse) over n angles: lobulation grows with irregularity, spicules past 0.08."""
     rng = np.random.default_rng(shape_seed)
     phi = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
     k = np.arange(2, 6)[:, None]
-    lobes = (rng.normal(size=(k.size, 1)) * k**-1.5 * np.cos(k * phi + rng.uniform(0, 2 * np.pi, (k.size, 1)))).sum(0)
+    phase = rng.uniform(0, 2 * np.pi, (k.size, 1))
+    lobes = (rng.normal(size=(k.size, 1)) * k**-1.5 * np.cos(k * phi + phase)).sum(0)
     # Spicules: narrow outward spikes at random angles (angular distance wrapped to [-pi, pi]).
     at = rng.uniform(0, 2 * np.pi, (int(rng.integers(8, 15)), 1))
-    gap = np.angle(np.exp(1j * (phi - at)))
-    spikes = (rng.uniform(0.4, 1.0, at.shape) * np.exp(-np.abs(gap) / rng.uniform(0.02, 0.05, at.shape))).max(0)
+    gap = (phi - at + np.pi) % (2 * np.pi) - np.pi
+    height, width = rng.uniform(0.4, 1.0, at.shape), rng.uniform(0.02, 0.05, at.shape)
+    spikes = (height * np.exp(-np.abs(gap) / width)).max(0)
     radius = 1.0 + irregularity * lobes / np.abs(lobes).max() + 2.0 * max(irregularity - 0.08, 0.0) * spikes
     return radius.astype(np.float32)
 
@@ -217,7 +227,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _tissue(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Echo amplitude of the breast layers (skin, fat, gland, pectoral muscle) and the layer depths per column."""
+    """Echo amplitude of the breast layers (skin, fat, gland, pectoral muscle) and layer depths per column."""
     y = (np.arange(h, dtype=np.float32) / h)[:, None]
     skin = np.float32(rng.uniform(0.025, 0.045))
     d_fat = _boundary(rng, w, rng.uniform(0.16, 0.26), 0.025)[None, :]
@@ -243,7 +253,7 @@ def _place_lesion(
     ratio = case.aspect_ratio
     a, b = (size_px / 2, size_px * ratio / 2) if ratio < 1 else (size_px / 2 / ratio, size_px / 2)
     theta = math.radians(case.tilt_deg + rng.normal(0.0, 5.0))
-    r_max = float(case._radius.max())
+    r_max = float(case.boundary.max())
     half_x = math.hypot(a * math.cos(theta), b * math.sin(theta)) * r_max
     half_y = math.hypot(a * math.sin(theta), b * math.cos(theta)) * r_max
     # The lesion must fit in the view; very large lesions are shown partly out of plane (smaller).
@@ -274,7 +284,7 @@ def render_case(
 
     # Lesion, computed in its bounding window only.
     irr = case.shape_irregularity
-    reach = max(a, b) * float(case._radius.max()) + 8
+    reach = max(a, b) * float(case.boundary.max()) + 8
     y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, h)
     x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, w)
     dy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
@@ -283,8 +293,8 @@ def render_case(
     v = -dx * math.sin(theta) + dy * math.cos(theta)
     rho = np.hypot(u / a, v / b)
     phi = np.arctan2(v / b, u / a)
-    n = case._radius.size
-    radius = case._radius[((phi + np.pi) * (n / (2 * np.pi))).astype(int) % n]
+    n = case.boundary.size
+    radius = case.boundary[((phi + np.pi) * (n / (2 * np.pi))).astype(int) % n]
     inside = rho < radius
     # Irregular lesions also have indistinct margins: a wider transition band, in pixels.
     edge_px = (1.0 + 5.0 * irr) * max(scale, 0.5)
@@ -337,7 +347,8 @@ def phantom_image(
     scanner: Scanner = DEV_SCANNER,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One random phantom image and its mask, for tests of other modules."""
-    return render_case(sample_case(rng, positive, overlap=overlap), rng, image_size=image_size, scanner=scanner)
+    case = sample_case(rng, positive, overlap=overlap)
+    return render_case(case, rng, image_size=image_size, scanner=scanner)
 
 
 def _reader_traits(reader: int) -> tuple[np.ndarray, float, float]:
@@ -347,7 +358,9 @@ def _reader_traits(reader: int) -> tuple[np.ndarray, float, float]:
     return weights, float(rng.uniform(8.0, 28.0)), float(rng.uniform(-0.3, 0.3))
 
 
-def simulate_readers(cases: Sequence[PhantomCase], rng: np.random.Generator, *, readers: int = 5) -> pd.DataFrame:
+def simulate_readers(
+    cases: Sequence[PhantomCase], rng: np.random.Generator, *, readers: int = 5
+) -> pd.DataFrame:
     """BI-RADS readings (2..5) of `cases` by `readers` radiologists: columns reader_r1 .. reader_rN.
 
     Each reader's suspicion is a weighted sum of the visible latent features plus a case-difficulty term
@@ -369,25 +382,39 @@ def simulate_readers(cases: Sequence[PhantomCase], rng: np.random.Generator, *, 
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write atomically (rename) but without fsync: the phantom can be regenerated, hundreds of fsyncs cost."""
+    """Write atomically (rename) without fsync: the phantom can be regenerated; hundreds of fsyncs cost."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def _dicom_bytes(image: np.ndarray, *, patient_id: str, study_id: str, uid_seed: str, spacing_mm: float) -> bytes:
-    """A US DICOM file: `image` embedded in a larger frame with a dark margin; one 2-D region marks it."""
+def _dicom_bytes(
+    image: np.ndarray,
+    *,
+    patient_id: str,
+    study_id: str,
+    age: int,
+    uid_root: str,
+    uid_view: str,
+    spacing_mm: float,
+) -> bytes:
+    """A US DICOM file: `image` embedded in a larger frame with a dark margin; one 2-D region marks it.
+
+    UIDs are derived from `uid_root` (the patient's study and series) and `uid_view` (the instance), so the
+    same phantom gives the same files.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     h, w = image.shape
     top, bottom, left, right = max(h // 6, 8), max(h // 12, 4), max(w // 10, 6), max(w // 8, 8)
+    right += (top + h + bottom) * (left + w + right) % 2  # DICOM values have even length
     frame = np.zeros((top + h + bottom, left + w + right), np.uint8)
     frame[top : top + h, left : left + w] = image
     # Screen furniture outside the region (grey bar, depth ticks): what region cropping must remove.
@@ -396,7 +423,7 @@ def _dicom_bytes(image: np.ndarray, *, patient_id: str, study_id: str, uid_seed:
     frame[ticks, left + w + 2 : left + w + 2 + max(right // 3, 2)] = 200
 
     sop_class = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
-    sop_instance = generate_uid(entropy_srcs=[uid_seed, "instance"])
+    sop_instance = generate_uid(entropy_srcs=[uid_view, "instance"])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_instance
@@ -406,12 +433,14 @@ def _dicom_bytes(image: np.ndarray, *, patient_id: str, study_id: str, uid_seed:
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_instance
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed.rsplit("/", 1)[0], "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed.rsplit("/", 1)[0], "series"])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_root, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_root, "series"])
     ds.Modality = "US"
     ds.Manufacturer = "alnus phantom"
     ds.PatientName = "PHANTOM^PATIENT"
     ds.PatientID = patient_id
+    ds.PatientSex = "F"
+    ds.PatientAge = f"{age:03d}Y"
     ds.StudyID = study_id[-16:]
     ds.BurnedInAnnotation = "NO"
     ds.SamplesPerPixel = 1
@@ -446,6 +475,78 @@ def _check(name: str, ok: bool, allowed: str, value: object) -> None:
         raise PhantomError(f"make_phantom: {name}={value!r} is invalid; use {allowed}.")
 
 
+def _plan(
+    *,
+    sites: Sequence[tuple[Scanner, int]],
+    overlap: float,
+    views: tuple[int, int],
+    prevalence: float,
+    readers: int,
+    seed: int,
+) -> list[dict]:
+    """Every image to write, with its patient's lesion and readings; cheap (nothing is rendered)."""
+    planned = []
+    for site_index, (scanner, n) in enumerate(sites):
+        if n == 0:
+            continue
+        site_rng = np.random.default_rng([seed, site_index])
+        positive = site_rng.permutation(np.arange(n) < round(prevalence * n))
+        patients = []
+        for i in range(n):
+            # One generator per patient: a patient's data do not depend on how many patients follow.
+            rng = np.random.default_rng([seed, site_index, i])
+            case = sample_case(rng, bool(positive[i]), overlap=overlap)
+            pid = f"{scanner.prefix}-{i + 1:04d}"
+            patients.append(
+                {
+                    "patient_id": pid,
+                    "study_id": f"{pid}-S1",
+                    "label": LABELS[int(case.positive)],
+                    "site": scanner.site,
+                    "age": int(np.clip(round(rng.normal(56.0, 11.0)), 25, 90)),
+                    "n_views": int(rng.integers(views[0], views[1] + 1)),
+                    "case": case,
+                    "scanner": scanner,
+                    "key": [seed, site_index, i],
+                }
+            )
+        readings = simulate_readers([p["case"] for p in patients], site_rng, readers=readers)
+        for patient, reads in zip(patients, readings.to_dict("records"), strict=True):
+            planned += [{**patient, **reads, "view": v} for v in range(1, patient["n_views"] + 1)]
+    return planned
+
+
+def _write_view(out: Path, view: dict, *, image_size: tuple[int, int], dicom: bool) -> dict:
+    """Render one planned image, write it and its mask; return its manifest row."""
+    case, scanner = view["case"], view["scanner"]
+    size = scanner.image_size(image_size)
+    rng = np.random.default_rng([*view["key"], view["view"]])
+    image, mask = render_case(case, rng, image_size=size, scanner=scanner)
+    stem = f"{view['patient_id']}-{view['view']}"
+    image_rel, mask_rel = f"images/{stem}.{'dcm' if dicom else 'png'}", f"masks/{stem}.png"
+    if dicom:
+        uid_root = f"alnus-phantom/{view['key']}"
+        data = _dicom_bytes(
+            image,
+            patient_id=view["patient_id"],
+            study_id=view["study_id"],
+            age=view["age"],
+            uid_root=uid_root,
+            uid_view=f"{uid_root}/{view['view']}",
+            spacing_mm=scanner.fov_mm / size[1],
+        )
+    else:
+        data = _png_bytes(image)
+    _write(out / image_rel, data)
+    _write(out / mask_rel, _png_bytes(mask))
+    row = {name: view[name] for name in ("patient_id", "study_id", "label", "site")}
+    row = {"image": image_rel, **row, "roi": format_box(box_from_mask(mask)), "mask": mask_rel}
+    row |= {"age": view["age"], "tumour_size_mm": round(case.tumour_size_mm, 1)}
+    row |= {name: value for name, value in view.items() if name.startswith("reader_")}
+    row |= {name: round(value, 4) for name, value in case.features().items() if name != "tumour_size_mm"}
+    return row
+
+
 def make_phantom(
     out: Path,
     *,
@@ -462,7 +563,8 @@ def make_phantom(
     """Write a two-site phantom study (`out/manifest.csv`, `out/images/`, `out/masks/`); return the manifest.
 
     Deterministic for a seed: the same settings give the same bytes. Each site holds exactly
-    round(prevalence * patients) positive patients. Files already in `out` are overwritten, others kept.
+    round(prevalence * patients) positive patients; round(dicom_fraction * images) images (at least one
+    when the fraction is above 0) are DICOM. Files already in `out` are overwritten, others are kept.
     """
     lo, hi = images_per_patient
     _check("patients", patients >= 1, "an integer >= 1", patients)
@@ -475,85 +577,19 @@ def make_phantom(
     _check("readers", readers >= 0, "an integer >= 0", readers)
     out = Path(out)
 
-    # Pass 1 (cheap): patients, lesions, views and readings; pass 2 renders and writes the images.
-    views: list[dict] = []
-    for site_index, (scanner, n) in enumerate(((DEV_SCANNER, patients), (EXTERNAL_SCANNER, external_patients))):
-        if n == 0:
-            continue
-        site_rng = np.random.default_rng([seed, site_index])
-        positive = np.zeros(n, bool)
-        positive[: round(prevalence * n)] = True
-        positive = site_rng.permutation(positive)
-        cases, patient_rows = [], []
-        for i in range(n):
-            rng = np.random.default_rng([seed, site_index, i])
-            case = sample_case(rng, bool(positive[i]), overlap=overlap)
-            pid = f"{scanner.prefix}-{i + 1:04d}"
-            cases.append(case)
-            patient_rows.append(
-                {
-                    "patient_id": pid,
-                    "study_id": f"{pid}-S1",
-                    "label": LABELS[int(case.positive)],
-                    "site": scanner.site,
-                    "age": int(np.clip(round(rng.normal(56.0, 11.0)), 25, 90)),
-                    "n_views": int(rng.integers(lo, hi + 1)),
-                    "case": case,
-                    "scanner": scanner,
-                    "key": (seed, site_index, i),
-                }
-            )
-        readings = simulate_readers(cases, site_rng, readers=readers)
-        for row, (_, reads) in zip(patient_rows, readings.iterrows(), strict=True):
-            for v in range(row["n_views"]):
-                views.append({**row, **reads.to_dict(), "view": v + 1})
-
-    n_dicom = round(dicom_fraction * len(views))
-    if dicom_fraction > 0 and n_dicom == 0:
-        n_dicom = 1
-    is_dicom = np.zeros(len(views), bool)
-    is_dicom[np.random.default_rng([seed, 2]).permutation(len(views))[:n_dicom]] = True
-
-    rows = []
-    for view, dicom in zip(views, is_dicom, strict=True):
-        case, scanner = view["case"], view["scanner"]
-        size = scanner.image_size(image_size)
-        image, mask = render_case(
-            case, np.random.default_rng([*view["key"], view["view"]]), image_size=size, scanner=scanner
-        )
-        stem = f"{view['patient_id']}-{view['view']}"
-        image_rel = f"images/{stem}.dcm" if dicom else f"images/{stem}.png"
-        if dicom:
-            data = _dicom_bytes(
-                image,
-                patient_id=view["patient_id"],
-                study_id=view["study_id"],
-                uid_seed=f"alnus-phantom/{view['key']}/{view['view']}",
-                spacing_mm=scanner.fov_mm / size[1],
-            )
-        else:
-            data = _png_bytes(image)
-        _write(out / image_rel, data)
-        _write(out / "masks" / f"{stem}.png", _png_bytes(mask))
-        ys, xs = np.nonzero(mask)
-        roi = f"{xs.min()},{ys.min()},{xs.max() - xs.min() + 1},{ys.max() - ys.min() + 1}"
-        features = {k: round(v, 4) for k, v in case.features().items()}
-        features["tumour_size_mm"] = round(case.tumour_size_mm, 1)
-        rows.append(
-            {
-                "image": image_rel,
-                "patient_id": view["patient_id"],
-                "study_id": view["study_id"],
-                "label": view["label"],
-                "site": view["site"],
-                "roi": roi,
-                "mask": f"masks/{stem}.png",
-                "age": view["age"],
-                "tumour_size_mm": features.pop("tumour_size_mm"),
-                **{f"reader_r{r}": view[f"reader_r{r}"] for r in range(1, readers + 1)},
-                **features,
-            }
-        )
+    views = _plan(
+        sites=((DEV_SCANNER, patients), (EXTERNAL_SCANNER, external_patients)),
+        overlap=overlap,
+        views=(lo, hi),
+        prevalence=prevalence,
+        readers=readers,
+        seed=seed,
+    )
+    n_dicom = max(round(dicom_fraction * len(views)), int(dicom_fraction > 0))
+    dicom = np.random.default_rng([seed, 2]).permutation(len(views)) < n_dicom
+    rows = [
+        _write_view(out, view, image_size=image_size, dicom=d) for view, d in zip(views, dicom, strict=True)
+    ]
     manifest = out / "manifest.csv"
     write_csv(pd.DataFrame(rows), manifest)
     return manifest

@@ -1,0 +1,561 @@
+"""Predictions -> metric tables with confidence intervals; the operating threshold is frozen on validation.
+
+The design follows Zhou et al., Radiology 2020: one operating threshold per model, chosen on the
+validation split only and applied unchanged to the internal and external test sets; per model and test set
+an AUC with its 95% CI and accuracy, sensitivity and specificity as k/n with exact (Clopper-Pearson 1934)
+intervals. Results are given per image and per patient (a patient's image probabilities averaged, or their
+maximum). The statistics themselves are `alnus.stats`; this module only arranges the cases and the output.
+
+A prediction table has one row per image: image, patient_id, study_id, site, label, y (0/1), prob.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from alnus import stats
+from alnus._io import atomic_write_text, write_csv
+from alnus.errors import AlnusError
+
+SPLITS = ("val", "internal_test", "external_test")
+PREDICTION_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "y", "prob")
+PREDICTIONS_STAMP = "predictions.json"
+METRICS_FORMAT = "alnus-metrics"
+METRICS_VERSION = 1
+Level = Literal["image", "patient", "study"]
+Aggregate = Literal["mean", "max"]
+LEVELS = ("image", "patient", "study")
+AGGREGATES = ("mean", "max")
+# Table columns (paper style) in the order printed; proportions read "85.4 (35/41; 70.8-94.4)".
+TABLE_COLUMNS = ["model", "split", "level", "n (pos/neg)", "AUC (95% CI)", "accuracy", "sensitivity",
+                 "specificity", "PPV", "NPV", "threshold"]  # fmt: skip
+
+
+class EvaluateError(AlnusError):
+    """Predictions or a run folder that cannot be evaluated; the message names the file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------- prediction tables
+def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.DataFrame:
+    """Return a clean copy of a prediction table (strings as strings, y int, prob float) or raise.
+
+    Missing `study_id`/`site` columns are added empty. Every bad row is listed (spreadsheet rows: header = 1).
+    """
+    missing = [c for c in ("image", "patient_id", "label", "y", "prob") if c not in table.columns]
+    if missing:
+        raise EvaluateError(
+            f"{where} lacks column(s) {', '.join(missing)}; a prediction table has "
+            f"{', '.join(PREDICTION_COLUMNS)} (write it with `alnus predict RUN`)."
+        )
+    if table.empty:
+        raise EvaluateError(f"{where} has no rows; run `alnus predict RUN` again.")
+    out = table.reset_index(drop=True).copy()
+    for column in ("image", "patient_id", "study_id", "site", "label"):
+        if column not in out.columns:
+            out[column] = ""
+        out[column] = out[column].fillna("").astype(str)
+    y = pd.to_numeric(out["y"], errors="coerce")
+    prob = pd.to_numeric(out["prob"], errors="coerce")
+    problems = []
+    for i in np.flatnonzero(~y.isin([0, 1]).to_numpy()):
+        problems.append(f"row {i + 2}: y = {table['y'].iloc[i]!r} is not 0 or 1")
+    for i in np.flatnonzero(~(np.isfinite(prob) & (prob >= 0) & (prob <= 1)).to_numpy()):
+        problems.append(f"row {i + 2}: prob = {table['prob'].iloc[i]!r} is not a probability in [0, 1]")
+    for i in np.flatnonzero((out["patient_id"].str.strip() == "").to_numpy()):
+        problems.append(f"row {i + 2}: patient_id is empty")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
+        raise EvaluateError(
+            f"{where}: {len(problems)} bad row(s):\n  {shown}\nRun `alnus predict RUN` again."
+        )
+    out["y"] = y.astype(int)
+    out["prob"] = prob.astype(float)
+    return out
+
+
+def _unit_columns(level: str) -> list[str]:
+    # Patient ids are unique only within a site (as in alnus.data.split), so the site is part of the key.
+    return {"patient": ["site", "patient_id"], "study": ["site", "patient_id", "study_id"]}[level]
+
+
+def aggregate_predictions(
+    table: pd.DataFrame, level: Level = "patient", how: Aggregate = "mean"
+) -> pd.DataFrame:
+    """One row per case at `level`: image rows as they are, or a patient's (study's) images combined.
+
+    The case probability is the mean or the max of its images' probabilities; its label must be the same on
+    all of its images. Returns columns site, patient_id, study_id, label, y, prob, n_images (cases in order of
+    first appearance).
+    """
+    if level not in LEVELS:
+        raise EvaluateError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
+    if how not in AGGREGATES:
+        raise EvaluateError(f"aggregate must be 'mean' or 'max'; got {how!r}.")
+    table = check_predictions(table)
+    if level == "image":
+        out = table[["image", "site", "patient_id", "study_id", "label", "y", "prob"]].copy()
+        out["n_images"] = 1
+        return out
+    if level == "study":
+        empty = np.flatnonzero((table["study_id"].str.strip() == "").to_numpy())
+        if empty.size:
+            raise EvaluateError(
+                f"study-level results need a study_id on every row; rows {(empty[:8] + 2).tolist()} have "
+                "none. Fill study_id in the manifest or evaluate at patient level."
+            )
+    keys = _unit_columns(level)
+    grouped = table.groupby(keys, sort=False)
+    mixed = grouped["y"].nunique()
+    mixed = mixed[mixed > 1]
+    if len(mixed):
+        names = ["/".join(str(k) for k in key if k != "") for key in mixed.index[:8]]
+        raise EvaluateError(
+            f"{len(mixed)} {level}(s) have images with different labels ({', '.join(names)}); a "
+            f"{level}-level result needs one label per {level}. Check the labels, or evaluate at image level."
+        )
+    out = grouped.agg(
+        label=("label", "first"), y=("y", "first"), prob=("prob", how), n_images=("prob", "size")
+    )
+    out = out.reset_index()
+    if "study_id" not in out.columns:
+        study = grouped["study_id"].agg(lambda s: ";".join(dict.fromkeys(v for v in s if v)))
+        out["study_id"] = study.to_numpy()
+    return out[["site", "patient_id", "study_id", "label", "y", "prob", "n_images"]]
+
+
+def _table_digest(table: pd.DataFrame) -> str:
+    """SHA-256 of the columns a threshold depends on, so metadata.json names the exact data it came from."""
+    blob = table[["image", "y", "prob"]].to_csv(index=False, float_format="%.9g")
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ threshold
+def choose_frozen_threshold(
+    val: pd.DataFrame,
+    *,
+    rule: Literal["youden", "sensitivity", "specificity"] = "youden",
+    target: float | None = None,
+    level: Level = "patient",
+    aggregate: Aggregate = "mean",
+) -> dict[str, Any]:
+    """Choose the operating threshold on VALIDATION predictions (`stats.choose_threshold`) at `level`.
+
+    Returns the record stored in the model package: value, rule, target, level, aggregate, what it gives on
+    validation, and which validation data it was chosen on (counts and a SHA-256 of image, y, prob).
+    """
+    val = check_predictions(val, "validation predictions")
+    cases = aggregate_predictions(val, level, aggregate)
+    try:
+        chosen = stats.choose_threshold(
+            cases["y"].to_numpy(), cases["prob"].to_numpy(), rule=rule, target=target
+        )
+    except stats.StatsError as exc:
+        raise EvaluateError(f"cannot choose the threshold on the validation split: {exc}") from exc
+    return {
+        "value": chosen.threshold,
+        "rule": rule,
+        "target": target,
+        "level": level,
+        "aggregate": aggregate,
+        "val_sensitivity": chosen.sensitivity,
+        "val_specificity": chosen.specificity,
+        "val_youden": chosen.youden,
+        "chosen_on": {
+            "split": "val",
+            "n_images": len(val),
+            "n_cases": len(cases),
+            "n_pos": int(cases["y"].sum()),
+            "n_neg": int(len(cases) - cases["y"].sum()),
+            "predictions_sha256": _table_digest(val),
+        },
+    }
+
+
+def freeze_threshold(package_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a threshold record into the package's metadata.json (atomically); returns the new metadata.
+
+    `threshold` holds the number (what predict and the service apply: `prob >= threshold`);
+    `threshold_selection` holds the whole record (rule, level, aggregate, the validation data).
+    """
+    from alnus.models.package import METADATA_FILE, read_metadata
+
+    meta = read_metadata(package_dir)
+    meta["threshold"] = float(record["value"])
+    meta["threshold_selection"] = {
+        **dict(record),
+        "frozen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(Path(package_dir) / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    return meta
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+def _proportion(k: int, n: int, alpha: float) -> dict[str, Any] | None:
+    if n == 0:
+        return None
+    p = stats.proportion_ci(k, n, "clopper-pearson", alpha)
+    return {"k": p.k, "n": p.n, "estimate": p.estimate, "ci_low": p.ci_low, "ci_high": p.ci_high}
+
+
+def _auc(result: stats.AucResult) -> dict[str, Any]:
+    return {"estimate": result.estimate, "ci_low": result.ci_low, "ci_high": result.ci_high, "se": result.se,
+            "method": result.method}  # fmt: skip
+
+
+def case_metrics(
+    cases: pd.DataFrame,
+    threshold: float,
+    *,
+    clustered: bool = False,
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of one set of cases (rows of `aggregate_predictions`) at a fixed threshold.
+
+    AUC with the DeLong (1988) CI; with `clustered` (image level, several images per patient) also the
+    percentile bootstrap CI resampling whole patients, which is then the one reported (`auc_reported`).
+    Accuracy, sensitivity, specificity, PPV and NPV as k/n with Clopper-Pearson CIs (calls are
+    `prob >= threshold`; the counts of `stats.binary_metrics`, kept defined when a split holds one class).
+    Calibration (Brier, slope, intercept; `stats.calibration`). What cannot be computed is None and `notes`
+    says why.
+    """
+    y = cases["y"].to_numpy().astype(bool)
+    prob = cases["prob"].to_numpy().astype(float)
+    call = prob >= threshold
+    tp, fn = int((call & y).sum()), int((~call & y).sum())
+    tn, fp = int((~call & ~y).sum()), int((call & ~y).sum())
+    notes: list[str] = []
+    out: dict[str, Any] = {
+        "n": int(y.size), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
+        "n_patients": int(cases.groupby(["site", "patient_id"]).ngroups),
+        "threshold": float(threshold), "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+        "accuracy": _proportion(tp + tn, y.size, alpha),
+        "sensitivity": _proportion(tp, tp + fn, alpha),
+        "specificity": _proportion(tn, tn + fp, alpha),
+        "ppv": _proportion(tp, tp + fp, alpha),
+        "npv": _proportion(tn, tn + fn, alpha),
+        "auc": None, "auc_bootstrap": None, "auc_reported": None, "calibration": None,
+    }  # fmt: skip
+    try:
+        out["auc"] = _auc(stats.auc_ci(y, prob, "delong", alpha=alpha))
+        out["auc_reported"] = "auc"
+    except stats.StatsError as exc:
+        notes.append(f"AUC (DeLong): {exc}")
+    several = clustered and out["n_patients"] < y.size
+    if several:
+        groups = (cases["site"] + "/" + cases["patient_id"]).to_numpy()
+        try:
+            boot = stats.auc_ci(y, prob, "bootstrap", groups=groups, alpha=alpha, n_boot=n_boot, seed=seed)
+            out["auc_bootstrap"] = {**_auc(boot), "n_boot": boot.n_boot, "n_groups": boot.n_groups}
+            # DeLong treats a patient's images as independent cases; the clustered bootstrap does not.
+            out["auc_reported"] = "auc_bootstrap"
+        except stats.StatsError as exc:
+            notes.append(f"AUC (clustered bootstrap): {exc}")
+    try:
+        cal = stats.calibration(y, prob, alpha=alpha)
+        out["calibration"] = {
+            "brier": cal.brier, "slope": cal.slope, "slope_ci_low": cal.slope_ci_low,
+            "slope_ci_high": cal.slope_ci_high, "intercept": cal.intercept,
+            "intercept_ci_low": cal.intercept_ci_low, "intercept_ci_high": cal.intercept_ci_high,
+            "ece": cal.ece,
+        }  # fmt: skip
+    except stats.StatsError as exc:
+        notes.append(f"calibration: {exc}")
+    out["notes"] = notes
+    return out
+
+
+def split_metrics(
+    table: pd.DataFrame,
+    threshold: float,
+    *,
+    level: Level = "patient",
+    aggregate: Aggregate = "mean",
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """`case_metrics` of one model on one split at image level and at `level` (patient for `image`)."""
+    table = check_predictions(table)
+    case_level = "patient" if level == "image" else level
+    return {
+        "image": case_metrics(
+            aggregate_predictions(table, "image"),
+            threshold,
+            clustered=True,
+            alpha=alpha,
+            n_boot=n_boot,
+            seed=seed,
+        ),
+        case_level: case_metrics(aggregate_predictions(table, case_level, aggregate), threshold, alpha=alpha),
+    }
+
+
+def compare_models(
+    tables: Mapping[str, pd.DataFrame],
+    *,
+    level: Level = "patient",
+    aggregate: Aggregate = "mean",
+    alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """DeLong tests between every pair of models on the same cases, Holm-adjusted (`stats.compare_aucs`).
+
+    At image level the cases must be independent for DeLong, so compare at patient (or study) level when a
+    patient has several images.
+    """
+    if len(tables) < 2:
+        return []
+    names = list(tables)
+    cases = {name: aggregate_predictions(t, level, aggregate) for name, t in tables.items()}
+    keys = ["image"] if level == "image" else _unit_columns(level)
+    first = cases[names[0]].set_index(keys)
+    scores = {}
+    for name in names:
+        other = cases[name].set_index(keys)
+        if len(other) != len(first) or not other.index.sort_values().equals(first.index.sort_values()):
+            raise EvaluateError(
+                f"models {names[0]} and {name} were not predicted on the same cases ({len(first)} vs "
+                f"{len(other)}); run `alnus predict RUN` again so that every model sees the same split."
+            )
+        other = other.loc[first.index]
+        if not (other["y"].to_numpy() == first["y"].to_numpy()).all():
+            raise EvaluateError(f"models {names[0]} and {name} disagree on the labels of the same cases.")
+        scores[name] = other["prob"].to_numpy()
+    try:
+        results = stats.compare_aucs(first["y"].to_numpy(), scores, alpha=alpha)
+    except stats.StatsError as exc:
+        raise EvaluateError(f"cannot compare the models' AUCs: {exc}") from exc
+    return [
+        {"model_a": r.name_a, "model_b": r.name_b, "level": level, "auc_a": r.auc_a, "auc_b": r.auc_b,
+         "difference": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "z": r.z, "p": r.p,
+         "p_holm": r.p_adjusted, "n": r.n, "method": "DeLong, Holm-adjusted"}
+        for r in results
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def format_proportion(p: Mapping[str, Any] | None) -> str:
+    """`85.4 (35/41; 70.8-94.4)`: percent, k/n and the CI in percent; empty when undefined."""
+    if p is None:
+        return ""
+    return f"{100 * p['estimate']:.1f} ({p['k']}/{p['n']}; {100 * p['ci_low']:.1f}-{100 * p['ci_high']:.1f})"
+
+
+def format_auc(a: Mapping[str, Any] | None) -> str:
+    """`0.89 (0.83-0.95)`, as in the paper; empty when undefined."""
+    if a is None:
+        return ""
+    return f"{a['estimate']:.2f} ({a['ci_low']:.2f}-{a['ci_high']:.2f})"
+
+
+def results_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
+    """The paper's results table at one level: a row per model x split, formatted cells (TABLE_COLUMNS)."""
+    rows = []
+    for model, entry in metrics["models"].items():
+        for split, by_level in entry["splits"].items():
+            if level not in by_level:
+                continue
+            m = by_level[level]
+            auc_key = m.get("auc_reported")
+            rows.append({
+                "model": model, "split": split, "level": level,
+                "n (pos/neg)": f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
+                "AUC (95% CI)": format_auc(m[auc_key] if auc_key else None),
+                "accuracy": format_proportion(m["accuracy"]),
+                "sensitivity": format_proportion(m["sensitivity"]),
+                "specificity": format_proportion(m["specificity"]),
+                "PPV": format_proportion(m["ppv"]), "NPV": format_proportion(m["npv"]),
+                "threshold": f"{m['threshold']:.4g}",
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def comparisons_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """Model-vs-model DeLong comparisons of every split as one table."""
+    rows = [
+        {"split": split, **row} for split, items in metrics.get("comparisons", {}).items() for row in items
+    ]
+    columns = ["split", "model_a", "model_b", "level", "auc_a", "auc_b", "difference", "ci_low", "ci_high",
+               "z", "p", "p_holm", "n", "method"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def _settings(run_dir: Path) -> dict[str, Any]:
+    """The `evaluate` section of the run's config.yaml (defaults when the run has no such section)."""
+    import dataclasses
+
+    import yaml
+
+    from alnus.config import ConfigError, EvaluateConfig, config_from_dict
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise EvaluateError(f"{run_dir} is not a run folder (no config.yaml); pass runs/<name>.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = config_from_dict(raw, where=str(path))
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise EvaluateError(f"{path} cannot be read as a configuration: {exc}") from exc
+    section = dataclasses.asdict(cfg.evaluate)
+    return {k: section[k] for k in dataclasses.asdict(EvaluateConfig())}
+
+
+def run_models(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Backbones with a model package in the run folder (`models/<backbone>/model/metadata.json`), sorted."""
+    folder = Path(run_dir) / "models"
+    return (
+        sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
+    )
+
+
+def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:
+    path = run_dir / "splits.csv"
+    if not path.is_file():
+        return None
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return {name: set(rows["image"]) for name, rows in splits.groupby("split")}
+
+
+def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, pd.DataFrame]:
+    """The prediction tables of one model, checked against the package and splits.csv.
+
+    Raises EvaluateError when the validation predictions are missing, when a split of splits.csv has no
+    predictions, when a table's images differ from the split's, or when `predictions.json` names other weights
+    than the package's (the model was retrained after predicting).
+    """
+    from alnus.models.package import read_metadata
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "models" / model / "predictions"
+    again = f"run `alnus predict {run_dir}` first"
+    stamp = folder / PREDICTIONS_STAMP
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
+        current = read_metadata(run_dir / "models" / model / "model")["weights_sha256"]
+        if recorded != current:
+            raise EvaluateError(
+                f"{folder} holds predictions of other weights than {run_dir / 'models' / model / 'model'} "
+                f"(the model was trained again); {again}."
+            )
+    expected = _split_rows(run_dir)
+    wanted = [s for s in SPLITS if expected is None or s in expected]
+    tables = {}
+    for split in wanted:
+        path = folder / f"{split}.csv"
+        if not path.is_file():
+            if expected is None and split != "val":
+                continue
+            raise EvaluateError(f"{path} not found: model {model} has no {split} predictions; {again}.")
+        table = check_predictions(pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]},
+                                              keep_default_na=False), str(path))  # fmt: skip
+        if expected is not None:
+            images = set(table["image"])
+            if images != expected[split] or len(table) != len(expected[split]):
+                raise EvaluateError(
+                    f"{path} has {len(table)} rows but splits.csv has {len(expected[split])} {split} images "
+                    f"({len(images - expected[split])} unknown, {len(expected[split] - images)} missing); "
+                    f"the split changed after predicting: {again}."
+                )
+        tables[split] = table
+    if "val" not in tables:
+        raise EvaluateError(
+            f"{run_dir / 'splits.csv'} has no val rows; the threshold is chosen on validation."
+        )
+    return tables
+
+
+def _clean_json(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars as Python numbers, NaN/inf as None (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    models: Sequence[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    level: Level = "patient",
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Freeze each model's threshold on val, write `metrics.json` and `tables/*.csv`; return the metrics.
+
+    Args:
+        models: backbones to evaluate (default: every package in the run).
+        settings: `threshold_rule`, `threshold_target`, `aggregate` (default: the run's config.yaml).
+        level: where the threshold is chosen and the case-level results are given (`patient` or `study`;
+            `image` chooses it on images and reports patients as the second level).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvaluateError(f"run folder {run_dir} not found.")
+    cfg = dict(settings) if settings is not None else _settings(run_dir)
+    rule, target, how = (
+        cfg.get("threshold_rule", "youden"),
+        cfg.get("threshold_target"),
+        cfg.get("aggregate", "mean"),
+    )
+    available = run_models(run_dir)
+    names = list(models) if models else available
+    unknown = [m for m in names if m not in available]
+    if not names or unknown:
+        raise EvaluateError(
+            f"{run_dir / 'models'} has no model package{' for ' + ', '.join(unknown) if unknown else ''} "
+            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
+        )
+    tables = {model: read_predictions(run_dir, model) for model in names}
+    case_level = "patient" if level == "image" else level
+    out: dict[str, Any] = {
+        "format": METRICS_FORMAT, "format_version": METRICS_VERSION, "run": run_dir.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"threshold_rule": rule, "threshold_target": target, "aggregate": how, "level": level,
+                     "alpha": alpha, "n_boot": n_boot, "seed": seed, "proportion_ci": "clopper-pearson",
+                     "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
+                                case_level: "delong"}},
+        "models": {}, "comparisons": {},
+    }  # fmt: skip
+    for model, by_split in tables.items():
+        record = choose_frozen_threshold(
+            by_split["val"], rule=rule, target=target, level=level, aggregate=how
+        )
+        freeze_threshold(run_dir / "models" / model / "model", record)
+        out["models"][model] = {
+            "threshold": record,
+            "splits": {
+                split: split_metrics(table, record["value"], level=level, aggregate=how, alpha=alpha,
+                                     n_boot=n_boot, seed=seed)
+                for split, table in by_split.items()
+            },
+        }  # fmt: skip
+    for split in SPLITS:
+        have = {m: t[split] for m, t in tables.items() if split in t}
+        if len(have) > 1:
+            out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
+    out = _clean_json(out)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(out, indent=2) + "\n")
+    write_csv(results_table(out, "image"), run_dir / "tables" / "results_image.csv")
+    write_csv(results_table(out, case_level), run_dir / "tables" / f"results_{case_level}.csv")
+    write_csv(comparisons_table(out), run_dir / "tables" / "model_comparisons.csv")
+    return out

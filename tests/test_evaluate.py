@@ -1,0 +1,298 @@
+"""Tests for alnus.evaluate: aggregation, the frozen threshold, metric tables and the run-folder stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from alnus import stats
+from alnus._io import atomic_write_text, write_csv
+from alnus.config import config_from_dict, dump_config
+from alnus.data.dataset import PreprocessSpec
+from alnus.evaluate import (
+    EvaluateError,
+    aggregate_predictions,
+    check_predictions,
+    choose_frozen_threshold,
+    compare_models,
+    evaluate_run,
+    format_auc,
+    format_proportion,
+    results_table,
+    split_metrics,
+)
+from alnus.models import create_model
+from alnus.models.package import read_metadata, save_package
+
+SPLIT_SITES = {"val": "dev", "internal_test": "dev", "external_test": "ext"}
+
+
+def table(rows: list[tuple[str, str, int, float]], site: str = "dev") -> pd.DataFrame:
+    """A prediction table from (image, patient_id, y, prob) tuples."""
+    return pd.DataFrame(
+        [
+            {"image": i, "patient_id": p, "study_id": "", "site": site,
+             "label": "positive" if y else "negative", "y": y, "prob": prob}
+            for i, p, y, prob in rows
+        ]
+    )  # fmt: skip
+
+
+def random_split(split: str, n_patients: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Patients with 1-3 images each; positives score higher on average (AUC well above 0.5)."""
+    rows = []
+    for k in range(n_patients):
+        y = int(k % 2 == 0)
+        for j in range(int(rng.integers(1, 4))):
+            prob = float(np.clip(rng.normal(0.35 + 0.3 * y, 0.18), 0.01, 0.99))
+            rows.append((f"/data/{split}/p{k}_{j}.png", f"{split}{k}", y, prob))
+    return table(rows, SPLIT_SITES[split])
+
+
+def make_run(root: Path, models: tuple[str, ...] = ("tiny_cnn",), seed: int = 0) -> Path:
+    """A run folder: config.yaml, splits.csv, a package and hand-made predictions per model."""
+    run = root / "runs" / "demo"
+    cfg = config_from_dict(
+        {"name": "demo", "runs_dir": str(root / "runs"), "data": {"manifest": str(root / "manifest.csv")},
+         "models": ["tiny_cnn"], "train": {"weights": "none"}}
+    )  # fmt: skip
+    atomic_write_text(run / "config.yaml", dump_config(cfg))
+    rng = np.random.default_rng(seed)
+    preds = {split: random_split(split, n, rng) for split, n in (("val", 30), ("internal_test", 20),
+                                                                 ("external_test", 24))}  # fmt: skip
+    splits = pd.concat([t.assign(split=s) for s, t in preds.items()])
+    write_csv(splits[["image", "patient_id", "site", "label", "split"]], run / "splits.csv")
+    for name in models:
+        meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
+                "positive_label": "positive"}  # fmt: skip
+        save_package(run / "models" / name / "model", create_model("tiny_cnn"), meta)
+        for split, t in preds.items():
+            noisy = t.assign(prob=np.clip(t["prob"] + rng.normal(0, 0.05, len(t)), 0, 1))
+            write_csv(noisy, run / "models" / name / "predictions" / f"{split}.csv")
+    return run
+
+
+def read_pred(run: Path, model: str, split: str) -> pd.DataFrame:
+    return pd.read_csv(run / "models" / model / "predictions" / f"{split}.csv", dtype={"patient_id": str})
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def test_patient_mean_and_max_on_a_hand_made_table() -> None:
+    t = table([("a1", "A", 1, 0.2), ("a2", "A", 1, 0.6), ("b1", "B", 0, 0.3), ("c1", "C", 0, 0.1),
+               ("c2", "C", 0, 0.5), ("c3", "C", 0, 0.9)])  # fmt: skip
+    mean = aggregate_predictions(t, "patient", "mean").set_index("patient_id")
+    top = aggregate_predictions(t, "patient", "max").set_index("patient_id")
+    assert list(mean.index) == ["A", "B", "C"]
+    assert mean["prob"].to_dict() == pytest.approx({"A": 0.4, "B": 0.3, "C": 0.5})
+    assert top["prob"].to_dict() == pytest.approx({"A": 0.6, "B": 0.3, "C": 0.9})
+    assert mean["n_images"].to_dict() == {"A": 2, "B": 1, "C": 3}
+    assert mean["y"].to_dict() == {"A": 1, "B": 0, "C": 0}
+    assert len(aggregate_predictions(t, "image")) == 6
+
+
+def test_same_patient_id_at_two_sites_is_two_patients() -> None:
+    t = pd.concat([table([("x", "1", 1, 0.8)], "dev"), table([("y", "1", 0, 0.2)], "ext")])
+    cases = aggregate_predictions(t, "patient")
+    assert sorted(zip(cases["site"], cases["y"], strict=True)) == [("dev", 1), ("ext", 0)]
+
+
+def test_study_level_groups_by_study_and_needs_study_ids() -> None:
+    t = table([("a1", "A", 1, 0.2), ("a2", "A", 1, 0.6), ("a3", "A", 1, 0.7)])
+    with pytest.raises(EvaluateError, match="study_id on every row"):
+        aggregate_predictions(t, "study")
+    t["study_id"] = ["s1", "s1", "s2"]
+    cases = aggregate_predictions(t, "study", "mean").set_index("study_id")
+    assert cases["prob"].to_dict() == pytest.approx({"s1": 0.4, "s2": 0.7})
+
+
+def test_patient_with_two_labels_is_an_error_naming_it() -> None:
+    t = table([("a1", "A", 1, 0.2), ("a2", "A", 0, 0.6)])
+    with pytest.raises(EvaluateError, match=r"dev/A.*evaluate at image level"):
+        aggregate_predictions(t, "patient")
+
+
+def test_bad_rows_are_listed_by_spreadsheet_row() -> None:
+    t = table([("a", "A", 1, 0.2), ("b", "B", 0, 0.6), ("c", "C", 0, 0.6)])
+    t["y"] = t["y"].astype(object)
+    t.loc[1, "y"] = 2
+    t.loc[2, "prob"] = float("nan")
+    with pytest.raises(EvaluateError) as info:
+        check_predictions(t, "val.csv")
+    assert "val.csv: 2 bad row(s)" in str(info.value)
+    assert "row 3: y = 2" in str(info.value) and "row 4: prob" in str(info.value)
+    with pytest.raises(EvaluateError, match="lacks column"):
+        check_predictions(t.drop(columns="prob"))
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def paper_external() -> pd.DataFrame:
+    """Zhou et al.'s external test counts: 35/41 positives and 29/40 negatives called correctly."""
+    rows = [(f"p{k}", f"p{k}", 1, 0.9 if k < 35 else 0.2) for k in range(41)]
+    rows += [(f"n{k}", f"n{k}", 0, 0.1 if k < 29 else 0.7) for k in range(40)]
+    return table(rows)
+
+
+def test_paper_counts_give_the_paper_intervals() -> None:
+    metrics = split_metrics(paper_external(), 0.5)
+    patient = metrics["patient"]
+    assert (patient["tp"], patient["fn"], patient["tn"], patient["fp"]) == (35, 6, 29, 11)
+    assert format_proportion(patient["sensitivity"]) == "85.4 (35/41; 70.8-94.4)"
+    assert format_proportion(patient["specificity"]) == "72.5 (29/40; 56.1-85.4)"
+    assert format_proportion(patient["accuracy"]).startswith("79.0 (64/81; ")
+    assert format_proportion(patient["ppv"]).startswith("76.1 (35/46; ")
+    expected = stats.auc_ci(paper_external()["y"], paper_external()["prob"])
+    assert patient["auc"]["estimate"] == pytest.approx(expected.estimate)
+    assert format_auc(patient["auc"]) == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
+    # One image per patient: no clustering, so the image level reports DeLong too.
+    assert metrics["image"]["auc_reported"] == "auc" and metrics["image"]["auc_bootstrap"] is None
+    assert patient["calibration"]["brier"] == pytest.approx(
+        np.mean((paper_external()["prob"] - paper_external()["y"]) ** 2)
+    )
+
+
+def test_image_level_auc_ci_is_clustered_by_patient() -> None:
+    t = random_split("val", 30, np.random.default_rng(1))
+    image = split_metrics(t, 0.5, n_boot=300)["image"]
+    assert image["auc_reported"] == "auc_bootstrap"
+    assert image["auc_bootstrap"]["method"] == "bootstrap-percentile-clustered"
+    assert image["auc_bootstrap"]["n_groups"] == 30 and image["n_patients"] == 30 and image["n"] == len(t)
+    boot = stats.auc_ci(t["y"], t["prob"], "bootstrap", groups=t["site"] + "/" + t["patient_id"], n_boot=300)
+    assert image["auc_bootstrap"]["ci_low"] == pytest.approx(boot.ci_low)
+
+
+def test_one_class_split_keeps_the_defined_metrics_and_says_why_the_rest_is_missing() -> None:
+    t = table([(f"p{k}", f"p{k}", 1, 0.3 + 0.1 * k) for k in range(5)])
+    m = split_metrics(t, 0.5)["patient"]
+    assert format_proportion(m["sensitivity"]).startswith("60.0 (3/5; ")
+    assert m["specificity"] is None and m["auc"] is None and m["calibration"] is None
+    assert any("AUC" in note for note in m["notes"]) and any("calibration" in n for n in m["notes"])
+
+
+def test_frozen_threshold_is_youden_on_patient_means_of_val() -> None:
+    val = random_split("val", 30, np.random.default_rng(2))
+    record = choose_frozen_threshold(val)
+    means = val.groupby("patient_id").agg(y=("y", "first"), prob=("prob", "mean"))
+    assert record["value"] == pytest.approx(stats.choose_threshold(means["y"], means["prob"]).threshold)
+    assert record["chosen_on"]["n_cases"] == 30 and record["chosen_on"]["n_images"] == len(val)
+    target = choose_frozen_threshold(val, rule="sensitivity", target=0.9, aggregate="max")
+    maxes = val.groupby("patient_id").agg(y=("y", "first"), prob=("prob", "max"))
+    assert target["value"] == stats.choose_threshold(maxes["y"], maxes["prob"], "sensitivity", 0.9).threshold
+    with pytest.raises(EvaluateError, match="validation"):
+        choose_frozen_threshold(val.assign(y=1))
+
+
+def test_compare_models_uses_delong_with_holm() -> None:
+    rng = np.random.default_rng(3)
+    a = random_split("val", 40, rng)
+    b = a.assign(prob=np.clip(a["prob"] + rng.normal(0, 0.2, len(a)), 0, 1))
+    c = a.assign(prob=rng.uniform(size=len(a)))
+    rows = compare_models({"a": a, "b": b, "c": c})
+    assert [(r["model_a"], r["model_b"]) for r in rows] == [("a", "b"), ("a", "c"), ("b", "c")]
+    cases = {k: aggregate_predictions(t) for k, t in {"a": a, "c": c}.items()}
+    direct = stats.delong_test(cases["a"]["y"], cases["a"]["prob"], cases["c"]["prob"])
+    assert rows[1]["p"] == pytest.approx(direct.p) and rows[1]["difference"] == pytest.approx(direct.estimate)
+    assert all(r["p_holm"] >= r["p"] for r in rows)
+    with pytest.raises(EvaluateError, match="same cases"):
+        compare_models({"a": a, "short": a.iloc[:-3]})
+
+
+# -------------------------------------------------------------------------------------------- run folder
+def test_evaluate_run_freezes_val_threshold_and_applies_it_unchanged(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run, n_boot=200)
+    meta = read_metadata(run / "models" / "tiny_cnn" / "model")
+    val = read_pred(run, "tiny_cnn", "val")
+    assert meta["threshold"] == choose_frozen_threshold(val)["value"]
+    selection = meta["threshold_selection"]
+    assert (selection["rule"], selection["level"], selection["aggregate"]) == ("youden", "patient", "mean")
+    assert selection["chosen_on"]["split"] == "val" and selection["chosen_on"]["n_images"] == len(val)
+    threshold = meta["threshold"]
+    for split in ("val", "internal_test", "external_test"):
+        image = metrics["models"]["tiny_cnn"]["splits"][split]["image"]
+        probs = read_pred(run, "tiny_cnn", split)["prob"]
+        assert image["threshold"] == threshold
+        assert image["tp"] + image["fp"] == int((probs >= threshold).sum())
+
+    # The external (and internal) data cannot move the threshold: change them and evaluate again.
+    for split in ("external_test", "internal_test"):
+        t = read_pred(run, "tiny_cnn", split)
+        write_csv(t.assign(prob=1 - t["prob"]), run / "models" / "tiny_cnn" / "predictions" / f"{split}.csv")
+    again = evaluate_run(run, n_boot=200)
+    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] == threshold
+    ext = again["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"]["estimate"]
+    assert ext != metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"]["estimate"]
+    # ...while validation does.
+    write_csv(val.assign(prob=val["prob"] ** 3), run / "models" / "tiny_cnn" / "predictions" / "val.csv")
+    evaluate_run(run, n_boot=200)
+    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] != threshold
+
+
+def test_metrics_json_and_tables(tmp_path: Path) -> None:
+    run = make_run(tmp_path, models=("tiny_cnn", "tiny_cnn_b"))
+    returned = evaluate_run(run, n_boot=200)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(returned))
+    assert saved["format"] == "alnus-metrics" and saved["settings"]["threshold_rule"] == "youden"
+    assert list(saved["models"]) == ["tiny_cnn", "tiny_cnn_b"]
+    entry = saved["models"]["tiny_cnn"]
+    assert list(entry["splits"]) == ["val", "internal_test", "external_test"]
+    patient = entry["splits"]["external_test"]["patient"]
+    for key in ("n", "n_pos", "n_neg", "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "calibration"):
+        assert key in patient
+    assert patient["n"] == 24 and patient["n_pos"] == 12
+    assert set(patient["calibration"]) >= {"brier", "slope", "intercept"}
+    assert [c["model_a"] + "|" + c["model_b"] for c in saved["comparisons"]["external_test"]] == [
+        "tiny_cnn|tiny_cnn_b"
+    ]
+    results = pd.read_csv(run / "tables" / "results_patient.csv", dtype=str)
+    assert len(results) == 6 and list(results["split"][:3]) == ["val", "internal_test", "external_test"]
+    row = results[(results["model"] == "tiny_cnn") & (results["split"] == "external_test")].iloc[0]
+    assert row["sensitivity"] == format_proportion(patient["sensitivity"])
+    assert row["n (pos/neg)"] == "24 (12/12)"
+    assert len(pd.read_csv(run / "tables" / "results_image.csv")) == 6
+    assert len(pd.read_csv(run / "tables" / "model_comparisons.csv")) == 3
+    assert results_table(saved, "image")["AUC (95% CI)"].str.match(r"^\d\.\d\d \(\d\.\d\d-\d\.\d\d\)$").all()
+
+
+def test_settings_come_from_the_run_config(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    cfg = config_from_dict(
+        {"name": "demo", "runs_dir": str(tmp_path / "runs"), "data": {"manifest": "m.csv"},
+         "models": ["tiny_cnn"], "train": {"weights": "none"},
+         "evaluate": {"threshold_rule": "sensitivity", "threshold_target": 0.9, "aggregate": "max"}}
+    )  # fmt: skip
+    atomic_write_text(run / "config.yaml", dump_config(cfg))
+    metrics = evaluate_run(run, n_boot=200)
+    record = metrics["models"]["tiny_cnn"]["threshold"]
+    assert (record["rule"], record["target"], record["aggregate"]) == ("sensitivity", 0.9, "max")
+    assert record["val_sensitivity"] >= 0.9
+
+
+def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    preds = run / "models" / "tiny_cnn" / "predictions"
+    (preds / "external_test.csv").unlink()
+    with pytest.raises(EvaluateError, match=r"no external_test predictions; run `alnus predict .*` first"):
+        evaluate_run(run)
+    for path in preds.iterdir():
+        path.unlink()
+    with pytest.raises(EvaluateError, match="no val predictions; run `alnus predict"):
+        evaluate_run(run)
+
+    run = make_run(tmp_path / "b")
+    preds = run / "models" / "tiny_cnn" / "predictions"
+    t = pd.read_csv(preds / "internal_test.csv", dtype=str)
+    write_csv(t.iloc[:-1], preds / "internal_test.csv")
+    with pytest.raises(EvaluateError, match=r"splits.csv has \d+ internal_test images.*split changed"):
+        evaluate_run(run)
+
+    run = make_run(tmp_path / "c")
+    atomic_write_text(run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}')
+    with pytest.raises(EvaluateError, match="other weights"):
+        evaluate_run(run)
+    with pytest.raises(EvaluateError, match="no model package for resnet101"):
+        evaluate_run(run, models=["resnet101"])
