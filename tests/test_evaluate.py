@@ -146,7 +146,10 @@ def test_paper_counts_give_the_paper_intervals() -> None:
     assert format_proportion(patient["ppv"]).startswith("76.1 (35/46; ")
     expected = stats.auc_ci(paper_external()["y"], paper_external()["prob"])
     assert patient["auc"]["estimate"] == pytest.approx(expected.estimate)
-    assert format_auc(patient["auc"]) == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
+    assert (
+        format_auc(patient["auc"])
+        == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
+    )
     # One image per patient: no clustering, so the image level reports DeLong too.
     assert metrics["image"]["auc_reported"] == "auc" and metrics["image"]["auc_bootstrap"] is None
     assert patient["calibration"]["brier"] == pytest.approx(
@@ -241,7 +244,18 @@ def test_metrics_json_and_tables(tmp_path: Path) -> None:
     entry = saved["models"]["tiny_cnn"]
     assert list(entry["splits"]) == ["val", "internal_test", "external_test"]
     patient = entry["splits"]["external_test"]["patient"]
-    for key in ("n", "n_pos", "n_neg", "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "calibration"):
+    for key in (
+        "n",
+        "n_pos",
+        "n_neg",
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "calibration",
+    ):
         assert key in patient
     assert patient["n"] == 24 and patient["n_pos"] == 12
     assert set(patient["calibration"]) >= {"brier", "slope", "intercept"}
@@ -291,7 +305,9 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
         evaluate_run(run)
 
     run = make_run(tmp_path / "c")
-    atomic_write_text(run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}')
+    atomic_write_text(
+        run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}'
+    )
     with pytest.raises(EvaluateError, match="other weights"):
         evaluate_run(run)
     with pytest.raises(EvaluateError, match="no model package for resnet101"):

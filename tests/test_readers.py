@@ -255,6 +255,14 @@ def test_model_must_score_every_case_with_truth() -> None:
     model = pd.Series(0.5, index=y.index[:-1])
     with pytest.raises(ReaderError, match=r"no score for 1 case\(s\).*c080"):
         compare_model_with_readers(y, model, 0.5, readings_from_manifest(df))
+    model = pd.Series(0.5, index=y.index)
+    model.iloc[3] = np.nan
+    with pytest.raises(ReaderError, match=r"not a finite number for case\(s\) \['c003'\]"):
+        compare_model_with_readers(y, model, 0.5, readings_from_manifest(df))
+    bad_y = y.copy()
+    bad_y.iloc[0] = 2
+    with pytest.raises(ReaderError, match=r"y must be 0/1 .*\['c000'\]"):
+        reader_performance(bad_y, readings_from_manifest(df))
 
 
 # -------------------------------------------------------------------------------------------------- iMRMC

@@ -62,7 +62,7 @@ def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.Dat
     for column in ("image", "patient_id", "study_id", "site", "label"):
         if column not in out.columns:
             out[column] = ""
-        out[column] = out[column].fillna("").astype(str)
+        out[column] = out[column].astype(object).fillna("").astype(str)
     y = pd.to_numeric(out["y"], errors="coerce")
     prob = pd.to_numeric(out["prob"], errors="coerce")
     problems = []

@@ -388,7 +388,8 @@ def _truth(y: object) -> pd.Series:
     bad = values.index[~values.isin((0, 1))]
     if len(bad):
         raise ReaderError(
-            f"y must be 0/1 (1 = positive) for every case; {len(bad)} case(s) are not, e.g. {bad[:5].tolist()}."
+            f"y must be 0/1 (1 = positive) for every case; {len(bad)} case(s) are not, "
+            f"e.g. {bad[:5].tolist()}."
         )
     if len(values) == 0:
         raise ReaderError("y is empty; there are no cases with truth.")
@@ -460,7 +461,8 @@ def reader_performance(
     case-clustered bootstrap CI; and "all readers (mean)": the reader-averaged values (no CI here; the
     model-vs-panel MRMC analysis in `compare_model_with_readers` carries the reader variance).
     Counts: n_cases (cases with truth), n_read, n_missing (cases with truth the reader did not read),
-    n_incomplete (BI-RADS 0), n_without_truth (readings of cases not in y). fpr/tpr: the operating point.
+    n_incomplete (BI-RADS 0), n_without_truth (readings of cases not in y); the two panel rows sum them.
+    fpr/tpr: the operating point (1 - specificity, sensitivity) for ROC plots.
 
     Args:
         y: truth, Series indexed by case id (0/1).

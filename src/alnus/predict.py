@@ -1,0 +1,264 @@
+"""Model package + images -> probabilities and calls: the one prediction path of the study, CLI and service.
+
+Images are decoded by `alnus.data.images.load_image` and turned into the network's input by the same
+`alnus.data.dataset.preprocess` (and the same dataset class and tensor scaling) that training used, with the
+preprocessing spec stored in the package, so a prediction cannot disagree with the study. The operating
+threshold, once `alnus evaluate` has frozen it on validation, comes from the package too:
+`call = prob >= threshold`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alnus._hardware import autocast, choose_precision
+from alnus._io import atomic_write_text, write_csv
+from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
+from alnus.errors import AlnusError
+from alnus.evaluate import PREDICTION_COLUMNS, PREDICTIONS_STAMP, SPLITS, run_models
+from alnus.models.package import load_package
+
+# Columns of the input table carried into the predictions (when present).
+KEPT_COLUMNS = ("image", "patient_id", "study_id", "site", "label")
+
+
+class PredictError(AlnusError):
+    """A table, image or run folder that cannot be predicted; the message names the row or file."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto`: the first GPU when there is one, else the CPU; otherwise the named device (checked)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise PredictError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
+    return resolved
+
+
+class Predictor:
+    """A loaded model package that turns images into probabilities (and calls, once a threshold is frozen).
+
+    Args:
+        package_dir: a folder written by `alnus.models.package.save_package`.
+        device: `auto`, `cpu`, `cuda` or `cuda:N`.
+        batch_size: images per forward pass.
+        precision: `auto` (bf16 autocast + channels_last where the hardware supports it, see
+            `alnus._hardware.choose_precision`), `fp32`, `bf16` or `fp16`.
+    """
+
+    def __init__(
+        self,
+        package_dir: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        precision: str = "auto",
+    ) -> None:
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise PredictError(f"batch_size must be a positive whole number, got {batch_size!r}.")
+        self.package_dir = Path(package_dir)
+        self.device = resolve_device(device)
+        model, meta = load_package(self.package_dir)
+        self.metadata: dict[str, Any] = meta
+        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
+        self.label_names: list[str] = [str(name) for name in meta["label_names"]]
+        self.positive_label = str(meta["positive_label"])
+        threshold = meta.get("threshold")
+        self.threshold: float | None = None if threshold is None else float(threshold)
+        self.batch_size = int(batch_size)
+        self.precision = choose_precision(self.device, precision)
+        model = model.to(self.device)
+        if self.precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+
+    @property
+    def negative_label(self) -> str | None:
+        """The other class's name when the package has exactly two labels."""
+        others = [name for name in self.label_names if name != self.positive_label]
+        return others[0] if len(others) == 1 else None
+
+    def predict_batch(self, x: torch.Tensor) -> np.ndarray:
+        """Probabilities of the positive class for a batch `(B, 1, size, size)` in [0, 1]."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = x[start : start + self.batch_size].to(self.device)
+                if self.precision.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, self.precision):
+                    logits = self.model(chunk)
+                out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+    def predict_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        rows: Sequence[Mapping[str, str]] | None = None,
+        root: str | os.PathLike[str] = ".",
+    ) -> np.ndarray:
+        """Probabilities for decoded uint8 (H, W) images (from `load_image`).
+
+        Args:
+            rows: one manifest-like row per image, for the `roi`/`mask` cells a box or mask ROI policy needs;
+                not needed when the package crops nothing (ROI mode `whole`).
+            root: folder that relative mask paths in `rows` are resolved against.
+        """
+        if rows is not None and len(rows) != len(images):
+            raise PredictError(f"got {len(images)} images but {len(rows)} rows; give one row per image.")
+        inputs = []
+        for i, image in enumerate(images):
+            row = {} if rows is None else rows[i]
+            try:
+                inputs.append(_to_tensor(preprocess(np.asarray(image), row, Path(root), self.spec)))
+            except AlnusError as exc:
+                raise PredictError(f"image {i}: {exc}") from exc
+        if not inputs:
+            return np.empty(0, dtype=np.float32)
+        return self.predict_batch(torch.stack(inputs))
+
+    def predict_table(
+        self,
+        table: pd.DataFrame,
+        root: str | os.PathLike[str],
+        *,
+        cache: ImageCache | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pd.DataFrame:
+        """Predict every row of a manifest-like table (image paths relative to `root`, or absolute).
+
+        Returns the table's image, patient_id, study_id, site and label columns (those it has), `y` (1 where
+        label == the package's positive label) when it has labels, `prob`, and `call` (0/1, `prob >=
+        threshold`) when the package has a frozen threshold. Rows keep their order.
+        """
+        if "image" not in table.columns:
+            raise PredictError("the table has no `image` column; give one image path per row.")
+        has_labels = "label" in table.columns
+        if has_labels:
+            labels = table["label"].astype(object).fillna("").astype(str)
+            unknown = np.flatnonzero(~labels.isin(self.label_names).to_numpy())
+            if unknown.size:
+                rows = ", ".join(f"row {i + 2} ({labels.iloc[i]!r})" for i in unknown[:8])
+                raise PredictError(
+                    f"{unknown.size} label(s) are not among the model's labels {self.label_names}: {rows}. "
+                    "Fix the labels, or drop the label column to predict without them."
+                )
+            data = table
+        else:
+            data = table.assign(label="")
+        with warnings.catch_warnings():
+            # Unlabelled tables have no positive rows by design; the dataset's warning about that is moot.
+            warnings.filterwarnings("ignore", message="no row has label")
+            dataset = UltrasoundDataset(
+                data, root, self.spec, cache=cache, positive_label=self.positive_label
+            )
+        dataset.warm(progress)
+        probs = np.empty(len(dataset), dtype=np.float64)
+        for start in range(0, len(dataset), self.batch_size):
+            stop = min(start + self.batch_size, len(dataset))
+            batch = torch.stack([dataset[i][0] for i in range(start, stop)])
+            probs[start:stop] = self.predict_batch(batch)
+        out = table[[c for c in KEPT_COLUMNS if c in table.columns]].reset_index(drop=True).copy()
+        if has_labels:
+            out["y"] = dataset.targets
+        out["prob"] = probs
+        if self.threshold is not None:
+            out["call"] = (probs >= self.threshold).astype(int)
+        return out
+
+
+def _read_splits(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "splits.csv"
+    if not path.is_file():
+        raise PredictError(
+            f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first)."
+        )
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("image", "patient_id", "label", "split") if c not in splits.columns]
+    if missing:
+        raise PredictError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
+    return splits
+
+
+def predict_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    models: Sequence[str] | None = None,
+    splits: Sequence[str] = SPLITS,
+    device: str = "auto",
+    batch_size: int = 32,
+    precision: str = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write `models/<backbone>/predictions/<split>.csv` for each model package of a run; return a summary.
+
+    Each CSV has exactly the split's rows of `splits.csv` and the columns image, patient_id, study_id, site,
+    label, y, prob. `predictions.json` (written last) records the weights they came from, so evaluate can tell
+    predictions of an older training. Splits without rows are skipped. Images are read through the run's
+    image cache (`runs/<name>/cache`, shared with training).
+
+    Args:
+        progress: called as `progress(f"{model} {split}", done, total)` while images are decoded.
+    """
+    run_dir = Path(run_dir)
+    table = _read_splits(run_dir)
+    unknown_splits = [s for s in splits if s not in SPLITS]
+    if unknown_splits:
+        raise PredictError(f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}.")
+    available = run_models(run_dir)
+    names = list(models) if models else available
+    missing = [m for m in names if m not in available]
+    if not names or missing:
+        raise PredictError(
+            f"{run_dir / 'models'} has no model package{' for ' + ', '.join(missing) if missing else ''} "
+            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
+        )
+    cache = ImageCache(run_dir / "cache")
+    summary: dict[str, Any] = {}
+    for model in names:
+        predictor = Predictor(
+            run_dir / "models" / model / "model", device=device, batch_size=batch_size, precision=precision
+        )
+        folder = run_dir / "models" / model / "predictions"
+        stamp = folder / PREDICTIONS_STAMP
+        # Removed first: CSVs of a half-finished run must not look like they match the current weights.
+        stamp.unlink(missing_ok=True)
+        written: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for split in splits:
+            rows = table[table["split"] == split]
+            if rows.empty:
+                continue
+            report = None if progress is None else (lambda d, t, s=f"{model} {split}": progress(s, d, t))
+            out = predictor.predict_table(rows, run_dir, cache=cache, progress=report)
+            for column in ("study_id", "site"):
+                if column not in out.columns:
+                    out[column] = ""
+            path = folder / f"{split}.csv"
+            write_csv(out[list(PREDICTION_COLUMNS)], path)
+            written[split], counts[split] = str(path), len(out)
+        record = {
+            "weights_sha256": predictor.metadata["weights_sha256"],
+            "backbone": predictor.metadata["backbone"],
+            "device": str(predictor.device),
+            "precision": predictor.precision.name,
+            "rows": counts,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
+        summary[model] = {**record, "predictions": written}
+    return summary

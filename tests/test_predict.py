@@ -1,0 +1,207 @@
+"""Tests for alnus.predict: the package's preprocessing and weights reproduce a direct forward pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from alnus._io import write_csv
+from alnus.data.dataset import PreprocessSpec, preprocess
+from alnus.data.images import load_image
+from alnus.data.roi import RoiPolicy
+from alnus.evaluate import PREDICTION_COLUMNS, choose_frozen_threshold, evaluate_run, freeze_threshold
+from alnus.models import create_model
+from alnus.models.package import save_package
+from alnus.predict import PredictError, Predictor, predict_run, resolve_device
+
+LABELS = ["negative", "positive"]
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """Grey PNGs of varied sizes; positives (odd k) are brighter, so the table has some signal."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(n):
+        h, w = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+        array = rng.integers(0, 160, size=(h, w)) + (60 if k % 2 else 0)
+        name = f"img{k:03d}.png"
+        Image.fromarray(array.astype(np.uint8)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def make_package(folder: Path, spec: PreprocessSpec, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("tiny_cnn")
+    with torch.no_grad():
+        # BatchNorm in eval mode with default statistics would wash out differences between images.
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    save_package(
+        folder, model, {"preprocess": spec.to_dict(), "label_names": LABELS, "positive_label": "positive"}
+    )
+    return folder
+
+
+def manifest(root: Path, n: int, *, roi: bool = False) -> pd.DataFrame:
+    names = write_images(root / "images", n)
+    rows = []
+    for k, name in enumerate(names):
+        rows.append({"image": f"images/{name}", "patient_id": f"P{k // 2}", "site": "dev",
+                     "label": LABELS[k % 2], **({"roi": "5,6,30,28"} if roi else {})})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def direct(model_dir: Path, table: pd.DataFrame, root: Path, spec: PreprocessSpec) -> np.ndarray:
+    """A plain fp32 forward pass: load_image -> preprocess -> /255 -> model -> sigmoid, one image at a time."""
+    from alnus.models.package import load_package
+
+    model, _ = load_package(model_dir)
+    out = []
+    for row in table.to_dict("records"):
+        x = preprocess(load_image(root / row["image"]), row, root, spec).astype(np.float32) / 255
+        with torch.no_grad():
+            out.append(torch.sigmoid(model(torch.from_numpy(x)[None, None])).item())
+    return np.array(out)
+
+
+def test_predict_table_equals_a_direct_forward_pass(tmp_path: Path) -> None:
+    spec = PreprocessSpec(size=32, roi=RoiPolicy("box", margin=0.1))
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 10, roi=True)
+    predictor = Predictor(package, device="cpu", batch_size=4, precision="fp32")
+    out = predictor.predict_table(table, tmp_path)
+    expected = direct(package, table, tmp_path, spec)
+    np.testing.assert_allclose(out["prob"], expected, rtol=1e-5, atol=1e-6)
+    assert np.ptp(expected) > 1e-3  # the images give different probabilities, so a mix-up would show
+    # The ROI crop from the package is applied: without it the probabilities differ.
+    uncropped = direct(package, table, tmp_path, PreprocessSpec(size=32))
+    assert np.abs(uncropped - out["prob"].to_numpy()).max() > 1e-4
+    assert list(out.columns) == ["image", "patient_id", "site", "label", "y", "prob"]
+    assert out["y"].tolist() == [k % 2 for k in range(10)]
+    assert out["image"].tolist() == table["image"].tolist()
+
+
+def test_auto_precision_stays_close_to_fp32(tmp_path: Path) -> None:
+    spec = PreprocessSpec(size=32)
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 6)
+    auto = Predictor(package, device="cpu")
+    fp32 = Predictor(package, device="cpu", precision="fp32")
+    np.testing.assert_allclose(
+        auto.predict_table(table, tmp_path)["prob"], fp32.predict_table(table, tmp_path)["prob"], atol=0.03
+    )
+    assert auto.precision.name in ("fp32", "bf16")
+
+
+def test_predict_arrays_matches_predict_table(tmp_path: Path) -> None:
+    spec = PreprocessSpec(size=32)
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 5)
+    predictor = Predictor(package, device="cpu", precision="fp32")
+    images = [load_image(tmp_path / p) for p in table["image"]]
+    np.testing.assert_allclose(
+        predictor.predict_arrays(images), predictor.predict_table(table, tmp_path)["prob"], rtol=1e-6
+    )
+    assert predictor.predict_arrays([]).shape == (0,)
+    with pytest.raises(PredictError, match="one row per image"):
+        predictor.predict_arrays(images, rows=[{}])
+
+
+def test_threshold_from_the_package_gives_calls(tmp_path: Path) -> None:
+    spec = PreprocessSpec(size=32)
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 8).drop(columns="label")
+    before = Predictor(package, device="cpu", precision="fp32").predict_table(table, tmp_path)
+    assert "call" not in before.columns and "y" not in before.columns
+    threshold = float(np.median(before["prob"]))
+    freeze_threshold(package, {"value": threshold, "rule": "youden"})
+    predictor = Predictor(package, device="cpu", precision="fp32")
+    after = predictor.predict_table(table, tmp_path)
+    assert predictor.threshold == threshold
+    assert after["call"].tolist() == (before["prob"] >= threshold).astype(int).tolist()
+    assert 0 < after["call"].sum() < len(after)
+
+
+def test_bad_labels_and_images_are_named(tmp_path: Path) -> None:
+    package = make_package(tmp_path / "model", PreprocessSpec(size=32))
+    table = manifest(tmp_path, 4)
+    table.loc[2, "label"] = "malignant"
+    predictor = Predictor(package, device="cpu")
+    with pytest.raises(PredictError, match=r"row 4 \('malignant'\)"):
+        predictor.predict_table(table, tmp_path)
+    table.loc[2, "label"] = "negative"
+    table.loc[1, "image"] = "images/missing.png"
+    with pytest.raises(Exception, match=r"row 3.*missing\.png") as info:
+        predictor.predict_table(table, tmp_path)
+    assert info.errisinstance(PredictError.__mro__[1])  # an AlnusError (exit code 2 at the CLI)
+    with pytest.raises(PredictError, match="device"):
+        resolve_device("tpu:7")
+
+
+# -------------------------------------------------------------------------------------------- run folder
+def make_run(root: Path, models: tuple[str, ...] = ("tiny_cnn",)) -> Path:
+    """A prepared run: config.yaml, splits.csv with absolute paths (as prepare_run writes) and packages."""
+    from alnus._io import atomic_write_text
+    from alnus.config import config_from_dict, dump_config
+
+    run = root / "runs" / "demo"
+    table = manifest(root / "data", 48)
+    table["image"] = [str(root / "data" / p) for p in table["image"]]
+    split_of = {0: "train", 1: "val", 2: "val", 3: "internal_test", 4: "external_test", 5: "external_test"}
+    table["split"] = [split_of[int(p[1:]) % 6] for p in table["patient_id"]]
+    table.loc[table["split"] == "external_test", "site"] = "ext"
+    write_csv(table, run / "splits.csv")
+    cfg = config_from_dict({"name": "demo", "runs_dir": str(root / "runs"), "data": {"manifest": "m.csv"},
+                            "models": ["tiny_cnn"], "train": {"weights": "none"}})  # fmt: skip
+    atomic_write_text(run / "config.yaml", dump_config(cfg))
+    for k, name in enumerate(models):
+        make_package(run / "models" / name / "model", PreprocessSpec(size=32), seed=k)
+    return run
+
+
+def test_predict_run_writes_each_split_then_evaluate_reads_it(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    summary = predict_run(run, device="cpu", precision="fp32")
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    folder = run / "models" / "tiny_cnn" / "predictions"
+    assert sorted(summary["tiny_cnn"]["predictions"]) == ["external_test", "internal_test", "val"]
+    assert not (folder / "train.csv").exists()
+    for split in ("val", "internal_test", "external_test"):
+        out = pd.read_csv(folder / f"{split}.csv", dtype={"patient_id": str}, keep_default_na=False)
+        rows = splits[splits["split"] == split]
+        assert list(out.columns) == list(PREDICTION_COLUMNS)
+        assert out["image"].tolist() == rows["image"].tolist()
+        assert out["y"].tolist() == (rows["label"] == "positive").astype(int).tolist()
+        assert out["site"].tolist() == rows["site"].tolist() and (out["study_id"] == "").all()
+        assert summary["tiny_cnn"]["rows"][split] == len(rows)
+    stamp = json.loads((folder / "predictions.json").read_text())
+    meta = json.loads((run / "models" / "tiny_cnn" / "model" / "metadata.json").read_text())
+    assert stamp["weights_sha256"] == meta["weights_sha256"] and stamp["precision"] == "fp32"
+    # The run's image cache (shared with training) now holds the decoded images.
+    assert list((run / "cache").rglob("*.npy"))
+
+    metrics = evaluate_run(run, n_boot=100)
+    val = pd.read_csv(folder / "val.csv", dtype={"patient_id": str}, keep_default_na=False)
+    assert metrics["models"]["tiny_cnn"]["threshold"]["value"] == choose_frozen_threshold(val)["value"]
+    after = Predictor(run / "models" / "tiny_cnn" / "model", device="cpu")
+    assert after.threshold == metrics["models"]["tiny_cnn"]["threshold"]["value"]
+
+
+def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
+    with pytest.raises(PredictError, match=r"splits.csv not found.*alnus train"):
+        predict_run(tmp_path)
+    run = make_run(tmp_path)
+    with pytest.raises(PredictError, match=r"no model package for resnet101 \(found: tiny_cnn\)"):
+        predict_run(run, models=["resnet101"])
+    with pytest.raises(PredictError, match="unknown split"):
+        predict_run(run, splits=["test"])
