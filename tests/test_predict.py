@@ -41,11 +41,9 @@ def make_package(folder: Path, spec: PreprocessSpec, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = create_model("tiny_cnn")
     with torch.no_grad():
-        # BatchNorm in eval mode with default statistics would wash out differences between images.
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+        # A random head on pooled features gives nearly equal logits; a larger one spreads the probabilities
+        # so that a mixed-up image or a wrong crop shows.
+        model.classifier().weight.mul_(50)
     save_package(
         folder, model, {"preprocess": spec.to_dict(), "label_names": LABELS, "positive_label": "positive"}
     )
@@ -56,13 +54,13 @@ def manifest(root: Path, n: int, *, roi: bool = False) -> pd.DataFrame:
     names = write_images(root / "images", n)
     rows = []
     for k, name in enumerate(names):
-        rows.append({"image": f"images/{name}", "patient_id": f"P{k // 2}", "site": "dev",
+        rows.append({"image": f"images/{name}", "patient_id": f"P{k}", "site": "dev",
                      "label": LABELS[k % 2], **({"roi": "5,6,30,28"} if roi else {})})  # fmt: skip
     return pd.DataFrame(rows)
 
 
 def direct(model_dir: Path, table: pd.DataFrame, root: Path, spec: PreprocessSpec) -> np.ndarray:
-    """A plain fp32 forward pass: load_image -> preprocess -> /255 -> model -> sigmoid, one image at a time."""
+    """Plain fp32 forward pass: load_image -> preprocess -> /255 -> model -> sigmoid, image by image."""
     from alnus.models.package import load_package
 
     model, _ = load_package(model_dir)
@@ -158,7 +156,7 @@ def make_run(root: Path, models: tuple[str, ...] = ("tiny_cnn",)) -> Path:
     table = manifest(root / "data", 48)
     table["image"] = [str(root / "data" / p) for p in table["image"]]
     split_of = {0: "train", 1: "val", 2: "val", 3: "internal_test", 4: "external_test", 5: "external_test"}
-    table["split"] = [split_of[int(p[1:]) % 6] for p in table["patient_id"]]
+    table["split"] = [split_of[(int(p[1:]) // 2) % 6] for p in table["patient_id"]]
     table.loc[table["split"] == "external_test", "site"] = "ext"
     write_csv(table, run / "splits.csv")
     cfg = config_from_dict({"name": "demo", "runs_dir": str(root / "runs"), "data": {"manifest": "m.csv"},

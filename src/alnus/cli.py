@@ -210,6 +210,8 @@ def data_phantom(
     external_patients: Annotated[int, typer.Option(help="Patients at the external site.")] = 60,
     overlap: Annotated[float, typer.Option(help="Class overlap: 0 separable, 1 no signal.")] = 0.3,
     dicom_fraction: Annotated[float, typer.Option(help="Share of images written as DICOM.")] = 0.1,
+    prevalence: Annotated[float, typer.Option(help="Share of positive patients at each site.")] = 0.4,
+    readers: Annotated[int, typer.Option(help="Simulated radiologists (reader_r1..rN columns).")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
 ) -> None:
     """Generate ultrasound-like phantom data with a known, tunable class signal (two sites, readers, DICOM)."""
@@ -221,6 +223,8 @@ def data_phantom(
         external_patients=external_patients,
         overlap=overlap,
         dicom_fraction=dicom_fraction,
+        prevalence=prevalence,
+        readers=readers,
         seed=seed,
     )
     console.print(f"[green]Wrote[/green] phantom data: {path}")
