@@ -146,10 +146,7 @@ def test_paper_counts_give_the_paper_intervals() -> None:
     assert format_proportion(patient["ppv"]).startswith("76.1 (35/46; ")
     expected = stats.auc_ci(paper_external()["y"], paper_external()["prob"])
     assert patient["auc"]["estimate"] == pytest.approx(expected.estimate)
-    assert (
-        format_auc(patient["auc"])
-        == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
-    )
+    assert format_auc(patient["auc"]) == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
     # One image per patient: no clustering, so the image level reports DeLong too.
     assert metrics["image"]["auc_reported"] == "auc" and metrics["image"]["auc_bootstrap"] is None
     assert patient["calibration"]["brier"] == pytest.approx(
@@ -259,9 +256,7 @@ def test_metrics_json_and_tables(tmp_path: Path) -> None:
         assert key in patient
     assert patient["n"] == 24 and patient["n_pos"] == 12
     assert set(patient["calibration"]) >= {"brier", "slope", "intercept"}
-    assert [c["model_a"] + "|" + c["model_b"] for c in saved["comparisons"]["external_test"]] == [
-        "tiny_cnn|tiny_cnn_b"
-    ]
+    assert [c["model_a"] + "|" + c["model_b"] for c in saved["comparisons"]["external_test"]] == ["tiny_cnn|tiny_cnn_b"]
     results = pd.read_csv(run / "tables" / "results_patient.csv", dtype=str)
     assert len(results) == 6 and list(results["split"][:3]) == ["val", "internal_test", "external_test"]
     row = results[(results["model"] == "tiny_cnn") & (results["split"] == "external_test")].iloc[0]
@@ -305,10 +300,100 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
         evaluate_run(run)
 
     run = make_run(tmp_path / "c")
-    atomic_write_text(
-        run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}'
-    )
+    atomic_write_text(run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}')
     with pytest.raises(EvaluateError, match="other weights"):
         evaluate_run(run)
     with pytest.raises(EvaluateError, match="no model package for resnet101"):
         evaluate_run(run, models=["resnet101"])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def test_cli_evaluate_prints_the_paper_table(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    run = make_run(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "200"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    external = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
+    assert "Results per patient" in result.output and "external_test" in result.output
+    assert format_proportion(external["sensitivity"]) in result.output
+    assert f"threshold {metrics['models']['tiny_cnn']['threshold']['value']:.4g}" in result.output
+
+
+def test_cli_evaluate_without_predictions_says_to_predict_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from alnus import cli
+
+    run = make_run(tmp_path)
+    for path in (run / "models" / "tiny_cnn" / "predictions").iterdir():
+        path.unlink()
+    monkeypatch.setattr("sys.argv", ["alnus", "evaluate", str(run)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run `alnus predict {run}` first" in err
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_train_predict_evaluate_on_phantom_data(tmp_path: Path) -> None:
+    from alnus.data.phantom import make_phantom
+    from alnus.predict import predict_run
+    from alnus.train import run_training
+
+    manifest = make_phantom(
+        tmp_path / "data", patients=40, external_patients=16, image_size=(64, 80), readers=2, seed=1
+    )
+    cfg = config_from_dict(
+        {"name": "e2e", "runs_dir": str(tmp_path / "runs"),
+         "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "positive_label": "positive",
+                  "external_sites": ["external_hospital"], "val_frac": 0.25},
+         "preprocess": {"size": 32, "roi": "box"}, "models": ["tiny_cnn"],
+         "train": {"weights": "none", "epochs": 2, "batch_size": 16, "head_epochs": 0, "warmup_epochs": 0,
+                   "tensorboard": False, "mlflow": False, "device": "cpu", "early_stopping_patience": None}}
+    )  # fmt: skip
+    run_training(cfg)
+    predict_run(cfg.run_dir, device="cpu")
+    metrics = evaluate_run(cfg.run_dir, n_boot=200)
+    model_dir = cfg.run_dir / "models" / "tiny_cnn"
+    # Prediction cannot disagree with the study: the engine's validation probabilities of the selected
+    # epoch are what `predict` gives with the package (same preprocessing, same precision policy).
+    engine = pd.read_csv(model_dir / "val_predictions_best.csv").set_index("image")["prob"]
+    ours = read_pred(cfg.run_dir, "tiny_cnn", "val").set_index("image")["prob"]
+    assert sorted(engine.index) == sorted(ours.index)
+    np.testing.assert_allclose(ours.loc[engine.index], engine, atol=1e-4)
+    assert read_metadata(model_dir / "model")["threshold"] == metrics["models"]["tiny_cnn"]["threshold"]["value"]
+    assert set(metrics["models"]["tiny_cnn"]["splits"]) == {"val", "internal_test", "external_test"}
+    readers = metrics["readers"]["external_test"]["tiny_cnn"]
+    assert readers["n_readers"] == 2 and [r["reader"] for r in readers["per_reader"]] == ["r1", "r2"]
+    assert readers["n_cases"] == metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["n"]
+    assert (cfg.run_dir / "tables" / "readers_panel_tiny_cnn_external_test.csv").is_file()
+
+
+def test_readers_of_the_test_splits_are_compared_with_the_model(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    # One BI-RADS reading per patient, repeated on each of the patient's images (as in a manifest).
+    external = splits["split"] == "external_test"
+    splits["reader_a"] = np.where(external, np.where(splits["label"] == "positive", "4b", "3"), "")
+    splits.loc[external & (splits["patient_id"] == "external_test0"), "reader_a"] = "2"
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=100)
+    assert list(metrics["readers"]) == ["external_test"]
+    found = metrics["readers"]["external_test"]["tiny_cnn"]
+    assert found["level"] == "patient" and found["n_cases"] == 24 and found["n_readers"] == 1
+    reader = found["performance"][0]
+    assert (reader["reader"], reader["tp"], reader["fn"], reader["tn"], reader["fp"]) == ("a", 11, 1, 12, 0)
+    assert [row["metric"] for row in found["panel"]] == ["auc", "sensitivity", "specificity"]
+    assert (run / "tables" / "readers_per_reader_tiny_cnn_external_test.csv").is_file()
+
+    splits.loc[external & (splits["patient_id"] == "external_test1"), "reader_a"] = "seven"
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=100)
+    assert "seven" in metrics["readers"]["external_test"]["tiny_cnn"]["error"]
+    assert metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"] is not None

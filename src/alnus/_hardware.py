@@ -86,9 +86,7 @@ def _requested(requested: str) -> tuple[str, str]:
         value, source = env, f"{PRECISION_ENV}={env}"
     if value not in PRECISIONS:
         where = f"environment variable {PRECISION_ENV}" if source != "requested" else "precision setting"
-        raise PrecisionError(
-            f"unknown precision {value!r} in the {where}; use one of {', '.join(PRECISIONS)}."
-        )
+        raise PrecisionError(f"unknown precision {value!r} in the {where}; use one of {', '.join(PRECISIONS)}.")
     return value, source
 
 
@@ -137,9 +135,7 @@ def _choose_cuda(device: torch.device, value: str, source: str) -> Precision:
     if value == "auto":
         if bf16_ok:
             return Precision(torch.bfloat16, True, "bf16 autocast + channels_last: the GPU supports bf16")
-        return Precision(
-            torch.float16, True, "fp16 autocast + channels_last: the GPU has no bf16 (use a GradScaler)"
-        )
+        return Precision(torch.float16, True, "fp16 autocast + channels_last: the GPU has no bf16 (use a GradScaler)")
     if value == "bf16" and not bf16_ok:
         raise PrecisionError(
             f"bf16 ({source}) is not supported by {device}; use fp16 or fp32, or set precision to auto."
@@ -166,9 +162,7 @@ def _version(package: str) -> str | None:
 
 def _git(*args: str, cwd: Path) -> str | None:
     try:
-        done = subprocess.run(
-            ["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10, check=True
-        )
+        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
@@ -206,9 +200,7 @@ def environment_info() -> dict[str, Any]:
     flags = cpu_flags()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else []
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     )
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -284,6 +284,109 @@ def train(
             )
 
 
+@app.command("predict")
+def predict(
+    run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>.")],
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Predict with this backbone only (repeatable).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+) -> None:
+    """Predict the val, internal_test and external_test images with each model of a run."""
+    from alnus.predict import predict_run
+
+    summary = predict_run(run, models=model, device=device, batch_size=batch_size, precision=precision)
+    for name, info in summary.items():
+        counts = ", ".join(f"{split} {n}" for split, n in info["rows"].items())
+        console.print(
+            f"[green]{name}[/green]: {counts} images ({info['precision']} on {info['device']}) -> "
+            f"{run / 'models' / name / 'predictions'}",
+            highlight=False,
+        )
+
+
+@app.command("predict-images")
+def predict_images(
+    package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF or DICOM).")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this CSV.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Predict single images with a model package: the probability and, once evaluated, the call."""
+    import pandas as pd
+
+    from alnus._io import write_csv
+    from alnus.predict import Predictor
+
+    predictor = Predictor(package, device=device, batch_size=batch_size)
+    result = predictor.predict_table(pd.DataFrame({"image": [str(p) for p in images]}), Path.cwd())
+    if "call" in result.columns:
+        names = {1: predictor.positive_label, 0: predictor.negative_label or f"not {predictor.positive_label}"}
+        result["prediction"] = result["call"].map(names)
+    if out is not None:
+        write_csv(result, out)
+    shown = result.assign(prob=result["prob"].map(lambda p: f"{p:.4f}"))
+    _print_frame(shown, f"P({predictor.positive_label}) from {package}")
+    if predictor.threshold is None:
+        console.print(
+            "[yellow]note:[/yellow] this package has no frozen threshold yet, so there are no calls; "
+            "run `alnus evaluate RUN` to choose it on validation."
+        )
+    else:
+        console.print(f"call = probability >= {predictor.threshold:.4g} (frozen on validation).")
+    if out is not None:
+        console.print(f"[green]Wrote[/green] {out}")
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, with predictions.")],
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Evaluate this backbone only (repeatable).")
+    ] = None,
+    level: Annotated[str, typer.Option(help="Threshold and case level: patient, study or image.")] = "patient",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the image-level AUC CI.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Freeze each model's threshold on validation, then tabulate AUC, accuracy, sensitivity, specificity."""
+    from alnus.evaluate import comparisons_table, evaluate_run, results_table
+
+    metrics = evaluate_run(run, models=model, level=level, n_boot=n_boot, seed=seed)  # type: ignore[arg-type]
+    case_level = "patient" if level == "image" else level
+    # The paper's columns; PPV, NPV and the threshold are in tables/results_<level>.csv and printed below.
+    shown = results_table(metrics, case_level)[
+        ["model", "split", "n (pos/neg)", "AUC (95% CI)", "accuracy", "sensitivity", "specificity"]
+    ]
+    _print_frame(shown, f"Results per {case_level} (95% CIs; proportions: % (k/n; CI))")
+    for name, entry in metrics["models"].items():
+        t = entry["threshold"]
+        console.print(
+            f"{name}: threshold {t['value']:.4g} ({t['rule']}, on val {t['level']}s, {t['aggregate']} of images), "
+            f"frozen into {run / 'models' / name / 'model' / 'metadata.json'}",
+            highlight=False,
+        )
+    comparisons = comparisons_table(metrics)
+    if len(comparisons):
+        shown = comparisons[["split", "model_a", "model_b", "difference", "ci_low", "ci_high", "p", "p_holm"]]
+        _print_frame(shown.round(4), f"AUC differences per {case_level} (DeLong, Holm-adjusted P)")
+    import pandas as pd
+
+    for split, by_model in metrics.get("readers", {}).items():
+        for name, found in by_model.items():
+            if "error" in found:
+                console.print(f"[yellow]readers ({name}, {split}) not compared:[/yellow] {found['error']}")
+                continue
+            panel = pd.DataFrame(found["panel"]).reindex(
+                columns=["metric", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
+            )
+            title = f"{name} vs {found['n_readers']} reader(s), {split}, per {found['level']} (see tables/readers_*)"
+            _print_frame(panel.round(4).astype(object).where(panel.notna(), ""), title)
+    console.print(f"[green]Wrote[/green] {run / 'metrics.json'} and {run / 'tables'}/", highlight=False)
+
+
 def main() -> None:
     """Entry point: user-actionable errors print as a message with exit code 2, not a traceback."""
     try:

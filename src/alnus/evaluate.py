@@ -73,12 +73,8 @@ def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.Dat
     for i in np.flatnonzero((out["patient_id"].str.strip() == "").to_numpy()):
         problems.append(f"row {i + 2}: patient_id is empty")
     if problems:
-        shown = "\n  ".join(problems[:20]) + (
-            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        )
-        raise EvaluateError(
-            f"{where}: {len(problems)} bad row(s):\n  {shown}\nRun `alnus predict RUN` again."
-        )
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise EvaluateError(f"{where}: {len(problems)} bad row(s):\n  {shown}\nRun `alnus predict RUN` again.")
     out["y"] = y.astype(int)
     out["prob"] = prob.astype(float)
     return out
@@ -89,9 +85,7 @@ def _unit_columns(level: str) -> list[str]:
     return {"patient": ["site", "patient_id"], "study": ["site", "patient_id", "study_id"]}[level]
 
 
-def aggregate_predictions(
-    table: pd.DataFrame, level: Level = "patient", how: Aggregate = "mean"
-) -> pd.DataFrame:
+def aggregate_predictions(table: pd.DataFrame, level: Level = "patient", how: Aggregate = "mean") -> pd.DataFrame:
     """One row per case at `level`: image rows as they are, or a patient's (study's) images combined.
 
     The case probability is the mean or the max of its images' probabilities; its label must be the same on
@@ -124,9 +118,7 @@ def aggregate_predictions(
             f"{len(mixed)} {level}(s) have images with different labels ({', '.join(names)}); a "
             f"{level}-level result needs one label per {level}. Check the labels, or evaluate at image level."
         )
-    out = grouped.agg(
-        label=("label", "first"), y=("y", "first"), prob=("prob", how), n_images=("prob", "size")
-    )
+    out = grouped.agg(label=("label", "first"), y=("y", "first"), prob=("prob", how), n_images=("prob", "size"))
     out = out.reset_index()
     if "study_id" not in out.columns:
         study = grouped["study_id"].agg(lambda s: ";".join(dict.fromkeys(v for v in s if v)))
@@ -157,9 +149,7 @@ def choose_frozen_threshold(
     val = check_predictions(val, "validation predictions")
     cases = aggregate_predictions(val, level, aggregate)
     try:
-        chosen = stats.choose_threshold(
-            cases["y"].to_numpy(), cases["prob"].to_numpy(), rule=rule, target=target
-        )
+        chosen = stats.choose_threshold(cases["y"].to_numpy(), cases["prob"].to_numpy(), rule=rule, target=target)
     except stats.StatsError as exc:
         raise EvaluateError(f"cannot choose the threshold on the validation split: {exc}") from exc
     return {
@@ -384,12 +374,62 @@ def results_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
 
 def comparisons_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """Model-vs-model DeLong comparisons of every split as one table."""
-    rows = [
-        {"split": split, **row} for split, items in metrics.get("comparisons", {}).items() for row in items
-    ]
+    rows = [{"split": split, **row} for split, items in metrics.get("comparisons", {}).items() for row in items]
     columns = ["split", "model_a", "model_b", "level", "auc_a", "auc_b", "difference", "ci_low", "ci_high",
                "z", "p", "p_holm", "n", "method"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------- readers
+def reader_comparison(
+    rows: pd.DataFrame,
+    predictions: pd.DataFrame,
+    threshold: float,
+    *,
+    level: Level = "patient",
+    aggregate: Aggregate = "mean",
+    alpha: float = 0.05,
+) -> dict[str, Any] | None:
+    """The model at its frozen threshold against the readers of the same cases (`alnus.readers`).
+
+    `rows` are the split's rows of splits.csv with `reader_<name>` columns (BI-RADS, positive from 4a); a
+    patient's (study's) repeated readings collapse to one reading per case. Returns None when no reader
+    read any of these cases.
+
+    Returns:
+        level, n_cases, `performance` (per reader and pooled), `per_reader` (McNemar, DeLong) and `panel`
+        (Obuchowski-Rockette MRMC) as lists of records, and the readers module's note.
+    """
+    from alnus.readers import compare_model_with_readers, reader_performance, readings_from_manifest
+
+    columns = [c for c in rows.columns if c.startswith("reader_")]
+    if not columns or not (rows[columns].astype(str).apply(lambda c: c.str.strip()) != "").any().any():
+        return None
+    predictions = check_predictions(predictions)
+    rows = rows.copy()
+    for column in ("site", "study_id"):
+        if column not in rows.columns:
+            rows[column] = ""
+    cases = aggregate_predictions(predictions, level, aggregate)
+    keys = ["image"] if level == "image" else _unit_columns(level)
+    rows["case"] = rows[keys].astype(str).agg("/".join, axis=1)
+    case_ids = cases[keys].astype(str).agg("/".join, axis=1)
+    readings = readings_from_manifest(rows, case_col="case", columns={c.removeprefix("reader_"): c for c in columns})
+    y = pd.Series(cases["y"].to_numpy(), index=case_ids)
+    prob = pd.Series(cases["prob"].to_numpy(), index=case_ids)
+    performance = reader_performance(y, readings, alpha=alpha)
+    versus = compare_model_with_readers(y, prob, threshold, readings, alpha=alpha)
+    return {
+        "level": level,
+        "n_cases": versus.n_cases,
+        "n_panel_cases": versus.n_panel_cases,
+        "n_readers": versus.n_readers,
+        "model_threshold": versus.model_threshold,
+        "performance": performance.to_dict("records"),
+        "per_reader": versus.per_reader.to_dict("records"),
+        "panel": versus.panel.to_dict("records"),
+        "note": versus.note,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -416,17 +456,17 @@ def _settings(run_dir: Path) -> dict[str, Any]:
 def run_models(run_dir: str | os.PathLike[str]) -> list[str]:
     """Backbones with a model package in the run folder (`models/<backbone>/model/metadata.json`), sorted."""
     folder = Path(run_dir) / "models"
-    return (
-        sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
-    )
+    return sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
+
+
+def _read_splits(run_dir: Path) -> pd.DataFrame | None:
+    path = run_dir / "splits.csv"
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
 
 
 def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:
-    path = run_dir / "splits.csv"
-    if not path.is_file():
-        return None
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return {name: set(rows["image"]) for name, rows in splits.groupby("split")}
+    splits = _read_splits(run_dir)
+    return None if splits is None else {name: set(rows["image"]) for name, rows in splits.groupby("split")}
 
 
 def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, pd.DataFrame]:
@@ -471,19 +511,21 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
                 )
         tables[split] = table
     if "val" not in tables:
-        raise EvaluateError(
-            f"{run_dir / 'splits.csv'} has no val rows; the threshold is chosen on validation."
-        )
+        raise EvaluateError(f"{run_dir / 'splits.csv'} has no val rows; the threshold is chosen on validation.")
     return tables
 
 
 def _clean_json(value: Any) -> Any:
-    """JSON-ready copy: numpy scalars as Python numbers, NaN/inf as None (JSON has no NaN)."""
+    """JSON-ready copy: numpy scalars as Python values, NaN/inf/NA as None (JSON has no NaN)."""
     if isinstance(value, Mapping):
         return {str(k): _clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean_json(v) for v in value]
-    if isinstance(value, (np.integer,)):
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value) if np.isfinite(value) else None
@@ -511,6 +553,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvaluateError(f"run folder {run_dir} not found.")
+    if level not in LEVELS:
+        raise EvaluateError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
     cfg = dict(settings) if settings is not None else _settings(run_dir)
     rule, target, how = (
         cfg.get("threshold_rule", "youden"),
@@ -534,12 +578,10 @@ def evaluate_run(
                      "alpha": alpha, "n_boot": n_boot, "seed": seed, "proportion_ci": "clopper-pearson",
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"}},
-        "models": {}, "comparisons": {},
+        "models": {}, "comparisons": {}, "readers": {},
     }  # fmt: skip
     for model, by_split in tables.items():
-        record = choose_frozen_threshold(
-            by_split["val"], rule=rule, target=target, level=level, aggregate=how
-        )
+        record = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
         freeze_threshold(run_dir / "models" / model / "model", record)
         out["models"][model] = {
             "threshold": record,
@@ -553,9 +595,32 @@ def evaluate_run(
         have = {m: t[split] for m, t in tables.items() if split in t}
         if len(have) > 1:
             out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
+    splits = _read_splits(run_dir)
+    if splits is not None:
+        for split in ("internal_test", "external_test"):
+            rows = splits[splits["split"] == split]
+            for model, by_split in tables.items():
+                if split not in by_split or rows.empty:
+                    continue
+                value = out["models"][model]["threshold"]["value"]
+                try:
+                    found = reader_comparison(
+                        rows, by_split[split], value, level=case_level, aggregate=how, alpha=alpha
+                    )
+                except AlnusError as exc:
+                    # A reader column that cannot be read must not hide the model's own results; it is reported.
+                    found = {"error": str(exc)}
+                if found is not None:
+                    out["readers"].setdefault(split, {})[model] = found
     out = _clean_json(out)
     atomic_write_text(run_dir / "metrics.json", json.dumps(out, indent=2) + "\n")
     write_csv(results_table(out, "image"), run_dir / "tables" / "results_image.csv")
     write_csv(results_table(out, case_level), run_dir / "tables" / f"results_{case_level}.csv")
     write_csv(comparisons_table(out), run_dir / "tables" / "model_comparisons.csv")
+    for split, by_model in out["readers"].items():
+        for model, found in by_model.items():
+            if "error" in found:
+                continue
+            for part in ("performance", "per_reader", "panel"):
+                write_csv(pd.DataFrame(found[part]), run_dir / "tables" / f"readers_{part}_{model}_{split}.csv")
     return out

@@ -163,9 +163,7 @@ class Predictor:
         with warnings.catch_warnings():
             # Unlabelled tables have no positive rows by design; the dataset's warning about that is moot.
             warnings.filterwarnings("ignore", message="no row has label")
-            dataset = UltrasoundDataset(
-                data, root, self.spec, cache=cache, positive_label=self.positive_label
-            )
+            dataset = UltrasoundDataset(data, root, self.spec, cache=cache, positive_label=self.positive_label)
         dataset.warm(progress)
         probs = np.empty(len(dataset), dtype=np.float64)
         for start in range(0, len(dataset), self.batch_size):
@@ -184,9 +182,7 @@ class Predictor:
 def _read_splits(run_dir: Path) -> pd.DataFrame:
     path = run_dir / "splits.csv"
     if not path.is_file():
-        raise PredictError(
-            f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first)."
-        )
+        raise PredictError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
     splits = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in ("image", "patient_id", "label", "split") if c not in splits.columns]
     if missing:

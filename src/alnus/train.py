@@ -529,6 +529,7 @@ def train_model(
                 train_ds.set_epoch(epoch)
                 net.train()
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                lr_used = optimizer.param_groups[0]["lr"]
                 seen = 0
                 task = progress.add_task(
                     f"epoch {epoch + 1}/{tc.epochs}", total=len(train_loader), speed="-", loss="-"
@@ -546,6 +547,7 @@ def train_model(
                         loss = criterion(logits.float(), y)
                         scaler.scale(loss / tc.grad_accum).backward()
                     if boundary:
+                        lr_used = optimizer.param_groups[0]["lr"]
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
@@ -593,7 +595,7 @@ def train_model(
                     "train_loss": totals[0].item() / max(1.0, totals[1].item()),
                     "val_loss": val_loss,
                     "val_auc": val_auc,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": lr_used,  # of the epoch's last optimiser step
                     "images_per_s": totals[1].item() / train_seconds,
                     "seconds": time.perf_counter() - t0,
                 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from timm.models import get_pretrained_cfg
@@ -167,3 +170,14 @@ def test_get_submodule_accepts_negative_indices() -> None:
     net = create_model("tiny_cnn")
     assert get_submodule(net.backbone, "features.-1") is net.backbone.features[3]
     assert net.cam_target_layer() is net.backbone.features[3]
+
+
+def test_model_pickles_and_deep_copies() -> None:
+    """Needed for EMA copies, multiprocessing and torch.save(model); the spec's builder must be picklable."""
+    net = create_model("tiny_cnn").eval()
+    x = torch.rand(1, 1, 32, 32)
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert clone.spec == net.spec
+        torch.testing.assert_close(clone(x), net(x))
+    for name in BACKBONES:
+        assert pickle.loads(pickle.dumps(get_spec(name))) == get_spec(name)

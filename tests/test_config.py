@@ -1,0 +1,110 @@
+"""Config: YAML + dotted overrides, every key checked, the resolved config round-trips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from alnus.config import (
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_overrides,
+    training_settings,
+)
+
+BASE = {
+    "name": "study1",
+    "data": {"manifest": "data/manifest.csv", "labels": ["negative", "positive"]},
+    "models": ["tiny_cnn"],
+    "train": {"weights": "none", "epochs": 4, "lr": "1e-3", "head_epochs": 0},
+}
+
+
+def _write(tmp_path, raw=None, name="cfg.yaml"):
+    path = tmp_path / "configs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(BASE if raw is None else raw))
+    return path
+
+
+def test_yaml_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path)
+    cfg = load_config(path, ["train.epochs=7", "train.augment={hflip: 0.0}", "preprocess.size=64", "models=[resnet18]"])
+    assert cfg.train.epochs == 7 and cfg.preprocess.size == 64 and cfg.models == ["resnet18"]
+    assert cfg.train.augment == {"hflip": 0.0}
+    # YAML 1.1 reads 1e-3 as text; a float field takes it as the number.
+    assert cfg.train.lr == pytest.approx(1e-3)
+    # The manifest is relative to the config file; runs_dir to the current folder.
+    assert cfg.data.manifest == os.path.abspath(tmp_path / "configs" / "data" / "manifest.csv")
+    assert cfg.run_dir == tmp_path / "runs" / "study1"
+    assert cfg.train.balance == "weighted_loss"  # a default
+
+
+def test_name_defaults_to_the_file_name(tmp_path):
+    raw = {k: v for k, v in BASE.items() if k != "name"}
+    assert load_config(_write(tmp_path, raw, name="my_study.yaml")).name == "my_study"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.epoch=3"], "train.epoch"),  # a typo
+        (["colour=red"], "colour"),
+        (["train.augment={flip: 0.5}"], "train.augment"),
+        (["train.epochs=three"], "train.epochs"),
+        (["train.optimizer=adam"], "train.optimizer"),
+        (["train.tensorboard=1"], "train.tensorboard"),
+        (["models=tiny_cnn"], "models"),
+        (["models=[tiny_cnn, no_such_net]"], "models"),
+        (["data.positive_label=malignant"], "data.positive_label"),
+        (["data.val_frac=1.5"], "data.val_frac"),
+        (["train.weights=pretrained"], "train.weights"),
+        (["evaluate.threshold_rule=sensitivity"], "evaluate.threshold_target"),
+        (["preprocess.size=8"], "preprocess.size"),
+        (["name=../escape"], "name"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")) as info:
+        load_config(_write(tmp_path), overrides)
+    assert str(tmp_path / "configs" / "cfg.yaml") in str(info.value)
+
+
+def test_unknown_key_in_the_file(tmp_path):
+    raw = {**BASE, "train": {**BASE["train"], "learning_rate": 0.1}}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train\.learning_rate; known keys in train: "):
+        load_config(_write(tmp_path, raw))
+
+
+def test_override_syntax_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ConfigError, match="train.epochs is a value, not a section"):
+        apply_overrides({"train": {"epochs": 3}}, [("train.epochs.x", 1)])
+    with pytest.raises(ConfigError, match="data.manifest is required"):
+        load_config(_write(tmp_path, {"name": "x"}))
+
+
+def test_resolved_config_round_trips(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path), ["train.channels_last=true", "train.early_stopping_patience=null"])
+    saved = tmp_path / "elsewhere" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(dump_config(cfg))
+    monkeypatch.chdir(saved.parent)
+    again = load_config(saved)
+    assert again == cfg
+    assert again.train.channels_last is True and again.train.early_stopping_patience is None
+
+
+def test_training_settings_leave_out_what_does_not_change_weights(tmp_path):
+    a = load_config(_write(tmp_path))
+    b = load_config(_write(tmp_path), ["train.num_workers=4", "train.tensorboard=false", "name=other"])
+    c = load_config(_write(tmp_path), ["train.lr=0.01"])
+    assert training_settings(a) == training_settings(b)
+    assert training_settings(a) != training_settings(c)
