@@ -167,14 +167,33 @@ def test_training_writes_checkpoints_logs_and_a_package(trained):
 
 def test_rerun_and_resume_are_checked(trained):
     cfg, result = trained
+    saved = (cfg.run_dir / "config.yaml").read_text()
     with pytest.raises(TrainError, match="pass --resume"):
         run_training(cfg, console=_quiet())
     changed = load_config(cfg.run_dir / "config.yaml", ["train.lr=0.1"])
     with pytest.raises(TrainError, match=r"train\.lr: 0\.003 -> 0\.1"):
         run_training(changed, resume=True, console=_quiet())
+    assert (cfg.run_dir / "config.yaml").read_text() == saved  # a refused run leaves the folder alone
     # A finished run resumes to the same result without training again.
     [again] = run_training(cfg, resume=True, console=_quiet())
     assert again.best_epoch == result.best_epoch and again.epochs_run == 3
+
+
+def test_pretrained_weights_train_the_head_first(phantom, tmp_path):
+    torch.manual_seed(5)
+    start = create_model("tiny_cnn")
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    train = {"weights": f"file:{tmp_path / 'start.pt'}", "epochs": 1, "head_epochs": 1, "balance": "sampler"}
+    [result] = run_training(load_config(_config(tmp_path, phantom, "head", train=train)), console=_quiet())
+    assert [row["phase"] for row in result.history] == ["head"]
+    trained = create_model("tiny_cnn")
+    trained.load_state_dict(load_checkpoint(result.model_dir / "checkpoints" / "last.pt")["model"])
+    head = {id(p) for p in trained.head_parameters()}
+    for (name, before), after in zip(start.named_parameters(), trained.parameters(), strict=True):
+        if id(after) in head:
+            assert not torch.equal(before, after), f"head parameter {name} did not train"
+        else:
+            assert torch.equal(before, after), f"body parameter {name} changed while frozen"
 
 
 def test_weighted_sampler_balances_and_shards():
@@ -214,7 +233,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(phantom, tmp_path):
-    epochs = {"epochs": 6}
+    epochs = {"epochs": 5}
     config = _config(tmp_path, phantom, "killed", train=epochs)
     last = tmp_path / "runs" / "killed" / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
     proc = subprocess.Popen(_alnus("train", str(config)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -230,7 +249,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(phantom, tmp_path):
         if proc.poll() is None:
             proc.kill()
     interrupted_at = load_checkpoint(last)["epoch"]
-    assert 1 <= interrupted_at < 5, f"the run was not interrupted mid-way (last epoch {interrupted_at})"
+    assert 1 <= interrupted_at < 4, f"the run was not interrupted mid-way (last epoch {interrupted_at})"
     done = subprocess.run(_alnus("train", str(config), "--resume"), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming after epoch {interrupted_at + 1}" in done.stdout
@@ -239,8 +258,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(phantom, tmp_path):
     [ref] = run_training(reference, console=_quiet())
     resumed, straight = load_checkpoint(last), load_checkpoint(ref.model_dir / "checkpoints" / "last.pt")
     # fp32 on the CPU with the same data order, augmentations and RNG states: equal to float tolerance.
-    for key, tensor in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][key], tensor, rtol=0, atol=1e-6, msg=key)
+    diff = max((resumed["model"][k].double() - t.double()).abs().max().item() for k, t in straight["model"].items())
+    print(f"resume: interrupted after epoch {interrupted_at + 1}; largest weight difference {diff:.3g}")
+    assert diff <= 1e-6
     aucs = [row["val_auc"] for row in resumed["history"]]
     np.testing.assert_allclose(aucs, [row["val_auc"] for row in ref.history], atol=1e-6)
     assert resumed["best_epoch"] == ref.best_epoch
@@ -275,7 +295,10 @@ def test_demo_config_reaches_auc_0_9_within_two_minutes(tmp_path):
     [result] = run_training(cfg, console=_quiet())
     seconds = time.perf_counter() - start
     reached = [row for row in result.history if row["val_auc"] >= 0.9]
-    print(f"demo: best val AUC {result.best_val_auc:.4f} (epoch {result.best_epoch}), {seconds:.0f} s in all")
     assert reached, f"val AUC never reached 0.9: {[round(r['val_auc'], 3) for r in result.history]}"
     to_reach = sum(row["seconds"] for row in result.history if row["epoch"] <= reached[0]["epoch"])
+    print(
+        f"demo: val AUC {reached[0]['val_auc']:.4f} >= 0.9 at epoch {reached[0]['epoch']} after {to_reach:.0f} s "
+        f"of training; best {result.best_val_auc:.4f} (epoch {result.best_epoch}); {seconds:.0f} s in all"
+    )
     assert to_reach < 120, f"val AUC 0.9 took {to_reach:.0f} s of training"

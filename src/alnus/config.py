@@ -177,9 +177,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path("."), where: s
     """Build and check a `Config` from plain values; relative `data.manifest` is resolved against `base`."""
     cfg = _build(Config, raw, "", where)
     if not cfg.data.manifest:
-        raise ConfigError(
-            f"{where}: data.manifest is required (the manifest CSV, relative to the config file)"
-        )
+        raise ConfigError(f"{where}: data.manifest is required (the manifest CSV, relative to the config file)")
     cfg.data.manifest = os.path.abspath(base / cfg.data.manifest)
     cfg.runs_dir = os.path.abspath(cfg.runs_dir)
     _check(cfg, where)
@@ -319,9 +317,7 @@ def _check(cfg: Config, where: str) -> None:
             fail(f"train.{key}", f"{getattr(train, key)} must be at least 1")
     for key in ("lr", "weight_decay", "momentum", "warmup_epochs"):
         if getattr(train, key) < 0 or (key == "lr" and train.lr == 0):
-            fail(
-                f"train.{key}", f"{getattr(train, key)} must be {'positive' if key == 'lr' else 'at least 0'}"
-            )
+            fail(f"train.{key}", f"{getattr(train, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
     if train.warmup_epochs > train.epochs:
         fail("train.warmup_epochs", f"{train.warmup_epochs} must not exceed train.epochs ({train.epochs})")
     if not 0 <= train.head_epochs <= train.epochs:

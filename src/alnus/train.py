@@ -167,9 +167,7 @@ class WeightedDistributedSampler(Sampler[int]):
     `num_replicas`-th one from its rank on; with one replica it is a seeded `WeightedRandomSampler`.
     """
 
-    def __init__(
-        self, weights: Sequence[float], *, num_replicas: int = 1, rank: int = 0, seed: int = 0
-    ) -> None:
+    def __init__(self, weights: Sequence[float], *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         self.weights = torch.as_tensor(weights, dtype=torch.double)
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.num_samples = math.ceil(len(self.weights) / num_replicas)
@@ -297,17 +295,13 @@ class _Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(
-                str(model_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None
-            )
+            self.writer = SummaryWriter(str(model_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
         if cfg.train.mlflow is not False:
             try:
                 import mlflow
             except ImportError:
                 if cfg.train.mlflow is True:
-                    raise TrainError(
-                        "train.mlflow is true but mlflow is not installed: pip install mlflow"
-                    ) from None
+                    raise TrainError("train.mlflow is true but mlflow is not installed: pip install mlflow") from None
                 return
             self.mlflow = mlflow
             mlflow.start_run(run_name=f"{cfg.name}/{backbone}")
@@ -351,8 +345,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); delete it to start again"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise TrainError(f"{path} is not an alnus checkpoint of version {CHECKPOINT_VERSION}; delete it to start again")
+    return ckpt
+
+
+def resumable_checkpoint(
+    cfg: Config, run_dir: str | os.PathLike[str], backbone: str, *, resume: bool
+) -> dict[str, Any] | None:
+    """The `last.pt` to continue from (None: start afresh); refuse to overwrite it or to resume changed settings."""
+    model_dir = Path(run_dir) / "models" / backbone
+    last_path = model_dir / "checkpoints" / "last.pt"
+    if not last_path.is_file():
+        return None
+    if not resume:
         raise TrainError(
-            f"{path} is not an alnus checkpoint of version {CHECKPOINT_VERSION}; delete it to start again"
+            f"{last_path} exists: pass --resume to continue that training, or delete {model_dir} to start again"
+        )
+    ckpt = load_checkpoint(last_path)
+    settings = json.loads(json.dumps({**training_settings(cfg), "backbone": backbone}))
+    changed = _mismatch(ckpt["settings"], settings)
+    if changed:
+        raise TrainError(
+            f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
+            f"({'; '.join(changed)}); restore them, or start a new run under another name"
         )
     return ckpt
 
@@ -392,20 +407,7 @@ def train_model(
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     settings = {**training_settings(cfg), "backbone": backbone}
 
-    ckpt = None
-    if last_path.is_file():
-        if not resume:
-            raise TrainError(
-                f"{last_path} exists: pass --resume to continue that training, "
-                f"or delete {model_dir} to start again"
-            )
-        ckpt = load_checkpoint(last_path)
-        changed = _mismatch(ckpt["settings"], json.loads(json.dumps(settings)))
-        if changed:
-            raise TrainError(
-                f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
-                f"({'; '.join(changed)}); restore them, or start a new run under another name"
-            )
+    ckpt = resumable_checkpoint(cfg, run_dir, backbone, resume=resume)
 
     seed_everything(tc.seed, deterministic=tc.deterministic)
     splits_path = run_dir / "splits.csv"
@@ -453,9 +455,7 @@ def train_model(
     # BatchNorm cannot train on a final batch of one image.
     drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
     loader_args = {"num_workers": tc.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(
-        train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args
-    )
+    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args)
     val_loader = DataLoader(_Indexed(val_ds), batch_size=tc.batch_size, sampler=val_sampler, **loader_args)
 
     model = create_model(backbone, weights=tc.weights).to(device)
@@ -531,9 +531,7 @@ def train_model(
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 lr_used = optimizer.param_groups[0]["lr"]
                 seen = 0
-                task = progress.add_task(
-                    f"epoch {epoch + 1}/{tc.epochs}", total=len(train_loader), speed="-", loss="-"
-                )
+                task = progress.add_task(f"epoch {epoch + 1}/{tc.epochs}", total=len(train_loader), speed="-", loss="-")
                 for step, (x, y) in enumerate(train_loader):
                     x = x.to(device, non_blocking=True)
                     if channels_last:
@@ -571,9 +569,7 @@ def train_model(
                     for buffer in model.buffers():
                         dist.broadcast(buffer, src=0)
 
-                idx, val_logits = _predict(
-                    model, val_loader, device, precision, channels_last, info, autocast
-                )
+                idx, val_logits = _predict(model, val_loader, device, precision, channels_last, info, autocast)
                 y_val = val_ds.targets[idx]
                 val_loss = float(
                     torch.nn.functional.binary_cross_entropy_with_logits(
@@ -742,19 +738,11 @@ def run_training(
 
     results = []
     with distributed(cfg.train.device) as info:
+        backbones = list(models or cfg.models)
+        # Checked before prepare_run rewrites config.yaml: a refused run must leave the folder as it was.
+        for backbone in backbones:
+            resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=resume)
         main_first(info, lambda: prepare_run(cfg))
-        for backbone in models or cfg.models:
+        for backbone in backbones:
             results.append(train_model(cfg, cfg.run_dir, backbone, resume=resume, console=console))
     return results
-
-
-__all__ = [
-    "DistInfo",
-    "TrainError",
-    "TrainResult",
-    "WeightedDistributedSampler",
-    "gather_predictions",
-    "run_training",
-    "train_model",
-    "training_data_hash",
-]

