@@ -94,15 +94,11 @@ def data_import(
 @data_app.command("validate")
 def data_validate(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV (one row per image).")],
-    labels: Annotated[
-        str | None, typer.Option(help="Allowed labels, comma-separated, e.g. negative,positive.")
-    ] = None,
+    labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated, e.g. negative,positive.")] = None,
     drop_invalid: Annotated[
         bool, typer.Option(help="Write the valid rows and an exclusions table instead of failing.")
     ] = False,
-    out: Annotated[
-        Path | None, typer.Option(help="Folder for manifest.valid.csv and exclusions.csv.")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for manifest.valid.csv and exclusions.csv.")] = None,
 ) -> None:
     """Check every row (files, images, labels, patients, sites, splits, ROI, masks); list all problems at once."""
     from alnus._io import write_csv
@@ -137,21 +133,15 @@ def data_split(
     internal_test_frac: Annotated[
         float, typer.Option(help="Share of development patients for the internal test.")
     ] = 0.1,
-    val_frac: Annotated[
-        float, typer.Option(help="Share of the remaining development patients for validation.")
-    ] = 0.1,
+    val_frac: Annotated[float, typer.Option(help="Share of the remaining development patients for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed (the split is deterministic for a seed).")] = 0,
     labels: Annotated[str | None, typer.Option(help="Allowed labels, comma-separated.")] = None,
-    drop_invalid: Annotated[
-        bool, typer.Option(help="Exclude invalid rows (counted in exclusions.csv).")
-    ] = False,
+    drop_invalid: Annotated[bool, typer.Option(help="Exclude invalid rows (counted in exclusions.csv).")] = False,
     group_duplicates: Annotated[
         bool,
         typer.Option(help="Merge patients sharing near-duplicate images into one group instead of failing."),
     ] = False,
-    duplicate_check: Annotated[
-        bool, typer.Option(help="Hash images to find near-duplicates across splits.")
-    ] = True,
+    duplicate_check: Annotated[bool, typer.Option(help="Hash images to find near-duplicates across splits.")] = True,
 ) -> None:
     """Patient-level, label-stratified split with a leakage check; external sites are only ever tested on."""
     from alnus._io import write_csv
@@ -190,9 +180,7 @@ def data_split(
 @data_app.command("combine")
 def data_combine(
     manifests: Annotated[list[Path], typer.Argument(help="Manifests to combine (e.g. one per hospital).")],
-    out: Annotated[
-        Path, typer.Option(help="The combined manifest's path (paths are rebased to its folder).")
-    ],
+    out: Annotated[Path, typer.Option(help="The combined manifest's path (paths are rebased to its folder).")],
 ) -> None:
     """Combine several manifests into one (union of columns; image paths rebased)."""
     from alnus._io import write_csv
@@ -243,9 +231,7 @@ def demo(
     console.rule("2/3 validate")
     data_validate(manifest, labels="negative,positive")
     console.rule("3/3 split")
-    data_split(
-        manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive"
-    )
+    data_split(manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive")
     console.print(
         "[bold]Demo done.[/bold] The data steps ran on phantom data; training, evaluation and the report "
         "join this command as those stages land (see README)."
