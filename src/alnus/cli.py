@@ -218,24 +218,49 @@ def data_phantom(
     console.print(f"[green]Wrote[/green] phantom data: {path}")
 
 
+@app.command("study")
+def study(
+    config: Annotated[Path, typer.Argument(help="The study's YAML config (see configs/).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
+    ] = None,
+) -> None:
+    """Run the whole study from one config: split, train each model, predict, evaluate. Rerun to resume."""
+    from alnus.config import load_config
+    from alnus.study import run_study
+
+    cfg = load_config(config, list(set_ or []))
+    metrics = run_study(cfg, console=console)
+    _show_metrics(cfg.run_dir, metrics, "patient")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Argument(help="Folder for the demo data and run.")] = Path("demo"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    config: Annotated[Path, typer.Option(help="The demo study config.")] = Path("configs/demo.yaml"),
+    seed: Annotated[int, typer.Option(help="Random seed of the phantom data.")] = 0,
 ) -> None:
-    """Run the pipeline on built-in phantom data (currently the data steps: phantom, validate, split)."""
+    """The whole study on built-in phantom data: phantom -> validate -> split -> train -> predict -> evaluate."""
+    from alnus.config import load_config
+    from alnus.study import run_study
+
+    if not config.is_file():
+        raise AlnusError(f"demo config {config} not found; run from the alnus repository or pass --config")
     data = out / "data"
-    console.rule("1/3 phantom data")
-    data_phantom(data, seed=seed)
     manifest = data / "manifest.csv"
+    console.rule("1/3 phantom data")
+    if manifest.is_file():
+        console.print(f"reusing {manifest} (delete {data} to generate it again)")
+    else:
+        data_phantom(data, seed=seed)
     console.rule("2/3 validate")
     data_validate(manifest, labels="negative,positive")
-    console.rule("3/3 split")
-    data_split(manifest, out=out / "run", external_site=["external_hospital"], seed=seed, labels="negative,positive")
-    console.print(
-        "[bold]Demo done.[/bold] The data steps ran on phantom data; training, evaluation and the report "
-        "join this command as those stages land (see README)."
-    )
+    console.rule("3/3 study: split, train, predict, evaluate")
+    cfg = load_config(config, [f"data.manifest={manifest.resolve()}", f"runs_dir={(out / 'runs').resolve()}"])
+    metrics = run_study(cfg, console=console)
+    _show_metrics(cfg.run_dir, metrics, "patient")
+    console.print(f"[bold]Demo done.[/bold] Everything is in {cfg.run_dir}/ (rerun to reuse what is finished).")
 
 
 @app.command("train")
@@ -338,9 +363,16 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Freeze each model's threshold on validation, then tabulate AUC, accuracy, sensitivity, specificity."""
-    from alnus.evaluate import comparisons_table, evaluate_run, results_table
+    from alnus.evaluate import evaluate_run
 
     metrics = evaluate_run(run, models=model, level=level, n_boot=n_boot, seed=seed)  # type: ignore[arg-type]
+    _show_metrics(run, metrics, level)
+
+
+def _show_metrics(run: Path, metrics: dict, level: str) -> None:
+    """Print the paper-style results table, the frozen thresholds, model and reader comparisons."""
+    from alnus.evaluate import comparisons_table, results_table
+
     case_level = "patient" if level == "image" else level
     # The paper's columns; PPV, NPV and the threshold are in tables/results_<level>.csv and printed below.
     shown = results_table(metrics, case_level)[

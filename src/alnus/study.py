@@ -1,7 +1,9 @@
 """The study, stage by stage, from one config; every stage reads and writes the run folder.
 
-Only data preparation lives here so far: `prepare_run` makes `runs/<name>/` with the resolved config, the
-environment, a copy of the manifest, exclusions and the patient-level split.
+`prepare_run` makes `runs/<name>/` with the resolved config, the environment, a copy of the manifest,
+exclusions and the patient-level split; `run_study` then trains each backbone, predicts the val, internal and
+external tests, and evaluates. Each stage is also its own command (`alnus train|predict|evaluate`), and a study
+that was interrupted resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -128,3 +130,36 @@ def prepare_run(cfg: Config) -> Path:
 def _write_run_files(cfg: Config, run_dir: Path, env: dict) -> None:
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+def trained_package(cfg: Config, backbone: str) -> Path | None:
+    """The backbone's model package when it was trained with the config's current settings, else None."""
+    from alnus.config import training_settings
+
+    metadata = cfg.run_dir / "models" / backbone / "model" / "metadata.json"
+    if not metadata.is_file():
+        return None
+    recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
+    settings = json.loads(json.dumps({**training_settings(cfg), "backbone": backbone}))
+    return metadata.parent if recorded == stable_hash(settings) else None
+
+
+def run_study(cfg: Config, *, console=None) -> dict:  # noqa: ANN001 - rich Console
+    """Prepare the run, train every backbone (skipping finished ones, resuming interrupted ones), predict, evaluate.
+
+    Returns the metrics that `alnus.evaluate.evaluate_run` wrote to `metrics.json`.
+    """
+    from alnus.evaluate import evaluate_run
+    from alnus.predict import predict_run
+    from alnus.train import train_model
+
+    run_dir = prepare_run(cfg)
+    for backbone in cfg.models:
+        if trained_package(cfg, backbone) is not None:
+            if console is not None:
+                console.print(f"{backbone}: already trained with these settings; reusing its model package")
+            continue
+        resume = (run_dir / "models" / backbone / "checkpoints" / "last.pt").is_file()
+        train_model(cfg, run_dir, backbone, resume=resume, console=console)
+    predict_run(run_dir, models=cfg.models, device=cfg.train.device)
+    return evaluate_run(run_dir, models=cfg.models)
