@@ -43,3 +43,14 @@ def write_csv(df, path: str | os.PathLike[str]) -> None:  # noqa: ANN001 - panda
     """Write a DataFrame as CSV atomically, without the index."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (content hashes for caches, packages and data stamps)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,14 +8,13 @@ that was interrupted resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from alnus._io import atomic_write_text, write_csv
+from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus.config import Config, dump_config, stable_hash
 from alnus.data.manifest import mask_columns, read_manifest, validate_manifest
 from alnus.data.split import split_manifest
@@ -28,21 +27,13 @@ class StudyError(AlnusError):
     """A run folder that does not fit the config (e.g. its split came from other data)."""
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def data_hash(cfg: Config) -> str:
     """Hash of what the split depends on: the data section (without the manifest's path) and its contents.
 
     A moved manifest with the same contents keeps its hash; an edited manifest or split setting does not.
     """
     section = {k: v for k, v in cfg.to_dict()["data"].items() if k != "manifest"}
-    return stable_hash({"data": section, "manifest_sha256": _file_sha256(Path(cfg.data.manifest))})
+    return stable_hash({"data": section, "manifest_sha256": file_sha256(Path(cfg.data.manifest))})
 
 
 def rebase_paths(df: pd.DataFrame, root: str | os.PathLike[str]) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from alnus._io import atomic_path, atomic_write_text
+from alnus._io import atomic_path, atomic_write_text, file_sha256
 from alnus.data.images import ImageReadError, load_image
 from alnus.data.roi import RoiPolicy, crop_roi, mask_path
 from alnus.errors import AlnusError
@@ -107,21 +107,11 @@ def preprocess(image: np.ndarray, row: Mapping[str, str], root: Path, spec: Prep
         root: folder the row's relative paths are resolved against (the manifest's folder).
     """
     if image.dtype != np.uint8 or image.ndim != 2:
-        raise DatasetError(
-            f"expected a uint8 (H, W) image, got {image.dtype} {image.shape}; decode with load_image."
-        )
+        raise DatasetError(f"expected a uint8 (H, W) image, got {image.dtype} {image.shape}; decode with load_image.")
     crop = crop_roi(image, row, Path(root), spec.roi)
     if crop.size == 0:
         raise DatasetError(f"the region of interest is empty (image {image.shape}); check the roi/mask cell.")
     return resize(crop, spec.size, keep_aspect=spec.keep_aspect)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _save_array(fh: BinaryIO, arrays: np.ndarray) -> None:
@@ -150,9 +140,7 @@ class ImageStack:
     def __getstate__(self) -> dict[str, Any]:
         # Pickle memory maps as their paths: a spawned worker reopens the file instead of receiving a copy.
         state = self.__dict__.copy()
-        state["_sources"] = [
-            Path(s.filename) if isinstance(s, np.memmap) and s.filename else s for s in self._sources
-        ]
+        state["_sources"] = [Path(s.filename) if isinstance(s, np.memmap) and s.filename else s for s in self._sources]
         return state
 
 
@@ -203,9 +191,7 @@ class ImageCache:
     def write(self, spec: PreprocessSpec, keys: Sequence[str], arrays: np.ndarray) -> Path:
         """Store `arrays` (N, size, size) uint8 under `keys` as one shard; returns the shard's array file."""
         if arrays.dtype != np.uint8 or arrays.shape != (len(keys), spec.size, spec.size):
-            raise ValueError(
-                f"expected uint8 {(len(keys), spec.size, spec.size)}, got {arrays.dtype} {arrays.shape}"
-            )
+            raise ValueError(f"expected uint8 {(len(keys), spec.size, spec.size)}, got {arrays.dtype} {arrays.shape}")
         folder = self.spec_folder(spec)
         name = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:24]
         shard = folder / f"{name}.npy"
@@ -263,9 +249,7 @@ class UltrasoundDataset(torch.utils.data.Dataset):
         self._targets = (self.table["label"].astype(str) == positive_label).to_numpy(dtype=np.int64)
         if len(self.table) and not self._targets.any():
             labels = sorted(self.table["label"].astype(str).unique())
-            warnings.warn(
-                f"no row has label {positive_label!r} (labels: {labels}); every target is 0.", stacklevel=2
-            )
+            warnings.warn(f"no row has label {positive_label!r} (labels: {labels}); every target is 0.", stacklevel=2)
         # Rows as string dicts (as in the manifest, empty = ""): pandas cell access is slow per item.
         self._records: list[dict[str, str]] = [
             {str(k): "" if pd.isna(v) else str(v) for k, v in record.items()}
@@ -312,7 +296,7 @@ class UltrasoundDataset(torch.utils.data.Dataset):
         path = self._path(i, "image")
         frame = self._frame(i)
         try:
-            parts = [_sha256_file(path), "" if frame is None else str(frame)]
+            parts = [file_sha256(path), "" if frame is None else str(frame)]
         except OSError as exc:
             raise ImageReadError(f"{self._where(i)}: cannot read {path} ({exc.strerror or exc}).") from exc
         # The crop depends on the row's box and mask too, so they are part of the key.
@@ -323,11 +307,9 @@ class UltrasoundDataset(torch.utils.data.Dataset):
             if mask_rel is not None:
                 mask = self.root / mask_rel
                 try:
-                    parts.append(_sha256_file(mask))
+                    parts.append(file_sha256(mask))
                 except OSError as exc:
-                    raise DatasetError(
-                        f"{self._where(i)}: cannot read mask {mask} ({exc.strerror or exc})."
-                    ) from exc
+                    raise DatasetError(f"{self._where(i)}: cannot read mask {mask} ({exc.strerror or exc}).") from exc
         return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
 
     def keys(self) -> list[str]:

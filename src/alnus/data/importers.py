@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from alnus._io import write_csv
+from alnus.data.images import is_dicom
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -65,9 +66,7 @@ def _mask_array(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
     except OSError as exc:
-        raise DatasetImportError(
-            f"{path}: cannot decode mask ({exc}); re-export or remove the file."
-        ) from exc
+        raise DatasetImportError(f"{path}: cannot decode mask ({exc}); re-export or remove the file.") from exc
 
 
 def _box(mask: np.ndarray) -> Box | None:
@@ -204,9 +203,7 @@ def _busbra_table(src: Path) -> tuple[pd.DataFrame, Path]:
     staged = src / MANIFEST_NAME
     if staged.is_file():
         df = _read_table(staged, _BUSBRA_STAGED, "staged BUS-BRA manifest")
-        df = df.rename(
-            columns={"patient_id": "Case", "label": "Pathology", "image": "_image", "mask": "_mask"}
-        )
+        df = df.rename(columns={"patient_id": "Case", "label": "Pathology", "image": "_image", "mask": "_mask"})
         df["_image"] = [src / p for p in df["_image"]]
         df["_mask"] = [src / p for p in df["_mask"]]
         return df, staged
@@ -269,8 +266,7 @@ def import_busbra(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
             rois.append(_busbra_roi(bbox))
         except ValueError:
             raise DatasetImportError(
-                f"{table}: spreadsheet row {i + 2} ({image_id}): BBOX {bbox!r} is not "
-                "[x, y, w, h] in whole pixels."
+                f"{table}: spreadsheet row {i + 2} ({image_id}): BBOX {bbox!r} is not [x, y, w, h] in whole pixels."
             ) from None
     _require_files(df["_image"], src, "image")
     _require_files(df["_mask"], src, "mask")
@@ -338,9 +334,7 @@ def import_breast(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
             continue
         box = _masks_box(image, masks[:1])
         if box is None:
-            raise DatasetImportError(
-                f"{masks[0]}: tumour mask is empty; re-export it or remove it from mask_tumor."
-            )
+            raise DatasetImportError(f"{masks[0]}: tumour mask is empty; re-export it or remove it from mask_tumor.")
         rois.append(_format_box(box))
     patient = [f"BREAST-{c:03d}" for c in cases]
     manifest = pd.DataFrame(
@@ -403,9 +397,7 @@ def import_busi(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.
     orphans: list[Path] = []
     for class_dir in _class_dirs(src, layout):
         files = sorted(f for f in class_dir.iterdir() if f.is_file() and not f.name.startswith("."))
-        images = {
-            f.stem: f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not MASK_NAME.search(f.stem)
-        }
+        images = {f.stem: f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not MASK_NAME.search(f.stem)}
         masks: dict[str, list[tuple[int, Path]]] = {stem: [] for stem in images}
         for f in files:
             if f.suffix.lower() in IGNORED_SUFFIXES or f.name in IGNORED_NAMES or images.get(f.stem) == f:
@@ -447,35 +439,14 @@ def import_busi(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.
 # --- generic class folders --------------------------------------------------------------------------
 
 
-def _dicom_magic(path: Path) -> bool:
-    """DICOM Part 10 files carry b"DICM" after a 128-byte preamble (PS3.10 section 7.1)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        from alnus.data.images import is_dicom  # the image layer's detector, where it has one
-    except ImportError:
-        return _dicom_magic(path)
-    return bool(is_dicom(path))
-
-
 def _patient_regex(pattern: str) -> re.Pattern[str]:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise DatasetImportError(
-            f"patient_regex {pattern!r} is not a valid regular expression ({exc})."
-        ) from None
+        raise DatasetImportError(f"patient_regex {pattern!r} is not a valid regular expression ({exc}).") from None
     if compiled.groups < 1:
         raise DatasetImportError(
-            f"patient_regex {pattern!r} has no group; put the patient ID in parentheses, "
-            "e.g. '^[^/]+/(P\\d+)_'."
+            f"patient_regex {pattern!r} has no group; put the patient ID in parentheses, e.g. '^[^/]+/(P\\d+)_'."
         )
     return compiled
 
@@ -509,7 +480,7 @@ def import_class_folders(
         if suffix in IMAGE_SUFFIXES:
             if MASK_NAME.search(path.stem):
                 continue
-        elif not _is_dicom(path):
+        elif not is_dicom(path):
             unknown.append(path)
             continue
         if len(rel.parts) < 2:
@@ -549,17 +520,13 @@ IMPORTERS: dict[str, Callable[..., pd.DataFrame]] = {
 }
 
 
-def import_dataset(
-    fmt: str, src: str | os.PathLike[str], out: str | os.PathLike[str], **options: object
-) -> Path:
+def import_dataset(fmt: str, src: str | os.PathLike[str], out: str | os.PathLike[str], **options: object) -> Path:
     """Run the importer `fmt` on `src` and write `out/manifest.csv` atomically; return its path."""
     importer = IMPORTERS.get(fmt)
     if importer is None:
         raise DatasetImportError(f"unknown dataset format {fmt!r}; expected one of {', '.join(IMPORTERS)}.")
     accepted = [
-        name
-        for name, p in inspect.signature(importer).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        name for name, p in inspect.signature(importer).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
     unexpected = sorted(set(options) - set(accepted))
     if unexpected:

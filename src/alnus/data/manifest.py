@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 from collections import Counter, defaultdict
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from alnus._io import file_sha256
 from alnus.data.images import ImageReadError, image_shape, load_image
 from alnus.data.roi import RoiError, box_inside, format_box, parse_box
 from alnus.errors import AlnusError
@@ -113,9 +113,7 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
         rows.append((cells + [""] * len(header))[: len(header)])
         index.append(number - _FIRST_DATA_ROW)
     if not rows and not ragged:
-        problems.append(
-            Problem(None, "", "no data rows; the manifest needs one row per image below the header")
-        )
+        problems.append(Problem(None, "", "no data rows; the manifest needs one row per image below the header"))
     if problems:
         raise ManifestError(path, problems)
     contiguous = index == list(range(len(index)))
@@ -142,10 +140,7 @@ def _read_records(path: Path) -> list[list[str]]:
     except csv.Error as exc:
         raise fail(f"not a parsable CSV file ({exc}); save it as comma-separated CSV") from None
     if not records or not any(cell.strip() for cell in records[0]):
-        raise fail(
-            "empty manifest: no header row; the first row must name the columns "
-            + ", ".join(REQUIRED_COLUMNS)
-        )
+        raise fail("empty manifest: no header row; the first row must name the columns " + ", ".join(REQUIRED_COLUMNS))
     return records
 
 
@@ -158,15 +153,12 @@ def _header_problems(header: list[str]) -> list[Problem]:
                 Problem(
                     None,
                     name,
-                    f"column name appears {count} times (columns {', '.join(positions)}); "
-                    "rename or remove the copies",
+                    f"column name appears {count} times (columns {', '.join(positions)}); rename or remove the copies",
                 )
             )
     if len(header) == 1 and ";" in header[0]:
         problems.append(
-            Problem(
-                None, "", "the header is one column with ';' in it: save the file comma-separated, not ';'"
-            )
+            Problem(None, "", "the header is one column with ';' in it: save the file comma-separated, not ';'")
         )
         return problems
     found = ", ".join(repr(name) for name in header)
@@ -197,9 +189,7 @@ def validate_manifest(
     missing = [name for name in REQUIRED_COLUMNS if name not in df.columns]
     if missing:
         found = ", ".join(repr(str(name)) for name in df.columns)
-        problems = [
-            Problem(None, name, f"required column is missing (columns found: {found})") for name in missing
-        ]
+        problems = [Problem(None, name, f"required column is missing (columns found: {found})") for name in missing]
         return Validation(problems, df.iloc[0:0], _exclusions([(None, p) for p in problems], df))
 
     table = df.fillna("").astype(str)
@@ -362,14 +352,6 @@ def _check_rows(
     return shapes
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_duplicates(
     table: pd.DataFrame,
     root: Path,
@@ -399,22 +381,18 @@ def _check_duplicates(
 
     digests: dict[int, str] = {}
     if "sha256" in table.columns:
-        digests = {
-            p: r["sha256"].lower() for p, r in enumerate(records) if r["sha256"] and p not in path_duplicates
-        }
+        digests = {p: r["sha256"].lower() for p, r in enumerate(records) if r["sha256"] and p not in path_duplicates}
     if check_images:
         # Cheap first pass: only files whose size matches another file's can share content.
         sizes = {
             p: _resolve(root, r["image"]).stat().st_size
             for p, r in enumerate(records)
-            if p not in path_duplicates
-            and (p in shapes or p in digests)
-            and _resolve(root, r["image"]).is_file()
+            if p not in path_duplicates and (p in shapes or p in digests) and _resolve(root, r["image"]).is_file()
         }
         size_counts = Counter(sizes.values())
         for position, size in sizes.items():
             if position not in digests and size_counts[size] > 1:
-                digests[position] = _sha256(_resolve(root, records[position]["image"]))
+                digests[position] = file_sha256(_resolve(root, records[position]["image"]))
     first_by_digest: dict[str, int] = {}
     for position in sorted(digests):
         digest = digests[position]
@@ -467,9 +445,7 @@ def _unique(values: Iterable[str]) -> list[str]:
 def _rebase(cell: str, root: str, out_dir: str, *, several: bool) -> str:
     parts = _split_paths(cell) if several else ([cell] if cell else [])
     rebased = [
-        part
-        if os.path.isabs(part)
-        else os.path.relpath(os.path.join(root, part), out_dir).replace(os.sep, "/")
+        part if os.path.isabs(part) else os.path.relpath(os.path.join(root, part), out_dir).replace(os.sep, "/")
         for part in parts
     ]
     return ";".join(rebased)
@@ -490,9 +466,7 @@ def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.Pat
     problems: list[Problem] = []
     clashing: list[str] = []
     listed = Counter(os.path.abspath(path) for path in paths)
-    twice = [
-        Problem(None, "", f"input manifest {path} is listed {n} times") for path, n in listed.items() if n > 1
-    ]
+    twice = [Problem(None, "", f"input manifest {path} is listed {n} times") for path, n in listed.items() if n > 1]
     if twice:
         raise ManifestError(out, twice)
     for path in paths:

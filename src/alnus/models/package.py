@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from alnus._io import atomic_path, atomic_write_text
+from alnus._io import atomic_path, atomic_write_text, file_sha256
 from alnus.errors import AlnusError
 from alnus.models.registry import UltrasoundNet, create_model
 
@@ -47,14 +46,6 @@ def _versions() -> dict[str, str | None]:
             return None
 
     return {"alnus": alnus.__version__, "torch": torch.__version__, "timm": version("timm")}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +86,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         "threshold": None,
         "weights_source": getattr(model, "weights_source", "none"),
         **dict(metadata),
-        "weights_sha256": _sha256(folder / WEIGHTS_FILE),
+        "weights_sha256": file_sha256(folder / WEIGHTS_FILE),
         "versions": _versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -136,7 +127,7 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise PackageError(f"model package {folder} has no {WEIGHTS_FILE}; it is incomplete: train again")
-    if _sha256(weights) != meta["weights_sha256"]:
+    if file_sha256(weights) != meta["weights_sha256"]:
         raise PackageError(
             f"{weights} does not match {folder / METADATA_FILE} (SHA-256 differs): the files come from "
             "different trainings or the weights were damaged; copy the whole package folder again"

@@ -7,7 +7,6 @@ without network the loader fails at once with `WeightsUnavailableError` saying h
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import os
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 from timm.models import adapt_input_conv
 
+from alnus._io import file_sha256
 from alnus.errors import AlnusError
 from alnus.models.registry import BackboneSpec, ImageNetSource, UltrasoundNet
 
@@ -78,7 +78,7 @@ def load_backbone_weights(net: UltrasoundNet, weights: str) -> LoadReport:
     elif kind == "file":
         assert path is not None
         state = read_state_dict(path)
-        source = f"file:{path.resolve()}#sha256={_sha256(path)}"
+        source = f"file:{path.resolve()}#sha256={file_sha256(path)}"
     else:
         return LoadReport(source="none", loaded=0)
     return apply_state_dict(net, state, source=source)
@@ -376,14 +376,6 @@ def _looks_like_safetensors(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(9)
     return len(head) == 9 and head[8:9] == b"{"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _preview(keys: Sequence[str], limit: int = 5) -> str:
