@@ -193,7 +193,7 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, compile_modes: s
         "gflops": gflops,
         "variants": {
             v.name: {mode: batch / statistics.median(v.times[mode]) for mode in MODES if v.times[mode]}
-            | {"compile_s": v.compile_s}
+            | {"compile_s": v.compile_s, "step_s": v.times}
             for v in variants
         },
     }
