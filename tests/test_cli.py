@@ -42,9 +42,7 @@ def test_validate_ok_on_phantom(phantom: Path) -> None:
     assert "no problems" in result.output
 
 
-def test_split_places_every_patient_once_and_holds_out_the_external_site(
-    phantom: Path, tmp_path: Path
-) -> None:
+def test_split_places_every_patient_once_and_holds_out_the_external_site(phantom: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["data", "split", str(phantom), "--out", str(tmp_path), "--external-site", "external_hospital"]
     )
@@ -122,3 +120,19 @@ def test_unknown_import_format_is_a_clear_error(tmp_path: Path) -> None:
     proc = _alnus("data", "import", "nosuchformat", str(tmp_path), str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "busbra" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_busbra_import_then_split_places_all_1064_patients_once(shared_data: Path, tmp_path: Path) -> None:
+    """Acceptance: `alnus data import busbra` then `alnus data split` on the real BUS-BRA folder."""
+    result = runner.invoke(app, ["data", "import", "busbra", str(shared_data / "BUS-BRA"), str(tmp_path / "busbra")])
+    assert result.exit_code == 0, result.output
+    manifest = tmp_path / "busbra" / "manifest.csv"
+    result = runner.invoke(app, ["data", "split", str(manifest), "--out", str(tmp_path / "split")])
+    assert result.exit_code == 0, result.output
+    splits = pd.read_csv(tmp_path / "split" / "splits.csv", dtype=str, keep_default_na=False)
+    assert len(splits) == 1875
+    assert splits["patient_id"].nunique() == 1064
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(splits["split"]) == {"train", "val", "internal_test"}

@@ -27,6 +27,7 @@ from alnus.evaluate import (
 )
 from alnus.models import create_model
 from alnus.models.package import read_metadata, save_package
+from alnus.readers import read_imrmc
 
 SPLIT_SITES = {"val": "dev", "internal_test": "dev", "external_test": "ext"}
 
@@ -391,6 +392,9 @@ def test_readers_of_the_test_splits_are_compared_with_the_model(tmp_path: Path) 
     assert (reader["reader"], reader["tp"], reader["fn"], reader["tn"], reader["fp"]) == ("a", 11, 1, 12, 0)
     assert [row["metric"] for row in found["panel"]] == ["auc", "sensitivity", "specificity"]
     assert (run / "tables" / "readers_per_reader_tiny_cnn_external_test.csv").is_file()
+    sizes, rows = read_imrmc(run / "tables" / "readers_tiny_cnn_external_test.imrmc")
+    assert (sizes["N0"], sizes["N1"], sizes["NR"]) == (12, 12, 1)
+    assert "imrmc" not in found
 
     splits.loc[external & (splits["patient_id"] == "external_test1"), "reader_a"] = "seven"
     write_csv(splits, run / "splits.csv")

@@ -400,7 +400,7 @@ def reader_comparison(
         level, n_cases, `performance` (per reader and pooled), `per_reader` (McNemar, DeLong) and `panel`
         (Obuchowski-Rockette MRMC) as lists of records, and the readers module's note.
     """
-    from alnus.readers import compare_model_with_readers, reader_performance, readings_from_manifest
+    from alnus.readers import compare_model_with_readers, imrmc_text, reader_performance, readings_from_manifest
 
     columns = [c for c in rows.columns if c.startswith("reader_")]
     if not columns or not (rows[columns].astype(str).apply(lambda c: c.str.strip()) != "").any().any():
@@ -429,6 +429,8 @@ def reader_comparison(
         "per_reader": versus.per_reader.to_dict("records"),
         "panel": versus.panel.to_dict("records"),
         "note": versus.note,
+        # For a cross-check in FDA/DIDSR's iMRMC (written to tables/ by evaluate_run, not into metrics.json).
+        "imrmc": imrmc_text(y, prob, readings),
     }
 
 
@@ -580,6 +582,7 @@ def evaluate_run(
                                 case_level: "delong"}},
         "models": {}, "comparisons": {}, "readers": {},
     }  # fmt: skip
+    imrmc: dict[tuple[str, str], str | None] = {}
     for model, by_split in tables.items():
         record = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
         freeze_threshold(run_dir / "models" / model / "model", record)
@@ -611,6 +614,7 @@ def evaluate_run(
                     # A reader column that cannot be read must not hide the model's own results; it is reported.
                     found = {"error": str(exc)}
                 if found is not None:
+                    imrmc[(model, split)] = found.pop("imrmc", None)
                     out["readers"].setdefault(split, {})[model] = found
     out = _clean_json(out)
     atomic_write_text(run_dir / "metrics.json", json.dumps(out, indent=2) + "\n")
@@ -623,4 +627,6 @@ def evaluate_run(
                 continue
             for part in ("performance", "per_reader", "panel"):
                 write_csv(pd.DataFrame(found[part]), run_dir / "tables" / f"readers_{part}_{model}_{split}.csv")
+            if imrmc.get((model, split)):
+                atomic_write_text(run_dir / "tables" / f"readers_{model}_{split}.imrmc", imrmc[(model, split)])
     return out
