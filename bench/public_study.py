@@ -1,0 +1,159 @@
+"""Real-data study: BUS-BRA (development) -> BrEaST-Lesions-USG (external), written to docs/results.md.
+
+Imports both datasets from ../shared/data (images are not copied), combines them, runs `alnus study
+configs/public.yaml` (split -> train -> predict -> evaluate; resumable: rerun after an interruption) and writes
+the paper-style tables, the model-vs-radiologist comparison and the command, date and hardware to
+docs/results.md. Takes tens of minutes on a 2-core CPU; run it in the background:
+
+    nohup .venv/bin/python bench/public_study.py > public_study.log 2>&1 &
+
+Options: --data (the folder holding BUS-BRA/ and BrEaST-Lesions-USG/), --set KEY=VALUE (config overrides,
+e.g. --set train.epochs=3 for a quick look), --no-write (do not touch docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- public-study:start -->", "<!-- public-study:end -->"
+
+
+def _cpu() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _p_value(p: float | None) -> str:
+    if p is None or pd.isna(p):
+        return ""
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrides: list[str]) -> str:
+    from alnus.evaluate import results_table
+
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    report = pd.read_csv(run_dir / "split_report.csv")
+    exclusions = pd.read_csv(run_dir / "exclusions.csv", dtype=str, keep_default_na=False)
+    out = [
+        "## Public data: BUS-BRA -> BrEaST-Lesions-USG (benign vs malignant as the stand-in label)",
+        "",
+        f"Command: `{command}`" + (f" (overrides: {' '.join(overrides)})" if overrides else ""),
+        f"Date: {dt.date.today().isoformat()}; hardware: {_cpu()}, {len(os.sched_getaffinity(0))} "
+        f"cores, no GPU; wall time {seconds / 60:.1f} min (everything: import, split, training, prediction, "
+        "evaluation).",
+        "",
+        "### Data and split (patients, images)",
+        _markdown(report),
+        "",
+        f"Excluded rows: {len(exclusions)} ({'; '.join(sorted(set(exclusions['reason'])) or ['none'])}).",
+        "",
+    ]
+    for level in ("patient", "image"):
+        table = results_table(metrics, level).drop(columns=["level"])
+        out += [f"### Results per {level} (95% CIs; proportions % (k/n; Clopper-Pearson CI))", _markdown(table), ""]
+    for model, entry in metrics["models"].items():
+        t = entry["threshold"]
+        out.append(
+            f"- {model}: threshold {t['value']:.4g} ({t['rule']}), chosen on the validation {t['level']}s only "
+            "and applied unchanged to the internal and external tests."
+        )
+    for split, by_model in metrics.get("readers", {}).items():
+        for model, found in by_model.items():
+            if "error" in found:
+                out += ["", f"Readers ({split}): not compared: {found['error']}"]
+                continue
+            perf = pd.DataFrame(found["performance"])
+            keep = [c for c in ("reader", "n_read", "sensitivity", "specificity", "auc") if c in perf.columns]
+            panel = pd.DataFrame(found["panel"])
+            if "p" in panel.columns:
+                panel["p"] = [_p_value(p) for p in panel["p"]]
+            pcols = [c for c in ("metric", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note")
+                     if c in panel.columns]  # fmt: skip
+            out += [
+                "",
+                f"### {model} vs the radiologists' BI-RADS ({split}, per {found['level']}; call at >= 4a)",
+                _markdown(perf[keep].round(4)),
+                "",
+                _markdown(panel[pcols].round(4).astype(object).where(panel[pcols].notna(), "")),
+                "",
+                f"Note: {found.get('note') or ''}",
+            ]
+    out += ["", "<details><summary>Resolved config</summary>", "", "```yaml", config.strip(), "```", "</details>"]
+    return "\n".join(out)
+
+
+def _write(section: str) -> Path:
+    path = REPO / "docs" / "results.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else None
+    block = f"{START}\n{section.strip()}\n{END}\n"
+    if text is None:
+        text = "# Results\n\nMeasured results, each with the command that produced it.\n\n" + block
+    elif START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    from alnus._io import atomic_write_text
+
+    atomic_write_text(path, text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    from alnus._io import write_csv
+    from alnus.config import load_config
+    from alnus.data.importers import import_dataset
+    from alnus.data.manifest import combine_manifests
+    from alnus.study import run_study
+
+    if not (args.data / "BUS-BRA").is_dir():
+        print(f"real data not found at {args.data}; pass --data", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    work = REPO / "work"
+    busbra = import_dataset("busbra", args.data / "BUS-BRA", work / "busbra")
+    breast = import_dataset("breast", args.data / "BrEaST-Lesions-USG", work / "breast")
+    combined = work / "public" / "manifest.csv"
+    write_csv(combine_manifests([busbra, breast], combined), combined)
+    cfg = load_config(REPO / "configs" / "public.yaml", args.overrides)
+    metrics = run_study(cfg)
+    seconds = time.perf_counter() - started
+    command = "python bench/public_study.py" + "".join(f" --set {o}" for o in args.overrides)
+    section = _section(cfg.run_dir, metrics, command, seconds, args.overrides)
+    print(section)
+    if not args.no_write:
+        print(f"wrote {_write(section)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
