@@ -57,6 +57,8 @@ BASELINE = Precision(None, False, "fp32, contiguous NCHW")
 # Speed-ups over the baseline that issue 3 asks for: backbone -> (training, inference).
 GOALS = {"inception_v3": (3.0, 4.5)}
 MODES = ("train", "infer")
+# A row whose step times spread more than this (slowest / fastest) was disturbed by other jobs.
+NOISY = 1.5
 COMPUTE_OPS = re.compile(r"conv|addmm|\bmm\b|matmul|linear")
 
 
@@ -228,6 +230,12 @@ def profile_ours(name: str, batch: int, top: int = 8) -> dict[str, Any]:
     return shares
 
 
+def noisy(result: dict[str, Any], mode: str) -> bool:
+    """Whether any variant's step times in `mode` spread by more than NOISY (slowest / fastest)."""
+    steps = [v.get("step_s", {}).get(mode) for v in result["variants"].values()]
+    return any(s and max(s) / min(s) > NOISY for s in steps)
+
+
 def render_table(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
     """Markdown table: per backbone and mode, images/s of each variant, ratios, share of the matmul peaks."""
     lines = [
@@ -240,7 +248,8 @@ def render_table(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
         for mode, passes in (("train", 3), ("infer", 1)):
             base, ours = v["baseline"][mode], v["ours"][mode]
             best = ours
-            cells = [r["name"], str(r["size"]), f"{r['gflops']:.2f}", mode, f"{base:.2f}", f"{ours:.2f}"]
+            flag = " (noisy)" if noisy(r, mode) else ""
+            cells = [r["name"], str(r["size"]), f"{r['gflops']:.2f}", mode + flag, f"{base:.2f}", f"{ours:.2f}"]
             cells.append(f"**{ours / base:.2f}x**")
             if mode in v.get("ours+compile", {}):
                 comp = v["ours+compile"]
@@ -334,7 +343,7 @@ def render_limits(run: dict[str, Any]) -> str:
         )
     lines.append(
         f"- The machine: {env['cpu']['usable_cores']} cores shared with other jobs (load average "
-        f"{run['load']:.1f} at the start), so absolute images/s are below what the cores give alone; the "
+        f"{run['load']:.1f} at the start), so absolute images/s may be below what the cores give alone; the "
         "variants alternate step by step, so their ratios are affected alike."
     )
     lines += [f"- {note}" for note in run.get("notes", [])]
@@ -353,6 +362,9 @@ def render(run: dict[str, Any]) -> str:
                 f"{settings['warmup']} warm-up step(s), variants alternating step by step; images/s from the "
                 'median step. Random weights (`weights="none"`), one batch of random images in [0, 1].',
                 f"- Ours on this machine: {run['precision']}; fused AdamW; inference under `torch.inference_mode()`.",
+                f"- Rows marked (noisy): some variant's slowest step took over {NOISY:g}x its fastest, i.e. other "
+                "jobs on the cores disturbed them; their ratios are not reliable. The other rows' steps agree "
+                "within that spread (raw step times: `--save-json`).",
                 f"- Measured matmul peak (best 4096x4096 matmul): fp32 {run['peaks']['fp32']:.3f} TFLOP/s, "
                 f"bf16 {run['peaks']['bf16']:.3f} TFLOP/s. Training FLOPs counted as 3x forward.",
                 *goal_lines(run["results"]),
@@ -360,7 +372,12 @@ def render(run: dict[str, Any]) -> str:
                 f"{', '.join(cpu['flags'])}; torch {run['env']['torch']}, {cpu['torch_threads']} threads.",
                 f"- Date: {run['date']}; load average (1 min) at the start {run['load']:.2f}; the whole run "
                 f"took {run['minutes']:.1f} min.",
-                f"- Command: `{run['command']}`",
+                f"- Command: `{run['command']}`"
+                + (
+                    f"; section written from its saved measurements by `{run['rendered_by']}`"
+                    if run.get("rendered_by")
+                    else ""
+                ),
             ]
         ),
         render_limits(run),
@@ -450,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = json.loads(args.from_json.read_text()) if args.from_json else measure(args, command)
     run["notes"] = run.get("notes", []) + args.note
+    if args.from_json:
+        # The notes are quoted above in full; the command line names only the file they came with.
+        run["rendered_by"] = f"bench/throughput.py --from-json {args.from_json}" + (" --note ..." if args.note else "")
     if args.save_json:
         atomic_write_text(args.save_json, json.dumps(run, indent=1))
     section = render(run)
