@@ -468,7 +468,8 @@ def train_model(
     criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     groups = _param_groups(model, tc.weight_decay)
     if tc.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=tc.lr)
+        # Fused: one kernel per step instead of one per parameter (faster on CPU and GPU; bench/throughput.py).
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=tc.lr, fused=True)
     else:
         optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
     steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum)
