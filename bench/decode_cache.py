@@ -74,9 +74,7 @@ def epoch(dataset: UltrasoundDataset) -> None:
 def hardware() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         model = platform.processor() or "unknown CPU"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -138,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = len(list(cache.spec_folder(spec).glob("*.npy")))
 
     ratio_b, ratio_c = t_first / t_cached, t_first / t_second
-    command = shlex.join(
-        [".venv/bin/python", "bench/decode_cache.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    command = shlex.join([".venv/bin/python", "bench/decode_cache.py", *(argv if argv is not None else sys.argv[1:])])
     passes = [
         ("(a) first pass", "hash files, decode, crop, resize, write cache; read every item", t_first),
         (

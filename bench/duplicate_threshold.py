@@ -31,9 +31,7 @@ HASH_SIZE = 16
 def hash_files(paths: list[Path], method: str) -> pd.Series:
     """Hex hash of each decoded image, decoded as `image_hashes` does (load_image, whole image)."""
     fn = HASHES[method]
-    return pd.Series(
-        [str(fn(Image.fromarray(load_image(p, us_region=False)), hash_size=HASH_SIZE)) for p in paths]
-    )
+    return pd.Series([str(fn(Image.fromarray(load_image(p, us_region=False)), hash_size=HASH_SIZE)) for p in paths])
 
 
 def distances(a: pd.Series, b: pd.Series) -> np.ndarray:
@@ -89,9 +87,7 @@ def main() -> None:
             hashes = hash_files(all_paths, method)
             took = time.perf_counter() - t0
             bits = HASH_SIZE**2
-            print(
-                f"\n== {method} {HASH_SIZE}x{HASH_SIZE} ({bits} bits); {len(all_paths)} images, {took:.1f} s"
-            )
+            print(f"\n== {method} {HASH_SIZE}x{HASH_SIZE} ({bits} bits); {len(all_paths)} images, {took:.1f} s")
             originals = hashes[:: args.every].iloc[: len(sample)].reset_index(drop=True)
             worst_copy = 0
             for name, paths in copies.items():

@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python bench/stats_speed.py", shlex.join(given)]).strip()
     table = "\n".join(
-        f"| {name} | {secs:.3f} | {res.estimate:.4f} ({res.ci_low:.4f}-{res.ci_high:.4f}) |"
-        for name, secs, res in rows
+        f"| {name} | {secs:.3f} | {res.estimate:.4f} ({res.ci_low:.4f}-{res.ci_high:.4f}) |" for name, secs, res in rows
     )
     section = f"""## Statistics: AUC bootstrap
 

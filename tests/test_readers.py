@@ -123,12 +123,8 @@ def test_pooled_counts_differ_from_the_reader_average_when_readers_read_differen
     assert mean["sensitivity"] == pytest.approx((5 / 6 + 1 / 2) / 2)
     assert mean["specificity"] == pytest.approx((4 / 6 + 3 / 4) / 2)
     ci = stats.proportion_ci(6, 8)
-    assert (pooled["sensitivity_ci_low"], pooled["sensitivity_ci_high"]) == pytest.approx(
-        (ci.ci_low, ci.ci_high)
-    )
-    assert (
-        "clustered" in pooled["auc_method"] and pooled["auc_ci_low"] <= pooled["auc"] <= pooled["auc_ci_high"]
-    )
+    assert (pooled["sensitivity_ci_low"], pooled["sensitivity_ci_high"]) == pytest.approx((ci.ci_low, ci.ci_high))
+    assert "clustered" in pooled["auc_method"] and pooled["auc_ci_low"] <= pooled["auc"] <= pooled["auc_ci_high"]
 
 
 def test_recalling_at_another_category() -> None:
@@ -163,9 +159,7 @@ def test_missing_incomplete_and_unmatched_readings_are_counted() -> None:
 
 
 def test_duplicate_readings_collapse_per_patient_and_conflicts_fail() -> None:
-    df = pd.DataFrame(
-        {"image": ["a1", "a2", "b1"], "patient_id": ["A", "A", "B"], "reader_r": ["4a", "4A", "3"]}
-    )
+    df = pd.DataFrame({"image": ["a1", "a2", "b1"], "patient_id": ["A", "A", "B"], "reader_r": ["4a", "4A", "3"]})
     readings = readings_from_manifest(df, case_col="patient_id")
     assert readings["case"].tolist() == ["A", "B"]
     df.loc[1, "reader_r"] = "5"
@@ -217,10 +211,7 @@ def test_model_vs_reader_mcnemar_and_delong_match_alnus_stats() -> None:
     y[:2] = [0, 1]
     prob = np.clip(0.5 * y + rng.normal(0.25, 0.2, n), 0, 1)
     cats = np.array(BIRADS_ORDER[1:7])
-    readers = {
-        f"r{j}": cats[np.clip(np.round(2.5 * y + rng.normal(1.5, 1.2, n)), 0, 5).astype(int)]
-        for j in range(3)
-    }
+    readers = {f"r{j}": cats[np.clip(np.round(2.5 * y + rng.normal(1.5, 1.2, n)), 0, 5).astype(int)] for j in range(3)}
     df, truth = _manifest({k: list(v) for k, v in readers.items()}, list(y))
     readings = readings_from_manifest(df)
     model = pd.Series(prob, index=truth.index)
@@ -283,9 +274,7 @@ def test_imrmc_export_round_trip(tmp_path: Path) -> None:
     assert r2.tolist() == pytest.approx(birads_score(df["reader_r2"]).tolist())
     mod = data[data["modalityID"] == "model"]
     assert sorted(set(mod["readerID"])) == ["r1", "r2"] and len(mod) == 10
-    assert mod[mod["readerID"] == "r1"].set_index("caseID")["score"].to_dict() == pytest.approx(
-        model.to_dict()
-    )
+    assert mod[mod["readerID"] == "r1"].set_index("caseID")["score"].to_dict() == pytest.approx(model.to_dict())
 
     sizes, data = read_imrmc(to_imrmc(y, model, readings, tmp_path / "own.imrmc", model_reader="own"))
     assert sizes["NR"] == 3 and set(data.loc[data["modalityID"] == "model", "readerID"]) == {"model"}
@@ -304,9 +293,7 @@ def test_imrmc_rejects_ids_iMRMC_would_mangle(tmp_path: Path) -> None:
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     from alnus.data.phantom import make_phantom
 
-    path = make_phantom(
-        tmp_path_factory.mktemp("phantom"), patients=40, external_patients=40, image_size=(64, 80)
-    )
+    path = make_phantom(tmp_path_factory.mktemp("phantom"), patients=40, external_patients=40, image_size=(64, 80))
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 

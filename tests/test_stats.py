@@ -259,13 +259,9 @@ def test_paper_clopper_pearson_intervals(k: int, n: int, low: float, high: float
 def test_wilson_and_clopper_pearson_match_statsmodels(n: int, alpha: float) -> None:
     for k in range(n + 1):
         w = stats.proportion_ci(k, n, method="wilson", alpha=alpha)
-        assert (w.ci_low, w.ci_high) == pytest.approx(
-            proportion_confint(k, n, alpha, method="wilson"), abs=1e-12
-        )
+        assert (w.ci_low, w.ci_high) == pytest.approx(proportion_confint(k, n, alpha, method="wilson"), abs=1e-12)
         cp = stats.proportion_ci(k, n, alpha=alpha)
-        assert (cp.ci_low, cp.ci_high) == pytest.approx(
-            proportion_confint(k, n, alpha, method="beta"), abs=1e-10
-        )
+        assert (cp.ci_low, cp.ci_high) == pytest.approx(proportion_confint(k, n, alpha, method="beta"), abs=1e-10)
 
 
 @pytest.mark.parametrize(("k", "n"), [(-1, 5), (6, 5), (0, 0), (1.5, 4)])
@@ -383,9 +379,7 @@ def test_calibration_of_a_calibrated_model() -> None:
     y, p = _calibrated_sample(4000, 0)
     res = stats.calibration(y, p)
     assert res.slope == pytest.approx(1.0, abs=0.12) and res.slope_ci_low < 1.0 < res.slope_ci_high
-    assert (
-        res.intercept == pytest.approx(0.0, abs=0.12) and res.intercept_ci_low < 0.0 < res.intercept_ci_high
-    )
+    assert res.intercept == pytest.approx(0.0, abs=0.12) and res.intercept_ci_low < 0.0 < res.intercept_ci_high
     assert res.brier == pytest.approx(brier_score_loss(y, p), abs=1e-12)
     assert res.ece < 0.04
     assert res.bins["count"].sum() == 4000 and len(res.bins) == 10
@@ -509,13 +503,10 @@ def test_mrmc_sensitivity_specificity_match_brute_force(metric: str) -> None:
 def test_mrmc_type_one_error_under_roe_metz_null() -> None:
     rng = np.random.default_rng(2024)
     trials = 300
-    rejected = sum(
-        stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, 41, 40, 5)).p < 0.05 for _ in range(trials)
-    )
+    rejected = sum(stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, 41, 40, 5)).p < 0.05 for _ in range(trials))
     assert 0.02 <= rejected / trials <= 0.09
     better = sum(
-        stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, 41, 40, 5, model_mu=2.6)).p < 0.05
-        for _ in range(100)
+        stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, 41, 40, 5, model_mu=2.6)).p < 0.05 for _ in range(100)
     )
     assert better / 100 > 0.5
 

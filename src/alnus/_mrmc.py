@@ -161,9 +161,7 @@ def mrmc_model_vs_readers(
     except (TypeError, ValueError) as exc:
         raise StatsError(f"reader_scores must be a numeric array (n_readers, n_cases): {exc}") from exc
     if readers.ndim != 2 or readers.shape[1] != yb.size:
-        raise StatsError(
-            f"reader_scores must be an array (n_readers, n_cases = {yb.size}); got shape {readers.shape}."
-        )
+        raise StatsError(f"reader_scores must be an array (n_readers, n_cases = {yb.size}); got shape {readers.shape}.")
     r = readers.shape[0]
     if r < 2:
         raise StatsError(f"a random-reader analysis needs at least 2 readers; got {r}.")

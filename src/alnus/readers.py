@@ -139,9 +139,7 @@ def _parse_birads(values: object, what: str) -> tuple[list[str], list[int] | Non
     keys = []
     for i, value in enumerate(items):
         if _is_missing(value):
-            raise ReaderError(
-                f"{_where(rows, i)}: empty BI-RADS value; every case needs a reading for {what}."
-            )
+            raise ReaderError(f"{_where(rows, i)}: empty BI-RADS value; every case needs a reading for {what}.")
         key = _canonical(value, _where(rows, i))
         if key == _INCOMPLETE:
             raise ReaderError(
@@ -195,9 +193,7 @@ def _parse_call(value: object, where: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ReaderError(
-        f"{where}: call {value!r} is not a yes/no call; use 1/0, true/false or positive/negative."
-    )
+    raise ReaderError(f"{where}: call {value!r} is not a yes/no call; use 1/0, true/false or positive/negative.")
 
 
 def _score_reading(value: object, where: str) -> float:
@@ -320,9 +316,7 @@ def readings_from_manifest(
     cases = df[case_col].tolist()
     missing_ids = [rows[i] for i, c in enumerate(cases) if _is_missing(c)]
     if missing_ids:
-        raise ReaderError(
-            f"{len(missing_ids)} row(s) have no {case_col} (rows {missing_ids[:5]}); fill them in."
-        )
+        raise ReaderError(f"{len(missing_ids)} row(s) have no {case_col} (rows {missing_ids[:5]}); fill them in.")
     records = [
         (reader, str(case).strip(), row, value, None)
         for reader, col in mapping.items()
@@ -388,8 +382,7 @@ def _truth(y: object) -> pd.Series:
     bad = values.index[~values.isin((0, 1))]
     if len(bad):
         raise ReaderError(
-            f"y must be 0/1 (1 = positive) for every case; {len(bad)} case(s) are not, "
-            f"e.g. {bad[:5].tolist()}."
+            f"y must be 0/1 (1 = positive) for every case; {len(bad)} case(s) are not, e.g. {bad[:5].tolist()}."
         )
     if len(values) == 0:
         raise ReaderError("y is empty; there are no cases with truth.")
@@ -626,9 +619,7 @@ def compare_model_with_readers(
         for metric, readers_, thr in (("auc", sc, None), ("sensitivity", ca, model_threshold),
                                       ("specificity", ca, model_threshold)):  # fmt: skip
             try:
-                res = stats.mrmc_model_vs_readers(
-                    yy, mp, readers_, metric=metric, model_threshold=thr, alpha=alpha
-                )
+                res = stats.mrmc_model_vs_readers(yy, mp, readers_, metric=metric, model_threshold=thr, alpha=alpha)
             except stats.StatsError as exc:
                 # One degenerate figure of merit (e.g. the model and every reader find every positive) must
                 # not hide the others; the row says why it has no test.
@@ -800,9 +791,7 @@ def read_imrmc(path: str | os.PathLike[str]) -> tuple[dict[str, int], pd.DataFra
             try:
                 sizes[m.group(1).upper()] = int(m.group(2).strip())
             except ValueError:
-                raise ReaderError(
-                    f"{path} line {number}: {m.group(1)} is not followed by an integer."
-                ) from None
+                raise ReaderError(f"{path} line {number}: {m.group(1)} is not followed by an integer.") from None
     rows = []
     for number, line in enumerate(lines[begin + 1 :], start=begin + 2):
         if not line.strip():

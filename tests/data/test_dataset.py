@@ -197,9 +197,7 @@ def test_a_changed_roi_is_decoded_again(tmp_path: Path) -> None:
     assert float(first[0][0].min()) == 1.0 and float(second[0][0].max()) == 0.0
 
 
-def test_interrupted_cache_write_leaves_no_corrupt_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_cache_write_leaves_no_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     table = _table(tmp_path, [_flat(30), _flat(90), _flat(160)], ["m", "b", "m"])
     spec = PreprocessSpec(size=SIZE)
     cache = ImageCache(tmp_path / "cache")

@@ -115,9 +115,7 @@ def test_rgb_becomes_itu601_luminance(tmp_path: Path, suffix: str) -> None:
 def test_rgba_drops_alpha(tmp_path: Path) -> None:
     rgb = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)
     alpha = RNG.integers(0, 256, (6, 4, 1), dtype=np.uint8)
-    rgba = load_image(
-        _save(tmp_path / "a.png", Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA"))
-    )
+    rgba = load_image(_save(tmp_path / "a.png", Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA")))
     _check(rgba, (6, 4))
     np.testing.assert_array_equal(rgba, load_image(_save(tmp_path / "b.png", Image.fromarray(rgb, "RGB"))))
 

@@ -240,9 +240,7 @@ def test_folders_unknown_files_and_loose_images_are_listed(tmp_path: Path) -> No
     _png(src / "pos" / "a.png")
     (src / "pos" / "a.raw").write_bytes(b"\0" * 200)
     _png(src / "loose.png")
-    with pytest.raises(
-        DatasetImportError, match=r"2 file\(s\) that are not images inside a label folder"
-    ) as exc:
+    with pytest.raises(DatasetImportError, match=r"2 file\(s\) that are not images inside a label folder") as exc:
         import_class_folders(src, src)
     assert "loose.png" in str(exc.value) and "pos/a.raw" in str(exc.value)
 
@@ -337,9 +335,7 @@ def test_busbra_zenodo_layout_gives_the_same_manifest(tmp_path: Path) -> None:
     b = import_busbra(original, tmp_path)
     assert b["image"].tolist()[2] == "BUSBRA/Images/bus_0042-s.png"
     assert b["mask"].tolist()[2] == "BUSBRA/Masks/mask_0042-s.png"
-    pd.testing.assert_frame_equal(
-        a.drop(columns=["image", "mask", "sha256"]), b.drop(columns=["image", "mask"])
-    )
+    pd.testing.assert_frame_equal(a.drop(columns=["image", "mask", "sha256"]), b.drop(columns=["image", "mask"]))
 
 
 def test_busbra_bad_rows_are_named(tmp_path: Path) -> None:
@@ -359,14 +355,10 @@ def test_busbra_bad_rows_are_named(tmp_path: Path) -> None:
 def test_busbra_missing_files_and_columns(tmp_path: Path) -> None:
     src = _busbra_staged(tmp_path / "bb")
     (src / "masks" / "mask_0042-s.png").unlink()
-    with pytest.raises(
-        DatasetImportError, match=r"1 mask file\(s\) listed but not found: masks/mask_0042-s.png"
-    ):
+    with pytest.raises(DatasetImportError, match=r"1 mask file\(s\) listed but not found: masks/mask_0042-s.png"):
         import_busbra(src, tmp_path)
     pd.read_csv(src / "manifest.csv").drop(columns=["BBOX"]).to_csv(src / "manifest.csv", index=False)
-    with pytest.raises(
-        DatasetImportError, match="missing column.*BBOX; expected the staged BUS-BRA manifest"
-    ):
+    with pytest.raises(DatasetImportError, match="missing column.*BBOX; expected the staged BUS-BRA manifest"):
         import_busbra(src, tmp_path)
     (src / "manifest.csv").unlink()
     with pytest.raises(DatasetImportError, match="no manifest.csv .* and no bus_data.csv"):
@@ -467,17 +459,13 @@ def test_breast_bad_case_id_and_clashing_source_column(tmp_path: Path) -> None:
     assert list(df.columns).count("site") == 1
     table.loc[2, "patient_id"] = "case45"
     table.to_csv(src / "manifest.csv", index=False)
-    with pytest.raises(
-        DatasetImportError, match=r"column patient_id must be a whole case number.*4 \('case45'\)"
-    ):
+    with pytest.raises(DatasetImportError, match=r"column patient_id must be a whole case number.*4 \('case45'\)"):
         import_breast(src, tmp_path)
 
 
 def test_breast_wrong_folder_says_what_was_expected(tmp_path: Path) -> None:
     _png(tmp_path / "elsewhere" / "a.png")
-    with pytest.raises(
-        DatasetImportError, match="no manifest.csv; point SRC at the staged BrEaST-Lesions-USG"
-    ):
+    with pytest.raises(DatasetImportError, match="no manifest.csv; point SRC at the staged BrEaST-Lesions-USG"):
         import_breast(tmp_path / "elsewhere", tmp_path)
 
 
@@ -530,7 +518,5 @@ def test_real_breast(shared_data: Path, tmp_path: Path) -> None:
 def test_real_busbra_bbox_matches_every_mask_but_one(shared_data: Path) -> None:
     src = shared_data / "BUS-BRA"
     df = import_busbra(src, src)
-    mismatched = [
-        i for i, m, r in zip(df["ID"], df["mask"], df["roi"], strict=True) if _mask_box_of(src / m) != r
-    ]
+    mismatched = [i for i, m, r in zip(df["ID"], df["mask"], df["roi"], strict=True) if _mask_box_of(src / m) != r]
     assert mismatched == ["bus_0845-s"]

@@ -194,20 +194,14 @@ def test_conflicting_sites(study: Study) -> None:
 def test_patient_in_two_splits(study: Study) -> None:
     _, message = check(study(with_row({"split": "internal_test"}, at=0)))
     assert "2 problems" in message
-    assert (
-        "row 2, column 'split': patient 'P1' is in several splits (internal_test, train; rows 2, 3)"
-        in message
-    )
+    assert "row 2, column 'split': patient 'P1' is in several splits (internal_test, train; rows 2, 3)" in message
     assert "row 3, column 'split': patient 'P1' is in several splits" in message
     assert "test set leaks into training" in message
 
 
 def test_unknown_split(study: Study) -> None:
     _, message = check(study(with_row({"split": "test"}, at=2)))
-    assert (
-        "row 4, column 'split': unknown split 'test'; use one of train, val, internal_test, external_test"
-        in message
-    )
+    assert "row 4, column 'split': unknown split 'test'; use one of train, val, internal_test, external_test" in message
 
 
 def test_roi_outside_image(study: Study) -> None:
@@ -294,9 +288,7 @@ def test_missing_required_columns(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(tmp_path / "m.csv")
     assert [(p.row, p.column) for p in info.value.problems] == [(None, "patient_id"), (None, "label")]
-    assert "column 'label': required column is missing (columns found: 'image', 'pid', 'diagnosis')" in str(
-        info.value
-    )
+    assert "column 'label': required column is missing (columns found: 'image', 'pid', 'diagnosis')" in str(info.value)
     result = validate_manifest(pd.DataFrame({"image": ["a.png"]}), tmp_path)
     assert [p.column for p in result.problems] == ["patient_id", "label"] and result.valid.empty
 
@@ -428,9 +420,7 @@ def test_combine_manifests_rebases_paths(tmp_path: Path) -> None:
 def test_combine_manifests_rejects_shared_patient_ids(tmp_path: Path) -> None:
     rows = [{"image": "a.png", "patient_id": p, "label": "benign"} for p in ("1", "2", "2")]
     a = write_csv_rows(tmp_path / "a.csv", rows)
-    b = write_csv_rows(
-        tmp_path / "b.csv", [{"image": "b.png", "patient_id": p, "label": "x"} for p in ("3", "2")]
-    )
+    b = write_csv_rows(tmp_path / "b.csv", [{"image": "b.png", "patient_id": p, "label": "x"} for p in ("3", "2")])
     with pytest.raises(ManifestError) as info:
         combine_manifests([a, b], tmp_path / "out.csv")
     assert [(p.row, p.column) for p in info.value.problems] == [(3, "patient_id")]

@@ -128,9 +128,7 @@ def test_load_image_crops_dicom_to_the_mask_size(phantom: tuple[Path, pd.DataFra
 
 def test_manifest_passes_validation(phantom: tuple[Path, pd.DataFrame]) -> None:
     root, _ = phantom
-    validation = validate_manifest(
-        read_manifest(root / "manifest.csv"), root, labels=["negative", "positive"]
-    )
+    validation = validate_manifest(read_manifest(root / "manifest.csv"), root, labels=["negative", "positive"])
     assert validation.ok, validation.problems
 
 
@@ -145,17 +143,13 @@ def test_patients_views_ids_and_prevalence(phantom: tuple[Path, pd.DataFrame]) -
         patients = table[table["site"] == site].drop_duplicates("patient_id")
         assert len(patients) == n and patients["patient_id"].str.startswith(prefix).all()
         assert (patients["label"] == "positive").sum() == round(0.4 * n)
-    per_patient = table.groupby("patient_id")[
-        ["label", "site", "study_id", "true_score", "reader_r1"]
-    ].nunique()
+    per_patient = table.groupby("patient_id")[["label", "site", "study_id", "true_score", "reader_r1"]].nunique()
     assert (per_patient == 1).all().all()  # one lesion, one study, one reading per patient
 
 
 def test_images_per_patient_setting(tmp_path: Path) -> None:
     table = pd.read_csv(
-        make_phantom(
-            tmp_path, patients=6, external_patients=0, images_per_patient=(2, 2), image_size=(64, 80)
-        )
+        make_phantom(tmp_path, patients=6, external_patients=0, images_per_patient=(2, 2), image_size=(64, 80))
     )
     assert (table.groupby("patient_id").size() == 2).all()
     assert set(table["site"]) == {DEV_SCANNER.site}
@@ -205,9 +199,7 @@ def test_sites_differ(phantom: tuple[Path, pd.DataFrame]) -> None:
         stats["mean"][site] = [im.mean() for im in images]
         stats["size"][site] = {im.shape for im in images}
     dev, ext = DEV_SCANNER.site, EXTERNAL_SCANNER.site
-    assert stats["size"][dev] == {(96, 128)} and stats["size"][ext] == {
-        EXTERNAL_SCANNER.image_size((96, 128))
-    }
+    assert stats["size"][dev] == {(96, 128)} and stats["size"][ext] == {EXTERNAL_SCANNER.image_size((96, 128))}
     assert mannwhitneyu(stats["mean"][dev], stats["mean"][ext]).pvalue < 1e-3
     assert np.mean(stats["mean"][dev]) - np.mean(stats["mean"][ext]) > 10
 

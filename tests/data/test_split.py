@@ -29,9 +29,7 @@ from alnus.data.split import (
 from alnus.errors import AlnusError
 
 
-def synthetic_manifest(
-    n_patients: int = 200, pos_frac: float = 0.3, sites: tuple[str, ...] = ()
-) -> pd.DataFrame:
+def synthetic_manifest(n_patients: int = 200, pos_frac: float = 0.3, sites: tuple[str, ...] = ()) -> pd.DataFrame:
     """One or two images per patient; the first `pos_frac` of patients are malignant."""
     rows = []
     for p in range(n_patients):
@@ -126,9 +124,7 @@ def test_unknown_external_site_lists_the_known_ones() -> None:
 
 
 def test_same_patient_id_at_two_sites_are_two_patients() -> None:
-    df = pd.concat(
-        [synthetic_manifest(40, sites=("A",)), synthetic_manifest(10, sites=("B",))], ignore_index=True
-    )
+    df = pd.concat([synthetic_manifest(40, sites=("A",)), synthetic_manifest(10, sites=("B",))], ignore_index=True)
     out = make_splits(df, external_sites=["B"])
     assert check_leakage(out) == []
     assert (out.loc[(out["site"] == "A") & (out["patient_id"] == "P000"), "split"] != "external_test").all()
@@ -269,9 +265,7 @@ def test_group_near_duplicates_joins_chains_of_patients() -> None:
             "label": ["x"] * 5,
         }
     )
-    pairs = pd.DataFrame(
-        [[3, 4, "a2", "b1", "A", "B", 2], [4, 5, "b1", "c1", "B", "C", 5]], columns=PAIR_COLUMNS
-    )
+    pairs = pd.DataFrame([[3, 4, "a2", "b1", "A", "B", 2], [4, 5, "b1", "c1", "B", "C", 5]], columns=PAIR_COLUMNS)
     out = group_near_duplicates(df, pairs)
     assert list(out["group"]) == ["A", "A", "A", "A", "D"]
     with pytest.raises(ValueError, match="another table"):
@@ -302,16 +296,12 @@ def test_duplicate_across_splits_is_leakage_and_grouping_fixes_it(
 
 
 def test_pair_within_one_split_is_not_leakage() -> None:
-    df = pd.DataFrame(
-        {"image": ["a", "b"], "patient_id": ["A", "B"], "label": ["x", "x"], "split": ["val", "val"]}
-    )
+    df = pd.DataFrame({"image": ["a", "b"], "patient_id": ["A", "B"], "label": ["x", "x"], "split": ["val", "val"]})
     pairs = pd.DataFrame([[2, 3, "a", "b", "A", "B", 4]], columns=PAIR_COLUMNS)
     assert check_leakage(df, pairs) == []
     df.loc[1, "split"] = "train"
     problems = check_leakage(df, pairs)
-    assert (
-        len(problems) == 1 and "distance 4" in problems[0] and "val" in problems[0] and "train" in problems[0]
-    )
+    assert len(problems) == 1 and "distance 4" in problems[0] and "val" in problems[0] and "train" in problems[0]
 
 
 def test_leakage_error_lists_every_problem() -> None:

@@ -358,9 +358,7 @@ def _reader_traits(reader: int) -> tuple[np.ndarray, float, float]:
     return weights, float(rng.uniform(8.0, 28.0)), float(rng.uniform(-0.3, 0.3))
 
 
-def simulate_readers(
-    cases: Sequence[PhantomCase], rng: np.random.Generator, *, readers: int = 5
-) -> pd.DataFrame:
+def simulate_readers(cases: Sequence[PhantomCase], rng: np.random.Generator, *, readers: int = 5) -> pd.DataFrame:
     """BI-RADS readings (2..5) of `cases` by `readers` radiologists: columns reader_r1 .. reader_rN.
 
     Each reader's suspicion is a weighted sum of the visible latent features plus a case-difficulty term
@@ -587,9 +585,7 @@ def make_phantom(
     )
     n_dicom = max(round(dicom_fraction * len(views)), int(dicom_fraction > 0))
     dicom = np.random.default_rng([seed, 2]).permutation(len(views)) < n_dicom
-    rows = [
-        _write_view(out, view, image_size=image_size, dicom=d) for view, d in zip(views, dicom, strict=True)
-    ]
+    rows = [_write_view(out, view, image_size=image_size, dicom=d) for view, d in zip(views, dicom, strict=True)]
     manifest = out / "manifest.csv"
     write_csv(pd.DataFrame(rows), manifest)
     return manifest

@@ -58,9 +58,7 @@ class RoiPolicy:
         """Rebuild a policy written by `to_dict`; unknown keys are an error, missing keys take defaults."""
         unknown = sorted(set(data) - {"mode", "margin"})
         if unknown:
-            raise RoiError(
-                f"unknown ROI policy key(s) {', '.join(map(repr, unknown))}; expected 'mode', 'margin'."
-            )
+            raise RoiError(f"unknown ROI policy key(s) {', '.join(map(repr, unknown))}; expected 'mode', 'margin'.")
         return cls(**dict(data))
 
 
@@ -83,9 +81,7 @@ def parse_box(text: str) -> Box:
         try:
             number = float(field)
         except ValueError:
-            raise RoiError(
-                f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels."
-            ) from None
+            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.") from None
         if not math.isfinite(number) or not number.is_integer():
             raise RoiError(f"roi {raw!r}: {name}={field!r} is not a whole number of pixels.")
         values.append(int(number))

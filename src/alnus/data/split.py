@@ -63,17 +63,13 @@ def _check_index(df: pd.DataFrame) -> None:
     # Rows are named by index label (+2 = spreadsheet row), so labels must be unique integers, as
     # read_manifest (or a row filter of it) gives.
     if not (pd.api.types.is_integer_dtype(df.index) and df.index.is_unique):
-        raise ValueError(
-            "the manifest table needs a unique integer index (as read); call reset_index(drop=True)"
-        )
+        raise ValueError("the manifest table needs a unique integer index (as read); call reset_index(drop=True)")
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise AlnusError(
-            f"manifest lacks column(s) {', '.join(missing)}; add them (see docs/architecture.md)."
-        )
+        raise AlnusError(f"manifest lacks column(s) {', '.join(missing)}; add them (see docs/architecture.md).")
 
 
 def _sites(df: pd.DataFrame) -> pd.Series:
@@ -130,9 +126,7 @@ def _unit_labels(df: pd.DataFrame, keys: pd.Series, units: pd.Series, notes: lis
     return chosen.sort_index()
 
 
-def _carve(
-    units: pd.Series, frac: float, seed: int, what: str, notes: list[str]
-) -> tuple[list[object], list[object]]:
+def _carve(units: pd.Series, frac: float, seed: int, what: str, notes: list[str]) -> tuple[list[object], list[object]]:
     """Split unit ids (`units`: index = id, value = label) into (kept, carved), stratified where possible."""
     ids = list(units.index)
     if frac == 0 or not ids:
@@ -165,9 +159,7 @@ def _check_user_split(df: pd.DataFrame, external_sites: Sequence[str]) -> None:
             for r, s, v in zip(_spreadsheet_rows(df.index[ext]), _sites(df)[ext], split[ext], strict=True)
         ]
     if problems:
-        raise AlnusError(
-            "the manifest's split column is invalid; fix these rows:\n  - " + "\n  - ".join(problems)
-        )
+        raise AlnusError("the manifest's split column is invalid; fix these rows:\n  - " + "\n  - ".join(problems))
 
 
 def make_splits(
@@ -221,9 +213,7 @@ def make_splits(
     for column in ["patient_id"] + ([group_col] if group_col else []):
         empty = df[column].fillna("").astype(str).str.strip() == ""
         if empty.any():
-            raise AlnusError(
-                f"{column} is empty in {_rows_text(_spreadsheet_rows(df.index[empty]))}; fill it in."
-            )
+            raise AlnusError(f"{column} is empty in {_rows_text(_spreadsheet_rows(df.index[empty]))}; fill it in.")
     keys = _patient_keys(df)
     units = df[group_col].astype(str) if group_col else keys
     split_groups = units.groupby(keys).nunique()
@@ -272,18 +262,12 @@ def image_hashes(df: pd.DataFrame, root: str | Path, *, hash_size: int = 16) -> 
     """
     _require(df, ["image"])
     root = Path(root)
-    frames = (
-        df["frame"].fillna("").astype(str).str.strip()
-        if "frame" in df.columns
-        else pd.Series("", index=df.index)
-    )
+    frames = df["frame"].fillna("").astype(str).str.strip() if "frame" in df.columns else pd.Series("", index=df.index)
     out = {}
     for idx, rel, frame in zip(df.index, df["image"].astype(str), frames, strict=True):
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         if frame and not frame.isdigit():
-            raise AlnusError(
-                f"row {int(idx) + _ROW_OFFSET}: frame {frame!r} is not a frame number (0, 1, ...)."
-            )
+            raise AlnusError(f"row {int(idx) + _ROW_OFFSET}: frame {frame!r} is not a frame number (0, 1, ...).")
         try:
             pixels = load_image(path, frame=int(frame) if frame else None, us_region=False)
         except ImageReadError as exc:
@@ -296,9 +280,7 @@ def _pack(hashes: pd.Series) -> np.ndarray:
     """Hex hashes -> (n, words) unsigned array of their bits, for XOR + popcount."""
     lengths = hashes.astype(str).str.len().unique()
     if len(lengths) > 1:
-        raise ValueError(
-            f"hashes differ in length ({sorted(lengths)} hex digits); hash all images with one size"
-        )
+        raise ValueError(f"hashes differ in length ({sorted(lengths)} hex digits); hash all images with one size")
     width = int(lengths[0]) if len(lengths) else 0
     width += width % 2
     raw = b"".join(bytes.fromhex(str(h).zfill(width)) for h in hashes)
@@ -314,9 +296,7 @@ def _pairs_within(packed: np.ndarray, max_distance: int, block: int = 256) -> tu
     found_i, found_j, found_d = [], [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
-        dist = np.bitwise_count(packed[start:stop, None, :] ^ packed[None, start:, :]).sum(
-            axis=-1, dtype=np.int64
-        )
+        dist = np.bitwise_count(packed[start:stop, None, :] ^ packed[None, start:, :]).sum(axis=-1, dtype=np.int64)
         i, j = np.nonzero(dist <= max_distance)
         i_abs, j_abs = i + start, j + start
         keep = j_abs > i_abs
@@ -376,9 +356,7 @@ def _pair_positions(df: pd.DataFrame, pairs: pd.DataFrame) -> tuple[np.ndarray, 
             and (images[b] == pairs["image_b"].astype(str).to_numpy()).all()
         )
     ):
-        raise ValueError(
-            "the near-duplicate pairs were found on another table; rerun find_near_duplicates on it"
-        )
+        raise ValueError("the near-duplicate pairs were found on another table; rerun find_near_duplicates on it")
     return a.astype(np.int64), b.astype(np.int64)
 
 
@@ -456,9 +434,7 @@ def split_report(splits: pd.DataFrame) -> pd.DataFrame:
             row[f"images_{lab}"] = len(mine)
         return row
 
-    rows = [
-        {"split": s, "site": site, **counts(part)} for (s, site), part in table.groupby(["split", "site"])
-    ]
+    rows = [{"split": s, "site": site, **counts(part)} for (s, site), part in table.groupby(["split", "site"])]
     rows.sort(key=lambda r: (order.get(r["split"], len(order)), r["site"]))
     rows.append({"split": "total", "site": "all", **counts(table)})
     return pd.DataFrame(rows)
@@ -484,9 +460,7 @@ def split_manifest(
     notes = []
     if check_duplicates:
         pairs = find_near_duplicates(df, image_hashes(df, root), max_distance=max_distance)
-        notes.append(
-            f"{len(pairs)} near-duplicate image pair(s) (pHash 16x16, Hamming distance <= {max_distance})"
-        )
+        notes.append(f"{len(pairs)} near-duplicate image pair(s) (pHash 16x16, Hamming distance <= {max_distance})")
     else:
         pairs = pd.DataFrame(columns=PAIR_COLUMNS)
         notes.append("near-duplicate check skipped")
