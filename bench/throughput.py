@@ -339,7 +339,12 @@ def render_limits(run: dict[str, Any]) -> str:
             "- Compiling inference with frozen weights folds batch norm into the convolutions and fuses the "
             f"activations: {statistics.median(gains):.2f}x over eager ours (median of {len(gains)} backbones, "
             f"range {min(gains):.2f}-{max(gains):.2f}x)."
-            + (" Our inference path is therefore the compiled one." if statistics.median(gains) > 1 else "")
+            + (
+                " Compiling is therefore the next step for `alnus predict` on CPUs; it is not wired in yet"
+                ' (prediction runs eager bf16 + channels_last today, the "ours" column).'
+                if statistics.median(gains) > 1
+                else ""
+            )
         )
     lines.append(
         f"- The machine: {env['cpu']['usable_cores']} cores shared with other jobs (load average "
