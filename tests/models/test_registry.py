@@ -100,7 +100,7 @@ def test_forward_backward_cam_and_parameter_split(name: str) -> None:
 
     maps: list[torch.Tensor] = []
     hook = net.cam_target_layer().register_forward_hook(lambda m, i, o: maps.append(o))
-    logits = net(torch.rand(2, 1, size, size))
+    logits = net(torch.rand(4, 1, size, size))
     hook.remove()
     assert logits.shape == (2,)
     assert torch.isfinite(logits).all()
@@ -130,7 +130,7 @@ def test_adapt_mode_runs_on_one_input_channel(name: str) -> None:
     for param in net.parameters():
         param.requires_grad_(param is first.weight)
     size = _size(name)
-    logits = net(torch.rand(2, 1, size, size))
+    logits = net(torch.rand(4, 1, size, size))
     assert logits.shape == (2,)
     logits.sum().backward()
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
@@ -191,3 +191,18 @@ def test_model_pickles_and_deep_copies() -> None:
         torch.testing.assert_close(clone(x), net(x))
     for name in BACKBONES:
         assert pickle.loads(pickle.dumps(get_spec(name))) == get_spec(name)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_new_head_starts_near_probability_one_half(name: str) -> None:
+    """Every backbone's fresh head gives logits near 0, whatever its library's own init (timm's goog init for a
+    1-output EfficientNet head gave |logit| ~ 20). Train mode: batch norm's running statistics are not yet
+    estimated at the start of training."""
+    torch.manual_seed(0)
+    net = create_model(name).train()
+    size = max(get_spec(name).min_input_size, 75)
+    with torch.no_grad():
+        logits = net(torch.rand(4, 1, size, size))
+    assert logits.abs().max().item() < 2.0
+    head = net.classifier()
+    assert float(head.bias.abs().max()) == 0.0

@@ -208,10 +208,25 @@ def create_model(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     kind, _ = parse_weights(weights)
     net = UltrasoundNet(spec, spec.builder(num_classes, kind == "none"), in_chans_mode=in_chans_mode)
+    _init_head(net.classifier())
     if kind != "none":
         net.weights_report = load_backbone_weights(net, weights)
         net.weights_source = net.weights_report.source
     return net
+
+
+def _init_head(head: nn.Module) -> None:
+    """Start every backbone's new head at logits ~0 (probability ~0.5): small normal weights, zero bias.
+
+    Libraries differ here, and timm's EfficientNet init draws a 1-output head's weights from U(-1, 1)
+    (range 1/sqrt(fan_out)), which put the first logits of a pretrained Lite0 on BUS-BRA at |z| ~ 20 and its
+    first-epoch loss at 4.8; a head-first epoch then spends itself undoing the init.
+    """
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class TinyCNN(nn.Module):
