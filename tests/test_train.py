@@ -302,3 +302,45 @@ def test_demo_config_reaches_auc_0_9_within_two_minutes(tmp_path):
         f"of training; best {result.best_val_auc:.4f} (epoch {result.best_epoch}); {seconds:.0f} s in all"
     )
     assert to_reach < 120, f"val AUC 0.9 took {to_reach:.0f} s of training"
+
+
+class _FakeMlflow:
+    """Records the calls the engine makes, standing in for an installed `mlflow` (not a dependency)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def start_run(self, run_name: str) -> None:
+        self.calls.append(("start_run", run_name))
+
+    def log_params(self, params: dict) -> None:
+        self.calls.append(("log_params", params))
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.calls.append(("log_metrics", (step, metrics)))
+
+    def end_run(self) -> None:
+        self.calls.append(("end_run", None))
+
+
+def test_mlflow_gets_params_and_one_metrics_row_per_epoch(phantom, tmp_path, monkeypatch):
+    fake = _FakeMlflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    cfg = load_config(_config(tmp_path, phantom, "tracked", train={"epochs": 2, "mlflow": True}))
+    run_training(cfg, console=_quiet())
+    names = [name for name, _ in fake.calls]
+    assert names[0] == "start_run" and names[-1] == "end_run"
+    assert dict(fake.calls)["start_run"] == "tracked/tiny_cnn"
+    params = dict(fake.calls)["log_params"]
+    assert params["train.epochs"] == "2" and params["train.lr"] == str(cfg.train.lr)
+    steps = [value[0] for name, value in fake.calls if name == "log_metrics"]
+    assert steps == [1, 2]
+    metrics = [value[1] for name, value in fake.calls if name == "log_metrics"]
+    assert set(metrics[0]) == {"train_loss", "val_loss", "val_auc", "lr", "images_per_s"}
+
+
+def test_mlflow_true_without_mlflow_installed_says_what_to_install(phantom, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    cfg = load_config(_config(tmp_path, phantom, "untracked", train={"epochs": 1, "mlflow": True}))
+    with pytest.raises(TrainError, match="pip install mlflow"):
+        run_training(cfg, console=_quiet())
