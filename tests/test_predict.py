@@ -234,3 +234,20 @@ def test_cli_predict_and_predict_images(tmp_path: Path) -> None:
     table = pd.read_csv(out)
     assert table["prediction"].tolist() == ["positive" if p >= np.median(expected) else "negative" for p in expected]
     assert "call = probability >=" in result.output
+
+
+@pytest.mark.slow
+def test_compiled_predictor_matches_eager_and_leaves_freezing_off(tmp_path: Path) -> None:
+    """`compile=True` (torch.compile with frozen weights) gives the eager probabilities; the process-wide
+    freezing switch is on only inside the compiled forward pass (training must not see it)."""
+    import torch._inductor.config as inductor_config
+
+    spec = PreprocessSpec(size=32)
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 6)
+    eager = Predictor(package, device="cpu", batch_size=4, precision="fp32").predict_table(table, tmp_path)
+    compiled = Predictor(package, device="cpu", batch_size=4, precision="fp32", compile=True)
+    assert compiled.compiled
+    out = compiled.predict_table(table, tmp_path)
+    np.testing.assert_allclose(out["prob"], eager["prob"], atol=1e-4)
+    assert inductor_config.freezing is False

@@ -304,11 +304,14 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile with frozen weights: faster on large sets.")
+    ] = False,
 ) -> None:
     """Predict the val, internal_test and external_test images with each model of a run."""
     from alnus.predict import predict_run
 
-    summary = predict_run(run, models=model, device=device, batch_size=batch_size, precision=precision)
+    summary = predict_run(run, models=model, device=device, batch_size=batch_size, precision=precision, compile=compile)
     for name, info in summary.items():
         counts = ", ".join(f"{split} {n}" for split, n in info["rows"].items())
         console.print(

@@ -9,6 +9,7 @@ threshold, once `alnus evaluate` has frozen it on validation, comes from the pac
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -49,6 +50,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _freezing(enabled: bool) -> contextlib.AbstractContextManager:
+    """Inductor's weight freezing, scoped: it is a process-wide switch that training must not see."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 class Predictor:
     """A loaded model package that turns images into probabilities (and calls, once a threshold is frozen).
 
@@ -58,6 +68,9 @@ class Predictor:
         batch_size: images per forward pass.
         precision: `auto` (bf16 autocast + channels_last where the hardware supports it, see
             `alnus._hardware.choose_precision`), `fp32`, `bf16` or `fp16`.
+        compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions):
+            1.2-1.7x faster CPU inference in bench/throughput.py, after a one-off compilation of seconds to a
+            minute per model and batch shape; worth it for whole test sets, not for a few images.
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class Predictor:
         device: str | torch.device = "auto",
         batch_size: int = 32,
         precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         if int(batch_size) != batch_size or batch_size < 1:
             raise PredictError(f"batch_size must be a positive whole number, got {batch_size!r}.")
@@ -85,6 +99,8 @@ class Predictor:
         if self.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
+        self.compiled = bool(compile)
+        self._forward = torch.compile(self.model) if self.compiled else self.model
 
     @property
     def negative_label(self) -> str | None:
@@ -100,8 +116,8 @@ class Predictor:
                 chunk = x[start : start + self.batch_size].to(self.device)
                 if self.precision.channels_last:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, self.precision):
-                    logits = self.model(chunk)
+                with autocast(self.device, self.precision), _freezing(self.compiled):
+                    logits = self._forward(chunk)
                 out.append(torch.sigmoid(logits.float()).cpu().numpy())
         return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
 
@@ -198,6 +214,7 @@ def predict_run(
     device: str = "auto",
     batch_size: int = 32,
     precision: str = "auto",
+    compile: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write `models/<backbone>/predictions/<split>.csv` for each model package of a run; return a summary.
@@ -208,6 +225,7 @@ def predict_run(
     image cache (`runs/<name>/cache`, shared with training).
 
     Args:
+        compile: see `Predictor`.
         progress: called as `progress(f"{model} {split}", done, total)` while images are decoded.
     """
     run_dir = Path(run_dir)
@@ -227,7 +245,11 @@ def predict_run(
     summary: dict[str, Any] = {}
     for model in names:
         predictor = Predictor(
-            run_dir / "models" / model / "model", device=device, batch_size=batch_size, precision=precision
+            run_dir / "models" / model / "model",
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            compile=compile,
         )
         folder = run_dir / "models" / model / "predictions"
         stamp = folder / PREDICTIONS_STAMP

@@ -100,7 +100,7 @@ def test_forward_backward_cam_and_parameter_split(name: str) -> None:
 
     maps: list[torch.Tensor] = []
     hook = net.cam_target_layer().register_forward_hook(lambda m, i, o: maps.append(o))
-    logits = net(torch.rand(4, 1, size, size))
+    logits = net(torch.rand(2, 1, size, size))
     hook.remove()
     assert logits.shape == (2,)
     assert torch.isfinite(logits).all()
@@ -130,7 +130,7 @@ def test_adapt_mode_runs_on_one_input_channel(name: str) -> None:
     for param in net.parameters():
         param.requires_grad_(param is first.weight)
     size = _size(name)
-    logits = net(torch.rand(4, 1, size, size))
+    logits = net(torch.rand(2, 1, size, size))
     assert logits.shape == (2,)
     logits.sum().backward()
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
