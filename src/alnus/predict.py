@@ -70,7 +70,8 @@ class Predictor:
             `alnus._hardware.choose_precision`), `fp32`, `bf16` or `fp16`.
         compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions):
             1.2-1.7x faster CPU inference in bench/throughput.py, after a one-off compilation of seconds to a
-            minute per model and batch shape; worth it for whole test sets, not for a few images.
+            minute per model and batch shape. Measured end to end on 610 images (efficientnet_lite0): 45.8 s
+            compiled vs 13.5 s eager, so it pays off only from roughly ten thousand images.
     """
 
     def __init__(
