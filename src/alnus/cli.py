@@ -305,7 +305,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile with frozen weights: pays off from ~10,000 images (docs/performance.md).")
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile with frozen weights: pays off from ~10,000 images (docs/performance.md)."
+        ),
     ] = False,
 ) -> None:
     """Predict the val, internal_test and external_test images with each model of a run."""
