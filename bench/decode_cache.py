@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import PIL
 import torch
+from _docs import write_section  # bench/ is on sys.path when a script here runs
 
-from alnus._io import atomic_write_text
 from alnus.data.dataset import INTERPOLATION, ImageCache, PreprocessSpec, UltrasoundDataset
 from alnus.data.images import load_image
 from alnus.data.roi import RoiPolicy, box_from_mask, format_box, parse_box
@@ -38,7 +38,6 @@ from alnus.data.roi import RoiPolicy, box_from_mask, format_box, parse_box
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "BUS-BRA" / "manifest.csv"
 DEFAULT_OUT = REPO / "docs" / "performance.md"
-START, END = "<!-- decode-cache:start -->", "<!-- decode-cache:end -->"
 MIN_SPEEDUP = 10.0
 BBOX_CHECKS = 25
 
@@ -83,17 +82,6 @@ def hardware() -> str:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def replace_section(text: str | None, section: str) -> str:
-    """`text` (a Markdown file, or None when absent) with the decode-cache section replaced or appended."""
-    block = f"{START}\n{section.strip()}\n{END}\n"
-    if text is None:
-        return f"# Performance\n\n{block}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
-    return text.rstrip("\n") + "\n\n" + block
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,8 +163,7 @@ spec. Measured over the {n:,} BUS-BRA images, spec size {args.size}, ROI mode `{
   Load average (1 min) at the start: {load:.2f}.
 - Command: `{command}`
 """
-    existing = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
-    atomic_write_text(args.out, replace_section(existing, section))
+    write_section(args.out, "decode-cache", section)
     print(section)
     if ratio_b < MIN_SPEEDUP:
         print(f"cached pass only {ratio_b:.1f}x faster than the first (< {MIN_SPEEDUP:g}x)", file=sys.stderr)

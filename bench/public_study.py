@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _docs import write_section  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- public-study:start -->", "<!-- public-study:end -->"
 
 
 def _cpu() -> str:
@@ -105,23 +105,6 @@ def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrid
     return "\n".join(out)
 
 
-def _write(section: str) -> Path:
-    path = REPO / "docs" / "results.md"
-    text = path.read_text(encoding="utf-8") if path.is_file() else None
-    block = f"{START}\n{section.strip()}\n{END}\n"
-    if text is None:
-        text = "# Results\n\nMeasured results, each with the command that produced it.\n\n" + block
-    elif START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    from alnus._io import atomic_write_text
-
-    atomic_write_text(path, text)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -151,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     section = _section(cfg.run_dir, metrics, command, seconds, args.overrides)
     print(section)
     if not args.no_write:
-        print(f"wrote {_write(section)}")
+        path = REPO / "docs" / "results.md"
+        title = "# Results\n\nMeasured results, each with the command that produced it."
+        write_section(path, "public-study", section, title=title)
+        print(f"wrote {path}")
     return 0
 
 

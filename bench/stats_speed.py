@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _docs import write_section  # bench/ is on sys.path when a script here runs
 
-from alnus._io import atomic_write_text
 from alnus.stats import _BOOT_BLOCK, auc_ci
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "performance.md"
-START, END = "<!-- stats-speed:start -->", "<!-- stats-speed:end -->"
 LIMIT_S = 5.0
 
 
@@ -50,18 +49,6 @@ def best_of(repeats: int, fn) -> tuple[float, object]:  # noqa: ANN001
         result = fn()
         times.append(time.perf_counter() - start)
     return min(times), result
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between our markers in `path`, leaving the other sections alone."""
-    block = f"{START}\n{section.strip()}\n{END}\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +112,7 @@ Best of {args.repeats} runs, one process.
   Date: {dt.date.today().isoformat()}. Load average (1 min) at the start: {load:.2f}.
 - Command: `{command}`
 """
-    write_section(args.out, section)
+    write_section(args.out, "stats-speed", section)
     print(f"wrote {args.out}")
     return 0 if t_worst < LIMIT_S else 1
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _docs import write_section  # bench/ is on sys.path when a script here runs
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,7 +52,6 @@ from alnus.models import create_model, get_spec, list_backbones
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "performance.md"
-START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
 DEVICE = torch.device("cpu")
 BASELINE = Precision(None, False, "fp32, contiguous NCHW")
 # Speed-ups over the baseline that issue 3 asks for: backbone -> (training, inference).
@@ -392,17 +392,6 @@ def render(run: dict[str, Any]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def replace_section(text: str | None, section: str) -> str:
-    """`text` (a Markdown file, or None when absent) with the throughput section replaced or appended."""
-    block = f"{START}\n{section.strip()}\n{END}\n"
-    if text is None:
-        return f"# Performance\n\n{block}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
-    return text.rstrip("\n") + "\n\n" + block
-
-
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = sorted(set(names) - set(list_backbones()))
@@ -480,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(run)
     print(section)
     if not args.no_write:
-        existing = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
-        atomic_write_text(args.out, replace_section(existing, section))
+        write_section(args.out, "throughput", section)
     return 0
 
 

@@ -1,0 +1,20 @@
+"""Benchmarks write their measured section of a docs page between markers, leaving the other sections alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alnus._io import atomic_write_text
+
+
+def write_section(path: Path, name: str, section: str, *, title: str = "# Performance") -> None:
+    """Replace (or append) the text between `<!-- name:start -->` and `<!-- name:end -->` in `path`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{section.strip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8") if path.is_file() else f"{title}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    atomic_write_text(path, text)
