@@ -198,7 +198,7 @@ def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
     with pytest.raises(PredictError, match=r"splits.csv not found.*alnus train"):
         predict_run(tmp_path)
     run = make_run(tmp_path)
-    with pytest.raises(PredictError, match=r"no model package for resnet101 \(found: tiny_cnn\)"):
+    with pytest.raises(AlnusError, match=r"no model package for resnet101 \(found: tiny_cnn\)"):
         predict_run(run, models=["resnet101"])
     with pytest.raises(PredictError, match="unknown split"):
         predict_run(run, splits=["test"])

@@ -455,10 +455,21 @@ def _settings(run_dir: Path) -> dict[str, Any]:
     return {k: section[k] for k in dataclasses.asdict(EvaluateConfig())}
 
 
-def run_models(run_dir: str | os.PathLike[str]) -> list[str]:
-    """Backbones with a model package in the run folder (`models/<backbone>/model/metadata.json`), sorted."""
+def run_models(run_dir: str | os.PathLike[str], models: Sequence[str] | None = None) -> list[str]:
+    """Backbones with a model package in the run folder (`models/<backbone>/model/metadata.json`), sorted;
+    with `models`, those names, checked to have a package."""
     folder = Path(run_dir) / "models"
-    return sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
+    available = sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
+    if models is None:
+        return available
+    names = list(models) or available
+    missing = [m for m in names if m not in available]
+    if not names or missing:
+        raise EvaluateError(
+            f"{folder} has no model package{' for ' + ', '.join(missing) if missing else ''} "
+            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
+        )
+    return names
 
 
 def _read_splits(run_dir: Path) -> pd.DataFrame | None:
@@ -563,14 +574,7 @@ def evaluate_run(
         cfg.get("threshold_target"),
         cfg.get("aggregate", "mean"),
     )
-    available = run_models(run_dir)
-    names = list(models) if models else available
-    unknown = [m for m in names if m not in available]
-    if not names or unknown:
-        raise EvaluateError(
-            f"{run_dir / 'models'} has no model package{' for ' + ', '.join(unknown) if unknown else ''} "
-            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
-        )
+    names = run_models(run_dir, models or [])
     tables = {model: read_predictions(run_dir, model) for model in names}
     case_level = "patient" if level == "image" else level
     out: dict[str, Any] = {

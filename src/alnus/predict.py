@@ -234,14 +234,7 @@ def predict_run(
     unknown_splits = [s for s in splits if s not in SPLITS]
     if unknown_splits:
         raise PredictError(f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}.")
-    available = run_models(run_dir)
-    names = list(models) if models else available
-    missing = [m for m in names if m not in available]
-    if not names or missing:
-        raise PredictError(
-            f"{run_dir / 'models'} has no model package{' for ' + ', '.join(missing) if missing else ''} "
-            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
-        )
+    names = run_models(run_dir, models or [])
     cache = ImageCache(run_dir / "cache")
     summary: dict[str, Any] = {}
     for model in names:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,6 @@ PUBLISHED_CFG = {
     "efficientnet_lite1": "tf_efficientnet_lite1.in1k",
     "efficientnet_lite2": "tf_efficientnet_lite2.in1k",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """The test machine's cores are shared: with one intra-op thread, no time goes to OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _size(name: str) -> int:

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +53,6 @@ BUILDINGS = {698: "palace", 663: "monastery", 442: "bell cote", 483: "castle", 8
 # sklearn's flower.jpg is a pompom dahlia, a class ImageNet lacks: its nearest classes are daisy (the only
 # composite flower) and honeycomb (the lattice of rolled petals).
 FLOWER = {985: "daisy", 599: "honeycomb"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """The test machine's cores are shared: with one intra-op thread, no time goes to OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
