@@ -251,3 +251,26 @@ def test_compiled_predictor_matches_eager_and_leaves_freezing_off(tmp_path: Path
     out = compiled.predict_table(table, tmp_path)
     np.testing.assert_allclose(out["prob"], eager["prob"], atol=1e-4)
     assert inductor_config.freezing is False
+
+
+def test_cli_predict_images_takes_one_lesion_box_per_image(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    spec = PreprocessSpec(size=32, roi=RoiPolicy("box", margin=0.1))
+    package = make_package(tmp_path / "model", spec)
+    table = manifest(tmp_path, 2, roi=True)
+    images = [str(tmp_path / p) for p in table["image"]]
+    out = tmp_path / "adhoc.csv"
+    runner = CliRunner()
+    args = ["predict-images", str(package), *images, "--roi", "5,6,30,28", "--roi", "5,6,30,28", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    expected = Predictor(package, device="cpu").predict_table(table, tmp_path)["prob"]
+    np.testing.assert_allclose(pd.read_csv(out)["prob"], expected, rtol=1e-6)
+
+    result = runner.invoke(app, ["predict-images", str(package), *images, "--roi", "5,6,30,28"])
+    assert isinstance(result.exception, AlnusError) and "one per image" in str(result.exception)
+    result = runner.invoke(app, ["predict-images", str(package), *images])  # the box policy needs a box
+    assert isinstance(result.exception, AlnusError) and "roi" in str(result.exception)

@@ -328,6 +328,13 @@ def predict(
 def predict_images(
     package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF or DICOM).")],
+    roi: Annotated[
+        list[str] | None,
+        typer.Option(help="Lesion box x,y,w,h per image, in the images' order (packages trained with ROI 'box')."),
+    ] = None,
+    mask: Annotated[
+        list[Path] | None, typer.Option(help="Lesion mask per image, in the images' order (instead of --roi).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table to this CSV.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -338,8 +345,16 @@ def predict_images(
     from alnus._io import write_csv
     from alnus.predict import Predictor
 
+    table = pd.DataFrame({"image": [str(p) for p in images]})
+    for name, values in (("roi", roi), ("mask", mask)):
+        if values:
+            if len(values) != len(images):
+                raise AlnusError(
+                    f"--{name} was given {len(values)} time(s) for {len(images)} image(s); give one per image."
+                )
+            table[name] = [str(v) for v in values]
     predictor = Predictor(package, device=device, batch_size=batch_size)
-    result = predictor.predict_table(pd.DataFrame({"image": [str(p) for p in images]}), Path.cwd())
+    result = predictor.predict_table(table, Path.cwd())
     if "call" in result.columns:
         names = {1: predictor.positive_label, 0: predictor.negative_label or f"not {predictor.positive_label}"}
         result["prediction"] = result["call"].map(names)
