@@ -198,8 +198,11 @@ def stable_hash(value: Any) -> str:
 def training_settings(cfg: Config) -> dict[str, Any]:
     """The settings that change trained weights (data, preprocessing, training), for resume checks."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}
+    # The manifest's path is left out: a moved manifest trains the same model. Its contents count, through the
+    # run's data hash (`alnus.train.model_settings`).
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "manifest"}
     return {
-        "data": dataclasses.asdict(cfg.data),
+        "data": data,
         "preprocess": dataclasses.asdict(cfg.preprocess),
         "train": train,
     }

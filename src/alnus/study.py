@@ -124,15 +124,14 @@ def _write_run_files(cfg: Config, run_dir: Path, env: dict) -> None:
 
 
 def trained_package(cfg: Config, backbone: str) -> Path | None:
-    """The backbone's model package when it was trained with the config's current settings, else None."""
-    from alnus.config import training_settings
+    """The backbone's model package when it was trained with the config's current settings and data, else None."""
+    from alnus.train import model_settings
 
     metadata = cfg.run_dir / "models" / backbone / "model" / "metadata.json"
     if not metadata.is_file():
         return None
     recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
-    settings = json.loads(json.dumps({**training_settings(cfg), "backbone": backbone}))
-    return metadata.parent if recorded == stable_hash(settings) else None
+    return metadata.parent if recorded == stable_hash(model_settings(cfg, cfg.run_dir, backbone)) else None
 
 
 def run_study(cfg: Config, *, console=None) -> dict:  # noqa: ANN001 - rich Console

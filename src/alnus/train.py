@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from alnus._io import atomic_path, write_csv
+from alnus._io import atomic_path, file_sha256, write_csv
 from alnus.config import Config, stable_hash, training_settings
 from alnus.errors import AlnusError
 
@@ -222,6 +221,20 @@ def gather_predictions(
     return unique, values[first]
 
 
+def model_settings(cfg: Config, run_dir: str | os.PathLike[str], backbone: str) -> dict[str, Any]:
+    """What a trained model depends on, as plain JSON values: the settings that change weights, the backbone, and
+    the data its split came from (the run's `data.json` hash: manifest contents and split settings).
+
+    Checkpoints and packages record it; a resume or a reuse of a finished model is refused when it differs, so a
+    model trained on an earlier split never predicts patients that may have been in its training data.
+    """
+    from alnus.study import DATA_STAMP
+
+    stamp = Path(run_dir) / DATA_STAMP
+    data = json.loads(stamp.read_text(encoding="utf-8")).get("hash") if stamp.is_file() else None
+    return json.loads(json.dumps({**training_settings(cfg), "backbone": backbone, "data_hash": data}, default=str))
+
+
 def training_data_hash(table: pd.DataFrame) -> str:
     """SHA-256 of the training and validation rows (patient, label, split, ROI) and their images' contents.
 
@@ -229,12 +242,8 @@ def training_data_hash(table: pd.DataFrame) -> str:
     """
     records = []
     for row in table.to_dict("records"):
-        digest = hashlib.sha256()
-        with open(row["image"], "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
         keep = ("patient_id", "label", "split", "roi", "frame", "site")
-        records.append({**{k: str(row.get(k, "")) for k in keep}, "sha256": digest.hexdigest()})
+        records.append({**{k: str(row.get(k, "")) for k in keep}, "sha256": file_sha256(row["image"])})
     records.sort(key=lambda r: (r["split"], r["sha256"], r["patient_id"]))
     return stable_hash(records)
 
@@ -362,8 +371,7 @@ def resumable_checkpoint(
             f"{last_path} exists: pass --resume to continue that training, or delete {model_dir} to start again"
         )
     ckpt = load_checkpoint(last_path)
-    settings = json.loads(json.dumps({**training_settings(cfg), "backbone": backbone}))
-    changed = _mismatch(ckpt["settings"], settings)
+    changed = _mismatch(ckpt["settings"], model_settings(cfg, run_dir, backbone))
     if changed:
         raise TrainError(
             f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
@@ -405,7 +413,7 @@ def train_model(
     model_dir = run_dir / "models" / backbone
     ckpt_dir = model_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    settings = {**training_settings(cfg), "backbone": backbone}
+    settings = model_settings(cfg, run_dir, backbone)
 
     ckpt = resumable_checkpoint(cfg, run_dir, backbone, resume=resume)
 
