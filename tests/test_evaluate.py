@@ -74,6 +74,10 @@ def make_run(root: Path, models: tuple[str, ...] = ("tiny_cnn",), seed: int = 0)
         for split, t in preds.items():
             noisy = t.assign(prob=np.clip(t["prob"] + rng.normal(0, 0.05, len(t)), 0, 1))
             write_csv(noisy, run / "models" / name / "predictions" / f"{split}.csv")
+        # What predict_run writes last: the weights these predictions came from.
+        weights = read_metadata(run / "models" / name / "model")["weights_sha256"]
+        stamp = run / "models" / name / "predictions" / "predictions.json"
+        atomic_write_text(stamp, json.dumps({"weights_sha256": weights}))
     return run
 
 
@@ -288,9 +292,11 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
     (preds / "external_test.csv").unlink()
     with pytest.raises(EvaluateError, match=r"no external_test predictions; run `alnus predict .*` first"):
         evaluate_run(run)
-    for path in preds.iterdir():
-        path.unlink()
+    (preds / "val.csv").unlink()
     with pytest.raises(EvaluateError, match="no val predictions; run `alnus predict"):
+        evaluate_run(run)
+    (preds / "predictions.json").unlink()  # predicting stopped half-way: the stamp is written last
+    with pytest.raises(EvaluateError, match="missing or incomplete; run `alnus predict"):
         evaluate_run(run)
 
     run = make_run(tmp_path / "b")

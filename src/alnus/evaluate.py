@@ -485,9 +485,9 @@ def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:
 def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, pd.DataFrame]:
     """The prediction tables of one model, checked against the package and splits.csv.
 
-    Raises EvaluateError when the validation predictions are missing, when a split of splits.csv has no
-    predictions, when a table's images differ from the split's, or when `predictions.json` names other weights
-    than the package's (the model was retrained after predicting).
+    Raises EvaluateError when `predictions.json` is missing (predicting did not finish) or names other weights
+    than the package's (the model was retrained after predicting), when the validation predictions are missing,
+    when a split of splits.csv has no predictions, or when a table's images differ from the split's.
     """
     from alnus.models.package import read_metadata
 
@@ -495,14 +495,16 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     folder = run_dir / "models" / model / "predictions"
     again = f"run `alnus predict {run_dir}` first"
     stamp = folder / PREDICTIONS_STAMP
-    if stamp.is_file():
-        recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
-        current = read_metadata(run_dir / "models" / model / "model")["weights_sha256"]
-        if recorded != current:
-            raise EvaluateError(
-                f"{folder} holds predictions of other weights than {run_dir / 'models' / model / 'model'} "
-                f"(the model was trained again); {again}."
-            )
+    if not stamp.is_file():
+        # predict_run removes the stamp before writing and writes it last: no stamp, no complete predictions.
+        raise EvaluateError(f"{stamp} not found: the predictions of model {model} are missing or incomplete; {again}.")
+    recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
+    current = read_metadata(run_dir / "models" / model / "model")["weights_sha256"]
+    if recorded != current:
+        raise EvaluateError(
+            f"{folder} holds predictions of other weights than {run_dir / 'models' / model / 'model'} "
+            f"(the model was trained again); {again}."
+        )
     expected = _split_rows(run_dir)
     wanted = [s for s in SPLITS if expected is None or s in expected]
     tables = {}
