@@ -407,3 +407,20 @@ def test_readers_of_the_test_splits_are_compared_with_the_model(tmp_path: Path) 
     metrics = evaluate_run(run, n_boot=100)
     assert "seven" in metrics["readers"]["external_test"]["tiny_cnn"]["error"]
     assert metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"] is not None
+
+
+def test_a_site_name_with_a_space_keeps_the_reader_comparison(tmp_path: Path) -> None:
+    """iMRMC cannot take such case ids; only its export is skipped, not the McNemar/DeLong/MRMC results."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    external = splits["split"] == "external_test"
+    splits["reader_a"] = np.where(external, np.where(splits["label"] == "positive", "4b", "3"), "")
+    splits["site"] = "hospital b"
+    write_csv(splits, run / "splits.csv")
+    for split in ("val", "internal_test", "external_test"):
+        path = run / "models" / "tiny_cnn" / "predictions" / f"{split}.csv"
+        write_csv(pd.read_csv(path, dtype=str, keep_default_na=False).assign(site="hospital b"), path)
+    metrics = evaluate_run(run, n_boot=100)
+    found = metrics["readers"]["external_test"]["tiny_cnn"]
+    assert "error" not in found and found["n_readers"] == 1
+    assert not (run / "tables" / "readers_tiny_cnn_external_test.imrmc").exists()

@@ -400,7 +400,7 @@ def reader_comparison(
         level, n_cases, `performance` (per reader and pooled), `per_reader` (McNemar, DeLong) and `panel`
         (Obuchowski-Rockette MRMC) as lists of records, and the readers module's note.
     """
-    from alnus.readers import compare_model_with_readers, imrmc_text, reader_performance, readings_from_manifest
+    from alnus.readers import compare_model_with_readers, reader_performance, readings_from_manifest
 
     columns = [c for c in rows.columns if c.startswith("reader_")]
     if not columns or not (rows[columns].astype(str).apply(lambda c: c.str.strip()) != "").any().any():
@@ -430,8 +430,19 @@ def reader_comparison(
         "panel": versus.panel.to_dict("records"),
         "note": versus.note,
         # For a cross-check in FDA/DIDSR's iMRMC (written to tables/ by evaluate_run, not into metrics.json).
-        "imrmc": imrmc_text(y, prob, readings),
+        "imrmc": _imrmc_or_none(y, prob, readings),
     }
+
+
+def _imrmc_or_none(y: pd.Series, prob: pd.Series, readings: pd.DataFrame) -> str | None:
+    """The iMRMC export, or None when iMRMC cannot take these case ids (spaces or commas, e.g. in a site name):
+    the export is a convenience and must not cost the reader comparison itself."""
+    from alnus.readers import ReaderError, imrmc_text
+
+    try:
+        return imrmc_text(y, prob, readings)
+    except ReaderError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- run folder
