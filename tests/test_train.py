@@ -194,6 +194,9 @@ def test_pretrained_weights_train_the_head_first(phantom, tmp_path):
             assert not torch.equal(before, after), f"head parameter {name} did not train"
         else:
             assert torch.equal(before, after), f"body parameter {name} changed while frozen"
+    # Batch-norm running statistics are buffers, not parameters: frozen too.
+    for (name, before), after in zip(start.named_buffers(), trained.buffers(), strict=True):
+        assert torch.equal(before, after), f"body buffer {name} changed while frozen"
 
 
 def test_weighted_sampler_balances_and_shards():
@@ -343,4 +346,10 @@ def test_mlflow_true_without_mlflow_installed_says_what_to_install(phantom, tmp_
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
     cfg = load_config(_config(tmp_path, phantom, "untracked", train={"epochs": 1, "mlflow": True}))
     with pytest.raises(TrainError, match="pip install mlflow"):
+        run_training(cfg, console=_quiet())
+
+
+def test_a_diverged_run_stops_with_what_to_change(phantom, tmp_path):
+    cfg = load_config(_config(tmp_path, phantom, "diverged", train={"epochs": 1, "lr": 1.0e30}))
+    with pytest.raises(TrainError, match="diverged in epoch 1.*lower train.lr"):
         run_training(cfg, console=_quiet())

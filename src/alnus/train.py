@@ -235,6 +235,15 @@ def model_settings(cfg: Config, run_dir: str | os.PathLike[str], backbone: str) 
     return json.loads(json.dumps({**training_settings(cfg), "backbone": backbone, "data_hash": data}, default=str))
 
 
+def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Keep the body's batch-norm running statistics as loaded while only the head trains: a frozen body is
+    frozen entirely (the head is fitted to the pretrained features, not to statistics drifting under it)."""
+    head = {id(m) for m in model.classifier().modules()} if hasattr(model, "classifier") else set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and id(module) not in head:
+            module.eval()
+
+
 def training_data_hash(table: pd.DataFrame) -> str:
     """SHA-256 of the training and validation rows (patient, label, split, ROI) and their images' contents.
 
@@ -537,6 +546,8 @@ def train_model(
                 sampler.set_epoch(epoch)
                 train_ds.set_epoch(epoch)
                 net.train()
+                if phase == "head":
+                    _freeze_batch_norm_statistics(model)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 lr_used = optimizer.param_groups[0]["lr"]
                 seen = 0
@@ -585,6 +596,11 @@ def train_model(
                         torch.from_numpy(val_logits), torch.from_numpy(y_val).float()
                     )
                 )
+                if not np.isfinite(val_logits).all():
+                    raise TrainError(
+                        f"training of {backbone} diverged in epoch {epoch + 1}: the validation outputs are not "
+                        "finite; lower train.lr, or set train.precision to fp32"
+                    )
                 probs = 1.0 / (1.0 + np.exp(-val_logits.astype(np.float64)))
                 val_auc = auc(y_val, probs)
                 improved = val_auc > best_auc
