@@ -527,3 +527,13 @@ def test_breast_rgba_pngs_decode(shared_data: Path) -> None:
         _check(image, expected.shape)
         np.testing.assert_array_equal(image, expected)
         assert image_shape(path) == image.shape
+
+
+def test_parse_frame_is_one_rule_for_every_stage() -> None:
+    from alnus.data.images import parse_frame
+
+    assert parse_frame("") is None and parse_frame(None) is None and parse_frame("  ") is None
+    assert parse_frame(" 2 ") == 2 and parse_frame("0") == 0 and parse_frame(7) == 7
+    for bad in ("-1", "+1", "1.0", "x", "²"):
+        with pytest.raises(ValueError, match="not a whole number >= 0"):
+            parse_frame(bad)

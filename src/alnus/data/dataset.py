@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from alnus._io import atomic_path, atomic_write_text, file_sha256
-from alnus.data.images import ImageReadError, load_image
+from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.data.roi import RoiPolicy, crop_roi, mask_path
 from alnus.errors import AlnusError
 
@@ -281,16 +280,10 @@ class UltrasoundDataset(torch.utils.data.Dataset):
         return self.root / self._cell(i, column)
 
     def _frame(self, i: int) -> int | None:
-        frame = self._cell(i, "frame").strip()
-        if not frame:
-            return None
         try:
-            value = float(frame)
-        except ValueError:
-            value = math.nan
-        if not value.is_integer():
-            raise DatasetError(f"{self._where(i)}: frame {frame!r} is not a whole number (0 = first frame).")
-        return int(value)
+            return parse_frame(self._cell(i, "frame"))
+        except ValueError as exc:
+            raise DatasetError(f"{self._where(i)}: {exc}.") from None
 
     def _item_key(self, i: int) -> str:
         path = self._path(i, "image")

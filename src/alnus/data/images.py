@@ -13,6 +13,7 @@ See docs/architecture.md ("Images").
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,16 @@ _REGION_BOUNDS = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationM
 
 class ImageReadError(AlnusError):
     """An image could not be decoded; the message names the file and what to do."""
+
+
+def parse_frame(cell: object) -> int | None:
+    """A manifest `frame` cell as a 0-based frame index; None when empty. ValueError for anything else."""
+    text = "" if cell is None else str(cell).strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError(f"frame {cell!r} is not a whole number >= 0 (the 0-based frame index)")
+    return int(text)
 
 
 def is_dicom(path: str | Path) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from alnus._io import file_sha256
-from alnus.data.images import ImageReadError, image_shape, load_image
+from alnus.data.images import ImageReadError, image_shape, load_image, parse_frame
 from alnus.data.roi import RoiError, box_inside, format_box, parse_box
 from alnus.errors import AlnusError
 
@@ -288,15 +288,10 @@ def _check_rows(
         elif allowed is not None and label not in allowed:
             add(position, "label", f"unknown label {label!r}; allowed labels: {', '.join(allowed)}")
         frame = None
-        if record.get("frame", ""):
-            try:
-                frame = int(record["frame"])
-            except ValueError:
-                add(
-                    position,
-                    "frame",
-                    f"frame {record['frame']!r} is not a whole number (the 0-based frame index)",
-                )
+        try:
+            frame = parse_frame(record.get("frame", ""))
+        except ValueError as exc:
+            add(position, "frame", str(exc))
         if check_images and image:
             path = _resolve(root, image)
             if not path.is_file():

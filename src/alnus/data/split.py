@@ -20,7 +20,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import train_test_split
 
-from alnus.data.images import ImageReadError, load_image
+from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.errors import AlnusError
 
 SPLITS = ("train", "val", "internal_test", "external_test")
@@ -266,10 +266,12 @@ def image_hashes(df: pd.DataFrame, root: str | Path, *, hash_size: int = 16) -> 
     out = {}
     for idx, rel, frame in zip(df.index, df["image"].astype(str), frames, strict=True):
         path = Path(rel) if Path(rel).is_absolute() else root / rel
-        if frame and not frame.isdigit():
-            raise AlnusError(f"row {int(idx) + _ROW_OFFSET}: frame {frame!r} is not a frame number (0, 1, ...).")
         try:
-            pixels = load_image(path, frame=int(frame) if frame else None, us_region=False)
+            index = parse_frame(frame)
+        except ValueError as exc:
+            raise AlnusError(f"row {int(idx) + _ROW_OFFSET}: {exc}.") from None
+        try:
+            pixels = load_image(path, frame=index, us_region=False)
         except ImageReadError as exc:
             raise ImageReadError(f"row {int(idx) + _ROW_OFFSET}: {exc}") from exc
         out[idx] = str(imagehash.phash(Image.fromarray(pixels), hash_size=hash_size))
