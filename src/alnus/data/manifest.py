@@ -369,7 +369,8 @@ def _check_duplicates(
             add(
                 position,
                 "image",
-                f"same image as row {numbers[first]} ({records[first]['image']}); remove this row",
+                f"same image as row {numbers[first]} ({records[first]['image']}); remove this row "
+                "(one row per file: the `frame` column picks one frame of a multi-frame DICOM)",
             )
         else:
             first_by_path[key] = position
