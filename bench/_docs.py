@@ -14,7 +14,8 @@ def write_section(path: Path, name: str, section: str, *, title: str = "# Perfor
     text = path.read_text(encoding="utf-8") if path.is_file() else f"{title}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + after if after else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(path, text)
