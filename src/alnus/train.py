@@ -384,7 +384,8 @@ def resumable_checkpoint(
     if changed:
         raise TrainError(
             f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
-            f"({'; '.join(changed)}); restore them, or start a new run under another name"
+            f"({'; '.join(changed)}); restore them, start a new run under another name, or delete {model_dir} to train "
+            "this model again"
         )
     return ckpt
 
