@@ -195,7 +195,7 @@ def test_predict_run_writes_each_split_then_evaluate_reads_it(tmp_path: Path) ->
 
 
 def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
-    with pytest.raises(PredictError, match=r"splits.csv not found.*alnus train"):
+    with pytest.raises(AlnusError, match=r"splits.csv not found.*alnus train"):
         predict_run(tmp_path)
     run = make_run(tmp_path)
     with pytest.raises(AlnusError, match=r"no model package for resnet101 \(found: tiny_cnn\)"):

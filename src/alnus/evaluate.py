@@ -484,8 +484,10 @@ def run_models(run_dir: str | os.PathLike[str], models: Sequence[str] | None = N
 
 
 def _read_splits(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "splits.csv"
-    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+    """The run's splits.csv when there is one (evaluate also works on prediction tables alone)."""
+    from alnus.study import read_splits
+
+    return read_splits(run_dir) if (run_dir / "splits.csv").is_file() else None
 
 
 def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:

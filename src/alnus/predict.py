@@ -28,6 +28,7 @@ from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _t
 from alnus.errors import AlnusError
 from alnus.evaluate import PREDICTION_COLUMNS, PREDICTIONS_STAMP, SPLITS, run_models
 from alnus.models.package import load_package
+from alnus.study import read_splits
 
 # Columns of the input table carried into the predictions (when present).
 KEPT_COLUMNS = ("image", "patient_id", "study_id", "site", "label")
@@ -196,17 +197,6 @@ class Predictor:
         return out
 
 
-def _read_splits(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "splits.csv"
-    if not path.is_file():
-        raise PredictError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("image", "patient_id", "label", "split") if c not in splits.columns]
-    if missing:
-        raise PredictError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
-    return splits
-
-
 def predict_run(
     run_dir: str | os.PathLike[str],
     *,
@@ -230,7 +220,7 @@ def predict_run(
         progress: called as `progress(f"{model} {split}", done, total)` while images are decoded.
     """
     run_dir = Path(run_dir)
-    table = _read_splits(run_dir)
+    table = read_splits(run_dir)
     unknown_splits = [s for s in splits if s not in SPLITS]
     if unknown_splits:
         raise PredictError(f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}.")

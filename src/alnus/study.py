@@ -36,6 +36,18 @@ def data_hash(cfg: Config) -> str:
     return stable_hash({"data": section, "manifest_sha256": file_sha256(Path(cfg.data.manifest))})
 
 
+def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The run's `splits.csv` (written by `prepare_run`), checked for the columns every later stage needs."""
+    path = Path(run_dir) / "splits.csv"
+    if not path.is_file():
+        raise StudyError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("image", "patient_id", "label", "split") if c not in splits.columns]
+    if missing:
+        raise StudyError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
+    return splits
+
+
 def rebase_paths(df: pd.DataFrame, root: str | os.PathLike[str]) -> pd.DataFrame:
     """A copy of a manifest table with relative `image` and mask paths made absolute against `root`."""
     out = df.copy()

@@ -283,13 +283,6 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def _read_splits(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "splits.csv"
-    if not path.is_file():
-        raise TrainError(f"{path} not found; prepare the run first (alnus train does it from the config)")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
 def _part(splits: pd.DataFrame, name: str, positive_label: str, path: Path) -> pd.DataFrame:
     table = splits[splits["split"] == name]
     positives = int((table["label"] == positive_label).sum())
@@ -413,6 +406,7 @@ def train_model(
     from alnus.models import create_model, get_spec
     from alnus.models.package import save_package
     from alnus.stats import auc
+    from alnus.study import read_splits
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -429,7 +423,7 @@ def train_model(
 
     seed_everything(tc.seed, deterministic=tc.deterministic)
     splits_path = run_dir / "splits.csv"
-    splits = _read_splits(run_dir)
+    splits = read_splits(run_dir)
     positive = cfg.data.positive_label
     train_table = _part(splits, "train", positive, splits_path)
     val_table = _part(splits, "val", positive, splits_path)
