@@ -4,14 +4,17 @@ Hashes every BUS-BRA image (and BrEaST-Lesions-USG, as more distinct scans) with
 (16x16 = 256 bits), then re-saves a sample of BUS-BRA images (JPEG q=75, 0.8x resize, both; harsher:
 0.5x + JPEG q=50, a 1% crop) and prints: distances between an image and its re-saved copies, between the
 -l/-r views of one patient, and the smallest distances between any two distinct images. A good threshold
-lies above every copy and below every distinct pair.
+lies above every copy and below every distinct pair. The output is also written to the `duplicate-threshold`
+section of docs/results.md, with the command, date and hardware.
 
-Usage: .venv/bin/python bench/duplicate_threshold.py [--data ../shared/data] [--every 10]
+Usage: .venv/bin/python bench/duplicate_threshold.py [--data ../shared/data] [--every 10] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from alnus._hardware import cpu_model
 from alnus.data.images import load_image
 from alnus.data.split import _pack, _pairs_within
 
@@ -71,7 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--every", type=int, default=10, help="re-save every Nth BUS-BRA image")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     args = parser.parse_args()
+    lines: list[str] = []
+
+    def print(text: str = "") -> None:  # noqa: A001 - every printed line also goes to the docs section
+        lines.append(text)
+        sys.stdout.write(text + "\n")
 
     bra = pd.read_csv(args.data / "BUS-BRA" / "manifest.csv", dtype=str, keep_default_na=False)
     breast = pd.read_csv(args.data / "BrEaST-Lesions-USG" / "manifest.csv", dtype=str, keep_default_na=False)
@@ -114,6 +124,28 @@ def main() -> None:
             close = np.argsort(d, kind="stable")[:5]
             for k in close:
                 print(f"  closest: {all_paths[i[k]].name} ~ {all_paths[j[k]].name} distance {d[k]}")
+    if not args.no_write:
+        _write_docs(lines, args.every)
+
+
+def _write_docs(lines: list[str], every: int) -> None:
+    from _docs import write_section
+
+    section = "\n".join(
+        [
+            "## Near-duplicate threshold (perceptual hashes)",
+            "",
+            f"Command: `.venv/bin/python bench/duplicate_threshold.py --every {every}`; "
+            f"{dt.date.today().isoformat()}, {cpu_model()}. The split's leakage check treats two images at pHash-16",
+            "distance <= `alnus.data.split.DEFAULT_MAX_DISTANCE` as the same image: that threshold must lie above",
+            "every re-saved copy and below every pair of distinct images.",
+            "",
+            "```",
+            *lines,
+            "```",
+        ]
+    )
+    write_section(Path(__file__).resolve().parents[1] / "docs" / "results.md", "duplicate-threshold", section)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,32 @@
-"""Atomic file writes: a reader never sees a half-written result."""
+"""File edges: atomic writes, reading only regular files, and CSV cells that a spreadsheet cannot run.
+
+See docs/architecture.md ("Conventions" and "Output CSVs").
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+from alnus.errors import AlnusError
+
+# A cell starting with one of these is read as a formula by Excel, LibreOffice and Google Sheets (tab and carriage
+# return are dropped by some of them, so what follows still counts); OWASP's CSV-injection list.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A plain number (`-0.5`, `+3`, `-1e-3`): a spreadsheet reads it as that number, so it is left as it is.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# What `file_problem` says of a path that does not exist (callers word that case themselves).
+FILE_NOT_FOUND = "file not found"
+
+
+class NotAFileError(AlnusError):
+    """A path that cannot be read as a regular file: missing, a folder, a FIFO, a device, a broken link."""
 
 
 @contextlib.contextmanager
@@ -39,18 +59,110 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def spreadsheet_formula(text: str) -> bool:
+    """Whether a spreadsheet opening a CSV would run `text` as a formula.
+
+    True for text starting with `=`, `+`, `-`, `@`, tab or carriage return, except plain numbers (`-0.5`, `+3`,
+    `1e-3`) and a lone `+` or `-` (which spreadsheets keep as text).
+    """
+    if not text.startswith(_FORMULA_STARTS):
+        return False
+    return text not in ("+", "-") and _NUMBER.fullmatch(text) is None
+
+
+def _defuse(value: object) -> object:
+    return "'" + value if isinstance(value, str) and spreadsheet_formula(value) else value
+
+
+def defuse_formulas(df):  # noqa: ANN001, ANN201 - pandas is imported lazily
+    """A copy of `df` whose text cells and column names that a spreadsheet would run get a leading `'`.
+
+    Numeric columns and text that is a plain number are left alone, so values read back as they were written.
+    """
+    out = df.copy()
+    for column in out.columns:
+        # Text columns (object, str, string dtypes) have kind "O"; numbers, booleans and dates are left alone.
+        if out[column].dtype.kind == "O":
+            out[column] = out[column].map(_defuse)
+    out.columns = [_defuse(name) for name in out.columns]
+    return out
+
+
 def write_csv(df, path: str | os.PathLike[str]) -> None:  # noqa: ANN001 - pandas is imported lazily
-    """Write a DataFrame as CSV atomically, without the index."""
+    """Write a DataFrame as CSV atomically, without the index; cells a spreadsheet would run are defused.
+
+    See `defuse_formulas`. Identifiers that later stages read back (image paths, patient IDs, labels, sites) are
+    refused by `alnus.data.manifest.validate_manifest` when they look like a formula, so they never change here.
+    """
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        defuse_formulas(df).to_csv(tmp, index=False)
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` is not a readable regular file, in words (e.g. "is a named pipe (FIFO)"); None when it is one.
+
+    Looks at the file's type only (`os.stat`): it never opens it, so a FIFO or a device cannot block.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            return f"is a broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return FILE_NOT_FOUND
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file: reading it would wait for a writer"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    return "is not a regular file"
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """Open a regular file for binary reading; anything else raises `NotAFileError` at once, without blocking.
+
+    The type is checked before opening and again on the open descriptor, so a file swapped for a FIFO in between
+    is refused too (the open itself does not block: O_NONBLOCK).
+    """
+    problem = file_problem(path)
+    if problem is not None:
+        raise NotAFileError(f"{path}: {problem}")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFileError(f"{path}: is not a regular file (it changed while being opened)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks (content hashes for caches, packages and data stamps)."""
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (content hashes for caches, packages and data stamps).
+
+    Raises:
+        NotAFileError: `path` is not a regular file (a FIFO or a device would never end).
+    """
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def split_paths(cell: object) -> list[str]:
+    """The paths in a manifest cell that may hold several, separated by `;` (mask columns), stripped, none empty."""
+    return [part.strip() for part in str(cell).split(";") if part.strip()]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import struct
 import warnings
 import zlib
@@ -377,8 +379,36 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="not found") as info:
         load_image(tmp_path / "nope.png")
     assert "nope.png" in str(info.value)
-    with pytest.raises(ImageReadError, match="not a file"):
+    with pytest.raises(ImageReadError, match="is a folder, not a file"):
         image_shape(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_fifo_device_and_broken_link_get_their_own_message_and_never_hang(tmp_path: Path) -> None:
+    """issue 7.11: a FIFO (no writer) or /dev/zero given as an image is refused at once, not read forever."""
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    link = tmp_path / "gone.png"
+    link.symlink_to(tmp_path / "moved.png")
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("reading the path hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        cases = [(fifo, "named pipe"), (link, "broken symbolic link"), (tmp_path, "folder")]
+        if Path("/dev/zero").exists():
+            cases.append((Path("/dev/zero"), "is a device"))
+        for path, words in cases:
+            for func in (load_image, image_shape):
+                with pytest.raises(ImageReadError, match=words) as info:
+                    func(path)
+                assert "not found" not in str(info.value)
+            assert is_dicom(path) is False
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_non_image_file(tmp_path: Path) -> None:
@@ -422,16 +452,75 @@ def test_png_bomb_header_is_refused(tmp_path: Path) -> None:
             func(huge)
 
 
-def test_pillow_bomb_warning_becomes_error_without_global_change(tmp_path: Path) -> None:
+def test_max_pixels_above_pillows_limit_is_honoured_without_global_change(tmp_path: Path) -> None:
+    """issue 7.11: our limit decides (users cannot raise PIL.Image.MAX_IMAGE_PIXELS from the CLI)."""
     before = Image.MAX_IMAGE_PIXELS
     big = _png_header(tmp_path / "big.png", 10_000, 10_000)  # between Pillow's limit and 2x: only a warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ImageReadError, match="decompression bomb"):
-            load_image(big, max_pixels=10**9)
+        assert image_shape(big, max_pixels=10**9) == (10_000, 10_000)
+        with pytest.raises(ImageReadError, match="--max-pixels") as info:
+            image_shape(big)
+    assert "data.max_image_pixels" in str(info.value) and "PIL.Image" not in str(info.value)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert Image.MAX_IMAGE_PIXELS == before
     assert MAX_PIXELS == before  # our default is Pillow's default
+
+
+def _png16_header(path: Path, width: int, height: int) -> Path:
+    """A 16-bit grey PNG header of width x height with no pixel data: a few dozen bytes on disk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_16bit_bomb_is_refused_from_its_header_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 7.11: a 16-bit 9400x9400 PNG (under Pillow's pixel limit) counts 2 bytes a pixel and is refused."""
+    from PIL import ImageFile
+
+    def never(self: object) -> None:
+        raise AssertionError("the pixels must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    bomb = _png16_header(tmp_path / "bomb.png", 9400, 9400)
+    assert 9400 * 9400 < MAX_PIXELS < 2 * 9400 * 9400
+    for func in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match=r"9400 x 9400 pixels of 2 byte\(s\)") as info:
+            func(bomb)
+        assert "--max-pixels" in str(info.value)
+
+
+def test_max_pixels_counts_bytes_per_pixel(tmp_path: Path) -> None:
+    """issue 7.11: 100 x 100 pixels fit 10,000 as 8-bit grey, not as 16-bit grey or RGB."""
+    grey = _save(tmp_path / "grey.png", Image.fromarray(np.zeros((100, 100), dtype=np.uint8)))
+    deep = _save(tmp_path / "deep.png", Image.fromarray(np.arange(10_000, dtype=np.uint16).reshape(100, 100)))
+    rgb = _save(tmp_path / "rgb.png", Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8)))
+    dcm = tmp_path / "deep.dcm"
+    _write_dicom(dcm, np.arange(10_000, dtype=np.uint16).reshape(100, 100) % 4096, bits_stored=12)
+    assert load_image(grey, max_pixels=10_000).shape == (100, 100)
+    for path, needed in ((deep, 20_000), (rgb, 30_000), (dcm, 20_000)):
+        with pytest.raises(ImageReadError, match="decompression bombs"):
+            load_image(path, max_pixels=needed - 1)
+        assert load_image(path, max_pixels=needed).shape == (100, 100)
+    with pytest.raises(ImageReadError, match="whole number >= 1"):
+        load_image(grey, max_pixels=0)
+
+
+def test_deep_images_scale_in_chunks_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 7.11: the float working copy is bounded; chunking must not change a single pixel."""
+    import alnus.data.images as images
+
+    values = RNG.integers(0, 65536, (37, 29), dtype=np.uint16)
+    path = _save(tmp_path / "deep.png", Image.fromarray(values))
+    whole = load_image(path)
+    monkeypatch.setattr(images, "_SCALE_CHUNK", 100)
+    assert np.array_equal(load_image(path), whole)
+    low, high = float(values.min()), float(values.max())
+    assert np.array_equal(whole, np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8))
 
 
 def test_max_pixels_parameter(tmp_path: Path) -> None:

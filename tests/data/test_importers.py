@@ -18,6 +18,7 @@ from alnus.data.importers import (
     import_busi,
     import_class_folders,
     import_dataset,
+    run_import,
 )
 from alnus.errors import AlnusError
 
@@ -38,8 +39,8 @@ def _png(path: Path, size: tuple[int, int] = (40, 30), box: tuple[int, int, int,
     return path
 
 
-def _dicom(path: Path) -> Path:
-    """A tiny valid DICOM file (8x8 MONOCHROME2), written by pydicom."""
+def _dicom(path: Path, **identity: str) -> Path:
+    """A tiny valid DICOM file (8x8 MONOCHROME2), written by pydicom; `identity` sets e.g. PatientID."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -55,6 +56,8 @@ def _dicom(path: Path) -> Path:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = bytes(range(64))
+    for keyword, value in identity.items():
+        setattr(ds, keyword, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -212,6 +215,60 @@ def test_folders_per_patient_subfolders_and_dicom_without_suffix(tmp_path: Path)
     assert df["label"].tolist() == ["negative", "positive", "positive"]
     assert df["image"].tolist()[0] == "../export/negative/P002/IM0001"
     assert _resolves(df, tmp_path / "out", "image")
+
+
+def test_folders_uid_named_dicom_files_are_not_merged_into_one_patient(tmp_path: Path) -> None:
+    """issue 7.14: UID-named files share a "stem" (`1.2.840.113619.2.55` of `...55.3`), which merged them."""
+    src = tmp_path / "export"
+    for n in range(1, 5):
+        _dicom(src / "positive" / f"1.2.840.113619.2.55.{n}")
+    _dicom(src / "negative" / "1.2.840.113619.2.56.1")
+    path, df = run_import("folders", src, tmp_path / "out")
+    positives = df[df["label"] == "positive"]
+    assert positives["patient_id"].tolist() == [f"1.2.840.113619.2.55.{n}" for n in range(1, 5)]
+    assert df["patient_id"].nunique() == 5
+    assert df.attrs["notes"] == [
+        "patient_id of 5 image(s): the DICOM file's name (it has no PatientID or StudyInstanceUID: one patient "
+        "per file)"
+    ]
+    assert pd.read_csv(path, dtype=str)["patient_id"].nunique() == 5
+
+
+def test_folders_dicom_patient_comes_from_its_header_pseudonymised(tmp_path: Path) -> None:
+    """issue 7.14: PatientID (else StudyInstanceUID) groups a patient's files; the raw ID never reaches the CSV."""
+    src = tmp_path / "export"
+    _dicom(src / "positive" / "1.2.3.1", PatientID="MRN-0042117")
+    _dicom(src / "positive" / "1.2.3.2", PatientID="MRN-0042117")
+    _dicom(src / "positive" / "1.2.3.3", PatientID="MRN-0099999")
+    _dicom(src / "negative" / "1.2.4.1", StudyInstanceUID="1.2.826.0.1.3680043.8.498.1")
+    path, df = run_import("folders", src, tmp_path / "out")
+    ids = dict(zip(df["image"].str.rsplit("/", n=1).str[-1], df["patient_id"], strict=True))
+    assert ids["1.2.3.1"] == ids["1.2.3.2"] != ids["1.2.3.3"]
+    assert ids["1.2.3.1"].startswith("DCM-") and len(ids["1.2.3.1"]) == 4 + 16
+    assert ids["1.2.4.1"].startswith("STUDY-")
+    text = path.read_text()
+    assert "MRN-00" not in text and "1.2.826.0.1.3680043" not in text
+    assert "patient_id of 3 image(s): the DICOM's PatientID, pseudonymised" in df.attrs["notes"][0]
+    assert "StudyInstanceUID" in df.attrs["notes"][1]
+    again = import_class_folders(src, tmp_path / "out")
+    assert again["patient_id"].tolist() == df["patient_id"].tolist(), "the pseudonym is reproducible"
+
+
+def test_folders_named_like_a_formula_are_refused(tmp_path: Path) -> None:
+    """issue 7.12: a label folder `+ve` would be altered by the CSV writer (spreadsheet-safe output)."""
+    _png(tmp_path / "src" / "+ve" / "a.png")
+    _png(tmp_path / "src" / "neg" / "b.png")
+    with pytest.raises(DatasetImportError, match=r"label '\+ve'.*rename those folders or files"):
+        import_dataset("folders", tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_mask_decoding_is_bounded_by_max_pixels(tmp_path: Path) -> None:
+    """issue 7.11: importers that decode masks honour the decoded-size limit (and say how to raise it)."""
+    src = _busi(tmp_path / "busi")
+    with pytest.raises(DatasetImportError, match="--max-pixels"):
+        import_dataset("busi", src, tmp_path / "out", max_pixels=1000)
+    assert import_dataset("busi", src, tmp_path / "out", max_pixels=1500).is_file()
 
 
 def test_folders_patient_regex_takes_the_first_group(tmp_path: Path) -> None:

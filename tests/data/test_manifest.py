@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 import shutil
+import signal
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,12 +18,14 @@ from PIL import Image
 
 from alnus.data.manifest import (
     EXCLUSION_COLUMNS,
+    REPORT_COLUMNS,
     REQUIRED_COLUMNS,
     ManifestError,
     Problem,
     Validation,
     combine_manifests,
     read_manifest,
+    rebase_manifest,
     validate_manifest,
 )
 from alnus.errors import AlnusError
@@ -145,8 +149,8 @@ def test_unknown_label(study: Study) -> None:
     assert "row 4, column 'label': unknown label 'Malignant'; allowed labels: benign, malignant" in message
 
 
-def test_any_label_accepted_without_a_label_list(study: Study) -> None:
-    manifest = study(with_row({"label": "BI-RADS 4"}))
+def test_any_two_labels_accepted_without_a_label_list(study: Study) -> None:
+    manifest = study(with_row({"label": "BI-RADS 4"}, at=2))
     assert validate_manifest(read_manifest(manifest), manifest.parent).ok
 
 
@@ -346,7 +350,7 @@ def test_check_images_false_opens_no_file(study: Study) -> None:
 def test_absolute_paths_are_allowed(study: Study, tmp_path: Path) -> None:
     absolute = {"image": str(tmp_path / "img" / "b.png"), "patient_id": "P1", "label": "benign"}
     manifest = study([absolute])
-    assert validate_manifest(read_manifest(manifest), tmp_path / "elsewhere").ok
+    assert validate_manifest(read_manifest(manifest), tmp_path / "elsewhere", labels=LABELS).ok
     relative = validate_manifest(read_manifest(study()), tmp_path / "elsewhere")
     assert {p.row for p in relative.problems} == {2, 3, 4}, "relative paths are resolved against root"
 
@@ -359,6 +363,215 @@ def test_problem_text_and_error_pickle() -> None:
     assert isinstance(error, AlnusError) and error.exit_code == 2
     copy = pickle.loads(pickle.dumps(error))
     assert copy.problems == [problem] and str(copy) == str(error)
+
+
+# --- issue 7: labels never flip, keys that spreadsheets run, files that are not files, warnings ---------------
+
+
+def _labelled(tmp_path: Path, labels: Sequence[str]) -> Path:
+    """One 40x30 PNG and one patient per label cell."""
+    rows = []
+    for i, label in enumerate(labels):
+        write_png(tmp_path / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "patient_id": f"P{i}", "label": label})
+    return write_csv_rows(tmp_path / "manifest.csv", rows)
+
+
+def test_positive_in_two_cases_is_refused_without_a_label_list(tmp_path: Path) -> None:
+    """issue 7.1: 26 `Positive` images beside `positive` and `negative` must not train as negatives."""
+    manifest = _labelled(tmp_path, ["Positive"] * 26 + ["positive"] * 4 + ["negative"] * 6)
+    result = validate_manifest(read_manifest(manifest), manifest.parent)
+    assert not result.ok and result.valid.empty, "no row is valid while the label set is ambiguous"
+    assert [(p.row, p.column) for p in result.problems] == [(None, "label")]
+    assert result.file_problems == result.problems
+    reason = result.problems[0].reason
+    assert "3 distinct labels: 'Positive' (26 rows), 'negative' (6 rows), 'positive' (4 rows)" in reason
+    assert "'Positive' and 'positive' differ only in upper/lower case" in reason
+    assert "data.labels" in reason and "--labels" in reason
+    assert result.exclusions["row"].isna().tolist() == [True]
+    with pytest.raises(ManifestError, match="3 distinct labels"):
+        result.raise_if_problems(manifest)
+
+
+def test_named_labels_report_a_case_twin_row_by_row(tmp_path: Path) -> None:
+    """issue 7.1: with the two classes named, each `Positive` row is reported and says it is a case variant."""
+    manifest = _labelled(tmp_path, ["Positive", "positive", "negative"])
+    result = validate_manifest(read_manifest(manifest), manifest.parent, labels=["negative", "positive"])
+    assert [str(p) for p in result.problems] == [
+        "row 2, column 'label': unknown label 'Positive'; allowed labels: negative, positive "
+        "('Positive' differs from 'positive' only in upper/lower case)"
+    ]
+    assert result.valid["label"].tolist() == ["positive", "negative"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        (["positive", "positive"], "only one label in the manifest: 'positive' (2 rows)"),
+        (["Positive", "positive"], "two labels, 'Positive' (1 row), 'positive' (1 row), are one word"),
+    ],
+)
+def test_one_class_or_two_spellings_of_one_is_refused(tmp_path: Path, labels: list[str], words: str) -> None:
+    """issue 7.1: a binary study needs both classes, and two spellings of one class are not two classes."""
+    manifest = _labelled(tmp_path, labels)
+    result = validate_manifest(read_manifest(manifest), manifest.parent)
+    assert result.valid.empty and words in result.problems[0].reason
+
+
+def test_exactly_two_labels_pass_after_trimming(tmp_path: Path) -> None:
+    """issue 7.1: `negative ` and `negative` are one label; two labels without a label list are fine."""
+    # A frame that did not come through read_manifest's trimming.
+    df = pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "patient_id": ["1", "2", "3"]})
+    df["label"] = ["negative ", "negative", "positive"]
+    assert validate_manifest(df, tmp_path, check_images=False).file_problems == []
+    df["label"] = ["negative ", "Negative", "positive"]
+    assert validate_manifest(df, tmp_path, check_images=False).file_problems != []
+
+
+def test_patient_whose_images_disagree_on_the_label(study: Study) -> None:
+    """issue 7.14: data validate reports a patient with two labels (split used to be the first to notice)."""
+    _, message = check(study(with_row({"label": "malignant"}, at=1)))
+    for row in (2, 3):
+        assert (
+            f"row {row}, column 'label': patient 'P1' has images with different labels (benign, malignant; rows 2, 3)"
+            in message
+        )
+    assert "row 4" not in message
+
+
+def test_formula_like_identifiers_are_refused(study: Study) -> None:
+    """issue 7.12: an ID a spreadsheet would run is refused (escaping it on output would change a key)."""
+    rows = clean_rows()
+    rows[0]["patient_id"] = "=cmd|' /C calc'!A0"
+    rows[1]["site"] = "@SUM(1)"
+    rows[2]["patient_id"] = "-7"  # a number: spreadsheets read it as -7, nothing runs
+    result, message = check(study(rows))
+    assert [(p.row, p.column) for p in result.problems] == [(2, "patient_id"), (3, "site")]
+    assert "\"=cmd|' /C calc'!A0\" starts with '=', which a spreadsheet runs as a formula" in message
+    assert result.valid["patient_id"].tolist() == ["-7"]
+
+
+def test_formula_like_image_path_can_be_written_with_a_dot(study: Study, tmp_path: Path) -> None:
+    """issue 7.12: a file really named `-scan.png` is reachable as `./-scan.png`, which no spreadsheet runs."""
+    write_png(tmp_path / "-scan.png")
+    result, message = check(study(with_row({"image": "-scan.png"}, at=2)))
+    assert "write the path as ./-scan.png" in message
+    assert validate_manifest(read_manifest(study(with_row({"image": "./-scan.png"}, at=2))), tmp_path).ok
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_fifo_folder_and_broken_link_are_named_as_such(study: Study, tmp_path: Path) -> None:
+    """issue 7.11: a FIFO, a folder or a dangling link as image or mask: its own message, at once."""
+    rows = clean_rows()
+    rows[0]["image"] = "img/pipe.png"
+    rows[1]["image"] = "img"
+    rows[2]["mask"] = "img/link.png"
+    manifest = study(rows)
+    os.mkfifo(tmp_path / "img" / "pipe.png")
+    (tmp_path / "img" / "link.png").symlink_to(tmp_path / "img" / "moved.png")
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("validation hung on a special file")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        result, message = check(manifest)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [(p.row, p.column) for p in result.problems] == [(2, "image"), (3, "image"), (4, "mask")]
+    assert "is a named pipe (FIFO)" in message and "is a folder, not a file" in message
+    assert "is a broken symbolic link" in message
+    assert "not found" not in message
+
+
+def _dicom(path: Path, modality: str | None, size: tuple[int, int] = (40, 48)) -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UltrasoundImageStorage, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = UltrasoundImageStorage
+    if modality is not None:
+        ds.Modality = modality
+    ds.set_pixel_data(np.zeros(size, dtype=np.uint8), "MONOCHROME2", 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_warnings_for_a_non_us_dicom_and_an_image_too_small_for_a_lesion(study: Study, tmp_path: Path) -> None:
+    """issue 7.15: warnings (not problems) the study can record: Modality not US, a side under 32 px."""
+    _dicom(tmp_path / "img" / "mammo.dcm", "MG")
+    _dicom(tmp_path / "img" / "us.dcm", "US")
+    _dicom(tmp_path / "img" / "none.dcm", None)
+    write_png(tmp_path / "img" / "thumb.png", (64, 20))
+    rows = [
+        {"image": "img/mammo.dcm", "patient_id": "P1", "label": "benign"},
+        {"image": "img/us.dcm", "patient_id": "P2", "label": "benign"},
+        {"image": "img/none.dcm", "patient_id": "P3", "label": "malignant"},
+        {"image": "img/thumb.png", "patient_id": "P4", "label": "malignant"},
+    ]
+    manifest = write_csv_rows(tmp_path / "manifest.csv", rows)
+    result = validate_manifest(read_manifest(manifest), tmp_path, labels=LABELS)
+    assert result.ok and len(result.valid) == 4, "warnings exclude nothing"
+    assert [(w.row, w.column) for w in result.warnings] == [(2, "image"), (4, "image"), (5, "image")]
+    text = [str(w) for w in result.warnings]
+    assert "DICOM Modality is 'MG', not 'US' (ultrasound)" in text[0]
+    assert "DICOM Modality is missing" in text[1]
+    assert "img/thumb.png is 64x20 pixels, under 32 px on a side" in text[2]
+    report = result.report()
+    assert list(report.columns) == list(REPORT_COLUMNS)
+    assert report["severity"].tolist() == ["warning"] * 3
+    assert report["image"].tolist() == ["img/mammo.dcm", "img/none.dcm", "img/thumb.png"]
+
+
+def test_report_lists_problems_then_warnings(study: Study, tmp_path: Path) -> None:
+    """issue 7.15: one table for the run folder, problems (severity error) and warnings together."""
+    result, _ = check(study(with_row({"label": ""})))
+    report = result.report()
+    assert report["severity"].tolist() == ["error"] + ["warning"] * 3  # the test images are 40x30
+    assert report["row"].tolist() == [3, 2, 3, 4]
+
+
+def test_max_pixels_reaches_the_decoder(study: Study) -> None:
+    """issue 7.11: the size limit is the caller's (CLI --max-pixels, config data.max_image_pixels)."""
+    manifest = study()
+    result = validate_manifest(read_manifest(manifest), manifest.parent, labels=LABELS, max_pixels=1000)
+    assert [p.row for p in result.problems] == [2, 3, 4]
+    assert "over the limit of 1,000" in result.problems[0].reason
+    assert "--max-pixels" in result.problems[0].reason
+
+
+def test_error_message_capped_with_the_full_list_named(tmp_path: Path) -> None:
+    """issue 7.14: a long problem list prints its first lines, a count and where the full list is."""
+    problems = [Problem(row, "label", "empty label") for row in range(2, 52)]
+    error = ManifestError("m.csv", problems, limit=20, listed_in=tmp_path / "all.csv")
+    lines = str(error).splitlines()
+    assert len(lines) == 1 + 20 + 1 and lines[0] == "manifest m.csv: 50 problems; fix and run again:"
+    assert lines[-1] == f"  ... and 30 more; all 50 are listed in {tmp_path / 'all.csv'}"
+    assert len(error.problems) == 50
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.problems == problems
+
+
+def test_rebase_manifest_keeps_paths_resolving(tmp_path: Path) -> None:
+    """issue 7.14: a manifest written into another folder must still find its images and masks."""
+    df = pd.DataFrame(
+        {
+            "image": ["img/a.png", str(tmp_path / "abs.png")],
+            "patient_id": ["P1", "P2"],
+            "label": ["benign", "malignant"],
+            "mask_tumor": ["masks/a.png;masks/b.png", ""],
+        }
+    )
+    out = rebase_manifest(df, tmp_path / "data", tmp_path / "out" / "deeper")
+    assert out["image"].tolist() == ["../../data/img/a.png", str(tmp_path / "abs.png")]
+    assert out["mask_tumor"].tolist() == ["../../data/masks/a.png;../../data/masks/b.png", ""]
+    assert df["image"].tolist()[0] == "img/a.png", "the input is not changed"
 
 
 # --- combine_manifests ---------------------------------------------------------------------------------
@@ -428,6 +641,27 @@ def test_combine_manifests_rejects_shared_patient_ids(tmp_path: Path) -> None:
     assert "prefix the IDs per site" in str(info.value)
     with pytest.raises(ManifestError, match="listed 2 times"):
         combine_manifests([a, a], tmp_path / "out.csv")
+
+
+def test_combine_refuses_to_overwrite_an_input(tmp_path: Path) -> None:
+    """issue 7.14: `data combine a.csv b.csv --out a.csv` used to overwrite a.csv."""
+    a = write_csv_rows(tmp_path / "a.csv", [{"image": "a.png", "patient_id": "1", "label": "benign"}])
+    b = write_csv_rows(tmp_path / "b.csv", [{"image": "b.png", "patient_id": "2", "label": "malignant"}])
+    before = a.read_bytes()
+    for out in (a, tmp_path / "." / "a.csv"):
+        with pytest.raises(ManifestError, match="is the input manifest"):
+            combine_manifests([a, b], out)
+    assert a.read_bytes() == before
+
+
+def test_combine_refuses_formula_like_identifiers(tmp_path: Path) -> None:
+    """issue 7.12: combining must not hand a formula-like ID to the CSV writer (which would alter it)."""
+    a = write_csv_rows(tmp_path / "a.csv", [{"image": "a.png", "patient_id": "=1+1", "label": "benign"}])
+    b = write_csv_rows(tmp_path / "b.csv", [{"image": "b.png", "patient_id": "2", "label": "malignant"}])
+    with pytest.raises(ManifestError, match="a spreadsheet runs as a formula") as info:
+        combine_manifests([a, b], tmp_path / "out.csv")
+    assert info.value.manifest == str(a)
+    assert [(p.row, p.column) for p in info.value.problems] == [(2, "patient_id")]
 
 
 # --- real data ------------------------------------------------------------------------------------------

@@ -224,3 +224,19 @@ def test_crop_roi_crops_the_expanded_box(tmp_path: Path) -> None:
     out = crop_roi(image, row, tmp_path, RoiPolicy("mask", 0.2))
     assert out.shape == (14, 14)
     assert out[2:12, 2:12].min() == 200 and out[0].max() == 0 and out[:, 0].max() == 0
+
+
+def test_mask_decoding_honours_max_pixels_and_refuses_a_fifo(tmp_path: Path) -> None:
+    """issue 7.11: a mask is bounded by the caller's decoded-size limit; a FIFO mask is refused, not read."""
+    import os
+
+    _write_mask(tmp_path / "m.png", SHAPE, (40, 30, 10, 10))
+    row = {"image": "a.png", "mask": "m.png"}
+    policy = RoiPolicy("mask", 0.0)
+    assert roi_box(row, tmp_path, SHAPE, policy, max_pixels=SHAPE[0] * SHAPE[1]) == (40, 30, 10, 10)
+    with pytest.raises(AlnusError, match="--max-pixels"):
+        crop_roi(np.zeros(SHAPE, dtype=np.uint8), row, tmp_path, policy, max_pixels=SHAPE[0] * SHAPE[1] - 1)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.png")
+        with pytest.raises(AlnusError, match="named pipe"):
+            roi_box({"image": "a.png", "mask": "pipe.png"}, tmp_path, SHAPE, policy)

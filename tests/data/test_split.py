@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import imagehash
@@ -18,6 +17,7 @@ from alnus.data.split import (
     SPLITS,
     LeakageError,
     SplitResult,
+    check_classes,
     check_leakage,
     find_near_duplicates,
     group_near_duplicates,
@@ -203,6 +203,24 @@ def test_group_spanning_development_and_external_site_is_refused() -> None:
 # --- near-duplicates --------------------------------------------------------------------------------------
 
 
+def test_one_class_training_split_is_an_error() -> None:
+    """issue 7.14: `data split` used to exit 0 when the training split held one label only."""
+    df = synthetic_manifest(40, sites=("dev", "ext"))
+    df["label"] = np.where(df["site"] == "ext", "malignant", "benign")  # every positive is at the external site
+    with pytest.raises(AlnusError, match=r"training split holds 1 label\(s\) \('benign' \(\d+ patients\)\)"):
+        split_manifest(df, ".", external_sites=("ext",), check_duplicates=False)
+    assert split_manifest(synthetic_manifest(40), ".", check_duplicates=False).splits["split"].eq("train").any()
+
+
+def test_one_class_validation_split_is_noted() -> None:
+    """issue 7.14: a validation split with one label has no AUC: say so (training still has both)."""
+    splits = synthetic_manifest(10).assign(split="train")
+    splits.loc[splits["patient_id"].isin(["P007", "P008"]), "split"] = "val"
+    notes = check_classes(splits)
+    assert len(notes) == 1 and "validation split holds one label only ('benign' (2 patients))" in notes[0]
+    assert check_classes(splits.assign(split="train")) == []
+
+
 def _random_hashes(n: int, seed: int) -> pd.Series:
     rng = np.random.default_rng(seed)
     return pd.Series([str(imagehash.ImageHash(rng.random((16, 16)) < 0.5)) for _ in range(n)])
@@ -229,14 +247,13 @@ def test_vectorised_pairs_match_brute_force() -> None:
     assert len(expected) >= 6  # the planted ones (0-3, 0-10, 0-20 and their mutual distances)
 
 
-def test_two_thousand_hashes_compare_in_well_under_a_few_seconds() -> None:
+def test_two_thousand_hashes_all_pairs_are_found() -> None:
+    """Every pair within the distance is returned (the speed of the blocked comparison is bench/'s business)."""
     hashes = _random_hashes(2000, seed=1)
     df = pd.DataFrame({"image": [f"i{k}" for k in range(2000)], "patient_id": [f"P{k}" for k in range(2000)]})
-    start = time.perf_counter()
     pairs = find_near_duplicates(df, hashes, max_distance=256)
-    took = time.perf_counter() - start
     assert len(pairs) == 2000 * 1999 // 2
-    assert took < 5.0, f"{took:.1f} s"
+    assert (pairs["row_a"] < pairs["row_b"]).all() and not pairs.duplicated(["row_a", "row_b"]).any()
 
 
 def test_resaved_copy_under_another_patient_is_found(dup_folder: tuple[pd.DataFrame, Path]) -> None:

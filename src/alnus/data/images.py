@@ -17,19 +17,28 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from alnus._io import FILE_NOT_FOUND, NotAFileError, file_problem, open_regular
 from alnus.errors import AlnusError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
     from pydicom.pixels.decoders.base import Decoder
 
-# Pillow's default decompression-bomb limit (about 89 Mpx); an ultrasound frame is well under 1 Mpx.
+# Pillow's default decompression-bomb limit (about 89 Mpx); an ultrasound frame is well under 1 Mpx. The limit counts
+# decoded bytes per pixel (a 16-bit pixel twice, RGB three times), since memory, not the pixel count, is what a bomb
+# exhausts. Users raise it with `--max-pixels` or `data.max_image_pixels`.
 MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# Elements scaled at a time from deep (16-bit, float) pixels to uint8: bounds the float64 working copy.
+_SCALE_CHUNK = 1 << 20
+_LIMIT_HINT = (
+    "(a guard against decompression bombs; a pixel counts once per byte it decodes to); if the image is genuine, "
+    "raise the limit with --max-pixels N on the command line or data.max_image_pixels in the config"
+)
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 _SUPPORTED_PHOTOMETRIC = {
@@ -61,57 +70,92 @@ def parse_frame(cell: object) -> int | None:
 
 
 def is_dicom(path: str | Path) -> bool:
-    """Whether `path` is a DICOM Part 10 file, by content (b"DICM" at byte 128) whatever its name."""
+    """Whether `path` is a DICOM Part 10 file, by content (b"DICM" at byte 128) whatever its name.
+
+    False for anything that is not a regular file (a FIFO or a device is never opened for reading).
+    """
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(132)
-    except OSError:
+    except (OSError, NotAFileError):
         return False
     return head[128:132] == b"DICM"
 
 
-def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int | None = None) -> tuple[int, int]:
     """(H, W) that `load_image` returns for `path`, read from the header without decoding pixels.
 
     Fails where `load_image` would on header problems (missing file, not an image, too many pixels,
     unsupported DICOM photometric interpretation or transfer syntax); truncated pixel data is only
     found by decoding.
     """
-    path = _existing_file(path)
+    path, limit = _existing_file(path), _limit(max_pixels)
     if is_dicom(path):
         ds = _read_dicom(path, pixels=False)
-        rows, columns, _, _ = _check_dicom_header(ds, path, max_pixels)
+        rows, columns, _, _ = _check_dicom_header(ds, path, limit)
         box = _us_region_box(ds, path, rows, columns) if us_region else None
         return (rows, columns) if box is None else (box[1] - box[0], box[3] - box[2])
-    with _open_pillow(path, max_pixels) as im:
+    with _open_pillow(path, limit) as im:
         return im.height, im.width
 
 
 def load_image(
-    path: str | Path, *, frame: int | None = None, us_region: bool = True, max_pixels: int = MAX_PIXELS
+    path: str | Path, *, frame: int | None = None, us_region: bool = True, max_pixels: int | None = None
 ) -> np.ndarray:
     """Decode `path` to a C-contiguous uint8 (H, W) grey-scale array.
 
     Args:
         frame: 0-based frame of a multi-frame file; None takes a DICOM's middle frame, a TIFF's first page.
         us_region: crop a DICOM to the union of its 2D tissue regions (SequenceOfUltrasoundRegions).
-        max_pixels: refuse images (one frame) with more pixels than this, before decoding them.
+        max_pixels: refuse a frame that decodes to more than this many bytes (8-bit grey pixels; a 16-bit
+            pixel counts 2, RGB 3), from its header, before decoding it; None is `MAX_PIXELS`.
     """
-    path = _existing_file(path)
+    path, limit = _existing_file(path), _limit(max_pixels)
     if is_dicom(path):
-        image = _decode_dicom(path, frame, us_region, max_pixels)
+        image = _decode_dicom(path, frame, us_region, limit)
     else:
-        image = _decode_pillow(path, frame, max_pixels)
+        image = _decode_pillow(path, frame, limit)
     # Writeable, so callers can augment in place (Pillow's arrays are read-only views).
     return np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
+def dicom_modality(path: str | Path) -> str | None:
+    """A DICOM file's Modality ("US" for ultrasound), None when the tag is absent or empty.
+
+    Reads that one tag only (no identifiers). Raises `ImageReadError` for an unreadable header.
+    """
+    import pydicom
+
+    path = _existing_file(path)
+    with _regular_file(path) as fh:
+        try:
+            value: str | None = str(
+                pydicom.dcmread(fh, specific_tags=["Modality"], stop_before_pixels=True).get("Modality", "") or ""
+            ).strip()
+        except Exception:  # pydicom raises many types
+            value = None
+    if value is None:
+        # Outside the handler: see _read_dicom.
+        raise ImageReadError(f"{path}: DICOM header is truncated or corrupt; re-export the file.")
+    return value or None
+
+
+def _limit(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        return MAX_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ImageReadError(f"the image size limit max_pixels must be a whole number >= 1, got {max_pixels!r}.")
+    return max_pixels
+
+
 def _existing_file(path: str | Path) -> Path:
+    """`path` when it is a regular file; otherwise a message saying what it is (a FIFO is never opened)."""
     path = Path(path)
-    if not path.exists():
+    problem = file_problem(path)
+    if problem == FILE_NOT_FOUND:
         raise ImageReadError(f"{path}: file not found; check the path (relative to the manifest).")
-    if not path.is_file():
-        raise ImageReadError(f"{path}: is not a file; point to an image file.")
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}; point to an image file.")
     return path
 
 
@@ -127,12 +171,20 @@ def _pick_frame(path: Path, frame: int | None, n_frames: int, default: int) -> i
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale linearly from the array's own min..max to 0..255; a constant array maps to 0."""
-    values = values.astype(np.float64)
+    """Scale linearly from the array's own min..max to 0..255; a constant array maps to 0.
+
+    Works chunk by chunk, so the float64 working copy stays small whatever the image's size.
+    """
     low, high = float(values.min()), float(values.max())
+    out = np.zeros(values.shape, dtype=np.uint8)
     if high == low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+        return out
+    scale = 255.0 / (high - low)
+    flat_in, flat_out = np.ascontiguousarray(values).reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _SCALE_CHUNK):
+        part = flat_in[start : start + _SCALE_CHUNK].astype(np.float64)
+        flat_out[start : start + _SCALE_CHUNK] = np.rint((part - low) * scale)
+    return out
 
 
 def _to_grey(pixels: np.ndarray) -> np.ndarray:
@@ -147,35 +199,69 @@ def _to_grey(pixels: np.ndarray) -> np.ndarray:
 # --- Pillow: PNG, JPEG, BMP, TIFF -------------------------------------------------------------------
 
 
+def _pillow_bytes_per_pixel(mode: str) -> int:
+    """Bytes one pixel of a Pillow `mode` decodes to (I;16: 2, I and F: 4, RGB: 3, L: 1)."""
+    if mode.startswith("I;16"):
+        return 2
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        return 4
+    return bands * (4 if mode in ("I", "F") or mode.startswith("I;32") else 1)
+
+
+def _check_pillow_size(path: Path, im: Image.Image, max_pixels: int, what: str = "image") -> None:
+    per_pixel = _pillow_bytes_per_pixel(im.mode)
+    if im.width * im.height * per_pixel > max_pixels:
+        raise ImageReadError(
+            f"{path}: {what} has {im.width} x {im.height} pixels of {per_pixel} byte(s) ({im.mode}), over the "
+            f"limit of {max_pixels:,} {_LIMIT_HINT}; or export it smaller."
+        )
+
+
+@contextlib.contextmanager
+def _regular_file(path: Path) -> Iterator[IO[bytes]]:
+    """The image file opened for reading; a FIFO, device or folder is an `ImageReadError`, never a hang."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fh = stack.enter_context(open_regular(path))
+        except NotAFileError as exc:
+            raise ImageReadError(f"{exc}; point to an image file.") from None
+        except OSError as exc:
+            raise ImageReadError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions.") from None
+        yield fh
+
+
 @contextlib.contextmanager
 def _open_pillow(path: Path, max_pixels: int) -> Iterator[Image.Image]:
-    """Open lazily (header only), refusing decompression bombs: ours and Pillow's limit, warning included."""
-    try:
-        # Scoped, so Pillow's global filters and Image.MAX_IMAGE_PIXELS stay as other users set them.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(
-            f"{path}: refused as a possible decompression bomb ({exc}); if the image is genuine, "
-            "raise PIL.Image.MAX_IMAGE_PIXELS or export it smaller."
-        ) from exc
-    except UnidentifiedImageError as exc:
-        hint = (
-            "it is named like DICOM but lacks the DICOM file header ('DICM' at byte 128); re-export it"
-            if path.suffix.lower() in _DICOM_SUFFIXES
-            else "check the path or export the image as PNG"
-        )
-        raise ImageReadError(f"{path}: not a PNG, JPEG, BMP, TIFF or DICOM image; {hint}.") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
-    with im:
-        if im.width * im.height > max_pixels:
+    """Open lazily (header only) from a regular file, refusing decompression bombs before any decoding.
+
+    Our limit (`max_pixels`, in bytes) decides; Pillow's warning is silenced (in scope only, so Pillow's global
+    filters and Image.MAX_IMAGE_PIXELS stay as other users set them) so that a larger `max_pixels` is honoured,
+    while Pillow's hard error (twice its limit) remains a ceiling that cannot be raised from here.
+    """
+    with _regular_file(path) as fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(fh)
+        except Image.DecompressionBombError as exc:
             raise ImageReadError(
-                f"{path}: image has {im.width} x {im.height} pixels, over the limit of {max_pixels:,} "
-                "(a guard against decompression bombs); if it is genuine, pass a larger max_pixels."
+                f"{path}: refused as a possible decompression bomb ({exc}); that is Pillow's own ceiling, above "
+                "any --max-pixels: export the image smaller."
+            ) from exc
+        except UnidentifiedImageError as exc:
+            hint = (
+                "it is named like DICOM but lacks the DICOM file header ('DICM' at byte 128); re-export it"
+                if path.suffix.lower() in _DICOM_SUFFIXES
+                else "check the path or export the image as PNG"
             )
-        yield im
+            raise ImageReadError(f"{path}: not a PNG, JPEG, BMP, TIFF or DICOM image; {hint}.") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
+        with im:
+            _check_pillow_size(path, im, max_pixels)
+            yield im
 
 
 def _decode_pillow(path: Path, frame: int | None, max_pixels: int) -> np.ndarray:
@@ -183,14 +269,14 @@ def _decode_pillow(path: Path, frame: int | None, max_pixels: int) -> np.ndarray
         index = _pick_frame(path, frame, getattr(im, "n_frames", 1), default=0)
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 if index:
                     im.seek(index)
+                    # A later page may be larger or deeper than the first: check it before decoding it.
+                    _check_pillow_size(path, im, max_pixels, what=f"frame {index}")
                 im.load()
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
             raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
-        if im.width * im.height > max_pixels:
-            raise ImageReadError(f"{path}: frame {index} has over {max_pixels:,} pixels; export it smaller.")
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             values = np.asarray(im)
             if not np.isfinite(values).all():
@@ -220,10 +306,11 @@ def _read_dicom(path: Path, *, pixels: bool) -> Dataset:
     """Read only the tags `_dicom_tags` lists: identifiers (names, IDs, dates) are never parsed."""
     import pydicom
 
-    try:
-        return pydicom.dcmread(path, specific_tags=_dicom_tags(), stop_before_pixels=not pixels)
-    except Exception:  # pydicom raises many types
-        pass
+    with _regular_file(path) as fh:
+        try:
+            return pydicom.dcmread(fh, specific_tags=_dicom_tags(), stop_before_pixels=not pixels)
+        except Exception:  # pydicom raises many types
+            pass
     # Raised outside the handler so pydicom's exception, whose text may quote file values, is not even
     # attached as __context__.
     raise ImageReadError(f"{path}: DICOM header is truncated or corrupt; re-export the file.")
@@ -246,12 +333,23 @@ def _check_dicom_header(ds: Dataset, path: Path, max_pixels: int) -> tuple[int, 
             f"(supported: {', '.join(sorted(_SUPPORTED_PHOTOMETRIC))}); export the image as PNG."
         )
     # Only one frame is ever decoded, so the limit is per frame; a long cine loop is not a bomb.
-    if rows * columns > max_pixels:
+    per_pixel = _dicom_bytes_per_pixel(ds, photometric)
+    if rows * columns * per_pixel > max_pixels:
         raise ImageReadError(
-            f"{path}: DICOM frame has {columns} x {rows} pixels, over the limit of {max_pixels:,} "
-            "(a guard against decompression bombs); if it is genuine, pass a larger max_pixels."
+            f"{path}: DICOM frame has {columns} x {rows} pixels of {per_pixel} byte(s), over the limit of "
+            f"{max_pixels:,} {_LIMIT_HINT}; or export it smaller."
         )
     return rows, columns, max(n_frames, 1), _dicom_decoder(ds, path)
+
+
+def _dicom_bytes_per_pixel(ds: Dataset, photometric: str) -> int:
+    """Bytes one decoded pixel takes: samples x whole bytes per sample; a palette expands to 3 samples."""
+    try:
+        samples = max(int(ds.get("SamplesPerPixel") or 1), 1)
+        per_sample = max((int(ds.get("BitsAllocated") or 8) + 7) // 8, 1)
+    except (TypeError, ValueError):
+        samples, per_sample = 1, 1
+    return (3 if photometric == "PALETTE COLOR" else samples) * per_sample
 
 
 def _dicom_decoder(ds: Dataset, path: Path) -> Decoder:

@@ -3,15 +3,18 @@
 Importers never copy or modify images: the manifest points at the originals with paths relative to
 the folder the manifest is written to (absolute only where no relative path exists, e.g. another
 Windows drive). Every manifest has `image, patient_id, label`; the public datasets add `study_id,
-site, roi, mask, reader_birads` and keep their source columns.
+site, roi, mask, reader_birads` and keep their source columns. What an importer decided on the way
+(e.g. where patient IDs came from) is in the returned frame's `attrs["notes"]`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,8 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from alnus._io import write_csv
-from alnus.data.images import is_dicom
+from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
+from alnus.data.images import ImageReadError, image_shape, is_dicom
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -60,8 +63,12 @@ def _format_box(box: Box) -> str:
     return ",".join(str(v) for v in box)
 
 
-def _mask_array(path: Path) -> np.ndarray:
-    """A mask decoded with Pillow as boolean (H, W): any non-zero grey level is foreground."""
+def _mask_array(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """A mask decoded with Pillow as boolean (H, W): any non-zero grey level is foreground.
+
+    Its header is checked first (`image_shape`: a regular file, within the decoded-size limit).
+    """
+    _image_size(path, max_pixels)
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
@@ -79,21 +86,21 @@ def _box(mask: np.ndarray) -> Box | None:
     return x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_size(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
     """(W, H) from the image header, without decoding the pixels."""
     try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError as exc:
-        raise DatasetImportError(f"{path}: cannot read image header ({exc}); re-export the file.") from exc
+        height, width = image_shape(path, max_pixels=max_pixels)
+    except ImageReadError as exc:
+        raise DatasetImportError(f"cannot read the image header: {exc}") from None
+    return width, height
 
 
-def _masks_box(image: Path, masks: list[Path]) -> Box | None:
+def _masks_box(image: Path, masks: list[Path], max_pixels: int | None = None) -> Box | None:
     """Union bounding box of `masks`, each checked to be the size of `image`; None if all are empty."""
-    size = _image_size(image)
+    size = _image_size(image, max_pixels)
     boxes = []
     for mask_file in masks:
-        mask = _mask_array(mask_file)
+        mask = _mask_array(mask_file, max_pixels)
         if (mask.shape[1], mask.shape[0]) != size:
             raise DatasetImportError(
                 f"{mask_file}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image.name} is "
@@ -292,11 +299,9 @@ def import_busbra(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
 _BREAST_STAGED = ("image", "patient_id", "label", "mask_tumor", "mask_other", "BIRADS")
 
 
-def _split_paths(cell: str) -> list[str]:
-    return [p.strip() for p in cell.split(";") if p.strip()]
-
-
-def import_breast(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.DataFrame:
+def import_breast(
+    src: str | os.PathLike[str], out: str | os.PathLike[str], *, max_pixels: int | None = None
+) -> pd.DataFrame:
     """BrEaST-Lesions-USG (Pawłowska et al., Sci Data 2024; TCIA) as a manifest: one scan per patient.
 
     Reads the staged folder's `manifest.csv` (see its PROVENANCE.md: the TCIA xlsx converted, `&`
@@ -305,7 +310,7 @@ def import_breast(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
     mask and `roi` its bounding box (masks decoded with Pillow, foreground = any non-zero pixel);
     normal scans have neither. `mask_tumor`/`mask_other` keep every path, rebased. `reader_birads`
     is BIRADS as given ("4a" ...); `Age` "not available" becomes an empty cell; the other clinical
-    columns and `sha256` are kept as given.
+    columns and `sha256` are kept as given. `max_pixels` bounds each decoded mask (`load_image`'s limit).
     """
     src, out = _source_dir(src), Path(out).resolve()
     table = src / MANIFEST_NAME
@@ -318,8 +323,8 @@ def import_breast(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
     _check_labels(df, "label", {"benign", "malignant", "normal"}, table)
     cases = _case_numbers(df["patient_id"], "patient_id", table)
     images = [src / p for p in df["image"]]
-    tumour = [[src / p for p in _split_paths(cell)] for cell in df["mask_tumor"]]
-    other = [[src / p for p in _split_paths(cell)] for cell in df["mask_other"]]
+    tumour = [[src / p for p in split_paths(cell)] for cell in df["mask_tumor"]]
+    other = [[src / p for p in split_paths(cell)] for cell in df["mask_other"]]
     _require_files(images, src, "image")
     _require_files([p for paths in tumour + other for p in paths], src, "mask")
     rois = []
@@ -332,7 +337,7 @@ def import_breast(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> p
                 )
             rois.append("")
             continue
-        box = _masks_box(image, masks[:1])
+        box = _masks_box(image, masks[:1], max_pixels)
         if box is None:
             raise DatasetImportError(f"{masks[0]}: tumour mask is empty; re-export it or remove it from mask_tumor.")
         rois.append(_format_box(box))
@@ -379,7 +384,9 @@ def _unknown_files_error(src: Path, files: list[Path], what: str) -> DatasetImpo
     )
 
 
-def import_busi(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.DataFrame:
+def import_busi(
+    src: str | os.PathLike[str], out: str | os.PathLike[str], *, max_pixels: int | None = None
+) -> pd.DataFrame:
     """BUSI (Al-Dhabyani et al., Data in Brief 2020) as a manifest: `<root>/<class>/<name>.png`.
 
     Masks lie beside their image as `<name>_mask.png`, `<name>_mask_1.png`, ...; `mask` is the
@@ -412,7 +419,7 @@ def import_busi(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.
                 unknown.append(f)
         for stem, image in images.items():
             mask_files = [f for _, f in sorted(masks[stem])]
-            box = _masks_box(image, mask_files) if mask_files else None
+            box = _masks_box(image, mask_files, max_pixels) if mask_files else None
             rows.append(
                 {
                     "image": _rebase(image, out),
@@ -451,6 +458,52 @@ def _patient_regex(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
+_PSEUDONYM_DIGITS = 16
+# What each rule of the folder importer writes in its notes.
+_PATIENT_RULES = {
+    "regex": "the first group of patient_regex",
+    "folder": "the per-patient folder under the label",
+    "stem": "the file stem (one patient per image)",
+    "PatientID": "the DICOM's PatientID, pseudonymised (DCM- + SHA-256, first 16 hex digits)",
+    "StudyInstanceUID": "the DICOM's StudyInstanceUID (no PatientID), pseudonymised (STUDY- + SHA-256, first 16 "
+    "hex digits): a patient with several studies counts as several patients",
+    "file": "the DICOM file's name (it has no PatientID or StudyInstanceUID: one patient per file)",
+}
+
+
+def _pseudonym(prefix: str, value: str) -> str:
+    digest = hashlib.sha256(f"alnus:{prefix}:{value}".encode()).hexdigest()
+    return f"{prefix}-{digest[:_PSEUDONYM_DIGITS]}"
+
+
+def dicom_patient(path: Path) -> tuple[str, str]:
+    """(patient_id, rule) of a DICOM file lying directly in a label folder, from its own header.
+
+    PatientID, else StudyInstanceUID, pseudonymised (never the raw identifier); else the whole file name (UID-like
+    names such as `1.2.840.113619.2.55.3` have no suffix to strip, so each file is its own patient).
+    """
+    import pydicom
+
+    values: dict[str, str] = {}
+    try:
+        with open_regular(path) as fh:
+            ds = pydicom.dcmread(fh, specific_tags=["PatientID", "StudyInstanceUID"], stop_before_pixels=True)
+        values = {key: str(ds.get(key, "") or "").strip() for key in ("PatientID", "StudyInstanceUID")}
+    except Exception:  # NotAFileError, and the many types pydicom raises; validation reports unreadable files
+        values = {}
+    if values.get("PatientID"):
+        return _pseudonym("DCM", values["PatientID"]), "PatientID"
+    if values.get("StudyInstanceUID"):
+        return _pseudonym("STUDY", values["StudyInstanceUID"]), "StudyInstanceUID"
+    return path.name, "file"
+
+
+def _patient_notes(rules: Counter[str]) -> list[str]:
+    return [
+        f"patient_id of {n} image(s): {_PATIENT_RULES[rule]}" for rule, n in sorted(rules.items(), key=lambda i: -i[1])
+    ]
+
+
 def import_class_folders(
     src: str | os.PathLike[str], out: str | os.PathLike[str], *, patient_regex: str | None = None
 ) -> pd.DataFrame:
@@ -462,7 +515,9 @@ def import_class_folders(
 
     `patient_id`: the first group of `patient_regex` searched in the path relative to `src`
     (POSIX, e.g. `positive/P001_2.png`); else the first folder under the label when images lie in
-    per-patient folders (`<label>/<patient>/.../<img>`); else the file stem (one patient per image).
+    per-patient folders (`<label>/<patient>/.../<img>`); else, for a DICOM file lying in the label folder, its
+    own PatientID (else StudyInstanceUID) pseudonymised, or its whole file name when it has neither (see
+    `dicom_patient`); else the file stem (one patient per image). `attrs["notes"]` counts the images per rule.
     """
     src, out = _source_dir(src), Path(out).resolve()
     regex = _patient_regex(patient_regex) if patient_regex is not None else None
@@ -470,6 +525,7 @@ def import_class_folders(
     rows = []
     unknown: list[Path] = []
     unmatched: list[str] = []
+    rules: Counter[str] = Counter()
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if not path.is_file() or _is_hidden(rel) or path.name in IGNORED_NAMES:
@@ -492,11 +548,14 @@ def import_class_folders(
             if match is None or not match.group(1):
                 unmatched.append(rel_text)
                 continue
-            patient = match.group(1)
+            patient, rule = match.group(1), "regex"
         elif len(rel.parts) >= 3:
-            patient = rel.parts[1]
+            patient, rule = rel.parts[1], "folder"
+        elif is_dicom(path):
+            patient, rule = dicom_patient(path)
         else:
-            patient = path.stem
+            patient, rule = path.stem, "stem"
+        rules[rule] += 1
         rows.append({"image": _rebase(path, out), "patient_id": patient, "label": rel.parts[0]})
     if unknown:
         raise _unknown_files_error(src, unknown, f"images inside a label folder ({layout})")
@@ -507,7 +566,9 @@ def import_class_folders(
         )
     if not rows:
         raise DatasetImportError(f"{src}: no images found; expected {layout}.")
-    return pd.DataFrame(rows, columns=["image", "patient_id", "label"])
+    manifest = pd.DataFrame(rows, columns=["image", "patient_id", "label"])
+    manifest.attrs["notes"] = _patient_notes(rules)
+    return manifest
 
 
 # --- entry point ------------------------------------------------------------------------------------
@@ -520,13 +581,36 @@ IMPORTERS: dict[str, Callable[..., pd.DataFrame]] = {
 }
 
 
-def import_dataset(fmt: str, src: str | os.PathLike[str], out: str | os.PathLike[str], **options: object) -> Path:
+def import_dataset(
+    fmt: str,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_pixels: int | None = None,
+    **options: object,
+) -> Path:
     """Run the importer `fmt` on `src` and write `out/manifest.csv` atomically; return its path."""
+    return run_import(fmt, src, out, max_pixels=max_pixels, **options)[0]
+
+
+def run_import(
+    fmt: str,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_pixels: int | None = None,
+    **options: object,
+) -> tuple[Path, pd.DataFrame]:
+    """`import_dataset` that also returns the manifest written (its `attrs["notes"]` say what was decided).
+
+    `max_pixels` bounds each decoded mask (`alnus.data.images.load_image`'s limit) for the importers that decode.
+    """
     importer = IMPORTERS.get(fmt)
     if importer is None:
         raise DatasetImportError(f"unknown dataset format {fmt!r}; expected one of {', '.join(IMPORTERS)}.")
+    parameters = inspect.signature(importer).parameters
     accepted = [
-        name for name, p in inspect.signature(importer).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "max_pixels"
     ]
     unexpected = sorted(set(options) - set(accepted))
     if unexpected:
@@ -537,6 +621,25 @@ def import_dataset(fmt: str, src: str | os.PathLike[str], out: str | os.PathLike
         raise DatasetImportError(
             f"{target} is the dataset's own manifest, which the importer reads; choose another OUT folder."
         )
+    if "max_pixels" in parameters:
+        options["max_pixels"] = max_pixels
     manifest = importer(src, out, **options)
+    _refuse_formulas(manifest, source)
     write_csv(manifest, target)
-    return target
+    return target, manifest
+
+
+def _refuse_formulas(manifest: pd.DataFrame, src: Path) -> None:
+    """Identifiers a spreadsheet would run (a folder named `+ve`): the CSV writer would have to alter them."""
+    bad = [
+        f"{column} {cell!r}"
+        for column in ("image", "patient_id", "label", "site", "study_id")
+        if column in manifest.columns
+        for cell in dict.fromkeys(manifest[column].astype(str))
+        if spreadsheet_formula(cell)
+    ]
+    if bad:
+        raise DatasetImportError(
+            f"{src}: {len(bad)} identifier(s) start with =, +, -, @ and would run as spreadsheet formulas: "
+            f"{_listing(bad)}; rename those folders or files (e.g. 'pos' instead of '+ve')."
+        )

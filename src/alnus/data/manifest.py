@@ -7,20 +7,26 @@ import io
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from alnus._io import file_sha256
-from alnus.data.images import ImageReadError, image_shape, load_image, parse_frame
+from alnus._io import FILE_NOT_FOUND, file_problem, file_sha256, split_paths, spreadsheet_formula
+from alnus.data.images import ImageReadError, dicom_modality, image_shape, is_dicom, load_image, parse_frame
 from alnus.data.roi import RoiError, box_inside, format_box, parse_box
 from alnus.errors import AlnusError
 
 REQUIRED_COLUMNS = ("image", "patient_id", "label")
 SPLITS = ("train", "val", "internal_test", "external_test")
 EXCLUSION_COLUMNS = ("row", "image", "patient_id", "column", "reason")
+REPORT_COLUMNS = ("severity", "row", "image", "patient_id", "column", "reason")
+# Cells that later stages read back from the run's CSVs as keys: they must never need defusing on the way out
+# (`alnus._io.write_csv`), so a formula-like value is refused here instead. Mask path columns count too.
+KEY_COLUMNS = ("image", "patient_id", "label", "study_id", "site")
+# An image with a side under this many pixels cannot show a lesion with its margin: likely a thumbnail or an icon.
+MIN_LESION_SIDE = 32
 # Suffixes that mark a `mask_*` cell as a file path rather than a number or a note.
 _PATH_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"})
 _FIRST_DATA_ROW = 2
@@ -44,37 +50,101 @@ class Problem:
         return f"{', '.join(where)}: {self.reason}" if where else self.reason
 
 
-class ManifestError(AlnusError):
-    """A manifest that cannot be used as it is; the message lists every problem found, one per line."""
+def format_problems(problems: Sequence[Problem], limit: int | None = None, listed_in: str | None = None) -> list[str]:
+    """One indented line per problem; with `limit`, the first `limit` and a line counting the rest.
 
-    def __init__(self, manifest: str | os.PathLike[str], problems: Sequence[Problem]) -> None:
+    `listed_in` names the file that holds the full list (said on the count line).
+    """
+    shown = list(problems) if limit is None else list(problems)[:limit]
+    lines = [f"  {problem}" for problem in shown]
+    rest = len(problems) - len(shown)
+    if rest > 0:
+        where = f"; all {len(problems)} are listed in {listed_in}" if listed_in else ""
+        lines.append(f"  ... and {rest} more{where}")
+    return lines
+
+
+class ManifestError(AlnusError):
+    """A manifest that cannot be used as it is; the message lists the problems found, one per line.
+
+    Every problem is in `.problems`; the message shows the first `limit` (all when None) and, when it stops early,
+    how many more there are and the file `listed_in` that holds them all.
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike[str],
+        problems: Sequence[Problem],
+        *,
+        limit: int | None = None,
+        listed_in: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.manifest = str(manifest)
         self.problems = list(problems)
+        self.limit = limit
+        self.listed_in = None if listed_in is None else str(listed_in)
         count = len(self.problems)
         header = f"manifest {self.manifest}: {count} problem{'' if count == 1 else 's'}; fix and run again:"
-        super().__init__("\n".join([header, *(f"  {problem}" for problem in self.problems)]))
+        super().__init__("\n".join([header, *format_problems(self.problems, limit, self.listed_in)]))
 
     def __reduce__(self):  # noqa: ANN204 - keeps the error picklable across worker processes
-        return type(self), (self.manifest, self.problems)
+        return _rebuild_manifest_error, (type(self), self.manifest, self.problems, self.limit, self.listed_in)
+
+
+def _rebuild_manifest_error(
+    cls: type[ManifestError], manifest: str, problems: list[Problem], limit: int | None, listed_in: str | None
+) -> ManifestError:
+    return cls(manifest, problems, limit=limit, listed_in=listed_in)
 
 
 @dataclass
 class Validation:
-    """Outcome of `validate_manifest`: every problem, the rows without any, one exclusion line per problem."""
+    """Outcome of `validate_manifest`: every problem, the rows without any, one exclusion line per problem.
+
+    `warnings` are findings that do not stop a study but belong in its record (a DICOM whose Modality is not US, an
+    image too small to hold a lesion); `report()` tabulates problems and warnings together for the run folder.
+    A problem without a row (`file_problems`, e.g. a label set that is not two classes) cannot be fixed by
+    excluding rows, so `valid` is empty then.
+    """
 
     problems: list[Problem]
     valid: pd.DataFrame
     exclusions: pd.DataFrame
+    warnings: list[Problem] = field(default_factory=list)
+    # One line per warning, laid out as `exclusions` (row, image, patient_id, column, reason).
+    warning_lines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(EXCLUSION_COLUMNS)))
 
     @property
     def ok(self) -> bool:
-        """True when no problem was found."""
+        """True when no problem was found (warnings do not count)."""
         return not self.problems
 
-    def raise_if_problems(self, manifest_path: str | os.PathLike[str]) -> None:
-        """Raise `ManifestError` naming `manifest_path` and listing every problem, if there is any."""
+    @property
+    def file_problems(self) -> list[Problem]:
+        """Problems of the manifest as a whole (no row): `--drop-invalid` cannot exclude them away."""
+        return [problem for problem in self.problems if problem.row is None]
+
+    def raise_if_problems(
+        self,
+        manifest_path: str | os.PathLike[str],
+        *,
+        limit: int | None = None,
+        listed_in: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Raise `ManifestError` naming `manifest_path` and listing the problems (the first `limit`), if any."""
         if self.problems:
-            raise ManifestError(manifest_path, self.problems)
+            raise ManifestError(manifest_path, self.problems, limit=limit, listed_in=listed_in)
+
+    def report(self) -> pd.DataFrame:
+        """Problems ("error") and warnings ("warning") as one table with columns `REPORT_COLUMNS`."""
+        parts = [
+            lines.assign(severity=severity)[list(REPORT_COLUMNS)].astype({"row": "Int64"})
+            for severity, lines in (("error", self.exclusions), ("warning", self.warning_lines))
+            if len(lines)
+        ]
+        if not parts:
+            return pd.DataFrame(columns=list(REPORT_COLUMNS)).astype({"row": "Int64"})
+        return pd.concat(parts, ignore_index=True)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -174,16 +244,19 @@ def validate_manifest(
     *,
     labels: Sequence[str] | None = None,
     check_images: bool = True,
+    max_pixels: int | None = None,
 ) -> Validation:
-    """Check every row of a manifest and collect every problem (a row may have several).
+    """Check every row of a manifest and collect every problem (a row may have several) and every warning.
 
     Args:
         df: as returned by `read_manifest` (spreadsheet row = index + 2 for an integer index,
             else position + 2).
         root: the manifest's folder; relative image and mask paths are resolved against it.
-        labels: the allowed labels; None accepts any non-empty label.
+        labels: the allowed labels. None requires exactly two distinct labels in the manifest (a binary study
+            must know both classes; anything else is a problem of the whole manifest, listing the labels found).
         check_images: False checks the table only and opens no file (no existence, decoding,
             mask, box-bounds or file-content checks).
+        max_pixels: the decoded-size limit per image (see `alnus.data.images.load_image`); None is the default.
     """
     root = Path(root)
     missing = [name for name in REQUIRED_COLUMNS if name not in df.columns]
@@ -195,18 +268,103 @@ def validate_manifest(
     table = df.fillna("").astype(str)
     numbers = _row_numbers(df.index)
     found: list[tuple[int, Problem]] = []
+    warned: list[tuple[int, Problem]] = []
 
     def add(position: int, column: str, reason: str) -> None:
         found.append((position, Problem(numbers[position], column, reason)))
 
-    shapes = _check_rows(table, root, labels, check_images, add)
+    def warn(position: int, column: str, reason: str) -> None:
+        warned.append((position, Problem(numbers[position], column, reason)))
+
+    _check_key_cells(table, add)
+    shapes = _check_rows(table, root, labels, check_images, max_pixels, add, warn)
     _check_duplicates(table, root, numbers, check_images, shapes, add)
     _check_patients(table, numbers, add)
 
     found.sort(key=lambda item: item[0])
+    warned.sort(key=lambda item: item[0])
+    whole = [Problem(None, "label", reason) for reason in _label_set_problems(table["label"], labels)]
     bad = np.zeros(len(df), dtype=bool)
     bad[[position for position, _ in found]] = True
-    return Validation([problem for _, problem in found], df.iloc[~bad], _exclusions(found, table))
+    # A problem of the whole manifest cannot be excluded row by row: no row is valid then.
+    valid = df.iloc[0:0] if whole else df.iloc[~bad]
+    lines: list[tuple[int | None, Problem]] = [(None, problem) for problem in whole]
+    return Validation(
+        [*whole, *(problem for _, problem in found)],
+        valid,
+        _exclusions([*lines, *found], table),
+        [problem for _, problem in warned],
+        _exclusions(warned, table),
+    )
+
+
+def label_counts(labels: Iterable[str]) -> Counter[str]:
+    """How many rows carry each label, labels trimmed, empty cells left out."""
+    return Counter(label.strip() for label in labels if label.strip())
+
+
+def _case_twins(names: Iterable[str]) -> list[list[str]]:
+    """Groups of labels that are equal but for upper/lower case, e.g. [['Positive', 'positive']]."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(names):
+        groups[name.casefold()].append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def _label_set_problems(column: pd.Series, labels: Sequence[str] | None) -> list[str]:
+    """Without a label list: the manifest must hold exactly two labels (after trimming), not two spellings of one."""
+    if labels is not None:
+        return []  # each row's label is checked against the list instead
+    counts = label_counts(column)
+    if not counts:
+        return []  # every row already has its own "empty label" problem
+    twins = _case_twins(counts)
+    if len(counts) == 2 and not twins:
+        return []
+    found = ", ".join(f"{name!r} ({n} row{'' if n == 1 else 's'})" for name, n in sorted(counts.items()))
+    if len(counts) == 1:
+        reason = f"only one label in the manifest: {found}; a binary study needs both classes"
+    elif len(counts) == 2:
+        reason = f"the manifest's two labels, {found}, are one word in different upper/lower case"
+    else:
+        reason = f"{len(counts)} distinct labels: {found}; a binary study needs exactly two"
+    for group in twins if len(counts) > 2 else ():
+        reason += f"; {' and '.join(map(repr, group))} differ only in upper/lower case"
+    if twins:
+        reason += " (alnus reads such labels as different classes: write each class one way)"
+    reason += (
+        ". Fix the label column, or name the two classes (data.labels in the config, --labels on the command "
+        "line) so that rows with any other label are reported one by one"
+    )
+    return [reason]
+
+
+def _formula_problems(df: pd.DataFrame, numbers: list[int]) -> list[Problem]:
+    found: list[Problem] = []
+    _check_key_cells(df, lambda position, column, reason: found.append(Problem(numbers[position], column, reason)))
+    return found
+
+
+def _check_key_cells(table: pd.DataFrame, add: _Add) -> None:
+    """Refuse keys that a spreadsheet would run as a formula: output CSVs would have to alter them."""
+    columns = [name for name in (*KEY_COLUMNS, *mask_columns(table)) if name in table.columns]
+    for column in columns:
+        for position, cell in enumerate(table[column]):
+            reason = _formula_reason(column, cell)
+            if reason:
+                add(position, column, reason)
+
+
+def _formula_reason(column: str, cell: str) -> str | None:
+    parts = split_paths(cell) if column.startswith("mask") else [cell]
+    bad = next((part for part in parts if spreadsheet_formula(part)), None)
+    if bad is None:
+        return None
+    fix = f"write the path as ./{bad}" if column == "image" or column.startswith("mask") else "rename it"
+    return (
+        f"{bad!r} starts with {bad[0]!r}, which a spreadsheet runs as a formula; alnus writes its CSVs so that "
+        f"they are safe to open, and a {column} is read back as a key, so it cannot be altered there: {fix}"
+    )
 
 
 def _row_numbers(index: pd.Index) -> list[int]:
@@ -237,10 +395,6 @@ def _resolve(root: Path, cell: str) -> Path:
     return Path(os.path.normpath(root / cell))
 
 
-def _split_paths(cell: str) -> list[str]:
-    return [part.strip() for part in cell.split(";") if part.strip()]
-
-
 def _looks_like_path(part: str) -> bool:
     return Path(part).suffix.lower() in _PATH_SUFFIXES or "/" in part or "\\" in part
 
@@ -253,7 +407,7 @@ def mask_columns(table: pd.DataFrame) -> list[str]:
         if name == "mask":
             columns.append(name)
         elif name.startswith("mask_"):
-            parts = [part for cell in table[name].astype(str) for part in _split_paths(cell)]
+            parts = [part for cell in table[name].astype(str) for part in split_paths(cell)]
             if parts and all(_looks_like_path(part) for part in parts):
                 columns.append(name)
     return columns
@@ -264,14 +418,19 @@ def _size(shape: tuple[int, int]) -> str:
 
 
 def _check_rows(
-    table: pd.DataFrame, root: Path, labels: Sequence[str] | None, check_images: bool, add: _Add
+    table: pd.DataFrame,
+    root: Path,
+    labels: Sequence[str] | None,
+    check_images: bool,
+    max_pixels: int | None,
+    add: _Add,
+    warn: _Add,
 ) -> dict[int, tuple[int, int]]:
     """Row checks (empty cells, label, files, decoding, roi, masks); returns decoded shapes by position."""
     allowed = list(labels) if labels is not None else None
     masks = mask_columns(table)
     records = table.to_dict("records")
-    image_cache: dict[tuple[Path, int | None], tuple[int, int] | ImageReadError] = {}
-    mask_cache: dict[Path, tuple[int, int] | ImageReadError] = {}
+    images = _ImageChecks(max_pixels)
     shapes: dict[int, tuple[int, int]] = {}
     for position, record in enumerate(records):
         image, label = record["image"], record["label"]
@@ -286,32 +445,20 @@ def _check_rows(
         if not label:
             add(position, "label", "empty label; give the reference-standard label of every image")
         elif allowed is not None and label not in allowed:
-            add(position, "label", f"unknown label {label!r}; allowed labels: {', '.join(allowed)}")
+            add(position, "label", _unknown_label(label, allowed))
         frame = None
         try:
             frame = parse_frame(record.get("frame", ""))
         except ValueError as exc:
             add(position, "frame", str(exc))
         if check_images and image:
-            path = _resolve(root, image)
-            if not path.is_file():
-                add(
-                    position,
-                    "image",
-                    f"image file not found: {path}; paths are relative to the manifest's folder",
-                )
+            outcome = images.image(_resolve(root, image), frame)
+            if isinstance(outcome, str):
+                add(position, "image", outcome)
             else:
-                key = (path, frame)
-                if key not in image_cache:
-                    try:
-                        image_cache[key] = load_image(path, frame=frame).shape[:2]
-                    except ImageReadError as exc:
-                        image_cache[key] = exc
-                outcome = image_cache[key]
-                if isinstance(outcome, ImageReadError):
-                    add(position, "image", f"unreadable image: {outcome}")
-                else:
-                    shapes[position] = outcome
+                shapes[position] = outcome
+                for reason in images.warnings(_resolve(root, image), image, outcome):
+                    warn(position, "image", reason)
         shape = shapes.get(position)
         if record.get("roi", ""):
             try:
@@ -324,19 +471,10 @@ def _check_rows(
         if not check_images:
             continue
         for column in masks:
-            for part in _split_paths(record[column]):
-                path = _resolve(root, part)
-                if not path.is_file():
-                    add(position, column, f"mask file not found: {path}")
-                    continue
-                if path not in mask_cache:
-                    try:
-                        mask_cache[path] = image_shape(path)
-                    except ImageReadError as exc:
-                        mask_cache[path] = exc
-                outcome = mask_cache[path]
-                if isinstance(outcome, ImageReadError):
-                    add(position, column, f"unreadable mask: {outcome}")
+            for part in split_paths(record[column]):
+                outcome = images.mask(_resolve(root, part))
+                if isinstance(outcome, str):
+                    add(position, column, outcome)
                 elif shape is not None and outcome != shape:
                     add(
                         position,
@@ -345,6 +483,83 @@ def _check_rows(
                         "a mask must be drawn on the decoded image",
                     )
     return shapes
+
+
+def _unknown_label(label: str, allowed: Sequence[str]) -> str:
+    reason = f"unknown label {label!r}; allowed labels: {', '.join(allowed)}"
+    twin = next((name for name in allowed if name.casefold() == label.casefold()), None)
+    if twin is not None:
+        reason += f" ({label!r} differs from {twin!r} only in upper/lower case)"
+    return reason
+
+
+class _ImageChecks:
+    """Decode each image and read each mask header once (a file may appear in several rows)."""
+
+    def __init__(self, max_pixels: int | None) -> None:
+        self.max_pixels = max_pixels
+        self._images: dict[tuple[Path, int | None], tuple[int, int] | str] = {}
+        self._masks: dict[Path, tuple[int, int] | str] = {}
+        self._warned: set[Path] = set()
+
+    def image(self, path: Path, frame: int | None) -> tuple[int, int] | str:
+        """The decoded (H, W), or the reason it cannot be used."""
+        key = (path, frame)
+        if key not in self._images:
+            self._images[key] = _missing(path, "image") or self._decode(path, frame)
+        return self._images[key]
+
+    def _decode(self, path: Path, frame: int | None) -> tuple[int, int] | str:
+        try:
+            return load_image(path, frame=frame, max_pixels=self.max_pixels).shape[:2]
+        except ImageReadError as exc:
+            return f"unreadable image: {exc}"
+
+    def mask(self, path: Path) -> tuple[int, int] | str:
+        """The mask's (H, W) from its header, or the reason it cannot be used."""
+        if path not in self._masks:
+            problem = _missing(path, "mask")
+            if problem is None:
+                try:
+                    self._masks[path] = image_shape(path, max_pixels=self.max_pixels)
+                except ImageReadError as exc:
+                    problem = f"unreadable mask: {exc}"
+            if problem is not None:
+                self._masks[path] = problem
+        return self._masks[path]
+
+    def warnings(self, path: Path, cell: str, shape: tuple[int, int]) -> list[str]:
+        """What does not stop a study but should be looked at: an image too small for a lesion, a non-US DICOM."""
+        found = []
+        if min(shape) < MIN_LESION_SIDE:
+            found.append(
+                f"image {cell} is {_size(shape)} pixels, under {MIN_LESION_SIDE} px on a side: too small to hold a "
+                "lesion; check that it is the scan and not a thumbnail, an icon or a crop"
+            )
+        if path not in self._warned and is_dicom(path):
+            self._warned.add(path)
+            try:
+                modality = dicom_modality(path)
+            except ImageReadError:
+                modality = None
+            if modality != "US":
+                said = f"is {modality!r}" if modality else "is missing"
+                found.append(
+                    f"image {cell}: the DICOM Modality {said}, not 'US' (ultrasound); check that this is a breast "
+                    "ultrasound image"
+                )
+        return found
+
+
+def _missing(path: Path, what: str) -> str | None:
+    """Why the file at `path` cannot be opened, in the manifest's words; None when it is a regular file."""
+    problem = file_problem(path)
+    if problem is None:
+        return None
+    if problem == FILE_NOT_FOUND:
+        hint = "; paths are relative to the manifest's folder" if what == "image" else ""
+        return f"{what} file not found: {path}{hint}"
+    return f"{what} {path} {problem}; point to the {what} file"
 
 
 def _check_duplicates(
@@ -383,7 +598,9 @@ def _check_duplicates(
         sizes = {
             p: _resolve(root, r["image"]).stat().st_size
             for p, r in enumerate(records)
-            if p not in path_duplicates and (p in shapes or p in digests) and _resolve(root, r["image"]).is_file()
+            if p not in path_duplicates
+            and (p in shapes or p in digests)
+            and file_problem(_resolve(root, r["image"])) is None
         }
         size_counts = Counter(sizes.values())
         for position, size in sizes.items():
@@ -405,7 +622,7 @@ def _check_duplicates(
 
 
 def _check_patients(table: pd.DataFrame, numbers: list[int], add: _Add) -> None:
-    """One patient at one site and in one split; split names from `SPLITS`."""
+    """One patient at one site, in one split and with one label; split names from `SPLITS`."""
     records = table.to_dict("records")
     columns = table.columns
     by_patient: dict[str, list[int]] = defaultdict(list)
@@ -419,6 +636,7 @@ def _check_patients(table: pd.DataFrame, numbers: list[int], add: _Add) -> None:
     for column, why in (
         ("site", "one patient belongs to one site: fix the site, or prefix the patient IDs per site"),
         ("split", "all images of one patient must be in one split, or the test set leaks into training"),
+        ("label", "the reference standard is the patient's: give all of a patient's images the same label"),
     ):
         if column not in columns:
             continue
@@ -428,8 +646,8 @@ def _check_patients(table: pd.DataFrame, numbers: list[int], add: _Add) -> None:
                 values = [value for value in values if value in SPLITS]
             if len(values) > 1:
                 rows = ", ".join(str(numbers[p]) for p in positions)
-                noun = "sites" if column == "site" else "splits"
-                reason = f"patient {patient!r} is in several {noun} ({', '.join(values)}; rows {rows}); {why}"
+                what = "has images with different labels" if column == "label" else f"is in several {column}s"
+                reason = f"patient {patient!r} {what} ({', '.join(values)}; rows {rows}); {why}"
                 for position in positions:
                     add(position, column, reason)
 
@@ -438,13 +656,41 @@ def _unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(value for value in values if value))
 
 
-def _rebase(cell: str, root: str, out_dir: str, *, several: bool) -> str:
-    parts = _split_paths(cell) if several else ([cell] if cell else [])
+def _rebase(cell: str, root: str, out_dir: str | None, *, several: bool) -> str:
+    parts = split_paths(cell) if several else ([cell.strip()] if cell.strip() else [])
+    if out_dir is None:
+        return ";".join(part if os.path.isabs(part) else os.path.normpath(os.path.join(root, part)) for part in parts)
     rebased = [
         part if os.path.isabs(part) else os.path.relpath(os.path.join(root, part), out_dir).replace(os.sep, "/")
         for part in parts
     ]
     return ";".join(rebased)
+
+
+def rebase_manifest(
+    df: pd.DataFrame, root: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
+) -> pd.DataFrame:
+    """A copy of `df` (a manifest read from folder `root`) whose relative paths resolve from `out_dir` instead.
+
+    `image`, `mask` and the path-holding `mask_*` cells are rewritten (absolute paths stay as they are), so a
+    manifest written into another folder still finds its images. `out_dir=None` makes every path absolute (the
+    run folder's copy, which must not depend on the current folder).
+    """
+    root = os.path.abspath(root)
+    out_dir = None if out_dir is None else os.path.abspath(out_dir)
+    out = df.copy()
+    for column in ["image", *mask_columns(df.fillna("").astype(str))]:
+        if column in out.columns:
+            several = column != "image"
+            out[column] = [_rebase(str(cell), root, out_dir, several=several) for cell in out[column].fillna("")]
+    return out
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> pd.DataFrame:
@@ -454,9 +700,16 @@ def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.Pat
     `source_manifest` is each input's path relative to that folder. Writing the frame is the caller's job.
 
     Raises:
-        ManifestError: an input is unreadable, or one patient_id appears in two inputs (every clashing row).
+        ManifestError: `out` is one of the inputs, an input is unreadable, one patient_id appears in two inputs
+        (every clashing row), or an identifier looks like a spreadsheet formula.
     """
     out_dir = os.path.dirname(os.path.abspath(out))
+    overwritten = [path for path in paths if _same_file(path, out)]
+    if overwritten:
+        raise ManifestError(
+            out,
+            [Problem(None, "", f"the output {out} is the input manifest {overwritten[0]}: choose another --out")],
+        )
     frames: list[pd.DataFrame] = []
     owner: dict[str, tuple[str, int]] = {}
     problems: list[Problem] = []
@@ -468,11 +721,12 @@ def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.Pat
     for path in paths:
         path = Path(path)
         df = read_manifest(path)
-        root = os.path.dirname(os.path.abspath(path))
         numbers = _row_numbers(df.index)
-        for column in ["image", *mask_columns(df)]:
-            several = column != "image"
-            df[column] = [_rebase(cell, root, out_dir, several=several) for cell in df[column]]
+        formulas = _formula_problems(df, numbers)
+        if formulas and str(path) not in clashing:
+            clashing.append(str(path))
+        problems += formulas
+        df = rebase_manifest(df, path.parent, out_dir)
         df["source_manifest"] = os.path.relpath(os.path.abspath(path), out_dir).replace(os.sep, "/")
         mine: dict[str, int] = {}
         for number, patient in zip(numbers, df["patient_id"], strict=True):
@@ -495,7 +749,7 @@ def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.Pat
             owner.setdefault(patient, (str(path), number))
         frames.append(df)
     if problems:
-        raise ManifestError(", ".join(clashing), problems)
+        raise ManifestError(", ".join(clashing) or out, problems)
     if not frames:
         raise ManifestError(out, [Problem(None, "", "no input manifests to combine")])
     combined = pd.concat(frames, ignore_index=True, sort=False).fillna("")

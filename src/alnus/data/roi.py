@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from alnus._io import split_paths
 from alnus.data.images import load_image
 from alnus.errors import AlnusError
 
@@ -148,18 +149,18 @@ def mask_path(row: Mapping[str, str]) -> str | None:
     """The lesion mask of a manifest row: the `mask` column, else the first path of `mask_tumor`."""
     for column in ("mask", "mask_tumor"):
         cell = str(row.get(column, "") or "").strip()
-        first = next((part.strip() for part in cell.split(";") if part.strip()), "")
+        first = next(iter(split_paths(cell)), "")
         if first:
             return first
     return None
 
 
-def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int]) -> Box | None:
+def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pixels: int | None) -> Box | None:
     rel = mask_path(row)
     if rel is None:
         return None
     image = row.get("image", "?")
-    mask = load_image(Path(root) / rel)
+    mask = load_image(Path(root) / rel, max_pixels=max_pixels)
     if mask.shape != tuple(shape[:2]):
         raise RoiError(
             f"image {image}: mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
@@ -185,11 +186,14 @@ def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
     return box
 
 
-def roi_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: RoiPolicy) -> Box | None:
+def roi_box(
+    row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: RoiPolicy, *, max_pixels: int | None = None
+) -> Box | None:
     """The crop box of one manifest row under `policy`, margin added and clipped; None for mode "whole".
 
     Mode "box" uses the `roi` column, else the mask's bounding box; mode "mask" prefers the mask
     (`mask`, else the first path of `mask_tumor`), else the `roi` column. An empty mask counts as no mask.
+    `max_pixels` is the mask's decoded-size limit (`alnus.data.images.load_image`; None: the default).
 
     Raises:
         RoiError (an AlnusError): the row has neither, its box does not fit the image, or its mask
@@ -198,7 +202,7 @@ def roi_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: 
     if policy.mode == "whole":
         return None
     from_column = partial(_column_box, row, shape)
-    from_mask = partial(_mask_box, row, root, shape)
+    from_mask = partial(_mask_box, row, root, shape, max_pixels)
     for source in (from_column, from_mask) if policy.mode == "box" else (from_mask, from_column):
         box = source()
         if box is not None:
@@ -209,7 +213,9 @@ def roi_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: 
     )
 
 
-def crop_roi(image: np.ndarray, row: Mapping[str, str], root: Path, policy: RoiPolicy) -> np.ndarray:
+def crop_roi(
+    image: np.ndarray, row: Mapping[str, str], root: Path, policy: RoiPolicy, *, max_pixels: int | None = None
+) -> np.ndarray:
     """Crop a decoded image to its row's ROI under `policy` (the whole image for mode "whole")."""
-    box = roi_box(row, root, image.shape[:2], policy)
+    box = roi_box(row, root, image.shape[:2], policy, max_pixels=max_pixels)
     return image if box is None else crop(image, box)

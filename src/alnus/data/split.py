@@ -26,7 +26,7 @@ from alnus.errors import AlnusError
 SPLITS = ("train", "val", "internal_test", "external_test")
 
 # Hamming distance (of 256 bits) at or below which two pHash-16 hashes are the same image; chosen from
-# `bench/duplicate_threshold.py` on the real data (the numbers are in `image_hashes`).
+# `bench/duplicate_threshold.py` on the real data (docs/results.md, "Near-duplicate threshold").
 DEFAULT_MAX_DISTANCE = 32
 
 PAIR_COLUMNS = ["row_a", "row_b", "image_a", "image_b", "patient_a", "patient_b", "distance"]
@@ -246,19 +246,19 @@ def make_splits(
     return out
 
 
-def image_hashes(df: pd.DataFrame, root: str | Path, *, hash_size: int = 16) -> pd.Series:
+def image_hashes(
+    df: pd.DataFrame, root: str | Path, *, hash_size: int = 16, max_pixels: int | None = None
+) -> pd.Series:
     """Perceptual hash (imagehash.phash, hex string) of each row's decoded grey-scale image.
 
     pHash (Zauner 2010) thresholds the low-frequency 2-D DCT of a (4*hash_size)^2 thumbnail: JPEG
     re-encoding and rescaling change mostly high frequencies, so a re-saved copy keeps its hash while
-    distinct scans do not. Measured by `bench/duplicate_threshold.py` (BUS-BRA 1,875 + BrEaST 256 images,
-    hash_size 16 = 256 bits, 188 BUS-BRA images re-saved): copy vs original, JPEG q=75 max 8, 0.8x resize
-    max 6, both max 8, 0.5x + JPEG q=50 max 12, a 1% crop 6-26; the -l/-r views of one lesion 68-148
-    (median 116); any two distinct images of the 2,131: min 68 (median 126). dHash of the same size
-    separated less well (re-saved copies up to 26, distinct images from 55). Hence pHash and
-    `DEFAULT_MAX_DISTANCE` = 32: above every copy, under half the closest distinct pair. The whole decoded
-    image is hashed (`us_region=False`), i.e. what the file holds, so the measured threshold does not hinge
-    on a cropping heuristic.
+    distinct scans do not. `bench/duplicate_threshold.py` measures the distances of re-saved copies and of
+    distinct images on the real data (docs/results.md, "Near-duplicate threshold"); pHash separated them
+    better than dHash, and `DEFAULT_MAX_DISTANCE` lies above every copy and well under the closest distinct
+    pair. The whole decoded image is hashed (`us_region=False`), i.e. what the file holds, so the measured
+    threshold does not hinge on a cropping heuristic. `max_pixels` is `alnus.data.images.load_image`'s
+    decoded-size limit.
     """
     _require(df, ["image"])
     root = Path(root)
@@ -271,7 +271,7 @@ def image_hashes(df: pd.DataFrame, root: str | Path, *, hash_size: int = 16) -> 
         except ValueError as exc:
             raise AlnusError(f"row {int(idx) + _ROW_OFFSET}: {exc}.") from None
         try:
-            pixels = load_image(path, frame=index, us_region=False)
+            pixels = load_image(path, frame=index, us_region=False, max_pixels=max_pixels)
         except ImageReadError as exc:
             raise ImageReadError(f"row {int(idx) + _ROW_OFFSET}: {exc}") from exc
         out[idx] = str(imagehash.phash(Image.fromarray(pixels), hash_size=hash_size))
@@ -414,6 +414,35 @@ def check_leakage(splits: pd.DataFrame, pairs: pd.DataFrame | None = None) -> li
     return problems
 
 
+def _label_tally(part: pd.DataFrame) -> str:
+    keys = _patient_keys(part)
+    counts = keys.groupby(part["label"].astype(str)).nunique()
+    return ", ".join(f"{label!r} ({n} patient{'' if n == 1 else 's'})" for label, n in counts.items()) or "none"
+
+
+def check_classes(splits: pd.DataFrame) -> list[str]:
+    """Refuse a training split without both classes; return a note for a validation split without both.
+
+    Raises:
+        AlnusError: `train` holds fewer than two labels (it names the labels and patients it does hold).
+    """
+    _require(splits, ["patient_id", "label", "split"])
+    train = splits[splits["split"].astype(str) == "train"]
+    if train["label"].astype(str).nunique() < 2:
+        raise AlnusError(
+            f"the training split holds {train['label'].nunique()} label(s) ({_label_tally(train)}); a model "
+            "needs patients of both classes to learn from. Check the manifest's labels and split column, and "
+            "which sites are held out as external (their patients are never trained on)."
+        )
+    val = splits[splits["split"].astype(str) == "val"]
+    if len(val) and val["label"].astype(str).nunique() < 2:
+        return [
+            f"the validation split holds one label only ({_label_tally(val)}): its AUC and the threshold frozen "
+            "on it are undefined; add patients or raise val_frac"
+        ]
+    return []
+
+
 def split_report(splits: pd.DataFrame) -> pd.DataFrame:
     """Counts per split and site: patients and images, overall and per label; the last row is the total."""
     _require(splits, ["patient_id", "label", "split"])
@@ -453,15 +482,18 @@ def split_manifest(
     check_duplicates: bool = True,
     group_duplicates: bool = False,
     max_distance: int = DEFAULT_MAX_DISTANCE,
+    max_pixels: int | None = None,
 ) -> SplitResult:
-    """Hash images, find near-duplicates, (group them), split by patient and check for leakage.
+    """Hash images, find near-duplicates, (group them), split by patient and check for leakage and classes.
 
     Raises:
         LeakageError: a patient or a near-duplicate pair straddles two splits.
+        AlnusError: the training split holds fewer than two labels (a model cannot learn one class).
     """
     notes = []
     if check_duplicates:
-        pairs = find_near_duplicates(df, image_hashes(df, root), max_distance=max_distance)
+        hashes = image_hashes(df, root, max_pixels=max_pixels)
+        pairs = find_near_duplicates(df, hashes, max_distance=max_distance)
         notes.append(f"{len(pairs)} near-duplicate image pair(s) (pHash 16x16, Hamming distance <= {max_distance})")
     else:
         pairs = pd.DataFrame(columns=PAIR_COLUMNS)
@@ -477,6 +509,7 @@ def split_manifest(
         group_col="group" if group_duplicates else None,
     )
     notes += splits.attrs.get("notes", [])
+    notes += check_classes(splits)
     problems = check_leakage(splits, pairs)
     if problems:
         raise LeakageError(
