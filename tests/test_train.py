@@ -1,8 +1,11 @@
-"""The training engine on tiny phantom data: outputs, package, resume after kill -9, DDP with 2 processes."""
+"""The training engine on tiny phantom data: outputs, package, resume after kill -9, DDP with 2 processes, the
+learning-rate schedule, model selection at the study's level and safe, verified checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +19,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from alnus.config import load_config
+from alnus.config import ConfigError, TrainConfig, load_config
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
 from alnus.data.manifest import ManifestError
 from alnus.data.phantom import make_phantom
@@ -24,14 +27,19 @@ from alnus.data.roi import RoiPolicy
 from alnus.models import create_model
 from alnus.models.package import load_package
 from alnus.stats import auc
-from alnus.study import StudyError, prepare_run
+from alnus.study import StudyError, prepare_run, run_training
 from alnus.train import (
+    CheckpointError,
     DistInfo,
+    Engine,
     TrainError,
+    TrainState,
     WeightedDistributedSampler,
+    build_optimizer,
     gather_predictions,
+    group_lr,
     load_checkpoint,
-    run_training,
+    save_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +221,12 @@ def test_weighted_sampler_balances_and_shards():
         shard.set_epoch(2)
     parts = [list(s) for s in shards]
     assert [len(p) for p in parts] == [34, 34, 34]
-    assert sorted(sum(parts, [])) != sorted(drawn)  # 102 draws, not a copy of the single-process 100
+    # The shards interleave one shared draw of 3 x 34 = 102 (every rank draws it from the same seed and epoch),
+    # so together they are exactly that draw, and each rank trains on a different third of it.
+    generator = torch.Generator().manual_seed(3 + 2)
+    shared = torch.multinomial(torch.as_tensor(weights), 102, replacement=True, generator=generator).tolist()
+    assert [i for round_ in zip(*parts, strict=True) for i in round_] == shared
+    assert 0.3 < (np.array(shared) < 10).mean() < 0.7
 
 
 def test_gather_drops_padding_duplicates():
@@ -291,20 +304,42 @@ def test_ddp_two_processes_gathers_exactly_the_val_set(phantom, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_config_reaches_auc_0_9_within_two_minutes(tmp_path):
+def test_ddp_two_processes_switch_from_head_to_full_training(phantom, tmp_path):
+    """issue 7.18: the phase switch re-wraps the model in DDP; with 2 processes the body then trains on both."""
+    torch.manual_seed(5)
+    start = create_model("tiny_cnn")
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    train = {"weights": f"file:{tmp_path / 'start.pt'}", "epochs": 2, "head_epochs": 1}
+    config = _config(tmp_path, phantom, "ddp-head", train=train)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alnus"]
+    done = subprocess.run([*cmd, "train", str(config)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es)" in done.stdout
+    model_dir = tmp_path / "runs" / "ddp-head" / "models" / "tiny_cnn"
+    last = load_checkpoint(model_dir / "checkpoints" / "last.pt")
+    assert [row["phase"] for row in last["history"]] == ["head", "full"]
+    trained = create_model("tiny_cnn")
+    trained.load_state_dict(last["model"])
+    head = {id(p) for p in trained.head_parameters()}
+    body_changed = [
+        not torch.equal(before, after)
+        for before, after in zip(start.parameters(), trained.parameters(), strict=True)
+        if id(after) not in head
+    ]
+    assert all(body_changed), "the full phase did not train every body parameter"
+    _, meta = load_package(model_dir / "model")
+    y, probs = _val_probs(tmp_path / "runs" / "ddp-head", load_package(model_dir / "model")[0], 32)
+    assert auc(y, probs) == pytest.approx(meta["val_auc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_config_reaches_auc_0_9(tmp_path):
+    """The demo's model learns the phantom's signal (its speed is `make demo`'s business, measured there)."""
     manifest = make_phantom(tmp_path / "demo" / "data", seed=0)  # what `alnus demo` writes
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.manifest={manifest}", f"runs_dir={tmp_path / 'runs'}"])
-    start = time.perf_counter()
     [result] = run_training(cfg, console=_quiet())
-    seconds = time.perf_counter() - start
     reached = [row for row in result.history if row["val_auc"] >= 0.9]
     assert reached, f"val AUC never reached 0.9: {[round(r['val_auc'], 3) for r in result.history]}"
-    to_reach = sum(row["seconds"] for row in result.history if row["epoch"] <= reached[0]["epoch"])
-    print(
-        f"demo: val AUC {reached[0]['val_auc']:.4f} >= 0.9 at epoch {reached[0]['epoch']} after {to_reach:.0f} s "
-        f"of training; best {result.best_val_auc:.4f} (epoch {result.best_epoch}); {seconds:.0f} s in all"
-    )
-    assert to_reach < 120, f"val AUC 0.9 took {to_reach:.0f} s of training"
 
 
 class _FakeMlflow:
@@ -353,3 +388,257 @@ def test_a_diverged_run_stops_with_what_to_change(phantom, tmp_path):
     cfg = load_config(_config(tmp_path, phantom, "diverged", train={"epochs": 1, "lr": 1.0e30}))
     with pytest.raises(TrainError, match="diverged in epoch 1.*lower train.lr"):
         run_training(cfg, console=_quiet())
+
+
+def _step_lrs(train: TrainConfig, steps_per_epoch: int, head_epochs: int) -> list[tuple[float, float]]:
+    """(head, body) learning rate of every optimiser step of a whole training."""
+    optimizer, scheduler = build_optimizer(
+        create_model("tiny_cnn"), train, steps_per_epoch=steps_per_epoch, head_epochs=head_epochs
+    )
+    lrs = []
+    for _ in range(steps_per_epoch * train.epochs):
+        lrs.append((group_lr(optimizer, "head"), group_lr(optimizer, "body")))
+        optimizer.step()  # no gradients: nothing changes but the schedule's step count
+        scheduler.step()
+    return lrs
+
+
+def test_lr_warms_up_again_when_the_body_unfreezes_and_the_body_learns_at_its_factor():
+    """issue 7.4: the body does not unfreeze at the peak learning rate, and it learns at body_lr_factor x lr."""
+    train = TrainConfig(epochs=4, lr=1e-3, warmup_epochs=1, head_epochs=1, body_warmup_epochs=1, body_lr_factor=0.1)
+    lrs = _step_lrs(train, steps_per_epoch=5, head_epochs=1)
+    head = [h for h, _ in lrs]
+    for h, b in lrs:
+        assert b == pytest.approx(0.1 * h)
+    assert head[4] == pytest.approx(1e-3)  # the first warm-up reached the peak by the end of the head epoch
+    unfreeze = 5  # the first step of epoch 2, the first that trains the body
+    assert head[unfreeze] < 0.25 * head[unfreeze - 1]  # starts low again ...
+    ramp = head[unfreeze : unfreeze + 5]  # one epoch of 5 steps
+    assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))
+    assert head[unfreeze + 5] > 0.5e-3  # ... back up on the cosine after one epoch, which then decays
+    assert head[-1] < head[unfreeze + 5]
+    # The old schedule (no second warm-up, factor 1): the body unfroze at the peak, at the head's rate.
+    old = _step_lrs(dataclasses.replace(train, body_warmup_epochs=0, body_lr_factor=1.0), 5, 1)
+    assert old[unfreeze][1] == old[unfreeze][0] > 0.9e-3
+    # Without head-only epochs there is nothing to unfreeze: one warm-up only.
+    plain = _step_lrs(train, steps_per_epoch=5, head_epochs=0)
+    assert [h for h, _ in plain] == pytest.approx([h for h, _ in old])
+
+
+def test_package_and_model_folder_record_the_full_training_settings(phantom, tmp_path):
+    """issue 7.5: the package holds the resolved settings; the model keeps its own config.yaml and env.json."""
+    cfg = load_config(_config(tmp_path, phantom, "recorded", train={"epochs": 1}))
+    [result] = run_training(cfg, console=_quiet())
+    _, meta = load_package(result.package_dir)
+    assert meta["training"]["train"] == dataclasses.asdict(cfg.train)
+    assert meta["training"]["data"]["manifest"] == cfg.data.manifest
+    assert meta["training"]["preprocess"] == dataclasses.asdict(cfg.preprocess)
+    assert meta["training"]["evaluate"]["level"] == "patient" == meta["selection"]["level"]
+    assert load_config(result.model_dir / "config.yaml") == cfg
+    assert "torch" in yaml.safe_load((result.model_dir / "env.json").read_text())
+    # The run's config.yaml follows the latest command; the model's copy stays what it was trained with.
+    prepare_run(load_config(_config(tmp_path, phantom, "recorded", train={"epochs": 7})))
+    assert load_config(result.model_dir / "config.yaml").train.epochs == 1
+
+
+@pytest.fixture(scope="module")
+def multi_image(tmp_path_factory) -> Path:
+    """24 patients with two images each: patient-level and image-level val AUCs can disagree."""
+    out = tmp_path_factory.mktemp("multi")
+    return make_phantom(
+        out,
+        patients=24,
+        external_patients=0,
+        images_per_patient=(2, 2),
+        image_size=(48, 56),
+        dicom_fraction=0.0,
+        readers=0,
+        seed=3,
+    )
+
+
+def _designed_val_probs(table: pd.DataFrame, epoch: int) -> np.ndarray:
+    """Epoch 1: a patient's images agree; positive patients alternate 0.8 / 0.6, negative ones 0.7 / 0.1 (image
+    AUC = patient AUC, below 1). Epoch 2: a positive patient's images are 0.9 and 0.2, a negative's 0.5 and 0.5
+    (image AUC 0.5, patient AUC 1)."""
+    positive = (table["label"] == "positive").to_numpy()
+    patients = table["patient_id"].astype(str).to_numpy()
+    image = table.groupby("patient_id", sort=False).cumcount().to_numpy()
+    # A patient's place among the patients of its class, in order of appearance.
+    place = {p: k for cls in (True, False) for k, p in enumerate(dict.fromkeys(patients[positive == cls]))}
+    probs = np.empty(len(table))
+    for i, (patient, pos) in enumerate(zip(patients, positive, strict=True)):
+        if epoch == 1:
+            probs[i] = ((0.8, 0.6) if pos else (0.7, 0.1))[place[patient] % 2]
+        else:
+            probs[i] = (0.9, 0.2)[image[i]] if pos else 0.5
+    return probs
+
+
+@pytest.mark.parametrize(("level", "expected_best"), [("patient", 2), ("image", 1)])
+def test_the_best_epoch_is_chosen_at_the_study_level(multi_image, tmp_path, monkeypatch, level, expected_best):
+    """issue 7.6: with evaluate.level patient the best epoch is the one the patient-level val AUC prefers."""
+    import alnus.train as train
+
+    calls = []
+
+    def designed(engine, loader, info):  # noqa: ANN001 - stands in for the model's val predictions
+        table = loader.dataset.dataset.table
+        calls.append(len(calls) + 1)
+        probs = np.clip(_designed_val_probs(table, calls[-1]), 1e-6, 1 - 1e-6)
+        return np.arange(len(table)), np.log(probs / (1 - probs)).astype(np.float32)
+
+    monkeypatch.setattr(train, "predict_logits", designed)
+    cfg = load_config(_config(tmp_path, multi_image, f"level-{level}", train={"epochs": 2}, evaluate={"level": level}))
+    [result] = run_training(cfg, console=_quiet())
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv", dtype={"patient_id": str})
+    val = saved.assign(y=saved["label"].eq("positive").astype(int))
+    # The design holds on this split: image level prefers epoch 1, patient level epoch 2.
+    by_epoch = {e: _designed_val_probs(val, e) for e in (1, 2)}
+    image_auc = {e: auc(val["y"], p) for e, p in by_epoch.items()}
+    patient_auc = {e: auc(*_per_patient(val, p)) for e, p in by_epoch.items()}
+    assert image_auc[1] > image_auc[2] and patient_auc[2] > patient_auc[1]
+    assert result.best_epoch == expected_best
+    expected = patient_auc if level == "patient" else image_auc
+    assert result.best_val_auc == pytest.approx(expected[expected_best])
+    assert [row["val_auc"] for row in result.history] == pytest.approx([expected[1], expected[2]])
+
+
+def _per_patient(table: pd.DataFrame, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    grouped = table.assign(prob=probs).groupby("patient_id")
+    return grouped["y"].first().to_numpy(), grouped["prob"].mean().to_numpy()
+
+
+@pytest.fixture
+def one_epoch(phantom, tmp_path):
+    """A finished one-epoch run: a real last.pt to tamper with, and a config to resume it."""
+    cfg = load_config(_config(tmp_path, phantom, "tampered", train={"epochs": 1}))
+    run_training(cfg, console=_quiet())
+    last = cfg.run_dir / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
+    return cfg, last
+
+
+class _RunsCode:
+    """A pickle that, when loaded by an unrestricted unpickler, creates `marker` (any code could run instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(one_epoch, tmp_path):
+    """issue 7.8: last.pt is loaded with weights_only; a crafted pickle is refused with a clear error, unrun."""
+    cfg, last = one_epoch
+    marker = tmp_path / "payload-ran"
+    torch.save({"version": 1, "model": _RunsCode(marker)}, last)
+    with pytest.raises(CheckpointError, match=r"last\.pt holds objects other than tensors.*could run code.*delete"):
+        run_training(cfg, resume=True, console=_quiet())
+    assert not marker.exists()
+    # The same inside a well-formed checkpoint whose checksum matches: the contents are loaded safely too.
+    save_checkpoint("last", {"model": _RunsCode(marker)}, last)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(last)
+    assert not marker.exists()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_an_error_not_a_resume(one_epoch):
+    """issue 7.10: a damaged last.pt is refused (checksum), with what to do."""
+    cfg, last = one_epoch
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"last\.pt.*damaged.*delete it to train this model again"):
+        run_training(cfg, resume=True, console=_quiet())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.pop("settings"), r"lacks its 'settings' value.*delete it"),
+        (lambda p: p.update(settings="abc"), r"'settings' is str 'abc', not dict.*delete it"),
+        (lambda p: p.update(epoch="3"), r"'epoch' is str '3', not int"),
+        (lambda p: next(iter(p["model"].values())).fill_(float("nan")), r"weight .* non-finite values.*delete it"),
+    ],
+    ids=["no-settings", "settings-not-a-mapping", "epoch-not-a-number", "nan-weight"],
+)
+def test_a_checkpoint_missing_or_with_a_corrupted_value_names_the_file(one_epoch, change, message):
+    """issue 7.13: a checkpoint without `settings` or with a corrupted value is a clear error naming the file, not
+    a KeyError nor a 'training diverged, lower train.lr' after resuming."""
+    cfg, last = one_epoch
+    payload = load_checkpoint(last)
+    kind = payload.pop("kind")
+    change(payload)
+    save_checkpoint(kind, payload, last)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        run_training(cfg, resume=True, console=_quiet())
+    assert str(last) in str(raised.value) and "diverged" not in str(raised.value)
+
+
+def _engine(seed: int) -> Engine:
+    torch.manual_seed(seed)
+    model = create_model("tiny_cnn")
+    train = TrainConfig(epochs=3, lr=1e-3)
+    optimizer, scheduler = build_optimizer(model, train, steps_per_epoch=2, head_epochs=0)
+    return Engine(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        criterion=torch.nn.BCEWithLogitsLoss(),
+        device=torch.device("cpu"),
+        precision=None,
+        channels_last=False,
+        head_epochs=0,
+        grad_accum=1,
+    )
+
+
+def test_train_state_saves_and_restores_itself(tmp_path):
+    """issue 7.17: a TrainState saves itself with the engine and RNG states, and restores all of them."""
+    engine = _engine(seed=1)
+    loss = engine.model(torch.rand(4, 1, 32, 32)).sum()
+    loss.backward()
+    engine.optimizer.step()  # optimiser state (AdamW moments) to save
+    engine.scheduler.step()
+    state = TrainState()
+    row = {"epoch": 1, "phase": "full", "train_loss": 0.7, "val_loss": 0.6, "val_auc": 0.8, "lr": 1e-3}
+    assert state.record(row, patience=2, epochs=3)
+    assert not state.record({**row, "epoch": 2, "val_auc": 0.7}, patience=2, epochs=3) and not state.stopped
+    save_checkpoint("last", state.checkpoint(engine, {"backbone": "tiny_cnn"}), tmp_path / "last.pt")
+    expected_draws = (torch.rand(3), np.random.random(3), random.random())
+
+    other = _engine(seed=2)
+    restored = TrainState.restore(load_checkpoint(tmp_path / "last.pt"), other, tmp_path / "last.pt")
+    assert restored == state
+    assert (restored.epochs_done, restored.best_epoch, restored.bad_epochs) == (2, 1, 1)
+    for a, b in zip(engine.model.state_dict().values(), other.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert other.scheduler.last_epoch == engine.scheduler.last_epoch == 1
+    assert torch.equal(
+        other.optimizer.state_dict()["state"][0]["exp_avg"], engine.optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    # The RNGs continue where they were when the state was saved.
+    assert torch.equal(torch.rand(3), expected_draws[0])
+    assert np.array_equal(np.random.random(3), expected_draws[1]) and random.random() == expected_draws[2]
+
+
+def test_selection_at_a_level_the_val_split_cannot_support_is_a_clear_error(phantom, tmp_path):
+    """issue 7.6: study-level selection needs a study_id on every val image; the error says what to do."""
+    df = pd.read_csv(phantom, dtype=str, keep_default_na=False).assign(study_id="")
+    manifest = phantom.parent / "no_studies.csv"
+    df.to_csv(manifest, index=False)
+    cfg = load_config(_config(tmp_path, manifest, "studies", train={"epochs": 1}, evaluate={"level": "study"}))
+    with pytest.raises(TrainError, match=r"splits\.csv: the val split cannot be scored per study.*no study_id"):
+        run_training(cfg, console=_quiet())
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("body_lr_factor=0", "train.body_lr_factor: 0.0 must be positive"), ("body_warmup_epochs=-1", "at least 0")],
+)
+def test_body_schedule_settings_are_checked(phantom, tmp_path, setting, message):
+    """issue 7.4: the new schedule settings are range-checked when the config is read."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(_config(tmp_path, phantom, "checked"), [f"train.{setting}"])

@@ -1,14 +1,26 @@
 """The training engine: one loop for the CPU, one GPU and `torchrun` DDP.
 
-Transfer learning as in Zhou et al. (Radiology 2020;294:19-28): pretrained backbones are fine-tuned
-head-first (body frozen), then whole. AdamW (Loshchilov & Hutter 2019) or SGD with momentum, linear warm-up
-then cosine decay per optimiser step (Loshchilov & Hutter 2017, SGDR; Goyal et al. 2017 for the warm-up).
-The model is selected, and training stopped early, on the validation AUC computed on exactly the
-validation images (DistributedSampler's padding duplicates are dropped by index after the gather).
+Transfer learning as in Zhou et al. (Radiology 2020;294:19-28): pretrained backbones are fine-tuned head-first
+(body frozen), then whole. AdamW (Loshchilov & Hutter 2019) or SGD with momentum, linear warm-up then cosine decay
+per optimiser step (Loshchilov & Hutter 2017, SGDR; Goyal et al. 2017 for the warm-up); when the body unfreezes,
+the learning rate warms up again (`train.body_warmup_epochs`), and the body may learn at a fraction of the head's
+rate (`train.body_lr_factor`, discriminative fine-tuning: Howard & Ruder 2018).
 
-A run is repeatable: python/numpy/torch are seeded, the sampler's order is drawn from (seed, epoch) and
-each item's augmentation from (seed, epoch, index), and `last.pt` holds every RNG state, so a resumed run
-sees the same data and draws as an uninterrupted one.
+The model is selected, and training stopped early, on the validation AUC at the study's level
+(`evaluate.level`, `evaluate.aggregate`: by default a patient's mean image probability), the level the threshold
+is frozen and the results are reported at; it is computed on exactly the validation images (DistributedSampler's
+padding duplicates are dropped by index after the gather).
+
+A run is repeatable: python/numpy/torch are seeded, the sampler's order is drawn from (seed, epoch) and each item's
+augmentation from (seed, epoch, index), and `last.pt` holds every RNG state, so a resumed run sees the same data and
+draws as an uninterrupted one. Checkpoints hold tensors and plain values only and are read with
+`torch.load(weights_only=True)`, so a crafted file cannot run code; each carries the SHA-256 of its contents, so a
+damaged one is refused instead of resumed (`alnus._checkpoint`). Ranks, the sampler and the gather of predictions
+across ranks are in `alnus._distributed`.
+
+The steps, in the order `train_model` wires them: `build_data`, `build_engine` (model, optimiser, schedule),
+`TrainState` (saves and restores itself), then per epoch `train_one_epoch`, `validate`, `save_checkpoint`; last
+`write_package`.
 """
 
 from __future__ import annotations
@@ -20,50 +32,58 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from alnus._io import atomic_path, file_sha256, write_csv
-from alnus.config import Config, stable_hash, training_settings
+from alnus._checkpoint import (
+    DELETE_ADVICE,
+    CheckpointError,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from alnus._distributed import (
+    DistInfo,
+    IndexedDataset,
+    WeightedDistributedSampler,
+    dist_info,
+    gather_predictions,
+    main_first,
+)
+from alnus._io import atomic_write_text, file_sha256, write_csv
+from alnus._levels import aggregate_cases, case_ids, mixed_cases
+from alnus.config import Config, dump_config, stable_hash, training_settings
 from alnus.errors import AlnusError
+from alnus.runfolder import ModelFolder, RunFolder, read_splits
 
-CHECKPOINT_VERSION = 1
+if TYPE_CHECKING:
+    from alnus._hardware import Precision
+    from alnus.data.dataset import PreprocessSpec, UltrasoundDataset
+    from alnus.models import UltrasoundNet
+
+# `val_auc` is at the study's level (`evaluate.level`); `lr` is the head's rate at the epoch's last optimiser step.
 HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds")
-_T = TypeVar("_T")
 
 
 class TrainError(AlnusError):
     """Training cannot start or continue as configured; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes files and prints."""
-        return self.rank == 0
-
-
 @dataclass
 class TrainResult:
-    """What `train_model` produced for one backbone."""
+    """What `train_model` produced for one backbone; `best_val_auc` is at the study's level (`evaluate.level`)."""
 
     backbone: str
     model_dir: Path
@@ -76,51 +96,12 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def dist_info() -> DistInfo:
-    """Rank, world size and local rank of this process (0, 1, 0 without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo()
+def rank_device(requested: str, info: DistInfo) -> torch.device:
+    """This rank's device: with `auto` or `cuda`, the GPU of its local rank (one GPU per torchrun process), else CPU.
 
-
-@contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[DistInfo]:
-    """Join the process group `torchrun` describes in the environment (gloo on CPU, NCCL on GPU), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    started = False
-    if world > 1 and not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        started = True
-    try:
-        yield dist_info()
-    finally:
-        if started:
-            dist.destroy_process_group()
-
-
-def main_first(info: DistInfo, fn: Callable[[], _T]) -> _T | None:
-    """Run `fn` on rank 0 while the other ranks wait; a failure there is raised on every rank."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below, after the other ranks have heard of it
-            error = exc
-    if info.world_size > 1:
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None and not info.is_main:
-            raise TrainError(f"rank 0 failed: {message[0]}")
-    if error is not None:
-        raise error
-    return result
-
-
-def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """`auto`: this rank's GPU when CUDA is available, else the CPU."""
+    Not `alnus.predict.resolve_device`: prediction runs in one process and may name any GPU (`cuda:N`), while a
+    training rank must use the GPU torchrun gave it.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is 'cuda' but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
     if requested != "cpu" and torch.cuda.is_available():
@@ -140,108 +121,25 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def rng_states() -> dict[str, Any]:
-    """Every RNG state a training step draws from (python, numpy, torch CPU and CUDA)."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what `rng_states` returned."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class WeightedDistributedSampler(Sampler[int]):
-    """Class-balanced sampling with replacement, drawn from (seed, epoch) and split across ranks.
-
-    Every rank draws the same `num_replicas * ceil(n / num_replicas)` indices and keeps every
-    `num_replicas`-th one from its rank on; with one replica it is a seeded `WeightedRandomSampler`.
-    """
-
-    def __init__(self, weights: Sequence[float], *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        self.num_samples = math.ceil(len(self.weights) / num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the draw of `epoch`."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        total = self.num_samples * self.num_replicas
-        drawn = torch.multinomial(self.weights, total, replacement=True, generator=generator)
-        return iter(drawn[self.rank : total : self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class _Indexed(Dataset):
-    """Items with their dataset index, so gathered predictions can be matched and de-duplicated."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image, target = self.dataset[i]
-        return image, target, i
-
-
-def gather_predictions(
-    indices: torch.Tensor, logits: torch.Tensor, n: int, info: DistInfo
-) -> tuple[np.ndarray, np.ndarray]:
-    """All ranks' (index, logit) pairs -> exactly one logit per dataset index 0..n-1, in index order.
-
-    DistributedSampler pads the last round with repeated indices so every rank gets as many items; those
-    duplicates are dropped here (keeping the first), so a metric is computed on exactly `n` cases.
-    """
-    if info.world_size > 1:
-        parts_i = [torch.empty_like(indices) for _ in range(info.world_size)]
-        parts_l = [torch.empty_like(logits) for _ in range(info.world_size)]
-        dist.all_gather(parts_i, indices)
-        dist.all_gather(parts_l, logits)
-        indices, logits = torch.cat(parts_i), torch.cat(parts_l)
-    idx = indices.cpu().numpy()
-    values = logits.float().cpu().numpy()
-    unique, first = np.unique(idx, return_index=True)
-    if len(unique) != n or not np.array_equal(unique, np.arange(n)):
-        raise RuntimeError(f"gathered predictions cover {len(unique)} distinct items of {n}")
-    return unique, values[first]
-
-
 def model_settings(cfg: Config, run_dir: str | os.PathLike[str], backbone: str) -> dict[str, Any]:
-    """What a trained model depends on, as plain JSON values: the settings that change weights, the backbone, and
-    the data its split came from (the run's `data.json` hash: manifest contents and split settings).
+    """What a trained model depends on, as plain JSON values: the settings that change weights, the level the best
+    epoch is chosen at, the backbone, and the data its split came from (the run's `data.json` hash: manifest
+    contents and split settings).
 
     Checkpoints and packages record it; a resume or a reuse of a finished model is refused when it differs, so a
     model trained on an earlier split never predicts patients that may have been in its training data.
     """
-    from alnus.study import DATA_STAMP
-
-    stamp = Path(run_dir) / DATA_STAMP
+    stamp = RunFolder(run_dir).data_stamp
     data = json.loads(stamp.read_text(encoding="utf-8")).get("hash") if stamp.is_file() else None
-    return json.loads(json.dumps({**training_settings(cfg), "backbone": backbone, "data_hash": data}, default=str))
+    selection = {"level": cfg.evaluate.level, "aggregate": cfg.evaluate.aggregate}
+    settings = {**training_settings(cfg), "selection": selection, "backbone": backbone, "data_hash": data}
+    return json.loads(json.dumps(settings, default=str))
 
 
-def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
-    """Keep the body's batch-norm running statistics as loaded while only the head trains: a frozen body is
-    frozen entirely (the head is fitted to the pretrained features, not to statistics drifting under it)."""
-    head = {id(m) for m in model.classifier().modules()} if hasattr(model, "classifier") else set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and id(module) not in head:
-            module.eval()
+def training_record(cfg: Config) -> dict[str, Any]:
+    """The resolved data, preprocess, train and evaluate sections as plain JSON: what a model package records."""
+    sections = cfg.to_dict()
+    return json.loads(json.dumps({k: sections[k] for k in ("data", "preprocess", "train", "evaluate")}, default=str))
 
 
 def training_data_hash(table: pd.DataFrame) -> str:
@@ -257,23 +155,6 @@ def training_data_hash(table: pd.DataFrame) -> str:
     return stable_hash(records)
 
 
-def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No weight decay on biases and normalisation parameters (1-D), as is usual for AdamW/SGD fine-tuning.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -281,6 +162,101 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): value}
+
+
+def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    a, b = _flatten(saved), _flatten(now)
+    return [
+        f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+# ------------------------------------------------------------------------------------- learning-rate schedule
+def lr_factor(step: int, *, total: int, warmup: int, unfreeze: int | None = None, body_warmup: int = 0) -> float:
+    """The multiplier of each group's base learning rate at optimiser step `step` (0-based).
+
+    Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`; from `unfreeze` (the first step that
+    trains the body), a second linear warm-up over `body_warmup` steps scales the cosine down and back up, so the
+    freshly unfrozen body starts at a low rate instead of near the peak.
+    """
+    ramp = (step + 1) / warmup if step < warmup else 1.0
+    if unfreeze is not None and unfreeze <= step < unfreeze + body_warmup:
+        ramp = min(ramp, (step - unfreeze + 1) / body_warmup)
+    if step < warmup:
+        return ramp
+    progress = (step - warmup) / max(1, total - warmup)
+    return ramp * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(model: torch.nn.Module, lr: float, body_lr_factor: float, weight_decay: float) -> list[dict]:
+    """Head, then body parameters, each with and without weight decay; the body at `body_lr_factor` x `lr`.
+
+    No weight decay on biases and normalisation parameters (1-D), as is usual for AdamW/SGD fine-tuning.
+    """
+    head = {id(p) for p in model.head_parameters()}  # type: ignore[operator]
+    groups = []
+    for part, part_lr in (("head", lr), ("body", lr * body_lr_factor)):
+        params = [p for p in model.parameters() if (id(p) in head) == (part == "head")]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decay]
+            if chosen:
+                name = part if decay else f"{part}_no_decay"
+                groups.append(
+                    {"params": chosen, "lr": part_lr, "weight_decay": weight_decay if decay else 0.0, "name": name}
+                )
+    return groups
+
+
+def build_optimizer(
+    model: torch.nn.Module, tc: Any, *, steps_per_epoch: int, head_epochs: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser (head and body parameter groups) and its per-step schedule (`lr_factor`).
+
+    Args:
+        tc: the config's `train` section.
+        head_epochs: epochs that train the head alone (0: the body trains from the start, no second warm-up).
+    """
+    groups = _param_groups(model, tc.lr, tc.body_lr_factor, tc.weight_decay)
+    if tc.optimizer == "adamw":
+        # Fused: one kernel per step instead of one per parameter (faster on CPU and GPU; bench/throughput.py).
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=tc.lr, fused=True)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
+    unfreeze = head_epochs * steps_per_epoch if 0 < head_epochs < tc.epochs else None
+    schedule = {
+        "total": steps_per_epoch * tc.epochs,
+        "warmup": round(tc.warmup_epochs * steps_per_epoch),
+        "unfreeze": unfreeze,
+        "body_warmup": round(tc.body_warmup_epochs * steps_per_epoch) if unfreeze is not None else 0,
+    }
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **schedule))
+    return optimizer, scheduler
+
+
+def group_lr(optimizer: torch.optim.Optimizer, part: str) -> float:
+    """The current learning rate of the `head` or `body` parameters."""
+    return next(float(g["lr"]) for g in optimizer.param_groups if g["name"].startswith(part))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    """The train and val datasets and loaders, and the val cases the selection AUC is computed on."""
+
+    spec: PreprocessSpec
+    train_table: pd.DataFrame
+    val_table: pd.DataFrame
+    train_ds: UltrasoundDataset
+    val_ds: UltrasoundDataset
+    sampler: DistributedSampler | WeightedDistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_cases: np.ndarray  # the case (image, patient or study) of each val image, as integers
+    label_names: list[str]
+    n_pos: int
+    n_neg: int
 
 
 def _part(splits: pd.DataFrame, name: str, positive_label: str, path: Path) -> pd.DataFrame:
@@ -294,10 +270,348 @@ def _part(splits: pd.DataFrame, name: str, positive_label: str, path: Path) -> p
     return table
 
 
+def _val_cases(val_table: pd.DataFrame, positive: str, level: str, path: Path) -> np.ndarray:
+    """The case of each val image at the study's level; refuse cases without an id or with mixed labels."""
+    try:
+        cases = case_ids(val_table, level)
+    except ValueError as exc:
+        raise TrainError(
+            f"{path}: the val split cannot be scored per {level}: {exc}; fill it in the manifest, or set "
+            "evaluate.level to patient or image"
+        ) from None
+    mixed = mixed_cases(cases, (val_table["label"] == positive).to_numpy(int))
+    if mixed.size:
+        first = pd.Series(np.arange(len(cases))).groupby(cases).first()
+        names = [str(val_table["patient_id"].iloc[first[case]]) for case in mixed[:8]]
+        raise TrainError(
+            f"{path}: {mixed.size} val {level}(s) have images with different labels ({', '.join(names)}); a "
+            f"{level}-level AUC needs one label per {level}: check the labels, or set evaluate.level to image"
+        )
+    return cases
+
+
+def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, device: torch.device) -> TrainData:
+    """The run's train and val splits as warmed datasets (rank 0 fills the decode cache) and their loaders."""
+    from alnus.data.augment import UltrasoundAugment
+    from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
+    from alnus.data.roi import RoiPolicy
+    from alnus.models import get_spec
+
+    tc, positive = cfg.train, cfg.data.positive_label
+    splits = read_splits(run.root)
+    train_table = _part(splits, "train", positive, run.splits)
+    val_table = _part(splits, "val", positive, run.splits)
+    val_cases = _val_cases(val_table, positive, cfg.evaluate.level, run.splits)
+    spec = PreprocessSpec(
+        size=cfg.preprocess.size or get_spec(backbone).input_size,
+        roi=RoiPolicy(cfg.preprocess.roi, cfg.preprocess.margin),
+        keep_aspect=cfg.preprocess.keep_aspect,
+    )
+    cache = ImageCache(run.cache)
+    augment = UltrasoundAugment.from_config(tc.augment) if tc.augment is not None else None
+    limit = cfg.data.max_image_pixels
+    train_ds = UltrasoundDataset(
+        train_table, run.root, spec, cache=cache, positive_label=positive, transform=augment, seed=tc.seed,
+        max_pixels=limit,
+    )  # fmt: skip
+    val_ds = UltrasoundDataset(val_table, run.root, spec, cache=cache, positive_label=positive, max_pixels=limit)
+    # Rank 0 fills the cache; the others then only read it.
+    for ds in (train_ds, val_ds):
+        main_first(info, ds.warm)
+        if not info.is_main:
+            ds.warm()
+
+    targets = train_ds.targets
+    n_pos, n_neg = int(targets.sum()), int(len(targets) - targets.sum())
+    if tc.balance == "sampler":
+        class_weight = np.where(targets == 1, 1.0 / n_pos, 1.0 / n_neg)
+        sampler: Any = WeightedDistributedSampler(
+            class_weight, num_replicas=info.world_size, rank=info.rank, seed=tc.seed
+        )
+    else:
+        sampler = DistributedSampler(
+            train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed, drop_last=False
+        )
+    val_sampler = DistributedSampler(val_ds, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    # BatchNorm cannot train on a final batch of one image.
+    drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
+    loader_args = {"num_workers": tc.num_workers, "pin_memory": device.type == "cuda"}
+    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args)
+    val_loader = DataLoader(IndexedDataset(val_ds), batch_size=tc.batch_size, sampler=val_sampler, **loader_args)
+    labels = list(cfg.data.labels or sorted(splits["label"].unique()))
+    return TrainData(
+        spec,
+        train_table,
+        val_table,
+        train_ds,
+        val_ds,
+        sampler,
+        train_loader,
+        val_loader,
+        val_cases,
+        labels,
+        n_pos,
+        n_neg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@dataclass
+class Engine:
+    """The model, its optimiser, schedule and gradient scaler, and how batches run (device, precision, layout)."""
+
+    model: UltrasoundNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    head_epochs: int
+    grad_accum: int
+    net: torch.nn.Module | None = None  # the model as this process runs it (DDP-wrapped with several ranks)
+    phase: str | None = None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the device, in the engine's memory layout."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def enter_phase(self, epoch: int, info: DistInfo) -> str:
+        """`head` (body frozen) for the first `head_epochs` epochs, then `full`; (re)wraps DDP when it changes."""
+        phase = "head" if epoch < self.head_epochs else "full"
+        if phase != self.phase:
+            self.phase = phase
+            for p in self.model.body_parameters():
+                p.requires_grad_(phase == "full")
+            self.net = self.model
+            if info.world_size > 1:
+                # DDP registers the parameters that need gradients when it wraps the model: wrap again.
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.net = DistributedDataParallel(self.model, device_ids=ids)
+        return phase
+
+
+def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.device) -> Engine:
+    """Create the model (with its start weights), loss, optimiser, per-step schedule and gradient scaler."""
+    from alnus._hardware import choose_precision
+    from alnus.models import create_model
+
+    tc = cfg.train
+    model = create_model(backbone, weights=tc.weights).to(device)
+    precision = choose_precision(device, tc.precision)
+    channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    head_epochs = tc.head_epochs if tc.weights != "none" else 0
+    pos_weight = torch.tensor(data.n_neg / data.n_pos, device=device) if tc.balance == "weighted_loss" else None
+    steps_per_epoch = math.ceil(len(data.train_loader) / tc.grad_accum)
+    optimizer, scheduler = build_optimizer(model, tc, steps_per_epoch=steps_per_epoch, head_epochs=head_epochs)
+    return Engine(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16),
+        criterion=torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight),
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        head_epochs=head_epochs,
+        grad_accum=tc.grad_accum,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Where training stands: epochs done, the best epoch so far, early stopping, the history; it saves itself
+    (with the engine's states and every RNG state) as `last.pt` and restores itself from it."""
+
+    epochs_done: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, row: dict[str, Any], *, patience: int | None, epochs: int) -> bool:
+        """Add an epoch's history row; returns whether its val AUC is the best so far (and stops early if due)."""
+        self.history.append(row)
+        self.epochs_done = int(row["epoch"])
+        improved = row["val_auc"] > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch, self.bad_epochs = float(row["val_auc"]), self.epochs_done, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped = patience is not None and self.bad_epochs >= patience and self.epochs_done < epochs
+        return improved
+
+    def checkpoint(self, engine: Engine, settings: dict[str, Any]) -> dict[str, Any]:
+        """The `last.pt` payload: engine states, RNG states and this state, as tensors and plain values."""
+        return {
+            "model": engine.model.state_dict(),
+            "optimizer": engine.optimizer.state_dict(),
+            "scheduler": engine.scheduler.state_dict(),
+            "scaler": engine.scaler.state_dict(),
+            "rng": rng_states(),
+            "epoch": self.epochs_done - 1,
+            "best_val_auc": float(self.best_auc),
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped,
+            "history": [dict(row) for row in self.history],
+            "settings": settings,
+        }
+
+    @classmethod
+    def restore(cls, payload: dict[str, Any], engine: Engine, path: Path) -> TrainState:
+        """Load a `last.pt` payload into the engine and the RNGs; returns the state it was saved in."""
+        try:
+            engine.model.load_state_dict(payload["model"])
+            engine.optimizer.load_state_dict(payload["optimizer"])
+            engine.scheduler.load_state_dict(payload["scheduler"])
+            engine.scaler.load_state_dict(payload["scaler"])
+            set_rng_states(payload["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model and optimiser ({type(exc).__name__}: {exc}); "
+                f"{DELETE_ADVICE}."
+            ) from None
+        return cls(
+            epochs_done=payload["epoch"] + 1,
+            best_auc=payload["best_val_auc"],
+            best_epoch=payload["best_epoch"],
+            bad_epochs=payload["bad_epochs"],
+            stopped=payload["stopped_early"],
+            history=list(payload["history"]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Keep the body's batch-norm running statistics as loaded while only the head trains: a frozen body is
+    frozen entirely (the head is fitted to the pretrained features, not to statistics drifting under it)."""
+    head = {id(m) for m in model.classifier().modules()} if hasattr(model, "classifier") else set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and id(module) not in head:
+            module.eval()
+
+
+def train_one_epoch(engine: Engine, data: TrainData, info: DistInfo, progress: Progress, title: str) -> dict[str, Any]:
+    """One pass over this rank's share of the training data; returns the epoch's loss, speed and head LR."""
+    from alnus._hardware import autocast
+
+    t0 = time.perf_counter()
+    net = engine.net or engine.model
+    net.train()
+    if engine.phase == "head":
+        _freeze_batch_norm_statistics(engine.model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    lr_used, seen = group_lr(engine.optimizer, "head"), 0
+    live = info.is_main and not progress.disable
+    task = progress.add_task(title, total=len(data.train_loader), speed="-", loss="-")
+    for step, (x, y) in enumerate(data.train_loader):
+        x, y = engine.prepare(x), y.to(engine.device, non_blocking=True).float()
+        boundary = (step + 1) % engine.grad_accum == 0 or step + 1 == len(data.train_loader)
+        sync = contextlib.nullcontext() if boundary or info.world_size == 1 else net.no_sync()
+        with sync:
+            with autocast(engine.device, engine.precision):
+                logits = net(x)
+            loss = engine.criterion(logits.float(), y)
+            engine.scaler.scale(loss / engine.grad_accum).backward()
+        if boundary:
+            lr_used = group_lr(engine.optimizer, "head")
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.scheduler.step()
+        loss_sum += loss.detach().double() * len(y)
+        seen += len(y)
+        if live:
+            speed = f"{seen * info.world_size / (time.perf_counter() - t0):.0f}"
+            progress.update(task, advance=1, speed=speed, loss=f"{loss.item():.3f}")
+    progress.remove_task(task)
+    seconds = time.perf_counter() - t0
+    totals = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64, device=engine.device)
+    if info.world_size > 1:
+        dist.all_reduce(totals)
+        # Each rank's BatchNorm statistics saw only its shard; evaluate with rank 0's everywhere.
+        for buffer in engine.model.buffers():
+            dist.broadcast(buffer, src=0)
+    images = totals[1].item()
+    return {"train_loss": totals[0].item() / max(1.0, images), "lr": lr_used, "images_per_s": images / seconds}
+
+
+@torch.no_grad()
+def predict_logits(engine: Engine, loader: DataLoader, info: DistInfo) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's shard of the validation set, then the gathered, de-duplicated (index, logit) arrays."""
+    from alnus._hardware import autocast
+
+    engine.model.eval()
+    indices, outputs = [], []
+    for x, _, i in loader:
+        with autocast(engine.device, engine.precision):
+            outputs.append(engine.model(engine.prepare(x)).float())
+        indices.append(i.to(engine.device))
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    return gather_predictions(torch.cat(indices), torch.cat(outputs), n, info)
+
+
+@dataclass
+class Validation:
+    """One epoch's validation: per image (index, target, probability), the loss, and the AUC at the study's level."""
+
+    idx: np.ndarray
+    y: np.ndarray
+    probs: np.ndarray
+    loss: float
+    auc: float
+
+
+def validate(
+    engine: Engine, data: TrainData, info: DistInfo, aggregate: str, *, epoch: int, backbone: str
+) -> Validation:
+    """Predict the val images and score them: image-level loss, and the AUC over the val cases (`data.val_cases`)."""
+    from alnus.stats import auc
+
+    idx, logits = predict_logits(engine, data.val_loader, info)
+    if not np.isfinite(logits).all():
+        raise TrainError(
+            f"training of {backbone} diverged in epoch {epoch}: the validation outputs are not finite; lower "
+            "train.lr, or set train.precision to fp32"
+        )
+    y = data.val_ds.targets[idx]
+    loss = float(
+        torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y).float())
+    )
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    case_y, case_probs = aggregate_cases(data.val_cases[idx], y, probs, aggregate)
+    return Validation(idx, y, probs, loss, float(auc(case_y, case_probs)))
+
+
+def _write_predictions(
+    table: pd.DataFrame, idx: np.ndarray, y: np.ndarray, probs: np.ndarray, epoch: int, path: Path
+) -> None:
+    rows = table.iloc[idx]
+    out = pd.DataFrame(
+        {
+            "index": idx,
+            "image": rows["image"].to_numpy(),
+            "patient_id": rows["patient_id"].to_numpy(),
+            "label": rows["label"].to_numpy(),
+            "y": y,
+            "prob": probs,
+            "epoch": epoch,
+        }
+    )
+    write_csv(out, path)
+
+
 class _Tracker:
     """TensorBoard and (when installed) MLflow, on rank 0 only."""
 
-    def __init__(self, cfg: Config, model_dir: Path, backbone: str, start_epoch: int, enabled: bool) -> None:
+    def __init__(self, cfg: Config, model_dir: ModelFolder, backbone: str, start_epoch: int, enabled: bool) -> None:
         self.writer = None
         self.mlflow = None
         if not enabled:
@@ -306,7 +620,8 @@ class _Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(str(model_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+            purge = start_epoch + 1 if start_epoch else None
+            self.writer = SummaryWriter(str(model_dir.tensorboard), purge_step=purge)
         if cfg.train.mlflow is not False:
             try:
                 import mlflow
@@ -335,52 +650,100 @@ class _Tracker:
             self.mlflow.end_run()
 
 
-def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    a, b = _flatten(saved), _flatten(now)
-    return [
-        f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
+def _progress(console: Console, info: DistInfo) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}"),
+        console=console,
+        transient=True,
+        disable=not (info.is_main and console.is_terminal),
+    )
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by `train_model`.
-
-    Not `weights_only`: the file holds numpy's RNG state, and it is our own file, written by this run.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a damaged file is the same problem whatever torch raises
-        raise TrainError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); delete it to start again"
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise TrainError(f"{path} is not an alnus checkpoint of version {CHECKPOINT_VERSION}; delete it to start again")
-    return ckpt
-
-
+# ------------------------------------------------------------------------------------------------ the loop
 def resumable_checkpoint(
     cfg: Config, run_dir: str | os.PathLike[str], backbone: str, *, resume: bool
 ) -> dict[str, Any] | None:
     """The `last.pt` to continue from (None: start afresh); refuse to overwrite it or to resume changed settings."""
-    model_dir = Path(run_dir) / "models" / backbone
-    last_path = model_dir / "checkpoints" / "last.pt"
+    model_dir = RunFolder(run_dir).model(backbone)
+    last_path = model_dir.last_checkpoint
     if not last_path.is_file():
         return None
     if not resume:
         raise TrainError(
-            f"{last_path} exists: pass --resume to continue that training, or delete {model_dir} to start again"
+            f"{last_path} exists: pass --resume to continue that training, or delete {model_dir.root} to start again"
         )
     ckpt = load_checkpoint(last_path)
     changed = _mismatch(ckpt["settings"], model_settings(cfg, run_dir, backbone))
     if changed:
         raise TrainError(
             f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
-            f"({'; '.join(changed)}); restore them, start a new run under another name, or delete {model_dir} to train "
-            "this model again"
+            f"({'; '.join(changed)}); restore them, start a new run under another name, or delete {model_dir.root} "
+            "to train this model again"
         )
     return ckpt
+
+
+def _record_settings(cfg: Config, model_dir: ModelFolder) -> None:
+    """This model's own copy of the config and environment it trains with (the run's copies may change later)."""
+    from alnus._hardware import environment_info
+
+    atomic_write_text(model_dir.config, dump_config(cfg))
+    atomic_write_text(model_dir.env, json.dumps(environment_info(), indent=2) + "\n")
+
+
+def save_epoch(
+    engine: Engine,
+    state: TrainState,
+    val: Validation,
+    data: TrainData,
+    model_dir: ModelFolder,
+    *,
+    improved: bool,
+    settings: dict[str, Any],
+) -> None:
+    """Rank 0, after each epoch: `best.pt` and its val predictions when the epoch improved, then `last.pt` and
+    the history (last: a kill in between resumes from the previous epoch, which writes both again)."""
+    if improved:
+        best = {"model": engine.model.state_dict(), "epoch": state.epochs_done - 1, "val_auc": state.best_auc}
+        save_checkpoint("best", {**best, "settings": settings}, model_dir.best_checkpoint)
+        _write_predictions(
+            data.val_ds.table, val.idx, val.y, val.probs, state.epochs_done, model_dir.val_predictions_best
+        )
+    save_checkpoint("last", state.checkpoint(engine, settings), model_dir.last_checkpoint)
+    write_csv(pd.DataFrame(state.history, columns=list(HISTORY_COLUMNS)), model_dir.history)
+
+
+def write_package(
+    cfg: Config, engine: Engine, data: TrainData, state: TrainState, model_dir: ModelFolder, settings: dict[str, Any]
+) -> None:
+    """The model package from `best.pt`: weights and metadata, including the full training settings."""
+    from alnus.models.package import save_package
+
+    best = load_checkpoint(model_dir.best_checkpoint)
+    final = copy.deepcopy(engine.model)
+    final.load_state_dict(best["model"])
+    splits = pd.concat([data.train_table, data.val_table])
+    save_package(
+        model_dir.package,
+        final,
+        {
+            "preprocess": data.spec.to_dict(),
+            "label_names": data.label_names,
+            "positive_label": cfg.data.positive_label,
+            "training_data_hash": training_data_hash(splits),
+            "weights_source": engine.model.weights_source,
+            "best_epoch": state.best_epoch,
+            "val_auc": state.best_auc,
+            "selection": {"metric": "auc", "level": cfg.evaluate.level, "aggregate": cfg.evaluate.aggregate},
+            "run": cfg.name,
+            "settings_hash": stable_hash(settings),
+            "training": training_record(cfg),
+        },
+    )
 
 
 def train_model(
@@ -393,376 +756,97 @@ def train_model(
 ) -> TrainResult:
     """Train one backbone on the run's `train` split, select on `val`, and write its model package.
 
-    Writes `models/<backbone>/`: `checkpoints/{last,best}.pt`, `history.csv`, `val_predictions_best.csv`,
-    `tb/` (TensorBoard) and `model/` (the package). Works alone, on one GPU and under torchrun (DDP).
+    Writes `models/<backbone>/`: `config.yaml` and `env.json` (what this model trains with), `checkpoints/
+    {last,best}.pt`, `history.csv`, `val_predictions_best.csv`, `tb/` (TensorBoard) and `model/` (the package).
+    Works alone, on one GPU and under torchrun (DDP).
 
     Args:
         resume: continue from `checkpoints/last.pt` (refused when the settings that matter changed).
     """
-    from alnus._hardware import autocast, choose_precision
-    from alnus.data.augment import UltrasoundAugment
-    from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
-    from alnus.data.roi import RoiPolicy
-    from alnus.models import create_model, get_spec
-    from alnus.models.package import save_package
-    from alnus.stats import auc
-    from alnus.study import read_splits
-
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    info = dist_info()
-    console = console or Console()
-    tc = cfg.train
-    device = resolve_device(tc.device, info)
-    model_dir = run_dir / "models" / backbone
-    ckpt_dir = model_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    settings = model_settings(cfg, run_dir, backbone)
-
-    ckpt = resumable_checkpoint(cfg, run_dir, backbone, resume=resume)
-
+    run, info, console, tc = RunFolder(run_dir), dist_info(), console or Console(), cfg.train
+    model_dir, device = run.model(backbone), rank_device(tc.device, info)
+    settings = model_settings(cfg, run.root, backbone)
+    ckpt = resumable_checkpoint(cfg, run.root, backbone, resume=resume)
     seed_everything(tc.seed, deterministic=tc.deterministic)
-    splits_path = run_dir / "splits.csv"
-    splits = read_splits(run_dir)
-    positive = cfg.data.positive_label
-    train_table = _part(splits, "train", positive, splits_path)
-    val_table = _part(splits, "val", positive, splits_path)
-    net_spec = get_spec(backbone)
-    spec = PreprocessSpec(
-        size=cfg.preprocess.size or net_spec.input_size,
-        roi=RoiPolicy(cfg.preprocess.roi, cfg.preprocess.margin),
-        keep_aspect=cfg.preprocess.keep_aspect,
-    )
-    cache = ImageCache(run_dir / "cache")
-    augment = UltrasoundAugment.from_config(tc.augment) if tc.augment is not None else None
-    train_ds = UltrasoundDataset(
-        train_table, run_dir, spec, cache=cache, positive_label=positive, transform=augment, seed=tc.seed
-    )
-    val_ds = UltrasoundDataset(val_table, run_dir, spec, cache=cache, positive_label=positive)
-    # Rank 0 fills the cache; the others then only read it.
-    for ds in (train_ds, val_ds):
-        main_first(info, ds.warm)
-        if not info.is_main:
-            ds.warm()
-
-    targets = train_ds.targets
-    n_pos, n_neg = int(targets.sum()), int(len(targets) - targets.sum())
-    if tc.balance == "sampler":
-        class_weight = np.where(targets == 1, 1.0 / n_pos, 1.0 / n_neg)
-        sampler: Any = WeightedDistributedSampler(
-            class_weight, num_replicas=info.world_size, rank=info.rank, seed=tc.seed
-        )
-    else:
-        sampler = DistributedSampler(
-            train_ds,
-            num_replicas=info.world_size,
-            rank=info.rank,
-            shuffle=True,
-            seed=tc.seed,
-            drop_last=False,
-        )
-    val_sampler = DistributedSampler(
-        val_ds, num_replicas=info.world_size, rank=info.rank, shuffle=False, drop_last=False
-    )
-    # BatchNorm cannot train on a final batch of one image.
-    drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
-    loader_args = {"num_workers": tc.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args)
-    val_loader = DataLoader(_Indexed(val_ds), batch_size=tc.batch_size, sampler=val_sampler, **loader_args)
-
-    model = create_model(backbone, weights=tc.weights).to(device)
-    precision = choose_precision(device, tc.precision)
-    channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    head_epochs = tc.head_epochs if tc.weights != "none" else 0
-    pos_weight = torch.tensor(n_neg / n_pos, device=device) if tc.balance == "weighted_loss" else None
-    criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    groups = _param_groups(model, tc.weight_decay)
-    if tc.optimizer == "adamw":
-        # Fused: one kernel per step instead of one per parameter (faster on CPU and GPU; bench/throughput.py).
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=tc.lr, fused=True)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
-    steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum)
-    total_steps = steps_per_epoch * tc.epochs
-    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16)
-
-    start_epoch, best_auc, best_epoch, bad_epochs, stopped = 0, -math.inf, -1, 0, False
-    history: list[dict[str, Any]] = []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"])
-        start_epoch, best_auc, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_auc"], ckpt["best_epoch"]
-        bad_epochs, stopped, history = ckpt["bad_epochs"], ckpt["stopped_early"], list(ckpt["history"])
-
+    data = build_data(cfg, run, backbone, info, device)
+    engine = build_engine(cfg, backbone, data, device)
+    state = TrainState.restore(ckpt, engine, model_dir.last_checkpoint) if ckpt is not None else TrainState()
     if info.is_main:
-        what = f"resuming after epoch {start_epoch}" if ckpt is not None else "training"
+        _record_settings(cfg, model_dir)
+        what = f"resuming after epoch {state.epochs_done}" if ckpt is not None else "training"
         console.print(
-            f"[bold]{backbone}[/bold]: {what} on {device} ({precision.reason}); {len(train_ds)} train / "
-            f"{len(val_ds)} val images at {spec.size} px, {info.world_size} process(es)",
+            f"[bold]{escape(backbone)}[/bold]: {what} on {device} ({engine.precision.reason}); {len(data.train_ds)} "
+            f"train / {len(data.val_ds)} val images at {data.spec.size} px, {info.world_size} process(es)",
             highlight=False,
         )
-    tracker = _Tracker(cfg, model_dir, backbone, start_epoch, enabled=info.is_main)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}"),
-        console=console,
-        transient=True,
-        disable=not (info.is_main and console.is_terminal),
-    )
-    live = info.is_main and console.is_terminal
-    net: torch.nn.Module = model
-    phase = None
+    tracker = _Tracker(cfg, model_dir, backbone, state.epochs_done, enabled=info.is_main)
     try:
-        with progress:
-            for epoch in range(start_epoch, tc.epochs):
-                if stopped:
+        with _progress(console, info) as progress:
+            for epoch in range(state.epochs_done, tc.epochs):
+                if state.stopped:
                     break
-                t0 = time.perf_counter()
-                new_phase = "head" if epoch < head_epochs else "full"
-                if new_phase != phase:
-                    phase = new_phase
-                    for p in model.body_parameters():
-                        p.requires_grad_(phase == "full")
-                    # DDP registers the parameters that need gradients when it wraps the model.
-                    if info.world_size > 1:
-                        net = DistributedDataParallel(
-                            model, device_ids=[device.index] if device.type == "cuda" else None
-                        )
-                sampler.set_epoch(epoch)
-                train_ds.set_epoch(epoch)
-                net.train()
-                if phase == "head":
-                    _freeze_batch_norm_statistics(model)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                lr_used = optimizer.param_groups[0]["lr"]
-                seen = 0
-                task = progress.add_task(f"epoch {epoch + 1}/{tc.epochs}", total=len(train_loader), speed="-", loss="-")
-                for step, (x, y) in enumerate(train_loader):
-                    x = x.to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    y = y.to(device, non_blocking=True).float()
-                    boundary = (step + 1) % tc.grad_accum == 0 or step + 1 == len(train_loader)
-                    sync = contextlib.nullcontext() if boundary or info.world_size == 1 else net.no_sync()
-                    with sync:
-                        with autocast(device, precision):
-                            logits = net(x)
-                        loss = criterion(logits.float(), y)
-                        scaler.scale(loss / tc.grad_accum).backward()
-                    if boundary:
-                        lr_used = optimizer.param_groups[0]["lr"]
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()
-                    loss_sum += loss.detach().double() * len(y)
-                    seen += len(y)
-                    if live:
-                        elapsed = time.perf_counter() - t0
-                        progress.update(
-                            task,
-                            advance=1,
-                            speed=f"{seen * info.world_size / elapsed:.0f}",
-                            loss=f"{loss.item():.3f}",
-                        )
-                progress.remove_task(task)
-                train_seconds = time.perf_counter() - t0
-                totals = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64, device=device)
-                if info.world_size > 1:
-                    dist.all_reduce(totals)
-                    # Each rank's BatchNorm statistics saw only its shard; evaluate with rank 0's everywhere.
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, src=0)
-
-                idx, val_logits = _predict(model, val_loader, device, precision, channels_last, info, autocast)
-                y_val = val_ds.targets[idx]
-                val_loss = float(
-                    torch.nn.functional.binary_cross_entropy_with_logits(
-                        torch.from_numpy(val_logits), torch.from_numpy(y_val).float()
-                    )
-                )
-                if not np.isfinite(val_logits).all():
-                    raise TrainError(
-                        f"training of {backbone} diverged in epoch {epoch + 1}: the validation outputs are not "
-                        "finite; lower train.lr, or set train.precision to fp32"
-                    )
-                probs = 1.0 / (1.0 + np.exp(-val_logits.astype(np.float64)))
-                val_auc = auc(y_val, probs)
-                improved = val_auc > best_auc
-                if improved:
-                    best_auc, best_epoch, bad_epochs = val_auc, epoch + 1, 0
-                else:
-                    bad_epochs += 1
-                patience = tc.early_stopping_patience
-                stopped = patience is not None and bad_epochs >= patience and epoch + 1 < tc.epochs
-                row = {
-                    "epoch": epoch + 1,
-                    "phase": phase,
-                    "train_loss": totals[0].item() / max(1.0, totals[1].item()),
-                    "val_loss": val_loss,
-                    "val_auc": val_auc,
-                    "lr": lr_used,  # of the epoch's last optimiser step
-                    "images_per_s": totals[1].item() / train_seconds,
-                    "seconds": time.perf_counter() - t0,
-                }
-                history.append(row)
+                row, val, improved = run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
                 if info.is_main:
-                    if improved:
-                        _save(
-                            {
-                                "version": CHECKPOINT_VERSION,
-                                "model": model.state_dict(),
-                                "epoch": epoch,
-                                "val_auc": val_auc,
-                                "settings": settings,
-                            },
-                            best_path,
-                        )
-                        _write_predictions(
-                            val_ds.table, idx, y_val, probs, epoch + 1, model_dir / "val_predictions_best.csv"
-                        )
-                    _save(
-                        {
-                            "version": CHECKPOINT_VERSION,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "rng": rng_states(),
-                            "epoch": epoch,
-                            "best_val_auc": best_auc,
-                            "best_epoch": best_epoch,
-                            "bad_epochs": bad_epochs,
-                            "stopped_early": stopped,
-                            "history": history,
-                            "settings": settings,
-                            "config_hash": stable_hash(settings),
-                        },
-                        last_path,
-                    )
-                    write_csv(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), model_dir / "history.csv")
+                    save_epoch(engine, state, val, data, model_dir, improved=improved, settings=settings)
                     tracker.log(row)
-                    console.print(
-                        f"epoch {epoch + 1:>3}/{tc.epochs} [{phase}]  train loss {row['train_loss']:.4f}  "
-                        f"val loss {val_loss:.4f}  val AUC {val_auc:.4f}{' *' if improved else '  '}  "
-                        f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s",
-                        highlight=False,
-                    )
-                    if stopped:
-                        console.print(f"early stop: no val AUC gain for {patience} epochs", highlight=False)
+                    _print_epoch(console, row, cfg, improved, stopped=state.stopped)
     finally:
         tracker.close()
-
-    package_dir = model_dir / "model"
     if info.is_main:
-        best = load_checkpoint(best_path)
-        final = copy.deepcopy(model)
-        final.load_state_dict(best["model"])
-        labels = cfg.data.labels or sorted(splits["label"].unique())
-        save_package(
-            package_dir,
-            final,
-            {
-                "preprocess": spec.to_dict(),
-                "label_names": list(labels),
-                "positive_label": positive,
-                "training_data_hash": training_data_hash(pd.concat([train_table, val_table])),
-                "weights_source": model.weights_source,
-                "best_epoch": best_epoch,
-                "val_auc": best_auc,
-                "run": cfg.name,
-                "settings_hash": stable_hash(settings),
-            },
-        )
+        write_package(cfg, engine, data, state, model_dir, settings)
         console.print(
-            f"[green]best[/green] epoch {best_epoch}, val AUC {best_auc:.4f} -> {package_dir}",
+            f"[green]best[/green] epoch {state.best_epoch}, {cfg.evaluate.level}-level val AUC {state.best_auc:.4f} "
+            f"-> {escape(str(model_dir.package))}",
             highlight=False,
         )
     if info.world_size > 1:
         dist.barrier()
     return TrainResult(
         backbone=backbone,
-        model_dir=model_dir,
-        package_dir=package_dir,
-        best_epoch=best_epoch,
-        best_val_auc=best_auc,
-        epochs_run=len(history),
-        stopped_early=stopped,
+        model_dir=model_dir.root,
+        package_dir=model_dir.package,
+        best_epoch=state.best_epoch,
+        best_val_auc=state.best_auc,
+        epochs_run=len(state.history),
+        stopped_early=state.stopped,
         seconds=time.perf_counter() - started,
-        history=history,
+        history=state.history,
     )
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _write_predictions(
-    table: pd.DataFrame, idx: np.ndarray, y: np.ndarray, probs: np.ndarray, epoch: int, path: Path
-) -> None:
-    rows = table.iloc[idx]
-    out = pd.DataFrame(
-        {
-            "index": idx,
-            "image": rows["image"].to_numpy(),
-            "patient_id": rows["patient_id"].to_numpy(),
-            "label": rows["label"].to_numpy(),
-            "y": y,
-            "prob": probs,
-            "epoch": epoch,
-        }
-    )
-    write_csv(out, path)
-
-
-@torch.no_grad()
-def _predict(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    precision: Any,
-    channels_last: bool,
+def run_epoch(
+    cfg: Config,
+    engine: Engine,
+    data: TrainData,
+    state: TrainState,
     info: DistInfo,
-    autocast: Callable[..., Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's shard of the validation set, then the gathered, de-duplicated (index, logit) arrays."""
-    model.eval()
-    indices, outputs = [], []
-    for x, _, i in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            outputs.append(model(x).float())
-        indices.append(i.to(device))
-    n = len(loader.dataset)  # type: ignore[arg-type]
-    return gather_predictions(torch.cat(indices), torch.cat(outputs), n, info)
+    progress: Progress,
+    epoch: int,
+    backbone: str,
+) -> tuple[dict[str, Any], Validation, bool]:
+    """Train epoch `epoch` (0-based) and validate it; returns its history row, its validation, whether it improved."""
+    t0 = time.perf_counter()
+    phase = engine.enter_phase(epoch, info)
+    data.sampler.set_epoch(epoch)
+    data.train_ds.set_epoch(epoch)
+    trained = train_one_epoch(engine, data, info, progress, f"epoch {epoch + 1}/{cfg.train.epochs}")
+    val = validate(engine, data, info, cfg.evaluate.aggregate, epoch=epoch + 1, backbone=backbone)
+    row = {"epoch": epoch + 1, "phase": phase, "val_loss": val.loss, "val_auc": val.auc, **trained}
+    row["seconds"] = time.perf_counter() - t0
+    improved = state.record(row, patience=cfg.train.early_stopping_patience, epochs=cfg.train.epochs)
+    return row, val, improved
 
 
-def run_training(
-    cfg: Config, *, models: Sequence[str] | None = None, resume: bool = False, console: Console | None = None
-) -> list[TrainResult]:
-    """Prepare the run folder (rank 0) and train each backbone; under torchrun every rank calls this."""
-    from alnus.study import prepare_run
-
-    results = []
-    with distributed(cfg.train.device) as info:
-        backbones = list(models or cfg.models)
-        # Checked before prepare_run rewrites config.yaml: a refused run must leave the folder as it was.
-        for backbone in backbones:
-            resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=resume)
-        main_first(info, lambda: prepare_run(cfg))
-        for backbone in backbones:
-            results.append(train_model(cfg, cfg.run_dir, backbone, resume=resume, console=console))
-    return results
+def _print_epoch(console: Console, row: dict[str, Any], cfg: Config, improved: bool, *, stopped: bool) -> None:
+    level = cfg.evaluate.level
+    console.print(
+        f"epoch {row['epoch']:>3}/{cfg.train.epochs} [{row['phase']}]  train loss {row['train_loss']:.4f}  "
+        f"val loss {row['val_loss']:.4f}  val AUC ({level}) {row['val_auc']:.4f}{' *' if improved else '  '}  "
+        f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s",
+        highlight=False,
+        markup=False,
+    )
+    if stopped:
+        patience = cfg.train.early_stopping_patience
+        console.print(f"early stop: no {level}-level val AUC gain for {patience} epochs", highlight=False)

@@ -1,6 +1,6 @@
-from __future__ import annotations
+"""Tests for alnus.data.augment; its speed is measured by bench/augment_speed.py, not asserted here."""
 
-import time
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -183,17 +183,3 @@ def test_rejects_images_that_are_not_uint8_2d() -> None:
         UltrasoundAugment()(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0))
     with pytest.raises(AugmentConfigError, match="float32"):
         UltrasoundAugment()(np.zeros((8, 8), np.float32), np.random.default_rng(0))
-
-
-def test_fast_enough_on_a_299_px_image() -> None:
-    # The brief's budget is 2 ms per 299x299 image; CPU time (not wall time) so that other processes on a
-    # shared machine do not count, with a generous margin for slower CI machines.
-    image = np.random.default_rng(0).integers(0, 256, (299, 299), dtype=np.uint8)
-    augment, rng = UltrasoundAugment(), np.random.default_rng(0)
-    for _ in range(5):
-        augment(image, rng)
-    start = time.process_time()
-    for _ in range(100):
-        augment(image, rng)
-    per_image = (time.process_time() - start) / 100
-    assert per_image < 0.006, f"{per_image * 1e3:.2f} ms per image"

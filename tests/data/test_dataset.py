@@ -337,3 +337,70 @@ def test_a_transform_returning_the_wrong_type_names_the_row(tmp_path: Path) -> N
     )
     with pytest.raises(DatasetError, match=r"row 3 \(image 'img1.png'\).*int32"):
         data[1]
+
+
+def test_augmentation_leaves_the_letterbox_padding_as_inference_has_it(tmp_path: Path) -> None:
+    """issue 7.5: intensity augmentation changes the image, never its letterbox padding (0, as at inference)."""
+    from alnus.data.augment import UltrasoundAugment
+
+    rng = np.random.default_rng(4)
+    wide, tall = rng.integers(60, 200, (20, 60)), rng.integers(60, 200, (50, 25))
+    table = _table(tmp_path, [wide, tall], ["m", "b"])
+    spec = PreprocessSpec(size=SIZE)
+    # Strong brightness and contrast: without care they lift or shift the black bars by tens of grey levels.
+    augment = UltrasoundAugment(brightness=0.3, contrast=0.3)
+    data = UltrasoundDataset(
+        table, tmp_path, spec, cache=ImageCache(tmp_path / "cache"), positive_label="m", transform=augment, seed=1
+    )
+    for i, array in enumerate([wide, tall]):
+        inference = preprocess(array.astype(np.uint8), {"image": f"img{i}.png"}, tmp_path, spec)
+        padding = inference == 0  # the image's own pixels are 60..200
+        assert padding.sum() > 0.3 * SIZE * SIZE
+        for epoch in range(6):
+            data.set_epoch(epoch)
+            image = data[i][0][0].numpy()
+            assert (image[padding] == inference[padding] / 255).all(), f"item {i}, epoch {epoch}: padding changed"
+            assert not np.allclose(image[~padding], inference[~padding] / 255)  # the image itself was augmented
+
+
+def test_an_overwritten_cache_shard_is_detected(tmp_path: Path, counted_decodes: list[Path]) -> None:
+    """issue 7.10: shard bytes changed after writing are never read as images (checksum per shard)."""
+    table = _table(tmp_path, [_flat(30), _flat(90), _flat(160)], ["m", "b", "m"])
+    spec = PreprocessSpec(size=SIZE)
+    cache = ImageCache(tmp_path / "cache")
+    UltrasoundDataset(table, tmp_path, spec, cache=cache, positive_label="m").warm()
+    (shard,) = cache.spec_folder(spec).glob("*.npy")
+
+    def overwrite() -> None:
+        with open(shard, "r+b") as fh:  # same size, header intact: numpy reads it without complaint
+            fh.seek(-SIZE * SIZE, 2)
+            fh.write(bytes([255]) * (SIZE * SIZE))
+
+    # A run that opens the cache after the damage: the shard is dropped and its images are decoded again.
+    overwrite()
+    counted_decodes.clear()
+    data = UltrasoundDataset(table, tmp_path, spec, cache=cache, positive_label="m")
+    with pytest.warns(UserWarning, match="changed after it was written"):
+        assert data.warm() == 3
+    assert len(counted_decodes) == 3
+    assert torch.allclose(data[2][0], torch.full((1, SIZE, SIZE), 160 / 255))
+
+    # Damage after a run checked the cache (a DataLoader worker opens the shard later): a clear error.
+    fresh = UltrasoundDataset(table, tmp_path, spec, cache=cache, positive_label="m")
+    fresh.warm()
+    (shard,) = cache.spec_folder(spec).glob("*.npy")
+    overwrite()
+    worker_copy = pickle.loads(pickle.dumps(fresh))
+    with pytest.raises(ds.CacheIntegrityError, match=r"changed after it was written.*delete the folder"):
+        worker_copy[0]
+
+
+def test_the_decoding_limit_reaches_the_dataset(tmp_path: Path) -> None:
+    """Issue 7.11: `data.max_image_pixels` bounds what the study decodes, not only what `data validate` checks."""
+    table = _table(tmp_path, [_flat(10, (40, 40))], ["malignant"])
+    spec = PreprocessSpec(size=SIZE)
+    small = UltrasoundDataset(table, tmp_path, spec, cache=None, positive_label="malignant", max_pixels=100)
+    with pytest.raises(ImageReadError, match="img0.png"):
+        small.decode(0)
+    roomy = UltrasoundDataset(table, tmp_path, spec, cache=None, positive_label="malignant", max_pixels=1600)
+    assert roomy.decode(0).shape == (SIZE, SIZE)

@@ -1,11 +1,14 @@
 """Augmentation suited to breast ultrasound: small geometric changes, gain/contrast/gamma, speckle.
 
 Depth has a direction in an ultrasound image (transducer and near field at the top), so images are flipped
-left-right but not upside down unless asked. Rotation, scaling and shift are one affine warp (Pillow,
-bilinear; on a 299x299 uint8 image it measured 1.5 ms against 5.1 ms for `scipy.ndimage.affine_transform`
-with order 1). Brightness, contrast and gamma are folded into one 256-entry lookup table. Speckle is
+left-right but not upside down unless asked. Rotation, scaling and shift are one affine warp (Pillow, bilinear:
+faster than `scipy.ndimage.affine_transform`; bench/augment_speed.py measures both and writes docs/performance.md).
+Brightness, contrast and gamma are folded into one 256-entry lookup table. Speckle is
 multiplicative noise with unit mean whose amplitude follows the Rayleigh law of fully developed speckle
 (Burckhardt 1978, "Speckle in ultrasound B-mode scans"; Goodman 1976).
+
+The dataset (`alnus.data.dataset.UltrasoundDataset`) hands this augmentation the image without its letterbox
+padding and pads the result again, so the padding is exactly what inference sees.
 """
 
 from __future__ import annotations
