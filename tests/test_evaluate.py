@@ -13,6 +13,7 @@ from alnus import stats
 from alnus._io import atomic_write_text, write_csv
 from alnus.config import config_from_dict, dump_config
 from alnus.data.dataset import PreprocessSpec
+from alnus.errors import AlnusError
 from alnus.evaluate import (
     EvaluateError,
     aggregate_predictions,
@@ -211,29 +212,115 @@ def test_evaluate_run_freezes_val_threshold_and_applies_it_unchanged(tmp_path: P
     metrics = evaluate_run(run, n_boot=200)
     meta = read_metadata(run / "models" / "tiny_cnn" / "model")
     val = read_pred(run, "tiny_cnn", "val")
-    assert meta["threshold"] == choose_frozen_threshold(val)["value"]
-    selection = meta["threshold_selection"]
-    assert (selection["rule"], selection["level"], selection["aggregate"]) == ("youden", "patient", "mean")
-    assert selection["chosen_on"]["split"] == "val" and selection["chosen_on"]["n_images"] == len(val)
-    threshold = meta["threshold"]
+    frozen = meta["threshold"]
+    assert frozen["value"] == choose_frozen_threshold(val)["value"]
+    assert (frozen["rule"], frozen["level"], frozen["aggregate"], frozen["frozen_on"]) == (
+        "youden",
+        "patient",
+        "mean",
+        "val",
+    )
+    assert frozen["n_val_units"] == 30 and frozen["chosen_on"]["n_images"] == len(val) and frozen["frozen_at"]
+    assert metrics["models"]["tiny_cnn"]["threshold_status"] == "frozen"
+    threshold = frozen["value"]
     for split in ("val", "internal_test", "external_test"):
-        image = metrics["models"]["tiny_cnn"]["splits"][split]["image"]
-        probs = read_pred(run, "tiny_cnn", split)["prob"]
-        assert image["threshold"] == threshold
-        assert image["tp"] + image["fp"] == int((probs >= threshold).sum())
+        by_level = metrics["models"]["tiny_cnn"]["splits"][split]
+        t = read_pred(run, "tiny_cnn", split)
+        means = t.groupby("patient_id")["prob"].mean()
+        assert by_level["patient"]["threshold"] == threshold
+        assert by_level["patient"]["tp"] + by_level["patient"]["fp"] == int((means >= threshold).sum())
+        # An image carries its patient's call (the threshold was frozen on patient means), not its own.
+        called_images = int(t["patient_id"].map(means >= threshold).sum())
+        assert by_level["image"]["tp"] + by_level["image"]["fp"] == called_images
 
     # The external (and internal) data cannot move the threshold: change them and evaluate again.
     for split in ("external_test", "internal_test"):
         t = read_pred(run, "tiny_cnn", split)
         write_csv(t.assign(prob=1 - t["prob"]), run / "models" / "tiny_cnn" / "predictions" / f"{split}.csv")
     again = evaluate_run(run, n_boot=200)
-    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] == threshold
+    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] == frozen
     ext = again["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"]["estimate"]
     assert ext != metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"]["estimate"]
-    # ...while validation does.
+    assert "alternative" not in again["models"]["tiny_cnn"]
+    # Nor can validation predictions made again: the new value is reported as an alternative, with a note.
     write_csv(val.assign(prob=val["prob"] ** 3), run / "models" / "tiny_cnn" / "predictions" / "val.csv")
-    evaluate_run(run, n_boot=200)
-    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] != threshold
+    moved = evaluate_run(run, n_boot=200)
+    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] == frozen
+    entry = moved["models"]["tiny_cnn"]
+    assert entry["threshold"]["value"] == threshold and entry["alternative"]["threshold"]["value"] != threshold
+    assert any("--refreeze" in note for note in entry["notes"])
+
+
+def test_evaluating_with_another_rule_leaves_the_package_alone(tmp_path: Path) -> None:
+    """issue 7.3: the package's threshold is frozen once; a later evaluation with another rule and level reports
+    that rule's results under its own name, beside the frozen ones, and does not touch metadata.json."""
+    run = make_run(tmp_path)
+    package = run / "models" / "tiny_cnn" / "model"
+    first = evaluate_run(run, n_boot=100)
+    frozen_bytes = (package / "metadata.json").read_bytes()
+    other = {"threshold_rule": "sensitivity", "threshold_target": 0.9, "aggregate": "mean"}
+    second = evaluate_run(run, settings=other, level="image", n_boot=100)
+    assert (package / "metadata.json").read_bytes() == frozen_bytes
+    entry = second["models"]["tiny_cnn"]
+    assert entry["threshold"]["value"] == first["models"]["tiny_cnn"]["threshold"]["value"]
+    assert entry["threshold_status"] == "kept" and entry["splits"] == first["models"]["tiny_cnn"]["splits"]
+    alternative = entry["alternative"]
+    assert alternative["name"] == "sensitivity>=0.9, image"
+    val = read_pred(run, "tiny_cnn", "val")
+    expected = choose_frozen_threshold(val, rule="sensitivity", target=0.9, level="image")["value"]
+    assert alternative["threshold"]["value"] == expected
+    assert alternative["splits"]["val"]["image"]["sensitivity"]["estimate"] >= 0.9
+    assert any("youden, patient mean" in note for note in entry["notes"])
+    # The tables label each row by the rule it comes from.
+    results = pd.read_csv(run / "tables" / "results_image.csv", dtype=str)
+    labels = ["alternative: sensitivity>=0.9, image", "frozen: youden, patient mean"]
+    assert sorted(set(results["operating point"])) == labels
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["models"]["tiny_cnn"]["alternative"]["name"] == "sensitivity>=0.9, image"
+
+
+def test_cli_refreeze_changes_the_package_and_records_its_history(tmp_path: Path) -> None:
+    """issue 7.3: only an explicit `alnus evaluate RUN --refreeze` replaces the frozen threshold, and the package's
+    threshold_history records the old and new value, the date and the reason."""
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    run = make_run(tmp_path)
+    package = run / "models" / "tiny_cnn" / "model"
+    runner = CliRunner()
+    assert runner.invoke(app, ["evaluate", str(run), "--n-boot", "100"]).exit_code == 0
+    old = read_metadata(package)["threshold"]
+    result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image"])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(package)["threshold"] == old and "alternative youden, image" in result.output
+    result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image", "--refreeze"])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(package)
+    val = read_pred(run, "tiny_cnn", "val")
+    assert meta["threshold"]["level"] == "image"
+    assert meta["threshold"]["value"] == choose_frozen_threshold(val, level="image")["value"] != old["value"]
+    history = meta["threshold_history"]
+    assert [h["old_value"] for h in history] == [None, old["value"]]
+    assert history[-1]["new_value"] == meta["threshold"]["value"] and "--refreeze" in history[-1]["reason"]
+    assert "re-frozen" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["models"]["tiny_cnn"]["threshold"]["level"] == "image"
+    assert "alternative" not in metrics["models"]["tiny_cnn"]
+
+
+def test_image_level_threshold_calls_a_patient_when_any_image_is_called() -> None:
+    """issue 7.2: results at a coarser level than the frozen threshold's say how the call is made there."""
+    t = table([("a1", "A", 1, 0.2), ("a2", "A", 1, 0.7), ("b1", "B", 0, 0.3), ("b2", "B", 0, 0.4)])
+    point = {"value": 0.5, "rule": "youden", "target": None, "level": "image", "aggregate": "mean"}
+    m = split_metrics(t, point)
+    assert (m["image"]["tp"], m["image"]["fp"]) == (1, 0)
+    assert (m["patient"]["tp"], m["patient"]["fn"], m["patient"]["fp"]) == (1, 0, 0)
+    assert "any of its images" in m["patient"]["calls"] and m["image"]["calls"].startswith("call = probability of each")
+    patient = dict(point, level="patient")  # A's mean 0.45 < 0.5: both of A's images are called negative
+    m = split_metrics(t, patient)
+    assert (m["image"]["tp"], m["patient"]["tp"]) == (0, 0)
+    assert "carries its patient's call" in m["image"]["calls"]
 
 
 def test_metrics_json_and_tables(tmp_path: Path) -> None:
@@ -310,7 +397,7 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
     atomic_write_text(run / "models" / "tiny_cnn" / "predictions" / "predictions.json", '{"weights_sha256": "x"}')
     with pytest.raises(EvaluateError, match="other weights"):
         evaluate_run(run)
-    with pytest.raises(EvaluateError, match="no model package for resnet101"):
+    with pytest.raises(AlnusError, match="no model package for resnet101"):
         evaluate_run(run, models=["resnet101"])
 
 
@@ -351,7 +438,7 @@ def test_cli_evaluate_without_predictions_says_to_predict_first(
 def test_train_predict_evaluate_on_phantom_data(tmp_path: Path) -> None:
     from alnus.data.phantom import make_phantom
     from alnus.predict import predict_run
-    from alnus.train import run_training
+    from alnus.study import run_training
 
     manifest = make_phantom(
         tmp_path / "data", patients=40, external_patients=16, image_size=(64, 80), readers=2, seed=1
@@ -374,7 +461,7 @@ def test_train_predict_evaluate_on_phantom_data(tmp_path: Path) -> None:
     ours = read_pred(cfg.run_dir, "tiny_cnn", "val").set_index("image")["prob"]
     assert sorted(engine.index) == sorted(ours.index)
     np.testing.assert_allclose(ours.loc[engine.index], engine, atol=1e-4)
-    assert read_metadata(model_dir / "model")["threshold"] == metrics["models"]["tiny_cnn"]["threshold"]["value"]
+    assert read_metadata(model_dir / "model")["threshold"] == metrics["models"]["tiny_cnn"]["threshold"]
     assert set(metrics["models"]["tiny_cnn"]["splits"]) == {"val", "internal_test", "external_test"}
     readers = metrics["readers"]["external_test"]["tiny_cnn"]
     assert readers["n_readers"] == 2 and [r["reader"] for r in readers["per_reader"]] == ["r1", "r2"]
@@ -424,3 +511,70 @@ def test_a_site_name_with_a_space_keeps_the_reader_comparison(tmp_path: Path) ->
     found = metrics["readers"]["external_test"]["tiny_cnn"]
     assert "error" not in found and found["n_readers"] == 1
     assert not (run / "tables" / "readers_tiny_cnn_external_test.imrmc").exists()
+
+
+def _write_config(run: Path, root: Path, evaluate: dict) -> None:
+    cfg = config_from_dict(
+        {"name": "demo", "runs_dir": str(root / "runs"), "data": {"manifest": "m.csv"}, "models": ["tiny_cnn"],
+         "train": {"weights": "none"}, "evaluate": evaluate}
+    )  # fmt: skip
+    atomic_write_text(run / "config.yaml", dump_config(cfg))
+
+
+def test_score_scale_readers_are_compared_from_the_run_config(tmp_path: Path) -> None:
+    """issue 7.7: `evaluate.reader_scale: score` reads reader_* columns as numbers (the README's "or a score"):
+    reader AUCs and the model-vs-readers AUC test without a score threshold, calls with one."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    external = splits["split"] == "external_test"
+    rng = np.random.default_rng(5)
+    patients = splits.loc[external, "patient_id"].unique()
+    for reader in ("a", "b"):
+        # One 0-100 score per patient (repeated on its images), higher for positives.
+        positive = {p: int(p.removeprefix("external_test")) % 2 == 0 for p in patients}
+        score = {p: f"{np.clip(50 + 25 * positive[p] + rng.normal(0, 20), 0, 100):.0f}" for p in patients}
+        splits[f"reader_{reader}"] = np.where(external, splits["patient_id"].map(score).fillna(""), "")
+    write_csv(splits, run / "splits.csv")
+    _write_config(run, tmp_path, {"reader_scale": "score"})
+    metrics = evaluate_run(run, n_boot=100)
+    found = metrics["readers"]["external_test"]["tiny_cnn"]
+    assert "error" not in found, found.get("error")
+    assert found["scale"] == "score" and found["reader_calls"].startswith("none")
+    performance = {row["reader"]: row for row in found["performance"]}
+    truth = splits[external].groupby("patient_id")["label"].first().eq("positive").astype(int)
+    for reader in ("a", "b"):
+        scores = splits[external].groupby("patient_id")[f"reader_{reader}"].first().astype(float)
+        expected = stats.auc_ci(truth.to_numpy(), scores.loc[truth.index].to_numpy()).estimate
+        assert performance[reader]["auc"] == pytest.approx(expected)
+        assert performance[reader]["sensitivity"] is None
+    panel = {row["metric"]: row for row in found["panel"]}
+    assert panel["auc"]["p"] is not None and "no calls" in panel["sensitivity"]["note"]
+
+    _write_config(run, tmp_path, {"reader_scale": "score", "reader_score_threshold": 60})
+    called = evaluate_run(run, n_boot=100)["readers"]["external_test"]["tiny_cnn"]
+    assert called["reader_calls"] == "score >= 60"
+    assert all(row["sensitivity"] is not None for row in called["performance"])
+    # A BI-RADS cut-off that is no category is the config's error, said before any work.
+    _write_config(run, tmp_path, {"reader_positive_from": "4d"})
+    with pytest.raises(EvaluateError, match="evaluate settings.*'4d' is not a BI-RADS category"):
+        evaluate_run(run, n_boot=100)
+
+
+def test_cli_evaluate_prints_user_text_as_text(tmp_path: Path) -> None:
+    """issue 7.12: a site named `[/]` (rich's closing tag) in a reader error is printed as text, not markup."""
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    external = splits["split"] == "external_test"
+    splits["site"] = np.where(external, "[/]", splits["site"])
+    splits["reader_a"] = np.where(external, "seven [red]", "")
+    write_csv(splits, run / "splits.csv")
+    path = run / "models" / "tiny_cnn" / "predictions" / "external_test.csv"
+    write_csv(pd.read_csv(path, dtype=str, keep_default_na=False).assign(site="[/]"), path)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "100"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "'seven [red]'" in output and "[/]/external_test" in output

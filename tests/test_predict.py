@@ -16,9 +16,9 @@ from alnus.data.dataset import PreprocessSpec, preprocess
 from alnus.data.images import load_image
 from alnus.data.roi import RoiPolicy
 from alnus.errors import AlnusError
-from alnus.evaluate import PREDICTION_COLUMNS, choose_frozen_threshold, evaluate_run, freeze_threshold
+from alnus.evaluate import PREDICTION_COLUMNS, choose_frozen_threshold, evaluate_run
 from alnus.models import create_model
-from alnus.models.package import save_package
+from alnus.models.package import freeze_threshold, save_package
 from alnus.predict import PredictError, Predictor, predict_run, resolve_device
 
 LABELS = ["negative", "positive"]
@@ -58,6 +58,11 @@ def manifest(root: Path, n: int, *, roi: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def point(value: float, level: str = "patient", aggregate: str = "mean") -> dict:
+    """An operating point as `alnus evaluate` freezes it (rule, level, aggregation with the value)."""
+    return {"value": value, "rule": "youden", "target": None, "level": level, "aggregate": aggregate}
+
+
 def direct(model_dir: Path, table: pd.DataFrame, root: Path, spec: PreprocessSpec) -> np.ndarray:
     """Plain fp32 forward pass: load_image -> preprocess -> /255 -> model -> sigmoid, image by image."""
     from alnus.models.package import load_package
@@ -88,16 +93,23 @@ def test_predict_table_equals_a_direct_forward_pass(tmp_path: Path) -> None:
     assert out["image"].tolist() == table["image"].tolist()
 
 
-def test_auto_precision_stays_close_to_fp32(tmp_path: Path) -> None:
+def test_precision_is_the_one_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 7.18: the predictor runs at the precision it is given (the study passes `train.precision`), and
+    `auto` is bf16 exactly when the CPU has native bf16 instructions; its probabilities stay close to fp32."""
+    from alnus._hardware import cpu_has_bf16
+
+    monkeypatch.delenv("ALNUS_PRECISION", raising=False)
     spec = PreprocessSpec(size=32)
     package = make_package(tmp_path / "model", spec)
     table = manifest(tmp_path, 6)
     auto = Predictor(package, device="cpu")
     fp32 = Predictor(package, device="cpu", precision="fp32")
-    np.testing.assert_allclose(
-        auto.predict_table(table, tmp_path)["prob"], fp32.predict_table(table, tmp_path)["prob"], atol=0.03
-    )
-    assert auto.precision.name in ("fp32", "bf16")
+    bf16 = Predictor(package, device="cpu", precision="bf16")
+    assert auto.precision.name == ("bf16" if cpu_has_bf16() else "fp32")
+    assert (fp32.precision.name, bf16.precision.name) == ("fp32", "bf16")
+    reference = fp32.predict_table(table, tmp_path)["prob"]
+    np.testing.assert_allclose(auto.predict_table(table, tmp_path)["prob"], reference, atol=0.03)
+    np.testing.assert_allclose(bf16.predict_table(table, tmp_path)["prob"], reference, atol=0.03)
 
 
 def test_predict_arrays_matches_predict_table(tmp_path: Path) -> None:
@@ -121,12 +133,40 @@ def test_threshold_from_the_package_gives_calls(tmp_path: Path) -> None:
     before = Predictor(package, device="cpu", precision="fp32").predict_table(table, tmp_path)
     assert "call" not in before.columns and "y" not in before.columns
     threshold = float(np.median(before["prob"]))
-    freeze_threshold(package, {"value": threshold, "rule": "youden"})
+    freeze_threshold(package, point(threshold, level="image"), reason="test")
     predictor = Predictor(package, device="cpu", precision="fp32")
     after = predictor.predict_table(table, tmp_path)
     assert predictor.threshold == threshold
     assert after["call"].tolist() == (before["prob"] >= threshold).astype(int).tolist()
-    assert 0 < after["call"].sum() < len(after)
+    assert 0 < after["call"].sum() < len(after) and set(after["call_level"]) == {"image"}
+
+
+def test_patient_level_threshold_is_applied_to_the_patient_mean(tmp_path: Path) -> None:
+    """issue 7.2: a threshold frozen on patient-mean probabilities makes the call on each patient's mean (every
+    image of the patient carries it), as on validation; an image without a patient id is its own patient."""
+    package = make_package(tmp_path / "model", PreprocessSpec(size=32))
+    table = manifest(tmp_path, 8).drop(columns="label")
+    table["patient_id"] = ["A", "A", "B", "B", "C", "C", "", ""]
+    probs = Predictor(package, device="cpu", precision="fp32").predict_table(table, tmp_path)["prob"]
+    means = probs.groupby(table["patient_id"].where(table["patient_id"] != "", table.index.astype(str))).transform(
+        "mean"
+    )
+    # A threshold between an image's own probability and its patient's mean, so per-image calls would differ.
+    threshold = float(np.median(means))
+    freeze_threshold(package, point(threshold), reason="test")
+    predictor = Predictor(package, device="cpu", precision="fp32")
+    out = predictor.predict_table(table, tmp_path)
+    np.testing.assert_allclose(out["patient_prob"], means, rtol=1e-6)
+    assert out["call"].tolist() == (means >= threshold).astype(int).tolist()
+    assert out["call"].tolist() != (probs >= threshold).astype(int).tolist()
+    assert out["n_images"].tolist() == [2, 2, 2, 2, 2, 2, 1, 1] and set(out["call_level"]) == {"patient"}
+    assert "mean probability of a patient's images" in predictor.call_rule
+    assert "its own patient" in predictor.call_rule
+    # The max aggregation, when frozen with it, is applied as the max.
+    freeze_threshold(package, point(threshold, aggregate="max"), reason="test", refreeze=True)
+    top = Predictor(package, device="cpu", precision="fp32").predict_table(table, tmp_path)
+    key = table["patient_id"].where(table["patient_id"] != "", table.index.astype(str))
+    np.testing.assert_allclose(top["patient_prob"], probs.groupby(key).transform("max"), rtol=1e-6)
 
 
 def test_bad_labels_and_images_are_named(tmp_path: Path) -> None:
@@ -184,6 +224,10 @@ def test_predict_run_writes_each_split_then_evaluate_reads_it(tmp_path: Path) ->
     stamp = json.loads((folder / "predictions.json").read_text())
     meta = json.loads((run / "models" / "tiny_cnn" / "model" / "metadata.json").read_text())
     assert stamp["weights_sha256"] == meta["weights_sha256"] and stamp["precision"] == "fp32"
+    # The precision asked for is the one used and recorded (the study passes its train.precision).
+    assert predict_run(run, device="cpu", precision="bf16", splits=["val"])["tiny_cnn"]["precision"] == "bf16"
+    assert json.loads((folder / "predictions.json").read_text())["precision"] == "bf16"
+    predict_run(run, device="cpu", precision="fp32")
     # The run's image cache (shared with training) now holds the decoded images.
     assert list((run / "cache").rglob("*.npy"))
 
@@ -228,12 +272,19 @@ def test_cli_predict_and_predict_images(tmp_path: Path) -> None:
     np.testing.assert_allclose(table["prob"], expected, rtol=1e-6)
     assert f"{expected[0]:.4f}" in result.output and "no frozen threshold" in result.output
 
-    freeze_threshold(package, {"value": float(np.median(expected)), "rule": "youden"})
+    freeze_threshold(package, point(float(np.median(expected))), reason="test")
     result = runner.invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
+    # Without --patient-id each image is its own patient: its mean is its own probability.
     assert table["prediction"].tolist() == ["positive" if p >= np.median(expected) else "negative" for p in expected]
-    assert "call = probability >=" in result.output
+    output = " ".join(result.output.split())
+    assert "call = mean probability of a patient's images >=" in output and "its own patient" in output
+    result = runner.invoke(app, [*args, *["--patient-id", "P1"] * 3], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert table["n_images"].tolist() == [3, 3, 3] and table["call"].nunique() == 1
+    np.testing.assert_allclose(table["patient_prob"], np.mean(expected), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -274,3 +325,26 @@ def test_cli_predict_images_takes_one_lesion_box_per_image(tmp_path: Path) -> No
     assert isinstance(result.exception, AlnusError) and "one per image" in str(result.exception)
     result = runner.invoke(app, ["predict-images", str(package), *images])  # the box policy needs a box
     assert isinstance(result.exception, AlnusError) and "roi" in str(result.exception)
+
+
+def test_cli_predict_images_prints_file_names_and_labels_as_text(tmp_path: Path) -> None:
+    """issue 7.12: `IMG [left].png` and `IMG [right].png` print as two different names, and a label `[/]` (rich's
+    closing tag) neither vanishes nor crashes the output."""
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    torch.manual_seed(0)
+    package = tmp_path / "model"
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["benign", "[/]"], "positive_label": "[/]"}
+    save_package(package, create_model("tiny_cnn"), meta)
+    freeze_threshold(package, point(0.0, level="image"), reason="test")  # every image is called positive
+    images = []
+    for name in ("IMG [left].png", "IMG [right].png"):
+        Image.fromarray(np.full((40, 40), 90, dtype=np.uint8)).save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    result = CliRunner().invoke(app, ["predict-images", str(package), *images, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "IMG [left].png" in output and "IMG [right].png" in output
+    assert "P([/]) from" in output and output.count("[/]") >= 3

@@ -13,10 +13,13 @@ from alnus.errors import AlnusError
 from alnus.readers import (
     BIRADS_ORDER,
     MEAN,
+    NO_CALL_RULE,
     POOLED,
     ReaderError,
     birads_call,
     birads_score,
+    check_reader_columns,
+    check_reader_settings,
     compare_model_with_readers,
     read_imrmc,
     reader_performance,
@@ -158,13 +161,13 @@ def test_missing_incomplete_and_unmatched_readings_are_counted() -> None:
     assert np.isnan(panel.loc["sensitivity", "p"]) and 0 <= panel.loc["auc", "p"] <= 1
 
 
-def test_duplicate_readings_collapse_per_patient_and_conflicts_fail() -> None:
+def test_duplicate_readings_collapse_per_patient_to_the_most_suspicious() -> None:
     df = pd.DataFrame({"image": ["a1", "a2", "b1"], "patient_id": ["A", "A", "B"], "reader_r": ["4a", "4A", "3"]})
     readings = readings_from_manifest(df, case_col="patient_id")
-    assert readings["case"].tolist() == ["A", "B"]
+    assert readings["case"].tolist() == ["A", "B"] and readings.attrs["collapsed"] == 0
     df.loc[1, "reader_r"] = "5"
-    with pytest.raises(ReaderError, match=r"case 'A': rows \[2, 3\] give \['4a', '5'\]"):
-        readings_from_manifest(df, case_col="patient_id")
+    readings = readings_from_manifest(df, case_col="patient_id")
+    assert readings["value"].tolist() == ["5", "3"] and readings["row"].tolist() == [3, 4]
 
 
 def test_manifest_errors_name_the_row_and_column() -> None:
@@ -186,8 +189,9 @@ def test_readings_from_csv_birads_scores_and_calls(tmp_path: Path) -> None:
 
     path.write_text("reader,case,score\nr1,c1,80\nr1,c2,35\nr1,c3,50\n")
     assert readings_from_csv(path, threshold=50)["call"].tolist() == [True, False, True]
-    with pytest.raises(ReaderError, match=r"row 2 .*numeric scores need a call"):
-        readings_from_csv(path)
+    # Without a threshold or a call column, scores make no call: they are compared by AUC only.
+    unthresholded = readings_from_csv(path)
+    assert unthresholded["call"].isna().all() and set(unthresholded["call_rule"]) == {NO_CALL_RULE}
 
     path.write_text("reader,case,score,call\nr1,c1,80,no\nr1,c2,35,positive\n")
     given = readings_from_csv(path)
@@ -201,6 +205,62 @@ def test_readings_from_csv_birads_scores_and_calls(tmp_path: Path) -> None:
     path.write_text("reader,case,birads,score\nr1,c1,3,30\n")
     with pytest.raises(ReaderError, match="exactly one of birads/score"):
         readings_from_csv(path)
+
+
+# ------------------------------------------------------------------------------------- numeric score scale
+def _scores(n: int = 60, readers: int = 2, seed: int = 4) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """Readers' 0-100 scores that follow the truth, a model probability and the truth, per case."""
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1] * (n // 2))
+    scores = {f"r{j}": np.clip(np.round(50 + 30 * (y - 0.5) + rng.normal(0, 20, n)), 0, 100) for j in range(readers)}
+    df, truth = _manifest({k: [f"{v:g}" for v in col] for k, col in scores.items()}, list(y))
+    model = pd.Series(np.clip(0.5 * y + rng.normal(0.25, 0.2, n), 0, 1), index=truth.index)
+    return df, truth, model
+
+
+@pytest.mark.parametrize("readers", [1, 2])
+def test_scores_without_a_threshold_compare_by_auc_only(readers: int) -> None:
+    """issue 7.7: numeric reader scores (the README's "or a score") give reader AUCs and an AUC comparison with
+    the model; without a score threshold there are no calls, and the call-based rows say why they are empty."""
+    df, truth, model = _scores(readers=readers)
+    readings = readings_from_manifest(df, scale="score")
+    performance = reader_performance(truth, readings).set_index("reader")
+    for name in [f"r{j}" for j in range(readers)]:
+        expected = stats.auc_ci(truth.to_numpy(), df[f"reader_{name}"].astype(float).to_numpy())
+        assert performance.loc[name, "auc"] == pytest.approx(expected.estimate)
+        assert np.isnan(performance.loc[name, "sensitivity"]) and pd.isna(performance.loc[name, "tp"])
+    versus = compare_model_with_readers(truth, model, 0.5, readings)
+    panel = versus.panel.set_index("metric")
+    assert np.isfinite(panel.loc["auc", "p"]) and panel.loc["auc", "note"] == ""
+    assert "no calls" in panel.loc["sensitivity", "note"] and "no calls" in panel.loc["specificity", "note"]
+    assert versus.per_reader["auc_p"].notna().all() and versus.per_reader["sensitivity_p"].isna().all()
+
+    # With a threshold the same scores make calls, and the McNemar tests come back.
+    called = compare_model_with_readers(truth, model, 0.5, readings_from_manifest(df, scale="score", threshold=50))
+    assert called.per_reader["sensitivity_p"].notna().all()
+
+
+def test_check_reader_columns_names_row_column_and_value() -> None:
+    """issue 7.7: reader cells are checked before training; each problem names the spreadsheet row (header =
+    row 1), the column and the bad value; empty cells are missing readings, not problems."""
+    df = pd.DataFrame({"image": ["a", "b", "c", "d"], "patient_id": ["P1", "P1", "P2", "P3"],
+                       "reader_r1": ["4a", "seven", "", "4"], "reader_r2": ["3", "3", "5", "2"]})  # fmt: skip
+    problems = check_reader_columns(df)
+    assert [(p.row, p.column) for p in problems] == [(3, "reader_r1")]
+    assert "'seven'" in problems[0].reason and "not a BI-RADS category" in problems[0].reason
+    assert "row 3, column 'reader_r1'" in str(problems[0])
+    # A plain 4 cannot be called at 4b.
+    df.loc[1, "reader_r1"] = "4c"
+    cut = check_reader_columns(df, positive_from="4b")
+    assert [(p.row, p.column) for p in cut] == [(5, "reader_r1")] and "plain 4" in cut[0].reason
+    # Scores: numbers only.
+    scores = pd.DataFrame({"image": ["a", "b"], "reader_r1": ["80", "high"]})
+    assert [(p.row, p.column) for p in check_reader_columns(scores, "score")] == [(3, "reader_r1")]
+    assert check_reader_columns(scores.assign(reader_r1=["80", "12.5"]), "score") == []
+    with pytest.raises(ReaderError, match="'birads' or 'score'"):
+        check_reader_settings("likert")
+    with pytest.raises(ReaderError, match="positive_from"):
+        check_reader_columns(df, positive_from="7")
 
 
 # ------------------------------------------------------------------------------------------ model vs readers
@@ -333,3 +393,14 @@ def test_breast_radiologist_at_4a(shared_data: Path) -> None:
         f"{perf['specificity_ci_high']:.3f}), AUC {perf['auc']:.3f} "
         f"({perf['auc_ci_low']:.3f}-{perf['auc_ci_high']:.3f})"
     )
+
+
+def test_a_patient_read_differently_on_two_images_takes_the_most_suspicious_reading() -> None:
+    """A patient with two lesions (BUS-BRA has such patients) is read at patient level by the worse finding, as a
+    radiologist's overall assessment is; it is not an error (it stopped the real-data study)."""
+    df = pd.DataFrame({"image": ["a", "b", "c"], "patient_id": ["P1", "P1", "P2"], "label": ["x", "x", "y"],
+                       "reader_r1": ["3", "4b", "2"]})  # fmt: skip
+    readings = readings_from_manifest(df, case_col="patient_id")
+    p1 = readings[readings["case"] == "P1"]
+    assert len(p1) == 1 and p1["value"].item() == "4b" and bool(p1["call"].item())
+    assert readings.attrs["collapsed"] == 1 and len(readings) == 2

@@ -1,7 +1,10 @@
 """Predictions -> metric tables with confidence intervals; the operating threshold is frozen on validation.
 
 The design follows Zhou et al., Radiology 2020: one operating threshold per model, chosen on the
-validation split only and applied unchanged to the internal and external test sets; per model and test set
+validation split only and applied unchanged to the internal and external test sets. It is frozen into the model
+package the first time a run is evaluated (`alnus.operating_point`: value, rule, level, aggregation) and applied
+at that level everywhere; a later evaluation with another rule or level reports that rule's results beside the
+frozen ones, under its own name, and leaves the package alone unless asked to re-freeze. Per model and test set
 an AUC with its 95% CI and accuracy, sensitivity and specificity as k/n with exact (Clopper-Pearson 1934)
 intervals. Results are given per image and per patient (a patient's image probabilities averaged, or their
 maximum). The statistics themselves are `alnus.stats`; this module only arranges the cases and the output.
@@ -24,20 +27,27 @@ import pandas as pd
 
 from alnus import stats
 from alnus._io import atomic_write_text, write_csv
+from alnus._levels import UNIT_COLUMNS
 from alnus.errors import AlnusError
+from alnus.operating_point import (
+    AGGREGATES,
+    LEVELS,
+    apply_operating_point,
+    describe,
+    rule_name,
+    same_rule,
+)
+from alnus.runfolder import EVALUATION_SPLITS as SPLITS
+from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, read_splits, run_models
 
-SPLITS = ("val", "internal_test", "external_test")
-PREDICTION_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "y", "prob")
-PREDICTIONS_STAMP = "predictions.json"
 METRICS_FORMAT = "alnus-metrics"
 METRICS_VERSION = 1
 Level = Literal["image", "patient", "study"]
 Aggregate = Literal["mean", "max"]
-LEVELS = ("image", "patient", "study")
-AGGREGATES = ("mean", "max")
-# Table columns (paper style) in the order printed; proportions read "85.4 (35/41; 70.8-94.4)".
-TABLE_COLUMNS = ["model", "split", "level", "n (pos/neg)", "AUC (95% CI)", "accuracy", "sensitivity",
-                 "specificity", "PPV", "NPV", "threshold"]  # fmt: skip
+# Table columns (paper style) in the order printed; proportions read "85.4 (35/41; 70.8-94.4)". The operating
+# point says which threshold a row's calls come from: the frozen one, or an alternative rule reported beside it.
+TABLE_COLUMNS = ["model", "split", "level", "operating point", "n (pos/neg)", "AUC (95% CI)", "accuracy",
+                 "sensitivity", "specificity", "PPV", "NPV", "threshold"]  # fmt: skip
 
 
 class EvaluateError(AlnusError):
@@ -82,7 +92,7 @@ def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.Dat
 
 def _unit_columns(level: str) -> list[str]:
     # Patient ids are unique only within a site (as in alnus.data.split), so the site is part of the key.
-    return {"patient": ["site", "patient_id"], "study": ["site", "patient_id", "study_id"]}[level]
+    return list(UNIT_COLUMNS[level])
 
 
 def aggregate_predictions(table: pd.DataFrame, level: Level = "patient", how: Aggregate = "mean") -> pd.DataFrame:
@@ -143,8 +153,9 @@ def choose_frozen_threshold(
 ) -> dict[str, Any]:
     """Choose the operating threshold on VALIDATION predictions (`stats.choose_threshold`) at `level`.
 
-    Returns the record stored in the model package: value, rule, target, level, aggregate, what it gives on
-    validation, and which validation data it was chosen on (counts and a SHA-256 of image, y, prob).
+    Returns the operating point stored in the model package (`alnus.operating_point`): value, rule, target, level,
+    aggregate, frozen_on ("val"), n_val_units and n_val_images, what it gives on validation, and which validation
+    data it was chosen on (counts and a SHA-256 of image, y, prob).
     """
     val = check_predictions(val, "validation predictions")
     cases = aggregate_predictions(val, level, aggregate)
@@ -158,6 +169,9 @@ def choose_frozen_threshold(
         "target": target,
         "level": level,
         "aggregate": aggregate,
+        "frozen_on": "val",
+        "n_val_units": len(cases),
+        "n_val_images": len(val),
         "val_sensitivity": chosen.sensitivity,
         "val_specificity": chosen.specificity,
         "val_youden": chosen.youden,
@@ -172,22 +186,25 @@ def choose_frozen_threshold(
     }
 
 
-def freeze_threshold(package_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> dict[str, Any]:
-    """Write a threshold record into the package's metadata.json (atomically); returns the new metadata.
+def operating_point_of_package(
+    package_dir: str | os.PathLike[str], wanted: Mapping[str, Any], *, refreeze: bool = False
+) -> tuple[dict[str, Any], str]:
+    """The package's frozen operating point, frozen now from `wanted` when it has none (or on `refreeze`).
 
-    `threshold` holds the number (what predict and the service apply: `prob >= threshold`);
-    `threshold_selection` holds the whole record (rule, level, aggregate, the validation data).
+    Returns the operating point and what happened: "frozen" (first evaluation), "re-frozen", or "kept" (the
+    package already had one; `wanted` is then only reported beside it, never written).
     """
-    from alnus.models.package import METADATA_FILE, read_metadata
+    from alnus.models.package import freeze_threshold, read_metadata
 
-    meta = read_metadata(package_dir)
-    meta["threshold"] = float(record["value"])
-    meta["threshold_selection"] = {
-        **dict(record),
-        "frozen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_write_text(Path(package_dir) / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
-    return meta
+    frozen = read_metadata(package_dir)["threshold"]
+    if frozen is None:
+        meta = freeze_threshold(package_dir, wanted, reason="first evaluation: chosen on validation and frozen")
+        return meta["threshold"], "frozen"
+    if refreeze and not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
+        reason = f"re-frozen by `alnus evaluate --refreeze` ({rule_name(wanted)} on the current validation predictions)"
+        meta = freeze_threshold(package_dir, wanted, reason=reason, refreeze=True)
+        return meta["threshold"], "re-frozen"
+    return frozen, "kept"
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -207,6 +224,7 @@ def case_metrics(
     cases: pd.DataFrame,
     threshold: float,
     *,
+    calls: np.ndarray | None = None,
     clustered: bool = False,
     alpha: float = 0.05,
     n_boot: int = 2000,
@@ -216,14 +234,15 @@ def case_metrics(
 
     AUC with the DeLong (1988) CI; with `clustered` (image level, several images per patient) also the
     percentile bootstrap CI resampling whole patients, which is then the one reported (`auc_reported`).
-    Accuracy, sensitivity, specificity, PPV and NPV as k/n with Clopper-Pearson CIs (calls are
-    `prob >= threshold`; the counts of `stats.binary_metrics`, kept defined when a split holds one class).
+    Accuracy, sensitivity, specificity, PPV and NPV as k/n with Clopper-Pearson CIs (calls are `calls` when
+    given, e.g. each image carrying its patient's call, else `prob >= threshold`; the counts of
+    `stats.binary_metrics`, kept defined when a split holds one class).
     Calibration (Brier, slope, intercept; `stats.calibration`). What cannot be computed is None and `notes`
     says why.
     """
     y = cases["y"].to_numpy().astype(bool)
     prob = cases["prob"].to_numpy().astype(float)
-    call = prob >= threshold
+    call = prob >= threshold if calls is None else np.asarray(calls).astype(bool)
     tp, fn = int((call & y).sum()), int((~call & y).sum())
     tn, fp = int((~call & ~y).sum()), int((call & ~y).sum())
     notes: list[str] = []
@@ -267,9 +286,41 @@ def case_metrics(
     return out
 
 
+def _as_operating_point(threshold: float | Mapping[str, Any], level: str, aggregate: str) -> dict[str, Any]:
+    if isinstance(threshold, Mapping):
+        return dict(threshold)
+    return {"value": float(threshold), "rule": "given", "target": None, "level": level, "aggregate": aggregate}
+
+
+def level_cases(table: pd.DataFrame, level: Level, point: Mapping[str, Any]) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Cases at `level` with the calls the operating point `point` makes for them, and that rule in words.
+
+    At the point's own level a case is called on its aggregated probability, and an image carries the call of its
+    patient (study). At a coarser level (a patient, for an image-level point) a case is positive when any of its
+    images is called positive, and its probability is its images' maximum (which gives that call for an
+    image-level point).
+    """
+    rule = describe(point)
+    if level == point["level"]:
+        cases = aggregate_predictions(table, level, point["aggregate"])
+        return cases, cases["prob"].to_numpy() >= point["value"], rule
+    checked = check_predictions(table)
+    calls = apply_operating_point(checked, point)["call"].astype(bool)
+    if level == "image":
+        return (
+            aggregate_predictions(checked, "image"),
+            calls.to_numpy(),
+            f"each image carries its {point['level']}'s call ({rule})",
+        )
+    cases = aggregate_predictions(checked, level, "max")
+    # Grouped as aggregate_predictions groups (first appearance), so the rows line up with `cases`.
+    any_call = calls.groupby([checked[c] for c in _unit_columns(level)], sort=False).max().to_numpy()
+    return cases, any_call, f"a {level} is positive when any of its images is ({rule})"
+
+
 def split_metrics(
     table: pd.DataFrame,
-    threshold: float,
+    threshold: float | Mapping[str, Any],
     *,
     level: Level = "patient",
     aggregate: Aggregate = "mean",
@@ -277,20 +328,27 @@ def split_metrics(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """`case_metrics` of one model on one split at image level and at `level` (patient for `image`)."""
+    """`case_metrics` of one model on one split at image level and at the case level, with calls made the way the
+    operating point was frozen (`level_cases`).
+
+    Args:
+        threshold: an operating point (`alnus.operating_point`), or a bare number applied at `level` with
+            `aggregate`. The case level is the point's level, or patient for an image-level point.
+    """
     table = check_predictions(table)
-    case_level = "patient" if level == "image" else level
-    return {
-        "image": case_metrics(
-            aggregate_predictions(table, "image"),
-            threshold,
-            clustered=True,
-            alpha=alpha,
-            n_boot=n_boot,
-            seed=seed,
-        ),
-        case_level: case_metrics(aggregate_predictions(table, case_level, aggregate), threshold, alpha=alpha),
-    }
+    point = _as_operating_point(threshold, level, aggregate)
+    out = {}
+    for name in dict.fromkeys(["image", _case_level(point["level"])]):
+        cases, calls, rule = level_cases(table, name, point)
+        out[name] = case_metrics(
+            cases, point["value"], calls=calls, clustered=name == "image", alpha=alpha, n_boot=n_boot, seed=seed
+        )
+        out[name]["calls"] = rule
+    return out
+
+
+def _case_level(level: str) -> str:
+    return "patient" if level == "image" else level
 
 
 def compare_models(
@@ -350,25 +408,47 @@ def format_auc(a: Mapping[str, Any] | None) -> str:
     return f"{a['estimate']:.2f} ({a['ci_low']:.2f}-{a['ci_high']:.2f})"
 
 
+def _result_sets(entry: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(operating point label, results per split) of a model: the frozen threshold's, then any alternative's."""
+    sets = [(f"frozen: {rule_name(entry['threshold'])}", entry["splits"])]
+    if entry.get("alternative"):
+        sets.append((f"alternative: {entry['alternative']['name']}", entry["alternative"]["splits"]))
+    return sets
+
+
+def result_levels(metrics: Mapping[str, Any]) -> list[str]:
+    """The levels that have results in `metrics` (frozen or alternative), in the order image, patient, study."""
+    found = {
+        level
+        for entry in metrics["models"].values()
+        for _, splits in _result_sets(entry)
+        for by_level in splits.values()
+        for level in by_level
+    }
+    return [level for level in LEVELS if level in found]
+
+
 def results_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
-    """The paper's results table at one level: a row per model x split, formatted cells (TABLE_COLUMNS)."""
+    """The paper's results table at one level: a row per model x operating point x split, formatted cells
+    (TABLE_COLUMNS); the frozen threshold's rows first, then those of an alternative rule, labelled by it."""
     rows = []
     for model, entry in metrics["models"].items():
-        for split, by_level in entry["splits"].items():
-            if level not in by_level:
-                continue
-            m = by_level[level]
-            auc_key = m.get("auc_reported")
-            rows.append({
-                "model": model, "split": split, "level": level,
-                "n (pos/neg)": f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
-                "AUC (95% CI)": format_auc(m[auc_key] if auc_key else None),
-                "accuracy": format_proportion(m["accuracy"]),
-                "sensitivity": format_proportion(m["sensitivity"]),
-                "specificity": format_proportion(m["specificity"]),
-                "PPV": format_proportion(m["ppv"]), "NPV": format_proportion(m["npv"]),
-                "threshold": f"{m['threshold']:.4g}",
-            })  # fmt: skip
+        for label, splits in _result_sets(entry):
+            for split, by_level in splits.items():
+                if level not in by_level:
+                    continue
+                m = by_level[level]
+                auc_key = m.get("auc_reported")
+                rows.append({
+                    "model": model, "split": split, "level": level, "operating point": label,
+                    "n (pos/neg)": f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
+                    "AUC (95% CI)": format_auc(m[auc_key] if auc_key else None),
+                    "accuracy": format_proportion(m["accuracy"]),
+                    "sensitivity": format_proportion(m["sensitivity"]),
+                    "specificity": format_proportion(m["specificity"]),
+                    "PPV": format_proportion(m["ppv"]), "NPV": format_proportion(m["npv"]),
+                    "threshold": f"{m['threshold']:.4g}",
+                })  # fmt: skip
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -389,12 +469,16 @@ def reader_comparison(
     level: Level = "patient",
     aggregate: Aggregate = "mean",
     alpha: float = 0.05,
+    scale: Literal["birads", "score"] = "birads",
+    positive_from: str = "4a",
+    score_threshold: float | None = None,
 ) -> dict[str, Any] | None:
     """The model at its frozen threshold against the readers of the same cases (`alnus.readers`).
 
-    `rows` are the split's rows of splits.csv with `reader_<name>` columns (BI-RADS, positive from 4a); a
-    patient's (study's) repeated readings collapse to one reading per case. Returns None when no reader
-    read any of these cases.
+    `rows` are the split's rows of splits.csv with `reader_<name>` columns: BI-RADS categories (a positive call
+    from `positive_from`) or, with `scale="score"`, numbers (a call when >= `score_threshold`; without one the
+    readers are compared by AUC only). A patient's (study's) repeated readings collapse to one reading per case.
+    Returns None when no reader read any of these cases.
 
     Returns:
         level, n_cases, `performance` (per reader and pooled), `per_reader` (McNemar, DeLong) and `panel`
@@ -414,13 +498,22 @@ def reader_comparison(
     keys = ["image"] if level == "image" else _unit_columns(level)
     rows["case"] = rows[keys].astype(str).agg("/".join, axis=1)
     case_ids = cases[keys].astype(str).agg("/".join, axis=1)
-    readings = readings_from_manifest(rows, case_col="case", columns={c.removeprefix("reader_"): c for c in columns})
+    readings = readings_from_manifest(
+        rows,
+        case_col="case",
+        columns={c.removeprefix("reader_"): c for c in columns},
+        scale=scale,
+        positive_from=positive_from,
+        threshold=score_threshold,
+    )
     y = pd.Series(cases["y"].to_numpy(), index=case_ids)
     prob = pd.Series(cases["prob"].to_numpy(), index=case_ids)
     performance = reader_performance(y, readings, alpha=alpha)
     versus = compare_model_with_readers(y, prob, threshold, readings, alpha=alpha)
     return {
         "level": level,
+        "scale": scale,
+        "reader_calls": _reader_call_rule(scale, positive_from, score_threshold),
         "n_cases": versus.n_cases,
         "n_panel_cases": versus.n_panel_cases,
         "n_readers": versus.n_readers,
@@ -432,6 +525,12 @@ def reader_comparison(
         # For a cross-check in FDA/DIDSR's iMRMC (written to tables/ by evaluate_run, not into metrics.json).
         "imrmc": _imrmc_or_none(y, prob, readings),
     }
+
+
+def _reader_call_rule(scale: str, positive_from: str, score_threshold: float | None) -> str:
+    if scale == "birads":
+        return f"BI-RADS >= {positive_from}"
+    return "none (scores compared by AUC only)" if score_threshold is None else f"score >= {score_threshold:g}"
 
 
 def _imrmc_or_none(y: pd.Series, prob: pd.Series, readings: pd.DataFrame) -> str | None:
@@ -454,7 +553,7 @@ def _settings(run_dir: Path) -> dict[str, Any]:
 
     from alnus.config import ConfigError, EvaluateConfig, config_from_dict
 
-    path = run_dir / "config.yaml"
+    path = RunFolder(run_dir).config
     if not path.is_file():
         raise EvaluateError(f"{run_dir} is not a run folder (no config.yaml); pass runs/<name>.")
     try:
@@ -466,28 +565,9 @@ def _settings(run_dir: Path) -> dict[str, Any]:
     return {k: section[k] for k in dataclasses.asdict(EvaluateConfig())}
 
 
-def run_models(run_dir: str | os.PathLike[str], models: Sequence[str] | None = None) -> list[str]:
-    """Backbones with a model package in the run folder (`models/<backbone>/model/metadata.json`), sorted;
-    with `models`, those names, checked to have a package."""
-    folder = Path(run_dir) / "models"
-    available = sorted(p.parent.parent.name for p in folder.glob("*/model/metadata.json")) if folder.is_dir() else []
-    if models is None:
-        return available
-    names = list(models) or available
-    missing = [m for m in names if m not in available]
-    if not names or missing:
-        raise EvaluateError(
-            f"{folder} has no model package{' for ' + ', '.join(missing) if missing else ''} "
-            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
-        )
-    return names
-
-
 def _read_splits(run_dir: Path) -> pd.DataFrame | None:
     """The run's splits.csv when there is one (evaluate also works on prediction tables alone)."""
-    from alnus.study import read_splits
-
-    return read_splits(run_dir) if (run_dir / "splits.csv").is_file() else None
+    return read_splits(run_dir) if RunFolder(run_dir).splits.is_file() else None
 
 
 def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:
@@ -505,24 +585,27 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     from alnus.models.package import read_metadata
 
     run_dir = Path(run_dir)
-    folder = run_dir / "models" / model / "predictions"
+    where = RunFolder(run_dir).model(model)
+    folder = where.predictions
     again = f"run `alnus predict {run_dir}` first"
-    stamp = folder / PREDICTIONS_STAMP
+    stamp = where.predictions_stamp
     if not stamp.is_file():
         # predict_run removes the stamp before writing and writes it last: no stamp, no complete predictions.
         raise EvaluateError(f"{stamp} not found: the predictions of model {model} are missing or incomplete; {again}.")
-    recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
-    current = read_metadata(run_dir / "models" / model / "model")["weights_sha256"]
+    try:
+        recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise EvaluateError(f"{stamp} is damaged (not a JSON object); {again}.") from None
+    current = read_metadata(where.package)["weights_sha256"]
     if recorded != current:
         raise EvaluateError(
-            f"{folder} holds predictions of other weights than {run_dir / 'models' / model / 'model'} "
-            f"(the model was trained again); {again}."
+            f"{folder} holds predictions of other weights than {where.package} (the model was trained again); {again}."
         )
     expected = _split_rows(run_dir)
     wanted = [s for s in SPLITS if expected is None or s in expected]
     tables = {}
     for split in wanted:
-        path = folder / f"{split}.csv"
+        path = where.predictions_csv(split)
         if not path.is_file():
             if expected is None and split != "val":
                 continue
@@ -539,7 +622,7 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
                 )
         tables[split] = table
     if "val" not in tables:
-        raise EvaluateError(f"{run_dir / 'splits.csv'} has no val rows; the threshold is chosen on validation.")
+        raise EvaluateError(f"{RunFolder(run_dir).splits} has no val rows; the threshold is chosen on validation.")
     return tables
 
 
@@ -565,87 +648,164 @@ def evaluate_run(
     *,
     models: Sequence[str] | None = None,
     settings: Mapping[str, Any] | None = None,
-    level: Level = "patient",
+    level: Level | None = None,
+    refreeze: bool = False,
     alpha: float = 0.05,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Freeze each model's threshold on val, write `metrics.json` and `tables/*.csv`; return the metrics.
+    """Apply each model's frozen threshold (freezing it on val the first time), write `metrics.json` and
+    `tables/*.csv`; return the metrics.
+
+    The package's threshold is set once. When the settings ask for another rule, target, level or aggregation,
+    or the validation predictions now give another value, that threshold is reported as the model's
+    `alternative` (under its own name, in metrics.json and in the tables) and the package is left alone, unless
+    `refreeze` replaces the frozen threshold (recorded in the package's `threshold_history`).
 
     Args:
         models: backbones to evaluate (default: every package in the run).
-        settings: `threshold_rule`, `threshold_target`, `aggregate` (default: the run's config.yaml).
-        level: where the threshold is chosen and the case-level results are given (`patient` or `study`;
-            `image` chooses it on images and reports patients as the second level).
+        settings: the `evaluate` section (threshold_rule, threshold_target, level, aggregate, reader_scale,
+            reader_positive_from, reader_score_threshold); default: the run's config.yaml.
+        level: overrides the settings' level: where a threshold is chosen and the case-level results are given
+            (`patient` or `study`; `image` chooses it on images and reports patients as the second level).
+        refreeze: choose the threshold again with these settings and freeze it into the package.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvaluateError(f"run folder {run_dir} not found.")
+    cfg = dict(settings) if settings is not None else _settings(run_dir)
+    level = level or cfg.get("level", "patient")
     if level not in LEVELS:
         raise EvaluateError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
-    cfg = dict(settings) if settings is not None else _settings(run_dir)
-    rule, target, how = (
-        cfg.get("threshold_rule", "youden"),
-        cfg.get("threshold_target"),
-        cfg.get("aggregate", "mean"),
-    )
+    rule, target, how = cfg.get("threshold_rule", "youden"), cfg.get("threshold_target"), cfg.get("aggregate", "mean")
+    readers = _reader_settings(cfg)
     names = run_models(run_dir, models or [])
     tables = {model: read_predictions(run_dir, model) for model in names}
-    case_level = "patient" if level == "image" else level
+    case_level = _case_level(level)
     out: dict[str, Any] = {
         "format": METRICS_FORMAT, "format_version": METRICS_VERSION, "run": run_dir.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"threshold_rule": rule, "threshold_target": target, "aggregate": how, "level": level,
-                     "alpha": alpha, "n_boot": n_boot, "seed": seed, "proportion_ci": "clopper-pearson",
+                     "refreeze": refreeze, "alpha": alpha, "n_boot": n_boot, "seed": seed,
+                     "proportion_ci": "clopper-pearson", **readers,
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"}},
         "models": {}, "comparisons": {}, "readers": {},
     }  # fmt: skip
-    imrmc: dict[tuple[str, str], str | None] = {}
     for model, by_split in tables.items():
-        record = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
-        freeze_threshold(run_dir / "models" / model / "model", record)
-        out["models"][model] = {
-            "threshold": record,
-            "splits": {
-                split: split_metrics(table, record["value"], level=level, aggregate=how, alpha=alpha,
-                                     n_boot=n_boot, seed=seed)
-                for split, table in by_split.items()
-            },
-        }  # fmt: skip
+        wanted = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
+        package = RunFolder(run_dir).model(model).package
+        frozen, status = operating_point_of_package(package, wanted, refreeze=refreeze)
+        entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
+        entry["threshold_status"] = status
+        entry["notes"] = _threshold_notes(frozen, wanted)
+        if not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
+            alternative = _model_results(by_split, wanted, alpha=alpha, n_boot=n_boot, seed=seed)
+            entry["alternative"] = {"name": rule_name(wanted), **alternative}
+        out["models"][model] = entry
     for split in SPLITS:
         have = {m: t[split] for m, t in tables.items() if split in t}
         if len(have) > 1:
             out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
-    splits = _read_splits(run_dir)
-    if splits is not None:
-        for split in ("internal_test", "external_test"):
-            rows = splits[splits["split"] == split]
-            for model, by_split in tables.items():
-                if split not in by_split or rows.empty:
-                    continue
-                value = out["models"][model]["threshold"]["value"]
-                try:
-                    found = reader_comparison(
-                        rows, by_split[split], value, level=case_level, aggregate=how, alpha=alpha
-                    )
-                except AlnusError as exc:
-                    # A reader column that cannot be read must not hide the model's own results; it is reported.
-                    found = {"error": str(exc)}
-                if found is not None:
-                    imrmc[(model, split)] = found.pop("imrmc", None)
-                    out["readers"].setdefault(split, {})[model] = found
+    imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
     out = _clean_json(out)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(out, indent=2) + "\n")
-    write_csv(results_table(out, "image"), run_dir / "tables" / "results_image.csv")
-    write_csv(results_table(out, case_level), run_dir / "tables" / f"results_{case_level}.csv")
-    write_csv(comparisons_table(out), run_dir / "tables" / "model_comparisons.csv")
-    for split, by_model in out["readers"].items():
+    _write_results(run_dir, out, imrmc)
+    return out
+
+
+def _reader_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """How reader columns are read, checked before any work (a bad cut-off is the config's fault, not a reader's)."""
+    from alnus.readers import ReaderError, check_reader_settings
+
+    found = {
+        "reader_scale": cfg.get("reader_scale", "birads"),
+        "reader_positive_from": str(cfg.get("reader_positive_from", "4a")),
+        "reader_score_threshold": cfg.get("reader_score_threshold"),
+    }
+    try:
+        check_reader_settings(found["reader_scale"], found["reader_positive_from"], found["reader_score_threshold"])
+    except ReaderError as exc:
+        raise EvaluateError(f"evaluate settings: {exc}") from None
+    return found
+
+
+def _model_results(
+    by_split: Mapping[str, pd.DataFrame], point: Mapping[str, Any], *, alpha: float, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """One model's results with one operating point: the point itself and `split_metrics` per split."""
+    splits = {
+        split: split_metrics(table, point, alpha=alpha, n_boot=n_boot, seed=seed) for split, table in by_split.items()
+    }
+    return {"threshold": dict(point), "splits": splits}
+
+
+def _threshold_notes(frozen: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Why an alternative threshold is reported beside the frozen one (empty when they agree)."""
+    notes = []
+    if not same_rule(frozen, wanted):
+        notes.append(
+            f"the settings ask for {rule_name(wanted)}, but the package's threshold was frozen with "
+            f"{rule_name(frozen)}: its results are the model's; {rule_name(wanted)} is reported as an alternative "
+            "(`alnus evaluate RUN --refreeze` makes it the frozen one)."
+        )
+    elif frozen["value"] != wanted["value"]:
+        notes.append(
+            f"the validation predictions now give {wanted['value']:.4g} with {rule_name(wanted)}, not the frozen "
+            f"{frozen['value']:.4g} (predicted again, e.g. at another precision?); the frozen threshold is kept and "
+            "the new value is reported as an alternative (`alnus evaluate RUN --refreeze` freezes it)."
+        )
+    return notes
+
+
+def _compare_with_readers(
+    run_dir: Path,
+    tables: Mapping[str, Mapping[str, pd.DataFrame]],
+    out: dict[str, Any],
+    readers: Mapping[str, Any],
+    *,
+    alpha: float,
+) -> dict[tuple[str, str], str | None]:
+    """Each model at its frozen operating point against the readers of the test splits; fills `out["readers"]`
+    and returns the iMRMC exports."""
+    imrmc: dict[tuple[str, str], str | None] = {}
+    splits = _read_splits(run_dir)
+    if splits is None:
+        return imrmc
+    for split in ("internal_test", "external_test"):
+        rows = splits[splits["split"] == split]
+        for model, by_split in tables.items():
+            if split not in by_split or rows.empty:
+                continue
+            point = out["models"][model]["threshold"]
+            case_level = _case_level(point["level"])
+            how = point["aggregate"] if case_level == point["level"] else "max"
+            try:
+                found = reader_comparison(
+                    rows, by_split[split], point["value"], level=case_level, aggregate=how, alpha=alpha,
+                    scale=readers["reader_scale"], positive_from=readers["reader_positive_from"],
+                    score_threshold=readers["reader_score_threshold"],
+                )  # fmt: skip
+            except AlnusError as exc:
+                # A reader column that cannot be read must not hide the model's own results; it is reported.
+                found = {"error": str(exc)}
+            if found is not None:
+                imrmc[(model, split)] = found.pop("imrmc", None)
+                out["readers"].setdefault(split, {})[model] = found
+    return imrmc
+
+
+def _write_results(run_dir: Path, metrics: Mapping[str, Any], imrmc: Mapping[tuple[str, str], str | None]) -> None:
+    """metrics.json, a results table per level, the model comparisons and the reader tables, each atomically."""
+    run = RunFolder(run_dir)
+    atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
+    for level in result_levels(metrics):
+        write_csv(results_table(metrics, level), run.tables / f"results_{level}.csv")
+    write_csv(comparisons_table(metrics), run.tables / "model_comparisons.csv")
+    for split, by_model in metrics["readers"].items():
         for model, found in by_model.items():
             if "error" in found:
                 continue
             for part in ("performance", "per_reader", "panel"):
-                write_csv(pd.DataFrame(found[part]), run_dir / "tables" / f"readers_{part}_{model}_{split}.csv")
+                write_csv(pd.DataFrame(found[part]), run.tables / f"readers_{part}_{model}_{split}.csv")
             if imrmc.get((model, split)):
-                atomic_write_text(run_dir / "tables" / f"readers_{model}_{split}.imrmc", imrmc[(model, split)])
-    return out
+                atomic_write_text(run.tables / f"readers_{model}_{split}.imrmc", imrmc[(model, split)])

@@ -3,8 +3,10 @@
 Images are decoded by `alnus.data.images.load_image` and turned into the network's input by the same
 `alnus.data.dataset.preprocess` (and the same dataset class and tensor scaling) that training used, with the
 preprocessing spec stored in the package, so a prediction cannot disagree with the study. The operating
-threshold, once `alnus evaluate` has frozen it on validation, comes from the package too:
-`call = prob >= threshold`.
+point, once `alnus evaluate` has frozen it on validation, comes from the package too, and is applied the way it
+was frozen (`alnus.operating_point`): with a patient-level threshold the call is made on the mean (or max) of a
+patient's image probabilities, and every image of the patient carries that call; an image without a patient id is
+its own patient.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from alnus._hardware import autocast, choose_precision
 from alnus._io import atomic_write_text, write_csv
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.errors import AlnusError
-from alnus.evaluate import PREDICTION_COLUMNS, PREDICTIONS_STAMP, SPLITS, run_models
 from alnus.models.package import load_package
-from alnus.study import read_splits
+from alnus.operating_point import apply_operating_point, describe, rule_name
+from alnus.runfolder import EVALUATION_SPLITS as SPLITS
+from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, read_splits, run_models
 
 # Columns of the input table carried into the predictions (when present).
 KEPT_COLUMNS = ("image", "patient_id", "study_id", "site", "label")
@@ -69,10 +72,9 @@ class Predictor:
         batch_size: images per forward pass.
         precision: `auto` (bf16 autocast + channels_last where the hardware supports it, see
             `alnus._hardware.choose_precision`), `fp32`, `bf16` or `fp16`.
-        compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions):
-            1.2-1.7x faster CPU inference in bench/throughput.py, after a one-off compilation of seconds to a
-            minute per model and batch shape. Measured end to end on 610 images (efficientnet_lite0): 45.8 s
-            compiled vs 13.5 s eager, so it pays off only from roughly ten thousand images.
+        compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions): faster
+            per image after a one-off compilation per model and batch shape, so it pays off only on large image
+            sets (measured by bench/throughput.py; the numbers are in docs/performance.md).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Predictor:
         batch_size: int = 32,
         precision: str = "auto",
         compile: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         if int(batch_size) != batch_size or batch_size < 1:
             raise PredictError(f"batch_size must be a positive whole number, got {batch_size!r}.")
@@ -93,9 +96,11 @@ class Predictor:
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         self.label_names: list[str] = [str(name) for name in meta["label_names"]]
         self.positive_label = str(meta["positive_label"])
-        threshold = meta.get("threshold")
-        self.threshold: float | None = None if threshold is None else float(threshold)
+        # The operating point as `read_metadata` checked it: value, rule, target, level, aggregate (or None).
+        self.operating_point: dict[str, Any] | None = meta["threshold"]
+        self.threshold: float | None = None if self.operating_point is None else self.operating_point["value"]
         self.batch_size = int(batch_size)
+        self.max_pixels = max_pixels
         self.precision = choose_precision(self.device, precision)
         model = model.to(self.device)
         if self.precision.channels_last:
@@ -103,6 +108,17 @@ class Predictor:
         self.model = model.eval()
         self.compiled = bool(compile)
         self._forward = torch.compile(self.model) if self.compiled else self.model
+
+    @property
+    def call_rule(self) -> str | None:
+        """The rule the calls follow, in words (None until a threshold is frozen)."""
+        if self.operating_point is None:
+            return None
+        point = self.operating_point
+        rule = f"{describe(point)} ({rule_name(point)}, frozen on validation)"
+        if point["level"] == "image":
+            return rule
+        return f"{rule}; an image without a {point['level']} id is its own {point['level']}"
 
     @property
     def negative_label(self) -> str | None:
@@ -160,8 +176,11 @@ class Predictor:
         """Predict every row of a manifest-like table (image paths relative to `root`, or absolute).
 
         Returns the table's image, patient_id, study_id, site and label columns (those it has), `y` (1 where
-        label == the package's positive label) when it has labels, `prob`, and `call` (0/1, `prob >=
-        threshold`) when the package has a frozen threshold. Rows keep their order.
+        label == the package's positive label) when it has labels, and `prob` (the image's probability). When
+        the package has a frozen threshold, also the call made the way it was frozen (`alnus.operating_point`):
+        for a patient-level threshold `patient_prob` (the mean, or max, of the patient's image probabilities)
+        and `n_images`, then `call` (0/1, the same for every image of a patient) and `call_level`. Rows keep
+        their order.
         """
         if "image" not in table.columns:
             raise PredictError("the table has no `image` column; give one image path per row.")
@@ -181,7 +200,9 @@ class Predictor:
         with warnings.catch_warnings():
             # Unlabelled tables have no positive rows by design; the dataset's warning about that is moot.
             warnings.filterwarnings("ignore", message="no row has label")
-            dataset = UltrasoundDataset(data, root, self.spec, cache=cache, positive_label=self.positive_label)
+            dataset = UltrasoundDataset(
+                data, root, self.spec, cache=cache, positive_label=self.positive_label, max_pixels=self.max_pixels
+            )
         dataset.warm(progress)
         probs = np.empty(len(dataset), dtype=np.float64)
         for start in range(0, len(dataset), self.batch_size):
@@ -192,9 +213,22 @@ class Predictor:
         if has_labels:
             out["y"] = dataset.targets
         out["prob"] = probs
-        if self.threshold is not None:
-            out["call"] = (probs >= self.threshold).astype(int)
+        if self.operating_point is not None:
+            out = _with_calls(out, self.operating_point)
         return out
+
+
+def _with_calls(out: pd.DataFrame, point: dict[str, Any]) -> pd.DataFrame:
+    """The prediction table with the operating point's calls: `<level>_prob` and `n_images` (patient or study
+    level), `call` and `call_level`."""
+    calls = apply_operating_point(out, point)
+    out = out.copy()
+    if point["level"] != "image":
+        out[f"{point['level']}_prob"] = calls["unit_prob"].to_numpy()
+        out["n_images"] = calls["n_images"].to_numpy()
+    out["call"] = calls["call"].to_numpy()
+    out["call_level"] = calls["call_level"].to_numpy()
+    return out
 
 
 def predict_run(
@@ -206,6 +240,7 @@ def predict_run(
     batch_size: int = 32,
     precision: str = "auto",
     compile: bool = False,
+    max_pixels: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write `models/<backbone>/predictions/<split>.csv` for each model package of a run; return a summary.
@@ -216,27 +251,31 @@ def predict_run(
     image cache (`runs/<name>/cache`, shared with training).
 
     Args:
+        precision: see `Predictor`; the study passes its `train.precision`, so prediction runs as training did.
         compile: see `Predictor`.
+        max_pixels: decoding limit per image (the study passes its `data.max_image_pixels`).
         progress: called as `progress(f"{model} {split}", done, total)` while images are decoded.
     """
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     table = read_splits(run_dir)
     unknown_splits = [s for s in splits if s not in SPLITS]
     if unknown_splits:
         raise PredictError(f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}.")
     names = run_models(run_dir, models or [])
-    cache = ImageCache(run_dir / "cache")
+    cache = ImageCache(run.cache)
     summary: dict[str, Any] = {}
     for model in names:
+        where = run.model(model)
         predictor = Predictor(
-            run_dir / "models" / model / "model",
+            where.package,
             device=device,
             batch_size=batch_size,
             precision=precision,
             compile=compile,
+            max_pixels=max_pixels,
         )
-        folder = run_dir / "models" / model / "predictions"
-        stamp = folder / PREDICTIONS_STAMP
+        stamp = where.predictions_stamp
         # Removed first: CSVs of a half-finished run must not look like they match the current weights.
         stamp.unlink(missing_ok=True)
         written: dict[str, str] = {}
@@ -250,7 +289,7 @@ def predict_run(
             for column in ("study_id", "site"):
                 if column not in out.columns:
                     out[column] = ""
-            path = folder / f"{split}.csv"
+            path = where.predictions_csv(split)
             write_csv(out[list(PREDICTION_COLUMNS)], path)
             written[split], counts[split] = str(path), len(out)
         record = {

@@ -17,6 +17,13 @@ BI-RADS policy (ACR BI-RADS Atlas, 5th edition, ultrasound):
 - Category 6 ("known biopsy-proven malignancy") is accepted (score 6, called positive). Such cases are
   normally excluded from a diagnostic-accuracy study before analysis; this module does not drop them.
 
+Scores (`scale="score"`, e.g. a 0-100 probability of malignancy): a call is `score >= threshold`; without a
+threshold (and without a given call) the readings have no calls and the readers are compared by AUC only
+(sensitivity, specificity and the McNemar tests are then empty, and say why).
+
+Checking before training: `check_reader_columns` lists every reader cell that evaluation could not read, by
+spreadsheet row and column, so that `alnus data validate` reports it before any model is trained.
+
 Alignment: readings are matched to cases by id. A case with truth but no reading by a reader is counted
 (`n_missing`), never silently dropped; each reader is evaluated on the cases they read, and every paired
 test uses the cases both sides read. Readings of cases without truth are counted (`n_without_truth`).
@@ -30,7 +37,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,12 +46,18 @@ from alnus import stats
 from alnus._io import atomic_write_text
 from alnus.errors import AlnusError
 
+if TYPE_CHECKING:
+    from alnus.data.manifest import Problem
+
 __all__ = [
     "BIRADS_ORDER",
+    "SCALES",
     "ModelVsReaders",
     "ReaderError",
     "birads_call",
     "birads_score",
+    "check_reader_columns",
+    "check_reader_settings",
     "compare_model_with_readers",
     "imrmc_text",
     "read_imrmc",
@@ -55,6 +68,8 @@ __all__ = [
 ]
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
+SCALES = ("birads", "score")
+NO_CALL_RULE = "none (AUC only)"
 # Plain "4" sits between 3 and 4a; the numbers only order the categories (see the module docstring).
 _BIRADS_SCORE = {
     "1": 1.0,
@@ -83,6 +98,9 @@ _COUNT_COLUMNS = (
     "tn",
     "fp",
 )
+# What a reader's calls give; empty (NaN) for scores compared by AUC only.
+_CALL_METRICS = ("tp", "fn", "tn", "fp", "sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "specificity",
+                 "specificity_ci_low", "specificity_ci_high", "fpr", "tpr")  # fmt: skip
 _TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos"}
 _FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg"}
 
@@ -214,11 +232,8 @@ def _build(
     source: str,
 ) -> pd.DataFrame:
     """Long readings table from (reader, case, row, value, given call or None) records."""
-    if scale not in ("birads", "score"):
-        raise ReaderError(f"scale must be 'birads' or 'score'; got {scale!r}.")
+    check_reader_settings(scale, positive_from, threshold)
     thr_key = _threshold_key(positive_from) if scale == "birads" else None
-    if scale == "score" and threshold is not None and not math.isfinite(float(threshold)):
-        raise ReaderError(f"threshold must be a finite number; got {threshold}.")
     out = []
     for reader, case, row, value, given in records:
         where = f"{source} row {row} (reader {reader!r}, case {case!r})"
@@ -232,14 +247,10 @@ def _build(
         else:
             key = str(value).strip()
             score = _score_reading(value, where)
-            rule = f">={float(threshold):g}" if threshold is not None else "given"
+            rule = f">={float(threshold):g}" if threshold is not None else NO_CALL_RULE
             if given is None:
-                if threshold is None:
-                    raise ReaderError(
-                        f"{where}: numeric scores need a call; pass threshold=... "
-                        "(call = score >= threshold) or give a `call` column."
-                    )
-                call = score >= float(threshold)
+                # Without a threshold the scores make no call: the reader is compared by AUC only.
+                call = pd.NA if threshold is None else score >= float(threshold)
         if given is not None and call is not pd.NA:
             call, rule = _parse_call(given, where), "given"
         out.append([reader, case, row, key, scale, score, call, rule])
@@ -256,22 +267,16 @@ def _build(
 
 
 def _dedupe(table: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Collapse repeated identical readings of a case (e.g. one per image); conflicting ones are an error."""
-    dup = table.duplicated(["reader", "case"], keep=False)
-    if not dup.any():
-        return table.reset_index(drop=True)
-    conflicts = []
-    for (reader, case), grp in table[dup].groupby(["reader", "case"], sort=False):
-        if grp[["value", "call"]].astype(str).nunique().max() > 1:
-            conflicts.append(
-                f"reader {reader!r}, case {case!r}: rows {grp['row'].tolist()} give {grp['value'].tolist()}"
-            )
-    if conflicts:
-        raise ReaderError(
-            f"{source}: {len(conflicts)} case(s) have conflicting readings by the same reader; "
-            "one reading per reader and case is needed: " + "; ".join(conflicts[:5])
-        )
-    return table.drop_duplicates(["reader", "case"], keep="first").reset_index(drop=True)
+    """One reading per reader and case: a case read on several images (a patient with two lesions) takes the most
+    suspicious of them, as a radiologist's overall assessment follows the most suspicious finding (ACR BI-RADS Atlas,
+    5th ed.). `attrs["collapsed"]` counts the cases whose readings differed."""
+    ranked = table.assign(_call=table["call"].fillna(False).astype(bool), _order=range(len(table)))
+    ranked = ranked.sort_values(["score", "_call", "_order"], ascending=[False, False, True], na_position="last")
+    differing = ranked.groupby(["reader", "case"], sort=False)["value"].nunique()
+    out = ranked.drop_duplicates(["reader", "case"], keep="first").sort_values("_order")
+    out = out.drop(columns=["_call", "_order"]).reset_index(drop=True)
+    out.attrs["collapsed"] = int((differing > 1).sum())
+    return out
 
 
 def readings_from_manifest(
@@ -288,7 +293,7 @@ def readings_from_manifest(
     Args:
         df: the manifest (one row per image; `read_manifest` keeps spreadsheet rows as index + 2).
         case_col: the case id column; with "patient_id" a reading repeated on each image of a patient
-            collapses to one (conflicting values raise ReaderError).
+            collapses to one (differing readings: the most suspicious one, see `_dedupe`).
         columns: reader columns; default every `reader_<name>` column (reader = name); a mapping
             {reader name: column} picks others, e.g. {"radiologist": "BIRADS"}.
         scale: "birads" (categories; call = >= positive_from) or "score" (numbers, e.g. 0-100 probability
@@ -367,6 +372,67 @@ def readings_from_csv(
     return _build(records, scale, positive_from, threshold, str(path))
 
 
+# -------------------------------------------------------------------------------------- checking the cells
+def check_reader_settings(scale: str, positive_from: object = "4a", score_threshold: float | None = None) -> None:
+    """Raise ReaderError unless `scale` is birads or score, and its cut-off (`positive_from` for BI-RADS, a finite
+    `score_threshold` or None for scores) can be used."""
+    if scale not in SCALES:
+        raise ReaderError(f"reader scale must be 'birads' or 'score'; got {scale!r}.")
+    if scale == "birads":
+        _threshold_key(positive_from)
+    elif score_threshold is not None and (
+        isinstance(score_threshold, bool) or not math.isfinite(float(score_threshold))
+    ):
+        raise ReaderError(f"the reader score threshold must be a finite number (or empty); got {score_threshold!r}.")
+
+
+def _spreadsheet_rows(table: pd.DataFrame) -> list[int]:
+    # read_manifest keeps the spreadsheet row as index + 2; any other table is numbered from its first row.
+    idx = table.index
+    if pd.api.types.is_integer_dtype(idx) and idx.is_unique:
+        return [int(i) + 2 for i in idx]
+    return list(range(2, len(table) + 2))
+
+
+def check_reader_columns(
+    table: pd.DataFrame,
+    scale: Literal["birads", "score"] = "birads",
+    positive_from: str = "4a",
+    score_threshold: float | None = None,
+) -> list[Problem]:
+    """Every `reader_<name>` cell that the evaluation could not read, by spreadsheet row and column: a value
+    that is not a BI-RADS category (or, with `scale="score"`, not a finite number), or a plain 4 when calls start
+    at 4b or 4c. Empty cells are missing readings, not problems; a patient read differently on two images is read
+    by the most suspicious reading at patient level (see `_dedupe`). Run it before training (`alnus data
+    validate`, the study's preparation).
+
+    Raises:
+        ReaderError: the scale or cut-off itself cannot be used (a setting, not a cell).
+    """
+    from alnus.data.manifest import Problem
+
+    check_reader_settings(scale, positive_from, score_threshold)
+    cut = _threshold_key(positive_from) if scale == "birads" else None
+    columns = [c for c in table.columns if str(c).startswith("reader_") and len(str(c)) > len("reader_")]
+    rows = _spreadsheet_rows(table)
+    problems: list[Problem] = []
+    for column in columns:
+        for row, (_, record) in zip(rows, table.iterrows(), strict=True):
+            value = record[column]
+            if _is_missing(value):
+                continue
+            try:
+                if scale == "birads":
+                    if _canonical(value, "cell") == "4" and cut in ("4b", "4c"):
+                        raise ReaderError(f"a plain 4 cannot be called at >= {cut}; give the subcategory (4a, 4b, 4c)")
+                else:
+                    _score_reading(value, "cell")
+            except ReaderError as exc:
+                reason = str(exc).removeprefix("cell: ")
+                problems.append(Problem(row, column, f"{value!r}: {reason}"))
+    return problems
+
+
 # --------------------------------------------------------------------------------------------- alignment
 def _truth(y: object) -> pd.Series:
     """Truth as a boolean Series indexed by case id (str)."""
@@ -433,7 +499,12 @@ def _readers(r: pd.DataFrame) -> list[str]:
 
 
 def _complete(r: pd.DataFrame) -> pd.Series:
-    return r["score"].notna() & r["call"].notna()
+    """Readings with a suspicion level (BI-RADS 0 has none); a score without a call still counts for the AUC."""
+    return r["score"].notna()
+
+
+def _has_calls(r: pd.DataFrame) -> bool:
+    return bool(r["call"].notna().all())
 
 
 # ------------------------------------------------------------------------------------------- performance
@@ -513,7 +584,7 @@ def _metrics(
     seed: int = 0,
 ) -> dict[str, object]:
     try:
-        bm = stats.binary_metrics(y, ok["call"].to_numpy(dtype=bool), alpha=alpha)
+        bm = stats.binary_metrics(y, ok["call"].to_numpy(dtype=bool), alpha=alpha) if _has_calls(ok) else None
         if groups is None:
             a = stats.auc_ci(y, ok["score"].to_numpy(dtype=float), alpha=alpha)
         else:
@@ -523,13 +594,18 @@ def _metrics(
             )  # fmt: skip
     except stats.StatsError as exc:
         raise ReaderError(f"reader {name!r} ({y.size} cases read with truth): {exc}") from exc
+    auc = dict(auc=a.estimate, auc_ci_low=a.ci_low, auc_ci_high=a.ci_high, auc_method=a.method)
+    if bm is None:
+        # Scores without calls: no operating point, so no counts of calls and no sensitivity or specificity.
+        positives = int(np.asarray(y, dtype=bool).sum())
+        calls = dict.fromkeys(_CALL_METRICS, np.nan)
+        return dict(n_pos=positives, n_neg=int(np.size(y)) - positives, **calls, **auc)
     se, sp = bm.sensitivity, bm.specificity
     return dict(
         n_pos=se.n, n_neg=sp.n, tp=bm.tp, fn=bm.fn, tn=bm.tn, fp=bm.fp,
         sensitivity=se.estimate, sensitivity_ci_low=se.ci_low, sensitivity_ci_high=se.ci_high,
         specificity=sp.estimate, specificity_ci_low=sp.ci_low, specificity_ci_high=sp.ci_high,
-        auc=a.estimate, auc_ci_low=a.ci_low, auc_ci_high=a.ci_high, auc_method=a.method,
-        fpr=1.0 - sp.estimate, tpr=se.estimate,
+        **auc, fpr=1.0 - sp.estimate, tpr=se.estimate,
     )  # fmt: skip
 
 
@@ -612,12 +688,17 @@ def compare_model_with_readers(
     yy = truth.reindex(panel_cases).to_numpy()
     mp = model.reindex(panel_cases).to_numpy()
     excluded = len(truth) - len(panel_cases)
+    calls_given = _has_calls(r)
     if len(names) >= 2:
         sc = score.loc[panel_cases].to_numpy(dtype=float).T
-        ca = call.loc[panel_cases].to_numpy(dtype=float).T
+        ca = call.loc[panel_cases].to_numpy(dtype=float).T if calls_given else None
         panel_rows = []
         for metric, readers_, thr in (("auc", sc, None), ("sensitivity", ca, model_threshold),
                                       ("specificity", ca, model_threshold)):  # fmt: skip
+            if readers_ is None:
+                panel_rows.append(dict(metric=metric, method=_OR_METHOD, n_readers=len(names),
+                                       n=len(panel_cases), note=_NO_CALLS))  # fmt: skip
+                continue
             try:
                 res = stats.mrmc_model_vs_readers(yy, mp, readers_, metric=metric, model_threshold=thr, alpha=alpha)
             except stats.StatsError as exc:
@@ -646,7 +727,7 @@ def compare_model_with_readers(
             dict(metric=m, method="exact McNemar", n_readers=1, n=int(one["n_paired"]),
                  model=one[f"model_{m}"], readers=one[f"reader_{m}"], difference=one[f"{m}_diff"],
                  ci_low=one[f"{m}_ci_low"], ci_high=one[f"{m}_ci_high"], p=one[f"{m}_p"], df=np.nan,
-                 note="")
+                 note="" if calls_given else _NO_CALLS)
             for m in ("sensitivity", "specificity")
         ]  # fmt: skip
         note = (
@@ -662,6 +743,8 @@ def compare_model_with_readers(
 
 
 _OR_METHOD = "Obuchowski-Rockette, Hillis ddf, jackknife; fixed model vs random readers, random cases"
+_NO_CALLS = "not computed: the readers' scores have no calls (give a score threshold); compared by AUC only"
+_PAIRED_CALL_KEYS = ("model_{}", "reader_{}", "{}_diff", "{}_ci_low", "{}_ci_high", "{}_p", "{}_b", "{}_c")
 
 
 def _paired(
@@ -671,13 +754,18 @@ def _paired(
     yy = truth.reindex(cases).to_numpy()
     mp = model.reindex(cases).to_numpy()
     model_call = mp >= threshold
-    reader_call = mine["call"].to_numpy(dtype=bool)
+    calls_given = _has_calls(mine)
+    reader_call = mine["call"].to_numpy(dtype=bool) if calls_given else None
     out: dict[str, object] = dict(
         reader=name, n_paired=len(cases), n_missing=int(len(truth) - len(cases)),
         n_pos=int(yy.sum()), n_neg=int((~yy).sum()),
     )  # fmt: skip
+    for metric in ("sensitivity", "specificity"):
+        out.update({key.format(metric): np.nan for key in _PAIRED_CALL_KEYS})
     try:
         for metric, subset in (("sensitivity", "positives"), ("specificity", "negatives")):
+            if reader_call is None:
+                break
             mc = stats.mcnemar_test(yy, model_call, reader_call, subset=subset, alpha=alpha)
             out.update({
                 f"model_{metric}": mc.prop_a, f"reader_{metric}": mc.prop_b, f"{metric}_diff": mc.estimate,

@@ -10,7 +10,14 @@ import torch
 from alnus.data.dataset import PreprocessSpec
 from alnus.data.roi import RoiPolicy
 from alnus.models import create_model
-from alnus.models.package import FORMAT_VERSION, PackageError, load_package, read_metadata, save_package
+from alnus.models.package import (
+    FORMAT_VERSION,
+    PackageError,
+    freeze_threshold,
+    load_package,
+    read_metadata,
+    save_package,
+)
 
 
 def _metadata() -> dict:
@@ -89,3 +96,92 @@ def test_missing_package_and_missing_fields(tmp_path):
         save_package(tmp_path / "p", create_model("tiny_cnn"), {"preprocess": {}, "label_names": ["a", "b"]})
     with pytest.raises(PackageError, match="not one of label_names"):
         save_package(tmp_path / "p", create_model("tiny_cnn"), {**_metadata(), "positive_label": "malignant"})
+
+
+# ---------------------------------------------------------------------------------------- operating point
+def _record(**changes: object) -> dict:
+    return {"value": 0.4, "rule": "youden", "target": None, "level": "patient", "aggregate": "mean", **changes}
+
+
+def _rewrite(folder, **changes: object) -> None:
+    path = folder / "metadata.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            meta[section][sub] = value
+        elif value is _DROP:
+            meta.pop(section)
+        else:
+            meta[section] = value
+    path.write_text(json.dumps(meta))
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"threshold": _record(value="abc")}, r"threshold\.value = 'abc' is not a probability in \[0, 1\]"),
+        ({"threshold": _record(value=-1)}, r"threshold\.value = -1 is not a probability"),
+        ({"threshold": _record(value=2)}, r"threshold\.value = 2 is not a probability"),
+        ({"threshold": "abc"}, r"threshold must be an object with value, rule"),
+        ({"threshold": {"value": 0.4, "rule": "youden"}}, r"threshold lacks threshold\.target, threshold\.level"),
+        ({"threshold": _record(level="ward")}, r"threshold\.level = 'ward' is not one of image, patient, study"),
+        ({"threshold": _record(aggregate="median")}, r"threshold\.aggregate = 'median'"),
+        ({"threshold": _record(rule="sensitivity")}, r"threshold\.target = None is not a sensitivity"),
+        ({"preprocess.size": "big"}, r"preprocess\.size = 'big' is not a positive whole number"),
+        ({"preprocess.roi": {"mode": "circle"}}, r"preprocess: unknown ROI mode 'circle'"),
+        ({"preprocess": _DROP}, r"lacks preprocess"),
+        ({"label_names": "negative,positive"}, r"label_names = 'negative,positive' must list"),
+        ({"positive_label": "malignant"}, r"positive_label = 'malignant' is not one of label_names"),
+        ({"weights_sha256": 42}, r"weights_sha256 = 42 is not a SHA-256"),
+        ({"format_version": "2"}, r"format_version = '2' is not a package format version"),
+    ],
+)
+def test_malformed_metadata_values_are_named_at_load(trained, changes, message):
+    """issue 7.13: a malformed metadata.json value is a PackageError naming the file and the key when the package
+    is read (read_metadata and load_package), not a traceback when the value is first used."""
+    _, folder, _ = trained
+    _rewrite(folder, **changes)
+    for load in (read_metadata, load_package):
+        with pytest.raises(PackageError, match=message) as info:
+            load(folder)
+        assert str(folder / "metadata.json") in str(info.value)
+
+
+def test_threshold_is_frozen_once_and_refreezing_is_recorded(trained):
+    """issue 7.3: the package's threshold is set once; replacing it needs refreeze=True, and threshold_history
+    records every change (old and new value and rule, date, reason)."""
+    _, folder, _ = trained
+    meta = freeze_threshold(folder, _record(), reason="first evaluation")
+    assert meta["threshold"]["value"] == 0.4 and meta["threshold"]["frozen_on"] == "val"
+    assert read_metadata(folder)["threshold"] == meta["threshold"]
+    with pytest.raises(PackageError, match=r"already has a frozen threshold \(0\.4, youden, patient mean"):
+        freeze_threshold(folder, _record(value=0.6), reason="again")
+    assert read_metadata(folder)["threshold"]["value"] == 0.4
+    new = _record(value=0.7, rule="sensitivity", target=0.9, level="image")
+    meta = freeze_threshold(folder, new, reason="asked for", refreeze=True)
+    assert meta["threshold"]["value"] == 0.7
+    history = read_metadata(folder)["threshold_history"]
+    assert [(h["old_value"], h["new_value"], h["reason"]) for h in history] == [
+        (None, 0.4, "first evaluation"),
+        (0.4, 0.7, "asked for"),
+    ]
+    assert history[1]["old_rule"] == "youden, patient mean" and history[1]["new_rule"] == "sensitivity>=0.9, image"
+    assert all(h["date"] for h in history)
+
+
+def test_version_1_threshold_is_read_with_its_selection(trained):
+    """A package written before the operating point was one record (a bare number beside threshold_selection)
+    still loads, with its rule, level and aggregation; a bare number without them cannot be applied."""
+    _, folder, _ = trained
+    selection = {**_record(value=0.35, aggregate="max"), "frozen": "2024-01-01T00:00:00+00:00"}
+    _rewrite(folder, format_version=1, threshold=0.35, threshold_selection=selection, threshold_history=_DROP)
+    meta = read_metadata(folder)
+    assert meta["threshold"]["value"] == 0.35 and meta["threshold"]["aggregate"] == "max"
+    assert meta["threshold"]["frozen_at"] == "2024-01-01T00:00:00+00:00" and meta["threshold_history"] == []
+    _rewrite(folder, threshold_selection=_DROP)
+    with pytest.raises(PackageError, match="no threshold_selection"):
+        read_metadata(folder)

@@ -2,8 +2,10 @@
 
 As in torchxrayvision, the package holds everything predict/serve need to reproduce the study's inputs and
 calls: backbone, preprocessing (size, ROI policy), label names, positive class and, once evaluation has
-frozen it on validation, the operating threshold. `metadata.json` records the SHA-256 of the weights
-file, so a weights file and a metadata file from different trainings are refused.
+frozen it on validation, the operating point (`alnus.operating_point`: the threshold with its rule, level and
+aggregation), set once and changed only by an explicit re-freeze that `threshold_history` records.
+`metadata.json` records the SHA-256 of the weights file, so a weights file and a metadata file from different
+trainings are refused; every value predict needs is checked when the file is read, not when it is first used.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from safetensors.torch import load_model, save_model
 
 from alnus._io import atomic_path, atomic_write_text, file_sha256
 from alnus.errors import AlnusError
-from alnus.models.registry import UltrasoundNet, create_model
+from alnus.models.factory import create_model
+from alnus.models.registry import UltrasoundNet
+from alnus.operating_point import OperatingPointError, check_operating_point, rule_name
 
 FORMAT = "alnus-model"
-FORMAT_VERSION = 1
+# 1: `threshold` a number with its record in `threshold_selection`; 2: `threshold` the record itself (read both).
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
 # What the caller states about the training; the rest (model facts, versions, date) is filled in here.
@@ -84,6 +89,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         "input_size": spec.size,
         "normalisation": {"mean": list(net_spec.mean), "std": list(net_spec.std), "scale": "x / 255"},
         "threshold": None,
+        "threshold_history": [],
         "weights_source": getattr(model, "weights_source", "none"),
         **dict(metadata),
         "weights_sha256": file_sha256(folder / WEIGHTS_FILE),
@@ -96,7 +102,10 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
 
 
 def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check `metadata.json` of a package (format, version, required keys)."""
+    """Read and check `metadata.json` of a package: format, version, required keys and the values predict uses.
+
+    A version-1 package (threshold as a bare number beside `threshold_selection`) is returned in the current form.
+    """
     path = Path(folder) / METADATA_FILE
     if not Path(folder).is_dir():
         raise PackageError(f"model package {folder} not found; train a model first (alnus train CONFIG)")
@@ -109,7 +118,9 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PackageError(f'{path} is not an alnus model package (no "format": "{FORMAT}")')
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PackageError(f"{path}: format_version = {version!r} is not a package format version; it is damaged")
+    if version > FORMAT_VERSION:
         raise PackageError(
             f"{path}: package format version {version!r} is newer than this alnus reads ({FORMAT_VERSION}); "
             "upgrade alnus"
@@ -117,6 +128,129 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in ("backbone", "weights_sha256", *REQUIRED_KEYS) if k not in meta]
     if missing:
         raise PackageError(f"{path} lacks {', '.join(missing)}; the package is damaged: train again")
+    if version == 1:
+        meta = _from_version_1(meta, path)
+    _check_model_keys(meta, path)
+    _check_preprocess(meta["preprocess"], path)
+    meta["threshold"] = _checked_threshold(meta.get("threshold"), path)
+    if not isinstance(meta.setdefault("threshold_history", []), list):
+        raise PackageError(f"{path}: threshold_history must be a list; {_FIX_THRESHOLD}")
+    return meta
+
+
+_FIX_THRESHOLD = (
+    "correct it in metadata.json, or set threshold to null and run `alnus evaluate RUN` to freeze it on validation "
+    "again"
+)
+
+
+def _from_version_1(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Version 1 kept the number in `threshold` and how it was chosen in `threshold_selection`: merge them."""
+    meta = dict(meta)
+    value = meta.get("threshold")
+    selection = meta.pop("threshold_selection", None)
+    if value is not None:
+        if not isinstance(selection, dict):
+            raise PackageError(
+                f"{path}: threshold {value!r} has no threshold_selection saying how it was chosen (rule, level, "
+                f"aggregate), so it cannot be applied the way it was frozen; {_FIX_THRESHOLD}"
+            )
+        frozen = {"frozen_on": "val", "frozen_at": selection.get("frozen"), **selection, "value": value}
+        frozen.pop("frozen", None)
+        meta["threshold"] = frozen
+    meta["format_version"] = FORMAT_VERSION
+    return meta
+
+
+def _check_model_keys(meta: dict[str, Any], path: Path) -> None:
+    """Backbone, weights hash and labels: present and of the types predict relies on."""
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        raise PackageError(f"{path}: backbone = {meta['backbone']!r} is not a backbone name; the package is damaged")
+    sha = meta["weights_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise PackageError(f"{path}: weights_sha256 = {sha!r} is not a SHA-256 hex digest; the package is damaged")
+    names = meta["label_names"]
+    if (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise PackageError(
+            f"{path}: label_names = {names!r} must list the two (or more) distinct class names; the package is damaged"
+        )
+    if meta["positive_label"] not in names:
+        raise PackageError(
+            f"{path}: positive_label = {meta['positive_label']!r} is not one of label_names {names}; "
+            "the package is damaged"
+        )
+
+
+def _check_preprocess(preprocess: object, path: Path) -> None:
+    """The preprocessing spec rebuilds (`PreprocessSpec.from_dict`); a bad value names its key."""
+    from alnus.data.dataset import PreprocessSpec
+
+    if not isinstance(preprocess, dict):
+        raise PackageError(f"{path}: preprocess = {preprocess!r} is not an object; the package is damaged")
+    size = preprocess.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise PackageError(
+            f"{path}: preprocess.size = {size!r} is not a positive whole number of pixels; the package is damaged"
+        )
+    for key in ("roi", "keep_aspect"):
+        if key not in preprocess:
+            raise PackageError(f"{path} lacks preprocess.{key}; the package is damaged: train again")
+    try:
+        PreprocessSpec.from_dict(preprocess)
+    except AlnusError as exc:
+        raise PackageError(f"{path}: preprocess: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{path}: preprocess cannot be read ({exc!r}); the package is damaged") from None
+
+
+def _checked_threshold(threshold: object, path: Path) -> dict[str, Any] | None:
+    if threshold is None:
+        return None
+    try:
+        return check_operating_point(threshold, str(path))
+    except OperatingPointError as exc:
+        raise PackageError(f"{exc} The threshold must be what `alnus evaluate` froze: {_FIX_THRESHOLD}.") from None
+
+
+def freeze_threshold(
+    folder: str | os.PathLike[str], record: Mapping[str, Any], *, reason: str, refreeze: bool = False
+) -> dict[str, Any]:
+    """Freeze an operating point (`alnus.operating_point`) into the package's metadata.json; return the metadata.
+
+    The package's threshold is set once: a package that has one is changed only with `refreeze=True`, and every
+    change is appended to `threshold_history` (date, old and new value and rule, `reason`).
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    new = check_operating_point(record, "the threshold to freeze")
+    old = meta["threshold"]
+    if old is not None and not refreeze:
+        raise PackageError(
+            f"{folder / METADATA_FILE} already has a frozen threshold ({old['value']:.4g}, {rule_name(old)}, frozen "
+            f"{old.get('frozen_at') or 'earlier'}); it is set once. Re-freeze explicitly "
+            "(`alnus evaluate RUN --refreeze`) to replace it."
+        )
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    new = {**new, "frozen_on": new.get("frozen_on", "val"), "frozen_at": now}
+    meta["threshold"] = new
+    meta["threshold_history"] = [
+        *meta["threshold_history"],
+        {
+            "date": now,
+            "old_value": None if old is None else old["value"],
+            "new_value": new["value"],
+            "old_rule": None if old is None else rule_name(old),
+            "new_rule": rule_name(new),
+            "reason": reason,
+        },
+    ]
+    meta["format_version"] = FORMAT_VERSION
+    atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
 
 
