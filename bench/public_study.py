@@ -54,7 +54,8 @@ def _markdown(df: pd.DataFrame) -> str:
 def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrides: list[str]) -> str:
     from alnus.evaluate import results_table
 
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    # Paths of the machine that ran it are shown relative to the repository (docs hold no machine paths).
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8").replace(f"{REPO}{os.sep}", "")
     report = pd.read_csv(run_dir / "split_report.csv")
     exclusions = pd.read_csv(run_dir / "exclusions.csv", dtype=str, keep_default_na=False)
     out = [

@@ -24,8 +24,8 @@ def shared_data() -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One intra-op thread per test process: `make test` runs 2 workers on 2 cores, and oversubscribed
-    torch threads made the model tests ~5x slower in CPU time here (52.8 s vs 5.8 s for 16 forward tests)."""
+    """One intra-op thread per test process: `make test` runs 2 workers on 2 cores, and oversubscribed torch
+    threads make the model tests several times slower in CPU time."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from alnus.cli import app
@@ -122,6 +124,146 @@ def test_unknown_import_format_is_a_clear_error(tmp_path: Path) -> None:
     assert "busbra" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# --- issue 7: data commands -----------------------------------------------------------------------------
+
+
+def _png(path: Path, size: tuple[int, int] = (48, 40), seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)).save(path)
+
+
+def _manifest(folder: Path, rows: list[dict[str, str]], *, size: tuple[int, int] = (48, 40)) -> Path:
+    """Write each row's image (distinct content) and the manifest into `folder`."""
+    for i, row in enumerate(rows):
+        _png(folder / row["image"], size, seed=i)
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def test_label_case_twin_without_labels_is_exit_2_with_a_warning(tmp_path: Path) -> None:
+    """issue 7.1: `Positive` beside `positive` and `negative` is refused (it used to train as negative)."""
+    labels = ["Positive"] * 3 + ["positive"] * 2 + ["negative"] * 3
+    rows = [{"image": f"img/{i}.png", "patient_id": f"P{i}", "label": lab} for i, lab in enumerate(labels)]
+    manifest = _manifest(tmp_path, rows)
+    for command in (["validate", str(manifest)], ["split", str(manifest), "--out", str(tmp_path / "s")]):
+        proc = _alnus("data", *command, "--drop-invalid")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "no --labels given and the manifest has 3 labels" in proc.stdout
+        assert "'Positive' and 'positive' differ only in upper/lower case" in proc.stderr
+        assert "--drop-invalid does not help" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s" / "splits.csv").exists()
+
+
+def test_user_text_is_printed_as_text_not_markup(tmp_path: Path) -> None:
+    """issue 7.12: `IMG [left].png` and `IMG [right].png` print as two names; a label `[/]` does not crash."""
+    rows = [
+        {"image": "IMG [left].png", "patient_id": "P1", "label": "[/]"},
+        {"image": "IMG [right].png", "patient_id": "P2", "label": "[bold]neg"},
+    ]
+    manifest = _manifest(tmp_path, rows, size=(20, 16))  # too small for a lesion: both names are printed
+    proc = _alnus("data", "validate", str(manifest))
+    assert proc.returncode == 0, proc.stderr
+    assert "IMG [left].png is 20x16" in proc.stdout and "IMG [right].png is 20x16" in proc.stdout
+    rows = [{"image": f"{i}.png", "patient_id": f"P{i}", "label": "[/]" if i % 2 else "[red]neg"} for i in range(20)]
+    manifest = _manifest(tmp_path / "many", rows)
+    proc = _alnus("data", "split", str(manifest), "--out", str(tmp_path / "split"), "--no-duplicate-check")
+    assert proc.returncode == 0, proc.stderr
+    assert "patients_[/]" in proc.stdout and "images_[red]neg" in proc.stdout
+
+
+def test_drop_invalid_out_rebases_the_valid_manifest(tmp_path: Path) -> None:
+    """issue 7.14: manifest.valid.csv written to --out must still find its images."""
+    rows = [{"image": f"img/{i}.png", "patient_id": f"P{i}", "label": "ab"[i % 2]} for i in range(4)]
+    manifest = _manifest(tmp_path / "data", rows)
+    df = pd.read_csv(manifest, dtype=str)
+    df.loc[0, "label"] = ""
+    df.to_csv(manifest, index=False)
+    out = tmp_path / "elsewhere" / "deeper"
+    result = runner.invoke(app, ["data", "validate", str(manifest), "--drop-invalid", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    valid = out / "manifest.valid.csv"
+    rebased = pd.read_csv(valid, dtype=str)["image"].tolist()
+    assert rebased == ["../../data/img/1.png", "../../data/img/2.png", "../../data/img/3.png"]
+    result = runner.invoke(app, ["data", "validate", str(valid), "--labels", "a,b"])
+    assert result.exit_code == 0, result.output
+
+
+def test_combine_refuses_to_overwrite_an_input(tmp_path: Path) -> None:
+    """issue 7.14: `data combine a.csv b.csv --out a.csv` used to overwrite a.csv (data import refuses the same)."""
+    a = _manifest(tmp_path / "a", [{"image": "x.png", "patient_id": "A1", "label": "neg"}])
+    b = _manifest(tmp_path / "b", [{"image": "y.png", "patient_id": "B1", "label": "pos"}])
+    before = a.read_bytes()
+    proc = _alnus("data", "combine", str(a), str(b), "--out", str(a))
+    assert proc.returncode == 2 and "is the input manifest" in proc.stderr
+    assert a.read_bytes() == before
+
+
+def test_long_problem_list_is_capped_and_written_in_full(tmp_path: Path) -> None:
+    """issue 7.14: the first problems and a count are printed; every one is in the file named."""
+    rows = [{"image": f"gone/{i}.png", "patient_id": f"P{i}", "label": "ab"[i % 2]} for i in range(30)]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    proc = _alnus("data", "validate", str(tmp_path / "manifest.csv"))
+    assert proc.returncode == 2
+    listed = tmp_path / "manifest.problems.csv"
+    assert f"... and 10 more; all 30 are listed in {listed}" in proc.stderr.replace("\n", "")
+    assert proc.stderr.count("image file not found") == 20
+    full = pd.read_csv(listed, dtype=str)
+    assert len(full) == 30 and set(full["severity"]) == {"error"}
+
+
+def test_max_pixels_option_and_config_key(tmp_path: Path) -> None:
+    """issue 7.11: the decoded-size limit is a CLI option (and `data.max_image_pixels` in the config)."""
+    from alnus.config import config_from_dict
+
+    rows = [{"image": f"{i}.png", "patient_id": f"P{i}", "label": "ab"[i % 2]} for i in range(2)]
+    manifest = _manifest(tmp_path, rows)
+    proc = _alnus("data", "validate", str(manifest), "--max-pixels", "1000")
+    assert proc.returncode == 2 and "over the limit of 1,000" in proc.stderr
+    assert runner.invoke(app, ["data", "validate", str(manifest), "--max-pixels", "1920"]).exit_code == 0
+    cfg = config_from_dict(
+        {"name": "x", "data": {"manifest": "m.csv", "max_image_pixels": 1920}, "models": ["tiny_cnn"]}
+    )
+    assert cfg.data.max_image_pixels == 1920
+
+
+def test_split_with_one_class_in_training_is_exit_2(tmp_path: Path) -> None:
+    """issue 7.14: `data split` used to exit 0 when all positives were at the external site."""
+    rows = [
+        {
+            "image": f"{i}.png",
+            "patient_id": f"P{i}",
+            "label": "pos" if i >= 10 else "neg",
+            "site": "B" if i >= 10 else "A",
+        }
+        for i in range(14)
+    ]
+    manifest = _manifest(tmp_path, rows)
+    proc = _alnus("data", "split", str(manifest), "--out", str(tmp_path / "s"), "--external-site", "B")
+    assert proc.returncode == 2 and "training split holds 1 label(s)" in proc.stderr
+    assert not (tmp_path / "s" / "splits.csv").exists()
+
+
+def test_formula_patient_id_never_reaches_splits_csv(tmp_path: Path) -> None:
+    """issue 7.12: `=cmd|...` as a patient ID is refused (a key cannot be altered); free text is defused on output,
+    numbers stay numbers."""
+    rows = [
+        {"image": f"{i}.png", "patient_id": f"P{i}", "label": "ab"[i % 2], "note": "=HYPERLINK(1)", "size_cm": "-0.25"}
+        for i in range(12)
+    ]
+    rows[0]["patient_id"] = "=cmd|' /C calc'!A0"
+    manifest = _manifest(tmp_path, rows)
+    proc = _alnus("data", "split", str(manifest), "--out", str(tmp_path / "s"), "--drop-invalid")
+    assert proc.returncode == 0, proc.stderr
+    splits = pd.read_csv(tmp_path / "s" / "splits.csv", dtype=str)
+    assert "=cmd|' /C calc'!A0" not in splits["patient_id"].tolist() and len(splits) == 11
+    assert set(splits["note"]) == {"'=HYPERLINK(1)"} and set(splits["size_cm"]) == {"-0.25"}
+    exclusions = pd.read_csv(tmp_path / "s" / "exclusions.csv", dtype=str)
+    assert exclusions["patient_id"].tolist() == ["'=cmd|' /C calc'!A0"]
+    text = (tmp_path / "s" / "splits.csv").read_text() + (tmp_path / "s" / "exclusions.csv").read_text()
+    assert not any(cell.startswith(("=", "@")) for line in text.splitlines() for cell in line.split(","))
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_busbra_import_then_split_places_all_1064_patients_once(shared_data: Path, tmp_path: Path) -> None:
@@ -136,3 +278,30 @@ def test_busbra_import_then_split_places_all_1064_patients_once(shared_data: Pat
     assert splits["patient_id"].nunique() == 1064
     assert splits.groupby("patient_id")["split"].nunique().max() == 1
     assert set(splits["split"]) == {"train", "val", "internal_test"}
+
+
+def test_validate_names_a_bad_reader_cell_before_training(phantom: Path) -> None:
+    """issue 7.7: reader cells are checked by `alnus data validate` (before any training), naming the spreadsheet
+    row, the column and the value; `--reader-scale score` checks numbers instead of BI-RADS categories."""
+    from alnus.errors import AlnusError
+
+    df = pd.read_csv(phantom, dtype=str, keep_default_na=False)
+    assert "reader_r2" in df.columns
+    df.loc[3, "reader_r2"] = "4d"
+    bad = phantom.parent / "bad_reader_cell.csv"  # beside the images, so relative paths still resolve
+    df.to_csv(bad, index=False)
+    result = runner.invoke(app, ["data", "validate", str(bad), "--labels", "negative,positive"])
+    assert isinstance(result.exception, AlnusError), result.output
+    message = str(result.exception)
+    assert "row 5, column 'reader_r2'" in message and "'4d'" in message and "not a BI-RADS category" in message
+
+    scores = df.assign(**{c: "50" for c in df.columns if c.startswith("reader_")})
+    scores.loc[2, "reader_r1"] = "high"
+    scores.to_csv(bad, index=False)
+    args = ["data", "validate", str(bad), "--labels", "negative,positive", "--reader-scale", "score"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, AlnusError) and "row 4, column 'reader_r1'" in str(result.exception)
+    scores.loc[2, "reader_r1"] = "72.5"
+    scores.to_csv(bad, index=False)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output

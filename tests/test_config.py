@@ -108,3 +108,15 @@ def test_training_settings_leave_out_what_does_not_change_weights(tmp_path):
     c = load_config(_write(tmp_path), ["train.lr=0.01"])
     assert training_settings(a) == training_settings(b)
     assert training_settings(a) != training_settings(c)
+
+
+def test_a_manifest_given_with_set_is_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """Issue 7.13: `--set data.manifest=...` resolves like any shell path, not against the config's folder."""
+    path = _write(tmp_path, BASE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path, ["data.manifest=mine/manifest.csv"])
+    assert cfg.data.manifest == os.path.abspath(elsewhere / "mine" / "manifest.csv")
+    # Without the override the file's own value stays relative to the config file.
+    assert load_config(path).data.manifest == os.path.abspath(tmp_path / "configs" / "data" / "manifest.csv")

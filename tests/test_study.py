@@ -11,7 +11,8 @@ import yaml
 
 from alnus.config import load_config
 from alnus.data.phantom import make_phantom
-from alnus.study import run_study, trained_package
+from alnus.runfolder import RunFolder, RunLockedError, lock_run
+from alnus.study import StudyError, prepare_run, run_study, trained_package
 from alnus.train import TrainError
 
 SETTINGS = {
@@ -69,3 +70,49 @@ def test_a_model_of_an_earlier_split_is_neither_reused_nor_resumed(studied: tupl
     with pytest.raises(TrainError, match="data_hash"):
         run_study(cfg)
     assert trained_package(cfg, "tiny_cnn") is None
+
+
+def test_a_missing_manifest_is_a_clear_error_and_leaves_no_run_folder(tmp_path: Path) -> None:
+    """Issue 7.13: a config whose manifest does not exist (was a FileNotFoundError and an empty run folder)."""
+    config = _config(tmp_path, tmp_path / "nowhere" / "manifest.csv", tmp_path / "runs")
+    with pytest.raises(StudyError, match=r"data\.manifest .*nowhere.*manifest\.csv not found.*--set data\.manifest"):
+        run_study(load_config(config))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_second_study_on_a_busy_run_folder_stops_at_once(studied: tuple[Path, Path]) -> None:
+    """Issue 7.9: two `alnus study` on one run folder would mix their results; the second is refused."""
+    _, config = studied
+    cfg = load_config(config, ["train.epochs=1"])
+    before = sorted(p.name for p in cfg.run_dir.rglob("*"))
+    with lock_run(cfg.run_dir, command="the first study"), pytest.raises(RunLockedError, match="the first study"):
+        run_study(cfg)
+    assert sorted(p.name for p in cfg.run_dir.rglob("*")) == before
+
+
+def test_other_settings_never_overwrite_the_run_config_unrecorded(studied: tuple[Path, Path]) -> None:
+    """Issue 7.5: config.yaml of an earlier invocation with other settings is kept in history/, not lost."""
+    _, config = studied
+    first = load_config(config, ["name=settings"])
+    run = RunFolder(prepare_run(first))
+    original = run.config.read_text()
+    prepare_run(first)
+    assert run.config.read_text() == original and not run.history.exists()  # same settings: nothing to keep
+    prepare_run(load_config(config, ["name=settings", "train.epochs=5"]))
+    kept = list(run.history.glob("config.*.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == original
+    assert yaml.safe_load(run.config.read_text())["train"]["epochs"] == 5
+
+
+def test_a_bad_reader_cell_stops_the_study_before_training(studied: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 7.7: reader cells are checked when the run is prepared, not after the models are trained."""
+    root, config = studied
+    shutil.copytree(root / "data", tmp_path / "data")
+    table = pd.read_csv(tmp_path / "data" / "manifest.csv", dtype=str, keep_default_na=False)
+    reader = next(c for c in table.columns if c.startswith("reader_"))
+    table.loc[3, reader] = "probably"
+    table.to_csv(tmp_path / "data" / "manifest.csv", index=False)
+    cfg = load_config(config, [f"data.manifest={tmp_path / 'data' / 'manifest.csv'}", "name=readers"])
+    with pytest.raises(StudyError, match=rf"row 5.*{reader}.*probably"):
+        run_study(cfg)
+    assert not RunFolder(cfg.run_dir).models_dir.exists()

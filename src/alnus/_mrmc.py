@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats as _sps
 
+from alnus._stats_base import StatsError, as_calls, as_labels, as_scores, auc_components, check_alpha, class_counts
+
 
 @dataclass(frozen=True)
 class MrmcResult:
@@ -55,10 +57,9 @@ class MrmcResult:
 
 
 def _threshold_calls(scores: np.ndarray, threshold: float | None, name: str) -> np.ndarray:
-    from alnus.stats import StatsError, _calls
 
     if threshold is None:
-        return _calls(scores, scores.size, f"{name} (no threshold given, so it must hold 0/1 calls)")
+        return as_calls(scores, scores.size, f"{name} (no threshold given, so it must hold 0/1 calls)")
     if not np.isfinite(threshold):
         raise StatsError(f"the threshold for {name} must be finite; got {threshold}.")
     return scores >= threshold
@@ -77,13 +78,12 @@ def _metric_components(
     negative l gives (n * theta - v01_l) / (n - 1). For sensitivity the negatives' components equal theta
     (deleting a negative does not change it), and conversely for specificity.
     """
-    from alnus.stats import StatsError, _auc_components
 
     n_readers = scores.shape[0] - 1
     if metric == "auc":
         if model_threshold is not None or reader_thresholds is not None:
             raise StatsError("thresholds apply to metric='sensitivity' or 'specificity', not to 'auc'.")
-        return _auc_components(y, scores)
+        return auc_components(y, scores)
     if metric not in ("sensitivity", "specificity"):
         raise StatsError(f"metric must be 'auc', 'sensitivity' or 'specificity'; got {metric!r}.")
     if reader_thresholds is None or np.ndim(reader_thresholds) == 0:
@@ -148,14 +148,13 @@ def mrmc_model_vs_readers(
             themselves as 0/1 calls when the threshold is None.
         model_threshold, reader_thresholds: thresholds for the calls (one for all readers or one each).
     """
-    from alnus.stats import StatsError, _alpha, _both_classes, _labels, _scores
 
-    alpha = _alpha(alpha)
-    yb = _labels(y)
-    m, n = _both_classes(yb, "the MRMC analysis")
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    m, n = class_counts(yb, "the MRMC analysis")
     if m < 2 or n < 2:
         raise StatsError(f"the jackknife needs at least 2 positive and 2 negative cases; got {m} and {n}.")
-    model = _scores(model_score, yb.size, "model_score")
+    model = as_scores(model_score, yb.size, "model_score")
     try:
         readers = np.asarray(reader_scores, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -165,7 +164,7 @@ def mrmc_model_vs_readers(
     r = readers.shape[0]
     if r < 2:
         raise StatsError(f"a random-reader analysis needs at least 2 readers; got {r}.")
-    rows = [model] + [_scores(readers[j], yb.size, f"reader_scores[{j}]") for j in range(r)]
+    rows = [model] + [as_scores(readers[j], yb.size, f"reader_scores[{j}]") for j in range(r)]
     theta, v10, v01 = _metric_components(yb, np.stack(rows), metric, model_threshold, reader_thresholds)
     cov = jackknife_cov(jackknife_estimates(yb, theta, v10, v01))
 

@@ -44,6 +44,8 @@ class DataConfig:
     group_duplicates: bool = False
     drop_invalid: bool = False
     check_duplicates: bool = True
+    # Decoded-size limit per image (8-bit pixels; a 16-bit pixel counts 2, RGB 3); null: alnus.data.images.MAX_PIXELS.
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -69,6 +71,13 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_epochs: float = 1.0
     head_epochs: int = 1
+    # When the body unfreezes after the head-only epochs, the learning rate warms up again over this many epochs
+    # (0: no second warm-up), so pretrained features are not hit at the peak rate by a head still settling.
+    body_warmup_epochs: float = 1.0
+    # The body's learning rate as a fraction of train.lr (the head keeps train.lr). 1.0 by default: the second
+    # warm-up already spares the pretrained features the peak rate, and ultrasound is far enough from ImageNet that
+    # the body has to move; lower it (e.g. 0.1) to keep the body closer to its pretrained weights.
+    body_lr_factor: float = 1.0
     balance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"
@@ -91,7 +100,14 @@ class EvaluateConfig:
 
     threshold_rule: Literal["youden", "sensitivity", "specificity"] = "youden"
     threshold_target: float | None = None
+    # The study's level: the threshold is frozen, results are reported and the best epoch is chosen at this level.
+    level: Literal["patient", "study", "image"] = "patient"
     aggregate: Literal["mean", "max"] = "mean"
+    # How `reader_*` columns are read: BI-RADS categories (positive call from `reader_positive_from`) or numbers.
+    reader_scale: Literal["birads", "score"] = "birads"
+    reader_positive_from: str = "4a"
+    # With reader_scale: score, a reading >= this value is a positive call (None: no calls, AUC only).
+    reader_score_threshold: float | None = None
 
 
 @dataclass
@@ -116,6 +132,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Data settings that change neither the split nor the weights: a moved manifest (its contents count, through the
+# data hash) or a raised decoding limit.
+DATA_FREE_KEYS = frozenset({"manifest", "max_image_pixels"})
 # Training settings that do not change the trained weights; a resumed run may change them freely.
 RESUME_FREE_KEYS = frozenset({"num_workers", "tensorboard", "mlflow", "device"})
 
@@ -154,8 +173,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `--set` overrides, resolve paths and check every key and value.
 
-    `data.manifest` is relative to the config file's folder; `runs_dir` is relative to the current
-    folder. Both are stored absolute in the result.
+    `data.manifest` is relative to the config file's folder (given with `--set`, to the current folder);
+    `runs_dir` is relative to the current folder. Both are stored absolute in the result.
     """
     path = Path(path)
     if not path.is_file():
@@ -168,7 +187,14 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, parse_overrides(overrides))
+    parsed = parse_overrides(overrides)
+    # A path given on the command line is relative to the current folder, as a shell user expects; only the
+    # config file's own `data.manifest` is relative to the config file.
+    parsed = [
+        (key, os.path.abspath(value)) if key == "data.manifest" and isinstance(value, str) and value else (key, value)
+        for key, value in parsed
+    ]
+    raw = apply_overrides(raw, parsed)
     raw.setdefault("name", path.stem)
     return config_from_dict(raw, base=path.parent, where=str(path))
 
@@ -200,7 +226,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}
     # The manifest's path is left out: a moved manifest trains the same model. Its contents count, through the
     # run's data hash (`alnus.train.model_settings`).
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "manifest"}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_FREE_KEYS}
     return {
         "data": data,
         "preprocess": dataclasses.asdict(cfg.preprocess),
@@ -289,6 +315,8 @@ def _check(cfg: Config, where: str) -> None:
     for key, frac in (("data.internal_test_frac", data.internal_test_frac), ("data.val_frac", data.val_frac)):
         if not 0 <= frac < 1:
             fail(key, f"{frac} must be at least 0 and below 1")
+    if data.max_image_pixels is not None and data.max_image_pixels < 1:
+        fail("data.max_image_pixels", f"{data.max_image_pixels} must be a positive number of pixels, or null")
     if data.val_frac == 0:
         fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1")
     if data.labels is not None:
@@ -318,9 +346,10 @@ def _check(cfg: Config, where: str) -> None:
     for key in ("epochs", "batch_size", "grad_accum"):
         if getattr(train, key) < 1:
             fail(f"train.{key}", f"{getattr(train, key)} must be at least 1")
-    for key in ("lr", "weight_decay", "momentum", "warmup_epochs"):
-        if getattr(train, key) < 0 or (key == "lr" and train.lr == 0):
-            fail(f"train.{key}", f"{getattr(train, key)} must be {'positive' if key == 'lr' else 'at least 0'}")
+    for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "body_warmup_epochs", "body_lr_factor"):
+        positive = key in ("lr", "body_lr_factor")
+        if getattr(train, key) < 0 or (positive and getattr(train, key) == 0):
+            fail(f"train.{key}", f"{getattr(train, key)} must be {'positive' if positive else 'at least 0'}")
     if train.warmup_epochs > train.epochs:
         fail("train.warmup_epochs", f"{train.warmup_epochs} must not exceed train.epochs ({train.epochs})")
     if not 0 <= train.head_epochs <= train.epochs:

@@ -3,7 +3,8 @@
 Pure functions on numpy arrays. Labels `y` are 0/1 (or boolean), 1 = positive (e.g. metastasis); scores are
 finite floats where higher means "more likely positive"; calls are `score >= threshold`. Every result is a
 small frozen dataclass. Bad input raises `StatsError` (an `AlnusError`), never a silent NaN.
-The reader-study analysis (Obuchowski-Rockette) lives in `alnus._mrmc` and is re-exported here.
+The reader-study analysis (Obuchowski-Rockette) lives in `alnus._mrmc` and is re-exported here; input checks and
+the AUC's structural components, which both use, live in `alnus._stats_base`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pandas as pd
 from scipy import special as _special
 from scipy import stats as _sps
 
-from alnus.errors import AlnusError
+from alnus._mrmc import MrmcResult, mrmc_model_vs_readers
+from alnus._stats_base import StatsError, as_calls, as_labels, as_scores, auc_components, check_alpha, class_counts
 
 __all__ = [
     "AucDiffResult",
@@ -47,10 +49,6 @@ __all__ = [
 
 # Resamples per block in the vectorised bootstrap: bounds memory at block * n_cases integers.
 _BOOT_BLOCK = 100
-
-
-class StatsError(AlnusError):
-    """Input a statistic cannot be computed from (one class, NaN, wrong length); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -190,98 +188,7 @@ class CalibrationResult:
     alpha: float
 
 
-# -------------------------------------------------------------------------------------------- validation
-def _labels(y: object, name: str = "y") -> np.ndarray:
-    """Return `y` as a 1-D boolean array or raise StatsError saying what is wrong."""
-    arr = np.asarray(y)
-    if arr.ndim != 1:
-        raise StatsError(f"{name} must be one-dimensional (one label per case); got shape {arr.shape}.")
-    if arr.size == 0:
-        raise StatsError(f"{name} is empty; there are no cases to analyse.")
-    if arr.dtype == bool:
-        return arr
-    if arr.dtype.kind not in "iuf":
-        raise StatsError(
-            f"{name} must be 0/1 or boolean (1 = positive); got dtype {arr.dtype}. "
-            "Map the label column first, e.g. y = (label == 'malignant')."
-        )
-    bad = np.flatnonzero(~np.isin(arr, (0, 1)))
-    if bad.size:
-        raise StatsError(
-            f"{name} must contain only 0 and 1; {bad.size} case(s) differ, first at position(s) "
-            f"{bad[:5].tolist()} (values {arr[bad[:5]].tolist()})."
-        )
-    return arr.astype(bool)
-
-
-def _both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
-    m = int(y.sum())
-    n = int(y.size - m)
-    if m == 0 or n == 0:
-        only = "positive" if n == 0 else "negative"
-        raise StatsError(f"{what} needs positive and negative cases; all {y.size} cases are {only}.")
-    return m, n
-
-
-def _scores(score: object, n: int, name: str) -> np.ndarray:
-    """Return `score` as a finite float array of length `n` or raise StatsError."""
-    arr = np.asarray(score)
-    if arr.ndim != 1:
-        raise StatsError(f"{name} must be one-dimensional (one value per case); got shape {arr.shape}.")
-    if arr.size != n:
-        raise StatsError(f"{name} has {arr.size} values but y has {n}; they must be aligned case by case.")
-    if arr.dtype.kind not in "biuf":
-        raise StatsError(f"{name} must be numeric; got dtype {arr.dtype}.")
-    arr = arr.astype(float)
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise StatsError(
-            f"{name} has {bad.size} non-finite value(s) (NaN/inf), first at position(s) {bad[:5].tolist()}; "
-            "drop or re-score these cases before computing statistics."
-        )
-    return arr
-
-
-def _calls(call: object, n: int, name: str) -> np.ndarray:
-    arr = _scores(call, n, name)
-    bad = np.flatnonzero(~np.isin(arr, (0, 1)))
-    if bad.size:
-        raise StatsError(
-            f"{name} must be binary calls (0/1 or boolean); position(s) {bad[:5].tolist()} hold "
-            f"{arr[bad[:5]].tolist()}. Threshold scores first (threshold_metrics)."
-        )
-    return arr.astype(bool)
-
-
-def _alpha(alpha: float) -> float:
-    if not 0.0 < float(alpha) < 1.0:
-        raise StatsError(f"alpha must be in (0, 1) (0.05 gives 95% intervals); got {alpha}.")
-    return float(alpha)
-
-
 # ---------------------------------------------------------------------------------------------------- AUC
-def _auc_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """AUCs and DeLong structural components of k score rows, by midranks (fast DeLong, Sun & Xu 2014).
-
-    Args:
-        y: boolean labels (n_cases,).
-        scores: (k, n_cases).
-
-    Returns:
-        auc (k,), v10 (k, n_pos): for each positive the fraction of negatives it outranks (ties 1/2),
-        v01 (k, n_neg): for each negative the fraction of positives that outrank it.
-    """
-    pos, neg = scores[:, y], scores[:, ~y]
-    m, n = pos.shape[1], neg.shape[1]
-    tx = _sps.rankdata(pos, axis=1)
-    ty = _sps.rankdata(neg, axis=1)
-    tz = _sps.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
-    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - tx) / n
-    v01 = 1.0 - (tz[:, m:] - ty) / m
-    return aucs, v10, v01
-
-
 def _delong_cov(v10: np.ndarray, v01: np.ndarray) -> np.ndarray:
     """DeLong (1988) covariance matrix of k AUCs: S10/m + S01/n."""
     m, n = v10.shape[1], v01.shape[1]
@@ -292,10 +199,10 @@ def _delong_cov(v10: np.ndarray, v01: np.ndarray) -> np.ndarray:
 
 def auc(y: object, score: object) -> float:
     """Area under the ROC curve = Mann-Whitney probability that a positive outranks a negative (ties 1/2)."""
-    yb = _labels(y)
-    _both_classes(yb, "the AUC")
-    s = _scores(score, yb.size, "score")
-    return float(_auc_components(yb, s[None, :])[0][0])
+    yb = as_labels(y)
+    class_counts(yb, "the AUC")
+    s = as_scores(score, yb.size, "score")
+    return float(auc_components(yb, s[None, :])[0][0])
 
 
 def _bootstrap_aucs(
@@ -383,18 +290,18 @@ def auc_ci(
     `groups` (patient ids) whole patients are resampled, keeping all their images, within strata of patients
     that are all positive / all negative / mixed. Seeded by `seed`; `se` is the bootstrap SD.
     """
-    alpha = _alpha(alpha)
-    yb = _labels(y)
-    m, n = _both_classes(yb, "the AUC")
-    s = _scores(score, yb.size, "score")
-    est = float(_auc_components(yb, s[None, :])[0][0])
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    m, n = class_counts(yb, "the AUC")
+    s = as_scores(score, yb.size, "score")
+    est = float(auc_components(yb, s[None, :])[0][0])
     if method == "delong":
         if groups is not None:
             raise StatsError(
                 "groups (patient ids) are used by the bootstrap only; DeLong assumes independent cases. "
                 "Use method='bootstrap' for clustered data."
             )
-        _, v10, v01 = _auc_components(yb, s[None, :])
+        _, v10, v01 = auc_components(yb, s[None, :])
         se = float(np.sqrt(_delong_cov(v10, v01)[0, 0]))
         half = _sps.norm.ppf(1 - alpha / 2) * se
         lo, hi = max(0.0, float(est - half)), min(1.0, float(est + half))
@@ -451,16 +358,16 @@ def compare_aucs(
     With `reference`, each other model is compared with it (`estimate = auc(name) - auc(reference)`);
     without, every pair (a, b) in the mapping's order. `p_adjusted` is Holm's step-down adjustment.
     """
-    alpha = _alpha(alpha)
-    yb = _labels(y)
-    m, n = _both_classes(yb, "the DeLong test")
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    m, n = class_counts(yb, "the DeLong test")
     names = list(scores)
     if len(names) < 2:
         raise StatsError(f"compare_aucs needs at least two score arrays; got {names}.")
     if reference is not None and reference not in scores:
         raise StatsError(f"reference {reference!r} is not among the scores {names}.")
-    mat = np.stack([_scores(scores[k], yb.size, f"scores[{k!r}]") for k in names])
-    aucs, v10, v01 = _auc_components(yb, mat)
+    mat = np.stack([as_scores(scores[k], yb.size, f"scores[{k!r}]") for k in names])
+    aucs, v10, v01 = auc_components(yb, mat)
     cov = _delong_cov(v10, v01)
     if reference is None:
         pairs = list(itertools.combinations(range(len(names)), 2))
@@ -483,7 +390,7 @@ def proportion_ci(
     k: int, n: int, method: Literal["clopper-pearson", "wilson"] = "clopper-pearson", alpha: float = 0.05
 ) -> ProportionResult:
     """Proportion k/n with an exact (Clopper & Pearson 1934, beta quantiles) or a Wilson (1927) interval."""
-    alpha = _alpha(alpha)
+    alpha = check_alpha(alpha)
     if int(k) != k or int(n) != n:
         raise StatsError(f"k and n must be whole counts; got k={k}, n={n}.")
     k, n = int(k), int(n)
@@ -516,9 +423,9 @@ def binary_metrics(
     F1 = 2TP / (2TP + FP + FN) is not a binomial proportion and has no exact CI; with `n_boot > 0` a
     percentile bootstrap CI stratified by class is given.
     """
-    yb = _labels(y)
-    _both_classes(yb, "binary metrics")
-    c = _calls(call, yb.size, "call")
+    yb = as_labels(y)
+    class_counts(yb, "binary metrics")
+    c = as_calls(call, yb.size, "call")
     tp, fn = int((c & yb).sum()), int((~c & yb).sum())
     tn, fp = int((~c & ~yb).sum()), int((c & ~yb).sum())
 
@@ -549,7 +456,7 @@ def binary_metrics(
 
 def threshold_metrics(y: object, score: object, threshold: float, **kwargs: object) -> BinaryMetrics:
     """`binary_metrics(y, score >= threshold)`; keyword arguments go to `binary_metrics`."""
-    s = _scores(score, np.asarray(y).size, "score")
+    s = as_scores(score, np.asarray(y).size, "score")
     if not np.isfinite(threshold):
         raise StatsError(f"threshold must be a finite number; got {threshold}.")
     return binary_metrics(y, s >= threshold, **kwargs)  # type: ignore[arg-type]
@@ -590,10 +497,10 @@ def mcnemar_test(
     called negative), "all" accuracies. P = two-sided exact binomial test of b vs c with p = 1/2
     (1 when there are no discordant pairs).
     """
-    alpha = _alpha(alpha)
-    yb = _labels(y)
-    a = _calls(call_a, yb.size, "call_a")
-    b_ = _calls(call_b, yb.size, "call_b")
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    a = as_calls(call_a, yb.size, "call_a")
+    b_ = as_calls(call_b, yb.size, "call_b")
     if subset == "positives":
         keep = yb
     elif subset == "negatives":
@@ -629,9 +536,9 @@ def choose_threshold(
     "sensitivity": the highest threshold with sensitivity >= target.
     "specificity": the lowest threshold with specificity >= target (StatsError if none reaches it).
     """
-    yb = _labels(y)
-    m, n = _both_classes(yb, "choosing a threshold")
-    s = _scores(score, yb.size, "score")
+    yb = as_labels(y)
+    m, n = class_counts(yb, "choosing a threshold")
+    s = as_scores(score, yb.size, "score")
     if rule == "youden":
         if target is not None:
             raise StatsError("the Youden rule takes no target; pass rule='sensitivity' or 'specificity'.")
@@ -665,7 +572,7 @@ def choose_threshold(
 
 # ------------------------------------------------------------------------------------------- calibration
 def _probs(prob: object, n: int) -> np.ndarray:
-    p = _scores(prob, n, "prob")
+    p = as_scores(prob, n, "prob")
     bad = np.flatnonzero((p < 0) | (p > 1))
     if bad.size:
         raise StatsError(f"prob must be probabilities in [0, 1]; position(s) {bad[:5].tolist()} are outside.")
@@ -692,9 +599,9 @@ def calibration(
     import statsmodels.api as sm
     from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 
-    alpha = _alpha(alpha)
-    yb = _labels(y)
-    _both_classes(yb, "calibration")
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    class_counts(yb, "calibration")
     p = _probs(prob, yb.size)
     if int(n_bins) != n_bins or n_bins < 1:
         raise StatsError(f"n_bins must be a positive integer; got {n_bins}.")
@@ -748,7 +655,7 @@ def decision_curve(y: object, prob: object, thresholds: Sequence[float] | np.nda
 
     Net benefit = TP/n - FP/n * pt / (1 - pt), calling `prob >= pt` positive; treat-all calls everyone.
     """
-    yb = _labels(y)
+    yb = as_labels(y)
     p = _probs(prob, yb.size)
     pt = np.asarray(thresholds, dtype=float)
     if pt.ndim != 1 or pt.size == 0 or not np.all((pt > 0) & (pt < 1)):
@@ -769,7 +676,3 @@ def decision_curve(y: object, prob: object, thresholds: Sequence[float] | np.nda
             "fp": fp,
         }
     )
-
-
-# The MRMC analysis needs the helpers above; imported last so that `alnus._mrmc` can use them.
-from alnus._mrmc import MrmcResult, mrmc_model_vs_readers  # noqa: E402

@@ -8,19 +8,22 @@ that was interrupted resumes where it stopped.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
+from rich.console import Console
+from rich.markup import escape
 
+from alnus._distributed import distributed, main_first
 from alnus._io import atomic_write_text, file_sha256, write_csv
-from alnus.config import Config, dump_config, stable_hash
-from alnus.data.manifest import mask_columns, read_manifest, validate_manifest
+from alnus.config import DATA_FREE_KEYS, Config, dump_config, stable_hash
+from alnus.data.manifest import ManifestError, read_manifest, rebase_manifest, validate_manifest
 from alnus.data.split import split_manifest
 from alnus.errors import AlnusError
-
-DATA_STAMP = "data.json"
+from alnus.runfolder import RunFolder, lock_run
+from alnus.train import TrainResult, model_settings, resumable_checkpoint, train_model
 
 
 class StudyError(AlnusError):
@@ -32,36 +35,35 @@ def data_hash(cfg: Config) -> str:
 
     A moved manifest with the same contents keeps its hash; an edited manifest or split setting does not.
     """
-    section = {k: v for k, v in cfg.to_dict()["data"].items() if k != "manifest"}
+    section = {k: v for k, v in cfg.to_dict()["data"].items() if k not in DATA_FREE_KEYS}
     return stable_hash({"data": section, "manifest_sha256": file_sha256(Path(cfg.data.manifest))})
 
 
-def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """The run's `splits.csv` (written by `prepare_run`), checked for the columns every later stage needs."""
-    path = Path(run_dir) / "splits.csv"
-    if not path.is_file():
-        raise StudyError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("image", "patient_id", "label", "split") if c not in splits.columns]
-    if missing:
-        raise StudyError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
-    return splits
+def _check_manifest(cfg: Config) -> None:
+    """Refuse a missing manifest before any folder is made (no empty run folder is left behind)."""
+    manifest_path = Path(cfg.data.manifest)
+    if not manifest_path.is_file():
+        what = "is not a file" if manifest_path.exists() else "not found"
+        raise StudyError(
+            f"data.manifest {manifest_path} {what}; set data.manifest in the config (relative to the config file) "
+            "or pass --set data.manifest=PATH (relative to the current folder)."
+        )
 
 
-def rebase_paths(df: pd.DataFrame, root: str | os.PathLike[str]) -> pd.DataFrame:
-    """A copy of a manifest table with relative `image` and mask paths made absolute against `root`."""
-    out = df.copy()
-    root = os.path.abspath(root)
-    for column in ["image", *mask_columns(df)]:
-        out[column] = [
-            ";".join(
-                part if os.path.isabs(part) else os.path.normpath(os.path.join(root, part))
-                for part in (p.strip() for p in str(cell).split(";"))
-                if part
-            )
-            for cell in df[column]
-        ]
-    return out
+def _check_readers(cfg: Config, df: pd.DataFrame, manifest_path: Path) -> None:
+    """Reader cells that the evaluation could not read stop the study here, before any model is trained."""
+    from alnus.readers import ReaderError, check_reader_columns
+
+    ev = cfg.evaluate
+    try:
+        problems = check_reader_columns(df, ev.reader_scale, ev.reader_positive_from, ev.reader_score_threshold)
+    except ReaderError as exc:
+        raise StudyError(f"evaluate.reader_scale / reader_positive_from / reader_score_threshold: {exc}") from None
+    if problems:
+        raise StudyError(
+            f"{ManifestError(manifest_path, problems, limit=20)}\nFix these reader cells (an empty cell is a missing "
+            "reading), or set evaluate.reader_scale: score if the readers gave numeric scores."
+        )
 
 
 def prepare_run(cfg: Config) -> Path:
@@ -78,11 +80,13 @@ def prepare_run(cfg: Config) -> Path:
     from alnus._hardware import environment_info
 
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = Path(cfg.data.manifest)
+    _check_manifest(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(run_dir)
     digest = data_hash(cfg)
-    stamp = run_dir / DATA_STAMP
-    splits_path = run_dir / "splits.csv"
+    stamp = run.data_stamp
+    splits_path = run.splits
     # No stamp means an earlier preparation stopped before it finished: split again.
     if splits_path.is_file() and stamp.is_file():
         if json.loads(stamp.read_text(encoding="utf-8")).get("hash") != digest:
@@ -96,13 +100,18 @@ def prepare_run(cfg: Config) -> Path:
         return run_dir
 
     df = read_manifest(manifest_path)
-    validation = validate_manifest(df, manifest_path.parent, labels=cfg.data.labels)
-    if not validation.ok and not cfg.data.drop_invalid:
-        validation.raise_if_problems(manifest_path)
+    _check_readers(cfg, df, manifest_path)
+    max_pixels = cfg.data.max_image_pixels
+    validation = validate_manifest(df, manifest_path.parent, labels=cfg.data.labels, max_pixels=max_pixels)
+    # Problems and warnings (a DICOM that is not US, an image too small for a lesion) stay on record in the run.
+    write_csv(validation.report(), run.validation)
+    # A problem of the whole manifest (e.g. not exactly two labels) cannot be dropped row by row.
+    if validation.file_problems or (not validation.ok and not cfg.data.drop_invalid):
+        validation.raise_if_problems(manifest_path, limit=20, listed_in=run.validation)
     _write_run_files(cfg, run_dir, environment_info())
-    write_csv(rebase_paths(df, manifest_path.parent), run_dir / "manifest.csv")
-    write_csv(validation.exclusions, run_dir / "exclusions.csv")
-    valid = rebase_paths(validation.valid, manifest_path.parent)
+    write_csv(rebase_manifest(df, manifest_path.parent, None), run.manifest)
+    write_csv(validation.exclusions, run.exclusions)
+    valid = rebase_manifest(validation.valid, manifest_path.parent, None)
     positives = int((valid["label"] == cfg.data.positive_label).sum())
     if positives == 0:
         labels = sorted(valid["label"].unique())
@@ -119,49 +128,99 @@ def prepare_run(cfg: Config) -> Path:
         seed=cfg.data.seed,
         check_duplicates=cfg.data.check_duplicates,
         group_duplicates=cfg.data.group_duplicates,
+        max_pixels=max_pixels,
     )
-    write_csv(result.report, run_dir / "split_report.csv")
-    write_csv(result.duplicates, run_dir / "near_duplicates.csv")
+    write_csv(result.report, run.split_report)
+    write_csv(result.duplicates, run.near_duplicates)
     write_csv(result.splits, splits_path)
     # Written last: a stamp without a complete splits.csv never exists.
     record = {"hash": digest, "manifest": str(manifest_path), "rows": len(df), "valid_rows": len(valid)}
     record["notes"] = result.notes
+    record["warnings"] = [str(w) for w in validation.warnings]
     atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     return run_dir
 
 
 def _write_run_files(cfg: Config, run_dir: Path, env: dict) -> None:
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    """Write the run's config.yaml and env.json; an earlier, different version is kept in `history/`, never lost.
+
+    Each model also keeps the config and environment it was trained with (`models/<backbone>/config.yaml`).
+    """
+    run = RunFolder(run_dir)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    for path, text in ((run.config, dump_config(cfg)), (run.env, json.dumps(env, indent=2) + "\n")):
+        if path.is_file():
+            old = path.read_text(encoding="utf-8")
+            if old == text or (path == run.env and _same_environment(old, env)):
+                continue
+            run.history.mkdir(exist_ok=True)
+            atomic_write_text(run.history / f"{path.stem}.{stamp}{path.suffix}", old)
+        atomic_write_text(path, text)
+
+
+def _same_environment(old_text: str, env: dict) -> bool:
+    """True when only the time of writing differs (the same versions, code and hardware)."""
+    try:
+        old = json.loads(old_text)
+    except ValueError:
+        return False
+    volatile = {"created", "date", "time", "timestamp"}
+    return {k: v for k, v in old.items() if k not in volatile} == {k: v for k, v in env.items() if k not in volatile}
 
 
 def trained_package(cfg: Config, backbone: str) -> Path | None:
     """The backbone's model package when it was trained with the config's current settings and data, else None."""
-    from alnus.train import model_settings
-
-    metadata = cfg.run_dir / "models" / backbone / "model" / "metadata.json"
+    metadata = RunFolder(cfg.run_dir).model(backbone).metadata
     if not metadata.is_file():
         return None
-    recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
+    try:
+        recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable package is trained again
     return metadata.parent if recorded == stable_hash(model_settings(cfg, cfg.run_dir, backbone)) else None
 
 
-def run_study(cfg: Config, *, console=None) -> dict:  # noqa: ANN001 - rich Console
+def run_study(cfg: Config, *, console: Console | None = None) -> dict:
     """Prepare the run, train every backbone (skipping finished ones, resuming interrupted ones), predict, evaluate.
 
-    Returns the metrics that `alnus.evaluate.evaluate_run` wrote to `metrics.json`.
+    The whole study holds the run folder's writer lock (`alnus.runfolder.lock_run`): a second writer on the same
+    run folder stops at once with a message naming this one. Returns the metrics that
+    `alnus.evaluate.evaluate_run` wrote to `metrics.json`.
     """
     from alnus.evaluate import evaluate_run
     from alnus.predict import predict_run
-    from alnus.train import train_model
 
-    run_dir = prepare_run(cfg)
-    for backbone in cfg.models:
-        if trained_package(cfg, backbone) is not None:
-            if console is not None:
-                console.print(f"{backbone}: already trained with these settings; reusing its model package")
-            continue
-        resume = (run_dir / "models" / backbone / "checkpoints" / "last.pt").is_file()
-        train_model(cfg, run_dir, backbone, resume=resume, console=console)
-    predict_run(run_dir, models=cfg.models, device=cfg.train.device)
-    return evaluate_run(run_dir, models=cfg.models)
+    _check_manifest(cfg)
+    with lock_run(cfg.run_dir, command=f"alnus study ({cfg.name})"):
+        run_dir = prepare_run(cfg)
+        for backbone in cfg.models:
+            if trained_package(cfg, backbone) is not None:
+                if console is not None:
+                    console.print(f"{escape(backbone)}: already trained with these settings; reusing its model package")
+                continue
+            resume = RunFolder(run_dir).model(backbone).last_checkpoint.is_file()
+            train_model(cfg, run_dir, backbone, resume=resume, console=console)
+        predict_run(
+            run_dir,
+            models=cfg.models,
+            device=cfg.train.device,
+            precision=cfg.train.precision,
+            max_pixels=cfg.data.max_image_pixels,
+        )
+        return evaluate_run(run_dir, models=cfg.models)
+
+
+def run_training(
+    cfg: Config, *, models: list[str] | None = None, resume: bool = False, console: Console | None = None
+) -> list[TrainResult]:
+    """Prepare the run folder (rank 0) and train each backbone; under torchrun every rank calls this."""
+    results = []
+    with distributed(cfg.train.device) as info:
+        backbones = list(models or cfg.models)
+        # Checked before prepare_run rewrites config.yaml: a refused run must leave the folder as it was.
+        for backbone in backbones:
+            resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=resume)
+        main_first(info, lambda: prepare_run(cfg))
+        for backbone in backbones:
+            results.append(train_model(cfg, cfg.run_dir, backbone, resume=resume, console=console))
+    return results

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from alnus.models.factory import create_model
 from alnus.models.registry import (
     BackboneSpec,
     ImageNetSource,
     UltrasoundNet,
     UnknownBackboneError,
-    create_model,
     get_spec,
     list_backbones,
     register_backbone,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -20,9 +20,6 @@ from timm.models import adapt_input_conv, get_pretrained_cfg
 from torch import nn
 
 from alnus.errors import AlnusError
-
-if TYPE_CHECKING:
-    from alnus.models.weights import LoadReport
 
 InChansMode = Literal["replicate", "adapt"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,7 +144,8 @@ class UltrasoundNet(nn.Module):
         self.backbone = backbone
         self.in_chans_mode: InChansMode = in_chans_mode
         self.weights_source = weights_source
-        self.weights_report: LoadReport | None = None
+        # The `alnus.models.weights.LoadReport` of the weights that `create_model` loaded, if any.
+        self.weights_report: Any = None
         mean = torch.tensor(spec.mean, dtype=torch.float32)
         std = torch.tensor(spec.std, dtype=torch.float32)
         if in_chans_mode == "adapt":
@@ -184,49 +182,6 @@ class UltrasoundNet(nn.Module):
         """Every parameter outside the classification head."""
         head = {id(p) for p in self.head_parameters()}
         return (p for p in self.parameters() if id(p) not in head)
-
-
-def create_model(
-    name: str,
-    *,
-    weights: str = "none",
-    num_classes: int = 1,
-    in_chans_mode: InChansMode = "replicate",
-) -> UltrasoundNet:
-    """Build a registered backbone for grey-scale ultrasound.
-
-    Args:
-        name: a name from `list_backbones()`.
-        weights: `none` (random initialisation), `imagenet`, or `file:PATH` (see `alnus.models.weights`).
-        num_classes: 1 for a binary task (the model returns the positive-class logit, shape `(B,)`).
-        in_chans_mode: `replicate` or `adapt` (see `UltrasoundNet`).
-    """
-    from alnus.models.weights import load_backbone_weights, parse_weights  # weights.py imports this module
-
-    spec = get_spec(name)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    kind, _ = parse_weights(weights)
-    net = UltrasoundNet(spec, spec.builder(num_classes, kind == "none"), in_chans_mode=in_chans_mode)
-    _init_head(net.classifier())
-    if kind != "none":
-        net.weights_report = load_backbone_weights(net, weights)
-        net.weights_source = net.weights_report.source
-    return net
-
-
-def _init_head(head: nn.Module) -> None:
-    """Start every backbone's new head at logits ~0 (probability ~0.5): small normal weights, zero bias.
-
-    Libraries differ here, and timm's EfficientNet init draws a 1-output head's weights from U(-1, 1)
-    (range 1/sqrt(fan_out)), which put the first logits of a pretrained Lite0 on BUS-BRA at |z| ~ 20 and its
-    first-epoch loss at 4.8; a head-first epoch then spends itself undoing the init.
-    """
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.01)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 class TinyCNN(nn.Module):

@@ -1,0 +1,287 @@
+"""The run folder's layout: the one place that knows where each file of a study lives.
+
+`runs/<name>/` holds the resolved config, the environment, the data stamp, the manifest copy, the split, the decode
+cache, and per backbone its checkpoints, history, model package and predictions; then metrics, tables, figures and
+the report. Every stage (train, predict, evaluate, report, serve) asks `RunFolder` / `ModelFolder` for paths instead of
+joining them by hand, and reads the split through `read_splits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from alnus.errors import AlnusError
+
+# The split names, in the order they are reported; `train` is never predicted or evaluated.
+SPLITS = ("train", "val", "internal_test", "external_test")
+EVALUATION_SPLITS = ("val", "internal_test", "external_test")
+# Columns of a model's prediction tables (`models/<backbone>/predictions/<split>.csv`).
+PREDICTION_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "y", "prob")
+SPLIT_COLUMNS = ("image", "patient_id", "label", "split")
+
+
+class RunFolderError(AlnusError):
+    """A run folder that lacks what a stage needs; the message says which command makes it."""
+
+
+class RunLockedError(RunFolderError):
+    """Another process is writing to the run folder."""
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """`runs/<name>/models/<backbone>/`: one backbone's training outputs, package and predictions."""
+
+    root: Path
+
+    @property
+    def backbone(self) -> str:
+        return self.root.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def val_predictions_best(self) -> Path:
+        return self.root / "val_predictions_best.csv"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config this backbone was trained with (the run's config.yaml may change later)."""
+        return self.root / "config.yaml"
+
+    @property
+    def env(self) -> Path:
+        """The environment this backbone was trained in."""
+        return self.root / "env.json"
+
+    @property
+    def package(self) -> Path:
+        """The model package: weights.safetensors + metadata.json (+ README.md, the model card)."""
+        return self.root / "model"
+
+    @property
+    def metadata(self) -> Path:
+        return self.package / "metadata.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def predictions_stamp(self) -> Path:
+        """Written last by `predict_run`: without it the prediction tables are incomplete."""
+        return self.predictions / "predictions.json"
+
+    def predictions_csv(self, split: str) -> Path:
+        return self.predictions / f"{split}.csv"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """`runs/<name>/`: paths of everything a study writes."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def env(self) -> Path:
+        return self.root / "env.json"
+
+    @property
+    def history(self) -> Path:
+        """Earlier versions of config.yaml and env.json, when a later command ran with other settings."""
+        return self.root / "history"
+
+    @property
+    def data_stamp(self) -> Path:
+        """Hash of the data and split settings; written last by `prepare_run`."""
+        return self.root / "data.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def validation(self) -> Path:
+        """Every problem and warning that validating the manifest found (severity, row, image, column, reason)."""
+        return self.root / "validation.csv"
+
+    @property
+    def exclusions(self) -> Path:
+        return self.root / "exclusions.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.csv"
+
+    @property
+    def split_report(self) -> Path:
+        return self.root / "split_report.csv"
+
+    @property
+    def near_duplicates(self) -> Path:
+        return self.root / "near_duplicates.csv"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model(self, backbone: str) -> ModelFolder:
+        return ModelFolder(self.models_dir / backbone)
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def heatmaps(self) -> Path:
+        return self.root / "heatmaps"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def packaged_models(self) -> list[str]:
+        """Backbones with a model package (`models/<backbone>/model/metadata.json`), sorted."""
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.parent.parent.name for p in self.models_dir.glob("*/model/metadata.json"))
+
+
+def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The run's `splits.csv` (written by `prepare_run`), checked for the columns every later stage needs."""
+    path = RunFolder(run_dir).splits
+    if not path.is_file():
+        raise RunFolderError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
+    if missing:
+        raise RunFolderError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
+    return splits
+
+
+def run_models(run_dir: str | os.PathLike[str], models: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Backbones with a model package in the run folder, sorted; with `models`, those names, checked to have one."""
+    run = RunFolder(run_dir)
+    available = run.packaged_models()
+    if models is None:
+        return available
+    names = list(models) or available
+    missing = [m for m in names if m not in available]
+    if not names or missing:
+        raise RunFolderError(
+            f"{run.models_dir} has no model package{' for ' + ', '.join(missing) if missing else ''} "
+            f"(found: {', '.join(available) or 'none'}); train first (`alnus train CONFIG`)."
+        )
+    return names
+
+
+def _holder(info_path: Path) -> str:
+    """Who holds (or last held) the lock, from the JSON that the holder wrote beside it."""
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        return f"pid {int(info['pid'])} on host {info['host']!s}, `{info['command']!s}` since {info['since']!s}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: str | os.PathLike[str], command: str | None = None) -> Iterator[Path]:
+    """Hold the run folder's exclusive writer lock for the duration of the block.
+
+    The lock is an OS file lock (`filelock`, flock on POSIX) on `runs/<name>/.lock`: the kernel releases it when the
+    holder exits, even after kill -9, so a crash never leaves a lock that blocks the next run. Beside it,
+    `.lock.json` records the holder (pid, host, command, start); a second writer gets `RunLockedError` at once,
+    naming the holder. A `.lock.json` left by a process that died is reported as stale and replaced.
+    On network file systems without working flock, two hosts may not exclude each other: keep one writer per run.
+
+    Raises:
+        RunLockedError: another process holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    run = RunFolder(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    info_path = run.root / ".lock.json"
+    lock = FileLock(str(run.lock), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunLockedError(
+            f"{run.root} is in use by {_holder(info_path)}; wait for it to finish (or stop it), or use another "
+            "run name. Two writers on one run folder would mix their results."
+        ) from None
+    try:
+        stale = _holder(info_path) if info_path.exists() else None
+        if stale is not None:
+            print(
+                f"note: {run.root} was last locked by {stale}, which ended without releasing it "
+                "(crash or kill); taking over.",
+                file=sys.stderr,
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        info_path.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        yield run.root
+    finally:
+        with contextlib.suppress(OSError):
+            info_path.unlink()
+        lock.release()

@@ -1,0 +1,73 @@
+"""`alnus` as a user meets it: user errors and failed writes end with a message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from alnus import cli
+
+
+def _run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["alnus", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    return int(info.value.code or 0), capsys.readouterr().err
+
+
+def _phantom(tmp_path: Path) -> Path:
+    from alnus.data.phantom import make_phantom
+
+    return make_phantom(tmp_path / "data", patients=8, external_patients=0, image_size=(48, 48), seed=1)
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EACCES, "choose a folder you can write to"),
+        (errno.EROFS, "read-only"),
+        (errno.ENOSPC, "the disk is full"),
+    ],
+)
+def test_a_failed_write_names_the_file_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int, advice: str
+) -> None:
+    """Issue 7.13: read-only output folder, full disk: exit 2 with the file and advice (root ignores chmod here,
+    so the failing write is simulated at `os.replace`, where every atomic write ends)."""
+    manifest = _phantom(tmp_path)
+    out = tmp_path / "split-out"
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError(code, os.strerror(code), str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    status, err = _run_main(monkeypatch, capsys, "data", "split", str(manifest), "--out", str(out))
+    assert status == 2
+    assert "Traceback" not in err and str(out) in err.replace("\n", "") and advice in err.replace("\n", " ")
+
+
+def test_a_message_with_brackets_is_printed_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 7.12: an error naming a file `[/]x.yaml` prints that name (rich markup would crash or eat it)."""
+    status, err = _run_main(monkeypatch, capsys, "study", str(tmp_path / "[/]x [bold].yaml"))
+    assert status == 2
+    assert "[/]x [bold].yaml" in err.replace("\n", "") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_run_stage_on_a_busy_run_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Issue 7.9: `alnus predict|evaluate RUN` while another command writes the run: exit 2, naming the holder."""
+    from alnus.runfolder import lock_run
+
+    with lock_run(tmp_path, command="alnus study (busy)"):
+        status, err = _run_main(monkeypatch, capsys, command, str(tmp_path))
+    assert status == 2 and "alnus study (busy)" in err and "Traceback" not in err
+    status, err = _run_main(monkeypatch, capsys, command, str(tmp_path / "missing"))
+    assert status == 2 and "run folder" in err and "not found" in err

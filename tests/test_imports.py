@@ -1,0 +1,125 @@
+"""Imports go one way, from the CLI down to the data layer (DESIGN: layout), and the import graph has no cycles.
+
+Function-local imports count too: a lazy import hides a cycle from Python but not from a reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Lower layers never import higher ones; modules of one layer may import each other (without cycles).
+LAYERS: dict[str, int] = {
+    "alnus": 0,
+    "alnus.errors": 0,
+    "alnus._io": 1,
+    "alnus._hardware": 1,
+    "alnus._stats_base": 1,
+    "alnus.runfolder": 1,
+    "alnus.operating_point": 1,
+    "alnus._levels": 1,
+    "alnus._checkpoint": 1,
+    "alnus._distributed": 1,
+    "alnus._mrmc": 2,
+    "alnus.stats": 2,
+    "alnus.data": 2,
+    "alnus.data.images": 2,
+    "alnus.data.roi": 2,
+    "alnus.data.augment": 2,
+    "alnus.data.manifest": 2,
+    "alnus.data.split": 2,
+    "alnus.data.dataset": 2,
+    "alnus.data.importers": 2,
+    "alnus.data.phantom": 2,
+    "alnus.models": 3,
+    "alnus.models.registry": 3,
+    "alnus.models.weights": 3,
+    "alnus.models.factory": 3,
+    "alnus.models.package": 3,
+    "alnus.config": 4,
+    "alnus.readers": 5,
+    "alnus.train": 5,
+    "alnus.predict": 5,
+    "alnus.evaluate": 5,
+    "alnus.study": 6,
+    "alnus.cli": 7,
+    "alnus.__main__": 8,
+}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+
+
+@functools.cache
+def import_graph() -> dict[str, set[str]]:
+    """Each module of src/alnus -> the alnus modules it imports (`from alnus import stats` counts as alnus.stats)."""
+    files = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    deps.add(sub if sub in files else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path that ends where it starts, or None (depth-first search with colours)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_planted_cycle() -> None:
+    """The checker itself can fail: a -> b -> c -> a is found, a tree is not."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_graph_has_no_cycles() -> None:
+    """Issue 7.16: no import cycle in src/alnus (study <-> train, stats <-> _mrmc, registry <-> weights were)."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module must be placed in LAYERS, so that the direction of its imports is checked."""
+    graph = import_graph()
+    missing = sorted(set(graph) - set(LAYERS))
+    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+    gone = sorted(set(LAYERS) - set(graph))
+    assert not gone, f"remove these modules from LAYERS (they no longer exist): {gone}"
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_imports_go_down(module: str) -> None:
+    """Issue 7.16: no module imports one above it (CLI -> study -> stages -> config -> models -> data -> base)."""
+    upward = sorted(d for d in import_graph().get(module, ()) if LAYERS.get(d, 99) > LAYERS[module])
+    assert not upward, f"{module} (layer {LAYERS[module]}) imports higher layers: {upward}"
