@@ -241,7 +241,8 @@ def test_split_with_one_class_in_training_is_exit_2(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, rows)
     proc = _alnus("data", "split", str(manifest), "--out", str(tmp_path / "s"), "--external-site", "B")
     assert proc.returncode == 2 and "training split holds 1 label(s)" in proc.stderr
-    assert not (tmp_path / "s" / "splits.csv").exists()
+    # A refused split leaves no output behind (a new user found an empty exclusions.csv there).
+    assert not (tmp_path / "s" / "splits.csv").exists() and not (tmp_path / "s" / "exclusions.csv").exists()
 
 
 def test_formula_patient_id_never_reaches_splits_csv(tmp_path: Path) -> None:

@@ -71,3 +71,14 @@ def test_a_run_stage_on_a_busy_run_folder_is_refused(
     assert status == 2 and "alnus study (busy)" in err and "Traceback" not in err
     status, err = _run_main(monkeypatch, capsys, command, str(tmp_path / "missing"))
     assert status == 2 and "run folder" in err and "not found" in err
+
+
+def test_control_characters_in_user_text_never_reach_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack review: a file name with ESC sequences (clear screen, window title) was printed raw."""
+    from alnus._text import escape
+
+    assert escape("x\x1b[2J[bold]y\x07") == "x\\x1b[2J\\[bold]y\\x07"
+    status, err = _run_main(monkeypatch, capsys, "study", str(tmp_path / "evil\x1b[2J\x1b]0;PWNED\x07.yaml"))
+    assert status == 2 and "\x1b" not in err and "\x07" not in err and "\\x1b" in err.replace("\n", "")

@@ -120,3 +120,26 @@ def test_a_manifest_given_with_set_is_relative_to_the_current_folder(tmp_path, m
     assert cfg.data.manifest == os.path.abspath(elsewhere / "mine" / "manifest.csv")
     # Without the override the file's own value stays relative to the config file.
     assert load_config(path).data.manifest == os.path.abspath(tmp_path / "configs" / "data" / "manifest.csv")
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """Attack review: nested aliases ("billion laughs") expanded to gigabytes before any key was checked."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match="alias"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "-.inf", "NaN"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    """Attack review: `--set train.lr=nan` passed the check and surfaced later as a traceback or "diverged"."""
+    with pytest.raises(ConfigError, match="train.lr .* finite number"):
+        load_config(_write(tmp_path), [f"train.lr={value}"])
+
+
+def test_labels_must_name_exactly_two_classes(tmp_path):
+    """Attack review: a third label in data.labels was scored as negative without a word."""
+    with pytest.raises(ConfigError, match="exactly two distinct labels"):
+        load_config(_write(tmp_path), ["data.labels=[negative, positive, unknown]"])

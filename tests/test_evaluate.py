@@ -24,6 +24,7 @@ from alnus.evaluate import (
     format_auc,
     format_proportion,
     results_table,
+    results_values_table,
     split_metrics,
 )
 from alnus.models import create_model
@@ -294,6 +295,11 @@ def test_cli_refreeze_changes_the_package_and_records_its_history(tmp_path: Path
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image"])
     assert result.exit_code == 0, result.output
     assert read_metadata(package)["threshold"] == old and "alternative youden, image" in result.output
+    assert "Results per image" in result.output  # the level asked for is the level printed
+    # --refreeze with the rule that is already frozen says so (and writes no history entry).
+    result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--refreeze"])
+    assert result.exit_code == 0 and "the same value, so unchanged" in " ".join(result.output.split())
+    assert len(read_metadata(package)["threshold_history"]) == 1
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image", "--refreeze"])
     assert result.exit_code == 0, result.output
     meta = read_metadata(package)
@@ -357,6 +363,63 @@ def test_metrics_json_and_tables(tmp_path: Path) -> None:
     assert len(pd.read_csv(run / "tables" / "results_image.csv")) == 6
     assert len(pd.read_csv(run / "tables" / "model_comparisons.csv")) == 3
     assert results_table(saved, "image")["AUC (95% CI)"].str.match(r"^\d\.\d\d \(\d\.\d\d-\d\.\d\d\)$").all()
+
+
+def test_roc_tables_match_sklearn_at_the_frozen_level(tmp_path: Path) -> None:
+    """issue 8.3: `tables/roc_<model>_<split>.csv` holds every distinct threshold from +inf with its sensitivity and
+    specificity on the frozen threshold's cases (patient means), as sklearn's roc_curve gives them."""
+    from sklearn.metrics import roc_curve
+
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run, n_boot=100)
+    for split in ("val", "internal_test", "external_test"):
+        coords = pd.read_csv(run / "tables" / f"roc_tiny_cnn_{split}.csv")
+        assert list(coords.columns) == ["threshold", "sensitivity", "specificity", "fpr", "tpr"]
+        cases = aggregate_predictions(read_pred(run, "tiny_cnn", split), "patient", "mean")
+        fpr, tpr, thresholds = roc_curve(cases["y"], cases["prob"], drop_intermediate=False)
+        assert np.isinf(coords["threshold"].iloc[0]) and coords["threshold"].is_monotonic_decreasing
+        np.testing.assert_allclose(coords["threshold"], thresholds)
+        np.testing.assert_allclose(coords["sensitivity"], tpr)
+        np.testing.assert_allclose(coords["specificity"], 1 - fpr)
+    # The frozen threshold's own row gives the sensitivity and specificity that evaluate reports for it.
+    external = pd.read_csv(run / "tables" / "roc_tiny_cnn_external_test.csv")
+    value = metrics["models"]["tiny_cnn"]["threshold"]["value"]
+    at = external[external["threshold"] >= value].iloc[-1]
+    reported = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
+    assert at["sensitivity"] == pytest.approx(reported["sensitivity"]["estimate"])
+    assert at["specificity"] == pytest.approx(reported["specificity"]["estimate"])
+
+
+def test_results_values_table_carries_plain_numbers(tmp_path: Path) -> None:
+    """issue 8.4: besides the printed "85.4 (35/41; 70.8-94.4)" strings, tables/results_<level>_values.csv holds each
+    estimate, k, n and CI bound as a number in its own column; an undefined value is an empty cell."""
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run, n_boot=100)
+    values = pd.read_csv(run / "tables" / "results_patient_values.csv")
+    assert len(values) == 3 and list(values["split"]) == ["val", "internal_test", "external_test"]
+    numeric = [c for c in values.columns if c not in ("model", "split", "level", "operating_point", "auc_method")]
+    assert all(pd.api.types.is_numeric_dtype(values[c]) for c in numeric)
+    row = values.set_index("split").loc["external_test"]
+    m = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
+    assert (row["auc"], row["auc_ci_low"], row["auc_ci_high"]) == pytest.approx(
+        (m["auc"]["estimate"], m["auc"]["ci_low"], m["auc"]["ci_high"])
+    )
+    for name in ("accuracy", "sensitivity", "specificity", "ppv", "npv"):
+        assert (row[f"{name}_k"], row[f"{name}_n"]) == (m[name]["k"], m[name]["n"])
+        assert (row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]) == pytest.approx(
+            (m[name]["estimate"], m[name]["ci_low"], m[name]["ci_high"])
+        )
+    assert row["calibration_slope"] == pytest.approx(m["calibration"]["slope"])
+    assert row["brier"] == pytest.approx(m["calibration"]["brier"])
+    printed = pd.read_csv(run / "tables" / "results_patient.csv", dtype=str).set_index("split").loc["external_test"]
+    assert printed["sensitivity"] == format_proportion(m["sensitivity"])
+    # One class: AUC and calibration are undefined, so their cells are empty, and the counts stay integers.
+    one_class = {"models": {"m": {"threshold": {"rule": "youden", "level": "patient", "aggregate": "mean"},
+                                  "splits": {"val": {"patient": {**m, "auc": None, "auc_reported": None,
+                                                                 "calibration": None, "ppv": None}}}}}}  # fmt: skip
+    table = results_values_table(one_class, "patient")
+    assert table[["auc", "auc_ci_low", "brier", "ppv", "ppv_k"]].isna().all(axis=None)
+    assert table["sensitivity_k"].iloc[0] == m["sensitivity"]["k"] and str(table["sensitivity_k"].dtype) == "Int64"
 
 
 def test_settings_come_from_the_run_config(tmp_path: Path) -> None:

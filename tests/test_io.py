@@ -111,3 +111,19 @@ def test_regular_files_open_and_hash(tmp_path: Path) -> None:
     with open_regular(path) as fh:
         assert fh.read() == b"abc"
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch) -> None:
+    """A report or table written atomically is readable by the group and others as any new file would be (the
+    temporary file's private 0600 used to stay on the result)."""
+    import os
+    import stat
+
+    from alnus._io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<p>x</p>")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644

@@ -348,3 +348,25 @@ def test_cli_predict_images_prints_file_names_and_labels_as_text(tmp_path: Path)
     output = " ".join(result.output.split())
     assert "IMG [left].png" in output and "IMG [right].png" in output
     assert "P([/]) from" in output and output.count("[/]") >= 3
+
+
+def test_predict_images_without_a_needed_box_names_the_option(tmp_path: Path) -> None:
+    """A package trained on lesion boxes, given images without --roi: the error names --roi/--mask (the command
+    line has no manifest rows or columns to fix)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    run = make_run(tmp_path)
+    package = tmp_path / "boxed"
+    shutil.copytree(run / "models" / "tiny_cnn" / "model", package)
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["preprocess"]["roi"]["mode"] = "box"
+    (package / "metadata.json").write_text(json.dumps(meta))
+    image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["predict-images", str(package), str(image), "--device", "cpu"])
+    assert result.exit_code != 0
+    message = " ".join(str(result.exception or "").split())
+    assert "--roi x,y,w,h" in message and "--mask FILE" in message and "roi column" not in message

@@ -95,3 +95,15 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
     )
     assert probe.returncode == 0, probe.stderr
     assert f"last locked by pid {victim.pid}" in probe.stderr and "taking over" in probe.stderr
+
+
+def test_a_planted_lock_note_symlink_is_replaced_not_written_through(tmp_path: Path) -> None:
+    """A run folder from elsewhere with `.lock.json` -> a user's file: taking the lock must not overwrite it."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock.json").symlink_to(victim)
+    with lock_run(run, command="honest"):
+        assert not (run / ".lock.json").is_symlink()
+    assert victim.read_text() == "precious"

@@ -12,7 +12,7 @@ import yaml
 from alnus.config import load_config
 from alnus.data.phantom import make_phantom
 from alnus.runfolder import RunFolder, RunLockedError, lock_run
-from alnus.study import StudyError, prepare_run, run_study, trained_package
+from alnus.study import StudyError, describe_preparation, prepare_run, run_study, trained_package
 from alnus.train import TrainError
 
 SETTINGS = {
@@ -59,19 +59,6 @@ def test_a_finished_model_is_reused_for_the_same_settings_and_data(studied: tupl
     assert trained_package(load_config(config, ["train.epochs=3"]), "tiny_cnn") is None
 
 
-def test_a_model_of_an_earlier_split_is_neither_reused_nor_resumed(studied: tuple[Path, Path]) -> None:
-    root, config = studied
-    edited = root / "edited"
-    shutil.copytree(root / "data", edited)
-    table = pd.read_csv(edited / "manifest.csv", dtype=str, keep_default_na=False)
-    table.iloc[1:].to_csv(edited / "manifest.csv", index=False)  # one image fewer
-    cfg = load_config(config, [f"data.manifest={edited / 'manifest.csv'}"])
-    (cfg.run_dir / "splits.csv").unlink()  # what prepare_run tells a user to do to split again
-    with pytest.raises(TrainError, match="data_hash"):
-        run_study(cfg)
-    assert trained_package(cfg, "tiny_cnn") is None
-
-
 def test_a_missing_manifest_is_a_clear_error_and_leaves_no_run_folder(tmp_path: Path) -> None:
     """Issue 7.13: a config whose manifest does not exist (was a FileNotFoundError and an empty run folder)."""
     config = _config(tmp_path, tmp_path / "nowhere" / "manifest.csv", tmp_path / "runs")
@@ -116,3 +103,42 @@ def test_a_bad_reader_cell_stops_the_study_before_training(studied: tuple[Path, 
     with pytest.raises(StudyError, match=rf"row 5.*{reader}.*probably"):
         run_study(cfg)
     assert not RunFolder(cfg.run_dir).models_dir.exists()
+
+
+def test_the_preparation_is_described_with_exclusions_and_split(studied: tuple[Path, Path]) -> None:
+    """A new user saw nothing between `alnus study` and training: rows, exclusions and the split are printed."""
+    _, config = studied
+    line = describe_preparation(load_config(config).run_dir)
+    assert "manifest rows, 0 excluded" in line and "train " in line and "external_test " in line
+
+
+def test_a_package_with_damaged_weights_is_not_reused(studied: tuple[Path, Path]) -> None:
+    """Attack review: the study said "reusing its model package" and then failed on its damaged weights."""
+    _, config = studied
+    cfg = load_config(config)
+    package = trained_package(cfg, "tiny_cnn")
+    assert package is not None
+    weights = package / "weights.safetensors"
+    original = weights.read_bytes()
+    try:
+        damaged = bytearray(original)
+        damaged[-1] ^= 0xFF
+        weights.write_bytes(bytes(damaged))
+        assert trained_package(cfg, "tiny_cnn") is None
+    finally:
+        weights.write_bytes(original)
+    assert trained_package(cfg, "tiny_cnn") == package
+
+
+# Last: it re-splits the shared run folder with other data.
+def test_a_model_of_an_earlier_split_is_neither_reused_nor_resumed(studied: tuple[Path, Path]) -> None:
+    root, config = studied
+    edited = root / "edited"
+    shutil.copytree(root / "data", edited)
+    table = pd.read_csv(edited / "manifest.csv", dtype=str, keep_default_na=False)
+    table.iloc[1:].to_csv(edited / "manifest.csv", index=False)  # one image fewer
+    cfg = load_config(config, [f"data.manifest={edited / 'manifest.csv'}"])
+    (cfg.run_dir / "splits.csv").unlink()  # what prepare_run tells a user to do to split again
+    with pytest.raises(TrainError, match="data_hash"):
+        run_study(cfg)
+    assert trained_package(cfg, "tiny_cnn") is None

@@ -549,17 +549,17 @@ def test_a_flipped_byte_in_a_checkpoint_is_an_error_not_a_resume(one_epoch):
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0x01
     last.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"last\.pt.*damaged.*delete it to train this model again"):
+    with pytest.raises(CheckpointError, match=r"last\.pt.*damaged.*delete .*tiny_cnn \(this model.s folder\)"):
         run_training(cfg, resume=True, console=_quiet())
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda p: p.pop("settings"), r"lacks its 'settings' value.*delete it"),
-        (lambda p: p.update(settings="abc"), r"'settings' is str 'abc', not dict.*delete it"),
+        (lambda p: p.pop("settings"), r"lacks its 'settings' value.*delete .*this model.s folder"),
+        (lambda p: p.update(settings="abc"), r"'settings' is str 'abc', not dict.*delete .*this model.s folder"),
         (lambda p: p.update(epoch="3"), r"'epoch' is str '3', not int"),
-        (lambda p: next(iter(p["model"].values())).fill_(float("nan")), r"weight .* non-finite values.*delete it"),
+        (lambda p: next(iter(p["model"].values())).fill_(float("nan")), r"weight .* non-finite values.*delete .*this model.s folder"),
     ],
     ids=["no-settings", "settings-not-a-mapping", "epoch-not-a-number", "nan-weight"],
 )

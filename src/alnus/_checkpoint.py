@@ -87,8 +87,15 @@ _CHECKPOINT_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "settings": dict,
     },
 }
+
+
 # What a message about an unusable checkpoint tells the user to do.
-DELETE_ADVICE = "delete it to train this model again"
+def delete_advice(path: Path) -> str:
+    """What to do with a checkpoint that cannot be used: inside a run, delete the model's folder (both checkpoints
+    and the package go together; deleting one checkpoint leaves the other asking for it)."""
+    if path.parent.name == "checkpoints":
+        return f"delete {path.parent.parent} (this model's folder) to train the model again"
+    return "replace or delete the file"
 
 
 def content_sha256(value: Any) -> str:
@@ -134,17 +141,17 @@ def _safe_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise CheckpointError(
-                f"cannot read checkpoint {path} ({exc}): the file is damaged; {DELETE_ADVICE}."
+                f"cannot read checkpoint {path} ({exc}): the file is damaged; {delete_advice(path)}."
             ) from None
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain values ({first}); alnus does not load "
             "such a file, since loading it could run code. An older alnus or another program wrote it: "
-            f"{DELETE_ADVICE}."
+            f"{delete_advice(path)}."
         ) from None
     except Exception as exc:  # a damaged file is the same problem whatever torch raises
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): the file is damaged; {DELETE_ADVICE}."
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): the file is damaged; {delete_advice(path)}."
         ) from None
 
 
@@ -158,17 +165,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     contents = _safe_load(path)
     if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an alnus checkpoint; {DELETE_ADVICE}.")
+        raise CheckpointError(f"{path} is not an alnus checkpoint; {delete_advice(path)}.")
     if contents.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} is a checkpoint of version {contents.get('version')!r}, not {CHECKPOINT_VERSION} (written by "
-            f"another alnus version); {DELETE_ADVICE}."
+            f"another alnus version); {delete_advice(path)}."
         )
     recorded = contents.pop("sha256", None)
     if recorded != content_sha256(contents):
         raise CheckpointError(
             f"{path} is damaged: its contents no longer match the SHA-256 stored with them (a disk error or an "
-            f"edited file); {DELETE_ADVICE}."
+            f"edited file); {delete_advice(path)}."
         )
     _check_payload(contents, path)
     return contents
@@ -178,24 +185,24 @@ def _check_payload(payload: Any, path: Path) -> None:
     """Every value a checkpoint of its kind needs, of the right type, and finite weights."""
     kind = payload.get("kind")
     if kind not in _CHECKPOINT_KEYS:
-        raise CheckpointError(f"{path} does not say what it holds (no valid 'kind'); {DELETE_ADVICE}.")
+        raise CheckpointError(f"{path} does not say what it holds (no valid 'kind'); {delete_advice(path)}.")
     for key, expected in _CHECKPOINT_KEYS[kind].items():
         if key not in payload:
             raise CheckpointError(
-                f"checkpoint {path} lacks its {key!r} value; the file was edited or damaged: {DELETE_ADVICE}."
+                f"checkpoint {path} lacks its {key!r} value; the file was edited or damaged: {delete_advice(path)}."
             )
         value = payload[key]
         wrong_bool = isinstance(value, bool) and expected is not bool
         if wrong_bool or not isinstance(value, expected):
             raise CheckpointError(
                 f"checkpoint {path}: {key!r} is {type(value).__name__} {str(value)[:60]!r}, not "
-                f"{getattr(expected, '__name__', expected)}; the file was edited or damaged: {DELETE_ADVICE}."
+                f"{getattr(expected, '__name__', expected)}; the file was edited or damaged: {delete_advice(path)}."
             )
     for name, tensor in payload["model"].items():
         if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"checkpoint {path}: weight {name!r} is not a tensor; {DELETE_ADVICE}.")
+            raise CheckpointError(f"checkpoint {path}: weight {name!r} is not a tensor; {delete_advice(path)}.")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
                 f"checkpoint {path}: weight {name!r} holds non-finite values (NaN or infinity); the file was edited "
-                f"or damaged (training never saves such weights): {DELETE_ADVICE}."
+                f"or damaged (training never saves such weights): {delete_advice(path)}."
             )

@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from alnus import __version__
+from alnus._text import escape, printable
 from alnus.errors import AlnusError
 
 app = typer.Typer(
@@ -56,9 +56,9 @@ def _print_frame(df, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
 
     table = Table(title=title, show_lines=False)
     for col in df.columns:
-        table.add_column(Text(str(col)), justify="right" if df[col].dtype.kind in "iuf" else "left")
+        table.add_column(Text(printable(col)), justify="right" if df[col].dtype.kind in "iuf" else "left")
     for _, row in df.iterrows():
-        table.add_row(*(Text("" if v is None else str(v)) for v in row.tolist()))
+        table.add_row(*(Text("" if v is None else printable(v)) for v in row.tolist()))
     console.print(table)
 
 
@@ -262,7 +262,6 @@ def data_split(
     _print_warnings(validation, listed_in)
     if validation.file_problems or (not validation.ok and not drop_invalid):
         _raise_with_hint(validation, manifest, listed_in)
-    write_csv(validation.exclusions, out / "exclusions.csv")
     result = split_manifest(
         validation.valid,
         manifest.parent,
@@ -274,6 +273,8 @@ def data_split(
         group_duplicates=group_duplicates,
         max_pixels=max_pixels,
     )
+    # Written only once the split succeeded: a refused split leaves no half-filled output folder.
+    write_csv(validation.exclusions, out / "exclusions.csv")
     write_csv(result.splits, out / "splits.csv")
     write_csv(result.report, out / "split_report.csv")
     write_csv(result.duplicates, out / "near_duplicates.csv")
@@ -341,13 +342,15 @@ def study(
         typer.Option("--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
     ] = None,
 ) -> None:
-    """Run the whole study from one config: split, train each model, predict, evaluate. Rerun to resume."""
+    """Run the whole study from one config: split, train each model, predict, evaluate, heat maps, report. Rerun to
+    resume."""
     from alnus.config import load_config
     from alnus.study import run_study
 
     cfg = load_config(config, list(set_ or []))
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
+    _show_report(cfg.run_dir)
 
 
 @app.command("demo")
@@ -356,7 +359,8 @@ def demo(
     config: Annotated[Path, typer.Option(help="The demo study config.")] = Path("configs/demo.yaml"),
     seed: Annotated[int, typer.Option(help="Random seed of the phantom data.")] = 0,
 ) -> None:
-    """The whole study on built-in phantom data: phantom -> validate -> split -> train -> predict -> evaluate."""
+    """The whole study on built-in phantom data: phantom -> validate -> split -> train -> predict -> evaluate ->
+    report."""
     from alnus.config import load_config
     from alnus.study import run_study
 
@@ -371,13 +375,41 @@ def demo(
         data_phantom(data, seed=seed)
     console.rule("2/3 validate")
     data_validate(manifest, labels="negative,positive")
-    console.rule("3/3 study: split, train, predict, evaluate")
+    console.rule("3/3 study: split, train, predict, evaluate, heat maps, report")
     cfg = load_config(config, [f"data.manifest={manifest.resolve()}", f"runs_dir={(out / 'runs').resolve()}"])
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
     console.print(
         f"[bold]Demo done.[/bold] Everything is in {escape(str(cfg.run_dir))}/ (rerun to reuse what is finished)."
     )
+    _show_report(cfg.run_dir)
+
+
+def _show_report(run: Path) -> None:
+    """The report's path, last, so that it is the line a user sees when the command ends."""
+    from alnus.runfolder import RunFolder
+
+    path = RunFolder(run).report.resolve()
+    console.print(f"[bold green]Report:[/bold green] {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report(
+    run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, evaluated (metrics.json).")],
+) -> None:
+    """Write the study report (report.html, one self-contained file) and each model package's card (README.md).
+
+    Figures are drawn again from the run's results; heat maps come from `alnus explain` (shown when present).
+    """
+    from alnus.report.build import build_report
+    from alnus.runfolder import lock_run
+
+    if not run.is_dir():
+        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study`).")
+    with lock_run(run, command="alnus report"):
+        build_report(run)
+    console.print("[green]Wrote[/green] the model cards (README.md in each model package).", highlight=False)
+    _show_report(run)
 
 
 @app.command("train")
@@ -424,7 +456,9 @@ def predict(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision).")
+    ] = None,
     compile: Annotated[
         bool,
         typer.Option(
@@ -433,15 +467,24 @@ def predict(
         ),
     ] = False,
 ) -> None:
-    """Predict the val, internal_test and external_test images with each model of a run."""
+    """Predict the val, internal_test and external_test images with each model of a run (with the run's settings:
+    precision and decoding limit from its config.yaml)."""
+    from alnus.config import read_resolved_config
     from alnus.predict import predict_run
     from alnus.runfolder import RunFolder, lock_run
 
     if not run.is_dir():
         raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
     with lock_run(run, command="alnus predict"):
+        cfg = read_resolved_config(RunFolder(run).config)
         summary = predict_run(
-            run, models=model, device=device, batch_size=batch_size, precision=precision, compile=compile
+            run,
+            models=model,
+            device=device,
+            batch_size=batch_size,
+            precision=precision or cfg.train.precision,
+            compile=compile,
+            max_pixels=cfg.data.max_image_pixels,
         )
     for name, info in summary.items():
         counts = ", ".join(f"{split} {n}" for split, n in info["rows"].items())
@@ -490,7 +533,15 @@ def predict_images(
                 )
             table[name.replace("-", "_")] = [str(v) for v in values]
     predictor = Predictor(package, device=device, batch_size=batch_size)
-    result = predictor.predict_table(table, Path.cwd())
+    try:
+        result = predictor.predict_table(table, Path.cwd())
+    except AlnusError as exc:
+        # The table is built from the command line: name its options, not manifest rows and columns.
+        message = str(exc).replace("the roi column", "--roi").replace("an 'roi' box", "a box (--roi x,y,w,h)")
+        raise AlnusError(
+            f"{message}\n(Images are numbered from row 2 in the order given; each needs its lesion box as --roi "
+            "x,y,w,h or its mask as --mask FILE, in the same order.)"
+        ) from None
     if "call" in result.columns:
         names = {1: predictor.positive_label, 0: predictor.negative_label or f"not {predictor.positive_label}"}
         result["prediction"] = result["call"].map(names)
@@ -543,11 +594,50 @@ def evaluate(
     _show_metrics(run, metrics, level)
 
 
+@app.command("explain")
+def explain(
+    run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, evaluated (a frozen threshold).")],
+    split: Annotated[str, typer.Option(help="val, internal_test or external_test.")] = "external_test",
+    n: Annotated[
+        int, typer.Option("--n", help="Images per model: a few TP, FP, FN and TN, most confident first.")
+    ] = 16,
+    method: Annotated[str, typer.Option(help="gradcam, gradcam++, eigencam or scorecam.")] = "gradcam",
+    model: Annotated[list[str] | None, typer.Option("--model", help="Explain this backbone only (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Heat maps of where each model looked: overlays on the original images, with index.csv, under heatmaps/."""
+    from alnus.explain import explain_run
+    from alnus.runfolder import RunFolder, lock_run, run_models
+
+    if not run.is_dir():
+        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
+    with lock_run(run, command="alnus explain"):
+        explain_run(run, models=model, split=split, n=n, method=method, device=device)
+    for name in run_models(run, model or []):
+        folder = RunFolder(run).heatmaps_for(name, split)
+        console.print(
+            f"[green]{escape(name)}[/green]: {escape(method)} heat maps of {escape(split)} -> {escape(str(folder))}",
+            highlight=False,
+        )
+
+
 _THRESHOLD_STATUS = {
     "frozen": "frozen now into",
     "re-frozen": "re-frozen (see threshold_history) in",
     "kept": "as frozen in",
+    "unchanged": "re-chosen with --refreeze: the same value, so unchanged in",
 }
+
+
+def _p_text(p: object) -> str:
+    """A P value as a journal prints it: 3 significant digits, and "<0.0001" below that (never "0.0")."""
+    try:
+        value = float(p)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ""
+    if value != value:
+        return ""
+    return "<0.0001" if value < 1e-4 else f"{value:.3g}"
 
 
 def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
@@ -560,7 +650,7 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     from alnus.runfolder import RunFolder
 
     found = [lv for lv in result_levels(metrics) if lv != "image"]
-    asked = [] if level is None else ["patient" if level == "image" else level]
+    asked = [] if level is None else [level]
     # The paper's columns; PPV, NPV and the threshold are in tables/results_<level>.csv and printed below.
     columns = ["model", "split", "n (pos/neg)", "AUC (95% CI)", "accuracy", "sensitivity", "specificity"]
     for case_level in dict.fromkeys([*asked, *found]):
@@ -590,7 +680,8 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     if len(comparisons):
         shown = comparisons[["split", "model_a", "model_b", "difference", "ci_low", "ci_high", "p", "p_holm"]]
         case_level = comparisons["level"].iloc[0]
-        _print_frame(shown.round(4), f"AUC differences per {case_level} (DeLong, Holm-adjusted P)")
+        shown = shown.round(3).assign(p=[_p_text(v) for v in shown["p"]], p_holm=[_p_text(v) for v in shown["p_holm"]])
+        _print_frame(shown, f"AUC differences per {case_level} (DeLong, Holm-adjusted P)")
     for split, by_model in metrics.get("readers", {}).items():
         for name, compared in by_model.items():
             if "error" in compared:
@@ -600,13 +691,16 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
                 )
                 continue
             panel = pd.DataFrame(compared["panel"]).reindex(
-                columns=["metric", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
+                columns=["metric", "method", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
             )
+            panel = panel.rename(columns={"method": "test", "readers": "readers (mean)"})
+            shown = panel.round(3).astype(object).where(panel.notna(), "")
+            shown["p"] = [_p_text(v) for v in panel["p"]]
             title = escape(
-                f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}, "
-                f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')} (see tables/readers_*)"
+                f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}; "
+                f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}; all rows in tables/readers_*"
             )
-            _print_frame(panel.round(4).astype(object).where(panel.notna(), ""), title)
+            _print_frame(shown, title)
     run_folder = RunFolder(run)
     console.print(
         f"[green]Wrote[/green] {escape(str(run_folder.metrics))} and {escape(str(run_folder.tables))}/",

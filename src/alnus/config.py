@@ -7,9 +7,11 @@ again gives the same configuration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -139,6 +141,22 @@ DATA_FREE_KEYS = frozenset({"manifest", "max_image_pixels"})
 RESUME_FREE_KEYS = frozenset({"num_workers", "tensorboard", "mlflow", "device"})
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a config needs none, and aliases nested in aliases ("billion laughs")
+    expand to gigabytes before any key is checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's own node types
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"YAML alias (*name) at line {mark.line + 1}: aliases are not allowed in a config")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:  # noqa: ANN401 - any YAML value
+    """Parse YAML text as plain values, refusing aliases (see `_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     """Parse `key.sub=value` strings; values are YAML scalars or flow collections (`[a, b]`, `null`, `3`)."""
     out = []
@@ -148,7 +166,7 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set train.epochs=3)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = safe_yaml(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         out.append((key, value))
@@ -180,7 +198,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if raw is None:
@@ -197,6 +215,20 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     raw = apply_overrides(raw, parsed)
     raw.setdefault("name", path.stem)
     return config_from_dict(raw, base=path.parent, where=str(path))
+
+
+def read_resolved_config(path: str | os.PathLike[str]) -> Config:
+    """The resolved config a run wrote (`runs/<name>/config.yaml`: paths absolute, no overrides), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: not a run folder's config (run `alnus study CONFIG` first)")
+    try:
+        raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc}); run the study again") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(raw, where=str(path))
 
 
 def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path("."), where: str = "config") -> Config:
@@ -285,15 +317,18 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: {key} = {value!r}: expected a whole number")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it was meant to be.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {key} = {value!r}: expected a number")
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a finite number (not NaN or infinity)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -320,8 +355,8 @@ def _check(cfg: Config, where: str) -> None:
     if data.val_frac == 0:
         fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1")
     if data.labels is not None:
-        if len(set(data.labels)) != len(data.labels) or len(data.labels) < 2:
-            fail("data.labels", f"{data.labels} must list at least two distinct labels")
+        if len(set(data.labels)) != len(data.labels) or len(data.labels) != 2:
+            fail("data.labels", f"{data.labels} must list exactly two distinct labels (negative, positive)")
         if data.positive_label not in data.labels:
             fail("data.positive_label", f"{data.positive_label!r} is not one of data.labels {data.labels}")
     if not cfg.models:

@@ -48,6 +48,18 @@ Aggregate = Literal["mean", "max"]
 # point says which threshold a row's calls come from: the frozen one, or an alternative rule reported beside it.
 TABLE_COLUMNS = ["model", "split", "level", "operating point", "n (pos/neg)", "AUC (95% CI)", "accuracy",
                  "sensitivity", "specificity", "PPV", "NPV", "threshold"]  # fmt: skip
+# The same results as plain numbers (`tables/results_<level>_values.csv`): proportions as fractions in [0, 1], each
+# with its k, n and CI bounds in their own columns, so that no one has to parse "85.4 (35/41; 70.8-94.4)".
+PROPORTIONS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+VALUE_COLUMNS = [
+    "model", "split", "level", "operating_point", "n", "n_pos", "n_neg", "n_patients", "threshold",
+    "auc", "auc_ci_low", "auc_ci_high", "auc_method",
+    *(f"{name}{part}" for name in PROPORTIONS for part in ("", "_k", "_n", "_ci_low", "_ci_high")),
+    "brier", "calibration_slope", "calibration_slope_ci_low", "calibration_slope_ci_high",
+    "calibration_intercept", "calibration_intercept_ci_low", "calibration_intercept_ci_high", "ece",
+]  # fmt: skip
+# `tables/roc_<model>_<split>.csv`: the ROC curve's coordinates on the frozen threshold's cases (`curve_cases`).
+ROC_COLUMNS = ("threshold", "sensitivity", "specificity", "fpr", "tpr")
 
 
 class EvaluateError(AlnusError):
@@ -191,8 +203,9 @@ def operating_point_of_package(
 ) -> tuple[dict[str, Any], str]:
     """The package's frozen operating point, frozen now from `wanted` when it has none (or on `refreeze`).
 
-    Returns the operating point and what happened: "frozen" (first evaluation), "re-frozen", or "kept" (the
-    package already had one; `wanted` is then only reported beside it, never written).
+    Returns the operating point and what happened: "frozen" (first evaluation), "re-frozen", "unchanged" (re-frozen
+    on request, and the rule gave the same value: nothing written) or "kept" (the package already had one; `wanted`
+    is then only reported beside it, never written).
     """
     from alnus.models.package import freeze_threshold, read_metadata
 
@@ -204,7 +217,8 @@ def operating_point_of_package(
         reason = f"re-frozen by `alnus evaluate --refreeze` ({rule_name(wanted)} on the current validation predictions)"
         meta = freeze_threshold(package_dir, wanted, reason=reason, refreeze=True)
         return meta["threshold"], "re-frozen"
-    return frozen, "kept"
+    # Asked to re-freeze, but the same rule on the same validation predictions gives the same threshold.
+    return frozen, "unchanged" if refreeze else "kept"
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -452,6 +466,93 @@ def results_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def _values_row(model: str, split: str, level: str, label: str, m: Mapping[str, Any]) -> dict[str, Any]:
+    auc_key = m.get("auc_reported")
+    auc = m[auc_key] if auc_key else None
+    row: dict[str, Any] = {
+        "model": model, "split": split, "level": level, "operating_point": label, "n": m["n"], "n_pos": m["n_pos"],
+        "n_neg": m["n_neg"], "n_patients": m.get("n_patients"), "threshold": m["threshold"],
+        "auc": auc and auc["estimate"], "auc_ci_low": auc and auc["ci_low"], "auc_ci_high": auc and auc["ci_high"],
+        "auc_method": auc and auc["method"],
+    }  # fmt: skip
+    for name in PROPORTIONS:
+        p = m.get(name) or {}
+        row |= {name: p.get("estimate"), f"{name}_k": p.get("k"), f"{name}_n": p.get("n"),
+                f"{name}_ci_low": p.get("ci_low"), f"{name}_ci_high": p.get("ci_high")}  # fmt: skip
+    cal = m.get("calibration") or {}
+    row |= {"brier": cal.get("brier"), "ece": cal.get("ece")}
+    for part in ("slope", "intercept"):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            row[f"calibration_{part}{suffix}"] = cal.get(f"{part}{suffix}")
+    return row
+
+
+def results_values_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
+    """The rows of `results_table` as plain numbers (VALUE_COLUMNS): estimates, k, n and CI bounds in their own
+    columns (proportions as fractions in [0, 1]); an undefined value (e.g. an AUC of a one-class split) is empty."""
+    rows = [
+        _values_row(model, split, level, label, by_level[level])
+        for model, entry in metrics["models"].items()
+        for label, splits in _result_sets(entry)
+        for split, by_level in splits.items()
+        if level in by_level
+    ]
+    table = pd.DataFrame(rows, columns=VALUE_COLUMNS)
+    counts = ["n", "n_pos", "n_neg", "n_patients", *(f"{name}_{part}" for name in PROPORTIONS for part in "kn")]
+    # Integer columns stay integers when a proportion is undefined (nullable Int64 writes an empty cell).
+    table[counts] = table[counts].astype("Int64")
+    return table
+
+
+def roc_coordinates(y: object, prob: object) -> pd.DataFrame:
+    """The ROC curve's coordinates (ROC_COLUMNS): one row per distinct probability, from +inf down.
+
+    A case is called positive when `prob >= threshold`, as everywhere in alnus; the rows are those of
+    `sklearn.metrics.roc_curve(drop_intermediate=False)`. Like pROC's `coords(roc, "all")`, except that pROC puts
+    its thresholds half-way between neighbouring scores. A split with one class gives NaN for the rate it lacks.
+    """
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
+
+    with warnings.catch_warnings():
+        # One class: the rate of the missing class is undefined; NaN says so in the table.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = roc_curve(np.asarray(y).astype(int), np.asarray(prob, dtype=float),
+                                         drop_intermediate=False)  # fmt: skip
+    return pd.DataFrame(
+        {"threshold": thresholds, "sensitivity": tpr, "specificity": 1 - fpr, "fpr": fpr, "tpr": tpr},
+        columns=list(ROC_COLUMNS),
+    )
+
+
+def curve_cases(table: pd.DataFrame, point: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """The cases a curve of one model is drawn on (ROC, calibration, decision curve) and their level.
+
+    The case level of the operating point `point` (patient for an image-level point), as in the case-level results
+    and the reader comparison: a case's probability is its images' aggregate as frozen, or their maximum for an
+    image-level point, so that `prob >= point["value"]` is exactly the call the point makes for the case.
+    """
+    level = _case_level(point["level"])
+    how = point["aggregate"] if level == point["level"] else "max"
+    return aggregate_predictions(table, level, how), level
+
+
+def roc_tables(
+    tables: Mapping[str, Mapping[str, pd.DataFrame]], metrics: Mapping[str, Any]
+) -> dict[tuple[str, str], pd.DataFrame]:
+    """ROC coordinates per (model, split) on the frozen threshold's cases (`curve_cases`), so that the frozen
+    threshold is a point of this curve."""
+    out = {}
+    for model, by_split in tables.items():
+        point = metrics["models"][model]["threshold"]
+        for split, table in by_split.items():
+            cases, _ = curve_cases(table, point)
+            out[(model, split)] = roc_coordinates(cases["y"], cases["prob"])
+    return out
+
+
 def comparisons_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """Model-vs-model DeLong comparisons of every split as one table."""
     rows = [{"split": split, **row} for split, items in metrics.get("comparisons", {}).items() for row in items]
@@ -551,13 +652,13 @@ def _settings(run_dir: Path) -> dict[str, Any]:
 
     import yaml
 
-    from alnus.config import ConfigError, EvaluateConfig, config_from_dict
+    from alnus.config import ConfigError, EvaluateConfig, config_from_dict, safe_yaml
 
     path = RunFolder(run_dir).config
     if not path.is_file():
         raise EvaluateError(f"{run_dir} is not a run folder (no config.yaml); pass runs/<name>.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
         cfg = config_from_dict(raw, where=str(path))
     except (yaml.YAMLError, ConfigError) as exc:
         raise EvaluateError(f"{path} cannot be read as a configuration: {exc}") from exc
@@ -709,7 +810,7 @@ def evaluate_run(
             out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
     imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
     out = _clean_json(out)
-    _write_results(run_dir, out, imrmc)
+    _write_results(run_dir, out, imrmc, roc_tables(tables, out))
     return out
 
 
@@ -794,12 +895,21 @@ def _compare_with_readers(
     return imrmc
 
 
-def _write_results(run_dir: Path, metrics: Mapping[str, Any], imrmc: Mapping[tuple[str, str], str | None]) -> None:
-    """metrics.json, a results table per level, the model comparisons and the reader tables, each atomically."""
+def _write_results(
+    run_dir: Path,
+    metrics: Mapping[str, Any],
+    imrmc: Mapping[tuple[str, str], str | None],
+    rocs: Mapping[tuple[str, str], pd.DataFrame],
+) -> None:
+    """metrics.json, a results table per level (formatted, and as plain numbers), the ROC coordinates, the model
+    comparisons and the reader tables, each atomically."""
     run = RunFolder(run_dir)
     atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
     for level in result_levels(metrics):
         write_csv(results_table(metrics, level), run.tables / f"results_{level}.csv")
+        write_csv(results_values_table(metrics, level), run.tables / f"results_{level}_values.csv")
+    for (model, split), coords in rocs.items():
+        write_csv(coords, run.roc_table(model, split))
     write_csv(comparisons_table(metrics), run.tables / "model_comparisons.csv")
     for split, by_model in metrics["readers"].items():
         for model, found in by_model.items():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from alnus._io import atomic_write_text
 from alnus.errors import AlnusError
 
 # The split names, in the order they are reported; `train` is never predicted or evaluated.
@@ -183,13 +184,26 @@ class RunFolder:
     def tables(self) -> Path:
         return self.root / "tables"
 
+    def roc_table(self, backbone: str, split: str) -> Path:
+        """The ROC coordinates of one model on one split (threshold, sensitivity, specificity), by `alnus evaluate`."""
+        return self.tables / f"roc_{backbone}_{split}.csv"
+
     @property
     def figures(self) -> Path:
         return self.root / "figures"
 
     @property
+    def figures_index(self) -> Path:
+        """The list of figures (name, file, caption, section, model, split) that `make_figures` wrote."""
+        return self.figures / "index.json"
+
+    @property
     def heatmaps(self) -> Path:
         return self.root / "heatmaps"
+
+    def heatmaps_for(self, backbone: str, split: str) -> Path:
+        """Heat-map overlays (PNG) and their `index.csv` of one model on one split, by `alnus explain`."""
+        return self.heatmaps / backbone / split
 
     @property
     def report(self) -> Path:
@@ -232,6 +246,8 @@ def run_models(run_dir: str | os.PathLike[str], models: list[str] | tuple[str, .
 
 def _holder(info_path: Path) -> str:
     """Who holds (or last held) the lock, from the JSON that the holder wrote beside it."""
+    if info_path.is_symlink() or not info_path.is_file():
+        return "an unknown process"
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         return f"pid {int(info['pid'])} on host {info['host']!s}, `{info['command']!s}` since {info['since']!s}"
@@ -279,7 +295,8 @@ def lock_run(run_dir: str | os.PathLike[str], command: str | None = None) -> Ite
             "command": command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
             "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        info_path.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        # Atomic (a rename over the path): a symlink planted as .lock.json is replaced, never written through.
+        atomic_write_text(info_path, json.dumps(info) + "\n")
         yield run.root
     finally:
         with contextlib.suppress(OSError):

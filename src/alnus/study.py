@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
-from rich.markup import escape
 
 from alnus._distributed import distributed, main_first
 from alnus._io import atomic_write_text, file_sha256, write_csv
+from alnus._text import escape
 from alnus.config import DATA_FREE_KEYS, Config, dump_config, stable_hash
 from alnus.data.manifest import ManifestError, read_manifest, rebase_manifest, validate_manifest
 from alnus.data.split import split_manifest
@@ -174,14 +174,36 @@ def trained_package(cfg: Config, backbone: str) -> Path | None:
     if not metadata.is_file():
         return None
     try:
-        recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads(metadata.read_text(encoding="utf-8"))
+        recorded, weights_sha = meta.get("settings_hash"), meta.get("weights_sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None  # an unreadable package is trained again
-    return metadata.parent if recorded == stable_hash(model_settings(cfg, cfg.run_dir, backbone)) else None
+    if recorded != stable_hash(model_settings(cfg, cfg.run_dir, backbone)):
+        return None
+    weights = metadata.parent / "weights.safetensors"
+    # Damaged weights are not reused: the model is packaged again (from its checkpoints) instead.
+    return metadata.parent if weights.is_file() and file_sha256(weights) == weights_sha else None
+
+
+def describe_preparation(run_dir: Path) -> str:
+    """One line for the console: manifest rows, exclusions and the split, from the prepared run folder."""
+    run = RunFolder(run_dir)
+    record = json.loads(run.data_stamp.read_text(encoding="utf-8"))
+    splits = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
+    parts = ", ".join(
+        f"{name} {rows['patient_id'].nunique()} patients / {len(rows)} images"
+        for name, rows in splits.groupby("split", sort=False)
+    )
+    excluded = int(record.get("rows", 0)) - int(record.get("valid_rows", 0))
+    where = f" (reasons in {run.exclusions})" if excluded else ""
+    warned = len(record.get("warnings", []))
+    warnings = f"; {warned} warning(s) in {run.validation}" if warned else ""
+    return f"{record.get('rows', '?')} manifest rows, {excluded} excluded{where}{warnings}; split: {parts}"
 
 
 def run_study(cfg: Config, *, console: Console | None = None) -> dict:
-    """Prepare the run, train every backbone (skipping finished ones, resuming interrupted ones), predict, evaluate.
+    """Prepare the run, train every backbone (skipping finished ones, resuming interrupted ones), predict, evaluate,
+    then make the heat maps, the figures, the model cards and `report.html`.
 
     The whole study holds the run folder's writer lock (`alnus.runfolder.lock_run`): a second writer on the same
     run folder stops at once with a message naming this one. Returns the metrics that
@@ -192,7 +214,11 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
 
     _check_manifest(cfg)
     with lock_run(cfg.run_dir, command=f"alnus study ({cfg.name})"):
+        if console is not None:
+            console.print("validating the manifest and splitting by patient ...", highlight=False)
         run_dir = prepare_run(cfg)
+        if console is not None:
+            console.print(describe_preparation(run_dir), highlight=False)
         for backbone in cfg.models:
             if trained_package(cfg, backbone) is not None:
                 if console is not None:
@@ -207,7 +233,29 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
             precision=cfg.train.precision,
             max_pixels=cfg.data.max_image_pixels,
         )
-        return evaluate_run(run_dir, models=cfg.models)
+        metrics = evaluate_run(run_dir, models=cfg.models)
+        report_run(cfg, run_dir, console=console)
+        return metrics
+
+
+def report_run(cfg: Config, run_dir: Path, *, console: Console | None = None) -> Path:
+    """The study's last stages: heat maps of each test split, the figures, the model cards and `report.html`.
+
+    Heat maps are few per split (enough for the report's gallery), so this stays quick next to training.
+    """
+    from alnus.explain import explain_run
+    from alnus.report.build import OUTCOMES, PER_OUTCOME, build_report
+    from alnus.report.figures import make_figures
+
+    run = RunFolder(run_dir)
+    if console is not None:
+        console.print("heat maps, figures, model cards and the report ...", highlight=False)
+    for split in ("internal_test", "external_test"):
+        # A split without predictions (no external site, or an empty internal test) has nothing to explain.
+        if all(run.model(m).predictions_csv(split).is_file() for m in cfg.models):
+            explain_run(run_dir, models=cfg.models, split=split, n=PER_OUTCOME * len(OUTCOMES), device=cfg.train.device)
+    figures = make_figures(run_dir, models=cfg.models)
+    return build_report(run_dir, figures=figures)
 
 
 def run_training(

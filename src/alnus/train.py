@@ -41,14 +41,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from alnus._checkpoint import (
-    DELETE_ADVICE,
     CheckpointError,
+    delete_advice,
     load_checkpoint,
     rng_states,
     save_checkpoint,
@@ -64,6 +63,7 @@ from alnus._distributed import (
 )
 from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus._levels import aggregate_cases, case_ids, mixed_cases
+from alnus._text import escape
 from alnus.config import Config, dump_config, stable_hash, training_settings
 from alnus.errors import AlnusError
 from alnus.runfolder import ModelFolder, RunFolder, read_splits
@@ -476,7 +476,7 @@ class TrainState:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"checkpoint {path} does not fit this model and optimiser ({type(exc).__name__}: {exc}); "
-                f"{DELETE_ADVICE}."
+                f"{delete_advice(path)}."
             ) from None
         return cls(
             epochs_done=payload["epoch"] + 1,

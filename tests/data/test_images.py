@@ -626,3 +626,44 @@ def test_parse_frame_is_one_rule_for_every_stage() -> None:
     for bad in ("-1", "+1", "1.0", "x", "²"):
         with pytest.raises(ValueError, match="not a whole number >= 0"):
             parse_frame(bad)
+
+
+def test_a_deflated_dicom_is_refused_before_it_is_inflated(tmp_path) -> None:
+    """Attack review: a deflated data set inflates whole inside pydicom (a 1.6 MB file held 1.5 GB); refused."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from alnus.data.images import ImageReadError, load_image
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "US", 8, 8, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "MONOCHROME2", 8, 8, 7
+    ds.PixelRepresentation, ds.PixelData = 0, bytes(64)
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    with pytest.raises(ImageReadError, match="deflated DICOM .* not read"):
+        load_image(path)
+
+
+def test_the_first_page_of_a_many_page_tiff_is_read_without_counting_pages(tmp_path, monkeypatch) -> None:
+    """Attack review: every decode of a 20,000-page TIFF walked all pages to count them (15 s each)."""
+    from PIL import Image, TiffImagePlugin
+
+    from alnus.data.images import load_image
+
+    pages = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (10, 20, 30)]
+    path = tmp_path / "pages.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+
+    def no_count(self) -> int:
+        raise AssertionError("n_frames was counted")
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "n_frames", property(no_count))
+    assert int(load_image(path)[0, 0]) == 10

@@ -254,6 +254,21 @@ def test_folders_dicom_patient_comes_from_its_header_pseudonymised(tmp_path: Pat
     assert again["patient_id"].tolist() == df["patient_id"].tolist(), "the pseudonym is reproducible"
 
 
+def test_a_pseudonym_key_makes_ids_untestable_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack review: unkeyed pseudonyms of short IDs were reversed by hashing candidates; with
+    ALNUS_PSEUDONYM_KEY they are keyed (HMAC) and differ per key, still stable for one key."""
+    src = tmp_path / "export"
+    _dicom(src / "positive" / "1.2.3.1", PatientID="DEV-0033")
+    _dicom(src / "negative" / "1.2.3.2", PatientID="DEV-0034")
+    plain = import_class_folders(src, tmp_path / "plain")["patient_id"].tolist()
+    monkeypatch.setenv("ALNUS_PSEUDONYM_KEY", "site secret")
+    keyed = import_class_folders(src, tmp_path / "keyed")["patient_id"].tolist()
+    assert import_class_folders(src, tmp_path / "again")["patient_id"].tolist() == keyed
+    monkeypatch.setenv("ALNUS_PSEUDONYM_KEY", "another secret")
+    other = import_class_folders(src, tmp_path / "other")["patient_id"].tolist()
+    assert len({tuple(plain), tuple(keyed), tuple(other)}) == 3 and all(p.startswith("DCM-") for p in keyed)
+
+
 def test_folders_named_like_a_formula_are_refused(tmp_path: Path) -> None:
     """issue 7.12: a label folder `+ve` would be altered by the CSV writer (spreadsheet-safe output)."""
     _png(tmp_path / "src" / "+ve" / "a.png")

@@ -131,7 +131,8 @@ _DROP = object()
         ({"threshold": _record(level="ward")}, r"threshold\.level = 'ward' is not one of image, patient, study"),
         ({"threshold": _record(aggregate="median")}, r"threshold\.aggregate = 'median'"),
         ({"threshold": _record(rule="sensitivity")}, r"threshold\.target = None is not a sensitivity"),
-        ({"preprocess.size": "big"}, r"preprocess\.size = 'big' is not a positive whole number"),
+        ({"preprocess.size": "big"}, r"preprocess\.size = 'big' is not a whole number of pixels from 1"),
+        ({"preprocess.size": 1_000_000}, r"preprocess\.size = 1000000 is not a whole number of pixels from 1"),
         ({"preprocess.roi": {"mode": "circle"}}, r"preprocess: unknown ROI mode 'circle'"),
         ({"preprocess": _DROP}, r"lacks preprocess"),
         ({"label_names": "negative,positive"}, r"label_names = 'negative,positive' must list"),
@@ -185,3 +186,44 @@ def test_version_1_threshold_is_read_with_its_selection(trained):
     _rewrite(folder, threshold_selection=_DROP)
     with pytest.raises(PackageError, match="no threshold_selection"):
         read_metadata(folder)
+
+
+def test_a_model_or_run_folder_given_for_a_package_names_the_package(trained, tmp_path):
+    """A new user passes runs/<name>/models/<backbone> (or the run): the error names the package to pass, not
+    "train again"."""
+    _, folder, _ = trained
+    with pytest.raises(PackageError, match=rf"model's folder, not its package; pass {folder}$"):
+        load_package(folder.parent)
+    run = tmp_path / "run"
+    (run / "models" / "tiny_cnn").mkdir(parents=True)
+    folder.rename(run / "models" / "tiny_cnn" / "model")
+    with pytest.raises(PackageError, match=r"run folder, not a model package; pass one of: .*tiny_cnn/model"):
+        load_package(run)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"format_version": ' + "9" * 5000 + "}", "not valid JSON"),
+    ],
+)
+def test_crafted_metadata_json_is_refused_without_a_traceback(trained, text, message):
+    """Attack review: a 100,000-deep nesting (RecursionError) or a 5,000-digit integer (ValueError) escaped as
+    tracebacks; a huge file was read whole."""
+    _, folder, _ = trained
+    (folder / "metadata.json").write_text(text)
+    with pytest.raises(PackageError, match=message):
+        read_metadata(folder)
+    (folder / "metadata.json").write_text(" " * (5 * 1024 * 1024) + "{}")
+    with pytest.raises(PackageError, match="far more than a package's metadata"):
+        read_metadata(folder)
+
+
+def test_an_unknown_input_channel_mode_is_named(trained):
+    _, folder, _ = trained
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["in_chans_mode"] = "evil"
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match="in_chans_mode = 'evil'"):
+        load_package(folder)

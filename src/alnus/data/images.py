@@ -266,7 +266,8 @@ def _open_pillow(path: Path, max_pixels: int) -> Iterator[Image.Image]:
 
 def _decode_pillow(path: Path, frame: int | None, max_pixels: int) -> np.ndarray:
     with _open_pillow(path, max_pixels) as im:
-        index = _pick_frame(path, frame, getattr(im, "n_frames", 1), default=0)
+        # Counting frames walks every page of a TIFF: the default (first) frame needs no count.
+        index = 0 if frame is None else _pick_frame(path, frame, getattr(im, "n_frames", 1), default=0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -305,12 +306,26 @@ def _dicom_tags() -> list[int]:
 def _read_dicom(path: Path, *, pixels: bool) -> Dataset:
     """Read only the tags `_dicom_tags` lists: identifiers (names, IDs, dates) are never parsed."""
     import pydicom
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+    deflated = False
     with _regular_file(path) as fh:
-        try:
-            return pydicom.dcmread(fh, specific_tags=_dicom_tags(), stop_before_pixels=not pixels)
-        except Exception:  # pydicom raises many types
-            pass
+        # The path is a regular file now (`_regular_file` checked it): its file meta group alone is read by name.
+        with contextlib.suppress(Exception):  # pydicom raises many types; a bare data set has no file meta
+            deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        if not deflated:
+            try:
+                return pydicom.dcmread(fh, specific_tags=_dicom_tags(), stop_before_pixels=not pixels)
+            except Exception:  # pydicom raises many types
+                pass
+    if deflated:
+        # pydicom inflates a deflated data set whole before any header can be checked: a file of a few MB can hold
+        # gigabytes (a decompression bomb), so this transfer syntax is refused, never inflated.
+        raise ImageReadError(
+            f"{path}: deflated DICOM (transfer syntax Deflated Explicit VR Little Endian) is not read, as its size "
+            "cannot be bounded before inflating; re-export it uncompressed or with an image compression (JPEG, RLE)."
+        )
     # Raised outside the handler so pydicom's exception, whose text may quote file values, is not even
     # attached as __context__.
     raise ImageReadError(f"{path}: DICOM header is truncated or corrupt; re-export the file.")

@@ -10,6 +10,7 @@ site, roi, mask, reader_birads` and keep their source columns. What an importer 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 import json
 import os
@@ -472,7 +473,11 @@ _PATIENT_RULES = {
 
 
 def _pseudonym(prefix: str, value: str) -> str:
-    digest = hashlib.sha256(f"alnus:{prefix}:{value}".encode()).hexdigest()
+    """A stable pseudonym of a DICOM identifier. Keyed (HMAC-SHA-256) when `ALNUS_PSEUDONYM_KEY` is set: without
+    the key nobody can test candidate IDs against it; without a key a short ID can be found by hashing candidates."""
+    message = f"alnus:{prefix}:{value}".encode()
+    key = os.environ.get("ALNUS_PSEUDONYM_KEY", "")
+    digest = hmac.new(key.encode(), message, hashlib.sha256).hexdigest() if key else hashlib.sha256(message).hexdigest()
     return f"{prefix}-{digest[:_PSEUDONYM_DIGITS]}"
 
 

@@ -314,6 +314,13 @@ def _case_twins(names: Iterable[str]) -> list[list[str]]:
 def _label_set_problems(column: pd.Series, labels: Sequence[str] | None) -> list[str]:
     """Without a label list: the manifest must hold exactly two labels (after trimming), not two spellings of one."""
     if labels is not None:
+        named = list(dict.fromkeys(str(name).strip() for name in labels))
+        if len(named) != 2:
+            # A third class would be scored as negative without a word: a binary study names exactly two.
+            return [
+                f"labels {list(labels)} must name exactly two classes (the negative and the positive one); a "
+                "binary study scores every other label as negative. Drop or merge the other classes first."
+            ]
         return []  # each row's label is checked against the list instead
     counts = label_counts(column)
     if not counts:

@@ -28,6 +28,10 @@ from alnus.models.factory import create_model
 from alnus.models.registry import UltrasoundNet
 from alnus.operating_point import OperatingPointError, check_operating_point, rule_name
 
+# A package's metadata is a few kB (its training settings included); anything far larger is not one of ours.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+# The largest network input a package may ask for (pixels per side); the registry's backbones use 224-299.
+MAX_INPUT_SIZE = 4096
 FORMAT = "alnus-model"
 # 1: `threshold` a number with its record in `threshold_selection`; 2: `threshold` the record itself (read both).
 FORMAT_VERSION = 2
@@ -110,11 +114,26 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not Path(folder).is_dir():
         raise PackageError(f"model package {folder} not found; train a model first (alnus train CONFIG)")
     if not path.is_file():
+        inner = Path(folder) / "model" / METADATA_FILE
+        if inner.is_file():
+            raise PackageError(f"{folder} is a model's folder, not its package; pass {inner.parent}")
+        found = sorted(p.parent for p in Path(folder).glob(f"models/*/model/{METADATA_FILE}"))
+        if found:
+            raise PackageError(
+                f"{folder} is a run folder, not a model package; pass one of: {', '.join(map(str, found))}"
+            )
         raise PackageError(f"model package {folder} has no {METADATA_FILE}; it is incomplete: train again")
+    if path.stat().st_size > MAX_METADATA_BYTES:
+        raise PackageError(
+            f"{path} is {path.stat().st_size:,} bytes, far more than a package's metadata; it is damaged or not ours"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{path} is not valid JSON ({exc}); the package is damaged: train again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and Python's limit on the digits of an integer; RecursionError a
+        # crafted nesting depth.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise PackageError(f"{path} is not valid JSON ({reason}); the package is damaged: train again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PackageError(f'{path} is not an alnus model package (no "format": "{FORMAT}")')
     version = meta.get("format_version")
@@ -193,9 +212,10 @@ def _check_preprocess(preprocess: object, path: Path) -> None:
     if not isinstance(preprocess, dict):
         raise PackageError(f"{path}: preprocess = {preprocess!r} is not an object; the package is damaged")
     size = preprocess.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
         raise PackageError(
-            f"{path}: preprocess.size = {size!r} is not a positive whole number of pixels; the package is damaged"
+            f"{path}: preprocess.size = {size!r} is not a whole number of pixels from 1 to {MAX_INPUT_SIZE}; the "
+            "package is damaged"
         )
     for key in ("roi", "keep_aspect"):
         if key not in preprocess:
@@ -266,7 +286,10 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
             f"{weights} does not match {folder / METADATA_FILE} (SHA-256 differs): the files come from "
             "different trainings or the weights were damaged; copy the whole package folder again"
         )
-    model = create_model(meta["backbone"], in_chans_mode=meta.get("in_chans_mode", "replicate"))
+    in_chans_mode = meta.get("in_chans_mode", "replicate")
+    if in_chans_mode not in ("replicate", "adapt"):
+        raise PackageError(f"{folder / METADATA_FILE}: in_chans_mode = {in_chans_mode!r} is not replicate or adapt")
+    model = create_model(meta["backbone"], in_chans_mode=in_chans_mode)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=map_location)
     except Exception as exc:  # safetensors raises several types for a truncated or foreign file

@@ -1,0 +1,401 @@
+"""The study report: one self-contained HTML file (`runs/<name>/report.html`) that a reader of the paper can open.
+
+Everything is inside the file: figures and heat maps as data URIs, the style sheet inline, no script, no font or
+any other request (a Content-Security-Policy forbids them), so it opens offline and reads the same in any browser.
+Built from the run folder's files only (Jinja2 templates in `alnus/report/templates/`, autoescaped: text that users
+wrote, such as site names and labels, is shown as text). The model cards (`card.py`) are written into every model
+package at the same time, and the report shows the same cards.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alnus import __version__
+from alnus._io import atomic_write_text, file_problem
+from alnus.report import tables
+from alnus.report._inputs import ReportError, RunInputs, read_run_inputs
+from alnus.report.card import NOTICE, intended_use, render_markdown, write_model_cards
+from alnus.report.claim import claim_items
+from alnus.report.methods import methods_blocks
+from alnus.report.tables import Block
+from alnus.runfolder import EVALUATION_SPLITS
+
+__all__ = ["ReportError", "build_report", "render_report"]
+
+# Heat maps shown per outcome (TP, FP, TN, FN) and split: enough to see a pattern, few enough to scroll past.
+PER_OUTCOME = 3
+OUTCOMES = ("TP", "FP", "TN", "FN")
+_OUTCOME_NAMES = {"TP": "true positives", "FP": "false positives", "TN": "true negatives", "FN": "false negatives"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Figure sections (of `make_figures`) in the order the report shows them, with their headings.
+FIGURE_SECTIONS = {
+    "roc": "ROC curves",
+    "calibration": "Calibration plots",
+    "decision": "Decision curves",
+    "training": "Training curves",
+}
+# The report's sections in order: (id, heading). Tests and the CLAIM table refer to these ids.
+SECTIONS = (
+    ("intended-use", "Intended use"),
+    ("methods", "Methods"),
+    ("flow", "Patient flow and case characteristics"),
+    ("results", "Results"),
+    ("comparisons", "Model vs model"),
+    ("readers", "Model vs readers"),
+    ("figures", "Figures"),
+    ("heatmaps", "Heat maps"),
+    ("calibration", "Calibration"),
+    ("model-card", "Model cards"),
+    ("claim", "CLAIM checklist"),
+)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image embedded in the report: a data URI with its caption."""
+
+    id: str
+    src: str
+    caption: str
+    alt: str
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+
+
+def _data_uri(path: Path) -> str | None:
+    """The PNG at `path` as a data URI; None when it is missing, not a regular file or not a PNG."""
+    if file_problem(path) is not None:
+        return None
+    data = path.read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+# ------------------------------------------------------------------------------------------------- figures
+def _figure_images(figures: Sequence[Any], section: str, missing: list[str]) -> list[Image]:
+    images = []
+    for figure in figures:
+        if figure.section != section:
+            continue
+        src = _data_uri(Path(figure.path))
+        if src is None:
+            missing.append(str(figure.path))
+            continue
+        images.append(Image(f"figure-{figure.name}", src, figure.caption, figure.caption))
+    return images
+
+
+def _figures_section(figures: Sequence[Any], missing: list[str]) -> Section:
+    section = Section("figures", "Figures")
+    known = set(FIGURE_SECTIONS) | {"flow"}
+    headings = {
+        **FIGURE_SECTIONS,
+        **{f.section: f"Other figures: {f.section}" for f in figures if f.section not in known},
+    }
+    for name, title in headings.items():
+        images = _figure_images(figures, name, missing)
+        if images:
+            section.blocks.append(Block(f"figures-{name}", title, figures=images))
+    if not section.blocks:
+        section.paragraphs.append("No figures were made for this run.")
+    return section
+
+
+# ------------------------------------------------------------------------------------------------- heat maps
+def _read_index(path: Path) -> pd.DataFrame | None:
+    if file_problem(path) is not None:
+        return None
+    try:
+        index = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path} cannot be read ({exc}); run `alnus explain RUN` again.") from None
+    needed = {"outcome", "prob", "png"}
+    if not needed <= set(index.columns):
+        raise ReportError(
+            f"{path} lacks column(s) {', '.join(sorted(needed - set(index.columns)))}; run `alnus explain RUN` again."
+        )
+    return index
+
+
+def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: list[str]) -> Image | None:
+    path = folder / str(row["png"])
+    # Only files of the heat-map folder itself are embedded, whatever index.csv names.
+    inside = path.resolve().parent == folder.resolve()
+    src = _data_uri(path) if inside else None
+    if src is None:
+        missing.append(str(path))
+        return None
+    prob = pd.to_numeric(row["prob"], errors="coerce")
+    parts = [f"P({positive}) = {prob:.3f}" if pd.notna(prob) else "P not recorded"]
+    for column, label in (("label", "label"), ("patient_id", "patient")):
+        if str(row.get(column, "")).strip():
+            parts.append(f"{label} {row[column]}")
+    energy = pd.to_numeric(row.get("energy_in_roi", ""), errors="coerce")
+    if pd.notna(energy):
+        parts.append(f"{tables.pct(float(energy))} of the heat in the lesion")
+    alt = f"Heat map over the input crop ({row['outcome']}, image {Path(str(row.get('image', ''))).name})"
+    return Image(f"{folder.parent.name}-{folder.name}-{row['outcome']}-{number}", src, "; ".join(parts), alt)
+
+
+def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str) -> Block:
+    block = Block(f"heatmaps-{model}-{split}", f"{model}, {split}")
+    missing: list[str] = []
+    for outcome in OUTCOMES:
+        rows = index[index["outcome"].str.upper() == outcome].copy()
+        if rows.empty:
+            continue
+        # The most confident cases of each kind first: high probabilities for positive calls, low for negative.
+        rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
+        rows = rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last")
+        tiles = [
+            _tile(row, folder, positive, i, missing) for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
+        ]
+        shown = [tile for tile in tiles if tile is not None]
+        block.groups.append((f"{outcome}: {_OUTCOME_NAMES[outcome]} ({len(shown)} of {len(rows)})", shown))
+    methods = ", ".join(m for m in index["method"].unique() if m) if "method" in index.columns else ""
+    block.paragraphs.append(
+        f"{len(index)} heat maps{' by ' + methods if methods else ''}; up to {PER_OUTCOME} of each outcome shown, "
+        "the most confident first. P is the image's probability; the call is made at the frozen threshold's level."
+    )
+    if missing:
+        block.paragraphs.append(
+            f"{len(missing)} heat-map image(s) listed in {folder / 'index.csv'} could not be read (missing or not "
+            f"PNG), e.g. {missing[0]}; run `alnus explain RUN` again."
+        )
+    return block
+
+
+def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
+    section = Section("heatmaps", "Heat maps")
+    positive = str(inputs.config.get("data", {}).get("positive_label", "positive"))
+    methods: list[str] = []
+    for model in inputs.models:
+        for split in EVALUATION_SPLITS:
+            folder = inputs.run.heatmaps_for(model, split)
+            index = _read_index(folder / "index.csv")
+            if index is None or index.empty:
+                continue
+            if "method" in index.columns:
+                methods += [m for m in index["method"].unique() if m and m not in methods]
+            section.blocks.append(_gallery_block(model, split, index, folder, positive))
+    if section.blocks:
+        section.paragraphs.append(
+            "Where the network looked: the heat map over the network's input crop, with the lesion outline where "
+            "it is known, for true and false positives and negatives at the frozen threshold."
+        )
+    else:
+        section.paragraphs.append(
+            f"No heat maps in this run; `alnus explain {inputs.run.root}` makes them, then `alnus report` again."
+        )
+    return section, methods
+
+
+# ------------------------------------------------------------------------------------------------- sections
+def _flow_section(inputs: RunInputs, figures: Sequence[Any], missing: list[str]) -> Section:
+    stamp = inputs.data_stamp
+    positive = str(inputs.config.get("data", {}).get("positive_label", "positive"))
+    section = Section("flow", "Patient flow and case characteristics")
+    if isinstance(stamp.get("rows"), int):
+        excluded = len(inputs.exclusions)
+        section.paragraphs.append(
+            f"{stamp['rows']} manifest rows; {excluded} excluded, {len(inputs.splits)} images of "
+            f"{inputs.splits['patient_id'].nunique()} patients split."
+        )
+    flow = Block("flow-diagram", "Flow diagram", figures=_figure_images(figures, "flow", missing))
+    if not flow.figures:
+        flow.paragraphs.append("No flow diagram was made for this run.")
+    exclusions = tables.exclusions_table(inputs.exclusions)
+    if exclusions is not None:
+        flow.tables.append(exclusions)
+    characteristics = Block(
+        "case-characteristics", "Case characteristics", tables=[tables.case_characteristics(inputs.splits, positive)]
+    )
+    section.blocks += [flow, characteristics]
+    return section
+
+
+def _levels(inputs: RunInputs) -> list[str]:
+    """The case level of the study first, then the image level."""
+    case = "patient" if inputs.level == "image" else inputs.level
+    return [case, "image"]
+
+
+def _results_section(inputs: RunInputs) -> Section:
+    section = Section("results", "Results")
+    section.paragraphs.append(
+        "At each model's threshold frozen on validation; the internal test is from the development site(s), the "
+        "external test from the held-out site(s)."
+    )
+    for level in _levels(inputs):
+        table = tables.results_table(inputs.metrics, level)
+        if table is not None:
+            section.blocks.append(Block(f"results-{level}-block", f"Per {level}", tables=[table]))
+    return section
+
+
+def _comparisons_section(inputs: RunInputs) -> Section:
+    section = Section("comparisons", "Model vs model")
+    table = tables.comparisons_table(inputs.metrics)
+    block = Block("comparisons-delong", "AUC differences: DeLong test, Holm-adjusted P")
+    if table is None:
+        block.paragraphs.append("Not compared: the study has one model.")
+    else:
+        block.tables.append(table)
+    section.blocks.append(block)
+    return section
+
+
+def _readers_section(inputs: RunInputs) -> Section:
+    section = Section("readers", "Model vs readers")
+    for split, by_model in inputs.metrics.get("readers", {}).items():
+        for model, compared in by_model.items():
+            if "error" in compared:
+                section.blocks.append(
+                    Block(
+                        f"readers-{model}-{split}-error",
+                        f"{model} vs readers, {split}: not compared",
+                        paragraphs=[str(compared["error"])],
+                    )  # fmt: skip
+                )
+                continue
+            calls = compared.get("reader_calls", "BI-RADS >= 4a")
+            section.blocks.append(
+                Block(
+                    f"readers-{model}-{split}",
+                    f"{model} vs each reader, {split}: McNemar's exact test (sensitivity, specificity), "
+                    "DeLong's test (AUC)",
+                    paragraphs=[f"Reader calls: {calls}; per {compared.get('level', 'patient')}."],
+                    tables=[
+                        tables.reader_performance_table(split, model, compared),
+                        tables.per_reader_table(split, model, compared),
+                    ],
+                )
+            )
+            if compared.get("panel"):
+                section.blocks.append(
+                    Block(
+                        f"panel-{model}-{split}-block",
+                        f"{model} vs the reader panel, {split}: {tables.panel_method(compared)}",
+                        paragraphs=[str(compared["note"])] if compared.get("note") else [],
+                        tables=[tables.panel_table(split, model, compared)],
+                    )
+                )
+    if not section.blocks:
+        section.paragraphs.append("No reader readings in this study (no reader_* columns in the manifest).")
+    return section
+
+
+def _calibration_section(inputs: RunInputs) -> Section:
+    section = Section("calibration", "Calibration")
+    table = tables.calibration_table(inputs.metrics, _levels(inputs))
+    if table is None:
+        section.paragraphs.append("No calibration results in metrics.json.")
+    else:
+        section.blocks.append(Block("calibration-numbers", "Calibration numbers", tables=[table]))
+    return section
+
+
+def _cards_section(cards: dict[str, str]) -> Section:
+    section = Section("model-card", "Model cards")
+    section.paragraphs.append("The same card is README.md in each model package.")
+    for model, text in cards.items():
+        block = Block(f"model-card-{model}", f"Model card: {model}")
+        # Escaped Markdown rendered without raw HTML, links or images: safe to insert as it is.
+        block.html = render_markdown(text.split("\n", 1)[1])
+        section.blocks.append(block)
+    return section
+
+
+def _has_external(inputs: RunInputs) -> bool:
+    return bool((inputs.splits["split"] == "external_test").any())
+
+
+# ------------------------------------------------------------------------------------------------- render
+def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, str]) -> dict[str, Any]:
+    """Everything the template shows, as plain values (all text still unescaped: the template escapes it)."""
+    missing: list[str] = []
+    heatmaps, methods = _heatmaps_section(inputs)
+    meta = inputs.metadata[inputs.models[0]]
+    sections = [
+        Section("methods", "Methods", blocks=methods_blocks(inputs, methods)),
+        _flow_section(inputs, figures, missing),
+        _results_section(inputs),
+        _comparisons_section(inputs),
+        _readers_section(inputs),
+        _figures_section(figures, missing),
+        heatmaps,
+        _calibration_section(inputs),
+        _cards_section(cards),
+    ]
+    anchors = {"top": "title", "intended-use": "Intended use", "claim": "CLAIM checklist"}
+    for section in sections:
+        anchors[section.id] = section.title
+        anchors.update({block.id: block.title for block in section.blocks})
+    readers = any(
+        "error" not in c for by_model in inputs.metrics.get("readers", {}).values() for c in by_model.values()
+    )
+    return {
+        "title": f"Study report: {inputs.run.name}",
+        "run": inputs.run.name,
+        "models": inputs.models,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "notice": NOTICE,
+        "intended_use": render_markdown("\n".join(intended_use(meta))),
+        "toc": SECTIONS,
+        "sections": sections,
+        "missing_figures": missing,
+        "anchors": anchors,
+        "claim": claim_items(has_heatmaps=bool(methods), has_readers=readers, has_external=_has_external(inputs)),
+    }
+
+
+def render_report(context: dict[str, Any]) -> str:
+    """The report's HTML from `report_context` (Jinja2, autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("alnus.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html.j2").render(**context)
+
+
+def build_report(run_dir: str | os.PathLike[str], *, figures: Sequence[Any] | None = None) -> Path:
+    """Write the model cards and `report.html` of a run (both atomically); return the report's path.
+
+    Args:
+        run_dir: the run folder, evaluated (`metrics.json`).
+        figures: the run's figures (`alnus.report.figures.Figure`); None makes them now (`make_figures`).
+
+    Raises:
+        ReportError: the run lacks what the report needs; the message says which command makes it.
+    """
+    inputs = read_run_inputs(run_dir)
+    if figures is None:
+        from alnus.report.figures import make_figures
+
+        figures = make_figures(inputs.run.root, models=inputs.models)
+    cards = write_model_cards(inputs)
+    html = render_report(report_context(inputs, figures, cards))
+    atomic_write_text(inputs.run.report, html)
+    return inputs.run.report

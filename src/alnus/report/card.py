@@ -1,0 +1,250 @@
+"""The model card: `README.md` in every model package, beside weights.safetensors and metadata.json.
+
+Written at report time (`alnus report`, the last stage of `alnus study`) from the package's metadata, the run's
+split and metrics.json: intended and out-of-scope use, training data, validation results with CIs per split, the
+frozen threshold, known limitations, licence and how to cite (Mitchell et al., "Model cards for model reporting",
+FAT* 2019). The report shows the same Markdown, rendered to HTML by `render_markdown`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alnus._io import atomic_write_text
+from alnus.evaluate import format_auc, format_proportion
+from alnus.operating_point import describe, rule_name
+from alnus.report._inputs import RunInputs
+from alnus.runfolder import EVALUATION_SPLITS
+
+CARD_FILE = "README.md"
+NOTICE = "Research use only; not for diagnosis."
+ZHOU_2020 = (
+    "Zhou L-Q, Wu X-L, Huang S-Y, et al. Lymph node metastasis prediction from primary breast cancer US images "
+    "using deep learning. Radiology 2020;294(1):19-28. doi:10.1148/radiol.2019190372"
+)
+# The characters that make Markdown of text inside a line (code, emphasis, links, raw HTML, entities, table cells,
+# headings); CommonMark lets any of them be backslash-escaped. The others stay readable in the raw README.md.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|#])")
+# At the start of a line (e.g. a list item that is user text), these would begin a nested list.
+_MD_LINE_START = re.compile(r"^(\d*)([-+.)])(?=\s|$)")
+
+
+def md_text(value: object) -> str:
+    """User text as literal Markdown text: its Markdown characters escaped, line breaks as spaces."""
+    text = _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+    return _MD_LINE_START.sub(r"\1\\\2", text)
+
+
+def render_markdown(text: str) -> str:
+    """Markdown -> HTML for the report: raw HTML, links and images are off, so the result requests nothing."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table").disable(["link", "image", "autolink"])
+    return md.render(text)
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _label_text(meta: Mapping[str, Any]) -> tuple[str, str]:
+    positive = str(meta["positive_label"])
+    others = [str(x) for x in meta.get("label_names", []) if str(x) != positive]
+    return positive, (others[0] if others else f"not {positive}")
+
+
+def intended_use(meta: Mapping[str, Any]) -> list[str]:
+    """The intended and out-of-scope use as Markdown lines (the card's section and the report's opening)."""
+    positive, negative = _label_text(meta)
+    roi = meta["preprocess"]["roi"]["mode"]
+    where = {"box": "inside a lesion box", "mask": "inside a lesion mask", "whole": "of the whole image"}[roi]
+    return [
+        f"Research on retrospective breast ultrasound images: the model gives the probability that a case is "
+        f"**{md_text(positive)}** rather than **{md_text(negative)}** from the image region {where}, and a call at "
+        "the threshold frozen on validation. It is meant for studying and re-validating the method on new data, "
+        "and for comparison with radiologists' readings.",
+        "",
+        f"**{NOTICE}**",
+        "",
+        "Out of scope: any clinical decision for a patient (diagnosis, biopsy or surgery, axillary staging); images "
+        "of other modalities or body parts; scanners, hospitals or populations unlike the training data, without "
+        "validating the model there first; a label other than the one it was trained on; images whose region of "
+        "interest is chosen differently from the training data.",
+    ]
+
+
+def _training_data(inputs: RunInputs) -> list[str]:
+    splits = inputs.splits
+    dev = splits[splits["split"].isin(["train", "val"])]
+    positive = inputs.config.get("data", {}).get("positive_label", "positive")
+    rows = []
+    for (split, site), part in dev.groupby(["split", "site"]):
+        pos = part[part["label"] == positive]
+        rows.append([
+            md_text(split), md_text(site), str(part["patient_id"].nunique()), str(len(part)),
+            str(pos["patient_id"].nunique()), str(len(pos)),
+        ])  # fmt: skip
+    dates = [c for c in splits.columns if "date" in c.lower()]
+    when = "the manifest records no dates"
+    if dates:
+        values = pd.to_datetime(dev[dates[0]], errors="coerce").dropna()
+        when = f"{md_text(dates[0])} from {values.min():%Y-%m-%d} to {values.max():%Y-%m-%d}" if len(values) else when
+    meta = inputs.metadata
+    digest = next(iter(meta.values())).get("training_data_hash", "")
+    return [
+        "## Training data",
+        "",
+        f"Patients and images the model was trained (train) and selected (val) on; dates: {when}.",
+        "",
+        _table(["split", "site", "patients", "images", "positive patients", "positive images"], rows),
+        "",
+        f"Training-data hash: `{md_text(digest[:16])}` (in metadata.json).",
+    ]
+
+
+def _model_facts(meta: Mapping[str, Any]) -> list[str]:
+    pre = meta["preprocess"]
+    roi = pre["roi"]
+    crop = "whole image" if roi["mode"] == "whole" else f"{roi['mode']} crop with a margin of {roi['margin']:g}"
+    return [
+        "## Model",
+        "",
+        f"- Backbone: {md_text(meta['backbone'])}; weights at the start of training: {md_text(meta['weights_source'])}",
+        f"- Input: {crop}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'}), "
+        f"grey-scale replicated to 3 channels",
+        f"- Selected at epoch {meta.get('best_epoch', '?')} by validation AUC",
+        f"- Weights SHA-256: `{md_text(str(meta['weights_sha256'])[:16])}`",
+    ]
+
+
+def _threshold(meta: Mapping[str, Any]) -> list[str]:
+    t = meta.get("threshold")
+    if not t:
+        return ["## Operating threshold", "", "No threshold frozen yet: run `alnus evaluate RUN`."]
+    chosen = t.get("chosen_on", {})
+    units = f"{t.get('n_val_units', '?')} validation {t['level']}s" if t["level"] != "image" else "validation images"
+    return [
+        "## Operating threshold",
+        "",
+        f"{t['value']:.4g}, chosen by the rule {md_text(rule_name(t))} on {units} "
+        f"({chosen.get('n_pos', '?')} positive, {chosen.get('n_neg', '?')} negative) and frozen on "
+        f"{md_text(str(t.get('frozen_at', '?'))[:10])}: {md_text(describe(t))}. Every test set, `alnus predict` "
+        "and the service apply it at this level.",
+    ]
+
+
+def _results(inputs: RunInputs, model: str) -> list[str]:
+    entry = inputs.metrics["models"][model]
+    level = entry["threshold"]["level"]
+    case_level = "patient" if level == "image" else level
+    rows = []
+    for split in EVALUATION_SPLITS:
+        m = entry["splits"].get(split, {}).get(case_level)
+        if m is None:
+            continue
+        auc_key = m.get("auc_reported")
+        rows.append([
+            md_text(split), f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
+            format_auc(m[auc_key] if auc_key else None) or "n/a",
+            *(format_proportion(m[k]) or "n/a" for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")),
+        ])  # fmt: skip
+    columns = ["split", f"{case_level}s (pos/neg)", "AUC (95% CI)", "sensitivity", "specificity", "PPV", "NPV",
+               "accuracy"]  # fmt: skip
+    return [
+        "## Validation results",
+        "",
+        f"Per {case_level}, at the frozen threshold; proportions in % (k/n; 95% CI, Clopper-Pearson).",
+        "",
+        _table(columns, rows),
+    ]
+
+
+def _limitations(inputs: RunInputs, model: str) -> list[str]:
+    meta = inputs.metadata[model]
+    positive, negative = _label_text(meta)
+    roi = meta["preprocess"]["roi"]["mode"]
+    splits = inputs.splits
+    sites = sorted(splits.loc[splits["split"].isin(["train", "val"]), "site"].unique())
+    external = sorted(splits.loc[splits["split"] == "external_test", "site"].unique())
+    items = [
+        f"The label is the manifest's: {md_text(positive)} vs {md_text(negative)}. Where it stands in for another "
+        "target (the public-data runs use benign vs malignant in place of axillary lymph node status), the model "
+        "does not predict that other target.",
+        "The study is retrospective; prevalence in the test sets sets PPV and NPV, which change with prevalence.",
+        f"Trained at {_plural(len(sites), 'site')} ({', '.join(md_text(s) for s in sites) or 'none named'}); "
+        + (
+            f"tested externally at {', '.join(md_text(s) for s in external)}. "
+            if external
+            else "no external test site. "
+        )
+        + "Performance on other scanners, settings or populations is unknown until measured there.",
+        "Confidence intervals cover the sampling of test cases only, not a shift in population or equipment.",
+    ]
+    if roi in ("box", "mask"):
+        items.insert(
+            1,
+            f"The input is cropped around a lesion {roi} given with each image (an expert's annotation in the "
+            "study data). New images need a region drawn the same way; results with other regions (e.g. drawn by "
+            "a detector or another person) were not measured.",
+        )
+    items += [md_text(note) for note in inputs.metrics["models"][model].get("notes", [])]
+    return ["## Known limitations", "", *(f"- {item}" for item in items)]
+
+
+def _licence_and_citation(inputs: RunInputs, meta: Mapping[str, Any]) -> list[str]:
+    version = meta.get("versions", {}).get("alnus", "?")
+    git = inputs.env.get("git", {}) if isinstance(inputs.env.get("git"), dict) else {}
+    sha = f", git {md_text(str(git['sha'])[:12])}" if git.get("sha") else ""
+    return [
+        "## Licence",
+        "",
+        "The alnus software is Apache-2.0. These weights were derived from the training data and, when training "
+        f"started from pretrained weights ({md_text(meta['weights_source'])}), from those weights: their use is bound "
+        "by the licences of those data sets and weights (for the public data sets, see each one's PROVENANCE.md).",
+        "",
+        "## How to cite",
+        "",
+        f"- The software: alnus {md_text(version)}{sha}, run {md_text(inputs.run.name)}.",
+        f"- The study design it reproduces: {md_text(ZHOU_2020)}.",
+        "- The data sets the model was trained and tested on, as their licences require.",
+    ]
+
+
+def model_card(inputs: RunInputs, model: str) -> str:
+    """The model card of `model` as Markdown (all user text escaped)."""
+    meta = inputs.metadata[model]
+    sections = [
+        [f"# Model card: {md_text(model)} (run {md_text(inputs.run.name)})"],
+        ["## Intended use", "", *intended_use(meta)],
+        _training_data(inputs),
+        _model_facts(meta),
+        _threshold(meta),
+        _results(inputs, model),
+        _limitations(inputs, model),
+        _licence_and_citation(inputs, meta),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def write_model_cards(inputs: RunInputs) -> dict[str, str]:
+    """Write `README.md` into every evaluated model's package (atomically); return each model's card."""
+    cards = {}
+    for model in inputs.models:
+        cards[model] = model_card(inputs, model)
+        atomic_write_text(card_path(inputs, model), cards[model])
+    return cards
+
+
+def card_path(inputs: RunInputs, model: str) -> Path:
+    return inputs.run.model(model).package / CARD_FILE

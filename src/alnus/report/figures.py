@@ -1,0 +1,853 @@
+"""The study's figures: ROC curves with a CI band and the readers, calibration, decision curves, training curves
+and the patient flow diagram (STARD 2015), as small PNGs in `runs/<name>/figures/`.
+
+Each figure function takes plain data and returns a matplotlib `Figure`; `make_figures(run_dir)` reads a run folder
+(predictions, metrics.json, splits, history) and draws them all. Figures are made with matplotlib's object API
+(`matplotlib.figure.Figure`, rendered by the Agg canvas): pyplot is never imported, so no global backend is switched
+and no figure is left open in a long-running process. Colours are the Okabe-Ito palette (colour-blind safe); text
+that users wrote (model, site and reader names) is shown literally, never as mathtext.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+
+from alnus import stats
+from alnus._io import atomic_write_bytes, atomic_write_text
+from alnus._levels import UNIT_COLUMNS
+from alnus.errors import AlnusError
+from alnus.evaluate import EvaluateError, curve_cases, read_predictions
+from alnus.operating_point import rule_name
+from alnus.runfolder import EVALUATION_SPLITS, SPLITS, RunFolder, read_splits, run_models
+
+__all__ = [
+    "SECTIONS",
+    "Figure",
+    "FigureError",
+    "Flow",
+    "ReaderPoint",
+    "birads_reader_points",
+    "calibration_figure",
+    "decision_curve_figure",
+    "flow_counts",
+    "flow_figure",
+    "make_figures",
+    "read_figures_index",
+    "roc_band",
+    "roc_figure",
+    "roc_models_figure",
+    "training_figure",
+]
+
+SECTIONS = ("flow", "roc", "calibration", "decision", "training")
+# Okabe & Ito (2008), "Color universal design": distinguishable with every common colour-vision deficiency.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+DPI = 100
+BIRADS_CUTS = ("3", "4a", "4b", "4c", "5")
+# Readers differ by shape as well as colour (the palette without the model's blue and vermillion, and without
+# yellow, which is faint on white).
+_READER_MARKERS = ("o", "s", "^", "v", "P", "X", "D", "h")
+_READER_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+# With more readers than this, only the first reader's cut-offs are labelled (the others follow the same order).
+_LABELLED_READERS = 2
+_FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8}
+_TEST_SPLITS = ("internal_test", "external_test")
+
+
+class FigureError(AlnusError):
+    """Data that a figure cannot be drawn from, or a run folder that lacks what the figures need."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One written figure: its name (the PNG's stem), file, caption, report section, and the model/split it shows."""
+
+    name: str
+    path: Path
+    caption: str
+    section: str
+    model: str | None
+    split: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The index entry: the path is the file name inside `figures/`, so the run folder can move."""
+        return {**asdict(self), "path": self.path.name}
+
+
+@dataclass(frozen=True)
+class ReaderPoint:
+    """A reader's operating point on a ROC plot: the calls at one cut-off (e.g. BI-RADS >= 4a)."""
+
+    reader: str
+    cut: str
+    fpr: float
+    tpr: float
+    study_cut: bool = False
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _plain(text: object, width: int | None = None) -> str:
+    """User text shown as written: `$` would start mathtext in matplotlib; long names are shortened."""
+    out = str(text)
+    if width is not None and len(out) > width:
+        out = out[: width - 1] + "\u2026"
+    return out.replace("$", r"\$")
+
+
+def _new_figure(width: float, height: float) -> MplFigure:
+    return MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _labels_and_scores(y: object, prob: object) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels as booleans and finite probabilities, both classes present, or FigureError."""
+    yb = np.asarray(y).astype(int).astype(bool)
+    p = np.asarray(prob, dtype=float)
+    if yb.shape != p.shape or yb.ndim != 1:
+        raise FigureError(f"labels and probabilities must be two 1-D arrays of one length; got {yb.shape}, {p.shape}.")
+    if not np.isfinite(p).all():
+        raise FigureError("probabilities must be finite numbers.")
+    n_pos = int(yb.sum())
+    if n_pos == 0 or n_pos == yb.size:
+        raise FigureError(f"a curve needs positive and negative cases; got {n_pos} of {yb.size} positive.")
+    return yb, p
+
+
+def _square_axes(ax: Any) -> None:
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(True, color="#dddddd", linewidth=0.6)
+
+
+def _auc_label(y: np.ndarray, p: np.ndarray, alpha: float) -> str:
+    """`AUC 0.87 (95% CI 0.75-0.98, DeLong)`, or the AUC alone when DeLong's variance is undefined."""
+    try:
+        a = stats.auc_ci(y, p, "delong", alpha=alpha)
+    except stats.StatsError:
+        return f"AUC {stats.auc(y, p):.2f}"
+    return f"AUC {a.estimate:.2f} ({100 * (1 - alpha):g}% CI {a.ci_low:.2f}-{a.ci_high:.2f}, DeLong)"
+
+
+def _roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from alnus.evaluate import roc_coordinates
+
+    coords = roc_coordinates(y, p)
+    return coords["fpr"].to_numpy(), coords["tpr"].to_numpy()
+
+
+def _rates(y: np.ndarray, calls: np.ndarray) -> tuple[float, float]:
+    """(false-positive rate, true-positive rate) of boolean calls."""
+    return float(calls[~y].mean()), float(calls[y].mean())
+
+
+# ---------------------------------------------------------------------------------------------------- ROC
+def roc_band(
+    y: object,
+    prob: object,
+    *,
+    specificities: Sequence[float] | np.ndarray | None = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Pointwise CI of the sensitivity at each specificity: stratified percentile bootstrap (as pROC's `ci.se`).
+
+    Each resample draws positives and negatives separately with replacement; its sensitivity at specificity `sp`
+    is the largest sensitivity of a threshold whose specificity is at least `sp` (calls are `prob >= threshold`).
+
+    Returns:
+        columns specificity, sensitivity (of the data), ci_low, ci_high; specificities default to 0, 0.01, ..., 1.
+    """
+    yb, p = _labels_and_scores(y, prob)
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise FigureError(f"n_boot must be a positive integer; got {n_boot}.")
+    grid = np.linspace(0, 1, 101) if specificities is None else np.asarray(specificities, dtype=float)
+    pos, neg = p[yb], p[~yb]
+    rng = np.random.default_rng(seed)
+    boots = np.empty((int(n_boot), grid.size))
+    for b in range(int(n_boot)):
+        boots[b] = _sensitivity_at(rng.choice(pos, pos.size), rng.choice(neg, neg.size), grid)
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+    return pd.DataFrame(
+        {"specificity": grid, "sensitivity": _sensitivity_at(pos, neg, grid), "ci_low": low, "ci_high": high}
+    )
+
+
+def _sensitivity_at(pos: np.ndarray, neg: np.ndarray, specificities: np.ndarray) -> np.ndarray:
+    """Largest sensitivity with specificity >= each target: call above the k-th smallest negative score."""
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    # k negatives must score below the threshold; the threshold sits just above the k-th smallest negative.
+    k = np.ceil(np.round(specificities * neg.size, 9)).astype(int)
+    cutoff = np.where(k > 0, neg_sorted[np.clip(k - 1, 0, neg.size - 1)], -np.inf)
+    return 1.0 - np.searchsorted(pos_sorted, cutoff, side="right") / pos.size
+
+
+def roc_figure(
+    y: object,
+    prob: object,
+    *,
+    readers: Sequence[ReaderPoint] = (),
+    operating_point: float | None = None,
+    title: str = "ROC curve",
+    label: str = "model",
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> MplFigure:
+    """ROC curve with its pointwise bootstrap CI band (`roc_band`), the model's frozen operating point and the
+    readers' operating points (each reader's BI-RADS cut-offs joined in order, labelled).
+
+    Args:
+        y, prob: case labels (0/1) and probabilities.
+        readers: `ReaderPoint`s, e.g. from `birads_reader_points`; a reader's `study_cut` point is drawn filled.
+        operating_point: the model's frozen threshold (a case is positive when `prob >= operating_point`).
+    """
+    yb, p = _labels_and_scores(y, prob)
+    band = roc_band(yb, p, n_boot=n_boot, alpha=alpha, seed=seed)
+    # A near-square plot above a legend of one line per entry (band, curve, operating point, each reader).
+    entries = 2 + (operating_point is not None) + len({r.reader for r in readers})
+    fig = _new_figure(5.6, 5.4 + 0.19 * entries)
+    ax = fig.add_subplot()
+    fpr, tpr = _roc_points(yb, p)
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, gid="chance")
+    band_art = ax.fill_between(
+        1 - band["specificity"], band["ci_low"], band["ci_high"], color=PALETTE[0], alpha=0.18, linewidth=0,
+        label=f"{100 * (1 - alpha):g}% CI (pointwise bootstrap)",
+    )  # fmt: skip
+    band_art.set_gid("ci_band")
+    ax.plot(fpr, tpr, color=PALETTE[0], linewidth=1.8, label=f"{_plain(label, 30)}: {_auc_label(yb, p, alpha)}",
+            gid="roc_curve", drawstyle="default")  # fmt: skip
+    if operating_point is not None:
+        x, t = _rates(yb, p >= operating_point)
+        point = f"model at frozen threshold {operating_point:.3g} (sens {100 * t:.0f}%, spec {100 * (1 - x):.0f}%)"
+        ax.plot(x, t, marker="D", markersize=8, color=PALETTE[1], markeredgecolor="black", linestyle="none",
+                gid="operating_point", label=point)  # fmt: skip
+    _draw_readers(ax, readers)
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(_plain(title))
+    _square_axes(ax)
+    # Below the plot: a legend inside would hide the curve or the readers' points.
+    fig.legend(loc="outside lower center", frameon=False)
+    return fig
+
+
+def _draw_readers(ax: Any, readers: Sequence[ReaderPoint]) -> None:
+    """Each reader's points joined in cut-off order; the study's cut filled, the others hollow; cut-offs labelled."""
+    names = list(dict.fromkeys(r.reader for r in readers))
+    for i, name in enumerate(names):
+        mine = [r for r in readers if r.reader == name]
+        colour, marker = _READER_COLOURS[i % len(_READER_COLOURS)], _READER_MARKERS[i % len(_READER_MARKERS)]
+        labelled = len(mine) > 1 and (i == 0 or len(names) <= _LABELLED_READERS)
+        xs, ys = [r.fpr for r in mine], [r.tpr for r in mine]
+        if len(mine) > 1:
+            ax.plot(xs, ys, color=colour, linewidth=0.8, linestyle="--", gid=f"reader_curve:{name}")
+        for point in mine:
+            ax.plot(point.fpr, point.tpr, marker=marker, markersize=6, linestyle="none", color=colour,
+                    markerfacecolor=colour if point.study_cut else "white", markeredgecolor=colour,
+                    gid=f"reader:{name}:{point.cut}")  # fmt: skip
+            if labelled:
+                ax.annotate(_cut_text(point.cut), (point.fpr, point.tpr), xytext=(4, -9), textcoords="offset points",
+                            fontsize=7, color=colour, gid=f"reader_cut:{name}:{point.cut}")  # fmt: skip
+        study = next((r for r in mine if r.study_cut), mine[0])
+        ax.plot([], [], marker=marker, color=colour, linestyle="--" if len(mine) > 1 else "none",
+                label=f"reader {_plain(name, 20)} ({_cut_text(study.cut)}: sens {100 * study.tpr:.0f}%, "
+                f"spec {100 * (1 - study.fpr):.0f}%)")  # fmt: skip
+
+
+def _cut_text(cut: str) -> str:
+    return _plain(cut).replace(">=", "\u2265")
+
+
+def roc_models_figure(
+    curves: Mapping[str, tuple[object, object]], *, title: str = "ROC curves", alpha: float = 0.05
+) -> MplFigure:
+    """The ROC curves of several models on the same cases, one colour each, AUC with DeLong CI in the legend.
+
+    Args:
+        curves: model name -> (labels, probabilities).
+    """
+    if not curves:
+        raise FigureError("no model to draw: pass at least one (labels, probabilities) pair.")
+    fig = _new_figure(5.6, 5.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, gid="chance")
+    for i, (name, (y, prob)) in enumerate(curves.items()):
+        yb, p = _labels_and_scores(y, prob)
+        fpr, tpr = _roc_points(yb, p)
+        ax.plot(fpr, tpr, color=PALETTE[i % len(PALETTE)], linewidth=1.6, gid=f"roc_curve:{name}",
+                label=f"{_plain(name, 30)}: {_auc_label(yb, p, alpha)}")  # fmt: skip
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(_plain(title))
+    _square_axes(ax)
+    ax.legend(loc="lower right", frameon=True, framealpha=0.9)
+    return fig
+
+
+def birads_reader_points(
+    truth: pd.Series, readings: pd.DataFrame, *, positive_from: str = "4a", cuts: Sequence[str] = BIRADS_CUTS
+) -> list[ReaderPoint]:
+    """Readers' operating points on the cases in `truth`: for BI-RADS readings one point per cut-off (>= 3, >= 4a,
+    ..., >= 5; `alnus.readers.birads_call`), for scores or given calls the reader's own calls.
+
+    A cut that a reader's readings cannot make (>= 4b or >= 4c when some are a plain 4) is left out for that reader;
+    BI-RADS 0 (incomplete) readings are not used, as in the reader comparison.
+
+    Args:
+        truth: 0/1 per case, indexed by case id.
+        readings: `alnus.readers.readings_from_manifest` / `readings_from_csv`.
+        positive_from: the study's cut (its point is marked `study_cut`).
+    """
+    from alnus.readers import ReaderError, birads_call
+
+    study = _cut_key(positive_from)
+    points = []
+    for name, mine in readings.groupby("reader", sort=False):
+        ok = mine[mine["case"].isin(truth.index) & mine["score"].notna()]
+        yb = truth.reindex(ok["case"]).to_numpy().astype(bool)
+        if ok.empty or yb.all() or not yb.any():
+            continue
+        if (ok["scale"] == "birads").all() and not (ok["call_rule"] == "given").any():
+            for cut in cuts:
+                try:
+                    calls = birads_call(ok["value"].reset_index(drop=True), cut)
+                except ReaderError:
+                    continue  # a plain 4 cannot be placed above or below 4b/4c
+                points.append(ReaderPoint(str(name), f">={cut}", *_rates(yb, calls), study_cut=_cut_key(cut) == study))
+        elif ok["call"].notna().all():
+            calls = ok["call"].to_numpy(dtype=bool)
+            points.append(ReaderPoint(str(name), str(ok["call_rule"].iloc[0]), *_rates(yb, calls), study_cut=True))
+    return points
+
+
+def _cut_key(cut: str) -> str:
+    # Every BI-RADS 4 is at least 4a (alnus.readers), so ">= 4" and ">= 4a" are one cut.
+    key = str(cut).replace(" ", "").lower().removeprefix(">=")
+    return "4a" if key == "4" else key
+
+
+# ---------------------------------------------------------------------------------- calibration, decision
+def calibration_figure(
+    y: object, prob: object, *, n_bins: int = 10, title: str = "Calibration", alpha: float = 0.05
+) -> MplFigure:
+    """Reliability diagram (`alnus.stats.calibration`, quantile bins): observed fraction positive against the mean
+    predicted probability per bin with Clopper-Pearson CIs and the count of each bin, a histogram of the counts
+    below, and the Brier score, calibration slope and intercept."""
+    yb, p = _labels_and_scores(y, prob)
+    try:
+        cal = stats.calibration(yb, p, n_bins=n_bins, alpha=alpha)
+    except stats.StatsError as exc:
+        raise FigureError(f"no calibration plot: {exc}") from exc
+    bins = cal.bins
+    fig = _new_figure(5.2, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, label="perfect calibration", gid="diagonal")
+    errors = [bins["observed"] - bins["ci_low"], bins["ci_high"] - bins["observed"]]
+    top.errorbar(bins["mean_predicted"], bins["observed"], yerr=errors, fmt="o-", color=PALETTE[0], capsize=3,
+                 markersize=5, linewidth=1.2, gid="reliability",
+                 label=f"observed per bin ({100 * (1 - alpha):g}% CI, Clopper-Pearson)")  # fmt: skip
+    for _, row in bins.iterrows():
+        top.annotate(f"n={int(row['count'])}", (row["mean_predicted"], row["observed"]), xytext=(5, 4),
+                     textcoords="offset points", fontsize=7, color="#333333", gid="bin_count")  # fmt: skip
+    summary = (
+        f"Brier {cal.brier:.3f}\nslope {cal.slope:.2f} ({cal.slope_ci_low:.2f} to {cal.slope_ci_high:.2f})\n"
+        f"intercept {cal.intercept:.2f} ({cal.intercept_ci_low:.2f} to {cal.intercept_ci_high:.2f})"
+    )
+    top.text(0.03, 0.97, summary, transform=top.transAxes, va="top", fontsize=8, gid="calibration_summary",
+             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#cccccc"})  # fmt: skip
+    top.set_ylabel("observed fraction positive")
+    top.set_title(_plain(title))
+    top.set_xlim(-0.01, 1.01)
+    top.set_ylim(-0.02, 1.02)
+    top.grid(True, color="#dddddd", linewidth=0.6)
+    top.legend(loc="lower right")
+    widths = (bins["prob_high"] - bins["prob_low"]).clip(lower=0.01)
+    bottom.bar(bins["prob_low"], bins["count"], width=widths, align="edge", color=PALETTE[5],
+               edgecolor="white", gid="bin_histogram")  # fmt: skip
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("cases")
+    return fig
+
+
+def decision_curve_figure(
+    y: object, prob: object, *, threshold: float | None = None, title: str = "Decision curve"
+) -> MplFigure:
+    """Net benefit against the threshold probability (Vickers & Elkin 2006; `alnus.stats.decision_curve`) for the
+    model, treat-all and treat-none, with the model's frozen threshold marked."""
+    yb, p = _labels_and_scores(y, prob)
+    pt = np.round(np.linspace(0.01, 0.99, 99), 2)
+    curve = stats.decision_curve(yb, p, pt)
+    fig = _new_figure(5.6, 4.2)
+    ax = fig.add_subplot()
+    ax.plot(pt, curve["net_benefit_model"], color=PALETTE[0], linewidth=1.8, label="model", gid="net_benefit_model")
+    ax.plot(pt, curve["net_benefit_treat_all"], color=PALETTE[1], linewidth=1.2, linestyle="--", label="treat all",
+            gid="net_benefit_treat_all")  # fmt: skip
+    ax.plot(pt, curve["net_benefit_treat_none"], color="black", linewidth=1.0, label="treat none",
+            gid="net_benefit_treat_none")  # fmt: skip
+    if threshold is not None:
+        ax.axvline(threshold, color=PALETTE[2], linestyle=":", linewidth=1.2, gid="frozen_threshold",
+                   label=f"frozen threshold {threshold:.3g}")  # fmt: skip
+    prevalence = float(yb.mean())
+    top = max(prevalence, float(curve["net_benefit_model"].max()))
+    # Treat-all falls without bound at high thresholds; the interesting range is around zero up to the prevalence.
+    ax.set_ylim(-0.05 - 0.1 * top, top * 1.15 + 0.01)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("threshold probability")
+    ax.set_ylabel("net benefit")
+    ax.set_title(_plain(title))
+    ax.grid(True, color="#dddddd", linewidth=0.6)
+    ax.legend(loc="upper right")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ training
+def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, title: str = "Training") -> MplFigure:
+    """Loss (train and validation) and validation AUC per epoch from `history.csv`; the best epoch marked (by default
+    the first with the highest validation AUC, as training selects it) and the head-only phase shaded."""
+    needed = ["epoch", "train_loss", "val_loss", "val_auc"]
+    missing = [c for c in needed if c not in history.columns]
+    if missing or history.empty:
+        raise FigureError(f"a training history needs rows and the columns {', '.join(needed)}; missing: {missing}.")
+    h = history.copy()
+    for column in needed:
+        h[column] = pd.to_numeric(h[column], errors="coerce")
+    if best_epoch is None and h["val_auc"].notna().any():
+        best_epoch = int(h.loc[h["val_auc"].idxmax(), "epoch"])
+    fig = _new_figure(5.6, 5.2)
+    loss_ax, auc_ax = fig.subplots(2, 1, sharex=True)
+    loss_ax.plot(h["epoch"], h["train_loss"], marker=".", color=PALETTE[0], label="train loss", gid="train_loss")
+    loss_ax.plot(h["epoch"], h["val_loss"], marker=".", color=PALETTE[1], label="validation loss", gid="val_loss")
+    auc_ax.plot(h["epoch"], h["val_auc"], marker=".", color=PALETTE[2], label="validation AUC", gid="val_auc")
+    if "phase" in h.columns and (h["phase"] == "head").any():
+        head = h.loc[h["phase"] == "head", "epoch"]
+        for ax in (loss_ax, auc_ax):
+            ax.axvspan(head.min() - 0.5, head.max() + 0.5, color="#bbbbbb", alpha=0.3, linewidth=0,
+                       label="head only (backbone frozen)", gid="head_phase")  # fmt: skip
+    if best_epoch is not None:
+        for ax in (loss_ax, auc_ax):
+            ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1.0, label=f"best epoch {best_epoch}",
+                       gid="best_epoch")  # fmt: skip
+    loss_ax.set_ylabel("loss")
+    auc_ax.set_ylabel("validation AUC")
+    auc_ax.set_xlabel("epoch")
+    loss_ax.set_title(_plain(title))
+    for ax in (loss_ax, auc_ax):
+        ax.grid(True, color="#dddddd", linewidth=0.6)
+        ax.legend(loc="best")
+    auc_ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------- flow
+@dataclass(frozen=True)
+class Flow:
+    """Counts of the patient flow (STARD 2015): manifest rows -> exclusions -> included -> each split and site.
+
+    `reasons` groups the excluded rows by their first problem (so the counts add up to `excluded_rows`); `splits`
+    has columns split, site, patients, images, positive_patients, positive_images.
+    """
+
+    rows: int
+    patients: int
+    excluded_rows: int
+    excluded_patients: int
+    reasons: tuple[tuple[str, int], ...]
+    valid_rows: int
+    valid_patients: int
+    split_rows: int
+    splits: pd.DataFrame
+
+
+def _patients(table: pd.DataFrame) -> pd.Series:
+    """One key per row naming its patient (site, patient_id), as in the split and evaluation."""
+    cols = [table[c].astype(str) if c in table.columns else pd.Series("", index=table.index) for c in
+            UNIT_COLUMNS["patient"]]  # fmt: skip
+    return cols[0].str.cat(cols[1:], sep="\x1f")
+
+
+def _reason_group(column: object, reason: object) -> str:
+    """A problem's kind without the row's own details (paths, numbers, quoted values), to count rows per kind."""
+    import re
+
+    text = re.split(r"[:;(]", str(reason), maxsplit=1)[0]
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "", text)
+    text = re.sub(r"\S*[/\\\d]\S*", "", text)
+    text = re.sub(r"\s+", " ", text).strip(" ,.") or "invalid value"
+    return f"{column}: {text}" if str(column).strip() else text
+
+
+def flow_counts(manifest: pd.DataFrame, exclusions: pd.DataFrame, splits: pd.DataFrame, *, positive_label: str) -> Flow:
+    """The flow diagram's numbers from the run's manifest.csv, exclusions.csv and splits.csv.
+
+    Args:
+        manifest: every row of the manifest (spreadsheet row = index + 2, as `exclusions.row` counts).
+        exclusions: one line per problem (row, column, reason); a row may have several.
+        splits: the included rows with their split.
+        positive_label: the positive class of `label`.
+    """
+    rows = pd.to_numeric(exclusions.get("row", pd.Series(dtype=str)), errors="coerce")
+    first = exclusions.assign(_row=rows).dropna(subset=["_row"]).drop_duplicates("_row")
+    excluded = set(first["_row"].astype(int))
+    spreadsheet_rows = pd.Series(np.arange(len(manifest)) + 2, index=manifest.index)
+    kept = manifest[~spreadsheet_rows.isin(excluded)]
+    counts: dict[str, int] = {}
+    for column, reason in zip(first.get("column", ""), first.get("reason", ""), strict=False):
+        key = _reason_group(column, reason)
+        counts[key] = counts.get(key, 0) + 1
+    all_patients, kept_patients = set(_patients(manifest)), set(_patients(kept))
+    return Flow(
+        rows=len(manifest),
+        patients=len(all_patients),
+        excluded_rows=len(excluded),
+        excluded_patients=len(all_patients - kept_patients),
+        reasons=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        valid_rows=len(kept),
+        valid_patients=len(kept_patients),
+        split_rows=len(splits),
+        splits=_split_counts(splits, positive_label),
+    )
+
+
+def _split_counts(splits: pd.DataFrame, positive_label: str) -> pd.DataFrame:
+    """Patients, images and positives per split and site, splits in study order."""
+    per = splits.assign(
+        _patient=_patients(splits),
+        _pos=splits["label"].astype(str) == positive_label,
+        site=splits["site"].astype(str) if "site" in splits.columns else "",
+    )
+    keys = ["split", "site"]
+    table = per.groupby(keys, sort=False).agg(
+        patients=("_patient", "nunique"), images=("_patient", "size"), positive_images=("_pos", "sum")
+    )
+    positives = per[per["_pos"]].groupby(keys, sort=False)["_patient"].nunique()
+    table.insert(2, "positive_patients", positives.reindex(table.index, fill_value=0))
+    table = table.reset_index().astype({c: int for c in ("patients", "images", "positive_patients", "positive_images")})
+    order = table["split"].map({name: i for i, name in enumerate(SPLITS)}).fillna(len(SPLITS))
+    return table.assign(_order=order).sort_values(["_order", "site"]).drop(columns="_order").reset_index(drop=True)
+
+
+def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6) -> MplFigure:
+    """STARD-style flow diagram: manifest -> excluded (reasons with counts) -> included -> one box per split with
+    patients, images and positives per site. Boxes are matplotlib text boxes joined by arrows."""
+    fig = _new_figure(10, 6)
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(_plain(title))
+    box = {"boxstyle": "round,pad=0.5", "facecolor": "#f4f8fb", "edgecolor": PALETTE[0], "linewidth": 1.2}
+    side = {**box, "facecolor": "#fdf3ec", "edgecolor": PALETTE[1]}
+    top = ax.text(0.32, 0.93, f"Manifest\n{_count(flow.rows, 'image')}, {_count(flow.patients, 'patient')}",
+                  ha="center", va="center",
+                  bbox=box, gid="flow:manifest")  # fmt: skip
+    middle = ax.text(0.32, 0.6, _included_text(flow), ha="center", va="center", bbox=box, gid="flow:included")
+    excluded = ax.text(0.62, 0.78, _excluded_text(flow, max_reasons), ha="left", va="center", fontsize=8, bbox=side,
+                       gid="flow:excluded")  # fmt: skip
+    arrow = {"arrowstyle": "-|>", "color": "#444444", "linewidth": 1.0, "shrinkA": 2, "shrinkB": 2}
+    ax.annotate("", xy=(0.5, 1), xycoords=middle, xytext=(0.5, 0), textcoords=top, arrowprops=arrow)
+    ax.annotate("", xy=(0, 0.5), xycoords=excluded, xytext=(0.32, 0.78), textcoords="data", arrowprops=arrow)
+    names = list(dict.fromkeys(flow.splits["split"]))
+    for i, name in enumerate(names):
+        x = (i + 0.5) / len(names)
+        rows = flow.splits[flow.splits["split"] == name]
+        split_box = ax.text(x, 0.42, _split_text(name, rows), ha="center", va="top", fontsize=8, bbox=box,
+                            gid=f"flow:split:{name}")  # fmt: skip
+        ax.annotate("", xy=(0.5, 1), xycoords=split_box, xytext=(0.5, 0), textcoords=middle, arrowprops=arrow)
+    return fig
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _included_text(flow: Flow) -> str:
+    text = f"Included\n{_count(flow.valid_rows, 'image')}, {_count(flow.valid_patients, 'patient')}"
+    if flow.split_rows != flow.valid_rows:
+        text += f"\n({_count(flow.valid_rows - flow.split_rows, 'image')} in no split)"
+    return text
+
+
+def _excluded_text(flow: Flow, max_reasons: int) -> str:
+    lines = [f"Excluded: {_count(flow.excluded_rows, 'image')}"]
+    if flow.excluded_patients:
+        lines[0] += f" ({_count(flow.excluded_patients, 'patient')} left with none)"
+    shown = flow.reasons[:max_reasons]
+    for reason, n in shown:
+        wrapped = textwrap.wrap(_plain(reason, 90), 45)
+        lines.append(f"  {n} \u00d7 {wrapped[0]}")
+        lines.extend(f"      {part}" for part in wrapped[1:])
+    rest = sum(n for _, n in flow.reasons[max_reasons:])
+    if rest:
+        lines.append(f"  {rest} \u00d7 other reasons (see exclusions.csv)")
+    if not flow.reasons:
+        lines.append("  none")
+    return "\n".join(lines)
+
+
+def _split_text(name: str, rows: pd.DataFrame) -> str:
+    patients, images = int(rows["patients"].sum()), int(rows["images"].sum())
+    positives = int(rows["positive_patients"].sum())
+    lines = [name.replace("_", " "), f"{_count(patients, 'patient')}, {_count(images, 'image')}",
+             f"{_count(positives, 'positive patient')}"]  # fmt: skip
+    for _, row in rows.iterrows():
+        lines.append(
+            f"{_plain(row['site'] or 'no site', 22)}: {int(row['patients'])} pt, {int(row['images'])} img, "
+            f"{int(row['positive_patients'])} pos"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def _save(fig: MplFigure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class _Writer:
+    """Draws figures into `figures/` and keeps the list (and, for what could not be drawn, the reason)."""
+
+    run: RunFolder
+    figures: list[Figure]
+    skipped: list[dict[str, Any]]
+
+    def add(self, name: str, draw: Any, caption: str, section: str, model: str | None, split: str | None) -> None:
+        import matplotlib
+
+        try:
+            with matplotlib.rc_context(_FONT):
+                fig = draw()
+                path = self.run.figures / f"{name}.png"
+                _save(fig, path)
+        except (FigureError, EvaluateError, stats.StatsError) as exc:
+            self.skipped.append({"name": name, "section": section, "model": model, "split": split, "reason": str(exc)})
+            return
+        self.figures.append(Figure(name, path, caption, section, model, split))
+
+
+def make_figures(
+    run_dir: str | os.PathLike[str], *, models: Sequence[str] | None = None, n_boot: int | None = None
+) -> list[Figure]:
+    """Draw every figure of a run into `runs/<name>/figures/*.png` and list them in `figures/index.json`.
+
+    Needs an evaluated run (`metrics.json`: each model's frozen threshold and the evaluation settings). A figure
+    that the data cannot give (a split with one class, a calibration that cannot be fitted, no history) is left out
+    and its reason is written to `figures/skipped.json`.
+
+    Args:
+        models: backbones (default: every evaluated model package).
+        n_boot: bootstrap resamples of the ROC band (default: the evaluation's `n_boot`).
+
+    Returns:
+        The figures written, in report order (flow, ROC, calibration, decision, training).
+    """
+    run = RunFolder(run_dir)
+    metrics = _read_metrics(run)
+    packaged = run_models(run.root, list(models) if models else None)
+    names = [m for m in packaged if m in metrics["models"]]
+    unevaluated = [m for m in packaged if m not in metrics["models"]]
+    if models and unevaluated:
+        raise FigureError(
+            f"{run.metrics} has no results for {', '.join(unevaluated)}; run `alnus evaluate {run.root}` first."
+        )
+    settings = metrics.get("settings", {})
+    boot = {"n_boot": int(n_boot or settings.get("n_boot", 2000)), "seed": int(settings.get("seed", 0)),
+            "alpha": float(settings.get("alpha", 0.05))}  # fmt: skip
+    writer = _Writer(run, [], [])
+    for m in unevaluated:
+        reason = f"model {m} has a package but no results in {run.metrics}; run `alnus evaluate {run.root}`"
+        writer.skipped.append({"name": m, "section": "roc", "model": m, "split": None, "reason": reason})
+    _flow(writer, run)
+    predictions = {m: read_predictions(run.root, m) for m in names}
+    points = {m: metrics["models"][m]["threshold"] for m in names}
+    splits = read_splits(run.root) if run.splits.is_file() else None
+    for split in EVALUATION_SPLITS:
+        have = [m for m in names if split in predictions[m]]
+        cases = {m: curve_cases(predictions[m][split], points[m]) for m in have}
+        if len(have) > 1:
+            level = cases[have[0]][1]
+            curves = {m: (c["y"], c["prob"]) for m, (c, _) in cases.items()}
+            caption = (f"ROC curves of all models on the {split} split, per {level}; AUC with DeLong "
+                       f"{100 * (1 - boot['alpha']):g}% CI in the legend.")  # fmt: skip
+            title = f"All models, {split}, per {level}"
+            draw = lambda: roc_models_figure(curves, title=title, alpha=boot["alpha"])  # noqa: B023, E731 - drawn now
+            writer.add(f"roc_{split}", draw, caption, "roc", None, split)
+        for m in have:
+            c, level = cases[m]
+            readers = _readers(splits, split, predictions[m][split], points[m], settings) if splits is not None else []
+            _model_split_figures(writer, m, split, c, level, points[m], readers, settings, boot)
+    for m in names:
+        _training(writer, run, m)
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    figures = sorted(writer.figures, key=lambda f: order[f.section])
+    atomic_write_text(run.figures_index, json.dumps([f.to_json() for f in figures], indent=2) + "\n")
+    atomic_write_text(run.figures / "skipped.json", json.dumps(writer.skipped, indent=2) + "\n")
+    return figures
+
+
+def read_figures_index(run_dir: str | os.PathLike[str]) -> list[Figure]:
+    """The figures that `make_figures` wrote (`figures/index.json`), with full paths."""
+    run = RunFolder(run_dir)
+    if not run.figures_index.is_file():
+        raise FigureError(f"{run.figures_index} not found; draw the figures first (`make_figures`).")
+    try:
+        entries = json.loads(run.figures_index.read_text(encoding="utf-8"))
+        return [Figure(**{**e, "path": run.figures / Path(e["path"]).name}) for e in entries]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise FigureError(f"{run.figures_index} is damaged ({exc}); draw the figures again.") from None
+
+
+def _read_metrics(run: RunFolder) -> dict[str, Any]:
+    if not run.metrics.is_file():
+        raise FigureError(f"{run.metrics} not found; the figures need an evaluated run (`alnus evaluate {run.root}`).")
+    try:
+        metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
+        metrics["models"]  # noqa: B018 - the one key every figure needs
+    except (ValueError, KeyError, TypeError):
+        raise FigureError(f"{run.metrics} is damaged; run `alnus evaluate {run.root}` again.") from None
+    return metrics
+
+
+def _model_split_figures(
+    writer: _Writer,
+    model: str,
+    split: str,
+    cases: pd.DataFrame,
+    level: str,
+    point: Mapping[str, Any],
+    readers: list[ReaderPoint],
+    settings: Mapping[str, Any],
+    boot: Mapping[str, Any],
+) -> None:
+    y, prob, value = cases["y"], cases["prob"], float(point["value"])
+    where = f"{model}, {split}, per {level}"
+    n = f"n = {len(cases)}, {int(y.sum())} positive"
+    ci = f"{100 * (1 - boot['alpha']):g}%"
+    roc_caption = (
+        f"ROC curve of {model} on the {split} split, per {level} ({n}). Shaded: pointwise {ci} CI of the sensitivity "
+        f"at each specificity (stratified percentile bootstrap, {boot['n_boot']} resamples, as pROC's ci.se); AUC "
+        f"with its DeLong {ci} CI in the legend. Diamond: the model at its threshold frozen on validation "
+        f"({value:.3g}, {rule_name(point)})."
+    )
+    if readers:
+        cuts = {r.cut for r in readers}
+        cut = settings.get("reader_positive_from", "4a")
+        roc_caption += (
+            f" Readers: each reader's BI-RADS cut-offs ({', '.join(sorted(cuts))}) joined along the reader's ROC; the "
+            f"filled point is the study's call (>= {cut})."
+            if len(cuts) > 1
+            else " Readers: each reader's calls."
+        )
+    writer.add(f"roc_{model}_{split}", lambda: roc_figure(
+        y, prob, readers=readers, operating_point=value, title=f"ROC: {where}", label=model, **boot),
+        roc_caption, "roc", model, split)  # fmt: skip
+    writer.add(f"calibration_{model}_{split}", lambda: calibration_figure(
+        y, prob, title=f"Calibration: {where}", alpha=boot["alpha"]),
+        f"Reliability diagram of {model} on the {split} split, per {level} ({n}): observed fraction positive per "
+        f"bin of predicted probability (10 equal-count bins, Clopper-Pearson {ci} CIs), bin counts below; Brier "
+        "score, calibration slope and intercept (logistic recalibration, Wald CIs).",
+        "calibration", model, split)  # fmt: skip
+    writer.add(f"decision_{model}_{split}", lambda: decision_curve_figure(
+        y, prob, threshold=value, title=f"Decision curve: {where}"),
+        f"Decision curve of {model} on the {split} split, per {level} ({n}): net benefit against the threshold "
+        "probability (Vickers & Elkin 2006) for the model, treating all and treating none; dotted line: the frozen "
+        "threshold.", "decision", model, split)  # fmt: skip
+
+
+def _readers(
+    splits: pd.DataFrame,
+    split: str,
+    predictions: pd.DataFrame,
+    point: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> list[ReaderPoint]:
+    """Reader points on a test split, on the same cases as the model's curve; none when no one read them."""
+    from alnus.evaluate import aggregate_predictions
+    from alnus.readers import ReaderError, readings_from_manifest
+
+    rows = splits[splits["split"] == split].copy()
+    columns = [c for c in rows.columns if c.startswith("reader_") and len(c) > len("reader_")]
+    if split not in _TEST_SPLITS or rows.empty or not columns:
+        return []
+    _, level = curve_cases(predictions, point)
+    keys = list(UNIT_COLUMNS[level])
+    for column in keys:
+        if column not in rows.columns:
+            rows[column] = ""
+    rows["case"] = rows[keys].astype(str).agg("/".join, axis=1)
+    cases = aggregate_predictions(predictions, level)
+    truth = pd.Series(cases["y"].to_numpy(), index=cases[keys].astype(str).agg("/".join, axis=1))
+    scale = settings.get("reader_scale", "birads")
+    try:
+        readings = readings_from_manifest(
+            rows, case_col="case", columns={c.removeprefix("reader_"): c for c in columns}, scale=scale,
+            positive_from=str(settings.get("reader_positive_from", "4a")),
+            threshold=settings.get("reader_score_threshold"),
+        )  # fmt: skip
+    except ReaderError:
+        return []  # evaluate reported it already (metrics.json readers.<split>.<model>.error)
+    return birads_reader_points(truth, readings, positive_from=str(settings.get("reader_positive_from", "4a")))
+
+
+def _flow(writer: _Writer, run: RunFolder) -> None:
+    if not (run.manifest.is_file() and run.exclusions.is_file() and run.splits.is_file()):
+        writer.skipped.append({"name": "flow", "section": "flow", "model": None, "split": None,
+                               "reason": f"{run.root} has no manifest.csv, exclusions.csv and splits.csv"})  # fmt: skip
+        return
+    read = {"dtype": str, "keep_default_na": False}
+    flow = flow_counts(pd.read_csv(run.manifest, **read), pd.read_csv(run.exclusions, **read), read_splits(run.root),
+                       positive_label=_positive_label(run))  # fmt: skip
+    caption = (
+        f"Flow of patients and images (STARD 2015): {flow.rows} manifest rows, {flow.excluded_rows} excluded "
+        f"(grouped by their first problem; every problem is in exclusions.csv), {flow.valid_rows} included, and "
+        "patients, images and positive patients per split and site."
+    )
+    writer.add("flow", lambda: flow_figure(flow, title=f"Patient flow: {run.name}"), caption, "flow", None, None)
+
+
+def _positive_label(run: RunFolder) -> str:
+    """The positive class from the run's config (the label named in splits.csv)."""
+    import yaml
+
+    from alnus.config import ConfigError, config_from_dict, safe_yaml
+
+    try:
+        raw = safe_yaml(run.config.read_text(encoding="utf-8")) or {}
+        return str(config_from_dict(raw, where=str(run.config)).data.positive_label)
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        raise FigureError(f"{run.config} cannot be read ({exc}); prepare the run again.") from exc
+
+
+def _training(writer: _Writer, run: RunFolder, model: str) -> None:
+    folder = run.model(model)
+    if not folder.history.is_file():
+        writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
+                               "reason": f"{folder.history} not found"})  # fmt: skip
+        return
+    history = pd.read_csv(folder.history)
+    best = _best_epoch(folder.metadata)
+    writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),
+               f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
+               "the best epoch (the package's weights); shaded: epochs that trained the new head only.",
+               "training", model, None)  # fmt: skip
+
+
+def _best_epoch(metadata: Path) -> int | None:
+    try:
+        best = json.loads(metadata.read_text(encoding="utf-8")).get("best_epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(best) if isinstance(best, (int, float)) and not math.isnan(best) and best > 0 else None

@@ -1,0 +1,248 @@
+"""The report's methods, written from the run's resolved config, env.json, data.json, the model packages' metadata
+and the training histories: what was done, with the settings that did it, in sentences a reader of a paper expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from alnus.operating_point import describe, rule_name
+from alnus.report._inputs import RunInputs
+from alnus.report.tables import Block, pct
+
+# Heat-map methods by their `alnus explain --method` name, as a paper names them.
+_CAM_NAMES = {
+    "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
+    "gradcam++": "Grad-CAM++ (Chattopadhay et al. 2018)",
+    "gradcampp": "Grad-CAM++ (Chattopadhay et al. 2018)",
+    "eigencam": "EigenCAM (Muhammad & Yeasin 2020)",
+    "scorecam": "Score-CAM (Wang et al. 2020)",
+}
+
+_CI_NAMES = {"clopper-pearson": "exact Clopper-Pearson (1934)", "wilson": "Wilson score (1927)"}
+
+
+def _data(inputs: RunInputs) -> Block:
+    data = inputs.config.get("data", {})
+    stamp = inputs.data_stamp
+    rows, valid = stamp.get("rows"), stamp.get("valid_rows")
+    labels = data.get("labels") or sorted(inputs.splits["label"].unique())
+    positive = data.get("positive_label", "positive")
+    sites = sorted(inputs.splits["site"].unique())
+    external = data.get("external_sites") or []
+    counted = (
+        f"The manifest had {rows} image rows; {valid} passed validation and {rows - valid} were excluded "
+        "(reasons under Patient flow)."
+        if isinstance(rows, int) and isinstance(valid, int)
+        else f"The split holds {len(inputs.splits)} images (the manifest's row count was not recorded)."
+    )
+    return Block(
+        "methods-data",
+        "Data and reference standard",
+        paragraphs=[
+            "Retrospective: the images, labels and readings existed before this analysis; one manifest row per "
+            "image (image, patient, site, label, region of interest, readings, clinical columns).",
+            counted,
+            f"Reference standard: the manifest's label column ({', '.join(map(str, labels))}); the positive class is "
+            f"{positive}. Sites: {', '.join(s or 'unnamed' for s in sites)}; held out as the external test: "
+            f"{', '.join(map(str, external)) or 'none'}.",
+        ],
+    )
+
+
+def _split(inputs: RunInputs) -> Block:
+    data = inputs.config.get("data", {})
+    duplicates = "checked (perceptual hash)" if data.get("check_duplicates", True) else "not checked"
+    if data.get("group_duplicates"):
+        duplicates += "; patients sharing near-duplicate images were kept together"
+    return Block(
+        "methods-split",
+        "Split",
+        paragraphs=[
+            "Patient-level and label-stratified: all images of a patient are in one split, so no patient is both "
+            "trained and tested on. External sites are only ever tested on. Of the development patients, "
+            f"{pct(data.get('internal_test_frac', 0.1))} form the internal test; of the rest, "
+            f"{pct(data.get('val_frac', 0.1))} form the validation split (threshold and epoch selection); the others "
+            f"train. Random seed {data.get('seed', 0)}. Near-duplicate images across splits: {duplicates}.",
+        ],
+        items=[str(note) for note in inputs.data_stamp.get("notes", [])],
+    )
+
+
+def _preprocessing(inputs: RunInputs) -> Block:
+    items = []
+    for model, meta in inputs.metadata.items():
+        pre, norm = meta["preprocess"], meta.get("normalisation", {})
+        roi = pre["roi"]
+        crop = (
+            "the whole image"
+            if roi["mode"] == "whole"
+            else f"the lesion {roi['mode']} plus a margin of {pct(roi['margin'])} of its width and height on each side"
+        )
+        items.append(
+            f"{model}: {crop}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
+            f"{', aspect ratio kept (letterbox)' if pre['keep_aspect'] else ', stretched'}); normalised with mean "
+            f"{norm.get('mean', '?')} and std {norm.get('std', '?')}."
+        )
+    return Block(
+        "methods-preprocessing",
+        "Preprocessing and region of interest",
+        paragraphs=[
+            "Each image is decoded once to 8-bit grey-scale (DICOM, PNG, JPEG; colour to luminance), cropped to "
+            "the region of interest and resized; the network sees the grey image replicated to three channels. "
+            "Training, prediction and the service share this one preprocessing function."
+        ],
+        items=items,
+    )
+
+
+def _augmentation(inputs: RunInputs) -> Block:
+    from alnus.data.augment import AugmentConfigError, UltrasoundAugment
+
+    augment = inputs.config.get("train", {}).get("augment", {})
+    if augment is None:
+        return Block("methods-augmentation", "Augmentation", paragraphs=["None: training images were not augmented."])
+    try:
+        settings = UltrasoundAugment.from_config(augment).to_dict()
+    except (AugmentConfigError, TypeError, ValueError):
+        settings = dict(augment)
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+    return Block(
+        "methods-augmentation",
+        "Augmentation",
+        paragraphs=[
+            "Training images only, drawn anew each epoch from (seed, epoch, image): left-right flips, small "
+            f"rotations, scaling and shifts, brightness, contrast and gamma, multiplicative speckle. Settings: {shown}."
+        ],
+    )
+
+
+def _training_time(inputs: RunInputs, model: str) -> str:
+    history = inputs.history.get(model)
+    if history is None or "seconds" not in history.columns:
+        return "training time not recorded"
+    return f"{len(history)} epochs in {history['seconds'].sum():.0f} s"
+
+
+def _models(inputs: RunInputs) -> Block:
+    train = inputs.config.get("train", {})
+    items = []
+    for model, meta in inputs.metadata.items():
+        items.append(
+            f"{model}: starting weights {meta.get('weights_source', '?')}; best epoch {meta.get('best_epoch', '?')} "
+            f"by validation AUC per {meta.get('selection', {}).get('level', 'patient')} "
+            f"({_training_time(inputs, model)}); weights SHA-256 {meta.get('weights_sha256', '')[:12]}."
+        )
+    stop = train.get("early_stopping_patience")
+    return Block(
+        "methods-models",
+        "Models and training",
+        paragraphs=[
+            "One output (the positive-class logit) per backbone, trained with binary cross-entropy "
+            f"({train.get('balance', 'weighted_loss')} for class balance), {train.get('optimizer', 'adamw')} at "
+            f"learning rate {train.get('lr')} (weight decay {train.get('weight_decay')}, {train.get('warmup_epochs')} "
+            f"warm-up epochs, {train.get('head_epochs')} head-only epochs), batch size {train.get('batch_size')}, up "
+            f"to {train.get('epochs')} epochs"
+            + (f" with early stopping after {stop} epochs without improvement" if stop else "")
+            + f", precision {train.get('precision')}, seed {train.get('seed')}. The epoch with the best validation "
+            "AUC is kept. No ensembling: each model is reported on its own.",
+        ],
+        items=items,
+    )
+
+
+def _threshold(inputs: RunInputs) -> Block:
+    items = []
+    for model in inputs.models:
+        t = inputs.metrics["models"][model]["threshold"]
+        items.append(
+            f"{model}: {t['value']:.4g} by {rule_name(t)} on the validation split ({describe(t)}), frozen "
+            f"{str(t.get('frozen_at', ''))[:10]} into the model package."
+        )
+    return Block(
+        "methods-threshold",
+        "Operating threshold",
+        paragraphs=[
+            "Chosen once per model on the validation split only, by a named rule at the study's level, and frozen "
+            "into the model package; the internal and external tests, `alnus predict` and the service apply it "
+            "unchanged at that level."
+        ],
+        items=items,
+    )
+
+
+def _statistics(inputs: RunInputs) -> Block:
+    settings: Mapping[str, Any] = inputs.metrics.get("settings", {})
+    auc_ci = settings.get("auc_ci", {})
+    ci = str(settings.get("proportion_ci", "clopper-pearson"))
+    ci = _CI_NAMES.get(ci, ci)
+    scale = settings.get("reader_scale", "birads")
+    if scale == "birads":
+        calls = f"BI-RADS >= {settings.get('reader_positive_from', '4a')}"
+    else:
+        cut = settings.get("reader_score_threshold")
+        calls = "none (scores compared by AUC only)" if cut is None else f"score >= {cut}"
+    items = [
+        f"Proportions (accuracy, sensitivity, specificity, PPV, NPV): {ci} 95% intervals.",
+        *(f"AUC 95% CI per {level}: {method}." for level, method in auc_ci.items()),
+        "Model vs model: DeLong (1988) test of paired AUCs (Sun & Xu 2014), P adjusted by Holm (1979).",
+        "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read; "
+        "DeLong test of AUC with the reader's BI-RADS categories as an ordinal score.",
+        "Model vs the reader panel: Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees of "
+        "freedom (fixed model, random readers and cases).",
+        "Calibration: Brier score, Cox slope and calibration-in-the-large, expected calibration error.",
+        f"Significance level {settings.get('alpha', 0.05)}; bootstrap resamples {settings.get('n_boot', '?')} "
+        f"(seed {settings.get('seed', 0)}); a reader's positive call: {calls}.",
+    ]
+    return Block("methods-statistics", "Statistics", items=items)
+
+
+def _explain(methods: list[str]) -> Block:
+    if not methods:
+        text = "No heat maps were made for this run (`alnus explain RUN` makes them)."
+    else:
+        names = ", ".join(_CAM_NAMES.get(m.lower(), m) for m in methods)
+        text = (
+            f"Heat maps by {names} with pytorch-grad-cam, on the positive-class logit at each backbone's CAM layer "
+            "(from the model registry), shown over the network's input crop in the original image's coordinates "
+            "with the lesion outline where known. The share of heat-map energy inside the lesion is given per image."
+        )
+    return Block("methods-explain", "Heat-map methods", paragraphs=[text])
+
+
+def _software(inputs: RunInputs) -> Block:
+    env = inputs.env
+    versions = ", ".join(f"{k} {env[k]}" for k in ("alnus", "python", "torch", "torchvision", "timm") if env.get(k))
+    git = env.get("git") if isinstance(env.get("git"), dict) else {}
+    code = (
+        f"git {str(git['sha'])[:12]}{' (with uncommitted changes)' if git.get('dirty') else ''}"
+        if git.get("sha")
+        else ""
+    )
+    cpu = env.get("cpu") if isinstance(env.get("cpu"), dict) else {}
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else {}
+    gpus = ", ".join(map(str, gpu.get("names", []))) or "none"
+    items = [
+        f"Software: {versions or 'not recorded'}{'; ' + code if code else ''}; OS {env.get('os', 'not recorded')}.",
+        f"Hardware: CPU {cpu.get('model', 'not recorded')} ({cpu.get('usable_cores', '?')} usable cores); GPU {gpus}.",
+        *(f"Training time, {model}: {_training_time(inputs, model)}." for model in inputs.metadata),
+        f"Run prepared {str(env.get('date', '?'))[:19]}; evaluated {str(inputs.metrics.get('created', '?'))[:19]} "
+        "(UTC).",
+    ]
+    return Block("methods-software", "Software, hardware and time", items=items)
+
+
+def methods_blocks(inputs: RunInputs, heatmap_methods: list[str]) -> list[Block]:
+    """The methods section's sub-sections, in the order a paper gives them."""
+    return [
+        _data(inputs),
+        _split(inputs),
+        _preprocessing(inputs),
+        _augmentation(inputs),
+        _models(inputs),
+        _threshold(inputs),
+        _statistics(inputs),
+        _explain(heatmap_methods),
+        _software(inputs),
+    ]

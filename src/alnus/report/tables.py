@@ -1,0 +1,332 @@
+"""The report's tables, as plain rows of text rounded for people: case characteristics, results, comparisons,
+readers and calibration. The numbers come from splits.csv and metrics.json; the machine-readable CSVs in `tables/`
+keep them unrounded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from alnus.operating_point import rule_name
+from alnus.runfolder import SPLITS
+
+# Manifest columns that are not clinical characteristics (identifiers, annotations, readings, the split itself).
+_NOT_CLINICAL = {"image", "patient_id", "study_id", "label", "site", "split", "roi", "mask", "frame", "group"}
+# Exclusion reasons shown in the report; every one of them is in exclusions.csv.
+_SHOWN_REASONS = 15
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell: its text, an optional second line in small type (e.g. the 95% CI), right-aligned if a number."""
+
+    text: str
+    sub: str = ""
+    numeric: bool = False
+
+
+_NUMBER_START = re.compile(r"^(?:[<>]?[-+]?\d|n/a$)")
+
+
+def as_cell(value: str | Cell) -> Cell:
+    return value if isinstance(value, Cell) else Cell(str(value), numeric=bool(_NUMBER_START.match(str(value))))
+
+
+@dataclass(frozen=True)
+class Table:
+    """One HTML table; the first `label_columns` cells of a row are its row headers."""
+
+    id: str
+    caption: str
+    columns: list[str]
+    rows: list[list[str | Cell]]
+    note: str = ""
+    label_columns: int = 1
+
+    @property
+    def cells(self) -> list[list[Cell]]:
+        return [[as_cell(v) for v in row] for row in self.rows]
+
+
+@dataclass
+class Block:
+    """A sub-section of the report: a heading, text, bullet points, tables and figures."""
+
+    id: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Any] = field(default_factory=list)
+    # Figures under sub-headings: (heading, figures), e.g. the heat maps of true positives, then of false positives.
+    groups: list[tuple[str, list[Any]]] = field(default_factory=list)
+    # Trusted HTML shown after the paragraphs: only ever `card.render_markdown` output (escaped, no raw HTML).
+    html: str = ""
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal (`0.8537` -> `85.4%`)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def p_value(p: float | None) -> str:
+    """P as journals print it: `<0.001`, else three decimals."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def interval(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
+    if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
+        return "n/a"
+    if low is None or high is None or any(isinstance(v, float) and math.isnan(v) for v in (low, high)):
+        return num(estimate, digits)
+    return f"{num(estimate, digits)} ({num(low, digits)} to {num(high, digits)})"
+
+
+def proportion_cell(p: Mapping[str, Any] | None) -> Cell:
+    """`85.4% (35/41)` over its 95% CI `70.8-94.4`."""
+    if p is None:
+        return Cell("n/a", numeric=True)
+    return Cell(
+        f"{100 * p['estimate']:.1f}% ({p['k']}/{p['n']})",
+        f"{100 * p['ci_low']:.1f}-{100 * p['ci_high']:.1f}",
+        numeric=True,
+    )
+
+
+def auc_cell(a: Mapping[str, Any] | None) -> Cell:
+    """`0.89` over its 95% CI `0.83-0.95`, two decimals as in the paper."""
+    if a is None:
+        return Cell("n/a", numeric=True)
+    return Cell(f"{a['estimate']:.2f}", f"{a['ci_low']:.2f}-{a['ci_high']:.2f}", numeric=True)
+
+
+def pct_interval(estimate: float | None, low: float | None, high: float | None) -> Cell:
+    """A proportion in % over its CI in %; the CI line is left out when it is not known."""
+    missing = [v is None or (isinstance(v, float) and math.isnan(v)) for v in (low, high)]
+    sub = "" if any(missing) else f"{pct(low)[:-1]}-{pct(high)[:-1]}"
+    return Cell(pct(estimate), sub, numeric=True)
+
+
+def _ci_line(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f"{num(low)}-{num(high)}"
+
+
+def present_splits(splits: pd.DataFrame) -> list[str]:
+    return [s for s in SPLITS if (splits["split"] == s).any()]
+
+
+# ------------------------------------------------------------------------------------------------- cases
+def clinical_columns(splits: pd.DataFrame) -> list[str]:
+    """Columns the manifest carried beyond identifiers, annotations and readings: the clinical characteristics."""
+    return [c for c in splits.columns if c not in _NOT_CLINICAL and not c.startswith("reader_")]
+
+
+def _clinical_cell(values: pd.Series) -> str:
+    filled = values[values.str.strip() != ""]
+    if filled.empty:
+        return "none given"
+    numbers = pd.to_numeric(filled, errors="coerce")
+    share = f"{len(filled)}/{len(values)}"
+    if numbers.notna().all():
+        q1, median, q3 = numbers.quantile([0.25, 0.5, 0.75])
+        return f"{median:.4g} ({q1:.4g} to {q3:.4g}); {share}"
+    counts = filled.value_counts()
+    top = ", ".join(f"{name} ({n})" for name, n in counts.head(3).items())
+    more = f", {len(counts) - 3} more" if len(counts) > 3 else ""
+    return f"{top}{more}; {share}"
+
+
+def case_characteristics(splits: pd.DataFrame, positive_label: str) -> Table:
+    """Per split: patients, images, prevalence, images per patient, sites and each clinical column."""
+    names = present_splits(splits)
+    parts = {s: splits[splits["split"] == s] for s in names}
+    patients = {s: p.drop_duplicates("patient_id") for s, p in parts.items()}
+    rows = [
+        ["patients", *(str(len(patients[s])) for s in names)],
+        ["images", *(str(len(parts[s])) for s in names)],
+    ]
+    prevalence = []
+    for s in names:
+        k, n = int((patients[s]["label"] == positive_label).sum()), len(patients[s])
+        prevalence.append(f"{k}/{n} ({pct(k / n)})")
+    rows.append([f"positive patients ({positive_label})", *prevalence])
+    per_patient = {s: parts[s].groupby("patient_id").size() for s in names}
+    rows.append(
+        ["images per patient, mean (range)"]
+        + [f"{c.mean():.2f} ({c.min()}-{c.max()})" for c in (per_patient[s] for s in names)]
+    )
+    rows.append(
+        ["sites (patients)"]
+        + [
+            Cell(", ".join(f"{site or 'unnamed'} ({n})" for site, n in patients[s]["site"].value_counts().items()))
+            for s in names
+        ]
+    )
+    for column in clinical_columns(splits):
+        # Per patient: the first image's value (clinical data describe the patient).
+        rows.append([column, *(Cell(_clinical_cell(patients[s][column].astype(str))) for s in names)])
+    note = (
+        "Clinical columns, one value per patient: median (interquartile range) for numbers, otherwise the most "
+        "frequent values (patients); then the patients with a value / all patients."
+    )
+    return Table("case-characteristics", "Case characteristics per split", ["", *names], rows, note)
+
+
+def exclusions_table(exclusions: pd.DataFrame) -> Table | None:
+    """Excluded manifest rows by column and reason (all of them are listed in exclusions.csv)."""
+    if exclusions.empty:
+        return None
+    counts = exclusions.groupby(["column", "reason"]).size().sort_values(ascending=False)
+    rows = [[column, reason, str(n)] for (column, reason), n in counts.head(_SHOWN_REASONS).items()]
+    note = f"{len(counts) - _SHOWN_REASONS} more reasons in exclusions.csv." if len(counts) > _SHOWN_REASONS else ""
+    return Table("exclusions", "Excluded manifest rows", ["column", "reason", "rows"], rows, note, label_columns=2)
+
+
+# ------------------------------------------------------------------------------------------------- results
+def _frozen_on(threshold: Mapping[str, Any]) -> str:
+    chosen = threshold.get("chosen_on", {})
+    unit = "images" if threshold["level"] == "image" else f"{threshold['level']}s"
+    return f"{threshold.get('frozen_on', 'val')} ({chosen.get('n_cases', threshold.get('n_val_units', '?'))} {unit})"
+
+
+def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
+    """The paper's table at one level: a row per model x operating point x split, each proportion over its CI."""
+    rows = []
+    for model, entry in metrics["models"].items():
+        sets = [(f"frozen: {rule_name(entry['threshold'])}", entry["splits"])]
+        if entry.get("alternative"):
+            sets.append((f"alternative: {entry['alternative']['name']}", entry["alternative"]["splits"]))
+        for point, by_split in sets:
+            for split in SPLITS:
+                m = by_split.get(split, {}).get(level)
+                if m is None:
+                    continue
+                auc_key = m.get("auc_reported")
+                rows.append([
+                    Cell(model, point), split, f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
+                    auc_cell(m[auc_key] if auc_key else None),
+                    *(proportion_cell(m[k]) for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")),
+                    Cell(f"{m['threshold']:.4g}", _frozen_on(entry["threshold"]), numeric=True),
+                ])  # fmt: skip
+    if not rows:
+        return None
+    columns = ["model (operating point)", "split", "n (pos/neg)", "AUC", "accuracy", "sensitivity", "specificity",
+               "PPV", "NPV", "threshold (frozen on)"]  # fmt: skip
+    auc_ci = metrics.get("settings", {}).get("auc_ci", {}).get(level, "")
+    note = (
+        f"Per {level}. Proportions: % (k/n), under each its 95% CI "
+        f"({metrics.get('settings', {}).get('proportion_ci', 'exact')}); AUC under it its 95% CI "
+        f"({auc_ci or 'see metrics.json'}). n/a: not defined (e.g. a split without both classes)."
+    )
+    return Table(f"results-{level}", f"Results per {level}", columns, rows, note, label_columns=2)
+
+
+def comparisons_table(metrics: Mapping[str, Any]) -> Table | None:
+    rows = [
+        [split, c["model_a"], c["model_b"], num(c["auc_a"]), num(c["auc_b"]),
+         interval(c["difference"], c["ci_low"], c["ci_high"]), p_value(c["p"]), p_value(c.get("p_holm"))]
+        for split in SPLITS
+        for c in metrics.get("comparisons", {}).get(split, [])
+    ]  # fmt: skip
+    if not rows:
+        return None
+    columns = ["split", "model A", "model B", "AUC A", "AUC B", "difference (95% CI)", "P", "P (Holm)"]
+    return Table("model-comparisons", "AUC differences, model A minus model B", columns, rows, label_columns=3)
+
+
+# ------------------------------------------------------------------------------------------------- readers
+def reader_performance_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
+    rows = []
+    for r in compared.get("performance", []):
+        rows.append([
+            r["reader"], str(r["n_read"]),
+            pct_interval(r["sensitivity"], r.get("sensitivity_ci_low"), r.get("sensitivity_ci_high")),
+            pct_interval(r["specificity"], r.get("specificity_ci_low"), r.get("specificity_ci_high")),
+            Cell(num(r["auc"]), _ci_line(r.get("auc_ci_low"), r.get("auc_ci_high")), numeric=True),
+            Cell(str(r.get("auc_method", ""))),
+        ])  # fmt: skip
+    columns = ["reader", "readings", "sensitivity", "specificity", "AUC", "AUC method"]
+    caption = f"Readers on {split} ({compared.get('reader_calls', 'BI-RADS >= 4a')} is a positive call)"
+    note = "Under each estimate its 95% CI (the mean of the readers has none: see the panel analysis)."
+    return Table(f"readers-{model}-{split}", caption, columns, rows, note)
+
+
+def per_reader_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
+    rows = []
+    for r in compared.get("per_reader", []):
+        row = [r["reader"], str(r["n_paired"])]
+        for metric in ("sensitivity", "specificity"):
+            row += [
+                f"{pct(r[f'model_{metric}'])} vs {pct(r[f'reader_{metric}'])}",
+                p_value(r[f"{metric}_p"]),
+            ]
+        row += [f"{num(r['model_auc'])} vs {num(r['reader_auc'])}", p_value(r["auc_p"])]
+        rows.append(row)
+    columns = ["reader", "cases", "sensitivity, model vs reader", "P (McNemar)", "specificity, model vs reader",
+               "P (McNemar)", "AUC, model vs reader", "P (DeLong)"]  # fmt: skip
+    caption = f"{model} vs each reader on {split}, per {compared.get('level', 'patient')}"
+    return Table(f"per-reader-{model}-{split}", caption, columns, rows)
+
+
+def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
+    rows = []
+    for r in compared.get("panel", []):
+        auc = r["metric"] == "auc"
+        fmt = num if auc else pct
+        difference = (
+            interval(r["difference"], r["ci_low"], r["ci_high"])
+            if auc
+            else f"{pct(r['difference'])} ({pct(r['ci_low'])} to {pct(r['ci_high'])})"
+        )
+        rows.append([r["metric"], str(r["n"]), fmt(r["model"]), fmt(r["readers"]), difference, p_value(r["p"]),
+                     r.get("note", "")])  # fmt: skip
+    columns = ["metric", "cases", "model", "readers (mean)", "difference (95% CI)", "P", "note"]
+    caption = f"{model} vs the panel of {compared.get('n_readers', '?')} readers on {split}"
+    return Table(f"panel-{model}-{split}", caption, columns, rows)
+
+
+def panel_method(compared: Mapping[str, Any]) -> str:
+    methods = sorted({r.get("method", "") for r in compared.get("panel", []) if r.get("method")})
+    return "; ".join(methods) or "multi-reader multi-case analysis"
+
+
+# ------------------------------------------------------------------------------------------------- calibration
+def calibration_table(metrics: Mapping[str, Any], levels: Sequence[str]) -> Table | None:
+    rows = []
+    for model, entry in metrics["models"].items():
+        for split in SPLITS:
+            for level in levels:
+                m = entry["splits"].get(split, {}).get(level)
+                if m is None:
+                    continue
+                c = m.get("calibration")
+                if c is None:
+                    rows.append([model, split, level, str(m["n"]), "n/a", "n/a", "n/a", "n/a"])
+                    continue
+                rows.append([
+                    model, split, level, str(m["n"]), num(c["brier"]),
+                    interval(c["slope"], c.get("slope_ci_low"), c.get("slope_ci_high"), 2),
+                    interval(c["intercept"], c.get("intercept_ci_low"), c.get("intercept_ci_high"), 2),
+                    num(c.get("ece")),
+                ])  # fmt: skip
+    if not rows:
+        return None
+    columns = ["model", "split", "level", "n", "Brier score", "slope (95% CI)", "intercept (95% CI)", "ECE"]
+    note = (
+        "Cox (1958) slope (logistic regression of the outcome on logit p) and calibration-in-the-large intercept: "
+        "slope 1 and intercept 0 are perfect; a slope below 1 means too extreme probabilities. ECE: expected "
+        "calibration error over quantile bins. n/a: not estimable (too few cases, or perfectly separated classes)."
+    )
+    return Table("calibration-table", "Calibration", columns, rows, note, label_columns=3)

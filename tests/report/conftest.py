@@ -1,0 +1,42 @@
+"""A tiny phantom study run through `alnus study` (so its last stages wrote heat maps, figures, cards and the report),
+with a site name and a clinical note that are HTML, to show that user text is escaped everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from alnus.config import load_config
+from alnus.data.phantom import make_phantom
+from alnus.study import run_study
+
+HOSTILE_SITE = "<script>alert(1)</script>"
+HOSTILE_NOTE = "<img src=x onerror=alert(2)> & more"
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of a tiny study (tiny_cnn, 32 px, 2 epochs, five readers) whose external site is HTML."""
+    root = tmp_path_factory.mktemp("report")
+    manifest = make_phantom(root / "data", patients=30, external_patients=12, image_size=(64, 80), seed=2)
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.loc[table["site"] == "external_hospital", "site"] = HOSTILE_SITE
+    table["note"] = [HOSTILE_NOTE if i % 2 else "" for i in range(len(table))]
+    table.to_csv(manifest, index=False)
+    raw = {
+        "name": "report",
+        "runs_dir": str(root / "runs"),
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [HOSTILE_SITE]},
+        "models": ["tiny_cnn"],
+        "preprocess": {"size": 32, "roi": "box"},
+        "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
+                  "early_stopping_patience": None},
+    }  # fmt: skip
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    run_study(cfg)
+    return cfg.run_dir

@@ -1,0 +1,280 @@
+"""Tests for alnus.report.build: report.html of a tiny phantom study, self-contained, complete, escaped, exact."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from alnus.cli import app
+from alnus.report._inputs import read_run_inputs
+from alnus.report.build import SECTIONS, ReportError, build_report, render_report, report_context
+from alnus.report.figures import read_figures_index
+from alnus.runfolder import RunFolder, RunLockedError, lock_run
+
+from ._html import Page, read_page
+from .conftest import HOSTILE_NOTE, HOSTILE_SITE
+
+DATA_PNG = "data:image/png;base64,"
+
+
+@pytest.fixture(scope="module")
+def page(report_run: Path) -> Page:
+    return read_page(RunFolder(report_run).report.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def metrics(report_run: Path) -> dict:
+    return json.loads(RunFolder(report_run).metrics.read_text(encoding="utf-8"))
+
+
+def _copy(run: Path, to: Path) -> Path:
+    """A copy of the run folder without its caches (the copy's tests may change files)."""
+    return Path(shutil.copytree(run, to / run.name, ignore=shutil.ignore_patterns("cache", "checkpoints", "tb")))
+
+
+def _rows(page: Page, table: str) -> list[dict[str, str]]:
+    header, *rows = page.tables[table]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_the_study_ends_with_heat_maps_figures_cards_and_the_report(report_run: Path) -> None:
+    """issue 8.4: `alnus study` writes the report (and what it shows) as its last stages, inside its lock."""
+    run = RunFolder(report_run)
+    assert run.report.is_file() and run.report.stat().st_size > 0
+    assert (run.model("tiny_cnn").package / "README.md").is_file()
+    assert (run.heatmaps_for("tiny_cnn", "external_test") / "index.csv").is_file()
+    assert read_figures_index(report_run)
+    assert not (run.root / ".lock.json").exists()
+
+
+def test_every_section_is_present_in_order(report_run: Path, page: Page) -> None:
+    """issue 8.4: title, intended use, notice, methods, flow, results, comparisons, readers, figures, heat maps,
+    calibration, model card and CLAIM checklist, in that order."""
+    html = RunFolder(report_run).report.read_text(encoding="utf-8")
+    positions = [html.index(f'<section id="{sid}"') for sid, _ in SECTIONS]
+    assert positions == sorted(positions)
+    # The notice is in the header, above the contents, where no one can miss it.
+    assert html.index('class="notice"') < html.index("Research use only; not for diagnosis.") < html.index("<nav")
+    methods = page.section_text["methods"]
+    for words in ("seed 0", "box plus a margin of 15.0%", "youden", "torch", "Training time, tiny_cnn: 2 epochs"):
+        assert words in methods, words
+    for block in (
+        "flow-diagram",
+        "case-characteristics",
+        "results-patient-block",
+        "readers-tiny_cnn-external_test",
+        "panel-tiny_cnn-external_test-block",
+        "figures-roc",
+        "figures-calibration",
+        "figures-decision",
+        "figures-training",
+        "heatmaps-tiny_cnn-external_test",
+        "calibration-numbers",
+        "model-card-tiny_cnn",
+    ):
+        assert block in page.ids, block
+    assert len(page.ids) == len(set(page.ids)), "ids must be unique for the anchor links"
+
+
+def test_results_table_numbers_match_metrics_json(page: Page, metrics: dict) -> None:
+    """issue 8.4: model x split, AUC with CI (two decimals), proportions as % with k/n and CI (one decimal), the
+    threshold and where it was frozen."""
+    rows = {r["split"]: r for r in _rows(page, "table-results-patient")}
+    assert {r["model (operating point)"] for r in rows.values()} == {"tiny_cnn | frozen: youden, patient mean"}
+    entry = metrics["models"]["tiny_cnn"]
+    assert set(rows) == set(entry["splits"])
+    for split, by_level in entry["splits"].items():
+        m, row = by_level["patient"], rows[split]
+        assert row["n (pos/neg)"] == f"{m['n']} ({m['n_pos']}/{m['n_neg']})"
+        auc = m[m["auc_reported"]] if m["auc_reported"] else None
+        assert row["AUC"] == (
+            "n/a" if auc is None else f"{auc['estimate']:.2f} | {auc['ci_low']:.2f}-{auc['ci_high']:.2f}"
+        )
+        for column, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv")):
+            p = m[key]
+            expected = (
+                f"{100 * p['estimate']:.1f}% ({p['k']}/{p['n']}) | {100 * p['ci_low']:.1f}-{100 * p['ci_high']:.1f}"
+            )
+            assert row[column] == expected
+        assert row["threshold (frozen on)"].startswith(f"{entry['threshold']['value']:.4g} | val (")
+
+
+def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: dict) -> None:
+    """issue 8.4: model vs each reader (McNemar, DeLong) and vs the panel (MRMC), the method named in the heading;
+    calibration numbers as a table."""
+    compared = metrics["readers"]["external_test"]["tiny_cnn"]
+    r1 = next(r for r in compared["per_reader"] if r["reader"] == "r1")
+    row = next(r for r in _rows(page, "table-per-reader-tiny_cnn-external_test") if r["reader"] == "r1")
+    assert (
+        row["sensitivity, model vs reader"]
+        == f"{100 * r1['model_sensitivity']:.1f}% vs {100 * r1['reader_sensitivity']:.1f}%"
+    )
+    assert row["AUC, model vs reader"] == f"{r1['model_auc']:.3f} vs {r1['reader_auc']:.3f}"
+    auc = next(r for r in compared["panel"] if r["metric"] == "auc")
+    panel = next(r for r in _rows(page, "table-panel-tiny_cnn-external_test") if r["metric"] == "auc")
+    assert panel["model"] == f"{auc['model']:.3f}" and panel["readers (mean)"] == f"{auc['readers']:.3f}"
+    heading = page.section_text["panel-tiny_cnn-external_test-block"]
+    assert "Obuchowski-Rockette" in heading
+    assert "McNemar" in page.section_text["readers-tiny_cnn-external_test"]
+    calibration = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["image"]["calibration"]
+    row = next(
+        r for r in _rows(page, "table-calibration-table") if r["split"] == "external_test" and r["level"] == "image"
+    )
+    assert row["Brier score"] == f"{calibration['brier']:.3f}"
+
+
+def test_model_comparisons_are_tabled_with_delong_and_holm(report_run: Path) -> None:
+    """issue 8.4: model-vs-model DeLong differences with their CI and Holm-adjusted P."""
+    inputs = read_run_inputs(report_run)
+    comparison = {"model_a": "tiny_cnn", "model_b": "other", "level": "patient", "auc_a": 0.912, "auc_b": 0.81,
+                  "difference": 0.102, "ci_low": -0.0123, "ci_high": 0.2164, "z": 1.7, "p": 0.0893, "p_holm": 0.1786,
+                  "n": 12, "method": "DeLong, Holm-adjusted"}  # fmt: skip
+    inputs.metrics["comparisons"] = {"external_test": [comparison]}
+    page = read_page(render_report(report_context(inputs, read_figures_index(report_run), {})))
+    (row,) = _rows(page, "table-model-comparisons")
+    assert row == {"split": "external_test", "model A": "tiny_cnn", "model B": "other", "AUC A": "0.912",
+                   "AUC B": "0.810", "difference (95% CI)": "0.102 (-0.012 to 0.216)", "P": "0.089",
+                   "P (Holm)": "0.179"}  # fmt: skip
+    assert "DeLong" in page.section_text["comparisons-delong"]
+
+
+def test_user_text_is_escaped(report_run: Path, page: Page) -> None:
+    """issue 8.4: a site named `<script>alert(1)</script>` and an HTML clinical note are shown as text."""
+    html = RunFolder(report_run).report.read_text(encoding="utf-8")
+    assert "<script" not in html.lower() and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert HOSTILE_SITE in page.section_text["case-characteristics"]
+    assert HOSTILE_NOTE in page.section_text["case-characteristics"]
+    assert HOSTILE_SITE in page.section_text["model-card-tiny_cnn"]
+    assert "script" not in page.tags
+
+
+def test_the_report_is_self_contained_and_requests_nothing(report_run: Path, page: Page) -> None:
+    """issue 8.4: one file: images are PNG data URIs, links are in-page anchors that resolve, no http(s) URL in any
+    src or href, no script, style sheet, font or import, and a Content-Security-Policy that forbids requests."""
+    html = RunFolder(report_run).report.read_text(encoding="utf-8")
+    assert page.srcs and all(src.startswith(DATA_PNG) for src in page.srcs)
+    for src in page.srcs:
+        Image.open(io.BytesIO(base64.b64decode(src[len(DATA_PNG) :]))).verify()
+    assert page.hrefs and all(href.startswith("#") and href[1:] in page.ids for href in page.hrefs)
+    assert not [a for a in page.srcs + page.hrefs if re.match(r"\s*(https?:)?//", a)]
+    assert not {"script", "link", "iframe", "object", "embed", "base"} & set(page.tags)
+    assert not re.search(r"url\(|@import|@font-face", html)
+    assert "default-src 'none'; img-src data:" in html
+
+
+def test_the_claim_checklist_has_all_42_items_answered_where_it_says(page: Page) -> None:
+    """issue 8.4: CLAIM table: every item, with anchor links to where the report answers it, or marked."""
+    rows = _rows(page, "table-claim")
+    assert [int(r["item"]) for r in rows] == list(range(1, 43))
+    statuses = {r["status"] for r in rows}
+    assert statuses <= {"answered", "partly answered", "for the authors", "not applicable"}
+    assert next(r for r in rows if r["item"] == "27")["status"] == "not applicable"
+    answered = [r for r in rows if r["status"] in ("answered", "partly answered")]
+    assert all(r["where in this report"] != "-" for r in answered)
+    assert next(r for r in rows if r["item"] == "33")["where in this report"] == "Patient flow and case characteristics"
+
+
+def test_no_table_is_empty(page: Page) -> None:
+    """issue 8.4/8.7: sections without data say so in words instead of showing an empty table."""
+    assert page.tables
+    for name, rows in page.tables.items():
+        assert len(rows) >= 2 and all(any(cell for cell in row) for row in rows[1:]), name
+
+
+def test_a_run_that_is_not_evaluated_is_a_clear_error(tmp_path: Path) -> None:
+    """issue 8.4: no traceback for a folder without results; the message says what to run."""
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(ReportError, match=r"metrics\.json not found.*alnus evaluate"):
+        build_report(tmp_path)
+    with pytest.raises(ReportError, match=r"run folder .*nowhere not found"):
+        build_report(tmp_path / "nowhere")
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_missing_heat_map_image_is_said_not_dropped(report_run: Path, tmp_path: Path) -> None:
+    """issue 8.4: an image listed in heatmaps/.../index.csv that is gone is named in the report; one outside the
+    heat-map folder is not embedded."""
+    run = RunFolder(_copy(report_run, tmp_path))
+    folder = run.heatmaps_for("tiny_cnn", "external_test")
+    index = pd.read_csv(folder / "index.csv", dtype=str, keep_default_na=False)
+    (folder / index.loc[0, "png"]).unlink()
+    outside = read_figures_index(run.root)[0].path
+    index.loc[1, "png"] = str(outside)
+    index.to_csv(folder / "index.csv", index=False)
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    assert "2 heat-map image(s) listed in" in read_page(html).section_text["heatmaps-tiny_cnn-external_test"]
+    assert html.count(base64.b64encode(outside.read_bytes()).decode("ascii")) == 1  # as a figure only
+
+
+def test_a_failed_build_leaves_the_previous_report(
+    report_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results are written atomically: a build that fails keeps the report that was there."""
+    run = RunFolder(_copy(report_run, tmp_path))
+    before = run.report.read_bytes()
+
+    def broken(context: dict) -> str:
+        raise RuntimeError("template failed")
+
+    monkeypatch.setattr("alnus.report.build.render_report", broken)
+    with pytest.raises(RuntimeError):
+        build_report(run.root, figures=read_figures_index(run.root))
+    assert run.report.read_bytes() == before
+
+
+def test_alnus_report_writes_the_report_and_holds_the_lock(
+    report_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 8.4: `alnus report RUN` draws the figures, writes report.html and the cards and prints the path; it is
+    a writer, so a run in use stops it at once."""
+    run = RunFolder(_copy(report_run, tmp_path))
+    drawn = []
+
+    def figures(run_dir: Path, *, models: list[str] | None = None) -> list:
+        drawn.append((Path(run_dir), models))  # the figures' own tests draw them; here only the call is checked
+        return read_figures_index(run_dir)
+
+    monkeypatch.setattr("alnus.report.figures.make_figures", figures)
+    run.report.unlink()
+    (run.model("tiny_cnn").package / "README.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(run.root)])
+    assert result.exit_code == 0, result.output
+    assert run.report.is_file() and (run.model("tiny_cnn").package / "README.md").is_file()
+    assert "Report:" in result.output and run.report.name in result.output
+    assert drawn == [(run.root, ["tiny_cnn"])]
+    with lock_run(run.root, command="another writer"):
+        result = CliRunner().invoke(app, ["report", str(run.root)])
+    assert isinstance(result.exception, RunLockedError) and "another writer" in str(result.exception)
+
+
+def test_a_study_without_readers_external_site_heat_maps_or_figures_still_reads(
+    report_run: Path, tmp_path: Path
+) -> None:
+    """issue 8.4: missing parts are said in words (and in the CLAIM table), never an empty table or a crash."""
+    inputs = read_run_inputs(report_run)
+    inputs.run = RunFolder(tmp_path / "no-heat-maps")
+    inputs.metrics["readers"] = {}
+    inputs.metrics["comparisons"] = {}
+    inputs.metrics["models"]["tiny_cnn"]["splits"].pop("external_test")
+    inputs.splits = inputs.splits[inputs.splits["split"] != "external_test"]
+    page = read_page(render_report(report_context(inputs, [], {})))
+    for sid, _ in SECTIONS:
+        assert sid in page.ids, sid
+    assert "No reader readings" in page.section_text["readers"]
+    assert "No heat maps in this run" in page.section_text["heatmaps"]
+    assert "No figures were made" in page.section_text["figures"]
+    assert "No flow diagram" in page.section_text["flow"]
+    assert all(len(rows) >= 2 for rows in page.tables.values())
+    claim = {r["item"]: r for r in _rows(page, "table-claim")}
+    assert claim["18"]["status"] == claim["32"]["status"] == "not applicable"
+    assert claim["31"]["status"] == "for the authors" and "alnus explain" in claim["31"]["note"]

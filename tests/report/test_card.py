@@ -1,0 +1,85 @@
+"""Tests for alnus.report.card: the model card in every package, its numbers, its escaping, and the same card in the
+report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from markdown_it import MarkdownIt
+
+from alnus.report.card import CARD_FILE, md_text, render_markdown
+from alnus.runfolder import RunFolder
+
+from ._html import read_page
+from .conftest import HOSTILE_SITE
+
+
+@pytest.fixture(scope="module")
+def card(report_run: Path) -> str:
+    return (RunFolder(report_run).model("tiny_cnn").package / CARD_FILE).read_text(encoding="utf-8")
+
+
+def test_every_package_has_a_card_with_each_part(report_run: Path, card: str) -> None:
+    """issue 8.5: README.md beside weights and metadata with intended and out-of-scope use, training data,
+    validation results, the frozen threshold, limitations, licence and how to cite."""
+    package = RunFolder(report_run).model("tiny_cnn").package
+    assert {"weights.safetensors", "metadata.json", CARD_FILE} <= {p.name for p in package.iterdir()}
+    headings = [line[3:] for line in card.splitlines() if line.startswith("## ")]
+    assert headings == ["Intended use", "Training data", "Model", "Operating threshold", "Validation results",
+                        "Known limitations", "Licence", "How to cite"]  # fmt: skip
+    for words in (
+        "Out of scope",
+        "Research use only; not for diagnosis.",
+        "lesion box",
+        "Apache-2.0",
+        "Radiology 2020;294(1):19-28",
+    ):
+        assert words in card, words
+
+
+def test_card_numbers_match_metrics_json_and_the_split(report_run: Path, card: str) -> None:
+    """issue 8.5: validation results with CIs per split and the frozen threshold with its rule and level from
+    metrics.json; training data counts per site from splits.csv."""
+    run = RunFolder(report_run)
+    metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
+    entry = metrics["models"]["tiny_cnn"]
+    threshold = entry["threshold"]
+    assert f"{threshold['value']:.4g}, chosen by the rule youden, patient mean" in card
+    assert f"on {threshold['n_val_units']} validation patients" in card
+    lines = {line.split(" | ")[0].strip("| "): line for line in card.splitlines() if line.startswith("| ")}
+    for split, by_level in entry["splits"].items():
+        m = by_level["patient"]
+        s = m["sensitivity"]
+        expected = f"{100 * s['estimate']:.1f} ({s['k']}/{s['n']}; {100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f})"
+        assert expected in lines[md_text(split)], split
+    splits = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
+    train = splits[splits["split"] == "train"]
+    row = lines["train"].strip("| ").split(" | ")
+    assert row[2:4] == [str(train["patient_id"].nunique()), str(len(train))]
+
+
+def test_user_text_in_the_card_stays_text(card: str) -> None:
+    """issue 8.5: a site named like HTML is escaped Markdown: no renderer (even one that passes raw HTML, like
+    GitHub's) turns it into a tag."""
+    assert md_text(HOSTILE_SITE) in card
+    rendered = MarkdownIt("commonmark").enable("table").render(card)  # raw HTML passes through in this preset
+    assert "<script" not in rendered and "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered
+    assert md_text("a|b *c* [d](e) `f` #g & 0.5") == r"a\|b \*c\* \[d\](e) \`f\` \#g \& 0.5"
+    assert [md_text(t) for t in ("- x", "12. x", "0.5")] == [r"\- x", r"12\. x", "0.5"]
+
+
+def test_render_markdown_requests_nothing() -> None:
+    """The report's Markdown renderer drops raw HTML, links and images: nothing to fetch, nothing to run."""
+    html = render_markdown("![x](http://example.org/x.png) [y](javascript:alert(1)) <https://a.b> <b>raw</b>\n")
+    page = read_page(html)
+    assert not page.srcs and not page.hrefs and "b" not in page.tags
+    assert "&lt;b&gt;raw&lt;/b&gt;" in html
+
+
+def test_the_report_shows_the_same_card(report_run: Path, card: str) -> None:
+    """issue 8.5: the report holds the package's card, rendered from the same Markdown."""
+    html = RunFolder(report_run).report.read_text(encoding="utf-8")
+    assert render_markdown(card.split("\n", 1)[1]) in html
