@@ -650,20 +650,13 @@ def _settings(run_dir: Path) -> dict[str, Any]:
     """The `evaluate` section of the run's config.yaml (defaults when the run has no such section)."""
     import dataclasses
 
-    import yaml
+    from alnus.config import ConfigError, read_resolved_config
 
-    from alnus.config import ConfigError, EvaluateConfig, config_from_dict, safe_yaml
-
-    path = RunFolder(run_dir).config
-    if not path.is_file():
-        raise EvaluateError(f"{run_dir} is not a run folder (no config.yaml); pass runs/<name>.")
     try:
-        raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
-        cfg = config_from_dict(raw, where=str(path))
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise EvaluateError(f"{path} cannot be read as a configuration: {exc}") from exc
-    section = dataclasses.asdict(cfg.evaluate)
-    return {k: section[k] for k in dataclasses.asdict(EvaluateConfig())}
+        cfg = read_resolved_config(RunFolder(run_dir).config)
+    except ConfigError as exc:
+        raise EvaluateError(f"{run_dir}: {exc}; pass runs/<name>.") from exc
+    return dataclasses.asdict(cfg.evaluate)
 
 
 def _read_splits(run_dir: Path) -> pd.DataFrame | None:

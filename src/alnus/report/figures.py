@@ -820,14 +820,11 @@ def _flow(writer: _Writer, run: RunFolder) -> None:
 
 def _positive_label(run: RunFolder) -> str:
     """The positive class from the run's config (the label named in splits.csv)."""
-    import yaml
-
-    from alnus.config import ConfigError, config_from_dict, safe_yaml
+    from alnus.config import ConfigError, read_resolved_config
 
     try:
-        raw = safe_yaml(run.config.read_text(encoding="utf-8")) or {}
-        return str(config_from_dict(raw, where=str(run.config)).data.positive_label)
-    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        return str(read_resolved_config(run.config).data.positive_label)
+    except (OSError, ConfigError) as exc:
         raise FigureError(f"{run.config} cannot be read ({exc}); prepare the run again.") from exc
 
 
