@@ -132,7 +132,7 @@ def heatmaps(
 
     Args:
         layer: a dotted module path in the backbone; None takes the registry's CAM layer.
-        batch_size: images per forward pass (and Score-CAM's masked inputs per pass).
+        batch_size: images per forward pass (Score-CAM: masked copies per pass, one image at a time).
     """
     cam_class = _cam_class(method)
     if batch.ndim != 4 or batch.shape[1] != 1:
@@ -147,8 +147,11 @@ def heatmaps(
         # Heat maps are asked for inside inference code too (the service); gradients are needed here.
         with torch.inference_mode(False), torch.enable_grad(), quiet, cam_class(model, [module]) as cam:
             cam.batch_size = batch_size
-            for start in range(0, batch.shape[0], batch_size):
-                chunk = batch[start : start + batch_size].detach().clone().float().to(device)
+            # Score-CAM holds every channel's masked copy of its images at once (channels x images x H x W): one
+            # image per call keeps that to one image's worth; its masked inputs still go `batch_size` per pass.
+            step = 1 if method == "scorecam" else batch_size
+            for start in range(0, batch.shape[0], step):
+                chunk = batch[start : start + step].detach().clone().float().to(device)
                 # A gradient path even when the parameters are frozen: the input takes part in the graph.
                 chunk.requires_grad_(method in GRADIENT_METHODS)
                 try:
