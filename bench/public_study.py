@@ -102,8 +102,33 @@ def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrid
                 "",
                 f"Note: {found.get('note') or ''}",
             ]
+    out += _figures(run_dir)
     out += ["", "<details><summary>Resolved config</summary>", "", "```yaml", config.strip(), "```", "</details>"]
     return "\n".join(out)
+
+
+def _figures(run_dir: Path) -> list[str]:
+    """Copy the run's flow diagram and test-split ROC figures to docs/img (small PNGs) and link them."""
+    import shutil
+
+    from alnus.report.figures import read_figures_index
+
+    tests = ("internal_test", "external_test")
+    wanted = [f for f in read_figures_index(run_dir)
+              if f.name == "flow" or (f.section == "roc" and f.model and f.split in tests)]  # fmt: skip
+    if not wanted:
+        return []
+    img = REPO / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    out = ["", "### Figures (from the run's report)"]
+    for figure in wanted:
+        target = img / f"public_{figure.name}.png"
+        shutil.copyfile(figure.path, target)
+        out += ["", f"![{figure.name}](img/{target.name})", "", f"*{figure.caption}*"]
+    run = run_dir.relative_to(REPO)
+    out += ["", f"The full report (all figures, heat-map gallery, model card, CLAIM checklist): `{run}/report.html` "
+            f"(regenerate it with `alnus report {run}`)."]  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,22 @@ def test_heat_maps_work_inside_inference_mode() -> None:
     assert maps.shape == (2, 32, 32) and maps.max() > 0
 
 
+def test_concurrent_score_cam_calls_leave_the_library_as_it_was() -> None:
+    """Score-CAM's progress bar is hidden by swapping a name in the library; threads (the service) must not leave it
+    swapped for good or restore it while another call still runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytorch_grad_cam import score_cam
+
+    original = score_cam.tqdm
+    model = create_model("tiny_cnn").eval()
+    batch = torch.rand(2, 1, 32, 32)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        maps = list(pool.map(lambda _: heatmaps(model, batch, method="scorecam"), range(8)))
+    assert all(m.shape == (2, 32, 32) for m in maps)
+    assert score_cam.tqdm is original
+
+
 def _manual_cam(model: UltrasoundNet, batch: torch.Tensor) -> np.ndarray:
     """Grad-CAM of a global-average-pooled linear head, by hand: ReLU(sum_c w_c A_c), upsampled, scaled to max 1."""
     features = model.backbone.features(((batch.expand(-1, 3, -1, -1)) - model.mean) / model.std)

@@ -49,6 +49,8 @@ LAYERS: dict[str, int] = {
     "alnus.evaluate": 5,
     "alnus.explain": 5,
     "alnus.report": 6,
+    "alnus.report._style": 5,
+    "alnus.report.flow": 5,
     "alnus.report.figures": 5,
     "alnus.report._inputs": 6,
     "alnus.report.tables": 6,

@@ -559,7 +559,10 @@ def test_a_flipped_byte_in_a_checkpoint_is_an_error_not_a_resume(one_epoch):
         (lambda p: p.pop("settings"), r"lacks its 'settings' value.*delete .*this model.s folder"),
         (lambda p: p.update(settings="abc"), r"'settings' is str 'abc', not dict.*delete .*this model.s folder"),
         (lambda p: p.update(epoch="3"), r"'epoch' is str '3', not int"),
-        (lambda p: next(iter(p["model"].values())).fill_(float("nan")), r"weight .* non-finite values.*delete .*this model.s folder"),
+        (
+            lambda p: next(iter(p["model"].values())).fill_(float("nan")),
+            r"weight .* non-finite values.*delete .*this model.s folder",
+        ),
     ],
     ids=["no-settings", "settings-not-a-mapping", "epoch-not-a-number", "nan-weight"],
 )

@@ -18,9 +18,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -101,19 +103,35 @@ def target_layer(model: UltrasoundNet, layer: str | None = None) -> nn.Module:
         ) from None
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET_USERS = 0
+_QUIET_ORIGINAL: Any = None
+
+
 @contextlib.contextmanager
 def _quiet_score_cam() -> Iterator[None]:
-    """Score-CAM draws a tqdm bar per image on stderr; hide it during a call (it would flood a command's output)."""
+    """Score-CAM draws a tqdm bar per image on stderr; hide it during a call (it would flood a command's output).
+
+    The library reads `tqdm` from its module, so the name is swapped there; a count under a lock keeps concurrent
+    calls (the service's worker threads) from restoring it early or leaving it swapped for good.
+    """
+    global _QUIET_USERS, _QUIET_ORIGINAL
     from types import SimpleNamespace
 
     from pytorch_grad_cam import score_cam
 
-    original = score_cam.tqdm
-    score_cam.tqdm = SimpleNamespace(tqdm=lambda iterable, **_: iterable)
+    with _QUIET_LOCK:
+        if _QUIET_USERS == 0:
+            _QUIET_ORIGINAL = score_cam.tqdm
+            score_cam.tqdm = SimpleNamespace(tqdm=lambda iterable, **_: iterable)
+        _QUIET_USERS += 1
     try:
         yield
     finally:
-        score_cam.tqdm = original
+        with _QUIET_LOCK:
+            _QUIET_USERS -= 1
+            if _QUIET_USERS == 0:
+                score_cam.tqdm = _QUIET_ORIGINAL
 
 
 def heatmaps(

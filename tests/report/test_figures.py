@@ -24,8 +24,6 @@ from alnus.report.figures import (
     birads_reader_points,
     calibration_figure,
     decision_curve_figure,
-    flow_counts,
-    flow_figure,
     make_figures,
     read_figures_index,
     roc_band,
@@ -33,6 +31,7 @@ from alnus.report.figures import (
     roc_models_figure,
     training_figure,
 )
+from alnus.report.flow import flow_counts, flow_figure
 from alnus.runfolder import RunFolder
 from alnus.study import prepare_run
 from alnus.train import train_model

@@ -1,5 +1,5 @@
 """The study's figures: ROC curves with a CI band and the readers, calibration, decision curves, training curves
-and the patient flow diagram (STARD 2015), as small PNGs in `runs/<name>/figures/`.
+and the patient flow diagram (STARD 2015, drawn by `alnus.report.flow`), as small PNGs in `runs/<name>/figures/`.
 
 Each figure function takes plain data and returns a matplotlib `Figure`; `make_figures(run_dir)` reads a run folder
 (predictions, metrics.json, splits, history) and draws them all. Figures are made with matplotlib's object API
@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,19 +29,18 @@ from alnus._levels import UNIT_COLUMNS
 from alnus.errors import AlnusError
 from alnus.evaluate import EvaluateError, curve_cases, read_predictions
 from alnus.operating_point import rule_name
-from alnus.runfolder import EVALUATION_SPLITS, SPLITS, RunFolder, read_splits, run_models
+from alnus.report._style import DPI, FONT, PALETTE, new_figure, plain
+from alnus.report.flow import flow_counts, flow_figure
+from alnus.runfolder import EVALUATION_SPLITS, RunFolder, read_splits, run_models
 
 __all__ = [
     "SECTIONS",
     "Figure",
     "FigureError",
-    "Flow",
     "ReaderPoint",
     "birads_reader_points",
     "calibration_figure",
     "decision_curve_figure",
-    "flow_counts",
-    "flow_figure",
     "make_figures",
     "read_figures_index",
     "roc_band",
@@ -52,9 +50,6 @@ __all__ = [
 ]
 
 SECTIONS = ("flow", "roc", "calibration", "decision", "training")
-# Okabe & Ito (2008), "Color universal design": distinguishable with every common colour-vision deficiency.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
-DPI = 100
 BIRADS_CUTS = ("3", "4a", "4b", "4c", "5")
 # Readers differ by shape as well as colour (the palette without the model's blue and vermillion, and without
 # yellow, which is faint on white).
@@ -62,7 +57,6 @@ _READER_MARKERS = ("o", "s", "^", "v", "P", "X", "D", "h")
 _READER_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 # With more readers than this, only the first reader's cut-offs are labelled (the others follow the same order).
 _LABELLED_READERS = 2
-_FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8}
 _TEST_SPLITS = ("internal_test", "external_test")
 
 
@@ -98,18 +92,6 @@ class ReaderPoint:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _plain(text: object, width: int | None = None) -> str:
-    """User text shown as written: `$` would start mathtext in matplotlib; long names are shortened."""
-    out = str(text)
-    if width is not None and len(out) > width:
-        out = out[: width - 1] + "\u2026"
-    return out.replace("$", r"\$")
-
-
-def _new_figure(width: float, height: float) -> MplFigure:
-    return MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
 def _labels_and_scores(y: object, prob: object) -> tuple[np.ndarray, np.ndarray]:
     """0/1 labels as booleans and finite probabilities, both classes present, or FigureError."""
     yb = np.asarray(y).astype(int).astype(bool)
@@ -217,7 +199,7 @@ def roc_figure(
     band = roc_band(yb, p, n_boot=n_boot, alpha=alpha, seed=seed)
     # A near-square plot above a legend of one line per entry (band, curve, operating point, each reader).
     entries = 2 + (operating_point is not None) + len({r.reader for r in readers})
-    fig = _new_figure(5.6, 5.4 + 0.19 * entries)
+    fig = new_figure(5.6, 5.4 + 0.19 * entries)
     ax = fig.add_subplot()
     fpr, tpr = _roc_points(yb, p)
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, gid="chance")
@@ -226,7 +208,7 @@ def roc_figure(
         label=f"{100 * (1 - alpha):g}% CI (pointwise bootstrap)",
     )  # fmt: skip
     band_art.set_gid("ci_band")
-    ax.plot(fpr, tpr, color=PALETTE[0], linewidth=1.8, label=f"{_plain(label, 30)}: {_auc_label(yb, p, alpha)}",
+    ax.plot(fpr, tpr, color=PALETTE[0], linewidth=1.8, label=f"{plain(label, 30)}: {_auc_label(yb, p, alpha)}",
             gid="roc_curve", drawstyle="default")  # fmt: skip
     if operating_point is not None:
         x, t = _rates(yb, p >= operating_point)
@@ -236,7 +218,7 @@ def roc_figure(
     _draw_readers(ax, readers)
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_title(_plain(title))
+    ax.set_title(plain(title))
     _square_axes(ax)
     # Below the plot: a legend inside would hide the curve or the readers' points.
     fig.legend(loc="outside lower center", frameon=False)
@@ -262,12 +244,12 @@ def _draw_readers(ax: Any, readers: Sequence[ReaderPoint]) -> None:
                             fontsize=7, color=colour, gid=f"reader_cut:{name}:{point.cut}")  # fmt: skip
         study = next((r for r in mine if r.study_cut), mine[0])
         ax.plot([], [], marker=marker, color=colour, linestyle="--" if len(mine) > 1 else "none",
-                label=f"reader {_plain(name, 20)} ({_cut_text(study.cut)}: sens {100 * study.tpr:.0f}%, "
+                label=f"reader {plain(name, 20)} ({_cut_text(study.cut)}: sens {100 * study.tpr:.0f}%, "
                 f"spec {100 * (1 - study.fpr):.0f}%)")  # fmt: skip
 
 
 def _cut_text(cut: str) -> str:
-    return _plain(cut).replace(">=", "\u2265")
+    return plain(cut).replace(">=", "\u2265")
 
 
 def roc_models_figure(
@@ -280,17 +262,17 @@ def roc_models_figure(
     """
     if not curves:
         raise FigureError("no model to draw: pass at least one (labels, probabilities) pair.")
-    fig = _new_figure(5.6, 5.2)
+    fig = new_figure(5.6, 5.2)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, gid="chance")
     for i, (name, (y, prob)) in enumerate(curves.items()):
         yb, p = _labels_and_scores(y, prob)
         fpr, tpr = _roc_points(yb, p)
         ax.plot(fpr, tpr, color=PALETTE[i % len(PALETTE)], linewidth=1.6, gid=f"roc_curve:{name}",
-                label=f"{_plain(name, 30)}: {_auc_label(yb, p, alpha)}")  # fmt: skip
+                label=f"{plain(name, 30)}: {_auc_label(yb, p, alpha)}")  # fmt: skip
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_title(_plain(title))
+    ax.set_title(plain(title))
     _square_axes(ax)
     ax.legend(loc="lower right", frameon=True, framealpha=0.9)
     return fig
@@ -351,7 +333,7 @@ def calibration_figure(
     except stats.StatsError as exc:
         raise FigureError(f"no calibration plot: {exc}") from exc
     bins = cal.bins
-    fig = _new_figure(5.2, 6.0)
+    fig = new_figure(5.2, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, label="perfect calibration", gid="diagonal")
     errors = [bins["observed"] - bins["ci_low"], bins["ci_high"] - bins["observed"]]
@@ -368,7 +350,7 @@ def calibration_figure(
     top.text(0.03, 0.97, summary, transform=top.transAxes, va="top", fontsize=8, gid="calibration_summary",
              bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#cccccc"})  # fmt: skip
     top.set_ylabel("observed fraction positive")
-    top.set_title(_plain(title))
+    top.set_title(plain(title))
     top.set_xlim(-0.01, 1.01)
     top.set_ylim(-0.02, 1.02)
     top.grid(True, color="#dddddd", linewidth=0.6)
@@ -389,7 +371,7 @@ def decision_curve_figure(
     yb, p = _labels_and_scores(y, prob)
     pt = np.round(np.linspace(0.01, 0.99, 99), 2)
     curve = stats.decision_curve(yb, p, pt)
-    fig = _new_figure(5.6, 4.2)
+    fig = new_figure(5.6, 4.2)
     ax = fig.add_subplot()
     ax.plot(pt, curve["net_benefit_model"], color=PALETTE[0], linewidth=1.8, label="model", gid="net_benefit_model")
     ax.plot(pt, curve["net_benefit_treat_all"], color=PALETTE[1], linewidth=1.2, linestyle="--", label="treat all",
@@ -406,7 +388,7 @@ def decision_curve_figure(
     ax.set_xlim(0, 1)
     ax.set_xlabel("threshold probability")
     ax.set_ylabel("net benefit")
-    ax.set_title(_plain(title))
+    ax.set_title(plain(title))
     ax.grid(True, color="#dddddd", linewidth=0.6)
     ax.legend(loc="upper right")
     return fig
@@ -425,7 +407,7 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
         h[column] = pd.to_numeric(h[column], errors="coerce")
     if best_epoch is None and h["val_auc"].notna().any():
         best_epoch = int(h.loc[h["val_auc"].idxmax(), "epoch"])
-    fig = _new_figure(5.6, 5.2)
+    fig = new_figure(5.6, 5.2)
     loss_ax, auc_ax = fig.subplots(2, 1, sharex=True)
     loss_ax.plot(h["epoch"], h["train_loss"], marker=".", color=PALETTE[0], label="train loss", gid="train_loss")
     loss_ax.plot(h["epoch"], h["val_loss"], marker=".", color=PALETTE[1], label="validation loss", gid="val_loss")
@@ -442,171 +424,12 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
     loss_ax.set_ylabel("loss")
     auc_ax.set_ylabel("validation AUC")
     auc_ax.set_xlabel("epoch")
-    loss_ax.set_title(_plain(title))
+    loss_ax.set_title(plain(title))
     for ax in (loss_ax, auc_ax):
         ax.grid(True, color="#dddddd", linewidth=0.6)
         ax.legend(loc="best")
     auc_ax.xaxis.get_major_locator().set_params(integer=True)
     return fig
-
-
-# ---------------------------------------------------------------------------------------------------- flow
-@dataclass(frozen=True)
-class Flow:
-    """Counts of the patient flow (STARD 2015): manifest rows -> exclusions -> included -> each split and site.
-
-    `reasons` groups the excluded rows by their first problem (so the counts add up to `excluded_rows`); `splits`
-    has columns split, site, patients, images, positive_patients, positive_images.
-    """
-
-    rows: int
-    patients: int
-    excluded_rows: int
-    excluded_patients: int
-    reasons: tuple[tuple[str, int], ...]
-    valid_rows: int
-    valid_patients: int
-    split_rows: int
-    splits: pd.DataFrame
-
-
-def _patients(table: pd.DataFrame) -> pd.Series:
-    """One key per row naming its patient (site, patient_id), as in the split and evaluation."""
-    cols = [table[c].astype(str) if c in table.columns else pd.Series("", index=table.index) for c in
-            UNIT_COLUMNS["patient"]]  # fmt: skip
-    return cols[0].str.cat(cols[1:], sep="\x1f")
-
-
-def _reason_group(column: object, reason: object) -> str:
-    """A problem's kind without the row's own details (paths, numbers, quoted values), to count rows per kind."""
-    import re
-
-    text = re.split(r"[:;(]", str(reason), maxsplit=1)[0]
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "", text)
-    text = re.sub(r"\S*[/\\\d]\S*", "", text)
-    text = re.sub(r"\s+", " ", text).strip(" ,.") or "invalid value"
-    return f"{column}: {text}" if str(column).strip() else text
-
-
-def flow_counts(manifest: pd.DataFrame, exclusions: pd.DataFrame, splits: pd.DataFrame, *, positive_label: str) -> Flow:
-    """The flow diagram's numbers from the run's manifest.csv, exclusions.csv and splits.csv.
-
-    Args:
-        manifest: every row of the manifest (spreadsheet row = index + 2, as `exclusions.row` counts).
-        exclusions: one line per problem (row, column, reason); a row may have several.
-        splits: the included rows with their split.
-        positive_label: the positive class of `label`.
-    """
-    rows = pd.to_numeric(exclusions.get("row", pd.Series(dtype=str)), errors="coerce")
-    first = exclusions.assign(_row=rows).dropna(subset=["_row"]).drop_duplicates("_row")
-    excluded = set(first["_row"].astype(int))
-    spreadsheet_rows = pd.Series(np.arange(len(manifest)) + 2, index=manifest.index)
-    kept = manifest[~spreadsheet_rows.isin(excluded)]
-    counts: dict[str, int] = {}
-    for column, reason in zip(first.get("column", ""), first.get("reason", ""), strict=False):
-        key = _reason_group(column, reason)
-        counts[key] = counts.get(key, 0) + 1
-    all_patients, kept_patients = set(_patients(manifest)), set(_patients(kept))
-    return Flow(
-        rows=len(manifest),
-        patients=len(all_patients),
-        excluded_rows=len(excluded),
-        excluded_patients=len(all_patients - kept_patients),
-        reasons=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-        valid_rows=len(kept),
-        valid_patients=len(kept_patients),
-        split_rows=len(splits),
-        splits=_split_counts(splits, positive_label),
-    )
-
-
-def _split_counts(splits: pd.DataFrame, positive_label: str) -> pd.DataFrame:
-    """Patients, images and positives per split and site, splits in study order."""
-    per = splits.assign(
-        _patient=_patients(splits),
-        _pos=splits["label"].astype(str) == positive_label,
-        site=splits["site"].astype(str) if "site" in splits.columns else "",
-    )
-    keys = ["split", "site"]
-    table = per.groupby(keys, sort=False).agg(
-        patients=("_patient", "nunique"), images=("_patient", "size"), positive_images=("_pos", "sum")
-    )
-    positives = per[per["_pos"]].groupby(keys, sort=False)["_patient"].nunique()
-    table.insert(2, "positive_patients", positives.reindex(table.index, fill_value=0))
-    table = table.reset_index().astype({c: int for c in ("patients", "images", "positive_patients", "positive_images")})
-    order = table["split"].map({name: i for i, name in enumerate(SPLITS)}).fillna(len(SPLITS))
-    return table.assign(_order=order).sort_values(["_order", "site"]).drop(columns="_order").reset_index(drop=True)
-
-
-def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6) -> MplFigure:
-    """STARD-style flow diagram: manifest -> excluded (reasons with counts) -> included -> one box per split with
-    patients, images and positives per site. Boxes are matplotlib text boxes joined by arrows."""
-    fig = _new_figure(10, 6)
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(_plain(title))
-    box = {"boxstyle": "round,pad=0.5", "facecolor": "#f4f8fb", "edgecolor": PALETTE[0], "linewidth": 1.2}
-    side = {**box, "facecolor": "#fdf3ec", "edgecolor": PALETTE[1]}
-    top = ax.text(0.32, 0.93, f"Manifest\n{_count(flow.rows, 'image')}, {_count(flow.patients, 'patient')}",
-                  ha="center", va="center",
-                  bbox=box, gid="flow:manifest")  # fmt: skip
-    middle = ax.text(0.32, 0.6, _included_text(flow), ha="center", va="center", bbox=box, gid="flow:included")
-    excluded = ax.text(0.62, 0.78, _excluded_text(flow, max_reasons), ha="left", va="center", fontsize=8, bbox=side,
-                       gid="flow:excluded")  # fmt: skip
-    arrow = {"arrowstyle": "-|>", "color": "#444444", "linewidth": 1.0, "shrinkA": 2, "shrinkB": 2}
-    ax.annotate("", xy=(0.5, 1), xycoords=middle, xytext=(0.5, 0), textcoords=top, arrowprops=arrow)
-    ax.annotate("", xy=(0, 0.5), xycoords=excluded, xytext=(0.32, 0.78), textcoords="data", arrowprops=arrow)
-    names = list(dict.fromkeys(flow.splits["split"]))
-    for i, name in enumerate(names):
-        x = (i + 0.5) / len(names)
-        rows = flow.splits[flow.splits["split"] == name]
-        split_box = ax.text(x, 0.42, _split_text(name, rows), ha="center", va="top", fontsize=8, bbox=box,
-                            gid=f"flow:split:{name}")  # fmt: skip
-        ax.annotate("", xy=(0.5, 1), xycoords=split_box, xytext=(0.5, 0), textcoords=middle, arrowprops=arrow)
-    return fig
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _included_text(flow: Flow) -> str:
-    text = f"Included\n{_count(flow.valid_rows, 'image')}, {_count(flow.valid_patients, 'patient')}"
-    if flow.split_rows != flow.valid_rows:
-        text += f"\n({_count(flow.valid_rows - flow.split_rows, 'image')} in no split)"
-    return text
-
-
-def _excluded_text(flow: Flow, max_reasons: int) -> str:
-    lines = [f"Excluded: {_count(flow.excluded_rows, 'image')}"]
-    if flow.excluded_patients:
-        lines[0] += f" ({_count(flow.excluded_patients, 'patient')} left with none)"
-    shown = flow.reasons[:max_reasons]
-    for reason, n in shown:
-        wrapped = textwrap.wrap(_plain(reason, 90), 45)
-        lines.append(f"  {n} \u00d7 {wrapped[0]}")
-        lines.extend(f"      {part}" for part in wrapped[1:])
-    rest = sum(n for _, n in flow.reasons[max_reasons:])
-    if rest:
-        lines.append(f"  {rest} \u00d7 other reasons (see exclusions.csv)")
-    if not flow.reasons:
-        lines.append("  none")
-    return "\n".join(lines)
-
-
-def _split_text(name: str, rows: pd.DataFrame) -> str:
-    patients, images = int(rows["patients"].sum()), int(rows["images"].sum())
-    positives = int(rows["positive_patients"].sum())
-    lines = [name.replace("_", " "), f"{_count(patients, 'patient')}, {_count(images, 'image')}",
-             f"{_count(positives, 'positive patient')}"]  # fmt: skip
-    for _, row in rows.iterrows():
-        lines.append(
-            f"{_plain(row['site'] or 'no site', 22)}: {int(row['patients'])} pt, {int(row['images'])} img, "
-            f"{int(row['positive_patients'])} pos"
-        )
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -628,7 +451,7 @@ class _Writer:
         import matplotlib
 
         try:
-            with matplotlib.rc_context(_FONT):
+            with matplotlib.rc_context(FONT):
                 fig = draw()
                 path = self.run.figures / f"{name}.png"
                 _save(fig, path)
