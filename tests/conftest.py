@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Debian's chromium under Playwright, for the tests of pages (tests/_browser.py says how it is installed).
+from tests._browser import browser  # noqa: F401 - a fixture, registered by its import here
+
 REPO = Path(__file__).resolve().parents[1]
 
 
