@@ -183,3 +183,78 @@ def test_rejects_images_that_are_not_uint8_2d() -> None:
         UltrasoundAugment()(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0))
     with pytest.raises(AugmentConfigError, match="float32"):
         UltrasoundAugment()(np.zeros((8, 8), np.float32), np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------------- scanner shift (issue 10)
+def _flat(value: int = 100, shape: tuple[int, int] = (64, 48)) -> np.ndarray:
+    return np.full(shape, value, dtype=np.uint8)
+
+
+def _detail(picture: np.ndarray) -> float:
+    """High-frequency energy: mean squared difference of neighbouring pixels."""
+    p = picture.astype(np.float64)
+    return float(np.mean(np.diff(p, axis=0) ** 2) + np.mean(np.diff(p, axis=1) ** 2))
+
+
+def test_blur_and_lower_resolution_remove_detail_but_keep_the_shape_and_mean() -> None:
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (64, 48)).astype(np.uint8)
+    for augment in (only(blur=3.0), only(resolution=(0.3, 0.3))):
+        outs = [augment(picture, np.random.default_rng(seed)) for seed in range(4)]
+        assert all(o.shape == picture.shape and o.dtype == np.uint8 for o in outs)
+        # Each draws its strength: at least one draw removes most of the pixel-to-pixel detail.
+        assert min(_detail(o) for o in outs) < 0.5 * _detail(picture)
+        assert all(abs(float(o.mean()) - float(picture.mean())) < 6 for o in outs)
+
+
+def test_attenuation_makes_the_gain_change_monotonically_with_depth() -> None:
+    augment = only(attenuation=2.0)
+    slopes = []
+    for seed in range(8):
+        out = augment(_flat(), np.random.default_rng(seed)).astype(float)
+        rows = out.mean(axis=1)
+        assert np.allclose(out, rows[:, None], atol=0.51), "the gain depends on depth only, not on the column"
+        steps = np.diff(rows)
+        assert (steps >= -0.51).all() or (steps <= 0.51).all(), "exponential gain: monotonic in depth"
+        slopes.append(rows[-1] - rows[0])
+    assert max(slopes) > 20 and min(slopes) < -20, "the slope is drawn from both signs"
+
+
+def test_tgc_bands_are_smooth_gain_changes_along_depth() -> None:
+    out = only(tgc=0.5)(_flat(), np.random.default_rng(1)).astype(float)
+    rows = out.mean(axis=1)
+    assert np.allclose(out, rows[:, None], atol=0.51)
+    assert rows.max() - rows.min() > 10, "some band changes the gain visibly"
+    assert np.abs(np.diff(rows)).max() < 8, "bands are smooth (no steps between neighbouring rows)"
+
+
+def test_scanner_shift_steps_are_reproducible_and_combine_with_speckle() -> None:
+    augment = UltrasoundAugment(blur=1.0, resolution=(0.5, 1.0), attenuation=1.0, tgc=0.3)
+    picture = np.random.default_rng(0).integers(20, 230, (40, 30)).astype(np.uint8)
+    first = augment(picture, np.random.default_rng(5))
+    np.testing.assert_array_equal(first, augment(picture, np.random.default_rng(5)))
+    assert not np.array_equal(first, augment(picture, np.random.default_rng(6)))
+    assert UltrasoundAugment.from_config(augment.to_dict()) == augment
+
+
+def test_scanner_shift_off_leaves_the_other_steps_draws_alone(image: np.ndarray) -> None:
+    """Settings without the new steps draw exactly as before: the generator ends in the same state."""
+    plain, rng_plain = UltrasoundAugment(), np.random.default_rng(9)
+    shifted, rng_shifted = UltrasoundAugment(blur=1e-9), np.random.default_rng(9)
+    np.testing.assert_array_equal(plain(image, rng_plain), plain(image, np.random.default_rng(9)))
+    shifted(image, rng_shifted)
+    assert rng_plain.random() != rng_shifted.random(), "a scanner-shift step on draws its own numbers"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"resolution": (0.05, 1.0)}, r"resolution must satisfy 0.1 <= low <= high <= 1"),
+        ({"resolution": (0.5, 1.5)}, r"resolution must satisfy 0.1 <= low <= high <= 1"),
+        ({"tgc": 1.5}, r"tgc must be a number in \[0, 0.9\]"),
+        ({"blur": -1}, r"blur must be a number in \[0, 10\]"),
+    ],
+)
+def test_scanner_shift_settings_out_of_range_are_errors(changes: dict, message: str) -> None:
+    with pytest.raises(AugmentConfigError, match=message):
+        UltrasoundAugment(**changes)

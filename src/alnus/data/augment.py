@@ -7,6 +7,11 @@ Brightness, contrast and gamma are folded into one 256-entry lookup table. Speck
 multiplicative noise with unit mean whose amplitude follows the Rayleigh law of fully developed speckle
 (Burckhardt 1978, "Speckle in ultrasound B-mode scans"; Goodman 1976).
 
+Scanner shift (another hospital's machine and settings) has its own steps, all off by default: `blur` (a softer
+point-spread function), `resolution` (lower lateral/axial resolution: down- then up-sampling), `attenuation` (depth
+gain compensation set too high or too low: a gain that rises or falls exponentially with depth) and `tgc` (the
+time-gain-compensation sliders: smooth gain bands at random depths). Depth runs down the rows.
+
 The dataset (`alnus.data.dataset.UltrasoundDataset`) hands this augmentation the image without its letterbox
 padding and pads the result again, so the padding is exactly what inference sees.
 """
@@ -48,6 +53,12 @@ class UltrasoundAugment:
         contrast: factor drawn from 1 +- contrast, applied around the image mean.
         gamma: exponent range (log-uniform) applied to intensities scaled to 0..1.
         speckle: largest standard deviation of the multiplicative noise; each image draws one in 0..speckle.
+        blur: largest Gaussian blur sigma in pixels; each image draws one in 0..blur.
+        resolution: range of the resampling factor (log-uniform, <= 1): the image is shrunk by it and enlarged back.
+        attenuation: largest depth-gain slope: the gain is exp(a * (depth - 0.5)) with a drawn from +-attenuation and
+            depth 0 (top row) to 1 (bottom row).
+        tgc: largest amplitude of the gain bands: three smooth bumps (width 0.1 of the depth) at random depths, each
+            with a gain change drawn from +-tgc.
     """
 
     hflip: float = 0.5
@@ -59,9 +70,13 @@ class UltrasoundAugment:
     contrast: float = 0.15
     gamma: tuple[float, float] = (0.8, 1.25)
     speckle: float = 0.1
+    blur: float = 0.0
+    resolution: tuple[float, float] = (1.0, 1.0)
+    attenuation: float = 0.0
+    tgc: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("scale", "gamma"):
+        for name in ("scale", "gamma", "resolution"):
             value = getattr(self, name)
             try:
                 low, high = (float(v) for v in value)
@@ -72,8 +87,12 @@ class UltrasoundAugment:
             if not 0 < low <= high:
                 raise AugmentConfigError(f"augmentation {name} must satisfy 0 < low <= high, not {value!r}.")
             object.__setattr__(self, name, (low, high))
+        if not 0.1 <= self.resolution[0] <= self.resolution[1] <= 1:
+            raise AugmentConfigError(
+                f"augmentation resolution must satisfy 0.1 <= low <= high <= 1, not {self.resolution!r}."
+            )
         limits = {"hflip": 1.0, "vflip": 1.0, "rotate_deg": 180.0, "shift": 1.0, "brightness": 1.0}
-        limits |= {"contrast": 1.0, "speckle": 1.0}
+        limits |= {"contrast": 1.0, "speckle": 1.0, "blur": 10.0, "attenuation": 3.0, "tgc": 0.9}
         for name, upper in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
@@ -120,23 +139,61 @@ class UltrasoundAugment:
         dx, dy = self.shift * (2 * unit_dx - 1) * width, self.shift * (2 * unit_dy - 1) * height
         if angle or zoom != 1 or dx or dy:
             out = _affine(out, angle, zoom, dx, dy)
+        gain = None
+        if self._scanner_shift:
+            # Drawn only when a scanner-shift step is on, so settings without them give the same images as before.
+            shift_draws = rng.random(9)
+            out = self._soften(out, shift_draws[0], shift_draws[1])
+            gain = self._depth_gain(out.shape[0], shift_draws[2:])
         lut = self._lookup_table(out, unit_b, unit_c, unit_g)
         sigma = self.speckle * unit_s
+        if gain is not None:
+            table = np.arange(256, dtype=np.float32) if lut is None else lut.astype(np.float32)
+            values = table[out] * gain[:, None]
+            if sigma:
+                values *= _speckle(rng, out.shape, sigma)
+            return _to_uint8(values)
         if sigma:
-            # Rayleigh amplitude sqrt(-2 ln U), U uniform in (0, 1]; float32 and in place keep this fast.
-            noise = rng.random(size=out.shape, dtype=np.float32)
-            np.subtract(1, noise, out=noise)
-            np.log(noise, out=noise)
-            np.negative(noise, out=noise)
-            np.sqrt(noise, out=noise)
-            noise *= sigma * math.sqrt(2) / _RAYLEIGH_STD
-            noise += 1 - sigma * _RAYLEIGH_MEAN / _RAYLEIGH_STD
+            noise = _speckle(rng, out.shape, sigma)
             table = np.arange(256, dtype=np.float32) if lut is None else lut.astype(np.float32)
             values = np.multiply(noise, table[out], out=noise)
             return _to_uint8(values)
         if lut is not None:
             return _to_uint8(lut)[out]
         return np.array(out)
+
+    @property
+    def _scanner_shift(self) -> bool:
+        return bool(self.blur or self.resolution != (1.0, 1.0) or self.attenuation or self.tgc)
+
+    def _soften(self, image: np.ndarray, unit_blur: float, unit_resolution: float) -> np.ndarray:
+        """Blur, then lower the resolution (shrink and enlarge back, bilinear); the shape is kept."""
+        out = image
+        sigma = float(self.blur * unit_blur)
+        if sigma > 0.05:
+            from PIL import ImageFilter
+
+            out = np.asarray(Image.fromarray(np.ascontiguousarray(out)).filter(ImageFilter.GaussianBlur(sigma)))
+        factor = _log_uniform(self.resolution, unit_resolution)
+        height, width = out.shape
+        small = (max(1, round(width * factor)), max(1, round(height * factor)))
+        if small != (width, height):
+            picture = Image.fromarray(np.ascontiguousarray(out)).resize(small, Image.Resampling.BILINEAR)
+            out = np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR))
+        return out
+
+    def _depth_gain(self, height: int, units: np.ndarray) -> np.ndarray | None:
+        """Gain per row: exp(a * (depth - 0.5)) times 1 + three smooth TGC bands; None when both are off."""
+        if not (self.attenuation or self.tgc):
+            return None
+        depth = np.linspace(0.0, 1.0, height, dtype=np.float32)
+        gain = np.exp(self.attenuation * (2 * units[0] - 1) * (depth - 0.5)).astype(np.float32)
+        if self.tgc:
+            bands = np.zeros(height, dtype=np.float32)
+            for centre, amplitude in zip(units[1:4], units[4:7], strict=True):
+                bands += self.tgc * (2 * amplitude - 1) * np.exp(-0.5 * ((depth - centre) / 0.1) ** 2)
+            gain *= np.clip(1 + bands, 0.1, None)
+        return gain
 
     def _lookup_table(self, image: np.ndarray, unit_b: float, unit_c: float, unit_g: float) -> np.ndarray | None:
         """Gamma, then contrast around the mean, then brightness, as floats on 0..255; None when all off."""
@@ -151,6 +208,19 @@ class UltrasoundAugment:
             mean = histogram @ levels / image.size
             levels = (levels - mean) * contrast + mean
         return (levels + brightness) * 255
+
+
+def _speckle(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Multiplicative Rayleigh speckle with unit mean and standard deviation `sigma` (float32): the amplitude
+    sqrt(-2 ln U), U uniform in (0, 1], computed in place for speed."""
+    noise = rng.random(size=shape, dtype=np.float32)
+    np.subtract(1, noise, out=noise)
+    np.log(noise, out=noise)
+    np.negative(noise, out=noise)
+    np.sqrt(noise, out=noise)
+    noise *= sigma * math.sqrt(2) / _RAYLEIGH_STD
+    noise += 1 - sigma * _RAYLEIGH_MEAN / _RAYLEIGH_STD
+    return noise
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
