@@ -131,6 +131,21 @@ def _figures(run_dir: Path) -> list[str]:
     return out
 
 
+def public_manifest(data: Path) -> Path:
+    """Import BUS-BRA and BrEaST from `data` (images are not copied) and combine them into the manifest that
+    configs/public.yaml names (work/public/manifest.csv); returns its path."""
+    from alnus._io import write_csv
+    from alnus.data.importers import import_dataset
+    from alnus.data.manifest import combine_manifests
+
+    work = REPO / "work"
+    busbra = import_dataset("busbra", data / "BUS-BRA", work / "busbra")
+    breast = import_dataset("breast", data / "BrEaST-Lesions-USG", work / "breast")
+    combined = work / "public" / "manifest.csv"
+    write_csv(combine_manifests([busbra, breast], combined), combined)
+    return combined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -138,21 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from alnus._io import write_csv
     from alnus.config import load_config
-    from alnus.data.importers import import_dataset
-    from alnus.data.manifest import combine_manifests
     from alnus.study import run_study
 
     if not (args.data / "BUS-BRA").is_dir():
         print(f"real data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    work = REPO / "work"
-    busbra = import_dataset("busbra", args.data / "BUS-BRA", work / "busbra")
-    breast = import_dataset("breast", args.data / "BrEaST-Lesions-USG", work / "breast")
-    combined = work / "public" / "manifest.csv"
-    write_csv(combine_manifests([busbra, breast], combined), combined)
+    public_manifest(args.data)
     cfg = load_config(REPO / "configs" / "public.yaml", args.overrides)
     metrics = run_study(cfg)
     seconds = time.perf_counter() - started

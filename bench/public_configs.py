@@ -1,0 +1,165 @@
+"""Every configuration tried on the real data (issue 10), one table: chosen on BUS-BRA, scored once on BrEaST.
+
+Each configuration is configs/public.yaml with a few overrides, trained in its own run folder (runs/public_<name>;
+the base configuration is runs/public itself) on the same patient split (the split depends on the data and
+`data.seed` only). The selection rule is fixed before any run (docs/results.md, "Protocol"): the configuration with
+the highest validation AUC per patient (BUS-BRA validation patients) is chosen; the external test (BrEaST) is
+scored for every finished configuration and shown beside it, so the selection is visible, but never used to choose.
+
+Runs go one at a time (two trainings at once on 2 cores are several times slower); a finished run is reused, an
+interrupted one resumes. Wall time per configuration is kept in its run folder (`bench_wall.json`). The table goes to
+docs/results.md between the public-configurations markers.
+
+    nohup .venv/bin/python bench/public_configs.py > public_configs.log 2>&1 &      # all, in order
+    .venv/bin/python bench/public_configs.py --only shift_aug,lite2                    # some
+    .venv/bin/python bench/public_configs.py --table                                   # rewrite the table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from _docs import write_section  # bench/ is on sys.path when a script here runs
+from public_study import REPO, _cpu, _markdown, public_manifest
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    change: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def run_name(self) -> str:
+        return "public" if self.name == "base" else f"public_{self.name}"
+
+
+SHIFT_AUGMENT = "train.augment={blur: 1.5, resolution: [0.5, 1.0], attenuation: 1.0, tgc: 0.3}"
+# In the order they run. Seeds of the base configuration measure how much a rerun moves the numbers.
+CONFIGURATIONS = (
+    Configuration("base", "EfficientNet-Lite0, 224 px, ROI margin 0.15, 12 epochs (configs/public.yaml)"),
+    Configuration(
+        "shift_aug", "base + scanner-shift augmentation (blur, resolution, attenuation, TGC bands)", (SHIFT_AUGMENT,)
+    ),  # fmt: skip
+    Configuration("lite2", "EfficientNet-Lite2 at its native 260 px", ("models=[efficientnet_lite2]",)),
+    Configuration("margin30", "base with ROI margin 0.30 (more context around the lesion)", ("preprocess.margin=0.3",)),
+    Configuration("seed1", "base, training seed 1 (same split)", ("train.seed=1",)),
+    Configuration("seed2", "base, training seed 2 (same split)", ("train.seed=2",)),
+)
+WALL_FILE = "bench_wall.json"
+
+
+def _run_one(config: Configuration) -> None:
+    from alnus.config import load_config
+    from alnus.study import run_study
+
+    overrides = [f"name={config.run_name}", *config.overrides]
+    cfg = load_config(REPO / "configs" / "public.yaml", overrides)
+    started = time.perf_counter()
+    run_study(cfg)
+    seconds = time.perf_counter() - started
+    wall = cfg.run_dir / WALL_FILE
+    previous = json.loads(wall.read_text(encoding="utf-8")) if wall.is_file() else {}
+    # A rerun that only reuses finished work is quick: keep the wall time of the run that trained.
+    if seconds > previous.get("seconds", 0):
+        from alnus._io import atomic_write_text
+
+        record = {"seconds": seconds, "date": dt.date.today().isoformat(), "cpu": _cpu(),
+                  "cores": len(os.sched_getaffinity(0)), "overrides": overrides}  # fmt: skip
+        atomic_write_text(wall, json.dumps(record, indent=2) + "\n")
+
+
+def _row(config: Configuration) -> dict[str, object] | None:
+    from alnus.evaluate import results_values_table
+
+    run = REPO / "runs" / config.run_name
+    if not (run / "metrics.json").is_file():
+        return None
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    values = results_values_table(metrics, "patient")
+    values = values[values["operating_point"].str.startswith("frozen")]
+    wall = json.loads((run / WALL_FILE).read_text(encoding="utf-8")) if (run / WALL_FILE).is_file() else {}
+    row: dict[str, object] = {"configuration": config.name, "change": config.change}
+    for model, by_model in values.groupby("model", sort=False):
+        at = {r.split: r for r in by_model.itertuples()}
+        ext = at.get("external_test")
+        row |= {
+            "model": model,
+            "val AUC (selection)": _auc(at.get("val")),
+            "internal AUC": _auc(at.get("internal_test")),
+            "external AUC": _auc(ext),
+            "external sens / spec": "" if ext is None else f"{100 * ext.sensitivity:.1f} / {100 * ext.specificity:.1f}",
+        }
+    row["wall (min)"] = f"{wall['seconds'] / 60:.0f}" if "seconds" in wall else "?"
+    return row
+
+
+def _auc(r: object) -> str:
+    """`0.873 (0.821-0.925)` from a row of `results_values_table`, or empty."""
+    if r is None or pd.isna(r.auc):
+        return ""
+    return f"{r.auc:.3f} ({r.auc_ci_low:.3f}-{r.auc_ci_high:.3f})"
+
+
+def table_section() -> str:
+    rows = [r for r in (_row(c) for c in CONFIGURATIONS) if r is not None]
+    pending = [c.name for c in CONFIGURATIONS if _row(c) is None]
+    out = [
+        "## Real data: every configuration tried (issue 10)",
+        "",
+        "Command: `python bench/public_configs.py` (one run folder per configuration, runs/public_<name>; the table "
+        "is rewritten from them). Per patient; AUC with DeLong 95% CI; sensitivity/specificity (%) at the threshold "
+        "frozen on the validation patients. Selection uses the **val AUC column only** (BUS-BRA validation "
+        "patients); the external columns are shown for every configuration so that the selection is visible.",
+        f"Updated {dt.date.today().isoformat()}; hardware: {_cpu()}, {len(os.sched_getaffinity(0))} cores, no GPU "
+        "(the wall time is per configuration, whole study; other jobs shared the machine for some of them).",
+        "",
+        _markdown(pd.DataFrame(rows)) if rows else "(no configuration finished yet)",
+    ]
+    if pending:
+        out += ["", f"Not run yet: {', '.join(pending)}."]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--only", default="", help="comma-separated configuration names (default: all, in order)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the finished runs")
+    parser.add_argument("--list", action="store_true", help="list the configurations and stop")
+    args = parser.parse_args(argv)
+    if args.list:
+        for c in CONFIGURATIONS:
+            print(f"{c.name:10s} runs/{c.run_name}: {c.change}  {' '.join(c.overrides)}")
+        return 0
+    known = {c.name: c for c in CONFIGURATIONS}
+    names = [n for n in args.only.split(",") if n] or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    path = REPO / "docs" / "results.md"
+    if not args.table:
+        if not (args.data / "BUS-BRA").is_dir():
+            print(f"real data not found at {args.data}; pass --data", file=sys.stderr)
+            return 2
+        public_manifest(args.data)
+        for name in names:
+            print(f"=== {name}: {known[name].change}", flush=True)
+            _run_one(known[name])
+            write_section(path, "public-configurations", table_section(), title="# Results")
+    write_section(path, "public-configurations", table_section(), title="# Results")
+    print(table_section())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
