@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run if args.run is not None else public_run(args.data, args.overrides)
     model = run_models(run_dir)[0]
     predictor = Predictor(RunFolder(run_dir).model(model).package, device="cpu", precision="fp32",
-                          max_pixels=run_max_pixels(run_dir))  # fmt: skip
+                          max_pixels=run_max_pixels(run_dir), engine="torch")  # fmt: skip
     cases = case_table(run_dir, model, SPLIT, predictor)
     sample = cases.sample(n=min(args.n, len(cases)), random_state=args.seed).reset_index(drop=True)
     rows = []

@@ -51,6 +51,16 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _training_minutes(run_dir: Path) -> str:
+    """Training time per model from its history.csv (the sum of its epochs' times, measured while it trained)."""
+    parts = []
+    for history in sorted((run_dir / "models").glob("*/history.csv")):
+        table = pd.read_csv(history)
+        if "seconds" in table.columns:
+            parts.append(f"{history.parent.name} {table['seconds'].sum() / 60:.1f} min ({len(table)} epochs)")
+    return "; ".join(parts) or "time not recorded"
+
+
 def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrides: list[str]) -> str:
     from alnus.evaluate import results_table
 
@@ -63,8 +73,10 @@ def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrid
         "",
         f"Command: `{command}`" + (f" (overrides: {' '.join(overrides)})" if overrides else ""),
         f"Date: {dt.date.today().isoformat()}; hardware: {_cpu()}, {len(os.sched_getaffinity(0))} "
-        f"cores, no GPU; wall time {seconds / 60:.1f} min (everything: import, split, training, prediction, "
-        "evaluation).",
+        f"cores, no GPU; wall time of this command {seconds / 60:.1f} min (import, split, training unless a "
+        f"finished model was reused, prediction, evaluation, report); training {_training_minutes(run_dir)}. "
+        f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min; above the core "
+        "count means other jobs shared the CPU).",
         "",
         "### Data and split (patients, images)",
         _markdown(report),

@@ -340,7 +340,7 @@ def render_limits(run: dict[str, Any]) -> str:
             f"activations: {statistics.median(gains):.2f}x over eager ours (median of {len(gains)} backbones, "
             f"range {min(gains):.2f}-{max(gains):.2f}x)."
             + (
-                " `alnus predict RUN --compile` uses it (off by default: compiling once per batch shape costs"
+                " `alnus predict-run RUN --compile` uses it (off by default: compiling once per batch shape costs"
                 " tens of seconds, which a few hundred images do not win back; see docs/performance.md)."
                 if statistics.median(gains) > 1
                 else ""

@@ -59,11 +59,11 @@ def test_a_message_with_brackets_is_printed_as_written(
     assert "[/]x [bold].yaml" in err.replace("\n", "") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("command", ["predict-run", "evaluate"])
 def test_a_run_stage_on_a_busy_run_folder_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    """Issue 7.9: `alnus predict|evaluate RUN` while another command writes the run: exit 2, naming the holder."""
+    """Issue 7.9: `alnus predict-run|evaluate RUN` while another command writes the run: exit 2, naming the holder."""
     from alnus.runfolder import lock_run
 
     with lock_run(tmp_path, command="alnus study (busy)"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -440,7 +441,7 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     preds = run / "models" / "tiny_cnn" / "predictions"
     (preds / "external_test.csv").unlink()
-    with pytest.raises(EvaluateError, match=r"no external_test predictions; run `alnus predict .*` first"):
+    with pytest.raises(EvaluateError, match=r"no external_test predictions; run `alnus predict-run .*` first"):
         evaluate_run(run)
     (preds / "val.csv").unlink()
     with pytest.raises(EvaluateError, match="no val predictions; run `alnus predict"):
@@ -493,7 +494,7 @@ def test_cli_evaluate_without_predictions_says_to_predict_first(
         cli.main()
     assert info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"run `alnus predict {run}` first" in err
+    assert f"run `alnus predict-run {run}` first" in err
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -551,6 +552,17 @@ def test_readers_of_the_test_splits_are_compared_with_the_model(tmp_path: Path) 
     sizes, rows = read_imrmc(run / "tables" / "readers_tiny_cnn_external_test.imrmc")
     assert (sizes["N0"], sizes["N1"], sizes["NR"]) == (12, 12, 1)
     assert "imrmc" not in found
+    # The terminal's table: every estimate with three decimals, no column that is always empty (new-user review).
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    printed = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "100"], env={"COLUMNS": "250"})
+    assert printed.exit_code == 0, printed.output
+    panel = printed.output[printed.output.index("vs 1 reader(s)") :]
+    auc_line = next(line for line in panel.splitlines() if " auc " in f" {line} ")
+    assert len(re.findall(r"(?<![\d.])-?\d\.\d{3}(?!\d)", auc_line)) >= 5, auc_line
+    assert "note" not in panel.splitlines()[1] + panel.splitlines()[2] + panel.splitlines()[3]
 
     splits.loc[external & (splits["patient_id"] == "external_test1"), "reader_a"] = "seven"
     write_csv(splits, run / "splits.csv")

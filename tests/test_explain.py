@@ -130,10 +130,12 @@ def test_concurrent_score_cam_calls_leave_the_library_as_it_was() -> None:
     from pytorch_grad_cam import score_cam
 
     original = score_cam.tqdm
-    model = create_model("tiny_cnn").eval()
+    # One model per call: CAM hooks on a shared model would catch each other's activations (the service runs one
+    # inference at a time for that reason).
+    models = [create_model("tiny_cnn").eval() for _ in range(8)]
     batch = torch.rand(2, 1, 32, 32)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        maps = list(pool.map(lambda _: heatmaps(model, batch, method="scorecam"), range(8)))
+        maps = list(pool.map(lambda model: heatmaps(model, batch, method="scorecam"), models))
     assert all(m.shape == (2, 32, 32) for m in maps)
     assert score_cam.tqdm is original
 
@@ -492,6 +494,8 @@ def test_alnus_explain_writes_overlays_and_an_index(tiny_run: Path) -> None:
     assert runner.invoke(app, ["explain", str(tiny_run), "--n", "2", "--device", "cpu"]).exit_code == 0
     assert len(list(folder.glob("*.png"))) == 2 and len(pd.read_csv(folder / "index.csv")) == 2
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+    # As readable as the rest of the run (new-user review: mkdtemp made the folders private).
+    assert folder.stat().st_mode & 0o777 == RunFolder(tiny_run).figures.parent.stat().st_mode & 0o777
 
 
 def test_alnus_explain_errors_are_clear(tiny_run: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -249,14 +250,15 @@ def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def test_cli_predict_and_predict_images(tmp_path: Path) -> None:
+def test_cli_predict_run_and_predict(tmp_path: Path) -> None:
+    """`alnus predict-run RUN` is the study's stage; `alnus predict PACKAGE IMAGE...` predicts new images."""
     from typer.testing import CliRunner
 
     from alnus.cli import app
 
     runner = CliRunner()
     run = make_run(tmp_path)
-    result = runner.invoke(app, ["predict", str(run), "--device", "cpu"])
+    result = runner.invoke(app, ["predict-run", str(run), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "tiny_cnn" in result.output and "val 16, internal_test 8, external_test 16 images" in result.output
     assert (run / "models" / "tiny_cnn" / "predictions" / "external_test.csv").is_file()
@@ -264,13 +266,15 @@ def test_cli_predict_and_predict_images(tmp_path: Path) -> None:
     package = run / "models" / "tiny_cnn" / "model"
     images = sorted((tmp_path / "data" / "images").glob("*.png"))[:3]
     out = tmp_path / "adhoc.csv"
-    args = ["predict-images", str(package), *map(str, images), "--out", str(out), "--device", "cpu"]
+    args = ["predict", str(package), *map(str, images), "--out", str(out), "--device", "cpu"]
     result = runner.invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     expected = Predictor(package, device="cpu").predict_arrays([load_image(p) for p in images])
     np.testing.assert_allclose(table["prob"], expected, rtol=1e-6)
-    assert f"{expected[0]:.4f}" in result.output and "no frozen threshold" in result.output
+    assert result.stdout == "" and "no frozen threshold" in result.stderr  # the data went to the file
+    shown = runner.invoke(app, [*args[:-4], "--format", "table", "--device", "cpu"], env={"COLUMNS": "250"})
+    assert f"{expected[0]:.4f}" in shown.stdout
 
     freeze_threshold(package, point(float(np.median(expected))), reason="test")
     result = runner.invoke(app, args, env={"COLUMNS": "250"})
@@ -278,7 +282,7 @@ def test_cli_predict_and_predict_images(tmp_path: Path) -> None:
     table = pd.read_csv(out)
     # Without --patient-id each image is its own patient: its mean is its own probability.
     assert table["prediction"].tolist() == ["positive" if p >= np.median(expected) else "negative" for p in expected]
-    output = " ".join(result.output.split())
+    output = " ".join(result.stderr.split())
     assert "call = mean probability of a patient's images >=" in output and "its own patient" in output
     result = runner.invoke(app, [*args, *["--patient-id", "P1"] * 3], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
@@ -304,7 +308,7 @@ def test_compiled_predictor_matches_eager_and_leaves_freezing_off(tmp_path: Path
     assert inductor_config.freezing is False
 
 
-def test_cli_predict_images_takes_one_lesion_box_per_image(tmp_path: Path) -> None:
+def test_cli_predict_takes_one_lesion_box_per_image(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from alnus.cli import app
@@ -315,19 +319,22 @@ def test_cli_predict_images_takes_one_lesion_box_per_image(tmp_path: Path) -> No
     images = [str(tmp_path / p) for p in table["image"]]
     out = tmp_path / "adhoc.csv"
     runner = CliRunner()
-    args = ["predict-images", str(package), *images, "--roi", "5,6,30,28", "--roi", "5,6,30,28", "--out", str(out)]
+    args = ["predict", str(package), *images, "--roi", "5,6,30,28", "--roi", "5,6,30,28", "--out", str(out)]
     result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     expected = Predictor(package, device="cpu").predict_table(table, tmp_path)["prob"]
     np.testing.assert_allclose(pd.read_csv(out)["prob"], expected, rtol=1e-6)
 
-    result = runner.invoke(app, ["predict-images", str(package), *images, "--roi", "5,6,30,28"])
+    result = runner.invoke(app, ["predict", str(package), *images, "--roi", "5,6,30,28"])
     assert isinstance(result.exception, AlnusError) and "one per image" in str(result.exception)
-    result = runner.invoke(app, ["predict-images", str(package), *images])  # the box policy needs a box
-    assert isinstance(result.exception, AlnusError) and "roi" in str(result.exception)
+    # The box policy needs a box: each image fails with the reason, none is predicted.
+    result = runner.invoke(app, ["predict", str(package), *images, "--device", "cpu"])
+    assert result.exit_code == 1
+    errors = pd.read_csv(io.StringIO(result.stdout))["error"]
+    assert len(errors) == 2 and all("--roi" in e for e in errors)
 
 
-def test_cli_predict_images_prints_file_names_and_labels_as_text(tmp_path: Path) -> None:
+def test_cli_predict_prints_file_names_and_labels_as_text(tmp_path: Path) -> None:
     """issue 7.12: `IMG [left].png` and `IMG [right].png` print as two different names, and a label `[/]` (rich's
     closing tag) neither vanishes nor crashes the output."""
     from typer.testing import CliRunner
@@ -343,16 +350,17 @@ def test_cli_predict_images_prints_file_names_and_labels_as_text(tmp_path: Path)
     for name in ("IMG [left].png", "IMG [right].png"):
         Image.fromarray(np.full((40, 40), 90, dtype=np.uint8)).save(tmp_path / name)
         images.append(str(tmp_path / name))
-    result = CliRunner().invoke(app, ["predict-images", str(package), *images, "--device", "cpu"])
+    args = ["predict", str(package), *images, "--device", "cpu", "--format", "table"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    output = " ".join(result.output.split())
+    output = " ".join(result.stdout.split())
     assert "IMG [left].png" in output and "IMG [right].png" in output
     assert "P([/]) from" in output and output.count("[/]") >= 3
 
 
-def test_predict_images_without_a_needed_box_names_the_option(tmp_path: Path) -> None:
-    """A package trained on lesion boxes, given images without --roi: the error names --roi/--mask (the command
-    line has no manifest rows or columns to fix)."""
+def test_predict_without_a_needed_box_names_the_options(tmp_path: Path) -> None:
+    """A package trained on lesion boxes, given images without a region: the error cell names --roi, --mask and
+    --manifest (what a user of the command line can give)."""
     import shutil
 
     from typer.testing import CliRunner
@@ -366,7 +374,8 @@ def test_predict_images_without_a_needed_box_names_the_option(tmp_path: Path) ->
     meta["preprocess"]["roi"]["mode"] = "box"
     (package / "metadata.json").write_text(json.dumps(meta))
     image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
-    result = CliRunner().invoke(app, ["predict-images", str(package), str(image), "--device", "cpu"])
-    assert result.exit_code != 0
-    message = " ".join(str(result.exception or "").split())
-    assert "--roi x,y,w,h" in message and "--mask FILE" in message and "roi column" not in message
+    result = CliRunner().invoke(app, ["predict", str(package), str(image), "--device", "cpu", "--format", "json"])
+    assert result.exit_code == 1
+    message = json.loads(result.stdout)["error"]
+    assert "--roi x,y,w,h" in message and "--mask FILE" in message and "--manifest" in message
+    assert "ROI mode 'box'" in message

@@ -9,6 +9,14 @@ from rich.markup import escape as _escape_markup
 # C0 and C1 control characters but newline and tab: ESC sequences could move the cursor, recolour or retitle the
 # terminal, or clear what was printed (a file name is data, never a terminal command).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Unicode bidirectional controls (embeddings, overrides, isolates, marks): a right-to-left override in a site name
+# would display the numbers after it backwards ("(60)" as "(06)"). They are shown as `\u202e`, never applied.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def no_bidi(text: object) -> str:
+    """`text` with its bidirectional control characters shown as `\\uXXXX` (for HTML, Markdown and figures)."""
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text))
 
 
 def escape(text: object) -> str:
@@ -18,4 +26,4 @@ def escape(text: object) -> str:
 
 def printable(text: object) -> str:
     """`text` with control characters shown as `\\xNN`, for rich `Text` objects (which take no markup)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    return no_bidi(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))

@@ -448,8 +448,8 @@ def train(
             )
 
 
-@app.command("predict")
-def predict(
+@app.command("predict-run")
+def predict_run(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>.")],
     model: Annotated[
         list[str] | None, typer.Option("--model", help="Predict with this backbone only (repeatable).")
@@ -467,17 +467,20 @@ def predict(
         ),
     ] = False,
 ) -> None:
-    """Predict the val, internal_test and external_test images with each model of a run (with the run's settings:
-    precision and decoding limit from its config.yaml)."""
+    """The study's stage: predicts the run's val/internal/external splits (new images: `alnus predict`).
+
+    Each model of the run predicts with the run's settings (precision and decoding limit from its config.yaml) and
+    writes models/<backbone>/predictions/. For new images use `alnus predict PACKAGE INPUT...`.
+    """
     from alnus.config import read_resolved_config
-    from alnus.predict import predict_run
+    from alnus.predict import predict_run as predict_run_folder
     from alnus.runfolder import RunFolder, lock_run
 
     if not run.is_dir():
         raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
-    with lock_run(run, command="alnus predict"):
+    with lock_run(run, command="alnus predict-run"):
         cfg = read_resolved_config(RunFolder(run).config)
-        summary = predict_run(
+        summary = predict_run_folder(
             run,
             models=model,
             device=device,
@@ -495,70 +498,257 @@ def predict(
         )
 
 
-@app.command("predict-images")
-def predict_images(
+_FORMATS = ("csv", "json", "table")
+# Suffixes of --out that choose the format when --format is not given.
+_FORMAT_OF_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".txt": "table"}
+# A progress bar (on a terminal) from this many images on.
+_PROGRESS_FROM = 20
+# Exit code of `alnus predict` when any image failed (the others were predicted).
+EXIT_SOME_FAILED = 1
+
+
+def _refuse_run_folder(package: Path) -> None:
+    """`alnus predict RUN` (the stage's old name) on a run folder: name the command the user meant."""
+    if not package.is_dir() or (package / "metadata.json").exists():
+        return
+    if (package / "splits.csv").exists() or (package / "config.yaml").exists():
+        found = sorted(p.parent for p in package.glob("models/*/model/metadata.json"))
+        example = found[0] if found else package / "models" / "<backbone>" / "model"
+        raise AlnusError(
+            f"{package} is a run folder, not a model package. `alnus predict` predicts new images with a model "
+            f"package (e.g. `alnus predict {example} IMAGE...`); to predict the run's val/internal/external splits "
+            f"(the study's stage) run `alnus predict-run {package}`."
+        )
+
+
+def _output_format(fmt: str | None, out: Path | None) -> str:
+    """--format, else from --out's suffix, else a table on a terminal and CSV when stdout is piped."""
+    if fmt is not None:
+        if fmt not in _FORMATS:
+            raise AlnusError(f"--format {fmt!r} is not one of {', '.join(_FORMATS)}.")
+        return fmt
+    if out is not None:
+        return _FORMAT_OF_SUFFIX.get(out.suffix.lower(), "csv")
+    return "table" if sys.stdout.isatty() else "csv"
+
+
+def _json_lines(df) -> str:  # noqa: ANN001 - pandas DataFrame
+    """One JSON object per row; missing values are null."""
+    import json
+
+    import pandas as pd
+
+    lines = []
+    for record in df.astype(object).to_dict("records"):
+        clean = {str(k): (None if pd.isna(v) else v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        lines.append(json.dumps(clean, ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
+
+
+def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas DataFrame
+    """The predictions as a rich table: probabilities to 4 decimals, missing values empty, every cell plain text."""
+    import pandas as pd
+    from rich.text import Text
+
+    shown = result.drop(columns=["engine"])
+    table = Table(title=title)
+    for column in shown.columns:
+        table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left")
+    for row in shown.itertuples(index=False):
+        cells = []
+        for column, value in zip(shown.columns, row, strict=True):
+            if pd.isna(value):
+                cells.append(Text(""))
+            elif column in ("prob", "patient_prob", "study_prob"):
+                cells.append(Text(f"{value:.4f}"))
+            else:
+                cells.append(Text(printable(value)))
+        table.add_row(*cells)
+    return table
+
+
+def _render(result, fmt: str, title: str) -> str:  # noqa: ANN001 - pandas DataFrame
+    """The predictions as the text of a file in `fmt` (CSV cells a spreadsheet would run are defused)."""
+    import io
+
+    from alnus._io import defuse_formulas
+
+    if fmt == "csv":
+        return defuse_formulas(result).to_csv(index=False)
+    if fmt == "json":
+        return _json_lines(result)
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, no_color=True).print(_predictions_table(result, title))
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int):  # noqa: ANN202 - a context manager of an optional callback
+    """A progress bar on stderr for many images when stderr is a terminal; yields its update callback (or None)."""
+    if total < _PROGRESS_FROM or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("predicting", total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
+def _write_heatmaps(predictor, table, result, folder: Path) -> list[str]:  # noqa: ANN001 - Predictor, DataFrames
+    """One overlay PNG per predicted image in `folder` (`NNNN_<name>.png`, NNNN its row); the paths, "" where none."""
+    import re
+
+    import pandas as pd
+
+    from alnus._io import atomic_write_bytes
+    from alnus.explain import OVERLAY_WIDTH, explain_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [""] * len(result)
+    for i, row in enumerate(table.to_dict("records")):
+        if result["error"].iloc[i]:
+            continue
+        cells = {"image": row["path"], "roi": row["roi"], "mask": row["mask"], "frame": row["frame"]}
+        try:
+            (explanation,) = explain_images(predictor, pd.DataFrame([cells]), Path.cwd(), batch_size=1)
+        except AlnusError as exc:
+            err_console.print(f"[yellow]note:[/yellow] no heat map for {escape(row['image'])}: {escape(str(exc))}")
+            continue
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(row["image"]).stem)[:80] or "image"
+        path = folder / f"{i + 1:04d}_{stem}.png"
+        atomic_write_bytes(path, explanation.overlay_png(width=OVERLAY_WIDTH))
+        written[i] = str(path)
+    return written
+
+
+def _note(text: str) -> None:
+    err_console.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+@app.command("predict")
+def predict(
     package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF or DICOM).")],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="INPUT...",
+            help="Image files and folders (searched for PNG, JPEG, BMP, TIFF and DICOM, also DICOM without an ending).",
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV with an image column (paths relative to it) and optional patient_id, study_id, site, roi "
+            "(x,y,w,h), mask and frame columns."
+        ),
+    ] = None,
     roi: Annotated[
         list[str] | None,
-        typer.Option(help="Lesion box x,y,w,h per image, in the images' order (packages trained with ROI 'box')."),
+        typer.Option(help="Lesion box x,y,w,h per image file, in the files' order (packages trained on boxes)."),
     ] = None,
     mask: Annotated[
-        list[Path] | None, typer.Option(help="Lesion mask per image, in the images' order (instead of --roi).")
+        list[Path] | None, typer.Option(help="Lesion mask per image file, in the files' order (instead of --roi).")
     ] = None,
     patient_id: Annotated[
         list[str] | None,
         typer.Option(
             "--patient-id",
-            help="Patient per image, in the images' order: a patient's images are combined as when the threshold "
-            "was frozen (default: each image is its own patient).",
+            help="Patient per image file, in the files' order: a patient's images are combined as when the "
+            "threshold was frozen (default: each image is its own patient).",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Also write the table to this CSV.")] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="csv, json (JSON lines, one object per image) or table; default: a table on a terminal, "
+            "CSV when piped (or from --out's ending: .csv, .json/.jsonl, .txt).",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the predictions to this file (in --format).")] = None,
+    heatmaps: Annotated[
+        Path | None, typer.Option(help="Write a heat-map overlay (Grad-CAM) PNG per image into this folder.")
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto (the package's fastest export that passed its parity check, else torch), torch, onnx or "
+            "onnx-int8 (written by `alnus export`)."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    recursive: Annotated[bool, typer.Option(help="Search the folders' subfolders too.")] = True,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
-    """Predict single images with a model package: the probability and, once evaluated, the call."""
-    import pandas as pd
+    """Predict new images (files, folders, a manifest) with a model package (a run folder: `alnus predict-run`).
 
-    from alnus._io import write_csv
-    from alnus.predict import Predictor
+    Each image gets the probability and, once a threshold is frozen, the call. Images are read one by one: one that
+    is corrupt, unsupported or unreadable, or lacks the lesion region the model needs, gets the reason in the `error`
+    column and the others are predicted. Exit code: 0 when every image was predicted, 1 when any failed, 2 for a
+    problem with the command, package or manifest. Notes (the model's intended use and training sites, the call rule)
+    go to stderr, so piped CSV or JSON stays clean. The study's stage on a run folder is `alnus predict-run RUN`.
+    """
+    from alnus.data.inputs import collect_inputs
+    from alnus.predict import Predictor, package_notes
 
-    table = pd.DataFrame({"image": [str(p) for p in images]})
-    for name, values in (("patient-id", patient_id), ("roi", roi), ("mask", mask)):
-        if values:
-            if len(values) != len(images):
-                raise AlnusError(
-                    f"--{name} was given {len(values)} time(s) for {len(images)} image(s); give one per image."
-                )
-            table[name.replace("-", "_")] = [str(v) for v in values]
-    predictor = Predictor(package, device=device, batch_size=batch_size)
-    try:
-        result = predictor.predict_table(table, Path.cwd())
-    except AlnusError as exc:
-        # The table is built from the command line: name its options, not manifest rows and columns.
-        message = str(exc).replace("the roi column", "--roi").replace("an 'roi' box", "a box (--roi x,y,w,h)")
-        raise AlnusError(
-            f"{message}\n(Images are numbered from row 2 in the order given; each needs its lesion box as --roi "
-            "x,y,w,h or its mask as --mask FILE, in the same order.)"
-        ) from None
-    if "call" in result.columns:
-        names = {1: predictor.positive_label, 0: predictor.negative_label or f"not {predictor.positive_label}"}
-        result["prediction"] = result["call"].map(names)
+    _refuse_run_folder(package)
+    fmt = _output_format(fmt, out)
+    per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []]}
+    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
+    predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
+    for line in package_notes(package, predictor.metadata):
+        err_console.print(escape(line), highlight=False, soft_wrap=True)
+    for note in table.attrs.get("notes", []):
+        _note(note)
+    with _progress_bar(len(table)) as progress:
+        result = predictor.predict_inputs(table, progress=progress)
+    if heatmaps is not None:
+        result.insert(result.columns.get_loc("engine"), "heatmap", _write_heatmaps(predictor, table, result, heatmaps))
+    title = escape(f"P({predictor.positive_label}) from {package}")
     if out is not None:
-        write_csv(result, out)
-    probabilities = [c for c in ("prob", "patient_prob", "study_prob") if c in result.columns]
-    shown = result.assign(**{c: result[c].map(lambda p: f"{p:.4f}") for c in probabilities})
-    _print_frame(shown, escape(f"P({predictor.positive_label}) from {package}"))
+        from alnus._io import atomic_write_text
+
+        atomic_write_text(out, _render(result, fmt, title))
+        if sys.stdout.isatty():
+            console.print(_predictions_table(result, title))
+    elif fmt == "table":
+        console.print(_predictions_table(result, title))
+    else:
+        # Piped output is exactly the data, nothing else (notes go to stderr).
+        sys.stdout.write(_render(result, fmt, title))
+        sys.stdout.flush()
+    _predict_summary(predictor, result, out, heatmaps)
+    if (result["error"] != "").any():
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None) -> None:  # noqa: ANN001
+    """The call rule, the engine, failures and written files: on stderr, after the table."""
     if predictor.call_rule is None:
-        console.print(
-            "[yellow]note:[/yellow] this package has no frozen threshold yet, so there are no calls; "
-            "run `alnus evaluate RUN` to choose it on validation."
+        _note(
+            "this package has no frozen threshold yet, so there are no calls; run `alnus evaluate RUN` to choose it "
+            "on validation."
         )
     else:
-        console.print(escape(predictor.call_rule) + ".", highlight=False)
+        err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
+    failed = int((result["error"] != "").sum())
+    engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
+    err_console.print(escape(engine) + ".", highlight=False, soft_wrap=True)
+    if failed:
+        aggregate = ""
+        if predictor.operating_point is not None and predictor.operating_point["level"] != "image":
+            aggregate = f"; failed images are left out of their {predictor.operating_point['level']}'s aggregate"
+        err_console.print(
+            f"[bold red]{failed} image(s) failed[/bold red] (the reason is in the error column){escape(aggregate)}.",
+            highlight=False,
+            soft_wrap=True,
+        )
     if out is not None:
-        console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
+        err_console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
+    if heatmaps is not None:
+        err_console.print(f"[green]Wrote[/green] heat maps to {escape(str(heatmaps))}", highlight=False)
 
 
 @app.command("evaluate")
@@ -694,8 +884,14 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
                 columns=["metric", "method", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
             )
             panel = panel.rename(columns={"method": "test", "readers": "readers (mean)"})
-            shown = panel.round(3).astype(object).where(panel.notna(), "")
+            numbers = ["model", "readers (mean)", "difference", "ci_low", "ci_high"]
+            shown = panel.astype(object).where(panel.notna(), "")
+            # Every estimate with three decimals (0.750, not 0.75), so that the columns line up and read alike.
+            for column in numbers:
+                shown[column] = [f"{v:.3f}" if isinstance(v, (int, float)) else v for v in panel[column]]
             shown["p"] = [_p_text(v) for v in panel["p"]]
+            if not panel["note"].fillna("").astype(str).str.strip().any():
+                shown = shown.drop(columns="note")
             title = escape(
                 f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}; "
                 f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}; all rows in tables/readers_*"
@@ -704,6 +900,104 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     run_folder = RunFolder(run)
     console.print(
         f"[green]Wrote[/green] {escape(str(run_folder.metrics))} and {escape(str(run_folder.tables))}/",
+        highlight=False,
+    )
+
+
+@app.command("serve")
+def serve(
+    package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the bearer token (not readable by every user); else $ALNUS_TOKEN is used."),
+    ] = None,
+    insecure_local: Annotated[
+        bool,
+        typer.Option("--insecure-local", help="No token: serve this computer only (127.0.0.1), e.g. for a try-out."),
+    ] = False,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload (request body), in MB.")] = 50.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="Longest a prediction may wait and run, in seconds (then 504).")
+    ] = 30.0,
+    heatmap: Annotated[
+        bool, typer.Option("--heatmap/--no-heatmap", help="Allow heat maps (a backward pass each).")
+    ] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(help="auto (the package's fastest checked export), torch, onnx or onnx-int8; heat maps: torch."),
+    ] = "auto",
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the network: faster, after compiling at start."),
+    ] = False,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
+) -> None:
+    """Serve a model package over HTTP: POST /v1/predict, GET /v1/model, /healthz, and a web page at / for one
+    image at a time (research use only; not for diagnosis)."""
+    from alnus.serve import build_server
+
+    server = build_server(
+        package, host=host, port=port, token_file=token_file, insecure_local=insecure_local,
+        max_upload_mb=max_upload_mb, timeout_s=timeout_s, heatmap=heatmap, device=device, engine=engine,
+        compile=compile, max_pixels=max_pixels,
+    )  # fmt: skip
+    info = server.service.info
+    console.print(
+        f"Serving [bold]{escape(info['model']['name'])}[/bold] at {escape(server.url)} "
+        f"(engine: {escape(server.service.predictor.engine_description)}; access: {escape(server.access.source)}; "
+        "Ctrl-C stops it).",
+        highlight=False,
+    )
+    if server.exposed:
+        console.print(
+            "[yellow]note:[/yellow] other computers can reach this address over plain HTTP, so the token and the "
+            "images cross the network unencrypted: put the service behind a TLS proxy on the hospital network.",
+            highlight=False,
+        )
+    server.run()
+
+
+@app.command("export")
+def export(
+    package: Annotated[Path, typer.Argument(help="The model package: runs/<name>/models/<backbone>/model.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="onnx (fp32) or onnx-int8 (static int8, calibrated on validation images).")
+    ] = "onnx",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Run folder whose validation images check the export; default: the run the package is in."),
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+    method: Annotated[str, typer.Option(help="int8 calibration: auto, minmax, percentile or entropy.")] = "auto",
+    fp32_convs: Annotated[
+        int, typer.Option(help="int8: leading convolutions kept in fp32 (more: closer to fp32, slower).")
+    ] = 1,
+) -> None:
+    """Export a model package to ONNX for fast CPU prediction; kept only if it agrees with PyTorch on real images."""
+    from alnus.export import DEFAULT_OPSET, QuantSettings, export_package
+
+    record = export_package(
+        package,
+        fmt,
+        calibration=calibration,
+        opset=DEFAULT_OPSET if opset is None else opset,
+        method=method,
+        settings=QuantSettings(fp32_convs=fp32_convs),
+        progress=lambda line: err_console.print(escape(line), highlight=False),
+    )
+    where = package / record["file"]
+    checked = f"{record['n_images']} validation images of run {record['checked_on']['run']}"
+    if fmt == "onnx-int8":
+        checked = (
+            f"{checked} ({record['calibration']['method']} calibration): AUC fp32 {record['auc_torch']:.4f}, int8 "
+            f"{record['auc_int8']:.4f} (allowed drop {record['max_auc_drop']:g})"
+        )
+    console.print(
+        f"[green]Wrote[/green] {escape(str(where))} (opset {record['opset']}); largest probability difference "
+        f"from PyTorch fp32 {record['max_abs_diff']:.2g} on {escape(checked)}; recorded in metadata.json",
         highlight=False,
     )
 

@@ -76,10 +76,10 @@ def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.Dat
     if missing:
         raise EvaluateError(
             f"{where} lacks column(s) {', '.join(missing)}; a prediction table has "
-            f"{', '.join(PREDICTION_COLUMNS)} (write it with `alnus predict RUN`)."
+            f"{', '.join(PREDICTION_COLUMNS)} (write it with `alnus predict-run RUN`)."
         )
     if table.empty:
-        raise EvaluateError(f"{where} has no rows; run `alnus predict RUN` again.")
+        raise EvaluateError(f"{where} has no rows; run `alnus predict-run RUN` again.")
     out = table.reset_index(drop=True).copy()
     for column in ("image", "patient_id", "study_id", "site", "label"):
         if column not in out.columns:
@@ -96,7 +96,7 @@ def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.Dat
         problems.append(f"row {i + 2}: patient_id is empty")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise EvaluateError(f"{where}: {len(problems)} bad row(s):\n  {shown}\nRun `alnus predict RUN` again.")
+        raise EvaluateError(f"{where}: {len(problems)} bad row(s):\n  {shown}\nRun `alnus predict-run RUN` again.")
     out["y"] = y.astype(int)
     out["prob"] = prob.astype(float)
     return out
@@ -389,7 +389,7 @@ def compare_models(
         if len(other) != len(first) or not other.index.sort_values().equals(first.index.sort_values()):
             raise EvaluateError(
                 f"models {names[0]} and {name} were not predicted on the same cases ({len(first)} vs "
-                f"{len(other)}); run `alnus predict RUN` again so that every model sees the same split."
+                f"{len(other)}); run `alnus predict-run RUN` again so that every model sees the same split."
             )
         other = other.loc[first.index]
         if not (other["y"].to_numpy() == first["y"].to_numpy()).all():
@@ -681,7 +681,7 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     run_dir = Path(run_dir)
     where = RunFolder(run_dir).model(model)
     folder = where.predictions
-    again = f"run `alnus predict {run_dir}` first"
+    again = f"run `alnus predict-run {run_dir}` first"
     stamp = where.predictions_stamp
     if not stamp.is_file():
         # predict_run removes the stamp before writing and writes it last: no stamp, no complete predictions.
@@ -704,8 +704,11 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
             if expected is None and split != "val":
                 continue
             raise EvaluateError(f"{path} not found: model {model} has no {split} predictions; {again}.")
-        table = check_predictions(pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]},
-                                              keep_default_na=False), str(path))  # fmt: skip
+        try:
+            raw = pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]}, keep_default_na=False)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise EvaluateError(f"{path} is damaged ({type(exc).__name__}); {again}.") from None
+        table = check_predictions(raw, str(path))
         if expected is not None:
             images = set(table["image"])
             if images != expected[split] or len(table) != len(expected[split]):

@@ -45,7 +45,8 @@ METHODS = ("gradcam", "gradcam++", "eigencam", "scorecam")
 # Methods that back-propagate the target (the gradient-free ones only run forward passes).
 GRADIENT_METHODS = frozenset({"gradcam", "gradcam++"})
 OUTCOMES = ("TP", "FP", "FN", "TN")
-INDEX_COLUMNS = ("image", "patient_id", "label", "y", "prob", "call", "outcome", "method", "png", "energy_in_roi")
+INDEX_COLUMNS = ("image", "patient_id", "label", "y", "prob", "call", "outcome", "method", "png", "energy_in_roi",
+                 "gaussian_in_roi", "random_in_roi")  # fmt: skip
 # Overlays wider than this are scaled down: they are looked at in a report, not measured.
 OVERLAY_WIDTH = 512
 _HEAT_ALPHA = 0.5
@@ -428,7 +429,8 @@ def deletion_of(
 def _as_predictor(source: str | os.PathLike[str] | Predictor, device: str, batch_size: int) -> Predictor:
     if isinstance(source, Predictor):
         return source
-    return Predictor(source, device=device, batch_size=batch_size, precision="fp32")
+    # Heat maps need the PyTorch network (gradients), and its probabilities pick the cases: the same engine for both.
+    return Predictor(source, device=device, batch_size=batch_size, precision="fp32", engine="torch")
 
 
 def _lesion(
@@ -561,7 +563,7 @@ def _predictions(run_dir: Path, model: str, split: str, predictor: Predictor) ->
     import json
 
     where = RunFolder(run_dir).model(model)
-    again = f"run `alnus predict {run_dir}` first"
+    again = f"run `alnus predict-run {run_dir}` first"
     try:
         stamp = json.loads(where.predictions_stamp.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -602,7 +604,7 @@ def case_table(run_dir: str | os.PathLike[str], model: str, split: str, predicto
     missing = sorted(set(table["image"]) - set(cells["image"]))
     if missing:
         raise ExplainError(f"{run.splits} lacks image(s) {', '.join(missing[:3])} of the predictions; {run_dir} "
-                           "was split again after predicting: run `alnus predict` again.")  # fmt: skip
+                           "was split again after predicting: run `alnus predict-run` again.")  # fmt: skip
     extra = ["image", *(c for c in cells.columns if c not in table.columns)]
     return table.merge(cells[extra], on="image", how="left", validate="many_to_one")
 
@@ -620,7 +622,7 @@ def _explain_model(run_dir: Path, model: str, split: str, n: int, method: str, d
     run = RunFolder(run_dir)
     predictor = Predictor(
         run.model(model).package, device=device, batch_size=batch_size, precision="fp32",
-        max_pixels=_run_max_pixels(run_dir),
+        max_pixels=_run_max_pixels(run_dir), engine="torch",
     )  # fmt: skip
     chosen = select_cases(case_table(run_dir, model, split, predictor), n)
     explanations = explain_images(predictor, chosen, run_dir, method=method, batch_size=batch_size)
@@ -628,7 +630,23 @@ def _explain_model(run_dir: Path, model: str, split: str, n: int, method: str, d
     index["method"] = method
     index["png"] = [_png_name(i, o, im) for i, (o, im) in enumerate(zip(index["outcome"], index["image"], strict=True))]
     index["energy_in_roi"] = [e.energy_in_roi for e in explanations]
+    # The same share for a centred Gaussian and a random map over the same crop: a heat map tells something only
+    # where it beats both (the report sets them side by side).
+    rng = np.random.default_rng(0)
+    baselines = [crop_baselines(e, rng) for e in explanations]
+    for name in ("gaussian", "random"):
+        index[f"{name}_in_roi"] = [
+            None if e.lesion_region is None else energy_share(b[name], e.lesion_region)
+            for e, b in zip(explanations, baselines, strict=True)
+        ]
     final = run.heatmaps_for(model, split)
+    run.output_folder(final.parent)  # refuses a symlinked heatmaps/ or heatmaps/<model> (nothing written through it)
+    if final.is_symlink():
+        final.unlink()  # replaced by the new folder, never written through
+    # Folders of an earlier call that was killed (kill -9) before it could clean up; the run's lock is held here.
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     with _new_folder(final) as folder:
         for name, explanation in zip(index["png"], explanations, strict=True):
             atomic_write_bytes(folder / name, explanation.overlay_png(width=OVERLAY_WIDTH))
@@ -641,6 +659,10 @@ def _new_folder(final: Path) -> Iterator[Path]:
     """A fresh folder that replaces `final` when the block succeeds, so no PNG of an earlier call is left in it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # mkdtemp makes the folder private (0700); the heat maps are as readable as the rest of the run (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         old = final.with_name(f".{final.name}.old.{os.getpid()}")
@@ -666,7 +688,8 @@ def explain_run(
 
     Images are chosen from the model's predictions with its frozen threshold (`select_cases`: a few TP, FP, FN and
     TN, the most confident first). Each folder holds one PNG per image and `index.csv` (`INDEX_COLUMNS`; `png` is
-    relative to the folder, `energy_in_roi` the share of heat inside the lesion mask, else its box, empty when
+    relative to the folder, `energy_in_roi` the share of heat inside the lesion mask, else its box (and
+    `gaussian_in_roi`, `random_in_roi` the same for a centred Gaussian and a random map over the crop), empty when
     neither is known). The caller holds the run's lock (`alnus.runfolder.lock_run`). Returns `runs/<name>/heatmaps`.
     """
     run_dir = Path(run_dir)

@@ -7,6 +7,11 @@ point, once `alnus evaluate` has frozen it on validation, comes from the package
 was frozen (`alnus.operating_point`): with a patient-level threshold the call is made on the mean (or max) of a
 patient's image probabilities, and every image of the patient carries that call; an image without a patient id is
 its own patient.
+
+New data (`alnus predict PACKAGE INPUT...`, the service) goes through `Predictor.predict_inputs`: each file is decoded
+on its own, and one that cannot be read (corrupt, unsupported, no lesion region where the model needs one) gets the
+reason in its `error` cell while the others are predicted. The forward pass runs on the package's fastest engine that
+passed its parity check at export (`alnus.export`: onnxruntime fp32 or int8), or on PyTorch.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,9 +31,11 @@ import pandas as pd
 import torch
 
 from alnus._hardware import autocast, choose_precision
-from alnus._io import atomic_write_text, write_csv
+from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
+from alnus.data.images import load_image, parse_frame
 from alnus.errors import AlnusError
+from alnus.export import ENGINES
 from alnus.models.package import load_package
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.runfolder import EVALUATION_SPLITS as SPLITS
@@ -35,6 +43,11 @@ from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, read_splits, run_mode
 
 # Columns of the input table carried into the predictions (when present).
 KEPT_COLUMNS = ("image", "patient_id", "study_id", "site", "label")
+# The engines a Predictor runs on: `auto` is the package's fastest export that passed its parity check (else torch).
+ENGINE_CHOICES = ("auto", *ENGINES)
+NOTICE = "Research use only; not for diagnosis."
+# The model card (`alnus.report.card`) is read for the notes up to this size; a larger file is not a card of ours.
+MAX_CARD_BYTES = 1024 * 1024
 
 
 class PredictError(AlnusError):
@@ -75,6 +88,9 @@ class Predictor:
         compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions): faster
             per image after a one-off compilation per model and batch shape, so it pays off only on large image
             sets (measured by bench/throughput.py; the numbers are in docs/performance.md).
+        engine: `torch`, `onnx` or `onnx-int8` (an export written by `alnus export`, CPU only), or `auto`: on the
+            CPU the fastest export of the package that passed its parity check (`alnus.export.available_engines`),
+            else torch. The PyTorch model is loaded in every case (heat maps need it). `engine` names the one used.
     """
 
     def __init__(
@@ -86,7 +102,10 @@ class Predictor:
         precision: str = "auto",
         compile: bool = False,
         max_pixels: int | None = None,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ENGINE_CHOICES:
+            raise PredictError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_CHOICES)}.")
         if int(batch_size) != batch_size or batch_size < 1:
             raise PredictError(f"batch_size must be a positive whole number, got {batch_size!r}.")
         self.package_dir = Path(package_dir)
@@ -108,6 +127,37 @@ class Predictor:
         self.model = model.eval()
         self.compiled = bool(compile)
         self._forward = torch.compile(self.model) if self.compiled else self.model
+        self._onnx: Callable[[np.ndarray], np.ndarray] | None = None
+        self.engine = self._start_engine(engine)
+
+    def _start_engine(self, engine: str) -> str:
+        """Load the asked engine (or, for `auto`, the fastest the package has) and return its name."""
+        if engine == "torch" or (engine == "auto" and (self.device.type != "cpu" or self.compiled)):
+            return "torch"
+        from alnus.export import OnnxEngine, available_engines
+
+        available = available_engines(self.package_dir)
+        if engine == "auto":
+            engine = available[0]
+            if engine == "torch":
+                return engine
+        elif self.device.type != "cpu":
+            raise PredictError(f"engine {engine} runs on the CPU (onnxruntime); use --device cpu, or --engine torch.")
+        elif engine not in available:
+            raise PredictError(
+                f"model package {self.package_dir} has no {engine} export that passed its parity check (it has: "
+                f"{', '.join(available)}); write one with `alnus export {self.package_dir} --format {engine}`, or "
+                "use --engine torch."
+            )
+        self._onnx = OnnxEngine(self.package_dir, engine)
+        return engine
+
+    @property
+    def engine_description(self) -> str:
+        """The engine in words, e.g. `torch (fp32 on cpu)` or `onnx-int8 (onnxruntime, cpu)`."""
+        if self._onnx is not None:
+            return f"{self.engine} (onnxruntime, cpu)"
+        return f"torch ({self.precision.name} on {self.device}{', compiled' if self.compiled else ''})"
 
     @property
     def call_rule(self) -> str | None:
@@ -127,8 +177,14 @@ class Predictor:
         return others[0] if len(others) == 1 else None
 
     def predict_batch(self, x: torch.Tensor) -> np.ndarray:
-        """Probabilities of the positive class for a batch `(B, 1, size, size)` in [0, 1]."""
+        """Probabilities of the positive class for a batch `(B, 1, size, size)` in [0, 1], on the chosen engine."""
         out = []
+        if self._onnx is not None:
+            array = x.detach().cpu().float().numpy()
+            for start in range(0, array.shape[0], self.batch_size):
+                chunk = np.ascontiguousarray(array[start : start + self.batch_size])
+                out.append(np.asarray(self._onnx(chunk), dtype=np.float32).reshape(-1))
+            return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, x.shape[0], self.batch_size):
                 chunk = x[start : start + self.batch_size].to(self.device)
@@ -217,6 +273,168 @@ class Predictor:
             out = _with_calls(out, self.operating_point)
         return out
 
+    def predict_inputs(
+        self, table: pd.DataFrame, *, progress: Callable[[int, int], None] | None = None
+    ) -> pd.DataFrame:
+        """Predict new images one file at a time: a file that fails gets its reason, the others their predictions.
+
+        Args:
+            table: one row per image as `alnus.data.inputs.collect_inputs` returns it: `image` (the name shown),
+                `path` (the file read), and where known `patient_id`, `study_id`, `site`, `roi`, `mask` (absolute),
+                `frame`, and `error` (a row that already failed is not read).
+            progress: called as `progress(done, total)` after each image.
+
+        Returns:
+            Rows in the table's order: `image`, `patient_id`, `study_id` and `site` (when any row has one), `prob`
+            (empty where the image failed); with a frozen threshold the call made the way it was frozen, on the images
+            that were predicted (a failed image is left out of its patient's aggregate): `<level>_prob` and
+            `n_images` (patient or study level), `call`, `call_level`, and `prediction` (the call's label name); then
+            `engine` and `error` ("" where the image was predicted).
+        """
+        records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in table.to_dict("records")]
+        if any("path" not in r for r in records):
+            raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
+        errors = [r.get("error", "") for r in records]
+        probs = np.full(len(records), np.nan)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                probs[[i for i, _ in pending]] = self.predict_batch(torch.stack([x for _, x in pending]))
+                pending.clear()
+
+        for i, row in enumerate(records):
+            if not errors[i]:
+                try:
+                    pending.append((i, self._input(row)))
+                except (AlnusError, ValueError, OSError) as exc:
+                    # The file as the user named it, not the absolute path it was read from.
+                    errors[i] = (str(exc) or type(exc).__name__).replace(row["path"], row.get("image") or row["path"])
+            if len(pending) >= self.batch_size:
+                flush()
+            if progress is not None:
+                progress(i + 1, len(records))
+        flush()
+        return self._new_data_table(records, probs, errors)
+
+    def _input(self, row: Mapping[str, str]) -> torch.Tensor:
+        """One new image as the network's input (1, size, size); raises with the reason it cannot be used."""
+        if self.spec.roi.mode != "whole" and not row.get("roi") and not row.get("mask"):
+            raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(self.spec)}")
+        image = load_image(row["path"], frame=parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
+        cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", "")}
+        return _to_tensor(preprocess(image, cells, Path.cwd(), self.spec, max_pixels=self.max_pixels))
+
+    def _new_data_table(self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str]) -> pd.DataFrame:
+        """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors."""
+        out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
+        out["patient_id"] = [r.get("patient_id", "") for r in records]
+        for column in ("study_id", "site"):
+            values = [r.get(column, "") for r in records]
+            if any(values):
+                out[column] = values
+        out["prob"] = probs
+        ok = np.array([not e for e in errors], dtype=bool)
+        if self.operating_point is not None:
+            level = self.operating_point["level"]
+            # With no image read there is nothing to aggregate (and no row to give a call).
+            called = _with_calls(out[ok], self.operating_point) if ok.any() else pd.DataFrame(index=out.index[:0])
+            for column in [*([f"{level}_prob", "n_images"] if level != "image" else []), "call", "call_level"]:
+                values = called[column] if column in called.columns else pd.Series(index=called.index, dtype=object)
+                if column in ("n_images", "call"):
+                    values = values.astype("Int64")
+                elif column == "call_level":
+                    values = values.astype(object)
+                else:
+                    values = values.astype(float)
+                out[column] = values.reindex(out.index)
+            names = {1: self.positive_label, 0: self.negative_label or f"not {self.positive_label}"}
+            out["call_level"] = out["call_level"].fillna("")
+            out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
+        out["engine"] = self.engine
+        out["error"] = errors
+        return out
+
+
+def missing_roi_message(spec: PreprocessSpec) -> str:
+    """What to give when a package that crops to the lesion gets an image without a lesion region."""
+    mode = spec.roi.mode
+    return (
+        f"no lesion region: this model was trained on images cropped to a lesion {mode} (ROI mode '{mode}'); give "
+        "it with --roi x,y,w,h or --mask FILE (once per image, in order), or in the roi or mask column of a "
+        "--manifest CSV."
+    )
+
+
+def _read_card(package_dir: Path) -> str:
+    """The package's model card (README.md, written by `alnus report`), or "" when it has none or it is unreadable."""
+    try:
+        with open_regular(package_dir / "README.md") as fh:
+            return fh.read(MAX_CARD_BYTES).decode("utf-8", errors="replace")
+    except (OSError, NotAFileError):
+        return ""
+
+
+def _card_sections(card: str) -> dict[str, list[str]]:
+    """The card's `## Heading` sections, each as its lines."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in card.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def _plain(markdown: str) -> str:
+    """A Markdown line of the card as plain text: escapes undone, emphasis marks dropped."""
+    return re.sub(r"\\(.)", r"\1", markdown.replace("**", "")).strip()
+
+
+def _card_sites(lines: list[str]) -> list[str]:
+    """The `site` column of the card's training-data table, each site once, in order."""
+    table = [[_plain(c) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in lines if line.startswith("|")]
+    if len(table) < 3 or "site" not in table[0]:
+        return []
+    column = table[0].index("site")
+    return list(dict.fromkeys(row[column] for row in table[2:] if len(row) > column and row[column]))
+
+
+def package_notes(package_dir: str | os.PathLike[str], metadata: Mapping[str, Any]) -> list[str]:
+    """What a user of the package must know before reading its predictions, as plain-text lines to print once.
+
+    The intended use and the training sites come from the model card (README.md, `alnus.report.card`) when the package
+    has one, else from metadata.json (a package saved before `alnus report` has no card). Whether new images resemble
+    the training data cannot be checked in general, so the sites are named and the notice is always included.
+    """
+    sections = _card_sections(_read_card(Path(package_dir)))
+    use = [_plain(line) for line in sections.get("Intended use", []) if line.strip()]
+    use = [line for line in use if line != NOTICE]
+    positive = str(metadata.get("positive_label", "?"))
+    others = [str(n) for n in metadata.get("label_names", []) if str(n) != positive]
+    if use:
+        intended = " ".join(use)
+    else:
+        intended = (
+            f"the probability that a case is {positive} rather than {others[0] if others else 'not ' + positive}; "
+            "the package has no model card (README.md, written by `alnus report RUN`) stating its intended use"
+        )
+    sites = _card_sites(sections.get("Training data", []))
+    trained = (
+        f"trained at {len(sites)} site(s): {', '.join(sites)}"
+        if sites
+        else "training sites not recorded in the package (no model card)"
+    )
+    run = metadata.get("run")
+    return [
+        f"Model: {metadata.get('backbone', '?')}" + (f" from run {run}" if run else "") + f", {trained}. It cannot "
+        "tell whether new images resemble its training data (scanner, hospital, population, label): check that "
+        "they do before trusting its output.",
+        f"Intended use: {intended}",
+        NOTICE,
+    ]
+
 
 def _with_calls(out: pd.DataFrame, point: dict[str, Any]) -> pd.DataFrame:
     """The prediction table with the operating point's calls: `<level>_prob` and `n_images` (patient or study
@@ -248,7 +466,8 @@ def predict_run(
     Each CSV has exactly the split's rows of `splits.csv` and the columns image, patient_id, study_id, site,
     label, y, prob. `predictions.json` (written last) records the weights they came from, so evaluate can tell
     predictions of an older training. Splits without rows are skipped. Images are read through the run's
-    image cache (`runs/<name>/cache`, shared with training).
+    image cache (`runs/<name>/cache`, shared with training). The study's predictions always run on PyTorch (the
+    weights it trained), never on an ONNX export of them.
 
     Args:
         precision: see `Predictor`; the study passes its `train.precision`, so prediction runs as training did.
@@ -274,6 +493,7 @@ def predict_run(
             precision=precision,
             compile=compile,
             max_pixels=max_pixels,
+            engine="torch",
         )
         stamp = where.predictions_stamp
         # Removed first: CSVs of a half-finished run must not look like they match the current weights.

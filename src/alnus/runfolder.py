@@ -209,6 +209,33 @@ class RunFolder:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    def is_inside(self, path: str | os.PathLike[str]) -> bool:
+        """Whether `path`, every link followed, lies inside this run folder (its real path): a file that a report
+        embeds must, so that a planted symlink cannot pull in a file from elsewhere."""
+        try:
+            return Path(path).resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):  # a link loop
+            return False
+
+    def output_folder(self, path: str | os.PathLike[str]) -> Path:
+        """Create `path` (a folder inside the run) for writing and return it; a symlink on the way from the run's
+        root is refused, so that nothing is written through it to another place."""
+        path = Path(path)
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            raise RunFolderError(f"{path} is not inside the run folder {self.root}.") from None
+        current = self.root
+        for part in parts:
+            current = current / part
+            if current.is_symlink():
+                raise RunFolderError(
+                    f"{current} is a symbolic link; a run folder's outputs are written only inside it: remove the "
+                    "link (the command makes the folder again)."
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def packaged_models(self) -> list[str]:
         """Backbones with a model package (`models/<backbone>/model/metadata.json`), sorted."""
         if not self.models_dir.is_dir():
@@ -216,12 +243,32 @@ class RunFolder:
         return sorted(p.parent.parent.name for p in self.models_dir.glob("*/model/metadata.json"))
 
 
+@contextlib.contextmanager
+def damaged_files(run_dir: str | os.PathLike[str], advice: str) -> Iterator[None]:
+    """Turn what a hand-edited or damaged run file makes a reader trip over (a string where a number belongs, a
+    list where a mapping does, bytes that are not text) into one clear error naming the run and what to do.
+
+    Errors that already say what is wrong (`AlnusError`) pass unchanged.
+    """
+    try:
+        yield
+    except AlnusError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+        raise RunFolderError(
+            f"a file in {run_dir} is damaged or was edited by hand ({type(exc).__name__}: {exc}); {advice}"
+        ) from exc
+
+
 def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The run's `splits.csv` (written by `prepare_run`), checked for the columns every later stage needs."""
     path = RunFolder(run_dir).splits
     if not path.is_file():
         raise RunFolderError(f"{path} not found; {run_dir} is not a prepared run (run `alnus train CONFIG` first).")
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunFolderError(f"{path} is damaged ({type(exc).__name__}); prepare the run again.") from None
     missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
     if missing:
         raise RunFolderError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")

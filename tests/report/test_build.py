@@ -278,3 +278,20 @@ def test_a_study_without_readers_external_site_heat_maps_or_figures_still_reads(
     claim = {r["item"]: r for r in _rows(page, "table-claim")}
     assert claim["18"]["status"] == claim["32"]["status"] == "not applicable"
     assert claim["31"]["status"] == "for the authors" and "alnus explain" in claim["31"]["note"]
+
+
+def test_the_heat_maps_are_checked_against_a_centred_gaussian_and_a_random_map(report_run: Path, page: Page) -> None:
+    """issue 8.2 in the report (new-user review): the share of heat in the lesion beside the two baselines, with the
+    numbers of index.csv, and the overlay's colours and boxes explained."""
+    index = pd.read_csv(RunFolder(report_run).heatmaps_for("tiny_cnn", "external_test") / "index.csv")
+    shares = index[["energy_in_roi", "gaussian_in_roi", "random_in_roi"]].dropna()
+    assert len(shares) > 0 and shares.apply(lambda c: c.between(0, 1)).all().all()
+    text = " ".join(page.section_text["heatmaps-tiny_cnn-external_test"].split())
+    expected = (
+        f"on average {100 * shares['energy_in_roi'].mean():.1f}% of the heat lies in the lesion, against "
+        f"{100 * shares['gaussian_in_roi'].mean():.1f}% for a centred Gaussian and "
+        f"{100 * shares['random_in_roi'].mean():.1f}% for a random map"
+    )
+    assert expected in text
+    assert "shown of the" in text and "explained" in text
+    assert "cyan box: the crop the network saw" in " ".join(page.section_text["heatmaps"].split())

@@ -22,6 +22,7 @@ from alnus.report.figures import (
     FigureError,
     ReaderPoint,
     birads_reader_points,
+    calibration_bins,
     calibration_figure,
     decision_curve_figure,
     make_figures,
@@ -149,15 +150,25 @@ def test_user_text_is_shown_literally_not_as_mathtext() -> None:
 
 # ---------------------------------------------------------------------------------- calibration, decision
 def test_calibration_figure_shows_bins_with_counts_and_the_calibration_numbers() -> None:
-    """issue 8.3: reliability diagram with the count of each bin (stats.calibration), Brier, slope and intercept."""
+    """issue 8.3: reliability diagram with the count of each bin (stats.calibration), Brier, slope and intercept,
+    and the predicted probabilities of positive and negative cases below."""
     y, p = scores(200, seed=2)
     fig = calibration_figure(y, p, n_bins=5, title="Calibration: m, val, per patient")
     counts = [int(t.get_text().removeprefix("n=")) for t in by_gid(fig, "bin_count")]
     assert len(counts) == 5 and sum(counts) == 200
-    bars = by_gid(fig, "bin_histogram")
-    assert [int(b.get_height()) for b in bars] == counts
-    summary = by_gid(fig, "calibration_summary")[0].get_text()
-    assert "Brier" in summary and "slope" in summary and "intercept" in summary
+    bars = by_gid(fig, "probability_histogram")
+    assert sum(int(b.get_height()) for b in bars) == 200, "every case in the histogram, positives and negatives"
+    title = fig.axes[0].get_title()
+    assert "Brier" in title and "slope" in title and "intercept" in title
+
+
+@pytest.mark.parametrize(("n", "bins"), [(16, 2), (29, 2), (60, 6), (200, 10), (5000, 10)])
+def test_calibration_bins_hold_about_ten_cases(n: int, bins: int) -> None:
+    """A reliability diagram of a small test set gets few bins (bins of 1-3 cases say nothing: new-user review)."""
+    assert calibration_bins(n) == bins
+    y, p = scores(n, seed=3)
+    fig = calibration_figure(y, p)
+    assert len(by_gid(fig, "bin_count")) <= bins
 
 
 def test_calibration_that_cannot_be_fitted_is_a_clear_error() -> None:
@@ -180,6 +191,8 @@ def test_decision_curve_has_model_treat_all_treat_none_and_the_frozen_threshold(
     expected = (called & (y == 1)).sum() / y.size - (called & (y == 0)).sum() / y.size * pt[i] / (1 - pt[i])
     assert model.get_ydata()[i] == pytest.approx(expected)
     assert by_gid(fig, "frozen_threshold")[0].get_xdata()[0] == 0.42
+    low, _ = fig.axes[0].get_ylim()
+    assert low <= np.nanmin(model.get_ydata()), "the model's curve is never cut off"
 
 
 def test_training_curves_mark_the_best_epoch_and_shade_the_head_only_phase() -> None:

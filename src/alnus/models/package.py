@@ -6,6 +6,8 @@ frozen it on validation, the operating point (`alnus.operating_point`: the thres
 aggregation), set once and changed only by an explicit re-freeze that `threshold_history` records.
 `metadata.json` records the SHA-256 of the weights file, so a weights file and a metadata file from different
 trainings are refused; every value predict needs is checked when the file is read, not when it is first used.
+Exports of the network (`alnus.export`: `model.onnx`, `model-int8.onnx`) are recorded under `exports` with their
+own SHA-256, the weights they were made from and their parity check; each kind has one fixed file name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +42,10 @@ WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
 # What the caller states about the training; the rest (model facts, versions, date) is filled in here.
 REQUIRED_KEYS = ("preprocess", "label_names", "positive_label")
+# Exported networks (`alnus.export`) and the one file name each may have: metadata.json never names another path.
+EXPORT_FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
+# The ONNX operator-set versions an export may record (the exporters write 7 and later; 30 leaves room to grow).
+OPSET_RANGE = (7, 30)
 
 
 class PackageError(AlnusError):
@@ -80,6 +87,9 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Exports of earlier weights would be orphans beside the new metadata (which records none): removed.
+    for name in EXPORT_FILES.values():
+        (folder / name).unlink(missing_ok=True)
     # A CPU fp32 copy: the package must not depend on the device or precision training ran in.
     cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
@@ -94,6 +104,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         "normalisation": {"mean": list(net_spec.mean), "std": list(net_spec.std), "scale": "x / 255"},
         "threshold": None,
         "threshold_history": [],
+        "exports": {},
         "weights_source": getattr(model, "weights_source", "none"),
         **dict(metadata),
         "weights_sha256": file_sha256(folder / WEIGHTS_FILE),
@@ -154,6 +165,7 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     meta["threshold"] = _checked_threshold(meta.get("threshold"), path)
     if not isinstance(meta.setdefault("threshold_history", []), list):
         raise PackageError(f"{path}: threshold_history must be a list; {_FIX_THRESHOLD}")
+    meta["exports"] = _checked_exports(meta.get("exports"), path)
     return meta
 
 
@@ -235,6 +247,101 @@ def _checked_threshold(threshold: object, path: Path) -> dict[str, Any] | None:
         return check_operating_point(threshold, str(path))
     except OperatingPointError as exc:
         raise PackageError(f"{exc} The threshold must be what `alnus evaluate` froze: {_FIX_THRESHOLD}.") from None
+
+
+_FIX_EXPORT = "export it again (alnus export PACKAGE --format {kind}), or delete exports.{kind} from metadata.json"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_probability(value: object) -> bool:
+    return _is_number(value) and 0.0 <= value <= 1.0  # type: ignore[operator]
+
+
+# What each export record holds and what each value must be; `onnx-int8` adds its calibration and AUCs.
+_EXPORT_CHECKS: dict[str, tuple[Any, str]] = {
+    "sha256": (_is_sha256, "a SHA-256 hex digest"),
+    "weights_sha256": (_is_sha256, "a SHA-256 hex digest"),
+    "opset": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and OPSET_RANGE[0] <= v <= OPSET_RANGE[1],
+        f"an ONNX opset from {OPSET_RANGE[0]} to {OPSET_RANGE[1]}",
+    ),
+    "exporter": (lambda v: isinstance(v, str) and bool(v), "the exporter's name"),
+    "max_abs_diff": (_is_probability, "a probability difference in [0, 1]"),
+    "n_images": (_is_count, "a positive whole number"),
+    "passed": (lambda v: isinstance(v, bool), "true or false"),
+    "created": (lambda v: isinstance(v, str) and bool(v), "a date"),
+}
+_INT8_CHECKS: dict[str, tuple[Any, str]] = {
+    "auc_torch": (_is_probability, "an AUC in [0, 1]"),
+    "auc_int8": (_is_probability, "an AUC in [0, 1]"),
+    "calibration": (
+        lambda v: isinstance(v, dict) and _is_count(v.get("n_images")) and isinstance(v.get("method"), str),
+        "an object with n_images (a positive whole number) and method (a name)",
+    ),
+}
+
+
+def _checked_exports(exports: object, path: Path) -> dict[str, dict[str, Any]]:
+    """The `exports` records (`alnus.export`), checked: known kinds, their fixed file names, values in range.
+
+    A file name other than the kind's own is refused outright, so metadata.json cannot point a loader at a path
+    outside the package.
+    """
+    if exports is None:
+        return {}
+    if not isinstance(exports, dict):
+        raise PackageError(f"{path}: exports = {exports!r} is not an object; delete it from metadata.json, then export")
+    for kind, record in exports.items():
+        if kind not in EXPORT_FILES:
+            raise PackageError(
+                f"{path}: exports.{kind} is not an export alnus makes ({', '.join(EXPORT_FILES)}); delete it from "
+                "metadata.json"
+            )
+        fix = _FIX_EXPORT.format(kind=kind)
+        if not isinstance(record, dict):
+            raise PackageError(f"{path}: exports.{kind} = {record!r} is not an object; {fix}")
+        if record.get("file") != EXPORT_FILES[kind]:
+            raise PackageError(
+                f"{path}: exports.{kind}.file = {record.get('file')!r}; it must be {EXPORT_FILES[kind]!r}; {fix}"
+            )
+        checks = {**_EXPORT_CHECKS, **(_INT8_CHECKS if kind == "onnx-int8" else {})}
+        for key, (ok, what) in checks.items():
+            if key not in record:
+                raise PackageError(f"{path}: exports.{kind} lacks {key}; {fix}")
+            if not ok(record[key]):
+                raise PackageError(f"{path}: exports.{kind}.{key} = {record[key]!r} is not {what}; {fix}")
+    return exports
+
+
+def record_export(folder: str | os.PathLike[str], kind: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Record an exported network (`alnus.export`) under `exports.<kind>` in metadata.json; return the metadata.
+
+    The record is checked as `read_metadata` checks it, and must name the package's current weights; the weights
+    and their hash are left as they are. metadata.json is rewritten atomically.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    if kind not in EXPORT_FILES:
+        raise PackageError(f"unknown export {kind!r}; alnus exports {', '.join(EXPORT_FILES)}")
+    if record.get("weights_sha256") != meta["weights_sha256"]:
+        raise PackageError(
+            f"the {kind} export of {folder} was made from other weights than the package holds now; export again"
+        )
+    exports = {**meta["exports"], kind: dict(record)}
+    meta["exports"] = _checked_exports(exports, folder / METADATA_FILE)
+    atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    return meta
 
 
 def freeze_threshold(

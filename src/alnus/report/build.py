@@ -21,13 +21,14 @@ import pandas as pd
 
 from alnus import __version__
 from alnus._io import atomic_write_text, file_problem
+from alnus._text import no_bidi
 from alnus.report import tables
 from alnus.report._inputs import ReportError, RunInputs, read_run_inputs
 from alnus.report.card import NOTICE, intended_use, render_markdown, write_model_cards
 from alnus.report.claim import claim_items
 from alnus.report.methods import methods_blocks
 from alnus.report.tables import Block
-from alnus.runfolder import EVALUATION_SPLITS
+from alnus.runfolder import EVALUATION_SPLITS, damaged_files
 
 __all__ = ["ReportError", "build_report", "render_report"]
 
@@ -101,7 +102,21 @@ def _figure_images(figures: Sequence[Any], section: str, missing: list[str]) -> 
     return images
 
 
-def _figures_section(figures: Sequence[Any], missing: list[str]) -> Section:
+def _skipped_figures(run_figures: Path) -> list[str]:
+    """`figures/skipped.json` (what `make_figures` could not draw, and why) as lines; none when absent or damaged."""
+    import json
+
+    path = run_figures / "skipped.json"
+    if file_problem(path) is not None:
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return [f"{e['name']}: {e['reason']}" for e in entries if isinstance(e, dict)]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return []
+
+
+def _figures_section(figures: Sequence[Any], missing: list[str], skipped: Sequence[str] = ()) -> Section:
     section = Section("figures", "Figures")
     known = set(FIGURE_SECTIONS) | {"flow"}
     headings = {
@@ -114,6 +129,10 @@ def _figures_section(figures: Sequence[Any], missing: list[str]) -> Section:
             section.blocks.append(Block(f"figures-{name}", title, figures=images))
     if not section.blocks:
         section.paragraphs.append("No figures were made for this run.")
+    if skipped:
+        section.paragraphs.append(
+            f"Not drawn ({len(skipped)}): " + "; ".join(skipped) + " (listed in figures/skipped.json)."
+        )
     return section
 
 
@@ -167,18 +186,47 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
             _tile(row, folder, positive, i, missing) for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
         ]
         shown = [tile for tile in tiles if tile is not None]
-        block.groups.append((f"{outcome}: {_OUTCOME_NAMES[outcome]} ({len(shown)} of {len(rows)})", shown))
+        block.groups.append(
+            (f"{outcome}: {_OUTCOME_NAMES[outcome]} ({len(shown)} shown of the {len(rows)} explained)", shown)
+        )
     methods = ", ".join(m for m in index["method"].unique() if m) if "method" in index.columns else ""
     block.paragraphs.append(
-        f"{len(index)} heat maps{' by ' + methods if methods else ''}; up to {PER_OUTCOME} of each outcome shown, "
-        "the most confident first. P is the image's probability; the call is made at the frozen threshold's level."
+        f"{len(index)} images explained{' by ' + methods if methods else ''} (a few of each outcome, chosen from the "
+        f"split's predictions); up to {PER_OUTCOME} of each outcome shown, the most confident first. P is the image's "
+        "probability; the call is made at the frozen threshold's level."
     )
+    check = _faithfulness(index)
+    if check:
+        block.paragraphs.append(check)
     if missing:
         block.paragraphs.append(
             f"{len(missing)} heat-map image(s) listed in {folder / 'index.csv'} could not be read (missing or not "
             f"PNG), e.g. {missing[0]}; run `alnus explain RUN` again."
         )
     return block
+
+
+def _faithfulness(index: pd.DataFrame) -> str | None:
+    """The heat maps' share of heat inside the lesion set against a centred Gaussian and a random map over the same
+    crop (issue 8.2): a heat map that does not beat them says little about where the network looked."""
+    columns = ("energy_in_roi", "gaussian_in_roi", "random_in_roi")
+    if not set(columns) <= set(index.columns):
+        return None
+    shares = index[list(columns)].apply(pd.to_numeric, errors="coerce").dropna()
+    if shares.empty:
+        return None
+    heat, gaussian, noise = (float(shares[c].mean()) for c in columns)
+    beats = int((shares["energy_in_roi"] > shares["gaussian_in_roi"]).sum())
+    verdict = (
+        "it beats both baselines here" if heat > max(gaussian, noise) else
+        "it does not beat both baselines here: read these maps with caution"
+    )  # fmt: skip
+    return (
+        f"Check of the heat maps on the {len(shares)} images with a known lesion: on average "
+        f"{tables.pct(heat)} of the heat lies in the lesion, against {tables.pct(gaussian)} for a centred Gaussian "
+        f"and {tables.pct(noise)} for a random map over the same crop; the heat map beats the Gaussian on "
+        f"{beats} of {len(shares)} images; {verdict}."
+    )
 
 
 def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
@@ -188,6 +236,13 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
     for model in inputs.models:
         for split in EVALUATION_SPLITS:
             folder = inputs.run.heatmaps_for(model, split)
+            if folder.exists() and not inputs.run.is_inside(folder):
+                # A planted symlink to a folder elsewhere: nothing from outside the run is embedded.
+                section.paragraphs.append(
+                    f"The heat maps of {model}, {split} are not shown: {folder} leads outside the run folder (a "
+                    "symbolic link); remove it and run `alnus explain` again."
+                )
+                continue
             index = _read_index(folder / "index.csv")
             if index is None or index.empty:
                 continue
@@ -197,7 +252,9 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
     if section.blocks:
         section.paragraphs.append(
             "Where the network looked: the heat map over the network's input crop, with the lesion outline where "
-            "it is known, for true and false positives and negatives at the frozen threshold."
+            "it is known, for true and false positives and negatives at the frozen threshold. Colours run from blue "
+            "(little heat) to red (the most, each map scaled to its own maximum), transparent where there is none; "
+            "cyan box: the crop the network saw; green: the lesion's outline (its mask, else its box)."
         )
     else:
         section.paragraphs.append(
@@ -330,6 +387,9 @@ def _has_external(inputs: RunInputs) -> bool:
 def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, str]) -> dict[str, Any]:
     """Everything the template shows, as plain values (all text still unescaped: the template escapes it)."""
     missing: list[str] = []
+    # Only figures inside the run folder (links followed) are embedded; others are named as missing.
+    missing += [str(f.path) for f in figures if not inputs.run.is_inside(f.path)]
+    figures = [f for f in figures if inputs.run.is_inside(f.path)]
     heatmaps, methods = _heatmaps_section(inputs)
     meta = inputs.metadata[inputs.models[0]]
     sections = [
@@ -338,7 +398,7 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
         _results_section(inputs),
         _comparisons_section(inputs),
         _readers_section(inputs),
-        _figures_section(figures, missing),
+        _figures_section(figures, missing, _skipped_figures(inputs.run.figures)),
         heatmaps,
         _calibration_section(inputs),
         _cards_section(cards),
@@ -366,6 +426,16 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
     }
 
 
+def _without_bidi_controls(value: Any) -> Any:
+    """Every value the template prints, with Unicode bidirectional controls shown as text (`alnus._text.no_bidi`):
+    a right-to-left override in a site name must not turn the numbers after it around."""
+    import markupsafe
+
+    if isinstance(value, markupsafe.Markup):
+        return markupsafe.Markup(no_bidi(value))
+    return no_bidi(value) if isinstance(value, str) else value
+
+
 def render_report(context: dict[str, Any]) -> str:
     """The report's HTML from `report_context` (Jinja2, autoescaped)."""
     import jinja2
@@ -373,6 +443,7 @@ def render_report(context: dict[str, Any]) -> str:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("alnus.report", "templates"),
         autoescape=True,
+        finalize=_without_bidi_controls,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -390,12 +461,14 @@ def build_report(run_dir: str | os.PathLike[str], *, figures: Sequence[Any] | No
     Raises:
         ReportError: the run lacks what the report needs; the message says which command makes it.
     """
-    inputs = read_run_inputs(run_dir)
-    if figures is None:
-        from alnus.report.figures import make_figures
+    advice = f"run `alnus evaluate {run_dir}` (or the stage that wrote the file) again, then `alnus report`."
+    with damaged_files(run_dir, advice):
+        inputs = read_run_inputs(run_dir)
+        if figures is None:
+            from alnus.report.figures import make_figures
 
-        figures = make_figures(inputs.run.root, models=inputs.models)
-    cards = write_model_cards(inputs)
-    html = render_report(report_context(inputs, figures, cards))
+            figures = make_figures(inputs.run.root, models=inputs.models)
+        cards = write_model_cards(inputs)
+        html = render_report(report_context(inputs, figures, cards))
     atomic_write_text(inputs.run.report, html)
     return inputs.run.report

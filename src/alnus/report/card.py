@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from alnus._io import atomic_write_text
+from alnus._text import no_bidi
 from alnus.evaluate import format_auc, format_proportion
 from alnus.operating_point import describe, rule_name
 from alnus.report._inputs import RunInputs
@@ -28,15 +29,16 @@ ZHOU_2020 = (
     "using deep learning. Radiology 2020;294(1):19-28. doi:10.1148/radiol.2019190372"
 )
 # The characters that make Markdown of text inside a line (code, emphasis, links, raw HTML, entities, table cells,
-# headings); CommonMark lets any of them be backslash-escaped. The others stay readable in the raw README.md.
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|#])")
+# headings, and math: `$` in GitHub's Markdown); CommonMark lets any of them be backslash-escaped. The others stay
+# readable in the raw README.md.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|#$])")
 # At the start of a line (e.g. a list item that is user text), these would begin a nested list.
 _MD_LINE_START = re.compile(r"^(\d*)([-+.)])(?=\s|$)")
 
 
 def md_text(value: object) -> str:
     """User text as literal Markdown text: its Markdown characters escaped, line breaks as spaces."""
-    text = _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+    text = _MD_SPECIAL.sub(r"\\\1", " ".join(no_bidi(value).split()))
     return _MD_LINE_START.sub(r"\1\\\2", text)
 
 

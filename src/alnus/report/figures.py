@@ -31,7 +31,7 @@ from alnus.evaluate import EvaluateError, curve_cases, read_predictions
 from alnus.operating_point import rule_name
 from alnus.report._style import DPI, FONT, PALETTE, new_figure, plain
 from alnus.report.flow import flow_counts, flow_figure
-from alnus.runfolder import EVALUATION_SPLITS, RunFolder, read_splits, run_models
+from alnus.runfolder import EVALUATION_SPLITS, RunFolder, damaged_files, read_splits, run_models
 
 __all__ = [
     "SECTIONS",
@@ -321,45 +321,55 @@ def _cut_key(cut: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- calibration, decision
+def calibration_bins(n: int, *, per_bin: int = 10, most: int = 10) -> int:
+    """Equal-count bins for a reliability diagram of `n` cases: about `per_bin` cases each, 2 to `most` bins (with
+    fewer cases per bin the observed fractions and their CIs say nothing)."""
+    return max(2, min(most, n // per_bin))
+
+
 def calibration_figure(
-    y: object, prob: object, *, n_bins: int = 10, title: str = "Calibration", alpha: float = 0.05
+    y: object, prob: object, *, n_bins: int | None = None, title: str = "Calibration", alpha: float = 0.05
 ) -> MplFigure:
-    """Reliability diagram (`alnus.stats.calibration`, quantile bins): observed fraction positive against the mean
-    predicted probability per bin with Clopper-Pearson CIs and the count of each bin, a histogram of the counts
-    below, and the Brier score, calibration slope and intercept."""
+    """Reliability diagram (`alnus.stats.calibration`, quantile bins; `calibration_bins` by default): observed
+    fraction positive against the mean predicted probability per bin with Clopper-Pearson CIs and each bin's count,
+    the Brier score, calibration slope and intercept under the title, and below it the distribution of predicted
+    probabilities of the positive and negative cases."""
     yb, p = _labels_and_scores(y, prob)
+    bins_wanted = calibration_bins(len(p)) if n_bins is None else n_bins
     try:
-        cal = stats.calibration(yb, p, n_bins=n_bins, alpha=alpha)
+        cal = stats.calibration(yb, p, n_bins=bins_wanted, alpha=alpha)
     except stats.StatsError as exc:
         raise FigureError(f"no calibration plot: {exc}") from exc
     bins = cal.bins
-    fig = new_figure(5.2, 6.0)
+    fig = new_figure(5.4, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=0.8, label="perfect calibration", gid="diagonal")
     errors = [bins["observed"] - bins["ci_low"], bins["ci_high"] - bins["observed"]]
     top.errorbar(bins["mean_predicted"], bins["observed"], yerr=errors, fmt="o-", color=PALETTE[0], capsize=3,
                  markersize=5, linewidth=1.2, gid="reliability",
-                 label=f"observed per bin ({100 * (1 - alpha):g}% CI, Clopper-Pearson)")  # fmt: skip
-    for _, row in bins.iterrows():
-        top.annotate(f"n={int(row['count'])}", (row["mean_predicted"], row["observed"]), xytext=(5, 4),
+                 label=f"observed per bin ({len(bins)} equal-count bins, {100 * (1 - alpha):g}% CI)")  # fmt: skip
+    for i, row in enumerate(bins.itertuples()):
+        # Labels alternate below and above their point, so that neighbouring bins' labels do not collide.
+        top.annotate(f"n={int(row.count)}", (row.mean_predicted, row.observed), xytext=(4, -11 if i % 2 else 5),
                      textcoords="offset points", fontsize=7, color="#333333", gid="bin_count")  # fmt: skip
     summary = (
-        f"Brier {cal.brier:.3f}\nslope {cal.slope:.2f} ({cal.slope_ci_low:.2f} to {cal.slope_ci_high:.2f})\n"
+        f"Brier {cal.brier:.3f}; slope {cal.slope:.2f} ({cal.slope_ci_low:.2f} to {cal.slope_ci_high:.2f}); "
         f"intercept {cal.intercept:.2f} ({cal.intercept_ci_low:.2f} to {cal.intercept_ci_high:.2f})"
     )
-    top.text(0.03, 0.97, summary, transform=top.transAxes, va="top", fontsize=8, gid="calibration_summary",
-             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#cccccc"})  # fmt: skip
+    top.set_title(f"{plain(title)}\n{summary}", fontsize=9)
     top.set_ylabel("observed fraction positive")
-    top.set_title(plain(title))
     top.set_xlim(-0.01, 1.01)
     top.set_ylim(-0.02, 1.02)
     top.grid(True, color="#dddddd", linewidth=0.6)
-    top.legend(loc="lower right")
-    widths = (bins["prob_high"] - bins["prob_low"]).clip(lower=0.01)
-    bottom.bar(bins["prob_low"], bins["count"], width=widths, align="edge", color=PALETTE[5],
-               edgecolor="white", gid="bin_histogram")  # fmt: skip
+    edges = np.linspace(0, 1, 21)
+    bottom.hist([p[~yb], p[yb]], bins=edges, color=[PALETTE[5], PALETTE[1]], label=["negative", "positive"],
+                histtype="bar", stacked=True, gid="probability_histogram")  # fmt: skip
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("cases")
+    handles, labels = top.get_legend_handles_labels()
+    more, more_labels = bottom.get_legend_handles_labels()
+    fig.legend(handles + more, labels + [f"{name} cases" for name in more_labels], loc="outside lower center",
+               ncols=2, fontsize=7)  # fmt: skip
     return fig
 
 
@@ -382,9 +392,12 @@ def decision_curve_figure(
         ax.axvline(threshold, color=PALETTE[2], linestyle=":", linewidth=1.2, gid="frozen_threshold",
                    label=f"frozen threshold {threshold:.3g}")  # fmt: skip
     prevalence = float(yb.mean())
-    top = max(prevalence, float(curve["net_benefit_model"].max()))
-    # Treat-all falls without bound at high thresholds; the interesting range is around zero up to the prevalence.
-    ax.set_ylim(-0.05 - 0.1 * top, top * 1.15 + 0.01)
+    model = curve["net_benefit_model"].to_numpy(dtype=float)
+    top = max(prevalence, float(np.nanmax(model)))
+    # Treat-all falls without bound at high thresholds; the interesting range is around zero up to the prevalence,
+    # but the model's own curve is always shown in full.
+    low = min(-0.05 - 0.1 * top, float(np.nanmin(model)) - 0.02)
+    ax.set_ylim(low, top * 1.15 + 0.01)
     ax.set_xlim(0, 1)
     ax.set_xlabel("threshold probability")
     ax.set_ylabel("net benefit")
@@ -477,7 +490,11 @@ def make_figures(
     Returns:
         The figures written, in report order (flow, ROC, calibration, decision, training).
     """
-    run = RunFolder(run_dir)
+    with damaged_files(run_dir, f"run `alnus evaluate {run_dir}` (or the stage that wrote the file) again."):
+        return _make_figures(RunFolder(run_dir), models, n_boot)
+
+
+def _make_figures(run: RunFolder, models: Sequence[str] | None, n_boot: int | None) -> list[Figure]:
     metrics = _read_metrics(run)
     packaged = run_models(run.root, list(models) if models else None)
     names = [m for m in packaged if m in metrics["models"]]
@@ -489,6 +506,7 @@ def make_figures(
     settings = metrics.get("settings", {})
     boot = {"n_boot": int(n_boot or settings.get("n_boot", 2000)), "seed": int(settings.get("seed", 0)),
             "alpha": float(settings.get("alpha", 0.05))}  # fmt: skip
+    run.output_folder(run.figures)  # refuses a symlinked figures/ (nothing is written through it)
     writer = _Writer(run, [], [])
     for m in unevaluated:
         reason = f"model {m} has a package but no results in {run.metrics}; run `alnus evaluate {run.root}`"
@@ -580,7 +598,8 @@ def _model_split_figures(
     writer.add(f"calibration_{model}_{split}", lambda: calibration_figure(
         y, prob, title=f"Calibration: {where}", alpha=boot["alpha"]),
         f"Reliability diagram of {model} on the {split} split, per {level} ({n}): observed fraction positive per "
-        f"bin of predicted probability (10 equal-count bins, Clopper-Pearson {ci} CIs), bin counts below; Brier "
+        f"bin of predicted probability (equal-count bins of about 10 cases, 2 to 10 bins; Clopper-Pearson {ci} CIs; "
+        "n per bin beside each point; below: predicted probabilities of the negative and positive cases); Brier "
         "score, calibration slope and intercept (logistic recalibration, Wald CIs).",
         "calibration", model, split)  # fmt: skip
     writer.add(f"decision_{model}_{split}", lambda: decision_curve_figure(
@@ -659,10 +678,11 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
         return
     history = pd.read_csv(folder.history)
     best = _best_epoch(folder.metadata)
+    head_only = "phase" in history.columns and bool((history["phase"] == "head").any())
+    shading = "; shaded: epochs that trained the new head only (backbone frozen)" if head_only else ""
     writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),
                f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
-               "the best epoch (the package's weights); shaded: epochs that trained the new head only.",
-               "training", model, None)  # fmt: skip
+               f"the best epoch (the package's weights){shading}.", "training", model, None)  # fmt: skip
 
 
 def _best_epoch(metadata: Path) -> int | None:

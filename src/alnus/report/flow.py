@@ -105,8 +105,11 @@ def _split_counts(splits: pd.DataFrame, positive_label: str) -> pd.DataFrame:
 
 def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6) -> MplFigure:
     """STARD-style flow diagram: manifest -> excluded (reasons with counts) -> included -> one box per split with
-    patients, images and positives per site. Boxes are matplotlib text boxes joined by arrows."""
-    fig = new_figure(10, 6)
+    patients, images and positives per site; the external test is drawn as its own branch (a held-out site). Boxes
+    are matplotlib text boxes joined by arrows; the figure grows with the longest split box."""
+    names = list(dict.fromkeys(flow.splits["split"]))
+    lines = max((len(_split_text(n, flow.splits[flow.splits["split"] == n]).splitlines()) for n in names), default=4)
+    fig = new_figure(10.5, 3.9 + 0.16 * max(0, lines - 4))
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_xlim(0, 1)
@@ -114,22 +117,28 @@ def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6
     ax.set_title(plain(title))
     box = {"boxstyle": "round,pad=0.5", "facecolor": "#f4f8fb", "edgecolor": PALETTE[0], "linewidth": 1.2}
     side = {**box, "facecolor": "#fdf3ec", "edgecolor": PALETTE[1]}
-    top = ax.text(0.32, 0.93, f"Manifest\n{_count(flow.rows, 'image')}, {_count(flow.patients, 'patient')}",
-                  ha="center", va="center",
-                  bbox=box, gid="flow:manifest")  # fmt: skip
-    middle = ax.text(0.32, 0.6, _included_text(flow), ha="center", va="center", bbox=box, gid="flow:included")
-    excluded = ax.text(0.62, 0.78, _excluded_text(flow, max_reasons), ha="left", va="center", fontsize=8, bbox=side,
-                       gid="flow:excluded")  # fmt: skip
+    held_out = {**box, "facecolor": "#eef7f2", "edgecolor": PALETTE[2]}
+    centre = 0.4
+    top = ax.text(centre, 0.92, f"Manifest\n{_count(flow.rows, 'image')}, {_count(flow.patients, 'patient')}",
+                  ha="center", va="center", bbox=box, gid="flow:manifest")  # fmt: skip
+    middle = ax.text(centre, 0.58, _included_text(flow), ha="center", va="center", bbox=box, gid="flow:included")
+    excluded = ax.text(centre + 0.2, 0.75, _excluded_text(flow, max_reasons), ha="left", va="center", fontsize=8,
+                       bbox=side, gid="flow:excluded")  # fmt: skip
     arrow = {"arrowstyle": "-|>", "color": "#444444", "linewidth": 1.0, "shrinkA": 2, "shrinkB": 2}
     ax.annotate("", xy=(0.5, 1), xycoords=middle, xytext=(0.5, 0), textcoords=top, arrowprops=arrow)
-    ax.annotate("", xy=(0, 0.5), xycoords=excluded, xytext=(0.32, 0.78), textcoords="data", arrowprops=arrow)
-    names = list(dict.fromkeys(flow.splits["split"]))
+    ax.annotate("", xy=(0, 0.5), xycoords=excluded, xytext=(centre, 0.75), textcoords="data", arrowprops=arrow)
+    # Splits spread over the width with a margin, so that the outer boxes do not touch the figure's edges.
     for i, name in enumerate(names):
-        x = (i + 0.5) / len(names)
+        x = 0.5 if len(names) == 1 else 0.14 + 0.72 * i / (len(names) - 1)
         rows = flow.splits[flow.splits["split"] == name]
-        split_box = ax.text(x, 0.42, _split_text(name, rows), ha="center", va="top", fontsize=8, bbox=box,
-                            gid=f"flow:split:{name}")  # fmt: skip
-        ax.annotate("", xy=(0.5, 1), xycoords=split_box, xytext=(0.5, 0), textcoords=middle, arrowprops=arrow)
+        external = name == "external_test"
+        split_box = ax.text(x, 0.3, _split_text(name, rows), ha="center", va="top", fontsize=8,
+                            bbox=held_out if external else box, gid=f"flow:split:{name}")  # fmt: skip
+        style = {**arrow, "linestyle": "--", "color": PALETTE[2]} if external else arrow
+        ax.annotate("", xy=(0.5, 1), xycoords=split_box, xytext=(0.5, 0), textcoords=middle, arrowprops=style)
+        if external:
+            ax.annotate("held-out site", xy=(0.5, 1), xycoords=split_box, xytext=(0, 12), textcoords="offset points",
+                        ha="center", fontsize=8, color=PALETTE[2], gid="flow:held_out")  # fmt: skip
     return fig
 
 

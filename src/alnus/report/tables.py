@@ -70,13 +70,18 @@ class Block:
     html: str = ""
 
 
+def _finite(x: object) -> bool:
+    """A number that can be shown (not None, NaN, infinite, or text that slipped into metrics.json)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def pct(x: float | None) -> str:
     """A fraction as a percentage with one decimal (`0.8537` -> `85.4%`)."""
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+    return f"{100 * x:.1f}%" if _finite(x) else "n/a"
 
 
 def num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return f"{x:.{digits}f}" if _finite(x) else "n/a"
 
 
 def p_value(p: float | None) -> str:
@@ -141,7 +146,7 @@ def _clinical_cell(values: pd.Series) -> str:
     share = f"{len(filled)}/{len(values)}"
     if numbers.notna().all():
         q1, median, q3 = numbers.quantile([0.25, 0.5, 0.75])
-        return f"{median:.4g} ({q1:.4g} to {q3:.4g}); {share}"
+        return f"{median:.3g} ({q1:.3g} to {q3:.3g}); {share}"  # rounded for people: three significant digits
     counts = filled.value_counts()
     top = ", ".join(f"{name} ({n})" for name, n in counts.head(3).items())
     more = f", {len(counts) - 3} more" if len(counts) > 3 else ""

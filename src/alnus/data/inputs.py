@@ -1,0 +1,250 @@
+"""Collect the images a user asks to predict: files, folders (recursively) and a prediction manifest, as one table.
+
+`alnus predict PACKAGE INPUT...` takes whatever a hospital export looks like: single files, folders of PNG/JPEG/BMP/
+TIFF/DICOM images (DICOM also without an extension, found by its `DICM` marker at byte 128), or a manifest CSV with an
+`image` column and optional `patient_id`, `study_id`, `site`, `roi`, `mask` and `frame` columns (paths relative to the
+manifest, as in the study's manifest). Nothing is decoded here: a path that cannot be an image (missing, a file of
+another type, a bad `roi` or `frame` cell) becomes a row whose `error` cell says why, so one bad file never stops the
+others. Duplicates (the same file with the same region) are kept once and named in the table's notes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from alnus._io import FILE_NOT_FOUND, file_problem
+from alnus.data.images import is_dicom, parse_frame
+from alnus.data.manifest import ManifestError, Problem, _read_records
+from alnus.data.roi import RoiError, parse_box
+from alnus.errors import AlnusError
+
+# File name endings read as images (case-insensitive); a file without an ending is read when it is DICOM by content.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+# The columns of the collected table, in order. `image` is the path as the user wrote it (or the manifest cell),
+# `path` the absolute file that is read; `mask` is absolute too; `source` says where the row came from.
+INPUT_COLUMNS = ("image", "path", "patient_id", "study_id", "site", "roi", "mask", "frame", "source", "error")
+# Columns a prediction manifest may carry (besides `image`, which it must have).
+MANIFEST_COLUMNS = ("patient_id", "study_id", "site", "roi", "mask", "frame")
+# Options given once per image on the command line, in the images' order.
+PER_IMAGE_COLUMNS = ("patient_id", "roi", "mask")
+_SUPPORTED = "PNG, JPEG, BMP, TIFF or DICOM (.dcm, or a DICOM file without an extension)"
+# Files in folders that are not images are skipped and counted; this many are named in the note.
+_NAMED_SKIPS = 3
+
+
+class InputError(AlnusError):
+    """Inputs that cannot be collected at all (no images found, a manifest without an `image` column, ...)."""
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether a file found in a folder is read as an image: by its ending, or, without one, by DICOM content."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    return suffix == "" and is_dicom(path)
+
+
+def _row(image: str, path: Path, source: str, error: str = "", **cells: str) -> dict[str, str]:
+    row = dict.fromkeys(INPUT_COLUMNS, "")
+    row.update(cells, image=image, path=os.path.abspath(path), source=source, error=error)
+    return row
+
+
+def _file_row(arg: str, path: Path) -> dict[str, str]:
+    """A file named on the command line: read whatever its ending, unless it is plainly not an image."""
+    problem = file_problem(path)
+    if problem == FILE_NOT_FOUND:
+        return _row(arg, path, arg, f"{arg}: file or folder not found; check the path.")
+    if problem is not None:
+        return _row(arg, path, arg, f"{arg}: {problem}; point to an image file.")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES and not is_dicom(path):
+        kind = f"'{suffix}'" if suffix else "without an ending (and not DICOM)"
+        return _row(arg, path, arg, f"{arg}: unsupported file type {kind}; give {_SUPPORTED}.")
+    return _row(arg, path, arg)
+
+
+def _walk(arg: str, folder: Path, recursive: bool) -> tuple[list[dict[str, str]], list[str]]:
+    """The images of a folder, sorted by path (subfolders too when `recursive`), and the names of skipped files.
+
+    Hidden files and folders (a leading dot) are left out; linked folders are not followed (no loops). A subfolder
+    that cannot be listed becomes an error row, so the user sees what was not searched.
+    """
+    rows: list[dict[str, str]] = []
+    skipped: list[str] = []
+    unlisted: list[OSError] = []
+    found: list[Path] = []
+    for top, dirs, files in os.walk(folder, onerror=unlisted.append, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(top) / name
+            if is_image_file(path):
+                found.append(path)
+            else:
+                skipped.append(str(path))
+    for path in sorted(found, key=lambda p: p.as_posix()):
+        shown = os.path.join(arg, os.path.relpath(path, folder))
+        rows.append(_row(shown, path, arg))
+    for exc in unlisted:
+        where = str(exc.filename or folder)
+        reason = f"{where}: cannot list the folder ({exc.strerror}); check its permissions."
+        rows.append(_row(where, Path(where), arg, reason))
+    return rows, sorted(skipped)
+
+
+def _cell(record: Mapping[str, str], column: str) -> str:
+    return str(record.get(column, "") or "").strip()
+
+
+def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
+    """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute.
+
+    Raises:
+        ManifestError: the file cannot be read as CSV, or it has no `image` column (a problem of the whole file).
+    """
+    records = _read_records(manifest)
+    header = [name.strip() for name in records[0]]
+    if "image" not in header:
+        found = ", ".join(repr(name) for name in header)
+        raise ManifestError(
+            manifest,
+            [Problem(None, "image", f"required column is missing (columns found: {found}); give each image's path")],
+        )
+    root = manifest.parent
+    rows = []
+    for number, record in enumerate(records[1:], start=2):
+        cells = [cell.strip() for cell in record]
+        if not any(cells):
+            continue
+        values = dict(zip(header, cells, strict=False))
+        where = f"{manifest.name} row {number}"
+        image = _cell(values, "image")
+        extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS}
+        if extra["mask"]:
+            extra["mask"] = os.path.abspath(root / extra["mask"])
+        error = ""
+        if len(cells) > len(header) and any(cells[len(header) :]):
+            error = f"{len(cells)} cells but the header has {len(header)} columns; quote cells that contain commas"
+        elif not image:
+            error = "the image cell is empty; give the image's path (relative to the manifest)"
+        else:
+            error = _cell_problem(extra)
+        path = root / image if image else root
+        rows.append(_row(image, path, where, f"{where}: {error}" if error else "", **extra))
+    return rows
+
+
+def _cell_problem(cells: Mapping[str, str]) -> str:
+    """Why a row's `roi` or `frame` cell cannot be used ("" when both are fine or empty)."""
+    if cells["roi"]:
+        try:
+            parse_box(cells["roi"])
+        except RoiError as exc:
+            return str(exc)
+    try:
+        parse_frame(cells["frame"])
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequence[str]]) -> None:
+    """Set the command line's per-image values (`--patient-id`, `--roi`, `--mask`) on the rows, in order."""
+    for column, values in per_image.items():
+        if column not in PER_IMAGE_COLUMNS:
+            raise InputError(f"{column!r} cannot be given per image; choose from {', '.join(PER_IMAGE_COLUMNS)}.")
+        if not values:
+            continue
+        option = "--" + column.replace("_", "-")
+        if len(values) != len(rows):
+            raise InputError(
+                f"{option} was given {len(values)} time(s) for {len(rows)} image(s); give one per image, in the "
+                "images' order (or use --manifest with a column per image)."
+            )
+        for row, value in zip(rows, values, strict=True):
+            text = str(value).strip()
+            row[column] = os.path.abspath(text) if column == "mask" and text else text
+            if column == "roi" and text and not row["error"]:
+                try:
+                    parse_box(text)
+                except RoiError as exc:
+                    row["error"] = f"{row['image']}: {option}: {exc}"
+
+
+def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows without repeats of one file with the same region and frame (the first is kept), and what was removed."""
+    kept: dict[tuple[str, ...], dict[str, str]] = {}
+    notes = []
+    for row in rows:
+        key = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
+        first = kept.setdefault(key, row)
+        if first is not row:
+            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: predicted once")
+    return list(kept.values()), notes
+
+
+def collect_inputs(
+    paths: Sequence[str | os.PathLike[str]] = (),
+    manifest: str | os.PathLike[str] | None = None,
+    *,
+    recursive: bool = True,
+    per_image: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """One row per image to predict, with the columns `INPUT_COLUMNS` (all strings; `error` is "" where fine).
+
+    Order: the `paths` in the order given (a folder's images sorted by path), then the manifest's rows in its order.
+    Duplicates are removed (the first kept); the table's `attrs["notes"]` says which, and how many files in the
+    folders were skipped as not images.
+
+    Args:
+        paths: image files (read whatever their ending, unless plainly not an image) and folders (their PNG, JPEG,
+            BMP, TIFF and DICOM files; hidden files are left out).
+        manifest: a CSV with an `image` column (paths relative to it) and optional `MANIFEST_COLUMNS`.
+        recursive: also search the folders' subfolders.
+        per_image: `patient_id`, `roi` or `mask` values, one per entry of `paths`, in order (the command line's
+            repeatable options); `paths` must then all be files.
+
+    Raises:
+        InputError: no input at all, no image found, or per-image values that do not match the files.
+        ManifestError: a manifest that cannot be read, or one without an `image` column.
+    """
+    if not paths and manifest is None:
+        raise InputError("no input given; name image files or folders, or pass --manifest CSV.")
+    rows: list[dict[str, str]] = []
+    skipped: list[str] = []
+    folders = []
+    for item in paths:
+        arg, path = str(item), Path(item)
+        if path.is_dir():
+            found, skips = _walk(arg, path, recursive)
+            folders.append(arg)
+            rows += found
+            skipped += skips
+        else:
+            rows.append(_file_row(arg, path))
+    if per_image and any(per_image.values()):
+        if folders:
+            raise InputError(
+                f"per-image values (--roi, --mask, --patient-id) need image files, not folders ({folders[0]}); "
+                "list the files, or give a --manifest with roi/mask/patient_id columns."
+            )
+        _apply_per_image(rows, per_image)
+    if manifest is not None:
+        rows += _manifest_rows(Path(manifest))
+    if not rows:
+        where = ", ".join(folders) or str(manifest)
+        what = "" if recursive else " (subfolders were not searched: --recursive searches them)"
+        raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}.")
+    rows, notes = _deduplicate(rows)
+    if skipped:
+        named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
+        notes.append(f"skipped {len(skipped)} file(s) in the folders that are not {_SUPPORTED} images: {named}")
+    table = pd.DataFrame(rows, columns=list(INPUT_COLUMNS), dtype=object)
+    table.attrs["notes"] = notes
+    return table

@@ -1,0 +1,260 @@
+"""The HTTP service (FastAPI + uvicorn): a model package's predictions for images uploaded one at a time, and the page.
+
+FastAPI is imported at the top here: this module is loaded only by `alnus serve` (and its tests), never by the other
+commands.
+
+Routes: `GET /` (the web page; its script and style under `/static/`), `GET /healthz` (no token: is the model loaded),
+`GET /v1/model` (the package's identity, operating point, intended use and validation results), `POST /v1/preview`
+(the decoded image, to draw the lesion box on) and `POST /v1/predict` (probability, call at the frozen threshold, heat
+map), and the OpenAPI description at `/openapi.json`. FastAPI's `/docs` and `/redoc` pages are off: they load their
+scripts from a CDN, and nothing this service serves may make an outside request.
+
+Security: `/v1/*` needs the bearer token (`alnus.serve.security`), checked before any of the body is read; a body
+over the upload limit is refused while it is read (413); the file's kind comes from its bytes (415); an image that
+cannot be decoded, is a decompression bomb, or lacks the lesion box its model needs is a 422 with the reason; a
+request that waits or runs longer than the timeout is a 504. Every answer carries a Content-Security-Policy that allows
+this server only, `X-Content-Type-Options: nosniff`, and `Cache-Control: no-store` on everything but the page's static
+files. The access log holds method, route, status and duration: never a query string, a file name or a header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers, MutableHeaders, UploadFile
+from starlette.exceptions import HTTPException
+
+from alnus import __version__
+from alnus.errors import AlnusError
+from alnus.serve.security import SECURITY_HEADERS, Access, host_is_loopback_header
+from alnus.serve.service import ModelService, log_failure
+from alnus.serve.uploads import ACCEPTED, ApiError, limit_body, new_upload_folder, remove_upload_folder, save_upload
+
+logger = logging.getLogger("alnus.serve")
+
+STATIC_DIR = Path(str(resources.files("alnus.serve") / "static"))
+MB = 1_000_000
+DEFAULT_MAX_UPLOAD_MB = 50
+# Form fields a request may send besides the file (roi, heatmap); each a short text.
+MAX_FIELDS = 4
+MAX_FIELD_BYTES = 1024
+ROUTES = frozenset({"/", "/healthz", "/openapi.json", "/v1/model", "/v1/preview", "/v1/predict"})
+# Declared for the OpenAPI description (module level: FastAPI resolves annotations in the module's namespace).
+BEARER = HTTPBearer(auto_error=False, description="The service's token (--token-file or ALNUS_TOKEN).")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+_IMAGE_FIELD = {"type": "string", "format": "binary", "description": f"The image: {ACCEPTED} (told by its bytes)."}
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": _IMAGE_FIELD,
+                        "roi": {
+                            "type": "string",
+                            "description": "The lesion box x,y,w,h in pixels of the decoded image (required by a "
+                            "model trained on lesion crops; see /v1/model input.needs_roi).",
+                            "example": "120,80,200,160",
+                        },
+                        "heatmap": {
+                            "type": "boolean",
+                            "description": "Return the heat map over the image (default: on when the service has "
+                            "heat maps on).",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+_PREVIEW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"], "properties": {"image": _IMAGE_FIELD}}
+            }
+        },
+    }
+}
+
+
+class _Guard:
+    """Pure ASGI middleware: security headers on every answer, loopback-only Host in insecure-local mode, and one
+    access-log line per request without anything from the request but its method and route."""
+
+    def __init__(self, app: Any, access: Access) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        static = path.startswith("/static/")
+        started, status = time.perf_counter(), 0
+
+        async def send_with_headers(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                headers["Cache-Control"] = "no-cache" if static else "no-store"
+            await send(message)
+
+        try:
+            if self.access.insecure_local and not host_is_loopback_header(Headers(scope=scope).get("host")):
+                # DNS rebinding: a page of another site reaching this port under its own host name.
+                refused = JSONResponse(
+                    {"detail": "this service runs with --insecure-local and answers requests to 127.0.0.1 only."},
+                    status_code=403,
+                )
+                await refused(scope, receive, send_with_headers)
+                return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = path if path in ROUTES or static else "(other path)"
+            elapsed = (time.perf_counter() - started) * 1000
+            logger.info("%s %s %s %.1f ms", scope.get("method", "?"), route, status or "-", elapsed)
+
+
+def _flag(value: object, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ApiError(422, f"heatmap: {str(value)[:20]!r} is not true or false.")
+
+
+def _text_field(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(422, f"{name}: send it as a text field, not a file.")
+
+
+@contextlib.asynccontextmanager
+async def _upload(request: Request, max_upload_bytes: int, work_dir: Path | None) -> AsyncIterator[tuple[Path, Any]]:
+    """Read a multipart body within the size limit and copy its `image` file into a private folder; yield the copy's
+    path and the form. The folder is the caller's to remove once done with the copy; it is removed here on failure."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(
+            415,
+            f"send the image as multipart/form-data with the file in the field `image` (got content type "
+            f"{content_type.split(';')[0][:60]!r}).",
+        )
+    limited = Request(
+        request.scope, limit_body(request.receive, max_upload_bytes, request.headers.get("content-length"))
+    )
+    async with limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES) as form:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "image: no file in the field `image`; send the image as a multipart file field.")
+        folder = new_upload_folder(work_dir)
+        try:
+            path, _ = await save_upload(upload, folder)
+            yield path, form
+        except BaseException:
+            remove_upload_folder(folder)
+            raise
+
+
+def create_app(service: ModelService, access: Access, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB) -> Any:
+    """The FastAPI app of a loaded model service; `access` decides who gets in (token or insecure-local)."""
+    if max_upload_bytes < 1:
+        raise AlnusError(f"the upload limit must be above 0 bytes, got {max_upload_bytes}.")
+    app = FastAPI(
+        title="alnus",
+        version=__version__,
+        description=f"Predictions of one model package for single ultrasound images. {service.info['notice']}",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.service = service
+
+    # The scheme is declared for the OpenAPI description; the check itself compares in constant time (`Access.allows`).
+    async def authorised(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if not access.allows(request.headers.get("authorization")):
+            given = "no token was sent" if not request.headers.get("authorization") else "the token is not accepted"
+            raise ApiError(401, f"{given}: send the service's token as `Authorization: Bearer TOKEN`.")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log_failure(exc, "a request")
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the service's log."}, 500)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/healthz", summary="Is the model loaded (no token needed)")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_loaded": True,
+            "busy": service.busy,
+            "auth": "none" if access.insecure_local else "bearer",
+        }
+
+    @app.get("/v1/model", summary="The model: identity, operating point, intended use, validation results",
+             dependencies=[Depends(authorised)])  # fmt: skip
+    async def model() -> dict[str, Any]:
+        return {**service.info, "max_upload_mb": max_upload_bytes / MB, "accepted": ACCEPTED}
+
+    @app.post("/v1/preview", summary="The decoded image, to draw the lesion box on", openapi_extra=_PREVIEW_BODY,
+              dependencies=[Depends(authorised)])  # fmt: skip
+    async def preview(request: Request) -> JSONResponse:
+        async with _upload(request, max_upload_bytes, service.settings.work_dir) as (path, _):
+            pass
+        return JSONResponse(await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
+
+    @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map of one image",
+              openapi_extra=_PREDICT_BODY, dependencies=[Depends(authorised)])  # fmt: skip
+    async def predict(request: Request) -> JSONResponse:
+        async with _upload(request, max_upload_bytes, service.settings.work_dir) as (path, form):
+            roi = _text_field(form, "roi")
+            wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
+            if wanted and not service.settings.heatmap:
+                raise ApiError(422, "heatmap: heat maps are off on this service (--no-heatmap); send heatmap=false.")
+        result = await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent))
+        return JSONResponse(result)
+
+    app.add_middleware(_Guard, access=access)
+    return app

@@ -1,0 +1,393 @@
+// The alnus service page: token once per tab (sessionStorage), an image, a lesion box drawn on it, the prediction.
+// Plain JavaScript, served by the service itself; everything from the server is shown as text (textContent), never
+// as HTML, and the only requests are to this server.
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "alnus-token";
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    auth: "bearer",
+    info: null,
+    file: null,
+    image: null, // {width, height} of the decoded image (the box is in these pixels)
+    picture: null, // the preview drawn on the canvas (may be scaled down)
+    box: null, // [x, y, w, h] in image pixels
+    drag: null,
+  };
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+    }
+  }
+
+  function authHeaders() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? { Authorization: "Bearer " + token } : {};
+  }
+
+  async function api(path, options = {}) {
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    } catch (error) {
+      throw new ApiError(0, "The service cannot be reached; check that it is running.");
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (error) {
+      body = null;
+    }
+    if (!response.ok) {
+      const detail = body && typeof body.detail === "string" ? body.detail : "the service answered " + response.status;
+      throw new ApiError(response.status, detail);
+    }
+    return body;
+  }
+
+  function show(id, visible) {
+    $(id).hidden = !visible;
+  }
+
+  function say(id, text) {
+    $(id).textContent = text || "";
+  }
+
+  // ------------------------------------------------------------------------------------------------ token, model
+  function askForToken(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    show("work", false);
+    show("forget", false);
+    show("token-section", true);
+    say("token-message", message);
+    $("token").value = "";
+    $("token").focus();
+  }
+
+  async function loadModel() {
+    try {
+      state.info = await api("/v1/model");
+    } catch (error) {
+      if (error.status === 401) {
+        askForToken(
+          "The service did not accept this token. Check it with whoever runs the service and enter it again."
+        );
+        return;
+      }
+      say("startup-error", error.message);
+      show("startup-error", true);
+      return;
+    }
+    show("token-section", false);
+    show("work", true);
+    show("forget", state.auth === "bearer");
+    showModel(state.info);
+  }
+
+  function showModel(info) {
+    say("model-name", info.model.name);
+    say("model-id", info.model.name + (info.model.version ? " (package of " + info.model.version + ")" : ""));
+    say("model-weights", info.model.weights_sha256);
+    const t = info.threshold;
+    say(
+      "model-threshold",
+      t ? t.value.toFixed(4) + " (" + t.rule + "; " + t.description + ")" : "none frozen yet: no calls are made"
+    );
+    const input = info.input;
+    say(
+      "model-input",
+      (input.needs_roi ? "the lesion box (" + input.roi_mode + " crop, margin " + input.roi_margin + ")" : "the whole image") +
+        ", resized to " + input.size + " px"
+    );
+    say(
+      "roi-hint",
+      input.needs_roi
+        ? "This model needs the lesion box: drag across the lesion on the image (or type x,y,w,h)."
+        : "This model looks at the whole image; a box is drawn on the heat map only."
+    );
+    const use = $("intended-use");
+    use.replaceChildren(
+      ...info.intended_use.map((line) => {
+        const p = document.createElement("p");
+        p.textContent = line;
+        return p;
+      })
+    );
+    const validation = info.validation;
+    const table = $("validation");
+    table.tHead.replaceChildren();
+    table.tBodies[0].replaceChildren();
+    if (validation && validation.columns.length) {
+      say("validation-note", validation.note);
+      const head = table.tHead.insertRow();
+      for (const name of validation.columns) {
+        const th = document.createElement("th");
+        th.scope = "col";
+        th.textContent = name;
+        head.appendChild(th);
+      }
+      for (const row of validation.rows) {
+        const tr = table.tBodies[0].insertRow();
+        for (const cell of row) tr.insertCell().textContent = cell;
+      }
+      show("validation", true);
+    } else {
+      say("validation-note", "No validation results: " + info.validation_source + ".");
+      show("validation", false);
+    }
+    say("model-card", info.model_card || "The package has no model card.");
+    updatePredict();
+  }
+
+  // -------------------------------------------------------------------------------------------------- the image
+  async function chooseFile(file) {
+    if (!file) return;
+    state.file = file;
+    state.image = null;
+    state.picture = null;
+    setBox(null);
+    clearResult();
+    say("error", "");
+    say("status", "Reading the image…");
+    updatePredict();
+    const form = new FormData();
+    form.append("image", file);
+    let preview;
+    try {
+      preview = await api("/v1/preview", { method: "POST", body: form });
+    } catch (error) {
+      state.file = null;
+      say("status", "");
+      drawImage();
+      return failed(error);
+    }
+    const picture = new Image();
+    picture.alt = "";
+    picture.onload = () => {
+      state.image = { width: preview.width, height: preview.height };
+      state.picture = picture;
+      const canvas = $("canvas");
+      canvas.width = picture.naturalWidth;
+      canvas.height = picture.naturalHeight;
+      drawImage();
+      say("status", "Image of " + preview.width + " × " + preview.height + " pixels loaded.");
+      updatePredict();
+    };
+    picture.src = preview.image;
+  }
+
+  function drawImage() {
+    const canvas = $("canvas");
+    const context = canvas.getContext("2d");
+    if (!state.picture) {
+      canvas.width = 0;
+      canvas.height = 0;
+      return;
+    }
+    context.drawImage(state.picture, 0, 0, canvas.width, canvas.height);
+    const box = state.drag ? dragBox() : state.box;
+    if (box) {
+      const scale = canvas.width / state.image.width;
+      context.lineWidth = Math.max(2, Math.round(canvas.width / 300));
+      context.strokeStyle = "#3cff3c";
+      context.strokeRect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
+    }
+  }
+
+  // Canvas position of a pointer event, in image pixels (the canvas may be shown smaller than it is).
+  function imagePoint(event) {
+    const canvas = $("canvas");
+    const rect = canvas.getBoundingClientRect();
+    const x = ((event.clientX - rect.left) / rect.width) * state.image.width;
+    const y = ((event.clientY - rect.top) / rect.height) * state.image.height;
+    return [clamp(x, 0, state.image.width), clamp(y, 0, state.image.height)];
+  }
+
+  function clamp(value, low, high) {
+    return Math.min(Math.max(value, low), high);
+  }
+
+  function dragBox() {
+    const [x0, y0] = state.drag.start;
+    const [x1, y1] = state.drag.end;
+    const x = Math.round(Math.min(x0, x1));
+    const y = Math.round(Math.min(y0, y1));
+    const w = Math.round(Math.max(x0, x1)) - x;
+    const h = Math.round(Math.max(y0, y1)) - y;
+    return [x, y, w, h];
+  }
+
+  function setBox(box) {
+    state.box = box;
+    $("roi").value = box ? box.join(",") : "";
+    drawImage();
+    updatePredict();
+  }
+
+  function onPointerDown(event) {
+    if (!state.image || event.button !== 0) return;
+    event.preventDefault();
+    $("canvas").setPointerCapture(event.pointerId);
+    const point = imagePoint(event);
+    state.drag = { start: point, end: point };
+  }
+
+  function onPointerMove(event) {
+    if (!state.drag) return;
+    state.drag.end = imagePoint(event);
+    drawImage();
+  }
+
+  function onPointerUp(event) {
+    if (!state.drag) return;
+    state.drag.end = imagePoint(event);
+    const box = dragBox();
+    state.drag = null;
+    // A click without a drag keeps the box there was.
+    setBox(box[2] >= 2 && box[3] >= 2 ? box : state.box);
+  }
+
+  function onRoiTyped() {
+    const text = $("roi").value.trim();
+    if (!text) return setBox(null);
+    const parts = text.split(",").map((part) => Number(part.trim()));
+    if (parts.length === 4 && parts.every((v) => Number.isInteger(v)) && parts[2] > 0 && parts[3] > 0) {
+      state.box = parts;
+      say("error", "");
+      drawImage();
+    } else {
+      state.box = null;
+      say("error", "The lesion box must be four whole numbers x,y,w,h (width and height above 0).");
+    }
+    updatePredict();
+  }
+
+  function updatePredict() {
+    const needsBox = state.info && state.info.input.needs_roi;
+    $("predict").disabled = !state.file || !state.image || (needsBox && !state.box);
+  }
+
+  // --------------------------------------------------------------------------------------------------- predict
+  function clearResult() {
+    show("result", false);
+    show("no-result", true);
+    $("heatmap").removeAttribute("src");
+  }
+
+  async function predict() {
+    if (!state.file) return;
+    const form = new FormData();
+    form.append("image", state.file);
+    if (state.box) form.append("roi", state.box.join(","));
+    form.append("heatmap", state.info.heatmap ? "true" : "false");
+    $("predict").disabled = true;
+    say("error", "");
+    say("status", "Predicting…");
+    let result;
+    try {
+      result = await api("/v1/predict", { method: "POST", body: form });
+    } catch (error) {
+      say("status", "");
+      updatePredict();
+      return failed(error);
+    }
+    updatePredict();
+    showResult(result);
+    say("status", "Done.");
+  }
+
+  function showResult(result) {
+    say("positive-label", result.positive_label);
+    say("probability", result.probability.toFixed(3) + " (" + (100 * result.probability).toFixed(1) + "%)");
+    if (result.call === null) {
+      say("call", "none");
+      say("threshold", "");
+    } else {
+      say("call", result.call);
+      say(
+        "threshold",
+        "(probability ≥ " + result.threshold.toFixed(4) + " is called " + result.positive_label + "; rule " +
+          result.threshold_rule + ")"
+      );
+    }
+    say("threshold-note", result.threshold_note);
+    if (result.heatmap) {
+      $("heatmap").src = result.heatmap;
+      show("heatmap-figure", true);
+    } else {
+      show("heatmap-figure", false);
+    }
+    show("no-result", false);
+    show("result", true);
+  }
+
+  function failed(error) {
+    if (error.status === 401) {
+      askForToken("The service no longer accepts the token. Enter it again.");
+      return;
+    }
+    say("error", error.message);
+  }
+
+  // --------------------------------------------------------------------------------------------------- wiring
+  function wire() {
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token").value.trim();
+      if (!token) return;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      say("token-message", "");
+      loadModel();
+    });
+    $("forget").addEventListener("click", () => askForToken(""));
+    $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
+    const zone = $("drop-zone");
+    zone.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      zone.classList.add("over");
+    });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      zone.classList.remove("over");
+      if (event.dataTransfer.files.length) chooseFile(event.dataTransfer.files[0]);
+    });
+    const canvas = $("canvas");
+    canvas.addEventListener("pointerdown", onPointerDown);
+    canvas.addEventListener("pointermove", onPointerMove);
+    canvas.addEventListener("pointerup", onPointerUp);
+    canvas.addEventListener("pointercancel", () => {
+      state.drag = null;
+      drawImage();
+    });
+    $("roi").addEventListener("change", onRoiTyped);
+    $("clear-box").addEventListener("click", () => setBox(null));
+    $("predict").addEventListener("click", predict);
+  }
+
+  async function start() {
+    wire();
+    try {
+      const health = await api("/healthz");
+      state.auth = health.auth;
+    } catch (error) {
+      say("startup", "");
+      say("startup-error", error.message);
+      show("startup-error", true);
+      return;
+    }
+    say("startup", "");
+    show("startup", false);
+    if (state.auth === "bearer" && !sessionStorage.getItem(TOKEN_KEY)) {
+      askForToken("");
+      return;
+    }
+    await loadModel();
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();

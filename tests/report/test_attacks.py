@@ -1,0 +1,138 @@
+"""Issue 8 attack review: planted symlinks, damaged run files, bidi overrides, killed runs, non-finite numbers.
+
+Each test works on a copy of the session's tiny study (tests/report/conftest.py) and fails on the code before the
+review's fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from alnus.cli import app
+from alnus.errors import AlnusError
+from alnus.report.build import build_report
+from alnus.report.figures import make_figures, read_figures_index
+from alnus.report.tables import num, pct
+from alnus.runfolder import RunFolder, RunFolderError
+
+runner = CliRunner()
+SECRET_COLOUR = (255, 0, 255)
+
+
+def _copy(run: Path, to: Path) -> RunFolder:
+    return RunFolder(shutil.copytree(run, to / run.name, ignore=shutil.ignore_patterns("cache", "checkpoints", "tb")))
+
+
+def _secret_folder(where: Path, template: Path) -> Path:
+    """A heat-map folder outside the run: its index.csv names a magenta PNG that must never reach the report."""
+    where.mkdir(parents=True)
+    index = pd.read_csv(template / "index.csv", dtype=str, keep_default_na=False)
+    for name in index["png"]:
+        Image.new("RGB", (40, 30), SECRET_COLOUR).save(where / name)
+    index.to_csv(where / "index.csv", index=False)
+    return where
+
+
+def test_a_symlinked_heat_map_folder_embeds_nothing_from_outside(report_run: Path, tmp_path: Path) -> None:
+    run = _copy(report_run, tmp_path)
+    folder = run.heatmaps_for("tiny_cnn", "external_test")
+    outside = _secret_folder(tmp_path / "outside", folder)
+    secret = (outside / pd.read_csv(outside / "index.csv")["png"][0]).read_bytes()
+    shutil.rmtree(folder)
+    folder.symlink_to(outside, target_is_directory=True)
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    import base64
+
+    assert base64.b64encode(secret).decode("ascii") not in html
+    assert "leads outside the run folder" in html
+
+
+def test_outputs_are_never_written_through_a_symlinked_folder(report_run: Path, tmp_path: Path) -> None:
+    run = _copy(report_run, tmp_path)
+    outside = tmp_path / "outside_figures"
+    outside.mkdir()
+    shutil.rmtree(run.figures)
+    run.figures.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(RunFolderError, match="symbolic link"):
+        make_figures(run.root)
+    assert not list(outside.iterdir())
+    elsewhere = tmp_path / "outside_heatmaps"
+    elsewhere.mkdir()
+    shutil.rmtree(run.heatmaps)
+    run.heatmaps.symlink_to(elsewhere, target_is_directory=True)
+    result = runner.invoke(app, ["explain", str(run.root), "--n", "2", "--device", "cpu"])
+    assert isinstance(result.exception, RunFolderError) and "symbolic link" in str(result.exception)
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m["models"].__setitem__("tiny_cnn", "x"),
+        lambda m: m["models"]["tiny_cnn"]["threshold"].__setitem__("value", "high"),
+        lambda m: m.__setitem__("settings", "x"),
+        lambda m: m.__setitem__("readers", [1, 2]),
+    ],
+    ids=["model-a-string", "threshold-a-word", "settings-a-string", "readers-a-list"],
+)
+def test_a_hand_edited_metrics_json_is_one_clear_error(report_run: Path, tmp_path: Path, damage) -> None:  # noqa: ANN001
+    run = _copy(report_run, tmp_path)
+    metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
+    damage(metrics)
+    run.metrics.write_text(json.dumps(metrics), encoding="utf-8")
+    result = runner.invoke(app, ["report", str(run.root)])
+    # An AlnusError: `alnus` prints its message and exits with code 2 (no traceback).
+    assert isinstance(result.exception, AlnusError), result.exception
+    assert "damaged" in str(result.exception) and "alnus evaluate" in str(result.exception)
+
+
+def test_binary_garbage_in_splits_csv_names_the_file(report_run: Path, tmp_path: Path) -> None:
+    run = _copy(report_run, tmp_path)
+    run.splits.write_bytes(bytes(range(256)) * 8)
+    result = runner.invoke(app, ["report", str(run.root)])
+    assert isinstance(result.exception, AlnusError)
+    assert "splits.csv" in str(result.exception) and "damaged" in str(result.exception)
+
+
+def test_bidi_overrides_in_user_text_are_shown_not_applied(report_run: Path, tmp_path: Path) -> None:
+    """A right-to-left override in a site name would show "(60)" as "(06)"; it appears as the text \\u202e."""
+    run = _copy(report_run, tmp_path)
+    splits = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
+    splits.loc[splits["split"] == "train", "site"] = "dev\u202ehospital"
+    splits.to_csv(run.splits, index=False)
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    assert "\u202e" not in html and "dev\\u202ehospital" in html
+    card = (run.model("tiny_cnn").package / "README.md").read_text(encoding="utf-8")
+    assert "\u202e" not in card
+
+
+def test_figures_that_could_not_be_drawn_are_named_in_the_report(report_run: Path, tmp_path: Path) -> None:
+    run = _copy(report_run, tmp_path)
+    skipped = [{"name": "roc_tiny_cnn_external_test", "section": "roc", "model": "tiny_cnn",
+                "split": "external_test", "reason": "a curve needs positive and negative cases"}]  # fmt: skip
+    (run.figures / "skipped.json").write_text(json.dumps(skipped), encoding="utf-8")
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    assert "roc_tiny_cnn_external_test: a curve needs positive and negative cases" in html
+
+
+def test_explain_cleans_up_what_a_killed_run_left(report_run: Path, tmp_path: Path) -> None:
+    run = _copy(report_run, tmp_path)
+    final = run.heatmaps_for("tiny_cnn", "external_test")
+    left = final.parent / f".{final.name}.abc123"
+    left.mkdir()
+    (left / "000_TP_x.png").write_bytes(b"partial")
+    result = runner.invoke(app, ["explain", str(run.root), "--n", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert not left.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), None, "0.9"])
+def test_numbers_that_cannot_be_shown_read_n_a(value: object) -> None:
+    assert pct(value) == "n/a" and num(value) == "n/a"  # type: ignore[arg-type]

@@ -1,0 +1,481 @@
+"""issue 9.4 and 9.7: `alnus serve`'s HTTP API: predictions on the study's one path, the token, upload limits, content
+checks, no DICOM identifier in answers or logs, timeouts, one prediction at a time while /healthz keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import struct
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from alnus import cli
+from alnus.data.roi import format_box
+from alnus.serve import Access, ModelService, ServeError, Settings, build_server, create_app, resolve_access
+from alnus.serve.security import MIN_TOKEN_LENGTH, read_token_file
+from alnus.serve.service import MAX_BATCH, validation_table
+from alnus.serve.uploads import image_kind
+from tests.serve.conftest import (
+    AUTH,
+    IDENTIFIERS,
+    TOKEN,
+    Gate,
+    LiveServer,
+    client_for,
+    dicom_bytes,
+    grey_image,
+    png_bytes,
+    predictor_of,
+    slow_predictor,
+)
+
+BOX = (20, 10, 30, 25)
+
+
+def _post(
+    client: Any, content: bytes, *, name: str = "scan.png", roi: str | None = format_box(BOX), **data: str
+) -> Any:
+    fields = {**({"roi": roi} if roi is not None else {}), **data}
+    return client.post("/v1/predict", files={"image": (name, content, "image/png")}, data=fields, headers=AUTH)
+
+
+def _decode_data_uri(uri: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(uri[len(prefix) :])))
+
+
+def _assert_still_serving(client: Any) -> None:
+    """issue 9.7: after a refused upload, a good request succeeds."""
+    response = _post(client, png_bytes(grey_image()), heatmap="false")
+    assert response.status_code == 200, response.text
+
+
+# ------------------------------------------------------------------------------------------------- predictions
+def test_a_prediction_is_the_predictors_with_the_frozen_call_and_a_heat_map_on_the_image(
+    package: Path, tmp_path: Path
+) -> None:
+    image = grey_image()
+    client = client_for(predictor_of(package), tmp_path)
+    response = _post(client, png_bytes(image))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # The one prediction path: the same probability as the Predictor on the same image and box.
+    expected = predictor_of(package).predict_arrays([image], rows=[{"roi": format_box(BOX)}])[0]
+    assert body["probability"] == pytest.approx(float(expected), abs=1e-6)
+    assert body["call"] == ("positive" if expected >= 0.5 else "negative")
+    rule = (body["threshold"], body["threshold_level"], body["threshold_rule"])
+    assert rule == (0.5, "patient", "youden, patient mean")
+    assert "this one image" in body["threshold_note"]
+    meta = json.loads((package / "metadata.json").read_text())
+    assert body["model"] == {"name": "serve/tiny_cnn", "version": meta["created"],
+                             "weights_sha256": meta["weights_sha256"]}  # fmt: skip
+    assert body["notice"] == "Research use only; not for diagnosis."
+    assert body["roi"] == {"box": list(BOX), "used": True}
+    overlay = _decode_data_uri(body["heatmap"])
+    assert overlay.size == (80, 60)  # on the original image, not the 32 px input
+    assert np.asarray(overlay.convert("RGB")).std() > 0
+    headers = response.headers
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'self'" in headers["content-security-policy"]
+
+
+def test_another_box_gives_another_probability_and_no_heat_map_when_not_asked(package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(package), tmp_path)
+    content = png_bytes(grey_image())
+    first = _post(client, content, heatmap="false").json()
+    second = _post(client, content, roi="0,30,25,25", heatmap="false").json()
+    assert first["heatmap"] is None and second["heatmap"] is None
+    assert abs(first["probability"] - second["probability"]) > 1e-4
+
+
+def test_a_package_without_a_threshold_gives_no_call_and_needs_no_box(whole_package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(whole_package), tmp_path)
+    body = _post(client, png_bytes(grey_image()), roi=None, heatmap="false").json()
+    assert body["call"] is None and body["threshold"] is None
+    assert "no frozen threshold" in body["threshold_note"]
+    info = client.get("/v1/model", headers=AUTH).json()
+    assert info["validation"] is None and "no model card" in info["validation_source"]
+
+
+def test_heat_maps_can_be_turned_off_on_the_service(package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(package), tmp_path, heatmap=False)
+    response = _post(client, png_bytes(grey_image()))
+    assert response.status_code == 200 and response.json()["heatmap"] is None
+    refused = _post(client, png_bytes(grey_image()), heatmap="true")
+    assert refused.status_code == 422 and "heatmap" in refused.json()["detail"]
+    assert client.get("/v1/model", headers=AUTH).json()["heatmap"] is False
+
+
+def test_the_model_route_gives_the_card_and_validation_results_but_no_training_paths(
+    package: Path, tmp_path: Path
+) -> None:
+    client = client_for(predictor_of(package), tmp_path)
+    response = client.get("/v1/model", headers=AUTH)
+    assert response.status_code == 200
+    info = response.json()
+    assert info["threshold"]["value"] == 0.5 and info["input"]["needs_roi"] is True
+    assert any("Research use only" in line for line in info["intended_use"])
+    assert info["validation"]["columns"][:3] == ["split", "patients (pos/neg)", "AUC (95% CI)"]
+    assert info["validation"]["rows"][1][0] == "external_test"  # the card's Markdown escape is undone
+    assert "Clopper-Pearson" in info["validation"]["note"]
+    assert info["model_card"].startswith("# Model card")
+    assert "training" not in info and "secret.csv" not in response.text and str(package) not in response.text
+
+
+def test_validation_table_reads_escaped_pipes_and_a_card_without_the_section() -> None:
+    card = "## Validation results\n\nnote\n\n| a | b |\n|---|---|\n| x \\| y | 2 |\n\n## Next\n"
+    assert validation_table(card) == {"note": "note", "columns": ["a", "b"], "rows": [["x | y", "2"]]}
+    assert validation_table("# Model card\n\n## Intended use\n") is None
+
+
+def test_the_preview_is_the_decoded_image_the_box_is_drawn_on(package: Path, tmp_path: Path) -> None:
+    """A DICOM is cut to its ultrasound region: the preview (and so the box) is in the decoded image's pixels."""
+    client = client_for(predictor_of(package), tmp_path)
+    image = grey_image(40, 50)
+    response = client.post(
+        "/v1/preview", files={"image": ("x.dcm", dicom_bytes(image), "application/dicom")}, headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (50, 40)
+    np.testing.assert_array_equal(np.asarray(_decode_data_uri(body["image"])), image)
+
+
+# ----------------------------------------------------------------------------------------------------- access
+def test_token_is_required_on_v1_and_compared_exactly(package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(package), tmp_path)
+    content = png_bytes(grey_image())
+    missing = client.post("/v1/predict", files={"image": ("a.png", content, "image/png")}, data={"roi": "1,1,9,9"})
+    assert missing.status_code == 401 and "no token" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    for header in (f"Bearer {TOKEN[:-1]}x", f"Bearer {TOKEN}extra", f"Basic {TOKEN}", TOKEN, "Bearer ünï".encode()):
+        wrong = client.get("/v1/model", headers={"Authorization": header})
+        assert wrong.status_code == 401 and "not accepted" in wrong.json()["detail"], header
+    assert client.get("/v1/model", headers={"Authorization": f"bearer  {TOKEN} "}).status_code == 200
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "model_loaded": True, "busy": False,
+                                                             "auth": "bearer"}  # fmt: skip
+    # OpenAPI is served; FastAPI's docs pages (scripts from a CDN) are not.
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_insecure_local_needs_no_token_but_answers_only_to_a_loopback_host(package: Path, tmp_path: Path) -> None:
+    access = resolve_access(host="127.0.0.1", token_file=None, insecure_local=True, environ={})
+    client = client_for(predictor_of(package), tmp_path, access=access)
+    assert client.get("/v1/model", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    assert client.get("/v1/model", headers={"Host": "[::1]:8000"}).status_code == 200
+    rebinding = client.get("/v1/model", headers={"Host": "attacker.example:8000"})
+    assert rebinding.status_code == 403 and "127.0.0.1" in rebinding.json()["detail"]
+    assert client.get("/healthz", headers={"Host": "localhost:8000"}).json()["auth"] == "none"
+
+
+def test_the_service_refuses_to_start_without_a_token_or_with_an_unsafe_one(tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match="refuses to start without one"):
+        resolve_access(host="127.0.0.1", token_file=None, insecure_local=False, environ={})
+    with pytest.raises(ServeError, match="binds 127.0.0.1"):
+        resolve_access(host="0.0.0.0", token_file=None, insecure_local=True, environ={})
+    with pytest.raises(ServeError, match="turns the token off"):
+        resolve_access(host="127.0.0.1", token_file=None, insecure_local=True, environ={"ALNUS_TOKEN": TOKEN})
+    with pytest.raises(ServeError, match=f"at least {MIN_TOKEN_LENGTH}"):
+        resolve_access(host="0.0.0.0", token_file=None, insecure_local=False, environ={"ALNUS_TOKEN": "short"})
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    with pytest.raises(ServeError, match="chmod 600"):
+        read_token_file(token_file)
+    token_file.chmod(0o640)  # a group may hold the service's secrets
+    access = resolve_access(host="0.0.0.0", token_file=token_file, insecure_local=False, environ={"ALNUS_TOKEN": "x"})
+    assert access.allows(f"Bearer {TOKEN}") and TOKEN not in repr(access) and "token file" in access.source
+    with pytest.raises(ServeError, match="named pipe"):
+        os.mkfifo(tmp_path / "fifo")
+        read_token_file(tmp_path / "fifo")
+
+
+def test_alnus_serve_without_a_token_exits_with_a_message_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ALNUS_TOKEN", raising=False)
+    # The package does not exist: access is decided first, so the token is what the message is about.
+    for args, message in (
+        ([], "no token"),
+        (["--insecure-local", "--host", "0.0.0.0"], "binds 127.0.0.1"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["alnus", "serve", str(tmp_path / "missing"), *args])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in " ".join(err.split()), err
+    with pytest.raises(ServeError, match="--max-upload-mb"):
+        build_server(tmp_path, insecure_local=True, max_upload_mb=0)
+
+
+def test_build_server_loads_the_package_once_and_says_where_it_listens(package: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    local = build_server(package, insecure_local=True, port=8123, device="cpu", environ={})
+    assert (local.url, local.exposed, local.access.insecure_local) == ("http://127.0.0.1:8123/", False, True)
+    exposed = build_server(package, host="0.0.0.0", token_file=token_file, heatmap=False, device="cpu", environ={})
+    assert exposed.exposed and exposed.service.info["heatmap"] is False
+    assert exposed.service.predictor.batch_size == MAX_BATCH  # queued predictions can share a forward pass
+
+
+# ------------------------------------------------------------------------------------------------ bad uploads
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` grey pixels (a decompression bomb's header), and one tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("scan.png", png_bytes(grey_image()))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "roi", "status", "words"),
+    [
+        (b"", "1,1,5,5", 422, "empty (0 bytes)"),
+        (b"this is not an image, only text\n", "1,1,5,5", 415, "is text, not a PNG"),
+        (_zip(), "1,1,5,5", 415, "a ZIP archive"),
+        (b"GIF89a" + b"\0" * 40, "1,1,5,5", 415, "a GIF image"),
+        (png_bytes(grey_image())[:150], "1,1,5,5", 422, "truncated or corrupt"),
+        (_png_header_only(30000, 30000), "1,1,5,5", 422, "decompression bomb"),
+        (dicom_bytes(None), "1,1,5,5", 422, "no pixel data"),
+        (png_bytes(grey_image()), "70,50,20,20", 422, "roi: the box 70,50,20,20 (x,y,w,h) extends outside the 80 x 60"),
+        (png_bytes(grey_image()), "1,2,3", 422, "roi: roi '1,2,3' has 3 field(s)"),
+        (png_bytes(grey_image()), None, 422, "roi: this model looks at the lesion only"),
+        (png_bytes(grey_image()), "1,1,-5,5", 422, "width and height must be positive"),
+    ],
+    ids=(
+        "empty text zip gif truncated bomb dicom-no-pixels roi-outside roi-malformed roi-missing roi-negative"
+    ).split(),
+)
+def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_serving(
+    package: Path, tmp_path: Path, content: bytes, roi: str | None, status: int, words: str
+) -> None:
+    client = client_for(predictor_of(package), tmp_path)
+    response = _post(client, content, roi=roi)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert "upload." not in response.json()["detail"] and str(tmp_path) not in response.text
+    _assert_still_serving(client)
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+
+async def _chunked_upload(app: Any, content: bytes, *, chunk: int) -> tuple[int, int]:
+    """POST a multipart body without Content-Length to the ASGI app, `chunk` bytes per message; return the status
+    and how many messages the app pulled."""
+    boundary = "alnusboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    body = head + content + f"\r\n--{boundary}--\r\n".encode()
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)]
+    pulled, statuses = 0, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        pulled += 1
+        if pulled > len(pieces):
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": pieces[pulled - 1], "more_body": pulled < len(pieces)}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    headers = [(b"authorization", AUTH["Authorization"].encode()), (b"host", b"testserver"),
+               (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    return statuses[0], pulled
+
+
+def test_a_body_over_the_limit_is_refused_while_it_is_read(package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(package), tmp_path, max_upload_bytes=20_000)
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))
+    assert len(big) > 20_000
+    declared = _post(client, big)
+    assert declared.status_code == 413 and "larger than the limit of 0.02 MB" in declared.json()["detail"]
+    # No Content-Length (chunked): counted as it arrives, and no more is read once over the limit.
+    status, pulled = asyncio.run(_chunked_upload(client.app, big, chunk=2_000))
+    assert status == 413
+    assert 20_000 / 2_000 <= pulled < len(big) / 2_000 - 2
+    _assert_still_serving(client)
+
+
+def test_requests_that_are_not_multipart_or_send_no_file_are_refused(package: Path, tmp_path: Path) -> None:
+    client = client_for(predictor_of(package), tmp_path)
+    raw = client.post("/v1/predict", content=png_bytes(grey_image()), headers={**AUTH, "Content-Type": "image/png"})
+    assert raw.status_code == 415 and "multipart/form-data" in raw.json()["detail"]
+    no_file = client.post("/v1/predict", data={"roi": "1,1,5,5"}, headers=AUTH, files={"other": ("a", b"x")})
+    assert no_file.status_code == 422 and "image: no file" in no_file.json()["detail"]
+    two = client.post("/v1/predict", headers=AUTH, files=[("image", ("a.png", b"1")), ("image", ("b.png", b"2"))])
+    assert two.status_code == 400 and "Too many files" in two.json()["detail"]
+    _assert_still_serving(client)
+
+
+def test_kinds_are_told_by_content() -> None:
+    png = png_bytes(grey_image())
+    assert image_kind(png[:132]) == "PNG"
+    assert image_kind(dicom_bytes(grey_image())[:132]) == "DICOM"
+    buffer = io.BytesIO()
+    Image.fromarray(grey_image()).save(buffer, format="BMP")
+    assert image_kind(buffer.getvalue()[:132]) == "BMP"
+    assert image_kind(b"BMW is a car, not a bitmap file header") is None
+
+
+# ------------------------------------------------------------------------------------------------ identifiers
+def test_dicom_identifiers_reach_neither_the_answer_nor_the_log(
+    package: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """issue 9.4: a DICOM full of identifiers, named after the patient, sent to the real server (its access log
+    included) and to a broken-file path: no identifier in any answer, header or log record."""
+    caplog.set_level(logging.DEBUG)
+    service = ModelService(predictor_of(package), Settings(work_dir=tmp_path / "uploads"))
+    app = create_app(service, Access(token=TOKEN, source="test"))
+    image = grey_image(40, 50)
+    name = "DOE^JANE^MARIE_MRN-SECRET-4711.dcm"
+    texts = []
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
+        for content, roi in ((dicom_bytes(image), "5,5,20,20"), (dicom_bytes(None), "5,5,20,20"),
+                             (dicom_bytes(image), "45,35,20,20")):  # fmt: skip
+            for route in ("/v1/predict", "/v1/preview"):
+                response = http.post(
+                    f"{route}?patient=MRN-SECRET-4711", files={"image": (name, content, "application/dicom")},
+                    data={"roi": roi},
+                )  # fmt: skip
+                texts.append(f"{response.status_code} {response.headers} {response.text}")
+    assert [t[:3] for t in texts] == ["200", "200", "422", "422", "422", "200"]
+    # The server's records (the test's own httpx client logs its URLs, query included, on the client side).
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith(("alnus", "uvicorn", "fastapi", "starlette"))]
+    assert any("POST /v1/predict 200" in line for line in logged)  # the access log was captured
+    for value in [*IDENTIFIERS.values(), "DOE", "JANE", "MRN-SECRET", "19610417", name]:
+        for text in texts + logged:
+            assert value not in text, (value, text[:200])
+
+
+# --------------------------------------------------------------------------------------- worker and timeouts
+def test_healthz_answers_while_a_prediction_runs_and_predictions_run_one_at_a_time(
+    package: Path, tmp_path: Path
+) -> None:
+    gate = Gate()
+    service = ModelService(slow_predictor(package, 1.5, gate), Settings(work_dir=tmp_path / "uploads", heatmap=False))
+    app = create_app(service, Access(token=TOKEN, source="test"))
+    content = png_bytes(grey_image())
+    results: list[int] = []
+
+    def predict() -> None:
+        with httpx.Client(timeout=30) as http:
+            response = http.post(f"{server.url}/v1/predict", files={"image": ("a.png", content)},
+                                 data={"roi": "1,1,20,20"}, headers=AUTH)  # fmt: skip
+            results.append(response.status_code)
+
+    with LiveServer(app) as server:
+        callers = [threading.Thread(target=predict) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        assert gate.started.wait(20)
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            latencies = []
+            for _ in range(5):
+                started = time.perf_counter()
+                health = http.get("/healthz")
+                latencies.append(time.perf_counter() - started)
+                assert health.status_code == 200
+            busy = health.json()["busy"]
+        still_running = gate.finished == 0
+        for caller in callers:
+            caller.join(30)
+    assert still_running and busy is True  # /healthz was answered while the worker was busy
+    assert max(latencies) < 0.5, latencies
+    assert results == [200, 200] and gate.peak == 1  # the second waited for the first
+
+
+def test_a_prediction_over_the_timeout_is_a_504_and_its_files_are_removed_when_it_ends(
+    package: Path, tmp_path: Path
+) -> None:
+    gate = Gate()
+    uploads = tmp_path / "uploads"
+    client = client_for(slow_predictor(package, 1.2, gate), tmp_path, timeout_s=0.3)
+    started = time.perf_counter()
+    response = _post(client, png_bytes(grey_image()), heatmap="false")
+    assert response.status_code == 504 and "timeout of 0.3 s" in response.json()["detail"]
+    assert time.perf_counter() - started < 1.1
+    deadline = time.monotonic() + 10
+    while (gate.finished < 1 or list(uploads.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gate.finished == 1 and list(uploads.iterdir()) == []
+
+
+def test_predictions_queued_while_the_worker_is_busy_share_one_forward_pass(package: Path, tmp_path: Path) -> None:
+    """Four requests arrive while the worker is held: the three good images go through one forward pass and each
+    gets its own probability (as alone); the broken one gets its own 422."""
+    predictor = predictor_of(package)
+    real = predictor.predict_arrays
+    release, sizes = threading.Event(), []
+
+    def held(images: Any, rows: Any = None, root: Any = ".") -> np.ndarray:
+        sizes.append(len(images))
+        if len(sizes) == 1:
+            release.wait(20)
+        return real(images, rows=rows, root=root)
+
+    predictor.predict_arrays = held  # type: ignore[method-assign]
+    service = ModelService(predictor, Settings(work_dir=tmp_path / "uploads", heatmap=False))
+    images = [grey_image(seed=k) for k in range(4)]
+    uploads = [png_bytes(image) for image in images] + [png_bytes(grey_image())[:150]]
+    answers: dict[int, Any] = {}
+
+    def post(k: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            answers[k] = http.post(f"{server.url}/v1/predict", files={"image": ("a.png", uploads[k])},
+                                   data={"roi": format_box(BOX)}, headers=AUTH)  # fmt: skip
+
+    with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as server:
+        first = threading.Thread(target=post, args=(0,))
+        first.start()
+        deadline = time.monotonic() + 20
+        while not sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        others = [threading.Thread(target=post, args=(k,)) for k in (1, 2, 3, 4)]
+        for thread in others:
+            thread.start()
+        while len(service._pending) < 4 and time.monotonic() < deadline:  # all four queued behind the first
+            time.sleep(0.01)
+        release.set()
+        for thread in [first, *others]:
+            thread.join(30)
+    assert sizes == [1, 3]
+    assert answers[4].status_code == 422 and "truncated" in answers[4].json()["detail"]
+    for k in range(4):
+        assert answers[k].status_code == 200
+        alone = real([images[k]], rows=[{"roi": format_box(BOX)}])[0]
+        assert answers[k].json()["probability"] == pytest.approx(float(alone), abs=1e-5)
+    assert len({round(answers[k].json()["probability"], 6) for k in range(4)}) == 4  # a mix-up would show

@@ -1,0 +1,154 @@
+"""issue 9.5 and 9.6: the service's web page in Debian's chromium (Playwright), against the real server on a free
+loopback port: a wrong token is told, the right one is asked once per tab, a phantom image is uploaded, the lesion box
+drawn with the mouse, and the probability, the call and the heat map shown; no request leaves the server."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from alnus.data.phantom import phantom_image
+from alnus.serve import Access, ModelService, Settings, create_app
+from tests._browser import Watch
+from tests.serve.conftest import HOSTILE, TOKEN, LiveServer, png_bytes, predictor_of
+
+pytestmark = pytest.mark.browser
+
+VIEWPORT = {"width": 1280, "height": 900}
+NARROW = {"width": 390, "height": 844}
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    uploads = tmp_path_factory.mktemp("page-uploads")
+    service = ModelService(predictor_of(package), Settings(work_dir=uploads))
+    with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def phantom_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    image, _ = phantom_image(np.random.default_rng(3), True, image_size=(96, 128))
+    path = tmp_path_factory.mktemp("page-images") / "phantom.png"
+    path.write_bytes(png_bytes(image))
+    return path
+
+
+# Waits use locators (Playwright's own world): the page's CSP forbids eval, which `wait_for_function` needs.
+def _failures(watch: Watch) -> list[str]:
+    """Console errors other than the browser's own line for an answer with an error status (the 401 asked for)."""
+    return [e for e in watch.errors if "Failed to load resource" not in e]
+
+
+def _enter_token(page: Any, token: str) -> None:
+    page.fill("#token", token)
+    page.click("#token-form button[type=submit]")
+
+
+def _drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag across the canvas between two points given as fractions of its shown width and height."""
+    rect = page.locator("#canvas").bounding_box()
+    page.mouse.move(rect["x"] + start[0] * rect["width"], rect["y"] + start[1] * rect["height"])
+    page.mouse.down()
+    page.mouse.move(rect["x"] + end[0] * rect["width"], rect["y"] + end[1] * rect["height"], steps=6)
+    page.mouse.up()
+
+
+def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
+    server: LiveServer, browser: Any, phantom_png: Path, tmp_path: Path
+) -> None:
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    watch = Watch(page)
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        notice = page.locator("#notice")
+        assert notice.is_visible() and "Research use only; not for diagnosis." in notice.inner_text()
+        page.locator("#token-section").wait_for(state="visible")
+        _enter_token(page, "not-the-token-" + "x" * 30)
+        page.locator("#token-message", has_text="did not accept").wait_for()
+        assert page.locator("#work").is_hidden()
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        assert page.locator("#model-name").inner_text() == "serve/tiny_cnn"
+        assert page.locator("#validation tbody tr").count() == 2
+        assert "Research use only" in page.locator("#intended-use").inner_text()
+        assert HOSTILE.replace("<", "\\<").replace(">", "\\>") in page.locator("#model-card").text_content()
+
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        assert page.locator("#predict").is_disabled()  # this model needs the lesion box
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        box = [int(v) for v in page.input_value("#roi").split(",")]
+        assert box == pytest.approx([32, 24, 64, 48], abs=2)
+        page.click("#predict")
+        page.locator("#result").wait_for(state="visible")
+        probability = page.locator("#probability").inner_text()
+        assert re.fullmatch(r"0\.\d{3} \(\d+\.\d%\)|1\.000 \(100\.0%\)", probability), probability
+        assert page.locator("#call").inner_text() in ("positive", "negative")
+        assert "0.5000" in page.locator("#threshold").inner_text()
+        assert "this one image" in page.locator("#threshold-note").inner_text()
+        heatmap = page.locator("#heatmap")
+        assert heatmap.is_visible()
+        size = page.evaluate("() => [document.querySelector('#heatmap').complete, "
+                             "document.querySelector('#heatmap').naturalWidth]")  # fmt: skip
+        assert size == [True, 128]
+        page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
+        assert (tmp_path / "serve-page.png").stat().st_size > 10_000
+
+        # The notice stays in view however far the page is scrolled.
+        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+        top = notice.bounding_box()["y"]
+        assert 0 <= top < VIEWPORT["height"] and notice.is_visible()
+
+        # Narrow screen: one column, nothing wider than the window.
+        page.set_viewport_size(NARROW)
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1
+        page.screenshot(path=str(tmp_path / "serve-page-narrow.png"), full_page=True)
+
+        # The token is kept for the tab: a reload goes straight to work.
+        page.reload(wait_until="load")
+        page.locator("#work").wait_for(state="visible")
+        assert page.locator("#token-section").is_hidden()
+    finally:
+        context.close()
+    outside = [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))]
+    assert outside == []
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_a_dropped_text_file_is_refused_with_the_services_message(server: LiveServer, browser: Any) -> None:
+    context = browser.new_context(viewport=NARROW)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    watch = Watch(page)
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        data = base64.b64encode(b"a letter, not an image\n").decode()
+        transfer = page.evaluate_handle(
+            """(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "scan.png", {type: "image/png"}));
+                return transfer;
+            }""",
+            data,
+        )
+        page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+        page.locator("#error", has_text="is text, not a PNG").wait_for()
+        assert page.locator("#predict").is_disabled()
+    finally:
+        context.close()
+    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []

@@ -1,0 +1,277 @@
+"""`alnus predict PACKAGE INPUT...` on new data: every file on its own, errors as rows, clean piped output, patients
+aggregated as the threshold was frozen, heat maps, the package's notes, and the engine it ran on."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from alnus.cli import app
+from alnus.data.dataset import PreprocessSpec
+from alnus.data.images import load_image
+from alnus.data.inputs import collect_inputs
+from alnus.models import create_model
+from alnus.models.package import freeze_threshold, save_package
+from alnus.predict import NOTICE, PredictError, Predictor
+
+LABELS = ["negative", "positive"]
+GOOD = ("a.png", "b.png", "sub/c.png", "sub/IM0001")
+BAD = {"corrupt.png": "truncated", "fake.png": "not a PNG"}
+
+
+def _package(folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+    with torch.no_grad():
+        model.classifier().weight.mul_(50)  # spread the probabilities, so that a mix-up shows
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": LABELS, "positive_label": "positive"}
+    save_package(folder, model, meta)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A package and an export folder: PNGs, a DICOM without an ending, a truncated PNG, a text file named .png."""
+    from alnus.data.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("new_data")
+    _package(root / "model")
+    export = root / "export"
+    rng = np.random.default_rng(0)
+    for name in GOOD[:3]:
+        (export / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, size=(48, 64)).astype(np.uint8)).save(export / name)
+    phantom = make_phantom(root / "phantom", patients=2, external_patients=0, dicom_fraction=1.0, seed=3)
+    shutil.copy(next(phantom.parent.rglob("*.dcm")), export / "sub" / "IM0001")
+    png = (export / "a.png").read_bytes()
+    (export / "corrupt.png").write_bytes(png[: len(png) // 2])
+    (export / "fake.png").write_text("this is not an image")
+    (root / "notes.txt").write_text("not an image either")
+    return root
+
+
+def _predict(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["predict", *args, "--device", "cpu"], env={"COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _csv(text: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(text), dtype={"patient_id": str, "error": str}, keep_default_na=False)
+
+
+def test_bad_files_become_error_rows_and_the_others_are_predicted(data: Path) -> None:
+    export = data / "export"
+    code, stdout, stderr = _predict(str(data / "model"), str(export), str(data / "notes.txt"))
+    assert code == 1  # some files failed: documented exit code 1, the rest predicted
+    table = _csv(stdout)  # piped: plain CSV, no notes mixed in
+    names = [str(export / n) for n in ("a.png", "b.png", "corrupt.png", "fake.png", "sub/IM0001", "sub/c.png")]
+    assert table["image"].tolist() == [*names, str(data / "notes.txt")]
+    errors = dict(zip(table["image"], table["error"], strict=True))
+    for name, reason in BAD.items():
+        assert reason in errors[str(export / name)]
+    assert "unsupported file type '.txt'" in errors[str(data / "notes.txt")]
+    good = table[table["error"] == ""]
+    assert sorted(good["image"]) == sorted(str(export / n) for n in GOOD)
+    predictor = Predictor(data / "model", device="cpu")
+    expected = predictor.predict_arrays([load_image(p) for p in good["image"]])
+    np.testing.assert_allclose(good["prob"].astype(float), expected, rtol=1e-5)
+    assert np.ptp(expected) > 1e-3
+    assert (table.loc[table["error"] != "", "prob"] == "").all()
+    assert NOTICE not in stdout and NOTICE in stderr and "3 image(s) failed" in stderr
+    assert stderr.count(NOTICE) == 1
+
+
+def test_json_lines_and_out_files_parse(data: Path, tmp_path: Path) -> None:
+    model, images = str(data / "model"), [str(data / "export" / n) for n in ("a.png", "fake.png")]
+    code, stdout, _ = _predict(model, *images, "--format", "json")
+    assert code == 1
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["image"] for r in records] == images
+    assert isinstance(records[0]["prob"], float) and records[0]["error"] == ""
+    assert records[1]["prob"] is None and "not a PNG" in records[1]["error"]
+    assert records[0]["engine"] == "torch"
+
+    out = tmp_path / "preds.jsonl"  # the format follows the ending when --format is not given
+    code, stdout, stderr = _predict(model, *images, "--out", str(out))
+    assert code == 1 and stdout == "" and str(out) in " ".join(stderr.split())
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    code, _, _ = _predict(model, images[0], "--out", str(tmp_path / "preds.csv"))
+    assert code == 0 and _csv((tmp_path / "preds.csv").read_text())["prob"].iloc[0] == pytest.approx(records[0]["prob"])
+
+
+def test_patients_are_aggregated_as_the_threshold_was_frozen(data: Path, tmp_path: Path) -> None:
+    """The same calls as `Predictor.predict_table` on the images that could be read; a failed image is left out of
+    its patient's aggregate."""
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    rows = [("a.png", "A"), ("b.png", "A"), ("sub/c.png", "B"), ("fake.png", "B"), ("sub/IM0001", "")]
+    manifest = pd.DataFrame(rows, columns=["image", "patient_id"])
+    manifest.to_csv(data / "export" / "patients.csv", index=False)
+    probs = Predictor(package, device="cpu").predict_table(manifest.drop(index=3), data / "export")["prob"]
+    freeze_threshold(package, _point(float(np.median(probs))), reason="test")
+
+    predictor = Predictor(package, device="cpu")
+    got = predictor.predict_inputs(collect_inputs(manifest=data / "export" / "patients.csv"))
+    want = predictor.predict_table(manifest.drop(index=3), data / "export").reset_index(drop=True)
+    ok = got[got["error"] == ""].reset_index(drop=True)
+    for column in ("prob", "patient_prob"):
+        np.testing.assert_allclose(ok[column], want[column], rtol=1e-6)
+    for column in ("n_images", "call", "call_level"):
+        assert ok[column].tolist() == want[column].tolist()
+    assert ok["n_images"].tolist() == [2, 2, 1, 1]
+    assert ok["prediction"].tolist() == [LABELS[c] for c in want["call"]]
+    failed = got.iloc[3]
+    assert np.isnan(failed["prob"]) and pd.isna(failed["call"]) and failed["prediction"] == ""
+
+    code, stdout, stderr = _predict(str(package), "--manifest", str(data / "export" / "patients.csv"))
+    assert code == 1 and _csv(stdout)["call"].tolist()[:3] == [str(c) for c in want["call"][:3]]
+    said = " ".join(stderr.split())
+    assert "call = mean probability of a patient's images" in said and "left out of their patient's aggregate" in said
+
+
+def test_every_failed_image_still_gives_a_table(data: Path, tmp_path: Path) -> None:
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    freeze_threshold(package, _point(0.5), reason="test")
+    got = Predictor(package, device="cpu").predict_inputs(collect_inputs([str(data / "export" / "fake.png")]))
+    assert len(got) == 1 and got["error"].iloc[0] and pd.isna(got["call"].iloc[0])
+    with pytest.raises(PredictError, match="collect_inputs"):
+        Predictor(package, device="cpu").predict_inputs(pd.DataFrame({"image": ["x.png"]}))
+
+
+def test_a_bad_lesion_region_fails_its_image_only(data: Path, tmp_path: Path) -> None:
+    from alnus.data.roi import RoiPolicy
+
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["preprocess"]["roi"] = RoiPolicy("box", margin=0.1).to_dict()
+    (package / "metadata.json").write_text(json.dumps(meta))
+    image = str(data / "export" / "a.png")  # 64 x 48
+    table = collect_inputs([image] * 3, per_image={"roi": ["2,2,30,30", "40,40,30,30", ""]})
+    got = Predictor(package, device="cpu").predict_inputs(table)
+    assert got["error"].iloc[0] == "" and 0 < got["prob"].iloc[0] < 1
+    assert "roi 40,40,30,30 extends outside the 64x48 image" in got["error"].iloc[1]
+    assert "--roi x,y,w,h" in got["error"].iloc[2] and np.isnan(got["prob"].iloc[1:]).all()
+
+
+def test_a_run_folder_is_sent_to_predict_run(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(data / "model", run / "models" / "tiny_cnn" / "model")
+    (run / "splits.csv").write_text("image,patient_id,label,split\n")
+    (run / "config.yaml").write_text("name: demo\n")
+    result = CliRunner().invoke(app, ["predict", str(run), str(data / "export" / "a.png")])
+    assert result.exit_code != 0
+    message = " ".join(str(result.exception).split())
+    assert f"alnus predict-run {run}" in message and str(run / "models" / "tiny_cnn" / "model") in message
+
+
+def test_heat_maps_are_written_for_the_predicted_images(data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "heat"
+    images = [str(data / "export" / n) for n in ("a.png", "fake.png", "sub/IM0001")]
+    code, stdout, _ = _predict(str(data / "model"), *images, "--heatmaps", str(folder))
+    assert code == 1
+    table = _csv(stdout)
+    assert table["heatmap"].tolist() == [str(folder / "0001_a.png"), "", str(folder / "0003_IM0001.png")]
+    assert sorted(p.name for p in folder.iterdir()) == ["0001_a.png", "0003_IM0001.png"]
+    with Image.open(folder / "0001_a.png") as overlay:
+        assert overlay.mode == "RGB" and overlay.size == (64, 48)  # on the original image
+
+
+def test_the_notes_come_from_the_model_card(data: Path, tmp_path: Path) -> None:
+    """Intended use and training sites are printed once, to stderr, from the card `alnus report` writes."""
+    from alnus.models.package import read_metadata
+    from alnus.report.card import intended_use, md_text
+
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    meta = read_metadata(package)
+    card = "\n".join(
+        [
+            "# Model card: tiny\\_cnn (run demo)",
+            "",
+            "## Intended use",
+            "",
+            *intended_use(meta),
+            "",
+            "## Training data",
+            "",
+            "| split | site | patients | images | positive patients | positive images |",
+            "|---|---|---|---|---|---|",
+            f"| train | {md_text('dev_hospital')} | 24 | 53 | 10 | 22 |",
+            f"| val | {md_text('dev_hospital')} | 3 | 8 | 1 | 2 |",
+            f"| train | {md_text('site|b')} | 2 | 2 | 1 | 1 |",
+        ]
+    )
+    (package / "README.md").write_text(card)
+    code, stdout, stderr = _predict(str(package), str(data / "export" / "a.png"))
+    said = " ".join(stderr.split())
+    assert code == 0 and len(_csv(stdout)) == 1
+    assert "trained at 2 site(s): dev_hospital, site|b" in said
+    assert "Intended use: Research on retrospective breast ultrasound images" in said and "Out of scope:" in said
+    assert "\\_" not in said and "**" not in said and said.count(NOTICE) == 1
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_defused(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(data / "export" / "a.png", tmp_path / "=HYPERLINK(1).png")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = _predict(str(data / "model"), "=HYPERLINK(1).png")
+    assert code == 0 and _csv(stdout)["image"].tolist() == ["'=HYPERLINK(1).png"]
+    code, stdout, _ = _predict(str(data / "model"), "=HYPERLINK(1).png", "--format", "json")
+    assert json.loads(stdout)["image"] == "=HYPERLINK(1).png"  # JSON is not opened by a spreadsheet
+
+
+def _point(value: float) -> dict:
+    return {"value": value, "rule": "youden", "target": None, "level": "patient", "aggregate": "mean"}
+
+
+# ------------------------------------------------------------------------------------------------------- engines
+def test_an_engine_the_package_lacks_names_the_export_command(data: Path) -> None:
+    with pytest.raises(PredictError, match=r"no onnx-int8 export.*alnus export .*model --format onnx-int8"):
+        Predictor(data / "model", device="cpu", engine="onnx-int8")
+    with pytest.raises(PredictError, match="unknown engine 'tensorrt'"):
+        Predictor(data / "model", device="cpu", engine="tensorrt")
+    assert Predictor(data / "model", device="cpu").engine == "torch"  # auto, without exports
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny_cnn package inside a run, exported to ONNX fp32 and int8 (checked on the run's validation images)."""
+    from alnus.export import export_package
+    from tests.test_export import trained_run
+
+    run = trained_run(tmp_path_factory.mktemp("exported"))
+    package = run / "models" / "tiny_cnn" / "model"
+    export_package(package, "onnx")
+    export_package(package, "onnx-int8")
+    return package
+
+
+def test_the_engines_give_the_torch_probabilities_and_say_which_ran(exported: Path, data: Path) -> None:
+    images = [str(data / "export" / n) for n in GOOD]
+    table = collect_inputs(images)
+    torch_fp32 = Predictor(exported, device="cpu", precision="fp32", engine="torch").predict_inputs(table)
+    onnx = Predictor(exported, device="cpu", engine="onnx", batch_size=3)
+    assert onnx.engine == "onnx" and onnx.engine_description == "onnx (onnxruntime, cpu)"
+    got = onnx.predict_inputs(table)
+    np.testing.assert_allclose(got["prob"], torch_fp32["prob"], atol=1e-4)
+    assert set(got["engine"]) == {"onnx"} and np.ptp(got["prob"]) > 1e-3
+
+    auto = Predictor(exported, device="cpu")  # the fastest export that passed its parity check
+    assert auto.engine == "onnx-int8"
+    np.testing.assert_allclose(auto.predict_inputs(table)["prob"], torch_fp32["prob"], atol=0.05)
+    assert Predictor(exported, device="cpu", compile=False, engine="torch").engine == "torch"
+
+    code, stdout, stderr = _predict(str(exported), *images, "--engine", "onnx")
+    assert code == 0 and set(_csv(stdout)["engine"]) == {"onnx"}
+    assert "engine: onnx (onnxruntime, cpu)" in " ".join(stderr.split())
+    np.testing.assert_allclose(_csv(stdout)["prob"].astype(float), got["prob"], rtol=1e-6)
