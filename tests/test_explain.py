@@ -490,6 +490,9 @@ def test_alnus_explain_writes_overlays_and_an_index(tiny_run: Path) -> None:
     assert all(int(c) == expected[im] for im, c in zip(index["image"], index["call"], strict=True))
     y, call = index["y"].to_numpy(), index["call"].to_numpy()
     assert ((index["outcome"] == "TP") == ((y == 1) & (call == 1))).all()
+    # Another method replaces the split's maps, and says so (new-user review: it used to do it silently).
+    other = runner.invoke(app, ["explain", str(tiny_run), "--n", "2", "--device", "cpu", "--method", "eigencam"])
+    assert other.exit_code == 0 and "replacing the gradcam heat maps" in " ".join(other.output.split())
     # A smaller second call leaves no overlay of the first behind.
     assert runner.invoke(app, ["explain", str(tiny_run), "--n", "2", "--device", "cpu"]).exit_code == 0
     assert len(list(folder.glob("*.png"))) == 2 and len(pd.read_csv(folder / "index.csv")) == 2

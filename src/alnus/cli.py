@@ -795,18 +795,35 @@ def explain(
     model: Annotated[list[str] | None, typer.Option("--model", help="Explain this backbone only (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Heat maps of where each model looked: overlays on the original images, with index.csv, under heatmaps/."""
+    """Heat maps of where each model looked: overlays on the original images, with index.csv, under heatmaps/.
+
+    A split keeps the heat maps of its latest call: another method replaces the earlier one's maps there (the
+    report shows the maps that are there)."""
+    import pandas as pd
+
     from alnus.explain import explain_run
     from alnus.runfolder import RunFolder, lock_run, run_models
 
     if not run.is_dir():
         raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
+
+    def methods_there(name: str) -> set[str]:
+        index = RunFolder(run).heatmaps_for(name, split) / "index.csv"
+        try:
+            return set(pd.read_csv(index, dtype=str, keep_default_na=False).get("method", pd.Series(dtype=str)))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return set()
+
     with lock_run(run, command="alnus explain"):
+        before = {name: methods_there(name) for name in run_models(run, model or [])}
         explain_run(run, models=model, split=split, n=n, method=method, device=device)
     for name in run_models(run, model or []):
         folder = RunFolder(run).heatmaps_for(name, split)
+        replaced = sorted(before.get(name, set()) - {method, ""})
+        note = f" (replacing the {', '.join(replaced)} heat maps that were there)" if replaced else ""
         console.print(
-            f"[green]{escape(name)}[/green]: {escape(method)} heat maps of {escape(split)} -> {escape(str(folder))}",
+            f"[green]{escape(name)}[/green]: {escape(method)} heat maps of {escape(split)} -> {escape(str(folder))}"
+            f"{escape(note)}",
             highlight=False,
         )
 
