@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "alnus.models.package": 3,
     "alnus.config": 4,
     "alnus.readers": 5,
+    "alnus.combine": 5,
     "alnus.train": 5,
     "alnus.predict": 5,
     "alnus.evaluate": 5,

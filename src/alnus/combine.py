@@ -1,0 +1,121 @@
+"""AI + radiologist: one score from the model's probability and the radiologist's BI-RADS category.
+
+The clinical question after "does the model beat the radiologist?" is "does the radiologist do better with the
+model?". The combined score is a logistic regression of the outcome on the model's logit and the reader's ordinal
+BI-RADS score (`alnus.readers.birads_score`), fitted on the development validation cases only and applied unchanged
+to the tests, as the model's own threshold is. Its operating point is chosen on validation too: the threshold at
+which it matches the reader's validation sensitivity, so that a McNemar test on a test set compares specificities at
+(nearly) the same sensitivity. Comparisons with the reader alone: DeLong for the AUCs, exact McNemar for the calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from alnus import stats
+from alnus.errors import AlnusError
+
+# Probabilities are clipped this far from 0 and 1 before the logit (a network can output exactly 0 or 1 in fp32).
+_EPS = 1e-6
+
+
+class CombineError(AlnusError):
+    """Cases that a combined score cannot be fitted or compared on; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Combination:
+    """A fitted AI + radiologist score: P(positive) = sigmoid(intercept + a * logit(model) + b * BI-RADS score)."""
+
+    intercept: float
+    model_coef: float
+    reader_coef: float
+    n_cases: int
+    n_positive: int
+
+    def score(self, prob: object, birads_score: object) -> np.ndarray:
+        """The combined probability of each case from its model probability and reader's ordinal BI-RADS score."""
+        x = _design(prob, birads_score)
+        z = self.intercept + x @ np.array([self.model_coef, self.reader_coef])
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _logit(prob: object) -> np.ndarray:
+    p = np.clip(np.asarray(prob, dtype=float), _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def _design(prob: object, birads_score: object) -> np.ndarray:
+    p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
+    if p.shape != b.shape or p.ndim != 1:
+        raise CombineError(f"model probabilities and BI-RADS scores must be two 1-D arrays of one length: {p.shape}, "
+                           f"{b.shape}.")  # fmt: skip
+    if not (np.isfinite(p).all() and np.isfinite(b).all()):
+        raise CombineError("every case needs a model probability and a BI-RADS reading (missing values found).")
+    return np.column_stack([_logit(p), b])
+
+
+def fit_combination(y: object, prob: object, birads_score: object) -> Combination:
+    """Fit the combined score on (validation) cases: labels 0/1, model probabilities, ordinal BI-RADS scores.
+
+    Unpenalised maximum likelihood (scikit-learn's logistic regression without a penalty): the two coefficients say
+    how much each source counts, on their own scales.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    yb = np.asarray(y).astype(int)
+    x = _design(prob, birads_score)
+    if yb.shape != (len(x),):
+        raise CombineError(f"got {yb.size} labels for {len(x)} cases.")
+    n_pos = int(yb.sum())
+    if n_pos == 0 or n_pos == len(yb):
+        raise CombineError(f"the combined score needs positive and negative cases to fit; got {n_pos} of {len(yb)}.")
+    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(x, yb)  # C = inf: no penalty
+    return Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos)
+
+
+def matched_threshold(y: object, score: object, sensitivity: float) -> float:
+    """The highest threshold at which `score` reaches at least `sensitivity` on these (validation) cases."""
+    yb = np.asarray(y).astype(bool)
+    s = np.asarray(score, dtype=float)
+    positives = np.sort(s[yb])[::-1]
+    if positives.size == 0:
+        raise CombineError("a sensitivity needs positive cases.")
+    if not 0 <= sensitivity <= 1:
+        raise CombineError(f"sensitivity must be in [0, 1], got {sensitivity}.")
+    k = max(1, int(np.ceil(sensitivity * positives.size - 1e-9)))
+    return float(positives[k - 1])
+
+
+def compare_with_reader(
+    y: object, combined: object, reader_score: object, reader_call: object, threshold: float, alpha: float = 0.05
+) -> dict[str, Any]:
+    """The combined score against the reader alone on the same (test) cases.
+
+    Returns the AUC of each with its DeLong CI, their paired DeLong difference, and the calls of the combined score
+    at `threshold` against the reader's calls: sensitivity and specificity of each, exact McNemar tests.
+    """
+    yb = np.asarray(y).astype(int)
+    c, r = np.asarray(combined, dtype=float), np.asarray(reader_score, dtype=float)
+    calls_c = (c >= threshold).astype(int)
+    calls_r = np.asarray(reader_call).astype(int)
+    diff = stats.delong_test(yb, c, r, alpha=alpha)
+    out: dict[str, Any] = {
+        "n": int(yb.size), "n_positive": int(yb.sum()), "threshold": float(threshold),
+        "auc_combined": asdict(stats.auc_ci(yb, c, alpha=alpha)),
+        "auc_reader": asdict(stats.auc_ci(yb, r, alpha=alpha)),
+        "auc_difference": {"estimate": diff.estimate, "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p": diff.p,
+                           "method": diff.method},
+    }  # fmt: skip
+    for name, subset in (("sensitivity", "positives"), ("specificity", "negatives")):
+        test = stats.mcnemar_test(yb, calls_c, calls_r, subset=subset, alpha=alpha)
+        out[name] = {"combined": test.prop_a, "reader": test.prop_b, "difference": test.estimate,
+                     "ci_low": test.ci_low, "ci_high": test.ci_high, "p": test.p,
+                     "method": "exact McNemar"}  # fmt: skip
+    return out
