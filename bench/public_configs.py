@@ -98,7 +98,11 @@ def _row(config: Configuration) -> dict[str, object] | None:
             "external AUC": _auc(ext),
             "external sens / spec": "" if ext is None else f"{100 * ext.sensitivity:.1f} / {100 * ext.specificity:.1f}",
         }
-    row["wall (min)"] = f"{wall['seconds'] / 60:.0f}" if "seconds" in wall else "?"
+    # Training time from each model's history.csv (a rerun that reuses the model does not train again).
+    epochs = [pd.read_csv(h) for h in sorted((run / "models").glob("*/history.csv"))]
+    trained = sum(float(h["seconds"].sum()) for h in epochs if "seconds" in h.columns)
+    row["training (min)"] = f"{trained / 60:.0f}" if epochs else "?"
+    row["last study run (min)"] = f"{wall['seconds'] / 60:.0f}" if "seconds" in wall else "?"
     return row
 
 
@@ -120,7 +124,9 @@ def table_section() -> str:
         "frozen on the validation patients. Selection uses the **val AUC column only** (BUS-BRA validation "
         "patients); the external columns are shown for every configuration so that the selection is visible.",
         f"Updated {dt.date.today().isoformat()}; hardware: {_cpu()}, {len(os.sched_getaffinity(0))} cores, no GPU "
-        "(the wall time is per configuration, whole study; other jobs shared the machine for some of them).",
+        "(training: the sum of the epochs' times in history.csv; last study run: the wall time of the latest "
+        "`run_study` of that configuration, short when it reused a trained model; other jobs shared the machine for "
+        "some of them, and the base run was paused for about ten minutes while it trained).",
         "",
         _markdown(pd.DataFrame(rows)) if rows else "(no configuration finished yet)",
     ]
