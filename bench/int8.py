@@ -425,7 +425,7 @@ def render_speed(run: dict[str, Any]) -> list[str]:
             f"- {r['name']}: ORT int8 is {ips['ORT int8'] / best_ours:.2f}x our best bf16 path "
             f"({'ours+compile' if ips.get('ours+compile', 0) >= ips['ours'] else 'ours'}) and "
             f"{ips['ORT int8'] / ips['ORT fp32']:.2f}x ORT fp32; ORT fp32 is {ips['ORT fp32'] / ips['ours']:.2f}x ours "
-            "(eager, what `alnus predict` runs by default)."
+            "(eager bf16; `alnus predict` runs ONNX fp32 when exported, else PyTorch fp32)."
         )
     for r in results:
         if r["name"] in GOALS:

@@ -457,8 +457,8 @@ def predict_run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     precision: Annotated[
-        str | None, typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision).")
-    ] = None,
+        str, typer.Option(help="fp32 (the reference the study's results are measured in), auto, bf16 or fp16.")
+    ] = "fp32",
     compile: Annotated[
         bool,
         typer.Option(
@@ -469,8 +469,8 @@ def predict_run(
 ) -> None:
     """The study's stage: predicts the run's val/internal/external splits (new images: `alnus predict`).
 
-    Each model of the run predicts with the run's settings (precision and decoding limit from its config.yaml) and
-    writes models/<backbone>/predictions/. For new images use `alnus predict PACKAGE INPUT...`.
+    Each model of the run predicts in fp32 with the run's decoding limit (from its config.yaml) and writes
+    models/<backbone>/predictions/. For new images use `alnus predict PACKAGE INPUT...`.
     """
     from alnus.config import read_resolved_config
     from alnus.predict import predict_run as predict_run_folder
@@ -485,7 +485,7 @@ def predict_run(
             models=model,
             device=device,
             batch_size=batch_size,
-            precision=precision or cfg.train.precision,
+            precision=precision,
             compile=compile,
             max_pixels=cfg.data.max_image_pixels,
         )
@@ -528,7 +528,14 @@ def _output_format(fmt: str | None, out: Path | None) -> str:
             raise AlnusError(f"--format {fmt!r} is not one of {', '.join(_FORMATS)}.")
         return fmt
     if out is not None:
-        return _FORMAT_OF_SUFFIX.get(out.suffix.lower(), "csv")
+        suffix = out.suffix.lower()
+        if suffix not in _FORMAT_OF_SUFFIX:
+            # An .xlsx (say) holding CSV would mislead whoever opens it: ask for a known ending or a --format.
+            raise AlnusError(
+                f"--out {out}: the ending {suffix or '(none)'} names no format; use .csv, .json/.jsonl or .txt, or "
+                "give --format csv|json|table."
+            )
+        return _FORMAT_OF_SUFFIX[suffix]
     return "table" if sys.stdout.isatty() else "csv"
 
 
@@ -551,6 +558,9 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
     from rich.text import Text
 
     shown = result.drop(columns=["engine"])
+    # On a terminal the file name tells the rows apart; the full path is in --out / CSV / JSON.
+    if "image" in shown.columns:
+        shown = shown.assign(image=[Path(str(p)).name if not pd.isna(p) else p for p in shown["image"]])
     table = Table(title=title)
     for column in shown.columns:
         table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left")
@@ -673,7 +683,7 @@ def predict(
     engine: Annotated[
         str,
         typer.Option(
-            help="auto (the package's fastest export that passed its parity check, else torch), torch, onnx or "
+            help="auto (the package's ONNX fp32 export when it passed its parity check, else torch), torch, onnx or "
             "onnx-int8 (written by `alnus export`)."
         ),
     ] = "auto",
@@ -944,7 +954,10 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     engine: Annotated[
         str,
-        typer.Option(help="auto (the package's fastest checked export), torch, onnx or onnx-int8; heat maps: torch."),
+        typer.Option(
+            help="auto (the package's checked ONNX fp32 export, else torch), torch, onnx or onnx-int8 "
+            "(asked for by name only); heat maps: torch."
+        ),
     ] = "auto",
     compile: Annotated[
         bool,

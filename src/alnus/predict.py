@@ -83,14 +83,18 @@ class Predictor:
         package_dir: a folder written by `alnus.models.package.save_package`.
         device: `auto`, `cpu`, `cuda` or `cuda:N`.
         batch_size: images per forward pass.
-        precision: `auto` (bf16 autocast + channels_last where the hardware supports it, see
-            `alnus._hardware.choose_precision`), `fp32`, `bf16` or `fp16`.
+        precision: `fp32` (default: the reference that the study's results, the frozen threshold and every export
+            are measured in), or `auto` (bf16 autocast + channels_last where the hardware supports it, see
+            `alnus._hardware.choose_precision`), `bf16`, `fp16`: faster, but bf16 moved probabilities of the
+            real-data model by up to 0.2 against fp32, enough to change calls near the threshold.
         compile: `torch.compile` the model with frozen weights (batch norm folded into the convolutions): faster
             per image after a one-off compilation per model and batch shape, so it pays off only on large image
             sets (measured by bench/throughput.py; the numbers are in docs/performance.md).
         engine: `torch`, `onnx` or `onnx-int8` (an export written by `alnus export`, CPU only), or `auto`: on the
-            CPU the fastest export of the package that passed its parity check (`alnus.export.available_engines`),
-            else torch. The PyTorch model is loaded in every case (heat maps need it). `engine` names the one used.
+            CPU the ONNX fp32 export when the package has one that passed its parity check (it reproduces the
+            study's fp32 probabilities to 1e-4), else torch. int8 is used only when asked for by name: it keeps the
+            AUC but moves single probabilities (by up to 0.33 on the real-data model), so calls near the threshold
+            can change. The PyTorch model is loaded in every case (heat maps need it). `engine` names the one used.
     """
 
     def __init__(
@@ -99,7 +103,7 @@ class Predictor:
         *,
         device: str | torch.device = "auto",
         batch_size: int = 32,
-        precision: str = "auto",
+        precision: str = "fp32",
         compile: bool = False,
         max_pixels: int | None = None,
         engine: str = "auto",
@@ -131,14 +135,15 @@ class Predictor:
         self.engine = self._start_engine(engine)
 
     def _start_engine(self, engine: str) -> str:
-        """Load the asked engine (or, for `auto`, the fastest the package has) and return its name."""
+        """Load the asked engine (or, for `auto`, the ONNX fp32 export when there is one) and return its name."""
         if engine == "torch" or (engine == "auto" and (self.device.type != "cpu" or self.compiled)):
             return "torch"
         from alnus.export import OnnxEngine, available_engines
 
         available = available_engines(self.package_dir)
         if engine == "auto":
-            engine = available[0]
+            # Only engines that reproduce the study's probabilities: int8 must be asked for by name.
+            engine = next(e for e in available if e != "onnx-int8")
             if engine == "torch":
                 return engine
         elif self.device.type != "cpu":
@@ -456,7 +461,7 @@ def predict_run(
     splits: Sequence[str] = SPLITS,
     device: str = "auto",
     batch_size: int = 32,
-    precision: str = "auto",
+    precision: str = "fp32",
     compile: bool = False,
     max_pixels: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -470,7 +475,8 @@ def predict_run(
     weights it trained), never on an ONNX export of them.
 
     Args:
-        precision: see `Predictor`; the study passes its `train.precision`, so prediction runs as training did.
+        precision: see `Predictor`; the study predicts in fp32, the reference every engine is checked against
+            (training may run in bf16; its validation AUC only picks the best epoch).
         compile: see `Predictor`.
         max_pixels: decoding limit per image (the study passes its `data.max_image_pixels`).
         progress: called as `progress(f"{model} {split}", done, total)` while images are decoded.

@@ -230,7 +230,7 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
             run_dir,
             models=cfg.models,
             device=cfg.train.device,
-            precision=cfg.train.precision,
+            precision="fp32",  # the reference: thresholds and results that every engine and export must reproduce
             max_pixels=cfg.data.max_image_pixels,
         )
         metrics = evaluate_run(run_dir, models=cfg.models)

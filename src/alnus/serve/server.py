@@ -87,8 +87,8 @@ def build_server(
         max_upload_mb: the largest request body, in MB (10^6 bytes).
         timeout_s: the longest a prediction may wait and run.
         heatmap: whether heat maps can be asked for (they cost a backward pass).
-        engine: the probabilities' engine (`alnus.predict.Predictor`): `auto` is the package's fastest export that
-            passed its parity check; heat maps always come from the PyTorch network.
+        engine: the probabilities' engine (`alnus.predict.Predictor`): `auto` is the package's ONNX fp32 export
+            when it passed its parity check, else PyTorch fp32; heat maps always come from the PyTorch network.
         compile: `torch.compile` the network with frozen weights (`alnus.predict.Predictor`): faster per image,
             after compiling at start (the warm-up compiles every batch shape the worker will use).
         max_pixels: the decoding limit per image (`alnus.data.images.load_image`).

@@ -183,7 +183,7 @@ def _applied_here(point: dict[str, Any]) -> str:
     return (
         f"The threshold was frozen per {level} (the {point['aggregate']} probability of a {level}'s images); here it "
         f"is applied to this one image as if it were the {level}'s only image. To combine several images of a "
-        f"{level}, predict them together with the alnus predict command and their {level} ids."
+        f"{level}, ask for them to be predicted together (the command-line tool takes a {level} id per image)."
     )
 
 

@@ -302,7 +302,8 @@
 
   function showResult(result) {
     say("positive-label", result.positive_label);
-    say("probability", result.probability.toFixed(3) + " (" + (100 * result.probability).toFixed(1) + "%)");
+    // A model output, not a calibrated risk: shown as a number, not as a percentage.
+    say("probability", result.probability.toFixed(3));
     if (result.call === null) {
       say("call", "none");
       say("threshold", "");
@@ -323,6 +324,8 @@
     }
     show("no-result", false);
     show("result", true);
+    // The result sits below the image on a laptop screen: bring it into view.
+    $("result").scrollIntoView({ block: "start", behavior: "smooth" });
   }
 
   function failed(error) {
