@@ -215,6 +215,20 @@ def test_a_changed_onnx_file_is_refused(quantized: tuple[Path, dict, list[str]],
     _rewrite(package, lambda m: m["exports"]["onnx"].update(sha256=export._sha256(crafted)))
     with pytest.raises(ExportError, match="external data"):
         OnnxEngine(package, "onnx")
+    # The same hidden in a sparse initializer's values (attack review: it read a file from the working directory).
+    model = onnx.load_model_from_string(crafted)
+    first = model.graph.initializer[0]
+    first.CopyFrom(onnx.numpy_helper.from_array(np.zeros(1, np.float32), first.name))  # no longer external
+    values = onnx.TensorProto(name="leak_values", data_type=onnx.TensorProto.UINT8, dims=[64])
+    values.data_location = onnx.TensorProto.EXTERNAL
+    values.external_data.add(key="location", value="token.txt")
+    indices = onnx.numpy_helper.from_array(np.arange(64, dtype=np.int64), "leak_indices")
+    model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, [64]))
+    crafted = model.SerializeToString()
+    (package / "model.onnx").write_bytes(crafted)
+    _rewrite(package, lambda m: m["exports"]["onnx"].update(sha256=export._sha256(crafted)))
+    with pytest.raises(ExportError, match="external data"):
+        OnnxEngine(package, "onnx")
     with pytest.raises(ExportError, match=r"has no onnx export; export it: alnus export"):
         _rewrite(package, lambda m: m["exports"].pop("onnx"))
         OnnxEngine(package, "onnx")

@@ -113,6 +113,20 @@ def test_json_lines_and_out_files_parse(data: Path, tmp_path: Path) -> None:
     with pytest.raises(AlnusError, match=r"the ending \.xlsx names no format"):
         _predict(model, images[0], "--out", str(tmp_path / "preds.xlsx"))
     assert not (tmp_path / "preds.xlsx").exists()
+    # A device, FIFO, link or folder at --out is refused before anything is predicted (attack review: they were
+    # replaced by a regular file), and --heatmaps must be a folder.
+    import os
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "preds.csv")
+    for target in (fifo, link, tmp_path):
+        with pytest.raises(AlnusError, match="is not a regular file"):
+            _predict(model, images[0], "--out", str(target), "--format", "csv")
+    assert fifo.exists() and not fifo.is_file() and link.is_symlink()
+    with pytest.raises(AlnusError, match="--heatmaps .* is a file"):
+        _predict(model, images[0], "--heatmaps", str(tmp_path / "preds.csv"))
 
 
 def test_patients_are_aggregated_as_the_threshold_was_frozen(data: Path, tmp_path: Path) -> None:

@@ -521,6 +521,18 @@ def _refuse_run_folder(package: Path) -> None:
         )
 
 
+def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
+    """--out must name a regular file (or a new one) in an existing folder and --heatmaps a folder, checked before
+    any image is predicted: a device, FIFO or link there would be replaced, and a late failure loses the results."""
+    if out is not None:
+        if out.is_symlink() or (out.exists() and not out.is_file()):
+            raise AlnusError(f"--out {out} is not a regular file (a folder, device, FIFO or link); name a file.")
+        if not out.parent.is_dir():
+            raise AlnusError(f"--out {out}: the folder {out.parent} does not exist; create it or name another.")
+    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
+        raise AlnusError(f"--heatmaps {heatmaps} is a file, not a folder; name a folder (it is created if missing).")
+
+
 def _output_format(fmt: str | None, out: Path | None) -> str:
     """--format, else from --out's suffix, else a table on a terminal and CSV when stdout is piped."""
     if fmt is not None:
@@ -705,6 +717,7 @@ def predict(
 
     _refuse_run_folder(package)
     fmt = _output_format(fmt, out)
+    _check_targets(out, heatmaps)
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []]}
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)

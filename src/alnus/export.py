@@ -582,6 +582,28 @@ def read_export(package_dir: str | os.PathLike[str], kind: str) -> tuple[bytes, 
     return graph, record, meta
 
 
+def _every_tensor(graph: Any) -> tuple[list[Any], bool]:
+    """Every TensorProto a graph holds (initializers, sparse initializers' values and indices, and node attributes
+    of every kind), and whether any node carries a subgraph: external data can hide in any of them (attack review:
+    a sparse initializer's values read a file from the working directory)."""
+    tensors = [*graph.initializer]
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    subgraphs = False
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                tensors.append(attribute.t)
+            tensors += list(attribute.tensors)
+            if attribute.HasField("sparse_tensor"):
+                tensors += [attribute.sparse_tensor.values, attribute.sparse_tensor.indices]
+            for sparse in attribute.sparse_tensors:
+                tensors += [sparse.values, sparse.indices]
+            subgraphs = subgraphs or attribute.HasField("g") or len(attribute.graphs) > 0
+        subgraphs = subgraphs or node.op_type in ("If", "Loop", "Scan")
+    return tensors, subgraphs
+
+
 def check_graph(graph: bytes, size: int, where: str) -> None:
     """Refuse a graph that is not a plain export of ours: external data (a path to read), operator domains other
     than the standard ones and onnxruntime's (custom ops), or inputs and outputs other than ours."""
@@ -597,9 +619,8 @@ def check_graph(graph: bytes, size: int, where: str) -> None:
     foreign = sorted(domains - _ALLOWED_DOMAINS)
     if foreign or model.functions:
         raise ExportError(f"{where} uses operators outside the standard set ({foreign or 'functions'}); not loaded")
-    tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
-    subgraphs = any(n.op_type in ("If", "Loop", "Scan") for n in model.graph.node)
-    if subgraphs or any(uses_external_data(t) for t in tensors):
+    tensors, subgraphs = _every_tensor(model.graph)
+    if subgraphs or any(uses_external_data(t) or t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
         raise ExportError(f"{where} refers to external data or holds subgraphs; an alnus export has neither")
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
@@ -636,7 +657,18 @@ class OnnxEngine:
             )
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.float32)
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32, copy=False)
+        try:
+            out = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, RuntimeException, ...)
+            raise ExportError(
+                f"the {self.kind} export of {self.package_dir} failed at run time ({type(exc).__name__}); export it "
+                "again, or predict with --engine torch"
+            ) from None
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != (x.shape[0],) or not np.isfinite(out).all():
+            raise ExportError(f"the {self.kind} export of {self.package_dir} gave no probability per image; export "
+                              "it again, or predict with --engine torch")  # fmt: skip
+        return out
 
     def __repr__(self) -> str:
         return f"OnnxEngine({str(self.package_dir)!r}, {self.kind!r}, threads={self.threads})"

@@ -479,3 +479,17 @@ def test_predictions_queued_while_the_worker_is_busy_share_one_forward_pass(pack
         alone = real([images[k]], rows=[{"roi": format_box(BOX)}])[0]
         assert answers[k].json()["probability"] == pytest.approx(float(alone), abs=1e-5)
     assert len({round(answers[k].json()["probability"], 6) for k in range(4)}) == 4  # a mix-up would show
+
+
+def test_a_static_path_cannot_forge_log_lines(package: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Attack review of issue 9: /static/ paths were logged as sent (URL-decoded), so a newline forged a record."""
+    caplog.set_level(logging.INFO)
+    service = ModelService(predictor_of(package), Settings(work_dir=tmp_path / "uploads"))
+    app = create_app(service, Access(token=TOKEN, source="test"))
+    forged = "/static/x%0A2026-12-02 INFO alnus.serve: POST /v1/predict 200 FORGED%1B%5B31m"
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        http.get(forged)
+        assert http.get("/static/app.js").status_code == 200
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("alnus")]
+    assert not any("FORGED" in line or "\n" in line or "\x1b" in line for line in logged), logged
+    assert any("/static/(other file)" in line for line in logged) and any("/static/app.js" in line for line in logged)

@@ -44,6 +44,7 @@ from alnus.serve.uploads import ACCEPTED, ApiError, limit_body, new_upload_folde
 logger = logging.getLogger("alnus.serve")
 
 STATIC_DIR = Path(str(resources.files("alnus.serve") / "static"))
+_STATIC_FILES = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
 MB = 1_000_000
 DEFAULT_MAX_UPLOAD_MB = 50
 # Form fields a request may send besides the file (roi, heatmap); each a short text.
@@ -131,7 +132,9 @@ class _Guard:
                 return
             await self.app(scope, receive, send_with_headers)
         finally:
-            route = path if path in ROUTES or static else "(other path)"
+            # Only known names reach the log: a static path is a request's own text (it could forge log lines).
+            known_static = static and path.removeprefix("/static/") in _STATIC_FILES
+            route = path if path in ROUTES or known_static else "/static/(other file)" if static else "(other path)"
             elapsed = (time.perf_counter() - started) * 1000
             logger.info("%s %s %s %.1f ms", scope.get("method", "?"), route, status or "-", elapsed)
 
