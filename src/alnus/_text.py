@@ -15,7 +15,8 @@ _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def no_bidi(text: object) -> str:
-    """`text` with its bidirectional control characters shown as `\\uXXXX` (for HTML, Markdown and figures)."""
+    """`text` with its bidirectional control characters shown as code points, e.g. `\\u202e` (for HTML, Markdown
+    and figures)."""
     return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text))
 
 
