@@ -493,3 +493,26 @@ def test_a_static_path_cannot_forge_log_lines(package: Path, tmp_path: Path, cap
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("alnus")]
     assert not any("FORGED" in line or "\n" in line or "\x1b" in line for line in logged), logged
     assert any("/static/(other file)" in line for line in logged) and any("/static/app.js" in line for line in logged)
+
+
+def test_an_upload_that_does_not_arrive_in_time_is_a_408(package: Path, tmp_path: Path) -> None:
+    """Attack review of issue 9: a body declared but sent slowly held its request forever; the per-request timeout
+    covers reading the upload too."""
+    import socket
+    import time
+
+    service = ModelService(predictor_of(package), Settings(work_dir=tmp_path / "uploads", timeout_s=1.0))
+    app = create_app(service, Access(token=TOKEN, source="test"))
+    with LiveServer(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n"
+        )
+        started = time.monotonic()
+        conn.sendall(head.encode())
+        answer = conn.recv(4096).decode(errors="replace")
+        waited = time.monotonic() - started
+        while "did not arrive" not in answer and (more := conn.recv(4096)):
+            answer += more.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert "did not arrive within" in answer and waited < 8

@@ -156,7 +156,9 @@ def _text_field(form: Any, name: str) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def _upload(request: Request, max_upload_bytes: int, work_dir: Path | None) -> AsyncIterator[tuple[Path, Any]]:
+async def _upload(
+    request: Request, max_upload_bytes: int, work_dir: Path | None, timeout_s: float | None = None
+) -> AsyncIterator[tuple[Path, Any]]:
     """Read a multipart body within the size limit and copy its `image` file into a private folder; yield the copy's
     path and the form. The folder is the caller's to remove once done with the copy; it is removed here on failure."""
     content_type = request.headers.get("content-type", "")
@@ -167,7 +169,8 @@ async def _upload(request: Request, max_upload_bytes: int, work_dir: Path | None
             f"{content_type.split(';')[0][:60]!r}).",
         )
     limited = Request(
-        request.scope, limit_body(request.receive, max_upload_bytes, request.headers.get("content-length"))
+        request.scope,
+        limit_body(request.receive, max_upload_bytes, request.headers.get("content-length"), timeout_s),
     )
     async with limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES) as form:
         upload = form.get("image")
@@ -184,6 +187,7 @@ async def _upload(request: Request, max_upload_bytes: int, work_dir: Path | None
 
 def create_app(service: ModelService, access: Access, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB) -> Any:
     """The FastAPI app of a loaded model service; `access` decides who gets in (token or insecure-local)."""
+    upload_settings = (service.settings.work_dir, service.settings.timeout_s)
     if max_upload_bytes < 1:
         raise AlnusError(f"the upload limit must be above 0 bytes, got {max_upload_bytes}.")
     app = FastAPI(
@@ -244,14 +248,14 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
     @app.post("/v1/preview", summary="The decoded image, to draw the lesion box on", openapi_extra=_PREVIEW_BODY,
               dependencies=[Depends(authorised)])  # fmt: skip
     async def preview(request: Request) -> JSONResponse:
-        async with _upload(request, max_upload_bytes, service.settings.work_dir) as (path, _):
+        async with _upload(request, max_upload_bytes, *upload_settings) as (path, _):
             pass
         return JSONResponse(await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
 
     @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map of one image",
               openapi_extra=_PREDICT_BODY, dependencies=[Depends(authorised)])  # fmt: skip
     async def predict(request: Request) -> JSONResponse:
-        async with _upload(request, max_upload_bytes, service.settings.work_dir) as (path, form):
+        async with _upload(request, max_upload_bytes, *upload_settings) as (path, form):
             roi = _text_field(form, "roi")
             wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
             if wanted and not service.settings.heatmap:

@@ -10,9 +10,11 @@ not trusted): PNG, JPEG, BMP, TIFF and DICOM Part 10 are accepted, anything else
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,10 @@ def what_it_is(head: bytes) -> str:
     return "a file of an unknown kind"
 
 
-def limit_body(receive: Receive, limit: int, declared: str | None) -> Receive:
+def limit_body(receive: Receive, limit: int, declared: str | None, timeout_s: float | None = None) -> Receive:
     """`receive` that refuses (413) a body over `limit` bytes: at once when its Content-Length says so, else as
-    soon as the bytes read pass the limit (chunked bodies), before more is read."""
+    soon as the bytes read pass the limit (chunked bodies), before more is read; and (408) a body that has not
+    arrived within `timeout_s` seconds of the first read (a slow upload would otherwise hold its request forever)."""
     too_large = (
         f"the request body is larger than the limit of {limit / 1e6:g} MB; send a smaller image "
         "(the service's --max-upload-mb sets the limit)."
@@ -89,10 +92,21 @@ def limit_body(receive: Receive, limit: int, declared: str | None) -> Receive:
         if length > limit:
             raise ApiError(413, too_large)
     received = 0
+    deadline: float | None = None
 
     async def limited() -> Message:
-        nonlocal received
-        message = await receive()
+        nonlocal received, deadline
+        if timeout_s is None:
+            message = await receive()
+        else:
+            now = time.monotonic()
+            deadline = now + timeout_s if deadline is None else deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - now))
+            except TimeoutError:
+                raise ApiError(
+                    408, f"the upload did not arrive within the service's timeout of {timeout_s:g} s; send it again."
+                ) from None
         if message.get("type") == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
