@@ -197,9 +197,10 @@ def test_the_service_refuses_to_start_without_a_token_or_with_an_unsafe_one(tmp_
         resolve_access(host="0.0.0.0", token_file=None, insecure_local=False, environ={"ALNUS_TOKEN": "short"})
     token_file = tmp_path / "token.txt"
     token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o644)
-    with pytest.raises(ServeError, match="chmod 600"):
-        read_token_file(token_file)
+    for loose in (0o644, 0o660):  # readable by all; writable by the group (attack review: 660 was accepted)
+        token_file.chmod(loose)
+        with pytest.raises(ServeError, match="chmod 600"):
+            read_token_file(token_file)
     token_file.chmod(0o640)  # a group may hold the service's secrets
     access = resolve_access(host="0.0.0.0", token_file=token_file, insecure_local=False, environ={"ALNUS_TOKEN": "x"})
     assert access.allows(f"Bearer {TOKEN}") and TOKEN not in repr(access) and "token file" in access.source

@@ -101,16 +101,17 @@ def check_token(token: str, where: str) -> str:
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
-    """The token in `path`: a regular file, not readable or writable by every user, holding one decent token."""
+    """The token in `path`: a regular file, not readable or writable by every user nor writable by its group (a
+    group may read it, to share the service's secrets), holding one decent token."""
     path = Path(path)
     problem = file_problem(path)
     if problem is not None:
         raise ServeError(f"token file {path} {problem}; make one with: {MAKE_TOKEN}")
     mode = path.stat().st_mode
-    if os.name == "posix" and mode & (stat.S_IROTH | stat.S_IWOTH):
+    if os.name == "posix" and mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
         raise ServeError(
-            f"token file {path} can be read or written by every user of this machine (mode {stat.S_IMODE(mode):o}), "
-            f"so any of them could use or replace the token; restrict it: chmod 600 {path}"
+            f"token file {path} can be read or written by every user, or written by its group, on this machine (mode "
+            f"{stat.S_IMODE(mode):o}), so they could use or replace the token; restrict it: chmod 600 {path}"
         )
     if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
         raise ServeError(f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes; it should hold one token.")
