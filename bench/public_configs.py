@@ -59,9 +59,15 @@ CONFIGURATIONS = (
     Configuration(
         "paper_cnns",
         "the paper's Inception V3, Inception-ResNet V2, ResNet-101: random init (offline), 128 px, 3 epochs",
-        ("models=[inception_v3,inception_resnet_v2,resnet101]", "train.weights=none", "preprocess.size=128",
-         "train.epochs=3", "train.head_epochs=0", "train.lr=1e-3"),
-    ),  # fmt: skip
+        (
+            "models=[inception_v3,inception_resnet_v2,resnet101]",
+            "train.weights=none",
+            "preprocess.size=128",
+            "train.epochs=3",
+            "train.head_epochs=0",
+            "train.lr=1e-3",
+        ),  # fmt: skip
+    ),
 )
 WALL_FILE = "bench_wall.json"
 
@@ -113,6 +119,21 @@ def _rows(config: Configuration) -> list[dict[str, object]]:
         }
         rows.append(row)
     return rows
+
+
+def rows_of(name: str) -> list[dict[str, object]]:
+    """The table rows of the configuration called `name` (empty until its run has finished)."""
+    return _rows(next(c for c in CONFIGURATIONS if c.name == name))
+
+
+def training_seconds(name: str) -> float:
+    """Training time of a configuration's models: the sum of their epochs' times in history.csv."""
+    config = next(c for c in CONFIGURATIONS if c.name == name)
+    total = 0.0
+    for history in (REPO / "runs" / config.run_name / "models").glob("*/history.csv"):
+        epochs = pd.read_csv(history)
+        total += float(epochs["seconds"].sum()) if "seconds" in epochs.columns else 0.0
+    return total
 
 
 def _training_minutes(history: Path) -> str:

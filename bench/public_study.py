@@ -62,8 +62,6 @@ def _training_minutes(run_dir: Path) -> str:
 
 
 def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrides: list[str]) -> str:
-    from alnus.evaluate import results_table
-
     # Paths of the machine that ran it are shown relative to the repository (docs hold no machine paths).
     config = (run_dir / "config.yaml").read_text(encoding="utf-8").replace(f"{REPO}{os.sep}", "")
     report = pd.read_csv(run_dir / "split_report.csv")
@@ -84,6 +82,17 @@ def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrid
         f"Excluded rows: {len(exclusions)} ({'; '.join(sorted(set(exclusions['reason'])) or ['none'])}).",
         "",
     ]
+    out += _results_section(metrics)
+    out += _figures(run_dir)
+    out += ["", "<details><summary>Resolved config</summary>", "", "```yaml", config.strip(), "```", "</details>"]
+    return "\n".join(out)
+
+
+def _results_section(metrics: dict) -> list[str]:
+    """Paper-style tables per patient and per image, the frozen thresholds, and each model against the readers."""
+    from alnus.evaluate import results_table
+
+    out: list[str] = []
     for level in ("patient", "image"):
         table = results_table(metrics, level).drop(columns=["level"])
         out += [f"### Results per {level} (95% CIs; proportions % (k/n; Clopper-Pearson CI))", _markdown(table), ""]
@@ -114,27 +123,27 @@ def _section(run_dir: Path, metrics: dict, command: str, seconds: float, overrid
                 "",
                 f"Note: {found.get('note') or ''}",
             ]
-    out += _figures(run_dir)
-    out += ["", "<details><summary>Resolved config</summary>", "", "```yaml", config.strip(), "```", "</details>"]
-    return "\n".join(out)
+    return out
 
 
-def _figures(run_dir: Path) -> list[str]:
-    """Copy the run's flow diagram and test-split ROC figures to docs/img (small PNGs) and link them."""
+def _figures(run_dir: Path, *, prefix: str = "public", models: list[str] | None = None, flow: bool = True) -> list[str]:
+    """Copy the run's flow diagram and test-split ROC figures (of `models`, default all) to docs/img as
+    `<prefix>_<figure>.png` and link them."""
     import shutil
 
     from alnus.report.figures import read_figures_index
 
     tests = ("internal_test", "external_test")
     wanted = [f for f in read_figures_index(run_dir)
-              if f.name == "flow" or (f.section == "roc" and f.model and f.split in tests)]  # fmt: skip
+              if (flow and f.name == "flow") or (f.section == "roc" and f.model and f.split in tests
+                                      and (models is None or f.model in models))]  # fmt: skip
     if not wanted:
         return []
     img = REPO / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
     out = ["", "### Figures (from the run's report)"]
     for figure in wanted:
-        target = img / f"public_{figure.name}.png"
+        target = img / f"{prefix}_{figure.name}.png"
         shutil.copyfile(figure.path, target)
         out += ["", f"![{figure.name}](img/{target.name})", "", f"*{figure.caption}*"]
     run = run_dir.relative_to(REPO)
