@@ -1,0 +1,155 @@
+"""Ship a trained model package under models/ (issue 10.6), checked against the study's fp32 predictions.
+
+The package of a run (`runs/<run>/models/<model>/model`, a single model or an ensemble) is copied, ONNX exports left
+out (`alnus export` writes them again from the shipped copy). With `--dtype auto` (default) every
+`weights.safetensors` is first stored in float16 (half the size; the network still runs in fp32: the weights are
+widened when loaded) and its SHA-256 values updated. The copy is run on every image of the run's validation,
+internal and external test splits and compared with the study's fp32 predictions of the original: a copy whose
+probabilities move by more than `--max-diff`, or whose calls at the frozen threshold change (image or patient level),
+is not shipped; `auto` then ships the float32 weights (which must reproduce the study exactly). The check's numbers
+go into the model card (`README.md`, section "Shipped copy") and `parity.json`; models/<name> is replaced
+atomically.
+
+    .venv/bin/python bench/ship_model.py runs/public_final/models/seeds/model --name breast-us-malignancy
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from public_study import REPO, _cpu
+
+SPLITS = ("val", "internal_test", "external_test")
+LEAVE_OUT = ("model.onnx", "model-int8.onnx")  # exports are rewritten from the shipped copy by `alnus export`
+MAX_BYTES = 50 * 1024 * 1024  # the repository stays lean (issue 10.6)
+
+
+def _half_weights(package: Path) -> None:
+    """Store every weights.safetensors under `package` in float16 and update the SHA-256 values that name them."""
+    from safetensors.torch import load_file, save_file
+
+    from alnus._io import atomic_write_text, file_sha256
+
+    metadata_files = sorted(package.rglob("metadata.json"), key=lambda p: len(p.parts), reverse=True)
+    for meta_path in metadata_files:  # members first, then the ensemble that lists them
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        weights = meta_path.parent / "weights.safetensors"
+        if weights.is_file():
+            tensors = load_file(weights)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, weights)
+            meta["weights_sha256"] = file_sha256(weights)
+            meta["weights_dtype"] = "float16"
+        for member in meta.get("members", []):
+            member_meta = json.loads((meta_path.parent / member["folder"] / "metadata.json").read_text("utf-8"))
+            member["weights_sha256"] = member_meta["weights_sha256"]
+        meta.pop("exports", None)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+
+
+def _parity(shipped: Path, source: Path, run: Path, model: str) -> dict[str, object]:
+    """Predict the run's splits with the shipped copy; compare with the study's fp32 predictions of `source`."""
+    from alnus.evaluate import aggregate_predictions, read_predictions
+    from alnus.predict import Predictor
+    from alnus.runfolder import read_splits
+
+    predictor = Predictor(shipped, device="cpu", engine="torch")
+    reference = read_predictions(run, model)
+    splits = read_splits(run)
+    point = predictor.operating_point
+    assert point is not None, f"{source} has no frozen threshold: evaluate the run first"
+    found: dict[str, object] = {"threshold": point["value"], "level": point["level"]}
+    worst, image_changes, patient_changes, n = 0.0, 0, 0, 0
+    for split in SPLITS:
+        rows = splits[splits["split"] == split]
+        if rows.empty:
+            continue
+        new = predictor.predict_table(rows, run)
+        old = reference[split]
+        merged = old.merge(new[["image", "prob"]], on="image", suffixes=("", "_shipped"), validate="one_to_one")
+        diff = np.abs(merged["prob"].to_numpy() - merged["prob_shipped"].to_numpy())
+        worst = max(worst, float(diff.max()))
+        t = point["value"]
+        image_changes += int(((merged["prob"] >= t) != (merged["prob_shipped"] >= t)).sum())
+        a = aggregate_predictions(old, "patient", point["aggregate"])
+        b = aggregate_predictions(merged.assign(prob=merged["prob_shipped"]), "patient", point["aggregate"])
+        patient_changes += int(((a["prob"].to_numpy() >= t) != (b["prob"].to_numpy() >= t)).sum())
+        n += len(merged)
+    found |= {"images": n, "max_abs_diff": worst, "image_calls_changed": image_changes,
+              "patient_calls_changed": patient_changes}  # fmt: skip
+    return found
+
+
+def _card_section(found: dict[str, object], source: str) -> str:
+    return "\n".join([
+        "",
+        "## Shipped copy",
+        "",
+        f"This folder is the model of `{source}` "
+        f"(copied on {dt.date.today().isoformat()}) with its weights stored in {found['weights_dtype']} (the network "
+        "runs in fp32; float16 weights are widened when loaded, and are shipped only when they pass this check).",
+        f"Checked on the {found['images']} validation, internal and external test images of the study: largest "
+        f"probability difference against the study's fp32 predictions {found['max_abs_diff']:.2e}; calls changed at "
+        f"the frozen threshold: {found['image_calls_changed']} images, {found['patient_calls_changed']} patients "
+        f"(checked on {_cpu()}).",
+        "",
+        "What it is validated for: the malignancy (benign vs malignant) of a breast lesion in a box drawn by a "
+        "sonographer on a B-mode ultrasound image, trained on BUS-BRA (Brazil) and tested on BrEaST-Lesions-USG "
+        "(Poland); **not** axillary lymph node status, which no public dataset offers. Research use only.",
+        "",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("package", type=Path, help="runs/<run>/models/<model>/model")
+    parser.add_argument("--name", default="breast-us-malignancy", help="folder under models/")
+    parser.add_argument("--max-diff", type=float, default=1e-3, help="largest probability change allowed")
+    parser.add_argument("--dtype", choices=("auto", "float16", "float32"), default="auto",
+                        help="weights stored as; auto: float16 when it passes the check, else float32")  # fmt: skip
+    args = parser.parse_args(argv)
+    source = args.package.resolve()
+    run, model = source.parents[2], source.parent.name
+    target = REPO / "models" / args.name
+    target.parent.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{args.name}.") as tmp:
+        for dtype in ("float16", "float32") if args.dtype == "auto" else (args.dtype,):
+            shipped = Path(tmp) / dtype / args.name
+            shutil.copytree(source, shipped, ignore=shutil.ignore_patterns(*LEAVE_OUT), symlinks=False)
+            if dtype == "float16":
+                _half_weights(shipped)
+            found = {"weights_dtype": dtype, **_parity(shipped, source, run, model)}
+            print(json.dumps(found, indent=2))
+            if (
+                found["max_abs_diff"] <= args.max_diff
+                and not found["image_calls_changed"] + found["patient_calls_changed"]
+            ):
+                break
+            print(f"{dtype} copy does not reproduce {source} (limit {args.max_diff})", file=sys.stderr)
+        else:
+            print("refused: no copy reproduces the study's predictions", file=sys.stderr)
+            return 1
+        card = shipped / "README.md"
+        relative = source.relative_to(REPO) if source.is_relative_to(REPO) else source
+        card.write_text(card.read_text(encoding="utf-8") + _card_section(found, str(relative)), encoding="utf-8")
+        size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
+        if size > MAX_BYTES:
+            print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)
+            return 1
+        (shipped / "parity.json").write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
+        old = Path(tmp) / "previous"  # the earlier shipped copy, removed with the temporary folder
+        if target.exists():
+            target.rename(old)
+        shipped.rename(target)
+    print(f"shipped {relative} -> {target.relative_to(REPO)} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
