@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from public_study import REPO, _cpu
 
 SPLITS = ("val", "internal_test", "external_test")
@@ -86,6 +87,21 @@ def _parity(shipped: Path, source: Path, run: Path, model: str) -> dict[str, obj
     return found
 
 
+def _examples(shipped: Path, run: Path, data: Path, per_label: int = 4) -> pd.DataFrame:
+    """A few external test images with the shipped copy's probability on this machine: `tests/test_shipped_model.py`
+    checks that a fresh clone reproduces them (the images stay in the data folder; paths are relative to it)."""
+    from alnus.predict import Predictor
+    from alnus.runfolder import read_splits
+
+    splits = read_splits(run)
+    external = splits[splits["split"] == "external_test"].sort_values("image")
+    rows = pd.concat([group.head(per_label) for _, group in external.groupby("label")])
+    probs = Predictor(shipped, device="cpu", engine="torch").predict_table(rows, run)["prob"].to_numpy()
+    images = [(run / image).resolve().relative_to(data.resolve()).as_posix() for image in rows["image"]]
+    return pd.DataFrame({"image": images, "roi": rows["roi"].to_numpy(), "label": rows["label"].to_numpy(),
+                         "prob": probs})  # fmt: skip
+
+
 def _card_section(found: dict[str, object], source: str) -> str:
     return "\n".join([
         "",
@@ -103,6 +119,9 @@ def _card_section(found: dict[str, object], source: str) -> str:
         "sonographer on a B-mode ultrasound image, trained on BUS-BRA (Brazil) and tested on BrEaST-Lesions-USG "
         "(Poland); **not** axillary lymph node status, which no public dataset offers. Research use only.",
         "",
+        "Training data: BUS-BRA (Gómez-Flores W, Gregorio-Calas MJ, Coelho de Albuquerque Pereira W. Medical Physics "
+        "2024;51(4):3110-3123, doi:10.1002/mp.16812); its licence notice is in DATA-LICENCE-BUS-BRA.txt.",
+        "",
     ])  # fmt: skip
 
 
@@ -110,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("package", type=Path, help="runs/<run>/models/<model>/model")
     parser.add_argument("--name", default="breast-us-malignancy", help="folder under models/")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="holds BUS-BRA/")
     parser.add_argument("--max-diff", type=float, default=1e-3, help="largest probability change allowed")
     parser.add_argument("--dtype", choices=("auto", "float16", "float32"), default="auto",
                         help="weights stored as; auto: float16 when it passes the check, else float32")  # fmt: skip
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("refused: no copy reproduces the study's predictions", file=sys.stderr)
             return 1
+        # BUS-BRA's licence asks that its copyright and permission notice travel with what is derived from it.
+        shutil.copyfile(args.data / "BUS-BRA" / "source_meta" / "LICENSE.txt", shipped / "DATA-LICENCE-BUS-BRA.txt")
         card = shipped / "README.md"
         relative = source.relative_to(REPO) if source.is_relative_to(REPO) else source
         card.write_text(card.read_text(encoding="utf-8") + _card_section(found, str(relative)), encoding="utf-8")
@@ -142,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)
             return 1
+        _examples(shipped, run, args.data).to_csv(shipped / "examples.csv", index=False)
         (shipped / "parity.json").write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
         old = Path(tmp) / "previous"  # the earlier shipped copy, removed with the temporary folder
         if target.exists():
