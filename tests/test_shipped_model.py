@@ -1,0 +1,71 @@
+"""The model shipped under models/ (issue 10.6): it loads on a fresh clone, predicts a lesion box from the command
+line, says what it is validated for, keeps the repository lean, and reproduces its recorded probabilities on real
+images (bench/ship_model.py wrote them, with the paths of those images inside ../shared/data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from alnus.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.parent for p in (REPO / "models").glob("*/metadata.json"))
+runner = CliRunner()
+pytestmark = pytest.mark.skipif(not SHIPPED, reason="no model package under models/ (bench/ship_model.py writes one)")
+
+
+@pytest.fixture(params=SHIPPED, ids=[p.name for p in SHIPPED])
+def package(request: pytest.FixtureRequest) -> Path:
+    return request.param
+
+
+def test_models_folder_stays_lean() -> None:
+    size = sum(p.stat().st_size for p in (REPO / "models").rglob("*") if p.is_file())
+    assert size < 50 * 1024 * 1024, f"models/ holds {size / 2**20:.1f} MiB"
+
+
+def test_shipped_package_is_frozen_and_says_what_it_is_validated_for(package: Path) -> None:
+    meta = json.loads((package / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["threshold"] is not None, "evaluate froze the operating point on validation before shipping"
+    assert meta["positive_label"] == "malignant"
+    card = (package / "README.md").read_text(encoding="utf-8")
+    assert "not** axillary lymph node status" in card and "Research use only" in card
+    assert (package / "DATA-LICENCE-BUS-BRA.txt").read_text(encoding="utf-8").startswith("Copyright")
+    parity = json.loads((package / "parity.json").read_text(encoding="utf-8"))
+    assert parity["image_calls_changed"] == 0 and parity["patient_calls_changed"] == 0
+    assert parity["max_abs_diff"] <= 1e-3
+
+
+def test_predict_with_a_box_works_from_the_shipped_folder(package: Path, tmp_path: Path) -> None:
+    """What README tells a new user to run: `alnus predict models/<name> IMAGE --roi x,y,w,h`."""
+    yy, xx = np.mgrid[0:300, 0:400]
+    rng = np.random.default_rng(0)
+    image = 90 + 25 * rng.standard_normal((300, 400))
+    image[((xx - 200) / 60) ** 2 + ((yy - 150) / 40) ** 2 < 1] = 30  # a dark, oval "lesion"
+    path = tmp_path / "lesion.png"
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+    result = runner.invoke(app, ["predict", str(package), str(path), "--roi", "130,100,140,100", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert len(records) == 1 and 0.0 <= records[0]["prob"] <= 1.0
+    assert records[0]["prediction"] in ("malignant", "benign") and records[0]["call"] in (0, 1)
+    result = runner.invoke(app, ["predict", str(package), str(path), "--format", "json"])
+    assert result.exit_code == 1 and "box" in result.output.lower(), "a package trained on boxes needs one"
+
+
+@pytest.mark.realdata
+def test_shipped_model_reproduces_its_recorded_probabilities_on_real_images(package: Path, shared_data: Path) -> None:
+    from alnus.predict import Predictor
+
+    examples = pd.read_csv(package / "examples.csv", dtype={"roi": str})
+    assert set(examples["label"]) == {"benign", "malignant"}
+    rows = examples.assign(image=[str(shared_data / image) for image in examples["image"]])
+    probs = Predictor(package, device="cpu", engine="torch").predict_table(rows, shared_data)["prob"].to_numpy()
+    np.testing.assert_allclose(probs, examples["prob"].to_numpy(), atol=1e-4)
