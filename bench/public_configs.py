@@ -6,8 +6,9 @@ the base configuration is runs/public itself) on the same patient split (the spl
 the highest validation AUC per patient (BUS-BRA validation patients) is chosen; the external test (BrEaST) is
 scored for every finished configuration and shown beside it, so the selection is visible, but never used to choose.
 
-Runs go one at a time (two trainings at once on 2 cores are several times slower); a finished run is reused, an
-interrupted one resumes. Wall time per configuration is kept in its run folder (`bench_wall.json`). The table goes to
+Runs go one at a time (two trainings at once on 2 cores are several times slower); a finished run is reused as it
+is (`--rerun` predicts, evaluates and reports it again), an interrupted one resumes. Wall time per configuration is
+kept in its run folder (`bench_wall.json`). The table goes to
 docs/results.md between the public-configurations markers.
 
     nohup .venv/bin/python bench/public_configs.py > public_configs.log 2>&1 &      # all, in order
@@ -72,12 +73,16 @@ CONFIGURATIONS = (
 WALL_FILE = "bench_wall.json"
 
 
-def _run_one(config: Configuration) -> None:
+def _run_one(config: Configuration, *, rerun: bool = False) -> None:
     from alnus.config import load_config
-    from alnus.study import run_study
+    from alnus.study import run_study, trained_package
 
     overrides = [f"name={config.run_name}", *config.overrides]
     cfg = load_config(REPO / "configs" / "public.yaml", overrides)
+    finished = (cfg.run_dir / "metrics.json").is_file() and all(trained_package(cfg, m) for m in cfg.models)
+    if finished and not rerun:
+        print(f"{config.name}: finished earlier (runs/{config.run_name}); reused (--rerun evaluates it again)")
+        return
     started = time.perf_counter()
     run_study(cfg)
     seconds = time.perf_counter() - started
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated configuration names (default: all, in order)")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the finished runs")
     parser.add_argument("--list", action="store_true", help="list the configurations and stop")
+    parser.add_argument("--rerun", action="store_true", help="predict, evaluate and report finished runs again")
     args = parser.parse_args(argv)
     if args.list:
         for c in CONFIGURATIONS:
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         public_manifest(args.data)
         for name in names:
             print(f"=== {name}: {known[name].change}", flush=True)
-            _run_one(known[name])
+            _run_one(known[name], rerun=args.rerun)
             write_section(path, "public-configurations", table_section(), title="# Results")
     write_section(path, "public-configurations", table_section(), title="# Results")
     print(table_section())
