@@ -143,3 +143,16 @@ def test_labels_must_name_exactly_two_classes(tmp_path):
     """Attack review: a third label in data.labels was scored as negative without a word."""
     with pytest.raises(ConfigError, match="exactly two distinct labels"):
         load_config(_write(tmp_path), ["data.labels=[negative, positive, unknown]"])
+
+
+def test_the_config_key_preprocess_tta_is_checked_and_does_not_change_the_weights_settings() -> None:
+    """Issue 10.3: `preprocess.tta` (default []) names views of `alnus.data.tta`; it is not a weights setting."""
+    from alnus.config import config_from_dict
+
+    base = {"name": "x", "data": {"manifest": "m.csv"}, "train": {"weights": "none"}}
+    cfg = config_from_dict({**base, "preprocess": {"tta": ["hflip"]}})
+    assert cfg.preprocess.tta == ["hflip"] and config_from_dict(base).preprocess.tta == []
+    # TTA acts at prediction only: a trained model is packaged again, never trained again, when the views change.
+    assert training_settings(cfg) == training_settings(config_from_dict(base))
+    with pytest.raises(ConfigError, match=r"preprocess\.tta lists unknown view\(s\) 'flip'; allowed: hflip"):
+        config_from_dict({**base, "preprocess": {"tta": ["flip"]}}, where="study.yaml")

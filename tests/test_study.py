@@ -57,6 +57,9 @@ def test_a_finished_model_is_reused_for_the_same_settings_and_data(studied: tupl
     assert trained_package(moved, "tiny_cnn") is not None
     # Another training setting is another model.
     assert trained_package(load_config(config, ["train.epochs=3"]), "tiny_cnn") is None
+    # Other TTA views predict differently: the package is written again (from the finished checkpoints), while the
+    # settings that change the weights stay the same (issue 10.3).
+    assert trained_package(load_config(config, ["preprocess.tta=[hflip]"]), "tiny_cnn") is None
 
 
 def test_a_missing_manifest_is_a_clear_error_and_leaves_no_run_folder(tmp_path: Path) -> None:

@@ -433,6 +433,7 @@ def test_package_and_model_folder_record_the_full_training_settings(phantom, tmp
     assert meta["training"]["train"] == dataclasses.asdict(cfg.train)
     assert meta["training"]["data"]["manifest"] == cfg.data.manifest
     assert meta["training"]["preprocess"] == dataclasses.asdict(cfg.preprocess)
+    assert meta["tta"] == cfg.preprocess.tta == [] and meta["format_version"] == 2  # issue 10.3: no TTA asked for
     assert meta["training"]["evaluate"]["level"] == "patient" == meta["selection"]["level"]
     assert load_config(result.model_dir / "config.yaml") == cfg
     assert "torch" in yaml.safe_load((result.model_dir / "env.json").read_text())

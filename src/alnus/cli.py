@@ -729,6 +729,8 @@ def predict(
         result = predictor.predict_inputs(table, progress=progress)
     if heatmaps is not None:
         result.insert(result.columns.get_loc("engine"), "heatmap", _write_heatmaps(predictor, table, result, heatmaps))
+        if predictor.heatmap_note:
+            _note(f"heat maps: {predictor.heatmap_note}")
     title = escape(f"P({predictor.positive_label}) from {package}")
     if out is not None:
         from alnus._io import atomic_write_text
@@ -849,6 +851,13 @@ def explain(
             f"{escape(note)}",
             highlight=False,
         )
+        # How an ensemble's or a TTA package's maps were made (also in index.csv and the report).
+        try:
+            notes = pd.read_csv(folder / "index.csv", dtype=str, keep_default_na=False).get("note", pd.Series())
+        except (OSError, ValueError, UnicodeDecodeError):
+            notes = pd.Series(dtype=str)
+        for text in dict.fromkeys(n for n in notes if n):
+            console.print(f"  [yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 _THRESHOLD_STATUS = {
@@ -941,6 +950,62 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     console.print(
         f"[green]Wrote[/green] {escape(str(run_folder.metrics))} and {escape(str(run_folder.tables))}/",
         highlight=False,
+    )
+
+
+@app.command("ensemble")
+def ensemble(
+    run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, whose trained models are combined.")],
+    name: Annotated[
+        str, typer.Option("--name", help="The ensemble's model folder name in the run (models/NAME), e.g. ens_lite.")
+    ],
+    member: Annotated[
+        list[Path],
+        typer.Option(
+            "--member",
+            help="A member's package folder, e.g. runs/<name>/models/efficientnet_lite0/model (repeatable; one "
+            "member with --tta is the base model plus TTA).",
+        ),
+    ],
+    tta: Annotated[
+        str | None,
+        typer.Option(help="Test-time augmentation views, comma-separated: hflip, zoom0.9, zoom1.1 (default: none)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier ensemble of this name.")] = False,
+) -> None:
+    """Combine models trained in this run into one more model of the run: the mean of the members' probabilities.
+
+    Each member must have been trained on exactly this run's training patients (checked by its training-data hash).
+    Then `alnus predict-run RUN --model NAME`, `alnus evaluate RUN` (freezes its threshold on validation) and
+    `alnus report RUN` treat it as any model; `alnus predict` and `alnus serve` take its package folder.
+    """
+    from alnus.data.tta import all_views
+    from alnus.ensemble import build_ensemble
+
+    if not run.is_dir():
+        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
+    built = build_ensemble(run, name, member, tta=_labels(tta) or [], force=force)
+    meta = built.metadata
+    views = f"; TTA: mean over {', '.join(all_views(meta['tta']))}" if meta["tta"] else ""
+    console.print(
+        f"[green]Wrote[/green] {escape(str(built.package))}: {escape(meta['backbone'])}{escape(views)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for i, record in enumerate(meta["members"], start=1):
+        console.print(
+            f"  member {i}: {escape(record['backbone'])} from {escape(record['source'])} (trained on this run's "
+            "training patients: training-data hash checked)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for note in built.notes:
+        _note(note)
+    console.print(
+        f"Next: alnus predict-run {escape(str(run))} --model {escape(name)}, then alnus evaluate {escape(str(run))} "
+        "(freezes its threshold on validation) and alnus report.",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -58,6 +58,9 @@ class PreprocessConfig:
     roi: Literal["box", "mask", "whole"] = "whole"
     margin: float = 0.15
     keep_aspect: bool = True
+    # Test-time augmentation views (`alnus.data.tta.VIEWS`, e.g. [hflip]) averaged with the unaugmented input when the
+    # packages predict; written into each model package. They change predictions, not the trained weights.
+    tta: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -259,9 +262,12 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     # The manifest's path is left out: a moved manifest trains the same model. Its contents count, through the
     # run's data hash (`alnus.train.model_settings`).
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_FREE_KEYS}
+    # TTA views act at prediction only: a package whose views differ is packaged again, not retrained
+    # (`alnus.study.trained_package`), and a checkpoint resumes whatever the views.
+    preprocess = {k: v for k, v in dataclasses.asdict(cfg.preprocess).items() if k != "tta"}
     return {
         "data": data,
-        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "preprocess": preprocess,
         "train": train,
     }
 
@@ -374,6 +380,12 @@ def _check(cfg: Config, where: str) -> None:
         fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
     if not 0 <= pre.margin <= 2:
         fail("preprocess.margin", f"{pre.margin} must be in 0..2 (a fraction of the box added on each side)")
+    from alnus.data.tta import TtaError, check_views
+
+    try:
+        check_views(pre.tta, f"{where}: preprocess.tta")
+    except TtaError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         parse_weights(train.weights)
     except WeightsError as exc:

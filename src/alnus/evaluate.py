@@ -673,8 +673,8 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     """The prediction tables of one model, checked against the package and splits.csv.
 
     Raises EvaluateError when `predictions.json` is missing (predicting did not finish) or names other weights
-    than the package's (the model was retrained after predicting), when the validation predictions are missing,
-    when a split of splits.csv has no predictions, or when a table's images differ from the split's.
+    (or TTA views) than the package's (the model was retrained after predicting), when the validation predictions
+    are missing, when a split of splits.csv has no predictions, or when a table's images differ from the split's.
     """
     from alnus.models.package import read_metadata
 
@@ -687,13 +687,19 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
         # predict_run removes the stamp before writing and writes it last: no stamp, no complete predictions.
         raise EvaluateError(f"{stamp} not found: the predictions of model {model} are missing or incomplete; {again}.")
     try:
-        recorded = json.loads(stamp.read_text(encoding="utf-8")).get("weights_sha256")
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        recorded_sha, recorded_tta = recorded.get("weights_sha256"), recorded.get("tta", [])
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise EvaluateError(f"{stamp} is damaged (not a JSON object); {again}.") from None
-    current = read_metadata(where.package)["weights_sha256"]
-    if recorded != current:
+    meta = read_metadata(where.package)
+    if recorded_sha != meta["weights_sha256"]:
         raise EvaluateError(
             f"{folder} holds predictions of other weights than {where.package} (the model was trained again); {again}."
+        )
+    if recorded_tta != meta["tta"]:
+        raise EvaluateError(
+            f"{folder} holds predictions made with TTA views {recorded_tta}, but {where.package} now lists "
+            f"{meta['tta']}; {again}."
         )
     expected = _split_rows(run_dir)
     wanted = [s for s in SPLITS if expected is None or s in expected]

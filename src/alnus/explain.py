@@ -46,7 +46,7 @@ METHODS = ("gradcam", "gradcam++", "eigencam", "scorecam")
 GRADIENT_METHODS = frozenset({"gradcam", "gradcam++"})
 OUTCOMES = ("TP", "FP", "FN", "TN")
 INDEX_COLUMNS = ("image", "patient_id", "label", "y", "prob", "call", "outcome", "method", "png", "energy_in_roi",
-                 "gaussian_in_roi", "random_in_roi")  # fmt: skip
+                 "gaussian_in_roi", "random_in_roi", "note")  # fmt: skip
 # Overlays wider than this are scaled down: they are looked at in a report, not measured.
 OVERLAY_WIDTH = 512
 _HEAT_ALPHA = 0.5
@@ -219,7 +219,8 @@ class Explanation:
     `crop_box` and `lesion_box` are (x, y, w, h) in pixels of the original image; `lesion_mask` is a bool (H, W) array
     when the row has a mask. `prob` is the model's probability of the positive class for this image. What the network
     saw is kept too: `input_image` (uint8 (size, size)), `input_heatmap` (the map at that size) and `input_box`, where
-    the crop sits in it (top, left, height, width); the rest is letterbox padding.
+    the crop sits in it (top, left, height, width); the rest is letterbox padding. `note` says how the map was made
+    when that is not one network's map of the image (an ensemble, TTA; empty otherwise).
     """
 
     name: str
@@ -233,6 +234,7 @@ class Explanation:
     input_image: np.ndarray
     input_heatmap: np.ndarray
     input_box: tuple[int, int, int, int]
+    note: str = ""
 
     @property
     def lesion_region(self) -> np.ndarray | None:
@@ -454,16 +456,26 @@ def _lesion(
     return box, mask
 
 
-def _prepare(
-    row: Mapping[str, str], root: Path, spec: PreprocessSpec, max_pixels: int | None, where: str
-) -> tuple[np.ndarray, np.ndarray, Box, tuple[int, int, int, int]]:
-    """Decode a row's image; return it, the network's uint8 input, the crop box and where the crop sits in it."""
-    image = load_image(root / row["image"], frame=parse_frame(row.get("frame", "")), max_pixels=max_pixels)
+def _decode(row: Mapping[str, str], root: Path, max_pixels: int | None) -> np.ndarray:
+    return load_image(root / row["image"], frame=parse_frame(row.get("frame", "")), max_pixels=max_pixels)
+
+
+def _network_input(
+    image: np.ndarray, row: Mapping[str, str], root: Path, spec: PreprocessSpec, max_pixels: int | None
+) -> tuple[np.ndarray, Box, tuple[int, int, int, int]]:
+    """The network's uint8 input of a decoded image, the crop box in the image and where the crop sits in the input."""
     height, width = image.shape
     crop_box = roi_box(row, root, image.shape, spec.roi, max_pixels=max_pixels) or (0, 0, width, height)
     x = preprocess(image, row, root, spec, max_pixels=max_pixels)
     input_box = letterbox_box((crop_box[3], crop_box[2]), spec.size, keep_aspect=spec.keep_aspect)
-    return image, x, crop_box, input_box
+    return x, crop_box, input_box
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    """The smallest box (x, y, w, h) holding every box."""
+    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    right, bottom = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return (left, top, right - left, bottom - top)
 
 
 def explain_images(
@@ -479,6 +491,12 @@ def explain_images(
 ) -> list[Explanation]:
     """Heat maps of manifest-like rows (`image`, and `roi`/`mask`/`frame` where known), on their original images.
 
+    Each network of the package is explained on its own input (an ensemble's members with their own preprocessing);
+    members that share one preprocessing have their maps averaged at the input, others on the original image (the
+    crop box is then the smallest box holding every member's crop, and `input_*` are member 1's). The maps are of the
+    unaugmented image (TTA views are not explained); `prob` is the package's probability, TTA included, and `note`
+    says how the map was made (`Predictor.heatmap_note`).
+
     Args:
         source: a model package folder, or a loaded `alnus.predict.Predictor` (its preprocessing is used).
         root: the folder relative image and mask paths are resolved against.
@@ -488,37 +506,54 @@ def explain_images(
     predictor = _as_predictor(source, device, batch_size)
     limit = predictor.max_pixels if max_pixels is None else max_pixels
     root = Path(root)
+    networks = predictor.networks
+    specs = list(dict.fromkeys(network.spec for network in networks))
+    note = predictor.heatmap_note or ""
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in rows.to_dict("records")]
     explanations: list[Explanation] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        prepared, lesions = [], []
+        images, lesions, inputs = [], [], []
         for offset, row in enumerate(chunk):
             where = f"row {start + offset + 1} (image {row.get('image', '?')!r})"
             try:
-                prepared.append(_prepare(row, root, predictor.spec, limit, where))
-                lesions.append(_lesion(row, root, prepared[-1][0].shape, limit, where))
+                images.append(_decode(row, root, limit))
+                lesions.append(_lesion(row, root, images[-1].shape, limit, where))
+                inputs.append({spec: _network_input(images[-1], row, root, spec, limit) for spec in specs})
             except (AlnusError, ValueError) as exc:
                 raise ExplainError(f"{where}: {exc}") from exc
-        batch = torch.stack([_to_tensor(p[1]) for p in prepared])
-        maps = heatmaps(predictor.model, batch, method=method, layer=layer, batch_size=batch_size)
-        probs = predictor.predict_batch(batch)
-        for row, (image, x, crop_box, input_box), (box, mask), heat, prob in zip(
-            chunk, prepared, lesions, maps, probs, strict=True
-        ):
+        batches = {spec: torch.stack([_to_tensor(item[spec][0]) for item in inputs]) for spec in specs}
+        maps = [
+            heatmaps(network.model, batches[network.spec], method=method, layer=layer, batch_size=batch_size)
+            for network in networks
+        ]
+        probs = predictor.predict_members([batches[network.spec] for network in networks])
+        for k, (row, image, (box, mask), prob) in enumerate(zip(chunk, images, lesions, probs, strict=True)):
+            first = inputs[k][networks[0].spec]
+            if len(specs) == 1:
+                input_heat = np.mean([m[k] for m in maps], axis=0)
+                heat, crop_box = heatmap_to_image(input_heat, first[1], first[2], image.shape), first[1]
+            else:
+                on_image = [
+                    heatmap_to_image(m[k], inputs[k][n.spec][1], inputs[k][n.spec][2], image.shape)
+                    for n, m in zip(networks, maps, strict=True)
+                ]
+                heat, input_heat = np.mean(on_image, axis=0), maps[0][k]
+                crop_box = _union([inputs[k][spec][1] for spec in specs])
             explanations.append(
                 Explanation(
                     name=row["image"],
                     image=image,
-                    heatmap=heatmap_to_image(heat, crop_box, input_box, image.shape),
+                    heatmap=heat.astype(np.float32),
                     crop_box=crop_box,
                     lesion_box=box,
                     lesion_mask=mask,
                     prob=float(prob),
                     method=method,
-                    input_image=x,
-                    input_heatmap=heat,
-                    input_box=input_box,
+                    input_image=first[0],
+                    input_heatmap=np.asarray(input_heat, dtype=np.float32),
+                    input_box=first[2],
+                    note=note,
                 )
             )
     return explanations
@@ -570,6 +605,8 @@ def _predictions(run_dir: Path, model: str, split: str, predictor: Predictor) ->
         raise ExplainError(f"{where.predictions_stamp} is missing or damaged ({exc}); {again}.") from None
     if not isinstance(stamp, dict) or stamp.get("weights_sha256") != predictor.metadata["weights_sha256"]:
         raise ExplainError(f"{where.predictions} holds predictions of other weights than {where.package}; {again}.")
+    if stamp.get("tta", []) != predictor.tta:
+        raise ExplainError(f"{where.predictions} holds predictions of other TTA views than {where.package}; {again}.")
     path = where.predictions_csv(split)
     if not path.is_file():
         raise ExplainError(f"{path} not found: model {model} has no {split} predictions (the split may be empty).")
@@ -639,6 +676,7 @@ def _explain_model(run_dir: Path, model: str, split: str, n: int, method: str, d
             None if e.lesion_region is None else energy_share(b[name], e.lesion_region)
             for e, b in zip(explanations, baselines, strict=True)
         ]
+    index["note"] = [e.note for e in explanations]
     final = run.heatmaps_for(model, split)
     run.output_folder(final.parent)  # refuses a symlinked heatmaps/ or heatmaps/<model> (nothing written through it)
     if final.is_symlink():
@@ -690,7 +728,8 @@ def explain_run(
     TN, the most confident first). Each folder holds one PNG per image and `index.csv` (`INDEX_COLUMNS`; `png` is
     relative to the folder, `energy_in_roi` the share of heat inside the lesion mask, else its box (and
     `gaussian_in_roi`, `random_in_roi` the same for a centred Gaussian and a random map over the crop), empty when
-    neither is known). The caller holds the run's lock (`alnus.runfolder.lock_run`). Returns `runs/<name>/heatmaps`.
+    neither is known; `note` how an ensemble's or a TTA package's map was made). The caller holds the run's lock
+    (`alnus.runfolder.lock_run`). Returns `runs/<name>/heatmaps`.
     """
     run_dir = Path(run_dir)
     _cam_class(method)

@@ -49,7 +49,7 @@ from torch import nn
 from alnus._io import NotAFileError, atomic_write_bytes, file_problem, open_regular
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
 from alnus.errors import AlnusError
-from alnus.models.package import EXPORT_FILES, METADATA_FILE, load_package, read_metadata, record_export
+from alnus.models.package import EXPORT_FILES, METADATA_FILE, is_ensemble, load_package, read_metadata, record_export
 from alnus.runfolder import RunFolder, lock_run, read_splits
 
 # The engines prediction can run on: PyTorch (always) and the exports a package may hold.
@@ -441,8 +441,9 @@ def export_package(
         raise ExportError(f"unknown export format {kind!r}; choose {', '.join(EXPORTS)}")
     if method != "auto" and method not in CALIBRATION_METHODS:
         raise ExportError(f"calibration method {method!r} unknown; choose auto, {', '.join(CALIBRATION_METHODS)}")
-    _require_onnx()
     package = Path(package_dir)
+    _refuse_ensemble(package, kind)
+    _require_onnx()
     with _package_lock(package):
         model, meta = load_package(package)
         size = int(meta["preprocess"]["size"])
@@ -463,6 +464,20 @@ def export_package(
         atomic_write_bytes(package / EXPORT_FILES[kind], graph)
         record_export(package, kind, record)
     return record
+
+
+def _refuse_ensemble(package: Path, kind: str) -> None:
+    """An ensemble is several networks, not one graph: each member is exported from its own package, before building."""
+    meta = read_metadata(package)
+    if not is_ensemble(meta):
+        return
+    sources = ", ".join(str(m["source"]) for m in meta["members"])
+    raise ExportError(
+        f"{package} is an ensemble ({meta['backbone']}); an export is one network's graph, so an ensemble is not "
+        f"exported as one. Export each member's own package ({sources}) with `alnus export PKG --format {kind}`, then "
+        "build the ensemble again (`alnus ensemble RUN --name NAME --member PKG ... --force` copies each member's "
+        "checked exports); `--engine auto` then runs every member on its fp32 ONNX export"
+    )
 
 
 def _reusable_fp32(package: Path, meta: Mapping[str, Any], opset: int) -> bytes | None:

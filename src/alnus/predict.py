@@ -12,6 +12,10 @@ New data (`alnus predict PACKAGE INPUT...`, the service) goes through `Predictor
 on its own, and one that cannot be read (corrupt, unsupported, no lesion region where the model needs one) gets the
 reason in its `error` cell while the others are predicted. The forward pass runs on the package's fastest engine that
 passed its parity check at export (`alnus.export`: onnxruntime fp32 or int8), or on PyTorch.
+
+A package may be an ensemble (`alnus.models.package`, built by `alnus.ensemble`) and may list test-time augmentation
+views (`alnus.data.tta`): every path here then preprocesses the image for each member with that member's spec, and the
+probability is the mean over the members of each member's mean over the views.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alnus._hardware import autocast, choose_precision
+from alnus._hardware import Precision, autocast, choose_precision
 from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
+from alnus.data.tta import all_views, apply_view
 from alnus.errors import AlnusError
 from alnus.export import ENGINES
-from alnus.models.package import load_package
+from alnus.models.package import Member, is_ensemble, load_members
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.runfolder import EVALUATION_SPLITS as SPLITS
 from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, read_splits, run_models
@@ -76,11 +82,93 @@ def _freezing(enabled: bool) -> contextlib.AbstractContextManager:
     return inductor_config.patch(freezing=True)
 
 
+class Network:
+    """One network of a package, ready to predict: its folder and metadata, preprocessing, PyTorch model and engine.
+
+    A plain package has one; an ensemble has one per member (`members/<i>`), each with its own preprocessing.
+    """
+
+    def __init__(
+        self, member: Member, *, device: torch.device, precision: Precision, compiled: bool, batch_size: int
+    ) -> None:
+        self.folder = member.folder
+        self.metadata: dict[str, Any] = member.metadata
+        self.spec = PreprocessSpec.from_dict(member.metadata["preprocess"])
+        self.device, self.precision, self.compiled, self.batch_size = device, precision, compiled, batch_size
+        model = member.model.to(device)
+        if precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        self._forward = torch.compile(self.model) if compiled else self.model
+        self._onnx: Callable[[np.ndarray], np.ndarray] | None = None
+        self.engine = "torch"
+
+    @property
+    def backbone(self) -> str:
+        return str(self.metadata["backbone"])
+
+    def start_engine(self, engine: str) -> None:
+        """Run on `engine`: `torch`, `onnx`, `onnx-int8`, or `auto` (the checked ONNX fp32 export on the CPU when the
+        network's package has one, else torch)."""
+        if engine == "torch" or (engine == "auto" and (self.device.type != "cpu" or self.compiled)):
+            return
+        from alnus.export import OnnxEngine, available_engines
+
+        available = available_engines(self.folder)
+        if engine == "auto":
+            # Only engines that reproduce the study's probabilities: int8 must be asked for by name.
+            engine = next(e for e in available if e != "onnx-int8")
+            if engine == "torch":
+                return
+        elif self.device.type != "cpu":
+            raise PredictError(f"engine {engine} runs on the CPU (onnxruntime); use --device cpu, or --engine torch.")
+        elif engine not in available:
+            raise PredictError(
+                f"model package {self.folder} has no {engine} export that passed its parity check (it has: "
+                f"{', '.join(available)}); write one with `alnus export {self.folder} --format {engine}`, or "
+                "use --engine torch."
+            )
+        self._onnx = OnnxEngine(self.folder, engine)
+        self.engine = engine
+
+    @property
+    def engine_description(self) -> str:
+        if self._onnx is not None:
+            return f"{self.engine} (onnxruntime, cpu)"
+        return f"torch ({self.precision.name} on {self.device}{', compiled' if self.compiled else ''})"
+
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        """Positive-class probabilities of one view of a batch `(B, 1, size, size)` in [0, 1], `batch_size` a pass."""
+        out = []
+        if self._onnx is not None:
+            array = x.detach().cpu().float().numpy()
+            for start in range(0, array.shape[0], self.batch_size):
+                chunk = np.ascontiguousarray(array[start : start + self.batch_size])
+                out.append(np.asarray(self._onnx(chunk), dtype=np.float32).reshape(-1))
+            return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = x[start : start + self.batch_size].to(self.device)
+                if self.precision.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, self.precision), _freezing(self.compiled):
+                    logits = self._forward(chunk)
+                out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+
 class Predictor:
     """A loaded model package that turns images into probabilities (and calls, once a threshold is frozen).
 
+    The package may be a single network or an ensemble (`alnus.models.package`, `"kind": "ensemble"`), and may list
+    test-time augmentation views (`tta`, `alnus.data.tta`). A probability is the mean over the package's networks
+    (`networks`: one, or one per ensemble member, each preprocessing the image with its own spec) of each network's
+    mean over the views (the unaugmented input first). `spec` and `model` are the first network's (for an ensemble,
+    member 1's); `predict_arrays`, `predict_table` and `predict_inputs` preprocess for every member, while
+    `predict_batch` takes one input batch and so needs members that share one preprocessing.
+
     Args:
-        package_dir: a folder written by `alnus.models.package.save_package`.
+        package_dir: a folder written by `alnus.models.package.save_package` or `alnus.ensemble.build_ensemble`.
         device: `auto`, `cpu`, `cuda` or `cuda:N`.
         batch_size: images per forward pass.
         precision: `fp32` (default: the reference that the study's results, the frozen threshold and every export
@@ -95,6 +183,7 @@ class Predictor:
             study's fp32 probabilities to 1e-4), else torch. int8 is used only when asked for by name: it keeps the
             AUC but moves single probabilities (by up to 0.33 on the real-data model), so calls near the threshold
             can change. The PyTorch model is loaded in every case (heat maps need it). `engine` names the one used.
+            For an ensemble, `auto` chooses per member, and a named ONNX engine needs that export in every member.
     """
 
     def __init__(
@@ -114,9 +203,9 @@ class Predictor:
             raise PredictError(f"batch_size must be a positive whole number, got {batch_size!r}.")
         self.package_dir = Path(package_dir)
         self.device = resolve_device(device)
-        model, meta = load_package(self.package_dir)
+        members, meta = load_members(self.package_dir)
         self.metadata: dict[str, Any] = meta
-        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
+        self.tta: list[str] = list(meta["tta"])
         self.label_names: list[str] = [str(name) for name in meta["label_names"]]
         self.positive_label = str(meta["positive_label"])
         # The operating point as `read_metadata` checked it: value, rule, target, level, aggregate (or None).
@@ -125,44 +214,64 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.max_pixels = max_pixels
         self.precision = choose_precision(self.device, precision)
-        model = model.to(self.device)
-        if self.precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
         self.compiled = bool(compile)
-        self._forward = torch.compile(self.model) if self.compiled else self.model
-        self._onnx: Callable[[np.ndarray], np.ndarray] | None = None
-        self.engine = self._start_engine(engine)
+        self.networks = [
+            Network(m, device=self.device, precision=self.precision, compiled=self.compiled, batch_size=self.batch_size)
+            for m in members
+        ]
+        self.spec = self.networks[0].spec
+        self.model = self.networks[0].model
+        for network in self.networks:
+            network.start_engine(engine)
+        kinds = list(dict.fromkeys(network.engine for network in self.networks))
+        self.engine = kinds[0] if len(kinds) == 1 else "+".join(kinds)
 
-    def _start_engine(self, engine: str) -> str:
-        """Load the asked engine (or, for `auto`, the ONNX fp32 export when there is one) and return its name."""
-        if engine == "torch" or (engine == "auto" and (self.device.type != "cpu" or self.compiled)):
-            return "torch"
-        from alnus.export import OnnxEngine, available_engines
+    @property
+    def is_ensemble(self) -> bool:
+        return is_ensemble(self.metadata)
 
-        available = available_engines(self.package_dir)
-        if engine == "auto":
-            # Only engines that reproduce the study's probabilities: int8 must be asked for by name.
-            engine = next(e for e in available if e != "onnx-int8")
-            if engine == "torch":
-                return engine
-        elif self.device.type != "cpu":
-            raise PredictError(f"engine {engine} runs on the CPU (onnxruntime); use --device cpu, or --engine torch.")
-        elif engine not in available:
-            raise PredictError(
-                f"model package {self.package_dir} has no {engine} export that passed its parity check (it has: "
-                f"{', '.join(available)}); write one with `alnus export {self.package_dir} --format {engine}`, or "
-                "use --engine torch."
-            )
-        self._onnx = OnnxEngine(self.package_dir, engine)
-        return engine
+    @property
+    def shared_spec(self) -> bool:
+        """Whether every network preprocesses alike (one input batch fits them all)."""
+        return all(network.spec == self.spec for network in self.networks)
+
+    @property
+    def needs_roi(self) -> bool:
+        """Whether any network crops to a lesion region (a box or mask must come with each image)."""
+        return any(network.spec.roi.mode != "whole" for network in self.networks)
 
     @property
     def engine_description(self) -> str:
-        """The engine in words, e.g. `torch (fp32 on cpu)` or `onnx-int8 (onnxruntime, cpu)`."""
-        if self._onnx is not None:
-            return f"{self.engine} (onnxruntime, cpu)"
-        return f"torch ({self.precision.name} on {self.device}{', compiled' if self.compiled else ''})"
+        """The engine in words, e.g. `torch (fp32 on cpu)` or `onnx-int8 (onnxruntime, cpu)`; an ensemble's names
+        its members' engines, and TTA its views."""
+        if not self.is_ensemble:
+            text = self.networks[0].engine_description
+        else:
+            counts = Counter(network.engine_description for network in self.networks)
+            engines = ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+            text = f"ensemble of {len(self.networks)}: {engines}"
+        return text + (f"; TTA: mean of {', '.join(all_views(self.tta))}" if self.tta else "")
+
+    @property
+    def heatmap_note(self) -> str | None:
+        """How heat maps of this package are made, when that is not simply the one network's map of the image."""
+        notes = []
+        if self.is_ensemble and self.shared_spec:
+            notes.append(f"the heat map is the mean of the {len(self.networks)} ensemble members' maps")
+        elif self.is_ensemble:
+            notes.append(
+                f"the {len(self.networks)} ensemble members see different inputs (size or crop), so their maps are "
+                "averaged on the original image, and the box drawn is the smallest one holding every member's crop"
+            )
+        if self.tta:
+            notes.append(
+                f"the heat map is of the unaugmented image, while the probability is the mean over the TTA views "
+                f"({', '.join(all_views(self.tta))})"
+            )
+        if not notes:
+            return None
+        text = "; ".join(notes)
+        return text[0].upper() + text[1:] + "."
 
     @property
     def call_rule(self) -> str | None:
@@ -181,24 +290,52 @@ class Predictor:
         others = [name for name in self.label_names if name != self.positive_label]
         return others[0] if len(others) == 1 else None
 
+    def _network_probabilities(self, network: Network, x: torch.Tensor) -> np.ndarray:
+        """One network's probabilities of a batch: the mean over the package's TTA views (the identity first)."""
+        views = [network.probabilities(apply_view(x, name)) for name in all_views(self.tta)]
+        if len(views) == 1:
+            return views[0]
+        return np.mean(np.stack(views).astype(np.float64), axis=0)
+
+    def predict_members(self, batches: Sequence[torch.Tensor]) -> np.ndarray:
+        """Probabilities from one input batch per network (`networks`' order, each preprocessed with that network's
+        spec): each network's mean over the TTA views, then the mean over the networks."""
+        if len(batches) != len(self.networks):
+            raise PredictError(f"got {len(batches)} input batches for {len(self.networks)} networks; give one each.")
+        probs = [self._network_probabilities(n, x) for n, x in zip(self.networks, batches, strict=True)]
+        if len(probs) == 1:
+            return probs[0]
+        return np.mean(np.stack(probs).astype(np.float64), axis=0)
+
     def predict_batch(self, x: torch.Tensor) -> np.ndarray:
-        """Probabilities of the positive class for a batch `(B, 1, size, size)` in [0, 1], on the chosen engine."""
-        out = []
-        if self._onnx is not None:
-            array = x.detach().cpu().float().numpy()
-            for start in range(0, array.shape[0], self.batch_size):
-                chunk = np.ascontiguousarray(array[start : start + self.batch_size])
-                out.append(np.asarray(self._onnx(chunk), dtype=np.float32).reshape(-1))
-            return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, x.shape[0], self.batch_size):
-                chunk = x[start : start + self.batch_size].to(self.device)
-                if self.precision.channels_last:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, self.precision), _freezing(self.compiled):
-                    logits = self._forward(chunk)
-                out.append(torch.sigmoid(logits.float()).cpu().numpy())
-        return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+        """Probabilities of the positive class for a batch `(B, 1, size, size)` in [0, 1], on the chosen engine.
+
+        For an ensemble the batch goes to every member, so its members must share one preprocessing; otherwise use
+        `predict_arrays` or `predict_table`, which preprocess for each member.
+        """
+        if not self.shared_spec:
+            raise PredictError(
+                f"the members of {self.package_dir} preprocess differently ({self._specs_text()}), so one input batch "
+                "cannot serve them all; predict decoded images (predict_arrays) or a table (predict_table) instead."
+            )
+        return self.predict_members([x] * len(self.networks))
+
+    def _specs_text(self) -> str:
+        return "; ".join(
+            f"member {i} {n.backbone}: {n.spec.size} px, ROI {n.spec.roi.mode}"
+            + (f" + {n.spec.roi.margin:g}" if n.spec.roi.mode != "whole" else "")
+            for i, n in enumerate(self.networks, start=1)
+        )
+
+    def _inputs(
+        self, image: np.ndarray, row: Mapping[str, str], root: Path, *, max_pixels: int | None = None
+    ) -> list[torch.Tensor]:
+        """One decoded image as each network's input `(1, size, size)`, preprocessed once per distinct spec."""
+        done: dict[PreprocessSpec, torch.Tensor] = {}
+        for network in self.networks:
+            if network.spec not in done:
+                done[network.spec] = _to_tensor(preprocess(image, row, root, network.spec, max_pixels=max_pixels))
+        return [done[network.spec] for network in self.networks]
 
     def predict_arrays(
         self,
@@ -219,12 +356,12 @@ class Predictor:
         for i, image in enumerate(images):
             row = {} if rows is None else rows[i]
             try:
-                inputs.append(_to_tensor(preprocess(np.asarray(image), row, Path(root), self.spec)))
+                inputs.append(self._inputs(np.asarray(image), row, Path(root)))
             except AlnusError as exc:
                 raise PredictError(f"image {i}: {exc}") from exc
         if not inputs:
             return np.empty(0, dtype=np.float32)
-        return self.predict_batch(torch.stack(inputs))
+        return self.predict_members([torch.stack(column) for column in zip(*inputs, strict=True)])
 
     def predict_table(
         self,
@@ -241,7 +378,7 @@ class Predictor:
         the package has a frozen threshold, also the call made the way it was frozen (`alnus.operating_point`):
         for a patient-level threshold `patient_prob` (the mean, or max, of the patient's image probabilities)
         and `n_images`, then `call` (0/1, the same for every image of a patient) and `call_level`. Rows keep
-        their order.
+        their order. Each network of an ensemble reads the images through the cache with its own preprocessing.
         """
         if "image" not in table.columns:
             raise PredictError("the table has no `image` column; give one image path per row.")
@@ -258,21 +395,25 @@ class Predictor:
             data = table
         else:
             data = table.assign(label="")
+        datasets: dict[PreprocessSpec, UltrasoundDataset] = {}
         with warnings.catch_warnings():
             # Unlabelled tables have no positive rows by design; the dataset's warning about that is moot.
             warnings.filterwarnings("ignore", message="no row has label")
-            dataset = UltrasoundDataset(
-                data, root, self.spec, cache=cache, positive_label=self.positive_label, max_pixels=self.max_pixels
-            )
-        dataset.warm(progress)
-        probs = np.empty(len(dataset), dtype=np.float64)
-        for start in range(0, len(dataset), self.batch_size):
-            stop = min(start + self.batch_size, len(dataset))
-            batch = torch.stack([dataset[i][0] for i in range(start, stop)])
-            probs[start:stop] = self.predict_batch(batch)
+            for spec in dict.fromkeys(network.spec for network in self.networks):
+                datasets[spec] = UltrasoundDataset(
+                    data, root, spec, cache=cache, positive_label=self.positive_label, max_pixels=self.max_pixels
+                )
+        for dataset in datasets.values():
+            dataset.warm(progress)
+        first = datasets[self.spec]
+        probs = np.empty(len(first), dtype=np.float64)
+        for start in range(0, len(first), self.batch_size):
+            stop = min(start + self.batch_size, len(first))
+            batches = {spec: torch.stack([d[i][0] for i in range(start, stop)]) for spec, d in datasets.items()}
+            probs[start:stop] = self.predict_members([batches[network.spec] for network in self.networks])
         out = table[[c for c in KEPT_COLUMNS if c in table.columns]].reset_index(drop=True).copy()
         if has_labels:
-            out["y"] = dataset.targets
+            out["y"] = first.targets
         out["prob"] = probs
         if self.operating_point is not None:
             out = _with_calls(out, self.operating_point)
@@ -301,11 +442,12 @@ class Predictor:
             raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
         errors = [r.get("error", "") for r in records]
         probs = np.full(len(records), np.nan)
-        pending: list[tuple[int, torch.Tensor]] = []
+        pending: list[tuple[int, list[torch.Tensor]]] = []
 
         def flush() -> None:
             if pending:
-                probs[[i for i, _ in pending]] = self.predict_batch(torch.stack([x for _, x in pending]))
+                columns = zip(*(x for _, x in pending), strict=True)
+                probs[[i for i, _ in pending]] = self.predict_members([torch.stack(column) for column in columns])
                 pending.clear()
 
         for i, row in enumerate(records):
@@ -322,13 +464,14 @@ class Predictor:
         flush()
         return self._new_data_table(records, probs, errors)
 
-    def _input(self, row: Mapping[str, str]) -> torch.Tensor:
-        """One new image as the network's input (1, size, size); raises with the reason it cannot be used."""
-        if self.spec.roi.mode != "whole" and not row.get("roi") and not row.get("mask"):
-            raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(self.spec)}")
+    def _input(self, row: Mapping[str, str]) -> list[torch.Tensor]:
+        """One new image as each network's input (1, size, size); raises with the reason it cannot be used."""
+        cropping = next((n.spec for n in self.networks if n.spec.roi.mode != "whole"), None)
+        if cropping is not None and not row.get("roi") and not row.get("mask"):
+            raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
         image = load_image(row["path"], frame=parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
         cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", "")}
-        return _to_tensor(preprocess(image, cells, Path.cwd(), self.spec, max_pixels=self.max_pixels))
+        return self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels)
 
     def _new_data_table(self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str]) -> pd.DataFrame:
         """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors."""
@@ -454,6 +597,27 @@ def _with_calls(out: pd.DataFrame, point: dict[str, Any]) -> pd.DataFrame:
     return out
 
 
+def _check_ensemble_data(run: RunFolder, model: str) -> None:
+    """An ensemble predicts a run's splits only while the run's data are those it was built on: its members' training
+    patients were checked against the split then (`alnus.ensemble`), and a split made again may put them in a test."""
+    from alnus.models.package import read_metadata
+
+    meta = read_metadata(run.model(model).package)
+    if not is_ensemble(meta):
+        return
+    current = None
+    if run.data_stamp.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            current = json.loads(run.data_stamp.read_text(encoding="utf-8")).get("hash")
+    if meta.get("run_data_hash") != current:
+        raise PredictError(
+            f"ensemble {model} was built before {run.root} was prepared again ({run.data_stamp.name} changed), so "
+            "its members may have been trained on other patients than this split's training patients; build it "
+            f"again from this run's trained packages (`alnus ensemble {run.root} --name {model} --member PKG ... "
+            "--force`)."
+        )
+
+
 def predict_run(
     run_dir: str | os.PathLike[str],
     *,
@@ -469,8 +633,9 @@ def predict_run(
     """Write `models/<backbone>/predictions/<split>.csv` for each model package of a run; return a summary.
 
     Each CSV has exactly the split's rows of `splits.csv` and the columns image, patient_id, study_id, site,
-    label, y, prob. `predictions.json` (written last) records the weights they came from, so evaluate can tell
-    predictions of an older training. Splits without rows are skipped. Images are read through the run's
+    label, y, prob. `predictions.json` (written last) records the weights (and TTA views) they came from, so evaluate
+    can tell predictions of an older training. An ensemble of the run is refused when the run was prepared again
+    after it was built. Splits without rows are skipped. Images are read through the run's
     image cache (`runs/<name>/cache`, shared with training). The study's predictions always run on PyTorch (the
     weights it trained), never on an ONNX export of them.
 
@@ -492,6 +657,7 @@ def predict_run(
     summary: dict[str, Any] = {}
     for model in names:
         where = run.model(model)
+        _check_ensemble_data(run, model)
         predictor = Predictor(
             where.package,
             device=device,
@@ -520,6 +686,7 @@ def predict_run(
             written[split], counts[split] = str(path), len(out)
         record = {
             "weights_sha256": predictor.metadata["weights_sha256"],
+            "tta": predictor.tta,
             "backbone": predictor.metadata["backbone"],
             "device": str(predictor.device),
             "precision": predictor.precision.name,

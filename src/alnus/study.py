@@ -180,6 +180,10 @@ def trained_package(cfg: Config, backbone: str) -> Path | None:
         return None  # an unreadable package is trained again
     if recorded != stable_hash(model_settings(cfg, cfg.run_dir, backbone)):
         return None
+    if meta.get("tta", []) != list(cfg.preprocess.tta):
+        # Other TTA views predict differently, so the package (and its threshold) is written again from the finished
+        # checkpoints; the weights need no training.
+        return None
     weights = metadata.parent / "weights.safetensors"
     # Damaged weights are not reused: the model is packaged again (from its checkpoints) instead.
     return metadata.parent if weights.is_file() and file_sha256(weights) == weights_sha else None

@@ -742,6 +742,7 @@ def write_package(
             "run": cfg.name,
             "settings_hash": stable_hash(settings),
             "training": training_record(cfg),
+            "tta": list(cfg.preprocess.tta),
         },
     )
 

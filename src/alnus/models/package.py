@@ -8,6 +8,13 @@ aggregation), set once and changed only by an explicit re-freeze that `threshold
 trainings are refused; every value predict needs is checked when the file is read, not when it is first used.
 Exports of the network (`alnus.export`: `model.onnx`, `model-int8.onnx`) are recorded under `exports` with their
 own SHA-256, the weights they were made from and their parity check; each kind has one fixed file name.
+
+A package may list test-time augmentation views (`tta`, `alnus.data.tta`): its probability is then the mean over the
+unaugmented input and those views. An *ensemble* package (`"kind": "ensemble"`, built by `alnus.ensemble`) holds no
+weights of its own: it lists its members, complete single-network packages copied into `members/<i>/`, and its
+probability is the mean of theirs. Its `weights_sha256` is the SHA-256 of the members' weights digests (one per line,
+in order), so every check that compares weights works for it unchanged. `load_members` checks each member (fixed
+folder names, no symbolic links, no nesting, the weights and facts the ensemble recorded) before anything is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import importlib.metadata
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from alnus._io import atomic_path, atomic_write_text, file_sha256
+from alnus.data.tta import TtaError, check_views
 from alnus.errors import AlnusError
 from alnus.models.factory import create_model
 from alnus.models.registry import UltrasoundNet
@@ -36,8 +45,18 @@ MAX_METADATA_BYTES = 4 * 1024 * 1024
 # The largest network input a package may ask for (pixels per side); the registry's backbones use 224-299.
 MAX_INPUT_SIZE = 4096
 FORMAT = "alnus-model"
-# 1: `threshold` a number with its record in `threshold_selection`; 2: `threshold` the record itself (read both).
-FORMAT_VERSION = 2
+# 1: `threshold` a number with its record in `threshold_selection`; 2: `threshold` the record itself; 3: a package an
+# older alnus would misread (TTA views, or an ensemble). The newest is read; a package is written with the oldest
+# version that describes it (`format_version_of`), so a plain package stays readable by older alnus.
+FORMAT_VERSION = 3
+BASE_FORMAT_VERSION = 2
+# `kind` of an ensemble package (a single network's package has no `kind`, or "model").
+ENSEMBLE = "ensemble"
+MEMBERS_DIR = "members"
+# An ensemble's members; each is loaded in memory at once, so the number is kept modest.
+MAX_MEMBERS = 16
+# What an ensemble records of each member (and checks against the member's own metadata.json when loading).
+MEMBER_KEYS = ("folder", "backbone", "weights_sha256", "training_data_hash", "source", "preprocess")
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
 # What the caller states about the training; the rest (model facts, versions, date) is filled in here.
@@ -70,15 +89,17 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
     Args:
         model: the trained network (unwrapped from DDP); saved in fp32 on the CPU.
         metadata: at least `preprocess` (`PreprocessSpec.to_dict()`), `label_names`, `positive_label`;
-            usually also `training_data_hash`, `weights_source`, `best_epoch`, `val_auc`. Backbone, input
-            size, normalisation, versions, creation date and `threshold` (null until evaluation sets it)
-            are added here.
+            usually also `training_data_hash`, `weights_source`, `best_epoch`, `val_auc`, and `tta` (the
+            test-time augmentation views, `alnus.data.tta`; default none). Backbone, input size, normalisation,
+            versions, creation date and `threshold` (null until evaluation sets it) are added here.
     """
     from alnus.data.dataset import PreprocessSpec
 
     missing = [key for key in REQUIRED_KEYS if key not in metadata]
     if missing:
         raise PackageError(f"model package {folder}: metadata lacks {', '.join(missing)}")
+    if metadata.get("kind", "model") != "model":
+        raise PackageError(f"model package {folder}: save_package writes one network; kind must be 'model'")
     spec = PreprocessSpec.from_dict(metadata["preprocess"])
     if metadata["positive_label"] not in metadata["label_names"]:
         raise PackageError(
@@ -86,6 +107,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
             f"label_names {list(metadata['label_names'])}"
         )
     folder = Path(folder)
+    views = _checked_tta(metadata.get("tta", []), folder / METADATA_FILE)
     folder.mkdir(parents=True, exist_ok=True)
     # Exports of earlier weights would be orphans beside the new metadata (which records none): removed.
     for name in EXPORT_FILES.values():
@@ -97,7 +119,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
     net_spec = model.spec
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": BASE_FORMAT_VERSION,
         "backbone": net_spec.name,
         "in_chans_mode": model.in_chans_mode,
         "input_size": spec.size,
@@ -105,12 +127,15 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         "threshold": None,
         "threshold_history": [],
         "exports": {},
+        "tta": [],
         "weights_source": getattr(model, "weights_source", "none"),
         **dict(metadata),
         "weights_sha256": file_sha256(folder / WEIGHTS_FILE),
         "versions": _versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    meta["tta"] = views
+    meta["format_version"] = format_version_of(meta)
     # Metadata last: a package whose metadata names other weights is refused at load (weights_sha256).
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
@@ -155,6 +180,11 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: package format version {version!r} is newer than this alnus reads ({FORMAT_VERSION}); "
             "upgrade alnus"
         )
+    kind = meta.get("kind", "model")
+    if kind == ENSEMBLE:
+        return _read_ensemble(meta, path)
+    if kind != "model":
+        raise PackageError(f"{path}: kind = {kind!r} is neither 'model' nor '{ENSEMBLE}'; the package is damaged")
     missing = [k for k in ("backbone", "weights_sha256", *REQUIRED_KEYS) if k not in meta]
     if missing:
         raise PackageError(f"{path} lacks {', '.join(missing)}; the package is damaged: train again")
@@ -162,10 +192,106 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         meta = _from_version_1(meta, path)
     _check_model_keys(meta, path)
     _check_preprocess(meta["preprocess"], path)
+    _check_common(meta, path)
+    meta["exports"] = _checked_exports(meta.get("exports"), path)
+    return meta
+
+
+def _check_common(meta: dict[str, Any], path: Path) -> None:
+    """What both kinds hold: the operating point, its history and the TTA views (checked and normalised in place)."""
     meta["threshold"] = _checked_threshold(meta.get("threshold"), path)
     if not isinstance(meta.setdefault("threshold_history", []), list):
         raise PackageError(f"{path}: threshold_history must be a list; {_FIX_THRESHOLD}")
-    meta["exports"] = _checked_exports(meta.get("exports"), path)
+    meta["tta"] = _checked_tta(meta.get("tta"), path)
+
+
+def _checked_tta(value: object, path: Path) -> list[str]:
+    """The package's TTA views (`alnus.data.tta`); absent (older packages) means none."""
+    try:
+        return check_views(value, f"{path}: tta")
+    except TtaError as exc:
+        raise PackageError(f"{exc}. Correct tta in metadata.json (or set it to []), then predict again.") from None
+
+
+def format_version_of(meta: Mapping[str, Any]) -> int:
+    """The package format version that describes `meta`: 3 when an older alnus would misread it (TTA views, an
+    ensemble), else 2."""
+    return FORMAT_VERSION if meta.get("kind") == ENSEMBLE or meta.get("tta") else BASE_FORMAT_VERSION
+
+
+def is_ensemble(meta: Mapping[str, Any]) -> bool:
+    """Whether a package's metadata (from `read_metadata`) describes an ensemble."""
+    return meta.get("kind") == ENSEMBLE
+
+
+def ensemble_digest(digests: Sequence[str]) -> str:
+    """An ensemble's `weights_sha256`: the SHA-256 of its members' weights digests, one per line, in order."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
+
+
+def ensemble_name(backbones: Sequence[str]) -> str:
+    """The display name of an ensemble, e.g. `ensemble of 3: efficientnet_lite0 x2, efficientnet_lite2`."""
+    counts: dict[str, int] = {}
+    for name in backbones:
+        counts[name] = counts.get(name, 0) + 1
+    parts = [name if n == 1 else f"{name} x{n}" for name, n in counts.items()]
+    return f"ensemble of {len(backbones)}: {', '.join(parts)}"
+
+
+def preprocess_of(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The preprocessing (`PreprocessSpec.to_dict()`) of each network of a package: one for a single network, one
+    per member for an ensemble."""
+    if is_ensemble(meta):
+        return [dict(member["preprocess"]) for member in meta["members"]]
+    return [dict(meta["preprocess"])]
+
+
+def _read_ensemble(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check an ensemble's metadata: labels, member records (fixed folders, facts of the right types), its digest."""
+    missing = [k for k in ("backbone", "weights_sha256", "label_names", "positive_label", "members") if k not in meta]
+    if missing:
+        raise PackageError(
+            f"{path} lacks {', '.join(missing)}; the ensemble is damaged: build it again (alnus ensemble)"
+        )
+    _check_model_keys(meta, path)
+    members = meta["members"]
+    if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+        raise PackageError(
+            f"{path}: members must list 1 to {MAX_MEMBERS} member records; the ensemble is damaged: build it again"
+        )
+    for i, record in enumerate(members, start=1):
+        where = f"{path}: members[{i}]"
+        if not isinstance(record, dict):
+            raise PackageError(f"{where} is not an object; the ensemble is damaged: build it again")
+        lacking = [k for k in MEMBER_KEYS if k not in record]
+        if lacking:
+            raise PackageError(f"{where} lacks {', '.join(lacking)}; the ensemble is damaged: build it again")
+        if record["folder"] != f"{MEMBERS_DIR}/{i}":
+            raise PackageError(
+                f"{where}.folder = {record['folder']!r}; member {i} lives in {MEMBERS_DIR}/{i} inside the package "
+                "(member folders are fixed: metadata.json never names a path). Build the ensemble again"
+            )
+        if not isinstance(record["backbone"], str) or not record["backbone"]:
+            raise PackageError(f"{where}.backbone = {record['backbone']!r} is not a backbone name; build it again")
+        if not _is_sha256(record["weights_sha256"]):
+            raise PackageError(f"{where}.weights_sha256 is not a SHA-256 hex digest; build the ensemble again")
+        if not isinstance(record["training_data_hash"], str) or not isinstance(record["source"], str):
+            raise PackageError(f"{where}: training_data_hash and source must be text; build the ensemble again")
+        _check_preprocess(record["preprocess"], path, key=f"members[{i}].preprocess")
+    if meta["weights_sha256"] != ensemble_digest([m["weights_sha256"] for m in members]):
+        raise PackageError(
+            f"{path}: weights_sha256 is not the digest of its members' weights (members were changed by hand); "
+            "build the ensemble again"
+        )
+    if meta.get("exports"):
+        raise PackageError(
+            f"{path}: exports = {meta['exports']!r}; an ensemble has no exports of its own (each member's are in "
+            f"{MEMBERS_DIR}/<i>/metadata.json): delete exports from metadata.json"
+        )
+    meta["exports"] = {}
+    _check_common(meta, path)
     return meta
 
 
@@ -189,7 +315,7 @@ def _from_version_1(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         frozen = {"frozen_on": "val", "frozen_at": selection.get("frozen"), **selection, "value": value}
         frozen.pop("frozen", None)
         meta["threshold"] = frozen
-    meta["format_version"] = FORMAT_VERSION
+    meta["format_version"] = BASE_FORMAT_VERSION
     return meta
 
 
@@ -217,27 +343,27 @@ def _check_model_keys(meta: dict[str, Any], path: Path) -> None:
         )
 
 
-def _check_preprocess(preprocess: object, path: Path) -> None:
+def _check_preprocess(preprocess: object, path: Path, key: str = "preprocess") -> None:
     """The preprocessing spec rebuilds (`PreprocessSpec.from_dict`); a bad value names its key."""
     from alnus.data.dataset import PreprocessSpec
 
     if not isinstance(preprocess, dict):
-        raise PackageError(f"{path}: preprocess = {preprocess!r} is not an object; the package is damaged")
+        raise PackageError(f"{path}: {key} = {preprocess!r} is not an object; the package is damaged")
     size = preprocess.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
         raise PackageError(
-            f"{path}: preprocess.size = {size!r} is not a whole number of pixels from 1 to {MAX_INPUT_SIZE}; the "
+            f"{path}: {key}.size = {size!r} is not a whole number of pixels from 1 to {MAX_INPUT_SIZE}; the "
             "package is damaged"
         )
-    for key in ("roi", "keep_aspect"):
-        if key not in preprocess:
-            raise PackageError(f"{path} lacks preprocess.{key}; the package is damaged: train again")
+    for part in ("roi", "keep_aspect"):
+        if part not in preprocess:
+            raise PackageError(f"{path} lacks {key}.{part}; the package is damaged: train again")
     try:
         PreprocessSpec.from_dict(preprocess)
     except AlnusError as exc:
-        raise PackageError(f"{path}: preprocess: {exc}") from None
+        raise PackageError(f"{path}: {key}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise PackageError(f"{path}: preprocess cannot be read ({exc!r}); the package is damaged") from None
+        raise PackageError(f"{path}: {key} cannot be read ({exc!r}); the package is damaged") from None
 
 
 def _checked_threshold(threshold: object, path: Path) -> dict[str, Any] | None:
@@ -376,7 +502,7 @@ def freeze_threshold(
             "reason": reason,
         },
     ]
-    meta["format_version"] = FORMAT_VERSION
+    meta["format_version"] = format_version_of(meta)
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
 
@@ -385,6 +511,11 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
     """Load a package written by `save_package`: the network (eval mode, weights checked) and its metadata."""
     folder = Path(folder)
     meta = read_metadata(folder)
+    if is_ensemble(meta):
+        raise PackageError(
+            f"{folder} is an ensemble package ({meta['backbone']}), not one network; load it with "
+            "alnus.predict.Predictor (or alnus.models.package.load_members)"
+        )
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise PackageError(f"model package {folder} has no {WEIGHTS_FILE}; it is incomplete: train again")
@@ -408,3 +539,104 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
         )
     model.weights_source = f"package:{folder.resolve()}"
     return model.eval(), meta
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One network of a package: its folder (the package itself, or `members/<i>` of an ensemble), the network
+    (eval mode, weights checked) and its own metadata."""
+
+    folder: Path
+    model: UltrasoundNet
+    metadata: dict[str, Any]
+
+
+def load_members(folder: str | os.PathLike[str], *, map_location: str = "cpu") -> tuple[list[Member], dict[str, Any]]:
+    """The networks of a package and the package's metadata: the one network of a plain package, or each member of an
+    ensemble (every member checked by `member_folders` first, then loaded as any package)."""
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    if not is_ensemble(meta):
+        model, meta = load_package(folder, map_location=map_location)
+        return [Member(folder, model, meta)], meta
+    members = []
+    for member in member_folders(folder, meta):
+        model, member_meta = load_package(member, map_location=map_location)
+        members.append(Member(member, model, member_meta))
+    return members, meta
+
+
+def _refuse_link(path: Path, where: Path) -> None:
+    if path.is_symlink():
+        raise PackageError(
+            f"{path} is a symbolic link; an ensemble's members are plain folders and files inside it (nothing is "
+            f"read from elsewhere). Build the ensemble again (alnus ensemble), or copy {where} without links"
+        )
+
+
+def member_folders(folder: str | os.PathLike[str], meta: Mapping[str, Any]) -> list[Path]:
+    """The member folders of an ensemble (`meta` from `read_metadata`), each checked before use.
+
+    A member lives in `members/<i>` (never a path read from the JSON), is a real folder with real files (no symbolic
+    link), is a single network's package (an ensemble of ensembles is refused), and its metadata names the backbone,
+    weights, training data and preprocessing that the ensemble recorded, and the ensemble's labels. The weights file
+    itself is checked against its SHA-256 when the member is loaded (`load_package`).
+    """
+    root = Path(folder)
+    where = root / METADATA_FILE
+    base = root / MEMBERS_DIR
+    _refuse_link(base, root)
+    if not base.is_dir():
+        raise PackageError(f"{where} describes an ensemble, but {base} is missing; copy the whole package folder again")
+    folders = []
+    for i, record in enumerate(meta["members"], start=1):
+        member = base / str(i)
+        _refuse_link(member, root)
+        if not member.is_dir():
+            raise PackageError(
+                f"{where} lists member {i}, but {member} is missing; copy the whole package folder again"
+            )
+        for name in (METADATA_FILE, WEIGHTS_FILE, *EXPORT_FILES.values()):
+            _refuse_link(member / name, root)
+        member_meta = read_metadata(member)
+        if is_ensemble(member_meta):
+            raise PackageError(
+                f"{member} is itself an ensemble; the members of an ensemble must be single networks (ensembles are "
+                "not nested): build it from the networks' own packages"
+            )
+        _check_member(member, member_meta, record, meta, where, i)
+        folders.append(member)
+    return folders
+
+
+def _check_member(
+    member: Path,
+    member_meta: Mapping[str, Any],
+    record: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    where: Path,
+    i: int,
+) -> None:
+    """The member's own metadata agrees with what the ensemble recorded of it, and with the ensemble's labels."""
+    from alnus.data.dataset import PreprocessSpec
+
+    fix = "the member was replaced or damaged after the ensemble was built: build the ensemble again (alnus ensemble)"
+    for key in ("backbone", "weights_sha256", "training_data_hash"):
+        if member_meta.get(key) != record[key]:
+            raise PackageError(
+                f"{member / METADATA_FILE}: {key} = {member_meta.get(key)!r}, but {where} records "
+                f"{record[key]!r} for member {i}; {fix}"
+            )
+    if PreprocessSpec.from_dict(member_meta["preprocess"]) != PreprocessSpec.from_dict(record["preprocess"]):
+        raise PackageError(
+            f"{member / METADATA_FILE}: its preprocessing differs from what {where} records for member {i}; {fix}"
+        )
+    if (
+        list(member_meta["label_names"]) != list(meta["label_names"])
+        or member_meta["positive_label"] != meta["positive_label"]
+    ):
+        raise PackageError(
+            f"{member / METADATA_FILE}: labels {member_meta['label_names']} (positive "
+            f"{member_meta['positive_label']!r}) differ from the ensemble's {meta['label_names']} (positive "
+            f"{meta['positive_label']!r}) in {where}; {fix}"
+        )

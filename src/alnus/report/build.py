@@ -195,6 +195,8 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         f"split's predictions); up to {PER_OUTCOME} of each outcome shown, the most confident first. P is the image's "
         "probability; the call is made at the frozen threshold's level."
     )
+    notes = [n for n in index["note"].unique() if n] if "note" in index.columns else []
+    block.paragraphs += [f"How these heat maps were made: {note}" for note in notes]
     check = _faithfulness(index)
     if check:
         block.paragraphs.append(check)

@@ -17,7 +17,9 @@ import pandas as pd
 
 from alnus._io import atomic_write_text
 from alnus._text import no_bidi
+from alnus.data.tta import all_views
 from alnus.evaluate import format_auc, format_proportion
+from alnus.models.package import is_ensemble, preprocess_of
 from alnus.operating_point import describe, rule_name
 from alnus.report._inputs import RunInputs
 from alnus.runfolder import EVALUATION_SPLITS
@@ -66,11 +68,19 @@ def _label_text(meta: Mapping[str, Any]) -> tuple[str, str]:
     return positive, (others[0] if others else f"not {positive}")
 
 
+_REGION = {"box": "inside a lesion box", "mask": "inside a lesion mask", "whole": "of the whole image"}
+
+
+def _roi_modes(meta: Mapping[str, Any]) -> list[str]:
+    """The ROI modes of the package's networks (one for a single network, each member's for an ensemble), each once."""
+    return list(dict.fromkeys(pre["roi"]["mode"] for pre in preprocess_of(meta)))
+
+
 def intended_use(meta: Mapping[str, Any]) -> list[str]:
     """The intended and out-of-scope use as Markdown lines (the card's section and the report's opening)."""
     positive, negative = _label_text(meta)
-    roi = meta["preprocess"]["roi"]["mode"]
-    where = {"box": "inside a lesion box", "mask": "inside a lesion mask", "whole": "of the whole image"}[roi]
+    modes = _roi_modes(meta)
+    where = _REGION[modes[0]] if len(modes) == 1 else f"its members look at ({'; '.join(_REGION[m] for m in modes)})"
     return [
         f"Research on retrospective breast ultrasound images: the model gives the probability that a case is "
         f"**{md_text(positive)}** rather than **{md_text(negative)}** from the image region {where}, and a call at "
@@ -115,18 +125,52 @@ def _training_data(inputs: RunInputs) -> list[str]:
     ]
 
 
-def _model_facts(meta: Mapping[str, Any]) -> list[str]:
-    pre = meta["preprocess"]
+def _input_text(pre: Mapping[str, Any]) -> str:
     roi = pre["roi"]
     crop = "whole image" if roi["mode"] == "whole" else f"{roi['mode']} crop with a margin of {roi['margin']:g}"
+    return f"{crop}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'})"
+
+
+def _tta_line(meta: Mapping[str, Any]) -> list[str]:
+    views = list(meta.get("tta") or [])
+    if not views:
+        return []
+    return [
+        f"- Test-time augmentation: the probability is the mean over the views {', '.join(all_views(views))} "
+        "(`alnus.data.tta`); heat maps show the unaugmented image"
+    ]
+
+
+def _model_facts(meta: Mapping[str, Any]) -> list[str]:
+    if is_ensemble(meta):
+        return _ensemble_facts(meta)
     return [
         "## Model",
         "",
         f"- Backbone: {md_text(meta['backbone'])}; weights at the start of training: {md_text(meta['weights_source'])}",
-        f"- Input: {crop}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'}), "
-        f"grey-scale replicated to 3 channels",
+        f"- Input: {_input_text(meta['preprocess'])}, grey-scale replicated to 3 channels",
         f"- Selected at epoch {meta.get('best_epoch', '?')} by validation AUC",
+        *_tta_line(meta),
         f"- Weights SHA-256: `{md_text(str(meta['weights_sha256'])[:16])}`",
+    ]
+
+
+def _ensemble_facts(meta: Mapping[str, Any]) -> list[str]:
+    members = meta["members"]
+    lines = [
+        f"  - member {i}: {md_text(m['backbone'])}; input: {_input_text(m['preprocess'])}; weights SHA-256 "
+        f"`{md_text(str(m['weights_sha256'])[:16])}`; copied from {md_text(m['source'])}"
+        for i, m in enumerate(members, start=1)
+    ]
+    return [
+        "## Model",
+        "",
+        f"- {md_text(meta['backbone'])}: the probability is the mean of its {len(members)} members' probabilities, "
+        "each member preprocessing the image as it did in training. It has no training of its own: each member was "
+        "trained on this run's training patients (their training-data hash was checked when the ensemble was built).",
+        *lines,
+        *_tta_line(meta),
+        f"- Ensemble identity (SHA-256 of the members' weights digests): `{md_text(str(meta['weights_sha256'])[:16])}`",
     ]
 
 
@@ -175,7 +219,7 @@ def _results(inputs: RunInputs, model: str) -> list[str]:
 def _limitations(inputs: RunInputs, model: str) -> list[str]:
     meta = inputs.metadata[model]
     positive, negative = _label_text(meta)
-    roi = meta["preprocess"]["roi"]["mode"]
+    cropped = [m for m in _roi_modes(meta) if m in ("box", "mask")]
     splits = inputs.splits
     sites = sorted(splits.loc[splits["split"].isin(["train", "val"]), "site"].unique())
     external = sorted(splits.loc[splits["split"] == "external_test", "site"].unique())
@@ -193,12 +237,17 @@ def _limitations(inputs: RunInputs, model: str) -> list[str]:
         + "Performance on other scanners, settings or populations is unknown until measured there.",
         "Confidence intervals cover the sampling of test cases only, not a shift in population or equipment.",
     ]
-    if roi in ("box", "mask"):
+    if cropped:
         items.insert(
             1,
-            f"The input is cropped around a lesion {roi} given with each image (an expert's annotation in the "
-            "study data). New images need a region drawn the same way; results with other regions (e.g. drawn by "
-            "a detector or another person) were not measured.",
+            f"The input is cropped around a lesion {' or '.join(cropped)} given with each image (an expert's "
+            "annotation in the study data). New images need a region drawn the same way; results with other regions "
+            "(e.g. drawn by a detector or another person) were not measured.",
+        )
+    if is_ensemble(meta):
+        items.append(
+            "The ensemble's members were chosen by whoever built it: its test results are unbiased only if that "
+            "choice did not look at the test splits (choose members on validation results alone)."
         )
     items += [md_text(note) for note in inputs.metrics["models"][model].get("notes", [])]
     return ["## Known limitations", "", *(f"- {item}" for item in items)]
@@ -208,11 +257,16 @@ def _licence_and_citation(inputs: RunInputs, meta: Mapping[str, Any]) -> list[st
     version = meta.get("versions", {}).get("alnus", "?")
     git = inputs.env.get("git", {}) if isinstance(inputs.env.get("git"), dict) else {}
     sha = f", git {md_text(str(git['sha'])[:12])}" if git.get("sha") else ""
+    start = (
+        "its members' starting weights (listed under Model)"
+        if is_ensemble(meta)
+        else md_text(meta.get("weights_source", "?"))
+    )
     return [
         "## Licence",
         "",
         "The alnus software is Apache-2.0. These weights were derived from the training data and, when training "
-        f"started from pretrained weights ({md_text(meta['weights_source'])}), from those weights: their use is bound "
+        f"started from pretrained weights ({start}), from those weights: their use is bound "
         "by the licences of those data sets and weights (for the public data sets, see each one's PROVENANCE.md).",
         "",
         "## How to cite",

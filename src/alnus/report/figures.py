@@ -672,6 +672,11 @@ def _positive_label(run: RunFolder) -> str:
 
 def _training(writer: _Writer, run: RunFolder, model: str) -> None:
     folder = run.model(model)
+    if _is_ensemble(folder.metadata):
+        writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
+                               "reason": f"{model} is an ensemble: it has no training of its own (its members' "
+                                         "curves are those of the models it was built from)"})  # fmt: skip
+        return
     if not folder.history.is_file():
         writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
                                "reason": f"{folder.history} not found"})  # fmt: skip
@@ -683,6 +688,13 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
     writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),
                f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
                f"the best epoch (the package's weights){shading}.", "training", model, None)  # fmt: skip
+
+
+def _is_ensemble(metadata: Path) -> bool:
+    try:
+        return json.loads(metadata.read_text(encoding="utf-8")).get("kind") == "ensemble"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _best_epoch(metadata: Path) -> int | None:

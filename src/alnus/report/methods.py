@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from alnus.data.tta import all_views
+from alnus.models.package import is_ensemble
 from alnus.operating_point import describe, rule_name
 from alnus.report._inputs import RunInputs
 from alnus.report.tables import Block, pct
@@ -70,20 +72,38 @@ def _split(inputs: RunInputs) -> Block:
     )
 
 
+def _input_text(pre: Mapping[str, Any]) -> str:
+    roi = pre["roi"]
+    crop = (
+        "the whole image"
+        if roi["mode"] == "whole"
+        else f"the lesion {roi['mode']} plus a margin of {pct(roi['margin'])} of its width and height on each side"
+    )
+    return (
+        f"{crop}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
+        f"{', aspect ratio kept (letterbox)' if pre['keep_aspect'] else ', stretched'})"
+    )
+
+
+def _tta_text(meta: Mapping[str, Any]) -> str:
+    views = list(meta.get("tta") or [])
+    return f"; test-time augmentation: the mean over the views {', '.join(all_views(views))}" if views else ""
+
+
 def _preprocessing(inputs: RunInputs) -> Block:
     items = []
     for model, meta in inputs.metadata.items():
-        pre, norm = meta["preprocess"], meta.get("normalisation", {})
-        roi = pre["roi"]
-        crop = (
-            "the whole image"
-            if roi["mode"] == "whole"
-            else f"the lesion {roi['mode']} plus a margin of {pct(roi['margin'])} of its width and height on each side"
-        )
+        if is_ensemble(meta):
+            members = "; ".join(
+                f"member {i} ({m['backbone']}): {_input_text(m['preprocess'])}"
+                for i, m in enumerate(meta["members"], start=1)
+            )
+            items.append(f"{model}: {meta['backbone']}, each member as in its training ({members}){_tta_text(meta)}.")
+            continue
+        norm = meta.get("normalisation", {})
         items.append(
-            f"{model}: {crop}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
-            f"{', aspect ratio kept (letterbox)' if pre['keep_aspect'] else ', stretched'}); normalised with mean "
-            f"{norm.get('mean', '?')} and std {norm.get('std', '?')}."
+            f"{model}: {_input_text(meta['preprocess'])}; normalised with mean {norm.get('mean', '?')} and std "
+            f"{norm.get('std', '?')}{_tta_text(meta)}."
         )
     return Block(
         "methods-preprocessing",
@@ -119,6 +139,8 @@ def _augmentation(inputs: RunInputs) -> Block:
 
 
 def _training_time(inputs: RunInputs, model: str) -> str:
+    if is_ensemble(inputs.metadata.get(model, {})):
+        return "no training of its own (an ensemble of trained models)"
     history = inputs.history.get(model)
     if history is None or "seconds" not in history.columns:
         return "training time not recorded"
@@ -128,7 +150,15 @@ def _training_time(inputs: RunInputs, model: str) -> str:
 def _models(inputs: RunInputs) -> Block:
     train = inputs.config.get("train", {})
     items = []
+    ensembles = [model for model, meta in inputs.metadata.items() if is_ensemble(meta)]
     for model, meta in inputs.metadata.items():
+        if is_ensemble(meta):
+            sources = ", ".join(str(m["source"]) for m in meta["members"])
+            items.append(
+                f"{model}: {meta['backbone']} (members copied from {sources}), the mean of its members' probabilities; "
+                f"ensemble identity SHA-256 {meta.get('weights_sha256', '')[:12]}."
+            )
+            continue
         items.append(
             f"{model}: starting weights {meta.get('weights_source', '?')}; best epoch {meta.get('best_epoch', '?')} "
             f"by validation AUC per {meta.get('selection', {}).get('level', 'patient')} "
@@ -146,7 +176,14 @@ def _models(inputs: RunInputs) -> Block:
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
             + f", precision {train.get('precision')}, seed {train.get('seed')}. The epoch with the best validation "
-            "AUC is kept. No ensembling: each model is reported on its own.",
+            "AUC is kept. "
+            + (
+                f"Ensembles ({', '.join(ensembles)}) average the probabilities of models trained on the same training "
+                "patients (checked by the training-data hash) and are reported as models of their own, with their "
+                "own threshold frozen on validation."
+                if ensembles
+                else "No ensembling: each model is reported on its own."
+            ),
         ],
         items=items,
     )

@@ -32,8 +32,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from alnus.data.dataset import PreprocessSpec
 from alnus.data.images import load_image
 from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
+from alnus.data.tta import all_views
 from alnus.errors import AlnusError
 from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
 from alnus.operating_point import apply_operating_point, describe, rule_name
@@ -124,7 +126,6 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
     meta = predictor.metadata
     card = read_card(predictor.package_dir)
     point = predictor.operating_point
-    roi = predictor.spec.roi
     validation = None if card is None else validation_table(card)
     return {
         "model": _identity(meta),
@@ -133,13 +134,7 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
             "positive": predictor.positive_label,
             "negative": predictor.negative_label,
         },
-        "input": {
-            "size": predictor.spec.size,
-            "roi_mode": roi.mode,
-            "roi_margin": roi.margin,
-            "needs_roi": roi.mode != "whole",
-            "keep_aspect": predictor.spec.keep_aspect,
-        },
+        "input": _input_info(predictor),
         "threshold": None
         if point is None
         else {
@@ -160,14 +155,52 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "val_auc_at_selection": meta.get("val_auc"),
         "model_card": card,
         "heatmap": settings.heatmap,
+        "heatmap_note": predictor.heatmap_note,
         "engine": predictor.engine_description,
     }
 
 
+def _input_text(spec: PreprocessSpec) -> str:
+    roi = spec.roi
+    region = "the whole image" if roi.mode == "whole" else f"the lesion {roi.mode} with a margin of {roi.margin:g}"
+    return f"{region}, resized to {spec.size} px"
+
+
+def _input_info(predictor: Predictor) -> dict[str, Any]:
+    """What the network(s) look at. `roi_mode` and `roi_margin` are those of the (first) network that crops to the
+    lesion, when any does: what the box a request sends is for; `size` is the first network's."""
+    networks = predictor.networks
+    cropping = next((n.spec for n in networks if n.spec.roi.mode != "whole"), predictor.spec)
+    description = _input_text(predictor.spec)
+    if predictor.is_ensemble:
+        parts = [f"member {i} ({n.backbone}): {_input_text(n.spec)}" for i, n in enumerate(networks, start=1)]
+        description = f"{predictor.metadata['backbone']}; " + "; ".join(parts)
+    if predictor.tta:
+        description += f"; test-time augmentation: the mean over {', '.join(all_views(predictor.tta))}"
+    info = {
+        "size": predictor.spec.size,
+        "roi_mode": cropping.roi.mode,
+        "roi_margin": cropping.roi.margin,
+        "needs_roi": predictor.needs_roi,
+        "keep_aspect": predictor.spec.keep_aspect,
+        "tta": list(predictor.tta),
+        "description": description,
+    }
+    if predictor.is_ensemble:
+        info["members"] = [
+            {"backbone": n.backbone, "size": n.spec.size, "roi_mode": n.spec.roi.mode, "roi_margin": n.spec.roi.margin,
+             "keep_aspect": n.spec.keep_aspect}
+            for n in networks
+        ]  # fmt: skip
+    return info
+
+
 def _identity(meta: dict[str, Any]) -> dict[str, Any]:
+    # An ensemble carries the name of its model folder (`name`); a single network is named by its backbone.
     run, backbone = meta.get("run"), str(meta["backbone"])
+    name = str(meta.get("name") or backbone)
     return {
-        "name": f"{run}/{backbone}" if run else backbone,
+        "name": f"{run}/{name}" if run else name,
         "backbone": backbone,
         "version": str(meta.get("created") or ""),
         "weights_sha256": str(meta["weights_sha256"]),
@@ -265,6 +298,7 @@ class ModelService:
         if explanation is not None:
             # Drawn off the worker, which runs the next batch meanwhile: the overlay on the original image, its PNG.
             answer["heatmap"] = await asyncio.wrap_future(self._drawing.submit(_overlay_uri, explanation))
+            answer["heatmap_note"] = explanation.note or None
         return answer
 
     async def _submit(self, job: _Job, cleanup: Callable[[], None] | None) -> Any:
@@ -445,6 +479,7 @@ class ModelService:
             "image_size": {"width": int(shape[1]), "height": int(shape[0])},
             "model": {k: info["model"][k] for k in ("name", "version", "weights_sha256")},
             "heatmap": None,
+            "heatmap_note": None,
             "notice": NOTICE,
         }
 

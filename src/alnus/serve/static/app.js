@@ -100,8 +100,9 @@
     const input = info.input;
     say(
       "model-input",
-      (input.needs_roi ? "the lesion box (" + input.roi_mode + " crop, margin " + input.roi_margin + ")" : "the whole image") +
-        ", resized to " + input.size + " px"
+      input.description ||
+        (input.needs_roi ? "the lesion box (" + input.roi_mode + " crop, margin " + input.roi_margin + ")" : "the whole image") +
+          ", resized to " + input.size + " px"
     );
     say(
       "roi-hint",
@@ -318,6 +319,7 @@
     say("threshold-note", result.threshold_note);
     if (result.heatmap) {
       $("heatmap").src = result.heatmap;
+      say("heatmap-note", result.heatmap_note || "");
       show("heatmap-figure", true);
     } else {
       show("heatmap-figure", false);
