@@ -55,8 +55,8 @@ CONFIGURATIONS = (
     Configuration("seed1", "base, training seed 1 (same split)", ("train.seed=1",)),
     Configuration("seed2", "base, training seed 2 (same split)", ("train.seed=2",)),
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
-    # random initialisation; on 2 CPU cores they get a bounded budget (112 px, 2 epochs, about half an hour): rows for comparison, not a
-    # reproduction of the paper's transfer learning.
+    # random initialisation; on 2 CPU cores they get a bounded budget (112 px, 2 epochs, about half an hour): rows
+    # for comparison, not a reproduction of the paper's transfer learning.
     Configuration(
         "paper_cnns",
         "the paper's Inception V3, Inception-ResNet V2, ResNet-101: random init (offline), 112 px, 2 epochs",

@@ -1,0 +1,239 @@
+"""Real data, issue 10: every configuration, the pre-registered ensembles, the choice on validation, the final results.
+
+One command regenerates the real-data part of docs/results.md, reusing every finished run (an interrupted one
+resumes):
+
+    nohup .venv/bin/python bench/public_final.py > public_final.log 2>&1 &          # everything
+    .venv/bin/python bench/public_final.py --final-only                               # the final model's runs only
+
+1. the single-model configurations (`bench/public_configs.py`: the base run, its seeds, the other levers, the
+   paper's three CNNs; `--final-only` trains just the members of the ensembles),
+2. the ensembles fixed in the protocol, built in `runs/public_final` (same split) with `alnus ensemble`, then
+   predicted and evaluated there like any model (threshold frozen on the validation patients),
+3. the choice: the highest validation AUC per patient over every configuration and ensemble (within 0.005 the one
+   with fewer member forward passes); the external test is shown for all but never used to choose,
+4. the final section: the chosen model's paper-style table with CIs, the spread over training seeds, the comparison
+   with the radiologists' BI-RADS, the ROC figures with the BI-RADS operating points, the wall time,
+5. AI + radiologist on the chosen model (`bench/ai_plus_radiologist.py`),
+6. the chosen model shipped under models/ (`bench/ship_model.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import public_configs
+from _docs import write_section  # bench/ is on sys.path when a script here runs
+from public_study import REPO, _cpu, _figures, _markdown, _results_section, public_manifest
+
+FINAL_RUN = REPO / "runs" / "public_final"
+MEMBER = "models/{model}/model"  # a trained model's package inside its run folder
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    name: str
+    change: str
+    configurations: tuple[str, ...]  # configuration names of public_configs; their runs' single models are members
+    tta: tuple[str, ...] = ()
+
+    def members(self) -> list[Path]:
+        found = []
+        for name in self.configurations:
+            config = next(c for c in public_configs.CONFIGURATIONS if c.name == name)
+            run = REPO / "runs" / config.run_name
+            found += sorted(p.parent for p in (run / "models").glob("*/model/metadata.json"))
+        return found
+
+    def forward_passes(self) -> int:
+        return len(self.configurations) * (1 + len(self.tta))
+
+
+SINGLE_EFFICIENTNETS = ("base", "shift_aug", "lite2", "margin30", "seed1", "seed2")
+# Fixed in docs/results.md ("Protocol", item 6) before any ensemble was scored.
+ENSEMBLES = (
+    Ensemble("base_tta", "base with horizontal-flip TTA", ("base",), ("hflip",)),
+    Ensemble("seeds", "mean of the base configuration's 3 training seeds", ("base", "seed1", "seed2")),
+    Ensemble("seeds_tta", "the 3 seeds with horizontal-flip TTA", ("base", "seed1", "seed2"), ("hflip",)),
+    Ensemble("all_tta", "every finished single EfficientNet configuration, flip TTA", SINGLE_EFFICIENTNETS, ("hflip",)),
+)
+FINAL_MEMBERS = ("base", "seed1", "seed2")  # what --final-only trains: the members of the seed ensembles
+
+
+def _alnus(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "alnus", *args], check=True)
+
+
+def _prepare_final_run() -> None:
+    from alnus.config import load_config
+    from alnus.runfolder import lock_run
+    from alnus.study import prepare_run
+
+    cfg = load_config(REPO / "configs" / "public.yaml", [f"name={FINAL_RUN.name}"])
+    with lock_run(cfg.run_dir, command="bench/public_final.py (prepare)"):
+        prepare_run(cfg)
+
+
+def _build_ensembles() -> list[str]:
+    """Build (or rebuild when members changed) each ensemble whose members all exist; return their names."""
+    built = []
+    for ensemble in ENSEMBLES:
+        finished = [c for c in ensemble.configurations if public_configs.rows_of(c)]
+        if len(finished) < len(ensemble.configurations) and ensemble.name != "all_tta":
+            print(f"{ensemble.name}: waiting for {', '.join(set(ensemble.configurations) - set(finished))}")
+            continue
+        members = Ensemble(ensemble.name, ensemble.change, tuple(finished), ensemble.tta).members()
+        wanted = sorted(json.loads((m / "metadata.json").read_text())["weights_sha256"] for m in members)
+        meta = FINAL_RUN / "models" / ensemble.name / "model" / "metadata.json"
+        if meta.is_file():
+            have = json.loads(meta.read_text(encoding="utf-8"))
+            if sorted(m["weights_sha256"] for m in have.get("members", [])) == wanted and have.get("tta", []) == list(
+                ensemble.tta
+            ):
+                built.append(ensemble.name)
+                continue
+        args = ["ensemble", str(FINAL_RUN), "--name", ensemble.name, "--force"]
+        for member in members:
+            args += ["--member", str(member)]
+        if ensemble.tta:
+            args += ["--tta", ",".join(ensemble.tta)]
+        _alnus(*args)
+        built.append(ensemble.name)
+    return built
+
+
+def _candidates(ensembles: list[str]) -> pd.DataFrame:
+    """Every single configuration and every ensemble with its validation AUC, cost and external AUC."""
+    from alnus.evaluate import results_values_table
+
+    rows = []
+    for config in public_configs.CONFIGURATIONS:
+        if config.name == "paper_cnns":
+            continue
+        for row in public_configs.rows_of(config.name):
+            rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1})
+    metrics = json.loads((FINAL_RUN / "metrics.json").read_text(encoding="utf-8"))
+    values = results_values_table(metrics, "patient")
+    for name in ensembles:
+        ensemble = next(e for e in ENSEMBLES if e.name == name)
+        rows.append({"name": name, "run": FINAL_RUN.name, "model": name, "passes": ensemble.forward_passes()})
+    table = pd.DataFrame(rows)
+    aucs = []
+    for row in table.itertuples():
+        run_metrics = metrics if row.run == FINAL_RUN.name else _metrics(REPO / "runs" / row.run)
+        v = results_values_table(run_metrics, "patient") if row.run != FINAL_RUN.name else values
+        v = v[(v["model"] == row.model) & v["operating_point"].str.startswith("frozen")]
+        at = {r.split: r for r in v.itertuples()}
+        aucs.append({s: float(at[s].auc) for s in ("val", "internal_test", "external_test") if s in at})
+    for split in ("val", "internal_test", "external_test"):
+        table[f"{split} AUC"] = [a.get(split) for a in aucs]
+    return table
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+
+
+def choose(candidates: pd.DataFrame, tie: float = 0.005) -> pd.Series:
+    """The protocol's rule: the highest validation AUC; among those within `tie` of it, the fewest forward passes
+    (then the higher validation AUC)."""
+    best = candidates["val AUC"].max()
+    close = candidates[candidates["val AUC"] >= best - tie]
+    return close.sort_values(["passes", "val AUC"], ascending=[True, False]).iloc[0]
+
+
+def _seed_spread() -> str:
+    """External AUC of the base configuration over its training seeds: mean and range."""
+    aucs = []
+    for name in ("base", "seed1", "seed2"):
+        for row in public_configs.rows_of(name):
+            aucs.append(float(row["external AUC"].split(" ")[0]))
+    if len(aucs) < 2:
+        return "fewer than two seeds finished"
+    return (f"{len(aucs)} seeds: external AUC mean {sum(aucs) / len(aucs):.3f}, range {min(aucs):.3f}-{max(aucs):.3f} "
+            f"({', '.join(f'{a:.3f}' for a in aucs)})")  # fmt: skip
+
+
+def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str) -> str:
+    metrics = _metrics(FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"])
+    shown = candidates.assign(**{
+        c: [f"{v:.3f}" if pd.notna(v) else "" for v in candidates[c]]
+        for c in ("val AUC", "internal_test AUC", "external_test AUC")
+    }).rename(columns={"passes": "forward passes"})  # fmt: skip
+    out = [
+        "## Real data: the chosen model (issue 10)",
+        "",
+        f"Command: `python bench/public_final.py`. Date {dt.date.today().isoformat()}; hardware {_cpu()}, "
+        f"{len(os.sched_getaffinity(0))} cores, no GPU; wall time of this command {seconds / 60:.0f} min (finished "
+        f"runs are reused). The final model's own runs (its members trained one after another, plus the ensemble's "
+        f"prediction and evaluation) took {final_minutes}.",
+        "",
+        "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
+        _markdown(shown[["name", "model", "forward passes", "val AUC", "internal_test AUC", "external_test AUC"]]),
+        "",
+        f"**Chosen: `{chosen['name']}`** (model `{chosen['model']}` in runs/{chosen['run']}): the highest validation "
+        "AUC, or within 0.005 of it with fewer forward passes.",
+        "",
+        f"Training variance of the base configuration: {_seed_spread()}. The CIs below cover case sampling only.",
+        "",
+    ]
+    chosen_only = {**metrics, "models": {chosen["model"]: metrics["models"][chosen["model"]]},
+                   "readers": {s: {m: f for m, f in by.items() if m == chosen["model"]}
+                               for s, by in metrics.get("readers", {}).items()}}  # fmt: skip
+    out += _results_section(chosen_only)
+    run_dir = FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"]
+    out += _figures(run_dir, prefix="final", models=[chosen["model"]], flow=False)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--final-only", action="store_true", help="train only the members of the final ensembles")
+    parser.add_argument("--no-ship", action="store_true", help="do not write the chosen model under models/")
+    args = parser.parse_args(argv)
+    if not (args.data / "BUS-BRA").is_dir():
+        print(f"real data not found at {args.data}; pass --data", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    public_manifest(args.data)
+    only = ",".join(FINAL_MEMBERS) if args.final_only else ""
+    public_configs.main(["--data", str(args.data)] + (["--only", only] if only else []))
+    _prepare_final_run()
+    ensembles = _build_ensembles()
+    ensemble_started = time.perf_counter()
+    if ensembles:
+        _alnus("predict-run", str(FINAL_RUN), *[a for name in ensembles for a in ("--model", name)])
+        _alnus("evaluate", str(FINAL_RUN))
+        _alnus("report", str(FINAL_RUN))
+    ensemble_seconds = time.perf_counter() - ensemble_started
+    candidates = _candidates(ensembles)
+    chosen = choose(candidates.dropna(subset=["val AUC"]))
+    trained = sum(public_configs.training_seconds(name) for name in FINAL_MEMBERS)
+    final_minutes = f"{(trained + ensemble_seconds) / 60:.0f} min ({trained / 60:.0f} min training, " \
+        f"{ensemble_seconds / 60:.0f} min ensembles)"  # fmt: skip
+    section = final_section(candidates, chosen, time.perf_counter() - started, final_minutes)
+    write_section(REPO / "docs" / "results.md", "public-final", section, title="# Results")
+    print(section)
+    import ai_plus_radiologist
+
+    run = FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"]
+    ai_plus_radiologist.main(["--run", str(run), "--model", str(chosen["model"])])
+    if not args.no_ship:
+        import ship_model
+
+        ship_model.main([str(run / MEMBER.format(model=chosen["model"]))])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
