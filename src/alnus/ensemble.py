@@ -124,7 +124,7 @@ def build_ensemble(
     if not run.splits.is_file():
         raise EnsembleError(f"{run.root} is not a prepared run folder (no splits.csv); pass runs/<name>.")
     _check_name(name)
-    views = check_views(list(tta or []), "--tta")
+    views = check_views(tta, "--tta")  # a bare string is refused there (not read letter by letter)
     if not members:
         raise EnsembleError("give at least one member package (--member runs/<name>/models/<backbone>/model).")
     if len(members) > MAX_MEMBERS:
@@ -142,7 +142,8 @@ def build_ensemble(
 def _check_name(name: str) -> None:
     from alnus.models import list_backbones
 
-    if not _NAME.match(name or ""):
+    # fullmatch: `$` would also match before a final line break ("ens\n" is no folder name).
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise EnsembleError(
             f"--name {name!r} is not a model folder name: use letters, digits, '.', '_' and '-' (up to 64, starting "
             "with a letter or digit), e.g. ens_lite0_hflip."
@@ -159,12 +160,22 @@ def _check_target(run: RunFolder, name: str, force: bool) -> None:
     folder = run.model(name)
     if folder.root.is_symlink():
         raise EnsembleError(f"{folder.root} is a symbolic link; remove it (an ensemble is written inside the run).")
+    for path in (folder.root, folder.package):
+        if path.exists() and not path.is_dir() and not path.is_symlink():
+            raise EnsembleError(
+                f"{path} is not a folder (an ensemble is the folder models/<NAME>/model); choose another --name, or "
+                "remove that file if it is not needed."
+            )
     trained = [m for m in _TRAINED_MARKERS if (folder.root / m).exists()]
     if folder.metadata.is_file() and not trained:
         try:
             earlier = read_metadata(folder.package)
-        except AlnusError:
-            earlier = {}
+        except AlnusError as exc:
+            raise EnsembleError(
+                f"{folder.metadata} cannot be read ({exc}), so it is unknown whether {folder.package} holds an "
+                "ensemble or a trained model, and it is not replaced (not even with --force); delete that folder "
+                "yourself if it is a damaged ensemble, or choose another --name."
+            ) from None
         if not is_ensemble(earlier):
             trained.append("a model package")
         elif not force:
@@ -336,10 +347,6 @@ def _write(run: RunFolder, name: str, candidates: list[_Candidate], views: list[
     into place (replacing an earlier ensemble) and drop the earlier one's prediction stamp."""
     folder = run.model(name)
     root = run.output_folder(folder.root)  # refuses a symlink on the way (nothing is written through one)
-    # Folders of an earlier build that was killed (kill -9) before it could clean up; the run's lock is held here.
-    for stale in root.glob(f".{folder.package.name}.*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.package.name}.", dir=root))
     umask = os.umask(0)
     os.umask(umask)
@@ -359,6 +366,12 @@ def _write(run: RunFolder, name: str, candidates: list[_Candidate], views: list[
             os.replace(folder.package, old)
         os.replace(tmp, folder.package)
         shutil.rmtree(old, ignore_errors=True)
+        # Folders of an earlier build that was killed (kill -9) before it could clean up, removed once the members
+        # are copied (one may have been given as a member: the old package of a build killed while swapping). The
+        # run's lock is held here.
+        for stale in root.glob(f".{folder.package.name}.*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Predictions of an earlier ensemble of this name are of other members: without the stamp, evaluate asks for new.

@@ -514,10 +514,14 @@ def missing_roi_message(spec: PreprocessSpec) -> str:
     )
 
 
-def _read_card(package_dir: Path) -> str:
-    """The package's model card (README.md, written by `alnus report`), or "" when it has none or it is unreadable."""
+def read_card(package_dir: Path) -> str:
+    """The package's model card (README.md, written by `alnus report`), or "" when it has none, it is unreadable or
+    it is a symbolic link (a package's card is its own file: a link could show any file the reader may read)."""
+    path = package_dir / "README.md"
+    if path.is_symlink():
+        return ""
     try:
-        with open_regular(package_dir / "README.md") as fh:
+        with open_regular(path) as fh:
             return fh.read(MAX_CARD_BYTES).decode("utf-8", errors="replace")
     except (OSError, NotAFileError):
         return ""
@@ -556,7 +560,7 @@ def package_notes(package_dir: str | os.PathLike[str], metadata: Mapping[str, An
     has one, else from metadata.json (a package saved before `alnus report` has no card). Whether new images resemble
     the training data cannot be checked in general, so the sites are named and the notice is always included.
     """
-    sections = _card_sections(_read_card(Path(package_dir)))
+    sections = _card_sections(read_card(Path(package_dir)))
     use = [_plain(line) for line in sections.get("Intended use", []) if line.strip()]
     use = [line for line in use if line != NOTICE]
     positive = str(metadata.get("positive_label", "?"))

@@ -517,3 +517,19 @@ def test_an_upload_that_does_not_arrive_in_time_is_a_408(package: Path, tmp_path
             answer += more.decode(errors="replace")
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert "did not arrive within" in answer and waited < 8
+
+
+def test_a_symlinked_model_card_is_not_served(tmp_path: Path) -> None:
+    """A package's README.md that is a link (to any file the server may read) is not sent as the model card."""
+    from alnus.predict import read_card
+    from alnus.serve.service import read_card as served_card
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET server file", encoding="utf-8")
+    (package / "README.md").symlink_to(secret)
+    assert served_card(package) is None and read_card(package) == ""
+    (package / "README.md").unlink()
+    (package / "README.md").write_text("# Model card\n", encoding="utf-8")
+    assert served_card(package) == "# Model card\n" and read_card(package) == "# Model card\n"

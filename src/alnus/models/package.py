@@ -250,12 +250,19 @@ def preprocess_of(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _read_ensemble(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """Check an ensemble's metadata: labels, member records (fixed folders, facts of the right types), its digest."""
-    missing = [k for k in ("backbone", "weights_sha256", "label_names", "positive_label", "members") if k not in meta]
+    required = ("backbone", "weights_sha256", "label_names", "positive_label", "members", "training_data_hash")
+    missing = [k for k in required if k not in meta]
     if missing:
         raise PackageError(
             f"{path} lacks {', '.join(missing)}; the ensemble is damaged: build it again (alnus ensemble)"
         )
     _check_model_keys(meta, path)
+    digest = meta["training_data_hash"]
+    if not isinstance(digest, str) or not digest:
+        raise PackageError(
+            f"{path}: training_data_hash = {digest!r} is not the hash of the training data its members were checked "
+            "against; the ensemble is damaged: build it again (alnus ensemble)"
+        )
     members = meta["members"]
     if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
         raise PackageError(
@@ -279,6 +286,23 @@ def _read_ensemble(meta: dict[str, Any], path: Path) -> dict[str, Any]:
             raise PackageError(f"{where}.weights_sha256 is not a SHA-256 hex digest; build the ensemble again")
         if not isinstance(record["training_data_hash"], str) or not isinstance(record["source"], str):
             raise PackageError(f"{where}: training_data_hash and source must be text; build the ensemble again")
+        # Every member was trained on the patients the ensemble's hash names (the build checks it against the run).
+        if record["training_data_hash"] != digest:
+            raise PackageError(
+                f"{where}.training_data_hash = {record['training_data_hash'][:12]}... differs from the ensemble's "
+                f"({digest[:12]}...): that member was trained on other patients, who may include this run's "
+                "validation or test patients. Build the ensemble again from this run's packages (alnus ensemble)"
+            )
+        # A network listed twice only weighs it twice; the build refuses it, so a package that has it was edited.
+        earlier = next(
+            (j for j, m in enumerate(members[: i - 1], start=1) if m["weights_sha256"] == record["weights_sha256"]),
+            None,
+        )
+        if earlier is not None:
+            raise PackageError(
+                f"{where} has the same weights as members[{earlier}] (a network listed twice weighs it twice); the "
+                "ensemble was edited by hand: build it again (alnus ensemble) with each network once"
+            )
         _check_preprocess(record["preprocess"], path, key=f"members[{i}].preprocess")
     if meta["weights_sha256"] != ensemble_digest([m["weights_sha256"] for m in members]):
         raise PackageError(

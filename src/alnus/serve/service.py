@@ -40,6 +40,7 @@ from alnus.errors import AlnusError
 from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.predict import Predictor
+from alnus.predict import read_card as read_package_card
 from alnus.report.card import CARD_FILE, NOTICE, intended_use
 from alnus.serve.uploads import ApiError, new_upload_folder, remove_upload_folder
 
@@ -113,9 +114,9 @@ def validation_table(card: str) -> dict[str, Any] | None:
 def read_card(package_dir: Path) -> str | None:
     """The package's model card (README.md) as text, None when there is none (a package not yet reported)."""
     path = package_dir / CARD_FILE
-    if not path.is_file() or path.stat().st_size > MAX_CARD_BYTES:
-        return None
-    return path.read_text(encoding="utf-8", errors="replace")
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CARD_BYTES:
+        return None  # a link could hand out any file the server may read
+    return read_package_card(package_dir) or None
 
 
 def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
