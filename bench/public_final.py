@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--final-only", action="store_true", help="train only the members of the final ensembles")
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: use the configurations finished so far (the table says which are not)",
+    )
     parser.add_argument("--no-ship", action="store_true", help="do not write the chosen model under models/")
     args = parser.parse_args(argv)
     if not (args.data / "BUS-BRA").is_dir():
@@ -207,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     public_manifest(args.data)
     only = ",".join(FINAL_MEMBERS) if args.final_only else ""
-    public_configs.main(["--data", str(args.data)] + (["--only", only] if only else []))
+    public_configs.main(
+        ["--data", str(args.data)] + (["--table"] if args.no_train else ["--only", only] if only else [])
+    )
     _prepare_final_run()
     ensembles = _build_ensembles()
     ensemble_started = time.perf_counter()
