@@ -22,13 +22,21 @@ import pandas as pd
 from alnus import __version__
 from alnus._io import atomic_write_text, file_problem
 from alnus._text import no_bidi
+from alnus.models.package import is_ensemble
 from alnus.report import tables
-from alnus.report._inputs import ReportError, RunInputs, read_run_inputs
+from alnus.report._inputs import (
+    ReportError,
+    RunInputs,
+    ensemble_summary,
+    read_run_inputs,
+    shareable_path,
+    shareable_text,
+)
 from alnus.report.card import NOTICE, intended_use, render_markdown, write_model_cards
 from alnus.report.claim import claim_items
 from alnus.report.methods import methods_blocks
 from alnus.report.tables import Block
-from alnus.runfolder import EVALUATION_SPLITS, damaged_files
+from alnus.runfolder import EVALUATION_SPLITS, RunFolder, damaged_files
 
 __all__ = ["ReportError", "build_report", "render_report"]
 
@@ -37,6 +45,7 @@ PER_OUTCOME = 3
 OUTCOMES = ("TP", "FP", "TN", "FN")
 _OUTCOME_NAMES = {"TP": "true positives", "FP": "false positives", "TN": "true negatives", "FN": "false negatives"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EMPTY_MAP = "empty map (no positive evidence)"
 # Figure sections (of `make_figures`) in the order the report shows them, with their headings.
 FIGURE_SECTIONS = {
     "roc": "ROC curves",
@@ -152,7 +161,20 @@ def _read_index(path: Path) -> pd.DataFrame | None:
     return index
 
 
-def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: list[str]) -> Image | None:
+def empty_maps(index: pd.DataFrame) -> pd.Series:
+    """Rows whose heat map is empty (no positive evidence: nothing in the crop raised the positive-class score).
+
+    `alnus explain` leaves `energy_in_roi` empty for a map without heat (`alnus.explain.energy_share`); where the
+    lesion is known its baselines (`gaussian_in_roi`) are still filled, which tells such a map from an image without
+    a lesion.
+    """
+    if not {"energy_in_roi", "gaussian_in_roi"} <= set(index.columns):
+        return pd.Series(False, index=index.index)
+    energy = pd.to_numeric(index["energy_in_roi"], errors="coerce")
+    return energy.isna() & pd.to_numeric(index["gaussian_in_roi"], errors="coerce").notna()
+
+
+def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: list[str], empty: bool) -> Image | None:
     path = folder / str(row["png"])
     # Only files of the heat-map folder itself are embedded, whatever index.csv names.
     inside = path.resolve().parent == folder.resolve()
@@ -166,15 +188,18 @@ def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: lis
         if str(row.get(column, "")).strip():
             parts.append(f"{label} {row[column]}")
     energy = pd.to_numeric(row.get("energy_in_roi", ""), errors="coerce")
-    if pd.notna(energy):
+    if empty:
+        parts.append(EMPTY_MAP)
+    elif pd.notna(energy):
         parts.append(f"{tables.pct(float(energy))} of the heat in the lesion")
     alt = f"Heat map over the input crop ({row['outcome']}, image {Path(str(row.get('image', ''))).name})"
     return Image(f"{folder.parent.name}-{folder.name}-{row['outcome']}-{number}", src, "; ".join(parts), alt)
 
 
-def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str) -> Block:
+def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str, run: RunFolder) -> Block:
     block = Block(f"heatmaps-{model}-{split}", f"{model}, {split}")
     missing: list[str] = []
+    index = index.assign(_empty=empty_maps(index))
     for outcome in OUTCOMES:
         rows = index[index["outcome"].str.upper() == outcome].copy()
         if rows.empty:
@@ -183,7 +208,8 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
         rows = rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last")
         tiles = [
-            _tile(row, folder, positive, i, missing) for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
+            _tile(row, folder, positive, i, missing, bool(row["_empty"]))
+            for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
         ]
         shown = [tile for tile in tiles if tile is not None]
         block.groups.append(
@@ -196,14 +222,14 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         "probability; the call is made at the frozen threshold's level."
     )
     notes = [n for n in index["note"].unique() if n] if "note" in index.columns else []
-    block.paragraphs += [f"How these heat maps were made: {note}" for note in notes]
+    block.paragraphs += [f"How these heat maps were made: {shareable_text(note, run)}" for note in notes]
     check = _faithfulness(index)
     if check:
         block.paragraphs.append(check)
     if missing:
         block.paragraphs.append(
-            f"{len(missing)} heat-map image(s) listed in {folder / 'index.csv'} could not be read (missing or not "
-            f"PNG), e.g. {missing[0]}; run `alnus explain RUN` again."
+            f"{len(missing)} heat-map image(s) listed in {shareable_path(folder / 'index.csv', run)} could not be read "
+            f"(missing or not PNG), e.g. {shareable_path(missing[0], run)}; run `alnus explain RUN` again."
         )
     return block
 
@@ -214,9 +240,21 @@ def _faithfulness(index: pd.DataFrame) -> str | None:
     columns = ("energy_in_roi", "gaussian_in_roi", "random_in_roi")
     if not set(columns) <= set(index.columns):
         return None
+    empty = int(empty_maps(index).sum())
     shares = index[list(columns)].apply(pd.to_numeric, errors="coerce").dropna()
     if shares.empty:
-        return None
+        return (
+            f"All {empty} heat maps of images with a known lesion are empty (no positive evidence: nothing in the crop "
+            "raised the positive-class score), so no share of heat in the lesion can be given."
+            if empty
+            else None
+        )
+    maps, verb = ("1 empty map", "is") if empty == 1 else (f"{empty} empty maps", "are")
+    left_out = (
+        f" {maps} (no positive evidence: nothing in the crop raised the positive-class score) {verb} left out of "
+        "these numbers."
+    )
+    which = " and heat in the map" if empty else ""
     heat, gaussian, noise = (float(shares[c].mean()) for c in columns)
     beats = int((shares["energy_in_roi"] > shares["gaussian_in_roi"]).sum())
     verdict = (
@@ -224,10 +262,10 @@ def _faithfulness(index: pd.DataFrame) -> str | None:
         "it does not beat both baselines here: read these maps with caution"
     )  # fmt: skip
     return (
-        f"Check of the heat maps on the {len(shares)} images with a known lesion: on average "
+        f"Check of the heat maps on the {len(shares)} images with a known lesion{which}: on average "
         f"{tables.pct(heat)} of the heat lies in the lesion, against {tables.pct(gaussian)} for a centred Gaussian "
         f"and {tables.pct(noise)} for a random map over the same crop; the heat map beats the Gaussian on "
-        f"{beats} of {len(shares)} images; {verdict}."
+        f"{beats} of {len(shares)} images; {verdict}.{left_out if empty else ''}"
     )
 
 
@@ -241,8 +279,8 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
             if folder.exists() and not inputs.run.is_inside(folder):
                 # A planted symlink to a folder elsewhere: nothing from outside the run is embedded.
                 section.paragraphs.append(
-                    f"The heat maps of {model}, {split} are not shown: {folder} leads outside the run folder (a "
-                    "symbolic link); remove it and run `alnus explain` again."
+                    f"The heat maps of {model}, {split} are not shown: {shareable_path(folder, inputs.run)} leads "
+                    "outside the run folder (a symbolic link); remove it and run `alnus explain` again."
                 )
                 continue
             index = _read_index(folder / "index.csv")
@@ -250,7 +288,7 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
                 continue
             if "method" in index.columns:
                 methods += [m for m in index["method"].unique() if m and m not in methods]
-            section.blocks.append(_gallery_block(model, split, index, folder, positive))
+            section.blocks.append(_gallery_block(model, split, index, folder, positive, inputs.run))
     if section.blocks:
         section.paragraphs.append(
             "Where the network looked: the heat map over the network's input crop, with the lesion outline where "
@@ -260,7 +298,8 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
         )
     else:
         section.paragraphs.append(
-            f"No heat maps in this run; `alnus explain {inputs.run.root}` makes them, then `alnus report` again."
+            "No heat maps in this run; `alnus explain RUN` (RUN: this run's folder) makes them, then `alnus report "
+            "RUN` again."
         )
     return section, methods
 
@@ -279,7 +318,8 @@ def _flow_section(inputs: RunInputs, figures: Sequence[Any], missing: list[str])
     flow = Block("flow-diagram", "Flow diagram", figures=_figure_images(figures, "flow", missing))
     if not flow.figures:
         flow.paragraphs.append("No flow diagram was made for this run.")
-    exclusions = tables.exclusions_table(inputs.exclusions)
+    reasons = inputs.exclusions["reason"].map(lambda r: shareable_text(r, inputs.run)) if len(inputs.exclusions) else []
+    exclusions = tables.exclusions_table(inputs.exclusions.assign(reason=reasons))
     if exclusions is not None:
         flow.tables.append(exclusions)
     characteristics = Block(
@@ -329,7 +369,7 @@ def _readers_section(inputs: RunInputs) -> Section:
                     Block(
                         f"readers-{model}-{split}-error",
                         f"{model} vs readers, {split}: not compared",
-                        paragraphs=[str(compared["error"])],
+                        paragraphs=[shareable_text(compared["error"], inputs.run)],
                     )  # fmt: skip
                 )
                 continue
@@ -351,7 +391,7 @@ def _readers_section(inputs: RunInputs) -> Section:
                     Block(
                         f"panel-{model}-{split}-block",
                         f"{model} vs the reader panel, {split}: {tables.panel_method(compared)}",
-                        paragraphs=[str(compared["note"])] if compared.get("note") else [],
+                        paragraphs=[shareable_text(compared["note"], inputs.run)] if compared.get("note") else [],
                         tables=[tables.panel_table(split, model, compared)],
                     )
                 )
@@ -392,6 +432,7 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
     # Only figures inside the run folder (links followed) are embedded; others are named as missing.
     missing += [str(f.path) for f in figures if not inputs.run.is_inside(f.path)]
     figures = [f for f in figures if inputs.run.is_inside(f.path)]
+    skipped = [shareable_text(line, inputs.run) for line in _skipped_figures(inputs.run.figures)]
     heatmaps, methods = _heatmaps_section(inputs)
     meta = inputs.metadata[inputs.models[0]]
     sections = [
@@ -400,7 +441,7 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
         _results_section(inputs),
         _comparisons_section(inputs),
         _readers_section(inputs),
-        _figures_section(figures, missing, _skipped_figures(inputs.run.figures)),
+        _figures_section(figures, missing, skipped),
         heatmaps,
         _calibration_section(inputs),
         _cards_section(cards),
@@ -422,9 +463,14 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
         "intended_use": render_markdown("\n".join(intended_use(meta))),
         "toc": SECTIONS,
         "sections": sections,
-        "missing_figures": missing,
+        "missing_figures": [shareable_path(path, inputs.run) for path in missing],
         "anchors": anchors,
-        "claim": claim_items(has_heatmaps=bool(methods), has_readers=readers, has_external=_has_external(inputs)),
+        "claim": claim_items(
+            has_heatmaps=bool(methods),
+            has_readers=readers,
+            has_external=_has_external(inputs),
+            ensembles={m: ensemble_summary(inputs, m) for m in inputs.models if is_ensemble(inputs.metadata[m])},
+        ),
     }
 
 

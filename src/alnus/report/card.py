@@ -21,7 +21,7 @@ from alnus.data.tta import all_views
 from alnus.evaluate import format_auc, format_proportion
 from alnus.models.package import is_ensemble, preprocess_of
 from alnus.operating_point import describe, rule_name
-from alnus.report._inputs import RunInputs
+from alnus.report._inputs import Network, RunInputs, members, shareable_text, single_model, starting_weights
 from alnus.runfolder import EVALUATION_SPLITS
 
 CARD_FILE = "README.md"
@@ -141,33 +141,56 @@ def _tta_line(meta: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _model_facts(meta: Mapping[str, Any]) -> list[str]:
+def _trained(network: Network) -> str:
+    """'seed 1; starting weights: none; selected at epoch 15 by validation AUC (0.966 per patient)' as Markdown."""
+    seed = "not recorded" if network.seed is None else md_text(network.seed)
+    auc = f" ({network.val_auc:.3f} per {md_text(network.level)})" if network.val_auc is not None else ""
+    return (
+        f"training seed {seed}; weights at the start of training: {md_text(network.weights_source)}; selected at "
+        f"epoch {md_text(network.best_epoch)} by validation AUC{auc}"
+    )
+
+
+def _model_facts(inputs: RunInputs, model: str) -> list[str]:
+    meta = inputs.metadata[model]
     if is_ensemble(meta):
-        return _ensemble_facts(meta)
+        return _ensemble_facts(inputs, model)
+    single = single_model(inputs, model)
     return [
         "## Model",
         "",
         f"- Backbone: {md_text(meta['backbone'])}; weights at the start of training: {md_text(meta['weights_source'])}",
         f"- Input: {_input_text(meta['preprocess'])}, grey-scale replicated to 3 channels",
-        f"- Selected at epoch {meta.get('best_epoch', '?')} by validation AUC",
+        f"- Training seed {'not recorded' if single.seed is None else md_text(single.seed)}; selected at epoch "
+        f"{md_text(single.best_epoch)} by validation AUC"
+        + (f" ({single.val_auc:.3f} per {md_text(single.level)})" if single.val_auc is not None else ""),
         *_tta_line(meta),
         f"- Weights SHA-256: `{md_text(str(meta['weights_sha256'])[:16])}`",
     ]
 
 
-def _ensemble_facts(meta: Mapping[str, Any]) -> list[str]:
-    members = meta["members"]
-    lines = [
-        f"  - member {i}: {md_text(m['backbone'])}; input: {_input_text(m['preprocess'])}; weights SHA-256 "
-        f"`{md_text(str(m['weights_sha256'])[:16])}`; copied from {md_text(m['source'])}"
-        for i, m in enumerate(members, start=1)
-    ]
+def _ensemble_facts(inputs: RunInputs, model: str) -> list[str]:
+    meta = inputs.metadata[model]
+    records = meta["members"]
+    lines = []
+    for i, (record, network) in enumerate(zip(records, members(inputs, model), strict=True), start=1):
+        differs = (
+            f"; trained with other settings than this run: {md_text(', '.join(network.other_settings))}"
+            if network.other_settings
+            else ""
+        )
+        lines.append(
+            f"  - member {i}: {md_text(network.backbone)}; input: {_input_text(record['preprocess'])}; "
+            f"{_trained(network)}{differs}; from {md_text(network.source)}; weights SHA-256 "
+            f"`{md_text(network.weights_sha256[:16])}`"
+        )
     return [
         "## Model",
         "",
-        f"- {md_text(meta['backbone'])}: the probability is the mean of its {len(members)} members' probabilities, "
+        f"- {md_text(meta['backbone'])}: the probability is the mean of its {len(records)} members' probabilities, "
         "each member preprocessing the image as it did in training. It has no training of its own: each member was "
-        "trained on this run's training patients (their training-data hash was checked when the ensemble was built).",
+        "trained on this run's training patients (their training-data hash was checked when the ensemble was built) "
+        "and selected on its validation patients.",
         *lines,
         *_tta_line(meta),
         f"- Ensemble identity (SHA-256 of the members' weights digests): `{md_text(str(meta['weights_sha256'])[:16])}`",
@@ -249,16 +272,18 @@ def _limitations(inputs: RunInputs, model: str) -> list[str]:
             "The ensemble's members were chosen by whoever built it: its test results are unbiased only if that "
             "choice did not look at the test splits (choose members on validation results alone)."
         )
-    items += [md_text(note) for note in inputs.metrics["models"][model].get("notes", [])]
+    items += [md_text(shareable_text(note, inputs.run)) for note in inputs.metrics["models"][model].get("notes", [])]
     return ["## Known limitations", "", *(f"- {item}" for item in items)]
 
 
-def _licence_and_citation(inputs: RunInputs, meta: Mapping[str, Any]) -> list[str]:
+def _licence_and_citation(inputs: RunInputs, model: str) -> list[str]:
+    meta = inputs.metadata[model]
     version = meta.get("versions", {}).get("alnus", "?")
     git = inputs.env.get("git", {}) if isinstance(inputs.env.get("git"), dict) else {}
     sha = f", git {md_text(str(git['sha'])[:12])}" if git.get("sha") else ""
     start = (
-        "its members' starting weights (listed under Model)"
+        f"its members' starting weights: {md_text(starting_weights(members(inputs, model)))}, listed per "
+        "member under Model"
         if is_ensemble(meta)
         else md_text(meta.get("weights_source", "?"))
     )
@@ -284,11 +309,11 @@ def model_card(inputs: RunInputs, model: str) -> str:
         [f"# Model card: {md_text(model)} (run {md_text(inputs.run.name)})"],
         ["## Intended use", "", *intended_use(meta)],
         _training_data(inputs),
-        _model_facts(meta),
+        _model_facts(inputs, model),
         _threshold(meta),
         _results(inputs, model),
         _limitations(inputs, model),
-        _licence_and_citation(inputs, meta),
+        _licence_and_citation(inputs, model),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 

@@ -7,6 +7,7 @@ authors and marked so; an item that does not apply to this run (e.g. ensembling,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Status words of the checklist table.
@@ -107,11 +108,31 @@ _ITEMS: tuple[tuple[int, str, str, str, tuple[str, ...], str], ...] = (
 # fmt: on
 
 
-def claim_items(*, has_heatmaps: bool, has_readers: bool, has_external: bool) -> list[ClaimItem]:
-    """The 42 CLAIM items with where this run's report answers each; items whose part is missing say so."""
+def _ensembling_note(ensembles: Mapping[str, str]) -> str:
+    return (
+        "; ".join(ensembles.values())
+        + ". Each member was trained on this run's training patients and selected on its validation patients "
+        "(training-data hash checked); the members must have been chosen on validation results alone, which the "
+        "report states in each ensemble's model card (Known limitations) but cannot check: how they were chosen is "
+        "for the authors to say"
+    )
+
+
+def claim_items(
+    *, has_heatmaps: bool, has_readers: bool, has_external: bool, ensembles: Mapping[str, str] | None = None
+) -> list[ClaimItem]:
+    """The 42 CLAIM items with where this run's report answers each; items whose part is missing say so.
+
+    Args:
+        ensembles: each ensemble of the run with one line on its members, combination and TTA views
+            (`alnus.report._members.ensemble_summary`); none: no ensembling.
+    """
     items = []
     for number, section, text, status, where, note in _ITEMS:
-        if number in (31, 37) and not has_heatmaps:
+        if number == 27 and ensembles:
+            status, note = ANSWERED, _ensembling_note(ensembles)
+            where = ("methods-models", "methods-preprocessing", *(f"model-card-{name}" for name in ensembles))
+        elif number in (31, 37) and not has_heatmaps:
             status, note = AUTHORS, "no heat maps in this run: run `alnus explain RUN`, then `alnus report RUN`"
             where = ("methods-explain",)
         elif number == 18 and not has_readers:

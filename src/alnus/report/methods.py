@@ -10,7 +10,7 @@ from typing import Any
 from alnus.data.tta import all_views
 from alnus.models.package import is_ensemble
 from alnus.operating_point import describe, rule_name
-from alnus.report._inputs import RunInputs
+from alnus.report._inputs import Network, RunInputs, members, shareable_text, single_model
 from alnus.report.tables import Block, pct
 
 # Heat-map methods by their `alnus explain --method` name, as a paper names them.
@@ -68,7 +68,7 @@ def _split(inputs: RunInputs) -> Block:
             f"{pct(data.get('val_frac', 0.1))} form the validation split (threshold and epoch selection); the others "
             f"train. Random seed {data.get('seed', 0)}. Near-duplicate images across splits: {duplicates}.",
         ],
-        items=[str(note) for note in inputs.data_stamp.get("notes", [])],
+        items=[shareable_text(note, inputs.run) for note in inputs.data_stamp.get("notes", [])],
     )
 
 
@@ -147,22 +147,30 @@ def _training_time(inputs: RunInputs, model: str) -> str:
     return f"{len(history)} epochs in {history['seconds'].sum():.0f} s"
 
 
+def _member_text(i: int, member: Network) -> str:
+    differs = f"; trained with other settings than this run: {', '.join(member.other_settings)}"
+    return (
+        f"member {i}: {member.backbone} from {member.source}, {member.training_text()}"
+        f"{differs if member.other_settings else ''}"
+    )
+
+
 def _models(inputs: RunInputs) -> Block:
     train = inputs.config.get("train", {})
     items = []
     ensembles = [model for model, meta in inputs.metadata.items() if is_ensemble(meta)]
     for model, meta in inputs.metadata.items():
         if is_ensemble(meta):
-            sources = ", ".join(str(m["source"]) for m in meta["members"])
+            listed = "; ".join(_member_text(i, m) for i, m in enumerate(members(inputs, model), start=1))
             items.append(
-                f"{model}: {meta['backbone']} (members copied from {sources}), the mean of its members' probabilities; "
-                f"ensemble identity SHA-256 {meta.get('weights_sha256', '')[:12]}."
+                f"{model}: {meta['backbone']}, the mean of its members' probabilities{_tta_text(meta)}; ensemble "
+                f"identity SHA-256 {meta.get('weights_sha256', '')[:12]}. Members: {listed}."
             )
             continue
+        single = single_model(inputs, model)
         items.append(
-            f"{model}: starting weights {meta.get('weights_source', '?')}; best epoch {meta.get('best_epoch', '?')} "
-            f"by validation AUC per {meta.get('selection', {}).get('level', 'patient')} "
-            f"({_training_time(inputs, model)}); weights SHA-256 {meta.get('weights_sha256', '')[:12]}."
+            f"{model}: {single.training_text()}; {_training_time(inputs, model)}; weights SHA-256 "
+            f"{single.weights_sha256[:12]}."
         )
     stop = train.get("early_stopping_patience")
     return Block(
@@ -175,12 +183,14 @@ def _models(inputs: RunInputs) -> Block:
             f"warm-up epochs, {train.get('head_epochs')} head-only epochs), batch size {train.get('batch_size')}, up "
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
-            + f", precision {train.get('precision')}, seed {train.get('seed')}. The epoch with the best validation "
-            "AUC is kept. "
+            + f", precision {train.get('precision')}: this run's settings; each network's seed, best epoch and "
+            "validation AUC are listed below. The epoch with the best validation AUC is kept. "
             + (
                 f"Ensembles ({', '.join(ensembles)}) average the probabilities of models trained on the same training "
                 "patients (checked by the training-data hash) and are reported as models of their own, with their "
-                "own threshold frozen on validation."
+                "own threshold frozen on validation. A member trained in another run (another seed of the same "
+                "split, say) was trained with that run's settings; where they differ from this run's, its line says "
+                "so. The members must have been chosen on validation results alone, never on the test splits."
                 if ensembles
                 else "No ensembling: each model is reported on its own."
             ),
@@ -243,7 +253,9 @@ def _explain(methods: list[str]) -> Block:
         text = (
             f"Heat maps by {names} with pytorch-grad-cam, on the positive-class logit at each backbone's CAM layer "
             "(from the model registry), shown over the network's input crop in the original image's coordinates "
-            "with the lesion outline where known. The share of heat-map energy inside the lesion is given per image."
+            "with the lesion outline where known. The share of heat-map energy inside the lesion is given per "
+            "image; a map without heat (no positive evidence: nothing in the crop raised the positive-class score) "
+            "is called empty and left out of the averages."
         )
     return Block("methods-explain", "Heat-map methods", paragraphs=[text])
 

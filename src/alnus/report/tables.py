@@ -20,6 +20,8 @@ from alnus.runfolder import SPLITS
 _NOT_CLINICAL = {"image", "patient_id", "study_id", "label", "site", "split", "roi", "mask", "frame", "group"}
 # Exclusion reasons shown in the report; every one of them is in exclusions.csv.
 _SHOWN_REASONS = 15
+# A cell naming a file (e.g. a mask in `mask_tumor`): an absolute path, or a path ending in an image's suffix.
+_FILE_CELL = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)|[\\/].*\.(png|jpe?g|bmp|tiff?|gif|dcm|dicom|nii(\.gz)?)$", re.I)
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,25 @@ def present_splits(splits: pd.DataFrame) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- cases
+def path_columns(splits: pd.DataFrame) -> list[str]:
+    """Columns whose filled cells all name files (masks, other images): annotations, not characteristics, and their
+    paths are the machine's, not for a shared report."""
+    from alnus._io import split_paths
+    from alnus.data.manifest import mask_columns
+
+    found = set(mask_columns(splits.astype(str)))
+    for column in splits.columns:
+        parts = [part for cell in splits[column].astype(str) for part in split_paths(cell)]
+        if parts and all(_FILE_CELL.search(part.strip()) for part in parts):
+            found.add(column)
+    return [c for c in splits.columns if c in found]
+
+
 def clinical_columns(splits: pd.DataFrame) -> list[str]:
-    """Columns the manifest carried beyond identifiers, annotations and readings: the clinical characteristics."""
-    return [c for c in splits.columns if c not in _NOT_CLINICAL and not c.startswith("reader_")]
+    """Columns the manifest carried beyond identifiers, annotations, file paths and readings: the clinical
+    characteristics."""
+    paths = set(path_columns(splits))
+    return [c for c in splits.columns if c not in _NOT_CLINICAL and c not in paths and not c.startswith("reader_")]
 
 
 def _clinical_cell(values: pd.Series) -> str:
@@ -186,6 +204,9 @@ def case_characteristics(splits: pd.DataFrame, positive_label: str) -> Table:
         "Clinical columns, one value per patient: median (interquartile range) for numbers, otherwise the most "
         "frequent values (patients); then the patients with a value / all patients."
     )
+    paths = [c for c in path_columns(splits) if c not in _NOT_CLINICAL]
+    if paths:
+        note += f" Columns of file paths (annotations, not characteristics) are not shown: {', '.join(paths)}."
     return Table("case-characteristics", "Case characteristics per split", ["", *names], rows, note)
 
 
