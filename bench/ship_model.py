@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -52,6 +53,30 @@ def _half_weights(package: Path) -> None:
             member["weights_sha256"] = member_meta["weights_sha256"]
         meta.pop("exports", None)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+
+
+def _without_machine_paths(package: Path) -> None:
+    """Write this machine's folders out of every metadata.json (the training settings and an ensemble's member
+    sources name files under the repository and the data folder): paths become relative to the repository."""
+    from alnus._io import atomic_write_text
+
+    prefixes = {f"{REPO}{os.sep}": "", f"{REPO.parent}{os.sep}": f"..{os.sep}"}
+
+    def clean(value: object) -> object:
+        if isinstance(value, str):
+            for prefix, replacement in prefixes.items():
+                if value.startswith(prefix):
+                    return replacement + value[len(prefix) :]
+            return value
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    for meta_path in package.rglob("metadata.json"):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        atomic_write_text(meta_path, json.dumps(clean(meta), indent=2) + "\n")
 
 
 def _parity(shipped: Path, source: Path, run: Path, model: str) -> dict[str, object]:
@@ -144,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(source, shipped, ignore=shutil.ignore_patterns(*LEAVE_OUT), symlinks=False)
             if dtype == "float16":
                 _half_weights(shipped)
+            _without_machine_paths(shipped)
             found = {"weights_dtype": dtype, **_parity(shipped, source, run, model)}
             print(json.dumps(found, indent=2))
             if (
