@@ -281,7 +281,7 @@ def test_members_trained_on_other_patients_or_disagreeing_are_refused_and_nothin
     assert "could have seen this run's validation or test patients" in str(info.value)
     unknown = _package(tmp_path / "unknown" / "model", WHOLE, 6)
     with pytest.raises(EnsembleError, match="records no training-data hash"):
-        build_ensemble(run, "ens", [unknown])
+        build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), unknown])
     digest = run_training_hash(run)
     relabelled = save_package(tmp_path / "relabelled" / "model", _network(7), {
         "preprocess": WHOLE.to_dict(), "label_names": ["benign", "malignant"], "positive_label": "malignant",
@@ -307,7 +307,7 @@ def test_names_nesting_and_replacing(tmp_path: Path) -> None:
     with pytest.raises(EnsembleError, match="already holds an ensemble.*--force"):
         build_ensemble(run, "pair", members)
     with pytest.raises(EnsembleError, match="is itself an ensemble"):
-        build_ensemble(run, "nested", [first.package])
+        build_ensemble(run, "nested", [first.package], tta=["hflip"])
     # --force replaces an earlier ensemble (here with one member plus TTA: "the base model plus TTA").
     again = build_ensemble(run, "pair", [pkg(run, "tiny_cnn")], tta=["hflip", "zoom0.9"], force=True)
     assert again.metadata["backbone"] == "ensemble of 1: tiny_cnn" and again.metadata["tta"] == ["hflip", "zoom0.9"]
@@ -529,3 +529,170 @@ def test_auto_runs_each_member_on_its_checked_onnx_export_when_it_has_one(tmp_pa
     (built.package / "members" / "1" / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(ExportError, match="SHA-256 differs"):
         Predictor(built.package, device="cpu", engine="auto")
+
+
+# ------------------------------------------------------------------------------ new-user review (ensembles, round 2)
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_evaluate_covers_every_model_with_current_predictions_and_names_the_others(tmp_path: Path) -> None:
+    """`alnus evaluate RUN --model ens2` rewrote metrics.json with ens2 alone (the other models' results and the
+    comparisons vanished, their tables stayed), and a plain `alnus evaluate RUN` stopped at the first model without
+    predictions."""
+    run = make_run(tmp_path)
+    build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_box")], tta=["hflip"])
+    build_ensemble(run, "ens2", [pkg(run, "tiny_cnn"), pkg(run, "tiny_same")])
+    predict_run(run, models=["tiny_cnn", "ens"], device="cpu")
+    first = evaluate_run(run, n_boot=20)
+    assert set(first["models"]) == {"tiny_cnn", "ens"} and first["comparisons"]
+    assert set(first["left_out"]) == {"ens2", "tiny_box", "tiny_same"}
+    assert f"alnus predict-run {run} --model ens2" in first["left_out"]["ens2"]
+    # The CLI prints the note; a model named with --model must have predictions.
+    result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "20"])
+    assert result.exit_code == 0, result.output
+    assert "note: ens2 is left out (no current predictions)" in _flat(result.output)
+    assert f"alnus predict-run {run} --model ens2" in _flat(result.output)
+    result = runner.invoke(app, ["evaluate", str(run), "--model", "ens2", "--n-boot", "20"])
+    assert isinstance(result.exception, EvaluateError)
+    assert f"run `alnus predict-run {run} --model ens2` first" in str(result.exception)
+    predict_run(run, models=["ens2"], device="cpu")
+    result = runner.invoke(app, ["evaluate", str(run), "--model", "ens2", "--n-boot", "20"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(RunFolder(run).metrics.read_text())
+    assert set(metrics["models"]) == {"tiny_cnn", "ens", "ens2"}
+    table = pd.read_csv(RunFolder(run).tables / "model_comparisons.csv")
+    assert {"ens", "ens2", "tiny_cnn"} <= set(table["model_a"]) | set(table["model_b"])
+    # --refreeze with --model re-freezes that model only; the others keep their frozen thresholds untouched.
+    before = read_metadata(pkg(run, "tiny_cnn"))
+    again = evaluate_run(run, models=["ens2"], level="image", refreeze=True, n_boot=20)
+    assert again["models"]["ens2"]["threshold_status"] == "re-frozen"
+    assert again["models"]["tiny_cnn"]["threshold_status"] == "kept"
+    assert read_metadata(pkg(run, "tiny_cnn"))["threshold_history"] == before["threshold_history"]
+    # A model whose predictions are no longer current is left out, and its tables go with it (none looks current).
+    tables = RunFolder(run).tables
+    assert (tables / "roc_ens_val.csv").is_file()
+    (tables / "notes_of_mine.txt").write_text("kept")  # not a table evaluate writes: never touched
+    RunFolder(run).model("ens").predictions_stamp.unlink()
+    later = evaluate_run(run, n_boot=20)
+    assert set(later["models"]) == {"tiny_cnn", "ens2"} and "ens" in later["left_out"]
+    assert not list(tables.glob("*_ens_*")) and (tables / "notes_of_mine.txt").is_file()
+    for name in ("results_patient.csv", "results_patient_values.csv", "model_comparisons.csv"):
+        frame = pd.read_csv(tables / name)
+        named = [set(frame[c]) for c in ("model", "model_a", "model_b") if c in frame.columns]
+        assert named and "ens" not in set().union(*named)
+    # No model with current predictions at all: an error naming each.
+    for name in ("tiny_cnn", "ens2"):
+        RunFolder(run).model(name).predictions_stamp.unlink()
+    with pytest.raises(EvaluateError, match=r"no model of .* has current predictions(.|\n)*ens2 is left out"):
+        evaluate_run(run, n_boot=20)
+
+
+def _evaluated_with_maps(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A run whose ensemble `ens` (tiny_cnn + tiny_box, hflip; built with the CLI) is predicted, evaluated (threshold
+    frozen) and explained; returns the run and the --member arguments."""
+    from alnus.explain import explain_run
+
+    run = make_run(tmp_path)
+    members = ["--member", str(pkg(run, "tiny_cnn")), "--member", str(pkg(run, "tiny_box"))]
+    result = runner.invoke(app, ["ensemble", str(run), "--name", "ens", *members, "--tta", "hflip"])
+    assert result.exit_code == 0, result.output
+    predict_run(run, models=["ens"], device="cpu")
+    evaluate_run(run, models=["ens"], n_boot=20)
+    explain_run(run, models=["ens"], split="external_test", n=2, device="cpu")
+    assert read_metadata(pkg(run, "ens"))["threshold"] is not None and (RunFolder(run).heatmaps / "ens").is_dir()
+    return run, members
+
+
+def test_an_identical_rebuild_keeps_the_frozen_threshold_and_its_history(tmp_path: Path) -> None:
+    """Building an ensemble again with the same members (weights SHA-256) and TTA, e.g. after exporting the members
+    to ONNX as `alnus export` advises, reset `threshold` and `threshold_history` without a word."""
+    run, members = _evaluated_with_maps(tmp_path)
+    folder = RunFolder(run).model("ens")
+    frozen = read_metadata(folder.package)
+    result = runner.invoke(app, ["ensemble", str(run), "--name", "ens", *members, "--tta", "hflip", "--force"])
+    assert result.exit_code == 0, result.output
+    kept = read_metadata(folder.package)
+    assert kept["threshold"] == frozen["threshold"] and kept["threshold_history"] == frozen["threshold_history"]
+    assert folder.predictions_stamp.is_file() and (RunFolder(run).heatmaps / "ens").is_dir()
+    text = _flat(result.output)
+    assert "so it is the same model: it keeps its frozen threshold" in text and "applies its kept threshold" in text
+    assert evaluate_run(run, models=["ens"], n_boot=20)["models"]["ens"]["threshold_status"] == "kept"
+    # Members in another order: a changed ensemble (the order is part of its identity), named as such.
+    swapped = build_ensemble(run, "ens", [pkg(run, "tiny_box"), pkg(run, "tiny_cnn")], tta=["hflip"], force=True)
+    assert not swapped.kept and swapped.metadata["threshold"] is None
+    assert "the same members in another order" in swapped.notes[-1]
+
+
+def test_replacing_an_ensemble_removes_its_heat_maps_and_predictions_and_says_it_starts_fresh(tmp_path: Path) -> None:
+    """After `alnus ensemble ... --force` replaced an ensemble, the report still showed the old one's heat maps."""
+    run, _ = _evaluated_with_maps(tmp_path)
+    folder = RunFolder(run).model("ens")
+    args = ["ensemble", str(run), "--name", "ens", "--member", str(pkg(run, "tiny_cnn")), "--member",
+            str(pkg(run, "tiny_same")), "--tta", "hflip", "--force"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fresh = read_metadata(folder.package)
+    assert fresh["threshold"] is None and fresh["threshold_history"] == []
+    assert not folder.predictions.exists() and not (RunFolder(run).heatmaps / "ens").exists()
+    text = _flat(result.output)
+    assert "replaces an earlier, different ensemble (other members (weights))" in text
+    assert "starts fresh, with no frozen threshold (the earlier threshold" in text
+    assert "predictions and heat maps were removed" in text and "freezes its threshold on validation" in text
+
+
+def test_tta_is_repeatable_and_comma_separated(tmp_path: Path) -> None:
+    """`--tta hflip --tta zoom0.9` kept only the last view."""
+    run = make_run(tmp_path)
+    args = ["ensemble", str(run), "--name", "ens", "--member", str(pkg(run, "tiny_cnn")), "--tta", "hflip",
+            "--tta", "zoom0.9,hflip", "--tta", "zoom1.1"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert read_metadata(pkg(run, "ens"))["tta"] == ["hflip", "zoom0.9", "zoom1.1"]
+    assert "TTA: mean over identity, hflip, zoom0.9, zoom1.1" in _flat(result.output)
+
+
+def test_a_one_member_ensemble_without_tta_is_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    with pytest.raises(EnsembleError, match=r"one member .* and no --tta: that ensemble would be a plain copy"):
+        build_ensemble(run, "copy", [pkg(run, "tiny_cnn")])
+    assert not (run / "models" / "copy").exists()
+    assert build_ensemble(run, "copy", [pkg(run, "tiny_cnn")], tta=["hflip"]).metadata["tta"] == ["hflip"]
+
+
+def test_member_errors_say_what_to_pass(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    other = _package(tmp_path / "elsewhere" / "model", WHOLE, 5, training_data_hash="f" * 64)
+    with pytest.raises(EnsembleError, match="trained on other data") as info:
+        build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), other])
+    text = str(info.value)
+    assert "or in another run with the same split, e.g. another seed of the same config" in text
+    assert "`alnus train CONFIG --set name=X --set train.seed=1`" in text
+    metadata = pkg(run, "tiny_box") / "metadata.json"
+    with pytest.raises(EnsembleError, match=r"member 2 .*metadata\.json is a file, not a model package folder") as info:
+        build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), metadata])
+    text = str(info.value)
+    assert f"pass its folder, {pkg(run, 'tiny_box')}" in text and "train a model first" not in text
+    # A package trained in another run with the same split (e.g. another seed) is a member like any other.
+    twin = tmp_path / "twin" / "runs" / "seed1"
+    twin.mkdir(parents=True)
+    shutil.copy(run / "splits.csv", twin / "splits.csv")
+    seed1 = _package(twin / "models" / "tiny_cnn" / "model", WHOLE, 9, training_data_hash=run_training_hash(twin))
+    assert build_ensemble(run, "seeds", [pkg(run, "tiny_cnn"), seed1]).metadata["members"][1]["source"] == str(seed1)
+
+
+def test_an_onnx_engine_on_an_ensemble_says_to_export_the_members_own_packages(built: Path) -> None:
+    """The advice was `alnus export .../members/1 --format onnx`, which fails (not inside a run folder)."""
+    with pytest.raises(PredictError, match=r"members/1 has no onnx export") as info:
+        Predictor(pkg(built, "ens"), device="cpu", engine="onnx")
+    text = str(info.value)
+    assert f"`alnus export {built / 'models' / 'tiny_cnn' / 'model'} --format onnx`" in text
+    assert f"`alnus ensemble {built} --name ens --member PKG ... --force`" in text
+    assert "members/1 --format" not in text and "--engine torch" in text
+
+
+@pytest.mark.parametrize("command", ["predict-run", "evaluate", "explain"])
+def test_model_options_say_a_model_may_be_an_ensemble(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0 and "a backbone or an ensemble" in _flat(result.output)
+    assert "backbone only" not in _flat(result.output)

@@ -65,7 +65,7 @@ def test_a_model_folder_that_is_a_file_is_refused_with_a_message(run: Path) -> N
 
 def test_a_damaged_earlier_ensemble_is_named_as_unreadable_not_as_a_trained_model(run: Path) -> None:
     """An earlier package whose metadata.json cannot be read was reported as "a trained model", even with --force."""
-    build_ensemble(run, "broken", [pkg(run, "tiny_cnn")])
+    build_ensemble(run, "broken", [pkg(run, "tiny_cnn")], tta=["hflip"])
     metadata = RunFolder(run).model("broken").metadata
     metadata.write_text("{")
     with pytest.raises(EnsembleError, match=r"broken/model/metadata\.json cannot be read .*not valid JSON.*delete"):

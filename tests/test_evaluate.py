@@ -494,7 +494,7 @@ def test_cli_evaluate_without_predictions_says_to_predict_first(
         cli.main()
     assert info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"run `alnus predict-run {run}` first" in err
+    assert f"run `alnus predict-run {run} --model tiny_cnn` first" in err
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 from alnus.config import load_config
 from alnus.data.phantom import make_phantom
 from alnus.runfolder import RunFolder, RunLockedError, lock_run
-from alnus.study import StudyError, describe_preparation, prepare_run, run_study, trained_package
+from alnus.study import StudyError, describe_preparation, prepare_run, run_study, stale_ensembles, trained_package
 from alnus.train import TrainError
 
 SETTINGS = {
@@ -131,6 +132,28 @@ def test_a_package_with_damaged_weights_is_not_reused(studied: tuple[Path, Path]
     finally:
         weights.write_bytes(original)
     assert trained_package(cfg, "tiny_cnn") == package
+
+
+def test_rerunning_the_study_keeps_the_runs_ensembles(studied: tuple[Path, Path]) -> None:
+    """New-user review: `alnus study CONFIG` after `alnus ensemble` dropped the ensemble from metrics.json and the
+    report without a word (it predicted and evaluated only the config's backbones)."""
+    from alnus.ensemble import build_ensemble
+
+    _, config = studied
+    cfg = load_config(config)
+    run = RunFolder(cfg.run_dir)
+    build_ensemble(run.root, "ens", [run.model("tiny_cnn").package], tta=["hflip"])
+    assert not run.model("ens").predictions_stamp.exists()
+    metrics = run_study(cfg)
+    assert set(metrics["models"]) == {"tiny_cnn", "ens"} and not metrics["left_out"]
+    assert run.model("ens").predictions_stamp.is_file() and metrics["comparisons"]
+    assert "ens" in json.loads(run.metrics.read_text())["models"]
+    assert (run.heatmaps / "ens").is_dir() and "ens" in run.report.read_text(encoding="utf-8")
+    # Current predictions are not made again.
+    stamp = run.model("ens").predictions_stamp.read_text()
+    assert stale_ensembles(run.root) == {}
+    run_study(cfg)
+    assert run.model("ens").predictions_stamp.read_text() == stamp
 
 
 # Last: it re-splits the shared run folder with other data.

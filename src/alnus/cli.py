@@ -452,7 +452,8 @@ def train(
 def predict_run(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>.")],
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="Predict with this backbone only (repeatable).")
+        list[str] | None,
+        typer.Option("--model", help="Predict with this model only (a backbone or an ensemble; repeatable)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -780,7 +781,13 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, with predictions.")],
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="Evaluate this backbone only (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Make sure this model (a backbone or an ensemble) is evaluated: it must have current predictions "
+            "(repeatable; with --refreeze, only its threshold is chosen again). metrics.json always covers every "
+            "model of the run that has current predictions.",
+        ),
     ] = None,
     level: Annotated[
         str | None,
@@ -817,7 +824,10 @@ def explain(
         int, typer.Option("--n", help="Images per model: a few TP, FP, FN and TN, most confident first.")
     ] = 16,
     method: Annotated[str, typer.Option(help="gradcam, gradcam++, eigencam or scorecam.")] = "gradcam",
-    model: Annotated[list[str] | None, typer.Option("--model", help="Explain this backbone only (repeatable).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Explain this model only (a backbone or an ensemble; repeatable)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Heat maps of where each model looked: overlays on the original images, with index.csv, under heatmaps/.
@@ -915,6 +925,8 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
             )
         for note in entry.get("notes", []):
             console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    for text in [*metrics.get("left_out", {}).values(), *metrics.get("comparison_notes", {}).values()]:
+        console.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
     comparisons = comparisons_table(metrics)
     if len(comparisons):
         shown = comparisons[["split", "model_a", "model_b", "difference", "ci_low", "ci_high", "p", "p_holm"]]
@@ -968,8 +980,11 @@ def ensemble(
         ),
     ],
     tta: Annotated[
-        str | None,
-        typer.Option(help="Test-time augmentation views, comma-separated: hflip, zoom0.9, zoom1.1 (default: none)."),
+        list[str] | None,
+        typer.Option(
+            help="Test-time augmentation views: hflip, zoom0.9, zoom1.1 (repeatable and/or comma-separated: --tta "
+            "hflip --tta zoom0.9, or --tta hflip,zoom0.9; default: none)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier ensemble of this name.")] = False,
 ) -> None:
@@ -984,7 +999,9 @@ def ensemble(
 
     if not run.is_dir():
         raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
-    built = build_ensemble(run, name, member, tta=_labels(tta) or [], force=force)
+    # Every --tta, each split at its commas; a view named twice counts once.
+    asked = list(dict.fromkeys(view for text in tta or [] for view in _labels(text) or []))
+    built = build_ensemble(run, name, member, tta=asked, force=force)
     meta = built.metadata
     views = f"; TTA: mean over {', '.join(all_views(meta['tta']))}" if meta["tta"] else ""
     console.print(
@@ -1001,12 +1018,18 @@ def ensemble(
         )
     for note in built.notes:
         _note(note)
-    console.print(
-        f"Next: alnus predict-run {escape(str(run))} --model {escape(name)}, then alnus evaluate {escape(str(run))} "
-        "(freezes its threshold on validation) and alnus report.",
-        highlight=False,
-        soft_wrap=True,
-    )
+    predict = f"alnus predict-run {escape(str(run))} --model {escape(name)}"
+    if built.kept:
+        advice = (
+            f"Next: alnus evaluate {escape(str(run))} (applies its kept threshold) and alnus report; first {predict} "
+            "if it has no predictions yet."
+        )
+    else:
+        advice = (
+            f"Next: {predict}, then alnus evaluate {escape(str(run))} (freezes its threshold on validation) and "
+            "alnus report."
+        )
+    console.print(advice, highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

@@ -11,9 +11,15 @@ preprocessing with its own spec; the TTA views apply to every member). The forma
 Honesty checks before anything is written: every member must have been trained on exactly this run's training
 patients (its `training_data_hash` equals the hash of the run's train and val rows, computed as training computes it,
 `alnus.train.training_data_hash`), since a member trained on other patients could have seen this run's validation or
-test patients; members must agree on the labels; an ensemble is not a member; a member is not given twice. The
-package is built in a temporary folder beside its place and renamed into it, under the run's writer lock, so a build
-that is stopped leaves no half package.
+test patients; members must agree on the labels; an ensemble is not a member; a member is not given twice; one member
+needs TTA views (else the ensemble would be a plain copy of it). The package is built in a temporary folder beside its
+place and renamed into it, under the run's writer lock, so a build that is stopped leaves no half package.
+
+Building an ensemble again with the same identity (`identity`: the same members' weights in the same order, the same
+TTA views, labels, training data and preprocessing; e.g. after exporting the members to ONNX) keeps its frozen
+threshold, its history, its predictions and its heat maps: it predicts exactly as before. Any other replacement starts
+fresh: no threshold, and the earlier ensemble's predictions and heat maps are removed, so that no stage shows them as
+this model's.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class BuiltEnsemble:
     package: Path
     metadata: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # Built again with the identity of the earlier ensemble: its threshold, history, predictions and heat maps kept.
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,13 +138,77 @@ def build_ensemble(
     if len(members) > MAX_MEMBERS:
         raise EnsembleError(f"{len(members)} members given; an ensemble holds at most {MAX_MEMBERS}.")
     with lock_run(run.root, command=f"alnus ensemble {name}"):
-        _check_target(run, name, force)
+        earlier = _check_target(run, name, force)
+        if len(members) == 1 and not views:
+            raise EnsembleError(
+                f"one member ({members[0]}) and no --tta: that ensemble would be a plain copy of the model, which is "
+                "already in the run. Give two or more members, or one member with --tta VIEWS (e.g. --tta hflip) for "
+                '"the base model plus TTA".'
+            )
         expected = run_training_hash(run.root)
         candidates = [_candidate(Path(path), i, expected, run) for i, path in enumerate(members, start=1)]
         _check_agreement(candidates)
         notes = _notes(candidates, views)
-        package = _write(run, name, candidates, views, expected)
-    return BuiltEnsemble(package=package, metadata=read_metadata(package), notes=notes)
+        package, kept = _write(run, name, candidates, views, expected, earlier)
+        if earlier is not None:
+            notes.append(_replacement_note(run, name, earlier, read_metadata(package), kept))
+    return BuiltEnsemble(package=package, metadata=read_metadata(package), notes=notes, kept=kept)
+
+
+def identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What makes two ensembles the same model (the same probabilities for every image): the members' weights in
+    order (the ensemble's `weights_sha256`), the TTA views, the labels, the training data and each member's
+    preprocessing. Exports, sources and dates are not part of it."""
+    from alnus.data.dataset import PreprocessSpec
+
+    return {
+        "weights_sha256": meta["weights_sha256"],
+        "tta": list(meta["tta"]),
+        "label_names": list(meta["label_names"]),
+        "positive_label": meta["positive_label"],
+        "training_data_hash": meta["training_data_hash"],
+        "preprocess": [PreprocessSpec.from_dict(m["preprocess"]) for m in meta["members"]],
+    }
+
+
+def _differences(earlier: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How the identity of a new build differs from the earlier ensemble's, in words."""
+    old_id, new_id = identity(earlier), identity(new)
+    found = []
+    old_members = [m["weights_sha256"] for m in earlier["members"]]
+    new_members = [m["weights_sha256"] for m in new["members"]]
+    if old_members != new_members:
+        same_set = sorted(old_members) == sorted(new_members)
+        found.append("the same members in another order" if same_set else "other members (weights)")
+    if old_id["tta"] != new_id["tta"]:
+        found.append(f"TTA views {new_id['tta'] or 'none'} instead of {old_id['tta'] or 'none'}")
+    for key, what in (("label_names", "labels"), ("positive_label", "positive label"),
+                      ("training_data_hash", "training data"), ("preprocess", "member preprocessing")):  # fmt: skip
+        if old_id[key] != new_id[key] and not (key == "preprocess" and old_members != new_members):
+            found.append(f"other {what}")
+    return found
+
+
+def _replacement_note(run: RunFolder, name: str, earlier: dict[str, Any], new: dict[str, Any], kept: bool) -> str:
+    """What happened to the earlier ensemble's threshold, predictions and heat maps."""
+    if kept:
+        point = new["threshold"]
+        threshold = (
+            "it has no frozen threshold yet"
+            if point is None
+            else f"it keeps its frozen threshold {point['value']:.4g} and the threshold history"
+        )
+        return (
+            f"{name} was built again with the same members (weights SHA-256) and TTA views, so it is the same model: "
+            f"{threshold}; its predictions and heat maps stay."
+        )
+    point = earlier.get("threshold")
+    lost = "" if point is None else f" (the earlier threshold {point['value']:.4g} is not carried over)"
+    return (
+        f"{name} replaces an earlier, different ensemble ({'; '.join(_differences(earlier, new))}): it starts fresh, "
+        f"with no frozen threshold{lost}; the earlier ensemble's predictions and heat maps were removed. Predict and "
+        f"evaluate it again (`alnus predict-run {run.root} --model {name}`, then `alnus evaluate {run.root}`)."
+    )
 
 
 def _check_name(name: str) -> None:
@@ -155,8 +227,10 @@ def _check_name(name: str) -> None:
         )
 
 
-def _check_target(run: RunFolder, name: str, force: bool) -> None:
-    """The model folder may be new, or hold an earlier ensemble (replaced only with `force`); never a trained model."""
+def _check_target(run: RunFolder, name: str, force: bool) -> dict[str, Any] | None:
+    """The model folder may be new, or hold an earlier ensemble (replaced only with `force`); never a trained model.
+
+    Returns the earlier ensemble's metadata (None when there is none)."""
     folder = run.model(name)
     if folder.root.is_symlink():
         raise EnsembleError(f"{folder.root} is a symbolic link; remove it (an ensemble is written inside the run).")
@@ -167,6 +241,7 @@ def _check_target(run: RunFolder, name: str, force: bool) -> None:
                 "remove that file if it is not needed."
             )
     trained = [m for m in _TRAINED_MARKERS if (folder.root / m).exists()]
+    earlier = None
     if folder.metadata.is_file() and not trained:
         try:
             earlier = read_metadata(folder.package)
@@ -181,13 +256,14 @@ def _check_target(run: RunFolder, name: str, force: bool) -> None:
         elif not force:
             raise EnsembleError(
                 f"{folder.package} already holds an ensemble ({earlier['backbone']}); pass --force to replace it (its "
-                "predictions are then made again by `alnus predict-run`)."
+                "threshold, predictions and heat maps are kept only when it is built from the same members and TTA)."
             )
     if trained:
         raise EnsembleError(
             f"{folder.root} holds a trained model ({', '.join(trained)}); an ensemble never replaces one, even with "
             "--force: choose another --name."
         )
+    return earlier
 
 
 def _candidate(source: Path, i: int, expected: str, run: RunFolder) -> _Candidate:
@@ -217,7 +293,9 @@ def _candidate(source: Path, i: int, expected: str, run: RunFolder) -> _Candidat
             f"{what} was trained on other data than the train and val split of {run.root} (training-data hash "
             f"{recorded[:12]}..., this run's {expected[:12]}...): a member trained on other patients could have seen "
             "this run's validation or test patients, which would make the ensemble's results look better than they "
-            f"are. Use packages trained in this run ({run.models_dir}/<backbone>/model)."
+            f"are. Use packages trained on this run's training patients: trained in this run "
+            f"({run.models_dir}/<backbone>/model), or in another run with the same split, e.g. another seed of the "
+            "same config: `alnus train CONFIG --set name=X --set train.seed=1`."
         )
     return _Candidate(source=source, metadata=meta)
 
@@ -342,9 +420,20 @@ def _metadata(
     return meta
 
 
-def _write(run: RunFolder, name: str, candidates: list[_Candidate], views: list[str], digest: str) -> Path:
+def _write(
+    run: RunFolder,
+    name: str,
+    candidates: list[_Candidate],
+    views: list[str],
+    digest: str,
+    earlier: dict[str, Any] | None,
+) -> tuple[Path, bool]:
     """Build the package in a temporary folder beside `models/<name>/model`, check it as a reader will, rename it
-    into place (replacing an earlier ensemble) and drop the earlier one's prediction stamp."""
+    into place (replacing an earlier ensemble); return it and whether the earlier ensemble's threshold was kept.
+
+    An earlier ensemble with the same `identity` passes its frozen threshold and history on, and its predictions and
+    heat maps stay; otherwise they are removed (before the new package takes its place, so that a build stopped
+    half-way never leaves them beside a package they do not belong to)."""
     folder = run.model(name)
     root = run.output_folder(folder.root)  # refuses a symlink on the way (nothing is written through one)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.package.name}.", dir=root))
@@ -356,9 +445,15 @@ def _write(run: RunFolder, name: str, candidates: list[_Candidate], views: list[
             _copy_member(candidate, tmp / MEMBERS_DIR / str(i)) for i, candidate in enumerate(candidates, start=1)
         ]
         meta = _metadata(run, name, candidates, copied, views, digest)
+        kept = False
+        if earlier is not None and identity(earlier) == identity(meta):
+            meta["threshold"], meta["threshold_history"] = earlier["threshold"], earlier["threshold_history"]
+            kept = True
         # Metadata last: without it the folder is no package.
         atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
         load_members(tmp)  # every member checked and loaded, as `Predictor` will
+        if not kept:
+            _remove_outputs(run, name)
         old = root / f".{folder.package.name}.old.{os.getpid()}"
         if folder.package.is_symlink():
             folder.package.unlink()
@@ -374,6 +469,19 @@ def _write(run: RunFolder, name: str, candidates: list[_Candidate], views: list[
                 shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # Predictions of an earlier ensemble of this name are of other members: without the stamp, evaluate asks for new.
-    folder.predictions_stamp.unlink(missing_ok=True)
-    return folder.package
+    return folder.package, kept
+
+
+def _remove_outputs(run: RunFolder, name: str) -> None:
+    """Remove what other stages wrote for an earlier model of this name: its predictions (the stamp first: without
+    it no stage reads the tables) and its heat maps (`heatmaps/<name>/`, which the report would show)."""
+    predictions = run.model(name).predictions
+    if predictions.is_dir() and not predictions.is_symlink():
+        run.model(name).predictions_stamp.unlink(missing_ok=True)
+    # Nothing is removed through a symlinked heatmaps/ (explain refuses to write there, too).
+    maps = [] if run.heatmaps.is_symlink() else [run.heatmaps / name]
+    for path in (predictions, *maps):
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a link is removed, never followed
+        elif path.is_dir():
+            shutil.rmtree(path)

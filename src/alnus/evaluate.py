@@ -66,6 +66,10 @@ class EvaluateError(AlnusError):
     """Predictions or a run folder that cannot be evaluated; the message names the file and what to do."""
 
 
+class ComparisonUndefined(EvaluateError):
+    """The models' AUCs cannot be compared on these cases (e.g. a split with fewer than 2 cases of a class)."""
+
+
 # ---------------------------------------------------------------------------------------- prediction tables
 def check_predictions(table: pd.DataFrame, where: str = "predictions") -> pd.DataFrame:
     """Return a clean copy of a prediction table (strings as strings, y int, prob float) or raise.
@@ -398,7 +402,7 @@ def compare_models(
     try:
         results = stats.compare_aucs(first["y"].to_numpy(), scores, alpha=alpha)
     except stats.StatsError as exc:
-        raise EvaluateError(f"cannot compare the models' AUCs: {exc}") from exc
+        raise ComparisonUndefined(f"cannot compare the models' AUCs: {exc}") from exc
     return [
         {"model_a": r.name_a, "model_b": r.name_b, "level": level, "auc_a": r.auc_a, "auc_b": r.auc_b,
          "difference": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "z": r.z, "p": r.p,
@@ -681,7 +685,7 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     run_dir = Path(run_dir)
     where = RunFolder(run_dir).model(model)
     folder = where.predictions
-    again = f"run `alnus predict-run {run_dir}` first"
+    again = f"run `alnus predict-run {run_dir} --model {model}` first"
     stamp = where.predictions_stamp
     if not stamp.is_file():
         # predict_run removes the stamp before writing and writes it last: no stamp, no complete predictions.
@@ -765,13 +769,19 @@ def evaluate_run(
     `alternative` (under its own name, in metrics.json and in the tables) and the package is left alone, unless
     `refreeze` replaces the frozen threshold (recorded in the package's `threshold_history`).
 
+    `metrics.json` always covers every model package of the run that has current predictions (`read_predictions`),
+    so that its model comparisons are of all of them; a model without them is left out, and `left_out` in the
+    metrics names it with the reason and the command that predicts it.
+
     Args:
-        models: backbones to evaluate (default: every package in the run).
+        models: models (backbones or ensembles) that must be evaluated: each must have current predictions, else
+            `EvaluateError`. The run's other models are evaluated beside them as always. Default: none named.
         settings: the `evaluate` section (threshold_rule, threshold_target, level, aggregate, reader_scale,
             reader_positive_from, reader_score_threshold); default: the run's config.yaml.
         level: overrides the settings' level: where a threshold is chosen and the case-level results are given
             (`patient` or `study`; `image` chooses it on images and reports patients as the second level).
-        refreeze: choose the threshold again with these settings and freeze it into the package.
+        refreeze: choose the threshold again with these settings and freeze it into the package (only the packages
+            of `models` when they are named).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -782,8 +792,8 @@ def evaluate_run(
         raise EvaluateError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
     rule, target, how = cfg.get("threshold_rule", "youden"), cfg.get("threshold_target"), cfg.get("aggregate", "mean")
     readers = _reader_settings(cfg)
-    names = run_models(run_dir, models or [])
-    tables = {model: read_predictions(run_dir, model) for model in names}
+    required = run_models(run_dir, list(models)) if models else []
+    tables, left_out = _current_predictions(run_dir, required)
     case_level = _case_level(level)
     out: dict[str, Any] = {
         "format": METRICS_FORMAT, "format_version": METRICS_VERSION, "run": run_dir.name,
@@ -793,12 +803,14 @@ def evaluate_run(
                      "proportion_ci": "clopper-pearson", **readers,
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"}},
-        "models": {}, "comparisons": {}, "readers": {},
+        "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "left_out": left_out,
     }  # fmt: skip
     for model, by_split in tables.items():
         wanted = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
         package = RunFolder(run_dir).model(model).package
-        frozen, status = operating_point_of_package(package, wanted, refreeze=refreeze)
+        # A named model's --refreeze leaves the others' frozen thresholds as they are.
+        again = refreeze and (not required or model in required)
+        frozen, status = operating_point_of_package(package, wanted, refreeze=again)
         entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
         entry["threshold_status"] = status
         entry["notes"] = _threshold_notes(frozen, wanted)
@@ -809,11 +821,44 @@ def evaluate_run(
     for split in SPLITS:
         have = {m: t[split] for m, t in tables.items() if split in t}
         if len(have) > 1:
-            out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
+            try:
+                out["comparisons"][split] = compare_models(have, level=case_level, aggregate=how, alpha=alpha)
+            except ComparisonUndefined as exc:
+                # As an AUC that a split cannot give: a note, never the loss of every model's own results.
+                out["comparison_notes"][split] = f"{split}: {exc}"
     imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
     out = _clean_json(out)
     _write_results(run_dir, out, imrmc, roc_tables(tables, out))
     return out
+
+
+def _current_predictions(
+    run_dir: Path, required: Sequence[str]
+) -> tuple[dict[str, dict[str, pd.DataFrame]], dict[str, str]]:
+    """The prediction tables of every model package of the run that has current ones, and why each other one is left
+    out (with the command that predicts it). A model of `required` without them is an error, as is a run where no
+    model has them (then the first model's own error is raised, or, for several, all reasons at once)."""
+    tables: dict[str, dict[str, pd.DataFrame]] = {}
+    left_out: dict[str, str] = {}
+    errors: list[AlnusError] = []
+    for model in run_models(run_dir, []):  # every package; none at all is an error naming the command to train one
+        if model in required:
+            tables[model] = read_predictions(run_dir, model)
+            continue
+        try:
+            tables[model] = read_predictions(run_dir, model)
+        except AlnusError as exc:
+            # e.g. an ensemble built after the last `alnus predict-run`: the run's other models are still evaluated.
+            errors.append(exc)
+            command = f"alnus predict-run {run_dir} --model {model}"
+            advice = "" if command in str(exc) else f" Predict it with `{command}`, then evaluate again."
+            left_out[model] = f"{model} is left out (no current predictions): {exc}{advice}"
+    if not tables:
+        if len(errors) == 1:
+            raise errors[0]
+        reasons = "\n".join(f"  {text}" for text in left_out.values())
+        raise EvaluateError(f"no model of {run_dir} has current predictions to evaluate:\n{reasons}")
+    return tables, left_out
 
 
 def _reader_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -904,20 +949,43 @@ def _write_results(
     rocs: Mapping[tuple[str, str], pd.DataFrame],
 ) -> None:
     """metrics.json, a results table per level (formatted, and as plain numbers), the ROC coordinates, the model
-    comparisons and the reader tables, each atomically."""
+    comparisons and the reader tables, each atomically; then the tables an earlier evaluation wrote that this one did
+    not (a model no longer evaluated, a level no longer reported) are removed, so that none looks current."""
     run = RunFolder(run_dir)
     atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
+    tables: dict[Path, pd.DataFrame] = {}
     for level in result_levels(metrics):
-        write_csv(results_table(metrics, level), run.tables / f"results_{level}.csv")
-        write_csv(results_values_table(metrics, level), run.tables / f"results_{level}_values.csv")
+        tables[run.tables / f"results_{level}.csv"] = results_table(metrics, level)
+        tables[run.tables / f"results_{level}_values.csv"] = results_values_table(metrics, level)
     for (model, split), coords in rocs.items():
-        write_csv(coords, run.roc_table(model, split))
-    write_csv(comparisons_table(metrics), run.tables / "model_comparisons.csv")
+        tables[run.roc_table(model, split)] = coords
+    tables[run.tables / "model_comparisons.csv"] = comparisons_table(metrics)
+    texts: dict[Path, str] = {}
     for split, by_model in metrics["readers"].items():
         for model, found in by_model.items():
             if "error" in found:
                 continue
             for part in ("performance", "per_reader", "panel"):
-                write_csv(pd.DataFrame(found[part]), run.tables / f"readers_{part}_{model}_{split}.csv")
-            if imrmc.get((model, split)):
-                atomic_write_text(run.tables / f"readers_{model}_{split}.imrmc", imrmc[(model, split)])
+                tables[run.tables / f"readers_{part}_{model}_{split}.csv"] = pd.DataFrame(found[part])
+            text = imrmc.get((model, split))
+            if text:
+                texts[run.tables / f"readers_{model}_{split}.imrmc"] = text
+    for path, table in tables.items():
+        write_csv(table, path)
+    for path, text in texts.items():
+        atomic_write_text(path, text)
+    _remove_stale_tables(run, {path.name for path in (*tables, *texts)})
+
+
+# The files of tables/ that evaluate writes (and so removes once it no longer writes them); nothing else there is
+# touched.
+_TABLE_PATTERNS = ("results_*.csv", "roc_*.csv", "model_comparisons.csv", "readers_*.csv", "readers_*.imrmc")
+
+
+def _remove_stale_tables(run: RunFolder, written: set[str]) -> None:
+    if run.tables.is_symlink() or not run.tables.is_dir():
+        return
+    for pattern in _TABLE_PATTERNS:
+        for path in run.tables.glob(pattern):
+            if path.name not in written and (path.is_file() or path.is_symlink()):
+                path.unlink(missing_ok=True)

@@ -107,9 +107,10 @@ class Network:
     def backbone(self) -> str:
         return str(self.metadata["backbone"])
 
-    def start_engine(self, engine: str) -> None:
+    def start_engine(self, engine: str, *, export_advice: str | None = None) -> None:
         """Run on `engine`: `torch`, `onnx`, `onnx-int8`, or `auto` (the checked ONNX fp32 export on the CPU when the
-        network's package has one, else torch)."""
+        network's package has one, else torch). `export_advice` says how to get a missing export (an ensemble's member
+        is not exported where it lies: its own package is, then the ensemble is built again)."""
         if engine == "torch" or (engine == "auto" and (self.device.type != "cpu" or self.compiled)):
             return
         from alnus.export import OnnxEngine, available_engines
@@ -123,10 +124,10 @@ class Network:
         elif self.device.type != "cpu":
             raise PredictError(f"engine {engine} runs on the CPU (onnxruntime); use --device cpu, or --engine torch.")
         elif engine not in available:
+            advice = export_advice or f"write one with `alnus export {self.folder} --format {engine}`"
             raise PredictError(
                 f"model package {self.folder} has no {engine} export that passed its parity check (it has: "
-                f"{', '.join(available)}); write one with `alnus export {self.folder} --format {engine}`, or "
-                "use --engine torch."
+                f"{', '.join(available)}); {advice}, or use --engine torch."
             )
         self._onnx = OnnxEngine(self.folder, engine)
         self.engine = engine
@@ -221,8 +222,8 @@ class Predictor:
         ]
         self.spec = self.networks[0].spec
         self.model = self.networks[0].model
-        for network in self.networks:
-            network.start_engine(engine)
+        for i, network in enumerate(self.networks, start=1):
+            network.start_engine(engine, export_advice=_member_export_advice(self.package_dir, meta, i, engine))
         kinds = list(dict.fromkeys(network.engine for network in self.networks))
         self.engine = kinds[0] if len(kinds) == 1 else "+".join(kinds)
 
@@ -502,6 +503,25 @@ class Predictor:
         out["engine"] = self.engine
         out["error"] = errors
         return out
+
+
+def _member_export_advice(package_dir: Path, meta: Mapping[str, Any], i: int, engine: str) -> str | None:
+    """How to give member `i` of an ensemble an export (None for a single network): as `alnus export` says for an
+    ensemble, export the member's own package (where the ensemble copied it from), then build the ensemble again."""
+    if not is_ensemble(meta):
+        return None
+    source = Path(str(meta["members"][i - 1]["source"]))
+    # `source` is relative to the run folder when the member came from inside it: runs/<run>/models/<NAME>/model.
+    run_dir = package_dir.parent.parent.parent if package_dir.parent.parent.name == "models" else None
+    if not source.is_absolute() and run_dir is not None:
+        source = run_dir / source
+    run = str(run_dir) if run_dir is not None else f"runs/{meta.get('run') or '<name>'}"
+    name = meta.get("name") or package_dir.parent.name
+    return (
+        f"an ensemble's member is not exported inside the ensemble: export member {i}'s own package with `alnus "
+        f"export {source} --format {engine}` (in the run it was trained in), then build the ensemble again "
+        f"(`alnus ensemble {run} --name {name} --member PKG ... --force` copies each member's checked exports)"
+    )
 
 
 def missing_roi_message(spec: PreprocessSpec) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -209,6 +210,10 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
     """Prepare the run, train every backbone (skipping finished ones, resuming interrupted ones), predict, evaluate,
     then make the heat maps, the figures, the model cards and `report.html`.
 
+    The study keeps every model of the run: besides the config's backbones, ensembles added to the run
+    (`alnus ensemble`) are predicted again when their predictions are missing or stale, and the evaluation and the
+    report cover every model package with current predictions (`alnus.evaluate.evaluate_run`).
+
     The whole study holds the run folder's writer lock (`alnus.runfolder.lock_run`): a second writer on the same
     run folder stops at once with a message naming this one. Returns the metrics that
     `alnus.evaluate.evaluate_run` wrote to `metrics.json`.
@@ -237,28 +242,74 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
             precision="fp32",  # the reference: thresholds and results that every engine and export must reproduce
             max_pixels=cfg.data.max_image_pixels,
         )
+        predict_ensembles(cfg, run_dir, console=console)
+        # Every model of the run with current predictions (the config's backbones and the run's ensembles).
         metrics = evaluate_run(run_dir, models=cfg.models)
-        report_run(cfg, run_dir, console=console)
+        report_run(cfg, run_dir, models=list(metrics["models"]), console=console)
         return metrics
 
 
-def report_run(cfg: Config, run_dir: Path, *, console: Console | None = None) -> Path:
+def stale_ensembles(run_dir: Path, skip: Sequence[str] = ()) -> dict[str, str]:
+    """The run's ensembles (other than `skip`) whose predictions are missing or stale, each with the reason."""
+    from alnus.evaluate import read_predictions
+    from alnus.models.package import is_ensemble, read_metadata
+
+    found = {}
+    for name in RunFolder(run_dir).packaged_models():
+        if name in skip:
+            continue
+        try:
+            if not is_ensemble(read_metadata(RunFolder(run_dir).model(name).package)):
+                continue
+            read_predictions(run_dir, name)
+        except AlnusError as exc:
+            found[name] = str(exc)
+    return found
+
+
+def predict_ensembles(cfg: Config, run_dir: Path, *, console: Console | None = None) -> list[str]:
+    """Predict (fp32, as the backbones) each ensemble of the run whose predictions are missing or stale; return their
+    names. One that cannot predict (e.g. built before the run was prepared again) is named with the reason and left
+    to evaluate, which leaves it out with a note."""
+    from alnus.predict import predict_run
+
+    done = []
+    for name in stale_ensembles(run_dir, skip=cfg.models):
+        if console is not None:
+            console.print(f"{escape(name)}: an ensemble of this run without current predictions; predicting ...")
+        try:
+            predict_run(run_dir, models=[name], device=cfg.train.device, precision="fp32",
+                        max_pixels=cfg.data.max_image_pixels)  # fmt: skip
+        except AlnusError as exc:
+            if console is not None:
+                note = f"[yellow]note:[/yellow] {escape(name)} not predicted: {escape(str(exc))}"
+                console.print(note, highlight=False, soft_wrap=True)
+            continue
+        done.append(name)
+    return done
+
+
+def report_run(
+    cfg: Config, run_dir: Path, *, models: Sequence[str] | None = None, console: Console | None = None
+) -> Path:
     """The study's last stages: heat maps of each test split, the figures, the model cards and `report.html`.
 
-    Heat maps are few per split (enough for the report's gallery), so this stays quick next to training.
+    `models`: the evaluated models (default: the config's backbones). Heat maps are few per split (enough for the
+    report's gallery), so this stays quick next to training.
     """
     from alnus.explain import explain_run
     from alnus.report.build import OUTCOMES, PER_OUTCOME, build_report
     from alnus.report.figures import make_figures
 
     run = RunFolder(run_dir)
+    models = list(models or cfg.models)
     if console is not None:
         console.print("heat maps, figures, model cards and the report ...", highlight=False)
     for split in ("internal_test", "external_test"):
         # A split without predictions (no external site, or an empty internal test) has nothing to explain.
-        if all(run.model(m).predictions_csv(split).is_file() for m in cfg.models):
-            explain_run(run_dir, models=cfg.models, split=split, n=PER_OUTCOME * len(OUTCOMES), device=cfg.train.device)
-    figures = make_figures(run_dir, models=cfg.models)
+        if all(run.model(m).predictions_csv(split).is_file() for m in models):
+            explain_run(run_dir, models=models, split=split, n=PER_OUTCOME * len(OUTCOMES), device=cfg.train.device)
+    figures = make_figures(run_dir, models=models)
     return build_report(run_dir, figures=figures)
 
 

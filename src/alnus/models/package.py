@@ -147,6 +147,11 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     A version-1 package (threshold as a bare number beside `threshold_selection`) is returned in the current form.
     """
     path = Path(folder) / METADATA_FILE
+    if Path(folder).is_file():
+        # A package's own file (e.g. .../model/metadata.json) names its folder; any other file is no package.
+        own = Path(folder).name in (METADATA_FILE, WEIGHTS_FILE, "README.md", *EXPORT_FILES.values())
+        hint = f"pass its folder, {Path(folder).parent}" if own else "pass a package folder (one with metadata.json)"
+        raise PackageError(f"{folder} is a file, not a model package folder; {hint}")
     if not Path(folder).is_dir():
         raise PackageError(f"model package {folder} not found; train a model first (alnus train CONFIG)")
     if not path.is_file():
