@@ -117,7 +117,7 @@ def _candidates(ensembles: list[str]) -> pd.DataFrame:
 
     rows = []
     for config in public_configs.CONFIGURATIONS:
-        if config.name == "paper_cnns":
+        if config.name.startswith("paper_cnns"):  # reported, not candidates (protocol, item 6)
             continue
         for row in public_configs.rows_of(config.name):
             rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1})
