@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import public_configs
 from _docs import write_section  # bench/ is on sys.path when a script here runs
-from public_study import REPO, _cpu, _figures, _markdown, _results_section, public_manifest
+from public_study import REPO, _cpu, _figures, _markdown, _p_value, _results_section, public_manifest
 
 FINAL_RUN = REPO / "runs" / "public_final"
 MEMBER = "models/{model}/model"  # a trained model's package inside its run folder
@@ -163,6 +163,31 @@ def _seed_spread() -> str:
             f"({', '.join(f'{a:.3f}' for a in aucs)})")  # fmt: skip
 
 
+def _goals(metrics: dict, model: str) -> list[str]:
+    """The issue's goals for the chosen model, each with the measured value and whether it is met."""
+    splits = metrics["models"][model]["splits"]
+    external, internal = splits["external_test"]["patient"], splits["internal_test"]["patient"]
+    auc_ext, auc_int = external["auc"]["estimate"], internal["auc"]["estimate"]
+    sens, spec = external["sensitivity"]["estimate"], external["specificity"]["estimate"]
+    readers = metrics.get("readers", {}).get("external_test", {}).get(model, {})
+    reader = next((r for r in readers.get("performance", []) if r.get("kind") == "reader"), {})
+    panel = {row["metric"]: row for row in readers.get("panel", [])}
+    spec_p = panel.get("specificity", {}).get("p")
+    spec_reader = reader.get("specificity")
+    met = {True: "met", False: "**not met**"}
+    return [
+        "### Goals of issue 10 (external BrEaST patients, the chosen model)",
+        f"- AUC >= 0.93 (the radiologists' BI-RADS AUC): {auc_ext:.3f}, {met[auc_ext >= 0.93]}.",
+        f"- At the validation-frozen threshold, sensitivity >= 90% with specificity clearly above the radiologists' "
+        f"{100 * spec_reader:.1f}%: sensitivity {100 * sens:.1f}%, specificity {100 * spec:.1f}% (McNemar P "
+        f"{_p_value(spec_p)}), {met[sens >= 0.9 and spec > spec_reader and spec_p is not None and spec_p < 0.05]}."
+        if spec_reader is not None
+        else "- Specificity against the radiologists: no reader comparison in this run.",
+        f"- Internal-to-external AUC drop <= 0.05: {auc_int:.3f} - {auc_ext:.3f} = {auc_int - auc_ext:.3f}, "
+        f"{met[auc_int - auc_ext <= 0.05]}.",
+    ]
+
+
 def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str) -> str:
     metrics = _metrics(FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"])
     shown = candidates.assign(**{
@@ -174,8 +199,8 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
         "",
         f"Command: `python bench/public_final.py`. Date {dt.date.today().isoformat()}; hardware {_cpu()}, "
         f"{len(os.sched_getaffinity(0))} cores, no GPU; wall time of this command {seconds / 60:.0f} min (finished "
-        f"runs are reused). The final model's own runs (its members trained one after another, plus the ensemble's "
-        f"prediction and evaluation) took {final_minutes}.",
+        f"runs are reused). The chosen model's own runs took {final_minutes}, as measured while they ran (other jobs "
+        "shared the two cores for some of them).",
         "",
         "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
         _markdown(shown[["name", "model", "forward passes", "val AUC", "internal_test AUC", "external_test AUC"]]),
@@ -186,6 +211,7 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
         f"Training variance of the base configuration: {_seed_spread()}. The CIs below cover case sampling only.",
         "",
     ]
+    out += _goals(metrics, str(chosen["model"])) + [""]
     chosen_only = {**metrics, "models": {chosen["model"]: metrics["models"][chosen["model"]]},
                    "readers": {s: {m: f for m, f in by.items() if m == chosen["model"]}
                                for s, by in metrics.get("readers", {}).items()}}  # fmt: skip
@@ -225,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     ensemble_seconds = time.perf_counter() - ensemble_started
     candidates = _candidates(ensembles)
     chosen = choose(candidates.dropna(subset=["val AUC"]))
-    trained = sum(public_configs.training_seconds(name) for name in FINAL_MEMBERS)
-    final_minutes = f"{(trained + ensemble_seconds) / 60:.0f} min ({trained / 60:.0f} min training, " \
-        f"{ensemble_seconds / 60:.0f} min ensembles)"  # fmt: skip
+    ensemble = next((e for e in ENSEMBLES if e.name == chosen["name"]), None)
+    names = ensemble.configurations if ensemble is not None else (str(chosen["name"]),)
+    trained = sum(public_configs.training_seconds(name) for name in names)
+    final_minutes = f"{trained / 60:.0f} min of training ({', '.join(names)})"
+    if ensemble is not None:
+        final_minutes += f" and {ensemble_seconds / 60:.0f} min to build, predict and evaluate the ensembles"
     section = final_section(candidates, chosen, time.perf_counter() - started, final_minutes)
     write_section(REPO / "docs" / "results.md", "public-final", section, title="# Results")
     print(section)
