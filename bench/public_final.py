@@ -139,6 +139,10 @@ def _candidates(ensembles: list[str]) -> pd.DataFrame:
     return table
 
 
+def run_dir_of(chosen: pd.Series) -> Path:
+    return FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / str(chosen["run"])
+
+
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text(encoding="utf-8"))
 
@@ -152,15 +156,33 @@ def choose(candidates: pd.DataFrame, tie: float = 0.005) -> pd.Series:
 
 
 def _seed_spread() -> str:
-    """External AUC of the base configuration over its training seeds: mean and range."""
-    aucs = []
+    """External AUC of the base configuration over its training seeds (mean and range), and the sensitivity and
+    specificity each seed reaches at its own validation-frozen threshold."""
+    aucs, points = [], []
     for name in ("base", "seed1", "seed2"):
         for row in public_configs.rows_of(name):
             aucs.append(float(row["external AUC"].split(" ")[0]))
+            points.append(str(row["external sens / spec"]))
     if len(aucs) < 2:
         return "fewer than two seeds finished"
     return (f"{len(aucs)} seeds: external AUC mean {sum(aucs) / len(aucs):.3f}, range {min(aucs):.3f}-{max(aucs):.3f} "
-            f"({', '.join(f'{a:.3f}' for a in aucs)})")  # fmt: skip
+            f"({', '.join(f'{a:.3f}' for a in aucs)}); external sensitivity / specificity (%) at each seed's frozen "
+            f"threshold: {'; '.join(points)} (the operating point moves more between seeds than the AUC)")  # fmt: skip
+
+
+def _threshold_note(package: Path) -> str:
+    """Says when the package's threshold was frozen more than once, and why that matters."""
+    history = json.loads((package / "metadata.json").read_text(encoding="utf-8")).get("threshold_history", [])
+    if len(history) < 2:
+        return ""
+    steps = " -> ".join(f"{h['new_value']:.4f} ({h['date'][:10]})" for h in history)
+    return (
+        f"The threshold was frozen {len(history)} times ({steps}; `threshold_history` in metadata.json), each "
+        "time on the validation patients only. The first freeze used the validation predictions of training, "
+        "made in bf16; they differ from fp32 predictions by up to about 0.2 on this model, so the study was "
+        "predicted again in fp32 (the reference every export reproduces) and the threshold re-frozen on those. "
+        "The external test had been scored before the re-freeze; epoch selection still used bf16 validation AUCs."
+    )
 
 
 def _goals(metrics: dict, model: str) -> list[str]:
@@ -183,6 +205,8 @@ def _goals(metrics: dict, model: str) -> list[str]:
         f"{_p_value(spec_p)}), {met[sens >= 0.9 and spec > spec_reader and spec_p is not None and spec_p < 0.05]}."
         if spec_reader is not None
         else "- Specificity against the radiologists: no reader comparison in this run.",
+        f"- Against the radiologists' BI-RADS on the same patients: AUC {auc_ext:.3f} vs "
+        f"{reader.get('auc', float('nan')):.3f} (DeLong P {_p_value(panel.get('auc', {}).get('p'))}).",
         f"- Internal-to-external AUC drop <= 0.05: {auc_int:.3f} - {auc_ext:.3f} = {auc_int - auc_ext:.3f}, "
         f"{met[auc_int - auc_ext <= 0.05]}.",
     ]
@@ -212,6 +236,8 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
         "",
     ]
     out += _goals(metrics, str(chosen["model"])) + [""]
+    note = _threshold_note(run_dir_of(chosen) / MEMBER.format(model=chosen["model"]))
+    out += [note, ""] if note else []
     chosen_only = {**metrics, "models": {chosen["model"]: metrics["models"][chosen["model"]]},
                    "readers": {s: {m: f for m, f in by.items() if m == chosen["model"]}
                                for s, by in metrics.get("readers", {}).items()}}  # fmt: skip
@@ -267,7 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ship:
         import ship_model
 
-        ship_model.main([str(run / MEMBER.format(model=chosen["model"]))])
+        package = run / MEMBER.format(model=chosen["model"])
+        metrics = _metrics(run)
+        note = "\n".join(
+            [
+                "## External results in short (docs/results.md has the tables)",
+                "",
+                *_goals(metrics, str(chosen["model"]))[1:],
+                f"- Training seeds of the base configuration: {_seed_spread()}.",
+                *(["", _threshold_note(package)] if _threshold_note(package) else []),
+            ]
+        )
+        ship_model.main([str(package), "--card-note", note])
     return 0
 
 

@@ -56,8 +56,8 @@ def _half_weights(package: Path) -> None:
 
 
 def _without_machine_paths(package: Path) -> None:
-    """Write this machine's folders out of every metadata.json (the training settings and an ensemble's member
-    sources name files under the repository and the data folder): paths become relative to the repository."""
+    """Drop the export records (their files stay behind) and write this machine's folders out of every
+    metadata.json (training settings and member sources name files): paths become relative to the repository."""
     from alnus._io import atomic_write_text
 
     prefixes = {f"{REPO}{os.sep}": "", f"{REPO.parent}{os.sep}": f"..{os.sep}"}
@@ -76,6 +76,7 @@ def _without_machine_paths(package: Path) -> None:
 
     for meta_path in package.rglob("metadata.json"):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta.pop("exports", None)  # the export files are not shipped: `alnus export` writes them again
         atomic_write_text(meta_path, json.dumps(clean(meta), indent=2) + "\n")
 
 
@@ -127,7 +128,35 @@ def _examples(shipped: Path, run: Path, data: Path, per_label: int = 4) -> pd.Da
                          "prob": probs})  # fmt: skip
 
 
-def _card_section(found: dict[str, object], source: str) -> str:
+def _box_jitter(shipped: Path, run: Path, shift: int = 2) -> dict[str, object]:
+    """How much the answer moves when the lesion box moves by `shift` pixels (left, right, up, down) on the external
+    test images: a box drawn by hand is never exactly the study's."""
+    from alnus.data.roi import format_box, parse_box
+    from alnus.predict import Predictor
+    from alnus.runfolder import read_splits
+
+    splits = read_splits(run)
+    rows = splits[(splits["split"] == "external_test") & (splits["roi"].str.strip() != "")]
+    predictor = Predictor(shipped, device="cpu", engine="torch")
+    base = predictor.predict_table(rows, run)["prob"].to_numpy()
+    t = predictor.threshold
+    moved, flips, worst = [], 0, 0.0
+    for dx, dy in ((-shift, 0), (shift, 0), (0, -shift), (0, shift)):
+        boxes = []
+        for roi in rows["roi"]:
+            x, y, w, h = parse_box(roi)
+            boxes.append(format_box((max(0, x + dx), max(0, y + dy), w, h)))
+        probs = predictor.predict_table(rows.assign(roi=boxes), run)["prob"].to_numpy()
+        diff = np.abs(probs - base)
+        moved.append(float(np.median(diff)))
+        worst = max(worst, float(diff.max()))
+        if t is not None:
+            flips += int(((probs >= t) != (base >= t)).sum())
+    return {"shift_px": shift, "images": len(rows), "median_abs_change": float(np.median(moved)),
+            "max_abs_change": worst, "image_calls_changed": flips, "calls_compared": 4 * len(rows)}  # fmt: skip
+
+
+def _card_section(found: dict[str, object], jitter: dict[str, object], source: str, note: str) -> str:
     return "\n".join([
         "",
         "## Shipped copy",
@@ -140,12 +169,21 @@ def _card_section(found: dict[str, object], source: str) -> str:
         f"the frozen threshold: {found['image_calls_changed']} images, {found['patient_calls_changed']} patients "
         f"(checked on {_cpu()}).",
         "",
+        f"Sensitivity to the box: moving the lesion box by {jitter['shift_px']} pixels (left, right, up or down) on "
+        "the "
+        f"{jitter['images']} external test images changes the probability by {jitter['median_abs_change']:.3f} "
+        f"(median; up to {jitter['max_abs_change']:.2f}) and the call in {jitter['image_calls_changed']} of "
+        f"{jitter['calls_compared']} cases: draw the box as the study did (the lesion's tight bounding box plus a "
+        "15% margin is what the model saw; BUS-BRA's BBOX column is 1 px off the masks' box) and read calls near the "
+        "threshold with care.",
+        "",
         "What it is validated for: the malignancy (benign vs malignant) of a breast lesion in a box drawn by a "
         "sonographer on a B-mode ultrasound image, trained on BUS-BRA (Brazil) and tested on BrEaST-Lesions-USG "
         "(Poland); **not** axillary lymph node status, which no public dataset offers. Research use only.",
         "",
         "Training data: BUS-BRA (Gómez-Flores W, Gregorio-Calas MJ, Coelho de Albuquerque Pereira W. Medical Physics "
         "2024;51(4):3110-3123, doi:10.1002/mp.16812); its licence notice is in DATA-LICENCE-BUS-BRA.txt.",
+        *(["", note] if note else []),
         "",
     ])  # fmt: skip
 
@@ -158,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-diff", type=float, default=1e-3, help="largest probability change allowed")
     parser.add_argument("--dtype", choices=("auto", "float16", "float32"), default="auto",
                         help="weights stored as; auto: float16 when it passes the check, else float32")  # fmt: skip
+    parser.add_argument("--card-note", default="", help="markdown added to the card's shipped-copy section")
     args = parser.parse_args(argv)
     source = args.package.resolve()
     run, model = source.parents[2], source.parent.name
@@ -185,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(args.data / "BUS-BRA" / "source_meta" / "LICENSE.txt", shipped / "DATA-LICENCE-BUS-BRA.txt")
         card = shipped / "README.md"
         relative = source.relative_to(REPO) if source.is_relative_to(REPO) else source
-        card.write_text(card.read_text(encoding="utf-8") + _card_section(found, str(relative)), encoding="utf-8")
+        jitter = _box_jitter(shipped, run)
+        found["box_jitter"] = jitter
+        section = _card_section(found, jitter, str(relative), args.card_note)
+        card.write_text(card.read_text(encoding="utf-8") + section, encoding="utf-8")
         size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)
