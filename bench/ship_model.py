@@ -173,9 +173,9 @@ def _card_section(found: dict[str, object], jitter: dict[str, object], source: s
         "the "
         f"{jitter['images']} external test images changes the probability by {jitter['median_abs_change']:.3f} "
         f"(median; up to {jitter['max_abs_change']:.2f}) and the call in {jitter['image_calls_changed']} of "
-        f"{jitter['calls_compared']} cases: draw the box as the study did (the lesion's tight bounding box plus a "
-        "15% margin is what the model saw; BUS-BRA's BBOX column is 1 px off the masks' box) and read calls near the "
-        "threshold with care.",
+        f"{jitter['calls_compared']} cases: draw the lesion's tight bounding box, as the study did (the package adds "
+        "its 15% margin; BUS-BRA's BBOX column is 1 px off the masks' box) and read calls near the threshold with "
+        "care.",
         "",
         "What it is validated for: the malignancy (benign vs malignant) of a breast lesion in a box drawn by a "
         "sonographer on a B-mode ultrasound image, trained on BUS-BRA (Brazil) and tested on BrEaST-Lesions-USG "
