@@ -213,7 +213,7 @@ def _goals(metrics: dict, model: str) -> list[str]:
 
 
 def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str) -> str:
-    metrics = _metrics(FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"])
+    metrics = _metrics(run_dir_of(chosen))
     shown = candidates.assign(**{
         c: [f"{v:.3f}" if pd.notna(v) else "" for v in candidates[c]]
         for c in ("val AUC", "internal_test AUC", "external_test AUC")
@@ -242,7 +242,7 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
                    "readers": {s: {m: f for m, f in by.items() if m == chosen["model"]}
                                for s, by in metrics.get("readers", {}).items()}}  # fmt: skip
     out += _results_section(chosen_only)
-    run_dir = FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"]
+    run_dir = run_dir_of(chosen)
     out += _figures(run_dir, prefix="final", models=[chosen["model"]], flow=False)
     return "\n".join(out)
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     import ai_plus_radiologist
 
-    run = FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / chosen["run"]
+    run = run_dir_of(chosen)
     ai_plus_radiologist.main(["--run", str(run), "--model", str(chosen["model"])])
     if not args.no_ship:
         import ship_model

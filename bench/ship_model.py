@@ -51,7 +51,6 @@ def _half_weights(package: Path) -> None:
         for member in meta.get("members", []):
             member_meta = json.loads((meta_path.parent / member["folder"] / "metadata.json").read_text("utf-8"))
             member["weights_sha256"] = member_meta["weights_sha256"]
-        meta.pop("exports", None)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from alnus import ensemble as ensemble_module
@@ -37,6 +36,7 @@ from alnus.models.package import (
 )
 from alnus.predict import PredictError, Predictor, predict_run
 from alnus.runfolder import RunFolder, run_models
+from tests.test_predict import write_images
 
 LABELS = ["negative", "positive"]
 BOX = "5,6,30,28"
@@ -44,19 +44,6 @@ runner = CliRunner()
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _images(folder: Path, n: int, seed: int = 0) -> list[str]:
-    """Grey PNGs of varied sizes; positives (odd k) are brighter, so the predictions carry some signal."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for k in range(n):
-        h, w = int(rng.integers(44, 70)), int(rng.integers(44, 70))
-        array = rng.integers(0, 160, size=(h, w)) + (60 if k % 2 else 0)
-        Image.fromarray(array.astype(np.uint8)).save(folder / f"img{k:03d}.png")
-        names.append(str(folder / f"img{k:03d}.png"))
-    return names
-
-
 def _network(seed: int, *, symmetric: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = create_model("tiny_cnn")
@@ -88,7 +75,7 @@ def make_run(root: Path) -> Path:
     from alnus.config import config_from_dict, dump_config
 
     run = root / "runs" / "demo"
-    images = _images(root / "data", 36)
+    images = [str(root / "data" / name) for name in write_images(root / "data", 36)]
     split_of = {0: "train", 1: "val", 2: "val", 3: "internal_test", 4: "external_test", 5: "external_test"}
     table = pd.DataFrame(
         {
