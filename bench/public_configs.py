@@ -54,6 +54,21 @@ CONFIGURATIONS = (
     Configuration("margin30", "base with ROI margin 0.30 (more context around the lesion)", ("preprocess.margin=0.3",)),
     Configuration("seed1", "base, training seed 1 (same split)", ("train.seed=1",)),
     Configuration("seed2", "base, training seed 2 (same split)", ("train.seed=2",)),
+    Configuration(
+        "grey_eq",
+        "base + histogram equalisation of each lesion crop (preprocess.grey: equalize)",
+        ("preprocess.grey=equalize",),
+    ),  # fmt: skip
+    Configuration(
+        "aux_birads",
+        "base + the BI-RADS category as an ordinal auxiliary target (train.aux_reader, weight 0.3)",
+        ("train.aux_reader=reader_birads",),
+    ),  # fmt: skip
+    Configuration(
+        "ema",
+        "base + a moving average of the weights (train.ema_decay 0.99), validated and packaged",
+        ("train.ema_decay=0.99",),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.
@@ -83,6 +98,11 @@ CONFIGURATIONS = (
     ),
 )
 WALL_FILE = "bench_wall.json"
+# Every finished configuration's rows, as measured: run folders stay on the machine that trained them (runs/ is not
+# committed), so the table keeps the rows of configurations whose run folder is elsewhere from this record, each with
+# where and when it was measured. A configuration whose run folder is here is read from it again (and its record
+# replaced).
+RECORD = Path("docs") / "public_configurations.json"
 
 
 def _run_one(config: Configuration, *, rerun: bool = False) -> None:
@@ -109,7 +129,32 @@ def _run_one(config: Configuration, *, rerun: bool = False) -> None:
         atomic_write_text(wall, json.dumps(record, indent=2) + "\n")
 
 
+def _read_record() -> dict[str, list[dict[str, object]]]:
+    path = REPO / RECORD
+    return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else {}
+
+
+def _write_record(rows: dict[str, list[dict[str, object]]]) -> None:
+    from alnus._io import atomic_write_text
+
+    about = "Rows of docs/results.md's configuration table as measured, written by bench/public_configs.py."
+    text = json.dumps({"about": about, "rows": rows}, indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(REPO / RECORD, text)
+
+
 def _rows(config: Configuration) -> list[dict[str, object]]:
+    """The configuration's rows, from its run folder when it is here (the record is updated), else as recorded."""
+    measured = _measured_rows(config)
+    record = _read_record()
+    if not measured:
+        return [dict(r) for r in record.get(config.name, [])]
+    if record.get(config.name) != measured:
+        record[config.name] = measured
+        _write_record(record)
+    return measured
+
+
+def _measured_rows(config: Configuration) -> list[dict[str, object]]:
     from alnus.evaluate import results_values_table
 
     run = REPO / "runs" / config.run_name
@@ -133,9 +178,18 @@ def _rows(config: Configuration) -> list[dict[str, object]]:
             "external sens / spec": "" if ext is None else f"{100 * ext.sensitivity:.1f} / {100 * ext.specificity:.1f}",
             "training (min)": _training_minutes(run / "models" / str(model) / "history.csv"),
             "last study run (min)": f"{wall['seconds'] / 60:.0f}" if "seconds" in wall else "?",
+            "measured": _measured(run, wall),
         }
         rows.append(row)
     return rows
+
+
+def _measured(run: Path, wall: dict[str, object]) -> str:
+    """When and on what the run was evaluated: its wall record's date and CPU, else metrics.json's date here."""
+    if "date" in wall and "cpu" in wall:
+        return f"{wall['date']}, {wall['cpu']}, {wall.get('cores', '?')} cores"
+    when = dt.date.fromtimestamp((run / "metrics.json").stat().st_mtime).isoformat()
+    return f"{when}, {_cpu()}, {len(os.sched_getaffinity(0))} cores"
 
 
 def rows_of(name: str) -> list[dict[str, object]]:
@@ -176,11 +230,12 @@ def table_section() -> str:
         "## Real data: every configuration tried (issue 10)",
         "",
         "Command: `python bench/public_configs.py` (one run folder per configuration, runs/public_<name>; the table "
-        "is rewritten from them). Per patient; AUC with DeLong 95% CI; sensitivity/specificity (%) at the threshold "
+        f"is rewritten from them, and from {RECORD} for configurations whose run folder is on another machine). "
+        "Per patient; AUC with DeLong 95% CI; sensitivity/specificity (%) at the threshold "
         "frozen on the validation patients. Selection uses the **val AUC column only** (BUS-BRA validation "
         "patients); the external columns are shown for every configuration so that the selection is visible.",
-        f"Updated {dt.date.today().isoformat()}; hardware: {_cpu()}, {len(os.sched_getaffinity(0))} cores, no GPU "
-        "(training: the sum of the epochs' times in history.csv; last study run: the wall time of the latest "
+        f"Updated {dt.date.today().isoformat()}. Each row says when and on which CPU it was measured (no GPU; "
+        "training: the sum of the epochs' times in history.csv; last study run: the wall time of the latest "
         "`run_study` of that configuration, short when it reused a trained model; other jobs shared the machine for "
         "some of them, and the base run was paused for about ten minutes while it trained).",
         "",

@@ -58,6 +58,8 @@ class PreprocessConfig:
     roi: Literal["box", "mask", "whole"] = "whole"
     margin: float = 0.15
     keep_aspect: bool = True
+    # Grey-level normalisation of the ROI crop before resizing (`alnus.data.grey`): none, stretch or equalize.
+    grey: Literal["none", "stretch", "equalize"] = "none"
     # Test-time augmentation views (`alnus.data.tta.VIEWS`, e.g. [hflip]) averaged with the unaugmented input when the
     # packages predict; written into each model package. They change predictions, not the trained weights.
     tta: list[str] = field(default_factory=list)
@@ -93,6 +95,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     deterministic: bool = False
+    # A `reader_*` column of BI-RADS categories taught as an ordinal auxiliary target while training
+    # (`alnus.reader_target`); the packaged model still predicts from the image alone. null: none.
+    aux_reader: str | None = None
+    # The auxiliary loss's weight beside the label's loss.
+    aux_weight: float = 0.3
+    # Exponential moving average of the weights (timm's ModelEmaV3, with warm-up): the average is validated,
+    # selected and packaged. null: none; e.g. 0.99 averages over about a hundred optimiser steps.
+    ema_decay: float | None = None
     # The settings of `alnus.data.augment.UltrasoundAugment` ({} = its defaults); null turns augmentation off.
     augment: dict[str, Any] | None = field(default_factory=dict)
     tensorboard: bool = True
@@ -265,11 +275,25 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     # TTA views act at prediction only: a package whose views differ is packaged again, not retrained
     # (`alnus.study.trained_package`), and a checkpoint resumes whatever the views.
     preprocess = {k: v for k, v in dataclasses.asdict(cfg.preprocess).items() if k != "tta"}
+    _drop_defaults(preprocess, PREPROCESS_ADDED)
+    _drop_defaults(train, TRAIN_ADDED)
     return {
         "data": data,
         "preprocess": preprocess,
         "train": train,
     }
+
+
+# Settings added after models were trained and packaged: left out of the training settings while they keep their
+# default (off), so models trained before they existed keep their settings hash and are reused, not retrained.
+PREPROCESS_ADDED = {"grey": "none"}
+TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None}
+
+
+def _drop_defaults(section: dict[str, Any], added: Mapping[str, Any]) -> None:
+    for key, default in added.items():
+        if section.get(key) == default:
+            section.pop(key, None)
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
@@ -403,6 +427,12 @@ def _check(cfg: Config, where: str) -> None:
         fail("train.head_epochs", f"{train.head_epochs} must be in 0..train.epochs ({train.epochs})")
     if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
         fail("train.early_stopping_patience", "must be at least 1, or null to train every epoch")
+    if train.aux_weight <= 0:
+        fail("train.aux_weight", f"{train.aux_weight} must be positive")
+    if train.aux_reader is not None and not str(train.aux_reader).strip():
+        fail("train.aux_reader", "must name a reader column (e.g. reader_birads), or be null")
+    if train.ema_decay is not None and not 0 < train.ema_decay < 1:
+        fail("train.ema_decay", f"{train.ema_decay} must be in (0, 1), e.g. 0.99, or null")
     if train.num_workers < 0:
         fail("train.num_workers", f"{train.num_workers} must be at least 0")
     if train.augment is not None:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from alnus._hardware import Precision
     from alnus.data.dataset import PreprocessSpec, UltrasoundDataset
     from alnus.models import UltrasoundNet
+    from alnus.reader_target import ReaderTarget
 
 # `val_auc` is at the study's level (`evaluate.level`); `lr` is the head's rate at the epoch's last optimiser step.
 HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds")
@@ -257,6 +258,7 @@ class TrainData:
     label_names: list[str]
     n_pos: int
     n_neg: int
+    aux: ReaderTarget | None = None  # the BI-RADS auxiliary target of each training image (`train.aux_reader`)
 
 
 def _part(splits: pd.DataFrame, name: str, positive_label: str, path: Path) -> pd.DataFrame:
@@ -306,6 +308,7 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
         size=cfg.preprocess.size or get_spec(backbone).input_size,
         roi=RoiPolicy(cfg.preprocess.roi, cfg.preprocess.margin),
         keep_aspect=cfg.preprocess.keep_aspect,
+        grey=cfg.preprocess.grey,
     )
     cache = ImageCache(run.cache)
     augment = UltrasoundAugment.from_config(tc.augment) if tc.augment is not None else None
@@ -336,9 +339,17 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
     # BatchNorm cannot train on a final batch of one image.
     drop_last = len(sampler) % tc.batch_size == 1 and len(sampler) > 1
     loader_args = {"num_workers": tc.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args)
+    # Indexed, so a batch finds its images' auxiliary targets; the sampler's order is the same.
+    train_loader = DataLoader(
+        IndexedDataset(train_ds), batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last, **loader_args
+    )
     val_loader = DataLoader(IndexedDataset(val_ds), batch_size=tc.batch_size, sampler=val_sampler, **loader_args)
     labels = list(cfg.data.labels or sorted(splits["label"].unique()))
+    aux = None
+    if tc.aux_reader is not None:
+        from alnus.reader_target import reader_target
+
+        aux = reader_target(train_ds.table, tc.aux_reader, tc.aux_weight, str(run.splits))
     return TrainData(
         spec,
         train_table,
@@ -352,6 +363,7 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
         labels,
         n_pos,
         n_neg,
+        aux,
     )
 
 
@@ -372,6 +384,11 @@ class Engine:
     grad_accum: int
     net: torch.nn.Module | None = None  # the model as this process runs it (DDP-wrapped with several ranks)
     phase: str | None = None
+    ema: Any = None  # timm's ModelEmaV3 of the weights (`train.ema_decay`), or None
+
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated, selected and packaged: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A batch on the device, in the engine's memory layout."""
@@ -399,7 +416,8 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
     from alnus.models import create_model
 
     tc = cfg.train
-    model = create_model(backbone, weights=tc.weights).to(device)
+    extra = data.aux.outputs if data.aux is not None else 0
+    model = create_model(backbone, weights=tc.weights, num_classes=1 + extra).to(device)
     precision = choose_precision(device, tc.precision)
     channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
     if channels_last:
@@ -408,6 +426,12 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
     pos_weight = torch.tensor(data.n_neg / data.n_pos, device=device) if tc.balance == "weighted_loss" else None
     steps_per_epoch = math.ceil(len(data.train_loader) / tc.grad_accum)
     optimizer, scheduler = build_optimizer(model, tc, steps_per_epoch=steps_per_epoch, head_epochs=head_epochs)
+    ema = None
+    if tc.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        # Warm-up: the average starts short and lengthens towards `ema_decay`, so the first weights fade quickly.
+        ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
     return Engine(
         model=model,
         optimizer=optimizer,
@@ -419,6 +443,7 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
         channels_last=channels_last,
         head_epochs=head_epochs,
         grad_accum=tc.grad_accum,
+        ema=ema,
     )
 
 
@@ -451,6 +476,7 @@ class TrainState:
         """The `last.pt` payload: engine states, RNG states and this state, as tensors and plain values."""
         return {
             "model": engine.model.state_dict(),
+            **({"ema": engine.ema.state_dict()} if engine.ema is not None else {}),
             "optimizer": engine.optimizer.state_dict(),
             "scheduler": engine.scheduler.state_dict(),
             "scaler": engine.scaler.state_dict(),
@@ -469,6 +495,8 @@ class TrainState:
         """Load a `last.pt` payload into the engine and the RNGs; returns the state it was saved in."""
         try:
             engine.model.load_state_dict(payload["model"])
+            if engine.ema is not None:
+                engine.ema.load_state_dict(payload["ema"])
             engine.optimizer.load_state_dict(payload["optimizer"])
             engine.scheduler.load_state_dict(payload["scheduler"])
             engine.scaler.load_state_dict(payload["scaler"])
@@ -511,14 +539,17 @@ def train_one_epoch(engine: Engine, data: TrainData, info: DistInfo, progress: P
     lr_used, seen = group_lr(engine.optimizer, "head"), 0
     live = info.is_main and not progress.disable
     task = progress.add_task(title, total=len(data.train_loader), speed="-", loss="-")
-    for step, (x, y) in enumerate(data.train_loader):
+    for step, (x, y, index) in enumerate(data.train_loader):
         x, y = engine.prepare(x), y.to(engine.device, non_blocking=True).float()
         boundary = (step + 1) % engine.grad_accum == 0 or step + 1 == len(data.train_loader)
         sync = contextlib.nullcontext() if boundary or info.world_size == 1 else net.no_sync()
         with sync:
             with autocast(engine.device, engine.precision):
                 logits = net(x)
-            loss = engine.criterion(logits.float(), y)
+            if data.aux is None:
+                loss = engine.criterion(logits.float(), y)
+            else:
+                loss = engine.criterion(logits[:, 0].float(), y) + data.aux.loss(logits[:, 1:], index)
             engine.scaler.scale(loss / engine.grad_accum).backward()
         if boundary:
             lr_used = group_lr(engine.optimizer, "head")
@@ -526,6 +557,8 @@ def train_one_epoch(engine: Engine, data: TrainData, info: DistInfo, progress: P
             engine.scaler.update()
             engine.optimizer.zero_grad(set_to_none=True)
             engine.scheduler.step()
+            if engine.ema is not None:
+                engine.ema.update(engine.model, step=engine.scheduler.last_epoch)
         loss_sum += loss.detach().double() * len(y)
         seen += len(y)
         if live:
@@ -548,11 +581,14 @@ def predict_logits(engine: Engine, loader: DataLoader, info: DistInfo) -> tuple[
     """This rank's shard of the validation set, then the gathered, de-duplicated (index, logit) arrays."""
     from alnus._hardware import autocast
 
-    engine.model.eval()
+    model = engine.eval_model()
+    model.eval()
     indices, outputs = [], []
     for x, _, i in loader:
         with autocast(engine.device, engine.precision):
-            outputs.append(engine.model(engine.prepare(x)).float())
+            logits = model(engine.prepare(x)).float()
+        # With an auxiliary target the first output is the label's logit.
+        outputs.append(logits[:, 0] if logits.ndim == 2 else logits)
         indices.append(i.to(engine.device))
     n = len(loader.dataset)  # type: ignore[arg-type]
     return gather_predictions(torch.cat(indices), torch.cat(outputs), n, info)
@@ -708,7 +744,7 @@ def save_epoch(
     """Rank 0, after each epoch: `best.pt` and its val predictions when the epoch improved, then `last.pt` and
     the history (last: a kill in between resumes from the previous epoch, which writes both again)."""
     if improved:
-        best = {"model": engine.model.state_dict(), "epoch": state.epochs_done - 1, "val_auc": state.best_auc}
+        best = {"model": engine.eval_model().state_dict(), "epoch": state.epochs_done - 1, "val_auc": state.best_auc}
         save_checkpoint("best", {**best, "settings": settings}, model_dir.best_checkpoint)
         _write_predictions(
             data.val_ds.table, val.idx, val.y, val.probs, state.epochs_done, model_dir.val_predictions_best
@@ -726,6 +762,11 @@ def write_package(
     best = load_checkpoint(model_dir.best_checkpoint)
     final = copy.deepcopy(engine.model)
     final.load_state_dict(best["model"])
+    if data.aux is not None:
+        from alnus.reader_target import narrow_head
+
+        # The package predicts from the image alone: keep the label's output, drop the auxiliary ones.
+        final.backbone.set_submodule(final.spec.classifier, narrow_head(final.classifier()))
     splits = pd.concat([data.train_table, data.val_table])
     save_package(
         model_dir.package,

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from alnus._io import NotAFileError, atomic_path, atomic_write_text, file_sha256
+from alnus.data.grey import GreyMode, check_grey, normalise_grey
 from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.data.roi import RoiPolicy, crop_roi, mask_path
 from alnus.errors import AlnusError
@@ -54,25 +55,38 @@ class CacheIntegrityError(DatasetError):
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How a decoded image becomes the network's input: ROI crop, then resize to `size` x `size`."""
+    """How a decoded image becomes the network's input: ROI crop, grey-level normalisation (`alnus.data.grey`),
+    then resize to `size` x `size`."""
 
     size: int = 224
     roi: RoiPolicy = field(default_factory=RoiPolicy)
     keep_aspect: bool = True
+    grey: GreyMode = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise DatasetError(f"preprocessing size must be a positive integer, got {self.size!r}.")
+        try:
+            check_grey(self.grey, "preprocessing")
+        except ValueError as exc:
+            raise DatasetError(f"{exc}.") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Every parameter that changes the output, as plain JSON types (recorded in the model package)."""
-        return {
+        """Every parameter that changes the output, as plain JSON types (recorded in the model package).
+
+        `grey` is written only when it normalises, so specs (cache keys, packages) from before it existed are
+        unchanged; a package that carries it is a newer format (`alnus.models.package.format_version_of`).
+        """
+        out = {
             "format_version": FORMAT_VERSION,
             "size": self.size,
             "roi": self.roi.to_dict(),
             "keep_aspect": bool(self.keep_aspect),
             "interpolation": INTERPOLATION,
         }
+        if self.grey != "none":
+            out["grey"] = self.grey
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
@@ -88,6 +102,7 @@ class PreprocessSpec:
             size=int(data["size"]),
             roi=RoiPolicy.from_dict(data["roi"]),
             keep_aspect=bool(data["keep_aspect"]),
+            grey=data.get("grey", "none"),
         )
 
     def key(self) -> str:
@@ -140,6 +155,7 @@ def _preprocess_with_box(
     crop = crop_roi(image, row, Path(root), spec.roi, max_pixels=max_pixels)
     if crop.size == 0:
         raise DatasetError(f"the region of interest is empty (image {image.shape}); check the roi/mask cell.")
+    crop = normalise_grey(crop, spec.grey)
     box = letterbox_box(crop.shape, spec.size, keep_aspect=spec.keep_aspect)
     return resize(crop, spec.size, keep_aspect=spec.keep_aspect), box
 

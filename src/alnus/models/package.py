@@ -220,8 +220,10 @@ def _checked_tta(value: object, path: Path) -> list[str]:
 
 def format_version_of(meta: Mapping[str, Any]) -> int:
     """The package format version that describes `meta`: 3 when an older alnus would misread it (TTA views, an
-    ensemble), else 2."""
-    return FORMAT_VERSION if meta.get("kind") == ENSEMBLE or meta.get("tta") else BASE_FORMAT_VERSION
+    ensemble, grey-level normalisation), else 2."""
+    preprocess = meta.get("preprocess")
+    grey = isinstance(preprocess, Mapping) and preprocess.get("grey", "none") != "none"
+    return FORMAT_VERSION if meta.get("kind") == ENSEMBLE or meta.get("tta") or grey else BASE_FORMAT_VERSION
 
 
 def is_ensemble(meta: Mapping[str, Any]) -> bool:

@@ -128,7 +128,8 @@ def _training_data(inputs: RunInputs) -> list[str]:
 def _input_text(pre: Mapping[str, Any]) -> str:
     roi = pre["roi"]
     crop = "whole image" if roi["mode"] == "whole" else f"{roi['mode']} crop with a margin of {roi['margin']:g}"
-    return f"{crop}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'})"
+    grey = {"stretch": ", grey levels stretched", "equalize": ", histogram equalised"}.get(pre.get("grey", "none"), "")
+    return f"{crop}{grey}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'})"
 
 
 def _tta_line(meta: Mapping[str, Any]) -> list[str]:

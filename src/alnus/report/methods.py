@@ -79,10 +79,35 @@ def _input_text(pre: Mapping[str, Any]) -> str:
         if roi["mode"] == "whole"
         else f"the lesion {roi['mode']} plus a margin of {pct(roi['margin'])} of its width and height on each side"
     )
+    grey = GREY_TEXT.get(pre.get("grey", "none"), "")
     return (
-        f"{crop}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
+        f"{crop}{grey}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
         f"{', aspect ratio kept (letterbox)' if pre['keep_aspect'] else ', stretched'})"
     )
+
+
+GREY_TEXT = {
+    "none": "",
+    "stretch": ", its grey levels stretched linearly from the crop's 1st-99th percentile to the full range",
+    "equalize": ", its grey-level histogram equalised",
+}
+
+
+def _levers_text(train: Mapping[str, Any]) -> str:
+    """The auxiliary target and weight averaging of a training, as sentences (empty when neither was used)."""
+    out = ""
+    if train.get("aux_reader"):
+        out += (
+            f" Auxiliary target: the radiologists' BI-RADS category ({train['aux_reader']}) as an ordinal target of "
+            f"extra outputs (one per step between the categories seen in training, binary cross-entropy weighted "
+            f"{train.get('aux_weight')}), used during training only; the packaged model keeps the label's output."
+        )
+    if train.get("ema_decay"):
+        out += (
+            f" The weights were averaged over the optimiser steps (exponential moving average, decay "
+            f"{train['ema_decay']} with warm-up); the average is what was validated, selected and packaged."
+        )
+    return out
 
 
 def _tta_text(meta: Mapping[str, Any]) -> str:
@@ -184,7 +209,9 @@ def _models(inputs: RunInputs) -> Block:
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
             + f", precision {train.get('precision')}: this run's settings; each network's seed, best epoch and "
-            "validation AUC are listed below. The epoch with the best validation AUC is kept. "
+            "validation AUC are listed below. The epoch with the best validation AUC is kept."
+            + _levers_text(train)
+            + " "
             + (
                 f"Ensembles ({', '.join(ensembles)}) average the probabilities of models trained on the same training "
                 "patients (checked by the training-data hash) and are reported as models of their own, with their "

@@ -164,7 +164,8 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
 def _input_text(spec: PreprocessSpec) -> str:
     roi = spec.roi
     region = "the whole image" if roi.mode == "whole" else f"the lesion {roi.mode} with a margin of {roi.margin:g}"
-    return f"{region}, resized to {spec.size} px"
+    grey = {"stretch": ", grey levels stretched", "equalize": ", histogram equalised"}.get(spec.grey, "")
+    return f"{region}{grey}, resized to {spec.size} px"
 
 
 def _input_info(predictor: Predictor) -> dict[str, Any]:

@@ -1,0 +1,223 @@
+"""Training levers for site shift (issue 10): the BI-RADS auxiliary target, the moving average of the weights and
+grey-level normalisation of the lesion crop, on tiny phantom data and unit cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from alnus.config import ConfigError, load_config, training_settings
+from alnus.data.dataset import PreprocessSpec, preprocess
+from alnus.data.grey import normalise_grey
+from alnus.data.phantom import make_phantom
+from alnus.data.roi import RoiPolicy
+from alnus.models.package import format_version_of, load_package
+from alnus.reader_target import ReaderTargetError, narrow_head, reader_target
+from alnus.study import run_training
+from alnus.train import load_checkpoint
+from tests.test_train import _config, _quiet, _val_probs
+
+
+@pytest.fixture(scope="module")
+def phantom_read(tmp_path_factory):
+    """30 development patients with one image each, read by one radiologist (column reader_r1, BI-RADS 2-5)."""
+    out = tmp_path_factory.mktemp("phantom_read")
+    return make_phantom(
+        out, patients=30, external_patients=0, images_per_patient=(1, 1), image_size=(64, 80),
+        dicom_fraction=0.0, readers=1, seed=3,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ BI-RADS auxiliary target
+def test_reader_target_bits_are_cumulative_levels_and_missing_readings_are_nan():
+    table = pd.DataFrame({"reader_x": ["2", "4a", "", "5", "4A", None, "3"]})
+    target = reader_target(table, "reader_x", 0.5, "splits.csv")
+    assert target.levels == (2.0, 3.0, 4.25, 5.0) and target.outputs == 3
+    bits = target.bits.numpy()
+    np.testing.assert_array_equal(bits[0], [0, 0, 0])  # 2: above no level
+    np.testing.assert_array_equal(bits[1], [1, 1, 0])  # 4a: above 2 and 3
+    np.testing.assert_array_equal(bits[3], [1, 1, 1])  # 5
+    np.testing.assert_array_equal(bits[4], bits[1])  # 4A is 4a
+    assert np.isnan(bits[2]).all() and np.isnan(bits[5]).all()
+
+
+def test_reader_target_loss_ignores_images_without_a_reading():
+    table = pd.DataFrame({"reader_x": ["2", "5", ""]})
+    target = reader_target(table, "reader_x", 2.0, "splits.csv")
+    logits = torch.tensor([[-3.0], [3.0], [50.0]], requires_grad=True)
+    loss = target.loss(logits, torch.tensor([0, 1, 2]))
+    expected = 2.0 * nn.functional.binary_cross_entropy_with_logits(logits[:2].detach(), torch.tensor([[0.0], [1.0]]))
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert logits.grad[2].abs().item() == 0.0  # the unread image gets no gradient
+    empty = target.loss(logits, torch.tensor([2]))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("reader_y", ["2", "3"], r"no such column \(reader columns: reader_x\)"),
+        ("reader_x", ["4", "4", ""], "1 distinct BI-RADS category"),
+        ("reader_x", ["2", "seven"], "'seven' is not a BI-RADS category"),
+    ],
+)
+def test_reader_target_refuses_a_column_it_cannot_use(column, values, message):
+    with pytest.raises(ReaderTargetError, match=message):
+        reader_target(pd.DataFrame({"reader_x": values}), column, 0.3, "runs/x/splits.csv")
+
+
+def test_narrow_head_keeps_the_label_output():
+    torch.manual_seed(0)
+    wide = nn.Linear(6, 4)
+    narrow = narrow_head(wide)
+    x = torch.randn(5, 6)
+    assert narrow.out_features == 1
+    torch.testing.assert_close(narrow(x), wide(x)[:, :1])
+    with pytest.raises(TypeError, match="linear head"):
+        narrow_head(nn.Sequential(wide))
+
+
+def test_training_with_the_reader_target_and_ema_packages_a_single_output_model(phantom_read, tmp_path):
+    train = {"aux_reader": "reader_r1", "aux_weight": 0.5, "ema_decay": 0.9, "epochs": 3}
+    cfg = load_config(_config(tmp_path, phantom_read, "levers", train=train))
+    [result] = run_training(cfg, console=_quiet())
+    model, meta = load_package(result.package_dir)
+    assert model.classifier().out_features == 1
+    assert meta["training"]["train"]["aux_reader"] == "reader_r1" and meta["training"]["train"]["ema_decay"] == 0.9
+    # The package predicts exactly what was validated and selected (the averaged weights, label output only).
+    y, probs = _val_probs(cfg.run_dir, model, 32)
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)
+    last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
+    head = "backbone.classifier.weight"
+    splits = pd.read_csv(cfg.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    steps = reader_target(splits[splits["split"] == "train"], "reader_r1", 0.5, "splits.csv").outputs
+    assert steps >= 2
+    # While training: the label and one output per step between the training images' BI-RADS levels.
+    assert last["model"][head].shape[0] == 1 + steps and last["ema"]["module." + head].shape[0] == 1 + steps
+    # The packaged weights are the average, not the raw weights of the last step.
+    best = load_checkpoint(result.model_dir / "checkpoints" / "best.pt")["model"]
+    assert not torch.equal(best["backbone.features.0.0.weight"], last["model"]["backbone.features.0.0.weight"])
+    torch.testing.assert_close(best[head][:1], model.state_dict()[head])
+
+
+def test_a_killed_run_with_the_reader_target_and_ema_resumes_to_the_same_model(phantom_read, tmp_path, monkeypatch):
+    import alnus.train
+
+    train = {"aux_reader": "reader_r1", "ema_decay": 0.9, "epochs": 3}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
+    cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
+    run_epoch = alnus.train.run_epoch
+
+    def killed_in_the_second_epoch(cfg, engine, data, state, info, progress, epoch, backbone):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
+
+    monkeypatch.setattr(alnus.train, "run_epoch", killed_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, console=_quiet())
+    monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
+    [resumed] = run_training(cfg, resume=True, console=_quiet())
+    a = load_checkpoint(full.model_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed.model_dir / "checkpoints" / "last.pt")
+    assert set(a["ema"]) == set(b["ema"])
+    for key in a["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], msg=key)
+    assert resumed.best_val_auc == full.best_val_auc
+
+
+def test_new_settings_at_their_defaults_leave_the_training_settings_unchanged(phantom_read, tmp_path):
+    plain = load_config(_config(tmp_path, phantom_read, "plain"))
+    settings = training_settings(plain)
+    assert "aux_reader" not in settings["train"] and "ema_decay" not in settings["train"]
+    assert "grey" not in settings["preprocess"]
+    changed = load_config(_config(tmp_path, phantom_read, "grey", preprocess={"grey": "stretch"}))
+    assert training_settings(changed)["preprocess"]["grey"] == "stretch"
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"aux_weight": 0}, "train.aux_weight"),
+        ("train", {"ema_decay": 1.0}, "train.ema_decay"),
+        ("train", {"aux_reader": " "}, "train.aux_reader"),
+        ("preprocess", {"grey": "clahe"}, "preprocess.grey"),
+    ],
+)
+def test_bad_lever_settings_name_the_key(phantom_read, tmp_path, section, values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_config(tmp_path, phantom_read, "bad", **{section: values}))
+
+
+# -------------------------------------------------------------------------------- grey-level normalisation
+def test_grey_modes_map_a_dim_crop_to_the_full_range():
+    rng = np.random.default_rng(0)
+    crop = (rng.random((40, 50)) * 60 + 30).astype(np.uint8)
+    assert normalise_grey(crop, "none") is crop
+    stretched = normalise_grey(crop, "stretch")
+    assert stretched.dtype == np.uint8 and stretched.min() == 0 and stretched.max() == 255
+    # A stretch keeps the order of grey levels; a gain change of the input gives the same output.
+    order = np.argsort(crop, axis=None, kind="stable")
+    assert (np.diff(stretched.ravel()[order].astype(int)) >= 0).all()
+    brighter = np.clip(crop.astype(int) * 2, 0, 255).astype(np.uint8)
+    assert np.abs(normalise_grey(brighter, "stretch").astype(int) - stretched.astype(int)).max() <= 3
+    equalised = normalise_grey(crop, "equalize")
+    assert equalised.max() == 255 and abs(float(equalised.mean()) - 127.5) < 20
+    flat = np.full((8, 8), 90, np.uint8)
+    assert (normalise_grey(flat, "equalize") == 90).all() and (normalise_grey(flat, "stretch") == 90).all()
+
+
+def test_grey_normalisation_is_part_of_the_spec_and_of_the_package_format():
+    plain, grey = PreprocessSpec(), PreprocessSpec(grey="equalize")
+    assert "grey" not in plain.to_dict() and grey.to_dict()["grey"] == "equalize"
+    assert PreprocessSpec.from_dict(grey.to_dict()) == grey and plain.key() != grey.key()
+    assert format_version_of({"preprocess": grey.to_dict()}) == 3
+    assert format_version_of({"preprocess": plain.to_dict()}) == 2
+    image = (np.random.default_rng(1).random((60, 80)) * 50 + 20).astype(np.uint8)
+    row = {"roi": "10,10,40,30"}
+    spec = PreprocessSpec(size=32, roi=RoiPolicy("box", 0.0))
+    before = preprocess(image, row, Path("."), spec)
+    after = preprocess(image, row, Path("."), PreprocessSpec(size=32, roi=RoiPolicy("box", 0.0), grey="equalize"))
+    assert before.max() < 80 and after.max() > 240  # the crop spans the full range, blurred a little by the resize
+
+
+def test_a_grey_normalised_package_predicts_with_its_normalisation(phantom_read, tmp_path):
+    cfg = load_config(_config(tmp_path, phantom_read, "grey", preprocess={"grey": "equalize"}, train={"epochs": 1}))
+    [result] = run_training(cfg, console=_quiet())
+    _, meta = load_package(result.package_dir)
+    assert meta["preprocess"]["grey"] == "equalize" and meta["format_version"] == 3
+    raw = yaml.safe_load((result.model_dir / "config.yaml").read_text())
+    assert raw["preprocess"]["grey"] == "equalize"
+    # `alnus predict`'s path equalises as training did: the package reproduces the validation predictions.
+    from alnus.data.images import load_image
+    from alnus.predict import Predictor
+
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    splits = pd.read_csv(cfg.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    rows = splits[splits["split"] == "val"].to_dict("records")
+    images = [load_image(cfg.run_dir / row["image"]) for row in rows]
+    probs = Predictor(result.package_dir).predict_arrays(images, rows, cfg.run_dir)
+    np.testing.assert_allclose(probs, saved["prob"], atol=1e-5)
+
+
+def test_the_report_methods_and_the_service_describe_the_levers():
+    from alnus.report.methods import _input_text, _levers_text
+    from alnus.serve.service import _input_text as service_input_text
+
+    pre = PreprocessSpec(size=224, roi=RoiPolicy("box", 0.15), grey="equalize")
+    assert "histogram equalised" in _input_text(pre.to_dict())
+    assert "histogram equalised" in service_input_text(pre)
+    assert "grey" not in _input_text(PreprocessSpec().to_dict())
+    text = _levers_text({"aux_reader": "reader_birads", "aux_weight": 0.3, "ema_decay": 0.99})
+    assert "BI-RADS category (reader_birads)" in text and "weighted 0.3" in text and "decay 0.99" in text
+    assert _levers_text({"aux_reader": None, "ema_decay": None}) == ""
