@@ -69,6 +69,11 @@ CONFIGURATIONS = (
         "base + a moving average of the weights (train.ema_decay 0.99), validated and packaged",
         ("train.ema_decay=0.99",),
     ),  # fmt: skip
+    Configuration(
+        "body_lr",
+        "base with layer-wise learning rates: the pretrained body at 0.3 x the head's (train.body_lr_factor)",
+        ("train.body_lr_factor=0.3",),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.
