@@ -246,9 +246,29 @@ def table_section() -> str:
         "",
         _markdown(pd.DataFrame(rows)) if rows else "(no configuration finished yet)",
     ]
+    out += ["", _rule_line(rows)]
     if pending:
         out += ["", f"Not run yet: {', '.join(pending)}."]
     return "\n".join(out)
+
+
+def _rule_line(rows: list[dict[str, object]]) -> str:
+    """Which single configuration the protocol's rule points to among the rows (the paper's CNNs are not candidates;
+    the ensembles compete in the final section)."""
+    scored = [
+        (float(str(r["val AUC (selection)"]).split(" ")[0]), str(r["configuration"]))
+        for r in rows
+        if not str(r["configuration"]).startswith("paper_cnns") and r["val AUC (selection)"]
+    ]
+    if not scored:
+        return "No candidate configuration has finished yet."
+    best, name = max(scored)
+    close = sorted(n for a, n in scored if best - 0.005 <= a and n != name)
+    tie = f"; within 0.005 of it: {', '.join(close)}" if close else ""
+    return (
+        f"Among the single configurations the rule (highest val AUC) points to **{name}** (val AUC {best:.3f}){tie}. "
+        "The ensembles and the final choice: the final section below."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
