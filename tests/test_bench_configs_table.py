@@ -1,0 +1,56 @@
+"""bench/public_configs.py's table: rows of configurations trained on another machine come from the committed
+record, rows whose run folder is here are read from it, and the rule's current pick is named."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def public_configs(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import public_configs
+
+    monkeypatch.setattr(public_configs, "REPO", tmp_path)
+    (tmp_path / "docs").mkdir()
+    yield public_configs
+    sys.modules.pop("public_configs", None)
+
+
+def _row(name: str, val: str, external: str) -> dict[str, str]:
+    return {"configuration": name, "change": "c", "model": "m", "val AUC (selection)": val, "internal AUC": "",
+            "external AUC": external, "external sens / spec": "", "training (min)": "1",
+            "last study run (min)": "1", "measured": "2026-12-02, AMD EPYC, 2 cores"}  # fmt: skip
+
+
+def test_recorded_rows_stand_in_for_run_folders_that_are_elsewhere(public_configs, tmp_path):
+    record = {
+        "base": [_row("base", "0.950 (0.905-0.995)", "0.832 (0.782-0.881)")],
+        "lite2": [_row("lite2", "0.937 (0.890-0.984)", "0.862 (0.816-0.908)")],
+        "paper_cnns": [_row("paper_cnns", "0.990 (0.9-1.0)", "0.7 (0.6-0.8)")],
+    }
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": record}))
+    section = public_configs.table_section()
+    assert "| base | c | m | 0.950 (0.905-0.995) |" in section and "| lite2 |" in section
+    assert "2026-12-02, AMD EPYC, 2 cores" in section
+    # The paper's CNNs are reported, never candidates, whatever their validation AUC.
+    assert "points to **base** (val AUC 0.950)" in section
+    assert "Not run yet:" in section and "grey_eq" in section and "base," not in section.split("Not run yet:")[1]
+
+
+def test_a_tie_within_0_005_is_named(public_configs, tmp_path):
+    record = {"base": [_row("base", "0.950 (0.9-1.0)", "0.8 (0.7-0.9)")],
+              "ema": [_row("ema", "0.947 (0.9-1.0)", "0.8 (0.7-0.9)")]}  # fmt: skip
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": record}))
+    assert "within 0.005 of it: ema" in public_configs.table_section()
+
+
+def test_without_a_record_or_runs_nothing_is_invented(public_configs):
+    section = public_configs.table_section()
+    assert "(no configuration finished yet)" in section and "No candidate configuration has finished yet." in section
