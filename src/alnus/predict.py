@@ -10,8 +10,10 @@ its own patient.
 
 New data (`alnus predict PACKAGE INPUT...`, the service) goes through `Predictor.predict_inputs`: each file is decoded
 on its own, and one that cannot be read (corrupt, unsupported, no lesion region where the model needs one) gets the
-reason in its `error` cell while the others are predicted. The forward pass runs on the package's fastest engine that
-passed its parity check at export (`alnus.export`: onnxruntime fp32 or int8), or on PyTorch.
+reason in its `error` cell while the others are predicted; an image whose lesion box is unlike one drawn around a
+lesion (tiny, or nearly the whole image: `alnus.data.roi.box_warning`) is predicted, with the reason in its `warning`
+cell. The forward pass runs on the package's fastest engine that passed its parity check at export (`alnus.export`:
+onnxruntime fp32 or int8), or on PyTorch.
 
 A package may be an ensemble (`alnus.models.package`, built by `alnus.ensemble`) and may list test-time augmentation
 views (`alnus.data.tta`): every path here then preprocesses the image for each member with that member's spec, and the
@@ -39,6 +41,7 @@ from alnus._hardware import Precision, autocast, choose_precision
 from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
+from alnus.data.roi import Box, RoiError, RoiPolicy, box_warning, lesion_box, parse_box
 from alnus.data.tta import all_views, apply_view
 from alnus.errors import AlnusError
 from alnus.export import ENGINES
@@ -338,6 +341,31 @@ class Predictor:
                 done[network.spec] = _to_tensor(preprocess(image, row, root, network.spec, max_pixels=max_pixels))
         return [done[network.spec] for network in self.networks]
 
+    def roi_warning(
+        self, shape: tuple[int, ...], row: Mapping[str, str], root: Path, *, max_pixels: int | None = None
+    ) -> str:
+        """The warning of an image whose lesion box is implausible (`alnus.data.roi.box_warning`), "" when it is not.
+
+        The box judged is the lesion box before the margin, from the `roi` cell or the mask's bounding box, as each
+        cropping network's ROI mode picks it (a mask is decoded once more for this). A package whose networks all see
+        the whole image never warns; an ensemble warns once per image (twice only when its box and mask networks judge
+        different boxes).
+
+        Args:
+            shape: the decoded image's (H, W).
+            row: the image's `roi` / `mask` cells (mask paths relative to `root`).
+        """
+        texts: list[str] = []
+        for mode in dict.fromkeys(n.spec.roi.mode for n in self.networks if n.spec.roi.mode != "whole"):
+            box = lesion_box(row, root, shape[:2], RoiPolicy(mode), max_pixels=max_pixels)
+            if box is None:
+                continue
+            what = "lesion box" if _drawn_box(row) == box else "lesion mask's bounding box"
+            text = box_warning(shape, box, what=what)
+            if text and text not in texts:
+                texts.append(text)
+        return " ".join(texts)
+
     def predict_arrays(
         self,
         images: Sequence[np.ndarray],
@@ -436,12 +464,14 @@ class Predictor:
             (empty where the image failed); with a frozen threshold the call made the way it was frozen, on the images
             that were predicted (a failed image is left out of its patient's aggregate): `<level>_prob` and
             `n_images` (patient or study level), `call`, `call_level`, and `prediction` (the call's label name); then
-            `engine` and `error` ("" where the image was predicted).
+            `engine`, `error` ("" where the image was predicted) and `warning` ("" unless the image was predicted with
+            an implausible lesion box, see `roi_warning`; box and mask ROIs alike).
         """
         records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in table.to_dict("records")]
         if any("path" not in r for r in records):
             raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
         errors = [r.get("error", "") for r in records]
+        warned = [""] * len(records)
         probs = np.full(len(records), np.nan)
         pending: list[tuple[int, list[torch.Tensor]]] = []
 
@@ -454,7 +484,8 @@ class Predictor:
         for i, row in enumerate(records):
             if not errors[i]:
                 try:
-                    pending.append((i, self._input(row)))
+                    inputs, warned[i] = self._input(row)
+                    pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
                     # The file as the user named it, not the absolute path it was read from.
                     errors[i] = (str(exc) or type(exc).__name__).replace(row["path"], row.get("image") or row["path"])
@@ -463,19 +494,24 @@ class Predictor:
             if progress is not None:
                 progress(i + 1, len(records))
         flush()
-        return self._new_data_table(records, probs, errors)
+        return self._new_data_table(records, probs, errors, warned)
 
-    def _input(self, row: Mapping[str, str]) -> list[torch.Tensor]:
-        """One new image as each network's input (1, size, size); raises with the reason it cannot be used."""
+    def _input(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
+        """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
+        with the reason it cannot be used."""
         cropping = next((n.spec for n in self.networks if n.spec.roi.mode != "whole"), None)
         if cropping is not None and not row.get("roi") and not row.get("mask"):
             raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
         image = load_image(row["path"], frame=parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
         cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", "")}
-        return self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels)
+        inputs = self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels)
+        return inputs, self.roi_warning(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
 
-    def _new_data_table(self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str]) -> pd.DataFrame:
-        """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors."""
+    def _new_data_table(
+        self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str], warned: list[str]
+    ) -> pd.DataFrame:
+        """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors,
+        warnings."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
         for column in ("study_id", "site"):
@@ -502,7 +538,19 @@ class Predictor:
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
         out["engine"] = self.engine
         out["error"] = errors
+        out["warning"] = warned
         return out
+
+
+def _drawn_box(row: Mapping[str, str]) -> Box | None:
+    """The box of the row's `roi` cell; None when it has none, or one a mask-first ROI mode never read (malformed)."""
+    text = str(row.get("roi", "") or "").strip()
+    if not text:
+        return None
+    try:
+        return parse_box(text)
+    except RoiError:
+        return None
 
 
 def _member_export_advice(package_dir: Path, meta: Mapping[str, Any], i: int, engine: str) -> str | None:

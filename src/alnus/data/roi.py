@@ -1,4 +1,5 @@
-"""Region of interest: parse lesion boxes, derive them from masks, add the peritumoral margin, crop."""
+"""Region of interest: parse lesion boxes, derive them from masks, add the peritumoral margin, crop; warn about
+boxes unlike a drawn lesion box."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ Box = tuple[int, int, int, int]
 RoiMode = Literal["box", "mask", "whole"]
 ROI_MODES: tuple[str, ...] = ("box", "mask", "whole")
 MAX_MARGIN = 2.0
+# Implausible lesion boxes are predicted with a warning (`box_warning`). "Training data" and "external data" below
+# are the lesion boxes of BUS-BRA and BrEaST, on which the shipped model (models/breast-us-malignancy) was trained and
+# tested.
+# A box with a shorter side below this (px) is enlarged many times to the network's input size, so the network sees
+# interpolated pixels rather than lesion texture; the boxes of the training and external data are all larger.
+MIN_BOX_SIDE = 16
+# A box covering less than this fraction of the image is a speck or a slip of the mouse, not a drawn lesion box; the
+# boxes of the training and external data all cover more.
+MIN_BOX_FRACTION = 0.005
+# A box covering more than this fraction of the image is hardly a crop to the lesion: the model sees mostly the tissue
+# around it, a view unlike the lesion crops it was trained on; every box of the training data (a lesion filling
+# the image is rare) and all of the external data cover less.
+MAX_BOX_FRACTION = 0.90
+BOX_ADVICE = "draw the box around the lesion as a sonographer would; predictions for such boxes were never validated"
 
 
 class RoiError(AlnusError, ValueError):
@@ -136,6 +151,48 @@ def expand_box(box: Box, margin: float, shape: tuple[int, int]) -> Box:
     return x0, y0, x1 - x0, y1 - y0
 
 
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def box_warning(shape: tuple[int, ...], box: Box, *, what: str = "lesion box") -> str:
+    """A one-line warning when a lesion box is unlike a box drawn around a lesion, else "".
+
+    A box is implausible when its shorter side is below `MIN_BOX_SIDE`, it covers less than `MIN_BOX_FRACTION` or
+    more than `MAX_BOX_FRACTION` of the image, or it reaches outside the image (sizes are then those of its part inside
+    the image). The prediction path never gets that far with a box from the `roi` column that reaches outside: `roi_box`
+    refuses it with an error, and a mask's box always lies inside.
+
+    Args:
+        shape: the decoded image's (H, W).
+        box: (x, y, w, h) in pixels of the decoded image, before the margin is added.
+        what: the box in words, e.g. "lesion mask's bounding box" for one taken from a mask.
+    """
+    height, width = shape[:2]
+    if height <= 0 or width <= 0:
+        raise RoiError(f"cannot judge a box in an empty image of shape {tuple(shape)}.")
+    x, y, w, h = box
+    inside_w = max(0, min(x + w, width) - max(x, 0))
+    inside_h = max(0, min(y + h, height) - max(y, 0))
+    fraction = inside_w * inside_h / (width * height)
+    reasons = []
+    if not box_inside(box, shape):
+        reasons.append("it reaches outside the image")
+    if min(inside_w, inside_h) < MIN_BOX_SIDE:
+        reasons.append(f"its shorter side is under {MIN_BOX_SIDE} px, so the crop is enlarged many times")
+    if fraction < MIN_BOX_FRACTION:
+        reasons.append(f"it covers under {_percent(MIN_BOX_FRACTION)} of the image")
+    elif fraction > MAX_BOX_FRACTION:
+        reasons.append(f"it covers over {_percent(MAX_BOX_FRACTION)} of the image, hardly a crop to the lesion")
+    if not reasons:
+        return ""
+    size = f"{inside_w}x{inside_h} px" + (" inside the image" if not box_inside(box, shape) else "")
+    return (
+        f"implausible {what} {format_box(box)}: {size}, {_percent(fraction)} of the {width}x{height} image "
+        f"({'; '.join(reasons)}); {BOX_ADVICE}."
+    )
+
+
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
     """The pixels of `image` inside `box` (a copy); the box must lie inside the image."""
     if not box_inside(box, image.shape):
@@ -186,10 +243,10 @@ def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
     return box
 
 
-def roi_box(
+def lesion_box(
     row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: RoiPolicy, *, max_pixels: int | None = None
 ) -> Box | None:
-    """The crop box of one manifest row under `policy`, margin added and clipped; None for mode "whole".
+    """The lesion box of one manifest row under `policy`, before the margin; None for mode "whole".
 
     Mode "box" uses the `roi` column, else the mask's bounding box; mode "mask" prefers the mask
     (`mask`, else the first path of `mask_tumor`), else the `roi` column. An empty mask counts as no mask.
@@ -206,11 +263,19 @@ def roi_box(
     for source in (from_column, from_mask) if policy.mode == "box" else (from_mask, from_column):
         box = source()
         if box is not None:
-            return expand_box(box, policy.margin, shape)
+            return box
     raise RoiError(
         f"image {row.get('image', '?')}: ROI mode {policy.mode!r} needs an 'roi' box (x,y,w,h) or a "
         "non-empty lesion mask ('mask' or 'mask_tumor' column); add one or use ROI mode 'whole'."
     )
+
+
+def roi_box(
+    row: Mapping[str, str], root: Path, shape: tuple[int, int], policy: RoiPolicy, *, max_pixels: int | None = None
+) -> Box | None:
+    """The crop box of one manifest row under `policy` (`lesion_box`), margin added and clipped; None for "whole"."""
+    box = lesion_box(row, root, shape, policy, max_pixels=max_pixels)
+    return None if box is None else expand_box(box, policy.margin, shape)
 
 
 def crop_roi(

@@ -6,8 +6,9 @@ commands.
 Routes: `GET /` (the web page; its script and style under `/static/`), `GET /healthz` (no token: is the model loaded),
 `GET /v1/model` (the package's identity, operating point, intended use and validation results), `POST /v1/preview`
 (the decoded image, to draw the lesion box on) and `POST /v1/predict` (probability, call at the frozen threshold, heat
-map), and the OpenAPI description at `/openapi.json`. FastAPI's `/docs` and `/redoc` pages are off: they load their
-scripts from a CDN, and nothing this service serves may make an outside request.
+map, and a warning when the lesion box is implausible), and the OpenAPI description at `/openapi.json`. FastAPI's
+`/docs` and `/redoc` pages are off: they load their scripts from a CDN, and nothing this service serves may make an
+outside request.
 
 Security: `/v1/*` needs the bearer token (`alnus.serve.security`), checked before any of the body is read; a body
 over the upload limit is refused while it is read (413); the file's kind comes from its bytes (415); an image that

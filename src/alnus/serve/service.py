@@ -431,9 +431,13 @@ class ModelService:
         except AlnusError as exc:
             raise ApiError(422, _scrub(str(exc), root)) from None
         calls = self._calls(probabilities)
+        # The box passed the checks of `_prepare`, so judging it cannot fail (and a request sends no mask to decode).
+        warnings = [self.predictor.roi_warning(item.image.shape, item.row, root) for item in ready]
         return [
-            (self._answer(probability, call, item.box, item.image.shape), explanation)
-            for item, probability, call, explanation in zip(ready, probabilities, calls, drawn, strict=True)
+            (self._answer(probability, call, item.box, item.image.shape, warning), explanation)
+            for item, probability, call, warning, explanation in zip(
+                ready, probabilities, calls, warnings, drawn, strict=True
+            )
         ]
 
     def _calls(self, probabilities: list[float]) -> list[str | None]:
@@ -462,8 +466,14 @@ class ModelService:
         except RoiError as exc:
             raise ApiError(422, f"roi: {exc}") from None
 
-    def _answer(self, probability: float, call: str | None, box: Box | None, shape: tuple[int, ...]) -> dict[str, Any]:
-        """The JSON answer of one image; its `heatmap` (a PNG data URI) is drawn afterwards, off the worker."""
+    def _answer(
+        self, probability: float, call: str | None, box: Box | None, shape: tuple[int, ...], warning: str = ""
+    ) -> dict[str, Any]:
+        """The JSON answer of one image; its `heatmap` (a PNG data URI) is drawn afterwards, off the worker.
+
+        `warning` is the reason the lesion box is implausible (`Predictor.roi_warning`; null when it is not, and for
+        a model that sees the whole image): the probability is given all the same.
+        """
         predictor, point = self.predictor, self.predictor.operating_point
         info = self.info
         return {
@@ -478,6 +488,7 @@ class ModelService:
             if point is None
             else info["threshold"]["applied_here"],
             "roi": None if box is None else {"box": list(box), "used": info["input"]["needs_roi"]},
+            "warning": warning or None,
             "image_size": {"width": int(shape[1]), "height": int(shape[0])},
             "model": {k: info["model"][k] for k in ("name", "version", "weights_sha256")},
             "heatmap": None,

@@ -317,6 +317,9 @@
       );
     }
     say("threshold-note", result.threshold_note);
+    // An implausible lesion box (tiny, or nearly the whole image): the probability is shown, with the reason.
+    say("box-warning", result.warning ? "Warning: " + result.warning : "");
+    show("box-warning", Boolean(result.warning));
     if (result.heatmap) {
       $("heatmap").src = result.heatmap;
       say("heatmap-note", result.heatmap_note || "");
