@@ -448,6 +448,45 @@ def train(
             )
 
 
+@app.command("cv")
+def cv(
+    config: Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/demo.yaml.")],
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of patient-level folds K (K trainings).")] = 5,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted fold from its checkpoints/last.pt.")] = False,
+) -> None:
+    """Judge a configuration on every development patient outside internal_test: train it on K patient-level folds
+    (runs NAME_cv0 .. NAME_cv{K-1}), pool the folds' out-of-fold val predictions, write runs_dir/NAME_cv/cv.json.
+    The internal and external tests are untouched. Rerun to reuse finished folds."""
+    from alnus.config import load_config
+    from alnus.cv import run_cv
+
+    cfg = load_config(config, list(set_ or []))
+    result = run_cv(cfg, folds, resume=resume, console=console)
+    _print_cv(result.summary)
+    console.print(f"[green]Wrote[/green] {escape(str(result.path))}", highlight=False)
+
+
+def _print_cv(summary: dict) -> None:
+    level = escape(str(summary["level"]))
+    table = Table(title=f"{summary['folds']}-fold cross-validation, {level}-level out-of-fold AUC")
+    cases = {"patient": "patients", "study": "studies", "image": "images"}.get(str(summary["level"]), "cases")
+    for column in ("model", "pooled AUC (95% CI)", "fold AUCs", "mean (SD)", f"{cases} (pos/neg)"):
+        table.add_column(column)
+    for name, m in summary["models"].items():
+        table.add_row(
+            escape(name),
+            f"{m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})",
+            " ".join(f"{a:.3f}" for a in m["fold_aucs"]),
+            f"{m['fold_auc_mean']:.3f} ({m['fold_auc_sd']:.3f})",
+            f"{m['cases']} ({m['positive']}/{m['negative']})",
+        )
+    console.print(table)
+
+
 @app.command("predict-run")
 def predict_run(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>.")],
@@ -709,9 +748,11 @@ def predict(
 
     Each image gets the probability and, once a threshold is frozen, the call. Images are read one by one: one that
     is corrupt, unsupported or unreadable, or lacks the lesion region the model needs, gets the reason in the `error`
-    column and the others are predicted. Exit code: 0 when every image was predicted, 1 when any failed, 2 for a
-    problem with the command, package or manifest. Notes (the model's intended use and training sites, the call rule)
-    go to stderr, so piped CSV or JSON stays clean. The study's stage on a run folder is `alnus predict-run RUN`.
+    column and the others are predicted. An implausible lesion box (tiny, or nearly the whole image) is predicted, with
+    the reason in the `warning` column and a warning on stderr. Exit code: 0 when every image was predicted, 1 when any
+    failed, 2 for a problem with the command, package or manifest. Notes (the model's intended use and training sites,
+    the call rule) go to stderr, so piped CSV or JSON stays clean. The study's stage on a run folder is
+    `alnus predict-run RUN`.
     """
     from alnus.data.inputs import collect_inputs
     from alnus.predict import Predictor, package_notes
@@ -759,6 +800,7 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         )
     else:
         err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
+    _print_box_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
     err_console.print(escape(engine) + ".", highlight=False, soft_wrap=True)
@@ -775,6 +817,21 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         err_console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
     if heatmaps is not None:
         err_console.print(f"[green]Wrote[/green] heat maps to {escape(str(heatmaps))}", highlight=False)
+
+
+def _print_box_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
+    """A yellow line per image predicted with an implausible lesion box (the first few; all are in the table)."""
+    warned = result[result["warning"] != ""]
+    for image, text in zip(warned["image"][:_SHOWN_PROBLEMS], warned["warning"][:_SHOWN_PROBLEMS], strict=True):
+        line = f"[yellow]warning:[/yellow] {escape(str(image))}: {escape(text)}"
+        err_console.print(line, highlight=False, soft_wrap=True)
+    if len(warned) > _SHOWN_PROBLEMS:
+        err_console.print(
+            f"[yellow]... and {len(warned) - _SHOWN_PROBLEMS} more image(s) with an implausible lesion box[/yellow] "
+            "(the reason is in the warning column).",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("evaluate")

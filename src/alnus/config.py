@@ -48,6 +48,10 @@ class DataConfig:
     check_duplicates: bool = True
     # Decoded-size limit per image (8-bit pixels; a 16-bit pixel counts 2, RGB 3); null: alnus.data.images.MAX_PIXELS.
     max_image_pixels: int | None = None
+    # K-fold cross-validation inside the development patients (`alnus cv`): val is fold `cv_fold` of `cv_folds` of
+    # the patients outside internal_test, train the other folds; val_frac is then not used. null: one val split.
+    cv_folds: int | None = None
+    cv_fold: int = 0
 
 
 @dataclass
@@ -266,12 +270,21 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def data_settings(cfg: Config) -> dict[str, Any]:
+    """The data settings that decide the split (the run's data hash, `alnus.study.data_hash`) and the weights.
+
+    The manifest's path is left out: a moved manifest trains the same model; its contents count, through the run's
+    data hash. Settings added later (`DATA_ADDED`) are left out while at their defaults.
+    """
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_FREE_KEYS}
+    _drop_defaults(data, DATA_ADDED)
+    return data
+
+
 def training_settings(cfg: Config) -> dict[str, Any]:
     """The settings that change trained weights (data, preprocessing, training), for resume checks."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}
-    # The manifest's path is left out: a moved manifest trains the same model. Its contents count, through the
-    # run's data hash (`alnus.train.model_settings`).
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_FREE_KEYS}
+    data = data_settings(cfg)
     # TTA views act at prediction only: a package whose views differ is packaged again, not retrained
     # (`alnus.study.trained_package`), and a checkpoint resumes whatever the views.
     preprocess = {k: v for k, v in dataclasses.asdict(cfg.preprocess).items() if k != "tta"}
@@ -287,6 +300,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
 # Settings added after models were trained and packaged: left out of the training settings while they keep their
 # default (off), so models trained before they existed keep their settings hash and are reused, not retrained.
 PREPROCESS_ADDED = {"grey": "none"}
+DATA_ADDED: dict[str, Any] = {"cv_folds": None, "cv_fold": 0}
 TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None}
 
 
@@ -382,8 +396,15 @@ def _check(cfg: Config, where: str) -> None:
             fail(key, f"{frac} must be at least 0 and below 1")
     if data.max_image_pixels is not None and data.max_image_pixels < 1:
         fail("data.max_image_pixels", f"{data.max_image_pixels} must be a positive number of pixels, or null")
-    if data.val_frac == 0:
+    if data.val_frac == 0 and data.cv_folds is None:
         fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1")
+    if data.cv_folds is not None:
+        if data.cv_folds < 2:
+            fail("data.cv_folds", f"{data.cv_folds} must be at least 2 (e.g. 5), or null for one val split")
+        if not 0 <= data.cv_fold < data.cv_folds:
+            fail("data.cv_fold", f"{data.cv_fold} must be in 0..{data.cv_folds - 1} (data.cv_folds is {data.cv_folds})")
+    elif data.cv_fold != 0:
+        fail("data.cv_fold", f"{data.cv_fold} needs data.cv_folds (the number of folds); set both, or leave it at 0")
     if data.labels is not None:
         if len(set(data.labels)) != len(data.labels) or len(data.labels) != 2:
             fail("data.labels", f"{data.labels} must list exactly two distinct labels (negative, positive)")

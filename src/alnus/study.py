@@ -19,7 +19,7 @@ from rich.console import Console
 from alnus._distributed import distributed, main_first
 from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus._text import escape
-from alnus.config import DATA_FREE_KEYS, Config, dump_config, stable_hash
+from alnus.config import Config, data_settings, dump_config, stable_hash
 from alnus.data.manifest import ManifestError, read_manifest, rebase_manifest, validate_manifest
 from alnus.data.split import split_manifest
 from alnus.errors import AlnusError
@@ -34,9 +34,10 @@ class StudyError(AlnusError):
 def data_hash(cfg: Config) -> str:
     """Hash of what the split depends on: the data section (without the manifest's path) and its contents.
 
-    A moved manifest with the same contents keeps its hash; an edited manifest or split setting does not.
+    A moved manifest with the same contents keeps its hash; an edited manifest or split setting (a cross-validation
+    fold included) does not. Settings added later keep the hash of older runs while at their defaults.
     """
-    section = {k: v for k, v in cfg.to_dict()["data"].items() if k not in DATA_FREE_KEYS}
+    section = data_settings(cfg)
     return stable_hash({"data": section, "manifest_sha256": file_sha256(Path(cfg.data.manifest))})
 
 
@@ -127,6 +128,8 @@ def prepare_run(cfg: Config) -> Path:
         internal_test_frac=cfg.data.internal_test_frac,
         val_frac=cfg.data.val_frac,
         seed=cfg.data.seed,
+        cv_folds=cfg.data.cv_folds,
+        cv_fold=cfg.data.cv_fold,
         check_duplicates=cfg.data.check_duplicates,
         group_duplicates=cfg.data.group_duplicates,
         max_pixels=max_pixels,

@@ -2,12 +2,14 @@
 
 Design after Zhou et al., Radiology 2020;294:19-28: the development hospital's patients are split into
 train (with a validation part carved from it) and an internal test; a second hospital is the external test.
+For cross-validation (`alnus.cv`) the validation part is one of K patient-level folds instead.
 Near-duplicate images (the same frame saved twice, possibly re-encoded or rescaled) are found with a
 perceptual hash (DCT-based pHash; Zauner 2010, Krawetz 2011) so that they never straddle two splits.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.errors import AlnusError
@@ -145,6 +147,48 @@ def _carve(units: pd.Series, frac: float, seed: int, what: str, notes: list[str]
     return list(kept), list(carved)
 
 
+def _fold(units: pd.Series, folds: int, fold: int, seed: int, notes: list[str]) -> tuple[list[object], list[object]]:
+    """Split unit ids (`units`: index = id, value = label) into (train, val): val is fold `fold` of `folds`.
+
+    sklearn's seeded `StratifiedGroupKFold` over the sorted units, one group per unit, stratified by label: the folds
+    of one seed partition the units, so each patient is validated in exactly one fold.
+    """
+    units = units.sort_index()
+    ids = units.index.to_numpy(dtype=object)
+    if len(ids) < folds:
+        raise AlnusError(
+            f"data.cv_folds: {folds} folds need at least {folds} development patients outside internal_test, "
+            f"found {len(ids)}; lower data.cv_folds or add patients."
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kfold = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = list(kfold.split(ids, units.to_numpy(), groups=ids))
+    notes += [f"cross-validation folds: {w.message}" for w in caught]
+    train, val = parts[fold]
+    notes.append(
+        f"val is fold {fold} of {folds} (patient-level cross-validation of the development patients outside "
+        f"internal_test, stratified by label, seed {seed}); data.val_frac is not used"
+    )
+    return list(ids[train]), list(ids[val])
+
+
+def _check_cv(cv_folds: int | None, cv_fold: int, user_split: bool) -> None:
+    if cv_folds is None:
+        if cv_fold != 0:
+            raise AlnusError(f"data.cv_fold is {cv_fold} but data.cv_folds is not set; set both, or neither.")
+        return
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2:
+        raise AlnusError(f"data.cv_folds must be a whole number of at least 2, got {cv_folds!r}.")
+    if isinstance(cv_fold, bool) or not isinstance(cv_fold, int) or not 0 <= cv_fold < cv_folds:
+        raise AlnusError(f"data.cv_fold must be in 0..{cv_folds - 1} (data.cv_folds is {cv_folds}), got {cv_fold!r}.")
+    if user_split:
+        raise AlnusError(
+            "data.cv_folds: the manifest has its own split column, so alnus does not split and cannot make folds; "
+            "clear the split column to cross-validate."
+        )
+
+
 def _check_user_split(df: pd.DataFrame, external_sites: Sequence[str]) -> None:
     split = df["split"].astype(str)
     bad = ~split.isin(SPLITS)
@@ -170,6 +214,8 @@ def make_splits(
     val_frac: float = 0.1,
     seed: int = 0,
     group_col: str | None = None,
+    cv_folds: int | None = None,
+    cv_fold: int = 0,
 ) -> pd.DataFrame:
     """Assign each patient (or each `group_col` group of patients) to one split, stratified by label.
 
@@ -177,6 +223,8 @@ def make_splits(
     internal_test and `val_frac` of the remaining patients to val; external sites go to external_test.
     Patients are sorted before sklearn's seeded `train_test_split`, so the result does not depend on the
     row order. A manifest whose `split` column is filled in every row keeps it (values are checked).
+    With `cv_folds` K, internal_test is carved as without it (the same patients) and val is fold `cv_fold` of K
+    of the remaining development patients (`_fold`); `val_frac` is not used.
 
     Returns:
         A copy of `df` with a `split` column; `.attrs["notes"]` lists what was decided on the way
@@ -187,6 +235,8 @@ def make_splits(
     for name, frac in (("internal_test_frac", internal_test_frac), ("val_frac", val_frac)):
         if not 0 <= frac < 1:
             raise AlnusError(f"{name} must be at least 0 and below 1, got {frac}.")
+    filled_split = "split" in df.columns and (df["split"].fillna("").astype(str).str.strip() != "").all()
+    _check_cv(cv_folds, cv_fold, user_split=bool(filled_split and len(df)))
     sites = _sites(df)
     known = sorted(set(sites))
     unknown = [s for s in external_sites if s not in set(sites)]
@@ -236,7 +286,10 @@ def make_splits(
     external_units = unit_external.index[unit_external["all"]]
     dev = unit_labels.drop(external_units)
     rest, internal = _carve(dev, internal_test_frac, seed, "internal_test", notes)
-    train, val = _carve(dev.loc[rest], val_frac, seed, "val", notes)
+    if cv_folds is None:
+        train, val = _carve(dev.loc[rest], val_frac, seed, "val", notes)
+    else:
+        train, val = _fold(dev.loc[rest], cv_folds, cv_fold, seed, notes)
     assignment = {u: "external_test" for u in external_units}
     assignment.update({u: "internal_test" for u in internal})
     assignment.update({u: "val" for u in val})
@@ -483,6 +536,8 @@ def split_manifest(
     group_duplicates: bool = False,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     max_pixels: int | None = None,
+    cv_folds: int | None = None,
+    cv_fold: int = 0,
 ) -> SplitResult:
     """Hash images, find near-duplicates, (group them), split by patient and check for leakage and classes.
 
@@ -507,6 +562,8 @@ def split_manifest(
         val_frac=val_frac,
         seed=seed,
         group_col="group" if group_duplicates else None,
+        cv_folds=cv_folds,
+        cv_fold=cv_fold,
     )
     notes += splits.attrs.get("notes", [])
     notes += check_classes(splits)

@@ -1,0 +1,241 @@
+"""Patient-level K-fold cross-validation inside the development patients, for choosing between configurations.
+
+One validation split holds too few patients to tell configurations apart. `run_cv` trains a config K times, as the
+runs `<name>_cv0` .. `<name>_cv{K-1}`, each validated on one fold of the development patients outside internal_test
+(`data.cv_folds` / `data.cv_fold`, `alnus.data.split.make_splits`), then pools the out-of-fold validation
+predictions of each fold's best epoch: every development patient outside internal_test is scored once, by the model
+that did not train on them. The internal and external tests are never touched (the same patients in every fold).
+The result, per backbone, goes to `<runs_dir>/<name>_cv/cv.json`.
+
+The pooled AUC mixes the scores of K models; it ranks configurations, it is not the AUC of any one model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from alnus import stats
+from alnus._io import atomic_write_text
+from alnus._levels import aggregate_cases, case_ids, unit_keys
+from alnus._text import escape
+from alnus.config import Config, apply_overrides, config_from_dict
+from alnus.errors import AlnusError
+from alnus.runfolder import RunFolder, lock_run, read_splits
+
+CV_FILE = "cv.json"
+# The clustered bootstrap's resamples when a case is smaller than a patient (image level), as `alnus.evaluate`.
+N_BOOT = 2000
+
+
+class CvError(AlnusError):
+    """Cross-validation cannot run or its folds do not fit together; the message says which fold and what to do."""
+
+
+@dataclass
+class CvResult:
+    """What `run_cv` did: where `cv.json` is, what it holds, and per fold which backbones were trained or reused."""
+
+    path: Path
+    summary: dict[str, Any]
+    trained: dict[int, list[str]] = field(default_factory=dict)
+    reused: dict[int, list[str]] = field(default_factory=dict)
+
+
+def fold_name(name: str, fold: int) -> str:
+    """The run name of fold `fold` of the config `name`."""
+    return f"{name}_cv{fold}"
+
+
+def cv_dir(cfg: Config) -> Path:
+    """`<runs_dir>/<name>_cv/`: where the pooled result of the config's folds is written."""
+    return Path(cfg.runs_dir) / f"{cfg.name}_cv"
+
+
+def fold_config(cfg: Config, folds: int, fold: int) -> Config:
+    """The config of one fold: `data.cv_folds`, `data.cv_fold` and the run name set, then checked as any config."""
+    overrides = [("data.cv_folds", folds), ("data.cv_fold", fold), ("name", fold_name(cfg.name, fold))]
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides), where=f"{cfg.name} (fold {fold} of {folds})")
+
+
+def train_fold(cfg: Config, *, resume: bool = False, console: Console | None = None) -> tuple[list[str], list[str]]:
+    """Prepare one fold's run and train its backbones, reusing those already trained with these settings and data.
+
+    Returns:
+        (trained, reused) backbone names.
+    """
+    from alnus.study import prepare_run, run_training, trained_package
+
+    with lock_run(cfg.run_dir, command=f"alnus cv ({cfg.name})"):
+        # First: a run folder holding another fold's (or other data's) split is refused here, before any reuse.
+        prepare_run(cfg)
+        todo = [b for b in cfg.models if trained_package(cfg, b) is None]
+        reused = [b for b in cfg.models if b not in todo]
+        if console is not None and reused:
+            console.print(f"{escape(cfg.name)}: reusing {escape(', '.join(reused))} (already trained)", highlight=False)
+        if todo:
+            run_training(cfg, models=todo, resume=resume, console=console)
+    return todo, reused
+
+
+def fold_predictions(run_dir: Path, backbone: str) -> pd.DataFrame:
+    """The best epoch's val predictions of one fold with each image's site, patient and study from its `splits.csv`.
+
+    `val_predictions_best.csv` names each image by its position in the run's val rows (`alnus.train`); the image
+    path is checked against that row, so a split prepared again after training is refused.
+    """
+    path = RunFolder(run_dir).model(backbone).val_predictions_best
+    if not path.is_file():
+        raise CvError(f"{path} not found: {backbone} of {run_dir.name} is not trained; run `alnus cv` again.")
+    preds = pd.read_csv(path, dtype={"image": str, "patient_id": str}, keep_default_na=False)
+    val = read_splits(run_dir)
+    val = val[val["split"] == "val"].reset_index(drop=True)
+    index = preds["index"].to_numpy(dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= len(val)):
+        raise CvError(f"{path} does not fit {RunFolder(run_dir).splits}; train {backbone} of {run_dir.name} again.")
+    rows = val.iloc[index].reset_index(drop=True)
+    if not (rows["image"].to_numpy() == preds["image"].to_numpy()).all():
+        raise CvError(f"{path} was written for another split than {RunFolder(run_dir).splits}; train it again.")
+    out = pd.DataFrame(
+        {
+            "image": rows["image"],
+            "site": rows["site"] if "site" in rows.columns else "",
+            "patient_id": rows["patient_id"],
+            "study_id": rows["study_id"] if "study_id" in rows.columns else "",
+            "y": preds["y"].to_numpy(dtype=np.int64),
+            "prob": preds["prob"].to_numpy(dtype=np.float64),
+            "epoch": preds["epoch"].to_numpy() if "epoch" in preds.columns else np.nan,
+        }
+    )
+    return out
+
+
+def _patient_name(key: str) -> str:
+    site, _, patient = key.partition("\x1f")
+    return f"{site}/{patient}" if site else patient
+
+
+def check_folds(tables: Sequence[pd.DataFrame], expected: set[str] | None = None) -> None:
+    """Refuse folds whose val patients overlap (a patient twice is named), or, with `expected` (patient keys as
+    `alnus._levels.unit_keys` makes them), that leave a patient out."""
+    seen: dict[str, int] = {}
+    twice = []
+    for fold, table in enumerate(tables):
+        for key in sorted(set(unit_keys(table, "patient"))):
+            if key in seen:
+                twice.append(f"patient {_patient_name(key)} (folds {seen[key]} and {fold})")
+            seen[key] = fold
+    if twice:
+        raise CvError(
+            f"{len(twice)} patient(s) are in the val split of two folds: {'; '.join(twice[:8])}; the folds come from "
+            "different splits: delete the fold run folders and run `alnus cv` again."
+        )
+    if expected is not None and set(seen) != expected:
+        missing = sorted(expected - set(seen))
+        raise CvError(
+            f"{len(missing)} development patient(s) are in no fold's val split (e.g. "
+            f"{', '.join(_patient_name(k) for k in missing[:8])}); run `alnus cv` again with all folds."
+        )
+
+
+def _cases(table: pd.DataFrame, level: str, aggregate: str) -> tuple[np.ndarray, np.ndarray]:
+    return aggregate_cases(case_ids(table, level), table["y"].to_numpy(), table["prob"].to_numpy(), aggregate)
+
+
+def pooled_auc(tables: Sequence[pd.DataFrame], level: str, aggregate: str, *, alpha: float = 0.05) -> dict[str, Any]:
+    """The pooled out-of-fold AUC at `level` with its CI, and the AUC of each fold, from the folds' val predictions.
+
+    The CI is DeLong's (`alnus.stats.auc_ci`); when a case is smaller than a patient (image level with several images
+    per patient) it is the bootstrap clustered by patient instead, as `alnus.evaluate` reports.
+    """
+    check_folds(tables)
+    fold_aucs = []
+    for fold, table in enumerate(tables):
+        y, prob = _cases(table, level, aggregate)
+        try:
+            fold_aucs.append(stats.auc(y, prob))
+        except stats.StatsError as exc:
+            raise CvError(f"fold {fold}: {exc}") from None
+    pooled = pd.concat(tables, ignore_index=True)
+    cases = case_ids(pooled, level)
+    y, prob = aggregate_cases(cases, pooled["y"].to_numpy(), pooled["prob"].to_numpy(), aggregate)
+    patients = unit_keys(pooled, "patient")
+    n_patients = int(patients.nunique())
+    if n_patients < y.size:
+        # aggregate_cases returns cases 0..max in order, as groupby sorts them
+        per_case = patients.groupby(cases).first().to_numpy()
+        result = stats.auc_ci(y, prob, "bootstrap", groups=per_case, alpha=alpha, n_boot=N_BOOT, seed=0)
+    else:
+        result = stats.auc_ci(y, prob, "delong", alpha=alpha)
+    return {
+        "auc": result.estimate,
+        "auc_ci": [result.ci_low, result.ci_high],
+        "auc_ci_method": result.method,
+        "alpha": alpha,
+        "fold_aucs": fold_aucs,
+        "fold_auc_mean": float(np.mean(fold_aucs)),
+        "fold_auc_sd": float(np.std(fold_aucs, ddof=1)) if len(fold_aucs) > 1 else 0.0,
+        "patients": n_patients,
+        "cases": int(y.size),
+        "positive": int(result.n_pos),
+        "negative": int(result.n_neg),
+        "images": int(len(pooled)),
+    }
+
+
+def _development_patients(run_dir: Path) -> set[str]:
+    """The patient keys of a fold run's train and val splits: every fold's val together must be these."""
+    splits = read_splits(run_dir)
+    return set(unit_keys(splits[splits["split"].isin(["train", "val"])], "patient"))
+
+
+def summarize(cfg: Config, folds: int) -> dict[str, Any]:
+    """Pool the finished folds of `cfg` (the config without fold settings) into the content of `cv.json`."""
+    runs = [fold_config(cfg, folds, k).run_dir for k in range(folds)]
+    expected = _development_patients(runs[0])
+    models = {}
+    for backbone in cfg.models:
+        tables = [fold_predictions(run, backbone) for run in runs]
+        check_folds(tables, expected)
+        result = pooled_auc(tables, cfg.evaluate.level, cfg.evaluate.aggregate)
+        result["best_epochs"] = [int(t["epoch"].iloc[0]) if len(t) else None for t in tables]
+        models[backbone] = result
+    return {
+        "name": cfg.name,
+        "folds": folds,
+        "seed": cfg.data.seed,
+        "level": cfg.evaluate.level,
+        "aggregate": cfg.evaluate.aggregate,
+        "runs": [run.name for run in runs],
+        "models": models,
+    }
+
+
+def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | None = None) -> CvResult:
+    """Train the config on each of `folds` folds (reusing finished folds), pool their out-of-fold validation
+    predictions and write `<runs_dir>/<name>_cv/cv.json`.
+
+    Args:
+        resume: continue an interrupted fold from its backbones' `checkpoints/last.pt`.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise CvError(f"--folds must be a whole number of at least 2 (e.g. 5), got {folds!r}.")
+    configs = [fold_config(cfg, folds, k) for k in range(folds)]  # all checked before the first training
+    trained, reused = {}, {}
+    for k, fold_cfg in enumerate(configs):
+        if console is not None:
+            console.rule(f"fold {k + 1} of {folds}: {escape(fold_cfg.name)}")
+        trained[k], reused[k] = train_fold(fold_cfg, resume=resume, console=console)
+    summary = summarize(cfg, folds)
+    out = cv_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CV_FILE
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    return CvResult(path=path, summary=summary, trained=trained, reused=reused)

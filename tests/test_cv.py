@@ -1,0 +1,256 @@
+"""Patient-level cross-validation inside the development patients (`alnus.cv`, `data.cv_folds` in `make_splits`):
+the folds partition the patients outside internal_test, the tests never move, settings hashes of runs without CV
+are kept, and `run_cv` / `alnus cv` pool the folds' out-of-fold predictions, reusing finished folds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from alnus import stats
+from alnus._io import file_sha256
+from alnus._levels import aggregate_cases, case_ids
+from alnus.cli import app
+from alnus.config import DATA_FREE_KEYS, ConfigError, load_config, stable_hash, training_settings
+from alnus.cv import CvError, check_folds, fold_config, run_cv
+from alnus.data.phantom import make_phantom
+from alnus.data.split import make_splits
+from alnus.errors import AlnusError
+from alnus.study import StudyError, data_hash, prepare_run
+from tests.data.test_split import patient_splits, synthetic_manifest
+from tests.test_train import TINY
+
+runner = CliRunner()
+
+
+# --- the folds ---------------------------------------------------------------------------------------------------
+def test_folds_partition_the_development_patients_and_keep_the_tests():
+    df = synthetic_manifest(150, pos_frac=0.3, sites=("A", "A", "B"))
+    plain = patient_splits(make_splits(df, external_sites=["B"], seed=4))
+    folds = [patient_splits(make_splits(df, external_sites=["B"], seed=4, cv_folds=5, cv_fold=k)) for k in range(5)]
+    tests = {p: s for p, s in plain.items() if s in ("internal_test", "external_test")}
+    development = {p for p, s in plain.items() if s in ("train", "val")}
+    val_sets = []
+    for split in folds:
+        assert {p: s for p, s in split.items() if s in ("internal_test", "external_test")} == tests
+        assert {p for p, s in split.items() if s in ("train", "val")} == development
+        val_sets.append({p for p, s in split.items() if s == "val"})
+    assert sorted(p for v in val_sets for p in v) == sorted(development)  # each patient in exactly one val fold
+    labels = df.groupby("patient_id")["label"].first()
+    share = labels[sorted(development)].eq("malignant").mean()
+    for val in val_sets:
+        assert abs(len(val) - len(development) / 5) <= 1
+        assert abs(labels[sorted(val)].eq("malignant").mean() - share) < 0.1  # stratified by label
+    # the row order does not matter; the seed does
+    shuffled = df.sample(frac=1, random_state=1).reset_index(drop=True)
+    assert patient_splits(make_splits(shuffled, external_sites=["B"], seed=4, cv_folds=5, cv_fold=2)) == folds[2]
+    other = patient_splits(make_splits(df, external_sites=["B"], seed=5, cv_folds=5, cv_fold=2))
+    assert other != folds[2]
+    assert "val is fold 2 of 5" in make_splits(df, seed=4, cv_folds=5, cv_fold=2).attrs["notes"][-1]
+
+
+def test_folds_keep_a_group_of_patients_together():
+    df = synthetic_manifest(60)
+    df["group"] = df["patient_id"].str[:3]  # P00, P01, ...: groups of ten patients
+    for k in range(3):
+        out = make_splits(df, seed=0, internal_test_frac=0, group_col="group", cv_folds=3, cv_fold=k)
+        assert (out.groupby("group")["split"].nunique() == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cv_folds": 1}, "cv_folds must be"),
+        ({"cv_folds": 3, "cv_fold": 3}, r"cv_fold must be in 0\.\.2"),
+        ({"cv_folds": 3, "cv_fold": -1}, "cv_fold must be"),
+        ({"cv_fold": 1}, "cv_folds is not set"),
+        ({"cv_folds": 100}, "100 folds need at least 100"),
+    ],
+)
+def test_bad_fold_settings_are_refused(kwargs, match):
+    with pytest.raises(AlnusError, match=match):
+        make_splits(synthetic_manifest(40), seed=0, **kwargs)
+
+
+def test_folds_refuse_a_manifest_with_its_own_split():
+    df = synthetic_manifest(20)
+    df["split"] = "train"
+    with pytest.raises(AlnusError, match="own split column"):
+        make_splits(df, cv_folds=3)
+
+
+def _write_config(folder: Path, manifest: Path, name: str, **data) -> Path:
+    raw = {
+        "name": name,
+        "runs_dir": str(folder / "runs"),
+        "data": {
+            "manifest": str(manifest),
+            "labels": ["negative", "positive"],
+            "external_sites": ["external_hospital"],
+            "internal_test_frac": 0.15,
+            "check_duplicates": False,
+            **data,
+        },
+        **{k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()},
+    }
+    raw["train"] = {**raw["train"], "epochs": 2, "tensorboard": False, "mlflow": False, "device": "cpu"}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"cv_folds": 1}, "data.cv_folds"),
+        ({"cv_folds": 5, "cv_fold": 5}, "data.cv_fold"),
+        ({"cv_folds": 5, "cv_fold": -1}, "data.cv_fold"),
+        ({"cv_fold": 2}, "data.cv_fold"),
+        ({"cv_folds": "five"}, "data.cv_folds"),
+    ],
+)
+def test_bad_cv_settings_are_config_errors(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(_write_config(tmp_path, tmp_path / "manifest.csv", "bad", **data))
+
+
+def test_val_frac_zero_is_allowed_with_folds(tmp_path):
+    cfg = load_config(_write_config(tmp_path, tmp_path / "m.csv", "ok", val_frac=0, cv_folds=3, cv_fold=2))
+    assert (cfg.data.cv_folds, cfg.data.cv_fold) == (3, 2)
+
+
+# --- the phantom study ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    """30 development patients with one or two images each, 6 external ones."""
+    return make_phantom(
+        tmp_path_factory.mktemp("cv_phantom"),
+        patients=30,
+        external_patients=6,
+        overlap=0.1,
+        images_per_patient=(1, 2),
+        image_size=(64, 80),
+        dicom_fraction=0.0,
+        readers=0,
+        seed=1,
+    )
+
+
+def test_runs_without_cv_keep_their_settings_hash(phantom, tmp_path):
+    cfg = load_config(_write_config(tmp_path, phantom, "plain"))
+    # the data section as it was before data.cv_folds / data.cv_fold existed
+    left_out = DATA_FREE_KEYS | {"cv_folds", "cv_fold"}
+    old_section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in left_out}
+    assert training_settings(cfg)["data"] == old_section
+    assert data_hash(cfg) == stable_hash({"data": old_section, "manifest_sha256": file_sha256(phantom)})
+    folded = fold_config(cfg, 3, 1)
+    assert training_settings(folded)["data"]["cv_folds"] == 3 and training_settings(folded)["data"]["cv_fold"] == 1
+    assert data_hash(folded) != data_hash(fold_config(cfg, 3, 0)) != data_hash(cfg)
+
+
+def test_a_run_folder_refuses_another_folds_split(phantom, tmp_path):
+    cfg = load_config(_write_config(tmp_path, phantom, "fold", cv_folds=3, cv_fold=0))
+    run_dir = prepare_run(cfg)
+    splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    assert set(splits["split"]) == {"train", "val", "internal_test", "external_test"}
+    notes = json.loads((run_dir / "data.json").read_text())["notes"]
+    assert any("val is fold 0 of 3" in n and "val_frac is not used" in n for n in notes)
+    other = load_config(_write_config(tmp_path, phantom, "fold", cv_folds=3, cv_fold=1))
+    with pytest.raises(StudyError, match="holds a split made from other data"):
+        prepare_run(other)
+
+
+def _quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), force_terminal=False)  # noqa: SIM115 - lives for the test
+
+
+@pytest.fixture(scope="module")
+def cv_run(phantom, tmp_path_factory):
+    """3 folds x 2 epochs of tiny_cnn, trained once for the tests below."""
+    folder = tmp_path_factory.mktemp("cv")
+    cfg = load_config(_write_config(folder, phantom, "tiny"))
+    return cfg, run_cv(cfg, 3, console=_quiet())
+
+
+def _model_dir(cfg, fold: int) -> Path:
+    return Path(cfg.runs_dir) / f"{cfg.name}_cv{fold}" / "models" / "tiny_cnn"
+
+
+def _recomputed(cfg, folds: int) -> tuple[float, list[float], int]:
+    """The patient-level pooled AUC recomputed from the folds' val_predictions_best.csv and splits.csv."""
+    tables = []
+    for k in range(folds):
+        run_dir = Path(cfg.runs_dir) / f"{cfg.name}_cv{k}"
+        preds = pd.read_csv(_model_dir(cfg, k) / "val_predictions_best.csv", dtype={"patient_id": str})
+        splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+        site = splits.set_index("image")["site"]
+        tables.append(preds.assign(site=preds["image"].map(site).to_numpy()))
+    fold_aucs = [stats.auc(*aggregate_cases(case_ids(t, "patient"), t["y"], t["prob"])) for t in tables]
+    pooled = pd.concat(tables, ignore_index=True)
+    y, prob = aggregate_cases(case_ids(pooled, "patient"), pooled["y"], pooled["prob"])
+    return stats.auc(y, prob), fold_aucs, len(y)
+
+
+def test_run_cv_pools_the_out_of_fold_predictions(cv_run):
+    cfg, result = cv_run
+    assert result.path == Path(cfg.runs_dir) / "tiny_cv" / "cv.json"
+    summary = json.loads(result.path.read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["folds"] == 3 and summary["runs"] == ["tiny_cv0", "tiny_cv1", "tiny_cv2"]
+    m = summary["models"]["tiny_cnn"]
+    auc, fold_aucs, n = _recomputed(cfg, 3)
+    assert m["auc"] == pytest.approx(auc, abs=1e-12)
+    assert m["fold_aucs"] == pytest.approx(fold_aucs, abs=1e-12)
+    assert m["fold_auc_mean"] == pytest.approx(np.mean(fold_aucs))
+    assert m["fold_auc_sd"] == pytest.approx(np.std(fold_aucs, ddof=1))
+    assert m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1] and m["auc_ci_method"] == "delong"
+    # every development patient outside internal_test, once
+    splits = pd.read_csv(Path(cfg.runs_dir) / "tiny_cv0" / "splits.csv", dtype=str, keep_default_na=False)
+    development = splits[splits["split"].isin(["train", "val"])]["patient_id"].nunique()
+    assert m["patients"] == m["cases"] == n == development
+    assert m["positive"] + m["negative"] == development
+    # each fold's best val AUC, as training recorded it, is the fold's AUC here
+    for k in range(3):
+        meta = json.loads((_model_dir(cfg, k) / "model" / "metadata.json").read_text())
+        assert meta["val_auc"] == pytest.approx(m["fold_aucs"][k], abs=1e-9)
+    assert result.trained == {0: ["tiny_cnn"], 1: ["tiny_cnn"], 2: ["tiny_cnn"]}
+
+
+def test_run_cv_reuses_finished_folds(cv_run):
+    cfg, first = cv_run
+    weights = [_model_dir(cfg, k) / "model" / "weights.safetensors" for k in range(3)]
+    before = [w.stat().st_mtime_ns for w in weights]
+    again = run_cv(cfg, 3, console=_quiet())
+    assert again.trained == {0: [], 1: [], 2: []} and again.reused == {k: ["tiny_cnn"] for k in range(3)}
+    assert [w.stat().st_mtime_ns for w in weights] == before
+    assert again.summary == first.summary
+
+
+def test_cli_cv(cv_run, tmp_path):
+    cfg, first = cv_run
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    result = runner.invoke(app, ["cv", str(path), "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "tiny_cnn" in result.output and f"{first.summary['models']['tiny_cnn']['auc']:.3f}" in result.output
+    assert "cv.json" in result.output
+    bad = runner.invoke(app, ["cv", str(path), "--folds", "1"])
+    assert bad.exit_code == 2
+
+
+def test_a_patient_in_two_folds_is_named():
+    a = pd.DataFrame({"site": ["s", "s"], "patient_id": ["P1", "P2"], "y": [0, 1], "prob": [0.1, 0.9]})
+    b = pd.DataFrame({"site": ["s", "s"], "patient_id": ["P3", "P2"], "y": [0, 1], "prob": [0.2, 0.8]})
+    with pytest.raises(CvError, match=r"patient s/P2 \(folds 0 and 1\)"):
+        check_folds([a, b])
+    with pytest.raises(CvError, match="in no fold's val split"):
+        check_folds([a], expected={"s\x1fP1", "s\x1fP2", "s\x1fP9"})
