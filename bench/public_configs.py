@@ -69,6 +69,13 @@ CONFIGURATIONS = (
         "base + a moving average of the weights (train.ema_decay 0.99), validated and packaged",
         ("train.ema_decay=0.99",),
     ),  # fmt: skip
+    # Training seeds of aux_birads, the protocol's variance check (item 5) once the rule pointed to it.
+    Configuration(
+        "aux_seed1", "aux_birads, training seed 1 (same split)", ("train.aux_reader=reader_birads", "train.seed=1")
+    ),
+    Configuration(
+        "aux_seed2", "aux_birads, training seed 2 (same split)", ("train.aux_reader=reader_birads", "train.seed=2")
+    ),
     Configuration(
         "body_lr",
         "base with layer-wise learning rates: the pretrained body at 0.3 x the head's (train.body_lr_factor)",

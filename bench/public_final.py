@@ -37,6 +37,9 @@ from public_study import REPO, _cpu, _figures, _markdown, _p_value, _results_sec
 
 FINAL_RUN = REPO / "runs" / "public_final"
 MEMBER = "models/{model}/model"  # a trained model's package inside its run folder
+# The ensembles' rows as measured (runs/ is not committed): on a machine without their members' run folders the choice
+# uses these, as the configurations table uses docs/public_configurations.json.
+ENSEMBLE_RECORD = Path("docs") / "public_ensembles.json"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ ENSEMBLES = (
     Ensemble("all_tta", "every finished single EfficientNet configuration, flip TTA", SINGLE_EFFICIENTNETS, ("hflip",)),
 )
 FINAL_MEMBERS = ("base", "seed1", "seed2")  # what --final-only trains: the members of the seed ensembles
+# Each configuration retrained with other seeds (protocol, item 5): the chosen one's spread is reported.
+SEEDS = {"base": ("base", "seed1", "seed2"), "aux_birads": ("aux_birads", "aux_seed1", "aux_seed2")}
 
 
 def _alnus(*args: str) -> None:
@@ -83,13 +88,23 @@ def _prepare_final_run() -> None:
         prepare_run(cfg)
 
 
+def _trained_here(name: str) -> bool:
+    config = next(c for c in public_configs.CONFIGURATIONS if c.name == name)
+    return any((REPO / "runs" / config.run_name / "models").glob("*/model/metadata.json"))
+
+
 def _build_ensembles() -> list[str]:
-    """Build (or rebuild when members changed) each ensemble whose members all exist; return their names."""
+    """Build (or rebuild when members changed) each ensemble whose members are all trained on this machine; return
+    their names. An ensemble with a member recorded but trained elsewhere is not built (its record stands)."""
     built = []
     for ensemble in ENSEMBLES:
-        finished = [c for c in ensemble.configurations if public_configs.rows_of(c)]
-        if len(finished) < len(ensemble.configurations) and ensemble.name != "all_tta":
-            print(f"{ensemble.name}: waiting for {', '.join(set(ensemble.configurations) - set(finished))}")
+        recorded = [c for c in ensemble.configurations if public_configs.rows_of(c)]
+        finished = [c for c in recorded if _trained_here(c)]
+        if len(finished) < len(recorded) or (
+            len(finished) < len(ensemble.configurations) and ensemble.name != "all_tta"
+        ):
+            missing = sorted(set(ensemble.configurations) - set(finished))
+            print(f"{ensemble.name}: not built here (no run folder here for {', '.join(missing)})")
             continue
         members = Ensemble(ensemble.name, ensemble.change, tuple(finished), ensemble.tta).members()
         wanted = sorted(json.loads((m / "metadata.json").read_text())["weights_sha256"] for m in members)
@@ -111,32 +126,55 @@ def _build_ensembles() -> list[str]:
     return built
 
 
+def _recorded_auc(cell: object) -> float | None:
+    """0.873 from a recorded table cell `0.873 (0.821-0.925)`."""
+    text = str(cell or "").split(" ")[0]
+    return float(text) if text else None
+
+
 def _candidates(ensembles: list[str]) -> pd.DataFrame:
-    """Every single configuration and every ensemble with its validation AUC, cost and external AUC."""
+    """Every single configuration and every ensemble with its validation AUC, cost and external AUC: from the run
+    folders on this machine, else as recorded where they were measured (the `measured` column says which)."""
     from alnus.evaluate import results_values_table
 
     rows = []
+    here = f"{dt.date.today().isoformat()}, {_cpu()}, {len(os.sched_getaffinity(0))} cores"
     for config in public_configs.CONFIGURATIONS:
         if config.name.startswith("paper_cnns"):  # reported, not candidates (protocol, item 6)
             continue
         for row in public_configs.rows_of(config.name):
-            rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1})
-    metrics = json.loads((FINAL_RUN / "metrics.json").read_text(encoding="utf-8"))
-    values = results_values_table(metrics, "patient")
-    for name in ensembles:
-        ensemble = next(e for e in ENSEMBLES if e.name == name)
-        rows.append({"name": name, "run": FINAL_RUN.name, "model": name, "passes": ensemble.forward_passes()})
-    table = pd.DataFrame(rows)
-    aucs = []
-    for row in table.itertuples():
-        run_metrics = metrics if row.run == FINAL_RUN.name else _metrics(REPO / "runs" / row.run)
-        v = results_values_table(run_metrics, "patient") if row.run != FINAL_RUN.name else values
-        v = v[(v["model"] == row.model) & v["operating_point"].str.startswith("frozen")]
-        at = {r.split: r for r in v.itertuples()}
-        aucs.append({s: float(at[s].auc) for s in ("val", "internal_test", "external_test") if s in at})
-    for split in ("val", "internal_test", "external_test"):
-        table[f"{split} AUC"] = [a.get(split) for a in aucs]
-    return table
+            rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1,
+                         "val AUC": _recorded_auc(row["val AUC (selection)"]),
+                         "internal_test AUC": _recorded_auc(row["internal AUC"]),
+                         "external_test AUC": _recorded_auc(row["external AUC"]),
+                         "measured": row.get("measured", "")})  # fmt: skip
+    record = _read_ensemble_record()
+    if ensembles:
+        values = results_values_table(_metrics(FINAL_RUN), "patient")
+        for name in ensembles:
+            ensemble = next(e for e in ENSEMBLES if e.name == name)
+            v = values[(values["model"] == name) & values["operating_point"].str.startswith("frozen")]
+            at = {r.split: float(r.auc) for r in v.itertuples()}
+            record[name] = {"name": name, "model": name, "passes": ensemble.forward_passes(), "val AUC": at.get("val"),
+                            "internal_test AUC": at.get("internal_test"),
+                            "external_test AUC": at.get("external_test"), "measured": here}  # fmt: skip
+        _write_ensemble_record(record)
+    for ensemble in ENSEMBLES:
+        if ensemble.name in record:
+            rows.append({"run": FINAL_RUN.name, **record[ensemble.name]})
+    return pd.DataFrame(rows)
+
+
+def _read_ensemble_record() -> dict[str, dict[str, object]]:
+    path = REPO / ENSEMBLE_RECORD
+    return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else {}
+
+
+def _write_ensemble_record(rows: dict[str, dict[str, object]]) -> None:
+    from alnus._io import atomic_write_text
+
+    about = "The pre-registered ensembles as measured in runs/public_final, written by bench/public_final.py."
+    atomic_write_text(REPO / ENSEMBLE_RECORD, json.dumps({"about": about, "rows": rows}, indent=1) + "\n")
 
 
 def run_dir_of(chosen: pd.Series) -> Path:
@@ -155,11 +193,11 @@ def choose(candidates: pd.DataFrame, tie: float = 0.005) -> pd.Series:
     return close.sort_values(["passes", "val AUC"], ascending=[True, False]).iloc[0]
 
 
-def _seed_spread() -> str:
-    """External AUC of the base configuration over its training seeds (mean and range), and the sensitivity and
+def _seed_spread(configuration: str = "base") -> str:
+    """External AUC of a configuration over its training seeds (`SEEDS`: mean and range), and the sensitivity and
     specificity each seed reaches at its own validation-frozen threshold."""
     aucs, points = [], []
-    for name in ("base", "seed1", "seed2"):
+    for name in SEEDS.get(configuration, (configuration,)):
         for row in public_configs.rows_of(name):
             aucs.append(float(row["external AUC"].split(" ")[0]))
             points.append(str(row["external sens / spec"]))
@@ -212,6 +250,11 @@ def _goals(metrics: dict, model: str) -> list[str]:
     ]
 
 
+def _seeded(chosen: pd.Series) -> str:
+    """The configuration whose seeds describe the chosen model's training variance (an ensemble: the base's)."""
+    return str(chosen["name"]) if str(chosen["name"]) in SEEDS else "base"
+
+
 def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str) -> str:
     metrics = _metrics(run_dir_of(chosen))
     shown = candidates.assign(**{
@@ -227,12 +270,15 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
         "shared the two cores for some of them).",
         "",
         "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
-        _markdown(shown[["name", "model", "forward passes", "val AUC", "internal_test AUC", "external_test AUC"]]),
+        _markdown(
+            shown[["name", "model", "forward passes", "val AUC", "internal_test AUC", "external_test AUC", "measured"]]
+        ),  # fmt: skip
         "",
         f"**Chosen: `{chosen['name']}`** (model `{chosen['model']}` in runs/{chosen['run']}): the highest validation "
         "AUC, or within 0.005 of it with fewer forward passes.",
         "",
-        f"Training variance of the base configuration: {_seed_spread()}. The CIs below cover case sampling only.",
+        f"Training variance of the chosen configuration ({_seeded(chosen)}): {_seed_spread(_seeded(chosen))}. The CIs "
+        "below cover case sampling only.",
         "",
     ]
     out += _goals(metrics, str(chosen["model"])) + [""]
@@ -267,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     public_configs.main(
         ["--data", str(args.data)] + (["--table"] if args.no_train else ["--only", only] if only else [])
     )
-    _prepare_final_run()
-    ensembles = _build_ensembles()
+    ensembles = []
+    if any(_trained_here(name) for e in ENSEMBLES for name in e.configurations):
+        _prepare_final_run()
+        ensembles = _build_ensembles()
     ensemble_started = time.perf_counter()
     if ensembles:
         _alnus("predict-run", str(FINAL_RUN), *[a for name in ensembles for a in ("--model", name)])
@@ -277,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     ensemble_seconds = time.perf_counter() - ensemble_started
     candidates = _candidates(ensembles)
     chosen = choose(candidates.dropna(subset=["val AUC"]))
+    if not (run_dir_of(chosen) / "metrics.json").is_file():
+        print(f"the rule chose {chosen['name']} (measured {chosen['measured']}), whose run folder "
+              f"{run_dir_of(chosen)} is not on this machine: train it here (bench/public_configs.py --only "
+              f"{chosen['name']}), then run this again", file=sys.stderr)  # fmt: skip
+        return 2
     ensemble = next((e for e in ENSEMBLES if e.name == chosen["name"]), None)
     names = ensemble.configurations if ensemble is not None else (str(chosen["name"]),)
     trained = sum(public_configs.training_seconds(name) for name in names)
@@ -300,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 "## External results in short (docs/results.md has the tables)",
                 "",
                 *_goals(metrics, str(chosen["model"]))[1:],
-                f"- Training seeds of the base configuration: {_seed_spread()}.",
+                f"- Training seeds of the chosen configuration ({_seeded(chosen)}): {_seed_spread(_seeded(chosen))}.",
                 *(["", _threshold_note(package)] if _threshold_note(package) else []),
             ]
         )

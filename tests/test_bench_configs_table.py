@@ -21,6 +21,7 @@ def public_configs(monkeypatch, tmp_path):
     (tmp_path / "docs").mkdir()
     yield public_configs
     sys.modules.pop("public_configs", None)
+    sys.modules.pop("public_final", None)
 
 
 def _row(name: str, val: str, external: str) -> dict[str, str]:
@@ -54,3 +55,25 @@ def test_a_tie_within_0_005_is_named(public_configs, tmp_path):
 def test_without_a_record_or_runs_nothing_is_invented(public_configs):
     section = public_configs.table_section()
     assert "(no configuration finished yet)" in section and "No candidate configuration has finished yet." in section
+
+
+def test_the_final_choice_uses_recorded_candidates_and_ensembles(public_configs, monkeypatch, tmp_path):
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.setattr(public_final, "FINAL_RUN", tmp_path / "runs" / "public_final")
+    record = {"base": [_row("base", "0.950 (0.9-1.0)", "0.832 (0.7-0.9)")],
+              "aux_birads": [_row("aux_birads", "0.959 (0.9-1.0)", "0.855 (0.8-0.9)")],
+              "paper_cnns": [_row("paper_cnns", "0.990 (0.9-1.0)", "0.7 (0.6-0.8)")]}  # fmt: skip
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": record}))
+    ensembles = {"seeds": {"name": "seeds", "model": "seeds", "passes": 3, "val AUC": 0.957,
+                           "internal_test AUC": 0.98, "external_test AUC": 0.85, "measured": "elsewhere"}}  # fmt: skip
+    (tmp_path / public_final.ENSEMBLE_RECORD).write_text(json.dumps({"about": "", "rows": ensembles}))
+    candidates = public_final._candidates([])
+    assert set(candidates["name"]) == {"base", "aux_birads", "seeds"}  # the paper's CNNs are not candidates
+    assert candidates.set_index("name").loc["seeds", "measured"] == "elsewhere"
+    chosen = public_final.choose(candidates)
+    # 0.957 is within 0.005 of 0.959 but costs 3 forward passes: the single model wins.
+    assert chosen["name"] == "aux_birads" and chosen["val AUC"] == 0.959
+    assert public_final._seeded(chosen) == "aux_birads"
+    assert public_final._build_ensembles() == []  # no member's run folder is here: nothing is built
