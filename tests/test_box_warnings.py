@@ -214,3 +214,16 @@ def test_the_page_shows_the_warning_as_text_next_to_the_result() -> None:
     assert 'id="box-warning"' in result and 'role="alert"' in result
     # Set through `say` (textContent, never HTML), shown only when the answer has one.
     assert 'say("box-warning", result.warning ?' in script and 'show("box-warning", Boolean(result.warning))' in script
+
+
+def test_a_patients_other_images_say_their_call_includes_an_implausible_box():
+    from alnus.predict import _case_warnings
+
+    out = pd.DataFrame({"image": ["a.png", "b.png", "c.png", "d.png"], "patient_id": ["P1", "P1", "P2", "P1"]})
+    warned = ["implausible lesion box ...", "", "", ""]
+    ok = np.array([True, True, True, False])  # d.png failed: no call, no note
+    point = {"level": "patient"}
+    got = _case_warnings(out, warned, ok, point)
+    assert got[0] == warned[0] and "averages a.png" in got[1] and got[2] == "" and got[3] == ""
+    assert _case_warnings(out, warned, ok, {"level": "image"}) == warned
+    assert _case_warnings(out, warned, ok, None) == warned

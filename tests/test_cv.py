@@ -232,7 +232,25 @@ def test_run_cv_reuses_finished_folds(cv_run):
     again = run_cv(cfg, 3, console=_quiet())
     assert again.trained == {0: [], 1: [], 2: []} and again.reused == {k: ["tiny_cnn"] for k in range(3)}
     assert [w.stat().st_mtime_ns for w in weights] == before
-    assert again.summary == first.summary
+    assert {k: v for k, v in again.summary.items() if k != "written"} == {
+        k: v for k, v in first.summary.items() if k != "written"
+    }
+    assert again.summary["settings_hash"] == first.summary["settings_hash"] and again.summary["settings"]["train"]
+
+
+def test_run_cv_with_changed_settings_asks_for_another_name(cv_run):
+    cfg, _ = cv_run
+    overrides = ["name=tiny", "data.cv_folds=null", "data.cv_fold=0", "train.lr=0.01"]
+    changed = load_config(cfg.run_dir.parent / "tiny_cv0" / "config.yaml", overrides)
+    with pytest.raises(CvError, match=r"train\.lr: 0\.003 -> 0\.01.*--set name=NEW"):
+        run_cv(changed, 3, console=_quiet())
+
+
+def test_run_cv_refuses_fold_settings_in_the_config(cv_run):
+    cfg, _ = cv_run
+    preset = load_config(cfg.run_dir.parent / "tiny_cv0" / "config.yaml", ["name=tiny"])
+    with pytest.raises(CvError, match="give the number of folds as --folds K"):
+        run_cv(preset, 3, console=_quiet())
 
 
 def test_cli_cv(cv_run, tmp_path):

@@ -221,3 +221,8 @@ def test_the_report_methods_and_the_service_describe_the_levers():
     text = _levers_text({"aux_reader": "reader_birads", "aux_weight": 0.3, "ema_decay": 0.99})
     assert "BI-RADS category (reader_birads)" in text and "weighted 0.3" in text and "decay 0.99" in text
     assert _levers_text({"aux_reader": None, "ema_decay": None}) == ""
+
+
+def test_an_aux_reader_column_without_birads_values_names_the_key():
+    with pytest.raises(ReaderTargetError, match=r"train\.aux_reader is 'age'.*'66'.*remove train\.aux_reader"):
+        reader_target(pd.DataFrame({"age": ["66", "41"]}), "age", 0.3, "runs/x/splits.csv")

@@ -12,6 +12,7 @@ The pooled AUC mixes the scores of K models; it ranks configurations, it is not 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from alnus import stats
 from alnus._io import atomic_write_text
 from alnus._levels import aggregate_cases, case_ids, unit_keys
 from alnus._text import escape
-from alnus.config import Config, apply_overrides, config_from_dict
+from alnus.config import Config, apply_overrides, config_from_dict, stable_hash, training_settings
 from alnus.errors import AlnusError
 from alnus.runfolder import RunFolder, lock_run, read_splits
 
@@ -80,6 +81,17 @@ def train_fold(cfg: Config, *, resume: bool = False, console: Console | None = N
         reused = [b for b in cfg.models if b not in todo]
         if console is not None and reused:
             console.print(f"{escape(cfg.name)}: reusing {escape(', '.join(reused))} (already trained)", highlight=False)
+        if todo and not resume:
+            from alnus.train import resumable_checkpoint
+
+            # A fold trained earlier with other settings: name what changed (the config needs another name).
+            for backbone in todo:
+                try:
+                    resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=True)
+                except AlnusError as exc:
+                    raise CvError(
+                        f"{exc}. To cross-validate another configuration, give it its own name: --set name=NEW"
+                    ) from None
         if todo:
             run_training(cfg, models=todo, resume=resume, console=console)
     return todo, reused
@@ -214,6 +226,9 @@ def summarize(cfg: Config, folds: int) -> dict[str, Any]:
         "level": cfg.evaluate.level,
         "aggregate": cfg.evaluate.aggregate,
         "runs": [run.name for run in runs],
+        "settings": training_settings(cfg),
+        "settings_hash": stable_hash(training_settings(cfg)),
+        "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "models": models,
     }
 
@@ -227,6 +242,11 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
     """
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise CvError(f"--folds must be a whole number of at least 2 (e.g. 5), got {folds!r}.")
+    if cfg.data.cv_folds is not None or cfg.data.cv_fold != 0:
+        raise CvError(
+            "alnus cv sets data.cv_folds and data.cv_fold itself, one fold per run: leave them unset in the config "
+            "and give the number of folds as --folds K"
+        )
     configs = [fold_config(cfg, folds, k) for k in range(folds)]  # all checked before the first training
     trained, reused = {}, {}
     for k, fold_cfg in enumerate(configs):

@@ -39,6 +39,7 @@ import torch
 
 from alnus._hardware import Precision, autocast, choose_precision
 from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
+from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
 from alnus.data.roi import Box, RoiError, RoiPolicy, box_warning, lesion_box, parse_box
@@ -538,8 +539,27 @@ class Predictor:
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
         out["engine"] = self.engine
         out["error"] = errors
-        out["warning"] = warned
+        out["warning"] = _case_warnings(out, warned, ok, self.operating_point)
         return out
+
+
+def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: Mapping[str, Any] | None) -> list[str]:
+    """Each image's own warning; a patient's (study's) call averages its images, so its other predicted images say
+    which of them had an implausible box."""
+    warned = list(warned)
+    if point is None or point["level"] == "image" or not any(warned):
+        return warned
+    keys = unit_keys(out, point["level"])
+    for key in keys[[bool(w) for w in warned]].unique():
+        rows = np.flatnonzero((keys == key).to_numpy() & ok)
+        flagged = [str(out["image"].iloc[i]) for i in rows if warned[i]]
+        for i in rows:
+            if not warned[i]:
+                warned[i] = (
+                    f"this {point['level']}'s call averages {', '.join(flagged)}, whose lesion box is implausible "
+                    "(see its warning)"
+                )
+    return warned
 
 
 def _drawn_box(row: Mapping[str, str]) -> Box | None:

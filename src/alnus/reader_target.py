@@ -65,7 +65,11 @@ def reader_target(table: pd.DataFrame, column: str, weight: float, where: str) -
         try:
             scores[present.to_numpy()] = birads_score(values[present].tolist())
         except ReaderError as exc:
-            raise ReaderTargetError(f"{where}: column {column!r}: {exc}") from None
+            reason = str(exc).split(" Correct the cell")[0].split("; expected")[0]
+            raise ReaderTargetError(
+                f"{where}: train.aux_reader is {column!r}, whose values must be BI-RADS categories (1-6, 4a-4c): "
+                f"{reason}; name a column of BI-RADS readings, or remove train.aux_reader"
+            ) from None
     levels = tuple(float(v) for v in np.unique(scores[~np.isnan(scores)]))
     if len(levels) < 2:
         raise ReaderTargetError(
