@@ -272,3 +272,31 @@ def test_a_patient_in_two_folds_is_named():
         check_folds([a, b])
     with pytest.raises(CvError, match="in no fold's val split"):
         check_folds([a], expected={"s\x1fP1", "s\x1fP2", "s\x1fP9"})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.assign(y=1 - t["y"]), "y column differs from the labels"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), "each must appear once"),
+        (lambda t: t.iloc[1:], "each must appear once"),
+        (lambda t: t.assign(prob=t["prob"] * 0 + 7.5), r"not a number in \[0, 1\]"),
+        (lambda t: t.assign(prob="abc"), "not a readable prediction file"),
+        (lambda t: t.drop(columns=["index"]), "not a readable prediction file"),
+        (lambda t: t.assign(index=t["index"] + 0.5), "each must appear once"),
+    ],
+)
+def test_a_tampered_fold_prediction_file_is_refused(cv_run, tmp_path, edit, message):
+    import shutil
+
+    from alnus.cv import fold_predictions
+
+    cfg, _ = cv_run
+    run = tmp_path / "fold"
+    shutil.copytree(Path(cfg.runs_dir) / f"{cfg.name}_cv1", run)
+    path = run / "models" / "tiny_cnn" / "val_predictions_best.csv"
+    good = fold_predictions(run, "tiny_cnn", "positive")
+    assert len(good) and set(good["y"]) <= {0, 1}
+    edit(pd.read_csv(path)).to_csv(path, index=False)
+    with pytest.raises(CvError, match=message):
+        fold_predictions(run, "tiny_cnn", "positive")

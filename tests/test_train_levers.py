@@ -65,7 +65,7 @@ def test_reader_target_loss_ignores_images_without_a_reading():
     [
         ("reader_y", ["2", "3"], r"no such column \(reader columns: reader_x\)"),
         ("reader_x", ["4", "4", ""], "1 distinct BI-RADS category"),
-        ("reader_x", ["2", "seven"], "'seven' is not a BI-RADS category"),
+        ("reader_x", ["2", "seven"], "has 'seven'; correct it in the manifest"),
     ],
 )
 def test_reader_target_refuses_a_column_it_cannot_use(column, values, message):
@@ -208,6 +208,22 @@ def test_a_grey_normalised_package_predicts_with_its_normalisation(phantom_read,
     images = [load_image(cfg.run_dir / row["image"]) for row in rows]
     probs = Predictor(result.package_dir).predict_arrays(images, rows, cfg.run_dir)
     np.testing.assert_allclose(probs, saved["prob"], atol=1e-5)
+    # A hand-edited package that drops (or changes) the normalisation would predict wrong quietly: refused.
+    import json
+
+    from alnus.models.package import PackageError
+
+    path = result.package_dir / "metadata.json"
+    for grey in (None, "stretch"):
+        meta = json.loads(path.read_text())
+        meta["preprocess"].pop("grey") if grey is None else meta["preprocess"].update(grey=grey)
+        tampered = tmp_path / f"tampered_{grey}"
+        import shutil
+
+        shutil.copytree(result.package_dir, tampered)
+        (tampered / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(PackageError, match=r"preprocess differs from the training record \(grey"):
+            Predictor(tampered)
 
 
 def test_the_report_methods_and_the_service_describe_the_levers():
@@ -224,5 +240,19 @@ def test_the_report_methods_and_the_service_describe_the_levers():
 
 
 def test_an_aux_reader_column_without_birads_values_names_the_key():
-    with pytest.raises(ReaderTargetError, match=r"train\.aux_reader is 'age'.*'66'.*remove train\.aux_reader"):
-        reader_target(pd.DataFrame({"age": ["66", "41"]}), "age", 0.3, "runs/x/splits.csv")
+    table = pd.DataFrame({"image": ["a.png", "b.png"], "age": ["66", "41"]})
+    with pytest.raises(ReaderTargetError, match=r"train\.aux_reader is 'age'.*image a\.png has '66'.*remove train"):
+        reader_target(table, "age", 0.3, "runs/x/splits.csv")
+
+
+def test_birads_0_counts_as_no_reading_for_the_auxiliary_target():
+    target = reader_target(pd.DataFrame({"reader_x": ["0", "2", "BI-RADS 0", "5"]}), "reader_x", 0.3, "splits.csv")
+    bits = target.bits.numpy()
+    assert target.levels == (2.0, 5.0) and np.isnan(bits[0]).all() and np.isnan(bits[2]).all()
+    assert bits[1, 0] == 0 and bits[3, 0] == 1
+
+
+def test_stretch_leaves_a_nearly_flat_crop_alone():
+    crop = np.full((20, 20), 100, np.uint8)
+    crop[::2] = 101
+    assert (normalise_grey(crop, "stretch") == crop).all()

@@ -97,36 +97,53 @@ def train_fold(cfg: Config, *, resume: bool = False, console: Console | None = N
     return todo, reused
 
 
-def fold_predictions(run_dir: Path, backbone: str) -> pd.DataFrame:
-    """The best epoch's val predictions of one fold with each image's site, patient and study from its `splits.csv`.
+def fold_predictions(run_dir: Path, backbone: str, positive_label: str) -> pd.DataFrame:
+    """The best epoch's val predictions of one fold with each image's site, patient, study and label from its
+    `splits.csv`.
 
-    `val_predictions_best.csv` names each image by its position in the run's val rows (`alnus.train`); the image
-    path is checked against that row, so a split prepared again after training is refused.
+    `val_predictions_best.csv` names each image by its position in the run's val rows (`alnus.train`). It must hold
+    exactly one row per val image, with that image's path, a probability in [0, 1] and the label `splits.csv` gives;
+    anything else (a split prepared again after training, a hand-edited or damaged file) is refused, naming the file.
     """
     path = RunFolder(run_dir).model(backbone).val_predictions_best
     if not path.is_file():
         raise CvError(f"{path} not found: {backbone} of {run_dir.name} is not trained; run `alnus cv` again.")
-    preds = pd.read_csv(path, dtype={"image": str, "patient_id": str}, keep_default_na=False)
+    retrain = f"delete {RunFolder(run_dir).model(backbone).root} and run `alnus cv` again to train that fold anew"
     val = read_splits(run_dir)
     val = val[val["split"] == "val"].reset_index(drop=True)
-    index = preds["index"].to_numpy(dtype=np.int64)
-    if index.size and (index.min() < 0 or index.max() >= len(val)):
-        raise CvError(f"{path} does not fit {RunFolder(run_dir).splits}; train {backbone} of {run_dir.name} again.")
+    try:
+        preds = pd.read_csv(path, dtype={"image": str, "patient_id": str}, keep_default_na=False)
+        index = pd.to_numeric(preds["index"], errors="raise").to_numpy()
+        prob = pd.to_numeric(preds["prob"], errors="raise").to_numpy(dtype=np.float64)
+        images = preds["image"].to_numpy()
+        y = pd.to_numeric(preds["y"], errors="raise").to_numpy()
+    except (KeyError, ValueError, TypeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise CvError(f"{path} is not a readable prediction file ({type(exc).__name__}: {exc}); {retrain}.") from None
+    if len(preds) != len(val) or not np.array_equal(np.sort(index), np.arange(len(val))):
+        raise CvError(
+            f"{path} has {len(preds)} rows for {len(val)} val images of {RunFolder(run_dir).splits} (each must appear "
+            f"once); {retrain}."
+        )
+    index = index.astype(np.int64)
     rows = val.iloc[index].reset_index(drop=True)
-    if not (rows["image"].to_numpy() == preds["image"].to_numpy()).all():
-        raise CvError(f"{path} was written for another split than {RunFolder(run_dir).splits}; train it again.")
-    out = pd.DataFrame(
+    if not (rows["image"].to_numpy() == images).all():
+        raise CvError(f"{path} was written for another split than {RunFolder(run_dir).splits}; {retrain}.")
+    labels = (rows["label"].astype(str) == positive_label).to_numpy(np.int64)
+    if not np.array_equal(y, labels):
+        raise CvError(f"{path}: its y column differs from the labels in {RunFolder(run_dir).splits}; {retrain}.")
+    if not (np.isfinite(prob) & (prob >= 0) & (prob <= 1)).all():
+        raise CvError(f"{path}: a probability is not a number in [0, 1]; {retrain}.")
+    return pd.DataFrame(
         {
             "image": rows["image"],
             "site": rows["site"] if "site" in rows.columns else "",
             "patient_id": rows["patient_id"],
             "study_id": rows["study_id"] if "study_id" in rows.columns else "",
-            "y": preds["y"].to_numpy(dtype=np.int64),
-            "prob": preds["prob"].to_numpy(dtype=np.float64),
+            "y": labels,
+            "prob": prob,
             "epoch": preds["epoch"].to_numpy() if "epoch" in preds.columns else np.nan,
         }
     )
-    return out
 
 
 def _patient_name(key: str) -> str:
@@ -214,7 +231,7 @@ def summarize(cfg: Config, folds: int) -> dict[str, Any]:
     expected = _development_patients(runs[0])
     models = {}
     for backbone in cfg.models:
-        tables = [fold_predictions(run, backbone) for run in runs]
+        tables = [fold_predictions(run, backbone, cfg.data.positive_label) for run in runs]
         check_folds(tables, expected)
         result = pooled_auc(tables, cfg.evaluate.level, cfg.evaluate.aggregate)
         result["best_epochs"] = [int(t["epoch"].iloc[0]) if len(t) else None for t in tables]

@@ -59,16 +59,20 @@ def reader_target(table: pd.DataFrame, column: str, weight: float, where: str) -
             f"{', '.join(readers) or 'none'}); name one of them, or remove train.aux_reader"
         )
     values = table[column]
-    present = values.notna() & (values.astype(str).str.strip() != "")
+    text = values.astype(str).str.strip()
+    # BI-RADS 0 (incomplete, more imaging needed) is no category of suspicion: such an image teaches nothing here.
+    incomplete = text.str.lower().str.replace(r"^bi-?rads\s*", "", regex=True).isin(["0", "0.0"])
+    present = (values.notna() & (text != "") & ~incomplete).to_numpy()
     scores = np.full(len(table), np.nan)
-    if present.any():
+    for i in np.flatnonzero(present):
         try:
-            scores[present.to_numpy()] = birads_score(values[present].tolist())
-        except ReaderError as exc:
-            reason = str(exc).split(" Correct the cell")[0].split("; expected")[0]
+            scores[i] = birads_score([values.iloc[i]])[0]
+        except ReaderError:
+            image = table["image"].iloc[i] if "image" in table.columns else f"row {i + 1}"
             raise ReaderTargetError(
-                f"{where}: train.aux_reader is {column!r}, whose values must be BI-RADS categories (1-6, 4a-4c): "
-                f"{reason}; name a column of BI-RADS readings, or remove train.aux_reader"
+                f"{where}: train.aux_reader is {column!r}, whose values must be BI-RADS categories (1-6, 4a-4c), but "
+                f"image {image} has {values.iloc[i]!r}; correct it in the manifest, name a column of BI-RADS "
+                "readings, or remove train.aux_reader"
             ) from None
     levels = tuple(float(v) for v in np.unique(scores[~np.isnan(scores)]))
     if len(levels) < 2:

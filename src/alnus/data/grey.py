@@ -6,7 +6,8 @@ training, prediction, heat maps and the service see the same input; the mode is 
 of every model package trained with it.
 
 - `none`: the crop as decoded.
-- `stretch`: a linear stretch of the crop's 1st-99th percentile to 0-255 (gain and offset, not the curve's shape).
+- `stretch`: a linear stretch of the crop's 1st-99th percentile to 0-255 (gain and offset, not the curve's shape);
+  a nearly flat crop (`MIN_STRETCH_RANGE`) is left alone.
 - `equalize`: histogram equalisation of the crop (Pillow's `ImageOps.equalize`): gain, offset and the
   compression curve, at the cost of amplifying speckle in flat regions.
 """
@@ -21,6 +22,9 @@ from PIL import Image, ImageOps
 GreyMode = Literal["none", "stretch", "equalize"]
 GREY_MODES: tuple[str, ...] = ("none", "stretch", "equalize")
 STRETCH_PERCENTILES = (1.0, 99.0)
+# A crop whose 1st-99th percentile spans fewer grey levels is left as it is: stretching it would turn speckle
+# differences of a level or two into black and white.
+MIN_STRETCH_RANGE = 8
 
 
 def check_grey(mode: object, where: str) -> GreyMode:
@@ -38,7 +42,7 @@ def normalise_grey(crop: np.ndarray, mode: GreyMode) -> np.ndarray:
         return np.asarray(ImageOps.equalize(Image.fromarray(np.ascontiguousarray(crop))), dtype=np.uint8)
     if mode == "stretch":
         low, high = np.percentile(crop, STRETCH_PERCENTILES)
-        if high <= low:
+        if high - low < MIN_STRETCH_RANGE:
             return crop
         scaled = (crop.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -197,6 +197,7 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         meta = _from_version_1(meta, path)
     _check_model_keys(meta, path)
     _check_preprocess(meta["preprocess"], path)
+    _check_against_training(meta, path)
     _check_common(meta, path)
     meta["exports"] = _checked_exports(meta.get("exports"), path)
     return meta
@@ -371,6 +372,30 @@ def _check_model_keys(meta: dict[str, Any], path: Path) -> None:
         raise PackageError(
             f"{path}: positive_label = {meta['positive_label']!r} is not one of label_names {names}; "
             "the package is damaged"
+        )
+
+
+def _check_against_training(meta: Mapping[str, Any], path: Path) -> None:
+    """The preprocessing a package predicts with must be the one it was trained with, as its training record says
+    (where it has one): an edited `preprocess` would feed the network inputs it never saw, and predict wrong quietly."""
+    training = meta.get("training")
+    trained = training.get("preprocess") if isinstance(training, Mapping) else None
+    if not isinstance(trained, Mapping):
+        return
+    pre = meta["preprocess"]
+    pairs = {
+        "grey": (pre.get("grey", "none"), trained.get("grey", "none")),
+        "roi.mode": (pre["roi"].get("mode"), trained.get("roi", pre["roi"].get("mode"))),
+        "roi.margin": (pre["roi"].get("margin"), trained.get("margin", pre["roi"].get("margin"))),
+        "keep_aspect": (pre.get("keep_aspect"), trained.get("keep_aspect", pre.get("keep_aspect"))),
+    }
+    if trained.get("size") is not None:
+        pairs["size"] = (pre.get("size"), trained["size"])
+    differ = [f"{key} {now!r} (trained with {then!r})" for key, (now, then) in pairs.items() if now != then]
+    if differ:
+        raise PackageError(
+            f"{path}: preprocess differs from the training record ({'; '.join(differ)}): the network would see inputs "
+            "unlike its training; restore metadata.json from the run folder's package, or train again"
         )
 
 
