@@ -274,7 +274,9 @@ def _rule_line(rows: list[dict[str, object]]) -> str:
     tie = f"; within 0.005 of it: {', '.join(close)}" if close else ""
     return (
         f"Among the single configurations the rule (highest val AUC) points to **{name}** (val AUC {best:.3f}){tie}. "
-        "The ensembles and the final choice: the final section below."
+        "The ensembles and the final choice are in the final section below (bench/public_final.py); where it chose "
+        "another configuration than the one named here, it predates this row, and protocol item 7 applies: the "
+        "configuration named here is retrained with 3 seeds before it replaces the final section."
     )
 
 
