@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from rich.console import Console
 from typer.testing import CliRunner
 
 from alnus import stats
@@ -27,7 +25,7 @@ from alnus.data.split import make_splits
 from alnus.errors import AlnusError
 from alnus.study import StudyError, data_hash, prepare_run
 from tests.data.test_split import patient_splits, synthetic_manifest
-from tests.test_train import TINY
+from tests.test_train import TINY, _quiet
 
 runner = CliRunner()
 
@@ -167,10 +165,6 @@ def test_a_run_folder_refuses_another_folds_split(phantom, tmp_path):
     other = load_config(_write_config(tmp_path, phantom, "fold", cv_folds=3, cv_fold=1))
     with pytest.raises(StudyError, match="holds a split made from other data"):
         prepare_run(other)
-
-
-def _quiet() -> Console:
-    return Console(file=open(os.devnull, "w"), force_terminal=False)  # noqa: SIM115 - lives for the test
 
 
 @pytest.fixture(scope="module")
