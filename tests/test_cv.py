@@ -58,7 +58,7 @@ def test_folds_partition_the_development_patients_and_keep_the_tests():
 
 def test_folds_keep_a_group_of_patients_together():
     df = synthetic_manifest(60)
-    df["group"] = df["patient_id"].str[:3]  # P00, P01, ...: groups of ten patients
+    df["group"] = "G" + (df["patient_id"].str[1:].astype(int) // 3).astype(str)  # groups of three patients
     for k in range(3):
         out = make_splits(df, seed=0, internal_test_frac=0, group_col="group", cv_folds=3, cv_fold=k)
         assert (out.groupby("group")["split"].nunique() == 1).all()
@@ -294,3 +294,11 @@ def test_a_tampered_fold_prediction_file_is_refused(cv_run, tmp_path, edit, mess
     edit(pd.read_csv(path)).to_csv(path, index=False)
     with pytest.raises(CvError, match=message):
         fold_predictions(run, "tiny_cnn", "positive")
+
+
+def test_folds_that_would_leave_a_val_without_a_label_are_refused_before_training():
+    manifest = pd.DataFrame({"patient_id": [f"P{i}" for i in range(14)], "label": ["positive"] * 3 + ["negative"] * 11})
+    with pytest.raises(AlnusError, match=r"fold \d's val lacks a label.*use fewer folds"):
+        make_splits(manifest, internal_test_frac=0.0, val_frac=0.1, cv_folds=5, cv_fold=0)
+    ok = make_splits(manifest, internal_test_frac=0.0, val_frac=0.1, cv_folds=3, cv_fold=0)
+    assert set(ok.loc[ok["split"] == "val", "label"]) == {"positive", "negative"}

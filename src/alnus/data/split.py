@@ -165,6 +165,15 @@ def _fold(units: pd.Series, folds: int, fold: int, seed: int, notes: list[str]) 
         kfold = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         parts = list(kfold.split(ids, units.to_numpy(), groups=ids))
     notes += [f"cross-validation folds: {w.message}" for w in caught]
+    labels = units.to_numpy()
+    # Every fold's val must hold both labels (its AUC selects the model): refuse before the first fold trains.
+    for k, (_, part) in enumerate(parts):
+        if len(set(labels[part])) < len(set(labels)):
+            counts = pd.Series(labels).value_counts().to_dict()
+            raise AlnusError(
+                f"data.cv_folds: with {folds} folds, fold {k}'s val lacks a label (development patients outside "
+                f"internal_test per label: {counts}); use fewer folds (--folds) or add patients."
+            )
     train, val = parts[fold]
     notes.append(
         f"val is fold {fold} of {folds} (patient-level cross-validation of the development patients outside "
