@@ -259,13 +259,19 @@ def table_section() -> str:
     return "\n".join(out)
 
 
+def auc_of(cell: object) -> float | None:
+    """0.873 from a table cell `0.873 (0.821-0.925)`; None for an empty cell."""
+    text = str(cell or "").split(" ")[0]
+    return float(text) if text else None
+
+
 def _rule_line(rows: list[dict[str, object]]) -> str:
     """Which single configuration the protocol's rule points to among the rows (the paper's CNNs are not candidates;
     the ensembles compete in the final section)."""
     scored = [
-        (float(str(r["val AUC (selection)"]).split(" ")[0]), str(r["configuration"]))
+        (auc_of(r["val AUC (selection)"]), str(r["configuration"]))
         for r in rows
-        if not str(r["configuration"]).startswith("paper_cnns") and r["val AUC (selection)"]
+        if not str(r["configuration"]).startswith("paper_cnns") and auc_of(r["val AUC (selection)"]) is not None
     ]
     if not scored:
         return "No candidate configuration has finished yet."

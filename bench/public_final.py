@@ -126,12 +126,6 @@ def _build_ensembles() -> list[str]:
     return built
 
 
-def _recorded_auc(cell: object) -> float | None:
-    """0.873 from a recorded table cell `0.873 (0.821-0.925)`."""
-    text = str(cell or "").split(" ")[0]
-    return float(text) if text else None
-
-
 def _candidates(ensembles: list[str]) -> pd.DataFrame:
     """Every single configuration and every ensemble with its validation AUC, cost and external AUC: from the run
     folders on this machine, else as recorded where they were measured (the `measured` column says which)."""
@@ -144,9 +138,9 @@ def _candidates(ensembles: list[str]) -> pd.DataFrame:
             continue
         for row in public_configs.rows_of(config.name):
             rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1,
-                         "val AUC": _recorded_auc(row["val AUC (selection)"]),
-                         "internal_test AUC": _recorded_auc(row["internal AUC"]),
-                         "external_test AUC": _recorded_auc(row["external AUC"]),
+                         "val AUC": public_configs.auc_of(row["val AUC (selection)"]),
+                         "internal_test AUC": public_configs.auc_of(row["internal AUC"]),
+                         "external_test AUC": public_configs.auc_of(row["external AUC"]),
                          "measured": row.get("measured", "")})  # fmt: skip
     record = _read_ensemble_record()
     if ensembles:
@@ -199,7 +193,7 @@ def _seed_spread(configuration: str = "base") -> str:
     aucs, points = [], []
     for name in SEEDS.get(configuration, (configuration,)):
         for row in public_configs.rows_of(name):
-            aucs.append(float(row["external AUC"].split(" ")[0]))
+            aucs.append(public_configs.auc_of(row["external AUC"]))
             points.append(str(row["external sens / spec"]))
     if len(aucs) < 2:
         return "fewer than two seeds finished"

@@ -210,6 +210,7 @@ def test_a_grey_normalised_package_predicts_with_its_normalisation(phantom_read,
     np.testing.assert_allclose(probs, saved["prob"], atol=1e-5)
     # A hand-edited package that drops (or changes) the normalisation would predict wrong quietly: refused.
     import json
+    import shutil
 
     from alnus.models.package import PackageError
 
@@ -218,8 +219,6 @@ def test_a_grey_normalised_package_predicts_with_its_normalisation(phantom_read,
         meta = json.loads(path.read_text())
         meta["preprocess"].pop("grey") if grey is None else meta["preprocess"].update(grey=grey)
         tampered = tmp_path / f"tampered_{grey}"
-        import shutil
-
         shutil.copytree(result.package_dir, tampered)
         (tampered / "metadata.json").write_text(json.dumps(meta))
         with pytest.raises(PackageError, match=r"preprocess differs from the training record \(grey"):
