@@ -150,6 +150,24 @@ def test_a_masks_bounding_box_is_judged_too(data: Path) -> None:
     assert warning.startswith("implausible lesion mask's bounding box 30,20,4,3: 4x3 px")
 
 
+def test_a_mask_is_decoded_once_per_image_and_crops_as_before(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warning and the crop share one decode of the mask; the input is the one `preprocess` makes from the mask."""
+    import alnus.data.roi as roi
+
+    predictor = Predictor(data / "mask", device="cpu")
+    image = np.asarray(Image.open(data / "a.png"))
+    spec = predictor.networks[0].spec
+    expected = predictor.predict_arrays([image], rows=[{"mask": "speck.png"}], root=data)
+    decoded: list[str] = []
+    real = roi.load_image
+    monkeypatch.setattr(roi, "load_image", lambda path, **kw: decoded.append(str(path)) or real(path, **kw))
+    got = predictor.predict_inputs(_rows(data, [""], [str(data / "speck.png")]))
+    assert decoded == [str(data / "speck.png")]
+    assert np.allclose(got["prob"].to_numpy(), expected[0], atol=1e-6)
+    assert got["warning"].str.startswith("implausible lesion mask's bounding box 30,20,4,3").all()
+    assert spec.roi.mode == "mask"
+
+
 def test_a_package_seeing_the_whole_image_never_warns(data: Path) -> None:
     got = Predictor(data / "whole", device="cpu").predict_inputs(_rows(data, [TINY, WHOLE_IMAGE]))
     assert got["warning"].tolist() == ["", ""] and np.isfinite(got["prob"]).all()

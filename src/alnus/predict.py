@@ -42,7 +42,7 @@ from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
-from alnus.data.roi import Box, RoiError, RoiPolicy, box_warning, lesion_box, parse_box
+from alnus.data.roi import Box, RoiError, RoiPolicy, box_warning, format_box, lesion_box, parse_box
 from alnus.data.tta import all_views, apply_view
 from alnus.errors import AlnusError
 from alnus.export import ENGINES
@@ -333,13 +333,24 @@ class Predictor:
         )
 
     def _inputs(
-        self, image: np.ndarray, row: Mapping[str, str], root: Path, *, max_pixels: int | None = None
+        self,
+        image: np.ndarray,
+        row: Mapping[str, str],
+        root: Path,
+        *,
+        max_pixels: int | None = None,
+        boxed: Mapping[str, Mapping[str, str]] | None = None,
     ) -> list[torch.Tensor]:
-        """One decoded image as each network's input `(1, size, size)`, preprocessed once per distinct spec."""
+        """One decoded image as each network's input `(1, size, size)`, preprocessed once per distinct spec.
+
+        `boxed`: the row of each ROI mode with its lesion box already found (`_boxed_rows`), so that a mask is not
+        decoded again; a mode missing from it uses `row`.
+        """
         done: dict[PreprocessSpec, torch.Tensor] = {}
         for network in self.networks:
             if network.spec not in done:
-                done[network.spec] = _to_tensor(preprocess(image, row, root, network.spec, max_pixels=max_pixels))
+                cells = (boxed or {}).get(network.spec.roi.mode, row)
+                done[network.spec] = _to_tensor(preprocess(image, cells, root, network.spec, max_pixels=max_pixels))
         return [done[network.spec] for network in self.networks]
 
     def roi_warning(
@@ -348,24 +359,33 @@ class Predictor:
         """The warning of an image whose lesion box is implausible (`alnus.data.roi.box_warning`), "" when it is not.
 
         The box judged is the lesion box before the margin, from the `roi` cell or the mask's bounding box, as each
-        cropping network's ROI mode picks it (a mask is decoded once more for this). A package whose networks all see
-        the whole image never warns; an ensemble warns once per image (twice only when its box and mask networks judge
-        different boxes).
+        cropping network's ROI mode picks it. A package whose networks all see the whole image never warns; an
+        ensemble warns once per image (twice only when its box and mask networks judge different boxes).
 
         Args:
             shape: the decoded image's (H, W).
             row: the image's `roi` / `mask` cells (mask paths relative to `root`).
         """
+        return self._boxed_rows(shape, row, root, max_pixels=max_pixels)[1]
+
+    def _boxed_rows(
+        self, shape: tuple[int, ...], row: Mapping[str, str], root: Path, *, max_pixels: int | None = None
+    ) -> tuple[dict[str, dict[str, str]], str]:
+        """Each cropping ROI mode's lesion box, found once (a mask decoded once), as a row whose `roi` cell holds it
+        and which names no mask, so cropping with it gives the same pixels; and the warning of those boxes
+        (`roi_warning`)."""
+        rows: dict[str, dict[str, str]] = {}
         texts: list[str] = []
         for mode in dict.fromkeys(n.spec.roi.mode for n in self.networks if n.spec.roi.mode != "whole"):
             box = lesion_box(row, root, shape[:2], RoiPolicy(mode), max_pixels=max_pixels)
             if box is None:
                 continue
+            rows[mode] = {**row, "roi": format_box(box), "mask": "", "mask_tumor": ""}
             what = "lesion box" if _drawn_box(row) == box else "lesion mask's bounding box"
             text = box_warning(shape, box, what=what)
             if text and text not in texts:
                 texts.append(text)
-        return " ".join(texts)
+        return rows, " ".join(texts)
 
     def predict_arrays(
         self,
@@ -505,8 +525,8 @@ class Predictor:
             raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
         image = load_image(row["path"], frame=parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
         cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", "")}
-        inputs = self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels)
-        return inputs, self.roi_warning(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
+        boxed, warning = self._boxed_rows(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
+        return self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels, boxed=boxed), warning
 
     def _new_data_table(
         self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str], warned: list[str]
