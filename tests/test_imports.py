@@ -67,6 +67,7 @@ LAYERS: dict[str, int] = {
     "alnus.report.build": 6,
     "alnus.study": 6,
     "alnus.cv": 6,
+    "alnus.subgroups": 6,
     "alnus.serve": 6,
     "alnus.serve.app": 6,
     "alnus.serve.security": 6,

@@ -873,6 +873,32 @@ def evaluate(
     _show_metrics(run, metrics, level)
 
 
+@app.command("subgroups")
+def subgroups(
+    run: Annotated[Path, typer.Argument(help="An evaluated run folder, runs/<name>.")],
+    by: Annotated[str, typer.Option("--by", help="The manifest column to group by, e.g. Device or Verification.")],
+    model: Annotated[str | None, typer.Option(help="The run's model (default: its only one).")] = None,
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="internal_test and/or external_test (repeatable; default both).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this CSV file.")] = None,
+) -> None:
+    """The model (at its frozen threshold) and the readers within each value of a manifest column, per test split.
+    Exploratory: P values are not adjusted for the number of groups."""
+    from alnus._io import write_csv
+    from alnus.subgroups import TEST_SPLITS, subgroup_results, subgroup_table
+
+    found = subgroup_results(run, by, model=model, splits=split or TEST_SPLITS)
+    if found.empty:
+        raise AlnusError(f"{run} has no predictions for {', '.join(split or TEST_SPLITS)}; predict the run first.")
+    _print_frame(
+        subgroup_table(found, by), f"Subgroups by {escape(by)} ({escape(str(run))}; exploratory, P values not adjusted)"
+    )
+    if out is not None:
+        write_csv(found, out)
+        console.print(f"wrote {escape(str(out))}")
+
+
 @app.command("explain")
 def explain(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, evaluated (a frozen threshold).")],
