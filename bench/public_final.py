@@ -247,8 +247,54 @@ def _goals(metrics: dict, model: str) -> list[str]:
 
 
 def _seeded(chosen: pd.Series) -> str:
-    """The configuration whose seeds describe the chosen model's training variance (an ensemble: the base's)."""
-    return str(chosen["name"]) if str(chosen["name"]) in SEEDS else "base"
+    """The configuration whose seeds describe the chosen model's training variance: the chosen configuration, the one
+    a chosen seed or seed ensemble was trained from, else (an ensemble of several configurations) the base's."""
+    name = str(chosen["name"])
+    ensemble = next((e for e in ENSEMBLES if e.name == name), None)
+    for configuration, seeds in SEEDS.items():
+        if name in seeds or (ensemble is not None and set(ensemble.configurations) == set(seeds)):
+            return configuration
+    return "base"
+
+
+# Exploratory subgroups of the chosen model (alnus.subgroups): how BrEaST verified each diagnosis (biopsy, or follow-up
+# of lesions the radiologists had called benign-looking) and BUS-BRA's scanner.
+SUBGROUPS = (("external_test", "Verification"), ("internal_test", "Device"))
+
+
+def _verification_note(run: Path) -> str:
+    """The radiologists' BI-RADS categories of the external patients per verification method, from splits.csv."""
+    from alnus.runfolder import read_splits
+
+    rows = read_splits(run).query("split == 'external_test'")
+    if "Verification" not in rows.columns:
+        return ""
+    found = rows.groupby("Verification")["reader_birads"].agg(lambda v: ", ".join(sorted(set(v) - {""})))
+    parts = "; ".join(f"{how}: {cats}" for how, cats in found.items())
+    return (f"The BI-RADS categories the radiologists gave per BrEaST verification method ({parts}) show that only "
+            "lesions read as benign-looking were verified by follow-up instead of biopsy: they hold no malignant "
+            "case, and the biopsied patients are the comparison without that verification bias.")  # fmt: skip
+
+
+def _subgroups(run: Path, model: str) -> list[str]:
+    from alnus.subgroups import SubgroupError, subgroup_results, subgroup_table
+
+    out = [
+        "### Subgroups (exploratory; `alnus subgroups RUN --by COLUMN`)",
+        "",
+        "The chosen model at its frozen threshold and the radiologists' BI-RADS within each group, per patient; the P "
+        "value is DeLong's for the model against BI-RADS on the group's patients, not adjusted for the number of "
+        f"groups. {_verification_note(run)}",
+        "",
+    ]
+    for split, by in SUBGROUPS:
+        try:
+            found = subgroup_results(run, by, model=model, splits=[split])
+        except SubgroupError as exc:
+            out += [f"{split} by {by}: not available ({exc})", ""]
+            continue
+        out += [f"{split} by `{by}`:", "", _markdown(subgroup_table(found, by).drop(columns="split")), ""]
+    return out
 
 
 def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str) -> str:
@@ -285,6 +331,7 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
                                for s, by in metrics.get("readers", {}).items()}}  # fmt: skip
     out += _results_section(chosen_only)
     run_dir = run_dir_of(chosen)
+    out += _subgroups(run_dir, str(chosen["model"]))
     out += _figures(run_dir, prefix="final", models=[chosen["model"]], flow=False)
     return "\n".join(out)
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,4 +77,13 @@ def test_the_final_choice_uses_recorded_candidates_and_ensembles(public_configs,
     # 0.957 is within 0.005 of 0.959 but costs 3 forward passes: the single model wins.
     assert chosen["name"] == "aux_birads" and chosen["val AUC"] == 0.959
     assert public_final._seeded(chosen) == "aux_birads"
+    # A chosen seed, or the ensemble of a configuration's seeds, reports that configuration's seeds; other ensembles
+    # the base's.
+    for name, seeded in (
+        ("aux_seed2", "aux_birads"),
+        ("aux_seeds", "aux_birads"),
+        ("seeds", "base"),
+        ("all_tta", "base"),
+    ):
+        assert public_final._seeded(pd.Series({"name": name})) == seeded
     assert public_final._build_ensembles() == []  # no member's run folder is here: nothing is built
