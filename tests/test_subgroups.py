@@ -73,7 +73,7 @@ def test_a_group_with_one_class_says_so_instead_of_an_auc(run: Path) -> None:
     assert c["n_pos"] == 0 and c["n_neg"] > 0
     assert c["auc"] is None or np.isnan(c["auc"])
     assert c["note"].startswith(f"one class only (all {c['n_cases']} cases benign)")
-    shown = subgroup_table(found.reset_index(), "scanner").set_index("scanner")
+    shown = subgroup_table(found.reset_index()).set_index("scanner")
     assert shown.loc["C", "AUC (95% CI)"] == "" and shown.loc["C", "sens / spec (%)"].startswith("- / ")
     assert shown.loc["B", "AUC (95% CI)"].count("-") == 1 and "birads AUC" in shown.columns
 

@@ -892,7 +892,7 @@ def subgroups(
     if found.empty:
         raise AlnusError(f"{run} has no predictions for {', '.join(split or TEST_SPLITS)}; predict the run first.")
     _print_frame(
-        subgroup_table(found, by), f"Subgroups by {escape(by)} ({escape(str(run))}; exploratory, P values not adjusted)"
+        subgroup_table(found), f"Subgroups by {escape(by)} ({escape(str(run))}; exploratory, P values not adjusted)"
     )
     if out is not None:
         write_csv(found, out)

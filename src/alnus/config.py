@@ -127,6 +127,8 @@ class EvaluateConfig:
     reader_positive_from: str = "4a"
     # With reader_scale: score, a reading >= this value is a positive call (None: no calls, AUC only).
     reader_score_threshold: float | None = None
+    # Manifest columns whose values the report breaks the test results down by (`alnus.subgroups`), e.g. [Device].
+    subgroups: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from alnus.runfolder import RunFolder, read_splits, run_models
 
 MISSING = "(missing)"
 TEST_SPLITS = ("internal_test", "external_test")
+_GROUP = "\0group"  # the group column until the table's other columns are known
 
 
 class SubgroupError(AlnusError):
@@ -82,10 +83,11 @@ def subgroup_results(
         splits: the test splits to analyse (those the run has).
 
     Returns:
-        Columns split, `by`, n_cases, n_pos, n_neg, auc, auc_ci_low, auc_ci_high, sensitivity, specificity (at the
-        frozen threshold; None without positives or negatives), then per reader `<reader>_auc` and
-        `<reader>_sensitivity`, `<reader>_specificity` (the reader's calls) and `<reader>_delong_p` (model vs that
-        reader on the group's cases), and `note` (e.g. a group with one class: no AUC, no comparison).
+        Columns split; the group (named `by`, or "`by` (group)" when another column has that name); n_cases, n_pos,
+        n_neg, auc, auc_ci_low, auc_ci_high, sensitivity, specificity (at the frozen threshold; None without
+        positives or negatives); per reader `<reader>_auc`, `<reader>_sensitivity`, `<reader>_specificity` (the
+        reader's calls) and `<reader>_delong_p` (model vs that reader on the group's cases); `note` (e.g. a group
+        with one class: no AUC, no comparison).
 
     Raises:
         SubgroupError: `by`, the model or a split is unknown, or the run was not evaluated.
@@ -134,7 +136,11 @@ def subgroup_results(
                 )  # fmt: skip
             )
     frame = pd.DataFrame(out)
-    return frame[[c for c in frame.columns if c != "note"] + ["note"]] if out else frame
+    if frame.empty:
+        return frame
+    frame = frame[[c for c in frame.columns if c != "note"] + ["note"]]
+    # The group column is named after `by`, unless that is already the name of a column of the table.
+    return frame.rename(columns={_GROUP: by if by not in frame.columns else f"{by} (group)"})
 
 
 def _group_row(
@@ -153,7 +159,7 @@ def _group_row(
     auc = found["auc"] or {}
     notes = [n for n in found["notes"] if n.startswith("AUC")]  # calibration is not part of this table
     row: dict[str, Any] = {
-        "split": split, by: value, "n_cases": found["n"], "n_pos": found["n_pos"], "n_neg": found["n_neg"],
+        "split": split, _GROUP: value, "n_cases": found["n"], "n_pos": found["n_pos"], "n_neg": found["n_neg"],
         "auc": auc.get("estimate"), "auc_ci_low": auc.get("ci_low"), "auc_ci_high": auc.get("ci_high"),
         "sensitivity": (found["sensitivity"] or {}).get("estimate"),
         "specificity": (found["specificity"] or {}).get("estimate"),
@@ -210,16 +216,17 @@ def _p(value: object) -> str:
     return "<0.0001" if number < 1e-4 else f"{number:.3g}"
 
 
-def subgroup_table(found: pd.DataFrame, by: str) -> pd.DataFrame:
+def subgroup_table(found: pd.DataFrame) -> pd.DataFrame:
     """`subgroup_results` as a journal prints it: cases (malignant), AUC (95% CI), sensitivity / specificity in
     percent, each reader's AUC, sensitivity / specificity and the DeLong P of the model against it, the note."""
     rows = []
+    group = str(found.columns[1])
     readers = [c.removesuffix("_delong_p") for c in found.columns if c.endswith("_delong_p")]
     for r in found.to_dict("records"):
         auc = _text(r["auc"])
         row = {
             "split": r["split"],
-            by: r[by],
+            group: r[group],
             "cases (malignant)": f"{r['n_cases']} ({r['n_pos']})",
             "AUC (95% CI)": f"{auc} ({_text(r['auc_ci_low'])}-{_text(r['auc_ci_high'])})" if auc else "",
             "sens / spec (%)": _pair(r["sensitivity"], r["specificity"]),

@@ -34,6 +34,8 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "preprocess": {"size": 32, "roi": "box"},
         "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
                   "early_stopping_patience": None},
+        # "note" is also the name of a column of the subgroup table: the group column becomes "note (group)".
+        "evaluate": {"subgroups": ["site", "note"]},
     }  # fmt: skip
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -132,6 +132,23 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
     assert row["Brier score"] == f"{calibration['brier']:.3f}"
 
 
+def test_subgroups_named_in_the_config_are_tabled_and_agree_with_the_results(page: Page, metrics: dict) -> None:
+    """The external split is one site: its one site group has the split's own AUC and calls. A column named like a
+    column of the table ("note") is shown under "note (group)", its HTML values as text."""
+    site = _rows(page, "table-subgroups-tiny_cnn-1")
+    external = next(r for r in site if r["split"] == "external_test")
+    assert external["site"] == HOSTILE_SITE
+    whole = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
+    assert external["AUC (95% CI)"].startswith(f"{whole['auc']['estimate']:.3f} (")
+    assert external["cases (malignant)"] == f"{whole['n']} ({whole['n_pos']})"
+    sens, spec = (100 * whole[k]["estimate"] for k in ("sensitivity", "specificity"))
+    assert external["sens / spec (%)"] == f"{sens:.1f} / {spec:.1f}"
+    # A patient's images carry different notes: the patient is in a "mixed: ..." group, shown as text.
+    groups = {r["note (group)"] for r in _rows(page, "table-subgroups-tiny_cnn-2")}
+    assert any(g.startswith("mixed: (missing) | ") and HOSTILE_NOTE in g for g in groups), groups
+    assert "not adjusted" in page.section_text["subgroups"]
+
+
 def test_model_comparisons_are_tabled_with_delong_and_holm(report_run: Path) -> None:
     """issue 8.4: model-vs-model DeLong differences with their CI and Holm-adjusted P."""
     inputs = read_run_inputs(report_run)
@@ -271,6 +288,10 @@ def test_a_study_without_readers_external_site_heat_maps_or_figures_still_reads(
     for sid, _ in SECTIONS:
         assert sid in page.ids, sid
     assert "No reader readings" in page.section_text["readers"]
+    inputs.config["evaluate"]["subgroups"] = []
+    assert (
+        "No subgroups asked for" in read_page(render_report(report_context(inputs, [], {}))).section_text["subgroups"]
+    )
     assert "No heat maps in this run" in page.section_text["heatmaps"]
     assert "No figures were made" in page.section_text["figures"]
     assert "No flow diagram" in page.section_text["flow"]

@@ -61,6 +61,7 @@ SECTIONS = (
     ("results", "Results"),
     ("comparisons", "Model vs model"),
     ("readers", "Model vs readers"),
+    ("subgroups", "Subgroups"),
     ("figures", "Figures"),
     ("heatmaps", "Heat maps"),
     ("calibration", "Calibration"),
@@ -400,6 +401,38 @@ def _readers_section(inputs: RunInputs) -> Section:
     return section
 
 
+def _subgroups_section(inputs: RunInputs) -> Section:
+    """The test results within each value of the columns named by `evaluate.subgroups` (`alnus.subgroups`)."""
+    from alnus.subgroups import SubgroupError, subgroup_results, subgroup_table
+
+    section = Section("subgroups", "Subgroups")
+    columns = list((inputs.config.get("evaluate") or {}).get("subgroups") or [])
+    if not columns:
+        section.paragraphs.append(
+            "No subgroups asked for: list manifest columns under `evaluate.subgroups` in the config (e.g. the "
+            "scanner), or run `alnus subgroups RUN --by COLUMN`."
+        )
+        return section
+    section.paragraphs.append(
+        "Exploratory: each model at its frozen threshold (never re-fitted) and each reader within each value of the "
+        "column, per test split; DeLong's P for the model against each reader on the group's cases, not adjusted for "
+        "the number of groups. A group with one class has no AUC."
+    )
+    for number, column in enumerate(columns, start=1):  # ids by number: a column name may hold any character
+        for model in inputs.models:
+            block = Block(f"subgroups-{model}-{number}", f"{model} by {column}")
+            try:
+                found = subgroup_results(inputs.run.root, column, model=model)
+            except SubgroupError as exc:
+                block.paragraphs.append(f"Not tabulated: {shareable_text(str(exc), inputs.run)}")
+            else:
+                block.tables.append(
+                    tables.subgroups_table(f"subgroups-{model}-{number}", model, column, subgroup_table(found))
+                )
+            section.blocks.append(block)
+    return section
+
+
 def _calibration_section(inputs: RunInputs) -> Section:
     section = Section("calibration", "Calibration")
     table = tables.calibration_table(inputs.metrics, _levels(inputs))
@@ -441,6 +474,7 @@ def report_context(inputs: RunInputs, figures: Sequence[Any], cards: dict[str, s
         _results_section(inputs),
         _comparisons_section(inputs),
         _readers_section(inputs),
+        _subgroups_section(inputs),
         _figures_section(figures, missing, skipped),
         heatmaps,
         _calibration_section(inputs),
