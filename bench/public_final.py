@@ -277,7 +277,7 @@ def _verification_note(run: Path) -> str:
 
 
 def _subgroups(run: Path, model: str) -> list[str]:
-    from alnus.subgroups import SubgroupError, subgroup_results, subgroup_table
+    from alnus.subgroups import SubgroupError, reader_table, subgroup_results, subgroup_table
 
     out = [
         "### Subgroups (exploratory; `alnus subgroups RUN --by COLUMN`)",
@@ -293,7 +293,11 @@ def _subgroups(run: Path, model: str) -> list[str]:
         except SubgroupError as exc:
             out += [f"{split} by {by}: not available ({exc})", ""]
             continue
-        out += [f"{split} by `{by}`:", "", _markdown(subgroup_table(found, by).drop(columns="split")), ""]
+        out += [f"{split} by `{by}`, the model:", "", _markdown(subgroup_table(found).drop(columns="split")), ""]
+        readers = reader_table(found)
+        if readers is not None:
+            out += [f"{split} by `{by}`, the radiologists (the patients each reading covers):", "",
+                    _markdown(readers.drop(columns="split")), ""]  # fmt: skip
     return out
 
 

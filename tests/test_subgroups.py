@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +14,19 @@ import pytest
 from typer.testing import CliRunner
 
 from alnus import stats
-from alnus._io import write_csv
+from alnus._io import atomic_write_text, write_csv
 from alnus.cli import app
+from alnus.errors import AlnusError
 from alnus.evaluate import evaluate_run
-from alnus.subgroups import MISSING, SubgroupError, subgroup_results, subgroup_table
+from alnus.models.package import read_metadata
+from alnus.subgroups import MISSING, SubgroupError, _order, reader_table, subgroup_results, subgroup_table
 from tests.test_evaluate import make_run, read_pred
 
 
 @pytest.fixture()
 def run(tmp_path: Path) -> Path:
     """An evaluated run whose splits.csv has a `scanner` column (A or B per patient; one external patient with an image
-    of each, one with an empty cell, and scanner C holding benign patients only) and a BI-RADS reader."""
+    of each, one with an empty cell, and scanner C holding negative patients only) and a BI-RADS reader."""
     run = make_run(tmp_path)
     splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
     number = splits["patient_id"].str.extract(r"(\d+)$")[0].astype(int)
@@ -38,44 +42,116 @@ def run(tmp_path: Path) -> Path:
     return run
 
 
+def _splits(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+
+
 def test_each_patient_is_in_one_group_and_the_numbers_are_those_of_its_patients(run: Path) -> None:
     found = subgroup_results(run, "scanner")
     assert set(found["split"]) == {"internal_test", "external_test"}
     external = found[found["split"] == "external_test"].set_index("scanner")
     assert external["n_cases"].sum() == 24  # every external patient once
     mixed = [v for v in external.index if v.startswith("mixed: ")]
-    images_of_2 = pd.read_csv(run / "splits.csv", dtype=str).query("patient_id == 'external_test2'")
-    assert mixed == (["mixed: A | B"] if len(images_of_2) > 1 else [])
+    assert mixed == (["mixed: A | B"] if len(_splits(run).query("patient_id == 'external_test2'")) > 1 else [])
     assert external.loc[MISSING, "n_cases"] == 1
 
-    # Scanner B's AUC and calls, computed here from the patient means and the frozen threshold.
-    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
-    preds = read_pred(run, "tiny_cnn", "external_test").merge(splits[["image", "scanner"]], on="image")
-    per_patient = preds.groupby("patient_id").agg(y=("y", "first"), prob=("prob", "mean"), scanner=("scanner", "first"))
-    wholly_b = preds.groupby("patient_id")["scanner"].agg(lambda s: set(s) == {"B"})
-    b = per_patient[wholly_b]
-    import json
-
-    threshold = json.loads((run / "metrics.json").read_text())["models"]["tiny_cnn"]["threshold"]["value"]
+    # Scanner B's AUC and calls, computed here from the patient means and the package's frozen threshold.
+    preds = read_pred(run, "tiny_cnn", "external_test").merge(_splits(run)[["image", "scanner"]], on="image")
+    per_patient = preds.groupby("patient_id").agg(y=("y", "first"), prob=("prob", "mean"))
+    b = per_patient[preds.groupby("patient_id")["scanner"].agg(lambda s: set(s) == {"B"})]
+    threshold = read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"]["value"]
     row = external.loc["B"]
+    assert found.attrs["threshold"] == threshold and found.attrs["level"] == "patient"
     assert row["n_cases"] == len(b) and row["n_pos"] == int(b["y"].sum())
     assert row["auc"] == pytest.approx(stats.auc(b["y"], b["prob"]))
     called = b["prob"] >= threshold
     assert row["sensitivity"] == pytest.approx(called[b["y"] == 1].mean())
     assert row["specificity"] == pytest.approx((~called[b["y"] == 0]).mean())
-    # The reader read every external patient: its AUC and the paired DeLong P are there.
-    assert 0 <= row["birads_delong_p"] <= 1 and row["birads_auc"] == pytest.approx(1.0)
+    # The reader read every external patient of the group: its AUC, calls and the paired DeLong P.
+    assert row["birads_n_read"] == len(b) and row["birads_auc"] == pytest.approx(1.0)
+    assert row["birads_sensitivity"] == 1.0 and row["birads_specificity"] == 1.0
+    assert row["birads_delong_p"] == pytest.approx(stats.delong_test(b["y"], b["prob"], b["y"] * 1.5 + 3).p)
+    # Internal patients were not read: the reader is described as reading none.
+    assert (found[found["split"] == "internal_test"]["birads_n_read"] == 0).all()
 
 
-def test_a_group_with_one_class_says_so_instead_of_an_auc(run: Path) -> None:
-    found = subgroup_results(run, "scanner", splits=["external_test"]).set_index("scanner")
-    c = found.loc["C"]
-    assert c["n_pos"] == 0 and c["n_neg"] > 0
-    assert c["auc"] is None or np.isnan(c["auc"])
-    assert c["note"].startswith(f"one class only (all {c['n_cases']} cases benign)")
-    shown = subgroup_table(found.reset_index()).set_index("scanner")
-    assert shown.loc["C", "AUC (95% CI)"] == "" and shown.loc["C", "sens / spec (%)"].startswith("- / ")
-    assert shown.loc["B", "AUC (95% CI)"].count("-") == 1 and "birads AUC" in shown.columns
+def test_groups_with_one_class_or_few_cases_say_so_in_the_studys_label_names(run: Path) -> None:
+    found = subgroup_results(run, "scanner", splits=["external_test"])
+    c = found.set_index("scanner").loc["C"]
+    assert c["n_pos"] == 0 and c["n_neg"] > 0 and c["auc"] is None or np.isnan(c["auc"])
+    assert c["note"].startswith(f"one class only ({c['n_cases']} negative cases): no AUC")
+    # The reader's calls are still described on a one-class group (its specificity), without an AUC or P.
+    assert c["birads_specificity"] == 1.0 and pd.isna(c["birads_auc"]) and pd.isna(c["birads_delong_p"])
+    shown = subgroup_table(found).set_index("scanner")
+    assert "cases (positive)" in shown.columns and shown.loc["C", "AUC (95% CI)"] == ""
+    assert shown.loc["C", "sens / spec (%)"].startswith("- / ")
+    readers = reader_table(found).set_index("scanner")
+    assert readers.loc["C", "sens / spec (%)"] == "- / 100.0" and readers.loc["B", "cases read"] == "{0} of {0}".format(
+        found.set_index("scanner").loc["B", "n_cases"]
+    )
+
+    # One positive patient in a group: no AUC, said so; fewer than 5: the AUC is flagged.
+    splits = _splits(run)
+    positives = splits[(splits["split"] == "external_test") & (splits["label"] == "positive")]["patient_id"].unique()
+    splits.loc[splits["patient_id"] == positives[0], "scanner"] = "C"
+    write_csv(splits, run / "splits.csv")
+    assert (
+        subgroup_results(run, "scanner").set_index("scanner").loc["C", "note"] == "fewer than 2 positive cases: no AUC"
+    )
+    splits.loc[splits["patient_id"].isin(positives[:3]), "scanner"] = "C"
+    write_csv(splits, run / "splits.csv")
+    note = subgroup_results(run, "scanner").set_index("scanner").loc["C", "note"]
+    assert note == "fewer than 5 positive cases: the AUC and its CI are unreliable"
+
+
+def test_the_threshold_and_the_reader_calls_are_those_the_run_was_evaluated_with(run: Path) -> None:
+    """metrics.json's copy of the threshold and the current config.yaml are not used: a tampered copy or a later
+    edit cannot change the table; the package holds the threshold and metrics.json the reader settings."""
+    before = subgroup_results(run, "scanner")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["models"]["tiny_cnn"]["threshold"]["value"] = "0.5"
+    atomic_write_text(run / "metrics.json", json.dumps(metrics))
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("reader_positive_from: 4a", "reader_positive_from: '5'"))
+    after = subgroup_results(run, "scanner")
+    pd.testing.assert_frame_equal(before, after)
+    meta = json.loads((run / "models" / "tiny_cnn" / "model" / "metadata.json").read_text())
+    meta["threshold"] = None
+    atomic_write_text(run / "models" / "tiny_cnn" / "model" / "metadata.json", json.dumps(meta))
+    with pytest.raises(SubgroupError, match="no frozen threshold yet: evaluate the run first"):
+        subgroup_results(run, "scanner")
+
+
+def test_a_reader_who_read_part_of_a_group_is_described_on_those_cases(run: Path) -> None:
+    splits = _splits(run)
+    external = splits[splits["split"] == "external_test"]
+    wholly_b = external.groupby("patient_id")["scanner"].agg(lambda s: set(s) == {"B"})
+    b = wholly_b.index[wholly_b].to_numpy()
+    splits.loc[splits["patient_id"].isin(b[: len(b) // 2]), "reader_birads"] = ""
+    write_csv(splits, run / "splits.csv")
+    row = subgroup_results(run, "scanner", splits=["external_test"]).set_index("scanner").loc["B"]
+    assert row["birads_n_read"] == len(b) - len(b) // 2
+    assert f"birads read {len(b) - len(b) // 2} of {len(b)} cases" in row["note"]
+
+
+def test_grouping_by_a_readers_own_readings_does_not_compare_with_that_reader(run: Path) -> None:
+    found = subgroup_results(run, "reader_birads", splits=["external_test"])
+    assert list(found["reader_birads"]) == ["3", "4c"]
+    assert "birads: not described, the groups are its own readings" in found["note"].iloc[0]
+    assert reader_table(found) is None
+
+
+def test_a_case_whose_ids_differ_between_splits_and_predictions_is_refused(run: Path) -> None:
+    splits = _splits(run)
+    splits.loc[splits["patient_id"] == "external_test3", "patient_id"] = "external_test3b"
+    write_csv(splits, run / "splits.csv")
+    with pytest.raises(SubgroupError, match=r"image /data/external_test/p3_0.png different site/patient_id"):
+        subgroup_results(run, "scanner")
+
+
+def test_values_sort_naturally() -> None:
+    values = ["5", "4a", "10", "2", "(missing)", "4c", "3"]
+    assert sorted(values, key=_order) == ["2", "3", "4a", "4c", "5", "10", "(missing)"]
 
 
 def test_bad_requests_name_what_to_do(run: Path, tmp_path: Path) -> None:
@@ -83,8 +159,13 @@ def test_bad_requests_name_what_to_do(run: Path, tmp_path: Path) -> None:
         subgroup_results(run, "scaner")
     with pytest.raises(SubgroupError, match="unknown split"):
         subgroup_results(run, "scanner", splits=["val"])
-    with pytest.raises(SubgroupError, match="name the model with --model"):
+    with pytest.raises(SubgroupError, match="has no model 'resnet101'; its models are tiny_cnn"):
         subgroup_results(run, "scanner", model="resnet101")
+    twice = subgroup_results(run, "scanner", splits=["external_test", "external_test"])
+    assert len(twice) == len(subgroup_results(run, "scanner", splits=["external_test"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # small groups' calibration fits stay quiet
+        subgroup_results(run, "patient_id", splits=["external_test"])
     (run / "metrics.json").unlink()
     with pytest.raises(SubgroupError, match="evaluate the run first"):
         subgroup_results(run, "scanner")
@@ -92,16 +173,21 @@ def test_bad_requests_name_what_to_do(run: Path, tmp_path: Path) -> None:
         subgroup_results(tmp_path / "nowhere", "scanner")
 
 
-def test_cli_prints_the_table_and_writes_the_csv(run: Path, tmp_path: Path) -> None:
+def test_cli_prints_both_tables_and_writes_the_csv_outside_the_run(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "groups.csv"
     result = CliRunner().invoke(
         app, ["subgroups", str(run), "--by", "scanner", "--split", "external_test", "--out", str(out)],
         env={"COLUMNS": "250"},
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "Subgroups by scanner" in result.output and "not adjusted" in result.output
+    assert "tiny_cnn by scanner, per patient, threshold" in result.output and "Readers by scanner" in result.output
     written = pd.read_csv(out, keep_default_na=False)
     assert set(written["split"]) == {"external_test"} and "B" in set(written["scanner"])
+    for target in (run / "splits.csv", run / "new.csv", tmp_path):
+        bad = CliRunner().invoke(app, ["subgroups", str(run), "--by", "scanner", "--out", str(target)])
+        assert isinstance(bad.exception, AlnusError), target
+        assert "inside the run folder" in str(bad.exception) or "not a plain file path" in str(bad.exception)
+    assert _splits(run).columns[0] == "image"  # the run's files are untouched
     # As a user sees it: one error line naming the column and the choices, no traceback.
     bad = subprocess.run([sys.executable, "-m", "alnus", "subgroups", str(run), "--by", "nope"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip

@@ -876,27 +876,56 @@ def evaluate(
 @app.command("subgroups")
 def subgroups(
     run: Annotated[Path, typer.Argument(help="An evaluated run folder, runs/<name>.")],
-    by: Annotated[str, typer.Option("--by", help="The manifest column to group by, e.g. Device or Verification.")],
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="The manifest column to group by, e.g. Device or Verification. Its values are used as they are "
+            "(a number column such as age is not binned: add a column of bands to the manifest).",
+        ),
+    ],
     model: Annotated[str | None, typer.Option(help="The run's model (default: its only one).")] = None,
     split: Annotated[
         list[str] | None, typer.Option("--split", help="internal_test and/or external_test (repeatable; default both).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Also write the table to this CSV file.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Also write every number (one row per split and group) to this CSV file, outside the run."),
+    ] = None,
 ) -> None:
-    """The model (at its frozen threshold) and the readers within each value of a manifest column, per test split.
-    Exploratory: P values are not adjusted for the number of groups."""
-    from alnus._io import write_csv
-    from alnus.subgroups import TEST_SPLITS, subgroup_results, subgroup_table
+    """The model and the readers within each value of a manifest column, per test split.
 
+    Cases are counted at the level of the model's operating point (patients by default). The model keeps the
+    threshold frozen in its package: its sensitivity and specificity are those of the deployed operating point; its
+    AUC has a DeLong 95% CI. Each reader (reader_* columns) is described on the cases it read: its AUC, its calls, and
+    DeLong's paired P of the model against it. Exploratory: P values are not adjusted for the number of groups.
+    """
+    from alnus._io import write_csv
+    from alnus.subgroups import TEST_SPLITS, reader_table, subgroup_results, subgroup_table
+
+    if out is not None:
+        _check_table_target(out, run)
     found = subgroup_results(run, by, model=model, splits=split or TEST_SPLITS)
-    if found.empty:
-        raise AlnusError(f"{run} has no predictions for {', '.join(split or TEST_SPLITS)}; predict the run first.")
+    about = found.attrs
     _print_frame(
-        subgroup_table(found), f"Subgroups by {escape(by)} ({escape(str(run))}; exploratory, P values not adjusted)"
+        subgroup_table(found),
+        f"{escape(about['model'])} by {escape(by)}, per {about['level']}, threshold {about['threshold']:.4g} "
+        "(exploratory; P values not adjusted)",
     )
+    readers = reader_table(found)
+    if readers is not None:
+        _print_frame(readers, f"Readers by {escape(by)}, per {about['level']} (the cases each one read)")
     if out is not None:
         write_csv(found, out)
         console.print(f"wrote {escape(str(out))}")
+
+
+def _check_table_target(out: Path, run: Path) -> None:
+    """Refuse an --out that would replace a folder, a device or a file of the run folder."""
+    if out.is_dir() or (out.exists() and not out.is_file()) or out.is_symlink():
+        raise AlnusError(f"--out {out} is not a plain file path (a folder, link or device); name a .csv file.")
+    if out.resolve().is_relative_to(run.resolve()):
+        raise AlnusError(f"--out {out} is inside the run folder {run}, whose files alnus writes; write it elsewhere.")
 
 
 @app.command("explain")

@@ -1,17 +1,22 @@
 """Subgroup analysis of an evaluated run: the model, and the readers where the manifest has them, within each value of
 one manifest column (scanner, verification method, BI-RADS category, age band...).
 
-Each test split's cases (patients, as the model's operating point was frozen) are grouped by the value their images
-carry in the column; a patient whose images disagree is its own group, "mixed: a | b", and an empty cell is
-"(missing)". Within a group the model keeps its frozen threshold (nothing is re-fitted), so its sensitivity and
-specificity are those of the deployed operating point; the AUC has its DeLong CI, and where readers read the cases the
-model's AUC is compared with each reader's (DeLong, paired). Subgroups are exploratory: the P values are not adjusted
-for the number of groups, and a group with one class has no AUC (its row says so).
+Each test split's cases (at the level of the model's operating point: patients by default) are grouped by the value
+their images carry in the column: patients whose images disagree are grouped as "mixed: a | b", empty cells as
+"(missing)"; values are used as they are (a number column is not binned). Within a group the model keeps the
+threshold frozen in its package (nothing is re-fitted), so its sensitivity and specificity are those of the deployed
+operating point; the AUC has its DeLong CI. Each reader is described on the group's cases it read (how many, its AUC,
+its calls) and compared with the model on those cases (paired DeLong). Subgroups are exploratory: the P values are not
+adjusted for the number of groups; a group with one class has no AUC, and a group with few cases of a class says its
+CI is unreliable.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,51 +24,66 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alnus import stats
 from alnus.errors import AlnusError
-from alnus.evaluate import (
-    _case_level,
-    _reader_settings,
-    _settings,
-    case_metrics,
-    level_cases,
-    read_predictions,
-    reader_comparison,
-)
+from alnus.evaluate import _case_level, _reader_settings, case_metrics, level_cases, read_predictions
 from alnus.runfolder import RunFolder, read_splits, run_models
 
 MISSING = "(missing)"
 TEST_SPLITS = ("internal_test", "external_test")
+FEW = 5  # fewer cases of a class than this: the group's CI is flagged as unreliable
 _GROUP = "\0group"  # the group column until the table's other columns are known
+_SEP = "\0"  # joins a case's keys into its id (no site or patient id holds it)
+_STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity")
+_READER_STATS = ("n_read", "auc", "sensitivity", "specificity", "delong_p")
 
 
 class SubgroupError(AlnusError):
     """A subgroup analysis cannot be made (unknown column, model or split; a run not evaluated)."""
 
 
-def _case_values(rows: pd.DataFrame, by: str, case: pd.Series) -> pd.Series:
-    """Each case's value of `by` (indexed by `case`, the rows' case ids): the one value its images share, else
-    "mixed: a | b"; empty cells are MISSING."""
-    cells = rows[by].astype(str).str.strip().replace("", MISSING)
+def _case_values(cells: pd.Series, case: pd.Series) -> pd.Series:
+    """Each case's value (indexed by case id): the one value its images share, else "mixed: a | b"."""
+    cells = cells.astype(str).str.strip().replace("", MISSING)
     return cells.groupby(case, sort=False).agg(
         lambda v: v.iloc[0] if v.nunique() == 1 else "mixed: " + " | ".join(sorted(set(v)))
     )
 
 
-def _threshold(run_dir: Path, model: str) -> dict[str, Any]:
-    import json
+def _order(value: str) -> list[tuple[int, float, str]]:
+    """Natural order: numbers by value wherever they appear ("2" < "4a" < "4b" < "10"), text alphabetically."""
+    chunks = re.split(r"(\d+(?:\.\d+)?)", value)
+    return [(0, float(c), "") if i % 2 else (1, 0.0, c) for i, c in enumerate(chunks) if c]
 
+
+def _package_point(run_dir: Path, model: str) -> tuple[dict[str, Any], str, str]:
+    """The operating point frozen in the model's package (what `alnus predict` applies) and its label names."""
+    from alnus.models.package import read_metadata
+
+    meta = read_metadata(RunFolder(run_dir).model(model).package)
+    point = meta["threshold"]
+    if point is None:
+        raise SubgroupError(
+            f"model {model} has no frozen threshold yet: evaluate the run first (`alnus evaluate {run_dir}`)."
+        )
+    value = point.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise SubgroupError(f"the package of model {model} holds a threshold of {value!r}; evaluate the run again.")
+    positive = str(meta["positive_label"])
+    negative = next((str(n) for n in meta.get("label_names") or [] if str(n) != positive), f"not {positive}")
+    return point, positive, negative
+
+
+def _readers(run_dir: Path) -> dict[str, Any]:
+    """How the run's evaluation read the reader columns (metrics.json), so that the groups use the same calls."""
     path = RunFolder(run_dir).metrics
     if not path.is_file():
         raise SubgroupError(f"{path} not found: evaluate the run first (`alnus evaluate {run_dir}`).")
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        point = metrics["models"][model]["threshold"]
-        float(point["value"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise SubgroupError(
-            f"{path} has no frozen threshold for model {model}; evaluate the run again (`alnus evaluate {run_dir}`)."
-        ) from None
-    return point
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+        return _reader_settings(settings if isinstance(settings, dict) else {})
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise SubgroupError(f"{path} is damaged; evaluate the run again (`alnus evaluate {run_dir}`).") from None
 
 
 def subgroup_results(
@@ -80,14 +100,14 @@ def subgroup_results(
         run_dir: an evaluated run folder (its splits.csv keeps every manifest column).
         by: a column of the manifest (splits.csv), e.g. `Device` or `Verification`.
         model: the run's model (default: its only one).
-        splits: the test splits to analyse (those the run has).
+        splits: the test splits to analyse.
 
     Returns:
         Columns split; the group (named `by`, or "`by` (group)" when another column has that name); n_cases, n_pos,
         n_neg, auc, auc_ci_low, auc_ci_high, sensitivity, specificity (at the frozen threshold; None without
-        positives or negatives); per reader `<reader>_auc`, `<reader>_sensitivity`, `<reader>_specificity` (the
-        reader's calls) and `<reader>_delong_p` (model vs that reader on the group's cases); `note` (e.g. a group
-        with one class: no AUC, no comparison).
+        positives or negatives); per reader `<reader>_n_read`, `<reader>_auc`, `<reader>_sensitivity`,
+        `<reader>_specificity` (its calls) and `<reader>_delong_p` (model vs that reader on the cases it read);
+        `note`. `attrs` holds the model, level, threshold and label names.
 
     Raises:
         SubgroupError: `by`, the model or a split is unknown, or the run was not evaluated.
@@ -100,93 +120,141 @@ def subgroup_results(
         usable = [c for c in table.columns if c not in ("image", "split", "sha256", "roi", "mask")]
         raise SubgroupError(f"splits.csv of {run_dir} has no column {by!r}; choose one of: {', '.join(usable)}.")
     models = run_models(run_dir)
-    model = model or (models[0] if len(models) == 1 else None)
-    if model is None or model not in models:
+    if model is None and len(models) != 1:
         raise SubgroupError(f"name the model with --model: {run_dir} has {', '.join(models) or 'no models'}.")
+    model = model or models[0]
+    if model not in models:
+        raise SubgroupError(f"{run_dir} has no model {model!r}; its models are {', '.join(models) or 'none'}.")
     unknown = sorted(set(splits) - set(TEST_SPLITS))
     if unknown:
         raise SubgroupError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(TEST_SPLITS)}.")
-    point = _threshold(run_dir, model)
-    readers = _reader_settings(_settings(run_dir))
+    point, positive, negative = _package_point(run_dir, model)
+    readers = _readers(run_dir)
     predictions = read_predictions(run_dir, model)
     level = _case_level(point["level"])
     keys = ["image"] if level == "image" else ["site", "patient_id"] + (["study_id"] if level == "study" else [])
+    lacking = [k for k in keys if k not in table.columns]
+    if lacking:
+        raise SubgroupError(f"splits.csv of {run_dir} lacks {', '.join(lacking)}, which {level}-level cases need.")
     out = []
-    for split in splits:
-        if split not in predictions:
-            continue
+    for split in dict.fromkeys(splits):
         rows = table[table["split"] == split]
+        if rows.empty:
+            continue
+        rows = rows.assign(_case=rows[keys].astype(str).agg(_SEP.join, axis=1))
         preds = predictions[split]
-        row_case = rows[keys].astype(str).agg("/".join, axis=1)
-        pred_case = preds[keys].astype(str).agg("/".join, axis=1)
-        value_of = _case_values(rows, by, row_case)
-        for value in sorted(set(value_of)):
-            here = set(value_of.index[value_of == value])
-            out.append(
-                _group_row(
-                    split,
-                    by,
-                    value,
-                    preds[pred_case.isin(here)],
-                    rows[row_case.isin(here)],
-                    point,
-                    level,
-                    readers,
-                    alpha,
-                )  # fmt: skip
+        pred_case = preds[keys].astype(str).agg(_SEP.join, axis=1)
+        # Each image must be the same case in both tables, or a case would be missed or split between groups.
+        moved = pred_case != preds["image"].map(dict(zip(rows["image"], rows["_case"], strict=True)))
+        if moved.any():
+            image = preds.loc[moved, "image"].iloc[0]
+            raise SubgroupError(
+                f"{split}: splits.csv and the predictions give image {image} different {'/'.join(keys)} "
+                f"({moved.sum()} image(s) differ); predict the run again (`alnus predict-run {run_dir}`)."
             )
+        value_of = _case_values(rows[by], rows["_case"])
+        for value in sorted(set(value_of), key=_order):
+            here = set(value_of.index[value_of == value])
+            row = _group_row(preds[pred_case.isin(here)], rows[rows["_case"].isin(here)], by, point, level, readers,
+                             (positive, negative), alpha)  # fmt: skip
+            out.append({"split": split, _GROUP: value, **row})
+        counted = sum(r["n_cases"] for r in out if r["split"] == split)
+        expected = len(level_cases(preds, level, point)[0])
+        if counted != expected:  # every case in exactly one group
+            raise SubgroupError(f"{split}: the groups hold {counted} cases, the predictions {expected}; predict again.")
+    if not out:
+        raise SubgroupError(f"{run_dir} has no {' or '.join(dict.fromkeys(splits))} split to break down.")
     frame = pd.DataFrame(out)
-    if frame.empty:
-        return frame
     frame = frame[[c for c in frame.columns if c != "note"] + ["note"]]
     # The group column is named after `by`, unless that is already the name of a column of the table.
-    return frame.rename(columns={_GROUP: by if by not in frame.columns else f"{by} (group)"})
+    frame = frame.rename(columns={_GROUP: by if by not in frame.columns else f"{by} (group)"})
+    frame.attrs = {"model": model, "level": level, "threshold": float(point["value"]), "positive": positive,
+                   "negative": negative, "by": by}  # fmt: skip
+    return frame
 
 
 def _group_row(
-    split: str,
-    by: str,
-    value: str,
     preds: pd.DataFrame,
     rows: pd.DataFrame,
+    by: str,
     point: dict[str, Any],
     level: str,
     readers: dict[str, Any],
+    labels: tuple[str, str],
     alpha: float,
 ) -> dict[str, Any]:
     cases, calls, _ = level_cases(preds, level, point)
-    found = case_metrics(cases, point["value"], calls=calls, alpha=alpha)
+    with warnings.catch_warnings():  # the calibration fit of a small group warns; it is not part of this table
+        warnings.simplefilter("ignore")
+        found = case_metrics(cases, point["value"], calls=calls, alpha=alpha)
     auc = found["auc"] or {}
-    notes = [n for n in found["notes"] if n.startswith("AUC")]  # calibration is not part of this table
     row: dict[str, Any] = {
-        "split": split, _GROUP: value, "n_cases": found["n"], "n_pos": found["n_pos"], "n_neg": found["n_neg"],
+        "n_cases": found["n"], "n_pos": found["n_pos"], "n_neg": found["n_neg"],
         "auc": auc.get("estimate"), "auc_ci_low": auc.get("ci_low"), "auc_ci_high": auc.get("ci_high"),
         "sensitivity": (found["sensitivity"] or {}).get("estimate"),
         "specificity": (found["specificity"] or {}).get("estimate"),
     }  # fmt: skip
-    how = point["aggregate"] if level == point["level"] else "max"
-    if not (found["n_pos"] and found["n_neg"]):
-        kind = "malignant" if found["n_pos"] else "benign"
-        row["note"] = f"one class only (all {found['n']} cases {kind}): no AUC, no comparison with the readers"
-        return row
-    try:
-        versus = reader_comparison(
-            rows, preds, point["value"], level=level, aggregate=how, alpha=alpha, scale=readers["reader_scale"],
-            positive_from=readers["reader_positive_from"], score_threshold=readers["reader_score_threshold"],
-        )  # fmt: skip
-    except (AlnusError, ValueError) as exc:
-        versus, notes = None, [*notes, f"readers: {exc}"]
-    if versus is not None:
-        for reader in versus["performance"]:
-            if reader.get("kind", "reader") == "reader":
-                row[f"{reader['reader']}_auc"] = _number(reader.get("auc"))
-        for paired in versus["per_reader"]:
-            name = paired["reader"]
-            row[f"{name}_sensitivity"] = _number(paired.get("reader_sensitivity"))
-            row[f"{name}_specificity"] = _number(paired.get("reader_specificity"))
-            row[f"{name}_delong_p"] = _number(paired.get("auc_p"))
+    notes = _class_notes(found["n_pos"], found["n_neg"], labels)
+    keys = ["image"] if level == "image" else ["site", "patient_id"] + (["study_id"] if level == "study" else [])
+    case_ids = cases[keys].astype(str).agg(_SEP.join, axis=1)
+    y = pd.Series(cases["y"].to_numpy().astype(int), index=case_ids)
+    prob = pd.Series(cases["prob"].to_numpy().astype(float), index=case_ids)
+    for column in [c for c in rows.columns if c.startswith("reader_") and len(c) > len("reader_")]:
+        name = column.removeprefix("reader_")
+        if column == by:
+            notes.append(f"{name}: not described, the groups are its own readings")
+            continue
+        try:
+            read, note = _reader(rows, column, y, prob, readers, alpha)
+        except (AlnusError, ValueError) as exc:
+            read, note = {}, f"{name}: {str(exc).rstrip('.')}"
+        row.update({f"{name}_{k}": read.get(k) for k in _READER_STATS})
+        notes += [note] if note else []
     row["note"] = "; ".join(notes)
     return row
+
+
+def _class_notes(n_pos: int, n_neg: int, labels: tuple[str, str]) -> list[str]:
+    positive, negative = labels
+    n = n_pos + n_neg
+    if not (n_pos and n_neg):
+        return [f"one class only ({n} {positive if n_pos else negative} case{'s' if n != 1 else ''}): no AUC"]
+    few = positive if n_pos <= n_neg else negative
+    if min(n_pos, n_neg) < 2:
+        return [f"fewer than 2 {few} cases: no AUC"]
+    if min(n_pos, n_neg) < FEW:
+        return [f"fewer than {FEW} {few} cases: the AUC and its CI are unreliable"]
+    return []
+
+
+def _reader(
+    rows: pd.DataFrame, column: str, y: pd.Series, prob: pd.Series, settings: dict[str, Any], alpha: float
+) -> tuple[dict[str, Any], str]:
+    """One reader on the group's cases it read: how many, its AUC and calls, and the model against it (DeLong)."""
+    from alnus.readers import readings_from_manifest
+
+    name = column.removeprefix("reader_")
+    if not (rows[column].astype(str).str.strip() != "").any():
+        return {"n_read": 0}, ""
+    readings = readings_from_manifest(
+        rows, case_col="_case", columns={name: column}, scale=settings["reader_scale"],
+        positive_from=settings["reader_positive_from"], threshold=settings["reader_score_threshold"],
+    ).set_index("case")  # fmt: skip
+    read = readings.index.intersection(y.index)
+    truth, score = y[read].to_numpy(), readings.loc[read, "score"].astype(float).to_numpy()
+    out: dict[str, Any] = {"n_read": len(read)}
+    if readings["call"].notna().all():
+        called = readings.loc[read, "call"].astype(bool).to_numpy()
+        out["sensitivity"] = float(called[truth == 1].mean()) if (truth == 1).any() else None
+        out["specificity"] = float((~called[truth == 0]).mean()) if (truth == 0).any() else None
+    note = f"{name} read {len(read)} of {len(y)} cases" if len(read) < len(y) else ""
+    if (truth == 1).any() and (truth == 0).any():
+        out["auc"] = stats.auc(truth, score)
+        try:
+            out["delong_p"] = stats.delong_test(truth, prob[read].to_numpy(), score, alpha=alpha).p
+        except stats.StatsError:
+            pass  # too few cases of a class for DeLong's variance: the AUC stands alone
+    return out, note
 
 
 def _number(value: object) -> float | None:
@@ -216,25 +284,49 @@ def _p(value: object) -> str:
     return "<0.0001" if number < 1e-4 else f"{number:.3g}"
 
 
+def _group_column(found: pd.DataFrame) -> str:
+    reader_columns = {c for c in found.columns if any(str(c).endswith(f"_{k}") for k in _READER_STATS)}
+    return next(str(c) for c in found.columns if c not in {"split", "note", *_STATS} and c not in reader_columns)
+
+
+def reader_names(found: pd.DataFrame) -> list[str]:
+    """The readers `subgroup_results` described, in column order."""
+    return [str(c).removesuffix("_n_read") for c in found.columns if str(c).endswith("_n_read")]
+
+
 def subgroup_table(found: pd.DataFrame) -> pd.DataFrame:
-    """`subgroup_results` as a journal prints it: cases (malignant), AUC (95% CI), sensitivity / specificity in
-    percent, each reader's AUC, sensitivity / specificity and the DeLong P of the model against it, the note."""
+    """The model's part of `subgroup_results` as a journal prints it: split, group, cases (positives), AUC (95% CI),
+    sensitivity / specificity in percent at the frozen threshold, and the note (left out when every note is empty)."""
+    group, positive = _group_column(found), found.attrs.get("positive", "positive")
     rows = []
-    group = str(found.columns[1])
-    readers = [c.removesuffix("_delong_p") for c in found.columns if c.endswith("_delong_p")]
     for r in found.to_dict("records"):
         auc = _text(r["auc"])
-        row = {
-            "split": r["split"],
-            group: r[group],
-            "cases (malignant)": f"{r['n_cases']} ({r['n_pos']})",
+        rows.append({
+            "split": r["split"], group: r[group], f"cases ({positive})": f"{r['n_cases']} ({r['n_pos']})",
             "AUC (95% CI)": f"{auc} ({_text(r['auc_ci_low'])}-{_text(r['auc_ci_high'])})" if auc else "",
             "sens / spec (%)": _pair(r["sensitivity"], r["specificity"]),
-        }
-        for reader in readers:
-            row[f"{reader} AUC"] = _text(r.get(f"{reader}_auc"))
-            row[f"{reader} sens / spec (%)"] = _pair(r.get(f"{reader}_sensitivity"), r.get(f"{reader}_specificity"))
-            row[f"P (model vs {reader})"] = _p(r.get(f"{reader}_delong_p"))
-        row["note"] = r["note"] if isinstance(r["note"], str) else ""
-        rows.append(row)
+            "note": r["note"] if isinstance(r["note"], str) else "",
+        })  # fmt: skip
+    shown = pd.DataFrame(rows)
+    return shown if shown["note"].astype(bool).any() else shown.drop(columns="note")
+
+
+def reader_table(found: pd.DataFrame) -> pd.DataFrame | None:
+    """The readers' part of `subgroup_results`, one row per group and reader: cases read, the reader's AUC and
+    sensitivity / specificity, and the DeLong P of the model against it on those cases; None without readers."""
+    names = reader_names(found)
+    if not names:
+        return None
+    group = _group_column(found)
+    rows = []
+    for r in found.to_dict("records"):
+        for name in names:
+            n_read = _number(r.get(f"{name}_n_read"))
+            rows.append({
+                "split": r["split"], group: r[group], "reader": name,
+                "cases read": "" if n_read is None else f"{int(n_read)} of {r['n_cases']}",
+                "AUC": _text(r.get(f"{name}_auc")),
+                "sens / spec (%)": _pair(r.get(f"{name}_sensitivity"), r.get(f"{name}_specificity")),
+                "P (model vs reader)": _p(r.get(f"{name}_delong_p")),
+            })  # fmt: skip
     return pd.DataFrame(rows)

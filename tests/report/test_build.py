@@ -140,7 +140,7 @@ def test_subgroups_named_in_the_config_are_tabled_and_agree_with_the_results(pag
     assert external["site"] == HOSTILE_SITE
     whole = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
     assert external["AUC (95% CI)"].startswith(f"{whole['auc']['estimate']:.3f} (")
-    assert external["cases (malignant)"] == f"{whole['n']} ({whole['n_pos']})"
+    assert external["cases (positive)"] == f"{whole['n']} ({whole['n_pos']})"
     sens, spec = (100 * whole[k]["estimate"] for k in ("sensitivity", "specificity"))
     assert external["sens / spec (%)"] == f"{sens:.1f} / {spec:.1f}"
     # A patient's images carry different notes: the patient is in a "mixed: ..." group, shown as text.

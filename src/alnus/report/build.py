@@ -403,7 +403,7 @@ def _readers_section(inputs: RunInputs) -> Section:
 
 def _subgroups_section(inputs: RunInputs) -> Section:
     """The test results within each value of the columns named by `evaluate.subgroups` (`alnus.subgroups`)."""
-    from alnus.subgroups import SubgroupError, subgroup_results, subgroup_table
+    from alnus.subgroups import SubgroupError, reader_table, subgroup_results, subgroup_table
 
     section = Section("subgroups", "Subgroups")
     columns = list((inputs.config.get("evaluate") or {}).get("subgroups") or [])
@@ -415,8 +415,9 @@ def _subgroups_section(inputs: RunInputs) -> Section:
         return section
     section.paragraphs.append(
         "Exploratory: each model at its frozen threshold (never re-fitted) and each reader within each value of the "
-        "column, per test split; DeLong's P for the model against each reader on the group's cases, not adjusted for "
-        "the number of groups. A group with one class has no AUC."
+        "column, per test split and case (the study's level); DeLong's P for the model against each reader on the "
+        "cases that reader read, not adjusted for the number of groups. A group with one class has no AUC; one with "
+        "few cases of a class says its CI is unreliable."
     )
     for number, column in enumerate(columns, start=1):  # ids by number: a column name may hold any character
         for model in inputs.models:
@@ -427,8 +428,12 @@ def _subgroups_section(inputs: RunInputs) -> Section:
                 block.paragraphs.append(f"Not tabulated: {shareable_text(str(exc), inputs.run)}")
             else:
                 block.tables.append(
-                    tables.subgroups_table(f"subgroups-{model}-{number}", model, column, subgroup_table(found))
+                    tables.subgroups_table(f"subgroups-{model}-{number}", f"{model} by {column}", subgroup_table(found))
                 )
+                readers = reader_table(found)
+                if readers is not None:
+                    caption = f"Readers by {column}: the cases each one read"
+                    block.tables.append(tables.subgroups_table(f"subgroups-{model}-{number}-readers", caption, readers))
             section.blocks.append(block)
     return section
 

@@ -323,12 +323,12 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     return Table(f"panel-{model}-{split}", caption, columns, rows)
 
 
-def subgroups_table(table_id: str, model: str, column: str, shown: pd.DataFrame) -> Table:
-    """`alnus.subgroups.subgroup_table` of one model and column as a report table (split and value as row headers)."""
+def subgroups_table(table_id: str, caption: str, shown: pd.DataFrame) -> Table:
+    """A table of `alnus.subgroups` (`subgroup_table` or `reader_table`) in the report; split and group are the row
+    headers."""
     return Table(
         id=table_id,
-        caption=f"{model} by {column}: per test split and value; AUC with its 95% CI; sensitivity / specificity (%) "
-        "at the frozen threshold",
+        caption=caption,
         columns=[str(c) for c in shown.columns],
         rows=[[str(v) for v in row] for row in shown.itertuples(index=False)],
         label_columns=2,
