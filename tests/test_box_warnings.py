@@ -168,6 +168,24 @@ def test_a_mask_is_decoded_once_per_image_and_crops_as_before(data: Path, monkey
     assert spec.roi.mode == "mask"
 
 
+def test_a_drawn_box_that_disagrees_with_the_mask_warns_for_either_roi_mode(data: Path) -> None:
+    """Both given and marking different places: the model crops to one of them, and says which (new-user review)."""
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[10:40, 10:50] = 255  # bounding box 10,10,40,30
+    Image.fromarray(mask).save(data / "lesion.png")
+    far, same = "40,20,20,20", "10,10,40,30"
+    for mode, used in (("box", "the drawn box"), ("mask", "the mask")):
+        got = Predictor(data / mode, device="cpu").predict_inputs(
+            _rows(data, [far, same], [str(data / "lesion.png")] * 2)
+        )
+        assert got["error"].tolist() == ["", ""] and np.isfinite(got["prob"]).all()
+        assert got["warning"].iloc[0].startswith(
+            f"the lesion box {far} and the mask's bounding box 10,10,40,30 disagree (overlap "
+        ), got["warning"].iloc[0]
+        assert f"the model cropped to {used} (ROI mode {mode})" in got["warning"].iloc[0]
+        assert got["warning"].iloc[1] == ""
+
+
 def test_a_package_seeing_the_whole_image_never_warns(data: Path) -> None:
     got = Predictor(data / "whole", device="cpu").predict_inputs(_rows(data, [TINY, WHOLE_IMAGE]))
     assert got["warning"].tolist() == ["", ""] and np.isfinite(got["prob"]).all()
@@ -199,6 +217,11 @@ def test_alnus_predict_prints_the_warning_and_still_predicts(data: Path) -> None
     assert code == 0 and 0 < float(table["prob"].iloc[0]) < 1
     assert f"warning: {image}: implausible lesion box {TINY}: 3x3 px" in said and BOX_ADVICE in said
     assert table["warning"].iloc[0].startswith("implausible lesion box")
+
+    # The terminal's table keeps the warning to the box it names; the reasons are on stderr (new-user review).
+    code, stdout, stderr = _predict(str(data / "box"), image, "--roi", TINY, "--format", "table")
+    assert code == 0 and f"implausible lesion box {TINY}" in stdout and "3x3 px" not in stdout
+    assert "3x3 px" in stderr
 
     code, stdout, stderr = _predict(str(data / "box"), image, "--roi", GOOD, "--format", "json")
     assert code == 0 and "warning:" not in stderr and "implausible" not in stderr

@@ -613,6 +613,9 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
     # On a terminal the file name tells the rows apart; the full path is in --out / CSV / JSON.
     if "image" in shown.columns:
         shown = shown.assign(image=[Path(str(p)).name if not pd.isna(p) else p for p in shown["image"]])
+    # A warning's first clause names the box; its reasons are printed on stderr and kept in the CSV / JSON.
+    if "warning" in shown.columns:
+        shown = shown.assign(warning=[str(w).split(":")[0] if not pd.isna(w) else w for w in shown["warning"]])
     table = Table(title=title)
     for column in shown.columns:
         table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left")

@@ -42,7 +42,17 @@ from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
-from alnus.data.roi import Box, RoiError, RoiPolicy, box_warning, format_box, lesion_box, parse_box
+from alnus.data.roi import (
+    Box,
+    RoiError,
+    RoiPolicy,
+    box_warning,
+    format_box,
+    lesion_box,
+    mask_path,
+    parse_box,
+    sources_warning,
+)
 from alnus.data.tta import all_views, apply_view
 from alnus.errors import AlnusError
 from alnus.export import ENGINES
@@ -359,8 +369,10 @@ class Predictor:
         """The warning of an image whose lesion box is implausible (`alnus.data.roi.box_warning`), "" when it is not.
 
         The box judged is the lesion box before the margin, from the `roi` cell or the mask's bounding box, as each
-        cropping network's ROI mode picks it. A package whose networks all see the whole image never warns; an
-        ensemble warns once per image (twice only when its box and mask networks judge different boxes).
+        cropping network's ROI mode picks it. A row with both a drawn box and a mask also warns when the two disagree
+        (`alnus.data.roi.sources_warning`; the mask is then decoded for a box network too). A package whose networks
+        all see the whole image never warns; an ensemble warns once per image (twice only when its box and mask
+        networks judge different boxes).
 
         Args:
             shape: the decoded image's (H, W).
@@ -381,10 +393,20 @@ class Predictor:
             if box is None:
                 continue
             rows[mode] = {**row, "roi": format_box(box), "mask": "", "mask_tumor": ""}
-            what = "lesion box" if _drawn_box(row) == box else "lesion mask's bounding box"
-            text = box_warning(shape, box, what=what)
-            if text and text not in texts:
-                texts.append(text)
+            drawn = _drawn_box(row)
+            what = "lesion box" if drawn == box else "lesion mask's bounding box"
+            found = [box_warning(shape, box, what=what)]
+            if drawn is not None and mask_path(row) is not None:
+                # Both given: the one this mode did not crop to is checked against the one it did.
+                other = (
+                    lesion_box(row, root, shape[:2], RoiPolicy("mask"), max_pixels=max_pixels)
+                    if mode == "box"
+                    else drawn
+                )
+                from_mask = other if mode == "box" else box
+                if from_mask is not None:
+                    found.append(sources_warning(drawn, from_mask, mode))
+            texts += [text for text in found if text and text not in texts]
         return rows, " ".join(texts)
 
     def predict_arrays(

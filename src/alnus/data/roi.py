@@ -35,6 +35,8 @@ MIN_BOX_FRACTION = 0.005
 # around it, a view unlike the lesion crops it was trained on; every box of the training data (a lesion filling
 # the image is rare) and all of the external data cover less.
 MAX_BOX_FRACTION = 0.90
+# A drawn box and a mask of the same image whose boxes overlap less than this (intersection over union) disagree.
+MIN_SOURCES_IOU = 0.5
 BOX_ADVICE = "draw the box around the lesion as a sonographer would; predictions for such boxes were never validated"
 
 
@@ -190,6 +192,32 @@ def box_warning(shape: tuple[int, ...], box: Box, *, what: str = "lesion box") -
     return (
         f"implausible {what} {format_box(box)}: {size}, {_percent(fraction)} of the {width}x{height} image "
         f"({'; '.join(reasons)}); {BOX_ADVICE}."
+    )
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (x, y, w, h) boxes (0 when either is empty)."""
+    width = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def sources_warning(drawn: Box, from_mask: Box, mode: str) -> str:
+    """A one-line warning when a row's drawn box and its mask's bounding box mark different places, else "".
+
+    They disagree when their intersection over union is below `MIN_SOURCES_IOU`; the ROI mode says which one the
+    model crops to ("box": the drawn box, "mask": the mask).
+    """
+    overlap = box_iou(drawn, from_mask)
+    if overlap >= MIN_SOURCES_IOU:
+        return ""
+    used = "the drawn box" if mode == "box" else "the mask"
+    return (
+        f"the lesion box {format_box(drawn)} and the mask's bounding box {format_box(from_mask)} disagree "
+        f"(overlap {_percent(overlap)}); the model cropped to {used} (ROI mode {mode}): check which one marks the "
+        "lesion and give only that one."
     )
 
 
