@@ -298,3 +298,13 @@ def test_the_engines_give_the_torch_probabilities_and_say_which_ran(exported: Pa
     assert code == 0 and set(_csv(stdout)["engine"]) == {"onnx"}
     assert "engine: onnx (onnxruntime, cpu)" in " ".join(stderr.split())
     np.testing.assert_allclose(_csv(stdout)["prob"].astype(float), got["prob"], rtol=1e-6)
+
+
+def test_an_error_names_the_image_as_the_user_named_it_once() -> None:
+    """A relative name holds the absolute path's tail: replacing it again garbled the message (new-user review)."""
+    from alnus.predict import _as_named
+
+    absolute, relative = "/work/shared/data/a.png", "../../../work/shared/data/a.png"
+    said = f"image {relative}: no lesion region"
+    assert _as_named(said, absolute, relative) == said
+    assert _as_named(f"cannot read {absolute}", absolute, "data/a.png") == "cannot read data/a.png"

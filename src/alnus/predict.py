@@ -530,8 +530,7 @@ class Predictor:
                     inputs, warned[i] = self._input(row)
                     pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
-                    # The file as the user named it, not the absolute path it was read from.
-                    errors[i] = (str(exc) or type(exc).__name__).replace(row["path"], row.get("image") or row["path"])
+                    errors[i] = _as_named(str(exc) or type(exc).__name__, row["path"], row.get("image") or row["path"])
             if len(pending) >= self.batch_size:
                 flush()
             if progress is not None:
@@ -602,6 +601,12 @@ def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: 
                     "(see its warning)"
                 )
     return warned
+
+
+def _as_named(text: str, path: str, named: str) -> str:
+    """An error about an image with the file as the user named it, not the absolute path it was read from (left as
+    it is when it already names it: a relative name such as ../x/a.png holds the absolute path's tail)."""
+    return text if named in text else text.replace(path, named)
 
 
 def _drawn_box(row: Mapping[str, str]) -> Box | None:
