@@ -604,9 +604,10 @@ def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: 
 
 
 def _as_named(text: str, path: str, named: str) -> str:
-    """An error about an image with the file as the user named it, not the absolute path it was read from (left as
-    it is when it already names it: a relative name such as ../x/a.png holds the absolute path's tail)."""
-    return text if named in text else text.replace(path, named)
+    """An error about an image with the file as the user named it, not the absolute path it was read from. Only the
+    path where it starts a name is replaced: a relative name such as ../../work/a.png already in the text holds the
+    absolute path as its tail."""
+    return re.sub(r"(?<![\w.~/-])" + re.escape(path), lambda _: named, text)
 
 
 def _drawn_box(row: Mapping[str, str]) -> Box | None:
