@@ -308,3 +308,13 @@ def test_an_error_names_the_image_as_the_user_named_it_once() -> None:
     said = f"image {relative}: no lesion region"
     assert _as_named(said, absolute, relative) == said
     assert _as_named(f"cannot read {absolute}", absolute, "data/a.png") == "cannot read data/a.png"
+
+
+def test_a_malformed_roi_option_is_a_usage_error_before_any_image_is_read(tmp_path: Path) -> None:
+    """Exit 2, as for every problem with the command itself (new-user review); the message says what a box is."""
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "no-package"), "x.png", "--roi", "166,22,98"])
+    assert result.exit_code == 2 and "expected 4" in result.output

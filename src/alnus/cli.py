@@ -691,6 +691,18 @@ def _note(text: str) -> None:
     err_console.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def _check_boxes(values: list[str] | None) -> list[str] | None:
+    """--roi values are boxes: a malformed one is a usage error (exit 2), before any image is read."""
+    from alnus.data.roi import RoiError, parse_box
+
+    for value in values or []:
+        try:
+            parse_box(value)
+        except RoiError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return values
+
+
 @app.command("predict")
 def predict(
     package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
@@ -710,7 +722,10 @@ def predict(
     ] = None,
     roi: Annotated[
         list[str] | None,
-        typer.Option(help="Lesion box x,y,w,h per image file, in the files' order (packages trained on boxes)."),
+        typer.Option(
+            help="Lesion box x,y,w,h per image file, in the files' order (packages trained on boxes).",
+            callback=_check_boxes,
+        ),
     ] = None,
     mask: Annotated[
         list[Path] | None, typer.Option(help="Lesion mask per image file, in the files' order (instead of --roi).")
