@@ -428,7 +428,12 @@ def _subgroups_section(inputs: RunInputs) -> Section:
                 block.paragraphs.append(f"Not tabulated: {shareable_text(str(exc), inputs.run)}")
             else:
                 block.tables.append(
-                    tables.subgroups_table(f"subgroups-{model}-{number}", f"{model} by {column}", subgroup_table(found))
+                    tables.subgroups_table(
+                        f"subgroups-{model}-{number}",
+                        f"The model at its frozen threshold ({found.attrs['threshold']:.4g}), "
+                        f"per {found.attrs['level']}",
+                        subgroup_table(found),
+                    )
                 )
                 readers = reader_table(found)
                 if readers is not None:
