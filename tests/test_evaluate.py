@@ -588,6 +588,43 @@ def test_a_site_name_with_a_space_keeps_the_reader_comparison(tmp_path: Path) ->
     assert not (run / "tables" / "readers_tiny_cnn_external_test.imrmc").exists()
 
 
+def test_site_and_patient_ids_holding_a_slash_stay_two_cases(tmp_path: Path) -> None:
+    """Site "a/b" with patient "1" and site "a" with patient "b/1" are two patients; the reader comparison's case ids
+    must not join them into one (review finding: ids were joined with a bare "/")."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    rename = {"external_test0": ("a/b", "1"), "external_test1": ("a", "b/1")}
+
+    def relabel(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        for old, (site, patient) in rename.items():
+            mine = frame["patient_id"] == old
+            frame.loc[mine, "site"], frame.loc[mine, "patient_id"] = site, patient
+        return frame
+
+    splits = relabel(splits)
+    external = splits["split"] == "external_test"
+    splits["reader_a"] = np.where(external, np.where(splits["label"] == "positive", "4b", "3"), "")
+    write_csv(splits, run / "splits.csv")
+    for split in ("val", "internal_test", "external_test"):
+        path = run / "models" / "tiny_cnn" / "predictions" / f"{split}.csv"
+        write_csv(relabel(pd.read_csv(path, dtype=str, keep_default_na=False)), path)
+    assert splits.loc[external].groupby(["site", "patient_id"])["label"].nunique().max() == 1
+    metrics = evaluate_run(run, n_boot=100)
+    found = metrics["readers"]["external_test"]["tiny_cnn"]
+    assert "error" not in found, found.get("error")
+    reader = found["performance"][0]
+    assert found["n_cases"] == 24 and (reader["tp"], reader["fn"], reader["tn"], reader["fp"]) == (12, 0, 12, 0)
+
+
+def test_case_names_escape_the_separator() -> None:
+    from alnus._levels import case_names
+
+    frame = pd.DataFrame({"site": ["a/b", "a", "x%2Fy", "x/y"], "patient_id": ["1", "b/1", "1", "1"]})
+    names = case_names(frame, ["site", "patient_id"])
+    assert names.is_unique and names.iloc[1] == "a/b%2F1"
+
+
 def _write_config(run: Path, root: Path, evaluate: dict) -> None:
     cfg = config_from_dict(
         {"name": "demo", "runs_dir": str(root / "runs"), "data": {"manifest": "m.csv"}, "models": ["tiny_cnn"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -84,7 +85,11 @@ def test_groups_with_one_class_or_few_cases_say_so_in_the_studys_label_names(run
     assert c["birads_specificity"] == 1.0 and pd.isna(c["birads_auc"]) and pd.isna(c["birads_delong_p"])
     shown = subgroup_table(found).set_index("scanner")
     assert "cases (positive)" in shown.columns and shown.loc["C", "AUC (95% CI)"] == ""
-    assert shown.loc["C", "sens / spec (%)"].startswith("- / ")
+    assert shown.loc["C", "sensitivity (%)"] == ""
+    n_neg = int(c["n_neg"])
+    assert shown.loc["C", "specificity (%)"].endswith(
+        f"({int(c['specificity_k'])}/{n_neg}; {100 * c['specificity_ci_low']:.1f}-{100 * c['specificity_ci_high']:.1f})"
+    )
     readers = reader_table(found).set_index("scanner")
     assert readers.loc["C", "sens / spec (%)"] == "- / 100.0" and readers.loc["B", "cases read"] == "{0} of {0}".format(
         found.set_index("scanner").loc["B", "n_cases"]
@@ -192,3 +197,14 @@ def test_cli_prints_both_tables_and_writes_the_csv_outside_the_run(run: Path, tm
     bad = subprocess.run([sys.executable, "-m", "alnus", "subgroups", str(run), "--by", "nope"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "no column 'nope'; choose one of:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("value", ["(missing)", "mixed: A | B"])
+def test_a_cell_that_reads_like_a_built_in_group_is_refused_by_row(run: Path, value: str) -> None:
+    """Review finding: a literal "(missing)" merged silently with the empty cells' group."""
+    splits = _splits(run)
+    image = splits.loc[splits["split"] == "external_test", "image"].iloc[3]
+    splits.loc[splits["image"] == image, "scanner"] = value
+    write_csv(splits, run / "splits.csv")
+    with pytest.raises(SubgroupError, match=re.escape(f"image {image}: scanner is {value!r}")):
+        subgroup_results(run, "scanner")

@@ -22,6 +22,13 @@ UNIT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+def case_names(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """One readable id per row from its key columns, joined with "/": a "/" or "%" inside a key is written %2F or
+    %25 first, so site "a/b" with patient "1" and site "a" with patient "b/1" stay two cases."""
+    escaped = frame[keys].astype(str).apply(lambda c: c.str.replace("%", "%25").str.replace("/", "%2F"))
+    return escaped.agg("/".join, axis=1)
+
+
 def unit_keys(table: pd.DataFrame, level: str) -> pd.Series:
     """One key per row naming its case at `level`; a row without the case's id (patient_id, study_id) is its own.
 

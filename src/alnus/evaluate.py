@@ -27,7 +27,7 @@ import pandas as pd
 
 from alnus import stats
 from alnus._io import atomic_write_text, write_csv
-from alnus._levels import UNIT_COLUMNS
+from alnus._levels import UNIT_COLUMNS, case_names
 from alnus.errors import AlnusError
 from alnus.operating_point import (
     AGGREGATES,
@@ -282,7 +282,7 @@ def case_metrics(
         notes.append(f"AUC (DeLong): {exc}")
     several = clustered and out["n_patients"] < y.size
     if several:
-        groups = (cases["site"] + "/" + cases["patient_id"]).to_numpy()
+        groups = case_names(cases, ["site", "patient_id"]).to_numpy()
         try:
             boot = stats.auc_ci(y, prob, "bootstrap", groups=groups, alpha=alpha, n_boot=n_boot, seed=seed)
             out["auc_bootstrap"] = {**_auc(boot), "n_boot": boot.n_boot, "n_groups": boot.n_groups}
@@ -601,8 +601,8 @@ def reader_comparison(
             rows[column] = ""
     cases = aggregate_predictions(predictions, level, aggregate)
     keys = ["image"] if level == "image" else _unit_columns(level)
-    rows["case"] = rows[keys].astype(str).agg("/".join, axis=1)
-    case_ids = cases[keys].astype(str).agg("/".join, axis=1)
+    rows["case"] = case_names(rows, keys)
+    ids = case_names(cases, keys)
     readings = readings_from_manifest(
         rows,
         case_col="case",
@@ -611,8 +611,8 @@ def reader_comparison(
         positive_from=positive_from,
         threshold=score_threshold,
     )
-    y = pd.Series(cases["y"].to_numpy(), index=case_ids)
-    prob = pd.Series(cases["prob"].to_numpy(), index=case_ids)
+    y = pd.Series(cases["y"].to_numpy(), index=ids)
+    prob = pd.Series(cases["prob"].to_numpy(), index=ids)
     performance = reader_performance(y, readings, alpha=alpha)
     versus = compare_model_with_readers(y, prob, threshold, readings, alpha=alpha)
     return {

@@ -586,7 +586,7 @@ class Predictor:
 
 def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: Mapping[str, Any] | None) -> list[str]:
     """Each image's own warning; a patient's (study's) call averages its images, so its other predicted images say
-    which of them had an implausible box."""
+    which of them had a box warning (implausible, or not matching its mask)."""
     warned = list(warned)
     if point is None or point["level"] == "image" or not any(warned):
         return warned
@@ -597,8 +597,8 @@ def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: 
         for i in rows:
             if not warned[i]:
                 warned[i] = (
-                    f"this {point['level']}'s call averages {', '.join(flagged)}, whose lesion box is implausible "
-                    "(see its warning)"
+                    f"this {point['level']}'s call also averages {', '.join(flagged)}, whose lesion box has a "
+                    "warning (see its row)"
                 )
     return warned
 

@@ -30,11 +30,14 @@ from alnus.evaluate import _case_level, _reader_settings, case_metrics, level_ca
 from alnus.runfolder import RunFolder, read_splits, run_models
 
 MISSING = "(missing)"
+MIXED = "mixed: "
 TEST_SPLITS = ("internal_test", "external_test")
 FEW = 5  # fewer cases of a class than this: the group's CI is flagged as unreliable
 _GROUP = "\0group"  # the group column until the table's other columns are known
 _SEP = "\0"  # joins a case's keys into its id (no site or patient id holds it)
-_STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity")
+_CALLS = ("sensitivity", "specificity")
+_STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high",
+          *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")))  # fmt: skip
 _READER_STATS = ("n_read", "auc", "sensitivity", "specificity", "delong_p")
 
 
@@ -46,8 +49,22 @@ def _case_values(cells: pd.Series, case: pd.Series) -> pd.Series:
     """Each case's value (indexed by case id): the one value its images share, else "mixed: a | b"."""
     cells = cells.astype(str).str.strip().replace("", MISSING)
     return cells.groupby(case, sort=False).agg(
-        lambda v: v.iloc[0] if v.nunique() == 1 else "mixed: " + " | ".join(sorted(set(v)))
+        lambda v: v.iloc[0] if v.nunique() == 1 else MIXED + " | ".join(sorted(set(v)))
     )
+
+
+def _check_values(table: pd.DataFrame, by: str, run_dir: Path) -> None:
+    """A cell that reads like one of the built-in groups ("(missing)", "mixed: ...") would be merged into it."""
+    cells = table[by].astype(str).str.strip()
+    taken = cells.eq(MISSING) | cells.str.startswith(MIXED)
+    if taken.any():
+        first = int(np.flatnonzero(taken.to_numpy())[0])
+        raise SubgroupError(
+            f"splits.csv of {run_dir}, image {table['image'].iloc[first]}: {by} is {cells.iloc[first]!r}, which reads "
+            f"like the group alnus gives empty cells ({MISSING!r}) or patients whose images disagree ({MIXED!r}...); "
+            f"the two cannot be told apart: rename the value in the manifest and run the study again, or break "
+            f"down by another column."
+        )
 
 
 def _order(value: str) -> list[tuple[int, float, str]]:
@@ -136,6 +153,7 @@ def subgroup_results(
     lacking = [k for k in keys if k not in table.columns]
     if lacking:
         raise SubgroupError(f"splits.csv of {run_dir} lacks {', '.join(lacking)}, which {level}-level cases need.")
+    _check_values(table, by, run_dir)
     out = []
     for split in dict.fromkeys(splits):
         rows = table[table["split"] == split]
@@ -191,9 +209,11 @@ def _group_row(
     row: dict[str, Any] = {
         "n_cases": found["n"], "n_pos": found["n_pos"], "n_neg": found["n_neg"],
         "auc": auc.get("estimate"), "auc_ci_low": auc.get("ci_low"), "auc_ci_high": auc.get("ci_high"),
-        "sensitivity": (found["sensitivity"] or {}).get("estimate"),
-        "specificity": (found["specificity"] or {}).get("estimate"),
     }  # fmt: skip
+    for call in _CALLS:  # k/n with the Clopper-Pearson CI, as case_metrics gives them
+        part = found[call] or {}
+        row.update({call: part.get("estimate"), f"{call}_k": part.get("k"), f"{call}_n": part.get("n"),
+                    f"{call}_ci_low": part.get("ci_low"), f"{call}_ci_high": part.get("ci_high")})  # fmt: skip
     notes = _class_notes(found["n_pos"], found["n_neg"], labels)
     keys = ["image"] if level == "image" else ["site", "patient_id"] + (["study_id"] if level == "study" else [])
     case_ids = cases[keys].astype(str).agg(_SEP.join, axis=1)
@@ -277,6 +297,15 @@ def _pair(a: object, b: object) -> str:
     return f"{_text(a, 100, 1) or '-'} / {_text(b, 100, 1) or '-'}"
 
 
+def _calls(row: dict[str, Any], call: str) -> str:
+    """A proportion as a journal prints it: percent, k/n and its 95% CI ("" when the group has no such case)."""
+    estimate, k, n = _number(row.get(call)), _number(row.get(f"{call}_k")), _number(row.get(f"{call}_n"))
+    if estimate is None or k is None or n is None:
+        return ""
+    low, high = _text(row.get(f"{call}_ci_low"), 100, 1), _text(row.get(f"{call}_ci_high"), 100, 1)
+    return f"{100 * estimate:.1f} ({int(k)}/{int(n)}; {low}-{high})"
+
+
 def _p(value: object) -> str:
     number = _number(value)
     if number is None:
@@ -304,7 +333,8 @@ def subgroup_table(found: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "split": r["split"], group: r[group], f"cases ({positive})": f"{r['n_cases']} ({r['n_pos']})",
             "AUC (95% CI)": f"{auc} ({_text(r['auc_ci_low'])}-{_text(r['auc_ci_high'])})" if auc else "",
-            "sens / spec (%)": _pair(r["sensitivity"], r["specificity"]),
+            "sensitivity (%)": _calls(r, "sensitivity"),
+            "specificity (%)": _calls(r, "specificity"),
             "note": r["note"] if isinstance(r["note"], str) else "",
         })  # fmt: skip
     shown = pd.DataFrame(rows)

@@ -141,8 +141,10 @@ def test_subgroups_named_in_the_config_are_tabled_and_agree_with_the_results(pag
     whole = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]
     assert external["AUC (95% CI)"].startswith(f"{whole['auc']['estimate']:.3f} (")
     assert external["cases (positive)"] == f"{whole['n']} ({whole['n_pos']})"
-    sens, spec = (100 * whole[k]["estimate"] for k in ("sensitivity", "specificity"))
-    assert external["sens / spec (%)"] == f"{sens:.1f} / {spec:.1f}"
+    for call in ("sensitivity", "specificity"):  # percent with k/n and the Clopper-Pearson CI, as a journal prints it
+        part = whole[call]
+        ci = f"{100 * part['ci_low']:.1f}-{100 * part['ci_high']:.1f}"
+        assert external[f"{call} (%)"] == f"{100 * part['estimate']:.1f} ({part['k']}/{part['n']}; {ci})"
     # A patient's images carry different notes: the patient is in a "mixed: ..." group, shown as text.
     groups = {r["note (group)"] for r in _rows(page, "table-subgroups-tiny_cnn-2")}
     assert any(g.startswith("mixed: (missing) | ") and HOSTILE_NOTE in g for g in groups), groups

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure as MplFigure
 
 from alnus import stats
 from alnus._io import atomic_write_bytes, atomic_write_text
-from alnus._levels import UNIT_COLUMNS
+from alnus._levels import UNIT_COLUMNS, case_names
 from alnus.errors import AlnusError
 from alnus.evaluate import EvaluateError, curve_cases, read_predictions
 from alnus.operating_point import rule_name
@@ -629,9 +629,9 @@ def _readers(
     for column in keys:
         if column not in rows.columns:
             rows[column] = ""
-    rows["case"] = rows[keys].astype(str).agg("/".join, axis=1)
+    rows["case"] = case_names(rows, keys)
     cases = aggregate_predictions(predictions, level)
-    truth = pd.Series(cases["y"].to_numpy(), index=cases[keys].astype(str).agg("/".join, axis=1))
+    truth = pd.Series(cases["y"].to_numpy(), index=case_names(cases, keys))
     scale = settings.get("reader_scale", "birads")
     try:
         readings = readings_from_manifest(
