@@ -81,6 +81,12 @@ CONFIGURATIONS = (
         "base with layer-wise learning rates: the pretrained body at 0.3 x the head's (train.body_lr_factor)",
         ("train.body_lr_factor=0.3",),
     ),  # fmt: skip
+    # Protocol item 9 (2026-12-03): the chosen lever (the BI-RADS auxiliary target) on the larger backbone.
+    Configuration(
+        "aux_lite2",
+        "aux_birads on EfficientNet-Lite2 at its native 260 px",
+        ("models=[efficientnet_lite2]", "train.aux_reader=reader_birads"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.

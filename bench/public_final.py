@@ -311,9 +311,10 @@ def final_section(candidates: pd.DataFrame, chosen: pd.Series, seconds: float, f
         "## Real data: the chosen model (issue 10)",
         "",
         f"Command: `python bench/public_final.py`. Date {dt.date.today().isoformat()}; hardware {_cpu()}, "
-        f"{len(os.sched_getaffinity(0))} cores, no GPU; wall time of this command {seconds / 60:.0f} min (finished "
-        f"runs are reused). The chosen model's own runs took {final_minutes}, as measured while they ran (other jobs "
-        "shared the two cores for some of them).",
+        f"{len(os.sched_getaffinity(0))} cores, no GPU; {seconds / 60:.0f} min of this command's wall time until this "
+        "section was written (finished runs are reused; the AI + radiologist section and shipping the model "
+        f"follow). The chosen model's own runs took {final_minutes}, as measured while they ran (other jobs shared "
+        "the two cores for some of them).",
         "",
         "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
         _markdown(
