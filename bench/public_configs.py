@@ -87,6 +87,13 @@ CONFIGURATIONS = (
         "aux_birads on EfficientNet-Lite2 at its native 260 px",
         ("models=[efficientnet_lite2]", "train.aux_reader=reader_birads"),
     ),  # fmt: skip
+    # Protocol item 10 (2026-12-03): resolution harmonisation with the chosen lever; the limit is BUS-BRA's lower
+    # quartile of lesion-crop sizes (125 px), rounded.
+    Configuration(
+        "aux_crop128",
+        "aux_birads + every lesion crop longer than 128 px downsampled to 128 px first (preprocess.max_crop)",
+        ("train.aux_reader=reader_birads", "preprocess.max_crop=128"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.

@@ -152,6 +152,7 @@ def test_new_settings_at_their_defaults_leave_the_training_settings_unchanged(ph
         ("train", {"ema_decay": 1.0}, "train.ema_decay"),
         ("train", {"aux_reader": " "}, "train.aux_reader"),
         ("preprocess", {"grey": "clahe"}, "preprocess.grey"),
+        ("preprocess", {"max_crop": 4}, "preprocess.max_crop"),
     ],
 )
 def test_bad_lever_settings_name_the_key(phantom_read, tmp_path, section, values, message):
@@ -255,3 +256,69 @@ def test_stretch_leaves_a_nearly_flat_crop_alone():
     crop = np.full((20, 20), 100, np.uint8)
     crop[::2] = 101
     assert (normalise_grey(crop, "stretch") == crop).all()
+
+
+# -------------------------------------------------------------------------------- resolution harmonisation
+def test_a_crop_longer_than_the_limit_is_downsampled_with_its_aspect_and_a_shorter_one_is_not():
+    from alnus.data.dataset import limit_crop
+
+    rng = np.random.default_rng(2)
+    fine = (rng.random((120, 300)) * 255).astype(np.uint8)
+    reduced = limit_crop(fine, 100)
+    assert reduced.shape == (40, 100) and reduced.dtype == np.uint8
+    # Antialiased: the speckle is averaged, not sampled (a sampled copy keeps the full spread of grey levels).
+    assert reduced.std() < 0.8 * fine.std()
+    assert limit_crop(fine, 300) is fine and limit_crop(fine, None) is fine
+
+
+def test_the_crop_limit_is_part_of_the_spec_the_package_format_and_the_descriptions():
+    from alnus.report.card import _input_text as card_input_text
+    from alnus.report.methods import _input_text
+    from alnus.serve.service import _input_text as service_input_text
+
+    plain, limited = PreprocessSpec(), PreprocessSpec(max_crop=128)
+    assert "max_crop" not in plain.to_dict() and limited.to_dict()["max_crop"] == 128
+    assert PreprocessSpec.from_dict(limited.to_dict()) == limited and plain.key() != limited.key()
+    assert format_version_of({"preprocess": limited.to_dict()}) == 3
+    for text in (_input_text(limited.to_dict()), card_input_text(limited.to_dict()), service_input_text(limited)):
+        assert "at most 128 px" in text
+    assert "at most" not in _input_text(plain.to_dict())
+    # Through preprocess: a large lesion box is reduced first, so the network sees the grain of a coarser scanner.
+    image = (np.random.default_rng(3).random((400, 400)) * 255).astype(np.uint8)
+    row = {"roi": "50,50,300,300"}
+    sharp = preprocess(image, row, Path("."), PreprocessSpec(size=64, roi=RoiPolicy("box", 0.0)))
+    coarse = preprocess(image, row, Path("."), PreprocessSpec(size=64, roi=RoiPolicy("box", 0.0), max_crop=32))
+    assert sharp.shape == coarse.shape == (64, 64) and not np.array_equal(sharp, coarse)
+    for bad in (0, 8, True, 20.5):
+        with pytest.raises(Exception, match="max_crop"):
+            PreprocessSpec(max_crop=bad)
+
+
+def test_a_crop_limited_package_predicts_with_its_limit_and_refuses_an_edited_one(phantom_read, tmp_path):
+    import json
+    import shutil
+
+    from alnus.data.images import load_image
+    from alnus.models.package import PackageError
+    from alnus.predict import Predictor
+
+    cfg = load_config(_config(tmp_path, phantom_read, "crop", preprocess={"max_crop": 24}, train={"epochs": 1}))
+    assert training_settings(cfg)["preprocess"]["max_crop"] == 24
+    assert "max_crop" not in training_settings(load_config(_config(tmp_path, phantom_read, "p")))["preprocess"]
+    [result] = run_training(cfg, console=_quiet())
+    _, meta = load_package(result.package_dir)
+    assert meta["preprocess"]["max_crop"] == 24 and meta["format_version"] == 3
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    splits = pd.read_csv(cfg.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    rows = splits[splits["split"] == "val"].to_dict("records")
+    images = [load_image(cfg.run_dir / row["image"]) for row in rows]
+    np.testing.assert_allclose(Predictor(result.package_dir).predict_arrays(images, rows, cfg.run_dir), saved["prob"],
+                               atol=1e-5)  # fmt: skip
+    path = result.package_dir / "metadata.json"
+    edited = json.loads(path.read_text())
+    edited["preprocess"].pop("max_crop")
+    tampered = tmp_path / "tampered_crop"
+    shutil.copytree(result.package_dir, tampered)
+    (tampered / "metadata.json").write_text(json.dumps(edited))
+    with pytest.raises(PackageError, match=r"preprocess differs from the training record \(max_crop"):
+        Predictor(tampered)

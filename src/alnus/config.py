@@ -64,6 +64,9 @@ class PreprocessConfig:
     keep_aspect: bool = True
     # Grey-level normalisation of the ROI crop before resizing (`alnus.data.grey`): none, stretch or equalize.
     grey: Literal["none", "stretch", "equalize"] = "none"
+    # Resolution harmonisation: a ROI crop longer than this many pixels is first downsampled to it (aspect kept), so
+    # crops from a finer-pixelled scanner reach the network with the grain of the development site's. null: off.
+    max_crop: int | None = None
     # Test-time augmentation views (`alnus.data.tta.VIEWS`, e.g. [hflip]) averaged with the unaugmented input when the
     # packages predict; written into each model package. They change predictions, not the trained weights.
     tta: list[str] = field(default_factory=list)
@@ -301,7 +304,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
 
 # Settings added after models were trained and packaged: left out of the training settings while they keep their
 # default (off), so models trained before they existed keep their settings hash and are reused, not retrained.
-PREPROCESS_ADDED = {"grey": "none"}
+PREPROCESS_ADDED: dict[str, Any] = {"grey": "none", "max_crop": None}
 DATA_ADDED: dict[str, Any] = {"cv_folds": None, "cv_fold": 0}
 TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None}
 
@@ -427,6 +430,10 @@ def _check(cfg: Config, where: str) -> None:
         fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
     if not 0 <= pre.margin <= 2:
         fail("preprocess.margin", f"{pre.margin} must be in 0..2 (a fraction of the box added on each side)")
+    from alnus.data.dataset import MIN_CROP_LIMIT
+
+    if pre.max_crop is not None and (isinstance(pre.max_crop, bool) or pre.max_crop < MIN_CROP_LIMIT):
+        fail("preprocess.max_crop", f"{pre.max_crop} must be a whole number of pixels >= {MIN_CROP_LIMIT}, or null")
     from alnus.data.tta import TtaError, check_views
 
     try:

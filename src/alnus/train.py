@@ -309,6 +309,7 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
         roi=RoiPolicy(cfg.preprocess.roi, cfg.preprocess.margin),
         keep_aspect=cfg.preprocess.keep_aspect,
         grey=cfg.preprocess.grey,
+        max_crop=cfg.preprocess.max_crop,
     )
     cache = ImageCache(run.cache)
     augment = UltrasoundAugment.from_config(tc.augment) if tc.augment is not None else None

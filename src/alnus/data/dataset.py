@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 # Pillow's BILINEAR widens its kernel when shrinking (antialiased) and, unlike BICUBIC, does not overshoot
 # around bright speckle; it is also torchvision's default.
 INTERPOLATION = "bilinear"
+# The smallest crop limit (`PreprocessSpec.max_crop`): below it a lesion keeps too few pixels to be told apart.
+MIN_CROP_LIMIT = 16
 _RESAMPLE = Image.Resampling.BILINEAR
 # Images per cache shard: bounds the memory held while building and the work an interrupted build loses.
 SHARD_SIZE = 1024
@@ -62,6 +64,7 @@ class PreprocessSpec:
     roi: RoiPolicy = field(default_factory=RoiPolicy)
     keep_aspect: bool = True
     grey: GreyMode = "none"
+    max_crop: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -70,12 +73,18 @@ class PreprocessSpec:
             check_grey(self.grey, "preprocessing")
         except ValueError as exc:
             raise DatasetError(f"{exc}.") from None
+        limit = self.max_crop
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < MIN_CROP_LIMIT):
+            raise DatasetError(
+                f"preprocessing max_crop must be a whole number >= {MIN_CROP_LIMIT} or None, got {limit!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Every parameter that changes the output, as plain JSON types (recorded in the model package).
 
-        `grey` is written only when it normalises, so specs (cache keys, packages) from before it existed are
-        unchanged; a package that carries it is a newer format (`alnus.models.package.format_version_of`).
+        `grey` and `max_crop` are written only when they change the crop, so specs (cache keys, packages) from before
+        they existed are unchanged; a package that carries one is a newer format
+        (`alnus.models.package.format_version_of`).
         """
         out = {
             "format_version": FORMAT_VERSION,
@@ -86,6 +95,8 @@ class PreprocessSpec:
         }
         if self.grey != "none":
             out["grey"] = self.grey
+        if self.max_crop is not None:
+            out["max_crop"] = self.max_crop
         return out
 
     @classmethod
@@ -103,6 +114,7 @@ class PreprocessSpec:
             roi=RoiPolicy.from_dict(data["roi"]),
             keep_aspect=bool(data["keep_aspect"]),
             grey=data.get("grey", "none"),
+            max_crop=data.get("max_crop"),
         )
 
     def key(self) -> str:
@@ -119,6 +131,18 @@ def letterbox_box(shape: tuple[int, int], size: int, *, keep_aspect: bool = True
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     return ((size - new_h) // 2, (size - new_w) // 2, new_h, new_w)
+
+
+def limit_crop(crop: np.ndarray, limit: int | None) -> np.ndarray:
+    """The crop downsampled (aspect kept, Pillow's antialiased resampling) so its longer side is at most `limit`
+    pixels; a shorter crop, or no limit, is returned as it is. Fine-pixelled scanners then show the network the
+    speckle grain and edge sharpness of coarser ones at the same lesion size."""
+    height, width = crop.shape
+    if limit is None or max(height, width) <= limit:
+        return crop
+    scale = limit / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, _RESAMPLE), dtype=np.uint8)
 
 
 def resize(image: np.ndarray, size: int, *, keep_aspect: bool = True) -> np.ndarray:
@@ -155,7 +179,7 @@ def _preprocess_with_box(
     crop = crop_roi(image, row, Path(root), spec.roi, max_pixels=max_pixels)
     if crop.size == 0:
         raise DatasetError(f"the region of interest is empty (image {image.shape}); check the roi/mask cell.")
-    crop = normalise_grey(crop, spec.grey)
+    crop = normalise_grey(limit_crop(crop, spec.max_crop), spec.grey)
     box = letterbox_box(crop.shape, spec.size, keep_aspect=spec.keep_aspect)
     return resize(crop, spec.size, keep_aspect=spec.keep_aspect), box
 

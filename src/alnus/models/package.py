@@ -221,10 +221,12 @@ def _checked_tta(value: object, path: Path) -> list[str]:
 
 def format_version_of(meta: Mapping[str, Any]) -> int:
     """The package format version that describes `meta`: 3 when an older alnus would misread it (TTA views, an
-    ensemble, grey-level normalisation), else 2."""
+    ensemble, grey-level normalisation, a crop limit), else 2."""
     preprocess = meta.get("preprocess")
-    grey = isinstance(preprocess, Mapping) and preprocess.get("grey", "none") != "none"
-    return FORMAT_VERSION if meta.get("kind") == ENSEMBLE or meta.get("tta") or grey else BASE_FORMAT_VERSION
+    newer = isinstance(preprocess, Mapping) and (
+        preprocess.get("grey", "none") != "none" or preprocess.get("max_crop") is not None
+    )
+    return FORMAT_VERSION if meta.get("kind") == ENSEMBLE or meta.get("tta") or newer else BASE_FORMAT_VERSION
 
 
 def is_ensemble(meta: Mapping[str, Any]) -> bool:
@@ -385,6 +387,7 @@ def _check_against_training(meta: Mapping[str, Any], path: Path) -> None:
     pre = meta["preprocess"]
     pairs = {
         "grey": (pre.get("grey", "none"), trained.get("grey", "none")),
+        "max_crop": (pre.get("max_crop"), trained.get("max_crop")),
         "roi.mode": (pre["roi"].get("mode"), trained.get("roi", pre["roi"].get("mode"))),
         "roi.margin": (pre["roi"].get("margin"), trained.get("margin", pre["roi"].get("margin"))),
         "keep_aspect": (pre.get("keep_aspect"), trained.get("keep_aspect", pre.get("keep_aspect"))),

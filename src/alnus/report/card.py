@@ -129,6 +129,8 @@ def _input_text(pre: Mapping[str, Any]) -> str:
     roi = pre["roi"]
     crop = "whole image" if roi["mode"] == "whole" else f"{roi['mode']} crop with a margin of {roi['margin']:g}"
     grey = {"stretch": ", grey levels stretched", "equalize": ", histogram equalised"}.get(pre.get("grey", "none"), "")
+    if pre.get("max_crop") is not None:
+        grey = f", reduced to at most {pre['max_crop']} px{grey}"
     return f"{crop}{grey}, resized to {pre['size']} px ({'aspect kept' if pre['keep_aspect'] else 'stretched'})"
 
 

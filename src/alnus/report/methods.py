@@ -80,6 +80,10 @@ def _input_text(pre: Mapping[str, Any]) -> str:
         else f"the lesion {roi['mode']} plus a margin of {pct(roi['margin'])} of its width and height on each side"
     )
     grey = GREY_TEXT.get(pre.get("grey", "none"), "")
+    if pre.get("max_crop") is not None:
+        grey = (
+            f", first downsampled to at most {pre['max_crop']} px on its longer side (resolution harmonisation){grey}"
+        )
     return (
         f"{crop}{grey}, resized to {pre['size']} x {pre['size']} px ({pre.get('interpolation', 'bilinear')}"
         f"{', aspect ratio kept (letterbox)' if pre['keep_aspect'] else ', stretched'})"

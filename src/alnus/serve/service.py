@@ -165,7 +165,8 @@ def _input_text(spec: PreprocessSpec) -> str:
     roi = spec.roi
     region = "the whole image" if roi.mode == "whole" else f"the lesion {roi.mode} with a margin of {roi.margin:g}"
     grey = {"stretch": ", grey levels stretched", "equalize": ", histogram equalised"}.get(spec.grey, "")
-    return f"{region}{grey}, resized to {spec.size} px"
+    limit = "" if spec.max_crop is None else f", first reduced to at most {spec.max_crop} px"
+    return f"{region}{limit}{grey}, resized to {spec.size} px"
 
 
 def _input_info(predictor: Predictor) -> dict[str, Any]:
