@@ -306,3 +306,24 @@ def test_validate_names_a_bad_reader_cell_before_training(phantom: Path) -> None
     scores.to_csv(bad, index=False)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+
+
+def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_terminal() -> None:
+    """New-user review: at 80 columns the probability was cut to "0.88…" while empty columns took the width."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from alnus.cli import _predictions_table
+
+    result = pd.DataFrame({
+        "image": ["/work/shared/data/BrEaST-Lesions-USG/images/case001.png"], "patient_id": [""], "prob": [0.88721],
+        "patient_prob": [0.88721], "n_images": [1], "call": [1], "call_level": ["patient"], "label_called": ["malignant"],
+        "engine": ["onnx"], "error": [""], "warning": [float("nan")],
+    })  # fmt: skip
+    buffer = io.StringIO()
+    Console(file=buffer, width=80, no_color=True).print(_predictions_table(result, "predictions"))
+    text = buffer.getvalue()
+    assert text.count("0.8872") == 2 and "patient_prob" in text and "case001" in text  # a long name wraps
+    assert "patient_id" not in text and "error" not in text and "warning" not in text and "…" not in text

@@ -91,7 +91,12 @@ def test_groups_with_one_class_or_few_cases_say_so_in_the_studys_label_names(run
         f"({int(c['specificity_k'])}/{n_neg}; {100 * c['specificity_ci_low']:.1f}-{100 * c['specificity_ci_high']:.1f})"
     )
     readers = reader_table(found).set_index("scanner")
-    assert readers.loc["C", "sens / spec (%)"] == "- / 100.0" and readers.loc["B", "cases read"] == "{0} of {0}".format(
+    # The reader's calls as the model's: percent, k/n and the Clopper-Pearson CI (new-user review).
+    assert (
+        readers.loc["C", "specificity (%)"]
+        == f"100.0 ({n_neg}/{n_neg}; {100 * c['birads_specificity_ci_low']:.1f}-100.0)"
+    )
+    assert readers.loc["C", "sensitivity (%)"] == "" and readers.loc["B", "cases read"] == "{0} of {0}".format(
         found.set_index("scanner").loc["B", "n_cases"]
     )
 

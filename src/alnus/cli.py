@@ -604,6 +604,12 @@ def _json_lines(df) -> str:  # noqa: ANN001 - pandas DataFrame
     return "".join(line + "\n" for line in lines)
 
 
+def _blank(value: object) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value)) or str(value).strip() == ""
+
+
 def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas DataFrame
     """The predictions as a rich table: probabilities to 4 decimals, missing values empty, every cell plain text."""
     import pandas as pd
@@ -616,9 +622,14 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
     # A warning's first clause names the box; its reasons are printed on stderr and kept in the CSV / JSON.
     if "warning" in shown.columns:
         shown = shown.assign(warning=[str(w).split(":")[0] if not pd.isna(w) else w for w in shown["warning"]])
+    # A column empty in every row (no patient ids, no errors) only takes width from the ones that matter.
+    shown = shown[[c for c in shown.columns if shown[c].astype(object).map(lambda v: not _blank(v)).any()]]
     table = Table(title=title)
     for column in shown.columns:
-        table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left")
+        # The probabilities and the call are never cut; a long name or warning wraps instead of ending in "...".
+        key = column in ("prob", "patient_prob", "study_prob", "call")
+        table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left",
+                         no_wrap=key, min_width=len(column) if key else None, overflow="fold")  # fmt: skip
     for row in shown.itertuples(index=False):
         cells = []
         for column, value in zip(shown.columns, row, strict=True):

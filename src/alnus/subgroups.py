@@ -38,7 +38,8 @@ _SEP = "\0"  # joins a case's keys into its id (no site or patient id holds it)
 _CALLS = ("sensitivity", "specificity")
 _STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high",
           *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")))  # fmt: skip
-_READER_STATS = ("n_read", "auc", "sensitivity", "specificity", "delong_p")
+_READER_STATS = ("n_read", "auc", *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")),
+                 "delong_p")  # fmt: skip
 
 
 class SubgroupError(AlnusError):
@@ -265,8 +266,13 @@ def _reader(
     out: dict[str, Any] = {"n_read": len(read)}
     if readings["call"].notna().all():
         called = readings.loc[read, "call"].astype(bool).to_numpy()
-        out["sensitivity"] = float(called[truth == 1].mean()) if (truth == 1).any() else None
-        out["specificity"] = float((~called[truth == 0]).mean()) if (truth == 0).any() else None
+        for call, cases, right in (("sensitivity", truth == 1, called), ("specificity", truth == 0, ~called)):
+            if not cases.any():
+                out[call] = None
+                continue
+            found = stats.proportion_ci(int(right[cases].sum()), int(cases.sum()), "clopper-pearson", alpha)
+            out.update({call: found.estimate, f"{call}_k": found.k, f"{call}_n": found.n,
+                        f"{call}_ci_low": found.ci_low, f"{call}_ci_high": found.ci_high})  # fmt: skip
     note = f"{name} read {len(read)} of {len(y)} cases" if len(read) < len(y) else ""
     if (truth == 1).any() and (truth == 0).any():
         out["auc"] = stats.auc(truth, score)
@@ -290,15 +296,9 @@ def _text(value: object, scale: float = 1.0, digits: int = 3) -> str:
     return "" if number is None else f"{scale * number:.{digits}f}"
 
 
-def _pair(a: object, b: object) -> str:
-    """Two proportions as "a / b" in percent ("" when neither is known)."""
-    if _number(a) is None and _number(b) is None:
-        return ""
-    return f"{_text(a, 100, 1) or '-'} / {_text(b, 100, 1) or '-'}"
-
-
 def _calls(row: dict[str, Any], call: str) -> str:
-    """A proportion as a journal prints it: percent, k/n and its 95% CI ("" when the group has no such case)."""
+    """A proportion as a journal prints it: percent, k/n and its 95% CI ("" when the group has no such case); `call`
+    is the column's name (`sensitivity`, or a reader's `birads_sensitivity`)."""
     estimate, k, n = _number(row.get(call)), _number(row.get(f"{call}_k")), _number(row.get(f"{call}_n"))
     if estimate is None or k is None or n is None:
         return ""
@@ -356,7 +356,8 @@ def reader_table(found: pd.DataFrame) -> pd.DataFrame | None:
                 "split": r["split"], group: r[group], "reader": name,
                 "cases read": "" if n_read is None else f"{int(n_read)} of {r['n_cases']}",
                 "AUC": _text(r.get(f"{name}_auc")),
-                "sens / spec (%)": _pair(r.get(f"{name}_sensitivity"), r.get(f"{name}_specificity")),
+                "sensitivity (%)": _calls(r, f"{name}_sensitivity"),
+                "specificity (%)": _calls(r, f"{name}_specificity"),
                 "P (model vs reader)": _p(r.get(f"{name}_delong_p")),
             })  # fmt: skip
     return pd.DataFrame(rows)

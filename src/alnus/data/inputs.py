@@ -165,7 +165,7 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
         if len(values) != len(rows):
             raise InputError(
                 f"{option} was given {len(values)} time(s) for {len(rows)} image(s); give one per image, in the "
-                "images' order (or use --manifest with a column per image)."
+                f"images' order (or use --manifest: a CSV with a row per image and a {column} column)."
             )
         for row, value in zip(rows, values, strict=True):
             text = str(value).strip()

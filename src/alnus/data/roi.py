@@ -266,7 +266,7 @@ def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
     if not box_inside(box, shape):
         raise RoiError(
             f"image {image}: roi {format_box(box)} extends outside the {shape[1]}x{shape[0]} image; "
-            "fix the roi column (x,y,w,h in pixels of the decoded image)."
+            "fix the box (the roi column, or --roi: x,y,w,h in pixels of the decoded image)."
         )
     return box
 
