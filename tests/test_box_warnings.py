@@ -268,6 +268,6 @@ def test_a_patients_other_images_say_their_call_includes_an_implausible_box():
     point = {"level": "patient"}
     got = _case_warnings(out, warned, ok, point)
     assert got[0] == warned[0] and got[2] == "" and got[3] == ""
-    assert got[1] == "this patient's call also averages a.png, whose lesion box has a warning (see its row)"
+    assert got[1] == "this patient's call also uses a.png, whose lesion box has a warning (see its row)"
     assert _case_warnings(out, warned, ok, {"level": "image"}) == warned
     assert _case_warnings(out, warned, ok, None) == warned

@@ -319,8 +319,8 @@ def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_
 
     result = pd.DataFrame({
         "image": ["/work/shared/data/BrEaST-Lesions-USG/images/case001.png"], "patient_id": [""], "prob": [0.88721],
-        "patient_prob": [0.88721], "n_images": [1], "call": [1], "call_level": ["patient"], "label_called": ["malignant"],
-        "engine": ["onnx"], "error": [""], "warning": [float("nan")],
+        "patient_prob": [0.88721], "n_images": [1], "call": [1], "call_level": ["patient"],
+        "label_called": ["malignant"], "engine": ["onnx"], "error": [""], "warning": [float("nan")],
     })  # fmt: skip
     buffer = io.StringIO()
     Console(file=buffer, width=80, no_color=True).print(_predictions_table(result, "predictions"))

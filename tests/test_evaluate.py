@@ -617,6 +617,18 @@ def test_site_and_patient_ids_holding_a_slash_stay_two_cases(tmp_path: Path) -> 
     assert found["n_cases"] == 24 and (reader["tp"], reader["fn"], reader["tn"], reader["fp"]) == (12, 0, 12, 0)
 
 
+def test_a_patient_whose_site_differs_between_splits_and_predictions_is_refused_not_dropped(tmp_path: Path) -> None:
+    """Attack review: the reader comparison ran on 23 of 24 patients and said only "the 23 cases the reader read"."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    external = splits["split"] == "external_test"
+    splits["reader_a"] = np.where(external, np.where(splits["label"] == "positive", "4b", "3"), "")
+    splits.loc[splits["patient_id"] == "external_test3", "site"] = "elsewhere"
+    write_csv(splits, run / "splits.csv")
+    found = evaluate_run(run, n_boot=100)["readers"]["external_test"]["tiny_cnn"]
+    assert "different site/patient_id" in found["error"] and "predict the run again" in found["error"]
+
+
 def test_case_names_escape_the_separator() -> None:
     from alnus._levels import case_names
 
@@ -689,4 +701,5 @@ def test_cli_evaluate_prints_user_text_as_text(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "100"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "'seven [red]'" in output and "[/]/external_test" in output
+    # The case id escapes the site's "/" (alnus._levels.case_names), and what is left prints as text, not markup.
+    assert "'seven [red]'" in output and "[%2F]/external_test" in output

@@ -178,7 +178,9 @@ def test_a_bad_lesion_region_fails_its_image_only(data: Path, tmp_path: Path) ->
     table = collect_inputs([image] * 3, per_image={"roi": ["2,2,30,30", "40,40,30,30", ""]})
     got = Predictor(package, device="cpu").predict_inputs(table)
     assert got["error"].iloc[0] == "" and 0 < got["prob"].iloc[0] < 1
-    assert "roi 40,40,30,30 extends outside the 64x48 image; fix the box (the roi column, or --roi" in got["error"].iloc[1]
+    assert (
+        "roi 40,40,30,30 extends outside the 64x48 image; fix the box (the roi column, or --roi" in got["error"].iloc[1]
+    )
     assert "--roi x,y,w,h" in got["error"].iloc[2] and np.isnan(got["prob"].iloc[1:]).all()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,15 @@ from alnus.cli import app
 from alnus.errors import AlnusError
 from alnus.evaluate import evaluate_run
 from alnus.models.package import read_metadata
-from alnus.subgroups import MISSING, SubgroupError, _order, reader_table, subgroup_results, subgroup_table
+from alnus.subgroups import (
+    MISSING,
+    SubgroupError,
+    _order,
+    reader_names,
+    reader_table,
+    subgroup_results,
+    subgroup_table,
+)
 from tests.test_evaluate import make_run, read_pred
 
 
@@ -213,3 +222,41 @@ def test_a_cell_that_reads_like_a_built_in_group_is_refused_by_row(run: Path, va
     write_csv(splits, run / "splits.csv")
     with pytest.raises(SubgroupError, match=re.escape(f"image {image}: scanner is {value!r}")):
         subgroup_results(run, "scanner")
+
+
+@pytest.mark.parametrize("name", ["lesion_auc", "age_n_read", "_case", "sensitivity_k"])
+def test_any_column_name_groups_like_any_other(run: Path, name: str) -> None:
+    """Attack review: a column named like a statistic ("..._auc") crashed the table (and the report with it), and
+    one named "_case" was overwritten by the case ids and grouped per patient."""
+    splits = _splits(run)
+    splits[name] = splits["scanner"]
+    write_csv(splits, run / "splits.csv")
+    plain, named = subgroup_results(run, "scanner"), subgroup_results(run, name)
+    group = named.attrs["group"]
+    assert list(named[group]) == list(plain["scanner"]) and list(named["n_cases"]) == list(plain["n_cases"])
+    assert list(subgroup_table(named)[group]) == list(plain["scanner"])
+    assert reader_names(named) == ["birads"] and len(reader_table(named)) == len(plain)
+    # Counts stay whole numbers where a group has no such case (the --out CSV showed 1.0).
+    assert str(named["specificity_n"].dtype) == "Int64" and str(named["birads_n_read"].dtype) == "Int64"
+
+
+def test_values_equal_in_natural_order_come_out_in_one_order_whatever_the_hash_seed(run: Path) -> None:
+    splits = _splits(run)
+    values = ["1", "01", "1.0", "001", "a1", "a01"]
+    splits["dose"] = [values[i % len(values)] for i in range(len(splits))]
+    write_csv(splits, run / "splits.csv")
+    script = (
+        "import sys; from alnus.subgroups import subgroup_results; "
+        "print(list(subgroup_results(sys.argv[1], 'dose', splits=['internal_test'])['dose']))"
+    )
+    orders = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(run)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout  # fmt: skip
+        for seed in (1, 2, 3)
+    }
+    assert len(orders) == 1, orders

@@ -603,6 +603,16 @@ def reader_comparison(
     keys = ["image"] if level == "image" else _unit_columns(level)
     rows["case"] = case_names(rows, keys)
     ids = case_names(cases, keys)
+    # Each predicted image must be the same case in splits.csv, or its reading would be silently lost.
+    moved = case_names(predictions, keys) != predictions["image"].map(
+        dict(zip(rows["image"], rows["case"], strict=True))
+    )
+    if moved.any():
+        image = predictions.loc[moved, "image"].iloc[0]
+        raise EvaluateError(
+            f"splits.csv and the predictions give image {image} different {'/'.join(keys)} ({int(moved.sum())} "
+            "image(s) differ), so its reading cannot be matched to its case; predict the run again (alnus predict-run)."
+        )
     readings = readings_from_manifest(
         rows,
         case_col="case",

@@ -597,7 +597,7 @@ def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: 
         for i in rows:
             if not warned[i]:
                 warned[i] = (
-                    f"this {point['level']}'s call also averages {', '.join(flagged)}, whose lesion box has a "
+                    f"this {point['level']}'s call also uses {', '.join(flagged)}, whose lesion box has a "
                     "warning (see its row)"
                 )
     return warned

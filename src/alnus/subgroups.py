@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from alnus import stats
+from alnus._levels import case_names
 from alnus.errors import AlnusError
 from alnus.evaluate import _case_level, _reader_settings, case_metrics, level_cases, read_predictions
 from alnus.runfolder import RunFolder, read_splits, run_models
@@ -34,7 +35,7 @@ MIXED = "mixed: "
 TEST_SPLITS = ("internal_test", "external_test")
 FEW = 5  # fewer cases of a class than this: the group's CI is flagged as unreliable
 _GROUP = "\0group"  # the group column until the table's other columns are known
-_SEP = "\0"  # joins a case's keys into its id (no site or patient id holds it)
+_CASE = "\0case"  # the case id column of splits.csv's rows while grouping (no manifest column has this name)
 _CALLS = ("sensitivity", "specificity")
 _STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high",
           *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")))  # fmt: skip
@@ -134,9 +135,10 @@ def subgroup_results(
     if not RunFolder(run_dir).splits.is_file():
         raise SubgroupError(f"{RunFolder(run_dir).splits} not found: is {run_dir} a run folder (runs/<name>)?")
     table = read_splits(run_dir)
-    if by not in table.columns or by in ("image", "split"):
-        usable = [c for c in table.columns if c not in ("image", "split", "sha256", "roi", "mask")]
-        raise SubgroupError(f"splits.csv of {run_dir} has no column {by!r}; choose one of: {', '.join(usable)}.")
+    usable = [c for c in table.columns if c not in ("image", "split", "sha256", "roi", "mask")]
+    if by not in usable:
+        why = "has no column" if by not in table.columns else "cannot break the results down by its column"
+        raise SubgroupError(f"splits.csv of {run_dir} {why} {by!r}; choose one of: {', '.join(usable)}.")
     models = run_models(run_dir)
     if model is None and len(models) != 1:
         raise SubgroupError(f"name the model with --model: {run_dir} has {', '.join(models) or 'no models'}.")
@@ -160,21 +162,22 @@ def subgroup_results(
         rows = table[table["split"] == split]
         if rows.empty:
             continue
-        rows = rows.assign(_case=rows[keys].astype(str).agg(_SEP.join, axis=1))
+        rows = rows.assign(**{_CASE: case_names(rows, keys)})
         preds = predictions[split]
-        pred_case = preds[keys].astype(str).agg(_SEP.join, axis=1)
+        pred_case = case_names(preds, keys)
         # Each image must be the same case in both tables, or a case would be missed or split between groups.
-        moved = pred_case != preds["image"].map(dict(zip(rows["image"], rows["_case"], strict=True)))
+        moved = pred_case != preds["image"].map(dict(zip(rows["image"], rows[_CASE], strict=True)))
         if moved.any():
             image = preds.loc[moved, "image"].iloc[0]
             raise SubgroupError(
                 f"{split}: splits.csv and the predictions give image {image} different {'/'.join(keys)} "
                 f"({moved.sum()} image(s) differ); predict the run again (`alnus predict-run {run_dir}`)."
             )
-        value_of = _case_values(rows[by], rows["_case"])
-        for value in sorted(set(value_of), key=_order):
+        value_of = _case_values(rows[by], rows[_CASE])
+        # Ties of the natural order ("1", "01", "1.0") fall back to the text, so the order never varies between runs.
+        for value in sorted(set(value_of), key=lambda v: (_order(v), v)):
             here = set(value_of.index[value_of == value])
-            row = _group_row(preds[pred_case.isin(here)], rows[rows["_case"].isin(here)], by, point, level, readers,
+            row = _group_row(preds[pred_case.isin(here)], rows[rows[_CASE].isin(here)], by, point, level, readers,
                              (positive, negative), alpha)  # fmt: skip
             out.append({"split": split, _GROUP: value, **row})
         counted = sum(r["n_cases"] for r in out if r["split"] == split)
@@ -186,9 +189,16 @@ def subgroup_results(
     frame = pd.DataFrame(out)
     frame = frame[[c for c in frame.columns if c != "note"] + ["note"]]
     # The group column is named after `by`, unless that is already the name of a column of the table.
-    frame = frame.rename(columns={_GROUP: by if by not in frame.columns else f"{by} (group)"})
+    group = by if by not in frame.columns else f"{by} (group)"
+    frame = frame.rename(columns={_GROUP: group})
+    names = [c.removeprefix("reader_") for c in table.columns if c.startswith("reader_") and c != "reader_" and c != by]
+    names = [n for n in names if f"{n}_n_read" in frame.columns]
+    counts = [f"{c}{part}" for c in _CALLS for part in ("_k", "_n")]
+    for column in counts + [f"{n}_{k}" for n in names for k in ("n_read", *counts)]:
+        if column in frame.columns and column != group:
+            frame[column] = frame[column].astype("Int64")  # counts stay whole numbers where a group has none
     frame.attrs = {"model": model, "level": level, "threshold": float(point["value"]), "positive": positive,
-                   "negative": negative, "by": by}  # fmt: skip
+                   "negative": negative, "by": by, "group": group, "readers": names}  # fmt: skip
     return frame
 
 
@@ -217,7 +227,7 @@ def _group_row(
                     f"{call}_ci_low": part.get("ci_low"), f"{call}_ci_high": part.get("ci_high")})  # fmt: skip
     notes = _class_notes(found["n_pos"], found["n_neg"], labels)
     keys = ["image"] if level == "image" else ["site", "patient_id"] + (["study_id"] if level == "study" else [])
-    case_ids = cases[keys].astype(str).agg(_SEP.join, axis=1)
+    case_ids = case_names(cases, keys)
     y = pd.Series(cases["y"].to_numpy().astype(int), index=case_ids)
     prob = pd.Series(cases["prob"].to_numpy().astype(float), index=case_ids)
     for column in [c for c in rows.columns if c.startswith("reader_") and len(c) > len("reader_")]:
@@ -258,7 +268,7 @@ def _reader(
     if not (rows[column].astype(str).str.strip() != "").any():
         return {"n_read": 0}, ""
     readings = readings_from_manifest(
-        rows, case_col="_case", columns={name: column}, scale=settings["reader_scale"],
+        rows, case_col=_CASE, columns={name: column}, scale=settings["reader_scale"],
         positive_from=settings["reader_positive_from"], threshold=settings["reader_score_threshold"],
     ).set_index("case")  # fmt: skip
     read = readings.index.intersection(y.index)
@@ -314,12 +324,16 @@ def _p(value: object) -> str:
 
 
 def _group_column(found: pd.DataFrame) -> str:
+    if "group" in found.attrs:  # named by subgroup_results: any column name works
+        return str(found.attrs["group"])
     reader_columns = {c for c in found.columns if any(str(c).endswith(f"_{k}") for k in _READER_STATS)}
     return next(str(c) for c in found.columns if c not in {"split", "note", *_STATS} and c not in reader_columns)
 
 
 def reader_names(found: pd.DataFrame) -> list[str]:
     """The readers `subgroup_results` described, in column order."""
+    if "readers" in found.attrs:
+        return list(found.attrs["readers"])
     return [str(c).removesuffix("_n_read") for c in found.columns if str(c).endswith("_n_read")]
 
 

@@ -131,6 +131,20 @@ def test_same_patient_id_at_two_sites_are_two_patients() -> None:
     assert (out.loc[(out["site"] == "B") & (out["patient_id"] == "P000"), "split"] == "external_test").all()
 
 
+def test_ids_holding_a_slash_at_two_sites_stay_two_patients() -> None:
+    """Attack review: site "a/b" + patient "1" and site "a" + patient "b/1" were one key: a false "two labels"
+    refusal, or two patients merged into one splitting unit."""
+    df = synthetic_manifest(40, sites=("a",))
+    df.loc[df["patient_id"] == "P000", ["site", "patient_id"]] = ["a/b", "1"]  # malignant
+    df.loc[df["patient_id"] == "P039", ["site", "patient_id"]] = ["a", "b/1"]  # benign
+    out = make_splits(df)
+    assert check_leakage(out) == []
+    user = out.copy()
+    user.loc[user["patient_id"] == "1", "split"] = "train"
+    user.loc[user["patient_id"] == "b/1", "split"] = "internal_test"
+    assert check_leakage(user) == []
+
+
 def test_user_split_is_kept_and_checked() -> None:
     df = synthetic_manifest(20)
     df["split"] = np.where(df.index % 3 == 0, "internal_test", "train")

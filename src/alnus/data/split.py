@@ -22,6 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from alnus._levels import case_names
 from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.errors import AlnusError
 
@@ -82,10 +83,11 @@ def _sites(df: pd.DataFrame) -> pd.Series:
 
 def _patient_keys(df: pd.DataFrame) -> pd.Series:
     """One key per row naming its patient; patient ids are only unique within a site."""
-    pid = df["patient_id"].astype(str)
     if "site" not in df.columns:
-        return pid
-    return df["site"].astype(str) + "/" + pid
+        return df["patient_id"].astype(str)
+    # Joined by "/" with any "/" inside an id escaped (alnus._levels.case_names): site "a/b" with patient "1" and
+    # site "a" with patient "b/1" stay two patients.
+    return case_names(df, ["site", "patient_id"])
 
 
 def _describe_patient(key: str) -> str:
