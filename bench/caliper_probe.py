@@ -27,8 +27,8 @@ from _docs import write_section  # bench/ is on sys.path when a script here runs
 from PIL import Image
 from public_study import REPO, _cpu
 
-# BUS-BRA's calipers, measured on its images: "+" marks about 11 px across with 1-2 px arms, grey level about
-# 160-210, on images about 290 px wide; drawn here scaled to each image's width.
+# Drawn to look like BUS-BRA's calipers (thin light-grey "+" marks) on an image of BUS-BRA's typical width, and
+# scaled to each image's width.
 ARM, WIDTH, GREY, BUSBRA_WIDTH = 5, 1, 190, 290
 
 

@@ -87,8 +87,8 @@ CONFIGURATIONS = (
         "aux_birads on EfficientNet-Lite2 at its native 260 px",
         ("models=[efficientnet_lite2]", "train.aux_reader=reader_birads"),
     ),  # fmt: skip
-    # Protocol item 10 (2026-12-03): resolution harmonisation with the chosen lever; the limit is BUS-BRA's lower
-    # quartile of lesion-crop sizes (125 px), rounded.
+    # Protocol item 10 (2026-12-03): resolution harmonisation with the chosen lever; the limit comes from BUS-BRA's
+    # lesion-crop sizes (development data) only.
     Configuration(
         "aux_crop128",
         "aux_birads + every lesion crop longer than 128 px downsampled to 128 px first (preprocess.max_crop)",

@@ -566,6 +566,20 @@ def comparisons_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------- readers
+def case_mismatch(rows: pd.DataFrame, predictions: pd.DataFrame, keys: list[str]) -> str:
+    """Each predicted image must be the same case (`keys`) in splits.csv's `rows` as in the predictions, or its
+    reading (its group) would be silently lost: "" when it is, else what differs, naming the first such image."""
+    in_rows = dict(zip(rows["image"], case_names(rows, keys), strict=True))
+    moved = case_names(predictions, keys) != predictions["image"].map(in_rows)
+    if not moved.any():
+        return ""
+    image = predictions.loc[moved, "image"].iloc[0]
+    return (
+        f"splits.csv and the predictions give image {image} different {'/'.join(keys)} "
+        f"({int(moved.sum())} image(s) differ)"
+    )
+
+
 def reader_comparison(
     rows: pd.DataFrame,
     predictions: pd.DataFrame,
@@ -603,16 +617,9 @@ def reader_comparison(
     keys = ["image"] if level == "image" else _unit_columns(level)
     rows["case"] = case_names(rows, keys)
     ids = case_names(cases, keys)
-    # Each predicted image must be the same case in splits.csv, or its reading would be silently lost.
-    moved = case_names(predictions, keys) != predictions["image"].map(
-        dict(zip(rows["image"], rows["case"], strict=True))
-    )
-    if moved.any():
-        image = predictions.loc[moved, "image"].iloc[0]
-        raise EvaluateError(
-            f"splits.csv and the predictions give image {image} different {'/'.join(keys)} ({int(moved.sum())} "
-            "image(s) differ), so its reading cannot be matched to its case; predict the run again (alnus predict-run)."
-        )
+    moved = case_mismatch(rows, predictions, keys)
+    if moved:
+        raise EvaluateError(f"{moved}, so its reading cannot be matched to its case; predict the run again.")
     readings = readings_from_manifest(
         rows,
         case_col="case",

@@ -27,7 +27,7 @@ import pandas as pd
 from alnus import stats
 from alnus._levels import case_names
 from alnus.errors import AlnusError
-from alnus.evaluate import _case_level, _reader_settings, case_metrics, level_cases, read_predictions
+from alnus.evaluate import _case_level, _reader_settings, case_metrics, case_mismatch, level_cases, read_predictions
 from alnus.runfolder import RunFolder, read_splits, run_models
 
 MISSING = "(missing)"
@@ -37,10 +37,8 @@ FEW = 5  # fewer cases of a class than this: the group's CI is flagged as unreli
 _GROUP = "\0group"  # the group column until the table's other columns are known
 _CASE = "\0case"  # the case id column of splits.csv's rows while grouping (no manifest column has this name)
 _CALLS = ("sensitivity", "specificity")
-_STATS = ("n_cases", "n_pos", "n_neg", "auc", "auc_ci_low", "auc_ci_high",
-          *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")))  # fmt: skip
-_READER_STATS = ("n_read", "auc", *(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high")),
-                 "delong_p")  # fmt: skip
+_CALL_STATS = tuple(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_ci_low", "_ci_high"))
+_READER_STATS = ("n_read", "auc", *_CALL_STATS, "delong_p")
 
 
 class SubgroupError(AlnusError):
@@ -165,14 +163,9 @@ def subgroup_results(
         rows = rows.assign(**{_CASE: case_names(rows, keys)})
         preds = predictions[split]
         pred_case = case_names(preds, keys)
-        # Each image must be the same case in both tables, or a case would be missed or split between groups.
-        moved = pred_case != preds["image"].map(dict(zip(rows["image"], rows[_CASE], strict=True)))
-        if moved.any():
-            image = preds.loc[moved, "image"].iloc[0]
-            raise SubgroupError(
-                f"{split}: splits.csv and the predictions give image {image} different {'/'.join(keys)} "
-                f"({moved.sum()} image(s) differ); predict the run again (`alnus predict-run {run_dir}`)."
-            )
+        moved = case_mismatch(rows, preds, keys)  # a case would be missed or split between groups
+        if moved:
+            raise SubgroupError(f"{split}: {moved}; predict the run again (`alnus predict-run {run_dir}`).")
         value_of = _case_values(rows[by], rows[_CASE])
         # Ties of the natural order ("1", "01", "1.0") fall back to the text, so the order never varies between runs.
         for value in sorted(set(value_of), key=lambda v: (_order(v), v)):
@@ -324,17 +317,13 @@ def _p(value: object) -> str:
 
 
 def _group_column(found: pd.DataFrame) -> str:
-    if "group" in found.attrs:  # named by subgroup_results: any column name works
-        return str(found.attrs["group"])
-    reader_columns = {c for c in found.columns if any(str(c).endswith(f"_{k}") for k in _READER_STATS)}
-    return next(str(c) for c in found.columns if c not in {"split", "note", *_STATS} and c not in reader_columns)
+    """The group column's name, as `subgroup_results` recorded it (any column name works, none is guessed)."""
+    return str(found.attrs["group"])
 
 
 def reader_names(found: pd.DataFrame) -> list[str]:
     """The readers `subgroup_results` described, in column order."""
-    if "readers" in found.attrs:
-        return list(found.attrs["readers"])
-    return [str(c).removesuffix("_n_read") for c in found.columns if str(c).endswith("_n_read")]
+    return list(found.attrs["readers"])
 
 
 def subgroup_table(found: pd.DataFrame) -> pd.DataFrame:
