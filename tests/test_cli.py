@@ -327,3 +327,19 @@ def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_
     text = buffer.getvalue()
     assert text.count("0.8872") == 2 and "patient_prob" in text and "case001" in text  # a long name wraps
     assert "patient_id" not in text and "error" not in text and "warning" not in text and "…" not in text
+
+
+def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New-user review: `make demo` ended with the report's path and no hint of what to do with the model."""
+    from rich.console import Console
+
+    from alnus import cli
+
+    shown = Console(record=True, width=60)
+    monkeypatch.setattr(cli, "console", shown)
+    package = Path("demo/runs/demo [v2]/models/tiny_cnn/model")
+    cli._show_next_steps(package, Path("demo/data/manifest.csv"))
+    text = shown.export_text()
+    assert f"alnus predict {package} --manifest demo/data/manifest.csv --out predictions.csv" in text
+    assert "alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h" in text
+    assert (Path(__file__).parents[1] / "models" / "breast-us-malignancy").is_dir()

@@ -320,3 +320,14 @@ def test_a_malformed_roi_option_is_a_usage_error_before_any_image_is_read(tmp_pa
 
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "no-package"), "x.png", "--roi", "166,22,98"])
     assert result.exit_code == 2 and "expected 4" in result.output
+
+
+def test_a_csv_given_as_an_image_points_to_manifest(tmp_path: Path) -> None:
+    listing = tmp_path / "cases.csv"
+    listing.write_text("image\na.png\n")
+    error = collect_inputs([str(listing)])["error"].iloc[0]
+    assert "unsupported file type '.csv'" in error
+    assert f"--manifest {listing}" in error
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    assert "--manifest" not in collect_inputs([str(notes)])["error"].iloc[0]

@@ -260,3 +260,14 @@ def test_values_equal_in_natural_order_come_out_in_one_order_whatever_the_hash_s
         for seed in (1, 2, 3)
     }
     assert len(orders) == 1, orders
+
+
+def test_mixed_groups_keep_values_that_hold_the_separator_apart() -> None:
+    """Review finding: images "a | b" + "c" and "a" + "b | c" both read "mixed: a | b | c" and merged."""
+    from alnus.subgroups import _case_values
+
+    cells = pd.Series(["a | b", "c", "a", "b | c", "x", "x"])
+    case = pd.Series(["p1", "p1", "p2", "p2", "p3", "p3"])
+    values = _case_values(cells, case)
+    assert values["p1"] != values["p2"] and values["p3"] == "x"
+    assert values["p1"] == 'mixed: "a | b" | c' and values["p2"] == 'mixed: a | "b | c"'

@@ -382,7 +382,19 @@ def demo(
     console.print(
         f"[bold]Demo done.[/bold] Everything is in {escape(str(cfg.run_dir))}/ (rerun to reuse what is finished)."
     )
+    _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest)
     _show_report(cfg.run_dir)
+
+
+def _show_next_steps(package: Path, manifest: Path) -> None:
+    """What a new user can do with the demo's model package next (README, "Use a model on new patients")."""
+    lines = [
+        "[bold]Next[/bold] (README: 'Use a model on new patients'):",
+        f"  predict with its model package:  alnus predict {package} --manifest {manifest} --out predictions.csv",
+        "  a model trained on real breast US images:  alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h",
+    ]
+    text = "\n".join(escape(line) if i else line for i, line in enumerate(lines))
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 def _show_report(run: Path) -> None:
@@ -728,7 +740,7 @@ def predict(
         Path | None,
         typer.Option(
             help="CSV with an image column (paths relative to it) and optional patient_id, study_id, site, roi "
-            "(x,y,w,h), mask and frame columns."
+            "(x,y,w,h), mask (or BrEaST's mask_tumor) and frame columns."
         ),
     ] = None,
     roi: Annotated[

@@ -48,9 +48,14 @@ class SubgroupError(AlnusError):
 def _case_values(cells: pd.Series, case: pd.Series) -> pd.Series:
     """Each case's value (indexed by case id): the one value its images share, else "mixed: a | b"."""
     cells = cells.astype(str).str.strip().replace("", MISSING)
-    return cells.groupby(case, sort=False).agg(
-        lambda v: v.iloc[0] if v.nunique() == 1 else MIXED + " | ".join(sorted(set(v)))
-    )
+    return cells.groupby(case, sort=False).agg(lambda v: v.iloc[0] if v.nunique() == 1 else _mixed(set(v)))
+
+
+def _mixed(values: set[str]) -> str:
+    """The group of a case whose images disagree: "mixed: a | b". A value holding "|" (or opening with a quote) is
+    written as a JSON string, so the images "a | b" + "c" and "a" + "b | c" stay two groups."""
+    shown = (json.dumps(v) if "|" in v or v.startswith('"') else v for v in sorted(values))
+    return MIXED + " | ".join(shown)
 
 
 def _check_values(table: pd.DataFrame, by: str, run_dir: Path) -> None:

@@ -64,7 +64,8 @@ def _file_row(arg: str, path: Path) -> dict[str, str]:
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES and not is_dicom(path):
         kind = f"'{suffix}'" if suffix else "without an ending (and not DICOM)"
-        return _row(arg, path, arg, f"{arg}: unsupported file type {kind}; give {_SUPPORTED}.")
+        hint = f"; to predict the images a CSV lists, pass it as --manifest {arg}" if suffix in (".csv", ".tsv") else ""
+        return _row(arg, path, arg, f"{arg}: unsupported file type {kind}; give {_SUPPORTED}{hint}.")
     return _row(arg, path, arg)
 
 
