@@ -87,3 +87,17 @@ def test_the_final_choice_uses_recorded_candidates_and_ensembles(public_configs,
     ):
         assert public_final._seeded(pd.Series({"name": name})) == seeded
     assert public_final._build_ensembles() == []  # no member's run folder is here: nothing is built
+
+
+def test_the_speed_note_sums_the_seeds_training_epochs(public_configs, monkeypatch, tmp_path):
+    import public_final
+
+    monkeypatch.setattr(public_configs, "REPO", tmp_path)
+    for name, seconds in (("aux_birads", [600, 1200]), ("aux_seed1", [1800]), ("aux_seed2", [300, 300])):
+        run_name = next(c.run_name for c in public_configs.CONFIGURATIONS if c.name == name)
+        folder = tmp_path / "runs" / run_name / "models" / "efficientnet_lite0"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds}).to_csv(folder / "history.csv")
+    note = public_final.speed_note(pd.Series({"name": "aux_seeds"}))
+    assert "aux_birads's 3 seeds (aux_birads, aux_seed1, aux_seed2" in note and "took 70 min of epochs" in note
+    assert "180 min" in note
