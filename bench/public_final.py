@@ -70,6 +70,11 @@ ENSEMBLES = (
     Ensemble("all_tta", "every finished single EfficientNet configuration, flip TTA", SINGLE_EFFICIENTNETS, ("hflip",)),
     # Fixed in the protocol's item 7 before any seed of aux_birads other than its first was scored.
     Ensemble("aux_seeds", "mean of aux_birads's 3 training seeds", ("aux_birads", "aux_seed1", "aux_seed2")),
+    # Fixed in the protocol's item 11 while aux_lite2 trained, before it was scored.
+    Ensemble(
+        "aux_mix", "mean of aux_birads (Lite0, 224 px) and aux_lite2 (Lite2, 260 px)", ("aux_birads", "aux_lite2")
+    ),
+    Ensemble("aux_mix_tta", "aux_mix with horizontal-flip TTA", ("aux_birads", "aux_lite2"), ("hflip",)),
 )
 # Each configuration retrained with other seeds (protocol, item 5): the chosen one's spread is reported.
 SEEDS = {"base": ("base", "seed1", "seed2"), "aux_birads": ("aux_birads", "aux_seed1", "aux_seed2")}
