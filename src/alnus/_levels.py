@@ -29,6 +29,11 @@ def case_names(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
     return escaped.agg("/".join, axis=1)
 
 
+def case_parts(name: str) -> list[str]:
+    """The key values a `case_names` id was joined from, unescaped ("a%2Fb/1" -> ["a/b", "1"])."""
+    return [part.replace("%2F", "/").replace("%25", "%") for part in name.split("/")]
+
+
 def unit_keys(table: pd.DataFrame, level: str) -> pd.Series:
     """One key per row naming its case at `level`; a row without the case's id (patient_id, study_id) is its own.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import imagehash
@@ -396,3 +397,18 @@ def test_bus_bra_split_places_every_patient_once(shared_data: Path) -> None:
     assert result.duplicates.empty
     total = result.report.set_index("split").loc["total"]
     assert (total["patients"], total["images"]) == (1064, 1875)
+
+
+@pytest.mark.parametrize("with_site", [True, False])
+def test_a_patient_id_with_a_slash_reads_as_written_in_messages(with_site: bool) -> None:
+    """Review finding: keys escape "/" (so "a/b" + "1" and "a" + "b/1" stay apart) and messages showed "b%2F1"."""
+    df = synthetic_manifest(30)
+    df["patient_id"] = df["patient_id"].str.replace("P0", "ward/7%/")
+    if with_site:
+        df["site"] = "north/2"
+    else:
+        df = df.drop(columns="site", errors="ignore")
+    df.loc[df.index[df["patient_id"] == "ward/7%/11"][0], "label"] = "malignant"
+    site = " (site north/2)" if with_site else ""
+    with pytest.raises(AlnusError, match=re.escape(f"patient ward/7%/11{site} has labels")):
+        make_splits(df)

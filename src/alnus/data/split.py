@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from alnus._levels import case_names
+from alnus._levels import case_names, case_parts
 from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.errors import AlnusError
 
@@ -84,14 +84,16 @@ def _sites(df: pd.DataFrame) -> pd.Series:
 def _patient_keys(df: pd.DataFrame) -> pd.Series:
     """One key per row naming its patient; patient ids are only unique within a site."""
     if "site" not in df.columns:
-        return df["patient_id"].astype(str)
+        return case_names(df, ["patient_id"])
     # Joined by "/" with any "/" inside an id escaped (alnus._levels.case_names): site "a/b" with patient "1" and
     # site "a" with patient "b/1" stay two patients.
     return case_names(df, ["site", "patient_id"])
 
 
 def _describe_patient(key: str) -> str:
-    return f"patient {key}"  # key is "site/patient_id" when the manifest has sites
+    """A patient key (`_patient_keys`, "site/patient_id" escaped) as the manifest's values: "patient P (site S)"."""
+    *site, patient = case_parts(key)
+    return f"patient {patient}" + (f" (site {site[0]})" if site and site[0] else "")
 
 
 def _rows_text(rows: Sequence[int], limit: int = 8) -> str:
