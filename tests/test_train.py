@@ -173,6 +173,18 @@ def test_training_writes_checkpoints_logs_and_a_package(trained):
     assert auc(y, probs) == pytest.approx(result.best_val_auc, abs=1e-9)
 
 
+def test_bf16_training_chooses_its_epoch_on_fp32_validation(phantom, tmp_path):
+    """Review finding: epochs were chosen on bf16 validation probabilities, which differ from the package's fp32
+    ones (and can rank cases differently); the recorded val AUC then was not the package's."""
+    cfg = load_config(_config(tmp_path, phantom, "bf16", train={"precision": "bf16", "epochs": 2}))
+    [result] = run_training(cfg, console=_quiet())
+    model, meta = load_package(result.package_dir)
+    y, probs = _val_probs(cfg.run_dir, model, 32)  # fp32, as alnus predict runs
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)  # bf16 outputs differ by ~1e-3
+    assert auc(y, probs) == pytest.approx(meta["val_auc"], abs=1e-9)
+
+
 def test_rerun_and_resume_are_checked(trained):
     cfg, result = trained
     saved = (cfg.run_dir / "config.yaml").read_text()

@@ -579,15 +579,16 @@ def train_one_epoch(engine: Engine, data: TrainData, info: DistInfo, progress: P
 
 @torch.no_grad()
 def predict_logits(engine: Engine, loader: DataLoader, info: DistInfo) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's shard of the validation set, then the gathered, de-duplicated (index, logit) arrays."""
-    from alnus._hardware import autocast
+    """This rank's shard of the validation set, then the gathered, de-duplicated (index, logit) arrays.
 
+    In fp32 whatever the training precision: the epoch is chosen on the probabilities its package will give
+    (`alnus predict` and the study's predictions run in fp32), not on bf16 ones that rank some cases differently.
+    """
     model = engine.eval_model()
     model.eval()
     indices, outputs = [], []
     for x, _, i in loader:
-        with autocast(engine.device, engine.precision):
-            logits = model(engine.prepare(x)).float()
+        logits = model(engine.prepare(x)).float()
         # With an auxiliary target the first output is the label's logit.
         outputs.append(logits[:, 0] if logits.ndim == 2 else logits)
         indices.append(i.to(engine.device))
