@@ -4,7 +4,8 @@ For each backbone at its native input size, in one process, on copies of the sam
 - baseline: what a user would write: `model.train()`, fp32, contiguous NCHW, `torch.optim.AdamW`; for
   inference `model.eval()` under `torch.no_grad()`;
 - ours: `alnus._hardware.choose_precision(device, "auto")` (bf16 autocast + channels_last on CPUs with AMX
-  or AVX512-BF16), fused AdamW; inference under `torch.inference_mode()`, eager;
+  or AVX512-BF16; training a depthwise backbone there: fp32 + channels_last, as `alnus train` does), fused AdamW;
+  inference under `torch.inference_mode()`, eager;
 - ours+compile: ours under `torch.compile`: inference (`--compile-infer`, default every backbone) with
   inductor's weight freezing (batch norm folded into the convolutions, weights pre-packed for oneDNN);
   training only for the backbones in `--compile-train` (compiling a backward graph takes minutes on 2 cores).
@@ -97,11 +98,14 @@ class Variant:
     forward: Callable[[torch.Tensor], torch.Tensor]
     times: dict[str, list[float]] = field(default_factory=lambda: {mode: [] for mode in MODES})
     compile_s: dict[str, float] = field(default_factory=dict)
+    # Training's precision where it differs from inference's (`auto` trains depthwise backbones in fp32 on a CPU).
+    train_precision: Precision | None = None
 
 
 def make_variants(model: nn.Module, x: torch.Tensor, compile_modes: set[str]) -> list[Variant]:
     """Baseline, ours and (for the modes in `compile_modes`) ours under torch.compile, each on its own copy."""
     ours = choose_precision(DEVICE, "auto")
+    ours_train = choose_precision(DEVICE, "auto", depthwise=model.spec.depthwise)
     layout = torch.channels_last if ours.channels_last else torch.contiguous_format
     variants = [Variant("baseline", BASELINE, model, torch.optim.AdamW(model.parameters(), lr=1e-4), x, set(), model)]
     for name in ("ours", "ours+compile") if compile_modes else ("ours",):
@@ -109,14 +113,16 @@ def make_variants(model: nn.Module, x: torch.Tensor, compile_modes: set[str]) ->
         modes = compile_modes if name == "ours+compile" else set()
         forward = torch.compile(clone) if "train" in modes else clone
         optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-4, fused=True)
-        variants.append(Variant(name, ours, clone, optimizer, x.contiguous(memory_format=layout), modes, forward))
+        variant = Variant(name, ours, clone, optimizer, x.contiguous(memory_format=layout), modes, forward)
+        variant.train_precision = ours_train
+        variants.append(variant)
     return variants
 
 
 def train_step(variant: Variant, y: torch.Tensor) -> None:
     """One optimisation step on the batch (the loop a user writes, under the variant's precision)."""
     variant.model.train()
-    with autocast(DEVICE, variant.precision):
+    with autocast(DEVICE, variant.train_precision or variant.precision):
         logits = variant.forward(variant.x)
     loss = F.binary_cross_entropy_with_logits(logits.float(), y)
     variant.optimizer.zero_grad(set_to_none=True)
@@ -426,10 +432,16 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         )
         print(f"{name}: {summary} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
         measure_peaks()
+    depthwise = choose_precision(DEVICE, "auto", depthwise=True).reason
     return {
         "command": command,
         "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup},
-        "precision": choose_precision(DEVICE, "auto").reason,
+        "precision": "; ".join(
+            dict.fromkeys(
+                [choose_precision(DEVICE, "auto").reason]
+                + [f"training {n}: {depthwise}" for n in names if get_spec(n).depthwise]
+            )
+        ),
         "peaks": peaks,
         "results": results,
         "profile": (args.profile, profile_ours(args.profile, args.batch)) if args.profile else None,

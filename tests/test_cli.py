@@ -329,17 +329,30 @@ def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_
     assert "patient_id" not in text and "error" not in text and "warning" not in text and "…" not in text
 
 
-def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch) -> None:
-    """New-user review: `make demo` ended with the report's path and no hint of what to do with the model."""
+def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """New-user review: `make demo` ended with the report's path and no hint of what to do with the model; attack
+    review: the hint must paste as one working command (quoted, no emoji codes, paths valid from where it ran)."""
+    import shlex
+
     from rich.console import Console
 
     from alnus import cli
 
     shown = Console(record=True, width=60)
     monkeypatch.setattr(cli, "console", shown)
-    package = Path("demo/runs/demo [v2]/models/tiny_cnn/model")
-    cli._show_next_steps(package, Path("demo/data/manifest.csv"))
-    text = shown.export_text()
-    assert f"alnus predict {package} --manifest demo/data/manifest.csv --out predictions.csv" in text
-    assert "alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h" in text
-    assert (Path(__file__).parents[1] / "models" / "breast-us-malignancy").is_dir()
+    monkeypatch.chdir(tmp_path)
+    package = tmp_path / "my demo" / "runs" / "demo [v2]" / ":smile:" / "model"
+    outside = tmp_path.parent / "o'dd;$x.csv"
+    shipped = tmp_path / "models" / "breast-us-malignancy"
+    shipped.mkdir(parents=True)
+    cli._show_next_steps(package, outside, shipped)
+    lines = shown.export_text().splitlines()
+    [predict] = [line for line in lines if "--manifest" in line]
+    words = shlex.split(predict.split(":  ", 1)[1])
+    assert words == ["alnus", "predict", "my demo/runs/demo [v2]/:smile:/model", "--manifest", str(outside),
+                     "--out", "predictions.csv"]  # fmt: skip
+    assert any("alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h" in line for line in lines)
+    shown = Console(record=True, width=60)
+    monkeypatch.setattr(cli, "console", shown)
+    cli._show_next_steps(package, outside, tmp_path / "absent")
+    assert "breast-us-malignancy" not in shown.export_text()  # no line for a model that is not there

@@ -129,3 +129,27 @@ def test_environment_info_is_json_and_has_no_hostname() -> None:
 def test_environment_info_outside_a_git_checkout_has_no_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_hardware, "_git", lambda *args, cwd: None)
     assert environment_info()["git"] is None
+
+
+@pytest.mark.parametrize("flags", [ZEN4, SAPPHIRE_RAPIDS], ids=["avx512_bf16", "amx"])
+def test_auto_keeps_fp32_for_depthwise_networks_on_the_cpu(monkeypatch: pytest.MonkeyPatch, flags) -> None:
+    """bench/train_precision.py: EfficientNet-Lite trained slower in bf16 than in fp32 on a CPU with AMX."""
+    fake_flags(monkeypatch, flags)
+    precision = choose_precision(CPU, depthwise=True)
+    assert precision.autocast_dtype is None and precision.channels_last is True and "depthwise" in precision.reason
+    assert choose_precision(CPU, "bf16", depthwise=True).autocast_dtype is torch.bfloat16  # asked for: obeyed
+    monkeypatch.setenv(_hardware.PRECISION_ENV, "bf16")
+    assert choose_precision(CPU, depthwise=True).autocast_dtype is torch.bfloat16
+    if torch.cuda.is_available():
+        assert choose_precision(torch.device("cuda"), depthwise=True).autocast_dtype is not None
+
+
+def test_the_depthwise_flag_matches_each_backbones_convolutions() -> None:
+    from alnus.models import create_model, get_spec, list_backbones
+
+    for name in list_backbones():
+        model = create_model(name, weights="none")
+        found = any(
+            isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules()
+        )
+        assert get_spec(name).depthwise == found, name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 from alnus.cli import app
 from alnus.data.dataset import PreprocessSpec
 from alnus.data.images import load_image
-from alnus.data.inputs import collect_inputs
+from alnus.data.inputs import InputError, collect_inputs
+from alnus.data.manifest import ManifestError
 from alnus.errors import AlnusError
 from alnus.models import create_model
 from alnus.models.package import freeze_threshold, save_package
@@ -322,12 +324,33 @@ def test_a_malformed_roi_option_is_a_usage_error_before_any_image_is_read(tmp_pa
     assert result.exit_code == 2 and "expected 4" in result.output
 
 
-def test_a_csv_given_as_an_image_points_to_manifest(tmp_path: Path) -> None:
-    listing = tmp_path / "cases.csv"
+def test_a_table_given_as_an_image_says_how_to_pass_it(tmp_path: Path) -> None:
+    """New-user review: a CSV named as an input said only "unsupported file type"; attack review: the hint must paste
+    (quoted), a .tsv must not be told to use --manifest as it is, and a folder holding only a CSV says so too."""
+    listing = tmp_path / "my cases;1.CSV"
     listing.write_text("image\na.png\n")
     error = collect_inputs([str(listing)])["error"].iloc[0]
     assert "unsupported file type '.csv'" in error
-    assert f"--manifest {listing}" in error
+    assert f"pass it as --manifest '{listing}'" in error
+    tabbed = tmp_path / "cases.tsv"
+    tabbed.write_text("image\tpatient_id\na.png\tP1\n")
+    error = collect_inputs([str(tabbed)])["error"].iloc[0]
+    assert "save it as a comma-separated .csv" in error and "--manifest cases.tsv" not in error
+    with pytest.raises(ManifestError, match="one column with tabs in it: save the file comma-separated"):
+        collect_inputs(manifest=tabbed)
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     assert "--manifest" not in collect_inputs([str(notes)])["error"].iloc[0]
+    folder = tmp_path / "only_tables"
+    folder.mkdir()
+    (folder / "list.csv").write_text("image\n")
+    with pytest.raises(InputError, match=re.escape("is a CSV: to predict the images it lists, pass --manifest")):
+        collect_inputs([str(folder)])
+
+
+def test_the_first_failure_is_printed_not_only_written(data: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "cases.csv"
+    listing.write_text("image\na.png\n")
+    code, _, stderr = _predict(str(data / "model"), str(listing), "--out", str(tmp_path / "p.csv"))
+    assert code == 1 and "1 image(s) failed" in stderr
+    assert f"first: {listing}: unsupported file type '.csv'" in stderr and "--manifest" in stderr

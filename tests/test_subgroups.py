@@ -271,3 +271,6 @@ def test_mixed_groups_keep_values_that_hold_the_separator_apart() -> None:
     values = _case_values(cells, case)
     assert values["p1"] != values["p2"] and values["p3"] == "x"
     assert values["p1"] == 'mixed: "a | b" | c' and values["p2"] == 'mixed: a | "b | c"'
+    # Empty cells from the Python API (None, NaN) are the missing group, not a crash.
+    missing = _case_values(pd.Series([None, float("nan"), "x"]), pd.Series(["p1", "p1", "p2"]))
+    assert missing.to_dict() == {"p1": "(missing)", "p2": "x"}

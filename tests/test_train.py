@@ -185,6 +185,22 @@ def test_bf16_training_chooses_its_epoch_on_fp32_validation(phantom, tmp_path):
     assert auc(y, probs) == pytest.approx(meta["val_auc"], abs=1e-9)
 
 
+def test_the_precision_it_trained_in_is_recorded_and_kept_on_resume(phantom, tmp_path):
+    """Attack review: `auto` resolves by hardware and backbone, and config.yaml only says "auto"; a run must say
+    what it trained in, and a resume must not switch precision halfway."""
+    cfg = load_config(_config(tmp_path, phantom, "prec", train={"epochs": 1}))
+    [result] = run_training(cfg, console=_quiet())
+    _, meta = load_package(result.package_dir)
+    assert meta["precision"] == {"name": "fp32", "reason": "fp32: requested"}
+    last = result.model_dir / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    assert payload["precision"] == "fp32"
+    payload = {k: v for k, v in payload.items() if k not in ("format", "version", "kind", "sha256")}
+    save_checkpoint("last", {**payload, "precision": "bf16"}, last)
+    with pytest.raises(TrainError, match="it trained in bf16, and this run would go on in fp32.*ALNUS_PRECISION=bf16"):
+        run_training(cfg, resume=True, console=_quiet())
+
+
 def test_rerun_and_resume_are_checked(trained):
     cfg, result = trained
     saved = (cfg.run_dir / "config.yaml").read_text()
@@ -400,8 +416,9 @@ def test_mlflow_true_without_mlflow_installed_says_what_to_install(phantom, tmp_
 
 def test_a_diverged_run_stops_with_what_to_change(phantom, tmp_path):
     cfg = load_config(_config(tmp_path, phantom, "diverged", train={"epochs": 1, "lr": 1.0e30}))
-    with pytest.raises(TrainError, match="diverged in epoch 1.*lower train.lr"):
+    with pytest.raises(TrainError, match="diverged in epoch 1.*lower train.lr") as info:
         run_training(cfg, console=_quiet())
+    assert "set train.precision to fp32" not in str(info.value)  # it trained in fp32 already
 
 
 def _step_lrs(train: TrainConfig, steps_per_epoch: int, head_epochs: int) -> list[tuple[float, float]]:

@@ -90,13 +90,16 @@ def _requested(requested: str) -> tuple[str, str]:
     return value, source
 
 
-def choose_precision(device: torch.device, requested: str = "auto") -> Precision:
+def choose_precision(device: torch.device, requested: str = "auto", *, depthwise: bool = False) -> Precision:
     """Choose the autocast dtype and memory layout for `device`.
 
     Args:
         device: where the model runs.
         requested: `auto` (decide from the hardware), or `fp32`, `bf16`, `fp16` to force one. When it is
             `auto`, the environment variable `ALNUS_PRECISION` (same values) is honoured.
+        depthwise: the network is built from depthwise-separable convolutions (`BackboneSpec.depthwise`). On a
+            CPU `auto` then keeps fp32 (with channels_last): their bf16 training measured slower than fp32
+            (`bench/train_precision.py`, docs/performance.md).
 
     Returns:
         A `Precision`. For fp16 on a GPU the caller adds a `torch.amp.GradScaler`.
@@ -109,10 +112,10 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
         if value == "auto":
             return Precision(None, False, f"fp32: no automatic mixed precision policy for {device.type}")
         return Precision(_DTYPES[value], False, f"{value}: {source} on {device.type}")
-    return _choose_cpu(value, source)
+    return _choose_cpu(value, source, depthwise)
 
 
-def _choose_cpu(value: str, source: str) -> Precision:
+def _choose_cpu(value: str, source: str, depthwise: bool) -> Precision:
     native = cpu_has_bf16()
     if value == "fp16":
         raise PrecisionError(
@@ -120,6 +123,10 @@ def _choose_cpu(value: str, source: str) -> Precision:
             "AVX512-BF16) or fp32, or set precision to auto."
         )
     if value == "auto":
+        if native and depthwise:
+            return Precision(
+                None, True, "fp32 + channels_last: depthwise convolutions train slower in bf16 than in fp32 on the CPU"
+            )
         if native:
             found = ", ".join(flag for flag in BF16_FLAGS if flag in cpu_flags())
             return Precision(torch.bfloat16, True, f"bf16 + channels_last: the CPU has {found}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -382,19 +383,28 @@ def demo(
     console.print(
         f"[bold]Demo done.[/bold] Everything is in {escape(str(cfg.run_dir))}/ (rerun to reuse what is finished)."
     )
-    _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest)
+    shipped = config.resolve().parent.parent / "models" / "breast-us-malignancy"  # configs/ sits beside models/
+    _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest, shipped)
     _show_report(cfg.run_dir)
 
 
-def _show_next_steps(package: Path, manifest: Path) -> None:
-    """What a new user can do with the demo's model package next (README, "Use a model on new patients")."""
+def _show_next_steps(package: Path, manifest: Path, shipped: Path | None = None) -> None:
+    """What a new user can do with the demo's model package next (README, "Use a model on new patients"): commands
+    to paste in the folder the demo ran from (paths relative to it where they lie inside it, quoted for the shell)."""
+
+    def shown(path: Path) -> str:
+        here, full = Path.cwd().resolve(), path.resolve()
+        return shlex.quote(str(full.relative_to(here) if full.is_relative_to(here) else full))
+
     lines = [
-        "[bold]Next[/bold] (README: 'Use a model on new patients'):",
-        f"  predict with its model package:  alnus predict {package} --manifest {manifest} --out predictions.csv",
-        "  a model trained on real breast US images:  alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h",
+        f"  predict with its model package:  alnus predict {shown(package)} --manifest {shown(manifest)} "
+        "--out predictions.csv"
     ]
-    text = "\n".join(escape(line) if i else line for i, line in enumerate(lines))
-    console.print(text, highlight=False, soft_wrap=True)
+    if shipped is not None and shipped.is_dir():
+        lines.append(f"  a model trained on real breast US images:  alnus predict {shown(shipped)} IMAGE --roi x,y,w,h")
+    console.print("[bold]Next[/bold] (from this folder; README: 'Use a model on new patients'):", highlight=False)
+    for line in lines:
+        console.print(escape(line), highlight=False, soft_wrap=True, emoji=False)
 
 
 def _show_report(run: Path) -> None:
@@ -854,6 +864,8 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
             highlight=False,
             soft_wrap=True,
         )
+        first = str(result.loc[result["error"] != "", "error"].iloc[0])
+        err_console.print(f"first: {escape(first)}", highlight=False, soft_wrap=True, emoji=False)
     if out is not None:
         err_console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
     if heatmaps is not None:

@@ -47,7 +47,7 @@ class SubgroupError(AlnusError):
 
 def _case_values(cells: pd.Series, case: pd.Series) -> pd.Series:
     """Each case's value (indexed by case id): the one value its images share, else "mixed: a | b"."""
-    cells = cells.astype(str).str.strip().replace("", MISSING)
+    cells = cells.astype(object).where(cells.notna(), "").astype(str).str.strip().replace("", MISSING)
     return cells.groupby(case, sort=False).agg(lambda v: v.iloc[0] if v.nunique() == 1 else _mixed(set(v)))
 
 

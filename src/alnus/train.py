@@ -414,12 +414,12 @@ class Engine:
 def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.device) -> Engine:
     """Create the model (with its start weights), loss, optimiser, per-step schedule and gradient scaler."""
     from alnus._hardware import choose_precision
-    from alnus.models import create_model
+    from alnus.models import create_model, get_spec
 
     tc = cfg.train
     extra = data.aux.outputs if data.aux is not None else 0
     model = create_model(backbone, weights=tc.weights, num_classes=1 + extra).to(device)
-    precision = choose_precision(device, tc.precision)
+    precision = choose_precision(device, tc.precision, depthwise=get_spec(backbone).depthwise)
     channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -489,11 +489,23 @@ class TrainState:
             "stopped_early": self.stopped,
             "history": [dict(row) for row in self.history],
             "settings": settings,
+            # The precision it trained in: `auto` and ALNUS_PRECISION resolve by hardware and backbone.
+            "precision": engine.precision.name,
         }
 
     @classmethod
     def restore(cls, payload: dict[str, Any], engine: Engine, path: Path) -> TrainState:
-        """Load a `last.pt` payload into the engine and the RNGs; returns the state it was saved in."""
+        """Load a `last.pt` payload into the engine and the RNGs; returns the state it was saved in.
+
+        Refuses a checkpoint that trained in another precision than the engine's (a checkpoint from before the
+        precision was recorded resumes in the engine's)."""
+        saved = payload.get("precision")
+        if saved is not None and saved != engine.precision.name:
+            raise TrainError(
+                f"cannot resume {path}: it trained in {saved}, and this run would go on in {engine.precision.name} "
+                f"({engine.precision.reason}); resume with the environment variable ALNUS_PRECISION={saved}, or "
+                f"{delete_advice(path)}."
+            )
         try:
             engine.model.load_state_dict(payload["model"])
             if engine.ema is not None:
@@ -615,9 +627,10 @@ def validate(
 
     idx, logits = predict_logits(engine, data.val_loader, info)
     if not np.isfinite(logits).all():
+        mixed = ", or set train.precision to fp32" if engine.precision.autocast_dtype is not None else ""
         raise TrainError(
             f"training of {backbone} diverged in epoch {epoch}: the validation outputs are not finite; lower "
-            "train.lr, or set train.precision to fp32"
+            f"train.lr{mixed}"
         )
     y = data.val_ds.targets[idx]
     loss = float(
@@ -786,6 +799,7 @@ def write_package(
             "settings_hash": stable_hash(settings),
             "training": training_record(cfg),
             "tta": list(cfg.preprocess.tta),
+            "precision": {"name": engine.precision.name, "reason": engine.precision.reason},
         },
     )
 

@@ -302,8 +302,11 @@ def test_not_a_parsable_csv(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="row 3: 4 cells but the header has 3 columns; quote cells"):
         read_manifest(tmp_path / "ragged.csv")
     (tmp_path / "semi.csv").write_text("image;patient_id;label\na.png;1;benign\n")
-    with pytest.raises(ManifestError, match="save the file comma-separated"):
+    with pytest.raises(ManifestError, match="with ';' in it: save the file comma-separated"):
         read_manifest(tmp_path / "semi.csv")
+    (tmp_path / "tabs.csv").write_text("image\tpatient_id\tlabel\na.png\t1\tbenign\n")
+    with pytest.raises(ManifestError, match="with tabs in it: save the file comma-separated"):
+        read_manifest(tmp_path / "tabs.csv")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81 binary")
     with pytest.raises(ManifestError, match="not UTF-8 text"):
         read_manifest(tmp_path / "binary.csv")

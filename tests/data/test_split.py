@@ -334,6 +334,10 @@ def test_pair_within_one_split_is_not_leakage() -> None:
     df.loc[1, "split"] = "train"
     problems = check_leakage(df, pairs)
     assert len(problems) == 1 and "distance 4" in problems[0] and "val" in problems[0] and "train" in problems[0]
+    # Attack review: patient 1 at site x and patient 1 at site y read alike; the site is named.
+    df = df.assign(patient_id=["1", "1"], site=["x", "y"])
+    [problem] = check_leakage(df, pairs.assign(patient_a="1", patient_b="1"))
+    assert "(row 2, patient 1 (site x), val)" in problem and "(row 3, patient 1 (site y), train)" in problem
 
 
 def test_leakage_error_lists_every_problem() -> None:

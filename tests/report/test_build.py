@@ -318,3 +318,17 @@ def test_the_heat_maps_are_checked_against_a_centred_gaussian_and_a_random_map(r
     assert expected in text
     assert "shown of the" in text and "explained" in text
     assert "cyan box: the crop the network saw" in " ".join(page.section_text["heatmaps"].split())
+
+
+def test_a_network_says_the_precision_it_trained_in() -> None:
+    """Attack review: config.yaml says "precision auto", which resolves by hardware and backbone; the methods name
+    what each network trained in where its package records it, and nothing where it does not."""
+    from alnus.report._inputs import Network, _precision_name
+
+    base = Network("tiny_cnn", "demo/models/tiny_cnn", 0, "none", 3, 0.9, "patient", "ab" * 32)
+    assert "trained in" not in base.training_text()
+    recorded = Network(**{**base.__dict__, "precision": _precision_name({"name": "bf16", "reason": "x"})})
+    assert recorded.training_text() == (
+        "seed 0, starting weights none, trained in bf16, best epoch 3 (validation AUC 0.900 per patient)"
+    )
+    assert _precision_name({"name": "<script>"}) is None and _precision_name("bf16") is None

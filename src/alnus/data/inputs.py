@@ -11,6 +11,7 @@ others. Duplicates (the same file with the same region) are kept once and named 
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from alnus._io import FILE_NOT_FOUND, file_problem
 from alnus.data.images import is_dicom, parse_frame
-from alnus.data.manifest import ManifestError, Problem, _read_records
+from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
 from alnus.data.roi import RoiError, parse_box
 from alnus.errors import AlnusError
 
@@ -54,6 +55,16 @@ def _row(image: str, path: Path, source: str, error: str = "", **cells: str) -> 
     return row
 
 
+def _table_hint(name: str) -> str:
+    """For a table of images given where an image was expected: how to pass it as a manifest (comma-separated)."""
+    suffix = Path(name).suffix.lower()
+    if suffix == ".csv":
+        return f"; to predict the images a CSV lists, pass it as --manifest {shlex.quote(name)}"
+    if suffix in (".tsv", ".tab", ".xlsx", ".xls"):
+        return "; to predict the images a table lists, save it as a comma-separated .csv and pass that as --manifest"
+    return ""
+
+
 def _file_row(arg: str, path: Path) -> dict[str, str]:
     """A file named on the command line: read whatever its ending, unless it is plainly not an image."""
     problem = file_problem(path)
@@ -64,8 +75,7 @@ def _file_row(arg: str, path: Path) -> dict[str, str]:
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES and not is_dicom(path):
         kind = f"'{suffix}'" if suffix else "without an ending (and not DICOM)"
-        hint = f"; to predict the images a CSV lists, pass it as --manifest {arg}" if suffix in (".csv", ".tsv") else ""
-        return _row(arg, path, arg, f"{arg}: unsupported file type {kind}; give {_SUPPORTED}{hint}.")
+        return _row(arg, path, arg, f"{arg}: unsupported file type {kind}; give {_SUPPORTED}{_table_hint(arg)}.")
     return _row(arg, path, arg)
 
 
@@ -113,9 +123,14 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
     header = [name.strip() for name in records[0]]
     if "image" not in header:
         found = ", ".join(repr(name) for name in header)
+        separator = delimiter_problem(header)
         raise ManifestError(
             manifest,
-            [Problem(None, "image", f"required column is missing (columns found: {found}); give each image's path")],
+            [Problem(None, "", separator)]
+            if separator
+            else [
+                Problem(None, "image", f"required column is missing (columns found: {found}); give each image's path")
+            ],
         )
     root = manifest.parent
     rows = []
@@ -241,7 +256,9 @@ def collect_inputs(
     if not rows:
         where = ", ".join(folders) or str(manifest)
         what = "" if recursive else " (subfolders were not searched: --recursive searches them)"
-        raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}.")
+        tables = [name for name in skipped if Path(name).suffix.lower() == ".csv"]
+        hint = f"; {tables[0]} is a CSV: to predict the images it lists, pass --manifest {shlex.quote(tables[0])}"
+        raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}{hint if tables else ''}.")
     rows, notes = _deduplicate(rows)
     if skipped:
         named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")

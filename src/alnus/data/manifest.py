@@ -214,6 +214,16 @@ def _read_records(path: Path) -> list[list[str]]:
     return records
 
 
+def delimiter_problem(header: list[str]) -> str:
+    """What to do about a file separated by ';' or tabs ("" for a header read as comma-separated)."""
+    if len(header) != 1:
+        return ""
+    for mark, name in ((";", "';'"), ("\t", "tabs")):
+        if mark in header[0]:
+            return f"the header is one column with {name} in it: save the file comma-separated, not with {name}"
+    return ""
+
+
 def _header_problems(header: list[str]) -> list[Problem]:
     problems = []
     for name, count in Counter(header).items():
@@ -226,10 +236,9 @@ def _header_problems(header: list[str]) -> list[Problem]:
                     f"column name appears {count} times (columns {', '.join(positions)}); rename or remove the copies",
                 )
             )
-    if len(header) == 1 and ";" in header[0]:
-        problems.append(
-            Problem(None, "", "the header is one column with ';' in it: save the file comma-separated, not ';'")
-        )
+    separator = delimiter_problem(header)
+    if separator:
+        problems.append(Problem(None, "", separator))
         return problems
     found = ", ".join(repr(name) for name in header)
     for name in REQUIRED_COLUMNS:

@@ -472,10 +472,11 @@ def check_leakage(splits: pd.DataFrame, pairs: pd.DataFrame | None = None) -> li
         sa, sb = split.to_numpy()[a], split.to_numpy()[b]
         for k in np.nonzero(sa != sb)[0]:
             p = pairs.iloc[k]
+            ka, kb = keys.to_numpy()[a[k]], keys.to_numpy()[b[k]]
             problems.append(
                 f"near-duplicate images (distance {p['distance']}) in different splits: "
-                f"{p['image_a']} (row {p['row_a']}, patient {p['patient_a']}, {sa[k]}) and "
-                f"{p['image_b']} (row {p['row_b']}, patient {p['patient_b']}, {sb[k]})"
+                f"{p['image_a']} (row {p['row_a']}, {_describe_patient(ka)}, {sa[k]}) and "
+                f"{p['image_b']} (row {p['row_b']}, {_describe_patient(kb)}, {sb[k]})"
             )
     return problems
 

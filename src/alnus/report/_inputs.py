@@ -226,13 +226,15 @@ class Network:
     level: str
     weights_sha256: str
     other_settings: tuple[str, ...] = ()  # training settings in which it differs from this run's config
+    precision: str | None = None  # the precision it trained in (packages before it was recorded: None)
 
     def training_text(self) -> str:
-        """'seed 1, starting weights none, best epoch 15 (validation AUC 0.966 per patient)'."""
+        """'seed 1, starting weights none, trained in bf16, best epoch 15 (validation AUC 0.966 per patient)'."""
         known = self.val_auc is not None
         auc = f"validation AUC {self.val_auc:.3f} per {self.level}" if known else f"by validation AUC per {self.level}"
         seed = "seed not recorded" if self.seed is None else f"seed {self.seed}"
-        return f"{seed}, starting weights {self.weights_source}, best epoch {self.best_epoch} ({auc})"
+        trained = f", trained in {self.precision}" if self.precision else ""
+        return f"{seed}, starting weights {self.weights_source}{trained}, best epoch {self.best_epoch} ({auc})"
 
 
 def _train_settings(meta: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -267,7 +269,14 @@ def network(meta: Mapping[str, Any], inputs: RunInputs, source: str) -> Network:
         level=str(meta.get("selection", {}).get("level", "patient")),
         weights_sha256=str(meta.get("weights_sha256", "")),
         other_settings=other,
+        precision=_precision_name(meta.get("precision")),
     )
+
+
+def _precision_name(value: object) -> str | None:
+    """The recorded training precision ("fp32", "bf16", "fp16") of a package's metadata, else None."""
+    name = value.get("name") if isinstance(value, Mapping) else None
+    return name if name in ("fp32", "bf16", "fp16") else None
 
 
 def single_model(inputs: RunInputs, model: str) -> Network:

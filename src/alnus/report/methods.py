@@ -212,8 +212,9 @@ def _models(inputs: RunInputs) -> Block:
             f"warm-up epochs, {train.get('head_epochs')} head-only epochs), batch size {train.get('batch_size')}, up "
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
-            + f", precision {train.get('precision')}: this run's settings; each network's seed, best epoch and "
-            "validation AUC are listed below. The epoch with the best validation AUC is kept."
+            + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
+            "trained in (`auto` picks by hardware and backbone), best epoch and validation AUC are listed below. "
+            "The epoch with the best validation AUC is kept."
             + _levers_text(train)
             + " "
             + (
