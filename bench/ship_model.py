@@ -112,9 +112,11 @@ def _parity(shipped: Path, source: Path, run: Path, model: str) -> dict[str, obj
     return found
 
 
-def _examples(shipped: Path, run: Path, data: Path, per_label: int = 4) -> pd.DataFrame:
+def _examples(shipped: Path, run: Path, target: Path, per_label: int = 4) -> pd.DataFrame:
     """A few external test images with the shipped copy's probability on this machine: `tests/test_shipped_model.py`
-    checks that a fresh clone reproduces them (the images stay in the data folder; paths are relative to it)."""
+    checks that a fresh clone reproduces them. The images stay in the data folder; their paths are relative to the
+    package's folder `target` (../../../shared/data/... beside the repository), so the file is a manifest:
+    `alnus predict PACKAGE --manifest PACKAGE/examples.csv`."""
     from alnus.predict import Predictor
     from alnus.runfolder import read_splits
 
@@ -122,7 +124,7 @@ def _examples(shipped: Path, run: Path, data: Path, per_label: int = 4) -> pd.Da
     external = splits[splits["split"] == "external_test"].sort_values("image")
     rows = pd.concat([group.head(per_label) for _, group in external.groupby("label")])
     probs = Predictor(shipped, device="cpu", engine="torch").predict_table(rows, run)["prob"].to_numpy()
-    images = [(run / image).resolve().relative_to(data.resolve()).as_posix() for image in rows["image"]]
+    images = [Path(os.path.relpath((run / image).resolve(), target.resolve())).as_posix() for image in rows["image"]]
     return pd.DataFrame({"image": images, "roi": rows["roi"].to_numpy(), "label": rows["label"].to_numpy(),
                          "prob": probs})  # fmt: skip
 
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)
             return 1
-        _examples(shipped, run, args.data).to_csv(shipped / "examples.csv", index=False)
+        _examples(shipped, run, target).to_csv(shipped / "examples.csv", index=False)
         (shipped / "parity.json").write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
         old = Path(tmp) / "previous"  # the earlier shipped copy, removed with the temporary folder
         if target.exists():

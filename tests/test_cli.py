@@ -331,7 +331,8 @@ def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_
 
 def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """New-user review: `make demo` ended with the report's path and no hint of what to do with the model; attack
-    review: the hint must paste as one working command (quoted, no emoji codes, paths valid from where it ran)."""
+    and new-user reviews: the hint must paste as one working command (the alnus that ran, quoted, no emoji codes,
+    paths valid from where it ran, no placeholders, nothing written into the repository)."""
     import shlex
 
     from rich.console import Console
@@ -341,18 +342,32 @@ def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.Mo
     shown = Console(record=True, width=60)
     monkeypatch.setattr(cli, "console", shown)
     monkeypatch.chdir(tmp_path)
-    package = tmp_path / "my demo" / "runs" / "demo [v2]" / ":smile:" / "model"
+    script = tmp_path / ".venv" / "bin" / "alnus"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    out = tmp_path / "my demo"
+    package = out / "runs" / "demo [v2]" / ":smile:" / "model"
     outside = tmp_path.parent / "o'dd;$x.csv"
     shipped = tmp_path / "models" / "breast-us-malignancy"
     shipped.mkdir(parents=True)
-    cli._show_next_steps(package, outside, shipped)
-    lines = shown.export_text().splitlines()
-    [predict] = [line for line in lines if "--manifest" in line]
-    words = shlex.split(predict.split(":  ", 1)[1])
-    assert words == ["alnus", "predict", "my demo/runs/demo [v2]/:smile:/model", "--manifest", str(outside),
-                     "--out", "predictions.csv"]  # fmt: skip
-    assert any("alnus predict models/breast-us-malignancy IMAGE --roi x,y,w,h" in line for line in lines)
+    (shipped / "examples.csv").write_text("image\n")
+    cli._show_next_steps(package, outside, out, shipped)
+    text = shown.export_text()
+    assert f"Next, from {tmp_path} " in text
+    [predict] = [line for line in text.splitlines() if "--out" in line]
+    assert shlex.split(predict.split(":  ", 1)[1]) == [
+        ".venv/bin/alnus", "predict", "my demo/runs/demo [v2]/:smile:/model", "--manifest", str(outside),
+        "--out", "my demo/predictions.csv",
+    ]  # fmt: skip
+    [real] = [line for line in text.splitlines() if "breast-us-malignancy" in line]
+    assert real.endswith(
+        ".venv/bin/alnus predict models/breast-us-malignancy --manifest models/breast-us-malignancy/examples.csv"
+    )
     shown = Console(record=True, width=60)
     monkeypatch.setattr(cli, "console", shown)
-    cli._show_next_steps(package, outside, tmp_path / "absent")
+    cli._show_next_steps(package, outside, out, tmp_path / "absent")
     assert "breast-us-malignancy" not in shown.export_text()  # no line for a model that is not there
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "src" / "alnus" / "__main__.py")])
+    assert cli._alnus_command() == f"{shlex.quote(sys.executable)} -m alnus"

@@ -195,6 +195,12 @@ def test_a_run_folder_is_sent_to_predict_run(data: Path, tmp_path: Path) -> None
     assert result.exit_code != 0
     message = " ".join(str(result.exception).split())
     assert f"alnus predict-run {run}" in message and str(run / "models" / "tiny_cnn" / "model") in message
+    # New-user review: a model's folder (it holds config.yaml too) was called a run folder, with wrong paths.
+    folder = run / "models" / "tiny_cnn"
+    (folder / "config.yaml").write_text("name: demo\n")
+    result = CliRunner().invoke(app, ["predict", str(folder), str(data / "export" / "a.png")])
+    message = " ".join(str(result.exception).split())
+    assert result.exit_code != 0 and f"is a model's folder, not its package; pass {folder / 'model'}" in message
 
 
 def test_heat_maps_are_written_for_the_predicted_images(data: Path, tmp_path: Path) -> None:
@@ -354,3 +360,14 @@ def test_the_first_failure_is_printed_not_only_written(data: Path, tmp_path: Pat
     code, _, stderr = _predict(str(data / "model"), str(listing), "--out", str(tmp_path / "p.csv"))
     assert code == 1 and "1 image(s) failed" in stderr
     assert f"first: {listing}: unsupported file type '.csv'" in stderr and "--manifest" in stderr
+
+
+def test_a_missing_manifest_image_says_where_it_was_looked_for(data: Path, tmp_path: Path) -> None:
+    """New-user review: "case001.png: file not found" did not say it was resolved against the manifest's folder."""
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text('image,roi\nimages/case001.png,"1,1,10,10"\n')
+    table = Predictor(data / "model", device="cpu").predict_inputs(collect_inputs(manifest=manifest))
+    error = table["error"].iloc[0]
+    assert error.startswith("images/case001.png: file not found")
+    assert f"(looked for {tmp_path / 'lists' / 'images' / 'case001.png'})" in error

@@ -4,6 +4,7 @@ images (bench/ship_model.py wrote them, with the paths of those images inside ..
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def test_shipped_model_reproduces_its_recorded_probabilities_on_real_images(pack
 
     examples = pd.read_csv(package / "examples.csv", dtype={"roi": str})
     assert set(examples["label"]) == {"benign", "malignant"}
-    rows = examples.assign(image=[str(shared_data / image) for image in examples["image"]])
-    probs = Predictor(package, device="cpu", engine="torch").predict_table(rows, shared_data)["prob"].to_numpy()
+    # Paths relative to the package's folder, into ../shared/data beside the repository: the file is a manifest.
+    prefix = "../../../shared/data/"
+    assert all(image.startswith(prefix) for image in examples["image"])
+    rows = examples.assign(image=[str(shared_data / image.removeprefix(prefix)) for image in examples["image"]])
+    probs = Predictor(package, device="cpu", engine="torch").predict_table(rows, package)["prob"].to_numpy()
     np.testing.assert_allclose(probs, examples["prob"].to_numpy(), atol=1e-4)
+    if (package / prefix).resolve() != shared_data.resolve():
+        pytest.skip(f"the data ({shared_data}) is not beside the repository, so examples.csv is no manifest here")
+    # As README says: `alnus predict PACKAGE --manifest PACKAGE/examples.csv` predicts them all.
+    result = CliRunner().invoke(app, ["predict", str(package), "--manifest", str(package / "examples.csv"),
+                                      "--format", "csv", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.stdout))
+    np.testing.assert_allclose(table["prob"].to_numpy(), examples["prob"].to_numpy(), atol=1e-4)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -384,25 +386,44 @@ def demo(
         f"[bold]Demo done.[/bold] Everything is in {escape(str(cfg.run_dir))}/ (rerun to reuse what is finished)."
     )
     shipped = config.resolve().parent.parent / "models" / "breast-us-malignancy"  # configs/ sits beside models/
-    _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest, shipped)
+    _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest, out, shipped)
     _show_report(cfg.run_dir)
 
 
-def _show_next_steps(package: Path, manifest: Path, shipped: Path | None = None) -> None:
+def _alnus_command() -> str:
+    """How this alnus was started, as a user can type it again: `alnus` when that is on the PATH, else the path of
+    the script (e.g. .venv/bin/alnus) or `python -m alnus`."""
+    script = Path(sys.argv[0])
+    if script.name == "alnus" and script.is_file():
+        found = shutil.which("alnus")
+        if found and Path(found).resolve() == script.resolve():
+            return "alnus"
+        return _shell_path(script)
+    return f"{_shell_path(Path(sys.executable))} -m alnus"
+
+
+def _shell_path(path: Path) -> str:
+    """`path` for a command to paste here: relative to the current folder when inside it, quoted for the shell."""
+    here, full = Path.cwd(), Path(os.path.abspath(path))  # links kept: .venv/bin/python stays itself
+    return shlex.quote(str(full.relative_to(here)) if full.is_relative_to(here) else str(full))
+
+
+def _show_next_steps(package: Path, manifest: Path, out: Path, shipped: Path | None = None) -> None:
     """What a new user can do with the demo's model package next (README, "Use a model on new patients"): commands
-    to paste in the folder the demo ran from (paths relative to it where they lie inside it, quoted for the shell)."""
-
-    def shown(path: Path) -> str:
-        here, full = Path.cwd().resolve(), path.resolve()
-        return shlex.quote(str(full.relative_to(here) if full.is_relative_to(here) else full))
-
+    to paste in the folder the demo ran from, written as that folder and the shell see them."""
+    alnus = _alnus_command()
     lines = [
-        f"  predict with its model package:  alnus predict {shown(package)} --manifest {shown(manifest)} "
-        "--out predictions.csv"
+        f"  predict with its model package:  {alnus} predict {_shell_path(package)} --manifest "
+        f"{_shell_path(manifest)} --out {_shell_path(out / 'predictions.csv')}"
     ]
-    if shipped is not None and shipped.is_dir():
-        lines.append(f"  a model trained on real breast US images:  alnus predict {shown(shipped)} IMAGE --roi x,y,w,h")
-    console.print("[bold]Next[/bold] (from this folder; README: 'Use a model on new patients'):", highlight=False)
+    examples = shipped / "examples.csv" if shipped is not None else None
+    if examples is not None and examples.is_file():
+        lines.append(
+            f"  a model trained on real breast US images (its examples need ../shared/data):  {alnus} predict "
+            f"{_shell_path(shipped)} --manifest {_shell_path(examples)}"
+        )
+    console.print(f"[bold]Next[/bold], from {escape(str(Path.cwd()))} (README: 'Use a model on new patients'):",
+                  highlight=False, soft_wrap=True, emoji=False)  # fmt: skip
     for line in lines:
         console.print(escape(line), highlight=False, soft_wrap=True, emoji=False)
 
@@ -573,6 +594,8 @@ def _refuse_run_folder(package: Path) -> None:
     """`alnus predict RUN` (the stage's old name) on a run folder: name the command the user meant."""
     if not package.is_dir() or (package / "metadata.json").exists():
         return
+    if (package / "model" / "metadata.json").exists():
+        return  # a model's folder (runs/<name>/models/<backbone>): the package reader names its `model/` package
     if (package / "splits.csv").exists() or (package / "config.yaml").exists():
         found = sorted(p.parent for p in package.glob("models/*/model/metadata.json"))
         example = found[0] if found else package / "models" / "<backbone>" / "model"
@@ -738,11 +761,13 @@ def _check_boxes(values: list[str] | None) -> list[str] | None:
 
 @app.command("predict")
 def predict(
-    package: Annotated[Path, typer.Argument(help="A model package folder (runs/<name>/models/<backbone>/model).")],
+    package: Annotated[
+        Path, typer.Argument(metavar="PACKAGE", help="A model package folder (runs/<name>/models/<backbone>/model).")
+    ],
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
-            metavar="INPUT...",
+            metavar="INPUT",
             help="Image files and folders (searched for PNG, JPEG, BMP, TIFF and DICOM, also DICOM without an ending).",
         ),
     ] = None,
@@ -756,18 +781,26 @@ def predict(
     roi: Annotated[
         list[str] | None,
         typer.Option(
-            help="Lesion box x,y,w,h per image file, in the files' order (packages trained on boxes).",
+            metavar="X,Y,W,H",
+            help="Lesion box per image file, in the files' order (packages trained on boxes); repeat the option "
+            "once per file: --roi 10,20,80,60 --roi ...",
             callback=_check_boxes,
         ),
     ] = None,
     mask: Annotated[
-        list[Path] | None, typer.Option(help="Lesion mask per image file, in the files' order (instead of --roi).")
+        list[Path] | None,
+        typer.Option(
+            metavar="MASK",
+            help="Lesion mask per image file, in the files' order, repeated per file (instead of --roi).",
+        ),
     ] = None,
     patient_id: Annotated[
         list[str] | None,
         typer.Option(
             "--patient-id",
-            help="Patient per image file, in the files' order: a patient's images are combined as when the "
+            metavar="ID",
+            help="Patient per image file, in the files' order, repeated per file: a patient's images are combined "
+            "as when the "
             "threshold was frozen (default: each image is its own patient).",
         ),
     ] = None,
@@ -795,7 +828,7 @@ def predict(
     recursive: Annotated[bool, typer.Option(help="Search the folders' subfolders too.")] = True,
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
-    """Predict new images (files, folders, a manifest) with a model package (a run folder: `alnus predict-run`).
+    """Predict new images (files, folders, a manifest) with a model package; a run's own splits: `alnus predict-run`.
 
     Each image gets the probability and, once a threshold is frozen, the call. Images are read one by one: one that
     is corrupt, unsupported or unreadable, or lacks the lesion region the model needs, gets the reason in the `error`
@@ -1327,6 +1360,28 @@ def _os_error_message(exc: OSError) -> str:
         errno.ENOENT: "check the path",
     }.get(exc.errno, "check the path and the disk, then rerun")
     return f"cannot access {where}: {reason}; {advice}."
+
+
+def _unwrapped(doc: str) -> str:
+    """A docstring as --help should flow it: the lines of each paragraph joined (the terminal wraps them), list
+    items and indented lines kept on their own lines, paragraphs kept apart."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and line.strip() and not line.startswith((" ", "-", "*")):
+                lines[-1] = f"{lines[-1]} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+for _typer_app in (app, data_app):
+    for _info in _typer_app.registered_commands:
+        _doc = _info.help or (_info.callback.__doc__ if _info.callback is not None else None)
+        if _doc:
+            _info.help = _unwrapped(_doc)
 
 
 if __name__ == "__main__":

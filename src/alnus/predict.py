@@ -530,7 +530,10 @@ class Predictor:
                     inputs, warned[i] = self._input(row)
                     pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
-                    errors[i] = _as_named(str(exc) or type(exc).__name__, row["path"], row.get("image") or row["path"])
+                    named = row.get("image") or row["path"]
+                    errors[i] = _as_named(str(exc) or type(exc).__name__, row["path"], named)
+                    if named != row["path"] and not Path(row["path"]).exists():
+                        errors[i] += f" (looked for {row['path']})"  # a relative name: where it was resolved
             if len(pending) >= self.batch_size:
                 flush()
             if progress is not None:
