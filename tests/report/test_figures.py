@@ -162,10 +162,14 @@ def test_calibration_figure_shows_bins_with_counts_and_the_calibration_numbers()
     assert "Brier" in title and "slope" in title and "intercept" in title
 
 
-@pytest.mark.parametrize(("n", "bins"), [(16, 2), (29, 2), (60, 6), (200, 10), (5000, 10)])
+@pytest.mark.parametrize(("n", "bins"), [(16, 2), (29, 3), (60, 6), (200, 10), (5000, 10)])
 def test_calibration_bins_hold_about_ten_cases(n: int, bins: int) -> None:
-    """A reliability diagram of a small test set gets few bins (bins of 1-3 cases say nothing: new-user review)."""
+    """A reliability diagram of a small test set gets few bins (bins of 1-3 cases say nothing: new-user review);
+    29 cases make 3 bins of about 10, not 2 of 14-15 under a caption that said "about 10" (new-user review)."""
     assert calibration_bins(n) == bins
+    from alnus.report.figures import _bins_text
+
+    assert _bins_text(n).startswith(f"{bins} equal-count bins of about {round(n / bins)} cases")
     y, p = scores(n, seed=3)
     fig = calibration_figure(y, p)
     assert len(by_gid(fig, "bin_count")) <= bins

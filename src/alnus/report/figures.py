@@ -324,7 +324,13 @@ def _cut_key(cut: str) -> str:
 def calibration_bins(n: int, *, per_bin: int = 10, most: int = 10) -> int:
     """Equal-count bins for a reliability diagram of `n` cases: about `per_bin` cases each, 2 to `most` bins (with
     fewer cases per bin the observed fractions and their CIs say nothing)."""
-    return max(2, min(most, n // per_bin))
+    return max(2, min(most, round(n / per_bin)))
+
+
+def _bins_text(n: int) -> str:
+    """The calibration caption's bins for `n` cases: '3 equal-count bins of about 10 cases' (tied edges merge)."""
+    bins = calibration_bins(n)
+    return f"{bins} equal-count bins of about {n / bins:.0f} cases, fewer where tied probabilities merge them"
 
 
 def calibration_figure(
@@ -598,7 +604,7 @@ def _model_split_figures(
     writer.add(f"calibration_{model}_{split}", lambda: calibration_figure(
         y, prob, title=f"Calibration: {where}", alpha=boot["alpha"]),
         f"Reliability diagram of {model} on the {split} split, per {level} ({n}): observed fraction positive per "
-        f"bin of predicted probability (equal-count bins of about 10 cases, 2 to 10 bins; Clopper-Pearson {ci} CIs; "
+        f"bin of predicted probability ({_bins_text(len(cases))}; Clopper-Pearson {ci} CIs; "
         "n per bin beside each point; below: predicted probabilities of the negative and positive cases); Brier "
         "score, calibration slope and intercept (logistic recalibration, Wald CIs).",
         "calibration", model, split)  # fmt: skip
