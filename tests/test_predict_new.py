@@ -115,6 +115,10 @@ def test_json_lines_and_out_files_parse(data: Path, tmp_path: Path) -> None:
     with pytest.raises(AlnusError, match=r"the ending \.xlsx names no format"):
         _predict(model, images[0], "--out", str(tmp_path / "preds.xlsx"))
     assert not (tmp_path / "preds.xlsx").exists()
+    # New-user review: --out x.json --format csv wrote CSV into a .json file.
+    with pytest.raises(AlnusError, match=r"names json by its ending but --format is csv"):
+        _predict(model, images[0], "--out", str(tmp_path / "x.json"), "--format", "csv")
+    assert not (tmp_path / "x.json").exists()
     # A device, FIFO, link or folder at --out is refused before anything is predicted (attack review: they were
     # replaced by a regular file), and --heatmaps must be a folder.
     import os

@@ -623,6 +623,10 @@ def _output_format(fmt: str | None, out: Path | None) -> str:
     if fmt is not None:
         if fmt not in _FORMATS:
             raise AlnusError(f"--format {fmt!r} is not one of {', '.join(_FORMATS)}.")
+        named = _FORMAT_OF_SUFFIX.get(out.suffix.lower()) if out is not None else None
+        if named is not None and named != fmt:
+            # CSV inside a .json file (say) would mislead whoever opens it.
+            raise AlnusError(f"--out {out} names {named} by its ending but --format is {fmt}; make them agree.")
         return fmt
     if out is not None:
         suffix = out.suffix.lower()
