@@ -529,3 +529,20 @@ def test_a_run_without_a_frozen_threshold_or_with_stale_predictions_says_what_to
     with pytest.raises(ExplainError, match=r"other weights.*alnus predict"):
         explain_run(run, n=2, device="cpu")
     assert not RunFolder(run).heatmaps.exists()
+
+
+def test_heat_on_the_padding_only_is_told_from_heat_on_the_image() -> None:
+    """Issue 10 (weak point): a map whose heat fell only on the letterbox padding showed as an empty overlay without
+    a reason; `heat_on_image` records the share of the network's map on the image crop (the report labels 0)."""
+    size = 32
+    base = {"name": "a.png", "image": np.zeros((40, 60), np.uint8), "heatmap": np.zeros((40, 60), np.float32),
+            "crop_box": (0, 0, 60, 40), "lesion_box": None, "lesion_mask": None, "prob": 0.5, "method": "gradcam",
+            "input_image": np.zeros((size, size), np.uint8), "input_box": (5, 0, 22, 32)}  # fmt: skip
+    padding = np.zeros((size, size), np.float32)
+    padding[:5] = 1.0  # above the crop: the letterbox band
+    assert Explanation(**base, input_heatmap=padding).heat_on_image == 0.0
+    half = padding.copy()
+    half[10:15] = 1.0  # as much heat again, inside the crop
+    assert Explanation(**base, input_heatmap=half).heat_on_image == pytest.approx(0.5)
+    assert Explanation(**base, input_heatmap=np.zeros((size, size), np.float32)).heat_on_image is None
+    assert "heat_on_image" in INDEX_COLUMNS

@@ -46,7 +46,7 @@ METHODS = ("gradcam", "gradcam++", "eigencam", "scorecam")
 GRADIENT_METHODS = frozenset({"gradcam", "gradcam++"})
 OUTCOMES = ("TP", "FP", "FN", "TN")
 INDEX_COLUMNS = ("image", "patient_id", "label", "y", "prob", "call", "outcome", "method", "png", "energy_in_roi",
-                 "gaussian_in_roi", "random_in_roi", "note")  # fmt: skip
+                 "gaussian_in_roi", "random_in_roi", "heat_on_image", "note")  # fmt: skip
 # Overlays wider than this are scaled down: they are looked at in a report, not measured.
 OVERLAY_WIDTH = 512
 _HEAT_ALPHA = 0.5
@@ -253,6 +253,15 @@ class Explanation:
         """Share of the heat inside the lesion (mask, else box); None without a lesion or without heat."""
         region = self.lesion_region
         return None if region is None else energy_share(self.heatmap, region)
+
+    @property
+    def heat_on_image(self) -> float | None:
+        """Share of the network's map (at its input size) on the image crop rather than the letterbox padding; None
+        when the map holds no heat. 0 means every bit of evidence fell on the padding: nothing on the image."""
+        top, left, height, width = self.input_box
+        region = np.zeros(np.shape(self.input_heatmap), dtype=bool)
+        region[top : top + height, left : left + width] = True
+        return energy_share(self.input_heatmap, region)
 
     def overlay(self, *, width: int | None = None) -> Image.Image:
         """RGB: the grey image, the heat map in colour (transparent where there is none), crop box and lesion."""
@@ -676,6 +685,7 @@ def _explain_model(run_dir: Path, model: str, split: str, n: int, method: str, d
             None if e.lesion_region is None else energy_share(b[name], e.lesion_region)
             for e, b in zip(explanations, baselines, strict=True)
         ]
+    index["heat_on_image"] = [e.heat_on_image for e in explanations]
     index["note"] = [e.note for e in explanations]
     final = run.heatmaps_for(model, split)
     run.output_folder(final.parent)  # refuses a symlinked heatmaps/ or heatmaps/<model> (nothing written through it)

@@ -332,3 +332,17 @@ def test_a_network_says_the_precision_it_trained_in() -> None:
         "seed 0, starting weights none, trained in bf16, best epoch 3 (validation AUC 0.900 per patient)"
     )
     assert _precision_name({"name": "<script>"}) is None and _precision_name("bf16") is None
+
+
+def test_maps_without_heat_on_the_image_are_labelled_with_or_without_a_lesion() -> None:
+    """Issue 10 (weak point): only all-zero maps of images with a known lesion were labelled; `heat_on_image`
+    (explain) tells an empty map and a map whose heat fell on the padding only, lesion known or not."""
+    from alnus.report.build import empty_maps, padding_maps
+
+    index = pd.DataFrame({"energy_in_roi": ["", "", "0.4", ""], "gaussian_in_roi": ["", "0.3", "0.3", ""],
+                          "heat_on_image": ["", "0", "0.9", "1"]})  # fmt: skip
+    assert empty_maps(index).tolist() == [True, True, False, False]
+    assert padding_maps(index).tolist() == [False, True, False, False]
+    older = index.drop(columns="heat_on_image")  # an index.csv from before the column: the lesion's baselines decide
+    assert empty_maps(older).tolist() == [False, True, False, False]
+    assert not padding_maps(older).any()

@@ -46,6 +46,7 @@ OUTCOMES = ("TP", "FP", "TN", "FN")
 _OUTCOME_NAMES = {"TP": "true positives", "FP": "false positives", "TN": "true negatives", "FN": "false negatives"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EMPTY_MAP = "empty map (no positive evidence)"
+PADDING_MAP = "heat only on the letterbox padding (no evidence on the image)"
 # Figure sections (of `make_figures`) in the order the report shows them, with their headings.
 FIGURE_SECTIONS = {
     "roc": "ROC curves",
@@ -165,17 +166,30 @@ def _read_index(path: Path) -> pd.DataFrame | None:
 def empty_maps(index: pd.DataFrame) -> pd.Series:
     """Rows whose heat map is empty (no positive evidence: nothing in the crop raised the positive-class score).
 
-    `alnus explain` leaves `energy_in_roi` empty for a map without heat (`alnus.explain.energy_share`); where the
-    lesion is known its baselines (`gaussian_in_roi`) are still filled, which tells such a map from an image without
-    a lesion.
+    `alnus explain` records `heat_on_image`, the share of the network's map on the image rather than the letterbox
+    padding: empty where the map holds no heat, 0 where all of it fell on the padding; both are empty on the image.
+    An index.csv written before that column existed falls back to `energy_in_roi`, left empty for a map without heat
+    (`alnus.explain.energy_share`) while the lesion's baselines (`gaussian_in_roi`) are filled.
     """
+    if "heat_on_image" in index.columns:
+        # Recorded for every map, lesion known or not: no heat at all (empty cell), or heat on the padding only.
+        return pd.to_numeric(index["heat_on_image"], errors="coerce").fillna(0.0) == 0.0
     if not {"energy_in_roi", "gaussian_in_roi"} <= set(index.columns):
         return pd.Series(False, index=index.index)
     energy = pd.to_numeric(index["energy_in_roi"], errors="coerce")
     return energy.isna() & pd.to_numeric(index["gaussian_in_roi"], errors="coerce").notna()
 
 
-def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: list[str], empty: bool) -> Image | None:
+def padding_maps(index: pd.DataFrame) -> pd.Series:
+    """Rows whose map has heat, all of it on the letterbox padding (`heat_on_image` 0; older index.csv: none)."""
+    if "heat_on_image" not in index.columns:
+        return pd.Series(False, index=index.index)
+    return pd.to_numeric(index["heat_on_image"], errors="coerce") == 0.0
+
+
+def _tile(
+    row: pd.Series, folder: Path, positive: str, number: int, missing: list[str], empty: bool, padding: bool = False
+) -> Image | None:
     path = folder / str(row["png"])
     # Only files of the heat-map folder itself are embedded, whatever index.csv names.
     inside = path.resolve().parent == folder.resolve()
@@ -190,7 +204,7 @@ def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: lis
             parts.append(f"{label} {row[column]}")
     energy = pd.to_numeric(row.get("energy_in_roi", ""), errors="coerce")
     if empty:
-        parts.append(EMPTY_MAP)
+        parts.append(PADDING_MAP if padding else EMPTY_MAP)
     elif pd.notna(energy):
         parts.append(f"{tables.pct(float(energy))} of the heat in the lesion")
     alt = f"Heat map over the input crop ({row['outcome']}, image {Path(str(row.get('image', ''))).name})"
@@ -200,7 +214,7 @@ def _tile(row: pd.Series, folder: Path, positive: str, number: int, missing: lis
 def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str, run: RunFolder) -> Block:
     block = Block(f"heatmaps-{model}-{split}", f"{model}, {split}")
     missing: list[str] = []
-    index = index.assign(_empty=empty_maps(index))
+    index = index.assign(_empty=empty_maps(index), _padding=padding_maps(index))
     for outcome in OUTCOMES:
         rows = index[index["outcome"].str.upper() == outcome].copy()
         if rows.empty:
@@ -209,7 +223,7 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
         rows = rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last")
         tiles = [
-            _tile(row, folder, positive, i, missing, bool(row["_empty"]))
+            _tile(row, folder, positive, i, missing, bool(row["_empty"]), bool(row["_padding"]))
             for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
         ]
         shown = [tile for tile in tiles if tile is not None]
