@@ -19,6 +19,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from alnus._hardware import choose_precision
 from alnus.config import ConfigError, TrainConfig, load_config
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
 from alnus.data.manifest import ManifestError
@@ -623,7 +624,7 @@ def _engine(seed: int) -> Engine:
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         criterion=torch.nn.BCEWithLogitsLoss(),
         device=torch.device("cpu"),
-        precision=None,
+        precision=choose_precision(torch.device("cpu"), "fp32"),
         channels_last=False,
         head_epochs=0,
         grad_accum=1,

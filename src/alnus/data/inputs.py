@@ -257,8 +257,12 @@ def collect_inputs(
         where = ", ".join(folders) or str(manifest)
         what = "" if recursive else " (subfolders were not searched: --recursive searches them)"
         tables = [name for name in skipped if Path(name).suffix.lower() == ".csv"]
-        hint = f"; {tables[0]} is a CSV: to predict the images it lists, pass --manifest {shlex.quote(tables[0])}"
-        raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}{hint if tables else ''}.")
+        hint = (
+            f"; {tables[0]} is a CSV: to predict the images it lists, pass --manifest {shlex.quote(tables[0])}"
+            if tables
+            else ""
+        )
+        raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}{hint}.")
     rows, notes = _deduplicate(rows)
     if skipped:
         named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
