@@ -414,12 +414,12 @@ class Engine:
 def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.device) -> Engine:
     """Create the model (with its start weights), loss, optimiser, per-step schedule and gradient scaler."""
     from alnus._hardware import choose_precision
-    from alnus.models import create_model, get_spec
+    from alnus.models import create_model
 
     tc = cfg.train
     extra = data.aux.outputs if data.aux is not None else 0
     model = create_model(backbone, weights=tc.weights, num_classes=1 + extra).to(device)
-    precision = choose_precision(device, tc.precision, depthwise=get_spec(backbone).depthwise)
+    precision = choose_precision(device, tc.precision, depthwise=model.spec.depthwise)
     channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
