@@ -93,6 +93,7 @@ def test_the_speed_note_sums_the_seeds_training_epochs(public_configs, monkeypat
     import public_final
 
     monkeypatch.setattr(public_configs, "REPO", tmp_path)
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
     for name, seconds in (("aux_birads", [600, 1200]), ("aux_seed1", [1800]), ("aux_seed2", [300, 300])):
         run_name = next(c.run_name for c in public_configs.CONFIGURATIONS if c.name == name)
         folder = tmp_path / "runs" / run_name / "models" / "efficientnet_lite0"
@@ -101,3 +102,20 @@ def test_the_speed_note_sums_the_seeds_training_epochs(public_configs, monkeypat
     note = public_final.speed_note(pd.Series({"name": "aux_seeds"}))
     assert "aux_birads's 3 seeds (aux_birads, aux_seed1, aux_seed2" in note and "took 70 min of epochs" in note
     assert "180 min" in note
+    assert "Not yet timed from scratch" in note and "bench/final_timing.py" in note
+
+    record = {
+        "command": "python bench/final_timing.py",
+        "date": "2026-12-03",
+        "cpu": "Xeon",
+        "wall_minutes": 151.4,
+        "limit_minutes": 180,
+        "seeds": [{"configuration": n} for n in ("aux_birads", "aux_seed1", "aux_seed2")],
+    }
+    (tmp_path / "docs" / "final_timing.json").write_text(json.dumps(record))
+    note = public_final.speed_note(pd.Series({"name": "aux_seeds"}))
+    assert "151 min wall for all 3 seeds" in note and "within the bound" in note
+    # A timing of other seeds (another final configuration) is not cited for this one.
+    record["seeds"] = [{"configuration": "base"}]
+    (tmp_path / "docs" / "final_timing.json").write_text(json.dumps(record))
+    assert "Not yet timed" in public_final.speed_note(pd.Series({"name": "aux_seeds"}))
