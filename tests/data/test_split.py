@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import alnus.data.split as split_module
 from alnus.data.split import (
     DEFAULT_MAX_DISTANCE,
     PAIR_COLUMNS,
@@ -213,6 +214,32 @@ def test_group_spanning_development_and_external_site_is_refused() -> None:
     df.loc[df["patient_id"].isin(["P000", "P001"]), "group"] = "G"  # P000 at A, P001 at B
     with pytest.raises(AlnusError, match="group.*G.*development and an external site"):
         make_splits(df, external_sites=["B"], group_col="group")
+
+
+def test_near_duplicate_groups_are_named_by_their_patient_as_the_manifest_writes_it() -> None:
+    """Group ids from group_near_duplicates are escaped patient keys ("site/patient"); messages show the values."""
+    df = synthetic_manifest(20, sites=("A/x", "B"))
+    df["patient_id"] = df["patient_id"].str.replace("P", "p/")  # ids with "/" are escaped inside keys
+    keys = split_module._patient_keys(df)
+    df["group"] = keys
+    first_a = df.index[df["site"] == "A/x"][0]
+    first_b = df.index[df["site"] == "B"][0]
+    df.loc[keys.isin([keys[first_a], keys[first_b]]), "group"] = keys[first_a]
+    with pytest.raises(AlnusError) as info:
+        make_splits(df, external_sites=["B"], group_col="group")
+    patient = df.loc[first_a, "patient_id"]
+    assert f"the group of patient {patient} (site A/x): near-duplicate images" in str(info.value)
+    assert "%2F" not in str(info.value)
+
+    dev = synthetic_manifest(60, sites=("A/x",))
+    keys = split_module._patient_keys(dev)
+    dev["group"] = keys
+    benign = dev.index[dev["label"] == "benign"][0]
+    malignant = dev.index[dev["label"] == "malignant"][:2]
+    dev.loc[keys.isin(keys[[benign, *malignant]]), "group"] = keys[malignant[0]]
+    notes = make_splits(dev, group_col="group").attrs["notes"]
+    named = f"the group of patient {dev.loc[malignant[0], 'patient_id']} (site A/x) merges patients"
+    assert any(named in n for n in notes), notes
 
 
 # --- near-duplicates --------------------------------------------------------------------------------------

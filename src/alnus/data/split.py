@@ -90,6 +90,12 @@ def _patient_keys(df: pd.DataFrame) -> pd.Series:
     return case_names(df, ["site", "patient_id"])
 
 
+def _describe_group(unit: str, keys: pd.Series) -> str:
+    """A split unit as the manifest's values: a near-duplicate group is named after its first patient's key
+    (`group_near_duplicates`), so one that is a patient key reads "the group of patient P (site S)"."""
+    return f"the group of {_describe_patient(unit)}" if unit in set(keys) else f"group {unit}"
+
+
 def _describe_patient(key: str) -> str:
     """A patient key (`_patient_keys`, "site/patient_id" escaped) as the manifest's values: "patient P (site S)"."""
     *site, patient = case_parts(key)
@@ -126,7 +132,7 @@ def _unit_labels(df: pd.DataFrame, keys: pd.Series, units: pd.Series, notes: lis
         if len(part) > 1:
             tally = dict(zip(part["label"], part["n"].astype(int), strict=True))
             notes.append(
-                f"group {unit} merges patients with labels {tally}; "
+                f"{_describe_group(unit, keys)} merges patients with labels {tally}; "
                 f"stratified as {chosen[unit]!r} (the majority, ties broken alphabetically)"
             )
     return chosen.sort_index()
@@ -293,8 +299,8 @@ def make_splits(
     mixed = unit_external[unit_external["any"] & ~unit_external["all"]].index
     if len(mixed):
         raise AlnusError(
-            f"group(s) {', '.join(sorted(mixed))} hold near-duplicate images from both a development and an "
-            "external site; remove the duplicate image from one site in the manifest."
+            f"{'; '.join(_describe_group(u, keys) for u in sorted(mixed))}: near-duplicate images from both a "
+            "development and an external site; remove the duplicate image from one site in the manifest."
         )
     external_units = unit_external.index[unit_external["all"]]
     dev = unit_labels.drop(external_units)
