@@ -54,6 +54,29 @@ def _row(name: str, found: dict) -> dict[str, str]:
     }
 
 
+SPLITS = (("internal_test", "internal (BUS-BRA)"), ("external_test", "external (BrEaST)"))
+
+
+def compare(
+    run: Path, model: str, reader: str = "reader_birads", positive_from: str = "4a"
+) -> tuple[object, float, float, dict[str, dict]]:
+    """Fit the combination on the validation patients, set its threshold to the radiologists' validation
+    sensitivity, and compare it with the radiologists on each test split: (fit, threshold, that sensitivity,
+    `compare_with_reader`'s result per split)."""
+    from alnus.combine import compare_with_reader, fit_combination, matched_threshold
+
+    val = _patients(run, model, "val", reader, positive_from)
+    fit = fit_combination(val["y"], val["prob"], val["birads"])
+    reader_sensitivity = float(val.loc[val["y"] == 1, "call"].mean())
+    threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), reader_sensitivity)
+    found = {}
+    for split, _ in SPLITS:
+        test = _patients(run, model, split, reader, positive_from)
+        found[split] = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"],
+                                           test["call"], threshold)  # fmt: skip
+    return fit, threshold, reader_sensitivity, found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "public")
@@ -63,18 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from alnus.combine import compare_with_reader, fit_combination, matched_threshold
-
-    val = _patients(args.run, args.model, "val", args.reader, args.positive_from)
-    fit = fit_combination(val["y"], val["prob"], val["birads"])
-    reader_sensitivity = float(val.loc[val["y"] == 1, "call"].mean())
-    threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), reader_sensitivity)
-    rows = []
-    for split, name in (("internal_test", "internal (BUS-BRA)"), ("external_test", "external (BrEaST)")):
-        test = _patients(args.run, args.model, split, args.reader, args.positive_from)
-        found = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"], test["call"],
-                                    threshold)  # fmt: skip
-        rows.append(_row(name, found))
+    fit, threshold, reader_sensitivity, found = compare(args.run, args.model, args.reader, args.positive_from)
+    rows = [_row(name, found[split]) for split, name in SPLITS]
     run_name = args.run.resolve().relative_to(REPO) if args.run.resolve().is_relative_to(REPO) else args.run.name
     section = "\n".join([
         "## AI + radiologist (issue 10.4)",

@@ -308,6 +308,14 @@ def _subgroups(run: Path, model: str) -> list[str]:
     return out
 
 
+def _timing_record(chosen: pd.Series) -> dict:
+    """bench/final_timing.py's record (docs/final_timing.json) when it timed the chosen configuration's seeds."""
+    path = REPO / "docs" / "final_timing.json"
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    seeds = SEEDS.get(_seeded(chosen), (_seeded(chosen),))
+    return record if [s.get("configuration") for s in record.get("seeds", [])] == list(seeds) else {}
+
+
 def speed_note(chosen: pd.Series) -> str:
     """Issue 10's speed bound: the timed from-scratch run of bench/final_timing.py where it exists for the chosen
     configuration, and the training time of its seeds from the runs' histories."""
@@ -320,9 +328,8 @@ def speed_note(chosen: pd.Series) -> str:
         f"{seeds_minutes:.0f} min of epochs in all, summed from the runs' histories (other jobs shared the cores for "
         "some of them)."
     )
-    timing = REPO / "docs" / "final_timing.json"
-    record = json.loads(timing.read_text(encoding="utf-8")) if timing.is_file() else {}
-    if [s.get("configuration") for s in record.get("seeds", [])] == list(seeds):
+    record = _timing_record(chosen)
+    if record:
         within = "within" if record["wall_minutes"] <= record["limit_minutes"] else "over"
         note += (
             f" Timed from scratch as one command (`{record['command']}`, {record['date']}, {record['cpu']}): "
@@ -377,6 +384,76 @@ def final_section(
     return "\n".join(out)
 
 
+def _change_of(name: str) -> str:
+    """What a candidate is: its configuration's or ensemble's description."""
+    found = [c.change for c in public_configs.CONFIGURATIONS if c.name == name] + [
+        e.change for e in ENSEMBLES if e.name == name
+    ]
+    return found[0] if found else name
+
+
+def glance_section(candidates: pd.DataFrame, chosen: pd.Series, metrics: dict, combined: dict | None) -> str:
+    """The first section of docs/results.md: the chosen model against the radiologists on the external hospital,
+    the goals, and where each number comes from, in a few lines."""
+    model = str(chosen["model"])
+    splits = metrics["models"][model]["splits"]
+    ext, internal = splits["external_test"]["patient"], splits["internal_test"]["patient"]
+    readers = metrics.get("readers", {}).get("external_test", {}).get(model, {})
+    reader = next((r for r in readers.get("performance", []) if r.get("kind") == "reader"), None)
+    panel = {row["metric"]: row for row in readers.get("panel", [])}
+    auc = ext["auc"]
+    out = [
+        "## At a glance (real data, issue 10)",
+        "",
+        f"Written by `python bench/public_final.py` on {dt.date.today().isoformat()} from the sections below. "
+        "Development data BUS-BRA; external test BrEaST-Lesions-USG (another hospital, never used to choose); the "
+        "label is benign vs malignant, a stand-in for ALN status (no public dataset has ALN labels).",
+        "",
+        f"- **Chosen model: `{chosen['name']}`** ({_change_of(str(chosen['name']))}), the highest BUS-BRA validation "
+        f"AUC among {len(candidates)} candidates (every EfficientNet configuration and ensemble tried, all in the "
+        "tables below; the paper's CNNs are reported, not candidates).",
+        f"- External AUC {auc['estimate']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f}) on {ext['n_patients']} "
+        f"patients; internal {internal['auc']['estimate']:.3f}.",
+    ]
+    if reader is not None:
+        out += [
+            f"- The radiologists' BI-RADS on the same external patients: AUC {reader['auc']:.3f} "
+            f"({reader['auc_ci_low']:.3f}-{reader['auc_ci_high']:.3f}); difference DeLong P "
+            f"{_p_value(panel.get('auc', {}).get('p'))}. At the threshold frozen on validation the model calls "
+            f"{100 * ext['sensitivity']['estimate']:.1f}% of malignant patients positive at "
+            f"{100 * ext['specificity']['estimate']:.1f}% specificity; the radiologists (BI-RADS >= 4a) "
+            f"{100 * reader['sensitivity']:.1f}% at {100 * reader['specificity']:.1f}%."
+        ]
+    out += [f"- Over the chosen configuration's training seeds ({_seeded(chosen)}): {_seed_spread(_seeded(chosen))}."]
+    goals = [line for line in _goals(metrics, model)[1:] if line.endswith(("met.", "**not met**."))]
+    met = [not line.endswith("**not met**.") for line in goals]
+    if combined is not None:
+        c, r, d = combined["auc_combined"], combined["auc_reader"], combined["auc_difference"]
+        above = d["estimate"] > 0 and d["p"] is not None and d["p"] < 0.05
+        met.append(above)
+        out += [
+            f"- Radiologist + AI (BI-RADS and the model's logit, combined on the validation patients): external AUC "
+            f"{c['estimate']:.3f} vs {r['estimate']:.3f} for the radiologist alone (DeLong P {_p_value(d['p'])}); "
+            f"the goal (above the radiologist alone, P < 0.05) is {'met' if above else '**not met**'}."
+        ]
+    paper = [public_configs.auc_of(r["external AUC"]) for r in public_configs.rows_of("paper_cnns_192")]
+    paper = [a for a in paper if a is not None]
+    if paper:
+        out += [
+            f"- The paper's three CNNs, trained offline from random initialisation (192 px, 6 epochs): external AUC "
+            f"{min(paper):.3f}-{max(paper):.3f}."
+        ]
+    timing = _timing_record(chosen)
+    if timing:
+        out += [
+            f"- The final configuration's {len(timing['seeds'])} seeds, trained from scratch, predicted and evaluated "
+            f"by one command: {timing['wall_minutes']:.0f} min on {timing['cores']} CPU cores (bound: "
+            f"{timing['limit_minutes']} min)."
+        ]
+    out += [f"- Issue 10's goals: {sum(met)} of {len(met)} met (the chosen model's goals section below)."]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -428,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run = run_dir_of(chosen)
     ai_plus_radiologist.main(["--run", str(run), "--model", str(chosen["model"])])
+    combined = ai_plus_radiologist.compare(run, str(chosen["model"]))[3]["external_test"]
+    glance = glance_section(candidates, chosen, _metrics(run), combined)
+    write_section(REPO / "docs" / "results.md", "at-a-glance", glance, title="# Results")
+    print(glance)
     if not args.no_ship:
         import ship_model
 

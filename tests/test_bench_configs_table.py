@@ -119,3 +119,46 @@ def test_the_speed_note_sums_the_seeds_training_epochs(public_configs, monkeypat
     record["seeds"] = [{"configuration": "base"}]
     (tmp_path / "docs" / "final_timing.json").write_text(json.dumps(record))
     assert "Not yet timed" in public_final.speed_note(pd.Series({"name": "aux_seeds"}))
+
+
+def _est(value: float) -> dict[str, float]:
+    return {"estimate": value, "ci_low": value - 0.05, "ci_high": min(1.0, value + 0.05)}
+
+
+def test_the_glance_states_the_chosen_model_against_the_radiologists(public_configs, monkeypatch, tmp_path):
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
+    reader = {"kind": "reader", "auc": 0.930, "auc_ci_low": 0.9, "auc_ci_high": 0.96, "sensitivity": 1.0,
+              "specificity": 0.435}  # fmt: skip
+    metrics = {
+        "models": {"m": {"splits": {"external_test": {"patient": patient},
+                                    "internal_test": {"patient": {**patient, "auc": _est(0.962)}}}}},
+        "readers": {"external_test": {"m": {"performance": [reader], "panel": [
+            {"metric": "auc", "p": 0.0007}, {"metric": "specificity", "p": 0.00001}]}}},
+    }  # fmt: skip
+    candidates = pd.DataFrame({"name": ["aux_birads", "base"], "val AUC": [0.959, 0.95]})
+    chosen = pd.Series({"name": "aux_birads", "model": "m"})
+    combined = {"auc_combined": _est(0.932), "auc_reader": _est(0.930),
+                "auc_difference": {"estimate": 0.002, "p": 0.8154}}  # fmt: skip
+    text = public_final.glance_section(candidates, chosen, metrics, combined)
+    assert "**Chosen model: `aux_birads`** (base + the BI-RADS category" in text
+    assert "among 2 candidates" in text
+    assert "External AUC 0.855 (0.805-0.905) on 252 patients; internal 0.962" in text
+    assert "AUC 0.930 (0.900-0.960); difference DeLong P 0.0007" in text
+    assert "83.7% of malignant patients positive at 67.5% specificity" in text and "100.0% at 43.5%" in text
+    assert "external AUC 0.932 vs 0.930 for the radiologist alone (DeLong P 0.8154)" in text
+    assert "is **not met**" in text and "Issue 10's goals: 0 of 4 met" in text
+    assert "trained from scratch" not in text  # no timing recorded yet
+
+    # An external AUC of 0.94 meets the AUC goal and the drop goal (0.962 - 0.94); a combination significantly
+    # above the radiologist meets its goal.
+    combined["auc_difference"] = {"estimate": 0.03, "p": 0.01}
+    metrics["models"]["m"]["splits"]["external_test"]["patient"]["auc"] = _est(0.94)
+    record = {"command": "c", "date": "d", "cpu": "x", "cores": 2, "wall_minutes": 121.0, "limit_minutes": 180,
+              "seeds": [{"configuration": n} for n in ("aux_birads", "aux_seed1", "aux_seed2")]}  # fmt: skip
+    (tmp_path / "docs" / "final_timing.json").write_text(json.dumps(record))
+    text = public_final.glance_section(candidates, chosen, metrics, combined)
+    assert "Issue 10's goals: 3 of 4 met" in text
+    assert "3 seeds, trained from scratch, predicted and evaluated by one command: 121 min on 2 CPU cores" in text
