@@ -763,41 +763,48 @@ def _check_boxes(values: list[str] | None) -> list[str] | None:
     return values
 
 
+# The inputs of the commands that read new images (predict, adapt): files and folders, a manifest, per-file boxes.
+_Inputs = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        metavar="INPUT",
+        help="Image files and folders (searched for PNG, JPEG, BMP, TIFF and DICOM, also DICOM without an ending).",
+    ),
+]
+_Manifest = Annotated[
+    Path | None,
+    typer.Option(
+        help="CSV with an image column (paths relative to it) and optional patient_id, study_id, site, roi "
+        "(x,y,w,h), mask (or BrEaST's mask_tumor) and frame columns."
+    ),
+]
+_Roi = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="X,Y,W,H",
+        help="Lesion box per image file, in the files' order (packages trained on boxes); repeat the option "
+        "once per file: --roi 10,20,80,60 --roi ...",
+        callback=_check_boxes,
+    ),
+]
+_Mask = Annotated[
+    list[Path] | None,
+    typer.Option(
+        metavar="MASK",
+        help="Lesion mask per image file, in the files' order, repeated per file (instead of --roi).",
+    ),
+]
+
+
 @app.command("predict")
 def predict(
     package: Annotated[
         Path, typer.Argument(metavar="PACKAGE", help="A model package folder (runs/<name>/models/<backbone>/model).")
     ],
-    inputs: Annotated[
-        list[Path] | None,
-        typer.Argument(
-            metavar="INPUT",
-            help="Image files and folders (searched for PNG, JPEG, BMP, TIFF and DICOM, also DICOM without an ending).",
-        ),
-    ] = None,
-    manifest: Annotated[
-        Path | None,
-        typer.Option(
-            help="CSV with an image column (paths relative to it) and optional patient_id, study_id, site, roi "
-            "(x,y,w,h), mask (or BrEaST's mask_tumor) and frame columns."
-        ),
-    ] = None,
-    roi: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="X,Y,W,H",
-            help="Lesion box per image file, in the files' order (packages trained on boxes); repeat the option "
-            "once per file: --roi 10,20,80,60 --roi ...",
-            callback=_check_boxes,
-        ),
-    ] = None,
-    mask: Annotated[
-        list[Path] | None,
-        typer.Option(
-            metavar="MASK",
-            help="Lesion mask per image file, in the files' order, repeated per file (instead of --roi).",
-        ),
-    ] = None,
+    inputs: _Inputs = None,
+    manifest: _Manifest = None,
+    roi: _Roi = None,
+    mask: _Mask = None,
     patient_id: Annotated[
         list[str] | None,
         typer.Option(
@@ -922,6 +929,113 @@ def _print_box_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command("adapt")
+def adapt(
+    package: Annotated[
+        Path, typer.Argument(metavar="PACKAGE", help="A model package folder (one network, not an ensemble).")
+    ],
+    inputs: _Inputs = None,
+    out: Annotated[Path, typer.Option(help="The adapted package's folder (a new one).")] = ...,  # type: ignore[assignment]
+    manifest: _Manifest = None,
+    roi: _Roi = None,
+    mask: _Mask = None,
+    site: Annotated[str, typer.Option(help="The site's name, recorded in the adapted package.")] = "",
+    force: Annotated[bool, typer.Option(help="Replace --out when it exists.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    recursive: Annotated[bool, typer.Option(help="Search the folders' subfolders too.")] = True,
+) -> None:
+    """Adapt a model package to a new site's scanner with unlabelled images: re-estimate its BatchNorm statistics.
+
+    Give the site's images as for `alnus predict` (files, folders or a manifest, with the lesion boxes the package
+    needs): no label is read and no weight is trained. The adapted package in --out records the images (their SHA-256),
+    their number and the source package, and carries no threshold: the adapted probabilities move, so freeze a new
+    threshold on labelled validation patients of the site (`alnus threshold`) before using its calls. Images that
+    cannot be read are
+    listed and left out. A few hundred images of the site are better than the minimum.
+    """
+    from alnus.adapt import adapt_package
+    from alnus.data.inputs import collect_inputs
+
+    _refuse_run_folder(package)
+    per_image = {"roi": roi or [], "mask": [str(m) for m in mask or []]}
+    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
+    for note in table.attrs.get("notes", []):
+        _note(note)
+    with _progress_bar(len(table)) as progress:
+        adapted = adapt_package(package, table, out, site=site, batch_size=batch_size, force=force, progress=progress)
+    for name, reason in adapted.skipped:
+        err_console.print(escape(f"left out {name}: {reason}"), highlight=False, soft_wrap=True)
+    console.print(
+        escape(
+            f"Adapted {package} on {adapted.n_images} image(s) ({len(adapted.skipped)} left out) -> {adapted.package}. "
+            "It has no threshold: freeze one on labelled validation patients of the site before using calls."
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    new = _shell_path(adapted.package)
+    console.print(
+        escape(f"Next: alnus threshold {new} --manifest SITE_VALIDATION.csv, then alnus predict {new} IMAGE..."),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("threshold")
+def threshold(
+    package: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A model package folder.")],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            help="CSV of a site's labelled validation patients: image (paths relative to it), label, patient_id, and "
+            "the lesion boxes (roi) or masks the package needs."
+        ),
+    ] = ...,  # type: ignore[assignment]
+    rule: Annotated[
+        str | None,
+        typer.Option(help="youden, sensitivity or specificity (default: the package's rule, else youden)."),
+    ] = None,
+    target: Annotated[
+        float | None, typer.Option(help="The sensitivity or specificity to reach (rules other than youden).")
+    ] = None,
+    level: Annotated[str | None, typer.Option(help="patient, study or image (default: the package's).")] = None,
+    aggregate: Annotated[
+        str | None, typer.Option(help="mean or max of a case's image probabilities (default: the package's).")
+    ] = None,
+    refreeze: Annotated[bool, typer.Option(help="Replace a threshold the package already has.")] = False,
+) -> None:
+    """Freeze a package's threshold on a site's labelled validation patients, so that it makes calls.
+
+    For a package adapted to a site (`alnus adapt`), or any package without a threshold: the images of the manifest
+    are predicted (fp32), the rule chooses the threshold on them, and it is frozen into the package's metadata.json
+    with its history. Use validation patients, never the patients you will report results on.
+    """
+    from alnus.evaluate import freeze_on_labelled
+
+    for name, value, allowed in (
+        ("--rule", rule, ("youden", "sensitivity", "specificity")),
+        ("--level", level, ("patient", "study", "image")),
+        ("--aggregate", aggregate, ("mean", "max")),
+    ):
+        if value is not None and value not in allowed:
+            raise AlnusError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+    _refuse_run_folder(package)
+    point = freeze_on_labelled(
+        package, manifest, rule=rule, target=target, level=level, aggregate=aggregate, refreeze=refreeze
+    )
+    from alnus.operating_point import describe
+
+    console.print(
+        escape(
+            f"Froze {package}'s threshold: {describe(point)}; on {manifest.name}: sensitivity "
+            f"{100 * point['val_sensitivity']:.1f}%, specificity {100 * point['val_specificity']:.1f}% "
+            f"({point['n_val_units']} {point['level']} cases)."
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("evaluate")

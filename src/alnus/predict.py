@@ -527,7 +527,7 @@ class Predictor:
         for i, row in enumerate(records):
             if not errors[i]:
                 try:
-                    inputs, warned[i] = self._input(row)
+                    inputs, warned[i] = self.network_inputs(row)
                     pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
                     named = row.get("image") or row["path"]
@@ -541,7 +541,7 @@ class Predictor:
         flush()
         return self._new_data_table(records, probs, errors, warned)
 
-    def _input(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
+    def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
         """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
         with the reason it cannot be used."""
         cropping = next((n.spec for n in self.networks if n.spec.roi.mode != "whole"), None)
@@ -718,10 +718,21 @@ def package_notes(package_dir: str | os.PathLike[str], metadata: Mapping[str, An
         else "training sites not recorded in the package (no model card)"
     )
     run = metadata.get("run")
+    adaptation = metadata.get("adaptation")
+    adapted = []
+    if isinstance(adaptation, Mapping):
+        where = f" of {adaptation['site']}" if adaptation.get("site") else ""
+        adapted = [
+            f"Adapted (`alnus adapt`) to {adaptation.get('n_images', '?')} unlabelled image(s){where}: its BatchNorm "
+            "statistics are that site's, every other weight is the source model's; the card's numbers were measured "
+            "before adaptation."
+            + ("" if metadata.get("threshold") else " It makes no calls until `alnus threshold` freezes a threshold.")
+        ]
     return [
         f"Model: {metadata.get('backbone', '?')}" + (f" from run {run}" if run else "") + f", {trained}. It cannot "
         "tell whether new images resemble its training data (scanner, hospital, population, label): check that "
         "they do before trusting its output.",
+        *adapted,
         f"Intended use: {intended}",
         NOTICE,
     ]

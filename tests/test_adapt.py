@@ -1,0 +1,198 @@
+"""`alnus adapt` (BatchNorm statistics re-estimated on a new site's unlabelled images) and `alnus threshold` (a
+threshold frozen on a site's labelled validation patients)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from alnus.adapt import MIN_IMAGES, AdaptError, adapt_batchnorm, batchnorm_layers, images_digest
+from alnus.cli import app
+from alnus.data.dataset import PreprocessSpec
+from alnus.errors import AlnusError
+from alnus.models import create_model
+from alnus.models.package import freeze_threshold, read_metadata, save_package
+from alnus.predict import Predictor, package_notes
+
+LABELS = ["benign", "malignant"]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("tiny_cnn").eval()
+
+
+def test_the_statistics_become_those_of_the_new_images_and_nothing_else_changes() -> None:
+    model = _model()
+    first = batchnorm_layers(model)[0]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    momenta = [bn.momentum for bn in batchnorm_layers(model)]
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    batch = torch.rand(MIN_IMAGES, 1, 32, 32) * 0.3 + 0.7  # a brighter site than the network was made for
+    n = adapt_batchnorm(model, [batch[:10], batch[10:]])
+    hook.remove()
+    assert n == MIN_IMAGES
+    features = torch.cat(seen)  # what the first BatchNorm saw, all images
+    # A cumulative average of the two batches' statistics, each weighted alike (AdaBN).
+    means = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen]).mean(0)
+    variances = torch.stack([s.var(dim=(0, 2, 3), unbiased=True) for s in seen]).mean(0)
+    assert torch.allclose(first.running_mean, means, atol=1e-5)
+    assert torch.allclose(first.running_var, variances, rtol=1e-4, atol=1e-6)
+    assert features.shape[0] == MIN_IMAGES
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert [bn.momentum for bn in batchnorm_layers(model)] == momenta
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_too_few_images_leave_the_statistics_as_they_were() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdaptError, match=f"3 image\\(s\\) were read; BatchNorm statistics need at least {MIN_IMAGES}"):
+        adapt_batchnorm(model, [torch.rand(3, 1, 32, 32)])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_network_without_batchnorm_is_refused() -> None:
+    with pytest.raises(AdaptError, match="no BatchNorm layer"):
+        adapt_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), [torch.rand(20, 1, 8, 8)])
+
+
+def _adapt(*args: str) -> tuple[int, str, str]:
+    """The command as `alnus` runs it: a user error (AlnusError) is its message and exit code, as `cli.main` prints."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    if isinstance(result.exception, AlnusError):
+        return result.exception.exit_code, result.stdout, result.stderr + str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A package (with a frozen threshold, a card, a data licence and examples) and a new site's images: 24 PNGs
+    brighter than anything the package saw, one truncated file, and a labelled validation manifest of them."""
+    model = _model()
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": LABELS, "positive_label": "malignant"}
+    package = tmp_path / "model"
+    save_package(package, model, meta)
+    point = {"value": 0.5, "rule": "sensitivity", "target": 0.9, "level": "patient", "aggregate": "mean"}
+    freeze_threshold(package, point, reason="test")
+    (package / "README.md").write_text("# Model card\n\nTrained at site A.\n")
+    (package / "DATA-LICENCE.txt").write_text("licence")
+    (package / "examples.csv").write_text("image,prob\nx.png,0.5\n")
+    images = tmp_path / "site"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        level = 150 + 60 * (i % 2)  # the malignant half is brighter still, so a threshold can separate them
+        pixels = np.clip(rng.normal(level, 20, size=(40, 48)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"im{i:02d}.png")
+        rows.append({"image": f"im{i:02d}.png", "patient_id": f"p{i}", "label": LABELS[i % 2]})
+    pd.DataFrame(rows).to_csv(images / "validation.csv", index=False)
+    (images / "zz_truncated.png").write_bytes((images / "im00.png").read_bytes()[:60])
+    return tmp_path
+
+
+def test_adapt_writes_a_new_package_that_records_its_images_and_predicts_differently(site: Path) -> None:
+    source, out = site / "model", site / "adapted"
+    source_meta = read_metadata(source)
+    code, stdout, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(out), "--site", "B")
+    assert code == 0, stdout + stderr
+    assert "left out" in stderr and "zz_truncated.png" in stderr
+    assert "Adapted" in stdout and "on 24 image(s) (1 left out)" in stdout and "alnus threshold" in stdout
+    meta = read_metadata(out)
+    adaptation = meta["adaptation"]
+    assert adaptation["n_images"] == 24 and adaptation["n_skipped"] == 1 and adaptation["site"] == "B"
+    assert adaptation["images_sha256"] == images_digest(sorted((site / "site").glob("im*.png")))
+    assert adaptation["source_weights_sha256"] == source_meta["weights_sha256"]
+    assert adaptation["source_threshold"]["value"] == 0.5
+    assert meta["threshold"] is None and meta["threshold_history"] == []
+    # Only BatchNorm statistics moved.
+    before, after = load_file(source / "weights.safetensors"), load_file(out / "weights.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("running" in k or "num_batches" in k for k in moved)
+    # The card says what was done; the licence travels; the source's examples (its probabilities) do not.
+    card = (out / "README.md").read_text()
+    assert card.startswith("# Model card") and "## Site adaptation" in card and "24 unlabelled image(s) of B" in card
+    assert (out / "DATA-LICENCE.txt").read_text() == "licence" and not (out / "examples.csv").exists()
+    assert read_metadata(source)["weights_sha256"] == source_meta["weights_sha256"]  # the source is untouched
+    image = str(site / "site" / "im03.png")
+    p_source = Predictor(source, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
+    p_adapted = Predictor(out, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
+    assert abs(p_source["prob"][0] - p_adapted["prob"][0]) > 1e-4
+    assert "call" not in p_adapted.columns  # no threshold until one is frozen on the site
+    notes = " ".join(package_notes(out, meta))
+    assert (
+        "Adapted (`alnus adapt`) to 24 unlabelled image(s) of B" in notes
+        and "no calls until `alnus threshold`" in notes
+    )
+    assert "Adapted" not in " ".join(package_notes(source, source_meta))
+
+
+def test_adapt_refuses_to_overwrite(site: Path) -> None:
+    source = site / "model"
+    code, _, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(source / "inside"))
+    assert code == 2 and "would write into the source package" in stderr
+    (site / "taken").mkdir()
+    code, _, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(site / "taken"))
+    assert code == 2 and "exists; name a new folder, or pass --force" in stderr
+    code, _, _ = _adapt("adapt", str(source), str(site / "site"), "--out", str(site / "taken"), "--force")
+    assert code == 0 and (site / "taken" / "metadata.json").is_file()
+    few = site / "few"
+    few.mkdir()
+    for name in ("im00.png", "im01.png"):
+        (few / name).write_bytes((site / "site" / name).read_bytes())
+    code, _, stderr = _adapt("adapt", str(source), str(few), "--out", str(site / "none"))
+    assert code == 2 and "2 image(s) were read" in stderr and not (site / "none").exists()
+    assert not [p for p in site.iterdir() if p.name.startswith(".none.")]  # no half-written folder left behind
+
+
+def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
+    out = site / "adapted"
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    manifest = site / "site" / "validation.csv"
+    code, stdout, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
+    assert code == 0, stdout + stderr
+    point = read_metadata(out)["threshold"]
+    # The adapted package follows the rule its source threshold was frozen with.
+    assert point["rule"] == "sensitivity" and point["target"] == 0.9 and point["val_sensitivity"] >= 0.9
+    assert point["n_val_units"] == 24
+    assert "Froze" in stdout and "24 patient cases" in stdout
+    history = read_metadata(out)["threshold_history"]
+    assert "validation.csv" in history[-1]["reason"]
+    code, _, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
+    assert code == 2 and "already has a frozen threshold" in stderr
+    code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
+    assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
+    image = str(site / "site" / "im03.png")
+    predicted = Predictor(out, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
+    assert predicted["call"].notna().all()
+
+
+def test_threshold_needs_labels_and_a_target(site: Path) -> None:
+    package = site / "model"
+    table = pd.read_csv(site / "site" / "validation.csv")
+    table.drop(columns="label").to_csv(site / "site" / "unlabelled.csv", index=False)
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "unlabelled.csv"))
+    assert code == 2 and "column 'label': required column is missing" in stderr
+    code, _, stderr = _adapt(
+        "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), "--rule", "specificity"
+    )
+    assert code == 2 and "needs a target" in stderr
+    code, _, stderr = _adapt(
+        "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), "--level", "lesion"
+    )
+    assert code == 2 and "--level must be one of patient, study, image" in stderr
+    # None of the refused commands touched the package.
+    assert json.loads((package / "metadata.json").read_text())["threshold"]["value"] == 0.5
