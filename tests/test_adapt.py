@@ -196,3 +196,29 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
     assert code == 2 and "--level must be one of patient, study, image" in stderr
     # None of the refused commands touched the package.
     assert json.loads((package / "metadata.json").read_text())["threshold"]["value"] == 0.5
+
+
+def test_adapt_predictor_adapts_in_place_from_a_manifest_without_reading_labels(site: Path) -> None:
+    from alnus.adapt import adapt_predictor
+
+    table = pd.read_csv(site / "site" / "validation.csv")
+    table["label"] = "not a label of the model"  # never read: a label the package does not know would be refused
+    predictor = Predictor(site / "model", device="cpu", engine="torch")
+    before = batchnorm_layers(predictor.networks[0].model)[0].running_mean.clone()
+    assert adapt_predictor(predictor, table, site / "site") == 24
+    assert not torch.equal(before, batchnorm_layers(predictor.networks[0].model)[0].running_mean)
+    compiled = Predictor(site / "model", device="cpu", engine="torch", compile=True)
+    with pytest.raises(AdaptError, match="engine='torch', uncompiled"):
+        adapt_predictor(compiled, table, site / "site")
+
+
+def test_the_benchs_halves_split_whole_patients_without_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import site_adaptation
+
+    table = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)], "site": "A", "image": range(40)})
+    half = site_adaptation.halves(table)
+    assert set(half) == {0, 1} and (half == 0).sum() == 20
+    assert all(len(set(half[table["patient_id"] == p])) == 1 for p in table["patient_id"])
+    assert (site_adaptation.halves(table.assign(label="x")) == half).all()  # labels play no part
+    assert (site_adaptation.halves(table.iloc[::-1].reset_index(drop=True))[::-1] == half).all()  # nor row order

@@ -17,10 +17,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -29,6 +30,10 @@ from torch import nn
 from alnus._io import atomic_write_text, file_sha256
 from alnus.errors import AlnusError
 from alnus.models.package import EXPORT_FILES, METADATA_FILE, WEIGHTS_FILE, read_metadata, save_package
+
+if TYPE_CHECKING:
+    from alnus.data.dataset import ImageCache
+    from alnus.predict import Predictor
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
@@ -88,6 +93,41 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
             "Give more images of the site."
         )
     return seen
+
+
+def adapt_predictor(
+    predictor: Predictor,
+    table: pd.DataFrame,
+    root: str | os.PathLike[str],
+    *,
+    cache: ImageCache | None = None,
+    batch_size: int = 32,
+) -> int:
+    """Adapt every network of a loaded `Predictor` (PyTorch engine, not compiled) in place to the images of a
+    manifest-like table (paths relative to `root`); labels, if the table has any, are not read. Each network reads the
+    images with its own preprocessing. Returns the number of images."""
+    from alnus.data.dataset import UltrasoundDataset
+
+    if predictor.compiled or any(network.engine != "torch" for network in predictor.networks):
+        raise AdaptError("adaptation changes the PyTorch weights: load the predictor with engine='torch', uncompiled.")
+    unlabelled = table.assign(label="")
+    n = 0
+    for network in predictor.networks:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no row has label")
+            dataset = UltrasoundDataset(
+                unlabelled, root, network.spec, cache=cache, positive_label=predictor.positive_label
+            )
+
+        def batches(
+            dataset: UltrasoundDataset = dataset, device: torch.device = network.device
+        ) -> Iterable[torch.Tensor]:
+            for start in range(0, len(dataset), batch_size):
+                stop = min(start + batch_size, len(dataset))
+                yield torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)
+
+        n = adapt_batchnorm(network.model, batches())
+    return n
 
 
 @dataclass
