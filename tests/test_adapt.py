@@ -54,6 +54,10 @@ def test_the_statistics_become_those_of_the_new_images_and_nothing_else_changes(
     assert not model.training and not any(m.training for m in model.modules())
 
 
+def test_the_help_states_the_minimum() -> None:
+    assert f"At least {MIN_IMAGES} images" in " ".join(CliRunner().invoke(app, ["adapt", "--help"]).stdout.split())
+
+
 def test_too_few_images_leave_the_statistics_as_they_were() -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -122,9 +126,20 @@ def test_adapt_writes_a_new_package_that_records_its_images_and_predicts_differe
     before, after = load_file(source / "weights.safetensors"), load_file(out / "weights.safetensors")
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("running" in k or "num_batches" in k for k in moved)
-    # The card says what was done; the licence travels; the source's examples (its probabilities) do not.
+    # The card says first what was done and what no longer holds; the licence travels; the source's examples (its
+    # probabilities) do not.
     card = (out / "README.md").read_text()
-    assert card.startswith("# Model card") and "## Site adaptation" in card and "24 unlabelled image(s) of B" in card
+    assert card.startswith("# Model card, adapted to B\n") and "24 unlabelled image(s) of B" in card
+    assert meta["weights_sha256"][:16] in card and "the source's: `" + source_meta["weights_sha256"][:16] in card
+    assert card.index("No threshold is carried over (the source's, 0.5,") < card.index("Trained at site A.")
+    assert "## Before adaptation: the source model's card" in card
+    digests = (out / "adaptation-images.sha256").read_text().split()
+    assert len(digests) == 24 and digests == sorted(digests)
+    from alnus._io import file_sha256
+
+    assert file_sha256(site / "site" / "im05.png") in digests
+    assert adaptation["source_package"] == str(source)
+    assert oct((out).stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's private one
     assert (out / "DATA-LICENCE.txt").read_text() == "licence" and not (out / "examples.csv").exists()
     assert read_metadata(source)["weights_sha256"] == source_meta["weights_sha256"]  # the source is untouched
     image = str(site / "site" / "im03.png")
@@ -153,8 +168,10 @@ def test_adapt_refuses_to_overwrite(site: Path) -> None:
     few.mkdir()
     for name in ("im00.png", "im01.png"):
         (few / name).write_bytes((site / "site" / name).read_bytes())
+    (few / "boxless.dcm").write_bytes(b"not a dicom")
     code, _, stderr = _adapt("adapt", str(source), str(few), "--out", str(site / "none"))
     assert code == 2 and "2 image(s) were read" in stderr and not (site / "none").exists()
+    assert "1 image(s) were left out: " in stderr and "boxless.dcm" in stderr  # why, when it fails
     assert not [p for p in site.iterdir() if p.name.startswith(".none.")]  # no half-written folder left behind
 
 
@@ -168,13 +185,19 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     # The adapted package follows the rule its source threshold was frozen with.
     assert point["rule"] == "sensitivity" and point["target"] == 0.9 and point["val_sensitivity"] >= 0.9
     assert point["n_val_units"] == 24
-    assert "Froze" in stdout and "24 patient cases" in stdout
+    assert "Froze" in stdout and "24 patient cases: 12 positive, 12 negative" in stdout and "optimistic" in stdout
+    assert "only 12 case(s) of one class" in stderr
     history = read_metadata(out)["threshold_history"]
-    assert "validation.csv" in history[-1]["reason"]
+    assert "validation.csv" in history[-1]["reason"] and point["frozen_on"].startswith("validation.csv")
+    card = (out / "README.md").read_text()
+    assert f"Threshold {point['value']:.4g}" in card and "No threshold is carried over" not in card
+    assert card.count("<!-- site-threshold:start -->") == 1
     code, _, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
-    assert code == 2 and "already has a frozen threshold" in stderr
+    assert code == 2 and "already has a frozen threshold" in stderr and "alnus threshold PACKAGE" in stderr
     code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
     assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
+    card = (out / "README.md").read_text()
+    assert card.count("<!-- site-threshold:start -->") == 1 and "(youden," in card
     image = str(site / "site" / "im03.png")
     predicted = Predictor(out, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
     assert predicted["call"].notna().all()
@@ -194,6 +217,10 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
         "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), "--level", "lesion"
     )
     assert code == 2 and "--level must be one of patient, study, image" in stderr
+    table.assign(label=table["label"].str.title()).to_csv(site / "site" / "titled.csv", index=False)
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"))
+    assert code == 2 and "label(s) ['Benign', 'Malignant']" in stderr and "rename the labels" in stderr
+    assert "drop the label column" not in stderr
     # None of the refused commands touched the package.
     assert json.loads((package / "metadata.json").read_text())["threshold"]["value"] == 0.5
 

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 from alnus._io import atomic_write_text, file_sha256
 from alnus.errors import AlnusError
 from alnus.models.package import EXPORT_FILES, METADATA_FILE, WEIGHTS_FILE, read_metadata, save_package
+from alnus.operating_point import describe, rule_name
 
 if TYPE_CHECKING:
     from alnus.data.dataset import ImageCache
@@ -37,8 +38,13 @@ if TYPE_CHECKING:
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
+# The model card's section on the site's threshold, rewritten by `alnus threshold`.
+SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
 _NOT_CARRIED = ("weights_sha256", "versions", "created", "exports", "format_version", "threshold", "threshold_history")
+# The SHA-256 of each image adapted on, one per line, sorted: whether an image was among them can be checked without
+# the package holding names (which may identify patients).
+IMAGES_FILE = "adaptation-images.sha256"
 # Files of the source package that describe it and not the adapted weights (examples' probabilities, fp16 parity).
 _LEFT_BEHIND = ("examples.csv", "parity.json")
 
@@ -143,8 +149,11 @@ class Adapted:
 
 def images_digest(paths: Iterable[str | os.PathLike[str]]) -> str:
     """SHA-256 over the sorted SHA-256 of each file's bytes: which images, whatever their order or names."""
-    digests = sorted(file_sha256(Path(p)) for p in paths)
-    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
+    return _digest_of(sorted(file_sha256(Path(p)) for p in paths))
+
+
+def _digest_of(sorted_digests: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted_digests).encode("ascii")).hexdigest()
 
 
 def adapt_package(
@@ -209,14 +218,23 @@ def adapt_package(
         if pending:
             yield torch.stack(pending)
 
-    n = adapt_batchnorm(network.model, batches())
+    try:
+        n = adapt_batchnorm(network.model, batches())
+    except AdaptError as exc:
+        reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more if skipped else ""
+        raise AdaptError(f"{exc}{detail}") from None
+    digests = sorted(file_sha256(Path(p)) for p in read)
     carried = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
     carried["adaptation"] = {
         "method": "batchnorm statistics (AdaBN): running means and variances re-estimated, weights unchanged",
         "site": site,
         "n_images": n,
         "n_skipped": len(skipped),
-        "images_sha256": images_digest(read),
+        "images_sha256": _digest_of(digests),
+        "images_list": IMAGES_FILE,
+        "source_package": str(source),
         "source_weights_sha256": meta["weights_sha256"],
         "source_threshold": meta.get("threshold"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -224,12 +242,16 @@ def adapt_package(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # a folder like any other the user makes (mkdtemp's is private)
         written = save_package(work, network.model, carried)
-        left = {WEIGHTS_FILE, METADATA_FILE, "README.md", *_LEFT_BEHIND, *EXPORT_FILES.values()}
+        left = {WEIGHTS_FILE, METADATA_FILE, "README.md", IMAGES_FILE, *_LEFT_BEHIND, *EXPORT_FILES.values()}
         for item in source.iterdir():
             if item.is_file() and not item.is_symlink() and item.name not in left:
                 shutil.copy2(item, work / item.name)  # the data licence, for one
-        atomic_write_text(work / "README.md", _card(source, written["adaptation"]))
+        atomic_write_text(work / IMAGES_FILE, "".join(f"{d}\n" for d in digests))
+        atomic_write_text(work / "README.md", _card(source, written))
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
@@ -239,23 +261,118 @@ def adapt_package(
     return Adapted(target, n, skipped, written)
 
 
-def _card(source: Path, adaptation: dict[str, Any]) -> str:
-    """The source package's model card with a section on the adaptation (the card itself only when it is a regular
-    file: `alnus.predict.read_card`)."""
+def _card(source: Path, meta: dict[str, Any]) -> str:
+    """The adapted package's model card: what adaptation did and what no longer holds first, then the source package's
+    card (its own sections, for the intended use and training sites; only when it is a regular file,
+    `alnus.predict.read_card`), marked as describing the model before adaptation."""
     from alnus.predict import read_card
 
-    card = read_card(source).rstrip()
+    adaptation = meta["adaptation"]
+    card = read_card(source).strip()
+    lines = card.splitlines()
+    title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else source.name
+    body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
+    site = f" to {adaptation['site']}" if adaptation["site"] else ""
     threshold = adaptation["source_threshold"]
-    was = f" (the source's was {threshold['value']:.4g}, frozen before adaptation)" if threshold else ""
-    section = [
+    was = f" (the source's, {threshold['value']:.4g}, was frozen before adaptation)" if threshold else ""
+    out = [
+        f"# {title}, adapted{site}",
+        "",
         "## Site adaptation",
         "",
-        f"These weights are {source.name}'s with their BatchNorm statistics re-estimated on {adaptation['n_images']} "
-        f"unlabelled image(s){' of ' + adaptation['site'] if adaptation['site'] else ''} on {adaptation['date'][:10]} "
-        f"(`alnus adapt`; images SHA-256 {adaptation['images_sha256'][:12]}...). Every other weight is unchanged and "
-        "no label was read. The numbers above were measured before adaptation.",
+        f"This package is {title} with its BatchNorm statistics re-estimated on {adaptation['n_images']} unlabelled "
+        f"image(s){' of ' + adaptation['site'] if adaptation['site'] else ''} on {adaptation['date'][:10]} (`alnus "
+        "adapt`); every other weight is the source's and no label was read. Its weights SHA-256 is "
+        f"`{meta['weights_sha256'][:16]}` (the source's: `{adaptation['source_weights_sha256'][:16]}`). The SHA-256 of "
+        f"each image adapted on is in `{IMAGES_FILE}`: those images, and their patients, are no independent test of "
+        "this package.",
         "",
-        f"No threshold is carried over{was}: the adapted probabilities move, so calls need a threshold frozen again "
-        "on labelled validation patients of this site.",
+        SITE_THRESHOLD_START,
+        f"No threshold is carried over{was}: the adapted probabilities move, so calls need a threshold frozen on "
+        "labelled validation patients of this site (`alnus threshold`).",
+        SITE_THRESHOLD_END,
     ]
-    return (card + "\n\n" if card else "") + "\n".join(section) + "\n"
+    if body:
+        out += [
+            "",
+            "## Before adaptation: the source model's card",
+            "",
+            "Everything below describes the source model as it was trained and evaluated: its weights hash, threshold, "
+            "results and exports are the source's, not this package's.",
+            "",
+            body,
+        ]
+    return "\n".join(out) + "\n"
+
+
+def freeze_on_labelled(
+    package_dir: str | os.PathLike[str],
+    manifest: str | os.PathLike[str],
+    *,
+    rule: Literal["youden", "sensitivity", "specificity"] | None = None,
+    target: float | None = None,
+    level: Literal["image", "patient", "study"] | None = None,
+    aggregate: Literal["mean", "max"] | None = None,
+    refreeze: bool = False,
+) -> dict[str, Any]:
+    """Freeze a package's threshold on the labelled validation patients of a site (a manifest with `label` and
+    `patient_id`), as `alnus evaluate` freezes a run's on its validation split; returns the frozen operating point.
+
+    For a package made by `alnus adapt` (or any package that carries none) this is how it gets calls. Settings left
+    None follow the package's current threshold, else the one its adaptation came from, else Youden per patient on
+    the mean probability. Predictions are made in fp32 with PyTorch, the reference every engine reproduces. The model
+    card, when the package has one, gets a section saying where the threshold was frozen.
+    """
+    from alnus.data.manifest import read_manifest
+    from alnus.evaluate import choose_frozen_threshold
+    from alnus.models.package import freeze_threshold
+    from alnus.predict import Predictor, read_card
+
+    package_dir, manifest = Path(package_dir), Path(manifest)
+    meta = read_metadata(package_dir)
+    table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
+    labels = table["label"].astype(str)
+    unknown = sorted(set(labels) - {str(n) for n in meta["label_names"]})
+    if unknown:
+        rows = ", ".join(str(i + 2) for i in labels.index[labels.isin(unknown)][:8])
+        raise AdaptError(
+            f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {list(meta['label_names'])}; "
+            "a threshold is chosen on patients labelled as the model was trained: rename the labels (or leave out "
+            "rows of other classes)."
+        )
+    before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
+    rule = rule or before.get("rule", "youden")
+    level = level or before.get("level", "patient")
+    aggregate = aggregate or before.get("aggregate", "mean")
+    if target is None and rule != "youden":
+        target = before.get("target") if before.get("rule") == rule else None
+        if target is None:
+            raise AdaptError(f"rule {rule} needs a target (e.g. --target 0.9).")
+    predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch")
+    predictions = predictor.predict_table(table, manifest.parent)
+    wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
+    wanted["frozen_on"] = f"{manifest.name} (labelled validation patients given to `alnus threshold`)"
+    reason = f"frozen by `alnus threshold` on {manifest.name} ({len(predictions)} images, labelled)"
+    point = freeze_threshold(package_dir, wanted, reason=reason, refreeze=refreeze)["threshold"]
+    card = read_card(package_dir)
+    if card:
+        chosen = point["chosen_on"]
+        text = (
+            f"Threshold {point['value']:.4g} ({rule_name(point)}, {describe(point)}), frozen by `alnus threshold` on "
+            f"{point['frozen_at'][:10]} on {manifest.name}: {chosen['n_cases']} {level} cases ({chosen['n_pos']} "
+            f"{meta['positive_label']}), where it gives sensitivity {100 * point['val_sensitivity']:.1f}% and "
+            f"specificity {100 * point['val_specificity']:.1f}% (measured on the cases it was chosen on, so "
+            "optimistic). `alnus predict` and the service apply it."
+        )
+        atomic_write_text(package_dir / "README.md", _with_site_threshold(card, text))
+    return point
+
+
+def _with_site_threshold(card: str, text: str) -> str:
+    """The card with its site-threshold section replaced (or added after the title)."""
+    block = f"{SITE_THRESHOLD_START}\n{text}\n{SITE_THRESHOLD_END}"
+    if SITE_THRESHOLD_START in card and SITE_THRESHOLD_END in card:
+        head, rest = card.split(SITE_THRESHOLD_START, 1)
+        return head + block + rest.split(SITE_THRESHOLD_END, 1)[1]
+    title, _, rest = card.partition("\n")
+    return f"{title}\n\n## Threshold frozen at a site\n\n{block}\n{rest}"

@@ -890,8 +890,9 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
     """The call rule, the engine, failures and written files: on stderr, after the table."""
     if predictor.call_rule is None:
         _note(
-            "this package has no frozen threshold yet, so there are no calls; run `alnus evaluate RUN` to choose it "
-            "on validation."
+            "this package has no frozen threshold yet, so there are no calls; freeze one on validation patients: "
+            f"`alnus threshold {_shell_path(predictor.package_dir)} --manifest VALIDATION.csv` (labelled), or "
+            "`alnus evaluate RUN` for a model of a run."
         )
     else:
         err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
@@ -952,8 +953,7 @@ def adapt(
     needs): no label is read and no weight is trained. The adapted package in --out records the images (their SHA-256),
     their number and the source package, and carries no threshold: the adapted probabilities move, so freeze a new
     threshold on labelled validation patients of the site (`alnus threshold`) before using its calls. Images that
-    cannot be read are
-    listed and left out. A few hundred images of the site are better than the minimum.
+    cannot be read are listed and left out. At least 16 images are needed; a few hundred of the site are better.
     """
     from alnus.adapt import adapt_package
     from alnus.data.inputs import collect_inputs
@@ -966,7 +966,8 @@ def adapt(
     with _progress_bar(len(table)) as progress:
         adapted = adapt_package(package, table, out, site=site, batch_size=batch_size, force=force, progress=progress)
     for name, reason in adapted.skipped:
-        err_console.print(escape(f"left out {name}: {reason}"), highlight=False, soft_wrap=True)
+        text = reason if reason.startswith(name) else f"{name}: {reason}"
+        err_console.print(escape(f"left out {text}"), highlight=False, soft_wrap=True)
     console.print(
         escape(
             f"Adapted {package} on {adapted.n_images} image(s) ({len(adapted.skipped)} left out) -> {adapted.package}. "
@@ -975,12 +976,16 @@ def adapt(
         highlight=False,
         soft_wrap=True,
     )
-    new = _shell_path(adapted.package)
+    new, alnus = _shell_path(adapted.package), _alnus_command()
     console.print(
-        escape(f"Next: alnus threshold {new} --manifest SITE_VALIDATION.csv, then alnus predict {new} IMAGE..."),
+        escape(f"Next: {alnus} threshold {new} --manifest SITE_VALIDATION.csv, then {alnus} predict {new} IMAGE..."),
         highlight=False,
         soft_wrap=True,
     )
+
+
+# Fewer validation cases of a class than this make `alnus threshold` warn that the threshold is unstable.
+FEW_CASES = 20
 
 
 @app.command("threshold")
@@ -1010,9 +1015,11 @@ def threshold(
 
     For a package adapted to a site (`alnus adapt`), or any package without a threshold: the images of the manifest
     are predicted (fp32), the rule chooses the threshold on them, and it is frozen into the package's metadata.json
-    with its history. Use validation patients, never the patients you will report results on.
+    with its history (and the model card, when the package has one, says where). The labels must be the model's own
+    (e.g. benign and malignant for models/breast-us-malignancy). Use validation patients, never the patients you will
+    report results on.
     """
-    from alnus.evaluate import freeze_on_labelled
+    from alnus.adapt import freeze_on_labelled
 
     for name, value, allowed in (
         ("--rule", rule, ("youden", "sensitivity", "specificity")),
@@ -1027,15 +1034,22 @@ def threshold(
     )
     from alnus.operating_point import describe
 
+    chosen = point["chosen_on"]
     console.print(
         escape(
-            f"Froze {package}'s threshold: {describe(point)}; on {manifest.name}: sensitivity "
-            f"{100 * point['val_sensitivity']:.1f}%, specificity {100 * point['val_specificity']:.1f}% "
-            f"({point['n_val_units']} {point['level']} cases)."
+            f"Froze {package}'s threshold: {describe(point)}. On {manifest.name} ({chosen['n_cases']} {point['level']} "
+            f"cases: {chosen['n_pos']} positive, {chosen['n_neg']} negative) it gives sensitivity "
+            f"{100 * point['val_sensitivity']:.1f}% and specificity {100 * point['val_specificity']:.1f}%, measured on "
+            "the cases it was chosen on (optimistic: report results on other patients)."
         ),
         highlight=False,
         soft_wrap=True,
     )
+    if min(chosen["n_pos"], chosen["n_neg"]) < FEW_CASES:
+        _note(
+            f"only {min(chosen['n_pos'], chosen['n_neg'])} case(s) of one class: a threshold chosen on so few moves a "
+            "lot with the next patients; give more validation patients."
+        )
 
 
 @app.command("evaluate")

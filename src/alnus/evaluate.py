@@ -202,45 +202,6 @@ def choose_frozen_threshold(
     }
 
 
-def freeze_on_labelled(
-    package_dir: str | os.PathLike[str],
-    manifest: str | os.PathLike[str],
-    *,
-    rule: Literal["youden", "sensitivity", "specificity"] | None = None,
-    target: float | None = None,
-    level: Level | None = None,
-    aggregate: Aggregate | None = None,
-    refreeze: bool = False,
-) -> dict[str, Any]:
-    """Freeze a package's threshold on the labelled validation patients of a site (a manifest with `label` and
-    `patient_id`), as `alnus evaluate` freezes a run's on its validation split; returns the frozen operating point.
-
-    For a package made by `alnus adapt` (or any package that carries none) this is how it gets calls. Settings left
-    None follow the package's current threshold, else the one its adaptation came from, else Youden per patient on
-    the mean probability. Predictions are made in fp32 with PyTorch, the reference every engine reproduces.
-    """
-    from alnus.data.manifest import read_manifest
-    from alnus.models.package import freeze_threshold, read_metadata
-    from alnus.predict import Predictor
-
-    manifest = Path(manifest)
-    meta = read_metadata(package_dir)
-    table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
-    before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
-    rule = rule or before.get("rule", "youden")
-    level = level or before.get("level", "patient")
-    aggregate = aggregate or before.get("aggregate", "mean")
-    if target is None and rule != "youden":
-        target = before.get("target") if before.get("rule") == rule else None
-        if target is None:
-            raise EvaluateError(f"rule {rule} needs a target (e.g. --target 0.9).")
-    predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch")
-    predictions = predictor.predict_table(table, manifest.parent)
-    wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
-    reason = f"frozen by `alnus threshold` on {manifest.name} ({len(predictions)} images, labelled)"
-    return freeze_threshold(package_dir, wanted, reason=reason, refreeze=refreeze)["threshold"]
-
-
 def operating_point_of_package(
     package_dir: str | os.PathLike[str], wanted: Mapping[str, Any], *, refreeze: bool = False
 ) -> tuple[dict[str, Any], str]:

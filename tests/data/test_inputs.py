@@ -128,6 +128,17 @@ def test_a_prediction_manifest_resolves_paths_and_flags_bad_cells(tmp_path: Path
         collect_inputs(manifest=tmp_path / "bad.csv")
 
 
+def test_breasts_mask_tumor_column_gives_the_lesion_mask(tmp_path: Path) -> None:
+    """BrEaST's manifests name the mask in `mask_tumor` (several paths joined): the first one, as in training."""
+    for name in ("a.png", "a_tumor.png", "a_tumor2.png", "a_mask.png"):
+        _png(tmp_path / name)
+    manifest = tmp_path / "breast.csv"
+    manifest.write_text('image,mask_tumor,mask\n"a.png","a_tumor.png; a_tumor2.png",\na.png,a_tumor2.png,a_mask.png\n')
+    table = collect_inputs(manifest=manifest)
+    assert table["mask"].tolist() == [str(tmp_path / "a_tumor.png"), str(tmp_path / "a_mask.png")]  # mask wins
+    assert (table["error"] == "").all()
+
+
 def test_nothing_to_predict_is_said(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no input given"):
         collect_inputs([])

@@ -533,3 +533,25 @@ def test_a_symlinked_model_card_is_not_served(tmp_path: Path) -> None:
     (package / "README.md").unlink()
     (package / "README.md").write_text("# Model card\n", encoding="utf-8")
     assert served_card(package) == "# Model card\n" and read_card(package) == "# Model card\n"
+
+
+def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Path, tmp_path: Path) -> None:
+    """/v1/model of a package made by `alnus adapt`: the adaptation record, validation results marked as the source's,
+    and no call until a threshold is frozen at the site."""
+    import pandas as pd
+
+    from alnus.adapt import adapt_package
+
+    rows = []
+    for i in range(20):
+        path = tmp_path / f"site{i}.png"
+        path.write_bytes(png_bytes(np.clip(grey_image(seed=i).astype(int) + 60, 0, 255).astype(np.uint8)))
+        rows.append({"image": path.name, "path": str(path), "roi": "20,10,25,20"})
+    adapted = adapt_package(package, pd.DataFrame(rows), tmp_path / "adapted", site="clinic B").package
+    client = client_for(predictor_of(adapted), tmp_path)
+    info = client.get("/v1/model", headers=AUTH).json()
+    assert info["adaptation"]["n_images"] == 20 and info["adaptation"]["site"] == "clinic B"
+    assert info["threshold"] is None and "adapted to clinic B" in info["model_card"]
+    assert info["validation"] is not None and "before `alnus adapt`" in info["validation_source"]
+    body = _post(client, png_bytes(grey_image()), heatmap="false").json()
+    assert body["call"] is None and 0 <= body["probability"] <= 1

@@ -20,7 +20,7 @@ import pandas as pd
 from alnus._io import FILE_NOT_FOUND, file_problem
 from alnus.data.images import is_dicom, parse_frame
 from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
-from alnus.data.roi import RoiError, parse_box
+from alnus.data.roi import RoiError, mask_path, parse_box
 from alnus.errors import AlnusError
 
 # File name endings read as images (case-insensitive); a file without an ending is read when it is DICOM by content.
@@ -142,6 +142,8 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
         where = f"{manifest.name} row {number}"
         image = _cell(values, "image")
         extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS}
+        # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
+        extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
         if extra["mask"]:
             extra["mask"] = os.path.abspath(root / extra["mask"])
         error = ""

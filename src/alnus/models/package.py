@@ -200,7 +200,23 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     _check_against_training(meta, path)
     _check_common(meta, path)
     meta["exports"] = _checked_exports(meta.get("exports"), path)
+    _check_adaptation(meta.get("adaptation"), path)
     return meta
+
+
+def _check_adaptation(record: object, path: Path) -> None:
+    """The record `alnus adapt` writes (absent in a package that was not adapted): what the notes and service show."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise PackageError(f"{path}: adaptation must be an object (written by `alnus adapt`); it is damaged")
+    if not _is_count(record.get("n_images")) or not isinstance(record.get("site", ""), str):
+        raise PackageError(
+            f"{path}: adaptation.n_images must be a count and adaptation.site a text; the package is damaged: "
+            "adapt again (`alnus adapt`)"
+        )
+    if not _is_sha256(record.get("images_sha256")):
+        raise PackageError(f"{path}: adaptation.images_sha256 is not a SHA-256; the package is damaged: adapt again")
 
 
 def _check_common(meta: dict[str, Any], path: Path) -> None:
@@ -544,8 +560,9 @@ def freeze_threshold(
     if old is not None and not refreeze:
         raise PackageError(
             f"{folder / METADATA_FILE} already has a frozen threshold ({old['value']:.4g}, {rule_name(old)}, frozen "
-            f"{old.get('frozen_at') or 'earlier'}); it is set once. Re-freeze explicitly "
-            "(`alnus evaluate RUN --refreeze`) to replace it."
+            f"{old.get('frozen_at') or 'earlier'}); it is set once. Re-freeze explicitly to replace it: "
+            "`alnus evaluate RUN --refreeze` for a run's model, `alnus threshold PACKAGE --manifest CSV --refreeze` "
+            "for a package on its own."
         )
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     new = {**new, "frozen_on": new.get("frozen_on", "val"), "frozen_at": now}

@@ -150,15 +150,27 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "intended_use": [_plain(line) for line in intended_use(meta) if line.strip()],
         "notice": NOTICE,
         "validation": validation,
-        "validation_source": f"the model card ({CARD_FILE})"
-        if validation is not None
-        else f"none: the package has no model card with validation results ({CARD_FILE}; `alnus report RUN` writes it)",
+        "validation_source": _validation_source(validation is not None, meta.get("adaptation")),
+        "adaptation": meta.get("adaptation"),
         "val_auc_at_selection": meta.get("val_auc"),
         "model_card": card,
         "heatmap": settings.heatmap,
         "heatmap_note": predictor.heatmap_note,
         "engine": predictor.engine_description,
     }
+
+
+def _validation_source(found: bool, adaptation: object) -> str:
+    if not found:
+        return (
+            f"none: the package has no model card with validation results ({CARD_FILE}; `alnus report RUN` writes it)"
+        )
+    if adaptation:
+        return (
+            f"the model card ({CARD_FILE}): the source model's results, measured before `alnus adapt` re-estimated "
+            "its BatchNorm statistics (see `adaptation`)"
+        )
+    return f"the model card ({CARD_FILE})"
 
 
 def _input_text(spec: PreprocessSpec) -> str:
