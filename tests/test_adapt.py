@@ -4,6 +4,7 @@ threshold frozen on a site's labelled validation patients)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from alnus.cli import app
 from alnus.data.dataset import PreprocessSpec
 from alnus.errors import AlnusError
 from alnus.models import create_model
-from alnus.models.package import freeze_threshold, read_metadata, save_package
+from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package
 from alnus.predict import Predictor, package_notes
 
 LABELS = ["benign", "malignant"]
@@ -31,26 +32,32 @@ def _model() -> nn.Module:
     return create_model("tiny_cnn").eval()
 
 
-def test_the_statistics_become_those_of_the_new_images_and_nothing_else_changes() -> None:
+def test_the_statistics_become_those_of_the_new_images_whatever_the_batches() -> None:
+    """AdaBN's fixed point: with the adapted statistics, every BatchNorm's stored mean and variance are those of its
+    inputs over all the images; the batching does not matter, and nothing but the statistics changes."""
     model = _model()
-    first = batchnorm_layers(model)[0]
     weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
-    momenta = [bn.momentum for bn in batchnorm_layers(model)]
-    seen: list[torch.Tensor] = []
-    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    batch = torch.rand(MIN_IMAGES, 1, 32, 32) * 0.3 + 0.7  # a brighter site than the network was made for
-    n = adapt_batchnorm(model, [batch[:10], batch[10:]])
-    hook.remove()
-    assert n == MIN_IMAGES
-    features = torch.cat(seen)  # what the first BatchNorm saw, all images
-    # A cumulative average of the two batches' statistics, each weighted alike (AdaBN).
-    means = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen]).mean(0)
-    variances = torch.stack([s.var(dim=(0, 2, 3), unbiased=True) for s in seen]).mean(0)
-    assert torch.allclose(first.running_mean, means, atol=1e-5)
-    assert torch.allclose(first.running_var, variances, rtol=1e-4, atol=1e-6)
-    assert features.shape[0] == MIN_IMAGES
+    images = torch.rand(MIN_IMAGES + 5, 1, 32, 32) * 0.3 + 0.7  # a brighter site than the network was made for
+    assert adapt_batchnorm(model, [images[:10], images[10:20], images[20:]]) == MIN_IMAGES + 5
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        bn.register_forward_pre_hook(lambda m, a: inputs.__setitem__(id(m), a[0])) for bn in batchnorm_layers(model)
+    ]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    for bn in batchnorm_layers(model):
+        x = inputs[id(bn)].double()
+        spread = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        assert (((bn.running_mean.double() - x.mean(dim=(0, 2, 3))) / spread).abs() < 1e-2).all()
+        assert ((bn.running_var.double().sqrt() / spread - 1).abs() < 1e-2).all()
+    other = _model()
+    adapt_batchnorm(other, [images[i : i + 1] for i in range(len(images))])  # one image per batch
+    for a, b in zip(batchnorm_layers(model), batchnorm_layers(other), strict=True):
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(a.running_var, b.running_var, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    assert [bn.momentum for bn in batchnorm_layers(model)] == momenta
     assert not model.training and not any(m.training for m in model.modules())
 
 
@@ -155,15 +162,40 @@ def test_adapt_writes_a_new_package_that_records_its_images_and_predicts_differe
     assert "Adapted" not in " ".join(package_notes(source, source_meta))
 
 
-def test_adapt_refuses_to_overwrite(site: Path) -> None:
-    source = site / "model"
-    code, _, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(source / "inside"))
+def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, images = site / "model", str(site / "site")
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(source / "inside"))
     assert code == 2 and "would write into the source package" in stderr
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site), "--force")
+    assert code == 2 and "holds the source package" in stderr and (source / "weights.safetensors").is_file()
     (site / "taken").mkdir()
-    code, _, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(site / "taken"))
+    (site / "taken" / "precious.txt").write_text("keep")
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "taken"))
     assert code == 2 and "exists; name a new folder, or pass --force" in stderr
-    code, _, _ = _adapt("adapt", str(source), str(site / "site"), "--out", str(site / "taken"), "--force")
-    assert code == 0 and (site / "taken" / "metadata.json").is_file()
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "taken"), "--force")
+    assert code == 2 and "not a model package" in stderr and (site / "taken" / "precious.txt").is_file()
+    work = site / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "precious.txt").write_text("keep")
+    for out in (".", str(site)):
+        code, _, stderr = _adapt("adapt", str(source), images, "--out", out, "--force")
+        assert code == 2 and (work / "precious.txt").is_file()
+    assert "the current folder or one above it" in stderr or "holds the source package" in stderr
+    (site / "run").mkdir()
+    (site / "run" / "splits.csv").write_text("image\n")
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "run" / "models" / "x" / "model"))
+    assert code == 2 and "inside the run folder" in stderr
+    (site / "link").symlink_to(source)
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "link"), "--force")
+    assert code == 2 and "symbolic link" in stderr
+    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "x"), "--site", "a\n## Intended use")
+    assert code == 2 and "--site" in stderr and not (site / "x").exists()
+    # A package of its own is replaced with --force (and only then).
+    assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "B")[0] == 0
+    assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "C", "--force")[0] == 0
+    assert read_metadata(site / "mine")["adaptation"]["site"] == "C"
+    assert not [p for p in site.iterdir() if p.name.startswith(".mine.")]  # nothing left aside
     few = site / "few"
     few.mkdir()
     for name in ("im00.png", "im01.png"):
@@ -173,6 +205,22 @@ def test_adapt_refuses_to_overwrite(site: Path) -> None:
     assert code == 2 and "2 image(s) were read" in stderr and not (site / "none").exists()
     assert "1 image(s) were left out: " in stderr and "boxless.dcm" in stderr  # why, when it fails
     assert not [p for p in site.iterdir() if p.name.startswith(".none.")]  # no half-written folder left behind
+
+
+def test_a_folder_that_appears_meanwhile_is_never_replaced_without_force(site: Path) -> None:
+    from alnus.adapt import _move_into_place
+
+    work, target = site / ".out.tmp", site / "out"
+    work.mkdir()
+    (work / "metadata.json").write_text("{}")
+    target.mkdir()
+    (target / "precious.txt").write_text("keep")  # another command made it while images were read
+    with pytest.raises(AdaptError, match="appeared while adapting"):
+        _move_into_place(work, site / "model", target, force=False)
+    assert (target / "precious.txt").read_text() == "keep"
+    with pytest.raises(AdaptError, match="not a model package"):
+        _move_into_place(work, site / "model", target, force=True)
+    assert (target / "precious.txt").read_text() == "keep"
 
 
 def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
@@ -185,7 +233,7 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     # The adapted package follows the rule its source threshold was frozen with.
     assert point["rule"] == "sensitivity" and point["target"] == 0.9 and point["val_sensitivity"] >= 0.9
     assert point["n_val_units"] == 24
-    assert "Froze" in stdout and "24 patient cases: 12 positive, 12 negative" in stdout and "optimistic" in stdout
+    assert "Froze" in stdout and "24 patient cases: 12 malignant, 12 benign" in stdout and "optimistic" in stdout
     assert "only 12 case(s) of one class" in stderr
     history = read_metadata(out)["threshold_history"]
     assert "validation.csv" in history[-1]["reason"] and point["frozen_on"].startswith("validation.csv")
@@ -193,7 +241,10 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     assert f"Threshold {point['value']:.4g}" in card and "No threshold is carried over" not in card
     assert card.count("<!-- site-threshold:start -->") == 1
     code, _, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
-    assert code == 2 and "already has a frozen threshold" in stderr and "alnus threshold PACKAGE" in stderr
+    assert code == 2 and "already has a frozen threshold" in stderr and "--refreeze" in stderr
+    frozen = len(read_metadata(out)["threshold_history"])
+    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert len(read_metadata(out)["threshold_history"]) == frozen  # the same threshold again: nothing recorded
     code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
     assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
     card = (out / "README.md").read_text()
@@ -207,22 +258,61 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
     package = site / "model"
     table = pd.read_csv(site / "site" / "validation.csv")
     table.drop(columns="label").to_csv(site / "site" / "unlabelled.csv", index=False)
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "unlabelled.csv"))
+    code, _, stderr = _adapt(
+        "threshold", str(package), "--manifest", str(site / "site" / "unlabelled.csv"), "--refreeze"
+    )
     assert code == 2 and "column 'label': required column is missing" in stderr
     code, _, stderr = _adapt(
-        "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), "--rule", "specificity"
+        "threshold",
+        str(package),
+        "--manifest",
+        str(site / "site" / "validation.csv"),
+        "--rule",
+        "specificity",
+        "--refreeze",
     )
     assert code == 2 and "needs a target" in stderr
     code, _, stderr = _adapt(
-        "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), "--level", "lesion"
+        "threshold",
+        str(package),
+        "--manifest",
+        str(site / "site" / "validation.csv"),
+        "--level",
+        "lesion",
+        "--refreeze",
     )
     assert code == 2 and "--level must be one of patient, study, image" in stderr
     table.assign(label=table["label"].str.title()).to_csv(site / "site" / "titled.csv", index=False)
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"))
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"), "--refreeze")
     assert code == 2 and "label(s) ['Benign', 'Malignant']" in stderr and "rename the labels" in stderr
     assert "drop the label column" not in stderr
+    manifest = str(site / "site" / "validation.csv")
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest)
+    assert code == 2 and "already has a frozen threshold (0.5" in stderr
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest, "--rule", "youden", "--target", "0.9",
+                             "--refreeze")  # fmt: skip
+    assert code == 2 and "Youden's takes none" in stderr
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest, "--target", "1.5", "--refreeze")
+    assert code == 2 and "must be a proportion in (0, 1]" in stderr
+    run_model = site / "run" / "models" / "tiny_cnn" / "model"
+    run_model.parent.mkdir(parents=True)
+    (site / "run" / "splits.csv").write_text("image\n")
+    shutil.copytree(package, run_model)
+    code, _, stderr = _adapt("threshold", str(run_model), "--manifest", manifest, "--refreeze")
+    assert code == 2 and "is a model of the run" in stderr and "alnus evaluate" in stderr
     # None of the refused commands touched the package.
     assert json.loads((package / "metadata.json").read_text())["threshold"]["value"] == 0.5
+
+
+def test_a_damaged_adaptation_record_is_refused_on_reading(site: Path) -> None:
+    out = site / "adapted"
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    for field, value in (("source_threshold", "x"), ("source_threshold", {"rule": "banana"}), ("site", "a\n# b")):
+        damaged = {**meta, "adaptation": {**meta["adaptation"], field: value}}
+        (out / "metadata.json").write_text(json.dumps(damaged))
+        with pytest.raises(PackageError, match="damaged"):
+            read_metadata(out)
 
 
 def test_adapt_predictor_adapts_in_place_from_a_manifest_without_reading_labels(site: Path) -> None:

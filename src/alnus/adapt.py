@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,8 +29,15 @@ from torch import nn
 
 from alnus._io import atomic_write_text, file_sha256
 from alnus.errors import AlnusError
-from alnus.models.package import EXPORT_FILES, METADATA_FILE, WEIGHTS_FILE, read_metadata, save_package
-from alnus.operating_point import describe, rule_name
+from alnus.models.package import (
+    EXPORT_FILES,
+    METADATA_FILE,
+    SITE_NAME,
+    WEIGHTS_FILE,
+    read_metadata,
+    save_package,
+)
+from alnus.operating_point import describe, rule_name, same_rule
 
 if TYPE_CHECKING:
     from alnus.data.dataset import ImageCache
@@ -38,6 +45,8 @@ if TYPE_CHECKING:
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
+# adapt_batchnorm's passes stop once no statistic moves by more than TOLERANCE of its spread, or after MAX_PASSES.
+MAX_PASSES, TOLERANCE = 8, 1e-3
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
@@ -57,10 +66,17 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Replace the running mean and variance of every BatchNorm layer of `model` by their averages over `batches`
-    (each `(B, C, H, W)` on the model's device); the affine weights and every other parameter stay. Returns the number
-    of images seen. The model is left in eval mode.
+def adapt_batchnorm(
+    model: nn.Module, batches: Sequence[torch.Tensor], *, max_passes: int = MAX_PASSES, tolerance: float = TOLERANCE
+) -> int:
+    """Set the running mean and variance of every BatchNorm layer of `model` to those of its inputs over all images of
+    `batches` (each `(B, C, H, W)` on the model's device), with the network adapted: AdaBN's target statistics. The
+    affine weights and every other parameter stay. Returns the number of images. The model is left in eval mode.
+
+    The statistics are exact population moments (per-channel sums over every pixel of every image), so they do not
+    depend on how the images are batched. A layer's input depends on the statistics of the layers before it, so the
+    passes run in eval mode until no statistic moves by more than `tolerance` (relative to its spread), at most
+    `max_passes`; the first pass fixes the first layer, and later layers settle in a few.
 
     Raises:
         AdaptError: the model has no BatchNorm layer, or fewer than `MIN_IMAGES` images came (the statistics are
@@ -69,35 +85,42 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     layers = batchnorm_layers(model)
     if not layers:
         raise AdaptError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to adapt.")
-    saved = {id(bn): (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
-             for bn in layers}  # fmt: skip
-    model.eval()
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over all batches, each batch weighted alike
-        bn.train()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if len(batch) == 0:
-                    continue
-                model(batch)
-                seen += len(batch)
-    finally:
-        for bn in layers:
-            bn.momentum = saved[id(bn)][3]
-        model.eval()
+    seen = sum(len(batch) for batch in batches)
     if seen < MIN_IMAGES:
-        for bn in layers:
-            mean, var, tracked, _ = saved[id(bn)]
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.num_batches_tracked.copy_(tracked)
-        raise AdaptError(
-            f"{seen} image(s) were read; BatchNorm statistics need at least {MIN_IMAGES} (a few hundred is better). "
-            "Give more images of the site."
-        )
+        raise AdaptError(f"{seen} image(s) were read; BatchNorm statistics need at least {MIN_IMAGES}.")
+    model.eval()
+    moments: dict[int, list[torch.Tensor]] = {}
+
+    def collect(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        sums = moments.setdefault(id(module), [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)] * 3)
+        count = x.numel() / x.shape[1]
+        moments[id(module)] = [sums[0] + count, sums[1] + x.sum(dims), sums[2] + (x * x).sum(dims)]
+
+    hooks = [bn.register_forward_pre_hook(collect) for bn in layers]
+    try:
+        for _ in range(max_passes):
+            moments.clear()
+            with torch.no_grad():
+                for batch in batches:
+                    if len(batch):
+                        model(batch)
+            moved = 0.0
+            for bn in layers:
+                count, total, squares = moments[id(bn)]
+                mean = total / count
+                var = (squares - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)
+                scale = var.sqrt().clamp_min(1e-6)
+                moved = max(moved, float(((mean - bn.running_mean.double()).abs() / scale).max()),
+                            float(((var.sqrt() - bn.running_var.double().sqrt()).abs() / scale).max()))  # fmt: skip
+                bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+                bn.running_var.copy_(var.to(bn.running_var.dtype))
+            if moved <= tolerance:
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
     return seen
 
 
@@ -125,15 +148,78 @@ def adapt_predictor(
                 unlabelled, root, network.spec, cache=cache, positive_label=predictor.positive_label
             )
 
-        def batches(
-            dataset: UltrasoundDataset = dataset, device: torch.device = network.device
-        ) -> Iterable[torch.Tensor]:
-            for start in range(0, len(dataset), batch_size):
-                stop = min(start + batch_size, len(dataset))
-                yield torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)
-
-        n = adapt_batchnorm(network.model, batches())
+        crops = [dataset[i][0] for i in range(len(dataset))]
+        n = adapt_batchnorm(network.model, _batched(crops, batch_size, network.device))
     return n
+
+
+def check_site(site: str) -> None:
+    """A site's name goes into the model card and the notes: letters, digits and simple punctuation, one line."""
+    if site and not SITE_NAME.fullmatch(site):
+        raise AdaptError(
+            f"--site {site!r}: use up to 80 letters, digits, spaces and . , - _ ( ) / + (no line breaks or markup)."
+        )
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / "splits.csv").is_file() or (folder / "config.yaml").is_file()
+
+
+def _check_out(source: Path, target: Path, *, force: bool) -> None:
+    """Refuse an --out that would overwrite anything but a model package of its own: the source, a folder holding it,
+    the current folder or one above it, a run folder's insides, a file or a link; an existing one without `force`."""
+    src, out, here = source.resolve(), target.resolve(), Path.cwd().resolve()
+    if target.is_symlink():
+        raise AdaptError(f"--out {target} is a symbolic link; name a new folder.")
+    if out == src or src in out.parents:
+        raise AdaptError(f"--out {target} would write into the source package; name a new folder.")
+    if out in src.parents:
+        raise AdaptError(
+            f"--out {target} holds the source package, which replacing it would delete; name a new folder."
+        )
+    if out == here or out in here.parents:
+        raise AdaptError(f"--out {target} is the current folder or one above it; name a new folder.")
+    run = next((p for p in (out, *out.parents) if _is_run_folder(p)), None)
+    if run is not None:
+        raise AdaptError(
+            f"--out {target} is inside the run folder {run}, whose models its study writes (an adapted model there "
+            "would be evaluated on the images it was adapted on); name a folder outside it, e.g. models/<name>."
+        )
+    if target.exists():
+        if not target.is_dir():
+            raise AdaptError(f"--out {target} is a file; name a new folder.")
+        if not force:
+            raise AdaptError(f"{target} exists; name a new folder, or pass --force to replace it.")
+        try:
+            read_metadata(target)
+        except AlnusError:
+            raise AdaptError(
+                f"--out {target} exists and is not a model package: --force replaces only a package; name a new folder."
+            ) from None
+
+
+def _move_into_place(work: Path, source: Path, target: Path, *, force: bool) -> None:
+    """Rename the written package folder to `target`; an existing one is replaced only with `force` (checked again:
+    another command may have made it meanwhile), and is moved aside before the new one takes its place."""
+    if not (target.exists() or target.is_symlink()):
+        try:
+            os.rename(work, target)  # fails on a folder that appeared meanwhile and holds anything
+            return
+        except OSError as exc:
+            raise AdaptError(
+                f"{target} appeared while adapting ({exc.strerror}); nothing was replaced. Run again with a new --out."
+            ) from None
+    if not force:
+        raise AdaptError(f"{target} appeared while adapting (another command?); nothing was replaced.")
+    _check_out(source, target, force=True)
+    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    os.rename(target, aside)
+    os.rename(work, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _batched(crops: list[torch.Tensor], batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    return [torch.stack(crops[i : i + batch_size]).to(device) for i in range(0, len(crops), batch_size)]
 
 
 @dataclass
@@ -187,44 +273,35 @@ def adapt_package(
             f"{source} is an ensemble package: adapt each member package (`alnus adapt MEMBER ...`), then build the "
             "ensemble from the adapted members again with `alnus ensemble`."
         )
-    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
-        raise AdaptError(f"--out {target} would write into the source package; name a new folder.")
-    if target.exists() and not force:
-        raise AdaptError(f"{target} exists; name a new folder, or pass --force to replace it.")
+    check_site(site)
+    _check_out(source, target, force=force)
     predictor = Predictor(source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size)
     network = predictor.networks[0]
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in inputs.to_dict("records")]
     skipped: list[tuple[str, str]] = []
     read: list[str] = []
 
-    def batches() -> Iterable[torch.Tensor]:
-        pending: list[torch.Tensor] = []
-        for i, row in enumerate(records):
-            name = row.get("image") or row.get("path", "?")
-            if row.get("error"):
-                skipped.append((name, row["error"]))
-            else:
-                try:
-                    tensors, _ = predictor.network_inputs(row)
-                    pending.append(tensors[0])
-                    read.append(row["path"])
-                except (AlnusError, ValueError, OSError) as exc:
-                    skipped.append((name, str(exc) or type(exc).__name__))
-            if len(pending) == batch_size:
-                yield torch.stack(pending)
-                pending = []
-            if progress is not None:
-                progress(i + 1, len(records))
-        if pending:
-            yield torch.stack(pending)
-
+    crops: list[torch.Tensor] = []
+    for i, row in enumerate(records):
+        name = row.get("image") or row.get("path", "?")
+        if row.get("error"):
+            skipped.append((name, row["error"]))
+        else:
+            try:
+                tensors, _ = predictor.network_inputs(row)
+                crops.append(tensors[0])
+                read.append(row["path"])
+            except (AlnusError, ValueError, OSError) as exc:
+                skipped.append((name, str(exc) or type(exc).__name__))
+        if progress is not None:
+            progress(i + 1, len(records))
     try:
-        n = adapt_batchnorm(network.model, batches())
+        n = adapt_batchnorm(network.model, _batched(crops, batch_size, network.device))
     except AdaptError as exc:
         reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more if skipped else ""
-        raise AdaptError(f"{exc}{detail}") from None
+        detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more + "." if skipped else ""
+        raise AdaptError(f"{exc}{detail} Give more images of the site.") from None
     digests = sorted(file_sha256(Path(p)) for p in read)
     carried = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
     carried["adaptation"] = {
@@ -234,7 +311,7 @@ def adapt_package(
         "n_skipped": len(skipped),
         "images_sha256": _digest_of(digests),
         "images_list": IMAGES_FILE,
-        "source_package": str(source),
+        "source_package": str(source.resolve()),
         "source_weights_sha256": meta["weights_sha256"],
         "source_threshold": meta.get("threshold"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -252,9 +329,7 @@ def adapt_package(
                 shutil.copy2(item, work / item.name)  # the data licence, for one
         atomic_write_text(work / IMAGES_FILE, "".join(f"{d}\n" for d in digests))
         atomic_write_text(work / "README.md", _card(source, written))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
+        _move_into_place(work, source, target, force=force)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -280,7 +355,8 @@ def _card(source: Path, meta: dict[str, Any]) -> str:
         "",
         "## Site adaptation",
         "",
-        f"This package is {title} with its BatchNorm statistics re-estimated on {adaptation['n_images']} unlabelled "
+        f"These are the weights of the source package ({source.name}, whose card follows) with their BatchNorm "
+        f"statistics re-estimated on {adaptation['n_images']} unlabelled "
         f"image(s){' of ' + adaptation['site'] if adaptation['site'] else ''} on {adaptation['date'][:10]} (`alnus "
         "adapt`); every other weight is the source's and no label was read. Its weights SHA-256 is "
         f"`{meta['weights_sha256'][:16]}` (the source's: `{adaptation['source_weights_sha256'][:16]}`). The SHA-256 of "
@@ -330,6 +406,22 @@ def freeze_on_labelled(
 
     package_dir, manifest = Path(package_dir), Path(manifest)
     meta = read_metadata(package_dir)
+    run = next((p for p in package_dir.resolve().parents if _is_run_folder(p)), None)
+    if run is not None:
+        raise AdaptError(
+            f"{package_dir} is a model of the run {run}: its threshold is frozen on the run's validation split by "
+            f"`alnus evaluate {run}` (`--refreeze` to choose it again). `alnus threshold` is for a package on its own "
+            "(an adapted one, or a copy outside the run)."
+        )
+    if meta["threshold"] is not None and not refreeze:
+        raise AdaptError(
+            f"{package_dir} already has a frozen threshold ({meta['threshold']['value']:.4g}, "
+            f"{rule_name(meta['threshold'])}); pass --refreeze to replace it."
+        )
+    if rule == "youden" and target is not None:
+        raise AdaptError("--target is for the sensitivity and specificity rules; Youden's takes none.")
+    if target is not None and not 0 < target <= 1:
+        raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
     table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
     labels = table["label"].astype(str)
     unknown = sorted(set(labels) - {str(n) for n in meta["label_names"]})
@@ -352,6 +444,9 @@ def freeze_on_labelled(
     predictions = predictor.predict_table(table, manifest.parent)
     wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
     wanted["frozen_on"] = f"{manifest.name} (labelled validation patients given to `alnus threshold`)"
+    old = meta["threshold"]
+    if old is not None and same_rule(old, wanted) and old["value"] == wanted["value"]:
+        return old  # the same rule on these patients gives the same threshold: nothing to record
     reason = f"frozen by `alnus threshold` on {manifest.name} ({len(predictions)} images, labelled)"
     point = freeze_threshold(package_dir, wanted, reason=reason, refreeze=refreeze)["threshold"]
     card = read_card(package_dir)
@@ -375,4 +470,7 @@ def _with_site_threshold(card: str, text: str) -> str:
         head, rest = card.split(SITE_THRESHOLD_START, 1)
         return head + block + rest.split(SITE_THRESHOLD_END, 1)[1]
     title, _, rest = card.partition("\n")
-    return f"{title}\n\n## Threshold frozen at a site\n\n{block}\n{rest}"
+    superseded = (
+        "It replaces any operating threshold stated further down; the results further down were measured at that one."
+    )
+    return f"{title}\n\n## Threshold frozen at a site\n\n{block}\n\n{superseded}\n{rest}"

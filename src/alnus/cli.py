@@ -590,15 +590,22 @@ _PROGRESS_FROM = 20
 EXIT_SOME_FAILED = 1
 
 
-def _refuse_run_folder(package: Path) -> None:
-    """`alnus predict RUN` (the stage's old name) on a run folder: name the command the user meant."""
+def _refuse_run_folder(package: Path, command: str = "predict") -> None:
+    """`alnus predict RUN` (the stage's old name) on a run folder: name the command the user meant; `command`: the
+    command that takes a package (adapt, threshold) otherwise."""
     if not package.is_dir() or (package / "metadata.json").exists():
         return
     if (package / "model" / "metadata.json").exists():
         return  # a model's folder (runs/<name>/models/<backbone>): the package reader names its `model/` package
     if (package / "splits.csv").exists() or (package / "config.yaml").exists():
         found = sorted(p.parent for p in package.glob("models/*/model/metadata.json"))
+        found = [p for p in found if command == "predict" or not (p / "members").is_dir()]  # ensembles: predict only
         example = found[0] if found else package / "models" / "<backbone>" / "model"
+        if command != "predict":
+            raise AlnusError(
+                f"{package} is a run folder, not a model package; `alnus {command}` takes one of its packages' "
+                f"folders (e.g. `alnus {command} {example} ...`), or a package on its own."
+            )
         raise AlnusError(
             f"{package} is a run folder, not a model package. `alnus predict` predicts new images with a model "
             f"package (e.g. `alnus predict {example} IMAGE...`); to predict the run's val/internal/external splits "
@@ -958,7 +965,7 @@ def adapt(
     from alnus.adapt import adapt_package
     from alnus.data.inputs import collect_inputs
 
-    _refuse_run_folder(package)
+    _refuse_run_folder(package, "adapt")
     per_image = {"roi": roi or [], "mask": [str(m) for m in mask or []]}
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
     for note in table.attrs.get("notes", []):
@@ -1020,6 +1027,7 @@ def threshold(
     report results on.
     """
     from alnus.adapt import freeze_on_labelled
+    from alnus.models.package import read_metadata
 
     for name, value, allowed in (
         ("--rule", rule, ("youden", "sensitivity", "specificity")),
@@ -1028,17 +1036,22 @@ def threshold(
     ):
         if value is not None and value not in allowed:
             raise AlnusError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
-    _refuse_run_folder(package)
+    _refuse_run_folder(package, "threshold")
     point = freeze_on_labelled(
         package, manifest, rule=rule, target=target, level=level, aggregate=aggregate, refreeze=refreeze
     )
     from alnus.operating_point import describe
 
     chosen = point["chosen_on"]
+    meta = read_metadata(package)
+    positive = str(meta["positive_label"])
+    others = [str(n) for n in meta["label_names"] if str(n) != positive]
+    labels = {"positive": positive, "negative": others[0] if len(others) == 1 else f"not {positive}"}
     console.print(
         escape(
             f"Froze {package}'s threshold: {describe(point)}. On {manifest.name} ({chosen['n_cases']} {point['level']} "
-            f"cases: {chosen['n_pos']} positive, {chosen['n_neg']} negative) it gives sensitivity "
+            f"cases: {chosen['n_pos']} {labels['positive']}, {chosen['n_neg']} {labels['negative']}) it gives "
+            "sensitivity "
             f"{100 * point['val_sensitivity']:.1f}% and specificity {100 * point['val_specificity']:.1f}%, measured on "
             "the cases it was chosen on (optimistic: report results on other patients)."
         ),

@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,19 +205,29 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+# What an adapted package's site may be called (`alnus adapt --site`; it is written into the model card).
+SITE_NAME = re.compile(r"[\w .,()/+-]{1,80}")
+
+
 def _check_adaptation(record: object, path: Path) -> None:
     """The record `alnus adapt` writes (absent in a package that was not adapted): what the notes and service show."""
     if record is None:
         return
     if not isinstance(record, dict):
         raise PackageError(f"{path}: adaptation must be an object (written by `alnus adapt`); it is damaged")
-    if not _is_count(record.get("n_images")) or not isinstance(record.get("site", ""), str):
+    site = record.get("site", "")
+    if not _is_count(record.get("n_images")) or not isinstance(site, str) or (site and not SITE_NAME.fullmatch(site)):
         raise PackageError(
-            f"{path}: adaptation.n_images must be a count and adaptation.site a text; the package is damaged: "
-            "adapt again (`alnus adapt`)"
+            f"{path}: adaptation.n_images must be a count and adaptation.site a one-line name; the package is "
+            "damaged: adapt again (`alnus adapt`)"
         )
     if not _is_sha256(record.get("images_sha256")):
         raise PackageError(f"{path}: adaptation.images_sha256 is not a SHA-256; the package is damaged: adapt again")
+    if record.get("source_threshold") is not None:
+        try:
+            record["source_threshold"] = check_operating_point(record["source_threshold"], f"{path}: adaptation")
+        except OperatingPointError as exc:
+            raise PackageError(f"{exc} The package is damaged: adapt again.") from None
 
 
 def _check_common(meta: dict[str, Any], path: Path) -> None:

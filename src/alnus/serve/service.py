@@ -496,8 +496,8 @@ class ModelService:
             "threshold": None if point is None else point["value"],
             "threshold_level": None if point is None else point["level"],
             "threshold_rule": None if point is None else info["threshold"]["rule"],
-            "threshold_note": "The package has no frozen threshold yet (`alnus evaluate RUN` freezes it), so there "
-            "is no call."
+            "threshold_note": "The package has no frozen threshold yet (`alnus threshold PACKAGE --manifest CSV` "
+            "freezes it on labelled validation patients; `alnus evaluate RUN` for a run's model), so there is no call."
             if point is None
             else info["threshold"]["applied_here"],
             "roi": None if box is None else {"box": list(box), "used": info["input"]["needs_roi"]},
