@@ -196,6 +196,10 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
     assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "C", "--force")[0] == 0
     assert read_metadata(site / "mine")["adaptation"]["site"] == "C"
     assert not [p for p in site.iterdir() if p.name.startswith(".mine.")]  # nothing left aside
+    same = site / "same.csv"
+    same.write_text("image,roi\n" + "".join(f'site/im00.png,"{i},0,8,8"\n' for i in range(20)))
+    code, _, stderr = _adapt("adapt", str(source), "--manifest", str(same), "--out", str(site / "same"))
+    assert code == 2 and "20 image(s) were read but only 1 different file(s)" in stderr
     few = site / "few"
     few.mkdir()
     for name in ("im00.png", "im01.png"):

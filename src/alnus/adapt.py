@@ -295,14 +295,19 @@ def adapt_package(
                 skipped.append((name, str(exc) or type(exc).__name__))
         if progress is not None:
             progress(i + 1, len(records))
+    digests = sorted(file_sha256(Path(p)) for p in read)
     try:
+        if len(set(digests)) < MIN_IMAGES <= len(crops):
+            raise AdaptError(
+                f"{len(crops)} image(s) were read but only {len(set(digests))} different file(s); BatchNorm statistics "
+                f"need at least {MIN_IMAGES} different images."
+            )
         n = adapt_batchnorm(network.model, _batched(crops, batch_size, network.device))
     except AdaptError as exc:
         reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more + "." if skipped else ""
         raise AdaptError(f"{exc}{detail} Give more images of the site.") from None
-    digests = sorted(file_sha256(Path(p)) for p in read)
     carried = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
     carried["adaptation"] = {
         "method": "batchnorm statistics (AdaBN): running means and variances re-estimated, weights unchanged",
