@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "alnus.study": 6,
     "alnus.cv": 6,
     "alnus.subgroups": 6,
+    "alnus.adapt": 6,
     "alnus.serve": 6,
     "alnus.serve.app": 6,
     "alnus.serve.security": 6,
