@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
-# adapt_batchnorm's passes stop once no statistic moves by more than TOLERANCE of its spread, or after MAX_PASSES.
-MAX_PASSES, TOLERANCE = 8, 1e-3
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
@@ -66,17 +64,12 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def adapt_batchnorm(
-    model: nn.Module, batches: Sequence[torch.Tensor], *, max_passes: int = MAX_PASSES, tolerance: float = TOLERANCE
-) -> int:
-    """Set the running mean and variance of every BatchNorm layer of `model` to those of its inputs over all images of
-    `batches` (each `(B, C, H, W)` on the model's device), with the network adapted: AdaBN's target statistics. The
-    affine weights and every other parameter stay. Returns the number of images. The model is left in eval mode.
-
-    The statistics are exact population moments (per-channel sums over every pixel of every image), so they do not
-    depend on how the images are batched. A layer's input depends on the statistics of the layers before it, so the
-    passes run in eval mode until no statistic moves by more than `tolerance` (relative to its spread), at most
-    `max_passes`; the first pass fixes the first layer, and later layers settle in a few.
+def adapt_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> int:
+    """Replace the running mean and variance of every BatchNorm layer of `model` by their averages over `batches`
+    (each `(B, C, H, W)` on the model's device); the affine weights and every other parameter stay. Returns the number
+    of images seen. The model is left in eval mode. Each batch's statistics count alike (a cumulative average, as
+    `torch.optim.swa_utils.update_bn`), so the result depends a little on the batch size; an exact, batch-independent
+    estimate is future work (a first attempt gave chance-level AUC on EfficientNet-Lite0 and was withdrawn).
 
     Raises:
         AdaptError: the model has no BatchNorm layer, or fewer than `MIN_IMAGES` images came (the statistics are
@@ -85,42 +78,35 @@ def adapt_batchnorm(
     layers = batchnorm_layers(model)
     if not layers:
         raise AdaptError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to adapt.")
-    seen = sum(len(batch) for batch in batches)
-    if seen < MIN_IMAGES:
-        raise AdaptError(f"{seen} image(s) were read; BatchNorm statistics need at least {MIN_IMAGES}.")
+    saved = {id(bn): (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
+             for bn in layers}  # fmt: skip
     model.eval()
-    moments: dict[int, list[torch.Tensor]] = {}
-
-    def collect(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().double()
-        dims = [d for d in range(x.dim()) if d != 1]
-        sums = moments.setdefault(id(module), [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)] * 3)
-        count = x.numel() / x.shape[1]
-        moments[id(module)] = [sums[0] + count, sums[1] + x.sum(dims), sums[2] + (x * x).sum(dims)]
-
-    hooks = [bn.register_forward_pre_hook(collect) for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all batches, each batch weighted alike
+        bn.train()
+    seen = 0
     try:
-        for _ in range(max_passes):
-            moments.clear()
-            with torch.no_grad():
-                for batch in batches:
-                    if len(batch):
-                        model(batch)
-            moved = 0.0
-            for bn in layers:
-                count, total, squares = moments[id(bn)]
-                mean = total / count
-                var = (squares - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)
-                scale = var.sqrt().clamp_min(1e-6)
-                moved = max(moved, float(((mean - bn.running_mean.double()).abs() / scale).max()),
-                            float(((var.sqrt() - bn.running_var.double().sqrt()).abs() / scale).max()))  # fmt: skip
-                bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-                bn.running_var.copy_(var.to(bn.running_var.dtype))
-            if moved <= tolerance:
-                break
+        with torch.no_grad():
+            for batch in batches:
+                if len(batch) == 0:
+                    continue
+                model(batch)
+                seen += len(batch)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for bn in layers:
+            bn.momentum = saved[id(bn)][3]
+        model.eval()
+    if seen < MIN_IMAGES:
+        for bn in layers:
+            mean, var, tracked, _ = saved[id(bn)]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(tracked)
+        raise AdaptError(
+            f"{seen} image(s) were read; BatchNorm statistics need at least {MIN_IMAGES} (a few hundred is better). "
+            "Give more images of the site."
+        )
     return seen
 
 
