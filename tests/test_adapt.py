@@ -260,26 +260,14 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
         "threshold", str(package), "--manifest", str(site / "site" / "unlabelled.csv"), "--refreeze"
     )
     assert code == 2 and "column 'label': required column is missing" in stderr
-    code, _, stderr = _adapt(
-        "threshold",
-        str(package),
-        "--manifest",
-        str(site / "site" / "validation.csv"),
-        "--rule",
-        "specificity",
-        "--refreeze",
-    )
-    assert code == 2 and "needs a target" in stderr
-    code, _, stderr = _adapt(
-        "threshold",
-        str(package),
-        "--manifest",
-        str(site / "site" / "validation.csv"),
-        "--level",
-        "lesion",
-        "--refreeze",
-    )
-    assert code == 2 and "--level must be one of patient, study, image" in stderr
+    for options, expected in (
+        (["--rule", "specificity"], "needs a target"),
+        (["--level", "lesion"], "--level must be one of patient, study, image"),
+    ):
+        code, _, stderr = _adapt(
+            "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), *options, "--refreeze"
+        )
+        assert code == 2 and expected in stderr
     table.assign(label=table["label"].str.title()).to_csv(site / "site" / "titled.csv", index=False)
     code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"), "--refreeze")
     assert code == 2 and "label(s) ['Benign', 'Malignant']" in stderr and "rename the labels" in stderr
