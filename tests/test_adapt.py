@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from alnus.adapt import MIN_IMAGES, AdaptError, adapt_batchnorm, batchnorm_layers, images_digest
+from alnus.adapt import MIN_IMAGES, AdaptError, adapt_batchnorm, adapt_package, batchnorm_layers, images_digest
 from alnus.cli import app
 from alnus.data.dataset import PreprocessSpec
 from alnus.errors import AlnusError
@@ -32,27 +32,42 @@ def _model() -> nn.Module:
     return create_model("tiny_cnn").eval()
 
 
-def test_the_statistics_become_those_of_the_new_images_and_nothing_else_changes() -> None:
-    model = _model()
-    first = batchnorm_layers(model)[0]
-    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
-    momenta = [bn.momentum for bn in batchnorm_layers(model)]
-    seen: list[torch.Tensor] = []
-    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    batch = torch.rand(MIN_IMAGES, 1, 32, 32) * 0.3 + 0.7  # a brighter site than the network was made for
-    n = adapt_batchnorm(model, [batch[:10], batch[10:]])
-    hook.remove()
-    assert n == MIN_IMAGES
-    features = torch.cat(seen)  # what the first BatchNorm saw, all images
-    # A cumulative average of the two batches' statistics, each weighted alike (AdaBN).
-    means = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen]).mean(0)
-    variances = torch.stack([s.var(dim=(0, 2, 3), unbiased=True) for s in seen]).mean(0)
-    assert torch.allclose(first.running_mean, means, atol=1e-5)
-    assert torch.allclose(first.running_var, variances, rtol=1e-4, atol=1e-6)
-    assert features.shape[0] == MIN_IMAGES
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    assert [bn.momentum for bn in batchnorm_layers(model)] == momenta
-    assert not model.training and not any(m.training for m in model.modules())
+def test_the_statistics_become_those_of_the_new_images_whatever_the_batching_and_nothing_else_changes() -> None:
+    batch = torch.rand(MIN_IMAGES + 5, 1, 32, 32) * 0.3 + 0.7  # a brighter site than the network was made for
+    # The reference: one training-mode pass over all images at once, each layer normalising with (and keeping) the
+    # statistics of the whole set, which is what the adapted network computes.
+    reference = _model()
+    for bn in batchnorm_layers(reference):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        reference(batch)
+    expected = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in batchnorm_layers(reference)]
+    assert len(expected) >= 2  # a layer after another, so the order of estimation matters
+    adapted = []
+    # One training-mode pass when the activations fit in memory; else layer by layer (memory=0), whatever the batching.
+    for sizes, memory in (((len(batch),), 0), ((10, 11), 0), ((4,) * 5 + (1,), 0), ((4,) * 5 + (1,), 2**30)):
+        model = _model()
+        weights = {k: v.clone() for k, v in model.state_dict().items() if "running_" not in k}
+        momenta = [bn.momentum for bn in batchnorm_layers(model)]
+        steps: list[tuple[int, int]] = []
+        batches = list(torch.split(batch, sizes))
+        n = adapt_batchnorm(model, batches, progress=lambda d, t, into=steps: into.append((d, t)), memory=memory)
+        assert n == len(batch)
+        everyone = len(expected)
+        assert steps == ([(i + 1, everyone) for i in range(everyone)] if memory == 0 else [(everyone, everyone)])
+        # Training mode normalises with the biased variance and prediction with the kept (unbiased) one, so the
+        # deeper layers of the reference differ by up to sqrt(n / (n - 1)) for their n pixels per channel.
+        for bn, (mean, var) in zip(batchnorm_layers(model), expected, strict=True):
+            assert torch.allclose(bn.running_mean, mean, rtol=5e-3, atol=1e-4), sizes
+            assert torch.allclose(bn.running_var, var, rtol=1e-2, atol=1e-5), sizes
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())  # num_batches_tracked too
+        assert [bn.momentum for bn in batchnorm_layers(model)] == momenta
+        assert not any(m.training for m in model.modules())
+        adapted.append([torch.cat([bn.running_mean, bn.running_var]) for bn in batchnorm_layers(model)])
+    for other in adapted[1:3]:  # the batching does not matter
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(adapted[0], other, strict=True))
 
 
 def test_the_help_states_the_minimum() -> None:
@@ -286,6 +301,14 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
     shutil.copytree(package, run_model)
     code, _, stderr = _adapt("threshold", str(run_model), "--manifest", manifest, "--refreeze")
     assert code == 2 and "is a model of the run" in stderr and "alnus evaluate" in stderr
+    # A file listed twice, or one that is not an image, is named by its row before anything is predicted.
+    doubled = pd.concat([table, table.iloc[[3]]], ignore_index=True)
+    doubled.loc[len(doubled)] = {"image": "zz_truncated.png", "patient_id": "p99", "label": "benign"}
+    doubled.to_csv(site / "site" / "doubled.csv", index=False)
+    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "doubled.csv"), "--refreeze")
+    assert code == 2 and "2 problems" in stderr, stderr
+    assert "row 26" in stderr and "same image as row 5 (im03.png)" in stderr
+    assert "row 27" in stderr and "zz_truncated.png" in stderr
     # None of the refused commands touched the package.
     assert json.loads((package / "metadata.json").read_text())["threshold"]["value"] == 0.5
 
@@ -325,3 +348,102 @@ def test_the_benchs_halves_split_whole_patients_without_labels(monkeypatch: pyte
     assert all(len(set(half[table["patient_id"] == p])) == 1 for p in table["patient_id"])
     assert (site_adaptation.halves(table.assign(label="x")) == half).all()  # labels play no part
     assert (site_adaptation.halves(table.iloc[::-1].reset_index(drop=True))[::-1] == half).all()  # nor row order
+
+
+def test_the_terminals_progress_shows_reading_and_estimating_in_one_display(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from alnus import cli
+
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=shown, force_terminal=True, width=100))
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True)
+    with cli._progress_bars(100, "reading", "estimating layers") as (reading, layers):
+        for i in range(1, 101):
+            reading(i, 100)
+        for i in range(1, 50):
+            layers(i, 49)  # two bars at once: rich allows one live display, so both are tasks of one
+    text = shown.getvalue()
+    assert "reading" in text and "estimating layers" in text
+    with cli._progress_bars(3, "reading", "estimating layers") as callbacks:  # few images: no bars
+        assert callbacks == [None, None]
+
+
+_SLOW_ADAPT = """
+import sys, time
+import alnus.adapt as adapt
+write = adapt.save_package
+def slow(*args, **kwargs):
+    written = write(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(60)
+    return written
+adapt.save_package = slow
+from alnus.cli import main
+sys.argv = ["alnus", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_killed_adapt_leaves_nothing_the_next_one_does_not_clear(site: Path) -> None:
+    """kill -9 while the package is being written leaves a hidden half-written folder beside --out; the next adapt
+    removes it (its process is gone), keeps one of a process that still runs, and restores a package that a killed
+    --force had moved aside before the new one took its place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    source, out = site / "model", site / "adapted"
+    args = [str(source), str(site / "site"), "--out", str(out)]
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_ADAPT, "adapt", *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "writing\n"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    left = sorted(p.name for p in site.glob(".adapted.*"))
+    assert len(left) == 1 and left[0].startswith(f".adapted.adapting-{child.pid}.") and not out.exists()
+    alive = site / f".adapted.adapting-{os.getpid()}.x"  # this test's own process, running
+    alive.mkdir()
+    code, stdout, stderr = _adapt("adapt", *args)
+    assert code == 0, stdout + stderr
+    assert sorted(p.name for p in site.glob(".adapted.*")) == [alive.name]
+    # A --force killed between moving the old package aside and renaming the new one into place.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = site / f".adapted.replaced-{int(dead.stdout)}"
+    out.rename(aside)
+    code, stdout, stderr = _adapt("adapt", *args)
+    assert code == 2 and "exists" in stderr, stdout + stderr  # the old package is back, and kept without --force
+    assert read_metadata(out)["adaptation"]["site"] == "" and not aside.exists()
+
+
+def test_an_ensemble_is_adapted_member_by_member_each_with_its_own_preprocessing(tmp_path: Path) -> None:
+    from alnus.ensemble import build_ensemble
+    from alnus.models.package import load_members
+    from tests.test_ensemble import BOX, make_run, pkg
+
+    run = make_run(tmp_path)
+    build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_box")], tta=["hflip"])
+    source = pkg(run, "ens")
+    images = sorted(str(p) for p in (tmp_path / "data").glob("*.png"))
+    site = pd.DataFrame({"path": images, "image": [Path(p).name for p in images], "roi": BOX})
+    adapted = adapt_package(source, site, tmp_path / "ens-b", site="B")
+    meta = read_metadata(adapted.package)
+    before = read_metadata(source)
+    assert meta["kind"] == "ensemble" and meta["tta"] == ["hflip"] and meta["threshold"] is None
+    assert meta["adaptation"]["site"] == "B" and meta["adaptation"]["n_images"] == len(images)
+    assert meta["adaptation"]["source_weights_sha256"] == before["weights_sha256"] != meta["weights_sha256"]
+    members, _ = load_members(adapted.package)
+    for member, old in zip(members, before["members"], strict=True):
+        assert member.metadata["adaptation"]["source_weights_sha256"] == old["weights_sha256"]
+        assert member.metadata["weights_sha256"] != old["weights_sha256"]
+    # Each member as if adapted alone: the box-cropping member read the images through its own crop.
+    alone = adapt_package(pkg(run, "tiny_box"), site, tmp_path / "box-b", site="B")
+    assert members[1].metadata["weights_sha256"] == read_metadata(alone.package)["weights_sha256"]
+    x = Predictor(source).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
+    y = Predictor(adapted.package).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
+    assert np.abs(x.to_numpy() - y.to_numpy()).max() > 1e-3
+    assert "each of its 2 members" in (adapted.package / "README.md").read_text()

@@ -292,3 +292,36 @@ def test_available_engines_lists_passed_current_exports_fastest_first(
     model, meta = load_package(package)
     save_package(package, model, {k: meta[k] for k in ("preprocess", "label_names", "positive_label")})
     assert available_engines(package) == ["torch"] and not (package / "model-int8.onnx").exists()
+
+
+def test_an_adapted_package_exports_with_the_training_runs_images_and_keeps_its_record(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """An adapted package sits in no run: export needs --calibration (the run its source was trained in, whose images
+    check the parity of the export), and the exported package still carries and passes its adaptation record."""
+    from alnus.adapt import adapt_package
+    from alnus.data.inputs import collect_inputs
+
+    package = run_dir / "models" / "tiny_cnn" / "model"
+    images = tmp_path / "site"
+    images.mkdir()
+    for k, path in enumerate(sorted((run_dir.parent.parent / "images").glob("*.png"))[:20]):
+        pixels = np.asarray(Image.open(path)).astype(np.float32)
+        Image.fromarray(np.clip(pixels * 0.6 + 70, 0, 255).astype(np.uint8)).save(images / f"s{k}.png")
+    adapted = adapt_package(package, collect_inputs([images]), tmp_path / "adapted", site="B").package
+    refused = runner.invoke(app, ["export", str(adapted), "--format", "onnx"])
+    assert refused.exit_code != 0 and "--calibration" in str(refused.exception) + refused.output
+    result = runner.invoke(app, ["export", str(adapted), "--format", "onnx", "--calibration", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(adapted)
+    assert meta["adaptation"]["site"] == "B" and meta["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+    x, _, _ = calibration_images(adapted, run_dir)
+    onnx_probs = Predictor(adapted, device="cpu", engine="onnx").predict_batch(torch.from_numpy(x[:6]))
+    torch_probs = Predictor(adapted, device="cpu", precision="fp32", engine="torch").predict_batch(
+        torch.from_numpy(x[:6])
+    )
+    np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)
+    source_probs = Predictor(package, device="cpu", precision="fp32", engine="torch").predict_batch(
+        torch.from_numpy(x[:6])
+    )
+    assert np.abs(source_probs - torch_probs).max() > 1e-3  # the export is of the adapted weights, not the source's

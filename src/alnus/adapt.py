@@ -12,9 +12,13 @@ threshold frozen again on labelled validation patients of the new site.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import glob
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -27,13 +31,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+import alnus
 from alnus._io import atomic_write_text, file_sha256
 from alnus.errors import AlnusError
 from alnus.models.package import (
     EXPORT_FILES,
+    MEMBERS_DIR,
     METADATA_FILE,
     SITE_NAME,
     WEIGHTS_FILE,
+    ensemble_digest,
+    format_version_of,
+    is_ensemble,
     read_metadata,
     save_package,
 )
@@ -45,6 +54,8 @@ if TYPE_CHECKING:
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
+# adapt_batchnorm estimates every layer in one pass when the activations of all images fit in about this many bytes.
+ONE_PASS_MEMORY = 4 * 2**30
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
@@ -64,12 +75,53 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def adapt_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> int:
-    """Replace the running mean and variance of every BatchNorm layer of `model` by their averages over `batches`
-    (each `(B, C, H, W)` on the model's device); the affine weights and every other parameter stay. Returns the number
-    of images seen. The model is left in eval mode. Each batch's statistics count alike (a cumulative average, as
-    `torch.optim.swa_utils.update_bn`), so the result depends a little on the batch size; an exact, batch-independent
-    estimate is future work (a first attempt gave chance-level AUC on EfficientNet-Lite0 and was withdrawn).
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the layer being estimated has seen its input."""
+
+
+def _execution_order(
+    model: nn.Module, layers: list[nn.modules.batchnorm._BatchNorm], batch: torch.Tensor
+) -> tuple[list[nn.modules.batchnorm._BatchNorm], int]:
+    """`layers` in the order a forward pass reaches them (a layer the pass never reaches is left out), and the bytes of
+    the largest input one image gives a layer."""
+    order: list[nn.modules.batchnorm._BatchNorm] = []
+    largest = 0
+
+    def note(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal largest
+        largest = max(largest, args[0][:1].numel() * args[0].element_size())
+        if module not in order:
+            order.append(module)
+
+    hooks = [bn.register_forward_pre_hook(note) for bn in layers]
+    try:
+        with torch.no_grad():
+            model(batch[:2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order, largest
+
+
+def adapt_batchnorm(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    memory: int = ONE_PASS_MEMORY,
+) -> int:
+    """Set the running mean and variance of every BatchNorm layer of `model` to the population statistics of its
+    input over all images of `batches` (each `(B, C, H, W)` on the model's device), as the adapted network computes
+    them: AdaBN's target. The affine weights and every other parameter stay. Returns the number of images; the model
+    is left in eval mode; `progress(done, layers)` is called as layers are estimated.
+
+    A layer's input depends on the statistics of the layers before it. When the activations of all images together fit
+    in about `memory` bytes, one training-mode pass over all of them at once gives every layer its statistics (each
+    layer normalising with those of the whole set). Otherwise the layers are estimated one at a time in the order the
+    forward pass reaches them, each from an eval-mode pass that stops at that layer (one partial pass per layer). Both
+    give the same statistics whatever the batching, up to the factor n / (n - 1) between the biased variance a
+    training-mode pass normalises with and the unbiased one it keeps (n: the pixels per channel of a layer's input over
+    all images).
 
     Raises:
         AdaptError: the model has no BatchNorm layer, or fewer than `MIN_IMAGES` images came (the statistics are
@@ -78,36 +130,78 @@ def adapt_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> int:
     layers = batchnorm_layers(model)
     if not layers:
         raise AdaptError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to adapt.")
-    saved = {id(bn): (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
-             for bn in layers}  # fmt: skip
-    model.eval()
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over all batches, each batch weighted alike
-        bn.train()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if len(batch) == 0:
-                    continue
-                model(batch)
-                seen += len(batch)
-    finally:
-        for bn in layers:
-            bn.momentum = saved[id(bn)][3]
-        model.eval()
+    batches = [batch for batch in batches if len(batch)]
+    seen = sum(len(batch) for batch in batches)
     if seen < MIN_IMAGES:
-        for bn in layers:
-            mean, var, tracked, _ = saved[id(bn)]
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.num_batches_tracked.copy_(tracked)
         raise AdaptError(
             f"{seen} image(s) were read; BatchNorm statistics need at least {MIN_IMAGES} (a few hundred is better). "
             "Give more images of the site."
         )
+    model.eval()
+    order, largest = _execution_order(model, layers, batches[0])
+    tracked = [bn.num_batches_tracked.clone() for bn in order]
+    # A forward pass holds a few activations of the largest size at once.
+    if 4 * largest * seen <= memory:
+        _in_one_pass(model, order, torch.cat(batches))
+        if progress is not None:
+            progress(len(order), len(order))
+    else:
+        for done, bn in enumerate(order, start=1):
+            _estimate_layer(model, bn, batches)
+            if progress is not None:
+                progress(done, len(order))
+    for bn, count in zip(order, tracked, strict=True):
+        bn.num_batches_tracked.copy_(count)
     return seen
+
+
+def _in_one_pass(model: nn.Module, order: list[nn.modules.batchnorm._BatchNorm], images: torch.Tensor) -> None:
+    momenta = [bn.momentum for bn in order]
+    try:
+        for bn in order:
+            bn.reset_running_stats()
+            bn.momentum = None  # the running statistics become those of the one batch
+            bn.train()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for bn, momentum in zip(order, momenta, strict=True):
+            bn.momentum = momentum
+        model.eval()
+
+
+def _estimate_layer(model: nn.Module, bn: nn.modules.batchnorm._BatchNorm, batches: list[torch.Tensor]) -> None:
+    # Per batch: the channels' pixel count, mean and sum of squared deviations, merged exactly (Chan et al.).
+    count, mean, squares = 0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+
+    def merge(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal count, mean, squares
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // x.shape[1]
+        var, mu = torch.var_mean(x, dim=dims, correction=0)
+        mu, m2 = mu.double().cpu(), var.double().cpu() * n
+        if count == 0:
+            count, mean, squares = n, mu, m2
+        else:
+            delta, total = mu - mean, count + n
+            mean = mean + delta * (n / total)
+            squares = squares + m2 + delta * delta * (count * n / total)
+            count = total
+        raise _Reached
+
+    hook = bn.register_forward_pre_hook(merge)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(batch)
+                except _Reached:
+                    pass
+    finally:
+        hook.remove()
+    bn.running_mean.copy_(mean.to(bn.running_mean))
+    bn.running_var.copy_((squares / max(count - 1, 1)).to(bn.running_var))  # unbiased, as BatchNorm keeps it
 
 
 def adapt_predictor(
@@ -204,6 +298,33 @@ def _move_into_place(work: Path, source: Path, target: Path, *, force: bool) -> 
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _sweep_killed(target: Path) -> None:
+    """Folders beside `target` left by an `alnus adapt` that was killed (kill -9) before it could clean up: a half
+    written package is removed; a package moved aside to be replaced goes back when nothing took its place, else is
+    removed. Only folders named by a process that no longer runs on this machine are touched, so another adapt that is
+    writing the same --out meanwhile keeps its own."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(adapting|replaced)-(\d+)(\..*)?")
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = pattern.fullmatch(folder.name)
+        if match is None or folder.is_symlink() or not folder.is_dir() or _alive(int(match[2])):
+            continue
+        if match[1] == "replaced" and not (target.exists() or target.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.rename(folder, target)
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _batched(crops: list[torch.Tensor], batch_size: int, device: torch.device) -> list[torch.Tensor]:
     return [torch.stack(crops[i : i + batch_size]).to(device) for i in range(0, len(crops), batch_size)]
 
@@ -237,37 +358,35 @@ def adapt_package(
     batch_size: int = 32,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    layers: Callable[[int, int], None] | None = None,
 ) -> Adapted:
-    """Adapt a single-network package's BatchNorm statistics to the images of `inputs` and write it to `out`.
+    """Adapt a package's BatchNorm statistics to the images of `inputs` and write it to `out`: its one network, or
+    every member of an ensemble (each reading the images with its own preprocessing; the members stay the ensemble's).
 
     Args:
-        package: a model package folder (not an ensemble: adapt each member, then build the ensemble again).
+        package: a model package folder, single network or ensemble.
         inputs: one row per image as `alnus.data.inputs.collect_inputs` returns it (`path`, and `roi` or `mask` where
             the package crops the lesion); a row that cannot be read is skipped and listed in the result.
         out: the new package's folder; it must not exist unless `force`, and never be the source package.
         site: the site's name, recorded in the package.
+        progress: called with (images read, images) after each image; `layers` with (layers estimated, layers) of
+            the network being adapted.
 
     Raises:
-        AdaptError: an ensemble package, an `out` that exists (without `force`) or is the source, or too few images.
+        AdaptError: an `out` that exists (without `force`) or is the source, or too few images.
     """
     from alnus.predict import Predictor
 
     source, target = Path(package), Path(out)
     meta = read_metadata(source)
-    if meta.get("kind") == "ensemble":
-        raise AdaptError(
-            f"{source} is an ensemble package: adapt each member package (`alnus adapt MEMBER ...`), then build the "
-            "ensemble from the adapted members again with `alnus ensemble`."
-        )
     check_site(site)
+    _sweep_killed(target)
     _check_out(source, target, force=force)
     predictor = Predictor(source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size)
-    network = predictor.networks[0]
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in inputs.to_dict("records")]
     skipped: list[tuple[str, str]] = []
     read: list[str] = []
-
-    crops: list[torch.Tensor] = []
+    crops: list[list[torch.Tensor]] = [[] for _ in predictor.networks]  # per network, its own preprocessing
     for i, row in enumerate(records):
         name = row.get("image") or row.get("path", "?")
         if row.get("error"):
@@ -275,7 +394,8 @@ def adapt_package(
         else:
             try:
                 tensors, _ = predictor.network_inputs(row)
-                crops.append(tensors[0])
+                for own, tensor in zip(crops, tensors, strict=True):
+                    own.append(tensor)
                 read.append(row["path"])
             except (AlnusError, ValueError, OSError) as exc:
                 skipped.append((name, str(exc) or type(exc).__name__))
@@ -283,48 +403,85 @@ def adapt_package(
             progress(i + 1, len(records))
     digests = sorted(file_sha256(Path(p)) for p in read)
     try:
-        if len(set(digests)) < MIN_IMAGES <= len(crops):
+        if len(set(digests)) < MIN_IMAGES <= len(read):
             raise AdaptError(
-                f"{len(crops)} image(s) were read but only {len(set(digests))} different file(s); BatchNorm statistics "
+                f"{len(read)} image(s) were read but only {len(set(digests))} different file(s); BatchNorm statistics "
                 f"need at least {MIN_IMAGES} different images."
             )
-        n = adapt_batchnorm(network.model, _batched(crops, batch_size, network.device))
+        for network, own in zip(predictor.networks, crops, strict=True):
+            n = adapt_batchnorm(network.model, _batched(own, batch_size, network.device), progress=layers)
     except AdaptError as exc:
         reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more + "." if skipped else ""
         raise AdaptError(f"{exc}{detail} Give more images of the site.") from None
-    carried = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
-    carried["adaptation"] = {
-        "method": "batchnorm statistics (AdaBN): running means and variances re-estimated, weights unchanged",
-        "site": site,
-        "n_images": n,
-        "n_skipped": len(skipped),
-        "images_sha256": _digest_of(digests),
-        "images_list": IMAGES_FILE,
-        "source_package": str(source.resolve()),
-        "source_weights_sha256": meta["weights_sha256"],
-        "source_threshold": meta.get("threshold"),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    def record(of: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "method": "batchnorm statistics (AdaBN): running means and variances re-estimated, weights unchanged",
+            "site": site,
+            "n_images": n,
+            "n_skipped": len(skipped),
+            "images_sha256": _digest_of(digests),
+            "images_list": IMAGES_FILE,
+            "source_package": str(source.resolve()),
+            "source_weights_sha256": of["weights_sha256"],
+            "source_threshold": of.get("threshold"),
+            "date": date,
+        }
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.adapting-{os.getpid()}.", dir=target.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(work, 0o777 & ~umask)  # a folder like any other the user makes (mkdtemp's is private)
-        written = save_package(work, network.model, carried)
+        if is_ensemble(meta):
+            written = _write_ensemble(work, predictor, meta, record)
+        else:
+            carried = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
+            written = save_package(work, predictor.networks[0].model, {**carried, "adaptation": record(meta)})
         left = {WEIGHTS_FILE, METADATA_FILE, "README.md", IMAGES_FILE, *_LEFT_BEHIND, *EXPORT_FILES.values()}
         for item in source.iterdir():
             if item.is_file() and not item.is_symlink() and item.name not in left:
                 shutil.copy2(item, work / item.name)  # the data licence, for one
         atomic_write_text(work / IMAGES_FILE, "".join(f"{d}\n" for d in digests))
         atomic_write_text(work / "README.md", _card(source, written))
+        Predictor(work, device="cpu", precision="fp32", engine="torch")  # reads back as every reader will
         _move_into_place(work, source, target, force=force)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Adapted(target, n, skipped, written)
+
+
+def _write_ensemble(
+    work: Path, predictor: Predictor, meta: dict[str, Any], record: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """An adapted ensemble in `work`: each member a package of its adapted network (with its own adaptation record),
+    the ensemble's metadata naming the new members' weights; returns the ensemble's metadata."""
+    members = [dict(m) for m in meta["members"]]
+    for i, (network, member) in enumerate(zip(predictor.networks, members, strict=True), start=1):
+        own = {k: v for k, v in network.metadata.items() if k not in _NOT_CARRIED}
+        written = save_package(
+            work / MEMBERS_DIR / str(i), network.model, {**own, "adaptation": record(network.metadata)}
+        )
+        member["weights_sha256"] = written["weights_sha256"]
+    ensemble = {k: v for k, v in meta.items() if k not in _NOT_CARRIED}
+    ensemble.update({
+        "members": members,
+        "weights_sha256": ensemble_digest([m["weights_sha256"] for m in members]),
+        "threshold": None,
+        "threshold_history": [],
+        "exports": {},
+        "adaptation": record(meta),
+        "versions": {"alnus": alnus.__version__},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })  # fmt: skip
+    ensemble["format_version"] = format_version_of(ensemble)
+    atomic_write_text(work / METADATA_FILE, json.dumps(ensemble, indent=2, default=str) + "\n")
+    return ensemble
 
 
 def _card(source: Path, meta: dict[str, Any]) -> str:
@@ -341,12 +498,14 @@ def _card(source: Path, meta: dict[str, Any]) -> str:
     site = f" to {adaptation['site']}" if adaptation["site"] else ""
     threshold = adaptation["source_threshold"]
     was = f" (the source's, {threshold['value']:.4g}, was frozen before adaptation)" if threshold else ""
+    members = f", each of its {len(meta['members'])} members" if is_ensemble(meta) else ""
     out = [
         f"# {title}, adapted{site}",
         "",
         "## Site adaptation",
         "",
-        f"These are the weights of the source package ({source.name}, whose card follows) with their BatchNorm "
+        f"These are the weights of the source package ({source.name}, whose card follows){members} with their "
+        "BatchNorm "
         f"statistics re-estimated on {adaptation['n_images']} unlabelled "
         f"image(s){' of ' + adaptation['site'] if adaptation['site'] else ''} on {adaptation['date'][:10]} (`alnus "
         "adapt`); every other weight is the source's and no label was read. Its weights SHA-256 is "
@@ -390,7 +549,7 @@ def freeze_on_labelled(
     the mean probability. Predictions are made in fp32 with PyTorch, the reference every engine reproduces. The model
     card, when the package has one, gets a section saying where the threshold was frozen.
     """
-    from alnus.data.manifest import read_manifest
+    from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
     from alnus.evaluate import choose_frozen_threshold
     from alnus.models.package import freeze_threshold
     from alnus.predict import Predictor, read_card
@@ -423,6 +582,9 @@ def freeze_on_labelled(
             "a threshold is chosen on patients labelled as the model was trained: rename the labels (or leave out "
             "rows of other classes)."
         )
+    checked = validate_manifest(table, manifest.parent, labels=[str(n) for n in meta["label_names"]])
+    if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
+        raise ManifestError(manifest, checked.problems, limit=10)
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")

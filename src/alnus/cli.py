@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -715,16 +716,28 @@ def _render(result, fmt: str, title: str) -> str:  # noqa: ANN001 - pandas DataF
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int):  # noqa: ANN202 - a context manager of an optional callback
-    """A progress bar on stderr for many images when stderr is a terminal; yields its update callback (or None)."""
+def _progress_bars(total: int, *steps: str):  # noqa: ANN202 - a context manager of optional callbacks
+    """Progress bars on stderr, one per step, for many images when stderr is a terminal; yields one update callback per
+    step (each None when there are no bars), each taking (done, of)."""
     if total < _PROGRESS_FROM or not sys.stderr.isatty():
-        yield None
+        yield [None] * len(steps)
         return
     from rich.progress import Progress
 
     with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("predicting", total=total)
-        yield lambda done, _total: bar.update(task, completed=done)
+        tasks = [bar.add_task(step, total=total if i == 0 else None) for i, step in enumerate(steps)]
+        yield [partial(_advance, bar, task) for task in tasks]
+
+
+def _advance(bar, task, done: int, of: int) -> None:  # noqa: ANN001 - rich's Progress and TaskID
+    bar.update(task, completed=done, total=of)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int):  # noqa: ANN202 - a context manager of an optional callback
+    """A progress bar on stderr for many images when stderr is a terminal; yields its update callback (or None)."""
+    with _progress_bars(total, "predicting") as (progress,):
+        yield progress
 
 
 def _write_heatmaps(predictor, table, result, folder: Path) -> list[str]:  # noqa: ANN001 - Predictor, DataFrames
@@ -942,7 +955,10 @@ def _print_box_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
 @app.command("adapt")
 def adapt(
     package: Annotated[
-        Path, typer.Argument(metavar="PACKAGE", help="A model package folder (one network, not an ensemble).")
+        Path,
+        typer.Argument(
+            metavar="PACKAGE", help="A model package folder (one network, or an ensemble: every member is adapted)."
+        ),
     ],
     inputs: _Inputs = None,
     out: Annotated[Path, typer.Option(help="The adapted package's folder (a new one).")] = ...,  # type: ignore[assignment]
@@ -970,8 +986,10 @@ def adapt(
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
     for note in table.attrs.get("notes", []):
         _note(note)
-    with _progress_bar(len(table)) as progress:
-        adapted = adapt_package(package, table, out, site=site, batch_size=batch_size, force=force, progress=progress)
+    with _progress_bars(len(table), "reading", "estimating layers") as (progress, layers):
+        adapted = adapt_package(
+            package, table, out, site=site, batch_size=batch_size, force=force, progress=progress, layers=layers
+        )
     for name, reason in adapted.skipped:
         text = reason if reason.startswith(name) else f"{name}: {reason}"
         err_console.print(escape(f"left out {text}"), highlight=False, soft_wrap=True)
