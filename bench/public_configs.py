@@ -94,6 +94,13 @@ CONFIGURATIONS = (
         "aux_birads + every lesion crop longer than 128 px downsampled to 128 px first (preprocess.max_crop)",
         ("train.aux_reader=reader_birads", "preprocess.max_crop=128"),
     ),  # fmt: skip
+    # Protocol item 13 (2026-12-03, fixed before it was trained): the lesion with wide context, one scale of a
+    # two-scale ensemble (aux_scales in bench/public_final.py).
+    Configuration(
+        "aux_margin50",
+        "aux_birads with ROI margin 0.50 (the lesion with wide context)",
+        ("train.aux_reader=reader_birads", "preprocess.margin=0.5"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.

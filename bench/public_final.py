@@ -75,6 +75,12 @@ ENSEMBLES = (
         "aux_mix", "mean of aux_birads (Lite0, 224 px) and aux_lite2 (Lite2, 260 px)", ("aux_birads", "aux_lite2")
     ),
     Ensemble("aux_mix_tta", "aux_mix with horizontal-flip TTA", ("aux_birads", "aux_lite2"), ("hflip",)),
+    # Fixed in the protocol's item 13 before aux_margin50 was trained: two scales of the lesion, fused late.
+    Ensemble(
+        "aux_scales",
+        "mean of aux_birads (ROI margin 0.15) and aux_margin50 (margin 0.50): the lesion and its wide context",
+        ("aux_birads", "aux_margin50"),
+    ),
 )
 # Each configuration retrained with other seeds (protocol, item 5): the chosen one's spread is reported.
 SEEDS = {"base": ("base", "seed1", "seed2"), "aux_birads": ("aux_birads", "aux_seed1", "aux_seed2")}
