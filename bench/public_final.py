@@ -322,6 +322,14 @@ def _timing_record(chosen: pd.Series) -> dict:
     return record if [s.get("configuration") for s in record.get("seeds", [])] == list(seeds) else {}
 
 
+def _adaptation_record(chosen: pd.Series) -> dict:
+    """bench/site_adaptation.py's record (docs/site_adaptation.json) when it adapted the chosen configuration's
+    seeds."""
+    path = REPO / "docs" / "site_adaptation.json"
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return record if record.get("seeds") == list(SEEDS.get(_seeded(chosen), (_seeded(chosen),))) else {}
+
+
 def speed_note(chosen: pd.Series) -> str:
     """Issue 10's speed bound: the timed from-scratch run of bench/final_timing.py where it exists for the chosen
     configuration, and the training time of its seeds from the runs' histories."""
@@ -455,6 +463,17 @@ def glance_section(candidates: pd.DataFrame, chosen: pd.Series, metrics: dict, c
             f"- The final configuration's {len(timing['seeds'])} seeds, trained from scratch, predicted and evaluated "
             f"by one command: {timing['wall_minutes']:.0f} min on {timing['cores']} CPU cores (bound: "
             f"{timing['limit_minutes']} min)."
+        ]
+    adaptation = _adaptation_record(chosen)
+    if adaptation:
+        lines = [
+            f"{title} mean {d['mean']:+.3f} (range {d['min']:+.3f} to {d['max']:+.3f})"
+            for title, d in (("external", adaptation["difference"]["external_test"]),
+                             ("validation", adaptation["difference"]["val"]))
+        ]  # fmt: skip
+        out += [
+            f"- Unlabelled site adaptation (BatchNorm statistics, cross-adapted by patient halves; reported, not a "
+            f"candidate): the AUC change over the {len(adaptation['seeds'])} seeds, {'; '.join(lines)}."
         ]
     out += [f"- Issue 10's goals: {sum(met)} of {len(met)} met (the chosen model's goals section below)."]
     return "\n".join(out)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,8 @@ from public_final import SEEDS
 from public_study import REPO, _cpu, _markdown, _p_value
 
 SPLITS = (("val", "BUS-BRA validation"), ("external_test", "BrEaST (external)"))
+# The mean and range over the seeds of the AUC difference, for the at-a-glance section (bench/public_final.py).
+RECORD = Path("docs") / "site_adaptation.json"
 MODEL = "efficientnet_lite0"
 
 
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configuration", default="aux_birads", help="whose seeds (public_final.SEEDS)")
     args = parser.parse_args(argv)
     from alnus import stats
+    from alnus._io import atomic_write_text
     from alnus.data.dataset import ImageCache
     from alnus.runfolder import RunFolder, read_splits
 
@@ -119,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         "patients come from the training site, where it can only show harm.",
     ])  # fmt: skip
     write_section(REPO / "docs" / "results.md", "site-adaptation", section, title="# Results")
+    record = {
+        "command": f"python bench/site_adaptation.py --configuration {args.configuration}",
+        "date": dt.date.today().isoformat(),
+        "cpu": _cpu(),
+        "configuration": args.configuration,
+        "seeds": list(table["seed run"].unique()),
+        "difference": {split: mean.loc[split].to_dict() for split, _ in SPLITS},
+    }
+    atomic_write_text(REPO / RECORD, json.dumps(record, indent=1) + "\n")
     print(section)
     return 0
 

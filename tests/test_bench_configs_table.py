@@ -161,4 +161,14 @@ def test_the_glance_states_the_chosen_model_against_the_radiologists(public_conf
     (tmp_path / "docs" / "final_timing.json").write_text(json.dumps(record))
     text = public_final.glance_section(candidates, chosen, metrics, combined)
     assert "Issue 10's goals: 3 of 4 met" in text
+    assert "site adaptation" not in text  # none recorded yet
+    adaptation = {"seeds": ["aux_birads", "aux_seed1", "aux_seed2"],
+                  "difference": {"val": {"mean": -0.014, "min": -0.018, "max": -0.01},
+                                 "external_test": {"mean": -0.025, "min": -0.031, "max": -0.02}}}  # fmt: skip
+    (tmp_path / "docs" / "site_adaptation.json").write_text(json.dumps(adaptation))
+    text = public_final.glance_section(candidates, chosen, metrics, combined)
+    assert "the AUC change over the 3 seeds, external mean -0.025 (range -0.031 to -0.020); validation" in text
+    adaptation["seeds"] = ["base"]  # another configuration's seeds are not cited for this one
+    (tmp_path / "docs" / "site_adaptation.json").write_text(json.dumps(adaptation))
+    assert "site adaptation" not in public_final.glance_section(candidates, chosen, metrics, combined)
     assert "3 seeds, trained from scratch, predicted and evaluated by one command: 121 min on 2 CPU cores" in text
