@@ -447,3 +447,19 @@ def test_an_ensemble_is_adapted_member_by_member_each_with_its_own_preprocessing
     y = Predictor(adapted.package).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
     assert np.abs(x.to_numpy() - y.to_numpy()).max() > 1e-3
     assert "each of its 2 members" in (adapted.package / "README.md").read_text()
+
+
+def test_a_failed_adaptation_leaves_the_statistics_as_they_were() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def interrupt(done: int, of: int) -> None:
+        calls.append(done)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adapt_batchnorm(model, [torch.rand(20, 1, 32, 32) + 0.5], progress=interrupt, memory=0)
+    assert calls == [1, 2]  # the first layers were already re-estimated when it stopped
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -139,19 +139,26 @@ def adapt_batchnorm(
         )
     model.eval()
     order, largest = _execution_order(model, layers, batches[0])
-    tracked = [bn.num_batches_tracked.clone() for bn in order]
-    # A forward pass holds a few activations of the largest size at once.
-    if 4 * largest * seen <= memory:
-        _in_one_pass(model, order, torch.cat(batches))
-        if progress is not None:
-            progress(len(order), len(order))
-    else:
-        for done, bn in enumerate(order, start=1):
-            _estimate_layer(model, bn, batches)
+    kept = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in order]
+    try:
+        # A forward pass holds a few activations of the largest size at once.
+        if 4 * largest * seen <= memory:
+            _in_one_pass(model, order, torch.cat(batches))
             if progress is not None:
-                progress(done, len(order))
-    for bn, count in zip(order, tracked, strict=True):
-        bn.num_batches_tracked.copy_(count)
+                progress(len(order), len(order))
+        else:
+            for done, bn in enumerate(order, start=1):
+                _estimate_layer(model, bn, batches)
+                if progress is not None:
+                    progress(done, len(order))
+    except BaseException:  # out of memory, interrupted: the statistics stay as they were, not half adapted
+        for bn, (mean, var, _) in zip(order, kept, strict=True):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        raise
+    finally:
+        for bn, (_, _, count) in zip(order, kept, strict=True):
+            bn.num_batches_tracked.copy_(count)
     return seen
 
 
