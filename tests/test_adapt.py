@@ -192,9 +192,15 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
         assert code == 2 and (work / "precious.txt").is_file()
     assert "the current folder or one above it" in stderr or "holds the source package" in stderr
     (site / "run").mkdir()
+    (site / "run" / "config.yaml").write_text("foo: 1\n")  # a project's own config.yaml makes no run folder
+    assert _adapt("adapt", str(source), images, "--out", str(site / "run" / "models" / "y"))[0] == 0
     (site / "run" / "splits.csv").write_text("image\n")
     code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "run" / "models" / "x" / "model"))
     assert code == 2 and "inside the run folder" in stderr
+    # Never inside another package (an ensemble's member, say), nor holding the images adapted on.
+    for out in (site / "run" / "models" / "y" / "members" / "1", site / "run" / "models" / "y" / "inner"):
+        code, _, stderr = _adapt("adapt", str(source), images, "--out", str(out), "--force")
+        assert code == 2 and "inside the model package" in stderr, stderr
     (site / "link").symlink_to(source)
     code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "link"), "--force")
     assert code == 2 and "symbolic link" in stderr
@@ -203,6 +209,15 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
     # A package of its own is replaced with --force (and only then).
     assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "B")[0] == 0
     assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "C", "--force")[0] == 0
+    shutil.copytree(images, site / "mine" / "images")
+    code, _, stderr = _adapt(
+        "adapt", str(source), str(site / "mine" / "images"), "--out", str(site / "mine"), "--force"
+    )
+    assert (
+        code == 2
+        and "is inside --out" in stderr
+        and len(list((site / "mine" / "images").iterdir())) == len(list(Path(images).iterdir()))
+    )
     assert read_metadata(site / "mine")["adaptation"]["site"] == "C"
     assert not [p for p in site.iterdir() if p.name.startswith(".mine.")]  # nothing left aside
     same = site / "same.csv"
@@ -298,6 +313,7 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
     run_model = site / "run" / "models" / "tiny_cnn" / "model"
     run_model.parent.mkdir(parents=True)
     (site / "run" / "splits.csv").write_text("image\n")
+    (site / "run" / "config.yaml").write_text("name: run\n")
     shutil.copytree(package, run_model)
     code, _, stderr = _adapt("threshold", str(run_model), "--manifest", manifest, "--refreeze")
     assert code == 2 and "is a model of the run" in stderr and "alnus evaluate" in stderr
@@ -447,6 +463,15 @@ def test_an_ensemble_is_adapted_member_by_member_each_with_its_own_preprocessing
     y = Predictor(adapted.package).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
     assert np.abs(x.to_numpy() - y.to_numpy()).max() > 1e-3
     assert "each of its 2 members" in (adapted.package / "README.md").read_text()
+    # The ensemble's record is checked on reading as a single network's is.
+    path = adapted.package / "metadata.json"
+    good = json.loads(path.read_text())
+    for damage in (["x"], {**good["adaptation"], "site": "<img src=x>\n## Intended use"},
+                   {**good["adaptation"], "n_images": -5}, {**good["adaptation"], "source_package": "a\nb"},
+                   {**good["adaptation"], "source_threshold": "x"}):  # fmt: skip
+        path.write_text(json.dumps({**good, "adaptation": damage}))
+        with pytest.raises(PackageError, match="adaptation"):
+            read_metadata(adapted.package)
 
 
 def test_a_failed_adaptation_leaves_the_statistics_as_they_were() -> None:

@@ -249,7 +249,8 @@ def check_site(site: str) -> None:
 
 
 def _is_run_folder(folder: Path) -> bool:
-    return (folder / "splits.csv").is_file() or (folder / "config.yaml").is_file()
+    """A study's run folder, as `alnus run` prepares it (a project folder's own config.yaml does not make one)."""
+    return (folder / "splits.csv").is_file() and (folder / "config.yaml").is_file()
 
 
 def _check_out(source: Path, target: Path, *, force: bool) -> None:
@@ -266,6 +267,9 @@ def _check_out(source: Path, target: Path, *, force: bool) -> None:
         )
     if out == here or out in here.parents:
         raise AdaptError(f"--out {target} is the current folder or one above it; name a new folder.")
+    holder = next((p for p in out.parents if (p / METADATA_FILE).is_file()), None)
+    if holder is not None:
+        raise AdaptError(f"--out {target} is inside the model package {holder}; name a folder outside any package.")
     run = next((p for p in (out, *out.parents) if _is_run_folder(p)), None)
     if run is not None:
         raise AdaptError(
@@ -283,6 +287,18 @@ def _check_out(source: Path, target: Path, *, force: bool) -> None:
             raise AdaptError(
                 f"--out {target} exists and is not a model package: --force replaces only a package; name a new folder."
             ) from None
+
+
+def check_inputs_outside(target: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse inputs (images, masks, a manifest) inside --out: replacing it with --force would delete them."""
+    out = Path(target).resolve()
+    for path in filter(None, paths):
+        resolved = Path(path).resolve()
+        if resolved == out or out in resolved.parents:
+            raise AdaptError(
+                f"{path} is inside --out {target}, which adapting replaces (deleting what it holds); move the site's "
+                "images and manifest out of it, or name another --out."
+            )
 
 
 def _move_into_place(work: Path, source: Path, target: Path, *, force: bool) -> None:
@@ -389,6 +405,7 @@ def adapt_package(
     check_site(site)
     _sweep_killed(target)
     _check_out(source, target, force=force)
+    check_inputs_outside(target, [*inputs.get("path", []), *inputs.get("mask", [])])
     predictor = Predictor(source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size)
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in inputs.to_dict("records")]
     skipped: list[tuple[str, str]] = []

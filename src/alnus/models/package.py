@@ -221,13 +221,28 @@ def _check_adaptation(record: object, path: Path) -> None:
             f"{path}: adaptation.n_images must be a count and adaptation.site a one-line name; the package is "
             "damaged: adapt again (`alnus adapt`)"
         )
-    if not _is_sha256(record.get("images_sha256")):
-        raise PackageError(f"{path}: adaptation.images_sha256 is not a SHA-256; the package is damaged: adapt again")
+    if not _is_sha256(record.get("images_sha256")) or not _is_sha256(record.get("source_weights_sha256")):
+        raise PackageError(
+            f"{path}: adaptation.images_sha256 or source_weights_sha256 is not a SHA-256; the package is damaged: "
+            "adapt again"
+        )
+    texts = [record.get(key, "") for key in ("method", "source_package", "date", "images_list")]
+    skipped = record.get("n_skipped", 0)
+    if not (_is_count(skipped) or (skipped == 0 and type(skipped) is int)) or not all(_is_line(t) for t in texts):
+        raise PackageError(
+            f"{path}: adaptation.n_skipped must be a count and its method, source_package, date and images_list "
+            "one line of text each; the package is damaged: adapt again (`alnus adapt`)"
+        )
     if record.get("source_threshold") is not None:
         try:
             record["source_threshold"] = check_operating_point(record["source_threshold"], f"{path}: adaptation")
         except OperatingPointError as exc:
             raise PackageError(f"{exc} The package is damaged: adapt again.") from None
+
+
+def _is_line(value: object) -> bool:
+    """One line of printable text of reasonable length (a path, a date), safe to show in notes and the service."""
+    return isinstance(value, str) and len(value) <= 4096 and value.isprintable()
 
 
 def _check_common(meta: dict[str, Any], path: Path) -> None:
@@ -353,6 +368,7 @@ def _read_ensemble(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         )
     meta["exports"] = {}
     _check_common(meta, path)
+    _check_adaptation(meta.get("adaptation"), path)
     return meta
 
 
