@@ -273,10 +273,26 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     frozen = len(read_metadata(out)["threshold_history"])
     assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
     assert len(read_metadata(out)["threshold_history"]) == frozen  # the same threshold again: nothing recorded
+    # A card left stale (a run killed between the metadata and the card) is brought up to date by a refreeze.
+    (out / "README.md").write_text(card.replace(f"Threshold {point['value']:.4g}", "No threshold is carried over"))
+    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert f"Threshold {point['value']:.4g}" in (out / "README.md").read_text()
+    # The same value frozen on other patients is recorded with where it was frozen now.
+    pd.read_csv(manifest).drop(index=[0, 2]).to_csv(site / "site" / "fewer.csv", index=False)
+    code, stdout, _ = _adapt("threshold", str(out), "--manifest", str(site / "site" / "fewer.csv"), "--refreeze")
+    now = read_metadata(out)["threshold"]
+    assert code == 0 and now["frozen_on"].startswith("fewer.csv") and now["n_val_units"] == 22
+    assert "22 patient cases" in stdout and len(read_metadata(out)["threshold_history"]) == frozen + 1
     code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
     assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
     card = (out / "README.md").read_text()
     assert card.count("<!-- site-threshold:start -->") == 1 and "(youden," in card
+    # Section markers out of order (a hand edit) give a new section, not a traceback.
+    (out / "README.md").write_text(
+        "# Card\n\nnotes <!-- site-threshold:end --> x\n\n<!-- site-threshold:start -->\nold\n"
+    )
+    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert "## Threshold frozen at a site" in (out / "README.md").read_text()
     image = str(site / "site" / "im03.png")
     predicted = Predictor(out, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
     assert predicted["call"].notna().all()

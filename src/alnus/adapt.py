@@ -576,7 +576,7 @@ def freeze_on_labelled(
     from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
     from alnus.evaluate import choose_frozen_threshold
     from alnus.models.package import freeze_threshold
-    from alnus.predict import Predictor, read_card
+    from alnus.predict import MAX_CARD_BYTES, Predictor, read_card
 
     package_dir, manifest = Path(package_dir), Path(manifest)
     meta = read_metadata(package_dir)
@@ -622,12 +622,21 @@ def freeze_on_labelled(
     wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
     wanted["frozen_on"] = f"{manifest.name} (labelled validation patients given to `alnus threshold`)"
     old = meta["threshold"]
-    if old is not None and same_rule(old, wanted) and old["value"] == wanted["value"]:
-        return old  # the same rule on these patients gives the same threshold: nothing to record
-    reason = f"frozen by `alnus threshold` on {manifest.name} ({len(predictions)} images, labelled)"
-    point = freeze_threshold(package_dir, wanted, reason=reason, refreeze=refreeze)["threshold"]
+    unchanged = (
+        old is not None
+        and same_rule(old, wanted)
+        and old["value"] == wanted["value"]
+        and (old.get("frozen_on"), old.get("chosen_on")) == (wanted["frozen_on"], wanted.get("chosen_on"))
+    )
+    if unchanged:
+        point = old  # the same rule on the same patients gives the same threshold: nothing new to record
+    else:
+        reason = f"frozen by `alnus threshold` on {manifest.name} ({len(predictions)} images, labelled)"
+        point = freeze_threshold(package_dir, wanted, reason=reason, refreeze=refreeze)["threshold"]
+    # The card is written again either way, so a card left behind by an interrupted run is brought up to date.
     card = read_card(package_dir)
-    if card:
+    card_path = package_dir / "README.md"
+    if card and card_path.stat().st_size <= MAX_CARD_BYTES:  # a longer card is only partly read: left as it is
         chosen = point["chosen_on"]
         text = (
             f"Threshold {point['value']:.4g} ({rule_name(point)}, {describe(point)}), frozen by `alnus threshold` on "
@@ -643,8 +652,8 @@ def freeze_on_labelled(
 def _with_site_threshold(card: str, text: str) -> str:
     """The card with its site-threshold section replaced (or added after the title)."""
     block = f"{SITE_THRESHOLD_START}\n{text}\n{SITE_THRESHOLD_END}"
-    if SITE_THRESHOLD_START in card and SITE_THRESHOLD_END in card:
-        head, rest = card.split(SITE_THRESHOLD_START, 1)
+    head, start, rest = card.partition(SITE_THRESHOLD_START)
+    if start and SITE_THRESHOLD_END in rest:
         return head + block + rest.split(SITE_THRESHOLD_END, 1)[1]
     title, _, rest = card.partition("\n")
     superseded = (
