@@ -53,8 +53,12 @@ def test_the_statistics_become_those_of_the_new_images_whatever_the_batching_and
         momenta = [bn.momentum for bn in batchnorm_layers(model)]
         steps: list[tuple[int, int]] = []
         batches = list(torch.split(batch, sizes))
-        n = adapt_batchnorm(model, batches, progress=lambda d, t, into=steps: into.append((d, t)), memory=memory)
+        notes: list[str] = []
+        n = adapt_batchnorm(
+            model, batches, progress=lambda d, t, into=steps: into.append((d, t)), memory=memory, note=notes.append
+        )
         assert n == len(batch)
+        assert (notes == []) == (memory > 0) and all("one at a time" in text for text in notes)
         everyone = len(expected)
         assert steps == ([(i + 1, everyone) for i in range(everyone)] if memory == 0 else [(everyone, everyone)])
         # Training mode normalises with the biased variance and prediction with the kept (unbiased) one, so the
@@ -68,6 +72,12 @@ def test_the_statistics_become_those_of_the_new_images_whatever_the_batching_and
         adapted.append([torch.cat([bn.running_mean, bn.running_var]) for bn in batchnorm_layers(model)])
     for other in adapted[1:3]:  # the batching does not matter
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(adapted[0], other, strict=True))
+
+
+def test_the_one_pass_budget_is_a_share_of_the_memory_available() -> None:
+    from alnus.adapt import one_pass_memory
+
+    assert 2**20 < one_pass_memory() < 2**50
 
 
 def test_the_help_states_the_minimum() -> None:

@@ -54,8 +54,9 @@ if TYPE_CHECKING:
 
 # Fewer crops than this give BatchNorm statistics too noisy to normalise with.
 MIN_IMAGES = 16
-# adapt_batchnorm estimates every layer in one pass when the activations of all images fit in about this many bytes.
-ONE_PASS_MEMORY = 4 * 2**30
+# adapt_batchnorm estimates every layer in one pass when the activations of all images fit in this share of the
+# memory available (this many bytes where the system does not say how much is available).
+ONE_PASS_SHARE, ONE_PASS_FALLBACK = 0.5, 4 * 2**30
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
@@ -103,25 +104,40 @@ def _execution_order(
     return order, largest
 
 
+def one_pass_memory() -> int:
+    """The bytes a one-pass estimate may use: `ONE_PASS_SHARE` of the memory available now (Linux's MemAvailable),
+    else `ONE_PASS_FALLBACK`."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(ONE_PASS_SHARE * int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ONE_PASS_FALLBACK
+
+
 def adapt_batchnorm(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
     *,
     progress: Callable[[int, int], None] | None = None,
-    memory: int = ONE_PASS_MEMORY,
+    memory: int | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> int:
     """Set the running mean and variance of every BatchNorm layer of `model` to the population statistics of its
     input over all images of `batches` (each `(B, C, H, W)` on the model's device), as the adapted network computes
     them: AdaBN's target. The affine weights and every other parameter stay. Returns the number of images; the model
     is left in eval mode; `progress(done, layers)` is called as layers are estimated.
 
-    A layer's input depends on the statistics of the layers before it. When the activations of all images together fit
-    in about `memory` bytes, one training-mode pass over all of them at once gives every layer its statistics (each
-    layer normalising with those of the whole set). Otherwise the layers are estimated one at a time in the order the
-    forward pass reaches them, each from an eval-mode pass that stops at that layer (one partial pass per layer). Both
-    give the same statistics whatever the batching, up to the factor n / (n - 1) between the biased variance a
-    training-mode pass normalises with and the unbiased one it keeps (n: the pixels per channel of a layer's input over
-    all images).
+    A layer's input depends on the statistics of the layers before it. When the activations of all images together
+    fit in about `memory` bytes (default: `one_pass_memory()`), one training-mode pass over all of them at once
+    gives every layer its statistics (each layer normalising with those of the whole set). Otherwise the layers are
+    estimated one at a time in the order the forward pass reaches them, each from an eval-mode pass that stops at
+    that layer (one partial pass per layer). Both give the same statistics whatever the batching, up to the factor n
+    / (n - 1) between the biased variance a training-mode pass normalises with and the unbiased one it keeps (n: the
+    pixels per channel of a layer's input over all images). `note` is told when the slower, layer-by-layer way is
+    taken.
 
     Raises:
         AdaptError: the model has no BatchNorm layer, or fewer than `MIN_IMAGES` images came (the statistics are
@@ -142,11 +158,18 @@ def adapt_batchnorm(
     kept = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in order]
     try:
         # A forward pass holds a few activations of the largest size at once.
-        if 4 * largest * seen <= memory:
+        needed, memory = 4 * largest * seen, one_pass_memory() if memory is None else memory
+        if needed <= memory:
             _in_one_pass(model, order, torch.cat(batches))
             if progress is not None:
                 progress(len(order), len(order))
         else:
+            if note is not None:
+                note(
+                    f"the activations of {seen} images at once (about {needed / 2**30:.1f} GiB) do not fit in the "
+                    f"{memory / 2**30:.1f} GiB at hand: estimating the {len(order)} BatchNorm layers one at a time, "
+                    "one partial pass over the images each (slower; the result is the same)."
+                )
             for done, bn in enumerate(order, start=1):
                 _estimate_layer(model, bn, batches)
                 if progress is not None:
@@ -382,6 +405,7 @@ def adapt_package(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     layers: Callable[[int, int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Adapted:
     """Adapt a package's BatchNorm statistics to the images of `inputs` and write it to `out`: its one network, or
     every member of an ensemble (each reading the images with its own preprocessing; the members stay the ensemble's).
@@ -393,7 +417,7 @@ def adapt_package(
         out: the new package's folder; it must not exist unless `force`, and never be the source package.
         site: the site's name, recorded in the package.
         progress: called with (images read, images) after each image; `layers` with (layers estimated, layers) of
-            the network being adapted.
+            the network being adapted; `note` with what the user should know while it runs.
 
     Raises:
         AdaptError: an `out` that exists (without `force`) or is the source, or too few images.
@@ -433,7 +457,7 @@ def adapt_package(
                 f"need at least {MIN_IMAGES} different images."
             )
         for network, own in zip(predictor.networks, crops, strict=True):
-            n = adapt_batchnorm(network.model, _batched(own, batch_size, network.device), progress=layers)
+            n = adapt_batchnorm(network.model, _batched(own, batch_size, network.device), progress=layers, note=note)
     except AdaptError as exc:
         reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""

@@ -978,7 +978,7 @@ def adapt(
     threshold on labelled validation patients of the site (`alnus threshold`) before using its calls. Images that
     cannot be read are listed and left out. At least 16 images are needed; a few hundred of the site are better.
     """
-    from alnus.adapt import adapt_package
+    from alnus.adapt import adapt_package, check_inputs_outside
     from alnus.data.inputs import collect_inputs
 
     _refuse_run_folder(package, "adapt")
@@ -986,10 +986,12 @@ def adapt(
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
     for note in table.attrs.get("notes", []):
         _note(note)
+    check_inputs_outside(out, [manifest] if manifest else [])
     with _progress_bars(len(table), "reading", "estimating layers") as (progress, layers):
         adapted = adapt_package(
-            package, table, out, site=site, batch_size=batch_size, force=force, progress=progress, layers=layers
-        )
+            package, table, out, site=site, batch_size=batch_size, force=force, progress=progress, layers=layers,
+            note=_note,
+        )  # fmt: skip
     for name, reason in adapted.skipped:
         text = reason if reason.startswith(name) else f"{name}: {reason}"
         err_console.print(escape(f"left out {text}"), highlight=False, soft_wrap=True)
