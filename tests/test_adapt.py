@@ -242,6 +242,15 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
     code, _, stderr = _adapt("adapt", str(source), str(few), "--out", str(site / "none"))
     assert code == 2 and "2 image(s) were read" in stderr and not (site / "none").exists()
     assert "1 image(s) were left out: " in stderr and "boxless.dcm" in stderr  # why, when it fails
+    assert stderr.count("Give more images") == 1
+    # None usable: the reasons (each once, with a count) and what to fix, not "give more images".
+    broken = site / "broken"
+    broken.mkdir()
+    for i in range(20):
+        (broken / f"b{i}.png").write_bytes(b"not a png")
+    code, _, stderr = _adapt("adapt", str(source), str(broken), "--out", str(site / "none"))
+    assert code == 2 and "none of the 20 image(s) could be used" in stderr and "and 19 more" in stderr, stderr
+    assert "Give more images" not in stderr and "Fix what the reasons say" in stderr
     assert not [p for p in site.iterdir() if p.name.startswith(".none.")]  # no half-written folder left behind
 
 
@@ -463,7 +472,7 @@ def test_a_killed_adapt_leaves_nothing_the_next_one_does_not_clear(site: Path) -
 
 
 def test_an_ensemble_is_adapted_member_by_member_each_with_its_own_preprocessing(tmp_path: Path) -> None:
-    from alnus.ensemble import build_ensemble
+    from alnus.ensemble import EnsembleError, build_ensemble
     from alnus.models.package import load_members
     from tests.test_ensemble import BOX, make_run, pkg
 
@@ -485,6 +494,13 @@ def test_an_ensemble_is_adapted_member_by_member_each_with_its_own_preprocessing
     # Each member as if adapted alone: the box-cropping member read the images through its own crop.
     alone = adapt_package(pkg(run, "tiny_box"), site, tmp_path / "box-b", site="B")
     assert members[1].metadata["weights_sha256"] == read_metadata(alone.package)["weights_sha256"]
+    from alnus.export import ExportError, export_package
+
+    with pytest.raises(ExportError, match=r"Export each member inside it, .*members/1 to .*members/2"):
+        export_package(adapted.package, "onnx")
+    # An adapted package is no member of a run's ensemble: its statistics may come from the run's test patients.
+    with pytest.raises(EnsembleError, match="was adapted to B"):
+        build_ensemble(run, "leak", [pkg(run, "tiny_cnn"), alone.package])
     x = Predictor(source).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
     y = Predictor(adapted.package).predict_table(site.assign(image=images).drop(columns="path"), tmp_path)["prob"]
     assert np.abs(x.to_numpy() - y.to_numpy()).max() > 1e-3

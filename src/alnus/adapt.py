@@ -459,10 +459,14 @@ def adapt_package(
         for network, own in zip(predictor.networks, crops, strict=True):
             n = adapt_batchnorm(network.model, _batched(own, batch_size, network.device), progress=layers, note=note)
     except AdaptError as exc:
-        reasons = [reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped[:5]]
-        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        detail = f" {len(skipped)} image(s) were left out: " + "; ".join(reasons) + more + "." if skipped else ""
-        raise AdaptError(f"{exc}{detail} Give more images of the site.") from None
+        if skipped and not read:
+            raise AdaptError(
+                f"none of the {len(skipped)} image(s) could be used: {_reasons(skipped)}. Fix what the reasons say "
+                "(a cropping package needs each image's lesion box or mask: --roi, --mask, or a manifest's roi or "
+                "mask column) and run again."
+            ) from None
+        detail = f" {len(skipped)} image(s) were left out: {_reasons(skipped)}." if skipped else ""
+        raise AdaptError(f"{exc}{detail}") from None
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     def record(of: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +506,20 @@ def adapt_package(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Adapted(target, n, skipped, written)
+
+
+def _reasons(skipped: list[tuple[str, str]], shown: int = 3) -> str:
+    """Why images were left out, each distinct reason once with how many it hit and one image it names."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        text = reason[len(name) :].lstrip(": ") if reason.startswith(name) else reason
+        by_reason.setdefault(text.rstrip(". "), []).append(name)
+    parts = [
+        f"{text} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
+        for text, names in list(by_reason.items())[:shown]
+    ]
+    rest = len(by_reason) - shown
+    return "; ".join(parts) + (f"; and {rest} other reason(s)" if rest > 0 else "")
 
 
 def _write_ensemble(

@@ -282,6 +282,13 @@ def _candidate(source: Path, i: int, expected: str, run: RunFolder) -> _Candidat
         load_package(source)  # the weights match their SHA-256 and fit the backbone
     except AlnusError as exc:
         raise EnsembleError(f"{what}: {exc}") from None
+    if meta.get("adaptation"):
+        site = meta["adaptation"].get("site") or "another site"
+        raise EnsembleError(
+            f"{what} was adapted to {site} (`alnus adapt`): its BatchNorm statistics come from images that may be "
+            f"this run's validation or test patients, so the ensemble's results here would not be honest. Build the "
+            "ensemble from the unadapted packages, then adapt the ensemble package itself (`alnus adapt`)."
+        )
     recorded = meta.get("training_data_hash")
     if not isinstance(recorded, str) or not recorded:
         raise EnsembleError(

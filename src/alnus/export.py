@@ -471,6 +471,13 @@ def _refuse_ensemble(package: Path, kind: str) -> None:
     meta = read_metadata(package)
     if not is_ensemble(meta):
         return
+    if meta.get("adaptation"):
+        raise ExportError(
+            f"{package} is an adapted ensemble ({meta['backbone']}); an export is one network's graph. Export each "
+            f"member inside it, {package}/members/1 to {package}/members/{len(meta['members'])}, with `alnus export "
+            f"{package}/members/<i> --format {kind} --calibration RUN` (RUN: the run the members were trained in); "
+            "the ensemble then runs each member on its checked export. Its sources' exports would undo the adaptation."
+        )
     sources = ", ".join(str(m["source"]) for m in meta["members"])
     raise ExportError(
         f"{package} is an ensemble ({meta['backbone']}); an export is one network's graph, so an ensemble is not "
