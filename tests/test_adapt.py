@@ -302,6 +302,7 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     now = read_metadata(out)["threshold"]
     assert code == 0 and now["frozen_on"].startswith("fewer.csv") and now["n_val_units"] == 22
     assert "22 patient cases" in stdout and len(read_metadata(out)["threshold_history"]) == frozen + 1
+    assert "frozen on fewer.csv)" in str(Predictor(out, device="cpu").call_rule)  # not "on validation"
     code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
     assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
     card = (out / "README.md").read_text()
@@ -530,3 +531,19 @@ def test_a_failed_adaptation_leaves_the_statistics_as_they_were() -> None:
         adapt_batchnorm(model, [torch.rand(20, 1, 32, 32) + 0.5], progress=interrupt, memory=0)
     assert calls == [1, 2]  # the first layers were already re-estimated when it stopped
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_adapting_again_replaces_the_earlier_sites_statistics_and_says_so(site: Path) -> None:
+    first, second = site / "at-b", site / "at-c"
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(first), "--site", "B")[0] == 0
+    assert _adapt("adapt", str(first), str(site / "site"), "--out", str(second), "--site", "C")[0] == 0
+    card = (second / "README.md").read_text()
+    assert card.startswith("# Model card, adapted to C\n") and "adapted to B" not in card.splitlines()[0]
+    assert "itself adapted (to B); those statistics are replaced" in card
+    assert card.count("## Site adaptation") == 1 and card.count("## Before adaptation") == 1
+    assert "Trained at site A." in card  # the original card is still quoted
+    # A source without a card: no promise of a card that follows.
+    (site / "model" / "README.md").unlink()
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(site / "bare"))[0] == 0
+    bare = (site / "bare" / "README.md").read_text()
+    assert "whose card follows" not in bare and "## Before adaptation" not in bare

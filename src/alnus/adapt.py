@@ -57,6 +57,8 @@ MIN_IMAGES = 16
 # adapt_batchnorm estimates every layer in one pass when the activations of all images fit in this share of the
 # memory available (this many bytes where the system does not say how much is available).
 ONE_PASS_SHARE, ONE_PASS_FALLBACK = 0.5, 4 * 2**30
+# The heading of the adapted card's quote of the source's card.
+BEFORE_ADAPTATION = "## Before adaptation: the source model's card"
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
@@ -560,7 +562,12 @@ def _card(source: Path, meta: dict[str, Any]) -> str:
     card = read_card(source).strip()
     lines = card.splitlines()
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else source.name
+    earlier = read_metadata(source).get("adaptation")
+    if earlier:  # adapted again: the earlier site's statistics are replaced, not added to
+        title = re.sub(r", adapted( to .*)?$", "", title)
     body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
+    if earlier and BEFORE_ADAPTATION in body:  # the original card, without the earlier adaptation's sections
+        body = body.split(BEFORE_ADAPTATION, 1)[1].strip().split("\n\n", 1)[-1].strip()
     site = f" to {adaptation['site']}" if adaptation["site"] else ""
     threshold = adaptation["source_threshold"]
     was = f" (the source's, {threshold['value']:.4g}, was frozen before adaptation)" if threshold else ""
@@ -570,14 +577,18 @@ def _card(source: Path, meta: dict[str, Any]) -> str:
         "",
         "## Site adaptation",
         "",
-        f"These are the weights of the source package ({source.name}, whose card follows){members} with their "
-        "BatchNorm "
-        f"statistics re-estimated on {adaptation['n_images']} unlabelled "
+        f"These are the weights of the source package ({source.name}{', whose card follows' if body else ''})"
+        f"{members} with their BatchNorm statistics re-estimated on {adaptation['n_images']} unlabelled "
         f"image(s){' of ' + adaptation['site'] if adaptation['site'] else ''} on {adaptation['date'][:10]} (`alnus "
         "adapt`); every other weight is the source's and no label was read. Its weights SHA-256 is "
         f"`{meta['weights_sha256'][:16]}` (the source's: `{adaptation['source_weights_sha256'][:16]}`). The SHA-256 of "
         f"each image adapted on is in `{IMAGES_FILE}`: those images, and their patients, are no independent test of "
-        "this package.",
+        "this package."
+        + (
+            f" The source was itself adapted (to {earlier.get('site') or 'a site'}); those statistics are replaced."
+            if earlier
+            else ""
+        ),
         "",
         SITE_THRESHOLD_START,
         f"No threshold is carried over{was}: the adapted probabilities move, so calls need a threshold frozen on "
@@ -587,7 +598,7 @@ def _card(source: Path, meta: dict[str, Any]) -> str:
     if body:
         out += [
             "",
-            "## Before adaptation: the source model's card",
+            BEFORE_ADAPTATION,
             "",
             "Everything below describes the source model as it was trained and evaluated: its weights hash, threshold, "
             "results and exports are the source's, not this package's.",

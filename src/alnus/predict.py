@@ -294,7 +294,10 @@ class Predictor:
         if self.operating_point is None:
             return None
         point = self.operating_point
-        rule = f"{describe(point)} ({rule_name(point)}, frozen on validation)"
+        frozen_on = str(point.get("frozen_on") or "val")
+        # A run's threshold is frozen on its validation split; `alnus threshold` names the site's manifest.
+        where = "validation" if frozen_on == "val" else frozen_on.split(" (", 1)[0]
+        rule = f"{describe(point)} ({rule_name(point)}, frozen on {where})"
         if point["level"] == "image":
             return rule
         return f"{rule}; an image without a {point['level']} id is its own {point['level']}"
