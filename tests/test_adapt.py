@@ -547,3 +547,26 @@ def test_adapting_again_replaces_the_earlier_sites_statistics_and_says_so(site: 
     assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(site / "bare"))[0] == 0
     bare = (site / "bare" / "README.md").read_text()
     assert "whose card follows" not in bare and "## Before adaptation" not in bare
+
+
+def test_a_repeated_image_counts_once_and_an_implausible_box_is_reported(site: Path) -> None:
+    for copy in ("copy_a.png", "copy_b.png"):  # the same bytes under other names
+        shutil.copy(site / "site" / "im00.png", site / "site" / copy)
+    rows = "".join(f"site/im{i:02d}.png\n" for i in range(20)) + "site/copy_a.png\nsite/copy_b.png\n"
+    (site / "twice.csv").write_text("image\n" + rows)
+    code, stdout, stderr = _adapt("adapt", str(site / "model"), "--manifest", str(site / "twice.csv"), "--out",
+                                  str(site / "twice"))  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert read_metadata(site / "twice")["adaptation"]["n_images"] == 20
+    assert "same image and lesion region as site/im00.png: counted once" in stderr
+    assert len((site / "twice" / "adaptation-images.sha256").read_text().split()) == 20
+    # A box the lesion cannot fill is used by a cropping package, and said (as `alnus predict` says it).
+    from alnus.data.roi import RoiPolicy
+
+    meta = {"preprocess": PreprocessSpec(size=32, roi=RoiPolicy("box", 0.1)).to_dict(), "label_names": LABELS,
+            "positive_label": "malignant"}  # fmt: skip
+    save_package(site / "cropping", _model(), meta)
+    (site / "boxed.csv").write_text("image,roi\n" + "".join(f'site/im{i:02d}.png,"0,0,3,3"\n' for i in range(20)))
+    code, stdout, stderr = _adapt("adapt", str(site / "cropping"), "--manifest", str(site / "boxed.csv"), "--out",
+                                  str(site / "boxed"))  # fmt: skip
+    assert code == 0 and "site/im00.png was used, but:" in stderr and "and 15 more image(s) with a warning" in stderr

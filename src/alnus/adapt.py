@@ -379,13 +379,14 @@ def _batched(crops: list[torch.Tensor], batch_size: int, device: torch.device) -
 
 @dataclass
 class Adapted:
-    """What `adapt_package` did: the new package, the number of images it was adapted on, and the files left out
-    (name, reason)."""
+    """What `adapt_package` did: the new package, the number of images it was adapted on, the files left out (name,
+    reason) and the warnings of the images used (name, warning: an implausible lesion box, say)."""
 
     package: Path
     n_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 def images_digest(paths: Iterable[str | os.PathLike[str]]) -> str:
@@ -435,7 +436,9 @@ def adapt_package(
     predictor = Predictor(source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size)
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in inputs.to_dict("records")]
     skipped: list[tuple[str, str]] = []
-    read: list[str] = []
+    warned: list[tuple[str, str]] = []
+    digests: list[str] = []
+    first: dict[tuple[str, ...], str] = {}  # an image's content and lesion region -> the first name it came under
     crops: list[list[torch.Tensor]] = [[] for _ in predictor.networks]  # per network, its own preprocessing
     for i, row in enumerate(records):
         name = row.get("image") or row.get("path", "?")
@@ -443,15 +446,23 @@ def adapt_package(
             skipped.append((name, row["error"]))
         else:
             try:
-                tensors, _ = predictor.network_inputs(row)
-                for own, tensor in zip(crops, tensors, strict=True):
-                    own.append(tensor)
-                read.append(row["path"])
+                tensors, warning = predictor.network_inputs(row)
+                digest = file_sha256(Path(row["path"]))
+                key = (digest, row.get("roi", ""), row.get("mask", ""), row.get("frame", ""))
+                if key in first:  # the same crop again would weigh one image twice in the statistics
+                    skipped.append((name, f"same image and lesion region as {first[key]}: counted once"))
+                else:
+                    first[key] = name
+                    for own, tensor in zip(crops, tensors, strict=True):
+                        own.append(tensor)
+                    digests.append(digest)
+                    if warning:
+                        warned.append((name, warning))
             except (AlnusError, ValueError, OSError) as exc:
                 skipped.append((name, str(exc) or type(exc).__name__))
         if progress is not None:
             progress(i + 1, len(records))
-    digests = sorted(file_sha256(Path(p)) for p in read)
+    read, digests = digests, sorted(digests)
     try:
         if len(set(digests)) < MIN_IMAGES <= len(read):
             raise AdaptError(
@@ -507,7 +518,7 @@ def adapt_package(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return Adapted(target, n, skipped, written)
+    return Adapted(target, n, skipped, written, warned)
 
 
 def _reasons(skipped: list[tuple[str, str]], shown: int = 3) -> str:

@@ -995,6 +995,10 @@ def adapt(
     for name, reason in adapted.skipped:
         text = reason if reason.startswith(name) else f"{name}: {reason}"
         err_console.print(escape(f"left out {text}"), highlight=False, soft_wrap=True)
+    for name, warning in adapted.warnings[:5]:
+        _note(f"{name} was used, but: {warning}")
+    if len(adapted.warnings) > 5:
+        _note(f"... and {len(adapted.warnings) - 5} more image(s) with a warning; check their lesion boxes.")
     console.print(
         escape(
             f"Adapted {package} on {adapted.n_images} image(s) ({len(adapted.skipped)} left out) -> {adapted.package}. "

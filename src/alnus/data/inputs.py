@@ -203,7 +203,7 @@ def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], 
         key = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
         first = kept.setdefault(key, row)
         if first is not row:
-            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: predicted once")
+            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: read once")
     return list(kept.values()), notes
 
 
