@@ -570,3 +570,27 @@ def test_a_repeated_image_counts_once_and_an_implausible_box_is_reported(site: P
     code, stdout, stderr = _adapt("adapt", str(site / "cropping"), "--manifest", str(site / "boxed.csv"), "--out",
                                   str(site / "boxed"))  # fmt: skip
     assert code == 0 and "site/im00.png was used, but:" in stderr and "and 15 more image(s) with a warning" in stderr
+
+
+def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(site: Path) -> None:
+    from alnus import stats
+    from alnus.adapt import score_on_labelled
+
+    out, manifest = site / "adapted", str(site / "site" / "validation.csv")
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    code, stdout, stderr = _adapt("score", str(out), str(site / "model"), "--manifest", manifest)
+    assert code == 0, stdout + stderr
+    assert "24 patients, 12 positive" in stdout and "none frozen" in stdout and "/12" in stdout
+    assert "AUC difference (first minus second)" in stdout and "on the same 24 patients" in stdout
+    result = score_on_labelled([out, site / "model"], manifest)
+    # The same numbers as scoring each package's own predictions directly.
+    table = pd.read_csv(manifest)
+    y = (table["label"] == "malignant").to_numpy().astype(int)
+    for row, package in zip(result.rows.to_dict("records"), (out, site / "model"), strict=True):
+        probs = Predictor(package, device="cpu", precision="fp32", engine="torch").predict_table(table, site / "site")
+        assert abs(row["AUC"] - stats.auc(y, probs["prob"].to_numpy())) < 1e-9
+    table[table["label"] == "malignant"].to_csv(site / "site" / "one.csv", index=False)
+    code, _, stderr = _adapt("score", str(out), "--manifest", str(site / "site" / "one.csv"))
+    assert code == 2 and "one class only" in stderr
+    code, _, stderr = _adapt("score", str(out), str(out), str(out), "--manifest", manifest)
+    assert code == 2 and "two to compare" in stderr

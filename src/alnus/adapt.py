@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -637,7 +638,6 @@ def freeze_on_labelled(
     the mean probability. Predictions are made in fp32 with PyTorch, the reference every engine reproduces. The model
     card, when the package has one, gets a section saying where the threshold was frozen.
     """
-    from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
     from alnus.evaluate import choose_frozen_threshold
     from alnus.models.package import freeze_threshold
     from alnus.predict import MAX_CARD_BYTES, Predictor, read_card
@@ -660,19 +660,7 @@ def freeze_on_labelled(
         raise AdaptError("--target is for the sensitivity and specificity rules; Youden's takes none.")
     if target is not None and not 0 < target <= 1:
         raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
-    table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
-    labels = table["label"].astype(str)
-    unknown = sorted(set(labels) - {str(n) for n in meta["label_names"]})
-    if unknown:
-        rows = ", ".join(str(i + 2) for i in labels.index[labels.isin(unknown)][:8])
-        raise AdaptError(
-            f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {list(meta['label_names'])}; "
-            "a threshold is chosen on patients labelled as the model was trained: rename the labels (or leave out "
-            "rows of other classes)."
-        )
-    checked = validate_manifest(table, manifest.parent, labels=[str(n) for n in meta["label_names"]])
-    if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
-        raise ManifestError(manifest, checked.problems, limit=10)
+    table = _labelled(manifest, meta, "a threshold is chosen")
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")
@@ -711,6 +699,75 @@ def freeze_on_labelled(
         )
         atomic_write_text(package_dir / "README.md", _with_site_threshold(card, text))
     return point
+
+
+def _labelled(manifest: Path, meta: dict[str, Any], purpose: str) -> pd.DataFrame:
+    """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels."""
+    from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
+
+    table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
+    labels = table["label"].astype(str)
+    unknown = sorted(set(labels) - {str(n) for n in meta["label_names"]})
+    if unknown:
+        rows = ", ".join(str(i + 2) for i in labels.index[labels.isin(unknown)][:8])
+        raise AdaptError(
+            f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {list(meta['label_names'])}; "
+            f"{purpose} on patients labelled as the model was trained: rename the labels (or leave out rows of other "
+            "classes)."
+        )
+    checked = validate_manifest(table, manifest.parent, labels=[str(n) for n in meta["label_names"]])
+    if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
+        raise ManifestError(manifest, checked.problems, limit=10)
+    return table
+
+
+@dataclass
+class SiteScore:
+    """`score_on_labelled`'s answer: one row per package (AUC per patient with its CI; sensitivity and specificity at
+    the package's frozen threshold, where it has one) and, for two packages, the paired DeLong comparison."""
+
+    rows: pd.DataFrame
+    n_patients: int
+    n_positive: int
+    comparison: Any = None
+
+
+def score_on_labelled(packages: Sequence[str | os.PathLike[str]], manifest: str | os.PathLike[str]) -> SiteScore:
+    """Score packages on the labelled patients of a site: the AUC per patient (mean probability of a patient's images)
+    with its DeLong CI, and each package's calls at its own frozen threshold. With two packages (an adapted one and
+    its source, say) the first minus the second is tested with DeLong's paired test on the same patients. Predictions
+    are made in fp32 with PyTorch, the reference every engine reproduces."""
+    from alnus import stats
+    from alnus.evaluate import aggregate_predictions, check_predictions
+    from alnus.predict import Predictor
+
+    manifest = Path(manifest)
+    rows, scores, y = [], [], None
+    for package in packages:
+        meta = read_metadata(package)
+        table = _labelled(manifest, meta, "a package is scored")
+        predictions = Predictor(package, device="cpu", precision="fp32", engine="torch").predict_table(
+            table, manifest.parent
+        )
+        cases = aggregate_predictions(check_predictions(predictions), "patient", "mean")
+        if y is not None and not np.array_equal(y, cases["y"].to_numpy()):
+            raise AdaptError(f"{package} does not have {packages[0]}'s positive class; score packages of one label.")
+        y = cases["y"].to_numpy()
+        if len(set(y.tolist())) < 2:
+            raise AdaptError(f"{manifest} has patients of one class only; an AUC needs both.")
+        auc = stats.auc_ci(y, cases["prob"].to_numpy())
+        row = {"package": str(package), "AUC": auc.estimate, "AUC low": auc.ci_low, "AUC high": auc.ci_high}
+        point = meta["threshold"]
+        if point is not None:
+            at = aggregate_predictions(check_predictions(predictions), point["level"], point["aggregate"])
+            called, truth = at["prob"].to_numpy() >= point["value"], at["y"].to_numpy() == 1
+            row["threshold"] = point["value"]
+            row["sensitivity"] = f"{int((called & truth).sum())}/{int(truth.sum())}"
+            row["specificity"] = f"{int((~called & ~truth).sum())}/{int((~truth).sum())}"
+        rows.append(row)
+        scores.append(cases["prob"].to_numpy())
+    comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 else None
+    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison)
 
 
 def _with_site_threshold(card: str, text: str) -> str:

@@ -1089,6 +1089,61 @@ def threshold(
         )
 
 
+@app.command("score")
+def score(
+    packages: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PACKAGE...",
+            help="One model package, or two to compare (e.g. an adapted one first, then its source).",
+        ),
+    ],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            help="CSV of a site's labelled patients: image (paths relative to it), label, patient_id, and the lesion "
+            "boxes (roi) or masks the packages need."
+        ),
+    ] = ...,  # type: ignore[assignment]
+) -> None:
+    """Score packages on a site's labelled patients: AUC per patient with its 95% CI, and the calls at each package's
+    frozen threshold; with two packages, the paired DeLong test of the first against the second on the same patients.
+
+    This is how an adapted package (`alnus adapt`) is compared with its source before it is used. Use patients that
+    were not used to adapt or to freeze the threshold: on those, the numbers are optimistic.
+    """  # fmt: skip
+    from alnus.adapt import score_on_labelled
+
+    if not 1 <= len(packages) <= 2:
+        raise AlnusError(f"give one package, or two to compare; got {len(packages)}.")
+    for package in packages:
+        _refuse_run_folder(package, "score")
+    result = score_on_labelled(packages, manifest)
+    table = Table(title=escape(f"{manifest.name}: {result.n_patients} patients, {result.n_positive} positive"))
+    for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity", "specificity"):
+        table.add_column(column)
+    for row in result.rows.to_dict("records"):
+        has = "threshold" in row and row["threshold"] == row["threshold"]  # NaN where the package has none
+        table.add_row(
+            escape(row["package"]),
+            f"{row['AUC']:.3f} ({row['AUC low']:.3f}-{row['AUC high']:.3f})",
+            f"{row['threshold']:.4g}" if has else "none frozen",
+            str(row["sensitivity"]) if has else "",
+            str(row["specificity"]) if has else "",
+        )
+    console.print(table)
+    if result.comparison is not None:
+        d = result.comparison
+        console.print(
+            escape(
+                f"AUC difference (first minus second): {d.estimate:+.3f} (95% CI {d.ci_low:+.3f} to {d.ci_high:+.3f}), "
+                f"DeLong P {d.p:.4f}, on the same {result.n_patients} patients."
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command("evaluate")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>, with predictions.")],
