@@ -594,3 +594,41 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     assert code == 2 and "one class only" in stderr
     code, _, stderr = _adapt("score", str(out), str(out), str(out), "--manifest", manifest)
     assert code == 2 and "two to compare" in stderr
+
+
+def test_odd_outs_sites_links_and_members_are_refused_or_said(site: Path) -> None:
+    import os
+
+    source, images = str(site / "model"), str(site / "site")
+    (site / "afile").write_text("x")
+    for out, expected in ((site / "afile" / "x", "is a file, not a folder"), (site / ("n" * 230), "too long")):
+        code, _, stderr = _adapt("adapt", source, images, "--out", str(out))
+        assert code == 2 and expected in stderr, stderr
+    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "x"), "--site", "   ")
+    assert code == 2 and "--site" in stderr
+    # The image size limit is the user's to raise, as for predict.
+    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "x"), "--max-pixels", "100")
+    assert code == 2 and "none of the 25 image(s) could be used" in stderr and "max-pixels" in stderr
+    # A licence that is a link is not followed, and said.
+    (site / "model" / "DATA-LICENCE.txt").rename(site / "licence.txt")
+    (site / "model" / "DATA-LICENCE.txt").symlink_to(site / "licence.txt")
+    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "linked"))
+    assert code == 0 and "not copied from" in stderr and "DATA-LICENCE.txt (a symbolic link" in stderr
+    assert not (site / "linked" / "DATA-LICENCE.txt").exists()
+    # A live adapt's working folder for another --out whose name looks like a left-over is never touched.
+    other = site / f".linked.replaced-999999.adapting-{os.getpid()}.abc"
+    other.mkdir()
+    assert _adapt("adapt", source, images, "--out", str(site / "linked"), "--force")[0] == 0
+    assert other.is_dir()
+
+
+def test_a_member_of_an_ensemble_gets_no_threshold_of_its_own(tmp_path: Path) -> None:
+    from alnus.ensemble import build_ensemble
+    from tests.test_ensemble import make_run, pkg
+
+    run = make_run(tmp_path)
+    build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_same")])
+    copy = Path(shutil.copytree(pkg(run, "ens"), tmp_path / "ens"))
+    (tmp_path / "v.csv").write_text("image,patient_id,label\n")
+    code, _, stderr = _adapt("threshold", str(copy / "members" / "1"), "--manifest", str(tmp_path / "v.csv"))
+    assert code == 2 and "is a member of the ensemble" in stderr

@@ -268,7 +268,7 @@ def adapt_predictor(
 
 def check_site(site: str) -> None:
     """A site's name goes into the model card and the notes: letters, digits and simple punctuation, one line."""
-    if site and not SITE_NAME.fullmatch(site):
+    if site and (not SITE_NAME.fullmatch(site) or not site.strip()):
         raise AdaptError(
             f"--site {site!r}: use up to 80 letters, digits, spaces and . , - _ ( ) / + (no line breaks or markup)."
         )
@@ -285,6 +285,11 @@ def _check_out(source: Path, target: Path, *, force: bool) -> None:
     src, out, here = source.resolve(), target.resolve(), Path.cwd().resolve()
     if target.is_symlink():
         raise AdaptError(f"--out {target} is a symbolic link; name a new folder.")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise AdaptError(f"--out {target}: {blocking} is a file, not a folder; name a new folder.")
+    if len(os.fsencode(target.name)) > 200:  # the hidden working folder beside it adds a prefix and a suffix
+        raise AdaptError(f"--out {target}: the folder name is too long; give a name of at most 200 bytes.")
     if out == src or src in out.parents:
         raise AdaptError(f"--out {target} would write into the source package; name a new folder.")
     if out in src.parents:
@@ -362,12 +367,12 @@ def _sweep_killed(target: Path) -> None:
     written package is removed; a package moved aside to be replaced goes back when nothing took its place, else is
     removed. Only folders named by a process that no longer runs on this machine are touched, so another adapt that is
     writing the same --out meanwhile keeps its own."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(adapting|replaced)-(\d+)(\..*)?")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(adapting)-(\d+)\.[a-z0-9_]+|(replaced)-(\d+))")
     for folder in target.parent.glob(f".{glob.escape(target.name)}.*"):
         match = pattern.fullmatch(folder.name)
-        if match is None or folder.is_symlink() or not folder.is_dir() or _alive(int(match[2])):
+        if match is None or folder.is_symlink() or not folder.is_dir() or _alive(int(match[2] or match[4])):
             continue
-        if match[1] == "replaced" and not (target.exists() or target.is_symlink()):
+        if match[3] == "replaced" and not (target.exists() or target.is_symlink()):
             with contextlib.suppress(OSError):
                 os.rename(folder, target)
                 continue
@@ -381,13 +386,15 @@ def _batched(crops: list[torch.Tensor], batch_size: int, device: torch.device) -
 @dataclass
 class Adapted:
     """What `adapt_package` did: the new package, the number of images it was adapted on, the files left out (name,
-    reason) and the warnings of the images used (name, warning: an implausible lesion box, say)."""
+    reason), the warnings of the images used (name, warning: an implausible lesion box, say) and the source's files
+    that were not copied, each with why."""
 
     package: Path
     n_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    not_copied: list[str] = field(default_factory=list)
 
 
 def images_digest(paths: Iterable[str | os.PathLike[str]]) -> str:
@@ -410,6 +417,7 @@ def adapt_package(
     progress: Callable[[int, int], None] | None = None,
     layers: Callable[[int, int], None] | None = None,
     note: Callable[[str], None] | None = None,
+    max_pixels: int | None = None,
 ) -> Adapted:
     """Adapt a package's BatchNorm statistics to the images of `inputs` and write it to `out`: its one network, or
     every member of an ensemble (each reading the images with its own preprocessing; the members stay the ensemble's).
@@ -434,7 +442,9 @@ def adapt_package(
     _sweep_killed(target)
     _check_out(source, target, force=force)
     check_inputs_outside(target, [*inputs.get("path", []), *inputs.get("mask", [])])
-    predictor = Predictor(source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size)
+    predictor = Predictor(
+        source, device="cpu", precision="fp32", engine="torch", batch_size=batch_size, max_pixels=max_pixels
+    )
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in inputs.to_dict("records")]
     skipped: list[tuple[str, str]] = []
     warned: list[tuple[str, str]] = []
@@ -497,6 +507,7 @@ def adapt_package(
             "date": date,
         }
 
+    not_copied: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.adapting-{os.getpid()}.", dir=target.parent))
     try:
@@ -510,7 +521,11 @@ def adapt_package(
             written = save_package(work, predictor.networks[0].model, {**carried, "adaptation": record(meta)})
         left = {WEIGHTS_FILE, METADATA_FILE, "README.md", IMAGES_FILE, *_LEFT_BEHIND, *EXPORT_FILES.values()}
         for item in source.iterdir():
-            if item.is_file() and not item.is_symlink() and item.name not in left:
+            if item.name in left or not (item.is_file() or item.is_symlink()):
+                continue
+            if item.is_symlink():  # never followed: a link could point at any file the user may read
+                not_copied.append(f"{item.name} (a symbolic link; copy the file it points to into {target} by hand)")
+            else:
                 shutil.copy2(item, work / item.name)  # the data licence, for one
         atomic_write_text(work / IMAGES_FILE, "".join(f"{d}\n" for d in digests))
         atomic_write_text(work / "README.md", _card(source, written))
@@ -519,7 +534,7 @@ def adapt_package(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return Adapted(target, n, skipped, written, warned)
+    return Adapted(target, n, skipped, written, warned, not_copied)
 
 
 def _reasons(skipped: list[tuple[str, str]], shown: int = 3) -> str:
@@ -629,6 +644,7 @@ def freeze_on_labelled(
     level: Literal["image", "patient", "study"] | None = None,
     aggregate: Literal["mean", "max"] | None = None,
     refreeze: bool = False,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Freeze a package's threshold on the labelled validation patients of a site (a manifest with `label` and
     `patient_id`), as `alnus evaluate` freezes a run's on its validation split; returns the frozen operating point.
@@ -651,6 +667,12 @@ def freeze_on_labelled(
             f"`alnus evaluate {run}` (`--refreeze` to choose it again). `alnus threshold` is for a package on its own "
             "(an adapted one, or a copy outside the run)."
         )
+    holder = package_dir.resolve().parent.parent
+    if package_dir.resolve().parent.name == MEMBERS_DIR and (holder / METADATA_FILE).is_file():
+        raise AdaptError(
+            f"{package_dir} is a member of the ensemble {holder}, which makes the calls: freeze the ensemble's "
+            f"threshold (`alnus threshold {holder} ...`), not a member's."
+        )
     if meta["threshold"] is not None and not refreeze:
         raise AdaptError(
             f"{package_dir} already has a frozen threshold ({meta['threshold']['value']:.4g}, "
@@ -660,7 +682,7 @@ def freeze_on_labelled(
         raise AdaptError("--target is for the sensitivity and specificity rules; Youden's takes none.")
     if target is not None and not 0 < target <= 1:
         raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
-    table = _labelled(manifest, meta, "a threshold is chosen")
+    table = _labelled(manifest, meta, "a threshold is chosen", max_pixels)
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")
@@ -669,7 +691,7 @@ def freeze_on_labelled(
         target = before.get("target") if before.get("rule") == rule else None
         if target is None:
             raise AdaptError(f"rule {rule} needs a target (e.g. --target 0.9).")
-    predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch")
+    predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
     predictions = predictor.predict_table(table, manifest.parent)
     wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
     wanted["frozen_on"] = f"{manifest.name} (labelled validation patients given to `alnus threshold`)"
@@ -701,7 +723,7 @@ def freeze_on_labelled(
     return point
 
 
-def _labelled(manifest: Path, meta: dict[str, Any], purpose: str) -> pd.DataFrame:
+def _labelled(manifest: Path, meta: dict[str, Any], purpose: str, max_pixels: int | None = None) -> pd.DataFrame:
     """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels."""
     from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
 
@@ -715,7 +737,9 @@ def _labelled(manifest: Path, meta: dict[str, Any], purpose: str) -> pd.DataFram
             f"{purpose} on patients labelled as the model was trained: rename the labels (or leave out rows of other "
             "classes)."
         )
-    checked = validate_manifest(table, manifest.parent, labels=[str(n) for n in meta["label_names"]])
+    checked = validate_manifest(
+        table, manifest.parent, labels=[str(n) for n in meta["label_names"]], max_pixels=max_pixels
+    )
     if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
         raise ManifestError(manifest, checked.problems, limit=10)
     return table
@@ -732,7 +756,9 @@ class SiteScore:
     comparison: Any = None
 
 
-def score_on_labelled(packages: Sequence[str | os.PathLike[str]], manifest: str | os.PathLike[str]) -> SiteScore:
+def score_on_labelled(
+    packages: Sequence[str | os.PathLike[str]], manifest: str | os.PathLike[str], *, max_pixels: int | None = None
+) -> SiteScore:
     """Score packages on the labelled patients of a site: the AUC per patient (mean probability of a patient's images)
     with its DeLong CI, and each package's calls at its own frozen threshold. With two packages (an adapted one and
     its source, say) the first minus the second is tested with DeLong's paired test on the same patients. Predictions
@@ -745,10 +771,9 @@ def score_on_labelled(packages: Sequence[str | os.PathLike[str]], manifest: str 
     rows, scores, y = [], [], None
     for package in packages:
         meta = read_metadata(package)
-        table = _labelled(manifest, meta, "a package is scored")
-        predictions = Predictor(package, device="cpu", precision="fp32", engine="torch").predict_table(
-            table, manifest.parent
-        )
+        table = _labelled(manifest, meta, "a package is scored", max_pixels)
+        predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
+        predictions = predictor.predict_table(table, manifest.parent)
         cases = aggregate_predictions(check_predictions(predictions), "patient", "mean")
         if y is not None and not np.array_equal(y, cases["y"].to_numpy()):
             raise AdaptError(f"{package} does not have {packages[0]}'s positive class; score packages of one label.")

@@ -969,6 +969,7 @@ def adapt(
     force: Annotated[bool, typer.Option(help="Replace --out when it exists.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     recursive: Annotated[bool, typer.Option(help="Search the folders' subfolders too.")] = True,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
     """Adapt a model package to a new site's scanner with unlabelled images: re-estimate its BatchNorm statistics.
 
@@ -990,11 +991,13 @@ def adapt(
     with _progress_bars(len(table), "reading", "estimating layers") as (progress, layers):
         adapted = adapt_package(
             package, table, out, site=site, batch_size=batch_size, force=force, progress=progress, layers=layers,
-            note=_note,
+            note=_note, max_pixels=max_pixels,
         )  # fmt: skip
     for name, reason in adapted.skipped:
         text = reason if reason.startswith(name) else f"{name}: {reason}"
         err_console.print(escape(f"left out {text}"), highlight=False, soft_wrap=True)
+    for item in adapted.not_copied:
+        _note(f"not copied from {package}: {item}")
     for name, warning in adapted.warnings[:5]:
         _note(f"{name} was used, but: {warning}")
     if len(adapted.warnings) > 5:
@@ -1041,6 +1044,7 @@ def threshold(
         str | None, typer.Option(help="mean or max of a case's image probabilities (default: the package's).")
     ] = None,
     refreeze: Annotated[bool, typer.Option(help="Replace a threshold the package already has.")] = False,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
     """Freeze a package's threshold on a site's labelled validation patients, so that it makes calls.
 
@@ -1062,7 +1066,14 @@ def threshold(
             raise AlnusError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
     _refuse_run_folder(package, "threshold")
     point = freeze_on_labelled(
-        package, manifest, rule=rule, target=target, level=level, aggregate=aggregate, refreeze=refreeze
+        package,
+        manifest,
+        rule=rule,
+        target=target,
+        level=level,
+        aggregate=aggregate,
+        refreeze=refreeze,
+        max_pixels=max_pixels,
     )
     from alnus.operating_point import describe
 
@@ -1105,6 +1116,7 @@ def score(
             "boxes (roi) or masks the packages need."
         ),
     ] = ...,  # type: ignore[assignment]
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
     """Score packages on a site's labelled patients: AUC per patient with its 95% CI, and the calls at each package's
     frozen threshold; with two packages, the paired DeLong test of the first against the second on the same patients.
@@ -1118,7 +1130,7 @@ def score(
         raise AlnusError(f"give one package, or two to compare; got {len(packages)}.")
     for package in packages:
         _refuse_run_folder(package, "score")
-    result = score_on_labelled(packages, manifest)
+    result = score_on_labelled(packages, manifest, max_pixels=max_pixels)
     table = Table(title=escape(f"{manifest.name}: {result.n_patients} patients, {result.n_positive} positive"))
     for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity", "specificity"):
         table.add_column(column)
