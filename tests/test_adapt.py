@@ -632,3 +632,16 @@ def test_a_member_of_an_ensemble_gets_no_threshold_of_its_own(tmp_path: Path) ->
     (tmp_path / "v.csv").write_text("image,patient_id,label\n")
     code, _, stderr = _adapt("threshold", str(copy / "members" / "1"), "--manifest", str(tmp_path / "v.csv"))
     assert code == 2 and "is a member of the ensemble" in stderr
+
+
+def test_predicting_the_images_adapted_on_says_they_are_no_independent_test(site: Path) -> None:
+    out = site / "adapted"
+    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    fresh = site / "fresh.png"
+    Image.fromarray(np.full((40, 48), 99, dtype=np.uint8)).save(fresh)
+    code, stdout, stderr = _adapt("predict", str(out), str(site / "site" / "im00.png"), str(site / "site" / "im05.png"),
+                                  str(fresh), "--format", "csv")  # fmt: skip
+    assert code == 0, stderr
+    assert "2 of these image(s) were among those" in stderr and "no independent test" in stderr
+    code, _, stderr = _adapt("predict", str(out), str(fresh), "--format", "csv")
+    assert code == 0 and "were among those" not in stderr

@@ -397,6 +397,29 @@ class Adapted:
     not_copied: list[str] = field(default_factory=list)
 
 
+def adapted_on(package_dir: str | os.PathLike[str], paths: Iterable[str]) -> list[str]:
+    """Those of `paths` (image files) whose content is among the images `package_dir` was adapted on (its
+    `adaptation-images.sha256`): predictions of them are no independent test of the adapted package. Empty when the
+    package was not adapted or its list cannot be read."""
+    from alnus._io import open_regular
+
+    if not read_metadata(package_dir).get("adaptation"):
+        return []
+    try:
+        with open_regular(Path(package_dir) / IMAGES_FILE) as fh:
+            listed = {line.strip() for line in fh.read(64 << 20).decode("ascii", errors="replace").splitlines()}
+    except (OSError, AlnusError):
+        return []
+    found = []
+    for path in paths:
+        try:
+            if path and file_sha256(Path(path)) in listed:
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
 def images_digest(paths: Iterable[str | os.PathLike[str]]) -> str:
     """SHA-256 over the sorted SHA-256 of each file's bytes: which images, whatever their order or names."""
     return _digest_of(sorted(file_sha256(Path(p)) for p in paths))

@@ -902,6 +902,15 @@ def predict(
         sys.stdout.write(_render(result, fmt, title))
         sys.stdout.flush()
     _predict_summary(predictor, result, out, heatmaps)
+    if predictor.metadata.get("adaptation"):
+        from alnus.adapt import adapted_on
+
+        seen = adapted_on(package, [p for p, e in zip(table["path"], result["error"], strict=True) if not e])
+        if seen:
+            _note(
+                f"{len(seen)} of these image(s) were among those {package} was adapted on (e.g. {seen[0]}): their "
+                "predictions are no independent test of it."
+            )
     if (result["error"] != "").any():
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -1510,8 +1519,10 @@ def serve(
         compile=compile, max_pixels=max_pixels,
     )  # fmt: skip
     info = server.service.info
+    adaptation = server.service.predictor.metadata.get("adaptation") or {}
+    adapted = f" (adapted to {adaptation.get('site') or 'a site'})" if adaptation else ""
     console.print(
-        f"Serving [bold]{escape(info['model']['name'])}[/bold] at {escape(server.url)} "
+        f"Serving [bold]{escape(info['model']['name'])}[/bold]{escape(adapted)} at {escape(server.url)} "
         f"(engine: {escape(server.service.predictor.engine_description)}; access: {escape(server.access.source)}; "
         "Ctrl-C stops it).",
         highlight=False,

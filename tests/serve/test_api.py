@@ -555,3 +555,36 @@ def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Pa
     assert info["validation"] is not None and "before `alnus adapt`" in info["validation_source"]
     body = _post(client, png_bytes(grey_image()), heatmap="false").json()
     assert body["call"] is None and 0 <= body["probability"] <= 1
+
+
+def test_the_serve_banner_says_the_package_is_adapted(package: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import alnus.serve
+    from alnus.adapt import adapt_package
+    from alnus.cli import app
+
+    rows = []
+    for i in range(20):
+        path = tmp_path / f"site{i}.png"
+        path.write_bytes(png_bytes(np.clip(grey_image(seed=i).astype(int) + 60, 0, 255).astype(np.uint8)))
+        rows.append({"image": path.name, "path": str(path), "roi": "20,10,25,20"})
+    adapted = adapt_package(package, pd.DataFrame(rows), tmp_path / "adapted", site="clinic B").package
+    built = []
+    real = alnus.serve.build_server
+
+    def build_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the real server, never started
+        server = real(*args, **kwargs)
+        monkeypatch.setattr(server, "run", lambda: built.append(server))
+        return server
+
+    monkeypatch.setattr(alnus.serve, "build_server", build_only)
+    import socket
+
+    with socket.socket() as free:  # a port nobody uses now (the server is built, never started)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = CliRunner().invoke(app, ["serve", str(adapted), "--insecure-local", "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert built and "(adapted to clinic B) at http://127.0.0.1" in " ".join(result.output.split())
