@@ -535,9 +535,8 @@ def test_a_symlinked_model_card_is_not_served(tmp_path: Path) -> None:
     assert served_card(package) == "# Model card\n" and read_card(package) == "# Model card\n"
 
 
-def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Path, tmp_path: Path) -> None:
-    """/v1/model of a package made by `alnus adapt`: the adaptation record, validation results marked as the source's,
-    and no call until a threshold is frozen at the site."""
+def _adapted_to_clinic_b(package: Path, tmp_path: Path) -> Path:
+    """The package adapted (`alnus adapt`) to 20 brighter images of "clinic B"."""
     import pandas as pd
 
     from alnus.adapt import adapt_package
@@ -547,7 +546,13 @@ def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Pa
         path = tmp_path / f"site{i}.png"
         path.write_bytes(png_bytes(np.clip(grey_image(seed=i).astype(int) + 60, 0, 255).astype(np.uint8)))
         rows.append({"image": path.name, "path": str(path), "roi": "20,10,25,20"})
-    adapted = adapt_package(package, pd.DataFrame(rows), tmp_path / "adapted", site="clinic B").package
+    return adapt_package(package, pd.DataFrame(rows), tmp_path / "adapted", site="clinic B").package
+
+
+def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Path, tmp_path: Path) -> None:
+    """/v1/model of a package made by `alnus adapt`: the adaptation record, validation results marked as the source's,
+    and no call until a threshold is frozen at the site."""
+    adapted = _adapted_to_clinic_b(package, tmp_path)
     client = client_for(predictor_of(adapted), tmp_path)
     info = client.get("/v1/model", headers=AUTH).json()
     assert info["adaptation"]["n_images"] == 20 and info["adaptation"]["site"] == "clinic B"
@@ -558,19 +563,12 @@ def test_an_adapted_package_says_so_and_whose_numbers_its_card_shows(package: Pa
 
 
 def test_the_serve_banner_says_the_package_is_adapted(package: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import pandas as pd
     from typer.testing import CliRunner
 
     import alnus.serve
-    from alnus.adapt import adapt_package
     from alnus.cli import app
 
-    rows = []
-    for i in range(20):
-        path = tmp_path / f"site{i}.png"
-        path.write_bytes(png_bytes(np.clip(grey_image(seed=i).astype(int) + 60, 0, 255).astype(np.uint8)))
-        rows.append({"image": path.name, "path": str(path), "roi": "20,10,25,20"})
-    adapted = adapt_package(package, pd.DataFrame(rows), tmp_path / "adapted", site="clinic B").package
+    adapted = _adapted_to_clinic_b(package, tmp_path)
     built = []
     real = alnus.serve.build_server
 
