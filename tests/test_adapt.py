@@ -74,10 +74,23 @@ def test_the_statistics_become_those_of_the_new_images_whatever_the_batching_and
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(adapted[0], other, strict=True))
 
 
-def test_the_one_pass_budget_is_a_share_of_the_memory_available() -> None:
-    from alnus.adapt import one_pass_memory
+def test_the_one_pass_budget_is_a_share_of_the_memory_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import os
 
-    assert 2**20 < one_pass_memory() < 2**50
+    from alnus import adapt
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < adapt.one_pass_memory() <= adapt.ONE_PASS_SHARE * total  # half of what is available, not of all
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(path) == "/proc/meminfo":
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    assert adapt.one_pass_memory() == adapt.ONE_PASS_FALLBACK
 
 
 def test_the_help_states_the_minimum() -> None:

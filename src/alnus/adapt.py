@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -551,7 +550,7 @@ def adapt_package(
             else:
                 shutil.copy2(item, work / item.name)  # the data licence, for one
         atomic_write_text(work / IMAGES_FILE, "".join(f"{d}\n" for d in digests))
-        atomic_write_text(work / "README.md", _card(source, written))
+        atomic_write_text(work / "README.md", _card(source, written, meta.get("adaptation")))
         Predictor(work, device="cpu", precision="fp32", engine="torch")  # reads back as every reader will
         _move_into_place(work, source, target, force=force)
     except BaseException:
@@ -602,17 +601,17 @@ def _write_ensemble(
     return ensemble
 
 
-def _card(source: Path, meta: dict[str, Any]) -> str:
+def _card(source: Path, meta: dict[str, Any], earlier: dict[str, Any] | None) -> str:
     """The adapted package's model card: what adaptation did and what no longer holds first, then the source package's
     card (its own sections, for the intended use and training sites; only when it is a regular file,
-    `alnus.predict.read_card`), marked as describing the model before adaptation."""
+    `alnus.predict.read_card`), marked as describing the model before adaptation. `earlier`: the source's own
+    adaptation record, when the source was adapted already."""
     from alnus.predict import read_card
 
     adaptation = meta["adaptation"]
     card = read_card(source).strip()
     lines = card.splitlines()
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else source.name
-    earlier = read_metadata(source).get("adaptation")
     if earlier:  # adapted again: the earlier site's statistics are replaced, not added to
         title = re.sub(r", adapted( to .*)?$", "", title)
     body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
@@ -787,19 +786,23 @@ def score_on_labelled(
     its source, say) the first minus the second is tested with DeLong's paired test on the same patients. Predictions
     are made in fp32 with PyTorch, the reference every engine reproduces."""
     from alnus import stats
-    from alnus.evaluate import aggregate_predictions, check_predictions
+    from alnus.evaluate import aggregate_predictions
     from alnus.predict import Predictor
 
     manifest = Path(manifest)
-    rows, scores, y = [], [], None
-    for package in packages:
-        meta = read_metadata(package)
-        table = _labelled(manifest, meta, "a package is scored", max_pixels)
+    metas = [read_metadata(package) for package in packages]
+    for package, meta in zip(packages[1:], metas[1:], strict=True):
+        if (meta["label_names"], meta["positive_label"]) != (metas[0]["label_names"], metas[0]["positive_label"]):
+            raise AdaptError(
+                f"{package} has labels {meta['label_names']} (positive {meta['positive_label']!r}), {packages[0]} "
+                f"{metas[0]['label_names']} (positive {metas[0]['positive_label']!r}); compare packages of one label."
+            )
+    table = _labelled(manifest, metas[0], "a package is scored", max_pixels)  # checked once, for both
+    rows, scores = [], []
+    for package, meta in zip(packages, metas, strict=True):
         predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
         predictions = predictor.predict_table(table, manifest.parent)
-        cases = aggregate_predictions(check_predictions(predictions), "patient", "mean")
-        if y is not None and not np.array_equal(y, cases["y"].to_numpy()):
-            raise AdaptError(f"{package} does not have {packages[0]}'s positive class; score packages of one label.")
+        cases = aggregate_predictions(predictions, "patient", "mean")
         y = cases["y"].to_numpy()
         if len(set(y.tolist())) < 2:
             raise AdaptError(f"{manifest} has patients of one class only; an AUC needs both.")
@@ -807,7 +810,7 @@ def score_on_labelled(
         row = {"package": str(package), "AUC": auc.estimate, "AUC low": auc.ci_low, "AUC high": auc.ci_high}
         point = meta["threshold"]
         if point is not None:
-            at = aggregate_predictions(check_predictions(predictions), point["level"], point["aggregate"])
+            at = aggregate_predictions(predictions, point["level"], point["aggregate"])
             called, truth = at["prob"].to_numpy() >= point["value"], at["y"].to_numpy() == 1
             row["threshold"] = point["value"]
             row["sensitivity"] = f"{int((called & truth).sum())}/{int(truth.sum())}"
