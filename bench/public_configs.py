@@ -101,6 +101,13 @@ CONFIGURATIONS = (
         "aux_birads with ROI margin 0.50 (the lesion with wide context)",
         ("train.aux_reader=reader_birads", "preprocess.margin=0.5"),
     ),  # fmt: skip
+    # Protocol item 14 (2026-12-03, fixed before it was trained): weight averaging over the epochs from aux_birads's
+    # validation peak (epoch 4 in its history.csv) on.
+    Configuration(
+        "aux_swa",
+        "aux_birads + stochastic weight averaging from epoch 4 (train.swa_start), validated and packaged",
+        ("train.aux_reader=reader_birads", "train.swa_start=4"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.

@@ -136,10 +136,70 @@ def test_a_killed_run_with_the_reader_target_and_ema_resumes_to_the_same_model(p
     assert resumed.best_val_auc == full.best_val_auc
 
 
+def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistics(phantom_read, tmp_path):
+    train = {"swa_start": 2, "epochs": 3, "head_epochs": 0, "early_stopping_patience": 1}
+    cfg = load_config(_config(tmp_path, phantom_read, "swa", train=train))
+    [result] = run_training(cfg, console=_quiet())
+    history = pd.read_csv(result.model_dir / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]  # epoch 1 cannot stop training early: it is not selectable
+    assert result.best_epoch in (2, 3)  # epoch 1 comes before the average and is never chosen
+    last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
+    assert int(last["swa"]["n_averaged"]) == 2  # the weights at the end of epochs 2 and 3
+    model, meta = load_package(result.package_dir)
+    assert meta["training"]["train"]["swa_start"] == 2
+    # The package predicts exactly what was validated and selected.
+    y, probs = _val_probs(cfg.run_dir, model, 32)
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)
+    if result.best_epoch == 3:
+        # The average of two epochs' weights, not the last epoch's; its BatchNorm statistics are the training
+        # images' under those weights (as torch's update_bn computes them), not either epoch's running statistics.
+        weight = "backbone.features.0.0.weight" if "backbone.features.0.0.weight" in last["model"] else None
+        best = load_checkpoint(result.model_dir / "checkpoints" / "best.pt")["model"]
+        assert weight is None or not torch.equal(best[weight], last["model"][weight])
+        means = [k for k in best if k.endswith("running_mean")]
+        assert means and any(not torch.equal(best[k], last["model"][k]) for k in means)
+
+
+def test_swa_and_ema_together_are_refused(phantom_read, tmp_path):
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(_config(tmp_path, phantom_read, "both", train={"swa_start": 2, "ema_decay": 0.9, "epochs": 3}))
+    with pytest.raises(ConfigError, match=r"train.swa_start.*1..train.epochs \(3\)"):
+        load_config(_config(tmp_path, phantom_read, "late", train={"swa_start": 4, "epochs": 3}))
+
+
+def test_a_killed_swa_run_resumes_to_the_same_average(phantom_read, tmp_path, monkeypatch):
+    import alnus.train
+
+    train = {"swa_start": 1, "epochs": 3, "head_epochs": 0}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
+    cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
+    run_epoch = alnus.train.run_epoch
+
+    def killed_in_the_third_epoch(cfg, engine, data, state, info, progress, epoch, backbone):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
+
+    monkeypatch.setattr(alnus.train, "run_epoch", killed_in_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, console=_quiet())
+    monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
+    [resumed] = run_training(cfg, resume=True, console=_quiet())
+    a = load_checkpoint(full.model_dir / "checkpoints" / "last.pt")["swa"]
+    b = load_checkpoint(resumed.model_dir / "checkpoints" / "last.pt")["swa"]
+    assert set(a) == set(b) and int(b["n_averaged"]) == 3
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert resumed.best_val_auc == full.best_val_auc
+
+
 def test_new_settings_at_their_defaults_leave_the_training_settings_unchanged(phantom_read, tmp_path):
     plain = load_config(_config(tmp_path, phantom_read, "plain"))
     settings = training_settings(plain)
-    assert "aux_reader" not in settings["train"] and "ema_decay" not in settings["train"]
+    assert not {"aux_reader", "ema_decay", "swa_start"} & set(settings["train"])
     assert "grey" not in settings["preprocess"]
     changed = load_config(_config(tmp_path, phantom_read, "grey", preprocess={"grey": "stretch"}))
     assert training_settings(changed)["preprocess"]["grey"] == "stretch"
@@ -235,6 +295,7 @@ def test_the_report_methods_and_the_service_describe_the_levers():
     assert "histogram equalised" in service_input_text(pre)
     assert "grey" not in _input_text(PreprocessSpec().to_dict())
     text = _levers_text({"aux_reader": "reader_birads", "aux_weight": 0.3, "ema_decay": 0.99})
+    assert "from epoch 5" in _levers_text({"swa_start": 5}) and "weight averaging" in _levers_text({"swa_start": 5})
     assert "BI-RADS category (reader_birads)" in text and "weighted 0.3" in text and "decay 0.99" in text
     assert _levers_text({"aux_reader": None, "ema_decay": None}) == ""
 

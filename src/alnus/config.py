@@ -110,6 +110,10 @@ class TrainConfig:
     # Exponential moving average of the weights (timm's ModelEmaV3, with warm-up): the average is validated,
     # selected and packaged. null: none; e.g. 0.99 averages over about a hundred optimiser steps.
     ema_decay: float | None = None
+    # Stochastic weight averaging: from this epoch (1-based) on, the weights at the end of each epoch enter an
+    # equal-weight average (torch.optim.swa_utils.AveragedModel) whose BatchNorm statistics are recomputed on the
+    # training images; the average is validated, selected (among those epochs only) and packaged. null: none.
+    swa_start: int | None = None
     # The settings of `alnus.data.augment.UltrasoundAugment` ({} = its defaults); null turns augmentation off.
     augment: dict[str, Any] | None = field(default_factory=dict)
     tensorboard: bool = True
@@ -306,7 +310,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
 # default (off), so models trained before they existed keep their settings hash and are reused, not retrained.
 PREPROCESS_ADDED: dict[str, Any] = {"grey": "none", "max_crop": None}
 DATA_ADDED: dict[str, Any] = {"cv_folds": None, "cv_fold": 0}
-TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None}
+TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None, "swa_start": None}
 
 
 def _drop_defaults(section: dict[str, Any], added: Mapping[str, Any]) -> None:
@@ -463,6 +467,11 @@ def _check(cfg: Config, where: str) -> None:
         fail("train.aux_reader", "must name a reader column (e.g. reader_birads), or be null")
     if train.ema_decay is not None and not 0 < train.ema_decay < 1:
         fail("train.ema_decay", f"{train.ema_decay} must be in (0, 1), e.g. 0.99, or null")
+    if train.swa_start is not None:
+        if not 1 <= train.swa_start <= train.epochs:
+            fail("train.swa_start", f"{train.swa_start} must be an epoch in 1..train.epochs ({train.epochs}), or null")
+        if train.ema_decay is not None:
+            fail("train.swa_start", "averages the weights once: set train.ema_decay or train.swa_start, not both")
     if train.num_workers < 0:
         fail("train.num_workers", f"{train.num_workers} must be at least 0")
     if train.augment is not None:

@@ -386,10 +386,20 @@ class Engine:
     net: torch.nn.Module | None = None  # the model as this process runs it (DDP-wrapped with several ranks)
     phase: str | None = None
     ema: Any = None  # timm's ModelEmaV3 of the weights (`train.ema_decay`), or None
+    swa: Any = None  # torch's AveragedModel of the epochs' weights (`train.swa_start`), or None
+    swa_start: int | None = None  # the first epoch (1-based) whose weights enter `swa`
 
     def eval_model(self) -> torch.nn.Module:
-        """The weights that are validated, selected and packaged: the moving average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights that are validated, selected and packaged: the average when there is one."""
+        if self.ema is not None:
+            return self.ema.module
+        if self.swa is not None and int(self.swa.n_averaged) > 0:
+            return self.swa.module
+        return self.model
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) may be chosen as the best: with weight averaging, only from its start."""
+        return self.swa_start is None or epoch >= self.swa_start
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A batch on the device, in the engine's memory layout."""
@@ -433,6 +443,11 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
 
         # Warm-up: the average starts short and lengthens towards `ema_decay`, so the first weights fade quickly.
         ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
+    swa = None
+    if tc.swa_start is not None:
+        from torch.optim.swa_utils import AveragedModel
+
+        swa = AveragedModel(model)
     return Engine(
         model=model,
         optimizer=optimizer,
@@ -445,6 +460,8 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
         head_epochs=head_epochs,
         grad_accum=tc.grad_accum,
         ema=ema,
+        swa=swa,
+        swa_start=tc.swa_start,
     )
 
 
@@ -461,14 +478,17 @@ class TrainState:
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def record(self, row: dict[str, Any], *, patience: int | None, epochs: int) -> bool:
-        """Add an epoch's history row; returns whether its val AUC is the best so far (and stops early if due)."""
+    def record(self, row: dict[str, Any], *, patience: int | None, epochs: int, selectable: bool = True) -> bool:
+        """Add an epoch's history row; returns whether its val AUC is the best so far (and stops early if due).
+
+        An epoch that is not `selectable` (before weight averaging starts) is recorded but neither chosen nor
+        counted towards early stopping."""
         self.history.append(row)
         self.epochs_done = int(row["epoch"])
-        improved = row["val_auc"] > self.best_auc
+        improved = selectable and row["val_auc"] > self.best_auc
         if improved:
             self.best_auc, self.best_epoch, self.bad_epochs = float(row["val_auc"]), self.epochs_done, 0
-        else:
+        elif selectable:
             self.bad_epochs += 1
         self.stopped = patience is not None and self.bad_epochs >= patience and self.epochs_done < epochs
         return improved
@@ -478,6 +498,7 @@ class TrainState:
         return {
             "model": engine.model.state_dict(),
             **({"ema": engine.ema.state_dict()} if engine.ema is not None else {}),
+            **({"swa": engine.swa.state_dict()} if engine.swa is not None else {}),
             "optimizer": engine.optimizer.state_dict(),
             "scheduler": engine.scheduler.state_dict(),
             "scaler": engine.scaler.state_dict(),
@@ -510,6 +531,8 @@ class TrainState:
             engine.model.load_state_dict(payload["model"])
             if engine.ema is not None:
                 engine.ema.load_state_dict(payload["ema"])
+            if engine.swa is not None:
+                engine.swa.load_state_dict(payload["swa"])
             engine.optimizer.load_state_dict(payload["optimizer"])
             engine.scheduler.load_state_dict(payload["scheduler"])
             engine.scaler.load_state_dict(payload["scaler"])
@@ -889,11 +912,32 @@ def run_epoch(
     data.sampler.set_epoch(epoch)
     data.train_ds.set_epoch(epoch)
     trained = train_one_epoch(engine, data, info, progress, f"epoch {epoch + 1}/{cfg.train.epochs}")
+    if engine.swa is not None and engine.selectable(epoch + 1):
+        average_epoch(engine, data, info)
     val = validate(engine, data, info, cfg.evaluate.aggregate, epoch=epoch + 1, backbone=backbone)
     row = {"epoch": epoch + 1, "phase": phase, "val_loss": val.loss, "val_auc": val.auc, **trained}
     row["seconds"] = time.perf_counter() - t0
-    improved = state.record(row, patience=cfg.train.early_stopping_patience, epochs=cfg.train.epochs)
+    tc = cfg.train
+    improved = state.record(
+        row, patience=tc.early_stopping_patience, epochs=tc.epochs, selectable=engine.selectable(epoch + 1)
+    )
     return row, val, improved
+
+
+@torch.no_grad()
+def average_epoch(engine: Engine, data: TrainData, info: DistInfo) -> None:
+    """Add this epoch's weights to the weight average, then give the average its own BatchNorm statistics: the
+    population statistics of the training images under the averaged weights (torch's `update_bn`), since the
+    averaged weights' activations differ from those of any one epoch."""
+    from torch.optim.swa_utils import update_bn
+
+    engine.swa.update_parameters(engine.model)
+    loader = ((engine.prepare(x),) for x, _, _ in data.train_loader)
+    update_bn(loader, engine.swa)
+    if info.world_size > 1:
+        # Each rank saw its own shard of the training images: use rank 0's statistics everywhere.
+        for buffer in engine.swa.module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _print_epoch(console: Console, row: dict[str, Any], cfg: Config, improved: bool, *, stopped: bool) -> None:

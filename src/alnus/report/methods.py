@@ -111,6 +111,12 @@ def _levers_text(train: Mapping[str, Any]) -> str:
             f" The weights were averaged over the optimiser steps (exponential moving average, decay "
             f"{train['ema_decay']} with warm-up); the average is what was validated, selected and packaged."
         )
+    if train.get("swa_start"):
+        out += (
+            f" The weights were averaged over the epochs (stochastic weight averaging from epoch {train['swa_start']}"
+            " on, with equal weights, its batch-normalisation statistics recomputed on the training images); the "
+            "average is what was validated, selected (among those epochs) and packaged."
+        )
     return out
 
 
