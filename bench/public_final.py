@@ -164,6 +164,11 @@ def _candidates(ensembles: list[str]) -> pd.DataFrame:
             ensemble = next(e for e in ENSEMBLES if e.name == name)
             v = values[(values["model"] == name) & values["operating_point"].str.startswith("frozen")]
             at = {r.split: float(r.auc) for r in v.itertuples()}
+            missing = [s for s in ("val", "internal_test", "external_test") if at.get(s) is None]
+            if missing:
+                # A record is what was measured: keep the earlier one rather than overwrite it with blanks.
+                print(f"{name}: no {', '.join(missing)} AUC in {FINAL_RUN / 'metrics.json'}; its record is kept")
+                continue
             record[name] = {"name": name, "model": name, "passes": ensemble.forward_passes(), "val AUC": at.get("val"),
                             "internal_test AUC": at.get("internal_test"),
                             "external_test AUC": at.get("external_test"), "measured": here}  # fmt: skip

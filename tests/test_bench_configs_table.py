@@ -89,6 +89,25 @@ def test_the_final_choice_uses_recorded_candidates_and_ensembles(public_configs,
     assert public_final._build_ensembles() == []  # no member's run folder is here: nothing is built
 
 
+def test_an_ensemble_missing_from_the_run_keeps_its_measured_record(public_configs, monkeypatch, tmp_path):
+    """A rebuilt run whose metrics lack an ensemble's AUCs must not blank the numbers measured where it was built."""
+    import public_final
+
+    import alnus.evaluate
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.setattr(public_final, "FINAL_RUN", tmp_path / "runs" / "public_final")
+    monkeypatch.setattr(public_final, "_metrics", lambda run: {})
+    empty = pd.DataFrame(columns=["model", "operating_point", "split", "auc"])
+    monkeypatch.setattr(alnus.evaluate, "results_values_table", lambda metrics, level: empty)
+    measured = {"name": "seeds", "model": "seeds", "passes": 3, "val AUC": 0.949,
+                "internal_test AUC": 0.983, "external_test AUC": 0.849, "measured": "elsewhere"}  # fmt: skip
+    (tmp_path / public_final.ENSEMBLE_RECORD).write_text(json.dumps({"about": "", "rows": {"seeds": measured}}))
+    candidates = public_final._candidates(["seeds"]).set_index("name")
+    assert candidates.loc["seeds", "val AUC"] == 0.949 and candidates.loc["seeds", "external_test AUC"] == 0.849
+    assert json.loads((tmp_path / public_final.ENSEMBLE_RECORD).read_text())["rows"]["seeds"] == measured
+
+
 def test_the_speed_note_sums_the_seeds_training_epochs(public_configs, monkeypatch, tmp_path):
     import public_final
 
