@@ -151,14 +151,17 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
     y, probs = _val_probs(cfg.run_dir, model, 32)
     saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
     np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)
+    # The average in last.pt is the mean of the two epochs' weights, not the last epoch's raw weights, and its
+    # BatchNorm statistics are its own (recomputed on the training images), not the raw model's running ones.
+    averaged = {k[len("module.") :]: v for k, v in last["swa"].items() if k.startswith("module.")}
+    weights = [k for k, v in averaged.items() if k.endswith("weight") and v.ndim > 1]
+    means = [k for k in averaged if k.endswith("running_mean")]
+    assert weights and means
+    assert any(not torch.equal(averaged[k], last["model"][k]) for k in weights)
+    assert any(not torch.equal(averaged[k], last["model"][k]) for k in means)
     if result.best_epoch == 3:
-        # The average of two epochs' weights, not the last epoch's; its BatchNorm statistics are the training
-        # images' under those weights (as torch's update_bn computes them), not either epoch's running statistics.
-        weight = "backbone.features.0.0.weight" if "backbone.features.0.0.weight" in last["model"] else None
         best = load_checkpoint(result.model_dir / "checkpoints" / "best.pt")["model"]
-        assert weight is None or not torch.equal(best[weight], last["model"][weight])
-        means = [k for k in best if k.endswith("running_mean")]
-        assert means and any(not torch.equal(best[k], last["model"][k]) for k in means)
+        assert all(torch.equal(best[k], averaged[k]) for k in averaged)
 
 
 def test_swa_and_ema_together_are_refused(phantom_read, tmp_path):
@@ -166,6 +169,10 @@ def test_swa_and_ema_together_are_refused(phantom_read, tmp_path):
         load_config(_config(tmp_path, phantom_read, "both", train={"swa_start": 2, "ema_decay": 0.9, "epochs": 3}))
     with pytest.raises(ConfigError, match=r"train.swa_start.*1..train.epochs \(3\)"):
         load_config(_config(tmp_path, phantom_read, "late", train={"swa_start": 4, "epochs": 3}))
+    # The head-only epochs keep the pretrained body (and its BatchNorm statistics) frozen: not averaged.
+    head = {"swa_start": 1, "epochs": 3, "head_epochs": 1, "weights": "file:pre.pt"}
+    with pytest.raises(ConfigError, match=r"train.swa_start.*head-only epochs.*e.g. 2"):
+        load_config(_config(tmp_path, phantom_read, "head", train=head))
 
 
 def test_a_killed_swa_run_resumes_to_the_same_average(phantom_read, tmp_path, monkeypatch):

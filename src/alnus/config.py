@@ -470,6 +470,12 @@ def _check(cfg: Config, where: str) -> None:
     if train.swa_start is not None:
         if not 1 <= train.swa_start <= train.epochs:
             fail("train.swa_start", f"{train.swa_start} must be an epoch in 1..train.epochs ({train.epochs}), or null")
+        if train.weights != "none" and train.swa_start <= train.head_epochs:
+            fail(
+                "train.swa_start",
+                f"{train.swa_start} falls in the head-only epochs (train.head_epochs {train.head_epochs}), whose "
+                f"frozen body would enter the average: start it after them, e.g. {train.head_epochs + 1}",
+            )
         if train.ema_decay is not None:
             fail("train.swa_start", "averages the weights once: set train.ema_decay or train.swa_start, not both")
     if train.num_workers < 0:

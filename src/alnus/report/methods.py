@@ -115,7 +115,8 @@ def _levers_text(train: Mapping[str, Any]) -> str:
         out += (
             f" The weights were averaged over the epochs (stochastic weight averaging from epoch {train['swa_start']}"
             " on, with equal weights, its batch-normalisation statistics recomputed on the training images); the "
-            "average is what was validated, selected (among those epochs) and packaged."
+            "average is what was validated, selected and packaged: the best epoch and early stopping count only the "
+            "epochs from that one on (earlier epochs' validation AUCs, of the unaveraged weights, are logged only)."
         )
     return out
 
