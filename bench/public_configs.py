@@ -108,6 +108,12 @@ CONFIGURATIONS = (
         "aux_birads + stochastic weight averaging from epoch 4 (train.swa_start), validated and packaged",
         ("train.aux_reader=reader_birads", "train.swa_start=4"),
     ),  # fmt: skip
+    # Protocol item 15 (2026-12-03, fixed before it was trained): MixStyle on the early stages.
+    Configuration(
+        "aux_mixstyle",
+        "aux_birads + MixStyle on the first three stages while training (train.mixstyle 0.5)",
+        ("train.aux_reader=reader_birads", "train.mixstyle=0.5"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.

@@ -114,6 +114,9 @@ class TrainConfig:
     # equal-weight average (torch.optim.swa_utils.AveragedModel) whose BatchNorm statistics are recomputed on the
     # training images; the average is validated, selected (among those epochs only) and packaged. null: none.
     swa_start: int | None = None
+    # MixStyle (alnus.models.mixstyle): the probability, per early stage and batch, that the feature maps' per-image
+    # channel statistics are mixed between images while training (e.g. 0.5). Prediction is unchanged. null: none.
+    mixstyle: float | None = None
     # The settings of `alnus.data.augment.UltrasoundAugment` ({} = its defaults); null turns augmentation off.
     augment: dict[str, Any] | None = field(default_factory=dict)
     tensorboard: bool = True
@@ -310,7 +313,13 @@ def training_settings(cfg: Config) -> dict[str, Any]:
 # default (off), so models trained before they existed keep their settings hash and are reused, not retrained.
 PREPROCESS_ADDED: dict[str, Any] = {"grey": "none", "max_crop": None}
 DATA_ADDED: dict[str, Any] = {"cv_folds": None, "cv_fold": 0}
-TRAIN_ADDED: dict[str, Any] = {"aux_reader": None, "aux_weight": 0.3, "ema_decay": None, "swa_start": None}
+TRAIN_ADDED: dict[str, Any] = {
+    "aux_reader": None,
+    "aux_weight": 0.3,
+    "ema_decay": None,
+    "swa_start": None,
+    "mixstyle": None,
+}
 
 
 def _drop_defaults(section: dict[str, Any], added: Mapping[str, Any]) -> None:
@@ -478,6 +487,8 @@ def _check(cfg: Config, where: str) -> None:
             )
         if train.ema_decay is not None:
             fail("train.swa_start", "averages the weights once: set train.ema_decay or train.swa_start, not both")
+    if train.mixstyle is not None and not 0 < train.mixstyle <= 1:
+        fail("train.mixstyle", f"{train.mixstyle} must be a probability in (0, 1], e.g. 0.5, or null")
     if train.num_workers < 0:
         fail("train.num_workers", f"{train.num_workers} must be at least 0")
     if train.augment is not None:

@@ -448,6 +448,14 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
         from torch.optim.swa_utils import AveragedModel
 
         swa = AveragedModel(model)
+    if tc.mixstyle is not None:
+        from alnus.models.mixstyle import MixStyle
+
+        # After the averages' copies are made: a copy would carry the hooks (and restyle update_bn's pass).
+        try:
+            MixStyle(model, tc.mixstyle)
+        except ValueError as exc:
+            raise TrainError(f"train.mixstyle: {exc}; set it to null for this backbone") from None
     return Engine(
         model=model,
         optimizer=optimizer,

