@@ -44,6 +44,18 @@ def test_mixing_moves_each_images_channel_statistics_and_keeps_its_content():
     assert mix_styles(x.to(torch.bfloat16), torch.zeros(4), perm).dtype == torch.bfloat16
 
 
+def test_a_one_pixel_map_or_a_single_image_is_left_alone():
+    model = create_model("tiny_cnn", weights="none", num_classes=1)
+    mixer = MixStyle(model, p=1.0)
+    layer = model.backbone.features[0].train()
+    one_pixel = torch.randn(4, 16, 1, 1)
+    assert mixer._hook(layer, (one_pixel,), one_pixel) is None  # no NaN from a variance of one value
+    single = torch.randn(1, 16, 4, 4)
+    assert mixer._hook(layer, (single,), single) is None
+    mixed = mixer._hook(layer, (one_pixel,), torch.randn(4, 16, 2, 2))
+    assert mixed is not None and torch.isfinite(mixed).all()
+
+
 @pytest.mark.parametrize("backbone", ["tiny_cnn", "resnet18", "efficientnet_lite0"])
 def test_the_hooks_act_in_training_only_and_come_off(backbone):
     import copy
@@ -80,9 +92,16 @@ def test_every_registered_backbone_names_style_layers_that_exist():
         assert len(spec.style_layers) == 3, name
 
 
-def test_training_with_mixstyle_packages_an_ordinary_model(phantom_read, tmp_path):  # noqa: F811
+def test_training_with_mixstyle_packages_an_ordinary_model(phantom_read, tmp_path, monkeypatch):  # noqa: F811
     cfg = load_config(_config(tmp_path, phantom_read, "mix", train={"mixstyle": 0.5, "epochs": 2}))
+    import alnus.train
+
+    engines = []
+    build = alnus.train.build_engine
+    monkeypatch.setattr(alnus.train, "build_engine", lambda *a, **k: engines.append(build(*a, **k)) or engines[-1])
     [result] = run_training(cfg, console=_quiet())
+    # Training is over: the hooks came off the trained model before it was copied into the package.
+    assert all(not m._forward_hooks for m in engines[0].model.modules())
     model, meta = load_package(result.package_dir)
     assert meta["training"]["train"]["mixstyle"] == 0.5
     plain = create_model(model.spec.name, weights="none", num_classes=1)

@@ -388,6 +388,7 @@ class Engine:
     ema: Any = None  # timm's ModelEmaV3 of the weights (`train.ema_decay`), or None
     swa: Any = None  # torch's AveragedModel of the epochs' weights (`train.swa_start`), or None
     swa_start: int | None = None  # the first epoch (1-based) whose weights enter `swa`
+    mixstyle: Any = None  # the MixStyle hooks on `model` (`train.mixstyle`), or None
 
     def eval_model(self) -> torch.nn.Module:
         """The weights that are validated, selected and packaged: the average when there is one."""
@@ -448,12 +449,13 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
         from torch.optim.swa_utils import AveragedModel
 
         swa = AveragedModel(model)
+    mixstyle = None
     if tc.mixstyle is not None:
         from alnus.models.mixstyle import MixStyle
 
         # After the averages' copies are made: a copy would carry the hooks (and restyle update_bn's pass).
         try:
-            MixStyle(model, tc.mixstyle)
+            mixstyle = MixStyle(model, tc.mixstyle)
         except ValueError as exc:
             raise TrainError(f"train.mixstyle: {exc}; set it to null for this backbone") from None
     return Engine(
@@ -470,6 +472,7 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
         ema=ema,
         swa=swa,
         swa_start=tc.swa_start,
+        mixstyle=mixstyle,
     )
 
 
@@ -882,6 +885,8 @@ def train_model(
                     _print_epoch(console, row, cfg, improved, stopped=state.stopped)
     finally:
         tracker.close()
+    if engine.mixstyle is not None:
+        engine.mixstyle.remove()  # training is over: no copy of the model carries the hooks on
     if info.is_main:
         write_package(cfg, engine, data, state, model_dir, settings)
         console.print(

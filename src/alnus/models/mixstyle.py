@@ -49,7 +49,10 @@ class MixStyle:
         ]
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or out.ndim != 4 or out.shape[0] < 2 or not bool(torch.rand(()) < self.p):
+        # A 1x1 map has no spatial variance to mix; a batch of one has no other image.
+        if not module.training or out.ndim != 4 or out.shape[0] < 2 or out.shape[2] * out.shape[3] < 2:
+            return None
+        if not bool(torch.rand(()) < self.p):
             return None
         n = out.shape[0]
         lam = self.beta.sample((n,)).to(out.device)
