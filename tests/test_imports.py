@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "alnus.models.registry": 3,
     "alnus.models.weights": 3,
     "alnus.models.factory": 3,
+    "alnus.models.mixstyle": 3,
     "alnus.models.package": 3,
     "alnus.config": 4,
     "alnus.readers": 5,
