@@ -1,6 +1,6 @@
 """MixStyle (Zhou et al., "Domain Generalization with MixStyle", ICLR 2021) for training against site shift.
 
-While training, with probability `p` per batch, the feature maps after a backbone's early stages (its spec's
+While training, with probability `p` per stage and batch, the feature maps after a backbone's early stages (its spec's
 `style_layers`) keep their content but take on mixed "styles": each image's per-channel mean and standard deviation
 are replaced by a convex mix of its own and those of another image of the batch, the weight drawn from
 Beta(alpha, alpha). A scanner's gain, contrast and speckle texture live largely in these statistics, so the network
