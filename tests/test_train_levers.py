@@ -108,28 +108,35 @@ def test_training_with_the_reader_target_and_ema_packages_a_single_output_model(
     torch.testing.assert_close(best[head][:1], model.state_dict()[head])
 
 
-def test_a_killed_run_with_the_reader_target_and_ema_resumes_to_the_same_model(phantom_read, tmp_path, monkeypatch):
+def _full_and_killed_then_resumed(phantom_read, tmp_path, monkeypatch, train, kill_epoch):
+    """The same training twice: once straight through, once killed in epoch `kill_epoch` (0-based) and resumed;
+    returns both runs' `last.pt`, and both results."""
     import alnus.train
 
-    train = {"aux_reader": "reader_r1", "ema_decay": 0.9, "epochs": 3}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
     cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
     run_epoch = alnus.train.run_epoch
 
-    def killed_in_the_second_epoch(cfg, engine, data, state, info, progress, epoch, backbone):
-        if epoch == 1:
+    def killed(cfg, engine, data, state, info, progress, epoch, backbone):
+        if epoch == kill_epoch:
             raise KeyboardInterrupt
         return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
 
-    monkeypatch.setattr(alnus.train, "run_epoch", killed_in_the_second_epoch)
+    monkeypatch.setattr(alnus.train, "run_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, console=_quiet())
     monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
     [resumed] = run_training(cfg, resume=True, console=_quiet())
     a = load_checkpoint(full.model_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(resumed.model_dir / "checkpoints" / "last.pt")
+    return a, b, full, resumed
+
+
+def test_a_killed_run_with_the_reader_target_and_ema_resumes_to_the_same_model(phantom_read, tmp_path, monkeypatch):
+    train = {"aux_reader": "reader_r1", "ema_decay": 0.9, "epochs": 3}
+    a, b, full, resumed = _full_and_killed_then_resumed(phantom_read, tmp_path, monkeypatch, train, kill_epoch=1)
     assert set(a["ema"]) == set(b["ema"])
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], msg=key)
@@ -176,27 +183,11 @@ def test_swa_and_ema_together_are_refused(phantom_read, tmp_path):
 
 
 def test_a_killed_swa_run_resumes_to_the_same_average(phantom_read, tmp_path, monkeypatch):
-    import alnus.train
-
     train = {"swa_start": 1, "epochs": 3, "head_epochs": 0}
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
-    cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
-    run_epoch = alnus.train.run_epoch
-
-    def killed_in_the_third_epoch(cfg, engine, data, state, info, progress, epoch, backbone):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
-
-    monkeypatch.setattr(alnus.train, "run_epoch", killed_in_the_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, console=_quiet())
-    monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
-    [resumed] = run_training(cfg, resume=True, console=_quiet())
-    a = load_checkpoint(full.model_dir / "checkpoints" / "last.pt")["swa"]
-    b = load_checkpoint(resumed.model_dir / "checkpoints" / "last.pt")["swa"]
+    last_a, last_b, full, resumed = _full_and_killed_then_resumed(
+        phantom_read, tmp_path, monkeypatch, train, kill_epoch=2
+    )
+    a, b = last_a["swa"], last_b["swa"]
     assert set(a) == set(b) and int(b["n_averaged"]) == 3
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
