@@ -3,6 +3,7 @@ grey-level normalisation of the lesion crop, on tiny phantom data and unit cases
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from rich.console import Console
 from torch import nn
 
 from alnus.config import ConfigError, load_config, training_settings
@@ -19,6 +21,7 @@ from alnus.data.phantom import make_phantom
 from alnus.data.roi import RoiPolicy
 from alnus.models.package import format_version_of, load_package
 from alnus.reader_target import ReaderTargetError, narrow_head, reader_target
+from alnus.report.card import _levers_line
 from alnus.study import run_training
 from alnus.train import load_checkpoint
 from tests.test_train import _config, _quiet, _val_probs
@@ -146,7 +149,9 @@ def test_a_killed_run_with_the_reader_target_and_ema_resumes_to_the_same_model(p
 def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistics(phantom_read, tmp_path):
     train = {"swa_start": 2, "epochs": 3, "head_epochs": 0, "early_stopping_patience": 1}
     cfg = load_config(_config(tmp_path, phantom_read, "swa", train=train))
-    [result] = run_training(cfg, console=_quiet())
+    out = io.StringIO()
+    [result] = run_training(cfg, console=Console(file=out, force_terminal=False, width=200))
+    assert "weights averaged over the epochs from epoch 2 on" in out.getvalue()  # the user is told
     history = pd.read_csv(result.model_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3]  # epoch 1 cannot stop training early: it is not selectable
     assert result.best_epoch in (2, 3)  # epoch 1 comes before the average and is never chosen
@@ -154,6 +159,9 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
     assert int(last["swa"]["n_averaged"]) == 2  # the weights at the end of epochs 2 and 3
     model, meta = load_package(result.package_dir)
     assert meta["training"]["train"]["swa_start"] == 2
+    [line] = _levers_line(meta)  # the model card says how the packaged weights were made
+    assert line.startswith("- Training:") and "weight averaging from epoch 2" in line
+    assert _levers_line({"training": {"train": {"swa_start": None}}}) == [] and _levers_line({}) == []
     # The package predicts exactly what was validated and selected.
     y, probs = _val_probs(cfg.run_dir, model, 32)
     saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
@@ -285,17 +293,17 @@ def test_a_grey_normalised_package_predicts_with_its_normalisation(phantom_read,
 
 
 def test_the_report_methods_and_the_service_describe_the_levers():
-    from alnus.report.methods import _input_text, _levers_text
+    from alnus.report.methods import _input_text, levers_text
     from alnus.serve.service import _input_text as service_input_text
 
     pre = PreprocessSpec(size=224, roi=RoiPolicy("box", 0.15), grey="equalize")
     assert "histogram equalised" in _input_text(pre.to_dict())
     assert "histogram equalised" in service_input_text(pre)
     assert "grey" not in _input_text(PreprocessSpec().to_dict())
-    text = _levers_text({"aux_reader": "reader_birads", "aux_weight": 0.3, "ema_decay": 0.99})
-    assert "from epoch 5" in _levers_text({"swa_start": 5}) and "weight averaging" in _levers_text({"swa_start": 5})
+    text = levers_text({"aux_reader": "reader_birads", "aux_weight": 0.3, "ema_decay": 0.99})
+    assert "from epoch 5" in levers_text({"swa_start": 5}) and "weight averaging" in levers_text({"swa_start": 5})
     assert "BI-RADS category (reader_birads)" in text and "weighted 0.3" in text and "decay 0.99" in text
-    assert _levers_text({"aux_reader": None, "ema_decay": None}) == ""
+    assert levers_text({"aux_reader": None, "ema_decay": None}) == ""
 
 
 def test_an_aux_reader_column_without_birads_values_names_the_key():

@@ -872,6 +872,18 @@ def train_model(
             f"train / {len(data.val_ds)} val images at {data.spec.size} px, {info.world_size} process(es)",
             highlight=False,
         )
+        if tc.swa_start is not None:
+            console.print(
+                f"weights averaged over the epochs from epoch {tc.swa_start} on (train.swa_start): that average is "
+                "validated and packaged, and earlier epochs are not selected",
+                highlight=False,
+            )
+        if tc.mixstyle is not None:
+            console.print(
+                f"MixStyle on while training (train.mixstyle {tc.mixstyle}): the early feature maps' styles are "
+                "mixed between the images of a batch",
+                highlight=False,
+            )
     tracker = _Tracker(cfg, model_dir, backbone, state.epochs_done, enabled=info.is_main)
     try:
         with _progress(console, info) as progress:

@@ -97,7 +97,7 @@ GREY_TEXT = {
 }
 
 
-def _levers_text(train: Mapping[str, Any]) -> str:
+def levers_text(train: Mapping[str, Any]) -> str:
     """The auxiliary target and weight averaging of a training, as sentences (empty when neither was used)."""
     out = ""
     if train.get("aux_reader"):
@@ -228,7 +228,7 @@ def _models(inputs: RunInputs) -> Block:
             + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
             "trained in (`auto` picks by hardware and backbone), best epoch and validation AUC are listed below. "
             "The epoch with the best validation AUC is kept."
-            + _levers_text(train)
+            + levers_text(train)
             + " "
             + (
                 f"Ensembles ({', '.join(ensembles)}) average the probabilities of models trained on the same training "
