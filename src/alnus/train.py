@@ -951,9 +951,10 @@ def run_epoch(
 
 @torch.no_grad()
 def average_epoch(engine: Engine, data: TrainData, info: DistInfo) -> None:
-    """Add this epoch's weights to the weight average, then give the average its own BatchNorm statistics: the
-    population statistics of the training images under the averaged weights (torch's `update_bn`), since the
-    averaged weights' activations differ from those of any one epoch."""
+    """Add this epoch's weights to the weight average, then give the average its own BatchNorm statistics: one
+    training-mode pass over the training batches under the averaged weights, each layer's mean and variance averaged
+    over the batches (torch's `update_bn`, momentum None), since the averaged weights' activations differ from those
+    of any one epoch."""
     from torch.optim.swa_utils import update_bn
 
     engine.swa.update_parameters(engine.model)
