@@ -114,6 +114,12 @@ CONFIGURATIONS = (
         "aux_birads + MixStyle on the first three stages while training (train.mixstyle 0.5)",
         ("train.aux_reader=reader_birads", "train.mixstyle=0.5"),
     ),  # fmt: skip
+    # Protocol item 16 (2026-12-03, fixed before it was trained): the auxiliary BI-RADS target at full weight.
+    Configuration(
+        "aux_w1",
+        "aux_birads with the auxiliary BI-RADS loss at weight 1.0 instead of 0.3 (train.aux_weight)",
+        ("train.aux_reader=reader_birads", "train.aux_weight=1.0"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.
