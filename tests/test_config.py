@@ -72,7 +72,28 @@ def test_name_defaults_to_the_file_name(tmp_path):
 def test_bad_values_name_the_key(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")) as info:
         load_config(_write(tmp_path), overrides)
-    assert str(tmp_path / "configs" / "cfg.yaml") in str(info.value)
+    # The message names where the bad value came from: the --set that gave the key, or else the file.
+    set_key = overrides[0].partition("=")[0]
+    source = f"--set {overrides[0]}: " if key == set_key else f"{tmp_path / 'configs' / 'cfg.yaml'}: "
+    assert str(info.value).startswith(source)
+
+
+def test_a_bad_value_in_the_file_names_the_file_beside_good_overrides(tmp_path):
+    raw = {**BASE, "train": {**BASE["train"], "epochs": 0}}
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.lr=0.01"])
+    assert str(info.value).startswith(f"{path}: train.epochs: 0 must be at least 1")
+    # The last --set of a key is the one named, also for an element of a list or a key under a set section.
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=2", "train.epochs=-1"])
+    assert str(info.value).startswith("--set train.epochs=-1: train.epochs:")
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path), ["train={weights: none, epochs: 2, augment: {flip: 1}}"])
+    assert str(info.value).startswith("--set train={weights: none, epochs: 2, augment: {flip: 1}}: train.augment")
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path), ["models=[tiny_cnn, 3]"])
+    assert str(info.value).startswith("--set models=[tiny_cnn, 3]: models")
 
 
 def test_unknown_key_in_the_file(tmp_path):

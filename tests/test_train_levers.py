@@ -94,6 +94,7 @@ def test_training_with_the_reader_target_and_ema_packages_a_single_output_model(
     model, meta = load_package(result.package_dir)
     assert model.classifier().out_features == 1
     assert meta["training"]["train"]["aux_reader"] == "reader_r1" and meta["training"]["train"]["ema_decay"] == 0.9
+    assert set(pd.read_csv(result.model_dir / "history.csv")["validated"]) == {"ema"}
     # The package predicts exactly what was validated and selected (the averaged weights, label output only).
     y, probs = _val_probs(cfg.run_dir, model, 32)
     saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
@@ -154,6 +155,7 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
     assert "weights averaged over the epochs from epoch 2 on" in out.getvalue()  # the user is told
     history = pd.read_csv(result.model_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3]  # epoch 1 cannot stop training early: it is not selectable
+    assert list(history["validated"]) == ["epoch", "swa", "swa"]  # which weights each epoch's val AUC scored
     assert result.best_epoch in (2, 3)  # epoch 1 comes before the average and is never chosen
     last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
     assert int(last["swa"]["n_averaged"]) == 2  # the weights at the end of epochs 2 and 3
@@ -304,6 +306,23 @@ def test_the_report_methods_and_the_service_describe_the_levers():
     assert "from epoch 5" in levers_text({"swa_start": 5}) and "weight averaging" in levers_text({"swa_start": 5})
     assert "BI-RADS category (reader_birads)" in text and "weighted 0.3" in text and "decay 0.99" in text
     assert levers_text({"aux_reader": None, "ema_decay": None}) == ""
+
+
+def test_the_methods_say_random_initialisation_trains_no_head_only_epochs():
+    from alnus.report.methods import _head_epochs_text
+
+    assert _head_epochs_text({"weights": "none", "head_epochs": 1}).startswith("no head-only epochs")
+    assert _head_epochs_text({"weights": "imagenet", "head_epochs": 2}) == "2 head-only epochs"
+
+
+def test_random_initialisation_says_head_epochs_do_not_apply_and_trains_every_layer(phantom_read, tmp_path):
+    train = {"weights": "none", "head_epochs": 2, "epochs": 2}
+    cfg = load_config(_config(tmp_path, phantom_read, "random", train=train))
+    out = io.StringIO()
+    [result] = run_training(cfg, console=Console(file=out, force_terminal=False, width=200))
+    assert "train.head_epochs 2 applies to pretrained weights only" in out.getvalue()
+    history = pd.read_csv(result.model_dir / "history.csv")
+    assert list(history["phase"]) == ["full", "full"] and list(history["validated"]) == ["epoch", "epoch"]
 
 
 def test_an_aux_reader_column_without_birads_values_names_the_key():

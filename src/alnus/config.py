@@ -202,6 +202,26 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a config's values came from, for error messages: the file, or the `--set` that replaced a key."""
+
+    file: str
+    overrides: tuple[tuple[str, str], ...] = ()  # (dotted key, the `KEY=VALUE` text as typed), in order
+
+    def of(self, key: str) -> str:
+        """The source of `key` (`train.epochs`, `train.augment[0]`): the last `--set` of it or a section above it."""
+        for set_key, text in reversed(self.overrides):
+            if key == set_key or key.startswith((set_key + ".", set_key + "[")):
+                return f"--set {text}"
+        return self.file
+
+
+def override_texts(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """Each `KEY=VALUE` override as (dotted key, text), for `Source`."""
+    return tuple((item.partition("=")[0].strip(), item.strip()) for item in items)
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Return a copy of the raw YAML mapping with each dotted key set (sections are created as needed)."""
     out = json.loads(json.dumps(dict(raw), default=str))
@@ -243,7 +263,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     ]
     raw = apply_overrides(raw, parsed)
     raw.setdefault("name", path.stem)
-    return config_from_dict(raw, base=path.parent, where=str(path))
+    return config_from_dict(raw, base=path.parent, where=Source(str(path), override_texts(overrides)))
 
 
 def read_resolved_config(path: str | os.PathLike[str]) -> Config:
@@ -260,11 +280,15 @@ def read_resolved_config(path: str | os.PathLike[str]) -> Config:
     return config_from_dict(raw, where=str(path))
 
 
-def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path("."), where: str = "config") -> Config:
+def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path("."), where: str | Source = "config") -> Config:
     """Build and check a `Config` from plain values; relative `data.manifest` is resolved against `base`."""
+    if isinstance(where, str):
+        where = Source(where)
     cfg = _build(Config, raw, "", where)
     if not cfg.data.manifest:
-        raise ConfigError(f"{where}: data.manifest is required (the manifest CSV, relative to the config file)")
+        raise ConfigError(
+            f"{where.of('data.manifest')}: data.manifest is required (the manifest CSV, relative to the config file)"
+        )
     cfg.data.manifest = os.path.abspath(base / cfg.data.manifest)
     cfg.runs_dir = os.path.abspath(cfg.runs_dir)
     _check(cfg, where)
@@ -328,23 +352,23 @@ def _drop_defaults(section: dict[str, Any], added: Mapping[str, Any]) -> None:
             section.pop(key, None)
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, where: Source) -> Any:
     label = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: {label} must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{where.of(prefix.rstrip('.'))}: {label} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = [str(k) for k in raw if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"{where.of(prefix + unknown[0])}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
             f"known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}"
         )
     values = {name: _coerce(value, hints[name], prefix + name, where) for name, value in raw.items()}
     return cls(**values)
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, where: Source) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, key + ".", where)
@@ -357,27 +381,27 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _coerce(value, option, key, where)
             except ConfigError as exc:
                 errors.append(str(exc).rsplit(": ", 1)[-1])
-        raise ConfigError(f"{where}: {key} = {value!r} is not valid ({'; or '.join(errors)})")
+        raise ConfigError(f"{where.of(key)}: {key} = {value!r} is not valid ({'; or '.join(errors)})")
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
-        raise ConfigError(f"{where}: {key} = {value!r}: expected one of {', '.join(map(repr, args))}")
+        raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected one of {', '.join(map(repr, args))}")
     if origin is list:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{where}: {key} = {value!r}: expected a list, e.g. [a, b]")
+            raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected a list, e.g. [a, b]")
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: {key} = {value!r}: expected a mapping of keys to values")
+            raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected a mapping of keys to values")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: {key} = {value!r}: expected true or false")
+        raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: {key} = {value!r}: expected a whole number")
+        raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected a whole number")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -387,24 +411,24 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             with contextlib.suppress(ValueError):
                 number = float(value)
         if number is None:
-            raise ConfigError(f"{where}: {key} = {value!r}: expected a number")
+            raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected a number")
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: {key} = {value!r}: expected a finite number (not NaN or infinity)")
+            raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected a finite number (not NaN or infinity)")
         return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: {key} = {value!r}: expected text")
+        raise ConfigError(f"{where.of(key)}: {key} = {value!r}: expected text")
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _check(cfg: Config, where: str) -> None:
+def _check(cfg: Config, where: Source) -> None:
     """Range and cross-field checks; each message names the key."""
     from alnus.models import get_spec
     from alnus.models.weights import WeightsError, parse_weights
 
     def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{where}: {key}: {why}")
+        raise ConfigError(f"{where.of(key)}: {key}: {why}")
 
     if not _NAME.match(cfg.name):
         fail("name", f"{cfg.name!r} must be a folder name (letters, digits, '.', '_', '-')")
@@ -450,7 +474,7 @@ def _check(cfg: Config, where: str) -> None:
     from alnus.data.tta import TtaError, check_views
 
     try:
-        check_views(pre.tta, f"{where}: preprocess.tta")
+        check_views(pre.tta, f"{where.of('preprocess.tta')}: preprocess.tta")
     except TtaError as exc:
         raise ConfigError(str(exc)) from None
     try:

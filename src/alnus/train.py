@@ -75,7 +75,11 @@ if TYPE_CHECKING:
     from alnus.reader_target import ReaderTarget
 
 # `val_auc` is at the study's level (`evaluate.level`); `lr` is the head's rate at the epoch's last optimiser step.
-HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds")
+# `validated`: which weights the epoch's validation scored (`Engine.validated`): `epoch` (this epoch's own), `ema` or
+# `swa` (an average).
+HISTORY_COLUMNS = (
+    "epoch", "phase", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "validated"
+)  # fmt: skip
 
 
 class TrainError(AlnusError):
@@ -397,6 +401,14 @@ class Engine:
         if self.swa is not None and int(self.swa.n_averaged) > 0:
             return self.swa.module
         return self.model
+
+    def validated(self) -> str:
+        """Which weights `eval_model` holds, for history.csv: `epoch` (the last epoch's own), `ema` or `swa`."""
+        if self.ema is not None:
+            return "ema"
+        if self.swa is not None and int(self.swa.n_averaged) > 0:
+            return "swa"
+        return "epoch"
 
     def selectable(self, epoch: int) -> bool:
         """Whether epoch `epoch` (1-based) may be chosen as the best: with weight averaging, only from its start."""
@@ -878,6 +890,12 @@ def train_model(
                 "validated and packaged, and earlier epochs are not selected",
                 highlight=False,
             )
+        if tc.weights == "none" and tc.head_epochs > 0:
+            console.print(
+                f"random initialisation: every layer trains from epoch 1 (train.head_epochs {tc.head_epochs} applies "
+                "to pretrained weights only)",
+                highlight=False,
+            )
         if tc.mixstyle is not None:
             console.print(
                 f"MixStyle on while training (train.mixstyle {tc.mixstyle}): the early feature maps' styles are "
@@ -942,6 +960,7 @@ def run_epoch(
     val = validate(engine, data, info, cfg.evaluate.aggregate, epoch=epoch + 1, backbone=backbone)
     row = {"epoch": epoch + 1, "phase": phase, "val_loss": val.loss, "val_auc": val.auc, **trained}
     row["seconds"] = time.perf_counter() - t0
+    row["validated"] = engine.validated()
     tc = cfg.train
     improved = state.record(
         row, patience=tc.early_stopping_patience, epochs=tc.epochs, selectable=engine.selectable(epoch + 1)

@@ -97,6 +97,13 @@ GREY_TEXT = {
 }
 
 
+def _head_epochs_text(train: Mapping[str, Any]) -> str:
+    """The head-only epochs as trained: none from random initialisation, whatever `train.head_epochs` says."""
+    if train.get("weights") == "none":
+        return "no head-only epochs (random initialisation: every layer trained from the first epoch)"
+    return f"{train.get('head_epochs')} head-only epochs"
+
+
 def levers_text(train: Mapping[str, Any]) -> str:
     """The auxiliary target and weight averaging of a training, as sentences (empty when neither was used)."""
     out = ""
@@ -222,7 +229,7 @@ def _models(inputs: RunInputs) -> Block:
             "One output (the positive-class logit) per backbone, trained with binary cross-entropy "
             f"({train.get('balance', 'weighted_loss')} for class balance), {train.get('optimizer', 'adamw')} at "
             f"learning rate {train.get('lr')} (weight decay {train.get('weight_decay')}, {train.get('warmup_epochs')} "
-            f"warm-up epochs, {train.get('head_epochs')} head-only epochs), batch size {train.get('batch_size')}, up "
+            f"warm-up epochs, {_head_epochs_text(train)}), batch size {train.get('batch_size')}, up "
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
             + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
