@@ -72,10 +72,9 @@ def test_name_defaults_to_the_file_name(tmp_path):
 def test_bad_values_name_the_key(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")) as info:
         load_config(_write(tmp_path), overrides)
-    # The message names where the bad value came from: the --set that gave the key, or else the file.
-    set_key = overrides[0].partition("=")[0]
-    source = f"--set {overrides[0]}: " if key == set_key else f"{tmp_path / 'configs' / 'cfg.yaml'}: "
-    assert str(info.value).startswith(source)
+    # The message names where the bad value came from: the --set, and the file where a rule read another key there.
+    sources = (f"--set {overrides[0]}: ", f"{tmp_path / 'configs' / 'cfg.yaml'} with --set {overrides[0]}: ")
+    assert str(info.value).startswith(sources)
 
 
 def test_a_bad_value_in_the_file_names_the_file_beside_good_overrides(tmp_path):
@@ -177,3 +176,49 @@ def test_the_config_key_preprocess_tta_is_checked_and_does_not_change_the_weight
     assert training_settings(cfg) == training_settings(config_from_dict(base))
     with pytest.raises(ConfigError, match=r"preprocess\.tta lists unknown view\(s\) 'flip'; allowed: hflip"):
         config_from_dict({**base, "preprocess": {"tta": ["flip"]}}, where="study.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "source"),
+    [
+        # The --set made a key the error is about, or sits inside the section it is about.
+        (["trian.epochs=3"], "--set trian.epochs=3: unknown key(s) trian"),
+        (["train.augment.rotate_deg=abc"], "--set train.augment.rotate_deg=abc: train.augment:"),
+        (["train.ema_decay.x=1"], "--set train.ema_decay.x=1: train.ema_decay = {'x': 1}"),
+        # Cross-field rules name every source involved: the file with the --set, or each --set.
+        (["train.swa_start=2", "train.ema_decay=0.9"], "--set train.swa_start=2, --set train.ema_decay=0.9: "),
+        (["data.labels=[neg, pos]"], "{file} with --set data.labels=[neg, pos]: data.positive_label:"),
+        (["train.epochs=1", "train.head_epochs=2"], "--set train.head_epochs=2, --set train.epochs=1: "),
+    ],
+)
+def test_errors_name_the_set_that_caused_them(tmp_path, overrides, source):
+    path = _write(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value).startswith(source.replace("{file}", str(path)))
+
+
+def test_a_cross_field_error_names_the_file_and_the_set(tmp_path):
+    raw = {**BASE, "train": {**BASE["train"], "swa_start": 3}}
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=2"])
+    assert str(info.value).startswith(f"{path} with --set train.epochs=2: train.swa_start: 3 must be an epoch")
+
+
+def test_a_command_option_is_named_as_the_user_typed_it(tmp_path):
+    path = _write(tmp_path)
+    cfg = load_config(path, ["train.epochs=2"], options=[("models=[resnet18]", "--model resnet18")])
+    assert cfg.models == ["resnet18"] and cfg.train.epochs == 2
+    with pytest.raises(ConfigError) as info:
+        load_config(path, options=[("models=[nosuchnet]", "--model nosuchnet")])
+    assert str(info.value).startswith("--model nosuchnet: models:")
+
+
+def test_an_integer_too_long_to_read_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path), ["train.epochs=" + "9" * 5000])
+    path = tmp_path / "long.yaml"
+    path.write_text("train:\n  epochs: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -181,6 +181,33 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
         assert all(torch.equal(best[k], averaged[k]) for k in averaged)
 
 
+def test_a_checkpoint_from_before_the_validated_column_resumes_with_it_filled_in(phantom_read, tmp_path, monkeypatch):
+    import alnus.train
+    from alnus.train import save_checkpoint
+
+    train = {"swa_start": 2, "epochs": 3, "head_epochs": 0, "early_stopping_patience": None}
+    cfg = load_config(_config(tmp_path, phantom_read, "old", train=train))
+    run_epoch = alnus.train.run_epoch
+
+    def killed(cfg, engine, data, state, info, progress, epoch, backbone):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
+
+    monkeypatch.setattr(alnus.train, "run_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, console=_quiet())
+    monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
+    last = cfg.run_dir / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    for row in payload["history"]:
+        del row["validated"]  # as an earlier version of alnus wrote it
+    save_checkpoint("last", payload, last)
+    [result] = run_training(cfg, resume=True, console=_quiet())
+    history = pd.read_csv(result.model_dir / "history.csv")
+    assert list(history["validated"]) == ["epoch", "swa", "swa"]
+
+
 def test_swa_and_ema_together_are_refused(phantom_read, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         load_config(_config(tmp_path, phantom_read, "both", train={"swa_start": 2, "ema_decay": 0.9, "epochs": 3}))

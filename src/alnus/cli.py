@@ -380,7 +380,9 @@ def demo(
     console.rule("2/3 validate")
     data_validate(manifest, labels="negative,positive")
     console.rule("3/3 study: split, train, predict, evaluate, heat maps, report")
-    cfg = load_config(config, [f"data.manifest={manifest.resolve()}", f"runs_dir={(out / 'runs').resolve()}"])
+    given = f"the demo folder {out}"
+    options = [(f"data.manifest={manifest.resolve()}", given), (f"runs_dir={(out / 'runs').resolve()}", given)]
+    cfg = load_config(config, options=options)
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
     console.print(
@@ -474,10 +476,8 @@ def train(
     from alnus.runfolder import lock_run
     from alnus.study import run_training
 
-    overrides = list(set_ or [])
-    if model:
-        overrides.append(f"models=[{', '.join(model)}]")
-    cfg = load_config(config, overrides)
+    options = [(f"models=[{', '.join(model)}]", " ".join(f"--model {m}" for m in model))] if model else []
+    cfg = load_config(config, list(set_ or []), options=options)
     # Under torchrun every rank runs this command; rank 0 holds the run folder's writer lock for all of them.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with lock_run(cfg.run_dir, command="alnus train") if main_rank else contextlib.nullcontext():

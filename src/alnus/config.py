@@ -196,7 +196,7 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set train.epochs=3)")
         try:
             value = safe_yaml(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer over 4300 digits
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         out.append((key, value))
     return out
@@ -204,22 +204,38 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a config's values came from, for error messages: the file, or the `--set` that replaced a key."""
+    """Where a config's values came from, for error messages: the file, or the command-line option that set a key."""
 
     file: str
-    overrides: tuple[tuple[str, str], ...] = ()  # (dotted key, the `KEY=VALUE` text as typed), in order
+    overrides: tuple[tuple[str, str], ...] = ()  # (dotted key, the option as the user typed it), in order
 
-    def of(self, key: str) -> str:
-        """The source of `key` (`train.epochs`, `train.augment[0]`): the last `--set` of it or a section above it."""
-        for set_key, text in reversed(self.overrides):
-            if key == set_key or key.startswith((set_key + ".", set_key + "[")):
-                return f"--set {text}"
-        return self.file
+    def of(self, *keys: str) -> str:
+        """The source of the value(s) an error is about (`train.epochs`; `train.augment[0]`; for a cross-field error,
+        each key involved): the last option that set a key, a section above it or a key below it, else the file."""
+        shown: list[str] = []
+        for key in keys:
+            for set_key, text in reversed(self.overrides):
+                if _related(key, set_key):
+                    if text not in shown:
+                        shown.append(text)
+                    break
+        if not shown:
+            return self.file
+        if len(shown) < len(keys):  # another key involved came from the file
+            return f"{self.file} with {', '.join(shown)}"
+        return ", ".join(shown)
+
+
+def _related(key: str, set_key: str) -> bool:
+    """Whether setting `set_key` set or changed `key`: the same key, a section above it, or a key inside it."""
+    if not key or key == set_key:
+        return True
+    return key.startswith((set_key + ".", set_key + "[")) or set_key.startswith(key + ".")
 
 
 def override_texts(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """Each `KEY=VALUE` override as (dotted key, text), for `Source`."""
-    return tuple((item.partition("=")[0].strip(), item.strip()) for item in items)
+    """Each `KEY=VALUE` override as (dotted key, `--set KEY=VALUE`), for `Source`."""
+    return tuple((item.partition("=")[0].strip(), f"--set {item.strip()}") for item in items)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -237,8 +253,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]
     return out
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), *, options: Sequence[tuple[str, str]] = ()
+) -> Config:
     """Read a YAML config, apply `--set` overrides, resolve paths and check every key and value.
+
+    `options`: overrides a command made from its own options, each as (`KEY=VALUE`, the option as the user typed it,
+    e.g. `--model resnet18`), applied after `overrides`; an error about their key names the option.
 
     `data.manifest` is relative to the config file's folder (given with `--set`, to the current folder);
     `runs_dir` is relative to the current folder. Both are stored absolute in the result.
@@ -248,13 +269,15 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"config file {path} not found")
     try:
         raw = safe_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: e.g. an integer over 4300 digits
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    parsed = parse_overrides(overrides)
+    items = [*overrides, *(item for item, _ in options)]
+    sources = [*override_texts(overrides), *((item.partition("=")[0].strip(), shown) for item, shown in options)]
+    parsed = parse_overrides(items)
     # A path given on the command line is relative to the current folder, as a shell user expects; only the
     # config file's own `data.manifest` is relative to the config file.
     parsed = [
@@ -263,7 +286,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     ]
     raw = apply_overrides(raw, parsed)
     raw.setdefault("name", path.stem)
-    return config_from_dict(raw, base=path.parent, where=Source(str(path), override_texts(overrides)))
+    return config_from_dict(raw, base=path.parent, where=Source(str(path), tuple(sources)))
 
 
 def read_resolved_config(path: str | os.PathLike[str]) -> Config:
@@ -273,7 +296,7 @@ def read_resolved_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path} not found: not a run folder's config (run `alnus study CONFIG` first)")
     try:
         raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path} is not valid YAML ({exc}); run the study again") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
@@ -427,8 +450,9 @@ def _check(cfg: Config, where: Source) -> None:
     from alnus.models import get_spec
     from alnus.models.weights import WeightsError, parse_weights
 
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{where.of(key)}: {key}: {why}")
+    def fail(key: str, why: str, *also: str) -> None:
+        """Refuse `key`'s value; `also`: the other keys a cross-field rule read (their sources are named too)."""
+        raise ConfigError(f"{where.of(key, *also)}: {key}: {why}")
 
     if not _NAME.match(cfg.name):
         fail("name", f"{cfg.name!r} must be a folder name (letters, digits, '.', '_', '-')")
@@ -439,19 +463,25 @@ def _check(cfg: Config, where: Source) -> None:
     if data.max_image_pixels is not None and data.max_image_pixels < 1:
         fail("data.max_image_pixels", f"{data.max_image_pixels} must be a positive number of pixels, or null")
     if data.val_frac == 0 and data.cv_folds is None:
-        fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1")
+        fail("data.val_frac", "training needs a validation set for model selection; use e.g. 0.1", "data.cv_folds")
     if data.cv_folds is not None:
         if data.cv_folds < 2:
             fail("data.cv_folds", f"{data.cv_folds} must be at least 2 (e.g. 5), or null for one val split")
         if not 0 <= data.cv_fold < data.cv_folds:
-            fail("data.cv_fold", f"{data.cv_fold} must be in 0..{data.cv_folds - 1} (data.cv_folds is {data.cv_folds})")
+            fail(
+                "data.cv_fold",
+                f"{data.cv_fold} must be in 0..{data.cv_folds - 1} (data.cv_folds is {data.cv_folds})",
+                "data.cv_folds",
+            )
     elif data.cv_fold != 0:
         fail("data.cv_fold", f"{data.cv_fold} needs data.cv_folds (the number of folds); set both, or leave it at 0")
     if data.labels is not None:
         if len(set(data.labels)) != len(data.labels) or len(data.labels) != 2:
             fail("data.labels", f"{data.labels} must list exactly two distinct labels (negative, positive)")
         if data.positive_label not in data.labels:
-            fail("data.positive_label", f"{data.positive_label!r} is not one of data.labels {data.labels}")
+            fail(
+                "data.positive_label", f"{data.positive_label!r} is not one of data.labels {data.labels}", "data.labels"
+            )
     if not cfg.models:
         fail("models", "list at least one backbone, e.g. [efficientnet_lite0]")
     if len(set(cfg.models)) != len(cfg.models):
@@ -462,7 +492,7 @@ def _check(cfg: Config, where: Source) -> None:
         except AlnusError as exc:
             fail("models", str(exc))
         if pre.size is not None and pre.size < spec.min_input_size:
-            fail("preprocess.size", f"{pre.size} is below {name}'s minimum input size {spec.min_input_size}")
+            fail("preprocess.size", f"{pre.size} is below {name}'s minimum input size {spec.min_input_size}", "models")
     if pre.size is not None and pre.size < 1:
         fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
     if not 0 <= pre.margin <= 2:
@@ -489,9 +519,13 @@ def _check(cfg: Config, where: Source) -> None:
         if getattr(train, key) < 0 or (positive and getattr(train, key) == 0):
             fail(f"train.{key}", f"{getattr(train, key)} must be {'positive' if positive else 'at least 0'}")
     if train.warmup_epochs > train.epochs:
-        fail("train.warmup_epochs", f"{train.warmup_epochs} must not exceed train.epochs ({train.epochs})")
+        fail(
+            "train.warmup_epochs",
+            f"{train.warmup_epochs} must not exceed train.epochs ({train.epochs})",
+            "train.epochs",
+        )
     if not 0 <= train.head_epochs <= train.epochs:
-        fail("train.head_epochs", f"{train.head_epochs} must be in 0..train.epochs ({train.epochs})")
+        fail("train.head_epochs", f"{train.head_epochs} must be in 0..train.epochs ({train.epochs})", "train.epochs")
     if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
         fail("train.early_stopping_patience", "must be at least 1, or null to train every epoch")
     if train.aux_weight <= 0:
@@ -502,15 +536,25 @@ def _check(cfg: Config, where: Source) -> None:
         fail("train.ema_decay", f"{train.ema_decay} must be in (0, 1), e.g. 0.99, or null")
     if train.swa_start is not None:
         if not 1 <= train.swa_start <= train.epochs:
-            fail("train.swa_start", f"{train.swa_start} must be an epoch in 1..train.epochs ({train.epochs}), or null")
+            fail(
+                "train.swa_start",
+                f"{train.swa_start} must be an epoch in 1..train.epochs ({train.epochs}), or null",
+                "train.epochs",
+            )
         if train.weights != "none" and train.swa_start <= train.head_epochs:
             fail(
                 "train.swa_start",
                 f"{train.swa_start} falls in the head-only epochs (train.head_epochs {train.head_epochs}), whose "
                 f"frozen body would enter the average: start it after them, e.g. {train.head_epochs + 1}",
+                "train.head_epochs",
+                "train.weights",
             )
         if train.ema_decay is not None:
-            fail("train.swa_start", "averages the weights once: set train.ema_decay or train.swa_start, not both")
+            fail(
+                "train.swa_start",
+                "averages the weights once: set train.ema_decay or train.swa_start, not both",
+                "train.ema_decay",
+            )
     if train.mixstyle is not None and not 0 < train.mixstyle <= 1:
         fail("train.mixstyle", f"{train.mixstyle} must be a probability in (0, 1], e.g. 0.5, or null")
     if train.num_workers < 0:
@@ -527,4 +571,5 @@ def _check(cfg: Config, where: Source) -> None:
             fail(
                 "evaluate.threshold_target",
                 f"threshold_rule {ev.threshold_rule!r} needs a target in (0, 1), e.g. 0.9",
+                "evaluate.threshold_rule",
             )

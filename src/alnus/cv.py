@@ -27,7 +27,7 @@ from alnus import stats
 from alnus._io import atomic_write_text
 from alnus._levels import aggregate_cases, case_ids, unit_keys
 from alnus._text import escape
-from alnus.config import Config, apply_overrides, config_from_dict, stable_hash, training_settings
+from alnus.config import Config, Source, apply_overrides, config_from_dict, stable_hash, training_settings
 from alnus.errors import AlnusError
 from alnus.runfolder import RunFolder, lock_run, read_splits
 
@@ -63,7 +63,8 @@ def cv_dir(cfg: Config) -> Path:
 def fold_config(cfg: Config, folds: int, fold: int) -> Config:
     """The config of one fold: `data.cv_folds`, `data.cv_fold` and the run name set, then checked as any config."""
     overrides = [("data.cv_folds", folds), ("data.cv_fold", fold), ("name", fold_name(cfg.name, fold))]
-    return config_from_dict(apply_overrides(cfg.to_dict(), overrides), where=f"{cfg.name} (fold {fold} of {folds})")
+    where = Source(f"{cfg.name} (fold {fold} of {folds})", (("data.cv_folds", f"--folds {folds}"),))
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides), where=where)
 
 
 def train_fold(cfg: Config, *, resume: bool = False, console: Console | None = None) -> tuple[list[str], list[str]]:

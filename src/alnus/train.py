@@ -402,11 +402,11 @@ class Engine:
             return self.swa.module
         return self.model
 
-    def validated(self) -> str:
-        """Which weights `eval_model` holds, for history.csv: `epoch` (the last epoch's own), `ema` or `swa`."""
+    def validated(self, epoch: int) -> str:
+        """Which weights epoch `epoch` (1-based) validated, for history.csv: `epoch` (its own), `ema` or `swa`."""
         if self.ema is not None:
             return "ema"
-        if self.swa is not None and int(self.swa.n_averaged) > 0:
+        if self.swa_start is not None and epoch >= self.swa_start:
             return "swa"
         return "epoch"
 
@@ -876,6 +876,8 @@ def train_model(
     data = build_data(cfg, run, backbone, info, device)
     engine = build_engine(cfg, backbone, data, device)
     state = TrainState.restore(ckpt, engine, model_dir.last_checkpoint) if ckpt is not None else TrainState()
+    for row in state.history:  # a checkpoint written before history.csv had the column
+        row.setdefault("validated", engine.validated(int(row["epoch"])))
     if info.is_main:
         _record_settings(cfg, model_dir)
         what = f"resuming after epoch {state.epochs_done}" if ckpt is not None else "training"
@@ -960,7 +962,7 @@ def run_epoch(
     val = validate(engine, data, info, cfg.evaluate.aggregate, epoch=epoch + 1, backbone=backbone)
     row = {"epoch": epoch + 1, "phase": phase, "val_loss": val.loss, "val_auc": val.auc, **trained}
     row["seconds"] = time.perf_counter() - t0
-    row["validated"] = engine.validated()
+    row["validated"] = engine.validated(epoch + 1)
     tc = cfg.train
     improved = state.record(
         row, patience=tc.early_stopping_patience, epochs=tc.epochs, selectable=engine.selectable(epoch + 1)

@@ -168,7 +168,7 @@ def _fold(units: pd.Series, folds: int, fold: int, seed: int, notes: list[str]) 
     if len(ids) < folds:
         raise AlnusError(
             f"data.cv_folds: {folds} folds need at least {folds} development patients outside internal_test, "
-            f"found {len(ids)}; lower data.cv_folds or add patients."
+            f"found {len(ids)}; lower data.cv_folds (alnus cv --folds) or add patients."
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

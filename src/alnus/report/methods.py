@@ -100,7 +100,7 @@ GREY_TEXT = {
 def _head_epochs_text(train: Mapping[str, Any]) -> str:
     """The head-only epochs as trained: none from random initialisation, whatever `train.head_epochs` says."""
     if train.get("weights") == "none":
-        return "no head-only epochs (random initialisation: every layer trained from the first epoch)"
+        return "no head-only epochs: from random initialisation every layer trained from the first epoch"
     return f"{train.get('head_epochs')} head-only epochs"
 
 
