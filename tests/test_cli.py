@@ -371,3 +371,10 @@ def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.Mo
     assert "breast-us-malignancy" not in shown.export_text()  # no line for a model that is not there
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "src" / "alnus" / "__main__.py")])
     assert cli._alnus_command() == f"{shlex.quote(sys.executable)} -m alnus"
+
+
+def test_a_bad_model_option_is_named_as_typed(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    proc = _alnus("train", str(config), "--model", "nosuchnet", "--set", "train.epochs=2")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--model nosuchnet: models:" in proc.stderr and "--set models" not in proc.stderr
