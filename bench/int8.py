@@ -14,13 +14,13 @@ on the same weights, steps of these variants interleave (A B C D, then D C B A, 
 A short pause after each step lets spinning thread pools of the previous variant go idle. images/s come from the
 median step.
 
-Real data (`--real PACKAGE`, default the public run's efficientnet_lite0 package): exports the package (`onnx` and
-`onnx-int8`, calibrated and checked on its run's validation images, recorded in its metadata.json), then predicts
-the run's external test images (split `external_test` of splits.csv, read through `alnus.predict`'s dataset path
-and the run's image cache) with PyTorch fp32 and with ORT int8: both AUCs (DeLong 95% CI), the largest and median
-probability difference, and the calls that change at the package's frozen threshold. Then, for information, other
-quantisation settings calibrated on the same validation images, each scored on validation (where the export chooses)
-and on the external test.
+Real data (`--real PACKAGE`, default: the chosen model in runs/public_aux_birads): exports the package (`onnx` and
+`onnx-int8`, calibrated and checked on its run's validation images, recorded in its metadata.json), then predicts the
+run's external test images (split `external_test` of splits.csv, read through `alnus.predict`'s dataset path and the
+run's image cache) with PyTorch fp32 and with ORT int8: both AUCs (DeLong 95% CI), the largest and median probability
+difference, and the calls that change at the package's frozen threshold. Then, for information, other quantisation
+settings calibrated on the same validation images, each scored on validation (where the export chooses) and on the
+external test.
 
 Writes the section between the int8 markers of docs/performance.md (other sections are kept).
 
@@ -57,7 +57,7 @@ from alnus.models import create_model, get_spec
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "performance.md"
-DEFAULT_REAL = REPO / "runs" / "public" / "models" / "efficientnet_lite0" / "model"
+DEFAULT_REAL = REPO / "runs" / "public_aux_birads" / "models" / "efficientnet_lite0" / "model"  # the chosen model
 DEVICE = torch.device("cpu")
 # Speed-ups of int8 over the fp32 eager baseline that issue 9 asks for.
 GOALS = {"inception_v3": 4.5, "efficientnet_lite0": 3.5}
@@ -520,14 +520,25 @@ def render_real(real: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _arithmetic(flags: list[str]) -> str:
+    """The CPU's low-precision instruction sets, in words, from its flags."""
+    names = {"avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+    found = [name for flag, name in names.items() if flag in flags]
+    amx = any(flag.startswith("amx") for flag in flags)
+    if not found:
+        return "none of AVX512-BF16, AVX512-VNNI or AMX"
+    listed = found[0] if len(found) == 1 else f"{', '.join(found[:-1])} and {found[-1]}"
+    return listed + ("" if amx else ", no AMX")
+
+
 def render(run: dict[str, Any]) -> str:
     cpu = run["env"]["cpu"]
     sections = [
         "## int8 inference (ONNX Runtime) against the fp32 eager baseline",
         "",
         "`alnus export PACKAGE --format onnx-int8` (see `alnus.export`): ONNX Runtime's static int8 (QDQ), against "
-        "the fp32 eager baseline of the throughput section and against our bf16 path. This CPU has AVX512-BF16 and "
-        "AVX512-VNNI, no AMX; the matmul peaks below bound what each arithmetic can give.",
+        "the fp32 eager baseline of the throughput section and against our bf16 path. This CPU has "
+        f"{_arithmetic(cpu['flags'])}; the matmul peaks below bound what each arithmetic can give.",
         "",
     ]
     if run.get("speed"):
@@ -566,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/int8.py", *(sys.argv[1:] if argv is None else argv)])
+    if not (args.from_json or args.no_real or (args.real / "metadata.json").is_file()):
+        # Checked before the speed measurements, which take minutes.
+        parser.error(
+            f"--real {args.real}: no model package there (no metadata.json); train it (bench/public_configs.py "
+            "--only aux_birads), pass --real PACKAGE (a package inside its run folder), or --no-real"
+        )
     if args.from_json:
         run = json.loads(args.from_json.read_text())
         run["rendered_by"] = f"bench/int8.py --from-json {args.from_json}"
