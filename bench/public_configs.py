@@ -120,6 +120,13 @@ CONFIGURATIONS = (
         "aux_birads with the auxiliary BI-RADS loss at weight 1.0 instead of 0.3 (train.aux_weight)",
         ("train.aux_reader=reader_birads", "train.aux_weight=1.0"),
     ),  # fmt: skip
+    # Protocol item 17 (2026-12-03, fixed before it was trained): the Lite1 at its native size, the one
+    # EfficientNet-Lite size not yet run.
+    Configuration(
+        "aux_lite1",
+        "aux_birads on EfficientNet-Lite1 at its native 240 px",
+        ("models=[efficientnet_lite1]", "train.aux_reader=reader_birads"),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.
