@@ -161,6 +161,15 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
     assert int(last["swa"]["n_averaged"]) == 2  # the weights at the end of epochs 2 and 3
     model, meta = load_package(result.package_dir)
     assert meta["training"]["train"]["swa_start"] == 2
+    from alnus.report.card import _averaged
+    from alnus.report.methods import averaged_weights_text
+
+    # The card says which weights were packaged: the average of the epochs from swa_start to the best one.
+    assert (
+        _averaged(meta, result.best_epoch) == f"; packaged: the average of the weights of epochs 2-{result.best_epoch}"
+    )
+    assert averaged_weights_text({"ema_decay": 0.9}, 5) == "the moving average of the weights at the end of epoch 5"
+    assert averaged_weights_text({}, 5) == "" and _averaged({}, 5) == ""
     [line] = _levers_line(meta)  # the model card says how the packaged weights were made
     assert line.startswith("- Training:") and "weight averaging from epoch 2" in line
     assert _levers_line({"training": {"train": {"swa_start": None}}}) == [] and _levers_line({}) == []

@@ -218,6 +218,21 @@ def test_training_curves_mark_the_best_epoch_and_shade_the_head_only_phase() -> 
     np.testing.assert_allclose(by_gid(fig, "val_auc")[0].get_ydata(), history["val_auc"])
     with pytest.raises(FigureError, match="val_auc"):
         training_figure(history.drop(columns="val_auc"))
+    assert by_gid(fig, "averaging") == []  # no weight averaging, no line for it
+
+
+def test_training_curves_mark_where_weight_averaging_starts() -> None:
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3, 4],
+            "train_loss": [0.9, 0.7, 0.5, 0.4],
+            "val_loss": [0.8, 0.7, 0.6, 0.65],
+            "val_auc": [0.6, 0.7, 0.85, 0.8],
+            "validated": ["epoch", "epoch", "swa", "swa"],
+        }
+    )
+    fig = training_figure(history, best_epoch=4)
+    assert {line.get_xdata()[0] for line in by_gid(fig, "averaging")} == {2.5}
 
 
 # ---------------------------------------------------------------------------------------------------- flow

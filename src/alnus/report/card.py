@@ -22,7 +22,7 @@ from alnus.evaluate import format_auc, format_proportion
 from alnus.models.package import is_ensemble, preprocess_of
 from alnus.operating_point import describe, rule_name
 from alnus.report._inputs import Network, RunInputs, members, shareable_text, single_model, starting_weights
-from alnus.report.methods import levers_text
+from alnus.report.methods import averaged_weights_text, levers_text
 from alnus.runfolder import EVALUATION_SPLITS
 
 CARD_FILE = "README.md"
@@ -167,11 +167,18 @@ def _model_facts(inputs: RunInputs, model: str) -> list[str]:
         f"- Input: {_input_text(meta['preprocess'])}, grey-scale replicated to 3 channels",
         f"- Training seed {'not recorded' if single.seed is None else md_text(single.seed)}; selected at epoch "
         f"{md_text(single.best_epoch)} by validation AUC"
-        + (f" ({single.val_auc:.3f} per {md_text(single.level)})" if single.val_auc is not None else ""),
+        + (f" ({single.val_auc:.3f} per {md_text(single.level)})" if single.val_auc is not None else "")
+        + _averaged(meta, single.best_epoch),
         *_levers_line(meta),
         *_tta_line(meta),
         f"- Weights SHA-256: `{md_text(str(meta['weights_sha256'])[:16])}`",
     ]
+
+
+def _averaged(meta: Mapping[str, Any], best_epoch: Any) -> str:
+    """'; packaged: the average of the weights of epochs 3-4' where the weights were averaged, else ''."""
+    text = averaged_weights_text((meta.get("training") or {}).get("train") or {}, best_epoch)
+    return f"; packaged: {md_text(text)}" if text else ""
 
 
 def _levers_line(meta: Mapping[str, Any]) -> list[str]:

@@ -436,6 +436,11 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
         for ax in (loss_ax, auc_ax):
             ax.axvspan(head.min() - 0.5, head.max() + 0.5, color="#bbbbbb", alpha=0.3, linewidth=0,
                        label="head only (backbone frozen)", gid="head_phase")  # fmt: skip
+    if "validated" in h.columns and (h["validated"] == "swa").any():
+        start = h.loc[h["validated"] == "swa", "epoch"].min()
+        for ax in (loss_ax, auc_ax):
+            ax.axvline(start - 0.5, color=PALETTE[3], linestyle=":", linewidth=1.2,
+                       label="weights averaged from here", gid="averaging")  # fmt: skip
     if best_epoch is not None:
         for ax in (loss_ax, auc_ax):
             ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1.0, label=f"best epoch {best_epoch}",
@@ -691,9 +696,17 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
     best = _best_epoch(folder.metadata)
     head_only = "phase" in history.columns and bool((history["phase"] == "head").any())
     shading = "; shaded: epochs that trained the new head only (backbone frozen)" if head_only else ""
+    validated = set(history["validated"].dropna()) if "validated" in history.columns else set()
+    package = "the package's weights"
+    if "swa" in validated:
+        package = "the package's weights: the average of the epochs from the dotted line to it"
+        shading += "; dotted: from here on the validated weights are the average of the epochs so far (train.swa_start)"
+    elif "ema" in validated:
+        package = "the package's weights: the moving average of the weights at its end"
+        shading += "; validation scored the moving average of the weights (train.ema_decay)"
     writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),
                f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
-               f"the best epoch (the package's weights){shading}.", "training", model, None)  # fmt: skip
+               f"the best epoch ({package}){shading}.", "training", model, None)  # fmt: skip
 
 
 def _is_ensemble(metadata: Path) -> bool:

@@ -104,6 +104,15 @@ def _head_epochs_text(train: Mapping[str, Any]) -> str:
     return f"{train.get('head_epochs')} head-only epochs"
 
 
+def averaged_weights_text(train: Mapping[str, Any], best_epoch: Any) -> str:
+    """What the packaged weights of a run with weight averaging are ("" without averaging)."""
+    if train.get("swa_start"):
+        return f"the average of the weights of epochs {train['swa_start']}-{best_epoch}"
+    if train.get("ema_decay"):
+        return f"the moving average of the weights at the end of epoch {best_epoch}"
+    return ""
+
+
 def levers_text(train: Mapping[str, Any]) -> str:
     """The auxiliary target and weight averaging of a training, as sentences (empty when neither was used)."""
     out = ""
@@ -234,7 +243,12 @@ def _models(inputs: RunInputs) -> Block:
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
             + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
             "trained in (`auto` picks by hardware and backbone), best epoch and validation AUC are listed below. "
-            "The epoch with the best validation AUC is kept."
+            "The epoch with the best validation AUC is kept"
+            + (
+                "; with weight averaging, the average at that epoch's end is what was validated and is kept (below)."
+                if train.get("swa_start") or train.get("ema_decay")
+                else "."
+            )
             + levers_text(train)
             + " "
             + (
