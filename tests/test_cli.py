@@ -365,6 +365,14 @@ def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.Mo
     assert real.endswith(
         ".venv/bin/alnus predict models/breast-us-malignancy --manifest models/breast-us-malignancy/examples.csv"
     )
+    assert "BrEaST-Lesions-USG images, not in this repository" in real  # its images are not on this machine
+    assert "training patients included" in text  # the demo manifest's predictions are no result
+    (shipped / "case.png").write_bytes(b"")
+    (shipped / "examples.csv").write_text("image\ncase.png\n")
+    shown = Console(record=True, width=60)
+    monkeypatch.setattr(cli, "console", shown)
+    cli._show_next_steps(package, outside, out, shipped)
+    assert "not in this repository" not in shown.export_text()  # the example images are there
     shown = Console(record=True, width=60)
     monkeypatch.setattr(cli, "console", shown)
     cli._show_next_steps(package, outside, out, tmp_path / "absent")

@@ -416,19 +416,33 @@ def _show_next_steps(package: Path, manifest: Path, out: Path, shipped: Path | N
     to paste in the folder the demo ran from, written as that folder and the shell see them."""
     alnus = _alnus_command()
     lines = [
-        f"  predict with its model package:  {alnus} predict {_shell_path(package)} --manifest "
-        f"{_shell_path(manifest)} --out {_shell_path(out / 'predictions.csv')}"
+        f"  predict with its model package (every demo image, training patients included: a demonstration, not a "
+        f"result):  {alnus} predict {_shell_path(package)} --manifest {_shell_path(manifest)} --out "
+        f"{_shell_path(out / 'predictions.csv')}"
     ]
     examples = shipped / "examples.csv" if shipped is not None else None
     if examples is not None and examples.is_file():
+        needs = "" if _examples_present(examples) else " (its examples are BrEaST-Lesions-USG images, not in this "
+        needs += "repository: put the dataset in ../shared/data first, see its model card)" if needs else ""
         lines.append(
-            f"  a model trained on real breast US images (its examples need ../shared/data):  {alnus} predict "
-            f"{_shell_path(shipped)} --manifest {_shell_path(examples)}"
+            f"  a model trained on real breast US images{needs}:  {alnus} predict {_shell_path(shipped)} --manifest "
+            f"{_shell_path(examples)}"
         )
     console.print(f"[bold]Next[/bold], from {escape(str(Path.cwd()))} (README: 'Use a model on new patients'):",
                   highlight=False, soft_wrap=True, emoji=False)  # fmt: skip
     for line in lines:
         console.print(escape(line), highlight=False, soft_wrap=True, emoji=False)
+
+
+def _examples_present(examples: Path) -> bool:
+    """Whether the first image a shipped model's examples.csv lists is on this machine."""
+    import pandas as pd
+
+    try:
+        first = pd.read_csv(examples, dtype=str, keep_default_na=False, nrows=1)["image"].iloc[0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+    return (examples.parent / first).is_file()
 
 
 def _show_report(run: Path) -> None:

@@ -97,6 +97,10 @@ GREY_TEXT = {
 }
 
 
+# How the AUC intervals' methods (`alnus.stats.auc_ci`) are written in the methods text.
+_CI_METHODS = {"delong": "DeLong (1988)", "bootstrap": "bootstrap"}
+
+
 def _head_epochs_text(train: Mapping[str, Any]) -> str:
     """The head-only epochs as trained: none from random initialisation, whatever `train.head_epochs` says."""
     if train.get("weights") == "none":
@@ -298,7 +302,7 @@ def _statistics(inputs: RunInputs) -> Block:
         calls = "none (scores compared by AUC only)" if cut is None else f"score >= {cut}"
     items = [
         f"Proportions (accuracy, sensitivity, specificity, PPV, NPV): {ci} 95% intervals.",
-        *(f"AUC 95% CI per {level}: {method}." for level, method in auc_ci.items()),
+        *(f"AUC 95% CI per {level}: {_CI_METHODS.get(method, method)}." for level, method in auc_ci.items()),
         "Model vs model: DeLong (1988) test of paired AUCs (Sun & Xu 2014), P adjusted by Holm (1979).",
         "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read; "
         "DeLong test of AUC with the reader's BI-RADS categories as an ordinal score.",
