@@ -386,3 +386,13 @@ def test_a_bad_model_option_is_named_as_typed(tmp_path: Path) -> None:
     proc = _alnus("train", str(config), "--model", "nosuchnet", "--set", "train.epochs=2")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--model nosuchnet: models:" in proc.stderr and "--set models" not in proc.stderr
+
+
+def test_train_with_a_missing_manifest_leaves_no_run_folder(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alnus", "train", str(config), "--set", f"data.manifest={tmp_path / 'none.csv'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "data.manifest" in proc.stderr and "not found" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -488,10 +488,11 @@ def train(
     """Prepare the run folder and train each backbone (single process, one GPU, or under torchrun for DDP)."""
     from alnus.config import load_config
     from alnus.runfolder import lock_run
-    from alnus.study import run_training
+    from alnus.study import check_manifest, run_training
 
     options = [(f"models=[{', '.join(model)}]", " ".join(f"--model {m}" for m in model))] if model else []
     cfg = load_config(config, list(set_ or []), options=options)
+    check_manifest(cfg)  # before the lock makes the run folder
     # Under torchrun every rank runs this command; rank 0 holds the run folder's writer lock for all of them.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with lock_run(cfg.run_dir, command="alnus train") if main_rank else contextlib.nullcontext():

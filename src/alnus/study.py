@@ -41,7 +41,7 @@ def data_hash(cfg: Config) -> str:
     return stable_hash({"data": section, "manifest_sha256": file_sha256(Path(cfg.data.manifest))})
 
 
-def _check_manifest(cfg: Config) -> None:
+def check_manifest(cfg: Config) -> None:
     """Refuse a missing manifest before any folder is made (no empty run folder is left behind)."""
     manifest_path = Path(cfg.data.manifest)
     if not manifest_path.is_file():
@@ -83,7 +83,7 @@ def prepare_run(cfg: Config) -> Path:
 
     run_dir = cfg.run_dir
     manifest_path = Path(cfg.data.manifest)
-    _check_manifest(cfg)
+    check_manifest(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = RunFolder(run_dir)
     digest = data_hash(cfg)
@@ -224,7 +224,7 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
     from alnus.evaluate import evaluate_run
     from alnus.predict import predict_run
 
-    _check_manifest(cfg)
+    check_manifest(cfg)
     with lock_run(cfg.run_dir, command=f"alnus study ({cfg.name})"):
         if console is not None:
             console.print("validating the manifest and splitting by patient ...", highlight=False)
