@@ -346,3 +346,14 @@ def test_maps_without_heat_on_the_image_are_labelled_with_or_without_a_lesion() 
     older = index.drop(columns="heat_on_image")  # an index.csv from before the column: the lesion's baselines decide
     assert empty_maps(older).tolist() == [False, True, False, False]
     assert not padding_maps(older).any()
+
+
+def test_backquoted_commands_and_keys_render_as_code_and_everything_else_stays_escaped():
+    from alnus.report.build import _code_spans
+
+    html = str(_code_spans("run `alnus subgroups RUN --by COLUMN` or set `evaluate.subgroups`"))
+    assert html == "run <code>alnus subgroups RUN --by COLUMN</code> or set <code>evaluate.subgroups</code>"
+    crafted = str(_code_spans("site `<script>alert(1)</script>` & `a`"))
+    assert "<script>" not in crafted and "&lt;script&gt;" in crafted and "&amp;" in crafted
+    assert crafted.endswith("<code>a</code>")
+    assert str(_code_spans("one ` alone")) == "one ` alone"

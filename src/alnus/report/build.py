@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,6 +543,14 @@ def _without_bidi_controls(value: Any) -> Any:
     return no_bidi(value) if isinstance(value, str) else value
 
 
+def _code_spans(value: Any) -> Any:
+    """A text with its `backquoted` spans (commands, config keys) as <code>; everything else escaped as usual."""
+    import markupsafe
+
+    escaped = markupsafe.escape(value)
+    return markupsafe.Markup(re.sub(r"`([^`<>]+)`", r"<code>\1</code>", str(escaped)))
+
+
 def render_report(context: dict[str, Any]) -> str:
     """The report's HTML from `report_context` (Jinja2, autoescaped)."""
     import jinja2
@@ -554,6 +563,7 @@ def render_report(context: dict[str, Any]) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["code"] = _code_spans
     return env.get_template("report.html.j2").render(**context)
 
 
