@@ -357,3 +357,14 @@ def test_backquoted_commands_and_keys_render_as_code_and_everything_else_stays_e
     assert "<script>" not in crafted and "&lt;script&gt;" in crafted and "&amp;" in crafted
     assert crafted.endswith("<code>a</code>")
     assert str(_code_spans("one ` alone")) == "one ` alone"
+
+
+def test_an_outcome_without_heat_maps_is_said_not_silently_left_out(report_run: Path, tmp_path: Path) -> None:
+    run = RunFolder(_copy(report_run, tmp_path))
+    folder = run.heatmaps_for("tiny_cnn", "external_test")
+    index = pd.read_csv(folder / "index.csv", dtype=str, keep_default_na=False)
+    dropped = index["outcome"].str.upper().iloc[0]
+    index[index["outcome"].str.upper() != dropped].to_csv(folder / "index.csv", index=False)
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    text = " ".join(read_page(html).section_text["heatmaps-tiny_cnn-external_test"].split())
+    assert f"No heat maps of {dropped} (" in text and "no explained image had that outcome" in text

@@ -216,9 +216,11 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
     block = Block(f"heatmaps-{model}-{split}", f"{model}, {split}")
     missing: list[str] = []
     index = index.assign(_empty=empty_maps(index), _padding=padding_maps(index))
+    absent = []
     for outcome in OUTCOMES:
         rows = index[index["outcome"].str.upper() == outcome].copy()
         if rows.empty:
+            absent.append(f"{outcome} ({_OUTCOME_NAMES[outcome]})")
             continue
         # The most confident cases of each kind first: high probabilities for positive calls, low for negative.
         rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
@@ -237,6 +239,11 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         f"split's predictions); up to {PER_OUTCOME} of each outcome shown, the most confident first. P is the image's "
         "probability; the call is made at the frozen threshold's level."
     )
+    if absent:
+        block.paragraphs.append(
+            f"No heat maps of {', '.join(absent)}: no explained image had that outcome (the explanations take a few "
+            "of each outcome the split's calls have)."
+        )
     notes = [n for n in index["note"].unique() if n] if "note" in index.columns else []
     block.paragraphs += [f"How these heat maps were made: {shareable_text(note, run)}" for note in notes]
     check = _faithfulness(index)
