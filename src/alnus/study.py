@@ -21,6 +21,7 @@ from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus._text import escape
 from alnus.config import Config, data_settings, dump_config, stable_hash
 from alnus.data.manifest import ManifestError, read_manifest, rebase_manifest, validate_manifest
+from alnus.data.phantom import PHANTOM_MARKER
 from alnus.data.split import split_manifest
 from alnus.errors import AlnusError
 from alnus.runfolder import RunFolder, lock_run
@@ -140,6 +141,7 @@ def prepare_run(cfg: Config) -> Path:
     # Written last: a stamp without a complete splits.csv never exists.
     record = {"hash": digest, "manifest": str(manifest_path), "rows": len(df), "valid_rows": len(valid)}
     record["notes"] = result.notes
+    record["simulated"] = (manifest_path.parent / PHANTOM_MARKER).is_file()  # a phantom's manifest: no patients
     record["warnings"] = [str(w) for w in validation.warnings]
     atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     return run_dir

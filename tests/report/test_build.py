@@ -368,3 +368,19 @@ def test_an_outcome_without_heat_maps_is_said_not_silently_left_out(report_run: 
     html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
     text = " ".join(read_page(html).section_text["heatmaps-tiny_cnn-external_test"].split())
     assert f"No heat maps of {dropped} (" in text and "no explained image had that outcome" in text
+
+
+def test_a_study_of_phantom_data_says_it_is_simulated_in_the_report_and_the_card(report_run: Path, tmp_path: Path):
+    run = RunFolder(_copy(report_run, tmp_path))
+    assert json.loads(run.data_stamp.read_text(encoding="utf-8"))["simulated"] is True  # make_phantom's marker
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    assert "Simulated data: the images, patients, labels and readers are a phantom" in html
+    assert "Retrospective: the images" not in html
+    card = (run.model("tiny_cnn").package / "README.md").read_text(encoding="utf-8")
+    assert "Simulated data:" in card
+    # Real data (no marker beside the manifest): retrospective, not simulated.
+    stamp = json.loads(run.data_stamp.read_text(encoding="utf-8"))
+    run.data_stamp.write_text(json.dumps({**stamp, "simulated": False}), encoding="utf-8")
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    assert "Retrospective: the images" in html and "Simulated data:" not in html
+    assert "Simulated data:" not in (run.model("tiny_cnn").package / "README.md").read_text(encoding="utf-8")

@@ -26,12 +26,13 @@ from scipy import ndimage
 from scipy.special import expit
 from scipy.stats import norm
 
-from alnus._io import atomic_path, write_csv
+from alnus._io import atomic_path, atomic_write_text, write_csv
 from alnus.data.roi import box_from_mask, format_box
 from alnus.errors import AlnusError
 
 __all__ = [
     "BIRADS",
+    "PHANTOM_MARKER",
     "DEV_SCANNER",
     "EXTERNAL_SCANNER",
     "FEATURES",
@@ -545,6 +546,10 @@ def _write_view(out: Path, view: dict, *, image_size: tuple[int, int], dicom: bo
     return row
 
 
+# Written beside a phantom's manifest: a study of that manifest is marked as simulated (`alnus.study.prepare_run`).
+PHANTOM_MARKER = "PHANTOM.md"
+
+
 def make_phantom(
     out: Path,
     *,
@@ -588,4 +593,9 @@ def make_phantom(
     rows = [_write_view(out, view, image_size=image_size, dicom=d) for view, d in zip(views, dicom, strict=True)]
     manifest = out / "manifest.csv"
     write_csv(pd.DataFrame(rows), manifest)
+    atomic_write_text(
+        out / PHANTOM_MARKER,
+        f"Simulated images made by `alnus data phantom` (seed {seed}): not patients, for demonstrations and tests "
+        "only. A study of this manifest says so in its report and model cards.\n",
+    )
     return manifest

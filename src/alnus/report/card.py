@@ -22,7 +22,7 @@ from alnus.evaluate import format_auc, format_proportion
 from alnus.models.package import is_ensemble, preprocess_of
 from alnus.operating_point import describe, rule_name
 from alnus.report._inputs import Network, RunInputs, members, shareable_text, single_model, starting_weights
-from alnus.report.methods import averaged_weights_text, levers_text
+from alnus.report.methods import SIMULATED, averaged_weights_text, levers_text
 from alnus.runfolder import EVALUATION_SPLITS
 
 CARD_FILE = "README.md"
@@ -120,6 +120,7 @@ def _training_data(inputs: RunInputs) -> list[str]:
         "",
         f"Patients and images the model was trained (train) and selected (val) on; dates: {when}.",
         "",
+        *([f"**{SIMULATED}**", ""] if inputs.data_stamp.get("simulated") else []),
         _table(["split", "site", "patients", "images", "positive patients", "positive images"], rows),
         "",
         f"Training-data hash: `{md_text(digest[:16])}` (in metadata.json).",

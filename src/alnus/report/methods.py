@@ -43,7 +43,9 @@ def _data(inputs: RunInputs) -> Block:
         "methods-data",
         "Data and reference standard",
         paragraphs=[
-            "Retrospective: the images, labels and readings existed before this analysis; one manifest row per "
+            SIMULATED
+            if stamp.get("simulated")
+            else "Retrospective: the images, labels and readings existed before this analysis; one manifest row per "
             "image (image, patient, site, label, region of interest, readings, clinical columns).",
             counted,
             f"Reference standard: the manifest's label column ({', '.join(map(str, labels))}); the positive class is "
@@ -99,6 +101,13 @@ GREY_TEXT = {
 
 # How the AUC intervals' methods (`alnus.stats.auc_ci`) are written in the methods text.
 _CI_METHODS = {"delong": "DeLong (1988)", "bootstrap": "bootstrap"}
+
+
+# A study of a phantom's manifest (`alnus data phantom`; the data stamp's `simulated`), in the report and the cards.
+SIMULATED = (
+    "Simulated data: the images, patients, labels and readers are a phantom made by `alnus data phantom`, not "
+    "patients; the numbers show what the pipeline does, not how a model performs on real images."
+)
 
 
 def _head_epochs_text(train: Mapping[str, Any]) -> str:
