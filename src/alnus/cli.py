@@ -1373,6 +1373,7 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
             f"{escape(name)}: threshold {t['value']:.4g} ({escape(rule_name(t))}: {describe(t)}), "
             f"{_THRESHOLD_STATUS.get(entry.get('threshold_status', ''), 'from')} {escape(str(where))}",
             highlight=False,
+            soft_wrap=True,  # a path stays one line, to copy
         )
         alternative = entry.get("alternative")
         if alternative:
