@@ -232,7 +232,7 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
             console.print("validating the manifest and splitting by patient ...", highlight=False)
         run_dir = prepare_run(cfg)
         if console is not None:
-            console.print(describe_preparation(run_dir), highlight=False, soft_wrap=True)
+            console.print(escape(describe_preparation(run_dir)), highlight=False, soft_wrap=True)
         for backbone in cfg.models:
             if trained_package(cfg, backbone) is not None:
                 if console is not None:
