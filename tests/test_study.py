@@ -168,3 +168,15 @@ def test_a_model_of_an_earlier_split_is_neither_reused_nor_resumed(studied: tupl
     with pytest.raises(TrainError, match="data_hash"):
         run_study(cfg)
     assert trained_package(cfg, "tiny_cnn") is None
+
+
+def test_a_reused_run_learns_whether_its_manifest_is_a_phantom(studied: tuple[Path, Path]) -> None:
+    _, config = studied
+    cfg = load_config(config, ["name=simulated"])
+    run = RunFolder(prepare_run(cfg))
+    assert json.loads(run.data_stamp.read_text())["simulated"] is True  # the study's data come from make_phantom
+    stamp = json.loads(run.data_stamp.read_text())
+    del stamp["simulated"]  # as a run prepared before the key existed
+    run.data_stamp.write_text(json.dumps(stamp))
+    prepare_run(cfg)  # reuses the split
+    assert json.loads(run.data_stamp.read_text())["simulated"] is True

@@ -21,7 +21,7 @@ from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus._text import escape
 from alnus.config import Config, data_settings, dump_config, stable_hash
 from alnus.data.manifest import ManifestError, read_manifest, rebase_manifest, validate_manifest
-from alnus.data.phantom import PHANTOM_MARKER
+from alnus.data.phantom import is_phantom_manifest
 from alnus.data.split import split_manifest
 from alnus.errors import AlnusError
 from alnus.runfolder import RunFolder, lock_run
@@ -99,6 +99,7 @@ def prepare_run(cfg: Config) -> Path:
                 f"new run, or delete {splits_path} to split again (models trained on the old split are then "
                 "out of date)."
             )
+        _mark_simulated(stamp, is_phantom_manifest(manifest_path))
         _write_run_files(cfg, run_dir, environment_info())
         return run_dir
 
@@ -141,7 +142,7 @@ def prepare_run(cfg: Config) -> Path:
     # Written last: a stamp without a complete splits.csv never exists.
     record = {"hash": digest, "manifest": str(manifest_path), "rows": len(df), "valid_rows": len(valid)}
     record["notes"] = result.notes
-    record["simulated"] = (manifest_path.parent / PHANTOM_MARKER).is_file()  # a phantom's manifest: no patients
+    record["simulated"] = is_phantom_manifest(manifest_path)  # a phantom's manifest: no patients
     record["warnings"] = [str(w) for w in validation.warnings]
     atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     return run_dir
@@ -193,6 +194,14 @@ def trained_package(cfg: Config, backbone: str) -> Path | None:
     weights = metadata.parent / "weights.safetensors"
     # Damaged weights are not reused: the model is packaged again (from its checkpoints) instead.
     return metadata.parent if weights.is_file() and file_sha256(weights) == weights_sha else None
+
+
+def _mark_simulated(stamp: Path, simulated: bool) -> None:
+    """Bring a reused run's data stamp up to date on whether its manifest is a phantom's (stamps written before
+    the key existed lack it; a marker may have come or gone since)."""
+    record = json.loads(stamp.read_text(encoding="utf-8"))
+    if record.get("simulated") is not simulated:
+        atomic_write_text(stamp, json.dumps({**record, "simulated": simulated}, indent=2) + "\n")
 
 
 def describe_preparation(run_dir: Path) -> str:

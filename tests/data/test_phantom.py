@@ -22,6 +22,7 @@ from alnus.data.phantom import (
     PhantomCase,
     PhantomError,
     ceiling_auc,
+    is_phantom_manifest,
     make_phantom,
     phantom_image,
     render_case,
@@ -266,3 +267,21 @@ def test_bad_settings_name_the_setting(tmp_path: Path, setting: str, value: obje
 def test_case_needs_every_latent() -> None:
     with pytest.raises(PhantomError, match="latent"):
         PhantomCase(positive=True, latent=(0.0, 1.0), shape_seed=1)
+
+
+def test_a_phantom_manifest_is_known_by_its_marker_and_only_unchanged(phantom: tuple[Path, pd.DataFrame], tmp_path):
+    root, df = phantom
+    assert is_phantom_manifest(root / "manifest.csv")
+    # Real data in a phantom's folder, under another name, is not taken for simulated data; nor an edited phantom.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    df.assign(site="real hospital").to_csv(copy / "real.csv", index=False)
+    assert not is_phantom_manifest(copy / "real.csv")
+    edited = pd.read_csv(copy / "manifest.csv", dtype=str, keep_default_na=False).iloc[1:]
+    edited.to_csv(copy / "manifest.csv", index=False)
+    assert not is_phantom_manifest(copy / "manifest.csv")
+    (copy / "PHANTOM.md").unlink()
+    (copy / "PHANTOM.md").mkdir()  # a folder of that name is no marker
+    assert not is_phantom_manifest(copy / "manifest.csv")

@@ -357,6 +357,8 @@ def test_backquoted_commands_and_keys_render_as_code_and_everything_else_stays_e
     assert "<script>" not in crafted and "&lt;script&gt;" in crafted and "&amp;" in crafted
     assert crafted.endswith("<code>a</code>")
     assert str(_code_spans("one ` alone")) == "one ` alone"
+    # A span with escaped characters is left as typed: backquotes that came with data rarely make code of it.
+    assert str(_code_spans("sites dev`<b>, ext`x")) == "sites dev`&lt;b&gt;, ext`x"
 
 
 def test_an_outcome_without_heat_maps_is_said_not_silently_left_out(report_run: Path, tmp_path: Path) -> None:
@@ -372,7 +374,9 @@ def test_an_outcome_without_heat_maps_is_said_not_silently_left_out(report_run: 
 
 def test_a_study_of_phantom_data_says_it_is_simulated_in_the_report_and_the_card(report_run: Path, tmp_path: Path):
     run = RunFolder(_copy(report_run, tmp_path))
-    assert json.loads(run.data_stamp.read_text(encoding="utf-8"))["simulated"] is True  # make_phantom's marker
+    stamp = json.loads(run.data_stamp.read_text(encoding="utf-8"))
+    assert stamp["simulated"] is False  # the fixture edits its phantom's manifest: no longer make_phantom's own
+    run.data_stamp.write_text(json.dumps({**stamp, "simulated": True}), encoding="utf-8")
     html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
     assert "Simulated data: the images, patients, labels and readers are a phantom" in html
     assert "Retrospective: the images" not in html
@@ -380,7 +384,7 @@ def test_a_study_of_phantom_data_says_it_is_simulated_in_the_report_and_the_card
     assert "Simulated data:" in card
     # Real data (no marker beside the manifest): retrospective, not simulated.
     stamp = json.loads(run.data_stamp.read_text(encoding="utf-8"))
-    run.data_stamp.write_text(json.dumps({**stamp, "simulated": False}), encoding="utf-8")
+    run.data_stamp.write_text(json.dumps({**stamp, "simulated": "false"}), encoding="utf-8")  # only true counts
     html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
     assert "Retrospective: the images" in html and "Simulated data:" not in html
     assert "Simulated data:" not in (run.model("tiny_cnn").package / "README.md").read_text(encoding="utf-8")

@@ -382,3 +382,27 @@ def test_reader_points_of_the_run_are_on_the_external_roc(studied_run: Path) -> 
 def test_figures_need_an_evaluated_run(tmp_path: Path) -> None:
     with pytest.raises(FigureError, match=r"metrics\.json not found.*alnus evaluate"):
         make_figures(tmp_path)
+
+
+def test_a_history_without_numeric_epochs_is_refused_and_a_blank_best_epoch_is_not_guessed() -> None:
+    history = pd.DataFrame(
+        {"epoch": ["one", "two"], "train_loss": [0.9, 0.7], "val_loss": [0.8, 0.7], "val_auc": [0.6, 0.7]}
+    )
+    with pytest.raises(FigureError, match="numeric epochs"):
+        training_figure(history)
+    history["epoch"] = ["1", "x"]  # the best val AUC sits on a row without an epoch
+    history["validated"] = ["epoch", "swa"]
+    fig = training_figure(history)
+    assert by_gid(fig, "best_epoch") == [] and by_gid(fig, "averaging") == []
+
+
+def test_an_unreadable_history_skips_its_figure_with_the_reason(studied_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = RunFolder(shutil.copytree(studied_run, tmp_path / "run"))
+    run.model("tiny_cnn").history.write_bytes(b"")
+    figures = make_figures(run.root, n_boot=20)
+    assert "training_tiny_cnn" not in {f.name for f in figures}
+    skipped = json.loads((run.figures / "skipped.json").read_text())
+    [entry] = [s for s in skipped if s["name"] == "training_tiny_cnn"]
+    assert "history.csv cannot be read (EmptyDataError" in entry["reason"]

@@ -26,13 +26,14 @@ from scipy import ndimage
 from scipy.special import expit
 from scipy.stats import norm
 
-from alnus._io import atomic_path, atomic_write_text, write_csv
+from alnus._io import atomic_path, atomic_write_text, file_sha256, write_csv
 from alnus.data.roi import box_from_mask, format_box
 from alnus.errors import AlnusError
 
 __all__ = [
     "BIRADS",
     "PHANTOM_MARKER",
+    "is_phantom_manifest",
     "DEV_SCANNER",
     "EXTERNAL_SCANNER",
     "FEATURES",
@@ -596,6 +597,21 @@ def make_phantom(
     atomic_write_text(
         out / PHANTOM_MARKER,
         f"Simulated images made by `alnus data phantom` (seed {seed}): not patients, for demonstrations and tests "
-        "only. A study of this manifest says so in its report and model cards.\n",
+        f"only. A study of this manifest says so in its report and model cards.\n\nmanifest.csv sha256 "
+        f"{file_sha256(manifest)}\n",
     )
     return manifest
+
+
+def is_phantom_manifest(manifest: Path) -> bool:
+    """Whether `manifest` is a phantom's, unchanged: the PHANTOM.md beside it names its SHA-256 (so real data put
+    in a phantom's folder, or an edited phantom manifest, are not taken for simulated ones)."""
+    marker = Path(manifest).parent / PHANTOM_MARKER
+    try:
+        if not marker.is_file():
+            return False
+        with marker.open("rb") as fh:
+            text = fh.read(64 << 10).decode("utf-8", errors="replace")
+        return f"sha256 {file_sha256(Path(manifest))}" in text
+    except OSError:
+        return False

@@ -555,7 +555,9 @@ def _code_spans(value: Any) -> Any:
     import markupsafe
 
     escaped = markupsafe.escape(value)
-    return markupsafe.Markup(re.sub(r"`([^`<>]+)`", r"<code>\1</code>", str(escaped)))
+    # Only spans without escaped characters (&, <, >): ours are commands and keys, and a backquote that came with
+    # user data (a site name, say) is less likely to pair with another into a span.
+    return markupsafe.Markup(re.sub(r"`([^`&<>]+)`", r"<code>\1</code>", str(escaped)))
 
 
 def render_report(context: dict[str, Any]) -> str:

@@ -120,7 +120,7 @@ def _training_data(inputs: RunInputs) -> list[str]:
         "",
         f"Patients and images the model was trained (train) and selected (val) on; dates: {when}.",
         "",
-        *([f"**{SIMULATED}**", ""] if inputs.data_stamp.get("simulated") else []),
+        *([f"**{SIMULATED}**", ""] if inputs.data_stamp.get("simulated") is True else []),
         _table(["split", "site", "patients", "images", "positive patients", "positive images"], rows),
         "",
         f"Training-data hash: `{md_text(digest[:16])}` (in metadata.json).",
@@ -269,7 +269,12 @@ def _limitations(inputs: RunInputs, model: str) -> list[str]:
         f"The label is the manifest's: {md_text(positive)} vs {md_text(negative)}. Where it stands in for another "
         "target (the public-data runs use benign vs malignant in place of axillary lymph node status), the model "
         "does not predict that other target.",
-        "The study is retrospective; prevalence in the test sets sets PPV and NPV, which change with prevalence.",
+        (
+            "The data are simulated (a phantom), not patients: these numbers say nothing about real images."
+            if inputs.data_stamp.get("simulated") is True
+            else "The study is retrospective; prevalence in the test sets sets PPV and NPV, which change with "
+            "prevalence."
+        ),
         f"Trained at {_plural(len(sites), 'site')} ({', '.join(md_text(s) for s in sites) or 'none named'}); "
         + (
             f"tested externally at {', '.join(md_text(s) for s in external)}. "

@@ -424,8 +424,11 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
     h = history.copy()
     for column in needed:
         h[column] = pd.to_numeric(h[column], errors="coerce")
+    if not h["epoch"].map(math.isfinite).any():
+        raise FigureError("a training history needs numeric epochs; history.csv has none.")
     if best_epoch is None and h["val_auc"].notna().any():
-        best_epoch = int(h.loc[h["val_auc"].idxmax(), "epoch"])
+        epoch = h.loc[h["val_auc"].idxmax(), "epoch"]
+        best_epoch = int(epoch) if math.isfinite(epoch) else None
     fig = new_figure(5.6, 5.2)
     loss_ax, auc_ax = fig.subplots(2, 1, sharex=True)
     loss_ax.plot(h["epoch"], h["train_loss"], marker=".", color=PALETTE[0], label="train loss", gid="train_loss")
@@ -436,8 +439,8 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
         for ax in (loss_ax, auc_ax):
             ax.axvspan(head.min() - 0.5, head.max() + 0.5, color="#bbbbbb", alpha=0.3, linewidth=0,
                        label="head only (backbone frozen)", gid="head_phase")  # fmt: skip
-    if "validated" in h.columns and (h["validated"] == "swa").any():
-        start = h.loc[h["validated"] == "swa", "epoch"].min()
+    start = h.loc[h["validated"] == "swa", "epoch"].min() if "validated" in h.columns else float("nan")
+    if math.isfinite(start):
         for ax in (loss_ax, auc_ax):
             ax.axvline(start - 0.5, color=PALETTE[3], linestyle=":", linewidth=1.2,
                        label="weights averaged from here", gid="averaging")  # fmt: skip
@@ -692,16 +695,26 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
         writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
                                "reason": f"{folder.history} not found"})  # fmt: skip
         return
-    history = pd.read_csv(folder.history)
+    try:
+        history = pd.read_csv(folder.history)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        reason = (
+            f"{folder.history} cannot be read ({type(exc).__name__}: {exc}); training writes it, nothing else uses it"
+        )
+        writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
+                               "reason": reason})  # fmt: skip
+        return
     best = _best_epoch(folder.metadata)
     head_only = "phase" in history.columns and bool((history["phase"] == "head").any())
     shading = "; shaded: epochs that trained the new head only (backbone frozen)" if head_only else ""
-    validated = set(history["validated"].dropna()) if "validated" in history.columns else set()
+    validated = history["validated"] if "validated" in history.columns else pd.Series("", index=history.index)
+    epochs = history["epoch"] if "epoch" in history.columns else pd.Series(float("nan"), index=history.index)
+    averaged_from = pd.to_numeric(epochs[validated == "swa"], errors="coerce")  # as the figure reads them
     package = "the package's weights"
-    if "swa" in validated:
+    if averaged_from.notna().any():
         package = "the package's weights: the average of the epochs from the dotted line to it"
         shading += "; dotted: from here on the validated weights are the average of the epochs so far (train.swa_start)"
-    elif "ema" in validated:
+    elif (validated == "ema").any():
         package = "the package's weights: the moving average of the weights at its end"
         shading += "; validation scored the moving average of the weights (train.ema_decay)"
     writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),

@@ -44,7 +44,7 @@ def _data(inputs: RunInputs) -> Block:
         "Data and reference standard",
         paragraphs=[
             SIMULATED
-            if stamp.get("simulated")
+            if stamp.get("simulated") is True
             else "Retrospective: the images, labels and readings existed before this analysis; one manifest row per "
             "image (image, patient, site, label, region of interest, readings, clinical columns).",
             counted,
