@@ -112,15 +112,10 @@ def test_training_with_the_reader_target_and_ema_packages_a_single_output_model(
     torch.testing.assert_close(best[head][:1], model.state_dict()[head])
 
 
-def _full_and_killed_then_resumed(phantom_read, tmp_path, monkeypatch, train, kill_epoch):
-    """The same training twice: once straight through, once killed in epoch `kill_epoch` (0-based) and resumed;
-    returns both runs' `last.pt`, and both results."""
+def _killed_in_epoch(cfg, monkeypatch, kill_epoch):
+    """Train `cfg` until it is interrupted in epoch `kill_epoch` (0-based), as a Ctrl-C or kill would stop it."""
     import alnus.train
 
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
-    cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
     run_epoch = alnus.train.run_epoch
 
     def killed(cfg, engine, data, state, info, progress, epoch, backbone):
@@ -132,6 +127,16 @@ def _full_and_killed_then_resumed(phantom_read, tmp_path, monkeypatch, train, ki
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, console=_quiet())
     monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
+
+
+def _full_and_killed_then_resumed(phantom_read, tmp_path, monkeypatch, train, kill_epoch):
+    """The same training twice: once straight through, once killed in epoch `kill_epoch` (0-based) and resumed;
+    returns both runs' `last.pt`, and both results."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    [full] = run_training(load_config(_config(tmp_path / "a", phantom_read, "same", train=train)), console=_quiet())
+    cfg = load_config(_config(tmp_path / "b", phantom_read, "same", train=train))
+    _killed_in_epoch(cfg, monkeypatch, kill_epoch)
     [resumed] = run_training(cfg, resume=True, console=_quiet())
     a = load_checkpoint(full.model_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(resumed.model_dir / "checkpoints" / "last.pt")
@@ -191,22 +196,11 @@ def test_swa_packages_the_average_of_the_epochs_with_its_own_batchnorm_statistic
 
 
 def test_a_checkpoint_from_before_the_validated_column_resumes_with_it_filled_in(phantom_read, tmp_path, monkeypatch):
-    import alnus.train
     from alnus.train import save_checkpoint
 
     train = {"swa_start": 2, "epochs": 3, "head_epochs": 0, "early_stopping_patience": None}
     cfg = load_config(_config(tmp_path, phantom_read, "old", train=train))
-    run_epoch = alnus.train.run_epoch
-
-    def killed(cfg, engine, data, state, info, progress, epoch, backbone):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return run_epoch(cfg, engine, data, state, info, progress, epoch, backbone)
-
-    monkeypatch.setattr(alnus.train, "run_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, console=_quiet())
-    monkeypatch.setattr(alnus.train, "run_epoch", run_epoch)
+    _killed_in_epoch(cfg, monkeypatch, kill_epoch=2)
     last = cfg.run_dir / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
     payload = load_checkpoint(last)
     for row in payload["history"]:

@@ -886,24 +886,8 @@ def train_model(
             f"train / {len(data.val_ds)} val images at {data.spec.size} px, {info.world_size} process(es)",
             highlight=False,
         )
-        if tc.swa_start is not None:
-            console.print(
-                f"weights averaged over the epochs from epoch {tc.swa_start} on (train.swa_start): that average is "
-                "validated and packaged, and earlier epochs are not selected",
-                highlight=False,
-            )
-        if tc.weights == "none" and tc.head_epochs > 0:
-            console.print(
-                f"random initialisation: every layer trains from epoch 1 (train.head_epochs {tc.head_epochs} applies "
-                "to pretrained weights only)",
-                highlight=False,
-            )
-        if tc.mixstyle is not None:
-            console.print(
-                f"MixStyle on while training (train.mixstyle {tc.mixstyle}): the early feature maps' styles are "
-                "mixed between the images of a batch",
-                highlight=False,
-            )
+        for note in _start_notes(tc):
+            console.print(note, highlight=False)
     tracker = _Tracker(cfg, model_dir, backbone, state.epochs_done, enabled=info.is_main)
     try:
         with _progress(console, info) as progress:
@@ -985,6 +969,27 @@ def average_epoch(engine: Engine, data: TrainData, info: DistInfo) -> None:
         # Each rank saw its own shard of the training images: use rank 0's statistics everywhere.
         for buffer in engine.swa.module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def _start_notes(tc: Any) -> list[str]:
+    """What a training's settings change that its user should hear of before the first epoch."""
+    notes = []
+    if tc.swa_start is not None:
+        notes.append(
+            f"weights averaged over the epochs from epoch {tc.swa_start} on (train.swa_start): that average is "
+            "validated and packaged, and earlier epochs are not selected"
+        )
+    if tc.weights == "none" and tc.head_epochs > 0:
+        notes.append(
+            f"random initialisation: every layer trains from epoch 1 (train.head_epochs {tc.head_epochs} applies to "
+            "pretrained weights only)"
+        )
+    if tc.mixstyle is not None:
+        notes.append(
+            f"MixStyle on while training (train.mixstyle {tc.mixstyle}): the early feature maps' styles are mixed "
+            "between the images of a batch"
+        )
+    return notes
 
 
 def _print_epoch(console: Console, row: dict[str, Any], cfg: Config, improved: bool, *, stopped: bool) -> None:
