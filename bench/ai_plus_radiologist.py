@@ -6,7 +6,16 @@ are applied unchanged to the internal (BUS-BRA) and external (BrEaST) test patie
 compared with the BI-RADS reading alone (DeLong; exact McNemar at the matched sensitivity). Per patient: a patient's
 image probabilities are averaged (the study's aggregation) and the most suspicious BI-RADS category is kept.
 
-Usage: .venv/bin/python bench/ai_plus_radiologist.py [--run runs/public] [--model efficientnet_lite0] [--no-write]
+Protocol item 18 adds a score with nothing fitted (`alnus.combine.tie_break_score`: the radiologist's category first,
+the model's probability inside a category) and its rule-out operating point (`fit_rule_out`, frozen on validation),
+compared with the radiologists the same way.
+
+The model's probabilities come from the run's predictions of `--model`, or, with `--package`, from a model package
+applied to the run's splits here (the shipped model on a run folder prepared with `--prepare`, which only splits
+the real data: nothing is trained).
+
+Usage: .venv/bin/python bench/ai_plus_radiologist.py [--run runs/public] [--model efficientnet_lite0]
+           [--package models/breast-us-malignancy [--prepare]] [--no-write]
 """
 
 from __future__ import annotations
@@ -14,20 +23,41 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from _docs import write_section  # bench/ is on sys.path when a script here runs
-from public_study import REPO, _markdown, _p_value
+from public_study import REPO, _cpu, _markdown, _p_value
 
 
-def _patients(run: Path, model: str, split: str, reader: str, positive_from: str) -> pd.DataFrame:
-    from alnus.evaluate import aggregate_predictions, read_predictions
+def _image_predictions(run: Path, model: str, package: Path | None) -> dict[str, pd.DataFrame]:
+    """Per-image predictions of each split: the run's own of `model`, or those of `package` made here (fp32)."""
+    from alnus.data.dataset import ImageCache
+    from alnus.evaluate import read_predictions
+    from alnus.predict import Predictor
+    from alnus.runfolder import RunFolder, read_splits
+
+    if package is None:
+        return read_predictions(run, model)
+    predictor = Predictor(package, device="cpu", precision="fp32", engine="torch")
+    table, cache = read_splits(run), ImageCache(RunFolder(run).cache)
+    return {split: predictor.predict_table(table[table["split"] == split], run, cache=cache)
+            for split in ("val", *(s for s, _ in SPLITS))}  # fmt: skip
+
+
+def _patients(predictions: dict[str, pd.DataFrame], run: Path, split: str, reader: str,
+              positive_from: str) -> pd.DataFrame:  # fmt: skip
+    from alnus.evaluate import aggregate_predictions
     from alnus.readers import birads_call, birads_score
     from alnus.runfolder import read_splits
 
-    cases = aggregate_predictions(read_predictions(run, model)[split], "patient")
+    table = predictions[split].copy()
+    for column in ("study_id", "site"):
+        if column not in table.columns:
+            table[column] = ""
+    cases = aggregate_predictions(table, "patient")
     splits = read_splits(run)
     rows = splits[(splits["split"] == split) & (splits[reader].str.strip() != "")]
     # The ordinal score for the AUC; the call from the category ("4" undivided counts as >= 4a, as in evaluate).
@@ -57,43 +87,109 @@ def _row(name: str, found: dict) -> dict[str, str]:
 SPLITS = (("internal_test", "internal (BUS-BRA)"), ("external_test", "external (BrEaST)"))
 
 
-def compare(
-    run: Path, model: str, reader: str = "reader_birads", positive_from: str = "4a"
-) -> tuple[object, float, float, dict[str, dict]]:
+def patients_of(run: Path, model: str, package: Path | None = None, reader: str = "reader_birads",
+                positive_from: str = "4a") -> dict[str, pd.DataFrame]:  # fmt: skip
+    """Per-patient probability, label, BI-RADS score and call of the validation and both test splits."""
+    predictions = _image_predictions(run, model, package)
+    return {split: _patients(predictions, run, split, reader, positive_from)
+            for split in ("val", *(s for s, _ in SPLITS))}  # fmt: skip
+
+
+def compare(patients: dict[str, pd.DataFrame]) -> tuple[object, float, float, dict[str, dict]]:
     """Fit the combination on the validation patients, set its threshold to the radiologists' validation
     sensitivity, and compare it with the radiologists on each test split: (fit, threshold, that sensitivity,
     `compare_with_reader`'s result per split)."""
     from alnus.combine import compare_with_reader, fit_combination, matched_threshold
 
-    val = _patients(run, model, "val", reader, positive_from)
+    val = patients["val"]
     fit = fit_combination(val["y"], val["prob"], val["birads"])
     reader_sensitivity = float(val.loc[val["y"] == 1, "call"].mean())
     threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), reader_sensitivity)
     found = {}
     for split, _ in SPLITS:
-        test = _patients(run, model, split, reader, positive_from)
+        test = patients[split]
         found[split] = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"],
                                            test["call"], threshold)  # fmt: skip
     return fit, threshold, reader_sensitivity, found
+
+
+def tie_break(patients: dict[str, pd.DataFrame], positive_from: str) -> tuple[object, dict[str, dict]]:
+    """Protocol item 18: the radiologist's category first, the model inside it (nothing fitted); its rule-out
+    operating point frozen on the validation patients. Returns the rule and `compare_with_reader`'s result per
+    test split."""
+    from alnus.combine import compare_with_reader, fit_rule_out, tie_break_score
+    from alnus.readers import lowest_positive_scores
+
+    val = patients["val"]
+    rule = fit_rule_out(val["y"], val["prob"], val["birads"], val["call"], lowest_positive_scores(positive_from))
+    found = {}
+    for split, _ in SPLITS:
+        test = patients[split]
+        calls = rule.calls(test["prob"], test["birads"], test["call"])
+        found[split] = compare_with_reader(test["y"], tie_break_score(test["prob"], test["birads"]), test["birads"],
+                                           test["call"], calls=calls)  # fmt: skip
+    return rule, found
+
+
+def _prepare(data: Path) -> Path:
+    """Split the real data as the public study does (configs/public.yaml; nothing is trained): runs/public."""
+    from public_study import public_manifest
+
+    from alnus.config import load_config
+    from alnus.study import prepare_run
+
+    public_manifest(data)
+    return prepare_run(load_config(REPO / "configs" / "public.yaml"))
+
+
+def _auc_text(y: object, prob: object) -> str:
+    from alnus import stats
+
+    found = stats.auc_ci(np.asarray(y).astype(int), np.asarray(prob, dtype=float))
+    return f"{found.estimate:.3f} ({found.ci_low:.3f}-{found.ci_high:.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "public")
     parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--package", type=Path, help="predict the run's splits with this model package instead")
+    parser.add_argument("--prepare", action="store_true", help="split the real data into runs/public first")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="for --prepare")
     parser.add_argument("--reader", default="reader_birads", help="the manifest's BI-RADS column")
     parser.add_argument("--positive-from", default="4a", help="the reader's positive call: BI-RADS >= this")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    fit, threshold, reader_sensitivity, found = compare(args.run, args.model, args.reader, args.positive_from)
+    if args.prepare:
+        if args.package is None:
+            parser.error("--prepare makes a run without trained models: give --package too")
+        args.run = _prepare(args.data)
+    if not (args.run / "splits.csv").is_file():
+        parser.error(f"{args.run} has no splits.csv: run its study first, or pass --package PACKAGE --prepare")
+    started = time.perf_counter()
+    patients = patients_of(args.run, args.model, args.package, args.reader, args.positive_from)
+    fit, threshold, reader_sensitivity, found = compare(patients)
+    rule, ordered = tie_break(patients, args.positive_from)
     rows = [_row(name, found[split]) for split, name in SPLITS]
+    tie_rows = [_row(name, ordered[split]) for split, name in SPLITS]
     run_name = args.run.resolve().relative_to(REPO) if args.run.resolve().is_relative_to(REPO) else args.run.name
+    if args.package is None:
+        source, options = f"the predictions of {args.model} in {run_name}", f"--run {run_name} --model {args.model}"
+    else:
+        package = args.package.resolve()
+        shown = package.relative_to(REPO) if package.is_relative_to(REPO) else args.package
+        source = f"the package {shown} applied to the splits of {run_name} (fp32, on the CPU)"
+        options = f"--package {shown}" + (" --prepare" if args.prepare else f" --run {run_name}")
+    val = patients["val"]
     section = "\n".join([
         "## AI + radiologist (issue 10.4)",
         "",
-        f"Command: `python bench/ai_plus_radiologist.py --run {run_name} --model {args.model}`; "
-        f"{dt.date.today().isoformat()}.",
+        f"Command: `python bench/ai_plus_radiologist.py {options}`; {dt.date.today().isoformat()}, {_cpu()}, "
+        f"{time.perf_counter() - started:.0f} s. Model probabilities: {source}; per patient, the model's validation "
+        f"AUC is {_auc_text(val['y'], val['prob'])} on {len(val)} patients.",
+        "",
+        "### A fitted combination (protocol item 8)",
         "",
         f"Combined score P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} "
         f"x BI-RADS score), fitted on the {fit.n_cases} BUS-BRA validation patients ({fit.n_positive} malignant); "
@@ -104,10 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         "",
         _markdown(pd.DataFrame(rows)),
         "",
-        "The model was trained and its combination fitted without the test patients; the P values are per test set "
-        "and not adjusted across the two. BUS-BRA's readings use undivided category 4 while BrEaST's use 4a-4c, so "
-        "the weight fitted on one site's BI-RADS scale meets the other site's scale on the external test (a plain 4 "
-        "scores 4.0, 4a-4c score 4.25-4.75).",
+        "BUS-BRA's readings use undivided category 4 while BrEaST's use 4a-4c, so the weight fitted on one site's "
+        "BI-RADS scale meets the other site's scale on the external test (a plain 4 scores 4.0, 4a-4c score "
+        "4.25-4.75).",
+        "",
+        "### The model as the radiologist's tie-breaker (protocol item 18)",
+        "",
+        "Score: the BI-RADS score + 0.2 x the model's probability, i.e. the radiologist's category first and the "
+        "model's order inside a category; nothing is fitted. Operating point: the radiologist's call, except that a "
+        "patient in the least suspicious positive category (a plain 4 or 4a) with a model probability below "
+        f"{rule.threshold:.3f} is called negative; that threshold is the highest that keeps the radiologists' "
+        f"validation sensitivity (the lowest probability of a malignant validation patient in that category; "
+        f"{rule.n_lowest} of the {rule.n_cases} validation patients are in it).",
+        "",
+        _markdown(pd.DataFrame(tie_rows)),
+        "",
+        "The model was trained, and the combination and the rule-out threshold set, without the test patients; the "
+        "P values are per test set and comparison, not adjusted across them.",
     ])  # fmt: skip
     print(section)
     if not args.no_write:

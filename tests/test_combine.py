@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from alnus import stats
-from alnus.combine import CombineError, compare_with_reader, fit_combination, matched_threshold
+from alnus.combine import (
+    CombineError,
+    compare_with_reader,
+    fit_combination,
+    fit_rule_out,
+    matched_threshold,
+    tie_break_score,
+)
+from alnus.readers import birads_call, birads_score, lowest_positive_scores
 
 BIRADS_STEPS = np.array([3.0, 4.25, 4.5, 4.75, 5.0])
 
@@ -62,3 +70,70 @@ def test_compare_with_reader_gives_delong_and_mcnemar() -> None:
 def test_cases_that_cannot_be_fitted_say_why(y: list, prob: list, birads: list, message: str) -> None:
     with pytest.raises(CombineError, match=message):
         fit_combination(y, prob, birads)
+
+
+def test_the_tie_break_keeps_every_category_and_orders_inside_one_by_the_model() -> None:
+    birads = birads_score(["3", "4", "4a", "4a", "4b", "4c", "5"])
+    prob = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.3, 0.0])
+    score = tie_break_score(prob, birads)
+    # A certain model never lifts a case past the next category, and an unsure one never drops it below its own.
+    assert list(np.argsort(score)) == [0, 1, 3, 2, 4, 5, 6]
+    assert (np.diff(np.sort(score)) > 0).all()
+
+
+def test_the_tie_break_beats_the_reader_when_the_model_knows_more_inside_categories() -> None:
+    y, model, birads = _cases(3000, seed=4)
+    assert stats.auc(y, tie_break_score(model, birads)) > stats.auc(y, birads) + 0.02
+    noise = np.random.default_rng(5).random(y.size)  # a model that knows nothing changes the ranking by chance only
+    assert abs(stats.auc(y, tie_break_score(noise, birads)) - stats.auc(y, birads)) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("prob", "birads", "message"),
+    [
+        ([0.1, 1.2], [3.0, 4.0], "lie in"),
+        ([0.1, 0.2], [3.0, 3.1], "closer than 0.25"),
+        ([0.1, np.nan], [3.0, 4.0], "missing values"),
+    ],
+)
+def test_the_tie_break_refuses_what_it_cannot_order(prob: list, birads: list, message: str) -> None:
+    with pytest.raises(CombineError, match=message):
+        tie_break_score(prob, birads)
+
+
+def test_lowest_positive_category_of_a_call() -> None:
+    assert lowest_positive_scores("4a") == lowest_positive_scores("4") == (4.0, 4.25)
+    assert lowest_positive_scores("4b") == (4.5,) and lowest_positive_scores("5") == (5.0,)
+
+
+def test_rule_out_keeps_the_readers_validation_sensitivity_and_only_touches_the_lowest_category() -> None:
+    readings = ["3", "4", "4", "4", "4", "5", "4", "3"]
+    y = np.array([0, 1, 1, 0, 0, 1, 0, 1])
+    prob = np.array([0.9, 0.4, 0.8, 0.1, 0.5, 0.01, 0.39, 0.95])
+    birads, call = birads_score(readings), birads_call(readings)
+    rule = fit_rule_out(y, prob, birads, call, lowest_positive_scores("4a"))
+    assert rule.threshold == 0.4 and rule.n_lowest == 5
+    calls = rule.calls(prob, birads, call)
+    assert calls[y == 1].mean() == call[y == 1].mean()  # the malignant 3 stays missed, no other is lost
+    assert calls.tolist() == [False, True, True, False, True, True, False, False]  # the 5 stays positive at p 0.01
+    # At another site the lowest positive category is 4a; higher categories keep the reader's call.
+    other = birads_score(["4a", "4b", "4a"])
+    assert rule.calls([0.3, 0.0, 0.6], other, [True, True, True]).tolist() == [False, True, True]
+
+
+def test_rule_out_needs_a_positive_case_in_the_lowest_category() -> None:
+    readings = ["3", "5", "4"]
+    with pytest.raises(CombineError, match="no positive case in the least suspicious"):
+        fit_rule_out([0, 1, 0], [0.1, 0.9, 0.2], birads_score(readings), birads_call(readings), (4.0, 4.25))
+
+
+def test_compare_with_reader_takes_calls_or_a_threshold_not_both() -> None:
+    y, model, birads = _cases(200, seed=6)
+    call = birads >= 4.25
+    out = compare_with_reader(y, tie_break_score(model, birads), birads, call, calls=call)
+    assert out["threshold"] is None and out["specificity"]["p"] == 1.0
+    assert out["auc_difference"]["estimate"] > 0
+    with pytest.raises(CombineError, match="either a threshold or its calls"):
+        compare_with_reader(y, model, birads, call, 0.5, calls=call)
+    with pytest.raises(CombineError, match="one length"):
+        compare_with_reader(y, model, birads, call[:-1], calls=call[:-1])

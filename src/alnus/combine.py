@@ -6,10 +6,16 @@ BI-RADS score (`alnus.readers.birads_score`), fitted on the development validati
 to the tests, as the model's own threshold is. Its operating point is chosen on validation too: the threshold at
 which it matches the reader's validation sensitivity, so that a McNemar test on a test set compares specificities at
 (nearly) the same sensitivity. Comparisons with the reader alone: DeLong for the AUCs, exact McNemar for the calls.
+
+A second score has nothing to fit (`tie_break_score`): the reader's category first, the model's probability only
+inside a category, so the model can reorder cases the reader put in one category but never overrule a category.
+Its operating point (`RuleOut`) keeps the reader's calls except inside the least suspicious positive category, where
+cases the model finds unlikely are called negative.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -94,20 +100,34 @@ def matched_threshold(y: object, score: object, sensitivity: float) -> float:
 
 
 def compare_with_reader(
-    y: object, combined: object, reader_score: object, reader_call: object, threshold: float, alpha: float = 0.05
+    y: object,
+    combined: object,
+    reader_score: object,
+    reader_call: object,
+    threshold: float | None = None,
+    alpha: float = 0.05,
+    *,
+    calls: object | None = None,
 ) -> dict[str, Any]:
     """The combined score against the reader alone on the same (test) cases.
 
     Returns the AUC of each with its DeLong CI, their paired DeLong difference, and the calls of the combined score
-    at `threshold` against the reader's calls: sensitivity and specificity of each, exact McNemar tests.
+    (`combined >= threshold`, or `calls` where the operating point is not one cut of the score, as `RuleOut`'s)
+    against the reader's calls: sensitivity and specificity of each, exact McNemar tests.
     """
+    if (threshold is None) == (calls is None):
+        raise CombineError("give the combined score's operating point as either a threshold or its calls, not both.")
     yb = np.asarray(y).astype(int)
     c, r = np.asarray(combined, dtype=float), np.asarray(reader_score, dtype=float)
-    calls_c = (c >= threshold).astype(int)
+    calls_c = (c >= threshold).astype(int) if calls is None else np.asarray(calls).astype(int)
     calls_r = np.asarray(reader_call).astype(int)
+    if not (calls_c.shape == calls_r.shape == yb.shape == c.shape == r.shape):
+        raise CombineError(f"labels, scores and calls must have one length each: {yb.shape}, {c.shape}, {r.shape}, "
+                           f"{calls_c.shape}, {calls_r.shape}.")  # fmt: skip
     diff = stats.delong_test(yb, c, r, alpha=alpha)
     out: dict[str, Any] = {
-        "n": int(yb.size), "n_positive": int(yb.sum()), "threshold": float(threshold),
+        "n": int(yb.size), "n_positive": int(yb.sum()),
+        "threshold": None if threshold is None else float(threshold),
         "auc_combined": asdict(stats.auc_ci(yb, c, alpha=alpha)),
         "auc_reader": asdict(stats.auc_ci(yb, r, alpha=alpha)),
         "auc_difference": {"estimate": diff.estimate, "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p": diff.p,
@@ -119,3 +139,73 @@ def compare_with_reader(
                      "ci_low": test.ci_low, "ci_high": test.ci_high, "p": test.p,
                      "method": "exact McNemar"}  # fmt: skip
     return out
+
+
+# The ordinal BI-RADS scores of neighbouring categories (`alnus.readers.birads_score`) differ by at least 0.25 (4 to
+# 4a, 4a to 4b, ...); the model's share of the tie-break score stays below that, so it never crosses a category.
+_CATEGORY_GAP = 0.25
+TIE_BREAK_WEIGHT = 0.2
+
+
+def tie_break_score(prob: object, birads_score: object) -> np.ndarray:
+    """The reader first, the model inside a category: BI-RADS score + 0.2 x model probability.
+
+    Orders cases lexicographically (by category, then by probability) with nothing fitted, so it cannot learn one
+    site's BI-RADS scale (say, undivided 4) and meet another's (4a-4c). Scores other than BI-RADS categories are
+    refused: on a finer scale the model's share would cross from one reading to the next.
+    """
+    x = _design(prob, birads_score)  # the same checks as the fitted score's
+    p, b = np.asarray(prob, dtype=float), x[:, 1]
+    if ((p < 0) | (p > 1)).any():
+        raise CombineError("model probabilities must lie in [0, 1].")
+    levels = np.unique(b)
+    if levels.size > 1 and np.diff(levels).min() < _CATEGORY_GAP - 1e-9:
+        raise CombineError(
+            f"reader scores {levels.tolist()} are closer than {_CATEGORY_GAP} apart: the tie-break score needs "
+            "BI-RADS categories (alnus.readers.birads_score), not a finer scale."
+        )
+    return b + TIE_BREAK_WEIGHT * p
+
+
+@dataclass(frozen=True)
+class RuleOut:
+    """The reader's calls, except that a case in the least suspicious positive category (`lowest`, BI-RADS scores)
+    whose model probability is below `threshold` is called negative."""
+
+    lowest: tuple[float, ...]
+    threshold: float
+    n_cases: int
+    n_lowest: int
+
+    def calls(self, prob: object, birads_score: object, reader_call: object) -> np.ndarray:
+        p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
+        r = np.asarray(reader_call).astype(bool)
+        if not p.shape == b.shape == r.shape:
+            raise CombineError(f"probabilities, BI-RADS scores and calls must have one length: {p.shape}, {b.shape}, "
+                               f"{r.shape}.")  # fmt: skip
+        ruled_out = np.isin(b, self.lowest) & (p < self.threshold)
+        return r & ~ruled_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: object,
+                 lowest: Sequence[float]) -> RuleOut:  # fmt: skip
+    """The rule-out threshold on (validation) cases: the highest that keeps the reader's sensitivity, i.e. the
+    lowest model probability among the positive cases of the least suspicious positive category that the reader
+    called positive (none of them is ruled out)."""
+    yb = np.asarray(y).astype(bool)
+    p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
+    r = np.asarray(reader_call).astype(bool)
+    if not yb.shape == p.shape == b.shape == r.shape:
+        raise CombineError(f"labels, probabilities, BI-RADS scores and calls must have one length: {yb.shape}, "
+                           f"{p.shape}, {b.shape}, {r.shape}.")  # fmt: skip
+    band = np.isin(b, tuple(lowest)) & r
+    kept = p[band & yb]
+    if kept.size == 0:
+        raise CombineError(
+            f"no positive case in the least suspicious positive category (scores {list(lowest)}) "
+            "among these cases: the rule-out threshold cannot be set without ruling out blindly."
+        )
+    return RuleOut(tuple(float(v) for v in lowest), float(kept.min()), int(yb.size), int(band.sum()))

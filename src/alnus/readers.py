@@ -60,6 +60,7 @@ __all__ = [
     "check_reader_settings",
     "compare_model_with_readers",
     "imrmc_text",
+    "lowest_positive_scores",
     "read_imrmc",
     "reader_performance",
     "readings_from_csv",
@@ -202,6 +203,13 @@ def birads_call(values: object, positive_from: str = "4a") -> np.ndarray:
     """Positive call = BI-RADS >= `positive_from` (default 4a, so 3 is negative; plain 4 counts as >= 4a)."""
     keys, rows = _parse_birads(values, "call")
     return _calls_from_keys(keys, rows, positive_from)
+
+
+def lowest_positive_scores(positive_from: str = "4a") -> tuple[float, ...]:
+    """Ordinal scores (`birads_score`) of the least suspicious category that a call at >= `positive_from` makes
+    positive: a plain 4 and 4a together for "4" or "4a" (a plain 4 counts as 4a), else that category alone."""
+    key = _threshold_key(positive_from)
+    return (_BIRADS_SCORE["4"], _BIRADS_SCORE["4a"]) if key in ("4", "4a") else (_BIRADS_SCORE[key],)
 
 
 # ---------------------------------------------------------------------------------------------- readings
