@@ -703,3 +703,58 @@ def test_cli_evaluate_prints_user_text_as_text(tmp_path: Path) -> None:
     output = " ".join(result.output.split())
     # The case id escapes the site's "/" (alnus._levels.case_names), and what is left prints as text, not markup.
     assert "'seven [red]'" in output and "[%2F]/external_test" in output
+
+
+def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp_path: Path) -> None:
+    """issue 10.4: the AI + reader scores are set on the validation readings and compared on the test readings."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(7)
+    # A reader who puts most cancers in 4 or higher, some benign lesions too; the model orders inside a category.
+    patients = splits.drop_duplicates("patient_id").set_index("patient_id")
+    positive = patients["label"] == "positive"
+    category = np.where(
+        positive, rng.choice(["4", "4", "5", "3"], len(patients)), rng.choice(["2", "3", "4"], len(patients))
+    )
+    reading = pd.Series(category, index=patients.index)
+    scored = splits["split"].isin(["val", "external_test"])
+    splits["reader_a"] = np.where(scored, splits["patient_id"].map(reading), "")
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=100)
+    assert list(metrics["reader_plus_ai"]) == ["external_test"]  # the internal test has no readings
+    found = metrics["reader_plus_ai"]["external_test"]["tiny_cnn"]
+    assert found["level"] == "patient" and found["reader_calls"] == "BI-RADS >= 4a"
+    methods = {r["method"]: r for r in found["records"]}
+    assert set(methods) == {"fitted", "tie_break"} and all(r["reader"] == "a" for r in found["records"])
+    external = splits[splits["split"] == "external_test"].drop_duplicates("patient_id")
+    tie = methods["tie_break"]
+    assert tie["n"] == len(external) and tie["n_positive"] == int((external["label"] == "positive").sum())
+    # The tie-break keeps every category's order, so it loses no sensitivity the reader had on validation's terms.
+    assert tie["combined_sensitivity"] <= tie["reader_sensitivity"] and "error" not in tie
+    assert tie["auc_difference"] == pytest.approx(tie["combined_auc"] - tie["reader_auc"])
+    table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test.csv")
+    assert list(table["method"]) == ["fitted", "tie_break"]
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    printed = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "100"], env={"COLUMNS": "250"})
+    assert printed.exit_code == 0, printed.output
+    shown = printed.output[printed.output.index("each reader with tiny_cnn vs alone, external_test") :]
+    assert f"{tie['combined_auc']:.3f}" in shown and "tie_break" in shown and "fitted" in shown
+
+    # Without validation readings no combination can be set: said, and the rest of the evaluation stands.
+    splits["reader_a"] = np.where(splits["split"] == "external_test", splits["reader_a"], "")
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=100)
+    (record,) = metrics["reader_plus_ai"]["external_test"]["tiny_cnn"]["records"]
+    assert "read no validation case" in record["error"]
+    assert metrics["readers"]["external_test"]["tiny_cnn"]["n_cases"] == len(external)
+    written = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test.csv")
+    assert "read no validation case" in written["error"].iloc[0]
+
+    # A score scale has no categories to combine with: no AI + reader section at all.
+    _write_config(run, tmp_path, {"reader_scale": "score"})
+    splits["reader_a"] = np.where(splits["split"] == "external_test", "50", "")
+    write_csv(splits, run / "splits.csv")
+    assert evaluate_run(run, n_boot=100)["reader_plus_ai"] == {}

@@ -1417,11 +1417,41 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
                 f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}; all rows in tables/readers_*"
             )
             _print_frame(shown, title)
+    _show_reader_plus_ai(metrics)
     run_folder = RunFolder(run)
     console.print(
         f"[green]Wrote[/green] {escape(str(run_folder.metrics))} and {escape(str(run_folder.tables))}/",
         highlight=False,
     )
+
+
+def _show_reader_plus_ai(metrics: dict) -> None:
+    """Each reader with the model vs the reader alone (metrics' `reader_plus_ai`), one row per reader and method."""
+    import pandas as pd
+
+    for split, by_model in metrics.get("reader_plus_ai", {}).items():
+        for name, found in by_model.items():
+            if "error" in found:
+                console.print(f"[yellow]AI + reader ({escape(name)}, {split}) not compared:[/yellow] "
+                              f"{escape(found['error'])}", highlight=False)  # fmt: skip
+                continue
+            rows = []
+            for r in found["records"]:
+                row = {"reader": r["reader"], "combination": r["method"]}
+                if "error" in r:
+                    rows.append({**row, "note": f"not set: {r['error']}"})
+                    continue
+                pairs = {f"{m[:4]}. with AI / alone": f"{r[f'combined_{m}']:.3f} / {r[f'reader_{m}']:.3f}"
+                         for m in ("sensitivity", "specificity")}  # fmt: skip
+                rows.append({**row, "AUC with AI": f"{r['combined_auc']:.3f}", "alone": f"{r['reader_auc']:.3f}",
+                             "P (DeLong)": _p_text(r["auc_p"]), **pairs,
+                             "P (McNemar, spec.)": _p_text(r["specificity_p"]), "note": ""})  # fmt: skip
+            shown = pd.DataFrame(rows).fillna("")
+            if not shown["note"].astype(str).str.strip().any():
+                shown = shown.drop(columns="note")
+            title = escape(f"each reader with {name} vs alone, {split}, per {found['level']} (set on validation; "
+                           f"all columns in tables/reader_plus_ai_*)")  # fmt: skip
+            _print_frame(shown, title)
 
 
 @app.command("ensemble")

@@ -209,3 +209,56 @@ def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: obj
             "among these cases: the rule-out threshold cannot be set without ruling out blindly."
         )
     return RuleOut(tuple(float(v) for v in lowest), float(kept.min()), int(yb.size), int(band.sum()))
+
+
+def _record(method: str, operating_point: str, found: dict[str, Any]) -> dict[str, Any]:
+    """One flat row of `with_reader`: a combination against the reader alone on the test cases."""
+    c, r, d = found["auc_combined"], found["auc_reader"], found["auc_difference"]
+    sens, spec = found["sensitivity"], found["specificity"]
+    return {
+        "method": method, "operating_point": operating_point, "n": found["n"], "n_positive": found["n_positive"],
+        "reader_auc": r["estimate"], "reader_auc_ci_low": r["ci_low"], "reader_auc_ci_high": r["ci_high"],
+        "combined_auc": c["estimate"], "combined_auc_ci_low": c["ci_low"], "combined_auc_ci_high": c["ci_high"],
+        "auc_difference": d["estimate"], "auc_difference_ci_low": d["ci_low"], "auc_difference_ci_high": d["ci_high"],
+        "auc_p": d["p"],
+        "reader_sensitivity": sens["reader"], "combined_sensitivity": sens["combined"], "sensitivity_p": sens["p"],
+        "reader_specificity": spec["reader"], "combined_specificity": spec["combined"], "specificity_p": spec["p"],
+    }  # fmt: skip
+
+
+def with_reader(val: Any, test: Any, positive_from: str = "4a", alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Both AI + reader scores, set on the validation cases and compared with the reader alone on the test cases.
+
+    `val` and `test` are tables (pandas) of one reader's cases with columns y (0/1), prob (the model's), birads (the
+    ordinal BI-RADS score) and call (the reader's positive call). Returns one record per method: `fitted` (the
+    logistic regression, its threshold matching the reader's validation sensitivity) and `tie_break` (the reader's
+    category, then the model; the rule-out operating point). A method that cannot be set on these validation cases
+    gets a record with its `error` instead.
+    """
+    from alnus.readers import lowest_positive_scores
+
+    out: list[dict[str, Any]] = []
+    try:
+        fit = fit_combination(val["y"], val["prob"], val["birads"])
+        positives = np.asarray(val["y"]).astype(bool)
+        sensitivity = float(np.asarray(val["call"]).astype(bool)[positives].mean())
+        threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), sensitivity)
+        found = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"], test["call"],
+                                    threshold, alpha)  # fmt: skip
+        point = (f"logistic regression of the model's logit ({fit.model_coef:.2f}) and the BI-RADS score "
+                 f"({fit.reader_coef:.2f}); positive from {threshold:.3f}, the reader's validation sensitivity "
+                 f"({100 * sensitivity:.1f}%)")  # fmt: skip
+        out.append(_record("fitted", point, found))
+    except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
+        out.append({"method": "fitted", "error": str(exc)})
+    try:
+        rule = fit_rule_out(val["y"], val["prob"], val["birads"], val["call"], lowest_positive_scores(positive_from))
+        calls = rule.calls(test["prob"], test["birads"], test["call"])
+        found = compare_with_reader(test["y"], tie_break_score(test["prob"], test["birads"]), test["birads"],
+                                    test["call"], alpha=alpha, calls=calls)  # fmt: skip
+        point = (f"the reader's call, but negative in the lowest positive category when the model's probability is "
+                 f"below {rule.threshold:.3f} (the reader's validation sensitivity kept)")  # fmt: skip
+        out.append(_record("tie_break", point, found))
+    except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
+        out.append({"method": "tie_break", "error": str(exc)})
+    return out

@@ -603,7 +603,45 @@ def reader_comparison(
         level, n_cases, `performance` (per reader and pooled), `per_reader` (McNemar, DeLong) and `panel`
         (Obuchowski-Rockette MRMC) as lists of records, and the readers module's note.
     """
-    from alnus.readers import compare_model_with_readers, reader_performance, readings_from_manifest
+    from alnus.readers import compare_model_with_readers, reader_performance
+
+    found = _cases_and_readings(rows, predictions, level, aggregate, scale, positive_from, score_threshold)
+    if found is None:
+        return None
+    cases, ids, readings = found
+    y = pd.Series(cases["y"].to_numpy(), index=ids)
+    prob = pd.Series(cases["prob"].to_numpy(), index=ids)
+    performance = reader_performance(y, readings, alpha=alpha)
+    versus = compare_model_with_readers(y, prob, threshold, readings, alpha=alpha)
+    return {
+        "level": level,
+        "scale": scale,
+        "reader_calls": _reader_call_rule(scale, positive_from, score_threshold),
+        "n_cases": versus.n_cases,
+        "n_panel_cases": versus.n_panel_cases,
+        "n_readers": versus.n_readers,
+        "model_threshold": versus.model_threshold,
+        "performance": performance.to_dict("records"),
+        "per_reader": versus.per_reader.to_dict("records"),
+        "panel": versus.panel.to_dict("records"),
+        "note": versus.note,
+        # For a cross-check in FDA/DIDSR's iMRMC (written to tables/ by evaluate_run, not into metrics.json).
+        "imrmc": _imrmc_or_none(y, prob, readings),
+    }
+
+
+def _cases_and_readings(
+    rows: pd.DataFrame,
+    predictions: pd.DataFrame,
+    level: Level,
+    aggregate: Aggregate,
+    scale: Literal["birads", "score"],
+    positive_from: str,
+    score_threshold: float | None,
+) -> tuple[pd.DataFrame, pd.Index, pd.DataFrame] | None:
+    """The split's cases (predictions aggregated at `level`), their names, and the long table of readings of them
+    (`alnus.readers.readings_from_manifest`, case = that name); None when no reader read any of the split's rows."""
+    from alnus.readers import readings_from_manifest
 
     columns = [c for c in rows.columns if c.startswith("reader_")]
     if not columns or not (rows[columns].astype(str).apply(lambda c: c.str.strip()) != "").any().any():
@@ -628,25 +666,48 @@ def reader_comparison(
         positive_from=positive_from,
         threshold=score_threshold,
     )
-    y = pd.Series(cases["y"].to_numpy(), index=ids)
-    prob = pd.Series(cases["prob"].to_numpy(), index=ids)
-    performance = reader_performance(y, readings, alpha=alpha)
-    versus = compare_model_with_readers(y, prob, threshold, readings, alpha=alpha)
-    return {
-        "level": level,
-        "scale": scale,
-        "reader_calls": _reader_call_rule(scale, positive_from, score_threshold),
-        "n_cases": versus.n_cases,
-        "n_panel_cases": versus.n_panel_cases,
-        "n_readers": versus.n_readers,
-        "model_threshold": versus.model_threshold,
-        "performance": performance.to_dict("records"),
-        "per_reader": versus.per_reader.to_dict("records"),
-        "panel": versus.panel.to_dict("records"),
-        "note": versus.note,
-        # For a cross-check in FDA/DIDSR's iMRMC (written to tables/ by evaluate_run, not into metrics.json).
-        "imrmc": _imrmc_or_none(y, prob, readings),
-    }
+    return cases, pd.Index(ids), readings
+
+
+def reader_plus_ai(
+    val_rows: pd.DataFrame,
+    val_predictions: pd.DataFrame,
+    rows: pd.DataFrame,
+    predictions: pd.DataFrame,
+    *,
+    level: Level = "patient",
+    aggregate: Aggregate = "mean",
+    positive_from: str = "4a",
+    alpha: float = 0.05,
+) -> dict[str, Any] | None:
+    """Each BI-RADS reader with the model against the reader alone on a test split (`alnus.combine.with_reader`):
+    the combinations are set on the validation cases the reader read, then compared on the test cases the reader
+    read. None when no reader read a test case; a reader without validation readings gets an error record.
+    """
+    from alnus.combine import with_reader
+
+    test = _cases_and_readings(rows, predictions, level, aggregate, "birads", positive_from, None)
+    if test is None:
+        return None
+    val = _cases_and_readings(val_rows, val_predictions, level, aggregate, "birads", positive_from, None)
+    records: list[dict[str, Any]] = []
+    for reader in sorted(test[2]["reader"].unique()):
+        per_split = [_reader_cases(found, reader) if found is not None else None for found in (val, test)]
+        if per_split[0] is None or per_split[0].empty:
+            records.append({"reader": reader, "method": "both", "error": f"reader {reader} read no validation case, "
+                            "so no combination can be set without the test cases"})  # fmt: skip
+            continue
+        records += [{"reader": reader, **r} for r in with_reader(per_split[0], per_split[1], positive_from, alpha)]
+    return {"level": level, "reader_calls": f"BI-RADS >= {positive_from}", "records": records}
+
+
+def _reader_cases(found: tuple[pd.DataFrame, pd.Index, pd.DataFrame], reader: str) -> pd.DataFrame:
+    """One reader's cases: y, the model's prob, the reading's BI-RADS score and call (cases the reader read)."""
+    cases, ids, readings = found
+    mine = readings[readings["reader"] == reader].set_index("case")
+    table = pd.DataFrame({"y": cases["y"].to_numpy(), "prob": cases["prob"].to_numpy()}, index=ids)
+    table = table.join(mine[["score", "call"]], how="inner")
+    return table.rename(columns={"score": "birads"})
 
 
 def _reader_call_rule(scale: str, positive_from: str, score_threshold: float | None) -> str:
@@ -820,7 +881,8 @@ def evaluate_run(
                      "proportion_ci": "clopper-pearson", **readers,
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"}},
-        "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "left_out": left_out,
+        "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "reader_plus_ai": {},
+        "left_out": left_out,
     }  # fmt: skip
     for model, by_split in tables.items():
         wanted = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
@@ -844,6 +906,7 @@ def evaluate_run(
                 # As an AUC that a split cannot give: a note, never the loss of every model's own results.
                 out["comparison_notes"][split] = f"{split}: {exc}"
     imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
+    _compare_reader_plus_ai(run_dir, tables, out, readers, alpha=alpha)
     out = _clean_json(out)
     _write_results(run_dir, out, imrmc, roc_tables(tables, out))
     return out
@@ -959,6 +1022,39 @@ def _compare_with_readers(
     return imrmc
 
 
+def _compare_reader_plus_ai(
+    run_dir: Path,
+    tables: Mapping[str, Mapping[str, pd.DataFrame]],
+    out: dict[str, Any],
+    readers: Mapping[str, Any],
+    *,
+    alpha: float,
+) -> None:
+    """Each BI-RADS reader with each model against the reader alone on the test splits (`reader_plus_ai`); fills
+    `out["reader_plus_ai"]`. Readers on another scale than BI-RADS categories have no combination."""
+    splits = _read_splits(run_dir)
+    if splits is None or readers["reader_scale"] != "birads":
+        return
+    val_rows = splits[splits["split"] == "val"]
+    for split in ("internal_test", "external_test"):
+        rows = splits[splits["split"] == split]
+        for model, by_split in tables.items():
+            if split not in by_split or rows.empty:
+                continue
+            point = out["models"][model]["threshold"]
+            case_level = _case_level(point["level"])
+            how = point["aggregate"] if case_level == point["level"] else "max"
+            try:
+                found = reader_plus_ai(
+                    val_rows, by_split["val"], rows, by_split[split], level=case_level, aggregate=how,
+                    positive_from=readers["reader_positive_from"], alpha=alpha,
+                )  # fmt: skip
+            except AlnusError as exc:
+                found = {"error": str(exc)}  # reported; the model's and the readers' own results stand
+            if found is not None:
+                out["reader_plus_ai"].setdefault(split, {})[model] = found
+
+
 def _write_results(
     run_dir: Path,
     metrics: Mapping[str, Any],
@@ -987,6 +1083,10 @@ def _write_results(
             text = imrmc.get((model, split))
             if text:
                 texts[run.tables / f"readers_{model}_{split}.imrmc"] = text
+    for split, by_model in metrics.get("reader_plus_ai", {}).items():
+        for model, found in by_model.items():
+            if "records" in found:
+                tables[run.tables / f"reader_plus_ai_{model}_{split}.csv"] = pd.DataFrame(found["records"])
     for path, table in tables.items():
         write_csv(table, path)
     for path, text in texts.items():
@@ -996,7 +1096,9 @@ def _write_results(
 
 # The files of tables/ that evaluate writes (and so removes once it no longer writes them); nothing else there is
 # touched.
-_TABLE_PATTERNS = ("results_*.csv", "roc_*.csv", "model_comparisons.csv", "readers_*.csv", "readers_*.imrmc")
+_TABLE_PATTERNS = (
+    "results_*.csv", "roc_*.csv", "model_comparisons.csv", "readers_*.csv", "readers_*.imrmc", "reader_plus_ai_*.csv",
+)  # fmt: skip
 
 
 def _remove_stale_tables(run: RunFolder, written: set[str]) -> None:

@@ -18,6 +18,7 @@ from alnus.cli import app
 from alnus.report._inputs import read_run_inputs
 from alnus.report.build import SECTIONS, ReportError, build_report, render_report, report_context
 from alnus.report.figures import read_figures_index
+from alnus.report.tables import READER_PLUS_AI_METHODS
 from alnus.runfolder import RunFolder, RunLockedError, lock_run
 
 from ._html import Page, read_page
@@ -125,6 +126,18 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
     heading = page.section_text["panel-tiny_cnn-external_test-block"]
     assert "Obuchowski-Rockette" in heading
     assert "McNemar" in page.section_text["readers-tiny_cnn-external_test"]
+    # Each reader with the model (issue 10.4): a row per reader and combination, or the reason it was not set.
+    records = metrics["reader_plus_ai"]["external_test"]["tiny_cnn"]["records"]
+    rows = _rows(page, "table-reader-plus-ai-tiny_cnn-external_test")
+    assert len(rows) == len(records) and {r["reader"] for r in rows} == {r["reader"] for r in records}
+    for record in records:
+        name = READER_PLUS_AI_METHODS[record["method"]]
+        row = next(r for r in rows if r["reader"] == record["reader"] and r["combination"] == name)
+        if "error" in record:
+            assert row["operating point"].startswith("not set: ")
+        else:
+            assert row["AUC, with AI vs alone"] == f"{record['combined_auc']:.3f} vs {record['reader_auc']:.3f}"
+    assert any("error" not in r for r in records)  # the phantom's readers can be combined
     calibration = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["image"]["calibration"]
     row = next(
         r for r in _rows(page, "table-calibration-table") if r["split"] == "external_test" and r["level"] == "image"
@@ -283,6 +296,7 @@ def test_a_study_without_readers_external_site_heat_maps_or_figures_still_reads(
     inputs = read_run_inputs(report_run)
     inputs.run = RunFolder(tmp_path / "no-heat-maps")
     inputs.metrics["readers"] = {}
+    inputs.metrics["reader_plus_ai"] = {}
     inputs.metrics["comparisons"] = {}
     inputs.metrics["models"]["tiny_cnn"]["splits"].pop("external_test")
     inputs.splits = inputs.splits[inputs.splits["split"] != "external_test"]

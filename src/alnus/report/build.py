@@ -418,6 +418,20 @@ def _readers_section(inputs: RunInputs) -> Section:
                         tables=[tables.panel_table(split, model, compared)],
                     )
                 )
+    for split, by_model in inputs.metrics.get("reader_plus_ai", {}).items():
+        for model, found in by_model.items():
+            if "error" in found:
+                paragraphs, shown = [shareable_text(found["error"], inputs.run)], []
+            else:
+                paragraphs, shown = [], [tables.reader_plus_ai_table(split, model, found)]
+            section.blocks.append(
+                Block(
+                    f"reader-plus-ai-{model}-{split}",
+                    f"Each reader with {model} (AI + reader), {split}",
+                    paragraphs=paragraphs,
+                    tables=shown,
+                )
+            )
     if not section.blocks:
         section.paragraphs.append("No reader readings in this study (no reader_* columns in the manifest).")
     return section

@@ -317,6 +317,18 @@ def _statistics(inputs: RunInputs) -> Block:
         "DeLong test of AUC with the reader's BI-RADS categories as an ordinal score.",
         "Model vs the reader panel: Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees of "
         "freedom (fixed model, random readers and cases).",
+        *(
+            [
+                "Each reader with the model (AI + reader), set on the validation cases only: (a) a logistic "
+                "regression of the model's logit and the BI-RADS score, positive from the threshold that matches the "
+                "reader's validation sensitivity; (b) the reader's category first and the model's probability inside "
+                "a category (nothing fitted), with the reader's calls except that the lowest positive category is "
+                "called negative below the highest model threshold that keeps the reader's validation sensitivity. "
+                "Each against the reader alone on the test cases: paired DeLong test of AUC, exact McNemar tests."
+            ]
+            if inputs.metrics.get("reader_plus_ai")
+            else []
+        ),
         "Calibration: Brier score, Cox slope and calibration-in-the-large, expected calibration error.",
         f"Significance level {settings.get('alpha', 0.05)}; bootstrap resamples {settings.get('n_boot', '?')} "
         f"(seed {settings.get('seed', 0)}); a reader's positive call: {calls}.",

@@ -130,6 +130,11 @@ def _ci_line(low: float | None, high: float | None) -> str:
     return "" if low is None or high is None else f"{num(low)}-{num(high)}"
 
 
+def _signed_ci(low: float | None, high: float | None) -> str:
+    """A CI of a difference, signed (a plain "low-high" would misread with negative bounds)."""
+    return "" if not (_finite(low) and _finite(high)) else f"{low:+.3f} to {high:+.3f}"
+
+
 def present_splits(splits: pd.DataFrame) -> list[str]:
     return [s for s in SPLITS if (splits["split"] == s).any()]
 
@@ -321,6 +326,41 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     columns = ["metric", "cases", "model", "readers (mean)", "difference (95% CI)", "P", "note"]
     caption = f"{model} vs the panel of {compared.get('n_readers', '?')} readers on {split}"
     return Table(f"panel-{model}-{split}", caption, columns, rows)
+
+
+# How the report names each AI + reader method of `alnus.combine.with_reader`.
+READER_PLUS_AI_METHODS = {
+    "fitted": "reader + AI, fitted (logistic regression on validation)",
+    "tie_break": "reader first, AI inside the category (nothing fitted)",
+}
+
+
+def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Table:
+    """Each reader with the model against the reader alone (`alnus.evaluate.reader_plus_ai`)."""
+    rows = []
+    for r in found.get("records", []):
+        method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
+        if "error" in r:
+            rows.append([r["reader"], method, "", "", "", "", "", "", f"not set: {r['error']}"])
+            continue
+        rows.append([
+            r["reader"], method, f"{r['n']} ({r['n_positive']})",
+            f"{num(r['combined_auc'])} vs {num(r['reader_auc'])}",
+            Cell(f"{r['auc_difference']:+.3f}", _signed_ci(r["auc_difference_ci_low"], r["auc_difference_ci_high"]),
+                 numeric=True),
+            p_value(r["auc_p"]),
+            f"{pct(r['combined_sensitivity'])} vs {pct(r['reader_sensitivity'])} (P {p_value(r['sensitivity_p'])})",
+            f"{pct(r['combined_specificity'])} vs {pct(r['reader_specificity'])} (P {p_value(r['specificity_p'])})",
+            r["operating_point"],
+        ])  # fmt: skip
+    columns = ["reader", "combination", "cases (positive)", "AUC, with AI vs alone", "difference", "P (DeLong)",
+               "sensitivity, with AI vs alone", "specificity, with AI vs alone", "operating point"]  # fmt: skip
+    caption = (f"Each reader with {model} vs the reader alone on {split}, per {found.get('level', 'patient')}: "
+               "paired DeLong (AUC), exact McNemar (calls)")  # fmt: skip
+    note = ("Both combinations and their operating points are set on the validation cases (never the test cases); "
+            "the reader alone calls " + found.get("reader_calls", "BI-RADS >= 4a") + " positive. Under the "
+            "difference its 95% CI.")  # fmt: skip
+    return Table(f"reader-plus-ai-{model}-{split}", caption, columns, rows, note, label_columns=2)
 
 
 def subgroups_table(table_id: str, caption: str, shown: pd.DataFrame) -> Table:
