@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         "model's order inside a category; nothing is fitted. Operating point: the radiologist's call, except that a "
         "patient in the least suspicious positive category (a plain 4 or 4a) with a model probability below "
         f"{rule.threshold:.3f} is called negative; that threshold is the highest that keeps the radiologists' "
-        f"validation sensitivity (the lowest probability of a malignant validation patient in that category; "
-        f"{rule.n_lowest} of the {rule.n_cases} validation patients are in it).",
+        f"validation sensitivity (the lowest probability of the {rule.n_positive} malignant validation patients in "
+        f"that category; {rule.n_lowest} of the {rule.n_cases} validation patients are in it).",
         "",
         _markdown(pd.DataFrame(tie_rows)),
         "",

@@ -137,3 +137,48 @@ def test_compare_with_reader_takes_calls_or_a_threshold_not_both() -> None:
         compare_with_reader(y, model, birads, call, 0.5, calls=call)
     with pytest.raises(CombineError, match="one length"):
         compare_with_reader(y, model, birads, call[:-1], calls=call[:-1])
+
+
+@pytest.mark.parametrize(
+    ("y", "prob", "calls", "message"),
+    [
+        (np.array(["0", "1", "1"]), [0.1, 0.5, 0.9], [True, True, True], "labels must be booleans or the numbers"),
+        ([0, 1, 1], [0.1, 0.5, 0.9], ["False", "True", "True"], "calls must be booleans or the numbers"),
+        ([0, 2, 1], [0.1, 0.5, 0.9], [True, True, True], "labels must be 0 or 1"),
+        ([0, 1, 1], [0.1, np.nan, 0.9], [True, True, True], r"lie in \[0, 1\]"),
+        ([0, 1, 1], [0.1, -5.0, 0.9], [True, True, True], r"lie in \[0, 1\]"),
+    ],
+)
+def test_the_rule_out_refuses_inputs_whose_meaning_is_not_what_they_say(y, prob, calls, message) -> None:  # noqa: ANN001
+    """Attack review: "0" as a string is true, NaN would make a threshold that rules out nothing."""
+    with pytest.raises(CombineError, match=message):
+        fit_rule_out(y, prob, [4.0, 4.0, 4.0], calls, (4.0, 4.25))
+
+
+def test_pandas_inputs_with_different_indexes_are_refused_not_matched_by_position() -> None:
+    import pandas as pd
+
+    prob = pd.Series([0.9, 0.1], index=["x", "y"])
+    birads = pd.Series([4.0, 5.0], index=["y", "x"])
+    with pytest.raises(CombineError, match="different indexes"):
+        tie_break_score(prob, birads)
+    assert tie_break_score(prob, birads.loc[["x", "y"]]).tolist() == pytest.approx([5.18, 4.02])
+    with pytest.raises(CombineError, match="must be numbers"):
+        tie_break_score([0.1, 0.2], ["4a", "5"])
+
+
+def test_with_reader_says_why_a_combination_cannot_be_set() -> None:
+    import pandas as pd
+
+    from alnus.combine import with_reader
+
+    y, model, birads = _cases(300, seed=8)
+    test = pd.DataFrame({"y": y, "prob": model, "birads": birads, "call": birads >= 4.25})
+    never = test.assign(call=False)  # a reader who calls nothing positive on validation: no sensitivity to match
+    fitted, ordered = with_reader(never, test)
+    assert "called no positive validation case positive" in fitted["error"]
+    assert "no positive case in the least suspicious" in ordered["error"]
+    fitted, ordered = with_reader(test, test)
+    assert fitted["combined_sensitivity_k"] == round(fitted["combined_sensitivity"] * fitted["n_positive"])
+    assert ordered["val_n_lowest_positive"] == int(((test["birads"] == 4.25) & (test["y"] == 1)).sum())
+    assert ordered["combined_sensitivity"] >= ordered["reader_sensitivity"] - 1e-12  # set on these very cases

@@ -758,3 +758,28 @@ def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp
     splits["reader_a"] = np.where(splits["split"] == "external_test", "50", "")
     write_csv(splits, run / "splits.csv")
     assert evaluate_run(run, n_boot=100)["reader_plus_ai"] == {}
+
+
+def test_an_incomplete_or_unreadable_reading_costs_only_that_reader_its_combination(tmp_path: Path) -> None:
+    """Attack review: BI-RADS 0 crashed the evaluation, and one reader's bad cell removed every reader's result."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    scored = splits["split"].isin(["val", "external_test"])
+    positive = splits["label"] == "positive"
+    splits["reader_a"] = np.where(scored, np.where(positive, "4", "3"), "")
+    splits["reader_b"] = splits["reader_a"]
+    # Reader a: one incomplete reading (BI-RADS 0) on each split. Reader b: a cell that is no category, on validation.
+    for patient in ("val1", "external_test1"):
+        splits.loc[splits["patient_id"] == patient, "reader_a"] = "0"
+    splits.loc[splits["patient_id"] == "val3", "reader_b"] = "seven"
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=50)
+    assert metrics["models"]["tiny_cnn"]["splits"]["external_test"]["patient"]["auc"] is not None
+    records = metrics["reader_plus_ai"]["external_test"]["tiny_cnn"]["records"]
+    of_a = [r for r in records if r["reader"] == "a"]
+    assert {r["method"] for r in of_a} == {"fitted", "tie_break"}
+    assert all(r["n_incomplete"] == 1 and r["val_n_incomplete"] == 1 for r in of_a)
+    external = splits[splits["split"] == "external_test"].drop_duplicates("patient_id")
+    assert all(r["n"] == len(external) - 1 for r in of_a if "error" not in r)
+    (of_b,) = [r for r in records if r["reader"] == "b"]
+    assert of_b["error"].startswith("validation: ") and "seven" in of_b["error"]

@@ -1441,11 +1441,14 @@ def _show_reader_plus_ai(metrics: dict) -> None:
                 if "error" in r:
                     rows.append({**row, "note": f"not set: {r['error']}"})
                     continue
-                pairs = {f"{m[:4]}. with AI / alone": f"{r[f'combined_{m}']:.3f} / {r[f'reader_{m}']:.3f}"
+                n = {"sensitivity": r["n_positive"], "specificity": r["n_negative"]}
+                pairs = {f"{m[:4]}. with AI / alone (P)": f"{r[f'combined_{m}_k']}/{n[m]} / "
+                         f"{r[f'reader_{m}_k']}/{n[m]} ({_p_text(r[f'{m}_p'])})"
                          for m in ("sensitivity", "specificity")}  # fmt: skip
-                rows.append({**row, "AUC with AI": f"{r['combined_auc']:.3f}", "alone": f"{r['reader_auc']:.3f}",
-                             "P (DeLong)": _p_text(r["auc_p"]), **pairs,
-                             "P (McNemar, spec.)": _p_text(r["specificity_p"]), "note": ""})  # fmt: skip
+                rows.append({**row, "AUC with AI": f"{r['combined_auc']:.3f}", "AUC alone": f"{r['reader_auc']:.3f}",
+                             "difference (95% CI)": f"{r['auc_difference']:+.3f} ({r['auc_difference_ci_low']:+.3f} "
+                             f"to {r['auc_difference_ci_high']:+.3f})", "P (DeLong)": _p_text(r["auc_p"]), **pairs,
+                             "note": ""})  # fmt: skip
             shown = pd.DataFrame(rows).fillna("")
             if not shown["note"].astype(str).str.strip().any():
                 shown = shown.drop(columns="note")

@@ -57,8 +57,46 @@ def _logit(prob: object) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _aligned(*values: object) -> None:
+    """Arrays are matched by position: pandas objects whose indexes differ would be matched wrongly, so refused."""
+    indexes = [v.index for v in values if hasattr(v, "index") and hasattr(v, "to_numpy")]
+    if any(not index.equals(indexes[0]) for index in indexes[1:]):
+        raise CombineError("the inputs are pandas objects with different indexes; align them first (cases are matched "
+                           "by position).")  # fmt: skip
+
+
+def _binary(values: object, what: str) -> np.ndarray:
+    """Labels or calls as booleans: booleans, or the numbers 0 and 1 (strings such as "0" or "False" are refused,
+    since their truth value is not what they say)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "biuf":
+        raise CombineError(f"{what} must be booleans or the numbers 0 and 1, not {a.dtype} values.")
+    numbers = a.astype(float)
+    if not np.isin(numbers, (0.0, 1.0)).all():
+        raise CombineError(
+            f"{what} must be 0 or 1 (or booleans); found {sorted(set(numbers.tolist()) - {0.0, 1.0})[:5]}."
+        )
+    return numbers.astype(bool)
+
+
+def _probabilities(values: object) -> np.ndarray:
+    try:
+        p = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise CombineError("model probabilities must be numbers.") from None
+    if not np.isfinite(p).all() or ((p < 0) | (p > 1)).any():
+        raise CombineError("model probabilities must lie in [0, 1] (no missing values).")
+    return p
+
+
 def _design(prob: object, birads_score: object) -> np.ndarray:
-    p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
+    _aligned(prob, birads_score)
+    try:
+        p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
+    except (TypeError, ValueError):
+        raise CombineError(
+            "model probabilities and BI-RADS scores must be numbers (BI-RADS as scores: alnus.readers.birads_score)."
+        ) from None
     if p.shape != b.shape or p.ndim != 1:
         raise CombineError(f"model probabilities and BI-RADS scores must be two 1-D arrays of one length: {p.shape}, "
                            f"{b.shape}.")  # fmt: skip
@@ -117,10 +155,13 @@ def compare_with_reader(
     """
     if (threshold is None) == (calls is None):
         raise CombineError("give the combined score's operating point as either a threshold or its calls, not both.")
-    yb = np.asarray(y).astype(int)
+    _aligned(y, combined, reader_score, reader_call, *([] if calls is None else [calls]))
+    yb = _binary(y, "labels").astype(int)
     c, r = np.asarray(combined, dtype=float), np.asarray(reader_score, dtype=float)
-    calls_c = (c >= threshold).astype(int) if calls is None else np.asarray(calls).astype(int)
-    calls_r = np.asarray(reader_call).astype(int)
+    if threshold is not None and not np.isfinite(threshold):
+        raise CombineError(f"the threshold must be a finite number, got {threshold}.")
+    calls_c = (c >= threshold).astype(int) if calls is None else _binary(calls, "calls").astype(int)
+    calls_r = _binary(reader_call, "the reader's calls").astype(int)
     if not (calls_c.shape == calls_r.shape == yb.shape == c.shape == r.shape):
         raise CombineError(f"labels, scores and calls must have one length each: {yb.shape}, {c.shape}, {r.shape}, "
                            f"{calls_c.shape}, {calls_r.shape}.")  # fmt: skip
@@ -145,6 +186,8 @@ def compare_with_reader(
 # 4a, 4a to 4b, ...); the model's share of the tie-break score stays below that, so it never crosses a category.
 _CATEGORY_GAP = 0.25
 TIE_BREAK_WEIGHT = 0.2
+# A rule-out threshold set by fewer positive validation cases than this is said to be uncertain.
+_FEW_POSITIVES = 5
 
 
 def tie_break_score(prob: object, birads_score: object) -> np.ndarray:
@@ -176,10 +219,14 @@ class RuleOut:
     threshold: float
     n_cases: int
     n_lowest: int
+    n_positive: (
+        int  # positive validation cases in the lowest category: the threshold is the lowest of their probabilities
+    )
 
     def calls(self, prob: object, birads_score: object, reader_call: object) -> np.ndarray:
-        p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
-        r = np.asarray(reader_call).astype(bool)
+        _aligned(prob, birads_score, reader_call)
+        p, b = _probabilities(prob), _design(prob, birads_score)[:, 1]
+        r = _binary(reader_call, "the reader's calls")
         if not p.shape == b.shape == r.shape:
             raise CombineError(f"probabilities, BI-RADS scores and calls must have one length: {p.shape}, {b.shape}, "
                                f"{r.shape}.")  # fmt: skip
@@ -195,9 +242,10 @@ def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: obj
     """The rule-out threshold on (validation) cases: the highest that keeps the reader's sensitivity, i.e. the
     lowest model probability among the positive cases of the least suspicious positive category that the reader
     called positive (none of them is ruled out)."""
-    yb = np.asarray(y).astype(bool)
-    p, b = np.asarray(prob, dtype=float), np.asarray(birads_score, dtype=float)
-    r = np.asarray(reader_call).astype(bool)
+    _aligned(y, prob, birads_score, reader_call)
+    yb = _binary(y, "labels")
+    p, b = _probabilities(prob), _design(prob, birads_score)[:, 1]
+    r = _binary(reader_call, "the reader's calls")
     if not yb.shape == p.shape == b.shape == r.shape:
         raise CombineError(f"labels, probabilities, BI-RADS scores and calls must have one length: {yb.shape}, "
                            f"{p.shape}, {b.shape}, {r.shape}.")  # fmt: skip
@@ -208,22 +256,34 @@ def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: obj
             f"no positive case in the least suspicious positive category (scores {list(lowest)}) "
             "among these cases: the rule-out threshold cannot be set without ruling out blindly."
         )
-    return RuleOut(tuple(float(v) for v in lowest), float(kept.min()), int(yb.size), int(band.sum()))
+    return RuleOut(tuple(float(v) for v in lowest), float(kept.min()), int(yb.size), int(band.sum()), int(kept.size))
 
 
-def _record(method: str, operating_point: str, found: dict[str, Any]) -> dict[str, Any]:
-    """One flat row of `with_reader`: a combination against the reader alone on the test cases."""
+def _record(method: str, operating_point: str, params: dict[str, Any], found: dict[str, Any], calls: Any,
+            reader_call: Any, y: Any) -> dict[str, Any]:  # fmt: skip
+    """One flat row of `with_reader`: a combination against the reader alone on the test cases, with the counts
+    behind each proportion and the parameters set on validation."""
     c, r, d = found["auc_combined"], found["auc_reader"], found["auc_difference"]
-    sens, spec = found["sensitivity"], found["specificity"]
-    return {
-        "method": method, "operating_point": operating_point, "n": found["n"], "n_positive": found["n_positive"],
+    yb = np.asarray(y).astype(bool)
+    mine, theirs = np.asarray(calls).astype(bool), np.asarray(reader_call).astype(bool)
+    out: dict[str, Any] = {
+        "method": method, "operating_point": operating_point, **params,
+        "n": found["n"], "n_positive": found["n_positive"], "n_negative": found["n"] - found["n_positive"],
         "reader_auc": r["estimate"], "reader_auc_ci_low": r["ci_low"], "reader_auc_ci_high": r["ci_high"],
         "combined_auc": c["estimate"], "combined_auc_ci_low": c["ci_low"], "combined_auc_ci_high": c["ci_high"],
         "auc_difference": d["estimate"], "auc_difference_ci_low": d["ci_low"], "auc_difference_ci_high": d["ci_high"],
         "auc_p": d["p"],
-        "reader_sensitivity": sens["reader"], "combined_sensitivity": sens["combined"], "sensitivity_p": sens["p"],
-        "reader_specificity": spec["reader"], "combined_specificity": spec["combined"], "specificity_p": spec["p"],
     }  # fmt: skip
+    for metric, cases, hit in (("sensitivity", yb, True), ("specificity", ~yb, False)):
+        m = found[metric]
+        out |= {
+            f"reader_{metric}": m["reader"], f"combined_{metric}": m["combined"],
+            f"reader_{metric}_k": int((theirs[cases] == hit).sum()),
+            f"combined_{metric}_k": int((mine[cases] == hit).sum()),
+            f"{metric}_difference": m["difference"], f"{metric}_difference_ci_low": m["ci_low"],
+            f"{metric}_difference_ci_high": m["ci_high"], f"{metric}_p": m["p"],
+        }  # fmt: skip
+    return out
 
 
 def with_reader(val: Any, test: Any, positive_from: str = "4a", alpha: float = 0.05) -> list[dict[str, Any]]:
@@ -232,33 +292,47 @@ def with_reader(val: Any, test: Any, positive_from: str = "4a", alpha: float = 0
     `val` and `test` are tables (pandas) of one reader's cases with columns y (0/1), prob (the model's), birads (the
     ordinal BI-RADS score) and call (the reader's positive call). Returns one record per method: `fitted` (the
     logistic regression, its threshold matching the reader's validation sensitivity) and `tie_break` (the reader's
-    category, then the model; the rule-out operating point). A method that cannot be set on these validation cases
-    gets a record with its `error` instead.
+    category, then the model; the rule-out operating point), each with the parameters set on validation and the
+    counts behind every proportion. A method that cannot be set on these validation cases (or compared on these
+    test cases) gets a record with its `error` instead.
     """
     from alnus.readers import lowest_positive_scores
 
+    val_y, test_y = _binary(val["y"], "labels").astype(int), _binary(test["y"], "labels").astype(int)
+    val_call, test_call = _binary(val["call"], "the reader's calls"), _binary(test["call"], "the reader's calls")
+    val_p, val_b = np.asarray(val["prob"], dtype=float), np.asarray(val["birads"], dtype=float)
+    test_p, test_b = np.asarray(test["prob"], dtype=float), np.asarray(test["birads"], dtype=float)
+    on_val = {"val_n": int(val_y.size), "val_n_positive": int(val_y.sum())}
     out: list[dict[str, Any]] = []
     try:
-        fit = fit_combination(val["y"], val["prob"], val["birads"])
-        positives = np.asarray(val["y"]).astype(bool)
-        sensitivity = float(np.asarray(val["call"]).astype(bool)[positives].mean())
-        threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), sensitivity)
-        found = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"], test["call"],
-                                    threshold, alpha)  # fmt: skip
-        point = (f"logistic regression of the model's logit ({fit.model_coef:.2f}) and the BI-RADS score "
-                 f"({fit.reader_coef:.2f}); positive from {threshold:.3f}, the reader's validation sensitivity "
-                 f"({100 * sensitivity:.1f}%)")  # fmt: skip
-        out.append(_record("fitted", point, found))
+        fit = fit_combination(val_y, val_p, val_b)
+        sensitivity = float(val_call[val_y == 1].mean())
+        if sensitivity == 0:
+            raise CombineError("the reader called no positive validation case positive: there is no sensitivity to "
+                               "match, so the fitted combination has no operating point.")  # fmt: skip
+        threshold = matched_threshold(val_y, fit.score(val_p, val_b), sensitivity)
+        score = fit.score(test_p, test_b)
+        found = compare_with_reader(test_y, score, test_b, test_call, threshold, alpha)
+        params = {**on_val, "intercept": fit.intercept, "model_coef": fit.model_coef, "reader_coef": fit.reader_coef,
+                  "threshold": threshold, "reader_val_sensitivity": sensitivity}  # fmt: skip
+        point = (f"P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} x "
+                 f"BI-RADS score), positive from {threshold:.3f}: the reader's validation sensitivity "
+                 f"({100 * sensitivity:.1f}%) on the {on_val['val_n']} validation cases")  # fmt: skip
+        out.append(_record("fitted", point, params, found, score >= threshold, test_call, test_y))
     except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
         out.append({"method": "fitted", "error": str(exc)})
     try:
-        rule = fit_rule_out(val["y"], val["prob"], val["birads"], val["call"], lowest_positive_scores(positive_from))
-        calls = rule.calls(test["prob"], test["birads"], test["call"])
-        found = compare_with_reader(test["y"], tie_break_score(test["prob"], test["birads"]), test["birads"],
-                                    test["call"], alpha=alpha, calls=calls)  # fmt: skip
+        rule = fit_rule_out(val_y, val_p, val_b, val_call, lowest_positive_scores(positive_from))
+        calls = rule.calls(test_p, test_b, test_call)
+        found = compare_with_reader(test_y, tie_break_score(test_p, test_b), test_b, test_call, alpha=alpha,
+                                    calls=calls)  # fmt: skip
+        few = " (few: the threshold is that uncertain)" if rule.n_positive < _FEW_POSITIVES else ""
+        params = {**on_val, "threshold": rule.threshold, "val_n_lowest": rule.n_lowest,
+                  "val_n_lowest_positive": rule.n_positive}  # fmt: skip
         point = (f"the reader's call, but negative in the lowest positive category when the model's probability is "
-                 f"below {rule.threshold:.3f} (the reader's validation sensitivity kept)")  # fmt: skip
-        out.append(_record("tie_break", point, found))
-    except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
+                 f"below {rule.threshold:.3f}, the lowest of the {rule.n_positive} malignant validation case(s) in "
+                 f"that category{few} ({rule.n_lowest} validation cases in it)")  # fmt: skip
+        out.append(_record("tie_break", point, params, found, calls, test_call, test_y))
+    except AlnusError as exc:
         out.append({"method": "tie_break", "error": str(exc)})
     return out

@@ -682,31 +682,65 @@ def reader_plus_ai(
 ) -> dict[str, Any] | None:
     """Each BI-RADS reader with the model against the reader alone on a test split (`alnus.combine.with_reader`):
     the combinations are set on the validation cases the reader read, then compared on the test cases the reader
-    read. None when no reader read a test case; a reader without validation readings gets an error record.
+    read. None when no reader read a test case. Each reader stands alone: a reader without validation readings, or
+    with a reading that cannot be read, gets an error record and the others their results. Incomplete readings
+    (BI-RADS 0) are left out of the combination and counted (`n_incomplete`).
     """
     from alnus.combine import with_reader
 
-    test = _cases_and_readings(rows, predictions, level, aggregate, "birads", positive_from, None)
-    if test is None:
-        return None
-    val = _cases_and_readings(val_rows, val_predictions, level, aggregate, "birads", positive_from, None)
+    columns = sorted(c for c in rows.columns if c.startswith("reader_"))
     records: list[dict[str, Any]] = []
-    for reader in sorted(test[2]["reader"].unique()):
-        per_split = [_reader_cases(found, reader) if found is not None else None for found in (val, test)]
-        if per_split[0] is None or per_split[0].empty:
-            records.append({"reader": reader, "method": "both", "error": f"reader {reader} read no validation case, "
-                            "so no combination can be set without the test cases"})  # fmt: skip
+    for column in columns:
+        reader = column.removeprefix("reader_")
+        try:
+            test = _one_reader(rows, predictions, column, level, aggregate, positive_from)
+            if test is None:
+                continue  # this reader read nothing of this split
+            val = _one_reader(val_rows, val_predictions, column, level, aggregate, positive_from, where="validation")
+        except AlnusError as exc:
+            records.append({"reader": reader, "method": "both", "error": str(exc)})
             continue
-        records += [{"reader": reader, **r} for r in with_reader(per_split[0], per_split[1], positive_from, alpha)]
+        incomplete = {"n_incomplete": int(test["birads"].isna().sum()),
+                      "val_n_incomplete": 0 if val is None else int(val["birads"].isna().sum())}  # fmt: skip
+        test = test.dropna(subset=["birads"])
+        val = None if val is None else val.dropna(subset=["birads"])
+        if val is None or val.empty:
+            records.append({"reader": reader, "method": "both", "error": f"reader {reader} read no validation case "
+                            "(with a category), so no combination can be set without the test cases"})  # fmt: skip
+            continue
+        records += [{"reader": reader, **r, **incomplete} for r in with_reader(val, test, positive_from, alpha)]
+    if not records:
+        return None
     return {"level": level, "reader_calls": f"BI-RADS >= {positive_from}", "records": records}
 
 
-def _reader_cases(found: tuple[pd.DataFrame, pd.Index, pd.DataFrame], reader: str) -> pd.DataFrame:
-    """One reader's cases: y, the model's prob, the reading's BI-RADS score and call (cases the reader read)."""
+def _one_reader(
+    rows: pd.DataFrame,
+    predictions: pd.DataFrame,
+    column: str,
+    level: Level,
+    aggregate: Aggregate,
+    positive_from: str,
+    where: str = "",
+) -> pd.DataFrame | None:
+    """One reader's cases of a split: y, the model's prob, the reading's BI-RADS score (NaN for an incomplete
+    reading, BI-RADS 0) and call; None when the reader read none of them. A reading that cannot be read raises,
+    naming `where` (e.g. validation) and its row."""
+    others = [c for c in rows.columns if c.startswith("reader_") and c != column]
+    try:
+        found = _cases_and_readings(rows.drop(columns=others), predictions, level, aggregate, "birads", positive_from,
+                                    None)  # fmt: skip
+    except AlnusError as exc:
+        if not where:
+            raise
+        raise EvaluateError(f"{where}: {exc}") from None
+    if found is None:
+        return None
     cases, ids, readings = found
-    mine = readings[readings["reader"] == reader].set_index("case")
     table = pd.DataFrame({"y": cases["y"].to_numpy(), "prob": cases["prob"].to_numpy()}, index=ids)
-    table = table.join(mine[["score", "call"]], how="inner")
+    table = table.join(readings.set_index("case")[["score", "call"]], how="inner")
+    # An incomplete reading has no call: it is kept (to be counted) with a negative call, its score NaN.
+    table["call"] = table["call"].fillna(False).astype(bool)
     return table.rename(columns={"score": "birads"})
 
 

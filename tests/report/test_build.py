@@ -134,9 +134,15 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
         name = READER_PLUS_AI_METHODS[record["method"]]
         row = next(r for r in rows if r["reader"] == record["reader"] and r["combination"] == name)
         if "error" in record:
-            assert row["operating point"].startswith("not set: ")
-        else:
-            assert row["AUC, with AI vs alone"] == f"{record['combined_auc']:.3f} vs {record['reader_auc']:.3f}"
+            assert row["cases (positive)"].startswith("not set: ")
+            continue
+        assert row["AUC, with AI vs alone"] == f"{record['combined_auc']:.3f} vs {record['reader_auc']:.3f}"
+        n = record["n_positive"]
+        assert row["sensitivity, with AI vs alone (McNemar)"].startswith(
+            f"{100 * record['combined_sensitivity']:.1f}% ({record['combined_sensitivity_k']}/{n}) vs "
+        )
+        assert f"{record['reader']}, {name}: {record['operating_point']}." in page.section_text[
+            "reader-plus-ai-tiny_cnn-external_test"]  # fmt: skip
     assert any("error" not in r for r in records)  # the phantom's readers can be combined
     calibration = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["image"]["calibration"]
     row = next(

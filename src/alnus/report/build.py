@@ -421,14 +421,16 @@ def _readers_section(inputs: RunInputs) -> Section:
     for split, by_model in inputs.metrics.get("reader_plus_ai", {}).items():
         for model, found in by_model.items():
             if "error" in found:
-                paragraphs, shown = [shareable_text(found["error"], inputs.run)], []
+                paragraphs, shown, points = [shareable_text(found["error"], inputs.run)], [], []
             else:
-                paragraphs, shown = [], [tables.reader_plus_ai_table(split, model, found)]
+                paragraphs = ["Operating points, set on the validation cases:"]
+                shown, points = [tables.reader_plus_ai_table(split, model, found)], tables.reader_plus_ai_points(found)
             section.blocks.append(
                 Block(
                     f"reader-plus-ai-{model}-{split}",
-                    f"Each reader with {model} (AI + reader), {split}",
-                    paragraphs=paragraphs,
+                    f"Readers with and without {model}, {split}: paired DeLong (AUC), exact McNemar (calls)",
+                    paragraphs=paragraphs if points or "error" in found else [],
+                    items=points,
                     tables=shown,
                 )
             )

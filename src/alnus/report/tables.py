@@ -335,32 +335,50 @@ READER_PLUS_AI_METHODS = {
 }
 
 
+def _with_counts(r: Mapping[str, Any], metric: str) -> str:
+    """ "with AI vs alone" of a proportion, each with its count, and McNemar's P."""
+    n = r["n_positive"] if metric == "sensitivity" else r["n_negative"]
+    mine, theirs = r[f"combined_{metric}"], r[f"reader_{metric}"]
+    return (f"{pct(mine)} ({r[f'combined_{metric}_k']}/{n}) vs {pct(theirs)} ({r[f'reader_{metric}_k']}/{n}); "
+            f"P {p_value(r[f'{metric}_p'])}")  # fmt: skip
+
+
 def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Table:
-    """Each reader with the model against the reader alone (`alnus.evaluate.reader_plus_ai`)."""
+    """Each reader with the model against the reader alone (`alnus.evaluate.reader_plus_ai`); the operating points
+    are `reader_plus_ai_points`."""
     rows = []
     for r in found.get("records", []):
         method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
         if "error" in r:
-            rows.append([r["reader"], method, "", "", "", "", "", "", f"not set: {r['error']}"])
+            rows.append([r["reader"], method, Cell(f"not set: {r['error']}"), "", "", "", "", ""])
             continue
         rows.append([
             r["reader"], method, f"{r['n']} ({r['n_positive']})",
             f"{num(r['combined_auc'])} vs {num(r['reader_auc'])}",
             Cell(f"{r['auc_difference']:+.3f}", _signed_ci(r["auc_difference_ci_low"], r["auc_difference_ci_high"]),
                  numeric=True),
-            p_value(r["auc_p"]),
-            f"{pct(r['combined_sensitivity'])} vs {pct(r['reader_sensitivity'])} (P {p_value(r['sensitivity_p'])})",
-            f"{pct(r['combined_specificity'])} vs {pct(r['reader_specificity'])} (P {p_value(r['specificity_p'])})",
-            r["operating_point"],
+            p_value(r["auc_p"]), _with_counts(r, "sensitivity"), _with_counts(r, "specificity"),
         ])  # fmt: skip
-    columns = ["reader", "combination", "cases (positive)", "AUC, with AI vs alone", "difference", "P (DeLong)",
-               "sensitivity, with AI vs alone", "specificity, with AI vs alone", "operating point"]  # fmt: skip
-    caption = (f"Each reader with {model} vs the reader alone on {split}, per {found.get('level', 'patient')}: "
-               "paired DeLong (AUC), exact McNemar (calls)")  # fmt: skip
-    note = ("Both combinations and their operating points are set on the validation cases (never the test cases); "
-            "the reader alone calls " + found.get("reader_calls", "BI-RADS >= 4a") + " positive. Under the "
-            "difference its 95% CI.")  # fmt: skip
+    columns = ["reader", "combination", "cases (positive)", "AUC, with AI vs alone", "AUC difference (95% CI)",
+               "P (DeLong)", "sensitivity, with AI vs alone (McNemar)",
+               "specificity, with AI vs alone (McNemar)"]  # fmt: skip
+    caption = f"Each reader with {model} vs the reader alone on {split}, per {found.get('level', 'patient')}"
+    note = (
+        "Both combinations and their operating points are set on the validation cases, never the test cases; the "
+        "same validation cases also chose the model's threshold (and its training epoch), so they flatter the model "
+        "a little there. The reader alone calls " + found.get("reader_calls", "BI-RADS >= 4a") + " positive. P values "
+        "are not adjusted for the number of readers and combinations."
+    )
     return Table(f"reader-plus-ai-{model}-{split}", caption, columns, rows, note, label_columns=2)
+
+
+def reader_plus_ai_points(found: Mapping[str, Any]) -> list[str]:
+    """Each reader's combinations as set on validation, one line each (the table's operating points)."""
+    return [
+        f"{r['reader']}, {READER_PLUS_AI_METHODS.get(r['method'], r['method'])}: {r['operating_point']}."
+        for r in found.get("records", [])
+        if "error" not in r
+    ]
 
 
 def subgroups_table(table_id: str, caption: str, shown: pd.DataFrame) -> Table:
