@@ -330,8 +330,8 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
 
 # How the report names each AI + reader method of `alnus.combine.with_reader`.
 READER_PLUS_AI_METHODS = {
-    "fitted": "reader + AI, fitted (logistic regression on validation)",
-    "tie_break": "reader first, AI inside the category (nothing fitted)",
+    "fitted": "logistic regression",
+    "tie_break": "tie-break: category, then AI",
 }
 
 
