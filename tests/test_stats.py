@@ -426,20 +426,24 @@ def _loo(y: np.ndarray, rows: np.ndarray, fom) -> np.ndarray:  # noqa: ANN001
 
 
 def _or_from_definition(jack: np.ndarray, theta: np.ndarray, r: int) -> tuple[float, float, float]:
+    """OR two-modality F, Hillis ddf and P for the model (replicated in every reader slot) vs r readers."""
+    rows = [0] * r + list(range(1, r + 1))
+    return _or_two_modalities_from_definition(jack[rows], theta[rows], r)
+
+
+def _or_two_modalities_from_definition(jack: np.ndarray, theta: np.ndarray, r: int) -> tuple[float, float, float]:
     """OR two-modality F, Hillis ddf and P from the definitions (Obuchowski & Rockette 1995; Hillis 2007).
 
-    Modality 0 = the model replicated in every reader slot, modality 1 = the readers.
+    Rows 0..r-1 of `jack` and `theta` are modality 0 (reader j in row j), rows r..2r-1 modality 1.
     """
     slots = [(i, j) for i in range(2) for j in range(r)]
-    row_of = {(0, j): 0 for j in range(r)} | {(1, j): 1 + j for j in range(r)}
-    full = jack[[row_of[s] for s in slots]]
     n = jack.shape[1]
-    c = np.cov(full, ddof=0) * (n - 1)  # jackknife covariance (n-1)/n * sum of cross products
+    c = np.cov(jack, ddof=0) * (n - 1)  # jackknife covariance (n-1)/n * sum of cross products
     cov2 = np.mean([c[a, b] for a, sa in enumerate(slots) for b, sb in enumerate(slots)
                     if sa[0] == sb[0] and sa[1] != sb[1]])  # fmt: skip
     cov3 = np.mean([c[a, b] for a, sa in enumerate(slots) for b, sb in enumerate(slots)
                     if sa[0] != sb[0] and sa[1] != sb[1]])  # fmt: skip
-    th = np.array([[theta[0]] * r, list(theta[1:])])
+    th = np.asarray(theta, dtype=float).reshape(2, r)
     grand = th.mean()
     ms_t = r * ((th.mean(axis=1) - grand) ** 2).sum() / 1
     resid = th - th.mean(axis=1, keepdims=True) - th.mean(axis=0, keepdims=True) + grand
@@ -509,6 +513,68 @@ def test_mrmc_type_one_error_under_roe_metz_null() -> None:
         stats.mrmc_model_vs_readers(*simulate_roe_metz(rng, 41, 40, 5, model_mu=2.6)).p < 0.05 for _ in range(100)
     )
     assert better / 100 > 0.5
+
+
+def _two_modalities(rng: np.random.Generator, r: int, gain: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same readers in two modalities: B as simulated, A the same readings with fresh noise (+ `gain` on
+    positives), so that with gain 0 both modalities have the same expected AUC."""
+    y, _, readers = simulate_roe_metz(rng, 30, 30, r)
+    b = readers + rng.normal(0, 0.5, readers.shape)
+    a = readers + rng.normal(0, 0.5, readers.shape) + gain * y
+    return y, a, b
+
+
+def test_mrmc_two_modalities_matches_the_or_definition_and_the_model_vs_readers_case() -> None:
+    rng = np.random.default_rng(11)
+    y, a, b = _two_modalities(rng, 4, gain=0.4)
+    a, b = np.round(a), np.round(b)  # rating-scale ties
+    res = stats.mrmc_two_modalities(y, a, b)
+    rows = np.vstack([a, b])
+    theta = np.array([roc_auc_score(y, row) for row in rows])
+    f, ddf, p = _or_two_modalities_from_definition(_loo(y, rows, roc_auc_score), theta, 4)
+    assert (res.f, res.df_den, res.p) == pytest.approx((f, ddf, p), rel=1e-8)
+    assert res.estimate == pytest.approx(theta[:4].mean() - theta[4:].mean())
+    assert res.estimates_a == pytest.approx(tuple(theta[:4])) and res.mean_b == pytest.approx(theta[4:].mean())
+    assert res.ci_low < res.estimate < res.ci_high
+    # A fixed model is the modality whose one reading fills every reader slot.
+    _, model, readers = simulate_roe_metz(rng, 20, 18, 3)
+    y2 = np.r_[np.ones(20, dtype=bool), np.zeros(18, dtype=bool)]
+    fixed = stats.mrmc_model_vs_readers(y2, model, readers)
+    crossed = stats.mrmc_two_modalities(y2, np.tile(model, (3, 1)), readers)
+    assert (crossed.estimate, crossed.p, crossed.df_den) == pytest.approx((fixed.estimate, fixed.p, fixed.df_den))
+    # Calls: sensitivity and specificity of 0/1 readings, by brute force.
+    calls_a, calls_b = a >= 1.0, b >= 1.0
+    sens = stats.mrmc_two_modalities(y, calls_a.astype(int), calls_b.astype(int), metric="sensitivity")
+
+    def fom(yy: np.ndarray, c: np.ndarray) -> float:
+        return float(c[yy].mean())
+
+    both = np.vstack([calls_a, calls_b])
+    f, ddf, p = _or_two_modalities_from_definition(_loo(y, both, fom), np.array([fom(y, c) for c in both]), 4)
+    assert (sens.f, sens.df_den, sens.p) == pytest.approx((f, ddf, p), rel=1e-8)
+
+
+def test_mrmc_two_modalities_type_one_error_and_power() -> None:
+    rng = np.random.default_rng(2025)
+    rejected = sum(stats.mrmc_two_modalities(*_two_modalities(rng, 5)).p < 0.05 for _ in range(300))
+    assert 0.02 <= rejected / 300 <= 0.09
+    better = sum(stats.mrmc_two_modalities(*_two_modalities(rng, 5, gain=1.0)).p < 0.05 for _ in range(100))
+    assert better / 100 > 0.5
+
+
+def test_mrmc_two_modalities_input_errors() -> None:
+    y = np.array([1, 1, 0, 0, 1, 0])
+    x = np.vstack([np.linspace(0, 1, 6), np.linspace(1, 0, 6)])
+    with pytest.raises(StatsError, match="the same readers"):
+        stats.mrmc_two_modalities(y, x, x[:1])
+    with pytest.raises(StatsError, match="at least 2 readers"):
+        stats.mrmc_two_modalities(y, x[:1], x[:1])
+    with pytest.raises(StatsError, match="n_cases = 6"):
+        stats.mrmc_two_modalities(y, x[:, :5], x[:, :5])
+    with pytest.raises(StatsError, match="error term is 0"):
+        stats.mrmc_two_modalities(y, x, x)
+    with pytest.raises(StatsError, match="0/1 calls"):
+        stats.mrmc_two_modalities(y, x, x, metric="specificity")
 
 
 def test_mrmc_input_errors() -> None:

@@ -122,6 +122,55 @@ def jackknife_cov(jack: np.ndarray) -> np.ndarray:
     return (n_cases - 1) / n_cases * centred @ centred.T
 
 
+@dataclass(frozen=True)
+class _OrHillis:
+    d: float
+    se: float
+    t: float
+    ddf: float
+    half: float
+    p: float
+    var_error: float
+    cov1: float
+    cov2: float
+    cov3: float
+    ms_tr: float
+
+
+def _or_hillis(theta: np.ndarray, cov: np.ndarray, alpha: float) -> _OrHillis:
+    """The two-modality OR test (random readers, random cases) from the estimates `theta` (2, r) and the jackknife
+    covariance `cov` (2r, 2r; row i * r + j is modality i, reader j): d = mean theta_1. - mean theta_2. with its
+    Hillis (2007) CI and P.
+
+    Var(error) is the mean variance; Cov1 the mean covariance of the two modalities of one reader, Cov2 of two
+    readers in one modality, Cov3 of two readers in different modalities. MS(TR) = var_j(d_j) / 2 with
+    d_j = theta_1j - theta_2j, F = MS(T) / (MS(TR) + r max(Cov2 - Cov3, 0)), MS(T) = r d^2 / 2, and
+    ddf_H = (MS(TR) + r max(Cov2 - Cov3, 0))^2 / (MS(TR)^2 / (r - 1)).
+    """
+    r = theta.shape[1]
+    modality = np.repeat([0, 1], r)
+    reader = np.tile(np.arange(r), 2)
+    same_m, same_r = modality[:, None] == modality[None, :], reader[:, None] == reader[None, :]
+    var_error = float(np.diag(cov).mean())
+    cov1 = float(cov[~same_m & same_r].mean())
+    cov2 = float(cov[same_m & ~same_r].mean())
+    cov3 = float(cov[~same_m & ~same_r].mean())
+    d_j = theta[0] - theta[1]
+    d = float(d_j.mean())
+    ms_tr = float(d_j.var(ddof=1) / 2)
+    denom = ms_tr + r * max(cov2 - cov3, 0.0)
+    if denom <= 0.0:
+        raise StatsError(
+            "the OR error term is 0 (every reader performs exactly alike in both modalities and the covariances "
+            "vanish); the test is undefined for these readings."
+        )
+    ddf = np.inf if ms_tr == 0.0 else denom**2 / (ms_tr**2 / (r - 1))
+    se = float(np.sqrt(2 / r * denom))
+    t = d / se
+    half = float(_sps.t.ppf(1 - alpha / 2, ddf)) * se
+    return _OrHillis(d, se, t, float(ddf), half, float(2 * _sps.t.sf(abs(t), ddf)), var_error, cov1, cov2, cov3, ms_tr)
+
+
 def mrmc_model_vs_readers(
     y: object,
     model_score: object,
@@ -168,34 +217,95 @@ def mrmc_model_vs_readers(
     theta, v10, v01 = _metric_components(yb, np.stack(rows), metric, model_threshold, reader_thresholds)
     cov = jackknife_cov(jackknife_estimates(yb, theta, v10, v01))
 
-    var_model, cov_model_reader, cov_readers = cov[0, 0], cov[0, 1:], cov[1:, 1:]
-    offdiag = cov_readers[~np.eye(r, dtype=bool)]
-    # Modality 1 holds the same reading in every slot, so its within-modality covariances equal var(model).
-    var_error = float((var_model + np.diag(cov_readers).mean()) / 2)
-    cov1 = float(cov_model_reader.mean())
-    cov2 = float((var_model + offdiag.mean()) / 2)
-    cov3 = float(cov_model_reader.mean())
-
-    d_j = theta[0] - theta[1:]
-    d = float(d_j.mean())
-    ms_tr = float(d_j.var(ddof=1) / 2)
-    denom = ms_tr + r * max(cov2 - cov3, 0.0)
-    if denom <= 0.0:
-        raise StatsError(
-            "the OR error term is 0 (every reader performs exactly like the model and the covariances "
-            "vanish); the test is undefined for these readings."
-        )
-    ddf = np.inf if ms_tr == 0.0 else denom**2 / (ms_tr**2 / (r - 1))
-    se = float(np.sqrt(2 / r * denom))
-    t = d / se
-    half = float(_sps.t.ppf(1 - alpha / 2, ddf)) * se
+    # Modality 1 holds the model's one reading in every reader slot (its rows of the covariance are repeated).
+    slots = np.r_[np.zeros(r, dtype=int), np.arange(1, r + 1)]
+    core = _or_hillis(np.vstack([np.full(r, theta[0]), theta[1:]]), cov[np.ix_(slots, slots)], alpha)
     return MrmcResult(
-        estimate=d, ci_low=d - half, ci_high=d + half, se=se, t=t, f=t * t, df_den=float(ddf),
-        p=float(2 * _sps.t.sf(abs(t), ddf)),
+        estimate=core.d, ci_low=core.d - core.half, ci_high=core.d + core.half, se=core.se, t=core.t,
+        f=core.t * core.t, df_den=core.ddf, p=core.p,
         model_estimate=float(theta[0]), reader_mean=float(theta[1:].mean()),
         reader_estimates=tuple(float(v) for v in theta[1:]),
-        var_error=var_error, cov1=cov1, cov2=cov2, cov3=cov3, ms_tr=ms_tr, metric=metric,
+        var_error=core.var_error, cov1=core.cov1, cov2=core.cov2, cov3=core.cov3, ms_tr=core.ms_tr, metric=metric,
         method="Obuchowski-Rockette, Hillis ddf, jackknife; fixed model vs random readers, random cases",
+        n=yb.size, n_pos=m, n_neg=n, n_readers=r, alpha=alpha,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MrmcModalitiesResult:
+    """Readers in modality A vs the same readers in modality B (OR/Hillis): `mean_a - mean_b` with CI, F, df, P."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    se: float
+    t: float
+    f: float
+    df_den: float
+    p: float
+    mean_a: float
+    mean_b: float
+    estimates_a: tuple[float, ...]
+    estimates_b: tuple[float, ...]
+    var_error: float
+    cov1: float
+    cov2: float
+    cov3: float
+    ms_tr: float
+    metric: str
+    method: str
+    n: int
+    n_pos: int
+    n_neg: int
+    n_readers: int
+    alpha: float
+
+
+def mrmc_two_modalities(
+    y: object,
+    scores_a: object,
+    scores_b: object,
+    metric: Literal["auc", "sensitivity", "specificity"] = "auc",
+    alpha: float = 0.05,
+) -> MrmcModalitiesResult:
+    """The same readers in two modalities (e.g. with and without AI) on the same cases: random readers, random
+    cases; Obuchowski-Rockette (1995) with Hillis (2007) ddf and jackknife covariances (Hillis, Berbaum & Metz
+    2008), the fully crossed design of a reader study ("2T-RRRC").
+
+    Args:
+        y: 0/1 truth per case.
+        scores_a, scores_b: (n_readers, n_cases) readings in each modality, reader j in row j of both; for
+            "sensitivity"/"specificity" they are the 0/1 calls.
+    """
+    alpha = check_alpha(alpha)
+    yb = as_labels(y)
+    m, n = class_counts(yb, "the MRMC analysis")
+    if m < 2 or n < 2:
+        raise StatsError(f"the jackknife needs at least 2 positive and 2 negative cases; got {m} and {n}.")
+    stacked = []
+    for name, scores in (("scores_a", scores_a), ("scores_b", scores_b)):
+        try:
+            a = np.asarray(scores, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise StatsError(f"{name} must be a numeric array (n_readers, n_cases): {exc}") from exc
+        if a.ndim != 2 or a.shape[1] != yb.size:
+            raise StatsError(f"{name} must be an array (n_readers, n_cases = {yb.size}); got shape {a.shape}.")
+        stacked.append([as_scores(a[j], yb.size, f"{name}[{j}]") for j in range(a.shape[0])])
+    r = len(stacked[0])
+    if len(stacked[1]) != r:
+        raise StatsError(f"scores_a has {r} readers and scores_b {len(stacked[1])}: the design needs the same readers.")
+    if r < 2:
+        raise StatsError(f"a random-reader analysis needs at least 2 readers; got {r}.")
+    rows = np.stack(stacked[0] + stacked[1])
+    # _metric_components reads row 0 as "the model"; with no thresholds every row is read alike (0/1 calls).
+    theta, v10, v01 = _metric_components(yb, rows, metric, None, None)
+    core = _or_hillis(theta.reshape(2, r), jackknife_cov(jackknife_estimates(yb, theta, v10, v01)), alpha)
+    return MrmcModalitiesResult(
+        estimate=core.d, ci_low=core.d - core.half, ci_high=core.d + core.half, se=core.se, t=core.t,
+        f=core.t * core.t, df_den=core.ddf, p=core.p, mean_a=float(theta[:r].mean()), mean_b=float(theta[r:].mean()),
+        estimates_a=tuple(float(v) for v in theta[:r]), estimates_b=tuple(float(v) for v in theta[r:]),
+        var_error=core.var_error, cov1=core.cov1, cov2=core.cov2, cov3=core.cov3, ms_tr=core.ms_tr, metric=metric,
+        method="Obuchowski-Rockette, Hillis ddf, jackknife; the same random readers in two modalities, random cases",
         n=yb.size, n_pos=m, n_neg=n, n_readers=r, alpha=alpha,
     )  # fmt: skip
 

@@ -20,7 +20,7 @@ import pandas as pd
 from scipy import special as _special
 from scipy import stats as _sps
 
-from alnus._mrmc import MrmcResult, mrmc_model_vs_readers
+from alnus._mrmc import MrmcModalitiesResult, MrmcResult, mrmc_model_vs_readers, mrmc_two_modalities
 from alnus._stats_base import StatsError, as_calls, as_labels, as_scores, auc_components, check_alpha, class_counts
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "BinaryMetrics",
     "CalibrationResult",
     "McNemarResult",
+    "MrmcModalitiesResult",
     "MrmcResult",
     "ProportionResult",
     "StatsError",
@@ -43,6 +44,7 @@ __all__ = [
     "delong_test",
     "mcnemar_test",
     "mrmc_model_vs_readers",
+    "mrmc_two_modalities",
     "proportion_ci",
     "threshold_metrics",
 ]
