@@ -783,3 +783,32 @@ def test_an_incomplete_or_unreadable_reading_costs_only_that_reader_its_combinat
     assert all(r["n"] == len(external) - 1 for r in of_a if "error" not in r)
     (of_b,) = [r for r in records if r["reader"] == "b"]
     assert of_b["error"].startswith("validation: ") and "seven" in of_b["error"]
+
+
+def test_the_readers_with_ai_are_compared_with_the_same_readers_alone_as_a_panel(tmp_path: Path) -> None:
+    """A reader study's question: do the readers (a random sample) do better with the model? OR/Hillis MRMC."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(3)
+    patients = splits.drop_duplicates("patient_id").set_index("patient_id")
+    positive = (patients["label"] == "positive").to_numpy()
+    scored = splits["split"].isin(["val", "external_test"])
+    for reader in ("a", "b", "c"):
+        category = np.where(positive, rng.choice(["4", "4", "5", "3"], len(patients)),
+                            rng.choice(["2", "3", "4", "4"], len(patients)))  # fmt: skip
+        reading = dict(zip(patients.index, category, strict=True))
+        splits[f"reader_{reader}"] = np.where(scored, splits["patient_id"].map(reading), "")
+    write_csv(splits, run / "splits.csv")
+    found = evaluate_run(run, n_boot=50)["reader_plus_ai"]["external_test"]["tiny_cnn"]
+    panel = {(r["method"], r["metric"]): r for r in found["panel"]}
+    assert set(panel) == {(m, f) for m in ("fitted", "tie_break") for f in ("auc", "sensitivity", "specificity")}
+    auc = panel[("tie_break", "auc")]
+    assert auc["n_readers"] == 3 and "error" not in auc and auc["ci_low"] < auc["difference"] < auc["ci_high"]
+    # Every reader read every case, so the panel's means are the means of the readers' own results.
+    mine = [r for r in found["records"] if r["method"] == "tie_break"]
+    assert auc["with_ai"] == pytest.approx(np.mean([r["combined_auc"] for r in mine]))
+    assert auc["alone"] == pytest.approx(np.mean([r["reader_auc"] for r in mine]))
+    sens = panel[("tie_break", "sensitivity")]
+    assert sens["with_ai"] == pytest.approx(np.mean([r["combined_sensitivity"] for r in mine]))
+    table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test_panel.csv")
+    assert len(table) == 6 and set(table["metric"]) == {"auc", "sensitivity", "specificity"}

@@ -1455,6 +1455,17 @@ def _show_reader_plus_ai(metrics: dict) -> None:
             title = escape(f"each reader with {name} vs alone, {split}, per {found['level']} (set on validation; "
                            f"all columns in tables/reader_plus_ai_*)")  # fmt: skip
             _print_frame(shown, title)
+            panel = [
+                {"combination": r["method"], "metric": r["metric"], "readers": r["n_readers"],
+                 **({"note": r["error"]} if "error" in r else {
+                     "with AI": f"{r['with_ai']:.3f}", "alone": f"{r['alone']:.3f}",
+                     "difference (95% CI)": f"{r['difference']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})",
+                     "P": _p_text(r["p"])})}
+                for r in found.get("panel", [])
+            ]  # fmt: skip
+            if panel:
+                _print_frame(pd.DataFrame(panel).fillna(""), escape(f"the readers with {name} vs alone, {split}: "
+                             "Obuchowski-Rockette MRMC, Hillis df"))  # fmt: skip
 
 
 @app.command("ensemble")

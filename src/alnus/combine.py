@@ -286,53 +286,99 @@ def _record(method: str, operating_point: str, params: dict[str, Any], found: di
     return out
 
 
-def with_reader(val: Any, test: Any, positive_from: str = "4a", alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Both AI + reader scores, set on the validation cases and compared with the reader alone on the test cases.
+@dataclass(frozen=True)
+class Setting:
+    """One AI + reader combination as set on a reader's validation cases: its score, its calls and what was set."""
 
-    `val` and `test` are tables (pandas) of one reader's cases with columns y (0/1), prob (the model's), birads (the
-    ordinal BI-RADS score) and call (the reader's positive call). Returns one record per method: `fitted` (the
-    logistic regression, its threshold matching the reader's validation sensitivity) and `tie_break` (the reader's
-    category, then the model; the rule-out operating point), each with the parameters set on validation and the
-    counts behind every proportion. A method that cannot be set on these validation cases (or compared on these
-    test cases) gets a record with its `error` instead.
-    """
+    method: str  # "fitted" or "tie_break"
+    params: dict[str, Any]
+    operating_point: str
+    fit: Combination | None = None
+    rule: RuleOut | None = None
+
+    def score(self, prob: object, birads_score: object) -> np.ndarray:
+        return tie_break_score(prob, birads_score) if self.fit is None else self.fit.score(prob, birads_score)
+
+    def calls(self, prob: object, birads_score: object, reader_call: object) -> np.ndarray:
+        if self.rule is not None:
+            return self.rule.calls(prob, birads_score, reader_call)
+        return self.score(prob, birads_score) >= self.params["threshold"]
+
+
+METHODS = ("fitted", "tie_break")
+
+
+def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting | str]:
+    """Both combinations set on one reader's validation cases (a table with columns y, prob, birads, call): a
+    `Setting` per method, or the reason it cannot be set there."""
     from alnus.readers import lowest_positive_scores
 
-    val_y, test_y = _binary(val["y"], "labels").astype(int), _binary(test["y"], "labels").astype(int)
-    val_call, test_call = _binary(val["call"], "the reader's calls"), _binary(test["call"], "the reader's calls")
-    val_p, val_b = np.asarray(val["prob"], dtype=float), np.asarray(val["birads"], dtype=float)
-    test_p, test_b = np.asarray(test["prob"], dtype=float), np.asarray(test["birads"], dtype=float)
-    on_val = {"val_n": int(val_y.size), "val_n_positive": int(val_y.sum())}
-    out: list[dict[str, Any]] = []
+    y = _binary(val["y"], "labels").astype(int)
+    call = _binary(val["call"], "the reader's calls")
+    prob, birads = np.asarray(val["prob"], dtype=float), np.asarray(val["birads"], dtype=float)
+    on_val = {"val_n": int(y.size), "val_n_positive": int(y.sum())}
+    out: dict[str, Setting | str] = {}
     try:
-        fit = fit_combination(val_y, val_p, val_b)
-        sensitivity = float(val_call[val_y == 1].mean())
+        fit = fit_combination(y, prob, birads)
+        sensitivity = float(call[y == 1].mean())
         if sensitivity == 0:
             raise CombineError("the reader called no positive validation case positive: there is no sensitivity to "
                                "match, so the fitted combination has no operating point.")  # fmt: skip
-        threshold = matched_threshold(val_y, fit.score(val_p, val_b), sensitivity)
-        score = fit.score(test_p, test_b)
-        found = compare_with_reader(test_y, score, test_b, test_call, threshold, alpha)
+        threshold = matched_threshold(y, fit.score(prob, birads), sensitivity)
         params = {**on_val, "intercept": fit.intercept, "model_coef": fit.model_coef, "reader_coef": fit.reader_coef,
                   "threshold": threshold, "reader_val_sensitivity": sensitivity}  # fmt: skip
         point = (f"P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} x "
                  f"BI-RADS score), positive from {threshold:.3f}: the reader's validation sensitivity "
                  f"({100 * sensitivity:.1f}%) on the {on_val['val_n']} validation cases")  # fmt: skip
-        out.append(_record("fitted", point, params, found, score >= threshold, test_call, test_y))
-    except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
-        out.append({"method": "fitted", "error": str(exc)})
+        out["fitted"] = Setting("fitted", params, point, fit=fit)
+    except AlnusError as exc:
+        out["fitted"] = str(exc)
     try:
-        rule = fit_rule_out(val_y, val_p, val_b, val_call, lowest_positive_scores(positive_from))
-        calls = rule.calls(test_p, test_b, test_call)
-        found = compare_with_reader(test_y, tie_break_score(test_p, test_b), test_b, test_call, alpha=alpha,
-                                    calls=calls)  # fmt: skip
+        rule = fit_rule_out(y, prob, birads, call, lowest_positive_scores(positive_from))
         few = " (few: the threshold is that uncertain)" if rule.n_positive < _FEW_POSITIVES else ""
         params = {**on_val, "threshold": rule.threshold, "val_n_lowest": rule.n_lowest,
                   "val_n_lowest_positive": rule.n_positive}  # fmt: skip
         point = (f"the reader's call, but negative in the lowest positive category when the model's probability is "
                  f"below {rule.threshold:.3f}, the lowest of the {rule.n_positive} malignant validation case(s) in "
                  f"that category{few} ({rule.n_lowest} validation cases in it)")  # fmt: skip
-        out.append(_record("tie_break", point, params, found, calls, test_call, test_y))
+        out["tie_break"] = Setting("tie_break", params, point, rule=rule)
     except AlnusError as exc:
-        out.append({"method": "tie_break", "error": str(exc)})
+        out["tie_break"] = str(exc)
+    return out
+
+
+def with_reader(
+    val: Any,
+    test: Any,
+    positive_from: str = "4a",
+    alpha: float = 0.05,
+    settings: dict[str, Setting | str] | None = None,
+) -> list[dict[str, Any]]:
+    """Both AI + reader scores, set on the validation cases and compared with the reader alone on the test cases.
+
+    `val` and `test` are tables (pandas) of one reader's cases with columns y (0/1), prob (the model's), birads (the
+    ordinal BI-RADS score) and call (the reader's positive call); `settings` are `set_on_validation(val)` when the
+    caller has them already. Returns one record per method: `fitted` (the logistic regression, its threshold
+    matching the reader's validation sensitivity) and `tie_break` (the reader's category, then the model; the
+    rule-out operating point), each with the parameters set on validation and the counts behind every proportion.
+    A method that cannot be set on these validation cases (or compared on these test cases) gets a record with its
+    `error` instead.
+    """
+    settings = set_on_validation(val, positive_from) if settings is None else settings
+    y = _binary(test["y"], "labels").astype(int)
+    call = _binary(test["call"], "the reader's calls")
+    prob, birads = np.asarray(test["prob"], dtype=float), np.asarray(test["birads"], dtype=float)
+    out: list[dict[str, Any]] = []
+    for method in METHODS:
+        setting = settings[method]
+        if isinstance(setting, str):
+            out.append({"method": method, "error": setting})
+            continue
+        try:
+            calls = setting.calls(prob, birads, call)
+            found = compare_with_reader(y, setting.score(prob, birads), birads, call, alpha=alpha, calls=calls)
+        except AlnusError as exc:  # e.g. too few positive test cases for DeLong's variance
+            out.append({"method": method, "error": str(exc)})
+            continue
+        out.append(_record(method, setting.operating_point, setting.params, found, calls, call, y))
     return out

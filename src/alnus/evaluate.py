@@ -686,10 +686,11 @@ def reader_plus_ai(
     with a reading that cannot be read, gets an error record and the others their results. Incomplete readings
     (BI-RADS 0) are left out of the combination and counted (`n_incomplete`).
     """
-    from alnus.combine import with_reader
+    from alnus.combine import set_on_validation, with_reader
 
     columns = sorted(c for c in rows.columns if c.startswith("reader_"))
     records: list[dict[str, Any]] = []
+    kept: dict[str, tuple[pd.DataFrame, dict[str, Any]]] = {}  # each reader's test cases and settings, for the panel
     for column in columns:
         reader = column.removeprefix("reader_")
         try:
@@ -708,10 +709,64 @@ def reader_plus_ai(
             records.append({"reader": reader, "method": "both", "error": f"reader {reader} read no validation case "
                             "(with a category), so no combination can be set without the test cases"})  # fmt: skip
             continue
-        records += [{"reader": reader, **r, **incomplete} for r in with_reader(val, test, positive_from, alpha)]
+        try:
+            settings = set_on_validation(val, positive_from)
+        except AlnusError as exc:
+            records.append({"reader": reader, "method": "both", "error": f"validation: {exc}"})
+            continue
+        found = with_reader(val, test, positive_from, alpha, settings=settings)
+        records += [{"reader": reader, **r, **incomplete} for r in found]
+        kept[reader] = (test, settings)
     if not records:
         return None
-    return {"level": level, "reader_calls": f"BI-RADS >= {positive_from}", "records": records}
+    return {"level": level, "reader_calls": f"BI-RADS >= {positive_from}", "records": records,
+            "panel": _reader_plus_ai_panel(kept, alpha)}  # fmt: skip
+
+
+def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]], alpha: float) -> list[dict]:
+    """The readers with AI vs the same readers alone (`alnus.stats.mrmc_two_modalities`), per combination and
+    figure of merit, on the test cases every reader with that combination read; a row says why when it cannot be
+    done (fewer than 2 such readers, too few cases). None for a single reader."""
+    from alnus.combine import METHODS, Setting
+    from alnus.stats import mrmc_two_modalities
+
+    out: list[dict[str, Any]] = []
+    for method in METHODS:
+        readers = sorted(r for r, (_, settings) in kept.items() if isinstance(settings[method], Setting))
+        if len(kept) < 2:
+            return []  # one reader: no panel
+        if len(readers) < 2:
+            out.append({"method": method, "metric": "auc", "n_readers": len(readers),
+                        "error": "the panel analysis needs 2 or more readers whose combination could be "
+                                 "set"})  # fmt: skip
+            continue
+        common = kept[readers[0]][0].index
+        for reader in readers[1:]:
+            common = common.intersection(kept[reader][0].index)
+        tables = [kept[r][0].loc[common] for r in readers]
+        y, prob = tables[0]["y"].to_numpy(), tables[0]["prob"].to_numpy()
+        with_ai = {"auc": [], "calls": []}
+        alone = {"auc": [], "calls": []}
+        for reader, table in zip(readers, tables, strict=True):
+            setting = kept[reader][1][method]
+            birads, call = table["birads"].to_numpy(), table["call"].to_numpy()
+            with_ai["auc"].append(setting.score(prob, birads))
+            with_ai["calls"].append(setting.calls(prob, birads, call).astype(int))
+            alone["auc"].append(birads)
+            alone["calls"].append(call.astype(int))
+        for metric in ("auc", "sensitivity", "specificity"):
+            kind = "auc" if metric == "auc" else "calls"
+            row = {"method": method, "metric": metric, "n": int(len(common)), "n_readers": len(readers)}
+            try:
+                res = mrmc_two_modalities(y, np.array(with_ai[kind]), np.array(alone[kind]), metric=metric,
+                                          alpha=alpha)  # type: ignore[arg-type]  # fmt: skip
+            except AlnusError as exc:
+                out.append({**row, "error": str(exc)})
+                continue
+            out.append({**row, "with_ai": res.mean_a, "alone": res.mean_b, "difference": res.estimate,
+                        "ci_low": res.ci_low, "ci_high": res.ci_high, "p": res.p, "df": res.df_den,
+                        "test": res.method})  # fmt: skip
+    return out
 
 
 def _one_reader(
@@ -1121,6 +1176,8 @@ def _write_results(
         for model, found in by_model.items():
             if "records" in found:
                 tables[run.tables / f"reader_plus_ai_{model}_{split}.csv"] = pd.DataFrame(found["records"])
+            if found.get("panel"):
+                tables[run.tables / f"reader_plus_ai_{model}_{split}_panel.csv"] = pd.DataFrame(found["panel"])
     for path, table in tables.items():
         write_csv(table, path)
     for path, text in texts.items():

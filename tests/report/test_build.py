@@ -144,6 +144,16 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
         assert f"{record['reader']}, {name}: {record['operating_point']}." in page.section_text[
             "reader-plus-ai-tiny_cnn-external_test"]  # fmt: skip
     assert any("error" not in r for r in records)  # the phantom's readers can be combined
+    panel = metrics["reader_plus_ai"]["external_test"]["tiny_cnn"]["panel"]
+    shown = _rows(page, "table-reader-plus-ai-panel-tiny_cnn-external_test")
+    assert len(shown) == len(panel) >= 4
+    auc = next(r for r in panel if r["metric"] == "auc" and "error" not in r)
+    row = next(r for r in shown if r["metric"] == "auc" and r["combination"] == READER_PLUS_AI_METHODS[auc["method"]])
+    assert row["readers with AI (mean)"] == f"{auc['with_ai']:.3f}"
+    assert row["cases x readers"] == f"{auc['n']} x {auc['n_readers']}"
+    for failed in (r for r in panel if "error" in r):  # e.g. no reader's rule-out could be set: said in the row
+        name = READER_PLUS_AI_METHODS[failed["method"]]
+        assert any(r["combination"] == name and "not done: " in " ".join(r.values()) for r in shown)
     calibration = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["image"]["calibration"]
     row = next(
         r for r in _rows(page, "table-calibration-table") if r["split"] == "external_test" and r["level"] == "image"

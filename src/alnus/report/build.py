@@ -425,6 +425,8 @@ def _readers_section(inputs: RunInputs) -> Section:
             else:
                 paragraphs = ["Operating points, set on the validation cases:"]
                 shown, points = [tables.reader_plus_ai_table(split, model, found)], tables.reader_plus_ai_points(found)
+                panel = tables.reader_plus_ai_panel_table(split, model, found)
+                shown += [panel] if panel is not None else []
             section.blocks.append(
                 Block(
                     f"reader-plus-ai-{model}-{split}",

@@ -372,6 +372,36 @@ def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Ta
     return Table(f"reader-plus-ai-{model}-{split}", caption, columns, rows, note, label_columns=2)
 
 
+def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any]) -> Table | None:
+    """The readers with the model vs the same readers alone (OR/Hillis MRMC), per combination and metric."""
+    rows = []
+    for r in found.get("panel", []):
+        method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
+        if "error" in r:
+            rows.append([method, r["metric"], "", Cell(f"not done: {r['error']}"), "", "", ""])
+            continue
+        fmt = num if r["metric"] == "auc" else pct
+        difference = (
+            Cell(f"{r['difference']:+.3f}", _signed_ci(r["ci_low"], r["ci_high"]), numeric=True)
+            if r["metric"] == "auc"
+            else Cell(
+                f"{100 * r['difference']:+.1f} points",
+                f"{100 * r['ci_low']:+.1f} to {100 * r['ci_high']:+.1f}",
+                numeric=True,
+            )  # fmt: skip
+        )
+        rows.append([method, r["metric"], f"{r['n']} x {r['n_readers']}", fmt(r["with_ai"]), fmt(r["alone"]),
+                     difference, p_value(r["p"])])  # fmt: skip
+    if not rows:
+        return None
+    columns = ["combination", "metric", "cases x readers", "readers with AI (mean)", "readers alone (mean)",
+               "difference (95% CI)", "P"]  # fmt: skip
+    caption = (f"The readers with {model} vs the same readers alone on {split}: Obuchowski-Rockette MRMC with "
+               "Hillis' degrees of freedom (random readers, random cases)")  # fmt: skip
+    note = "On the cases every reader read; each reader's combination as set on that reader's validation cases."
+    return Table(f"reader-plus-ai-panel-{model}-{split}", caption, columns, rows, note, label_columns=2)
+
+
 def reader_plus_ai_points(found: Mapping[str, Any]) -> list[str]:
     """Each reader's combinations as set on validation, one line each (the table's operating points)."""
     return [
