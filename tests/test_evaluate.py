@@ -812,3 +812,37 @@ def test_the_readers_with_ai_are_compared_with_the_same_readers_alone_as_a_panel
     assert sens["with_ai"] == pytest.approx(np.mean([r["combined_sensitivity"] for r in mine]))
     table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test_panel.csv")
     assert len(table) == 6 and set(table["metric"]) == {"auc", "sensitivity", "specificity"}
+
+
+def test_a_panel_of_two_readers_who_read_different_cases_says_so(tmp_path: Path) -> None:
+    """Attack review: an empty intersection said only "y is empty"; two readers get a note on their few df."""
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    positive = splits["label"] == "positive"
+    category = np.where(positive, "4", "3")
+    val, external = splits["split"] == "val", splits["split"] == "external_test"
+    first_half = splits["patient_id"].str.extract(r"(\d+)$")[0].astype(int) < 12
+    splits["reader_a"] = np.where(val | (external & first_half), category, "")
+    splits["reader_b"] = np.where(val | (external & ~first_half), category, "")
+    write_csv(splits, run / "splits.csv")
+    panel = evaluate_run(run, n_boot=50)["reader_plus_ai"]["external_test"]["tiny_cnn"]["panel"]
+    assert panel and all("no test case was read (with a category) by every one of the readers" in r["error"]
+                         for r in panel)  # fmt: skip
+    rng = np.random.default_rng(4)
+    noisy = np.where(rng.random(len(splits)) < 0.3, "4", category)  # the second reader errs on some benign cases
+    splits["reader_a"] = np.where(val | external, category, "")
+    splits["reader_b"] = np.where(val | external, noisy, "")
+    write_csv(splits, run / "splits.csv")
+    panel = evaluate_run(run, n_boot=50)["reader_plus_ai"]["external_test"]["tiny_cnn"]["panel"]
+    tested = [r for r in panel if "error" not in r]
+    assert tested and all(r["note"].startswith("2 readers: ") or "z-test" in r["note"] for r in tested)
+
+
+def test_the_report_shows_a_model_vs_panel_row_without_a_test() -> None:
+    """Attack review: a panel whose rows all carry a note (no test) crashed the report with KeyError."""
+    from alnus.report.tables import panel_table
+
+    table = panel_table(
+        "external_test", "m", {"panel": [{"metric": "auc", "n": 3, "note": "not computed: y is empty"}]}
+    )
+    assert table.rows[0][0] == "auc" and table.rows[0][-1] == "not computed: y is empty"

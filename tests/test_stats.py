@@ -562,6 +562,20 @@ def test_mrmc_two_modalities_type_one_error_and_power() -> None:
     assert better / 100 > 0.5
 
 
+def test_mrmc_exact_zeros_that_round_to_noise_are_zeros() -> None:
+    """Attack review: every reader gains the same one case with AI, so MS(TR) and Cov2 - Cov3 are 0 in exact
+    arithmetic; their rounding noise (1e-33, 3e-17) gave F 1e32 and a zero-wide CI instead of "undefined"."""
+    y = np.array([1, 1, 1, 0, 0])
+    alone = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    with_ai = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    with pytest.raises(StatsError, match="error term is 0"):
+        stats.mrmc_two_modalities(y, with_ai, alone, metric="sensitivity")
+    # A real reader-by-modality variance is kept.
+    rng = np.random.default_rng(12)
+    y2, a, b = _two_modalities(rng, 3)
+    assert stats.mrmc_two_modalities(y2, a, b).ms_tr > 0
+
+
 def test_mrmc_two_modalities_input_errors() -> None:
     y = np.array([1, 1, 0, 0, 1, 0])
     x = np.vstack([np.linspace(0, 1, 6), np.linspace(1, 0, 6)])

@@ -122,6 +122,10 @@ def jackknife_cov(jack: np.ndarray) -> np.ndarray:
     return (n_cases - 1) / n_cases * centred @ centred.T
 
 
+# Relative size below which an OR variance term is rounding noise of an exact 0 (see `_or_hillis`).
+_ROUNDING = 1e-10
+
+
 @dataclass(frozen=True)
 class _OrHillis:
     d: float
@@ -158,11 +162,16 @@ def _or_hillis(theta: np.ndarray, cov: np.ndarray, alpha: float) -> _OrHillis:
     d_j = theta[0] - theta[1]
     d = float(d_j.mean())
     ms_tr = float(d_j.var(ddof=1) / 2)
-    denom = ms_tr + r * max(cov2 - cov3, 0.0)
+    excess = cov2 - cov3
+    # Terms that are 0 in exact arithmetic come out as rounding noise (1e-17 and below); read as noise they would
+    # make F huge and the CI zero-wide. Anything below this tolerance, relative to the error variance, is 0.
+    tolerance = _ROUNDING * max(var_error, np.finfo(float).tiny)
+    ms_tr = 0.0 if ms_tr < tolerance else ms_tr
+    denom = ms_tr + r * (excess if excess > tolerance else 0.0)
     if denom <= 0.0:
         raise StatsError(
-            "the OR error term is 0 (every reader performs exactly alike in both modalities and the covariances "
-            "vanish); the test is undefined for these readings."
+            "the OR error term is 0 (the readers' differences between the modalities are all equal and the "
+            "covariances cancel); the test is undefined for these readings."
         )
     ddf = np.inf if ms_tr == 0.0 else denom**2 / (ms_tr**2 / (r - 1))
     se = float(np.sqrt(2 / r * denom))

@@ -1456,11 +1456,11 @@ def _show_reader_plus_ai(metrics: dict) -> None:
                            f"all columns in tables/reader_plus_ai_*)")  # fmt: skip
             _print_frame(shown, title)
             panel = [
-                {"combination": r["method"], "metric": r["metric"], "readers": r["n_readers"],
+                {"combination": r["method"], "metric": r["metric"], "cases": r.get("n", ""), "readers": r["n_readers"],
                  **({"note": r["error"]} if "error" in r else {
                      "with AI": f"{r['with_ai']:.3f}", "alone": f"{r['alone']:.3f}",
                      "difference (95% CI)": f"{r['difference']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})",
-                     "P": _p_text(r["p"])})}
+                     "P": _p_text(r["p"]), "note": r.get("note") or ""})}
                 for r in found.get("panel", [])
             ]  # fmt: skip
             if panel:

@@ -723,6 +723,16 @@ def reader_plus_ai(
             "panel": _reader_plus_ai_panel(kept, alpha)}  # fmt: skip
 
 
+def _panel_note(res: Any) -> str:  # noqa: ANN401 - alnus.stats.MrmcModalitiesResult
+    """What a reader of the panel row should know about its test: few readers, or no reader-by-modality spread."""
+    if not np.isfinite(res.df_den):
+        return ("every reader's difference between the modalities is the same, so the readers add no variance: "
+                "the test is a z-test on the case variance alone")  # fmt: skip
+    if res.n_readers == 2:
+        return f"2 readers: {res.df_den:.1f} degrees of freedom, so the CI is wide"
+    return ""
+
+
 def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]], alpha: float) -> list[dict]:
     """The readers with AI vs the same readers alone (`alnus.stats.mrmc_two_modalities`), per combination and
     figure of merit, on the test cases every reader with that combination read; a row says why when it cannot be
@@ -740,9 +750,16 @@ def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]
                         "error": "the panel analysis needs 2 or more readers whose combination could be "
                                  "set"})  # fmt: skip
             continue
+        left_out = sorted(set(kept) - set(readers))
         common = kept[readers[0]][0].index
         for reader in readers[1:]:
             common = common.intersection(kept[reader][0].index)
+        base = {"method": method, "n_readers": len(readers), "readers": ", ".join(readers),
+                "left_out": ", ".join(left_out)}  # fmt: skip
+        if len(common) == 0:
+            out.append({**base, "metric": "auc", "n": 0, "error": "no test case was read (with a category) by every "
+                        f"one of the readers {', '.join(readers)}"})  # fmt: skip
+            continue
         tables = [kept[r][0].loc[common] for r in readers]
         y, prob = tables[0]["y"].to_numpy(), tables[0]["prob"].to_numpy()
         with_ai = {"auc": [], "calls": []}
@@ -756,15 +773,16 @@ def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]
             alone["calls"].append(call.astype(int))
         for metric in ("auc", "sensitivity", "specificity"):
             kind = "auc" if metric == "auc" else "calls"
-            row = {"method": method, "metric": metric, "n": int(len(common)), "n_readers": len(readers)}
+            row = {**base, "metric": metric, "n": int(len(common))}
             try:
                 res = mrmc_two_modalities(y, np.array(with_ai[kind]), np.array(alone[kind]), metric=metric,
                                           alpha=alpha)  # type: ignore[arg-type]  # fmt: skip
             except AlnusError as exc:
-                out.append({**row, "error": str(exc)})
+                out.append({**row, "error": f"{len(common)} case(s) read by every reader: {exc}"})
                 continue
             out.append({**row, "with_ai": res.mean_a, "alone": res.mean_b, "difference": res.estimate,
-                        "ci_low": res.ci_low, "ci_high": res.ci_high, "p": res.p, "df": res.df_den,
+                        "ci_low": res.ci_low, "ci_high": res.ci_high, "p": res.p,
+                        "df": res.df_den if np.isfinite(res.df_den) else None, "note": _panel_note(res),
                         "test": res.method})  # fmt: skip
     return out
 

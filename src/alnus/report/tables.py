@@ -316,6 +316,10 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     for r in compared.get("panel", []):
         auc = r["metric"] == "auc"
         fmt = num if auc else pct
+        if not _finite(r.get("difference")):
+            # A figure of merit with no test (e.g. no calls, or a degenerate one): its row says why.
+            rows.append([r["metric"], str(r.get("n", "")), "", "", "", "", r.get("note") or "not computed"])
+            continue
         difference = (
             interval(r["difference"], r["ci_low"], r["ci_high"])
             if auc
@@ -378,7 +382,7 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
     for r in found.get("panel", []):
         method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
         if "error" in r:
-            rows.append([method, r["metric"], "", Cell(f"not done: {r['error']}"), "", "", ""])
+            rows.append([method, r["metric"], "", Cell(f"not done: {r['error']}"), "", "", "", ""])
             continue
         fmt = num if r["metric"] == "auc" else pct
         difference = (
@@ -391,14 +395,17 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
             )  # fmt: skip
         )
         rows.append([method, r["metric"], f"{r['n']} x {r['n_readers']}", fmt(r["with_ai"]), fmt(r["alone"]),
-                     difference, p_value(r["p"])])  # fmt: skip
+                     difference, p_value(r["p"]), r.get("note") or ""])  # fmt: skip
     if not rows:
         return None
     columns = ["combination", "metric", "cases x readers", "readers with AI (mean)", "readers alone (mean)",
-               "difference (95% CI)", "P"]  # fmt: skip
+               "difference (95% CI)", "P", "note"]  # fmt: skip
     caption = (f"The readers with {model} vs the same readers alone on {split}: Obuchowski-Rockette MRMC with "
                "Hillis' degrees of freedom (random readers, random cases)")  # fmt: skip
-    note = "On the cases every reader read; each reader's combination as set on that reader's validation cases."
+    left_out = sorted({r["left_out"] for r in found.get("panel", []) if r.get("left_out")})
+    note = "On the cases every reader read; each reader's combination as set on that reader's validation cases." + (
+        f" Left out (their combination could not be set): {'; '.join(left_out)}." if left_out else ""
+    )
     return Table(f"reader-plus-ai-panel-{model}-{split}", caption, columns, rows, note, label_columns=2)
 
 
