@@ -1429,6 +1429,8 @@ def _show_reader_plus_ai(metrics: dict) -> None:
     """Each reader with the model vs the reader alone (metrics' `reader_plus_ai`), one row per reader and method."""
     import pandas as pd
 
+    from alnus.combine import METHOD_NAMES
+
     for split, by_model in metrics.get("reader_plus_ai", {}).items():
         for name, found in by_model.items():
             if "error" in found:
@@ -1437,13 +1439,13 @@ def _show_reader_plus_ai(metrics: dict) -> None:
                 continue
             rows = []
             for r in found["records"]:
-                row = {"reader": r["reader"], "combination": r["method"]}
+                row = {"reader": r["reader"], "combination": METHOD_NAMES.get(r["method"], r["method"])}
                 if "error" in r:
                     rows.append({**row, "note": f"not set: {r['error']}"})
                     continue
                 n = {"sensitivity": r["n_positive"], "specificity": r["n_negative"]}
-                pairs = {f"{m[:4]}. with AI / alone (P)": f"{r[f'combined_{m}_k']}/{n[m]} / "
-                         f"{r[f'reader_{m}_k']}/{n[m]} ({_p_text(r[f'{m}_p'])})"
+                pairs = {f"{m[:4]}. with AI vs alone": f"{r[f'combined_{m}_k']} of {n[m]} vs "
+                         f"{r[f'reader_{m}_k']} of {n[m]} (P {_p_text(r[f'{m}_p'])})"
                          for m in ("sensitivity", "specificity")}  # fmt: skip
                 rows.append({**row, "AUC with AI": f"{r['combined_auc']:.3f}", "AUC alone": f"{r['reader_auc']:.3f}",
                              "difference (95% CI)": f"{r['auc_difference']:+.3f} ({r['auc_difference_ci_low']:+.3f} "
@@ -1456,7 +1458,8 @@ def _show_reader_plus_ai(metrics: dict) -> None:
                            f"all columns in tables/reader_plus_ai_*)")  # fmt: skip
             _print_frame(shown, title)
             panel = [
-                {"combination": r["method"], "metric": r["metric"], "cases": r.get("n", ""), "readers": r["n_readers"],
+                {"combination": METHOD_NAMES.get(r["method"], r["method"]), "metric": r["metric"],
+                 "cases": r.get("n", ""), "readers": r["n_readers"],
                  **({"note": r["error"]} if "error" in r else {
                      "with AI": f"{r['with_ai']:.3f}", "alone": f"{r['alone']:.3f}",
                      "difference (95% CI)": f"{r['difference']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})",

@@ -306,6 +306,8 @@ class Setting:
 
 
 METHODS = ("fitted", "tie_break")
+# How reports and the terminal name each method.
+METHOD_NAMES = {"fitted": "logistic regression", "tie_break": "tie-break: category, then AI"}
 
 
 def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting | str]:

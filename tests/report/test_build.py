@@ -15,10 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alnus.cli import app
+from alnus.combine import METHOD_NAMES
 from alnus.report._inputs import read_run_inputs
 from alnus.report.build import SECTIONS, ReportError, build_report, render_report, report_context
 from alnus.report.figures import read_figures_index
-from alnus.report.tables import READER_PLUS_AI_METHODS
 from alnus.runfolder import RunFolder, RunLockedError, lock_run
 
 from ._html import Page, read_page
@@ -131,7 +131,7 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
     rows = _rows(page, "table-reader-plus-ai-tiny_cnn-external_test")
     assert len(rows) == len(records) and {r["reader"] for r in rows} == {r["reader"] for r in records}
     for record in records:
-        name = READER_PLUS_AI_METHODS[record["method"]]
+        name = METHOD_NAMES[record["method"]]
         row = next(r for r in rows if r["reader"] == record["reader"] and r["combination"] == name)
         if "error" in record:
             assert row["cases (positive)"].startswith("not set: ")
@@ -139,7 +139,8 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
         assert row["AUC, with AI vs alone"] == f"{record['combined_auc']:.3f} vs {record['reader_auc']:.3f}"
         n = record["n_positive"]
         assert row["sensitivity, with AI vs alone (McNemar)"].startswith(
-            f"{100 * record['combined_sensitivity']:.1f}% ({record['combined_sensitivity_k']}/{n}) vs "
+            f"{100 * record['combined_sensitivity']:.1f}% vs {100 * record['reader_sensitivity']:.1f}% | "
+            f"{record['combined_sensitivity_k']} of {n} vs "
         )
         assert f"{record['reader']}, {name}: {record['operating_point']}." in page.section_text[
             "reader-plus-ai-tiny_cnn-external_test"]  # fmt: skip
@@ -148,11 +149,11 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
     shown = _rows(page, "table-reader-plus-ai-panel-tiny_cnn-external_test")
     assert len(shown) == len(panel) >= 4
     auc = next(r for r in panel if r["metric"] == "auc" and "error" not in r)
-    row = next(r for r in shown if r["metric"] == "auc" and r["combination"] == READER_PLUS_AI_METHODS[auc["method"]])
+    row = next(r for r in shown if r["metric"] == "auc" and r["combination"] == METHOD_NAMES[auc["method"]])
     assert row["readers with AI (mean)"] == f"{auc['with_ai']:.3f}"
     assert row["cases x readers"] == f"{auc['n']} x {auc['n_readers']}"
     for failed in (r for r in panel if "error" in r):  # e.g. no reader's rule-out could be set: said in the row
-        name = READER_PLUS_AI_METHODS[failed["method"]]
+        name = METHOD_NAMES[failed["method"]]
         assert any(r["combination"] == name and "not done: " in " ".join(r.values()) for r in shown)
     calibration = metrics["models"]["tiny_cnn"]["splits"]["external_test"]["image"]["calibration"]
     row = next(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from alnus.combine import METHOD_NAMES
 from alnus.operating_point import rule_name
 from alnus.runfolder import SPLITS
 
@@ -332,19 +333,12 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     return Table(f"panel-{model}-{split}", caption, columns, rows)
 
 
-# How the report names each AI + reader method of `alnus.combine.with_reader`.
-READER_PLUS_AI_METHODS = {
-    "fitted": "logistic regression",
-    "tie_break": "tie-break: category, then AI",
-}
-
-
-def _with_counts(r: Mapping[str, Any], metric: str) -> str:
-    """ "with AI vs alone" of a proportion, each with its count, and McNemar's P."""
+def _with_counts(r: Mapping[str, Any], metric: str) -> Cell:
+    """ "with AI vs alone" of a proportion; under it the counts and McNemar's P."""
     n = r["n_positive"] if metric == "sensitivity" else r["n_negative"]
     mine, theirs = r[f"combined_{metric}"], r[f"reader_{metric}"]
-    return (f"{pct(mine)} ({r[f'combined_{metric}_k']}/{n}) vs {pct(theirs)} ({r[f'reader_{metric}_k']}/{n}); "
-            f"P {p_value(r[f'{metric}_p'])}")  # fmt: skip
+    counts = f"{r[f'combined_{metric}_k']} of {n} vs {r[f'reader_{metric}_k']} of {n}; P {p_value(r[f'{metric}_p'])}"
+    return Cell(f"{pct(mine)} vs {pct(theirs)}", counts, numeric=True)
 
 
 def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Table:
@@ -352,7 +346,7 @@ def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Ta
     are `reader_plus_ai_points`."""
     rows = []
     for r in found.get("records", []):
-        method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
+        method = METHOD_NAMES.get(r["method"], r["method"])
         if "error" in r:
             rows.append([r["reader"], method, Cell(f"not set: {r['error']}"), "", "", "", "", ""])
             continue
@@ -380,7 +374,7 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
     """The readers with the model vs the same readers alone (OR/Hillis MRMC), per combination and metric."""
     rows = []
     for r in found.get("panel", []):
-        method = READER_PLUS_AI_METHODS.get(r["method"], r["method"])
+        method = METHOD_NAMES.get(r["method"], r["method"])
         if "error" in r:
             rows.append([method, r["metric"], "", Cell(f"not done: {r['error']}"), "", "", "", ""])
             continue
@@ -412,7 +406,7 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
 def reader_plus_ai_points(found: Mapping[str, Any]) -> list[str]:
     """Each reader's combinations as set on validation, one line each (the table's operating points)."""
     return [
-        f"{r['reader']}, {READER_PLUS_AI_METHODS.get(r['method'], r['method'])}: {r['operating_point']}."
+        f"{r['reader']}, {METHOD_NAMES.get(r['method'], r['method'])}: {r['operating_point']}."
         for r in found.get("records", [])
         if "error" not in r
     ]
