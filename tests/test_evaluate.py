@@ -732,6 +732,18 @@ def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp
     # The tie-break keeps every category's order, so it loses no sensitivity the reader had on validation's terms.
     assert tie["combined_sensitivity"] <= tie["reader_sensitivity"] and "error" not in tie
     assert tie["auc_difference"] == pytest.approx(tie["combined_auc"] - tie["reader_auc"])
+    # How often each combination calls as the model alone (at its frozen threshold) does.
+    from alnus.combine import set_on_validation
+    from alnus.evaluate import _one_reader
+
+    frozen = metrics["models"]["tiny_cnn"]["threshold"]["value"]
+    rows = {s: splits[splits["split"] == s] for s in ("val", "external_test")}
+    val, test = (_one_reader(rows[s], read_pred(run, "tiny_cnn", s), "reader_a", "patient", "mean", "4a")
+                 for s in ("val", "external_test"))  # fmt: skip
+    settings = set_on_validation(val)
+    for method, record in methods.items():
+        calls = settings[method].calls(test["prob"], test["birads"], test["call"])
+        assert record["calls_as_model"] == int((calls == (test["prob"].to_numpy() >= frozen)).sum())
     table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test.csv")
     assert list(table["method"]) == ["fitted", "tie_break"]
     from typer.testing import CliRunner
@@ -846,3 +858,7 @@ def test_the_report_shows_a_model_vs_panel_row_without_a_test() -> None:
         "external_test", "m", {"panel": [{"metric": "auc", "n": 3, "note": "not computed: y is empty"}]}
     )
     assert table.rows[0][0] == "auc" and table.rows[0][-1] == "not computed: y is empty"
+    # A difference of two proportions reads in percentage points, as in the readers-with-AI panel.
+    row = {"metric": "sensitivity", "n": 40, "model": 0.8, "readers": 0.7, "difference": 0.1, "ci_low": -0.05,
+           "ci_high": 0.25, "p": 0.2, "note": ""}  # fmt: skip
+    assert panel_table("external_test", "m", {"panel": [row]}).rows[0][4] == "+10.0 points (-5.0 to +25.0)"

@@ -679,12 +679,15 @@ def reader_plus_ai(
     aggregate: Aggregate = "mean",
     positive_from: str = "4a",
     alpha: float = 0.05,
+    model_threshold: float | None = None,
 ) -> dict[str, Any] | None:
     """Each BI-RADS reader with the model against the reader alone on a test split (`alnus.combine.with_reader`):
     the combinations are set on the validation cases the reader read, then compared on the test cases the reader
     read. None when no reader read a test case. Each reader stands alone: a reader without validation readings, or
     with a reading that cannot be read, gets an error record and the others their results. Incomplete readings
-    (BI-RADS 0) are left out of the combination and counted (`n_incomplete`).
+    (BI-RADS 0) are left out of the combination and counted (`n_incomplete`). With the model's own frozen
+    `model_threshold`, each record says on how many cases the combination calls as the model alone does
+    (`calls_as_model`): a fitted combination that leans on the model can make exactly its calls.
     """
     from alnus.combine import set_on_validation, with_reader
 
@@ -715,6 +718,12 @@ def reader_plus_ai(
             records.append({"reader": reader, "method": "both", "error": f"validation: {exc}"})
             continue
         found = with_reader(val, test, positive_from, alpha, settings=settings)
+        if model_threshold is not None:
+            alone = test["prob"].to_numpy() >= model_threshold
+            for r in found:
+                if "error" not in r:
+                    mine = settings[r["method"]].calls(test["prob"], test["birads"], test["call"])
+                    r["calls_as_model"] = int((np.asarray(mine) == alone).sum())
         records += [{"reader": reader, **r, **incomplete} for r in found]
         kept[reader] = (test, settings)
     if not records:
@@ -1154,7 +1163,7 @@ def _compare_reader_plus_ai(
             try:
                 found = reader_plus_ai(
                     val_rows, by_split["val"], rows, by_split[split], level=case_level, aggregate=how,
-                    positive_from=readers["reader_positive_from"], alpha=alpha,
+                    positive_from=readers["reader_positive_from"], alpha=alpha, model_threshold=point["value"],
                 )  # fmt: skip
             except AlnusError as exc:
                 found = {"error": str(exc)}  # reported; the model's and the readers' own results stand

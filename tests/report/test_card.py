@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from markdown_it import MarkdownIt
 
+from alnus.report.build import CARD_HEADING_OFFSET
 from alnus.report.card import CARD_FILE, md_text, render_markdown
 from alnus.runfolder import RunFolder
 
@@ -82,4 +83,12 @@ def test_render_markdown_requests_nothing() -> None:
 def test_the_report_shows_the_same_card(report_run: Path, card: str) -> None:
     """issue 8.5: the report holds the package's card, rendered from the same Markdown."""
     html = RunFolder(report_run).report.read_text(encoding="utf-8")
-    assert render_markdown(card.split("\n", 1)[1]) in html
+    assert render_markdown(card.split("\n", 1)[1], heading_offset=CARD_HEADING_OFFSET) in html
+    # Its headings sit under the card's block (h3), so "Intended use" is not a second report section.
+    assert "<h2>Intended use</h2>" in html and html.count("<h2>Intended use</h2>") == 1
+    assert "<h4>Intended use</h4>" in html
+
+
+def test_headings_move_down_but_not_past_h6() -> None:
+    assert render_markdown("# a\n\n##### b\n", heading_offset=2) == "<h3>a</h3>\n<h6>b</h6>\n"
+    assert render_markdown("# a\n") == "<h1>a</h1>\n"

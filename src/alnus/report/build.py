@@ -493,13 +493,17 @@ def _calibration_section(inputs: RunInputs) -> Section:
     return section
 
 
+# A card's "## Intended use" becomes an <h4> under its block's <h3>, not a second report section of that name.
+CARD_HEADING_OFFSET = 2
+
+
 def _cards_section(cards: dict[str, str]) -> Section:
     section = Section("model-card", "Model cards")
     section.paragraphs.append("The same card is README.md in each model package.")
     for model, text in cards.items():
         block = Block(f"model-card-{model}", f"Model card: {model}")
         # Escaped Markdown rendered without raw HTML, links or images: safe to insert as it is.
-        block.html = render_markdown(text.split("\n", 1)[1])
+        block.html = render_markdown(text.split("\n", 1)[1], heading_offset=CARD_HEADING_OFFSET)
         section.blocks.append(block)
     return section
 

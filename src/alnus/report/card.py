@@ -45,12 +45,22 @@ def md_text(value: object) -> str:
     return _MD_LINE_START.sub(r"\1\\\2", text)
 
 
-def render_markdown(text: str) -> str:
-    """Markdown -> HTML for the report: raw HTML, links and images are off, so the result requests nothing."""
+def render_markdown(text: str, heading_offset: int = 0) -> str:
+    """Markdown -> HTML for the report: raw HTML, links and images are off, so the result requests nothing.
+
+    `heading_offset` moves every heading down that many levels (at most to h6), so that a card shown inside a report
+    block keeps its headings under the block's own.
+    """
+    import re
+
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable("table").disable(["link", "image", "autolink"])
-    return md.render(text)
+    html = md.render(text)
+    if not heading_offset:
+        return html
+    # With raw HTML off, every <hN> tag of the output is a Markdown heading (text of the card is escaped).
+    return re.sub(r"<(/?)h([1-6])>", lambda m: f"<{m[1]}h{min(6, int(m[2]) + heading_offset)}>", html)
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> str:

@@ -131,6 +131,11 @@ def _ci_line(low: float | None, high: float | None) -> str:
     return "" if low is None or high is None else f"{num(low)}-{num(high)}"
 
 
+def _points(x: float | None) -> str:
+    """A difference of two proportions in percentage points, signed."""
+    return "n/a" if not _finite(x) else f"{100 * x:+.1f} points"
+
+
 def _signed_ci(low: float | None, high: float | None) -> str:
     """A CI of a difference, signed (a plain "low-high" would misread with negative bounds)."""
     return "" if not (_finite(low) and _finite(high)) else f"{low:+.3f} to {high:+.3f}"
@@ -279,6 +284,14 @@ def comparisons_table(metrics: Mapping[str, Any]) -> Table | None:
 
 
 # ------------------------------------------------------------------------------------------------- readers
+# How the AUC CI methods of `alnus.stats.auc_ci` read in a table.
+_AUC_METHODS = {
+    "delong": "DeLong",
+    "bootstrap-percentile": "bootstrap (percentile)",
+    "bootstrap-percentile-clustered": "bootstrap by case (percentile)",
+}
+
+
 def reader_performance_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     rows = []
     for r in compared.get("performance", []):
@@ -287,7 +300,7 @@ def reader_performance_table(split: str, model: str, compared: Mapping[str, Any]
             pct_interval(r["sensitivity"], r.get("sensitivity_ci_low"), r.get("sensitivity_ci_high")),
             pct_interval(r["specificity"], r.get("specificity_ci_low"), r.get("specificity_ci_high")),
             Cell(num(r["auc"]), _ci_line(r.get("auc_ci_low"), r.get("auc_ci_high")), numeric=True),
-            Cell(str(r.get("auc_method", ""))),
+            Cell(_AUC_METHODS.get(str(r.get("auc_method", "")), str(r.get("auc_method", "")))),
         ])  # fmt: skip
     columns = ["reader", "readings", "sensitivity", "specificity", "AUC", "AUC method"]
     caption = f"Readers on {split} ({compared.get('reader_calls', 'BI-RADS >= 4a')} is a positive call)"
@@ -324,7 +337,7 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
         difference = (
             interval(r["difference"], r["ci_low"], r["ci_high"])
             if auc
-            else f"{pct(r['difference'])} ({pct(r['ci_low'])} to {pct(r['ci_high'])})"
+            else f"{_points(r['difference'])} ({100 * r['ci_low']:+.1f} to {100 * r['ci_high']:+.1f})"
         )
         rows.append([r["metric"], str(r["n"]), fmt(r["model"]), fmt(r["readers"]), difference, p_value(r["p"]),
                      r.get("note", "")])  # fmt: skip
@@ -407,6 +420,7 @@ def reader_plus_ai_points(found: Mapping[str, Any]) -> list[str]:
     """Each reader's combinations as set on validation, one line each (the table's operating points)."""
     return [
         f"{r['reader']}, {METHOD_NAMES.get(r['method'], r['method'])}: {r['operating_point']}."
+        + (" On these cases it calls exactly as the model alone does." if r.get("calls_as_model") == r["n"] else "")
         for r in found.get("records", [])
         if "error" not in r
     ]
