@@ -133,6 +133,12 @@ CONFIGURATIONS = (
         "aux_birads with 288 px lesion crops instead of Lite0's native 224 (preprocess.size)",
         ("train.aux_reader=reader_birads", "preprocess.size=288"),
     ),  # fmt: skip
+    # Protocol item 20 (2026-12-04, fixed before it was trained): the auxiliary target with the shift augmentation.
+    Configuration(
+        "aux_shift",
+        "aux_birads + the scanner-shift augmentation of shift_aug (blur, resolution, attenuation, TGC bands)",
+        ("train.aux_reader=reader_birads", SHIFT_AUGMENT),
+    ),  # fmt: skip
     # The paper's three CNNs (Zhou et al. 2020). Offline there are no ImageNet weights for them, so they start from
     # random initialisation; on 2 CPU cores they get bounded budgets (112 px for 2 epochs, 192 px for 6): rows for
     # comparison, not a reproduction of the paper's transfer learning.
