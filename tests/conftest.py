@@ -11,6 +11,9 @@ import pytest
 from tests._browser import browser  # noqa: F401 - a fixture, registered by its import here
 
 REPO = Path(__file__).resolve().parents[1]
+# The CLI's console follows COLUMNS when it is set (alnus.cli._piped_width); the tests read its tables at the width
+# it uses for piped output, whatever terminal started them.
+os.environ.pop("COLUMNS", None)
 
 
 def _shared_data() -> Path:

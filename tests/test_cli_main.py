@@ -82,3 +82,23 @@ def test_control_characters_in_user_text_never_reach_the_terminal(
     assert escape("x\x1b[2J[bold]y\x07") == "x\\x1b[2J\\[bold]y\\x07"
     status, err = _run_main(monkeypatch, capsys, "study", str(tmp_path / "evil\x1b[2J\x1b]0;PWNED\x07.yaml"))
     assert status == 2 and "\x1b" not in err and "\x07" not in err and "\\x1b" in err.replace("\n", "")
+
+
+def test_piped_output_is_wide_unless_columns_says_otherwise() -> None:
+    """New-user review: output to a file ignored COLUMNS (always 160 wide)."""
+    import subprocess
+    import sys
+
+    def width(env: dict[str, str]) -> int:
+        code = "from alnus.cli import console, err_console; print(console.width, err_console.width)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        first, second = out.stdout.split()
+        assert first == second
+        return int(first)
+
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    assert width(base) == 160
+    assert width({**base, "COLUMNS": "100"}) == 100
+    assert width({**base, "COLUMNS": "wide"}) == 160

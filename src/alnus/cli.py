@@ -30,9 +30,17 @@ app = typer.Typer(
 data_app = typer.Typer(help="Data: import, validate, split, phantom (demo) data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-# Piped output (CI logs, files) gets a wide console so that tables are not truncated to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+def _piped_width(stream: object) -> int | None:
+    """The console width: the terminal's, or COLUMNS when the user set it; else piped output (CI logs, files) gets
+    a wide console so that tables are not truncated to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    if getattr(stream, "isatty", lambda: False)() or (columns.isdigit() and int(columns) > 0):
+        return None  # rich reads the terminal's size, or COLUMNS
+    return 160
+
+
+console = Console(width=_piped_width(sys.stdout))
+err_console = Console(stderr=True, width=_piped_width(sys.stderr))
 
 
 def _version(value: bool) -> None:
