@@ -71,6 +71,7 @@ def _metric_components(
     metric: str,
     model_threshold: float | None,
     reader_thresholds: float | Sequence[float] | None,
+    names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Estimates and per-case components (v10 over positives, v01 over negatives) of every reading row.
 
@@ -92,9 +93,10 @@ def _metric_components(
         per_reader = list(reader_thresholds)  # type: ignore[arg-type]
         if len(per_reader) != n_readers:
             raise StatsError(f"reader_thresholds has {len(per_reader)} values for {n_readers} readers.")
+    names = list(names) if names is not None else ["model_score"] + [f"reader_scores[{j}]" for j in range(n_readers)]
     calls = np.stack(
-        [_threshold_calls(scores[0], model_threshold, "model_score")]
-        + [_threshold_calls(scores[j + 1], per_reader[j], f"reader_scores[{j}]") for j in range(n_readers)]
+        [_threshold_calls(scores[0], model_threshold, names[0])]
+        + [_threshold_calls(scores[j + 1], per_reader[j], names[j + 1]) for j in range(n_readers)]
     )
     m, n = int(y.sum()), int((~y).sum())
     if metric == "sensitivity":
@@ -307,7 +309,8 @@ def mrmc_two_modalities(
         raise StatsError(f"a random-reader analysis needs at least 2 readers; got {r}.")
     rows = np.stack(stacked[0] + stacked[1])
     # _metric_components reads row 0 as "the model"; with no thresholds every row is read alike (0/1 calls).
-    theta, v10, v01 = _metric_components(yb, rows, metric, None, None)
+    names = [f"scores_a[{j}]" for j in range(r)] + [f"scores_b[{j}]" for j in range(r)]
+    theta, v10, v01 = _metric_components(yb, rows, metric, None, None, names)
     core = _or_hillis(theta.reshape(2, r), jackknife_cov(jackknife_estimates(yb, theta, v10, v01)), alpha)
     return MrmcModalitiesResult(
         estimate=core.d, ci_low=core.d - core.half, ci_high=core.d + core.half, se=core.se, t=core.t,

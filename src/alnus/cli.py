@@ -30,6 +30,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Data: import, validate, split, phantom (demo) data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+
 def _piped_width(stream: object) -> int | None:
     """The console width: the terminal's, or COLUMNS when the user set it; else piped output (CI logs, files) gets
     a wide console so that tables are not truncated to 80 columns."""
