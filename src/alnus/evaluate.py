@@ -745,15 +745,15 @@ def _panel_note(res: Any) -> str:  # noqa: ANN401 - alnus.stats.MrmcModalitiesRe
 def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]], alpha: float) -> list[dict]:
     """The readers with AI vs the same readers alone (`alnus.stats.mrmc_two_modalities`), per combination and
     figure of merit, on the test cases every reader with that combination read; a row says why when it cannot be
-    done (fewer than 2 such readers, too few cases). None for a single reader."""
+    done (fewer than 2 such readers, too few cases). Empty for a single reader: a panel needs two."""
     from alnus.combine import METHODS, Setting
     from alnus.stats import mrmc_two_modalities
 
     out: list[dict[str, Any]] = []
+    if len(kept) < 2:
+        return out
     for method in METHODS:
         readers = sorted(r for r, (_, settings) in kept.items() if isinstance(settings[method], Setting))
-        if len(kept) < 2:
-            return []  # one reader: no panel
         if len(readers) < 2:
             out.append({"method": method, "metric": "auc", "n_readers": len(readers),
                         "error": "the panel analysis needs 2 or more readers whose combination could be "
