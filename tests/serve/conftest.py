@@ -240,3 +240,14 @@ class LiveServer:
 @pytest.fixture
 def live_server() -> Iterator[type[LiveServer]]:
     yield LiveServer
+
+
+def assert_no_uploads_left(folder: Path, within: float = 5.0) -> None:
+    """Every request's upload folder is removed. The worker thread removes it when the job ends, which can be a
+    moment after the answer reached the client (a CI run saw one still there): wait up to `within` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while (left := list(folder.iterdir()) if folder.is_dir() else []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], f"upload folder(s) left behind: {left}"

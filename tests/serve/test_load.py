@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from alnus.serve import Access, ModelService, Settings, create_app
-from tests.serve.conftest import TOKEN, LiveServer, predictor_of
+from tests.serve.conftest import TOKEN, LiveServer, assert_no_uploads_left, predictor_of
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "serve_load.py"
 
@@ -45,7 +45,7 @@ def test_concurrent_clients_get_every_answer_and_healthz_stays_quick(
     assert summary["p50"] <= summary["p95"] <= summary["p99"]
     assert summary["health_n"] >= 1 and summary["health_p95"] < 250
     assert late.summary()["requests"] == 0  # past its deadline, a phase sends nothing
-    assert list((tmp_path / "uploads").iterdir()) == []
+    assert_no_uploads_left(tmp_path / "uploads")
 
 
 def test_phase_summary_counts_errors_and_takes_percentiles(serve_load: ModuleType) -> None:
