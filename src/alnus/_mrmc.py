@@ -24,12 +24,10 @@ from alnus._stats_base import StatsError, as_calls, as_labels, as_scores, auc_co
 
 
 @dataclass(frozen=True)
-class MrmcResult:
-    """Model vs readers (OR/Hillis): difference `model_estimate - reader_mean` with CI, F = t^2, df and P.
-
-    `var_error`, `cov1`, `cov2`, `cov3` are the OR error variance and covariances (jackknife over cases) of
-    the two-modality layout (model replicated, readers); `ms_tr` the modality-by-reader mean square.
-    """
+class _OrTest:
+    """What every OR/Hillis analysis reports: the difference `estimate` with its CI, F = t^2, df and P; the OR
+    error variance and covariances (jackknife over cases) `var_error`, `cov1`, `cov2`, `cov3`; the
+    modality-by-reader mean square `ms_tr`; and the design."""
 
     estimate: float
     ci_low: float
@@ -39,9 +37,6 @@ class MrmcResult:
     f: float
     df_den: float
     p: float
-    model_estimate: float
-    reader_mean: float
-    reader_estimates: tuple[float, ...]
     var_error: float
     cov1: float
     cov2: float
@@ -54,6 +49,16 @@ class MrmcResult:
     n_neg: int
     n_readers: int
     alpha: float
+
+
+@dataclass(frozen=True)
+class MrmcResult(_OrTest):
+    """Model vs readers (OR/Hillis): `estimate` = `model_estimate - reader_mean`; the covariances are those of the
+    two-modality layout (model replicated, readers)."""
+
+    model_estimate: float
+    reader_mean: float
+    reader_estimates: tuple[float, ...]
 
 
 def _threshold_calls(scores: np.ndarray, threshold: float | None, name: str) -> np.ndarray:
@@ -243,33 +248,13 @@ def mrmc_model_vs_readers(
 
 
 @dataclass(frozen=True)
-class MrmcModalitiesResult:
-    """Readers in modality A vs the same readers in modality B (OR/Hillis): `mean_a - mean_b` with CI, F, df, P."""
+class MrmcModalitiesResult(_OrTest):
+    """Readers in modality A vs the same readers in modality B (OR/Hillis): `estimate` = `mean_a - mean_b`."""
 
-    estimate: float
-    ci_low: float
-    ci_high: float
-    se: float
-    t: float
-    f: float
-    df_den: float
-    p: float
     mean_a: float
     mean_b: float
     estimates_a: tuple[float, ...]
     estimates_b: tuple[float, ...]
-    var_error: float
-    cov1: float
-    cov2: float
-    cov3: float
-    ms_tr: float
-    metric: str
-    method: str
-    n: int
-    n_pos: int
-    n_neg: int
-    n_readers: int
-    alpha: float
 
 
 def mrmc_two_modalities(

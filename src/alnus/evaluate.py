@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1115,6 +1115,27 @@ def _compare_with_readers(
     splits = _read_splits(run_dir)
     if splits is None:
         return imrmc
+    for split, rows, model, by_split, point, case_level, how in _test_cells(splits, tables, out):
+        try:
+            found = reader_comparison(
+                rows, by_split[split], point["value"], level=case_level, aggregate=how, alpha=alpha,
+                scale=readers["reader_scale"], positive_from=readers["reader_positive_from"],
+                score_threshold=readers["reader_score_threshold"],
+            )  # fmt: skip
+        except AlnusError as exc:
+            # A reader column that cannot be read must not hide the model's own results; it is reported.
+            found = {"error": str(exc)}
+        if found is not None:
+            imrmc[(model, split)] = found.pop("imrmc", None)
+            out["readers"].setdefault(split, {})[model] = found
+    return imrmc
+
+
+def _test_cells(
+    splits: pd.DataFrame, tables: Mapping[str, Mapping[str, pd.DataFrame]], out: Mapping[str, Any]
+) -> Iterator[tuple[str, pd.DataFrame, str, Mapping[str, pd.DataFrame], Mapping[str, Any], Level, Aggregate]]:
+    """Each test split's rows with each model that predicted it, at the model's frozen operating point: (split, rows,
+    model, its tables, the point, the case level, and the aggregation of a case's images at that level)."""
     for split in ("internal_test", "external_test"):
         rows = splits[splits["split"] == split]
         for model, by_split in tables.items():
@@ -1123,19 +1144,7 @@ def _compare_with_readers(
             point = out["models"][model]["threshold"]
             case_level = _case_level(point["level"])
             how = point["aggregate"] if case_level == point["level"] else "max"
-            try:
-                found = reader_comparison(
-                    rows, by_split[split], point["value"], level=case_level, aggregate=how, alpha=alpha,
-                    scale=readers["reader_scale"], positive_from=readers["reader_positive_from"],
-                    score_threshold=readers["reader_score_threshold"],
-                )  # fmt: skip
-            except AlnusError as exc:
-                # A reader column that cannot be read must not hide the model's own results; it is reported.
-                found = {"error": str(exc)}
-            if found is not None:
-                imrmc[(model, split)] = found.pop("imrmc", None)
-                out["readers"].setdefault(split, {})[model] = found
-    return imrmc
+            yield split, rows, model, by_split, point, case_level, how
 
 
 def _compare_reader_plus_ai(
@@ -1152,23 +1161,16 @@ def _compare_reader_plus_ai(
     if splits is None or readers["reader_scale"] != "birads":
         return
     val_rows = splits[splits["split"] == "val"]
-    for split in ("internal_test", "external_test"):
-        rows = splits[splits["split"] == split]
-        for model, by_split in tables.items():
-            if split not in by_split or rows.empty:
-                continue
-            point = out["models"][model]["threshold"]
-            case_level = _case_level(point["level"])
-            how = point["aggregate"] if case_level == point["level"] else "max"
-            try:
-                found = reader_plus_ai(
-                    val_rows, by_split["val"], rows, by_split[split], level=case_level, aggregate=how,
-                    positive_from=readers["reader_positive_from"], alpha=alpha, model_threshold=point["value"],
-                )  # fmt: skip
-            except AlnusError as exc:
-                found = {"error": str(exc)}  # reported; the model's and the readers' own results stand
-            if found is not None:
-                out["reader_plus_ai"].setdefault(split, {})[model] = found
+    for split, rows, model, by_split, point, case_level, how in _test_cells(splits, tables, out):
+        try:
+            found = reader_plus_ai(
+                val_rows, by_split["val"], rows, by_split[split], level=case_level, aggregate=how,
+                positive_from=readers["reader_positive_from"], alpha=alpha, model_threshold=point["value"],
+            )  # fmt: skip
+        except AlnusError as exc:
+            found = {"error": str(exc)}  # reported; the model's and the readers' own results stand
+        if found is not None:
+            out["reader_plus_ai"].setdefault(split, {})[model] = found
 
 
 def _write_results(
