@@ -133,25 +133,10 @@ def jackknife_cov(jack: np.ndarray) -> np.ndarray:
 _ROUNDING = 1e-10
 
 
-@dataclass(frozen=True)
-class _OrHillis:
-    d: float
-    se: float
-    t: float
-    ddf: float
-    half: float
-    p: float
-    var_error: float
-    cov1: float
-    cov2: float
-    cov3: float
-    ms_tr: float
-
-
-def _or_hillis(theta: np.ndarray, cov: np.ndarray, alpha: float) -> _OrHillis:
+def _or_hillis(theta: np.ndarray, cov: np.ndarray, alpha: float) -> dict[str, float]:
     """The two-modality OR test (random readers, random cases) from the estimates `theta` (2, r) and the jackknife
     covariance `cov` (2r, 2r; row i * r + j is modality i, reader j): d = mean theta_1. - mean theta_2. with its
-    Hillis (2007) CI and P.
+    Hillis (2007) CI and P, as the test fields of `_OrTest` (estimate ... ms_tr).
 
     Var(error) is the mean variance; Cov1 the mean covariance of the two modalities of one reader, Cov2 of two
     readers in one modality, Cov3 of two readers in different modalities. MS(TR) = var_j(d_j) / 2 with
@@ -184,7 +169,11 @@ def _or_hillis(theta: np.ndarray, cov: np.ndarray, alpha: float) -> _OrHillis:
     se = float(np.sqrt(2 / r * denom))
     t = d / se
     half = float(_sps.t.ppf(1 - alpha / 2, ddf)) * se
-    return _OrHillis(d, se, t, float(ddf), half, float(2 * _sps.t.sf(abs(t), ddf)), var_error, cov1, cov2, cov3, ms_tr)
+    return {
+        "estimate": d, "ci_low": d - half, "ci_high": d + half, "se": se, "t": t, "f": t * t, "df_den": float(ddf),
+        "p": float(2 * _sps.t.sf(abs(t), ddf)), "var_error": var_error, "cov1": cov1, "cov2": cov2, "cov3": cov3,
+        "ms_tr": ms_tr,
+    }  # fmt: skip
 
 
 def mrmc_model_vs_readers(
@@ -235,13 +224,10 @@ def mrmc_model_vs_readers(
 
     # Modality 1 holds the model's one reading in every reader slot (its rows of the covariance are repeated).
     slots = np.r_[np.zeros(r, dtype=int), np.arange(1, r + 1)]
-    core = _or_hillis(np.vstack([np.full(r, theta[0]), theta[1:]]), cov[np.ix_(slots, slots)], alpha)
     return MrmcResult(
-        estimate=core.d, ci_low=core.d - core.half, ci_high=core.d + core.half, se=core.se, t=core.t,
-        f=core.t * core.t, df_den=core.ddf, p=core.p,
+        **_or_hillis(np.vstack([np.full(r, theta[0]), theta[1:]]), cov[np.ix_(slots, slots)], alpha),
         model_estimate=float(theta[0]), reader_mean=float(theta[1:].mean()),
-        reader_estimates=tuple(float(v) for v in theta[1:]),
-        var_error=core.var_error, cov1=core.cov1, cov2=core.cov2, cov3=core.cov3, ms_tr=core.ms_tr, metric=metric,
+        reader_estimates=tuple(float(v) for v in theta[1:]), metric=metric,
         method="Obuchowski-Rockette, Hillis ddf, jackknife; fixed model vs random readers, random cases",
         n=yb.size, n_pos=m, n_neg=n, n_readers=r, alpha=alpha,
     )  # fmt: skip
@@ -296,12 +282,10 @@ def mrmc_two_modalities(
     # _metric_components reads row 0 as "the model"; with no thresholds every row is read alike (0/1 calls).
     names = [f"scores_a[{j}]" for j in range(r)] + [f"scores_b[{j}]" for j in range(r)]
     theta, v10, v01 = _metric_components(yb, rows, metric, None, None, names)
-    core = _or_hillis(theta.reshape(2, r), jackknife_cov(jackknife_estimates(yb, theta, v10, v01)), alpha)
     return MrmcModalitiesResult(
-        estimate=core.d, ci_low=core.d - core.half, ci_high=core.d + core.half, se=core.se, t=core.t,
-        f=core.t * core.t, df_den=core.ddf, p=core.p, mean_a=float(theta[:r].mean()), mean_b=float(theta[r:].mean()),
-        estimates_a=tuple(float(v) for v in theta[:r]), estimates_b=tuple(float(v) for v in theta[r:]),
-        var_error=core.var_error, cov1=core.cov1, cov2=core.cov2, cov3=core.cov3, ms_tr=core.ms_tr, metric=metric,
+        **_or_hillis(theta.reshape(2, r), jackknife_cov(jackknife_estimates(yb, theta, v10, v01)), alpha),
+        mean_a=float(theta[:r].mean()), mean_b=float(theta[r:].mean()),
+        estimates_a=tuple(float(v) for v in theta[:r]), estimates_b=tuple(float(v) for v in theta[r:]), metric=metric,
         method="Obuchowski-Rockette, Hillis ddf, jackknife; the same random readers in two modalities, random cases",
         n=yb.size, n_pos=m, n_neg=n, n_readers=r, alpha=alpha,
     )  # fmt: skip
