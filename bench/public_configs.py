@@ -37,6 +37,8 @@ class Configuration:
     name: str
     change: str
     overrides: tuple[str, ...] = ()
+    # The command that trains it when that is not this script (a GPU run): this script then only reads its run folder.
+    trained_by: str = ""
 
     @property
     def run_name(self) -> str:
@@ -166,6 +168,13 @@ CONFIGURATIONS = (
             "train.lr=1e-3",
         ),  # fmt: skip
     ),
+    # Protocol item 21 (2026-12-04): the same three at their native sizes, trained on a GPU machine.
+    Configuration(
+        "paper_cnns_gpu",
+        "the paper's three CNNs, random init (offline), native sizes (299/299/224 px) on one GPU, epochs fitted to a "
+        "fixed budget",
+        trained_by="bench/gpu_paper_cnns.py",
+    ),
 )
 WALL_FILE = "bench_wall.json"
 # Every finished configuration's rows, as measured: run folders stay on the machine that trained them (runs/ is not
@@ -176,6 +185,9 @@ RECORD = Path("docs") / "public_configurations.json"
 
 
 def _run_one(config: Configuration, *, rerun: bool = False) -> None:
+    if config.trained_by:
+        print(f"{config.name}: trained by {config.trained_by} (runs/{config.run_name}); not trained here")
+        return
     from alnus.config import load_config
     from alnus.study import run_study, trained_package
 
@@ -304,10 +316,11 @@ def table_section() -> str:
         "Per patient; AUC with DeLong 95% CI; sensitivity/specificity (%) at the threshold "
         "frozen on the validation patients. Selection uses the **val AUC column only** (BUS-BRA validation "
         "patients); the external columns are shown for every configuration so that the selection is visible.",
-        f"Updated {dt.date.today().isoformat()}. Each row says when and on which CPU it was measured (no GPU; "
-        "training: the sum of the epochs' times in history.csv; last study run: the wall time of the latest "
-        "`run_study` of that configuration, short when it reused a trained model; other jobs shared the machine for "
-        "some of them, and the base run was paused for about ten minutes while it trained).",
+        f"Updated {dt.date.today().isoformat()}. Each row says when and on which machine it was measured (a CPU "
+        "without a GPU unless the row names one; training: the sum of the epochs' times in history.csv; last study "
+        "run: the wall time of the latest `run_study` of that configuration, short when it reused a trained model; "
+        "other jobs shared the machine for some of them, and the base run was paused for about ten minutes while it "
+        "trained).",
         "",
         _markdown(pd.DataFrame(rows)) if rows else "(no configuration finished yet)",
     ]
