@@ -157,6 +157,23 @@ def _box_jitter(shipped: Path, run: Path, shift: int = 2) -> dict[str, object]:
             "max_abs_change": worst, "image_calls_changed": flips, "calls_compared": 4 * len(rows)}  # fmt: skip
 
 
+def _reader_rule(shipped: Path, run: Path, tmp: Path) -> dict[str, object] | None:
+    """Set the shipped copy's reader rule (`alnus reader-rule`) on the run's validation patients with their BI-RADS,
+    so that `alnus predict --birads` gives the radiologist with AI; None when the run has no BI-RADS readings."""
+    from alnus.adapt import freeze_reader_rule, write_card_section
+    from alnus.models.package import read_metadata
+
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    if "reader_birads" not in splits.columns:
+        return None
+    val = splits[splits["split"] == "val"].drop(columns=["split"])
+    manifest = tmp / f"{run.name}-validation.csv"  # the name the package records as where its rule was set
+    val.to_csv(manifest, index=False)
+    rule = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True)
+    write_card_section(shipped, rule, read_metadata(shipped))
+    return rule
+
+
 def _card_section(found: dict[str, object], jitter: dict[str, object], source: str, note: str) -> str:
     return "\n".join([
         "",
@@ -229,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         found["box_jitter"] = jitter
         section = _card_section(found, jitter, str(relative), args.card_note)
         card.write_text(card.read_text(encoding="utf-8") + section, encoding="utf-8")
+        found["reader_rule"] = _reader_rule(shipped, run, Path(tmp))
         size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)

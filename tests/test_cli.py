@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,11 @@ runner = CliRunner()
 
 
 def _alnus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "alnus", *args], capture_output=True, text=True, timeout=300)
+    # Without COLUMNS: GNU readline, once loaded in the test process, writes the terminal's width into the C
+    # environment (not os.environ), from where it would reach the child and narrow its tables.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return subprocess.run([sys.executable, "-m", "alnus", *args], capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

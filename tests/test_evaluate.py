@@ -734,11 +734,11 @@ def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp
     assert tie["auc_difference"] == pytest.approx(tie["combined_auc"] - tie["reader_auc"])
     # How often each combination calls as the model alone (at its frozen threshold) does.
     from alnus.combine import set_on_validation
-    from alnus.evaluate import _one_reader
+    from alnus.evaluate import reader_cases
 
     frozen = metrics["models"]["tiny_cnn"]["threshold"]["value"]
     rows = {s: splits[splits["split"] == s] for s in ("val", "external_test")}
-    val, test = (_one_reader(rows[s], read_pred(run, "tiny_cnn", s), "reader_a", "patient", "mean", "4a")
+    val, test = (reader_cases(rows[s], read_pred(run, "tiny_cnn", s), "reader_a", "patient", "mean", "4a")
                  for s in ("val", "external_test"))  # fmt: skip
     settings = set_on_validation(val)
     for method, record in methods.items():

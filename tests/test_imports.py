@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "alnus._stats_base": 1,
     "alnus.runfolder": 1,
     "alnus.operating_point": 1,
+    "alnus.reader_rule": 1,
     "alnus._text": 1,
     "alnus._levels": 1,
     "alnus._checkpoint": 1,

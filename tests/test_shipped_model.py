@@ -81,3 +81,37 @@ def test_shipped_model_reproduces_its_recorded_probabilities_on_real_images(pack
     assert result.exit_code == 0, result.output
     table = pd.read_csv(io.StringIO(result.stdout))
     np.testing.assert_allclose(table["prob"].to_numpy(), examples["prob"].to_numpy(), atol=1e-4)
+
+
+def test_shipped_package_carries_a_reader_rule_set_on_validation(package: Path) -> None:
+    from alnus.models.package import read_metadata
+
+    rule = read_metadata(package)["reader_rule"]
+    assert rule is not None and 0.0 < rule["value"] < 1.0 and rule["positive_from"] == "4a"
+    assert rule["chosen_on"]["n_lowest_pos"] >= 20 and rule["chosen_on"]["reader_sensitivity"] == 1.0
+    assert "validation" in rule["frozen_on"]
+    assert (package / "README.md").read_text(encoding="utf-8").count("<!-- reader-rule:start -->") == 1
+
+
+@pytest.mark.realdata
+def test_the_shipped_reader_rule_spares_benign_biopsies_on_the_external_patients(package: Path, shared_data: Path,
+                                                                                 tmp_path: Path) -> None:  # fmt: skip
+    """README's numbers: with the BrEaST radiologists' BI-RADS, the calls with AI keep their sensitivity and raise
+    their specificity, per patient, as `alnus predict` gives them from a manifest with a reader_birads column."""
+    from alnus.data.importers import import_dataset
+
+    manifest = import_dataset("breast", shared_data / "BrEaST-Lesions-USG", tmp_path / "breast")
+    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    rows = rows[rows["label"].isin(["benign", "malignant"])]
+    rows.to_csv(tmp_path / "external.csv", index=False)
+    result = CliRunner().invoke(app, ["predict", str(package), "--manifest", str(tmp_path / "external.csv"),
+                                      "--format", "csv", "--device", "cpu", "--engine", "torch"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = pd.read_csv(io.StringIO(result.stdout))
+    truth = dict(zip(rows["image"].map(lambda p: str(Path(p).name)), rows["label"], strict=True))
+    out["y"] = [truth[Path(p).name] == "malignant" for p in out["image"]]
+    patients = out.groupby("patient_id").first()
+    sick, well = patients[patients["y"]], patients[~patients["y"]]
+    assert len(patients) == 252 and len(well) == 154
+    assert sick["reader_call"].mean() == sick["with_ai_call"].mean() == 1.0
+    assert (well["reader_call"] == 0).sum() == 67 and (well["with_ai_call"] == 0).sum() == 80

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -62,7 +62,9 @@ BEFORE_ADAPTATION = "## Before adaptation: the source model's card"
 # The model card's section on the site's threshold, rewritten by `alnus threshold`.
 SITE_THRESHOLD_START, SITE_THRESHOLD_END = "<!-- site-threshold:start -->", "<!-- site-threshold:end -->"
 # Keys save_package writes itself, or that describe the source package's weights rather than the adapted ones.
-_NOT_CARRIED = ("weights_sha256", "versions", "created", "exports", "format_version", "threshold", "threshold_history")
+# The reader rule, like the threshold, was set on the source's probabilities: it is not carried over either.
+_NOT_CARRIED = ("weights_sha256", "versions", "created", "exports", "format_version", "threshold", "threshold_history",
+                "reader_rule", "reader_rule_history")  # fmt: skip
 # The SHA-256 of each image adapted on, one per line, sorted: whether an image was among them can be checked without
 # the package holding names (which may identify patients).
 IMAGES_FILE = "adaptation-images.sha256"
@@ -591,6 +593,7 @@ def _write_ensemble(
         "weights_sha256": ensemble_digest([m["weights_sha256"] for m in members]),
         "threshold": None,
         "threshold_history": [],
+        "reader_rule": None,
         "exports": {},
         "adaptation": record(meta),
         "versions": {"alnus": alnus.__version__},
@@ -607,6 +610,7 @@ def _card(source: Path, meta: dict[str, Any], earlier: dict[str, Any] | None) ->
     `alnus.predict.read_card`), marked as describing the model before adaptation. `earlier`: the source's own
     adaptation record, when the source was adapted already."""
     from alnus.predict import read_card
+    from alnus.reader_rule import without_card_block
 
     adaptation = meta["adaptation"]
     card = read_card(source).strip()
@@ -617,6 +621,8 @@ def _card(source: Path, meta: dict[str, Any], earlier: dict[str, Any] | None) ->
     body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
     if earlier and BEFORE_ADAPTATION in body:  # the original card, without the earlier adaptation's sections
         body = body.split(BEFORE_ADAPTATION, 1)[1].strip().split("\n\n", 1)[-1].strip()
+    # The source's reader rule is not carried over: its block goes, so a rule set later is written in its place here.
+    body, had_rule = without_card_block(body)
     site = f" to {adaptation['site']}" if adaptation["site"] else ""
     threshold = adaptation["source_threshold"]
     was = f" (the source's, {threshold['value']:.4g}, was frozen before adaptation)" if threshold else ""
@@ -641,7 +647,8 @@ def _card(source: Path, meta: dict[str, Any], earlier: dict[str, Any] | None) ->
         "",
         SITE_THRESHOLD_START,
         f"No threshold is carried over{was}: the adapted probabilities move, so calls need a threshold frozen on "
-        "labelled validation patients of this site (`alnus threshold`).",
+        "labelled validation patients of this site (`alnus threshold`)."
+        + (" Nor is the source's reader rule (`alnus reader-rule` sets one on them)." if had_rule else ""),
         SITE_THRESHOLD_END,
     ]
     if body:
@@ -704,7 +711,7 @@ def freeze_on_labelled(
         raise AdaptError("--target is for the sensitivity and specificity rules; Youden's takes none.")
     if target is not None and not 0 < target <= 1:
         raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
-    table = _labelled(manifest, meta, "a threshold is chosen", max_pixels)
+    table = labelled_table(manifest, meta, "a threshold is chosen", max_pixels)
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")
@@ -745,7 +752,7 @@ def freeze_on_labelled(
     return point
 
 
-def _labelled(manifest: Path, meta: dict[str, Any], purpose: str, max_pixels: int | None = None) -> pd.DataFrame:
+def labelled_table(manifest: Path, meta: dict[str, Any], purpose: str, max_pixels: int | None = None) -> pd.DataFrame:
     """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels."""
     from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
 
@@ -797,7 +804,7 @@ def score_on_labelled(
                 f"{package} has labels {meta['label_names']} (positive {meta['positive_label']!r}), {packages[0]} "
                 f"{metas[0]['label_names']} (positive {metas[0]['positive_label']!r}); compare packages of one label."
             )
-    table = _labelled(manifest, metas[0], "a package is scored", max_pixels)  # checked once, for both
+    table = labelled_table(manifest, metas[0], "a package is scored", max_pixels)  # checked once, for both
     rows, scores = [], []
     for package, meta in zip(packages, metas, strict=True):
         predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
@@ -832,3 +839,76 @@ def _with_site_threshold(card: str, text: str) -> str:
         "It replaces any operating threshold stated further down; the results further down were measured at that one."
     )
     return f"{title}\n\n## Threshold frozen at a site\n\n{block}\n\n{superseded}\n{rest}"
+
+
+def freeze_reader_rule(
+    package_dir: str | os.PathLike[str],
+    manifest: str | os.PathLike[str],
+    *,
+    column: str = "reader_birads",
+    positive_from: str = "4a",
+    refreeze: bool = False,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
+    """Set a package's reader rule on a site's labelled validation patients with their BI-RADS (a manifest with
+    image, label, patient_id, the lesion boxes and the reader's `column`); returns the rule as written.
+
+    The images are predicted in fp32 with PyTorch (the reference every engine reproduces); a patient's images are
+    combined as the package's threshold combines them (a package without a threshold: the mean per patient).
+    """
+    from alnus.evaluate import reader_rule_on_validation
+    from alnus.models.package import set_reader_rule
+    from alnus.predict import Predictor
+    from alnus.reader_rule import BIRADS_COLUMNS, ReaderRuleError
+
+    package_dir, manifest = Path(package_dir), Path(manifest)
+    meta = read_metadata(package_dir)
+    if meta.get("reader_rule") is not None and not refreeze:
+        raise ReaderRuleError(
+            f"{package_dir} already has a reader rule ({meta['reader_rule']['value']:.4g}, set "
+            f"{meta['reader_rule'].get('frozen_at', 'earlier')}); pass --refreeze to replace it."
+        )
+    table = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
+    if column not in table.columns:
+        found = ", ".join(c for c in table.columns if c.startswith("reader_") or c in BIRADS_COLUMNS) or "none"
+        raise ReaderRuleError(
+            f"{manifest} has no column {column!r} of BI-RADS readings (reader columns found: {found}); name it "
+            "with --reader."
+        )
+    point = meta.get("threshold") or {}
+    level, aggregate = point.get("level", "patient"), point.get("aggregate", "mean")
+    predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
+    predictions = predictor.predict_table(table, manifest.parent)
+    rule = reader_rule_on_validation(table, predictions, column, positive_from=positive_from, level=level,
+                                     aggregate=aggregate)  # fmt: skip
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    rule |= {"frozen_on": f"{manifest.name} (labelled validation patients given to `alnus reader-rule`)",
+             "frozen_at": now}  # fmt: skip
+    return set_reader_rule(package_dir, rule, refreeze=refreeze)["reader_rule"]
+
+
+def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
+    """Put the rule's block into the package's model card: in place of an earlier one, else after the card's
+    operating-threshold section, else at its end. False when the package has no card (or one too long to read)."""
+    from alnus.predict import MAX_CARD_BYTES, read_card
+    from alnus.reader_rule import CARD_END, CARD_START
+    from alnus.report.card import card_block
+
+    path = Path(package_dir) / "README.md"
+    card = read_card(Path(package_dir))
+    if not card or path.stat().st_size > MAX_CARD_BYTES:
+        return False
+    block = "\n".join(card_block(record, meta))
+    head, start, rest = card.partition(CARD_START)
+    if start and CARD_END in rest:
+        text = head + block + rest.split(CARD_END, 1)[1]
+    else:
+        lines = card.splitlines()
+        at = next((i for i, line in enumerate(lines) if line.startswith("## Operating threshold")), None)
+        after = None if at is None else next((i for i in range(at + 1, len(lines)) if lines[i].startswith("## ")), None)
+        if after is None:
+            text = card.rstrip("\n") + "\n\n" + block + "\n"
+        else:
+            text = "\n".join([*lines[:after], block, "", *lines[after:]]) + "\n"
+    atomic_write_text(path, text)
+    return True

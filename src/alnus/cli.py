@@ -795,6 +795,17 @@ def _note(text: str) -> None:
     err_console.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def _check_birads(values: list[str] | None) -> list[str] | None:
+    """--birads values are BI-RADS categories: a wrong one is a usage error (exit 2), before any image is read."""
+    from alnus.readers import birads_problem
+
+    for value in values or []:
+        problem = birads_problem(value)
+        if problem:
+            raise typer.BadParameter(problem)
+    return values
+
+
 def _check_boxes(values: list[str] | None) -> list[str] | None:
     """--roi values are boxes: a malformed one is a usage error (exit 2), before any image is read."""
     from alnus.data.roi import RoiError, parse_box
@@ -859,6 +870,16 @@ def predict(
             "threshold was frozen (default: each image is its own patient).",
         ),
     ] = None,
+    birads: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CATEGORY",
+            callback=_check_birads,
+            help="The radiologist's BI-RADS per image file, in the files' order, repeated per file (a manifest: a "
+            "birads or reader_birads column): with a package that carries a reader rule, each image also gets the "
+            "radiologist's call and the call with AI (`alnus reader-rule`).",
+        ),
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -899,9 +920,15 @@ def predict(
     _refuse_run_folder(package)
     fmt = _output_format(fmt, out)
     _check_targets(out, heatmaps)
-    per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []]}
+    per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
+                 "birads": birads or []}  # fmt: skip
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
+    if birads and predictor.metadata.get("reader_rule") is None:
+        raise AlnusError(
+            f"{package} carries no reader rule, so --birads would not be used; set one on labelled validation "
+            f"patients with their BI-RADS: `alnus reader-rule {_shell_path(package)} --manifest VALIDATION.csv`."
+        )
     for line in package_notes(package, predictor.metadata):
         err_console.print(escape(line), highlight=False, soft_wrap=True)
     for note in table.attrs.get("notes", []):
@@ -926,6 +953,11 @@ def predict(
         sys.stdout.write(_render(result, fmt, title))
         sys.stdout.flush()
     _predict_summary(predictor, result, out, heatmaps)
+    if predictor.metadata.get("reader_rule") is None and table["birads"].astype(str).str.strip().ne("").any():
+        _note(
+            "the manifest's BI-RADS readings are not used: this package carries no reader rule (`alnus reader-rule "
+            f"{_shell_path(package)} --manifest VALIDATION.csv` sets one on labelled validation patients)."
+        )
     if predictor.metadata.get("adaptation"):
         from alnus.adapt import adapted_on
 
@@ -949,6 +981,13 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         )
     else:
         err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
+    rule = predictor.metadata.get("reader_rule")
+    if rule is not None and "with_ai_call" in result.columns:
+        from alnus.reader_rule import describe_reader_rule
+
+        sentence = describe_reader_rule(rule, predictor.positive_label, predictor.negative_label)
+        err_console.print(escape(sentence) + ".", highlight=False,
+                          soft_wrap=True)  # fmt: skip
     _print_box_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
@@ -1131,6 +1170,64 @@ def threshold(
             f"only {min(chosen['n_pos'], chosen['n_neg'])} case(s) of one class: a threshold chosen on so few moves a "
             "lot with the next patients; give more validation patients."
         )
+
+
+@app.command("reader-rule")
+def reader_rule(
+    package: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A model package folder.")],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            help="CSV of a site's labelled validation patients with the radiologist's BI-RADS: image (paths relative "
+            "to it), label, patient_id, the lesion boxes (roi) or masks, and the reading column (--reader)."
+        ),
+    ] = ...,  # type: ignore[assignment]
+    reader: Annotated[str, typer.Option(help="The manifest's column of BI-RADS readings.")] = "reader_birads",
+    positive_from: Annotated[
+        str, typer.Option(help="The radiologist calls positive from this category (4 and 4a are the same cut).")
+    ] = "4a",
+    refreeze: Annotated[bool, typer.Option(help="Replace a reader rule the package already has.")] = False,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
+) -> None:
+    """Set a package's reader rule on labelled validation patients, so that predict gives the radiologist with AI.
+
+    The rule: the radiologist's call (BI-RADS >= --positive-from), except that a patient in the least suspicious
+    category called positive (4 or 4a) whose model probability is below a value is called negative. The value is the
+    lowest model probability among those validation patients who are malignant, so there the radiologist's
+    sensitivity is kept; it is written into the package's metadata.json and its model card. Then `alnus predict
+    PACKAGE IMAGE --roi ... --birads 4a` (or a manifest's birads column) gives both calls. Use validation patients,
+    never the patients you report results on.
+    """
+    from alnus.adapt import freeze_reader_rule, write_card_section
+    from alnus.models.package import read_metadata
+    from alnus.reader_rule import describe_reader_rule, negative_label_of
+
+    _refuse_run_folder(package, "reader-rule")
+    rule = freeze_reader_rule(package, manifest, column=reader, positive_from=positive_from, refreeze=refreeze,
+                              max_pixels=max_pixels)  # fmt: skip
+    meta = read_metadata(package)
+    write_card_section(package, rule, meta)
+    chosen = rule["chosen_on"]
+    sentence = describe_reader_rule(rule, str(meta["positive_label"]), negative_label_of(meta))
+    line = (f"Set {package}'s reader rule: {sentence}. On "
+            f"{manifest.name}: {chosen['n_cases']} {rule['level']} cases read ({chosen['n_pos']} "
+            f"{meta['positive_label']}), {chosen['n_lowest']} in BI-RADS {' or '.join(rule['lowest'])} "
+            f"({chosen['n_lowest_pos']} {meta['positive_label']}, the lowest probability among them sets the "
+            "value).")  # fmt: skip
+    if None not in (chosen["reader_sensitivity"], chosen["reader_specificity"], chosen["with_ai_specificity"]):
+        line += (f" There the radiologist's sensitivity stays {100 * chosen['reader_sensitivity']:.1f}% and the "
+                 f"specificity goes from {100 * chosen['reader_specificity']:.1f}% to "
+                 f"{100 * chosen['with_ai_specificity']:.1f}%, measured on the cases that set it (optimistic: report "
+                 "results on other patients).")  # fmt: skip
+    console.print(escape(line), highlight=False, soft_wrap=True)
+    if chosen["n_lowest_pos"] < FEW_CASES:
+        _note(
+            f"only {chosen['n_lowest_pos']} {meta['positive_label']} case(s) in BI-RADS "
+            f"{' or '.join(rule['lowest'])} set the value: it moves a lot with the next patients; give more "
+            "validation patients."
+        )
+    if chosen["n_incomplete"]:
+        _note(f"{chosen['n_incomplete']} case(s) read as BI-RADS 0 (incomplete) were left out.")
 
 
 @app.command("score")

@@ -10,16 +10,19 @@ which it matches the reader's validation sensitivity, so that a McNemar test on 
 A second score has nothing to fit (`tie_break_score`): the reader's category first, the model's probability only
 inside a category, so the model can reorder cases the reader put in one category but never overrule a category.
 Its operating point (`RuleOut`) keeps the reader's calls except inside the least suspicious positive category, where
-cases the model finds unlikely are called negative.
+cases the model finds unlikely are called negative. `apply_reader_rule` makes those calls for new patients, as a
+model package's reader rule (`alnus.reader_rule`) states them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from alnus import stats
 from alnus.errors import AlnusError
@@ -384,3 +387,58 @@ def with_reader(
             continue
         out.append(_record(method, setting.operating_point, setting.params, found, calls, call, y))
     return out
+
+
+def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Mapping[str, Any]) -> pd.DataFrame:
+    """The radiologist's call and the call with AI for every row of a table of image probabilities.
+
+    Args:
+        table: one row per image with `prob` (NaN where the image failed: left out of its unit's aggregate) and the
+            unit's ids where known (site, patient_id, study_id).
+        birads: each row's BI-RADS reading ("" where none); a unit takes its most suspicious reading.
+        record: a checked reader rule (`check_reader_rule`).
+
+    Returns:
+        A frame aligned with `table`: `birads` (the unit's reading, "" where none), `reader_call` and `with_ai_call`
+        (0/1, nullable: missing where the unit has no reading, an incomplete one (BI-RADS 0), or no probability).
+    """
+    from alnus._levels import unit_keys
+    from alnus.reader_rule import ReaderRuleError
+    from alnus.readers import birads_call, readings_from_manifest
+
+    if len(birads) != len(table):
+        raise ReaderRuleError(f"{len(birads)} BI-RADS value(s) for {len(table)} image(s); give one per image.")
+    keys = unit_keys(table, record["level"]).reset_index(drop=True)
+    prob = pd.to_numeric(table["prob"], errors="coerce").astype(float).reset_index(drop=True)
+    unit_prob = prob.groupby(keys, sort=False).transform(record["aggregate"]) if record["level"] != "image" else prob
+    # Plain case names: the unit keys hold separators that the readings' parser would strip as whitespace.
+    case = pd.Series([f"case{i}" for i in pd.factorize(keys)[0]], index=keys.index)
+    cells = pd.DataFrame({"case": case, "birads": ["" if _no_reading(v) else str(v).strip() for v in birads]})
+    reading = pd.Series("", index=keys.index, dtype=object)
+    if (cells["birads"] != "").any():
+        try:
+            read = readings_from_manifest(cells, case_col="case", columns={"radiologist": "birads"},
+                                          positive_from=record["positive_from"])  # fmt: skip
+        except AlnusError as exc:
+            raise ReaderRuleError(f"BI-RADS: {exc}") from None
+        reading = case.map(read.set_index("case")["value"]).fillna("").astype(object)
+    reader_call = pd.Series(pd.NA, index=keys.index, dtype="Int64")
+    with_ai = pd.Series(pd.NA, index=keys.index, dtype="Int64")
+    usable = (reading != "") & (reading != "0") & unit_prob.notna()
+    if usable.any():
+        called = birads_call(reading[usable].tolist(), record["positive_from"]).astype(int)
+        ruled_out = reading[usable].isin(record["lowest"]).to_numpy() & (unit_prob[usable] < record["value"]).to_numpy()
+        reader_call[usable] = called
+        with_ai[usable] = called & ~ruled_out
+    out = pd.DataFrame({"birads": reading.to_numpy(), "reader_call": reader_call.to_numpy(),
+                        "with_ai_call": with_ai.to_numpy()}, index=table.index)  # fmt: skip
+    return out
+
+
+def _no_reading(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def has_readings(values: Sequence[object]) -> bool:
+    """Whether any of a table's BI-RADS cells holds a reading."""
+    return any(not _no_reading(v) for v in values)

@@ -414,6 +414,7 @@ def _metadata(
         "tta": views,
         "threshold": None,
         "threshold_history": [],
+        "reader_rule": None,
         "exports": {},
         "members": members,
         "weights_sha256": ensemble_digest([m["weights_sha256"] for m in members]),

@@ -697,10 +697,10 @@ def reader_plus_ai(
     for column in columns:
         reader = column.removeprefix("reader_")
         try:
-            test = _one_reader(rows, predictions, column, level, aggregate, positive_from)
+            test = reader_cases(rows, predictions, column, level, aggregate, positive_from)
             if test is None:
                 continue  # this reader read nothing of this split
-            val = _one_reader(val_rows, val_predictions, column, level, aggregate, positive_from, where="validation")
+            val = reader_cases(val_rows, val_predictions, column, level, aggregate, positive_from, where="validation")
         except AlnusError as exc:
             records.append({"reader": reader, "method": "both", "error": str(exc)})
             continue
@@ -796,7 +796,7 @@ def _reader_plus_ai_panel(kept: Mapping[str, tuple[pd.DataFrame, dict[str, Any]]
     return out
 
 
-def _one_reader(
+def reader_cases(
     rows: pd.DataFrame,
     predictions: pd.DataFrame,
     column: str,
@@ -1228,3 +1228,56 @@ def _remove_stale_tables(run: RunFolder, written: set[str]) -> None:
         for path in run.tables.glob(pattern):
             if path.name not in written and (path.is_file() or path.is_symlink()):
                 path.unlink(missing_ok=True)
+
+
+def reader_rule_on_validation(
+    rows: pd.DataFrame, predictions: pd.DataFrame, column: str, *, positive_from: str, level: str, aggregate: str
+) -> dict[str, Any]:
+    """The reader rule set on labelled validation cases: `rows` the manifest rows (with the reader's `column`),
+    `predictions` their predictions (image, ids, y, prob). Raises when it cannot be set (no malignant case in the
+    lowest positive category, say)."""
+    from alnus.combine import fit_rule_out
+    from alnus.reader_rule import METHOD, POSITIVE_FROM, ReaderRuleError, lowest_categories
+    from alnus.readers import lowest_positive_scores
+
+    if positive_from not in POSITIVE_FROM:
+        raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
+    renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
+    renamed = renamed.rename(columns={column: "reader_radiologist"})
+    try:
+        cases = reader_cases(renamed, predictions, "reader_radiologist", level, aggregate, positive_from)
+    except AlnusError as exc:
+        raise ReaderRuleError(f"{column}: {exc}") from None
+    if cases is None:
+        raise ReaderRuleError(f"no row has a reading in {column}; give each validation patient's BI-RADS there.")
+    incomplete = int(cases["birads"].isna().sum())
+    cases = cases.dropna(subset=["birads"])
+    try:
+        rule = fit_rule_out(cases["y"], cases["prob"], cases["birads"], cases["call"],
+                            lowest_positive_scores(positive_from))  # fmt: skip
+    except AlnusError as exc:
+        raise ReaderRuleError(str(exc)) from None
+    y, call = cases["y"].to_numpy().astype(bool), cases["call"].to_numpy().astype(bool)
+    return {
+        "method": METHOD,
+        "scale": "birads",
+        "positive_from": positive_from,
+        "lowest": list(lowest_categories(positive_from)),
+        "value": rule.threshold,
+        "level": level,
+        "aggregate": aggregate,
+        "chosen_on": {
+            "reader": column,
+            "n_images": int(len(predictions)),
+            "n_cases": int(len(cases)),
+            "n_pos": int(y.sum()),
+            "n_incomplete": incomplete,
+            "n_lowest": rule.n_lowest,
+            "n_lowest_pos": rule.n_positive,
+            "reader_sensitivity": float(call[y].mean()) if y.any() else None,
+            "reader_specificity": float((~call[~y]).mean()) if (~y).any() else None,
+            "with_ai_specificity": float((~rule.calls(cases["prob"], cases["birads"], call)[~y]).mean())
+            if (~y).any()
+            else None,
+        },
+    }

@@ -57,6 +57,7 @@ __all__ = [
     "birads_call",
     "birads_score",
     "check_reader_columns",
+    "birads_problem",
     "check_reader_settings",
     "compare_model_with_readers",
     "imrmc_text",
@@ -140,6 +141,15 @@ def _canonical(value: object, where: str) -> str:
         f"{where}: {value!r} is not a BI-RADS category; expected one of 1, 2, 3, 4, 4a, 4b, 4c, 5, 6 "
         "(or 0 for an incomplete assessment). Correct the cell, or load numeric scores with scale='score'."
     )
+
+
+def birads_problem(value: object) -> str:
+    """Why one BI-RADS reading cannot be used ("" when it is a category 0-6 or 4a-4c, in any form read here)."""
+    try:
+        _canonical(value, "BI-RADS")
+    except ReaderError:
+        return f"{value!r} is not a BI-RADS category; give 1, 2, 3, 4, 4a, 4b, 4c, 5 or 6 (0: incomplete)"
+    return ""
 
 
 def _rows_of(values: object) -> tuple[list[object], list[int] | None]:

@@ -4,6 +4,7 @@ kind (and broken ones), a test client, and the real server (uvicorn) in a thread
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
@@ -18,9 +19,9 @@ import torch
 from PIL import Image
 
 from alnus.data.dataset import PreprocessSpec
-from alnus.data.roi import RoiPolicy
+from alnus.data.roi import RoiPolicy, format_box
 from alnus.models import create_model
-from alnus.models.package import freeze_threshold, read_metadata, save_package
+from alnus.models.package import freeze_threshold, read_metadata, save_package, set_reader_rule
 from alnus.predict import Predictor
 from alnus.report.card import intended_use
 from alnus.serve import Access, ModelService, Settings, create_app
@@ -40,6 +41,9 @@ IDENTIFIERS = {
 }
 # A site name that is HTML: the page must show it as text.
 HOSTILE = "<img src=x onerror=alert(1)>"
+# The lesion box the tests send with `grey_image()`, and another one where the image's probability is lower.
+BOX = (20, 10, 30, 25)
+LOW_BOX = (0, 30, 25, 25)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -136,6 +140,29 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     point = {"value": 0.5, "rule": "youden", "target": None, "level": "patient", "aggregate": "mean"}
     freeze_threshold(folder, point, reason="test")
     (folder / "README.md").write_text(_card(read_metadata(folder)), encoding="utf-8")
+    return folder
+
+
+def reader_rule_record(value: float) -> dict[str, Any]:
+    """A reader rule as `alnus reader-rule` writes it: BI-RADS >= 4a, a 4 or 4a below `value` ruled out."""
+    chosen = {"reader": "reader_birads", "n_images": 40, "n_cases": 30, "n_pos": 12, "n_incomplete": 0,
+              "n_lowest": 10, "n_lowest_pos": 4, "reader_sensitivity": 1.0, "reader_specificity": 0.5,
+              "with_ai_specificity": 0.6}  # fmt: skip
+    return {"method": "rule_out", "scale": "birads", "positive_from": "4a", "lowest": ["4", "4a"], "value": value,
+            "level": "patient", "aggregate": "mean", "chosen_on": chosen, "frozen_at": "2026-01-01T00:00:00+00:00",
+            "frozen_on": "secret-validation.csv"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def rule_package(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`package` with a reader rule whose value lies between the probabilities of `grey_image()` in `LOW_BOX` and in
+    `BOX`: read as BI-RADS 4a, the image in `LOW_BOX` is ruled out and the one in `BOX` is not (a 4b never is)."""
+    folder = tmp_path_factory.mktemp("serve-rule") / "model"
+    shutil.copytree(package, folder)
+    rows = [{"roi": format_box(BOX)}, {"roi": format_box(LOW_BOX)}]
+    high, low = (float(p) for p in predictor_of(folder).predict_arrays([grey_image()] * 2, rows=rows))
+    assert high - low > 1e-3, f"the test boxes must give distinct probabilities ({low} in LOW_BOX, {high} in BOX)"
+    set_reader_rule(folder, reader_rule_record((low + high) / 2))
     return folder
 
 

@@ -1,6 +1,7 @@
 """issue 9.5 and 9.6: the service's web page in Debian's chromium (Playwright), against the real server on a free
 loopback port: a wrong token is told, the right one is asked once per tab, a phantom image is uploaded, the lesion box
-drawn with the mouse, and the probability, the call and the heat map shown; no request leaves the server."""
+drawn with the mouse, and the probability, the call and the heat map shown; no request leaves the server. With a
+package that carries a reader rule, the radiologist's BI-RADS is chosen and both calls shown."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ TIMEOUT_MS = 20_000
 def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     uploads = tmp_path_factory.mktemp("page-uploads")
     service = ModelService(predictor_of(package), Settings(work_dir=uploads))
+    with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def rule_server(rule_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    uploads = tmp_path_factory.mktemp("page-rule-uploads")
+    service = ModelService(predictor_of(rule_package), Settings(work_dir=uploads))
     with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as live:
         yield live
 
@@ -87,6 +96,7 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
         assert page.locator("#validation tbody tr").count() == 2
         assert "Research use only" in page.locator("#intended-use").inner_text()
         assert HOSTILE.replace("<", "\\<").replace(">", "\\>") in page.locator("#model-card").text_content()
+        assert page.locator("#birads-row").is_hidden()  # no reader rule: no BI-RADS to choose
 
         page.set_input_files("#file", str(phantom_png))
         page.locator("#status", has_text="128 × 96").wait_for()
@@ -104,6 +114,7 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
         assert page.locator("#call").inner_text() in ("positive", "negative")
         assert "0.5000" in page.locator("#threshold").inner_text()
         assert "this one image" in page.locator("#threshold-note").inner_text()
+        assert page.locator("#reader-result").is_hidden()
         heatmap = page.locator("#heatmap")
         assert heatmap.is_visible()
         size = page.evaluate("() => [document.querySelector('#heatmap').complete, "
@@ -156,4 +167,53 @@ def test_a_dropped_text_file_is_refused_with_the_services_message(server: LiveSe
     finally:
         context.close()
     assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_with_a_reader_rule_the_radiologists_birads_gives_both_calls(
+    rule_server: LiveServer, browser: Any, phantom_png: Path, tmp_path: Path
+) -> None:
+    context, page, watch = _open(browser, VIEWPORT)
+    try:
+        page.goto(rule_server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        assert page.locator("#birads-row").is_visible()
+        assert page.locator("label[for=birads]").inner_text() == "Radiologist's BI-RADS (optional)"
+        options = page.locator("#birads option").evaluate_all("(os) => os.map((o) => o.value)")
+        assert options == ["", "1", "2", "3", "4", "4a", "4b", "4c", "5", "6"]
+        assert "Radiologist with AI" in page.locator("#model-reader-rule").inner_text()
+
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        page.select_option("#birads", "4a")
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+            page.click("#predict")
+        reader = answer.value.json()["reader_with_ai"]  # present: the page sent the BI-RADS
+        page.locator("#reader-result").wait_for(state="visible")
+        assert page.locator("#reader-birads").inner_text() == "4a"
+        assert page.locator("#reader-call").inner_text() == reader["reader_prediction"] == "positive"
+        assert page.locator("#with-ai-call").inner_text() == reader["with_ai_prediction"]
+        assert ("ruled out" in page.locator("#ruled-out").inner_text()) is reader["ruled_out"]
+        assert "Radiologist with AI: the radiologist's call" in page.locator("#reader-rule").inner_text()
+
+        # Back to no reading: the request sends none and the result shows no calls with the radiologist.
+        page.select_option("#birads", "")
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+            page.click("#predict")
+        assert answer.value.json()["reader_with_ai"] is None  # none sent
+        page.locator("#status", has_text="Done.").wait_for()
+        page.locator("#reader-result").wait_for(state="hidden")
+
+        # Another image may be another patient's: the reading chosen for the last one is not kept.
+        page.select_option("#birads", "4b")
+        second = tmp_path / "second.png"  # another file: choosing the same one again is no change
+        second.write_bytes(phantom_png.read_bytes())
+        page.set_input_files("#file", str(second))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        assert page.input_value("#birads") == ""
+    finally:
+        context.close()
+    assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
     assert _failures(watch) == [] and watch.dialogs == []

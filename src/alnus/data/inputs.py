@@ -27,11 +27,15 @@ from alnus.errors import AlnusError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 # The columns of the collected table, in order. `image` is the path as the user wrote it (or the manifest cell),
 # `path` the absolute file that is read; `mask` is absolute too; `source` says where the row came from.
-INPUT_COLUMNS = ("image", "path", "patient_id", "study_id", "site", "roi", "mask", "frame", "source", "error")
-# Columns a prediction manifest may carry (besides `image`, which it must have).
-MANIFEST_COLUMNS = ("patient_id", "study_id", "site", "roi", "mask", "frame")
+# `birads` is the radiologist's reading, for a package's reader rule (`alnus.reader_rule`).
+INPUT_COLUMNS = (
+    "image", "path", "patient_id", "study_id", "site", "roi", "mask", "frame", "birads", "source", "error",
+)  # fmt: skip
+# Columns a prediction manifest may carry (besides `image`, which it must have); the reading may be in `birads` or
+# in `reader_birads` (the importers' column).
+MANIFEST_COLUMNS = ("patient_id", "study_id", "site", "roi", "mask", "frame", "birads")
 # Options given once per image on the command line, in the images' order.
-PER_IMAGE_COLUMNS = ("patient_id", "roi", "mask")
+PER_IMAGE_COLUMNS = ("patient_id", "roi", "mask", "birads")
 _SUPPORTED = "PNG, JPEG, BMP, TIFF or DICOM (.dcm, or a DICOM file without an extension)"
 # Files in folders that are not images are skipped and counted; this many are named in the note.
 _NAMED_SKIPS = 3
@@ -142,6 +146,7 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
         where = f"{manifest.name} row {number}"
         image = _cell(values, "image")
         extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS}
+        extra["birads"] = extra["birads"] or _cell(values, "reader_birads")
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
         if extra["mask"]:

@@ -40,6 +40,7 @@ from alnus.errors import AlnusError
 from alnus.models.factory import create_model
 from alnus.models.registry import UltrasoundNet
 from alnus.operating_point import OperatingPointError, check_operating_point, rule_name
+from alnus.reader_rule import ReaderRuleError, check_reader_rule
 
 # A package's metadata is a few kB (its training settings included); anything far larger is not one of ours.
 MAX_METADATA_BYTES = 4 * 1024 * 1024
@@ -127,6 +128,7 @@ def save_package(folder: str | os.PathLike[str], model: UltrasoundNet, metadata:
         "normalisation": {"mean": list(net_spec.mean), "std": list(net_spec.std), "scale": "x / 255"},
         "threshold": None,
         "threshold_history": [],
+        "reader_rule": None,
         "exports": {},
         "tta": [],
         "weights_source": getattr(model, "weights_source", "none"),
@@ -251,6 +253,10 @@ def _check_common(meta: dict[str, Any], path: Path) -> None:
     if not isinstance(meta.setdefault("threshold_history", []), list):
         raise PackageError(f"{path}: threshold_history must be a list; {_FIX_THRESHOLD}")
     meta["tta"] = _checked_tta(meta.get("tta"), path)
+    try:
+        meta["reader_rule"] = check_reader_rule(meta.get("reader_rule"), str(path))
+    except ReaderRuleError as exc:
+        raise PackageError(str(exc)) from None
 
 
 def _checked_tta(value: object, path: Path) -> list[str]:
@@ -606,6 +612,34 @@ def freeze_threshold(
         },
     ]
     meta["format_version"] = format_version_of(meta)
+    atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    return meta
+
+
+def set_reader_rule(
+    folder: str | os.PathLike[str], record: Mapping[str, Any], *, refreeze: bool = False
+) -> dict[str, Any]:
+    """Write a reader rule (`alnus.reader_rule`) into the package's metadata.json; return the metadata.
+
+    Like the threshold it is set once: a package that has one is changed only with `refreeze=True`, and the rule it
+    replaces is kept in `reader_rule_history`.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    try:
+        new = check_reader_rule(dict(record), "the reader rule to set")
+    except ReaderRuleError as exc:
+        raise PackageError(str(exc)) from None
+    old = meta.get("reader_rule")
+    if old is not None and not refreeze:
+        raise PackageError(
+            f"{folder / METADATA_FILE} already has a reader rule ({old['value']:.4g}, set "
+            f"{old.get('frozen_at') or 'earlier'}); it is set once. Set it again explicitly to replace it: "
+            "`alnus reader-rule PACKAGE --manifest CSV --refreeze`."
+        )
+    history = meta.get("reader_rule_history")
+    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), *([old] if old else [])]
+    meta["reader_rule"] = new
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
 

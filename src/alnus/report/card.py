@@ -239,7 +239,14 @@ def _threshold(meta: Mapping[str, Any]) -> list[str]:
         f"({chosen.get('n_pos', '?')} positive, {chosen.get('n_neg', '?')} negative) and frozen on "
         f"{md_text(str(t.get('frozen_at', '?'))[:10])}: {md_text(describe(t))}. Every test set, `alnus predict` "
         "and the service apply it at this level.",
+        *_reader_rule(meta),
     ]
+
+
+def _reader_rule(meta: Mapping[str, Any]) -> list[str]:
+    """The package's reader rule (`alnus.reader_rule`), when it carries one."""
+    rule = meta.get("reader_rule")
+    return [] if not rule else ["", *card_block(rule, meta)]
 
 
 def _results(inputs: RunInputs, model: str) -> list[str]:
@@ -363,3 +370,30 @@ def write_model_cards(inputs: RunInputs) -> dict[str, str]:
 
 def card_path(inputs: RunInputs, model: str) -> Path:
     return inputs.run.model(model).package / CARD_FILE
+
+
+def card_block(record: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    """The model card's block on the rule (between markers, so `write_card_section` can replace it): what it does,
+    where it was set and what it gave there (user text escaped)."""
+    from alnus.reader_rule import CARD_END, CARD_START, describe_reader_rule, negative_label_of
+
+    positive_label = str(meta.get("positive_label", "positive"))
+    chosen = record.get("chosen_on") or {}
+    rule = describe_reader_rule(record, positive_label, negative_label_of(meta))
+    lines = [CARD_START, "### With the radiologist's BI-RADS", "", md_text(rule[0].upper() + rule[1:] + ".")]
+    if chosen:
+        sens, spec, with_ai = (chosen.get(k) for k in ("reader_sensitivity", "reader_specificity",
+                                                        "with_ai_specificity"))  # fmt: skip
+        text = (f"Set on {record.get('frozen_on', 'validation patients')} on {str(record.get('frozen_at', ''))[:10]}: "
+                f"{chosen.get('n_cases')} {record['level']} cases read in {chosen.get('reader')}, "
+                f"{chosen.get('n_lowest')} of them in BI-RADS {' or '.join(record['lowest'])} "
+                f"({chosen.get('n_lowest_pos')} {positive_label}; the value is the lowest of their "
+                "probabilities)")  # fmt: skip
+        if None not in (sens, spec, with_ai):
+            text += (f". There the radiologist's sensitivity stays {100 * sens:.1f}% and the specificity goes from "
+                     f"{100 * spec:.1f}% to {100 * with_ai:.1f}% (measured on the cases that set it, so "
+                     "optimistic)")  # fmt: skip
+        lines += ["", md_text(text + ".")]
+    lines += ["", "`alnus predict PACKAGE IMAGE --roi X,Y,W,H --birads 4a` (or a `birads` column in a manifest) gives "
+              "the radiologist's call and the call with AI beside the model's.", CARD_END]  # fmt: skip
+    return lines

@@ -6,9 +6,9 @@ commands.
 Routes: `GET /` (the web page; its script and style under `/static/`), `GET /healthz` (no token: is the model loaded),
 `GET /v1/model` (the package's identity, operating point, intended use and validation results), `POST /v1/preview`
 (the decoded image, to draw the lesion box on) and `POST /v1/predict` (probability, call at the frozen threshold, heat
-map, and a warning when the lesion box is implausible), and the OpenAPI description at `/openapi.json`. FastAPI's
-`/docs` and `/redoc` pages are off: they load their scripts from a CDN, and nothing this service serves may make an
-outside request.
+map, a warning when the lesion box is implausible, and with the radiologist's BI-RADS the call with AI by the
+package's reader rule), and the OpenAPI description at `/openapi.json`. FastAPI's `/docs` and `/redoc` pages are off:
+they load their scripts from a CDN, and nothing this service serves may make an outside request.
 
 Security: `/v1/*` needs the bearer token (`alnus.serve.security`), checked before any of the body is read; a body
 over the upload limit is refused while it is read (413); the file's kind comes from its bytes (415); an image that
@@ -48,7 +48,7 @@ STATIC_DIR = Path(str(resources.files("alnus.serve") / "static"))
 _STATIC_FILES = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
 MB = 1_000_000
 DEFAULT_MAX_UPLOAD_MB = 50
-# Form fields a request may send besides the file (roi, heatmap); each a short text.
+# Form fields a request may send besides the file (roi, heatmap, birads); each a short text.
 MAX_FIELDS = 4
 MAX_FIELD_BYTES = 1024
 ROUTES = frozenset({"/", "/healthz", "/openapi.json", "/v1/model", "/v1/preview", "/v1/predict"})
@@ -77,6 +77,15 @@ _PREDICT_BODY = {
                             "type": "boolean",
                             "description": "Return the heat map over the image (default: on when the service has "
                             "heat maps on).",
+                        },
+                        "birads": {
+                            "type": "string",
+                            "description": "The radiologist's BI-RADS category of this image's lesion (1, 2, 3, 4, "
+                            "4a, 4b, 4c, 5 or 6; 0: incomplete, no call). Only for a package that carries a reader "
+                            "rule (see /v1/model reader_rule; `alnus reader-rule` sets one): the answer's "
+                            "reader_with_ai then gives the radiologist's call and the call with AI (null when not "
+                            "sent).",
+                            "example": "4a",
                         },
                     },
                 }
@@ -253,7 +262,8 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
             pass
         return JSONResponse(await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
 
-    @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map of one image",
+    @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map (and with the "
+              "radiologist's BI-RADS, the call with AI) of one image",
               openapi_extra=_PREDICT_BODY, dependencies=[Depends(authorised)])  # fmt: skip
     async def predict(request: Request) -> JSONResponse:
         async with _upload(request, max_upload_bytes, *upload_settings) as (path, form):
@@ -261,7 +271,9 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
             wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
             if wanted and not service.settings.heatmap:
                 raise ApiError(422, "heatmap: heat maps are off on this service (--no-heatmap); send heatmap=false.")
-        result = await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent))
+            birads = service.birads(_text_field(form, "birads"))
+        result = await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent),
+                                       birads=birads)  # fmt: skip
         return JSONResponse(result)
 
     app.add_middleware(_Guard, access=access)

@@ -5,7 +5,9 @@ heat map on the original image) and the package's frozen operating point (`alnus
 cannot disagree with `alnus predict` on the same image and box. The worker is a single thread: the event loop keeps
 answering (`/healthz` above all) while a prediction runs, and it decodes at most `MAX_BATCH` images at a time, which
 bounds memory whatever the number of callers; predictions that queued while it was busy share one forward pass. Heat
-maps are drawn over the original image by `DRAWING_THREADS` other threads while the worker goes on.
+maps are drawn over the original image by `DRAWING_THREADS` other threads while the worker goes on. With the
+radiologist's BI-RADS and a package that carries a reader rule (`alnus.reader_rule`), an answer also gives the
+radiologist's call and the call with AI, by the rule `alnus predict --birads` applies.
 A request that waits or runs longer than the timeout is answered 504; a job still queued is dropped, one already
 running finishes in the worker and its files are removed when it ends.
 
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from alnus.combine import apply_reader_rule
 from alnus.data.dataset import PreprocessSpec
 from alnus.data.images import load_image
 from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
@@ -41,6 +44,8 @@ from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.predict import Predictor
 from alnus.predict import read_card as read_package_card
+from alnus.reader_rule import describe_reader_rule
+from alnus.readers import birads_problem
 from alnus.report.card import CARD_FILE, NOTICE, intended_use
 from alnus.serve.uploads import ApiError, new_upload_folder, remove_upload_folder
 
@@ -59,6 +64,8 @@ MAX_BATCH = 8
 DRAWING_THREADS = 2
 # A model card is a few kB of Markdown; a larger README is not one.
 MAX_CARD_BYTES = 1 << 20
+# Characters of a refused BI-RADS value quoted back in the error.
+QUOTED_CHARS = 20
 
 
 @dataclass(frozen=True)
@@ -154,10 +161,42 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "adaptation": meta.get("adaptation"),
         "val_auc_at_selection": meta.get("val_auc"),
         "model_card": card,
+        "reader_rule": _reader_rule_info(meta.get("reader_rule"), predictor.positive_label, predictor.negative_label),
         "heatmap": settings.heatmap,
         "heatmap_note": predictor.heatmap_note,
         "engine": predictor.engine_description,
     }
+
+
+def _reader_rule_info(
+    rule: dict[str, Any] | None, positive_label: str, negative_label: str | None
+) -> dict[str, Any] | None:
+    """What `/v1/model` says of the package's reader rule (None: it has none). Where it was set (`frozen_on`, a
+    manifest's name) is left out, as the training settings are."""
+    if rule is None:
+        return None
+    return {
+        "value": rule["value"],
+        "positive_from": rule["positive_from"],
+        "lowest": list(rule["lowest"]),
+        "level": rule["level"],
+        "aggregate": rule["aggregate"],
+        "rule": describe_reader_rule(rule, positive_label, negative_label),
+        "chosen_on": rule.get("chosen_on"),
+        "frozen_at": rule.get("frozen_at"),
+        "applied_here": _rule_applied_here(rule),
+    }
+
+
+def _rule_applied_here(rule: dict[str, Any]) -> str:
+    """How a reader rule set at some level is applied to the one image (and its one reading) a request sends."""
+    if rule["level"] == "image":
+        return "The rule was set per image, and is applied to this image and its BI-RADS reading."
+    return (
+        f"The rule was set per {rule['level']} (the {rule['aggregate']} probability of a {rule['level']}'s images); "
+        f"here it is applied to this one image and its BI-RADS reading as if it were the {rule['level']}'s only "
+        "image."
+    )
 
 
 def _validation_source(found: bool, adaptation: object) -> str:
@@ -244,6 +283,7 @@ class _Job:
     path: Path
     roi: str | None = None
     heatmap: bool = False
+    birads: str | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -299,17 +339,49 @@ class ModelService:
         """The decoded image to draw the lesion box on (see `_preview`), from the worker."""
         return await self._submit(_Job("preview", path), cleanup)
 
+    def birads(self, value: str | None) -> str | None:
+        """The radiologist's BI-RADS a request sent, checked (None: none sent); a 422 when it is not a category or
+        the package carries no reader rule to use it with. Checked before the image is queued."""
+        text = (value or "").strip()
+        if not text:
+            return None
+        if self.predictor.metadata.get("reader_rule") is None:
+            raise ApiError(
+                422,
+                "birads: this model package carries no reader rule, so the radiologist's BI-RADS cannot be used; set "
+                "one on labelled validation patients with their BI-RADS (`alnus reader-rule PACKAGE --manifest "
+                "VALIDATION.csv`) and restart the service, or send no birads.",
+            )
+        problem = birads_problem(text)
+        if problem:
+            shown = text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
+            raise ApiError(422, f"birads: {problem.replace(repr(text), repr(shown), 1)}.")
+        return text
+
     async def predict(
-        self, path: Path, roi: str | None, heatmap: bool, cleanup: Callable[[], None] | None = None
+        self,
+        path: Path,
+        roi: str | None,
+        heatmap: bool,
+        cleanup: Callable[[], None] | None = None,
+        birads: str | None = None,
     ) -> dict[str, Any]:
-        """Probability, call at the frozen threshold and (when asked) heat map of one uploaded image file.
+        """Probability, call at the frozen threshold, (when asked) heat map and (with a BI-RADS reading) the
+        radiologist's call and the call with AI of one uploaded image file.
 
         Args:
             roi: the lesion box `x,y,w,h` as sent (checked here).
             cleanup: called once the file is no longer needed: when the job ends, or when it is dropped from the
                 queue because its caller stopped waiting (timeout), even after this call has returned.
+            birads: the radiologist's BI-RADS, checked by `birads` (None: none sent).
         """
-        answer, explanation = await self._submit(_Job("predict", path, roi, heatmap), cleanup)
+        try:
+            reading = self.birads(birads)
+        except ApiError:
+            if cleanup is not None:
+                cleanup()
+            raise
+        answer, explanation = await self._submit(_Job("predict", path, roi, heatmap, reading), cleanup)
         if explanation is not None:
             # Drawn off the worker, which runs the next batch meanwhile: the overlay on the original image, its PNG.
             answer["heatmap"] = await asyncio.wrap_future(self._drawing.submit(_overlay_uri, explanation))
@@ -444,14 +516,17 @@ class ModelService:
         except AlnusError as exc:
             raise ApiError(422, _scrub(str(exc), root)) from None
         calls = self._calls(probabilities)
+        readers = self._reader_calls(probabilities, [item.job.birads for item in ready])
         # The box passed the checks of `_prepare`, so judging it cannot fail (and a request sends no mask to decode).
         warnings = [self.predictor.roi_warning(item.image.shape, item.row, root) for item in ready]
-        return [
-            (self._answer(probability, call, item.box, item.image.shape, warning), explanation)
-            for item, probability, call, warning, explanation in zip(
-                ready, probabilities, calls, warnings, drawn, strict=True
-            )
-        ]
+        answers = []
+        for item, probability, call, reader, warning, explanation in zip(
+            ready, probabilities, calls, readers, warnings, drawn, strict=True
+        ):
+            answer = self._answer(probability, call, item.box, item.image.shape, warning)
+            answer["reader_with_ai"] = reader
+            answers.append((answer, explanation))
+        return answers
 
     def _calls(self, probabilities: list[float]) -> list[str | None]:
         """The call of each image at the frozen operating point, each image its own patient (None: no threshold)."""
@@ -461,6 +536,46 @@ class ModelService:
         negative = predictor.negative_label or f"not {predictor.positive_label}"
         called = apply_operating_point(pd.DataFrame({"prob": probabilities}), point)["call"]
         return [predictor.positive_label if c else negative for c in called.to_numpy()]
+
+    def _reader_calls(self, probabilities: list[float], readings: list[str | None]) -> list[dict[str, Any] | None]:
+        """The radiologist's call and the call with AI of each image sent with a BI-RADS reading, by the package's
+        reader rule, each image its own patient (None: no reading sent)."""
+        rule = self.predictor.metadata.get("reader_rule")
+        if rule is None or not any(readings):
+            return [None] * len(probabilities)
+        called = apply_reader_rule(pd.DataFrame({"prob": probabilities}), [r or "" for r in readings], rule)
+        positive = self.predictor.positive_label
+        names = {1: positive, 0: self.predictor.negative_label or f"not {positive}"}
+        sentence = describe_reader_rule(rule, positive, self.predictor.negative_label)
+        out: list[dict[str, Any] | None] = []
+        for reading, birads, reader, with_ai in zip(
+            readings, called["birads"], called["reader_call"], called["with_ai_call"], strict=True
+        ):
+            if not reading:
+                out.append(None)
+                continue
+            reader_call = None if pd.isna(reader) else int(reader)
+            with_ai_call = None if pd.isna(with_ai) else int(with_ai)
+            note = _rule_applied_here(rule)
+            if birads == "0":
+                note = (
+                    "BI-RADS 0 is an incomplete assessment (additional imaging needed): it makes no call, with or "
+                    "without AI. " + note
+                )
+            out.append(
+                {
+                    "birads": birads,
+                    "reader_call": reader_call,
+                    "reader_prediction": None if reader_call is None else names[reader_call],
+                    "with_ai_call": with_ai_call,
+                    "with_ai_prediction": None if with_ai_call is None else names[with_ai_call],
+                    "ruled_out": None if with_ai_call is None else bool(reader_call and not with_ai_call),
+                    "rule": sentence,
+                    "value": rule["value"],
+                    "note": note,
+                }
+            )
+        return out
 
     def _box(self, roi: str | None) -> Box | None:
         roi = (roi or "").strip()
@@ -506,6 +621,7 @@ class ModelService:
             "model": {k: info["model"][k] for k in ("name", "version", "weights_sha256")},
             "heatmap": None,
             "heatmap_note": None,
+            "reader_with_ai": None,
             "notice": NOTICE,
         }
 

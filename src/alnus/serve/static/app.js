@@ -141,7 +141,24 @@
       show("validation", false);
     }
     say("model-card", info.model_card || "The package has no model card.");
+    showReaderRule(info.reader_rule);
     updatePredict();
+  }
+
+  // The BI-RADS choice is offered only when the package carries a reader rule (the service refuses it otherwise).
+  function showReaderRule(rule) {
+    const has = Boolean(rule);
+    if (!has) $("birads").value = "";
+    show("birads-row", has);
+    show("birads-hint", has);
+    show("model-reader-rule-term", has);
+    show("model-reader-rule", has);
+    say("model-reader-rule", has ? sentence(rule.rule) + " " + rule.applied_here : "");
+  }
+
+  // A sentence of the service's (lower case, no full stop) as one of the page's.
+  function sentence(text) {
+    return text ? text.charAt(0).toUpperCase() + text.slice(1) + (text.endsWith(".") ? "" : ".") : "";
   }
 
   // -------------------------------------------------------------------------------------------------- the image
@@ -151,6 +168,8 @@
     state.image = null;
     state.picture = null;
     setBox(null);
+    // A new image may be another patient's: their reading is not carried over.
+    $("birads").value = "";
     clearResult();
     say("error", "");
     say("status", "Reading the image…");
@@ -285,6 +304,8 @@
     form.append("image", state.file);
     if (state.box) form.append("roi", state.box.join(","));
     form.append("heatmap", state.info.heatmap ? "true" : "false");
+    const birads = state.info.reader_rule ? $("birads").value : "";
+    if (birads) form.append("birads", birads);
     $("predict").disabled = true;
     say("error", "");
     say("status", "Predicting…");
@@ -317,6 +338,7 @@
       );
     }
     say("threshold-note", result.threshold_note);
+    showReader(result.reader_with_ai);
     // An implausible lesion box (tiny, or nearly the whole image): the probability is shown, with the reason.
     say("box-warning", result.warning ? "Warning: " + result.warning : "");
     show("box-warning", Boolean(result.warning));
@@ -331,6 +353,21 @@
     show("result", true);
     // The result sits below the image on a laptop screen: bring it into view.
     $("result").scrollIntoView({ block: "start", behavior: "smooth" });
+  }
+
+  // The radiologist's call and the call with AI (when a BI-RADS was sent): hidden when none was.
+  function showReader(reader) {
+    show("reader-result", Boolean(reader));
+    if (!reader) return;
+    say("reader-birads", reader.birads);
+    say("reader-call", reader.reader_prediction === null ? "none" : reader.reader_prediction);
+    say("with-ai-call", reader.with_ai_prediction === null ? "none" : reader.with_ai_prediction);
+    // The model's probability was below the rule's value for a reading the radiologist called positive.
+    say(
+      "ruled-out",
+      reader.ruled_out ? "(ruled out by the model: probability below " + reader.value.toFixed(3) + ")" : ""
+    );
+    say("reader-rule", sentence(reader.rule) + " " + reader.note);
   }
 
   function failed(error) {

@@ -1,0 +1,262 @@
+"""The reader rule a package carries (`alnus.reader_rule`): set on labelled validation patients with their BI-RADS by
+`alnus reader-rule`, applied by `alnus predict --birads` and written into the model card."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from alnus.adapt import write_card_section
+from alnus.cli import app
+from alnus.combine import apply_reader_rule, fit_rule_out
+from alnus.data.dataset import PreprocessSpec
+from alnus.errors import AlnusError
+from alnus.evaluate import reader_rule_on_validation
+from alnus.models import create_model
+from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package, set_reader_rule
+from alnus.predict import Predictor
+from alnus.reader_rule import CARD_START, ReaderRuleError, check_reader_rule
+from alnus.readers import birads_call, birads_score, lowest_positive_scores
+
+LABELS = ["benign", "malignant"]
+META = {"label_names": LABELS, "positive_label": "malignant"}
+
+
+def _rule(value: float = 0.5, **changes: object) -> dict:
+    return {"method": "rule_out", "scale": "birads", "positive_from": "4a", "lowest": ["4", "4a"], "value": value,
+            "level": "patient", "aggregate": "mean", **changes}  # fmt: skip
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    """The command as `alnus` runs it: a user error (AlnusError) is its message and exit code, as `cli.main` prints."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    if isinstance(result.exception, AlnusError):
+        return result.exception.exit_code, result.stdout, result.stderr + str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_rule_calls_a_patient_from_the_most_suspicious_reading_and_the_mean_of_the_predicted_images() -> None:
+    table = pd.DataFrame({
+        "patient_id": ["a", "a", "b", "c", "d", "e", "f", "g", "g"],
+        "prob": [0.1, 0.5, 0.2, 0.2, 0.9, 0.1, 0.1, 0.1, np.nan],
+    })  # fmt: skip
+    birads = ["3", "4a", "4", "4b", "3", "", "0", "4a", "5"]
+    out = apply_reader_rule(table, birads, _rule(0.4))
+    # a: two images, mean 0.3 < 0.4, read 3 and 4a: the 4a counts, and the model rules it out.
+    assert out.loc[0:1, "birads"].tolist() == ["4a", "4a"]
+    assert out.loc[0:1, "reader_call"].tolist() == [1, 1] and out.loc[0:1, "with_ai_call"].tolist() == [0, 0]
+    assert out.loc[2, "with_ai_call"] == 0 and out.loc[2, "reader_call"] == 1  # a plain 4 is in the lowest category
+    assert out.loc[3, "with_ai_call"] == 1  # 4b is above the lowest category: never ruled out
+    assert out.loc[4, "reader_call"] == 0 and out.loc[4, "with_ai_call"] == 0  # the model never calls a 3 positive
+    assert out.loc[5:6, "with_ai_call"].isna().all()  # no reading, an incomplete one: no call with the radiologist
+    # g: its second image failed (no probability): the patient's mean is the first's alone, its reading the worse.
+    assert out.loc[7, "birads"] == "5" and out.loc[7, "with_ai_call"] == 1
+    with pytest.raises(ReaderRuleError, match="2 BI-RADS value"):
+        apply_reader_rule(table, ["3", "4"], _rule())
+
+
+def test_prediction_calls_as_the_evaluation_does_on_the_same_cases() -> None:
+    rng = np.random.default_rng(3)
+    keys = np.array(["2", "3", "4", "4a", "4b", "4c", "5"])
+    birads = rng.choice(keys, size=300)
+    y = (rng.random(300) < birads_score(birads) / 7).astype(int)
+    prob = np.clip(0.15 * y + rng.random(300) * 0.85, 0, 1)
+    call = birads_call(birads)
+    fitted = fit_rule_out(y, prob, birads_score(birads), call, lowest_positive_scores("4a"))
+    at_prediction = apply_reader_rule(pd.DataFrame({"prob": prob}), list(birads), _rule(fitted.threshold))
+    assert (at_prediction["with_ai_call"].to_numpy(dtype=int) == fitted.calls(prob, birads_score(birads), call)).all()
+    assert (at_prediction["reader_call"].to_numpy(dtype=int) == call).all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"value": 1.5}, "not a probability"),
+        ({"value": True}, "not a probability"),
+        ({"method": "fitted"}, "method"),
+        ({"lowest": ["4b"]}, "lowest"),
+        ({"positive_from": "3"}, "positive_from"),
+        ({"level": "ward"}, "level"),
+        ({"aggregate": "median"}, "aggregate"),
+    ],
+)
+def test_a_damaged_rule_is_refused_naming_what_and_how_to_fix_it(changes: dict, message: str) -> None:
+    with pytest.raises(ReaderRuleError, match=message) as err:
+        check_reader_rule(_rule(**changes), "pkg/metadata.json")
+    assert "pkg/metadata.json" in str(err.value) and "alnus reader-rule" in str(err.value)
+    assert check_reader_rule(None, "x") is None
+    with pytest.raises(ReaderRuleError, match="lacks value"):
+        check_reader_rule({k: v for k, v in _rule().items() if k != "value"}, "x")
+    with pytest.raises(ReaderRuleError, match="must be an object"):
+        check_reader_rule([1], "x")
+
+
+def test_the_value_is_the_lowest_probability_of_the_malignant_patients_in_the_lowest_category() -> None:
+    rows = pd.DataFrame({
+        "image": [f"i{i}.png" for i in range(8)],
+        "patient_id": ["p0", "p0", "p1", "p2", "p3", "p4", "p5", "p6"],
+        "label": ["malignant", "malignant", "malignant", "benign", "benign", "malignant", "benign", "benign"],
+        "reader_birads": ["4", "4", "4a", "4a", "4", "5", "2", "0"],
+    })  # fmt: skip
+    predictions = rows[["image", "patient_id", "label"]].assign(
+        y=(rows["label"] == "malignant").astype(int), prob=[0.2, 0.4, 0.6, 0.1, 0.5, 0.9, 0.05, 0.3]
+    )
+    rule = reader_rule_on_validation(rows, predictions, "reader_birads", positive_from="4a", level="patient",
+                                aggregate="mean")  # fmt: skip
+    assert rule["value"] == pytest.approx(0.3)  # p0's mean: the lower of the two malignant patients read 4 or 4a
+    chosen = rule["chosen_on"]
+    assert (chosen["n_cases"], chosen["n_lowest"], chosen["n_lowest_pos"], chosen["n_incomplete"]) == (6, 4, 2, 1)
+    assert chosen["reader_sensitivity"] == 1.0
+    # p2 (benign, 4a, 0.1) is ruled out; p3 (benign, 4, 0.5) is not: specificity 1/3 -> 2/3.
+    assert chosen["reader_specificity"] == pytest.approx(1 / 3)
+    assert chosen["with_ai_specificity"] == pytest.approx(2 / 3)
+    no_cancer = rows.assign(label=["benign", "benign", "benign", "benign", "benign", "malignant", "benign", "benign"])
+    with pytest.raises(ReaderRuleError, match="no positive case in the least suspicious"):
+        reader_rule_on_validation(no_cancer, predictions.assign(y=(no_cancer["label"] == "malignant").astype(int)),
+                             "reader_birads", positive_from="4a", level="patient", aggregate="mean")  # fmt: skip
+    with pytest.raises(ReaderRuleError, match="positive-from"):
+        reader_rule_on_validation(
+            rows, predictions, "reader_birads", positive_from="3", level="patient", aggregate="mean"
+        )
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A package (threshold frozen, a model card) and a site's labelled validation images with BI-RADS readings."""
+    torch.manual_seed(0)
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": LABELS, "positive_label": "malignant"}
+    package = tmp_path / "model"
+    save_package(package, create_model("tiny_cnn").eval(), meta)
+    point = {"value": 0.5, "rule": "youden", "target": None, "level": "patient", "aggregate": "mean"}
+    freeze_threshold(package, point, reason="test")
+    card = "# Model card\n\n## Operating threshold\n\n0.5.\n\n## Known limitations\n\nMany.\n"
+    (package / "README.md").write_text(card)
+    images = tmp_path / "site"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        pixels = np.clip(rng.normal(100 + 4 * i, 30, size=(40, 48)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"im{i:02d}.png")
+        birads = ["3", "4", "4a", "4b", "5", "2"][i % 6]
+        rows.append({"image": f"im{i:02d}.png", "patient_id": f"p{i}", "label": LABELS[int(i % 6 in (1, 2, 3, 4))],
+                     "reader_birads": birads})  # fmt: skip
+    pd.DataFrame(rows).to_csv(images / "validation.csv", index=False)
+    return tmp_path
+
+
+def test_reader_rule_is_set_once_on_the_validation_patients_and_written_into_the_card(site: Path) -> None:
+    package, manifest = site / "model", site / "site" / "validation.csv"
+    code, stdout, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    assert code == 0, stdout + stderr
+    rule = read_metadata(package)["reader_rule"]
+    predictor = Predictor(package, device="cpu", precision="fp32")
+    predictions = predictor.predict_table(pd.read_csv(manifest), manifest.parent)
+    lowest = pd.read_csv(manifest)["reader_birads"].astype(str).isin(["4", "4a"]).to_numpy()
+    malignant = predictions["y"].to_numpy() == 1
+    assert rule["value"] == pytest.approx(predictions["prob"][lowest & malignant].min())
+    assert rule["chosen_on"]["n_lowest"] == 8 and rule["chosen_on"]["n_lowest_pos"] == 8
+    assert rule["frozen_on"].startswith("validation.csv") and "Set " in stdout and "only 8 malignant" in stderr
+    card = (package / "README.md").read_text()
+    assert card.count(CARD_START) == 1 and card.index(CARD_START) < card.index("## Known limitations")
+    assert card.index("## Operating threshold") < card.index(CARD_START)
+    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    assert code == 2 and "already has a reader rule" in stderr and "--refreeze" in stderr
+    assert _run("reader-rule", str(package), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert len(read_metadata(package)["reader_rule_history"]) == 1
+    assert (package / "README.md").read_text().count(CARD_START) == 1
+    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest), "--reader", "reader_r9",
+                           "--refreeze")  # fmt: skip
+    assert code == 2 and "no column 'reader_r9'" in stderr and "reader_birads" in stderr
+    # A run folder is refused with the package it meant.
+    run = site / "run"
+    (run / "models" / "tiny_cnn").mkdir(parents=True)
+    (run / "splits.csv").write_text("x\n")
+    code, _, stderr = _run("reader-rule", str(run), "--manifest", str(manifest))
+    assert code == 2 and "run folder" in stderr
+
+
+def test_predict_gives_the_radiologist_and_the_radiologist_with_ai(site: Path) -> None:
+    package, folder = site / "model", site / "site"
+    image = str(folder / "im02.png")
+    code, _, stderr = _run("predict", str(package), image, "--birads", "4a")
+    assert code == 2 and "carries no reader rule" in stderr and "alnus reader-rule" in stderr
+    prob = float(Predictor(package, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
+                 ["prob"].iloc[0])  # fmt: skip
+    for value, ruled_out in ((prob + 0.01, True), (prob - 0.01, False)):
+        set_reader_rule(package, _rule(value), refreeze=True)
+        code, stdout, stderr = _run("predict", str(package), image, "--birads", "4a", "--format", "csv")
+        row = pd.read_csv(io.StringIO(stdout), dtype={"birads": str}).iloc[0]
+        assert code == 0 and row["birads"] == "4a" and row["reader_call"] == 1
+        assert row["with_ai_call"] == (0 if ruled_out else 1)
+        assert row["with_ai_prediction"] == ("benign" if ruled_out else "malignant")
+        assert "radiologist with AI" in stderr
+    code, _, stderr = _run("predict", str(package), image, "--birads", "7")
+    assert code == 2 and "'7' is not a BI-RADS category" in stderr
+    code, _, stderr = _run("predict", str(package), image, image, "--birads", "4a")
+    assert code == 2 and "--birads was given 1 time(s) for 2 image(s)" in stderr
+
+
+def test_a_manifests_readings_are_used_and_a_bad_one_costs_only_its_call(site: Path) -> None:
+    package, folder = site / "model", site / "site"
+    table = pd.DataFrame({"image": ["im00.png", "im01.png", "im02.png"], "patient_id": ["a", "b", "c"],
+                          "reader_birads": ["4a", "four", ""]})  # fmt: skip
+    table.to_csv(folder / "new.csv", index=False)
+    code, _, stderr = _run("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
+    assert code == 0 and "readings are not used: this package carries no reader rule" in stderr
+    set_reader_rule(package, _rule(1.0))  # every 4a is ruled out
+    code, stdout, stderr = _run("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
+    out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
+    assert code == 0 and out["prob"].ne("").all()  # every image is predicted
+    assert out["with_ai_call"].tolist() == ["0", "", ""] and out["reader_call"].tolist() == ["1", "", ""]
+    assert "'four' is not a BI-RADS category" in out.loc[1, "warning"] and out.loc[0, "warning"] == ""
+    assert "no call with the radiologist" in stderr
+
+
+def test_a_damaged_rule_in_a_package_is_refused_when_it_is_read(site: Path) -> None:
+    package = site / "model"
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["reader_rule"] = _rule(-0.2)
+    (package / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match="value -0.2 is not a probability") as err:
+        read_metadata(package)
+    assert "metadata.json" in str(err.value)
+    code, _, stderr = _run("predict", str(package), str(site / "site" / "im00.png"))
+    assert code == 2 and "reader_rule" in stderr
+
+
+def test_the_card_block_goes_after_the_threshold_or_at_the_end_and_is_replaced_not_repeated(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# Card\n\nNo sections.\n")
+    rule = {**_rule(0.25), "frozen_on": "v`al.csv", "chosen_on": {"n_cases": 3, "reader": "reader_x"}}
+    assert write_card_section(tmp_path, rule, META)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# Card\n\nNo sections.\n") and card.count(CARD_START) == 1 and "below 0.250" in card
+    assert "v\\`al.csv" in card  # user text is escaped
+    assert write_card_section(tmp_path, _rule(0.75), META)
+    card = (tmp_path / "README.md").read_text()
+    assert card.count(CARD_START) == 1 and "below 0.750" in card and "below 0.250" not in card
+    (tmp_path / "README.md").unlink()
+    assert not write_card_section(tmp_path, _rule(), META)  # no card: nothing written
+    assert not (tmp_path / "README.md").exists()
+
+
+def test_an_adapted_package_does_not_carry_its_sources_rule(site: Path) -> None:
+    """The rule was set on the source's probabilities; new BatchNorm statistics move them, as for the threshold."""
+    set_reader_rule(site / "model", _rule(0.4))
+    assert write_card_section(site / "model", _rule(0.4), META)
+    out = site / "adapted"
+    code, stdout, stderr = _run("adapt", str(site / "model"), str(site / "site"), "--out", str(out))
+    assert code == 0, stdout + stderr
+    assert read_metadata(out)["reader_rule"] is None and read_metadata(site / "model")["reader_rule"] is not None
+    card = (out / "README.md").read_text()
+    assert CARD_START not in card and "Nor is the source's reader rule" in card and "## Known limitations" in card
