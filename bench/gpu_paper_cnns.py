@@ -260,16 +260,20 @@ def _pack(run_dir: Path, target: Path) -> None:
 
 
 def collect(results: Path) -> Path:
-    """Unpack the GPU run into runs/public_paper_cnns_gpu (refusing links and paths outside it) and rewrite the
-    configuration table."""
-    target = REPO / "runs" / RUN_NAME
-    if target.exists():
-        shutil.rmtree(target)
-    with tarfile.open(results / RESULTS if results.is_dir() else results, "r:gz") as tar:
-        tar.extractall(REPO / "runs", filter="data")
-    import public_configs
+    """Unpack the GPU run into runs/public_paper_cnns_gpu (refusing links and paths outside it, and a pack without a
+    finished run); an earlier collection is replaced only by a good one."""
+    import tempfile
 
-    public_configs.main(["--table"])
+    target = REPO / "runs" / RUN_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".collect-") as tmp:
+        with tarfile.open(results / RESULTS if results.is_dir() else results, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        if not (Path(tmp) / RUN_NAME / "metrics.json").is_file():
+            raise SystemExit(f"{results} holds no finished run ({RUN_NAME}/metrics.json); nothing collected")
+        if target.exists():
+            shutil.rmtree(target)
+        (Path(tmp) / RUN_NAME).rename(target)
     return target
 
 
@@ -307,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(collect(args.results))
+        import public_configs
+
+        public_configs.main(["--table"])  # the GPU rows join the table of every configuration
     return 0
 
 

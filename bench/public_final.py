@@ -149,7 +149,7 @@ def _candidates(ensembles: list[str]) -> pd.DataFrame:
     rows = []
     here = f"{dt.date.today().isoformat()}, {_cpu()}, {len(os.sched_getaffinity(0))} cores"
     for config in public_configs.CONFIGURATIONS:
-        if config.name.startswith("paper_cnns"):  # reported, not candidates (protocol, item 6)
+        if not public_configs.is_candidate(config.name):  # reported, not candidates (protocol, item 6; reruns)
             continue
         for row in public_configs.rows_of(config.name):
             rows.append({"name": config.name, "run": config.run_name, "model": row["model"], "passes": 1,

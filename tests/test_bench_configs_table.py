@@ -36,14 +36,22 @@ def test_recorded_rows_stand_in_for_run_folders_that_are_elsewhere(public_config
         "base": [_row("base", "0.950 (0.905-0.995)", "0.832 (0.782-0.881)")],
         "lite2": [_row("lite2", "0.937 (0.890-0.984)", "0.862 (0.816-0.908)")],
         "paper_cnns": [_row("paper_cnns", "0.990 (0.9-1.0)", "0.7 (0.6-0.8)")],
+        "aux_birads_rerun": [_row("aux_birads_rerun", "0.980 (0.9-1.0)", "0.9 (0.8-1.0)")],
     }
     (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": record}))
     section = public_configs.table_section()
     assert "| base | c | m | 0.950 (0.905-0.995) |" in section and "| lite2 |" in section
     assert "2026-12-02, AMD EPYC, 2 cores" in section
-    # The paper's CNNs are reported, never candidates, whatever their validation AUC.
-    assert "points to **base** (val AUC 0.950)" in section
+    # The paper's CNNs and a rerun of a configuration are reported, never candidates, whatever their validation AUC.
+    assert "points to **base** (val AUC 0.950)" in section and "| aux_birads_rerun |" in section
     assert "Not run yet:" in section and "grey_eq" in section and "base," not in section.split("Not run yet:")[1]
+
+
+def test_a_configuration_trained_elsewhere_is_never_trained_here(public_configs, capsys):
+    gpu = next(c for c in public_configs.CONFIGURATIONS if c.trained_by)
+    public_configs._run_one(gpu)  # returns at once: no config is loaded, no run folder made
+    assert "trained by bench/gpu_paper_cnns.py" in capsys.readouterr().out
+    assert not (public_configs.REPO / "runs").exists()
 
 
 def test_a_tie_within_0_005_is_named(public_configs, tmp_path):
