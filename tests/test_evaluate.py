@@ -772,6 +772,42 @@ def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp
     assert evaluate_run(run, n_boot=100)["reader_plus_ai"] == {}
 
 
+def test_evaluate_sets_the_packages_reader_rule_from_its_one_birads_reader(tmp_path: Path) -> None:
+    """As the threshold: set once on the validation patients, kept by a later evaluation, replaced on --refreeze; with
+    two readers none is set, and the reason says which command sets one."""
+    from alnus.models.package import read_metadata
+    from alnus.runfolder import RunFolder
+
+    run = make_run(tmp_path)
+    package = RunFolder(run).model("tiny_cnn").package
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    scored = splits["split"].isin(["val", "external_test"])
+    positive = splits["label"] == "positive"
+    splits["reader_a"] = np.where(scored, np.where(positive, "4", "3"), "")
+    write_csv(splits, run / "splits.csv")
+    metrics = evaluate_run(run, n_boot=50)
+    rule = read_metadata(package)["reader_rule"]
+    val = read_pred(run, "tiny_cnn", "val")
+    patient_prob = val.groupby("patient_id")["prob"].mean()
+    malignant = val.groupby("patient_id")["y"].first() == 1
+    assert rule["value"] == pytest.approx(patient_prob[malignant].min())  # every positive is read 4 here
+    assert metrics["reader_rules"]["tiny_cnn"] == {"status": "frozen", "value": rule["value"]}
+    assert rule["frozen_on"].startswith("the run's validation patients") and rule["chosen_on"]["reader"] == "reader_a"
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    printed = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "50"], env={"COLUMNS": "250"})
+    assert printed.exit_code == 0 and f"rule-out below {rule['value']:.3f}" in printed.output
+    assert "as set earlier" in printed.output
+    assert evaluate_run(run, n_boot=50, refreeze=True)["reader_rules"]["tiny_cnn"]["status"] == "unchanged"
+    splits["reader_b"] = splits["reader_a"]
+    write_csv(splits, run / "splits.csv")
+    found = evaluate_run(run, n_boot=50)["reader_rules"]["tiny_cnn"]
+    assert found["status"] == "none" and "alnus reader-rule" in found["reason"] and "reader_b" in found["reason"]
+    assert read_metadata(package)["reader_rule"] == rule  # the rule set earlier stays
+
+
 def test_an_incomplete_or_unreadable_reading_costs_only_that_reader_its_combination(tmp_path: Path) -> None:
     """Attack review: BI-RADS 0 crashed the evaluation, and one reader's bad cell removed every reader's result."""
     run = make_run(tmp_path)

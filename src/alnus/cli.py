@@ -1490,6 +1490,16 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
             )
         for note in entry.get("notes", []):
             console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+        rule = metrics.get("reader_rules", {}).get(name)
+        if rule and rule["status"] != "none":
+            status = {"frozen": "set now", "re-frozen": "set again (see reader_rule_history)",
+                      "kept": "as set earlier", "unchanged": "set again with --refreeze: the same"}  # fmt: skip
+            console.print(
+                f"  reader rule (the radiologist with AI, `alnus predict --birads`): rule-out below "
+                f"{rule['value']:.3f} in the lowest positive BI-RADS category, {status.get(rule['status'], '')}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for text in [*metrics.get("left_out", {}).values(), *metrics.get("comparison_notes", {}).values()]:
         console.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
     comparisons = comparisons_table(metrics)

@@ -1023,6 +1023,7 @@ def evaluate_run(
                 out["comparison_notes"][split] = f"{split}: {exc}"
     imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
     _compare_reader_plus_ai(run_dir, tables, out, readers, alpha=alpha)
+    out["reader_rules"] = _freeze_reader_rules(run_dir, tables, readers, refreeze=refreeze, required=required)
     out = _clean_json(out)
     _write_results(run_dir, out, imrmc, roc_tables(tables, out))
     return out
@@ -1171,6 +1172,56 @@ def _compare_reader_plus_ai(
             found = {"error": str(exc)}  # reported; the model's and the readers' own results stand
         if found is not None:
             out["reader_plus_ai"].setdefault(split, {})[model] = found
+
+
+def _freeze_reader_rules(
+    run_dir: Path,
+    tables: Mapping[str, Mapping[str, pd.DataFrame]],
+    readers: Mapping[str, Any],
+    *,
+    refreeze: bool,
+    required: Sequence[str],
+) -> dict[str, Any]:
+    """Each model package's reader rule (`alnus.reader_rule`), set on the validation patients as its threshold is:
+    once, at the threshold's level, when the run has one BI-RADS reader (with several, whose rule would a package
+    carry? `alnus reader-rule` sets one from a chosen column). Returns, per model, the status and value or why none
+    was set."""
+    from alnus.models.package import read_metadata, set_reader_rule
+
+    splits = _read_splits(run_dir)
+    columns = [] if splits is None else sorted(c for c in splits.columns if c.startswith("reader_"))
+    if splits is None or readers["reader_scale"] != "birads" or not columns:
+        return {}
+    if len(columns) > 1:
+        why = (f"{len(columns)} readers ({', '.join(columns)}): a package carries one reader's rule; set it with "
+               "`alnus reader-rule PACKAGE --manifest CSV --reader COLUMN`")  # fmt: skip
+        return {model: {"status": "none", "reason": why} for model in tables}
+    val_rows = splits[splits["split"] == "val"]
+    out: dict[str, Any] = {}
+    for model, by_split in tables.items():
+        package = RunFolder(run_dir).model(model).package
+        meta = read_metadata(package)
+        old, point = meta["reader_rule"], meta["threshold"] or {}
+        again = refreeze and (not required or model in required)
+        if old is not None and not again:
+            out[model] = {"status": "kept", "value": old["value"]}
+            continue
+        try:
+            rule = reader_rule_on_validation(
+                val_rows, by_split["val"], columns[0], positive_from=str(readers["reader_positive_from"]),
+                level=point.get("level", "patient"), aggregate=point.get("aggregate", "mean"),
+            )  # fmt: skip
+        except AlnusError as exc:
+            out[model] = {"status": "none", "reason": str(exc)}
+            continue
+        if old is not None and old["value"] == rule["value"] and old.get("chosen_on") == rule["chosen_on"]:
+            out[model] = {"status": "unchanged", "value": old["value"]}
+            continue
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        where = "the run's validation patients (`alnus evaluate`)"
+        set_reader_rule(package, {**rule, "frozen_on": where, "frozen_at": now}, refreeze=True)
+        out[model] = {"status": "re-frozen" if old is not None else "frozen", "value": rule["value"]}
+    return out
 
 
 def _write_results(
