@@ -167,9 +167,10 @@ def _reader_rule(shipped: Path, run: Path, tmp: Path) -> dict[str, object] | Non
     if "reader_birads" not in splits.columns:
         return None
     val = splits[splits["split"] == "val"].drop(columns=["split"])
-    manifest = tmp / f"{run.name}-validation.csv"  # the name the package records as where its rule was set
+    manifest = tmp / f"{run.name}-validation.csv"
     val.to_csv(manifest, index=False)
-    rule = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True)
+    where = f"the {val['patient_id'].nunique()} validation patients of {run.name} ({run.name}/splits.csv, split val)"
+    rule = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True, described_as=where)
     write_card_section(shipped, rule, read_metadata(shipped))
     return rule
 

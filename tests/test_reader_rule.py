@@ -121,7 +121,7 @@ def test_the_value_is_the_lowest_probability_of_the_malignant_patients_in_the_lo
     assert chosen["reader_specificity"] == pytest.approx(1 / 3)
     assert chosen["with_ai_specificity"] == pytest.approx(2 / 3)
     no_cancer = rows.assign(label=["benign", "benign", "benign", "benign", "benign", "malignant", "benign", "benign"])
-    with pytest.raises(ReaderRuleError, match="no positive case in the least suspicious"):
+    with pytest.raises(ReaderRuleError, match="no validation case of the positive label was read BI-RADS 4 or 4a"):
         reader_rule_on_validation(no_cancer, predictions.assign(y=(no_cancer["label"] == "malignant").astype(int)),
                              "reader_birads", positive_from="4a", level="patient", aggregate="mean")  # fmt: skip
     with pytest.raises(ReaderRuleError, match="positive-from"):
@@ -199,7 +199,8 @@ def test_predict_gives_the_radiologist_and_the_radiologist_with_ai(site: Path) -
         row = pd.read_csv(io.StringIO(stdout), dtype={"birads": str}).iloc[0]
         assert code == 0 and row["birads"] == "4a" and row["reader_call"] == 1
         assert row["with_ai_call"] == (0 if ruled_out else 1)
-        assert row["with_ai_prediction"] == ("benign" if ruled_out else "malignant")
+        assert row["ruled_out"] == int(ruled_out)
+        assert row["with_ai"] == ("negative (ruled out by the model)" if ruled_out else "positive")
         assert "radiologist with AI" in stderr
     code, _, stderr = _run("predict", str(package), image, "--birads", "7")
     assert code == 2 and "'7' is not a BI-RADS category" in stderr
@@ -260,3 +261,95 @@ def test_an_adapted_package_does_not_carry_its_sources_rule(site: Path) -> None:
     assert read_metadata(out)["reader_rule"] is None and read_metadata(site / "model")["reader_rule"] is not None
     card = (out / "README.md").read_text()
     assert CARD_START not in card and "Nor is the source's reader rule" in card and "## Known limitations" in card
+
+
+def test_a_reading_the_rule_cannot_call_costs_only_that_images_reader_columns(site: Path) -> None:
+    """Attack review: a plain 4 under a rule from 4b, or a bad reading on an image that failed, ended the whole run."""
+    package, folder = site / "model", site / "site"
+    set_reader_rule(package, _rule(0.5, positive_from="4b", lowest=["4b"]))
+    (folder / "corrupt.png").write_bytes(b"not a png")
+    images = ["im00.png", "corrupt.png", "im01.png", "im02.png"]
+    table = pd.DataFrame({"image": images, "patient_id": ["a", "b", "c", "d"], "birads": ["4", "four", "4b", "0"]})
+    table.to_csv(folder / "mixed.csv", index=False)
+    code, stdout, stderr = _run("predict", str(package), "--manifest", str(folder / "mixed.csv"), "--format", "csv")
+    assert stdout, stderr
+    out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
+    assert code == 1 and len(out) == 4 and out.loc[1, "error"] != ""  # only the corrupt file failed
+    assert "plain BI-RADS 4" in out.loc[0, "warning"] and out.loc[0, "with_ai_call"] == "" and out.loc[0, "prob"]
+    assert out.loc[2, "reader_call"] == "1" and out.loc[2, "with_ai"] in (
+        "positive",
+        "negative (ruled out by the model)",
+    )
+    assert out.loc[3, "birads"] == "0" and out.loc[3, "with_ai_call"] == "" and "BI-RADS 0 (incomplete)" in stderr
+
+
+def test_predict_reads_the_column_the_rule_was_set_from_when_there_is_no_birads_column(site: Path) -> None:
+    package, folder = site / "model", site / "site"
+    rows = pd.read_csv(folder / "validation.csv").rename(columns={"reader_birads": "reader_dr_a"})
+    rows.to_csv(folder / "dr_a.csv", index=False)
+    assert _run("reader-rule", str(package), "--manifest", str(folder / "dr_a.csv"), "--reader", "reader_dr_a")[0] == 0
+    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "dr_a.csv"), "--format", "csv")
+    out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
+    assert code == 0 and (out["birads"] == rows["reader_dr_a"].astype(str)).all()
+
+
+@pytest.mark.parametrize("column", ["patient_id", "image", "label"])
+def test_an_identifying_column_is_no_column_of_readings(site: Path, column: str) -> None:
+    code, _, stderr = _run("reader-rule", str(site / "model"), "--manifest", str(site / "site" / "validation.csv"),
+                           "--reader", column)  # fmt: skip
+    assert code == 2 and "no column of readings" in stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"lowest": 5}, "lowest"), ({"lowest": None}, "lowest"), ({"value": 10**400}, "an integer of"),
+     ({"chosen_on": "x"}, "chosen_on")],
+)  # fmt: skip
+def test_crafted_rules_are_refused_cleanly(changes: dict, message: str) -> None:
+    """Attack review: these raised TypeError, OverflowError or (in the card) AttributeError."""
+    with pytest.raises(ReaderRuleError, match=message):
+        check_reader_rule(_rule(**changes), "pkg/metadata.json")
+
+
+def test_the_card_is_repaired_from_metadata_and_placed_in_the_adapted_part(site: Path) -> None:
+    """Attack review: a run killed between metadata.json and the card left them disagreeing (and a plain rerun only
+    refused); in an adapted package's card the block went under the source model's part; a quoted marker in the
+    card's prose cut part of it away."""
+    package, manifest = site / "model", site / "site" / "validation.csv"
+    assert _run("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
+    rule = read_metadata(package)["reader_rule"]
+    set_reader_rule(package, {**rule, "value": 0.0123}, refreeze=True)  # as if killed before the card was written
+    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    assert code == 2 and "already has a reader rule" in stderr
+    assert "below 0.012" in (package / "README.md").read_text()  # the card now says what metadata.json holds
+    out = site / "adapted"
+    assert _run("adapt", str(package), str(site / "site"), "--out", str(out))[0] == 0
+    assert _run("reader-rule", str(out), "--manifest", str(manifest))[0] == 0
+    card = (out / "README.md").read_text()
+    assert card.count(CARD_START) == 1 and card.index(CARD_START) < card.index("## Before adaptation")
+    quoted = f"# Card\n\nThe block starts at `{CARD_START}` in prose.\n\n## Operating threshold\n\n0.5.\n"
+    (package / "README.md").write_text(quoted)
+    assert write_card_section(package, read_metadata(package)["reader_rule"], META)
+    card = (package / "README.md").read_text()
+    assert "in prose." in card and "## Operating threshold" in card and "below 0.012" in card
+
+
+def test_the_history_stays_short_and_control_characters_stay_out_of_the_card(site: Path) -> None:
+    package = site / "model"
+    for i in range(25):
+        set_reader_rule(package, _rule(0.01 * (i + 1)), refreeze=True)
+    assert len(read_metadata(package)["reader_rule_history"]) == 20
+    evil = site / "site" / "v\x1b[31mal.csv"
+    (site / "site" / "validation.csv").rename(evil)
+    code, stdout, _ = _run("reader-rule", str(package), "--manifest", str(evil), "--refreeze")
+    assert code == 0 and "\x1b" not in (package / "README.md").read_text() and "\x1b" not in stdout
+    assert "\\x1b" in read_metadata(package)["reader_rule"]["frozen_on"]
+
+
+def test_the_caveats_are_in_the_card_and_on_the_terminal(site: Path) -> None:
+    package, manifest = site / "model", site / "site" / "validation.csv"
+    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    assert code == 0 and "about 1 in 9 cancers" in stderr and "only 8 malignant" in stderr.lower()
+    card = (package / "README.md").read_text()
+    assert "about 1 in 9 cancers read so can be expected to fall below it" in card
+    assert "not a diagnosis" in card

@@ -849,17 +849,20 @@ def freeze_reader_rule(
     positive_from: str = "4a",
     refreeze: bool = False,
     max_pixels: int | None = None,
+    described_as: str | None = None,
 ) -> dict[str, Any]:
     """Set a package's reader rule on a site's labelled validation patients with their BI-RADS (a manifest with
     image, label, patient_id, the lesion boxes and the reader's `column`); returns the rule as written.
 
     The images are predicted in fp32 with PyTorch (the reference every engine reproduces); a patient's images are
-    combined as the package's threshold combines them (a package without a threshold: the mean per patient).
+    combined as the package's threshold combines them (a package without a threshold: the mean per patient). Where
+    the rule was set is recorded as the manifest's name, or `described_as`.
     """
+    from alnus._text import printable
     from alnus.evaluate import reader_rule_on_validation
     from alnus.models.package import set_reader_rule
     from alnus.predict import Predictor
-    from alnus.reader_rule import BIRADS_COLUMNS, ReaderRuleError
+    from alnus.reader_rule import BIRADS_COLUMNS, KEY_COLUMNS, POSITIVE_FROM, ReaderRuleError
 
     package_dir, manifest = Path(package_dir), Path(manifest)
     meta = read_metadata(package_dir)
@@ -868,6 +871,11 @@ def freeze_reader_rule(
             f"{package_dir} already has a reader rule ({meta['reader_rule']['value']:.4g}, set "
             f"{meta['reader_rule'].get('frozen_at', 'earlier')}); pass --refreeze to replace it."
         )
+    if positive_from not in POSITIVE_FROM:
+        raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
+    if column in KEY_COLUMNS or len(column) > 200:
+        raise ReaderRuleError(f"--reader {printable(column[:60])!r} is no column of readings; name the manifest's "
+                              "column of BI-RADS readings (e.g. reader_birads).")  # fmt: skip
     table = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
     if column not in table.columns:
         found = ", ".join(c for c in table.columns if c.startswith("reader_") or c in BIRADS_COLUMNS) or "none"
@@ -882,14 +890,15 @@ def freeze_reader_rule(
     rule = reader_rule_on_validation(table, predictions, column, positive_from=positive_from, level=level,
                                      aggregate=aggregate)  # fmt: skip
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    rule |= {"frozen_on": f"{manifest.name} (labelled validation patients given to `alnus reader-rule`)",
-             "frozen_at": now}  # fmt: skip
+    where = described_as or f"{manifest.name} (labelled validation patients given to `alnus reader-rule`)"
+    rule |= {"frozen_on": printable(where), "frozen_at": now}
     return set_reader_rule(package_dir, rule, refreeze=refreeze)["reader_rule"]
 
 
 def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
-    """Put the rule's block into the package's model card: in place of an earlier one, else after the card's
-    operating-threshold section, else at its end. False when the package has no card (or one too long to read)."""
+    """Put the rule's block into the package's model card: in place of an earlier one (its markers on lines of their
+    own), else after the card's operating-threshold section (in an adapted package's card, before the source model's
+    part), else at its end. False when the package has no card (or one too long to read)."""
     from alnus.predict import MAX_CARD_BYTES, read_card
     from alnus.reader_rule import CARD_END, CARD_START
     from alnus.report.card import card_block
@@ -898,17 +907,21 @@ def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str,
     card = read_card(Path(package_dir))
     if not card or path.stat().st_size > MAX_CARD_BYTES:
         return False
-    block = "\n".join(card_block(record, meta))
-    head, start, rest = card.partition(CARD_START)
-    if start and CARD_END in rest:
-        text = head + block + rest.split(CARD_END, 1)[1]
+    block = card_block(record, meta)
+    lines = card.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == CARD_START), None)
+    end = None if start is None else next((i for i in range(start, len(lines)) if lines[i].strip() == CARD_END), None)
+    if start is not None and end is not None:
+        lines[start : end + 1] = block
     else:
-        lines = card.splitlines()
-        at = next((i for i, line in enumerate(lines) if line.startswith("## Operating threshold")), None)
-        after = None if at is None else next((i for i in range(at + 1, len(lines)) if lines[i].startswith("## ")), None)
-        if after is None:
-            text = card.rstrip("\n") + "\n\n" + block + "\n"
+        source = next((i for i, line in enumerate(lines) if line.strip() == BEFORE_ADAPTATION), None)
+        own = lines if source is None else lines[:source]
+        at = next((i for i, line in enumerate(own) if line.startswith("## Operating threshold")), None)
+        after = None if at is None else next((i for i in range(at + 1, len(own)) if own[i].startswith("## ")), None)
+        where = after if after is not None else source
+        if where is None:
+            lines += ["", *block]
         else:
-            text = "\n".join([*lines[:after], block, "", *lines[after:]]) + "\n"
-    atomic_write_text(path, text)
+            lines[where:where] = [*([""] if where and lines[where - 1].strip() else []), *block, ""]
+    atomic_write_text(path, "\n".join(lines).rstrip("\n") + "\n")
     return True

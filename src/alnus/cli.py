@@ -922,7 +922,8 @@ def predict(
     _check_targets(out, heatmaps)
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
                  "birads": birads or []}  # fmt: skip
-    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image)
+    columns = _birads_columns(package)
+    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(
@@ -971,6 +972,20 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+def _birads_columns(package: Path) -> tuple[str, ...]:
+    """Where a manifest holds the radiologist's reading: its `birads` column, else the column the package's reader
+    rule was set from, else `reader_birads` (the importers'). A package that cannot be read is the Predictor's to
+    report."""
+    from alnus.models.package import read_metadata
+
+    try:
+        rule = read_metadata(package)["reader_rule"]
+    except AlnusError:
+        rule = None
+    own = str(((rule or {}).get("chosen_on") or {}).get("reader") or "")
+    return tuple(dict.fromkeys(["birads", *([own] if own else []), "reader_birads"]))
+
+
 def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None) -> None:  # noqa: ANN001
     """The call rule, the engine, failures and written files: on stderr, after the table."""
     if predictor.call_rule is None:
@@ -983,11 +998,14 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
     rule = predictor.metadata.get("reader_rule")
     if rule is not None and "with_ai_call" in result.columns:
-        from alnus.reader_rule import describe_reader_rule
+        from alnus.reader_rule import describe_reader_rule, rule_caveats
 
-        sentence = describe_reader_rule(rule, predictor.positive_label, predictor.negative_label)
-        err_console.print(escape(sentence) + ".", highlight=False,
-                          soft_wrap=True)  # fmt: skip
+        err_console.print(escape(describe_reader_rule(rule)) + ".", highlight=False, soft_wrap=True)
+        for caveat in rule_caveats(rule):
+            _note(caveat[0].lower() + caveat[1:])
+        incomplete = int((result["birads"] == "0").sum())
+        if incomplete:
+            _note(f"{incomplete} image(s) read BI-RADS 0 (incomplete): no call with the radiologist for them.")
     _print_box_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
@@ -1200,34 +1218,36 @@ def reader_rule(
     """
     from alnus.adapt import freeze_reader_rule, write_card_section
     from alnus.models.package import read_metadata
-    from alnus.reader_rule import describe_reader_rule, negative_label_of
+    from alnus.reader_rule import describe_reader_rule, rule_caveats
 
     _refuse_run_folder(package, "reader-rule")
+    before = read_metadata(package)
+    if before["reader_rule"] is not None and not refreeze:
+        # The card is brought in line with metadata.json first (a run killed between the two writes leaves it behind).
+        write_card_section(package, before["reader_rule"], before)
     rule = freeze_reader_rule(package, manifest, column=reader, positive_from=positive_from, refreeze=refreeze,
                               max_pixels=max_pixels)  # fmt: skip
     meta = read_metadata(package)
-    write_card_section(package, rule, meta)
+    carded = write_card_section(package, rule, meta)
     chosen = rule["chosen_on"]
-    sentence = describe_reader_rule(rule, str(meta["positive_label"]), negative_label_of(meta))
-    line = (f"Set {package}'s reader rule: {sentence}. On "
-            f"{manifest.name}: {chosen['n_cases']} {rule['level']} cases read ({chosen['n_pos']} "
-            f"{meta['positive_label']}), {chosen['n_lowest']} in BI-RADS {' or '.join(rule['lowest'])} "
-            f"({chosen['n_lowest_pos']} {meta['positive_label']}, the lowest probability among them sets the "
-            "value).")  # fmt: skip
+    positive = escape(str(meta["positive_label"]))
+    line = (f"Set {escape(printable(package))}'s reader rule: {escape(describe_reader_rule(rule))}. On "
+            f"{escape(printable(manifest.name))}: {chosen['n_cases']} {rule['level']}s with a reading "
+            f"({chosen['n_pos']} {positive}), {chosen['n_lowest']} read BI-RADS {' or '.join(rule['lowest'])} "
+            f"({chosen['n_lowest_pos']} {positive}, the lowest probability among them sets the value).")  # fmt: skip
     if None not in (chosen["reader_sensitivity"], chosen["reader_specificity"], chosen["with_ai_specificity"]):
         line += (f" There the radiologist's sensitivity stays {100 * chosen['reader_sensitivity']:.1f}% and the "
                  f"specificity goes from {100 * chosen['reader_specificity']:.1f}% to "
-                 f"{100 * chosen['with_ai_specificity']:.1f}%, measured on the cases that set it (optimistic: report "
-                 "results on other patients).")  # fmt: skip
-    console.print(escape(line), highlight=False, soft_wrap=True)
-    if chosen["n_lowest_pos"] < FEW_CASES:
-        _note(
-            f"only {chosen['n_lowest_pos']} {meta['positive_label']} case(s) in BI-RADS "
-            f"{' or '.join(rule['lowest'])} set the value: it moves a lot with the next patients; give more "
-            "validation patients."
-        )
+                 f"{100 * chosen['with_ai_specificity']:.1f}%, measured on the patients that set it (optimistic: "
+                 "report results on other patients).")  # fmt: skip
+    console.print(line, highlight=False, soft_wrap=True)
+    for caveat in rule_caveats(rule):
+        _note(caveat[0].lower() + caveat[1:])
     if chosen["n_incomplete"]:
-        _note(f"{chosen['n_incomplete']} case(s) read as BI-RADS 0 (incomplete) were left out.")
+        _note(f"{chosen['n_incomplete']} {rule['level']}(s) read BI-RADS 0 (incomplete) were left out.")
+    if not carded:
+        _note(f"{printable(package)} has no model card this command can update (none, or over 1 MB): only "
+              "metadata.json holds the rule.")  # fmt: skip
 
 
 @app.command("score")

@@ -389,25 +389,47 @@ def with_reader(
     return out
 
 
+def reading_problem(value: object, record: Mapping[str, Any]) -> str:
+    """Why one BI-RADS reading cannot be called under a package's reader rule ("" when it can, or when empty): not a
+    category, or a plain 4 under a rule that calls from 4b or 4c (which of 4a-4c it is decides the call)."""
+    from alnus.readers import birads_category, birads_problem
+
+    if _no_reading(value):
+        return ""
+    problem = birads_problem(value)
+    if problem:
+        return problem
+    if record["positive_from"] in ("4b", "4c") and birads_category(value) == "4":
+        return (f"{value!r} is a plain BI-RADS 4, but this rule calls positive from {record['positive_from']}: give "
+                "4a, 4b or 4c")  # fmt: skip
+    return ""
+
+
 def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Mapping[str, Any]) -> pd.DataFrame:
     """The radiologist's call and the call with AI for every row of a table of image probabilities.
 
     Args:
         table: one row per image with `prob` (NaN where the image failed: left out of its unit's aggregate) and the
             unit's ids where known (site, patient_id, study_id).
-        birads: each row's BI-RADS reading ("" where none); a unit takes its most suspicious reading.
+        birads: each row's BI-RADS reading ("" where none; readings that `reading_problem` refuses must be left out
+            first); a unit takes its most suspicious reading.
         record: a checked reader rule (`check_reader_rule`).
 
     Returns:
-        A frame aligned with `table`: `birads` (the unit's reading, "" where none), `reader_call` and `with_ai_call`
-        (0/1, nullable: missing where the unit has no reading, an incomplete one (BI-RADS 0), or no probability).
+        A frame aligned with `table`: `birads` (the unit's reading, "" where none), `reader_call`, `with_ai_call` (0/1)
+        and `ruled_out` (0/1: the radiologist's positive call that the model turned), nullable: missing where the
+        unit has no reading, an incomplete one (BI-RADS 0), or no probability; `with_ai` says the call in words.
     """
     from alnus._levels import unit_keys
-    from alnus.reader_rule import ReaderRuleError
+    from alnus.reader_rule import ReaderRuleError, call_words
     from alnus.readers import birads_call, readings_from_manifest
 
     if len(birads) != len(table):
         raise ReaderRuleError(f"{len(birads)} BI-RADS value(s) for {len(table)} image(s); give one per image.")
+    refused = [(i, problem) for i, v in enumerate(birads) if (problem := reading_problem(v, record))]
+    if refused:
+        i, problem = refused[0]
+        raise ReaderRuleError(f"BI-RADS of image {i + 1}: {problem}.")
     keys = unit_keys(table, record["level"]).reset_index(drop=True)
     prob = pd.to_numeric(table["prob"], errors="coerce").astype(float).reset_index(drop=True)
     unit_prob = prob.groupby(keys, sort=False).transform(record["aggregate"]) if record["level"] != "image" else prob
@@ -416,11 +438,8 @@ def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Map
     cells = pd.DataFrame({"case": case, "birads": ["" if _no_reading(v) else str(v).strip() for v in birads]})
     reading = pd.Series("", index=keys.index, dtype=object)
     if (cells["birads"] != "").any():
-        try:
-            read = readings_from_manifest(cells, case_col="case", columns={"radiologist": "birads"},
-                                          positive_from=record["positive_from"])  # fmt: skip
-        except AlnusError as exc:
-            raise ReaderRuleError(f"BI-RADS: {exc}") from None
+        read = readings_from_manifest(cells, case_col="case", columns={"radiologist": "birads"},
+                                      positive_from=record["positive_from"])  # fmt: skip
         reading = case.map(read.set_index("case")["value"]).fillna("").astype(object)
     reader_call = pd.Series(pd.NA, index=keys.index, dtype="Int64")
     with_ai = pd.Series(pd.NA, index=keys.index, dtype="Int64")
@@ -430,9 +449,12 @@ def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Map
         ruled_out = reading[usable].isin(record["lowest"]).to_numpy() & (unit_prob[usable] < record["value"]).to_numpy()
         reader_call[usable] = called
         with_ai[usable] = called & ~ruled_out
-    out = pd.DataFrame({"birads": reading.to_numpy(), "reader_call": reader_call.to_numpy(),
-                        "with_ai_call": with_ai.to_numpy()}, index=table.index)  # fmt: skip
-    return out
+    turned = (reader_call - with_ai).astype("Int64")
+    words = [call_words(None if pd.isna(r) else int(r), None if pd.isna(w) else int(w))
+             for r, w in zip(reader_call, with_ai, strict=True)]  # fmt: skip
+    columns = {"birads": reading, "reader_call": reader_call, "with_ai_call": with_ai, "ruled_out": turned,
+               "with_ai": pd.Series(words, index=keys.index, dtype=object)}  # fmt: skip
+    return pd.DataFrame({name: column.set_axis(table.index) for name, column in columns.items()})
 
 
 def _no_reading(value: object) -> bool:

@@ -1288,11 +1288,13 @@ def reader_rule_on_validation(
     `predictions` their predictions (image, ids, y, prob). Raises when it cannot be set (no malignant case in the
     lowest positive category, say)."""
     from alnus.combine import fit_rule_out
-    from alnus.reader_rule import METHOD, POSITIVE_FROM, ReaderRuleError, lowest_categories
-    from alnus.readers import lowest_positive_scores
+    from alnus.reader_rule import KEY_COLUMNS, METHOD, POSITIVE_FROM, ReaderRuleError, lowest_categories
+    from alnus.readers import birads_score, lowest_positive_scores
 
     if positive_from not in POSITIVE_FROM:
         raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
+    if column in KEY_COLUMNS:
+        raise ReaderRuleError(f"{column!r} identifies or labels an image; name the column of BI-RADS readings.")
     renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
     renamed = renamed.rename(columns={column: "reader_radiologist"})
     try:
@@ -1303,12 +1305,18 @@ def reader_rule_on_validation(
         raise ReaderRuleError(f"no row has a reading in {column}; give each validation patient's BI-RADS there.")
     incomplete = int(cases["birads"].isna().sum())
     cases = cases.dropna(subset=["birads"])
-    try:
-        rule = fit_rule_out(cases["y"], cases["prob"], cases["birads"], cases["call"],
-                            lowest_positive_scores(positive_from))  # fmt: skip
-    except AlnusError as exc:
-        raise ReaderRuleError(str(exc)) from None
+    lowest = lowest_categories(positive_from)
+    if not (cases["birads"].isin(birads_score(list(lowest))) & (cases["y"] == 1)).any():
+        raise ReaderRuleError(
+            f"no validation case of the positive label was read BI-RADS {' or '.join(lowest)} in {column} "
+            f"({len(cases)} case(s) with a reading; {incomplete} more read 0, incomplete): those cases set the "
+            "rule-out value, so it cannot be set here."
+        )
+    rule = fit_rule_out(
+        cases["y"], cases["prob"], cases["birads"], cases["call"], lowest_positive_scores(positive_from)
+    )
     y, call = cases["y"].to_numpy().astype(bool), cases["call"].to_numpy().astype(bool)
+    in_band = {k: int((cases["birads"] == float(birads_score([k])[0])).sum()) for k in lowest}
     return {
         "method": METHOD,
         "scale": "birads",
@@ -1325,6 +1333,7 @@ def reader_rule_on_validation(
             "n_incomplete": incomplete,
             "n_lowest": rule.n_lowest,
             "n_lowest_pos": rule.n_positive,
+            "lowest_counts": in_band,
             "reader_sensitivity": float(call[y].mean()) if y.any() else None,
             "reader_specificity": float((~call[~y]).mean()) if (~y).any() else None,
             "with_ai_specificity": float((~rule.calls(cases["prob"], cases["birads"], call)[~y]).mean())

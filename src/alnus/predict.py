@@ -584,24 +584,23 @@ class Predictor:
             names = {1: self.positive_label, 0: self.negative_label or f"not {self.positive_label}"}
             out["call_level"] = out["call_level"].fillna("")
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
-        from alnus.combine import apply_reader_rule, has_readings
-        from alnus.readers import birads_problem
+        from alnus.combine import apply_reader_rule, has_readings, reading_problem
 
         rule = self.metadata.get("reader_rule")
         readings = [r.get("birads", "") for r in records]
         if rule is not None and has_readings(readings):
             warned = list(warned)
             for i, reading in enumerate(readings):
-                problem = birads_problem(reading) if reading and ok[i] else ""
+                problem = reading_problem(reading, rule)
                 if problem:  # the image is predicted; only the call with the radiologist is missing
                     readings[i] = ""
-                    warned[i] = "; ".join(w for w in (warned[i], f"no call with the radiologist: {problem}") if w)
+                    if ok[i]:
+                        warned[i] = "; ".join(w for w in (warned[i], f"no call with the radiologist: {problem}") if w)
             called = apply_reader_rule(out.assign(prob=out["prob"].where(ok)), readings, rule)
             out["birads"] = called["birads"]
-            for column in ("reader_call", "with_ai_call"):
+            for column in ("reader_call", "with_ai_call", "ruled_out"):
                 out[column] = called[column].astype("Int64").mask(~ok).astype("Int64")
-            names = {1: self.positive_label, 0: self.negative_label or f"not {self.positive_label}"}
-            out["with_ai_prediction"] = [names[int(c)] if not pd.isna(c) else "" for c in out["with_ai_call"]]
+            out["with_ai"] = called["with_ai"].where(ok, "")
         out["engine"] = self.engine
         out["error"] = errors
         out["warning"] = _case_warnings(out, warned, ok, self.operating_point)

@@ -29,12 +29,39 @@ POSITIVE_FROM = ("4", "4a", "4b", "4c", "5")
 # The columns a table of new images may name the radiologist's BI-RADS in (the first found is used).
 BIRADS_COLUMNS = ("birads", "reader_birads")
 CARD_START, CARD_END = "<!-- reader-rule:start -->", "<!-- reader-rule:end -->"
-# The columns `apply_reader_rule` adds.
-OUTPUT_COLUMNS = ("birads", "reader_call", "with_ai_call")
+# The columns `alnus predict` adds (and the service's answer holds): the reading, the radiologist's call, the call with
+# AI, whether the model ruled the patient out, and the call with AI in words.
+OUTPUT_COLUMNS = ("birads", "reader_call", "with_ai_call", "ruled_out", "with_ai")
+# Manifest columns that identify or label an image: never a column of readings.
+KEY_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "roi", "mask", "frame", "split")
+# The rules a package keeps in reader_rule_history (the latest ones): its metadata stays small.
+MAX_HISTORY = 20
+# Fewer malignant validation patients than this in the lowest category make a value that moves with the next few.
+FEW_POSITIVES = 20
 
 
 class ReaderRuleError(AlnusError):
     """A reader rule, or BI-RADS readings for one, that cannot be used as given; the message says what to do."""
+
+
+def _is_probability(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0.0 <= float(value) <= 1.0
+    except OverflowError:  # an integer too long for a float
+        return False
+
+
+def _shown(value: object) -> str:
+    """A metadata value as an error quotes it: its repr, cut short (a crafted one can be megabytes, or an integer too
+    long to print)."""
+    text = (
+        repr(value)
+        if not isinstance(value, int) or value.bit_length() < 128
+        else f"<an integer of {value.bit_length()} bits>"
+    )
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_reader_rule(record: object, where: str) -> dict[str, Any] | None:
@@ -48,7 +75,7 @@ def check_reader_rule(record: object, where: str) -> dict[str, Any] | None:
     if missing:
         raise ReaderRuleError(f"{where}: reader_rule lacks {', '.join(missing)}; {fix}.")
     out = dict(record)
-    value = out["value"]
+    value, lowest = out["value"], out["lowest"]
     problems = []
     if out["method"] != METHOD:
         problems.append(f"method {out['method']!r} is not {METHOD!r}")
@@ -56,18 +83,20 @@ def check_reader_rule(record: object, where: str) -> dict[str, Any] | None:
         problems.append(f"scale {out['scale']!r} is not 'birads'")
     if out["positive_from"] not in POSITIVE_FROM:
         problems.append(f"positive_from {out['positive_from']!r} is not one of {', '.join(POSITIVE_FROM)}")
-    elif list(out["lowest"]) != list(lowest_categories(out["positive_from"])):
-        problems.append(f"lowest {out['lowest']!r} is not {list(lowest_categories(out['positive_from']))}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-        problems.append(f"value {value!r} is not a probability in [0, 1]")
+    elif not isinstance(lowest, list) or lowest != list(lowest_categories(out["positive_from"])):
+        problems.append(f"lowest {lowest!r} is not {list(lowest_categories(out['positive_from']))}")
+    if not _is_probability(value):
+        problems.append(f"value {_shown(value)} is not a probability in [0, 1]")
     if out["level"] not in LEVELS:
         problems.append(f"level {out['level']!r} is not one of {', '.join(LEVELS)}")
     if out["aggregate"] not in AGGREGATES:
         problems.append(f"aggregate {out['aggregate']!r} is not one of {', '.join(AGGREGATES)}")
+    chosen = out.get("chosen_on")
+    if chosen is not None and not isinstance(chosen, Mapping):
+        problems.append("chosen_on is not an object")
     if problems:
         raise ReaderRuleError(f"{where}: reader_rule: {'; '.join(problems)}; {fix}.")
     out["value"] = float(value)
-    out["lowest"] = list(out["lowest"])
     return out
 
 
@@ -76,25 +105,56 @@ def lowest_categories(positive_from: str) -> tuple[str, ...]:
     return ("4", "4a") if positive_from in ("4", "4a") else (positive_from,)
 
 
-def describe_reader_rule(
-    record: Mapping[str, Any], positive_label: str = "malignant", negative_label: str | None = None
-) -> str:
-    """The rule in one sentence, for notes, cards and the service (`negative_label`: the other label of a binary
-    model; else "not <positive>")."""
+def describe_reader_rule(record: Mapping[str, Any]) -> str:
+    """The rule in one sentence, for notes, cards and the service. Calls are the radiologist's positive (BI-RADS at
+    or above `positive_from`: biopsy) or negative, never a diagnosis."""
     lowest = " or ".join(record["lowest"])
-    unit = "patient" if record["level"] == "patient" else record["level"]
-    how = f" ({record['aggregate']} of the {unit}'s images)" if record["level"] != "image" else ""
+    unit = record["level"]
+    how = f" ({record['aggregate']} of the {unit}'s images)" if unit != "image" else ""
     return (
-        f"radiologist with AI: the radiologist's call (BI-RADS >= {record['positive_from']}), except that a {unit} "
-        f"read as BI-RADS {lowest} whose model probability{how} is below {record['value']:.3f} is called "
-        f"{negative_label or 'not ' + positive_label}"
+        f"radiologist with AI: the radiologist's call (positive at BI-RADS >= {record['positive_from']}), except that "
+        f"a {unit} read as BI-RADS {lowest} whose model probability{how} is below {record['value']:.3f} is called "
+        "negative (ruled out by the model)"
     )
 
 
-def negative_label_of(meta: Mapping[str, Any]) -> str | None:
-    """The negative label of a package's metadata: its other label when it has two, else None."""
-    others = [str(n) for n in meta.get("label_names", []) if str(n) != str(meta.get("positive_label"))]
-    return others[0] if len(others) == 1 else None
+def call_words(reader_call: int | None, with_ai_call: int | None) -> str:
+    """The call with AI in words: positive, negative, or negative because the model ruled it out ("" for none)."""
+    if reader_call is None or with_ai_call is None:
+        return ""
+    if int(with_ai_call):
+        return "positive"
+    return "negative (ruled out by the model)" if int(reader_call) else "negative"
+
+
+def rule_caveats(record: Mapping[str, Any]) -> list[str]:
+    """What a user of the rule must know about how it was set: the misses a lowest-value rule-out allows, a value set
+    by few patients, a rule that changed no validation call, and categories the setting site did not use."""
+    chosen = record.get("chosen_on") or {}
+    n = chosen.get("n_lowest_pos")
+    lowest = " or ".join(record["lowest"])
+    out = []
+    if isinstance(n, int) and n > 0:
+        out.append(
+            f"The value is the lowest model probability of {n} malignant validation {record['level']}(s) read "
+            f"{lowest}: about 1 in {n + 1} cancers read so can be expected to fall below it, so the rule-out will "
+            "miss some cancers the radiologist would have sent to biopsy."
+        )
+        if n < FEW_POSITIVES:
+            out.append(f"Only {n} malignant {record['level']}(s) set it: it moves a lot with the next ones.")
+    spec, with_ai = chosen.get("reader_specificity"), chosen.get("with_ai_specificity")
+    if spec is not None and spec == with_ai:
+        out.append("On the validation patients it changed no call: it adds nothing there.")
+    counts = chosen.get("lowest_counts")
+    if isinstance(counts, Mapping) and len(record["lowest"]) > 1:
+        used = [k for k in record["lowest"] if counts.get(k)]
+        if len(used) == 1:
+            out.append(
+                f"Every validation {record['level']} in that band was read {used[0]}; a site that reads "
+                f"{' or '.join(k for k in record['lowest'] if k != used[0])} instead may put fewer cancers there: "
+                "check the rule on labelled patients of that site before using it."
+            )
+    return out
 
 
 def birads_column(columns: Sequence[str]) -> str | None:

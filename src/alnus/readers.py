@@ -57,6 +57,7 @@ __all__ = [
     "birads_call",
     "birads_score",
     "check_reader_columns",
+    "birads_category",
     "birads_problem",
     "check_reader_settings",
     "compare_model_with_readers",
@@ -141,6 +142,11 @@ def _canonical(value: object, where: str) -> str:
         f"{where}: {value!r} is not a BI-RADS category; expected one of 1, 2, 3, 4, 4a, 4b, 4c, 5, 6 "
         "(or 0 for an incomplete assessment). Correct the cell, or load numeric scores with scale='score'."
     )
+
+
+def birads_category(value: object) -> str:
+    """The canonical category ("1".."6", "4a".."4c", "0" for incomplete) of one BI-RADS reading, or ReaderError."""
+    return _canonical(value, "BI-RADS")
 
 
 def birads_problem(value: object) -> str:

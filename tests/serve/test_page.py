@@ -193,9 +193,10 @@ def test_with_a_reader_rule_the_radiologists_birads_gives_both_calls(
         reader = answer.value.json()["reader_with_ai"]  # present: the page sent the BI-RADS
         page.locator("#reader-result").wait_for(state="visible")
         assert page.locator("#reader-birads").inner_text() == "4a"
-        assert page.locator("#reader-call").inner_text() == reader["reader_prediction"] == "positive"
-        assert page.locator("#with-ai-call").inner_text() == reader["with_ai_prediction"]
-        assert ("ruled out" in page.locator("#ruled-out").inner_text()) is reader["ruled_out"]
+        assert reader["reader_call"] == 1 and page.locator("#reader-call").inner_text() == "positive (biopsy)"
+        shown = {1: "positive (biopsy)", 0: "negative"}[reader["with_ai_call"]]
+        assert page.locator("#with-ai-call").inner_text() == shown
+        assert ("ruled out" in page.locator("#ruled-out").inner_text()) is bool(reader["ruled_out"])
         assert "Radiologist with AI: the radiologist's call" in page.locator("#reader-rule").inner_text()
 
         # Back to no reading: the request sends none and the result shows no calls with the radiologist.

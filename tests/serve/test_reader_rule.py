@@ -13,7 +13,7 @@ import pandas as pd
 from alnus.combine import apply_reader_rule
 from alnus.data.roi import format_box
 from alnus.models.package import read_metadata
-from alnus.reader_rule import describe_reader_rule
+from alnus.reader_rule import call_words, describe_reader_rule, rule_caveats
 from alnus.serve import ModelService, Settings
 from tests.serve.conftest import (
     AUTH,
@@ -53,22 +53,20 @@ def test_a_birads_gives_the_radiologists_call_and_the_call_with_ai_by_the_packag
         reader = body["reader_with_ai"]
         expected = _expected(body["probability"], birads, rule)
         assert {k: reader[k] for k in expected} == expected
-        names = {1: "positive", 0: "negative"}
-        assert reader["reader_prediction"] == names[reader["reader_call"]]
-        assert reader["with_ai_prediction"] == names[reader["with_ai_call"]]
-        assert reader["rule"] == describe_reader_rule(rule, "positive", "negative") and reader["value"] == rule["value"]
+        assert reader["with_ai"] == call_words(reader["reader_call"], reader["with_ai_call"])  # as `alnus predict`
+        assert reader["rule"] == describe_reader_rule(rule) and reader["value"] == rule["value"]
         assert "this one image" in reader["note"]
         answers[box, birads] = reader
     # The rule's value lies between the two boxes' probabilities: only the lower one read as 4a is ruled out.
     assert (answers[LOW_BOX, "4a"]["reader_call"], answers[LOW_BOX, "4a"]["with_ai_call"]) == (1, 0)
-    assert answers[LOW_BOX, "4a"]["ruled_out"] is True
-    assert (answers[BOX, "4a"]["with_ai_call"], answers[BOX, "4a"]["ruled_out"]) == (1, False)
+    assert answers[LOW_BOX, "4a"]["ruled_out"] == 1 and answers[LOW_BOX, "4a"]["with_ai"].endswith("by the model)")
+    assert (answers[BOX, "4a"]["with_ai_call"], answers[BOX, "4a"]["ruled_out"]) == (1, 0)
     # 4b is above the rule's lowest category: the radiologist's positive call stands whatever the model says.
     assert answers[LOW_BOX, "BI-RADS 4B"]["birads"] == "4b"
     assert (answers[LOW_BOX, "BI-RADS 4B"]["reader_call"], answers[LOW_BOX, "BI-RADS 4B"]["with_ai_call"]) == (1, 1)
     # A 3 is negative for the radiologist, and the rule never turns a negative call positive.
     assert (answers[LOW_BOX, "3"]["reader_call"], answers[LOW_BOX, "3"]["with_ai_call"]) == (0, 0)
-    assert answers[LOW_BOX, "3"]["ruled_out"] is False
+    assert answers[LOW_BOX, "3"]["ruled_out"] == 0
 
     # Without a BI-RADS (or an empty one) the key is there, null; the rest of the answer is unchanged.
     plain, empty = _post(client).json(), _post(client, birads=" ").json()
@@ -84,8 +82,8 @@ def test_birads_0_is_incomplete_and_makes_no_call(rule_package: Path, tmp_path: 
     client = client_for(predictor_of(rule_package), tmp_path)
     reader = _post(client, birads="0").json()["reader_with_ai"]
     assert reader["birads"] == "0"
-    assert [reader[k] for k in ("reader_call", "reader_prediction", "with_ai_call", "with_ai_prediction")] == [None] * 4
-    assert reader["ruled_out"] is None and "incomplete" in reader["note"]
+    assert [reader[k] for k in ("reader_call", "with_ai_call", "ruled_out")] == [None] * 3
+    assert reader["with_ai"] == "" and "incomplete" in reader["note"]
 
 
 def test_a_bad_birads_is_a_422_naming_the_field_and_the_categories(rule_package: Path, tmp_path: Path) -> None:
@@ -121,7 +119,7 @@ def test_the_model_route_describes_the_rule_but_not_where_it_was_set(rule_packag
     assert {k: info[k] for k in ("value", "positive_from", "lowest", "level", "aggregate", "chosen_on")} == {
         k: rule[k] for k in ("value", "positive_from", "lowest", "level", "aggregate", "chosen_on")
     }
-    assert info["rule"] == describe_reader_rule(rule, "positive", "negative")
+    assert info["rule"] == describe_reader_rule(rule) and info["caveats"] == rule_caveats(rule)
     assert "this one image" in info["applied_here"]
     assert "secret-validation.csv" not in response.text  # the manifest it was set on (`frozen_on`) is left out
     schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]
@@ -144,3 +142,28 @@ def test_images_predicted_together_each_get_their_own_reading(rule_package: Path
         ("4c", 1, 1),
     ]
     json.dumps(readers)  # the answer is plain JSON (no numpy or pandas scalars)
+
+
+def test_a_repeated_birads_or_a_plain_4_under_a_4b_rule_is_a_422_not_a_guess(
+    rule_package: Path, tmp_path: Path
+) -> None:
+    """Attack review: a repeated field was resolved last-one-wins (the call flipped with the fields' order), and a
+    plain 4 under a rule that calls from 4b crashed the worker (500)."""
+    client = client_for(predictor_of(rule_package), tmp_path)
+    image = png_bytes(grey_image())
+    response = client.post("/v1/predict", files={"image": ("scan.png", image, "image/png")}, headers=AUTH,
+                           data={"roi": format_box(BOX), "heatmap": "false", "birads": ["4a", "5"]})  # fmt: skip
+    assert response.status_code == 422 and "more than once" in response.json()["detail"]
+    folder = tmp_path / "rule4b"
+    import shutil
+
+    from alnus.models.package import set_reader_rule
+    from tests.serve.conftest import reader_rule_record
+
+    shutil.copytree(rule_package, folder)
+    set_reader_rule(folder, {**reader_rule_record(0.5), "positive_from": "4b", "lowest": ["4b"]}, refreeze=True)
+    client = client_for(predictor_of(folder), tmp_path / "b")
+    response = _post(client, birads="4")
+    assert response.status_code == 422 and "plain BI-RADS 4" in response.json()["detail"]
+    assert _post(client, birads="4b").status_code == 200
+    assert_no_uploads_left(tmp_path / "uploads")

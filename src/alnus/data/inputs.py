@@ -22,6 +22,7 @@ from alnus.data.images import is_dicom, parse_frame
 from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
 from alnus.data.roi import RoiError, mask_path, parse_box
 from alnus.errors import AlnusError
+from alnus.reader_rule import BIRADS_COLUMNS
 
 # File name endings read as images (case-insensitive); a file without an ending is read when it is DICOM by content.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -31,8 +32,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 INPUT_COLUMNS = (
     "image", "path", "patient_id", "study_id", "site", "roi", "mask", "frame", "birads", "source", "error",
 )  # fmt: skip
-# Columns a prediction manifest may carry (besides `image`, which it must have); the reading may be in `birads` or
-# in `reader_birads` (the importers' column).
+# Columns a prediction manifest may carry (besides `image`, which it must have); the reading is taken from the first
+# of `BIRADS_COLUMNS` it has (`birads`, else the importers' `reader_birads`).
 MANIFEST_COLUMNS = ("patient_id", "study_id", "site", "roi", "mask", "frame", "birads")
 # Options given once per image on the command line, in the images' order.
 PER_IMAGE_COLUMNS = ("patient_id", "roi", "mask", "birads")
@@ -117,8 +118,9 @@ def _cell(record: Mapping[str, str], column: str) -> str:
     return str(record.get(column, "") or "").strip()
 
 
-def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
-    """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute.
+def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMNS) -> list[dict[str, str]]:
+    """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute. The
+    reading (`birads`) is taken from the first of `birads_columns` the manifest has.
 
     Raises:
         ManifestError: the file cannot be read as CSV, or it has no `image` column (a problem of the whole file).
@@ -145,8 +147,8 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
         values = dict(zip(header, cells, strict=False))
         where = f"{manifest.name} row {number}"
         image = _cell(values, "image")
-        extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS}
-        extra["birads"] = extra["birads"] or _cell(values, "reader_birads")
+        extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS if column != "birads"}
+        extra["birads"] = next((_cell(values, c) for c in birads_columns if c in header), "")
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
         if extra["mask"]:
@@ -178,7 +180,7 @@ def _cell_problem(cells: Mapping[str, str]) -> str:
 
 
 def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequence[str]]) -> None:
-    """Set the command line's per-image values (`--patient-id`, `--roi`, `--mask`) on the rows, in order."""
+    """Set the command line's per-image values (`--patient-id`, `--roi`, `--mask`, `--birads`) on the rows, in order."""
     for column, values in per_image.items():
         if column not in PER_IMAGE_COLUMNS:
             raise InputError(f"{column!r} cannot be given per image; choose from {', '.join(PER_IMAGE_COLUMNS)}.")
@@ -218,6 +220,7 @@ def collect_inputs(
     *,
     recursive: bool = True,
     per_image: Mapping[str, Sequence[str]] | None = None,
+    birads_columns: Sequence[str] = BIRADS_COLUMNS,
 ) -> pd.DataFrame:
     """One row per image to predict, with the columns `INPUT_COLUMNS` (all strings; `error` is "" where fine).
 
@@ -230,8 +233,11 @@ def collect_inputs(
             BMP, TIFF and DICOM files; hidden files are left out).
         manifest: a CSV with an `image` column (paths relative to it) and optional `MANIFEST_COLUMNS`.
         recursive: also search the folders' subfolders.
-        per_image: `patient_id`, `roi` or `mask` values, one per entry of `paths`, in order (the command line's
-            repeatable options); `paths` must then all be files.
+        per_image: `patient_id`, `roi`, `mask` or `birads` values, one per entry of `paths`, in order (the command
+            line's repeatable options); `paths` must then all be files.
+        birads_columns: the manifest columns that may hold the radiologist's BI-RADS, the first one present used
+            (`birads`, then `reader_birads`; `alnus predict` puts the column a package's reader rule was set from
+            second).
 
     Raises:
         InputError: no input at all, no image found, or per-image values that do not match the files.
@@ -254,12 +260,13 @@ def collect_inputs(
     if per_image and any(per_image.values()):
         if folders:
             raise InputError(
-                f"per-image values (--roi, --mask, --patient-id) need image files, not folders ({folders[0]}); "
+                "per-image values (--roi, --mask, --patient-id, --birads) need image files, not folders "
+                f"({folders[0]}); "
                 "list the files, or give a --manifest with roi/mask/patient_id columns."
             )
         _apply_per_image(rows, per_image)
     if manifest is not None:
-        rows += _manifest_rows(Path(manifest))
+        rows += _manifest_rows(Path(manifest), birads_columns)
     if not rows:
         where = ", ".join(folders) or str(manifest)
         what = "" if recursive else " (subfolders were not searched: --recursive searches them)"

@@ -40,7 +40,7 @@ from alnus.errors import AlnusError
 from alnus.models.factory import create_model
 from alnus.models.registry import UltrasoundNet
 from alnus.operating_point import OperatingPointError, check_operating_point, rule_name
-from alnus.reader_rule import ReaderRuleError, check_reader_rule
+from alnus.reader_rule import MAX_HISTORY, ReaderRuleError, check_reader_rule
 
 # A package's metadata is a few kB (its training settings included); anything far larger is not one of ours.
 MAX_METADATA_BYTES = 4 * 1024 * 1024
@@ -622,7 +622,7 @@ def set_reader_rule(
     """Write a reader rule (`alnus.reader_rule`) into the package's metadata.json; return the metadata.
 
     Like the threshold it is set once: a package that has one is changed only with `refreeze=True`, and the rule it
-    replaces is kept in `reader_rule_history`.
+    replaces is kept in `reader_rule_history` (the latest `MAX_HISTORY`).
     """
     folder = Path(folder)
     meta = read_metadata(folder)
@@ -638,7 +638,8 @@ def set_reader_rule(
             "`alnus reader-rule PACKAGE --manifest CSV --refreeze`."
         )
     history = meta.get("reader_rule_history")
-    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), *([old] if old else [])]
+    kept = [*(history if isinstance(history, list) else []), *([old] if old else [])]
+    meta["reader_rule_history"] = kept[-MAX_HISTORY:]  # the latest ones: metadata.json stays small
     meta["reader_rule"] = new
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta

@@ -374,26 +374,30 @@ def card_path(inputs: RunInputs, model: str) -> Path:
 
 def card_block(record: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
     """The model card's block on the rule (between markers, so `write_card_section` can replace it): what it does,
-    where it was set and what it gave there (user text escaped)."""
-    from alnus.reader_rule import CARD_END, CARD_START, describe_reader_rule, negative_label_of
+    where it was set, what it gave there and its caveats (user text escaped)."""
+    from alnus.reader_rule import CARD_END, CARD_START, describe_reader_rule, rule_caveats
 
     positive_label = str(meta.get("positive_label", "positive"))
     chosen = record.get("chosen_on") or {}
-    rule = describe_reader_rule(record, positive_label, negative_label_of(meta))
+    rule = describe_reader_rule(record)
     lines = [CARD_START, "### With the radiologist's BI-RADS", "", md_text(rule[0].upper() + rule[1:] + ".")]
     if chosen:
         sens, spec, with_ai = (chosen.get(k) for k in ("reader_sensitivity", "reader_specificity",
                                                         "with_ai_specificity"))  # fmt: skip
         text = (f"Set on {record.get('frozen_on', 'validation patients')} on {str(record.get('frozen_at', ''))[:10]}: "
-                f"{chosen.get('n_cases')} {record['level']} cases read in {chosen.get('reader')}, "
-                f"{chosen.get('n_lowest')} of them in BI-RADS {' or '.join(record['lowest'])} "
+                f"{chosen.get('n_cases')} {record['level']}s with a reading in {chosen.get('reader')}, "
+                f"{chosen.get('n_lowest')} of them read BI-RADS {' or '.join(record['lowest'])} "
                 f"({chosen.get('n_lowest_pos')} {positive_label}; the value is the lowest of their "
                 "probabilities)")  # fmt: skip
         if None not in (sens, spec, with_ai):
             text += (f". There the radiologist's sensitivity stays {100 * sens:.1f}% and the specificity goes from "
-                     f"{100 * spec:.1f}% to {100 * with_ai:.1f}% (measured on the cases that set it, so "
+                     f"{100 * spec:.1f}% to {100 * with_ai:.1f}% (measured on the patients that set it, so "
                      "optimistic)")  # fmt: skip
         lines += ["", md_text(text + ".")]
-    lines += ["", "`alnus predict PACKAGE IMAGE --roi X,Y,W,H --birads 4a` (or a `birads` column in a manifest) gives "
-              "the radiologist's call and the call with AI beside the model's.", CARD_END]  # fmt: skip
+    caveats = rule_caveats(record)
+    if caveats:
+        lines += ["", *(f"- {md_text(c)}" for c in caveats)]
+    lines += ["", "`alnus predict PACKAGE IMAGE --roi X,Y,W,H --birads 4a` (or a `birads` or `reader_birads` column "
+              "in a manifest) gives the radiologist's call and the call with AI beside the model's. A call here is "
+              "the radiologist's recommendation (positive: biopsy), not a diagnosis.", CARD_END]  # fmt: skip
     return lines

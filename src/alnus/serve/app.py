@@ -271,6 +271,8 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
             wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
             if wanted and not service.settings.heatmap:
                 raise ApiError(422, "heatmap: heat maps are off on this service (--no-heatmap); send heatmap=false.")
+            if len(form.getlist("birads")) > 1:
+                raise ApiError(422, "birads: sent more than once; send one BI-RADS reading per image.")
             birads = service.birads(_text_field(form, "birads"))
         result = await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent),
                                        birads=birads)  # fmt: skip

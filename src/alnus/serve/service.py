@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from alnus.combine import apply_reader_rule
+from alnus.combine import apply_reader_rule, reading_problem
 from alnus.data.dataset import PreprocessSpec
 from alnus.data.images import load_image
 from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
@@ -44,8 +44,7 @@ from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.predict import Predictor
 from alnus.predict import read_card as read_package_card
-from alnus.reader_rule import describe_reader_rule
-from alnus.readers import birads_problem
+from alnus.reader_rule import describe_reader_rule, rule_caveats
 from alnus.report.card import CARD_FILE, NOTICE, intended_use
 from alnus.serve.uploads import ApiError, new_upload_folder, remove_upload_folder
 
@@ -161,16 +160,14 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "adaptation": meta.get("adaptation"),
         "val_auc_at_selection": meta.get("val_auc"),
         "model_card": card,
-        "reader_rule": _reader_rule_info(meta.get("reader_rule"), predictor.positive_label, predictor.negative_label),
+        "reader_rule": _reader_rule_info(meta.get("reader_rule")),
         "heatmap": settings.heatmap,
         "heatmap_note": predictor.heatmap_note,
         "engine": predictor.engine_description,
     }
 
 
-def _reader_rule_info(
-    rule: dict[str, Any] | None, positive_label: str, negative_label: str | None
-) -> dict[str, Any] | None:
+def _reader_rule_info(rule: dict[str, Any] | None) -> dict[str, Any] | None:
     """What `/v1/model` says of the package's reader rule (None: it has none). Where it was set (`frozen_on`, a
     manifest's name) is left out, as the training settings are."""
     if rule is None:
@@ -181,7 +178,8 @@ def _reader_rule_info(
         "lowest": list(rule["lowest"]),
         "level": rule["level"],
         "aggregate": rule["aggregate"],
-        "rule": describe_reader_rule(rule, positive_label, negative_label),
+        "rule": describe_reader_rule(rule),
+        "caveats": rule_caveats(rule),
         "chosen_on": rule.get("chosen_on"),
         "frozen_at": rule.get("frozen_at"),
         "applied_here": _rule_applied_here(rule),
@@ -352,7 +350,7 @@ class ModelService:
                 "one on labelled validation patients with their BI-RADS (`alnus reader-rule PACKAGE --manifest "
                 "VALIDATION.csv`) and restart the service, or send no birads.",
             )
-        problem = birads_problem(text)
+        problem = reading_problem(text, self.predictor.metadata["reader_rule"])
         if problem:
             shown = text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
             raise ApiError(422, f"birads: {problem.replace(repr(text), repr(shown), 1)}.")
@@ -544,32 +542,27 @@ class ModelService:
         if rule is None or not any(readings):
             return [None] * len(probabilities)
         called = apply_reader_rule(pd.DataFrame({"prob": probabilities}), [r or "" for r in readings], rule)
-        positive = self.predictor.positive_label
-        names = {1: positive, 0: self.predictor.negative_label or f"not {positive}"}
-        sentence = describe_reader_rule(rule, positive, self.predictor.negative_label)
+        sentence = describe_reader_rule(rule)
         out: list[dict[str, Any] | None] = []
-        for reading, birads, reader, with_ai in zip(
-            readings, called["birads"], called["reader_call"], called["with_ai_call"], strict=True
-        ):
+        for reading, row in zip(readings, called.itertuples(index=False), strict=True):
             if not reading:
                 out.append(None)
                 continue
-            reader_call = None if pd.isna(reader) else int(reader)
-            with_ai_call = None if pd.isna(with_ai) else int(with_ai)
             note = _rule_applied_here(rule)
-            if birads == "0":
+            if row.birads == "0":
                 note = (
                     "BI-RADS 0 is an incomplete assessment (additional imaging needed): it makes no call, with or "
                     "without AI. " + note
                 )
+            # The same fields as `alnus predict`'s columns (a call is the radiologist's recommendation: positive,
+            # biopsy; not a diagnosis).
             out.append(
                 {
-                    "birads": birads,
-                    "reader_call": reader_call,
-                    "reader_prediction": None if reader_call is None else names[reader_call],
-                    "with_ai_call": with_ai_call,
-                    "with_ai_prediction": None if with_ai_call is None else names[with_ai_call],
-                    "ruled_out": None if with_ai_call is None else bool(reader_call and not with_ai_call),
+                    "birads": row.birads,
+                    "reader_call": None if pd.isna(row.reader_call) else int(row.reader_call),
+                    "with_ai_call": None if pd.isna(row.with_ai_call) else int(row.with_ai_call),
+                    "ruled_out": None if pd.isna(row.ruled_out) else int(row.ruled_out),
+                    "with_ai": row.with_ai,
                     "rule": sentence,
                     "value": rule["value"],
                     "note": note,

@@ -153,7 +153,8 @@
     show("birads-hint", has);
     show("model-reader-rule-term", has);
     show("model-reader-rule", has);
-    say("model-reader-rule", has ? sentence(rule.rule) + " " + rule.applied_here : "");
+    const caveats = has && rule.caveats ? rule.caveats.join(" ") : "";
+    say("model-reader-rule", has ? [sentence(rule.rule), rule.applied_here, caveats].join(" ").trim() : "");
   }
 
   // A sentence of the service's (lower case, no full stop) as one of the page's.
@@ -360,8 +361,10 @@
     show("reader-result", Boolean(reader));
     if (!reader) return;
     say("reader-birads", reader.birads);
-    say("reader-call", reader.reader_prediction === null ? "none" : reader.reader_prediction);
-    say("with-ai-call", reader.with_ai_prediction === null ? "none" : reader.with_ai_prediction);
+    // Calls are the radiologist's recommendation (positive: biopsy), never a diagnosis.
+    const words = { 1: "positive (biopsy)", 0: "negative" };
+    say("reader-call", reader.reader_call === null ? "none (no call)" : words[reader.reader_call]);
+    say("with-ai-call", reader.with_ai_call === null ? "none (no call)" : words[reader.with_ai_call]);
     // The model's probability was below the rule's value for a reading the radiologist called positive.
     say(
       "ruled-out",
