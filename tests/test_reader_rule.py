@@ -353,3 +353,23 @@ def test_the_caveats_are_in_the_card_and_on_the_terminal(site: Path) -> None:
     card = (package / "README.md").read_text()
     assert "about 1 in 9 cancers read so can be expected to fall below it" in card
     assert "not a diagnosis" in card
+
+
+def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patients(site: Path) -> None:
+    """What the caveats ask for: the rule scored on other labelled patients, with counts that `alnus predict` gives."""
+    package, folder = site / "model", site / "site"
+    prob = Predictor(package, device="cpu", precision="fp32").predict_table(pd.read_csv(folder / "validation.csv"),
+                                                                           folder)["prob"]  # fmt: skip
+    set_reader_rule(package, _rule(float(prob.median())))
+    code, stdout, _ = _run("score", str(package), "--manifest", str(folder / "validation.csv"))
+    assert code == 0 and "the radiologist with AI (reader rule) vs alone, 24 patients" in stdout
+    _, csv, _ = _run("predict", str(package), "--manifest", str(folder / "validation.csv"), "--format", "csv")
+    out = pd.read_csv(io.StringIO(csv))
+    truth = pd.read_csv(folder / "validation.csv")["label"] == "malignant"
+    for metric, cases, hit in (("sensitivity", truth, 1), ("specificity", ~truth, 0)):
+        reader, with_ai = (
+            int((out.loc[cases, "reader_call"] == hit).sum()),
+            int((out.loc[cases, "with_ai_call"] == hit).sum()),
+        )
+        assert f"{reader}/{int(cases.sum())}" in stdout and f"{with_ai}/{int(cases.sum())}" in stdout, metric
+    assert f"{int(out['ruled_out'].sum())} patient(s) the radiologist called positive were ruled out" in stdout

@@ -783,6 +783,8 @@ class SiteScore:
     n_patients: int
     n_positive: int
     comparison: Any = None
+    # Per package: its reader rule against the radiologist alone on these patients (None: no rule or no readings).
+    with_reader: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 def score_on_labelled(
@@ -790,8 +792,9 @@ def score_on_labelled(
 ) -> SiteScore:
     """Score packages on the labelled patients of a site: the AUC per patient (mean probability of a patient's images)
     with its DeLong CI, and each package's calls at its own frozen threshold. With two packages (an adapted one and
-    its source, say) the first minus the second is tested with DeLong's paired test on the same patients. Predictions
-    are made in fp32 with PyTorch, the reference every engine reproduces."""
+    its source, say) the first minus the second is tested with DeLong's paired test on the same patients. A package
+    with a reader rule, on a manifest with readings, also gets the rule against the radiologist alone
+    (`SiteScore.with_reader`). Predictions are made in fp32 with PyTorch, the reference every engine reproduces."""
     from alnus import stats
     from alnus.evaluate import aggregate_predictions
     from alnus.predict import Predictor
@@ -806,6 +809,7 @@ def score_on_labelled(
             )
     table = labelled_table(manifest, metas[0], "a package is scored", max_pixels)  # checked once, for both
     rows, scores = [], []
+    with_reader: dict[str, dict[str, Any] | None] = {}
     for package, meta in zip(packages, metas, strict=True):
         predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
         predictions = predictor.predict_table(table, manifest.parent)
@@ -824,8 +828,28 @@ def score_on_labelled(
             row["specificity"] = f"{int((~called & ~truth).sum())}/{int((~truth).sum())}"
         rows.append(row)
         scores.append(cases["prob"].to_numpy())
+        with_reader[str(package)] = _rule_on_site(table, predictions, meta)
     comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 else None
-    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison)
+    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader)
+
+
+def _rule_on_site(table: pd.DataFrame, predictions: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The package's reader rule against the radiologist alone on these patients (`reader_rule_on_test`), when the
+    package has a rule and the manifest has readings (its `birads` column, else the rule's own, else reader_birads);
+    None otherwise, or the reason it cannot be scored."""
+    from alnus.evaluate import reader_rule_on_test
+
+    rule = meta.get("reader_rule")
+    if rule is None:
+        return None
+    own = str((rule.get("chosen_on") or {}).get("reader") or "")
+    column = next((c for c in ("birads", own, "reader_birads") if c and c in table.columns), None)
+    if column is None:
+        return None
+    try:
+        return reader_rule_on_test(table, predictions, column, rule)
+    except AlnusError as exc:
+        return {"reader": column, "error": str(exc)}
 
 
 def _with_site_threshold(card: str, text: str) -> str:

@@ -1271,6 +1271,9 @@ def score(
     """Score packages on a site's labelled patients: AUC per patient with its 95% CI, and the calls at each package's
     frozen threshold; with two packages, the paired DeLong test of the first against the second on the same patients.
 
+    With a package that carries a reader rule and a manifest with BI-RADS readings (birads, the rule's own column, or
+    reader_birads), the radiologist with AI is also compared with the radiologist alone on those patients.
+
     This is how an adapted package (`alnus adapt`) is compared with its source before it is used. Use patients that
     were not used to adapt or to freeze the threshold: on those, the numbers are optimistic.
     """  # fmt: skip
@@ -1304,6 +1307,42 @@ def score(
             highlight=False,
             soft_wrap=True,
         )
+    for package, found in result.with_reader.items():
+        if found is not None:
+            _show_rule_on_site(package, found)
+
+
+def _show_rule_on_site(package: str, found: dict) -> None:
+    """`alnus score`'s lines on a package's reader rule against the radiologist alone on the site's patients."""
+    if "error" in found:
+        _note(f"{printable(package)}: its reader rule cannot be scored on {printable(found['reader'])}: "
+              f"{found['error']}")  # fmt: skip
+        return
+    table = Table(title=escape(f"{package}: the radiologist with AI (reader rule) vs alone, {found['n']} patients "
+                               f"with a reading in {found['reader']}"))  # fmt: skip
+    for column in ("", "radiologist alone", "with AI", "difference (95% CI)", "P"):
+        table.add_column(column)
+    for metric, n in (("sensitivity", found["n_positive"]), ("specificity", found["n"] - found["n_positive"])):
+        m = found[metric]
+        table.add_row(
+            metric,
+            f"{found[f'reader_{metric}_k']}/{n} ({100 * m['reader']:.1f}%)",
+            f"{found[f'with_ai_{metric}_k']}/{n} ({100 * m['combined']:.1f}%)",
+            f"{100 * m['difference']:+.1f} ({100 * m['ci_low']:+.1f} to {100 * m['ci_high']:+.1f}) points",
+            f"{_p_text(m['p'])} (exact McNemar)",
+        )
+    a, b, d = found["auc_reader"], found["auc_combined"], found["auc_difference"]
+    table.add_row(
+        "AUC (category, then the model inside it)",
+        f"{a['estimate']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})",
+        f"{b['estimate']:.3f} ({b['ci_low']:.3f}-{b['ci_high']:.3f})",
+        f"{d['estimate']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f})",
+        f"{_p_text(d['p'])} (DeLong)",
+    )
+    console.print(table)
+    extra = f"; {found['n_incomplete']} read BI-RADS 0 left out" if found["n_incomplete"] else ""
+    console.print(escape(f"{found['n_ruled_out']} patient(s) the radiologist called positive were ruled out by the "
+                         f"model{extra}."), highlight=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command("evaluate")

@@ -1341,3 +1341,41 @@ def reader_rule_on_validation(
             else None,
         },
     }
+
+
+def reader_rule_on_test(
+    rows: pd.DataFrame, predictions: pd.DataFrame, column: str, record: Mapping[str, Any], *, alpha: float = 0.05
+) -> dict[str, Any]:
+    """A package's reader rule against the radiologist alone on labelled patients that did not set it: per case (the
+    rule's level), the radiologist's and the rule's sensitivity and specificity with exact McNemar tests, and the AUC
+    of the rule's ordering (category, then the model; `alnus.combine.tie_break_score`) against the categories' with
+    paired DeLong, with the counts behind each proportion. Cases read BI-RADS 0 are left out and counted."""
+    from alnus.combine import RuleOut, compare_with_reader, tie_break_score
+    from alnus.reader_rule import ReaderRuleError
+    from alnus.readers import birads_score
+
+    renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
+    renamed = renamed.rename(columns={column: "reader_radiologist"})
+    try:
+        cases = reader_cases(renamed, predictions, "reader_radiologist", record["level"], record["aggregate"],
+                             record["positive_from"])  # fmt: skip
+    except AlnusError as exc:
+        raise ReaderRuleError(f"{column}: {exc}") from None
+    if cases is None:
+        raise ReaderRuleError(f"no row has a reading in {column}.")
+    incomplete = int(cases["birads"].isna().sum())
+    cases = cases.dropna(subset=["birads"])
+    rule = RuleOut(tuple(float(v) for v in birads_score(record["lowest"])), record["value"], 0, 0, 0)
+    calls = rule.calls(cases["prob"], cases["birads"], cases["call"])
+    found = compare_with_reader(cases["y"], tie_break_score(cases["prob"], cases["birads"]), cases["birads"],
+                                cases["call"], alpha=alpha, calls=calls)  # fmt: skip
+    y, reader = cases["y"].to_numpy() == 1, cases["call"].to_numpy().astype(bool)
+    calls = np.asarray(calls, dtype=bool)
+    return {
+        **found,
+        "reader": column,
+        "n_incomplete": incomplete,
+        "n_ruled_out": int((reader & ~calls).sum()),
+        "reader_sensitivity_k": int((reader & y).sum()), "with_ai_sensitivity_k": int((calls & y).sum()),
+        "reader_specificity_k": int((~reader & ~y).sum()), "with_ai_specificity_k": int((~calls & ~y).sum()),
+    }  # fmt: skip
