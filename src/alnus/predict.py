@@ -584,27 +584,38 @@ class Predictor:
             names = {1: self.positive_label, 0: self.negative_label or f"not {self.positive_label}"}
             out["call_level"] = out["call_level"].fillna("")
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
-        from alnus.combine import apply_reader_rule, has_readings, reading_problem
-
         rule = self.metadata.get("reader_rule")
-        readings = [r.get("birads", "") for r in records]
-        if rule is not None and has_readings(readings):
-            warned = list(warned)
-            for i, reading in enumerate(readings):
-                problem = reading_problem(reading, rule)
-                if problem:  # the image is predicted; only the call with the radiologist is missing
-                    readings[i] = ""
-                    if ok[i]:
-                        warned[i] = "; ".join(w for w in (warned[i], f"no call with the radiologist: {problem}") if w)
-            called = apply_reader_rule(out.assign(prob=out["prob"].where(ok)), readings, rule)
-            out["birads"] = called["birads"]
-            for column in ("reader_call", "with_ai_call", "ruled_out"):
-                out[column] = called[column].astype("Int64").mask(~ok).astype("Int64")
-            out["with_ai"] = called["with_ai"].where(ok, "")
+        if rule is not None:
+            out, warned = _with_reader_calls(out, [r.get("birads", "") for r in records], ok, warned, rule)
         out["engine"] = self.engine
         out["error"] = errors
         out["warning"] = _case_warnings(out, warned, ok, self.operating_point)
         return out
+
+
+def _with_reader_calls(
+    out: pd.DataFrame, readings: list[str], ok: np.ndarray, warned: list[str], rule: Mapping[str, Any]
+) -> tuple[pd.DataFrame, list[str]]:
+    """The prediction table with the reader rule's columns (`alnus.combine.apply_reader_rule`) when any image has a
+    reading, and the images' warnings: a reading the rule cannot call costs its image the reader columns (a warning),
+    not its probability; a failed image gets none."""
+    from alnus.combine import apply_reader_rule, has_readings, reading_problem
+
+    if not has_readings(readings):
+        return out, warned
+    readings, warned = list(readings), list(warned)
+    for i, reading in enumerate(readings):
+        problem = reading_problem(reading, rule)
+        if problem:
+            readings[i] = ""
+            if ok[i]:
+                warned[i] = "; ".join(w for w in (warned[i], f"no call with the radiologist: {problem}") if w)
+    called = apply_reader_rule(out.assign(prob=out["prob"].where(ok)), readings, rule)
+    out = out.assign(birads=called["birads"])
+    for column in ("reader_call", "with_ai_call", "ruled_out"):
+        out[column] = called[column].astype("Int64").mask(~ok).astype("Int64")
+    out["with_ai"] = called["with_ai"].where(ok, "")
+    return out, warned
 
 
 def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: Mapping[str, Any] | None) -> list[str]:
