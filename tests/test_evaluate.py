@@ -805,6 +805,8 @@ def test_evaluate_sets_the_packages_reader_rule_from_its_one_birads_reader(tmp_p
     write_csv(splits, run / "splits.csv")
     found = evaluate_run(run, n_boot=50)["reader_rules"]["tiny_cnn"]
     assert found["status"] == "none" and "alnus reader-rule" in found["reason"] and "reader_b" in found["reason"]
+    printed = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "50"], env={"COLUMNS": "250"})
+    assert "no reader rule set in tiny_cnn's package" in printed.output and "reader_b" in printed.output
     assert read_metadata(package)["reader_rule"] == rule  # the rule set earlier stays
 
 

@@ -373,3 +373,63 @@ def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patie
         )
         assert f"{reader}/{int(cases.sum())}" in stdout and f"{with_ai}/{int(cases.sum())}" in stdout, metric
     assert f"{int(out['ruled_out'].sum())} patient(s) the radiologist called positive were ruled out" in stdout
+
+
+def test_a_refused_reading_costs_its_whole_patient_the_reader_columns(site: Path) -> None:
+    """Second attack review: the refused reading was dropped and the patient called from its other images, so a
+    suspicious reading could be lost (a plain 4 under a 4b rule beside a 3 called the patient negative)."""
+    package, folder = site / "model", site / "site"
+    set_reader_rule(package, _rule(0.99, positive_from="4b", lowest=["4b"]))
+    (folder / "corrupt.png").write_bytes(b"not a png")
+    table = pd.DataFrame({"image": ["im00.png", "im01.png", "im02.png", "corrupt.png", "im03.png", "im04.png"],
+                          "patient_id": ["a", "a", "b", "b", "c", "c"],
+                          "birads": ["4", "3", "3", "4c?", "4b", "3"]})  # fmt: skip
+    table.to_csv(folder / "patients.csv", index=False)
+    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "patients.csv"), "--format", "csv")
+    out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
+    assert code == 1 and (out.loc[:3, ["birads", "reader_call", "with_ai_call", "with_ai"]] == "").all().all()
+    assert "plain BI-RADS 4" in out.loc[0, "warning"] and "another image of this patient" in out.loc[1, "warning"]
+    assert "'4c?' is not a BI-RADS category" in out.loc[2, "warning"]  # its sibling failed: said on the good image
+    assert "lesion box" not in out.loc[1, "warning"]  # the reading, not the box, is what went wrong
+    assert out.loc[4:, "birads"].tolist() == ["4b", "4b"] and out.loc[4:, "ruled_out"].tolist() == ["1", "1"]
+
+
+def test_an_empty_birads_column_does_not_hide_the_readings_of_another(site: Path) -> None:
+    package, folder = site / "model", site / "site"
+    set_reader_rule(package, _rule(0.5))
+    pd.DataFrame({"image": ["im00.png"], "birads": [""], "reader_birads": ["4a"]}).to_csv(folder / "e.csv", index=False)
+    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "e.csv"), "--format", "csv")
+    assert code == 0 and pd.read_csv(io.StringIO(stdout), dtype=str)["birads"].iloc[0] == "4a"
+
+
+def test_card_markers_quoted_or_shown_as_an_example_are_not_the_block(site: Path, tmp_path: Path) -> None:
+    example = f"## How to read\n\n```\n{CARD_START}\n```\n\nKeep me.\n\n"
+    (tmp_path / "README.md").write_text(f"# Card\n\n{example}## Operating threshold\n\n0.5.\n")
+    for value in (0.25, 0.75):
+        assert write_card_section(tmp_path, _rule(value), META)
+    card = (tmp_path / "README.md").read_text()
+    assert "Keep me." in card and "## Operating threshold" in card and "below 0.750" in card
+    assert "below 0.250" not in card
+    from alnus.reader_rule import without_card_block
+
+    kept, had = without_card_block(f"# Card\n\nThe block starts at `{CARD_START}`.\n\n## Intended use\n\nAdults.\n")
+    assert not had and "## Intended use" in kept
+    kept, had = without_card_block(card)
+    assert had and "Keep me." in kept and "below 0.750" not in kept
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [{"reader_sensitivity": "a"}, {"n_lowest_pos": True}, {"n_cases": 1.5}, {"reader": 5}],
+)
+def test_the_recorded_counts_and_proportions_are_checked(chosen: dict) -> None:
+    with pytest.raises(ReaderRuleError, match="chosen_on"):
+        check_reader_rule(_rule(chosen_on=chosen), "pkg/metadata.json")
+
+
+def test_control_characters_in_a_column_name_stay_out_of_the_card(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# Card\n")
+    rule = _rule(0.3, chosen_on={"reader": "dr\x1b[31mX\x07", "n_cases": 3})
+    assert write_card_section(tmp_path, rule, META)
+    card = (tmp_path / "README.md").read_text()
+    assert "\x1b" not in card and "\x07" not in card and "x1b" in card  # shown as text, never sent to a terminal

@@ -920,11 +920,11 @@ def freeze_reader_rule(
 
 
 def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
-    """Put the rule's block into the package's model card: in place of an earlier one (its markers on lines of their
-    own), else after the card's operating-threshold section (in an adapted package's card, before the source model's
-    part), else at its end. False when the package has no card (or one too long to read)."""
+    """Put the rule's block into the package's model card: in place of an earlier one (`card_block_span`), else after
+    the card's operating-threshold section (in an adapted package's card, before the source model's part), else at
+    its end. False when the package has no card (or one too long to read)."""
     from alnus.predict import MAX_CARD_BYTES, read_card
-    from alnus.reader_rule import CARD_END, CARD_START
+    from alnus.reader_rule import card_block_span
     from alnus.report.card import card_block
 
     path = Path(package_dir) / "README.md"
@@ -933,10 +933,9 @@ def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str,
         return False
     block = card_block(record, meta)
     lines = card.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == CARD_START), None)
-    end = None if start is None else next((i for i in range(start, len(lines)) if lines[i].strip() == CARD_END), None)
-    if start is not None and end is not None:
-        lines[start : end + 1] = block
+    span = card_block_span(lines)
+    if span is not None:
+        lines[span[0] : span[1] + 1] = block
     else:
         source = next((i for i, line in enumerate(lines) if line.strip() == BEFORE_ADAPTATION), None)
         own = lines if source is None else lines[:source]

@@ -1318,8 +1318,8 @@ def _show_rule_on_site(package: str, found: dict) -> None:
         _note(f"{printable(package)}: its reader rule cannot be scored on {printable(found['reader'])}: "
               f"{found['error']}")  # fmt: skip
         return
-    table = Table(title=escape(f"{package}: the radiologist with AI (reader rule) vs alone, {found['n']} patients "
-                               f"with a reading in {found['reader']}"))  # fmt: skip
+    table = Table(title=escape(f"{package}: the radiologist with AI (reader rule) vs alone, {found['n']} "
+                               f"{found['level']}s with a reading in {found['reader']}"))  # fmt: skip
     for column in ("", "radiologist alone", "with AI", "difference (95% CI)", "P"):
         table.add_column(column)
     for metric, n in (("sensitivity", found["n_positive"]), ("specificity", found["n"] - found["n_positive"])):
@@ -1341,8 +1341,11 @@ def _show_rule_on_site(package: str, found: dict) -> None:
     )
     console.print(table)
     extra = f"; {found['n_incomplete']} read BI-RADS 0 left out" if found["n_incomplete"] else ""
-    console.print(escape(f"{found['n_ruled_out']} patient(s) the radiologist called positive were ruled out by the "
-                         f"model{extra}."), highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(escape(f"{found['n_ruled_out']} {found['level']}(s) the radiologist called positive were ruled out "
+                         f"by the model{extra}."), highlight=False, soft_wrap=True)  # fmt: skip
+    if found["level"] == "image":
+        _note("the rule is set per image: images of one patient count as independent cases here, so the P values are "
+              "too small when patients have several images.")  # fmt: skip
 
 
 @app.command("evaluate")
@@ -1550,7 +1553,9 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
         for note in entry.get("notes", []):
             console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         rule = metrics.get("reader_rules", {}).get(name)
-        if rule and rule["status"] != "none":
+        if rule and rule["status"] == "none":
+            _note(f"no reader rule set in {name}'s package: {rule['reason']}")
+        elif rule:
             status = {"frozen": "set now", "re-frozen": "set again (see reader_rule_history)",
                       "kept": "as set earlier", "unchanged": "set again with --refreeze: the same"}  # fmt: skip
             console.print(

@@ -1365,6 +1365,8 @@ def reader_rule_on_test(
         raise ReaderRuleError(f"no row has a reading in {column}.")
     incomplete = int(cases["birads"].isna().sum())
     cases = cases.dropna(subset=["birads"])
+    if cases.empty:
+        raise ReaderRuleError(f"every reading in {column} is BI-RADS 0 (incomplete): no case has a call to compare.")
     rule = RuleOut(tuple(float(v) for v in birads_score(record["lowest"])), record["value"], 0, 0, 0)
     calls = rule.calls(cases["prob"], cases["birads"], cases["call"])
     found = compare_with_reader(cases["y"], tie_break_score(cases["prob"], cases["birads"]), cases["birads"],
@@ -1374,6 +1376,7 @@ def reader_rule_on_test(
     return {
         **found,
         "reader": column,
+        "level": record["level"],
         "n_incomplete": incomplete,
         "n_ruled_out": int((reader & ~calls).sum()),
         "reader_sensitivity_k": int((reader & y).sum()), "with_ai_sensitivity_k": int((calls & y).sum()),

@@ -585,36 +585,43 @@ class Predictor:
             out["call_level"] = out["call_level"].fillna("")
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
         rule = self.metadata.get("reader_rule")
+        reader_warned = [""] * len(records)
         if rule is not None:
-            out, warned = _with_reader_calls(out, [r.get("birads", "") for r in records], ok, warned, rule)
+            out, reader_warned = _with_reader_calls(out, [r.get("birads", "") for r in records], ok, rule)
         out["engine"] = self.engine
         out["error"] = errors
-        out["warning"] = _case_warnings(out, warned, ok, self.operating_point)
+        box_warned = _case_warnings(out, warned, ok, self.operating_point)
+        out["warning"] = ["; ".join(w for w in pair if w) for pair in zip(box_warned, reader_warned, strict=True)]
         return out
 
 
 def _with_reader_calls(
-    out: pd.DataFrame, readings: list[str], ok: np.ndarray, warned: list[str], rule: Mapping[str, Any]
+    out: pd.DataFrame, readings: list[str], ok: np.ndarray, rule: Mapping[str, Any]
 ) -> tuple[pd.DataFrame, list[str]]:
     """The prediction table with the reader rule's columns (`alnus.combine.apply_reader_rule`) when any image has a
-    reading, and the images' warnings: a reading the rule cannot call costs its image the reader columns (a warning),
-    not its probability; a failed image gets none."""
+    reading, and each image's warning about them. A reading the rule cannot call costs its whole case (patient, at
+    the rule's level) the reader columns, not the images their probabilities: the case's reading is its most
+    suspicious one, which a refused reading could have been. A failed image gets no reader columns."""
     from alnus.combine import apply_reader_rule, has_readings, reading_problem
 
+    warned = [""] * len(readings)
     if not has_readings(readings):
         return out, warned
-    readings, warned = list(readings), list(warned)
-    for i, reading in enumerate(readings):
-        problem = reading_problem(reading, rule)
-        if problem:
-            readings[i] = ""
-            if ok[i]:
-                warned[i] = "; ".join(w for w in (warned[i], f"no call with the radiologist: {problem}") if w)
-    called = apply_reader_rule(out.assign(prob=out["prob"].where(ok)), readings, rule)
-    out = out.assign(birads=called["birads"])
+    problems = [reading_problem(reading, rule) for reading in readings]
+    called = apply_reader_rule(out.assign(prob=out["prob"].where(ok)), [
+        "" if problem else reading for reading, problem in zip(readings, problems, strict=True)
+    ], rule)  # fmt: skip
+    units = unit_keys(out, rule["level"]).to_numpy()
+    refused = {unit: problem for unit, problem in zip(units, problems, strict=True) if problem}
+    blank = ~ok | np.array([unit in refused for unit in units], dtype=bool)
+    out = out.assign(birads=called["birads"].where(~blank, ""))
     for column in ("reader_call", "with_ai_call", "ruled_out"):
-        out[column] = called[column].astype("Int64").mask(~ok).astype("Int64")
-    out["with_ai"] = called["with_ai"].where(ok, "")
+        out[column] = called[column].astype("Int64").mask(blank).astype("Int64")
+    out["with_ai"] = called["with_ai"].where(~blank, "")
+    for i, unit in enumerate(units):
+        if ok[i] and unit in refused:
+            other = "" if problems[i] else f"another image of this {rule['level']} has one: "
+            warned[i] = f"no call with the radiologist: {other}{refused[unit]}"
     return out, warned
 
 

@@ -36,6 +36,8 @@ OUTPUT_COLUMNS = ("birads", "reader_call", "with_ai_call", "ruled_out", "with_ai
 KEY_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "roi", "mask", "frame", "split")
 # The rules a package keeps in reader_rule_history (the latest ones): its metadata stays small.
 MAX_HISTORY = 20
+# The proportions a rule's `chosen_on` records (each in [0, 1], or null).
+_SHARES = ("reader_sensitivity", "reader_specificity", "with_ai_specificity")
 # Fewer malignant validation patients than this in the lowest category make a value that moves with the next few.
 FEW_POSITIVES = 20
 
@@ -94,6 +96,15 @@ def check_reader_rule(record: object, where: str) -> dict[str, Any] | None:
     chosen = out.get("chosen_on")
     if chosen is not None and not isinstance(chosen, Mapping):
         problems.append("chosen_on is not an object")
+    elif chosen is not None:
+        counts = [
+            k for k, v in chosen.items() if k.startswith("n_") and (isinstance(v, bool) or not isinstance(v, int))
+        ]
+        shares = [k for k in _SHARES if chosen.get(k) is not None and not _is_probability(chosen[k])]
+        if counts or shares:
+            problems.append(f"chosen_on.{(counts + shares)[0]} is not a {'count' if counts else 'proportion'}")
+        if not isinstance(chosen.get("reader", ""), str):
+            problems.append("chosen_on.reader is not a column name")
     if problems:
         raise ReaderRuleError(f"{where}: reader_rule: {'; '.join(problems)}; {fix}.")
     out["value"] = float(value)
@@ -162,9 +173,22 @@ def birads_column(columns: Sequence[str]) -> str | None:
     return next((c for c in BIRADS_COLUMNS if c in columns), None)
 
 
+def card_block_span(lines: Sequence[str]) -> tuple[int, int] | None:
+    """Where a card's reader-rule block is: the first end marker on a line of its own, and the nearest start marker
+    above it on a line of its own (a marker quoted in prose, or an example of one further up, is not the block)."""
+    end = next((i for i, line in enumerate(lines) if line.strip() == CARD_END), None)
+    if end is None:
+        return None
+    start = next((i for i in range(end - 1, -1, -1) if lines[i].strip() == CARD_START), None)
+    return None if start is None else (start, end)
+
+
 def without_card_block(card: str) -> tuple[str, bool]:
     """A model card without its reader-rule block, and whether it had one."""
-    head, start, rest = card.partition(CARD_START)
-    if not start or CARD_END not in rest:
+    lines = card.splitlines()
+    span = card_block_span(lines)
+    if span is None:
         return card, False
-    return (head.rstrip("\n") + "\n" + rest.split(CARD_END, 1)[1].lstrip("\n")).strip(), True
+    start, end = span
+    kept = [*lines[:start], *lines[end + 1 :]]
+    return "\n".join(kept).strip(), True

@@ -120,7 +120,7 @@ def _cell(record: Mapping[str, str], column: str) -> str:
 
 def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMNS) -> list[dict[str, str]]:
     """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute. The
-    reading (`birads`) is taken from the first of `birads_columns` the manifest has.
+    reading (`birads`) is taken from the first of `birads_columns` that holds any reading.
 
     Raises:
         ManifestError: the file cannot be read as CSV, or it has no `image` column (a problem of the whole file).
@@ -139,6 +139,11 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
             ],
         )
     root = manifest.parent
+    # The readings' column: the first of `birads_columns` with any reading (an empty `birads` column hides none).
+    filled = {c for c in birads_columns if c in header and any(
+        i < len(r) and r[i].strip() for r in records[1:] for i in [header.index(c)]
+    )}  # fmt: skip
+    reading_column = next((c for c in birads_columns if c in filled), None)
     rows = []
     for number, record in enumerate(records[1:], start=2):
         cells = [cell.strip() for cell in record]
@@ -148,7 +153,7 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         where = f"{manifest.name} row {number}"
         image = _cell(values, "image")
         extra = {column: _cell(values, column) for column in MANIFEST_COLUMNS if column != "birads"}
-        extra["birads"] = next((_cell(values, c) for c in birads_columns if c in header), "")
+        extra["birads"] = _cell(values, reading_column) if reading_column else ""
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
         if extra["mask"]:

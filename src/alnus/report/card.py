@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from alnus._io import atomic_write_text
-from alnus._text import no_bidi
+from alnus._text import printable
 from alnus.data.tta import all_views
 from alnus.evaluate import format_auc, format_proportion
 from alnus.models.package import is_ensemble, preprocess_of
@@ -40,8 +40,9 @@ _MD_LINE_START = re.compile(r"^(\d*)([-+.)])(?=\s|$)")
 
 
 def md_text(value: object) -> str:
-    """User text as literal Markdown text: its Markdown characters escaped, line breaks as spaces."""
-    text = _MD_SPECIAL.sub(r"\\\1", " ".join(no_bidi(value).split()))
+    """User text as literal Markdown text: its Markdown characters escaped, line breaks as spaces, other control
+    characters shown as `\\xNN` (a raw ESC in a card would act on the terminal that prints it)."""
+    text = _MD_SPECIAL.sub(r"\\\1", printable(" ".join(str(value).split())))
     return _MD_LINE_START.sub(r"\1\\\2", text)
 
 
