@@ -433,3 +433,33 @@ def test_control_characters_in_a_column_name_stay_out_of_the_card(tmp_path: Path
     assert write_card_section(tmp_path, rule, META)
     card = (tmp_path / "README.md").read_text()
     assert "\x1b" not in card and "\x07" not in card and "x1b" in card  # shown as text, never sent to a terminal
+
+
+def test_two_writers_of_one_package_take_turns(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack review: a threshold frozen while a reader rule was being set was lost (read-modify-write of
+    metadata.json without a lock). A writer now waits for the other, and says so when it waited too long; no lock
+    file is left in the package."""
+    import threading
+
+    import alnus.models.package as package_module
+
+    monkeypatch.setattr(package_module, "LOCK_TIMEOUT_S", 0.3)
+    package = site / "model"
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer() -> None:
+        with package_module.package_lock(package, timeout_s=5):
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    held.wait(5)
+    with pytest.raises(PackageError, match="another command has been updating"):
+        set_reader_rule(package, _rule(0.3))
+    release.set()
+    thread.join()
+    assert read_metadata(package)["reader_rule"] is None
+    set_reader_rule(package, _rule(0.3))  # once the other writer is done
+    assert read_metadata(package)["reader_rule"]["value"] == 0.3
+    assert sorted(p.name for p in package.iterdir() if p.name.startswith(".")) == []

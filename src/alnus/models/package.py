@@ -19,14 +19,17 @@ folder names, no symbolic links, no nesting, the weights and facts the ensemble 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
+import functools
 import importlib.metadata
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -558,6 +561,55 @@ def _checked_exports(exports: object, path: Path) -> dict[str, dict[str, Any]]:
     return exports
 
 
+# How long a writer of metadata.json waits for another one before giving up with a message.
+LOCK_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def package_lock(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """An exclusive OS lock (flock) on the package folder itself, so no lock file is left in the package; the kernel
+    releases it when its holder dies. Where flock is missing (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PackageError(
+                        f"another command has been updating {folder / METADATA_FILE} for {timeout_s:.0f} s; wait for "
+                        "it to end, then run this one again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _one_writer(update: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a read-modify-write of a package's metadata.json under `package_lock`, so that two commands updating one
+    package at once (a threshold and a reader rule, say) cannot lose one's change."""
+
+    @functools.wraps(update)
+    def locked(folder: str | os.PathLike[str], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        path = Path(folder)
+        if not (path / METADATA_FILE).is_file():
+            return update(folder, *args, **kwargs)  # read_metadata names what is wrong with the folder
+        with package_lock(path):
+            return update(folder, *args, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def record_export(folder: str | os.PathLike[str], kind: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """Record an exported network (`alnus.export`) under `exports.<kind>` in metadata.json; return the metadata.
 
@@ -578,6 +630,7 @@ def record_export(folder: str | os.PathLike[str], kind: str, record: Mapping[str
     return meta
 
 
+@_one_writer
 def freeze_threshold(
     folder: str | os.PathLike[str], record: Mapping[str, Any], *, reason: str, refreeze: bool = False
 ) -> dict[str, Any]:
@@ -616,6 +669,7 @@ def freeze_threshold(
     return meta
 
 
+@_one_writer
 def set_reader_rule(
     folder: str | os.PathLike[str], record: Mapping[str, Any], *, refreeze: bool = False
 ) -> dict[str, Any]:
