@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from alnus.adapt import MIN_IMAGES, AdaptError, adapt_batchnorm, adapt_package, batchnorm_layers, images_digest
 from alnus.cli import app
 from alnus.data.dataset import PreprocessSpec
-from alnus.errors import AlnusError
 from alnus.models import create_model
 from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package
 from alnus.predict import Predictor, package_notes
+from tests._cli import run_cli
 
 LABELS = ["benign", "malignant"]
 
@@ -110,16 +110,6 @@ def test_a_network_without_batchnorm_is_refused() -> None:
         adapt_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), [torch.rand(20, 1, 8, 8)])
 
 
-def _adapt(*args: str) -> tuple[int, str, str]:
-    """The command as `alnus` runs it: a user error (AlnusError) is its message and exit code, as `cli.main` prints."""
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    if isinstance(result.exception, AlnusError):
-        return result.exception.exit_code, result.stdout, result.stderr + str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     """A package (with a frozen threshold, a card, a data licence and examples) and a new site's images: 24 PNGs
@@ -150,7 +140,7 @@ def site(tmp_path: Path) -> Path:
 def test_adapt_writes_a_new_package_that_records_its_images_and_predicts_differently(site: Path) -> None:
     source, out = site / "model", site / "adapted"
     source_meta = read_metadata(source)
-    code, stdout, stderr = _adapt("adapt", str(source), str(site / "site"), "--out", str(out), "--site", "B")
+    code, stdout, stderr = run_cli("adapt", str(source), str(site / "site"), "--out", str(out), "--site", "B")
     assert code == 0, stdout + stderr
     assert "left out" in stderr and "zz_truncated.png" in stderr
     assert "Adapted" in stdout and "on 24 image(s) (1 left out)" in stdout and "alnus threshold" in stdout
@@ -196,44 +186,44 @@ def test_adapt_writes_a_new_package_that_records_its_images_and_predicts_differe
 
 def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source, images = site / "model", str(site / "site")
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(source / "inside"))
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(source / "inside"))
     assert code == 2 and "would write into the source package" in stderr
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site), "--force")
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site), "--force")
     assert code == 2 and "holds the source package" in stderr and (source / "weights.safetensors").is_file()
     (site / "taken").mkdir()
     (site / "taken" / "precious.txt").write_text("keep")
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "taken"))
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site / "taken"))
     assert code == 2 and "exists; name a new folder, or pass --force" in stderr
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "taken"), "--force")
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site / "taken"), "--force")
     assert code == 2 and "not a model package" in stderr and (site / "taken" / "precious.txt").is_file()
     work = site / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     (work / "precious.txt").write_text("keep")
     for out in (".", str(site)):
-        code, _, stderr = _adapt("adapt", str(source), images, "--out", out, "--force")
+        code, _, stderr = run_cli("adapt", str(source), images, "--out", out, "--force")
         assert code == 2 and (work / "precious.txt").is_file()
     assert "the current folder or one above it" in stderr or "holds the source package" in stderr
     (site / "run").mkdir()
     (site / "run" / "config.yaml").write_text("foo: 1\n")  # a project's own config.yaml makes no run folder
-    assert _adapt("adapt", str(source), images, "--out", str(site / "run" / "models" / "y"))[0] == 0
+    assert run_cli("adapt", str(source), images, "--out", str(site / "run" / "models" / "y"))[0] == 0
     (site / "run" / "splits.csv").write_text("image\n")
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "run" / "models" / "x" / "model"))
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site / "run" / "models" / "x" / "model"))
     assert code == 2 and "inside the run folder" in stderr
     # Never inside another package (an ensemble's member, say), nor holding the images adapted on.
     for out in (site / "run" / "models" / "y" / "members" / "1", site / "run" / "models" / "y" / "inner"):
-        code, _, stderr = _adapt("adapt", str(source), images, "--out", str(out), "--force")
+        code, _, stderr = run_cli("adapt", str(source), images, "--out", str(out), "--force")
         assert code == 2 and "inside the model package" in stderr, stderr
     (site / "link").symlink_to(source)
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "link"), "--force")
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site / "link"), "--force")
     assert code == 2 and "symbolic link" in stderr
-    code, _, stderr = _adapt("adapt", str(source), images, "--out", str(site / "x"), "--site", "a\n## Intended use")
+    code, _, stderr = run_cli("adapt", str(source), images, "--out", str(site / "x"), "--site", "a\n## Intended use")
     assert code == 2 and "--site" in stderr and not (site / "x").exists()
     # A package of its own is replaced with --force (and only then).
-    assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "B")[0] == 0
-    assert _adapt("adapt", str(source), images, "--out", str(site / "mine"), "--site", "C", "--force")[0] == 0
+    assert run_cli("adapt", str(source), images, "--out", str(site / "mine"), "--site", "B")[0] == 0
+    assert run_cli("adapt", str(source), images, "--out", str(site / "mine"), "--site", "C", "--force")[0] == 0
     shutil.copytree(images, site / "mine" / "images")
-    code, _, stderr = _adapt(
+    code, _, stderr = run_cli(
         "adapt", str(source), str(site / "mine" / "images"), "--out", str(site / "mine"), "--force"
     )
     assert (
@@ -245,14 +235,14 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
     assert not [p for p in site.iterdir() if p.name.startswith(".mine.")]  # nothing left aside
     same = site / "same.csv"
     same.write_text("image,roi\n" + "".join(f'site/im00.png,"{i},0,8,8"\n' for i in range(20)))
-    code, _, stderr = _adapt("adapt", str(source), "--manifest", str(same), "--out", str(site / "same"))
+    code, _, stderr = run_cli("adapt", str(source), "--manifest", str(same), "--out", str(site / "same"))
     assert code == 2 and "20 image(s) were read but only 1 different file(s)" in stderr
     few = site / "few"
     few.mkdir()
     for name in ("im00.png", "im01.png"):
         (few / name).write_bytes((site / "site" / name).read_bytes())
     (few / "boxless.dcm").write_bytes(b"not a dicom")
-    code, _, stderr = _adapt("adapt", str(source), str(few), "--out", str(site / "none"))
+    code, _, stderr = run_cli("adapt", str(source), str(few), "--out", str(site / "none"))
     assert code == 2 and "2 image(s) were read" in stderr and not (site / "none").exists()
     assert "1 image(s) were left out: " in stderr and "boxless.dcm" in stderr  # why, when it fails
     assert stderr.count("Give more images") == 1
@@ -261,7 +251,7 @@ def test_adapt_never_overwrites_what_is_not_its_own_package(site: Path, monkeypa
     broken.mkdir()
     for i in range(20):
         (broken / f"b{i}.png").write_bytes(b"not a png")
-    code, _, stderr = _adapt("adapt", str(source), str(broken), "--out", str(site / "none"))
+    code, _, stderr = run_cli("adapt", str(source), str(broken), "--out", str(site / "none"))
     assert code == 2 and "none of the 20 image(s) could be used" in stderr and "and 19 more" in stderr, stderr
     assert "Give more images" not in stderr and "Fix what the reasons say" in stderr
     assert not [p for p in site.iterdir() if p.name.startswith(".none.")]  # no half-written folder left behind
@@ -285,9 +275,9 @@ def test_a_folder_that_appears_meanwhile_is_never_replaced_without_force(site: P
 
 def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     out = site / "adapted"
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
     manifest = site / "site" / "validation.csv"
-    code, stdout, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
+    code, stdout, stderr = run_cli("threshold", str(out), "--manifest", str(manifest))
     assert code == 0, stdout + stderr
     point = read_metadata(out)["threshold"]
     # The adapted package follows the rule its source threshold was frozen with.
@@ -300,23 +290,23 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     card = (out / "README.md").read_text()
     assert f"Threshold {point['value']:.4g}" in card and "No threshold is carried over" not in card
     assert card.count("<!-- site-threshold:start -->") == 1
-    code, _, stderr = _adapt("threshold", str(out), "--manifest", str(manifest))
+    code, _, stderr = run_cli("threshold", str(out), "--manifest", str(manifest))
     assert code == 2 and "already has a frozen threshold" in stderr and "--refreeze" in stderr
     frozen = len(read_metadata(out)["threshold_history"])
-    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert run_cli("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
     assert len(read_metadata(out)["threshold_history"]) == frozen  # the same threshold again: nothing recorded
     # A card left stale (a run killed between the metadata and the card) is brought up to date by a refreeze.
     (out / "README.md").write_text(card.replace(f"Threshold {point['value']:.4g}", "No threshold is carried over"))
-    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert run_cli("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
     assert f"Threshold {point['value']:.4g}" in (out / "README.md").read_text()
     # The same value frozen on other patients is recorded with where it was frozen now.
     pd.read_csv(manifest).drop(index=[0, 2]).to_csv(site / "site" / "fewer.csv", index=False)
-    code, stdout, _ = _adapt("threshold", str(out), "--manifest", str(site / "site" / "fewer.csv"), "--refreeze")
+    code, stdout, _ = run_cli("threshold", str(out), "--manifest", str(site / "site" / "fewer.csv"), "--refreeze")
     now = read_metadata(out)["threshold"]
     assert code == 0 and now["frozen_on"].startswith("fewer.csv") and now["n_val_units"] == 22
     assert "22 patient cases" in stdout and len(read_metadata(out)["threshold_history"]) == frozen + 1
     assert "frozen on fewer.csv)" in str(Predictor(out, device="cpu").call_rule)  # not "on validation"
-    code, _, _ = _adapt("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
+    code, _, _ = run_cli("threshold", str(out), "--manifest", str(manifest), "--rule", "youden", "--refreeze")
     assert code == 0 and read_metadata(out)["threshold"]["rule"] == "youden"
     card = (out / "README.md").read_text()
     assert card.count("<!-- site-threshold:start -->") == 1 and "(youden," in card
@@ -324,7 +314,7 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     (out / "README.md").write_text(
         "# Card\n\nnotes <!-- site-threshold:end --> x\n\n<!-- site-threshold:start -->\nold\n"
     )
-    assert _adapt("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert run_cli("threshold", str(out), "--manifest", str(manifest), "--refreeze")[0] == 0
     assert "## Threshold frozen at a site" in (out / "README.md").read_text()
     image = str(site / "site" / "im03.png")
     predicted = Predictor(out, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
@@ -335,7 +325,7 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
     package = site / "model"
     table = pd.read_csv(site / "site" / "validation.csv")
     table.drop(columns="label").to_csv(site / "site" / "unlabelled.csv", index=False)
-    code, _, stderr = _adapt(
+    code, _, stderr = run_cli(
         "threshold", str(package), "--manifest", str(site / "site" / "unlabelled.csv"), "--refreeze"
     )
     assert code == 2 and "column 'label': required column is missing" in stderr
@@ -343,34 +333,34 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
         (["--rule", "specificity"], "needs a target"),
         (["--level", "lesion"], "--level must be one of patient, study, image"),
     ):
-        code, _, stderr = _adapt(
+        code, _, stderr = run_cli(
             "threshold", str(package), "--manifest", str(site / "site" / "validation.csv"), *options, "--refreeze"
         )
         assert code == 2 and expected in stderr
     table.assign(label=table["label"].str.title()).to_csv(site / "site" / "titled.csv", index=False)
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"), "--refreeze")
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", str(site / "site" / "titled.csv"), "--refreeze")
     assert code == 2 and "label(s) ['Benign', 'Malignant']" in stderr and "rename the labels" in stderr
     assert "drop the label column" not in stderr
     manifest = str(site / "site" / "validation.csv")
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest)
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", manifest)
     assert code == 2 and "already has a frozen threshold (0.5" in stderr
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest, "--rule", "youden", "--target", "0.9",
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", manifest, "--rule", "youden", "--target", "0.9",
                              "--refreeze")  # fmt: skip
     assert code == 2 and "Youden's takes none" in stderr
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", manifest, "--target", "1.5", "--refreeze")
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", manifest, "--target", "1.5", "--refreeze")
     assert code == 2 and "must be a proportion in (0, 1]" in stderr
     run_model = site / "run" / "models" / "tiny_cnn" / "model"
     run_model.parent.mkdir(parents=True)
     (site / "run" / "splits.csv").write_text("image\n")
     (site / "run" / "config.yaml").write_text("name: run\n")
     shutil.copytree(package, run_model)
-    code, _, stderr = _adapt("threshold", str(run_model), "--manifest", manifest, "--refreeze")
+    code, _, stderr = run_cli("threshold", str(run_model), "--manifest", manifest, "--refreeze")
     assert code == 2 and "is a model of the run" in stderr and "alnus evaluate" in stderr
     # A file listed twice, or one that is not an image, is named by its row before anything is predicted.
     doubled = pd.concat([table, table.iloc[[3]]], ignore_index=True)
     doubled.loc[len(doubled)] = {"image": "zz_truncated.png", "patient_id": "p99", "label": "benign"}
     doubled.to_csv(site / "site" / "doubled.csv", index=False)
-    code, _, stderr = _adapt("threshold", str(package), "--manifest", str(site / "site" / "doubled.csv"), "--refreeze")
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", str(site / "site" / "doubled.csv"), "--refreeze")
     assert code == 2 and "2 problems" in stderr, stderr
     assert "row 26" in stderr and "same image as row 5 (im03.png)" in stderr
     assert "row 27" in stderr and "zz_truncated.png" in stderr
@@ -380,7 +370,7 @@ def test_threshold_needs_labels_and_a_target(site: Path) -> None:
 
 def test_a_damaged_adaptation_record_is_refused_on_reading(site: Path) -> None:
     out = site / "adapted"
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
     meta = json.loads((out / "metadata.json").read_text())
     for field, value in (("source_threshold", "x"), ("source_threshold", {"rule": "banana"}), ("site", "a\n# b")):
         damaged = {**meta, "adaptation": {**meta["adaptation"], field: value}}
@@ -473,14 +463,14 @@ def test_a_killed_adapt_leaves_nothing_the_next_one_does_not_clear(site: Path) -
     assert len(left) == 1 and left[0].startswith(f".adapted.adapting-{child.pid}.") and not out.exists()
     alive = site / f".adapted.adapting-{os.getpid()}.x"  # this test's own process, running
     alive.mkdir()
-    code, stdout, stderr = _adapt("adapt", *args)
+    code, stdout, stderr = run_cli("adapt", *args)
     assert code == 0, stdout + stderr
     assert sorted(p.name for p in site.glob(".adapted.*")) == [alive.name]
     # A --force killed between moving the old package aside and renaming the new one into place.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     aside = site / f".adapted.replaced-{int(dead.stdout)}"
     out.rename(aside)
-    code, stdout, stderr = _adapt("adapt", *args)
+    code, stdout, stderr = run_cli("adapt", *args)
     assert code == 2 and "exists" in stderr, stdout + stderr  # the old package is back, and kept without --force
     assert read_metadata(out)["adaptation"]["site"] == "" and not aside.exists()
 
@@ -548,8 +538,8 @@ def test_a_failed_adaptation_leaves_the_statistics_as_they_were() -> None:
 
 def test_adapting_again_replaces_the_earlier_sites_statistics_and_says_so(site: Path) -> None:
     first, second = site / "at-b", site / "at-c"
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(first), "--site", "B")[0] == 0
-    assert _adapt("adapt", str(first), str(site / "site"), "--out", str(second), "--site", "C")[0] == 0
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(first), "--site", "B")[0] == 0
+    assert run_cli("adapt", str(first), str(site / "site"), "--out", str(second), "--site", "C")[0] == 0
     card = (second / "README.md").read_text()
     assert card.startswith("# Model card, adapted to C\n") and "adapted to B" not in card.splitlines()[0]
     assert "itself adapted (to B); those statistics are replaced" in card
@@ -557,7 +547,7 @@ def test_adapting_again_replaces_the_earlier_sites_statistics_and_says_so(site: 
     assert "Trained at site A." in card  # the original card is still quoted
     # A source without a card: no promise of a card that follows.
     (site / "model" / "README.md").unlink()
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(site / "bare"))[0] == 0
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(site / "bare"))[0] == 0
     bare = (site / "bare" / "README.md").read_text()
     assert "whose card follows" not in bare and "## Before adaptation" not in bare
 
@@ -567,7 +557,7 @@ def test_a_repeated_image_counts_once_and_an_implausible_box_is_reported(site: P
         shutil.copy(site / "site" / "im00.png", site / "site" / copy)
     rows = "".join(f"site/im{i:02d}.png\n" for i in range(20)) + "site/copy_a.png\nsite/copy_b.png\n"
     (site / "twice.csv").write_text("image\n" + rows)
-    code, stdout, stderr = _adapt("adapt", str(site / "model"), "--manifest", str(site / "twice.csv"), "--out",
+    code, stdout, stderr = run_cli("adapt", str(site / "model"), "--manifest", str(site / "twice.csv"), "--out",
                                   str(site / "twice"))  # fmt: skip
     assert code == 0, stdout + stderr
     assert read_metadata(site / "twice")["adaptation"]["n_images"] == 20
@@ -580,7 +570,7 @@ def test_a_repeated_image_counts_once_and_an_implausible_box_is_reported(site: P
             "positive_label": "malignant"}  # fmt: skip
     save_package(site / "cropping", _model(), meta)
     (site / "boxed.csv").write_text("image,roi\n" + "".join(f'site/im{i:02d}.png,"0,0,3,3"\n' for i in range(20)))
-    code, stdout, stderr = _adapt("adapt", str(site / "cropping"), "--manifest", str(site / "boxed.csv"), "--out",
+    code, stdout, stderr = run_cli("adapt", str(site / "cropping"), "--manifest", str(site / "boxed.csv"), "--out",
                                   str(site / "boxed"))  # fmt: skip
     assert code == 0 and "site/im00.png was used, but:" in stderr and "and 15 more image(s) with a warning" in stderr
 
@@ -590,8 +580,8 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     from alnus.adapt import score_on_labelled
 
     out, manifest = site / "adapted", str(site / "site" / "validation.csv")
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
-    code, stdout, stderr = _adapt("score", str(out), str(site / "model"), "--manifest", manifest)
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    code, stdout, stderr = run_cli("score", str(out), str(site / "model"), "--manifest", manifest)
     assert code == 0, stdout + stderr
     assert "24 patients, 12 positive" in stdout and "none frozen" in stdout and "/12" in stdout
     assert "AUC difference (first minus second)" in stdout and "on the same 24 patients" in stdout
@@ -603,9 +593,9 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
         probs = Predictor(package, device="cpu", precision="fp32", engine="torch").predict_table(table, site / "site")
         assert abs(row["AUC"] - stats.auc(y, probs["prob"].to_numpy())) < 1e-9
     table[table["label"] == "malignant"].to_csv(site / "site" / "one.csv", index=False)
-    code, _, stderr = _adapt("score", str(out), "--manifest", str(site / "site" / "one.csv"))
+    code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "one.csv"))
     assert code == 2 and "one class only" in stderr
-    code, _, stderr = _adapt("score", str(out), str(out), str(out), "--manifest", manifest)
+    code, _, stderr = run_cli("score", str(out), str(out), str(out), "--manifest", manifest)
     assert code == 2 and "two to compare" in stderr
 
 
@@ -615,23 +605,23 @@ def test_odd_outs_sites_links_and_members_are_refused_or_said(site: Path) -> Non
     source, images = str(site / "model"), str(site / "site")
     (site / "afile").write_text("x")
     for out, expected in ((site / "afile" / "x", "is a file, not a folder"), (site / ("n" * 230), "too long")):
-        code, _, stderr = _adapt("adapt", source, images, "--out", str(out))
+        code, _, stderr = run_cli("adapt", source, images, "--out", str(out))
         assert code == 2 and expected in stderr, stderr
-    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "x"), "--site", "   ")
+    code, _, stderr = run_cli("adapt", source, images, "--out", str(site / "x"), "--site", "   ")
     assert code == 2 and "--site" in stderr
     # The image size limit is the user's to raise, as for predict.
-    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "x"), "--max-pixels", "100")
+    code, _, stderr = run_cli("adapt", source, images, "--out", str(site / "x"), "--max-pixels", "100")
     assert code == 2 and "none of the 25 image(s) could be used" in stderr and "max-pixels" in stderr
     # A licence that is a link is not followed, and said.
     (site / "model" / "DATA-LICENCE.txt").rename(site / "licence.txt")
     (site / "model" / "DATA-LICENCE.txt").symlink_to(site / "licence.txt")
-    code, _, stderr = _adapt("adapt", source, images, "--out", str(site / "linked"))
+    code, _, stderr = run_cli("adapt", source, images, "--out", str(site / "linked"))
     assert code == 0 and "not copied from" in stderr and "DATA-LICENCE.txt (a symbolic link" in stderr
     assert not (site / "linked" / "DATA-LICENCE.txt").exists()
     # A live adapt's working folder for another --out whose name looks like a left-over is never touched.
     other = site / f".linked.replaced-999999.adapting-{os.getpid()}.abc"
     other.mkdir()
-    assert _adapt("adapt", source, images, "--out", str(site / "linked"), "--force")[0] == 0
+    assert run_cli("adapt", source, images, "--out", str(site / "linked"), "--force")[0] == 0
     assert other.is_dir()
 
 
@@ -643,18 +633,18 @@ def test_a_member_of_an_ensemble_gets_no_threshold_of_its_own(tmp_path: Path) ->
     build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_same")])
     copy = Path(shutil.copytree(pkg(run, "ens"), tmp_path / "ens"))
     (tmp_path / "v.csv").write_text("image,patient_id,label\n")
-    code, _, stderr = _adapt("threshold", str(copy / "members" / "1"), "--manifest", str(tmp_path / "v.csv"))
+    code, _, stderr = run_cli("threshold", str(copy / "members" / "1"), "--manifest", str(tmp_path / "v.csv"))
     assert code == 2 and "is a member of the ensemble" in stderr
 
 
 def test_predicting_the_images_adapted_on_says_they_are_no_independent_test(site: Path) -> None:
     out = site / "adapted"
-    assert _adapt("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
+    assert run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(out))[0] == 0
     fresh = site / "fresh.png"
     Image.fromarray(np.full((40, 48), 99, dtype=np.uint8)).save(fresh)
-    code, stdout, stderr = _adapt("predict", str(out), str(site / "site" / "im00.png"), str(site / "site" / "im05.png"),
-                                  str(fresh), "--format", "csv")  # fmt: skip
+    seen = [str(site / "site" / "im00.png"), str(site / "site" / "im05.png")]
+    code, stdout, stderr = run_cli("predict", str(out), *seen, str(fresh), "--format", "csv")
     assert code == 0, stderr
     assert "2 of these image(s) were among those" in stderr and "no independent test" in stderr
-    code, _, stderr = _adapt("predict", str(out), str(fresh), "--format", "csv")
+    code, _, stderr = run_cli("predict", str(out), str(fresh), "--format", "csv")
     assert code == 0 and "were among those" not in stderr

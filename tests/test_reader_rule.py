@@ -12,19 +12,17 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from alnus.adapt import write_card_section
-from alnus.cli import app
 from alnus.combine import apply_reader_rule, fit_rule_out
 from alnus.data.dataset import PreprocessSpec
-from alnus.errors import AlnusError
 from alnus.evaluate import reader_rule_on_validation
 from alnus.models import create_model
 from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package, set_reader_rule
 from alnus.predict import Predictor
 from alnus.reader_rule import CARD_START, ReaderRuleError, check_reader_rule
 from alnus.readers import birads_call, birads_score, lowest_positive_scores
+from tests._cli import run_cli
 
 LABELS = ["benign", "malignant"]
 META = {"label_names": LABELS, "positive_label": "malignant"}
@@ -33,16 +31,6 @@ META = {"label_names": LABELS, "positive_label": "malignant"}
 def _rule(value: float = 0.5, **changes: object) -> dict:
     return {"method": "rule_out", "scale": "birads", "positive_from": "4a", "lowest": ["4", "4a"], "value": value,
             "level": "patient", "aggregate": "mean", **changes}  # fmt: skip
-
-
-def _run(*args: str) -> tuple[int, str, str]:
-    """The command as `alnus` runs it: a user error (AlnusError) is its message and exit code, as `cli.main` prints."""
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    if isinstance(result.exception, AlnusError):
-        return result.exception.exit_code, result.stdout, result.stderr + str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_the_rule_calls_a_patient_from_the_most_suspicious_reading_and_the_mean_of_the_predicted_images() -> None:
@@ -157,7 +145,7 @@ def site(tmp_path: Path) -> Path:
 
 def test_reader_rule_is_set_once_on_the_validation_patients_and_written_into_the_card(site: Path) -> None:
     package, manifest = site / "model", site / "site" / "validation.csv"
-    code, stdout, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    code, stdout, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest))
     assert code == 0, stdout + stderr
     rule = read_metadata(package)["reader_rule"]
     predictor = Predictor(package, device="cpu", precision="fp32")
@@ -170,41 +158,41 @@ def test_reader_rule_is_set_once_on_the_validation_patients_and_written_into_the
     card = (package / "README.md").read_text()
     assert card.count(CARD_START) == 1 and card.index(CARD_START) < card.index("## Known limitations")
     assert card.index("## Operating threshold") < card.index(CARD_START)
-    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    code, _, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest))
     assert code == 2 and "already has a reader rule" in stderr and "--refreeze" in stderr
-    assert _run("reader-rule", str(package), "--manifest", str(manifest), "--refreeze")[0] == 0
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest), "--refreeze")[0] == 0
     assert len(read_metadata(package)["reader_rule_history"]) == 1
     assert (package / "README.md").read_text().count(CARD_START) == 1
-    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest), "--reader", "reader_r9",
+    code, _, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest), "--reader", "reader_r9",
                            "--refreeze")  # fmt: skip
     assert code == 2 and "no column 'reader_r9'" in stderr and "reader_birads" in stderr
     # A run folder is refused with the package it meant.
     run = site / "run"
     (run / "models" / "tiny_cnn").mkdir(parents=True)
     (run / "splits.csv").write_text("x\n")
-    code, _, stderr = _run("reader-rule", str(run), "--manifest", str(manifest))
+    code, _, stderr = run_cli("reader-rule", str(run), "--manifest", str(manifest))
     assert code == 2 and "run folder" in stderr
 
 
 def test_predict_gives_the_radiologist_and_the_radiologist_with_ai(site: Path) -> None:
     package, folder = site / "model", site / "site"
     image = str(folder / "im02.png")
-    code, _, stderr = _run("predict", str(package), image, "--birads", "4a")
+    code, _, stderr = run_cli("predict", str(package), image, "--birads", "4a")
     assert code == 2 and "carries no reader rule" in stderr and "alnus reader-rule" in stderr
     prob = float(Predictor(package, device="cpu").predict_inputs(pd.DataFrame([{"image": image, "path": image}]))
                  ["prob"].iloc[0])  # fmt: skip
     for value, ruled_out in ((prob + 0.01, True), (prob - 0.01, False)):
         set_reader_rule(package, _rule(value), refreeze=True)
-        code, stdout, stderr = _run("predict", str(package), image, "--birads", "4a", "--format", "csv")
+        code, stdout, stderr = run_cli("predict", str(package), image, "--birads", "4a", "--format", "csv")
         row = pd.read_csv(io.StringIO(stdout), dtype={"birads": str}).iloc[0]
         assert code == 0 and row["birads"] == "4a" and row["reader_call"] == 1
         assert row["with_ai_call"] == (0 if ruled_out else 1)
         assert row["ruled_out"] == int(ruled_out)
         assert row["with_ai"] == ("negative (ruled out by the model)" if ruled_out else "positive")
         assert "radiologist with AI" in stderr
-    code, _, stderr = _run("predict", str(package), image, "--birads", "7")
+    code, _, stderr = run_cli("predict", str(package), image, "--birads", "7")
     assert code == 2 and "'7' is not a BI-RADS category" in stderr
-    code, _, stderr = _run("predict", str(package), image, image, "--birads", "4a")
+    code, _, stderr = run_cli("predict", str(package), image, image, "--birads", "4a")
     assert code == 2 and "--birads was given 1 time(s) for 2 image(s)" in stderr
 
 
@@ -213,10 +201,10 @@ def test_a_manifests_readings_are_used_and_a_bad_one_costs_only_its_call(site: P
     table = pd.DataFrame({"image": ["im00.png", "im01.png", "im02.png"], "patient_id": ["a", "b", "c"],
                           "reader_birads": ["4a", "four", ""]})  # fmt: skip
     table.to_csv(folder / "new.csv", index=False)
-    code, _, stderr = _run("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
+    code, _, stderr = run_cli("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
     assert code == 0 and "readings are not used: this package carries no reader rule" in stderr
     set_reader_rule(package, _rule(1.0))  # every 4a is ruled out
-    code, stdout, stderr = _run("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
+    code, stdout, stderr = run_cli("predict", str(package), "--manifest", str(folder / "new.csv"), "--format", "csv")
     out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
     assert code == 0 and out["prob"].ne("").all()  # every image is predicted
     assert out["with_ai_call"].tolist() == ["0", "", ""] and out["reader_call"].tolist() == ["1", "", ""]
@@ -232,7 +220,7 @@ def test_a_damaged_rule_in_a_package_is_refused_when_it_is_read(site: Path) -> N
     with pytest.raises(PackageError, match="value -0.2 is not a probability") as err:
         read_metadata(package)
     assert "metadata.json" in str(err.value)
-    code, _, stderr = _run("predict", str(package), str(site / "site" / "im00.png"))
+    code, _, stderr = run_cli("predict", str(package), str(site / "site" / "im00.png"))
     assert code == 2 and "reader_rule" in stderr
 
 
@@ -256,7 +244,7 @@ def test_an_adapted_package_does_not_carry_its_sources_rule(site: Path) -> None:
     set_reader_rule(site / "model", _rule(0.4))
     assert write_card_section(site / "model", _rule(0.4), META)
     out = site / "adapted"
-    code, stdout, stderr = _run("adapt", str(site / "model"), str(site / "site"), "--out", str(out))
+    code, stdout, stderr = run_cli("adapt", str(site / "model"), str(site / "site"), "--out", str(out))
     assert code == 0, stdout + stderr
     assert read_metadata(out)["reader_rule"] is None and read_metadata(site / "model")["reader_rule"] is not None
     card = (out / "README.md").read_text()
@@ -271,7 +259,7 @@ def test_a_reading_the_rule_cannot_call_costs_only_that_images_reader_columns(si
     images = ["im00.png", "corrupt.png", "im01.png", "im02.png"]
     table = pd.DataFrame({"image": images, "patient_id": ["a", "b", "c", "d"], "birads": ["4", "four", "4b", "0"]})
     table.to_csv(folder / "mixed.csv", index=False)
-    code, stdout, stderr = _run("predict", str(package), "--manifest", str(folder / "mixed.csv"), "--format", "csv")
+    code, stdout, stderr = run_cli("predict", str(package), "--manifest", str(folder / "mixed.csv"), "--format", "csv")
     assert stdout, stderr
     out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
     assert code == 1 and len(out) == 4 and out.loc[1, "error"] != ""  # only the corrupt file failed
@@ -287,15 +275,16 @@ def test_predict_reads_the_column_the_rule_was_set_from_when_there_is_no_birads_
     package, folder = site / "model", site / "site"
     rows = pd.read_csv(folder / "validation.csv").rename(columns={"reader_birads": "reader_dr_a"})
     rows.to_csv(folder / "dr_a.csv", index=False)
-    assert _run("reader-rule", str(package), "--manifest", str(folder / "dr_a.csv"), "--reader", "reader_dr_a")[0] == 0
-    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "dr_a.csv"), "--format", "csv")
+    code, _, _ = run_cli("reader-rule", str(package), "--manifest", str(folder / "dr_a.csv"), "--reader", "reader_dr_a")
+    assert code == 0
+    code, stdout, _ = run_cli("predict", str(package), "--manifest", str(folder / "dr_a.csv"), "--format", "csv")
     out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
     assert code == 0 and (out["birads"] == rows["reader_dr_a"].astype(str)).all()
 
 
 @pytest.mark.parametrize("column", ["patient_id", "image", "label"])
 def test_an_identifying_column_is_no_column_of_readings(site: Path, column: str) -> None:
-    code, _, stderr = _run("reader-rule", str(site / "model"), "--manifest", str(site / "site" / "validation.csv"),
+    code, _, stderr = run_cli("reader-rule", str(site / "model"), "--manifest", str(site / "site" / "validation.csv"),
                            "--reader", column)  # fmt: skip
     assert code == 2 and "no column of readings" in stderr
 
@@ -316,15 +305,15 @@ def test_the_card_is_repaired_from_metadata_and_placed_in_the_adapted_part(site:
     refused); in an adapted package's card the block went under the source model's part; a quoted marker in the
     card's prose cut part of it away."""
     package, manifest = site / "model", site / "site" / "validation.csv"
-    assert _run("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
     rule = read_metadata(package)["reader_rule"]
     set_reader_rule(package, {**rule, "value": 0.0123}, refreeze=True)  # as if killed before the card was written
-    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    code, _, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest))
     assert code == 2 and "already has a reader rule" in stderr
     assert "below 0.012" in (package / "README.md").read_text()  # the card now says what metadata.json holds
     out = site / "adapted"
-    assert _run("adapt", str(package), str(site / "site"), "--out", str(out))[0] == 0
-    assert _run("reader-rule", str(out), "--manifest", str(manifest))[0] == 0
+    assert run_cli("adapt", str(package), str(site / "site"), "--out", str(out))[0] == 0
+    assert run_cli("reader-rule", str(out), "--manifest", str(manifest))[0] == 0
     card = (out / "README.md").read_text()
     assert card.count(CARD_START) == 1 and card.index(CARD_START) < card.index("## Before adaptation")
     quoted = f"# Card\n\nThe block starts at `{CARD_START}` in prose.\n\n## Operating threshold\n\n0.5.\n"
@@ -341,14 +330,14 @@ def test_the_history_stays_short_and_control_characters_stay_out_of_the_card(sit
     assert len(read_metadata(package)["reader_rule_history"]) == 20
     evil = site / "site" / "v\x1b[31mal.csv"
     (site / "site" / "validation.csv").rename(evil)
-    code, stdout, _ = _run("reader-rule", str(package), "--manifest", str(evil), "--refreeze")
+    code, stdout, _ = run_cli("reader-rule", str(package), "--manifest", str(evil), "--refreeze")
     assert code == 0 and "\x1b" not in (package / "README.md").read_text() and "\x1b" not in stdout
     assert "\\x1b" in read_metadata(package)["reader_rule"]["frozen_on"]
 
 
 def test_the_caveats_are_in_the_card_and_on_the_terminal(site: Path) -> None:
     package, manifest = site / "model", site / "site" / "validation.csv"
-    code, _, stderr = _run("reader-rule", str(package), "--manifest", str(manifest))
+    code, _, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest))
     assert code == 0 and "about 1 in 9 cancers" in stderr and "only 8 malignant" in stderr.lower()
     card = (package / "README.md").read_text()
     assert "about 1 in 9 cancers read so can be expected to fall below it" in card
@@ -361,9 +350,9 @@ def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patie
     prob = Predictor(package, device="cpu", precision="fp32").predict_table(pd.read_csv(folder / "validation.csv"),
                                                                            folder)["prob"]  # fmt: skip
     set_reader_rule(package, _rule(float(prob.median())))
-    code, stdout, _ = _run("score", str(package), "--manifest", str(folder / "validation.csv"))
+    code, stdout, _ = run_cli("score", str(package), "--manifest", str(folder / "validation.csv"))
     assert code == 0 and "the radiologist with AI (reader rule) vs alone, 24 patients" in stdout
-    _, csv, _ = _run("predict", str(package), "--manifest", str(folder / "validation.csv"), "--format", "csv")
+    _, csv, _ = run_cli("predict", str(package), "--manifest", str(folder / "validation.csv"), "--format", "csv")
     out = pd.read_csv(io.StringIO(csv))
     truth = pd.read_csv(folder / "validation.csv")["label"] == "malignant"
     for metric, cases, hit in (("sensitivity", truth, 1), ("specificity", ~truth, 0)):
@@ -385,7 +374,7 @@ def test_a_refused_reading_costs_its_whole_patient_the_reader_columns(site: Path
                           "patient_id": ["a", "a", "b", "b", "c", "c"],
                           "birads": ["4", "3", "3", "4c?", "4b", "3"]})  # fmt: skip
     table.to_csv(folder / "patients.csv", index=False)
-    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "patients.csv"), "--format", "csv")
+    code, stdout, _ = run_cli("predict", str(package), "--manifest", str(folder / "patients.csv"), "--format", "csv")
     out = pd.read_csv(io.StringIO(stdout), dtype=str, keep_default_na=False)
     assert code == 1 and (out.loc[:3, ["birads", "reader_call", "with_ai_call", "with_ai"]] == "").all().all()
     assert "plain BI-RADS 4" in out.loc[0, "warning"] and "another image of this patient" in out.loc[1, "warning"]
@@ -398,7 +387,7 @@ def test_an_empty_birads_column_does_not_hide_the_readings_of_another(site: Path
     package, folder = site / "model", site / "site"
     set_reader_rule(package, _rule(0.5))
     pd.DataFrame({"image": ["im00.png"], "birads": [""], "reader_birads": ["4a"]}).to_csv(folder / "e.csv", index=False)
-    code, stdout, _ = _run("predict", str(package), "--manifest", str(folder / "e.csv"), "--format", "csv")
+    code, stdout, _ = run_cli("predict", str(package), "--manifest", str(folder / "e.csv"), "--format", "csv")
     assert code == 0 and pd.read_csv(io.StringIO(stdout), dtype=str)["birads"].iloc[0] == "4a"
 
 

@@ -1281,6 +1281,24 @@ def _remove_stale_tables(run: RunFolder, written: set[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _column_cases(
+    rows: pd.DataFrame, predictions: pd.DataFrame, column: str, level: str, aggregate: str, positive_from: str
+) -> tuple[pd.DataFrame, int]:
+    """The cases read in one column of readings (any name, not only reader_<name>; `reader_cases`) with a category,
+    and how many more were read BI-RADS 0 (incomplete)."""
+    from alnus.reader_rule import ReaderRuleError
+
+    renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
+    renamed = renamed.rename(columns={column: "reader_radiologist"})
+    try:
+        cases = reader_cases(renamed, predictions, "reader_radiologist", level, aggregate, positive_from)
+    except AlnusError as exc:
+        raise ReaderRuleError(f"{column}: {exc}") from None
+    if cases is None:
+        raise ReaderRuleError(f"no row has a reading in {column}.")
+    return cases.dropna(subset=["birads"]), int(cases["birads"].isna().sum())
+
+
 def reader_rule_on_validation(
     rows: pd.DataFrame, predictions: pd.DataFrame, column: str, *, positive_from: str, level: str, aggregate: str
 ) -> dict[str, Any]:
@@ -1295,16 +1313,7 @@ def reader_rule_on_validation(
         raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
     if column in KEY_COLUMNS:
         raise ReaderRuleError(f"{column!r} identifies or labels an image; name the column of BI-RADS readings.")
-    renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
-    renamed = renamed.rename(columns={column: "reader_radiologist"})
-    try:
-        cases = reader_cases(renamed, predictions, "reader_radiologist", level, aggregate, positive_from)
-    except AlnusError as exc:
-        raise ReaderRuleError(f"{column}: {exc}") from None
-    if cases is None:
-        raise ReaderRuleError(f"no row has a reading in {column}; give each validation patient's BI-RADS there.")
-    incomplete = int(cases["birads"].isna().sum())
-    cases = cases.dropna(subset=["birads"])
+    cases, incomplete = _column_cases(rows, predictions, column, level, aggregate, positive_from)
     lowest = lowest_categories(positive_from)
     if not (cases["birads"].isin(birads_score(list(lowest))) & (cases["y"] == 1)).any():
         raise ReaderRuleError(
@@ -1354,17 +1363,8 @@ def reader_rule_on_test(
     from alnus.reader_rule import ReaderRuleError
     from alnus.readers import birads_score
 
-    renamed = rows.drop(columns=[c for c in rows.columns if c.startswith("reader_") and c != column])
-    renamed = renamed.rename(columns={column: "reader_radiologist"})
-    try:
-        cases = reader_cases(renamed, predictions, "reader_radiologist", record["level"], record["aggregate"],
-                             record["positive_from"])  # fmt: skip
-    except AlnusError as exc:
-        raise ReaderRuleError(f"{column}: {exc}") from None
-    if cases is None:
-        raise ReaderRuleError(f"no row has a reading in {column}.")
-    incomplete = int(cases["birads"].isna().sum())
-    cases = cases.dropna(subset=["birads"])
+    cases, incomplete = _column_cases(rows, predictions, column, record["level"], record["aggregate"],
+                                      record["positive_from"])  # fmt: skip
     if cases.empty:
         raise ReaderRuleError(f"every reading in {column} is BI-RADS 0 (incomplete): no case has a call to compare.")
     rule = RuleOut(tuple(float(v) for v in birads_score(record["lowest"])), record["value"], 0, 0, 0)

@@ -26,20 +26,20 @@ NARROW = {"width": 390, "height": 844}
 TIMEOUT_MS = 20_000
 
 
-@pytest.fixture(scope="module")
-def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    uploads = tmp_path_factory.mktemp("page-uploads")
+def _live(package: Path, uploads: Path) -> Iterator[LiveServer]:
     service = ModelService(predictor_of(package), Settings(work_dir=uploads))
     with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
+def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    yield from _live(package, tmp_path_factory.mktemp("page-uploads"))
+
+
+@pytest.fixture(scope="module")
 def rule_server(rule_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    uploads = tmp_path_factory.mktemp("page-rule-uploads")
-    service = ModelService(predictor_of(rule_package), Settings(work_dir=uploads))
-    with LiveServer(create_app(service, Access(token=TOKEN, source="test"))) as live:
-        yield live
+    yield from _live(rule_package, tmp_path_factory.mktemp("page-rule-uploads"))
 
 
 @pytest.fixture(scope="module")
