@@ -338,9 +338,9 @@ def test_the_history_stays_short_and_control_characters_stay_out_of_the_card(sit
 def test_the_caveats_are_in_the_card_and_on_the_terminal(site: Path) -> None:
     package, manifest = site / "model", site / "site" / "validation.csv"
     code, _, stderr = run_cli("reader-rule", str(package), "--manifest", str(manifest))
-    assert code == 0 and "about 1 in 9 cancers" in stderr and "only 8 malignant" in stderr.lower()
+    assert code == 0 and "about 1 in 9 malignant patients" in stderr and "only 8 malignant" in stderr.lower()
     card = (package / "README.md").read_text()
-    assert "about 1 in 9 cancers read so can be expected to fall below it" in card
+    assert "about 1 in 9 malignant patients read so can be expected to fall below it" in card
     assert "not a diagnosis" in card
 
 

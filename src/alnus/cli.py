@@ -1001,7 +1001,7 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         from alnus.reader_rule import describe_reader_rule, rule_caveats
 
         err_console.print(escape(describe_reader_rule(rule)) + ".", highlight=False, soft_wrap=True)
-        for caveat in rule_caveats(rule):
+        for caveat in rule_caveats(rule, predictor.positive_label):
             _note(caveat[0].lower() + caveat[1:])
         incomplete = int((result["birads"] == "0").sum())
         if incomplete:
@@ -1241,7 +1241,7 @@ def reader_rule(
                  f"{100 * chosen['with_ai_specificity']:.1f}%, measured on the patients that set it (optimistic: "
                  "report results on other patients).")  # fmt: skip
     console.print(line, highlight=False, soft_wrap=True)
-    for caveat in rule_caveats(rule):
+    for caveat in rule_caveats(rule, str(meta["positive_label"])):
         _note(caveat[0].lower() + caveat[1:])
     if chosen["n_incomplete"]:
         _note(f"{chosen['n_incomplete']} {rule['level']}(s) read BI-RADS 0 (incomplete) were left out.")

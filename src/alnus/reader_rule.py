@@ -26,7 +26,8 @@ METHOD = "rule_out"
 # The keys a reader rule must have, and the categories a call may start from (a rule-out needs a category below).
 REQUIRED_KEYS = ("method", "scale", "positive_from", "lowest", "value", "level", "aggregate")
 POSITIVE_FROM = ("4", "4a", "4b", "4c", "5")
-# The columns a table of new images may name the radiologist's BI-RADS in (the first found is used).
+# The columns a table of new images may name the radiologist's BI-RADS in, in the order they are looked for
+# (`alnus predict` looks for the rule's own `--reader` column between them).
 BIRADS_COLUMNS = ("birads", "reader_birads")
 CARD_START, CARD_END = "<!-- reader-rule:start -->", "<!-- reader-rule:end -->"
 # The columns `alnus predict` adds (and the service's answer holds): the reading, the radiologist's call, the call with
@@ -138,21 +139,21 @@ def call_words(reader_call: int | None, with_ai_call: int | None) -> str:
     return "negative (ruled out by the model)" if int(reader_call) else "negative"
 
 
-def rule_caveats(record: Mapping[str, Any]) -> list[str]:
+def rule_caveats(record: Mapping[str, Any], positive_label: str = "malignant") -> list[str]:
     """What a user of the rule must know about how it was set: the misses a lowest-value rule-out allows, a value set
     by few patients, a rule that changed no validation call, and categories the setting site did not use."""
     chosen = record.get("chosen_on") or {}
     n = chosen.get("n_lowest_pos")
-    lowest = " or ".join(record["lowest"])
+    lowest, unit = " or ".join(record["lowest"]), record["level"]
     out = []
     if isinstance(n, int) and n > 0:
         out.append(
-            f"The value is the lowest model probability of {n} malignant validation {record['level']}(s) read "
-            f"{lowest}: about 1 in {n + 1} cancers read so can be expected to fall below it, so the rule-out will "
-            "miss some cancers the radiologist would have sent to biopsy."
+            f"The value is the lowest model probability of {n} {positive_label} validation {unit}(s) read {lowest}: "
+            f"about 1 in {n + 1} {positive_label} {unit}s read so can be expected to fall below it, so the rule-out "
+            f"will miss some {positive_label} {unit}s the radiologist would have called positive (biopsy)."
         )
         if n < FEW_POSITIVES:
-            out.append(f"Only {n} malignant {record['level']}(s) set it: it moves a lot with the next ones.")
+            out.append(f"Only {n} {positive_label} {unit}(s) set it: it moves a lot with the next ones.")
     spec, with_ai = chosen.get("reader_specificity"), chosen.get("with_ai_specificity")
     if spec is not None and spec == with_ai:
         out.append("On the validation patients it changed no call: it adds nothing there.")
@@ -166,11 +167,6 @@ def rule_caveats(record: Mapping[str, Any]) -> list[str]:
                 "check the rule on labelled patients of that site before using it."
             )
     return out
-
-
-def birads_column(columns: Sequence[str]) -> str | None:
-    """Which column of a table of new images holds the radiologist's BI-RADS (`BIRADS_COLUMNS`), if any."""
-    return next((c for c in BIRADS_COLUMNS if c in columns), None)
 
 
 def card_block_span(lines: Sequence[str]) -> tuple[int, int] | None:

@@ -119,7 +119,7 @@ def test_the_model_route_describes_the_rule_but_not_where_it_was_set(rule_packag
     assert {k: info[k] for k in ("value", "positive_from", "lowest", "level", "aggregate", "chosen_on")} == {
         k: rule[k] for k in ("value", "positive_from", "lowest", "level", "aggregate", "chosen_on")
     }
-    assert info["rule"] == describe_reader_rule(rule) and info["caveats"] == rule_caveats(rule)
+    assert info["rule"] == describe_reader_rule(rule) and info["caveats"] == rule_caveats(rule, "positive")
     assert "this one image" in info["applied_here"]
     assert "secret-validation.csv" not in response.text  # the manifest it was set on (`frozen_on`) is left out
     schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]

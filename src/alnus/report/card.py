@@ -395,7 +395,7 @@ def card_block(record: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
                      f"{100 * spec:.1f}% to {100 * with_ai:.1f}% (measured on the patients that set it, so "
                      "optimistic)")  # fmt: skip
         lines += ["", md_text(text + ".")]
-    caveats = rule_caveats(record)
+    caveats = rule_caveats(record, positive_label)
     if caveats:
         lines += ["", *(f"- {md_text(c)}" for c in caveats)]
     lines += ["", "`alnus predict PACKAGE IMAGE --roi X,Y,W,H --birads 4a` (or a `birads` or `reader_birads` column "

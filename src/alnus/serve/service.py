@@ -160,14 +160,14 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "adaptation": meta.get("adaptation"),
         "val_auc_at_selection": meta.get("val_auc"),
         "model_card": card,
-        "reader_rule": _reader_rule_info(meta.get("reader_rule")),
+        "reader_rule": _reader_rule_info(meta.get("reader_rule"), predictor.positive_label),
         "heatmap": settings.heatmap,
         "heatmap_note": predictor.heatmap_note,
         "engine": predictor.engine_description,
     }
 
 
-def _reader_rule_info(rule: dict[str, Any] | None) -> dict[str, Any] | None:
+def _reader_rule_info(rule: dict[str, Any] | None, positive_label: str) -> dict[str, Any] | None:
     """What `/v1/model` says of the package's reader rule (None: it has none). Where it was set (`frozen_on`, a
     manifest's name) is left out, as the training settings are."""
     if rule is None:
@@ -179,7 +179,7 @@ def _reader_rule_info(rule: dict[str, Any] | None) -> dict[str, Any] | None:
         "level": rule["level"],
         "aggregate": rule["aggregate"],
         "rule": describe_reader_rule(rule),
-        "caveats": rule_caveats(rule),
+        "caveats": rule_caveats(rule, positive_label),
         "chosen_on": rule.get("chosen_on"),
         "frozen_at": rule.get("frozen_at"),
         "applied_here": _rule_applied_here(rule),
