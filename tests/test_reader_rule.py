@@ -351,7 +351,7 @@ def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patie
                                                                            folder)["prob"]  # fmt: skip
     set_reader_rule(package, _rule(float(prob.median())))
     code, stdout, _ = run_cli("score", str(package), "--manifest", str(folder / "validation.csv"))
-    assert code == 0 and "the radiologist with AI (reader rule) vs alone, 24 patients" in stdout
+    assert code == 0 and "vs alone, 24 patients with a reading" in " ".join(stdout.split())
     _, csv, _ = run_cli("predict", str(package), "--manifest", str(folder / "validation.csv"), "--format", "csv")
     out = pd.read_csv(io.StringIO(csv))
     truth = pd.read_csv(folder / "validation.csv")["label"] == "malignant"
@@ -361,7 +361,11 @@ def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patie
             int((out.loc[cases, "with_ai_call"] == hit).sum()),
         )
         assert f"{reader}/{int(cases.sum())}" in stdout and f"{with_ai}/{int(cases.sum())}" in stdout, metric
-    assert f"{int(out['ruled_out'].sum())} patient(s) the radiologist called positive were ruled out" in stdout
+    turned = out["ruled_out"] == 1
+    wrong = int((turned & truth).sum())
+    assert (f"{int(turned.sum())} patient(s) the radiologist called positive were ruled out by the model: "
+            f"{int(turned.sum()) - wrong} negative and {wrong} positive by the truth") in stdout  # fmt: skip
+    assert f"ruled out below {float(prob.median()):.3f}" in stdout
 
 
 def test_a_refused_reading_costs_its_whole_patient_the_reader_columns(site: Path) -> None:

@@ -1263,7 +1263,8 @@ def score(
         Path,
         typer.Option(
             help="CSV of a site's labelled patients: image (paths relative to it), label, patient_id, and the lesion "
-            "boxes (roi) or masks the packages need."
+            "boxes (roi) or masks the packages need; for a package's reader rule, the readings (birads or "
+            "reader_birads column)."
         ),
     ] = ...,  # type: ignore[assignment]
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
@@ -1318,8 +1319,9 @@ def _show_rule_on_site(package: str, found: dict) -> None:
         _note(f"{printable(package)}: its reader rule cannot be scored on {printable(found['reader'])}: "
               f"{found['error']}")  # fmt: skip
         return
-    table = Table(title=escape(f"{package}: the radiologist with AI (reader rule) vs alone, {found['n']} "
-                               f"{found['level']}s with a reading in {found['reader']}"))  # fmt: skip
+    rule = f"reader rule: ruled out below {found['value']:.3f} in the lowest positive category"
+    table = Table(title=escape(f"{package}: the radiologist with AI ({rule}) vs alone, {found['n']} {found['level']}s "
+                               f"with a reading in {found['reader']}"))  # fmt: skip
     for column in ("", "radiologist alone", "with AI", "difference (95% CI)", "P"):
         table.add_column(column)
     for metric, n in (("sensitivity", found["n_positive"]), ("specificity", found["n"] - found["n_positive"])):
@@ -1341,8 +1343,10 @@ def _show_rule_on_site(package: str, found: dict) -> None:
     )
     console.print(table)
     extra = f"; {found['n_incomplete']} read BI-RADS 0 left out" if found["n_incomplete"] else ""
-    console.print(escape(f"{found['n_ruled_out']} {found['level']}(s) the radiologist called positive were ruled out "
-                         f"by the model{extra}."), highlight=False, soft_wrap=True)  # fmt: skip
+    turned, wrong = found["n_ruled_out"], found["n_ruled_out_positive"]
+    console.print(escape(f"{turned} {found['level']}(s) the radiologist called positive were ruled out by the model: "
+                         f"{turned - wrong} negative and {wrong} positive by the truth{extra}."), highlight=False,
+                  soft_wrap=True)  # fmt: skip
     if found["level"] == "image":
         _note("the rule is set per image: images of one patient count as independent cases here, so the P values are "
               "too small when patients have several images.")  # fmt: skip

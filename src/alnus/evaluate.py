@@ -1379,6 +1379,8 @@ def reader_rule_on_test(
         "level": record["level"],
         "n_incomplete": incomplete,
         "n_ruled_out": int((reader & ~calls).sum()),
+        "n_ruled_out_positive": int((reader & ~calls & y).sum()),
+        "value": record["value"],
         "reader_sensitivity_k": int((reader & y).sum()), "with_ai_sensitivity_k": int((calls & y).sum()),
         "reader_specificity_k": int((~reader & ~y).sum()), "with_ai_specificity_k": int((~calls & ~y).sum()),
     }  # fmt: skip
