@@ -366,6 +366,9 @@ def test_score_checks_the_rule_against_the_radiologist_on_a_sites_labelled_patie
     assert (f"{int(turned.sum())} patient(s) the radiologist called positive were ruled out by the model: "
             f"{int(turned.sum()) - wrong} negative and {wrong} positive by the truth") in stdout  # fmt: skip
     assert f"ruled out below {float(prob.median()):.3f}" in stdout
+    band = pd.read_csv(folder / "validation.csv")["reader_birads"].astype(str).isin(["4", "4a"])
+    assert (f"The rule's band here: {int(band.sum())} patient(s) read 4 or 4a, {int((band & truth).sum())} "
+            "positive") in " ".join(stdout.split())  # fmt: skip
 
 
 def test_a_refused_reading_costs_its_whole_patient_the_reader_columns(site: Path) -> None:

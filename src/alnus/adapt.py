@@ -838,12 +838,12 @@ def _rule_on_site(table: pd.DataFrame, predictions: pd.DataFrame, meta: Mapping[
     package has a rule and the manifest has readings (its `birads` column, else the rule's own, else reader_birads);
     None otherwise, or the reason it cannot be scored."""
     from alnus.evaluate import reader_rule_on_test
+    from alnus.reader_rule import reading_columns
 
     rule = meta.get("reader_rule")
     if rule is None:
         return None
-    own = str((rule.get("chosen_on") or {}).get("reader") or "")
-    column = next((c for c in ("birads", own, "reader_birads") if c and c in table.columns), None)
+    column = next((c for c in reading_columns(rule) if c in table.columns), None)
     if column is None:
         return None
     try:
@@ -886,7 +886,7 @@ def freeze_reader_rule(
     from alnus.evaluate import reader_rule_on_validation
     from alnus.models.package import set_reader_rule
     from alnus.predict import Predictor
-    from alnus.reader_rule import BIRADS_COLUMNS, KEY_COLUMNS, POSITIVE_FROM, ReaderRuleError
+    from alnus.reader_rule import BIRADS_COLUMNS, ReaderRuleError, check_rule_request
 
     package_dir, manifest = Path(package_dir), Path(manifest)
     meta = read_metadata(package_dir)
@@ -895,11 +895,7 @@ def freeze_reader_rule(
             f"{package_dir} already has a reader rule ({meta['reader_rule']['value']:.4g}, set "
             f"{meta['reader_rule'].get('frozen_at', 'earlier')}); pass --refreeze to replace it."
         )
-    if positive_from not in POSITIVE_FROM:
-        raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
-    if column in KEY_COLUMNS or len(column) > 200:
-        raise ReaderRuleError(f"--reader {printable(column[:60])!r} is no column of readings; name the manifest's "
-                              "column of BI-RADS readings (e.g. reader_birads).")  # fmt: skip
+    check_rule_request(column, positive_from)
     table = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
     if column not in table.columns:
         found = ", ".join(c for c in table.columns if c.startswith("reader_") or c in BIRADS_COLUMNS) or "none"

@@ -973,17 +973,16 @@ def predict(
 
 
 def _birads_columns(package: Path) -> tuple[str, ...]:
-    """Where a manifest holds the radiologist's reading: its `birads` column, else the column the package's reader
-    rule was set from, else `reader_birads` (the importers'). A package that cannot be read is the Predictor's to
-    report."""
+    """Where a manifest holds the radiologist's reading (`alnus.reader_rule.reading_columns`); a package that cannot
+    be read is the Predictor's to report."""
     from alnus.models.package import read_metadata
+    from alnus.reader_rule import reading_columns
 
     try:
         rule = read_metadata(package)["reader_rule"]
     except AlnusError:
         rule = None
-    own = str(((rule or {}).get("chosen_on") or {}).get("reader") or "")
-    return tuple(dict.fromkeys(["birads", *([own] if own else []), "reader_birads"]))
+    return reading_columns(rule)
 
 
 def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None) -> None:  # noqa: ANN001
@@ -1345,8 +1344,10 @@ def _show_rule_on_site(package: str, found: dict) -> None:
     extra = f"; {found['n_incomplete']} read BI-RADS 0 left out" if found["n_incomplete"] else ""
     turned, wrong = found["n_ruled_out"], found["n_ruled_out_positive"]
     console.print(escape(f"{turned} {found['level']}(s) the radiologist called positive were ruled out by the model: "
-                         f"{turned - wrong} negative and {wrong} positive by the truth{extra}."), highlight=False,
-                  soft_wrap=True)  # fmt: skip
+                         f"{turned - wrong} negative and {wrong} positive by the truth{extra}. The rule's band here: "
+                         f"{found['n_lowest']} {found['level']}(s) read {' or '.join(found['lowest'])}, "
+                         f"{found['n_lowest_positive']} positive: the fewer positives there, the less this site tests "
+                         "what the rule can miss."), highlight=False, soft_wrap=True)  # fmt: skip
     if found["level"] == "image":
         _note("the rule is set per image: images of one patient count as independent cases here, so the P values are "
               "too small when patients have several images.")  # fmt: skip

@@ -16,7 +16,6 @@ model package's reader rule (`alnus.reader_rule`) states them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -220,11 +219,11 @@ class RuleOut:
 
     lowest: tuple[float, ...]
     threshold: float
-    n_cases: int
-    n_lowest: int
-    n_positive: (
-        int  # positive validation cases in the lowest category: the threshold is the lowest of their probabilities
-    )
+    # What set it, when it was fitted (`fit_rule_out`): cases, those in the lowest category, and the positive ones
+    # among them, whose lowest probability is the threshold. A rule read from a package has none.
+    n_cases: int = 0
+    n_lowest: int = 0
+    n_positive: int = 0
 
     def calls(self, prob: object, birads_score: object, reader_call: object) -> np.ndarray:
         _aligned(prob, birads_score, reader_call)
@@ -392,9 +391,9 @@ def with_reader(
 def reading_problem(value: object, record: Mapping[str, Any]) -> str:
     """Why one BI-RADS reading cannot be called under a package's reader rule ("" when it can, or when empty): not a
     category, or a plain 4 under a rule that calls from 4b or 4c (which of 4a-4c it is decides the call)."""
-    from alnus.readers import birads_category, birads_problem
+    from alnus.readers import birads_category, birads_problem, no_reading
 
-    if _no_reading(value):
+    if no_reading(value):
         return ""
     problem = birads_problem(value)
     if problem:
@@ -422,7 +421,7 @@ def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Map
     """
     from alnus._levels import unit_keys
     from alnus.reader_rule import ReaderRuleError, call_words
-    from alnus.readers import birads_call, readings_from_manifest
+    from alnus.readers import birads_call, no_reading, readings_from_manifest
 
     if len(birads) != len(table):
         raise ReaderRuleError(f"{len(birads)} BI-RADS value(s) for {len(table)} image(s); give one per image.")
@@ -435,7 +434,7 @@ def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Map
     unit_prob = prob.groupby(keys, sort=False).transform(record["aggregate"]) if record["level"] != "image" else prob
     # Plain case names: the unit keys hold separators that the readings' parser would strip as whitespace.
     case = pd.Series([f"case{i}" for i in pd.factorize(keys)[0]], index=keys.index)
-    cells = pd.DataFrame({"case": case, "birads": ["" if _no_reading(v) else str(v).strip() for v in birads]})
+    cells = pd.DataFrame({"case": case, "birads": ["" if no_reading(v) else str(v).strip() for v in birads]})
     reading = pd.Series("", index=keys.index, dtype=object)
     if (cells["birads"] != "").any():
         read = readings_from_manifest(cells, case_col="case", columns={"radiologist": "birads"},
@@ -457,10 +456,8 @@ def apply_reader_rule(table: pd.DataFrame, birads: Sequence[object], record: Map
     return pd.DataFrame({name: column.set_axis(table.index) for name, column in columns.items()})
 
 
-def _no_reading(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
-
-
 def has_readings(values: Sequence[object]) -> bool:
     """Whether any of a table's BI-RADS cells holds a reading."""
-    return any(not _no_reading(v) for v in values)
+    from alnus.readers import no_reading
+
+    return any(not no_reading(v) for v in values)

@@ -1305,32 +1305,29 @@ def reader_rule_on_validation(
     """The reader rule set on labelled validation cases: `rows` the manifest rows (with the reader's `column`),
     `predictions` their predictions (image, ids, y, prob). Raises when it cannot be set (no malignant case in the
     lowest positive category, say)."""
-    from alnus.combine import fit_rule_out
-    from alnus.reader_rule import KEY_COLUMNS, METHOD, POSITIVE_FROM, ReaderRuleError, lowest_categories
+    from alnus.combine import CombineError, fit_rule_out
+    from alnus.reader_rule import METHOD, ReaderRuleError, check_rule_request, lowest_categories
     from alnus.readers import birads_score, lowest_positive_scores
 
-    if positive_from not in POSITIVE_FROM:
-        raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
-    if column in KEY_COLUMNS:
-        raise ReaderRuleError(f"{column!r} identifies or labels an image; name the column of BI-RADS readings.")
+    check_rule_request(column, positive_from)
     cases, incomplete = _column_cases(rows, predictions, column, level, aggregate, positive_from)
     lowest = lowest_categories(positive_from)
-    if not (cases["birads"].isin(birads_score(list(lowest))) & (cases["y"] == 1)).any():
+    try:
+        rule = fit_rule_out(cases["y"], cases["prob"], cases["birads"], cases["call"],
+                            lowest_positive_scores(positive_from))  # fmt: skip
+    except CombineError:  # no positive case in the lowest positive category: said in the categories' names
         raise ReaderRuleError(
             f"no validation case of the positive label was read BI-RADS {' or '.join(lowest)} in {column} "
             f"({len(cases)} case(s) with a reading; {incomplete} more read 0, incomplete): those cases set the "
             "rule-out value, so it cannot be set here."
-        )
-    rule = fit_rule_out(
-        cases["y"], cases["prob"], cases["birads"], cases["call"], lowest_positive_scores(positive_from)
-    )
+        ) from None
     y, call = cases["y"].to_numpy().astype(bool), cases["call"].to_numpy().astype(bool)
     in_band = {k: int((cases["birads"] == float(birads_score([k])[0])).sum()) for k in lowest}
     return {
         "method": METHOD,
         "scale": "birads",
         "positive_from": positive_from,
-        "lowest": list(lowest_categories(positive_from)),
+        "lowest": list(lowest),
         "value": rule.threshold,
         "level": level,
         "aggregate": aggregate,
@@ -1367,19 +1364,22 @@ def reader_rule_on_test(
                                       record["positive_from"])  # fmt: skip
     if cases.empty:
         raise ReaderRuleError(f"every reading in {column} is BI-RADS 0 (incomplete): no case has a call to compare.")
-    rule = RuleOut(tuple(float(v) for v in birads_score(record["lowest"])), record["value"], 0, 0, 0)
+    rule = RuleOut(tuple(float(v) for v in birads_score(record["lowest"])), record["value"])
     calls = rule.calls(cases["prob"], cases["birads"], cases["call"])
     found = compare_with_reader(cases["y"], tie_break_score(cases["prob"], cases["birads"]), cases["birads"],
                                 cases["call"], alpha=alpha, calls=calls)  # fmt: skip
     y, reader = cases["y"].to_numpy() == 1, cases["call"].to_numpy().astype(bool)
     calls = np.asarray(calls, dtype=bool)
+    band = cases["birads"].isin(rule.lowest).to_numpy()
     return {
         **found,
         "reader": column,
         "level": record["level"],
+        "lowest": list(record["lowest"]),
         "n_incomplete": incomplete,
         "n_ruled_out": int((reader & ~calls).sum()),
         "n_ruled_out_positive": int((reader & ~calls & y).sum()),
+        "n_lowest": int(band.sum()), "n_lowest_positive": int((band & y).sum()),
         "value": record["value"],
         "reader_sensitivity_k": int((reader & y).sum()), "with_ai_sensitivity_k": int((calls & y).sum()),
         "reader_specificity_k": int((~reader & ~y).sum()), "with_ai_specificity_k": int((~calls & ~y).sum()),

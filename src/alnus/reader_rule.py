@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from alnus._levels import AGGREGATES, LEVELS
+from alnus._text import printable
 from alnus.errors import AlnusError
 
 METHOD = "rule_out"
@@ -30,9 +31,6 @@ POSITIVE_FROM = ("4", "4a", "4b", "4c", "5")
 # (`alnus predict` looks for the rule's own `--reader` column between them).
 BIRADS_COLUMNS = ("birads", "reader_birads")
 CARD_START, CARD_END = "<!-- reader-rule:start -->", "<!-- reader-rule:end -->"
-# The columns `alnus predict` adds (and the service's answer holds): the reading, the radiologist's call, the call with
-# AI, whether the model ruled the patient out, and the call with AI in words.
-OUTPUT_COLUMNS = ("birads", "reader_call", "with_ai_call", "ruled_out", "with_ai")
 # Manifest columns that identify or label an image: never a column of readings.
 KEY_COLUMNS = ("image", "patient_id", "study_id", "site", "label", "roi", "mask", "frame", "split")
 # The rules a package keeps in reader_rule_history (the latest ones): its metadata stays small.
@@ -112,6 +110,23 @@ def check_reader_rule(record: object, where: str) -> dict[str, Any] | None:
     return out
 
 
+def check_rule_request(column: str, positive_from: str) -> None:
+    """Refuse, before anything is predicted, a reader rule asked for on a column that is no column of readings (an
+    identifying one, or a crafted name) or from a category a rule-out cannot start at."""
+    if positive_from not in POSITIVE_FROM:
+        raise ReaderRuleError(f"--positive-from {positive_from!r} must be one of {', '.join(POSITIVE_FROM)}.")
+    if column in KEY_COLUMNS or len(column) > 200:
+        raise ReaderRuleError(f"--reader {printable(column[:60])!r} is no column of readings; name the manifest's "
+                              "column of BI-RADS readings (e.g. reader_birads).")  # fmt: skip
+
+
+def reading_columns(rule: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Where a table of new images holds the radiologist's reading, in the order looked for: `birads`, the column the
+    package's rule was set from (`--reader`), then `reader_birads` (the importers')."""
+    own = str(((rule or {}).get("chosen_on") or {}).get("reader") or "")
+    return tuple(dict.fromkeys([BIRADS_COLUMNS[0], *([own] if own else []), *BIRADS_COLUMNS[1:]]))
+
+
 def lowest_categories(positive_from: str) -> tuple[str, ...]:
     """The BI-RADS categories of the least suspicious positive reading at a call from `positive_from`."""
     return ("4", "4a") if positive_from in ("4", "4a") else (positive_from,)
@@ -163,7 +178,8 @@ def rule_caveats(record: Mapping[str, Any], positive_label: str = "malignant") -
         if len(used) == 1:
             out.append(
                 f"Every validation {record['level']} in that band was read {used[0]}; a site that reads "
-                f"{' or '.join(k for k in record['lowest'] if k != used[0])} instead may put fewer cancers there: "
+                f"{' or '.join(k for k in record['lowest'] if k != used[0])} instead may put fewer {positive_label} "
+                f"{record['level']}s there: "
                 "check the rule on labelled patients of that site before using it."
             )
     return out

@@ -58,6 +58,7 @@ __all__ = [
     "birads_score",
     "check_reader_columns",
     "birads_category",
+    "no_reading",
     "birads_problem",
     "check_reader_settings",
     "compare_model_with_readers",
@@ -117,7 +118,8 @@ def _where(rows: Sequence[int] | None, i: int) -> str:
     return f"row {rows[i]}" if rows is not None else f"value #{i}"
 
 
-def _is_missing(value: object) -> bool:
+def no_reading(value: object) -> bool:
+    """Whether a reading cell holds nothing: None, NA, NaN or blank text."""
     if value is None or value is pd.NA:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -129,7 +131,7 @@ def _canonical(value: object, where: str) -> str:
     """Canonical BI-RADS key ("1".."6", "4a".."4c", "0") of one reading, or ReaderError."""
     if isinstance(value, (bool, np.bool_)):
         raise ReaderError(f"{where}: {value!r} is not a BI-RADS category (expected 1-6, 4a, 4b, 4c).")
-    if isinstance(value, (int, np.integer, float, np.floating)) and not _is_missing(value):
+    if isinstance(value, (int, np.integer, float, np.floating)) and not no_reading(value):
         text = str(int(value)) if float(value).is_integer() else str(value)
     else:
         text = str(value)
@@ -173,7 +175,7 @@ def _parse_birads(values: object, what: str) -> tuple[list[str], list[int] | Non
     items, rows = _rows_of(values)
     keys = []
     for i, value in enumerate(items):
-        if _is_missing(value):
+        if no_reading(value):
             raise ReaderError(f"{_where(rows, i)}: empty BI-RADS value; every case needs a reading for {what}.")
         key = _canonical(value, _where(rows, i))
         if key == _INCOMPLETE:
@@ -343,14 +345,14 @@ def readings_from_manifest(
     _, rows = _rows_of(df[case_col])
     rows = rows if rows is not None else list(range(2, len(df) + 2))
     cases = df[case_col].tolist()
-    missing_ids = [rows[i] for i, c in enumerate(cases) if _is_missing(c)]
+    missing_ids = [rows[i] for i, c in enumerate(cases) if no_reading(c)]
     if missing_ids:
         raise ReaderError(f"{len(missing_ids)} row(s) have no {case_col} (rows {missing_ids[:5]}); fill them in.")
     records = [
         (reader, str(case).strip(), row, value, None)
         for reader, col in mapping.items()
         for case, row, value in zip(cases, rows, df[col].tolist(), strict=True)
-        if not _is_missing(value)
+        if not no_reading(value)
     ]
     return _build(records, scale, positive_from, threshold, "manifest")
 
@@ -443,7 +445,7 @@ def check_reader_columns(
     for column in columns:
         for row, (_, record) in zip(rows, table.iterrows(), strict=True):
             value = record[column]
-            if _is_missing(value):
+            if no_reading(value):
                 continue
             try:
                 if scale == "birads":

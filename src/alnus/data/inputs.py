@@ -139,11 +139,13 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
             ],
         )
     root = manifest.parent
+
     # The readings' column: the first of `birads_columns` with any reading (an empty `birads` column hides none).
-    filled = {c for c in birads_columns if c in header and any(
-        i < len(r) and r[i].strip() for r in records[1:] for i in [header.index(c)]
-    )}  # fmt: skip
-    reading_column = next((c for c in birads_columns if c in filled), None)
+    def filled(column: str) -> bool:
+        at = header.index(column)
+        return any(at < len(record) and record[at].strip() for record in records[1:])
+
+    reading_column = next((c for c in birads_columns if c in header and filled(c)), None)
     rows = []
     for number, record in enumerate(records[1:], start=2):
         cells = [cell.strip() for cell in record]
