@@ -141,6 +141,13 @@ CONFIGURATIONS = (
         "aux_birads + the scanner-shift augmentation of shift_aug (blur, resolution, attenuation, TGC bands)",
         ("train.aux_reader=reader_birads", SHIFT_AUGMENT),
     ),  # fmt: skip
+    # Protocol item 22 (2026-12-04, fixed before it was trained): the lesion's shape from the training masks as a
+    # second auxiliary target.
+    Configuration(
+        "aux_shape",
+        "aux_birads + the lesion's shape on its mask (orientation, solidity, circularity) as a second auxiliary target",
+        ("train.aux_reader=reader_birads", "train.aux_shape=0.3"),
+    ),  # fmt: skip
     # The chosen configuration trained again with the same settings and seed (2026-12-04, after the run folder of its
     # first training was lost with its machine; CPU training is not bit-reproducible: bf16, threads): how far a rerun
     # moves the numbers. It is no candidate: the rule chose aux_birads on its first training, the shipped weights.

@@ -237,7 +237,7 @@ def test_a_killed_swa_run_resumes_to_the_same_average(phantom_read, tmp_path, mo
 def test_new_settings_at_their_defaults_leave_the_training_settings_unchanged(phantom_read, tmp_path):
     plain = load_config(_config(tmp_path, phantom_read, "plain"))
     settings = training_settings(plain)
-    assert not {"aux_reader", "ema_decay", "swa_start"} & set(settings["train"])
+    assert not {"aux_reader", "aux_shape", "ema_decay", "swa_start"} & set(settings["train"])
     assert "grey" not in settings["preprocess"]
     changed = load_config(_config(tmp_path, phantom_read, "grey", preprocess={"grey": "stretch"}))
     assert training_settings(changed)["preprocess"]["grey"] == "stretch"
@@ -438,3 +438,116 @@ def test_a_crop_limited_package_predicts_with_its_limit_and_refuses_an_edited_on
     (tampered / "metadata.json").write_text(json.dumps(edited))
     with pytest.raises(PackageError, match=r"preprocess differs from the training record \(max_crop"):
         Predictor(tampered)
+
+
+# ------------------------------------------------------------------------------------ lesion shape auxiliary target
+def _disc(radius: float, size: int = 101) -> np.ndarray:
+    y, x = np.mgrid[:size, :size] - size // 2
+    return ((x**2 + y**2) <= radius**2).astype(np.uint8) * 255
+
+
+def test_mask_shape_of_a_disc_a_tall_ellipse_and_a_star():
+    from alnus.shape_target import mask_shape
+
+    orientation, solidity, circularity = mask_shape(_disc(40))
+    assert abs(orientation) < 0.03 and solidity > 0.97 and circularity > 0.9
+    y, x = np.mgrid[:121, :121] - 60
+    tall = ((x / 20.0) ** 2 + (y / 50.0) ** 2 <= 1).astype(np.uint8)
+    assert mask_shape(tall)[0] == pytest.approx(np.log(101 / 41), abs=0.02)  # taller than wide: above 0
+    assert mask_shape(tall.T)[0] == pytest.approx(-np.log(101 / 41), abs=0.02)
+    # A spiculated lesion: a disc with spikes 3 pixels wide; less solid and far less circular than the disc.
+    star = _disc(25).copy()
+    for angle in np.linspace(0, 2 * np.pi, 12, endpoint=False):
+        for r in range(25, 47):
+            row, col = int(round(50 + r * np.sin(angle))), int(round(50 + r * np.cos(angle)))
+            star[row - 1 : row + 2, col - 1 : col + 2] = 255
+    _, star_solidity, star_circularity = mask_shape(star)
+    assert star_solidity < 0.6 and star_circularity < 0.3
+
+
+def test_mask_shape_refuses_an_empty_or_not_2d_mask():
+    from alnus.shape_target import mask_shape
+
+    with pytest.raises(ValueError, match="empty"):
+        mask_shape(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="2-D"):
+        mask_shape(np.ones((4, 4, 3), np.uint8))
+    one = np.zeros((5, 5), np.uint8)
+    one[2, 2] = 1
+    assert np.isfinite(mask_shape(one)).all()  # a single pixel still has a shape
+
+
+def _write_masks(tmp_path: Path, masks: dict[str, np.ndarray | None]) -> pd.DataFrame:
+    from PIL import Image
+
+    rows = []
+    for name, mask in masks.items():
+        rel = ""
+        if mask is not None:
+            rel = f"masks/{name}.png"
+            (tmp_path / "masks").mkdir(exist_ok=True)
+            Image.fromarray(mask).save(tmp_path / rel)
+        rows.append({"image": f"images/{name}.png", "mask": rel})
+    return pd.DataFrame(rows)
+
+
+def test_shape_target_is_standardised_over_the_masks_and_missing_or_empty_masks_are_nan(tmp_path):
+    from alnus.shape_target import shape_target
+
+    table = _write_masks(
+        tmp_path, {"a": _disc(20), "b": None, "c": _disc(40), "d": np.zeros((101, 101), np.uint8), "e": _disc(30).T}
+    )
+    target = shape_target(table, tmp_path, 0.5, "splits.csv")
+    values = target.values.numpy()
+    assert target.outputs == 3 and values.shape == (5, 3)
+    assert np.isnan(values[1]).all() and np.isnan(values[3]).all()
+    known = values[[0, 2, 4]]
+    np.testing.assert_allclose(known.mean(axis=0), 0, atol=1e-5)
+    assert target.describe()["images_with_mask"] == 3
+    # The loss sees only the images with a mask, smooth L1, times the weight.
+    logits = torch.zeros(3, 3, requires_grad=True)
+    loss = target.loss(logits, torch.tensor([0, 1, 2]))
+    expected = 0.5 * nn.functional.smooth_l1_loss(torch.zeros(2, 3), target.values[[0, 2]])
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0  # the image without a mask gets no gradient
+    assert target.loss(logits, torch.tensor([1, 3])).item() == 0.0
+
+
+def test_shape_target_names_an_unreadable_mask_and_too_few_masks(tmp_path):
+    from alnus.shape_target import ShapeTargetError, shape_target
+
+    table = _write_masks(tmp_path, {"a": _disc(20), "b": _disc(30)})
+    (tmp_path / "masks" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ShapeTargetError, match=r"splits\.csv: .*image images/b\.png's mask masks/b\.png cannot be"):
+        shape_target(table, tmp_path, 0.3, "splits.csv")
+    (tmp_path / "few").mkdir()
+    few = _write_masks(tmp_path / "few", {"a": _disc(20), "b": None})
+    with pytest.raises(ShapeTargetError, match=r"1 of the 2 training images have a non-empty one.*remove train"):
+        shape_target(few, tmp_path / "few", 0.3, "splits.csv")
+
+
+def test_training_with_the_shape_and_reader_targets_packages_a_single_output_model(phantom_read, tmp_path):
+    from alnus.report.methods import levers_text
+    from alnus.shape_target import shape_target
+
+    train = {"aux_reader": "reader_r1", "aux_shape": 0.5, "epochs": 2}
+    cfg = load_config(_config(tmp_path, phantom_read, "shape", train=train))
+    [result] = run_training(cfg, console=_quiet())
+    model, meta = load_package(result.package_dir)
+    assert model.classifier().out_features == 1
+    assert meta["training"]["train"]["aux_shape"] == 0.5
+    splits = pd.read_csv(cfg.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    train_rows = splits[splits["split"] == "train"]
+    steps = reader_target(train_rows, "reader_r1", 0.3, "splits.csv").outputs
+    shape = shape_target(train_rows, cfg.run_dir, 0.5, "splits.csv")
+    assert shape.describe()["images_with_mask"] == len(train_rows)  # every phantom image has a mask
+    last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
+    # The label, the BI-RADS steps, then the three shape descriptors.
+    assert last["model"]["backbone.classifier.weight"].shape[0] == 1 + steps + 3
+    assert "lesion's shape measured on its mask" in levers_text(meta["training"]["train"])
+
+
+def test_the_shape_weight_must_be_positive(phantom_read, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.aux_shape"):
+        load_config(_config(tmp_path, phantom_read, "bad", train={"aux_shape": 0}))

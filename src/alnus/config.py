@@ -107,6 +107,10 @@ class TrainConfig:
     aux_reader: str | None = None
     # The auxiliary loss's weight beside the label's loss.
     aux_weight: float = 0.3
+    # The lesion's shape measured on its mask (orientation, solidity, circularity: `alnus.shape_target`) taught as
+    # an auxiliary regression target, at this weight beside the label's loss; images without a mask add nothing.
+    # The packaged model still predicts from the image alone. null: none.
+    aux_shape: float | None = None
     # Exponential moving average of the weights (timm's ModelEmaV3, with warm-up): the average is validated,
     # selected and packaged. null: none; e.g. 0.99 averages over about a hundred optimiser steps.
     ema_decay: float | None = None
@@ -363,6 +367,7 @@ DATA_ADDED: dict[str, Any] = {"cv_folds": None, "cv_fold": 0}
 TRAIN_ADDED: dict[str, Any] = {
     "aux_reader": None,
     "aux_weight": 0.3,
+    "aux_shape": None,
     "ema_decay": None,
     "swa_start": None,
     "mixstyle": None,
@@ -530,6 +535,8 @@ def _check(cfg: Config, where: Source) -> None:
         fail("train.early_stopping_patience", "must be at least 1, or null to train every epoch")
     if train.aux_weight <= 0:
         fail("train.aux_weight", f"{train.aux_weight} must be positive")
+    if train.aux_shape is not None and not train.aux_shape > 0:
+        fail("train.aux_shape", f"{train.aux_shape} must be positive (the shape loss's weight, e.g. 0.3), or null")
     if train.aux_reader is not None and not str(train.aux_reader).strip():
         fail("train.aux_reader", "must name a reader column (e.g. reader_birads), or be null")
     if train.ema_decay is not None and not 0 < train.ema_decay < 1:

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from alnus.data.dataset import PreprocessSpec, UltrasoundDataset
     from alnus.models import UltrasoundNet
     from alnus.reader_target import ReaderTarget
+    from alnus.shape_target import ShapeTarget
 
 # `val_auc` is at the study's level (`evaluate.level`); `lr` is the head's rate at the epoch's last optimiser step.
 # `validated`: which weights the epoch's validation scored (`Engine.validated`): `epoch` (this epoch's own), `ema` or
@@ -262,7 +263,22 @@ class TrainData:
     label_names: list[str]
     n_pos: int
     n_neg: int
-    aux: ReaderTarget | None = None  # the BI-RADS auxiliary target of each training image (`train.aux_reader`)
+    # The auxiliary targets of each training image, in the order of their outputs after the label's logit: the
+    # BI-RADS category (`train.aux_reader`), then the lesion's shape (`train.aux_shape`).
+    aux: tuple[ReaderTarget | ShapeTarget, ...] = ()
+
+    @property
+    def aux_outputs(self) -> int:
+        """Network outputs beyond the label's logit."""
+        return sum(target.outputs for target in self.aux)
+
+    def aux_loss(self, extra_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The auxiliary targets' summed loss on the outputs after the label's logit."""
+        total, start = extra_logits.sum() * 0.0, 0
+        for target in self.aux:
+            total = total + target.loss(extra_logits[:, start : start + target.outputs], index)
+            start += target.outputs
+        return total
 
 
 def _part(splits: pd.DataFrame, name: str, positive_label: str, path: Path) -> pd.DataFrame:
@@ -350,11 +366,15 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
     )
     val_loader = DataLoader(IndexedDataset(val_ds), batch_size=tc.batch_size, sampler=val_sampler, **loader_args)
     labels = list(cfg.data.labels or sorted(splits["label"].unique()))
-    aux = None
+    aux: list[ReaderTarget | ShapeTarget] = []
     if tc.aux_reader is not None:
         from alnus.reader_target import reader_target
 
-        aux = reader_target(train_ds.table, tc.aux_reader, tc.aux_weight, str(run.splits))
+        aux.append(reader_target(train_ds.table, tc.aux_reader, tc.aux_weight, str(run.splits)))
+    if tc.aux_shape is not None:
+        from alnus.shape_target import shape_target
+
+        aux.append(shape_target(train_ds.table, run.root, tc.aux_shape, str(run.splits), max_pixels=limit))
     return TrainData(
         spec,
         train_table,
@@ -368,7 +388,7 @@ def build_data(cfg: Config, run: RunFolder, backbone: str, info: DistInfo, devic
         labels,
         n_pos,
         n_neg,
-        aux,
+        tuple(aux),
     )
 
 
@@ -440,7 +460,7 @@ def build_engine(cfg: Config, backbone: str, data: TrainData, device: torch.devi
     from alnus.models import create_model
 
     tc = cfg.train
-    extra = data.aux.outputs if data.aux is not None else 0
+    extra = data.aux_outputs
     model = create_model(backbone, weights=tc.weights, num_classes=1 + extra).to(device)
     precision = choose_precision(device, tc.precision, depthwise=model.spec.depthwise)
     channels_last = precision.channels_last if tc.channels_last == "auto" else bool(tc.channels_last)
@@ -605,10 +625,10 @@ def train_one_epoch(engine: Engine, data: TrainData, info: DistInfo, progress: P
         with sync:
             with autocast(engine.device, engine.precision):
                 logits = net(x)
-            if data.aux is None:
+            if not data.aux:
                 loss = engine.criterion(logits.float(), y)
             else:
-                loss = engine.criterion(logits[:, 0].float(), y) + data.aux.loss(logits[:, 1:], index)
+                loss = engine.criterion(logits[:, 0].float(), y) + data.aux_loss(logits[:, 1:], index)
             engine.scaler.scale(loss / engine.grad_accum).backward()
         if boundary:
             lr_used = group_lr(engine.optimizer, "head")
@@ -823,7 +843,7 @@ def write_package(
     best = load_checkpoint(model_dir.best_checkpoint)
     final = copy.deepcopy(engine.model)
     final.load_state_dict(best["model"])
-    if data.aux is not None:
+    if data.aux:
         from alnus.reader_target import narrow_head
 
         # The package predicts from the image alone: keep the label's output, drop the auxiliary ones.

@@ -127,13 +127,19 @@ def averaged_weights_text(train: Mapping[str, Any], best_epoch: Any) -> str:
 
 
 def levers_text(train: Mapping[str, Any]) -> str:
-    """The auxiliary target and weight averaging of a training, as sentences (empty when neither was used)."""
+    """The auxiliary targets and weight averaging of a training, as sentences (empty when neither was used)."""
     out = ""
     if train.get("aux_reader"):
         out += (
             f" Auxiliary target: the radiologists' BI-RADS category ({train['aux_reader']}) as an ordinal target of "
             f"extra outputs (one per step between the categories seen in training, binary cross-entropy weighted "
             f"{train.get('aux_weight')}), used during training only; the packaged model keeps the label's output."
+        )
+    if train.get("aux_shape"):
+        out += (
+            " Auxiliary target: the lesion's shape measured on its mask (orientation, solidity, circularity; "
+            f"standardised) regressed by three extra outputs (smooth L1 loss weighted {train['aux_shape']}), used "
+            "during training only; the packaged model keeps the label's output."
         )
     if train.get("ema_decay"):
         out += (
