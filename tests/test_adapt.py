@@ -597,6 +597,19 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     assert code == 2 and "one class only" in stderr
     code, _, stderr = run_cli("score", str(out), str(out), str(out), "--manifest", manifest)
     assert code == 2 and "two to compare" in stderr
+    # Rows of a class the model does not know (BrEaST's normal scans) are left out and named; the rest is scored.
+    normal = table.iloc[:2].assign(label="normal", patient_id=["n1", "n2"])
+    pd.concat([table, normal]).to_csv(site / "site" / "with_normal.csv", index=False)
+    code, stdout, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "with_normal.csv"))
+    assert code == 0 and "24 patients, 12 positive" in stdout, stdout + stderr
+    assert f"2 row(s) of with_normal.csv labelled 'normal' (rows {len(table) + 2}, {len(table) + 3})" in stderr
+    assert "were left out" in stderr
+    normal.to_csv(site / "site" / "only_normal.csv", index=False)
+    code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "only_normal.csv"))
+    assert code == 2 and "no row is labelled with one of the model's labels" in stderr
+    # Freezing a threshold on them is still refused: what is frozen on must be what the user gave.
+    code, _, stderr = run_cli("threshold", str(out), "--manifest", str(site / "site" / "with_normal.csv"))
+    assert code == 2 and "label(s) ['normal']" in stderr and "rename the labels" in stderr
 
 
 def test_odd_outs_sites_links_and_members_are_refused_or_said(site: Path) -> None:

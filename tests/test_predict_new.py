@@ -375,3 +375,20 @@ def test_a_missing_manifest_image_says_where_it_was_looked_for(data: Path, tmp_p
     error = table["error"].iloc[0]
     assert error.startswith("images/case001.png: file not found")
     assert f"(looked for {tmp_path / 'lists' / 'images' / 'case001.png'})" in error
+
+
+def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: Path, tmp_path: Path) -> None:
+    """A real repeat (same file, region and patient) is read once; the same image under another patient is not
+    merged into the first (each patient's call needs it), and the note names what differs."""
+    rows = [("a.png", "A"), ("a.png", "A"), ("a.png", "B"), ("b.png", "B")]
+    pd.DataFrame(rows, columns=["image", "patient_id"]).to_csv(data / "export" / "twice.csv", index=False)
+    table = collect_inputs(manifest=data / "export" / "twice.csv")
+    assert table["patient_id"].tolist() == ["A", "B", "B"]
+    notes = " ".join(table.attrs["notes"])
+    assert "is the same image as a.png: read once" in notes
+    assert "same image and region as a.png but with patient_id 'B' (there: 'A'): predicted for each" in notes
+    code, stdout, stderr = _predict(str(data / "model"), "--manifest", str(data / "export" / "twice.csv"))
+    assert code == 0, stderr
+    out = _csv(stdout)
+    assert out["patient_id"].tolist() == ["A", "B", "B"] and out["prob"].iloc[0] == out["prob"].iloc[1]
+    assert "predicted for each" in " ".join(stderr.split())

@@ -711,7 +711,7 @@ def freeze_on_labelled(
         raise AdaptError("--target is for the sensitivity and specificity rules; Youden's takes none.")
     if target is not None and not 0 < target <= 1:
         raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
-    table = labelled_table(manifest, meta, "a threshold is chosen", max_pixels)
+    table, _ = labelled_table(manifest, meta, "a threshold is chosen", max_pixels)
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")
@@ -752,26 +752,40 @@ def freeze_on_labelled(
     return point
 
 
-def labelled_table(manifest: Path, meta: dict[str, Any], purpose: str, max_pixels: int | None = None) -> pd.DataFrame:
-    """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels."""
+def labelled_table(
+    manifest: Path, meta: dict[str, Any], purpose: str, max_pixels: int | None = None, *, leave_out: bool = False
+) -> tuple[pd.DataFrame, str]:
+    """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels, and a note
+    on the rows left out ("" when none). Rows labelled with a class the model does not know (BrEaST's "normal" scans,
+    say) are refused, or with `leave_out` left out and named in the note."""
     from alnus.data.manifest import ManifestError, read_manifest, validate_manifest
 
     table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
     labels = table["label"].astype(str)
-    unknown = sorted(set(labels) - {str(n) for n in meta["label_names"]})
+    known = [str(n) for n in meta["label_names"]]
+    unknown = sorted(set(labels) - set(known))
+    note = ""
     if unknown:
-        rows = ", ".join(str(i + 2) for i in labels.index[labels.isin(unknown)][:8])
-        raise AdaptError(
-            f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {list(meta['label_names'])}; "
-            f"{purpose} on patients labelled as the model was trained: rename the labels (or leave out rows of other "
-            "classes)."
+        other = labels.index[labels.isin(unknown)]
+        rows = ", ".join(str(i + 2) for i in other[:8]) + (", ..." if len(other) > 8 else "")
+        if not leave_out:
+            raise AdaptError(
+                f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {known}; {purpose} on "
+                "patients labelled as the model was trained: rename the labels (or leave out rows of other classes)."
+            )
+        table = table.drop(index=other)
+        note = (
+            f"{len(other)} row(s) of {manifest.name} labelled {', '.join(map(repr, unknown))} (rows {rows}), not one "
+            f"of the model's labels {known}, were left out."
         )
+        if table.empty:
+            raise AdaptError(f"{manifest}: no row is labelled with one of the model's labels {known}.")
     checked = validate_manifest(
         table, manifest.parent, labels=[str(n) for n in meta["label_names"]], max_pixels=max_pixels
     )
     if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
         raise ManifestError(manifest, checked.problems, limit=10)
-    return table
+    return table, note
 
 
 @dataclass
@@ -785,6 +799,7 @@ class SiteScore:
     comparison: Any = None
     # Per package: its reader rule against the radiologist alone on these patients (None: no rule or no readings).
     with_reader: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    left_out: str = ""  # the manifest's rows of other classes than the model's, left out ("" when none)
 
 
 def score_on_labelled(
@@ -807,7 +822,8 @@ def score_on_labelled(
                 f"{package} has labels {meta['label_names']} (positive {meta['positive_label']!r}), {packages[0]} "
                 f"{metas[0]['label_names']} (positive {metas[0]['positive_label']!r}); compare packages of one label."
             )
-    table = labelled_table(manifest, metas[0], "a package is scored", max_pixels)  # checked once, for both
+    # Checked once, for both; rows of classes the model does not know are left out and named.
+    table, left_out = labelled_table(manifest, metas[0], "a package is scored", max_pixels, leave_out=True)
     rows, scores = [], []
     with_reader: dict[str, dict[str, Any] | None] = {}
     for package, meta in zip(packages, metas, strict=True):
@@ -830,7 +846,7 @@ def score_on_labelled(
         scores.append(cases["prob"].to_numpy())
         with_reader[str(package)] = _rule_on_site(table, predictions, meta)
     comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 else None
-    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader)
+    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out)
 
 
 def _rule_on_site(table: pd.DataFrame, predictions: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -896,7 +912,7 @@ def freeze_reader_rule(
             f"{meta['reader_rule'].get('frozen_at', 'earlier')}); pass --refreeze to replace it."
         )
     check_rule_request(column, positive_from)
-    table = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
+    table, _ = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
     if column not in table.columns:
         found = ", ".join(c for c in table.columns if c.startswith("reader_") or c in BIRADS_COLUMNS) or "none"
         raise ReaderRuleError(

@@ -1263,7 +1263,7 @@ def score(
         typer.Option(
             help="CSV of a site's labelled patients: image (paths relative to it), label, patient_id, and the lesion "
             "boxes (roi) or masks the packages need; for a package's reader rule, the readings (birads or "
-            "reader_birads column)."
+            "reader_birads column). Rows labelled with a class the model does not know are left out and named."
         ),
     ] = ...,  # type: ignore[assignment]
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
@@ -1284,6 +1284,8 @@ def score(
     for package in packages:
         _refuse_run_folder(package, "score")
     result = score_on_labelled(packages, manifest, max_pixels=max_pixels)
+    if result.left_out:
+        _note(result.left_out)
     table = Table(title=escape(f"{manifest.name}: {result.n_patients} patients, {result.n_positive} positive"))
     for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity", "specificity"):
         table.add_column(column)

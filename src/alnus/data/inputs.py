@@ -210,14 +210,33 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
 
 
 def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
-    """The rows without repeats of one file with the same region and frame (the first is kept), and what was removed."""
+    """The rows without repeats (the first is kept), and notes on what was removed or looks wrong.
+
+    A repeat is the same file with the same region and frame, listed for the same patient, study, site and reading:
+    it would only print the same answer twice. The same image and region listed for another patient (or with another
+    reading) is predicted for each, since each patient's call needs it, and said: it is usually a mistake in the IDs.
+    """
     kept: dict[tuple[str, ...], dict[str, str]] = {}
+    first_of_image: dict[tuple[str, ...], dict[str, str]] = {}
     notes = []
     for row in rows:
-        key = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
+        image = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
+        key = (*image, row["patient_id"], row["study_id"], row["site"], row["birads"])
         first = kept.setdefault(key, row)
         if first is not row:
             notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: read once")
+            continue
+        earlier = first_of_image.setdefault(image, row)
+        if earlier is not row:
+            differs = [
+                f"{column} {row[column] or '(none)'!r} (there: {earlier[column] or '(none)'!r})"
+                for column in ("patient_id", "study_id", "site", "birads")
+                if row[column] != earlier[column]
+            ]
+            notes.append(
+                f"{row['image']} ({row['source']}) is the same image and region as {earlier['image']} but with "
+                f"{', '.join(differs)}: predicted for each; check the manifest if that is a mistake"
+            )
     return list(kept.values()), notes
 
 
