@@ -607,6 +607,17 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     normal.to_csv(site / "site" / "only_normal.csv", index=False)
     code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "only_normal.csv"))
     assert code == 2 and "no row is labelled with one of the model's labels" in stderr
+    # A misspelt, differently cased or empty label is a mistake to correct, not a class to leave out.
+    mistakes = (("Malignant", "differs from 'malignant' only in case"), ("malignat", "misspelling of 'malignant'"),
+                ("", "which is empty"))  # fmt: skip
+    for label, why in mistakes:
+        table.assign(label=table["label"].replace("malignant", label)).to_csv(site / "site" / "typo.csv", index=False)
+        code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "typo.csv"))
+        assert code == 2 and why in " ".join(stderr.split()) and "correct the label" in " ".join(stderr.split())
+    # Leaving rows out that leaves one class says what was left out.
+    table.assign(label=table["label"].replace("malignant", "normal")).to_csv(site / "site" / "one2.csv", index=False)
+    code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "one2.csv"))
+    assert code == 2 and "one class only" in stderr and "labelled 'normal'" in stderr
     # Freezing a threshold on them is still refused: what is frozen on must be what the user gave.
     code, _, stderr = run_cli("threshold", str(out), "--manifest", str(site / "site" / "with_normal.csv"))
     assert code == 2 and "label(s) ['normal']" in stderr and "rename the labels" in stderr

@@ -378,17 +378,22 @@ def test_a_missing_manifest_image_says_where_it_was_looked_for(data: Path, tmp_p
 
 
 def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: Path, tmp_path: Path) -> None:
-    """A real repeat (same file, region and patient) is read once; the same image under another patient is not
-    merged into the first (each patient's call needs it), and the note names what differs."""
-    rows = [("a.png", "A"), ("a.png", "A"), ("a.png", "B"), ("b.png", "B")]
-    pd.DataFrame(rows, columns=["image", "patient_id"]).to_csv(data / "export" / "twice.csv", index=False)
+    """A repeat within a patient (same file and region) is read once, whatever its study or spelling of the reading;
+    with another reading it is an error row; the same image under another patient is not merged into the first
+    (each patient's call needs it), and the note names what differs."""
+    rows = [("a.png", "A", "s1", "4a"), ("a.png", "A", "s2", "4A"), ("a.png", "B", "", ""), ("b.png", "B", "", ""),
+            ("b.png", "B", "", "5")]  # fmt: skip
+    columns = ["image", "patient_id", "study_id", "birads"]
+    pd.DataFrame(rows, columns=columns).to_csv(data / "export" / "twice.csv", index=False)
     table = collect_inputs(manifest=data / "export" / "twice.csv")
-    assert table["patient_id"].tolist() == ["A", "B", "B"]
+    assert table["patient_id"].tolist() == ["A", "B", "B", "B"]
     notes = " ".join(table.attrs["notes"])
-    assert "is the same image as a.png: read once" in notes
+    assert "is the same image as a.png: read once (its study_id 's2' is not used)" in notes
     assert "same image and region as a.png but with patient_id 'B' (there: 'A'): predicted for each" in notes
+    assert table["error"].tolist()[:3] == ["", "", ""]
+    assert "listed again for patient 'B' with BI-RADS '5', where b.png has '(none)'" in table["error"].iloc[3]
     code, stdout, stderr = _predict(str(data / "model"), "--manifest", str(data / "export" / "twice.csv"))
-    assert code == 0, stderr
+    assert code == 1, stderr  # the conflicting reading is an error row
     out = _csv(stdout)
-    assert out["patient_id"].tolist() == ["A", "B", "B"] and out["prob"].iloc[0] == out["prob"].iloc[1]
+    assert out["patient_id"].tolist() == ["A", "B", "B", "B"] and out["prob"].iloc[0] == out["prob"].iloc[1]
     assert "predicted for each" in " ".join(stderr.split())

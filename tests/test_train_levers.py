@@ -22,6 +22,7 @@ from alnus.data.roi import RoiPolicy
 from alnus.models.package import format_version_of, load_package
 from alnus.reader_target import ReaderTargetError, narrow_head, reader_target
 from alnus.report.card import _levers_line
+from alnus.shape_target import ShapeTargetError
 from alnus.study import run_training
 from alnus.train import load_checkpoint
 from tests.test_train import _config, _quiet, _val_probs
@@ -478,32 +479,42 @@ def test_mask_shape_refuses_an_empty_or_not_2d_mask():
 
 
 def _write_masks(tmp_path: Path, masks: dict[str, np.ndarray | None]) -> pd.DataFrame:
+    """A manifest of images (noise the size of their mask, or 101 x 101) and their masks ("" for none)."""
     from PIL import Image
 
     rows = []
+    (tmp_path / "images").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "masks").mkdir(exist_ok=True)
     for name, mask in masks.items():
+        shape = (101, 101) if mask is None else mask.shape
+        Image.fromarray(np.full(shape, 90, np.uint8)).save(tmp_path / "images" / f"{name}.png")
         rel = ""
         if mask is not None:
             rel = f"masks/{name}.png"
-            (tmp_path / "masks").mkdir(exist_ok=True)
             Image.fromarray(mask).save(tmp_path / rel)
         rows.append({"image": f"images/{name}.png", "mask": rel})
     return pd.DataFrame(rows)
 
 
-def test_shape_target_is_standardised_over_the_masks_and_missing_or_empty_masks_are_nan(tmp_path):
+def test_shape_target_is_standardised_over_the_masks_and_unusable_masks_are_nan(tmp_path):
     from alnus.shape_target import shape_target
 
+    everything = np.full((101, 101), 255, np.uint8)
     table = _write_masks(
-        tmp_path, {"a": _disc(20), "b": None, "c": _disc(40), "d": np.zeros((101, 101), np.uint8), "e": _disc(30).T}
-    )
+        tmp_path,
+        {"a": _disc(20), "b": None, "c": _disc(40), "d": np.zeros((101, 101), np.uint8), "e": _disc(30).T,
+         "f": everything},
+    )  # fmt: skip
     target = shape_target(table, tmp_path, 0.5, "splits.csv")
     values = target.values.numpy()
-    assert target.outputs == 3 and values.shape == (5, 3)
-    assert np.isnan(values[1]).all() and np.isnan(values[3]).all()
+    assert target.outputs == 3 and values.shape == (6, 3)
+    assert np.isnan(values[[1, 3, 5]]).all()
     known = values[[0, 2, 4]]
     np.testing.assert_allclose(known.mean(axis=0), 0, atol=1e-5)
-    assert target.describe()["images_with_mask"] == 3
+    assert target.note == (
+        "lesion shape target (train.aux_shape 0.5): 3 of the 6 training images have a usable mask (left out: 1 with "
+        "no mask, 1 with an empty mask, 1 with a mask covering nearly the whole image)"
+    )
     # The loss sees only the images with a mask, smooth L1, times the weight.
     logits = torch.zeros(3, 3, requires_grad=True)
     loss = target.loss(logits, torch.tensor([0, 1, 2]))
@@ -514,16 +525,35 @@ def test_shape_target_is_standardised_over_the_masks_and_missing_or_empty_masks_
     assert target.loss(logits, torch.tensor([1, 3])).item() == 0.0
 
 
-def test_shape_target_names_an_unreadable_mask_and_too_few_masks(tmp_path):
-    from alnus.shape_target import ShapeTargetError, shape_target
+def test_a_soft_edged_mask_is_measured_as_its_binary_one_and_a_thin_lesion_is_not_round():
+    from alnus.shape_target import mask_shape
+
+    disc = _disc(30)
+    rng = np.random.default_rng(0)
+    halo = np.where(disc > 0, 255, rng.integers(0, 60, disc.shape)).astype(np.uint8)  # JPEG-like noise around it
+    np.testing.assert_allclose(mask_shape(halo), mask_shape(disc))
+    line = np.zeros((60, 60), np.uint8)
+    line[30, 5:55] = 1  # a lesion one pixel thin, which smoothing would erase
+    assert mask_shape(line)[2] < 0.2
+    ell = np.zeros((60, 60), np.uint8)
+    ell[5:55, 10] = ell[54, 10:50] = 1
+    assert mask_shape(ell)[1] < 0.2 and mask_shape(ell)[2] < 0.2
+
+
+def test_shape_target_names_an_unreadable_mask_a_mask_of_another_size_and_too_few_masks(tmp_path):
+    from alnus.shape_target import shape_target
 
     table = _write_masks(tmp_path, {"a": _disc(20), "b": _disc(30)})
     (tmp_path / "masks" / "b.png").write_bytes(b"not a png")
-    with pytest.raises(ShapeTargetError, match=r"splits\.csv: .*image images/b\.png's mask masks/b\.png cannot be"):
+    with pytest.raises(ShapeTargetError, match=r"splits\.csv: .*image images/b\.png or its mask masks/b\.png cannot"):
         shape_target(table, tmp_path, 0.3, "splits.csv")
-    (tmp_path / "few").mkdir()
+    from PIL import Image
+
+    Image.fromarray(_disc(30)[:90]).save(tmp_path / "masks" / "b.png")
+    with pytest.raises(ShapeTargetError, match=r"images/b\.png's mask masks/b\.png is 101x90 but the image is 101x101"):
+        shape_target(table, tmp_path, 0.3, "splits.csv")
     few = _write_masks(tmp_path / "few", {"a": _disc(20), "b": None})
-    with pytest.raises(ShapeTargetError, match=r"1 of the 2 training images have a non-empty one.*remove train"):
+    with pytest.raises(ShapeTargetError, match=r"1 of the 2 training images have a usable one.*remove train"):
         shape_target(few, tmp_path / "few", 0.3, "splits.csv")
 
 
@@ -533,7 +563,8 @@ def test_training_with_the_shape_and_reader_targets_packages_a_single_output_mod
 
     train = {"aux_reader": "reader_r1", "aux_shape": 0.5, "epochs": 2}
     cfg = load_config(_config(tmp_path, phantom_read, "shape", train=train))
-    [result] = run_training(cfg, console=_quiet())
+    out = io.StringIO()
+    [result] = run_training(cfg, console=Console(file=out, force_terminal=False, width=300))
     model, meta = load_package(result.package_dir)
     assert model.classifier().out_features == 1
     assert meta["training"]["train"]["aux_shape"] == 0.5
@@ -541,7 +572,9 @@ def test_training_with_the_shape_and_reader_targets_packages_a_single_output_mod
     train_rows = splits[splits["split"] == "train"]
     steps = reader_target(train_rows, "reader_r1", 0.3, "splits.csv").outputs
     shape = shape_target(train_rows, cfg.run_dir, 0.5, "splits.csv")
-    assert shape.describe()["images_with_mask"] == len(train_rows)  # every phantom image has a mask
+    # Every phantom image has a mask, and the user is told so when training starts.
+    assert f"{len(train_rows)} of the {len(train_rows)} training images have a usable mask" in shape.note
+    assert "train.aux_shape 0.5" in out.getvalue() and "have a usable mask" in out.getvalue()
     last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
     # The label, the BI-RADS steps, then the three shape descriptors.
     assert last["model"]["backbone.classifier.weight"].shape[0] == 1 + steps + 3
@@ -551,3 +584,11 @@ def test_training_with_the_shape_and_reader_targets_packages_a_single_output_mod
 def test_the_shape_weight_must_be_positive(phantom_read, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.aux_shape"):
         load_config(_config(tmp_path, phantom_read, "bad", train={"aux_shape": 0}))
+
+
+def test_a_stretched_crop_is_said_to_hide_the_orientation_the_shape_target_asks_for(phantom_read, tmp_path):
+    train = {"aux_shape": 0.3, "epochs": 1}
+    cfg = load_config(_config(tmp_path, phantom_read, "stretched", train=train, preprocess={"keep_aspect": False}))
+    out = io.StringIO()
+    run_training(cfg, console=Console(file=out, force_terminal=False, width=300))
+    assert "keep_aspect is false" in out.getvalue() and "cannot see the orientation" in out.getvalue()

@@ -768,6 +768,16 @@ def labelled_table(
     if unknown:
         other = labels.index[labels.isin(unknown)]
         rows = ", ".join(str(i + 2) for i in other[:8]) + (", ..." if len(other) > 8 else "")
+        # An empty label or a misspelt known one is a mistake to fix, not another class to leave out.
+        mistaken = {label: _near_label(label, known) for label in unknown}
+        mistaken = {label: near for label, near in mistaken.items() if near is not None}
+        if leave_out and mistaken:
+            label, near = next(iter(mistaken.items()))
+            where = ", ".join(str(i + 2) for i in labels.index[labels == label][:8])
+            raise AdaptError(
+                f"{manifest}: rows {where} are labelled {label!r}, {near}; correct the label "
+                f"(the model's labels are {known}; rows of another class are left out)."
+            )
         if not leave_out:
             raise AdaptError(
                 f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {known}; {purpose} on "
@@ -786,6 +796,20 @@ def labelled_table(
     if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
         raise ManifestError(manifest, checked.problems, limit=10)
     return table, note
+
+
+def _near_label(label: str, known: Sequence[str]) -> str | None:
+    """Why an unknown label looks like a mistake ("which is empty", "which looks like a misspelling of 'malignant'"),
+    or None for a label of another class."""
+    import difflib
+
+    if not label.strip():
+        return "which is empty"
+    lower = {name.lower(): name for name in known}
+    if label.strip().lower() in lower:
+        return f"which differs from {lower[label.strip().lower()]!r} only in case"
+    close = difflib.get_close_matches(label.strip().lower(), list(lower), n=1, cutoff=0.8)
+    return f"which looks like a misspelling of {lower[close[0]]!r}" if close else None
 
 
 @dataclass
@@ -832,7 +856,8 @@ def score_on_labelled(
         cases = aggregate_predictions(predictions, "patient", "mean")
         y = cases["y"].to_numpy()
         if len(set(y.tolist())) < 2:
-            raise AdaptError(f"{manifest} has patients of one class only; an AUC needs both.")
+            also = f" ({left_out})" if left_out else ""
+            raise AdaptError(f"{manifest} has patients of one class only; an AUC needs both.{also}")
         auc = stats.auc_ci(y, cases["prob"].to_numpy())
         row = {"package": str(package), "AUC": auc.estimate, "AUC low": auc.ci_low, "AUC high": auc.ci_high}
         point = meta["threshold"]

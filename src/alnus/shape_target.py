@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from alnus.data.images import ImageReadError, load_image
+from alnus.data.images import ImageReadError, image_shape, load_image
 from alnus.data.roi import mask_path
 from alnus.errors import AlnusError
 
@@ -38,27 +38,42 @@ class ShapeTargetError(AlnusError):
     """A mask that cannot serve as a shape target; the message names the image and what to do."""
 
 
-def mask_shape(mask: np.ndarray) -> np.ndarray:
-    """The three descriptors (`DESCRIPTORS`) of a 2-D mask's nonzero pixels, as float64.
+def mask_pixels(mask: np.ndarray) -> np.ndarray:
+    """The lesion's pixels of a 2-D mask: those at or above half its maximum (for a 0/1 or 0/255 mask, the nonzero
+    ones; a mask saved with soft edges or as JPEG loses its halo). All False for an empty mask.
 
     Raises:
-        ValueError: the mask is not 2-D or has no nonzero pixel.
+        ValueError: the mask is not 2-D.
     """
-    import contourpy
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be a 2-D (H, W) array, got shape {mask.shape}")
+    values = np.nan_to_num(mask.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max()) if values.size else 0.0
+    return values >= peak / 2 if peak > 0 else np.zeros(mask.shape, dtype=bool)
+
+
+def mask_shape(mask: np.ndarray) -> np.ndarray:
+    """The three descriptors (`DESCRIPTORS`) of a 2-D mask's lesion pixels (`mask_pixels`), as float64.
+
+    Raises:
+        ValueError: the mask is not 2-D or has no lesion pixel.
+    """
     from scipy import ndimage
     from scipy.spatial import ConvexHull, QhullError
 
-    if mask.ndim != 2:
-        raise ValueError(f"a mask must be a 2-D (H, W) array, got shape {mask.shape}")
-    inside = mask > 0
+    inside = mask_pixels(mask)
     if not inside.any():
         raise ValueError("the mask is empty (no nonzero pixel)")
     rows = np.flatnonzero(inside.any(axis=1))
     cols = np.flatnonzero(inside.any(axis=0))
     orientation = float(np.log((rows[-1] - rows[0] + 1) / (cols[-1] - cols[0] + 1)))
-    # Pixel squares: the area is the pixel count, the hull is taken over the pixels' corners.
+    # Only the lesion and a few pixels around it are needed (more than the smoothing below reaches).
+    inside = inside[max(0, rows[0] - 5) : rows[-1] + 6, max(0, cols[0] - 5) : cols[-1] + 6]
     area = float(inside.sum())
-    y, x = np.nonzero(inside)
+    # Pixel squares: the area is the pixel count, the hull is that of the squares' corners; only the outline's
+    # pixels can be corners of the hull, so only theirs are given to Qhull.
+    edge = inside & ~ndimage.binary_erosion(inside)
+    y, x = np.nonzero(edge)
     corners = np.concatenate([np.stack([x + dx, y + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     try:
         hull_area = float(ConvexHull(corners).volume)  # in 2-D, `volume` is the area
@@ -67,12 +82,22 @@ def mask_shape(mask: np.ndarray) -> np.ndarray:
     solidity = min(1.0, area / hull_area) if hull_area > 0 else 1.0
     # The outline: the 0.5 iso-line of the mask smoothed by a Gaussian of one pixel (so the line follows the edge,
     # not the pixel staircase), padded with background so every region is closed; area and perimeter both from it.
-    padded = ndimage.gaussian_filter(np.pad(inside.astype(np.float64), 3), sigma=1.0)
-    lines = contourpy.contour_generator(z=padded, name="serial").lines(0.5)
-    perimeter = float(sum(np.linalg.norm(np.diff(line, axis=0), axis=1).sum() for line in lines))
+    # Smoothing erases a lesion one or two pixels thin; it is then measured on its unsmoothed outline instead.
+    lines = _outline(ndimage.gaussian_filter(np.pad(inside.astype(np.float64), 3), sigma=1.0))
     enclosed = abs(sum(_signed_area(line) for line in lines))
+    if enclosed < area / 2:
+        lines = _outline(np.pad(inside.astype(np.float64), 1))
+        enclosed = abs(sum(_signed_area(line) for line in lines))
+    perimeter = float(sum(np.linalg.norm(np.diff(line, axis=0), axis=1).sum() for line in lines))
     circularity = min(1.0, 4 * np.pi * enclosed / perimeter**2) if perimeter > 0 and enclosed > 0 else 1.0
     return np.array([orientation, solidity, circularity], dtype=np.float64)
+
+
+def _outline(field: np.ndarray) -> list[np.ndarray]:
+    """The 0.5 iso-lines of a field (marching squares), each a closed polyline of (x, y) points."""
+    import contourpy
+
+    return list(contourpy.contour_generator(z=field, name="serial").lines(0.5))
 
 
 def _signed_area(line: np.ndarray) -> float:
@@ -89,6 +114,7 @@ class ShapeTarget:
     mean: tuple[float, ...]  # per descriptor, over the training images with a mask (before standardising)
     std: tuple[float, ...]
     weight: float
+    note: str = ""  # how many training images have a usable mask, and why the others were left out
 
     @property
     def outputs(self) -> int:
@@ -104,16 +130,9 @@ class ShapeTarget:
             return extra_logits.sum() * 0.0
         return self.weight * nn.functional.smooth_l1_loss(extra_logits[known].float(), target[known])
 
-    def describe(self) -> dict[str, object]:
-        """What the target was fitted on, for the training record."""
-        known = int((~torch.isnan(self.values[:, 0])).sum())
-        return {
-            "descriptors": list(DESCRIPTORS),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "images_with_mask": known,
-            "weight": self.weight,
-        }
+
+# A "lesion" covering more of its image than this is no lesion outline: usually an inverted mask.
+MAX_MASK_FRACTION = 0.9
 
 
 def shape_target(
@@ -122,40 +141,58 @@ def shape_target(
     """The shape target of `table`'s rows (the training split, in dataset order) from their lesion masks.
 
     A row's mask is its `mask` column, else the first path of `mask_tumor` (as for the lesion box), read relative
-    to `root`. Rows without a mask add nothing to the loss; an empty mask counts as none.
+    to `root`. Rows without a mask add nothing to the loss, nor do masks without a lesion pixel or whose lesion
+    covers nearly the whole image (an inverted mask, most likely); `ShapeTarget.note` counts them.
 
     Raises:
-        ShapeTargetError: a mask that cannot be read or does not match its image's size, or fewer than two training
-            images with a mask; the message names the image and what to do.
+        ShapeTargetError: a mask that cannot be read or whose size differs from its image's, or fewer than two
+            training images with a usable mask; the message names the image and what to do.
     """
     root = Path(root)
     values = np.full((len(table), len(DESCRIPTORS)), np.nan)
     records = [{str(k): "" if pd.isna(v) else str(v) for k, v in r.items()} for r in table.to_dict("records")]
+    skipped = {"no mask": 0, "an empty mask": 0, "a mask covering nearly the whole image": 0}
     for i, row in enumerate(records):
         rel = mask_path(row)
         if rel is None:
+            skipped["no mask"] += 1
             continue
         image = row.get("image", f"row {i + 1}")
         try:
             mask = load_image(root / rel, max_pixels=max_pixels)
+            shape = image_shape(root / image, max_pixels=max_pixels) if "image" in row else mask.shape
         except (ImageReadError, OSError) as exc:
             raise ShapeTargetError(
-                f"{where}: train.aux_shape needs the lesion masks, but image {image}'s mask {rel} cannot be read "
-                f"({exc}); fix or remove the mask path, or remove train.aux_shape"
+                f"{where}: train.aux_shape needs the lesion masks, but image {image} or its mask {rel} cannot be "
+                f"read ({exc}); fix or remove the mask path, or remove train.aux_shape"
             ) from None
-        if not (mask > 0).any():
-            continue
-        values[i] = mask_shape(mask)
+        if tuple(mask.shape) != tuple(shape[:2]):
+            raise ShapeTargetError(
+                f"{where}: image {image}'s mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                f"{shape[1]}x{shape[0]}; the mask must be drawn on the image (fix it), or remove train.aux_shape"
+            )
+        inside = mask_pixels(mask)
+        if not inside.any():
+            skipped["an empty mask"] += 1
+        elif inside.mean() > MAX_MASK_FRACTION:
+            skipped["a mask covering nearly the whole image"] += 1
+        else:
+            values[i] = mask_shape(mask)
     known = ~np.isnan(values[:, 0])
     if known.sum() < 2:
         raise ShapeTargetError(
             f"{where}: train.aux_shape needs lesion masks ('mask' or 'mask_tumor' column), but {int(known.sum())} of "
-            f"the {len(table)} training images have a non-empty one; add masks, or remove train.aux_shape"
+            f"the {len(table)} training images have a usable one; add masks, or remove train.aux_shape"
         )
     mean = values[known].mean(axis=0)
     std = values[known].std(axis=0)
     std = np.where(std > 0, std, 1.0)
     standard = ((values - mean) / std).astype(np.float32)
+    left_out = [f"{n} with {what}" for what, n in skipped.items() if n]
+    note = (
+        f"lesion shape target (train.aux_shape {weight:g}): {int(known.sum())} of the {len(table)} training images "
+        f"have a usable mask{' (left out: ' + ', '.join(left_out) + ')' if left_out else ''}"
+    )
     return ShapeTarget(
-        torch.from_numpy(standard), tuple(float(v) for v in mean), tuple(float(v) for v in std), float(weight)
+        torch.from_numpy(standard), tuple(float(v) for v in mean), tuple(float(v) for v in std), float(weight), note
     )

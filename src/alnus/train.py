@@ -906,8 +906,14 @@ def train_model(
             f"train / {len(data.val_ds)} val images at {data.spec.size} px, {info.world_size} process(es)",
             highlight=False,
         )
-        for note in _start_notes(tc):
-            console.print(note, highlight=False)
+        for note in _start_notes(tc) + [target.note for target in data.aux if getattr(target, "note", "")]:
+            console.print(escape(note), highlight=False)
+        if tc.aux_shape is not None and not cfg.preprocess.keep_aspect:
+            console.print(
+                "note: preprocess.keep_aspect is false, so the lesion crop is stretched to a square and the network "
+                "cannot see the orientation that train.aux_shape asks of it; set keep_aspect: true",
+                highlight=False,
+            )
     tracker = _Tracker(cfg, model_dir, backbone, state.epochs_done, enabled=info.is_main)
     try:
         with _progress(console, info) as progress:

@@ -209,35 +209,59 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
                     row["error"] = f"{row['image']}: {option}: {exc}"
 
 
+def _same_reading(a: str, b: str) -> bool:
+    """Whether two BI-RADS cells say the same ("4a" and "4A", "BI-RADS 5" and "5"); unreadable ones as text."""
+    from alnus.readers import ReaderError, birads_score
+
+    if a.strip().lower() == b.strip().lower():
+        return True
+    try:
+        return bool(birads_score([a])[0] == birads_score([b])[0])
+    except ReaderError:
+        return False
+
+
 def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
     """The rows without repeats (the first is kept), and notes on what was removed or looks wrong.
 
-    A repeat is the same file with the same region and frame, listed for the same patient, study, site and reading:
-    it would only print the same answer twice. The same image and region listed for another patient (or with another
-    reading) is predicted for each, since each patient's call needs it, and said: it is usually a mistake in the IDs.
+    A repeat is the same file with the same region and frame listed again for the same patient (and site): it is read
+    once, since counting it twice would weigh it twice in the patient's call. Listed again with another BI-RADS
+    reading, the row becomes an error (which reading holds is the user's to say). The same image and region listed
+    for another patient is predicted for each, since each patient's call needs it, and said: it is usually a mistake
+    in the IDs.
     """
-    kept: dict[tuple[str, ...], dict[str, str]] = {}
+    kept: list[dict[str, str]] = []
+    first_of: dict[tuple[str, ...], dict[str, str]] = {}
     first_of_image: dict[tuple[str, ...], dict[str, str]] = {}
     notes = []
     for row in rows:
         image = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
-        key = (*image, row["patient_id"], row["study_id"], row["site"], row["birads"])
-        first = kept.setdefault(key, row)
+        first = first_of.setdefault((*image, row["patient_id"], row["site"]), row)
         if first is not row:
-            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: read once")
+            if not _same_reading(row["birads"], first["birads"]):
+                row["error"] = row["error"] or (
+                    f"{row['image']} ({row['source']}) is listed again for patient {row['patient_id'] or '(none)'!r} "
+                    f"with BI-RADS {row['birads'] or '(none)'!r}, where {first['image']} has "
+                    f"{first['birads'] or '(none)'!r}: give the image once, with one reading"
+                )
+                kept.append(row)
+                continue
+            study = f" (its study_id {row['study_id']!r} is not used)" if row["study_id"] != first["study_id"] else ""
+            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: read once{study}")
             continue
+        kept.append(row)
         earlier = first_of_image.setdefault(image, row)
         if earlier is not row:
             differs = [
                 f"{column} {row[column] or '(none)'!r} (there: {earlier[column] or '(none)'!r})"
-                for column in ("patient_id", "study_id", "site", "birads")
+                for column in ("patient_id", "site")
                 if row[column] != earlier[column]
             ]
             notes.append(
                 f"{row['image']} ({row['source']}) is the same image and region as {earlier['image']} but with "
                 f"{', '.join(differs)}: predicted for each; check the manifest if that is a mistake"
             )
-    return list(kept.values()), notes
+    return kept, notes
 
 
 def collect_inputs(
