@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "alnus.config": 4,
     "alnus.readers": 5,
     "alnus.reader_target": 5,
+    "alnus.shape_target": 5,
     "alnus.combine": 5,
     "alnus.train": 5,
     "alnus.predict": 5,

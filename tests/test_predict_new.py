@@ -381,8 +381,8 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     """A repeat within a patient (same file and region) is read once, whatever its study or spelling of the reading;
     with another reading it is an error row; the same image under another patient is not merged into the first
     (each patient's call needs it), and the note names what differs."""
-    rows = [("a.png", "A", "s1", "4a"), ("a.png", "A", "s2", "4A"), ("a.png", "B", "", ""), ("b.png", "B", "", ""),
-            ("b.png", "B", "", "5")]  # fmt: skip
+    rows = [("a.png", "A", "s1", "4a"), ("a.png", "A", "s2", "BI-RADS 4A"), ("a.png", "B", "", ""),
+            ("b.png", "B", "", ""), ("b.png", "B", "", "5")]  # fmt: skip
     columns = ["image", "patient_id", "study_id", "birads"]
     pd.DataFrame(rows, columns=columns).to_csv(data / "export" / "twice.csv", index=False)
     table = collect_inputs(manifest=data / "export" / "twice.csv")

@@ -11,6 +11,7 @@ others. Duplicates (the same file with the same region) are kept once and named 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -210,15 +211,14 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
 
 
 def _same_reading(a: str, b: str) -> bool:
-    """Whether two BI-RADS cells say the same ("4a" and "4A", "BI-RADS 5" and "5"); unreadable ones as text."""
-    from alnus.readers import ReaderError, birads_score
+    """Whether two BI-RADS cells are written alike up to case, spaces, a "BI-RADS" prefix and a ".0" ("4a" and
+    "BI-RADS 4A", "4" and "4.0"); whether a cell is a category at all is checked where readings are used."""
 
-    if a.strip().lower() == b.strip().lower():
-        return True
-    try:
-        return bool(birads_score([a])[0] == birads_score([b])[0])
-    except ReaderError:
-        return False
+    def plain(text: str) -> str:
+        text = re.sub(r"^bi-?rads", "", text.strip().lower().replace(" ", ""))
+        return text[:-2] if text.endswith(".0") else text
+
+    return plain(a) == plain(b)
 
 
 def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
