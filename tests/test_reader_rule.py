@@ -459,3 +459,30 @@ def test_two_writers_of_one_package_take_turns(site: Path, monkeypatch: pytest.M
     set_reader_rule(package, _rule(0.3))  # once the other writer is done
     assert read_metadata(package)["reader_rule"]["value"] == 0.3
     assert sorted(p.name for p in package.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_rule_is_removed_into_its_history_with_its_card_block_and_predict_stops_using_it(site: Path) -> None:
+    package, manifest = site / "model", site / "site" / "validation.csv"
+    code, _, stderr = run_cli("reader-rule", str(package))
+    assert code == 2 and "give --manifest" in stderr and "--remove" in stderr
+    code, _, stderr = run_cli("reader-rule", str(package), "--remove")
+    assert code == 2 and "has no reader rule to remove" in stderr
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
+    rule = read_metadata(package)["reader_rule"]
+    code, _, stderr = run_cli("reader-rule", str(package), "--remove", "--manifest", str(manifest))
+    assert code == 2 and "--remove takes no --manifest" in stderr and read_metadata(package)["reader_rule"] == rule
+    code, stdout, stderr = run_cli("reader-rule", str(package), "--remove")
+    assert code == 0 and "Removed" in stdout and "and its block in the model card" in stdout, stdout + stderr
+    meta = read_metadata(package)
+    assert meta["reader_rule"] is None and meta["reader_rule_history"][-1] == rule
+    card = (package / "README.md").read_text()
+    assert CARD_START not in card and "## Known limitations" in card and "## Operating threshold" in card
+    code, _, stderr = run_cli("predict", str(package), str(site / "site" / "im02.png"), "--birads", "4a")
+    assert code == 2 and "carries no reader rule" in stderr
+    # A card block left behind (metadata.json edited by hand) is removed on its own, and said.
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
+    edited = read_metadata(package) | {"reader_rule": None}
+    (package / "metadata.json").write_text(json.dumps(edited))
+    code, stdout, _ = run_cli("reader-rule", str(package), "--remove")
+    assert code == 0 and "stale rule block was removed" in stdout
+    assert CARD_START not in (package / "README.md").read_text()

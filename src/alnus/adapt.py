@@ -956,6 +956,22 @@ def freeze_reader_rule(
     return set_reader_rule(package_dir, rule, refreeze=refreeze)["reader_rule"]
 
 
+def remove_card_section(package_dir: str | os.PathLike[str]) -> bool:
+    """Take the reader rule's block out of the package's model card; False when the card has none (or the package
+    has no card it can update)."""
+    from alnus.predict import MAX_CARD_BYTES, read_card
+    from alnus.reader_rule import without_card_block
+
+    path = Path(package_dir) / "README.md"
+    card = read_card(Path(package_dir))
+    if not card or path.stat().st_size > MAX_CARD_BYTES:
+        return False
+    kept, had = without_card_block(card)
+    if had:
+        atomic_write_text(path, kept.rstrip("\n") + "\n")
+    return had
+
+
 def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
     """Put the rule's block into the package's model card: in place of an earlier one (`card_block_span`), else after
     the card's operating-threshold section (in an adapted package's card, before the source model's part), else at

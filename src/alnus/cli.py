@@ -1193,17 +1193,24 @@ def threshold(
 def reader_rule(
     package: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A model package folder.")],
     manifest: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="CSV of a site's labelled validation patients with the radiologist's BI-RADS: image (paths relative "
             "to it), label, patient_id, the lesion boxes (roi) or masks, and the reading column (--reader)."
         ),
-    ] = ...,  # type: ignore[assignment]
+    ] = None,
     reader: Annotated[str, typer.Option(help="The manifest's column of BI-RADS readings.")] = "reader_birads",
     positive_from: Annotated[
         str, typer.Option(help="The radiologist calls positive from this category (4 and 4a are the same cut).")
     ] = "4a",
     refreeze: Annotated[bool, typer.Option(help="Replace a reader rule the package already has.")] = False,
+    remove: Annotated[
+        bool,
+        typer.Option(
+            help="Take the package's reader rule away (metadata.json keeps it in its history; the card loses its "
+            "block), e.g. where a site finds it does not hold."
+        ),
+    ] = False,
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
 ) -> None:
     """Set a package's reader rule on labelled validation patients, so that predict gives the radiologist with AI.
@@ -1213,13 +1220,18 @@ def reader_rule(
     lowest model probability among those validation patients who are malignant, so there the radiologist's
     sensitivity is kept; it is written into the package's metadata.json and its model card. Then `alnus predict
     PACKAGE IMAGE --roi ... --birads 4a` (or a manifest's birads column) gives both calls. Use validation patients,
-    never the patients you report results on.
+    never the patients you report results on. `--remove` takes the rule away again.
     """
     from alnus.adapt import freeze_reader_rule, write_card_section
     from alnus.models.package import read_metadata
     from alnus.reader_rule import describe_reader_rule, rule_caveats
 
     _refuse_run_folder(package, "reader-rule")
+    if remove:
+        _remove_reader_rule(package, manifest, refreeze)
+        return
+    if manifest is None:
+        raise AlnusError("give --manifest (the labelled validation patients that set the rule), or --remove.")
     before = read_metadata(package)
     if before["reader_rule"] is not None and not refreeze:
         # The card is brought in line with metadata.json first (a run killed between the two writes leaves it behind).
@@ -1247,6 +1259,30 @@ def reader_rule(
     if not carded:
         _note(f"{printable(package)} has no model card this command can update (none, or over 1 MB): only "
               "metadata.json holds the rule.")  # fmt: skip
+
+
+def _remove_reader_rule(package: Path, manifest: Path | None, refreeze: bool) -> None:
+    """`alnus reader-rule PACKAGE --remove`: the rule goes from metadata.json (into its history) and from the card."""
+    from alnus.adapt import remove_card_section
+    from alnus.models.package import read_metadata, remove_reader_rule
+
+    if manifest is not None or refreeze:
+        raise AlnusError("--remove takes no --manifest or --refreeze: it only takes the rule away.")
+    if read_metadata(package).get("reader_rule") is None:
+        # Nothing in metadata.json; a card block left by hand-editing or an interrupted run still goes.
+        if remove_card_section(package):
+            console.print(f"{escape(printable(package))} had no reader rule; its card's stale rule block was removed.",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+            return
+        raise AlnusError(f"{printable(package)} has no reader rule to remove.")
+    remove_reader_rule(package)
+    carded = remove_card_section(package)
+    console.print(
+        f"Removed {escape(printable(package))}'s reader rule (kept in metadata.json's reader_rule_history)"
+        f"{' and its block in the model card' if carded else ''}: predict no longer gives the call with AI.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("score")

@@ -699,6 +699,25 @@ def set_reader_rule(
     return meta
 
 
+@_one_writer
+def remove_reader_rule(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Take a package's reader rule away (kept as the latest of `reader_rule_history`); return the metadata.
+
+    Raises:
+        PackageError: the package has no reader rule.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    old = meta.get("reader_rule")
+    if old is None:
+        raise PackageError(f"{folder} has no reader rule to remove.")
+    history = meta.get("reader_rule_history")
+    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), old][-MAX_HISTORY:]
+    meta["reader_rule"] = None
+    atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    return meta
+
+
 def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -> tuple[UltrasoundNet, dict]:
     """Load a package written by `save_package`: the network (eval mode, weights checked) and its metadata."""
     folder = Path(folder)
