@@ -906,14 +906,8 @@ def train_model(
             f"train / {len(data.val_ds)} val images at {data.spec.size} px, {info.world_size} process(es)",
             highlight=False,
         )
-        for note in _start_notes(tc) + [target.note for target in data.aux if getattr(target, "note", "")]:
+        for note in _start_notes(cfg, data):
             console.print(escape(note), highlight=False)
-        if tc.aux_shape is not None and not cfg.preprocess.keep_aspect:
-            console.print(
-                "note: preprocess.keep_aspect is false, so the lesion crop is stretched to a square and the network "
-                "cannot see the orientation that train.aux_shape asks of it; set keep_aspect: true",
-                highlight=False,
-            )
     tracker = _Tracker(cfg, model_dir, backbone, state.epochs_done, enabled=info.is_main)
     try:
         with _progress(console, info) as progress:
@@ -997,9 +991,11 @@ def average_epoch(engine: Engine, data: TrainData, info: DistInfo) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _start_notes(tc: Any) -> list[str]:
+def _start_notes(cfg: Config, data: TrainData) -> list[str]:
     """What a training's settings change that its user should hear of before the first epoch."""
-    notes = []
+    from alnus.shape_target import ShapeTarget
+
+    tc, notes = cfg.train, []
     if tc.swa_start is not None:
         notes.append(
             f"weights averaged over the epochs from epoch {tc.swa_start} on (train.swa_start): that average is "
@@ -1014,6 +1010,14 @@ def _start_notes(tc: Any) -> list[str]:
         notes.append(
             f"MixStyle on while training (train.mixstyle {tc.mixstyle}): the early feature maps' styles are mixed "
             "between the images of a batch"
+        )
+    for target in data.aux:
+        if isinstance(target, ShapeTarget):
+            notes.append(target.note)
+    if tc.aux_shape is not None and not cfg.preprocess.keep_aspect:
+        notes.append(
+            "preprocess.keep_aspect is false, so the lesion crop is stretched to a square and the network cannot see "
+            "the orientation that train.aux_shape asks of it; set keep_aspect: true"
         )
     return notes
 
