@@ -790,9 +790,7 @@ def labelled_table(
         )
         if table.empty:
             raise AdaptError(f"{manifest}: no row is labelled with one of the model's labels {known}.")
-    checked = validate_manifest(
-        table, manifest.parent, labels=[str(n) for n in meta["label_names"]], max_pixels=max_pixels
-    )
+    checked = validate_manifest(table, manifest.parent, labels=known, max_pixels=max_pixels)
     if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
         raise ManifestError(manifest, checked.problems, limit=10)
     return table, note
