@@ -388,7 +388,10 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     table = collect_inputs(manifest=data / "export" / "twice.csv")
     assert table["patient_id"].tolist() == ["A", "B", "B", "B"]
     notes = " ".join(table.attrs["notes"])
-    assert "is the same image as a.png: read once (its study_id 's2' is not used)" in notes
+    assert (
+        "twice.csv row 3 repeats twice.csv row 2 (a.png: the same image, region and patient): left out, the "
+        "image is predicted once (its study_id 's2' is not used)"
+    ) in notes
     assert "same image and region as a.png but with patient_id 'B' (there: 'A'): predicted for each" in notes
     assert table["error"].tolist()[:3] == ["", "", ""]
     assert "listed again for patient 'B' with BI-RADS '5', where b.png has '(none)'" in table["error"].iloc[3]

@@ -474,11 +474,15 @@ def test_a_rule_is_removed_into_its_history_with_its_card_block_and_predict_stop
     code, stdout, stderr = run_cli("reader-rule", str(package), "--remove")
     assert code == 0 and "Removed" in stdout and "and its block in the model card" in stdout, stdout + stderr
     meta = read_metadata(package)
-    assert meta["reader_rule"] is None and meta["reader_rule_history"][-1] == rule
+    assert meta["reader_rule"] is None and {**meta["reader_rule_history"][-1], "removed_at": None} == {
+        **rule,
+        "removed_at": None,
+    }
     card = (package / "README.md").read_text()
     assert CARD_START not in card and "## Known limitations" in card and "## Operating threshold" in card
+    assert meta["reader_rule_history"][-1]["removed_at"][:2] == "20"
     code, _, stderr = run_cli("predict", str(package), str(site / "site" / "im02.png"), "--birads", "4a")
-    assert code == 2 and "carries no reader rule" in stderr
+    assert code == 2 and "carries no reader rule (its rule was removed on 20" in " ".join(stderr.split())
     # A card block left behind (metadata.json edited by hand) is removed on its own, and said.
     assert run_cli("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
     edited = read_metadata(package) | {"reader_rule": None}

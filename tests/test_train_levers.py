@@ -575,6 +575,7 @@ def test_training_with_the_shape_and_reader_targets_packages_a_single_output_mod
     # Every phantom image has a mask, and the user is told so when training starts.
     assert f"{len(train_rows)} of the {len(train_rows)} training images have a usable mask" in shape.note
     assert "train.aux_shape 0.5" in out.getvalue() and "have a usable mask" in out.getvalue()
+    assert "the train loss below is the label's loss plus the auxiliary targets' weighted losses" in out.getvalue()
     last = load_checkpoint(result.model_dir / "checkpoints" / "last.pt")
     # The label, the BI-RADS steps, then the three shape descriptors.
     assert last["model"]["backbone.classifier.weight"].shape[0] == 1 + steps + 3

@@ -781,7 +781,9 @@ def labelled_table(
         if not leave_out:
             raise AdaptError(
                 f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {known}; {purpose} on "
-                "patients labelled as the model was trained: rename the labels (or leave out rows of other classes)."
+                "patients labelled as the model was trained: rename the labels, or leave out the rows of other "
+                "classes (`alnus score` leaves them out itself; what a threshold or rule is set on is exactly the "
+                "rows you give)."
             )
         table = table.drop(index=other)
         note = (

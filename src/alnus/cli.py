@@ -927,8 +927,9 @@ def predict(
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(
-            f"{package} carries no reader rule, so --birads would not be used; set one on labelled validation "
-            f"patients with their BI-RADS: `alnus reader-rule {_shell_path(package)} --manifest VALIDATION.csv`."
+            f"{package} carries no reader rule{_removed_when(predictor.metadata)}, so --birads would not be used; set "
+            "one on labelled validation patients with their BI-RADS: "
+            f"`alnus reader-rule {_shell_path(package)} --manifest VALIDATION.csv`."
         )
     for line in package_notes(package, predictor.metadata):
         err_console.print(escape(line), highlight=False, soft_wrap=True)
@@ -956,8 +957,9 @@ def predict(
     _predict_summary(predictor, result, out, heatmaps)
     if predictor.metadata.get("reader_rule") is None and table["birads"].astype(str).str.strip().ne("").any():
         _note(
-            "the manifest's BI-RADS readings are not used: this package carries no reader rule (`alnus reader-rule "
-            f"{_shell_path(package)} --manifest VALIDATION.csv` sets one on labelled validation patients)."
+            "the manifest's BI-RADS readings are not used: this package carries no reader rule"
+            f"{_removed_when(predictor.metadata)} (`alnus reader-rule {_shell_path(package)} --manifest "
+            "VALIDATION.csv` sets one on labelled validation patients)."
         )
     if predictor.metadata.get("adaptation"):
         from alnus.adapt import adapted_on
@@ -1259,6 +1261,14 @@ def reader_rule(
     if not carded:
         _note(f"{printable(package)} has no model card this command can update (none, or over 1 MB): only "
               "metadata.json holds the rule.")  # fmt: skip
+
+
+def _removed_when(meta: dict) -> str:
+    """' (its rule was removed on DATE)' when the package's latest rule was taken away by `--remove`, else ''."""
+    history = meta.get("reader_rule_history")
+    last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
+    removed = last.get("removed_at")
+    return f" (its rule was removed on {printable(str(removed))[:10]}; see reader_rule_history)" if removed else ""
 
 
 def _remove_reader_rule(package: Path, manifest: Path | None, refreeze: bool) -> None:

@@ -1014,6 +1014,8 @@ def _start_notes(cfg: Config, data: TrainData) -> list[str]:
     for target in data.aux:
         if isinstance(target, ShapeTarget):
             notes.append(target.note)
+    if data.aux:
+        notes.append("the train loss below is the label's loss plus the auxiliary targets' weighted losses")
     if tc.aux_shape is not None and not cfg.preprocess.keep_aspect:
         notes.append(
             "preprocess.keep_aspect is false, so the lesion crop is stretched to a square and the network cannot see "

@@ -77,7 +77,7 @@ def test_duplicates_are_predicted_once_and_named(tmp_path: Path) -> None:
     table = collect_inputs([str(tmp_path / "imgs"), str(image), str(tmp_path / "link.png")])
     assert len(table) == 1
     notes = table.attrs["notes"]
-    assert len(notes) == 2 and all("same image" in n and "read once" in n for n in notes)
+    assert len(notes) == 2 and all("the same image" in n and "predicted once" in n for n in notes)
     # The same file with two lesion boxes is two rows (two lesions), not a duplicate.
     two = collect_inputs([str(image), str(image)], per_image={"roi": ["1,1,10,10", "20,20,10,10"]})
     assert two["roi"].tolist() == ["1,1,10,10", "20,20,10,10"] and not two.attrs["notes"]

@@ -247,7 +247,8 @@ def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], 
                 kept.append(row)
                 continue
             study = f" (its study_id {row['study_id']!r} is not used)" if row["study_id"] != first["study_id"] else ""
-            notes.append(f"{row['image']} ({row['source']}) is the same image as {first['image']}: read once{study}")
+            notes.append(f"{row['source']} repeats {first['source']} ({first['image']}: the same image, region and "
+                         f"patient): left out, the image is predicted once{study}")  # fmt: skip
             continue
         kept.append(row)
         earlier = first_of_image.setdefault(image, row)

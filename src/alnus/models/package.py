@@ -701,7 +701,8 @@ def set_reader_rule(
 
 @_one_writer
 def remove_reader_rule(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Take a package's reader rule away (kept as the latest of `reader_rule_history`); return the metadata.
+    """Take a package's reader rule away (kept as the latest of `reader_rule_history`, with `removed_at`); return the
+    metadata.
 
     Raises:
         PackageError: the package has no reader rule.
@@ -712,7 +713,8 @@ def remove_reader_rule(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if old is None:
         raise PackageError(f"{folder} has no reader rule to remove.")
     history = meta.get("reader_rule_history")
-    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), old][-MAX_HISTORY:]
+    removed = {**old, "removed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), removed][-MAX_HISTORY:]
     meta["reader_rule"] = None
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
