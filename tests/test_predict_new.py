@@ -400,3 +400,7 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     out = _csv(stdout)
     assert out["patient_id"].tolist() == ["A", "B", "B", "B"] and out["prob"].iloc[0] == out["prob"].iloc[1]
     assert "predicted for each" in " ".join(stderr.split())
+    # One image with two lesion boxes: two rows, told apart by their roi column.
+    code, stdout, _ = _predict(str(data / "model"), str(data / "export" / "a.png"), str(data / "export" / "a.png"),
+                               "--roi", "1,1,20,20", "--roi", "30,10,20,20")  # fmt: skip
+    assert code == 0 and _csv(stdout)["roi"].tolist() == ["1,1,20,20", "30,10,20,20"]

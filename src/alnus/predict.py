@@ -506,9 +506,9 @@ class Predictor:
             progress: called as `progress(done, total)` after each image.
 
         Returns:
-            Rows in the table's order: `image`, `patient_id`, `study_id` and `site` (when any row has one), `prob`
-            (empty where the image failed); with a frozen threshold the call made the way it was frozen, on the images
-            that were predicted (a failed image is left out of its patient's aggregate): `<level>_prob` and
+            Rows in the table's order: `image`, `patient_id`, `study_id`, `site` and `roi` (when any row has one),
+            `prob` (empty where the image failed); with a frozen threshold the call made the way it was frozen, on the
+            images that were predicted (a failed image is left out of its patient's aggregate): `<level>_prob` and
             `n_images` (patient or study level), `call`, `call_level`, and `prediction` (the call's label name); then
             `engine`, `error` ("" where the image was predicted) and `warning` ("" unless the image was predicted with
             an implausible lesion box, see `roi_warning`; box and mask ROIs alike).
@@ -562,7 +562,8 @@ class Predictor:
         warnings."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
-        for column in ("study_id", "site"):
+        # The lesion's box says which lesion a row is when one image is listed with two boxes.
+        for column in ("study_id", "site", "roi"):
             values = [r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
