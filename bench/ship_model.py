@@ -160,8 +160,7 @@ def _box_jitter(shipped: Path, run: Path, shift: int = 2) -> dict[str, object]:
 def _reader_rule(shipped: Path, run: Path, tmp: Path) -> dict[str, object] | None:
     """Set the shipped copy's reader rule (`alnus reader-rule`) on the run's validation patients with their BI-RADS,
     so that `alnus predict --birads` gives the radiologist with AI; None when the run has no BI-RADS readings."""
-    from alnus.adapt import freeze_reader_rule, write_card_section
-    from alnus.models.package import read_metadata
+    from alnus.adapt import freeze_reader_rule
 
     splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
     if "reader_birads" not in splits.columns:
@@ -170,8 +169,7 @@ def _reader_rule(shipped: Path, run: Path, tmp: Path) -> dict[str, object] | Non
     manifest = tmp / f"{run.name}-validation.csv"
     val.to_csv(manifest, index=False)
     where = f"the {val['patient_id'].nunique()} validation patients of {run.name} ({run.name}/splits.csv, split val)"
-    rule = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True, described_as=where)
-    write_card_section(shipped, rule, read_metadata(shipped))
+    rule, _ = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True, described_as=where)
     return rule
 
 

@@ -608,8 +608,9 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "only_normal.csv"))
     assert code == 2 and "no row is labelled with one of the model's labels" in stderr
     # A misspelt, differently cased or empty label is a mistake to correct, not a class to leave out.
-    mistakes = (("Malignant", "differs from 'malignant' only in case"), ("malignat", "misspelling of 'malignant'"),
-                ("", "which is empty"))  # fmt: skip
+    mistakes = (("Malignant", "differs from 'malignant' only in case"), ("malignat", "which is close to 'malignant'"),
+                ("", "which is empty"), ("malig", "looks like 'malignant' cut short"),
+                ("".join(chr(0xFEE0 + ord(c)) for c in "malignant"), "only in case or character width"))  # fmt: skip
     for label, why in mistakes:
         table.assign(label=table["label"].replace("malignant", label)).to_csv(site / "site" / "typo.csv", index=False)
         code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "typo.csv"))

@@ -389,12 +389,13 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     assert table["patient_id"].tolist() == ["A", "B", "B", "B"]
     notes = " ".join(table.attrs["notes"])
     assert (
-        "twice.csv row 3 repeats twice.csv row 2 (a.png: the same image, region and patient): left out, the "
-        "image is predicted once (its study_id 's2' is not used)"
+        "twice.csv row 3 repeats twice.csv row 2 (the same image, region and patient): left out, the image is "
+        "predicted once (its study_id 's2' is not used)"
     ) in notes
     assert "same image and region as a.png but with patient_id 'B' (there: 'A'): predicted for each" in notes
     assert table["error"].tolist()[:3] == ["", "", ""]
-    assert "listed again for patient 'B' with BI-RADS '5', where b.png has '(none)'" in table["error"].iloc[3]
+    error = table["error"].iloc[3]
+    assert "twice.csv row 6 lists b.png again for patient 'B' with BI-RADS '5', where twice.csv row 5 has" in error
     code, stdout, stderr = _predict(str(data / "model"), "--manifest", str(data / "export" / "twice.csv"))
     assert code == 1, stderr  # the conflicting reading is an error row
     out = _csv(stdout)
@@ -404,3 +405,29 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     code, stdout, _ = _predict(str(data / "model"), str(data / "export" / "a.png"), str(data / "export" / "a.png"),
                                "--roi", "1,1,20,20", "--roi", "30,10,20,20")  # fmt: skip
     assert code == 0 and _csv(stdout)["roi"].tolist() == ["1,1,20,20", "30,10,20,20"]
+
+
+def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path) -> None:
+    """Third attack review: '1, 1, 20, 20' slipped past the repeat check as another region, and '4a' beside
+    '4A.0' was taken for one reading on its spelling alone."""
+    from alnus.readers import birads_key
+
+    rows = [
+        ("a.png", "A", "1,1,20,20", "4a"),
+        ("a.png", "A", "1, 1, 20, 20", "BI-RADS 4A"),
+        ("a.png", "A", "[1,1,20,20]", "4"),
+        ("b.png", "B", "1,1,20,20", "4A.0"),
+        ("b.png", "B", "1,1,20,20", "4a"),
+    ]
+    pd.DataFrame(rows, columns=["image", "patient_id", "roi", "birads"]).to_csv(data / "export" / "r.csv", index=False)
+    table = collect_inputs(manifest=data / "export" / "r.csv", reading_key=birads_key)
+    assert table["error"].tolist()[0] == ""
+    errors = table.set_index(table.index)["error"].tolist()
+    assert len(table) == 4  # row 3 (the same box, the same 4a) is left out
+    assert "r.csv row 4 lists a.png again for patient 'A' with BI-RADS '4'" in errors[1]
+    assert errors[2] == "" and "r.csv row 6 lists b.png again" in errors[3] and "'4A.0'" in errors[3]
+    notes = " ".join(table.attrs["notes"])
+    assert "r.csv row 3 repeats r.csv row 2 (the same image, region and patient)" in notes
+    # Two files named on the command line are told apart by their place.
+    cli = collect_inputs([str(data / "export" / "a.png"), str(data / "export" / "a.png")])
+    assert "input 2 (" in cli.attrs["notes"][0] and "repeats input 1 (" in cli.attrs["notes"][0]

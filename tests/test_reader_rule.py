@@ -20,7 +20,7 @@ from alnus.evaluate import reader_rule_on_validation
 from alnus.models import create_model
 from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package, set_reader_rule
 from alnus.predict import Predictor
-from alnus.reader_rule import CARD_START, ReaderRuleError, check_reader_rule
+from alnus.reader_rule import CARD_END, CARD_START, ReaderRuleError, check_reader_rule
 from alnus.readers import birads_call, birads_score, lowest_positive_scores
 from tests._cli import run_cli
 
@@ -490,3 +490,57 @@ def test_a_rule_is_removed_into_its_history_with_its_card_block_and_predict_stop
     code, stdout, _ = run_cli("reader-rule", str(package), "--remove")
     assert code == 0 and "stale rule block was removed" in stdout
     assert CARD_START not in (package / "README.md").read_text()
+
+
+def test_remove_takes_every_block_out_and_says_what_it_could_not(site: Path) -> None:
+    """Third attack review: a card with two blocks kept one, a lone marker or a linked card kept the rule's text,
+    and each time the command said all was removed."""
+    package, manifest = site / "model", site / "site" / "validation.csv"
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest))[0] == 0
+    card = (package / "README.md").read_text()
+    block = card[card.index(CARD_START) : card.index(CARD_END) + len(CARD_END)]
+    (package / "README.md").write_text(card + "\n" + block + "\n\n" + CARD_START + "\n")
+    code, stdout, stderr = run_cli("reader-rule", str(package), "--remove")
+    assert code == 0 and "and its block in the model card" in stdout
+    left = (package / "README.md").read_text()
+    assert left.count(CARD_START) == 1 and CARD_END not in left  # both blocks went; the lone marker is said
+    assert "still has a reader-rule marker on line" in " ".join(stderr.split()) and "by hand" in stderr
+    # A card that is a link is not rewritten, and that is said.
+    assert run_cli("reader-rule", str(package), "--manifest", str(manifest), "--refreeze")[0] == 0
+    (package / "README.md").rename(site / "card.md")
+    (package / "README.md").symlink_to(site / "card.md")
+    code, _, stderr = run_cli("reader-rule", str(package), "--remove")
+    assert code == 0 and "symbolic link or over 1 MB, so it was not changed" in " ".join(stderr.split())
+    assert CARD_END in (site / "card.md").read_text()
+    # Options that only setting a rule uses are refused with --remove, not ignored.
+    code, _, stderr = run_cli("reader-rule", str(package), "--remove", "--reader", "reader_r2", "--positive-from", "4b")
+    assert code == 2 and "--remove takes no --reader, --positive-from" in stderr
+
+
+def test_a_removal_date_that_is_no_date_is_not_shown(site: Path) -> None:
+    package = site / "model"
+    meta = read_metadata(package) | {"reader_rule_history": [{"removed_at": {"a": [1, "\x1b[31m"]}}]}
+    (package / "metadata.json").write_text(json.dumps(meta))
+    code, _, stderr = run_cli("predict", str(package), str(site / "site" / "im02.png"), "--birads", "4a")
+    said = " ".join(stderr.split())
+    assert code == 2 and "carries no reader rule, so --birads" in said and "removed on" not in said
+
+
+def test_the_package_lock_is_reentrant_within_a_thread_and_exclusive_between_processes(site: Path) -> None:
+    import subprocess
+    import sys
+
+    from alnus.models.package import package_lock, remove_reader_rule
+
+    package = site / "model"
+    set_reader_rule(package, _rule(0.4))
+    with package_lock(package):
+        remove_reader_rule(package)  # takes the same lock inside: no wait for itself
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from alnus.models.package import "
+             "package_lock\ntry:\n    with package_lock(Path(sys.argv[1]), timeout_s=0.3): pass\nexcept Exception as e:"
+             " print(type(e).__name__)", str(package)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert other.stdout.strip() == "PackageError"  # another process waits, then gives up with a message
+    assert read_metadata(package)["reader_rule"] is None

@@ -799,17 +799,24 @@ def labelled_table(
 
 
 def _near_label(label: str, known: Sequence[str]) -> str | None:
-    """Why an unknown label looks like a mistake ("which is empty", "which looks like a misspelling of 'malignant'"),
-    or None for a label of another class."""
+    """Why an unknown label looks like a mistake ("which is empty", "which is close to 'malignant'"), or None for a
+    label of another class. Case and character width (fullwidth letters) are compared folded (NFKC)."""
     import difflib
+    import unicodedata
 
-    if not label.strip():
+    def fold(text: str) -> str:
+        return unicodedata.normalize("NFKC", text).casefold().strip()
+
+    if not fold(label):
         return "which is empty"
-    lower = {name.lower(): name for name in known}
-    if label.strip().lower() in lower:
-        return f"which differs from {lower[label.strip().lower()]!r} only in case"
-    close = difflib.get_close_matches(label.strip().lower(), list(lower), n=1, cutoff=0.8)
-    return f"which looks like a misspelling of {lower[close[0]]!r}" if close else None
+    folded = {fold(name): name for name in known}
+    if fold(label) in folded:
+        return f"which differs from {folded[fold(label)]!r} only in case or character width"
+    shortened = [name for key, name in folded.items() if len(fold(label)) >= 3 and key.startswith(fold(label))]
+    if shortened:
+        return f"which looks like {shortened[0]!r} cut short"
+    close = difflib.get_close_matches(fold(label), list(folded), n=1, cutoff=0.8)
+    return f"which is close to {folded[close[0]]!r}" if close else None
 
 
 @dataclass
@@ -925,7 +932,7 @@ def freeze_reader_rule(
     """
     from alnus._text import printable
     from alnus.evaluate import reader_rule_on_validation
-    from alnus.models.package import set_reader_rule
+    from alnus.models.package import package_lock, set_reader_rule
     from alnus.predict import Predictor
     from alnus.reader_rule import BIRADS_COLUMNS, ReaderRuleError, check_rule_request
 
@@ -953,23 +960,32 @@ def freeze_reader_rule(
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     where = described_as or f"{manifest.name} (labelled validation patients given to `alnus reader-rule`)"
     rule |= {"frozen_on": printable(where), "frozen_at": now}
-    return set_reader_rule(package_dir, rule, refreeze=refreeze)["reader_rule"]
+    # metadata.json and the card change together, so no other writer sees (or leaves) one without the other.
+    with package_lock(package_dir):
+        meta = set_reader_rule(package_dir, rule, refreeze=refreeze)
+        carded = write_card_section(package_dir, meta["reader_rule"], meta)
+    return meta["reader_rule"], carded
 
 
-def remove_card_section(package_dir: str | os.PathLike[str]) -> bool:
-    """Take the reader rule's block out of the package's model card; False when the card has none (or the package
-    has no card it can update)."""
+def remove_card_section(package_dir: str | os.PathLike[str]) -> tuple[int, str]:
+    """Take every reader-rule block out of the package's model card: how many went, and what is left to fix by hand
+    ("" when nothing: a card that is a link or too long to rewrite, or a lone marker left without its pair)."""
     from alnus.predict import MAX_CARD_BYTES, read_card
-    from alnus.reader_rule import without_card_block
+    from alnus.reader_rule import CARD_END, CARD_START, without_card_block
 
     path = Path(package_dir) / "README.md"
+    if path.is_symlink() or (path.is_file() and path.stat().st_size > MAX_CARD_BYTES):
+        return 0, f"{path} is a symbolic link or over 1 MB, so it was not changed: check it for a rule by hand"
     card = read_card(Path(package_dir))
-    if not card or path.stat().st_size > MAX_CARD_BYTES:
-        return False
-    kept, had = without_card_block(card)
-    if had:
-        atomic_write_text(path, kept.rstrip("\n") + "\n")
-    return had
+    removed, had = 0, True
+    while had:
+        card, had = without_card_block(card)
+        removed += had
+    if removed:
+        atomic_write_text(path, card.rstrip("\n") + "\n")
+    lone = next((i for i, line in enumerate(card.splitlines(), start=1) if line.strip() in (CARD_START, CARD_END)), 0)
+    left = f"{path} still has a reader-rule marker on line {lone} without its pair: remove it by hand" if lone else ""
+    return removed, left
 
 
 def write_card_section(package_dir: str | os.PathLike[str], record: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -923,7 +924,10 @@ def predict(
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
                  "birads": birads or []}  # fmt: skip
     columns = _birads_columns(package)
-    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns)
+    from alnus.readers import birads_key
+
+    table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns,
+                           reading_key=birads_key)  # fmt: skip
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(
@@ -1225,23 +1229,25 @@ def reader_rule(
     never the patients you report results on. `--remove` takes the rule away again.
     """
     from alnus.adapt import freeze_reader_rule, write_card_section
-    from alnus.models.package import read_metadata
+    from alnus.models.package import package_lock, read_metadata
     from alnus.reader_rule import describe_reader_rule, rule_caveats
 
     _refuse_run_folder(package, "reader-rule")
     if remove:
-        _remove_reader_rule(package, manifest, refreeze)
+        _remove_reader_rule(package, manifest, refreeze, reader, positive_from)
         return
     if manifest is None:
         raise AlnusError("give --manifest (the labelled validation patients that set the rule), or --remove.")
     before = read_metadata(package)
     if before["reader_rule"] is not None and not refreeze:
         # The card is brought in line with metadata.json first (a run killed between the two writes leaves it behind).
-        write_card_section(package, before["reader_rule"], before)
-    rule = freeze_reader_rule(package, manifest, column=reader, positive_from=positive_from, refreeze=refreeze,
-                              max_pixels=max_pixels)  # fmt: skip
+        with package_lock(package):
+            now = read_metadata(package)
+            if now["reader_rule"] is not None:
+                write_card_section(package, now["reader_rule"], now)
+    rule, carded = freeze_reader_rule(package, manifest, column=reader, positive_from=positive_from,
+                                      refreeze=refreeze, max_pixels=max_pixels)  # fmt: skip
     meta = read_metadata(package)
-    carded = write_card_section(package, rule, meta)
     chosen = rule["chosen_on"]
     positive = escape(str(meta["positive_label"]))
     line = (f"Set {escape(printable(package))}'s reader rule: {escape(describe_reader_rule(rule))}. On "
@@ -1268,31 +1274,50 @@ def _removed_when(meta: dict) -> str:
     history = meta.get("reader_rule_history")
     last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
     removed = last.get("removed_at")
-    return f" (its rule was removed on {printable(str(removed))[:10]}; see reader_rule_history)" if removed else ""
+    if not isinstance(removed, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", removed[:10]):
+        return ""
+    return f" (its rule was removed on {removed[:10]}; see reader_rule_history)"
 
 
-def _remove_reader_rule(package: Path, manifest: Path | None, refreeze: bool) -> None:
-    """`alnus reader-rule PACKAGE --remove`: the rule goes from metadata.json (into its history) and from the card."""
+def _remove_reader_rule(package: Path, manifest: Path | None, refreeze: bool, reader: str, positive_from: str) -> None:
+    """`alnus reader-rule PACKAGE --remove`: the rule goes from metadata.json (into its history) and from the card,
+    together under the package's lock."""
     from alnus.adapt import remove_card_section
-    from alnus.models.package import read_metadata, remove_reader_rule
+    from alnus.models.package import package_lock, read_metadata, remove_reader_rule
 
-    if manifest is not None or refreeze:
-        raise AlnusError("--remove takes no --manifest or --refreeze: it only takes the rule away.")
-    if read_metadata(package).get("reader_rule") is None:
-        # Nothing in metadata.json; a card block left by hand-editing or an interrupted run still goes.
-        if remove_card_section(package):
-            console.print(f"{escape(printable(package))} had no reader rule; its card's stale rule block was removed.",
-                          highlight=False, soft_wrap=True)  # fmt: skip
-            return
-        raise AlnusError(f"{printable(package)} has no reader rule to remove.")
-    remove_reader_rule(package)
-    carded = remove_card_section(package)
+    given = [name for name, on in (("--manifest", manifest is not None), ("--refreeze", refreeze),
+                                   ("--reader", reader != "reader_birads"), ("--positive-from", positive_from != "4a"))
+             if on]  # fmt: skip
+    if given:
+        raise AlnusError(f"--remove takes no {', '.join(given)}: it only takes the rule away.")
+    with package_lock(package):
+        if read_metadata(package).get("reader_rule") is None:
+            # Nothing in metadata.json; a card block left by hand-editing or an interrupted run still goes.
+            removed, left = remove_card_section(package)
+            if left:
+                _note(left)
+            if removed:
+                console.print(f"{escape(printable(package))} had no reader rule; its card's stale rule block was "
+                              "removed.", highlight=False, soft_wrap=True)  # fmt: skip
+                return
+            raise AlnusError(f"{printable(package)} has no reader rule to remove.")
+        remove_reader_rule(package)
+        try:
+            removed, left = remove_card_section(package)
+        except OSError as exc:
+            raise AlnusError(
+                f"{printable(package)}'s reader rule was removed from metadata.json (kept in reader_rule_history), but "
+                f"its model card could not be rewritten ({exc}); run `alnus reader-rule {_shell_path(package)} "
+                "--remove` again to take the card's block out."
+            ) from None
     console.print(
         f"Removed {escape(printable(package))}'s reader rule (kept in metadata.json's reader_rule_history)"
-        f"{' and its block in the model card' if carded else ''}: predict no longer gives the call with AI.",
+        f"{' and its block in the model card' if removed else ''}: predict no longer gives the call with AI.",
         highlight=False,
         soft_wrap=True,
     )
+    if left:
+        _note(left)
 
 
 @app.command("score")

@@ -188,6 +188,17 @@ def _parse_birads(values: object, what: str) -> tuple[list[str], list[int] | Non
     return keys, rows
 
 
+def birads_key(value: object) -> str | None:
+    """The canonical category of one BI-RADS cell ("4A", "BI-RADS 4a" -> "4a"; "0" for incomplete), None for an empty
+    cell or one that is no category."""
+    if no_reading(value):
+        return None
+    try:
+        return _canonical(value, "a BI-RADS reading")
+    except ReaderError:
+        return None
+
+
 def birads_score(values: object) -> np.ndarray:
     """Ordinal suspicion score of BI-RADS categories, a ROC score: 1, 2, 3, 4, 4.25 (4a), 4.5, 4.75, 5, 6."""
     keys, _ = _parse_birads(values, "score")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -210,45 +210,69 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
                     row["error"] = f"{row['image']}: {option}: {exc}"
 
 
-def _same_reading(a: str, b: str) -> bool:
-    """Whether two BI-RADS cells are written alike up to case, spaces, a "BI-RADS" prefix and a ".0" ("4a" and
-    "BI-RADS 4A", "4" and "4.0"); whether a cell is a category at all is checked where readings are used."""
-
-    def plain(text: str) -> str:
-        text = re.sub(r"^bi-?rads", "", text.strip().lower().replace(" ", ""))
-        return text[:-2] if text.endswith(".0") else text
-
-    return plain(a) == plain(b)
+# Which BI-RADS category a cell is (None: not one it can read), to tell repeated rows with the same reading apart.
+ReadingKey = Callable[[str], str | None]
 
 
-def _deduplicate(rows: Iterable[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
+def _plain_reading(text: str) -> str:
+    """A BI-RADS cell's spelling without case, spaces, a "BI-RADS" prefix or a ".0": "BI-RADS 4A" -> "4a"."""
+    text = re.sub(r"^bi-?rads", "", text.strip().lower().replace(" ", ""))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _same_reading(a: str, b: str, key: ReadingKey) -> bool:
+    """Whether two BI-RADS cells say the same: the same category by `key`; two cells it cannot read (None; empty
+    ones too) by their spelling (`_plain_reading`). A readable and an unreadable cell differ: which one holds is the
+    user's to say."""
+    ka, kb = key(a), key(b)
+    if ka is None and kb is None:
+        return _plain_reading(a) == _plain_reading(b)
+    return ka == kb
+
+
+def _region_key(roi: str) -> str:
+    """A lesion box however it is written ("1,1,20,20", "1, 1, 20, 20", "[1,1,20,20]"), else its text."""
+    try:
+        return ",".join(map(str, parse_box(roi))) if roi.strip() else ""
+    except RoiError:
+        return roi.strip()
+
+
+def _deduplicate(
+    rows: Iterable[dict[str, str]], reading_key: ReadingKey = _plain_reading
+) -> tuple[list[dict[str, str]], list[str]]:
     """The rows without repeats (the first is kept), and notes on what was removed or looks wrong.
 
-    A repeat is the same file with the same region and frame listed again for the same patient (and site): it is read
-    once, since counting it twice would weigh it twice in the patient's call. Listed again with another BI-RADS
-    reading, the row becomes an error (which reading holds is the user's to say). The same image and region listed
-    for another patient is predicted for each, since each patient's call needs it, and said: it is usually a mistake
-    in the IDs.
+    A repeat is the same file with the same region (however the box is written) and frame listed again for the same
+    patient (and site): it is read once, since counting it twice would weigh it twice in the patient's call. Listed
+    again with another BI-RADS reading (`reading_key` says which cells are one category), the row becomes an error
+    (which reading holds is the user's to say). The same image and region listed for another patient is predicted
+    for each, since each patient's call needs it, and said: it is usually a mistake in the IDs.
     """
     kept: list[dict[str, str]] = []
-    first_of: dict[tuple[str, ...], dict[str, str]] = {}
+    first_of: dict[tuple[str, ...], tuple[int, dict[str, str]]] = {}
     first_of_image: dict[tuple[str, ...], dict[str, str]] = {}
     notes = []
-    for row in rows:
-        image = (os.path.realpath(row["path"]), row["frame"], row["roi"], row["mask"])
-        first = first_of.setdefault((*image, row["patient_id"], row["site"]), row)
+
+    def where(i: int, row: dict[str, str]) -> str:
+        # A manifest row says its row; a file named on the command line, its place among the inputs.
+        return row["source"] if row["source"] != row["image"] else f"input {i + 1} ({row['image']})"
+
+    for i, row in enumerate(rows):
+        image = (os.path.realpath(row["path"]), row["frame"], _region_key(row["roi"]), row["mask"])
+        j, first = first_of.setdefault((*image, row["patient_id"], row["site"]), (i, row))
         if first is not row:
-            if not _same_reading(row["birads"], first["birads"]):
+            if not _same_reading(row["birads"], first["birads"], reading_key):
                 row["error"] = row["error"] or (
-                    f"{row['image']} ({row['source']}) is listed again for patient {row['patient_id'] or '(none)'!r} "
-                    f"with BI-RADS {row['birads'] or '(none)'!r}, where {first['image']} has "
+                    f"{where(i, row)} lists {first['image']} again for patient {row['patient_id'] or '(none)'!r} "
+                    f"with BI-RADS {row['birads'] or '(none)'!r}, where {where(j, first)} has "
                     f"{first['birads'] or '(none)'!r}: give the image once, with one reading"
                 )
                 kept.append(row)
                 continue
             study = f" (its study_id {row['study_id']!r} is not used)" if row["study_id"] != first["study_id"] else ""
-            notes.append(f"{row['source']} repeats {first['source']} ({first['image']}: the same image, region and "
-                         f"patient): left out, the image is predicted once{study}")  # fmt: skip
+            notes.append(f"{where(i, row)} repeats {where(j, first)} (the same image, region and patient): left out, "
+                         f"the image is predicted once{study}")  # fmt: skip
             continue
         kept.append(row)
         earlier = first_of_image.setdefault(image, row)
@@ -272,6 +296,7 @@ def collect_inputs(
     recursive: bool = True,
     per_image: Mapping[str, Sequence[str]] | None = None,
     birads_columns: Sequence[str] = BIRADS_COLUMNS,
+    reading_key: ReadingKey = _plain_reading,
 ) -> pd.DataFrame:
     """One row per image to predict, with the columns `INPUT_COLUMNS` (all strings; `error` is "" where fine).
 
@@ -289,6 +314,8 @@ def collect_inputs(
         birads_columns: the manifest columns that may hold the radiologist's BI-RADS, the first one present used
             (`birads`, then `reader_birads`; `alnus predict` puts the column a package's reader rule was set from
             second).
+        reading_key: which category a BI-RADS cell is (None for one it cannot read), to tell whether a repeated
+            row has another reading; by default its spelling (`alnus predict` passes `alnus.readers.birads_key`).
 
     Raises:
         InputError: no input at all, no image found, or per-image values that do not match the files.
@@ -328,7 +355,7 @@ def collect_inputs(
             else ""
         )
         raise InputError(f"no image found in {where}{what}; alnus reads {_SUPPORTED}{hint}.")
-    rows, notes = _deduplicate(rows)
+    rows, notes = _deduplicate(rows, reading_key)
     if skipped:
         named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
         notes.append(f"skipped {len(skipped)} file(s) in the folders that are not {_SUPPORTED} images: {named}")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -565,13 +566,24 @@ def _checked_exports(exports: object, path: Path) -> dict[str, dict[str, Any]]:
 LOCK_TIMEOUT_S = 60.0
 
 
+# The package folders this thread holds the lock of: taking it again inside (a metadata write within a command that
+# locked the package for its metadata and card together) goes through instead of waiting for itself.
+_HELD = threading.local()
+
+
 @contextlib.contextmanager
 def package_lock(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
     """An exclusive OS lock (flock) on the package folder itself, so no lock file is left in the package; the kernel
-    releases it when its holder dies. Where flock is missing (not POSIX) nothing is locked."""
+    releases it when its holder dies. Where flock is missing (not POSIX) nothing is locked. Re-entrant within a
+    thread."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    held: set[str] = _HELD.__dict__.setdefault("folders", set())
+    key = os.path.realpath(folder)
+    if key in held:
         yield
         return
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
@@ -589,8 +601,10 @@ def package_lock(folder: Path, timeout_s: float | None = None) -> Iterator[None]
                         "it to end, then run this one again"
                     ) from None
                 time.sleep(0.05)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)  # releases the lock
 
 
