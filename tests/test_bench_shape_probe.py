@@ -36,6 +36,7 @@ def test_tall_malignant_and_wide_benign_outlines_are_separated_per_patient(shape
         w, h = (int(rng.integers(10, 16)), int(rng.integers(20, 30))) if malignant else (
             int(rng.integers(20, 30)), int(rng.integers(10, 16)))  # fmt: skip
         Image.fromarray(_ellipse(w, h)).save(tmp_path / "masks" / f"m{i}.png")
+        Image.fromarray(np.full((80, 80), 90, np.uint8)).save(tmp_path / f"i{i}.png")
         patient = f"E{(i // 6) % 2}-{i // 24}" if split == "external_test" else f"P{i}"
         label = "malignant" if malignant else "benign"
         rows.append({"image": f"i{i}.png", "patient_id": patient, "label": label, "split": split,
@@ -50,3 +51,5 @@ def test_tall_malignant_and_wide_benign_outlines_are_separated_per_patient(shape
     assert weights.set_index("descriptor").loc["orientation", "coefficient (per SD)"] > 0  # taller: more malignant
     text = shape_probe.section(table, weights, 1.0, "python bench/shape_probe.py")
     assert "| val | 8 (4) | 1.000 (1.000-1.000) | 1 |" in text and "Internal minus external AUC" in text
+    assert weights.set_index("descriptor").loc["orientation", "training AUC alone"] == 1.0
+    assert "Each descriptor alone on the training images" in text and "orientation 1.00" in text

@@ -135,18 +135,24 @@ class ShapeTarget:
 MAX_MASK_FRACTION = 0.9
 
 
-def shape_target(
-    table: pd.DataFrame, root: str | Path, weight: float, where: str, *, max_pixels: int | None = None
-) -> ShapeTarget:
-    """The shape target of `table`'s rows (the training split, in dataset order) from their lesion masks.
+def mask_descriptors(
+    table: pd.DataFrame,
+    root: str | Path,
+    where: str,
+    *,
+    max_pixels: int | None = None,
+    remedy: str = "or remove train.aux_shape",
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The descriptors (`DESCRIPTORS`, unstandardised) of each row's lesion mask, NaN where a row has none usable,
+    and how many rows were left out for each reason.
 
     A row's mask is its `mask` column, else the first path of `mask_tumor` (as for the lesion box), read relative
-    to `root`. Rows without a mask add nothing to the loss, nor do masks without a lesion pixel or whose lesion
-    covers nearly the whole image (an inverted mask, most likely); `ShapeTarget.note` counts them.
+    to `root`. A row without a mask, a mask without a lesion pixel and one whose lesion covers nearly the whole image
+    (an inverted mask, most likely) are left out and counted.
 
     Raises:
-        ShapeTargetError: a mask that cannot be read or whose size differs from its image's, or fewer than two
-            training images with a usable mask; the message names the image and what to do.
+        ShapeTargetError: a mask or image that cannot be read, or a mask whose size differs from its image's; the
+            message names the image, what to do and `remedy`.
     """
     root = Path(root)
     values = np.full((len(table), len(DESCRIPTORS)), np.nan)
@@ -163,13 +169,13 @@ def shape_target(
             shape = image_shape(root / image, max_pixels=max_pixels) if "image" in row else mask.shape
         except (ImageReadError, OSError) as exc:
             raise ShapeTargetError(
-                f"{where}: train.aux_shape needs the lesion masks, but image {image} or its mask {rel} cannot be "
-                f"read ({exc}); fix or remove the mask path, or remove train.aux_shape"
+                f"{where}: the lesion shape needs the masks, but image {image} or its mask {rel} cannot be read "
+                f"({exc}); fix or remove the mask path, {remedy}"
             ) from None
         if tuple(mask.shape) != tuple(shape[:2]):
             raise ShapeTargetError(
                 f"{where}: image {image}'s mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                f"{shape[1]}x{shape[0]}; the mask must be drawn on the image (fix it), or remove train.aux_shape"
+                f"{shape[1]}x{shape[0]}; the mask must be drawn on the image (fix it), {remedy}"
             )
         inside = mask_pixels(mask)
         if not inside.any():
@@ -178,6 +184,20 @@ def shape_target(
             skipped["a mask covering nearly the whole image"] += 1
         else:
             values[i] = mask_shape(mask)
+    return values, skipped
+
+
+def shape_target(
+    table: pd.DataFrame, root: str | Path, weight: float, where: str, *, max_pixels: int | None = None
+) -> ShapeTarget:
+    """The shape target of `table`'s rows (the training split, in dataset order) from their lesion masks
+    (`mask_descriptors`): standardised over the rows with a usable mask; the others add nothing to the loss, and
+    `ShapeTarget.note` counts them.
+
+    Raises:
+        ShapeTargetError: as `mask_descriptors`, or fewer than two training images with a usable mask.
+    """
+    values, skipped = mask_descriptors(table, root, where, max_pixels=max_pixels)
     known = ~np.isnan(values[:, 0])
     if known.sum() < 2:
         raise ShapeTargetError(

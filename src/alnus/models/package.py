@@ -705,12 +705,18 @@ def set_reader_rule(
             f"{old.get('frozen_at') or 'earlier'}); it is set once. Set it again explicitly to replace it: "
             "`alnus reader-rule PACKAGE --manifest CSV --refreeze`."
         )
-    history = meta.get("reader_rule_history")
-    kept = [*(history if isinstance(history, list) else []), *([old] if old else [])]
-    meta["reader_rule_history"] = kept[-MAX_HISTORY:]  # the latest ones: metadata.json stays small
+    if old:
+        _keep_in_history(meta, old)
     meta["reader_rule"] = new
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
+
+
+def _keep_in_history(meta: dict[str, Any], rule: Mapping[str, Any]) -> None:
+    """Append a replaced or removed rule to `reader_rule_history`, keeping the latest `MAX_HISTORY` (metadata.json
+    stays small)."""
+    history = meta.get("reader_rule_history")
+    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), dict(rule)][-MAX_HISTORY:]
 
 
 @_one_writer
@@ -726,9 +732,7 @@ def remove_reader_rule(folder: str | os.PathLike[str]) -> dict[str, Any]:
     old = meta.get("reader_rule")
     if old is None:
         raise PackageError(f"{folder} has no reader rule to remove.")
-    history = meta.get("reader_rule_history")
-    removed = {**old, "removed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    meta["reader_rule_history"] = [*(history if isinstance(history, list) else []), removed][-MAX_HISTORY:]
+    _keep_in_history(meta, {**old, "removed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     meta["reader_rule"] = None
     atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     return meta
