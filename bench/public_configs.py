@@ -197,6 +197,9 @@ WALL_FILE = "bench_wall.json"
 # where and when it was measured. A configuration whose run folder is here is read from it again (and its record
 # replaced).
 RECORD = Path("docs") / "public_configurations.json"
+# In a run folder rebuilt from a shipped package (bench/public_final.py): its row is the record's, which holds the
+# training time and the date and machine it was measured on.
+REBUILT_FILE = "rebuilt_from_package.json"
 
 
 def _run_one(config: Configuration, *, rerun: bool = False) -> None:
@@ -241,7 +244,7 @@ def _write_record(rows: dict[str, list[dict[str, object]]]) -> None:
 
 def _rows(config: Configuration) -> list[dict[str, object]]:
     """The configuration's rows, from its run folder when it is here (the record is updated), else as recorded."""
-    measured = _measured_rows(config)
+    measured = measured_rows(config)
     record = _read_record()
     if not measured:
         return [dict(r) for r in record.get(config.name, [])]
@@ -251,11 +254,13 @@ def _rows(config: Configuration) -> list[dict[str, object]]:
     return measured
 
 
-def _measured_rows(config: Configuration) -> list[dict[str, object]]:
+def measured_rows(config: Configuration, *, rebuilt: bool = False) -> list[dict[str, object]]:
+    """The configuration's rows from its run folder here (none for a folder rebuilt from a package, unless
+    `rebuilt`)."""
     from alnus.evaluate import results_values_table
 
     run = REPO / "runs" / config.run_name
-    if not (run / "metrics.json").is_file():
+    if not (run / "metrics.json").is_file() or ((run / REBUILT_FILE).is_file() and not rebuilt):
         return []
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     values = results_values_table(metrics, "patient")
@@ -295,10 +300,15 @@ def rows_of(name: str) -> list[dict[str, object]]:
 
 
 def training_seconds(name: str) -> float:
-    """Training time of a configuration's models: the sum of their epochs' times in history.csv."""
+    """Training time of a configuration's models: the sum of their epochs' times in history.csv, or, where its
+    run folder is not here, the minutes its recorded rows give."""
     config = next(c for c in CONFIGURATIONS if c.name == name)
+    histories = list((REPO / "runs" / config.run_name / "models").glob("*/history.csv"))
+    if not histories:
+        minutes = [str(r.get("training (min)", "")) for r in rows_of(name)]
+        return 60.0 * sum(float(m) for m in minutes if m.replace(".", "", 1).isdigit())
     total = 0.0
-    for history in (REPO / "runs" / config.run_name / "models").glob("*/history.csv"):
+    for history in histories:
         epochs = pd.read_csv(history)
         total += float(epochs["seconds"].sum()) if "seconds" in epochs.columns else 0.0
     return total

@@ -191,6 +191,100 @@ def _write_ensemble_record(rows: dict[str, dict[str, object]]) -> None:
     atomic_write_text(REPO / ENSEMBLE_RECORD, json.dumps({"about": about, "rows": rows}, indent=1) + "\n")
 
 
+# The shipped package: where the chosen single model's run folder is rebuilt from when this machine lacks it.
+SHIPPED = REPO / "models" / "breast-us-malignancy"
+
+
+def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | None:
+    """Rebuild the chosen single model's run folder from its shipped package when the folder is not on this machine.
+
+    Checked first: the package was trained in that run (`run`), with the settings the configuration has now
+    (`settings_hash`) and on the training and validation patients of the split made here (`training_data_hash`);
+    then the package is copied in, the run's splits are predicted, evaluated and reported, and its AUCs and operating
+    point must reproduce the configuration's recorded row. Returns the run folder, or None when the package is not
+    the chosen model (the caller says what to train). The training history is not in a package: the record keeps it.
+    """
+    import shutil
+
+    from alnus._io import atomic_write_text, file_sha256
+    from alnus.config import load_config, stable_hash
+    from alnus.ensemble import run_training_hash
+    from alnus.runfolder import lock_run
+    from alnus.study import prepare_run
+    from alnus.train import model_settings
+
+    config = next((c for c in public_configs.CONFIGURATIONS if c.name == chosen["name"]), None)
+    meta_path = package / "metadata.json"
+    if config is None or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("run") != config.run_name or meta.get("backbone") != chosen["model"]:
+        return None
+    cfg = load_config(REPO / "configs" / "public.yaml", [f"name={config.run_name}", *config.overrides])
+    with lock_run(cfg.run_dir, command="bench/public_final.py (rebuild from the shipped package)"):
+        prepare_run(cfg)
+        checks = {
+            "settings": (meta.get("settings_hash"), stable_hash(model_settings(cfg, cfg.run_dir, meta["backbone"]))),
+            "training data": (meta.get("training_data_hash"), run_training_hash(cfg.run_dir)),
+            "weights": (meta.get("weights_sha256"), file_sha256(package / "weights.safetensors")),
+        }
+        differ = [name for name, (recorded, here) in checks.items() if recorded != here]
+        if differ:
+            raise SystemExit(
+                f"{package} is not {config.name}'s model as this machine would train it ({', '.join(differ)} "
+                f"differ): train it here (bench/public_configs.py --only {config.name})"
+            )
+        target = cfg.run_dir / MEMBER.format(model=meta["backbone"])
+        if target.exists():
+            shutil.rmtree(target)
+        staging = target.with_name(target.name + ".rebuilding")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(package, staging)
+        staging.rename(target)
+        # From here on the configurations table keeps the recorded row for this run (not yet checked: no `reproduces`).
+        marker = cfg.run_dir / public_configs.REBUILT_FILE
+        relative = package.relative_to(REPO) if package.is_relative_to(REPO) else package
+        record = {"package": str(relative), "weights_sha256": meta["weights_sha256"],
+                  "date": dt.date.today().isoformat(), "cpu": _cpu()}  # fmt: skip
+        atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+    for command in ("predict-run", "evaluate", "report"):
+        _alnus(command, str(cfg.run_dir))
+    measured = public_configs.measured_rows(config, rebuilt=True)
+    recorded = public_configs.rows_of(config.name)
+    keys = ("val AUC (selection)", "internal AUC", "external AUC", "external sens / spec")
+    if [[r[k] for k in keys] for r in measured] != [[r[k] for k in keys] for r in recorded]:
+        raise SystemExit(
+            f"{cfg.run_dir}, rebuilt from {package}, does not reproduce {config.name}'s recorded row: "
+            f"{[[r[k] for k in keys] for r in measured]} against {[[r[k] for k in keys] for r in recorded]}"
+        )
+    record["reproduces"] = dict(zip(keys, [measured[0][k] for k in keys], strict=True))
+    atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+    return cfg.run_dir
+
+
+def _needs_rebuild(run: Path) -> bool:
+    """Whether the chosen run folder is missing here, or was rebuilt from a package without reproducing its row."""
+    if not (run / "metrics.json").is_file():
+        return True
+    marker = run / public_configs.REBUILT_FILE
+    return marker.is_file() and "reproduces" not in json.loads(marker.read_text(encoding="utf-8"))
+
+
+def rebuilt_note(run: Path) -> str:
+    """Says that the chosen run folder was rebuilt from the shipped package, when it was."""
+    path = run / public_configs.REBUILT_FILE
+    if not path.is_file():
+        return ""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return (
+        f"The chosen model's run folder ({run.relative_to(REPO) if run.is_relative_to(REPO) else run}) was not on this "
+        f"machine: it was rebuilt on {record['date']} ({record['cpu']}) from the shipped package {record['package']} "
+        f"(the same weights, sha256 {record['weights_sha256'][:12]}; its settings and training patients checked "
+        "against the split made here), whose predictions of the three splits reproduce the configurations table's "
+        "row exactly; its training time is the one recorded when it trained."
+    )
+
+
 def run_dir_of(chosen: pd.Series) -> Path:
     return FINAL_RUN if chosen["run"] == FINAL_RUN.name else REPO / "runs" / str(chosen["run"])
 
@@ -344,8 +438,8 @@ def speed_note(chosen: pd.Series) -> str:
     note = (
         f"Issue 10's speed bound (item 7: the final configuration with all its seeds in at most 180 min on 2 cores): "
         f"training {seeded}'s {len(seeds)} seeds ({', '.join(seeds)}, what `--final-only` trains) took "
-        f"{seeds_minutes:.0f} min of epochs in all, summed from the runs' histories (other jobs shared the cores for "
-        "some of them)."
+        f"{seeds_minutes:.0f} min of epochs in all, summed from the runs' histories, as recorded where they ran "
+        "(other jobs shared the cores for some of them)."
     )
     record = _timing_record(chosen)
     if record:
@@ -377,6 +471,7 @@ def final_section(
         f"follow). The chosen model's own runs took {final_minutes}, as measured while they ran (other jobs shared "
         "the two cores for some of them).",
         *(["", speed] if speed else []),
+        *(["", rebuilt_note(run_dir_of(chosen))] if rebuilt_note(run_dir_of(chosen)) else []),
         "",
         "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
         _markdown(
@@ -537,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     ensemble_seconds = time.perf_counter() - ensemble_started
     candidates = _candidates(ensembles)
     chosen = choose(candidates.dropna(subset=["val AUC"]))
+    if chosen["run"] != FINAL_RUN.name and _needs_rebuild(run_dir_of(chosen)):
+        rebuild_from_package(chosen)
     if not (run_dir_of(chosen) / "metrics.json").is_file():
         print(f"the rule chose {chosen['name']} (measured {chosen['measured']}), whose run folder "
               f"{run_dir_of(chosen)} is not on this machine: train it here (bench/public_configs.py --only "

@@ -212,3 +212,58 @@ def test_the_glance_states_the_chosen_model_against_the_radiologists(public_conf
     (tmp_path / "docs" / "site_adaptation.json").write_text(json.dumps(adaptation))
     assert "site adaptation" not in public_final.glance_section(candidates, chosen, metrics, combined)
     assert "3 seeds, trained from scratch, predicted and evaluated by one command: 121 min on 2 CPU cores" in text
+
+
+def test_a_run_folder_rebuilt_from_a_package_keeps_the_recorded_row_and_training_time(public_configs, tmp_path):
+    """The shipped package holds no training history: its rebuilt run folder must not overwrite the row measured
+    when it trained (training minutes, date, machine), and training time falls back to that row."""
+    row = {**_row("aux_birads", "0.959 (0.9-1.0)", "0.855 (0.8-0.9)"), "training (min)": "43"}
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": {"aux_birads": [row]}}))
+    assert public_configs.training_seconds("aux_birads") == 43 * 60  # no run folder here: the record's minutes
+    run = tmp_path / "runs" / "public_aux_birads"
+    (run / "models" / "efficientnet_lite0" / "model").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / public_configs.REBUILT_FILE).write_text(json.dumps({"package": "models/x"}))
+    assert public_configs.rows_of("aux_birads") == [row]
+    assert public_configs.training_seconds("aux_birads") == 43 * 60
+    saved = json.loads((tmp_path / public_configs.RECORD).read_text())["rows"]["aux_birads"]
+    assert saved == [row]
+    # A row without minutes (a model that was never trained in a run folder) adds nothing rather than failing.
+    row["training (min)"] = "-"
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": {"aux_birads": [row]}}))
+    assert public_configs.training_seconds("aux_birads") == 0.0
+
+
+def test_only_the_chosen_runs_own_package_rebuilds_it_and_an_unchecked_rebuild_is_redone(
+    public_configs, monkeypatch, tmp_path
+):
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    chosen = pd.Series({"name": "aux_birads", "model": "efficientnet_lite0", "run": "public_aux_birads"})
+    package = tmp_path / "models" / "pkg"
+    package.mkdir(parents=True)
+    assert public_final.rebuild_from_package(chosen, package) is None  # no package
+    meta = {"run": "public_lite2", "backbone": "efficientnet_lite0"}
+    (package / "metadata.json").write_text(json.dumps(meta))
+    assert public_final.rebuild_from_package(chosen, package) is None  # another run's model
+    meta.update(run="public_aux_birads", backbone="efficientnet_lite2")
+    (package / "metadata.json").write_text(json.dumps(meta))
+    assert public_final.rebuild_from_package(chosen, package) is None  # another backbone
+    assert not (tmp_path / "runs").exists()  # nothing prepared for a package that is not the chosen model
+    ensemble = pd.Series({"name": "aux_seeds", "model": "aux_seeds", "run": "public_final"})
+    assert public_final.rebuild_from_package(ensemble, package) is None
+
+    run = tmp_path / "runs" / "public_aux_birads"
+    assert public_final._needs_rebuild(run)
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    assert not public_final._needs_rebuild(run)  # trained here
+    marker = run / public_configs.REBUILT_FILE
+    marker.write_text(json.dumps({"package": "models/pkg", "weights_sha256": "ab" * 32, "date": "d", "cpu": "c"}))
+    assert public_final._needs_rebuild(run)  # rebuilt, but its row was never reproduced
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "reproduces": {"val AUC (selection)": "x"}}))
+    assert not public_final._needs_rebuild(run)
+    note = public_final.rebuilt_note(run)
+    assert "rebuilt on d (c) from the shipped package models/pkg" in note and "sha256 ababababab" in note
+    assert public_final.rebuilt_note(tmp_path) == ""
