@@ -16,6 +16,11 @@ resumes):
    with the radiologists' BI-RADS, the ROC figures with the BI-RADS operating points, the wall time,
 5. AI + radiologist on the chosen model (`bench/ai_plus_radiologist.py`),
 6. the chosen model shipped under models/ (`bench/ship_model.py`).
+
+Rows of runs trained on another machine come from the records in docs/ (public_configurations.json,
+public_ensembles.json). When the chosen single model's run folder is not here, it is rebuilt from the shipped package
+(its run, settings, training patients and weights checked, and its predictions required to reproduce the recorded
+row), so `--no-train --no-ship` regenerates the real-data sections in a few minutes without training anything.
 """
 
 from __future__ import annotations
