@@ -302,3 +302,126 @@ def test_folds_that_would_leave_a_val_without_a_label_are_refused_before_trainin
         make_splits(manifest, internal_test_frac=0.0, val_frac=0.1, cv_folds=5, cv_fold=0)
     ok = make_splits(manifest, internal_test_frac=0.0, val_frac=0.1, cv_folds=3, cv_fold=0)
     assert set(ok.loc[ok["split"] == "val", "label"]) == {"positive", "negative"}
+
+
+# --- comparing cross-validated configurations ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cv_pair(cv_run, phantom):
+    """A second configuration (another learning rate) cross-validated on the same folds as `cv_run`."""
+    cfg, _ = cv_run
+    folder = Path(cfg.runs_dir).parent
+    path = _write_config(folder, phantom, "tiny_lr")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["lr"] = 1.0e-2
+    path.write_text(yaml.safe_dump(raw))
+    other = load_config(path)
+    run_cv(other, 3, console=_quiet())
+    return Path(cfg.runs_dir) / "tiny_cv", Path(other.runs_dir) / "tiny_lr_cv"
+
+
+def _pooled(folder: Path) -> pd.DataFrame:
+    """Per patient (site/patient), label and mean probability over the folds' val predictions, from the files."""
+    summary = json.loads((folder / "cv.json").read_text())
+    frames = []
+    for run in summary["runs"]:
+        preds = pd.read_csv(folder.parent / run / "models" / "tiny_cnn" / "val_predictions_best.csv",
+                            dtype={"patient_id": str})  # fmt: skip
+        splits = pd.read_csv(folder.parent / run / "splits.csv", dtype=str, keep_default_na=False)
+        frames.append(preds.assign(site=preds["image"].map(splits.set_index("image")["site"]).to_numpy()))
+    both = pd.concat(frames)
+    return both.groupby(["site", "patient_id"]).agg(y=("y", "max"), prob=("prob", "mean"))
+
+
+def test_cv_compare_pairs_the_same_patients(cv_pair):
+    from alnus.cv import compare_cv
+
+    reference, other = cv_pair
+    result = compare_cv([reference, other])
+    a, b = _pooled(other), _pooled(reference).loc[_pooled(other).index]
+    assert result["reference"] == "tiny" and [m["model"] for m in result["models"]] == ["tiny", "tiny_lr"]
+    assert result["cases"] == len(a) and result["positive"] == int(a["y"].sum())
+    expected = stats.delong_test(a["y"], a["prob"], b["prob"])
+    second = result["models"][1]
+    assert second["difference"] == pytest.approx(expected.estimate, abs=1e-12)
+    assert second["p"] == pytest.approx(expected.p, abs=1e-12) and second["p_holm"] == pytest.approx(expected.p)
+    assert result["models"][0]["auc"] == pytest.approx(json.loads((reference / "cv.json").read_text())["models"][
+        "tiny_cnn"]["auc"], abs=1e-12)  # fmt: skip
+    fold_a = json.loads((other / "cv.json").read_text())["models"]["tiny_cnn"]["fold_aucs"]
+    fold_b = json.loads((reference / "cv.json").read_text())["models"]["tiny_cnn"]["fold_aucs"]
+    assert second["fold_differences"] == pytest.approx(np.subtract(fold_a, fold_b), abs=1e-12)
+    assert "difference" not in result["models"][0]
+
+
+def test_cli_cv_compare(cv_pair, tmp_path):
+    reference, other = cv_pair
+    out = tmp_path / "compare.json"
+    result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert f"{saved['models'][1]['difference']:+.3f}" in result.output and "minus tiny" in result.output
+    assert "no single model's AUC" in " ".join(result.output.split())
+    lone = runner.invoke(app, ["cv-compare", str(reference)])
+    assert isinstance(lone.exception, CvError) and "at least two" in str(lone.exception)
+
+
+def _copy_cv(folder: Path, target: Path, name: str) -> Path:
+    """The cv folder and its fold runs copied under `target`, its cv.json renamed `name`."""
+    import shutil
+
+    summary = json.loads((folder / "cv.json").read_text())
+    for run in summary["runs"]:
+        shutil.copytree(folder.parent / run, target / run)
+    shutil.copytree(folder, target / f"{name}_cv")
+    (target / f"{name}_cv" / "cv.json").write_text(json.dumps({**summary, "name": name}))
+    return target / f"{name}_cv"
+
+
+def test_a_configuration_against_itself_differs_by_nothing(cv_pair, tmp_path):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    twin = _copy_cv(reference, tmp_path, "twin")
+    result = compare_cv([reference, twin])
+    assert result["models"][1]["difference"] == 0 and result["models"][1]["p"] == 1.0
+    with pytest.raises(CvError, match="same name"):
+        compare_cv([reference, reference])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: {**s, "runs": ["../../etc", *s["runs"][1:]]}, "not a cv.json written by `alnus cv`"),
+        (lambda s: {**s, "runs": s["runs"][:2]}, "not a cv.json written by `alnus cv`"),
+        (lambda s: {**s, "level": "hospital"}, "not a cv.json written by `alnus cv`"),
+        (lambda s: {**s, "models": {"tiny_cnn": {**s["models"]["tiny_cnn"], "auc": 0.123}}}, "a fold changed since"),
+        (lambda s: {**s, "runs": [*s["runs"][:2], "gone_cv2"]}, "fold runs that are not there"),
+        (lambda s: [s], "not a cv.json written by `alnus cv`"),
+    ],
+)
+def test_a_crafted_or_stale_cv_json_is_refused(cv_pair, tmp_path, edit, message):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "copy")
+    summary = json.loads((copy / "cv.json").read_text())
+    (copy / "cv.json").write_text(json.dumps(edit(summary)))
+    with pytest.raises(CvError, match=message):
+        compare_cv([reference, copy])
+
+
+def test_folds_holding_other_patients_are_not_compared(cv_pair, tmp_path):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "moved")
+    run = tmp_path / json.loads((copy / "cv.json").read_text())["runs"][0]
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    val = splits[splits["split"] == "val"]
+    single = val.groupby("patient_id").filter(lambda g: len(g) == 1).index[0]  # renaming it keeps the pooled AUC
+    splits.loc[single, "patient_id"] = "someone-else"
+    splits.to_csv(run / "splits.csv", index=False)
+    with pytest.raises(CvError, match="fold 0 of moved holds other cases than fold 0 of tiny"):
+        compare_cv([reference, copy])
+    (copy / "cv.json").unlink()
+    with pytest.raises(CvError, match="cv.json not found"):
+        compare_cv([reference, copy])

@@ -556,6 +556,53 @@ def _print_cv(summary: dict) -> None:
     console.print(table)
 
 
+@app.command("cv-compare")
+def cv_compare(
+    folders: Annotated[
+        list[Path],
+        typer.Argument(help="Cv folders `alnus cv` wrote (runs/NAME_cv), the reference first; cross-validated alike."),
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the comparison as JSON here.")] = None,
+) -> None:
+    """Compare configurations cross-validated on the same folds: each one's pooled out-of-fold AUC and its paired
+    difference from the first over the same patients (DeLong, Holm-adjusted), with the difference in each fold."""
+    import json
+
+    from alnus._io import atomic_write_text
+    from alnus.cv import compare_cv
+
+    result = compare_cv(folders)
+    cases = {"patient": "patients", "study": "studies", "image": "images"}[result["level"]]
+    table = Table(
+        title=f"{result['folds']}-fold cross-validation, paired over the same {result['cases']} {cases} "
+        f"({result['positive']} positive), {result['level']}-level out-of-fold AUC"
+    )
+    for column in ("model", "pooled AUC (95% CI)", f"minus {result['reference']} (95% CI)", "P", "P (Holm)",
+                   "per fold"):  # fmt: skip
+        table.add_column(escape(column))
+    for m in result["models"]:
+        has = "difference" in m
+        table.add_row(
+            escape(m["model"]),
+            f"{m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})",
+            f"{m['difference']:+.3f} ({m['difference_ci'][0]:+.3f} to {m['difference_ci'][1]:+.3f})" if has else "-",
+            f"{m['p']:.4f}" if has else "",
+            f"{m['p_holm']:.4f}" if has else "",
+            " ".join(f"{d:+.3f}" for d in m["fold_differences"])
+            if has
+            else " ".join(f"{a:.3f}" for a in m["fold_aucs"]),
+        )
+    console.print(table)
+    console.print(
+        "The pooled AUC mixes each fold's model: it ranks configurations and is no single model's AUC. Per fold: the "
+        "reference's AUC, and each other model's difference from it.",
+        highlight=False,
+    )
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
+
+
 @app.command("predict-run")
 def predict_run(
     run: Annotated[Path, typer.Argument(help="The run folder, runs/<name>.")],

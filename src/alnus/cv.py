@@ -8,6 +8,9 @@ that did not train on them. The internal and external tests are never touched (t
 The result, per backbone, goes to `<runs_dir>/<name>_cv/cv.json`.
 
 The pooled AUC mixes the scores of K models; it ranks configurations, it is not the AUC of any one model.
+`compare_cv` compares configurations cross-validated on the same folds, paired over the same patients (DeLong on the
+pooled scores, Holm-adjusted, and the difference in each fold): one validation split rarely separates two
+configurations, and the overlap of two pooled CIs is no test of their difference.
 """
 
 from __future__ import annotations
@@ -277,3 +280,140 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
     path = out / CV_FILE
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return CvResult(path=path, summary=summary, trained=trained, reused=reused)
+
+
+# ----------------------------------------------------------------------------------------- comparing configurations
+def _read_cv_json(folder: Path) -> dict[str, Any]:
+    """A `<name>_cv/cv.json`, checked before anything in it names a file: its fold runs are plain folder names beside
+    the cv folder, one per fold, and its level and aggregation are the study's."""
+    path = Path(folder) / CV_FILE
+    if not path.is_file():
+        raise CvError(f"{path} not found: pass the folder `alnus cv` wrote (runs_dir/NAME_cv), after it finished.")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CvError(f"{path} is not readable JSON ({exc}); run `alnus cv` again to rewrite it.") from None
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    folds = summary.get("folds") if isinstance(summary, dict) else None
+    if (
+        not isinstance(runs, list)
+        or not isinstance(folds, int)
+        or isinstance(folds, bool)
+        or folds != len(runs)
+        or folds < 2
+        or not all(isinstance(r, str) and r and r == Path(r).name and r not in (".", "..") for r in runs)
+        or summary.get("level") not in ("image", "patient", "study")
+        or summary.get("aggregate") not in ("mean", "max")
+        or not isinstance(summary.get("models"), dict)
+        or not summary["models"]
+    ):
+        raise CvError(f"{path} is not a cv.json written by `alnus cv` (runs, folds, level or models are not as it "
+                      "writes them); run `alnus cv` again to rewrite it.")  # fmt: skip
+    return summary
+
+
+def _case_keys(table: pd.DataFrame, level: str) -> pd.Series:
+    """A key per row naming its case, the same for the same case in another configuration's folds (at image level,
+    the image itself)."""
+    return table["image"].astype(str) if level == "image" else unit_keys(table, level)
+
+
+def _fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
+    """One row per case of one fold, indexed by its key: its label and probability."""
+    keys = _case_keys(table, level)
+    if level == "image" and keys.duplicated().any():
+        raise CvError(f"image {keys[keys.duplicated()].iloc[0]} is in a fold's val split twice; compare at the "
+                      "patient level (evaluate.level: patient).")  # fmt: skip
+    codes, uniques = pd.factorize(keys, sort=False)
+    y, prob = aggregate_cases(codes, table["y"].to_numpy(), table["prob"].to_numpy(), aggregate)
+    return pd.DataFrame({"y": y, "prob": prob}, index=pd.Index(uniques, name="case"))
+
+
+def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any]]]:
+    """Each backbone of one finished cross-validation: its name, its folds' cases and its cv.json summary.
+
+    The pooled AUC recomputed from the fold runs' predictions must equal the one cv.json holds, so a fold trained
+    again (or changed) since `alnus cv` wrote it is not compared under the old summary.
+    """
+    from alnus.config import read_resolved_config
+
+    folder = Path(folder)
+    summary = _read_cv_json(folder)
+    runs = [folder.parent / name for name in summary["runs"]]
+    missing = [str(run) for run in runs if not (run / "config.yaml").is_file()]
+    if missing:
+        raise CvError(f"{folder / CV_FILE} names fold runs that are not there ({', '.join(missing[:3])}); keep the "
+                      "fold run folders beside the cv folder, or run `alnus cv` again.")  # fmt: skip
+    positive = read_resolved_config(runs[0] / "config.yaml").data.positive_label
+    level, aggregate = summary["level"], summary["aggregate"]
+    found = []
+    for backbone, recorded in summary["models"].items():
+        tables = [fold_predictions(run, str(backbone), positive) for run in runs]
+        check_folds(tables)
+        now = pooled_auc(tables, level, aggregate)["auc"]
+        if (
+            not isinstance(recorded, dict)
+            or not isinstance(recorded.get("auc"), (int, float))
+            or (abs(now - float(recorded["auc"])) > 1e-9)
+        ):
+            raise CvError(f"{folder / CV_FILE} does not match its folds' predictions for {backbone} (pooled AUC "
+                          f"{now:.4f} now); a fold changed since: run `alnus cv` again to rewrite it.")  # fmt: skip
+        found.append((str(backbone), [_fold_cases(t, level, aggregate) for t in tables], summary))
+    return found
+
+
+def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Compare configurations cross-validated on the same folds: each one's pooled out-of-fold AUC, and its paired
+    DeLong difference from the first (the reference) over the same cases, Holm-adjusted across the comparisons, with
+    the difference in each fold.
+
+    The folds must be the same (the same cases in each fold's val split, with the same labels), which holds for
+    configurations cross-validated with the same data, `data.seed` and number of folds.
+    """
+    entries: list[tuple[str, list[pd.DataFrame], dict[str, Any]]] = []
+    for folder in folders:
+        models = cv_models(Path(folder))
+        for backbone, folds, summary in models:
+            name = str(summary.get("name", Path(folder).name))
+            entries.append((name if len(models) == 1 else f"{name}/{backbone}", folds, summary))
+    if len(entries) < 2:
+        raise CvError("give at least two cross-validated configurations (cv folders) to compare.")
+    names = [e[0] for e in entries]
+    if len(set(names)) < len(names):
+        raise CvError(f"two of the compared models have the same name ({', '.join(names)}); each cv folder once.")
+    reference, ref_folds, ref_summary = entries[0]
+    for name, folds, summary in entries[1:]:
+        for key in ("folds", "level", "aggregate"):
+            if summary[key] != ref_summary[key]:
+                raise CvError(
+                    f"{name} was cross-validated with {key} {summary[key]!r}, {reference} with {ref_summary[key]!r}: "
+                    "only the same folds at the same level can be compared."
+                )
+        for k, (mine, theirs) in enumerate(zip(folds, ref_folds, strict=True)):
+            if set(mine.index) != set(theirs.index):
+                raise CvError(
+                    f"fold {k} of {name} holds other cases than fold {k} of {reference}: their splits differ (other "
+                    "data, data.seed or folds); cross-validate both on the same data."
+                )
+            if not np.array_equal(mine["y"].to_numpy(), theirs.loc[mine.index, "y"].to_numpy()):
+                raise CvError(f"fold {k}: {name} and {reference} give a case different labels; their manifests "
+                              "differ: cross-validate both on the same manifest.")  # fmt: skip
+    order = pd.concat(ref_folds).index
+    pooled = {name: pd.concat(folds).loc[order] for name, folds, _ in entries}
+    y = pooled[reference]["y"].to_numpy()
+    diffs = stats.compare_aucs(y, {n: p["prob"].to_numpy() for n, p in pooled.items()}, reference, alpha=alpha)
+    rows = []
+    for name, folds, _ in entries:
+        fold_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in folds]
+        ci = stats.auc_ci(y, pooled[name]["prob"].to_numpy(), alpha=alpha)
+        row: dict[str, Any] = {"model": name, "auc": ci.estimate, "auc_ci": [ci.ci_low, ci.ci_high],
+                               "fold_aucs": fold_aucs}  # fmt: skip
+        diff = next((d for d in diffs if d.name_a == name), None)
+        if diff is not None:
+            ref_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in ref_folds]
+            row.update(difference=diff.estimate, difference_ci=[diff.ci_low, diff.ci_high], p=diff.p,
+                       p_holm=diff.p_adjusted, fold_differences=list(np.subtract(fold_aucs, ref_aucs)))  # fmt: skip
+        rows.append(row)
+    return {"reference": reference, "level": ref_summary["level"], "aggregate": ref_summary["aggregate"],
+            "folds": ref_summary["folds"], "cases": int(y.size), "positive": int(y.sum()),
+            "negative": int(y.size - y.sum()), "alpha": alpha, "models": rows}  # fmt: skip
