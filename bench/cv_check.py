@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from _docs import write_section  # bench/ is on sys.path when a script here runs
-from public_configs import CONFIGURATIONS, WALL_FILE
+from public_configs import CONFIGURATIONS, WALL_FILE, auc_of, rows_of
 from public_study import REPO, _cpu, public_manifest
 
 FOLDS = 3
@@ -84,42 +83,28 @@ def _minutes(run_dir: Path) -> float | None:
 
 
 def compare(folds: list[int]) -> dict[str, object]:
-    """Pooled and per-fold AUCs of each configuration and their paired difference, over `folds`."""
-    from alnus import stats
-    from alnus._levels import aggregate_cases, case_ids, unit_keys
-    from alnus.cv import fold_config, fold_predictions, pooled_auc
+    """Pooled and per-fold AUCs of each configuration and their paired difference (`alnus.cv.compare_folds`), over
+    `folds`, with each fold's training time and best epoch."""
+    from alnus.cv import compare_folds, fold_cases, fold_config, fold_predictions
 
-    result: dict[str, object] = {"folds": folds, "configurations": {}}
-    pooled: dict[str, pd.DataFrame] = {}
+    cases, minutes, epochs = {}, {}, {}
     for name, cfg in configs().items():
         runs = [fold_config(cfg, FOLDS, fold).run_dir for fold in folds]
         tables = [fold_predictions(run, BACKBONE, cfg.data.positive_label) for run in runs]
-        summary = pooled_auc(tables, "patient", cfg.evaluate.aggregate)
-        summary["minutes"] = [_minutes(run) for run in runs]
-        summary["best_epochs"] = [int(t["epoch"].iloc[0]) for t in tables]
-        result["configurations"][name] = summary
-        table = pd.concat(tables, ignore_index=True)
-        cases = case_ids(table, "patient")
-        y, prob = aggregate_cases(cases, table["y"].to_numpy(), table["prob"].to_numpy(), cfg.evaluate.aggregate)
-        keys = unit_keys(table, "patient").groupby(cases).first().to_numpy()
-        pooled[name] = pd.DataFrame({"y": y, "prob": prob}, index=keys)
-    reference, other = COMPARED
-    a, b = pooled[other], pooled[reference]
-    if set(a.index) != set(b.index):
-        raise SystemExit("the two configurations' folds hold different patients: their splits differ; retrain them")
-    b = b.loc[a.index]
-    if not np.array_equal(a["y"].to_numpy(), b["y"].to_numpy()):
-        raise SystemExit("the two configurations' folds give a patient different labels: their splits differ")
-    diff = stats.delong_test(a["y"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy())
-    result["difference"] = {"estimate": diff.estimate, "ci": [diff.ci_low, diff.ci_high], "p": diff.p, "n": diff.n,
-                            "positive": diff.n_pos, "negative": diff.n_neg}  # fmt: skip
-    return result
+        cases[name] = [fold_cases(t, "patient", cfg.evaluate.aggregate) for t in tables]
+        minutes[name] = [_minutes(run) for run in runs]
+        epochs[name] = [int(t["epoch"].iloc[0]) for t in tables]
+    result = compare_folds(cases)
+    for row in result["models"]:
+        row.update(minutes=minutes[row["model"]], best_epochs=epochs[row["model"]])
+    return {**result, "fold_numbers": folds}
 
 
 def section(result: dict[str, object], seconds: float) -> str:
-    folds = result["folds"]
+    folds = result["fold_numbers"]
     reference, other = COMPARED
-    d = result["difference"]
+    rows = {row["model"]: row for row in result["models"]}
+    d = rows[other]
     lines = [
         "## Real data: does cross-validation confirm the choice? (protocol item 25, diagnostic)",
         "",
@@ -134,27 +119,33 @@ def section(result: dict[str, object], seconds: float) -> str:
         "| best epoch per fold | training per fold (min) |",
         "|---|---|---|---|---|---|",
     ]
-    for name, m in result["configurations"].items():
+    for name, m in rows.items():
         minutes = " ".join("?" if x is None else f"{x:.0f}" for x in m["minutes"])
         lines.append(
             f"| {name} | {m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f}) | "
-            f"{' '.join(f'{x:.3f}' for x in m['fold_aucs'])} | {m['cases']} ({m['positive']} / {m['negative']}) | "
+            f"{' '.join(f'{x:.3f}' for x in m['fold_aucs'])} | {result['cases']} ({result['positive']} / "
+            f"{result['negative']}) | "
             f"{' '.join(str(e) for e in m['best_epochs'])} | {minutes} |"
         )
-    by_name = result["configurations"]
-    fold_diffs = np.subtract(by_name[other]["fold_aucs"], by_name[reference]["fold_aucs"])
+    fold_diffs = np.asarray(d["fold_differences"])
+    single = {name: auc_of(r["val AUC (selection)"]) for name in COMPARED for r in rows_of(name)}
+    against = ""
+    if len(single) == 2 and None not in single.values():
+        a, b = single[other], single[reference]
+        against = (f" On the single validation split the rule used, the difference was {a - b:+.3f} ({a:.3f} against "
+                   f"{b:.3f}, the configurations table).")  # fmt: skip
     ahead = int((fold_diffs > 0).sum())
     verdict = (
         "the folds do not separate the two configurations at the 5% level"
         if d["p"] >= 0.05
-        else f"the folds favour {other if d['estimate'] > 0 else reference} at the 5% level"
+        else f"the folds favour {other if d['difference'] > 0 else reference} at the 5% level"
     )
     lines += [
         "",
-        f"{other} minus {reference}, paired over the same {d['n']} patients: {d['estimate']:+.3f} "
-        f"({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}), DeLong P {d['p']:.3f}; {other} is ahead in {ahead} of "
-        f"{len(folds)} folds (per fold: {', '.join(f'{x:+.3f}' for x in fold_diffs)}). So {verdict}. On the single "
-        "validation split the rule used, the difference was +0.009 (0.959 against 0.950, the configurations table).",
+        f"{other} minus {reference}, paired over the same {result['cases']} patients: {d['difference']:+.3f} "
+        f"({d['difference_ci'][0]:+.3f} to {d['difference_ci'][1]:+.3f}), DeLong P {d['p']:.3f}; {other} is "
+        f"ahead in {ahead} of {len(folds)} folds (per fold: {', '.join(f'{x:+.3f}' for x in fold_diffs)}). So "
+        f"{verdict}.{against}",
     ]
     return "\n".join(lines)
 

@@ -425,3 +425,19 @@ def test_folds_holding_other_patients_are_not_compared(cv_pair, tmp_path):
     (copy / "cv.json").unlink()
     with pytest.raises(CvError, match="cv.json not found"):
         compare_cv([reference, copy])
+
+
+def test_an_image_level_comparison_with_several_images_per_patient_is_refused(cv_pair, tmp_path):
+    """DeLong's paired test assumes independent cases: images of one patient are not."""
+    from alnus.cv import compare_cv, fold_predictions, pooled_auc
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "images")
+    summary = json.loads((copy / "cv.json").read_text())
+    tables = [fold_predictions(tmp_path / run, "tiny_cnn", "positive") for run in summary["runs"]]
+    assert any(t["patient_id"].duplicated().any() for t in tables)  # the phantom has patients with two images
+    summary["level"] = "image"
+    summary["models"]["tiny_cnn"]["auc"] = pooled_auc(tables, "image", "mean")["auc"]
+    (copy / "cv.json").write_text(json.dumps(summary))
+    with pytest.raises(CvError, match="per image, and a patient has several images"):
+        compare_cv([copy, reference])

@@ -318,7 +318,7 @@ def _case_keys(table: pd.DataFrame, level: str) -> pd.Series:
     return table["image"].astype(str) if level == "image" else unit_keys(table, level)
 
 
-def _fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
+def fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
     """One row per case of one fold, indexed by its key: its label and probability."""
     keys = _case_keys(table, level)
     if level == "image" and keys.duplicated().any():
@@ -358,37 +358,28 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
         ):
             raise CvError(f"{folder / CV_FILE} does not match its folds' predictions for {backbone} (pooled AUC "
                           f"{now:.4f} now); a fold changed since: run `alnus cv` again to rewrite it.")  # fmt: skip
-        found.append((str(backbone), [_fold_cases(t, level, aggregate) for t in tables], summary))
+        if level == "image" and any(unit_keys(t, "patient").duplicated().any() for t in tables):
+            raise CvError(f"{folder} was cross-validated per image, and a patient has several images: the paired "
+                          "DeLong test needs independent cases; cross-validate at the patient level "
+                          "(evaluate.level: patient).")  # fmt: skip
+        found.append((str(backbone), [fold_cases(t, level, aggregate) for t in tables], summary))
     return found
 
 
-def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any]:
-    """Compare configurations cross-validated on the same folds: each one's pooled out-of-fold AUC, and its paired
-    DeLong difference from the first (the reference) over the same cases, Holm-adjusted across the comparisons, with
-    the difference in each fold.
+def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Compare models scored on the same folds (each fold's cases as `fold_cases` gives them, the first model the
+    reference): each one's pooled AUC (DeLong CI) and fold AUCs, and its paired DeLong difference from the reference
+    over the pooled cases, Holm-adjusted across the comparisons, with the difference in each fold.
 
-    The folds must be the same (the same cases in each fold's val split, with the same labels), which holds for
-    configurations cross-validated with the same data, `data.seed` and number of folds.
+    Every model's fold k must hold the same cases with the same labels as the reference's fold k.
     """
-    entries: list[tuple[str, list[pd.DataFrame], dict[str, Any]]] = []
-    for folder in folders:
-        models = cv_models(Path(folder))
-        for backbone, folds, summary in models:
-            name = str(summary.get("name", Path(folder).name))
-            entries.append((name if len(models) == 1 else f"{name}/{backbone}", folds, summary))
-    if len(entries) < 2:
+    if len(models) < 2:
         raise CvError("give at least two cross-validated configurations (cv folders) to compare.")
-    names = [e[0] for e in entries]
-    if len(set(names)) < len(names):
-        raise CvError(f"two of the compared models have the same name ({', '.join(names)}); each cv folder once.")
-    reference, ref_folds, ref_summary = entries[0]
-    for name, folds, summary in entries[1:]:
-        for key in ("folds", "level", "aggregate"):
-            if summary[key] != ref_summary[key]:
-                raise CvError(
-                    f"{name} was cross-validated with {key} {summary[key]!r}, {reference} with {ref_summary[key]!r}: "
-                    "only the same folds at the same level can be compared."
-                )
+    (reference, ref_folds), *others = models.items()
+    for name, folds in others:
+        if len(folds) != len(ref_folds):
+            raise CvError(f"{name} has {len(folds)} folds and {reference} {len(ref_folds)}: only the same folds can "
+                          "be compared.")  # fmt: skip
         for k, (mine, theirs) in enumerate(zip(folds, ref_folds, strict=True)):
             if set(mine.index) != set(theirs.index):
                 raise CvError(
@@ -399,21 +390,48 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
                 raise CvError(f"fold {k}: {name} and {reference} give a case different labels; their manifests "
                               "differ: cross-validate both on the same manifest.")  # fmt: skip
     order = pd.concat(ref_folds).index
-    pooled = {name: pd.concat(folds).loc[order] for name, folds, _ in entries}
+    pooled = {name: pd.concat(folds).loc[order] for name, folds in models.items()}
     y = pooled[reference]["y"].to_numpy()
     diffs = stats.compare_aucs(y, {n: p["prob"].to_numpy() for n, p in pooled.items()}, reference, alpha=alpha)
+    ref_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in ref_folds]
     rows = []
-    for name, folds, _ in entries:
+    for name, folds in models.items():
         fold_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in folds]
         ci = stats.auc_ci(y, pooled[name]["prob"].to_numpy(), alpha=alpha)
         row: dict[str, Any] = {"model": name, "auc": ci.estimate, "auc_ci": [ci.ci_low, ci.ci_high],
                                "fold_aucs": fold_aucs}  # fmt: skip
         diff = next((d for d in diffs if d.name_a == name), None)
         if diff is not None:
-            ref_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in ref_folds]
             row.update(difference=diff.estimate, difference_ci=[diff.ci_low, diff.ci_high], p=diff.p,
                        p_holm=diff.p_adjusted, fold_differences=list(np.subtract(fold_aucs, ref_aucs)))  # fmt: skip
         rows.append(row)
-    return {"reference": reference, "level": ref_summary["level"], "aggregate": ref_summary["aggregate"],
-            "folds": ref_summary["folds"], "cases": int(y.size), "positive": int(y.sum()),
+    return {"reference": reference, "folds": len(ref_folds), "cases": int(y.size), "positive": int(y.sum()),
             "negative": int(y.size - y.sum()), "alpha": alpha, "models": rows}  # fmt: skip
+
+
+def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any]:
+    """`compare_folds` over finished cross-validations (their cv folders, the reference first), named after their
+    configurations (`name/backbone` where one cross-validated several backbones).
+
+    The folds must be the same, which holds for configurations cross-validated with the same data, `data.seed` and
+    number of folds, at the same level and aggregation.
+    """
+    entries: list[tuple[str, list[pd.DataFrame], dict[str, Any]]] = []
+    for folder in folders:
+        found = cv_models(Path(folder))
+        for backbone, folds, summary in found:
+            name = str(summary.get("name", Path(folder).name))
+            entries.append((name if len(found) == 1 else f"{name}/{backbone}", folds, summary))
+    names = [e[0] for e in entries]
+    if len(set(names)) < len(names):
+        raise CvError(f"two of the compared models have the same name ({', '.join(names)}); each cv folder once.")
+    reference, _, ref_summary = entries[0]
+    for name, _, summary in entries[1:]:
+        for key in ("level", "aggregate"):
+            if summary[key] != ref_summary[key]:
+                raise CvError(
+                    f"{name} was cross-validated with {key} {summary[key]!r}, {reference} with {ref_summary[key]!r}: "
+                    "only the same folds at the same level can be compared."
+                )
+    result = compare_folds({name: folds for name, folds, _ in entries}, alpha=alpha)
+    return {**result, "level": ref_summary["level"], "aggregate": ref_summary["aggregate"]}

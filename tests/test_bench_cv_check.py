@@ -1,0 +1,68 @@
+"""bench/cv_check.py's section (protocol item 25): the paired difference it states is the one `alnus.cv` computes,
+and the single-split difference it sets beside it comes from the configurations table's record."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cv_check(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import cv_check
+    import public_configs
+
+    monkeypatch.setattr(public_configs, "REPO", tmp_path)
+    (tmp_path / "docs").mkdir()
+    yield cv_check
+    for name in ("cv_check", "public_configs"):
+        sys.modules.pop(name, None)
+
+
+def _folds(seed: int, shift: float) -> list[pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    folds = []
+    for k in range(3):
+        y = np.tile([0, 1], 20)
+        prob = np.clip(0.5 * y + rng.normal(0.25, 0.3, y.size) + shift * y, 0, 1)
+        prob = prob + np.random.default_rng(seed + k).normal(0, 0.05, y.size)
+        folds.append(pd.DataFrame({"y": y, "prob": prob}, index=[f"s\x1fP{k}-{i}" for i in range(y.size)]))
+    return folds
+
+
+def test_the_section_states_the_paired_difference_and_the_single_split_one(cv_check, tmp_path):
+    from alnus import stats
+    from alnus.cv import compare_folds
+
+    result = compare_folds({"base": _folds(1, 0.0), "aux_birads": _folds(2, 0.1)})
+    for row in result["models"]:
+        row.update(minutes=[20.4, None, 19.6], best_epochs=[4, 6, 5])
+    result["fold_numbers"] = [0, 1, 2]
+    row = {"val AUC (selection)": "0.959 (0.920-0.997)"}
+    base = {"val AUC (selection)": "0.950 (0.905-0.995)"}
+    record = {"aux_birads": [row], "base": [base]}
+    (tmp_path / "docs" / "public_configurations.json").write_text(json.dumps({"about": "", "rows": record}))
+    text = cv_check.section(result, 1.0)
+    aux = next(m for m in result["models"] if m["model"] == "aux_birads")
+    pooled = {n: pd.concat(f) for n, f in (("base", _folds(1, 0.0)), ("aux_birads", _folds(2, 0.1)))}
+    expected = stats.delong_test(pooled["base"]["y"], pooled["aux_birads"]["prob"], pooled["base"]["prob"])
+    assert aux["difference"] == pytest.approx(expected.estimate)
+    assert f"paired over the same 120 patients: {expected.estimate:+.3f}" in text
+    assert f"DeLong P {expected.p:.3f}" in text
+    assert "| 20 ? 20 |" in text and "| 4 6 5 |" in text and "| 120 (60 / 60) |" in text
+    assert "the difference was +0.009 (0.959 against 0.950, the configurations table)" in text
+    ahead = sum(d > 0 for d in aux["fold_differences"])
+    assert f"aux_birads is ahead in {ahead} of 3 folds" in text
+    verdict = "do not separate" if expected.p >= 0.05 else "the folds favour"
+    assert verdict in text
+    # Without the record's rows the single-split comparison is left out rather than invented.
+    (tmp_path / "docs" / "public_configurations.json").unlink()
+    assert "single validation split" not in cv_check.section(result, 1.0)
