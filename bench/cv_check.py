@@ -111,20 +111,21 @@ def section(result: dict[str, object], seconds: float) -> str:
         f"Command: `{COMMAND}`, {dt.date.today().isoformat()}, {_cpu()}, {os.cpu_count()} cores; this report "
         f"{seconds:.0f} s. base and aux_birads, each trained on {FOLDS} patient-level folds of the BUS-BRA train and "
         f"validation patients (`alnus cv` folds, `data.seed` 0; the same folds for both); folds finished by both: "
-        f"{', '.join(str(f) for f in folds)} of 0-{FOLDS - 1}. Out-of-fold AUC per patient (mean of a patient's "
-        "images), DeLong 95% CI; the pooled AUC mixes each fold's model, so it ranks the configurations and is no "
-        "model's AUC. The internal and external tests were neither trained on nor scored.",
+        f"{', '.join(str(f) for f in folds)} of 0-{FOLDS - 1} ({', '.join(str(n) for n in result['fold_cases'])} "
+        f"patients; {result['positive']} malignant, {result['negative']} benign in all). AUC per patient (mean of a "
+        "patient's images) on each fold's validation patients, by the model trained without them; the pooled AUC "
+        "mixes the folds' models (DeLong CI), so it ranks and is no model's AUC. The internal and external tests were "
+        "neither trained on nor scored.",
         "",
-        "| configuration | pooled out-of-fold AUC (95% CI) | fold AUCs | patients (malignant / benign) "
-        "| best epoch per fold | training per fold (min) |",
+        "| configuration | AUC per fold | mean of the folds | pooled out-of-fold AUC (95% CI) | best epoch per fold "
+        "| training per fold (min) |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in rows.items():
         minutes = " ".join("?" if x is None else f"{x:.0f}" for x in m["minutes"])
         lines.append(
-            f"| {name} | {m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f}) | "
-            f"{' '.join(f'{x:.3f}' for x in m['fold_aucs'])} | {result['cases']} ({result['positive']} / "
-            f"{result['negative']}) | "
+            f"| {name} | {' '.join(f'{x:.3f}' for x in m['fold_aucs'])} | {m['fold_auc_mean']:.3f} | "
+            f"{m['pooled_auc']:.3f} ({m['pooled_auc_ci'][0]:.3f}-{m['pooled_auc_ci'][1]:.3f}) | "
             f"{' '.join(str(e) for e in m['best_epochs'])} | {minutes} |"
         )
     fold_diffs = np.asarray(d["fold_differences"])
@@ -140,12 +141,19 @@ def section(result: dict[str, object], seconds: float) -> str:
         if d["p"] >= 0.05
         else f"the folds favour {other if d['difference'] > 0 else reference} at the 5% level"
     )
+    pooled = (
+        " The pooled AUCs rank the two the other way: the fold models' scores sit on different scales."
+        if d["pooled_disagrees"]
+        else ""
+    )
     lines += [
         "",
-        f"{other} minus {reference}, paired over the same {result['cases']} patients: {d['difference']:+.3f} "
-        f"({d['difference_ci'][0]:+.3f} to {d['difference_ci'][1]:+.3f}), DeLong P {d['p']:.3f}; {other} is "
-        f"ahead in {ahead} of {len(folds)} folds (per fold: {', '.join(f'{x:+.3f}' for x in fold_diffs)}). So "
-        f"{verdict}.{against}",
+        f"{other} minus {reference}, within each fold over the same patients and averaged over the folds (`alnus "
+        f"cv-compare`'s test: paired DeLong per fold, the folds' variances summed): {d['difference']:+.3f} "
+        f"({d['difference_ci'][0]:+.3f} to {d['difference_ci'][1]:+.3f}), P {d['p']:.3f}; {other} is ahead in "
+        f"{ahead} of {len(folds)} folds (per fold: {', '.join(f'{x:+.3f}' for x in fold_diffs)}). So {verdict}."
+        f"{pooled}{against} The CI and P cover the sampling of patients given these trained models, not training "
+        "randomness; each fold's epoch was chosen on that fold's validation patients, for both configurations alike.",
     ]
     return "\n".join(lines)
 

@@ -319,47 +319,69 @@ def cv_pair(cv_run, phantom):
     return Path(cfg.runs_dir) / "tiny_cv", Path(other.runs_dir) / "tiny_lr_cv"
 
 
-def _pooled(folder: Path) -> pd.DataFrame:
-    """Per patient (site/patient), label and mean probability over the folds' val predictions, from the files."""
+def _fold_tables(folder: Path) -> list[pd.DataFrame]:
+    """Per fold, per patient (site/patient): label and mean probability, read from the fold runs' files."""
     summary = json.loads((folder / "cv.json").read_text())
-    frames = []
+    tables = []
     for run in summary["runs"]:
         preds = pd.read_csv(folder.parent / run / "models" / "tiny_cnn" / "val_predictions_best.csv",
                             dtype={"patient_id": str})  # fmt: skip
         splits = pd.read_csv(folder.parent / run / "splits.csv", dtype=str, keep_default_na=False)
-        frames.append(preds.assign(site=preds["image"].map(splits.set_index("image")["site"]).to_numpy()))
-    both = pd.concat(frames)
-    return both.groupby(["site", "patient_id"]).agg(y=("y", "max"), prob=("prob", "mean"))
+        preds = preds.assign(site=preds["image"].map(splits.set_index("image")["site"]).to_numpy())
+        tables.append(preds.groupby(["site", "patient_id"]).agg(y=("y", "max"), prob=("prob", "mean")))
+    return tables
 
 
-def test_cv_compare_pairs_the_same_patients(cv_pair):
+def test_cv_compare_tests_the_within_fold_differences(cv_pair):
+    from scipy.stats import norm
+
     from alnus.cv import compare_cv
 
     reference, other = cv_pair
     result = compare_cv([reference, other])
-    a, b = _pooled(other), _pooled(reference).loc[_pooled(other).index]
     assert result["reference"] == "tiny" and [m["model"] for m in result["models"]] == ["tiny", "tiny_lr"]
-    assert result["cases"] == len(a) and result["positive"] == int(a["y"].sum())
-    expected = stats.delong_test(a["y"], a["prob"], b["prob"])
+    mine, theirs = _fold_tables(other), _fold_tables(reference)
+    per_fold = [stats.delong_test(a["y"], a["prob"], b.loc[a.index, "prob"]) for a, b in zip(mine, theirs, strict=True)]
+    mean = np.mean([d.estimate for d in per_fold])
+    se = np.sqrt(sum(d.se**2 for d in per_fold)) / 3
     second = result["models"][1]
-    assert second["difference"] == pytest.approx(expected.estimate, abs=1e-12)
-    assert second["p"] == pytest.approx(expected.p, abs=1e-12) and second["p_holm"] == pytest.approx(expected.p)
-    assert result["models"][0]["auc"] == pytest.approx(json.loads((reference / "cv.json").read_text())["models"][
-        "tiny_cnn"]["auc"], abs=1e-12)  # fmt: skip
-    fold_a = json.loads((other / "cv.json").read_text())["models"]["tiny_cnn"]["fold_aucs"]
-    fold_b = json.loads((reference / "cv.json").read_text())["models"]["tiny_cnn"]["fold_aucs"]
-    assert second["fold_differences"] == pytest.approx(np.subtract(fold_a, fold_b), abs=1e-12)
+    assert second["difference"] == pytest.approx(mean, abs=1e-12)
+    assert second["fold_differences"] == pytest.approx(
+        [stats.auc(a["y"], a["prob"]) - stats.auc(b["y"], b["prob"]) for a, b in zip(mine, theirs, strict=True)],
+        abs=1e-12,
+    )
+    assert second["p"] == pytest.approx(2 * norm.sf(abs(mean) / se), abs=1e-12)
+    assert second["p_holm"] == pytest.approx(second["p"])  # one comparison: Holm changes nothing
+    assert second["difference_ci"] == pytest.approx([mean - 1.959964 * se, mean + 1.959964 * se], abs=1e-6)
+    recorded = json.loads((reference / "cv.json").read_text())["models"]["tiny_cnn"]
+    assert result["models"][0]["pooled_auc"] == pytest.approx(recorded["auc"], abs=1e-12)
+    assert result["models"][0]["fold_aucs"] == pytest.approx(recorded["fold_aucs"], abs=1e-12)
+    pooled_other = stats.auc(pd.concat(mine)["y"], pd.concat(mine)["prob"])
+    assert second["pooled_disagrees"] == ((pooled_other - recorded["auc"]) * mean < 0)
     assert "difference" not in result["models"][0]
+    assert result["cases"] == sum(len(f) for f in theirs) and result["fold_cases"] == [len(f) for f in theirs]
+    # What the other configuration changed, from the cv.json settings; where each came from.
+    assert second["differs_from_reference"] == ["train.lr: 0.003 -> 0.01"]
+    assert second["cv_folder"] == str(other) and second["runs"] == ["tiny_lr_cv0", "tiny_lr_cv1", "tiny_lr_cv2"]
+    assert result["models"][0]["backbone"] == "tiny_cnn" and "DeLong" in result["test"]
+    # A cv.json file names its folder.
+    assert compare_cv([reference / "cv.json", other])["models"][1]["difference"] == second["difference"]
 
 
 def test_cli_cv_compare(cv_pair, tmp_path):
     reference, other = cv_pair
     out = tmp_path / "compare.json"
-    result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(out)])
+    result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(out)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert f"{saved['models'][1]['difference']:+.3f}" in result.output and "minus tiny" in result.output
-    assert "no single model's AUC" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    difference = saved["models"][1]
+    assert f"{difference['difference']:+.3f} ({difference['difference_ci'][0]:+.3f} to" in text
+    assert "Difference from tiny (the reference)" in text and "P (DeLong)" in text and "P (Holm)" in text
+    assert "tiny_lr differs from tiny in: train.lr: 0.003 -> 0.01" in text
+    assert "not training randomness" in text and "no single model's AUC" in text
+    for auc in saved["models"][0]["fold_aucs"]:
+        assert f"{auc:.3f}" in text
     lone = runner.invoke(app, ["cv-compare", str(reference)])
     assert isinstance(lone.exception, CvError) and "at least two" in str(lone.exception)
 
@@ -383,6 +405,7 @@ def test_a_configuration_against_itself_differs_by_nothing(cv_pair, tmp_path):
     twin = _copy_cv(reference, tmp_path, "twin")
     result = compare_cv([reference, twin])
     assert result["models"][1]["difference"] == 0 and result["models"][1]["p"] == 1.0
+    assert result["models"][1]["differs_from_reference"] == [] and not result["models"][1]["pooled_disagrees"]
     with pytest.raises(CvError, match="same name"):
         compare_cv([reference, reference])
 

@@ -541,7 +541,8 @@ def cv(
 
 def _print_cv(summary: dict) -> None:
     level = escape(str(summary["level"]))
-    table = Table(title=f"{summary['folds']}-fold cross-validation, {level}-level out-of-fold AUC")
+    table = Table(title=f"{escape(str(summary['name']))}: {summary['folds']}-fold cross-validation, {level}-level "
+                  "out-of-fold AUC")  # fmt: skip
     cases = {"patient": "patients", "study": "studies", "image": "images"}.get(str(summary["level"]), "cases")
     for column in ("model", "pooled AUC (95% CI)", "fold AUCs", "mean (SD)", f"{cases} (pos/neg)"):
         table.add_column(column)
@@ -554,18 +555,27 @@ def _print_cv(summary: dict) -> None:
             f"{m['cases']} ({m['positive']}/{m['negative']})",
         )
     console.print(table)
+    console.print(
+        "The pooled AUC mixes the folds' models, whose scores may sit on different scales: it can fall below every "
+        "fold's AUC. Each fold's epoch was chosen on that fold's validation patients, so fold AUCs lean optimistic. "
+        "To choose between configurations cross-validated alike: `alnus cv-compare runs/A_cv runs/B_cv`.",
+        highlight=False,
+    )
 
 
 @app.command("cv-compare")
 def cv_compare(
     folders: Annotated[
         list[Path],
-        typer.Argument(help="Cv folders `alnus cv` wrote (runs/NAME_cv), the reference first; cross-validated alike."),
+        typer.Argument(
+            help="The cv folders `alnus cv` wrote (runs/NAME_cv, or their cv.json), the reference first; all "
+            "cross-validated on the same data with the same data.seed and --folds."
+        ),
     ],
     out: Annotated[Path | None, typer.Option("--out", help="Also write the comparison as JSON here.")] = None,
 ) -> None:
-    """Compare configurations cross-validated on the same folds: each one's pooled out-of-fold AUC and its paired
-    difference from the first over the same patients (DeLong, Holm-adjusted), with the difference in each fold."""
+    """Compare configurations cross-validated on the same folds: each one's fold AUCs, and its AUC difference from
+    the first within each fold, paired over the fold's patients (DeLong), averaged over the folds, Holm-adjusted."""
     import json
 
     from alnus._io import atomic_write_text
@@ -573,29 +583,54 @@ def cv_compare(
 
     result = compare_cv(folders)
     cases = {"patient": "patients", "study": "studies", "image": "images"}[result["level"]]
+    folds = range(result["folds"])
+    sizes = ", ".join(str(n) for n in result["fold_cases"])
     table = Table(
-        title=f"{result['folds']}-fold cross-validation, paired over the same {result['cases']} {cases} "
-        f"({result['positive']} positive), {result['level']}-level out-of-fold AUC"
+        title=f"{result['folds']}-fold cross-validation on the same folds: {result['cases']} {cases} "
+        f"({result['positive']} positive), {sizes} per fold; AUC per {result['level']}"
     )
-    for column in ("model", "pooled AUC (95% CI)", f"minus {result['reference']} (95% CI)", "P", "P (Holm)",
-                   "per fold"):  # fmt: skip
+    for column in ("configuration", "AUC in fold " + " | ".join(str(k) for k in folds), "mean",
+                   "pooled AUC (95% CI)"):  # fmt: skip
         table.add_column(escape(column))
     for m in result["models"]:
-        has = "difference" in m
         table.add_row(
             escape(m["model"]),
-            f"{m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})",
-            f"{m['difference']:+.3f} ({m['difference_ci'][0]:+.3f} to {m['difference_ci'][1]:+.3f})" if has else "-",
-            f"{m['p']:.4f}" if has else "",
-            f"{m['p_holm']:.4f}" if has else "",
-            " ".join(f"{d:+.3f}" for d in m["fold_differences"])
-            if has
-            else " ".join(f"{a:.3f}" for a in m["fold_aucs"]),
+            "   ".join(f"{a:.3f}" for a in m["fold_aucs"]),
+            f"{m['fold_auc_mean']:.3f}",
+            f"{m['pooled_auc']:.3f} ({m['pooled_auc_ci'][0]:.3f}-{m['pooled_auc_ci'][1]:.3f})",
         )
     console.print(table)
+    reference = result["reference"]
+    diffs = Table(title=f"Difference from {reference} (the reference): AUC of the configuration minus {reference}'s")
+    for column in ("configuration", "mean over folds (95% CI)", "P (DeLong)", "P (Holm)",
+                   "in fold " + " | ".join(str(k) for k in folds)):  # fmt: skip
+        diffs.add_column(escape(column))
+    for m in result["models"][1:]:
+        diffs.add_row(
+            escape(m["model"]),
+            f"{m['difference']:+.3f} ({m['difference_ci'][0]:+.3f} to {m['difference_ci'][1]:+.3f})",
+            _p_text(m["p"]),
+            _p_text(m["p_holm"]),
+            "  ".join(f"{d:+.3f}" for d in m["fold_differences"]),
+        )
+    console.print(diffs)
+    for m in result["models"][1:]:
+        changes = "; ".join(m.get("differs_from_reference") or []) or "no recorded setting (another run of it?)"
+        console.print(f"{escape(m['model'])} differs from {escape(reference)} in: {escape(changes)}", highlight=False)
+        if m["pooled_disagrees"]:
+            console.print(
+                f"[yellow]Note:[/yellow] the pooled AUCs rank {escape(m['model'])} and {escape(reference)} the other "
+                "way: the fold models' scores sit on different scales, which pooling mixes in; the difference "
+                "tested is the within-fold one.",
+                highlight=False,
+            )
     console.print(
-        "The pooled AUC mixes each fold's model: it ranks configurations and is no single model's AUC. Per fold: the "
-        "reference's AUC, and each other model's difference from it.",
+        "Tested: within each fold, the two configurations' AUCs on the fold's patients (paired DeLong); the mean of "
+        "the fold differences, its variance the sum of the folds' / K^2 (the folds hold different patients); "
+        "two-sided, Holm-adjusted over the comparisons. The CI and P cover which patients were sampled, given these "
+        "trained models (one training per fold), not training randomness. Each fold's epoch was chosen on that "
+        "fold's own validation patients, so fold AUCs lean optimistic, more so with more epochs to choose from. The "
+        "pooled AUC mixes the folds' models: it is no single model's AUC.",
         highlight=False,
     )
     if out is not None:

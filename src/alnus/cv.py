@@ -366,13 +366,40 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     return found
 
 
+def _fold_difference(folds: list[pd.DataFrame], ref_folds: list[pd.DataFrame], alpha: float) -> dict[str, Any]:
+    """The mean over folds of the paired AUC difference within each fold (DeLong within the fold), its CI and
+    two-sided P: the folds hold different patients, so their DeLong variances add (var = sum / K^2)."""
+    from scipy.stats import norm
+
+    diffs, variances = [], []
+    for k, (mine, theirs) in enumerate(zip(folds, ref_folds, strict=True)):
+        theirs = theirs.loc[mine.index]
+        try:
+            d = stats.delong_test(mine["y"].to_numpy(), mine["prob"].to_numpy(), theirs["prob"].to_numpy(), alpha)
+        except stats.StatsError as exc:
+            raise CvError(f"fold {k}: {exc}") from None
+        diffs.append(d.estimate)
+        variances.append(d.se**2)
+    estimate = float(np.mean(diffs))
+    se = float(np.sqrt(np.sum(variances)) / len(diffs))
+    half = float(norm.ppf(1 - alpha / 2) * se)
+    p = 1.0 if se == 0.0 else float(2 * norm.sf(abs(estimate) / se))
+    return {"difference": estimate, "difference_ci": [estimate - half, estimate + half], "p": p,
+            "fold_differences": [float(d) for d in diffs]}  # fmt: skip
+
+
 def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05) -> dict[str, Any]:
     """Compare models scored on the same folds (each fold's cases as `fold_cases` gives them, the first model the
-    reference): each one's pooled AUC (DeLong CI) and fold AUCs, and its paired DeLong difference from the reference
-    over the pooled cases, Holm-adjusted across the comparisons, with the difference in each fold.
+    reference).
 
-    Every model's fold k must hold the same cases with the same labels as the reference's fold k.
+    Tested: the mean over folds of each model's AUC difference from the reference within a fold, paired over the
+    fold's cases (DeLong within each fold; the folds' variances add since they hold different patients), two-sided,
+    Holm-adjusted across the comparisons. Within a fold both scores come from one model each, so the difference is
+    not moved by fold models whose scores sit on different scales, which the pooled AUC (also given, per model, with
+    its DeLong CI) is. Every model's fold k must hold the same cases with the same labels as the reference's fold k.
     """
+    from statsmodels.stats.multitest import multipletests
+
     if len(models) < 2:
         raise CvError("give at least two cross-validated configurations (cv folders) to compare.")
     (reference, ref_folds), *others = models.items()
@@ -390,48 +417,76 @@ def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05)
                 raise CvError(f"fold {k}: {name} and {reference} give a case different labels; their manifests "
                               "differ: cross-validate both on the same manifest.")  # fmt: skip
     order = pd.concat(ref_folds).index
-    pooled = {name: pd.concat(folds).loc[order] for name, folds in models.items()}
-    y = pooled[reference]["y"].to_numpy()
-    diffs = stats.compare_aucs(y, {n: p["prob"].to_numpy() for n, p in pooled.items()}, reference, alpha=alpha)
-    ref_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in ref_folds]
+    y = pd.concat(ref_folds)["y"].to_numpy()
     rows = []
     for name, folds in models.items():
-        fold_aucs = [stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()) for f in folds]
-        ci = stats.auc_ci(y, pooled[name]["prob"].to_numpy(), alpha=alpha)
-        row: dict[str, Any] = {"model": name, "auc": ci.estimate, "auc_ci": [ci.ci_low, ci.ci_high],
-                               "fold_aucs": fold_aucs}  # fmt: skip
-        diff = next((d for d in diffs if d.name_a == name), None)
-        if diff is not None:
-            row.update(difference=diff.estimate, difference_ci=[diff.ci_low, diff.ci_high], p=diff.p,
-                       p_holm=diff.p_adjusted, fold_differences=list(np.subtract(fold_aucs, ref_aucs)))  # fmt: skip
+        fold_aucs = []
+        for k, f in enumerate(folds):
+            try:
+                fold_aucs.append(stats.auc(f["y"].to_numpy(), f["prob"].to_numpy()))
+            except stats.StatsError as exc:
+                raise CvError(f"fold {k} of {name}: {exc}") from None
+        ci = stats.auc_ci(y, pd.concat(folds).loc[order, "prob"].to_numpy(), alpha=alpha)
+        row: dict[str, Any] = {"model": name, "fold_aucs": fold_aucs, "fold_auc_mean": float(np.mean(fold_aucs)),
+                               "pooled_auc": ci.estimate, "pooled_auc_ci": [ci.ci_low, ci.ci_high]}  # fmt: skip
+        if name != reference:
+            row.update(_fold_difference(folds, ref_folds, alpha))
         rows.append(row)
-    return {"reference": reference, "folds": len(ref_folds), "cases": int(y.size), "positive": int(y.sum()),
-            "negative": int(y.size - y.sum()), "alpha": alpha, "models": rows}  # fmt: skip
+    compared = [row for row in rows if "p" in row]
+    for row, adjusted in zip(compared, multipletests([r["p"] for r in compared], method="holm")[1], strict=True):
+        row["p_holm"] = float(adjusted)
+        pooled = row["pooled_auc"] - rows[0]["pooled_auc"]
+        # The pooled AUCs rank the two the other way than the folds do: the fold models' scores differ in scale.
+        row["pooled_disagrees"] = bool(pooled * row["difference"] < 0)
+    return {"reference": reference, "folds": len(ref_folds), "fold_cases": [len(f) for f in ref_folds],
+            "cases": int(y.size), "positive": int(y.sum()), "negative": int(y.size - y.sum()), "alpha": alpha,
+            "test": "the mean over folds of the within-fold paired AUC difference (other minus reference); DeLong "
+                    "variance within each fold, summed over the folds; two-sided normal P, Holm-adjusted over the "
+                    "comparisons",
+            "models": rows}  # fmt: skip
 
 
 def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any]:
-    """`compare_folds` over finished cross-validations (their cv folders, the reference first), named after their
-    configurations (`name/backbone` where one cross-validated several backbones).
+    """`compare_folds` over finished cross-validations (their cv folders or cv.json files, the reference first),
+    named after their configurations (`name/backbone` where one cross-validated several backbones), with the settings
+    in which each differs from the reference.
 
     The folds must be the same, which holds for configurations cross-validated with the same data, `data.seed` and
     number of folds, at the same level and aggregation.
     """
-    entries: list[tuple[str, list[pd.DataFrame], dict[str, Any]]] = []
-    for folder in folders:
-        found = cv_models(Path(folder))
+    from alnus import __version__
+    from alnus.train import settings_changes
+
+    entries: list[tuple[str, list[pd.DataFrame], dict[str, Any], Path, str]] = []
+    for given in folders:
+        folder = Path(given).parent if Path(given).name == CV_FILE and Path(given).is_file() else Path(given)
+        found = cv_models(folder)
         for backbone, folds, summary in found:
-            name = str(summary.get("name", Path(folder).name))
-            entries.append((name if len(found) == 1 else f"{name}/{backbone}", folds, summary))
+            name = str(summary.get("name", folder.name))
+            entries.append((name if len(found) == 1 else f"{name}/{backbone}", folds, summary, folder, backbone))
     names = [e[0] for e in entries]
     if len(set(names)) < len(names):
         raise CvError(f"two of the compared models have the same name ({', '.join(names)}); each cv folder once.")
-    reference, _, ref_summary = entries[0]
-    for name, _, summary in entries[1:]:
+    reference, _, ref_summary, _, _ = entries[0]
+    for name, _, summary, _, _ in entries[1:]:
         for key in ("level", "aggregate"):
             if summary[key] != ref_summary[key]:
                 raise CvError(
                     f"{name} was cross-validated with {key} {summary[key]!r}, {reference} with {ref_summary[key]!r}: "
                     "only the same folds at the same level can be compared."
                 )
-    result = compare_folds({name: folds for name, folds, _ in entries}, alpha=alpha)
-    return {**result, "level": ref_summary["level"], "aggregate": ref_summary["aggregate"]}
+    result = compare_folds({name: folds for name, folds, *_ in entries}, alpha=alpha)
+    ref_settings = ref_summary.get("settings") if isinstance(ref_summary.get("settings"), dict) else {}
+    for row, (_, _, summary, folder, backbone) in zip(result["models"], entries, strict=True):
+        settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+        row.update(backbone=backbone, cv_folder=str(folder), runs=list(summary["runs"]),
+                   settings_hash=summary.get("settings_hash"))  # fmt: skip
+        if row["model"] != reference:
+            row["differs_from_reference"] = settings_changes(ref_settings, settings)
+    return {
+        **result,
+        "level": ref_summary["level"],
+        "aggregate": ref_summary["aggregate"],
+        "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "alnus": __version__,
+    }

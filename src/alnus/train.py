@@ -170,7 +170,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def settings_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each setting that differs between two nested settings dicts, as `section.key: old -> new`, sorted."""
     a, b = _flatten(saved), _flatten(now)
     return [
         f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
@@ -794,7 +795,7 @@ def resumable_checkpoint(
             f"{last_path} exists: pass --resume to continue that training, or delete {model_dir.root} to start again"
         )
     ckpt = load_checkpoint(last_path)
-    changed = _mismatch(ckpt["settings"], model_settings(cfg, run_dir, backbone))
+    changed = settings_changes(ckpt["settings"], model_settings(cfg, run_dir, backbone))
     if changed:
         raise TrainError(
             f"cannot resume {last_path}: settings that change the result differ from the checkpoint's "
