@@ -109,8 +109,10 @@ def _prepare_final_run() -> None:
 
 
 def _trained_here(name: str) -> bool:
+    """Whether the configuration's model was trained on this machine (a run folder rebuilt from a package is not)."""
     config = next(c for c in public_configs.CONFIGURATIONS if c.name == name)
-    return any((REPO / "runs" / config.run_name / "models").glob("*/model/metadata.json"))
+    run = REPO / "runs" / config.run_name
+    return _read_marker(run) is None and any((run / "models").glob("*/model/metadata.json"))
 
 
 def _build_ensembles() -> list[str]:
@@ -200,14 +202,32 @@ def _write_ensemble_record(rows: dict[str, dict[str, object]]) -> None:
 SHIPPED = REPO / "models" / "breast-us-malignancy"
 
 
+REPRODUCED = ("val AUC (selection)", "internal AUC", "external AUC", "external sens / spec")
+
+
+def _read_marker(run: Path) -> dict | None:
+    """The rebuild record of a run folder (`public_configs.REBUILT_FILE`), None when there is none; an unreadable one
+    reads as a rebuild that was never checked."""
+    path = run / public_configs.REBUILT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | None:
-    """Rebuild the chosen single model's run folder from its shipped package when the folder is not on this machine.
+    """Rebuild the chosen single model's run folder from its shipped package when this machine has no model of it.
 
     Checked first: the package was trained in that run (`run`), with the settings the configuration has now
-    (`settings_hash`) and on the training and validation patients of the split made here (`training_data_hash`);
-    then the package is copied in, the run's splits are predicted, evaluated and reported, and its AUCs and operating
-    point must reproduce the configuration's recorded row. Returns the run folder, or None when the package is not
-    the chosen model (the caller says what to train). The training history is not in a package: the record keeps it.
+    (`settings_hash`), on the training and validation patients of the split made here (`training_data_hash`), and
+    its weights are the ones it names (also after copying). A model trained here is never replaced: only a run folder
+    without a model, or one rebuilt before, is rebuilt. The copy's predictions of the run's splits are then evaluated
+    and must reproduce the configuration's recorded row (at the table's rounding), else the copy is removed again.
+    Returns the run folder, or None when the package is not the chosen model (the caller says what to train). The
+    training history is not in a package: the record keeps it.
     """
     import shutil
 
@@ -226,6 +246,14 @@ def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | N
     if meta.get("run") != config.run_name or meta.get("backbone") != chosen["model"]:
         return None
     cfg = load_config(REPO / "configs" / "public.yaml", [f"name={config.run_name}", *config.overrides])
+    target = cfg.run_dir / MEMBER.format(model=meta["backbone"])
+    marker = cfg.run_dir / public_configs.REBUILT_FILE
+    train_here = f"train it here instead (bench/public_configs.py --only {config.name})"
+    if target.exists() and _read_marker(cfg.run_dir) is None:
+        raise SystemExit(
+            f"{target} holds a model trained on this machine but {cfg.run_dir} has no metrics.json: finish its study "
+            f"(bench/public_configs.py --only {config.name} --rerun) rather than replacing it with {package}"
+        )
     with lock_run(cfg.run_dir, command="bench/public_final.py (rebuild from the shipped package)"):
         prepare_run(cfg)
         checks = {
@@ -237,56 +265,73 @@ def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | N
         if differ:
             raise SystemExit(
                 f"{package} is not {config.name}'s model as this machine would train it ({', '.join(differ)} "
-                f"differ): train it here (bench/public_configs.py --only {config.name})"
+                f"differ): {train_here}"
             )
-        target = cfg.run_dir / MEMBER.format(model=meta["backbone"])
-        if target.exists():
-            shutil.rmtree(target)
         staging = target.with_name(target.name + ".rebuilding")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(package, staging)
-        staging.rename(target)
-        # From here on the configurations table keeps the recorded row for this run (not yet checked: no `reproduces`).
-        marker = cfg.run_dir / public_configs.REBUILT_FILE
+        if file_sha256(staging / "weights.safetensors") != meta["weights_sha256"]:
+            shutil.rmtree(staging)
+            raise SystemExit(f"{package} changed while it was copied; run this again when nothing writes to it")
         relative = package.relative_to(REPO) if package.is_relative_to(REPO) else package
         record = {"package": str(relative), "weights_sha256": meta["weights_sha256"],
                   "date": dt.date.today().isoformat(), "cpu": _cpu()}  # fmt: skip
+        # The marker first: from here on the configurations table keeps the recorded row for this run folder.
         atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)  # an earlier rebuild (a model trained here was refused above)
+        (cfg.run_dir / "metrics.json").unlink(missing_ok=True)
+        staging.rename(target)
     for command in ("predict-run", "evaluate", "report"):
         _alnus(command, str(cfg.run_dir))
-    measured = public_configs.measured_rows(config, rebuilt=True)
-    recorded = public_configs.rows_of(config.name)
-    keys = ("val AUC (selection)", "internal AUC", "external AUC", "external sens / spec")
-    if [[r[k] for k in keys] for r in measured] != [[r[k] for k in keys] for r in recorded]:
+    measured = [[r[k] for k in REPRODUCED] for r in public_configs.measured_rows(config, rebuilt=True)]
+    recorded = [[r[k] for k in REPRODUCED] for r in public_configs.rows_of(config.name)]
+    if measured != recorded:
+        shutil.rmtree(target)
+        (cfg.run_dir / "metrics.json").unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         raise SystemExit(
-            f"{cfg.run_dir}, rebuilt from {package}, does not reproduce {config.name}'s recorded row: "
-            f"{[[r[k] for k in keys] for r in measured]} against {[[r[k] for k in keys] for r in recorded]}"
+            f"{package}, evaluated in {cfg.run_dir}, does not reproduce {config.name}'s recorded row ({measured} "
+            f"against {recorded}); the copy was removed: {train_here}"
         )
-    record["reproduces"] = dict(zip(keys, [measured[0][k] for k in keys], strict=True))
+    record["reproduces"] = dict(zip(REPRODUCED, measured[0], strict=True))
     atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
     return cfg.run_dir
 
 
-def _needs_rebuild(run: Path) -> bool:
-    """Whether the chosen run folder is missing here, or was rebuilt from a package without reproducing its row."""
+def _needs_rebuild(run: Path, chosen: pd.Series | None = None, package: Path = SHIPPED) -> bool:
+    """Whether the chosen run folder must be (re)built from the shipped package: it has no evaluated model here, or it
+    was rebuilt without reproducing its row, from other weights than the package's now, or for another recorded row."""
+    marker = _read_marker(run)
     if not (run / "metrics.json").is_file():
         return True
-    marker = run / public_configs.REBUILT_FILE
-    return marker.is_file() and "reproduces" not in json.loads(marker.read_text(encoding="utf-8"))
+    if marker is None:
+        return False  # trained and evaluated here
+    if "reproduces" not in marker:
+        return True
+    meta_path = package / "metadata.json"
+    if meta_path.is_file():
+        shipped = json.loads(meta_path.read_text(encoding="utf-8")).get("weights_sha256")
+        if shipped != marker.get("weights_sha256"):
+            return True
+    if chosen is not None:
+        recorded = [[r[k] for k in REPRODUCED] for r in public_configs.rows_of(str(chosen["name"]))]
+        if recorded != [[marker["reproduces"].get(k) for k in REPRODUCED]]:
+            return True
+    return False
 
 
 def rebuilt_note(run: Path) -> str:
-    """Says that the chosen run folder was rebuilt from the shipped package, when it was."""
-    path = run / public_configs.REBUILT_FILE
-    if not path.is_file():
+    """Says that the chosen run folder was rebuilt from the shipped package, when it was and reproduced its row."""
+    record = _read_marker(run)
+    if not record or "reproduces" not in record:
         return ""
-    record = json.loads(path.read_text(encoding="utf-8"))
     return (
         f"The chosen model's run folder ({run.relative_to(REPO) if run.is_relative_to(REPO) else run}) was not on this "
         f"machine: it was rebuilt on {record['date']} ({record['cpu']}) from the shipped package {record['package']} "
         f"(the same weights, sha256 {record['weights_sha256'][:12]}; its settings and training patients checked "
         "against the split made here), whose predictions of the three splits reproduce the configurations table's "
-        "row exactly; its training time is the one recorded when it trained."
+        "row at its rounding; its training time is the one recorded when it trained."
     )
 
 
@@ -637,9 +682,11 @@ def main(argv: list[str] | None = None) -> int:
     ensemble_seconds = time.perf_counter() - ensemble_started
     candidates = _candidates(ensembles)
     chosen = choose(candidates.dropna(subset=["val AUC"]))
-    if chosen["run"] != FINAL_RUN.name and _needs_rebuild(run_dir_of(chosen)):
+    if chosen["run"] != FINAL_RUN.name and _needs_rebuild(run_dir_of(chosen), chosen):
         rebuild_from_package(chosen)
-    if not (run_dir_of(chosen) / "metrics.json").is_file():
+    if not (run_dir_of(chosen) / "metrics.json").is_file() or (
+        chosen["run"] != FINAL_RUN.name and _needs_rebuild(run_dir_of(chosen), chosen)
+    ):
         print(f"the rule chose {chosen['name']} (measured {chosen['measured']}), whose run folder "
               f"{run_dir_of(chosen)} is not on this machine: train it here (bench/public_configs.py --only "
               f"{chosen['name']}), then run this again", file=sys.stderr)  # fmt: skip

@@ -255,15 +255,60 @@ def test_only_the_chosen_runs_own_package_rebuilds_it_and_an_unchecked_rebuild_i
     assert public_final.rebuild_from_package(ensemble, package) is None
 
     run = tmp_path / "runs" / "public_aux_birads"
-    assert public_final._needs_rebuild(run)
+    meta.update(backbone="efficientnet_lite0", weights_sha256="ab" * 32)
+    (package / "metadata.json").write_text(json.dumps(meta))
+    row = _row("aux_birads", "0.959 (0.9-1.0)", "0.855 (0.8-0.9)")
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": {"aux_birads": [row]}}))
+    assert public_final._needs_rebuild(run, chosen, package)
     run.mkdir(parents=True)
     (run / "metrics.json").write_text("{}")
-    assert not public_final._needs_rebuild(run)  # trained here
+    assert not public_final._needs_rebuild(run, chosen, package)  # trained and evaluated here
     marker = run / public_configs.REBUILT_FILE
-    marker.write_text(json.dumps({"package": "models/pkg", "weights_sha256": "ab" * 32, "date": "d", "cpu": "c"}))
-    assert public_final._needs_rebuild(run)  # rebuilt, but its row was never reproduced
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "reproduces": {"val AUC (selection)": "x"}}))
-    assert not public_final._needs_rebuild(run)
+    record = {"package": "models/pkg", "weights_sha256": "ab" * 32, "date": "d", "cpu": "c"}
+    marker.write_text(json.dumps(record))
+    assert public_final._needs_rebuild(run, chosen, package)  # rebuilt, but its row was never reproduced
+    assert public_final.rebuilt_note(run) == ""  # and nothing claims it was
+    reproduces = {k: row[k] for k in public_final.REPRODUCED}
+    marker.write_text(json.dumps({**record, "reproduces": reproduces}))
+    assert not public_final._needs_rebuild(run, chosen, package)
     note = public_final.rebuilt_note(run)
     assert "rebuilt on d (c) from the shipped package models/pkg" in note and "sha256 ababababab" in note
     assert public_final.rebuilt_note(tmp_path) == ""
+    # Another package shipped since, or another recorded row: the rebuild is stale and is done again.
+    (package / "metadata.json").write_text(json.dumps({**meta, "weights_sha256": "cd" * 32}))
+    assert public_final._needs_rebuild(run, chosen, package)
+    (package / "metadata.json").write_text(json.dumps(meta))
+    row["external AUC"] = "0.856 (0.8-0.9)"
+    (tmp_path / public_configs.RECORD).write_text(json.dumps({"about": "", "rows": {"aux_birads": [row]}}))
+    assert public_final._needs_rebuild(run, chosen, package)
+    marker.write_text("{not json")
+    assert public_final._needs_rebuild(run, chosen, package) and public_final.rebuilt_note(run) == ""
+    # A rebuilt folder is not a model trained here: no ensemble is built from it.
+    (run / "models" / "efficientnet_lite0" / "model").mkdir(parents=True)
+    (run / "models" / "efficientnet_lite0" / "model" / "metadata.json").write_text("{}")
+    assert not public_final._trained_here("aux_birads")
+    marker.unlink()
+    assert public_final._trained_here("aux_birads")
+
+
+def test_a_model_trained_here_is_never_replaced_by_the_package(public_configs, monkeypatch, tmp_path):
+    import shutil
+
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)  # configs/public.yaml's runs_dir is relative
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "public.yaml", tmp_path / "configs")
+    package = tmp_path / "models" / "pkg"
+    package.mkdir(parents=True)
+    meta = {"run": "public_aux_birads", "backbone": "efficientnet_lite0"}
+    (package / "metadata.json").write_text(json.dumps(meta))
+    local = tmp_path / "runs" / "public_aux_birads" / "models" / "efficientnet_lite0" / "model"
+    local.mkdir(parents=True)
+    (local / "weights.safetensors").write_bytes(b"trained here")
+    chosen = pd.Series({"name": "aux_birads", "model": "efficientnet_lite0", "run": "public_aux_birads"})
+    assert public_final._needs_rebuild(local.parents[2], chosen, package)  # no metrics.json: not evaluated yet
+    with pytest.raises(SystemExit, match="holds a model trained on this machine"):
+        public_final.rebuild_from_package(chosen, package)
+    assert (local / "weights.safetensors").read_bytes() == b"trained here"
