@@ -387,14 +387,16 @@ def test_cli_cv_compare(cv_pair, tmp_path):
 
 
 def _copy_cv(folder: Path, target: Path, name: str) -> Path:
-    """The cv folder and its fold runs copied under `target`, its cv.json renamed `name`."""
+    """The cv folder and its fold runs copied under `target` as the configuration `name` (`name`_cv0 .. and
+    `name`_cv/cv.json naming them), as `alnus cv` would have written them under that name."""
     import shutil
 
     summary = json.loads((folder / "cv.json").read_text())
-    for run in summary["runs"]:
-        shutil.copytree(folder.parent / run, target / run)
+    runs = [f"{name}_cv{k}" for k in range(len(summary["runs"]))]
+    for old, new in zip(summary["runs"], runs, strict=True):
+        shutil.copytree(folder.parent / old, target / new)
     shutil.copytree(folder, target / f"{name}_cv")
-    (target / f"{name}_cv" / "cv.json").write_text(json.dumps({**summary, "name": name}))
+    (target / f"{name}_cv" / "cv.json").write_text(json.dumps({**summary, "name": name, "runs": runs}))
     return target / f"{name}_cv"
 
 
@@ -419,6 +421,12 @@ def test_a_configuration_against_itself_differs_by_nothing(cv_pair, tmp_path):
         (lambda s: {**s, "models": {"tiny_cnn": {**s["models"]["tiny_cnn"], "auc": 0.123}}}, "a fold changed since"),
         (lambda s: {**s, "runs": [*s["runs"][:2], "gone_cv2"]}, "fold runs that are not there"),
         (lambda s: [s], "not a cv.json written by `alnus cv`"),
+        (lambda s: {**s, "models": {"../tiny_cv0/models/tiny_cnn": s["models"]["tiny_cnn"]}}, "not a cv.json"),
+        (lambda s: {**s, "models": {"tiny_cnn": {**s["models"]["tiny_cnn"], "auc": float("nan")}}}, "changed since"),
+        (lambda s: {**s, "models": {"tiny_cnn": {**s["models"]["tiny_cnn"], "auc": True}}}, "changed since"),
+        (lambda s: {**s, "settings_hash": "forged"}, "trained with other settings than"),
+        (lambda s: {**s, "runs": ["copy_cv1", "copy_cv0", "copy_cv2"]}, "`alnus cv` writes copy_cv/cv.json"),
+        (lambda s: {**s, "name": "other"}, "`alnus cv` writes other_cv/cv.json"),
     ],
 )
 def test_a_crafted_or_stale_cv_json_is_refused(cv_pair, tmp_path, edit, message):
@@ -464,3 +472,59 @@ def test_an_image_level_comparison_with_several_images_per_patient_is_refused(cv
     (copy / "cv.json").write_text(json.dumps(summary))
     with pytest.raises(CvError, match="per image, and a patient has several images"):
         compare_cv([copy, reference])
+
+
+def test_a_deeply_nested_cv_json_is_refused_without_a_traceback(cv_pair, tmp_path):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "deep")
+    (copy / "cv.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CvError, match="not readable JSON"):
+        compare_cv([reference, copy])
+
+
+def test_cv_compare_out_must_be_a_plain_file_outside_the_run_folders(cv_pair, tmp_path):
+    reference, other = cv_pair
+    for out, message in (
+        (reference / "cv.json", "inside"),
+        (reference.parent / "tiny_cv0" / "splits.csv", "inside"),
+        (tmp_path, "not a plain file"),
+    ):
+        before = reference.joinpath("cv.json").read_bytes()
+        result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(out)])
+        assert isinstance(result.exception, AlnusError) and message in str(result.exception), result.output
+        assert "Difference from" not in result.output  # refused before any work
+        assert reference.joinpath("cv.json").read_bytes() == before
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(link)])
+    assert isinstance(result.exception, AlnusError) and "symbolic link" in str(result.exception)
+
+
+def test_every_fold_is_checked_before_any_fold_trains(cv_run, tmp_path):
+    """A deleted fold 0 and changed settings: refused at once, not after retraining fold 0 with the new settings."""
+    import shutil
+
+    cfg, _ = cv_run
+    for k in range(3):
+        shutil.copytree(Path(cfg.runs_dir) / f"tiny_cv{k}", tmp_path / f"tiny_cv{k}")
+    shutil.rmtree(tmp_path / "tiny_cv0")
+    overrides = ["name=tiny", "data.cv_folds=null", "data.cv_fold=0", "train.lr=0.01", f"runs_dir={tmp_path}"]
+    changed = load_config(tmp_path / "tiny_cv1" / "config.yaml", overrides)
+    with pytest.raises(CvError, match=r"train\.lr: 0\.003 -> 0\.01.*--set name=NEW"):
+        run_cv(changed, 3, console=_quiet())
+    assert not (tmp_path / "tiny_cv0").exists()
+
+
+def test_a_fold_without_validation_predictions_says_how_to_retrain_it(cv_run, tmp_path):
+    import shutil
+
+    from alnus.cv import fold_predictions
+
+    cfg, _ = cv_run
+    run = tmp_path / "tiny_cv2"
+    shutil.copytree(Path(cfg.runs_dir) / "tiny_cv2", run)
+    (run / "models" / "tiny_cnn" / "val_predictions_best.csv").unlink()
+    with pytest.raises(CvError, match=r"delete .*tiny_cv2/models/tiny_cnn and run `alnus cv` again"):
+        fold_predictions(run, "tiny_cnn", "positive")

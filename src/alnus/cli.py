@@ -563,6 +563,20 @@ def _print_cv(summary: dict) -> None:
     )
 
 
+def _check_out_file(out: Path, option: str) -> None:
+    """Refuse an output path that is not a plain file to write, or that lies inside a run or cv folder (whose files
+    the tool reads and checks), before any work is done."""
+    if out.exists() and (out.is_dir() or not out.is_file()):
+        raise AlnusError(f"{option} {out} exists and is not a plain file (a folder, link target or device); give a "
+                         "file path such as compare.json.")  # fmt: skip
+    if out.is_symlink():
+        raise AlnusError(f"{option} {out} is a symbolic link; give the file itself.")
+    for folder in out.resolve().parents:
+        if (folder / "cv.json").is_file() or ((folder / "config.yaml").is_file() and (folder / "splits.csv").is_file()):
+            raise AlnusError(f"{option} {out} is inside {folder}, a run or cross-validation folder whose files are "
+                             "read and checked; write it elsewhere.")  # fmt: skip
+
+
 @app.command("cv-compare")
 def cv_compare(
     folders: Annotated[
@@ -581,6 +595,8 @@ def cv_compare(
     from alnus._io import atomic_write_text
     from alnus.cv import compare_cv
 
+    if out is not None:
+        _check_out_file(out, "--out")
     result = compare_cv(folders)
     cases = {"patient": "patients", "study": "studies", "image": "images"}[result["level"]]
     folds = range(result["folds"])

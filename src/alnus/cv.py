@@ -70,32 +70,40 @@ def fold_config(cfg: Config, folds: int, fold: int) -> Config:
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides), where=where)
 
 
+def check_fold(cfg: Config, *, resume: bool = False) -> list[str]:
+    """The backbones of one fold still to train; refused when the fold holds a training of other settings (the
+    configuration needs another name), so that `run_cv` can check every fold before it trains any."""
+    from alnus.study import trained_package
+    from alnus.train import resumable_checkpoint
+
+    todo = [b for b in cfg.models if trained_package(cfg, b) is None]
+    if not resume:
+        # A fold trained earlier with other settings: name what changed.
+        for backbone in todo:
+            try:
+                resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=True)
+            except AlnusError as exc:
+                raise CvError(
+                    f"{exc}. To cross-validate another configuration, give it its own name: --set name=NEW"
+                ) from None
+    return todo
+
+
 def train_fold(cfg: Config, *, resume: bool = False, console: Console | None = None) -> tuple[list[str], list[str]]:
     """Prepare one fold's run and train its backbones, reusing those already trained with these settings and data.
 
     Returns:
         (trained, reused) backbone names.
     """
-    from alnus.study import prepare_run, run_training, trained_package
+    from alnus.study import prepare_run, run_training
 
     with lock_run(cfg.run_dir, command=f"alnus cv ({cfg.name})"):
         # First: a run folder holding another fold's (or other data's) split is refused here, before any reuse.
         prepare_run(cfg)
-        todo = [b for b in cfg.models if trained_package(cfg, b) is None]
+        todo = check_fold(cfg, resume=resume)
         reused = [b for b in cfg.models if b not in todo]
         if console is not None and reused:
             console.print(f"{escape(cfg.name)}: reusing {escape(', '.join(reused))} (already trained)", highlight=False)
-        if todo and not resume:
-            from alnus.train import resumable_checkpoint
-
-            # A fold trained earlier with other settings: name what changed (the config needs another name).
-            for backbone in todo:
-                try:
-                    resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=True)
-                except AlnusError as exc:
-                    raise CvError(
-                        f"{exc}. To cross-validate another configuration, give it its own name: --set name=NEW"
-                    ) from None
         if todo:
             run_training(cfg, models=todo, resume=resume, console=console)
     return todo, reused
@@ -110,9 +118,9 @@ def fold_predictions(run_dir: Path, backbone: str, positive_label: str) -> pd.Da
     anything else (a split prepared again after training, a hand-edited or damaged file) is refused, naming the file.
     """
     path = RunFolder(run_dir).model(backbone).val_predictions_best
-    if not path.is_file():
-        raise CvError(f"{path} not found: {backbone} of {run_dir.name} is not trained; run `alnus cv` again.")
     retrain = f"delete {RunFolder(run_dir).model(backbone).root} and run `alnus cv` again to train that fold anew"
+    if not path.is_file():
+        raise CvError(f"{path} not found: {backbone} of {run_dir.name} has no validation predictions; {retrain}.")
     val = read_splits(run_dir)
     val = val[val["split"] == "val"].reset_index(drop=True)
     try:
@@ -269,6 +277,9 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
             "and give the number of folds as --folds K"
         )
     configs = [fold_config(cfg, folds, k) for k in range(folds)]  # all checked before the first training
+    for fold_cfg in configs:
+        if fold_cfg.run_dir.is_dir():
+            check_fold(fold_cfg, resume=resume)  # a fold of other settings is refused before any fold trains
     trained, reused = {}, {}
     for k, fold_cfg in enumerate(configs):
         if console is not None:
@@ -283,6 +294,11 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
 
 
 # ----------------------------------------------------------------------------------------- comparing configurations
+def _plain_name(value: object) -> bool:
+    """A folder name that stays where it is put: no path separator, not `.` or `..`."""
+    return isinstance(value, str) and bool(value) and value == Path(value).name and value not in (".", "..")
+
+
 def _read_cv_json(folder: Path) -> dict[str, Any]:
     """A `<name>_cv/cv.json`, checked before anything in it names a file: its fold runs are plain folder names beside
     the cv folder, one per fold, and its level and aggregation are the study's."""
@@ -291,8 +307,10 @@ def _read_cv_json(folder: Path) -> dict[str, Any]:
         raise CvError(f"{path} not found: pass the folder `alnus cv` wrote (runs_dir/NAME_cv), after it finished.")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CvError(f"{path} is not readable JSON ({exc}); run `alnus cv` again to rewrite it.") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CvError(
+            f"{path} is not readable JSON ({type(exc).__name__}); run `alnus cv` again to rewrite it."
+        ) from None
     runs = summary.get("runs") if isinstance(summary, dict) else None
     folds = summary.get("folds") if isinstance(summary, dict) else None
     if (
@@ -301,11 +319,13 @@ def _read_cv_json(folder: Path) -> dict[str, Any]:
         or isinstance(folds, bool)
         or folds != len(runs)
         or folds < 2
-        or not all(isinstance(r, str) and r and r == Path(r).name and r not in (".", "..") for r in runs)
+        or not all(_plain_name(r) for r in runs)
         or summary.get("level") not in ("image", "patient", "study")
         or summary.get("aggregate") not in ("mean", "max")
         or not isinstance(summary.get("models"), dict)
         or not summary["models"]
+        or not all(_plain_name(m) for m in summary["models"])
+        or not _plain_name(summary.get("name"))
     ):
         raise CvError(f"{path} is not a cv.json written by `alnus cv` (runs, folds, level or models are not as it "
                       "writes them); run `alnus cv` again to rewrite it.")  # fmt: skip
@@ -329,8 +349,40 @@ def fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "prob": prob}, index=pd.Index(uniques, name="case"))
 
 
+def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> dict[str, Any]:
+    """The configuration's training settings as its fold runs record them, checked against cv.json: fold k is the run
+    `NAME_cv{k}` of the cv folder `NAME_cv`, trained as fold k of K, with the settings cv.json's hash names."""
+    from alnus.config import ConfigError, read_resolved_config
+
+    name, path = summary["name"], folder / CV_FILE
+    if folder.name != f"{name}_cv" or summary["runs"] != [fold_name(name, k) for k in range(summary["folds"])]:
+        raise CvError(f"{path} names configuration {name!r} and fold runs {', '.join(summary['runs'])}: `alnus cv` "
+                      f"writes {name}_cv/cv.json for the runs {name}_cv0 .. {name}_cv{summary['folds'] - 1}; run it "
+                      "again rather than moving or editing these.")  # fmt: skip
+    settings = None
+    for k, run in enumerate(runs):
+        try:
+            fold = read_resolved_config(run / "config.yaml")
+        except ConfigError as exc:
+            raise CvError(f"{exc} (fold {k} of {folder})") from None
+        if (fold.data.cv_folds, fold.data.cv_fold) != (summary["folds"], k):
+            raise CvError(
+                f"{run / 'config.yaml'} is not fold {k} of {summary['folds']} (data.cv_folds {fold.data.cv_folds}, "
+                f"data.cv_fold {fold.data.cv_fold}); run `alnus cv` again."
+            )
+        base = config_from_dict(apply_overrides(fold.to_dict(), [("data.cv_folds", None), ("data.cv_fold", 0)]))
+        here = training_settings(base)
+        if stable_hash(here) != summary.get("settings_hash"):
+            raise CvError(f"{run / 'config.yaml'} was trained with other settings than {path} records; a fold was "
+                          "trained again or cv.json edited: run `alnus cv` again to rewrite it.")  # fmt: skip
+        settings = here
+    assert settings is not None  # at least two folds
+    return settings
+
+
 def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any]]]:
-    """Each backbone of one finished cross-validation: its name, its folds' cases and its cv.json summary.
+    """Each backbone of one finished cross-validation: its name, its folds' cases and its cv.json summary, whose
+    `settings` are replaced by those its fold runs were trained with (after checking they match its hash).
 
     The pooled AUC recomputed from the fold runs' predictions must equal the one cv.json holds, so a fold trained
     again (or changed) since `alnus cv` wrote it is not compared under the old summary.
@@ -344,6 +396,7 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     if missing:
         raise CvError(f"{folder / CV_FILE} names fold runs that are not there ({', '.join(missing[:3])}); keep the "
                       "fold run folders beside the cv folder, or run `alnus cv` again.")  # fmt: skip
+    summary = {**summary, "settings": _fold_settings(folder, summary, runs)}
     positive = read_resolved_config(runs[0] / "config.yaml").data.positive_label
     level, aggregate = summary["level"], summary["aggregate"]
     found = []
@@ -351,17 +404,23 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
         tables = [fold_predictions(run, str(backbone), positive) for run in runs]
         check_folds(tables)
         now = pooled_auc(tables, level, aggregate)["auc"]
+        auc = recorded.get("auc") if isinstance(recorded, dict) else None
         if (
-            not isinstance(recorded, dict)
-            or not isinstance(recorded.get("auc"), (int, float))
-            or (abs(now - float(recorded["auc"])) > 1e-9)
+            not isinstance(auc, (int, float))
+            or isinstance(auc, bool)
+            or not 0 <= auc <= 1  # NaN fails this too
+            or abs(now - float(auc)) > 1e-9
         ):
             raise CvError(f"{folder / CV_FILE} does not match its folds' predictions for {backbone} (pooled AUC "
                           f"{now:.4f} now); a fold changed since: run `alnus cv` again to rewrite it.")  # fmt: skip
-        if level == "image" and any(unit_keys(t, "patient").duplicated().any() for t in tables):
-            raise CvError(f"{folder} was cross-validated per image, and a patient has several images: the paired "
-                          "DeLong test needs independent cases; cross-validate at the patient level "
-                          "(evaluate.level: patient).")  # fmt: skip
+        if level != "patient":
+            for t in tables:
+                cases, patients = _case_keys(t, level), unit_keys(t, "patient")
+                if cases.nunique() > patients.nunique():
+                    raise CvError(f"{folder} was cross-validated per {level}, and a patient has several "
+                                  f"{level}s (e.g. patient {_patient_name(patients[patients.duplicated()].iloc[0])}): "
+                                  "the paired DeLong test needs independent cases; cross-validate at the patient "
+                                  "level (evaluate.level: patient).")  # fmt: skip
         found.append((str(backbone), [fold_cases(t, level, aggregate) for t in tables], summary))
     return found
 
@@ -476,13 +535,16 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
                     "only the same folds at the same level can be compared."
                 )
     result = compare_folds({name: folds for name, folds, *_ in entries}, alpha=alpha)
-    ref_settings = ref_summary.get("settings") if isinstance(ref_summary.get("settings"), dict) else {}
+    ref_settings, ref_backbone = ref_summary["settings"], entries[0][4]
     for row, (_, _, summary, folder, backbone) in zip(result["models"], entries, strict=True):
-        settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+        settings = summary["settings"]
         row.update(backbone=backbone, cv_folder=str(folder), runs=list(summary["runs"]),
                    settings_hash=summary.get("settings_hash"))  # fmt: skip
         if row["model"] != reference:
-            row["differs_from_reference"] = settings_changes(ref_settings, settings)
+            changes = settings_changes(ref_settings, settings)
+            if backbone != ref_backbone:
+                changes.insert(0, f"model: {ref_backbone!r} -> {backbone!r}")
+            row["differs_from_reference"] = changes
     return {
         **result,
         "level": ref_summary["level"],
