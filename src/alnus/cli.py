@@ -529,7 +529,8 @@ def cv(
 ) -> None:
     """Judge a configuration on every development patient outside internal_test: train it on K patient-level folds
     (runs NAME_cv0 .. NAME_cv{K-1}), pool the folds' out-of-fold val predictions, write runs_dir/NAME_cv/cv.json.
-    The internal and external tests are untouched. Rerun to reuse finished folds."""
+    The internal and external tests are untouched. Rerun to reuse finished folds; compare configurations
+    cross-validated alike with `alnus cv-compare`."""
     from alnus.config import load_config
     from alnus.cv import run_cv
 
