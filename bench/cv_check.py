@@ -111,11 +111,11 @@ def section(result: dict[str, object], seconds: float) -> str:
         f"Command: `{COMMAND}`, {dt.date.today().isoformat()}, {_cpu()}, {os.cpu_count()} cores; this report "
         f"{seconds:.0f} s. base and aux_birads, each trained on {FOLDS} patient-level folds of the BUS-BRA train and "
         f"validation patients (`alnus cv` folds, `data.seed` 0; the same folds for both); folds finished by both: "
-        f"{', '.join(str(f) for f in folds)} of 0-{FOLDS - 1} ({', '.join(str(n) for n in result['fold_cases'])} "
-        f"patients; {result['positive']} malignant, {result['negative']} benign in all). AUC per patient (mean of a "
-        "patient's images) on each fold's validation patients, by the model trained without them; the pooled AUC "
-        "mixes the folds' models (DeLong CI), so it ranks and is no model's AUC. The internal and external tests were "
-        "neither trained on nor scored.",
+        f"{', '.join(str(f) for f in folds)} (of {', '.join(str(k) for k in range(FOLDS))}; "
+        f"{', '.join(str(n) for n in result['fold_cases'])} patients; {result['positive']} malignant, "
+        f"{result['negative']} benign in all). AUC per patient (mean of a patient's images) on each fold's validation "
+        "patients, by the model trained without them; the pooled AUC mixes the folds' models (DeLong CI), so it ranks "
+        "and is no model's AUC. The internal and external tests were neither trained on nor scored.",
         "",
         "| configuration | AUC per fold | mean of the folds | pooled out-of-fold AUC (95% CI) | best epoch per fold "
         "| training per fold (min) |",
