@@ -200,6 +200,33 @@ RECORD = Path("docs") / "public_configurations.json"
 # In a run folder rebuilt from a shipped package (bench/public_final.py): its row is the record's, which holds the
 # training time and the date and machine it was measured on.
 REBUILT_FILE = "rebuilt_from_package.json"
+MARKER_FIELDS = ("package", "weights_sha256", "date", "cpu")
+
+
+def rebuilt_marker(run: Path) -> dict[str, object] | None:
+    """The rebuild record of a run folder, or None when its models were trained here: no record, or one whose weights
+    are no longer the run's package's (a model trained here since). An unreadable or incomplete record reads as `{}`:
+    a rebuild that was never checked."""
+    path = run / REBUILT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in MARKER_FIELDS):
+        return {}
+    packages = []
+    for meta in (run / "models").glob("*/model/metadata.json"):
+        try:
+            packages.append(json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            return {}
+    if packages and record["weights_sha256"] not in packages:
+        return None  # trained here after the rebuild: the record no longer describes the model
+    if "reproduces" in record and not isinstance(record["reproduces"], dict):
+        return {}
+    return record
 
 
 def _run_one(config: Configuration, *, rerun: bool = False) -> None:
@@ -260,7 +287,7 @@ def measured_rows(config: Configuration, *, rebuilt: bool = False) -> list[dict[
     from alnus.evaluate import results_values_table
 
     run = REPO / "runs" / config.run_name
-    if not (run / "metrics.json").is_file() or ((run / REBUILT_FILE).is_file() and not rebuilt):
+    if not (run / "metrics.json").is_file() or (rebuilt_marker(run) is not None and not rebuilt):
         return []
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     values = results_values_table(metrics, "patient")

@@ -112,7 +112,7 @@ def _trained_here(name: str) -> bool:
     """Whether the configuration's model was trained on this machine (a run folder rebuilt from a package is not)."""
     config = next(c for c in public_configs.CONFIGURATIONS if c.name == name)
     run = REPO / "runs" / config.run_name
-    return _read_marker(run) is None and any((run / "models").glob("*/model/metadata.json"))
+    return public_configs.rebuilt_marker(run) is None and any((run / "models").glob("*/model/metadata.json"))
 
 
 def _build_ensembles() -> list[str]:
@@ -205,17 +205,13 @@ SHIPPED = REPO / "models" / "breast-us-malignancy"
 REPRODUCED = ("val AUC (selection)", "internal AUC", "external AUC", "external sens / spec")
 
 
-def _read_marker(run: Path) -> dict | None:
-    """The rebuild record of a run folder (`public_configs.REBUILT_FILE`), None when there is none; an unreadable one
-    reads as a rebuild that was never checked."""
-    path = run / public_configs.REBUILT_FILE
-    if not path.is_file():
-        return None
+def _shipped_sha(package: Path) -> str | None:
+    """The weights the shipped package names, None when it has no readable metadata."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads((package / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        return None
+    return meta.get("weights_sha256") if isinstance(meta, dict) else None
 
 
 def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | None:
@@ -249,9 +245,11 @@ def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | N
     target = cfg.run_dir / MEMBER.format(model=meta["backbone"])
     marker = cfg.run_dir / public_configs.REBUILT_FILE
     train_here = f"train it here instead (bench/public_configs.py --only {config.name})"
-    if target.exists() and _read_marker(cfg.run_dir) is None:
+    local = cfg.run_dir / "models" / meta["backbone"]
+    trained_here = [target, local / "history.csv", local / "checkpoints"]
+    if public_configs.rebuilt_marker(cfg.run_dir) is None and any(p.exists() for p in trained_here):
         raise SystemExit(
-            f"{target} holds a model trained on this machine but {cfg.run_dir} has no metrics.json: finish its study "
+            f"{local} holds a model trained on this machine but {cfg.run_dir} has no metrics.json: finish its study "
             f"(bench/public_configs.py --only {config.name} --rerun) rather than replacing it with {package}"
         )
     with lock_run(cfg.run_dir, command="bench/public_final.py (rebuild from the shipped package)"):
@@ -283,7 +281,13 @@ def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | N
         (cfg.run_dir / "metrics.json").unlink(missing_ok=True)
         staging.rename(target)
     for command in ("predict-run", "evaluate", "report"):
-        _alnus(command, str(cfg.run_dir))
+        try:
+            _alnus(command, str(cfg.run_dir))
+        except subprocess.CalledProcessError:
+            raise SystemExit(
+                f"`alnus {command} {cfg.run_dir}` failed (its message is above); the rebuild stays unchecked and is "
+                "done again on the next run"
+            ) from None
     measured = [[r[k] for k in REPRODUCED] for r in public_configs.measured_rows(config, rebuilt=True)]
     recorded = [[r[k] for k in REPRODUCED] for r in public_configs.rows_of(config.name)]
     if measured != recorded:
@@ -302,18 +306,15 @@ def rebuild_from_package(chosen: pd.Series, package: Path = SHIPPED) -> Path | N
 def _needs_rebuild(run: Path, chosen: pd.Series | None = None, package: Path = SHIPPED) -> bool:
     """Whether the chosen run folder must be (re)built from the shipped package: it has no evaluated model here, or it
     was rebuilt without reproducing its row, from other weights than the package's now, or for another recorded row."""
-    marker = _read_marker(run)
+    marker = public_configs.rebuilt_marker(run)
     if not (run / "metrics.json").is_file():
         return True
     if marker is None:
         return False  # trained and evaluated here
     if "reproduces" not in marker:
         return True
-    meta_path = package / "metadata.json"
-    if meta_path.is_file():
-        shipped = json.loads(meta_path.read_text(encoding="utf-8")).get("weights_sha256")
-        if shipped != marker.get("weights_sha256"):
-            return True
+    if _shipped_sha(package) != marker["weights_sha256"]:
+        return True
     if chosen is not None:
         recorded = [[r[k] for k in REPRODUCED] for r in public_configs.rows_of(str(chosen["name"]))]
         if recorded != [[marker["reproduces"].get(k) for k in REPRODUCED]]:
@@ -323,7 +324,7 @@ def _needs_rebuild(run: Path, chosen: pd.Series | None = None, package: Path = S
 
 def rebuilt_note(run: Path) -> str:
     """Says that the chosen run folder was rebuilt from the shipped package, when it was and reproduced its row."""
-    record = _read_marker(run)
+    record = public_configs.rebuilt_marker(run)
     if not record or "reproduces" not in record:
         return ""
     return (

@@ -312,3 +312,55 @@ def test_a_model_trained_here_is_never_replaced_by_the_package(public_configs, m
     with pytest.raises(SystemExit, match="holds a model trained on this machine"):
         public_final.rebuild_from_package(chosen, package)
     assert (local / "weights.safetensors").read_bytes() == b"trained here"
+
+
+def test_a_model_trained_after_a_rebuild_is_not_taken_for_the_rebuild(public_configs, monkeypatch, tmp_path):
+    """The rebuild record describes the package it copied: once a model is trained in the folder (other weights), the
+    folder is trained here again, its own row is used, and a package is never copied over it."""
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    run = tmp_path / "runs" / "public_aux_birads"
+    model = run / "models" / "efficientnet_lite0" / "model"
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text(json.dumps({"weights_sha256": "ab" * 32}))
+    record = {"package": "models/pkg", "weights_sha256": "ab" * 32, "date": "d", "cpu": "c"}
+    (run / public_configs.REBUILT_FILE).write_text(json.dumps(record))
+    assert public_configs.rebuilt_marker(run) == record and not public_final._trained_here("aux_birads")
+    (model / "metadata.json").write_text(json.dumps({"weights_sha256": "ef" * 32}))  # trained here since
+    assert public_configs.rebuilt_marker(run) is None and public_final._trained_here("aux_birads")
+    # Incomplete or ill-typed records read as unchecked rebuilds, never as a traceback.
+    (model / "metadata.json").write_text(json.dumps({"weights_sha256": "ab" * 32}))
+    for bad in (
+        {**record, "reproduces": "x"},
+        {"weights_sha256": "ab" * 32, "reproduces": {}},
+        {**record, "date": None},
+    ):
+        (run / public_configs.REBUILT_FILE).write_text(json.dumps(bad))
+        assert public_configs.rebuilt_marker(run) == {}
+        assert public_final.rebuilt_note(run) == ""
+    assert public_final._shipped_sha(tmp_path / "nowhere") is None
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "metadata.json").write_text("{broken")
+    assert public_final._shipped_sha(tmp_path / "pkg") is None
+
+
+def test_a_finished_training_without_its_package_is_not_replaced(public_configs, monkeypatch, tmp_path):
+    import shutil
+
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "public.yaml", tmp_path / "configs")
+    package = tmp_path / "models" / "pkg"
+    package.mkdir(parents=True)
+    (package / "metadata.json").write_text(json.dumps({"run": "public_aux_birads", "backbone": "efficientnet_lite0"}))
+    local = tmp_path / "runs" / "public_aux_birads" / "models" / "efficientnet_lite0"
+    (local / "checkpoints").mkdir(parents=True)
+    (local / "history.csv").write_text("epoch,seconds\n1,3.8\n")
+    chosen = pd.Series({"name": "aux_birads", "model": "efficientnet_lite0", "run": "public_aux_birads"})
+    with pytest.raises(SystemExit, match="holds a model trained on this machine"):
+        public_final.rebuild_from_package(chosen, package)
+    assert not (local / "model").exists()
