@@ -395,6 +395,8 @@ def _copy_cv(folder: Path, target: Path, name: str) -> Path:
     runs = [f"{name}_cv{k}" for k in range(len(summary["runs"]))]
     for old, new in zip(summary["runs"], runs, strict=True):
         shutil.copytree(folder.parent / old, target / new)
+        config = yaml.safe_load((target / new / "config.yaml").read_text())
+        (target / new / "config.yaml").write_text(yaml.safe_dump({**config, "name": new}, sort_keys=False))
     shutil.copytree(folder, target / f"{name}_cv")
     (target / f"{name}_cv" / "cv.json").write_text(json.dumps({**summary, "name": name, "runs": runs}))
     return target / f"{name}_cv"
@@ -470,7 +472,7 @@ def test_an_image_level_comparison_with_several_images_per_patient_is_refused(cv
     summary["level"] = "image"
     summary["models"]["tiny_cnn"]["auc"] = pooled_auc(tables, "image", "mean")["auc"]
     (copy / "cv.json").write_text(json.dumps(summary))
-    with pytest.raises(CvError, match="per image, and a patient has several images"):
+    with pytest.raises(CvError, match="per image, and a patient has several images .e.g. patient dev_hospital/"):
         compare_cv([copy, reference])
 
 
@@ -528,3 +530,69 @@ def test_a_fold_without_validation_predictions_says_how_to_retrain_it(cv_run, tm
     (run / "models" / "tiny_cnn" / "val_predictions_best.csv").unlink()
     with pytest.raises(CvError, match=r"delete .*tiny_cv2/models/tiny_cnn and run `alnus cv` again"):
         fold_predictions(run, "tiny_cnn", "positive")
+
+
+def test_a_fold_package_of_other_settings_without_checkpoints_is_not_overwritten(cv_run, tmp_path):
+    import shutil
+
+    cfg, _ = cv_run
+    for k in range(3):
+        shutil.copytree(Path(cfg.runs_dir) / f"tiny_cv{k}", tmp_path / f"tiny_cv{k}")
+        shutil.rmtree(tmp_path / f"tiny_cv{k}" / "models" / "tiny_cnn" / "checkpoints")
+    weights = tmp_path / "tiny_cv1" / "models" / "tiny_cnn" / "model" / "weights.safetensors"
+    before = file_sha256(weights)
+    overrides = ["name=tiny", "data.cv_folds=null", "data.cv_fold=0", "train.lr=0.05", f"runs_dir={tmp_path}"]
+    changed = load_config(tmp_path / "tiny_cv1" / "config.yaml", overrides)
+    with pytest.raises(CvError, match=r"trained with other settings than tiny_cv0 has now.*--set name=NEW"):
+        run_cv(changed, 3, console=_quiet())
+    assert file_sha256(weights) == before
+
+
+def test_fold_runs_of_another_configuration_are_not_compared_under_its_name(cv_pair, tmp_path):
+    """Fold runs copied in under the names `alnus cv` would use still say, in their config.yaml, whose they are."""
+    import shutil
+
+    from alnus.cv import compare_cv
+
+    reference, other = cv_pair
+    copy = _copy_cv(reference, tmp_path, "relabelled")
+    summary = json.loads((other / "cv.json").read_text())
+    for k, run in enumerate(summary["runs"]):
+        shutil.rmtree(tmp_path / f"relabelled_cv{k}")
+        shutil.copytree(other.parent / run, tmp_path / f"relabelled_cv{k}")
+    forged = {**summary, "name": "relabelled", "runs": [f"relabelled_cv{k}" for k in range(3)]}
+    (copy / "cv.json").write_text(json.dumps(forged))
+    with pytest.raises(CvError, match="is not fold 0 of 3 of relabelled .name tiny_lr_cv0"):
+        compare_cv([reference, copy])
+
+
+def test_a_deeply_nested_fold_config_is_refused_without_a_traceback(cv_pair, tmp_path):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "nested")
+    config = tmp_path / "nested_cv0" / "config.yaml"
+    config.write_text(config.read_text() + "extra: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(CvError, match="nested too deeply"):
+        compare_cv([reference, copy])
+
+
+def test_cv_compare_out_under_a_file_is_refused_before_any_work(cv_pair, tmp_path):
+    reference, other = cv_pair
+    (tmp_path / "plain").write_text("x")
+    result = runner.invoke(app, ["cv-compare", str(reference), str(other), "--out", str(tmp_path / "plain" / "o.json")])
+    assert isinstance(result.exception, AlnusError) and "is a file, not a folder" in str(result.exception)
+    assert "Difference from" not in result.output
+
+
+def test_a_change_of_data_is_named(cv_pair, tmp_path):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "otherdata")
+    for k in range(3):
+        stamp = tmp_path / f"otherdata_cv{k}" / "data.json"
+        stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "hash": "f" * 64}))
+    changes = compare_cv([reference, copy])["models"][1]["differs_from_reference"]
+    assert len(changes) == 1 and changes[0].startswith("the data (data.json hash): ")
+    assert changes[0].endswith("-> ffffffffffff")

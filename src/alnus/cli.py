@@ -572,6 +572,9 @@ def _check_out_file(out: Path, option: str) -> None:
                          "file path such as compare.json.")  # fmt: skip
     if out.is_symlink():
         raise AlnusError(f"{option} {out} is a symbolic link; give the file itself.")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise AlnusError(f"{option} {out}: {blocking} is a file, not a folder; give a path in a folder.")
     for folder in out.resolve().parents:
         if (folder / "cv.json").is_file() or ((folder / "config.yaml").is_file() and (folder / "splits.csv").is_file()):
             raise AlnusError(f"{option} {out} is inside {folder}, a run or cross-validation folder whose files are "

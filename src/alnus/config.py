@@ -186,8 +186,12 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def safe_yaml(text: str) -> Any:  # noqa: ANN401 - any YAML value
-    """Parse YAML text as plain values, refusing aliases (see `_NoAliasLoader`)."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text as plain values, refusing aliases (see `_NoAliasLoader`); ValueError for text nested too deeply
+    to parse."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
 
 
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:

@@ -74,7 +74,7 @@ def check_fold(cfg: Config, *, resume: bool = False) -> list[str]:
     """The backbones of one fold still to train; refused when the fold holds a training of other settings (the
     configuration needs another name), so that `run_cv` can check every fold before it trains any."""
     from alnus.study import trained_package
-    from alnus.train import resumable_checkpoint
+    from alnus.train import model_settings, resumable_checkpoint
 
     todo = [b for b in cfg.models if trained_package(cfg, b) is None]
     if not resume:
@@ -86,6 +86,19 @@ def check_fold(cfg: Config, *, resume: bool = False) -> list[str]:
                 raise CvError(
                     f"{exc}. To cross-validate another configuration, give it its own name: --set name=NEW"
                 ) from None
+    for backbone in todo:
+        # A package of other settings whose checkpoints are gone: training would replace it under the same name.
+        metadata = RunFolder(cfg.run_dir).model(backbone).metadata
+        try:
+            recorded = json.loads(metadata.read_text(encoding="utf-8")).get("settings_hash")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            continue  # none, or unreadable: trained (again) as before
+        if recorded != stable_hash(model_settings(cfg, cfg.run_dir, backbone)):
+            raise CvError(
+                f"{metadata} was trained with other settings than {cfg.name} has now; to cross-validate another "
+                f"configuration, give it its own name (--set name=NEW), or delete {metadata.parent.parent} to train "
+                "this fold again"
+            )
     return todo
 
 
@@ -365,10 +378,10 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> d
             fold = read_resolved_config(run / "config.yaml")
         except ConfigError as exc:
             raise CvError(f"{exc} (fold {k} of {folder})") from None
-        if (fold.data.cv_folds, fold.data.cv_fold) != (summary["folds"], k):
+        if fold.name != fold_name(name, k) or (fold.data.cv_folds, fold.data.cv_fold) != (summary["folds"], k):
             raise CvError(
-                f"{run / 'config.yaml'} is not fold {k} of {summary['folds']} (data.cv_folds {fold.data.cv_folds}, "
-                f"data.cv_fold {fold.data.cv_fold}); run `alnus cv` again."
+                f"{run / 'config.yaml'} is not fold {k} of {summary['folds']} of {name} (name {fold.name}, "
+                f"data.cv_folds {fold.data.cv_folds}, data.cv_fold {fold.data.cv_fold}); run `alnus cv` again."
             )
         base = config_from_dict(apply_overrides(fold.to_dict(), [("data.cv_folds", None), ("data.cv_fold", 0)]))
         here = training_settings(base)
@@ -378,6 +391,15 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> d
         settings = here
     assert settings is not None  # at least two folds
     return settings
+
+
+def _data_hash(run: Path) -> str | None:
+    """The hash of the data a fold run was split from (its data.json), None when unreadable."""
+    try:
+        found = json.loads((run / "data.json").read_text(encoding="utf-8")).get("hash")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any]]]:
@@ -396,7 +418,7 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     if missing:
         raise CvError(f"{folder / CV_FILE} names fold runs that are not there ({', '.join(missing[:3])}); keep the "
                       "fold run folders beside the cv folder, or run `alnus cv` again.")  # fmt: skip
-    summary = {**summary, "settings": _fold_settings(folder, summary, runs)}
+    summary = {**summary, "settings": _fold_settings(folder, summary, runs), "data_hash": _data_hash(runs[0])}
     positive = read_resolved_config(runs[0] / "config.yaml").data.positive_label
     level, aggregate = summary["level"], summary["aggregate"]
     found = []
@@ -414,13 +436,15 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
             raise CvError(f"{folder / CV_FILE} does not match its folds' predictions for {backbone} (pooled AUC "
                           f"{now:.4f} now); a fold changed since: run `alnus cv` again to rewrite it.")  # fmt: skip
         if level != "patient":
-            for t in tables:
-                cases, patients = _case_keys(t, level), unit_keys(t, "patient")
-                if cases.nunique() > patients.nunique():
-                    raise CvError(f"{folder} was cross-validated per {level}, and a patient has several "
-                                  f"{level}s (e.g. patient {_patient_name(patients[patients.duplicated()].iloc[0])}): "
-                                  "the paired DeLong test needs independent cases; cross-validate at the patient "
-                                  "level (evaluate.level: patient).")  # fmt: skip
+            for table in tables:
+                per_patient = _case_keys(table, level).groupby(unit_keys(table, "patient")).nunique()
+                if (per_patient > 1).any():
+                    several = {"image": "images", "study": "studies"}[level]
+                    raise CvError(
+                        f"{folder} was cross-validated per {level}, and a patient has several {several} (e.g. patient "
+                        f"{_patient_name(per_patient[per_patient > 1].index[0])}): the paired DeLong test needs "
+                        "independent cases; cross-validate at the patient level (evaluate.level: patient)."
+                    )
         found.append((str(backbone), [fold_cases(t, level, aggregate) for t in tables], summary))
     return found
 
@@ -544,6 +568,9 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
             changes = settings_changes(ref_settings, settings)
             if backbone != ref_backbone:
                 changes.insert(0, f"model: {ref_backbone!r} -> {backbone!r}")
+            mine, theirs = summary["data_hash"], ref_summary["data_hash"]
+            if mine and theirs and mine != theirs:
+                changes.insert(0, f"the data (data.json hash): {theirs[:12]} -> {mine[:12]}")
             row["differs_from_reference"] = changes
     return {
         **result,
