@@ -476,16 +476,6 @@ def test_an_image_level_comparison_with_several_images_per_patient_is_refused(cv
         compare_cv([copy, reference])
 
 
-def test_a_deeply_nested_cv_json_is_refused_without_a_traceback(cv_pair, tmp_path):
-    from alnus.cv import compare_cv
-
-    reference, _ = cv_pair
-    copy = _copy_cv(reference, tmp_path, "deep")
-    (copy / "cv.json").write_text("[" * 100000 + "]" * 100000)
-    with pytest.raises(CvError, match="not readable JSON"):
-        compare_cv([reference, copy])
-
-
 def test_cv_compare_out_must_be_a_plain_file_outside_the_run_folders(cv_pair, tmp_path):
     reference, other = cv_pair
     for out, message in (
@@ -566,14 +556,21 @@ def test_fold_runs_of_another_configuration_are_not_compared_under_its_name(cv_p
         compare_cv([reference, copy])
 
 
-def test_a_deeply_nested_fold_config_is_refused_without_a_traceback(cv_pair, tmp_path):
+@pytest.mark.parametrize(
+    ("file", "text", "message"),
+    [
+        ("nested_cv/cv.json", "[" * 100000 + "]" * 100000, "not readable JSON"),
+        ("nested_cv0/config.yaml", None, "nested too deeply"),
+    ],
+)
+def test_deeply_nested_files_are_refused_without_a_traceback(cv_pair, tmp_path, file, text, message):
     from alnus.cv import compare_cv
 
     reference, _ = cv_pair
     copy = _copy_cv(reference, tmp_path, "nested")
-    config = tmp_path / "nested_cv0" / "config.yaml"
-    config.write_text(config.read_text() + "extra: " + "[" * 5000 + "]" * 5000 + "\n")
-    with pytest.raises(CvError, match="nested too deeply"):
+    path = tmp_path / file
+    path.write_text(text if text is not None else path.read_text() + "extra: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(CvError, match=message):
         compare_cv([reference, copy])
 
 
