@@ -509,6 +509,7 @@ def final_section(
     candidates: pd.DataFrame, chosen: pd.Series, seconds: float, final_minutes: str, speed: str = ""
 ) -> str:
     metrics = _metrics(run_dir_of(chosen))
+    rebuilt = rebuilt_note(run_dir_of(chosen))
     shown = candidates.assign(**{
         c: [f"{v:.3f}" if pd.notna(v) else "" for v in candidates[c]]
         for c in ("val AUC", "internal_test AUC", "external_test AUC")
@@ -522,7 +523,7 @@ def final_section(
         f"follow). The chosen model's own runs took {final_minutes}, as measured while they ran (other jobs shared "
         "the two cores for some of them).",
         *(["", speed] if speed else []),
-        *(["", rebuilt_note(run_dir_of(chosen))] if rebuilt_note(run_dir_of(chosen)) else []),
+        *(["", rebuilt] if rebuilt else []),
         "",
         "### Every candidate, and the choice (validation AUC per patient; the tests are shown, never used)",
         _markdown(

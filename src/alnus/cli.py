@@ -564,21 +564,22 @@ def _print_cv(summary: dict) -> None:
     )
 
 
-def _check_out_file(out: Path, option: str) -> None:
-    """Refuse an output path that is not a plain file to write, or that lies inside a run or cv folder (whose files
-    the tool reads and checks), before any work is done."""
-    if out.exists() and (out.is_dir() or not out.is_file()):
-        raise AlnusError(f"{option} {out} exists and is not a plain file (a folder, link target or device); give a "
-                         "file path such as compare.json.")  # fmt: skip
-    if out.is_symlink():
-        raise AlnusError(f"{option} {out} is a symbolic link; give the file itself.")
+def _check_out_target(out: Path, run: Path | None = None) -> None:
+    """Refuse, before any work, an --out that is not a plain file to write (a folder, link or device, or a path under a
+    file), or that lies inside `run` or any run or cross-validation folder, whose files alnus reads and writes."""
+    if out.is_dir() or (out.exists() and not out.is_file()) or out.is_symlink():
+        raise AlnusError(f"--out {out} is not a plain file path (a folder, link or device); name a file.")
     blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
     if blocking is not None:
-        raise AlnusError(f"{option} {out}: {blocking} is a file, not a folder; give a path in a folder.")
+        raise AlnusError(f"--out {out}: {blocking} is a file, not a folder; give a path in a folder.")
     for folder in out.resolve().parents:
-        if (folder / "cv.json").is_file() or ((folder / "config.yaml").is_file() and (folder / "splits.csv").is_file()):
-            raise AlnusError(f"{option} {out} is inside {folder}, a run or cross-validation folder whose files are "
-                             "read and checked; write it elsewhere.")  # fmt: skip
+        if (
+            (run is not None and folder == run.resolve())
+            or (folder / "cv.json").is_file()
+            or ((folder / "config.yaml").is_file() and (folder / "splits.csv").is_file())
+        ):
+            raise AlnusError(f"--out {out} is inside the run folder {folder}, whose files alnus reads and writes; "
+                             "write it elsewhere.")  # fmt: skip
 
 
 @app.command("cv-compare")
@@ -600,7 +601,7 @@ def cv_compare(
     from alnus.cv import compare_cv
 
     if out is not None:
-        _check_out_file(out, "--out")
+        _check_out_target(out)
     result = compare_cv(folders)
     cases = {"patient": "patients", "study": "studies", "image": "images"}[result["level"]]
     folds = range(result["folds"])
@@ -1598,7 +1599,7 @@ def subgroups(
     from alnus.subgroups import TEST_SPLITS, reader_table, subgroup_results, subgroup_table
 
     if out is not None:
-        _check_table_target(out, run)
+        _check_out_target(out, run)
     found = subgroup_results(run, by, model=model, splits=split or TEST_SPLITS)
     about = found.attrs
     _print_frame(
@@ -1612,14 +1613,6 @@ def subgroups(
     if out is not None:
         write_csv(found, out)
         console.print(f"wrote {escape(str(out))}")
-
-
-def _check_table_target(out: Path, run: Path) -> None:
-    """Refuse an --out that would replace a folder, a device or a file of the run folder."""
-    if out.is_dir() or (out.exists() and not out.is_file()) or out.is_symlink():
-        raise AlnusError(f"--out {out} is not a plain file path (a folder, link or device); name a .csv file.")
-    if out.resolve().is_relative_to(run.resolve()):
-        raise AlnusError(f"--out {out} is inside the run folder {run}, whose files alnus writes; write it elsewhere.")
 
 
 @app.command("explain")

@@ -8,8 +8,8 @@ that did not train on them. The internal and external tests are never touched (t
 The result, per backbone, goes to `<runs_dir>/<name>_cv/cv.json`.
 
 The pooled AUC mixes the scores of K models; it ranks configurations, it is not the AUC of any one model.
-`compare_cv` compares configurations cross-validated on the same folds, paired over the same patients (DeLong on the
-pooled scores, Holm-adjusted, and the difference in each fold): one validation split rarely separates two
+`compare_cv` compares configurations cross-validated on the same folds, paired over the same patients: the mean over
+folds of the within-fold AUC difference (DeLong per fold), Holm-adjusted; one validation split rarely separates two
 configurations, and the overlap of two pooled CIs is no test of their difference.
 """
 
@@ -362,9 +362,10 @@ def fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "prob": prob}, index=pd.Index(uniques, name="case"))
 
 
-def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> dict[str, Any]:
-    """The configuration's training settings as its fold runs record them, checked against cv.json: fold k is the run
-    `NAME_cv{k}` of the cv folder `NAME_cv`, trained as fold k of K, with the settings cv.json's hash names."""
+def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> tuple[dict[str, Any], str]:
+    """The configuration's training settings and positive label as its fold runs record them, checked against
+    cv.json: fold k is the run `NAME_cv{k}` of the cv folder `NAME_cv`, trained as fold k of K, with the settings
+    cv.json's hash names."""
     from alnus.config import ConfigError, read_resolved_config
 
     name, path = summary["name"], folder / CV_FILE
@@ -390,7 +391,7 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> d
                           "trained again or cv.json edited: run `alnus cv` again to rewrite it.")  # fmt: skip
         settings = here
     assert settings is not None  # at least two folds
-    return settings
+    return settings, fold.data.positive_label
 
 
 def _data_hash(run: Path) -> str | None:
@@ -409,8 +410,6 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     The pooled AUC recomputed from the fold runs' predictions must equal the one cv.json holds, so a fold trained
     again (or changed) since `alnus cv` wrote it is not compared under the old summary.
     """
-    from alnus.config import read_resolved_config
-
     folder = Path(folder)
     summary = _read_cv_json(folder)
     runs = [folder.parent / name for name in summary["runs"]]
@@ -418,8 +417,8 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     if missing:
         raise CvError(f"{folder / CV_FILE} names fold runs that are not there ({', '.join(missing[:3])}); keep the "
                       "fold run folders beside the cv folder, or run `alnus cv` again.")  # fmt: skip
-    summary = {**summary, "settings": _fold_settings(folder, summary, runs), "data_hash": _data_hash(runs[0])}
-    positive = read_resolved_config(runs[0] / "config.yaml").data.positive_label
+    settings, positive = _fold_settings(folder, summary, runs)
+    summary = {**summary, "settings": settings, "data_hash": _data_hash(runs[0])}
     level, aggregate = summary["level"], summary["aggregate"]
     found = []
     for backbone, recorded in summary["models"].items():
