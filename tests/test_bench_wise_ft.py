@@ -1,0 +1,105 @@
+"""bench/wise_ft.py (protocol item 26): a linear probe on frozen features, folded into a network's head, and the
+weight interpolation between that network and a fine-tuned one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def wise(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import wise_ft
+
+    return wise_ft
+
+
+def _net(seed: int):
+    from alnus.models import create_model
+
+    torch.manual_seed(seed)
+    net = create_model("tiny_cnn").eval()
+    with torch.no_grad():  # a head whose outputs are far from 0, so that the networks' outputs differ visibly
+        net.classifier().weight.normal_()
+    return net
+
+
+def test_the_ends_of_the_interpolation_are_the_two_networks_and_the_middle_is_neither(wise) -> None:
+    probe, tuned = _net(0), _net(1)
+    with torch.no_grad():  # batch-norm statistics that differ, so they are interpolated too
+        for m in tuned.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(-0.1)
+                m.running_var.fill_(0.5)
+                m.num_batches_tracked.fill_(7)
+    a_state, b_state = probe.state_dict(), tuned.state_dict()
+    x = torch.rand(3, 1, 32, 32)
+    out = {}
+    for a in (0.0, 0.5, 1.0):
+        net = _net(2)
+        net.load_state_dict(wise.interpolate(a_state, b_state, a))
+        out[a] = net.eval()(x)
+    torch.testing.assert_close(out[0.0], probe(x))
+    torch.testing.assert_close(out[1.0], tuned(x))
+    assert not torch.allclose(out[0.5], out[0.0]) and not torch.allclose(out[0.5], out[1.0])
+    half = wise.interpolate(a_state, b_state, 0.5)
+    key = next(k for k in half if k.endswith("running_mean"))
+    torch.testing.assert_close(half[key], (a_state[key] + b_state[key]) / 2)
+    counter = next(k for k in half if k.endswith("num_batches_tracked"))
+    assert half[counter].item() == 7  # integer tensors are the tuned network's, not averaged
+
+
+def test_networks_that_differ_are_refused(wise) -> None:
+    state = _net(0).state_dict()
+    with pytest.raises(ValueError, match="differ in their tensors"):
+        wise.interpolate(state, {k: v for k, v in state.items() if "classifier" not in k}, 0.5)
+    wrong = dict(state)
+    key = next(k for k in wrong if k.endswith("classifier.weight"))
+    wrong[key] = torch.zeros(2, wrong[key].shape[1])
+    with pytest.raises(ValueError, match="shape"):
+        wise.interpolate(state, wrong, 0.5)
+
+
+def test_the_standardisation_folded_into_the_head_gives_the_same_scores(wise) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, size=(50, 4))
+    mean, scale = x.mean(0), x.std(0)
+    coef, intercept = rng.normal(size=4), 0.7
+    weight, bias = wise.fold_standardisation(coef, intercept, mean, scale)
+    np.testing.assert_allclose(x @ weight + bias, ((x - mean) / scale) @ coef + intercept)
+
+
+def test_the_probe_separates_informative_features_and_keeps_patients_together(wise) -> None:
+    rng = np.random.default_rng(1)
+    patients = np.repeat(np.arange(60), 2)  # two images per patient
+    y = (patients % 2).astype(int)
+    x = rng.normal(size=(120, 6))
+    x[:, 0] += 2.5 * y  # one informative feature, the rest noise; a constant column must not break the scaling
+    x[:, 5] = 1.0
+    probe = wise.fit_probe(x, y, patients.astype(str))
+    assert probe["C"] in wise.C_GRID and set(probe["cv_auc"]) == set(wise.C_GRID)
+    assert probe["cv_auc"][probe["C"]] > 0.85
+    score = x @ probe["weight"] + probe["bias"]
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, score) > 0.9
+    assert abs(probe["weight"][0]) == np.abs(probe["weight"]).max()
+
+
+def _rows(val: dict[float, float]) -> list[dict]:
+    return [{"split": "val", "a": a, "auc": auc} for a, auc in val.items()]
+
+
+def test_the_rule_takes_the_best_middle_a_and_names_a_new_choice_only_above_the_current_one(wise) -> None:
+    val = {0.0: 0.90, 0.25: 0.95, 0.5: 0.97, 0.75: 0.97, 1.0: 0.96}
+    text, a_star = wise.verdict({"rows": _rows(val)}, best_val=0.959, best_name="aux_birads")
+    assert a_star == 0.75  # the tie goes to the larger a, nearer the registered model
+    assert "the rule now points to it" in text and "wise_ft (a = 0.75)" in text
+    text, _ = wise.verdict({"rows": _rows({**val, 0.5: 0.94, 0.75: 0.93})}, best_val=0.959, best_name="aux_birads")
+    assert "Neither beats it" in text and "**0.25**" in text
