@@ -45,6 +45,7 @@ MEMBER = "models/{model}/model"  # a trained model's package inside its run fold
 # The ensembles' rows as measured (runs/ is not committed): on a machine without their members' run folders the choice
 # uses these, as the configurations table uses docs/public_configurations.json.
 ENSEMBLE_RECORD = Path("docs") / "public_ensembles.json"
+SINGLE_LOCK = ".public_final.lock"  # under runs/: held by a running bench/public_final.py
 
 
 @dataclass(frozen=True)
@@ -666,6 +667,26 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "BUS-BRA").is_dir():
         print(f"real data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
+    from filelock import FileLock, Timeout
+
+    # One at a time: a rebuild lets go of the run folder's lock between copying the package and checking its
+    # predictions (the `alnus` commands it runs take that lock themselves), so a second instance must not start.
+    (REPO / "runs").mkdir(exist_ok=True)
+    lock = FileLock(str(REPO / "runs" / SINGLE_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        print(f"another bench/public_final.py is running (it holds {REPO / 'runs' / SINGLE_LOCK}): wait for it to "
+              "finish, then run this again", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        return _run(args)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """main() with its arguments parsed and the single-instance lock held."""
     started = time.perf_counter()
     public_manifest(args.data)
     only = ",".join(FINAL_MEMBERS) if args.final_only else ""

@@ -364,3 +364,21 @@ def test_a_finished_training_without_its_package_is_not_replaced(public_configs,
     with pytest.raises(SystemExit, match="holds a model trained on this machine"):
         public_final.rebuild_from_package(chosen, package)
     assert not (local / "model").exists()
+
+
+def test_a_second_public_final_refuses_to_start_while_one_runs(public_configs, monkeypatch, tmp_path, capsys):
+    import public_final
+    from filelock import FileLock
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    (tmp_path / "data" / "BUS-BRA").mkdir(parents=True)
+    ran = []
+    monkeypatch.setattr(public_final, "_run", lambda args: ran.append(args) or 0)
+    (tmp_path / "runs").mkdir()
+    held = FileLock(str(tmp_path / "runs" / public_final.SINGLE_LOCK), timeout=0)
+    with held:
+        assert public_final.main(["--data", str(tmp_path / "data"), "--no-train"]) == 2
+    assert not ran and "another bench/public_final.py is running" in capsys.readouterr().err
+    assert public_final.main(["--data", str(tmp_path / "data"), "--no-train"]) == 0  # released: it runs
+    assert len(ran) == 1 and ran[0].no_train
+    assert public_final.main(["--data", str(tmp_path / "data")]) == 0  # and released again after running
