@@ -556,6 +556,75 @@ def test_fold_runs_of_another_configuration_are_not_compared_under_its_name(cv_p
         compare_cv([reference, copy])
 
 
+def _edit_yaml(path: Path, edit) -> None:
+    path.write_text(yaml.safe_dump(edit(yaml.safe_load(path.read_text())), sort_keys=False))
+
+
+def test_models_trained_with_other_settings_than_their_forged_folds_are_refused(cv_pair, tmp_path):
+    """tiny_lr's models (lr 0.01) under fold configs and a cv.json rewritten, hashes and all, to tiny's settings (lr
+    0.003): each model's own config.yaml still says what it was trained with."""
+    from alnus.cv import _unfolded_settings, compare_cv
+
+    reference, other = cv_pair
+    copy = _copy_cv(other, tmp_path, "forged")
+    for k in range(3):
+        _edit_yaml(tmp_path / f"forged_cv{k}" / "config.yaml", lambda c: {**c, "train": {**c["train"], "lr": 3.0e-3}})
+    settings = _unfolded_settings(load_config(tmp_path / "forged_cv0" / "config.yaml"))
+    summary = json.loads((copy / "cv.json").read_text())
+    assert stable_hash(settings) == json.loads((reference / "cv.json").read_text())["settings_hash"]
+    (copy / "cv.json").write_text(json.dumps({**summary, "settings_hash": stable_hash(settings)}))
+    model_config = tmp_path / "forged_cv0" / "models" / "tiny_cnn" / "config.yaml"
+    with pytest.raises(CvError) as refused:
+        compare_cv([reference, copy])
+    message = str(refused.value)
+    assert message.startswith(f"{model_config} was trained with other settings than {tmp_path / 'forged_cv0'}")
+    assert "(train.lr: 0.003 -> 0.01)" in message and "run `alnus cv` again" in message
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: {**c, "train": {**c["train"], "lr": 1.0e-2}},
+         r"models/tiny_cnn/config\.yaml was trained with other settings than .*check_cv1/config\.yaml records "
+         r"\(train\.lr: 0\.003 -> 0\.01\)"),
+        (lambda c: {**c, "data": {**c["data"], "cv_fold": 2}},
+         r"models/tiny_cnn/config\.yaml is the config of a model trained as fold 2 of 3, in the run of fold 1 of 3"),
+        (None, r"models/tiny_cnn/config\.yaml not found: the config tiny_cnn of check_cv1 was trained with is missing"),
+        ("[unclosed", r"models/tiny_cnn/config\.yaml cannot be read as the config tiny_cnn was trained with"),
+    ],
+)  # fmt: skip
+def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_path, edit, message):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "check")
+    config = tmp_path / "check_cv1" / "models" / "tiny_cnn" / "config.yaml"
+    if edit is None:
+        config.unlink()
+    elif isinstance(edit, str):
+        config.write_text(edit)
+    else:
+        _edit_yaml(config, edit)
+    with pytest.raises(CvError, match=message) as refused:
+        compare_cv([reference, copy])
+    assert str(refused.value).startswith(str(config))
+    assert str(refused.value).endswith(f"delete {config.parent} and run `alnus cv` again to train that fold anew.")
+
+
+def test_a_fold_model_config_may_differ_in_what_does_not_train(cv_pair, tmp_path):
+    """Its name (the fold run's at training), TTA views and settings free on resume are not training settings."""
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "free")
+    for k in range(3):
+        config = tmp_path / f"free_cv{k}" / "models" / "tiny_cnn" / "config.yaml"
+        assert yaml.safe_load(config.read_text())["name"] == f"tiny_cv{k}"  # _copy_cv renames the fold run only
+        _edit_yaml(config, lambda c: {**c, "preprocess": {**c["preprocess"], "tta": ["hflip"]},
+                                      "train": {**c["train"], "num_workers": 3}})  # fmt: skip
+    assert compare_cv([reference, copy])["models"][1]["difference"] == 0
+
+
 @pytest.mark.parametrize(
     ("file", "text", "message"),
     [

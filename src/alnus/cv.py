@@ -362,6 +362,13 @@ def fold_cases(table: pd.DataFrame, level: str, aggregate: str) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "prob": prob}, index=pd.Index(uniques, name="case"))
 
 
+def _unfolded_settings(cfg: Config) -> dict[str, Any]:
+    """The training settings of a fold's config with its fold (`data.cv_folds`, `data.cv_fold`) taken out: the same
+    for every fold of one configuration, and what cv.json's `settings_hash` names."""
+    base = config_from_dict(apply_overrides(cfg.to_dict(), [("data.cv_folds", None), ("data.cv_fold", 0)]))
+    return training_settings(base)
+
+
 def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> tuple[dict[str, Any], str]:
     """The configuration's training settings and positive label as its fold runs record them, checked against
     cv.json: fold k is the run `NAME_cv{k}` of the cv folder `NAME_cv`, trained as fold k of K, with the settings
@@ -384,14 +391,42 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> t
                 f"{run / 'config.yaml'} is not fold {k} of {summary['folds']} of {name} (name {fold.name}, "
                 f"data.cv_folds {fold.data.cv_folds}, data.cv_fold {fold.data.cv_fold}); run `alnus cv` again."
             )
-        base = config_from_dict(apply_overrides(fold.to_dict(), [("data.cv_folds", None), ("data.cv_fold", 0)]))
-        here = training_settings(base)
+        here = _unfolded_settings(fold)
         if stable_hash(here) != summary.get("settings_hash"):
             raise CvError(f"{run / 'config.yaml'} was trained with other settings than {path} records; a fold was "
                           "trained again or cv.json edited: run `alnus cv` again to rewrite it.")  # fmt: skip
         settings = here
     assert settings is not None  # at least two folds
     return settings, fold.data.positive_label
+
+
+def _check_model_config(run: Path, backbone: str, fold: int, folds: int, settings: dict[str, Any]) -> None:
+    """Refuse a fold's model whose own `models/<backbone>/config.yaml` (what it was trained with, `alnus.train`) is
+    missing, unreadable, of another fold, or of other training settings than the fold run's config.yaml records
+    (`settings`, as `_fold_settings` gives them); its name, paths and TTA views may differ."""
+    from alnus.config import ConfigError, read_resolved_config
+    from alnus.train import settings_changes
+
+    model_dir = RunFolder(run).model(backbone)
+    path, fold_config_path = model_dir.config, run / "config.yaml"
+    retrain = f"delete {model_dir.root} and run `alnus cv` again to train that fold anew"
+    if not path.is_file():
+        raise CvError(f"{path} not found: the config {backbone} of {run.name} was trained with is missing, so it "
+                      f"cannot be checked against {fold_config_path}; {retrain}.")  # fmt: skip
+    try:
+        model = read_resolved_config(path)
+    except ConfigError as exc:
+        raise CvError(f"{path} cannot be read as the config {backbone} was trained with ({exc}); {retrain}.") from None
+    if (model.data.cv_folds, model.data.cv_fold) != (folds, fold):
+        raise CvError(
+            f"{path} is the config of a model trained as fold {model.data.cv_fold} of {model.data.cv_folds}, in "
+            f"the run of fold {fold} of {folds} ({run.name}); {retrain}."
+        )
+    mine = _unfolded_settings(model)
+    if stable_hash(mine) != stable_hash(settings):
+        changes = "; ".join(settings_changes(settings, mine)[:3]) or "their settings hashes differ"
+        raise CvError(f"{path} was trained with other settings than {fold_config_path} records ({changes}); a model "
+                      f"was trained again or a config edited: {retrain}.")  # fmt: skip
 
 
 def _data_hash(run: Path) -> str | None:
@@ -405,7 +440,8 @@ def _data_hash(run: Path) -> str | None:
 
 def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any]]]:
     """Each backbone of one finished cross-validation: its name, its folds' cases and its cv.json summary, whose
-    `settings` are replaced by those its fold runs were trained with (after checking they match its hash).
+    `settings` are replaced by those its fold runs were trained with (after checking they match its hash, and that
+    each fold's model was trained with them, as its own `models/<backbone>/config.yaml` records).
 
     The pooled AUC recomputed from the fold runs' predictions must equal the one cv.json holds, so a fold trained
     again (or changed) since `alnus cv` wrote it is not compared under the old summary.
@@ -422,6 +458,8 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     level, aggregate = summary["level"], summary["aggregate"]
     found = []
     for backbone, recorded in summary["models"].items():
+        for k, run in enumerate(runs):
+            _check_model_config(run, str(backbone), k, summary["folds"], settings)
         tables = [fold_predictions(run, str(backbone), positive) for run in runs]
         check_folds(tables)
         now = pooled_auc(tables, level, aggregate)["auc"]
