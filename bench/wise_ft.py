@@ -222,10 +222,46 @@ def section(results: dict, seconds: float, command: str, best_val: float, best_n
     moves = ", ".join(f"{d:+.3f}" for d in ext_half)
     lines += ["", f"At a = 0.5 (the paper's default, no selection) the external AUC moves by {moves} against a = 1 "
               f"over the runs (mean {np.mean(ext_half):+.3f})."]  # fmt: skip
+    lines += ["", reading(results)]
     if CHOSEN in results:
         text, _ = verdict(results[CHOSEN], best_val, best_name)
         lines += ["", text]
     return "\n".join(lines)
+
+
+def reading(results: dict) -> str:
+    """What the table says, computed: whether the interpolation dips below both ends on validation, how far the
+    probe and the fine-tuned networks fall from the internal to the external test, and whether C hit the grid's edge."""
+    auc = {(name, r["split"], r["a"]): r["auc"] for name, res in results.items() for r in res["rows"]}
+    names = list(results)
+    dips = [n for n in names if auc[(n, "val", 0.5)] < min(auc[(n, "val", 0.0)], auc[(n, "val", 1.0)])]
+    drop = {a: [auc[(n, "internal_test", a)] - auc[(n, "external_test", a)] for n in names] for a in (0.0, 1.0)}
+    text = (
+        f"Reading: at a = 0.5 the validation AUC is below both ends in {len(dips)} of {len(names)} runs, so the "
+        "pretrained and the fine-tuned weights are not joined by a path of good models here and the interpolation "
+        f"finds no robust middle. From the internal to the external test the probe falls by {_spread(drop[0.0])} and "
+        f"the fine-tuned networks by {_spread(drop[1.0])}: features never tuned to the development site lose "
+        f"{_as_much(np.mean(drop[0.0]), np.mean(drop[1.0]))} at the external site."
+    )
+    edges = [n for n in names if results[n]["C"] in (min(C_GRID), max(C_GRID))]
+    if edges:
+        text += (f" C came out at the edge of the registered grid ({', '.join(f'{c:g}' for c in C_GRID)}) for "
+                 f"{len(edges)} of {len(names)} runs: a probe fitted over a wider grid might do better; the grid was "
+                 "fixed before the runs and was not widened.")  # fmt: skip
+    return text
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} on average ({min(values):.3f}-{max(values):.3f})"
+
+
+def _as_much(probe: float, tuned: float, close: float = 0.03) -> str:
+    """How the probe's mean internal-to-external drop compares with the fine-tuned networks' (within `close`: alike)."""
+    if abs(probe - tuned) < close:
+        return "about as much as the fine-tuned ones"
+    return "less than the fine-tuned ones" if probe < tuned else "more than the fine-tuned ones"
 
 
 def best_candidate() -> tuple[float, str]:

@@ -103,3 +103,26 @@ def test_the_rule_takes_the_best_middle_a_and_names_a_new_choice_only_above_the_
     assert "the rule now points to it" in text and "wise_ft (a = 0.75)" in text
     text, _ = wise.verdict({"rows": _rows({**val, 0.5: 0.94, 0.75: 0.93})}, best_val=0.959, best_name="aux_birads")
     assert "Neither beats it" in text and "**0.25**" in text
+
+
+def _result(val: dict[float, float], internal: float, external: dict[float, float], c: float) -> dict:
+    rows = [{"split": "val", "a": a, "auc": auc} for a, auc in val.items()]
+    rows += [{"split": "internal_test", "a": a, "auc": internal} for a in val]
+    rows += [{"split": "external_test", "a": a, "auc": external.get(a, 0.8)} for a in val]
+    return {"rows": rows, "C": c}
+
+
+def test_the_reading_is_computed_from_the_table(wise) -> None:
+    dip = {0.0: 0.88, 0.25: 0.85, 0.5: 0.80, 0.75: 0.86, 1.0: 0.95}
+    smooth = {0.0: 0.88, 0.25: 0.90, 0.5: 0.92, 0.75: 0.94, 1.0: 0.95}
+    results = {"one": _result(dip, 0.95, {0.0: 0.82, 1.0: 0.85}, 1e-3),
+               "two": _result(smooth, 0.95, {0.0: 0.90, 1.0: 0.85}, 0.1)}  # fmt: skip
+    text = wise.reading(results)
+    assert "below both ends in 1 of 2 runs" in text
+    assert "the probe falls by 0.090 on average (0.050-0.130)" in text
+    assert "the fine-tuned networks by 0.100 on average (0.100-0.100)" in text
+    assert "about as much as the fine-tuned ones" in text
+    assert "edge of the registered grid" in text and "for 1 of 2 runs" in text
+    alone = wise.reading({"two": results["two"]})
+    assert "the probe falls by 0.050 and" in alone and "less than the fine-tuned ones" in alone
+    assert "edge of the registered grid" not in alone
