@@ -78,6 +78,8 @@ def fit_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int
             fit = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(z[train], y[train])
             aucs.append(roc_auc_score(y[test], fit.decision_function(z[test])))
         cv_auc[c] = float(np.mean(aucs))
+        if not np.isfinite(cv_auc[c]):
+            raise ValueError(f"the probe's cross-validation AUC at C {c:g} is not finite: a fold holds one class only")
     best = max(C_GRID, key=lambda c: (cv_auc[c], -c))  # the smaller C (stronger penalty) on a tie
     fit = LogisticRegression(C=best, class_weight="balanced", max_iter=5000).fit(z, y)
     weight, bias = fold_standardisation(fit.coef_[0], float(fit.intercept_[0]), mean, scale)
@@ -177,25 +179,34 @@ def _cell(row: dict) -> str:
     return f"{row['auc']:.3f} ({row['low']:.3f}-{row['high']:.3f})"
 
 
-def verdict(chosen: dict, best_val: float, best_name: str) -> tuple[str, float]:
-    """Protocol item 26's rule for the chosen model: the a in 0.25-0.75 with the highest validation AUC, and whether
-    `probe` or `wise_ft` at that a beats the rule's current choice (item 4)."""
+def verdict(chosen: dict, candidates: pd.DataFrame) -> tuple[str, float]:
+    """Protocol item 26's rule for the chosen model: the a in 0.25-0.75 with the highest validation AUC; then `probe`
+    and `wise_ft` at that a join the candidates (one forward pass each, their validation AUC rounded as a candidate
+    row's is) and the rule of item 4 (`public_final.choose`: highest validation AUC, within 0.005 the fewest forward
+    passes) says which it points to now."""
+    from public_final import choose
+
     val = {r["a"]: r["auc"] for r in chosen["rows"] if r["split"] == "val"}
     a_star = max((0.25, 0.5, 0.75), key=lambda a: (val[a], a))  # the larger a (nearer the registered model) on a tie
+    before = choose(candidates)
+    new = pd.DataFrame([
+        {"name": "probe", "passes": 1, "val AUC": round(val[0.0], 3)},
+        {"name": f"wise_ft (a = {a_star})", "passes": 1, "val AUC": round(val[a_star], 3)},
+    ])  # fmt: skip
+    after = choose(pd.concat([candidates, new], ignore_index=True))
     lines = [f"For the chosen model ({CHOSEN}) the rule's a among 0.25-0.75 is **{a_star}** (validation AUC "
-             f"{val[a_star]:.3f}); `probe` has validation AUC {val[0.0]:.3f}. The highest validation AUC of the "
-             f"candidates so far is {best_val:.3f} ({best_name})."]  # fmt: skip
-    top = max(val[0.0], val[a_star])
-    if top > best_val:
-        which = "probe" if val[0.0] >= val[a_star] else f"wise_ft (a = {a_star})"
-        lines.append(f"**{which} has the higher validation AUC: the rule now points to it** (protocol item 26: it is "
-                     "shipped in a later session after its seeds; the shipped model stays until then).")  # fmt: skip
+             f"{val[a_star]:.3f}); `probe` has validation AUC {val[0.0]:.3f}. The rule's choice so far is "
+             f"{before['name']} (validation AUC {before['val AUC']:.3f}, {int(before['passes'])} forward "
+             "pass(es))."]  # fmt: skip
+    if after["name"] in set(new["name"]):
+        lines.append(f"**With them, the rule points to {after['name']}** (protocol item 26: it is shipped in a later "
+                     "session after its seeds; the shipped model stays until then).")  # fmt: skip
     else:
-        lines.append("Neither beats it on validation, so the rule's choice and the shipped model stay.")
+        lines.append("With them the rule still points there, so the rule's choice and the shipped model stay.")
     return " ".join(lines), a_star
 
 
-def section(results: dict, seconds: float, command: str, best_val: float, best_name: str) -> str:
+def section(results: dict, seconds: float, command: str, candidates: pd.DataFrame) -> str:
     lines = [
         "## Real data: robust fine-tuning by weight interpolation (protocol item 26)",
         "",
@@ -224,7 +235,7 @@ def section(results: dict, seconds: float, command: str, best_val: float, best_n
               f"over the runs (mean {np.mean(ext_half):+.3f})."]  # fmt: skip
     lines += ["", reading(results)]
     if CHOSEN in results:
-        text, _ = verdict(results[CHOSEN], best_val, best_name)
+        text, _ = verdict(results[CHOSEN], candidates)
         lines += ["", text]
     return "\n".join(lines)
 
@@ -236,10 +247,17 @@ def reading(results: dict) -> str:
     names = list(results)
     dips = [n for n in names if auc[(n, "val", 0.5)] < min(auc[(n, "val", 0.0)], auc[(n, "val", 1.0)])]
     drop = {a: [auc[(n, "internal_test", a)] - auc[(n, "external_test", a)] for n in names] for a in (0.0, 1.0)}
+    path = (
+        "so the pretrained and the fine-tuned weights are not joined by a path of good models here and the "
+        "interpolation finds no robust middle"
+        if len(dips) == len(names)
+        else "so in some runs at least a path of models joins the two ends without a dip"
+        if dips
+        else "so the interpolation passes through no worse models on validation than its ends"
+    )
     text = (
-        f"Reading: at a = 0.5 the validation AUC is below both ends in {len(dips)} of {len(names)} runs, so the "
-        "pretrained and the fine-tuned weights are not joined by a path of good models here and the interpolation "
-        f"finds no robust middle. From the internal to the external test the probe falls by {_spread(drop[0.0])} and "
+        f"Reading: at a = 0.5 the validation AUC is below both ends in {len(dips)} of {len(names)} runs, {path}. "
+        f"From the internal to the external test the probe falls by {_spread(drop[0.0])} and "
         f"the fine-tuned networks by {_spread(drop[1.0])}: features never tuned to the development site lose "
         f"{_as_much(np.mean(drop[0.0]), np.mean(drop[1.0]))} at the external site."
     )
@@ -264,12 +282,11 @@ def _as_much(probe: float, tuned: float, close: float = 0.03) -> str:
     return "less than the fine-tuned ones" if probe < tuned else "more than the fine-tuned ones"
 
 
-def best_candidate() -> tuple[float, str]:
-    """The validation AUC and name of the rule's current choice among the candidates public_final.py weighs."""
+def rule_candidates() -> pd.DataFrame:
+    """The candidates public_final.py weighs (name, forward passes, validation AUC), as recorded."""
     import public_final
 
-    chosen = public_final.choose(public_final._candidates([]))
-    return float(chosen["val AUC"]), str(chosen["name"])
+    return public_final._candidates([])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,9 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("none of the runs is on this machine", file=sys.stderr)
         return 2
-    best_val, best_name = best_candidate()
-    (REPO / "docs" / "wise_ft.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    text = section(results, time.perf_counter() - started, "python bench/wise_ft.py", best_val, best_name)
+    from alnus._io import atomic_write_text
+
+    candidates = rule_candidates()
+    seconds = time.perf_counter() - started
+    record = {"command": "python bench/wise_ft.py", "date": dt.date.today().isoformat(), "cpu": _cpu(),
+              "seconds": seconds, "runs": results}  # fmt: skip
+    atomic_write_text(REPO / "docs" / "wise_ft.json", json.dumps(record, indent=1) + "\n")
+    text = section(results, seconds, "python bench/wise_ft.py", candidates)
     write_section(REPO / "docs" / "results.md", "wise-ft", text, title="# Results")
     print(text)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -96,13 +97,25 @@ def _rows(val: dict[float, float]) -> list[dict]:
     return [{"split": "val", "a": a, "auc": auc} for a, auc in val.items()]
 
 
-def test_the_rule_takes_the_best_middle_a_and_names_a_new_choice_only_above_the_current_one(wise) -> None:
+def _candidates(*rows: tuple[str, int, float]) -> pd.DataFrame:
+    return pd.DataFrame([{"name": n, "passes": k, "val AUC": v} for n, k, v in rows])
+
+
+def test_the_rule_takes_the_best_middle_a_and_applies_the_choice_rule_to_rounded_aucs(wise) -> None:
     val = {0.0: 0.90, 0.25: 0.95, 0.5: 0.97, 0.75: 0.97, 1.0: 0.96}
-    text, a_star = wise.verdict({"rows": _rows(val)}, best_val=0.959, best_name="aux_birads")
+    current = _candidates(("aux_birads", 1, 0.959), ("seeds", 3, 0.957))
+    text, a_star = wise.verdict({"rows": _rows(val)}, current)
     assert a_star == 0.75  # the tie goes to the larger a, nearer the registered model
-    assert "the rule now points to it" in text and "wise_ft (a = 0.75)" in text
-    text, _ = wise.verdict({"rows": _rows({**val, 0.5: 0.94, 0.75: 0.93})}, best_val=0.959, best_name="aux_birads")
-    assert "Neither beats it" in text and "**0.25**" in text
+    assert "the rule points to wise_ft (a = 0.75)" in text
+    lower = {**val, 0.5: 0.94, 0.75: 0.93}
+    text, _ = wise.verdict({"rows": _rows(lower)}, current)
+    assert "still points there" in text and "**0.25**" in text and "so far is aux_birads" in text
+    # 0.9594 rounds to 0.959, as the recorded row: a tie, which the current choice keeps.
+    text, _ = wise.verdict({"rows": _rows({**lower, 0.0: 0.9594})}, current)
+    assert "still points there" in text
+    # Within 0.005 of a costlier ensemble, the single forward pass wins, as public_final's rule says.
+    text, _ = wise.verdict({"rows": _rows({**lower, 0.0: 0.957})}, _candidates(("all_tta", 12, 0.960)))
+    assert "the rule points to probe" in text
 
 
 def _result(val: dict[float, float], internal: float, external: dict[float, float], c: float) -> dict:
@@ -118,7 +131,7 @@ def test_the_reading_is_computed_from_the_table(wise) -> None:
     results = {"one": _result(dip, 0.95, {0.0: 0.82, 1.0: 0.85}, 1e-3),
                "two": _result(smooth, 0.95, {0.0: 0.90, 1.0: 0.85}, 0.1)}  # fmt: skip
     text = wise.reading(results)
-    assert "below both ends in 1 of 2 runs" in text
+    assert "below both ends in 1 of 2 runs, so in some runs" in text
     assert "the probe falls by 0.090 on average (0.050-0.130)" in text
     assert "the fine-tuned networks by 0.100 on average (0.100-0.100)" in text
     assert "about as much as the fine-tuned ones" in text
@@ -126,3 +139,13 @@ def test_the_reading_is_computed_from_the_table(wise) -> None:
     alone = wise.reading({"two": results["two"]})
     assert "the probe falls by 0.050 and" in alone and "less than the fine-tuned ones" in alone
     assert "edge of the registered grid" not in alone
+    assert "below both ends in 0 of 1 runs, so the interpolation passes through no worse models" in alone
+    assert "not joined by a path" in wise.reading({"one": results["one"]})
+
+
+def test_a_probe_whose_folds_hold_one_class_is_refused_not_given_the_first_c(wise) -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(60, 8)), np.zeros(60, int)
+    y[[0, 1, 2]] = 1
+    with pytest.raises(ValueError, match="not finite: a fold holds one class only"), pytest.warns(UserWarning):
+        wise.fit_probe(x, y, np.repeat(np.arange(30), 2).astype(str))
