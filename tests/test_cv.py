@@ -591,6 +591,9 @@ def test_models_trained_with_other_settings_than_their_forged_folds_are_refused(
          r"models/tiny_cnn/config\.yaml is the config of a model trained as fold 2 of 3, in the run of fold 1 of 3"),
         (None, r"models/tiny_cnn/config\.yaml not found: the config tiny_cnn of check_cv1 was trained with is missing"),
         ("[unclosed", r"models/tiny_cnn/config\.yaml cannot be read as the config tiny_cnn was trained with"),
+        (lambda c: {**c, "evaluate": {**c["evaluate"], "level": "image"}},
+         r"models/tiny_cnn/config\.yaml was trained with other settings than .*check_cv1/config\.yaml records"),
+        ("folder", r"models/tiny_cnn/config\.yaml cannot be read as .*is a folder, not a file"),
     ],
 )  # fmt: skip
 def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_path, edit, message):
@@ -601,6 +604,9 @@ def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_
     config = tmp_path / "check_cv1" / "models" / "tiny_cnn" / "config.yaml"
     if edit is None:
         config.unlink()
+    elif edit == "folder":
+        config.unlink()
+        config.mkdir()
     elif isinstance(edit, str):
         config.write_text(edit)
     else:
@@ -609,6 +615,39 @@ def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_
         compare_cv([reference, copy])
     assert str(refused.value).startswith(str(config))
     assert str(refused.value).endswith(f"delete {config.parent} and run `alnus cv` again to train that fold anew.")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: {**m, "backbone": "resnet18"},  # a model folder renamed from another backbone's
+        lambda m: {**m, "settings_hash": "0" * 64},
+        lambda m: [m],
+    ],
+)
+def test_a_fold_package_of_another_backbone_or_settings_is_refused(cv_pair, tmp_path, edit):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "meta")
+    metadata = tmp_path / "meta_cv2" / "models" / "tiny_cnn" / "model" / "metadata.json"
+    metadata.write_text(json.dumps(edit(json.loads(metadata.read_text()))))
+    with pytest.raises(CvError) as refused:
+        compare_cv([reference, copy])
+    assert str(refused.value).startswith(str(metadata))
+    assert "run `alnus cv` again to train that fold anew" in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", ["b" * 300, "two\nlines", "tab\tname"])
+def test_names_that_no_folder_can_have_or_that_break_lines_are_refused(cv_pair, tmp_path, bad):
+    from alnus.cv import compare_cv
+
+    reference, _ = cv_pair
+    copy = _copy_cv(reference, tmp_path, "names")
+    summary = json.loads((copy / "cv.json").read_text())
+    (copy / "cv.json").write_text(json.dumps({**summary, "models": {bad: next(iter(summary["models"].values()))}}))
+    with pytest.raises(CvError, match="is not a cv.json written by `alnus cv`"):
+        compare_cv([reference, copy])
 
 
 def test_a_fold_model_config_may_differ_in_what_does_not_train(cv_pair, tmp_path):
@@ -656,9 +695,17 @@ def test_a_change_of_data_is_named(cv_pair, tmp_path):
 
     reference, _ = cv_pair
     copy = _copy_cv(reference, tmp_path, "otherdata")
+    from alnus.config import read_resolved_config, stable_hash
+    from alnus.train import model_settings
+
     for k in range(3):
-        stamp = tmp_path / f"otherdata_cv{k}" / "data.json"
+        run = tmp_path / f"otherdata_cv{k}"
+        stamp = run / "data.json"
         stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "hash": "f" * 64}))
+        # Trained on that data, the fold's package records it in its settings hash.
+        meta = run / "models" / "tiny_cnn" / "model" / "metadata.json"
+        settings = model_settings(read_resolved_config(run / "config.yaml"), run, "tiny_cnn")
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "settings_hash": stable_hash(settings)}))
     changes = compare_cv([reference, copy])["models"][1]["differs_from_reference"]
     assert len(changes) == 1 and changes[0].startswith("the data (data.json hash): ")
     assert changes[0].endswith("-> ffffffffffff")

@@ -299,11 +299,18 @@ def load_config(
 
 def read_resolved_config(path: str | os.PathLike[str]) -> Config:
     """The resolved config a run wrote (`runs/<name>/config.yaml`: paths absolute, no overrides), checked."""
+    from alnus._io import FILE_NOT_FOUND, file_problem
+
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == FILE_NOT_FOUND:
         raise ConfigError(f"{path} not found: not a run folder's config (run `alnus study CONFIG` first)")
+    if problem is not None:
+        raise ConfigError(f"{path} {problem}: not a run folder's config")
     try:
         raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path} is not valid YAML ({exc}); run the study again") from None
     if not isinstance(raw, dict):

@@ -308,8 +308,16 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
 
 # ----------------------------------------------------------------------------------------- comparing configurations
 def _plain_name(value: object) -> bool:
-    """A folder name that stays where it is put: no path separator, not `.` or `..`."""
-    return isinstance(value, str) and bool(value) and value == Path(value).name and value not in (".", "..")
+    """A folder name that stays where it is put and prints on one line: no path separator, not `.` or `..`, no
+    control characters, and short enough for any file system (at most 200 bytes)."""
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and value == Path(value).name
+        and value not in (".", "..")
+        and value.isprintable()
+        and len(value.encode("utf-8", "surrogatepass")) <= 200
+    )
 
 
 def _read_cv_json(folder: Path) -> dict[str, Any]:
@@ -369,10 +377,10 @@ def _unfolded_settings(cfg: Config) -> dict[str, Any]:
     return training_settings(base)
 
 
-def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> tuple[dict[str, Any], str]:
+def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> tuple[dict[str, Any], str, list[Config]]:
     """The configuration's training settings and positive label as its fold runs record them, checked against
     cv.json: fold k is the run `NAME_cv{k}` of the cv folder `NAME_cv`, trained as fold k of K, with the settings
-    cv.json's hash names."""
+    cv.json's hash names; and each fold run's config."""
     from alnus.config import ConfigError, read_resolved_config
 
     name, path = summary["name"], folder / CV_FILE
@@ -380,7 +388,7 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> t
         raise CvError(f"{path} names configuration {name!r} and fold runs {', '.join(summary['runs'])}: `alnus cv` "
                       f"writes {name}_cv/cv.json for the runs {name}_cv0 .. {name}_cv{summary['folds'] - 1}; run it "
                       "again rather than moving or editing these.")  # fmt: skip
-    settings = None
+    settings, configs = None, []
     for k, run in enumerate(runs):
         try:
             fold = read_resolved_config(run / "config.yaml")
@@ -396,21 +404,24 @@ def _fold_settings(folder: Path, summary: dict[str, Any], runs: list[Path]) -> t
             raise CvError(f"{run / 'config.yaml'} was trained with other settings than {path} records; a fold was "
                           "trained again or cv.json edited: run `alnus cv` again to rewrite it.")  # fmt: skip
         settings = here
+        configs.append(fold)
     assert settings is not None  # at least two folds
-    return settings, fold.data.positive_label
+    return settings, fold.data.positive_label, configs
 
 
-def _check_model_config(run: Path, backbone: str, fold: int, folds: int, settings: dict[str, Any]) -> None:
-    """Refuse a fold's model whose own `models/<backbone>/config.yaml` (what it was trained with, `alnus.train`) is
-    missing, unreadable, of another fold, or of other training settings than the fold run's config.yaml records
-    (`settings`, as `_fold_settings` gives them); its name, paths and TTA views may differ."""
+def _check_model_config(run: Path, backbone: str, fold: int, folds: int, fold_cfg: Config) -> None:
+    """Refuse a fold's model that was not trained as that fold run says: its own `models/<backbone>/config.yaml`
+    (what `alnus.train` trained it with) missing, unreadable, of another fold, or of other settings than the fold run's
+    config.yaml (`fold_cfg`); or its package's metadata naming another backbone or settings. Its name, paths and
+    TTA views may differ."""
+    from alnus._io import FILE_NOT_FOUND, file_problem
     from alnus.config import ConfigError, read_resolved_config
-    from alnus.train import settings_changes
+    from alnus.train import model_settings, settings_changes
 
     model_dir = RunFolder(run).model(backbone)
     path, fold_config_path = model_dir.config, run / "config.yaml"
     retrain = f"delete {model_dir.root} and run `alnus cv` again to train that fold anew"
-    if not path.is_file():
+    if file_problem(path) == FILE_NOT_FOUND:
         raise CvError(f"{path} not found: the config {backbone} of {run.name} was trained with is missing, so it "
                       f"cannot be checked against {fold_config_path}; {retrain}.")  # fmt: skip
     try:
@@ -422,11 +433,28 @@ def _check_model_config(run: Path, backbone: str, fold: int, folds: int, setting
             f"{path} is the config of a model trained as fold {model.data.cv_fold} of {model.data.cv_folds}, in "
             f"the run of fold {fold} of {folds} ({run.name}); {retrain}."
         )
-    mine = _unfolded_settings(model)
-    if stable_hash(mine) != stable_hash(settings):
-        changes = "; ".join(settings_changes(settings, mine)[:3]) or "their settings hashes differ"
+    expected = model_settings(fold_cfg, run, backbone)
+    mine = model_settings(model, run, backbone)
+    if stable_hash(mine) != stable_hash(expected):
+        changes = "; ".join(settings_changes(expected, mine)[:3]) or "their settings hashes differ"
         raise CvError(f"{path} was trained with other settings than {fold_config_path} records ({changes}); a model "
                       f"was trained again or a config edited: {retrain}.")  # fmt: skip
+    problem = file_problem(model_dir.metadata)
+    try:
+        if problem is not None:
+            raise ValueError(problem)
+        meta = json.loads(model_dir.metadata.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CvError(
+            f"{model_dir.metadata} cannot be read as {backbone}'s package metadata ({exc}); {retrain}."
+        ) from None
+    if meta.get("backbone") != backbone or meta.get("settings_hash") != stable_hash(expected):
+        raise CvError(
+            f"{model_dir.metadata} is not the package of {backbone} trained with {fold_config_path}'s settings "
+            f"(it names backbone {str(meta.get('backbone'))[:40]!r} and other settings); {retrain}."
+        )
 
 
 def _data_hash(run: Path) -> str | None:
@@ -453,13 +481,13 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
     if missing:
         raise CvError(f"{folder / CV_FILE} names fold runs that are not there ({', '.join(missing[:3])}); keep the "
                       "fold run folders beside the cv folder, or run `alnus cv` again.")  # fmt: skip
-    settings, positive = _fold_settings(folder, summary, runs)
+    settings, positive, fold_cfgs = _fold_settings(folder, summary, runs)
     summary = {**summary, "settings": settings, "data_hash": _data_hash(runs[0])}
     level, aggregate = summary["level"], summary["aggregate"]
     found = []
     for backbone, recorded in summary["models"].items():
         for k, run in enumerate(runs):
-            _check_model_config(run, str(backbone), k, summary["folds"], settings)
+            _check_model_config(run, str(backbone), k, summary["folds"], fold_cfgs[k])
         tables = [fold_predictions(run, str(backbone), positive) for run in runs]
         check_folds(tables)
         now = pooled_auc(tables, level, aggregate)["auc"]
