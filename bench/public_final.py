@@ -671,13 +671,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # One at a time: a rebuild lets go of the run folder's lock between copying the package and checking its
     # predictions (the `alnus` commands it runs take that lock themselves), so a second instance must not start.
-    (REPO / "runs").mkdir(exist_ok=True)
-    lock = FileLock(str(REPO / "runs" / SINGLE_LOCK), timeout=0)
+    path = REPO / "runs" / SINGLE_LOCK
+    lock = FileLock(str(path), timeout=0)
     try:
+        path.parent.mkdir(exist_ok=True)
         lock.acquire()
     except Timeout:
-        print(f"another bench/public_final.py is running (it holds {REPO / 'runs' / SINGLE_LOCK}): wait for it to "
-              "finish, then run this again", file=sys.stderr)  # fmt: skip
+        print(f"another bench/public_final.py is running (it holds {path}): wait for it to finish, then run this "
+              "again", file=sys.stderr)  # fmt: skip
+        return 2
+    except OSError as exc:
+        print(f"cannot take the lock {path} ({exc.strerror or exc}): runs/ must be a folder and the lock a plain "
+              "file; remove whatever is in its place and run this again", file=sys.stderr)  # fmt: skip
         return 2
     try:
         return _run(args)

@@ -382,3 +382,29 @@ def test_a_second_public_final_refuses_to_start_while_one_runs(public_configs, m
     assert public_final.main(["--data", str(tmp_path / "data"), "--no-train"]) == 0  # released: it runs
     assert len(ran) == 1 and ran[0].no_train
     assert public_final.main(["--data", str(tmp_path / "data")]) == 0  # and released again after running
+
+
+@pytest.mark.parametrize("what", ["runs_file", "lock_dir", "lock_link"])
+def test_a_lock_path_that_cannot_be_a_lock_is_named_not_a_traceback(
+    public_configs, monkeypatch, tmp_path, capsys, what
+):
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    (tmp_path / "data" / "BUS-BRA").mkdir(parents=True)
+    monkeypatch.setattr(public_final, "_run", lambda args: 0)
+    lock = tmp_path / "runs" / public_final.SINGLE_LOCK
+    if what == "runs_file":
+        (tmp_path / "runs").write_text("not a folder")
+    else:
+        lock.parent.mkdir()
+        if what == "lock_dir":
+            lock.mkdir()
+        else:
+            (tmp_path / "elsewhere").write_text("keep me")
+            lock.symlink_to(tmp_path / "elsewhere")
+    assert public_final.main(["--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot take the lock" in err and "remove whatever is in its place" in err
+    if what == "lock_link":
+        assert (tmp_path / "elsewhere").read_text() == "keep me"
