@@ -148,6 +148,7 @@ def test_a_masks_bounding_box_is_judged_too(data: Path) -> None:
     warning = got["warning"].iloc[0]
     assert got["error"].iloc[0] == "" and np.isfinite(got["prob"].iloc[0])
     assert warning.startswith("implausible lesion mask's bounding box 30,20,4,3: 4x3 px")
+    assert got["mask"].iloc[0] == str(data / "speck.png")  # the row says which lesion it is, as a roi would
 
 
 def test_a_mask_is_decoded_once_per_image_and_crops_as_before(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,6 +269,10 @@ def test_a_patients_other_images_say_their_call_includes_an_implausible_box():
     point = {"level": "patient"}
     got = _case_warnings(out, warned, ok, point)
     assert got[0] == warned[0] and got[2] == "" and got[3] == ""
-    assert got[1] == "this patient's call also uses a.png, whose lesion box has a warning (see its row)"
+    assert got[1] == "this patient's call also uses a.png (row 1), whose lesion box has a warning (see its row)"
     assert _case_warnings(out, warned, ok, {"level": "image"}) == warned
+    # One image listed twice (two lesions' masks): the note names the other row, not the image alone.
+    twice = pd.DataFrame({"image": ["a.png", "a.png"], "patient_id": ["P1", "P1"]})
+    got = _case_warnings(twice, ["box does not match its mask", ""], np.array([True, True]), point)
+    assert got[1] == "this patient's call also uses a.png (row 1), whose lesion box has a warning (see its row)"
     assert _case_warnings(out, warned, ok, None) == warned

@@ -562,8 +562,8 @@ class Predictor:
         warnings."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
-        # The lesion's box says which lesion a row is when one image is listed with two boxes.
-        for column in ("study_id", "site", "roi"):
+        # The lesion's box (or mask) says which lesion a row is when one image is listed with two of them.
+        for column in ("study_id", "site", "roi", "mask"):
             values = [r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
@@ -635,7 +635,8 @@ def _case_warnings(out: pd.DataFrame, warned: list[str], ok: np.ndarray, point: 
     keys = unit_keys(out, point["level"])
     for key in keys[[bool(w) for w in warned]].unique():
         rows = np.flatnonzero((keys == key).to_numpy() & ok)
-        flagged = [str(out["image"].iloc[i]) for i in rows if warned[i]]
+        # The output row too: one image may be listed twice, with two lesions' boxes or masks.
+        flagged = [f"{out['image'].iloc[i]} (row {i + 1})" for i in rows if warned[i]]
         for i in rows:
             if not warned[i]:
                 warned[i] = (
