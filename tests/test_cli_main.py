@@ -102,3 +102,17 @@ def test_piped_output_is_wide_unless_columns_says_otherwise() -> None:
     assert width(base) == 160
     assert width({**base, "COLUMNS": "100"}) == 100
     assert width({**base, "COLUMNS": "wide"}) == 160
+
+
+def test_piped_help_shows_whole_option_names() -> None:
+    """New-user review: `alnus data split --help | less` cut --internal-test-frac to fit 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    command = [sys.executable, "-m", "alnus", "data", "split", "--help"]
+    wide = subprocess.run(command, capture_output=True, text=True, check=True, env=base).stdout
+    assert "--internal-test-frac" in wide and "--no-drop-invalid" in wide and "…" not in wide
+    narrow = subprocess.run(command, capture_output=True, text=True, check=True, env={**base, "COLUMNS": "80"}).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 80  # a width the user set is kept
