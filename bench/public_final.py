@@ -649,7 +649,9 @@ def glance_section(
             f"- Unlabelled site adaptation (BatchNorm statistics, cross-adapted by patient halves; reported, not a "
             f"candidate): the AUC change over the {len(adaptation['seeds'])} seeds, {'; '.join(lines)}."
         ]
-    out += [f"- Issue 10's goals: {sum(met)} of {len(met)} met (the chosen model's goals section below)."]
+    where = f"{len(goals)} in the chosen model's goals section below"
+    where += ", the AI + radiologist goal above" if tried else ""
+    out += [f"- Issue 10's goals: {sum(met)} of {len(met)} met ({where})."]
     return "\n".join(out)
 
 
