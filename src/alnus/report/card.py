@@ -157,14 +157,22 @@ def _tta_line(meta: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _trained(network: Network) -> str:
-    """'seed 1; starting weights: none; selected at epoch 15 by validation AUC (0.966 per patient)' as Markdown."""
-    seed = "not recorded" if network.seed is None else md_text(network.seed)
-    auc = f" ({network.val_auc:.3f} per {md_text(network.level)})" if network.val_auc is not None else ""
-    return (
-        f"training seed {seed}; weights at the start of training: {md_text(network.weights_source)}; selected at "
-        f"epoch {md_text(network.best_epoch)} by validation AUC{auc}"
+def _selected(network: Network) -> str:
+    """'selected at epoch 15 by validation AUC (0.966 per patient, as computed while training)' as Markdown: the
+    training loop's figure, in its precision and before packaging, so it may differ a little from the evaluation's."""
+    auc = (
+        f" ({network.val_auc:.3f} per {md_text(network.level)}, as computed while training)"
+        if network.val_auc is not None
+        else ""
     )
+    return f"selected at epoch {md_text(network.best_epoch)} by validation AUC{auc}"
+
+
+def _trained(network: Network) -> str:
+    """'seed 1; starting weights: none; selected at epoch 15 by validation AUC (...)' as Markdown."""
+    seed = "not recorded" if network.seed is None else md_text(network.seed)
+    start = md_text(network.weights_source)
+    return f"training seed {seed}; weights at the start of training: {start}; {_selected(network)}"
 
 
 def _model_facts(inputs: RunInputs, model: str) -> list[str]:
@@ -177,9 +185,7 @@ def _model_facts(inputs: RunInputs, model: str) -> list[str]:
         "",
         f"- Backbone: {md_text(meta['backbone'])}; weights at the start of training: {md_text(meta['weights_source'])}",
         f"- Input: {_input_text(meta['preprocess'])}, grey-scale replicated to 3 channels",
-        f"- Training seed {'not recorded' if single.seed is None else md_text(single.seed)}; selected at epoch "
-        f"{md_text(single.best_epoch)} by validation AUC"
-        + (f" ({single.val_auc:.3f} per {md_text(single.level)})" if single.val_auc is not None else "")
+        f"- Training seed {'not recorded' if single.seed is None else md_text(single.seed)}; {_selected(single)}"
         + _averaged(meta, single.best_epoch),
         *_levers_line(meta),
         *_tta_line(meta),
