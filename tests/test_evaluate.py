@@ -296,6 +296,7 @@ def test_cli_refreeze_changes_the_package_and_records_its_history(tmp_path: Path
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image"])
     assert result.exit_code == 0, result.output
     assert read_metadata(package)["threshold"] == old and "alternative youden, image" in result.output
+    assert "call a case positive when any of its images is" in " ".join(result.output.split())
     assert "Results per image" in result.output  # the level asked for is the level printed
     # --refreeze with the rule that is already frozen says so (and writes no history entry).
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--refreeze"])

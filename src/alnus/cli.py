@@ -1723,9 +1723,15 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
         )
         alternative = entry.get("alternative")
         if alternative:
+            per_case = (
+                " Its per-patient (per-study) rows call a case positive when any of its images is (the maximum of "
+                "their probabilities), so their AUC can differ from the frozen rows'."
+                if alternative["threshold"]["level"] == "image"
+                else ""
+            )
             console.print(
                 f"  alternative {escape(alternative['name'])}: threshold {alternative['threshold']['value']:.4g}, "
-                "reported beside the frozen one (rows 'alternative: ...'); the package keeps its threshold.",
+                f"reported beside the frozen one (rows 'alternative: ...'); the package keeps its threshold.{per_case}",
                 highlight=False,
             )
         for note in entry.get("notes", []):
