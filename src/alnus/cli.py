@@ -403,6 +403,12 @@ def demo(
     console.print(
         f"[bold]Demo done.[/bold] Everything is in {escape(str(cfg.run_dir))}/ (rerun to reuse what is finished)."
     )
+    console.print(
+        "The demo trains a tiny network on small phantom data: its numbers show that every "
+        "step ran and how the results read (note the widths of the CIs), not how well a real model does; they move "
+        "with the machine's precision (bf16 where the CPU has it). docs/results.md has real-data results.",
+        highlight=False,
+    )
     shipped = config.resolve().parent.parent / "models" / "breast-us-malignancy"  # configs/ sits beside models/
     _show_next_steps(cfg.run_dir / "models" / cfg.models[0] / "model", manifest, out, shipped)
     _show_report(cfg.run_dir)
