@@ -618,14 +618,14 @@ def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_
 
 
 @pytest.mark.parametrize(
-    "edit",
+    ("edit", "named"),
     [
-        lambda m: {**m, "backbone": "resnet18"},  # a model folder renamed from another backbone's
-        lambda m: {**m, "settings_hash": "0" * 64},
-        lambda m: [m],
+        (lambda m: {**m, "backbone": "resnet18"}, "(it names backbone 'resnet18')"),  # a folder renamed
+        (lambda m: {**m, "settings_hash": "0" * 64}, "(it names other settings)"),
+        (lambda m: [m], "not a JSON object"),
     ],
 )
-def test_a_fold_package_of_another_backbone_or_settings_is_refused(cv_pair, tmp_path, edit):
+def test_a_fold_package_of_another_backbone_or_settings_is_refused(cv_pair, tmp_path, edit, named):
     from alnus.cv import compare_cv
 
     reference, _ = cv_pair
@@ -634,7 +634,7 @@ def test_a_fold_package_of_another_backbone_or_settings_is_refused(cv_pair, tmp_
     metadata.write_text(json.dumps(edit(json.loads(metadata.read_text()))))
     with pytest.raises(CvError) as refused:
         compare_cv([reference, copy])
-    assert str(refused.value).startswith(str(metadata))
+    assert str(refused.value).startswith(str(metadata)) and named in str(refused.value)
     assert "run `alnus cv` again to train that fold anew" in str(refused.value)
 
 

@@ -450,10 +450,14 @@ def _check_model_config(run: Path, backbone: str, fold: int, folds: int, fold_cf
         raise CvError(
             f"{model_dir.metadata} cannot be read as {backbone}'s package metadata ({exc}); {retrain}."
         ) from None
-    if meta.get("backbone") != backbone or meta.get("settings_hash") != stable_hash(expected):
+    differs = [
+        *([f"backbone {str(meta.get('backbone'))[:40]!r}"] if meta.get("backbone") != backbone else []),
+        *(["other settings"] if meta.get("settings_hash") != stable_hash(expected) else []),
+    ]
+    if differs:
         raise CvError(
             f"{model_dir.metadata} is not the package of {backbone} trained with {fold_config_path}'s settings "
-            f"(it names backbone {str(meta.get('backbone'))[:40]!r} and other settings); {retrain}."
+            f"(it names {' and '.join(differs)}); {retrain}."
         )
 
 
