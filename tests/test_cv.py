@@ -622,7 +622,7 @@ def test_a_fold_model_config_that_differs_from_its_fold_is_refused(cv_pair, tmp_
     [
         (lambda m: {**m, "backbone": "resnet18"}, "(it names backbone 'resnet18')"),  # a folder renamed
         (lambda m: {**m, "settings_hash": "0" * 64}, "(it names other settings)"),
-        (lambda m: [m], "not a JSON object"),
+        (lambda m: [m], "is not an alnus model package"),
     ],
 )
 def test_a_fold_package_of_another_backbone_or_settings_is_refused(cv_pair, tmp_path, edit, named):

@@ -416,6 +416,7 @@ def _check_model_config(run: Path, backbone: str, fold: int, folds: int, fold_cf
     TTA views may differ."""
     from alnus._io import FILE_NOT_FOUND, file_problem
     from alnus.config import ConfigError, read_resolved_config
+    from alnus.models.package import read_metadata
     from alnus.train import model_settings, settings_changes
 
     model_dir = RunFolder(run).model(backbone)
@@ -439,17 +440,10 @@ def _check_model_config(run: Path, backbone: str, fold: int, folds: int, fold_cf
         changes = "; ".join(settings_changes(expected, mine)[:3]) or "their settings hashes differ"
         raise CvError(f"{path} was trained with other settings than {fold_config_path} records ({changes}); a model "
                       f"was trained again or a config edited: {retrain}.")  # fmt: skip
-    problem = file_problem(model_dir.metadata)
     try:
-        if problem is not None:
-            raise ValueError(problem)
-        meta = json.loads(model_dir.metadata.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CvError(
-            f"{model_dir.metadata} cannot be read as {backbone}'s package metadata ({exc}); {retrain}."
-        ) from None
+        meta = read_metadata(model_dir.package)
+    except (AlnusError, OSError) as exc:
+        raise CvError(f"{model_dir.metadata} cannot be read as {backbone}'s package ({exc}); {retrain}.") from None
     differs = [
         *([f"backbone {str(meta.get('backbone'))[:40]!r}"] if meta.get("backbone") != backbone else []),
         *(["other settings"] if meta.get("settings_hash") != stable_hash(expected) else []),
