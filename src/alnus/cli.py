@@ -43,11 +43,11 @@ def _piped_width(stream: object) -> int | None:
 
 console = Console(width=_piped_width(sys.stdout))
 err_console = Console(stderr=True, width=_piped_width(sys.stderr))
-if console.width >= 160 and not os.environ.get("TERMINAL_WIDTH"):
+if _piped_width(sys.stdout) is not None and not os.environ.get("TERMINAL_WIDTH"):
     # --help piped (a pager, a file) gets the same wide console, so option names are not cut to fit 80 columns.
     import typer.rich_utils
 
-    typer.rich_utils.MAX_WIDTH = console.width
+    typer.rich_utils.MAX_WIDTH = _piped_width(sys.stdout)
 
 
 def _version(value: bool) -> None:
