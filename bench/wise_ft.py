@@ -120,13 +120,18 @@ def probabilities(model: torch.nn.Module, dataset) -> np.ndarray:
 
 
 def per_patient(table: pd.DataFrame, prob: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "split": table["split"].to_numpy(),
-        "patient": table["patient_id"].astype(str).to_numpy(),
-        "y": (table["label"].astype(str) == POSITIVE).to_numpy(int),
-        "p": prob,
-    })  # fmt: skip
-    return frame.groupby(["split", "patient"], sort=False).agg(y=("y", "max"), p=("p", "mean")).reset_index()
+    """One row per (split, patient): its label y (0/1) and prob, the mean of its images' probabilities, as
+    `alnus evaluate` combines them (`aggregate_predictions`, which also refuses a patient with mixed labels)."""
+    from alnus.evaluate import aggregate_predictions
+
+    images = table.assign(prob=prob, y=(table["label"].astype(str) == POSITIVE).to_numpy(int))
+    return pd.concat(
+        [
+            aggregate_predictions(part, "patient", "mean").assign(split=split)
+            for split, part in images.groupby("split", sort=False)
+        ],
+        ignore_index=True,
+    )[["split", "patient_id", "y", "prob"]]
 
 
 def study_run(name: str) -> dict:
@@ -163,12 +168,12 @@ def study_run(name: str) -> dict:
         ref = patients[1.0][patients[1.0]["split"] == split]
         for a in ALPHAS:
             part = patients[a][patients[a]["split"] == split]
-            assert (part["patient"].to_numpy() == ref["patient"].to_numpy()).all()
-            auc = stats.auc_ci(part["y"].to_numpy(), part["p"].to_numpy())
+            assert (part["patient_id"].to_numpy() == ref["patient_id"].to_numpy()).all()
+            auc = stats.auc_ci(part["y"].to_numpy(), part["prob"].to_numpy())
             row = {"split": split, "a": a, "n": len(part), "positive": int(part["y"].sum()), "auc": auc.estimate,
                    "low": auc.ci_low, "high": auc.ci_high, "diff": None, "p": None}  # fmt: skip
             if a != 1.0:
-                test = stats.delong_test(part["y"].to_numpy(), part["p"].to_numpy(), ref["p"].to_numpy())
+                test = stats.delong_test(part["y"].to_numpy(), part["prob"].to_numpy(), ref["prob"].to_numpy())
                 row |= {"diff": test.estimate, "p": test.p}
             rows.append(row)
     return {"C": probe["C"], "cv_auc": {str(c): v for c, v in probe["cv_auc"].items()}, "rows": rows,

@@ -149,3 +149,16 @@ def test_a_probe_whose_folds_hold_one_class_is_refused_not_given_the_first_c(wis
     y[[0, 1, 2]] = 1
     with pytest.raises(ValueError, match="not finite: a fold holds one class only"), pytest.warns(UserWarning):
         wise.fit_probe(x, y, np.repeat(np.arange(30), 2).astype(str))
+
+
+def test_patients_are_scored_by_the_mean_of_their_images_within_each_split(wise) -> None:
+    table = pd.DataFrame({
+        "image": ["a1", "a2", "b1", "c1"],
+        "patient_id": ["A", "A", "B", "C"],
+        "label": ["malignant", "malignant", "benign", "benign"],
+        "split": ["val", "val", "val", "external_test"],
+    })  # fmt: skip
+    got = wise.per_patient(table, np.array([0.2, 0.6, 0.3, 0.9]))
+    assert got.values.tolist() == [["val", "A", 1, 0.4], ["val", "B", 0, 0.3], ["external_test", "C", 0, 0.9]]
+    with pytest.raises(Exception, match="label"):  # a patient whose images disagree on the label is refused
+        wise.per_patient(table.assign(label=["malignant", "benign", "benign", "benign"]), np.full(4, 0.5))
