@@ -151,6 +151,20 @@ def test_a_masks_bounding_box_is_judged_too(data: Path) -> None:
     assert got["mask"].iloc[0] == str(data / "speck.png")  # the row says which lesion it is, as a roi would
 
 
+def test_the_output_names_a_mask_as_it_was_written(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `image` keeps the path the user typed, so does `mask`: relative on the command line (from the working folder)
+    and in a manifest (from the manifest's folder); the file read is the same in both."""
+    monkeypatch.chdir(data)
+    predictor = Predictor(data / "mask", device="cpu")
+    typed = predictor.predict_inputs(collect_inputs(["a.png"], per_image={"mask": ["speck.png"]}))
+    (data / "list.csv").write_text("image,mask\na.png,speck.png\n", encoding="utf-8")
+    listed = predictor.predict_inputs(collect_inputs(manifest=data / "list.csv"))
+    for got in (typed, listed):
+        assert got["error"].iloc[0] == ""
+        assert (got["image"].iloc[0], got["mask"].iloc[0]) == ("a.png", "speck.png")
+    assert typed["prob"].iloc[0] == listed["prob"].iloc[0]
+
+
 def test_a_mask_is_decoded_once_per_image_and_crops_as_before(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warning and the crop share one decode of the mask; the input is the one `preprocess` makes from the mask."""
     import alnus.data.roi as roi

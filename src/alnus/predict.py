@@ -502,7 +502,8 @@ class Predictor:
         Args:
             table: one row per image as `alnus.data.inputs.collect_inputs` returns it: `image` (the name shown),
                 `path` (the file read), and where known `patient_id`, `study_id`, `site`, `roi`, `mask` (absolute),
-                `frame`, and `error` (a row that already failed is not read).
+                `mask_name` (the mask as written, which the output shows), `frame`, and `error` (a row that already
+                failed is not read).
             progress: called as `progress(done, total)` after each image.
 
         Returns:
@@ -564,7 +565,9 @@ class Predictor:
         out["patient_id"] = [r.get("patient_id", "") for r in records]
         # The lesion's box (or mask) says which lesion a row is when one image is listed with two of them.
         for column in ("study_id", "site", "roi", "mask"):
-            values = [r.get(column, "") for r in records]
+            # The mask as the user wrote it (as `image`), where the table says; the file read otherwise.
+            named = "mask_name" if column == "mask" else column
+            values = [r.get(named) or r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
         out["prob"] = probs

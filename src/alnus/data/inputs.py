@@ -28,10 +28,11 @@ from alnus.reader_rule import BIRADS_COLUMNS
 # File name endings read as images (case-insensitive); a file without an ending is read when it is DICOM by content.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 # The columns of the collected table, in order. `image` is the path as the user wrote it (or the manifest cell),
-# `path` the absolute file that is read; `mask` is absolute too; `source` says where the row came from.
+# `path` the absolute file that is read; `mask` is absolute too, `mask_name` the mask as written (what an output
+# shows, as `image`); `source` says where the row came from.
 # `birads` is the radiologist's reading, for a package's reader rule (`alnus.reader_rule`).
 INPUT_COLUMNS = (
-    "image", "path", "patient_id", "study_id", "site", "roi", "mask", "frame", "birads", "source", "error",
+    "image", "path", "patient_id", "study_id", "site", "roi", "mask", "mask_name", "frame", "birads", "source", "error",
 )  # fmt: skip
 # Columns a prediction manifest may carry (besides `image`, which it must have); the reading is taken from the first
 # of `BIRADS_COLUMNS` it has (`birads`, else the importers' `reader_birads`).
@@ -159,6 +160,7 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         extra["birads"] = _cell(values, reading_column) if reading_column else ""
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
+        extra["mask_name"] = extra["mask"]
         if extra["mask"]:
             extra["mask"] = os.path.abspath(root / extra["mask"])
         error = ""
@@ -203,6 +205,8 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
         for row, value in zip(rows, values, strict=True):
             text = str(value).strip()
             row[column] = os.path.abspath(text) if column == "mask" and text else text
+            if column == "mask":
+                row["mask_name"] = text
             if column == "roi" and text and not row["error"]:
                 try:
                     parse_box(text)
