@@ -481,6 +481,15 @@ def _adaptation_record(chosen: pd.Series) -> dict:
     return record if record.get("seeds") == list(SEEDS.get(_seeded(chosen), (_seeded(chosen),))) else {}
 
 
+def _site_cv_record() -> dict:
+    """bench/site_cv.py's record (docs/site_cv.json, protocol item 28) when its reference arm is the shipped model."""
+    path = REPO / "docs" / "site_cv.json"
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    meta = SHIPPED / "metadata.json"
+    shipped = json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256") if meta.is_file() else None
+    return record if shipped is not None and record.get("package_weights_sha256") == shipped else {}
+
+
 def speed_note(chosen: pd.Series) -> str:
     """Issue 10's speed bound: the timed from-scratch run of bench/final_timing.py where it exists for the chosen
     configuration, and the training time of its seeds from the runs' histories."""
@@ -648,6 +657,16 @@ def glance_section(
         out += [
             f"- Unlabelled site adaptation (BatchNorm statistics, cross-adapted by patient halves; reported, not a "
             f"candidate): the AUC change over the {len(adaptation['seeds'])} seeds, {'; '.join(lines)}."
+        ]
+    site = _site_cv_record()
+    if site:
+        means = {row["model"]: row["fold_auc_mean"] for row in site["models"]}
+        out += [
+            f"- Learning from BrEaST's own labelled patients ({site['folds']}-fold cross-validation inside BrEaST; a "
+            f"diagnostic that uses the external labels, not a candidate): mean fold AUC {means['transfer']:.3f} for "
+            f"the shipped model, {means['head_refit']:.3f} with its head refitted, {means['transfer_tuned']:.3f} "
+            f"fine-tuned, {means['site_only']:.3f} trained on BrEaST alone; the radiologists "
+            f"{site['radiologists']['fold_auc_mean']:.3f} on the same folds."
         ]
     where = f"{len(goals)} in the chosen model's goals section below"
     where += ", the AI + radiologist goal above" if tried else ""

@@ -60,9 +60,11 @@ def fold_standardisation(coef: np.ndarray, intercept: float, mean: np.ndarray, s
     return weight, float(intercept - (weight * mean).sum())
 
 
-def fit_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> dict:
-    """The class-balanced L2 logistic regression on standardised features, C chosen by 5-fold patient-grouped
-    cross-validation (mean AUC over the folds, per image); refitted on all the given images."""
+def fit_probe(
+    features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, grid: tuple[float, ...] = C_GRID
+) -> dict:
+    """The class-balanced L2 logistic regression on standardised features, C chosen from `grid` by 5-fold
+    patient-grouped cross-validation (mean AUC over the folds, per image); refitted on all the given images."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
@@ -72,7 +74,7 @@ def fit_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int
     z = (features - mean) / scale
     folds = list(StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed).split(z, y, groups))
     cv_auc = {}
-    for c in C_GRID:
+    for c in grid:
         aucs = []
         for train, test in folds:
             fit = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(z[train], y[train])
@@ -80,7 +82,7 @@ def fit_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int
         cv_auc[c] = float(np.mean(aucs))
         if not np.isfinite(cv_auc[c]):
             raise ValueError(f"the probe's cross-validation AUC at C {c:g} is not finite: a fold holds one class only")
-    best = max(C_GRID, key=lambda c: (cv_auc[c], -c))  # the smaller C (stronger penalty) on a tie
+    best = max(grid, key=lambda c: (cv_auc[c], -c))  # the smaller C (stronger penalty) on a tie
     fit = LogisticRegression(C=best, class_weight="balanced", max_iter=5000).fit(z, y)
     weight, bias = fold_standardisation(fit.coef_[0], float(fit.intercept_[0]), mean, scale)
     return {"C": best, "cv_auc": cv_auc, "weight": weight, "bias": bias}

@@ -411,3 +411,29 @@ def test_a_lock_path_that_cannot_be_a_lock_is_named_not_a_traceback(
     assert "cannot take the lock" in err and "remove whatever is in its place" in err
     if what == "lock_link":
         assert (tmp_path / "elsewhere").read_text() == "keep me"
+
+
+def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(public_configs, monkeypatch, tmp_path):
+    """Protocol item 28's record is cited when its reference arm was the shipped package (same weights), not after
+    another model was shipped."""
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.setattr(public_final, "SHIPPED", tmp_path / "models" / "shipped")
+    (tmp_path / "models" / "shipped").mkdir(parents=True)
+    (tmp_path / "models" / "shipped" / "metadata.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    means = {"transfer": 0.854, "head_refit": 0.85, "transfer_tuned": 0.852, "site_only": 0.779}
+    record = {"folds": 5, "models": [{"model": m, "fold_auc_mean": v} for m, v in means.items()],
+              "radiologists": {"fold_auc_mean": 0.93}, "package_weights_sha256": "abc"}  # fmt: skip
+    (tmp_path / "docs" / "site_cv.json").write_text(json.dumps(record))
+    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
+    metrics = {"models": {"m": {"splits": {"external_test": {"patient": patient},
+                                           "internal_test": {"patient": patient}}}}}  # fmt: skip
+    candidates = pd.DataFrame({"name": ["aux_birads"], "val AUC": [0.959]})
+    chosen = pd.Series({"name": "aux_birads", "model": "m"})
+    text = public_final.glance_section(candidates, chosen, metrics, None)
+    assert ("mean fold AUC 0.854 for the shipped model, 0.850 with its head refitted, 0.852 fine-tuned, 0.779 trained "
+            "on BrEaST alone; the radiologists 0.930 on the same folds") in text  # fmt: skip
+    record["package_weights_sha256"] = "another"
+    (tmp_path / "docs" / "site_cv.json").write_text(json.dumps(record))
+    assert "BrEaST's own labelled patients" not in public_final.glance_section(candidates, chosen, metrics, None)
