@@ -102,8 +102,8 @@ def arm_config(arm: str, fold: int, manifest: Path):
     return load_config(REPO / "configs" / "public.yaml", overrides)
 
 
-def train_arm(cfg) -> None:
-    """Train (or resume) the arm's model, then predict its held-out fold; a finished arm is left as it is."""
+def train_arm(cfg, splits: tuple[str, ...] = ("internal_test",)) -> None:
+    """Train (or resume) the arm's model, then predict its held-out `splits`; a finished arm is left as it is."""
     from alnus._io import atomic_write_text
     from alnus.predict import predict_run
     from alnus.runfolder import RunFolder, lock_run
@@ -120,9 +120,9 @@ def train_arm(cfg) -> None:
             record = {"seconds": time.perf_counter() - started, "date": dt.date.today().isoformat(), "cpu": _cpu(),
                       "cores": len(os.sched_getaffinity(0))}  # fmt: skip
             atomic_write_text(run_dir / WALL_FILE, json.dumps(record, indent=2) + "\n")
-        if not where.predictions_csv("internal_test").is_file():
-            predict_run(run_dir, models=[MODEL], splits=("internal_test",), device=cfg.train.device,
-                        precision="fp32", max_pixels=cfg.data.max_image_pixels)  # fmt: skip
+        if not all(where.predictions_csv(split).is_file() for split in splits):
+            predict_run(run_dir, models=[MODEL], splits=splits, device=cfg.train.device, precision="fp32",
+                        max_pixels=cfg.data.max_image_pixels)  # fmt: skip
 
 
 def train(table: pd.DataFrame) -> None:

@@ -434,6 +434,23 @@ def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(
     text = public_final.glance_section(candidates, chosen, metrics, None)
     assert ("mean fold AUC 0.854 for the shipped model, 0.850 with its head refitted, 0.852 fine-tuned, 0.779 trained "
             "on BrEaST alone; the radiologists 0.930 on the same folds") in text  # fmt: skip
+    assert "Trained on as few BUS-BRA patients" not in text  # item 29 not run yet
+    small = {"site_only_mean": 0.779, "train_patients": 171, "val_patients": 31, "draws": [{}] * 5,
+             "internal_mean": 0.943, "external_mean": 0.786, "cases_harder": True}  # fmt: skip
+    (tmp_path / "docs" / "busbra_small.json").write_text(json.dumps(small))
+    text = public_final.glance_section(candidates, chosen, metrics, None)
+    assert "(171 + 31, 5 draws), the same settings score 0.943 on BUS-BRA's internal test and 0.786 on BrEaST" in text
+    assert "BrEaST's cases are harder for this backbone" in text
+    small["cases_harder"] = False
+    (tmp_path / "docs" / "busbra_small.json").write_text(json.dumps(small))
+    assert "the small training set, not the cases" in public_final.glance_section(candidates, chosen, metrics, None)
+    small["cases_harder"] = None  # not every draw finished: no reading yet
+    (tmp_path / "docs" / "busbra_small.json").write_text(json.dumps(small))
+    assert "as few BUS-BRA" not in public_final.glance_section(candidates, chosen, metrics, None)
+    small["cases_harder"] = True
+    small["site_only_mean"] = 0.8  # compared with another item 28 record: not cited
+    (tmp_path / "docs" / "busbra_small.json").write_text(json.dumps(small))
+    assert "as few BUS-BRA" not in public_final.glance_section(candidates, chosen, metrics, None)
     record["package_weights_sha256"] = "another"
     (tmp_path / "docs" / "site_cv.json").write_text(json.dumps(record))
     assert "BrEaST's own labelled patients" not in public_final.glance_section(candidates, chosen, metrics, None)
