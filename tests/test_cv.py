@@ -255,8 +255,24 @@ def test_cli_cv(cv_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "tiny_cnn" in result.output and f"{first.summary['models']['tiny_cnn']['auc']:.3f}" in result.output
     assert "cv.json" in result.output
+    # The epochs were chosen on the folds that score them: said, with how to avoid it.
+    assert first.summary["selection"] == "val_auc"
+    flat = " ".join(result.output.split())
+    assert "lean optimistic" in flat and "--set train.selection_metric=last" in flat
     bad = runner.invoke(app, ["cv", str(path), "--folds", "1"])
     assert bad.exit_code == 2
+
+
+def test_cli_cv_keeping_each_folds_last_epoch(phantom, tmp_path):
+    """With train.selection_metric last no fold's epoch is chosen on the patients that score it, and cv says so."""
+    path = _write_config(tmp_path, phantom, "tiny_last")
+    sets = ["--set", "train.selection_metric=last", "--set", "train.early_stopping_patience=null"]
+    result = runner.invoke(app, ["cv", str(path), "--folds", "3", *sets])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "runs" / "tiny_last_cv" / "cv.json").read_text())
+    assert summary["selection"] == "last" and summary["models"]["tiny_cnn"]["best_epochs"] == [2, 2, 2]
+    flat = " ".join(result.output.split())
+    assert "Each fold kept its last epoch" in flat and "lean optimistic" not in flat
 
 
 def test_a_patient_in_two_folds_is_named():

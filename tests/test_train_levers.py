@@ -593,3 +593,51 @@ def test_a_stretched_crop_is_said_to_hide_the_orientation_the_shape_target_asks_
     out = io.StringIO()
     run_training(cfg, console=Console(file=out, force_terminal=False, width=300))
     assert "keep_aspect is false" in out.getvalue() and "cannot see the orientation" in out.getvalue()
+
+
+# ---------------------------------------------------------------------------- keeping the last epoch (honest CV)
+def test_keeping_the_last_epoch_chooses_every_epoch_in_turn_and_never_stops_early():
+    from alnus.train import TrainState
+
+    state = TrainState()
+    for epoch, auc in enumerate([0.9, 0.7, 0.6], start=1):
+        assert state.record({"epoch": epoch, "val_auc": auc}, patience=None, epochs=3, last=True)
+    assert (state.best_epoch, state.best_auc, state.stopped) == (3, 0.6, False)
+    # An epoch before weight averaging starts is still never chosen.
+    assert not TrainState().record({"epoch": 1, "val_auc": 0.9}, patience=None, epochs=3, selectable=False, last=True)
+    # By validation AUC (the default) the worse epochs are not chosen.
+    best = TrainState()
+    assert [best.record({"epoch": e, "val_auc": a}, patience=None, epochs=3) for e, a in ((1, 0.9), (2, 0.7))] == [
+        True,
+        False,
+    ]
+
+
+def test_the_last_epoch_is_packaged_and_said_so(phantom_read, tmp_path):
+    from alnus.report._inputs import Network
+    from alnus.report.card import _selected
+
+    train = {"selection_metric": "last", "early_stopping_patience": None, "epochs": 3}
+    cfg = load_config(_config(tmp_path, phantom_read, "last", train=train))
+    [result] = run_training(cfg, console=_quiet())
+    model, meta = load_package(result.package_dir)
+    history = pd.read_csv(result.model_dir / "history.csv")
+    assert meta["best_epoch"] == 3 == len(history) and meta["selection"]["metric"] == "last"
+    assert meta["val_auc"] == pytest.approx(history["val_auc"].iloc[-1])
+    # The package is the last epoch's weights: it predicts what the last epoch validated.
+    _, probs = _val_probs(cfg.run_dir, model, 32)
+    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    assert set(saved["epoch"]) == {3}
+    np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)
+    network = Network("b", "r/models/b", 0, "none", 3, 0.8, "patient", "ab", last_epoch=True)
+    assert _selected(network) == (
+        "the last epoch (3) kept, not chosen on validation (its validation AUC 0.800 per patient, as computed while "
+        "training)"
+    )
+    assert "last epoch 3 (not chosen on validation; its validation AUC 0.800 per patient)" in network.training_text()
+
+
+def test_keeping_the_last_epoch_with_early_stopping_is_refused(phantom_read, tmp_path):
+    train = {"selection_metric": "last", "early_stopping_patience": 2}
+    with pytest.raises(ConfigError, match="train.selection_metric.*early_stopping_patience: null"):
+        load_config(_config(tmp_path, phantom_read, "both", train=train))

@@ -567,10 +567,16 @@ def _print_cv(summary: dict) -> None:
             f"{m['cases']} ({m['positive']}/{m['negative']})",
         )
     console.print(table)
+    chosen = (
+        "Each fold kept its last epoch (train.selection_metric last): nothing was chosen on the patients that score it."
+        if summary.get("selection") == "last"
+        else "Each fold's epoch was chosen on that fold's validation patients, so fold AUCs lean optimistic; for fold "
+        "AUCs that are not: --set train.selection_metric=last --set train.early_stopping_patience=null."
+    )
     console.print(
         "The pooled AUC mixes the folds' models, whose scores may sit on different scales: it can fall below every "
-        "fold's AUC. Each fold's epoch was chosen on that fold's validation patients, so fold AUCs lean optimistic. "
-        "To choose between configurations cross-validated alike: `alnus cv-compare runs/A_cv runs/B_cv`.",
+        f"fold's AUC. {chosen} To choose between configurations cross-validated alike: `alnus cv-compare runs/A_cv "
+        "runs/B_cv`.",
         highlight=False,
     )
 

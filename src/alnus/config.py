@@ -97,7 +97,11 @@ class TrainConfig:
     channels_last: Literal["auto"] | bool = "auto"
     grad_accum: int = 1
     early_stopping_patience: int | None = 10
-    selection_metric: Literal["val_auc"] = "val_auc"
+    # Which epoch is packaged: `val_auc`, the one with the best validation AUC (early stopping watches it too);
+    # `last`, the last epoch, never chosen on validation. Cross-validation (`alnus cv`) scores each fold with the
+    # validation patients that chose its epoch, which leans optimistic; `last` (with early_stopping_patience null)
+    # gives the fold AUCs of a configuration trained for a fixed number of epochs instead.
+    selection_metric: Literal["val_auc", "last"] = "val_auc"
     num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -544,6 +548,13 @@ def _check(cfg: Config, where: Source) -> None:
         fail("train.head_epochs", f"{train.head_epochs} must be in 0..train.epochs ({train.epochs})", "train.epochs")
     if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
         fail("train.early_stopping_patience", "must be at least 1, or null to train every epoch")
+    if train.selection_metric == "last" and train.early_stopping_patience is not None:
+        fail(
+            "train.selection_metric",
+            "last packages the last epoch, but early stopping would end training on the validation AUC: set "
+            "train.early_stopping_patience: null",
+            "train.early_stopping_patience",
+        )
     if train.aux_weight <= 0:
         fail("train.aux_weight", f"{train.aux_weight} must be positive")
     if train.aux_shape is not None and not train.aux_shape > 0:

@@ -7,7 +7,10 @@ predictions of each fold's best epoch: every development patient outside interna
 that did not train on them. The internal and external tests are never touched (the same patients in every fold).
 The result, per backbone, goes to `<runs_dir>/<name>_cv/cv.json`.
 
-The pooled AUC mixes the scores of K models; it ranks configurations, it is not the AUC of any one model.
+The pooled AUC mixes the scores of K models; it ranks configurations, it is not the AUC of any one model. Each fold's
+epoch is chosen on the validation fold it is then scored on, which leans optimistic; with `train.selection_metric:
+last` (and `train.early_stopping_patience: null`) each fold keeps its last epoch, and nothing is chosen on the
+patients that score it.
 `compare_cv` compares configurations cross-validated on the same folds, paired over the same patients: the mean over
 folds of the within-fold AUC difference (DeLong per fold), Holm-adjusted; one validation split rarely separates two
 configurations, and the overlap of two pooled CIs is no test of their difference.
@@ -270,6 +273,8 @@ def summarize(cfg: Config, folds: int) -> dict[str, Any]:
         "runs": [run.name for run in runs],
         "settings": training_settings(cfg),
         "settings_hash": stable_hash(training_settings(cfg)),
+        # `val_auc`: each fold's epoch chosen on the fold it is scored on (optimistic); `last`: its last epoch.
+        "selection": cfg.train.selection_metric,
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "models": models,
     }

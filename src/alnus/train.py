@@ -522,14 +522,18 @@ class TrainState:
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def record(self, row: dict[str, Any], *, patience: int | None, epochs: int, selectable: bool = True) -> bool:
-        """Add an epoch's history row; returns whether its val AUC is the best so far (and stops early if due).
+    def record(
+        self, row: dict[str, Any], *, patience: int | None, epochs: int, selectable: bool = True, last: bool = False
+    ) -> bool:
+        """Add an epoch's history row; returns whether it is now the chosen epoch: its val AUC is the best so far or,
+        with `last` (`train.selection_metric: last`), every selectable epoch replaces the one before (and stops early
+        if due).
 
         An epoch that is not `selectable` (before weight averaging starts) is recorded but neither chosen nor
         counted towards early stopping."""
         self.history.append(row)
         self.epochs_done = int(row["epoch"])
-        improved = selectable and row["val_auc"] > self.best_auc
+        improved = selectable and (last or row["val_auc"] > self.best_auc)
         if improved:
             self.best_auc, self.best_epoch, self.bad_epochs = float(row["val_auc"]), self.epochs_done, 0
         elif selectable:
@@ -861,7 +865,12 @@ def write_package(
             "weights_source": engine.model.weights_source,
             "best_epoch": state.best_epoch,
             "val_auc": state.best_auc,
-            "selection": {"metric": "auc", "level": cfg.evaluate.level, "aggregate": cfg.evaluate.aggregate},
+            # `auc`: the epoch chosen by validation AUC; `last`: the last epoch (train.selection_metric).
+            "selection": {
+                "metric": "last" if cfg.train.selection_metric == "last" else "auc",
+                "level": cfg.evaluate.level,
+                "aggregate": cfg.evaluate.aggregate,
+            },  # fmt: skip
             "run": cfg.name,
             "settings_hash": stable_hash(settings),
             "training": training_record(cfg),
@@ -926,9 +935,10 @@ def train_model(
         engine.mixstyle.remove()  # training is over: no copy of the model carries the hooks on
     if info.is_main:
         write_package(cfg, engine, data, state, model_dir, settings)
+        chosen = "last" if cfg.train.selection_metric == "last" else "best"
         console.print(
-            f"[green]best[/green] epoch {state.best_epoch}, {cfg.evaluate.level}-level val AUC {state.best_auc:.4f} "
-            f"-> {escape(str(model_dir.package))}",
+            f"[green]{chosen}[/green] epoch {state.best_epoch}, {cfg.evaluate.level}-level val AUC "
+            f"{state.best_auc:.4f} -> {escape(str(model_dir.package))}",
             highlight=False,
         )
     if info.world_size > 1:
@@ -970,7 +980,11 @@ def run_epoch(
     row["validated"] = engine.validated(epoch + 1)
     tc = cfg.train
     improved = state.record(
-        row, patience=tc.early_stopping_patience, epochs=tc.epochs, selectable=engine.selectable(epoch + 1)
+        row,
+        patience=tc.early_stopping_patience,
+        epochs=tc.epochs,
+        selectable=engine.selectable(epoch + 1),
+        last=tc.selection_metric == "last",
     )
     return row, val, improved
 

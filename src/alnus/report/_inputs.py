@@ -227,13 +227,18 @@ class Network:
     weights_sha256: str
     other_settings: tuple[str, ...] = ()  # training settings in which it differs from this run's config
     precision: str | None = None  # the precision it trained in (packages before it was recorded: None)
+    last_epoch: bool = False  # packaged the last epoch (train.selection_metric last), not the best on validation
 
     def training_text(self) -> str:
-        """'seed 1, starting weights none, trained in bf16, best epoch 15 (validation AUC 0.966 per patient)'."""
+        """'seed 1, starting weights none, trained in bf16, best epoch 15 (validation AUC 0.966 per patient)'; with
+        `last_epoch`, 'last epoch 12 (not chosen on validation; its validation AUC ...)'."""
         known = self.val_auc is not None
         auc = f"validation AUC {self.val_auc:.3f} per {self.level}" if known else f"by validation AUC per {self.level}"
         seed = "seed not recorded" if self.seed is None else f"seed {self.seed}"
         trained = f", trained in {self.precision}" if self.precision else ""
+        if self.last_epoch:
+            auc = "not chosen on validation" + (f"; its {auc}" if known else "")
+            return f"{seed}, starting weights {self.weights_source}{trained}, last epoch {self.best_epoch} ({auc})"
         return f"{seed}, starting weights {self.weights_source}{trained}, best epoch {self.best_epoch} ({auc})"
 
 
@@ -266,11 +271,17 @@ def network(meta: Mapping[str, Any], inputs: RunInputs, source: str) -> Network:
         weights_source=str(meta.get("weights_source", "not recorded")),
         best_epoch=meta.get("best_epoch", "?"),
         val_auc=_number(meta.get("val_auc")),
-        level=str(meta.get("selection", {}).get("level", "patient")),
+        level=str(_selection(meta).get("level", "patient")),
         weights_sha256=str(meta.get("weights_sha256", "")),
         other_settings=other,
         precision=_precision_name(meta.get("precision")),
+        last_epoch=_selection(meta).get("metric") == "last",
     )
+
+
+def _selection(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    selection = meta.get("selection")
+    return selection if isinstance(selection, Mapping) else {}
 
 
 def _precision_name(value: object) -> str | None:

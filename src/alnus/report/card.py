@@ -165,6 +165,9 @@ def _selected(network: Network) -> str:
         if network.val_auc is not None
         else ""
     )
+    if network.last_epoch:
+        its = auc.replace(" (", " (its validation AUC ", 1)
+        return f"the last epoch ({md_text(network.best_epoch)}) kept, not chosen on validation{its}"
     return f"selected at epoch {md_text(network.best_epoch)} by validation AUC{auc}"
 
 
