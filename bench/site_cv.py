@@ -114,13 +114,15 @@ def train_arm(cfg, splits: tuple[str, ...] = ("internal_test",)) -> None:
     with lock_run(cfg.run_dir, command=f"{COMMAND} ({cfg.name})"):
         run_dir = prepare_run(cfg)
         where = RunFolder(run_dir).model(MODEL)
-        if trained_package(cfg, MODEL) is None:
+        trained = trained_package(cfg, MODEL) is None
+        if trained:
             started = time.perf_counter()
             train_model(cfg, run_dir, MODEL, resume=where.last_checkpoint.is_file())
             record = {"seconds": time.perf_counter() - started, "date": dt.date.today().isoformat(), "cpu": _cpu(),
                       "cores": len(os.sched_getaffinity(0))}  # fmt: skip
             atomic_write_text(run_dir / WALL_FILE, json.dumps(record, indent=2) + "\n")
-        if not all(where.predictions_csv(split).is_file() for split in splits):
+        # Predicted again after any training: predictions of an earlier model must not stand for this one.
+        if trained or not all(where.predictions_csv(split).is_file() for split in splits):
             predict_run(run_dir, models=[MODEL], splits=splits, device=cfg.train.device, precision="fp32",
                         max_pixels=cfg.data.max_image_pixels)  # fmt: skip
 
@@ -193,6 +195,12 @@ def _run_facts(arm: str, fold: int) -> dict[str, object]:
     run = paths()["runs"] / f"site_cv_{arm}_f{fold}"
     wall = run / WALL_FILE
     meta = json.loads((RunFolder(run).model(MODEL).package / "metadata.json").read_text(encoding="utf-8"))
+    if arm == "transfer_tuned":
+        # Tuned from the shipped weights as they are now: `file:PATH` names the path, the source records its hash.
+        shipped = json.loads((paths()["package"] / "metadata.json").read_text(encoding="utf-8"))["weights_sha256"]
+        if not str(meta.get("weights_source", "")).endswith(f"#sha256={shipped}"):
+            raise RuntimeError(f"{run.name} was tuned from other weights than the shipped package's; delete {run} "
+                               "and run bench/site_cv.py again")  # fmt: skip
     settings = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     return {"minutes": json.loads(wall.read_text())["seconds"] / 60 if wall.is_file() else None,
             "best_epoch": meta.get("best_epoch"), "epochs": settings["train"]["epochs"],

@@ -114,3 +114,20 @@ def test_the_section_shows_each_arm_and_the_radiologists(site_cv):
         assert f"| {arm} |" in text and f"{row['fold_auc_mean']:.3f}" in text
     assert "| radiologists' BI-RADS |" in text and "0.910 (0.880-0.940)" in text
     assert "never a candidate" in text
+
+
+def test_a_model_tuned_from_other_weights_than_the_shipped_ones_is_refused(site_cv, monkeypatch, tmp_path):
+    """`train.weights: file:PATH` names the path only: a package shipped since then must not pass for the one tuned."""
+    monkeypatch.setattr(site_cv, "REPO", tmp_path)
+    package = tmp_path / "models" / "breast-us-malignancy"
+    package.mkdir(parents=True)
+    (package / "metadata.json").write_text('{"weights_sha256": "new"}')
+    run = tmp_path / "runs" / "site_cv" / "site_cv_transfer_tuned_f0"
+    (run / "models" / site_cv.MODEL / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {epochs: 6}\n")
+    meta = run / "models" / site_cv.MODEL / "model" / "metadata.json"
+    meta.write_text('{"best_epoch": 2, "weights_source": "file:/x/weights.safetensors#sha256=old"}')
+    with pytest.raises(RuntimeError, match="tuned from other weights"):
+        site_cv._run_facts("transfer_tuned", 0)
+    meta.write_text('{"best_epoch": 2, "weights_source": "file:/x/weights.safetensors#sha256=new"}')
+    assert site_cv._run_facts("transfer_tuned", 0)["best_epoch"] == 2
