@@ -481,9 +481,10 @@ def _adaptation_record(chosen: pd.Series) -> dict:
     return record if record.get("seeds") == list(SEEDS.get(_seeded(chosen), (_seeded(chosen),))) else {}
 
 
-def _site_cv_record() -> dict:
-    """bench/site_cv.py's record (docs/site_cv.json, protocol item 28) when its reference arm is the shipped model."""
-    path = REPO / "docs" / "site_cv.json"
+def _shipped_record(name: str) -> dict:
+    """A bench record measured on the shipped model (docs/<name>.json: bench/site_cv.py's for protocol item 28,
+    bench/sens95.py's for item 30), or {} when it is missing or was measured on other weights."""
+    path = REPO / "docs" / f"{name}.json"
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     meta = SHIPPED / "metadata.json"
     shipped = json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256") if meta.is_file() else None
@@ -658,7 +659,7 @@ def glance_section(
             f"- Unlabelled site adaptation (BatchNorm statistics, cross-adapted by patient halves; reported, not a "
             f"candidate): the AUC change over the {len(adaptation['seeds'])} seeds, {'; '.join(lines)}."
         ]
-    site = _site_cv_record()
+    site = _shipped_record("site_cv")
     if site:
         means = {row["model"]: row["fold_auc_mean"] for row in site["models"]}
         out += [
@@ -682,6 +683,17 @@ def glance_section(
                 f"internal test and {small['external_mean']:.3f} on BrEaST: {verdict} (items 28-29, read as "
                 "registered)."
             )
+    sens = _shipped_record("sens95")
+    if sens:
+        ext, rad = sens["rules"]["sens95"]["external_test"], sens["radiologists"]["specificity"]
+        out += [
+            f"- An operating point aimed at the goal's sensitivity (protocol item 30, registered after the Youden "
+            f"results were seen; the package keeps Youden): frozen on validation for {100 * sens['target']:.0f}% "
+            f"sensitivity, external sensitivity {100 * ext['sensitivity']['estimate']:.1f}% and specificity "
+            f"{100 * ext['specificity']['estimate']:.1f}% vs the radiologists' {100 * rad['estimate']:.1f}% (McNemar "
+            f"P {_p_value(ext['specificity_vs_radiologists']['p'])}): the second goal is "
+            + ("met this way." if sens["goal_met"] else "**not met** this way either.")
+        ]
     where = f"{len(goals)} in the chosen model's goals section below"
     where += ", the AI + radiologist goal above" if tried else ""
     out += [f"- Issue 10's goals: {sum(met)} of {len(met)} met ({where})."]

@@ -454,3 +454,34 @@ def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(
     record["package_weights_sha256"] = "another"
     (tmp_path / "docs" / "site_cv.json").write_text(json.dumps(record))
     assert "BrEaST's own labelled patients" not in public_final.glance_section(candidates, chosen, metrics, None)
+
+
+def test_the_glance_cites_the_sensitivity_aimed_operating_point_of_the_shipped_model(public_configs, monkeypatch,
+                                                                                     tmp_path):  # fmt: skip
+    """Protocol item 30's record, when measured on the shipped weights, with the rule it was read by."""
+    import public_final
+
+    monkeypatch.setattr(public_final, "REPO", tmp_path)
+    monkeypatch.setattr(public_final, "SHIPPED", tmp_path / "models" / "shipped")
+    (tmp_path / "models" / "shipped").mkdir(parents=True)
+    (tmp_path / "models" / "shipped" / "metadata.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    ext = {"sensitivity": {"estimate": 0.98}, "specificity": {"estimate": 0.468},
+           "specificity_vs_radiologists": {"p": 0.5966}}  # fmt: skip
+    record = {"target": 0.95, "rules": {"sens95": {"external_test": ext}}, "goal_met": False,
+              "radiologists": {"specificity": {"estimate": 0.435}}, "package_weights_sha256": "abc"}  # fmt: skip
+    (tmp_path / "docs" / "sens95.json").write_text(json.dumps(record))
+    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
+    metrics = {"models": {"m": {"splits": {"external_test": {"patient": patient},
+                                           "internal_test": {"patient": patient}}}}}  # fmt: skip
+    candidates = pd.DataFrame({"name": ["aux_birads"], "val AUC": [0.959]})
+    chosen = pd.Series({"name": "aux_birads", "model": "m"})
+    text = public_final.glance_section(candidates, chosen, metrics, None)
+    expected = ("frozen on validation for 95% sensitivity, external sensitivity 98.0% and specificity 46.8% vs the "
+                "radiologists' 43.5% (McNemar P 0.5966): the second goal is **not met** this way either.")  # fmt: skip
+    assert expected in text
+    record["goal_met"] = True
+    (tmp_path / "docs" / "sens95.json").write_text(json.dumps(record))
+    assert "the second goal is met this way." in public_final.glance_section(candidates, chosen, metrics, None)
+    record["package_weights_sha256"] = "another"
+    (tmp_path / "docs" / "sens95.json").write_text(json.dumps(record))
+    assert "aimed at the goal's sensitivity" not in public_final.glance_section(candidates, chosen, metrics, None)
