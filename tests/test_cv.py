@@ -263,8 +263,9 @@ def test_cli_cv(cv_run, tmp_path):
     assert bad.exit_code == 2
 
 
-def test_cli_cv_keeping_each_folds_last_epoch(phantom, tmp_path):
-    """With train.selection_metric last no fold's epoch is chosen on the patients that score it, and cv says so."""
+def test_cli_cv_keeping_each_folds_last_epoch(phantom, cv_run, tmp_path):
+    """With train.selection_metric last no fold's epoch is chosen on the patients that score it, and cv says so;
+    cv-compare warns when it compares such a configuration with one that chose its epochs."""
     path = _write_config(tmp_path, phantom, "tiny_last")
     sets = ["--set", "train.selection_metric=last", "--set", "train.early_stopping_patience=null"]
     result = runner.invoke(app, ["cv", str(path), "--folds", "3", *sets])
@@ -273,6 +274,14 @@ def test_cli_cv_keeping_each_folds_last_epoch(phantom, tmp_path):
     assert summary["selection"] == "last" and summary["models"]["tiny_cnn"]["best_epochs"] == [2, 2, 2]
     flat = " ".join(result.output.split())
     assert "Each fold kept its last epoch" in flat and "lean optimistic" not in flat
+    chose = Path(cv_run[0].runs_dir) / "tiny_cv"
+    kept = tmp_path / "runs" / "tiny_last_cv"
+    mixed = runner.invoke(app, ["cv-compare", str(chose), str(kept), "--out", str(tmp_path / "c.json")])
+    assert mixed.exit_code == 0, mixed.output
+    flat = " ".join(mixed.output.split())
+    assert "Warning: tiny chose each fold's epoch on the patients that score it and tiny_last did not" in flat
+    rows = json.loads((tmp_path / "c.json").read_text())["models"]
+    assert [r["selection"] for r in rows] == ["val_auc", "last"]
 
 
 def test_a_patient_in_two_folds_is_named():

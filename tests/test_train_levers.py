@@ -616,17 +616,26 @@ def test_keeping_the_last_epoch_chooses_every_epoch_in_turn_and_never_stops_earl
 def test_the_last_epoch_is_packaged_and_said_so(phantom_read, tmp_path):
     from alnus.report._inputs import Network
     from alnus.report.card import _selected
+    from tests._cli import run_cli
 
     train = {"selection_metric": "last", "early_stopping_patience": None, "epochs": 3}
-    cfg = load_config(_config(tmp_path, phantom_read, "last", train=train))
-    [result] = run_training(cfg, console=_quiet())
-    model, meta = load_package(result.package_dir)
-    history = pd.read_csv(result.model_dir / "history.csv")
+    path = _config(tmp_path, phantom_read, "last", train=train)
+    cfg = load_config(path)
+    code, out, err = run_cli("train", str(path))
+    assert code == 0, err
+    flat = " ".join(out.split())
+    # Every epoch is kept in turn: none is starred as a new best, and the summary names the kept epoch as the last.
+    assert "last epoch 3 of 3 kept (its val AUC" in flat and "best val AUC" not in flat
+    epochs = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert len(epochs) == 3 and not [line for line in epochs if " * " in line]
+    model_dir = cfg.run_dir / "models" / cfg.models[0]
+    model, meta = load_package(model_dir / "model")
+    history = pd.read_csv(model_dir / "history.csv")
     assert meta["best_epoch"] == 3 == len(history) and meta["selection"]["metric"] == "last"
     assert meta["val_auc"] == pytest.approx(history["val_auc"].iloc[-1])
     # The package is the last epoch's weights: it predicts what the last epoch validated.
     _, probs = _val_probs(cfg.run_dir, model, 32)
-    saved = pd.read_csv(result.model_dir / "val_predictions_best.csv")
+    saved = pd.read_csv(model_dir / "val_predictions_best.csv")
     assert set(saved["epoch"]) == {3}
     np.testing.assert_allclose(saved["prob"], probs, atol=1e-6)
     network = Network("b", "r/models/b", 0, "none", 3, 0.8, "patient", "ab", last_epoch=True)

@@ -520,9 +520,13 @@ def train(
         results = run_training(cfg, resume=resume, console=console)
     if main_rank:
         for result in results:
+            kept = (
+                f"last epoch {result.best_epoch} of {result.epochs_run} kept (its val AUC {result.best_val_auc:.4f})"
+                if cfg.train.selection_metric == "last"
+                else f"best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
+            )
             console.print(
-                f"[green]{escape(result.backbone)}[/green]: best val AUC {result.best_val_auc:.4f} at epoch "
-                f"{result.best_epoch} of {result.epochs_run} ({result.seconds:.0f} s); "
+                f"[green]{escape(result.backbone)}[/green]: {kept} ({result.seconds:.0f} s); "
                 f"package {escape(str(result.package_dir))}",
                 highlight=False,
             )
@@ -662,13 +666,28 @@ def cv_compare(
                 "tested is the within-fold one.",
                 highlight=False,
             )
+    chosen = [m["model"] for m in result["models"] if m.get("selection") != "last"]
+    kept = [m["model"] for m in result["models"] if m.get("selection") == "last"]
+    if not kept:
+        selection = ("Each fold's epoch was chosen on that fold's own validation patients, so fold AUCs lean "
+                     "optimistic, more so with more epochs to choose from.")  # fmt: skip
+    elif not chosen:
+        selection = "Each fold kept its last epoch (train.selection_metric last): nothing was chosen on its patients."
+    else:
+        selection = (f"{', '.join(kept)} kept each fold's last epoch; {', '.join(chosen)} chose it on the patients "
+                     "that score it, whose fold AUCs lean optimistic.")  # fmt: skip
+        console.print(
+            f"[yellow]Warning:[/yellow] {escape(', '.join(chosen))} chose each fold's epoch on the patients that score "
+            f"it and {escape(', '.join(kept))} did not, so the differences favour the former by that selection alone; "
+            "cross-validate the configurations with the same train.selection_metric to compare them fairly.",
+            highlight=False,
+        )
     console.print(
         "Tested: within each fold, the two configurations' AUCs on the fold's patients (paired DeLong); the mean of "
         "the fold differences, its variance the sum of the folds' / K^2 (the folds hold different patients); "
         "two-sided, Holm-adjusted over the comparisons. The CI and P cover which patients were sampled, given these "
-        "trained models (one training per fold), not training randomness. Each fold's epoch was chosen on that "
-        "fold's own validation patients, so fold AUCs lean optimistic, more so with more epochs to choose from. The "
-        "pooled AUC mixes the folds' models: it is no single model's AUC.",
+        f"trained models (one training per fold), not training randomness. {escape(selection)} The pooled AUC mixes "
+        "the folds' models: it is no single model's AUC.",
         highlight=False,
     )
     if out is not None:

@@ -630,8 +630,12 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
     ref_settings, ref_backbone = ref_summary["settings"], entries[0][4]
     for row, (_, _, summary, folder, backbone) in zip(result["models"], entries, strict=True):
         settings = summary["settings"]
+        # From the training settings, which are checked against each fold's run and model (not cv.json's own note):
+        # `val_auc`, each fold's epoch chosen on the patients that score it; `last`, its last epoch kept.
+        train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
+        selection = "last" if train.get("selection_metric") == "last" else "val_auc"
         row.update(backbone=backbone, cv_folder=str(folder), runs=list(summary["runs"]),
-                   settings_hash=summary.get("settings_hash"))  # fmt: skip
+                   settings_hash=summary.get("settings_hash"), selection=selection)  # fmt: skip
         if row["model"] != reference:
             changes = settings_changes(ref_settings, settings)
             if backbone != ref_backbone:

@@ -1041,9 +1041,12 @@ def _start_notes(cfg: Config, data: TrainData) -> list[str]:
 
 def _print_epoch(console: Console, row: dict[str, Any], cfg: Config, improved: bool, *, stopped: bool) -> None:
     level = cfg.evaluate.level
+    # `*`: a new best validation AUC, the epoch kept so far; with selection_metric last every epoch is kept in turn,
+    # so nothing is starred.
+    star = improved and cfg.train.selection_metric != "last"
     console.print(
         f"epoch {row['epoch']:>3}/{cfg.train.epochs} [{row['phase']}]  train loss {row['train_loss']:.4f}  "
-        f"val loss {row['val_loss']:.4f}  val AUC ({level}) {row['val_auc']:.4f}{' *' if improved else '  '}  "
+        f"val loss {row['val_loss']:.4f}  val AUC ({level}) {row['val_auc']:.4f}{' *' if star else '  '}  "
         f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s",
         highlight=False,
         markup=False,

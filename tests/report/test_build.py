@@ -419,3 +419,36 @@ def test_a_study_of_phantom_data_says_it_is_simulated_in_the_report_and_the_card
     html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
     assert "Retrospective: the images" in html and "Simulated data:" not in html
     assert "Simulated data:" not in (run.model("tiny_cnn").package / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_study_that_keeps_the_last_epoch_says_so_throughout_its_report(tmp_path: Path) -> None:
+    """With train.selection_metric last the validation patients chose the threshold only: the split, the methods,
+    the training figure and the reader-with-AI notes must not say they chose the epoch."""
+    import re
+
+    from alnus.config import load_config
+    from alnus.data.phantom import make_phantom
+    from alnus.study import run_study
+
+    manifest = make_phantom(tmp_path / "data", patients=30, external_patients=12, image_size=(64, 80), seed=5)
+    import yaml
+
+    data = {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": ["external_hospital"]}
+    train = {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32", "early_stopping_patience": None,
+             "selection_metric": "last"}  # fmt: skip
+    raw = {"name": "last", "runs_dir": str(tmp_path / "runs"), "data": data, "models": ["tiny_cnn"],
+           "preprocess": {"size": 32, "roi": "box"}, "train": train}  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    run_study(cfg)
+    import html
+
+    page = (cfg.run_dir / "report.html").read_text(encoding="utf-8")
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    assert "form the validation split (threshold selection; the last epoch is kept)" in text
+    assert "The last epoch is kept, whatever its validation AUC (train.selection_metric last)" in text
+    assert "dashed: the last epoch, kept without choosing on validation" in text
+    assert "The epoch with the best validation AUC is kept" not in text and "epoch selection" not in text
+    assert "same validation cases also chose the model's threshold, so they flatter" in text
+    assert "last epoch 2 (not chosen on validation" in text

@@ -286,6 +286,13 @@ def is_ensemble(meta: Mapping[str, Any]) -> bool:
     return meta.get("kind") == ENSEMBLE
 
 
+def kept_last_epoch(meta: Mapping[str, Any]) -> bool:
+    """Whether a package's metadata says it kept its last epoch (`train.selection_metric: last`) rather than the
+    epoch with the best validation AUC."""
+    selection = meta.get("selection")
+    return isinstance(selection, Mapping) and selection.get("metric") == "last"
+
+
 def ensemble_digest(digests: Sequence[str]) -> str:
     """An ensemble's `weights_sha256`: the SHA-256 of its members' weights digests, one per line, in order."""
     import hashlib

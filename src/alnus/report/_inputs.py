@@ -22,6 +22,7 @@ import yaml
 from alnus.config import ConfigError, safe_yaml
 from alnus.data.tta import all_views
 from alnus.errors import AlnusError
+from alnus.models.package import kept_last_epoch
 from alnus.runfolder import RunFolder, RunFolderError, read_splits, run_models
 
 
@@ -275,7 +276,7 @@ def network(meta: Mapping[str, Any], inputs: RunInputs, source: str) -> Network:
         weights_sha256=str(meta.get("weights_sha256", "")),
         other_settings=other,
         precision=_precision_name(meta.get("precision")),
-        last_epoch=_selection(meta).get("metric") == "last",
+        last_epoch=kept_last_epoch(meta),
     )
 
 

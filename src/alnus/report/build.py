@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import pandas as pd
 from alnus import __version__
 from alnus._io import atomic_write_text, file_problem
 from alnus._text import no_bidi
-from alnus.models.package import is_ensemble
+from alnus.models.package import is_ensemble, kept_last_epoch
 from alnus.report import tables
 from alnus.report._inputs import (
     ReportError,
@@ -210,6 +211,15 @@ def _tile(
         parts.append(f"{tables.pct(float(energy))} of the heat in the lesion")
     alt = f"Heat map over the input crop ({row['outcome']}, image {Path(str(row.get('image', ''))).name})"
     return Image(f"{folder.parent.name}-{folder.name}-{row['outcome']}-{number}", src, "; ".join(parts), alt)
+
+
+def _kept_last_epoch(run: RunFolder, model: str) -> bool:
+    """Whether the run's model kept its last epoch (so validation chose only its threshold)."""
+    try:
+        meta = json.loads(run.model(model).metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and kept_last_epoch(meta)
 
 
 def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str, run: RunFolder) -> Block:
@@ -424,7 +434,9 @@ def _readers_section(inputs: RunInputs) -> Section:
                 paragraphs, shown, points = [shareable_text(found["error"], inputs.run)], [], []
             else:
                 paragraphs = ["Operating points, set on the validation cases:"]
-                shown, points = [tables.reader_plus_ai_table(split, model, found)], tables.reader_plus_ai_points(found)
+                last = _kept_last_epoch(inputs.run, model)
+                shown = [tables.reader_plus_ai_table(split, model, found, last_epoch_kept=last)]
+                points = tables.reader_plus_ai_points(found)
                 panel = tables.reader_plus_ai_panel_table(split, model, found)
                 shown += [panel] if panel is not None else []
             section.blocks.append(

@@ -28,6 +28,7 @@ from alnus._io import atomic_write_bytes, atomic_write_text
 from alnus._levels import UNIT_COLUMNS, case_names
 from alnus.errors import AlnusError
 from alnus.evaluate import EvaluateError, curve_cases, read_predictions
+from alnus.models.package import kept_last_epoch
 from alnus.operating_point import rule_name
 from alnus.report._style import DPI, FONT, PALETTE, new_figure, plain
 from alnus.report.flow import flow_counts, flow_figure
@@ -414,9 +415,12 @@ def decision_curve_figure(
 
 
 # ------------------------------------------------------------------------------------------------ training
-def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, title: str = "Training") -> MplFigure:
-    """Loss (train and validation) and validation AUC per epoch from `history.csv`; the best epoch marked (by default
-    the first with the highest validation AUC, as training selects it) and the head-only phase shaded."""
+def training_figure(
+    history: pd.DataFrame, *, best_epoch: int | None = None, title: str = "Training", last_kept: bool = False
+) -> MplFigure:
+    """Loss (train and validation) and validation AUC per epoch from `history.csv`; the packaged epoch marked (by
+    default the first with the highest validation AUC, as training selects it; `last_kept`: it is the last epoch,
+    kept without choosing, `train.selection_metric: last`) and the head-only phase shaded."""
     needed = ["epoch", "train_loss", "val_loss", "val_auc"]
     missing = [c for c in needed if c not in history.columns]
     if missing or history.empty:
@@ -446,8 +450,8 @@ def training_figure(history: pd.DataFrame, *, best_epoch: int | None = None, tit
                        label="weights averaged from here", gid="averaging")  # fmt: skip
     if best_epoch is not None:
         for ax in (loss_ax, auc_ax):
-            ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1.0, label=f"best epoch {best_epoch}",
-                       gid="best_epoch")  # fmt: skip
+            kept = f"last epoch {best_epoch} (kept)" if last_kept else f"best epoch {best_epoch}"
+            ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1.0, label=kept, gid="best_epoch")
     loss_ax.set_ylabel("loss")
     auc_ax.set_ylabel("validation AUC")
     auc_ax.set_xlabel("epoch")
@@ -705,6 +709,7 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
                                "reason": reason})  # fmt: skip
         return
     best = _best_epoch(folder.metadata)
+    last_kept = _last_kept(folder.metadata)
     head_only = "phase" in history.columns and bool((history["phase"] == "head").any())
     shading = "; shaded: epochs that trained the new head only (backbone frozen)" if head_only else ""
     validated = history["validated"] if "validated" in history.columns else pd.Series("", index=history.index)
@@ -717,9 +722,11 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
     elif (validated == "ema").any():
         package = "the package's weights: the moving average of the weights at its end"
         shading += "; validation scored the moving average of the weights (train.ema_decay)"
-    writer.add(f"training_{model}", lambda: training_figure(history, best_epoch=best, title=f"Training: {model}"),
+    kept = "the last epoch, kept without choosing on validation" if last_kept else "the best epoch"
+    writer.add(f"training_{model}",
+               lambda: training_figure(history, best_epoch=best, title=f"Training: {model}", last_kept=last_kept),
                f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
-               f"the best epoch ({package}){shading}.", "training", model, None)  # fmt: skip
+               f"{kept} ({package}){shading}.", "training", model, None)  # fmt: skip
 
 
 def _is_ensemble(metadata: Path) -> bool:
@@ -727,6 +734,15 @@ def _is_ensemble(metadata: Path) -> bool:
         return json.loads(metadata.read_text(encoding="utf-8")).get("kind") == "ensemble"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _last_kept(metadata: Path) -> bool:
+    """Whether the package kept its last epoch (`train.selection_metric: last`) rather than the best on validation."""
+    try:
+        meta = json.loads(metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and kept_last_epoch(meta)
 
 
 def _best_epoch(metadata: Path) -> int | None:

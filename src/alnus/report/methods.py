@@ -55,6 +55,12 @@ def _data(inputs: RunInputs) -> Block:
     )
 
 
+def _val_role(inputs: RunInputs) -> str:
+    """What the validation split chose: the threshold, and the epoch unless the last one is kept."""
+    last = inputs.config.get("train", {}).get("selection_metric") == "last"
+    return "threshold selection; the last epoch is kept" if last else "threshold and epoch selection"
+
+
 def _split(inputs: RunInputs) -> Block:
     data = inputs.config.get("data", {})
     duplicates = "checked (perceptual hash)" if data.get("check_duplicates", True) else "not checked"
@@ -67,7 +73,7 @@ def _split(inputs: RunInputs) -> Block:
             "Patient-level and label-stratified: all images of a patient are in one split, so no patient is both "
             "trained and tested on. External sites are only ever tested on. Of the development patients, "
             f"{pct(data.get('internal_test_frac', 0.1))} form the internal test; of the rest, "
-            f"{pct(data.get('val_frac', 0.1))} form the validation split (threshold and epoch selection); the others "
+            f"{pct(data.get('val_frac', 0.1))} form the validation split ({_val_role(inputs)}); the others "
             f"train. Random seed {data.get('seed', 0)}. Near-duplicate images across splits: {duplicates}.",
         ],
         items=[shareable_text(note, inputs.run) for note in inputs.data_stamp.get("notes", [])],
@@ -261,8 +267,12 @@ def _models(inputs: RunInputs) -> Block:
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
             + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
-            "trained in (`auto` picks by hardware and backbone), best epoch and validation AUC are listed below. "
-            "The epoch with the best validation AUC is kept"
+            "trained in (`auto` picks by hardware and backbone), kept epoch and validation AUC are listed below. "
+            + (
+                "The last epoch is kept, whatever its validation AUC (train.selection_metric last)"
+                if train.get("selection_metric") == "last"
+                else "The epoch with the best validation AUC is kept"
+            )
             + (
                 "; with weight averaging, the average at that epoch's end is what was validated and is kept (below)."
                 if train.get("swa_start") or train.get("ema_decay")

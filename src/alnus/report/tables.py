@@ -354,7 +354,7 @@ def _with_counts(r: Mapping[str, Any], metric: str) -> Cell:
     return Cell(f"{pct(mine)} vs {pct(theirs)}", counts, numeric=True)
 
 
-def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Table:
+def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any], *, last_epoch_kept: bool = False) -> Table:
     """Each reader with the model against the reader alone (`alnus.evaluate.reader_plus_ai`); the operating points
     are `reader_plus_ai_points`."""
     rows = []
@@ -374,10 +374,11 @@ def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any]) -> Ta
                "P (DeLong)", "sensitivity, with AI vs alone (McNemar)",
                "specificity, with AI vs alone (McNemar)"]  # fmt: skip
     caption = f"Each reader with {model} vs the reader alone on {split}, per {found.get('level', 'patient')}"
+    chose = "threshold" if last_epoch_kept else "threshold (and its training epoch)"
     note = (
         "Both combinations and their operating points are set on the validation cases, never the test cases; the "
-        "same validation cases also chose the model's threshold (and its training epoch), so they flatter the model "
-        "a little there. The reader alone calls " + found.get("reader_calls", "BI-RADS >= 4a") + " positive. P values "
+        f"same validation cases also chose the model's {chose}, so they flatter the model a little there. The "
+        "reader alone calls " + found.get("reader_calls", "BI-RADS >= 4a") + " positive. P values "
         "are not adjusted for the number of readers and combinations."
     )
     return Table(f"reader-plus-ai-{model}-{split}", caption, columns, rows, note, label_columns=2)
