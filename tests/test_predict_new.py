@@ -431,3 +431,5 @@ def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path) -
     # Two files named on the command line are told apart by their place.
     cli = collect_inputs([str(data / "export" / "a.png"), str(data / "export" / "a.png")])
     assert "input 2 (" in cli.attrs["notes"][0] and "repeats input 1 (" in cli.attrs["notes"][0]
+    # Without patient ids the repeat is not said to be "the same patient".
+    assert "(the same image and region, no id): left out" in cli.attrs["notes"][0]

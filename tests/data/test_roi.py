@@ -200,9 +200,17 @@ def test_mask_mode_prefers_mask_then_roi(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["box", "mask"])
 def test_row_lacking_what_its_mode_needs_is_an_error(tmp_path: Path, mode: str) -> None:
     _write_mask(tmp_path / "empty.png", SHAPE, None)
-    for row in ({"image": "x/lesion7.png"}, {"image": "x/lesion7.png", "roi": "", "mask": "empty.png"}):
-        with pytest.raises(AlnusError, match=r"image x/lesion7\.png: ROI mode .* needs an 'roi' box"):
-            roi_box(row, tmp_path, SHAPE, RoiPolicy(mode))  # type: ignore[arg-type]
+    with pytest.raises(AlnusError, match=r"image x/lesion7\.png: ROI mode .* needs a lesion box .* or --mask\)"):
+        roi_box({"image": "x/lesion7.png"}, tmp_path, SHAPE, RoiPolicy(mode))  # type: ignore[arg-type]
+    # An empty mask is named as such, not as a missing one.
+    row = {"image": "x/lesion7.png", "roi": "", "mask": "empty.png"}
+    with pytest.raises(AlnusError, match=r"image x/lesion7\.png: its lesion mask empty\.png is empty \(no lesion"):
+        roi_box(row, tmp_path, SHAPE, RoiPolicy(mode))  # type: ignore[arg-type]
+
+
+def test_a_missing_mask_is_named_as_the_mask(tmp_path: Path) -> None:
+    with pytest.raises(AlnusError, match=r"image a\.png: its lesion mask gone\.png was not found \(looked for .*gone"):
+        roi_box({"image": "a.png", "mask": "gone.png"}, tmp_path, SHAPE, RoiPolicy("mask"))
 
 
 def test_bad_roi_or_mask_names_the_image(tmp_path: Path) -> None:

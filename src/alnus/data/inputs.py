@@ -275,8 +275,9 @@ def _deduplicate(
                 kept.append(row)
                 continue
             study = f" (its study_id {row['study_id']!r} is not used)" if row["study_id"] != first["study_id"] else ""
-            notes.append(f"{where(i, row)} repeats {where(j, first)} (the same image, region and patient): left out, "
-                         f"the image is predicted once{study}")  # fmt: skip
+            same = "the same image, region and patient" if row["patient_id"] else "the same image and region, no id"
+            notes.append(f"{where(i, row)} repeats {where(j, first)} ({same}): left out, the image is predicted "
+                         f"once{study}")  # fmt: skip
             continue
         kept.append(row)
         earlier = first_of_image.setdefault(image, row)

@@ -245,7 +245,13 @@ def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pi
     if rel is None:
         return None
     image = row.get("image", "?")
-    mask = load_image(Path(root) / rel, max_pixels=max_pixels)
+    path = Path(root) / rel
+    if not path.exists():
+        raise RoiError(
+            f"image {image}: its lesion mask {rel} was not found (looked for {path}); check the mask's path (relative "
+            "to the manifest; on the command line, to the working folder)."
+        )
+    mask = load_image(path, max_pixels=max_pixels)
     if mask.shape != tuple(shape[:2]):
         raise RoiError(
             f"image {image}: mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
@@ -292,9 +298,12 @@ def lesion_box(
         box = source()
         if box is not None:
             return box
+    rel = mask_path(row)
+    empty = f"its lesion mask {rel} is empty (no lesion pixels), and it has no box; " if rel is not None else ""
     raise RoiError(
-        f"image {row.get('image', '?')}: ROI mode {policy.mode!r} needs an 'roi' box (x,y,w,h) or a "
-        "non-empty lesion mask ('mask' or 'mask_tumor' column); add one or use ROI mode 'whole'."
+        f"image {row.get('image', '?')}: {empty}ROI mode {policy.mode!r} needs a lesion box (the roi column or --roi "
+        "x,y,w,h) or a non-empty lesion mask (the mask or mask_tumor column, or --mask); add one, or train with "
+        "preprocess.roi: whole."
     )
 
 
