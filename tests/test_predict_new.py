@@ -433,3 +433,65 @@ def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path) -
     assert "input 2 (" in cli.attrs["notes"][0] and "repeats input 1 (" in cli.attrs["notes"][0]
     # Without patient ids the repeat is not said to be "the same patient".
     assert "(the same image and region, no id): left out" in cli.attrs["notes"][0]
+
+
+def test_out_never_overwrites_what_the_command_reads(data: Path, tmp_path: Path) -> None:
+    """--out naming the manifest, an input image, a mask or a file of the package is refused before anything is read,
+    and the file is left as it was."""
+    model = shutil.copytree(data / "model", tmp_path / "model")
+    image = shutil.copy(data / "export" / "a.png", tmp_path / "a.png")
+    mask = tmp_path / "m.png"
+    Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), ((20, 20), (28, 28)))).save(mask)
+    listed = tmp_path / "list.csv"
+    listed.write_text("image,mask\na.png,m.png\n")
+    before = {p: p.read_bytes() for p in (Path(image), mask, listed, model / "metadata.json")}
+    cases = [
+        ((image, "--out", image, "--format", "csv"), "is an image this command reads"),
+        ((image, "--mask", str(mask), "--out", str(mask), "--format", "csv"), "is a lesion mask this command reads"),
+        (("--manifest", str(listed), "--out", str(listed)), "is the manifest this command reads"),
+        (("--manifest", str(listed), "--out", str(tmp_path / "m.png"), "--format", "csv"), "is a lesion mask"),
+        ((image, "--out", str(model / "metadata.json"), "--format", "json"), "is inside the model package"),
+    ]
+    for args, message in cases:
+        with pytest.raises(AlnusError, match=message):
+            _predict(str(model), *map(str, args))
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path, tmp_path: Path) -> None:
+    """';' separates several paths in alnus's mask cells: a --mask or mask cell naming several is an error, not a
+    silent first pick; a column named twice or in another case is refused, not read as the last one or ignored;
+    per-image options with only --manifest say where those values go."""
+    shutil.copy(data / "export" / "a.png", tmp_path / "a.png")
+    several = collect_inputs([str(tmp_path / "a.png")], per_image={"mask": ["m.png;n.png"]})
+    assert "a lesion mask is one file, and ';' separates several" in several["error"].iloc[0]
+    (tmp_path / "two.csv").write_text("image,mask\na.png,m.png;n.png\n")
+    assert "the mask cell names several files" in collect_inputs(manifest=tmp_path / "two.csv")["error"].iloc[0]
+    # BrEaST's mask_tumor column lists several masks by design: its first is used, without an error.
+    (tmp_path / "tumor.csv").write_text("image,mask_tumor\na.png,m.png;n.png\n")
+    assert collect_inputs(manifest=tmp_path / "tumor.csv")["error"].iloc[0] == ""
+    (tmp_path / "dup.csv").write_text("image,mask,mask\na.png,m.png,n.png\n")
+    with pytest.raises(ManifestError, match="the column appears 2 times"):
+        collect_inputs(manifest=tmp_path / "dup.csv")
+    (tmp_path / "case.csv").write_text("image,Mask,ROI\na.png,m.png,1,1,4,4\n")
+    with pytest.raises(ManifestError, match="alnus reads the column 'mask', not 'Mask'"):
+        collect_inputs(manifest=tmp_path / "case.csv")
+    with pytest.raises(InputError, match="--mask apply to image files named on the command line"):
+        collect_inputs(manifest=tmp_path / "tumor.csv", per_image={"mask": ["m.png"]})
+
+
+def test_a_mask_that_cannot_be_read_is_named_as_the_mask(data: Path, tmp_path: Path) -> None:
+    from alnus.data.roi import RoiPolicy
+
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["preprocess"]["roi"] = RoiPolicy("mask", margin=0.1).to_dict()
+    (package / "metadata.json").write_text(json.dumps(meta))
+    shutil.copy(data / "export" / "a.png", tmp_path / "a.png")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "folder").mkdir()
+    table = collect_inputs([str(tmp_path / "a.png")] * 2, per_image={"mask": [str(tmp_path / "text.png"),
+                                                                              str(tmp_path / "folder")]})  # fmt: skip
+    errors = Predictor(package, device="cpu").predict_inputs(table)["error"].tolist()
+    assert f"its lesion mask {tmp_path / 'text.png'} cannot be used: " in errors[0] and "not a PNG" in errors[0]
+    assert f"its lesion mask {tmp_path / 'folder'} cannot be used: " in errors[1]

@@ -11,7 +11,7 @@ import shutil
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 from alnus import __version__
 from alnus._text import escape, printable
 from alnus.errors import AlnusError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(
     name="alnus",
@@ -790,6 +793,20 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
         raise AlnusError(f"--heatmaps {heatmaps} is a file, not a folder; name a folder (it is created if missing).")
 
 
+def _refuse_out_over_inputs(out: Path, package: Path, manifest: Path | None, table: pd.DataFrame) -> None:
+    """--out must not be a file the command reads (the manifest, an image, a mask) nor lie in the package: writing the
+    predictions there would destroy it. Checked before any image is read."""
+    target = os.path.realpath(out)
+    if os.path.realpath(package) in (target, *map(str, Path(target).parents)):
+        raise AlnusError(f"--out {out} is inside the model package {package}; write the predictions elsewhere.")
+    read = [("the manifest", str(manifest))] if manifest is not None else []
+    read += [("an image", p) for p in table["path"] if p] + [("a lesion mask", m) for m in table["mask"] if m]
+    hit = next(((what, name) for what, name in read if os.path.realpath(name) == target), None)
+    if hit is not None:
+        raise AlnusError(f"--out {out} is {hit[0]} this command reads ({hit[1]}); writing there would destroy it: "
+                         "name another file.")  # fmt: skip
+
+
 def _output_format(fmt: str | None, out: Path | None) -> str:
     """--format, else from --out's suffix, else a table on a terminal and CSV when stdout is piped."""
     if fmt is not None:
@@ -1067,6 +1084,8 @@ def predict(
 
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns,
                            reading_key=birads_key)  # fmt: skip
+    if out is not None:
+        _refuse_out_over_inputs(out, package, manifest, table)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(

@@ -552,7 +552,8 @@ class Predictor:
         if cropping is not None and not row.get("roi") and not row.get("mask"):
             raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
         image = load_image(row["path"], frame=parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
-        cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", "")}
+        cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", ""),
+                 "mask_name": row.get("mask_name", "")}  # fmt: skip
         boxed, warning = self._boxed_rows(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
         return self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels, boxed=boxed), warning
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from alnus._io import FILE_NOT_FOUND, file_problem
+from alnus._io import FILE_NOT_FOUND, file_problem, split_paths
 from alnus.data.images import is_dicom, parse_frame
 from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
 from alnus.data.roi import RoiError, mask_path, parse_box
@@ -129,6 +130,7 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
     """
     records = _read_records(manifest)
     header = [name.strip() for name in records[0]]
+    _check_header(manifest, header)
     if "image" not in header:
         found = ", ".join(repr(name) for name in header)
         separator = delimiter_problem(header)
@@ -160,11 +162,15 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         extra["birads"] = _cell(values, reading_column) if reading_column else ""
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
+        several = len(split_paths(_cell(values, "mask"))) > 1
         extra["mask_name"] = extra["mask"]
         if extra["mask"]:
             extra["mask"] = os.path.abspath(root / extra["mask"])
         error = ""
-        if len(cells) > len(header) and any(cells[len(header) :]):
+        if several:
+            error = ("the mask cell names several files (separated by ';'); give one lesion mask per row (list the "
+                     "image again, in another row, for another lesion)")  # fmt: skip
+        elif len(cells) > len(header) and any(cells[len(header) :]):
             error = f"{len(cells)} cells but the header has {len(header)} columns; quote cells that contain commas"
         elif not image:
             error = "the image cell is empty; give the image's path (relative to the manifest)"
@@ -173,6 +179,32 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         path = root / image if image else root
         rows.append(_row(image, path, where, f"{where}: {error}" if error else "", **extra))
     return rows
+
+
+# Every column a prediction manifest is read for (others are carried along unread).
+_READ_COLUMNS = ("image", *MANIFEST_COLUMNS, "mask_tumor", *BIRADS_COLUMNS)
+
+
+def _check_header(manifest: Path, header: list[str]) -> None:
+    """Refuse a header that names a column twice (which cell is meant?) or that spells a column alnus reads in
+    another case or width (`Mask`, `ROI`), which would otherwise be ignored without a word."""
+
+    def plain(name: str) -> str:
+        return unicodedata.normalize("NFKC", name).casefold().replace(" ", "_")
+
+    problems = [
+        Problem(None, name, f"the column appears {header.count(name)} times; keep one")
+        for name in dict.fromkeys(header)
+        if name and header.count(name) > 1
+    ]
+    known = {plain(name): name for name in _READ_COLUMNS}
+    problems += [
+        Problem(None, name, f"alnus reads the column {known[plain(name)]!r}, not {name!r}; rename it")
+        for name in dict.fromkeys(header)
+        if name not in _READ_COLUMNS and plain(name) in known and known[plain(name)] not in header
+    ]
+    if problems:
+        raise ManifestError(manifest, problems)
 
 
 def _cell_problem(cells: Mapping[str, str]) -> str:
@@ -204,6 +236,9 @@ def _apply_per_image(rows: list[dict[str, str]], per_image: Mapping[str, Sequenc
             )
         for row, value in zip(rows, values, strict=True):
             text = str(value).strip()
+            if column == "mask" and ";" in text and not row["error"]:
+                row["error"] = (f"{row['image']}: --mask {text}: a lesion mask is one file, and ';' separates several "
+                                "in alnus; give one mask per image (rename a file whose name holds ';').")  # fmt: skip
             row[column] = os.path.abspath(text) if column == "mask" and text else text
             if column == "mask":
                 row["mask_name"] = text
@@ -341,6 +376,12 @@ def collect_inputs(
         else:
             rows.append(_file_row(arg, path))
     if per_image and any(per_image.values()):
+        if not paths:
+            given = ", ".join("--" + c.replace("_", "-") for c, v in per_image.items() if v)
+            raise InputError(
+                f"{given} apply to image files named on the command line, one value per file; with --manifest, put "
+                "them in its columns (roi, mask, patient_id, birads) instead."
+            )
         if folders:
             raise InputError(
                 "per-image values (--roi, --mask, --patient-id, --birads) need image files, not folders "

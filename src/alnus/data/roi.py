@@ -246,12 +246,17 @@ def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pi
         return None
     image = row.get("image", "?")
     path = Path(root) / rel
+    shown = str(row.get("mask_name", "") or "").strip() or rel  # as the user wrote it, where the row says
     if not path.exists():
+        looked = "" if shown == str(path) else f" (looked for {path})"
         raise RoiError(
-            f"image {image}: its lesion mask {rel} was not found (looked for {path}); check the mask's path (relative "
-            "to the manifest; on the command line, to the working folder)."
+            f"image {image}: its lesion mask {shown} was not found{looked}; check the mask's path (relative to the "
+            "manifest; on the command line, to the working folder)."
         )
-    mask = load_image(path, max_pixels=max_pixels)
+    try:
+        mask = load_image(path, max_pixels=max_pixels)
+    except AlnusError as exc:
+        raise RoiError(f"image {image}: its lesion mask {shown} cannot be used: {exc}") from None
     if mask.shape != tuple(shape[:2]):
         raise RoiError(
             f"image {image}: mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
@@ -299,11 +304,11 @@ def lesion_box(
         if box is not None:
             return box
     rel = mask_path(row)
-    empty = f"its lesion mask {rel} is empty (no lesion pixels), and it has no box; " if rel is not None else ""
+    shown = str(row.get("mask_name", "") or "").strip() or rel
+    empty = f"its lesion mask {shown} is empty (no lesion pixels), and it has no box; " if rel is not None else ""
     raise RoiError(
         f"image {row.get('image', '?')}: {empty}ROI mode {policy.mode!r} needs a lesion box (the roi column or --roi "
-        "x,y,w,h) or a non-empty lesion mask (the mask or mask_tumor column, or --mask); add one, or train with "
-        "preprocess.roi: whole."
+        "x,y,w,h) or a non-empty lesion mask (the mask or mask_tumor column, or --mask); add one."
     )
 
 
