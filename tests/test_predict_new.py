@@ -476,6 +476,10 @@ def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path,
     (tmp_path / "case.csv").write_text("image,Mask,ROI\na.png,m.png,1,1,4,4\n")
     with pytest.raises(ManifestError, match="alnus reads the column 'mask', not 'Mask'"):
         collect_inputs(manifest=tmp_path / "case.csv")
+    # A dataset's own BIRADS column is kept unread, whether or not the importer's reader_birads is there.
+    for header in ("image,BIRADS,reader_birads\na.png,4,4a\n", "image,BIRADS\na.png,4\n"):
+        (tmp_path / "birads.csv").write_text(header)
+        assert collect_inputs(manifest=tmp_path / "birads.csv")["error"].iloc[0] == ""
     with pytest.raises(InputError, match="--mask apply to image files named on the command line"):
         collect_inputs(manifest=tmp_path / "tumor.csv", per_image={"mask": ["m.png"]})
 

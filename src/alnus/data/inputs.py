@@ -181,10 +181,6 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
     return rows
 
 
-# Every column a prediction manifest is read for (others are carried along unread).
-_READ_COLUMNS = ("image", *MANIFEST_COLUMNS, "mask_tumor", *BIRADS_COLUMNS)
-
-
 def _check_header(manifest: Path, header: list[str]) -> None:
     """Refuse a header that names a column twice (which cell is meant?) or that spells a column alnus reads in
     another case or width (`Mask`, `ROI`), which would otherwise be ignored without a word."""
@@ -197,11 +193,16 @@ def _check_header(manifest: Path, header: list[str]) -> None:
         for name in dict.fromkeys(header)
         if name and header.count(name) > 1
     ]
-    known = {plain(name): name for name in _READ_COLUMNS}
+    # A near miss of a column that decides what is predicted, or for whom, is refused; a near miss of the BI-RADS
+    # column is not (a package without a reader rule never reads it, and an importer's manifest keeps its dataset's
+    # own `BIRADS` beside the `reader_birads` it made). `mask_tumor` stands in for `mask`.
+    known = {plain(name): name for name in ("image", "roi", "mask", "mask_tumor", "patient_id", "study_id", "site",
+                                            "frame")}  # fmt: skip
+    present = set(header) | ({"mask"} if "mask_tumor" in header else set())
     problems += [
         Problem(None, name, f"alnus reads the column {known[plain(name)]!r}, not {name!r}; rename it")
         for name in dict.fromkeys(header)
-        if name not in _READ_COLUMNS and plain(name) in known and known[plain(name)] not in header
+        if name not in known.values() and plain(name) in known and known[plain(name)] not in present
     ]
     if problems:
         raise ManifestError(manifest, problems)
