@@ -450,7 +450,7 @@ def test_out_never_overwrites_what_the_command_reads(data: Path, tmp_path: Path)
         ((image, "--mask", str(mask), "--out", str(mask), "--format", "csv"), "is a lesion mask this command reads"),
         (("--manifest", str(listed), "--out", str(listed)), "is the manifest this command reads"),
         (("--manifest", str(listed), "--out", str(tmp_path / "m.png"), "--format", "csv"), "is a lesion mask"),
-        ((image, "--out", str(model / "metadata.json"), "--format", "json"), "is inside the model package"),
+        ((image, "--out", str(model / "metadata.json"), "--format", "json"), "is a file of the model package"),
     ]
     for args, message in cases:
         with pytest.raises(AlnusError, match=message):
@@ -466,7 +466,7 @@ def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path,
     several = collect_inputs([str(tmp_path / "a.png")], per_image={"mask": ["m.png;n.png"]})
     assert "a lesion mask is one file, and ';' separates several" in several["error"].iloc[0]
     (tmp_path / "two.csv").write_text("image,mask\na.png,m.png;n.png\n")
-    assert "the mask cell names several files" in collect_inputs(manifest=tmp_path / "two.csv")["error"].iloc[0]
+    assert "the mask cell holds ';'" in collect_inputs(manifest=tmp_path / "two.csv")["error"].iloc[0]
     # BrEaST's mask_tumor column lists several masks by design: its first is used, without an error.
     (tmp_path / "tumor.csv").write_text("image,mask_tumor\na.png,m.png;n.png\n")
     assert collect_inputs(manifest=tmp_path / "tumor.csv")["error"].iloc[0] == ""
@@ -480,7 +480,7 @@ def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path,
     for header in ("image,BIRADS,reader_birads\na.png,4,4a\n", "image,BIRADS\na.png,4\n"):
         (tmp_path / "birads.csv").write_text(header)
         assert collect_inputs(manifest=tmp_path / "birads.csv")["error"].iloc[0] == ""
-    with pytest.raises(InputError, match="--mask apply to image files named on the command line"):
+    with pytest.raises(InputError, match="--mask applies to image files named on the command line"):
         collect_inputs(manifest=tmp_path / "tumor.csv", per_image={"mask": ["m.png"]})
 
 
@@ -499,3 +499,54 @@ def test_a_mask_that_cannot_be_read_is_named_as_the_mask(data: Path, tmp_path: P
     errors = Predictor(package, device="cpu").predict_inputs(table)["error"].tolist()
     assert f"its lesion mask {tmp_path / 'text.png'} cannot be used: " in errors[0] and "not a PNG" in errors[0]
     assert f"its lesion mask {tmp_path / 'folder'} cannot be used: " in errors[1]
+
+
+def test_heat_maps_never_land_on_what_the_command_reads(data: Path, tmp_path: Path) -> None:
+    """--heatmaps in the package, in a folder holding an input, equal to --out or under a file is refused before any
+    image is read; --out in the heat-map folder and a package file reached through a link are refused too."""
+    model = shutil.copytree(data / "model", tmp_path / "model")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = shutil.copy(data / "export" / "a.png", inputs / "0001_a.png")
+    (tmp_path / "ext").mkdir()
+    linked = shutil.copytree(model, tmp_path / "linked")
+    (linked / "weights.safetensors").unlink()
+    shutil.copy(model / "weights.safetensors", tmp_path / "ext" / "w.safetensors")
+    (linked / "weights.safetensors").symlink_to(tmp_path / "ext" / "w.safetensors")
+    (tmp_path / "maps").mkdir()
+    before = {p: p.read_bytes() for p in (Path(image), tmp_path / "ext" / "w.safetensors")}
+    cases = [
+        ((str(model), image, "--heatmaps", str(inputs), "--out", str(tmp_path / "p.csv")), "holds an image"),
+        ((str(model), image, "--heatmaps", str(model / "maps"), "--out", str(tmp_path / "p.csv")), "model package"),
+        ((str(model), image, "--heatmaps", str(tmp_path / "same"), "--out", str(tmp_path / "same"), "--format", "csv"),
+         "are both"),
+        ((str(model), image, "--heatmaps", str(tmp_path / "maps"), "--out", str(tmp_path / "maps" / "p.csv")),
+         "lies in the --heatmaps folder"),
+        ((str(model), image, "--heatmaps", str(Path(image) / "sub")), "is a file, not a folder"),
+        ((str(linked), image, "--out", str(tmp_path / "ext" / "w.safetensors"), "--format", "csv"),
+         "is a file of the model package"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(AlnusError, match=message):
+            _predict(*map(str, args))
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "same").exists() and not (model / "maps").exists()
+
+
+def test_an_error_row_neither_stands_for_nor_hides_behind_another_row(data: Path, tmp_path: Path) -> None:
+    shutil.copy(data / "export" / "a.png", tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text('image,roi\na.png,"1,1,9,9",junk\na.png,"1,1,9,9"\na.png,"1,1,9,9";\n')
+    table = collect_inputs(manifest=tmp_path / "m.csv")
+    assert len(table) == 3 and table["error"].iloc[0] != "" and table["error"].iloc[1] == ""
+    (tmp_path / "k.csv").write_text("image,mask\na.png,m.png\na.png,m.png;n.png\na.png,m.png;\n")
+    table = collect_inputs(manifest=tmp_path / "k.csv")
+    errors = table["error"].tolist()
+    assert errors[0] == "" and all("the mask cell holds ';'" in e for e in errors[1:])
+    assert table["mask_name"].tolist()[1:] == ["m.png;n.png", "m.png;"]  # shown as written
+
+
+@pytest.mark.parametrize("name", ["patient-id", "PatientID", "roi\u200b", "Patient_ID", "ＲＯＩ"])
+def test_a_column_spelt_another_way_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / "m.csv").write_text(f"image,{name}\na.png,x\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="alnus reads the column"):
+        collect_inputs(manifest=tmp_path / "m.csv")

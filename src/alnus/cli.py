@@ -789,22 +789,57 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
             raise AlnusError(f"--out {out} is not a regular file (a folder, device, FIFO or link); name a file.")
         if not out.parent.is_dir():
             raise AlnusError(f"--out {out}: the folder {out.parent} does not exist; create it or name another.")
-    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
-        raise AlnusError(f"--heatmaps {heatmaps} is a file, not a folder; name a folder (it is created if missing).")
+    if heatmaps is not None:
+        if heatmaps.exists() and not heatmaps.is_dir():
+            raise AlnusError(
+                f"--heatmaps {heatmaps} is a file, not a folder; name a folder (it is created if missing)."
+            )
+        blocking = next((a for a in heatmaps.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise AlnusError(f"--heatmaps {heatmaps}: {blocking} is a file, not a folder; name a folder in a folder.")
+        if out is not None and os.path.realpath(out) == os.path.realpath(heatmaps):
+            raise AlnusError(
+                f"--out and --heatmaps are both {out}; the predictions need a file, the heat maps a folder."
+            )
 
 
-def _refuse_out_over_inputs(out: Path, package: Path, manifest: Path | None, table: pd.DataFrame) -> None:
-    """--out must not be a file the command reads (the manifest, an image, a mask) nor lie in the package: writing the
-    predictions there would destroy it. Checked before any image is read."""
-    target = os.path.realpath(out)
-    if os.path.realpath(package) in (target, *map(str, Path(target).parents)):
-        raise AlnusError(f"--out {out} is inside the model package {package}; write the predictions elsewhere.")
+def _refuse_targets_over_inputs(
+    out: Path | None, heatmaps: Path | None, package: Path, manifest: Path | None, table: pd.DataFrame
+) -> None:
+    """What predict writes must not destroy what it reads. --out must not be the manifest, an input image or mask, nor
+    a file of the package (its files followed through links) or lie in it; --heatmaps must be a folder of its own:
+    not in the package, holding none of the files read and not --out. Checked before any image is read."""
+    root = os.path.realpath(package)
+    package_files = {root}
+    for top, _, files in os.walk(root, followlinks=False):
+        package_files.update(os.path.realpath(os.path.join(top, name)) for name in files)
     read = [("the manifest", str(manifest))] if manifest is not None else []
     read += [("an image", p) for p in table["path"] if p] + [("a lesion mask", m) for m in table["mask"] if m]
-    hit = next(((what, name) for what, name in read if os.path.realpath(name) == target), None)
-    if hit is not None:
-        raise AlnusError(f"--out {out} is {hit[0]} this command reads ({hit[1]}); writing there would destroy it: "
-                         "name another file.")  # fmt: skip
+    read_real = [(what, name, os.path.realpath(name)) for what, name in read]
+
+    def within(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+    if out is not None:
+        target = os.path.realpath(out)
+        if within(target, root) or target in package_files:
+            raise AlnusError(f"--out {out} is a file of the model package {package}; write the predictions elsewhere.")
+        hit = next(((what, name) for what, name, real in read_real if real == target), None)
+        if hit is not None:
+            raise AlnusError(f"--out {out} is {hit[0]} this command reads ({hit[1]}); writing there would destroy it: "
+                             "name another file.")  # fmt: skip
+    if heatmaps is not None:
+        folder = os.path.realpath(heatmaps)
+        if within(folder, root) or any(within(f, folder) for f in package_files):
+            raise AlnusError(f"--heatmaps {heatmaps} holds or lies in the model package {package}; name a folder of "
+                             "its own for the heat maps.")  # fmt: skip
+        hit = next(((what, name) for what, name, real in read_real if within(real, folder)), None)
+        if hit is not None:
+            raise AlnusError(f"--heatmaps {heatmaps} holds {hit[0]} this command reads ({hit[1]}), which a heat map "
+                             "could replace; name a folder of its own for the heat maps.")  # fmt: skip
+        if out is not None and within(os.path.realpath(out), folder):
+            raise AlnusError(f"--out {out} lies in the --heatmaps folder {heatmaps}, where a heat map could replace "
+                             "it; write the predictions elsewhere.")  # fmt: skip
 
 
 def _output_format(fmt: str | None, out: Path | None) -> str:
@@ -1084,8 +1119,7 @@ def predict(
 
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns,
                            reading_key=birads_key)  # fmt: skip
-    if out is not None:
-        _refuse_out_over_inputs(out, package, manifest, table)
+    _refuse_targets_over_inputs(out, heatmaps, package, manifest, table)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from alnus._io import FILE_NOT_FOUND, file_problem, split_paths
+from alnus._io import FILE_NOT_FOUND, file_problem
 from alnus.data.images import is_dicom, parse_frame
 from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
 from alnus.data.roi import RoiError, mask_path, parse_box
@@ -162,14 +162,14 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         extra["birads"] = _cell(values, reading_column) if reading_column else ""
         # BrEaST's own manifests name the lesion mask in `mask_tumor` (one or more paths): its first, as in training.
         extra["mask"] = mask_path({"mask": extra["mask"], "mask_tumor": _cell(values, "mask_tumor")}) or ""
-        several = len(split_paths(_cell(values, "mask"))) > 1
-        extra["mask_name"] = extra["mask"]
+        several = ";" in _cell(values, "mask")
+        extra["mask_name"] = _cell(values, "mask") if several else extra["mask"]
         if extra["mask"]:
             extra["mask"] = os.path.abspath(root / extra["mask"])
         error = ""
         if several:
-            error = ("the mask cell names several files (separated by ';'); give one lesion mask per row (list the "
-                     "image again, in another row, for another lesion)")  # fmt: skip
+            error = ("the mask cell holds ';', which separates several files in alnus; give one lesion mask per row "
+                     "(list the image again, in another row, for another lesion)")  # fmt: skip
         elif len(cells) > len(header) and any(cells[len(header) :]):
             error = f"{len(cells)} cells but the header has {len(header)} columns; quote cells that contain commas"
         elif not image:
@@ -186,7 +186,8 @@ def _check_header(manifest: Path, header: list[str]) -> None:
     another case or width (`Mask`, `ROI`), which would otherwise be ignored without a word."""
 
     def plain(name: str) -> str:
-        return unicodedata.normalize("NFKC", name).casefold().replace(" ", "_")
+        # Case, width, separators (`patient-id`, `PatientID`) and invisible characters do not tell columns apart.
+        return "".join(c for c in unicodedata.normalize("NFKC", name).casefold() if c.isalnum())
 
     problems = [
         Problem(None, name, f"the column appears {header.count(name)} times; keep one")
@@ -299,6 +300,10 @@ def _deduplicate(
         return row["source"] if row["source"] != row["image"] else f"input {i + 1} ({row['image']})"
 
     for i, row in enumerate(rows):
+        if row["error"]:
+            # An error row is reported as it is: it neither stands for a later valid row nor is hidden behind one.
+            kept.append(row)
+            continue
         image = (os.path.realpath(row["path"]), row["frame"], _region_key(row["roi"]), row["mask"])
         j, first = first_of.setdefault((*image, row["patient_id"], row["site"]), (i, row))
         if first is not row:
@@ -378,10 +383,11 @@ def collect_inputs(
             rows.append(_file_row(arg, path))
     if per_image and any(per_image.values()):
         if not paths:
-            given = ", ".join("--" + c.replace("_", "-") for c, v in per_image.items() if v)
+            given = ["--" + c.replace("_", "-") for c, v in per_image.items() if v]
+            verb = "applies" if len(given) == 1 else "apply"
             raise InputError(
-                f"{given} apply to image files named on the command line, one value per file; with --manifest, put "
-                "them in its columns (roi, mask, patient_id, birads) instead."
+                f"{', '.join(given)} {verb} to image files named on the command line, one value per file; with "
+                "--manifest, put the values in its columns (roi, mask, patient_id, birads) instead."
             )
         if folders:
             raise InputError(

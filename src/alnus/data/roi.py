@@ -259,7 +259,7 @@ def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pi
         raise RoiError(f"image {image}: its lesion mask {shown} cannot be used: {exc}") from None
     if mask.shape != tuple(shape[:2]):
         raise RoiError(
-            f"image {image}: mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+            f"image {image}: mask {shown} is {mask.shape[1]}x{mask.shape[0]} but the image is "
             f"{shape[1]}x{shape[0]}; the mask must be drawn on the decoded image."
         )
     return box_from_mask(mask)
