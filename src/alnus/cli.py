@@ -808,7 +808,8 @@ def _refuse_targets_over_inputs(
 ) -> None:
     """What predict writes must not destroy what it reads. --out must not be the manifest, an input image or mask, nor
     a file of the package (its files followed through links) or lie in it; --heatmaps must be a folder of its own:
-    not in the package, holding none of the files read and not --out. Checked before any image is read."""
+    not in the package, holding none of the files read (nor a package file) directly, and not --out. Checked before
+    any image is read."""
     root = os.path.realpath(package)
     package_files = {root}
     for top, _, files in os.walk(root, followlinks=False):
@@ -829,11 +830,12 @@ def _refuse_targets_over_inputs(
             raise AlnusError(f"--out {out} is {hit[0]} this command reads ({hit[1]}); writing there would destroy it: "
                              "name another file.")  # fmt: skip
     if heatmaps is not None:
+        # Heat maps are written straight into the folder (NNNN_<name>.png): a file there could be replaced.
         folder = os.path.realpath(heatmaps)
-        if within(folder, root) or any(within(f, folder) for f in package_files):
+        if within(folder, root) or any(os.path.dirname(f) == folder for f in package_files):
             raise AlnusError(f"--heatmaps {heatmaps} holds or lies in the model package {package}; name a folder of "
                              "its own for the heat maps.")  # fmt: skip
-        hit = next(((what, name) for what, name, real in read_real if within(real, folder)), None)
+        hit = next(((what, name) for what, name, real in read_real if os.path.dirname(real) == folder), None)
         if hit is not None:
             raise AlnusError(f"--heatmaps {heatmaps} holds {hit[0]} this command reads ({hit[1]}), which a heat map "
                              "could replace; name a folder of its own for the heat maps.")  # fmt: skip
@@ -1119,8 +1121,8 @@ def predict(
 
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns,
                            reading_key=birads_key)  # fmt: skip
-    _refuse_targets_over_inputs(out, heatmaps, package, manifest, table)
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
+    _refuse_targets_over_inputs(out, heatmaps, package, manifest, table)  # a package checked, before any image
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(
             f"{package} carries no reader rule{_removed_when(predictor.metadata)}, so --birads would not be used; set "

@@ -182,8 +182,9 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
 
 
 def _check_header(manifest: Path, header: list[str]) -> None:
-    """Refuse a header that names a column twice (which cell is meant?) or that spells a column alnus reads in
-    another case or width (`Mask`, `ROI`), which would otherwise be ignored without a word."""
+    """Refuse a header that names a column twice (which cell is meant?) or that spells a column deciding what is
+    predicted or for whom in another case, width or separator (`Mask`, `ROI`, `patient-id`), which would otherwise be
+    ignored without a word."""
 
     def plain(name: str) -> str:
         # Case, width, separators (`patient-id`, `PatientID`) and invisible characters do not tell columns apart.
@@ -288,7 +289,8 @@ def _deduplicate(
     patient (and site): it is read once, since counting it twice would weigh it twice in the patient's call. Listed
     again with another BI-RADS reading (`reading_key` says which cells are one category), the row becomes an error
     (which reading holds is the user's to say). The same image and region listed for another patient is predicted
-    for each, since each patient's call needs it, and said: it is usually a mistake in the IDs.
+    for each, since each patient's call needs it, and said: it is usually a mistake in the IDs. A row that already
+    failed is kept as it is and compared with none.
     """
     kept: list[dict[str, str]] = []
     first_of: dict[tuple[str, ...], tuple[int, dict[str, str]]] = {}
