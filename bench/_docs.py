@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from alnus._io import atomic_write_text
@@ -19,3 +20,11 @@ def write_section(path: Path, name: str, section: str, *, title: str = "# Perfor
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(path, text)
+
+
+def publish(record: Path, result: dict, docs: Path, name: str, section: str) -> None:
+    """A bench's measurement: its record as JSON at `record`, its section `name` in the docs page `docs` (Results),
+    and the section on stdout."""
+    atomic_write_text(record, json.dumps(result, indent=2, default=float) + "\n")
+    write_section(docs, name, section, title="# Results")
+    print(section)

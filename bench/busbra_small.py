@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _docs import write_section  # bench/ is on sys.path when a script here runs
+from _docs import publish  # bench/ is on sys.path when a script here runs
 from public_study import REPO, _cpu, public_manifest
 from site_cv import MODEL, WALL_FILE, train_arm
 
@@ -231,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result = compute(draws, splits)
     text = section(result, time.perf_counter() - started)
-    from alnus._io import atomic_write_text
-
-    atomic_write_text(paths()["record"], json.dumps(result, indent=2, default=float) + "\n")
-    write_section(REPO / "docs" / "results.md", "busbra-small", text, title="# Results")
-    print(text)
+    publish(paths()["record"], result, REPO / "docs" / "results.md", "busbra-small", text)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _docs import write_section  # bench/ is on sys.path when a script here runs
+from _docs import publish  # bench/ is on sys.path when a script here runs
 from public_study import REPO, _cpu, public_manifest
 
 TARGET = 0.95
@@ -182,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = compute(patient_scores(public_splits()), read_metadata(package()))
     text = section(result, time.perf_counter() - started)
-    from alnus._io import atomic_write_text
-
-    atomic_write_text(REPO / "docs" / "sens95.json", json.dumps(result, indent=2) + "\n")
-    write_section(REPO / "docs" / "results.md", "sens95", text, title="# Results")
-    print(text)
+    publish(REPO / "docs" / "sens95.json", result, REPO / "docs" / "results.md", "sens95", text)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _docs import write_section  # bench/ is on sys.path when a script here runs
+from _docs import publish  # bench/ is on sys.path when a script here runs
 from public_study import REPO, _cpu, public_manifest
 
 FOLDS = 5
@@ -360,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result = compute(folds)
     text = section(result, time.perf_counter() - started)
-    from alnus._io import atomic_write_text
-
-    atomic_write_text(paths()["record"], json.dumps(result, indent=2, default=float) + "\n")
-    write_section(REPO / "docs" / "results.md", "site-cv", text, title="# Results")
-    print(text)
+    publish(paths()["record"], result, REPO / "docs" / "results.md", "site-cv", text)
     return 0
 
 

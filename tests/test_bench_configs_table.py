@@ -413,24 +413,38 @@ def test_a_lock_path_that_cannot_be_a_lock_is_named_not_a_traceback(
         assert (tmp_path / "elsewhere").read_text() == "keep me"
 
 
-def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(public_configs, monkeypatch, tmp_path):
-    """Protocol item 28's record is cited when its reference arm was the shipped package (same weights), not after
-    another model was shipped."""
+def _shipped_glance(monkeypatch, tmp_path):
+    """public_final reading docs/ under tmp_path, with a shipped package whose weights hash is "abc"."""
     import public_final
 
     monkeypatch.setattr(public_final, "REPO", tmp_path)
     monkeypatch.setattr(public_final, "SHIPPED", tmp_path / "models" / "shipped")
     (tmp_path / "models" / "shipped").mkdir(parents=True)
     (tmp_path / "models" / "shipped" / "metadata.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    return public_final
+
+
+def _glance_inputs() -> tuple[pd.DataFrame, pd.Series, dict]:
+    """The candidates, the chosen model and its metrics, as glance_section takes them."""
+    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
+    metrics = {"models": {"m": {"splits": {"external_test": {"patient": patient},
+                                           "internal_test": {"patient": patient}}}}}  # fmt: skip
+    return (
+        pd.DataFrame({"name": ["aux_birads"], "val AUC": [0.959]}),
+        pd.Series({"name": "aux_birads", "model": "m"}),
+        metrics,
+    )
+
+
+def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(public_configs, monkeypatch, tmp_path):
+    """Protocol item 28's record is cited when its reference arm was the shipped package (same weights), not after
+    another model was shipped."""
+    public_final = _shipped_glance(monkeypatch, tmp_path)
     means = {"transfer": 0.854, "head_refit": 0.85, "transfer_tuned": 0.852, "site_only": 0.779}
     record = {"folds": 5, "models": [{"model": m, "fold_auc_mean": v} for m, v in means.items()],
               "radiologists": {"fold_auc_mean": 0.93}, "package_weights_sha256": "abc"}  # fmt: skip
     (tmp_path / "docs" / "site_cv.json").write_text(json.dumps(record))
-    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
-    metrics = {"models": {"m": {"splits": {"external_test": {"patient": patient},
-                                           "internal_test": {"patient": patient}}}}}  # fmt: skip
-    candidates = pd.DataFrame({"name": ["aux_birads"], "val AUC": [0.959]})
-    chosen = pd.Series({"name": "aux_birads", "model": "m"})
+    candidates, chosen, metrics = _glance_inputs()
     text = public_final.glance_section(candidates, chosen, metrics, None)
     assert ("mean fold AUC 0.854 for the shipped model, 0.850 with its head refitted, 0.852 fine-tuned, 0.779 trained "
             "on BrEaST alone; the radiologists 0.930 on the same folds") in text  # fmt: skip
@@ -459,22 +473,13 @@ def test_the_glance_cites_the_within_site_diagnostic_only_for_the_shipped_model(
 def test_the_glance_cites_the_sensitivity_aimed_operating_point_of_the_shipped_model(public_configs, monkeypatch,
                                                                                      tmp_path):  # fmt: skip
     """Protocol item 30's record, when measured on the shipped weights, with the rule it was read by."""
-    import public_final
-
-    monkeypatch.setattr(public_final, "REPO", tmp_path)
-    monkeypatch.setattr(public_final, "SHIPPED", tmp_path / "models" / "shipped")
-    (tmp_path / "models" / "shipped").mkdir(parents=True)
-    (tmp_path / "models" / "shipped" / "metadata.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    public_final = _shipped_glance(monkeypatch, tmp_path)
     ext = {"sensitivity": {"estimate": 0.98}, "specificity": {"estimate": 0.468},
            "specificity_vs_radiologists": {"p": 0.5966}}  # fmt: skip
     record = {"target": 0.95, "rules": {"sens95": {"external_test": ext}}, "goal_met": False,
               "radiologists": {"specificity": {"estimate": 0.435}}, "package_weights_sha256": "abc"}  # fmt: skip
     (tmp_path / "docs" / "sens95.json").write_text(json.dumps(record))
-    patient = {"n_patients": 252, "auc": _est(0.855), "sensitivity": _est(0.837), "specificity": _est(0.675)}
-    metrics = {"models": {"m": {"splits": {"external_test": {"patient": patient},
-                                           "internal_test": {"patient": patient}}}}}  # fmt: skip
-    candidates = pd.DataFrame({"name": ["aux_birads"], "val AUC": [0.959]})
-    chosen = pd.Series({"name": "aux_birads", "model": "m"})
+    candidates, chosen, metrics = _glance_inputs()
     text = public_final.glance_section(candidates, chosen, metrics, None)
     expected = ("frozen on validation for 95% sensitivity, external sensitivity 98.0% and specificity 46.8% vs the "
                 "radiologists' 43.5% (McNemar P 0.5966): the second goal is **not met** this way either.")  # fmt: skip
