@@ -40,9 +40,10 @@ def patient_scores(splits: pd.DataFrame) -> dict[str, pd.DataFrame]:
     from alnus.data.dataset import ImageCache
     from alnus.evaluate import aggregate_predictions
     from alnus.predict import Predictor
+    from alnus.runfolder import RunFolder
 
     predictor = Predictor(package(), device="cpu", precision="fp32", engine="torch")
-    cache = ImageCache(REPO / "runs" / "site_cv" / "cache")
+    cache = ImageCache(RunFolder(REPO / "runs" / "public").cache)  # the public study's decoded images
     out = {}
     for split in SPLITS:
         rows = splits[splits["split"] == split].reset_index(drop=True)

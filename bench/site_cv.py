@@ -170,21 +170,20 @@ def shipped_outputs(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return out["prob"].to_numpy(dtype=np.float64), pooled_features(model.eval(), dataset)
 
 
-def _cases(patients: pd.Series, y: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
-    """One row per patient (index: patient id), its label and the mean of its images' probabilities."""
-    frame = pd.DataFrame({"patient_id": patients.astype(str).to_numpy(), "y": y, "prob": prob})
-    grouped = frame.groupby("patient_id", sort=True)
-    if (grouped["y"].nunique() > 1).any():
-        raise RuntimeError("a patient has images with different labels")
-    return grouped.agg(y=("y", "first"), prob=("prob", "mean"))
+def _cases(rows: pd.DataFrame, y: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
+    """One row per patient of `rows` (indexed as `alnus cv` keys cases), its label and the mean of its images'
+    probabilities (`alnus.cv.fold_cases`, which refuses a patient with mixed labels)."""
+    from alnus.cv import fold_cases
+
+    return fold_cases(rows.assign(y=y, prob=prob), "patient", "mean")
 
 
 def _trained_cases(arm: str, fold: int) -> pd.DataFrame:
     from alnus.runfolder import RunFolder
 
     path = RunFolder(paths()["runs"] / f"site_cv_{arm}_f{fold}").model(MODEL).predictions_csv("internal_test")
-    preds = pd.read_csv(path, dtype={"patient_id": str})
-    return _cases(preds["patient_id"], preds["y"].to_numpy(int), preds["prob"].to_numpy(float))
+    preds = pd.read_csv(path, dtype={"patient_id": str, "site": str}, keep_default_na=False)
+    return _cases(preds, preds["y"].to_numpy(int), preds["prob"].to_numpy(float))
 
 
 def _run_facts(arm: str, fold: int) -> dict[str, object]:
@@ -227,15 +226,15 @@ def compute(folds: list[int]) -> dict[str, object]:
         if not (written["split"].to_numpy() == split).all():
             raise RuntimeError(f"fold {fold}: work/site_cv/fold{fold}.csv holds another split; train again")
         test, learn = split == "internal_test", split != "internal_test"
-        arms["transfer"].append(_cases(table["patient_id"][test], y[test], prob[test]))
+        arms["transfer"].append(_cases(table[test], y[test], prob[test]))
         probe = fit_probe(features[learn], y[learn], table["patient_id"][learn].astype(str).to_numpy(), grid=C_GRID)
         logit = features[test] @ probe["weight"] + probe["bias"]
-        arms["head_refit"].append(_cases(table["patient_id"][test], y[test], 1 / (1 + np.exp(-logit))))
+        arms["head_refit"].append(_cases(table[test], y[test], 1 / (1 + np.exp(-logit))))
         probes.append({"C": probe["C"], "cv_auc": {f"{c:g}": v for c, v in probe["cv_auc"].items()}})
         for arm in TRAINED:
             arms[arm].append(_trained_cases(arm, fold))
             facts[arm].append(_run_facts(arm, fold))
-        readers.append(_cases(table["patient_id"][test], y[test], birads_score(table["reader_birads"][test])))
+        readers.append(_cases(table[test], y[test], birads_score(table["reader_birads"][test])))
     result = compare_folds(arms)
     reader_aucs = [stats.auc(r["y"].to_numpy(), r["prob"].to_numpy()) for r in readers]
     pooled = pd.concat(readers)

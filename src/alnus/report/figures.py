@@ -708,8 +708,7 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
         writer.skipped.append({"name": f"training_{model}", "section": "training", "model": model, "split": None,
                                "reason": reason})  # fmt: skip
         return
-    best = _best_epoch(folder.metadata)
-    last_kept = _last_kept(folder.metadata)
+    best, last_kept = _packaged_epoch(folder.metadata)
     head_only = "phase" in history.columns and bool((history["phase"] == "head").any())
     shading = "; shaded: epochs that trained the new head only (backbone frozen)" if head_only else ""
     validated = history["validated"] if "validated" in history.columns else pd.Series("", index=history.index)
@@ -736,18 +735,15 @@ def _is_ensemble(metadata: Path) -> bool:
         return False
 
 
-def _last_kept(metadata: Path) -> bool:
-    """Whether the package kept its last epoch (`train.selection_metric: last`) rather than the best on validation."""
+def _packaged_epoch(metadata: Path) -> tuple[int | None, bool]:
+    """The package's epoch (None when it does not say) and whether it is the last one, kept without choosing
+    (`train.selection_metric: last`), from one read of its metadata."""
     try:
         meta = json.loads(metadata.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and kept_last_epoch(meta)
-
-
-def _best_epoch(metadata: Path) -> int | None:
-    try:
-        best = json.loads(metadata.read_text(encoding="utf-8")).get("best_epoch")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return int(best) if isinstance(best, (int, float)) and not math.isnan(best) and best > 0 else None
+        return None, False
+    if not isinstance(meta, dict):
+        return None, False
+    best = meta.get("best_epoch")
+    epoch = int(best) if isinstance(best, (int, float)) and not math.isnan(best) and best > 0 else None
+    return epoch, kept_last_epoch(meta)
