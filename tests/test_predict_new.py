@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -451,6 +452,15 @@ def test_out_never_overwrites_what_the_command_reads(data: Path, tmp_path: Path)
         (("--manifest", str(listed), "--out", str(listed)), "is the manifest this command reads"),
         (("--manifest", str(listed), "--out", str(tmp_path / "m.png"), "--format", "csv"), "is a lesion mask"),
         ((image, "--out", str(model / "metadata.json"), "--format", "json"), "is a file of the model package"),
+    ]
+    # Another name for the same file (a hard link here; another case of the name on a case-insensitive file system):
+    # the file's identity is compared too.
+    alias = tmp_path / "LIST.CSV"
+    os.link(listed, alias)
+    os.link(model / "metadata.json", tmp_path / "meta.json")
+    cases += [
+        (("--manifest", str(listed), "--out", str(alias)), "is the manifest this command reads"),
+        ((image, "--out", str(tmp_path / "meta.json"), "--format", "json"), "is a file of the model package"),
     ]
     for args, message in cases:
         with pytest.raises(AlnusError, match=message):

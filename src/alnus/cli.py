@@ -823,9 +823,14 @@ def _refuse_targets_over_inputs(
 
     if out is not None:
         target = os.path.realpath(out)
-        if within(target, root) or target in package_files:
+        # An existing --out is also matched by identity: another spelling on a case-insensitive file system, or a link.
+        same = _identity(target)
+        if within(target, root) or target in package_files or (same and same in map(_identity, package_files)):
             raise AlnusError(f"--out {out} is a file of the model package {package}; write the predictions elsewhere.")
-        hit = next(((what, name) for what, name, real in read_real if real == target), None)
+        hit = next(
+            ((what, name) for what, name, real in read_real if real == target or (same and same == _identity(real))),
+            None,
+        )
         if hit is not None:
             raise AlnusError(f"--out {out} is {hit[0]} this command reads ({hit[1]}); writing there would destroy it: "
                              "name another file.")  # fmt: skip
@@ -842,6 +847,15 @@ def _refuse_targets_over_inputs(
         if out is not None and within(os.path.realpath(out), folder):
             raise AlnusError(f"--out {out} lies in the --heatmaps folder {heatmaps}, where a heat map could replace "
                              "it; write the predictions elsewhere.")  # fmt: skip
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file's (device, inode), or None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _output_format(fmt: str | None, out: Path | None) -> str:
