@@ -128,7 +128,7 @@ def compare(folds: list[int], selection: str = "val_auc") -> dict[str, object]:
         epochs[name] = [int(t["epoch"].iloc[0]) for t in tables]
     result = compare_folds(cases)
     for row in result["models"]:
-        row.update(minutes=minutes[row["model"]], best_epochs=epochs[row["model"]])
+        row.update(minutes=minutes[row["model"]], kept_epochs=epochs[row["model"]])
     return {**result, "fold_numbers": folds, "selection": selection}
 
 
@@ -172,7 +172,7 @@ def section(result: dict[str, object], seconds: float, earlier: dict[str, object
         lines.append(
             f"| {name} | {' '.join(f'{x:.3f}' for x in m['fold_aucs'])} | {m['fold_auc_mean']:.3f} | "
             f"{m['pooled_auc']:.3f} ({m['pooled_auc_ci'][0]:.3f}-{m['pooled_auc_ci'][1]:.3f}) | "
-            f"{' '.join(str(e) for e in m['best_epochs'])} | {minutes} |"
+            f"{' '.join(str(e) for e in m['kept_epochs'])} | {minutes} |"
         )
     fold_diffs = np.asarray(d["fold_differences"])
     single = {name: auc_of(r["val AUC (selection)"]) for name in COMPARED for r in rows_of(name)}

@@ -44,7 +44,7 @@ def test_the_section_states_the_paired_difference_and_the_single_split_one(cv_ch
 
     result = compare_folds({"base": _folds(1, 0.0), "aux_birads": _folds(2, 0.1)})
     for row in result["models"]:
-        row.update(minutes=[20.4, None, 19.6], best_epochs=[4, 6, 5])
+        row.update(minutes=[20.4, None, 19.6], kept_epochs=[4, 6, 5])
     result["fold_numbers"] = [0, 1, 2]
     row = {"val AUC (selection)": "0.959 (0.920-0.997)"}
     base = {"val AUC (selection)": "0.950 (0.905-0.995)"}
@@ -93,7 +93,7 @@ def test_item_31_sets_each_fold_beside_item_25s_over_the_folds_both_ran(cv_check
     # Item 31 has finished folds 0 and 1 only, with other scores.
     result = compare_folds({"base": _folds(3, 0.0)[:2], "aux_birads": _folds(4, 0.05)[:2]})
     for row in result["models"]:
-        row.update(minutes=[30.0, 31.0], best_epochs=[12, 12])
+        row.update(minutes=[30.0, 31.0], kept_epochs=[12, 12])
     result.update(fold_numbers=[0, 1], selection="last")
     text = cv_check.section(result, 1.0, earlier)
     assert "(protocol item 31, diagnostic)" in text

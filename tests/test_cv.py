@@ -271,7 +271,7 @@ def test_cli_cv_keeping_each_folds_last_epoch(phantom, cv_run, tmp_path):
     result = runner.invoke(app, ["cv", str(path), "--folds", "3", *sets])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "runs" / "tiny_last_cv" / "cv.json").read_text())
-    assert summary["selection"] == "last" and summary["models"]["tiny_cnn"]["best_epochs"] == [2, 2, 2]
+    assert summary["selection"] == "last" and summary["models"]["tiny_cnn"]["kept_epochs"] == [2, 2, 2]
     flat = " ".join(result.output.split())
     assert "Each fold kept its last epoch" in flat and "lean optimistic" not in flat
     chose = Path(cv_run[0].runs_dir) / "tiny_cv"

@@ -262,7 +262,7 @@ def summarize(cfg: Config, folds: int) -> dict[str, Any]:
         tables = [fold_predictions(run, backbone, cfg.data.positive_label) for run in runs]
         check_folds(tables, expected)
         result = pooled_auc(tables, cfg.evaluate.level, cfg.evaluate.aggregate)
-        result["best_epochs"] = [int(t["epoch"].iloc[0]) if len(t) else None for t in tables]
+        result["kept_epochs"] = [int(t["epoch"].iloc[0]) if len(t) else None for t in tables]
         models[backbone] = result
     return {
         "name": cfg.name,
