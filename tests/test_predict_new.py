@@ -468,6 +468,92 @@ def test_out_never_overwrites_what_the_command_reads(data: Path, tmp_path: Path)
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_targets_are_checked_before_predicting_and_reached_however_named(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From an attack review: a package folder linked to from inside the package, a read-only or unwritable --out,
+    heat maps under --out or behind a broken link, a hard link to an input among the heat maps: each refused before
+    any image is predicted, naming the option. And no false refusal for the package's parent folder or for the folder
+    of a row that names no image."""
+    import alnus.cli
+
+    model = shutil.copytree(data / "model", tmp_path / "model")
+    image = str(shutil.copy(data / "export" / "a.png", tmp_path / "a.png"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.csv").write_text("keep\n")
+    (model / "extras").symlink_to(elsewhere, target_is_directory=True)
+    readonly = tmp_path / "readonly.csv"
+    readonly.write_text("keep\n")
+    readonly.chmod(0o444)
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.link(image, linked / "0001_a.png")
+    cases = [
+        (("--out", str(model / "extras" / "notes.csv")), "is a file of the model package"),
+        (("--out", str(elsewhere / "new.csv")), "is a file of the model package"),
+        (("--heatmaps", str(model / "extras")), "holds or lies in the model package"),
+        (("--out", str(readonly)), "is read-only"),
+        (("--out", str(tmp_path / "p.csv"), "--heatmaps", str(tmp_path / "p.csv" / "maps")), "lies under --out"),
+        (("--heatmaps", str(tmp_path / "broken")), "is a link to .*nowhere, which does not exist"),
+        (("--heatmaps", str(linked)), "holds an image this command reads"),
+        (("--out", str(tmp_path)), "is not a regular file"),  # a folder, said before the missing ending
+    ]
+    for args, message in cases:
+        with pytest.raises(AlnusError, match=message):
+            _predict(str(model), image, *args)
+    assert (elsewhere / "notes.csv").read_text() == "keep\n" and readonly.read_text() == "keep\n"
+    assert not (tmp_path / "p.csv").exists() and not (elsewhere / "0001_a.png").exists()
+
+    # A folder where no file can be made (a read-only mount, an immutable folder; root passes mode bits, so the
+    # probe's failure is simulated): refused before predicting, naming the option, not a temporary file.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = alnus.cli.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        if Path(dir) == locked:
+            raise PermissionError(1, "Operation not permitted")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(alnus.cli.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(AlnusError, match=r"--out .*p.csv: no file can be written in .*locked \(Operation not"):
+        _predict(str(model), image, "--out", str(locked / "p.csv"))
+    with pytest.raises(AlnusError, match=r"--heatmaps .*maps: nothing can be written in .*locked"):
+        _predict(str(model), image, "--heatmaps", str(locked / "maps"), "--out", str(tmp_path / "ok.csv"))
+    assert not (tmp_path / "ok.csv").exists()
+    monkeypatch.undo()
+
+    # No false refusals: the package's parent folder, and a manifest's folder when a row's image cell is empty.
+    beside = tmp_path / "beside"
+    shutil.copytree(data / "model", beside / "model")
+    code, _, stderr = _predict(
+        str(beside / "model"), image, "--heatmaps", str(beside), "--out", str(tmp_path / "p.csv")
+    )
+    assert code == 0, stderr
+    assert (beside / "0001_a.png").is_file() and (tmp_path / "p.csv").is_file()
+    (tmp_path / "maps" / "sub").mkdir(parents=True)
+    (tmp_path / "maps" / "sub" / "list.csv").write_text("image,patient_id\n,P1\n../../a.png,P2\n")
+    code, _, stderr = _predict(str(model), "--manifest", str(tmp_path / "maps" / "sub" / "list.csv"), "--heatmaps",
+                               str(tmp_path / "maps"))  # fmt: skip
+    assert code == 1, stderr  # the empty cell is an error row; the other image is predicted, its heat map written
+    assert [f.name for f in (tmp_path / "maps").glob("*.png")] == ["0002_a.png"]
+
+
+def test_a_replaced_result_keeps_its_permissions_and_a_manifest_must_be_a_file(tmp_path: Path) -> None:
+    from alnus._io import atomic_write_text
+
+    private = tmp_path / "private.csv"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    atomic_write_text(private, "new\n")
+    assert private.read_text() == "new\n" and (private.stat().st_mode & 0o777) == 0o600
+    os.mkfifo(tmp_path / "fifo.csv")
+    with pytest.raises(ManifestError, match="named pipe"):
+        collect_inputs(manifest=tmp_path / "fifo.csv")
+
+
 def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path, tmp_path: Path) -> None:
     """';' separates several paths in alnus's mask cells: a --mask or mask cell naming several is an error, not a
     silent first pick; a column named twice or in another case is refused, not read as the last one or ignored;

@@ -39,13 +39,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes the file private (0600); a result gets the permissions any new file would (0666 - umask).
+        # mkstemp makes the file private (0600); a new result gets the permissions any new file would (0666 - umask),
+        # a replaced one keeps its own (a private file stays private).
         if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.chmod(tmp_path, _kept_mode(target))
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _kept_mode(target: Path) -> int:
+    """The permission bits of the regular file `target`, or those of a new file when there is none."""
+    with contextlib.suppress(OSError):
+        st = os.stat(target)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -8,7 +8,9 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -789,7 +791,15 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
             raise AlnusError(f"--out {out} is not a regular file (a folder, device, FIFO or link); name a file.")
         if not out.parent.is_dir():
             raise AlnusError(f"--out {out}: the folder {out.parent} does not exist; create it or name another.")
+        if out.exists() and (not os.stat(out).st_mode & stat.S_IWUSR or not os.access(out, os.W_OK)):
+            raise AlnusError(f"--out {out} is read-only; make it writable to replace it, or name another file.")
+        problem = _cannot_create_in(out.parent)
+        if problem:
+            raise AlnusError(f"--out {out}: no file can be written in {out.parent} ({problem}); name another folder.")
     if heatmaps is not None:
+        if heatmaps.is_symlink() and not heatmaps.exists():
+            raise AlnusError(f"--heatmaps {heatmaps} is a link to {os.readlink(heatmaps)}, which does not exist; name "
+                             "an existing folder or a new one.")  # fmt: skip
         if heatmaps.exists() and not heatmaps.is_dir():
             raise AlnusError(
                 f"--heatmaps {heatmaps} is a file, not a folder; name a folder (it is created if missing)."
@@ -801,6 +811,25 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
             raise AlnusError(
                 f"--out and --heatmaps are both {out}; the predictions need a file, the heat maps a folder."
             )
+        if out is not None and os.path.realpath(heatmaps).startswith(os.path.realpath(out) + os.sep):
+            raise AlnusError(f"--heatmaps {heatmaps} lies under --out {out}, which names the predictions' file; name "
+                             "the heat maps a folder elsewhere.")  # fmt: skip
+        existing = next(a for a in (heatmaps, *heatmaps.parents) if a.exists())
+        problem = _cannot_create_in(existing)
+        if problem:
+            raise AlnusError(f"--heatmaps {heatmaps}: nothing can be written in {existing} ({problem}); name another "
+                             "folder.")  # fmt: skip
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why no file can be made in `folder` (tried with a temporary file, removed at once), or None."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alnus-write-check.", dir=folder)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _refuse_targets_over_inputs(
@@ -811,11 +840,14 @@ def _refuse_targets_over_inputs(
     not in the package, holding none of the files read (nor a package file) directly, and not --out. Checked before
     any image is read."""
     root = os.path.realpath(package)
-    package_files = {root}
-    for top, _, files in os.walk(root, followlinks=False):
+    # The package's folders: its own and those its links to folders reach (not walked into: a link may loop).
+    roots, package_files = {root}, set()
+    for top, folders, files in os.walk(root, followlinks=False):
         package_files.update(os.path.realpath(os.path.join(top, name)) for name in files)
+        roots.update(os.path.realpath(os.path.join(top, d)) for d in folders if os.path.islink(os.path.join(top, d)))
+    rows = table[table["error"].eq("")] if "error" in table else table  # a row in error reads no file
     read = [("the manifest", str(manifest))] if manifest is not None else []
-    read += [("an image", p) for p in table["path"] if p] + [("a lesion mask", m) for m in table["mask"] if m]
+    read += [("an image", p) for p in rows["path"] if p] + [("a lesion mask", m) for m in rows["mask"] if m]
     read_real = [(what, name, os.path.realpath(name)) for what, name in read]
 
     def within(path: str, folder: str) -> bool:
@@ -825,7 +857,8 @@ def _refuse_targets_over_inputs(
         target = os.path.realpath(out)
         # An existing --out is also matched by identity: another spelling on a case-insensitive file system, or a link.
         same = _identity(target)
-        if within(target, root) or target in package_files or (same and same in map(_identity, package_files)):
+        in_package = any(within(target, r) for r in roots) or target in package_files
+        if in_package or (same and same in map(_identity, package_files)):
             raise AlnusError(f"--out {out} is a file of the model package {package}; write the predictions elsewhere.")
         hit = next(
             ((what, name) for what, name, real in read_real if real == target or (same and same == _identity(real))),
@@ -837,10 +870,20 @@ def _refuse_targets_over_inputs(
     if heatmaps is not None:
         # Heat maps are written straight into the folder (NNNN_<name>.png): a file there could be replaced.
         folder = os.path.realpath(heatmaps)
-        if within(folder, root) or any(os.path.dirname(f) == folder for f in package_files):
+        if any(within(folder, r) for r in roots) or any(os.path.dirname(f) == folder for f in package_files):
             raise AlnusError(f"--heatmaps {heatmaps} holds or lies in the model package {package}; name a folder of "
                              "its own for the heat maps.")  # fmt: skip
-        hit = next(((what, name) for what, name, real in read_real if os.path.dirname(real) == folder), None)
+        # A file already in the folder may be one read under another name (a hard link).
+        present = {_identity(e.path) for e in os.scandir(folder) if e.is_file()} if os.path.isdir(folder) else set()
+        present.discard(None)
+        hit = next(
+            (
+                (what, name)
+                for what, name, real in read_real
+                if os.path.dirname(real) == folder or _identity(real) in present
+            ),
+            None,
+        )
         if hit is not None:
             raise AlnusError(f"--heatmaps {heatmaps} holds {hit[0]} this command reads ({hit[1]}), which a heat map "
                              "could replace; name a folder of its own for the heat maps.")  # fmt: skip
@@ -1126,8 +1169,8 @@ def predict(
     from alnus.predict import Predictor, package_notes
 
     _refuse_run_folder(package)
+    _check_targets(out, heatmaps)  # first: a folder given as --out is reported as a folder, not as a missing ending
     fmt = _output_format(fmt, out)
-    _check_targets(out, heatmaps)
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
                  "birads": birads or []}  # fmt: skip
     columns = _birads_columns(package)

@@ -196,8 +196,11 @@ def _read_records(path: Path) -> list[list[str]]:
     def fail(reason: str) -> ManifestError:
         return ManifestError(path, [Problem(None, "", reason)])
 
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == FILE_NOT_FOUND:
         raise fail("file not found; check the path to the manifest CSV")
+    if problem is not None:
+        raise fail(f"{problem}; name the manifest CSV file itself")
     try:
         # utf-8-sig: spreadsheet programs put a byte-order mark before the first column name.
         text = path.read_text(encoding="utf-8-sig")
