@@ -408,7 +408,7 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     assert code == 0 and _csv(stdout)["roi"].tolist() == ["1,1,20,20", "30,10,20,20"]
 
 
-def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path) -> None:
+def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path, tmp_path: Path) -> None:
     """Third attack review: '1, 1, 20, 20' slipped past the repeat check as another region, and '4a' beside
     '4A.0' was taken for one reading on its spelling alone."""
     from alnus.readers import birads_key
@@ -432,6 +432,13 @@ def test_a_repeat_is_found_however_its_box_and_reading_are_written(data: Path) -
     # Two files named on the command line are told apart by their place.
     cli = collect_inputs([str(data / "export" / "a.png"), str(data / "export" / "a.png")])
     assert "input 2 (" in cli.attrs["notes"][0] and "repeats input 1 (" in cli.attrs["notes"][0]
+    # A hard link is the same file under another name (as is another spelling on a case-insensitive file system).
+    os.link(data / "export" / "a.png", tmp_path / "hard.png")
+    pd.DataFrame(
+        {"image": [str(data / "export" / "a.png"), str(tmp_path / "hard.png")], "patient_id": ["A", "A"]}
+    ).to_csv(tmp_path / "hard.csv", index=False)
+    linked = collect_inputs(manifest=tmp_path / "hard.csv")
+    assert len(linked) == 1 and "hard.csv row 3 repeats hard.csv row 2" in linked.attrs["notes"][0]
     # Without patient ids the repeat is not said to be "the same patient".
     assert "(the same image and region, no id): left out" in cli.attrs["notes"][0]
 

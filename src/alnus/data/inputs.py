@@ -280,6 +280,16 @@ def _region_key(roi: str) -> str:
         return roi.strip()
 
 
+def _file_key(path: str) -> str:
+    """One key per file however it is named: its device and inode (so a hard link or another spelling on a
+    case-insensitive file system is the same file), else its real path."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def _deduplicate(
     rows: Iterable[dict[str, str]], reading_key: ReadingKey = _plain_reading
 ) -> tuple[list[dict[str, str]], list[str]]:
@@ -306,7 +316,7 @@ def _deduplicate(
             # An error row is reported as it is: it neither stands for a later valid row nor is hidden behind one.
             kept.append(row)
             continue
-        image = (os.path.realpath(row["path"]), row["frame"], _region_key(row["roi"]), row["mask"])
+        image = (_file_key(row["path"]), row["frame"], _region_key(row["roi"]), row["mask"])
         j, first = first_of.setdefault((*image, row["patient_id"], row["site"]), (i, row))
         if first is not row:
             if not _same_reading(row["birads"], first["birads"], reading_key):
