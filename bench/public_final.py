@@ -491,6 +491,36 @@ def _shipped_record(name: str) -> dict:
     return record if shipped is not None and record.get("package_weights_sha256") == shipped else {}
 
 
+def cv_check_note(chosen: str) -> str:
+    """What cross-validation inside the development patients says of the choice (bench/cv_check.py's records:
+    protocol item 25, each fold's epoch chosen on its own patients; item 31, its last epoch kept), or "" when no
+    record compares `chosen` with its reference. The verdict follows item 31 where it exists (read as registered)."""
+    parts, verdict = [], None
+    for selection, how in (("val_auc", "each fold's epoch chosen on its scored patients"),
+                           ("last", "the last epoch kept, nothing chosen on them")):  # fmt: skip
+        path = REPO / "docs" / f"cv_check_{selection}.json"
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        other = next((m for m in record.get("models", []) if m["model"] == chosen and "difference" in m), None)
+        if other is None:
+            continue
+        parts.append(
+            f"{chosen} minus {record['reference']} {other['difference']:+.3f} (P {_p_value(other['p'])}; {how}; "
+            f"{len(record['fold_numbers'])} of {record['folds']} folds)"
+        )
+        verdict = other["difference"] > 0 and other["p"] < 0.05
+    if not parts:
+        return ""
+    reading = (
+        "the folds confirm the choice"
+        if verdict
+        else "the folds do not separate the two: the choice stands as registered but rests on one validation split"
+    )
+    return (
+        "Cross-validation inside the BUS-BRA development patients (3 patient-level folds, the mean of the within-fold "
+        f"paired AUC differences; diagnostics, protocol items 25 and 31): {'; '.join(parts)}; {reading}."
+    )
+
+
 def speed_note(chosen: pd.Series) -> str:
     """Issue 10's speed bound: the timed from-scratch run of bench/final_timing.py where it exists for the chosen
     configuration, and the training time of its seeds from the runs' histories."""
@@ -659,6 +689,9 @@ def glance_section(
             f"- Unlabelled site adaptation (BatchNorm statistics, cross-adapted by patient halves; reported, not a "
             f"candidate): the AUC change over the {len(adaptation['seeds'])} seeds, {'; '.join(lines)}."
         ]
+    confirmed = cv_check_note(str(chosen["name"]))
+    if confirmed:
+        out += [f"- {confirmed}"]
     site = _shipped_record("site_cv")
     if site:
         means = {row["model"]: row["fold_auc_mean"] for row in site["models"]}

@@ -490,3 +490,29 @@ def test_the_glance_cites_the_sensitivity_aimed_operating_point_of_the_shipped_m
     record["package_weights_sha256"] = "another"
     (tmp_path / "docs" / "sens95.json").write_text(json.dumps(record))
     assert "aimed at the goal's sensitivity" not in public_final.glance_section(candidates, chosen, metrics, None)
+
+
+def test_the_glance_says_what_cross_validation_says_of_the_choice(public_configs, monkeypatch, tmp_path):
+    """Protocol items 25 and 31 (bench/cv_check.py's records): each cited with its selection, the reading taken from
+    item 31 where it exists; nothing said without a record that holds the chosen configuration."""
+    public_final = _shipped_glance(monkeypatch, tmp_path)
+    candidates, chosen, metrics = _glance_inputs()
+    assert "Cross-validation inside" not in public_final.glance_section(candidates, chosen, metrics, None)
+
+    def record(difference: float, p: float, folds: list[int]) -> dict:
+        return {"reference": "base", "folds": 3, "fold_numbers": folds,
+                "models": [{"model": "base"}, {"model": "aux_birads", "difference": difference, "p": p}]}  # fmt: skip
+
+    (tmp_path / "docs" / "cv_check_val_auc.json").write_text(json.dumps(record(0.004, 0.2575, [0, 1, 2])))
+    text = public_final.glance_section(candidates, chosen, metrics, None)
+    assert ("aux_birads minus base +0.004 (P 0.2575; each fold's epoch chosen on its scored patients; 3 of 3 folds); "
+            "the folds do not separate the two") in text  # fmt: skip
+    (tmp_path / "docs" / "cv_check_last.json").write_text(json.dumps(record(0.012, 0.01, [0, 1])))
+    text = public_final.glance_section(candidates, chosen, metrics, None)
+    last = "; aux_birads minus base +0.012 (P 0.0100; the last epoch kept, nothing chosen on them; 2 of 3 folds)"
+    assert last in text
+    assert "the folds confirm the choice." in text
+    (tmp_path / "docs" / "cv_check_last.json").write_text(json.dumps(record(0.012, 0.2, [0, 1])))
+    assert "do not separate" in public_final.glance_section(candidates, chosen, metrics, None)
+    # A record of another pair says nothing of this choice.
+    assert public_final.cv_check_note("aux_geo") == ""
