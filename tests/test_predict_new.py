@@ -110,6 +110,9 @@ def test_json_lines_and_out_files_parse(data: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _predict(model, *images, "--out", str(out))
     assert code == 1 and stdout == "" and str(out) in " ".join(stderr.split())
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    # A .json file holds one JSON document, as json.load expects (new-user review: it held JSON lines).
+    code, _, _ = _predict(model, *images, "--out", str(tmp_path / "preds.json"))
+    assert code == 1 and json.loads((tmp_path / "preds.json").read_text()) == records
     code, _, _ = _predict(model, images[0], "--out", str(tmp_path / "preds.csv"))
     assert code == 0 and _csv((tmp_path / "preds.csv").read_text())["prob"].iloc[0] == pytest.approx(records[0]["prob"])
     # An ending that names no format is refused rather than filled with CSV (new-user review: a CSV named .xlsx).
@@ -158,9 +161,14 @@ def test_patients_are_aggregated_as_the_threshold_was_frozen(data: Path, tmp_pat
     assert ok["prediction"].tolist() == [LABELS[c] for c in want["call"]]
     failed = got.iloc[3]
     assert np.isnan(failed["prob"]) and pd.isna(failed["call"]) and failed["prediction"] == ""
+    # The threshold travels with each predicted row (new-user review: a saved table could not be read on its own).
+    threshold = float(np.median(probs))
+    assert ok["threshold"].tolist() == [threshold] * 4 and np.isnan(failed["threshold"])
+    assert ok["call"].tolist() == (ok["patient_prob"] >= ok["threshold"]).astype(int).tolist()
 
     code, stdout, stderr = _predict(str(package), "--manifest", str(data / "export" / "patients.csv"))
     assert code == 1 and _csv(stdout)["call"].tolist()[:3] == [str(c) for c in want["call"][:3]]
+    assert float(_csv(stdout)["threshold"].iloc[0]) == pytest.approx(threshold)
     said = " ".join(stderr.split())
     assert "call = mean probability of a patient's images" in said and "left out of their patient's aggregate" in said
 
@@ -472,6 +480,12 @@ def test_out_never_overwrites_what_the_command_reads(data: Path, tmp_path: Path)
     for args, message in cases:
         with pytest.raises(AlnusError, match=message):
             _predict(str(model), *map(str, args))
+    # New-user review: a read-only input image named as --out was first called read-only (inviting a chmod), then
+    # said to lack a known ending; the reason that holds is said first.
+    Path(image).chmod(0o444)
+    with pytest.raises(AlnusError, match="is an image this command reads"):
+        _predict(str(model), str(image), "--out", str(image))
+    Path(image).chmod(0o644)
     assert {p: p.read_bytes() for p in before} == before
 
 

@@ -791,11 +791,6 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
             raise AlnusError(f"--out {out} is not a regular file (a folder, device, FIFO or link); name a file.")
         if not out.parent.is_dir():
             raise AlnusError(f"--out {out}: the folder {out.parent} does not exist; create it or name another.")
-        if out.exists() and (not os.stat(out).st_mode & stat.S_IWUSR or not os.access(out, os.W_OK)):
-            raise AlnusError(f"--out {out} is read-only; make it writable to replace it, or name another file.")
-        problem = _cannot_create_in(out.parent)
-        if problem:
-            raise AlnusError(f"--out {out}: no file can be written in {out.parent} ({problem}); name another folder.")
     if heatmaps is not None:
         if heatmaps.is_symlink() and not heatmaps.exists():
             raise AlnusError(f"--heatmaps {heatmaps} is a link to {os.readlink(heatmaps)}, which does not exist; name "
@@ -814,6 +809,19 @@ def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
         if out is not None and os.path.realpath(heatmaps).startswith(os.path.realpath(out) + os.sep):
             raise AlnusError(f"--heatmaps {heatmaps} lies under --out {out}, which names the predictions' file; name "
                              "the heat maps a folder elsewhere.")  # fmt: skip
+
+
+def _check_writable(out: Path | None, heatmaps: Path | None) -> None:
+    """--out and --heatmaps can be written (an existing --out is not read-only), before any image is predicted: a
+    late failure loses the results. Checked after `_refuse_targets_over_inputs`, which says why an input must not be
+    written over before this could suggest making it writable."""
+    if out is not None:
+        if out.exists() and (not os.stat(out).st_mode & stat.S_IWUSR or not os.access(out, os.W_OK)):
+            raise AlnusError(f"--out {out} is read-only; make it writable to replace it, or name another file.")
+        problem = _cannot_create_in(out.parent)
+        if problem:
+            raise AlnusError(f"--out {out}: no file can be written in {out.parent} ({problem}); name another folder.")
+    if heatmaps is not None:
         existing = next(a for a in (heatmaps, *heatmaps.parents) if a.exists())
         problem = _cannot_create_in(existing)
         if problem:
@@ -923,8 +931,8 @@ def _output_format(fmt: str | None, out: Path | None) -> str:
     return "table" if sys.stdout.isatty() else "csv"
 
 
-def _json_lines(df) -> str:  # noqa: ANN001 - pandas DataFrame
-    """One JSON object per row; missing values are null."""
+def _json_lines(df, *, array: bool = False) -> str:  # noqa: ANN001 - pandas DataFrame
+    """One JSON object per row, one per line; missing values are null. With `array`, the lines as one JSON array."""
     import json
 
     import pandas as pd
@@ -933,6 +941,8 @@ def _json_lines(df) -> str:  # noqa: ANN001 - pandas DataFrame
     for record in df.astype(object).to_dict("records"):
         clean = {str(k): (None if pd.isna(v) else v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         lines.append(json.dumps(clean, ensure_ascii=False))
+    if array:
+        return "[\n" + ",\n".join(lines) + ("\n" if lines else "") + "]\n"
     return "".join(line + "\n" for line in lines)
 
 
@@ -947,7 +957,8 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
     import pandas as pd
     from rich.text import Text
 
-    shown = result.drop(columns=["engine"])
+    # The engine and the threshold are said once, on stderr, with the call rule.
+    shown = result.drop(columns=["engine", "threshold"], errors="ignore")
     # On a terminal the file name tells the rows apart; the full path is in --out / CSV / JSON.
     if "image" in shown.columns:
         shown = shown.assign(image=[Path(str(p)).name if not pd.isna(p) else p for p in shown["image"]])
@@ -975,8 +986,9 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
     return table
 
 
-def _render(result, fmt: str, title: str) -> str:  # noqa: ANN001 - pandas DataFrame
-    """The predictions as the text of a file in `fmt` (CSV cells a spreadsheet would run are defused)."""
+def _render(result, fmt: str, title: str, *, array: bool = False) -> str:  # noqa: ANN001 - pandas DataFrame
+    """The predictions as the text of a file in `fmt` (CSV cells a spreadsheet would run are defused); JSON as one
+    array with `array` (a .json file), else as JSON lines."""
     import io
 
     from alnus._io import defuse_formulas
@@ -984,7 +996,7 @@ def _render(result, fmt: str, title: str) -> str:  # noqa: ANN001 - pandas DataF
     if fmt == "csv":
         return defuse_formulas(result).to_csv(index=False)
     if fmt == "json":
-        return _json_lines(result)
+        return _json_lines(result, array=array)
     buffer = io.StringIO()
     Console(file=buffer, width=160, no_color=True).print(_predictions_table(result, title))
     return buffer.getvalue()
@@ -1135,7 +1147,8 @@ def predict(
         str | None,
         typer.Option(
             "--format",
-            help="csv, json (JSON lines, one object per image) or table; default: a table on a terminal, "
+            help="csv, json (one object per image: JSON lines, or one array in a .json file) or table; default: a "
+            "table on a terminal, "
             "CSV when piped (or from --out's ending: .csv, .json/.jsonl, .txt).",
         ),
     ] = None,
@@ -1169,8 +1182,7 @@ def predict(
     from alnus.predict import Predictor, package_notes
 
     _refuse_run_folder(package)
-    _check_targets(out, heatmaps)  # first: a folder given as --out is reported as a folder, not as a missing ending
-    fmt = _output_format(fmt, out)
+    _check_targets(out, heatmaps)
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
                  "birads": birads or []}  # fmt: skip
     columns = _birads_columns(package)
@@ -1180,6 +1192,8 @@ def predict(
                            reading_key=birads_key)  # fmt: skip
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     _refuse_targets_over_inputs(out, heatmaps, package, manifest, table)  # a package checked, before any image
+    fmt = _output_format(fmt, out)  # after: an input named as --out is said to be one, not to lack a known ending
+    _check_writable(out, heatmaps)
     if birads and predictor.metadata.get("reader_rule") is None:
         raise AlnusError(
             f"{package} carries no reader rule{_removed_when(predictor.metadata)}, so --birads would not be used; set "
@@ -1200,7 +1214,7 @@ def predict(
     if out is not None:
         from alnus._io import atomic_write_text
 
-        atomic_write_text(out, _render(result, fmt, title))
+        atomic_write_text(out, _render(result, fmt, title, array=out.suffix.lower() == ".json"))
         if sys.stdout.isatty():
             console.print(_predictions_table(result, title))
     elif fmt == "table":

@@ -510,7 +510,8 @@ class Predictor:
             Rows in the table's order: `image`, `patient_id`, `study_id`, `site` and `roi` (when any row has one),
             `prob` (empty where the image failed); with a frozen threshold the call made the way it was frozen, on the
             images that were predicted (a failed image is left out of its patient's aggregate): `<level>_prob` and
-            `n_images` (patient or study level), `call`, `call_level`, and `prediction` (the call's label name); then
+            `n_images` (patient or study level), `call`, `call_level`, `prediction` (the call's label name) and
+            `threshold` (what `<level>_prob` is compared with: `call` is 1 when it is at least that); then
             `engine`, `error` ("" where the image was predicted) and `warning` ("" unless the image was predicted with
             an implausible lesion box, see `roi_warning`; box and mask ROIs alike).
         """
@@ -589,6 +590,8 @@ class Predictor:
             names = {1: self.positive_label, 0: self.negative_label or f"not {self.positive_label}"}
             out["call_level"] = out["call_level"].fillna("")
             out["prediction"] = [names[int(c)] if ok[i] else "" for i, c in enumerate(out["call"].fillna(0))]
+            # The value the call compares with, so that a saved table reads on its own.
+            out["threshold"] = np.where(ok, float(self.operating_point["value"]), np.nan)
         rule = self.metadata.get("reader_rule")
         reader_warned = [""] * len(records)
         if rule is not None:
