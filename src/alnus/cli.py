@@ -449,7 +449,12 @@ def _show_next_steps(package: Path, manifest: Path, out: Path, shipped: Path | N
     examples = shipped / "examples.csv" if shipped is not None else None
     if examples is not None and examples.is_file():
         needs = "" if _examples_present(examples) else " (its examples are BrEaST-Lesions-USG images, not in this "
-        needs += "repository: put the dataset in ../shared/data first, see its model card)" if needs else ""
+        needs += (
+            "repository: put the dataset in ../shared/data first, as README.md's 'A model trained on real breast "
+            "ultrasound images' says)"
+            if needs
+            else ""
+        )
         lines.append(
             f"  a model trained on real breast US images{needs}:  {alnus} predict {_shell_path(shipped)} --manifest "
             f"{_shell_path(examples)}"
