@@ -236,8 +236,10 @@ def test_run_cv_with_changed_settings_asks_for_another_name(cv_run):
     cfg, _ = cv_run
     overrides = ["name=tiny", "data.cv_folds=null", "data.cv_fold=0", "train.lr=0.01"]
     changed = load_config(cfg.run_dir.parent / "tiny_cv0" / "config.yaml", overrides)
-    with pytest.raises(CvError, match=r"train\.lr: 0\.003 -> 0\.01.*--set name=NEW"):
+    with pytest.raises(CvError, match=r"train\.lr: 0\.003 -> 0\.01.*--set name=NEW") as refused:
         run_cv(changed, 3, console=_quiet())
+    # New-user review: nobody asked to resume, so the message does not speak of resuming.
+    assert "resume" not in str(refused.value) and "was trained earlier with other settings" in str(refused.value)
 
 
 def test_run_cv_refuses_fold_settings_in_the_config(cv_run):

@@ -76,19 +76,30 @@ def fold_config(cfg: Config, folds: int, fold: int) -> Config:
 def check_fold(cfg: Config, *, resume: bool = False) -> list[str]:
     """The backbones of one fold still to train; refused when the fold holds a training of other settings (the
     configuration needs another name), so that `run_cv` can check every fold before it trains any."""
+    from alnus._checkpoint import load_checkpoint
     from alnus.study import trained_package
-    from alnus.train import model_settings, resumable_checkpoint
+    from alnus.train import model_settings, settings_changes
 
     todo = [b for b in cfg.models if trained_package(cfg, b) is None]
     if not resume:
-        # A fold trained earlier with other settings: name what changed.
+        # A fold trained earlier with other settings: name what changed (the user asked for no resume, so the
+        # message speaks of the configuration, not of resuming).
         for backbone in todo:
+            last = RunFolder(cfg.run_dir).model(backbone).last_checkpoint
+            if not last.is_file():
+                continue
             try:
-                resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=True)
+                changed = settings_changes(
+                    load_checkpoint(last)["settings"], model_settings(cfg, cfg.run_dir, backbone)
+                )
             except AlnusError as exc:
+                raise CvError(f"{exc}; delete {last.parent.parent} to train this fold again") from None
+            if changed:
                 raise CvError(
-                    f"{exc}. To cross-validate another configuration, give it its own name: --set name=NEW"
-                ) from None
+                    f"{cfg.name} was trained earlier with other settings ({'; '.join(changed)}): to cross-validate "
+                    f"another configuration, give it its own name (--set name=NEW), or delete {last.parent.parent} to "
+                    "train this fold again"
+                )
     for backbone in todo:
         # A package of other settings whose checkpoints are gone: training would replace it under the same name.
         metadata = RunFolder(cfg.run_dir).model(backbone).metadata
