@@ -284,6 +284,16 @@ def test_cli_cv_keeping_each_folds_last_epoch(phantom, cv_run, tmp_path):
     assert "Warning: tiny chose each fold's epoch on the patients that score it and tiny_last did not" in flat
     rows = json.loads((tmp_path / "c.json").read_text())["models"]
     assert [r["selection"] for r in rows] == ["val_auc", "last"]
+    # Each fold's kept and last epochs are read from its run: the warning needs a fold whose chosen epoch was not the
+    # last (new-user review: it warned where every fold had chosen its last epoch, so nothing differed).
+    chose_summary = json.loads((chose / "cv.json").read_text())["models"]["tiny_cnn"]
+    assert rows[0]["kept_epochs"] == chose_summary["kept_epochs"] and rows[0]["last_epochs"] == [2, 2, 2]
+    assert rows[1]["kept_epochs"] == rows[1]["last_epochs"] == [2, 2, 2]
+    assert rows[0]["kept_epochs"] != [2, 2, 2]  # so the warning above is due
+    from alnus.cli import _kept_last
+
+    assert _kept_last({**rows[0], "kept_epochs": [2, 2, 2]}) and not _kept_last(rows[0])
+    assert not _kept_last({**rows[0], "kept_epochs": [2, None, 2]})
 
 
 def test_a_patient_in_two_folds_is_named():

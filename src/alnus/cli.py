@@ -676,13 +676,14 @@ def cv_compare(
                 "tested is the within-fold one.",
                 highlight=False,
             )
-    chosen = [m["model"] for m in result["models"] if m.get("selection") != "last"]
-    kept = [m["model"] for m in result["models"] if m.get("selection") == "last"]
+    # A configuration that chose by validation AUC but kept each fold's last epoch anyway chose nothing.
+    chosen = [m["model"] for m in result["models"] if m.get("selection") != "last" and not _kept_last(m)]
+    kept = [m["model"] for m in result["models"] if m.get("selection") == "last" or _kept_last(m)]
     if not kept:
         selection = ("Each fold's epoch was chosen on that fold's own validation patients, so fold AUCs lean "
                      "optimistic, more so with more epochs to choose from.")  # fmt: skip
     elif not chosen:
-        selection = "Each fold kept its last epoch (train.selection_metric last): nothing was chosen on its patients."
+        selection = "Each fold kept its last epoch: nothing was chosen on the patients that score it."
     else:
         selection = (f"{', '.join(kept)} kept each fold's last epoch; {', '.join(chosen)} chose it on the patients "
                      "that score it, whose fold AUCs lean optimistic.")  # fmt: skip
@@ -955,6 +956,12 @@ def _blank(value: object) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value)) or str(value).strip() == ""
+
+
+def _kept_last(row: dict) -> bool:
+    """Whether every fold of a compared configuration kept its last epoch (as `alnus.cv.compare_cv` read them)."""
+    kept, last = row.get("kept_epochs") or [], row.get("last_epochs") or []
+    return bool(kept) and len(kept) == len(last) and None not in kept and kept == last
 
 
 def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas DataFrame

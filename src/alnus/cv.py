@@ -608,6 +608,16 @@ def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05)
             "models": rows}  # fmt: skip
 
 
+def _epoch_of(path: Path, last: bool) -> int | None:
+    """The epoch of a fold's kept validation predictions (`last` False) or the last epoch of its history.csv, or
+    None when the file cannot be read."""
+    try:
+        epochs = pd.to_numeric(pd.read_csv(path, usecols=["epoch"])["epoch"], errors="raise")
+        return int(epochs.max() if last else epochs.iloc[0])
+    except (OSError, KeyError, IndexError, ValueError, TypeError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+
+
 def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any]:
     """`compare_folds` over finished cross-validations (their cv folders or cv.json files, the reference first),
     named after their configurations (`name/backbone` where one cross-validated several backbones), with the settings
@@ -646,7 +656,11 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
         train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
         selection = "last" if train.get("selection_metric") == "last" else "val_auc"
         row.update(backbone=backbone, cv_folder=str(folder), runs=list(summary["runs"]),
-                   settings_hash=summary.get("settings_hash"), selection=selection)  # fmt: skip
+                   settings_hash=summary.get("settings_hash"), selection=selection,
+                   kept_epochs=[_epoch_of(RunFolder(folder.parent / r).model(backbone).val_predictions_best, False)
+                                for r in summary["runs"]],
+                   last_epochs=[_epoch_of(RunFolder(folder.parent / r).model(backbone).history, True)
+                                for r in summary["runs"]])  # fmt: skip
         if row["model"] != reference:
             changes = settings_changes(ref_settings, settings)
             if backbone != ref_backbone:
