@@ -49,6 +49,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The file's (device, inode): one value however it is named (a link, a hard link, another spelling on a
+    case-insensitive file system); None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _kept_mode(target: Path) -> int:
     """The permission bits of the regular file `target`, or those of a new file when there is none."""
     with contextlib.suppress(OSError):

@@ -853,6 +853,8 @@ def _refuse_targets_over_inputs(
     a file of the package (its files followed through links) or lie in it; --heatmaps must be a folder of its own:
     not in the package, holding none of the files read (nor a package file) directly, and not --out. Checked before
     any image is read."""
+    from alnus._io import file_identity
+
     root = os.path.realpath(package)
     # The package's folders: its own and those its links to folders reach (not walked into: a link may loop).
     roots, package_files = {root}, set()
@@ -870,12 +872,16 @@ def _refuse_targets_over_inputs(
     if out is not None:
         target = os.path.realpath(out)
         # An existing --out is also matched by identity: another spelling on a case-insensitive file system, or a link.
-        same = _identity(target)
+        same = file_identity(target)
         in_package = any(within(target, r) for r in roots) or target in package_files
-        if in_package or (same and same in map(_identity, package_files)):
+        if in_package or (same and same in map(file_identity, package_files)):
             raise AlnusError(f"--out {out} is a file of the model package {package}; write the predictions elsewhere.")
         hit = next(
-            ((what, name) for what, name, real in read_real if real == target or (same and same == _identity(real))),
+            (
+                (what, name)
+                for what, name, real in read_real
+                if real == target or (same is not None and same == file_identity(real))
+            ),
             None,
         )
         if hit is not None:
@@ -888,13 +894,13 @@ def _refuse_targets_over_inputs(
             raise AlnusError(f"--heatmaps {heatmaps} holds or lies in the model package {package}; name a folder of "
                              "its own for the heat maps.")  # fmt: skip
         # A file already in the folder may be one read under another name (a hard link).
-        present = {_identity(e.path) for e in os.scandir(folder) if e.is_file()} if os.path.isdir(folder) else set()
+        present = {file_identity(e.path) for e in os.scandir(folder) if e.is_file()} if os.path.isdir(folder) else set()
         present.discard(None)
         hit = next(
             (
                 (what, name)
                 for what, name, real in read_real
-                if os.path.dirname(real) == folder or _identity(real) in present
+                if os.path.dirname(real) == folder or file_identity(real) in present
             ),
             None,
         )
@@ -904,15 +910,6 @@ def _refuse_targets_over_inputs(
         if out is not None and within(os.path.realpath(out), folder):
             raise AlnusError(f"--out {out} lies in the --heatmaps folder {heatmaps}, where a heat map could replace "
                              "it; write the predictions elsewhere.")  # fmt: skip
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """The file's (device, inode), or None when it cannot be read."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def _output_format(fmt: str | None, out: Path | None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from alnus._io import FILE_NOT_FOUND, file_problem
+from alnus._io import FILE_NOT_FOUND, file_identity, file_problem
 from alnus.data.images import is_dicom, parse_frame
 from alnus.data.manifest import ManifestError, Problem, _read_records, delimiter_problem
 from alnus.data.roi import RoiError, mask_path, parse_box
@@ -281,13 +281,9 @@ def _region_key(roi: str) -> str:
 
 
 def _file_key(path: str) -> str:
-    """One key per file however it is named: its device and inode (so a hard link or another spelling on a
-    case-insensitive file system is the same file), else its real path."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return os.path.realpath(path)
-    return f"{st.st_dev}:{st.st_ino}"
+    """One key per file however it is named (`file_identity`), else its real path."""
+    same = file_identity(path)
+    return os.path.realpath(path) if same is None else f"{same[0]}:{same[1]}"
 
 
 def _deduplicate(
