@@ -83,7 +83,7 @@ def train(selection: str, *, resume: bool) -> None:
     for fold in range(FOLDS):
         for name, cfg in configs(selection).items():
             fold_cfg = fold_config(cfg, FOLDS, fold)
-            console.rule(f"{name}: fold {fold + 1} of {FOLDS} ({fold_cfg.name})")
+            console.rule(f"{name}: fold {fold} of {FOLDS} ({fold_cfg.name})")
             started = time.perf_counter()
             trained, _ = train_fold(fold_cfg, resume=resume, console=console)
             if trained:

@@ -261,6 +261,8 @@ def test_cli_cv(cv_run, tmp_path):
     assert first.summary["selection"] == "val_auc"
     flat = " ".join(result.output.split())
     assert "lean optimistic" in flat and "--set train.selection_metric=last" in flat
+    # Folds are numbered from 0 everywhere, as the run names are (new-user review: the banner counted from 1).
+    assert "fold 0 of 3: tiny_cv0" in flat and "fold 2 of 3: tiny_cv2" in flat and "fold 3 of 3" not in flat
     bad = runner.invoke(app, ["cv", str(path), "--folds", "1"])
     assert bad.exit_code == 2
 

@@ -520,12 +520,14 @@ def test_targets_are_checked_before_predicting_and_reached_however_named(
         (("--heatmaps", str(tmp_path / "broken")), "is a link to .*nowhere, which does not exist"),
         (("--heatmaps", str(linked)), "holds an image this command reads"),
         (("--out", str(tmp_path)), "is not a regular file"),  # a folder, said before the missing ending
+        (("--out", str(tmp_path / "new.csv") + "/"), "ends in a slash, which names a folder"),  # not written as a file
     ]
     for args, message in cases:
         with pytest.raises(AlnusError, match=message):
             _predict(str(model), image, *args)
     assert (elsewhere / "notes.csv").read_text() == "keep\n" and readonly.read_text() == "keep\n"
     assert not (tmp_path / "p.csv").exists() and not (elsewhere / "0001_a.png").exists()
+    assert not (tmp_path / "new.csv").exists()
 
     # A folder where no file can be made (a read-only mount, an immutable folder; root passes mode bits, so the
     # probe's failure is simulated): refused before predicting, naming the option, not a temporary file.

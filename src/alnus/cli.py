@@ -1161,7 +1161,9 @@ def predict(
             "CSV when piped (or from --out's ending: .csv, .json/.jsonl, .txt).",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the predictions to this file (in --format).")] = None,
+    out_name: Annotated[
+        str | None, typer.Option("--out", help="Write the predictions to this file (in --format).")
+    ] = None,
     heatmaps: Annotated[
         Path | None, typer.Option(help="Write a heat-map overlay (Grad-CAM) PNG per image into this folder.")
     ] = None,
@@ -1191,6 +1193,10 @@ def predict(
     from alnus.predict import Predictor, package_notes
 
     _refuse_run_folder(package)
+    if out_name is not None and out_name.endswith(("/", os.sep)):
+        # Path() would drop the slash and write a file where the user named a folder.
+        raise AlnusError(f"--out {out_name} ends in a slash, which names a folder; --out names the predictions' file.")
+    out = None if out_name is None else Path(out_name)
     _check_targets(out, heatmaps)
     per_image = {"patient_id": patient_id or [], "roi": roi or [], "mask": [str(m) for m in mask or []],
                  "birads": birads or []}  # fmt: skip

@@ -312,7 +312,7 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
     trained, reused = {}, {}
     for k, fold_cfg in enumerate(configs):
         if console is not None:
-            console.rule(f"fold {k + 1} of {folds}: {escape(fold_cfg.name)}")
+            console.rule(f"fold {k} of {folds}: {escape(fold_cfg.name)}")  # numbered as the run names are, from 0
         trained[k], reused[k] = train_fold(fold_cfg, resume=resume, console=console)
     summary = summarize(cfg, folds)
     out = cv_dir(cfg)
