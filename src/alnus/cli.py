@@ -1162,7 +1162,7 @@ def predict(
         ),
     ] = None,
     out_name: Annotated[
-        str | None, typer.Option("--out", help="Write the predictions to this file (in --format).")
+        str | None, typer.Option("--out", metavar="<path>", help="Write the predictions to this file (in --format).")
     ] = None,
     heatmaps: Annotated[
         Path | None, typer.Option(help="Write a heat-map overlay (Grad-CAM) PNG per image into this folder.")
