@@ -273,7 +273,7 @@ def summarize(cfg: Config, folds: int) -> dict[str, Any]:
         tables = [fold_predictions(run, backbone, cfg.data.positive_label) for run in runs]
         check_folds(tables, expected)
         result = pooled_auc(tables, cfg.evaluate.level, cfg.evaluate.aggregate)
-        result["kept_epochs"] = [int(t["epoch"].iloc[0]) if len(t) else None for t in tables]
+        result["kept_epochs"] = [_kept_epoch(t) for t in tables]
         models[backbone] = result
     return {
         "name": cfg.name,
@@ -483,7 +483,8 @@ def _data_hash(run: Path) -> str | None:
 def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any]]]:
     """Each backbone of one finished cross-validation: its name, its folds' cases and its cv.json summary, whose
     `settings` are replaced by those its fold runs were trained with (after checking they match its hash, and that
-    each fold's model was trained with them, as its own `models/<backbone>/config.yaml` records).
+    each fold's model was trained with them, as its own `models/<backbone>/config.yaml` records), and with
+    `kept_epochs`, each fold's epoch as its predictions say.
 
     The pooled AUC recomputed from the fold runs' predictions must equal the one cv.json holds, so a fold trained
     again (or changed) since `alnus cv` wrote it is not compared under the old summary.
@@ -524,7 +525,10 @@ def cv_models(folder: Path) -> list[tuple[str, list[pd.DataFrame], dict[str, Any
                         f"{_patient_name(per_patient[per_patient > 1].index[0])}): the paired DeLong test needs "
                         "independent cases; cross-validate at the patient level (evaluate.level: patient)."
                     )
-        found.append((str(backbone), [fold_cases(t, level, aggregate) for t in tables], summary))
+        kept = [_kept_epoch(t) for t in tables]  # read from the verified fold predictions, not cv.json
+        found.append(
+            (str(backbone), [fold_cases(t, level, aggregate) for t in tables], {**summary, "kept_epochs": kept})
+        )
     return found
 
 
@@ -608,13 +612,18 @@ def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05)
             "models": rows}  # fmt: skip
 
 
-def _epoch_of(path: Path, last: bool) -> int | None:
-    """The epoch of a fold's kept validation predictions (`last` False) or the last epoch of its history.csv, or
-    None when the file cannot be read."""
+def _kept_epoch(table: pd.DataFrame) -> int | None:
+    """The epoch whose validation predictions a fold kept (`fold_predictions`' table), or None."""
+    epochs = pd.to_numeric(table["epoch"], errors="coerce") if "epoch" in table else pd.Series(dtype=float)
+    return int(epochs.iloc[0]) if len(epochs) and pd.notna(epochs.iloc[0]) else None
+
+
+def _last_epoch(run: Path, backbone: str) -> int | None:
+    """The last epoch a fold trained (its history.csv), or None when that cannot be read."""
     try:
-        epochs = pd.to_numeric(pd.read_csv(path, usecols=["epoch"])["epoch"], errors="raise")
-        return int(epochs.max() if last else epochs.iloc[0])
-    except (OSError, KeyError, IndexError, ValueError, TypeError, pd.errors.ParserError, UnicodeDecodeError):
+        epochs = pd.read_csv(RunFolder(run).model(backbone).history, usecols=["epoch"])["epoch"]
+        return int(pd.to_numeric(epochs, errors="raise").max())
+    except (OSError, KeyError, ValueError, TypeError, pd.errors.ParserError, UnicodeDecodeError):
         return None
 
 
@@ -657,10 +666,8 @@ def compare_cv(folders: Sequence[Path], *, alpha: float = 0.05) -> dict[str, Any
         selection = "last" if train.get("selection_metric") == "last" else "val_auc"
         row.update(backbone=backbone, cv_folder=str(folder), runs=list(summary["runs"]),
                    settings_hash=summary.get("settings_hash"), selection=selection,
-                   kept_epochs=[_epoch_of(RunFolder(folder.parent / r).model(backbone).val_predictions_best, False)
-                                for r in summary["runs"]],
-                   last_epochs=[_epoch_of(RunFolder(folder.parent / r).model(backbone).history, True)
-                                for r in summary["runs"]])  # fmt: skip
+                   kept_epochs=summary["kept_epochs"],
+                   last_epochs=[_last_epoch(folder.parent / r, backbone) for r in summary["runs"]])  # fmt: skip
         if row["model"] != reference:
             changes = settings_changes(ref_settings, settings)
             if backbone != ref_backbone:
