@@ -165,12 +165,25 @@ def _reader_rule(shipped: Path, run: Path, tmp: Path) -> dict[str, object] | Non
     splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
     if "reader_birads" not in splits.columns:
         return None
+    _without_reader_rule(shipped)
     val = splits[splits["split"] == "val"].drop(columns=["split"])
     manifest = tmp / f"{run.name}-validation.csv"
     val.to_csv(manifest, index=False)
     where = f"the {val['patient_id'].nunique()} validation patients of {run.name} ({run.name}/splits.csv, split val)"
     rule, _ = freeze_reader_rule(shipped, manifest, column="reader_birads", refreeze=True, described_as=where)
     return rule
+
+
+def _without_reader_rule(package: Path) -> None:
+    """Drop the rule a copied package carries (a run rebuilt from a shipped package has one, with its history): the
+    shipped copy's rule is set once, here, on the run's validation patients, and its history starts with it."""
+    from alnus._io import atomic_write_text
+
+    meta_path = package / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.pop("reader_rule", None)
+    meta.pop("reader_rule_history", None)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 def _card_section(found: dict[str, object], jitter: dict[str, object], source: str, note: str) -> str:
@@ -215,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights stored as; auto: float16 when it passes the check, else float32")  # fmt: skip
     parser.add_argument("--card-note", default="", help="markdown added to the card's shipped-copy section")
     args = parser.parse_args(argv)
+    from alnus.report._inputs import read_run_inputs
+    from alnus.report.card import model_card
+
     source = args.package.resolve()
     run, model = source.parents[2], source.parent.name
     target = REPO / "models" / args.name
@@ -244,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         jitter = _box_jitter(shipped, run)
         found["box_jitter"] = jitter
         section = _card_section(found, jitter, str(relative), args.card_note)
-        card.write_text(card.read_text(encoding="utf-8") + section, encoding="utf-8")
+        # Written afresh from the run, so that a package shipped again gets the card the current code writes.
+        card.write_text(model_card(read_run_inputs(run), model) + section, encoding="utf-8")
         found["reader_rule"] = _reader_rule(shipped, run, Path(tmp))
         size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
         if size > MAX_BYTES:

@@ -91,6 +91,13 @@ def test_shipped_package_carries_a_reader_rule_set_on_validation(package: Path) 
     assert rule["chosen_on"]["n_lowest_pos"] >= 20 and rule["chosen_on"]["reader_sensitivity"] == 1.0
     assert "validation" in rule["frozen_on"]
     assert (package / "README.md").read_text(encoding="utf-8").count("<!-- reader-rule:start -->") == 1
+    assert not read_metadata(package).get("reader_rule_history"), "the ship sets the rule once"
+
+
+def test_the_shipped_card_is_the_one_the_current_code_writes(package: Path) -> None:
+    """bench/ship_model.py writes the card afresh from the run: its selection line says where its AUC comes from."""
+    card = (package / "README.md").read_text(encoding="utf-8")
+    assert "per patient, as computed while training)" in card
 
 
 @pytest.mark.realdata
