@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,29 @@ def _drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> No
     page.mouse.up()
 
 
+def _settled_scroll(page: Any, timeout_s: float = 5.0) -> float:
+    """The page's scroll position once a smooth scroll has stopped moving it."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = page.evaluate("() => window.scrollY")
+        if now == last:
+            return now
+        last = now
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the page was still scrolling after {timeout_s} s")
+
+
+def _assert_answer_below_the_header(page: Any) -> None:
+    """The probability and the call are in view after Predict, not under the sticky notice (new-user review: the
+    result card's top was scrolled to the window's top, under the header)."""
+    _settled_scroll(page)
+    header = page.locator("header.top").bounding_box()
+    for part in ("#probability", "#call"):
+        shown = page.locator(part).bounding_box()
+        assert shown["y"] >= header["y"] + header["height"] - 1, (part, shown, header)
+        assert shown["y"] + shown["height"] <= page.viewport_size["height"], (part, shown)
+
+
 def _open(browser: Any, viewport: dict[str, int]) -> tuple[Any, Any, Watch]:
     """A fresh browser context and page at `viewport`, with what the page asks of the outside world recorded."""
     context = browser.new_context(viewport=viewport)
@@ -84,6 +108,8 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
     context, page, watch = _open(browser, VIEWPORT)
     try:
         page.goto(server.url + "/", wait_until="load")
+        # No icon file is asked for (a browser's /favicon.ico was a 404 in its console: new-user review).
+        assert page.locator("link[rel=icon]").get_attribute("href") == "data:,"
         notice = page.locator("#notice")
         assert notice.is_visible() and "Research use only; not for diagnosis." in notice.inner_text()
         page.locator("#token-section").wait_for(state="visible")
@@ -111,6 +137,7 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
         assert re.fullmatch(r"[01]\.\d{3}", probability), probability
         page.wait_for_function("() => { const r = document.querySelector('#result').getBoundingClientRect(); "
                                "return r.bottom > 0 && r.top < window.innerHeight; }", timeout=5000)  # fmt: skip
+        _assert_answer_below_the_header(page)
         assert page.locator("#call").inner_text() in ("positive", "negative")
         assert "0.5000" in page.locator("#threshold").inner_text()
         assert "this one image" in page.locator("#threshold-note").inner_text()
@@ -132,6 +159,9 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
         page.set_viewport_size(NARROW)
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1
+        page.evaluate("() => window.scrollTo(0, 0)")
+        page.click("#predict")  # the header is taller on a phone: the answer still lands below it
+        _assert_answer_below_the_header(page)
         page.screenshot(path=str(tmp_path / "serve-page-narrow.png"), full_page=True)
 
         # The token is kept for the tab: a reload goes straight to work.

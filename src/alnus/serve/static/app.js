@@ -352,7 +352,10 @@
     }
     show("no-result", false);
     show("result", true);
-    // The result sits below the image on a laptop screen: bring it into view.
+    // The result sits below the image on a laptop screen: bring it into view, below the sticky notice (whose
+    // height depends on the window's width), not under it.
+    const header = document.querySelector("header.top");
+    $("result").style.scrollMarginTop = (header ? header.getBoundingClientRect().height : 0) + 8 + "px";
     $("result").scrollIntoView({ block: "start", behavior: "smooth" });
   }
 
