@@ -333,7 +333,8 @@ def alternatives(
     from alnus.stats import auc
 
     model, _ = load_package(package)
-    x_val, y_val, _ = calibration_images(package)
+    images = calibration_images(package)
+    x_val, y_val = images.x, images.y
     torch_val = torch_probabilities(model, x_val)
     fp32 = read_export(package, "onnx")[0]
     default = QuantSettings()

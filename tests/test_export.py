@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,8 @@ def test_fp32_export_matches_pytorch_and_takes_any_batch(exported: tuple[Path, s
     """Issue 9.2: on the run's validation images ORT fp32 agrees with PyTorch fp32 within 1e-4 (as recorded); batch
     1 and batch 5 give the same per-image probabilities (the batch axis is dynamic)."""
     package = exported[0]
-    x, y, _ = calibration_images(package)
+    images = calibration_images(package)
+    x, y = images.x, images.y
     assert len(x) == 16 and set(y.tolist()) == {0, 1}
     model, meta = load_package(package)
     with torch.no_grad():
@@ -156,7 +158,8 @@ def test_int8_export_is_calibrated_on_the_run_and_records_its_numbers(quantized:
     assert calibration["run"] == "phantom" and calibration["split"] == "val" and calibration["n_images"] == 16
     assert calibration["quant_format"] == "QDQ" and calibration["per_channel"] is True
     assert calibration["method"] == calibration["tried"][-1]["method"] and calibration["tried"][-1]["passed"]
-    x, y, _ = calibration_images(package)
+    images = calibration_images(package)
+    x, y = images.x, images.y
     model, _ = load_package(package)
     with torch.no_grad():
         reference = torch.sigmoid(model(torch.from_numpy(x))).numpy()
@@ -238,12 +241,77 @@ def test_a_missing_calibration_run_says_what_to_pass(exported: tuple[Path, str, 
     """Issue 9.2: a package outside a run folder, or a --calibration that is not a prepared run, names the option."""
     package = _copy(exported[0], tmp_path)
     before = {p.name: p.read_bytes() for p in package.iterdir()}
-    with pytest.raises(ExportError, match=r"not inside a run folder.*pass --calibration runs/<name>"):
+    wanted = r"not inside a run folder.*pass --calibration runs/<name>.* or --calibration a labelled manifest"
+    with pytest.raises(ExportError, match=wanted):
         export_package(package, "onnx")
     result = runner.invoke(app, ["export", str(package), "--calibration", str(tmp_path / "nowhere")])
     assert isinstance(result.exception, ExportError)
     assert "--calibration" in str(result.exception) and "nowhere" in str(result.exception)
     assert {p.name: p.read_bytes() for p in package.iterdir()} == before  # nothing written
+
+
+def _validation_manifest(run: Path, tmp_path: Path, *, extra: list[dict] | None = None) -> Path:
+    """The run's validation rows as a labelled manifest outside the run (image paths absolute), plus `extra` rows."""
+    rows = pd.read_csv(run / "splits.csv", dtype=str)
+    rows = rows[rows["split"] == "val"].drop(columns=["split"])
+    manifest = tmp_path / "site_validation.csv"
+    pd.concat([rows, pd.DataFrame(extra or [])], ignore_index=True).to_csv(manifest, index=False)
+    return manifest
+
+
+def test_a_package_on_its_own_is_checked_on_a_labelled_manifest(
+    exported: tuple[Path, str, str], run_dir: Path, tmp_path: Path
+) -> None:
+    """A shipped package has no run folder: `--calibration MANIFEST.csv` checks (and calibrates) the export on the
+    manifest's images instead; rows of a class the model does not know are left out and named (new-user review)."""
+    package = _copy(exported[0], tmp_path)
+    image = pd.read_csv(run_dir / "splits.csv")["image"].iloc[0]
+    other = [{"image": image, "patient_id": "N1", "site": "dev", "label": "normal"}]
+    manifest = _validation_manifest(run_dir, tmp_path, extra=other)
+    result = runner.invoke(app, ["export", str(package), "--calibration", str(manifest)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "16 images of site_validation.csv" in said and "labelled 'normal'" in said and "left out" in said
+    record = read_metadata(package)["exports"]["onnx"]
+    assert record["checked_on"] == {"manifest": "site_validation.csv"} and record["n_images"] == 16
+    assert record["max_abs_diff"] <= export.FP32_MAX_ABS_DIFF
+    lines: list[str] = []
+    int8 = export_package(package, "onnx-int8", calibration=manifest, progress=lines.append)
+    assert int8["calibration"]["manifest"] == "site_validation.csv" and int8["calibration"]["n_images"] == 16
+    assert {"onnx", "onnx-int8"} <= set(available_engines(package))
+
+
+def test_an_int8_export_needs_both_classes_in_the_manifest(exported: tuple[Path, str, str], run_dir: Path,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    package = _copy(exported[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in package.iterdir()}
+    manifest = _validation_manifest(run_dir, tmp_path)
+    rows = pd.read_csv(manifest)
+    rows[rows["label"] == LABELS[0]].to_csv(manifest, index=False)
+    with pytest.raises(ExportError, match=r"images of .*site_validation.csv are of one class only"):
+        export_package(package, "onnx-int8", calibration=manifest)
+    assert {p.name: p.read_bytes() for p in package.iterdir()} == before  # nothing written
+
+
+def test_a_package_on_its_own_is_locked_while_it_exports(exported: tuple[Path, str, str], tmp_path: Path) -> None:
+    """Two exports of one package outside a run cannot interleave (one's file under the other's record)."""
+    from alnus.models.package import package_lock
+
+    package = _copy(exported[0], tmp_path)
+    caught: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with package_lock(package, timeout_s=0.2):
+                pass
+        except PackageError as exc:
+            caught.append(exc)
+
+    with export._package_lock(package):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(caught) == 1
 
 
 @pytest.mark.parametrize(
@@ -315,7 +383,7 @@ def test_an_adapted_package_exports_with_the_training_runs_images_and_keeps_its_
     assert result.exit_code == 0, result.output
     meta = read_metadata(adapted)
     assert meta["adaptation"]["site"] == "B" and meta["exports"]["onnx"]["max_abs_diff"] <= 1e-4
-    x, _, _ = calibration_images(adapted, run_dir)
+    x = calibration_images(adapted, run_dir).x
     onnx_probs = Predictor(adapted, device="cpu", engine="onnx").predict_batch(torch.from_numpy(x[:6]))
     torch_probs = Predictor(adapted, device="cpu", precision="fp32", engine="torch").predict_batch(
         torch.from_numpy(x[:6])

@@ -2143,7 +2143,10 @@ def export(
     ] = "onnx",
     calibration: Annotated[
         Path | None,
-        typer.Option(help="Run folder whose validation images check the export; default: the run the package is in."),
+        typer.Option(
+            help="Run folder whose validation images check the export (default: the run the package is in), or a "
+            "labelled manifest (CSV: image, label and the lesion boxes; e.g. a site's validation patients)."
+        ),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
     method: Annotated[str, typer.Option(help="int8 calibration: auto, minmax, percentile or entropy.")] = "auto",
@@ -2164,7 +2167,9 @@ def export(
         progress=lambda line: err_console.print(escape(line), highlight=False),
     )
     where = package / record["file"]
-    checked = f"{record['n_images']} validation images of run {record['checked_on']['run']}"
+    source = record["checked_on"]
+    of = f"validation images of run {source['run']}" if "run" in source else f"images of {source.get('manifest')}"
+    checked = f"{record['n_images']} {of}"
     if fmt == "onnx-int8":
         checked = (
             f"{checked} ({record['calibration']['method']} calibration): AUC fp32 {record['auc_torch']:.4f}, int8 "

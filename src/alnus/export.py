@@ -31,6 +31,7 @@ offers, fastest first (measured by bench/int8.py; the numbers are in docs/perfor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import math
@@ -49,7 +50,15 @@ from torch import nn
 from alnus._io import NotAFileError, atomic_write_bytes, file_problem, open_regular
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset
 from alnus.errors import AlnusError
-from alnus.models.package import EXPORT_FILES, METADATA_FILE, is_ensemble, load_package, read_metadata, record_export
+from alnus.models.package import (
+    EXPORT_FILES,
+    METADATA_FILE,
+    is_ensemble,
+    load_package,
+    package_lock,
+    read_metadata,
+    record_export,
+)
 from alnus.runfolder import RunFolder, lock_run, read_splits
 
 # The engines prediction can run on: PyTorch (always) and the exports a package may hold.
@@ -142,37 +151,52 @@ def package_run(package_dir: str | os.PathLike[str]) -> Path | None:
     return run if RunFolder(run).model(package.parent.name).package == package else None
 
 
+@dataclass(frozen=True)
+class CalibrationImages:
+    """The images an export is calibrated and checked on, as the package's network sees them: `x` `(N, 1, S, S)`
+    float32 in [0, 1], `y` `(N,)` 0/1, and where they came from (`checked_on` as recorded, `where` as said)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    checked_on: dict[str, str]
+    where: str
+    note: str = ""  # rows of a manifest left out (a class the model does not know), said to the user
+
+
 def calibration_images(
     package_dir: str | os.PathLike[str],
     calibration: str | os.PathLike[str] | None = None,
     *,
     max_images: int = MAX_CALIBRATION_IMAGES,
-) -> tuple[np.ndarray, np.ndarray, Path]:
-    """The validation images of a run as the package's network sees them: `(x (N, 1, S, S) float32 in [0, 1], y (N,)
-    0/1, run folder)`, through the package's preprocessing and the run's image cache.
+) -> CalibrationImages:
+    """The validation images of a run, or the images of a labelled manifest, as the package's network sees them
+    (through the package's preprocessing; a run's images through its image cache).
 
     Args:
-        calibration: the run folder; None: the run the package sits in.
-        max_images: at most this many, spread evenly over the split (in its order).
+        calibration: a run folder, or a labelled manifest (CSV: image, label and the lesion boxes the package needs;
+            rows of a class the model does not know are left out); None: the run the package sits in.
+        max_images: at most this many, spread evenly over the split or manifest (in its order).
     """
     meta = read_metadata(package_dir)
+    if calibration is not None and Path(calibration).is_file():
+        return _manifest_images(meta, Path(calibration), max_images)
     run_dir = Path(calibration) if calibration is not None else package_run(package_dir)
     if run_dir is None:
         raise ExportError(
-            f"{package_dir} is not inside a run folder, so it has no validation images to check the export on; "
-            "pass --calibration runs/<name>, the run the package was trained in"
+            f"{package_dir} is not inside a run folder, so it has no validation images to check the export on; pass "
+            f"--calibration runs/<name> (the run the package was trained in) or --calibration {MANIFEST_HINT}"
         )
     if not RunFolder(run_dir).splits.is_file():
         raise ExportError(
             f"calibration run {run_dir} not found or not prepared (no {RunFolder(run_dir).splits.name}); pass "
-            "--calibration runs/<name>, the run the package was trained in"
+            f"--calibration runs/<name> (the run the package was trained in) or {MANIFEST_HINT}"
         )
     table = read_splits(run_dir)
     rows = table[table["split"] == CALIBRATION_SPLIT]
     if rows.empty:
         raise ExportError(
             f"calibration run {run_dir} has no {CALIBRATION_SPLIT} images; pass --calibration a run with a "
-            "validation split"
+            f"validation split, or {MANIFEST_HINT}"
         )
     unknown = sorted(set(rows["label"]) - set(meta["label_names"]))
     if unknown:
@@ -180,15 +204,43 @@ def calibration_images(
             f"calibration run {run_dir} has labels {unknown} that package {package_dir} does not know "
             f"({meta['label_names']}); pass --calibration the run the package was trained in"
         )
+    checked_on = {"run": Path(run_dir).name, "split": CALIBRATION_SPLIT}
+    where = f"{CALIBRATION_SPLIT} images of run {run_dir}"
+    cache = ImageCache(RunFolder(run_dir).cache)
+    return _images(meta, _spread(rows, max_images), Path(run_dir), cache, checked_on, where)
+
+
+# What to pass instead of a run: a labelled manifest (a model shipped on its own has no run folder).
+MANIFEST_HINT = "a labelled manifest of validation images (CSV with image, label and the lesion boxes)"
+
+
+def _manifest_images(meta: Mapping[str, Any], manifest: Path, max_images: int) -> CalibrationImages:
+    """A labelled manifest's images (checked as `alnus threshold` checks its manifest; other classes left out)."""
+    from alnus.adapt import labelled_table
+
+    table, left_out = labelled_table(manifest, dict(meta), "an export is checked", leave_out=True)
+    checked_on = {"manifest": manifest.name}
+    images = _images(meta, _spread(table, max_images), manifest.parent, None, checked_on, f"images of {manifest}")
+    return dataclasses.replace(images, note=left_out)
+
+
+def _spread(rows: Any, max_images: int) -> Any:
+    """At most `max_images` rows, spread evenly over the table (in its order)."""
     if len(rows) > max_images:
         rows = rows.iloc[np.linspace(0, len(rows) - 1, max_images).round().astype(int)]
+    return rows.reset_index(drop=True)
+
+
+def _images(
+    meta: Mapping[str, Any], rows: Any, root: Path, cache: ImageCache | None, checked_on: dict[str, str], where: str
+) -> CalibrationImages:
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    dataset = UltrasoundDataset(
-        rows, run_dir, spec, cache=ImageCache(RunFolder(run_dir).cache), positive_label=meta["positive_label"]
-    )
+    dataset = UltrasoundDataset(rows, root, spec, cache=cache, positive_label=meta["positive_label"])
     dataset.warm()
     x = torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
-    return np.ascontiguousarray(x, dtype=np.float32), dataset.targets.astype(np.int64), Path(run_dir)
+    return CalibrationImages(
+        np.ascontiguousarray(x, dtype=np.float32), dataset.targets.astype(np.int64), checked_on, where
+    )
 
 
 # -- export and quantisation -------------------------------------------------------------------------------------
@@ -364,13 +416,13 @@ def torch_probabilities(model: nn.Module, x: np.ndarray, batch: int = _BATCH) ->
     return np.concatenate(out) if out else np.empty(0)
 
 
-def _auc(y: np.ndarray, p: np.ndarray, run: Path) -> float:
+def _auc(y: np.ndarray, p: np.ndarray, images: CalibrationImages) -> float:
     from alnus.stats import auc
 
     if len(set(y.tolist())) < 2:
         raise ExportError(
-            f"the {CALIBRATION_SPLIT} split of {run} has one class only, so the int8 export's AUC cannot be checked; "
-            "pass --calibration a run whose validation split has both"
+            f"the {images.where} are of one class only, so the int8 export's AUC cannot be checked; pass "
+            "--calibration a run whose validation split has both classes, or a manifest that has"
         )
     return auc(y, p)
 
@@ -404,10 +456,12 @@ def _base_record(kind: str, graph: bytes, meta: Mapping[str, Any], opset: int, s
 
 @contextlib.contextmanager
 def _package_lock(package_dir: Path) -> Iterator[None]:
-    """Hold the writer lock of the run the package sits in (evaluate rewrites the same metadata.json)."""
+    """Hold the writer lock of the run the package sits in (evaluate rewrites the same metadata.json); a package on
+    its own, its folder's lock (two exports at once could leave one's file under the other's record)."""
     run = package_run(package_dir)
     if run is None:
-        yield
+        with package_lock(package_dir):
+            yield
         return
     with lock_run(run, command="alnus export"):
         yield
@@ -447,17 +501,18 @@ def export_package(
     with _package_lock(package):
         model, meta = load_package(package)
         size = int(meta["preprocess"]["size"])
-        x, y, run = calibration_images(package, calibration, max_images=max_images)
-        say(f"{len(x)} {CALIBRATION_SPLIT} images of {run}")
+        images = calibration_images(package, calibration, max_images=max_images)
+        x = images.x
+        say(f"{len(x)} {images.where}" + (f" ({images.note})" if images.note else ""))
         reference = torch_probabilities(model, x)
         fp32 = _reusable_fp32(package, meta, opset) if kind == "onnx-int8" else None
         if fp32 is None:
             say(f"exporting {meta['backbone']} (opset {opset})")
             fp32 = export_onnx(model, size, opset=opset)
         if kind == "onnx":
-            record = _check_fp32(fp32, x, reference, run)
+            record = _check_fp32(fp32, images, reference)
         else:
-            record = _quantize_checked(fp32, x, y, reference, run, method, settings or QuantSettings(), say)
+            record = _quantize_checked(fp32, images, reference, method, settings or QuantSettings(), say)
         graph = record.pop("graph")
         record = {**_base_record(kind, graph, meta, opset, size), **record}
         # The file first, then the record naming its hash: a crash between leaves a file no record vouches for.
@@ -498,42 +553,41 @@ def _reusable_fp32(package: Path, meta: Mapping[str, Any], opset: int) -> bytes 
         return None
 
 
-def _check_fp32(graph: bytes, x: np.ndarray, reference: np.ndarray, run: Path) -> dict[str, Any]:
-    diff = float(np.abs(_run(_session(graph), x) - reference).max())
+def _check_fp32(graph: bytes, images: CalibrationImages, reference: np.ndarray) -> dict[str, Any]:
+    diff = float(np.abs(_run(_session(graph), images.x) - reference).max())
     if not diff <= FP32_MAX_ABS_DIFF:  # also refuses NaN
         raise ExportError(
-            f"the ONNX export differs from PyTorch by up to {diff:.3g} in probability on {len(x)} "
-            f"{CALIBRATION_SPLIT} images of {run} (allowed {FP32_MAX_ABS_DIFF:g}); it was not kept. Report this "
-            "with the backbone name; predict with --engine torch meanwhile"
+            f"the ONNX export differs from PyTorch by up to {diff:.3g} in probability on {len(images.x)} "
+            f"{images.where} (allowed {FP32_MAX_ABS_DIFF:g}); it was not kept. Report this with the backbone name; "
+            "predict with --engine torch meanwhile"
         )
     return {
         "graph": graph,
         "max_abs_diff": diff,
         "tolerance": FP32_MAX_ABS_DIFF,
-        "n_images": len(x),
-        "checked_on": {"run": run.name, "split": CALIBRATION_SPLIT},
+        "n_images": len(images.x),
+        "checked_on": dict(images.checked_on),
         "passed": True,
     }
 
 
 def _quantize_checked(
     fp32: bytes,
-    x: np.ndarray,
-    y: np.ndarray,
+    images: CalibrationImages,
     reference: np.ndarray,
-    run: Path,
     method: str,
     settings: QuantSettings,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    auc_torch = _auc(y, reference, run)
+    x, y = images.x, images.y
+    auc_torch = _auc(y, reference, images)
     tried: list[dict[str, Any]] = []
     for name in AUTO_METHODS if method == "auto" else (method,):
         chosen = QuantSettings(**{**asdict(settings), "method": name})
         say(f"quantising to int8 ({name} calibration)")
         graph = quantize_onnx(fp32, x, chosen)
         probs = _run(_session(graph), x)
-        auc_int8 = _auc(y, probs, run) if np.isfinite(probs).all() else math.nan
+        auc_int8 = _auc(y, probs, images) if np.isfinite(probs).all() else math.nan
         diff = float(np.abs(probs - reference).max())
         held = bool(auc_torch - auc_int8 <= INT8_MAX_AUC_DROP)  # NaN fails
         tried.append({"method": name, "auc_int8": auc_int8, "max_abs_diff": diff, "passed": held})
@@ -543,13 +597,12 @@ def _quantize_checked(
                 "graph": graph,
                 "max_abs_diff": diff,
                 "n_images": len(x),
-                "checked_on": {"run": run.name, "split": CALIBRATION_SPLIT},
+                "checked_on": dict(images.checked_on),
                 "auc_torch": auc_torch,
                 "auc_int8": auc_int8,
                 "max_auc_drop": INT8_MAX_AUC_DROP,
                 "calibration": {
-                    "run": run.name,
-                    "split": CALIBRATION_SPLIT,
+                    **images.checked_on,
                     "n_images": len(x),
                     **asdict(chosen),
                     "excluded": f"classifier head and sigmoid, first {chosen.fp32_convs} convolution(s)",
@@ -559,7 +612,7 @@ def _quantize_checked(
             }
     results = "; ".join(f"{t['method']}: AUC {t['auc_int8']:.4f}" for t in tried)
     raise ExportError(
-        f"the int8 export loses AUC on {len(x)} {CALIBRATION_SPLIT} images of {run}: fp32 {auc_torch:.4f}, int8 "
+        f"the int8 export loses AUC on {len(x)} {images.where}: fp32 {auc_torch:.4f}, int8 "
         f"{results} (allowed drop {INT8_MAX_AUC_DROP:g}); it was not kept. Use the fp32 export "
         "(alnus export PACKAGE --format onnx) instead"
     )
