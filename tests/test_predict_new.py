@@ -25,7 +25,7 @@ from alnus.data.manifest import ManifestError
 from alnus.errors import AlnusError
 from alnus.models import create_model
 from alnus.models.package import freeze_threshold, save_package
-from alnus.predict import NOTICE, PredictError, Predictor
+from alnus.predict import NEW_DATA_COLUMNS, NOTICE, PredictError, Predictor
 
 LABELS = ["negative", "positive"]
 GOOD = ("a.png", "b.png", "sub/c.png", "sub/IM0001")
@@ -669,3 +669,50 @@ def test_a_column_spelt_another_way_is_refused(tmp_path: Path, name: str) -> Non
     (tmp_path / "m.csv").write_text(f"image,{name}\na.png,x\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="alnus reads the column"):
         collect_inputs(manifest=tmp_path / "m.csv")
+
+
+def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Path, tmp_path: Path) -> None:
+    """`--keep label` copies the manifest's cells into the output as written, row for row (an error row and an image
+    named on the command line included; a repeat is read once, its first row's cells kept), defused in CSV like any
+    cell (new-user review: checking predictions against the truth meant joining files by hand)."""
+    export = data / "export"
+    rows = [("a.png", "P1", "negative", "x"), ("fake.png", "P2", "positive", "y"), ("a.png", "P1", "other", "z"),
+            ("b.png", "P3", "=1+1", "w")]  # fmt: skip
+    manifest = export / "kept.csv"
+    pd.DataFrame(rows, columns=["image", "patient_id", "label", "note"]).to_csv(manifest, index=False)
+    code, stdout, _ = _predict(str(data / "model"), str(export / "sub" / "c.png"), "--manifest", str(manifest),
+                               "--keep", "label", "--keep", "note", "--keep", "label")  # fmt: skip
+    assert code == 1  # fake.png is no image
+    out = _csv(stdout)
+    assert out["label"].tolist() == ["", "negative", "positive", "'=1+1"] and out["note"].tolist() == [
+        "",
+        "x",
+        "y",
+        "w",
+    ]
+    columns = out.columns.tolist()
+    assert columns.index("patient_id") < columns.index("label") < columns.index("note") < columns.index("prob")
+    assert out.loc[out["error"] != "", "image"].tolist() == ["fake.png"]
+    assert set(columns) - {"label", "note"} <= NEW_DATA_COLUMNS
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--keep", "prob"), r"--keep prob: the predictions have their own prob column"),
+        (("--keep", " "), r"--keep names a manifest column; it was given an empty name"),
+        (
+            ("--keep", "truth"),
+            r"column 'truth': --keep names it, but the manifest has no such column \(columns found: "
+            r"'image', 'label'\)",
+        ),  # fmt: skip
+    ],
+)
+def test_a_kept_column_must_be_the_manifests_own(data: Path, tmp_path: Path, args: tuple[str, ...],
+                                                 message: str) -> None:  # fmt: skip
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [str(data / "export" / "a.png")], "label": ["negative"]}).to_csv(manifest, index=False)
+    with pytest.raises(AlnusError, match=message):
+        _predict(str(data / "model"), "--manifest", str(manifest), *args)
+    with pytest.raises(AlnusError, match=r"--keep label names a column of a manifest; pass the images with --manifest"):
+        _predict(str(data / "model"), str(data / "export" / "a.png"), "--keep", "label")

@@ -19,7 +19,7 @@ from alnus.data.dataset import PreprocessSpec
 from alnus.evaluate import reader_rule_on_validation
 from alnus.models import create_model
 from alnus.models.package import PackageError, freeze_threshold, read_metadata, save_package, set_reader_rule
-from alnus.predict import Predictor
+from alnus.predict import NEW_DATA_COLUMNS, Predictor
 from alnus.reader_rule import CARD_END, CARD_START, ReaderRuleError, check_reader_rule
 from alnus.readers import birads_call, birads_score, lowest_positive_scores
 from tests._cli import run_cli
@@ -190,6 +190,8 @@ def test_predict_gives_the_radiologist_and_the_radiologist_with_ai(site: Path) -
         assert row["ruled_out"] == int(ruled_out)
         assert row["with_ai"] == ("negative (ruled out by the model)" if ruled_out else "positive")
         assert "radiologist with AI" in stderr
+        assert set(row.index) <= NEW_DATA_COLUMNS  # what `--keep` may not name
+    assert {"patient_prob", "n_images", "call", "threshold"} <= set(row.index)  # this package has a threshold too
     code, _, stderr = run_cli("predict", str(package), image, "--birads", "7")
     assert code == 2 and "'7' is not a BI-RADS category" in stderr
     code, _, stderr = run_cli("predict", str(package), image, image, "--birads", "4a")

@@ -1178,6 +1178,14 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     recursive: Annotated[bool, typer.Option(help="Search the folders' subfolders too.")] = True,
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="COLUMN",
+            help="A manifest column to copy into each output row as it is (e.g. label, to set the predictions beside "
+            "the truth); repeat for more.",
+        ),
+    ] = None,
 ) -> None:
     """Predict new images (files, folders, a manifest) with a model package; a run's own splits: `alnus predict-run`.
 
@@ -1193,6 +1201,7 @@ def predict(
     from alnus.predict import Predictor, package_notes
 
     _refuse_run_folder(package)
+    keep = _kept_columns(keep or [])
     if out_name is not None and out_name.endswith(("/", os.sep)):
         # Path() would drop the slash and write a file where the user named a folder.
         raise AlnusError(f"--out {out_name} ends in a slash, which names a folder; --out names the predictions' file.")
@@ -1204,7 +1213,7 @@ def predict(
     from alnus.readers import birads_key
 
     table = collect_inputs(inputs or [], manifest, recursive=recursive, per_image=per_image, birads_columns=columns,
-                           reading_key=birads_key)  # fmt: skip
+                           reading_key=birads_key, keep=keep)  # fmt: skip
     predictor = Predictor(package, device=device, batch_size=batch_size, engine=engine, max_pixels=max_pixels)
     _refuse_targets_over_inputs(out, heatmaps, package, manifest, table)  # a package checked, before any image
     fmt = _output_format(fmt, out)  # after: an input named as --out is said to be one, not to lack a known ending
@@ -1256,6 +1265,23 @@ def predict(
             )
     if (result["error"] != "").any():
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _kept_columns(keep: list[str]) -> list[str]:
+    """`--keep`'s manifest columns, each once, none named as a column predict writes itself."""
+    from alnus._text import printable
+    from alnus.predict import NEW_DATA_COLUMNS
+
+    columns = list(dict.fromkeys(name.strip() for name in keep))
+    for name in columns:
+        if not name:
+            raise AlnusError("--keep names a manifest column; it was given an empty name.")
+        if name in NEW_DATA_COLUMNS:
+            raise AlnusError(
+                f"--keep {printable(name)}: the predictions have their own {printable(name)} column; keep the "
+                "manifest's other columns (a label, say), or rename this one in the manifest."
+            )
+    return columns
 
 
 def _birads_columns(package: Path) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import load_image, parse_frame
+from alnus.data.inputs import KEPT_PREFIX
 from alnus.data.roi import (
     Box,
     RoiError,
@@ -68,6 +69,13 @@ ENGINE_CHOICES = ("auto", *ENGINES)
 NOTICE = "Research use only; not for diagnosis."
 # The model card (`alnus.report.card`) is read for the notes up to this size; a larger file is not a card of ours.
 MAX_CARD_BYTES = 1024 * 1024
+# Every column `Predictor.predict_inputs` (and `alnus predict --heatmaps`) may write: a manifest column kept with
+# `--keep` must not take one of these names.
+NEW_DATA_COLUMNS = frozenset({
+    "image", "patient_id", "study_id", "site", "roi", "mask", "prob", "patient_prob", "study_prob", "n_images", "call",
+    "call_level", "prediction", "threshold", "birads", "reader_call", "with_ai_call", "ruled_out", "with_ai", "engine",
+    "error", "warning", "heatmap",
+})  # fmt: skip
 
 
 class PredictError(AlnusError):
@@ -572,6 +580,8 @@ class Predictor:
             values = [r.get(named) or r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
+        for key in [k for k in (records[0] if records else {}) if k.startswith(KEPT_PREFIX)]:
+            out[key.removeprefix(KEPT_PREFIX)] = [r.get(key, "") for r in records]  # `--keep`: as the manifest has it
         out["prob"] = probs
         ok = np.array([not e for e in errors], dtype=bool)
         if self.operating_point is not None:

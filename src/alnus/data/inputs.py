@@ -38,6 +38,8 @@ INPUT_COLUMNS = (
 # Columns a prediction manifest may carry (besides `image`, which it must have); the reading is taken from the first
 # of `BIRADS_COLUMNS` it has (`birads`, else the importers' `reader_birads`).
 MANIFEST_COLUMNS = ("patient_id", "study_id", "site", "roi", "mask", "frame", "birads")
+# A manifest column copied into the output (`alnus predict --keep`) travels in the collected table under this prefix.
+KEPT_PREFIX = "keep:"
 # Options given once per image on the command line, in the images' order.
 PER_IMAGE_COLUMNS = ("patient_id", "roi", "mask", "birads")
 _SUPPORTED = "PNG, JPEG, BMP, TIFF or DICOM (.dcm, or a DICOM file without an extension)"
@@ -121,9 +123,12 @@ def _cell(record: Mapping[str, str], column: str) -> str:
     return str(record.get(column, "") or "").strip()
 
 
-def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMNS) -> list[dict[str, str]]:
+def _manifest_rows(
+    manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMNS, keep: Sequence[str] = ()
+) -> list[dict[str, str]]:
     """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute. The
-    reading (`birads`) is taken from the first of `birads_columns` that holds any reading.
+    reading (`birads`) is taken from the first of `birads_columns` that holds any reading; each column of `keep` is
+    carried as it is, under `KEPT_PREFIX`.
 
     Raises:
         ManifestError: the file cannot be read as CSV, or it has no `image` column (a problem of the whole file).
@@ -142,6 +147,14 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
                 Problem(None, "image", f"required column is missing (columns found: {found}); give each image's path")
             ],
         )
+    missing = [column for column in keep if column not in header]
+    if missing:
+        found = ", ".join(repr(name) for name in header)
+        raise ManifestError(
+            manifest,
+            [Problem(None, column, f"--keep names it, but the manifest has no such column (columns found: {found})")
+             for column in missing],
+        )  # fmt: skip
     root = manifest.parent
 
     # The readings' column: the first of `birads_columns` with any reading (an empty `birads` column hides none).
@@ -177,6 +190,7 @@ def _manifest_rows(manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMN
         else:
             error = _cell_problem(extra)
         path = root / image if image else root
+        extra.update({KEPT_PREFIX + column: _cell(values, column) for column in keep})
         rows.append(_row(image, path, where, f"{where}: {error}" if error else "", **extra))
     return rows
 
@@ -351,8 +365,10 @@ def collect_inputs(
     per_image: Mapping[str, Sequence[str]] | None = None,
     birads_columns: Sequence[str] = BIRADS_COLUMNS,
     reading_key: ReadingKey = _plain_reading,
+    keep: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """One row per image to predict, with the columns `INPUT_COLUMNS` (all strings; `error` is "" where fine).
+    """One row per image to predict, with the columns `INPUT_COLUMNS` (all strings; `error` is "" where fine), then
+    `KEPT_PREFIX` + each column of `keep` (the manifest's cells; "" for an image named on the command line).
 
     Order: the `paths` in the order given (a folder's images sorted by path), then the manifest's rows in its order.
     Duplicates are removed (the first kept); the table's `attrs["notes"]` says which, and how many files in the
@@ -370,6 +386,7 @@ def collect_inputs(
             second).
         reading_key: which category a BI-RADS cell is (None for one it cannot read), to tell whether a repeated
             row has another reading; by default its spelling (`alnus predict` passes `alnus.readers.birads_key`).
+        keep: manifest columns to carry through to the output as they are written (a label, say).
 
     Raises:
         InputError: no input at all, no image found, or per-image values that do not match the files.
@@ -377,6 +394,8 @@ def collect_inputs(
     """
     if not paths and manifest is None:
         raise InputError("no input given; name image files or folders, or pass --manifest CSV.")
+    if keep and manifest is None:
+        raise InputError(f"--keep {keep[0]} names a column of a manifest; pass the images with --manifest CSV.")
     rows: list[dict[str, str]] = []
     skipped: list[str] = []
     folders = []
@@ -405,7 +424,7 @@ def collect_inputs(
             )
         _apply_per_image(rows, per_image)
     if manifest is not None:
-        rows += _manifest_rows(Path(manifest), birads_columns)
+        rows += _manifest_rows(Path(manifest), birads_columns, keep)
     if not rows:
         where = ", ".join(folders) or str(manifest)
         what = "" if recursive else " (subfolders were not searched: --recursive searches them)"
@@ -420,6 +439,8 @@ def collect_inputs(
     if skipped:
         named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
         notes.append(f"skipped {len(skipped)} file(s) in the folders that are not {_SUPPORTED} images: {named}")
-    table = pd.DataFrame(rows, columns=list(INPUT_COLUMNS), dtype=object)
+    kept = [KEPT_PREFIX + column for column in keep]
+    table = pd.DataFrame(rows, columns=[*INPUT_COLUMNS, *kept], dtype=object)
+    table[kept] = table[kept].fillna("")  # an image named on the command line has no manifest cells
     table.attrs["notes"] = notes
     return table
