@@ -748,3 +748,29 @@ def test_a_change_of_data_is_named(cv_pair, tmp_path):
     changes = compare_cv([reference, copy])["models"][1]["differs_from_reference"]
     assert len(changes) == 1 and changes[0].startswith("the data (data.json hash): ")
     assert changes[0].endswith("-> ffffffffffff")
+
+
+def test_a_missing_manifest_stops_cv_before_any_fold_folder_is_made(tmp_path):
+    """New-user review: `alnus cv configs/demo.yaml` before the demo's data existed printed fold 0's banner, then the
+    error, and left runs/NAME_cv0 behind; now it stops first, and says how the demo's phantom data is made."""
+    config = tmp_path / "configs" / "demo.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "try",
+                "runs_dir": str(tmp_path / "runs"),
+                "models": ["tiny_cnn"],
+                "data": {
+                    "manifest": "../demo/data/manifest.csv",
+                    "labels": ["negative", "positive"],
+                    "positive_label": "positive",
+                },
+            }
+        )  # fmt: skip
+    )
+    with pytest.raises(
+        StudyError, match=r"manifest\.csv not found.*made by `alnus data phantom .*demo/data` \(or `make"
+    ):
+        run_cv(load_config(config), 2)
+    assert not (tmp_path / "runs").exists()

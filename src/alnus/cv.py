@@ -305,6 +305,9 @@ def run_cv(cfg: Config, folds: int, *, resume: bool = False, console: Console | 
             "alnus cv sets data.cv_folds and data.cv_fold itself, one fold per run: leave them unset in the config "
             "and give the number of folds as --folds K"
         )
+    from alnus.study import check_manifest
+
+    check_manifest(cfg)  # before any fold's folder is made
     configs = [fold_config(cfg, folds, k) for k in range(folds)]  # all checked before the first training
     for fold_cfg in configs:
         if fold_cfg.run_dir.is_dir():

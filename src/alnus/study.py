@@ -47,9 +47,16 @@ def check_manifest(cfg: Config) -> None:
     manifest_path = Path(cfg.data.manifest)
     if not manifest_path.is_file():
         what = "is not a file" if manifest_path.exists() else "not found"
+        # The demo's config names the phantom data `alnus demo` makes: a first try of another command needs it made.
+        demo = manifest_path.parts[-3:] == ("demo", "data", "manifest.csv") and what == "not found"
+        hint = (
+            f" The demo's phantom data is made by `alnus data phantom {manifest_path.parent}` (or `make demo`)."
+            if demo
+            else ""
+        )
         raise StudyError(
             f"data.manifest {manifest_path} {what}; set data.manifest in the config (relative to the config file) "
-            "or pass --set data.manifest=PATH (relative to the current folder)."
+            f"or pass --set data.manifest=PATH (relative to the current folder).{hint}"
         )
 
 
