@@ -503,6 +503,23 @@ def test_breast_maps_ids_roi_reader_age_and_paths(tmp_path: Path) -> None:
     assert _resolves(df, out, "image") and _resolves(df, out, "mask") and _resolves(df, out, "mask_other")
 
 
+def test_a_dataset_reached_through_a_link_keeps_the_link_in_the_manifests_paths(tmp_path: Path) -> None:
+    """New-user review: a dataset linked beside the repository (shared/ -> the real folder) was written into the
+    manifest through the link's target, so relinking the data elsewhere broke the manifest."""
+    real = _breast_staged(tmp_path / "disk" / "BrEaST-Lesions-USG")
+    (tmp_path / "shared").symlink_to(tmp_path / "disk")
+    out = tmp_path / "work" / "breast"
+    df = pd.read_csv(import_dataset("breast", tmp_path / "shared" / "BrEaST-Lesions-USG", out), dtype=str,
+                     keep_default_na=False)  # fmt: skip
+    assert df["image"].tolist()[0] == "../../shared/BrEaST-Lesions-USG/images/case001.png"
+    assert _resolves(df, out, "image") and _resolves(df, out, "mask")
+    (tmp_path / "moved").mkdir()
+    real.rename(tmp_path / "moved" / "BrEaST-Lesions-USG")  # the data moves; the link is pointed at it again
+    (tmp_path / "shared").unlink()
+    (tmp_path / "shared").symlink_to(tmp_path / "moved")
+    assert _resolves(df, out, "image") and _resolves(df, out, "mask")
+
+
 def test_breast_lesion_without_tumour_mask_is_an_error(tmp_path: Path) -> None:
     src = _breast_staged(tmp_path / "br")
     table = pd.read_csv(src / "manifest.csv", dtype=str, keep_default_na=False)

@@ -179,10 +179,13 @@ def _join(manifest: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
 
 
 def _source_dir(src: str | os.PathLike[str]) -> Path:
-    path = Path(src).resolve()
-    if not path.is_dir():
+    """The dataset folder as spelt (absolute): a link to the data stays in the manifest's paths, so relinking the
+    data elsewhere keeps the manifest working. Where `..` after a link makes the spelling name another folder than
+    the one the system reaches, the folder reached."""
+    path = Path(os.path.abspath(src))
+    if not Path(src).is_dir():
         raise DatasetImportError(f"{src}: source folder not found; give the dataset's folder as SRC.")
-    return path
+    return path if path.is_dir() and os.path.samefile(path, src) else Path(src).resolve()
 
 
 # --- BUS-BRA ----------------------------------------------------------------------------------------
