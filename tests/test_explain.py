@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
+from alnus._levels import patients_first
 from alnus.cli import app
 from alnus.config import load_config
 from alnus.data.dataset import PreprocessSpec, _to_tensor, letterbox_box, preprocess
@@ -444,6 +445,20 @@ def test_select_cases_takes_a_few_of_each_outcome_most_confident_first() -> None
     assert list(chosen["outcome"]) == ["TP", "TP", "FP", "FP", "FN", "TN"]
     assert list(chosen["image"]) == ["i2", "i0", "i3", "i4", "i5", "i7"]
     assert list(select_cases(table, 3)["outcome"]) == ["TP", "FP", "FN"]
+
+
+def test_select_cases_shows_other_patients_before_a_patients_second_image() -> None:
+    """New-user review: the report's gallery showed one patient twice among three true positives."""
+    table = pd.DataFrame({
+        "image": [f"i{k}" for k in range(6)],
+        "patient_id": ["A", "A", "A", "B", "", ""],  # an image without a patient id is its own patient
+        "y": [1] * 6,
+        "call": [1] * 6,
+        "prob": [0.99, 0.98, 0.97, 0.6, 0.5, 0.4],
+    })  # fmt: skip
+    assert list(select_cases(table, 4)["image"]) == ["i0", "i3", "i4", "i5"]
+    assert list(patients_first(table.iloc[::-1])["image"]) == ["i5", "i4", "i3", "i2", "i1", "i0"]
+    assert list(patients_first(table)["image"]) == ["i0", "i3", "i4", "i5", "i1", "i2"]
 
 
 @pytest.fixture(scope="module")

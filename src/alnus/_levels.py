@@ -53,6 +53,13 @@ def unit_keys(table: pd.DataFrame, level: str) -> pd.Series:
     return joined.where(identified, own)
 
 
+def patients_first(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows`, in their order of preference, with every patient's first row ahead of any patient's second (to show a
+    few patients, not one patient's images)."""
+    repeat = rows.groupby(unit_keys(rows, "patient")).cumcount().to_numpy()
+    return rows.iloc[np.argsort(repeat, kind="stable")]
+
+
 def case_ids(table: pd.DataFrame, level: str) -> np.ndarray:
     """The case of each row as an integer (0, 1, ... in order of first appearance); each image its own at `image`.
 

@@ -32,6 +32,7 @@ from scipy import ndimage
 from torch import nn
 
 from alnus._io import atomic_write_bytes, write_csv
+from alnus._levels import unit_keys
 from alnus.data.dataset import PreprocessSpec, _to_tensor, letterbox_box, preprocess
 from alnus.data.images import load_image, parse_frame
 from alnus.data.roi import Box, box_from_mask, box_inside, mask_path, parse_box, roi_box
@@ -581,9 +582,13 @@ def select_cases(predictions: pd.DataFrame, n: int) -> pd.DataFrame:
     table["_confidence"] = np.where(call == 1, table["prob"], -table["prob"])
     table["_order"] = table["outcome"].map(OUTCOMES.index)
     table = table.sort_values(["_order", "_confidence", "image"], ascending=[True, False, True], kind="stable")
+    # Another patient before a patient's second image: a few cases of each outcome, not one patient's images.
+    table["_repeat"] = table.groupby([table["outcome"], unit_keys(table, "patient")]).cumcount()
+    table = table.sort_values(["_order", "_repeat"], kind="stable")
     table["_rank"] = table.groupby("outcome").cumcount()
     chosen = table.sort_values(["_rank", "_order"], kind="stable").head(max(0, int(n)))
-    return chosen.sort_values(["_order", "_rank"], kind="stable").drop(columns=["_confidence", "_order", "_rank"])
+    dropped = ["_confidence", "_order", "_repeat", "_rank"]
+    return chosen.sort_values(["_order", "_rank"], kind="stable").drop(columns=dropped)
 
 
 def _run_max_pixels(run_dir: Path) -> int | None:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from alnus import __version__
 from alnus._io import atomic_write_text, file_problem
+from alnus._levels import patients_first
 from alnus._text import no_bidi
 from alnus.models.package import is_ensemble, kept_last_epoch
 from alnus.report import tables
@@ -232,9 +233,10 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         if rows.empty:
             absent.append(f"{outcome} ({_OUTCOME_NAMES[outcome]})")
             continue
-        # The most confident cases of each kind first: high probabilities for positive calls, low for negative.
+        # The most confident cases of each kind first (high probabilities for positive calls, low for negative), a
+        # patient's second image after the other patients' first.
         rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
-        rows = rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last")
+        rows = patients_first(rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last"))
         tiles = [
             _tile(row, folder, positive, i, missing, bool(row["_empty"]), bool(row["_padding"]))
             for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
