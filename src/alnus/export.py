@@ -216,7 +216,7 @@ MANIFEST_HINT = "a labelled manifest of validation images (CSV with image, label
 
 def _manifest_images(meta: Mapping[str, Any], manifest: Path, max_images: int) -> CalibrationImages:
     """A labelled manifest's images (checked as `alnus threshold` checks its manifest; other classes left out)."""
-    from alnus.adapt import labelled_table
+    from alnus.data.manifest import labelled_table
 
     table, left_out = labelled_table(manifest, dict(meta), "an export is checked", leave_out=True)
     checked_on = {"manifest": manifest.name}

@@ -6,9 +6,10 @@ import csv
 import io
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -774,3 +775,73 @@ def combine_manifests(paths: Sequence[str | os.PathLike[str]], out: str | os.Pat
     combined = pd.concat(frames, ignore_index=True, sort=False).fillna("")
     columns = [name for name in combined.columns if name != "source_manifest"] + ["source_manifest"]
     return combined[columns].astype(str)
+
+
+# ------------------------------------------------------------------------------- a labelled site for a package
+class LabelError(AlnusError):
+    """A labelled manifest whose labels are not a package's (`labelled_table`); the message names the rows."""
+
+
+def labelled_table(
+    manifest: Path, meta: Mapping[str, Any], purpose: str, max_pixels: int | None = None, *, leave_out: bool = False
+) -> tuple[pd.DataFrame, str]:
+    """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels, and a note
+    on the rows left out ("" when none). Rows labelled with a class the model does not know (BrEaST's "normal" scans,
+    say) are refused, or with `leave_out` left out and named in the note."""
+    table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
+    labels = table["label"].astype(str)
+    known = [str(n) for n in meta["label_names"]]
+    unknown = sorted(set(labels) - set(known))
+    note = ""
+    if unknown:
+        other = labels.index[labels.isin(unknown)]
+        rows = ", ".join(str(i + 2) for i in other[:8]) + (", ..." if len(other) > 8 else "")
+        # An empty label or a misspelt known one is a mistake to fix, not another class to leave out.
+        mistaken = {label: _near_label(label, known) for label in unknown}
+        mistaken = {label: near for label, near in mistaken.items() if near is not None}
+        if leave_out and mistaken:
+            label, near = next(iter(mistaken.items()))
+            where = ", ".join(str(i + 2) for i in labels.index[labels == label][:8])
+            raise LabelError(
+                f"{manifest}: rows {where} are labelled {label!r}, {near}; correct the label "
+                f"(the model's labels are {known}; rows of another class are left out)."
+            )
+        if not leave_out:
+            raise LabelError(
+                f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {known}; {purpose} on "
+                "patients labelled as the model was trained: rename the labels, or leave out the rows of other "
+                "classes (`alnus score` leaves them out itself; what a threshold or rule is set on is exactly the "
+                "rows you give)."
+            )
+        table = table.drop(index=other)
+        note = (
+            f"{len(other)} row(s) of {manifest.name} labelled {', '.join(map(repr, unknown))} (rows {rows}), not one "
+            f"of the model's labels {known}, were left out."
+        )
+        if table.empty:
+            raise LabelError(f"{manifest}: no row is labelled with one of the model's labels {known}.")
+    checked = validate_manifest(table, manifest.parent, labels=known, max_pixels=max_pixels)
+    if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
+        raise ManifestError(manifest, checked.problems, limit=10)
+    return table, note
+
+
+def _near_label(label: str, known: Sequence[str]) -> str | None:
+    """Why an unknown label looks like a mistake ("which is empty", "which is close to 'malignant'"), or None for a
+    label of another class. Case and character width (fullwidth letters) are compared folded (NFKC)."""
+    import difflib
+    import unicodedata
+
+    def fold(text: str) -> str:
+        return unicodedata.normalize("NFKC", text).casefold().strip()
+
+    if not fold(label):
+        return "which is empty"
+    folded = {fold(name): name for name in known}
+    if fold(label) in folded:
+        return f"which differs from {folded[fold(label)]!r} only in case or character width"
+    shortened = [name for key, name in folded.items() if len(fold(label)) >= 3 and key.startswith(fold(label))]
+    if shortened:
+        return f"which looks like {shortened[0]!r} cut short"
+    close = difflib.get_close_matches(fold(label), list(folded), n=1, cutoff=0.8)
+    return f"which is close to {folded[close[0]]!r}" if close else None
