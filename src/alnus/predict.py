@@ -82,6 +82,11 @@ class PredictError(AlnusError):
     """A table, image or run folder that cannot be predicted; the message names the row or file."""
 
 
+class ModelOutputError(PredictError):
+    """The network gave something that is no probability (NaN, or outside [0, 1]): the package, not the image, is at
+    fault, so no call is made from it."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto`: the first GPU when there is one, else the CPU; otherwise the named device (checked)."""
     if str(device) == "auto":
@@ -161,7 +166,24 @@ class Network:
         return f"torch ({self.precision.name} on {self.device}{', compiled' if self.compiled else ''})"
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
-        """Positive-class probabilities of one view of a batch `(B, 1, size, size)` in [0, 1], `batch_size` a pass."""
+        """Positive-class probabilities of one view of a batch `(B, 1, size, size)` in [0, 1], `batch_size` a pass.
+
+        Raises:
+            ModelOutputError: a value that is not a number from 0 to 1 (damaged weights or a tampered export).
+        """
+        probs = self._probabilities(x)
+        bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))
+        if bad.any():
+            example = probs[bad][0]
+            raise ModelOutputError(
+                f"the network of {self.folder} ({self.engine_description}) gave {float(example):g} as a probability "
+                f"for {int(bad.sum())} of {len(probs)} image(s); a probability is a number from 0 to 1, so its weights "
+                "or export are damaged: restore the package from its source (or export it again), and check it on "
+                "labelled patients (`alnus score`) before using it."
+            )
+        return probs
+
+    def _probabilities(self, x: torch.Tensor) -> np.ndarray:
         out = []
         if self._onnx is not None:
             array = x.detach().cpu().float().numpy()

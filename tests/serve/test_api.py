@@ -587,3 +587,29 @@ def test_the_serve_banner_says_the_package_is_adapted(package: Path, tmp_path: P
     result = CliRunner().invoke(app, ["serve", str(adapted), "--insecure-local", "--port", str(port)])
     assert result.exit_code == 0, result.output
     assert built and "(adapted to clinic B) at http://127.0.0.1" in " ".join(result.output.split())
+
+
+def test_a_package_giving_no_probability_is_not_served(package: Path, tmp_path: Path) -> None:
+    """Attack review: NaN weights made every answer a bare 500 `internal error (ValueError)` and passed the warm-up.
+    Now the warm-up refuses the package, and a network that fails later answers 500 saying why."""
+    from tests.test_predict_new import _with_nan_weights
+
+    broken = _with_nan_weights(package, tmp_path / "nan_model")
+    with pytest.raises(ServeError, match=r"nan_model cannot be served: on a blank image, .*gave nan as a probability"):
+        build_server(broken, insecure_local=True, device="cpu", environ={})
+    client = client_for(predictor_of(broken), tmp_path, heatmap=False)
+    response = _post(client, png_bytes(grey_image()), heatmap="false")
+    assert response.status_code == 500 and "a probability is a number from 0 to 1" in response.json()["detail"]
+
+
+def test_a_field_sent_twice_is_refused_not_overridden(package: Path, tmp_path: Path) -> None:
+    """Attack review: a second roi (or heatmap) field silently replaced the first."""
+    client = client_for(predictor_of(package), tmp_path, heatmap=False)
+    image = png_bytes(grey_image())
+    for name, values in (("roi", ["0,0,10,10", format_box(BOX)]), ("heatmap", ["false", "false"])):
+        fields = {name: values, **({"roi": format_box(BOX)} if name != "roi" else {})}
+        response = client.post("/v1/predict", files={"image": ("scan.png", image, "image/png")}, data=fields,
+                               headers=AUTH)  # fmt: skip
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == f"{name}: sent more than once; send it once."
+    _assert_still_serving(client)

@@ -42,10 +42,11 @@ from alnus.data.tta import all_views
 from alnus.errors import AlnusError
 from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
 from alnus.operating_point import apply_operating_point, describe, rule_name
-from alnus.predict import Predictor
+from alnus.predict import ModelOutputError, Predictor
 from alnus.predict import read_card as read_package_card
 from alnus.reader_rule import describe_reader_rule, rule_caveats
 from alnus.report.card import CARD_FILE, NOTICE, intended_use
+from alnus.serve.security import ServeError
 from alnus.serve.uploads import ApiError, new_upload_folder, remove_upload_folder
 
 logger = logging.getLogger("alnus.serve")
@@ -511,6 +512,8 @@ class ModelService:
             else:
                 probs = self.predictor.predict_arrays([item.image for item in ready], rows=rows, root=root)
                 probabilities, drawn = [float(p) for p in probs], [None] * len(ready)
+        except ModelOutputError as exc:  # the model's fault, not the upload's
+            raise ApiError(500, _scrub(str(exc), root)) from None
         except AlnusError as exc:
             raise ApiError(422, _scrub(str(exc), root)) from None
         calls = self._calls(probabilities)
@@ -632,6 +635,8 @@ class ModelService:
                 self._infer(batch, heatmap=False)
             if self.settings.heatmap:
                 _overlay_uri(self._infer([ready], heatmap=True)[0][1])
+        except ApiError as exc:  # a package that fails on a blank image is not served
+            raise ServeError(f"{self.predictor.package_dir} cannot be served: on a blank image, {exc.detail}") from None
         finally:
             remove_upload_folder(folder)
 
