@@ -445,6 +445,28 @@ def test_truncated_dicom(tmp_path: Path) -> None:
         assert str(path) in str(info.value)
 
 
+def test_dicom_pixel_data_of_another_size_than_its_header_says_is_refused(tmp_path: Path) -> None:
+    """Attack review: Columns one less than the pixels' width was read (with only pydicom's warning) as a sheared image
+    that changed the model's call; so were Rows/Columns of 10 and 1-bit BitsAllocated on 8-bit data."""
+    import pydicom
+
+    odd = tmp_path / "odd.dcm"  # 3 x 5 = 15 bytes, padded to an even 16: read as it is
+    pixels = RNG.integers(0, 256, (3, 5), dtype=np.uint8)
+    _write_dicom(odd, pixels)
+    np.testing.assert_array_equal(load_image(odd), pixels)
+    for name, change in (("columns", {"Columns": 29}), ("small", {"Rows": 10, "Columns": 10}),
+                         ("one_bit", {"BitsAllocated": 1, "BitsStored": 1, "HighBit": 0})):  # fmt: skip
+        path = tmp_path / f"{name}.dcm"
+        _write_dicom(path, RNG.integers(0, 256, (20, 30), dtype=np.uint8))
+        ds = pydicom.dcmread(path)
+        for key, value in change.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+        wanted = r"pixel data holds 600 bytes, but its header .* needs \d+: the file is truncated or corrupt, or its"
+        with pytest.raises(ImageReadError, match=wanted):
+            load_image(path)
+
+
 def test_png_bomb_header_is_refused(tmp_path: Path) -> None:
     huge = _png_header(tmp_path / "huge.png", 100_000, 100_000)  # over 2x Pillow's limit: its error
     for func in (load_image, image_shape):

@@ -418,6 +418,29 @@ def _us_region_box(ds: Dataset, path: Path, rows: int, columns: int) -> tuple[in
     return y0, y1, x0, x1
 
 
+def _check_native_length(ds: Dataset, path: Path, rows: int, columns: int, n_frames: int) -> None:
+    """Uncompressed pixel data must be as long as its header says (one byte of padding to an even length allowed):
+    otherwise pydicom reads it anyway, with a warning, and the image comes out sheared or cut."""
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is None or syntax.is_compressed:
+            return
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+        actual = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):  # what is missing or malformed, the decoder reports
+        return
+    # YBR_FULL_422 stores two samples per pixel (the chroma of a pixel pair shared).
+    per_pixel = 2 if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" else samples
+    expected = (rows * columns * n_frames * per_pixel * bits + 7) // 8
+    if actual not in (expected, expected + 1):
+        raise ImageReadError(
+            f"{path}: DICOM pixel data holds {actual} bytes, but its header ({rows} rows x {columns} columns x "
+            f"{n_frames} frame(s), {samples} sample(s) of {bits} bits) needs {expected}: the file is truncated or "
+            "corrupt, or its header does not describe its pixels (the image would come out sheared or cut); "
+            "re-export the file."
+        )
+
+
 def _decode_dicom(path: Path, frame: int | None, us_region: bool, max_pixels: int) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, as_pixel_options, convert_color_space
 
@@ -429,6 +452,7 @@ def _decode_dicom(path: Path, frame: int | None, us_region: bool, max_pixels: in
         raise ImageReadError(
             f"{path}: DICOM file has no pixel data: it is truncated or corrupt, or not an image; re-export it"
         )
+    _check_native_length(ds, path, rows, columns, n_frames)
     box = _us_region_box(ds, path, rows, columns) if us_region else None
     try:
         pixels, props = decoder.as_array(ds, index=index, **as_pixel_options(ds))
