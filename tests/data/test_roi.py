@@ -55,7 +55,10 @@ def test_parse_box_formats(text: str, box: tuple[int, int, int, int]) -> None:
         ("a,2,3,4", "x='a' is not a number"),
         ("1,2,3,four", "h='four' is not a number"),
         ("1.5,2,3,4", "x='1.5' is not a whole number"),
-        ("1,2,nan,4", "w='nan' is not a whole number"),
+        ("1,2,nan,4", "w='nan' is not a number"),
+        ("1_0,2,3,4", "x='1_0' is not a number"),  # float() reads it as 10 (attack review)
+        ("\uff11,2,3,4", "x='\uff11' is not a number"),  # a full-width 1
+        ("1,2,inf,4", "w='inf' is not a number"),
         ("1,2,0,4", "width and height must be positive (got w=0, h=4)"),
         ("1,2,3,-4", "width and height must be positive"),
     ],

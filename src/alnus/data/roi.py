@@ -4,6 +4,7 @@ boxes unlike a drawn lesion box."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -80,6 +81,9 @@ class RoiPolicy:
         return cls(**dict(data))
 
 
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_box(text: str) -> Box:
     """Parse an `x,y,w,h` box (also `[x, y, w, h]` or `(x, y, w, h)`) in pixels.
 
@@ -96,10 +100,10 @@ def parse_box(text: str) -> Box:
         raise RoiError(f"roi {raw!r} has {len(fields)} field(s); expected 4: x,y,w,h in pixels.")
     values: list[int] = []
     for name, field in zip(("x", "y", "w", "h"), fields, strict=True):
-        try:
-            number = float(field)
-        except ValueError:
-            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.") from None
+        # Plain ASCII numbers only: float() also reads '1_0' as 10 and full-width or other scripts' digits.
+        if not _NUMBER.fullmatch(field):
+            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.")
+        number = float(field)
         if not math.isfinite(number) or not number.is_integer():
             raise RoiError(f"roi {raw!r}: {name}={field!r} is not a whole number of pixels.")
         values.append(int(number))

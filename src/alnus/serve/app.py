@@ -159,6 +159,8 @@ def _flag(value: object, default: bool) -> bool:
 
 
 def _text_field(form: Any, name: str) -> str | None:
+    if len(form.getlist(name)) > 1:  # which one was meant is the caller's to say, not the last one's to win
+        raise ApiError(422, f"{name}: sent more than once; send it once.")
     value = form.get(name)
     if value is None or isinstance(value, str):
         return value
