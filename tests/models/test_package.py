@@ -229,3 +229,26 @@ def test_an_unknown_input_channel_mode_is_named(trained):
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(PackageError, match="in_chans_mode = 'evil'"):
         load_package(folder)
+
+
+def test_labels_edited_away_from_the_training_record_are_refused(trained):
+    """Attack review: `"positive_label": "benign"` (or the same key appended a second time, which JSON lets win)
+    turned every call round while the card still spoke of malignancy."""
+    _, folder, _ = trained
+    path = folder / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["training"] = {"data": {"labels": ["negative", "positive"], "positive_label": "positive"}}
+    path.write_text(json.dumps(meta))
+    read_metadata(folder)  # as trained: fine
+    original = path.read_text()
+    for changes, message in (
+        ({"positive_label": "negative"}, r"positive_label 'negative' differs from the training record's 'positive'"),
+        ({"label_names": ["negative", "tumour"], "positive_label": "tumour"}, r"positive_label 'tumour' differs"),
+        ({"label_names": ["benign", "positive"]}, r"label_names \['benign', 'positive'\] differ from the training"),
+    ):
+        path.write_text(json.dumps({**meta, **changes}))
+        with pytest.raises(PackageError, match=message):
+            read_metadata(folder)
+    path.write_text(original.rstrip().removesuffix("}") + ', "positive_label": "negative"}')
+    with pytest.raises(PackageError, match=r"not valid JSON \(the key 'positive_label' is given twice\)"):
+        read_metadata(folder)

@@ -176,10 +176,10 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is {path.stat().st_size:,} bytes, far more than a package's metadata; it is damaged or not ours"
         )
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_without_repeats)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and Python's limit on the digits of an integer; RecursionError a
-        # crafted nesting depth.
+        # ValueError covers JSONDecodeError, a key given twice and Python's limit on the digits of an integer;
+        # RecursionError a crafted nesting depth.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise PackageError(f"{path} is not valid JSON ({reason}); the package is damaged: train again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -437,10 +437,37 @@ def _check_model_keys(meta: dict[str, Any], path: Path) -> None:
         )
 
 
+def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: with a key given twice, JSON keeps the last, so an appended
+    `"positive_label": ...` would quietly replace the one written by training."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key[:80]!r} is given twice")
+        seen[key] = value
+    return seen
+
+
 def _check_against_training(meta: Mapping[str, Any], path: Path) -> None:
-    """The preprocessing a package predicts with must be the one it was trained with, as its training record says
-    (where it has one): an edited `preprocess` would feed the network inputs it never saw, and predict wrong quietly."""
+    """The labels and preprocessing a package predicts with must be the ones it was trained with, as its training
+    record says (where it has one): an edited `positive_label` would turn every call round, an edited `preprocess`
+    feed the network inputs it never saw, and either predict wrong quietly."""
     training = meta.get("training")
+    data = training.get("data") if isinstance(training, Mapping) else None
+    if isinstance(data, Mapping):
+        trained_positive, trained_labels = data.get("positive_label"), data.get("labels")
+        if trained_positive is not None and trained_positive != meta["positive_label"]:
+            raise PackageError(
+                f"{path}: positive_label {meta['positive_label']!r} differs from the training record's "
+                f"{trained_positive!r}: the network's probability is of {trained_positive!r}, so every call would be "
+                "turned round; restore metadata.json from the run folder's package, or train again"
+            )
+        names = sorted(map(str, meta["label_names"]))
+        if isinstance(trained_labels, list) and sorted(map(str, trained_labels)) != names:
+            raise PackageError(
+                f"{path}: label_names {list(meta['label_names'])} differ from the training record's labels "
+                f"{trained_labels}; restore metadata.json from the run folder's package, or train again"
+            )
     trained = training.get("preprocess") if isinstance(training, Mapping) else None
     if not isinstance(trained, Mapping):
         return
