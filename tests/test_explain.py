@@ -561,3 +561,31 @@ def test_heat_on_the_padding_only_is_told_from_heat_on_the_image() -> None:
     assert Explanation(**base, input_heatmap=half).heat_on_image == pytest.approx(0.5)
     assert Explanation(**base, input_heatmap=np.zeros((size, size), np.float32)).heat_on_image is None
     assert "heat_on_image" in INDEX_COLUMNS
+
+
+def test_an_overlay_of_a_large_image_is_drawn_at_the_overlays_size() -> None:
+    """Attack review: a 9000 x 9000 upload's overlay took 6.7 GB, drawn at the image's size and then scaled down."""
+    import tracemalloc
+
+    from alnus.explain import Explanation
+
+    side = 3000
+    heat = np.zeros((side, side), np.float32)
+    heat[1000:2000, 1000:2000] = 1.0
+    mask = np.zeros((side, side), bool)
+    mask[1200:1800, 1200:1800] = True
+    image = np.full((side, side), 100, np.uint8)
+    e = Explanation(name="big", image=image, heatmap=heat, crop_box=(900, 900, 1200, 1200),
+                    lesion_box=(1200, 1200, 600, 600), lesion_mask=mask, prob=0.5, method="gradcam",
+                    input_image=np.zeros((8, 8), np.uint8), input_heatmap=np.zeros((8, 8), np.float32),
+                    input_box=(0, 0, 8, 8))  # fmt: skip
+    tracemalloc.start()
+    try:
+        picture = e.overlay(width=300)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert picture.size == (300, 300) and peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"
+    pixels = np.asarray(picture)
+    assert tuple(pixels[120, 120]) == LIME and tuple(pixels[90, 150]) == CYAN  # mask outline and crop box, scaled
+    assert tuple(pixels[20, 20]) == (100, 100, 100)  # no heat there: the grey image

@@ -265,30 +265,40 @@ class Explanation:
         return energy_share(self.input_heatmap, region)
 
     def overlay(self, *, width: int | None = None) -> Image.Image:
-        """RGB: the grey image, the heat map in colour (transparent where there is none), crop box and lesion."""
+        """RGB: the grey image, the heat map in colour (transparent where there is none), crop box and lesion; scaled
+        down to `width` pixels first when wider, so a large image costs the overlay's size, not its own (an attack
+        review saw 6.7 GB for a 9000 x 9000 upload)."""
         from matplotlib import colormaps
 
-        grey = np.repeat(self.image[..., None].astype(np.float32) / 255.0, 3, axis=2)
-        colour = colormaps["jet"](self.heatmap)[..., :3].astype(np.float32)
-        alpha = (_HEAT_ALPHA * self.heatmap)[..., None]
+        image, heat, mask, scale = self.image, self.heatmap, self.lesion_mask, 1.0
+        if width is not None and image.shape[1] > width:
+            scale = width / image.shape[1]
+            size = (width, max(1, round(image.shape[0] * scale)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+            heat = np.asarray(Image.fromarray(heat.astype(np.float32, copy=False)).resize(size, Image.Resampling.BOX))
+            if mask is not None:  # a pixel of the outline where most of its area was inside
+                area = Image.fromarray(np.ascontiguousarray(mask).view(np.uint8)).resize(size, Image.Resampling.BOX)
+                mask = np.asarray(area) >= 1
+        heat = np.clip(heat, 0.0, 1.0)
+        grey = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
+        colour = colormaps["jet"](heat)[..., :3].astype(np.float32)
+        alpha = (_HEAT_ALPHA * heat)[..., None]
         rgb = np.clip(grey * (1 - alpha) + colour * alpha, 0.0, 1.0)
-        if self.lesion_mask is not None:
-            edge = self.lesion_mask & ~ndimage.binary_erosion(self.lesion_mask, iterations=_line_width(self.image))
+        if mask is not None:
+            edge = mask & ~ndimage.binary_erosion(mask, iterations=_line_width(image))
             rgb[edge] = np.asarray(_LESION_COLOUR, dtype=np.float32) / 255.0
         picture = Image.fromarray(np.round(rgb * 255).astype(np.uint8))
         draw = ImageDraw.Draw(picture)
         # The crop box shows what the network saw (not drawn when it saw the whole image); the lesion box only
         # when there is no mask, whose outline is drawn above.
-        shapes = (
-            [] if self.crop_box == (0, 0, self.image.shape[1], self.image.shape[0]) else [(self.crop_box, _CROP_COLOUR)]
-        )
+        whole = self.crop_box == (0, 0, self.image.shape[1], self.image.shape[0])
+        shapes = [] if whole else [(self.crop_box, _CROP_COLOUR)]
         if self.lesion_mask is None and self.lesion_box is not None:
             shapes.append((self.lesion_box, _LESION_COLOUR))
         for (x, y, w, h), outline in shapes:
-            draw.rectangle((x, y, x + w - 1, y + h - 1), outline=outline, width=_line_width(self.image))
-        if width is not None and picture.width > width:
-            height = max(1, round(picture.height * width / picture.width))
-            picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+            left, top = round(x * scale), round(y * scale)
+            corners = (left, top, max(left, round((x + w) * scale) - 1), max(top, round((y + h) * scale) - 1))
+            draw.rectangle(corners, outline=outline, width=_line_width(image))
         return picture
 
     def overlay_png(self, *, width: int | None = None) -> bytes:

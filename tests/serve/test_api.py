@@ -613,3 +613,24 @@ def test_a_field_sent_twice_is_refused_not_overridden(package: Path, tmp_path: P
         assert response.status_code == 422, response.text
         assert response.json()["detail"] == f"{name}: sent more than once; send it once."
     _assert_still_serving(client)
+
+
+def test_an_image_too_large_for_a_heat_map_is_answered_without_one(package: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Attack review: a 9000 x 9000 upload (79 KB) made a heat map at its own size: 6.7 GB and past the timeout.
+    Above the limit the answer comes without a heat map and says why; smaller images in the batch keep theirs."""
+    from alnus.serve import service as service_module
+
+    monkeypatch.setattr(service_module, "HEATMAP_MAX_PIXELS", 60 * 80 - 1)
+    client = client_for(predictor_of(package), tmp_path)
+    large = _post(client, png_bytes(grey_image(60, 80)))
+    assert large.status_code == 200, large.text
+    answer = large.json()
+    assert (
+        answer["heatmap"] is None
+        and "No heat map: the image has 4,800 pixels, more than the 4,799" in (answer["heatmap_note"])
+    )
+    plain = _post(client, png_bytes(grey_image(60, 80)), heatmap="false").json()
+    assert answer["probability"] == pytest.approx(plain["probability"], abs=1e-6)
+    small = _post(client, png_bytes(grey_image(50, 80))).json()  # 4,000 pixels: drawn
+    assert small["heatmap"].startswith("data:image/png;base64,")

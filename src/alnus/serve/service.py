@@ -54,6 +54,8 @@ T = TypeVar("T")
 
 UPLOAD_NAME = "the uploaded image"
 HEATMAP_METHOD = "gradcam"
+# Heat maps are made at the image's own size: above this many pixels (4096 x 4096) an answer comes without one.
+HEATMAP_MAX_PIXELS = 4096 * 4096
 # The preview the page draws the lesion box on: the decoded image, scaled down to this many pixels on its long side.
 PREVIEW_SIDE = 1024
 # zlib level of the PNGs sent (heat maps, previews): 1 is the fastest.
@@ -498,7 +500,20 @@ class ModelService:
 
     def _infer(self, ready: list[_Ready], heatmap: bool) -> list[tuple[dict[str, Any], Explanation | None]]:
         """The answers of decoded images, each with its heat map's explanation (to draw) when asked: one forward pass
-        (Grad-CAM's, for heat maps) over all of them."""
+        (Grad-CAM's, for heat maps) over all of them. An image over `HEATMAP_MAX_PIXELS` gets no heat map (its map at
+        the image's size would take gigabytes), and its answer says so."""
+        if heatmap and any(item.image.size > HEATMAP_MAX_PIXELS for item in ready):
+            answers = []
+            for item in ready:
+                large = item.image.size > HEATMAP_MAX_PIXELS
+                answer, explanation = self._infer([item], heatmap=not large)[0]
+                if large:
+                    answer["heatmap_note"] = (
+                        f"No heat map: the image has {item.image.size:,} pixels, more than the {HEATMAP_MAX_PIXELS:,} "
+                        "this service draws heat maps for; send it smaller, or use `alnus predict --heatmaps`."
+                    )
+                answers.append((answer, explanation))
+            return answers
         rows = [item.row for item in ready]
         root = ready[0].job.path.parent  # the rows' image paths are absolute
         try:

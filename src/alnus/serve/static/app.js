@@ -350,6 +350,9 @@
     } else {
       show("heatmap-figure", false);
     }
+    // Why an answer came without the heat map asked for (an image too large to map, say).
+    say("no-heatmap", !result.heatmap && result.heatmap_note ? result.heatmap_note : "");
+    show("no-heatmap", !result.heatmap && Boolean(result.heatmap_note));
     show("no-result", false);
     show("result", true);
     // The result sits below the image on a laptop screen: bring it into view, below the sticky notice (whose
