@@ -7,8 +7,10 @@ probabilities spread), and its package exported once through the CLI (fp32) and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -393,3 +395,61 @@ def test_an_adapted_package_exports_with_the_training_runs_images_and_keeps_its_
         torch.from_numpy(x[:6])
     )
     assert np.abs(source_probs - torch_probs).max() > 1e-3  # the export is of the adapted weights, not the source's
+
+
+def test_an_int8_export_checks_the_fp32_export_it_reuses_and_the_labels(
+    exported: tuple[Path, str, str], run_dir: Path, tmp_path: Path
+) -> None:
+    """Second attack review: a recorded fp32 export tampered to give probabilities above 1 (its hash updated) was
+    quantised and recorded as passed (AUC ignores a constant factor); swapped labels (AUC below chance) turned the
+    int8 check round; a one-class manifest was refused only after the fp32 export, mid-sentence."""
+    from onnx import helper, numpy_helper
+
+    package = _copy(exported[0], tmp_path)
+    model = onnx.load(str(package / "model.onnx"))
+    out = model.graph.output[0].name
+    producer = next(node for node in model.graph.node if out in node.output)
+    producer.output[:] = [out + "_before"]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "factor"))
+    model.graph.node.append(helper.make_node("Mul", [out + "_before", "factor"], [out]))
+    onnx.save(model, str(package / "model.onnx"))
+    _rewrite(package, lambda meta: meta["exports"]["onnx"].update(sha256=file_sha256(package / "model.onnx")))
+    before = {p.name: p.read_bytes() for p in package.iterdir()}
+    with pytest.raises(ExportError, match=r"the ONNX export differs from PyTorch by up to"):
+        export_package(package, "onnx-int8", calibration=run_dir)
+    assert {p.name: p.read_bytes() for p in package.iterdir()} == before
+
+    package = _copy(exported[0], tmp_path / "swapped")
+    manifest = _validation_manifest(run_dir, tmp_path)
+    rows = pd.read_csv(manifest)
+    rows["label"] = rows["label"].map({LABELS[0]: LABELS[1], LABELS[1]: LABELS[0]})
+    rows.to_csv(manifest, index=False)
+    with pytest.raises(ExportError, match=r"AUC on the images of .*site_validation.csv is 0\.\d+, below chance: are "):
+        export_package(package, "onnx-int8", calibration=manifest)
+    rows[rows["label"] == LABELS[0]].to_csv(manifest, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Python's raw "no row has label" warning was printed with its source line
+        with pytest.raises(ExportError, match=r"of one class only, .* or a manifest that has both$"):
+            export_package(package, "onnx-int8", calibration=manifest)
+
+
+def test_an_export_of_a_network_giving_no_probability_says_the_weights_are_damaged(
+    exported: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    from tests.test_predict_new import _with_nan_weights
+
+    package = _with_nan_weights(_copy(exported[0], tmp_path), tmp_path / "nan_model")
+    for kind in ("onnx", "onnx-int8"):
+        with pytest.raises(ExportError, match=r"nan_model gives nan as a probability .* its weights are damaged"):
+            export_package(package, kind, calibration=exported[0].parents[2])
+
+
+def test_a_calibration_path_that_is_no_manifest_file_says_what_it_is(exported: tuple[Path, str, str],
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    package = _copy(exported[0], tmp_path)
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ExportError, match=r"folder\.csv is a folder, not a manifest file"):
+        export_package(package, "onnx", calibration=tmp_path / "folder.csv")
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(ExportError, match=r"pipe\.csv is neither a run folder nor a manifest file"):
+        export_package(package, "onnx", calibration=tmp_path / "pipe.csv")

@@ -673,10 +673,10 @@ def test_a_column_spelt_another_way_is_refused(tmp_path: Path, name: str) -> Non
 
 def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Path, tmp_path: Path) -> None:
     """`--keep label` copies the manifest's cells into the output as written, row for row (an error row and an image
-    named on the command line included; a repeat is read once, its first row's cells kept), defused in CSV like any
+    named on the command line included; a repeat with the same cells is read once), defused in CSV like any
     cell (new-user review: checking predictions against the truth meant joining files by hand)."""
     export = data / "export"
-    rows = [("a.png", "P1", "negative", "x"), ("fake.png", "P2", "positive", "y"), ("a.png", "P1", "other", "z"),
+    rows = [("a.png", "P1", "negative", "x"), ("fake.png", "P2", "positive", "y"), ("a.png", "P1", "negative", "x"),
             ("b.png", "P3", "=1+1", "w")]  # fmt: skip
     manifest = export / "kept.csv"
     pd.DataFrame(rows, columns=["image", "patient_id", "label", "note"]).to_csv(manifest, index=False)
@@ -700,6 +700,8 @@ def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Pat
     ("args", "message"),
     [
         (("--keep", "prob"), r"--keep prob: the predictions have their own prob column"),
+        (("--keep", "Prob"), r"--keep Prob: the predictions have their own prob column"),
+        (("--keep", "\uff22IRADS"), r"--keep .*IRADS: the predictions have their own birads column"),
         (("--keep", " "), r"--keep names a manifest column; it was given an empty name"),
         (
             ("--keep", "truth"),
@@ -747,3 +749,20 @@ def test_a_network_that_gives_no_probability_makes_no_call(data: Path, tmp_path:
     network._onnx = lambda chunk: np.full(len(chunk), 5.0, dtype=np.float32)  # a tampered export's constant
     with pytest.raises(ModelOutputError, match=r"gave 5 as a probability for 2 of 2 image"):
         network.probabilities(torch.rand(2, 1, 32, 32))
+
+
+def test_a_repeat_whose_kept_value_differs_is_an_error_row(data: Path, tmp_path: Path) -> None:
+    """Second attack review: the same image listed twice for one patient, labelled benign then malignant, was read
+    once and shown with the first label, exit code 0: the truth beside the prediction could be the wrong one."""
+    image = str(data / "export" / "a.png")
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [image, image, image], "patient_id": ["P1"] * 3, "label": ["benign", "benign", "malignant"]}
+                 ).to_csv(manifest, index=False)  # fmt: skip
+    code, stdout, stderr = _predict(str(data / "model"), "--manifest", str(manifest), "--keep", "label")
+    out = _csv(stdout)
+    assert code == 1 and out["label"].tolist() == ["benign", "malignant"]
+    assert (
+        "m.csv row 4 lists" in out["error"].iloc[1]
+        and "with label 'malignant', where m.csv row 2 has 'benign'" in (out["error"].iloc[1])
+    )
+    assert "row 3 repeats" in " ".join(stderr.split())  # the same value again: one image, said in a note

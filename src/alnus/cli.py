@@ -1269,17 +1269,22 @@ def predict(
 
 def _kept_columns(keep: list[str]) -> list[str]:
     """`--keep`'s manifest columns, each once, none named as a column predict writes itself."""
+    import unicodedata
+
     from alnus._text import printable
     from alnus.predict import NEW_DATA_COLUMNS
 
     columns = list(dict.fromkeys(name.strip() for name in keep))
+    # Spelt in another case or character width, a name still reads as the predictions' own column beside it.
+    own = {unicodedata.normalize("NFKC", name).casefold(): name for name in NEW_DATA_COLUMNS}
     for name in columns:
         if not name:
             raise AlnusError("--keep names a manifest column; it was given an empty name.")
-        if name in NEW_DATA_COLUMNS:
+        clash = own.get(unicodedata.normalize("NFKC", name).casefold())
+        if clash is not None:
             raise AlnusError(
-                f"--keep {printable(name)}: the predictions have their own {printable(name)} column; keep the "
-                "manifest's other columns (a label, say), or rename this one in the manifest."
+                f"--keep {printable(name)}: the predictions have their own {clash} column; keep the manifest's other "
+                "columns (a label, say), or rename this one in the manifest."
             )
     return columns
 
@@ -2171,7 +2176,7 @@ def export(
         Path | None,
         typer.Option(
             help="Run folder whose validation images check the export (default: the run the package is in), or a "
-            "labelled manifest (CSV: image, label and the lesion boxes; e.g. a site's validation patients)."
+            "labelled manifest (CSV: image, label, patient_id and the lesion boxes; e.g. a site's validation patients)."
         ),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,

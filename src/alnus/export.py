@@ -180,6 +180,13 @@ def calibration_images(
     meta = read_metadata(package_dir)
     if calibration is not None and Path(calibration).is_file():
         return _manifest_images(meta, Path(calibration), max_images)
+    if calibration is not None and Path(calibration).exists() and not Path(calibration).is_dir():
+        raise ExportError(
+            f"--calibration {calibration} is neither a run folder nor a manifest file (a pipe or a device?); pass "
+            f"runs/<name> or {MANIFEST_HINT}"
+        )
+    if calibration is not None and Path(calibration).suffix.lower() == ".csv" and Path(calibration).is_dir():
+        raise ExportError(f"--calibration {calibration} is a folder, not a manifest file; pass the CSV file itself")
     run_dir = Path(calibration) if calibration is not None else package_run(package_dir)
     if run_dir is None:
         raise ExportError(
@@ -211,7 +218,7 @@ def calibration_images(
 
 
 # What to pass instead of a run: a labelled manifest (a model shipped on its own has no run folder).
-MANIFEST_HINT = "a labelled manifest of validation images (CSV with image, label and the lesion boxes)"
+MANIFEST_HINT = "a labelled manifest of validation images (CSV with image, label, patient_id and the lesion boxes)"
 
 
 def _manifest_images(meta: Mapping[str, Any], manifest: Path, max_images: int) -> CalibrationImages:
@@ -235,7 +242,10 @@ def _images(
     meta: Mapping[str, Any], rows: Any, root: Path, cache: ImageCache | None, checked_on: dict[str, str], where: str
 ) -> CalibrationImages:
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    dataset = UltrasoundDataset(rows, root, spec, cache=cache, positive_label=meta["positive_label"])
+    with warnings.catch_warnings():
+        # One class only is said where it matters (the int8 check); an fp32 export needs no labels.
+        warnings.filterwarnings("ignore", message="no row has label")
+        dataset = UltrasoundDataset(rows, root, spec, cache=cache, positive_label=meta["positive_label"])
     dataset.warm()
     x = torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
     return CalibrationImages(
@@ -416,15 +426,30 @@ def torch_probabilities(model: nn.Module, x: np.ndarray, batch: int = _BATCH) ->
     return np.concatenate(out) if out else np.empty(0)
 
 
+def _one_class(images: CalibrationImages) -> str:
+    return (
+        f"the {images.where} are of one class only, so the int8 export's AUC cannot be checked; pass --calibration a "
+        "run whose validation split has both classes, or a manifest that has both"
+    )
+
+
 def _auc(y: np.ndarray, p: np.ndarray, images: CalibrationImages) -> float:
     from alnus.stats import auc
 
     if len(set(y.tolist())) < 2:
-        raise ExportError(
-            f"the {images.where} are of one class only, so the int8 export's AUC cannot be checked; pass "
-            "--calibration a run whose validation split has both classes, or a manifest that has"
-        )
+        raise ExportError(_one_class(images))
     return auc(y, p)
+
+
+def _check_reference(reference: np.ndarray, package: Path, images: CalibrationImages) -> None:
+    """PyTorch's probabilities, the reference of every check, must be probabilities: NaN weights give none."""
+    bad = ~(np.isfinite(reference) & (reference >= 0) & (reference <= 1))
+    if bad.any():
+        raise ExportError(
+            f"the network of {package} gives {float(reference[bad][0]):g} as a probability for {int(bad.sum())} of "
+            f"{len(reference)} {images.where}; a probability is a number from 0 to 1, so its weights are damaged: "
+            "restore the package from its source; there is nothing to export."
+        )
 
 
 # -- the export command -------------------------------------------------------------------------------------------
@@ -504,9 +529,14 @@ def export_package(
         images = calibration_images(package, calibration, max_images=max_images)
         x = images.x
         say(f"{len(x)} {images.where}" + (f" ({images.note})" if images.note else ""))
+        if kind == "onnx-int8" and len(set(images.y.tolist())) < 2:
+            raise ExportError(_one_class(images))  # before any export work: the int8 check needs both classes
         reference = torch_probabilities(model, x)
+        _check_reference(reference, package, images)
         fp32 = _reusable_fp32(package, meta, opset) if kind == "onnx-int8" else None
-        if fp32 is None:
+        if fp32 is not None:
+            _check_fp32(fp32, images, reference)  # the recorded export, checked again on these images before reuse
+        else:
             say(f"exporting {meta['backbone']} (opset {opset})")
             fp32 = export_onnx(model, size, opset=opset)
         if kind == "onnx":
@@ -581,13 +611,20 @@ def _quantize_checked(
 ) -> dict[str, Any]:
     x, y = images.x, images.y
     auc_torch = _auc(y, reference, images)
+    if auc_torch < 0.5:  # the check would then pass an int8 model that ranks worse, and refuse one that ranks better
+        raise ExportError(
+            f"the network's AUC on the {images.where} is {auc_torch:.4f}, below chance: are their labels swapped "
+            f"(the package's positive label is given to images of the other class)? The int8 check compares AUCs, "
+            "so it needs labels the network ranks above chance"
+        )
     tried: list[dict[str, Any]] = []
     for name in AUTO_METHODS if method == "auto" else (method,):
         chosen = QuantSettings(**{**asdict(settings), "method": name})
         say(f"quantising to int8 ({name} calibration)")
         graph = quantize_onnx(fp32, x, chosen)
         probs = _run(_session(graph), x)
-        auc_int8 = _auc(y, probs, images) if np.isfinite(probs).all() else math.nan
+        probabilities = bool(np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all())
+        auc_int8 = _auc(y, probs, images) if probabilities else math.nan
         diff = float(np.abs(probs - reference).max())
         held = bool(auc_torch - auc_int8 <= INT8_MAX_AUC_DROP)  # NaN fails
         tried.append({"method": name, "auc_int8": auc_int8, "max_abs_diff": diff, "passed": held})

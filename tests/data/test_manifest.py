@@ -690,3 +690,12 @@ def test_a_label_list_of_three_classes_is_refused(tmp_path: Path) -> None:
     result = validate_manifest(read_manifest(manifest), manifest.parent, labels=["negative", "positive", "unknown"])
     assert not result.ok and result.valid.empty
     assert any("must name exactly two classes" in str(p) for p in result.problems)
+
+
+def test_a_cell_too_long_for_the_csv_reader_is_named_as_such(tmp_path: Path) -> None:
+    """Second attack review: a 200,000-character cell was called 'not a parsable CSV file ... save it as
+    comma-separated CSV', which it already was."""
+    path = tmp_path / "long.csv"
+    path.write_text('image,label,patient_id\na.png,benign,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(ManifestError, match=r"a cell is longer than 131,072 characters \(an unclosed quote"):
+        read_manifest(path)

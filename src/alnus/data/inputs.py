@@ -307,9 +307,10 @@ def _deduplicate(
 
     A repeat is the same file with the same region (however the box is written) and frame listed again for the same
     patient (and site): it is read once, since counting it twice would weigh it twice in the patient's call. Listed
-    again with another BI-RADS reading (`reading_key` says which cells are one category), the row becomes an error
-    (which reading holds is the user's to say). The same image and region listed for another patient is predicted
-    for each, since each patient's call needs it, and said: it is usually a mistake in the IDs. A row that already
+    again with another BI-RADS reading (`reading_key` says which cells are one category), or another value in a
+    kept column, the row becomes an error (which one holds is the user's to say). The same image and region listed
+    for another patient is predicted for each, since each patient's call needs it, and said: it is usually a
+    mistake in the IDs. A row that already
     failed is kept as it is and compared with none.
     """
     kept: list[dict[str, str]] = []
@@ -334,6 +335,17 @@ def _deduplicate(
                     f"{where(i, row)} lists {first['image']} again for patient {row['patient_id'] or '(none)'!r} "
                     f"with BI-RADS {row['birads'] or '(none)'!r}, where {where(j, first)} has "
                     f"{first['birads'] or '(none)'!r}: give the image once, with one reading"
+                )
+                kept.append(row)
+                continue
+            # A kept column (`--keep label`, say) that differs: which value goes beside the prediction is the user's.
+            other = [c for c in row if c.startswith(KEPT_PREFIX) and row[c] != first.get(c, "")]
+            if other:
+                column = other[0].removeprefix(KEPT_PREFIX)
+                row["error"] = (
+                    f"{where(i, row)} lists {first['image']} again for patient {row['patient_id'] or '(none)'!r} "
+                    f"with {column} {row[other[0]][:80]!r}, where {where(j, first)} has {first[other[0]][:80]!r}: "
+                    "give the image once, with one value"
                 )
                 kept.append(row)
                 continue

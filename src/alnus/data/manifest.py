@@ -212,6 +212,11 @@ def _read_records(path: Path) -> list[list[str]]:
     try:
         records = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):  # the file is CSV; one cell is far too long for a manifest
+            raise fail(
+                f"a cell is longer than {csv.field_size_limit():,} characters (an unclosed quote can make one); close "
+                "the quote, or shorten the cell"
+            ) from None
         raise fail(f"not a parsable CSV file ({exc}); save it as comma-separated CSV") from None
     if not records or not any(cell.strip() for cell in records[0]):
         raise fail("empty manifest: no header row; the first row must name the columns " + ", ".join(REQUIRED_COLUMNS))
