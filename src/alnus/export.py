@@ -173,7 +173,7 @@ def calibration_images(
     (through the package's preprocessing; a run's images through its image cache).
 
     Args:
-        calibration: a run folder, or a labelled manifest (CSV: image, label and the lesion boxes the package needs;
+        calibration: a run folder, or a labelled manifest (CSV: image, label, patient_id and the lesion boxes it needs;
             rows of a class the model does not know are left out); None: the run the package sits in.
         max_images: at most this many, spread evenly over the split or manifest (in its order).
     """

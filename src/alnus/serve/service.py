@@ -527,8 +527,13 @@ class ModelService:
             else:
                 probs = self.predictor.predict_arrays([item.image for item in ready], rows=rows, root=root)
                 probabilities, drawn = [float(p) for p in probs], [None] * len(ready)
-        except ModelOutputError as exc:  # the model's fault, not the upload's
-            raise ApiError(500, _scrub(str(exc), root)) from None
+        except ModelOutputError as exc:  # the model's fault, not the upload's; the server's paths stay in its log
+            logger.error("%s", exc)
+            raise ApiError(
+                500,
+                "the model's output is not a probability (a number from 0 to 1): its package is damaged; tell the "
+                "service's operator (the server's log says more).",
+            ) from exc
         except AlnusError as exc:
             raise ApiError(422, _scrub(str(exc), root)) from None
         calls = self._calls(probabilities)
@@ -651,7 +656,8 @@ class ModelService:
             if self.settings.heatmap:
                 _overlay_uri(self._infer([ready], heatmap=True)[0][1])
         except ApiError as exc:  # a package that fails on a blank image is not served
-            raise ServeError(f"{self.predictor.package_dir} cannot be served: on a blank image, {exc.detail}") from None
+            reason = str(exc.__cause__) if isinstance(exc.__cause__, ModelOutputError) else exc.detail
+            raise ServeError(f"{self.predictor.package_dir} cannot be served: on a blank image, {reason}") from None
         finally:
             remove_upload_folder(folder)
 
