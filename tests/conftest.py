@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,6 +22,21 @@ os.environ.pop("COLUMNS", None)
 
 def _shared_data() -> Path:
     return Path(os.environ.get("ALNUS_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Import a script of bench/ by name, as it runs (bench/ on sys.path); forgotten again after the test."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        loaded.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="session")

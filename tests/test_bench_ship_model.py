@@ -4,24 +4,10 @@ not stacked on the rule (and history) its source already carried."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def ship_model(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import ship_model
-
-    yield ship_model
-    sys.modules.pop("ship_model", None)
-
-
-def test_the_copied_packages_rule_and_its_history_are_dropped_before_the_ship_sets_its_own(ship_model, tmp_path):
+def test_the_copied_packages_rule_and_its_history_are_dropped_before_the_ship_sets_its_own(bench, tmp_path):
+    ship_model = bench("ship_model")
     meta = {"backbone": "efficientnet_lite0", "threshold": {"value": 0.7}, "reader_rule": {"value": 0.2},
             "reader_rule_history": [{"value": 0.3}]}  # fmt: skip
     (tmp_path / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")

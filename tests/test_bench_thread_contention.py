@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from alnus.data.dataset import PreprocessSpec
@@ -15,19 +13,9 @@ from alnus.data.roi import RoiPolicy
 from alnus.models import create_model
 from alnus.models.package import save_package
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def thread_contention(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import thread_contention
-
-    yield thread_contention
-    sys.modules.pop("thread_contention", None)
-
-
-def test_the_section_has_a_row_per_job_and_thread_count_and_stops_the_jobs(thread_contention, tmp_path, monkeypatch):
+def test_the_section_has_a_row_per_job_and_thread_count_and_stops_the_jobs(bench, tmp_path, monkeypatch):
+    thread_contention = bench("thread_contention")
     package = tmp_path / "model"
     torch.manual_seed(0)
     meta = {"preprocess": PreprocessSpec(size=32, roi=RoiPolicy("whole")).to_dict(), "label_names": ["a", "b"],
