@@ -26,6 +26,7 @@ from alnus.errors import AlnusError
 from alnus.models import create_model
 from alnus.models.package import freeze_threshold, save_package
 from alnus.predict import NEW_DATA_COLUMNS, NOTICE, PredictError, Predictor
+from tests._packages import with_nan_weights
 
 LABELS = ["negative", "positive"]
 GOOD = ("a.png", "b.png", "sub/c.png", "sub/IM0001")
@@ -720,29 +721,12 @@ def test_a_kept_column_must_be_the_manifests_own(data: Path, tmp_path: Path, arg
         _predict(str(data / "model"), str(data / "export" / "a.png"), "--keep", "label")
 
 
-def _with_nan_weights(package: Path, folder: Path) -> Path:
-    """A copy of `package` whose first weight tensor is NaN (its hash updated, as a careless edit would leave it)."""
-    from safetensors.torch import load_file, save_file
-
-    from alnus._io import file_sha256
-
-    copy = Path(shutil.copytree(package, folder))
-    tensors = load_file(copy / "weights.safetensors")
-    first = next(k for k in tensors if k.endswith("weight"))
-    tensors[first][:] = float("nan")
-    save_file(tensors, copy / "weights.safetensors")
-    meta = json.loads((copy / "metadata.json").read_text())
-    meta["weights_sha256"] = file_sha256(copy / "weights.safetensors")
-    (copy / "metadata.json").write_text(json.dumps(meta))
-    return copy
-
-
 def test_a_network_that_gives_no_probability_makes_no_call(data: Path, tmp_path: Path) -> None:
     """Attack review: NaN weights gave an empty probability, call 0 ('benign') and exit code 0. Now no row is called:
     the command stops, naming the package and what to do; an export's value outside [0, 1] is refused alike."""
     from alnus.predict import ModelOutputError
 
-    broken = _with_nan_weights(data / "model", tmp_path / "nan_model")
+    broken = with_nan_weights(data / "model", tmp_path / "nan_model")
     with pytest.raises(ModelOutputError, match=r"nan_model .*gave nan as a probability for 1 of 1 image.*restore"):
         _predict(str(broken), str(data / "export" / "a.png"))
     network = Predictor(data / "model", device="cpu").networks[0]

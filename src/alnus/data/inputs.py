@@ -310,8 +310,7 @@ def _deduplicate(
     again with another BI-RADS reading (`reading_key` says which cells are one category), or another value in a
     kept column, the row becomes an error (which one holds is the user's to say). The same image and region listed
     for another patient is predicted for each, since each patient's call needs it, and said: it is usually a
-    mistake in the IDs. A row that already
-    failed is kept as it is and compared with none.
+    mistake in the IDs. A row that already failed is kept as it is and compared with none.
     """
     kept: list[dict[str, str]] = []
     first_of: dict[tuple[str, ...], tuple[int, dict[str, str]]] = {}

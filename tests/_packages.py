@@ -1,0 +1,24 @@
+"""Damaged model packages for the tests of what refuses them (predict, export, the service)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def with_nan_weights(package: Path, folder: Path) -> Path:
+    """A copy of `package` whose first weight tensor is NaN (its hash updated, as a careless edit would leave it)."""
+    from safetensors.torch import load_file, save_file
+
+    from alnus._io import file_sha256
+
+    copy = Path(shutil.copytree(package, folder))
+    tensors = load_file(copy / "weights.safetensors")
+    first = next(k for k in tensors if k.endswith("weight"))
+    tensors[first][:] = float("nan")
+    save_file(tensors, copy / "weights.safetensors")
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["weights_sha256"] = file_sha256(copy / "weights.safetensors")
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
