@@ -393,9 +393,8 @@ def test_adapt_predictor_adapts_in_place_from_a_manifest_without_reading_labels(
         adapt_predictor(compiled, table, site / "site")
 
 
-def test_the_benchs_halves_split_whole_patients_without_labels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import site_adaptation
+def test_the_benchs_halves_split_whole_patients_without_labels(bench) -> None:
+    site_adaptation = bench("site_adaptation")
 
     table = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)], "site": "A", "image": range(40)})
     half = site_adaptation.halves(table)

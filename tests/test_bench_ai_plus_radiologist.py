@@ -13,18 +13,13 @@ from alnus._io import write_csv
 from alnus.evaluate import evaluate_run
 from tests.test_evaluate import make_run
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def bench(monkeypatch):  # noqa: ANN201 - the bench module
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import ai_plus_radiologist
-
-    return ai_plus_radiologist
+def ai_plus_radiologist(bench):  # noqa: ANN201 - the bench module
+    return bench("ai_plus_radiologist")
 
 
-def test_the_script_and_the_tool_give_the_same_comparisons(bench, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_the_script_and_the_tool_give_the_same_comparisons(ai_plus_radiologist, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     run = make_run(tmp_path)
     splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
     rng = np.random.default_rng(9)
@@ -35,9 +30,9 @@ def test_the_script_and_the_tool_give_the_same_comparisons(bench, tmp_path: Path
     splits["reader_birads"] = splits["patient_id"].map(dict(zip(patients.index, category, strict=True)))
     write_csv(splits, run / "splits.csv")
 
-    patients_of = bench.patients_of(run, "tiny_cnn")
-    fit, threshold, sensitivity, fitted = bench.compare(patients_of)
-    rule, ordered = bench.tie_break(patients_of, "4a")
+    patients_of = ai_plus_radiologist.patients_of(run, "tiny_cnn")
+    fit, threshold, sensitivity, fitted = ai_plus_radiologist.compare(patients_of)
+    rule, ordered = ai_plus_radiologist.tie_break(patients_of, "4a")
     tool = evaluate_run(run, n_boot=50)["reader_plus_ai"]
     for split in ("internal_test", "external_test"):
         records = {r["method"]: r for r in tool[split]["tiny_cnn"]["records"]}
@@ -49,13 +44,13 @@ def test_the_script_and_the_tool_give_the_same_comparisons(bench, tmp_path: Path
     assert records["tie_break"]["threshold"] == pytest.approx(rule.threshold)
     assert records["fitted"]["model_coef"] == pytest.approx(fit.model_coef)
 
-    assert bench.main(["--run", str(run), "--model", "tiny_cnn", "--no-write"]) == 0
+    assert ai_plus_radiologist.main(["--run", str(run), "--model", "tiny_cnn", "--no-write"]) == 0
     section = capsys.readouterr().out
     assert "### A fitted combination (protocol item 8)" in section
     assert "### The model as the radiologist's tie-breaker (protocol item 18)" in section
     assert f"below {rule.threshold:.3f} is called negative" in section
 
 
-def test_prepare_needs_a_package(bench) -> None:  # noqa: ANN001
+def test_prepare_needs_a_package(ai_plus_radiologist) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit):
-        bench.main(["--prepare", "--no-write"])
+        ai_plus_radiologist.main(["--prepare", "--no-write"])

@@ -3,21 +3,14 @@ expected grade of the auxiliary BI-RADS outputs, their mean), averages them per 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def head(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import birads_head
-
-    return birads_head
+def head(bench):
+    return bench("birads_head")
 
 
 def test_the_grade_is_the_mean_of_the_step_sigmoids_and_shape_outputs_are_ignored(head) -> None:

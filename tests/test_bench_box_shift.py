@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_a_row_holds_the_table_aucs_and_the_measured_changes(monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import box_shift
+def test_a_row_holds_the_table_aucs_and_the_measured_changes(bench) -> None:
+    box_shift = bench("box_shift")
 
     jitter = {"median_abs_change": 0.0163, "max_abs_change": 0.391, "image_calls_changed": 36, "calls_compared": 1008}
     line = box_shift.row("aux_geo", jitter, {"val AUC (selection)": "0.950 (0.9-1.0)", "external AUC": "0.86 (x)"})

@@ -4,23 +4,16 @@ the public split's tests whole, and the section applies the reading fixed in adv
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def busbra_small(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import busbra_small
-
-    yield busbra_small
-    for name in ("busbra_small", "site_cv"):
-        sys.modules.pop(name, None)
+def busbra_small(bench):
+    yield bench("busbra_small")
+    sys.modules.pop("site_cv", None)  # imported by busbra_small itself
 
 
 def _splits() -> pd.DataFrame:

@@ -3,20 +3,13 @@ edge of the lesion box, scaled to the image, clipped at its border, on a copy.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def probe(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import caliper_probe
-
-    return caliper_probe
+def probe(bench):
+    return bench("caliper_probe")
 
 
 def test_a_plus_at_each_edge_midpoint_of_the_box(probe) -> None:

@@ -14,15 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def public_configs(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import public_configs
-
+def public_configs(bench, monkeypatch, tmp_path):
+    public_configs = bench("public_configs")
     monkeypatch.setattr(public_configs, "REPO", tmp_path)
     (tmp_path / "docs").mkdir()
     yield public_configs
-    sys.modules.pop("public_configs", None)
-    sys.modules.pop("public_final", None)
+    sys.modules.pop("public_final", None)  # imported by the tests themselves
 
 
 def _row(name: str, val: str, external: str) -> dict[str, str]:

@@ -4,27 +4,18 @@ and the single-split difference it sets beside it comes from the configurations 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def cv_check(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import cv_check
-    import public_configs
-
-    monkeypatch.setattr(public_configs, "REPO", tmp_path)
+def cv_check(bench, monkeypatch, tmp_path):
+    cv_check = bench("cv_check")
+    monkeypatch.setattr(bench("public_configs"), "REPO", tmp_path)
     (tmp_path / "docs").mkdir()
-    yield cv_check
-    for name in ("cv_check", "public_configs"):
-        sys.modules.pop(name, None)
+    return cv_check
 
 
 def _folds(seed: int, shift: float) -> list[pd.DataFrame]:

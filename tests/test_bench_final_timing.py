@@ -4,20 +4,14 @@ CPU other processes used, and writes what it measured."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def final_timing(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import final_timing
-
-    yield final_timing
-    for name in ("final_timing", "public_final", "public_configs"):
+def final_timing(bench):
+    yield bench("final_timing")
+    for name in ("public_final", "public_configs"):  # imported by final_timing itself
         sys.modules.pop(name, None)
 
 

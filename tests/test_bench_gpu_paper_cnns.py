@@ -3,23 +3,17 @@ travel back (cache, checkpoints, weights) and unpacked here without trusting the
 
 from __future__ import annotations
 
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def gpu(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import gpu_paper_cnns
-
+def gpu(bench, monkeypatch, tmp_path):
+    gpu_paper_cnns = bench("gpu_paper_cnns")
     monkeypatch.setattr(gpu_paper_cnns, "REPO", tmp_path)
-    yield gpu_paper_cnns
-    sys.modules.pop("gpu_paper_cnns", None)
+    return gpu_paper_cnns
 
 
 def test_the_epochs_fit_the_budget_and_stay_in_bounds(gpu):

@@ -3,14 +3,9 @@ differ: AVX512-BF16 and VNNI without AMX on one, AMX on another)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_the_int8_section_names_the_cpus_arithmetic_from_its_flags(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import int8
+def test_the_int8_section_names_the_cpus_arithmetic_from_its_flags(bench):
+    int8 = bench("int8")
 
     assert int8._arithmetic(["avx2", "avx512_bf16", "avx512_vnni"]) == "AVX512-BF16 and AVX512-VNNI, no AMX"
     amx = int8._arithmetic(["amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni"])
@@ -18,9 +13,10 @@ def test_the_int8_section_names_the_cpus_arithmetic_from_its_flags(monkeypatch):
     assert int8._arithmetic(["avx2"]) == "none of AVX512-BF16, AVX512-VNNI or AMX"
 
 
-def test_a_missing_real_data_package_is_refused_before_the_minutes_of_speed_measurements(monkeypatch, tmp_path, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import int8
+def test_a_missing_real_data_package_is_refused_before_the_minutes_of_speed_measurements(
+    bench, monkeypatch, tmp_path, capsys
+):
+    int8 = bench("int8")
     import pytest
 
     monkeypatch.setattr(int8, "measure_speed", lambda *a: pytest.fail("measured before checking --real"))

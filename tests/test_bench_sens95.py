@@ -3,23 +3,14 @@ unchanged to the tests, compared with the radiologists' calls on the same patien
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def sens95(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import sens95
-
-    yield sens95
-    sys.modules.pop("sens95", None)
+def sens95(bench):
+    return bench("sens95")
 
 
 def _cases(n: int, seed: int, birads: bool = False) -> pd.DataFrame:

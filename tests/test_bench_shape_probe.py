@@ -10,15 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def shape_probe(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import shape_probe
-
-    return shape_probe
+def shape_probe(bench):
+    return bench("shape_probe")
 
 
 def _ellipse(width: int, height: int) -> np.ndarray:

@@ -3,23 +3,14 @@ fold, and the section applies the reading fixed in advance to the numbers it sho
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def site_cv(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import site_cv
-
-    yield site_cv
-    sys.modules.pop("site_cv", None)
+def site_cv(bench):
+    return bench("site_cv")
 
 
 def _table(n_benign: int = 31, n_malignant: int = 19) -> pd.DataFrame:

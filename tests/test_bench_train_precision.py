@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import train_precision
-
-    return train_precision
+def train_precision(bench):
+    return bench("train_precision")
 
 
-def test_a_section_with_every_variant_is_written_between_its_markers(bench, tmp_path, capsys) -> None:
+def test_a_section_with_every_variant_is_written_between_its_markers(train_precision, tmp_path, capsys) -> None:
     out = tmp_path / "performance.md"
     out.write_text("# Performance\n\nkept\n")
-    assert bench.main(["--models", "tiny_cnn", "--size", "tiny_cnn=32", "--batch", "4", "--steps", "2",
-                       "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+    assert train_precision.main(["--models", "tiny_cnn", "--size", "tiny_cnn=32", "--batch", "4", "--steps", "2",
+                                 "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
     text = out.read_text()
     assert "kept" in text and "<!-- train-precision:start -->" in text and "<!-- train-precision:end -->" in text
     [row] = [line for line in text.splitlines() if line.startswith("| tiny_cnn |")]

@@ -3,22 +3,15 @@ weight interpolation between that network and a fine-tuned one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def wise(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import wise_ft
-
-    return wise_ft
+def wise(bench):
+    return bench("wise_ft")
 
 
 def _net(seed: int):
