@@ -237,7 +237,8 @@ def slow_predictor(package: Path, seconds: float, gate: Gate) -> Predictor:
 class LiveServer:
     """uvicorn serving an app in a thread, on a loopback port chosen by the OS (bound before the server starts)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **settings: Any) -> None:
+        """`settings`: more `uvicorn.Config` keywords (the service's own: `alnus.serve.server.uvicorn_settings`)."""
         import uvicorn
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -245,7 +246,8 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        settings = {"log_config": None, "access_log": False, **settings}
+        config = uvicorn.Config(app, lifespan="off", timeout_graceful_shutdown=2, **settings)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

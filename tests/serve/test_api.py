@@ -634,3 +634,99 @@ def test_an_image_too_large_for_a_heat_map_is_answered_without_one(package: Path
     assert answer["probability"] == pytest.approx(plain["probability"], abs=1e-6)
     small = _post(client, png_bytes(grey_image(50, 80))).json()  # 4,000 pixels: drawn
     assert small["heatmap"].startswith("data:image/png;base64,")
+
+
+# ------------------------------------------------------------------------------------------------- connections
+def _trickling(port: int, count: int) -> list[Any]:
+    """`count` connections that start a request head and then send one more header byte every 0.1 s (a slow client,
+    or one holding connections open on purpose)."""
+    import socket
+
+    connections = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        connections.append(conn)
+    return connections
+
+
+def _trickle(connections: list[Any], seconds: float) -> list[bool]:
+    """Keep trickling for `seconds`; whether each connection was closed by the server meanwhile."""
+    closed = [False] * len(connections)
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        for i, conn in enumerate(connections):
+            if not closed[i]:
+                try:
+                    conn.sendall(b"a")
+                    conn.setblocking(False)
+                    closed[i] = conn.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed[i] = True
+                finally:
+                    conn.setblocking(True)
+        time.sleep(0.1)
+    return closed
+
+
+@pytest.mark.parametrize("deadline", [True, False], ids=["service", "uvicorn alone"])
+def test_connections_that_never_finish_their_request_head_are_closed_so_others_are_served(
+    package: Path, tmp_path: Path, deadline: bool
+) -> None:
+    """Review of issue 10's service: uvicorn keeps a connection open for as long as it trickles header bytes, so a
+    few dozen of them held every place under the connection limit and every caller got 503. The service closes a
+    connection whose request head is not complete within its deadline. `uvicorn alone` is the control: the same
+    trickle there keeps the connections, and the healthz call gets 503."""
+    from alnus.serve.server import uvicorn_settings
+
+    app = create_app(ModelService(predictor_of(package), Settings(work_dir=tmp_path / "up")), Access(TOKEN, "test"))
+    settings = uvicorn_settings(head_timeout_s=0.5) | {"log_config": None, "limit_concurrency": 4}
+    if not deadline:
+        settings["http"] = "h11"
+    with LiveServer(app, **settings) as server:
+        connections = _trickling(server.port, 4)
+        try:
+            closed = _trickle(connections, 1.5)
+            status = httpx.get(f"{server.url}/healthz", timeout=10).status_code
+        finally:
+            for conn in connections:
+                conn.close()
+    assert closed == [deadline] * 4
+    assert status == (200 if deadline else 503)
+
+
+def test_a_slow_body_after_a_prompt_head_and_a_kept_alive_connection_are_still_served(
+    package: Path, tmp_path: Path
+) -> None:
+    """The head deadline is for the head alone: a body that takes longer arrives (it has the service's own timeout),
+    and a connection kept alive between requests can send its next request head within the deadline."""
+    import socket
+
+    from alnus.serve.server import uvicorn_settings
+
+    service = ModelService(predictor_of(package), Settings(work_dir=tmp_path / "up", heatmap=False))
+    app = create_app(service, Access(token=TOKEN, source="test"))
+    body = (
+        b"--xyz\r\nContent-Disposition: form-data; name=\"roi\"\r\n\r\n20,10,30,25\r\n--xyz\r\nContent-Disposition: "
+        b"form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n"
+        + png_bytes(grey_image()) + b"\r\n--xyz--\r\n"
+    )  # fmt: skip
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with LiveServer(app, **uvicorn_settings(head_timeout_s=0.5) | {"log_config": None}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(head)
+            for i in range(0, len(body), len(body) // 6 + 1):  # over about 1.2 s, past the head deadline
+                time.sleep(0.2)
+                conn.sendall(body[i : i + len(body) // 6 + 1])
+            answer = conn.recv(65536).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 200"), answer[:300]
+            while "probability" not in answer:
+                answer += conn.recv(65536).decode(errors="replace")
+            time.sleep(0.2)  # kept alive: a second request within the deadline is answered on the same connection
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert conn.recv(65536).decode(errors="replace").startswith("HTTP/1.1 200")

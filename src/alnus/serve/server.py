@@ -28,6 +28,69 @@ LOG_CONFIG: dict[str, Any] = {
 # Connections served at once; more get 503 from uvicorn at once rather than queueing without bound.
 LIMIT_CONCURRENCY = 64
 MAX_TIMEOUT_S = 3600.0
+# Seconds a connection has to send a whole request head (request line and headers) after it opens or after its
+# previous answer; a slower one is closed. The body has its own timeout (the service's --timeout-s).
+HEAD_TIMEOUT_S = 10.0
+
+
+def head_deadline_protocol(timeout_s: float = HEAD_TIMEOUT_S) -> type[Any]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within `timeout_s` of
+    opening or of its previous answer. uvicorn alone keeps such a connection open for as long as it trickles bytes,
+    so a few dozen idle or trickling connections would hold every place under `LIMIT_CONCURRENCY`, and every other
+    caller would get 503."""
+    import asyncio
+    import logging
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    log = logging.getLogger("alnus.serve")
+
+    class HeadDeadline(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._head_timer: asyncio.TimerHandle | None = None
+            super().connection_made(transport)
+            self._wait_for_head()
+
+        def _wait_for_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            waiting_since = self.cycle  # a request head replaces it with the request's own cycle
+
+            def late() -> None:
+                if self.cycle is waiting_since and not self.transport.is_closing():
+                    log.warning("closed a connection that sent no whole request head within %gs", timeout_s)
+                    self.transport.close()
+
+            self._head_timer = self.loop.call_later(timeout_s, late)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before and self._head_timer is not None:  # a head arrived: the request is served
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._wait_for_head()  # before a pipelined request already sent is read
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
+
+
+def uvicorn_settings(*, head_timeout_s: float = HEAD_TIMEOUT_S) -> dict[str, Any]:
+    """How the service runs under uvicorn (`uvicorn.run` or `uvicorn.Config` keywords): our log (no request
+    contents), no server header, the connection limit, a short keep-alive and the request-head deadline
+    (`head_deadline_protocol`)."""
+    return {
+        "log_config": LOG_CONFIG, "access_log": False, "server_header": False, "limit_concurrency": LIMIT_CONCURRENCY,
+        "timeout_keep_alive": 5, "http": head_deadline_protocol(head_timeout_s),
+    }  # fmt: skip
 
 
 @dataclass
@@ -55,10 +118,7 @@ class Server:
         import uvicorn
 
         try:
-            uvicorn.run(
-                self.app, host=self.host, port=self.port, log_config=LOG_CONFIG, access_log=False,
-                server_header=False, limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5,
-            )  # fmt: skip
+            uvicorn.run(self.app, host=self.host, port=self.port, **uvicorn_settings())
         finally:
             self.service.close()
 
