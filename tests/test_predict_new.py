@@ -262,6 +262,24 @@ def test_the_notes_come_from_the_model_card(data: Path, tmp_path: Path) -> None:
     assert "\\_" not in said and "**" not in said and said.count(NOTICE) == 1
 
 
+def test_quiet_keeps_stderr_to_what_needs_attention(data: Path, tmp_path: Path) -> None:
+    """From a review of issue 10: a script predicting many times got the model's notes, the call rule, the engine
+    and the files written on every call. `--quiet` leaves failures and warnings only; stdout is the same."""
+    package = shutil.copytree(data / "model", tmp_path / "model")
+    freeze_threshold(package, _point(0.5), reason="test")
+    images = [str(data / "export" / "a.png"), str(data / "export" / "corrupt.png")]
+    code, stdout, stderr = _predict(str(package), *images, "--out", str(tmp_path / "p.csv"))
+    assert code == 1 and "engine:" in stderr and "Wrote" in stderr and NOTICE in " ".join(stderr.split())
+    assert "call =" in stderr
+    code, quiet_out, quiet_err = _predict(str(package), *images, "--out", str(tmp_path / "q.csv"), "-q")
+    said = " ".join(quiet_err.split())
+    assert code == 1 and quiet_out == stdout
+    assert "1 image(s) failed" in said and "corrupt.png" in said  # the failure is still said
+    for gone in ("engine:", "Wrote", NOTICE, "call =", "Intended use"):
+        assert gone not in said
+    assert (tmp_path / "q.csv").read_text() == (tmp_path / "p.csv").read_text()
+
+
 def test_csv_cells_a_spreadsheet_would_run_are_defused(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1186,6 +1186,15 @@ def predict(
             "the truth); repeat for more.",
         ),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="On stderr only what needs attention (failed images, implausible boxes, readings not used): not the "
+            "model's notes, the call rule, the engine or the files written. For scripts that run it many times.",
+        ),
+    ] = False,
 ) -> None:
     """Predict new images (files, folders, a manifest) with a model package; a run's own splits: `alnus predict-run`.
 
@@ -1224,7 +1233,7 @@ def predict(
             "one on labelled validation patients with their BI-RADS: "
             f"`alnus reader-rule {_shell_path(package)} --manifest VALIDATION.csv`."
         )
-    for line in package_notes(package, predictor.metadata):
+    for line in [] if quiet else package_notes(package, predictor.metadata):
         err_console.print(escape(line), highlight=False, soft_wrap=True)
     for note in table.attrs.get("notes", []):
         _note(note)
@@ -1247,7 +1256,7 @@ def predict(
         # Piped output is exactly the data, nothing else (notes go to stderr).
         sys.stdout.write(_render(result, fmt, title))
         sys.stdout.flush()
-    _predict_summary(predictor, result, out, heatmaps)
+    _predict_summary(predictor, result, out, heatmaps, quiet=quiet)
     if predictor.metadata.get("reader_rule") is None and table["birads"].astype(str).str.strip().ne("").any():
         _note(
             "the manifest's BI-RADS readings are not used: this package carries no reader rule"
@@ -1302,30 +1311,33 @@ def _birads_columns(package: Path) -> tuple[str, ...]:
     return reading_columns(rule)
 
 
-def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None) -> None:  # noqa: ANN001
-    """The call rule, the engine, failures and written files: on stderr, after the table."""
+def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None, *, quiet: bool = False) -> None:  # noqa: ANN001
+    """The call rule, the engine, failures and written files: on stderr, after the table (`quiet`: failures and
+    warnings only)."""
     if predictor.call_rule is None:
         _note(
             "this package has no frozen threshold yet, so there are no calls; freeze one on validation patients: "
             f"`alnus threshold {_shell_path(predictor.package_dir)} --manifest VALIDATION.csv` (labelled), or "
             "`alnus evaluate RUN` for a model of a run."
         )
-    else:
+    elif not quiet:
         err_console.print(escape(predictor.call_rule) + ".", highlight=False, soft_wrap=True)
     rule = predictor.metadata.get("reader_rule")
     if rule is not None and "with_ai_call" in result.columns:
         from alnus.reader_rule import describe_reader_rule, rule_caveats
 
-        err_console.print(escape(describe_reader_rule(rule)) + ".", highlight=False, soft_wrap=True)
-        for caveat in rule_caveats(rule, predictor.positive_label):
-            _note(caveat[0].lower() + caveat[1:])
+        if not quiet:
+            err_console.print(escape(describe_reader_rule(rule)) + ".", highlight=False, soft_wrap=True)
+            for caveat in rule_caveats(rule, predictor.positive_label):
+                _note(caveat[0].lower() + caveat[1:])
         incomplete = int((result["birads"] == "0").sum())
         if incomplete:
             _note(f"{incomplete} image(s) read BI-RADS 0 (incomplete): no call with the radiologist for them.")
     _print_box_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
-    err_console.print(escape(engine) + ".", highlight=False, soft_wrap=True)
+    if not quiet:
+        err_console.print(escape(engine) + ".", highlight=False, soft_wrap=True)
     if failed:
         aggregate = ""
         if predictor.operating_point is not None and predictor.operating_point["level"] != "image":
@@ -1337,9 +1349,9 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None)
         )
         first = str(result.loc[result["error"] != "", "error"].iloc[0])
         err_console.print(f"first: {escape(first)}", highlight=False, soft_wrap=True, emoji=False)
-    if out is not None:
+    if out is not None and not quiet:
         err_console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
-    if heatmaps is not None:
+    if heatmaps is not None and not quiet:
         err_console.print(f"[green]Wrote[/green] heat maps to {escape(str(heatmaps))}", highlight=False)
 
 
