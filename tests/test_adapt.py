@@ -596,6 +596,10 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     assert code == 2 and "one class only" in stderr
     code, _, stderr = run_cli("score", str(out), str(out), str(out), "--manifest", manifest)
     assert code == 2 and "two to compare" in stderr
+    # The same package twice (a copy, too) gives the same probabilities: "difference +0.000, P 1" says nothing.
+    shutil.copytree(out, site / "copy")
+    code, stdout, stderr = run_cli("score", str(out), str(site / "copy"), "--manifest", manifest)
+    assert code == 2 and "have the same weights" in " ".join(stderr.split()) and "AUC difference" not in stdout
     # Rows of a class the model does not know (BrEaST's normal scans) are left out and named; the rest is scored.
     normal = table.iloc[:2].assign(label="normal", patient_id=["n1", "n2"])
     pd.concat([table, normal]).to_csv(site / "site" / "with_normal.csv", index=False)

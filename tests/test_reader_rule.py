@@ -174,6 +174,29 @@ def test_reader_rule_is_set_once_on_the_validation_patients_and_written_into_the
     assert code == 2 and "run folder" in stderr
 
 
+def test_a_bad_reading_or_one_class_is_refused_naming_the_manifest_before_any_image_is_predicted(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack review of issue 10: the BI-RADS error named a row but not the file, and came after every image was
+    predicted; a manifest of one class got a message about "the validation split"."""
+    import alnus.predict
+
+    table = pd.read_csv(site / "site" / "validation.csv", dtype=str)
+    table.loc[1, "reader_birads"] = "abc"
+    table.to_csv(site / "site" / "odd.csv", index=False)
+    table[table["label"] == "malignant"].to_csv(site / "site" / "one.csv", index=False)
+    monkeypatch.setattr(alnus.predict.Predictor, "predict_table", lambda *a, **k: pytest.fail("predicted first"))
+    code, _, stderr = run_cli("reader-rule", str(site / "model"), "--manifest", str(site / "site" / "odd.csv"))
+    said = " ".join(stderr.split())
+    assert code == 2 and "odd.csv: row 3, column reader_birads: 'abc' is not a BI-RADS category" in said
+    for command in ("reader-rule", "threshold"):
+        code, _, stderr = run_cli(command, str(site / "model"), "--manifest", str(site / "site" / "one.csv"),
+                                  "--refreeze")  # fmt: skip
+        said = " ".join(stderr.split())
+        assert code == 2 and "one.csv has patients of one class only ('malignant')" in said, said
+        assert "give a manifest with both" in said
+
+
 def test_predict_gives_the_radiologist_and_the_radiologist_with_ai(site: Path) -> None:
     package, folder = site / "model", site / "site"
     image = str(folder / "im02.png")

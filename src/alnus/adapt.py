@@ -713,6 +713,7 @@ def freeze_on_labelled(
     if target is not None and not 0 < target <= 1:
         raise AdaptError(f"--target {target} must be a proportion in (0, 1], e.g. 0.9.")
     table, _ = labelled_table(manifest, meta, "a threshold is chosen", max_pixels)
+    _both_classes(table, manifest, meta, "a threshold is chosen")
     before = meta["threshold"] or (meta.get("adaptation") or {}).get("source_threshold") or {}
     rule = rule or before.get("rule", "youden")
     level = level or before.get("level", "patient")
@@ -787,8 +788,15 @@ def score_on_labelled(
                 f"{package} has labels {meta['label_names']} (positive {meta['positive_label']!r}), {packages[0]} "
                 f"{metas[0]['label_names']} (positive {metas[0]['positive_label']!r}); compare packages of one label."
             )
+    if len(metas) == 2 and all(metas[0].get(k) == metas[1].get(k) for k in ("weights_sha256", "preprocess", "tta")):
+        raise AdaptError(
+            f"{packages[0]} and {packages[1]} have the same weights (sha256 {metas[0]['weights_sha256'][:12]}) and "
+            "preprocessing, so they give the same probabilities and the comparison would say nothing; compare two "
+            "different packages (an adapted one and its source, say), or score one."
+        )
     # Checked once, for both; rows of classes the model does not know are left out and named.
     table, left_out = labelled_table(manifest, metas[0], "a package is scored", max_pixels, leave_out=True)
+    _both_classes(table, manifest, metas[0], "an AUC is computed", left_out)
     rows, scores = [], []
     with_reader: dict[str, dict[str, Any] | None] = {}
     for package, meta in zip(packages, metas, strict=True):
@@ -796,9 +804,6 @@ def score_on_labelled(
         predictions = predictor.predict_table(table, manifest.parent)
         cases = aggregate_predictions(predictions, "patient", "mean")
         y = cases["y"].to_numpy()
-        if len(set(y.tolist())) < 2:
-            also = f" ({left_out})" if left_out else ""
-            raise AdaptError(f"{manifest} has patients of one class only; an AUC needs both.{also}")
         auc = stats.auc_ci(y, cases["prob"].to_numpy())
         row = {"package": str(package), "AUC": auc.estimate, "AUC low": auc.ci_low, "AUC high": auc.ci_high}
         point = meta["threshold"]
@@ -813,6 +818,19 @@ def score_on_labelled(
         with_reader[str(package)] = _rule_on_site(table, predictions, meta)
     comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 else None
     return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out)
+
+
+def _both_classes(
+    table: pd.DataFrame, manifest: Path, meta: Mapping[str, Any], purpose: str, left_out: str = ""
+) -> None:
+    """Refuse, before any image is predicted, a labelled manifest whose rows are all of one class."""
+    present = sorted(set(table["label"].astype(str)))
+    if len(present) < 2:
+        also = f" ({left_out})" if left_out else ""
+        raise AdaptError(
+            f"{manifest} has patients of one class only ({present[0]!r}); {purpose} on patients of both of the "
+            f"model's labels {[str(n) for n in meta['label_names']]}: give a manifest with both.{also}"
+        )
 
 
 def _rule_on_site(table: pd.DataFrame, predictions: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -879,11 +897,20 @@ def freeze_reader_rule(
         )
     check_rule_request(column, positive_from)
     table, _ = labelled_table(manifest, meta, "a reader rule is set", max_pixels)
+    _both_classes(table, manifest, meta, "a reader rule is set")
     if column not in table.columns:
         found = ", ".join(c for c in table.columns if c.startswith("reader_") or c in BIRADS_COLUMNS) or "none"
         raise ReaderRuleError(
             f"{manifest} has no column {column!r} of BI-RADS readings (reader columns found: {found}); name it "
             "with --reader."
+        )
+    from alnus.readers import birads_problem, no_reading
+
+    bad = next(((i, v) for i, v in table[column].items() if not no_reading(v) and birads_problem(v)), None)
+    if bad is not None:  # said before any image is predicted, naming the file
+        raise ReaderRuleError(
+            f"{manifest}: row {bad[0] + 2}, column {column}: {birads_problem(bad[1])}. Correct the cell (or leave it "
+            "empty: no reading) and run again."
         )
     point = meta.get("threshold") or {}
     level, aggregate = point.get("level", "patient"), point.get("aggregate", "mean")
