@@ -384,16 +384,52 @@ def test_figures_need_an_evaluated_run(tmp_path: Path) -> None:
         make_figures(tmp_path)
 
 
-def test_a_history_without_numeric_epochs_is_refused_and_a_blank_best_epoch_is_not_guessed() -> None:
+def test_a_history_without_numeric_epochs_is_refused_naming_the_line_and_column() -> None:
     history = pd.DataFrame(
         {"epoch": ["one", "two"], "train_loss": [0.9, 0.7], "val_loss": [0.8, 0.7], "val_auc": [0.6, 0.7]}
     )
-    with pytest.raises(FigureError, match="numeric epochs"):
+    with pytest.raises(FigureError, match=r"line 2: epoch 'one' is not a number; line 3: epoch 'two'"):
         training_figure(history)
-    history["epoch"] = ["1", "x"]  # the best val AUC sits on a row without an epoch
-    history["validated"] = ["epoch", "swa"]
-    fig = training_figure(history)
-    assert by_gid(fig, "best_epoch") == [] and by_gid(fig, "averaging") == []
+    history["epoch"] = ["1", "x"]  # the best val AUC sits on a row without an epoch: not guessed, refused
+    with pytest.raises(FigureError, match=r"history\.csv has values that cannot be plotted: line 3: epoch 'x'"):
+        training_figure(history)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "why"),
+    [
+        ("val_auc", "abc", "'abc' is not a number"),
+        ("val_auc", "1e308", "'1e308' is outside \\[0, 1\\]"),
+        ("val_auc", "-0.1", "'-0.1' is outside"),
+        ("train_loss", "-5", "'-5' is negative"),
+        ("val_loss", "inf", "'inf' is not finite"),
+        ("val_loss", "1e308", "'1e308' is beyond any loss"),
+        ("train_loss", "nan", "'nan' is not a number"),
+        ("val_loss", "", "\\(blank\\) is not a number"),
+        ("epoch", "1e308", "'1e308' is not an epoch of this history \\(1 to 3"),
+        ("epoch", "1.5", "'1.5' is not an epoch"),
+    ],
+)
+def test_a_damaged_history_cell_is_refused_with_its_line_epoch_and_column(column: str, value: str, why: str) -> None:
+    """Attack review: a cell that is not a number or out of its range is named, never plotted."""
+    history = pd.DataFrame(
+        {"epoch": ["1", "2", "3"], "train_loss": ["0.9", "0.7", "0.6"], "val_loss": ["0.8", "0.7", "0.7"],
+         "val_auc": ["0.6", "0.7", "0.8"]}
+    )  # fmt: skip
+    history.loc[1, column] = value
+    where = "line 3" if column == "epoch" else "line 3 \\(epoch 2\\)"
+    with pytest.raises(
+        FigureError, match=f"^run/history\\.csv has values that cannot be plotted: {where}: {column} {why}"
+    ):
+        training_figure(history, source="run/history.csv")
+
+
+def test_a_long_damaged_history_names_three_cells_and_counts_the_rest() -> None:
+    history = pd.DataFrame({"epoch": range(1, 6), "train_loss": ["x" * 100] * 5, "val_loss": 0.5, "val_auc": 0.5})
+    with pytest.raises(FigureError) as caught:
+        training_figure(history)
+    assert str(caught.value).count("train_loss") == 3 and "; and 2 more." in str(caught.value)
+    assert "x" * 38 not in str(caught.value) and "x" * 37 + "..." in str(caught.value)
 
 
 def test_an_unreadable_history_skips_its_figure_with_the_reason(studied_run: Path, tmp_path: Path) -> None:
@@ -406,3 +442,32 @@ def test_an_unreadable_history_skips_its_figure_with_the_reason(studied_run: Pat
     skipped = json.loads((run.figures / "skipped.json").read_text())
     [entry] = [s for s in skipped if s["name"] == "training_tiny_cnn"]
     assert "history.csv cannot be read (EmptyDataError" in entry["reason"]
+
+
+def test_a_damaged_history_skips_its_figure_naming_the_file_line_and_column_without_a_warning(
+    studied_run: Path, tmp_path: Path
+) -> None:
+    """Attack review: a history whose values are not numbers or out of range is "Not drawn", with the reason, and
+    matplotlib draws nothing from it (no overflow warning on stderr)."""
+    import shutil
+    import warnings
+
+    run = RunFolder(shutil.copytree(studied_run, tmp_path / "run"))
+    history = run.model("tiny_cnn").history
+    lines = history.read_text().splitlines()
+    header = lines[0].split(",")
+    first, second = (dict(zip(header, line.split(","), strict=True)) for line in lines[1:3])
+    first.update(train_loss="abc", val_auc="1e308")
+    second.update(train_loss="nan", val_loss="inf", val_auc="-5")
+    history.write_text("\n".join([lines[0], *(",".join(r[c] for c in header) for r in (first, second))]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = make_figures(run.root, n_boot=20)
+    assert "training_tiny_cnn" not in {f.name for f in figures}
+    skipped = json.loads((run.figures / "skipped.json").read_text())
+    [entry] = [s for s in skipped if s["name"] == "training_tiny_cnn"]
+    assert entry["reason"] == (
+        f"{history} has values that cannot be plotted: line 2 (epoch 1): train_loss 'abc' is not a number; "
+        "line 2 (epoch 1): val_auc '1e308' is outside [0, 1]; line 3 (epoch 2): train_loss 'nan' is not a number; "
+        "and 2 more."
+    )

@@ -30,6 +30,7 @@ from alnus.errors import AlnusError
 from alnus.evaluate import EvaluateError, curve_cases, read_predictions
 from alnus.models.package import kept_last_epoch
 from alnus.operating_point import rule_name
+from alnus.report._history import PLOTTED, numeric_history, problems_text
 from alnus.report._style import DPI, FONT, PALETTE, new_figure, plain
 from alnus.report.flow import flow_counts, flow_figure
 from alnus.runfolder import EVALUATION_SPLITS, RunFolder, damaged_files, read_splits, run_models
@@ -416,23 +417,29 @@ def decision_curve_figure(
 
 # ------------------------------------------------------------------------------------------------ training
 def training_figure(
-    history: pd.DataFrame, *, best_epoch: int | None = None, title: str = "Training", last_kept: bool = False
+    history: pd.DataFrame,
+    *,
+    best_epoch: int | None = None,
+    title: str = "Training",
+    last_kept: bool = False,
+    source: str = "history.csv",
 ) -> MplFigure:
     """Loss (train and validation) and validation AUC per epoch from `history.csv`; the packaged epoch marked (by
     default the first with the highest validation AUC, as training selects it; `last_kept`: it is the last epoch,
-    kept without choosing, `train.selection_metric: last`) and the head-only phase shaded."""
-    needed = ["epoch", "train_loss", "val_loss", "val_auc"]
-    missing = [c for c in needed if c not in history.columns]
+    kept without choosing, `train.selection_metric: last`) and the head-only phase shaded.
+
+    Raises:
+        FigureError: a plotted column is missing, or a cell of one is not a number or out of its range (named by its
+            line in `source`, its epoch and its column).
+    """
+    missing = [c for c in PLOTTED if c not in history.columns]
     if missing or history.empty:
-        raise FigureError(f"a training history needs rows and the columns {', '.join(needed)}; missing: {missing}.")
-    h = history.copy()
-    for column in needed:
-        h[column] = pd.to_numeric(h[column], errors="coerce")
-    if not h["epoch"].map(math.isfinite).any():
-        raise FigureError("a training history needs numeric epochs; history.csv has none.")
-    if best_epoch is None and h["val_auc"].notna().any():
-        epoch = h.loc[h["val_auc"].idxmax(), "epoch"]
-        best_epoch = int(epoch) if math.isfinite(epoch) else None
+        raise FigureError(f"a training history needs rows and the columns {', '.join(PLOTTED)}; missing: {missing}.")
+    h, problems = numeric_history(history)
+    if problems:
+        raise FigureError(f"{source} has values that cannot be plotted: {problems_text(problems)}.")
+    if best_epoch is None:
+        best_epoch = int(h.loc[h["val_auc"].idxmax(), "epoch"])
     fig = new_figure(5.6, 5.2)
     loss_ax, auc_ax = fig.subplots(2, 1, sharex=True)
     loss_ax.plot(h["epoch"], h["train_loss"], marker=".", color=PALETTE[0], label="train loss", gid="train_loss")
@@ -700,7 +707,8 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
                                "reason": f"{folder.history} not found"})  # fmt: skip
         return
     try:
-        history = pd.read_csv(folder.history)
+        # As text, so that a damaged cell is quoted as written.
+        history = pd.read_csv(folder.history, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
         reason = (
             f"{folder.history} cannot be read ({type(exc).__name__}: {exc}); training writes it, nothing else uses it"
@@ -723,7 +731,8 @@ def _training(writer: _Writer, run: RunFolder, model: str) -> None:
         shading += "; validation scored the moving average of the weights (train.ema_decay)"
     kept = "the last epoch, kept without choosing on validation" if last_kept else "the best epoch"
     writer.add(f"training_{model}",
-               lambda: training_figure(history, best_epoch=best, title=f"Training: {model}", last_kept=last_kept),
+               lambda: training_figure(history, best_epoch=best, title=f"Training: {model}", last_kept=last_kept,
+                                       source=str(folder.history)),
                f"Training of {model}: loss on the training and validation split and validation AUC per epoch; dashed: "
                f"{kept} ({package}){shading}.", "training", model, None)  # fmt: skip
 
