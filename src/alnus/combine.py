@@ -28,6 +28,8 @@ from alnus.errors import AlnusError
 
 # Probabilities are clipped this far from 0 and 1 before the logit (a network can output exactly 0 or 1 in fp32).
 _EPS = 1e-6
+# Fewest validation cases of each class the fitted combination is estimated on (three coefficients).
+MIN_PER_CLASS = 10
 
 
 class CombineError(AlnusError):
@@ -122,8 +124,22 @@ def fit_combination(y: object, prob: object, birads_score: object) -> Combinatio
     n_pos = int(yb.sum())
     if n_pos == 0 or n_pos == len(yb):
         raise CombineError(f"the combined score needs positive and negative cases to fit; got {n_pos} of {len(yb)}.")
+    if min(n_pos, len(yb) - n_pos) < MIN_PER_CLASS:
+        raise CombineError(
+            f"the combined score needs at least {MIN_PER_CLASS} positive and {MIN_PER_CLASS} negative validation "
+            f"cases to fit its three coefficients; got {n_pos} positive of {len(yb)} (with fewer they are not "
+            "estimable). The tie-break fits nothing and is still set."
+        )
     fit = LogisticRegression(C=np.inf, max_iter=1000).fit(x, yb)  # C = inf: no penalty
-    return Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos)
+    combination = Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos)
+    if stats.auc(yb, x @ fit.coef_[0]) == 1.0 or fit.n_iter_[0] >= fit.max_iter:  # the linear score ranks
+        raise CombineError(
+            f"the {len(yb)} validation cases are perfectly separated by the model, the reading or the two together: "
+            "an unpenalised logistic regression has no finite fit there (its coefficients grow without bound, so "
+            "any fitted values would be arbitrary). More validation cases are needed; the tie-break fits nothing "
+            "and is still set."
+        )
+    return combination
 
 
 def matched_threshold(y: object, score: object, sensitivity: float) -> float:
