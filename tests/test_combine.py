@@ -63,7 +63,12 @@ def test_compare_with_reader_gives_delong_and_mcnemar() -> None:
     [
         ([0, 0, 0], [0.1, 0.2, 0.3], [3, 4, 5], "positive and negative cases"),
         # A new user's study: 7 validation patients gave sigmoid(-324.81 - 16.15 x logit + 70.45 x BI-RADS).
-        ([0, 0, 0, 1, 1, 1, 0], [0.2, 0.4, 0.3, 0.6, 0.5, 0.7, 0.1], [3, 4, 4.25, 5, 4.5, 5, 3], "at least 10 positive"),
+        (
+            [0, 0, 0, 1, 1, 1, 0],
+            [0.2, 0.4, 0.3, 0.6, 0.5, 0.7, 0.1],
+            [3, 4, 4.25, 5, 4.5, 5, 3],
+            "at least 10 positive",
+        ),
         ([0] * 10 + [1] * 10, [0.4] * 20, [3] * 10 + [5] * 10, "perfectly separated"),
         ([0] * 10 + [1] * 10, [i / 20 + 0.01 for i in range(20)], [4] * 20, "perfectly separated"),
         ([0, 1, 1], [0.1, np.nan, 0.3], [3, 4, 5], "missing values"),
