@@ -4,6 +4,7 @@ threshold frozen on a site's labelled validation patients)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -583,6 +584,8 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     code, stdout, stderr = run_cli("score", str(out), str(site / "model"), "--manifest", manifest)
     assert code == 0, stdout + stderr
     assert "24 patients, 12 positive" in stdout and "none frozen" in stdout and "/12" in stdout
+    # Sensitivity and specificity as the tables show a proportion: %, k/n and the exact CI.
+    assert re.search(r"\d+\.\d \(\d+/12; \d+\.\d-\d+\.\d\)", stdout) and "exact 95% CI" in stderr
     assert "AUC difference (first minus second)" in stdout and "on the same 24 patients" in stdout
     result = score_on_labelled([out, site / "model"], manifest)
     # The same numbers as scoring each package's own predictions directly.

@@ -718,9 +718,13 @@ def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--keep", "prob"), r"--keep prob: the predictions have their own prob column"),
-        (("--keep", "Prob"), r"--keep Prob: the predictions have their own prob column"),
-        (("--keep", "\uff22IRADS"), r"--keep .*IRADS: the predictions have their own birads column"),
+        (("--keep", "prob"), r"--keep prob: prob is a name of predict's own output columns \(it writes one\);"),
+        (("--keep", "Prob"), r"--keep Prob: prob is a name of predict's own output columns"),
+        (
+            ("--keep", "\uff22IRADS"),
+            r"--keep .*IRADS: birads is a name of predict's own output columns \(it writes one "
+            r"when the package carries a reader rule; its reading comes from a birads column\)",
+        ),
         (("--keep", " "), r"--keep names a manifest column; it was given an empty name"),
         (
             ("--keep", "truth"),

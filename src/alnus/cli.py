@@ -1276,6 +1276,14 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+# predict's own columns that only some outputs have, and when (`--keep` refuses their names all the same).
+_WRITTEN_WHEN = {
+    **dict.fromkeys(("birads", "reader_call", "with_ai_call", "ruled_out", "with_ai"),
+                    " when the package carries a reader rule; its reading comes from a birads column"),
+    "heatmap": " with --heatmaps",
+}  # fmt: skip
+
+
 def _kept_columns(keep: list[str]) -> list[str]:
     """`--keep`'s manifest columns, each once, none named as a column predict writes itself."""
     import unicodedata
@@ -1291,9 +1299,10 @@ def _kept_columns(keep: list[str]) -> list[str]:
             raise AlnusError("--keep names a manifest column; it was given an empty name.")
         clash = own.get(unicodedata.normalize("NFKC", name).casefold())
         if clash is not None:
+            when = _WRITTEN_WHEN.get(clash, "")
             raise AlnusError(
-                f"--keep {printable(name)}: the predictions have their own {clash} column; keep the manifest's other "
-                "columns (a label, say), or rename this one in the manifest."
+                f"--keep {printable(name)}: {clash} is a name of predict's own output columns (it writes one{when}); "
+                "keep the manifest's other columns (a label, say), or rename this one in the manifest."
             )
     return columns
 
@@ -1681,7 +1690,7 @@ def score(
     if result.left_out:
         _note(result.left_out)
     table = Table(title=escape(f"{manifest.name}: {result.n_patients} patients, {result.n_positive} positive"))
-    for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity", "specificity"):
+    for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity %", "specificity %"):
         table.add_column(column)
     for row in result.rows.to_dict("records"):
         has = "threshold" in row and row["threshold"] == row["threshold"]  # NaN where the package has none
@@ -1689,9 +1698,11 @@ def score(
             escape(row["package"]),
             f"{row['AUC']:.3f} ({row['AUC low']:.3f}-{row['AUC high']:.3f})",
             f"{row['threshold']:.4g}" if has else "none frozen",
-            str(row["sensitivity"]) if has else "",
-            str(row["specificity"]) if has else "",
+            _proportion_of(row["sensitivity"]) if has else "",
+            _proportion_of(row["specificity"]) if has else "",
         )
+    if any("threshold" in row and row["threshold"] == row["threshold"] for row in result.rows.to_dict("records")):
+        _note("sensitivity and specificity at each package's frozen threshold: % (k/n; exact 95% CI).")
     console.print(table)
     if result.comparison is not None:
         d = result.comparison
@@ -1706,6 +1717,18 @@ def score(
     for package, found in result.with_reader.items():
         if found is not None:
             _show_rule_on_site(package, found)
+
+
+def _proportion_of(count: str) -> str:
+    """`"35/41"` as the tables show a proportion: `85.4 (35/41; 70.8-94.4)` (Clopper-Pearson)."""
+    from alnus import stats
+    from alnus.evaluate import format_proportion
+
+    k, n = (int(part) for part in count.split("/"))
+    if n == 0:
+        return "no case"
+    p = stats.proportion_ci(k, n, "clopper-pearson", 0.05)
+    return format_proportion({"k": k, "n": n, "estimate": p.estimate, "ci_low": p.ci_low, "ci_high": p.ci_high})
 
 
 def _show_rule_on_site(package: str, found: dict) -> None:
