@@ -273,6 +273,8 @@ def test_imagenet_offline_fails_fast_with_directions(
     message = str(info.value)
     assert isinstance(info.value, AlnusError) and no_network
     assert f"'{name}'" in message and "network disabled in tests" in message and "file:PATH" in message
+    # Said in the words of a config and the command line, where a study's user sets it (a new user's review).
+    assert "`--set train.weights=file:PATH`" in message and "`train.weights: none`" in message
     for src in get_spec(name).imagenet_sources:
         if src.kind == "url":
             assert src.location in message and str(torch_hub_path(src.location)) in message

@@ -178,7 +178,8 @@ def imagenet_state_dict(spec: BackboneSpec, backbone: torch.nn.Module) -> tuple[
     """
     if not spec.imagenet_sources:
         raise WeightsUnavailableError(
-            f"backbone {spec.name!r} has no ImageNet weights; use weights='none' or weights='file:PATH'"
+            f"backbone {spec.name!r} has no ImageNet weights; set train.weights to none (random initialisation) or "
+            "file:PATH (a file of this backbone's weights), e.g. `--set train.weights=none`"
         )
     for src in spec.imagenet_sources:
         found = _local_weights(src)
@@ -348,11 +349,14 @@ def _how_to_get(spec: BackboneSpec, reason: str) -> str:
         else:
             lines.append(
                 f"  - download https://huggingface.co/{src.location}/resolve/main/{HF_FILENAMES[0]} "
-                "on a machine with internet and pass weights='file:PATH' (or copy that machine's "
+                "on a machine with internet and use it as file:PATH (below; or copy that machine's "
                 f"Hugging Face cache folder models--{src.location.replace('/', '--')} into {hf_cache_dir()})"
             )
-    lines.append("  - pass weights='file:PATH' with a state dict of this backbone")
-    lines.append("  - or train from random initialisation with weights='none'")
+    lines.append(
+        "  - use a file of this backbone's weights (a state dict, safetensors or an alnus package): in a config "
+        "`train.weights: file:PATH`, on the command line `--set train.weights=file:PATH` (Python: weights='file:PATH')"
+    )
+    lines.append("  - or train from random initialisation: `train.weights: none` (`--set train.weights=none`)")
     return "\n".join(lines)
 
 
