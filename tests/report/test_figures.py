@@ -32,7 +32,7 @@ from alnus.report.figures import (
     roc_models_figure,
     training_figure,
 )
-from alnus.report.flow import flow_counts, flow_figure
+from alnus.report.flow import Flow, flow_counts, flow_figure
 from alnus.runfolder import RunFolder
 from alnus.study import prepare_run
 from alnus.train import train_model
@@ -285,6 +285,30 @@ def test_flow_numbers_add_up() -> None:
     excluded = by_gid(fig, "flow:excluded")[0].get_text()
     assert "2 \u00d7 image: image file not found" in excluded and "/d/" not in excluded
     assert len(by_gid(fig, "flow:split:")) == 3
+
+
+def test_flow_split_boxes_do_not_overlap_with_long_site_names_and_counts() -> None:
+    """Attack review: four split boxes side by side, each with a long site name and large counts, stay apart (a long
+    name is shortened, and its counts go on a line of their own)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = ["train", "val", "internal_test", "external_test"]
+    sites = [f"{'hospital_of_a_very_long_name_' * 4}{n}" for n in names]
+    counts = {"patients": 1234, "images": 12345, "positive_patients": 123, "positive_images": 456}
+    table = pd.DataFrame({"split": names, "site": sites, **{k: [v] * 4 for k, v in counts.items()}})
+    flow = Flow(rows=12345 * 4, patients=1234 * 4, excluded_rows=0, excluded_patients=0, reasons=[],
+                valid_rows=12345 * 4, valid_patients=1234 * 4, split_rows=12345 * 4, splits=table)  # fmt: skip
+    fig = flow_figure(flow, title="Patient flow: " + "r" * 300)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    boxes = [t.get_bbox_patch().get_window_extent(canvas.get_renderer()) for t in by_gid(fig, "flow:split:")]
+    assert len(boxes) == 4
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:], strict=False)), [(b.x0, b.x1) for b in boxes]
+    assert all(0 <= b.x0 and b.x1 <= fig.bbox.width for b in boxes)
+    assert (
+        "hospital_of_a_very_long_name_\u2026:\n  1234 pt, 12345 img, 123 pos"
+        in by_gid(fig, "flow:split:train")[0].get_text()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run folder

@@ -103,6 +103,11 @@ def _split_counts(splits: pd.DataFrame, positive_label: str) -> pd.DataFrame:
     return table.assign(_order=order).sort_values(["_order", "site"]).drop(columns="_order").reset_index(drop=True)
 
 
+# Characters of a split box's line (the width that four boxes side by side leave each) and of a site name in it.
+_SPLIT_LINE = 34
+_SITE_WIDTH = 30
+
+
 def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6) -> MplFigure:
     """STARD-style flow diagram: manifest -> excluded (reasons with counts) -> included -> one box per split with
     patients, images and positives per site; the external test is drawn as its own branch (a held-out site). Boxes
@@ -114,7 +119,7 @@ def flow_figure(flow: Flow, *, title: str = "Patient flow", max_reasons: int = 6
     ax.set_axis_off()
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(plain(title))
+    ax.set_title(plain(title, 100))
     box = {"boxstyle": "round,pad=0.5", "facecolor": "#f4f8fb", "edgecolor": PALETTE[0], "linewidth": 1.2}
     side = {**box, "facecolor": "#fdf3ec", "edgecolor": PALETTE[1]}
     held_out = {**box, "facecolor": "#eef7f2", "edgecolor": PALETTE[2]}
@@ -176,8 +181,9 @@ def _split_text(name: str, rows: pd.DataFrame) -> str:
     lines = [name.replace("_", " "), f"{_count(patients, 'patient')}, {_count(images, 'image')}",
              f"{_count(positives, 'positive patient')}"]  # fmt: skip
     for _, row in rows.iterrows():
-        lines.append(
-            f"{plain(row['site'] or 'no site', 22)}: {int(row['patients'])} pt, {int(row['images'])} img, "
-            f"{int(row['positive_patients'])} pos"
-        )
+        counts = f"{int(row['patients'])} pt, {int(row['images'])} img, {int(row['positive_patients'])} pos"
+        site = plain(row["site"] or "no site", _SITE_WIDTH)
+        # Four split boxes sit side by side: a line longer than this would reach into the next box.
+        one_line = f"{site}: {counts}"
+        lines += [one_line] if len(one_line) <= _SPLIT_LINE else [f"{site}:", f"  {counts}"]
     return "\n".join(lines)
