@@ -90,22 +90,53 @@ def _print_frame(df, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
 _SHOWN_PROBLEMS = 20
 
 
-def _raise_with_hint(validation, manifest: Path, listed_in: Path | None = None) -> None:  # noqa: ANN001 - Validation
-    """Raise the validation's problems (the first `_SHOWN_PROBLEMS`; all of them are in `listed_in`) with what to do."""
+def _raise_with_hint(
+    validation,  # noqa: ANN001 - Validation
+    manifest: Path,
+    listed_in: Path | None = None,
+    readers: int = 0,
+    drop_invalid: bool = False,
+) -> None:
+    """Raise the validation's problems (the first `_SHOWN_PROBLEMS`; all of them are in `listed_in`) with what to do.
+
+    `readers` counts the problems that are reader cells (`reader_*`), which --drop-invalid does not exclude.
+    """
+    hints = []
     if validation.file_problems:
-        hint = (
+        hints.append(
             "A problem of the whole manifest cannot be excluded row by row (--drop-invalid does not help): fix "
             "the label column, or name the two classes with --labels NEGATIVE,POSITIVE."
         )
-    else:
-        hint = (
+    elif len(validation.problems) > readers and drop_invalid:
+        hints.append("--drop-invalid excludes the other rows once the reader cells are fixed; nothing was written.")
+    elif len(validation.problems) > readers:
+        hints.append(
             "Fix these rows, or pass --drop-invalid to exclude them (they are listed in exclusions.csv "
             "and counted in the report)."
+        )
+    if readers:
+        hints.append(
+            "Fix the reader cells (reader_* columns): correct each, or empty it (an empty cell is a missing reading, "
+            "counted per reader); pass --reader-scale score if the readers gave numeric scores. --drop-invalid does "
+            "not exclude a row for its reader cell, since that would also take the image out of the model's test."
         )
     try:
         validation.raise_if_problems(manifest, limit=_SHOWN_PROBLEMS, listed_in=listed_in)
     except AlnusError as exc:
-        raise AlnusError(f"{exc}\n{hint}") from None
+        raise AlnusError("\n".join([str(exc), *hints])) from None
+
+
+def _read_manifest(manifest: Path, folder: Path):  # noqa: ANN202 - pandas DataFrame
+    """`read_manifest`, whose list of unreadable rows is cut short as validation's is, all of them in a file."""
+    from alnus.data.manifest import ManifestError, Validation, read_manifest
+
+    try:
+        return read_manifest(manifest)
+    except ManifestError as exc:
+        listed_in = _full_list(Validation.of_problems(exc.problems), manifest, folder)
+        if listed_in is None:
+            raise
+        raise ManifestError(manifest, exc.problems, limit=_SHOWN_PROBLEMS, listed_in=listed_in) from None
 
 
 def _full_list(validation, manifest: Path, folder: Path) -> Path | None:  # noqa: ANN001 - Validation
@@ -206,14 +237,16 @@ def data_validate(
 ) -> None:
     """Check every row (files, images, labels, patients, sites, splits, ROI, masks); list all problems at once."""
     from alnus._io import write_csv
-    from alnus.data.manifest import read_manifest, rebase_manifest, validate_manifest
+    from alnus.data.manifest import rebase_manifest, validate_manifest
 
-    df = read_manifest(manifest)
-    _check_readers(df, manifest, reader_scale, reader_positive_from)
+    folder = out or manifest.parent
+    df = _read_manifest(manifest, folder)
+    readers = _reader_problems(df, reader_scale, reader_positive_from)
     if labels is None:
         _warn_label_count(df)
+    # Reader cells and the rows' own problems are listed together: fixing one kind never reveals the other.
     result = validate_manifest(df, manifest.parent, labels=_labels(labels), max_pixels=max_pixels)
-    folder = out or manifest.parent
+    result = result.including(readers, df)
     listed_in = _full_list(result, manifest, folder)
     _print_warnings(result, listed_in)
     if result.ok:
@@ -223,8 +256,8 @@ def data_validate(
             highlight=False,
         )
         return
-    if result.file_problems or not drop_invalid:
-        _raise_with_hint(result, manifest, listed_in)
+    if result.file_problems or not drop_invalid or readers:
+        _raise_with_hint(result, manifest, listed_in, readers=len(readers), drop_invalid=drop_invalid)
     write_csv(result.exclusions, folder / "exclusions.csv")
     # Relative paths are rebased so that the written manifest finds its images from `folder`.
     write_csv(rebase_manifest(result.valid, manifest.parent, folder), folder / "manifest.valid.csv")
@@ -236,20 +269,14 @@ def data_validate(
     )
 
 
-def _check_readers(df, manifest: Path, scale: str, positive_from: str) -> None:  # noqa: ANN001 - pandas DataFrame
-    """Reader cells that evaluation could not read fail here, before any model is trained."""
-    from alnus.data.manifest import ManifestError
+def _reader_problems(df, scale: str, positive_from: str) -> list:  # noqa: ANN001 - pandas DataFrame
+    """Reader cells that evaluation could not read, found here, before any model is trained."""
     from alnus.readers import ReaderError, check_reader_columns
 
     try:
-        problems = check_reader_columns(df, scale, positive_from)  # type: ignore[arg-type]
+        return check_reader_columns(df, scale, positive_from)  # type: ignore[arg-type]
     except ReaderError as exc:
         raise AlnusError(f"--reader-scale / --reader-positive-from: {exc}") from None
-    if problems:
-        raise AlnusError(
-            f"{ManifestError(manifest, problems, limit=20)}\nFix these reader cells (an empty cell is a missing "
-            "reading), or pass --reader-scale score if the readers gave numeric scores."
-        )
 
 
 @data_app.command("split")
@@ -275,10 +302,10 @@ def data_split(
 ) -> None:
     """Patient-level, label-stratified split with a leakage check; external sites are only ever tested on."""
     from alnus._io import write_csv
-    from alnus.data.manifest import read_manifest, validate_manifest
+    from alnus.data.manifest import validate_manifest
     from alnus.data.split import split_manifest
 
-    df = read_manifest(manifest)
+    df = _read_manifest(manifest, out)
     if labels is None:
         _warn_label_count(df)
     validation = validate_manifest(df, manifest.parent, labels=_labels(labels), max_pixels=max_pixels)
@@ -2248,10 +2275,33 @@ def export(
     )
 
 
+# Exit codes of a command stopped by Ctrl-C (typer's) and by SIGTERM (128 + the signal's number, as a shell says).
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+STOPPED = (
+    "what was finished is kept and half-written files are removed; run the same command again to go on "
+    "(`alnus study` and `alnus cv` resume by themselves, `alnus train` with --resume)."
+)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's or `kill`'s stop) as an exception, so that cleanups run: half-written files are removed
+    and the run folder's lock released, as after Ctrl-C."""
+    raise SystemExit(EXIT_TERMINATED)
+
+
 def main() -> None:
-    """Entry point: user-actionable errors print as a message with exit code 2, not a traceback."""
+    """Entry point: user-actionable errors print as a message with exit code 2, not a traceback; Ctrl-C and SIGTERM
+    stop with a line saying how to go on."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
+    except SystemExit as exc:
+        if exc.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            how = "interrupted (Ctrl-C)" if exc.code == EXIT_INTERRUPTED else "stopped (SIGTERM)"
+            err_console.print(f"[yellow]{how}:[/yellow] {STOPPED}", highlight=False, soft_wrap=True)
+        raise
     except AlnusError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -699,3 +699,27 @@ def test_a_cell_too_long_for_the_csv_reader_is_named_as_such(tmp_path: Path) -> 
     path.write_text('image,label,patient_id\na.png,benign,"' + "x" * 200_000 + '"\n')
     with pytest.raises(ManifestError, match=r"a cell is longer than 131,072 characters \(an unclosed quote"):
         read_manifest(path)
+
+
+def test_a_semicolon_file_is_named_once_not_row_by_row(tmp_path: Path) -> None:
+    rows = ["image;patient_id;label;roi"] + [f"img/{i}.png;P{i};benign;1,2,3,4" for i in range(30)]
+    for bom in ("", "\ufeff"):
+        (tmp_path / "semi.csv").write_text(bom + "\n".join(rows) + "\n", encoding="utf-8")
+        with pytest.raises(ManifestError) as info:
+            read_manifest(tmp_path / "semi.csv")
+        assert [str(p) for p in info.value.problems] == [
+            "the header is one column with ';' in it: save the file comma-separated, not with ';'"
+        ]
+
+
+def test_including_other_problems_lists_them_with_the_rows(study: Study) -> None:
+    manifest = study(with_row({"label": "maybe"}, at=2))
+    df = read_manifest(manifest)
+    result = validate_manifest(df, manifest.parent, labels=LABELS)
+    reader = Problem(2, "reader_r1", "'probably 4b': not a BI-RADS category")
+    merged = result.including([reader], df)
+    assert [(p.row, p.column) for p in merged.problems] == [(2, "reader_r1"), (4, "label")]
+    assert merged.exclusions["row"].tolist() == [2, 4]
+    assert merged.exclusions.loc[0, "image"] == "img/a.png"
+    assert merged.valid["image"].tolist() == ["img/b.png"]
+    assert result.including([], df) is result

@@ -115,6 +115,29 @@ class Validation:
     # One line per warning, laid out as `exclusions` (row, image, patient_id, column, reason).
     warning_lines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(EXCLUSION_COLUMNS)))
 
+    @classmethod
+    def of_problems(cls, problems: Sequence[Problem]) -> Validation:
+        """A validation holding only `problems` and no valid row (a file that could not be read as a table)."""
+        return cls(
+            list(problems), pd.DataFrame(), _exclusions([(None, problem) for problem in problems], pd.DataFrame())
+        )
+
+    def including(self, extra: Sequence[Problem], table: pd.DataFrame) -> Validation:
+        """This validation of `table` with `extra` problems found by another check of it (reader cells, say), in
+        row order, so that every problem is listed at once. A row with an extra problem is not valid either."""
+        if not extra:
+            return self
+        numbers = _row_numbers(table.index)
+        position = {number: i for i, number in enumerate(numbers)}
+        found = [(position.get(p.row) if p.row is not None else None, p) for p in extra]
+        problems = sorted([*self.problems, *extra], key=lambda p: (p.row is not None, p.row or 0))
+        bad = table.index[sorted({i for i, _ in found if i is not None})]
+        valid = self.valid.iloc[0:0] if any(p.row is None for p in extra) else self.valid
+        valid = valid[~valid.index.isin(bad)]
+        lines = pd.concat([self.exclusions, _exclusions(found, table.fillna("").astype(str))], ignore_index=True)
+        lines = lines.sort_values("row", kind="stable", na_position="first").reset_index(drop=True)
+        return Validation(problems, valid, lines, self.warnings, self.warning_lines)
+
     @property
     def ok(self) -> bool:
         """True when no problem was found (warnings do not count)."""
@@ -162,6 +185,9 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     records = _read_records(path)
     header = [name.strip() for name in records[0]] if records else []
     problems = _header_problems(header)
+    if delimiter_problem(header):
+        # Every row of a ';'- or tab-separated file would also be "ragged": the header's message is the one to act on.
+        raise ManifestError(path, problems)
     rows: list[list[str]] = []
     index: list[int] = []
     ragged = False
