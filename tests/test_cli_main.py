@@ -116,3 +116,48 @@ def test_piped_help_shows_whole_option_names() -> None:
     assert "--internal-test-frac" in wide and "--no-drop-invalid" in wide and "…" not in wide
     narrow = subprocess.run(command, capture_output=True, text=True, check=True, env={**base, "COLUMNS": "80"}).stdout
     assert max(len(line) for line in narrow.splitlines()) <= 80  # a width the user set is kept
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_says_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: str
+) -> None:
+    """A new user's review: a SIGTERM (a scheduler's stop, `kill`) left a 0-byte checkpoints/.last.pt.*.tmp that the
+    resumed run kept, and Ctrl-C ended without a word. The stop arrives here while the first checkpoint is written."""
+    import signal
+
+    import torch
+    import yaml
+
+    import alnus._checkpoint
+    from alnus.data.phantom import make_phantom
+
+    manifest = make_phantom(tmp_path / "data", patients=24, external_patients=0, image_size=(48, 48), seed=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "stop", "runs_dir": str(tmp_path / "runs"), "models": ["tiny_cnn"],
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"]},
+        "preprocess": {"size": 32, "roi": "box"},
+        "train": {"weights": "none", "epochs": 3, "batch_size": 8, "precision": "fp32"},
+    }))  # fmt: skip
+    real_save = torch.save
+
+    def stopped_while_saving(obj: object, path: object) -> None:
+        real_save(obj, path)
+        os.kill(os.getpid(), getattr(signal, signum))  # delivered at once, before the file is renamed into place
+
+    monkeypatch.setattr(alnus._checkpoint.torch, "save", stopped_while_saving)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status, err = _run_main(monkeypatch, capsys, "study", str(config))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    said = " ".join(err.split())
+    assert status == (143 if signum == "SIGTERM" else 130), said
+    assert ("stopped (SIGTERM)" if signum == "SIGTERM" else "interrupted (Ctrl-C)") in said
+    assert "run the same command again to go on" in said and "Traceback" not in said
+    run = tmp_path / "runs" / "stop"
+    assert not [p for p in run.rglob("*.tmp")]  # the half-written checkpoint is gone
+    monkeypatch.setattr(alnus._checkpoint.torch, "save", real_save)
+    status, err = _run_main(monkeypatch, capsys, "study", str(config))
+    assert status == 0 and "taking over" not in err  # the lock was released, not left for the next run to break
