@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from alnus import stats
@@ -191,3 +192,19 @@ def test_with_reader_says_why_a_combination_cannot_be_set() -> None:
     assert fitted["combined_sensitivity_k"] == round(fitted["combined_sensitivity"] * fitted["n_positive"])
     assert ordered["val_n_lowest_positive"] == int(((test["birads"] == 4.25) & (test["y"] == 1)).sum())
     assert ordered["combined_sensitivity"] >= ordered["reader_sensitivity"] - 1e-12  # set on these very cases
+
+
+def test_the_fitted_combination_is_written_as_a_sum_with_its_signs() -> None:
+    """A new user's review: a negative coefficient read `+ -16.15 x logit(model)`."""
+    from alnus.combine import set_on_validation
+
+    y, model, birads = _cases(200, seed=5)
+    val = pd.DataFrame(
+        {"y": y, "prob": 1 - model, "birads": birads, "call": birads >= 4.25}
+    )  # a model ranked upside down
+    fitted = set_on_validation(val)["fitted"]
+    assert fitted.fit.model_coef < 0
+    assert f"- {abs(fitted.fit.model_coef):.2f} x logit(model) + {fitted.fit.reader_coef:.2f} x BI-RADS score" in (
+        fitted.operating_point
+    )
+    assert "+ -" not in fitted.operating_point

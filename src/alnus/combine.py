@@ -328,6 +328,11 @@ METHODS = ("fitted", "tie_break")
 METHOD_NAMES = {"fitted": "logistic regression", "tie_break": "tie-break: category, then AI"}
 
 
+def _signed(value: float) -> str:
+    """A term of a sum as written: `+ 2.98`, `- 16.15`."""
+    return f"{'-' if value < 0 else '+'} {abs(value):.2f}"
+
+
 def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting | str]:
     """Both combinations set on one reader's validation cases (a table with columns y, prob, birads, call): a
     `Setting` per method, or the reason it cannot be set there."""
@@ -347,8 +352,8 @@ def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting 
         threshold = matched_threshold(y, fit.score(prob, birads), sensitivity)
         params = {**on_val, "intercept": fit.intercept, "model_coef": fit.model_coef, "reader_coef": fit.reader_coef,
                   "threshold": threshold, "reader_val_sensitivity": sensitivity}  # fmt: skip
-        point = (f"P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} x "
-                 f"BI-RADS score), positive from {threshold:.3f}: the reader's validation sensitivity "
+        terms = f"{fit.intercept:.2f} {_signed(fit.model_coef)} x logit(model) {_signed(fit.reader_coef)} x BI-RADS"
+        point = (f"P = sigmoid({terms} score), positive from {threshold:.3f}: the reader's validation sensitivity "
                  f"({100 * sensitivity:.1f}%) on the {on_val['val_n']} validation cases")  # fmt: skip
         out["fitted"] = Setting("fitted", params, point, fit=fit)
     except AlnusError as exc:
