@@ -9,10 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import yaml
 
+from alnus.config import load_config
+from alnus.data.phantom import make_phantom
 from alnus.report.build import SECTIONS
 from alnus.runfolder import RunFolder
+from alnus.study import run_study
 from tests._browser import Watch
 
 pytestmark = pytest.mark.browser
@@ -77,3 +82,66 @@ def test_the_report_reads_with_javascript_disabled(report_run: Path, browser: An
     finally:
         context.close()
     assert watch.requests == [url]
+
+
+@pytest.fixture(scope="module")
+def long_values_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny study whose manifest has unbroken words far wider than the page: a 500-character clinical column
+    value (also a subgroup column), 300-character patient ids (in the heat maps' captions) and a long site name."""
+    root = tmp_path_factory.mktemp("long-values")
+    manifest = make_phantom(root / "data", patients=30, external_patients=12, image_size=(64, 80), seed=2)
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table["Device"] = "x" * 500
+    table["patient_id"] = "P" * 300 + table["patient_id"]
+    external = "external_" + "h" * 120
+    table.loc[table["site"] == "external_hospital", "site"] = external
+    table.to_csv(manifest, index=False)
+    raw = {
+        "name": "long",
+        "runs_dir": str(root / "runs"),
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [external]},
+        "models": ["tiny_cnn"],
+        "preprocess": {"size": 32, "roi": "box"},
+        "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
+                  "early_stopping_patience": None},
+        "evaluate": {"subgroups": ["site", "Device"]},
+    }  # fmt: skip
+    (root / "study.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(root / "study.yaml")
+    run_study(cfg)
+    return cfg.run_dir
+
+
+def test_long_unbroken_values_wrap_inside_the_page(long_values_run: Path, browser: Any, tmp_path: Path) -> None:
+    """Attack review: one long word (a clinical value, a patient id, a site) neither widens the page past the window
+    nor pushes the other splits' columns off-screen; the value is shown whole (wrapped), numbers stay unbroken."""
+    context, page, watch, url = _open(browser, RunFolder(long_values_run).report, javascript=True)
+    try:
+        assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+        wide = page.evaluate(
+            "() => Array.from(document.querySelectorAll('table'), t => [t.id, t.getBoundingClientRect().width, "
+            "t.parentElement.clientWidth]).filter(([id, width, room]) => width > room + 1)"
+        )
+        assert wide == []
+        characteristics = page.locator("#table-case-characteristics")
+        assert characteristics.locator("thead th").count() == 5  # the label column and the four splits
+        right = page.evaluate("document.querySelector('#table-case-characteristics').getBoundingClientRect().right")
+        assert right <= VIEWPORT["width"]
+        device = characteristics.locator("tbody tr", has_text="Device").locator("td").first
+        assert "x" * 500 in device.inner_text().replace("\n", "")  # whole, wrapped at the break opportunities
+        overflowing = page.evaluate(
+            "() => Array.from(document.querySelectorAll('figure, figcaption, td, th, p, li'))"
+            ".filter(e => e.scrollWidth > e.clientWidth + 1 && !e.matches('td.num')).map(e => e.id || e.tagName)"
+        )
+        assert overflowing == []
+        assert page.locator("figcaption", has_text="P" * 300).count() >= 1
+        numbers = page.evaluate(
+            "() => Array.from(document.querySelectorAll('td.num'), c => c.getClientRects().length === 1 && "
+            "c.innerText.split('\\n').length <= 2)"
+        )
+        assert numbers and all(numbers)
+        page.screenshot(path=str(tmp_path / "long-values.png"), full_page=True)
+    finally:
+        context.close()
+    assert watch.requests == [url]
+    assert watch.errors == [] and watch.dialogs == []

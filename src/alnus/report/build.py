@@ -596,6 +596,35 @@ def _code_spans(value: Any) -> Any:
     return markupsafe.Markup(re.sub(r"`([^`&<>]+)`", r"<code>\1</code>", str(escaped)))
 
 
+# A run of characters without a space longer than this (an identifier, a site name, a damaged cell) may be broken in
+# a table, every BREAK_EVERY characters.
+LONG_RUN = 24
+BREAK_EVERY = 20
+
+
+def _breakable(value: Any) -> Any:
+    """A table cell's text, escaped, with a line-break opportunity (<wbr>) inside each long run without a space.
+
+    A table column is as wide as its longest unbreakable word, so one long value would widen its column (and, in a
+    row of values, every column) past the page. CSS `overflow-wrap: anywhere` on the cells would also break ordinary
+    words (column headings) wherever a table is squeezed; this breaks only the long runs, and leaves the text itself
+    (as copied) unchanged.
+    """
+    import markupsafe
+
+    if isinstance(value, markupsafe.Markup):
+        return value
+    text, parts, at = str(value), [], 0
+    for run in re.finditer(rf"\S{{{LONG_RUN + 1},}}", text):
+        word = run.group()
+        parts += [markupsafe.escape(text[at : run.start()])]
+        parts += [markupsafe.Markup("<wbr>").join(markupsafe.escape(word[i : i + BREAK_EVERY])
+                                                 for i in range(0, len(word), BREAK_EVERY))]  # fmt: skip
+        at = run.end()
+    parts.append(markupsafe.escape(text[at:]))
+    return markupsafe.Markup("").join(parts)
+
+
 def render_report(context: dict[str, Any]) -> str:
     """The report's HTML from `report_context` (Jinja2, autoescaped)."""
     import jinja2
@@ -609,6 +638,7 @@ def render_report(context: dict[str, Any]) -> str:
         lstrip_blocks=True,
     )
     env.filters["code"] = _code_spans
+    env.filters["breakable"] = _breakable
     return env.get_template("report.html.j2").render(**context)
 
 
