@@ -67,6 +67,7 @@ def test_name_defaults_to_the_file_name(tmp_path):
         (["evaluate.threshold_rule=sensitivity"], "evaluate.threshold_target"),
         (["preprocess.size=8"], "preprocess.size"),
         (["name=../escape"], "name"),
+        ([f"name={'x' * 201}"], "name: 201 characters is too long"),  # an attack review's 300 failed inside the run
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):

@@ -26,6 +26,9 @@ import yaml
 from alnus.errors import AlnusError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The longest run name: its folder, `alnus cv`'s NAME_cvK and the hidden working names beside them stay within the
+# 255 bytes a file name may have.
+MAX_NAME = 200
 
 
 class ConfigError(AlnusError):
@@ -476,6 +479,9 @@ def _check(cfg: Config, where: Source) -> None:
 
     if not _NAME.match(cfg.name):
         fail("name", f"{cfg.name!r} must be a folder name (letters, digits, '.', '_', '-')")
+    if len(cfg.name) > MAX_NAME:
+        fail("name", f"{len(cfg.name)} characters is too long for a folder name with room for `alnus cv`'s "
+                     f"suffixes; use at most {MAX_NAME}")  # fmt: skip
     data, pre, train, ev = cfg.data, cfg.preprocess, cfg.train, cfg.evaluate
     for key, frac in (("data.internal_test_frac", data.internal_test_frac), ("data.val_frac", data.val_frac)):
         if not 0 <= frac < 1:
