@@ -94,6 +94,13 @@ def test_damaged_metadata_is_named(trained, content, message):
 def test_missing_package_and_missing_fields(tmp_path):
     with pytest.raises(PackageError, match="not found; train a model first"):
         load_package(tmp_path / "nowhere")
+    # An attack review's links in a loop were "not found; train a model first".
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in ("loop_a", "dangling"):
+        with pytest.raises(PackageError, match="symbolic link that leads to no folder"):
+            load_package(tmp_path / link)
     with pytest.raises(PackageError, match="lacks positive_label"):
         save_package(tmp_path / "p", create_model("tiny_cnn"), {"preprocess": {}, "label_names": ["a", "b"]})
     with pytest.raises(PackageError, match="not one of label_names"):

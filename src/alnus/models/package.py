@@ -160,6 +160,9 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         hint = f"pass its folder, {Path(folder).parent}" if own else "pass a package folder (one with metadata.json)"
         raise PackageError(f"{folder} is a file, not a model package folder; {hint}")
     if not Path(folder).is_dir():
+        if Path(folder).is_symlink():  # a link to nothing, or one of a loop
+            raise PackageError(f"{folder} is a symbolic link that leads to no folder (its target is missing, or the "
+                               "links go round in a loop); pass the package folder itself")  # fmt: skip
         raise PackageError(f"model package {folder} not found; train a model first (alnus train CONFIG)")
     if not path.is_file():
         inner = Path(folder) / "model" / METADATA_FILE
