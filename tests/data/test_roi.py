@@ -61,6 +61,18 @@ def test_parse_box_formats(text: str, box: tuple[int, int, int, int]) -> None:
         ("1,2,inf,4", "w='inf' is not a number"),
         ("1,2,0,4", "width and height must be positive (got w=0, h=4)"),
         ("1,2,3,-4", "width and height must be positive"),
+        (
+            "10;20;30;40",
+            "roi separated by semicolons, not commas ('10;20;30;40'); write the box as x,y,w,h in pixels "
+            "with commas, e.g. 10,20,30,40.",
+        ),  # fmt: skip
+        ("10 20 30 40", "roi separated by spaces, not commas ('10 20 30 40'); write the box as x,y,w,h"),
+        ("[10|20|30|40]", "separated by bars, not commas ('[10|20|30|40]'); write the box as x,y,w,h"),
+        (
+            "10;20;30",
+            "roi separated by semicolons, not commas ('10;20;30'); write the box as x,y,w,h in pixels with "
+            "commas, four whole numbers.",
+        ),  # fmt: skip
     ],
 )
 def test_parse_box_errors(text: str, message: str) -> None:

@@ -97,6 +97,16 @@ def parse_box(text: str) -> Box:
         inner = inner[1:-1]
     fields = [f.strip() for f in inner.split(",")]
     if len(fields) != 4:
+        other = _other_separator(inner)
+        if other:
+            name, numbers = other
+            example = f"e.g. {','.join(numbers)}" if len(numbers) == 4 else "four whole numbers"
+            # The words before the value come first: a report groups exclusions by the reason's first words, and a
+            # ';' inside the value would cut them short.
+            raise RoiError(
+                f"roi separated by {name}, not commas ({raw!r}); write the box as x,y,w,h in pixels with commas, "
+                f"{example}."
+            )
         raise RoiError(f"roi {raw!r} has {len(fields)} field(s); expected 4: x,y,w,h in pixels.")
     values: list[int] = []
     for name, field in zip(("x", "y", "w", "h"), fields, strict=True):
@@ -111,6 +121,20 @@ def parse_box(text: str) -> Box:
     if w <= 0 or h <= 0:
         raise RoiError(f"roi {raw!r}: width and height must be positive (got w={w}, h={h}).")
     return x, y, w, h
+
+
+def _other_separator(inner: str) -> tuple[str, list[str]] | None:
+    """For a box written without commas ("10;20;30;40"): the separator's name and the four numbers (none when there
+    are not four), else None."""
+    if "," in inner:
+        return None
+    for pattern, name in ((r"\s*;\s*", "semicolons"), (r"\s*\|\s*", "bars"), (r"\s+", "spaces")):
+        parts = re.split(pattern, inner.strip())
+        if len(parts) == 4 and all(_NUMBER.fullmatch(part) for part in parts):
+            return name, parts
+        if name != "spaces" and len(parts) > 1:
+            return name, []  # not four numbers, but the separator is plainly not a comma
+    return None
 
 
 def format_box(box: Box) -> str:
