@@ -723,3 +723,52 @@ def test_including_other_problems_lists_them_with_the_rows(study: Study) -> None
     assert merged.exclusions.loc[0, "image"] == "img/a.png"
     assert merged.valid["image"].tolist() == ["img/b.png"]
     assert result.including([], df) is result
+
+
+def test_a_roi_with_semicolons_is_excluded_with_a_reason_that_says_how_to_write_it(study: Study) -> None:
+    from alnus.report.flow import _reason_group
+
+    result, message = check(study(with_row({"roi": "10;20;30;40"})), check_images=False)
+    assert "row 3, column 'roi': roi separated by semicolons, not commas ('10;20;30;40'); write the box as x,y,w,h" in (
+        message
+    )
+    assert "e.g. 10,20,30,40" in message
+    reason = result.exclusions.loc[0, "reason"]
+    # The flow diagram counts exclusions by their reason's first words: once "roi: roi".
+    assert _reason_group("roi", reason) == "roi: roi separated by semicolons, not commas"
+
+
+def test_a_windows_path_is_named_as_such(study: Study, tmp_path: Path) -> None:
+    rows = clean_rows()
+    rows[0]["image"] = "C:\\Users\\anna\\BrEaST\\images\\case012.png"
+    rows[1]["image"] = "img\\b.png"
+    rows[2]["image"] = str(tmp_path / "gone" / "c.png")
+    rows.append({"image": "img/gone.png", "patient_id": "P3", "label": "malignant"})
+    result, _ = check(study(rows))
+    reasons = [p.reason for p in result.problems if p.column == "image"]
+    assert reasons[0] == (
+        "image file not found: C:\\Users\\anna\\BrEaST\\images\\case012.png is a Windows path (a drive letter or a "
+        "network share), which does not exist on this computer; give the path relative to the manifest's folder, "
+        "with '/' between folders (e.g. images/case012.png)"
+    )
+    assert "backslashes" in reasons[1] and "write '/' instead (img/b.png)" in reasons[1]
+    assert reasons[2].endswith("; check the path, or give it relative to the manifest's folder")
+    assert "relative to the manifest's folder" in reasons[3] and str(tmp_path) in reasons[3]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "named"),
+    [
+        ("patient_id", "p2\nevil", "a line break"),
+        ("image", "img/a\tb.png", "a tab"),
+        ("site", "A\u202eB", "U+202E"),
+        ("study_id", "S\x1b[31m", "ESC"),
+        ("label", "ben\x85ign", "U+0085"),
+    ],
+)
+def test_control_characters_in_keys_and_paths_are_refused(study: Study, column: str, value: str, named: str) -> None:
+    result, _ = check(study(with_row({column: value})), check_images=False)
+    problem = next(p for p in result.problems if p.reason.startswith(f"{column} holds a control character"))
+    assert problem.row == 3 and problem.column == column
+    assert f"({named})" in problem.reason
+    assert value not in problem.reason, "the reason shows the character escaped"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ REPORT_COLUMNS = ("severity", "row", "image", "patient_id", "column", "reason")
 KEY_COLUMNS = ("image", "patient_id", "label", "study_id", "site")
 # An image with a side under this many pixels cannot show a lesion with its margin: likely a thumbnail or an icon.
 MIN_LESION_SIDE = 32
+# Control characters refused in keys and paths: C0 (tab and newline included), DEL, C1, and the Unicode bidirectional
+# controls that `alnus._text` shows as code points when printing.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x1b": "ESC"}
 # Suffixes that mark a `mask_*` cell as a file path rather than a number or a note.
 _PATH_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"})
 _FIRST_DATA_ROW = 2
@@ -397,13 +402,34 @@ def _formula_problems(df: pd.DataFrame, numbers: list[int]) -> list[Problem]:
 
 
 def _check_key_cells(table: pd.DataFrame, add: _Add) -> None:
-    """Refuse keys that a spreadsheet would run as a formula: output CSVs would have to alter them."""
+    """Refuse keys that a spreadsheet would run as a formula (output CSVs would have to alter them), and keys or
+    paths holding control characters."""
     columns = [name for name in (*KEY_COLUMNS, *mask_columns(table)) if name in table.columns]
     for column in columns:
         for position, cell in enumerate(table[column]):
-            reason = _formula_reason(column, cell)
-            if reason:
-                add(position, column, reason)
+            for reason in (_control_reason(column, cell), _formula_reason(column, cell)):
+                if reason:
+                    add(position, column, reason)
+
+
+def control_characters(text: str) -> list[str]:
+    """The control characters in `text` (C0 with tab and newline, DEL, C1, bidirectional controls), each once."""
+    return list(dict.fromkeys(CONTROL_CHARACTERS.findall(text)))
+
+
+def _control_reason(column: str, cell: str) -> str | None:
+    found = control_characters(cell)
+    if not found:
+        return None
+    named = ", ".join(_CONTROL_NAMES.get(c, f"U+{ord(c):04X}") for c in found)
+    shown = CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), cell)
+    what = "file" if column == "image" or column.startswith("mask") else column
+    # The words before the value come first: a report groups exclusions by a reason's first words.
+    return (
+        f"{column} holds a control character ({named}) in '{shown}', which no ID or file name needs: a line "
+        "break shifts the row numbers against a text editor's lines, and control characters hide or reorder text "
+        f"on screen; rename the {what} without it"
+    )
 
 
 def _formula_reason(column: str, cell: str) -> str | None:
@@ -503,7 +529,7 @@ def _check_rows(
         except ValueError as exc:
             add(position, "frame", str(exc))
         if check_images and image:
-            outcome = images.image(_resolve(root, image), frame)
+            outcome = images.image(_resolve(root, image), frame, image)
             if isinstance(outcome, str):
                 add(position, "image", outcome)
             else:
@@ -523,7 +549,7 @@ def _check_rows(
             continue
         for column in masks:
             for part in split_paths(record[column]):
-                outcome = images.mask(_resolve(root, part))
+                outcome = images.mask(_resolve(root, part), part)
                 if isinstance(outcome, str):
                     add(position, column, outcome)
                 elif shape is not None and outcome != shape:
@@ -553,11 +579,11 @@ class _ImageChecks:
         self._masks: dict[Path, tuple[int, int] | str] = {}
         self._warned: set[Path] = set()
 
-    def image(self, path: Path, frame: int | None) -> tuple[int, int] | str:
-        """The decoded (H, W), or the reason it cannot be used."""
+    def image(self, path: Path, frame: int | None, cell: str) -> tuple[int, int] | str:
+        """The decoded (H, W), or the reason it cannot be used (`cell`: the path as the manifest writes it)."""
         key = (path, frame)
         if key not in self._images:
-            self._images[key] = _missing(path, "image") or self._decode(path, frame)
+            self._images[key] = _missing(path, "image", cell) or self._decode(path, frame)
         return self._images[key]
 
     def _decode(self, path: Path, frame: int | None) -> tuple[int, int] | str:
@@ -566,10 +592,10 @@ class _ImageChecks:
         except ImageReadError as exc:
             return f"unreadable image: {exc}"
 
-    def mask(self, path: Path) -> tuple[int, int] | str:
-        """The mask's (H, W) from its header, or the reason it cannot be used."""
+    def mask(self, path: Path, cell: str) -> tuple[int, int] | str:
+        """The mask's (H, W) from its header, or the reason it cannot be used (`cell`: the path as written)."""
         if path not in self._masks:
-            problem = _missing(path, "mask")
+            problem = _missing(path, "mask", cell)
             if problem is None:
                 try:
                     self._masks[path] = image_shape(path, max_pixels=self.max_pixels)
@@ -602,15 +628,40 @@ class _ImageChecks:
         return found
 
 
-def _missing(path: Path, what: str) -> str | None:
-    """Why the file at `path` cannot be opened, in the manifest's words; None when it is a regular file."""
+def _missing(path: Path, what: str, cell: str) -> str | None:
+    """Why the file at `path` (written `cell` in the manifest) cannot be opened, in the manifest's words; None when it
+    is a regular file."""
     problem = file_problem(path)
     if problem is None:
         return None
     if problem == FILE_NOT_FOUND:
-        hint = "; paths are relative to the manifest's folder" if what == "image" else ""
-        return f"{what} file not found: {path}{hint}"
+        return f"{what} file not found: {_not_found_hint(path, cell)}"
     return f"{what} {path} {problem}; point to the {what} file"
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
+
+
+def _tail(cell: str) -> str:
+    """The last folder and the file name of a path written with either separator: `images/case012.png`."""
+    return "/".join([part for part in re.split(r"[\\/]", cell) if part][-2:])
+
+
+def _not_found_hint(path: Path, cell: str) -> str:
+    """The missing file and what to check: a Windows path, backslashes, or where relative paths start."""
+    if os.sep == "/" and _WINDOWS_DRIVE.match(cell):
+        return (
+            f"{cell} is a Windows path (a drive letter or a network share), which does not exist on this computer; "
+            f"give the path relative to the manifest's folder, with '/' between folders (e.g. {_tail(cell)})"
+        )
+    if os.sep == "/" and "\\" in cell:
+        return (
+            f"{path}; the path has backslashes ('\\'), which separate folders only on Windows: write '/' instead "
+            f"({cell.replace(chr(92), '/')})"
+        )
+    if os.path.isabs(cell):
+        return f"{path}; check the path, or give it relative to the manifest's folder"
+    return f"{path}; paths are relative to the manifest's folder"
 
 
 def _check_duplicates(
