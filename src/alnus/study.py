@@ -118,7 +118,14 @@ def prepare_run(cfg: Config) -> Path:
     write_csv(validation.report(), run.validation)
     # A problem of the whole manifest (e.g. not exactly two labels) cannot be dropped row by row.
     if validation.file_problems or (not validation.ok and not cfg.data.drop_invalid):
-        validation.raise_if_problems(manifest_path, limit=20, listed_in=run.validation)
+        hint = (
+            "A problem of the whole manifest cannot be excluded row by row: fix the label column, or name the two "
+            "classes (data.labels: [NEGATIVE, POSITIVE] in the config, or --set 'data.labels=[NEGATIVE,POSITIVE]')."
+            if validation.file_problems
+            else "Fix these rows, or exclude them: set data.drop_invalid: true in the config (or pass --set "
+            "data.drop_invalid=true); excluded rows are listed in the run's exclusions.csv and counted in the report."
+        )
+        validation.raise_if_problems(manifest_path, limit=20, listed_in=run.validation, hint=hint)
     _write_run_files(cfg, run_dir, environment_info())
     write_csv(rebase_manifest(df, manifest_path.parent, None), run.manifest)
     write_csv(validation.exclusions, run.exclusions)

@@ -73,3 +73,22 @@ def test_many_ragged_rows_are_cut_short_and_listed_in_full(tmp_path: Path) -> No
     text = _refused("data", "validate", str(tmp_path / "many.csv"))
     assert "... and 10 more; all 30 are listed in" in text
     assert len(_rows(tmp_path / "many.problems.csv")) == 30
+
+
+def test_a_study_on_an_invalid_manifest_says_how_to_exclude_the_rows(phantom: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from alnus.config import load_config
+    from alnus.data.manifest import ManifestError
+    from alnus.study import prepare_run
+
+    rows = _rows(phantom)
+    rows[3]["image"] = "images/missing.png"
+    bad = _write(phantom.parent / "bad_for_study.csv", rows)
+    raw = {"name": "strict", "runs_dir": str(tmp_path / "runs"), "data": {"manifest": str(bad)}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ManifestError) as info:
+        prepare_run(load_config(tmp_path / "study.yaml"))
+    text = str(info.value)
+    assert "row 5, column 'image': image file not found" in text
+    assert "set data.drop_invalid: true in the config (or pass --set data.drop_invalid=true)" in text

@@ -74,7 +74,7 @@ class ManifestError(AlnusError):
     """A manifest that cannot be used as it is; the message lists the problems found, one per line.
 
     Every problem is in `.problems`; the message shows the first `limit` (all when None) and, when it stops early,
-    how many more there are and the file `listed_in` that holds them all.
+    how many more there are and the file `listed_in` that holds them all; `hint` (what to do) ends it.
     """
 
     def __init__(
@@ -84,23 +84,32 @@ class ManifestError(AlnusError):
         *,
         limit: int | None = None,
         listed_in: str | os.PathLike[str] | None = None,
+        hint: str = "",
     ) -> None:
         self.manifest = str(manifest)
+        self.hint = hint
         self.problems = list(problems)
         self.limit = limit
         self.listed_in = None if listed_in is None else str(listed_in)
         count = len(self.problems)
         header = f"manifest {self.manifest}: {count} problem{'' if count == 1 else 's'}; fix and run again:"
-        super().__init__("\n".join([header, *format_problems(self.problems, limit, self.listed_in)]))
+        lines = [header, *format_problems(self.problems, limit, self.listed_in), *([hint] if hint else [])]
+        super().__init__("\n".join(lines))
 
     def __reduce__(self):  # noqa: ANN204 - keeps the error picklable across worker processes
-        return _rebuild_manifest_error, (type(self), self.manifest, self.problems, self.limit, self.listed_in)
+        args = (type(self), self.manifest, self.problems, self.limit, self.listed_in, self.hint)
+        return _rebuild_manifest_error, args
 
 
 def _rebuild_manifest_error(
-    cls: type[ManifestError], manifest: str, problems: list[Problem], limit: int | None, listed_in: str | None
+    cls: type[ManifestError],
+    manifest: str,
+    problems: list[Problem],
+    limit: int | None,
+    listed_in: str | None,
+    hint: str = "",
 ) -> ManifestError:
-    return cls(manifest, problems, limit=limit, listed_in=listed_in)
+    return cls(manifest, problems, limit=limit, listed_in=listed_in, hint=hint)
 
 
 @dataclass
@@ -159,10 +168,12 @@ class Validation:
         *,
         limit: int | None = None,
         listed_in: str | os.PathLike[str] | None = None,
+        hint: str = "",
     ) -> None:
-        """Raise `ManifestError` naming `manifest_path` and listing the problems (the first `limit`), if any."""
+        """Raise `ManifestError` naming `manifest_path` and listing the problems (the first `limit`), if any, then
+        `hint`."""
         if self.problems:
-            raise ManifestError(manifest_path, self.problems, limit=limit, listed_in=listed_in)
+            raise ManifestError(manifest_path, self.problems, limit=limit, listed_in=listed_in, hint=hint)
 
     def report(self) -> pd.DataFrame:
         """Problems ("error") and warnings ("warning") as one table with columns `REPORT_COLUMNS`."""
