@@ -192,7 +192,7 @@ def test_folders_flat_uses_the_stem(tmp_path: Path) -> None:
     _png(src / "ALN+" / "img01.png")
     _png(src / "ALN+" / "img01_mask.png", box=(1, 1, 2, 2))
     _png(src / "ALN-" / "img02.PNG")
-    (src / "ALN-" / "img02.jpg").write_bytes(b"")  # content is checked at validation, not here
+    _png(src / "ALN-" / "img02.jpg")
     (src / "ALN-" / "meta.json").write_text("{}")
     (src / ".cache").mkdir()
     _png(src / ".cache" / "thumb.png")
@@ -315,6 +315,49 @@ def test_folders_unknown_files_and_loose_images_are_listed(tmp_path: Path) -> No
     with pytest.raises(DatasetImportError, match=r"2 file\(s\) that are not images inside a label folder") as exc:
         import_class_folders(src, src)
     assert "loose.png" in str(exc.value) and "pos/a.raw" in str(exc.value)
+
+
+def test_folders_name_every_file_and_folder_they_skip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _png(src / "pos" / "a.png")
+    _png(src / "neg" / "b.png")
+    _png(src / "pos" / ".hidden.png")
+    _png(src / "pos" / "p2\nevil.png")
+    _png(src / "neg" / "tab\there.png")
+    (src / "pos" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "empty").mkdir()
+    (src / "neg" / "linked").symlink_to(src / "pos", target_is_directory=True)
+    (src / "neg" / "readme.txt").write_text("x")
+    _png(src / "neg" / "b_mask.png", box=(1, 1, 2, 2))
+    df = import_class_folders(src, src)
+    assert df["image"].tolist() == ["neg/b.png", "pos/a.png"]
+    notes = df.attrs["notes"]
+    assert "class folder(s) without an image, so no label from them: empty" in notes
+    expected = {
+        "hidden file(s)": "pos/.hidden.png",
+        "control character": "neg/tab\\there.png, pos/p2\\nevil.png",
+        "broken link(s)": "pos/dangling.png",
+        "linked folder(s), not followed": "neg/linked",
+        "mask file(s)": "neg/b_mask.png",
+        "note(s) or index file(s)": "neg/readme.txt",
+    }
+    for words, names in expected.items():
+        assert any(note.startswith("skipped ") and words in note and note.endswith(names) for note in notes), words
+
+
+def test_folders_refuse_files_named_as_images_that_are_not_images(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _png(src / "pos" / "a.png")
+    _png(src / "neg" / "b.png")
+    (src / "neg" / "zero.png").write_bytes(b"")
+    (src / "neg" / "notes.png").write_text("hello, not a picture\n")
+    (src / "neg" / "odd.jpg").write_bytes(bytes(range(256)))
+    with pytest.raises(DatasetImportError) as exc:
+        import_class_folders(src, src)
+    message = str(exc.value)
+    assert "3 file(s) named as images are not images by their content" in message
+    assert "neg/zero.png (an empty file, 0 bytes)" in message and "neg/notes.png (text, not an image)" in message
+    assert "neg/odd.jpg (not a PNG, JPEG, BMP, TIFF or DICOM file by its content)" in message
 
 
 def test_folders_without_images_is_an_error(tmp_path: Path) -> None:

@@ -82,6 +82,27 @@ def is_dicom(path: str | Path) -> bool:
     return head[128:132] == b"DICM"
 
 
+def not_an_image(path: str | Path) -> str:
+    """What a file is instead of a PNG, JPEG, BMP, TIFF or DICOM file, by its first bytes ("an empty file, 0 bytes",
+    "text, not an image", ...), or "" when it begins like one. Cheap: reads 132 bytes, decodes nothing."""
+    try:
+        with open_regular(path) as fh:
+            head = fh.read(132)
+    except (OSError, NotAFileError) as exc:
+        return f"unreadable: {exc}"
+    if not head:
+        return "an empty file, 0 bytes"
+    if (
+        head[128:132] == b"DICM"
+        or head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+        or (head.startswith(b"BM") and len(head) >= 18)
+    ):
+        return ""
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text, not an image"
+    return "not a PNG, JPEG, BMP, TIFF or DICOM file by its content"
+
+
 def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int | None = None) -> tuple[int, int]:
     """(H, W) that `load_image` returns for `path`, read from the header without decoding pixels.
 

@@ -24,7 +24,8 @@ import pandas as pd
 from PIL import Image
 
 from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
-from alnus.data.images import ImageReadError, image_shape, is_dicom
+from alnus.data.images import ImageReadError, image_shape, is_dicom, not_an_image
+from alnus.data.manifest import CONTROL_CHARACTERS
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -532,17 +533,26 @@ def import_class_folders(
     layout = "<label>/<image> or <label>/<patient>/<image>"
     rows = []
     unknown: list[Path] = []
+    not_images: list[str] = []
     unmatched: list[str] = []
     rules: Counter[str] = Counter()
+    skipped: dict[str, list[str]] = {reason: [] for reason in _SKIPPED}
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if not path.is_file() or _is_hidden(rel) or path.name in IGNORED_NAMES:
+        reason = _skip_reason(path, rel)
+        if reason == "folder":
+            continue
+        if reason:
+            skipped[reason].append(_shown(rel))
             continue
         suffix = path.suffix.lower()
-        if suffix in IGNORED_SUFFIXES:
-            continue
         if suffix in IMAGE_SUFFIXES:
             if MASK_NAME.search(path.stem):
+                skipped["mask"].append(_shown(rel))
+                continue
+            problem = not_an_image(path)
+            if problem:
+                not_images.append(f"{_shown(rel)} ({problem})")
                 continue
         elif not is_dicom(path):
             unknown.append(path)
@@ -567,6 +577,11 @@ def import_class_folders(
         rows.append({"image": _rebase(path, out), "patient_id": patient, "label": rel.parts[0]})
     if unknown:
         raise _unknown_files_error(src, unknown, f"images inside a label folder ({layout})")
+    if not_images:
+        raise DatasetImportError(
+            f"{src}: {len(not_images)} file(s) named as images are not images by their content: "
+            f"{_listing(not_images)}. Replace them with the images, or move them out of the folder."
+        )
     if unmatched:
         raise DatasetImportError(
             f"{src}: patient_regex {patient_regex!r} finds no patient ID in {len(unmatched)} path(s): "
@@ -575,8 +590,54 @@ def import_class_folders(
     if not rows:
         raise DatasetImportError(f"{src}: no images found; expected {layout}.")
     manifest = pd.DataFrame(rows, columns=["image", "patient_id", "label"])
-    manifest.attrs["notes"] = _patient_notes(rules)
+    labelled = set(manifest["label"])
+    empty = [d.name for d in _class_dirs(src, layout) if d.name not in labelled and not d.is_symlink()]
+    notes = _patient_notes(rules)
+    if empty:
+        notes.append(f"class folder(s) without an image, so no label from them: {_listing(empty)}")
+    notes += [
+        f"skipped {len(names)} {_SKIPPED[reason]}: {_listing(names)}" for reason, names in skipped.items() if names
+    ]
+    manifest.attrs["notes"] = notes
     return manifest
+
+
+# Files and folders the folder importer leaves out, each named in a note: the reason's words.
+_SKIPPED = {
+    "hidden": "hidden file(s) or folder(s) (a name starting with '.')",
+    "control": "file(s) whose path holds a control character (a line break, tab or the like; rename them to import "
+    "them)",
+    "link": "broken link(s) (their target does not exist)",
+    "linked folder": "linked folder(s), not followed (link the files, or move the folder in)",
+    "special": "special file(s) (a named pipe, socket or device; not an image file)",
+    "mask": "mask file(s) (named *_mask*)",
+    "side": "note(s) or index file(s) (.txt, .csv, .json, .md, DICOMDIR, Thumbs.db)",
+}
+
+
+def _shown(rel: Path) -> str:
+    """A relative path for a note, its control characters shown escaped (`p2\\nevil.png`)."""
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), rel.as_posix())
+
+
+def _skip_reason(path: Path, rel: Path) -> str:
+    """Why the folder importer leaves `path` out (a key of `_SKIPPED`; "folder" for a plain folder), or ""."""
+    if _is_hidden(rel):
+        # Inside a hidden folder: the folder itself is named, not each file in it.
+        return "hidden" if rel.name.startswith(".") else "folder"
+    if path.is_symlink() and path.is_dir():
+        return "linked folder"
+    if path.is_dir():
+        return "folder"
+    if CONTROL_CHARACTERS.search(rel.as_posix()):
+        return "control"
+    if path.is_symlink() and not path.exists():
+        return "link"
+    if not path.is_file():
+        return "special"
+    if path.name in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES:
+        return "side"
+    return ""
 
 
 # --- entry point ------------------------------------------------------------------------------------
