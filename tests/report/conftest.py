@@ -21,7 +21,9 @@ HOSTILE_NOTE = "<img src=x onerror=alert(2)> & more"
 def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of a tiny study (tiny_cnn, 32 px, 2 epochs, five readers) whose external site is HTML."""
     root = tmp_path_factory.mktemp("report")
-    manifest = make_phantom(root / "data", patients=30, external_patients=12, image_size=(64, 80), seed=2)
+    # Half the development patients validate, so that the fitted reader + AI combination has the 10 cases of each class
+    # it needs (alnus.combine.MIN_PER_CLASS) and the report shows a fitted one.
+    manifest = make_phantom(root / "data", patients=60, external_patients=12, image_size=(64, 80), seed=2)
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     table.loc[table["site"] == "external_hospital", "site"] = HOSTILE_SITE
     table["note"] = [HOSTILE_NOTE if i % 2 else "" for i in range(len(table))]
@@ -29,7 +31,8 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = {
         "name": "report",
         "runs_dir": str(root / "runs"),
-        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [HOSTILE_SITE]},
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [HOSTILE_SITE],
+                 "val_frac": 0.5},
         "models": ["tiny_cnn"],
         "preprocess": {"size": 32, "roi": "box"},
         "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
