@@ -2032,8 +2032,9 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
             panel = pd.DataFrame(compared["panel"]).reindex(
                 columns=["metric", "method", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
             )
-            panel = panel.rename(columns={"method": "test", "readers": "readers (mean)"})
-            numbers = ["model", "readers (mean)", "difference", "ci_low", "ci_high"]
+            readers = "reader" if compared["n_readers"] == 1 else "readers (mean)"
+            panel = panel.rename(columns={"method": "test", "readers": readers})
+            numbers = ["model", readers, "difference", "ci_low", "ci_high"]
             shown = panel.astype(object).where(panel.notna(), "")
             # Every estimate with three decimals (0.750, not 0.75), so that the columns line up and read alike.
             for column in numbers:

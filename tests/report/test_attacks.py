@@ -136,3 +136,32 @@ def test_explain_cleans_up_what_a_killed_run_left(report_run: Path, tmp_path: Pa
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), None, "0.9"])
 def test_numbers_that_cannot_be_shown_read_n_a(value: object) -> None:
     assert pct(value) == "n/a" and num(value) == "n/a"  # type: ignore[arg-type]
+
+
+def test_one_reader_is_named_as_one_not_as_a_panel() -> None:
+    """A new user's review: a study with one reader read "tiny_cnn vs the panel of 1 readers", a "readers (mean)"
+    column, "the mean of the readers has none", and its methods listed an Obuchowski-Rockette analysis never run."""
+    from types import SimpleNamespace
+
+    from alnus.report.methods import _has_panel
+    from alnus.report.tables import panel_table, reader_performance_table
+
+    row = {"metric": "auc", "method": "DeLong", "n": 12, "model": 0.8, "readers": 0.7, "difference": 0.1,
+           "ci_low": -0.1, "ci_high": 0.3, "p": 0.3}  # fmt: skip
+    one = {"panel": [row], "n_readers": 1, "performance": []}
+    table = panel_table("external_test", "tiny_cnn", one)
+    assert table.caption == "tiny_cnn vs the one reader on external_test" and "reader" in table.columns
+    assert "readers (mean)" not in table.columns
+    assert "mean of the readers" not in reader_performance_table("external_test", "tiny_cnn", one).note
+    five = {**one, "n_readers": 5}
+    assert (
+        panel_table("external_test", "tiny_cnn", five).caption == "tiny_cnn vs the panel of 5 readers on external_test"
+    )
+    assert "readers (mean)" in panel_table("external_test", "tiny_cnn", five).columns
+    assert "mean of the readers" in reader_performance_table("external_test", "tiny_cnn", five).note
+    runs = {
+        s: SimpleNamespace(metrics={"readers": {"external_test": {"tiny_cnn": c}}})
+        for s, c in (("1", one), ("5", five))
+    }
+    assert not _has_panel(runs["1"]) and _has_panel(runs["5"])
+    assert not _has_panel(SimpleNamespace(metrics={}))  # no reader at all: no panel analysis either

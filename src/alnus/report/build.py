@@ -425,7 +425,8 @@ def _readers_section(inputs: RunInputs) -> Section:
                 section.blocks.append(
                     Block(
                         f"panel-{model}-{split}-block",
-                        f"{model} vs the reader panel, {split}: {tables.panel_method(compared)}",
+                        f"{model} vs the {'reader' if compared.get('n_readers') == 1 else 'reader panel'}, {split}: "
+                        f"{tables.panel_method(compared)}",
                         paragraphs=[shareable_text(compared["note"], inputs.run)] if compared.get("note") else [],
                         tables=[tables.panel_table(split, model, compared)],
                     )

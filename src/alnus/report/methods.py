@@ -314,6 +314,12 @@ def _threshold(inputs: RunInputs) -> Block:
     )
 
 
+def _has_panel(inputs: RunInputs) -> bool:
+    """Whether any model was compared with two or more readers (with one there is no panel analysis)."""
+    compared = [c for by_model in inputs.metrics.get("readers", {}).values() for c in by_model.values()]
+    return any(c.get("n_readers", 0) >= 2 for c in compared if isinstance(c, Mapping))
+
+
 def _statistics(inputs: RunInputs) -> Block:
     settings: Mapping[str, Any] = inputs.metrics.get("settings", {})
     auc_ci = settings.get("auc_ci", {})
@@ -331,8 +337,14 @@ def _statistics(inputs: RunInputs) -> Block:
         "Model vs model: DeLong (1988) test of paired AUCs (Sun & Xu 2014), P adjusted by Holm (1979).",
         "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read; "
         "DeLong test of AUC with the reader's BI-RADS categories as an ordinal score.",
-        "Model vs the reader panel: Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees of "
-        "freedom (fixed model, random readers and cases).",
+        *(
+            [
+                "Model vs the reader panel: Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees "
+                "of freedom (fixed model, random readers and cases)."
+            ]
+            if _has_panel(inputs)
+            else []
+        ),
         *(
             [
                 "Each reader with the model (AI + reader), set on the validation cases only: (a) a logistic "

@@ -304,7 +304,9 @@ def reader_performance_table(split: str, model: str, compared: Mapping[str, Any]
         ])  # fmt: skip
     columns = ["reader", "readings", "sensitivity", "specificity", "AUC", "AUC method"]
     caption = f"Readers on {split} ({compared.get('reader_calls', 'BI-RADS >= 4a')} is a positive call)"
-    note = "Under each estimate its 95% CI (the mean of the readers has none: see the panel analysis)."
+    note = "Under each estimate its 95% CI" + (
+        " (the mean of the readers has none: see the panel analysis)." if compared.get("n_readers", 2) >= 2 else "."
+    )
     return Table(f"readers-{model}-{split}", caption, columns, rows, note)
 
 
@@ -341,9 +343,11 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
         )
         rows.append([r["metric"], str(r["n"]), fmt(r["model"]), fmt(r["readers"]), difference, p_value(r["p"]),
                      r.get("note", "")])  # fmt: skip
-    columns = ["metric", "cases", "model", "readers (mean)", "difference (95% CI)", "P", "note"]
-    caption = f"{model} vs the panel of {compared.get('n_readers', '?')} readers on {split}"
-    return Table(f"panel-{model}-{split}", caption, columns, rows)
+    n_readers = compared.get("n_readers", "?")
+    columns = ["metric", "cases", "model", "reader" if n_readers == 1 else "readers (mean)", "difference (95% CI)",
+               "P", "note"]  # fmt: skip
+    panel = "the one reader" if n_readers == 1 else f"the panel of {n_readers} readers"
+    return Table(f"panel-{model}-{split}", f"{model} vs {panel} on {split}", columns, rows)
 
 
 def _with_counts(r: Mapping[str, Any], metric: str) -> Cell:
