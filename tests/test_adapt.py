@@ -612,7 +612,11 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     assert "were left out" in stderr
     normal.to_csv(site / "site" / "only_normal.csv", index=False)
     code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "only_normal.csv"))
-    assert code == 2 and "no row is labelled with one of the model's labels" in stderr
+    assert (
+        code == 2
+        and "no row is labelled with one of the model's labels" in stderr
+        and "its labels are 'normal'" in stderr
+    )
     # A misspelt, differently cased or empty label is a mistake to correct, not a class to leave out.
     mistakes = (("Malignant", "differs from 'malignant' only in case"), ("malignat", "which is close to 'malignant'"),
                 ("", "which is empty"), ("malig", "looks like 'malignant' cut short"),

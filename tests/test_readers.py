@@ -60,8 +60,9 @@ def test_birads_score_is_strictly_monotone_with_plain_4_between_3_and_4a() -> No
 
 
 def test_unknown_birads_names_value_and_spreadsheet_row() -> None:
-    with pytest.raises(ReaderError, match=r"row 3: '4d' is not a BI-RADS category"):
+    with pytest.raises(ReaderError, match=r"row 3: '4d' is not a BI-RADS category") as info:
         birads_score(pd.Series(["3", "4d", "5"]))
+    assert "`evaluate.reader_scale: score` in the config" in str(info.value)  # how a study's user says it
     with pytest.raises(ReaderError, match=r"value #2: 'high'"):
         birads_call(["2", "5", "high"])
     assert issubclass(ReaderError, AlnusError)

@@ -142,7 +142,8 @@ def _canonical(value: object, where: str) -> str:
         return key
     raise ReaderError(
         f"{where}: {value!r} is not a BI-RADS category; expected one of 1, 2, 3, 4, 4a, 4b, 4c, 5, 6 "
-        "(or 0 for an incomplete assessment). Correct the cell, or load numeric scores with scale='score'."
+        "(or 0 for an incomplete assessment). Correct the cell; readings that are scores, not BI-RADS, are read with "
+        "`evaluate.reader_scale: score` in the config (`reader_scale='score'` in Python)."
     )
 
 

@@ -912,7 +912,11 @@ def labelled_table(
             f"of the model's labels {known}, were left out."
         )
         if table.empty:
-            raise LabelError(f"{manifest}: no row is labelled with one of the model's labels {known}.")
+            raise LabelError(
+                f"{manifest}: no row is labelled with one of the model's labels {known}; its labels are "
+                f"{', '.join(map(repr, unknown[:8]))}{', ...' if len(unknown) > 8 else ''}. Rename them to the "
+                "model's, or score a manifest of this model's classes."
+            )
     checked = validate_manifest(table, manifest.parent, labels=known, max_pixels=max_pixels)
     if not checked.ok:  # a file listed twice, an unreadable image, a patient with two labels...: each row named
         raise ManifestError(manifest, checked.problems, limit=10)
