@@ -466,6 +466,159 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
         evaluate_run(run, models=["resnet101"])
 
 
+# ------------------------------------------------------------------------------ an evaluation cut short
+def _refusals(run: Path) -> list[str]:
+    """What each reader of an evaluated run says of it: the report's inputs, subgroups and the library's check."""
+    from alnus.evaluate import check_evaluated
+    from alnus.report._inputs import read_run_inputs
+    from alnus.subgroups import subgroup_results
+
+    said = []
+    for read in (lambda: read_run_inputs(run), lambda: subgroup_results(run, "site"),
+                 lambda: check_evaluated(run, json.loads((run / "metrics.json").read_text()))):  # fmt: skip
+        with pytest.raises(AlnusError) as caught:
+            read()
+        said.append(str(caught.value))
+    return said
+
+
+def test_a_refreeze_killed_before_metrics_json_is_refused_until_evaluate_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack review: evaluate --refreeze killed between the package's metadata.json and metrics.json left them
+    disagreeing (0.5583 vs 0.5172), and report and subgroups used both without a word."""
+    import alnus.evaluate as evaluate_module
+
+    run = make_run(tmp_path)
+    package = run / "models" / "tiny_cnn" / "model"
+    first = evaluate_run(run, n_boot=50)["models"]["tiny_cnn"]["threshold"]["value"]
+    tables = {p.name: p.read_bytes() for p in (run / "tables").iterdir()}
+    metrics = (run / "metrics.json").read_text()
+    _write_config(run, tmp_path, {"threshold_rule": "specificity", "threshold_target": 0.95})
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as a kill: nothing after it runs
+
+    monkeypatch.setattr(evaluate_module, "_write_results", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run, refreeze=True, n_boot=50)
+    refrozen = read_metadata(package)["threshold"]["value"]
+    assert refrozen != first and (run / "metrics.json").read_text() == metrics  # the half state of the review
+    assert {p.name: p.read_bytes() for p in (run / "tables").iterdir()} == tables
+    for said in _refusals(run):
+        assert f"the last `alnus evaluate` of {run} did not finish" in said and f"`alnus evaluate {run}`" in said
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code != 0 and "did not finish" in str(result.exception)
+
+    # Defence in depth: without the marker, the package's threshold against metrics.json's is still refused.
+    (run / "evaluate_unfinished.txt").unlink()
+    for said in _refusals(run):
+        assert f"gives model tiny_cnn the threshold {first:.4g}, but its package" in said
+        assert f"holds the threshold {refrozen:.4g}" in said and f"`alnus evaluate {run}` again" in said
+
+    monkeypatch.undo()
+    atomic_write_text(run / "evaluate_unfinished.txt", "left by a kill\n")
+    again = evaluate_run(run, n_boot=50)  # finishes the job: the package's (re-frozen) threshold, everywhere
+    assert again["models"]["tiny_cnn"]["threshold"]["value"] == refrozen
+    assert not (run / "evaluate_unfinished.txt").exists()
+    from alnus.evaluate import check_evaluated
+    from alnus.report._inputs import read_run_inputs
+
+    check_evaluated(run, json.loads((run / "metrics.json").read_text()))
+    assert read_run_inputs(run).metrics["models"]["tiny_cnn"]["threshold"]["value"] == refrozen
+    values = pd.read_csv(run / "tables" / "results_patient_values.csv")
+    assert (values.loc[values["operating_point"].str.startswith("frozen"), "threshold"] == refrozen).all()
+
+
+def test_a_kill_while_the_tables_are_written_is_refused_and_metrics_json_comes_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack review: a kill after metrics.json left the previous evaluation's tables/*.csv beside it, unmarked."""
+    import alnus.evaluate as evaluate_module
+
+    run = make_run(tmp_path)
+    evaluate_run(run, n_boot=50)
+    metrics = (run / "metrics.json").read_text()
+    written = []
+
+    def cut(table: pd.DataFrame, path: Path) -> None:
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        write_csv(table, path)
+
+    monkeypatch.setattr(evaluate_module, "write_csv", cut)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run, level="image", n_boot=50)  # another level: other tables
+    assert written and (run / "metrics.json").read_text() == metrics  # metrics.json is written after the tables
+    for said in _refusals(run):
+        assert "did not finish" in said
+    # A kill after metrics.json, before the marker is removed, leaves the same state; the next evaluate clears it.
+    monkeypatch.undo()
+    evaluate_run(run, n_boot=50)
+    assert not (run / "evaluate_unfinished.txt").exists()
+
+
+def test_an_evaluation_refused_before_writing_leaves_the_last_one_standing(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run, n_boot=50)
+    path = run / "models" / "tiny_cnn" / "predictions" / "val.csv"
+    val = pd.read_csv(path, dtype=str, keep_default_na=False)
+    write_csv(val.assign(y=1 - val["y"].astype(int)), path)
+    with pytest.raises(EvaluateError, match="y column differs"):
+        evaluate_run(run, n_boot=50)
+    assert not (run / "evaluate_unfinished.txt").exists()
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize(
+    ("column", "edit", "said"),
+    [
+        (
+            "y",
+            lambda t: t.assign(y=1 - t["y"].astype(int)),
+            r"its y column differs from the labels: row 2 \(image /data/external_test/p0_0\.png\) "
+            r"has y = 0, but splits\.csv labels the image 'positive', which is y = 1 \(\d+ row\(s\) differ\)",
+        ),
+        (
+            "patient_id",
+            lambda t: t.assign(
+                patient_id=np.where(t["patient_id"] == "external_test1", "external_test0", t["patient_id"])
+            ),
+            r"row \d+ \(image /data/external_test/p1_0\.png\) has patient_id 'external_test0', but splits\.csv gives "
+            r"'external_test1'",
+        ),
+        (
+            "site",
+            lambda t: t.assign(site=np.where(t.index == 3, "dev", t["site"])),
+            r"row 5 \(image .*\) has site 'dev', but splits\.csv gives 'ext' \(1 row\(s\) differ\)",
+        ),
+        ("label", lambda t: t.assign(label="positive"), r"has label 'positive', but splits\.csv gives 'negative'"),
+    ],
+    ids=["y-flipped", "patients-merged", "site-moved", "label"],
+)
+def test_predictions_that_disagree_with_splits_csv_are_refused(tmp_path: Path, column: str, edit, said: str) -> None:  # noqa: ANN001
+    """Attack review: flipped y gave an external AUC of 0.31 instead of 0.69 with exit 0, and merged patients were
+    counted as one; the predictions are made again from the package, so evaluate asks for that."""
+    run = make_run(tmp_path)
+    path = run / "models" / "tiny_cnn" / "predictions" / "external_test.csv"
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    write_csv(edit(table), path)
+    with pytest.raises(EvaluateError) as caught:
+        evaluate_run(run, n_boot=50)
+    message = str(caught.value)
+    assert message.startswith(f"{path} disagrees with {run / 'splits.csv'}: ")
+    assert re.search(said, message), message
+    assert message.endswith(f"run `alnus predict-run {run} --model tiny_cnn` again (the predictions are made again "
+                            "from the package).")  # fmt: skip
+    assert not (run / "metrics.json").exists() and not (run / "evaluate_unfinished.txt").exists()
+    assert read_metadata(run / "models" / "tiny_cnn" / "model")["threshold"] is None
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 def test_cli_evaluate_prints_the_paper_table(tmp_path: Path) -> None:
     from typer.testing import CliRunner
@@ -619,15 +772,19 @@ def test_site_and_patient_ids_holding_a_slash_stay_two_cases(tmp_path: Path) -> 
 
 
 def test_a_patient_whose_site_differs_between_splits_and_predictions_is_refused_not_dropped(tmp_path: Path) -> None:
-    """Attack review: the reader comparison ran on 23 of 24 patients and said only "the 23 cases the reader read"."""
+    """Attack reviews: the reader comparison ran on 23 of 24 patients and said only "the 23 cases the reader read";
+    then, once that was caught, the model's own results were still computed on the moved cases. Now nothing is."""
     run = make_run(tmp_path)
     splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
     external = splits["split"] == "external_test"
     splits["reader_a"] = np.where(external, np.where(splits["label"] == "positive", "4b", "3"), "")
     splits.loc[splits["patient_id"] == "external_test3", "site"] = "elsewhere"
     write_csv(splits, run / "splits.csv")
-    found = evaluate_run(run, n_boot=100)["readers"]["external_test"]["tiny_cnn"]
-    assert "different site/patient_id" in found["error"] and "predict the run again" in found["error"]
+    with pytest.raises(EvaluateError, match=r"external_test\.csv disagrees with .*splits\.csv: row \d+ \(image "
+                       r"/data/external_test/p3_0\.png\) has site 'ext', but splits\.csv gives 'elsewhere'.*"
+                       r"alnus predict-run"):  # fmt: skip
+        evaluate_run(run, n_boot=100)
+    assert not (run / "metrics.json").exists()
 
 
 def test_case_names_escape_the_separator() -> None:

@@ -124,12 +124,18 @@ def test_groups_with_one_class_or_few_cases_say_so_in_the_studys_label_names(run
 
 
 def test_the_threshold_and_the_reader_calls_are_those_the_run_was_evaluated_with(run: Path) -> None:
-    """metrics.json's copy of the threshold and the current config.yaml are not used: a tampered copy or a later
-    edit cannot change the table; the package holds the threshold and metrics.json the reader settings."""
+    """The package holds the threshold and metrics.json the reader settings; a later edit of config.yaml cannot change
+    the table, and a metrics.json whose threshold is not the package's (its results measured elsewhere) is refused."""
     before = subgroup_results(run, "scanner")
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["models"]["tiny_cnn"]["threshold"]["value"] = "0.5"
+    good = (run / "metrics.json").read_text()
+    metrics = json.loads(good)
+    frozen = metrics["models"]["tiny_cnn"]["threshold"]["value"]
+    metrics["models"]["tiny_cnn"]["threshold"]["value"] = 0.5
     atomic_write_text(run / "metrics.json", json.dumps(metrics))
+    with pytest.raises(SubgroupError, match=rf"gives model tiny_cnn the threshold 0.5, but its package .* holds the "
+                       rf"threshold {frozen:.4g}.*run `alnus evaluate "):  # fmt: skip
+        subgroup_results(run, "scanner")
+    atomic_write_text(run / "metrics.json", good)
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace("reader_positive_from: 4a", "reader_positive_from: '5'"))
     after = subgroup_results(run, "scanner")
@@ -164,7 +170,10 @@ def test_a_case_whose_ids_differ_between_splits_and_predictions_is_refused(run: 
     splits = _splits(run)
     splits.loc[splits["patient_id"] == "external_test3", "patient_id"] = "external_test3b"
     write_csv(splits, run / "splits.csv")
-    with pytest.raises(SubgroupError, match=r"image /data/external_test/p3_0.png different site/patient_id"):
+    # The run's predictions are refused as evaluate refuses them, naming the file, the row and what to run.
+    with pytest.raises(AlnusError, match=r"external_test\.csv disagrees with .*: row \d+ \(image "
+                       r"/data/external_test/p3_0\.png\) has patient_id 'external_test3', but splits\.csv gives "
+                       r"'external_test3b'.*alnus predict-run"):  # fmt: skip
         subgroup_results(run, "scanner")
 
 

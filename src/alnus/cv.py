@@ -35,7 +35,7 @@ from alnus._levels import aggregate_cases, case_ids, unit_keys
 from alnus._text import escape
 from alnus.config import Config, Source, apply_overrides, config_from_dict, stable_hash, training_settings
 from alnus.errors import AlnusError
-from alnus.runfolder import RunFolder, lock_run, read_splits
+from alnus.runfolder import RunFolder, lock_run, prediction_mismatch, read_splits
 
 CV_FILE = "cv.json"
 # The clustered bootstrap's resamples when a case is smaller than a patient (image level), as `alnus.evaluate`.
@@ -167,9 +167,10 @@ def fold_predictions(run_dir: Path, backbone: str, positive_label: str) -> pd.Da
     rows = val.iloc[index].reset_index(drop=True)
     if not (rows["image"].to_numpy() == images).all():
         raise CvError(f"{path} was written for another split than {RunFolder(run_dir).splits}; {retrain}.")
+    wrong = prediction_mismatch(rows, pd.DataFrame({"image": images, "y": y}), positive_label)
+    if wrong:
+        raise CvError(f"{path}: {wrong}; {retrain}.")
     labels = (rows["label"].astype(str) == positive_label).to_numpy(np.int64)
-    if not np.array_equal(y, labels):
-        raise CvError(f"{path}: its y column differs from the labels in {RunFolder(run_dir).splits}; {retrain}.")
     if not (np.isfinite(prob) & (prob >= 0) & (prob <= 1)).all():
         raise CvError(f"{path}: a probability is not a number in [0, 1]; {retrain}.")
     return pd.DataFrame(

@@ -38,7 +38,7 @@ from alnus.operating_point import (
     same_rule,
 )
 from alnus.runfolder import EVALUATION_SPLITS as SPLITS
-from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, read_splits, run_models
+from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, prediction_mismatch, read_splits, run_models
 
 METRICS_FORMAT = "alnus-metrics"
 METRICS_VERSION = 1
@@ -202,27 +202,39 @@ def choose_frozen_threshold(
     }
 
 
-def operating_point_of_package(
+def planned_operating_point(
     package_dir: str | os.PathLike[str], wanted: Mapping[str, Any], *, refreeze: bool = False
 ) -> tuple[dict[str, Any], str]:
-    """The package's frozen operating point, frozen now from `wanted` when it has none (or on `refreeze`).
+    """The operating point the package will hold after this evaluation, and what happens to it; nothing is written
+    (`freeze_planned` writes it, once every result is computed).
 
-    Returns the operating point and what happened: "frozen" (first evaluation), "re-frozen", "unchanged" (re-frozen
-    on request, and the rule gave the same value: nothing written) or "kept" (the package already had one; `wanted`
-    is then only reported beside it, never written).
+    The status is "frozen" (the package has none: `wanted` is frozen), "re-frozen" (on `refreeze`, when `wanted`
+    differs), "unchanged" (re-frozen on request, and the rule gave the same value: nothing written) or "kept" (the
+    package already had one; `wanted` is then only reported beside it, never written).
     """
-    from alnus.models.package import freeze_threshold, read_metadata
+    from alnus.models.package import read_metadata
 
     frozen = read_metadata(package_dir)["threshold"]
     if frozen is None:
-        meta = freeze_threshold(package_dir, wanted, reason="first evaluation: chosen on validation and frozen")
-        return meta["threshold"], "frozen"
+        return dict(wanted), "frozen"
     if refreeze and not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
-        reason = f"re-frozen by `alnus evaluate --refreeze` ({rule_name(wanted)} on the current validation predictions)"
-        meta = freeze_threshold(package_dir, wanted, reason=reason, refreeze=True)
-        return meta["threshold"], "re-frozen"
+        return dict(wanted), "re-frozen"
     # Asked to re-freeze, but the same rule on the same validation predictions gives the same threshold.
     return frozen, "unchanged" if refreeze else "kept"
+
+
+def freeze_planned(package_dir: str | os.PathLike[str], point: Mapping[str, Any], status: str) -> dict[str, Any]:
+    """Write a point of `planned_operating_point` into the package when its status says so; return the package's
+    operating point (with the date it was frozen)."""
+    from alnus.models.package import freeze_threshold
+
+    if status == "frozen":
+        reason = "first evaluation: chosen on validation and frozen"
+        return freeze_threshold(package_dir, point, reason=reason)["threshold"]
+    if status == "re-frozen":
+        reason = f"re-frozen by `alnus evaluate --refreeze` ({rule_name(point)} on the current validation predictions)"
+        return freeze_threshold(package_dir, point, reason=reason, refreeze=True)["threshold"]
+    return dict(point)
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -862,17 +874,13 @@ def _read_splits(run_dir: Path) -> pd.DataFrame | None:
     return read_splits(run_dir) if RunFolder(run_dir).splits.is_file() else None
 
 
-def _split_rows(run_dir: Path) -> dict[str, set[str]] | None:
-    splits = _read_splits(run_dir)
-    return None if splits is None else {name: set(rows["image"]) for name, rows in splits.groupby("split")}
-
-
 def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, pd.DataFrame]:
     """The prediction tables of one model, checked against the package and splits.csv.
 
     Raises EvaluateError when `predictions.json` is missing (predicting did not finish) or names other weights
     (or TTA views) than the package's (the model was retrained after predicting), when the validation predictions
-    are missing, when a split of splits.csv has no predictions, or when a table's images differ from the split's.
+    are missing, when a split of splits.csv has no predictions, or when a table's images, or an image's y, label,
+    patient_id, site or study_id, differ from the split's rows (`alnus.runfolder.prediction_mismatch`).
     """
     from alnus.models.package import read_metadata
 
@@ -899,7 +907,8 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
             f"{folder} holds predictions made with TTA views {recorded_tta}, but {where.package} now lists "
             f"{meta['tta']}; {again}."
         )
-    expected = _split_rows(run_dir)
+    splits = _read_splits(run_dir)
+    expected = None if splits is None else {name: rows for name, rows in splits.groupby("split")}
     wanted = [s for s in SPLITS if expected is None or s in expected]
     tables = {}
     for split in wanted:
@@ -914,12 +923,20 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
             raise EvaluateError(f"{path} is damaged ({type(exc).__name__}); {again}.") from None
         table = check_predictions(raw, str(path))
         if expected is not None:
-            images = set(table["image"])
-            if images != expected[split] or len(table) != len(expected[split]):
+            images, rows = set(table["image"]), expected[split]
+            known = set(rows["image"])
+            if images != known or len(table) != len(known):
                 raise EvaluateError(
-                    f"{path} has {len(table)} rows but splits.csv has {len(expected[split])} {split} images "
-                    f"({len(images - expected[split])} unknown, {len(expected[split] - images)} missing); "
+                    f"{path} has {len(table)} rows but splits.csv has {len(known)} {split} images "
+                    f"({len(images - known)} unknown, {len(known - images)} missing); "
                     f"the split changed after predicting: {again}."
+                )
+            # A y, patient or site that is not splits.csv's would move cases between classes or patients unseen.
+            wrong = prediction_mismatch(rows, table, str(meta["positive_label"]))
+            if wrong:
+                raise EvaluateError(
+                    f"{path} disagrees with {RunFolder(run_dir).splits}: {wrong}; run `alnus predict-run {run_dir} "
+                    f"--model {model}` again (the predictions are made again from the package)."
                 )
         tables[split] = table
     if "val" not in tables:
@@ -963,6 +980,10 @@ def evaluate_run(
     `alternative` (under its own name, in metrics.json and in the tables) and the package is left alone, unless
     `refreeze` replaces the frozen threshold (recorded in the package's `threshold_history`).
 
+    Every result is computed before anything is written. The packages' thresholds, the reader rules, the tables and
+    `metrics.json` (last) are then written while `RunFolder.evaluate_unfinished` exists, so that an evaluation stopped
+    half-way (kill -9) leaves a run that report and subgroups refuse (`check_evaluated`) until this runs again.
+
     `metrics.json` always covers every model package of the run that has current predictions (`read_predictions`),
     so that its model comparisons are of all of them; a model without them is left out, and `left_out` in the
     metrics names it with the reason and the command that predicts it.
@@ -1000,12 +1021,13 @@ def evaluate_run(
         "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "reader_plus_ai": {},
         "left_out": left_out,
     }  # fmt: skip
+    run = RunFolder(run_dir)
+    # Every result is computed before anything is written, so that an error leaves the run as it was.
     for model, by_split in tables.items():
         wanted = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
-        package = RunFolder(run_dir).model(model).package
         # A named model's --refreeze leaves the others' frozen thresholds as they are.
         again = refreeze and (not required or model in required)
-        frozen, status = operating_point_of_package(package, wanted, refreeze=again)
+        frozen, status = planned_operating_point(run.model(model).package, wanted, refreeze=again)
         entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
         entry["threshold_status"] = status
         entry["notes"] = _threshold_notes(frozen, wanted)
@@ -1023,10 +1045,65 @@ def evaluate_run(
                 out["comparison_notes"][split] = f"{split}: {exc}"
     imrmc = _compare_with_readers(run_dir, tables, out, readers, alpha=alpha)
     _compare_reader_plus_ai(run_dir, tables, out, readers, alpha=alpha)
+    rocs = roc_tables(tables, out)
+    # Then the writes: the thresholds, the reader rules, the tables and metrics.json last. Until the marker is
+    # removed they may come from two evaluations (a kill between them), and report and subgroups refuse the run.
+    atomic_write_text(run.evaluate_unfinished, _UNFINISHED.format(started=out["created"], run=run_dir))
+    for model, entry in out["models"].items():
+        entry["threshold"] = freeze_planned(run.model(model).package, entry["threshold"], entry["threshold_status"])
     out["reader_rules"] = _freeze_reader_rules(run_dir, tables, readers, refreeze=refreeze, required=required)
     out = _clean_json(out)
-    _write_results(run_dir, out, imrmc, roc_tables(tables, out))
+    _write_results(run_dir, out, imrmc, rocs)
+    run.evaluate_unfinished.unlink()
     return out
+
+
+_UNFINISHED = (
+    "`alnus evaluate` started writing the results of this run at {started} and has not finished (it is running, or "
+    "it was stopped or failed): the model packages' thresholds, tables/ and metrics.json may come from different "
+    "evaluations. `alnus report` and `alnus subgroups` refuse the run until `alnus evaluate {run}` finishes.\n"
+)
+
+
+def check_evaluate_finished(run_dir: str | os.PathLike[str]) -> None:
+    """Refuse a run whose last `alnus evaluate` began writing and did not finish (`RunFolder.evaluate_unfinished`)."""
+    run = RunFolder(run_dir)
+    if run.evaluate_unfinished.exists() or run.evaluate_unfinished.is_symlink():
+        raise EvaluateError(
+            f"the last `alnus evaluate` of {run.root} did not finish ({run.evaluate_unfinished} is still there: it "
+            "was stopped or failed while writing), so the model packages' thresholds, metrics.json and tables/ may "
+            f"come from different evaluations; run `alnus evaluate {run.root}` to finish it."
+        )
+
+
+def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> None:
+    """Refuse results that are not those of one finished evaluation at the packages' thresholds: an unfinished
+    `alnus evaluate` (`check_evaluate_finished`), or a model whose threshold in metrics.json is not the one frozen
+    in its package (the package is what `alnus predict` applies)."""
+    from alnus.models.package import read_metadata
+
+    check_evaluate_finished(run_dir)
+    run = RunFolder(run_dir)
+    models = metrics.get("models")
+    for model, entry in (models if isinstance(models, Mapping) else {}).items():
+        package = run.model(model).package
+        if not run.model(model).metadata.is_file():
+            continue  # no package: what needs it says so
+        given = entry.get("threshold") if isinstance(entry, Mapping) else None
+        value = given.get("value") if isinstance(given, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EvaluateError(
+                f"{run.metrics} is damaged or was edited by hand (model {model} has no threshold value there); run "
+                f"`alnus evaluate {run.root}` again."
+            )
+        held = read_metadata(package)["threshold"]
+        if held is None or value != held["value"]:
+            frozen = "no threshold" if held is None else f"the threshold {held['value']:.4g}"
+            raise EvaluateError(
+                f"{run.metrics} gives model {model} the threshold {value:.4g}, but its package {package} holds "
+                f"{frozen}: the run's results were not measured at the threshold the package applies; run "
+                f"`alnus evaluate {run.root}` again."
+            )
 
 
 def _current_predictions(
@@ -1230,11 +1307,10 @@ def _write_results(
     imrmc: Mapping[tuple[str, str], str | None],
     rocs: Mapping[tuple[str, str], pd.DataFrame],
 ) -> None:
-    """metrics.json, a results table per level (formatted, and as plain numbers), the ROC coordinates, the model
-    comparisons and the reader tables, each atomically; then the tables an earlier evaluation wrote that this one did
-    not (a model no longer evaluated, a level no longer reported) are removed, so that none looks current."""
+    """A results table per level (formatted, and as plain numbers), the ROC coordinates, the model comparisons and
+    the reader tables, each atomically; then the tables an earlier evaluation wrote that this one did not (a model no
+    longer evaluated, a level no longer reported) are removed, so that none looks current; metrics.json last."""
     run = RunFolder(run_dir)
-    atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
     tables: dict[Path, pd.DataFrame] = {}
     for level in result_levels(metrics):
         tables[run.tables / f"results_{level}.csv"] = results_table(metrics, level)
@@ -1263,6 +1339,7 @@ def _write_results(
     for path, text in texts.items():
         atomic_write_text(path, text)
     _remove_stale_tables(run, {path.name for path in (*tables, *texts)})
+    atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
 
 
 # The files of tables/ that evaluate writes (and so removes once it no longer writes them); nothing else there is

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from alnus._io import atomic_write_text
@@ -181,6 +182,12 @@ class RunFolder:
         return self.root / "metrics.json"
 
     @property
+    def evaluate_unfinished(self) -> Path:
+        """Written by `alnus evaluate` before it changes anything and removed once its last file is written: while
+        it is there, the packages' thresholds, `tables/` and `metrics.json` may come from different evaluations."""
+        return self.root / "evaluate_unfinished.txt"
+
+    @property
     def tables(self) -> Path:
         return self.root / "tables"
 
@@ -273,6 +280,45 @@ def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if missing:
         raise RunFolderError(f"{path} lacks column(s) {', '.join(missing)}; prepare the run again.")
     return splits
+
+
+def prediction_mismatch(rows: pd.DataFrame, predictions: pd.DataFrame, positive_label: str) -> str:
+    """What the first row of a prediction table gets wrong against splits.csv's `rows` ("" when nothing): its image
+    must be one of them, and its y (1 for `positive_label`), label, patient_id, site and study_id (those columns the
+    table has) must be what splits.csv gives that image. Rows are numbered as a spreadsheet does (header = 1)."""
+    by_image = rows.drop_duplicates("image").set_index("image")
+    images = predictions["image"].astype(str).to_numpy()
+    unknown = np.flatnonzero(~np.isin(images, by_image.index.to_numpy()))
+    if unknown.size:
+        return f"row {unknown[0] + 2}: image {images[unknown[0]]} is not among splits.csv's rows"
+    matched = by_image.loc[images]
+    labels = matched["label"].astype(str).to_numpy()
+    expected = {"y": (labels == positive_label).astype(np.int64), "label": labels}
+    for column in ("patient_id", "site", "study_id"):
+        expected[column] = (
+            matched[column].astype(str).to_numpy() if column in matched.columns else np.full(len(images), "")
+        )
+    differs: dict[str, np.ndarray] = {}
+    for column, want in expected.items():
+        if column not in predictions.columns:
+            continue
+        got = predictions[column]
+        if column == "y":
+            differs[column] = pd.to_numeric(got, errors="coerce").to_numpy() != want
+        else:
+            differs[column] = got.astype(object).fillna("").astype(str).to_numpy() != want
+    bad = np.flatnonzero(np.logical_or.reduce(list(differs.values()))) if differs else np.array([], dtype=int)
+    if not bad.size:
+        return ""
+    i = int(bad[0])
+    column = next(c for c, d in differs.items() if d[i])
+    got, want = predictions[column].iloc[i], expected[column][i]
+    where = f"row {i + 2} (image {images[i]})"
+    count = f"{bad.size} row(s) differ"
+    if column == "y":
+        return (f"its y column differs from the labels: {where} has y = {got}, but splits.csv labels the image "
+                f"{labels[i]!r}, which is y = {want} ({count})")  # fmt: skip
+    return f"{where} has {column} {str(got)!r}, but splits.csv gives {str(want)!r} ({count})"
 
 
 def run_models(run_dir: str | os.PathLike[str], models: list[str] | tuple[str, ...] | None = None) -> list[str]:

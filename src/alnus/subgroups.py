@@ -27,7 +27,17 @@ import pandas as pd
 from alnus import stats
 from alnus._levels import case_names
 from alnus.errors import AlnusError
-from alnus.evaluate import _case_level, _reader_settings, case_metrics, case_mismatch, level_cases, read_predictions
+from alnus.evaluate import (
+    EvaluateError,
+    _case_level,
+    _reader_settings,
+    case_metrics,
+    case_mismatch,
+    check_evaluate_finished,
+    check_evaluated,
+    level_cases,
+    read_predictions,
+)
 from alnus.runfolder import RunFolder, read_splits, run_models
 
 MISSING = "(missing)"
@@ -99,13 +109,24 @@ def _package_point(run_dir: Path, model: str) -> tuple[dict[str, Any], str, str]
 def _readers(run_dir: Path) -> dict[str, Any]:
     """How the run's evaluation read the reader columns (metrics.json), so that the groups use the same calls."""
     path = RunFolder(run_dir).metrics
+    try:
+        check_evaluate_finished(run_dir)
+    except EvaluateError as exc:
+        raise SubgroupError(str(exc)) from None
     if not path.is_file():
         raise SubgroupError(f"{path} not found: evaluate the run first (`alnus evaluate {run_dir}`).")
     try:
-        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        return _reader_settings(settings if isinstance(settings, dict) else {})
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        settings = metrics.get("settings", {})
+        found = _reader_settings(settings if isinstance(settings, dict) else {})
     except (ValueError, AttributeError, UnicodeDecodeError):
         raise SubgroupError(f"{path} is damaged; evaluate the run again (`alnus evaluate {run_dir}`).") from None
+    try:
+        # The groups use the package's threshold; the run's own results (metrics.json, tables/) must be at it too.
+        check_evaluated(run_dir, metrics)
+    except EvaluateError as exc:
+        raise SubgroupError(str(exc)) from None
+    return found
 
 
 def subgroup_results(

@@ -22,6 +22,7 @@ import yaml
 from alnus.config import ConfigError, safe_yaml
 from alnus.data.tta import all_views
 from alnus.errors import AlnusError
+from alnus.evaluate import EvaluateError, check_evaluate_finished, check_evaluated
 from alnus.models.package import kept_last_epoch
 from alnus.runfolder import RunFolder, RunFolderError, read_splits, run_models
 
@@ -119,9 +120,15 @@ def read_run_inputs(run_dir: str | os.PathLike[str]) -> RunInputs:
     if not run.root.is_dir():
         raise ReportError(f"run folder {run.root} not found; pass runs/<name> (made by `alnus study CONFIG`).")
     config = _config(run)
-    metrics = _json(run.metrics, "metrics", f"alnus evaluate {run.root}")
-    if not isinstance(metrics.get("models"), dict) or not metrics["models"]:
-        raise ReportError(f"{run.metrics} holds no evaluated model; run `alnus evaluate {run.root}` first.")
+    try:
+        check_evaluate_finished(run.root)
+        metrics = _json(run.metrics, "metrics", f"alnus evaluate {run.root}")
+        if not isinstance(metrics.get("models"), dict) or not metrics["models"]:
+            raise ReportError(f"{run.metrics} holds no evaluated model; run `alnus evaluate {run.root}` first.")
+        # The methods and the model cards speak of the package's threshold; the results must be measured at it.
+        check_evaluated(run.root, metrics)
+    except EvaluateError as exc:
+        raise ReportError(str(exc)) from None
     try:
         splits = read_splits(run.root)
         packaged = run_models(run.root)
