@@ -165,3 +165,21 @@ def test_one_reader_is_named_as_one_not_as_a_panel() -> None:
     }
     assert not _has_panel(runs["1"]) and _has_panel(runs["5"])
     assert not _has_panel(SimpleNamespace(metrics={}))  # no reader at all: no panel analysis either
+
+
+def test_an_auc_interval_of_no_width_is_not_shown_as_one() -> None:
+    """A new user's review: 4 internal test patients ranked perfectly read `AUC 1.00 (1.00-1.00)`, and the model
+    against a reader `0.000 (0.000 to 0.000)`: DeLong's variance is 0 there, not the uncertainty."""
+    from alnus.report.tables import NO_WIDTH, auc_cell, interval, results_table
+
+    assert auc_cell({"estimate": 1.0, "ci_low": 1.0, "ci_high": 1.0}).sub == NO_WIDTH
+    assert auc_cell({"estimate": 0.8, "ci_low": 0.7, "ci_high": 0.9}).sub == "0.70-0.90"
+    assert interval(0.0, 0.0, 0.0) == f"0.000 ({NO_WIDTH})" and interval(0.1, -0.1, 0.3) == "0.100 (-0.100 to 0.300)"
+    proportion = {"k": 2, "n": 2, "estimate": 1.0, "ci_low": 0.16, "ci_high": 1.0}
+    rates = dict.fromkeys(("accuracy", "sensitivity", "specificity", "ppv", "npv"), proportion)
+    auc = {"estimate": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    split = {"patient": {"n": 4, "n_pos": 2, "n_neg": 2, "threshold": 0.5, "auc_reported": "auc", "auc": auc, **rates}}
+    point = {"value": 0.5, "rule": "youden", "level": "patient", "aggregate": "mean", "frozen_on": "val"}
+    metrics = {"models": {"tiny_cnn": {"threshold": point, "splits": {"internal_test": split}}}}
+    table = results_table(metrics, "patient")
+    assert f"{NO_WIDTH}: the AUC's interval has no width" in table.note

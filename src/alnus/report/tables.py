@@ -99,6 +99,8 @@ def interval(estimate: float | None, low: float | None, high: float | None, digi
         return "n/a"
     if low is None or high is None or any(isinstance(v, float) and math.isnan(v) for v in (low, high)):
         return num(estimate, digits)
+    if low == high:
+        return f"{num(estimate, digits)} ({NO_WIDTH})"
     return f"{num(estimate, digits)} ({num(low, digits)} to {num(high, digits)})"
 
 
@@ -113,10 +115,17 @@ def proportion_cell(p: Mapping[str, Any] | None) -> Cell:
     )
 
 
+# Under an AUC whose CI has no width: every case of one class ranked above every case of the other (or no case
+# ranked apart), so the asymptotic variance is 0; the uncertainty of a small test is not.
+NO_WIDTH = "no CI (variance 0)"
+
+
 def auc_cell(a: Mapping[str, Any] | None) -> Cell:
-    """`0.89` over its 95% CI `0.83-0.95`, two decimals as in the paper."""
+    """`0.89` over its 95% CI `0.83-0.95`, two decimals as in the paper; `NO_WIDTH` for a CI of zero width."""
     if a is None:
         return Cell("n/a", numeric=True)
+    if a["ci_low"] == a["ci_high"]:
+        return Cell(f"{a['estimate']:.2f}", NO_WIDTH, numeric=True)
     return Cell(f"{a['estimate']:.2f}", f"{a['ci_low']:.2f}-{a['ci_high']:.2f}", numeric=True)
 
 
@@ -128,7 +137,9 @@ def pct_interval(estimate: float | None, low: float | None, high: float | None) 
 
 
 def _ci_line(low: float | None, high: float | None) -> str:
-    return "" if low is None or high is None else f"{num(low)}-{num(high)}"
+    if low is None or high is None:
+        return ""
+    return NO_WIDTH if low == high else f"{num(low)}-{num(high)}"
 
 
 def _points(x: float | None) -> str:
@@ -267,6 +278,11 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
         f"({metrics.get('settings', {}).get('proportion_ci', 'exact')}); AUC under it its 95% CI "
         f"({auc_ci or 'see metrics.json'}). n/a: not defined (e.g. a split without both classes)."
     )
+    if any(isinstance(c, Cell) and c.sub == NO_WIDTH for row in rows for c in row):
+        note += (
+            f" {NO_WIDTH}: the AUC's interval has no width (the cases are ranked perfectly, or not at all): DeLong's "
+            "variance is 0 there, which does not mean the AUC is certain; on few cases it is far from it."
+        )
     return Table(f"results-{level}", f"Results per {level}", columns, rows, note, label_columns=2)
 
 
