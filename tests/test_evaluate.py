@@ -534,6 +534,23 @@ def test_a_refreeze_killed_before_metrics_json_is_refused_until_evaluate_finishe
     assert (values.loc[values["operating_point"].str.startswith("frozen"), "threshold"] == refrozen).all()
 
 
+def test_a_run_predicted_again_after_its_evaluation_is_refused_until_evaluated_again(tmp_path: Path) -> None:
+    """Follow-up of an attack review: `alnus predict-run` after `alnus evaluate` left metrics.json describing the
+    previous predictions while the figures read the new ones, and nothing said so."""
+    run = make_run(tmp_path)
+    evaluate_run(run, n_boot=50)
+    stamp = run / "models" / "tiny_cnn" / "predictions" / "predictions.json"
+    record = json.loads(stamp.read_text())
+    atomic_write_text(stamp, json.dumps({**record, "predicted_at": "later"}))  # what a new predict-run rewrites
+    for said in _refusals(run):
+        assert "tiny_cnn" in said and "was predicted again (`alnus predict-run`) after the evaluation" in said
+        assert f"`alnus evaluate {run}` again" in said
+    evaluate_run(run, n_boot=50)
+    from alnus.evaluate import check_evaluated
+
+    check_evaluated(run, json.loads((run / "metrics.json").read_text()))  # evaluated again: accepted
+
+
 def test_a_kill_while_the_tables_are_written_is_refused_and_metrics_json_comes_last(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

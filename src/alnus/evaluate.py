@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from alnus import stats
-from alnus._io import atomic_write_text, write_csv
+from alnus._io import atomic_write_text, file_sha256, write_csv
 from alnus._levels import UNIT_COLUMNS, case_names
 from alnus.errors import AlnusError
 from alnus.operating_point import (
@@ -1031,6 +1031,7 @@ def evaluate_run(
         entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
         entry["threshold_status"] = status
         entry["notes"] = _threshold_notes(frozen, wanted)
+        entry["predictions_sha256"] = _stamp_digest(run, model)  # check_evaluated: predicted again since?
         if not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
             alternative = _model_results(by_split, wanted, alpha=alpha, n_boot=n_boot, seed=seed)
             entry["alternative"] = {"name": rule_name(wanted), **alternative}
@@ -1076,6 +1077,12 @@ def check_evaluate_finished(run_dir: str | os.PathLike[str]) -> None:
         )
 
 
+def _stamp_digest(run: RunFolder, model: str) -> str | None:
+    """The SHA-256 of a model's predictions.json (rewritten by every `alnus predict-run` of it), None without one."""
+    stamp = run.model(model).predictions_stamp
+    return file_sha256(stamp) if stamp.is_file() else None
+
+
 def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> None:
     """Refuse results that are not those of one finished evaluation at the packages' thresholds: an unfinished
     `alnus evaluate` (`check_evaluate_finished`), or a model whose threshold in metrics.json is not the one frozen
@@ -1094,6 +1101,13 @@ def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any])
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise EvaluateError(
                 f"{run.metrics} is damaged or was edited by hand (model {model} has no threshold value there); run "
+                f"`alnus evaluate {run.root}` again."
+            )
+        digest = entry.get("predictions_sha256")
+        if isinstance(digest, str) and digest != _stamp_digest(run, model):
+            raise EvaluateError(
+                f"model {model} of {run.root} was predicted again (`alnus predict-run`) after the evaluation in "
+                f"{run.metrics}, so its results are not those of the predictions now there; run "
                 f"`alnus evaluate {run.root}` again."
             )
         held = read_metadata(package)["threshold"]
