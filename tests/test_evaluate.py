@@ -253,6 +253,25 @@ def test_evaluate_run_freezes_val_threshold_and_applies_it_unchanged(tmp_path: P
     assert any("--refreeze" in note for note in entry["notes"])
 
 
+def test_a_threshold_frozen_on_few_validation_cases_says_so(tmp_path: Path) -> None:
+    """A new user's review: `alnus study` froze the threshold on 3 validation patients (1 positive) without a word,
+    where `alnus threshold` on the same warns."""
+    run = make_run(tmp_path)
+    entry = evaluate_run(run, n_boot=50)["models"]["tiny_cnn"]
+    chosen = entry["threshold"]["chosen_on"]
+    few = min(chosen["n_pos"], chosen["n_neg"])
+    assert few < 20 and f"chosen on only {few} validation case(s) of one class" in " ".join(entry["notes"])
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    shown = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "50"], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0 and f"chosen on only {few} validation case(s)" in " ".join(shown.output.split())
+    from alnus.operating_point import few_cases_note
+
+    assert few_cases_note({"chosen_on": {"n_pos": 20, "n_neg": 31}}) == "" and few_cases_note({}) == ""
+
+
 def test_evaluating_with_another_rule_leaves_the_package_alone(tmp_path: Path) -> None:
     """issue 7.3: the package's threshold is frozen once; a later evaluation with another rule and level reports
     that rule's results under its own name, beside the frozen ones, and does not touch metadata.json."""

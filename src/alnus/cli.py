@@ -1472,10 +1472,6 @@ def adapt(
     )
 
 
-# Fewer validation cases of a class than this make `alnus threshold` warn that the threshold is unstable.
-FEW_CASES = 20
-
-
 @app.command("threshold")
 def threshold(
     package: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A model package folder.")],
@@ -1529,7 +1525,7 @@ def threshold(
         refreeze=refreeze,
         max_pixels=max_pixels,
     )
-    from alnus.operating_point import describe
+    from alnus.operating_point import describe, few_cases_note
 
     chosen = point["chosen_on"]
     meta = read_metadata(package)
@@ -1547,11 +1543,8 @@ def threshold(
         highlight=False,
         soft_wrap=True,
     )
-    if min(chosen["n_pos"], chosen["n_neg"]) < FEW_CASES:
-        _note(
-            f"only {min(chosen['n_pos'], chosen['n_neg'])} case(s) of one class: a threshold chosen on so few moves a "
-            "lot with the next patients; give more validation patients."
-        )
+    if few_cases_note(point):
+        _note(few_cases_note(point))
 
 
 @app.command("reader-rule")

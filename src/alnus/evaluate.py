@@ -34,6 +34,7 @@ from alnus.operating_point import (
     LEVELS,
     apply_operating_point,
     describe,
+    few_cases_note,
     rule_name,
     same_rule,
 )
@@ -1030,7 +1031,7 @@ def evaluate_run(
         frozen, status = planned_operating_point(run.model(model).package, wanted, refreeze=again)
         entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
         entry["threshold_status"] = status
-        entry["notes"] = _threshold_notes(frozen, wanted)
+        entry["notes"] = [*_threshold_notes(frozen, wanted), *filter(None, [few_cases_note(frozen)])]
         entry["predictions_sha256"] = _stamp_digest(run, model)  # check_evaluated: predicted again since?
         if not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
             alternative = _model_results(by_split, wanted, alpha=alpha, n_boot=n_boot, seed=seed)

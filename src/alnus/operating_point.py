@@ -21,12 +21,24 @@ from alnus._levels import AGGREGATES, LEVELS, unit_keys
 from alnus.errors import AlnusError
 
 RULES = ("youden", "sensitivity", "specificity")
+# Fewer validation cases of a class than this, and a threshold chosen on them is said to be unstable.
+FEW_CASES = 20
 # The keys an operating point must have; `target` may be null (it is for the Youden rule).
 REQUIRED_KEYS = ("value", "rule", "target", "level", "aggregate")
 
 
 class OperatingPointError(AlnusError):
     """An operating point that cannot be used as given; the message names where it came from and what to do."""
+
+
+def few_cases_note(point: Mapping[str, Any]) -> str:
+    """A warning when the threshold was chosen on fewer than `FEW_CASES` cases of a class ("" otherwise)."""
+    chosen = point.get("chosen_on") or {}
+    few = min(chosen.get("n_pos", FEW_CASES), chosen.get("n_neg", FEW_CASES))
+    if not isinstance(few, int) or few >= FEW_CASES:
+        return ""
+    return (f"the threshold was chosen on only {few} validation case(s) of one class: a threshold chosen on so few "
+            "moves a lot with the next patients; give more validation patients.")  # fmt: skip
 
 
 def _is_number(value: object) -> bool:
