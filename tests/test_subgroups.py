@@ -283,3 +283,15 @@ def test_mixed_groups_keep_values_that_hold_the_separator_apart() -> None:
     # Empty cells from the Python API (None, NaN) are the missing group, not a crash.
     missing = _case_values(pd.Series([None, float("nan"), "x"]), pd.Series(["p1", "p1", "p2"]))
     assert missing.to_dict() == {"p1": "(missing)", "p2": "x"}
+
+
+def test_a_column_with_nearly_a_value_per_case_is_named_as_one_to_group_first(run: Path) -> None:
+    """Attack review: `--by patient_id` (or a measurement) gave one group per patient, none with an AUC, without a
+    hint; the groups are still listed, with a note to group the values first."""
+    found = subgroup_results(run, "patient_id", splits=["external_test"])
+    assert (
+        len(found) >= 10 and "patient_id has" in found.attrs["note"] and "group the values first" in found.attrs["note"]
+    )
+    assert subgroup_results(run, "scanner").attrs["note"] == ""  # a handful of groups of several cases
+    result = CliRunner().invoke(app, ["subgroups", str(run), "--by", "patient_id"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and "group the values first" in " ".join(result.output.split())

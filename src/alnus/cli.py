@@ -1873,6 +1873,8 @@ def subgroups(
     readers = reader_table(found)
     if readers is not None:
         _print_frame(readers, f"Readers by {escape(by)}, per {about['level']} (the cases each one read)")
+    if about.get("note"):
+        _note(about["note"])
     if out is not None:
         write_csv(found, out)
         console.print(f"wrote {escape(str(out))}")

@@ -51,6 +51,10 @@ _CALL_STATS = tuple(f"{c}{part}" for c in _CALLS for part in ("", "_k", "_n", "_
 _READER_STATS = ("n_read", "auc", *_CALL_STATS, "delong_p")
 
 
+# A column with at least this many groups in a split, most of one or two cases, is named as one to group first.
+FRAGMENTED_GROUPS = 10
+
+
 class SubgroupError(AlnusError):
     """A subgroup analysis cannot be made (unknown column, model or split; a run not evaluated)."""
 
@@ -217,8 +221,22 @@ def subgroup_results(
         if column in frame.columns and column != group:
             frame[column] = frame[column].astype("Int64")  # counts stay whole numbers where a group has none
     frame.attrs = {"model": model, "level": level, "threshold": float(point["value"]), "positive": positive,
-                   "negative": negative, "by": by, "group": group, "readers": names}  # fmt: skip
+                   "negative": negative, "by": by, "group": group, "readers": names,
+                   "note": _fragmented(frame, by, level)}  # fmt: skip
     return frame
+
+
+def _fragmented(frame: pd.DataFrame, by: str, level: str) -> str:
+    """A note when `by` splits a test split into groups of one or two cases (an identifier, a measurement): few of
+    them can have an AUC, and the groups say nothing ("" otherwise)."""
+    for split, groups in frame.groupby("split", sort=False):
+        if len(groups) >= FRAGMENTED_GROUPS and groups["n_cases"].median() <= 2:
+            return (
+                f"{by} has {len(groups)} values among the {int(groups['n_cases'].sum())} {level} cases of {split}, "
+                "nearly one per case, so its groups are too small to compare; group the values first (e.g. ranges "
+                "of a number, in a new manifest column) and break the results down by that column."
+            )
+    return ""
 
 
 def _group_row(
