@@ -72,10 +72,13 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
     code = textwrap.dedent(
         f"""
         import sys, time
+        from alnus._io import atomic_path
         from alnus.runfolder import lock_run
         with lock_run({str(tmp_path)!r}, command="victim"):
-            print("locked", flush=True)
-            time.sleep(60)
+            with atomic_path({str(tmp_path / "models" / "m" / "checkpoints" / "last.pt")!r}) as tmp:
+                tmp.write_bytes(b"half")
+                print("locked", flush=True)
+                time.sleep(60)
         """
     )
     victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -87,6 +90,10 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
         if victim.poll() is None:
             victim.kill()
     assert (tmp_path / ".lock.json").is_file()  # the note of the dead holder is still there
+    # A new user's review: the half-written checkpoint a kill left stayed beside the resumed run's.
+    (tmp_path / "keep.tmp").write_text("a user's file, not one of ours")
+    (tmp_path / ".notes.txt").write_text("nor this")
+    assert len(list((tmp_path / "models").rglob(".last.pt.*.tmp"))) == 1
     probe = subprocess.run(
         [sys.executable, "-c", f"from alnus.runfolder import lock_run\nwith lock_run({str(tmp_path)!r}): pass"],
         capture_output=True,
@@ -95,6 +102,12 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
     )
     assert probe.returncode == 0, probe.stderr
     assert f"last locked by pid {victim.pid}" in probe.stderr and "taking over" in probe.stderr
+    assert "removed 1 half-written file(s) it left" in probe.stderr
+    assert (
+        not list(tmp_path.rglob(".last.pt.*"))
+        and (tmp_path / "keep.tmp").exists()
+        and (tmp_path / ".notes.txt").exists()
+    )
 
 
 def test_a_planted_lock_note_symlink_is_replaced_not_written_through(tmp_path: Path) -> None:

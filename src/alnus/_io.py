@@ -49,6 +49,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# The name `atomic_path` gives its temporary file: "." + the target's name + "." + mkstemp's 8 characters + ".tmp".
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Remove the temporary files `atomic_path` left under `folder` when its writer was killed (kill -9, power loss)
+    before it could clean up; only for a folder no other writer is using (a run folder whose lock was taken over).
+    Links are neither followed nor removed. Returns how many were removed."""
+    removed = 0
+    for root, _, files in os.walk(folder, followlinks=False):
+        for name in files:
+            path = Path(root) / name
+            if _TEMPORARY.fullmatch(name) and not path.is_symlink() and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
 def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """The file's (device, inode): one value however it is named (a link, a hard link, another spelling on a
     case-insensitive file system); None when it cannot be read."""

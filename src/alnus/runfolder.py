@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alnus._io import atomic_write_text
+from alnus._io import atomic_write_text, remove_temporaries
 from alnus.errors import AlnusError
 
 # The split names, in the order they are reported; `train` is never predicted or evaluated.
@@ -377,9 +377,11 @@ def lock_run(run_dir: str | os.PathLike[str], command: str | None = None) -> Ite
     try:
         stale = _holder(info_path) if info_path.exists() else None
         if stale is not None:
+            removed = remove_temporaries(run.root)  # the files it was writing when it was killed
+            left = f"; removed {removed} half-written file(s) it left" if removed else ""
             print(
                 f"note: {run.root} was last locked by {stale}, which ended without releasing it "
-                "(crash or kill); taking over.",
+                f"(crash or kill); taking over{left}.",
                 file=sys.stderr,
             )
         info = {
