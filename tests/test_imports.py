@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "alnus.report._style": 5,
     "alnus.report.flow": 5,
     "alnus.report.figures": 5,
+    "alnus.report._history": 5,
     "alnus.report._inputs": 6,
     "alnus.report.tables": 6,
     "alnus.report.claim": 6,

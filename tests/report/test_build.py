@@ -97,9 +97,12 @@ def test_results_table_numbers_match_metrics_json(page: Page, metrics: dict) -> 
         m, row = by_level["patient"], rows[split]
         assert row["n (pos/neg)"] == f"{m['n']} ({m['n_pos']}/{m['n_neg']})"
         auc = m[m["auc_reported"]] if m["auc_reported"] else None
-        assert row["AUC"] == (
-            "n/a" if auc is None else f"{auc['estimate']:.2f} | {auc['ci_low']:.2f}-{auc['ci_high']:.2f}"
-        )
+        if auc is None:
+            assert row["AUC"] == "n/a"
+        elif auc["ci_low"] == auc["ci_high"]:  # ranked perfectly: DeLong's variance is 0, not the uncertainty
+            assert row["AUC"] == f"{auc['estimate']:.2f} | no CI (variance 0)"
+        else:
+            assert row["AUC"] == f"{auc['estimate']:.2f} | {auc['ci_low']:.2f}-{auc['ci_high']:.2f}"
         for column, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv")):
             p = m[key]
             expected = (
