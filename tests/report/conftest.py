@@ -17,6 +17,28 @@ HOSTILE_SITE = "<script>alert(1)</script>"
 HOSTILE_NOTE = "<img src=x onerror=alert(2)> & more"
 
 
+def tiny_study(root: Path, table: pd.DataFrame, manifest: Path, name: str, external: str, **data: object) -> Path:
+    """Write `table` as the manifest, run a tiny study of it (tiny_cnn, 32 px, 2 epochs, the site `external` held
+    out, `data` more data settings, the subgroups by site and every column named in `subgroups`) and return the run."""
+    subgroups = data.pop("subgroups", [])
+    table.to_csv(manifest, index=False)
+    raw = {
+        "name": name,
+        "runs_dir": str(root / "runs"),
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [external], **data},
+        "models": ["tiny_cnn"],
+        "preprocess": {"size": 32, "roi": "box"},
+        "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
+                  "early_stopping_patience": None},
+        "evaluate": {"subgroups": ["site", *subgroups]},
+    }  # fmt: skip
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    run_study(cfg)
+    return cfg.run_dir
+
+
 @pytest.fixture(scope="session")
 def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of a tiny study (tiny_cnn, 32 px, 2 epochs, five readers) whose external site is HTML."""
@@ -27,21 +49,5 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     table.loc[table["site"] == "external_hospital", "site"] = HOSTILE_SITE
     table["note"] = [HOSTILE_NOTE if i % 2 else "" for i in range(len(table))]
-    table.to_csv(manifest, index=False)
-    raw = {
-        "name": "report",
-        "runs_dir": str(root / "runs"),
-        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [HOSTILE_SITE],
-                 "val_frac": 0.5},
-        "models": ["tiny_cnn"],
-        "preprocess": {"size": 32, "roi": "box"},
-        "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
-                  "early_stopping_patience": None},
-        # "note" is also the name of a column of the subgroup table: the group column becomes "note (group)".
-        "evaluate": {"subgroups": ["site", "note"]},
-    }  # fmt: skip
-    path = root / "study.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path)
-    run_study(cfg)
-    return cfg.run_dir
+    # "note" is also the name of a column of the subgroup table: the group column becomes "note (group)".
+    return tiny_study(root, table, manifest, "report", HOSTILE_SITE, val_frac=0.5, subgroups=["note"])

@@ -11,14 +11,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 
-from alnus.config import load_config
 from alnus.data.phantom import make_phantom
 from alnus.report.build import SECTIONS
 from alnus.runfolder import RunFolder
-from alnus.study import run_study
 from tests._browser import Watch
+from tests.report.conftest import tiny_study
 
 pytestmark = pytest.mark.browser
 
@@ -95,21 +93,7 @@ def long_values_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table["patient_id"] = "P" * 300 + table["patient_id"]
     external = "external_" + "h" * 120
     table.loc[table["site"] == "external_hospital", "site"] = external
-    table.to_csv(manifest, index=False)
-    raw = {
-        "name": "long",
-        "runs_dir": str(root / "runs"),
-        "data": {"manifest": str(manifest), "labels": ["negative", "positive"], "external_sites": [external]},
-        "models": ["tiny_cnn"],
-        "preprocess": {"size": 32, "roi": "box"},
-        "train": {"weights": "none", "epochs": 2, "batch_size": 16, "precision": "fp32",
-                  "early_stopping_patience": None},
-        "evaluate": {"subgroups": ["site", "Device"]},
-    }  # fmt: skip
-    (root / "study.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(root / "study.yaml")
-    run_study(cfg)
-    return cfg.run_dir
+    return tiny_study(root, table, manifest, "long", external, subgroups=["Device"])
 
 
 def test_long_unbroken_values_wrap_inside_the_page(long_values_run: Path, browser: Any, tmp_path: Path) -> None:
