@@ -12,7 +12,9 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Order-only: the stamp's name already changes with pyproject.toml's content, so a checkout that only touches the
+# file (a fresh clone, a switch of branch) does not reinstall.
+$(STAMP): | pyproject.toml
 	@echo "Installing alnus and its dependencies into $(VENV) (once; a few minutes on a fresh machine) ..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
