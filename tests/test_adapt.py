@@ -285,7 +285,7 @@ def test_threshold_freezes_on_the_sites_labelled_patients(site: Path) -> None:
     assert point["rule"] == "sensitivity" and point["target"] == 0.9 and point["val_sensitivity"] >= 0.9
     assert point["n_val_units"] == 24
     assert "Froze" in stdout and "24 patient cases: 12 malignant, 12 benign" in stdout and "optimistic" in stdout
-    assert "only 12 validation case(s) of one class" in stderr
+    assert "whose smaller class has only 12:" in stderr
     history = read_metadata(out)["threshold_history"]
     assert "validation.csv" in history[-1]["reason"] and point["frozen_on"].startswith("validation.csv")
     card = (out / "README.md").read_text()

@@ -260,13 +260,13 @@ def test_a_threshold_frozen_on_few_validation_cases_says_so(tmp_path: Path) -> N
     entry = evaluate_run(run, n_boot=50)["models"]["tiny_cnn"]
     chosen = entry["threshold"]["chosen_on"]
     few = min(chosen["n_pos"], chosen["n_neg"])
-    assert few < 20 and f"chosen on only {few} validation case(s) of one class" in " ".join(entry["notes"])
+    assert few < 20 and f"whose smaller class has only {few}:" in " ".join(entry["notes"])
     from typer.testing import CliRunner
 
     from alnus.cli import app
 
     shown = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "50"], env={"COLUMNS": "250"})
-    assert shown.exit_code == 0 and f"chosen on only {few} validation case(s)" in " ".join(shown.output.split())
+    assert shown.exit_code == 0 and f"whose smaller class has only {few}:" in " ".join(shown.output.split())
     from alnus.operating_point import few_cases_note
 
     assert few_cases_note({"chosen_on": {"n_pos": 20, "n_neg": 31}}) == "" and few_cases_note({}) == ""

@@ -37,8 +37,8 @@ def few_cases_note(point: Mapping[str, Any]) -> str:
     few = min(chosen.get("n_pos", FEW_CASES), chosen.get("n_neg", FEW_CASES))
     if not isinstance(few, int) or few >= FEW_CASES:
         return ""
-    return (f"the threshold was chosen on only {few} validation case(s) of one class: a threshold chosen on so few "
-            "moves a lot with the next patients; give more validation patients.")  # fmt: skip
+    return (f"the threshold was chosen on validation cases whose smaller class has only {few}: a threshold chosen "
+            "on so few moves a lot with the next patients; give more validation patients.")  # fmt: skip
 
 
 def _is_number(value: object) -> bool:

@@ -206,6 +206,9 @@ def test_user_text_is_escaped(report_run: Path, page: Page) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert HOSTILE_SITE in page.section_text["case-characteristics"]
     assert HOSTILE_NOTE in page.section_text["case-characteristics"]
+    # A new user's review: the prevalence row read "positive patients (positive)", the methods "( auto picks".
+    assert "patients labelled positive" in page.section_text["case-characteristics"]
+    assert "( auto" not in page.section_text["methods"] and "precision auto chooses it" in page.section_text["methods"]
     assert HOSTILE_SITE in page.section_text["model-card-tiny_cnn"]
     assert "script" not in page.tags
 

@@ -266,8 +266,9 @@ def _models(inputs: RunInputs) -> Block:
             f"warm-up epochs, {_head_epochs_text(train)}), batch size {train.get('batch_size')}, up "
             f"to {train.get('epochs')} epochs"
             + (f" with early stopping after {stop} epochs without improvement" if stop else "")
-            + f", precision {train.get('precision')}: this run's settings; each network's seed, the precision it "
-            "trained in (`auto` picks by hardware and backbone), kept epoch and validation AUC are listed below. "
+            + f", precision {train.get('precision')}: this run's settings. Each network's seed, the precision it "
+            "trained in (precision auto chooses it by hardware and backbone), the kept epoch and its validation AUC "
+            "are listed below. "
             + (
                 "The last epoch is kept, whatever its validation AUC (train.selection_metric last)"
                 if train.get("selection_metric") == "last"

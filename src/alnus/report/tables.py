@@ -206,7 +206,7 @@ def case_characteristics(splits: pd.DataFrame, positive_label: str) -> Table:
     for s in names:
         k, n = int((patients[s]["label"] == positive_label).sum()), len(patients[s])
         prevalence.append(f"{k}/{n} ({pct(k / n)})")
-    rows.append([f"positive patients ({positive_label})", *prevalence])
+    rows.append([f"patients labelled {positive_label}", *prevalence])
     per_patient = {s: parts[s].groupby("patient_id").size() for s in names}
     rows.append(
         ["images per patient, mean (range)"]
