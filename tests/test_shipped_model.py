@@ -122,3 +122,20 @@ def test_the_shipped_reader_rule_spares_benign_biopsies_on_the_external_patients
     assert len(patients) == 252 and len(well) == 154
     assert sick["reader_call"].mean() == sick["with_ai_call"].mean() == 1.0
     assert (well["reader_call"] == 0).sum() == 67 and (well["with_ai_call"] == 0).sum() == 80
+
+
+def test_readme_says_what_its_first_example_is_and_what_the_model_gives() -> None:
+    """A new user's review: README's first example (case001) is a benign lesion the model calls malignant, and README
+    did not say so; its words now state the truth, the probability and the threshold, checked here against the
+    package's own examples.csv and metadata."""
+    package = REPO / "models" / "breast-us-malignancy"
+    if not package.is_dir():
+        pytest.skip("the real-data package is not shipped here")
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    first = pd.read_csv(package / "examples.csv").iloc[0]
+    threshold = json.loads((package / "metadata.json").read_text())["threshold"]["value"]
+    assert first["image"].endswith("case001.png") and first["label"] == "benign" and first["prob"] >= threshold
+    assert "case001 is benign by the dataset's truth" in readme
+    assert f"calls it malignant ({first['prob']:.3f}, above its threshold {threshold:.3f})" in readme
+    results = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    assert "the specificity of 67.5% on this external site" in readme and "at 67.5% specificity" in results
