@@ -27,9 +27,9 @@ def _images(page: Any) -> list[list[Any]]:
     return page.evaluate("() => Array.from(document.images, i => [i.complete, i.naturalWidth, i.alt])")
 
 
-def _open(browser: Any, report: Path, *, javascript: bool) -> tuple[Any, Any, Watch, str]:
+def _open(browser: Any, report: Path, *, javascript: bool, viewport: dict | None = None) -> tuple[Any, Any, Watch, str]:
     # Offline: the page must not need the network; every request is recorded anyway.
-    context = browser.new_context(offline=True, java_script_enabled=javascript, viewport=VIEWPORT)
+    context = browser.new_context(offline=True, java_script_enabled=javascript, viewport=viewport or VIEWPORT)
     page = context.new_page()
     watch = Watch(page)
     url = report.resolve().as_uri()
@@ -129,3 +129,18 @@ def test_long_unbroken_values_wrap_inside_the_page(long_values_run: Path, browse
         context.close()
     assert watch.requests == [url]
     assert watch.errors == [] and watch.dialogs == []
+
+
+def test_on_a_phone_the_page_is_no_wider_than_the_screen(report_run: Path, browser: Any, tmp_path: Path) -> None:
+    """A new user's review: at 390 px the model card's validation table (no scroll wrapper) and the 440 px figures
+    made the whole page 689 px wide; wide tables now scroll inside the page and figures fit the screen."""
+    phone = {"width": 390, "height": 844}
+    context, page, _, _ = _open(browser, RunFolder(report_run).report, javascript=True, viewport=phone)
+    try:
+        assert page.evaluate("document.documentElement.scrollWidth") <= phone["width"]
+        widest = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('figure'), f => "
+                               "f.getBoundingClientRect().right))")  # fmt: skip
+        assert widest <= phone["width"]
+        page.screenshot(path=str(tmp_path / "report-390.png"), full_page=False)
+    finally:
+        context.close()
