@@ -155,8 +155,9 @@ def test_paper_counts_give_the_paper_intervals() -> None:
     expected = stats.auc_ci(paper_external()["y"], paper_external()["prob"])
     assert patient["auc"]["estimate"] == pytest.approx(expected.estimate)
     assert format_auc(patient["auc"]) == f"{expected.estimate:.2f} ({expected.ci_low:.2f}-{expected.ci_high:.2f})"
-    # One image per patient: no clustering, so the image level reports DeLong too.
+    # One image per patient: no clustering, so the image level reports DeLong too, and exact proportions.
     assert metrics["image"]["auc_reported"] == "auc" and metrics["image"]["auc_bootstrap"] is None
+    assert "ci_method" not in metrics["image"]["sensitivity"]
     assert patient["calibration"]["brier"] == pytest.approx(
         np.mean((paper_external()["prob"] - paper_external()["y"]) ** 2)
     )
@@ -170,6 +171,15 @@ def test_image_level_auc_ci_is_clustered_by_patient() -> None:
     assert image["auc_bootstrap"]["n_groups"] == 30 and image["n_patients"] == 30 and image["n"] == len(t)
     boot = stats.auc_ci(t["y"], t["prob"], "bootstrap", groups=t["site"] + "/" + t["patient_id"], n_boot=300)
     assert image["auc_bootstrap"]["ci_low"] == pytest.approx(boot.ci_low)
+    # So are its proportions' (a new user's review: Clopper-Pearson took a patient's images as independent).
+    groups = (t["site"] + "/" + t["patient_id"]).to_numpy()
+    calls = (t.groupby(["site", "patient_id"])["prob"].transform("mean") >= 0.5).to_numpy()  # its patient's call
+    positive = t["y"].to_numpy() == 1
+    expected = stats.clustered_proportion_ci(calls[positive], groups[positive], n_boot=300)
+    sensitivity = image["sensitivity"]
+    assert (sensitivity["k"], sensitivity["n"]) == (expected.k, expected.n)
+    assert (sensitivity["ci_low"], sensitivity["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high))
+    assert all("clustered by patient" in image[m]["ci_method"] for m in ("accuracy", "sensitivity", "specificity"))
 
 
 def test_one_class_split_keeps_the_defined_metrics_and_says_why_the_rest_is_missing() -> None:

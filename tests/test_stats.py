@@ -631,3 +631,25 @@ def test_delong_needs_two_cases_per_class() -> None:
     with pytest.raises(StatsError, match="at least 2 positive and 2 negative"):
         stats.auc_ci([1, 0, 0], [0.9, 0.1, 0.2])
     assert stats.auc([1, 0, 0], [0.9, 0.1, 0.2]) == 1.0
+
+
+def test_a_proportion_over_patients_images_gets_a_wider_interval_that_resamples_patients() -> None:
+    """A new user's review: per-image sensitivity had a Clopper-Pearson interval as if a patient's images were
+    independent. Three images per patient, all called alike, carry about one patient's worth of information."""
+    from alnus.stats import clustered_proportion_ci, proportion_ci
+
+    rng = np.random.default_rng(0)
+    per_patient = rng.random(30) < 0.7
+    success = np.repeat(per_patient, 3)
+    groups = np.repeat(np.arange(30), 3)
+    clustered = clustered_proportion_ci(success, groups, n_boot=4000, seed=1)
+    naive = proportion_ci(int(success.sum()), success.size)
+    patients = proportion_ci(int(per_patient.sum()), 30)
+    assert (clustered.k, clustered.n, clustered.estimate) == (naive.k, naive.n, naive.estimate)
+    width = clustered.ci_high - clustered.ci_low
+    assert width > 1.4 * (naive.ci_high - naive.ci_low)  # wider than treating 90 images as independent
+    assert abs(width - (patients.ci_high - patients.ci_low)) < 0.1  # about the width of 30 independent patients
+    assert "clustered by patient (30 patients" in clustered.method
+    # One image per patient: about the plain interval.
+    single = clustered_proportion_ci(per_patient, np.arange(30), n_boot=4000, seed=1)
+    assert abs((single.ci_high - single.ci_low) - (patients.ci_high - patients.ci_low)) < 0.1

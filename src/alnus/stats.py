@@ -412,6 +412,30 @@ def proportion_ci(
     return ProportionResult(k, n, k / n, lo, hi, method, alpha)
 
 
+def clustered_proportion_ci(
+    success: object, groups: object, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0
+) -> ProportionResult:
+    """k/n over cases that come in clusters (a patient's images) with a percentile bootstrap CI that resamples whole
+    clusters: the proportion of each resample is its successes over its cases (a ratio estimator), so that a
+    patient's correlated images count as the one patient they are. Clopper-Pearson treats them as independent, which
+    makes the interval too narrow when patients have several images."""
+    alpha = check_alpha(alpha)
+    hit = np.asarray(success, dtype=bool)
+    if hit.ndim != 1 or hit.size == 0:
+        raise StatsError("a clustered proportion needs a 1-D array of at least one case.")
+    codes = _group_codes(groups, hit.size)
+    n_units = int(codes.max()) + 1
+    k_unit = np.bincount(codes, weights=hit, minlength=n_units)
+    n_unit = np.bincount(codes, minlength=n_units).astype(float)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, n_units, size=(n_boot, n_units))
+    ratios = k_unit[drawn].sum(axis=1) / n_unit[drawn].sum(axis=1)
+    k, n = int(hit.sum()), int(hit.size)
+    lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
+    method = f"bootstrap clustered by patient ({n_units} patients, {n_boot} resamples)"
+    return ProportionResult(k, n, k / n, float(lo), float(hi), method, alpha)
+
+
 def binary_metrics(
     y: object,
     call: object,

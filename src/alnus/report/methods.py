@@ -333,7 +333,12 @@ def _statistics(inputs: RunInputs) -> Block:
         cut = settings.get("reader_score_threshold")
         calls = "none (scores compared by AUC only)" if cut is None else f"score >= {cut}"
     items = [
-        f"Proportions (accuracy, sensitivity, specificity, PPV, NPV): {ci} 95% intervals.",
+        f"Proportions (accuracy, sensitivity, specificity, PPV, NPV): {ci} 95% intervals"
+        + (
+            f"; per image {settings['proportion_ci_by_level']['image']}, as a patient's images are not independent."
+            if "image" in settings.get("proportion_ci_by_level", {})
+            else "."
+        ),
         *(f"AUC 95% CI per {level}: {_CI_METHODS.get(method, method)}." for level, method in auc_ci.items()),
         "Model vs model: DeLong (1988) test of paired AUCs (Sun & Xu 2014), P adjusted by Holm (1979).",
         "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read; "

@@ -251,7 +251,7 @@ def _frozen_on(threshold: Mapping[str, Any]) -> str:
 
 def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
     """The paper's table at one level: a row per model x operating point x split, each proportion over its CI."""
-    rows = []
+    rows, measured = [], []
     for model, entry in metrics["models"].items():
         sets = [(f"frozen: {rule_name(entry['threshold'])}", entry["splits"])]
         if entry.get("alternative"):
@@ -261,6 +261,7 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
                 m = by_split.get(split, {}).get(level)
                 if m is None:
                     continue
+                measured.append(m)
                 auc_key = m.get("auc_reported")
                 rows.append([
                     Cell(model, point), split, f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
@@ -274,16 +275,25 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
                "PPV", "NPV", "threshold (frozen on)"]  # fmt: skip
     auc_ci = metrics.get("settings", {}).get("auc_ci", {}).get(level, "")
     note = (
-        f"Per {level}. Proportions: % (k/n), under each its 95% CI "
-        f"({metrics.get('settings', {}).get('proportion_ci', 'exact')}); AUC under it its 95% CI "
+        f"Per {level}. Proportions: % (k/n), under each its 95% CI ({_proportion_ci(metrics, level)}); AUC under "
+        "it its 95% CI "
         f"({auc_ci or 'see metrics.json'}). n/a: not defined (e.g. a split without both classes)."
     )
+    carried = sorted({str(m["calls"]) for m in measured if str(m.get("calls", "")).startswith(("each ", "a "))})
+    if carried:  # the threshold was frozen at another level: say how its calls reach these cases
+        note += f" Calls at this level: {'; '.join(carried)}."
     if any(isinstance(c, Cell) and c.sub == NO_WIDTH for row in rows for c in row):
         note += (
             f" {NO_WIDTH}: the AUC's interval has no width (the cases are ranked perfectly, or not at all): DeLong's "
             "variance is 0 there, which does not mean the AUC is certain; on few cases it is far from it."
         )
     return Table(f"results-{level}", f"Results per {level}", columns, rows, note, label_columns=2)
+
+
+def _proportion_ci(metrics: Mapping[str, Any], level: str) -> str:
+    """How the proportions' CIs at `level` were computed (older metrics.json: one method for every level)."""
+    settings = metrics.get("settings", {})
+    return settings.get("proportion_ci_by_level", {}).get(level) or settings.get("proportion_ci", "exact")
 
 
 def comparisons_table(metrics: Mapping[str, Any]) -> Table | None:
