@@ -324,6 +324,7 @@ def test_folders_name_every_file_and_folder_they_skip(tmp_path: Path) -> None:
     _png(src / "pos" / ".hidden.png")
     _png(src / "pos" / "p2\nevil.png")
     _png(src / "neg" / "tab\there.png")
+    _png(src / "neg" / "b\u200b.png")  # looks like b.png
     (src / "pos" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     (src / "empty").mkdir()
     (src / "neg" / "linked").symlink_to(src / "pos", target_is_directory=True)
@@ -335,7 +336,7 @@ def test_folders_name_every_file_and_folder_they_skip(tmp_path: Path) -> None:
     assert "class folder(s) without an image, so no label from them: empty" in notes
     expected = {
         "hidden file(s)": "pos/.hidden.png",
-        "control character": "neg/tab\\there.png, pos/p2\\nevil.png",
+        "control character": "neg/b\\u200b.png, neg/tab\\there.png, pos/p2\\nevil.png",
         "broken link(s)": "pos/dangling.png",
         "linked folder(s), not followed": "neg/linked",
         "mask file(s)": "neg/b_mask.png",

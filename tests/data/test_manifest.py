@@ -7,6 +7,8 @@ import os
 import pickle
 import shutil
 import signal
+import sys
+import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,8 +26,10 @@ from alnus.data.manifest import (
     Problem,
     Validation,
     combine_manifests,
+    control_characters,
     read_manifest,
     rebase_manifest,
+    show_controls,
     validate_manifest,
 )
 from alnus.errors import AlnusError
@@ -764,6 +768,14 @@ def test_a_windows_path_is_named_as_such(study: Study, tmp_path: Path) -> None:
         ("site", "A\u202eB", "U+202E"),
         ("study_id", "S\x1b[31m", "ESC"),
         ("label", "ben\x85ign", "U+0085"),
+        # Invisible format characters: 'P1' and 'P1\u200b' look the same and would count as two patients.
+        ("patient_id", "P1\u200b", "U+200B"),
+        ("patient_id", "P\u200d1", "U+200D"),
+        ("patient_id", "P1\ufeff", "U+FEFF"),
+        ("study_id", "S\u20601", "U+2060"),
+        ("site", "Site\u00adA", "U+00AD"),
+        ("image", "img/a\u2028.png", "U+2028"),
+        ("label", "\U000e0062enign", "U+E0062"),
     ],
 )
 def test_control_characters_in_keys_and_paths_are_refused(study: Study, column: str, value: str, named: str) -> None:
@@ -772,3 +784,25 @@ def test_control_characters_in_keys_and_paths_are_refused(study: Study, column: 
     assert problem.row == 3 and problem.column == column
     assert f"({named})" in problem.reason
     assert value not in problem.reason, "the reason shows the character escaped"
+
+
+def test_a_byte_order_mark_starts_the_file_but_not_a_cell(tmp_path: Path) -> None:
+    # Two images of patient C, one ID with a zero-width space, and two of D, one with a byte-order mark after it.
+    rows = ["image,patient_id,label", "a.png,C,benign", "b.png,C\u200b,benign", "c.png,D,malignant"]
+    rows.append("d.png,D\ufeff,malignant")
+    (tmp_path / "m.csv").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    df = read_manifest(tmp_path / "m.csv")
+    assert list(df.columns) == ["image", "patient_id", "label"]
+    result = validate_manifest(df, tmp_path, labels=LABELS, check_images=False)
+    assert [(p.row, p.column, p.reason.split(" in ")[0]) for p in result.problems] == [
+        (3, "patient_id", "patient_id holds a control character (U+200B)"),
+        (5, "patient_id", "patient_id holds a control character (U+FEFF)"),
+    ]
+    assert "'C\\u200b'" in result.problems[0].reason
+
+
+def test_every_unicode_format_character_is_refused_and_plain_text_is_not() -> None:
+    format_characters = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    assert all(control_characters(f"P{c}1") == [c] for c in format_characters)
+    assert control_characters("Zoë Ødegård 李 \u00a0 Ωmega-1.png") == []
+    assert show_controls("C\u200bD\ufeff") == "C\\u200bD\\ufeff"

@@ -25,7 +25,7 @@ from PIL import Image
 
 from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
 from alnus.data.images import ImageReadError, image_shape, is_dicom, not_an_image
-from alnus.data.manifest import CONTROL_CHARACTERS
+from alnus.data.manifest import control_characters, show_controls
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -605,8 +605,8 @@ def import_class_folders(
 # Files and folders the folder importer leaves out, each named in a note: the reason's words.
 _SKIPPED = {
     "hidden": "hidden file(s) or folder(s) (a name starting with '.')",
-    "control": "file(s) whose path holds a control character (a line break, tab or the like; rename them to import "
-    "them)",
+    "control": "file(s) whose path holds a control character (a line break, tab, zero-width space or the like; "
+    "rename them to import them)",
     "link": "broken link(s) (their target does not exist)",
     "linked folder": "linked folder(s), not followed (link the files, or move the folder in)",
     "special": "special file(s) (a named pipe, socket or device; not an image file)",
@@ -617,7 +617,7 @@ _SKIPPED = {
 
 def _shown(rel: Path) -> str:
     """A relative path for a note, its control characters shown escaped (`p2\\nevil.png`)."""
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), rel.as_posix())
+    return show_controls(rel.as_posix())
 
 
 def _skip_reason(path: Path, rel: Path) -> str:
@@ -629,7 +629,7 @@ def _skip_reason(path: Path, rel: Path) -> str:
         return "linked folder"
     if path.is_dir():
         return "folder"
-    if CONTROL_CHARACTERS.search(rel.as_posix()):
+    if control_characters(rel.as_posix()):
         return "control"
     if path.is_symlink() and not path.exists():
         return "link"

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +30,12 @@ REPORT_COLUMNS = ("severity", "row", "image", "patient_id", "column", "reason")
 KEY_COLUMNS = ("image", "patient_id", "label", "study_id", "site")
 # An image with a side under this many pixels cannot show a lesion with its margin: likely a thumbnail or an icon.
 MIN_LESION_SIDE = 32
-# Control characters refused in keys and paths: C0 (tab and newline included), DEL, C1, and the Unicode bidirectional
-# controls that `alnus._text` shows as code points when printing.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Characters refused in keys and paths, by Unicode category: controls (Cc: C0 with tab and newline, DEL, C1), format
+# characters (Cf: bidirectional controls, zero-width spaces and joiners, a byte-order mark inside a cell, the soft
+# hyphen), and the line and paragraph separators (Zl, Zp). The invisible ones make two IDs that look the same differ,
+# so one patient would count as two.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_ASCII_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 _CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x1b": "ESC"}
 # Suffixes that mark a `mask_*` cell as a file path rather than a number or a note.
 _PATH_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"})
@@ -424,8 +428,16 @@ def _check_key_cells(table: pd.DataFrame, add: _Add) -> None:
 
 
 def control_characters(text: str) -> list[str]:
-    """The control characters in `text` (C0 with tab and newline, DEL, C1, bidirectional controls), each once."""
-    return list(dict.fromkeys(CONTROL_CHARACTERS.findall(text)))
+    """The control, format (zero-width, bidirectional) and line-separator characters in `text`, each once."""
+    if text.isascii():  # most cells: a regex instead of a lookup per character
+        return list(dict.fromkeys(_ASCII_CONTROLS.findall(text)))
+    return list(dict.fromkeys(c for c in text if unicodedata.category(c) in _CONTROL_CATEGORIES))
+
+
+def show_controls(text: str) -> str:
+    """`text` with its `control_characters` escaped (`p2\\nevil.png`, `C\\u200b`), so that they show."""
+    found = set(control_characters(text))
+    return "".join(c.encode("unicode_escape").decode("ascii") if c in found else c for c in text)
 
 
 def _control_reason(column: str, cell: str) -> str | None:
@@ -433,13 +445,13 @@ def _control_reason(column: str, cell: str) -> str | None:
     if not found:
         return None
     named = ", ".join(_CONTROL_NAMES.get(c, f"U+{ord(c):04X}") for c in found)
-    shown = CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), cell)
+    shown = show_controls(cell)
     what = "file" if column == "image" or column.startswith("mask") else column
     # The words before the value come first: a report groups exclusions by a reason's first words.
     return (
         f"{column} holds a control character ({named}) in '{shown}', which no ID or file name needs: a line "
-        "break shifts the row numbers against a text editor's lines, and control characters hide or reorder text "
-        f"on screen; rename the {what} without it"
+        "break shifts the row numbers against a text editor's lines, and control and invisible characters hide or "
+        f"reorder text on screen (two values that look the same then differ); rename the {what} without it"
     )
 
 
