@@ -168,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run / "splits.csv").is_file():
         parser.error(f"{args.run} has no splits.csv: run its study first, or pass --package PACKAGE --prepare")
     started = time.perf_counter()
+    from alnus.combine import CombineError
+
     patients = patients_of(args.run, args.model, args.package, args.reader, args.positive_from)
-    fit, threshold, reader_sensitivity, found = compare(patients)
+    try:
+        fitted = _fitted_text(*compare(patients), args.positive_from)
+    except CombineError as exc:  # no maximum-likelihood fit exists on these validation patients: said, not shown
+        fitted = [f"Not fitted: {exc}", "", _categories_text(patients["val"]), "", WITHDRAWN]
     rule, ordered = tie_break(patients, args.positive_from)
-    rows = [_row(name, found[split]) for split, name in SPLITS]
     tie_rows = [_row(name, ordered[split]) for split, name in SPLITS]
     run_name = args.run.resolve().relative_to(REPO) if args.run.resolve().is_relative_to(REPO) else args.run.name
     if args.package is None:
@@ -191,18 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### A fitted combination (protocol item 8)",
         "",
-        f"Combined score P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} "
-        f"x BI-RADS score), fitted on the {fit.n_cases} BUS-BRA validation patients ({fit.n_positive} malignant); "
-        f"its threshold {threshold:.3f} matches the radiologists' validation sensitivity "
-        f"({100 * reader_sensitivity:.1f}% at BI-RADS >= {args.positive_from}). Both are applied unchanged to the "
-        "test patients. The radiologist alone calls BI-RADS >= "
-        f"{args.positive_from} positive; the AUC of the reading is that of the ordinal BI-RADS score.",
-        "",
-        _markdown(pd.DataFrame(rows)),
-        "",
-        "BUS-BRA's readings use undivided category 4 while BrEaST's use 4a-4c, so the weight fitted on one site's "
-        "BI-RADS scale meets the other site's scale on the external test (a plain 4 scores 4.0, 4a-4c score "
-        "4.25-4.75).",
+        *fitted,
         "",
         "### The model as the radiologist's tie-breaker (protocol item 18)",
         "",
@@ -221,7 +214,54 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     if not args.no_write:
         write_section(REPO / "docs" / "results.md", "ai-plus-radiologist", section, title="# Results")
-    return 0 if np.isfinite(fit.model_coef) else 1
+    return 0
+
+
+# Said where item 8 cannot be fitted: what this section showed before the fit checked for separation.
+WITHDRAWN = (
+    "An earlier version of this command fitted it anyway (2026-12-02 to 2026-12-05) and showed its coefficients and "
+    "its test AUCs: those coefficients were where the optimiser stopped on a likelihood with no maximum, not "
+    "estimates, and those numbers are withdrawn (the git history of this file keeps them)."
+)
+
+
+def _categories_text(val: pd.DataFrame) -> str:
+    """How the validation patients' BI-RADS categories hold the classes: which are all benign, all malignant, mixed."""
+    from alnus.readers import birads_score
+
+    names = ["1", "2", "3", "4", "4a", "4b", "4c", "5", "6"]
+    name_of = dict(zip(birads_score(names).tolist(), names, strict=True))
+    kinds: dict[str, list[str]] = {"benign": [], "malignant": [], "mixed": []}
+    for score, group in sorted(val.groupby("birads"), key=lambda item: item[0]):
+        y = group["y"].astype(int)
+        kinds["malignant" if y.all() else "benign" if not y.any() else "mixed"].append(name_of[float(score)])
+    said = [f"every {' and '.join(kinds[k])} {k}" for k in ("benign", "malignant") if kinds[k]]
+    mixed = f"only {' and '.join(kinds['mixed'])} holding both" if kinds["mixed"] else "none holding both"
+    return f"The BI-RADS categories of the {len(val)} validation patients: {'; '.join(said)}; {mixed}."
+
+
+def _fitted_text(
+    fit: object, threshold: float, reader_sensitivity: float, found: dict, positive_from: str
+) -> list[str]:
+    """Item 8's paragraph and table, for a combination that could be fitted."""
+    from alnus.combine import Combination
+
+    assert isinstance(fit, Combination)
+    rows = [_row(name, found[split]) for split, name in SPLITS]
+    return [
+        f"Combined score P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} "
+        f"x BI-RADS score), fitted on the {fit.n_cases} BUS-BRA validation patients ({fit.n_positive} malignant); "
+        f"its threshold {threshold:.3f} matches the radiologists' validation sensitivity "
+        f"({100 * reader_sensitivity:.1f}% at BI-RADS >= {positive_from}). Both are applied unchanged to the test "
+        f"patients. The radiologist alone calls BI-RADS >= {positive_from} positive; the AUC of the reading is that "
+        "of the ordinal BI-RADS score.",
+        "",
+        _markdown(pd.DataFrame(rows)),
+        "",
+        "BUS-BRA's readings use undivided category 4 while BrEaST's use 4a-4c, so the weight fitted on one site's "
+        "BI-RADS scale meets the other site's scale on the external test (a plain 4 scores 4.0, 4a-4c score "
+        "4.25-4.75).",
+    ]
 
 
 if __name__ == "__main__":

@@ -600,10 +600,17 @@ def _change_of(name: str) -> str:
 
 
 def glance_section(
-    candidates: pd.DataFrame, chosen: pd.Series, metrics: dict, combined: dict | None, ordered: dict | None = None
+    candidates: pd.DataFrame,
+    chosen: pd.Series,
+    metrics: dict,
+    combined: dict | None,
+    ordered: dict | None = None,
+    *,
+    not_fitted: str = "",
 ) -> str:
     """The first section of docs/results.md: the chosen model against the radiologists on the external hospital,
-    the goals, and where each number comes from, in a few lines."""
+    the goals, and where each number comes from, in a few lines. `not_fitted`: why the fitted combination (protocol
+    item 8) has no fit, when it has none; it still counts among the combinations tried."""
     model = str(chosen["model"])
     splits = metrics["models"][model]["splits"]
     ext, internal = splits["external_test"]["patient"], splits["internal_test"]["patient"]
@@ -637,9 +644,10 @@ def glance_section(
     goals = [line for line in _goals(metrics, model)[1:] if line.endswith(("met.", "**not met**."))]
     met = [not line.endswith("**not met**.") for line in goals]
     tried = [c for c in (combined, ordered) if c is not None]
+    attempted = len(tried) + bool(not_fitted)  # a combination tried without a fit was tried all the same
     if tried:
         # Either combination may meet the goal; with two tried, each is held to P < 0.025 (Bonferroni).
-        alpha = 0.05 / len(tried)
+        alpha = 0.05 / attempted
         above = any(c["auc_difference"]["estimate"] > 0 and c["auc_difference"]["p"] is not None
                     and c["auc_difference"]["p"] < alpha for c in tried)  # fmt: skip
         met.append(above)
@@ -649,6 +657,10 @@ def glance_section(
             f"- Radiologist + AI (BI-RADS and the model's logit, combined on the validation patients): external AUC "
             f"{c['estimate']:.3f} vs {r['estimate']:.3f} for the radiologist alone (DeLong P {_p_value(d['p'])})."
         ]
+    if not_fitted:
+        reason = not_fitted.split(" (")[0].split(":")[0]  # its first clause
+        out += [f"- Radiologist + AI by logistic regression (protocol item 8): not fitted, as {reason} (the AI + "
+                "radiologist section says why; the numbers shown for it until 2026-12-05 are withdrawn)."]  # fmt: skip
     if ordered is not None:
         c, r, d = ordered["auc_combined"], ordered["auc_reader"], ordered["auc_difference"]
         spec = ordered["specificity"]
@@ -661,7 +673,7 @@ def glance_section(
             f"{100 * ordered['sensitivity']['reader']:.1f}%."
         ]
     if tried:
-        limit = "P < 0.05" if len(tried) == 1 else f"P < {alpha:.3f} each, Bonferroni over {len(tried)} combinations"
+        limit = "P < 0.05" if attempted == 1 else f"P < {alpha:.3f} each, Bonferroni over {attempted} combinations"
         out += [f"- The AI + radiologist goal (AUC above the radiologist alone, {limit}) is "
                 f"{'met' if met[-1] else '**not met**'}."]  # fmt: skip
     paper = [public_configs.auc_of(r["external AUC"]) for r in public_configs.rows_of("paper_cnns_192")]
@@ -814,9 +826,14 @@ def _run(args: argparse.Namespace) -> int:
     run = run_dir_of(chosen)
     ai_plus_radiologist.main(["--run", str(run), "--model", str(chosen["model"])])
     patients = ai_plus_radiologist.patients_of(run, str(chosen["model"]))
-    combined = ai_plus_radiologist.compare(patients)[3]["external_test"]
+    from alnus.combine import CombineError
+
+    try:
+        combined, not_fitted = ai_plus_radiologist.compare(patients)[3]["external_test"], ""
+    except CombineError as exc:  # protocol item 8 has no fit on these validation patients: said in the glance
+        combined, not_fitted = None, str(exc)
     ordered = ai_plus_radiologist.tie_break(patients, "4a")[1]["external_test"]
-    glance = glance_section(candidates, chosen, _metrics(run), combined, ordered)
+    glance = glance_section(candidates, chosen, _metrics(run), combined, ordered, not_fitted=not_fitted)
     write_section(REPO / "docs" / "results.md", "at-a-glance", glance, title="# Results")
     print(glance)
     if not args.no_ship:

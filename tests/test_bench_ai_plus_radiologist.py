@@ -54,3 +54,32 @@ def test_the_script_and_the_tool_give_the_same_comparisons(ai_plus_radiologist, 
 def test_prepare_needs_a_package(ai_plus_radiologist) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit):
         ai_plus_radiologist.main(["--prepare", "--no-write"])
+
+
+def test_a_combination_without_a_fit_is_said_with_how_the_categories_hold_the_classes(
+    ai_plus_radiologist, tmp_path: Path, capsys, monkeypatch
+) -> None:  # noqa: ANN001
+    """An attack review: BUS-BRA's validation BI-RADS separate the classes up to the undivided 4, so item 8's logistic
+    regression has no maximum-likelihood fit; the section says so (and which categories), and the tie-break stands."""
+    from alnus.combine import CombineError
+
+    val = pd.DataFrame({"birads": [2.0, 3.0, 4.0, 4.0, 5.0, 4.25], "y": [0, 0, 0, 1, 1, 1]})
+    said = ai_plus_radiologist._categories_text(val)
+    assert (
+        said == "The BI-RADS categories of the 6 validation patients: every 2 and 3 benign; every 4a and 5 "
+        "malignant; only 4 holding both."
+    )
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(9)
+    splits["reader_birads"] = rng.choice(["2", "3", "4a", "4b", "5"], size=len(splits))
+    write_csv(splits, run / "splits.csv")
+
+    def separated(patients):  # noqa: ANN001, ANN202
+        raise CombineError("the 30 validation cases are separated by the model, the reading or the two together")
+
+    monkeypatch.setattr(ai_plus_radiologist, "compare", separated)
+    assert ai_plus_radiologist.main(["--run", str(run), "--model", "tiny_cnn", "--no-write"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Not fitted: the 30 validation cases are separated" in out and "are withdrawn" in out
+    assert "The BI-RADS categories of the" in out and "### The model as the radiologist's tie-breaker" in out

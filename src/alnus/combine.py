@@ -130,16 +130,38 @@ def fit_combination(y: object, prob: object, birads_score: object) -> Combinatio
             f"cases to fit its three coefficients; got {n_pos} positive of {len(yb)} (with fewer they are not "
             "estimable). The tie-break fits nothing and is still set."
         )
+    if _separated(x, yb):
+        raise CombineError(
+            f"the {len(yb)} validation cases are separated by the model, the reading or the two together (every "
+            "case on its class's side of one line, some on it: e.g. all readings up to 3 benign and from 4b "
+            "malignant, mixing only at 4a): an unpenalised logistic regression has no finite fit there (its "
+            "coefficients grow without bound, so any fitted values would be arbitrary). More validation cases are "
+            "needed; the tie-break fits nothing and is still set."
+        )
     fit = LogisticRegression(C=np.inf, max_iter=1000).fit(x, yb)  # C = inf: no penalty
     combination = Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos)
-    if stats.auc(yb, x @ fit.coef_[0]) == 1.0 or fit.n_iter_[0] >= fit.max_iter:  # the linear score ranks
+    if fit.n_iter_[0] >= fit.max_iter:
         raise CombineError(
-            f"the {len(yb)} validation cases are perfectly separated by the model, the reading or the two together: "
-            "an unpenalised logistic regression has no finite fit there (its coefficients grow without bound, so "
-            "any fitted values would be arbitrary). More validation cases are needed; the tie-break fits nothing "
-            "and is still set."
+            f"the logistic regression on the {len(yb)} validation cases did not converge, so its coefficients are "
+            "not a fit; the tie-break fits nothing and is still set."
         )
     return combination
+
+
+def _separated(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether the classes are completely or quasi-completely separated by a line in (intercept, `x`): then the
+    maximum-likelihood logistic fit does not exist (Albert & Anderson 1984). The linear-programming check of Konis
+    (2007): a direction b with s_i (1, x_i) . b >= 0 for every case (s_i = +1 positive, -1 negative) and a positive
+    sum exists exactly when they are separated; b is bounded to [-1, 1] so that the programme has an optimum."""
+    from scipy.optimize import linprog
+
+    design = np.column_stack([np.ones(len(x)), x])
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    signed = (2 * y - 1)[:, None] * (design / scale)  # scaled columns: the tolerance means the same for each
+    found = linprog(-signed.sum(axis=0), A_ub=-signed, b_ub=np.zeros(len(x)), bounds=[(-1, 1)] * design.shape[1],
+                    method="highs")  # fmt: skip
+    return bool(found.status == 0 and -found.fun > 1e-7 * len(x))
 
 
 def matched_threshold(y: object, score: object, sensitivity: float) -> float:
