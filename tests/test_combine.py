@@ -70,8 +70,8 @@ def test_compare_with_reader_gives_delong_and_mcnemar() -> None:
             [3, 4, 4.25, 5, 4.5, 5, 3],
             "at least 10 positive",
         ),
-        ([0] * 10 + [1] * 10, [0.4] * 20, [3] * 10 + [5] * 10, "perfectly separated"),
-        ([0] * 10 + [1] * 10, [i / 20 + 0.01 for i in range(20)], [4] * 20, "perfectly separated"),
+        ([0] * 10 + [1] * 10, [0.4] * 20, [3] * 10 + [5] * 10, "are separated by"),
+        ([0] * 10 + [1] * 10, [i / 20 + 0.01 for i in range(20)], [4] * 20, "are separated by"),
         ([0, 1, 1], [0.1, np.nan, 0.3], [3, 4, 5], "missing values"),
         ([0, 1], [0.1, 0.2, 0.3], [3, 4, 5], "got 2 labels for 3 cases"),
         ([0, 1, 1], [0.1, 0.2], [3, 4, 5], "two 1-D arrays of one length"),
@@ -208,3 +208,17 @@ def test_the_fitted_combination_is_written_as_a_sum_with_its_signs() -> None:
         fitted.operating_point
     )
     assert "+ -" not in fitted.operating_point
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_readings_that_separate_the_classes_up_to_one_category_are_not_fitted(seed: int) -> None:
+    """An attack review: BI-RADS up to 3 all benign and from 4b all malignant, mixed only at 4 (as BUS-BRA's validation
+    patients are), gave a 'converged' fit with arbitrary coefficients (intercept -50, the model's weight negative)."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(20), np.ones(20)]
+    birads = np.r_[rng.choice([2, 3, 4], 20), rng.choice([4, 5], 20)].astype(float)
+    with pytest.raises(CombineError, match="separated by the model, the reading or the two together"):
+        fit_combination(y, rng.uniform(0.2, 0.8, 40), birads)
+    birads[0] = 5.0  # one benign patient read 5: no line separates them any more, and the fit exists
+    fit = fit_combination(y, rng.uniform(0.2, 0.8, 40), birads)
+    assert abs(fit.reader_coef) < 10
