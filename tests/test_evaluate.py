@@ -577,7 +577,12 @@ def test_a_run_predicted_again_after_its_evaluation_is_refused_until_evaluated_a
     evaluate_run(run, n_boot=50)
     from alnus.evaluate import check_evaluated
 
-    check_evaluated(run, json.loads((run / "metrics.json").read_text()))  # evaluated again: accepted
+    metrics = json.loads((run / "metrics.json").read_text())
+    check_evaluated(run, metrics)  # evaluated again: accepted
+    # A second attack review: a digest that is no string (hand-edited) skipped the check.
+    metrics["models"]["tiny_cnn"]["predictions_sha256"] = 123
+    with pytest.raises(AlnusError, match="predictions_sha256 is not a digest"):
+        check_evaluated(run, metrics)
 
 
 def test_a_kill_while_the_tables_are_written_is_refused_and_metrics_json_comes_last(

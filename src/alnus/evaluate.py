@@ -1087,6 +1087,10 @@ def check_evaluate_finished(run_dir: str | os.PathLike[str]) -> None:
         )
 
 
+# metrics.json written before the predictions' digest was recorded (their check is skipped).
+_UNRECORDED = object()
+
+
 def _stamp_digest(run: RunFolder, model: str) -> str | None:
     """The SHA-256 of a model's predictions.json (rewritten by every `alnus predict-run` of it), None without one."""
     stamp = run.model(model).predictions_stamp
@@ -1113,8 +1117,13 @@ def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any])
                 f"{run.metrics} is damaged or was edited by hand (model {model} has no threshold value there); run "
                 f"`alnus evaluate {run.root}` again."
             )
-        digest = entry.get("predictions_sha256")
-        if isinstance(digest, str) and digest != _stamp_digest(run, model):
+        digest = entry.get("predictions_sha256", _UNRECORDED)
+        if digest is not _UNRECORDED and digest is not None and not isinstance(digest, str):
+            raise EvaluateError(
+                f"{run.metrics} is damaged or was edited by hand (model {model}'s predictions_sha256 is not a "
+                f"digest); run `alnus evaluate {run.root}` again."
+            )
+        if digest is not _UNRECORDED and digest != _stamp_digest(run, model):
             raise EvaluateError(
                 f"model {model} of {run.root} was predicted again (`alnus predict-run`) after the evaluation in "
                 f"{run.metrics}, so its results are not those of the predictions now there; run "
