@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, features
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import MPEG2MPML, JPEGBaseline8Bit, JPEGLSLossless, UltrasoundImageStorage, generate_uid
 
-from alnus.data.images import MAX_PIXELS, ImageReadError, image_shape, is_dicom, load_image
+from alnus.data.images import MAX_PIXELS, ImageReadError, image_shape, is_dicom, load_image, not_an_image
 
 RNG = np.random.default_rng(0)
 PATIENT_NAME = "Quixotic^Zenobia"
@@ -418,6 +420,53 @@ def test_non_image_file(tmp_path: Path) -> None:
         with pytest.raises(ImageReadError, match="not a PNG, JPEG, BMP, TIFF or DICOM") as info:
             func(path)
         assert str(path) in str(info.value)
+
+
+def _bare_dicom_files(folder: Path) -> list[Path]:
+    """A DICOM file without its preamble, without preamble and 'DICM', and a data set without file meta."""
+    full = folder / "full.dcm"
+    ds = _write_dicom(full, RNG.integers(0, 256, (16, 16), dtype=np.uint8))
+    data = full.read_bytes()
+    (folder / "no_preamble.dcm").write_bytes(data[128:])
+    (folder / "no_dicm.dcm").write_bytes(data[132:])
+    del ds.file_meta
+    stream = DicomBytesIO()
+    stream.is_little_endian, stream.is_implicit_VR = True, False
+    write_dataset(stream, ds)  # no file meta: starts at (0008,0016)
+    (folder / "no_meta.dcm").write_bytes(stream.getvalue())
+    return [folder / "no_preamble.dcm", folder / "no_dicm.dcm", folder / "no_meta.dcm"]
+
+
+def test_not_an_image_accepts_what_image_shape_reads_and_names_the_rest(tmp_path: Path) -> None:
+    grey = Image.fromarray(RNG.integers(0, 256, (30, 40), dtype=np.uint8))
+    readable = [_save(tmp_path / "plain.png", grey), _save(tmp_path / "gif.png", grey, format="GIF")]
+    # Saved under another format's name: the content decides, as in load_image and the manifest check.
+    if features.check("webp"):
+        readable.append(_save(tmp_path / "webp.png", grey, format="WEBP"))
+    if features.check("jpg_2000"):
+        readable.append(_save(tmp_path / "jp2.jpg", grey, format="JPEG2000"))
+    readable.append(tmp_path / "scan.dcm")
+    _write_dicom(readable[-1], RNG.integers(0, 256, (16, 16), dtype=np.uint8))
+    for path in readable:
+        assert not_an_image(path) == "", path
+        assert load_image(path).ndim == 2
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("patient 12, left breast\n")
+    (tmp_path / "noise.png").write_bytes(bytes(range(256)))
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    refused = {
+        tmp_path / "empty.png": "an empty file, 0 bytes",
+        tmp_path / "notes.jpg": "text, not an image",
+        tmp_path / "noise.png": "not a PNG, JPEG, BMP, TIFF, DICOM or other image file that alnus reads",
+        tmp_path / "cut.png": "a PNG file whose header is truncated or corrupt",
+    }
+    refused |= {
+        path: "a DICOM data set without the 128-byte preamble and 'DICM'" for path in _bare_dicom_files(tmp_path)
+    }
+    for path, words in refused.items():
+        assert not_an_image(path).startswith(words), path
+        with pytest.raises(ImageReadError):
+            image_shape(path)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])

@@ -353,12 +353,21 @@ def test_folders_refuse_files_named_as_images_that_are_not_images(tmp_path: Path
     (src / "neg" / "zero.png").write_bytes(b"")
     (src / "neg" / "notes.png").write_text("hello, not a picture\n")
     (src / "neg" / "odd.jpg").write_bytes(bytes(range(256)))
+    (src / "neg" / "bare.dcm").write_bytes(_dicom(tmp_path / "full.dcm").read_bytes()[128:])
+    # Images under another format's name: load_image and the manifest check read them by content, so the import does.
+    Image.open(_png(tmp_path / "c.png")).save(src / "pos" / "webp.png", format="WEBP")
+    Image.open(_png(tmp_path / "d.png")).save(src / "pos" / "jp2.jpg", format="JPEG2000")
     with pytest.raises(DatasetImportError) as exc:
         import_class_folders(src, src)
     message = str(exc.value)
-    assert "3 file(s) named as images are not images by their content" in message
+    assert "4 file(s) named as images are not images by their content" in message
     assert "neg/zero.png (an empty file, 0 bytes)" in message and "neg/notes.png (text, not an image)" in message
-    assert "neg/odd.jpg (not a PNG, JPEG, BMP, TIFF or DICOM file by its content)" in message
+    assert "neg/odd.jpg (not a PNG, JPEG, BMP, TIFF, DICOM or other image file that alnus reads" in message
+    assert "neg/bare.dcm (a DICOM data set without the 128-byte preamble and 'DICM'" in message
+    assert "webp.png" not in message and "jp2.jpg" not in message
+    for name in ("zero.png", "notes.png", "odd.jpg", "bare.dcm"):
+        (src / "neg" / name).unlink()
+    assert import_class_folders(src, src)["image"].tolist() == ["neg/b.png", "pos/a.png", "pos/jp2.jpg", "pos/webp.png"]
 
 
 def test_folders_without_images_is_an_error(tmp_path: Path) -> None:

@@ -83,24 +83,51 @@ def is_dicom(path: str | Path) -> bool:
 
 
 def not_an_image(path: str | Path) -> str:
-    """What a file is instead of a PNG, JPEG, BMP, TIFF or DICOM file, by its first bytes ("an empty file, 0 bytes",
-    "text, not an image", ...), or "" when it begins like one. Cheap: reads 132 bytes, decodes nothing."""
+    """What a file is instead of an image that `load_image` reads ("an empty file, 0 bytes", "text, not an image",
+    ...), or "" when it is one. Cheap: reads the DICOM marker or the header that Pillow names the format by (as
+    `image_shape` does, so that what it accepts is what the manifest check accepts), and decodes no pixels."""
     try:
         with open_regular(path) as fh:
             head = fh.read(132)
+            if not head:
+                return "an empty file, 0 bytes"
+            if head[128:132] == b"DICM":
+                return ""
+            fh.seek(0)
+            return _not_a_pillow_image(fh, head)
     except (OSError, NotAFileError) as exc:
         return f"unreadable: {exc}"
-    if not head:
-        return "an empty file, 0 bytes"
-    if (
-        head[128:132] == b"DICM"
-        or head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
-        or (head.startswith(b"BM") and len(head) >= 18)
-    ):
-        return ""
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "text, not an image"
-    return "not a PNG, JPEG, BMP, TIFF or DICOM file by its content"
+
+
+def _not_a_pillow_image(fh: IO[bytes], head: bytes) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(fh).close()
+    except Image.DecompressionBombError:
+        return ""  # an image: its size is refused, with what to do, when it is read
+    except UnidentifiedImageError:
+        if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+            return "text, not an image"
+        if _bare_dicom(head):
+            return (
+                "a DICOM data set without the 128-byte preamble and 'DICM' that a DICOM file starts with, which alnus "
+                "does not read; export it again as a DICOM file"
+            )
+        # Pillow reports a header that its plugin cannot parse as unidentified too: name the format it begins as.
+        begins_as = [name for name in Image.ID if (accept := Image.OPEN[name][1]) is not None and accept(head[:16])]
+        if begins_as:
+            return f"a {begins_as[0]} file whose header is truncated or corrupt"
+        return "not a PNG, JPEG, BMP, TIFF, DICOM or other image file that alnus reads, by its content"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return f"an image file whose header is truncated or corrupt ({exc})"
+    return ""
+
+
+def _bare_dicom(head: bytes) -> bool:
+    """Whether `head` begins like DICOM without its preamble: 'DICM' itself, or a little-endian tag of the file meta
+    (0002,xxxx) or identifying (0008,xxxx) group."""
+    return head.startswith(b"DICM") or (head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) > 4 and head[3] == 0)
 
 
 def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int | None = None) -> tuple[int, int]:
