@@ -2221,7 +2221,13 @@ def serve(
             "images cross the network unencrypted: put the service behind a TLS proxy on the hospital network.",
             highlight=False,
         )
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has answered the requests in flight; a service stopped on purpose is no failure
+    except SystemExit as exc:
+        if exc.code != EXIT_TERMINATED:
+            raise  # SIGTERM (systemd, a scheduler) likewise ends with 0, without a line on resuming work
 
 
 @app.command("export")

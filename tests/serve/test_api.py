@@ -730,3 +730,35 @@ def test_a_slow_body_after_a_prompt_head_and_a_kept_alive_connection_are_still_s
             time.sleep(0.2)  # kept alive: a second request within the deadline is answered on the same connection
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert conn.recv(65536).decode(errors="replace").startswith("HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_service_stopped_by_a_signal_ends_cleanly(package: Path, signum: str) -> None:
+    """An attack review: since SIGTERM unwinds like Ctrl-C, `alnus serve` ended with 143 and a line on resuming work
+    (systemd counts 143 as a failure unless told otherwise); a service stopped on purpose ends with 0."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "alnus", "serve", str(package), "--insecure-local", "--port", str(port)]
+    proc = subprocess.Popen([*command, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.3)
+        proc.send_signal(getattr(signal, signum))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "run the same command again" not in err and "Traceback" not in err
