@@ -603,6 +603,12 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     shutil.copytree(out, site / "copy")
     code, stdout, stderr = run_cli("score", str(out), str(site / "copy"), "--manifest", manifest)
     assert code == 2 and "have the same weights" in " ".join(stderr.split()) and "AUC difference" not in stdout
+    # A second attack review: a copy re-thresholded at the site differs in its calls, which is worth comparing.
+    run_cli("threshold", str(site / "copy"), "--manifest", manifest, "--rule", "sensitivity", "--target", "0.95")
+    code, stdout, stderr = run_cli("score", str(site / "copy"), str(out), "--manifest", manifest)
+    said = " ".join(stderr.split())
+    assert code == 0 and "AUC difference" not in stdout and "there is no AUC difference to test" in said
+    assert "none frozen" in stdout and "/12" in stdout  # the re-thresholded copy's calls, beside the other's
     # Rows of a class the model does not know (BrEaST's normal scans) are left out and named; the rest is scored.
     normal = table.iloc[:2].assign(label="normal", patient_id=["n1", "n2"])
     pd.concat([table, normal]).to_csv(site / "site" / "with_normal.csv", index=False)

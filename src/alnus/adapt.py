@@ -754,6 +754,10 @@ def freeze_on_labelled(
     return point
 
 
+# What makes two packages give the same probabilities.
+_SCORING = ("weights_sha256", "preprocess", "tta")
+
+
 @dataclass
 class SiteScore:
     """`score_on_labelled`'s answer: one row per package (AUC per patient with its CI; sensitivity and specificity at
@@ -788,11 +792,13 @@ def score_on_labelled(
                 f"{package} has labels {meta['label_names']} (positive {meta['positive_label']!r}), {packages[0]} "
                 f"{metas[0]['label_names']} (positive {metas[0]['positive_label']!r}); compare packages of one label."
             )
-    if len(metas) == 2 and all(metas[0].get(k) == metas[1].get(k) for k in ("weights_sha256", "preprocess", "tta")):
+    same_scores = len(metas) == 2 and all(metas[0].get(k) == metas[1].get(k) for k in _SCORING)
+    if same_scores and all(metas[0].get(k) == metas[1].get(k) for k in ("threshold", "reader_rule")):
         raise AdaptError(
-            f"{packages[0]} and {packages[1]} have the same weights (sha256 {metas[0]['weights_sha256'][:12]}) and "
-            "preprocessing, so they give the same probabilities and the comparison would say nothing; compare two "
-            "different packages (an adapted one and its source, say), or score one."
+            f"{packages[0]} and {packages[1]} have the same weights (sha256 {metas[0]['weights_sha256'][:12]}), "
+            "preprocessing, threshold and reader rule, so they give the same probabilities and calls and the "
+            "comparison would say nothing; compare two different packages (an adapted one and its source, say), or "
+            "score one."
         )
     # Checked once, for both; rows of classes the model does not know are left out and named.
     table, left_out = labelled_table(manifest, metas[0], "a package is scored", max_pixels, leave_out=True)
@@ -816,7 +822,9 @@ def score_on_labelled(
         rows.append(row)
         scores.append(cases["prob"].to_numpy())
         with_reader[str(package)] = _rule_on_site(table, predictions, meta)
-    comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 else None
+    # The same probabilities (a package re-thresholded at a site against its source): their calls differ, their AUCs
+    # cannot, so there is no AUC test to make.
+    comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 and not same_scores else None
     return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out)
 
 

@@ -1734,6 +1734,11 @@ def score(
             highlight=False,
             soft_wrap=True,
         )
+    elif len(packages) == 2:
+        _note(
+            "the two packages have the same weights and preprocessing, so the same AUC: they differ in their "
+            "threshold or reader rule, whose calls are compared above; there is no AUC difference to test."
+        )
     for package, found in result.with_reader.items():
         if found is not None:
             _show_rule_on_site(package, found)
