@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +94,12 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
     # A new user's review: the half-written checkpoint a kill left stayed beside the resumed run's.
     (tmp_path / "keep.tmp").write_text("a user's file, not one of ours")
     (tmp_path / ".notes.txt").write_text("nor this")
+    # A second attack review: a user's file named like a temporary was deleted too. One changed before the killed
+    # writer started is not its own.
+    draft = tmp_path / "tables" / ".results.draft_v2.tmp"
+    draft.parent.mkdir()
+    draft.write_text("a user's draft")
+    os.utime(draft, (time.time() - 3600, time.time() - 3600))
     assert len(list((tmp_path / "models").rglob(".last.pt.*.tmp"))) == 1
     probe = subprocess.run(
         [sys.executable, "-c", f"from alnus.runfolder import lock_run\nwith lock_run({str(tmp_path)!r}): pass"],
@@ -102,7 +109,7 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_and_explained(tmp_path: Pa
     )
     assert probe.returncode == 0, probe.stderr
     assert f"last locked by pid {victim.pid}" in probe.stderr and "taking over" in probe.stderr
-    assert "removed 1 half-written file(s) it left" in probe.stderr
+    assert "removed 1 half-written file(s) it left" in probe.stderr and draft.exists()
     assert (
         not list(tmp_path.rglob(".last.pt.*"))
         and (tmp_path / "keep.tmp").exists()

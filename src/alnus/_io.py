@@ -53,15 +53,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
-def remove_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Remove the temporary files `atomic_path` left under `folder` when its writer was killed (kill -9, power loss)
-    before it could clean up; only for a folder no other writer is using (a run folder whose lock was taken over).
-    Links are neither followed nor removed. Returns how many were removed."""
+def remove_temporaries(folder: str | os.PathLike[str], since: float) -> int:
+    """Remove the temporary files `atomic_path` left under `folder` when its writer, which started at `since` (a
+    POSIX time), was killed (kill -9, power loss) before it could clean up; only for a folder no other writer is using
+    (a run folder whose lock was taken over). A file last changed before that writer started is not its own and is
+    kept, whatever its name; links are neither followed nor removed. Returns how many were removed."""
     removed = 0
     for root, _, files in os.walk(folder, followlinks=False):
         for name in files:
             path = Path(root) / name
-            if _TEMPORARY.fullmatch(name) and not path.is_symlink() and path.is_file():
+            if (_TEMPORARY.fullmatch(name) and not path.is_symlink() and path.is_file()
+                    and path.stat().st_mtime >= since - 2):  # fmt: skip
                 with contextlib.suppress(OSError):
                     path.unlink()
                     removed += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import socket
 import sys
@@ -348,6 +349,16 @@ def _holder(info_path: Path) -> str:
         return "an unknown process"
 
 
+def _started(info_path: Path) -> float:
+    """When the holder recorded in `.lock.json` took the lock (POSIX time); infinity when it cannot be read, so that
+    nothing is taken for its files."""
+    try:
+        since = json.loads(info_path.read_text(encoding="utf-8"))["since"]
+        return dt.datetime.fromisoformat(since).timestamp()
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+
+
 @contextlib.contextmanager
 def lock_run(run_dir: str | os.PathLike[str], command: str | None = None) -> Iterator[Path]:
     """Hold the run folder's exclusive writer lock for the duration of the block.
@@ -377,7 +388,7 @@ def lock_run(run_dir: str | os.PathLike[str], command: str | None = None) -> Ite
     try:
         stale = _holder(info_path) if info_path.exists() else None
         if stale is not None:
-            removed = remove_temporaries(run.root)  # the files it was writing when it was killed
+            removed = remove_temporaries(run.root, _started(info_path))  # what it was writing when it was killed
             left = f"; removed {removed} half-written file(s) it left" if removed else ""
             print(
                 f"note: {run.root} was last locked by {stale}, which ended without releasing it "
