@@ -161,3 +161,34 @@ def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_sa
     monkeypatch.setattr(alnus._checkpoint.torch, "save", real_save)
     status, err = _run_main(monkeypatch, capsys, "study", str(config))
     assert status == 0 and "taking over" not in err  # the lock was released, not left for the next run to break
+
+
+def test_after_a_stop_what_is_torn_down_on_the_way_out_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An attack review: SIGTERM to a training's process group (Slurm, systemd) also stopped its data loader's workers,
+    and the loader's teardown printed about 20 lines of 'Exception ignored in ... DataLoader worker is killed'."""
+    import gc
+
+    def stopped() -> None:
+        raise SystemExit(cli.EXIT_TERMINATED)
+
+    class Loader:
+        def __del__(self) -> None:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(cli, "app", stopped)
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    loader = Loader()
+    del loader
+    gc.collect()
+    err = capsys.readouterr().err
+    assert "stopped (SIGTERM)" in err and "Exception ignored" not in err and "killed by signal" not in err

@@ -2308,6 +2308,9 @@ def main() -> None:
         if exc.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
             how = "interrupted (Ctrl-C)" if exc.code == EXIT_INTERRUPTED else "stopped (SIGTERM)"
             err_console.print(f"[yellow]{how}:[/yellow] {STOPPED}", highlight=False, soft_wrap=True)
+            # What is torn down on the way out may complain (a data loader whose workers the same signal stopped):
+            # the line above says what happened, and its cleanups have run.
+            sys.unraisablehook = lambda unraisable: None
         raise
     except AlnusError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
