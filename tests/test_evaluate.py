@@ -495,6 +495,29 @@ def test_missing_or_stale_predictions_are_clear_errors(tmp_path: Path) -> None:
         evaluate_run(run, models=["resnet101"])
 
 
+@pytest.mark.parametrize("how", ["appended", "copied over"])
+def test_a_repeated_prediction_row_is_named_with_its_file(tmp_path: Path, how: str) -> None:
+    """Attack review: a row appended twice, or copied over another, was explained as 'the split changed after
+    predicting (0 unknown, 0 missing)'."""
+    run = make_run(tmp_path)
+    path = run / "models" / "tiny_cnn" / "predictions" / "val.csv"
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if how == "appended":
+        table = pd.concat([table, table.iloc[[-1]]], ignore_index=True)
+    else:
+        table.iloc[3] = table.iloc[5]
+    write_csv(table, path)
+    image = table["image"].iloc[-1 if how == "appended" else 3]
+    rows = f"{len(table)} and {len(table) + 1}" if how == "appended" else "5 and 7"
+    with pytest.raises(EvaluateError) as caught:
+        evaluate_run(run, n_boot=50)
+    message = str(caught.value)
+    assert message.startswith(f"image {image} appears 2 times in {path} (rows {rows}): ")
+    assert "split changed" not in message
+    assert message.endswith(f"run `alnus predict-run {run} --model tiny_cnn` again (the predictions are made again "
+                            "from the package).")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ an evaluation cut short
 def _refusals(run: Path) -> list[str]:
     """What each reader of an evaluated run says of it: the report's inputs, subgroups and the library's check."""
@@ -583,6 +606,20 @@ def test_a_run_predicted_again_after_its_evaluation_is_refused_until_evaluated_a
     metrics["models"]["tiny_cnn"]["predictions_sha256"] = 123
     with pytest.raises(AlnusError, match="predictions_sha256 is not a digest"):
         check_evaluated(run, metrics)
+
+
+def test_a_folder_where_evaluate_notes_its_unfinished_writes_is_named_before_any_computing(tmp_path: Path) -> None:
+    """A second attack review: a folder named evaluate_unfinished.txt failed evaluate after all its computing, naming
+    a temporary file, and report then said to run evaluate, which could never finish."""
+    run = make_run(tmp_path)
+    evaluate_run(run, n_boot=50)
+    (run / "evaluate_unfinished.txt").mkdir()
+    with pytest.raises(AlnusError, match="evaluate_unfinished.txt is a folder, not the note"):
+        evaluate_run(run, n_boot=50)
+    for said in _refusals(run):
+        assert "evaluate_unfinished.txt is a folder, not the note" in said
+    (run / "evaluate_unfinished.txt").rmdir()
+    evaluate_run(run, n_boot=50)
 
 
 def test_a_kill_while_the_tables_are_written_is_refused_and_metrics_json_comes_last(
