@@ -15,7 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alnus.runfolder import RunFolder, RunFolderError, RunLockedError, lock_run, read_splits, run_models
+from alnus.runfolder import (
+    RunFolder,
+    RunFolderError,
+    RunLockedError,
+    lock_run,
+    prediction_mismatch,
+    read_splits,
+    run_models,
+)
 
 
 def test_paths_live_under_the_run_folder(tmp_path: Path) -> None:
@@ -48,6 +56,22 @@ def _hold_lock(run_dir: str, ready: mp.Event, release: mp.Event) -> None:  # typ
     with lock_run(run_dir, command="holder"):
         ready.set()
         release.wait(30)
+
+
+def test_a_prediction_row_repeated_is_named_not_taken_for_a_changed_split() -> None:
+    """Attack review: a row appended twice, or copied over another, read as 'the split changed after predicting'."""
+    rows = pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "patient_id": ["P1", "P2", "P3"]})
+    rows["label"] = ["benign", "malignant", "benign"]
+    table = rows.assign(y=[0, 1, 0])
+    assert prediction_mismatch(rows, table, "malignant") == ""
+    appended = pd.concat([table, table.iloc[[1]]], ignore_index=True)
+    assert prediction_mismatch(rows, appended, "malignant") == "image b.png appears 2 times in the table (rows 3 and 5)"
+    copied = table.copy()
+    copied.iloc[2] = table.iloc[0]
+    assert prediction_mismatch(rows, copied, "malignant") == "image a.png appears 2 times in the table (rows 2 and 4)"
+    both = pd.concat([appended, copied], ignore_index=True)
+    assert prediction_mismatch(rows, both, "malignant").startswith("image a.png appears 3 times in the table (rows 2, ")
+    assert prediction_mismatch(rows, both, "malignant").endswith(", and 1 other image(s) appear more than once")
 
 
 def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from alnus.operating_point import (
     same_rule,
 )
 from alnus.runfolder import EVALUATION_SPLITS as SPLITS
-from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, prediction_mismatch, read_splits, run_models
+from alnus.runfolder import PREDICTION_COLUMNS, RunFolder, prediction_mismatch, read_splits, repeated_image, run_models
 
 METRICS_FORMAT = "alnus-metrics"
 METRICS_VERSION = 1
@@ -930,6 +930,13 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise EvaluateError(f"{path} is damaged ({type(exc).__name__}); {again}.") from None
         table = check_predictions(raw, str(path))
+        repeated = repeated_image(table, str(path))
+        if repeated:
+            raise EvaluateError(
+                f"{repeated}: a prediction table has one row per image, so a row was appended twice or copied over "
+                f"another; run `alnus predict-run {run_dir} --model {model}` again (the predictions are made again "
+                "from the package)."
+            )
         if expected is not None:
             images, rows = set(table["image"]), expected[split]
             known = set(rows["image"])

@@ -283,10 +283,31 @@ def read_splits(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return splits
 
 
+def repeated_image(predictions: pd.DataFrame, where: str = "the table") -> str:
+    """The first image that a prediction table lists more than once, as 'image X appears 2 times in `where` (rows 3
+    and 9)'; "" when each appears once (splits.csv holds one row per image file, so a repeat is a row appended twice
+    or one copied over another, and it would count that image twice). Rows are numbered as a spreadsheet does."""
+    images = predictions["image"].astype(str)
+    repeats = images[images.duplicated(keep=False)]
+    if repeats.empty:
+        return ""
+    image = repeats.iloc[0]
+    numbers = [str(i + 2) for i in np.flatnonzero((images == image).to_numpy())]
+    more = repeats.nunique() - 1
+    return (
+        f"image {image} appears {len(numbers)} times in {where} (rows {', '.join(numbers[:-1])} and {numbers[-1]})"
+        + (f", and {more} other image(s) appear more than once" if more else "")
+    )
+
+
 def prediction_mismatch(rows: pd.DataFrame, predictions: pd.DataFrame, positive_label: str) -> str:
     """What the first row of a prediction table gets wrong against splits.csv's `rows` ("" when nothing): its image
-    must be one of them, and its y (1 for `positive_label`), label, patient_id, site and study_id (those columns the
-    table has) must be what splits.csv gives that image. Rows are numbered as a spreadsheet does (header = 1)."""
+    must be one of them and appear once (`repeated_image`), and its y (1 for `positive_label`), label, patient_id,
+    site and study_id (those columns the table has) must be what splits.csv gives that image. Rows are numbered as a
+    spreadsheet does (header = 1)."""
+    repeated = repeated_image(predictions)
+    if repeated:
+        return repeated
     by_image = rows.drop_duplicates("image").set_index("image")
     images = predictions["image"].astype(str).to_numpy()
     unknown = np.flatnonzero(~np.isin(images, by_image.index.to_numpy()))
