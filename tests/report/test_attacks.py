@@ -151,6 +151,9 @@ def test_one_reader_is_named_as_one_not_as_a_panel() -> None:
     one = {"panel": [row], "n_readers": 1, "performance": []}
     table = panel_table("external_test", "tiny_cnn", one)
     assert table.caption == "tiny_cnn vs the one reader on external_test" and "reader" in table.columns
+    assert "note" not in table.columns  # no row has one (a second review: an empty column in every panel table)
+    noted = panel_table("external_test", "tiny_cnn", {**one, "panel": [{**row, "note": "few cases"}]})
+    assert noted.columns[-1] == "note" and noted.rows[0][-1] == "few cases"
     assert "readers (mean)" not in table.columns
     assert "mean of the readers" not in reader_performance_table("external_test", "tiny_cnn", one).note
     five = {**one, "n_readers": 5}

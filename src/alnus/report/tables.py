@@ -373,6 +373,8 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
     columns = ["metric", "cases", "model", "reader" if n_readers == 1 else "readers (mean)", "difference (95% CI)",
                "P", "note"]  # fmt: skip
     panel = "the one reader" if n_readers == 1 else f"the panel of {n_readers} readers"
+    if not any(str(row[-1]).strip() for row in rows):  # no row has a note: no empty column for it
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
     return Table(f"panel-{model}-{split}", f"{model} vs {panel} on {split}", columns, rows)
 
 
