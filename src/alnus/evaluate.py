@@ -1039,6 +1039,7 @@ def evaluate_run(
         "left_out": left_out,
     }  # fmt: skip
     run = RunFolder(run_dir)
+    _check_marker(run)  # before the minutes of computing, not at the first write
     # Every result is computed before anything is written, so that an error leaves the run as it was.
     for model, by_split in tables.items():
         wanted = choose_frozen_threshold(by_split["val"], rule=rule, target=target, level=level, aggregate=how)
@@ -1083,9 +1084,22 @@ _UNFINISHED = (
 )
 
 
+def _check_marker(run: RunFolder) -> None:
+    """Refuse a `RunFolder.evaluate_unfinished` that is no file evaluate wrote (a folder, a link): evaluate could not
+    replace it, and the run would stay refused."""
+    marker = run.evaluate_unfinished
+    if marker.is_symlink() or (marker.exists() and not marker.is_file()):
+        kind = "a symbolic link" if marker.is_symlink() else "a folder"
+        raise EvaluateError(
+            f"{marker} is {kind}, not the note `alnus evaluate` writes there while it writes its results; remove it "
+            f"and run `alnus evaluate {run.root}`."
+        )
+
+
 def check_evaluate_finished(run_dir: str | os.PathLike[str]) -> None:
     """Refuse a run whose last `alnus evaluate` began writing and did not finish (`RunFolder.evaluate_unfinished`)."""
     run = RunFolder(run_dir)
+    _check_marker(run)
     if run.evaluate_unfinished.exists() or run.evaluate_unfinished.is_symlink():
         raise EvaluateError(
             f"the last `alnus evaluate` of {run.root} did not finish ({run.evaluate_unfinished} is still there: it "
