@@ -615,6 +615,9 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     code, stdout, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "with_normal.csv"))
     assert code == 0 and "24 patients, 12 positive" in stdout, stdout + stderr
     assert f"2 row(s) of with_normal.csv labelled 'normal' (rows {len(table) + 2}, {len(table) + 3})" in stderr
+    pd.concat([table, normal.iloc[:1]]).to_csv(site / "site" / "one_normal.csv", index=False)
+    code, stdout, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "one_normal.csv"))
+    assert code == 0 and f"labelled 'normal' (row {len(table) + 2})" in stderr  # one row: "row", not "rows"
     assert "were left out" in stderr
     normal.to_csv(site / "site" / "only_normal.csv", index=False)
     code, _, stderr = run_cli("score", str(out), "--manifest", str(site / "site" / "only_normal.csv"))

@@ -900,7 +900,8 @@ def labelled_table(
     note = ""
     if unknown:
         other = labels.index[labels.isin(unknown)]
-        rows = ", ".join(str(i + 2) for i in other[:8]) + (", ..." if len(other) > 8 else "")
+        rows = ("row " if len(other) == 1 else "rows ") + ", ".join(str(i + 2) for i in other[:8])
+        rows += ", ..." if len(other) > 8 else ""
         # An empty label or a misspelt known one is a mistake to fix, not another class to leave out.
         mistaken = {label: _near_label(label, known) for label in unknown}
         mistaken = {label: near for label, near in mistaken.items() if near is not None}
@@ -913,14 +914,14 @@ def labelled_table(
             )
         if not leave_out:
             raise LabelError(
-                f"{manifest}: label(s) {unknown} (rows {rows}) are not the model's labels {known}; {purpose} on "
+                f"{manifest}: label(s) {unknown} ({rows}) are not the model's labels {known}; {purpose} on "
                 "patients labelled as the model was trained: rename the labels, or leave out the rows of other "
                 "classes (`alnus score` leaves them out itself; what a threshold or rule is set on is exactly the "
                 "rows you give)."
             )
         table = table.drop(index=other)
         note = (
-            f"{len(other)} row(s) of {manifest.name} labelled {', '.join(map(repr, unknown))} (rows {rows}), not one "
+            f"{len(other)} row(s) of {manifest.name} labelled {', '.join(map(repr, unknown))} ({rows}), not one "
             f"of the model's labels {known}, were left out."
         )
         if table.empty:
