@@ -1108,6 +1108,16 @@ def test_the_readers_with_ai_are_compared_with_the_same_readers_alone_as_a_panel
     assert sens["with_ai"] == pytest.approx(np.mean([r["combined_sensitivity"] for r in mine]))
     table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test_panel.csv")
     assert len(table) == 6 and set(table["metric"]) == {"auc", "sensitivity", "specificity"}
+    # On the terminal, a note column only where a row has a note (a new user's review: always an empty one).
+    from typer.testing import CliRunner
+
+    from alnus.cli import app
+
+    printed = CliRunner().invoke(app, ["evaluate", str(run), "--n-boot", "50"], env={"COLUMNS": "250"}).output
+    title = printed.index("the readers with tiny_cnn vs alone, external_test")
+    header = next(line for line in printed[title:].splitlines() if "combination" in line)
+    notes = [r for r in found["panel"] if (r.get("note") or r.get("error"))]
+    assert ("note" in header) == bool(notes), header
 
 
 def test_a_panel_of_two_readers_who_read_different_cases_says_so(tmp_path: Path) -> None:

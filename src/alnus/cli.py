@@ -2097,8 +2097,11 @@ def _show_reader_plus_ai(metrics: dict) -> None:
                 for r in found.get("panel", [])
             ]  # fmt: skip
             if panel:
-                _print_frame(pd.DataFrame(panel).fillna(""), escape(f"the readers with {name} vs alone, {split}: "
-                             "Obuchowski-Rockette MRMC, Hillis df"))  # fmt: skip
+                table = pd.DataFrame(panel).fillna("")
+                if not table["note"].astype(str).str.strip().any():  # no row has a note: no empty column for it
+                    table = table.drop(columns="note")
+                _print_frame(table, escape(f"the readers with {name} vs alone, {split}: Obuchowski-Rockette MRMC, "
+                                           "Hillis df"))  # fmt: skip
 
 
 @app.command("ensemble")
