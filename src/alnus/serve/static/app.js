@@ -355,11 +355,12 @@
     show("no-heatmap", !result.heatmap && Boolean(result.heatmap_note));
     show("no-result", false);
     show("result", true);
-    // The result sits below the image on a laptop screen: bring it into view, below the sticky notice (whose
-    // height depends on the window's width), not under it.
+    // The result sits below the image on a laptop screen: bring its panel into view, heading included, below the
+    // sticky notice (whose height depends on the window's width), not under it.
     const header = document.querySelector("header.top");
-    $("result").style.scrollMarginTop = (header ? header.getBoundingClientRect().height : 0) + 8 + "px";
-    $("result").scrollIntoView({ block: "start", behavior: "smooth" });
+    const panel = $("result").closest("section") || $("result");
+    panel.style.scrollMarginTop = (header ? header.getBoundingClientRect().height : 0) + 8 + "px";
+    panel.scrollIntoView({ block: "start", behavior: "smooth" });
   }
 
   // The radiologist's call and the call with AI (when a BI-RADS was sent): hidden when none was.
