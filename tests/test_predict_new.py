@@ -772,3 +772,13 @@ def test_a_repeat_whose_kept_value_differs_is_an_error_row(data: Path, tmp_path:
         and "with label 'malignant', where m.csv row 2 has 'benign'" in (out["error"].iloc[1])
     )
     assert "row 3 repeats" in " ".join(stderr.split())  # the same value again: one image, said in a note
+
+
+def test_a_missing_image_under_shared_data_points_to_where_the_datasets_go(tmp_path: Path) -> None:
+    """A second new-user review: README's real-data example on a machine without the datasets said only 'file or
+    folder not found; check the path'."""
+    missing = str(tmp_path / "shared" / "data" / "BrEaST-Lesions-USG" / "images" / "case001.png")  # absent here
+    rows = collect_inputs([Path(missing)], None)
+    assert "not part of the repository: README's section 'A model trained on real" in rows.loc[0, "error"]
+    elsewhere = collect_inputs([tmp_path / "nothing.png"], None)
+    assert elsewhere.loc[0, "error"].endswith("file or folder not found; check the path.")
