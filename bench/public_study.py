@@ -93,9 +93,14 @@ def _results_section(metrics: dict) -> list[str]:
     from alnus.evaluate import results_table
 
     out: list[str] = []
+    settings = metrics.get("settings", {})
     for level in ("patient", "image"):
         table = results_table(metrics, level).drop(columns=["level"])
-        out += [f"### Results per {level} (95% CIs; proportions % (k/n; Clopper-Pearson CI))", _markdown(table), ""]
+        # Each level's intervals as evaluate computed them (older metrics.json: Clopper-Pearson at every level).
+        proportions = settings.get("proportion_ci_by_level", {}).get(level, "Clopper-Pearson")
+        auc = settings.get("auc_ci", {}).get(level, "DeLong")
+        heading = f"### Results per {level} (95% CIs; proportions % (k/n; {proportions} CI); AUC CI: {auc})"
+        out += [heading, _markdown(table), ""]
     for model, entry in metrics["models"].items():
         t = entry["threshold"]
         out.append(

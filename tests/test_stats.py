@@ -633,23 +633,32 @@ def test_delong_needs_two_cases_per_class() -> None:
     assert stats.auc([1, 0, 0], [0.9, 0.1, 0.2]) == 1.0
 
 
-def test_a_proportion_over_patients_images_gets_a_wider_interval_that_resamples_patients() -> None:
+def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     """A new user's review: per-image sensitivity had a Clopper-Pearson interval as if a patient's images were
-    independent. Three images per patient, all called alike, carry about one patient's worth of information."""
+    independent. A statistician's review of the first fix (a percentile bootstrap over patients): too narrow near 0
+    and 1, and of no width at k = n. Korn-Graubard: Clopper-Pearson on the effective sample size."""
     from alnus.stats import clustered_proportion_ci, proportion_ci
 
     rng = np.random.default_rng(0)
     per_patient = rng.random(30) < 0.7
-    success = np.repeat(per_patient, 3)
+    success = np.repeat(per_patient, 3)  # three images per patient, all called alike
     groups = np.repeat(np.arange(30), 3)
-    clustered = clustered_proportion_ci(success, groups, n_boot=4000, seed=1)
+    clustered = clustered_proportion_ci(success, groups)
     naive = proportion_ci(int(success.sum()), success.size)
     patients = proportion_ci(int(per_patient.sum()), 30)
     assert (clustered.k, clustered.n, clustered.estimate) == (naive.k, naive.n, naive.estimate)
     width = clustered.ci_high - clustered.ci_low
-    assert width > 1.4 * (naive.ci_high - naive.ci_low)  # wider than treating 90 images as independent
-    assert abs(width - (patients.ci_high - patients.ci_low)) < 0.1  # about the width of 30 independent patients
-    assert "clustered by patient (30 patients" in clustered.method
-    # One image per patient: about the plain interval.
-    single = clustered_proportion_ci(per_patient, np.arange(30), n_boot=4000, seed=1)
-    assert abs((single.ci_high - single.ci_low) - (patients.ci_high - patients.ci_low)) < 0.1
+    assert width > 1.4 * (naive.ci_high - naive.ci_low)  # wider than 90 independent images
+    assert abs(width - (patients.ci_high - patients.ci_low)) < 0.03  # about that of 30 independent patients
+    assert "Korn-Graubard; 30 patients, design effect" in clustered.method
+    # One image per patient: the exact interval, up to the between-cluster variance's m / (m - 1).
+    single = clustered_proportion_ci(per_patient, np.arange(30))
+    assert single.ci_low <= patients.ci_low and single.ci_high >= patients.ci_high
+    assert (single.ci_low, single.ci_high) == pytest.approx((patients.ci_low, patients.ci_high), abs=0.01)
+    # Every image a success: an interval with a width, as the exact one (the bootstrap's was [1, 1]).
+    allhit = clustered_proportion_ci(np.ones(60, bool), np.repeat(np.arange(30), 2))
+    assert allhit.ci_high == 1.0 and allhit.ci_low == pytest.approx(proportion_ci(60, 60).ci_low)
+    # Near 1, never narrower than the exact interval of the images (the design effect is at least 1).
+    near = clustered_proportion_ci(np.r_[np.ones(57, bool), np.zeros(2, bool)], np.arange(59))
+    exact = proportion_ci(57, 59)
+    assert near.ci_low <= exact.ci_low + 1e-12 and near.ci_high >= exact.ci_high - 1e-12

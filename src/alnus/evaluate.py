@@ -265,8 +265,8 @@ def case_metrics(
 
     AUC with the DeLong (1988) CI; with `clustered` (image level, several images per patient) also the
     percentile bootstrap CI resampling whole patients, which is then the one reported (`auc_reported`).
-    Accuracy, sensitivity, specificity, PPV and NPV as k/n with Clopper-Pearson CIs, or with `clustered` the
-    bootstrap CIs resampling whole patients (`stats.clustered_proportion_ci`; `ci_method` says which); calls are
+    Accuracy, sensitivity, specificity, PPV and NPV as k/n with Clopper-Pearson CIs, or with `clustered` those of
+    the effective sample size of patients (`stats.clustered_proportion_ci`; `ci_method` says which); calls are
     `calls` when given, e.g. each image carrying its patient's call, else `prob >= threshold` (the counts of
     `stats.binary_metrics`, kept defined when a split holds one class).
     Calibration (Brier, slope, intercept; `stats.calibration`). What cannot be computed is None and `notes`
@@ -297,11 +297,12 @@ def case_metrics(
     several = clustered and out["n_patients"] < y.size
     if several:
         groups = case_names(cases, ["site", "patient_id"]).to_numpy()
-        # A patient's images are not independent: their proportions' CIs resample whole patients, as the AUC's does.
+        # A patient's images are not independent: their proportions' CIs count patients (a design effect), as the
+        # AUC's resamples them.
         for name, among, success in (("accuracy", np.ones_like(y), call == y), ("sensitivity", y, call),
                                      ("specificity", ~y, ~call), ("ppv", call, y), ("npv", ~call, ~y)):  # fmt: skip
             if out[name] is not None:
-                found = stats.clustered_proportion_ci(success[among], groups[among], alpha, n_boot, seed)
+                found = stats.clustered_proportion_ci(success[among], groups[among], alpha)
                 out[name] = {**out[name], "ci_low": found.ci_low, "ci_high": found.ci_high, "ci_method": found.method}
         try:
             boot = stats.auc_ci(y, prob, "bootstrap", groups=groups, alpha=alpha, n_boot=n_boot, seed=seed)
@@ -1033,7 +1034,8 @@ def evaluate_run(
                      "proportion_ci": "clopper-pearson", **readers,
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"},
-                     "proportion_ci_by_level": {"image": "bootstrap clustered by patient (Clopper-Pearson when one "
+                     "proportion_ci_by_level": {"image": "Clopper-Pearson on the effective sample size, clustered "
+                                                         "by patient (Korn-Graubard; plain Clopper-Pearson when one "
                                                          "image per patient)", case_level: "clopper-pearson"}},
         "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "reader_plus_ai": {},
         "left_out": left_out,

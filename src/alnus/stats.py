@@ -412,13 +412,12 @@ def proportion_ci(
     return ProportionResult(k, n, k / n, lo, hi, method, alpha)
 
 
-def clustered_proportion_ci(
-    success: object, groups: object, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0
-) -> ProportionResult:
-    """k/n over cases that come in clusters (a patient's images) with a percentile bootstrap CI that resamples whole
-    clusters: the proportion of each resample is its successes over its cases (a ratio estimator), so that a
-    patient's correlated images count as the one patient they are. Clopper-Pearson treats them as independent, which
-    makes the interval too narrow when patients have several images."""
+def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05) -> ProportionResult:
+    """k/n over cases that come in clusters (a patient's images) with the Clopper-Pearson interval of the effective
+    sample size (Korn & Graubard 1998): n divided by the design effect, the variance of the ratio estimator between
+    clusters over that of independent cases, taken as at least 1 (and as 1 where k is 0 or n, which have no
+    between-cluster variance). Plain Clopper-Pearson takes a patient's correlated images as independent, too narrow
+    an interval; a percentile bootstrap over patients is too narrow near 0 and 1, and of no width at k = n."""
     alpha = check_alpha(alpha)
     hit = np.asarray(success, dtype=bool)
     if hit.ndim != 1 or hit.size == 0:
@@ -427,13 +426,19 @@ def clustered_proportion_ci(
     n_units = int(codes.max()) + 1
     k_unit = np.bincount(codes, weights=hit, minlength=n_units)
     n_unit = np.bincount(codes, minlength=n_units).astype(float)
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, n_units, size=(n_boot, n_units))
-    ratios = k_unit[drawn].sum(axis=1) / n_unit[drawn].sum(axis=1)
     k, n = int(hit.sum()), int(hit.size)
-    lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
-    method = f"bootstrap clustered by patient ({n_units} patients, {n_boot} resamples)"
-    return ProportionResult(k, n, k / n, float(lo), float(hi), method, alpha)
+    p = k / n
+    design_effect = 1.0
+    if 0 < k < n and n_units > 1:
+        between = n_units / (n_units - 1) * float(((k_unit - p * n_unit) ** 2).sum()) / n**2
+        design_effect = max(1.0, between / (p * (1 - p) / n))
+    n_eff = n / design_effect
+    k_eff = p * n_eff
+    lo = 0.0 if k == 0 else float(_sps.beta.ppf(alpha / 2, k_eff, n_eff - k_eff + 1))
+    hi = 1.0 if k == n else float(_sps.beta.ppf(1 - alpha / 2, k_eff + 1, n_eff - k_eff))
+    method = (f"Clopper-Pearson on the effective sample size, clustered by patient (Korn-Graubard; {n_units} "
+              f"patients, design effect {design_effect:.2f})")  # fmt: skip
+    return ProportionResult(k, n, p, lo, hi, method, alpha)
 
 
 def binary_metrics(
