@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         _markdown(pd.DataFrame(tie_rows)),
         "",
+        "Read the McNemar P values of this rule with its construction: it only ever turns a positive call negative, "
+        "so its specificity cannot fall below the radiologists' and its sensitivity cannot rise above it. The "
+        "specificity P tests only whether any benign patient was ruled out (any 6 or more give P < 0.05); what "
+        "matters is the trade-off, the sensitivity kept against the specificity gained.",
+        "",
         "The model was trained, and the combination and the rule-out threshold set, without the test patients; the "
         "P values are per test set and comparison, not adjusted across them.",
     ])  # fmt: skip
