@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -405,9 +406,21 @@ def _goals(metrics: dict, model: str) -> list[str]:
         else "- Specificity against the radiologists: no reader comparison in this run.",
         f"- Against the radiologists' BI-RADS on the same patients: AUC {auc_ext:.3f} vs "
         f"{reader.get('auc', float('nan')):.3f} (DeLong P {_p_value(panel.get('auc', {}).get('p'))}).",
-        f"- Internal-to-external AUC drop <= 0.05: {auc_int:.3f} - {auc_ext:.3f} = {auc_int - auc_ext:.3f}, "
-        f"{met[auc_int - auc_ext <= 0.05]}.",
+        f"- Internal-to-external AUC drop <= 0.05: {auc_int:.3f} - {auc_ext:.3f} = {auc_int - auc_ext:.3f}"
+        f"{_drop_interval(internal['auc'], external['auc'])}, {met[auc_int - auc_ext <= 0.05]}.",
     ]
+
+
+def _drop_interval(internal: dict, external: dict) -> str:
+    """The 95% CI of the internal minus the external AUC: the two tests are different patients, so their DeLong
+    variances add ("" when either has no standard error recorded)."""
+    from statistics import NormalDist
+
+    se = [auc.get("se") for auc in (internal, external)]
+    if not all(isinstance(v, int | float) and v == v for v in se):
+        return ""
+    drop, half = internal["estimate"] - external["estimate"], NormalDist().inv_cdf(0.975) * math.hypot(*se)
+    return f" (95% CI {drop - half:.3f} to {drop + half:.3f}; independent patients, DeLong variances added)"
 
 
 def _seeded(chosen: pd.Series) -> str:

@@ -522,3 +522,13 @@ def test_the_glance_says_what_cross_validation_says_of_the_choice(public_configs
     assert "do not separate" in public_final.glance_section(candidates, chosen, metrics, None)
     # A record of another pair says nothing of this choice.
     assert public_final.cv_check_note("aux_geo") == ""
+
+
+def test_the_internal_to_external_drop_has_its_interval(public_configs):
+    """A statistician's review: the drop 0.107 was given without an interval. The two tests are different patients,
+    so their DeLong variances add; without a recorded standard error the line stays as it was."""
+    import public_final
+
+    text = public_final._drop_interval({"estimate": 0.962, "se": 0.03}, {"estimate": 0.855, "se": 0.04})
+    assert text == " (95% CI 0.009 to 0.205; independent patients, DeLong variances added)"  # 0.107 +- 1.96 x 0.05
+    assert public_final._drop_interval({"estimate": 0.962}, {"estimate": 0.855, "se": 0.04}) == ""
