@@ -180,6 +180,11 @@ def test_image_level_auc_ci_is_clustered_by_patient() -> None:
     assert (sensitivity["k"], sensitivity["n"]) == (expected.k, expected.n)
     assert (sensitivity["ci_low"], sensitivity["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high))
     assert all("Korn-Graubard" in image[m]["ci_method"] for m in ("accuracy", "sensitivity", "specificity"))
+    # And its calibration intervals (a statistician's review: Wald intervals as if the images were independent).
+    cal = stats.calibration(t["y"], t["prob"], groups=groups)
+    assert (image["calibration"]["slope_ci_low"], image["calibration"]["slope_ci_high"]) == pytest.approx(
+        (cal.slope_ci_low, cal.slope_ci_high)
+    )
 
 
 def test_one_class_split_keeps_the_defined_metrics_and_says_why_the_rest_is_missing() -> None:

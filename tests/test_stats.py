@@ -662,3 +662,23 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     near = clustered_proportion_ci(np.r_[np.ones(57, bool), np.zeros(2, bool)], np.arange(59))
     exact = proportion_ci(57, 59)
     assert near.ci_low <= exact.ci_low + 1e-12 and near.ci_high >= exact.ci_high - 1e-12
+
+
+def test_calibration_intervals_of_a_patients_images_count_the_patients() -> None:
+    """A statistician's review: per-image calibration slope and intercept had Wald intervals as if a patient's images
+    were independent. With each patient's three images alike, the clustered intervals are those of the patients."""
+    from alnus.stats import calibration
+
+    rng = np.random.default_rng(3)
+    prob = rng.uniform(0.05, 0.95, 80)
+    y = (rng.random(80) < prob).astype(int)
+    patients = calibration(y, prob)
+    images = calibration(np.repeat(y, 3), np.repeat(prob, 3))
+    clustered = calibration(np.repeat(y, 3), np.repeat(prob, 3), groups=np.repeat(np.arange(80), 3))
+    width = {name: c.slope_ci_high - c.slope_ci_low for name, c in
+             (("patients", patients), ("images", images), ("clustered", clustered))}  # fmt: skip
+    assert clustered.slope == pytest.approx(images.slope) and clustered.intercept == pytest.approx(images.intercept)
+    assert width["images"] < 0.65 * width["patients"]  # as if 240 independent cases
+    assert width["clustered"] == pytest.approx(width["patients"], rel=0.15)
+    narrow = images.intercept_ci_high - images.intercept_ci_low
+    assert clustered.intercept_ci_high - clustered.intercept_ci_low > 1.4 * narrow

@@ -312,7 +312,7 @@ def case_metrics(
         except stats.StatsError as exc:
             notes.append(f"AUC (clustered bootstrap): {exc}")
     try:
-        cal = stats.calibration(y, prob, alpha=alpha)
+        cal = stats.calibration(y, prob, alpha=alpha, groups=groups if several else None)
         out["calibration"] = {
             "brier": cal.brier, "slope": cal.slope, "slope_ci_low": cal.slope_ci_low,
             "slope_ci_high": cal.slope_ci_high, "intercept": cal.intercept,

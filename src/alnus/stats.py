@@ -617,11 +617,13 @@ def calibration(
     strategy: Literal["quantile", "uniform"] = "quantile",
     alpha: float = 0.05,
     eps: float = 1e-6,
+    groups: object | None = None,
 ) -> CalibrationResult:
     """Calibration of predicted probabilities (Cox 1958; Steyerberg, Clinical Prediction Models 2019).
 
     Slope: logistic regression of y on logit(p); intercept (calibration-in-the-large): logistic regression of
-    y on a constant with offset logit(p); both by statsmodels GLM with Wald CIs. Probabilities are clipped to
+    y on a constant with offset logit(p); both by statsmodels GLM with Wald CIs, from cluster-robust standard errors
+    when `groups` gives each case's patient (a patient's images are not independent). Probabilities are clipped to
     [eps, 1 - eps] before the logit because float32 sigmoids saturate at exactly 0 or 1.
     Bins: "quantile" (equal counts; tied edges merged, so there may be fewer than n_bins) or "uniform"
     on [0, 1]; bin i holds edge_i <= p < edge_(i+1), the last bin includes its upper edge.
@@ -638,12 +640,13 @@ def calibration(
         raise StatsError(f"n_bins must be a positive integer; got {n_bins}.")
     yf = yb.astype(float)
     lp = _special.logit(np.clip(p, eps, 1 - eps))
+    robust = {} if groups is None else {"cov_type": "cluster", "cov_kwds": {"groups": _group_codes(groups, yb.size)}}
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerfectSeparationWarning)
         try:
             binomial = sm.families.Binomial()
-            slope_fit = sm.GLM(yf, sm.add_constant(lp, has_constant="add"), family=binomial).fit()
-            citl_fit = sm.GLM(yf, np.ones_like(lp), family=binomial, offset=lp).fit()
+            slope_fit = sm.GLM(yf, sm.add_constant(lp, has_constant="add"), family=binomial).fit(**robust)
+            citl_fit = sm.GLM(yf, np.ones_like(lp), family=binomial, offset=lp).fit(**robust)
         except (PerfectSeparationWarning, np.linalg.LinAlgError) as exc:
             raise StatsError(
                 f"the calibration regression cannot be fitted ({exc}); the probabilities separate the "

@@ -365,7 +365,8 @@ def _statistics(inputs: RunInputs) -> Block:
             if inputs.metrics.get("reader_plus_ai")
             else []
         ),
-        "Calibration: Brier score, Cox slope and calibration-in-the-large, expected calibration error.",
+        "Calibration: Brier score, Cox slope and calibration-in-the-large (per image with cluster-robust Wald "
+        "intervals, a patient's images not being independent), expected calibration error.",
         f"Significance level {settings.get('alpha', 0.05)}; bootstrap resamples {settings.get('n_boot', '?')} "
         f"(seed {settings.get('seed', 0)}); a reader's positive call: {calls}.",
     ]
