@@ -640,7 +640,8 @@ def glance_section(
         "",
         f"- **Chosen model: `{chosen['name']}`** ({_change_of(str(chosen['name']))}), the highest BUS-BRA validation "
         f"AUC among {len(candidates)} candidates (every EfficientNet configuration and ensemble tried, all in the "
-        "tables below; the paper's CNNs are reported, not candidates).",
+        "tables below; the paper's CNNs are reported, not candidates). Its validation AUC is therefore optimistic "
+        "(the best of many on the same patients); the tests, never used to choose, are what to read.",
         f"- External AUC {auc['estimate']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f}) on {ext['n_patients']} "
         f"patients; internal {internal['auc']['estimate']:.3f}.",
     ]

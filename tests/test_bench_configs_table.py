@@ -167,6 +167,8 @@ def test_the_glance_states_the_chosen_model_against_the_radiologists(public_conf
     combined = {"auc_combined": _est(0.932), "auc_reader": _est(0.930),
                 "auc_difference": {"estimate": 0.002, "p": 0.8154}}  # fmt: skip
     text = public_final.glance_section(candidates, chosen, metrics, combined)
+    # A statistician's review: the chosen configuration's validation AUC is the best of many on the same patients.
+    assert "Its validation AUC is therefore optimistic (the best of many on the same patients)" in text
     assert "**Chosen model: `aux_birads`** (base + the BI-RADS category" in text
     assert "among 2 candidates" in text
     assert "External AUC 0.855 (0.805-0.905) on 252 patients; internal 0.962" in text
