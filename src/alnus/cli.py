@@ -1543,8 +1543,9 @@ def threshold(
         highlight=False,
         soft_wrap=True,
     )
-    if few_cases_note(point):
-        _note(few_cases_note(point))
+    few = few_cases_note(point)
+    if few:
+        _note(few)
 
 
 @app.command("reader-rule")
@@ -1746,14 +1747,10 @@ def score(
 
 def _proportion_of(count: str) -> str:
     """`"35/41"` as the tables show a proportion: `85.4 (35/41; 70.8-94.4)` (Clopper-Pearson)."""
-    from alnus import stats
-    from alnus.evaluate import format_proportion
+    from alnus.evaluate import format_proportion, proportion_record
 
     k, n = (int(part) for part in count.split("/"))
-    if n == 0:
-        return "no case"
-    p = stats.proportion_ci(k, n, "clopper-pearson", 0.05)
-    return format_proportion({"k": k, "n": n, "estimate": p.estimate, "ci_low": p.ci_low, "ci_high": p.ci_high})
+    return format_proportion(proportion_record(k, n)) or "no case"
 
 
 def _show_rule_on_site(package: str, found: dict) -> None:

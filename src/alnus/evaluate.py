@@ -239,7 +239,8 @@ def freeze_planned(package_dir: str | os.PathLike[str], point: Mapping[str, Any]
 
 
 # -------------------------------------------------------------------------------------------------- metrics
-def _proportion(k: int, n: int, alpha: float) -> dict[str, Any] | None:
+def proportion_record(k: int, n: int, alpha: float = 0.05) -> dict[str, Any] | None:
+    """k/n with its Clopper-Pearson CI as metrics.json records a proportion; None when n is 0."""
     if n == 0:
         return None
     p = stats.proportion_ci(k, n, "clopper-pearson", alpha)
@@ -282,11 +283,11 @@ def case_metrics(
         "n": int(y.size), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
         "n_patients": int(cases.groupby(["site", "patient_id"]).ngroups),
         "threshold": float(threshold), "tp": tp, "fn": fn, "tn": tn, "fp": fp,
-        "accuracy": _proportion(tp + tn, y.size, alpha),
-        "sensitivity": _proportion(tp, tp + fn, alpha),
-        "specificity": _proportion(tn, tn + fp, alpha),
-        "ppv": _proportion(tp, tp + fp, alpha),
-        "npv": _proportion(tn, tn + fn, alpha),
+        "accuracy": proportion_record(tp + tn, y.size, alpha),
+        "sensitivity": proportion_record(tp, tp + fn, alpha),
+        "specificity": proportion_record(tn, tn + fp, alpha),
+        "ppv": proportion_record(tp, tp + fp, alpha),
+        "npv": proportion_record(tn, tn + fn, alpha),
         "auc": None, "auc_bootstrap": None, "auc_reported": None, "calibration": None,
     }  # fmt: skip
     try:
