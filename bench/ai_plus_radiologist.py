@@ -6,6 +6,10 @@ are applied unchanged to the internal (BUS-BRA) and external (BrEaST) test patie
 compared with the BI-RADS reading alone (DeLong; exact McNemar at the matched sensitivity). Per patient: a patient's
 image probabilities are averaged (the study's aggregation) and the most suspicious BI-RADS category is kept.
 
+The combination is fitted twice: by maximum likelihood (protocol item 8; refused, and said so, where the validation
+patients are separated, since no fit exists there) and by Firth's penalised likelihood (item 32, as `alnus evaluate`
+fits it), each compared with the radiologists the same way.
+
 Protocol item 18 adds a score with nothing fitted (`alnus.combine.tie_break_score`: the radiologist's category first,
 the model's probability inside a category) and its rule-out operating point (`fit_rule_out`, frozen on validation),
 compared with the radiologists the same way.
@@ -95,14 +99,14 @@ def patients_of(run: Path, model: str, package: Path | None = None, reader: str 
             for split in ("val", *(s for s, _ in SPLITS))}  # fmt: skip
 
 
-def compare(patients: dict[str, pd.DataFrame]) -> tuple[object, float, float, dict[str, dict]]:
-    """Fit the combination on the validation patients, set its threshold to the radiologists' validation
-    sensitivity, and compare it with the radiologists on each test split: (fit, threshold, that sensitivity,
-    `compare_with_reader`'s result per split)."""
+def compare(patients: dict[str, pd.DataFrame], method: str = "firth") -> tuple[object, float, float, dict[str, dict]]:
+    """Fit the combination on the validation patients (by `method`: "firth", as `alnus evaluate` does, protocol item
+    32; "ml", item 8), set its threshold to the radiologists' validation sensitivity, and compare it with the
+    radiologists on each test split: (fit, threshold, that sensitivity, `compare_with_reader`'s result per split)."""
     from alnus.combine import compare_with_reader, fit_combination, matched_threshold
 
     val = patients["val"]
-    fit = fit_combination(val["y"], val["prob"], val["birads"])
+    fit = fit_combination(val["y"], val["prob"], val["birads"], method=method)
     reader_sensitivity = float(val.loc[val["y"] == 1, "call"].mean())
     threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), reader_sensitivity)
     found = {}
@@ -172,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
 
     patients = patients_of(args.run, args.model, args.package, args.reader, args.positive_from)
     try:
-        fitted = _fitted_text(*compare(patients), args.positive_from)
+        fitted = _fitted_text(*compare(patients, "ml"), args.positive_from)
     except CombineError as exc:  # no maximum-likelihood fit exists on these validation patients: said, not shown
         fitted = [f"Not fitted: {exc}", "", _categories_text(patients["val"]), "", WITHDRAWN]
+    try:
+        firth = _fitted_text(*compare(patients, "firth"), args.positive_from)
+    except CombineError as exc:
+        firth = [f"Not fitted: {exc}"]
     rule, ordered = tie_break(patients, args.positive_from)
     tie_rows = [_row(name, ordered[split]) for split, name in SPLITS]
     run_name = args.run.resolve().relative_to(REPO) if args.run.resolve().is_relative_to(REPO) else args.run.name
@@ -196,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         "### A fitted combination (protocol item 8)",
         "",
         *fitted,
+        "",
+        "### A Firth-penalised combination (protocol item 32)",
+        "",
+        *firth,
         "",
         "### The model as the radiologist's tie-breaker (protocol item 18)",
         "",
@@ -248,15 +260,18 @@ def _categories_text(val: pd.DataFrame) -> str:
 def _fitted_text(
     fit: object, threshold: float, reader_sensitivity: float, found: dict, positive_from: str
 ) -> list[str]:
-    """Item 8's paragraph and table, for a combination that could be fitted."""
-    from alnus.combine import Combination
+    """Item 8's or 32's paragraph and table, for a combination that could be fitted."""
+    from alnus.combine import Combination, coefficients_text
 
     assert isinstance(fit, Combination)
     rows = [_row(name, found[split]) for split, name in SPLITS]
+    how = {"firth": "by Firth's penalised likelihood (profile-likelihood 95% CIs)", "ml": "by maximum likelihood"}
+    separated = (" The validation patients are separated by the reading and the model (no maximum-likelihood fit "
+                 "exists), which the penalty allows for." if fit.separated else "")  # fmt: skip
     return [
-        f"Combined score P = sigmoid({fit.intercept:.2f} + {fit.model_coef:.2f} x logit(model) + {fit.reader_coef:.2f} "
-        f"x BI-RADS score), fitted on the {fit.n_cases} BUS-BRA validation patients ({fit.n_positive} malignant); "
-        f"its threshold {threshold:.3f} matches the radiologists' validation sensitivity "
+        f"Combined score P = sigmoid({coefficients_text(fit).replace('; ', ') (', 1)}), fitted {how[fit.method]} on "
+        f"the {fit.n_cases} BUS-BRA validation patients ({fit.n_positive} malignant).{separated} "
+        f"Its threshold {threshold:.3f} matches the radiologists' validation sensitivity "
         f"({100 * reader_sensitivity:.1f}% at BI-RADS >= {positive_from}). Both are applied unchanged to the test "
         f"patients. The radiologist alone calls BI-RADS >= {positive_from} positive; the AUC of the reading is that "
         "of the ordinal BI-RADS score.",

@@ -620,10 +620,13 @@ def glance_section(
     ordered: dict | None = None,
     *,
     not_fitted: str = "",
+    firth: dict | None = None,
+    firth_not_fitted: str = "",
 ) -> str:
     """The first section of docs/results.md: the chosen model against the radiologists on the external hospital,
-    the goals, and where each number comes from, in a few lines. `not_fitted`: why the fitted combination (protocol
-    item 8) has no fit, when it has none; it still counts among the combinations tried."""
+    the goals, and where each number comes from, in a few lines. `combined`, `firth`, `ordered`: the external
+    comparisons of protocol items 8, 32 and 18 (`compare_with_reader`'s); `not_fitted`, `firth_not_fitted`: why item
+    8 or 32 has no fit, when it has none; it still counts among the combinations tried."""
     model = str(chosen["model"])
     splits = metrics["models"][model]["splits"]
     ext, internal = splits["external_test"]["patient"], splits["internal_test"]["patient"]
@@ -657,10 +660,11 @@ def glance_section(
     out += [f"- Over the chosen configuration's training seeds ({_seeded(chosen)}): {_seed_spread(_seeded(chosen))}."]
     goals = [line for line in _goals(metrics, model)[1:] if line.endswith(("met.", "**not met**."))]
     met = [not line.endswith("**not met**.") for line in goals]
-    tried = [c for c in (combined, ordered) if c is not None]
-    attempted = len(tried) + bool(not_fitted)  # a combination tried without a fit was tried all the same
+    tried = [c for c in (combined, firth, ordered) if c is not None]
+    # A combination tried without a fit was tried all the same.
+    attempted = len(tried) + bool(not_fitted) + bool(firth_not_fitted)
     if tried:
-        # Either combination may meet the goal; with two tried, each is held to P < 0.025 (Bonferroni).
+        # Any combination may meet the goal; with k tried, each is held to P < 0.05 / k (Bonferroni).
         alpha = 0.05 / attempted
         above = any(c["auc_difference"]["estimate"] > 0 and c["auc_difference"]["p"] is not None
                     and c["auc_difference"]["p"] < alpha for c in tried)  # fmt: skip
@@ -668,13 +672,29 @@ def glance_section(
     if combined is not None:
         c, r, d = combined["auc_combined"], combined["auc_reader"], combined["auc_difference"]
         out += [
-            f"- Radiologist + AI (BI-RADS and the model's logit, combined on the validation patients): external AUC "
-            f"{c['estimate']:.3f} vs {r['estimate']:.3f} for the radiologist alone (DeLong P {_p_value(d['p'])})."
+            f"- Radiologist + AI (BI-RADS and the model's logit, combined on the validation patients by maximum "
+            f"likelihood, protocol item 8): external AUC {c['estimate']:.3f} vs {r['estimate']:.3f} for the "
+            f"radiologist alone (DeLong P {_p_value(d['p'])})."
         ]
     if not_fitted:
         reason = not_fitted.split(" (")[0].split(":")[0]  # its first clause
         out += [f"- Radiologist + AI by logistic regression (protocol item 8): not fitted, as {reason} (the AI + "
                 "radiologist section says why; the numbers shown for it until 2026-12-05 are withdrawn)."]  # fmt: skip
+    if firth is not None:
+        c, r, d = firth["auc_combined"], firth["auc_reader"], firth["auc_difference"]
+        sens, spec = firth["sensitivity"], firth["specificity"]
+        out += [
+            f"- Radiologist + AI by Firth-penalised logistic regression (protocol item 32, fitted on the validation "
+            f"patients; registered after item 8's withdrawn result was seen): external AUC {c['estimate']:.3f} vs "
+            f"{r['estimate']:.3f} (DeLong P {_p_value(d['p'])}); at the threshold matching the radiologists' "
+            f"validation sensitivity, sensitivity {100 * sens['combined']:.1f}% vs {100 * sens['reader']:.1f}% "
+            f"(McNemar P {_p_value(sens['p'])}) and specificity {100 * spec['combined']:.1f}% vs "
+            f"{100 * spec['reader']:.1f}% (McNemar P {_p_value(spec['p'])})."
+        ]
+    if firth_not_fitted:
+        reason = firth_not_fitted.split(" (")[0].split(":")[0]  # its first clause
+        out += [f"- Radiologist + AI by Firth-penalised logistic regression (protocol item 32): not fitted, as "
+                f"{reason} (the AI + radiologist section says why)."]  # fmt: skip
     if ordered is not None:
         c, r, d = ordered["auc_combined"], ordered["auc_reader"], ordered["auc_difference"]
         spec = ordered["specificity"]
@@ -843,11 +863,16 @@ def _run(args: argparse.Namespace) -> int:
     from alnus.combine import CombineError
 
     try:
-        combined, not_fitted = ai_plus_radiologist.compare(patients)[3]["external_test"], ""
+        combined, not_fitted = ai_plus_radiologist.compare(patients, "ml")[3]["external_test"], ""
     except CombineError as exc:  # protocol item 8 has no fit on these validation patients: said in the glance
         combined, not_fitted = None, str(exc)
+    try:
+        firth, firth_not_fitted = ai_plus_radiologist.compare(patients, "firth")[3]["external_test"], ""
+    except CombineError as exc:
+        firth, firth_not_fitted = None, str(exc)
     ordered = ai_plus_radiologist.tie_break(patients, "4a")[1]["external_test"]
-    glance = glance_section(candidates, chosen, _metrics(run), combined, ordered, not_fitted=not_fitted)
+    glance = glance_section(candidates, chosen, _metrics(run), combined, ordered, not_fitted=not_fitted,
+                            firth=firth, firth_not_fitted=firth_not_fitted)  # fmt: skip
     write_section(REPO / "docs" / "results.md", "at-a-glance", glance, title="# Results")
     print(glance)
     if not args.no_ship:

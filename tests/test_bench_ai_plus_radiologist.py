@@ -75,11 +75,19 @@ def test_a_combination_without_a_fit_is_said_with_how_the_categories_hold_the_cl
     splits["reader_birads"] = rng.choice(["2", "3", "4a", "4b", "5"], size=len(splits))
     write_csv(splits, run / "splits.csv")
 
-    def separated(patients):  # noqa: ANN001, ANN202
-        raise CombineError("the 30 validation cases are separated by the model, the reading or the two together")
+    compare = ai_plus_radiologist.compare
+
+    def separated(patients, method):  # noqa: ANN001, ANN202
+        if method == "ml":
+            raise CombineError("the 30 validation cases are separated by the model, the reading or the two together")
+        return compare(patients, method)
 
     monkeypatch.setattr(ai_plus_radiologist, "compare", separated)
     assert ai_plus_radiologist.main(["--run", str(run), "--model", "tiny_cnn", "--no-write"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "Not fitted: the 30 validation cases are separated" in out and "are withdrawn" in out
     assert "The BI-RADS categories of the" in out and "### The model as the radiologist's tie-breaker" in out
+    # Item 32, the penalised fit, has an estimate where item 8 has none, with its coefficients' intervals.
+    item32 = out[out.index("### A Firth-penalised combination (protocol item 32)") : out.index("### The model as")]
+    assert "fitted by Firth's penalised likelihood (profile-likelihood 95% CIs) on the" in item32
+    assert "coefficients' profile-likelihood 95% CIs: model " in item32 and "| external" in item32

@@ -201,6 +201,30 @@ def test_the_glance_states_the_chosen_model_against_the_radiologists(public_conf
     )
     assert "the two together (the AI + radiologist section says why" in alone and "combined on the valid" not in alone
     assert "P < 0.025 each, Bonferroni over 2 combinations) is met" in alone
+    # Protocol item 32, the Firth fit, is a third combination: each is now held to P < 0.0167, so the tie-breaker's
+    # P 0.02 no longer meets the goal, and the Firth fit's own P 0.01 does.
+    firth = {
+        "auc_combined": _est(0.945),
+        "auc_reader": _est(0.930),
+        "auc_difference": {"estimate": 0.015, "p": 0.03},
+        "sensitivity": {"combined": 0.98, "reader": 1.0, "p": 0.5},
+        "specificity": {"combined": 0.55, "reader": 0.435, "p": 0.001},
+    }
+    three = public_final.glance_section(candidates, chosen, metrics, None, ordered, not_fitted=why, firth=firth)
+    assert "Firth-penalised logistic regression (protocol item 32, fitted on the validation patients; registered " in (
+        three
+    )
+    assert "external AUC 0.945 vs 0.930 (DeLong P 0.0300)" in three
+    assert "sensitivity 98.0% vs 100.0% (McNemar P 0.5000) and specificity 55.0% vs 43.5% (McNemar P 0.0010)" in three
+    assert "P < 0.017 each, Bonferroni over 3 combinations) is **not met**" in three
+    firth["auc_difference"]["p"] = 0.01
+    assert "Bonferroni over 3 combinations) is met" in public_final.glance_section(
+        candidates, chosen, metrics, None, ordered, not_fitted=why, firth=firth
+    )
+    failed = public_final.glance_section(candidates, chosen, metrics, None, ordered, not_fitted=why,
+                                         firth_not_fitted="the Firth fit did not converge: more cases")  # fmt: skip
+    assert "(protocol item 32): not fitted, as the Firth fit did not converge (the AI" in failed
+    assert "Bonferroni over 3 combinations" in failed
     assert "trained from scratch" not in text  # no timing recorded yet
 
     # An external AUC of 0.94 meets the AUC goal and the drop goal (0.962 - 0.94); a combination significantly

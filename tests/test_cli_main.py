@@ -147,11 +147,15 @@ def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_sa
         os.kill(os.getpid(), getattr(signal, signum))  # delivered at once, before the file is renamed into place
 
     monkeypatch.setattr(alnus._checkpoint.torch, "save", stopped_while_saving)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Ctrl-C as a terminal delivers it to Python: KeyboardInterrupt (a test run earlier in this worker, or the worker
+    # itself, may have left another handler in place; the suite once finished the study with status 0 that way).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status, err = _run_main(monkeypatch, capsys, "study", str(config))
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
     said = " ".join(err.split())
     assert status == (143 if signum == "SIGTERM" else 130), said
     assert ("stopped (SIGTERM)" if signum == "SIGTERM" else "interrupted (Ctrl-C)") in said

@@ -70,16 +70,83 @@ def test_compare_with_reader_gives_delong_and_mcnemar() -> None:
             [3, 4, 4.25, 5, 4.5, 5, 3],
             "at least 10 positive",
         ),
-        ([0] * 10 + [1] * 10, [0.4] * 20, [3] * 10 + [5] * 10, "are separated by"),
-        ([0] * 10 + [1] * 10, [i / 20 + 0.01 for i in range(20)], [4] * 20, "are separated by"),
+        ([0] * 10 + [1] * 10, [0.4] * 20, [3] * 10 + [5] * 10, "model's probabilities are the same for all 20"),
+        ([0] * 10 + [1] * 10, [i / 20 + 0.01 for i in range(20)], [4] * 20, "BI-RADS scores are the same for all"),
         ([0, 1, 1], [0.1, np.nan, 0.3], [3, 4, 5], "missing values"),
         ([0, 1], [0.1, 0.2, 0.3], [3, 4, 5], "got 2 labels for 3 cases"),
         ([0, 1, 1], [0.1, 0.2], [3, 4, 5], "two 1-D arrays of one length"),
     ],
 )
 def test_cases_that_cannot_be_fitted_say_why(y: list, prob: list, birads: list, message: str) -> None:
-    with pytest.raises(CombineError, match=message):
-        fit_combination(y, prob, birads)
+    for method in ("firth", "ml"):
+        with pytest.raises(CombineError, match=message):
+            fit_combination(y, prob, birads, method=method)
+
+
+@pytest.mark.parametrize(
+    ("prob", "birads"),
+    [
+        ([0.3 + i / 100 for i in range(20)][::-1], [3] * 10 + [5] * 10),  # the reading separates the classes
+        ([i / 20 + 0.01 for i in range(20)], [4] * 19 + [5]),  # the model does
+    ],
+)
+def test_separated_cases_have_no_ml_fit_but_a_finite_firth_fit(prob: list, birads: list) -> None:
+    y = [0] * 10 + [1] * 10
+    with pytest.raises(CombineError, match="are separated by .* Fit it by Firth's penalised likelihood"):
+        fit_combination(y, prob, birads, method="ml")
+    fit = fit_combination(y, prob, birads)
+    assert fit.method == "firth" and fit.separated
+    assert np.isfinite([fit.intercept, fit.model_coef, fit.reader_coef]).all()
+    assert stats.auc(np.array(y), fit.score(prob, birads)) == 1.0  # finite, and still ranks the separated cases
+
+
+def _firth_score_equations(x: np.ndarray, y: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Firth's modified score U*(b) = X'(y - p + h (1/2 - p)), h the hat values of the weighted design (Firth 1993):
+    zero at the penalised estimate. Written here from the definition, independently of firthmodels."""
+    design = np.column_stack([np.ones(len(x)), x])
+    p = 1 / (1 + np.exp(-design @ beta))
+    w = p * (1 - p)
+    root = design * np.sqrt(w)[:, None]
+    hat = np.einsum("ij,jk,ik->i", root, np.linalg.inv(design.T @ (design * w[:, None])), root)
+    return design.T @ (y - p + hat * (0.5 - p))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_firth_fit_solves_firths_modified_score_equations(seed: int) -> None:
+    """Checked against the definition on quasi-separated readings (as BUS-BRA's validation patients are) and on
+    ordinary ones: the fitted coefficients zero the modified score, and the profile-likelihood CIs hold them."""
+    from alnus.combine import _design
+
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(20), np.ones(20)].astype(int)
+    birads = np.r_[rng.choice([2, 3, 4], 20), rng.choice([4, 5], 20)].astype(float)
+    if seed == 2:
+        y, prob, birads = _cases(120, seed=7)
+    else:
+        prob = rng.uniform(0.2, 0.8, 40)
+    fit = fit_combination(y, prob, birads)
+    beta = np.array([fit.intercept, fit.model_coef, fit.reader_coef])
+    score = _firth_score_equations(_design(prob, birads), np.asarray(y, dtype=float), beta)
+    assert np.abs(score).max() < 1e-3
+    assert fit.separated == (seed != 2)
+    assert fit.model_coef_ci[0] < fit.model_coef < fit.model_coef_ci[1]
+    assert fit.reader_coef_ci[0] < fit.reader_coef < fit.reader_coef_ci[1]
+
+
+def test_on_many_cases_the_firth_fit_is_close_to_maximum_likelihood() -> None:
+    """The penalty is O(1) against a log-likelihood of O(n): with 600 cases the two fits nearly agree."""
+    y, model, birads = _cases(600, seed=1)
+    firth, ml = fit_combination(y, model, birads), fit_combination(y, model, birads, method="ml")
+    assert ml.method == "ml" and ml.model_coef_ci is None and not ml.separated
+    for a, b in ((firth.model_coef, ml.model_coef), (firth.reader_coef, ml.reader_coef)):
+        assert a == pytest.approx(b, rel=0.05)
+    assert abs(firth.model_coef) < abs(ml.model_coef)  # and the penalty shrinks towards zero
+
+
+def test_an_unknown_fit_method_is_refused() -> None:
+    y, model, birads = _cases(100, seed=1)
+    with pytest.raises(CombineError, match="method must be one of firth, ml; got 'bayes'"):
+        fit_combination(y, model, birads, method="bayes")
 
 
 def test_the_tie_break_keeps_every_category_and_orders_inside_one_by_the_model() -> None:
@@ -218,7 +285,7 @@ def test_readings_that_separate_the_classes_up_to_one_category_are_not_fitted(se
     y = np.r_[np.zeros(20), np.ones(20)]
     birads = np.r_[rng.choice([2, 3, 4], 20), rng.choice([4, 5], 20)].astype(float)
     with pytest.raises(CombineError, match="separated by the model, the reading or the two together"):
-        fit_combination(y, rng.uniform(0.2, 0.8, 40), birads)
+        fit_combination(y, rng.uniform(0.2, 0.8, 40), birads, method="ml")
     birads[0] = 5.0  # one benign patient read 5: no line separates them any more, and the fit exists
-    fit = fit_combination(y, rng.uniform(0.2, 0.8, 40), birads)
+    fit = fit_combination(y, rng.uniform(0.2, 0.8, 40), birads, method="ml")
     assert abs(fit.reader_coef) < 10

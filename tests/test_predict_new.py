@@ -427,7 +427,9 @@ def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: 
     code, stdout, stderr = _predict(str(data / "model"), "--manifest", str(data / "export" / "twice.csv"))
     assert code == 1, stderr  # the conflicting reading is an error row
     out = _csv(stdout)
-    assert out["patient_id"].tolist() == ["A", "B", "B", "B"] and out["prob"].iloc[0] == out["prob"].iloc[1]
+    assert out["patient_id"].tolist() == ["A", "B", "B", "B"]
+    # The same image twice in one batch: equal up to float rounding (some CPUs' kernels differ by batch position).
+    assert float(out["prob"].iloc[0]) == pytest.approx(float(out["prob"].iloc[1]), abs=1e-6)
     assert "predicted for each" in " ".join(stderr.split())
     # One image with two lesion boxes: two rows, told apart by their roi column.
     code, stdout, _ = _predict(str(data / "model"), str(data / "export" / "a.png"), str(data / "export" / "a.png"),

@@ -3,9 +3,12 @@
 The clinical question after "does the model beat the radiologist?" is "does the radiologist do better with the
 model?". The combined score is a logistic regression of the outcome on the model's logit and the reader's ordinal
 BI-RADS score (`alnus.readers.birads_score`), fitted on the development validation cases only and applied unchanged
-to the tests, as the model's own threshold is. Its operating point is chosen on validation too: the threshold at
-which it matches the reader's validation sensitivity, so that a McNemar test on a test set compares specificities at
-(nearly) the same sensitivity. Comparisons with the reader alone: DeLong for the AUCs, exact McNemar for the calls.
+to the tests, as the model's own threshold is. It is fitted by Firth's penalised likelihood (`firthmodels`): BI-RADS
+categories often separate a validation set's classes (every 2 and 3 benign, every 5 malignant), where the plain
+maximum-likelihood fit does not exist; the penalised one does, and is less biased in small samples. Its operating
+point is chosen on validation too: the threshold at which it matches the reader's validation sensitivity, so that a
+McNemar test on a test set compares specificities at (nearly) the same sensitivity. Comparisons with the reader
+alone: DeLong for the AUCs, exact McNemar for the calls.
 
 A second score has nothing to fit (`tie_break_score`): the reader's category first, the model's probability only
 inside a category, so the model can reorder cases the reader put in one category but never overrule a category.
@@ -45,6 +48,11 @@ class Combination:
     reader_coef: float
     n_cases: int
     n_positive: int
+    method: str = "firth"  # "firth" (penalised likelihood) or "ml" (plain maximum likelihood)
+    # Profile-likelihood 95% CIs of the two coefficients (Firth fits only): whether each source adds to the other.
+    model_coef_ci: tuple[float, float] | None = None
+    reader_coef_ci: tuple[float, float] | None = None
+    separated: bool = False  # whether the cases were (quasi-)separated: an ML fit would not exist there
 
     def score(self, prob: object, birads_score: object) -> np.ndarray:
         """The combined probability of each case from its model probability and reader's ordinal BI-RADS score."""
@@ -109,14 +117,18 @@ def _design(prob: object, birads_score: object) -> np.ndarray:
     return np.column_stack([_logit(p), b])
 
 
-def fit_combination(y: object, prob: object, birads_score: object) -> Combination:
+FIT_METHODS = ("firth", "ml")
+
+
+def fit_combination(y: object, prob: object, birads_score: object, *, method: str = "firth") -> Combination:
     """Fit the combined score on (validation) cases: labels 0/1, model probabilities, ordinal BI-RADS scores.
 
-    Unpenalised maximum likelihood (scikit-learn's logistic regression without a penalty): the two coefficients say
-    how much each source counts, on their own scales.
+    `method` "firth" (the default): Firth's penalised likelihood, finite under separation, with profile-likelihood CIs
+    of the coefficients. "ml": unpenalised maximum likelihood (scikit-learn), refused where the cases are separated,
+    since no fit exists there. Either way the two coefficients say how much each source counts, on their own scales.
     """
-    from sklearn.linear_model import LogisticRegression
-
+    if method not in FIT_METHODS:
+        raise CombineError(f"method must be one of {', '.join(FIT_METHODS)}; got {method!r}.")
     yb = np.asarray(y).astype(int)
     x = _design(prob, birads_score)
     if yb.shape != (len(x),):
@@ -130,22 +142,55 @@ def fit_combination(y: object, prob: object, birads_score: object) -> Combinatio
             f"cases to fit its three coefficients; got {n_pos} positive of {len(yb)} (with fewer they are not "
             "estimable). The tie-break fits nothing and is still set."
         )
-    if _separated(x, yb):
+    for column, source in enumerate(("model's probabilities", "BI-RADS scores")):
+        if np.ptp(x[:, column]) == 0:
+            raise CombineError(
+                f"the {source} are the same for all {len(yb)} validation cases, so their weight in "
+                "the combined score cannot be estimated; the tie-break fits nothing and is still set."
+            )
+    separated = _separated(x, yb)
+    if method == "firth":
+        return _fit_firth(x, yb, separated)
+    if separated:
         raise CombineError(
             f"the {len(yb)} validation cases are separated by the model, the reading or the two together (every "
             "case on its class's side of one line, some on it: e.g. all readings up to 3 benign and from 4b "
             "malignant, mixing only at 4a): an unpenalised logistic regression has no finite fit there (its "
-            "coefficients grow without bound, so any fitted values would be arbitrary). More validation cases are "
-            "needed; the tie-break fits nothing and is still set."
+            "coefficients grow without bound, so any fitted values would be arbitrary). Fit it by Firth's penalised "
+            "likelihood (method 'firth'), or give more validation cases; the tie-break fits nothing and is still set."
         )
+    from sklearn.linear_model import LogisticRegression
+
     fit = LogisticRegression(C=np.inf, max_iter=1000).fit(x, yb)  # C = inf: no penalty
-    combination = Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos)
     if fit.n_iter_[0] >= fit.max_iter:
         raise CombineError(
             f"the logistic regression on the {len(yb)} validation cases did not converge, so its coefficients are "
             "not a fit; the tie-break fits nothing and is still set."
         )
-    return combination
+    return Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos,
+                       method="ml")  # fmt: skip
+
+
+def _fit_firth(x: np.ndarray, y: np.ndarray, separated: bool) -> Combination:
+    """Firth's penalised logistic regression (`firthmodels`) with profile-likelihood CIs of both coefficients."""
+    from firthmodels import FirthLogisticRegression
+
+    not_fitted = (f"the Firth logistic regression on the {len(y)} validation cases did not converge, so its "
+                  "coefficients are not a fit; the tie-break fits nothing and is still set.")  # fmt: skip
+    try:
+        fit = FirthLogisticRegression(max_iter=100).fit(x, y)
+        ci = fit.conf_int(method="pl", features=[0, 1], max_iter=100)[:2]  # rows: the features, then the intercept
+    except np.linalg.LinAlgError as exc:  # e.g. probabilities of 0 or 1 for every case: no weighted design left
+        raise CombineError(not_fitted.replace("did not converge", f"cannot be computed ({exc})")) from None
+    if not fit.converged_:
+        raise CombineError(not_fitted)
+    if not np.isfinite(ci).all():
+        raise CombineError(not_fitted.replace("did not converge", "has no finite profile-likelihood interval"))
+    return Combination(
+        float(fit.intercept_), float(fit.coef_[0]), float(fit.coef_[1]), len(y), int(y.sum()), method="firth",
+        model_coef_ci=(float(ci[0, 0]), float(ci[0, 1])), reader_coef_ci=(float(ci[1, 0]), float(ci[1, 1])),
+        separated=separated,
+    )  # fmt: skip
 
 
 def _separated(x: np.ndarray, y: np.ndarray) -> bool:
@@ -347,12 +392,22 @@ class Setting:
 
 METHODS = ("fitted", "tie_break")
 # How reports and the terminal name each method.
-METHOD_NAMES = {"fitted": "logistic regression", "tie_break": "tie-break: category, then AI"}
+METHOD_NAMES = {"fitted": "Firth logistic regression", "tie_break": "tie-break: category, then AI"}
 
 
 def _signed(value: float) -> str:
     """A term of a sum as written: `+ 2.98`, `- 16.15`."""
     return f"{'-' if value < 0 else '+'} {abs(value):.2f}"
+
+
+def coefficients_text(fit: Combination) -> str:
+    """The fitted sum as written, `-13.60 + 0.40 x logit(model) + 3.55 x BI-RADS score`, and for a Firth fit its
+    coefficients' intervals after it: `; coefficients' profile-likelihood 95% CIs: model 0.12 to 0.71, ...`."""
+    terms = f"{fit.intercept:.2f} {_signed(fit.model_coef)} x logit(model) {_signed(fit.reader_coef)} x BI-RADS score"
+    if fit.model_coef_ci is None or fit.reader_coef_ci is None:
+        return terms
+    (a, b), (c, d) = fit.model_coef_ci, fit.reader_coef_ci
+    return f"{terms}; coefficients' profile-likelihood 95% CIs: model {a:.2f} to {b:.2f}, BI-RADS {c:.2f} to {d:.2f}"
 
 
 def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting | str]:
@@ -372,11 +427,13 @@ def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting 
             raise CombineError("the reader called no positive validation case positive: there is no sensitivity to "
                                "match, so the fitted combination has no operating point.")  # fmt: skip
         threshold = matched_threshold(y, fit.score(prob, birads), sensitivity)
-        params = {**on_val, "intercept": fit.intercept, "model_coef": fit.model_coef, "reader_coef": fit.reader_coef,
-                  "threshold": threshold, "reader_val_sensitivity": sensitivity}  # fmt: skip
-        terms = f"{fit.intercept:.2f} {_signed(fit.model_coef)} x logit(model) {_signed(fit.reader_coef)} x BI-RADS"
-        point = (f"P = sigmoid({terms} score), positive from {threshold:.3f}: the reader's validation sensitivity "
-                 f"({100 * sensitivity:.1f}%) on the {on_val['val_n']} validation cases")  # fmt: skip
+        params = {**on_val, "fit_method": fit.method, "intercept": fit.intercept, "model_coef": fit.model_coef,
+                  "model_coef_ci_low": fit.model_coef_ci[0], "model_coef_ci_high": fit.model_coef_ci[1],
+                  "reader_coef": fit.reader_coef, "val_separated": fit.separated, "threshold": threshold,
+                  "reader_val_sensitivity": sensitivity}  # fmt: skip
+        point = (f"P = sigmoid({coefficients_text(fit).replace('; ', ') (', 1)}), positive from {threshold:.3f}: "
+                 f"the reader's validation sensitivity ({100 * sensitivity:.1f}%) on the {on_val['val_n']} "
+                 "validation cases")  # fmt: skip
         out["fitted"] = Setting("fitted", params, point, fit=fit)
     except AlnusError as exc:
         out["fitted"] = str(exc)

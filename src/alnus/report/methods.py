@@ -353,14 +353,16 @@ def _statistics(inputs: RunInputs) -> Block:
         ),
         *(
             [
-                "Each reader with the model (AI + reader), set on the validation cases only: (a) a logistic "
-                "regression of the model's logit and the BI-RADS score, positive from the threshold that matches the "
-                "reader's validation sensitivity; (b) the reader's category first and the model's probability inside "
-                "a category (nothing fitted), with the reader's calls except that the lowest positive category is "
-                "called negative below the highest model threshold that keeps the reader's validation sensitivity. "
-                "Each against the reader alone on the test cases: paired DeLong test of AUC, exact McNemar tests; "
-                "with two or more readers, the readers with AI against the same readers alone: Obuchowski-Rockette "
-                "multi-reader multi-case analysis with Hillis' degrees of freedom (random readers and cases)."
+                "Each reader with the model (AI + reader), set on the validation cases only: (a) a logistic regression"
+                " of the model's logit and the BI-RADS score fitted by Firth's penalised likelihood (finite where the "
+                "categories separate the classes; profile-likelihood CIs of its coefficients), positive from the "
+                "threshold that matches the reader's validation sensitivity; (b) the reader's category first and the "
+                "model's probability inside a category (nothing fitted), with the reader's calls except that the "
+                "lowest positive category is called negative below the highest model threshold that keeps the reader's"
+                " validation sensitivity. Each against the reader alone on the test cases: paired DeLong test of AUC, "
+                "exact McNemar tests; with two or more readers, the readers with AI against the same readers alone: "
+                "Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees of freedom (random readers "
+                "and cases)."
             ]
             if inputs.metrics.get("reader_plus_ai")
             else []
