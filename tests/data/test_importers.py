@@ -178,6 +178,26 @@ def test_busi_mask_of_another_size_is_an_error(tmp_path: Path) -> None:
         import_busi(tmp_path / "b", tmp_path)
 
 
+def test_busi_refuses_images_and_masks_that_are_not_images_by_their_content(tmp_path: Path) -> None:
+    src = _busi(tmp_path / "busi")
+    (src / "benign" / "zero.png").write_bytes(b"")
+    (src / "benign" / "notes.png").write_text("hello, not a picture\n")
+    (src / "malignant" / "cut.png").write_bytes(_png(tmp_path / "whole.png").read_bytes()[:20])
+    (src / "normal" / "normal (2)_mask.png").write_text("mask to follow\n")
+    with pytest.raises(DatasetImportError) as exc:
+        import_busi(src, tmp_path)
+    message = str(exc.value)
+    assert "4 file(s) named as images are not images by their content" in message
+    assert "benign/zero.png (an empty file, 0 bytes)" in message and "benign/notes.png (text, not an image)" in message
+    assert "malignant/cut.png (an image file whose header is truncated or corrupt" in message
+    assert "normal/normal (2)_mask.png (text, not an image)" in message
+    assert "Replace them with the images, or move them out of the folder." in message
+    assert "benign (1)" not in message and "malignant (1)" not in message  # the good files are not named
+    for path in ("benign/zero.png", "benign/notes.png", "malignant/cut.png", "normal/normal (2)_mask.png"):
+        (src / path).unlink()
+    assert len(import_busi(src, tmp_path)) == 4
+
+
 def test_busi_without_class_folders_is_an_error(tmp_path: Path) -> None:
     _png(tmp_path / "flat" / "a.png")
     with pytest.raises(DatasetImportError, match="no class folders; expected <class>/<name>.png"):

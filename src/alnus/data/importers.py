@@ -381,6 +381,14 @@ def _class_dirs(src: Path, layout: str) -> list[Path]:
     return dirs
 
 
+def _not_images_error(src: Path, not_images: list[str]) -> DatasetImportError:
+    """The error for files named as images whose content is not one; each entry is `path (what it is instead)`."""
+    return DatasetImportError(
+        f"{src}: {len(not_images)} file(s) named as images are not images by their content: "
+        f"{_listing(not_images)}. Replace them with the images, or move them out of the folder."
+    )
+
+
 def _unknown_files_error(src: Path, files: list[Path], what: str) -> DatasetImportError:
     return DatasetImportError(
         f"{src}: {len(files)} file(s) that are not {what}: "
@@ -400,13 +408,15 @@ def import_busi(
     `patient_id` is the file stem (never the class folder), one patient per image, so patient
     identity is unknown and a patient-level split cannot be guaranteed (Pawłowska et al., Data in
     Brief 2023, report duplicated images in BUSI). Note that BUSI's own stems ("benign (1)") name
-    the class; the ID is a label for people, never a model input.
+    the class; the ID is a label for people, never a model input. An image or mask whose content is not an image
+    (`not_an_image`: empty, text, a truncated header) is an error that lists them all, as `import_class_folders` does.
     """
     src, out = _source_dir(src), Path(out).resolve()
     layout = "<class>/<name>.png with masks <name>_mask.png beside (e.g. benign/, malignant/, normal/)"
     rows = []
     unknown: list[Path] = []
     orphans: list[Path] = []
+    not_images: list[str] = []
     for class_dir in _class_dirs(src, layout):
         files = sorted(f for f in class_dir.iterdir() if f.is_file() and not f.name.startswith("."))
         images = {f.stem: f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not MASK_NAME.search(f.stem)}
@@ -424,6 +434,15 @@ def import_busi(
                 unknown.append(f)
         for stem, image in images.items():
             mask_files = [f for _, f in sorted(masks[stem])]
+            # Checked before any header is read, so that every such file is listed at once, masks included.
+            problems = [
+                f"{_shown(f.relative_to(src))} ({problem})"
+                for f in (image, *mask_files)
+                if (problem := not_an_image(f))
+            ]
+            if problems:
+                not_images += problems
+                continue
             box = _masks_box(image, mask_files, max_pixels) if mask_files else None
             rows.append(
                 {
@@ -438,6 +457,8 @@ def import_busi(
             )
     if unknown:
         raise _unknown_files_error(src, unknown, "BUSI images or masks")
+    if not_images:
+        raise _not_images_error(src, not_images)
     if orphans:
         raise DatasetImportError(
             f"{src}: mask(s) without an image beside them: "
@@ -578,10 +599,7 @@ def import_class_folders(
     if unknown:
         raise _unknown_files_error(src, unknown, f"images inside a label folder ({layout})")
     if not_images:
-        raise DatasetImportError(
-            f"{src}: {len(not_images)} file(s) named as images are not images by their content: "
-            f"{_listing(not_images)}. Replace them with the images, or move them out of the folder."
-        )
+        raise _not_images_error(src, not_images)
     if unmatched:
         raise DatasetImportError(
             f"{src}: patient_regex {patient_regex!r} finds no patient ID in {len(unmatched)} path(s): "
