@@ -2286,7 +2286,7 @@ def export(
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 STOPPED = (
     "what was finished is kept and half-written files are removed; run the same command again to go on "
-    "(`alnus study` and `alnus cv` resume by themselves, `alnus train` with --resume)."
+    "(`alnus study` resumes by itself, `alnus train` and `alnus cv` with --resume)."
 )
 
 
