@@ -160,11 +160,108 @@ def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_sa
     assert status == (143 if signum == "SIGTERM" else 130), said
     assert ("stopped (SIGTERM)" if signum == "SIGTERM" else "interrupted (Ctrl-C)") in said
     assert "run the same command again to go on" in said and "Traceback" not in said
+    assert "kept in" not in said  # the first epoch's checkpoint was not in place yet: no epoch to name
     run = tmp_path / "runs" / "stop"
     assert not [p for p in run.rglob("*.tmp")]  # the half-written checkpoint is gone
     monkeypatch.setattr(alnus._checkpoint.torch, "save", real_save)
     status, err = _run_main(monkeypatch, capsys, "study", str(config))
     assert status == 0 and "taking over" not in err  # the lock was released, not left for the next run to break
+
+
+@pytest.mark.parametrize(
+    ("command", "run", "options"), [("study", "stop", []), ("train", "stop", []), ("cv", "stop_cv0", ["--folds", "2"])]
+)
+def test_a_stop_after_an_epoch_names_the_epoch_each_model_keeps(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    run: str,
+    options: list[str],
+) -> None:
+    """A stopped training says where it will go on: the epoch its last.pt holds, and the file; the same command (with
+    --resume for `alnus train` and `alnus cv`) then goes on."""
+    import signal
+
+    import yaml
+
+    import alnus.train
+    from alnus.data.phantom import make_phantom
+
+    manifest = make_phantom(tmp_path / "data", patients=24, external_patients=0, image_size=(48, 48), seed=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "stop", "runs_dir": str(tmp_path / "runs"), "models": ["tiny_cnn"],
+        "data": {"manifest": str(manifest), "labels": ["negative", "positive"]},
+        "preprocess": {"size": 32, "roi": "box"},
+        "train": {"weights": "none", "epochs": 3, "batch_size": 8, "precision": "fp32"},
+    }))  # fmt: skip
+    real_print_epoch = alnus.train._print_epoch
+
+    def stopped_after_the_epoch(*args: object, **kwargs: object) -> None:
+        real_print_epoch(*args, **kwargs)  # after its checkpoint is in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(alnus.train, "_print_epoch", stopped_after_the_epoch)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status, err = _run_main(monkeypatch, capsys, command, str(config), *options)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    said = " ".join(err.split())
+    last = tmp_path / "runs" / run / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
+    assert status == 143 and "stopped (SIGTERM)" in said and "Traceback" not in said, said
+    assert f"tiny_cnn: epoch 1 of 3 kept in {last}" in said
+    monkeypatch.setattr(alnus.train, "_print_epoch", real_print_epoch)
+    again = [*options, *(["--resume"] if command in ("train", "cv") else [])]
+    status, err = _run_main(monkeypatch, capsys, command, str(config), *again)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", "cut", "raises"])
+def test_a_stop_with_an_unreadable_checkpoint_says_how_to_go_on_and_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], content: bytes | str
+) -> None:
+    """The epoch line is a detail: a damaged last.pt, or configs that cannot be built, leave only the stop line."""
+    import signal
+    from types import SimpleNamespace
+
+    import torch
+
+    from alnus._checkpoint import save_checkpoint
+
+    cfg = SimpleNamespace(run_dir=tmp_path / "run", models=["tiny_cnn"], train=SimpleNamespace(epochs=3))
+    last = tmp_path / "run" / "models" / "tiny_cnn" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    save_checkpoint("last", {"model": {"w": torch.ones(2)}, "epoch": 0, "stopped_early": False}, last)
+
+    def no_config() -> list:
+        raise ValueError("cannot build the configs")
+
+    trains = [lambda: [cfg]]
+
+    def stopped() -> None:
+        cli._trains(trains[0])
+        raise SystemExit(cli.EXIT_TERMINATED)
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # main() silences it after a stop
+    monkeypatch.setattr(cli, "app", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status, err = _run_main(monkeypatch, capsys)
+        assert f"tiny_cnn: epoch 1 of 3 kept in {last}" in " ".join(err.split())  # the file as written is named
+        if content == "raises":
+            trains[0] = no_config
+        elif content == "cut":
+            last.write_bytes(last.read_bytes()[:100])
+        else:
+            last.write_bytes(content)
+        status, err = _run_main(monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    said = " ".join(err.split())
+    assert status == 143 and "run the same command again to go on" in said
+    assert "kept in" not in said and "Traceback" not in said and "cannot build" not in said
 
 
 def test_after_a_stop_what_is_torn_down_on_the_way_out_prints_no_traceback(

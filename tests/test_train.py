@@ -576,6 +576,26 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(one_epoc
     assert not marker.exists()
 
 
+def test_peek_last_reads_the_epoch_without_the_weights_and_never_raises(tmp_path):
+    """The stop message's reader: the epochs a last.pt finished, or None for what is not a readable last.pt."""
+    from alnus._checkpoint import peek_last
+
+    last = tmp_path / "last.pt"
+    save_checkpoint("last", {"model": {"w": torch.ones(3)}, "epoch": 2, "stopped_early": False}, last)
+    assert peek_last(last) == (3, False)
+    whole = last.read_bytes()
+    best = tmp_path / "best.pt"
+    save_checkpoint("best", {"model": {"w": torch.ones(3)}, "epoch": 2, "val_auc": 0.5}, best)
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": "alnus-checkpoint", "kind": "last", "epoch": 1, "model": _RunsCode(marker)}, tmp_path / "x")
+    os.mkfifo(tmp_path / "fifo")  # loading would wait on it for ever
+    for path, content in [("empty", b""), ("text", b"not a checkpoint\n"), ("cut", whole[: len(whole) // 2])]:
+        (tmp_path / path).write_bytes(content)
+    for path in ("missing", "empty", "text", "cut", "best.pt", "x", "fifo", "."):
+        assert peek_last(tmp_path / path) is None, path
+    assert not marker.exists()
+
+
 def test_a_flipped_byte_in_a_checkpoint_is_an_error_not_a_resume(one_epoch):
     """issue 7.10: a damaged last.pt is refused (checksum), with what to do."""
     cfg, last = one_epoch

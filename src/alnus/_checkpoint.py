@@ -181,6 +181,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return contents
 
 
+def peek_last(path: Path) -> tuple[int, bool] | None:
+    """(epochs finished, stopped early) that a `last.pt` records, or None when there is none or it cannot be read.
+
+    Cheap enough for a stop message: the weights are memory-mapped, not read, and their SHA-256 is not checked (a
+    resume checks it); loaded with `weights_only`, so a crafted file runs nothing. Never raises.
+    """
+    try:
+        if not Path(path).is_file():  # not a FIFO or a device, which loading would wait on
+            return None
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged, not a zip, unreadable: the stop message then says nothing of it
+        return None
+    if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT or contents.get("kind") != "last":
+        return None
+    epoch, stopped = contents.get("epoch"), contents.get("stopped_early")
+    if type(epoch) is not int or epoch < 0 or type(stopped) is not bool:
+        return None
+    return epoch + 1, stopped
+
+
 def _check_payload(payload: Any, path: Path) -> None:
     """Every value a checkpoint of its kind needs, of the right type, and finite weights."""
     kind = payload.get("kind")

@@ -24,7 +24,11 @@ from alnus._text import escape, printable
 from alnus.errors import AlnusError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
+
+    from alnus.config import Config
 
 app = typer.Typer(
     name="alnus",
@@ -399,6 +403,7 @@ def study(
     from alnus.study import run_study
 
     cfg = load_config(config, list(set_ or []))
+    _trains(lambda: [cfg])
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
     _show_report(cfg.run_dir)
@@ -430,6 +435,7 @@ def demo(
     given = f"the demo folder {out}"
     options = [(f"data.manifest={manifest.resolve()}", given), (f"runs_dir={(out / 'runs').resolve()}", given)]
     cfg = load_config(config, options=options)
+    _trains(lambda: [cfg])
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
     console.print(
@@ -551,6 +557,7 @@ def train(
     options = [(f"models=[{', '.join(model)}]", " ".join(f"--model {m}" for m in model))] if model else []
     cfg = load_config(config, list(set_ or []), options=options)
     check_manifest(cfg)  # before the lock makes the run folder
+    _trains(lambda: [cfg])
     # Under torchrun every rank runs this command; rank 0 holds the run folder's writer lock for all of them.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with lock_run(cfg.run_dir, command="alnus train") if main_rank else contextlib.nullcontext():
@@ -584,9 +591,10 @@ def cv(
     The internal and external tests are untouched. Rerun to reuse finished folds; compare configurations
     cross-validated alike with `alnus cv-compare`."""
     from alnus.config import load_config
-    from alnus.cv import run_cv
+    from alnus.cv import fold_config, run_cv
 
     cfg = load_config(config, list(set_ or []))
+    _trains(lambda: [fold_config(cfg, folds, k) for k in range(folds)])
     result = run_cv(cfg, folds, resume=resume, console=console)
     _print_cv(result.summary)
     console.print(f"[green]Wrote[/green] {escape(str(result.path))}", highlight=False)
@@ -2290,6 +2298,44 @@ STOPPED = (
 )
 
 
+# What the running command trains (`train`, `study`, `demo`, `cv`): configs, each naming a run folder and its models,
+# computed only when a stop asks for them.
+_training: list[Callable[[], list[Config]]] = []
+
+
+def _trains(configs: Callable[[], list[Config]]) -> None:
+    """Remember what this command trains, so that a stop can say which epoch each model keeps."""
+    _training[:] = [configs]
+
+
+def _kept_epochs() -> str:
+    """Where a stopped training goes on: the epoch each unfinished model keeps in its `last.pt`, with the file; ""
+    when nothing was training, no model has one yet, or it cannot be told."""
+    if not _training or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
+        return ""
+    from alnus.runfolder import RunFolder
+
+    kept = []
+    try:
+        checkpoints = [
+            (backbone, cfg.train.epochs, RunFolder(cfg.run_dir).model(backbone).last_checkpoint)
+            for cfg in _training[0]()
+            for backbone in cfg.models
+        ]
+        if not any(path.is_file() for _, _, path in checkpoints):
+            return ""  # nothing to read (and torch not to import, for a stop before any training)
+        from alnus._checkpoint import peek_last
+
+        for backbone, epochs, path in checkpoints:
+            found = peek_last(path)
+            if found is None or found[1] or found[0] >= epochs:
+                continue  # no checkpoint yet, or its training is over: nothing of it to go on with
+            kept.append(f"{backbone}: epoch {found[0]} of {epochs} kept in {path}")
+    except Exception:  # the stop line must never fail: without this detail it still says how to go on
+        return ""
+    return "; ".join(kept)
+
+
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM (a scheduler's or `kill`'s stop) as an exception, so that cleanups run: half-written files are removed
     and the run folder's lock released, as after Ctrl-C."""
@@ -2298,16 +2344,20 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Entry point: user-actionable errors print as a message with exit code 2, not a traceback; Ctrl-C and SIGTERM
-    stop with a line saying how to go on."""
+    stop with a line saying how to go on (and, for a training, which epoch each model keeps)."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    _training.clear()
     try:
         app()
     except SystemExit as exc:
         if exc.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
             how = "interrupted (Ctrl-C)" if exc.code == EXIT_INTERRUPTED else "stopped (SIGTERM)"
             err_console.print(f"[yellow]{how}:[/yellow] {STOPPED}", highlight=False, soft_wrap=True)
+            kept = _kept_epochs()
+            if kept:
+                err_console.print(escape(kept), highlight=False, soft_wrap=True)
             # What is torn down on the way out may complain (a data loader whose workers the same signal stopped):
             # the line above says what happened, and its cleanups have run.
             sys.unraisablehook = lambda unraisable: None
