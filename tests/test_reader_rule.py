@@ -569,3 +569,36 @@ def test_the_package_lock_is_reentrant_within_a_thread_and_exclusive_between_pro
         )  # fmt: skip
     assert other.stdout.strip() == "PackageError"  # another process waits, then gives up with a message
     assert read_metadata(package)["reader_rule"] is None
+
+
+@pytest.mark.parametrize(("ruled_out", "disagree"), [(5, True), (10, False)])
+def test_score_says_when_a_mcnemar_p_and_its_interval_disagree(
+    ruled_out: int, disagree: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A statistician's review: `alnus score` showed an exact McNemar P of 0.0625 beside a difference interval that
+    excluded 0 without a word; where the two methods disagree it now says so (5 of 20 ruled out: they do; 10: P 0.002
+    and the interval agree)."""
+    from alnus import cli, stats
+
+    y = np.r_[np.zeros(20, dtype=bool), np.ones(5, dtype=bool)]
+    reader = np.ones(25, dtype=bool)  # the radiologist calls everyone positive
+    with_ai = reader.copy()
+    with_ai[:ruled_out] = False  # the model rules out that many benign patients
+    found: dict = {"reader": "reader_birads", "value": 0.2, "n": 25, "n_positive": 5, "level": "patient",
+                   "n_incomplete": 0, "n_ruled_out": ruled_out, "n_ruled_out_positive": 0, "n_lowest": 25,
+                   "lowest": ["4a"], "n_lowest_positive": 5}  # fmt: skip
+    for metric, subset in (("sensitivity", "positives"), ("specificity", "negatives")):
+        r = stats.mcnemar_test(y, with_ai, reader, subset=subset)
+        found[metric] = {"reader": r.prop_b, "combined": r.prop_a, "difference": r.estimate, "ci_low": r.ci_low,
+                         "ci_high": r.ci_high, "p": r.p}  # fmt: skip
+        cases = y if subset == "positives" else ~y
+        found[f"reader_{metric}_k"] = int((reader[cases] == y[cases]).sum())
+        found[f"with_ai_{metric}_k"] = int((with_ai[cases] == y[cases]).sum())
+    auc = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6, "p": 1.0}
+    found |= {"auc_reader": auc, "auc_combined": auc, "auc_difference": auc}
+    cli._show_rule_on_site("pkg", found)
+    said = " ".join(capsys.readouterr().err.split())
+    spec = found["specificity"]
+    assert ((spec["p"] < 0.05) != (spec["ci_low"] > 0)) == disagree
+    assert ("specificity: the exact test (P" in said) == disagree, said
+    assert "sensitivity: the exact test" not in said  # no discordant positive: nothing to reconcile

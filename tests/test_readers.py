@@ -302,6 +302,21 @@ def test_one_reader_uses_delong_not_mrmc() -> None:
     assert auc_row["difference"] == pytest.approx(d.estimate)
 
 
+def test_one_reader_row_says_when_mcnemar_and_its_interval_disagree() -> None:
+    """A statistician's review: the exact McNemar P and Newcombe's interval can disagree near 5% (here 0 vs 5
+    discordant positives: P 0.0625 while the interval excludes 0); the row says so rather than leave a reader to
+    reconcile them."""
+    labels = [1] * 20 + [0] * 20
+    df, y = _manifest({"r1": ["4b"] * 20 + ["2"] * 20}, labels)  # the reader calls every positive, no negative
+    # The model misses 5 positives the reader called, and calls no negative either.
+    model = pd.Series([0.9] * 15 + [0.1] * 5 + [0.1] * 20, index=y.index)
+    panel = compare_model_with_readers(y, model, 0.5, readings_from_manifest(df)).panel.set_index("metric")
+    sens, spec = panel.loc["sensitivity"], panel.loc["specificity"]
+    assert sens["p"] == pytest.approx(0.0625) and sens["ci_high"] < 0
+    assert "the exact test (P 0.062) and the interval (95% CI, Newcombe) disagree at the 5% level" in sens["note"]
+    assert spec["note"] == "" and spec["p"] == 1.0  # no discordant pair: test and interval agree
+
+
 def test_model_must_score_every_case_with_truth() -> None:
     df, y = _paper_reader()
     model = pd.Series(0.5, index=y.index[:-1])

@@ -682,3 +682,24 @@ def test_calibration_intervals_of_a_patients_images_count_the_patients() -> None
     assert width["clustered"] == pytest.approx(width["patients"], rel=0.15)
     narrow = images.intercept_ci_high - images.intercept_ci_low
     assert clustered.intercept_ci_high - clustered.intercept_ci_low > 1.4 * narrow
+
+
+@pytest.mark.parametrize(
+    ("only_a", "only_b", "disagree"),
+    [(0, 5, True), (5, 0, True), (0, 10, False), (2, 3, False), (0, 0, False)],
+)
+def test_mcnemar_and_newcombe_disagreement_is_named(only_a: int, only_b: int, disagree: bool) -> None:
+    """0 vs 5 discordant pairs of 20: exact P 0.0625 but Newcombe's interval excludes 0; 0 vs 10 both say < 0.05;
+    2 vs 3 neither."""
+    n = 20
+    y = np.ones(n, dtype=bool)
+    a, b = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    both = n - only_a - only_b
+    a[:both] = b[:both] = True
+    a[both : both + only_a] = True
+    b[both + only_a :] = True
+    r = stats.mcnemar_test(y, a, b)
+    note = stats.test_and_interval_disagree(r.p, r.ci_low, r.ci_high)
+    assert bool(note) == disagree, (r.p, r.ci_low, r.ci_high)
+    assert ((r.p < 0.05) != (r.ci_low > 0 or r.ci_high < 0)) == disagree  # the note says what the numbers show
+    assert stats.test_and_interval_disagree(float("nan"), r.ci_low, r.ci_high) == ""

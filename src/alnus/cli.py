@@ -1790,6 +1790,13 @@ def _show_rule_on_site(package: str, found: dict) -> None:
         f"{_p_text(d['p'])} (DeLong)",
     )
     console.print(table)
+    from alnus.stats import test_and_interval_disagree
+
+    for metric in ("sensitivity", "specificity"):
+        m = found[metric]
+        disagree = test_and_interval_disagree(m["p"], m["ci_low"], m["ci_high"])
+        if disagree:
+            _note(f"{metric}: {disagree}.")
     extra = f"; {found['n_incomplete']} read BI-RADS 0 left out" if found["n_incomplete"] else ""
     turned, wrong = found["n_ruled_out"], found["n_ruled_out_positive"]
     console.print(escape(f"{turned} {found['level']}(s) the radiologist called positive were ruled out by the model: "

@@ -765,7 +765,8 @@ def compare_model_with_readers(
             dict(metric=m, method="exact McNemar", n_readers=1, n=int(one["n_paired"]),
                  model=one[f"model_{m}"], readers=one[f"reader_{m}"], difference=one[f"{m}_diff"],
                  ci_low=one[f"{m}_ci_low"], ci_high=one[f"{m}_ci_high"], p=one[f"{m}_p"], df=np.nan,
-                 note="" if calls_given else _NO_CALLS)
+                 note=stats.test_and_interval_disagree(one[f"{m}_p"], one[f"{m}_ci_low"], one[f"{m}_ci_high"],
+                                                       alpha) if calls_given else _NO_CALLS)
             for m in ("sensitivity", "specificity")
         ]  # fmt: skip
         note = (

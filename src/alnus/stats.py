@@ -515,6 +515,18 @@ def _newcombe_paired(a: int, b: int, c: int, d: int, alpha: float) -> tuple[floa
     return max(-1.0, float(diff - dl)), min(1.0, float(diff + du))
 
 
+def test_and_interval_disagree(p: float, ci_low: float, ci_high: float, alpha: float = 0.05) -> str:
+    """A note when a test's P and an interval from another method say different things at `alpha` (P below it but
+    the CI holding 0, or the reverse), as the exact McNemar test and Newcombe's interval can near the boundary; ""
+    when they agree or a value is missing."""
+    if not all(np.isfinite(v) for v in (p, ci_low, ci_high)):
+        return ""
+    if (p < alpha) == (ci_low > 0 or ci_high < 0):
+        return ""
+    return (f"the exact test (P {p:.3f}) and the interval ({100 * (1 - alpha):g}% CI, Newcombe) disagree at the "
+            f"{100 * alpha:g}% level, as two methods can near it: read it as borderline")  # fmt: skip
+
+
 def mcnemar_test(
     y: object,
     call_a: object,

@@ -341,8 +341,10 @@ def _statistics(inputs: RunInputs) -> Block:
         ),
         *(f"AUC 95% CI per {level}: {_CI_METHODS.get(method, method)}." for level, method in auc_ci.items()),
         "Model vs model: DeLong (1988) test of paired AUCs (Sun & Xu 2014), P adjusted by Holm (1979).",
-        "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read; "
-        "DeLong test of AUC with the reader's BI-RADS categories as an ordinal score.",
+        "Model vs each reader: exact McNemar (1947) tests of sensitivity and specificity on the cases both read, "
+        "their differences with Newcombe's (1998) hybrid score interval (two methods, which can disagree near the "
+        "5% level: a row says so where they do); DeLong test of AUC with the reader's BI-RADS categories as an "
+        "ordinal score.",
         *(
             [
                 "Model vs the reader panel: Obuchowski-Rockette multi-reader multi-case analysis with Hillis' degrees "
