@@ -24,6 +24,7 @@ from alnus.evaluate import (
     evaluate_run,
     format_auc,
     format_proportion,
+    image_level_note,
     results_table,
     results_values_table,
     split_metrics,
@@ -1167,3 +1168,23 @@ def test_the_report_shows_a_model_vs_panel_row_without_a_test() -> None:
     row = {"metric": "sensitivity", "n": 40, "model": 0.8, "readers": 0.7, "difference": 0.1, "ci_low": -0.05,
            "ci_high": 0.25, "p": 0.2, "note": ""}  # fmt: skip
     assert panel_table("external_test", "m", {"panel": [row]}).rows[0][4] == "+10.0 points (-5.0 to +25.0)"
+
+
+def test_a_threshold_frozen_per_image_on_patients_with_several_images_is_warned_about(tmp_path: Path) -> None:
+    """A statistician's review: evaluate.level image chose the threshold on images, counting a patient once per image,
+    without a word; the run's notes (terminal, report) now say so, and nothing is said per patient."""
+    run = make_run(tmp_path)
+    val = read_pred(run, "tiny_cnn", "val")
+    n_images, n_patients = len(val), val.groupby(["site", "patient_id"]).ngroups
+    assert n_images > n_patients  # 1-3 images per patient
+    notes = evaluate_run(run, level="image", refreeze=True, n_boot=20)["models"]["tiny_cnn"]["notes"]
+    said = [n for n in notes if "frozen per image" in n]
+    assert said == [f"the threshold was frozen per image (evaluate.level: image) on {n_images} validation images of "
+                    f"{n_patients} patients: a patient with several images counts several times in choosing it, and "
+                    "its calls are an image's, not a patient's (the per-image intervals allow for the clustering, the "
+                    "threshold does not). A decision is made per patient: evaluate.level: patient freezes and reports "
+                    "it so."]  # fmt: skip
+    again = evaluate_run(run, level="patient", refreeze=True, n_boot=20)["models"]["tiny_cnn"]["notes"]
+    assert not [n for n in again if "frozen per image" in n]
+    one_each = val.drop_duplicates(["site", "patient_id"])  # one image per patient: images are patients
+    assert image_level_note({"level": "image"}, one_each) == ""

@@ -1051,7 +1051,8 @@ def evaluate_run(
         frozen, status = planned_operating_point(run.model(model).package, wanted, refreeze=again)
         entry = _model_results(by_split, frozen, alpha=alpha, n_boot=n_boot, seed=seed)
         entry["threshold_status"] = status
-        entry["notes"] = [*_threshold_notes(frozen, wanted), *filter(None, [few_cases_note(frozen)])]
+        warned = [few_cases_note(frozen), image_level_note(frozen, by_split["val"])]
+        entry["notes"] = [*_threshold_notes(frozen, wanted), *filter(None, warned)]
         entry["predictions_sha256"] = _stamp_digest(run, model)  # check_evaluated: predicted again since?
         if not (same_rule(frozen, wanted) and frozen["value"] == wanted["value"]):
             alternative = _model_results(by_split, wanted, alpha=alpha, n_boot=n_boot, seed=seed)
@@ -1216,6 +1217,22 @@ def _model_results(
         split: split_metrics(table, point, alpha=alpha, n_boot=n_boot, seed=seed) for split, table in by_split.items()
     }
     return {"threshold": dict(point), "splits": splits}
+
+
+def image_level_note(frozen: Mapping[str, Any], val: pd.DataFrame) -> str:
+    """A warning when the threshold was frozen per image while the validation patients have several images each: the
+    study's unit is then the image, not the patient a decision is made for ("" otherwise)."""
+    if frozen.get("level") != "image":
+        return ""
+    n_images, n_patients = len(val), val.groupby(["site", "patient_id"]).ngroups
+    if n_images <= n_patients:
+        return ""
+    return (
+        f"the threshold was frozen per image (evaluate.level: image) on {n_images} validation images of {n_patients} "
+        "patients: a patient with several images counts several times in choosing it, and its calls are an image's, "
+        "not a patient's (the per-image intervals allow for the clustering, the threshold does not). A decision is "
+        "made per patient: evaluate.level: patient freezes and reports it so."
+    )
 
 
 def _threshold_notes(frozen: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

@@ -892,7 +892,10 @@ def labelled_table(
 ) -> tuple[pd.DataFrame, str]:
     """A labelled manifest of a site, checked as `alnus validate` checks one, with the package's labels, and a note
     on the rows left out ("" when none). Rows labelled with a class the model does not know (BrEaST's "normal" scans,
-    say) are refused, or with `leave_out` left out and named in the note."""
+    say) are refused, or with `leave_out` left out and named in the note. The commands that write into a package
+    (`alnus threshold`, `alnus reader-rule`) refuse them: what is frozen there should rest on a manifest used whole,
+    with nothing dropped silently from the record; those that only measure (`alnus score`, the export check) leave
+    them out and say so."""
     table = read_manifest(manifest)  # refuses a manifest without labels, naming the missing column
     labels = table["label"].astype(str)
     known = [str(n) for n in meta["label_names"]]
