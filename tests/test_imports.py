@@ -75,6 +75,7 @@ LAYERS: dict[str, int] = {
     "alnus.adapt": 6,
     "alnus.serve": 6,
     "alnus.serve.app": 6,
+    "alnus.serve.clients": 6,
     "alnus.serve.security": 6,
     "alnus.serve.server": 6,
     "alnus.serve.service": 6,

@@ -2216,6 +2216,21 @@ def serve(
         typer.Option("--compile/--no-compile", help="torch.compile the network: faster, after compiling at start."),
     ] = False,
     max_pixels: Annotated[int | None, typer.Option(min=1, help=_MAX_PIXELS_HELP)] = None,
+    per_client: Annotated[
+        int,
+        typer.Option(
+            help="Most predictions (and previews) one client address may have in progress at once; more get 429 "
+            "(0: no limit). Behind a reverse proxy every request comes from the proxy's address, so its users share "
+            "this limit unless --trusted-proxy names the proxy."
+        ),
+    ] = 2,  # alnus.serve.clients.PER_CLIENT (not imported here: it loads FastAPI)
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address (or network, 10.0.0.0/24) of a reverse proxy whose X-Forwarded-For header names the "
+            "client, for the per-client limit; repeat for several. Without it that header is ignored."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model package over HTTP: POST /v1/predict, GET /v1/model, /healthz, and a web page at / for one
     image at a time (research use only; not for diagnosis)."""
@@ -2224,7 +2239,7 @@ def serve(
     server = build_server(
         package, host=host, port=port, token_file=token_file, insecure_local=insecure_local,
         max_upload_mb=max_upload_mb, timeout_s=timeout_s, heatmap=heatmap, device=device, engine=engine,
-        compile=compile, max_pixels=max_pixels,
+        compile=compile, max_pixels=max_pixels, per_client=per_client, trusted_proxy=tuple(trusted_proxy or ()),
     )  # fmt: skip
     info = server.service.info
     adaptation = server.service.predictor.metadata.get("adaptation") or {}
@@ -2232,6 +2247,7 @@ def serve(
     console.print(
         f"Serving [bold]{escape(info['model']['name'])}[/bold]{escape(adapted)} at {escape(server.url)} "
         f"(engine: {escape(server.service.predictor.engine_description)}; access: {escape(server.access.source)}; "
+        f"{'no per-client limit' if not per_client else f'at most {per_client} requests at once per client'}; "
         "Ctrl-C stops it).",
         highlight=False,
     )

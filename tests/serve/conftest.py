@@ -25,6 +25,7 @@ from alnus.models.package import freeze_threshold, read_metadata, save_package, 
 from alnus.predict import Predictor
 from alnus.report.card import intended_use
 from alnus.serve import Access, ModelService, Settings, create_app
+from alnus.serve.clients import PER_CLIENT
 
 TOKEN = "test-token-0123456789-abcdefghijklmnopqrstuvwxyz"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -187,14 +188,41 @@ def client_for(
     *,
     access: Access | None = None,
     max_upload_bytes: int = 2_000_000,
+    per_client: int = PER_CLIENT,
     **settings: Any,
 ) -> Any:
     """A TestClient of a fresh service; uploads are kept under tmp_path/uploads while a request runs."""
     from fastapi.testclient import TestClient
 
     service = ModelService(predictor, Settings(work_dir=tmp_path / "uploads", **settings))
-    app = create_app(service, access or Access(token=TOKEN, source="test"), max_upload_bytes=max_upload_bytes)
+    app = create_app(service, access or Access(token=TOKEN, source="test"), max_upload_bytes=max_upload_bytes,
+                     per_client=per_client)  # fmt: skip
     return TestClient(app, raise_server_exceptions=False)
+
+
+@dataclass
+class Hold:
+    """Holds a predictor's forward passes until `release` is set; `started` is set when the first one begins."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    passes: int = 0
+
+
+def held_predictor(package: Path, hold: Hold) -> Predictor:
+    """A predictor whose image predictions wait for `hold.release` (the worker stays busy until the test lets go)."""
+    predictor = predictor_of(package)
+    real = predictor.predict_arrays
+
+    def held(images: Any, rows: Any = None, root: Any = ".") -> np.ndarray:
+        hold.passes += 1
+        hold.started.set()
+        if not hold.release.wait(60):
+            raise RuntimeError("the test never released the predictor")
+        return real(images, rows=rows, root=root)
+
+    predictor.predict_arrays = held  # type: ignore[method-assign]
+    return predictor
 
 
 @dataclass

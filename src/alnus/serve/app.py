@@ -13,9 +13,11 @@ they load their scripts from a CDN, and nothing this service serves may make an 
 Security: `/v1/*` needs the bearer token (`alnus.serve.security`), checked before any of the body is read; a body
 over the upload limit is refused while it is read (413); the file's kind comes from its bytes (415); an image that
 cannot be decoded, is a decompression bomb, or lacks the lesion box its model needs is a 422 with the reason; a
-request that waits or runs longer than the timeout is a 504. Every answer carries a Content-Security-Policy that allows
-this server only, `X-Content-Type-Options: nosniff`, and `Cache-Control: no-store` on everything but the page's static
-files. The access log holds method, route, status and duration: never a query string, a file name or a header.
+request that waits or runs longer than the timeout is a 504; a client that already has its `per_client` requests
+to the model (predict, preview) in progress gets 429 with Retry-After (`alnus.serve.clients`). Every answer carries
+a Content-Security-Policy that allows this server only, `X-Content-Type-Options: nosniff`, and `Cache-Control:
+no-store` on everything but the page's static files. The access log holds method, route, status and duration: never
+a query string, a file name or a header.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from alnus import __version__
 from alnus.errors import AlnusError
+from alnus.serve.clients import PER_CLIENT, ClientSlots, client_address
 from alnus.serve.security import SECURITY_HEADERS, Access, host_is_loopback_header
 from alnus.serve.service import ModelService, log_failure
 from alnus.serve.uploads import ACCEPTED, ApiError, limit_body, new_upload_folder, remove_upload_folder, save_upload
@@ -197,11 +200,22 @@ async def _upload(
             raise
 
 
-def create_app(service: ModelService, access: Access, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB) -> Any:
-    """The FastAPI app of a loaded model service; `access` decides who gets in (token or insecure-local)."""
+def create_app(
+    service: ModelService,
+    access: Access,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB,
+    per_client: int = PER_CLIENT,
+) -> Any:
+    """The FastAPI app of a loaded model service; `access` decides who gets in (token or insecure-local), and
+    `per_client` how many requests to the model one client may have in progress at once (0: no limit)."""
     upload_settings = (service.settings.work_dir, service.settings.timeout_s)
     if max_upload_bytes < 1:
         raise AlnusError(f"the upload limit must be above 0 bytes, got {max_upload_bytes}.")
+    try:
+        slots = ClientSlots(per_client)
+    except ValueError as exc:
+        raise AlnusError(str(exc)) from None
     app = FastAPI(
         title="alnus",
         version=__version__,
@@ -211,6 +225,7 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
         openapi_url="/openapi.json",
     )
     app.state.service = service
+    app.state.client_slots = slots
 
     # The scheme is declared for the OpenAPI description; the check itself compares in constant time (`Access.allows`).
     async def authorised(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
@@ -220,8 +235,8 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        headers = {**exc.headers, **({"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {})}
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -257,17 +272,12 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
     async def model() -> dict[str, Any]:
         return {**service.info, "max_upload_mb": max_upload_bytes / MB, "accepted": ACCEPTED}
 
-    @app.post("/v1/preview", summary="The decoded image, to draw the lesion box on", openapi_extra=_PREVIEW_BODY,
-              dependencies=[Depends(authorised)])  # fmt: skip
-    async def preview(request: Request) -> JSONResponse:
+    async def previewed(request: Request) -> dict[str, Any]:
         async with _upload(request, max_upload_bytes, *upload_settings) as (path, _):
             pass
-        return JSONResponse(await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
+        return await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent))
 
-    @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map (and with the "
-              "radiologist's BI-RADS, the call with AI) of one image",
-              openapi_extra=_PREDICT_BODY, dependencies=[Depends(authorised)])  # fmt: skip
-    async def predict(request: Request) -> JSONResponse:
+    async def predicted(request: Request) -> dict[str, Any]:
         async with _upload(request, max_upload_bytes, *upload_settings) as (path, form):
             roi = _text_field(form, "roi")
             wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
@@ -276,9 +286,23 @@ def create_app(service: ModelService, access: Access, *, max_upload_bytes: int =
             if len(form.getlist("birads")) > 1:
                 raise ApiError(422, "birads: sent more than once; send one BI-RADS reading per image.")
             birads = service.birads(_text_field(form, "birads"))
-        result = await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent),
-                                       birads=birads)  # fmt: skip
-        return JSONResponse(result)
+        return await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent),
+                                     birads=birads)  # fmt: skip
+
+    # A place is taken before the body is read (a refused upload costs nothing) and given back however the request
+    # ends; the answer is sent after, so a client that has its answer can send the next request at once.
+    @app.post("/v1/preview", summary="The decoded image, to draw the lesion box on", openapi_extra=_PREVIEW_BODY,
+              dependencies=[Depends(authorised)])  # fmt: skip
+    async def preview(request: Request) -> JSONResponse:
+        with slots.hold(client_address(request.scope)):
+            return JSONResponse(await previewed(request))
+
+    @app.post("/v1/predict", summary="Probability, call at the frozen threshold, heat map (and with the "
+              "radiologist's BI-RADS, the call with AI) of one image",
+              openapi_extra=_PREDICT_BODY, dependencies=[Depends(authorised)])  # fmt: skip
+    async def predict(request: Request) -> JSONResponse:
+        with slots.hold(client_address(request.scope)):
+            return JSONResponse(await predicted(request))
 
     app.add_middleware(_Guard, access=access)
     return app

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from alnus.serve.app import DEFAULT_MAX_UPLOAD_MB, MB, create_app
+from alnus.serve.clients import PER_CLIENT, trusted_proxies
 from alnus.serve.security import Access, ServeError, is_loopback, resolve_access
 from alnus.serve.service import MAX_BATCH, ModelService, Settings
 
@@ -83,13 +84,16 @@ def head_deadline_protocol(timeout_s: float = HEAD_TIMEOUT_S) -> type[Any]:
     return HeadDeadline
 
 
-def uvicorn_settings(*, head_timeout_s: float = HEAD_TIMEOUT_S) -> dict[str, Any]:
+def uvicorn_settings(*, head_timeout_s: float = HEAD_TIMEOUT_S, proxies: tuple[str, ...] = ()) -> dict[str, Any]:
     """How the service runs under uvicorn (`uvicorn.run` or `uvicorn.Config` keywords): our log (no request
-    contents), no server header, the connection limit, a short keep-alive and the request-head deadline
-    (`head_deadline_protocol`)."""
+    contents), no server header, the connection limit, a short keep-alive, the request-head deadline
+    (`head_deadline_protocol`), and X-Forwarded-For read from the trusted `proxies` only (checked by
+    `alnus.serve.clients.trusted_proxies`). uvicorn alone trusts it from 127.0.0.1 and ::1 (or $FORWARDED_ALLOW_IPS),
+    so any program of this computer could name itself any client and escape the per-client limit."""
+    forwarded = {"proxy_headers": True, "forwarded_allow_ips": list(proxies)} if proxies else {"proxy_headers": False}
     return {
         "log_config": LOG_CONFIG, "access_log": False, "server_header": False, "limit_concurrency": LIMIT_CONCURRENCY,
-        "timeout_keep_alive": 5, "http": head_deadline_protocol(head_timeout_s),
+        "timeout_keep_alive": 5, "http": head_deadline_protocol(head_timeout_s), **forwarded,
     }  # fmt: skip
 
 
@@ -102,6 +106,7 @@ class Server:
     port: int
     access: Access
     service: ModelService
+    proxies: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -118,7 +123,7 @@ class Server:
         import uvicorn
 
         try:
-            uvicorn.run(self.app, host=self.host, port=self.port, **uvicorn_settings())
+            uvicorn.run(self.app, host=self.host, port=self.port, **uvicorn_settings(proxies=self.proxies))
         finally:
             self.service.close()
 
@@ -137,6 +142,8 @@ def build_server(
     engine: str = "auto",
     compile: bool = False,
     max_pixels: int | None = None,
+    per_client: int = PER_CLIENT,
+    trusted_proxy: tuple[str, ...] | list[str] = (),
     environ: dict[str, str] | None = None,
 ) -> Server:
     """Check the settings and access (no model is loaded when they are refused), then load the package once.
@@ -152,6 +159,10 @@ def build_server(
         compile: `torch.compile` the network with frozen weights (`alnus.predict.Predictor`): faster per image,
             after compiling at start (the warm-up compiles every batch shape the worker will use).
         max_pixels: the decoding limit per image (`alnus.data.images.load_image`).
+        per_client: the most requests to the model (predict, preview) one client may have in progress at once; 0: no
+            limit (`alnus.serve.clients`).
+        trusted_proxy: addresses or networks of reverse proxies whose X-Forwarded-For names the client; none: the
+            client is the connection's peer, whatever a request's headers say.
     """
     from alnus.predict import Predictor
 
@@ -161,11 +172,17 @@ def build_server(
         raise ServeError(f"--max-upload-mb {max_upload_mb:g} must be above 0 and at most 10000.")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise ServeError(f"--timeout-s {timeout_s:g} must be above 0 and at most {MAX_TIMEOUT_S:g}.")
+    if isinstance(per_client, bool) or not isinstance(per_client, int) or per_client < 0:
+        raise ServeError(
+            f"--per-client {per_client}: give the most requests one client may have in progress at once (1 or more), "
+            "or 0 for no limit."
+        )
+    proxies = trusted_proxies(trusted_proxy)
     access = resolve_access(host=host, token_file=token_file, insecure_local=insecure_local, environ=environ)
     predictor = Predictor(
         Path(package), device=device, batch_size=MAX_BATCH, engine=engine, compile=compile, max_pixels=max_pixels
     )
     service = ModelService(predictor, Settings(heatmap=heatmap, timeout_s=timeout_s, max_pixels=max_pixels))
     service.warm_up()
-    app = create_app(service, access, max_upload_bytes=int(max_upload_mb * MB))
-    return Server(app=app, host=host, port=int(port), access=access, service=service)
+    app = create_app(service, access, max_upload_bytes=int(max_upload_mb * MB), per_client=per_client)
+    return Server(app=app, host=host, port=int(port), access=access, service=service, proxies=proxies)

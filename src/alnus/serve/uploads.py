@@ -33,12 +33,14 @@ Receive = Callable[[], Awaitable[Message]]
 
 
 class ApiError(Exception):
-    """A request the service answers with an error status; `detail` is the JSON answer's text (no identifiers)."""
+    """A request the service answers with an error status; `detail` is the JSON answer's text (no identifiers);
+    `headers` go with the answer (Retry-After, for instance)."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.headers = dict(headers or {})
 
 
 def image_kind(head: bytes) -> str | None:
