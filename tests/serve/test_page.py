@@ -249,3 +249,52 @@ def test_with_a_reader_rule_the_radiologists_birads_gives_both_calls(
         context.close()
     assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
     assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_a_client_over_its_per_client_limit_is_told_so_and_can_go_on(
+    package: Path, browser: Any, phantom_png: Path, tmp_path: Path
+) -> None:
+    """The page shows the 429's message as it shows other errors, and works again once the place is free."""
+    import threading
+
+    import httpx
+
+    from tests.serve.conftest import AUTH, Hold, held_predictor
+
+    hold = Hold()
+    service = ModelService(held_predictor(package, hold), Settings(work_dir=tmp_path / "uploads", heatmap=False))
+    app = create_app(service, Access(token=TOKEN, source="test"), per_client=1)
+    answers: list[int] = []
+
+    def occupy() -> None:  # another tab of the same computer, whose prediction is running
+        files = {"image": ("a.png", phantom_png.read_bytes(), "image/png")}
+        answers.append(httpx.post(f"{live.url}/v1/predict", files=files, data={"roi": "10,10,40,40"}, headers=AUTH,
+                                  timeout=60).status_code)  # fmt: skip
+
+    context, page, watch = _open(browser, VIEWPORT)
+    try:
+        with LiveServer(app) as live:
+            page.goto(live.url + "/", wait_until="load")
+            _enter_token(page, TOKEN)
+            page.locator("#work").wait_for(state="visible")
+            other = threading.Thread(target=occupy, daemon=True)
+            other.start()
+            assert hold.started.wait(20)
+            page.set_input_files("#file", str(phantom_png))
+            error = page.locator("#error", has_text="too many requests at once from this address")
+            error.wait_for()
+            assert "already has 1 request in progress" in error.inner_text() and error.is_visible()
+            assert page.locator("#status").inner_text() == ""
+            page.screenshot(path=str(tmp_path / "serve-page-429.png"), full_page=True)
+            hold.release.set()
+            other.join(30)
+            second = tmp_path / "again.png"  # another file: choosing the same one again is no change
+            second.write_bytes(phantom_png.read_bytes())
+            page.set_input_files("#file", str(second))
+            page.locator("#status", has_text="128 × 96").wait_for()
+            assert page.locator("#error").inner_text() == ""
+    finally:
+        hold.release.set()
+        context.close()
+    assert answers == [200]
+    assert _failures(watch) == [] and watch.dialogs == []
