@@ -103,18 +103,21 @@ def compare(patients: dict[str, pd.DataFrame], method: str = "firth") -> tuple[o
     """Fit the combination on the validation patients (by `method`: "firth", as `alnus evaluate` does, protocol item
     32; "ml", item 8), set its threshold to the radiologists' validation sensitivity, and compare it with the
     radiologists on each test split: (fit, threshold, that sensitivity, `compare_with_reader`'s result per split)."""
+    from scipy.special import expit
+
     from alnus.combine import compare_with_reader, fit_combination, matched_threshold
 
     val = patients["val"]
     fit = fit_combination(val["y"], val["prob"], val["birads"], method=method)
     reader_sensitivity = float(val.loc[val["y"] == 1, "call"].mean())
-    threshold = matched_threshold(val["y"], fit.score(val["prob"], val["birads"]), reader_sensitivity)
+    # Ranked and cut on the logit scale, as `alnus evaluate` does (probabilities tie at 1.0 beyond a logit of 37).
+    cut = matched_threshold(val["y"], fit.linear(val["prob"], val["birads"]), reader_sensitivity)
     found = {}
     for split, _ in SPLITS:
         test = patients[split]
-        found[split] = compare_with_reader(test["y"], fit.score(test["prob"], test["birads"]), test["birads"],
-                                           test["call"], threshold)  # fmt: skip
-    return fit, threshold, reader_sensitivity, found
+        found[split] = compare_with_reader(test["y"], fit.linear(test["prob"], test["birads"]), test["birads"],
+                                           test["call"], cut)  # fmt: skip
+    return fit, float(expit(cut)), reader_sensitivity, found
 
 
 def tie_break(patients: dict[str, pd.DataFrame], positive_from: str) -> tuple[object, dict[str, dict]]:

@@ -289,3 +289,137 @@ def test_readings_that_separate_the_classes_up_to_one_category_are_not_fitted(se
     birads[0] = 5.0  # one benign patient read 5: no line separates them any more, and the fit exists
     fit = fit_combination(y, rng.uniform(0.2, 0.8, 40), birads, method="ml")
     assert abs(fit.reader_coef) < 10
+
+
+def _quasi_separated(seed: int, n: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Benign read 2, 3 or 4a and malignant 4a, 4b or 5: the classes overlap at 4a only, as small validation sets of
+    real readers do."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(n // 2), np.ones(n - n // 2)].astype(int)
+    birads = np.where(y == 1, rng.choice([4.25, 4.5, 5.0], n), rng.choice([2.0, 3.0, 4.25], n))
+    prob = np.clip(rng.normal(0.35 + 0.3 * y, 0.18), 0.01, 0.99)
+    return y, prob, birads
+
+
+def _best_penalised(design: np.ndarray, y: np.ndarray, starts: list[list[float]], fixed: tuple | None = None) -> float:
+    """The highest penalised log-likelihood Nelder-Mead finds from `starts` (with one coefficient held when `fixed`
+    = (index, value)): an optimiser independent of the fit's."""
+    from scipy.optimize import minimize
+
+    from alnus._firth import penalised_loglik
+
+    def full(b: np.ndarray) -> np.ndarray:
+        return b if fixed is None else np.insert(b, fixed[0], fixed[1])
+
+    best = -np.inf
+    for start in starts:
+        s = np.asarray(start, dtype=float) if fixed is None else np.delete(np.asarray(start, float), fixed[0])
+        found = minimize(lambda b: -penalised_loglik(full(b), design, y), s, method="Nelder-Mead",
+                         options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000})  # fmt: skip
+        best = max(best, -found.fun)
+    return best
+
+
+def test_the_firth_fit_is_the_highest_peak_and_its_intervals_sit_on_the_profile() -> None:
+    """An attack review: on these 30 cases firthmodels stopped on a lower stationary point of the penalised likelihood
+    (-3.934 against -3.316; both solve Firth's score equations) and its profile intervals were of no width and did
+    not hold their estimate, yet were reported. The fit is now the highest peak found from several starts, and each
+    interval end is where the profile (maximised independently here) falls 3.84 / 2 below it."""
+    import warnings
+
+    from scipy.stats import chi2
+
+    from alnus._firth import penalised_loglik
+    from alnus.combine import _design
+
+    y, prob, birads = _quasi_separated(37)
+    design = np.column_stack([np.ones(len(y)), _design(prob, birads)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of the solvers' chatter reaches the user
+        fit = fit_combination(y, prob, birads)
+    beta = np.array([fit.intercept, fit.model_coef, fit.reader_coef])
+    peak = penalised_loglik(beta, design, y.astype(float))
+    starts = [[-10, 2, 2], [0, 0, 0], [-9.6, 0.31, 2.47], [-20, 5, 4]]
+    assert peak >= _best_penalised(design, y.astype(float), starts) - 1e-6
+    assert peak == pytest.approx(-3.3165, abs=1e-3)  # the higher of the two peaks the review found
+    cutoff = peak - chi2.ppf(0.95, 1) / 2
+    for index, (low, high) in ((1, fit.model_coef_ci), (2, fit.reader_coef_ci)):
+        assert low < beta[index] < high
+        for end in (low, high):
+            profile = _best_penalised(design, y.astype(float), [list(beta)], fixed=(index, end))
+            assert profile == pytest.approx(cutoff, abs=2e-3), (index, end)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_small_quasi_separated_sets_get_the_highest_peak(seed: int) -> None:
+    """The review's simulation, a few draws: the fit is never below what an independent optimiser finds."""
+    from alnus._firth import penalised_loglik
+    from alnus.combine import _design
+
+    y, prob, birads = _quasi_separated(seed)
+    fit = fit_combination(y, prob, birads)
+    design = np.column_stack([np.ones(len(y)), _design(prob, birads)])
+    beta = np.array([fit.intercept, fit.model_coef, fit.reader_coef])
+    found = _best_penalised(design, y.astype(float), [[-10, 2, 2], [0, 0, 0], [-20, 5, 4]])
+    assert penalised_loglik(beta, design, y.astype(float)) >= found - 1e-6
+    assert fit.model_coef_ci[0] < fit.model_coef < fit.model_coef_ci[1]
+
+
+def test_a_reading_that_separates_many_cases_completely_still_has_finite_intervals() -> None:
+    """An attack review: with 200 cases (benign read 2-3, malignant 4b-5) firthmodels' profile bound came out NaN
+    and the combination was refused, though the profile does cross its cut-off."""
+    rng = np.random.default_rng(1)
+    y = (rng.random(200) < 0.4).astype(int)
+    birads = np.where(y == 1, rng.choice([4.5, 5.0], 200), rng.choice([2.0, 3.0], 200))
+    prob = np.clip(rng.normal(0.35 + 0.3 * y, 0.18), 0.01, 0.99)
+    fit = fit_combination(y, prob, birads)
+    assert fit.separated and np.isfinite([*fit.model_coef_ci, *fit.reader_coef_ci]).all()
+    assert fit.reader_coef_ci[0] > 0  # the reading separates: its weight is surely positive
+
+
+@pytest.mark.parametrize(
+    ("y", "message"),
+    [
+        (np.r_[np.zeros(15), np.full(15, 2.0)], "labels must be 0 or 1"),
+        (np.r_[np.zeros(15), np.ones(14), np.nan], "labels must be 0 or 1"),
+        (np.array(["benign"] * 15 + ["malignant"] * 15), "labels must be booleans or the numbers 0 and 1"),
+        (np.array(["0"] * 15 + ["1"] * 15), "labels must be booleans or the numbers 0 and 1"),
+    ],
+)
+def test_labels_that_are_not_0_or_1_are_refused(y: np.ndarray, message: str) -> None:
+    """An attack review: labels 0/2 fitted with a doubled positive count, NaN gave 'got -9223372036854775739
+    positive', class names a raw ValueError."""
+    _, prob, birads = _quasi_separated(3)
+    with pytest.raises(CombineError, match=message):
+        fit_combination(y, prob, birads)
+
+
+def test_misaligned_pandas_labels_and_out_of_range_probabilities_are_refused() -> None:
+    y, prob, birads = _quasi_separated(3)
+    index = pd.RangeIndex(100, 130)
+    with pytest.raises(CombineError, match="different indexes"):
+        fit_combination(pd.Series(y[::-1], index=index[::-1]), pd.Series(prob, index=index),
+                        pd.Series(birads, index=index))  # fmt: skip
+    with pytest.raises(CombineError, match=r"model probabilities must lie in \[0, 1\]; found 1.79"):
+        fit_combination(y, np.r_[prob[:-1], 1.79], birads)
+
+
+def test_a_model_logit_that_is_a_linear_function_of_birads_is_refused_by_both_fits() -> None:
+    """An attack review: with logit(prob) = 2 x BI-RADS - 9 the ML fit returned an arbitrary split of the weight."""
+    y, _, birads = _quasi_separated(5, n=60)
+    prob = 1 / (1 + np.exp(-(2 * birads - 9)))
+    for method in ("firth", "ml"):
+        with pytest.raises(CombineError, match="the model's logit is a linear function of the BI-RADS score"):
+            fit_combination(y, prob, birads, method=method)
+
+
+def test_cases_beyond_a_logit_of_37_keep_their_order() -> None:
+    """An attack review: with large coefficients the combined probability rounds to exactly 1.0 and distinct cases
+    tie (an AUC of 0.444 from a linear predictor's 0.667); the ranking and the cut use the logit scale."""
+    from alnus.combine import Combination
+
+    fit = Combination(-108.72, 4.59, 25.53, 300, 100)
+    prob = np.array([0.99, 0.999, 0.9999, 0.995])
+    birads = np.full(4, 5.0)
+    assert len(set(fit.score(prob, birads).tolist())) == 1  # as probabilities they tie at 1.0
+    assert list(np.argsort(fit.linear(prob, birads))) == [0, 3, 1, 2]  # on the logit scale they do not

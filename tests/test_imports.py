@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "alnus._io": 1,
     "alnus._hardware": 1,
     "alnus._stats_base": 1,
+    "alnus._firth": 1,
     "alnus.runfolder": 1,
     "alnus.operating_point": 1,
     "alnus.reader_rule": 1,

@@ -655,9 +655,19 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     single = clustered_proportion_ci(per_patient, np.arange(30))
     assert single.ci_low <= patients.ci_low and single.ci_high >= patients.ci_high
     assert (single.ci_low, single.ci_high) == pytest.approx((patients.ci_low, patients.ci_high), abs=0.01)
-    # Every image a success: an interval with a width, as the exact one (the bootstrap's was [1, 1]).
+    # Every image a success: an interval with a width (the bootstrap's was [1, 1]), and, with no between-patient
+    # variance to estimate the clustering from, that of the patients (a new user's review: 25 of 25 images of 12
+    # patients had a narrower interval than 12 of 12 patients).
     allhit = clustered_proportion_ci(np.ones(60, bool), np.repeat(np.arange(30), 2))
-    assert allhit.ci_high == 1.0 and allhit.ci_low == pytest.approx(proportion_ci(60, 60).ci_low)
+    assert allhit.ci_high == 1.0 and allhit.ci_low == pytest.approx(proportion_ci(30, 30).ci_low)
+    assert "at k = 0 or n, that of fully correlated images" in allhit.method
+    sizes = np.r_[np.full(11, 2), 3]  # 25 images of 12 patients
+    unequal = clustered_proportion_ci(np.ones(25, bool), np.repeat(np.arange(12), sizes))
+    assert unequal.ci_low <= proportion_ci(12, 12).ci_low  # never narrower than the patients'
+    none = clustered_proportion_ci(np.zeros(25, bool), np.repeat(np.arange(12), sizes))
+    assert none.ci_low == 0.0 and none.ci_high == pytest.approx(1 - unequal.ci_low)
+    one_each = clustered_proportion_ci(np.ones(12, bool), np.arange(12))  # one image per patient: the exact interval
+    assert one_each.ci_low == pytest.approx(proportion_ci(12, 12).ci_low) and "fully correlated" not in one_each.method
     # Near 1, never narrower than the exact interval of the images (the design effect is at least 1).
     near = clustered_proportion_ci(np.r_[np.ones(57, bool), np.zeros(2, bool)], np.arange(59))
     exact = proportion_ci(57, 59)

@@ -19,6 +19,7 @@ model package's reader rule (`alnus.reader_rule`) states them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,11 +55,17 @@ class Combination:
     reader_coef_ci: tuple[float, float] | None = None
     separated: bool = False  # whether the cases were (quasi-)separated: an ML fit would not exist there
 
+    def linear(self, prob: object, birads_score: object) -> np.ndarray:
+        """The combined score on the logit scale: what ranks the cases and is cut at a threshold (the probability
+        rounds to exactly 1.0 beyond a logit of about 37 in float64, where cases would tie)."""
+        x = _design(prob, birads_score)
+        return self.intercept + x @ np.array([self.model_coef, self.reader_coef])
+
     def score(self, prob: object, birads_score: object) -> np.ndarray:
         """The combined probability of each case from its model probability and reader's ordinal BI-RADS score."""
-        x = _design(prob, birads_score)
-        z = self.intercept + x @ np.array([self.model_coef, self.reader_coef])
-        return 1.0 / (1.0 + np.exp(-z))
+        from scipy.special import expit
+
+        return expit(self.linear(prob, birads_score))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +121,8 @@ def _design(prob: object, birads_score: object) -> np.ndarray:
                            f"{b.shape}.")  # fmt: skip
     if not (np.isfinite(p).all() and np.isfinite(b).all()):
         raise CombineError("every case needs a model probability and a BI-RADS reading (missing values found).")
+    if ((p < 0) | (p > 1)).any():
+        raise CombineError(f"model probabilities must lie in [0, 1]; found {float(p[(p < 0) | (p > 1)][0])!r}.")
     return np.column_stack([_logit(p), b])
 
 
@@ -124,12 +133,14 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
     """Fit the combined score on (validation) cases: labels 0/1, model probabilities, ordinal BI-RADS scores.
 
     `method` "firth" (the default): Firth's penalised likelihood, finite under separation, with profile-likelihood CIs
-    of the coefficients. "ml": unpenalised maximum likelihood (scikit-learn), refused where the cases are separated,
-    since no fit exists there. Either way the two coefficients say how much each source counts, on their own scales.
+    of the coefficients (`alnus._firth`: the highest peak from several starts, the intervals checked). "ml":
+    unpenalised maximum likelihood (scikit-learn), refused where the cases are separated, since no fit exists there.
+    Either way the two coefficients say how much each source counts, on their own scales.
     """
     if method not in FIT_METHODS:
         raise CombineError(f"method must be one of {', '.join(FIT_METHODS)}; got {method!r}.")
-    yb = np.asarray(y).astype(int)
+    _aligned(y, prob, birads_score)
+    yb = _binary(y, "labels").astype(int)
     x = _design(prob, birads_score)
     if yb.shape != (len(x),):
         raise CombineError(f"got {yb.size} labels for {len(x)} cases.")
@@ -148,6 +159,11 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
                 f"the {source} are the same for all {len(yb)} validation cases, so their weight in "
                 "the combined score cannot be estimated; the tie-break fits nothing and is still set."
             )
+    if np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < 3:
+        raise CombineError(
+            f"on the {len(yb)} validation cases the model's logit is a linear function of the BI-RADS score, so "
+            "their weights cannot be told apart; the tie-break fits nothing and is still set."
+        )
     separated = _separated(x, yb)
     if method == "firth":
         return _fit_firth(x, yb, separated)
@@ -172,25 +188,31 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
 
 
 def _fit_firth(x: np.ndarray, y: np.ndarray, separated: bool) -> Combination:
-    """Firth's penalised logistic regression (`firthmodels`) with profile-likelihood CIs of both coefficients."""
-    from firthmodels import FirthLogisticRegression
+    """Firth's penalised logistic regression with profile-likelihood CIs of both coefficients (`alnus._firth`: the
+    maximum checked from several starts, each interval found on its profile and checked)."""
+    from alnus._firth import FirthError
 
-    not_fitted = (f"the Firth logistic regression on the {len(y)} validation cases did not converge, so its "
-                  "coefficients are not a fit; the tie-break fits nothing and is still set.")  # fmt: skip
     try:
-        fit = FirthLogisticRegression(max_iter=100).fit(x, y)
-        ci = fit.conf_int(method="pl", features=[0, 1], max_iter=100)[:2]  # rows: the features, then the intercept
-    except np.linalg.LinAlgError as exc:  # e.g. probabilities of 0 or 1 for every case: no weighted design left
-        raise CombineError(not_fitted.replace("did not converge", f"cannot be computed ({exc})")) from None
-    if not fit.converged_:
-        raise CombineError(not_fitted)
-    if not np.isfinite(ci).all():
-        raise CombineError(not_fitted.replace("did not converge", "has no finite profile-likelihood interval"))
+        fit = _cached_firth(x.tobytes(), y.astype(np.int64).tobytes(), len(y))
+    except FirthError as exc:
+        raise CombineError(
+            f"the Firth logistic regression on the {len(y)} validation cases gave no checked fit: {exc}; the "
+            "tie-break fits nothing and is still set."
+        ) from None
+    (a, b), (c, d) = fit.ci
     return Combination(
-        float(fit.intercept_), float(fit.coef_[0]), float(fit.coef_[1]), len(y), int(y.sum()), method="firth",
-        model_coef_ci=(float(ci[0, 0]), float(ci[0, 1])), reader_coef_ci=(float(ci[1, 0]), float(ci[1, 1])),
-        separated=separated,
+        float(fit.coef[0]), float(fit.coef[1]), float(fit.coef[2]), len(y), int(y.sum()), method="firth",
+        model_coef_ci=(float(a), float(b)), reader_coef_ci=(float(c), float(d)), separated=separated,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_firth(x: bytes, y: bytes, n: int) -> Any:  # noqa: ANN401 - alnus._firth.FirthFit
+    """`alnus._firth.fit_firth` of these cases, computed once: `alnus evaluate` sets each reader's combination on the
+    same validation cases for every test split and model, and a checked fit takes about a second."""
+    from alnus._firth import fit_firth
+
+    return fit_firth(np.frombuffer(x).reshape(n, 2), np.frombuffer(y, dtype=np.int64), ci_for=(1, 2))
 
 
 def _separated(x: np.ndarray, y: np.ndarray) -> bool:
@@ -382,12 +404,13 @@ class Setting:
     rule: RuleOut | None = None
 
     def score(self, prob: object, birads_score: object) -> np.ndarray:
-        return tie_break_score(prob, birads_score) if self.fit is None else self.fit.score(prob, birads_score)
+        """What ranks the cases: the tie-break score, or the fitted combination on its logit scale."""
+        return tie_break_score(prob, birads_score) if self.fit is None else self.fit.linear(prob, birads_score)
 
     def calls(self, prob: object, birads_score: object, reader_call: object) -> np.ndarray:
         if self.rule is not None:
             return self.rule.calls(prob, birads_score, reader_call)
-        return self.score(prob, birads_score) >= self.params["threshold"]
+        return self.score(prob, birads_score) >= self.params["threshold_logit"]
 
 
 METHODS = ("fitted", "tie_break")
@@ -426,11 +449,14 @@ def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting 
         if sensitivity == 0:
             raise CombineError("the reader called no positive validation case positive: there is no sensitivity to "
                                "match, so the fitted combination has no operating point.")  # fmt: skip
-        threshold = matched_threshold(y, fit.score(prob, birads), sensitivity)
+        from scipy.special import expit
+
+        cut = matched_threshold(y, fit.linear(prob, birads), sensitivity)  # on the logit scale: no ties at 1.0
+        threshold = float(expit(cut))
         params = {**on_val, "fit_method": fit.method, "intercept": fit.intercept, "model_coef": fit.model_coef,
                   "model_coef_ci_low": fit.model_coef_ci[0], "model_coef_ci_high": fit.model_coef_ci[1],
                   "reader_coef": fit.reader_coef, "val_separated": fit.separated, "threshold": threshold,
-                  "reader_val_sensitivity": sensitivity}  # fmt: skip
+                  "threshold_logit": cut, "reader_val_sensitivity": sensitivity}  # fmt: skip
         point = (f"P = sigmoid({coefficients_text(fit).replace('; ', ') (', 1)}), positive from {threshold:.3f}: "
                  f"the reader's validation sensitivity ({100 * sensitivity:.1f}%) on the {on_val['val_n']} "
                  "validation cases")  # fmt: skip
