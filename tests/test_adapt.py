@@ -609,6 +609,21 @@ def test_score_compares_an_adapted_package_with_its_source_on_labelled_patients(
     said = " ".join(stderr.split())
     assert code == 0 and "AUC difference" not in stdout and "there is no AUC difference to test" in said
     assert "none frozen" in stdout and "/12" in stdout  # the re-thresholded copy's calls, beside the other's
+    assert "calls not compared: only one of the two packages has a frozen threshold" in said
+    # A new user's review: "whose calls are compared above" while they were only listed side by side. Two frozen
+    # thresholds on the same weights: the calls are compared by exact McNemar tests on the same patients.
+    shutil.copytree(site / "copy", site / "copy2")
+    run_cli("threshold", str(site / "copy2"), "--manifest", manifest, "--rule", "youden", "--refreeze")
+    code, stdout, stderr = run_cli("score", str(site / "copy"), str(site / "copy2"), "--manifest", manifest)
+    printed = " ".join(stdout.split())
+    assert code == 0, stdout + stderr
+    found = score_on_labelled([site / "copy", site / "copy2"], manifest).calls
+    sens, spec = found["sensitivity"], found["specificity"]
+    assert f"Calls of the first package vs the second on the same {found['n']} {found['level']}s: sensitivity" in (
+        printed
+    )
+    assert f"({sens.b} vs {sens.c} discordant;" in printed and f"({spec.b} vs {spec.c} discordant;" in printed
+    assert sens.n == 12 and spec.n == 12 and found["level"] == "patient"
     # Rows of a class the model does not know (BrEaST's normal scans) are left out and named; the rest is scored.
     normal = table.iloc[:2].assign(label="normal", patient_id=["n1", "n2"])
     pd.concat([table, normal]).to_csv(site / "site" / "with_normal.csv", index=False)

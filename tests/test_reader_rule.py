@@ -602,3 +602,22 @@ def test_score_says_when_a_mcnemar_p_and_its_interval_disagree(
     assert ((spec["p"] < 0.05) != (spec["ci_low"] > 0)) == disagree
     assert ("specificity: the exact test (P" in said) == disagree, said
     assert "sensitivity: the exact test" not in said  # no discordant positive: nothing to reconcile
+
+
+def test_score_shows_one_table_for_a_reader_rule_two_packages_share(site: Path) -> None:
+    """A new user's review: two packages with one reader rule (a copy re-thresholded) printed the same
+    radiologist-with-AI table twice."""
+    import shutil
+
+    package, folder = site / "model", site / "site"
+    prob = Predictor(package, device="cpu", precision="fp32").predict_table(pd.read_csv(folder / "validation.csv"),
+                                                                           folder)["prob"]  # fmt: skip
+    set_reader_rule(package, _rule(float(prob.median())))
+    shutil.copytree(package, site / "copy")
+    manifest = str(folder / "validation.csv")
+    run_cli("threshold", str(site / "copy"), "--manifest", manifest, "--rule", "sensitivity", "--target", "0.95",
+            "--refreeze")  # fmt: skip
+    code, stdout, stderr = run_cli("score", str(site / "copy"), str(package), "--manifest", manifest)
+    assert code == 0, stdout + stderr
+    assert stdout.count("the radiologist with AI") == 1
+    assert "its reader rule is the same as the first package's, with the same results" in " ".join(stderr.split())

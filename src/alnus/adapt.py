@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -770,6 +771,9 @@ class SiteScore:
     # Per package: its reader rule against the radiologist alone on these patients (None: no rule or no readings).
     with_reader: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     left_out: str = ""  # the manifest's rows of other classes than the model's, left out ("" when none)
+    # Two packages with frozen thresholds at one level: their calls compared on the same cases, per metric
+    # (`stats.McNemarResult`, first minus second), or a str saying why they are not.
+    calls: dict[str, Any] | str | None = None
 
 
 def score_on_labelled(
@@ -803,7 +807,7 @@ def score_on_labelled(
     # Checked once, for both; rows of classes the model does not know are left out and named.
     table, left_out = labelled_table(manifest, metas[0], "a package is scored", max_pixels, leave_out=True)
     _both_classes(table, manifest, metas[0], "an AUC is computed", left_out)
-    rows, scores = [], []
+    rows, scores, calls = [], [], []
     with_reader: dict[str, dict[str, Any] | None] = {}
     for package, meta in zip(packages, metas, strict=True):
         predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
@@ -819,13 +823,32 @@ def score_on_labelled(
             row["threshold"] = point["value"]
             row["sensitivity"] = f"{int((called & truth).sum())}/{int(truth.sum())}"
             row["specificity"] = f"{int((~called & ~truth).sum())}/{int((~truth).sum())}"
+            calls.append((point["level"], point["aggregate"], truth, called))
         rows.append(row)
         scores.append(cases["prob"].to_numpy())
         with_reader[str(package)] = _rule_on_site(table, predictions, meta)
     # The same probabilities (a package re-thresholded at a site against its source): their calls differ, their AUCs
     # cannot, so there is no AUC test to make.
     comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 and not same_scores else None
-    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out)
+    return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out,
+                     _compare_calls(calls) if len(packages) == 2 else None)  # fmt: skip
+
+
+def _compare_calls(calls: list[tuple[str, str, np.ndarray, np.ndarray]]) -> dict[str, Any] | str | None:
+    """The two packages' calls on the same cases: exact McNemar tests of sensitivity and specificity (first minus
+    second); why not when one has no threshold or the two call at different levels."""
+    from alnus import stats
+
+    if len(calls) < 2:
+        return "only one of the two packages has a frozen threshold, so their calls cannot be compared"
+    (level, how, truth, first), (level2, how2, _, second) = calls
+    if (level, how) != (level2, how2):
+        return (f"their thresholds call at different levels ({level} {how} vs {level2} {how2}), so their calls are "
+                "not of the same cases")  # fmt: skip
+    found: dict[str, Any] = {"level": level, "n": int(truth.size)}
+    for metric, subset in (("sensitivity", "positives"), ("specificity", "negatives")):
+        found[metric] = stats.mcnemar_test(truth, first, second, subset=subset)
+    return found
 
 
 def _both_classes(

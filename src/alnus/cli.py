@@ -1746,11 +1746,42 @@ def score(
     elif len(packages) == 2:
         _note(
             "the two packages have the same weights and preprocessing, so the same AUC: they differ in their "
-            "threshold or reader rule, whose calls are compared above; there is no AUC difference to test."
+            "threshold or reader rule only; there is no AUC difference to test."
         )
+    _show_calls_compared(result.calls)
+    shown: list[dict] = []
     for package, found in result.with_reader.items():
-        if found is not None:
-            _show_rule_on_site(package, found)
+        if found is None:
+            continue
+        if found in shown:  # the same rule with the same readings: its table is the one above
+            _note(f"{printable(package)}: its reader rule is the same as the first package's, with the same results.")
+            continue
+        shown.append(found)
+        _show_rule_on_site(package, found)
+
+
+def _show_calls_compared(calls: dict | str | None) -> None:
+    """`alnus score`'s line on two packages' calls on the same patients: exact McNemar tests, first minus second."""
+    from alnus.stats import test_and_interval_disagree
+
+    if calls is None:
+        return
+    if isinstance(calls, str):
+        _note(f"calls not compared: {calls}.")
+        return
+    parts = []
+    for metric in ("sensitivity", "specificity"):
+        m = calls[metric]
+        parts.append(f"{metric} {100 * m.prop_a:.1f}% vs {100 * m.prop_b:.1f}% ({m.b} vs {m.c} discordant; difference "
+                     f"{100 * m.estimate:+.1f} points, 95% CI {100 * m.ci_low:+.1f} to {100 * m.ci_high:+.1f}; exact "
+                     f"McNemar P {_p_text(m.p)})")  # fmt: skip
+    console.print(escape(f"Calls of the first package vs the second on the same {calls['n']} {calls['level']}s: "
+                         f"{'; '.join(parts)}."), highlight=False, soft_wrap=True)  # fmt: skip
+    for metric in ("sensitivity", "specificity"):
+        m = calls[metric]
+        disagree = test_and_interval_disagree(m.p, m.ci_low, m.ci_high)
+        if disagree:
+            _note(f"{metric}: {disagree}.")
 
 
 def _proportion_of(count: str) -> str:

@@ -152,10 +152,31 @@ def test_busi_maps_masks_rois_and_ids(tmp_path: Path) -> None:
 
 
 def test_busi_stem_is_the_id_whatever_the_class(tmp_path: Path) -> None:
-    _png(tmp_path / "src" / "yes" / "case7.png")
-    _png(tmp_path / "src" / "no" / "case8.png")
+    for folder, stem in (("yes", "case7"), ("no", "case8")):
+        _png(tmp_path / "src" / folder / f"{stem}.png")
+        _png(tmp_path / "src" / folder / f"{stem}_mask.png", box=(1, 1, 2, 2))
     df = import_busi(tmp_path / "src", tmp_path)
     assert df["patient_id"].tolist() == ["case8", "case7"]
+
+
+def test_a_folder_that_is_not_busi_is_refused_not_imported_with_its_folders_as_labels(tmp_path: Path) -> None:
+    """A new user's review: `alnus data import busi` on BUS-BRA's folder (Images/, Masks/ with mask_0001.png) wrote
+    3750 'patients' labelled 'Images' and 'Masks', and `data validate` then passed it."""
+    src = tmp_path / "BUS-BRA"
+    for n in (1, 2):
+        _png(src / "Images" / f"bus_000{n}-l.png")
+        _png(src / "Masks" / f"mask_000{n}-l.png", box=(1, 1, 2, 2))
+    with pytest.raises(DatasetImportError) as exc:
+        import_busi(src, tmp_path / "out")
+    said = str(exc.value)
+    assert "no image in Images/, Masks/ has a <name>_mask.png beside it, as every BUSI image has" in said
+    assert "`alnus data import folders`" in said and "`alnus data import busbra`" in said
+    assert not (tmp_path / "out").exists()
+    # One BUSI class folder without a single mask is named, though the others are fine.
+    busi = _busi(tmp_path / "busi")
+    _png(busi / "other" / "x.png")
+    with pytest.raises(DatasetImportError, match=r"no image in other/ has a <name>_mask.png beside it"):
+        import_busi(busi, tmp_path / "out")
 
 
 def test_busi_orphan_mask_and_unknown_file_are_errors(tmp_path: Path) -> None:

@@ -466,7 +466,15 @@ def import_busi(
         )
     if not rows:
         raise DatasetImportError(f"{src}: no images found; expected {layout}.")
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    unmasked = sorted(set(table["label"]) - set(table.loc[table["mask"] != "", "label"]))
+    if unmasked:  # every BUSI image has its mask (an all-black one in normal/): this is another dataset
+        raise DatasetImportError(
+            f"{src}: no image in {_listing(name + '/' for name in unmasked)} has a <name>_mask.png beside it, as "
+            f"every BUSI image has, so this does not look like BUSI ({layout}). For images sorted into one folder "
+            "per class, use `alnus data import folders`; for BUS-BRA, `alnus data import busbra`."
+        )
+    return table
 
 
 # --- generic class folders --------------------------------------------------------------------------
