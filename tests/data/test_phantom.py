@@ -285,3 +285,15 @@ def test_a_phantom_manifest_is_known_by_its_marker_and_only_unchanged(phantom: t
     (copy / "PHANTOM.md").unlink()
     (copy / "PHANTOM.md").mkdir()  # a folder of that name is no marker
     assert not is_phantom_manifest(copy / "manifest.csv")
+
+
+def test_the_marker_says_what_each_column_of_the_phantom_is(phantom: tuple[Path, pd.DataFrame]) -> None:
+    """A new user's review: PHANTOM.md was two lines, and nothing said how the simulated readers read or what the
+    report's true_score was. Every column of the manifest that is not an image input is explained there."""
+    root, df = phantom
+    marker = " ".join((root / "PHANTOM.md").read_text(encoding="utf-8").split())
+    assert "correlated binormal model behind MRMC studies" in marker and "true_score is their weighted sum" in marker
+    explained = [c for c in df.columns if c not in ("image", "patient_id", "study_id", "label", "site", "mask", "age")]
+    for column in explained:
+        name = "reader_r1" if column.startswith("reader_") else column
+        assert name in marker, column

@@ -186,3 +186,15 @@ def test_an_auc_interval_of_no_width_is_not_shown_as_one() -> None:
     metrics = {"models": {"tiny_cnn": {"threshold": point, "splits": {"internal_test": split}}}}
     table = results_table(metrics, "patient")
     assert f"{NO_WIDTH}: the AUC's interval has no width" in table.note
+
+
+def test_the_readers_with_ai_panel_table_has_a_note_column_only_when_a_row_has_a_note() -> None:
+    """A new user's review: the readers-with-AI MRMC tables of the report carried an empty note column."""
+    from alnus.report.tables import reader_plus_ai_panel_table
+
+    row = {"method": "tie_break", "metric": "auc", "n": 40, "n_readers": 5, "with_ai": 0.9, "alone": 0.85,
+           "difference": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p": 0.02, "note": ""}  # fmt: skip
+    table = reader_plus_ai_panel_table("external_test", "m", {"panel": [row]})
+    assert table is not None and "note" not in table.columns and len(table.rows[0]) == len(table.columns)
+    noted = reader_plus_ai_panel_table("external_test", "m", {"panel": [row, {**row, "note": "2 readers: wide"}]})
+    assert noted is not None and noted.columns[-1] == "note" and noted.rows[1][-1] == "2 readers: wide"

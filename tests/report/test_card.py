@@ -92,3 +92,12 @@ def test_the_report_shows_the_same_card(report_run: Path, card: str) -> None:
 def test_headings_move_down_but_not_past_h6() -> None:
     assert render_markdown("# a\n\n##### b\n", heading_offset=2) == "<h3>a</h3>\n<h6>b</h6>\n"
     assert render_markdown("# a\n") == "<h1>a</h1>\n"
+
+
+def test_each_limitation_reads_as_a_sentence(report_run: Path, card: str) -> None:
+    """A new user's review: the run's notes (here: a threshold chosen on few validation cases) joined the list in
+    lower case."""
+    section = card.split("## Known limitations", 1)[1].split("\n## ", 1)[0]
+    bullets = [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    assert any("validation cases whose smaller class has only" in b for b in bullets)  # a run note is among them
+    assert all(b[:1].isupper() for b in bullets), [b[:40] for b in bullets]

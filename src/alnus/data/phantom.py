@@ -547,6 +547,22 @@ def _write_view(out: Path, view: dict, *, image_size: tuple[int, int], dicom: bo
     return row
 
 
+# What a phantom manifest's columns are, for whoever opens the folder (PHANTOM.md).
+PHANTOM_COLUMNS = (
+    "How it is made. Each patient has a lesion whose hidden features (shape_irregularity, aspect_ratio, echogenicity, "
+    "shadowing, tumour_size_mm; standard-normal latents except the size) differ between the classes; each hospital "
+    "(site) has its own simulated scanner (gain, dynamic range, speckle size, noise, depth attenuation, field of view,"
+    " image size), so the second hospital is a real site shift for the model. The image and its lesion mask are drawn "
+    "from those features; roi is the box around the mask. The feature columns are the truth behind the image, shown "
+    "for teaching: a model never sees them. true_score is their weighted sum, the ideal observer's score (the best AUC"
+    " any reader or model could reach on these images).\n\nThe readers (reader_r1 ...) are simulated radiologists "
+    "reading BI-RADS 2 to 5: each one's suspicion is a weighted sum of the visible features, plus a case difficulty "
+    "shared by all readers (so they agree with each other as real readers do) and the reader's own noise: the "
+    "correlated binormal model behind MRMC studies (Dorfman, Berbaum & Metz 1992). Their cut points are set so that "
+    "the average reader calls 4a or above in 70% of malignant cases (Zhou et al. 2020: radiologists 73%), each reader "
+    "shifted by a personal bias. Their results and every comparison with them are as simulated as the images."
+)
+
 # Written beside a phantom's manifest: a study of that manifest is marked as simulated (`alnus.study.prepare_run`).
 PHANTOM_MARKER = "PHANTOM.md"
 
@@ -597,8 +613,8 @@ def make_phantom(
     atomic_write_text(
         out / PHANTOM_MARKER,
         f"Simulated images made by `alnus data phantom` (seed {seed}): not patients, for demonstrations and tests "
-        f"only. A study of this manifest says so in its report and model cards.\n\nmanifest.csv sha256 "
-        f"{file_sha256(manifest)}\n",
+        f"only. A study of this manifest says so in its report and model cards.\n\n{PHANTOM_COLUMNS}\n\n"
+        f"manifest.csv sha256 {file_sha256(manifest)}\n",
     )
     return manifest
 

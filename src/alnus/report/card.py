@@ -323,7 +323,8 @@ def _limitations(inputs: RunInputs, model: str) -> list[str]:
             "The ensemble's members were chosen by whoever built it: its test results are unbiased only if that "
             "choice did not look at the test splits (choose members on validation results alone)."
         )
-    items += [md_text(shareable_text(note, inputs.run)) for note in inputs.metrics["models"][model].get("notes", [])]
+    notes = [shareable_text(note, inputs.run) for note in inputs.metrics["models"][model].get("notes", [])]
+    items += [md_text(note[:1].upper() + note[1:]) for note in notes]  # the run's notes start lower case
     return ["## Known limitations", "", *(f"- {item}" for item in items)]
 
 

@@ -112,7 +112,8 @@ _CI_METHODS = {"delong": "DeLong (1988)", "bootstrap": "bootstrap"}
 # A study of a phantom's manifest (`alnus data phantom`; the data stamp's `simulated`), in the report and the cards.
 SIMULATED = (
     "Simulated data: the images, patients, labels and readers are a phantom made by `alnus data phantom`, not "
-    "patients; the numbers show what the pipeline does, not how a model performs on real images."
+    "patients; the numbers show what the pipeline does, not how a model performs on real images. PHANTOM.md beside "
+    "the manifest says how they are made and what each column is (true_score: the ideal observer's)."
 )
 
 

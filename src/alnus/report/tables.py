@@ -440,6 +440,8 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
         return None
     columns = ["combination", "metric", "cases x readers", "readers with AI (mean)", "readers alone (mean)",
                "difference (95% CI)", "P", "note"]  # fmt: skip
+    if not any(str(row[-1]).strip() for row in rows):  # no row has a note: no empty column for it
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
     caption = (f"The readers with {model} vs the same readers alone on {split}: Obuchowski-Rockette MRMC with "
                "Hillis' degrees of freedom (random readers, random cases)")  # fmt: skip
     left_out = sorted({r["left_out"] for r in found.get("panel", []) if r.get("left_out")})
