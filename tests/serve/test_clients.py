@@ -236,6 +236,33 @@ def test_the_place_is_given_back_after_the_client_disconnects(package: Path, tmp
     assert again.status_code == 200, again.text
 
 
+def test_a_client_that_goes_away_frees_its_place_and_its_queued_job_at_once(package: Path, tmp_path: Path) -> None:
+    """The first per-client review: uvicorn does not stop a request whose client left, so its place stayed taken
+    until its prediction had run or timed out (a reloaded page got 429). Now a request waiting for the worker is
+    cancelled when its connection closes: its queued job is dropped and its place given back while the worker is
+    still busy with another request."""
+    with _held_server(package, tmp_path, per_client=2) as (server, hold, service, slots):
+        background = Background()
+        background.post("running", server)  # holds the worker
+        assert hold.started.wait(20)
+        request = httpx.Request("POST", f"{server.url}/v1/predict", files={"image": ("a.png", IMAGE)}, data=FIELDS,
+                                headers={**AUTH, "Host": "127.0.0.1"})  # fmt: skip
+        head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(f"POST /v1/predict HTTP/1.1\r\n{head}\r\n".encode() + request.read())
+            _wait_for(lambda: _queued(service, 1), "the second request queued behind the first")
+            assert slots.in_progress("127.0.0.1") == 2
+        # Its client is gone; the worker is still held by the first request.
+        _wait_for(lambda: slots.in_progress("127.0.0.1") == 1, "the place of the request whose client left", 10)
+        assert all(job.future.cancelled() for job in service._pending)  # skipped by the worker, never run
+        assert len(service._pending) == 1 and not hold.release.is_set()
+        uploads = [p for p in (tmp_path / "uploads").iterdir() if p.is_dir()]
+        assert len(uploads) == 1  # the cancelled job's upload is removed; the running one's is still in use
+        hold.release.set()
+        assert background.join() == {"running": 200}
+    assert slots.total == 0
+
+
 # ------------------------------------------------------------------------------------ who the client is
 def test_x_forwarded_for_is_ignored_unless_the_proxy_is_trusted(package: Path, tmp_path: Path) -> None:
     """uvicorn alone trusts X-Forwarded-For from 127.0.0.1: any program there could name itself another client each

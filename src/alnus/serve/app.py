@@ -22,10 +22,11 @@ a query string, a file name or a header.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -200,6 +201,28 @@ async def _upload(
             raise
 
 
+# How often a request waiting for the worker looks whether its client is still there (seconds).
+DISCONNECT_POLL_S = 0.25
+
+
+async def _while_connected(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """`work`'s answer, cancelled as soon as the client closes its connection: a queued job nobody waits for is then
+    dropped, and its client's place (`ClientSlots`) given back at once rather than when the job would have finished
+    or timed out. Only called once the body is read, so that looking for the disconnect takes no body bytes."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "the client closed the connection before the answer; nothing was sent.")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def create_app(
     service: ModelService,
     access: Access,
@@ -275,7 +298,7 @@ def create_app(
     async def previewed(request: Request) -> dict[str, Any]:
         async with _upload(request, max_upload_bytes, *upload_settings) as (path, _):
             pass
-        return await service.preview(path, cleanup=lambda: remove_upload_folder(path.parent))
+        return await _while_connected(request, service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
 
     async def predicted(request: Request) -> dict[str, Any]:
         async with _upload(request, max_upload_bytes, *upload_settings) as (path, form):
@@ -286,8 +309,8 @@ def create_app(
             if len(form.getlist("birads")) > 1:
                 raise ApiError(422, "birads: sent more than once; send one BI-RADS reading per image.")
             birads = service.birads(_text_field(form, "birads"))
-        return await service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent),
-                                     birads=birads)  # fmt: skip
+        work = service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent), birads=birads)
+        return await _while_connected(request, work)
 
     # A place is taken before the body is read (a refused upload costs nothing) and given back however the request
     # ends; the answer is sent after, so a client that has its answer can send the next request at once.
