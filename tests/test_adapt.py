@@ -707,3 +707,24 @@ def test_predicting_the_images_adapted_on_says_they_are_no_independent_test(site
     assert "2 of these image(s) were among those" in stderr and "no independent test" in stderr
     code, _, stderr = run_cli("predict", str(out), str(fresh), "--format", "csv")
     assert code == 0 and "were among those" not in stderr
+
+
+def test_two_packages_calls_are_compared_when_they_call_the_same_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second attack review: with no threshold in either package it said "only one of the two"; a patient mean
+    against a patient max was refused though both call the same patients; "10 studys"."""
+    import numpy as np
+
+    from alnus import cli
+    from alnus.adapt import _compare_calls
+
+    truth = np.array([True] * 5 + [False] * 5)
+    first, second = truth.copy(), np.ones(10, dtype=bool)
+    assert _compare_calls([]).startswith("neither package has a frozen threshold")
+    assert _compare_calls([("patient", "mean", truth, first)]).startswith("only one of the two packages has")
+    found = _compare_calls([("study", "mean", truth, first), ("study", "max", truth, second)])
+    assert found["specificity"].b == 5 and found["specificity"].c == 0 and found["sensitivity"].b == 0
+    assert "different levels" in _compare_calls([("patient", "mean", truth, first), ("image", "mean", truth, second)])
+    cli._show_calls_compared(found)
+    assert "on the same 10 studies: sensitivity 100.0% vs 100.0%" in " ".join(capsys.readouterr().out.split())
+    cli._show_calls_compared({**found, "level": "image"})
+    assert "images of one patient count as independent cases here" in " ".join(capsys.readouterr().err.split())

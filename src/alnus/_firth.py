@@ -21,6 +21,8 @@ import numpy as np
 _RESTARTS = 3
 # Steps outward from the estimate while looking for a profile bound; beyond them the bound is taken as infinite.
 _MAX_STEPS = 60
+# Newton-Raphson iterations before another method is tried (each is one pass over the cases).
+_NEWTON_STEPS = 300
 
 
 class FirthError(ValueError):
@@ -71,9 +73,10 @@ def _newton(design: np.ndarray, y: np.ndarray, beta: np.ndarray, free: list[int]
     """Firth's Newton-Raphson on the `free` coefficients from `beta` (the information as the Hessian, halving a
     step that lowers the penalised likelihood): a few iterations from a warm start; None when it does not settle."""
     value = penalised_loglik(beta, design, y)
-    for _ in range(50):
+    tolerance = 1e-8 * max(1.0, len(y) ** 0.5)  # the score is a sum over the cases: its rounding grows with them
+    for _ in range(_NEWTON_STEPS):
         score = _modified_score(beta, design, y)[free]
-        if np.abs(score).max() < 1e-8:
+        if np.abs(score).max() < tolerance:
             return beta, value
         try:
             delta = np.linalg.solve(_information(beta, design)[np.ix_(free, free)], score)
@@ -89,6 +92,9 @@ def _newton(design: np.ndarray, y: np.ndarray, beta: np.ndarray, free: list[int]
             step /= 2
         else:
             return None
+        if np.abs(step * delta).max() < 1e-10 and abs(found - value) < 1e-12:
+            # At the limit of the arithmetic: settled if the score is small on the scale of the data, else stuck.
+            return (trial, found) if np.abs(score).max() < 1e-4 * max(1.0, len(y) ** 0.5) else None
         beta, value = trial, found
     return None
 
@@ -96,8 +102,8 @@ def _newton(design: np.ndarray, y: np.ndarray, beta: np.ndarray, free: list[int]
 def _maximise(design: np.ndarray, y: np.ndarray, start: np.ndarray, fixed: int | None = None,
               value: float = 0.0) -> tuple[np.ndarray, float]:  # fmt: skip
     """The penalised maximum from `start` with coefficient `fixed` held at `value` when given; (full coefficients,
-    penalised log-likelihood). Newton-Raphson first; where it does not settle, BFGS on the exact gradient (a full
-    fit polished by Nelder-Mead)."""
+    penalised log-likelihood). Newton-Raphson first; where it does not settle, BFGS on the exact gradient and Newton
+    from where BFGS stopped."""
     from scipy.optimize import minimize
 
     free = [i for i in range(design.shape[1]) if i != fixed]
@@ -123,11 +129,9 @@ def _maximise(design: np.ndarray, y: np.ndarray, start: np.ndarray, fixed: int |
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # line-search and overflow chatter: the result is checked by the caller
         best = minimize(objective, begin[free], jac=gradient, method="BFGS", options={"gtol": 1e-9, "maxiter": 5000})
-        if fixed is None:
-            polished = minimize(objective, best.x, method="Nelder-Mead",
-                                options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000})  # fmt: skip
-            best = polished if polished.fun < best.fun else best
-    return full(best.x), -float(best.fun)
+    found = full(best.x), -float(best.fun)
+    polished = _newton(design, y, found[0], free)  # BFGS near the peak, Newton onto it
+    return polished if polished is not None and polished[1] >= found[1] else found
 
 
 def _starts(design: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -152,30 +156,51 @@ def _starts(design: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     return [s for s in starts if np.isfinite(s).all()]
 
 
+def _profile(design: np.ndarray, y: np.ndarray, beta: np.ndarray, index: int, value: float,
+             warm: np.ndarray | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
+    """The profile at coefficient `index` = `value`: the penalised maximum over the others, the best from the warm start
+    (the previous profile point), the estimate, the estimate with its intercept moved so that the mean linear predictor
+    stays put, and the other weight at 0 with the intercept of the mean outcome (the profile's other coefficients can
+    run far from the estimate's: a single start stalled below the profile and put interval ends where the search failed,
+    not where the profile crosses)."""
+    shifted = beta.copy()
+    shifted[0] -= (value - beta[index]) * float(design[:, index].mean())
+    centred = np.zeros_like(beta)  # the other weight 0, the intercept giving the mean outcome at the mean case
+    mean_y = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+    centred[0] = np.log(mean_y / (1 - mean_y)) - value * float(design[:, index].mean())
+    starts = [s for s in (warm, beta, shifted, centred) if s is not None]
+    return max((_maximise(design, y, s, fixed=index, value=value) for s in starts), key=lambda found: found[1])
+
+
 def _bound(design: np.ndarray, y: np.ndarray, beta: np.ndarray, index: int, direction: int, cutoff: float,
            peak: float) -> tuple[float, np.ndarray | None]:  # fmt: skip
     """One end of coefficient `index`'s profile interval: where the profile falls to `cutoff`; (bound, None), or
     (nan, a higher point) when the profile rises above `peak` on the way (the fit was not the highest)."""
     from scipy.optimize import brentq
 
-    others = beta.copy()
+    warm = beta.copy()
     step = max(0.25, 0.1 * abs(beta[index]))
     inner, outer = beta[index], beta[index] + direction * step
     for _ in range(_MAX_STEPS):
-        point, value = _maximise(design, y, others, fixed=index, value=outer)
+        point, value = _profile(design, y, beta, index, outer, warm)
         if value > peak + 1e-7:
             return float("nan"), point
         if value < cutoff:
             break
-        others, inner, outer = point, outer, outer + direction * step
+        warm, inner, outer = point, outer, outer + direction * step
         step *= 1.5
     else:
         return float(direction * np.inf), None
+    higher: list[np.ndarray] = []
 
     def excess(b: float) -> float:
-        return _maximise(design, y, others, fixed=index, value=b)[1] - cutoff
+        point, value = _profile(design, y, beta, index, b, warm)
+        if value > peak + 1e-7:
+            higher.append(point)
+        return value - cutoff
 
-    return float(brentq(excess, min(inner, outer), max(inner, outer), xtol=1e-7)), None
+    end = float(brentq(excess, min(inner, outer), max(inner, outer), xtol=1e-7))
+    return (float("nan"), higher[0]) if higher else (end, None)
 
 
 def fit_firth(x: np.ndarray, y: np.ndarray, ci_for: Sequence[int] = (1, 2), alpha: float = 0.05) -> FirthFit:
@@ -211,6 +236,8 @@ def fit_firth(x: np.ndarray, y: np.ndarray, ci_for: Sequence[int] = (1, 2), alph
                 raise FirthError("a coefficient's profile-likelihood interval has no finite end")
             if not ((ci[:, 0] < beta[list(ci_for)]) & (beta[list(ci_for)] < ci[:, 1])).all():
                 raise FirthError("a profile-likelihood interval does not hold its estimate")
+            beta.setflags(write=False)  # kept in a cache: read-only, so no caller can change what others get
+            ci.setflags(write=False)
             return FirthFit(beta, peak, ci)
         beta, peak = _maximise(design, yf, higher)  # a higher peak than the one found: start again from it
     raise FirthError("the search kept finding higher peaks of the penalised likelihood")

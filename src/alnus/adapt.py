@@ -840,11 +840,12 @@ def _compare_calls(calls: list[tuple[str, str, np.ndarray, np.ndarray]]) -> dict
     from alnus import stats
 
     if len(calls) < 2:
-        return "only one of the two packages has a frozen threshold, so their calls cannot be compared"
-    (level, how, truth, first), (level2, how2, _, second) = calls
-    if (level, how) != (level2, how2):
-        return (f"their thresholds call at different levels ({level} {how} vs {level2} {how2}), so their calls are "
-                "not of the same cases")  # fmt: skip
+        which = "neither package has" if not calls else "only one of the two packages has"
+        return f"{which} a frozen threshold, so their calls cannot be compared"
+    (level, _, truth, first), (level2, _, truth2, second) = calls
+    if level != level2 or truth.size != truth2.size:
+        return (f"their thresholds call at different levels ({level} vs {level2}), so their calls are not of the "
+                "same cases")  # fmt: skip
     found: dict[str, Any] = {"level": level, "n": int(truth.size)}
     for metric, subset in (("sensitivity", "positives"), ("specificity", "negatives")):
         found[metric] = stats.mcnemar_test(truth, first, second, subset=subset)

@@ -1775,8 +1775,12 @@ def _show_calls_compared(calls: dict | str | None) -> None:
         parts.append(f"{metric} {100 * m.prop_a:.1f}% vs {100 * m.prop_b:.1f}% ({m.b} vs {m.c} discordant; difference "
                      f"{100 * m.estimate:+.1f} points, 95% CI {100 * m.ci_low:+.1f} to {100 * m.ci_high:+.1f}; exact "
                      f"McNemar P {_p_text(m.p)})")  # fmt: skip
-    console.print(escape(f"Calls of the first package vs the second on the same {calls['n']} {calls['level']}s: "
+    units = {"patient": "patients", "study": "studies", "image": "images"}.get(calls["level"], calls["level"])
+    console.print(escape(f"Calls of the first package vs the second on the same {calls['n']} {units}: "
                          f"{'; '.join(parts)}."), highlight=False, soft_wrap=True)  # fmt: skip
+    if calls["level"] == "image":
+        _note("the calls are per image: images of one patient count as independent cases here, so the P values are "
+              "too small when patients have several images.")  # fmt: skip
     for metric in ("sensitivity", "specificity"):
         m = calls[metric]
         disagree = test_and_interval_disagree(m.p, m.ci_low, m.ci_high)
