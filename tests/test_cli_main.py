@@ -118,18 +118,10 @@ def test_piped_help_shows_whole_option_names() -> None:
     assert max(len(line) for line in narrow.splitlines()) <= 80  # a width the user set is kept
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
-def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_says_how_to_go_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: str
-) -> None:
-    """A new user's review: a SIGTERM (a scheduler's stop, `kill`) left a 0-byte checkpoints/.last.pt.*.tmp that the
-    resumed run kept, and Ctrl-C ended without a word. The stop arrives here while the first checkpoint is written."""
-    import signal
-
-    import torch
+def _stop_config(tmp_path: Path) -> Path:
+    """A 3-epoch study of a small phantom, for the tests that stop it: its config file."""
     import yaml
 
-    import alnus._checkpoint
     from alnus.data.phantom import make_phantom
 
     manifest = make_phantom(tmp_path / "data", patients=24, external_patients=0, image_size=(48, 48), seed=1)
@@ -140,6 +132,22 @@ def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_sa
         "preprocess": {"size": 32, "roi": "box"},
         "train": {"weights": "none", "epochs": 3, "batch_size": 8, "precision": "fp32"},
     }))  # fmt: skip
+    return config
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_a_checkpoint_is_written_leaves_no_half_file_or_lock_and_says_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: str
+) -> None:
+    """A new user's review: a SIGTERM (a scheduler's stop, `kill`) left a 0-byte checkpoints/.last.pt.*.tmp that the
+    resumed run kept, and Ctrl-C ended without a word. The stop arrives here while the first checkpoint is written."""
+    import signal
+
+    import torch
+
+    import alnus._checkpoint
+
+    config = _stop_config(tmp_path)
     real_save = torch.save
 
     def stopped_while_saving(obj: object, path: object) -> None:
@@ -183,19 +191,9 @@ def test_a_stop_after_an_epoch_names_the_epoch_each_model_keeps(
     --resume for `alnus train` and `alnus cv`) then goes on."""
     import signal
 
-    import yaml
-
     import alnus.train
-    from alnus.data.phantom import make_phantom
 
-    manifest = make_phantom(tmp_path / "data", patients=24, external_patients=0, image_size=(48, 48), seed=1)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "stop", "runs_dir": str(tmp_path / "runs"), "models": ["tiny_cnn"],
-        "data": {"manifest": str(manifest), "labels": ["negative", "positive"]},
-        "preprocess": {"size": 32, "roi": "box"},
-        "train": {"weights": "none", "epochs": 3, "batch_size": 8, "precision": "fp32"},
-    }))  # fmt: skip
+    config = _stop_config(tmp_path)
     real_print_epoch = alnus.train._print_epoch
 
     def stopped_after_the_epoch(*args: object, **kwargs: object) -> None:
