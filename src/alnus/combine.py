@@ -3,7 +3,7 @@
 The clinical question after "does the model beat the radiologist?" is "does the radiologist do better with the
 model?". The combined score is a logistic regression of the outcome on the model's logit and the reader's ordinal
 BI-RADS score (`alnus.readers.birads_score`), fitted on the development validation cases only and applied unchanged
-to the tests, as the model's own threshold is. It is fitted by Firth's penalised likelihood (`firthmodels`): BI-RADS
+to the tests, as the model's own threshold is. It is fitted by Firth's penalised likelihood (`alnus._firth`): BI-RADS
 categories often separate a validation set's classes (every 2 and 3 benign, every 5 malignant), where the plain
 maximum-likelihood fit does not exist; the penalised one does, and is less biased in small samples. Its operating
 point is chosen on validation too: the threshold at which it matches the reader's validation sensitivity, so that a
