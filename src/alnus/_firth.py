@@ -212,17 +212,31 @@ def fit_firth(x: np.ndarray, y: np.ndarray, ci_for: Sequence[int] = (1, 2), alph
     """
     from scipy.stats import chi2
 
-    design = np.column_stack([np.ones(len(x)), x])
+    x = np.asarray(x, dtype=float)
     yf = np.asarray(y, dtype=float)
-    if np.linalg.matrix_rank(design) < design.shape[1]:
+    if np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < x.shape[1] + 1:
         raise FirthError("the columns are linearly dependent (one is a linear function of the other), so their "
                          "weights cannot be told apart")  # fmt: skip
+    # Searched on centred and scaled columns (a logit of +-16 beside a BI-RADS of 2-5 stalled the searches): the
+    # penalised likelihood is the same function of the model's predictions, so the fit and its intervals map back.
+    centre, scale = x.mean(axis=0), x.std(axis=0)
+    design = np.column_stack([np.ones(len(x)), (x - centre) / scale])
+    fit = _fit_scaled(design, yf, ci_for, chi2.ppf(1 - alpha, 1) / 2)
+    coef = np.r_[fit.coef[0] - float(np.sum(fit.coef[1:] * centre / scale)), fit.coef[1:] / scale]
+    ci = fit.ci / scale[np.asarray(ci_for) - 1][:, None]
+    coef.setflags(write=False)  # kept in a cache: read-only, so no caller can change what others get
+    ci.setflags(write=False)
+    return FirthFit(coef, penalised_loglik(coef, np.column_stack([np.ones(len(x)), x]), yf), ci)
+
+
+def _fit_scaled(design: np.ndarray, yf: np.ndarray, ci_for: Sequence[int], drop: float) -> FirthFit:
+    """`fit_firth` on a design of centred, scaled columns: the maximum, then each interval on its profile."""
     candidates = [_maximise(design, yf, start) for start in _starts(design, yf)]
     beta, peak = max(candidates, key=lambda found: found[1])
     for _ in range(_RESTARTS + 1):
         if not np.isfinite(peak) or np.abs(_modified_score(beta, design, yf)).max() > 1e-3 * max(1.0, len(yf) ** 0.5):
             raise FirthError("the penalised likelihood has no finite maximum the search could confirm")
-        cutoff = peak - chi2.ppf(1 - alpha, 1) / 2
+        cutoff = peak - drop
         rows, higher = [], None
         for index in ci_for:
             ends = [_bound(design, yf, beta, index, d, cutoff, peak) for d in (-1, 1)]
@@ -236,8 +250,6 @@ def fit_firth(x: np.ndarray, y: np.ndarray, ci_for: Sequence[int] = (1, 2), alph
                 raise FirthError("a coefficient's profile-likelihood interval has no finite end")
             if not ((ci[:, 0] < beta[list(ci_for)]) & (beta[list(ci_for)] < ci[:, 1])).all():
                 raise FirthError("a profile-likelihood interval does not hold its estimate")
-            beta.setflags(write=False)  # kept in a cache: read-only, so no caller can change what others get
-            ci.setflags(write=False)
             return FirthFit(beta, peak, ci)
         beta, peak = _maximise(design, yf, higher)  # a higher peak than the one found: start again from it
     raise FirthError("the search kept finding higher peaks of the penalised likelihood")
