@@ -266,7 +266,7 @@ def test_values_equal_in_natural_order_come_out_in_one_order_whatever_the_hash_s
             check=True,
             env={**os.environ, "PYTHONHASHSEED": str(seed)},
         ).stdout  # fmt: skip
-        for seed in (1, 2, 3)
+        for seed in (1, 2)  # two hash seeds: a hash-dependent order of six values repeats by chance about 1 in 720
     }
     assert len(orders) == 1, orders
 
