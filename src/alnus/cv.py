@@ -568,8 +568,6 @@ def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05)
     not moved by fold models whose scores sit on different scales, which the pooled AUC (also given, per model, with
     its DeLong CI) is. Every model's fold k must hold the same cases with the same labels as the reference's fold k.
     """
-    from statsmodels.stats.multitest import multipletests
-
     if len(models) < 2:
         raise CvError("give at least two cross-validated configurations (cv folders) to compare.")
     (reference, ref_folds), *others = models.items()
@@ -603,7 +601,7 @@ def compare_folds(models: dict[str, list[pd.DataFrame]], *, alpha: float = 0.05)
             row.update(_fold_difference(folds, ref_folds, alpha))
         rows.append(row)
     compared = [row for row in rows if "p" in row]
-    for row, adjusted in zip(compared, multipletests([r["p"] for r in compared], method="holm")[1], strict=True):
+    for row, adjusted in zip(compared, stats.holm([r["p"] for r in compared]), strict=True):
         row["p_holm"] = float(adjusted)
         pooled = row["pooled_auc"] - rows[0]["pooled_auc"]
         # The pooled AUCs rank the two the other way than the folds do: the fold models' scores differ in scale.
