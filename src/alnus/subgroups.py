@@ -17,7 +17,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,12 @@ def _order(value: str) -> list[tuple[int, float, str]]:
     """Natural order: numbers by value wherever they appear ("2" < "4a" < "4b" < "10"), text alphabetically."""
     chunks = re.split(r"(\d+(?:\.\d+)?)", value)
     return [(0, float(c), "") if i % 2 else (1, 0.0, c) for i, c in enumerate(chunks) if c]
+
+
+def group_order(values: Iterable[str]) -> list[str]:
+    """The distinct values in natural order (`_order`); ties of that order ("1", "01", "1.0") fall back to the text,
+    so the order never varies between runs (whatever the hash seed that orders a set)."""
+    return sorted(set(values), key=lambda v: (_order(v), v))
 
 
 def _package_point(run_dir: Path, model: str) -> tuple[dict[str, Any], str, str]:
@@ -197,8 +203,7 @@ def subgroup_results(
         if moved:
             raise SubgroupError(f"{split}: {moved}; predict the run again (`alnus predict-run {run_dir}`).")
         value_of = _case_values(rows[by], rows[_CASE])
-        # Ties of the natural order ("1", "01", "1.0") fall back to the text, so the order never varies between runs.
-        for value in sorted(set(value_of), key=lambda v: (_order(v), v)):
+        for value in group_order(value_of):
             here = set(value_of.index[value_of == value])
             row = _group_row(preds[pred_case.isin(here)], rows[rows[_CASE].isin(here)], by, point, level, readers,
                              (positive, negative), alpha)  # fmt: skip
