@@ -669,10 +669,12 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     assert width > 1.4 * (naive.ci_high - naive.ci_low)  # wider than 90 independent images
     assert abs(width - (patients.ci_high - patients.ci_low)) < 0.03  # about that of 30 independent patients
     assert "Korn-Graubard; 30 patients, design effect" in clustered.method
-    # One image per patient: the exact interval, up to the between-cluster variance's m / (m - 1).
+    # One image per patient: the exact interval, up to the between-cluster variance's m / (m - 1) and the degrees of
+    # freedom's (z / t)^2 (Korn-Graubard), which widen it a little for 30 patients.
     single = clustered_proportion_ci(per_patient, np.arange(30))
     assert single.ci_low <= patients.ci_low and single.ci_high >= patients.ci_high
-    assert (single.ci_low, single.ci_high) == pytest.approx((patients.ci_low, patients.ci_high), abs=0.01)
+    assert (single.ci_low, single.ci_high) == pytest.approx((patients.ci_low, patients.ci_high), abs=0.02)
+    assert "29 degrees of freedom" in single.method
     # Every image a success: an interval with a width (the bootstrap's was [1, 1]), and, with no between-patient
     # variance to estimate the clustering from, that of the patients (a new user's review: 25 of 25 images of 12
     # patients had a narrower interval than 12 of 12 patients).
@@ -690,6 +692,41 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     near = clustered_proportion_ci(np.r_[np.ones(57, bool), np.zeros(2, bool)], np.arange(59))
     exact = proportion_ci(57, 59)
     assert near.ci_low <= exact.ci_low + 1e-12 and near.ci_high >= exact.ci_high - 1e-12
+
+
+def test_a_clustered_proportion_is_widened_for_few_patients_and_never_narrower_than_at_its_ends() -> None:
+    """Korn-Graubard's degrees-of-freedom factor: with the same pattern of patients repeated, the interval of the
+    images approaches that of the patients from above as the patients grow in number. A review: one miss among 25
+    images of 12 patients let the estimated design effect fall to about 1, and its lower bound (0.797) rose above
+    that of 25 of 25 (0.735); a lower bound now never exceeds that of every image a success in the same patients,
+    nor an upper bound falls short of that of none."""
+    from alnus.stats import clustered_proportion_ci, proportion_ci
+
+    pattern = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1, 1], bool)  # 8 of 10 patients, each patient's 3 images alike
+    excess = []
+    for copies in (1, 3, 30):
+        per_patient = np.tile(pattern, copies)
+        clustered = clustered_proportion_ci(np.repeat(per_patient, 3), np.repeat(np.arange(per_patient.size), 3))
+        patients = proportion_ci(int(per_patient.sum()), per_patient.size)
+        assert clustered.ci_low < patients.ci_low and clustered.ci_high > patients.ci_high
+        excess.append((clustered.ci_high - clustered.ci_low) / (patients.ci_high - patients.ci_low))
+    assert excess[0] > excess[1] > excess[2] > 1 and excess[2] < 1.02, excess
+
+    sizes = np.r_[np.full(11, 2), 3]  # 25 images of 12 patients
+    groups = np.repeat(np.arange(12), sizes)
+    every = clustered_proportion_ci(np.ones(25, bool), groups)
+    none = clustered_proportion_ci(np.zeros(25, bool), groups)
+    for image in range(25):  # one miss (and one success) wherever it falls
+        success = np.ones(25, bool)
+        success[image] = False
+        one_miss = clustered_proportion_ci(success, groups)
+        assert one_miss.ci_low <= every.ci_low and one_miss.ci_high <= 1.0
+        one_hit = clustered_proportion_ci(~success, groups)
+        assert one_hit.ci_high >= none.ci_high and one_hit.ci_low >= 0.0
+    assert "widened to reach the interval of all (or none) of the cases" in one_miss.method
+    # Far from the ends the widening does not apply.
+    half = clustered_proportion_ci(np.arange(25) % 2 == 0, groups)
+    assert "widened" not in half.method
 
 
 def test_calibration_intervals_of_a_patients_images_count_the_patients() -> None:

@@ -423,14 +423,20 @@ def proportion_ci(
 
 def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05) -> ProportionResult:
     """k/n over cases that come in clusters (a patient's images) with the Clopper-Pearson interval of the effective
-    sample size (Korn & Graubard 1998): n divided by the design effect, the variance of the ratio estimator between
-    clusters over that of independent cases, taken as at least 1. Where k is 0 or n the cases show no
-    between-cluster variance to estimate it from, and the design effect is that of fully correlated images, sum(m_i^2)
-    / n for clusters of m_i cases (each patient counts about once: with equal clusters, exactly the interval of the
-    patients), the conservative choice (the survey convention of a design effect of 1 there gave 25 of 25 images of
-    12 patients a narrower interval than 12 of 12 patients). Plain Clopper-Pearson takes a patient's correlated
-    images as independent, too narrow an interval; a percentile bootstrap over patients is too narrow near 0 and 1,
-    and of no width at k = n."""
+    sample size (Korn & Graubard 1998): n divided by the design effect (the variance of the ratio estimator between
+    clusters over that of independent cases, taken as at least 1), times (z / t)^2 with t on the clusters' degrees
+    of freedom (their number less one; few patients, a wider interval).
+
+    Where k is 0 or n the cases show no between-cluster variance to estimate it from, and the design effect is that
+    of fully correlated images, sum(m_i^2) / n for clusters of m_i cases (each patient counts about once: with equal
+    clusters, exactly the interval of the patients), the conservative choice (the survey convention of a design
+    effect of 1 there gave 25 of 25 images of 12 patients a narrower interval than 12 of 12 patients). Between 0 and
+    n the interval reaches at least as far as those at the two ends: one miss among 25 images of 12 patients let
+    the estimated design effect fall to 1 and gave a higher lower bound than 25 of 25, so a lower bound never
+    exceeds that of all cases succeeding in these clusters, nor an upper bound falls short of that of none.
+
+    Plain Clopper-Pearson takes a patient's correlated images as independent, too narrow an interval; a percentile
+    bootstrap over patients is too narrow near 0 and 1, and of no width at k = n."""
     alpha = check_alpha(alpha)
     hit = np.asarray(success, dtype=bool)
     if hit.ndim != 1 or hit.size == 0:
@@ -441,19 +447,30 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     n_unit = np.bincount(codes, minlength=n_units).astype(float)
     k, n = int(hit.sum()), int(hit.size)
     p = k / n
-    design_effect = 1.0
+    correlated = float((n_unit**2).sum()) / n  # the design effect of images fully correlated within a patient
+    n_all = n / correlated  # the effective sample size at k = 0 or n
+    design_effect, df_factor = 1.0, 1.0
     if 0 < k < n and n_units > 1:
         between = n_units / (n_units - 1) * float(((k_unit - p * n_unit) ** 2).sum()) / n**2
         design_effect = max(1.0, between / (p * (1 - p) / n))
+        df_factor = (_sps.norm.ppf(1 - alpha / 2) / _sps.t.ppf(1 - alpha / 2, n_units - 1)) ** 2
     elif k in (0, n):
-        design_effect = float((n_unit**2).sum()) / n  # images fully correlated within a patient: the most it can be
-    n_eff = n / design_effect
+        design_effect = correlated
+    n_eff = n / design_effect * df_factor
     k_eff = p * n_eff
     lo = 0.0 if k == 0 else float(_sps.beta.ppf(alpha / 2, k_eff, n_eff - k_eff + 1))
     hi = 1.0 if k == n else float(_sps.beta.ppf(1 - alpha / 2, k_eff + 1, n_eff - k_eff))
+    widened = ""
+    if 0 < k < n:
+        lo_all = float(_sps.beta.ppf(alpha / 2, n_all, 1))  # the lower bound of k = n in these clusters
+        hi_none = float(_sps.beta.ppf(1 - alpha / 2, 1, n_all))  # the upper bound of k = 0
+        if lo > lo_all or hi < hi_none:
+            widened = "; widened to reach the interval of all (or none) of the cases"
+        lo, hi = min(lo, lo_all), max(hi, hi_none)
     bound = "; at k = 0 or n, that of fully correlated images" if k in (0, n) and design_effect > 1 else ""
+    df = f", {n_units - 1} degrees of freedom" if df_factor != 1.0 else ""
     method = (f"Clopper-Pearson on the effective sample size, clustered by patient (Korn-Graubard; {n_units} "
-              f"patients, design effect {design_effect:.2f}{bound})")  # fmt: skip
+              f"patients, design effect {design_effect:.2f}{df}{bound}{widened})")  # fmt: skip
     return ProportionResult(k, n, p, lo, hi, method, alpha)
 
 
