@@ -181,6 +181,9 @@ def test_image_level_auc_ci_is_clustered_by_patient() -> None:
     assert (sensitivity["k"], sensitivity["n"]) == (expected.k, expected.n)
     assert (sensitivity["ci_low"], sensitivity["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high))
     assert all("Korn-Graubard" in image[m]["ci_method"] for m in ("accuracy", "sensitivity", "specificity"))
+    patients = len(set(groups[positive]))
+    assert f"{patients} patients" in sensitivity["ci_method"]
+    assert f"{patients - 1} degrees of freedom" in sensitivity["ci_method"] or expected.k in (0, expected.n)
     # And its calibration intervals (a statistician's review: Wald intervals as if the images were independent).
     cal = stats.calibration(t["y"], t["prob"], groups=groups)
     assert (image["calibration"]["slope_ci_low"], image["calibration"]["slope_ci_high"]) == pytest.approx(
@@ -998,6 +1001,12 @@ def test_each_birads_reader_with_the_model_is_compared_with_the_reader_alone(tmp
         assert record["calls_as_model"] == int((calls == (test["prob"].to_numpy() >= frozen)).sum())
     table = pd.read_csv(run / "tables" / "reader_plus_ai_tiny_cnn_external_test.csv")
     assert list(table["method"]) == ["fitted", "tie_break"]
+    # Both weights' profile-likelihood CIs are kept unrounded (a new user found only the model's; the report shows
+    # both).
+    fitted = methods["fitted"]
+    for weight in ("model_coef", "reader_coef"):
+        assert fitted[f"{weight}_ci_low"] < fitted[weight] < fitted[f"{weight}_ci_high"]
+        assert table.loc[0, f"{weight}_ci_low"] == pytest.approx(fitted[f"{weight}_ci_low"])
     from typer.testing import CliRunner
 
     from alnus.cli import app

@@ -455,7 +455,8 @@ def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting 
         threshold = float(expit(cut))
         params = {**on_val, "fit_method": fit.method, "intercept": fit.intercept, "model_coef": fit.model_coef,
                   "model_coef_ci_low": fit.model_coef_ci[0], "model_coef_ci_high": fit.model_coef_ci[1],
-                  "reader_coef": fit.reader_coef, "val_separated": fit.separated, "threshold": threshold,
+                  "reader_coef": fit.reader_coef, "reader_coef_ci_low": fit.reader_coef_ci[0],
+                  "reader_coef_ci_high": fit.reader_coef_ci[1], "val_separated": fit.separated, "threshold": threshold,
                   "threshold_logit": cut, "reader_val_sensitivity": sensitivity}  # fmt: skip
         point = (f"P = sigmoid({coefficients_text(fit).replace('; ', ') (', 1)}), positive from {threshold:.3f}: "
                  f"the reader's validation sensitivity ({100 * sensitivity:.1f}%) on the {on_val['val_n']} "

@@ -52,6 +52,13 @@ TABLE_COLUMNS = ["model", "split", "level", "operating point", "n (pos/neg)", "A
 # The same results as plain numbers (`tables/results_<level>_values.csv`): proportions as fractions in [0, 1], each
 # with its k, n and CI bounds in their own columns, so that no one has to parse "85.4 (35/41; 70.8-94.4)".
 PROPORTIONS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+# How per-image proportions get their CIs (`stats.clustered_proportion_ci`; each one's own `ci_method` names its
+# patients, design effect and degrees of freedom).
+IMAGE_PROPORTION_CI = (
+    "Clopper-Pearson on the effective sample size, clustered by patient (Korn-Graubard: n over the "
+    "design effect, times (z/t)^2 on the patients less one degrees of freedom; at least as wide as "
+    "with no or every image a success; plain Clopper-Pearson when one image per patient)"
+)
 VALUE_COLUMNS = [
     "model", "split", "level", "operating_point", "n", "n_pos", "n_neg", "n_patients", "threshold",
     "auc", "auc_ci_low", "auc_ci_high", "auc_method",
@@ -1035,9 +1042,7 @@ def evaluate_run(
                      "proportion_ci": "clopper-pearson", **readers,
                      "auc_ci": {"image": "bootstrap clustered by patient (DeLong when one image per patient)",
                                 case_level: "delong"},
-                     "proportion_ci_by_level": {"image": "Clopper-Pearson on the effective sample size, clustered "
-                                                         "by patient (Korn-Graubard; plain Clopper-Pearson when one "
-                                                         "image per patient)", case_level: "clopper-pearson"}},
+                     "proportion_ci_by_level": {"image": IMAGE_PROPORTION_CI, case_level: "clopper-pearson"}},
         "models": {}, "comparisons": {}, "comparison_notes": {}, "readers": {}, "reader_plus_ai": {},
         "left_out": left_out,
     }  # fmt: skip

@@ -66,7 +66,15 @@ def test_every_section_is_present_in_order(report_run: Path, page: Page) -> None
     # The notice is in the header, above the contents, where no one can miss it.
     assert html.index('class="notice"') < html.index("Research use only; not for diagnosis.") < html.index("<nav")
     methods = page.section_text["methods"]
-    for words in ("seed 0", "box plus a margin of 15.0%", "youden", "torch", "Training time, tiny_cnn: 2 epochs"):
+    for words in (
+        "seed 0",
+        "box plus a margin of 15.0%",
+        "youden",
+        "torch",
+        "Training time, tiny_cnn: 2 epochs",
+        "per image Clopper-Pearson on the effective sample size",
+        "(z/t)^2 on the patients less one",
+    ):
         assert words in methods, words
     for block in (
         "flow-diagram",
