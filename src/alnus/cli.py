@@ -1917,6 +1917,8 @@ def subgroups(
         _check_out_target(out, run)
     found = subgroup_results(run, by, model=model, splits=split or TEST_SPLITS)
     about = found.attrs
+    if about.get("note"):
+        _note(about["note"])  # first: a note that the groups are too small to read comes before the long table
     _print_frame(
         subgroup_table(found),
         f"{escape(about['model'])} by {escape(by)}, per {about['level']}, threshold {about['threshold']:.4g} "
@@ -1925,8 +1927,6 @@ def subgroups(
     readers = reader_table(found)
     if readers is not None:
         _print_frame(readers, f"Readers by {escape(by)}, per {about['level']} (the cases each one read)")
-    if about.get("note"):
-        _note(about["note"])
     if out is not None:
         write_csv(found, out)
         console.print(f"wrote {escape(str(out))}")
