@@ -729,6 +729,16 @@ def test_a_clustered_proportion_is_widened_for_few_patients_and_never_narrower_t
     assert "widened" not in half.method
 
 
+@pytest.mark.parametrize("success", [[np.nan, 0, 1, 1], [2, 0, 1, 1], [0.5, 0, 1, 1], ["0", "0", "1", "1"]])
+def test_a_clustered_proportion_refuses_successes_that_are_not_0_or_1(success: list[object]) -> None:
+    """An attack review: NaN, 2, 0.5 and the strings "0"/"1" were all counted as successes (k = 4 of 4 for
+    ["0", "0", "1", "1"]), where the other proportions raise StatsError."""
+    from alnus.stats import StatsError, clustered_proportion_ci
+
+    with pytest.raises(StatsError, match="success"):
+        clustered_proportion_ci(success, [1, 1, 2, 3])
+
+
 def test_calibration_intervals_of_a_patients_images_count_the_patients() -> None:
     """A statistician's review: per-image calibration slope and intercept had Wald intervals as if a patient's images
     were independent. With each patient's three images alike, the clustered intervals are those of the patients."""

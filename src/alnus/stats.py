@@ -438,9 +438,11 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     Plain Clopper-Pearson takes a patient's correlated images as independent, too narrow an interval; a percentile
     bootstrap over patients is too narrow near 0 and 1, and of no width at k = n."""
     alpha = check_alpha(alpha)
-    hit = np.asarray(success, dtype=bool)
-    if hit.ndim != 1 or hit.size == 0:
+    shape = np.shape(success)
+    if len(shape) != 1 or shape[0] == 0:
         raise StatsError("a clustered proportion needs a 1-D array of at least one case.")
+    # 0/1 or boolean only: np.asarray(..., dtype=bool) took NaN, 2, 0.5 and the string "0" as successes.
+    hit = as_calls(success, shape[0], "success")
     codes = _group_codes(groups, hit.size)
     n_units = int(codes.max()) + 1
     k_unit = np.bincount(codes, weights=hit, minlength=n_units)
