@@ -368,6 +368,30 @@ def test_small_quasi_separated_sets_get_the_highest_peak(seed: int) -> None:
     assert fit.model_coef_ci[0] < fit.model_coef < fit.model_coef_ci[1]
 
 
+def test_a_profile_with_two_maxima_in_the_other_weight_ends_where_the_higher_one_crosses() -> None:
+    """An attack review: BI-RADS 2-3 benign and 4-5 malignant on 40 cases; at a reader's weight of 10.19 the profile's
+    searches all held the model's weight near +0.22 (a local maximum), while at -0.50 it lay 0.99 above the cut-off, so
+    the reader's interval ended at 10.19 instead of about 17.5."""
+    from scipy.stats import chi2
+
+    from alnus._firth import penalised_loglik
+    from alnus.combine import _design
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    rng.shuffle(y)
+    prob = 1 / (1 + np.exp(-np.clip(2 * (2 * y - 1) + rng.normal(0, 4, 40), -16, 16)))
+    birads = np.where(y == 1, rng.choice([4, 5], 40), rng.choice([2, 3], 40)).astype(float)
+    fit = fit_combination(y, prob, birads)
+    design = np.column_stack([np.ones(40), _design(prob, birads)])
+    beta = np.array([fit.intercept, fit.model_coef, fit.reader_coef])
+    cutoff = penalised_loglik(beta, design, y.astype(float)) - chi2.ppf(0.95, 1) / 2
+    end = fit.reader_coef_ci[1]
+    assert end > 15
+    starts = [list(beta)] + [[-3.5 * end, weight, end] for weight in (-1.0, -0.5, 0.0, 0.5)]
+    assert _best_penalised(design, y.astype(float), starts, fixed=(2, end)) <= cutoff + 2e-3
+
+
 def test_a_reading_that_separates_many_cases_completely_still_has_finite_intervals() -> None:
     """An attack review: with 200 cases (benign read 2-3, malignant 4b-5) firthmodels' profile bound came out NaN
     and the combination was refused, though the profile does cross its cut-off."""
