@@ -369,9 +369,9 @@ def test_small_quasi_separated_sets_get_the_highest_peak(seed: int) -> None:
 
 
 def test_a_profile_with_two_maxima_in_the_other_weight_ends_where_the_higher_one_crosses() -> None:
-    """An attack review: BI-RADS 2-3 benign and 4-5 malignant on 40 cases; at a reader's weight of 10.19 the profile's
-    searches all held the model's weight near +0.22 (a local maximum), while at -0.50 it lay 0.99 above the cut-off, so
-    the reader's interval ended at 10.19 instead of about 17.5."""
+    """An attack review: BI-RADS 2-3 benign and 4-5 malignant on 40 cases; at the reader's weight where its interval
+    ended, every profile search held the model's weight at a local maximum while a higher one, of the other sign, lay
+    well above the cut-off, so the interval ended far short of where the profile crosses."""
     from scipy.stats import chi2
 
     from alnus._firth import penalised_loglik

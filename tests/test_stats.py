@@ -697,9 +697,9 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
 def test_a_clustered_proportion_is_widened_for_few_patients_and_never_narrower_than_at_its_ends() -> None:
     """Korn-Graubard's degrees-of-freedom factor: with the same pattern of patients repeated, the interval of the
     images approaches that of the patients from above as the patients grow in number. A review: one miss among 25
-    images of 12 patients let the estimated design effect fall to about 1, and its lower bound (0.797) rose above
-    that of 25 of 25 (0.735); a lower bound now never exceeds that of every image a success in the same patients,
-    nor an upper bound falls short of that of none."""
+    images of 12 patients let the estimated design effect fall to about 1, and its lower bound rose above that of
+    25 of 25; a lower bound now never exceeds that of every image a success in the same patients, nor an upper
+    bound falls short of that of none."""
     from alnus.stats import clustered_proportion_ci, proportion_ci
 
     pattern = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1, 1], bool)  # 8 of 10 patients, each patient's 3 images alike

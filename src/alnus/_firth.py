@@ -184,8 +184,8 @@ def _profile(design: np.ndarray, y: np.ndarray, beta: np.ndarray, index: int, va
     stays put, and the other weight at 0 with the intercept of the mean outcome (the profile's other coefficients can
     run far from the estimate's: a single start stalled below the profile and put interval ends where the search failed,
     not where the profile crosses). Also each other weight two standard errors either side of the estimate's: the
-    profile can have two local maxima in the other weight (an attack review: BI-RADS separating 40 cases, the model's
-    weight at +0.22 held every start while -0.50 lay 0.99 higher, and the reader's interval ended at 10.2, not 18)."""
+    profile can have two local maxima in the other weight (an attack review: with BI-RADS separating 40 cases, every
+    other start stayed on the lower maximum of the model's weight, and the reader's interval ended far too early)."""
     shifted = beta.copy()
     shifted[0] -= (value - beta[index]) * float(design[:, index].mean())
     centred = np.zeros_like(beta)  # the other weight 0, the intercept giving the mean outcome at the mean case

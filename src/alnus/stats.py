@@ -345,8 +345,8 @@ def _diff(
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment by statsmodels; one P value is its own adjustment, and is not passed on, since
-    statsmodels' Holm ends with a full garbage collection, a quarter of a second with torch loaded, for every one
-    of the many single comparisons of an evaluation."""
+    statsmodels' Holm ends with a full garbage collection, slow with torch loaded, for every one of the many single
+    comparisons of an evaluation."""
     if len(p_values) == 1:
         return list(p_values)
     from statsmodels.stats.multitest import multipletests
