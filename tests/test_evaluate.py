@@ -331,9 +331,13 @@ def test_cli_refreeze_changes_the_package_and_records_its_history(tmp_path: Path
     runner = CliRunner()
     assert runner.invoke(app, ["evaluate", str(run), "--n-boot", "100"]).exit_code == 0
     old = read_metadata(package)["threshold"]
+    assert "rebuilds it" not in runner.invoke(app, ["evaluate", str(run), "--n-boot", "100"]).output  # no report yet
+    (run / "report.html").write_text("<html></html>", encoding="utf-8")
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image"])
     assert result.exit_code == 0, result.output
     assert read_metadata(package)["threshold"] == old and "alternative youden, image" in result.output
+    # The report is not rebuilt by evaluate: said, with the command that does (a new user read it as current).
+    assert f"`alnus report {run}` rebuilds it" in " ".join(result.output.split())
     assert "call a case positive when any of its images is" in " ".join(result.output.split())
     assert "Results per image" in result.output  # the level asked for is the level printed
     # --refreeze with the rule that is already frozen says so (and writes no history entry).

@@ -1874,13 +1874,16 @@ def evaluate(
     """Apply each model's frozen threshold (frozen on validation the first time), then tabulate AUC, accuracy,
     sensitivity, specificity; another rule or level is reported beside it under its own name."""
     from alnus.evaluate import evaluate_run
-    from alnus.runfolder import lock_run
+    from alnus.runfolder import RunFolder, lock_run
 
     if not run.is_dir():
         raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
     with lock_run(run, command="alnus evaluate"):
         metrics = evaluate_run(run, models=model, level=level, refreeze=refreeze, n_boot=n_boot, seed=seed)  # type: ignore[arg-type]
     _show_metrics(run, metrics, level)
+    report = RunFolder(run).report
+    if report.is_file():  # a new user took the report for these numbers
+        _note(f"{report} still shows the earlier evaluation; `alnus report {run}` rebuilds it with these.")
 
 
 @app.command("subgroups")
