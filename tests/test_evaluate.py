@@ -336,8 +336,18 @@ def test_cli_refreeze_changes_the_package_and_records_its_history(tmp_path: Path
     result = runner.invoke(app, ["evaluate", str(run), "--n-boot", "100", "--level", "image"])
     assert result.exit_code == 0, result.output
     assert read_metadata(package)["threshold"] == old and "alternative youden, image" in result.output
+    # A one-off --level is this command's, not the run's settings (a new user's review).
+    assert "this evaluation asked for youden, image (the run's settings or this command's options)" in " ".join(
+        result.output.split()
+    )
     # The report is not rebuilt by evaluate: said, with the command that does (a new user read it as current).
     assert f"`alnus report {run}` rebuilds it" in " ".join(result.output.split())
+    # Its per-patient table's note says whose rows the image-level rule's calls are (a new user read it as that of
+    # the frozen rows beside it).
+    from alnus.report.tables import results_table
+
+    note = results_table(json.loads((run / "metrics.json").read_text(encoding="utf-8")), "patient").note
+    assert "Calls at this level: alternative: youden, image rows, a patient is positive when any of its images" in note
     assert "call a case positive when any of its images is" in " ".join(result.output.split())
     assert "Results per image" in result.output  # the level asked for is the level printed
     # --refreeze with the rule that is already frozen says so (and writes no history entry).

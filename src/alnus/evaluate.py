@@ -1245,7 +1245,8 @@ def _threshold_notes(frozen: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
     notes = []
     if not same_rule(frozen, wanted):
         notes.append(
-            f"the settings ask for {rule_name(wanted)}, but the package's threshold was frozen with "
+            f"this evaluation asked for {rule_name(wanted)} (the run's settings or this command's options), but the "
+            f"package's threshold was frozen with "
             f"{rule_name(frozen)}: its results are the model's; {rule_name(wanted)} is reported as an alternative "
             "(`alnus evaluate RUN --refreeze` makes it the frozen one)."
         )

@@ -261,7 +261,7 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
                 m = by_split.get(split, {}).get(level)
                 if m is None:
                     continue
-                measured.append(m)
+                measured.append((point, m))
                 auc_key = m.get("auc_reported")
                 rows.append([
                     Cell(model, point), split, f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
@@ -279,8 +279,11 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
         "it its 95% CI "
         f"({auc_ci or 'see metrics.json'}). n/a: not defined (e.g. a split without both classes)."
     )
-    carried = sorted({str(m["calls"]) for m in measured if str(m.get("calls", "")).startswith(("each ", "a "))})
-    if carried:  # the threshold was frozen at another level: say how its calls reach these cases
+    # Where a threshold was set at another level: how its calls reach these cases, for its own rows only (a new
+    # user read the alternative image-level rule as that of the frozen rows beside it).
+    carried = sorted({f"{point} rows, {m['calls']}" for point, m in measured
+                      if str(m.get("calls", "")).startswith(("each ", "a "))})  # fmt: skip
+    if carried:
         note += f" Calls at this level: {'; '.join(carried)}."
     if any(isinstance(c, Cell) and c.sub == NO_WIDTH for row in rows for c in row):
         note += (
