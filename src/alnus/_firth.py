@@ -74,8 +74,7 @@ def _curvature(beta: np.ndarray, design: np.ndarray, y: np.ndarray, free: list[i
     exact gradient, where it is positive definite; else the information matrix (Firth's scoring step). The
     information leaves out the penalty's curvature, which dominates on nearly separated data, and its steps then
     crawled (hundreds of iterations per profile point)."""
-    info = _information(beta, design)[np.ix_(free, free)]
-    hessian = np.empty_like(info)
+    hessian = np.empty((len(free), len(free)))
     for column, i in enumerate(free):
         h = 1e-5 * max(1.0, abs(beta[i]))
         up, down = beta.copy(), beta.copy()
@@ -83,11 +82,13 @@ def _curvature(beta: np.ndarray, design: np.ndarray, y: np.ndarray, free: list[i
         down[i] -= h
         hessian[:, column] = (_modified_score(down, design, y) - _modified_score(up, design, y))[free] / (2 * h)
     hessian = (hessian + hessian.T) / 2
-    try:
-        np.linalg.cholesky(hessian)
-    except np.linalg.LinAlgError:
-        return info
-    return hessian if np.isfinite(hessian).all() else info
+    if np.isfinite(hessian).all():
+        try:
+            np.linalg.cholesky(hessian)
+            return hessian
+        except np.linalg.LinAlgError:
+            pass
+    return _information(beta, design)[np.ix_(free, free)]
 
 
 def _newton(design: np.ndarray, y: np.ndarray, beta: np.ndarray, free: list[int]) -> tuple[np.ndarray, float] | None:
