@@ -198,3 +198,28 @@ def test_the_readers_with_ai_panel_table_has_a_note_column_only_when_a_row_has_a
     assert table is not None and "note" not in table.columns and len(table.rows[0]) == len(table.columns)
     noted = reader_plus_ai_panel_table("external_test", "m", {"panel": [row, {**row, "note": "2 readers: wide"}]})
     assert noted is not None and noted.columns[-1] == "note" and noted.rows[1][-1] == "2 readers: wide"
+
+
+def test_the_per_reader_table_shows_each_difference_and_names_where_test_and_interval_disagree() -> None:
+    """A new user's review: the methods promised each model-minus-reader difference with Newcombe's interval and a
+    word where it and the exact McNemar test disagree, but the per-reader table showed only "model vs reader" and
+    P (the disagreement was said only for a single reader, in the panel table)."""
+    from alnus.report.tables import per_reader_table
+
+    row = {"reader": "r2", "n_paired": 60, "auc_p": 0.2, "model_auc": 0.81, "reader_auc": 0.77, "auc_diff": 0.04,
+           "auc_ci_low": -0.02, "auc_ci_high": 0.10}  # fmt: skip
+    for metric, (model, reader, p, low, high) in {
+        "sensitivity": (0.9, 0.7, 0.031, -0.004, 0.38),  # P below 5% but the interval holds 0: borderline
+        "specificity": (0.6, 0.65, 0.5, -0.2, 0.1),
+    }.items():
+        row |= {f"model_{metric}": model, f"reader_{metric}": reader, f"{metric}_p": p,
+                f"{metric}_diff": model - reader, f"{metric}_ci_low": low, f"{metric}_ci_high": high}  # fmt: skip
+    table = per_reader_table("external_test", "m", {"per_reader": [row, {**row, "reader": "r3", "sensitivity_p": 0.3}]})
+    cells = table.cells
+    assert cells[0][2].text == "90.0% vs 70.0%" and cells[0][2].sub == "+20.0 points (-0.4 to +38.0)"
+    assert cells[0][4].sub == "-5.0 points (-20.0 to +10.0)"
+    assert cells[0][6].text == "0.810 vs 0.770" and cells[0][6].sub == "+0.040 (-0.020 to +0.100)"
+    assert "Newcombe" in table.note and "r2, sensitivity: the exact test (P 0.031)" in table.note
+    assert "r3, sensitivity" not in table.note and "specificity: the exact" not in table.note
+    no_ci = per_reader_table("external_test", "m", {"per_reader": [{**row, "sensitivity_ci_low": float("nan")}]})
+    assert no_ci.cells[0][2].sub == "+20.0 points" and "r2, sensitivity" not in no_ci.note

@@ -126,11 +126,16 @@ def test_reader_and_calibration_numbers_match_metrics_json(page: Page, metrics: 
     compared = metrics["readers"]["external_test"]["tiny_cnn"]
     r1 = next(r for r in compared["per_reader"] if r["reader"] == "r1")
     row = next(r for r in _rows(page, "table-per-reader-tiny_cnn-external_test") if r["reader"] == "r1")
-    assert (
-        row["sensitivity, model vs reader"]
-        == f"{100 * r1['model_sensitivity']:.1f}% vs {100 * r1['reader_sensitivity']:.1f}%"
+    for metric in ("sensitivity", "specificity"):  # the methods promise each difference with Newcombe's CI
+        assert row[f"{metric}, model vs reader"] == (
+            f"{100 * r1[f'model_{metric}']:.1f}% vs {100 * r1[f'reader_{metric}']:.1f}% | "
+            f"{100 * r1[f'{metric}_diff']:+.1f} points "
+            f"({100 * r1[f'{metric}_ci_low']:+.1f} to {100 * r1[f'{metric}_ci_high']:+.1f})"
+        )
+    assert row["AUC, model vs reader"] == (
+        f"{r1['model_auc']:.3f} vs {r1['reader_auc']:.3f} | "
+        f"{r1['auc_diff']:+.3f} ({r1['auc_ci_low']:+.3f} to {r1['auc_ci_high']:+.3f})"
     )
-    assert row["AUC, model vs reader"] == f"{r1['model_auc']:.3f} vs {r1['reader_auc']:.3f}"
     auc = next(r for r in compared["panel"] if r["metric"] == "auc")
     panel = next(r for r in _rows(page, "table-panel-tiny_cnn-external_test") if r["metric"] == "auc")
     assert panel["model"] == f"{auc['model']:.3f}" and panel["readers (mean)"] == f"{auc['readers']:.3f}"

@@ -16,6 +16,7 @@ import pandas as pd
 from alnus.combine import METHOD_NAMES
 from alnus.operating_point import rule_name
 from alnus.runfolder import SPLITS
+from alnus.stats import test_and_interval_disagree
 
 # Manifest columns that are not clinical characteristics (identifiers, annotations, readings, the split itself).
 _NOT_CLINICAL = {"image", "patient_id", "study_id", "label", "site", "split", "roi", "mask", "frame", "group"}
@@ -340,20 +341,37 @@ def reader_performance_table(split: str, model: str, compared: Mapping[str, Any]
 
 
 def per_reader_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
-    rows = []
+    """Model vs each reader on the cases both read: each figure as "model vs reader" over the difference (model minus
+    reader) with its 95% CI (Newcombe for proportions, DeLong for the AUC), and the test's P beside it; a note names
+    a row where the exact test and Newcombe's interval disagree at the 5% level."""
+    rows, notes = [], []
     for r in compared.get("per_reader", []):
-        row = [r["reader"], str(r["n_paired"])]
+        row: list[str | Cell] = [r["reader"], str(r["n_paired"])]
         for metric in ("sensitivity", "specificity"):
-            row += [
-                f"{pct(r[f'model_{metric}'])} vs {pct(r[f'reader_{metric}'])}",
-                p_value(r[f"{metric}_p"]),
-            ]
-        row += [f"{num(r['model_auc'])} vs {num(r['reader_auc'])}", p_value(r["auc_p"])]
+            low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+            under = _points(r.get(f"{metric}_diff"))
+            if _finite(low) and _finite(high):
+                under += f" ({100 * low:+.1f} to {100 * high:+.1f})"
+            row += [Cell(f"{pct(r[f'model_{metric}'])} vs {pct(r[f'reader_{metric}'])}", under, numeric=True),
+                    p_value(r[f"{metric}_p"])]  # fmt: skip
+            if _finite(r.get(f"{metric}_p")) and _finite(low) and _finite(high):
+                disagree = test_and_interval_disagree(r[f"{metric}_p"], low, high)
+                if disagree:
+                    notes.append(f"{r['reader']}, {metric}: {disagree}.")
+        auc_under = f"{r['auc_diff']:+.3f}" if _finite(r.get("auc_diff")) else ""
+        if auc_under and _signed_ci(r.get("auc_ci_low"), r.get("auc_ci_high")):
+            auc_under += f" ({_signed_ci(r['auc_ci_low'], r['auc_ci_high'])})"
+        row += [Cell(f"{num(r['model_auc'])} vs {num(r['reader_auc'])}", auc_under, numeric=True), p_value(r["auc_p"])]
         rows.append(row)
     columns = ["reader", "cases", "sensitivity, model vs reader", "P (McNemar)", "specificity, model vs reader",
                "P (McNemar)", "AUC, model vs reader", "P (DeLong)"]  # fmt: skip
     caption = f"{model} vs each reader on {split}, per {compared.get('level', 'patient')}"
-    return Table(f"per-reader-{model}-{split}", caption, columns, rows)
+    note = (
+        "Under each pair: the difference, model minus reader, with its 95% CI (percentage points by Newcombe's hybrid "
+        "score method for sensitivity and specificity; DeLong for the AUC). P values are not adjusted for the number "
+        "of readers." + "".join(f" {n}" for n in notes)
+    )
+    return Table(f"per-reader-{model}-{split}", caption, columns, rows, note)
 
 
 def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
