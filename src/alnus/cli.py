@@ -1788,6 +1788,13 @@ def _show_calls_compared(calls: dict | str | None) -> None:
             _note(f"{metric}: {disagree}.")
 
 
+def _p_text(p: object) -> str:
+    """A P value as the report prints it (`alnus.stats.format_p`); "" when there is none."""
+    from alnus.stats import format_p
+
+    return format_p(p, missing="")
+
+
 def _proportion_of(count: str) -> str:
     """`"35/41"` as the tables show a proportion: `85.4 (35/41; 70.8-94.4)` (Clopper-Pearson)."""
     from alnus.evaluate import format_proportion, proportion_record
@@ -1995,17 +2002,6 @@ _THRESHOLD_STATUS = {
     "kept": "as frozen in",
     "unchanged": "re-chosen with --refreeze: the same value, so unchanged in",
 }
-
-
-def _p_text(p: object) -> str:
-    """A P value as a journal prints it: 3 significant digits, and "<0.0001" below that (never "0.0")."""
-    try:
-        value = float(p)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return ""
-    if value != value:
-        return ""
-    return "<0.0001" if value < 1e-4 else f"{value:.3g}"
 
 
 def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:

@@ -10,6 +10,7 @@ the AUC's structural components, which both use, live in `alnus._stats_base`.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -550,6 +551,23 @@ def _newcombe_paired(a: int, b: int, c: int, d: int, alpha: float) -> tuple[floa
     return max(-1.0, float(diff - dl)), min(1.0, float(diff + du))
 
 
+def format_p(p: object, missing: str = "n/a") -> str:
+    """A P value as journals print it (AMA and Radiology style): three decimals, "<0.001" below that, and a fourth
+    decimal where three would round onto 0.050 and hide which side of the 5% level it lies; `missing` for None,
+    NaN or anything that is not a number."""
+    try:
+        value = float(p)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return missing
+    if not math.isfinite(value):
+        return missing
+    if value < 0.001:
+        return "<0.001"
+    if 0.0495 <= value < 0.0505:
+        return f"{value:.4f}"
+    return f"{value:.3f}"
+
+
 def test_and_interval_disagree(p: float, ci_low: float, ci_high: float, alpha: float = 0.05) -> str:
     """A note when a test's P and an interval from another method say different things at `alpha` (P below it but
     the CI holding 0, or the reverse), as the exact McNemar test and Newcombe's interval can near the boundary; ""
@@ -558,7 +576,7 @@ def test_and_interval_disagree(p: float, ci_low: float, ci_high: float, alpha: f
         return ""
     if (p < alpha) == (ci_low > 0 or ci_high < 0):
         return ""
-    return (f"the exact test (P {p:.3f}) and the interval ({100 * (1 - alpha):g}% CI, Newcombe) disagree at the "
+    return (f"the exact test (P {format_p(p)}) and the interval ({100 * (1 - alpha):g}% CI, Newcombe) disagree at the "
             f"{100 * alpha:g}% level, as two methods can near it: read it as borderline")  # fmt: skip
 
 

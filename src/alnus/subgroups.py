@@ -358,13 +358,6 @@ def _calls(row: dict[str, Any], call: str) -> str:
     return f"{100 * estimate:.1f} ({int(k)}/{int(n)}; {low}-{high})"
 
 
-def _p(value: object) -> str:
-    number = _number(value)
-    if number is None:
-        return ""
-    return "<0.0001" if number < 1e-4 else f"{number:.3g}"
-
-
 def _group_column(found: pd.DataFrame) -> str:
     """The group column's name, as `subgroup_results` recorded it (any column name works, none is guessed)."""
     return str(found.attrs["group"])
@@ -410,6 +403,6 @@ def reader_table(found: pd.DataFrame) -> pd.DataFrame | None:
                 "AUC": _text(r.get(f"{name}_auc")),
                 "sensitivity (%)": _calls(r, f"{name}_sensitivity"),
                 "specificity (%)": _calls(r, f"{name}_specificity"),
-                "P (model vs reader)": _p(r.get(f"{name}_delong_p")),
+                "P (model vs reader)": stats.format_p(r.get(f"{name}_delong_p"), missing=""),
             })  # fmt: skip
     return pd.DataFrame(rows)

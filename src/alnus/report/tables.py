@@ -16,7 +16,7 @@ import pandas as pd
 from alnus.combine import METHOD_NAMES
 from alnus.operating_point import rule_name
 from alnus.runfolder import SPLITS
-from alnus.stats import test_and_interval_disagree
+from alnus.stats import format_p, test_and_interval_disagree
 
 # Manifest columns that are not clinical characteristics (identifiers, annotations, readings, the split itself).
 _NOT_CLINICAL = {"image", "patient_id", "study_id", "label", "site", "split", "roi", "mask", "frame", "group"}
@@ -89,10 +89,8 @@ def num(x: float | None, digits: int = 3) -> str:
 
 
 def p_value(p: float | None) -> str:
-    """P as journals print it: `<0.001`, else three decimals."""
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    """P as journals print it (`alnus.stats.format_p`)."""
+    return format_p(p)
 
 
 def interval(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
