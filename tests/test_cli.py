@@ -401,3 +401,35 @@ def test_train_with_a_missing_manifest_leaves_no_run_folder(tmp_path: Path) -> N
     )  # fmt: skip
     assert proc.returncode != 0 and "data.manifest" in proc.stderr and "not found" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_terminal_reader_panel_names_a_shared_test_once_and_fits_a_100_column_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's review: `alnus evaluate` repeated "Obuchowski-Rockette, Hillis ddf, jackknife; ..." in every row
+    of the reader panel, wrapped over seven lines per row and cutting the split names at 100 columns."""
+    from rich.console import Console
+
+    from alnus import cli
+
+    method = "Obuchowski-Rockette, Hillis ddf, jackknife; fixed model vs random readers, random cases"
+    rows = [{"metric": m, "method": method, "n": 60, "model": 0.711, "readers": 0.768, "difference": -0.057,
+             "ci_low": -0.228, "ci_high": 0.114, "p": 0.513, "note": ""} for m in ("auc", "sensitivity")]  # fmt: skip
+    compared = {"panel": rows, "n_readers": 5, "level": "patient", "reader_calls": "BI-RADS >= 4a"}
+    shown, title = cli._readers_panel("tiny_cnn", "external_test", compared)
+    assert "test" not in shown.columns and f"test: {method}" in title
+    assert list(shown["difference (95% CI)"]) == ["-0.057 (-0.228 to +0.114)"] * 2
+    assert list(shown["p"]) == ["0.513"] * 2 and "note" not in shown.columns
+    monkeypatch.setattr(cli, "console", Console(width=100, force_terminal=False))
+    cli._print_frame(shown, title)
+    printed = capsys.readouterr().out
+    assert "…" not in printed and len([line for line in printed.splitlines() if "0.711" in line]) == 2
+    # One reader: the rows are different tests (DeLong, McNemar), so the column stays.
+    one = {**compared, "n_readers": 1, "panel": [{**rows[0], "method": "DeLong"}, {**rows[1], "method": "McNemar"}]}
+    shown, title = cli._readers_panel("tiny_cnn", "external_test", one)
+    assert list(shown["test"]) == ["DeLong", "McNemar"] and "test:" not in title and "reader" in shown.columns
+    # A word too long for its column folds instead of being cut: the paper's table named "internal_te…".
+    cli._print_frame(pd.DataFrame({"split": ["internal_test"], **{f"column {i}": ["68.8 (11/16; 41.3-89.0)"]
+                                                                  for i in range(6)}}), "results")  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "…" not in printed and all(len(line) <= 100 for line in printed.splitlines())

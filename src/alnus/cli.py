@@ -84,7 +84,9 @@ def _print_frame(df, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
 
     table = Table(title=title, show_lines=False)
     for col in df.columns:
-        table.add_column(Text(printable(col)), justify="right" if df[col].dtype.kind in "iuf" else "left")
+        # Fold, never cut: a word longer than its column (a split name, a path) wraps instead of ending in "…".
+        justify = "right" if df[col].dtype.kind in "iuf" else "left"
+        table.add_column(Text(printable(col)), justify=justify, overflow="fold")
     for _, row in df.iterrows():
         table.add_row(*(Text("" if v is None else printable(v)) for v in row.tolist()))
     console.print(table)
@@ -2007,7 +2009,6 @@ _THRESHOLD_STATUS = {
 def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     """Print the paper-style results tables, the frozen thresholds (and any alternative), model and reader
     comparisons. Tables are printed at `level` (when given) and at each frozen threshold's case level."""
-    import pandas as pd
 
     from alnus.evaluate import comparisons_table, result_levels, results_table
     from alnus.operating_point import describe, rule_name
@@ -2075,30 +2076,49 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
                     highlight=False,
                 )
                 continue
-            panel = pd.DataFrame(compared["panel"]).reindex(
-                columns=["metric", "method", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
-            )
-            readers = "reader" if compared["n_readers"] == 1 else "readers (mean)"
-            panel = panel.rename(columns={"method": "test", "readers": readers})
-            numbers = ["model", readers, "difference", "ci_low", "ci_high"]
-            shown = panel.astype(object).where(panel.notna(), "")
-            # Every estimate with three decimals (0.750, not 0.75), so that the columns line up and read alike.
-            for column in numbers:
-                shown[column] = [f"{v:.3f}" if isinstance(v, (int, float)) else v for v in panel[column]]
-            shown["p"] = [_p_text(v) for v in panel["p"]]
-            if not panel["note"].fillna("").astype(str).str.strip().any():
-                shown = shown.drop(columns="note")
-            title = escape(
-                f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}; "
-                f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}; all rows in tables/readers_*"
-            )
-            _print_frame(shown, title)
+            _print_frame(*_readers_panel(name, split, compared))
     _show_reader_plus_ai(metrics)
     run_folder = RunFolder(run)
     console.print(
         f"[green]Wrote[/green] {escape(str(run_folder.metrics))} and {escape(str(run_folder.tables))}/",
         highlight=False,
     )
+
+
+def _readers_panel(name: str, split: str, compared: dict) -> tuple:
+    """The terminal table of a model against the readers (metrics' `readers`) and its title: one row per figure
+    of merit, the difference with its CI in one column, and the test named once in the title when every row has
+    the same one (a new user's review: its long name wrapped down every row of a 100-column terminal)."""
+    import pandas as pd
+
+    panel = pd.DataFrame(compared["panel"]).reindex(
+        columns=["metric", "method", "n", "model", "readers", "difference", "ci_low", "ci_high", "p", "note"]
+    )
+    readers = "reader" if compared["n_readers"] == 1 else "readers (mean)"
+    panel = panel.rename(columns={"method": "test", "readers": readers})
+    shown = panel.astype(object).where(panel.notna(), "")
+    # Every estimate with three decimals (0.750, not 0.75), so that the columns line up and read alike.
+    for column in ("model", readers):
+        shown[column] = [f"{v:.3f}" if isinstance(v, (int, float)) else v for v in panel[column]]
+    shown["difference (95% CI)"] = [
+        f"{d:+.3f} ({lo:+.3f} to {hi:+.3f})" if all(isinstance(v, (int, float)) for v in (d, lo, hi)) else ""
+        for d, lo, hi in zip(shown["difference"], shown["ci_low"], shown["ci_high"], strict=True)
+    ]
+    shown["p"] = [_p_text(v) for v in panel["p"]]
+    shown = shown[["metric", "test", "n", "model", readers, "difference (95% CI)", "p", "note"]]
+    tests = [str(t) for t in shown["test"] if str(t).strip()]
+    one_test = len(set(tests)) == 1 and len(tests) == len(shown)
+    if one_test:  # the same test on every row: named once, in the title, not wrapped down every row
+        shown = shown.drop(columns="test")
+    if not panel["note"].fillna("").astype(str).str.strip().any():
+        shown = shown.drop(columns="note")
+    title = escape(
+        f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}; "
+        f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}"
+        + (f"; test: {tests[0]}" if one_test else "")
+        + "; all rows in tables/readers_*"
+    )
+    return shown, title
 
 
 def _show_reader_plus_ai(metrics: dict) -> None:
