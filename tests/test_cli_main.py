@@ -291,3 +291,19 @@ def test_after_a_stop_what_is_torn_down_on_the_way_out_prints_no_traceback(
     gc.collect()
     err = capsys.readouterr().err
     assert "stopped (SIGTERM)" in err and "Exception ignored" not in err and "killed by signal" not in err
+
+
+@pytest.mark.parametrize("command", ["study", "train", "cv"])
+def test_a_mistake_in_the_config_is_said_before_torch_is_imported(command: str, tmp_path: Path) -> None:
+    """A new user's review: a typo in a config took 7-10 s to be reported, the time of importing torch and timm
+    before the config was read. Now it is read first (a backbone name still needs the registry)."""
+    import subprocess
+
+    config = tmp_path / "study.yaml"
+    config.write_text("data:\n  manifest: manifest.csv\n  val_frac: 2\n", encoding="utf-8")
+    code = ("import sys\nfrom alnus.cli import main\nsys.argv = ['alnus', sys.argv[1], sys.argv[2]]\ntry:\n    main()\n"
+            "except SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules, flush=True)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, command, str(config)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert "data.val_frac: 2.0 must be at least 0 and below 1" in done.stderr, done.stderr
+    assert done.stdout.split() == ["exit", "2", "False"], done.stdout

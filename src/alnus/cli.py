@@ -402,9 +402,10 @@ def study(
     """Run the whole study from one config: split, train each model, predict, evaluate, heat maps, report. Rerun to
     resume."""
     from alnus.config import load_config
+
+    cfg = load_config(config, list(set_ or []))  # a mistake in it is said before torch is imported
     from alnus.study import run_study
 
-    cfg = load_config(config, list(set_ or []))
     _trains(lambda: [cfg])
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
@@ -420,7 +421,6 @@ def demo(
     """The whole study on built-in phantom data: phantom -> validate -> split -> train -> predict -> evaluate ->
     report."""
     from alnus.config import load_config
-    from alnus.study import run_study
 
     if not config.is_file():
         raise AlnusError(f"demo config {config} not found; run from the alnus repository or pass --config")
@@ -437,6 +437,8 @@ def demo(
     given = f"the demo folder {out}"
     options = [(f"data.manifest={manifest.resolve()}", given), (f"runs_dir={(out / 'runs').resolve()}", given)]
     cfg = load_config(config, options=options)
+    from alnus.study import run_study
+
     _trains(lambda: [cfg])
     metrics = run_study(cfg, console=console)
     _show_metrics(cfg.run_dir, metrics, "patient")
@@ -553,11 +555,12 @@ def train(
 ) -> None:
     """Prepare the run folder and train each backbone (single process, one GPU, or under torchrun for DDP)."""
     from alnus.config import load_config
+
+    options = [(f"models=[{', '.join(model)}]", " ".join(f"--model {m}" for m in model))] if model else []
+    cfg = load_config(config, list(set_ or []), options=options)  # a mistake in it is said before torch is imported
     from alnus.runfolder import lock_run
     from alnus.study import check_manifest, run_training
 
-    options = [(f"models=[{', '.join(model)}]", " ".join(f"--model {m}" for m in model))] if model else []
-    cfg = load_config(config, list(set_ or []), options=options)
     check_manifest(cfg)  # before the lock makes the run folder
     _trains(lambda: [cfg])
     # Under torchrun every rank runs this command; rank 0 holds the run folder's writer lock for all of them.
@@ -593,9 +596,10 @@ def cv(
     The internal and external tests are untouched. Rerun to reuse finished folds; compare configurations
     cross-validated alike with `alnus cv-compare`."""
     from alnus.config import load_config
+
+    cfg = load_config(config, list(set_ or []))  # a mistake in it is said before torch is imported
     from alnus.cv import fold_config, run_cv
 
-    cfg = load_config(config, list(set_ or []))
     _trains(lambda: [fold_config(cfg, folds, k) for k in range(folds)])
     result = run_cv(cfg, folds, resume=resume, console=console)
     _print_cv(result.summary)

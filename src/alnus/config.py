@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -469,9 +469,8 @@ def _coerce(value: Any, tp: Any, key: str, where: Source) -> Any:
 
 
 def _check(cfg: Config, where: Source) -> None:
-    """Range and cross-field checks; each message names the key."""
-    from alnus.models import get_spec
-    from alnus.models.weights import WeightsError, parse_weights
+    """Range and cross-field checks; each message names the key. The checks that need torch and timm (backbones,
+    weights, crops, TTA views) come last, so that any other mistake is reported without waiting for their import."""
 
     def fail(key: str, why: str, *also: str) -> None:
         """Refuse `key`'s value; `also`: the other keys a cross-field rule read (their sources are named too)."""
@@ -512,31 +511,10 @@ def _check(cfg: Config, where: Source) -> None:
         fail("models", "list at least one backbone, e.g. [efficientnet_lite0]")
     if len(set(cfg.models)) != len(cfg.models):
         fail("models", f"{cfg.models} lists a backbone twice")
-    for name in cfg.models:
-        try:
-            spec = get_spec(name)
-        except AlnusError as exc:
-            fail("models", str(exc))
-        if pre.size is not None and pre.size < spec.min_input_size:
-            fail("preprocess.size", f"{pre.size} is below {name}'s minimum input size {spec.min_input_size}", "models")
     if pre.size is not None and pre.size < 1:
         fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
     if not 0 <= pre.margin <= 2:
         fail("preprocess.margin", f"{pre.margin} must be in 0..2 (a fraction of the box added on each side)")
-    from alnus.data.dataset import MIN_CROP_LIMIT
-
-    if pre.max_crop is not None and (isinstance(pre.max_crop, bool) or pre.max_crop < MIN_CROP_LIMIT):
-        fail("preprocess.max_crop", f"{pre.max_crop} must be a whole number of pixels >= {MIN_CROP_LIMIT}, or null")
-    from alnus.data.tta import TtaError, check_views
-
-    try:
-        check_views(pre.tta, f"{where.of('preprocess.tta')}: preprocess.tta")
-    except TtaError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        parse_weights(train.weights)
-    except WeightsError as exc:
-        fail("train.weights", str(exc))
     for key in ("epochs", "batch_size", "grad_accum"):
         if getattr(train, key) < 1:
             fail(f"train.{key}", f"{getattr(train, key)} must be at least 1")
@@ -608,3 +586,31 @@ def _check(cfg: Config, where: Source) -> None:
                 f"threshold_rule {ev.threshold_rule!r} needs a target in (0, 1), e.g. 0.9",
                 "evaluate.threshold_rule",
             )
+    _check_with_libraries(cfg, where, fail)
+
+
+def _check_with_libraries(cfg: Config, where: Source, fail: Callable[..., None]) -> None:
+    """The checks of `_check` that import torch and timm: backbone names and input sizes, weights, crops, TTA."""
+    from alnus.data.dataset import MIN_CROP_LIMIT
+    from alnus.data.tta import TtaError, check_views
+    from alnus.models import get_spec
+    from alnus.models.weights import WeightsError, parse_weights
+
+    pre, train = cfg.preprocess, cfg.train
+    for name in cfg.models:
+        try:
+            spec = get_spec(name)
+        except AlnusError as exc:
+            fail("models", str(exc))
+        if pre.size is not None and pre.size < spec.min_input_size:
+            fail("preprocess.size", f"{pre.size} is below {name}'s minimum input size {spec.min_input_size}", "models")
+    if pre.max_crop is not None and (isinstance(pre.max_crop, bool) or pre.max_crop < MIN_CROP_LIMIT):
+        fail("preprocess.max_crop", f"{pre.max_crop} must be a whole number of pixels >= {MIN_CROP_LIMIT}, or null")
+    try:
+        check_views(pre.tta, f"{where.of('preprocess.tta')}: preprocess.tta")
+    except TtaError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        parse_weights(train.weights)
+    except WeightsError as exc:
+        fail("train.weights", str(exc))
