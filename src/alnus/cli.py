@@ -529,11 +529,10 @@ def report(
 
     Figures are drawn again from the run's results; heat maps come from `alnus explain` (shown when present).
     """
+    _need_run(run, "`alnus study`")
     from alnus.report.build import build_report
     from alnus.runfolder import lock_run
 
-    if not run.is_dir():
-        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study`).")
     with lock_run(run, command="alnus report"):
         build_report(run)
     console.print("[green]Wrote[/green] the model cards (README.md in each model package).", highlight=False)
@@ -772,12 +771,11 @@ def predict_run(
     Each model of the run predicts in fp32 with the run's decoding limit (from its config.yaml) and writes
     models/<backbone>/predictions/. For new images use `alnus predict PACKAGE INPUT...`.
     """
+    _need_run(run, "`alnus study` or `alnus train`")
     from alnus.config import read_resolved_config
     from alnus.predict import predict_run as predict_run_folder
     from alnus.runfolder import RunFolder, lock_run
 
-    if not run.is_dir():
-        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
     with lock_run(run, command="alnus predict-run"):
         cfg = read_resolved_config(RunFolder(run).config)
         summary = predict_run_folder(
@@ -807,9 +805,22 @@ _PROGRESS_FROM = 20
 EXIT_SOME_FAILED = 1
 
 
+def _need_run(run: Path, made_by: str) -> None:
+    """A run folder that does not exist, said before the command imports torch; `made_by`: the commands that make
+    one."""
+    if not run.is_dir():
+        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by {made_by}).")
+
+
 def _refuse_run_folder(package: Path, command: str = "predict") -> None:
     """`alnus predict RUN` (the stage's old name) on a run folder: name the command the user meant; `command`: the
-    command that takes a package (adapt, threshold) otherwise."""
+    command that takes a package (adapt, threshold) otherwise. A path that does not exist is said here, before the
+    command imports torch."""
+    if not package.exists() and not package.is_symlink():  # a broken link: the package reader says which
+        raise AlnusError(
+            f"model package {package} not found; give a package's folder (models/<name>, or a run's "
+            "runs/<name>/models/<backbone>/model), or train a model first (alnus train CONFIG)."
+        )
     if not package.is_dir() or (package / "metadata.json").exists():
         return
     if (package / "model" / "metadata.json").exists():
@@ -1247,10 +1258,10 @@ def predict(
     the call rule) go to stderr, so piped CSV or JSON stays clean. The study's stage on a run folder is
     `alnus predict-run RUN`.
     """
+    _refuse_run_folder(package)
     from alnus.data.inputs import collect_inputs
     from alnus.predict import Predictor, package_notes
 
-    _refuse_run_folder(package)
     keep = _kept_columns(keep or [])
     if out_name is not None and out_name.endswith(("/", os.sep)):
         # Path() would drop the slash and write a file where the user named a folder.
@@ -1715,12 +1726,12 @@ def score(
     This is how an adapted package (`alnus adapt`) is compared with its source before it is used. Use patients that
     were not used to adapt or to freeze the threshold: on those, the numbers are optimistic.
     """  # fmt: skip
-    from alnus.adapt import score_on_labelled
-
     if not 1 <= len(packages) <= 2:
         raise AlnusError(f"give one package, or two to compare; got {len(packages)}.")
     for package in packages:
         _refuse_run_folder(package, "score")
+    from alnus.adapt import score_on_labelled
+
     result = score_on_labelled(packages, manifest, max_pixels=max_pixels)
     if result.left_out:
         _note(result.left_out)
@@ -1886,11 +1897,10 @@ def evaluate(
 ) -> None:
     """Apply each model's frozen threshold (frozen on validation the first time), then tabulate AUC, accuracy,
     sensitivity, specificity; another rule or level is reported beside it under its own name."""
+    _need_run(run, "`alnus study` or `alnus train`")
     from alnus.evaluate import evaluate_run
     from alnus.runfolder import RunFolder, lock_run
 
-    if not run.is_dir():
-        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
     with lock_run(run, command="alnus evaluate"):
         metrics = evaluate_run(run, models=model, level=level, refreeze=refreeze, n_boot=n_boot, seed=seed)  # type: ignore[arg-type]
     _show_metrics(run, metrics, level)
@@ -1966,13 +1976,11 @@ def explain(
 
     A split keeps the heat maps of its latest call: another method replaces the earlier one's maps there (the
     report shows the maps that are there)."""
+    _need_run(run, "`alnus study` or `alnus train`")
     import pandas as pd
 
     from alnus.explain import explain_run
     from alnus.runfolder import RunFolder, lock_run, run_models
-
-    if not run.is_dir():
-        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
 
     def methods_there(name: str) -> set[str]:
         index = RunFolder(run).heatmaps_for(name, split) / "index.csv"
@@ -2203,11 +2211,10 @@ def ensemble(
     Then `alnus predict-run RUN --model NAME`, `alnus evaluate RUN` (freezes its threshold on validation) and
     `alnus report RUN` treat it as any model; `alnus predict` and `alnus serve` take its package folder.
     """
+    _need_run(run, "`alnus study` or `alnus train`")
     from alnus.data.tta import all_views
     from alnus.ensemble import build_ensemble
 
-    if not run.is_dir():
-        raise AlnusError(f"run folder {run} not found; pass runs/<name> (made by `alnus study` or `alnus train`).")
     # Every --tta, each split at its commas; a view named twice counts once.
     asked = list(dict.fromkeys(view for text in tta or [] for view in _labels(text) or []))
     built = build_ensemble(run, name, member, tta=asked, force=force)
