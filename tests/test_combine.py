@@ -480,3 +480,19 @@ def test_an_interval_end_is_where_the_profile_crosses_not_where_a_search_stalled
     assert cached >= 1
     fitted = _cached_firth(_design(prob, birads).tobytes(), y.astype(np.int64).tobytes(), 20)
     assert not fitted.coef.flags.writeable and not fitted.ci.flags.writeable  # the cache's answer cannot be changed
+
+
+def test_the_fits_reason_says_the_tie_break_is_set_only_where_it_is() -> None:
+    """A new user's review: on 4 validation patients (1 malignant, read 5) the fitted combination's row said "the
+    tie-break fits nothing and is still set" while the tie-break's own row said "not set"."""
+    from alnus.combine import set_on_validation
+
+    few = pd.DataFrame({"y": [1, 0, 0, 0], "prob": [0.6, 0.2, 0.4, 0.3], "birads": [5.0, 3.0, 4.25, 2.0]})
+    settings = set_on_validation(few.assign(call=few["birads"] >= 4.25))
+    assert isinstance(settings["tie_break"], str)  # no malignant case read 4a: the rule-out cannot be set
+    assert "at least 10 positive" in settings["fitted"] and "still set" not in settings["fitted"]
+    # With a malignant case read 4a the tie-break is set, and the fit's reason says so.
+    few.loc[0, "birads"] = 4.25
+    settings = set_on_validation(few.assign(call=few["birads"] >= 4.25))
+    assert not isinstance(settings["tie_break"], str)
+    assert settings["fitted"].endswith("The tie-break fits nothing and is still set.")

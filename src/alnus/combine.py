@@ -151,18 +151,18 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
         raise CombineError(
             f"the combined score needs at least {MIN_PER_CLASS} positive and {MIN_PER_CLASS} negative validation "
             f"cases to fit its three coefficients; got {n_pos} positive of {len(yb)} (with fewer they are not "
-            "estimable). The tie-break fits nothing and is still set."
+            "estimable)."
         )
     for column, source in enumerate(("model's probabilities", "BI-RADS scores")):
         if np.ptp(x[:, column]) == 0:
             raise CombineError(
                 f"the {source} are the same for all {len(yb)} validation cases, so their weight in "
-                "the combined score cannot be estimated; the tie-break fits nothing and is still set."
+                "the combined score cannot be estimated."
             )
     if np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < 3:
         raise CombineError(
             f"on the {len(yb)} validation cases the model's logit is a linear function of the BI-RADS score, so "
-            "their weights cannot be told apart; the tie-break fits nothing and is still set."
+            "their weights cannot be told apart."
         )
     separated = _separated(x, yb)
     if method == "firth":
@@ -173,7 +173,7 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
             "case on its class's side of one line, some on it: e.g. all readings up to 3 benign and from 4b "
             "malignant, mixing only at 4a): an unpenalised logistic regression has no finite fit there (its "
             "coefficients grow without bound, so any fitted values would be arbitrary). Fit it by Firth's penalised "
-            "likelihood (method 'firth'), or give more validation cases; the tie-break fits nothing and is still set."
+            "likelihood (method 'firth'), or give more validation cases."
         )
     from sklearn.linear_model import LogisticRegression
 
@@ -181,7 +181,7 @@ def fit_combination(y: object, prob: object, birads_score: object, *, method: st
     if fit.n_iter_[0] >= fit.max_iter:
         raise CombineError(
             f"the logistic regression on the {len(yb)} validation cases did not converge, so its coefficients are "
-            "not a fit; the tie-break fits nothing and is still set."
+            "not a fit."
         )
     return Combination(float(fit.intercept_[0]), float(fit.coef_[0][0]), float(fit.coef_[0][1]), len(yb), n_pos,
                        method="ml")  # fmt: skip
@@ -196,8 +196,7 @@ def _fit_firth(x: np.ndarray, y: np.ndarray, separated: bool) -> Combination:
         fit = _cached_firth(x.tobytes(), y.astype(np.int64).tobytes(), len(y))
     except FirthError as exc:
         raise CombineError(
-            f"the Firth logistic regression on the {len(y)} validation cases gave no checked fit: {exc}; the "
-            "tie-break fits nothing and is still set."
+            f"the Firth logistic regression on the {len(y)} validation cases gave no checked fit: {exc}."
         ) from None
     (a, b), (c, d) = fit.ci
     return Combination(
@@ -475,6 +474,9 @@ def set_on_validation(val: Any, positive_from: str = "4a") -> dict[str, Setting 
         out["tie_break"] = Setting("tie_break", params, point, rule=rule)
     except AlnusError as exc:
         out["tie_break"] = str(exc)
+    # The fit's reason names the tie-break only where it is set: where it is not, its own reason says why.
+    if isinstance(out["fitted"], str) and not isinstance(out["tie_break"], str):
+        out["fitted"] += " The tie-break fits nothing and is still set."
     return out
 
 
