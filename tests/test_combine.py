@@ -496,3 +496,15 @@ def test_the_fits_reason_says_the_tie_break_is_set_only_where_it_is() -> None:
     settings = set_on_validation(few.assign(call=few["birads"] >= 4.25))
     assert not isinstance(settings["tie_break"], str)
     assert settings["fitted"].endswith("The tie-break fits nothing and is still set.")
+
+
+def test_a_rule_out_that_cannot_be_set_names_the_categories_as_readers_write_them() -> None:
+    """A new user's review: the reason read "the least suspicious positive category (scores [4.0, 4.25])", the
+    internal ordinal scores, where a radiologist writes BI-RADS 4 or 4a."""
+    y, prob = np.array([1, 0, 0, 0]), np.array([0.6, 0.2, 0.4, 0.3])
+    birads = np.array([5.0, 3.0, 4.25, 2.0])
+    with pytest.raises(CombineError, match=r"category \(BI-RADS 4 or 4a\) among") as caught:
+        fit_rule_out(y, prob, birads, birads >= 4.0, lowest_positive_scores("4a"))
+    assert "scores" not in str(caught.value)
+    with pytest.raises(CombineError, match=r"category \(BI-RADS 4b\) among"):
+        fit_rule_out(y, prob, birads, birads >= 4.5, lowest_positive_scores("4b"))

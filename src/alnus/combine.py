@@ -343,6 +343,15 @@ class RuleOut:
         return asdict(self)
 
 
+def _categories_text(scores: Sequence[float]) -> str:
+    """Ordinal BI-RADS scores as the categories a reader writes: (4.0, 4.25) -> "BI-RADS 4 or 4a"."""
+    from alnus.readers import birads_score
+
+    known = ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
+    names = [c for c, v in zip(known, birads_score(list(known)), strict=True) if float(v) in set(map(float, scores))]
+    return f"BI-RADS {' or '.join(names)}" if names else f"scores {list(scores)}"
+
+
 def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: object,
                  lowest: Sequence[float]) -> RuleOut:  # fmt: skip
     """The rule-out threshold on (validation) cases: the highest that keeps the reader's sensitivity, i.e. the
@@ -359,7 +368,7 @@ def fit_rule_out(y: object, prob: object, birads_score: object, reader_call: obj
     kept = p[band & yb]
     if kept.size == 0:
         raise CombineError(
-            f"no positive case in the least suspicious positive category (scores {list(lowest)}) "
+            f"no positive case in the least suspicious positive category ({_categories_text(lowest)}) "
             "among these cases: the rule-out threshold cannot be set without ruling out blindly."
         )
     return RuleOut(tuple(float(v) for v in lowest), float(kept.min()), int(yb.size), int(band.sum()), int(kept.size))
