@@ -334,6 +334,41 @@ def test_the_predictions_table_keeps_probability_and_call_whole_in_an_80_column_
     assert "patient_id" not in text and "error" not in text and "warning" not in text and "…" not in text
 
 
+def test_the_predictions_table_wraps_words_whole_where_the_terminal_has_room() -> None:
+    """A new user's review: with --birads and --heatmaps at 160 columns the headers read "call_lev el", "predicti on",
+    "reader_c all" and the call with AI "positiv e", while the 0/1 columns repeated what `with_ai` says in words."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from alnus.cli import _predictions_table
+
+    image = "/work/shared/data/BrEaST-Lesions-USG/images/case00{}.png"
+    result = pd.DataFrame({
+        "image": [image.format(2), image.format(5)], "patient_id": ["", ""], "roi": ["308,199,139,101", "1,1,1,1"],
+        "prob": [0.1626, 0.5836], "patient_prob": [0.1626, 0.5836], "n_images": [1, 1], "call": [0, 0],
+        "call_level": ["patient"] * 2, "prediction": ["benign"] * 2, "threshold": [0.711] * 2, "birads": ["4b", "4a"],
+        "reader_call": [1, 1], "with_ai_call": [1, 0], "ruled_out": [0, 1],
+        "with_ai": ["positive", "negative (ruled out by the model)"],
+        "heatmap": ["/tmp/maps/0001_case002.png", "/tmp/maps/0002_case005.png"], "engine": ["torch"] * 2,
+        "error": ["", ""], "warning": ["", "implausible lesion box 1,1,1,1: 1x1 px"],
+    })  # fmt: skip
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, no_color=True).print(_predictions_table(result, "predictions", 160))
+    text = buffer.getvalue()
+    assert max(map(len, text.splitlines())) <= 160
+    for word in ("call_level", "prediction", "with_ai", "positive", "negative", "implausible", "heatmap", "warning"):
+        assert word in text, word
+    assert "reader_call" not in text and "ruled_out" not in text  # `with_ai` says it in words; the CSV keeps them
+    assert text.count("0.1626") == 2 and text.count("0.5836") == 2
+    # Narrower than the words need: every column is still there, folded as before.
+    buffer = io.StringIO()
+    Console(file=buffer, width=80, no_color=True).print(_predictions_table(result, "predictions", 80))
+    narrow = buffer.getvalue()
+    assert max(map(len, narrow.splitlines())) <= 80 and narrow.count("0.1626") == 2
+
+
 def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """New-user review: `make demo` ended with the report's path and no hint of what to do with the model; attack
     and new-user reviews: the hint must paste as one working command (the alnus that ran, quoted, no emoji codes,

@@ -1013,8 +1013,15 @@ def _kept_last(row: dict) -> bool:
     return bool(kept) and len(kept) == len(last) and None not in kept and kept == last
 
 
-def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas DataFrame
-    """The predictions as a rich table: probabilities to 4 decimals, missing values empty, every cell plain text."""
+# The longest word a predictions table keeps whole; a longer one (a path, a lesion box) is folded.
+_FOLDED_WORD = 12
+# Columns of 0/1 codes that the table leaves to `with_ai`, which says the same call in words; CSV and JSON keep them.
+_CODED_WITH_AI = ("reader_call", "with_ai_call", "ruled_out")
+
+
+def _predictions_table(result, title: str, width: int = 160) -> Table:  # noqa: ANN001 - pandas DataFrame
+    """The predictions as a rich table for a terminal `width` wide: probabilities to 4 decimals, missing values empty,
+    every cell plain text."""
     import pandas as pd
     from rich.text import Text
 
@@ -1028,12 +1035,22 @@ def _predictions_table(result, title: str) -> Table:  # noqa: ANN001 - pandas Da
         shown = shown.assign(warning=[str(w).split(":")[0] if not pd.isna(w) else w for w in shown["warning"]])
     # A column empty in every row (no patient ids, no errors) only takes width from the ones that matter.
     shown = shown[[c for c in shown.columns if shown[c].astype(object).map(lambda v: not _blank(v)).any()]]
+    if "with_ai" in shown.columns:
+        shown = shown.drop(columns=list(_CODED_WITH_AI), errors="ignore")
+    keys = [c in ("prob", "patient_prob", "study_prob", "call") for c in shown.columns]
+    # Each column as wide as its longest word (a header, "positive"), so that words wrap whole and only a path or a
+    # box, which have no spaces, are folded; unless that is wider than the terminal, where rich shares the width.
+    words = [
+        max((len(w) for v in [c, *shown[c].astype(object).map(printable)] for w in str(v).split()), default=1)
+        for c in shown.columns
+    ]
+    widths = [len(c) if key else min(n, _FOLDED_WORD) for c, key, n in zip(shown.columns, keys, words, strict=True)]
+    whole = sum(widths) + 3 * len(widths) + 1 <= width
     table = Table(title=title)
-    for column in shown.columns:
+    for column, key, least in zip(shown.columns, keys, widths, strict=True):
         # The probabilities and the call are never cut; a long name or warning wraps instead of ending in "...".
-        key = column in ("prob", "patient_prob", "study_prob", "call")
         table.add_column(Text(printable(column)), justify="right" if shown[column].dtype.kind in "iuf" else "left",
-                         no_wrap=key, min_width=len(column) if key else None, overflow="fold")  # fmt: skip
+                         no_wrap=key, min_width=least if key or whole else None, overflow="fold")  # fmt: skip
     for row in shown.itertuples(index=False):
         cells = []
         for column, value in zip(shown.columns, row, strict=True):
@@ -1301,9 +1318,9 @@ def predict(
 
         atomic_write_text(out, _render(result, fmt, title, array=out.suffix.lower() == ".json"))
         if sys.stdout.isatty():
-            console.print(_predictions_table(result, title))
+            console.print(_predictions_table(result, title, console.width))
     elif fmt == "table":
-        console.print(_predictions_table(result, title))
+        console.print(_predictions_table(result, title, console.width))
     else:
         # Piped output is exactly the data, nothing else (notes go to stderr).
         sys.stdout.write(_render(result, fmt, title))
