@@ -220,8 +220,11 @@ def test_a_run_folder_is_sent_to_predict_run(data: Path, tmp_path: Path) -> None
 def test_heat_maps_are_written_for_the_predicted_images(data: Path, tmp_path: Path) -> None:
     folder = tmp_path / "heat"
     images = [str(data / "export" / n) for n in ("a.png", "fake.png", "sub/IM0001")]
-    code, stdout, _ = _predict(str(data / "model"), *images, "--heatmaps", str(folder))
+    code, stdout, stderr = _predict(str(data / "model"), *images, "--heatmaps", str(folder))
     assert code == 1
+    # A new user's review: the PNGs show a cyan and a green box that nothing named outside the study's report.
+    said = " ".join(stderr.split())
+    assert f"heat maps to {folder}" in said and "cyan box: the crop the network saw" in said and "green:" in said
     table = _csv(stdout)
     assert table["heatmap"].tolist() == [str(folder / "0001_a.png"), "", str(folder / "0003_IM0001.png")]
     assert sorted(p.name for p in folder.iterdir()) == ["0001_a.png", "0003_IM0001.png"]

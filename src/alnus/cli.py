@@ -1430,7 +1430,13 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None,
     if out is not None and not quiet:
         err_console.print(f"[green]Wrote[/green] {escape(str(out))}", highlight=False)
     if heatmaps is not None and not quiet:
-        err_console.print(f"[green]Wrote[/green] heat maps to {escape(str(heatmaps))}", highlight=False)
+        err_console.print(
+            f"[green]Wrote[/green] heat maps to {escape(str(heatmaps))} (Grad-CAM over the image, blue to red: "
+            "where the network found the most evidence for the positive class, each map scaled to its own maximum; "
+            "cyan box: the crop the network saw; green: the lesion's outline or box).",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_box_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
