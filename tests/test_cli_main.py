@@ -319,12 +319,14 @@ def test_a_run_folder_or_package_that_does_not_exist_is_said_before_torch_is_imp
                 ["ensemble", missing, "--name", "e", "--member", "a"], ["predict", missing, "x.png"],
                 ["score", missing, "--manifest", "x.csv"]]  # fmt: skip
     code = (
-        "import sys\nfrom alnus.cli import main\nfor argv in sys.argv[1:]:\n    sys.argv = ['alnus', *argv.split('|')]\n"
+        "import sys\nfrom alnus.cli import main\nfor argv in sys.argv[1:]:\n"
+        "    sys.argv = ['alnus', *argv.split('|')]\n"
         "    try:\n        main()\n    except SystemExit as exc:\n        print('exit', exc.code, flush=True)\n"
         "print('torch', 'torch' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, *("|".join(map(str, c)) for c in commands)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    argv = ["|".join(map(str, c)) for c in commands]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "300"})  # fmt: skip
     assert done.stdout.split() == ["exit", "2"] * len(commands) + ["torch", "False"], (done.stdout, done.stderr)
     assert done.stderr.count(f"run folder {missing} not found") == 5
     assert done.stderr.count(f"model package {missing} not found") == 2

@@ -1211,3 +1211,28 @@ def test_a_threshold_frozen_per_image_on_patients_with_several_images_is_warned_
     assert not [n for n in again if "frozen per image" in n]
     one_each = val.drop_duplicates(["site", "patient_id"])  # one image per patient: images are patients
     assert image_level_note({"level": "image"}, one_each) == ""
+
+
+def test_a_results_row_without_an_auc_says_why_in_the_terminal_and_the_report(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A new user's review: a validation split of 4 patients, 1 malignant, showed AUC "n/a" under the report's
+    "not defined (e.g. a split without both classes)", though it had both: one positive is too few for DeLong's
+    variance. Each row without an AUC now names its reason, in the report's note and under the terminal's table."""
+    from alnus import cli
+    from alnus.evaluate import auc_not_reported, case_metrics
+    from alnus.report.tables import results_table as report_table
+
+    few = pd.DataFrame({"y": [1, 0, 0, 0], "prob": [0.9, 0.1, 0.2, 0.3], "site": "a", "patient_id": list("abcd")})
+    many = pd.DataFrame({"y": [1, 1, 0, 0, 0], "prob": [0.9, 0.4, 0.1, 0.5, 0.3], "site": "a",
+                         "patient_id": list("abcde")})  # fmt: skip
+    point = {"value": 0.5, "rule": "youden", "level": "patient", "aggregate": "mean", "frozen_on": "val"}
+    splits = {"val": {"patient": case_metrics(few, 0.5)}, "internal_test": {"patient": case_metrics(many, 0.5)}}
+    metrics = {"models": {"m": {"threshold": point, "splits": splits}}}
+    reason = "m, val: the DeLong variance needs at least 2 positive and 2 negative cases; got 1, 3."
+    assert auc_not_reported(metrics, "patient") == [reason]
+    assert f"No AUC for {reason}" in report_table(metrics, "patient").note
+    assert "a split without both classes" not in report_table(metrics, "patient").note
+    cli._show_metrics(Path("runs/x"), metrics, "patient")
+    said = capsys.readouterr()
+    assert f"no AUC per patient for {reason}" in " ".join((said.out + said.err).split())

@@ -2045,7 +2045,7 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
     """Print the paper-style results tables, the frozen thresholds (and any alternative), model and reader
     comparisons. Tables are printed at `level` (when given) and at each frozen threshold's case level."""
 
-    from alnus.evaluate import comparisons_table, result_levels, results_table
+    from alnus.evaluate import auc_not_reported, comparisons_table, result_levels, results_table
     from alnus.operating_point import describe, rule_name
     from alnus.runfolder import RunFolder
 
@@ -2059,6 +2059,8 @@ def _show_metrics(run: Path, metrics: dict, level: str | None = None) -> None:
         for point, rows in table.groupby("operating point", sort=False):
             title = f"Results per {case_level}, {point} threshold (95% CIs; proportions: % (k/n; CI))"
             _print_frame(rows[columns], escape(title))
+        for reason in auc_not_reported(metrics, case_level):
+            _note(f"no AUC per {case_level} for {reason}")
     for name, entry in metrics["models"].items():
         t = entry["threshold"]
         where = RunFolder(run).model(name).metadata

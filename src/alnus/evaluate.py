@@ -499,6 +499,23 @@ def results_table(metrics: Mapping[str, Any], level: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def auc_not_reported(metrics: Mapping[str, Any], level: str) -> list[str]:
+    """Why a row of the results table at `level` has no AUC, one "model, split: reason" per row (the reasons that
+    `case_metrics` noted; a new user read the report's generic "not defined (e.g. a split without both classes)"
+    under a split that had both, with one patient of a class, too few for DeLong's variance)."""
+    found = []
+    for model, entry in metrics["models"].items():
+        for label, splits in _result_sets(entry):
+            for split, by_level in splits.items():
+                m = by_level.get(level)
+                if m is None or m.get("auc_reported"):
+                    continue
+                reasons = [str(n).split(": ", 1)[-1] for n in m.get("notes", []) if str(n).startswith("AUC")]
+                where = f"{model} ({label})" if label.startswith("alternative") else model
+                found.append(f"{where}, {split}: {reasons[0] if reasons else 'not computed'}")
+    return list(dict.fromkeys(found))
+
+
 def _values_row(model: str, split: str, level: str, label: str, m: Mapping[str, Any]) -> dict[str, Any]:
     auc_key = m.get("auc_reported")
     auc = m[auc_key] if auc_key else None

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from alnus.combine import METHOD_NAMES
+from alnus.evaluate import auc_not_reported
 from alnus.operating_point import rule_name
 from alnus.runfolder import SPLITS
 from alnus.stats import format_p, test_and_interval_disagree
@@ -276,8 +277,11 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
     note = (
         f"Per {level}. Proportions: % (k/n), under each its 95% CI ({_proportion_ci(metrics, level)}); AUC under "
         "it its 95% CI "
-        f"({auc_ci or 'see metrics.json'}). n/a: not defined (e.g. a split without both classes)."
+        f"({auc_ci or 'see metrics.json'}). n/a: not defined (no case to count)."
     )
+    missing = auc_not_reported(metrics, level)
+    if missing:
+        note += f" No AUC for {'; '.join(missing)}."
     # Where a threshold was set at another level: how its calls reach these cases, for its own rows only (a new
     # user read the alternative image-level rule as that of the frozen rows beside it).
     carried = sorted({f"{point} rows, {m['calls']}" for point, m in measured
