@@ -263,6 +263,27 @@ def test_one_class_validation_split_is_noted() -> None:
     assert check_classes(splits.assign(split="train")) == []
 
 
+def test_a_validation_or_internal_test_class_of_few_patients_is_noted_when_split() -> None:
+    """A new user's review: `data split` made a validation split of 3 benign and 1 malignant patient without a word;
+    the warning came only after training. A class of fewer than FEW_CASES patients in val or internal_test is noted
+    at the split; one with enough patients is not."""
+    from alnus.operating_point import FEW_CASES
+
+    splits = synthetic_manifest(200).assign(split="train")
+    patients = splits.drop_duplicates("patient_id")
+    benign = patients.loc[patients["label"] == "benign", "patient_id"]
+    malignant = patients.loc[patients["label"] == "malignant", "patient_id"]
+    splits.loc[splits["patient_id"].isin([*benign[:3], *malignant[:1]]), "split"] = "val"
+    notes = check_classes(splits)
+    assert len(notes) == 1 and notes[0].startswith("the val split's smaller class has only 1 patient (")
+    assert "raise data.val_frac" in notes[0]
+    enough = [*benign[3 : 3 + FEW_CASES], *malignant[1 : 1 + FEW_CASES]]
+    splits.loc[splits["patient_id"].isin(enough), "split"] = "internal_test"
+    assert len(check_classes(splits)) == 1  # the internal test has FEW_CASES of each: nothing to say
+    splits.loc[splits["patient_id"] == malignant.iloc[1], "split"] = "train"
+    assert f"the internal_test split's smaller class has only {FEW_CASES - 1} patients" in check_classes(splits)[1]
+
+
 def _random_hashes(n: int, seed: int) -> pd.Series:
     rng = np.random.default_rng(seed)
     return pd.Series([str(imagehash.ImageHash(rng.random((16, 16)) < 0.5)) for _ in range(n)])

@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from alnus._levels import case_names, case_parts
 from alnus.data.images import ImageReadError, load_image, parse_frame
 from alnus.errors import AlnusError
+from alnus.operating_point import FEW_CASES
 
 SPLITS = ("train", "val", "internal_test", "external_test")
 
@@ -494,7 +495,8 @@ def _label_tally(part: pd.DataFrame) -> str:
 
 
 def check_classes(splits: pd.DataFrame) -> list[str]:
-    """Refuse a training split without both classes; return a note for a validation split without both.
+    """Refuse a training split without both classes; return a note for a validation split without both, and for a
+    validation or internal test split with fewer than `FEW_CASES` patients of a class.
 
     Raises:
         AlnusError: `train` holds fewer than two labels (it names the labels and patients it does hold).
@@ -513,7 +515,19 @@ def check_classes(splits: pd.DataFrame) -> list[str]:
             f"the validation split holds one label only ({_label_tally(val)}): its AUC and the threshold frozen "
             "on it are undefined; add patients or raise val_frac"
         ]
-    return []
+    notes = []
+    for split, what in (("val", "a threshold frozen on so few moves a lot with the next patients, and its AUC "
+                                "chooses the epoch on them; raise data.val_frac or add patients"),
+                        ("internal_test", "its intervals will be wide; raise data.internal_test_frac or add "
+                                          "patients")):  # fmt: skip
+        part = splits[splits["split"].astype(str) == split]
+        if part.empty or part["label"].astype(str).nunique() < 2:
+            continue
+        smaller = int(_patient_keys(part).groupby(part["label"].astype(str)).nunique().min())
+        if smaller < FEW_CASES:
+            notes.append(f"the {split} split's smaller class has only {smaller} patient{'' if smaller == 1 else 's'} "
+                         f"({_label_tally(part)}): {what}")  # fmt: skip
+    return notes
 
 
 def split_report(splits: pd.DataFrame) -> pd.DataFrame:
