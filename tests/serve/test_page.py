@@ -131,6 +131,14 @@ def test_a_clinician_uploads_an_image_draws_the_box_and_sees_the_result(
         _drag(page, (0.25, 0.25), (0.75, 0.75))
         box = [int(v) for v in page.input_value("#roi").split(",")]
         assert box == pytest.approx([32, 24, 64, 48], abs=2)
+        # A typed box readies Predict as soon as it parses, before the field loses focus; a half-typed one is not
+        # called an error (a new user's review: the button stayed grey until the field was left).
+        page.click("#clear-box")
+        assert page.locator("#predict").is_disabled()
+        page.locator("#roi").press_sequentially("32,24,64")
+        assert page.locator("#predict").is_disabled() and page.locator("#error").inner_text().strip() == ""
+        page.locator("#roi").press_sequentially(",48")
+        assert page.locator("#predict").is_enabled() and page.evaluate("() => document.activeElement.id") == "roi"
         page.click("#predict")
         page.locator("#result").wait_for(state="visible")
         probability = page.locator("#probability").inner_text()

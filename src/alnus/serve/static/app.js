@@ -272,7 +272,10 @@
     setBox(box[2] >= 2 && box[3] >= 2 ? box : state.box);
   }
 
-  function onRoiTyped() {
+  // While typing (`input`) a box that parses is taken at once, so Predict is ready before the field loses focus; a
+  // half-typed one is not an error yet. On `change` (the field left) one that does not parse is said.
+  function onRoiTyped(event) {
+    const typing = event && event.type === "input";
     const text = $("roi").value.trim();
     if (!text) return setBox(null);
     const parts = text.split(",").map((part) => Number(part.trim()));
@@ -282,7 +285,7 @@
       drawImage();
     } else {
       state.box = null;
-      say("error", "The lesion box must be four whole numbers x,y,w,h (width and height above 0).");
+      if (!typing) say("error", "The lesion box must be four whole numbers x,y,w,h (width and height above 0).");
     }
     updatePredict();
   }
@@ -420,6 +423,7 @@
       drawImage();
     });
     $("roi").addEventListener("change", onRoiTyped);
+    $("roi").addEventListener("input", onRoiTyped);
     $("clear-box").addEventListener("click", () => setBox(null));
     $("predict").addEventListener("click", predict);
   }
