@@ -39,6 +39,10 @@ def test_every_package_has_a_card_with_each_part(report_run: Path, card: str) ->
         "Radiology 2020;294(1):19-28",
     ):
         assert words in card, words
+    # Trained from random weights (train.weights: none): the card does not speak of pretrained weights "(none)" (a
+    # new user's review).
+    assert "derived from the training data only (training started from random weights)" in card
+    assert "(none)" not in card
 
 
 def test_card_numbers_match_metrics_json_and_the_split(report_run: Path, card: str) -> None:

@@ -333,18 +333,25 @@ def _licence_and_citation(inputs: RunInputs, model: str) -> list[str]:
     version = meta.get("versions", {}).get("alnus", "?")
     git = inputs.env.get("git", {}) if isinstance(inputs.env.get("git"), dict) else {}
     sha = f", git {md_text(str(git['sha'])[:12])}" if git.get("sha") else ""
-    start = (
-        f"its members' starting weights: {md_text(starting_weights(members(inputs, model)))}, listed per "
-        "member under Model"
-        if is_ensemble(meta)
-        else md_text(meta.get("weights_source", "?"))
-    )
+    source = str(meta.get("weights_source", "?"))
+    if is_ensemble(meta):
+        derived = (
+            "the training data and, where a member started from pretrained weights (its members' starting weights: "
+            f"{md_text(starting_weights(members(inputs, model)))}, listed per member under Model), from those "
+            "weights: their use is bound by the licences of those data sets and weights"
+        )
+    elif source == "none":  # trained from random initialisation: the data are the only source
+        derived = "the training data only (training started from random weights): their use is bound by its licence"
+    else:
+        derived = (
+            f"the training data and the pretrained weights training started from ({md_text(source)}): their use is "
+            "bound by the licences of those data sets and weights"
+        )
     return [
         "## Licence",
         "",
-        "The alnus software is Apache-2.0. These weights were derived from the training data and, when training "
-        f"started from pretrained weights ({start}), from those weights: their use is bound "
-        "by the licences of those data sets and weights (for the public data sets, see each one's PROVENANCE.md).",
+        f"The alnus software is Apache-2.0. These weights were derived from {derived} (for the public data sets, see "
+        "each one's PROVENANCE.md).",
         "",
         "## How to cite",
         "",
