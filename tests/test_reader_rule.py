@@ -573,7 +573,7 @@ def test_the_package_lock_is_reentrant_within_a_thread_and_exclusive_between_pro
 
 @pytest.mark.parametrize(("ruled_out", "disagree"), [(5, True), (10, False)])
 def test_score_says_when_a_mcnemar_p_and_its_interval_disagree(
-    ruled_out: int, disagree: bool, capsys: pytest.CaptureFixture[str]
+    ruled_out: int, disagree: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A statistician's review: `alnus score` showed an exact McNemar P of 0.0625 beside a difference interval that
     excluded 0 without a word; where the two methods disagree it now says so (5 of 20 ruled out: they do; 10: P 0.002
@@ -596,12 +596,18 @@ def test_score_says_when_a_mcnemar_p_and_its_interval_disagree(
         found[f"with_ai_{metric}_k"] = int((with_ai[cases] == y[cases]).sum())
     auc = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6, "p": 1.0}
     found |= {"auc_reader": auc, "auc_combined": auc, "auc_difference": auc}
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(width=300))
     cli._show_rule_on_site("pkg", found)
-    said = " ".join(capsys.readouterr().err.split())
+    printed = capsys.readouterr()
+    said = " ".join(printed.err.split())
     spec = found["specificity"]
     assert ((spec["p"] < 0.05) != (spec["ci_low"] > 0)) == disagree
     assert ("specificity: the exact test (P" in said) == disagree, said
     assert "sensitivity: the exact test" not in said  # no discordant positive: nothing to reconcile
+    # The AUC row's label says what each column ranks by (a new user read the tie-break as the radiologist's alone).
+    assert "AUC (alone: the category; with AI: the category, then the model inside it)" in printed.out
 
 
 def test_score_shows_one_table_for_a_reader_rule_two_packages_share(site: Path) -> None:

@@ -1865,7 +1865,7 @@ def _show_rule_on_site(package: str, found: dict) -> None:
         )
     a, b, d = found["auc_reader"], found["auc_combined"], found["auc_difference"]
     table.add_row(
-        "AUC (category, then the model inside it)",
+        "AUC (alone: the category; with AI: the category, then the model inside it)",
         f"{a['estimate']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})",
         f"{b['estimate']:.3f} ({b['ci_low']:.3f}-{b['ci_high']:.3f})",
         f"{d['estimate']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f})",
