@@ -186,6 +186,28 @@ def _without_reader_rule(package: Path) -> None:
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
+def _development_images(package: Path, run: Path) -> int:
+    """Write the package's development images (`alnus.data.seen`: the hashes of the run's train and val images, which
+    prediction warns about) from the run, after checking that they are the images the weights were trained on (the
+    run's training hash equals the package's); return how many hashes it holds."""
+    from alnus.config import read_resolved_config
+    from alnus.data.seen import development_record, write_development_images
+    from alnus.ensemble import run_training_hash
+    from alnus.models.package import read_metadata
+    from alnus.runfolder import RunFolder, read_splits
+
+    recorded = read_metadata(package)["training_data_hash"]
+    if run_training_hash(run) != recorded:
+        raise SystemExit(f"refused: the train and val images of {run} are not those {package} was trained on")
+    splits = read_splits(run)
+    rows = splits[splits["split"].isin(["train", "val"])].copy()
+    rows["image"] = [p if Path(p).is_absolute() else str(run / p) for p in rows["image"]]
+    limit = read_resolved_config(RunFolder(run).config).data.max_image_pixels
+    record = development_record(rows.to_dict("records"), recorded, limit)
+    write_development_images(package, record)
+    return sum(len(hashes) for hashes in record["splits"].values())
+
+
 def _card_section(found: dict[str, object], jitter: dict[str, object], source: str, note: str) -> str:
     return "\n".join([
         "",
@@ -227,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("auto", "float16", "float32"), default="auto",
                         help="weights stored as; auto: float16 when it passes the check, else float32")  # fmt: skip
     parser.add_argument("--card-note", default="", help="markdown added to the card's shipped-copy section")
+    parser.add_argument("--images-only", action="store_true",
+                        help="only write the shipped package's development images (hashes) from the run")  # fmt: skip
     args = parser.parse_args(argv)
     from alnus.report._inputs import read_run_inputs
     from alnus.report.card import model_card
@@ -234,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     source = args.package.resolve()
     run, model = source.parents[2], source.parent.name
     target = REPO / "models" / args.name
+    if args.images_only:
+        written = _development_images(target, run)
+        print(f"{written} development image hashes written into {target}")
+        return 0
     target.parent.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{args.name}.") as tmp:
         for dtype in ("float16", "float32") if args.dtype == "auto" else (args.dtype,):
@@ -263,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         # Written afresh from the run, so that a package shipped again gets the card the current code writes.
         card.write_text(model_card(read_run_inputs(run), model) + section, encoding="utf-8")
         found["reader_rule"] = _reader_rule(shipped, run, Path(tmp))
+        found["development_images"] = _development_images(shipped, run)
         size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)

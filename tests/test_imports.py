@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "alnus.data.inputs": 2,
     "alnus.data.tta": 2,
     "alnus.data.grey": 2,
+    "alnus.data.seen": 2,
     "alnus.models": 3,
     "alnus.models.registry": 3,
     "alnus.models.weights": 3,

@@ -83,6 +83,32 @@ def test_shipped_model_reproduces_its_recorded_probabilities_on_real_images(pack
     np.testing.assert_allclose(table["prob"].to_numpy(), examples["prob"].to_numpy(), atol=1e-4)
 
 
+def test_shipped_package_lists_the_images_it_learned_from_as_hashes(package: Path) -> None:
+    """A new user's review: the shipped model predicted its own BUS-BRA training images without a word. It carries
+    its training and validation images' hashes, bound to its weights' training (never the images themselves)."""
+    from alnus.data.seen import FILE, read_development_images
+    from alnus.models.package import read_metadata
+
+    seen = read_development_images(package, read_metadata(package)["training_data_hash"])
+    assert seen is not None and set(seen.splits) == {"train", "val"}
+    assert (package / FILE).stat().st_size < 1024 * 1024  # hashes only
+
+
+@pytest.mark.realdata
+def test_the_shipped_model_warns_about_its_training_images_and_not_about_the_external_ones(
+    package: Path, shared_data: Path
+) -> None:
+    from alnus.data.images import load_image
+    from alnus.predict import Predictor
+
+    predictor = Predictor(package, device="cpu", engine="torch")
+    bus = sorted((shared_data / "BUS-BRA" / "images").glob("*.png"))
+    warned = [bool(predictor.seen_warning(load_image(p))) for p in bus[:40]]
+    assert sum(warned) >= 25  # about 80% of BUS-BRA's patients are training or validation patients
+    breast = sorted((shared_data / "BrEaST-Lesions-USG" / "images").glob("case*.png"))[:40]
+    assert breast and not any(predictor.seen_warning(load_image(p)) for p in breast)
+
+
 def test_shipped_package_carries_a_reader_rule_set_on_validation(package: Path) -> None:
     from alnus.models.package import read_metadata
 

@@ -774,6 +774,8 @@ class SiteScore:
     # Two packages with frozen thresholds at one level: their calls compared on the same cases, per metric
     # (`stats.McNemarResult`, first minus second), or a str saying why they are not.
     calls: dict[str, Any] | str | None = None
+    # The images among these that a package learned from (`alnus.data.seen`), in words ("" when none).
+    seen: str = ""
 
 
 def score_on_labelled(
@@ -807,11 +809,12 @@ def score_on_labelled(
     # Checked once, for both; rows of classes the model does not know are left out and named.
     table, left_out = labelled_table(manifest, metas[0], "a package is scored", max_pixels, leave_out=True)
     _both_classes(table, manifest, metas[0], "an AUC is computed", left_out)
-    rows, scores, calls = [], [], []
+    rows, scores, calls, seen_notes = [], [], [], []
     with_reader: dict[str, dict[str, Any] | None] = {}
     for package, meta in zip(packages, metas, strict=True):
         predictor = Predictor(package, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
         predictions = predictor.predict_table(table, manifest.parent)
+        seen_notes.append(_seen_among(predictor, table, manifest.parent, package, max_pixels))
         cases = aggregate_predictions(predictions, "patient", "mean")
         y = cases["y"].to_numpy()
         auc = stats.auc_ci(y, cases["prob"].to_numpy())
@@ -831,7 +834,32 @@ def score_on_labelled(
     # cannot, so there is no AUC test to make.
     comparison = stats.delong_test(y, scores[0], scores[1]) if len(scores) == 2 and not same_scores else None
     return SiteScore(pd.DataFrame(rows), len(y), int(y.sum()), comparison, with_reader, left_out,
-                     _compare_calls(calls) if len(packages) == 2 else None)  # fmt: skip
+                     _compare_calls(calls) if len(packages) == 2 else None,
+                     " ".join(dict.fromkeys(n for n in seen_notes if n)))  # fmt: skip
+
+
+def _seen_among(
+    predictor: Any, table: pd.DataFrame, root: Path, package: str | os.PathLike[str], max_pixels: int | None
+) -> str:
+    """What to say when some of the scored images are images the package learned from ("" when none, or when the
+    package does not list them)."""
+    from alnus.data.images import load_image, parse_frame
+
+    if predictor.seen is None:
+        return ""
+    frames = table["frame"] if "frame" in table.columns else pd.Series("", index=table.index)
+    hits = []
+    for i, (image, frame) in enumerate(zip(table["image"].astype(str), frames, strict=True)):
+        path = Path(image) if Path(image).is_absolute() else root / image
+        frame = "" if pd.isna(frame) else str(frame)
+        if predictor.seen.match(load_image(path, frame=parse_frame(frame), max_pixels=max_pixels)) is not None:
+            hits.append(i)
+    if not hits:
+        return ""
+    patients = table["patient_id"].iloc[hits].astype(str).nunique() if "patient_id" in table.columns else len(hits)
+    return (f"{len(hits)} of the {len(table)} images ({patients} patient(s), e.g. {table['image'].iloc[hits[0]]}) "
+            f"are images {package} was trained or selected on: these numbers are not a test of it; score it on "
+            "patients it never saw.")  # fmt: skip
 
 
 def _compare_calls(calls: list[tuple[str, str, np.ndarray, np.ndarray]]) -> dict[str, Any] | str | None:

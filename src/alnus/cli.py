@@ -1758,6 +1758,8 @@ def score(
     result = score_on_labelled(packages, manifest, max_pixels=max_pixels)
     if result.left_out:
         _note(result.left_out)
+    if result.seen:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(result.seen)}", highlight=False, soft_wrap=True)
     table = Table(title=escape(f"{manifest.name}: {result.n_patients} patients, {result.n_positive} positive"))
     for column in ("package", "AUC per patient (95% CI)", "threshold", "sensitivity %", "specificity %"):
         table.add_column(column)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from alnus._io import NotAFileError, atomic_path, atomic_write_text, file_problem, file_sha256, open_regular
+from alnus.data.seen import FILE as SEEN_FILE
 from alnus.data.tta import check_views
 from alnus.errors import AlnusError
 from alnus.models.package import (
@@ -453,6 +454,14 @@ def _write(
             _copy_member(candidate, tmp / MEMBERS_DIR / str(i)) for i, candidate in enumerate(candidates, start=1)
         ]
         meta = _metadata(run, name, candidates, copied, views, digest)
+        # The images the members learned from (they share one training): prediction warns about those.
+        seen = candidates[0].source / SEEN_FILE
+        if (
+            seen.is_file()
+            and not seen.is_symlink()
+            and candidates[0].metadata.get("training_data_hash") == meta.get("training_data_hash")
+        ):
+            _copy_file(seen, tmp / SEEN_FILE)
         kept = False
         if earlier is not None and identity(earlier) == identity(meta):
             meta["threshold"], meta["threshold_history"] = earlier["threshold"], earlier["threshold_history"]

@@ -12,8 +12,9 @@ New data (`alnus predict PACKAGE INPUT...`, the service) goes through `Predictor
 on its own, and one that cannot be read (corrupt, unsupported, no lesion region where the model needs one) gets the
 reason in its `error` cell while the others are predicted; an image whose lesion box is unlike one drawn around a
 lesion (tiny, or nearly the whole image: `alnus.data.roi.box_warning`) is predicted, with the reason in its `warning`
-cell. The forward pass runs on the package's fastest engine that passed its parity check at export (`alnus.export`:
-onnxruntime fp32 or int8), or on PyTorch.
+cell, as is an image the model was trained or selected on (`alnus.data.seen`: its prediction is no test). The
+forward pass runs on the package's fastest engine that passed its parity check at export (`alnus.export`: onnxruntime
+fp32 or int8), or on PyTorch.
 
 A package may be an ensemble (`alnus.models.package`, built by `alnus.ensemble`) and may list test-time augmentation
 views (`alnus.data.tta`): every path here then preprocesses the image for each member with that member's spec, and the
@@ -54,6 +55,7 @@ from alnus.data.roi import (
     parse_box,
     sources_warning,
 )
+from alnus.data.seen import SeenImages, read_development_images
 from alnus.data.tta import all_views, apply_view
 from alnus.errors import AlnusError
 from alnus.export import ENGINES
@@ -270,6 +272,8 @@ class Predictor:
             network.start_engine(engine, export_advice=_member_export_advice(self.package_dir, meta, i, engine))
         kinds = list(dict.fromkeys(network.engine for network in self.networks))
         self.engine = kinds[0] if len(kinds) == 1 else "+".join(kinds)
+        # The images it was trained and selected on, as hashes (None: a package written before they were recorded).
+        self.seen: SeenImages | None = read_development_images(self.package_dir, meta.get("training_data_hash"))
 
     @property
     def is_ensemble(self) -> bool:
@@ -549,7 +553,7 @@ class Predictor:
         if any("path" not in r for r in records):
             raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
         errors = [r.get("error", "") for r in records]
-        warned = [""] * len(records)
+        warned, seen = [""] * len(records), [""] * len(records)
         probs = np.full(len(records), np.nan)
         pending: list[tuple[int, list[torch.Tensor]]] = []
 
@@ -562,7 +566,7 @@ class Predictor:
         for i, row in enumerate(records):
             if not errors[i]:
                 try:
-                    inputs, warned[i] = self.network_inputs(row)
+                    inputs, warned[i], seen[i] = self._image_inputs(row)
                     pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
                     named = row.get("image") or row["path"]
@@ -574,11 +578,16 @@ class Predictor:
             if progress is not None:
                 progress(i + 1, len(records))
         flush()
-        return self._new_data_table(records, probs, errors, warned)
+        return self._new_data_table(records, probs, errors, warned, seen)
 
     def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
         """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
         with the reason it cannot be used."""
+        inputs, warning, _ = self._image_inputs(row)
+        return inputs, warning
+
+    def _image_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str, str]:
+        """`network_inputs`, and the warning when the image is one the model learned from (`seen_warning`)."""
         cropping = next((n.spec for n in self.networks if n.spec.roi.mode != "whole"), None)
         if cropping is not None and not row.get("roi") and not row.get("mask"):
             raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
@@ -586,13 +595,20 @@ class Predictor:
         cells = {"image": row.get("image", row["path"]), "roi": row.get("roi", ""), "mask": row.get("mask", ""),
                  "mask_name": row.get("mask_name", "")}  # fmt: skip
         boxed, warning = self._boxed_rows(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
-        return self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels, boxed=boxed), warning
+        inputs = self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels, boxed=boxed)
+        return inputs, warning, self.seen_warning(image)
+
+    def seen_warning(self, image: np.ndarray) -> str:
+        """The warning for an image the model was trained or selected on, matched by perceptual hash against the
+        package's development images (`alnus.data.seen`); "" for any other image, and for a package that does not
+        list them (written before they were recorded)."""
+        return "" if self.seen is None else self.seen.warning(image)
 
     def _new_data_table(
-        self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str], warned: list[str]
+        self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str], warned: list[str], seen: list[str]
     ) -> pd.DataFrame:
         """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors,
-        warnings."""
+        warnings (`warned`: the lesion boxes'; `seen`: an image the model learned from)."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
         # The lesion's box (or mask) says which lesion a row is when one image is listed with two of them.
@@ -631,7 +647,8 @@ class Predictor:
         out["engine"] = self.engine
         out["error"] = errors
         box_warned = _case_warnings(out, warned, ok, self.operating_point)
-        out["warning"] = ["; ".join(w for w in pair if w) for pair in zip(box_warned, reader_warned, strict=True)]
+        every = zip(box_warned, reader_warned, seen, strict=True)
+        out["warning"] = ["; ".join(w for w in three if w) for three in every]
         return out
 
 

@@ -843,6 +843,7 @@ def write_package(
     cfg: Config, engine: Engine, data: TrainData, state: TrainState, model_dir: ModelFolder, settings: dict[str, Any]
 ) -> None:
     """The model package from `best.pt`: weights and metadata, including the full training settings."""
+    from alnus.data.seen import development_record, write_development_images
     from alnus.models.package import save_package
 
     best = load_checkpoint(model_dir.best_checkpoint)
@@ -854,6 +855,12 @@ def write_package(
         # The package predicts from the image alone: keep the label's output, drop the auxiliary ones.
         final.backbone.set_submodule(final.spec.classifier, narrow_head(final.classifier()))
     splits = pd.concat([data.train_table, data.val_table])
+    digest = training_data_hash(splits)
+    # The images it learned from, as hashes, so that prediction can say when it is asked about one of them; before
+    # the metadata, which save_package writes last: a package cut short in between is incomplete, not unchecked.
+    model_dir.package.mkdir(parents=True, exist_ok=True)
+    seen = development_record(splits.to_dict("records"), digest, cfg.data.max_image_pixels)
+    write_development_images(model_dir.package, seen)
     save_package(
         model_dir.package,
         final,
@@ -861,7 +868,7 @@ def write_package(
             "preprocess": data.spec.to_dict(),
             "label_names": data.label_names,
             "positive_label": cfg.data.positive_label,
-            "training_data_hash": training_data_hash(splits),
+            "training_data_hash": digest,
             "weights_source": engine.model.weights_source,
             "best_epoch": state.best_epoch,
             "val_auc": state.best_auc,

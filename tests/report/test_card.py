@@ -28,6 +28,19 @@ def test_every_package_has_a_card_with_each_part(report_run: Path, card: str) ->
     validation results, the frozen threshold, limitations, licence and how to cite."""
     package = RunFolder(report_run).model("tiny_cnn").package
     assert {"weights.safetensors", "metadata.json", CARD_FILE} <= {p.name for p in package.iterdir()}
+    # The images it learned from, as hashes: one per distinct train and val image of the run (a new user's review).
+    from alnus.data.images import load_image
+    from alnus.data.seen import read_development_images
+    from alnus.models.package import read_metadata
+    from alnus.runfolder import read_splits
+
+    seen = read_development_images(package, read_metadata(package)["training_data_hash"])
+    splits = read_splits(report_run)
+    learned = splits[splits["split"].isin(["train", "val"])]
+    assert seen is not None and 0 < seen.n_images <= learned["image"].nunique()
+    assert seen.match(load_image(learned["image"].iloc[0])) == (learned["split"].iloc[0], 0)
+    tested = splits.loc[splits["split"] == "external_test", "image"].iloc[0]
+    assert seen.match(load_image(tested)) is None
     headings = [line[3:] for line in card.splitlines() if line.startswith("## ")]
     assert headings == ["Intended use", "Training data", "Model", "Operating threshold", "Validation results",
                         "Known limitations", "Licence", "How to cite"]  # fmt: skip

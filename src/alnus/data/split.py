@@ -319,6 +319,11 @@ def make_splits(
     return out
 
 
+def phash(pixels: np.ndarray, hash_size: int = 16) -> str:
+    """The perceptual hash (imagehash.phash, hex string) of a decoded grey-scale image; `image_hashes` says why."""
+    return str(imagehash.phash(Image.fromarray(pixels), hash_size=hash_size))
+
+
 def image_hashes(
     df: pd.DataFrame, root: str | Path, *, hash_size: int = 16, max_pixels: int | None = None
 ) -> pd.Series:
@@ -347,7 +352,7 @@ def image_hashes(
             pixels = load_image(path, frame=index, us_region=False, max_pixels=max_pixels)
         except ImageReadError as exc:
             raise ImageReadError(f"row {int(idx) + _ROW_OFFSET}: {exc}") from exc
-        out[idx] = str(imagehash.phash(Image.fromarray(pixels), hash_size=hash_size))
+        out[idx] = phash(pixels, hash_size)
     return pd.Series(out, index=df.index, dtype=object, name="hash")
 
 

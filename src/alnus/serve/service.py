@@ -539,7 +539,9 @@ class ModelService:
         calls = self._calls(probabilities)
         readers = self._reader_calls(probabilities, [item.job.birads for item in ready])
         # The box passed the checks of `_prepare`, so judging it cannot fail (and a request sends no mask to decode).
-        warnings = [self.predictor.roi_warning(item.image.shape, item.row, root) for item in ready]
+        boxes = [self.predictor.roi_warning(item.image.shape, item.row, root) for item in ready]
+        seen = [self.predictor.seen_warning(item.image) for item in ready]
+        warnings = ["; ".join(w for w in pair if w) for pair in zip(boxes, seen, strict=True)]
         answers = []
         for item, probability, call, reader, warning, explanation in zip(
             ready, probabilities, calls, readers, warnings, drawn, strict=True
@@ -615,8 +617,8 @@ class ModelService:
     ) -> dict[str, Any]:
         """The JSON answer of one image; its `heatmap` (a PNG data URI) is drawn afterwards, off the worker.
 
-        `warning` is the reason the lesion box is implausible (`Predictor.roi_warning`; null when it is not, and for
-        a model that sees the whole image): the probability is given all the same.
+        `warning` is the reason the lesion box is implausible (`Predictor.roi_warning`), or that the image is one the
+        model learned from (`Predictor.seen_warning`); null when neither: the probability is given all the same.
         """
         predictor, point = self.predictor, self.predictor.operating_point
         info = self.info
