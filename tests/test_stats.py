@@ -242,6 +242,23 @@ def test_compare_aucs_holm(breast_cancer_scores) -> None:
     assert ref[0].estimate == pytest.approx(-pairs[0].estimate, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "p_values", [[float("nan")], [0.01, float("nan")], [1.5], [1.5, 0.01], [-0.1, 0.2], [None, 0.1], ["a", 0.02]]
+)
+def test_holm_refuses_p_values_that_are_not_numbers_in_0_1(p_values: list[object]) -> None:
+    """An attack review: one P of 1.5 came back as 1.5 but beside another as 1.0, a negative P was passed on
+    adjusted (-0.2), a missing P was counted among the comparisons and doubled the others, and None or a word
+    raised a TypeError from statsmodels."""
+    with pytest.raises(stats.StatsError, match=r"Holm's adjustment needs P values"):
+        stats.holm(p_values)
+
+
+def test_holm_of_no_or_one_p_value() -> None:
+    assert stats.holm([]) == []
+    assert stats.holm([0.2]) == [0.2]
+    assert stats.holm([0.0, 1.0]) == [0.0, 1.0]
+
+
 def test_one_delong_comparison_is_its_own_holm_adjustment_without_a_garbage_collection(
     breast_cancer_scores, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -347,12 +347,25 @@ def _diff(
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment by statsmodels; one P value is its own adjustment, and is not passed on, since
     statsmodels' Holm ends with a full garbage collection, slow with torch loaded, for every one of the many single
-    comparisons of an evaluation."""
-    if len(p_values) == 1:
-        return list(p_values)
+    comparisons of an evaluation.
+
+    Raises:
+        StatsError: a P value that is not a number in [0, 1] (statsmodels put a missing one last and still counted
+            it among the comparisons, clipped one above 1 only where there were several, and passed a negative one on).
+    """
+    try:
+        values = np.asarray(p_values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise StatsError(f"Holm's adjustment needs P values that are numbers; got {list(p_values)[:5]}.") from None
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
+    if bad.size:
+        raise StatsError(f"Holm's adjustment needs P values in [0, 1]; position(s) {bad[:5].tolist()} hold "
+                         f"{values[bad[:5]].tolist()}.")  # fmt: skip
+    if values.size <= 1:
+        return [float(v) for v in values]
     from statsmodels.stats.multitest import multipletests
 
-    return list(multipletests(p_values, method="holm")[1])
+    return [float(v) for v in multipletests(values, method="holm")[1]]
 
 
 def delong_test(y: object, score_a: object, score_b: object, alpha: float = 0.05) -> AucDiffResult:
