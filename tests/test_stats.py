@@ -686,12 +686,10 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     assert width > 1.4 * (naive.ci_high - naive.ci_low)  # wider than 90 independent images
     assert abs(width - (patients.ci_high - patients.ci_low)) < 0.03  # about that of 30 independent patients
     assert "Korn-Graubard; 30 patients, design effect" in clustered.method
-    # One image per patient: the exact interval, up to the between-cluster variance's m / (m - 1) and the degrees of
-    # freedom's (z / t)^2 (Korn-Graubard), which widen it a little for 30 patients.
+    # One image per patient: the exact interval.
     single = clustered_proportion_ci(per_patient, np.arange(30))
-    assert single.ci_low <= patients.ci_low and single.ci_high >= patients.ci_high
-    assert (single.ci_low, single.ci_high) == pytest.approx((patients.ci_low, patients.ci_high), abs=0.02)
-    assert "29 degrees of freedom" in single.method
+    assert (single.ci_low, single.ci_high) == (patients.ci_low, patients.ci_high)
+    assert "nothing to cluster" in single.method
     # Every image a success: an interval with a width (the bootstrap's was [1, 1]), and, with no between-patient
     # variance to estimate the clustering from, that of the patients (a new user's review: 25 of 25 images of 12
     # patients had a narrower interval than 12 of 12 patients).
@@ -709,6 +707,24 @@ def test_a_proportion_over_patients_images_counts_patients_not_images() -> None:
     near = clustered_proportion_ci(np.r_[np.ones(57, bool), np.zeros(2, bool)], np.arange(59))
     exact = proportion_ci(57, 59)
     assert near.ci_low <= exact.ci_low + 1e-12 and near.ci_high >= exact.ci_high - 1e-12
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 10), (5, 10), (9, 10), (1, 2), (0, 7), (7, 7), (3, 200)])
+def test_a_clustered_proportion_of_one_case_per_patient_is_clopper_pearson(k: int, n: int) -> None:
+    """An attack review: with every patient one image, 1 of 10 got (0.0005, 0.543) against the exact (0.0025, 0.445),
+    and 1 of 2 got (0, 1): the interval of independent cases widened by a design effect above 1 and a t on the
+    patients' degrees of freedom. `alnus evaluate` asks for it on subsets (a PPV's positive calls) that can hold one
+    image of each patient."""
+    from alnus.stats import clustered_proportion_ci, proportion_ci
+
+    success = np.r_[np.ones(k, bool), np.zeros(n - k, bool)]
+    for groups in (np.arange(n), [f"site/p{i}" for i in range(n)]):
+        found = clustered_proportion_ci(success, groups, alpha=0.05)
+        exact = proportion_ci(k, n)
+        assert (found.k, found.n, found.ci_low, found.ci_high) == (k, n, exact.ci_low, exact.ci_high)
+    # Two images of one patient among them: clustered again.
+    if n > 2:
+        assert "Korn-Graubard" in clustered_proportion_ci(success, np.r_[0, np.arange(n - 1)]).method
 
 
 def test_a_clustered_proportion_is_widened_for_few_patients_and_never_narrower_than_at_its_ends() -> None:

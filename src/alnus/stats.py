@@ -449,6 +449,11 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     the estimated design effect fall to 1 and gave a higher lower bound than 25 of 25, so a lower bound never
     exceeds that of all cases succeeding in these clusters, nor an upper bound falls short of that of none.
 
+    Where every patient has one case there is nothing to cluster, and the interval is plain Clopper-Pearson (an
+    attack review: the between-cluster variance's m / (m - 1) and the degrees of freedom's (z / t)^2 made it wider
+    than the exact interval of the same independent cases, and a subset of single-image patients, the PPV's say,
+    got another interval than the same cases evaluated alone).
+
     Plain Clopper-Pearson takes a patient's correlated images as independent, too narrow an interval; a percentile
     bootstrap over patients is too narrow near 0 and 1, and of no width at k = n."""
     alpha = check_alpha(alpha)
@@ -462,6 +467,10 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     k_unit = np.bincount(codes, weights=hit, minlength=n_units)
     n_unit = np.bincount(codes, minlength=n_units).astype(float)
     k, n = int(hit.sum()), int(hit.size)
+    if n_units == n:
+        exact = proportion_ci(k, n, "clopper-pearson", alpha)
+        method = f"Clopper-Pearson ({n} patients, one case each: nothing to cluster)"
+        return ProportionResult(k, n, exact.estimate, exact.ci_low, exact.ci_high, method, alpha)
     p = k / n
     correlated = float((n_unit**2).sum()) / n  # the design effect of images fully correlated within a patient
     n_all = n / correlated  # the effective sample size at k = 0 or n
