@@ -508,3 +508,31 @@ def test_a_rule_out_that_cannot_be_set_names_the_categories_as_readers_write_the
     assert "scores" not in str(caught.value)
     with pytest.raises(CombineError, match=r"category \(BI-RADS 4b\) among"):
         fit_rule_out(y, prob, birads, birads >= 4.5, lowest_positive_scores("4b"))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "ci_for", "match"),
+    [
+        ([[0.0, 1], [1, 2], [np.nan, 3], [2, 1]], [1, 0, 1, 0], (1, 2), "finite"),
+        ([[0.0, 1], [1, 2], [np.inf, 3], [2, 1]], [1, 0, 1, 0], (1, 2), "finite"),
+        ([[0.0, 1], [1, 2], [3, 3], [2, 1]], [1, 0, 2, 0], (1, 2), "0 or 1"),
+        ([[0.0, 1], [1, 2], [3, 3], [2, 1]], [1, 1, 1, 1], (1, 2), "one class"),
+        ([[0.0, 1], [1, 2], [3, 3], [2, 1]], [1, 0, 1], (1, 2), "one label per row"),
+        (None, None, (0, 1, 2), "not \\[0\\]"),
+        (None, None, (-1,), "not \\[-1\\]"),
+        (None, None, (3,), "not \\[3\\]"),
+    ],
+)
+def test_the_firth_fit_refuses_what_it_cannot_fit_rightly(x: object, y: object, ci_for: tuple, match: str) -> None:
+    """An attack review: `fit_firth` asked for the intercept's interval returned one that did not hold the intercept
+    (the profile of the centred design's intercept, divided by the last column's scale), a negative index gave the
+    last column's interval on the wrong scale, and a NaN, one class or a label of 2 raised numpy's or
+    scikit-learn's errors."""
+    from alnus._firth import FirthError, fit_firth
+
+    if x is None:
+        rng = np.random.default_rng(0)
+        y = np.r_[np.ones(20), np.zeros(20)].astype(int)
+        x = np.column_stack([rng.normal(y, 1) * 3 + 10, rng.integers(1, 6, 40) + y])
+    with pytest.raises(FirthError, match=match):
+        fit_firth(np.asarray(x, dtype=float), np.asarray(y), ci_for=ci_for)

@@ -240,12 +240,24 @@ def fit_firth(x: np.ndarray, y: np.ndarray, ci_for: Sequence[int] = (1, 2), alph
     the profile-likelihood 1 - alpha interval of each coefficient in `ci_for`.
 
     Raises:
-        FirthError: no finite maximum, or an interval that is infinite or does not hold its estimate.
+        FirthError: no finite maximum, or an interval that is infinite or does not hold its estimate; or cases it
+            cannot fit (values that are not finite numbers, labels other than 0 and 1 or of one class only), or an
+            interval asked of the intercept or of no column (the search runs on centred columns, where the
+            intercept is another parameter: its interval would not be the intercept's).
     """
     from scipy.stats import chi2
 
     x = np.asarray(x, dtype=float)
     yf = np.asarray(y, dtype=float)
+    if x.ndim != 2 or yf.shape != (len(x),):
+        raise FirthError(f"give a 2-D design and one label per row: shapes {x.shape} and {yf.shape}")
+    if not (np.isfinite(x).all() and np.isin(yf, (0.0, 1.0)).all()):
+        raise FirthError("every value must be a finite number and every label 0 or 1")
+    if yf.min() == yf.max():
+        raise FirthError("the labels are of one class only, so the weights say nothing")
+    wrong = [i for i in ci_for if not (isinstance(i, (int, np.integer)) and 1 <= i <= x.shape[1])]
+    if wrong:
+        raise FirthError(f"intervals are given for the columns' weights, 1 to {x.shape[1]}, not {wrong}")
     if np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < x.shape[1] + 1:
         raise FirthError("the columns are linearly dependent (one is a linear function of the other), so their "
                          "weights cannot be told apart")  # fmt: skip
