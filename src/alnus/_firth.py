@@ -184,9 +184,11 @@ def _profile(design: np.ndarray, y: np.ndarray, beta: np.ndarray, index: int, va
     (the previous profile point), the estimate, the estimate with its intercept moved so that the mean linear predictor
     stays put, and the other weight at 0 with the intercept of the mean outcome (the profile's other coefficients can
     run far from the estimate's: a single start stalled below the profile and put interval ends where the search failed,
-    not where the profile crosses). Also each other weight two standard errors either side of the estimate's: the
-    profile can have two local maxima in the other weight (an attack review: with BI-RADS separating 40 cases, every
-    other start stayed on the lower maximum of the model's weight, and the reader's interval ended far too early)."""
+    not where the profile crosses). Also each other weight two, four and eight standard errors either side of the
+    estimate's: the profile can have two local maxima in the other weight (an attack review: with BI-RADS separating
+    40 cases, every other start stayed on the lower maximum of the model's weight, and the reader's interval ended far
+    too early; a later one: on 20 cases the higher maximum lay beyond two standard errors, and the interval ended
+    where the profile was still above its cut-off)."""
     shifted = beta.copy()
     shifted[0] -= (value - beta[index]) * float(design[:, index].mean())
     centred = np.zeros_like(beta)  # the other weight 0, the intercept giving the mean outcome at the mean case
@@ -195,7 +197,7 @@ def _profile(design: np.ndarray, y: np.ndarray, beta: np.ndarray, index: int, va
     spread = []
     se = np.sqrt(np.abs(np.diag(np.linalg.pinv(_information(beta, design)))))
     for other in range(1, len(beta)):
-        for sign in (-2.0, 2.0) if other != index and np.isfinite(se[other]) else ():
+        for sign in (-8.0, -4.0, -2.0, 2.0, 4.0, 8.0) if other != index and np.isfinite(se[other]) else ():
             moved = shifted.copy()
             moved[other] += sign * se[other]
             moved[0] -= sign * se[other] * float(design[:, other].mean())
