@@ -826,3 +826,19 @@ def test_p_values_print_one_way_in_the_terminal_the_report_and_the_subgroup_tabl
         assert format_p(p) == p_value(p) == _p_text(p) == text
     for missing in (None, float("nan"), "x", float("inf")):
         assert format_p(missing) == p_value(missing) == "n/a" and _p_text(missing) == ""
+
+
+def test_the_clustered_proportions_degrees_of_freedom_factor_is_korn_graubards_t_ratio() -> None:
+    """An attack review: Korn & Graubard (1998), and R's survey::svyciprop(method = "beta"), scale the effective
+    sample size by (t on the cases less one / t on the clusters less one)^2, not (z / t)^2. Checked where the design
+    effect is exactly 1 (each of 12 patients one success and one failure), so the factor alone moves the interval."""
+    from scipy import stats as sps
+
+    from alnus.stats import clustered_proportion_ci
+
+    success, groups = np.tile([1, 0], 12), np.repeat(np.arange(12), 2)
+    found = clustered_proportion_ci(success, groups)
+    n_eff = 24 * (sps.t.ppf(0.975, 23) / sps.t.ppf(0.975, 11)) ** 2
+    low, high = sps.beta.ppf(0.025, 0.5 * n_eff, 0.5 * n_eff + 1), sps.beta.ppf(0.975, 0.5 * n_eff + 1, 0.5 * n_eff)
+    assert (found.ci_low, found.ci_high) == pytest.approx((low, high), abs=1e-12)
+    assert "design effect 1.00, 11 degrees of freedom" in found.method

@@ -55,9 +55,9 @@ PROPORTIONS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
 # How per-image proportions get their CIs (`stats.clustered_proportion_ci`; each one's own `ci_method` names its
 # patients, design effect and degrees of freedom).
 IMAGE_PROPORTION_CI = (
-    "Clopper-Pearson on the effective sample size, clustered by patient (Korn-Graubard: n over the "
-    "design effect, times (z/t)^2 on the patients less one degrees of freedom; at least as wide as "
-    "with no or every image a success; plain Clopper-Pearson when one image per patient)"
+    "Clopper-Pearson on the effective sample size, clustered by patient (Korn-Graubard: n over the design effect, "
+    "times (t on the images less one / t on the patients less one degrees of freedom)^2; at least as wide as with "
+    "no or every image a success; plain Clopper-Pearson when one image per patient)"
 )
 VALUE_COLUMNS = [
     "model", "split", "level", "operating_point", "n", "n_pos", "n_neg", "n_patients", "threshold",

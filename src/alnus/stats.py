@@ -438,8 +438,9 @@ def proportion_ci(
 def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05) -> ProportionResult:
     """k/n over cases that come in clusters (a patient's images) with the Clopper-Pearson interval of the effective
     sample size (Korn & Graubard 1998): n divided by the design effect (the variance of the ratio estimator between
-    clusters over that of independent cases, taken as at least 1), times (z / t)^2 with t on the clusters' degrees
-    of freedom (their number less one; few patients, a wider interval).
+    clusters over that of independent cases, taken as at least 1), times (t_(n-1) / t_(patients-1))^2, Student's t
+    quantiles on the cases' and on the clusters' degrees of freedom (few patients, a wider interval), as Korn and
+    Graubard and R's survey::svyciprop(method = "beta") have it.
 
     Where k is 0 or n the cases show no between-cluster variance to estimate it from, and the design effect is that
     of fully correlated images, sum(m_i^2) / n for clusters of m_i cases (each patient counts about once: with equal
@@ -450,7 +451,7 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     exceeds that of all cases succeeding in these clusters, nor an upper bound falls short of that of none.
 
     Where every patient has one case there is nothing to cluster, and the interval is plain Clopper-Pearson (an
-    attack review: the between-cluster variance's m / (m - 1) and the degrees of freedom's (z / t)^2 made it wider
+    attack review: the between-cluster variance's m / (m - 1) and the degrees of freedom's factor made it wider
     than the exact interval of the same independent cases, and a subset of single-image patients, the PPV's say,
     got another interval than the same cases evaluated alone).
 
@@ -478,7 +479,7 @@ def clustered_proportion_ci(success: object, groups: object, alpha: float = 0.05
     if 0 < k < n and n_units > 1:
         between = n_units / (n_units - 1) * float(((k_unit - p * n_unit) ** 2).sum()) / n**2
         design_effect = max(1.0, between / (p * (1 - p) / n))
-        df_factor = (_sps.norm.ppf(1 - alpha / 2) / _sps.t.ppf(1 - alpha / 2, n_units - 1)) ** 2
+        df_factor = (_sps.t.ppf(1 - alpha / 2, n - 1) / _sps.t.ppf(1 - alpha / 2, n_units - 1)) ** 2
     elif k in (0, n):
         design_effect = correlated
     n_eff = n / design_effect * df_factor

@@ -73,7 +73,7 @@ def test_every_section_is_present_in_order(report_run: Path, page: Page) -> None
         "torch",
         "Training time, tiny_cnn: 2 epochs",
         "per image Clopper-Pearson on the effective sample size",
-        "(z/t)^2 on the patients less one",
+        "t on the patients less one degrees of freedom)^2",
     ):
         assert words in methods, words
     for block in (
