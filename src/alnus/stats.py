@@ -270,7 +270,7 @@ def _group_codes(groups: object, n: int) -> np.ndarray:
     if bad.size:
         raise StatsError(
             f"groups has {bad.size} missing patient id(s), first at position(s) {bad[:5].tolist()}; "
-            "every case needs its patient id for a clustered bootstrap."
+            "every case needs its patient id to be clustered by patient."
         )
     return codes.astype(np.int64)
 

@@ -223,3 +223,6 @@ def test_the_per_reader_table_shows_each_difference_and_names_where_test_and_int
     assert "r3, sensitivity" not in table.note and "specificity: the exact" not in table.note
     no_ci = per_reader_table("external_test", "m", {"per_reader": [{**row, "sensitivity_ci_low": float("nan")}]})
     assert no_ci.cells[0][2].sub == "+20.0 points" and "r2, sensitivity" not in no_ci.note
+    # An attack review: a NaN difference in a hand-edited metrics.json showed "n/a (-64.6 to +15.2)".
+    no_estimate = per_reader_table("external_test", "m", {"per_reader": [{**row, "sensitivity_diff": float("nan")}]})
+    assert no_estimate.cells[0][2].sub == ""

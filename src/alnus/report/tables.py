@@ -350,9 +350,9 @@ def per_reader_table(split: str, model: str, compared: Mapping[str, Any]) -> Tab
     for r in compared.get("per_reader", []):
         row: list[str | Cell] = [r["reader"], str(r["n_paired"])]
         for metric in ("sensitivity", "specificity"):
-            low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
-            under = _points(r.get(f"{metric}_diff"))
-            if _finite(low) and _finite(high):
+            low, high, diff = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high"), r.get(f"{metric}_diff")
+            under = _points(diff) if _finite(diff) else ""  # no interval without its estimate
+            if under and _finite(low) and _finite(high):
                 under += f" ({100 * low:+.1f} to {100 * high:+.1f})"
             row += [Cell(f"{pct(r[f'model_{metric}'])} vs {pct(r[f'reader_{metric}'])}", under, numeric=True),
                     p_value(r[f"{metric}_p"])]  # fmt: skip
