@@ -97,6 +97,10 @@ def test_a_training_image_and_its_re_saved_copy_are_recognised_and_a_new_one_is_
         (lambda p: p.write_text(p.read_text().replace('"val":', '"internal_test":')), "splits must map"),
         (lambda p: (p.unlink(), os.mkfifo(p)), "named pipe"),
         (lambda p: (p.unlink(), p.symlink_to(p.parent / "nowhere")), "cannot be read"),
+        # Crafted JSON that made the reader itself raise (a traceback, not the file's name): a nesting deeper than
+        # Python's recursion limit, and a number longer than int() converts.
+        (lambda p: p.write_text("[" * 200_000 + "]" * 200_000), "nested too deeply"),
+        (lambda p: p.write_text(p.read_text().replace(": 32", ": " + "9" * 5000)), "cannot be read"),
     ],
 )
 def test_a_damaged_crafted_or_foreign_file_is_refused_naming_it(

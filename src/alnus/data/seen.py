@@ -127,8 +127,11 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
             raise SeenImagesError(f"{path} is larger than {MAX_BYTES // 2**20} MB, far more than any of ours{redo}")
         with open_regular(path) as fh:
             record = json.loads(fh.read().decode("utf-8"))
-    except (OSError, NotAFileError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SeenImagesError(f"{path} cannot be read ({exc}){redo}") from None
+    except (OSError, NotAFileError, ValueError, RecursionError) as exc:
+        # ValueError: bytes that are not UTF-8, text that is not JSON, a number too long to convert; RecursionError:
+        # a crafted nesting depth.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise SeenImagesError(f"{path} cannot be read ({reason}){redo}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("hash") != HASH:
         raise SeenImagesError(f"{path} is not an alnus development-images file ({FORMAT}, {HASH}){redo}")
     if record.get("training_data_hash") != training_data_hash:
