@@ -196,3 +196,31 @@ def test_score_warns_when_the_labelled_patients_include_images_the_model_learned
     assert "these numbers are not a test of it" in scored.seen
     manifest.iloc[1:].to_csv(tmp_path / "unseen.csv", index=False)
     assert score_on_labelled([package], tmp_path / "unseen.csv").seen == ""
+
+
+def test_many_hashes_are_held_packed_and_matched_alike_with_and_without_bitwise_count(
+    images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file near the size limit (about a million hashes) was held as one bool per bit (eight times the bytes) and
+    each match made another array as large: a quarter of a second and hundreds of MB per image (an attack review)."""
+    from alnus.data import seen as seen_module
+    from alnus.data.seen import image_hash
+
+    rng = np.random.default_rng(0)
+    hashes = sorted({bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(2000)})
+    train_a = image_hash(load_image(images["train_a"]))
+    near = f"{int(train_a, 16) ^ 0b1011:064x}"  # three bits from the training image's hash
+    record = {"format": "alnus-development-images", "hash": "phash16", "max_distance": 32,
+              "training_data_hash": DIGEST, "splits": {"train": [*hashes, near], "val": hashes[:3]}}  # fmt: skip
+    (tmp_path / "package").mkdir()
+    write_development_images(tmp_path / "package", record)
+    seen = read_development_images(tmp_path / "package", DIGEST)
+    assert seen is not None and seen.n_images == len(hashes) + 4
+    assert seen.bits.nbytes == 32 * seen.n_images
+    assert seen.match(load_image(images["train_a"])) == ("train", 3)
+    query = seen_module._bits([hashes[7]])[0]
+    expected = [bin(int(h, 16) ^ int(hashes[7], 16)).count("1") for h in [*hashes, near, *hashes[:3]]]
+    assert seen_module._distances(seen.bits, query).tolist() == expected
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy before 2.0
+    assert seen_module._distances(seen.bits, query).tolist() == expected
+    assert seen.match(load_image(images["train_a"])) == ("train", 3)

@@ -79,7 +79,7 @@ def write_development_images(package: str | os.PathLike[str], record: Mapping[st
 class SeenImages:
     """The development images of a package; `match` says whether a new image is one of them."""
 
-    bits: np.ndarray  # (n, 256) bool, one row per hash
+    bits: np.ndarray  # (n, 32) uint8, one row per hash: its 256 bits packed, eight to a byte
     splits: tuple[str, ...]  # the split of each row
     max_distance: int
 
@@ -92,7 +92,7 @@ class SeenImages:
         if not self.n_images:
             return None
         query = _bits([image_hash(pixels)])[0]
-        distance = (self.bits != query).sum(axis=1)
+        distance = _distances(self.bits, query)
         nearest = int(distance.argmin())
         if distance[nearest] > self.max_distance:
             return None
@@ -110,9 +110,23 @@ class SeenImages:
                 "on patients it never saw")  # fmt: skip
 
 
+# The number of set bits of each 16-bit value (for a NumPy without bitwise_count).
+_POPCOUNT16 = np.unpackbits(np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2), axis=1).sum(axis=1)
+
+
+def _distances(bits: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The Hamming distance of each row of `bits` (n, 32 bytes) to `query` (32 bytes), on the packed bits: the
+    hashes stay an eighth of the memory one bool per bit takes, and the largest file the size limit allows is matched
+    in a fraction of the time."""
+    xor = np.bitwise_xor(bits.view(np.uint64), np.ascontiguousarray(query).view(np.uint64))
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(xor).sum(axis=1, dtype=np.int64)
+    return _POPCOUNT16[xor.view(np.uint16)].sum(axis=1, dtype=np.int64)
+
+
 def _bits(hashes: list[str]) -> np.ndarray:
-    raw = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint8).reshape(len(hashes), 32)
-    return np.unpackbits(raw, axis=1).astype(bool)
+    """The hashes as rows of 32 bytes."""
+    return np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint8).reshape(len(hashes), 32).copy()
 
 
 def read_development_images(package: str | os.PathLike[str], training_data_hash: object) -> SeenImages | None:
@@ -148,5 +162,5 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
             raise SeenImagesError(f"{path}: splits.{split} must be a list of 64-digit hex hashes{redo}")
         hashes += listed
         owners += [split] * len(listed)
-    bits = _bits(hashes) if hashes else np.zeros((0, 256), dtype=bool)
+    bits = _bits(hashes) if hashes else np.zeros((0, 32), dtype=np.uint8)
     return SeenImages(bits, tuple(owners), distance)
