@@ -1267,13 +1267,14 @@ def predict(
 ) -> None:
     """Predict new images (files, folders, a manifest) with a model package; a run's own splits: `alnus predict-run`.
 
-    Each image gets the probability and, once a threshold is frozen, the call. Images are read one by one: one that
-    is corrupt, unsupported or unreadable, or lacks the lesion region the model needs, gets the reason in the `error`
+    Each image gets the probability and, once a threshold is frozen, the call. Images are read one by one: one that is
+    corrupt, unsupported or unreadable, or lacks the lesion region the model needs, gets the reason in the `error`
     column and the others are predicted. An implausible lesion box (tiny, or nearly the whole image) is predicted, with
-    the reason in the `warning` column and a warning on stderr. Exit code: 0 when every image was predicted, 1 when any
-    failed, 2 for a problem with the command, package or manifest. Notes (the model's intended use and training sites,
-    the call rule) go to stderr, so piped CSV or JSON stays clean. The study's stage on a run folder is
-    `alnus predict-run RUN`.
+    the reason in the `warning` column and a warning on stderr; so is an image the model was trained or selected on (or
+    a re-saved copy of one: the package lists their perceptual hashes), whose prediction is no test of it. Exit code: 0
+    when every image was predicted, 1 when any failed, 2 for a problem with the command, package or manifest. Notes (the
+    model's intended use and training sites, the call rule) go to stderr, so piped CSV or JSON stays clean. The study's
+    stage on a run folder is `alnus predict-run RUN`.
     """
     _refuse_run_folder(package)
     from alnus.data.inputs import collect_inputs
@@ -1411,7 +1412,7 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None,
         incomplete = int((result["birads"] == "0").sum())
         if incomplete:
             _note(f"{incomplete} image(s) read BI-RADS 0 (incomplete): no call with the radiologist for them.")
-    _print_box_warnings(result)
+    _print_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
     if not quiet:
@@ -1439,18 +1440,27 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None,
         )
 
 
-def _print_box_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
-    """A yellow line per image predicted with an implausible lesion box (the first few; all are in the table)."""
+def _print_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
+    """A yellow line per image predicted with a warning (an implausible lesion box, an image the model learned
+    from: the first few; all are in the table), and how many of them the model learned from."""
+    from alnus.data.seen import NOT_A_TEST
+
     warned = result[result["warning"] != ""]
     for image, text in zip(warned["image"][:_SHOWN_PROBLEMS], warned["warning"][:_SHOWN_PROBLEMS], strict=True):
         line = f"[yellow]warning:[/yellow] {escape(str(image))}: {escape(text)}"
         err_console.print(line, highlight=False, soft_wrap=True)
     if len(warned) > _SHOWN_PROBLEMS:
         err_console.print(
-            f"[yellow]... and {len(warned) - _SHOWN_PROBLEMS} more image(s) with an implausible lesion box[/yellow] "
+            f"[yellow]... and {len(warned) - _SHOWN_PROBLEMS} more image(s) with a warning[/yellow] "
             "(the reason is in the warning column).",
             highlight=False,
             soft_wrap=True,
+        )
+    learned = int(warned["warning"].str.contains(NOT_A_TEST, regex=False).sum())
+    if learned:
+        _note(
+            f"{learned} of the {len(result)} image(s) are images the model was trained or selected on (the warning "
+            "column says which): their predictions are not a test of it; score it on patients it never saw."
         )
 
 

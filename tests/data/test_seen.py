@@ -224,3 +224,30 @@ def test_many_hashes_are_held_packed_and_matched_alike_with_and_without_bitwise_
     monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy before 2.0
     assert seen_module._distances(seen.bits, query).tolist() == expected
     assert seen.match(load_image(images["train_a"])) == ("train", 3)
+
+
+def test_predict_says_how_many_images_the_model_learned_from_and_not_that_their_boxes_are_implausible(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    """Past the first images shown, the rest were counted as 'more image(s) with an implausible lesion box' when
+    their warning was that the model had learned from them (an attack review: 265 of the demo's training images)."""
+    import shutil
+
+    torch.manual_seed(0)
+    package = tmp_path / "model"
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
+            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
+    save_package(package, create_model("tiny_cnn"), meta)
+    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    folder = tmp_path / "shown"
+    folder.mkdir()
+    for i in range(24):
+        shutil.copy(images["train_b"], folder / f"copy_{i:02d}.png")
+    shutil.copy(images["new"], folder / "new.png")
+    result = CliRunner().invoke(app, ["predict", str(package), str(folder), "--device", "cpu", "--format", "csv"],
+                                env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "implausible lesion box" not in said
+    assert "... and 4 more image(s) with a warning" in said
+    assert "24 of the 25 image(s) are images the model was trained or selected on" in said

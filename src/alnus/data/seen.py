@@ -36,6 +36,8 @@ SPLITS = ("train", "val")
 # About 70 bytes per image: room for a million images, far below what reading it could cost.
 MAX_BYTES = 80 * 1024 * 1024
 _HEX = re.compile(r"[0-9a-f]{64}")
+# What each warning about such an image says (alnus predict counts them by it).
+NOT_A_TEST = "its prediction is not a test of the model"
 
 
 class SeenImagesError(AlnusError):
@@ -106,8 +108,7 @@ class SeenImages:
         split, distance = found
         role = "trained on" if split == "train" else "selected on (its validation images)"
         copy = "" if distance == 0 else f"a near copy (pHash distance {distance} of 256 bits) of "
-        return (f"this image is {copy}one the model was {role}: its prediction is not a test of the model; score it "
-                "on patients it never saw")  # fmt: skip
+        return f"this image is {copy}one the model was {role}: {NOT_A_TEST}; score it on patients it never saw"
 
 
 # The number of set bits of each 16-bit value (for a NumPy without bitwise_count).
