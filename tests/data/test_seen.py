@@ -101,6 +101,8 @@ def test_a_training_image_and_its_re_saved_copy_are_recognised_and_a_new_one_is_
         # Python's recursion limit, and a number longer than int() converts.
         (lambda p: p.write_text("[" * 200_000 + "]" * 200_000), "nested too deeply"),
         (lambda p: p.write_text(p.read_text().replace(": 32", ": " + "9" * 5000)), "cannot be read"),
+        # A file that names no training matched a package that records none (an attack review).
+        (lambda p: p.write_text(p.read_text().replace(f'"{DIGEST}"', "null")), "names no training"),
     ],
 )
 def test_a_damaged_crafted_or_foreign_file_is_refused_naming_it(
@@ -115,6 +117,21 @@ def test_a_damaged_crafted_or_foreign_file_is_refused_naming_it(
     with pytest.raises(SeenImagesError, match=message) as info:
         read_development_images(tmp_path / "package", DIGEST)
     assert str(path) in str(info.value) and "delete the file to predict without this check" in str(info.value)
+
+
+def test_a_package_that_records_no_training_hash_is_not_said_to_be_another_training(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    """Its metadata without training_data_hash: the file 'lists the images of another training', which it does
+    not; and a file that named none was used, tied to nothing (an attack review)."""
+    (tmp_path / "package").mkdir()
+    path = write_development_images(tmp_path / "package", development_record(_rows(images), DIGEST, None))
+    with pytest.raises(SeenImagesError, match="its metadata.json records no training_data_hash") as info:
+        read_development_images(tmp_path / "package", None)
+    assert str(path) in str(info.value) and "another training" not in str(info.value)
+    path.write_text(path.read_text().replace(f'"{DIGEST}"', "null"))
+    with pytest.raises(SeenImagesError, match="names no training"):
+        read_development_images(tmp_path / "package", None)
 
 
 def test_a_package_without_the_file_predicts_without_the_check(tmp_path: Path) -> None:

@@ -149,7 +149,14 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
         raise SeenImagesError(f"{path} cannot be read ({reason}){redo}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("hash") != HASH:
         raise SeenImagesError(f"{path} is not an alnus development-images file ({FORMAT}, {HASH}){redo}")
-    if record.get("training_data_hash") != training_data_hash:
+    recorded = record.get("training_data_hash")
+    if not isinstance(recorded, str) or not _HEX.fullmatch(recorded):
+        raise SeenImagesError(f"{path} names no training (its training_data_hash is {recorded!r:.80}){redo}")
+    if not isinstance(training_data_hash, str):
+        raise SeenImagesError(
+            f"{path} cannot be tied to this package's weights: its metadata.json records no training_data_hash{redo}"
+        )
+    if recorded != training_data_hash:
         raise SeenImagesError(f"{path} lists the images of another training than this package's weights{redo}")
     distance = record.get("max_distance")
     if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance < 256:
