@@ -1412,7 +1412,7 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None,
         incomplete = int((result["birads"] == "0").sum())
         if incomplete:
             _note(f"{incomplete} image(s) read BI-RADS 0 (incomplete): no call with the radiologist for them.")
-    _print_warnings(result)
+    _print_image_warnings(result)
     failed = int((result["error"] != "").sum())
     engine = f"engine: {predictor.engine_description}; {len(result) - failed} of {len(result)} image(s) predicted"
     if not quiet:
@@ -1440,7 +1440,7 @@ def _predict_summary(predictor, result, out: Path | None, heatmaps: Path | None,
         )
 
 
-def _print_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
+def _print_image_warnings(result) -> None:  # noqa: ANN001 - pandas DataFrame
     """A yellow line per image predicted with a warning (an implausible lesion box, an image the model learned
     from: the first few; all are in the table), and how many of them the model learned from."""
     from alnus.data.seen import NOT_A_TEST
