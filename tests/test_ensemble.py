@@ -683,3 +683,32 @@ def test_model_options_say_a_model_may_be_an_ensemble(command: str) -> None:
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert result.exit_code == 0 and "a backbone or an ensemble" in _flat(result.output)
     assert "backbone only" not in _flat(result.output)
+
+
+def test_an_ensemble_carries_its_members_development_images_or_refuses_a_file_it_would_leave_behind(
+    tmp_path: Path,
+) -> None:
+    """A member's development_images.json that is a symbolic link was silently left out: the member warned about its
+    training images, the ensemble did not; a file only on the second member was left out too (an attack review)."""
+    from alnus.data.seen import FILE, SeenImagesError, development_record, write_development_images
+
+    run = make_run(tmp_path)
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    record = development_record(splits.to_dict("records"), run_training_hash(run), None)
+    train = splits.loc[splits["split"] == "train", "image"].iloc[0]
+    # Only the second member lists them: the ensemble does.
+    write_development_images(pkg(run, "tiny_box"), record)
+    package = build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_box")]).package
+    assert (package / FILE).is_file()
+    assert "trained on" in Predictor(package, device="cpu").seen_warning(load_image(train))
+    # The first member's file a link to it: refused by name, not dropped.
+    (pkg(run, "tiny_cnn") / FILE).symlink_to(pkg(run, "tiny_box") / FILE)
+    with pytest.raises(EnsembleError, match="is a symbolic link") as info:
+        build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_box")], force=True)
+    assert str(pkg(run, "tiny_cnn") / FILE) in str(info.value)
+    # Another training's file: refused as prediction would refuse it, not copied into an ensemble that cannot load.
+    (pkg(run, "tiny_cnn") / FILE).unlink()
+    (pkg(run, "tiny_cnn") / FILE).write_text((pkg(run, "tiny_box") / FILE).read_text().replace(run_training_hash(run),
+                                                                                              "e" * 64))  # fmt: skip
+    with pytest.raises(SeenImagesError, match="another training"):
+        build_ensemble(run, "ens", [pkg(run, "tiny_cnn"), pkg(run, "tiny_box")], force=True)

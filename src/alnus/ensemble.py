@@ -454,13 +454,11 @@ def _write(
             _copy_member(candidate, tmp / MEMBERS_DIR / str(i)) for i, candidate in enumerate(candidates, start=1)
         ]
         meta = _metadata(run, name, candidates, copied, views, digest)
-        # The images the members learned from (they share one training): prediction warns about those.
-        seen = candidates[0].source / SEEN_FILE
-        if (
-            seen.is_file()
-            and not seen.is_symlink()
-            and candidates[0].metadata.get("training_data_hash") == meta.get("training_data_hash")
-        ):
+        # The images the members learned from (they share one training): prediction warns about those. A member's
+        # file is read as prediction reads it, so that one it would refuse is refused here, and one it would use is
+        # never left behind (a symbolic link was, silently: its members warned, the ensemble did not).
+        seen = _development_images_of(candidates)
+        if seen is not None:
             _copy_file(seen, tmp / SEEN_FILE)
         kept = False
         if earlier is not None and identity(earlier) == identity(meta):
@@ -487,6 +485,25 @@ def _write(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder.package, kept
+
+
+def _development_images_of(candidates: Sequence[_Candidate]) -> Path | None:
+    """The first member's development-images file (`alnus.data.seen`), checked as `Predictor` checks it; None when
+    no member has one (packages written before they were recorded)."""
+    from alnus.data.seen import read_development_images
+
+    for candidate in candidates:
+        path = candidate.source / SEEN_FILE
+        if not path.exists() and not path.is_symlink():
+            continue
+        read_development_images(candidate.source, candidate.metadata.get("training_data_hash"))
+        if path.is_symlink():  # never followed into the ensemble: a link could point at any file the user may read
+            raise EnsembleError(
+                f"{path} is a symbolic link; replace it with the file it points to (or delete it, to build the "
+                "ensemble without the check of the images its members learned from) and build again"
+            )
+        return path
+    return None
 
 
 def _remove_outputs(run: RunFolder, name: str) -> None:
