@@ -698,3 +698,28 @@ def test_body_schedule_settings_are_checked(phantom, tmp_path, setting, message)
     """issue 7.4: the new schedule settings are range-checked when the config is read."""
     with pytest.raises(ConfigError, match=message):
         load_config(_config(tmp_path, phantom, "checked"), [f"train.{setting}"])
+
+
+def test_a_package_rewrite_cut_short_leaves_no_metadata_beside_the_new_hashes(phantom, tmp_path, monkeypatch):
+    """An attack review: a training killed between writing its package's development images and its metadata.json
+    left the earlier training's metadata beside the new hashes; predict then called the file another training's,
+    whose advice (delete it) would switch the check off. The earlier metadata is removed first: the folder is then
+    no package ("train again")."""
+    import alnus.data.seen as seen
+    from alnus.models.package import PackageError
+
+    cfg = load_config(_config(tmp_path, phantom, "cut", train={"epochs": 1}))
+    [result] = run_training(cfg, console=_quiet())
+    assert (result.package_dir / "metadata.json").is_file() and (result.package_dir / seen.FILE).is_file()
+    written = seen.write_development_images
+
+    def killed(package, record):  # noqa: ANN001, ANN202
+        written(package, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seen, "write_development_images", killed)
+    with pytest.raises(KeyboardInterrupt):  # a finished run resumed writes its package again
+        run_training(cfg, resume=True, console=_quiet())
+    assert (result.package_dir / seen.FILE).is_file() and not (result.package_dir / "metadata.json").exists()
+    with pytest.raises(PackageError, match="metadata.json"):
+        load_package(result.package_dir)

@@ -844,7 +844,7 @@ def write_package(
 ) -> None:
     """The model package from `best.pt`: weights and metadata, including the full training settings."""
     from alnus.data.seen import development_record, write_development_images
-    from alnus.models.package import save_package
+    from alnus.models.package import METADATA_FILE, save_package
 
     best = load_checkpoint(model_dir.best_checkpoint)
     final = copy.deepcopy(engine.model)
@@ -859,6 +859,9 @@ def write_package(
     # The images it learned from, as hashes, so that prediction can say when it is asked about one of them; before
     # the metadata, which save_package writes last: a package cut short in between is incomplete, not unchecked.
     model_dir.package.mkdir(parents=True, exist_ok=True)
+    # An earlier training's metadata must not stand beside the new hashes if this is cut short: the folder is then
+    # no package ("train again"), never one whose check could be switched off by deleting a file said to be foreign.
+    (model_dir.package / METADATA_FILE).unlink(missing_ok=True)
     seen = development_record(splits.to_dict("records"), digest, cfg.data.max_image_pixels)
     write_development_images(model_dir.package, seen)
     save_package(

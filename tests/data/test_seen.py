@@ -93,6 +93,13 @@ def test_a_training_image_and_its_re_saved_copy_are_recognised_and_a_new_one_is_
         (lambda p: p.write_text(json.dumps({"format": "other"})), "is not an alnus development-images file"),
         (lambda p: p.write_text(p.read_text().replace(DIGEST, "e" * 64)), "another training than this package's"),
         (lambda p: p.write_text(p.read_text().replace('"max_distance": 32', '"max_distance": 999')), "max_distance"),
+        # Every image would be "seen" at 255 bits (an attack review); 64 is the most a file may ask for.
+        (lambda p: p.write_text(p.read_text().replace('"max_distance": 32', '"max_distance": 65')), r"0\.\.64"),
+        # A file that lists no training image checks nothing (an attack review: it was accepted).
+        (
+            lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "splits": {"train": [], "val": []}})),
+            "lists no training image",
+        ),
         (lambda p: p.write_text(p.read_text().replace('"train": [', '"train": ["zz", ')), "64-digit hex hashes"),
         (lambda p: p.write_text(p.read_text().replace('"val":', '"internal_test":')), "splits must map"),
         (lambda p: (p.unlink(), os.mkfifo(p)), "named pipe"),

@@ -35,6 +35,8 @@ HASH = "phash16"
 SPLITS = ("train", "val")
 # About 70 bytes per image: room for a million images, far below what reading it could cost.
 MAX_BYTES = 80 * 1024 * 1024
+# The largest matching distance a file may ask for: twice the split's; distinct scans lie about half the bits apart.
+MAX_DISTANCE = 2 * DEFAULT_MAX_DISTANCE
 _HEX = re.compile(r"[0-9a-f]{64}")
 # What each warning about such an image says (alnus predict counts them by it).
 NOT_A_TEST = "its prediction is not a test of the model"
@@ -159,8 +161,10 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
     if recorded != training_data_hash:
         raise SeenImagesError(f"{path} lists the images of another training than this package's weights{redo}")
     distance = record.get("max_distance")
-    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance < 256:
-        raise SeenImagesError(f"{path}: max_distance {distance!r} must be a whole number of bits in 0..255{redo}")
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= MAX_DISTANCE:
+        # Far above the split's threshold every image would be "seen" (distinct scans lie about 128 bits apart).
+        raise SeenImagesError(f"{path}: max_distance {distance!r} must be a whole number of bits in "
+                              f"0..{MAX_DISTANCE}{redo}")  # fmt: skip
     splits = record.get("splits")
     if not isinstance(splits, dict) or set(splits) - set(SPLITS):
         raise SeenImagesError(f"{path}: splits must map {', '.join(SPLITS)} to lists of hashes{redo}")
@@ -170,5 +174,7 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
             raise SeenImagesError(f"{path}: splits.{split} must be a list of 64-digit hex hashes{redo}")
         hashes += listed
         owners += [split] * len(listed)
-    bits = _bits(hashes) if hashes else np.zeros((0, 32), dtype=np.uint8)
+    if "train" not in owners:  # a model learns from some images: a file that lists none would check nothing
+        raise SeenImagesError(f"{path} lists no training image{redo}")
+    bits = _bits(hashes)
     return SeenImages(bits, tuple(owners), distance)
