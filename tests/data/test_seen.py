@@ -66,6 +66,17 @@ def _rows(images: dict[str, Path]) -> list[dict[str, str]]:
     return [{"image": str(images[name]), "split": name.split("_")[0]} for name in ("train_a", "train_b", "val_a")]
 
 
+def _seen_package(images: dict[str, Path], tmp_path: Path) -> Path:
+    """A tiny_cnn package whose development images are `_rows(images)`."""
+    torch.manual_seed(0)
+    package = tmp_path / "model"
+    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
+            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
+    save_package(package, create_model("tiny_cnn"), meta)
+    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    return package
+
+
 def test_a_training_image_and_its_re_saved_copy_are_recognised_and_a_new_one_is_not(
     images: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -145,15 +156,10 @@ def test_a_package_without_the_file_predicts_without_the_check(tmp_path: Path) -
     assert read_development_images(tmp_path, DIGEST) is None
 
 
-def test_predict_and_the_service_warn_about_a_training_image_and_not_about_a_new_one(
+def test_predict_warns_about_a_training_image_and_its_copy_and_not_about_a_new_one(
     images: dict[str, Path], tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    package = tmp_path / "model"
-    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
-            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
-    save_package(package, create_model("tiny_cnn"), meta)
-    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    package = _seen_package(images, tmp_path)
     shown = [str(images[name]) for name in ("copy", "train_b", "new")]
     result = CliRunner().invoke(app, ["predict", str(package), *shown, "--device", "cpu", "--format", "csv"],
                                 env={"COLUMNS": "200"})  # fmt: skip
@@ -178,12 +184,7 @@ def test_predict_and_the_service_warn_about_a_training_image_and_not_about_a_new
 def test_the_service_answers_a_training_image_with_the_warning(images: dict[str, Path], tmp_path: Path) -> None:
     from tests.serve.conftest import AUTH, client_for, predictor_of
 
-    torch.manual_seed(0)
-    package = tmp_path / "model"
-    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
-            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
-    save_package(package, create_model("tiny_cnn"), meta)
-    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    package = _seen_package(images, tmp_path)
     client = client_for(predictor_of(package), tmp_path)
     answers = {}
     for name in ("train_a", "new"):
@@ -201,12 +202,7 @@ def test_score_warns_when_the_labelled_patients_include_images_the_model_learned
 ) -> None:
     from alnus.adapt import score_on_labelled
 
-    torch.manual_seed(0)
-    package = tmp_path / "model"
-    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
-            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
-    save_package(package, create_model("tiny_cnn"), meta)
-    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    package = _seen_package(images, tmp_path)
     for seed in (5, 6, 7):
         Image.fromarray(_scan(seed)).save(tmp_path / f"other{seed}.png")
     manifest = pd.DataFrame({
@@ -257,12 +253,7 @@ def test_predict_says_how_many_images_the_model_learned_from_and_not_that_their_
     their warning was that the model had learned from them (an attack review: 265 of the demo's training images)."""
     import shutil
 
-    torch.manual_seed(0)
-    package = tmp_path / "model"
-    meta = {"preprocess": PreprocessSpec(size=32).to_dict(), "label_names": ["negative", "positive"],
-            "positive_label": "positive", "training_data_hash": DIGEST}  # fmt: skip
-    save_package(package, create_model("tiny_cnn"), meta)
-    write_development_images(package, development_record(_rows(images), DIGEST, None))
+    package = _seen_package(images, tmp_path)
     folder = tmp_path / "shown"
     folder.mkdir()
     for i in range(24):
