@@ -35,7 +35,8 @@ HASH = "phash16"
 SPLITS = ("train", "val")
 # About 70 bytes per image: room for a million images, far below what reading it could cost.
 MAX_BYTES = 80 * 1024 * 1024
-# The largest matching distance a file may ask for: twice the split's; distinct scans lie about half the bits apart.
+# The largest matching distance a file may ask for: twice the split's, still far below the distances of distinct
+# scans (docs/results.md, "Near-duplicate threshold").
 MAX_DISTANCE = 2 * DEFAULT_MAX_DISTANCE
 _HEX = re.compile(r"[0-9a-f]{64}")
 # What each warning about such an image says (alnus predict counts them by it).
@@ -162,7 +163,7 @@ def read_development_images(package: str | os.PathLike[str], training_data_hash:
         raise SeenImagesError(f"{path} lists the images of another training than this package's weights{redo}")
     distance = record.get("max_distance")
     if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= MAX_DISTANCE:
-        # Far above the split's threshold every image would be "seen" (distinct scans lie about 128 bits apart).
+        # Far above the split's threshold every image would be "seen".
         raise SeenImagesError(f"{path}: max_distance {distance!r} must be a whole number of bits in "
                               f"0..{MAX_DISTANCE}{redo}")  # fmt: skip
     splits = record.get("splits")
