@@ -92,16 +92,18 @@ class SeenImages:
     def n_images(self) -> int:
         return len(self.splits)
 
-    def match(self, pixels: np.ndarray) -> tuple[str, int] | None:
-        """(split, Hamming distance) of the nearest development image within `max_distance`, else None."""
+    def nearest(self, pixels: np.ndarray) -> tuple[str, int] | None:
+        """(split, Hamming distance) of the nearest development image, however far; None when there is none."""
         if not self.n_images:
             return None
-        query = _bits([image_hash(pixels)])[0]
-        distance = _distances(self.bits, query)
+        distance = _distances(self.bits, _bits([image_hash(pixels)])[0])
         nearest = int(distance.argmin())
-        if distance[nearest] > self.max_distance:
-            return None
         return self.splits[nearest], int(distance[nearest])
+
+    def match(self, pixels: np.ndarray) -> tuple[str, int] | None:
+        """(split, Hamming distance) of the nearest development image within `max_distance`, else None."""
+        found = self.nearest(pixels)
+        return found if found is not None and found[1] <= self.max_distance else None
 
     def warning(self, pixels: np.ndarray) -> str:
         """The warning for an image the model learned from ("" for any other image)."""
