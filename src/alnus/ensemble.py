@@ -37,6 +37,7 @@ from typing import Any
 
 from alnus._io import NotAFileError, atomic_path, atomic_write_text, file_problem, file_sha256, open_regular
 from alnus.data.seen import FILE as SEEN_FILE
+from alnus.data.seen import read_development_images
 from alnus.data.tta import check_views
 from alnus.errors import AlnusError
 from alnus.models.package import (
@@ -490,8 +491,6 @@ def _write(
 def _development_images_of(candidates: Sequence[_Candidate]) -> Path | None:
     """The first member's development-images file (`alnus.data.seen`), checked as `Predictor` checks it; None when
     no member has one (packages written before they were recorded)."""
-    from alnus.data.seen import read_development_images
-
     for candidate in candidates:
         path = candidate.source / SEEN_FILE
         if not path.exists() and not path.is_symlink():
