@@ -583,11 +583,12 @@ class Predictor:
     def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
         """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
         with the reason it cannot be used."""
-        inputs, warning, _ = self._image_inputs(row)
+        inputs, warning, _ = self._image_inputs(row, seen=False)
         return inputs, warning
 
-    def _image_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str, str]:
-        """`network_inputs`, and the warning when the image is one the model learned from (`seen_warning`)."""
+    def _image_inputs(self, row: Mapping[str, str], *, seen: bool = True) -> tuple[list[torch.Tensor], str, str]:
+        """`network_inputs`, and with `seen` the warning when the image is one the model learned from
+        (`seen_warning`; "" without)."""
         cropping = next((n.spec for n in self.networks if n.spec.roi.mode != "whole"), None)
         if cropping is not None and not row.get("roi") and not row.get("mask"):
             raise PredictError(f"{row.get('image', '?')}: {missing_roi_message(cropping)}")
@@ -596,7 +597,7 @@ class Predictor:
                  "mask_name": row.get("mask_name", "")}  # fmt: skip
         boxed, warning = self._boxed_rows(image.shape, cells, Path.cwd(), max_pixels=self.max_pixels)
         inputs = self._inputs(image, cells, Path.cwd(), max_pixels=self.max_pixels, boxed=boxed)
-        return inputs, warning, self.seen_warning(image)
+        return inputs, warning, self.seen_warning(image) if seen else ""
 
     def seen_warning(self, image: np.ndarray) -> str:
         """The warning for an image the model was trained or selected on, matched by perceptual hash against the
