@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from _docs import publish  # bench/ is on sys.path when a script here runs
-from public_study import REPO, _cpu, public_manifest
+from public_study import REPO, _cpu, data_argument, public_split
 
 SPLITS = ("train", "val", "internal_test", "external_test")
 COPIES = 40  # training images re-saved for each kind of copy
@@ -107,15 +106,11 @@ def section(result: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    data_argument(parser)
     args = parser.parse_args(argv)
-    os.chdir(REPO)
-    if not (REPO / "work" / "public" / "manifest.csv").is_file():
-        public_manifest(args.data)
-    from busbra_small import public_splits
-
+    splits = public_split(args.data)
     started = time.perf_counter()
-    result = compute(public_splits(), REPO / "models" / "breast-us-malignancy")
+    result = compute(splits, REPO / "models" / "breast-us-malignancy")
     text = section(result, time.perf_counter() - started)
     publish(REPO / "docs" / "development_images.json", result, REPO / "docs" / "results.md", "development-images", text)
     return 0

@@ -157,6 +157,22 @@ def _figures(run_dir: Path, *, prefix: str = "public", models: list[str] | None 
     return out
 
 
+def data_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--data` option of the real-data benches: the shared folder holding BUS-BRA/ and BrEaST-Lesions-USG/."""
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+
+
+def public_split(data: Path) -> pd.DataFrame:
+    """From the repository's folder, the public study's split: its manifest imported from `data` when missing, the
+    split made as `alnus study` makes it (busbra_small.public_splits)."""
+    from busbra_small import public_splits
+
+    os.chdir(REPO)
+    if not (REPO / "work" / "public" / "manifest.csv").is_file():
+        public_manifest(data)
+    return public_splits()
+
+
 def public_manifest(data: Path) -> Path:
     """Import BUS-BRA and BrEaST from `data` (images are not copied) and combine them into the manifest that
     configs/public.yaml names (work/public/manifest.csv); returns its path."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from _docs import publish  # bench/ is on sys.path when a script here runs
-from public_study import REPO, _cpu, public_manifest
+from public_study import REPO, _cpu, data_argument, public_split
 
 TARGET = 0.95
 GOAL_SENSITIVITY = 0.90
@@ -170,17 +170,13 @@ def section(result: dict[str, object], seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    data_argument(parser)
     args = parser.parse_args(argv)
-    os.chdir(REPO)
-    if not (REPO / "work" / "public" / "manifest.csv").is_file():
-        public_manifest(args.data)
-    from busbra_small import public_splits
-
+    splits = public_split(args.data)
     started = time.perf_counter()
     from alnus.models.package import read_metadata
 
-    result = compute(patient_scores(public_splits()), read_metadata(package()))
+    result = compute(patient_scores(splits), read_metadata(package()))
     text = section(result, time.perf_counter() - started)
     publish(REPO / "docs" / "sens95.json", result, REPO / "docs" / "results.md", "sens95", text)
     return 0
