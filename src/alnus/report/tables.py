@@ -89,11 +89,6 @@ def num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "n/a"
 
 
-def p_value(p: float | None) -> str:
-    """P as journals print it (`alnus.stats.format_p`)."""
-    return format_p(p)
-
-
 def interval(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
     if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
         return "n/a"
@@ -305,7 +300,7 @@ def _proportion_ci(metrics: Mapping[str, Any], level: str) -> str:
 def comparisons_table(metrics: Mapping[str, Any]) -> Table | None:
     rows = [
         [split, c["model_a"], c["model_b"], num(c["auc_a"]), num(c["auc_b"]),
-         interval(c["difference"], c["ci_low"], c["ci_high"]), p_value(c["p"]), p_value(c.get("p_holm"))]
+         interval(c["difference"], c["ci_low"], c["ci_high"]), format_p(c["p"]), format_p(c.get("p_holm"))]
         for split in SPLITS
         for c in metrics.get("comparisons", {}).get(split, [])
     ]  # fmt: skip
@@ -355,7 +350,7 @@ def per_reader_table(split: str, model: str, compared: Mapping[str, Any]) -> Tab
             if under and _finite(low) and _finite(high):
                 under += f" ({100 * low:+.1f} to {100 * high:+.1f})"
             row += [Cell(f"{pct(r[f'model_{metric}'])} vs {pct(r[f'reader_{metric}'])}", under, numeric=True),
-                    p_value(r[f"{metric}_p"])]  # fmt: skip
+                    format_p(r[f"{metric}_p"])]  # fmt: skip
             if _finite(r.get(f"{metric}_p")) and _finite(low) and _finite(high):
                 disagree = test_and_interval_disagree(r[f"{metric}_p"], low, high)
                 if disagree:
@@ -363,7 +358,7 @@ def per_reader_table(split: str, model: str, compared: Mapping[str, Any]) -> Tab
         auc_under = f"{r['auc_diff']:+.3f}" if _finite(r.get("auc_diff")) else ""
         if auc_under and _signed_ci(r.get("auc_ci_low"), r.get("auc_ci_high")):
             auc_under += f" ({_signed_ci(r['auc_ci_low'], r['auc_ci_high'])})"
-        row += [Cell(f"{num(r['model_auc'])} vs {num(r['reader_auc'])}", auc_under, numeric=True), p_value(r["auc_p"])]
+        row += [Cell(f"{num(r['model_auc'])} vs {num(r['reader_auc'])}", auc_under, numeric=True), format_p(r["auc_p"])]
         rows.append(row)
     columns = ["reader", "cases", "sensitivity, model vs reader", "P (McNemar)", "specificity, model vs reader",
                "P (McNemar)", "AUC, model vs reader", "P (DeLong)"]  # fmt: skip
@@ -390,7 +385,7 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
             if auc
             else f"{_points(r['difference'])} ({100 * r['ci_low']:+.1f} to {100 * r['ci_high']:+.1f})"
         )
-        rows.append([r["metric"], str(r["n"]), fmt(r["model"]), fmt(r["readers"]), difference, p_value(r["p"]),
+        rows.append([r["metric"], str(r["n"]), fmt(r["model"]), fmt(r["readers"]), difference, format_p(r["p"]),
                      r.get("note", "")])  # fmt: skip
     n_readers = compared.get("n_readers", "?")
     columns = ["metric", "cases", "model", "reader" if n_readers == 1 else "readers (mean)", "difference (95% CI)",
@@ -405,7 +400,7 @@ def _with_counts(r: Mapping[str, Any], metric: str) -> Cell:
     """ "with AI vs alone" of a proportion; under it the counts and McNemar's P."""
     n = r["n_positive"] if metric == "sensitivity" else r["n_negative"]
     mine, theirs = r[f"combined_{metric}"], r[f"reader_{metric}"]
-    counts = f"{r[f'combined_{metric}_k']} of {n} vs {r[f'reader_{metric}_k']} of {n}; P {p_value(r[f'{metric}_p'])}"
+    counts = f"{r[f'combined_{metric}_k']} of {n} vs {r[f'reader_{metric}_k']} of {n}; P {format_p(r[f'{metric}_p'])}"
     return Cell(f"{pct(mine)} vs {pct(theirs)}", counts, numeric=True)
 
 
@@ -423,7 +418,7 @@ def reader_plus_ai_table(split: str, model: str, found: Mapping[str, Any], *, la
             f"{num(r['combined_auc'])} vs {num(r['reader_auc'])}",
             Cell(f"{r['auc_difference']:+.3f}", _signed_ci(r["auc_difference_ci_low"], r["auc_difference_ci_high"]),
                  numeric=True),
-            p_value(r["auc_p"]), _with_counts(r, "sensitivity"), _with_counts(r, "specificity"),
+            format_p(r["auc_p"]), _with_counts(r, "sensitivity"), _with_counts(r, "specificity"),
         ])  # fmt: skip
     columns = ["reader", "combination", "cases (positive)", "AUC, with AI vs alone", "AUC difference (95% CI)",
                "P (DeLong)", "sensitivity, with AI vs alone (McNemar)",
@@ -458,7 +453,7 @@ def reader_plus_ai_panel_table(split: str, model: str, found: Mapping[str, Any])
             )  # fmt: skip
         )
         rows.append([method, r["metric"], f"{r['n']} x {r['n_readers']}", fmt(r["with_ai"]), fmt(r["alone"]),
-                     difference, p_value(r["p"]), r.get("note") or ""])  # fmt: skip
+                     difference, format_p(r["p"]), r.get("note") or ""])  # fmt: skip
     if not rows:
         return None
     columns = ["combination", "metric", "cases x readers", "readers with AI (mean)", "readers alone (mean)",
