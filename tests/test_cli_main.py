@@ -309,6 +309,20 @@ def test_a_mistake_in_the_config_is_said_before_torch_is_imported(command: str, 
     assert done.stdout.split() == ["exit", "2", "False"], done.stdout
 
 
+def test_an_unknown_backbone_is_said_before_torch_is_imported(tmp_path: Path) -> None:
+    """The last review: a mistyped backbone name took about 9 s to be refused, the time of importing timm."""
+    import subprocess
+
+    config = tmp_path / "study.yaml"
+    config.write_text("data:\n  manifest: manifest.csv\nmodels: [efficientnet_lite0, resnet_101]\n", encoding="utf-8")
+    code = ("import sys\nfrom alnus.cli import main\nsys.argv = ['alnus', 'study', sys.argv[1]]\ntry:\n    main()\n"
+            "except SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules, flush=True)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    assert "unknown backbone 'resnet_101'; choose one of:" in done.stderr and "resnet101" in done.stderr, done.stderr
+    assert done.stdout.split() == ["exit", "2", "False"], done.stdout
+
+
 def test_a_run_folder_or_package_that_does_not_exist_is_said_before_torch_is_imported(tmp_path: Path) -> None:
     """A new user's review: a mistyped run folder or package took 12-15 s to be reported, the time of importing
     torch, timm and torchvision first."""

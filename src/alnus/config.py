@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The longest run name: its folder, `alnus cv`'s NAME_cvK and the hidden working names beside them stay within the
 # 255 bytes a file name may have.
 MAX_NAME = 200
+# The backbones `alnus.models.registry` registers when it is imported. A config naming another one is refused
+# before torch and timm are imported (seconds), unless code has registered backbones of its own by then.
+BUILT_IN_BACKBONES = (
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "inception_resnet_v2",
+    "inception_v3",
+    "resnet101",
+    "resnet18",
+    "tiny_cnn",
+)
 
 
 class ConfigError(AlnusError):
@@ -511,6 +524,10 @@ def _check(cfg: Config, where: Source) -> None:
         fail("models", "list at least one backbone, e.g. [efficientnet_lite0]")
     if len(set(cfg.models)) != len(cfg.models):
         fail("models", f"{cfg.models} lists a backbone twice")
+    if "alnus.models.registry" not in sys.modules:
+        for name in cfg.models:
+            if name not in BUILT_IN_BACKBONES:
+                fail("models", f"unknown backbone {name!r}; choose one of: {', '.join(BUILT_IN_BACKBONES)}")
     if pre.size is not None and pre.size < 1:
         fail("preprocess.size", f"{pre.size} must be a positive number of pixels, or null")
     if not 0 <= pre.margin <= 2:

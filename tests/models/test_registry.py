@@ -9,6 +9,7 @@ import pytest
 import torch
 from timm.models import get_pretrained_cfg
 
+from alnus.config import BUILT_IN_BACKBONES
 from alnus.errors import AlnusError
 from alnus.models import UltrasoundNet, UnknownBackboneError, create_model, get_spec, list_backbones
 from alnus.models.registry import get_submodule
@@ -41,6 +42,8 @@ def test_registry_holds_the_papers_backbones_and_the_extras() -> None:
         "resnet18",
         "tiny_cnn",
     }
+    # The config refuses other names before importing this registry: its list must be the registry's.
+    assert set(BACKBONES) == set(BUILT_IN_BACKBONES)
 
 
 def test_unknown_backbone_names_the_choices() -> None:
