@@ -158,3 +158,29 @@ def test_imports_go_down(module: str) -> None:
     """Issue 7.16: no module imports one above it (CLI -> study -> stages -> config -> models -> data -> base)."""
     upward = sorted(d for d in import_graph().get(module, ()) if LAYERS.get(d, 99) > LAYERS[module])
     assert not upward, f"{module} (layer {LAYERS[module]}) imports higher layers: {upward}"
+
+
+def test_predicting_an_image_does_not_import_the_statistics_stack(tmp_path: Path) -> None:
+    """`alnus predict` pays for torch, timm and torchvision; scipy.stats and sklearn (about 2 s more on 2 cores,
+    through the readers' and the split's module-level imports) are needed only by a study's statistics."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "lesion.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160), dtype=np.uint8)).save(image)
+    package = SRC.parent / "models" / "breast-us-malignancy"
+    code = (
+        "import sys\nfrom alnus.cli import main\n"
+        "sys.argv = ['alnus', 'predict', sys.argv[1], sys.argv[2], '--roi', '40,30,60,50']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code)\n"
+        "print('loaded', *sorted({m.split('.')[0] + ('.stats' if m.startswith('scipy.stats') else '')"
+        " for m in sys.modules if m.startswith(('scipy.stats', 'sklearn'))}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(package), str(image)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert "1 of 1 image(s) predicted" in done.stderr + done.stdout, (done.stdout, done.stderr)
+    assert done.stdout.strip().splitlines()[-1] == "loaded", done.stdout

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alnus import stats
 from alnus.errors import AlnusError
 
 # Probabilities are clipped this far from 0 and 1 before the logit (a network can output exactly 0 or 1 in fp32).
@@ -259,6 +258,8 @@ def compare_with_reader(
     (`combined >= threshold`, or `calls` where the operating point is not one cut of the score, as `RuleOut`'s)
     against the reader's calls: sensitivity and specificity of each, exact McNemar tests.
     """
+    from alnus import stats  # scipy.stats: imported when a test is computed, not by `alnus predict`
+
     if (threshold is None) == (calls is None):
         raise CombineError("give the combined score's operating point as either a threshold or its calls, not both.")
     _aligned(y, combined, reader_score, reader_call, *([] if calls is None else [calls]))

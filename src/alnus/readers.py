@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from alnus import stats
 from alnus._io import atomic_write_text
 from alnus.errors import AlnusError
 
@@ -621,6 +620,8 @@ def _metrics(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, object]:
+    from alnus import stats  # scipy.stats: imported when a statistic is computed, not by `alnus predict`
+
     try:
         bm = stats.binary_metrics(y, ok["call"].to_numpy(dtype=bool), alpha=alpha) if _has_calls(ok) else None
         if groups is None:
@@ -706,6 +707,8 @@ def compare_model_with_readers(
         model_threshold: the operating threshold frozen on validation (`stats.choose_threshold`).
         readings: from `readings_from_manifest` / `readings_from_csv`.
     """
+    from alnus import stats
+
     truth = _truth(y)
     if not math.isfinite(float(model_threshold)):
         raise ReaderError(f"model_threshold must be a finite number; got {model_threshold}.")
@@ -789,6 +792,8 @@ _PAIRED_CALL_KEYS = ("model_{}", "reader_{}", "{}_diff", "{}_ci_low", "{}_ci_hig
 def _paired(
     name: str, truth: pd.Series, model: pd.Series, threshold: float, mine: pd.DataFrame, alpha: float
 ) -> dict[str, object]:
+    from alnus import stats
+
     cases = mine["case"].to_numpy()
     yy = truth.reindex(cases).to_numpy()
     mp = model.reindex(cases).to_numpy()

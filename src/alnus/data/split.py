@@ -20,7 +20,6 @@ import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from alnus._levels import case_names, case_parts
 from alnus.data.images import ImageReadError, load_image, parse_frame
@@ -141,6 +140,9 @@ def _unit_labels(df: pd.DataFrame, keys: pd.Series, units: pd.Series, notes: lis
 
 def _carve(units: pd.Series, frac: float, seed: int, what: str, notes: list[str]) -> tuple[list[object], list[object]]:
     """Split unit ids (`units`: index = id, value = label) into (kept, carved), stratified where possible."""
+    # sklearn (and scipy.stats under it) is imported here, not by `alnus predict`, which needs only `phash`.
+    from sklearn.model_selection import train_test_split
+
     ids = list(units.index)
     if frac == 0 or not ids:
         return ids, []
@@ -164,6 +166,8 @@ def _fold(units: pd.Series, folds: int, fold: int, seed: int, notes: list[str]) 
     sklearn's seeded `StratifiedGroupKFold` over the sorted units, one group per unit, stratified by label: the folds
     of one seed partition the units, so each patient is validated in exactly one fold.
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     units = units.sort_index()
     ids = units.index.to_numpy(dtype=object)
     if len(ids) < folds:
