@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -629,6 +630,38 @@ def test_a_run_predicted_again_after_its_evaluation_is_refused_until_evaluated_a
     metrics["models"]["tiny_cnn"]["predictions_sha256"] = 123
     with pytest.raises(AlnusError, match="predictions_sha256 is not a digest"):
         check_evaluated(run, metrics)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (
+            lambda m: m["models"]["tiny_cnn"].update(splits=[]),
+            "models.tiny_cnn.splits should be an object, found a list",
+        ),
+        (lambda m: m.update(settings=5), "settings should be an object, found a number"),
+        (lambda m: m.update(readers=[]), "readers should be an object, found a list"),
+        (
+            lambda m: m["readers"].update(val={"tiny_cnn": "x"}),
+            "readers.val.tiny_cnn should be an object, found a string",
+        ),
+        (lambda m: m["models"].update(tiny_cnn=None), "models.tiny_cnn should be an object, found null"),
+        (lambda m: m["models"]["tiny_cnn"].update(notes="x"), "models.tiny_cnn.notes should be a list, found a string"),
+    ],
+    ids=["splits", "settings", "readers", "readers-inner", "model", "notes"],
+)
+def test_a_hand_damaged_metrics_json_is_refused_naming_the_file_and_the_key(
+    tmp_path: Path, edit: Callable[[dict], None], said: str
+) -> None:
+    """The last session's note: such a file was refused as "a file in RUN is damaged (AttributeError: 'list' object
+    has no attribute 'get')", naming neither the file nor what in it is wrong, and `alnus subgroups` accepted it."""
+    run = make_run(tmp_path)
+    evaluate_run(run, n_boot=50)
+    metrics = json.loads((run / "metrics.json").read_text())
+    edit(metrics)
+    atomic_write_text(run / "metrics.json", json.dumps(metrics))
+    for refusal in _refusals(run):
+        assert f"{run / 'metrics.json'} is damaged or was edited by hand ({said})" in refusal
 
 
 def test_a_folder_where_evaluate_notes_its_unfinished_writes_is_named_before_any_computing(tmp_path: Path) -> None:

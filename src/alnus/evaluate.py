@@ -1144,6 +1144,51 @@ def _stamp_digest(run: RunFolder, model: str) -> str | None:
     return file_sha256(stamp) if stamp.is_file() else None
 
 
+# The containers of metrics.json (`evaluate_run`), by how many levels of mappings each nests: readers is
+# split -> model -> results, reader_plus_ai split -> results.
+_METRICS_NESTING = {"settings": 1, "models": 2, "comparisons": 1, "comparison_notes": 1, "readers": 3,
+                    "reader_plus_ai": 2, "left_out": 1, "reader_rules": 1}  # fmt: skip
+
+
+def _json_type(value: object) -> str:
+    """What JSON calls the type of a decoded value."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string"}
+    return names.get(type(value), "a list" if isinstance(value, list) else type(value).__name__)
+
+
+def _shape_problem(value: object, levels: int, where: str) -> str | None:
+    """Where `value` is not `levels` nested mappings (None when it is)."""
+    if not isinstance(value, Mapping):
+        return f"{where} should be an object, found {_json_type(value)}"
+    if levels > 1:
+        for key, inner in value.items():
+            problem = _shape_problem(inner, levels - 1, f"{where}.{key}")
+            if problem:
+                return problem
+    return None
+
+
+def check_metrics_shape(run_dir: str | os.PathLike[str], metrics: object) -> None:
+    """Refuse a metrics.json whose containers are not those `evaluate_run` writes (a list where a mapping belongs,
+    a model's results that are not a mapping of splits), naming the file and the key, before a reader trips on it.
+    """
+    run = RunFolder(run_dir)
+    problem = None if isinstance(metrics, Mapping) else f"it holds {_json_type(metrics)}, not an object"
+    for key, levels in _METRICS_NESTING.items():
+        if problem is None and isinstance(metrics, Mapping) and key in metrics:
+            problem = _shape_problem(metrics[key], levels, key)
+    if problem is None and isinstance(metrics, Mapping) and isinstance(metrics.get("models"), Mapping):
+        for model, entry in metrics["models"].items():
+            if problem is None and "splits" in entry:
+                problem = _shape_problem(entry["splits"], 2, f"models.{model}.splits")
+            if problem is None and not isinstance(entry.get("notes", []), list):
+                problem = f"models.{model}.notes should be a list, found {_json_type(entry['notes'])}"
+    if problem:
+        raise EvaluateError(
+            f"{run.metrics} is damaged or was edited by hand ({problem}); run `alnus evaluate {run.root}` again."
+        )
+
+
 def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> None:
     """Refuse results that are not those of one finished evaluation at the packages' thresholds: an unfinished
     `alnus evaluate` (`check_evaluate_finished`), or a model whose threshold in metrics.json is not the one frozen
@@ -1151,6 +1196,7 @@ def check_evaluated(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any])
     from alnus.models.package import read_metadata
 
     check_evaluate_finished(run_dir)
+    check_metrics_shape(run_dir, metrics)
     run = RunFolder(run_dir)
     models = metrics.get("models")
     for model, entry in (models if isinstance(models, Mapping) else {}).items():
