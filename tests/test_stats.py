@@ -157,6 +157,21 @@ def test_clustered_bootstrap_rejects_missing_patient_ids() -> None:
         stats.auc_ci([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], groups=["a", "b", "c", "d"])
 
 
+def test_patient_ids_that_mix_true_with_numbers_are_refused_not_merged() -> None:
+    """The last session's note: True, 1 and 1.0 are equal to Python, so three patients became one cluster."""
+    with pytest.raises(StatsError, match="mixes true/false with other patient ids .first at position 0."):
+        stats.clustered_proportion_ci([1, 0, 1, 1], [True, 1, 1.0, 2])
+    with pytest.raises(StatsError, match="mixes true/false"):
+        stats.auc_ci([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], method="bootstrap", groups=[np.True_, "b", "c", "d"])
+    # Ids of one kind pass: strings "1" and "1.0" are two patients; 1 and 1.0 the same number.
+    hits = [1, 0, 1, 1]
+    as_three = stats.clustered_proportion_ci(hits, ["a", "b", "c", "c"])
+    as_two = stats.clustered_proportion_ci(hits, ["a", "a", "c", "c"])
+    assert as_three != as_two
+    assert stats.clustered_proportion_ci(hits, ["1", "1.0", "2", "2"]) == as_three
+    assert stats.clustered_proportion_ci(hits, [1, 1.0, 2, 2]) == as_two
+
+
 # ---------------------------------------------------------------------------------------- DeLong testing
 @pytest.fixture(scope="module")
 def breast_cancer_scores() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

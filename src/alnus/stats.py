@@ -265,6 +265,14 @@ def _group_codes(groups: object, n: int) -> np.ndarray:
     arr = np.asarray(groups, dtype=object)
     if arr.ndim != 1 or arr.size != n:
         raise StatsError(f"groups must give one patient id per case ({n}); got shape {arr.shape}.")
+    # True equals 1 (and 1.0) to Python and pandas, so such ids would be one patient: refuse the mixture.
+    flags = np.fromiter((isinstance(v, bool | np.bool_) for v in arr), dtype=bool, count=arr.size)
+    if flags.any() and not flags.all():
+        first = int(np.flatnonzero(flags)[0])
+        raise StatsError(
+            f"groups mixes true/false with other patient ids (first at position {first}): True would be the same "
+            "patient as 1; give patient ids as strings."
+        )
     codes, _ = pd.factorize(pd.Series(arr))
     bad = np.flatnonzero(codes < 0)
     if bad.size:
