@@ -288,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         jitter = _box_jitter(shipped, run)
         found["box_jitter"] = jitter
         section = _card_section(found, jitter, str(relative), args.card_note)
-        # Written afresh from the run, so that a package shipped again gets the card the current code writes.
-        card.write_text(model_card(read_run_inputs(run), model) + section, encoding="utf-8")
-        found["reader_rule"] = _reader_rule(shipped, run, Path(tmp))
         found["development_images"] = _development_images(shipped, run)
+        # Written afresh from the run, so that a package shipped again gets the card the current code writes; of the
+        # shipped folder's files (its development images).
+        card.write_text(model_card(read_run_inputs(run), model, package=shipped) + section, encoding="utf-8")
+        found["reader_rule"] = _reader_rule(shipped, run, Path(tmp))
         size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
         if size > MAX_BYTES:
             print(f"refused: {size / 2**20:.1f} MiB is over {MAX_BYTES / 2**20:.0f} MiB", file=sys.stderr)

@@ -41,6 +41,11 @@ def test_every_package_has_a_card_with_each_part(report_run: Path, card: str) ->
     assert seen.match(load_image(learned["image"].iloc[0])) == (learned["split"].iloc[0], 0)
     tested = splits.loc[splits["split"] == "external_test", "image"].iloc[0]
     assert seen.match(load_image(tested)) is None
+    # The card says so, with the counts of the file (the last session's note: it did not mention them).
+    counts = " and ".join(f"{seen.splits.count(s)} {s}" for s in ("train", "val"))
+    said = f"`development_images.json` holds the perceptual hashes (pHash, 256 bits) of the {counts} images"
+    assert said in card
+    assert f"within {seen.max_distance} bits" in card and "Crops, padding and mirror images" in card
     headings = [line[3:] for line in card.splitlines() if line.startswith("## ")]
     assert headings == ["Intended use", "Training data", "Model", "Operating threshold", "Validation results",
                         "Known limitations", "Licence", "How to cite"]  # fmt: skip
@@ -118,3 +123,22 @@ def test_each_limitation_reads_as_a_sentence(report_run: Path, card: str) -> Non
     bullets = [line[2:] for line in section.splitlines() if line.startswith("- ")]
     assert any("validation cases whose smaller class has only" in b for b in bullets)  # a run note is among them
     assert all(b[:1].isupper() for b in bullets), [b[:40] for b in bullets]
+
+
+def test_the_card_says_when_a_package_has_no_usable_development_images(report_run: Path, tmp_path: Path) -> None:
+    """A package written before alnus recorded its development images, or one whose file is damaged, says that
+    prediction cannot warn about them, rather than claiming a check that does not run."""
+    import shutil
+
+    from alnus.report._inputs import read_run_inputs
+    from alnus.report.card import model_card
+
+    run = Path(shutil.copytree(report_run, tmp_path / "run"))
+    listed = RunFolder(run).model("tiny_cnn").package / "development_images.json"
+    listed.unlink()
+    card = model_card(read_run_inputs(run), "tiny_cnn")
+    assert "The package holds no `development_images.json` (it was written before alnus recorded one)" in card
+    assert "Development images:" not in card
+    listed.write_text("{not json", encoding="utf-8")
+    card = model_card(read_run_inputs(run), "tiny_cnn")
+    assert "The package's `development_images.json` cannot be used (" in card and "cannot be read" in card

@@ -108,7 +108,29 @@ def intended_use(meta: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _training_data(inputs: RunInputs) -> list[str]:
+def _development_images(inputs: RunInputs, model: str, package: Path) -> list[str]:
+    """What the package knows of the images it learned from (`alnus.data.seen`), and what prediction does with it."""
+    from alnus.data.seen import FILE, SPLITS, SeenImagesError, read_development_images
+
+    meta = inputs.metadata[model]
+    try:
+        seen = read_development_images(package, meta.get("training_data_hash"))
+    except SeenImagesError as exc:
+        return ["", f"The package's `{FILE}` cannot be used ({md_text(exc)}), so prediction does not check it."]
+    if seen is None:
+        return ["", f"The package holds no `{FILE}` (it was written before alnus recorded one), so `alnus predict` "
+                "cannot say when an image is one the model was trained or selected on."]  # fmt: skip
+    listed = " and ".join(f"{seen.splits.count(split)} {split}" for split in SPLITS if split in seen.splits)
+    return [
+        "",
+        f"Development images: `{FILE}` holds the perceptual hashes (pHash, 256 bits) of the {listed} images, not "
+        "their pixels. `alnus predict`, the service and `alnus score` warn when an image lies within "
+        f"{seen.max_distance} bits of one of them (the image itself, or a re-saved or rescaled copy), since the "
+        "model's output on it is no test of the model. Crops, padding and mirror images of them are not recognised.",
+    ]
+
+
+def _training_data(inputs: RunInputs, model: str, package: Path) -> list[str]:
     splits = inputs.splits
     dev = splits[splits["split"].isin(["train", "val"])]
     positive = inputs.config.get("data", {}).get("positive_label", "positive")
@@ -124,8 +146,7 @@ def _training_data(inputs: RunInputs) -> list[str]:
     if dates:
         values = pd.to_datetime(dev[dates[0]], errors="coerce").dropna()
         when = f"{md_text(dates[0])} from {values.min():%Y-%m-%d} to {values.max():%Y-%m-%d}" if len(values) else when
-    meta = inputs.metadata
-    digest = next(iter(meta.values())).get("training_data_hash", "")
+    digest = inputs.metadata[model].get("training_data_hash", "")
     return [
         "## Training data",
         "",
@@ -135,6 +156,7 @@ def _training_data(inputs: RunInputs) -> list[str]:
         _table(["split", "site", "patients", "images", "positive patients", "positive images"], rows),
         "",
         f"Training-data hash: `{md_text(digest[:16])}` (in metadata.json).",
+        *_development_images(inputs, model, package),
     ]
 
 
@@ -361,13 +383,14 @@ def _licence_and_citation(inputs: RunInputs, model: str) -> list[str]:
     ]
 
 
-def model_card(inputs: RunInputs, model: str) -> str:
-    """The model card of `model` as Markdown (all user text escaped)."""
+def model_card(inputs: RunInputs, model: str, package: Path | None = None) -> str:
+    """The model card of `model` as Markdown (all user text escaped). `package`: the folder it describes, where that
+    is not the run's (a shipped copy, whose files the card speaks of)."""
     meta = inputs.metadata[model]
     sections = [
         [f"# Model card: {md_text(model)} (run {md_text(inputs.run.name)})"],
         ["## Intended use", "", *intended_use(meta)],
-        _training_data(inputs),
+        _training_data(inputs, model, package or inputs.run.model(model).package),
         _model_facts(inputs, model),
         _threshold(meta),
         _results(inputs, model),
