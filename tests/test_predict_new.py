@@ -26,6 +26,7 @@ from alnus.errors import AlnusError
 from alnus.models import create_model
 from alnus.models.package import freeze_threshold, save_package
 from alnus.predict import NEW_DATA_COLUMNS, NOTICE, PredictError, Predictor
+from tests._cli import run_cli
 from tests._packages import with_nan_weights
 
 LABELS = ["negative", "positive"]
@@ -619,10 +620,13 @@ def test_a_mask_is_one_file_and_a_manifest_header_is_read_as_written(data: Path,
     (tmp_path / "case.csv").write_text("image,Mask,ROI\na.png,m.png,1,1,4,4\n")
     with pytest.raises(ManifestError, match="alnus reads the column 'mask', not 'Mask'"):
         collect_inputs(manifest=tmp_path / "case.csv")
-    # A dataset's own BIRADS column is kept unread, whether or not the importer's reader_birads is there.
-    for header in ("image,BIRADS,reader_birads\na.png,4,4a\n", "image,BIRADS\na.png,4\n"):
+    # A dataset's own BIRADS column is kept unread, whether or not the importer's reader_birads is there; it is
+    # named as unread only where no reading column holds one.
+    for header, unread in (("image,BIRADS,reader_birads\na.png,4,4a\n", []), ("image,BIRADS\na.png,4\n", ["BIRADS"]),
+                           ("image,Bi-Rads\na.png,\n", [])):  # fmt: skip
         (tmp_path / "birads.csv").write_text(header)
-        assert collect_inputs(manifest=tmp_path / "birads.csv")["error"].iloc[0] == ""
+        table = collect_inputs(manifest=tmp_path / "birads.csv")
+        assert table["error"].iloc[0] == "" and table.attrs["unread_readings"] == unread
     with pytest.raises(InputError, match="--mask applies to image files named on the command line"):
         collect_inputs(manifest=tmp_path / "tumor.csv", per_image={"mask": ["m.png"]})
 
@@ -787,3 +791,21 @@ def test_a_missing_image_under_shared_data_points_to_where_the_datasets_go(tmp_p
     assert "not part of the repository: README's section 'A model trained on real" in rows.loc[0, "error"]
     elsewhere = collect_inputs([tmp_path / "nothing.png"], None)
     assert elsewhere.loc[0, "error"].endswith("file or folder not found; check the path.")
+
+
+def test_a_manifest_whose_bi_rads_column_is_spelled_otherwise_is_told_so_when_the_package_has_a_reader_rule(
+    tmp_path: Path,
+) -> None:
+    """A new user's review: BrEaST's own manifest (column `BIRADS`) given to the shipped package, which carries a
+    reader rule, got no radiologist-with-AI columns and not a word about why."""
+    package = Path(__file__).resolve().parents[1] / "models" / "breast-us-malignancy"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text('image,roi,BIRADS\na.png,"40,30,60,50",4a\n')
+    code, stdout, stderr = run_cli("predict", str(package), "--manifest", str(tmp_path / "m.csv"), "--format", "csv")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    assert "the manifest's column 'BIRADS' is not read as the radiologist's BI-RADS" in said
+    assert "'birads' or 'reader_birads'" in said and "with_ai" not in stdout
+    (tmp_path / "m.csv").write_text('image,roi,birads\na.png,"40,30,60,50",4a\n')
+    code, stdout, stderr = run_cli("predict", str(package), "--manifest", str(tmp_path / "m.csv"), "--format", "csv")
+    assert code == 0 and "is not read as the radiologist's BI-RADS" not in " ".join(stderr.split())

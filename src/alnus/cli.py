@@ -1327,6 +1327,13 @@ def predict(
         sys.stdout.write(_render(result, fmt, title))
         sys.stdout.flush()
     _predict_summary(predictor, result, out, heatmaps, quiet=quiet)
+    unread = table.attrs.get("unread_readings", [])
+    if predictor.metadata.get("reader_rule") is not None and unread and not birads:
+        _note(
+            f"the manifest's column {unread[0]!r} is not read as the radiologist's BI-RADS: this package's reader "
+            f"rule reads {' or '.join(repr(c) for c in columns)}; rename the column to get the radiologist's call "
+            "with AI beside the model's."
+        )
     if predictor.metadata.get("reader_rule") is None and table["birads"].astype(str).str.strip().ne("").any():
         _note(
             "the manifest's BI-RADS readings are not used: this package carries no reader rule"

@@ -132,11 +132,15 @@ def _cell(record: Mapping[str, str], column: str) -> str:
 
 
 def _manifest_rows(
-    manifest: Path, birads_columns: Sequence[str] = BIRADS_COLUMNS, keep: Sequence[str] = ()
+    manifest: Path,
+    birads_columns: Sequence[str] = BIRADS_COLUMNS,
+    keep: Sequence[str] = (),
+    unread_readings: list[str] | None = None,
 ) -> list[dict[str, str]]:
     """One row per manifest row with an image; `roi` and `frame` cells are checked here, paths made absolute. The
     reading (`birads`) is taken from the first of `birads_columns` that holds any reading; each column of `keep` is
-    carried as it is, under `KEPT_PREFIX`.
+    carried as it is, under `KEPT_PREFIX`. Where none of them does, columns that spell one of them otherwise
+    (`BIRADS`, `Reader-BIRADS`) and hold values are added to `unread_readings`.
 
     Raises:
         ManifestError: the file cannot be read as CSV, or it has no `image` column (a problem of the whole file).
@@ -171,6 +175,10 @@ def _manifest_rows(
         return any(at < len(record) and record[at].strip() for record in records[1:])
 
     reading_column = next((c for c in birads_columns if c in header and filled(c)), None)
+    if reading_column is None and unread_readings is not None:
+        # BrEaST's own manifest has `BIRADS`: not read (a package without a reader rule never reads one), but said.
+        wanted = {_plain(c) for c in birads_columns}
+        unread_readings += [c for c in header if c not in birads_columns and _plain(c) in wanted and filled(c)]
     rows = []
     for number, record in enumerate(records[1:], start=2):
         cells = [cell.strip() for cell in record]
@@ -203,14 +211,16 @@ def _manifest_rows(
     return rows
 
 
+def _plain(name: str) -> str:
+    """A column name as a person means it: case, width, separators (`patient-id`, `PatientID`) and invisible
+    characters do not tell columns apart."""
+    return "".join(c for c in unicodedata.normalize("NFKC", name).casefold() if c.isalnum())
+
+
 def _check_header(manifest: Path, header: list[str]) -> None:
     """Refuse a header that names a column twice (which cell is meant?) or that spells a column deciding what is
     predicted or for whom in another case, width or separator (`Mask`, `ROI`, `patient-id`), which would otherwise be
     ignored without a word."""
-
-    def plain(name: str) -> str:
-        # Case, width, separators (`patient-id`, `PatientID`) and invisible characters do not tell columns apart.
-        return "".join(c for c in unicodedata.normalize("NFKC", name).casefold() if c.isalnum())
 
     problems = [
         Problem(None, name, f"the column appears {header.count(name)} times; keep one")
@@ -220,13 +230,13 @@ def _check_header(manifest: Path, header: list[str]) -> None:
     # A near miss of a column that decides what is predicted, or for whom, is refused; a near miss of the BI-RADS
     # column is not (a package without a reader rule never reads it, and an importer's manifest keeps its dataset's
     # own `BIRADS` beside the `reader_birads` it made). `mask_tumor` stands in for `mask`.
-    known = {plain(name): name for name in ("image", "roi", "mask", "mask_tumor", "patient_id", "study_id", "site",
+    known = {_plain(name): name for name in ("image", "roi", "mask", "mask_tumor", "patient_id", "study_id", "site",
                                             "frame")}  # fmt: skip
     present = set(header) | ({"mask"} if "mask_tumor" in header else set())
     problems += [
-        Problem(None, name, f"alnus reads the column {known[plain(name)]!r}, not {name!r}; rename it")
+        Problem(None, name, f"alnus reads the column {known[_plain(name)]!r}, not {name!r}; rename it")
         for name in dict.fromkeys(header)
-        if name not in known.values() and plain(name) in known and known[plain(name)] not in present
+        if name not in known.values() and _plain(name) in known and known[_plain(name)] not in present
     ]
     if problems:
         raise ManifestError(manifest, problems)
@@ -391,7 +401,8 @@ def collect_inputs(
 
     Order: the `paths` in the order given (a folder's images sorted by path), then the manifest's rows in its order.
     Duplicates are removed (the first kept); the table's `attrs["notes"]` says which, and how many files in the
-    folders were skipped as not images.
+    folders were skipped as not images. `attrs["unread_readings"]` names the manifest's columns that look like a
+    BI-RADS column but are none of `birads_columns` (BrEaST's `BIRADS`), when none of those holds a reading.
 
     Args:
         paths: image files (read whatever their ending, unless plainly not an image) and folders (their PNG, JPEG,
@@ -417,6 +428,7 @@ def collect_inputs(
         raise InputError(f"--keep {keep[0]} names a column of a manifest; pass the images with --manifest CSV.")
     rows: list[dict[str, str]] = []
     skipped: list[str] = []
+    unread: list[str] = []
     folders = []
     for item in paths:
         arg, path = str(item), Path(item)
@@ -443,7 +455,7 @@ def collect_inputs(
             )
         _apply_per_image(rows, per_image)
     if manifest is not None:
-        rows += _manifest_rows(Path(manifest), birads_columns, keep)
+        rows += _manifest_rows(Path(manifest), birads_columns, keep, unread)
     if not rows:
         where = ", ".join(folders) or str(manifest)
         what = "" if recursive else " (subfolders were not searched: --recursive searches them)"
@@ -462,4 +474,5 @@ def collect_inputs(
     table = pd.DataFrame(rows, columns=[*INPUT_COLUMNS, *kept], dtype=object)
     table[kept] = table[kept].fillna("")  # an image named on the command line has no manifest cells
     table.attrs["notes"] = notes
+    table.attrs["unread_readings"] = unread
     return table
