@@ -720,7 +720,8 @@ def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Pat
     ]
     columns = out.columns.tolist()
     assert columns.index("patient_id") < columns.index("label") < columns.index("note") < columns.index("prob")
-    assert out.loc[out["error"] != "", "image"].tolist() == ["fake.png"]
+    # The manifest's rows name their images from where the output is read (here, outside the current folder).
+    assert out.loc[out["error"] != "", "image"].tolist() == [str(export / "fake.png")]
     assert set(columns) - {"label", "note"} <= NEW_DATA_COLUMNS
 
 
@@ -809,3 +810,31 @@ def test_a_manifest_whose_bi_rads_column_is_spelled_otherwise_is_told_so_when_th
     (tmp_path / "m.csv").write_text('image,roi,birads\na.png,"40,30,60,50",4a\n')
     code, stdout, stderr = run_cli("predict", str(package), "--manifest", str(tmp_path / "m.csv"), "--format", "csv")
     assert code == 0 and "is not read as the radiologist's BI-RADS" not in " ".join(stderr.split())
+
+
+def test_a_manifests_images_are_named_from_where_the_predictions_are_read(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's review: the output named a manifest's images as its cells have them, relative to the manifest,
+    so `--out` elsewhere (or the terminal) gave paths that lead nowhere. Now they are relative to the --out file's
+    folder (or the current one), so the predictions find their images and read again as a manifest."""
+    site = tmp_path / "site"
+    shutil.copytree(data / "export", site / "images")
+    (site / "manifest.csv").write_text("image\nimages/a.png\nimages/sub/c.png\n")
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = _predict(str(data / "model"), "--manifest", "site/manifest.csv", "--out", "results/p.csv")
+    assert code == 0, stderr
+    written = pd.read_csv(tmp_path / "results" / "p.csv", dtype=str, keep_default_na=False)
+    assert written["image"].tolist() == ["../site/images/a.png", "../site/images/sub/c.png"]
+    assert all((tmp_path / "results" / image).is_file() for image in written["image"])
+    code, stdout, _ = _predict(str(data / "model"), "--manifest", "site/manifest.csv", "--format", "csv")
+    assert _csv(stdout)["image"].tolist() == ["site/images/a.png", "site/images/sub/c.png"]
+    # Read again as a manifest, the written predictions give the same probabilities.
+    code, again, _ = _predict(str(data / "model"), "--manifest", "results/p.csv", "--format", "csv")
+    assert code == 0 and _csv(again)["prob"].tolist() == written["prob"].astype(float).tolist()
+    # An image named on the command line stays as typed, unless the file is written elsewhere.
+    code, stdout, _ = _predict(str(data / "model"), "site/images/a.png", "--format", "csv")
+    assert _csv(stdout)["image"].tolist() == ["site/images/a.png"]
+    code, _, _ = _predict(str(data / "model"), "site/images/a.png", "--out", "results/one.csv")
+    assert pd.read_csv(tmp_path / "results" / "one.csv")["image"].tolist() == ["../site/images/a.png"]

@@ -1313,6 +1313,7 @@ def predict(
         result.insert(result.columns.get_loc("engine"), "heatmap", _write_heatmaps(predictor, table, result, heatmaps))
         if predictor.heatmap_note:
             _note(f"heat maps: {predictor.heatmap_note}")
+    _paths_from(result, table, Path.cwd() if out is None else out.resolve().parent)
     title = escape(f"P({predictor.positive_label}) from {package}")
     if out is not None:
         from alnus._io import atomic_write_text
@@ -1382,6 +1383,30 @@ def _kept_columns(keep: list[str]) -> list[str]:
                 "keep the manifest's other columns (a label, say), or rename this one in the manifest."
             )
     return columns
+
+
+def _paths_from(result, table, base: Path) -> None:  # noqa: ANN001 - pandas DataFrames
+    """Show each manifest row's image and mask (written relative to the manifest) as paths from `base`, where the
+    output is read (the --out file's folder, else the current one), so that the predictions find their images and
+    can be read again as a manifest; a path given absolute, or one that shares no folder with `base`, is absolute.
+    Images named on the command line stay as typed, unless a written file sits elsewhere (a new user's review)."""
+    manifest_rows = table["source"].astype(str) != table["image"].astype(str)
+    here = base == Path.cwd().resolve() or base == Path.cwd()
+
+    def shown(written: str, absolute: str) -> str:
+        if not written or Path(written).is_absolute():
+            return written
+        relative = os.path.relpath(absolute, base)
+        # Relative where the two share a folder below the root (`../site/a.png`); absolute otherwise (`/tmp/a.png`
+        # seen from /work/main, rather than `../../tmp/a.png`).
+        return relative if os.path.commonpath([base, absolute]) != os.sep else absolute
+
+    for i in range(len(result)):
+        if not manifest_rows.iloc[i] and here:
+            continue
+        result.loc[i, "image"] = shown(str(result["image"].iloc[i]), str(table["path"].iloc[i]))
+        if "mask" in result.columns and table["mask"].iloc[i] and manifest_rows.iloc[i]:
+            result.loc[i, "mask"] = shown(str(result["mask"].iloc[i]), str(table["mask"].iloc[i]))
 
 
 def _birads_columns(package: Path) -> tuple[str, ...]:
