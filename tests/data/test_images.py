@@ -422,6 +422,34 @@ def test_non_image_file(tmp_path: Path) -> None:
         assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "ICO", "PCX", "EPS"])
+def test_only_the_formats_alnus_reads_are_decoded_whatever_the_name(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attack review: a manifest row or a file named .png was decoded as any format Pillow knows (an ICO gave an
+    icon of another size than the picture; a WebP and a GIF passed `data validate`), and an EPS file made Pillow run
+    Ghostscript from PATH, then crash the whole run with a TypeError."""
+    ran = tmp_path / "ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\nexit 0\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = tmp_path / "scan.png"
+    if fmt == "EPS":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 30\nshowpage\n")
+    else:
+        picture = Image.fromarray(RNG.integers(0, 256, (30, 40), dtype=np.uint8))
+        if fmt == "WEBP" and not features.check("webp"):
+            pytest.skip("this Pillow has no WebP codec")
+        picture.save(path, format=fmt)
+    for read in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match="not a PNG, JPEG, BMP, TIFF or DICOM image"):
+            read(path)
+    assert not_an_image(path)
+    assert not ran.exists(), ran.read_text()
+
+
 def _bare_dicom_files(folder: Path) -> list[Path]:
     """A DICOM file without its preamble, without preamble and 'DICM', and a data set without file meta."""
     full = folder / "full.dcm"

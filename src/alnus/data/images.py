@@ -41,6 +41,9 @@ _LIMIT_HINT = (
 )
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
+# The formats Pillow may decode, whatever a file is named: the ones alnus reads. Pillow would otherwise identify any
+# of its plugins' formats by content (GIF, WebP, ICO, and EPS, whose plugin runs Ghostscript).
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _SUPPORTED_PHOTOMETRIC = {
     "MONOCHROME1",
     "MONOCHROME2",
@@ -103,7 +106,7 @@ def _not_a_pillow_image(fh: IO[bytes], head: bytes) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.open(fh).close()
+            Image.open(fh, formats=PILLOW_FORMATS).close()
     except Image.DecompressionBombError:
         return ""  # an image: its size is refused, with what to do, when it is read
     except UnidentifiedImageError:
@@ -292,7 +295,7 @@ def _open_pillow(path: Path, max_pixels: int) -> Iterator[Image.Image]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(fh)
+                im = Image.open(fh, formats=PILLOW_FORMATS)
         except Image.DecompressionBombError as exc:
             raise ImageReadError(
                 f"{path}: refused as a possible decompression bomb ({exc}); that is Pillow's own ceiling, above "

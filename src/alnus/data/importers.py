@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
-from alnus.data.images import ImageReadError, image_shape, is_dicom, not_an_image
+from alnus.data.images import PILLOW_FORMATS, ImageReadError, image_shape, is_dicom, not_an_image
 from alnus.data.manifest import control_characters, show_controls
 from alnus.errors import AlnusError
 
@@ -72,7 +72,7 @@ def _mask_array(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """
     _image_size(path, max_pixels)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=PILLOW_FORMATS) as im:
             return np.asarray(im.convert("L")) > 0
     except OSError as exc:
         raise DatasetImportError(f"{path}: cannot decode mask ({exc}); re-export or remove the file.") from exc
