@@ -467,12 +467,17 @@ def _bare_dicom_files(folder: Path) -> list[Path]:
 
 def test_not_an_image_accepts_what_image_shape_reads_and_names_the_rest(tmp_path: Path) -> None:
     grey = Image.fromarray(RNG.integers(0, 256, (30, 40), dtype=np.uint8))
-    readable = [_save(tmp_path / "plain.png", grey), _save(tmp_path / "gif.png", grey, format="GIF")]
-    # Saved under another format's name: the content decides, as in load_image and the manifest check.
+    # Saved under another format's name: the content decides, as in load_image and the manifest check, among the
+    # formats alnus reads; another format is named as one alnus does not read.
+    readable = [_save(tmp_path / "plain.png", grey), _save(tmp_path / "jpeg.png", grey, format="JPEG"),
+                _save(tmp_path / "bmp.tif", grey, format="BMP")]  # fmt: skip
+    other = [_save(tmp_path / "gif.png", grey, format="GIF")]
     if features.check("webp"):
-        readable.append(_save(tmp_path / "webp.png", grey, format="WEBP"))
+        other.append(_save(tmp_path / "webp.png", grey, format="WEBP"))
     if features.check("jpg_2000"):
-        readable.append(_save(tmp_path / "jp2.jpg", grey, format="JPEG2000"))
+        other.append(_save(tmp_path / "jp2.jpg", grey, format="JPEG2000"))
+    for path in other:
+        assert not_an_image(path).endswith("a format alnus does not read; export it as PNG"), path
     readable.append(tmp_path / "scan.dcm")
     _write_dicom(readable[-1], RNG.integers(0, 256, (16, 16), dtype=np.uint8))
     for path in readable:

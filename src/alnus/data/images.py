@@ -119,6 +119,8 @@ def _not_a_pillow_image(fh: IO[bytes], head: bytes) -> str:
             )
         # Pillow reports a header that its plugin cannot parse as unidentified too: name the format it begins as.
         begins_as = [name for name in Image.ID if (accept := Image.OPEN[name][1]) is not None and accept(head[:16])]
+        if begins_as and begins_as[0] not in PILLOW_FORMATS:
+            return f"a {begins_as[0]} file, a format alnus does not read; export it as PNG"
         if begins_as:
             return f"a {begins_as[0]} file whose header is truncated or corrupt"
         return "not a PNG, JPEG, BMP, TIFF, DICOM or other image file that alnus reads, by its content"
