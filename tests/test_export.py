@@ -32,7 +32,7 @@ from alnus.models import create_model
 from alnus.models.package import PackageError, load_package, read_metadata, save_package
 from alnus.predict import Predictor
 from alnus.stats import auc
-from tests._packages import with_nan_weights
+from tests._packages import with_nan_output
 
 runner = CliRunner()
 LABELS = ["negative", "positive"]
@@ -437,7 +437,7 @@ def test_an_int8_export_checks_the_fp32_export_it_reuses_and_the_labels(
 def test_an_export_of_a_network_giving_no_probability_says_the_weights_are_damaged(
     exported: tuple[Path, str, str], tmp_path: Path
 ) -> None:
-    package = with_nan_weights(_copy(exported[0], tmp_path), tmp_path / "nan_model")
+    package = with_nan_output(_copy(exported[0], tmp_path), tmp_path / "nan_model")
     for kind in ("onnx", "onnx-int8"):
         with pytest.raises(ExportError, match=r"nan_model gives nan as a probability .* its weights are damaged"):
             export_package(package, kind, calibration=exported[0].parents[2])

@@ -27,7 +27,7 @@ from alnus.models import create_model
 from alnus.models.package import freeze_threshold, save_package
 from alnus.predict import NEW_DATA_COLUMNS, NOTICE, PredictError, Predictor
 from tests._cli import run_cli
-from tests._packages import with_nan_weights
+from tests._packages import with_nan_output
 
 LABELS = ["negative", "positive"]
 GOOD = ("a.png", "b.png", "sub/c.png", "sub/IM0001")
@@ -758,7 +758,7 @@ def test_a_network_that_gives_no_probability_makes_no_call(data: Path, tmp_path:
     the command stops, naming the package and what to do; an export's value outside [0, 1] is refused alike."""
     from alnus.predict import ModelOutputError
 
-    broken = with_nan_weights(data / "model", tmp_path / "nan_model")
+    broken = with_nan_output(data / "model", tmp_path / "nan_model")
     with pytest.raises(ModelOutputError, match=r"nan_model .*gave nan as a probability for 1 of 1 image.*restore"):
         _predict(str(broken), str(data / "export" / "a.png"))
     network = Predictor(data / "model", device="cpu").networks[0]

@@ -73,6 +73,66 @@ def test_weights_from_another_training_are_refused(trained, tmp_path):
         load_package(folder)
 
 
+def _retyped(folder, change) -> None:
+    """Rewrite the package's weights with `change(key, tensor)` applied, and its hash (what a tamperer repeats)."""
+    from safetensors.torch import load_file, save_file
+
+    from alnus._io import file_sha256
+
+    tensors = {k: change(k, t) for k, t in load_file(folder / "weights.safetensors").items()}
+    save_file(tensors, folder / "weights.safetensors")
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["weights_sha256"] = file_sha256(folder / "weights.safetensors")
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda k, t: (t * 1000).to(torch.int32) if t.is_floating_point() else t,
+            r"is stored as I32, where the network holds F32",
+        ),
+        (lambda k, t: t.double() if t.is_floating_point() else t, r"is stored as F64, where the network holds F32"),
+        (
+            lambda k, t: t.float() if k.endswith("num_batches_tracked") else t,
+            r"num_batches_tracked is stored as F32, where the network holds I64",
+        ),
+        (
+            lambda k, t: torch.full_like(t, float("inf")) if k == "backbone.classifier.bias" else t,
+            r"classifier.bias holds NaN or infinite values",
+        ),
+        (
+            lambda k, t: (
+                torch.full_like(t, float("nan"))
+                if k.endswith("conv_stem.weight") or k == "backbone.features.0.0.weight"
+                else t
+            ),
+            r"holds NaN or infinite values",
+        ),
+    ],
+    ids=["int32", "float64", "counter-as-float", "inf-bias", "nan-weight"],
+)
+def test_weights_of_another_type_or_not_finite_are_refused(trained, change, message):
+    """An attack review: integer weights (every image called 1.0), float64 ones and an infinite bias (every image the
+    same call) were loaded without a word, cast by safetensors' load_model; the hash is no guard (a tamperer redoes
+    it)."""
+    _, folder, _ = trained
+    _retyped(folder, change)
+    with pytest.raises(PackageError, match=message):
+        load_package(folder)
+
+
+def test_float16_weights_are_widened_and_load(trained):
+    """A shipped copy may store float16 weights (bench/ship_model.py): they load into the float32 network."""
+    model, folder, _ = trained
+    _retyped(folder, lambda k, t: t.half() if t.is_floating_point() else t)
+    loaded, _ = load_package(folder)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
 def test_newer_format_is_refused(trained):
     _, folder, meta = trained
     (folder / "metadata.json").write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))

@@ -29,7 +29,7 @@ from alnus.serve import Access, ModelService, ServeError, Settings, build_server
 from alnus.serve.security import MIN_TOKEN_LENGTH, read_token_file
 from alnus.serve.service import MAX_BATCH, validation_table
 from alnus.serve.uploads import image_kind
-from tests._packages import with_nan_weights
+from tests._packages import with_nan_output
 from tests.serve.conftest import (
     AUTH,
     IDENTIFIERS,
@@ -594,7 +594,7 @@ def test_the_serve_banner_says_the_package_is_adapted(package: Path, tmp_path: P
 def test_a_package_giving_no_probability_is_not_served(package: Path, tmp_path: Path) -> None:
     """Attack review: NaN weights made every answer a bare 500 `internal error (ValueError)` and passed the warm-up.
     Now the warm-up refuses the package, and a network that fails later answers 500 saying why."""
-    broken = with_nan_weights(package, tmp_path / "nan_model")
+    broken = with_nan_output(package, tmp_path / "nan_model")
     with pytest.raises(ServeError, match=r"nan_model cannot be served: on a blank image, .*gave nan as a probability"):
         build_server(broken, insecure_local=True, device="cpu", environ={})
     client = client_for(predictor_of(broken), tmp_path, heatmap=False)

@@ -797,7 +797,10 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
         raise PackageError(f"{folder / METADATA_FILE}: in_chans_mode = {in_chans_mode!r} is not replicate or adapt")
     model = create_model(meta["backbone"], in_chans_mode=in_chans_mode)
     try:
+        _check_weight_types(weights, model)
         missing, unexpected = load_model(model, str(weights), strict=False, device=map_location)
+    except PackageError:
+        raise
     except Exception as exc:  # safetensors raises several types for a truncated or foreign file
         raise PackageError(f"cannot read {weights} ({type(exc).__name__}: {exc}); train again") from exc
     if missing or unexpected:
@@ -805,8 +808,38 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
             f"{weights} does not fit backbone {meta['backbone']!r}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    tensors = model.state_dict().items()
+    infinite = next((k for k, t in tensors if t.is_floating_point() and not t.isfinite().all()), None)
+    if infinite is not None:
+        raise PackageError(
+            f"{weights}: {infinite} holds NaN or infinite values, so the network's output means nothing (an infinite "
+            "bias calls every image the same); copy the package again from its run folder, or train again"
+        )
     model.weights_source = f"package:{folder.resolve()}"
     return model.eval(), meta
+
+
+# The stored types a network's tensor may have: float16 weights (a shipped copy) are widened to the network's float32;
+# any other change of type (integers, float64) would be cast without a word.
+_WIDENED = {"F16": "F32", "BF16": "F32"}
+
+
+def _check_weight_types(weights: Path, model: torch.nn.Module) -> None:
+    """Each stored tensor has the type of the network's (float32, or float16 for a float32 one), read from the file's
+    header before anything is loaded; `load_model` would otherwise cast an integer or float64 tensor silently."""
+    from safetensors import safe_open
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.bfloat16: "BF16"}
+    expected = {k: names.get(t.dtype, str(t.dtype)) for k, t in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            stored = fh.get_slice(key).get_dtype()
+            wanted = expected.get(key)
+            if wanted is not None and stored != wanted and _WIDENED.get(stored) != wanted:
+                raise PackageError(
+                    f"{weights}: {key} is stored as {stored}, where the network holds {wanted}; a package's weights "
+                    "are float32 (or float16); copy the package again from its run folder, or train again"
+                )
 
 
 @dataclass(frozen=True, eq=False)
