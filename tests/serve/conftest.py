@@ -47,6 +47,13 @@ BOX = (20, 10, 30, 25)
 LOW_BOX = (0, 30, 25, 25)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server that is built, or started, by the test)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

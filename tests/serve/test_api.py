@@ -39,6 +39,7 @@ from tests.serve.conftest import (
     assert_no_uploads_left,
     client_for,
     dicom_bytes,
+    free_port,
     grey_image,
     png_bytes,
     predictor_of,
@@ -229,13 +230,46 @@ def test_alnus_serve_without_a_token_exits_with_a_message_before_loading_the_mod
         build_server(tmp_path, insecure_local=True, max_upload_mb=0)
 
 
+def test_alnus_serve_on_a_busy_port_says_so_at_once_without_loading_the_model(
+    package: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new-user review: on a port already in use, `alnus serve` printed "Serving ... at http://127.0.0.1:PORT/",
+    loaded and warmed up the model, and only then did uvicorn fail (Errno 98, exit 3). Now the address is tried
+    first: a plain message naming the port and what to do, nothing loaded, no "Serving" line."""
+    import socket
+
+    import alnus.predict
+
+    def loaded(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(alnus.predict, "Predictor", loaded)
+    with socket.socket() as busy:  # another program listening on the port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(sys, "argv", ["alnus", "serve", str(package), "--insecure-local", "--port", str(port)])
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    said = " ".join(err.split())
+    assert info.value.code == 2, said
+    assert f"port {port} on 127.0.0.1 is already in use" in said and "choose another port with --port" in said
+    assert "Serving" not in out + err and "Traceback" not in err
+    assert elapsed < 5, f"took {elapsed:.1f} s to refuse a busy port"
+
+
 def test_build_server_loads_the_package_once_and_says_where_it_listens(package: Path, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    local = build_server(package, insecure_local=True, port=8123, device="cpu", environ={})
-    assert (local.url, local.exposed, local.access.insecure_local) == ("http://127.0.0.1:8123/", False, True)
-    exposed = build_server(package, host="0.0.0.0", token_file=token_file, heatmap=False, device="cpu", environ={})
+    port = free_port()
+    local = build_server(package, insecure_local=True, port=port, device="cpu", environ={})
+    assert (local.url, local.exposed, local.access.insecure_local) == (f"http://127.0.0.1:{port}/", False, True)
+    exposed = build_server(package, host="0.0.0.0", port=free_port(), token_file=token_file, heatmap=False,
+                           device="cpu", environ={})  # fmt: skip
     assert exposed.exposed and exposed.service.info["heatmap"] is False
     assert exposed.service.predictor.batch_size == MAX_BATCH  # queued predictions can share a forward pass
 
@@ -596,7 +630,7 @@ def test_a_package_giving_no_probability_is_not_served(package: Path, tmp_path: 
     Now the warm-up refuses the package, and a network that fails later answers 500 saying why."""
     broken = with_nan_output(package, tmp_path / "nan_model")
     with pytest.raises(ServeError, match=r"nan_model cannot be served: on a blank image, .*gave nan as a probability"):
-        build_server(broken, insecure_local=True, device="cpu", environ={})
+        build_server(broken, insecure_local=True, port=free_port(), device="cpu", environ={})
     client = client_for(predictor_of(broken), tmp_path, heatmap=False)
     response = _post(client, png_bytes(grey_image()), heatmap="false")
     assert response.status_code == 500 and "output is not a probability" in response.json()["detail"]

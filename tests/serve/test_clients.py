@@ -30,6 +30,7 @@ from tests.serve.conftest import (
     Hold,
     LiveServer,
     client_for,
+    free_port,
     grey_image,
     held_predictor,
     png_bytes,
@@ -345,7 +346,8 @@ def test_alnus_serve_passes_per_client_and_says_it(package: Path, monkeypatch: p
     monkeypatch.setattr(alnus.serve, "build_server", build_only)
     outputs = []
     for args in ([], ["--per-client", "0"], ["--per-client", "3", "--trusted-proxy", "10.0.0.5"]):
-        result = CliRunner().invoke(cli.app, ["serve", str(package), "--insecure-local", "--device", "cpu", *args])
+        command = ["serve", str(package), "--insecure-local", "--device", "cpu", "--port", str(free_port()), *args]
+        result = CliRunner().invoke(cli.app, command)
         assert result.exit_code == 0, result.output
         outputs.append(" ".join(result.output.split()))
     assert [s.app.state.client_slots.limit for s in built] == [PER_CLIENT, 0, 3]

@@ -44,14 +44,21 @@ from alnus.errors import AlnusError
 from alnus.serve.clients import PER_CLIENT, ClientSlots, client_address
 from alnus.serve.security import SECURITY_HEADERS, Access, host_is_loopback_header
 from alnus.serve.service import ModelService, log_failure
-from alnus.serve.uploads import ACCEPTED, ApiError, limit_body, new_upload_folder, remove_upload_folder, save_upload
+from alnus.serve.uploads import (
+    ACCEPTED,
+    DEFAULT_MAX_UPLOAD_MB,
+    MB,
+    ApiError,
+    limit_body,
+    new_upload_folder,
+    remove_upload_folder,
+    save_upload,
+)
 
 logger = logging.getLogger("alnus.serve")
 
 STATIC_DIR = Path(str(resources.files("alnus.serve") / "static"))
 _STATIC_FILES = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
-MB = 1_000_000
-DEFAULT_MAX_UPLOAD_MB = 50
 # Form fields a request may send besides the file (roi, heatmap, birads); each a short text.
 MAX_FIELDS = 4
 MAX_FIELD_BYTES = 1024

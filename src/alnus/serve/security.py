@@ -14,9 +14,11 @@ through a group.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +173,43 @@ def resolve_access(
             f"(make one with: {MAKE_TOKEN}); or, for a test on this computer only, --insecure-local."
         )
     return Access(token=token, source=source)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Refuse (`ServeError`) an address the service could not listen on, before the package is loaded (a new-user
+    review: uvicorn found a busy port only once the model was loaded and the start-up line said it was serving).
+
+    Binds and closes every address `host` resolves to, as asyncio's `create_server` (which uvicorn uses) will, with
+    SO_REUSEADDR as it sets it, so a port left in TIME_WAIT by a service just stopped is not refused.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise ServeError(
+            f"--host {host}: not an address or a known name of this computer; give one of its addresses "
+            "(127.0.0.1: this computer only; 0.0.0.0: every network interface)."
+        ) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ServeError(_bind_problem(host, port, exc)) from None
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    where = f"port {port} on {host}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where} is already in use (another program, perhaps another `alnus serve`, listens there); stop it, or "
+            "choose another port with --port."
+        )
+    if exc.errno == errno.EACCES:
+        return f"{where} needs administrator rights to listen on; choose a port from 1024 up with --port."
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this computer; give one of its addresses with --host."
+    return f"cannot listen on {where} ({exc.strerror or exc}); choose another --host or --port."
 
 
 def host_is_loopback_header(host_header: str | None) -> bool:

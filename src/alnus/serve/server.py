@@ -1,5 +1,8 @@
-"""Starting the service: decide access first (refuse an unsafe start before loading anything), load the package once,
-warm it up, then run uvicorn with a log that carries no request contents.
+"""Starting the service: decide access first (refuse an unsafe start before loading anything), check that the address
+can be listened on, load the package once, warm it up, then run uvicorn with a log that carries no request contents.
+
+The app, the model and their libraries (FastAPI, torch) are imported only once those checks have passed, so that a
+start that cannot succeed is refused at once.
 """
 
 from __future__ import annotations
@@ -7,12 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alnus.serve.app import DEFAULT_MAX_UPLOAD_MB, MB, create_app
 from alnus.serve.clients import PER_CLIENT, trusted_proxies
-from alnus.serve.security import Access, ServeError, is_loopback, resolve_access
-from alnus.serve.service import MAX_BATCH, ModelService, Settings
+from alnus.serve.security import Access, ServeError, check_bindable, is_loopback, resolve_access
+from alnus.serve.uploads import DEFAULT_MAX_UPLOAD_MB, MB
+
+if TYPE_CHECKING:
+    from alnus.serve.service import ModelService
 
 # uvicorn's own access log is off (it would write query strings); ours writes method, route, status and time.
 LOG_CONFIG: dict[str, Any] = {
@@ -146,7 +151,8 @@ def build_server(
     trusted_proxy: tuple[str, ...] | list[str] = (),
     environ: dict[str, str] | None = None,
 ) -> Server:
-    """Check the settings and access (no model is loaded when they are refused), then load the package once.
+    """Check the settings, access and that `host`:`port` can be listened on (no model is loaded when they are
+    refused), then load the package once.
 
     Args:
         token_file: a file holding the token; else the environment variable ALNUS_TOKEN; else refused unless
@@ -164,8 +170,6 @@ def build_server(
         trusted_proxy: addresses or networks of reverse proxies whose X-Forwarded-For names the client; none: the
             client is the connection's peer, whatever a request's headers say.
     """
-    from alnus.predict import Predictor
-
     if not 1 <= int(port) <= 65535:
         raise ServeError(f"--port {port} is not a TCP port (1-65535).")
     if not 0 < max_upload_mb <= 10_000:
@@ -179,6 +183,12 @@ def build_server(
         )
     proxies = trusted_proxies(trusted_proxy)
     access = resolve_access(host=host, token_file=token_file, insecure_local=insecure_local, environ=environ)
+    check_bindable(host, int(port))
+    # The libraries, once the start is known to be possible.
+    from alnus.predict import Predictor
+    from alnus.serve.app import create_app
+    from alnus.serve.service import MAX_BATCH, ModelService, Settings
+
     predictor = Predictor(
         Path(package), device=device, batch_size=MAX_BATCH, engine=engine, compile=compile, max_pixels=max_pixels
     )

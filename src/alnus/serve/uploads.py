@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+MB = 1_000_000
+DEFAULT_MAX_UPLOAD_MB = 50
 # The kinds of image the service accepts: name -> suffix of the temporary copy (the decoder reads the content).
 KINDS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "DICOM": ".dcm"}
 ACCEPTED = "PNG, JPEG, BMP, TIFF or DICOM"
