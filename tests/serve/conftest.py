@@ -69,7 +69,7 @@ def grey_image(height: int = 60, width: int = 80, seed: int = 0) -> np.ndarray:
 
 def dicom_bytes(image: np.ndarray | None, *, margin: int = 6) -> bytes:
     """An ultrasound DICOM holding `image` in a larger frame (one 2-D region marks it) and patient identifiers;
-    without pixel data when `image` is None."""
+    without pixel data when `image` is None. A 3-D `image` (frames, height, width) is a cine loop of those frames."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -88,11 +88,14 @@ def dicom_bytes(image: np.ndarray | None, *, margin: int = 6) -> bytes:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    h, w = (40, 50) if image is None else image.shape
-    frame = np.zeros((h + 2 * margin, w + 2 * margin), dtype=np.uint8)
-    if image is not None:
-        frame[margin : margin + h, margin : margin + w] = image
-    ds.Rows, ds.Columns = frame.shape
+    frames = None if image is None else image.reshape(-1, *image.shape[-2:])
+    h, w = (40, 50) if frames is None else frames.shape[1:]
+    frame = np.zeros((1 if frames is None else len(frames), h + 2 * margin, w + 2 * margin), dtype=np.uint8)
+    if frames is not None:
+        frame[:, margin : margin + h, margin : margin + w] = frames
+    ds.Rows, ds.Columns = frame.shape[1:]
+    if image is not None and image.ndim == 3:
+        ds.NumberOfFrames = len(frames)
     region = Dataset()
     region.RegionSpatialFormat = 1
     region.RegionLocationMinX0, region.RegionLocationMinY0 = margin, margin

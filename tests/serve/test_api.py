@@ -371,11 +371,81 @@ def test_requests_that_are_not_multipart_or_send_no_file_are_refused(package: Pa
     client = client_for(predictor_of(package), tmp_path)
     raw = client.post("/v1/predict", content=png_bytes(grey_image()), headers={**AUTH, "Content-Type": "image/png"})
     assert raw.status_code == 415 and "multipart/form-data" in raw.json()["detail"]
-    no_file = client.post("/v1/predict", data={"roi": "1,1,5,5"}, headers=AUTH, files={"other": ("a", b"x")})
+    no_file = client.post("/v1/predict", headers=AUTH, files={"roi": (None, "1,1,5,5")})
     assert no_file.status_code == 422 and "image: no file" in no_file.json()["detail"]
     two = client.post("/v1/predict", headers=AUTH, files=[("image", ("a.png", b"1")), ("image", ("b.png", b"2"))])
     assert two.status_code == 400 and "Too many files" in two.json()["detail"]
     _assert_still_serving(client)
+
+
+def test_unknown_form_fields_are_refused_naming_the_accepted_ones(package: Path, tmp_path: Path) -> None:
+    """A new-user review: `foo=bar` was accepted and ignored silently, so a misspelt field (`rio=...`) went unseen."""
+    client = client_for(predictor_of(package), tmp_path, heatmap=False)
+    for data, expected in (
+        ({"foo": "bar"}, "foo: not a field of /v1/predict; it takes image, roi, heatmap, birads and frame"),
+        ({"rio": format_box(BOX)}, "rio: not a field of /v1/predict; it takes image, roi, heatmap, birads and frame"),
+        ({"a" * 300: "1"}, "aaaaaaaaaaaaaaaaaaaa...: not a field of /v1/predict;"),
+    ):  # fmt: skip
+        fields = {"image": ("scan.png", png_bytes(grey_image()), "image/png")}
+        response = client.post("/v1/predict", files=fields, data=data, headers=AUTH)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith(expected), response.json()["detail"]
+    preview = client.post("/v1/preview", headers=AUTH, data={"roi": format_box(BOX)},
+                          files={"image": ("a.png", png_bytes(grey_image()))})  # fmt: skip
+    assert preview.status_code == 422
+    assert preview.json()["detail"] == "roi: not a field of /v1/preview; it takes image and frame (see /openapi.json)."
+    assert_no_uploads_left(tmp_path / "uploads")
+    _assert_still_serving(client)
+
+
+def test_the_frame_of_a_multi_frame_dicom_can_be_chosen_and_the_answer_says_which_was_used(
+    package: Path, tmp_path: Path
+) -> None:
+    """A new-user review: `frame=0` was ignored and a cine loop's middle frame used without a word. Now `frame` picks
+    the frame (checked as `alnus predict` checks a manifest's frame column), the heat map is drawn on that frame, and
+    the answer says which frame was used of how many."""
+    frames = np.stack([grey_image(), 255 - grey_image(), grey_image() // 3])
+    cine = dicom_bytes(frames)
+    rows = [{"roi": format_box(BOX)}] * len(frames)
+    expected = [float(p) for p in predictor_of(package).predict_arrays(list(frames), rows=rows)]
+    assert min(abs(a - b) for a in expected for b in expected if a != b) > 1e-3, expected  # frames are told apart
+    client = client_for(predictor_of(package), tmp_path)
+
+    def predicted(**data: str) -> Any:
+        return client.post("/v1/predict", headers=AUTH, data={"roi": format_box(BOX), **data},
+                           files={"image": ("cine.dcm", cine, "application/dicom")})  # fmt: skip
+
+    middle = predicted(heatmap="false")
+    assert middle.status_code == 200, middle.text
+    assert middle.json()["frame"] == {"index": 1, "count": 3, "sent": False}
+    assert middle.json()["probability"] == pytest.approx(expected[1], abs=1e-5)
+    for index in (0, 2):
+        for heatmap in ("false", "true"):  # the heat map's probability comes from the frame it is drawn on
+            body = predicted(frame=str(index), heatmap=heatmap).json()
+            assert body["frame"] == {"index": index, "count": 3, "sent": True}
+            assert body["probability"] == pytest.approx(expected[index], abs=1e-5), (index, heatmap)
+            assert (body["heatmap"] is not None) is (heatmap == "true")
+    preview = client.post("/v1/preview", headers=AUTH, data={"frame": "2"},
+                          files={"image": ("cine.dcm", cine, "application/dicom")}).json()  # fmt: skip
+    assert preview["frame"] == {"index": 2, "count": 3, "sent": True}
+    np.testing.assert_array_equal(np.asarray(_decode_data_uri(preview["image"])), frames[2])
+
+    outside = predicted(frame="3")
+    assert outside.status_code == 422
+    assert outside.json()["detail"] == (
+        "frame: the uploaded image: frame 3 requested but the file has 3 frame(s); use a frame from 0 to 2."
+    )
+    for bad in ("-1", "1.5", "middle"):
+        refused = predicted(frame=bad)
+        assert refused.status_code == 422
+        assert refused.json()["detail"].startswith(f"frame: {bad!r} is not a whole number >= 0; send the 0-based")
+    # A single-frame image: no frame to tell of; frame 0 is that frame, and another is refused.
+    single = _post(client, png_bytes(grey_image()), heatmap="false").json()
+    assert single["frame"] is None
+    assert _post(client, png_bytes(grey_image()), heatmap="false", frame="0").json()["frame"] is None
+    one = _post(client, png_bytes(grey_image()), heatmap="false", frame="1")
+    assert one.status_code == 422 and "has 1 frame(s); use a frame from 0 to 0" in one.json()["detail"]
+    assert_no_uploads_left(tmp_path / "uploads")
 
 
 def test_kinds_are_told_by_content() -> None:
@@ -406,7 +476,7 @@ def test_dicom_identifiers_reach_neither_the_answer_nor_the_log(
             for route in ("/v1/predict", "/v1/preview"):
                 response = http.post(
                     f"{route}?patient=MRN-SECRET-4711", files={"image": (name, content, "application/dicom")},
-                    data={"roi": roi},
+                    data={"roi": roi} if route == "/v1/predict" else {},
                 )  # fmt: skip
                 texts.append(f"{response.status_code} {response.headers} {response.text}")
     assert [t[:3] for t in texts] == ["200", "200", "422", "422", "422", "200"]

@@ -62,6 +62,10 @@ class ImageReadError(AlnusError):
     """An image could not be decoded; the message names the file and what to do."""
 
 
+class FrameError(ImageReadError):
+    """The frame asked for is not one of the file's; the message says which frames it has."""
+
+
 def parse_frame(cell: object) -> int | None:
     """A manifest `frame` cell as a 0-based frame index; None when empty. ValueError for anything else."""
     text = "" if cell is None else str(cell).strip()
@@ -152,6 +156,21 @@ def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int | N
         return im.height, im.width
 
 
+def frame_choice(path: str | Path, frame: int | None = None, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(the 0-based frame `load_image` decodes for `frame`, the number of frames of the file), from its header.
+
+    Fails as `load_image` would on header problems, with a `FrameError` for a frame the file does not have. Counting
+    the pages of a TIFF reads each page's header.
+    """
+    path, limit = _existing_file(path), _limit(max_pixels)
+    if is_dicom(path):
+        _, _, n_frames, _ = _check_dicom_header(_read_dicom(path, pixels=False), path, limit)
+        return _pick_frame(path, frame, n_frames, default=n_frames // 2), n_frames
+    with _open_pillow(path, limit) as im:
+        n_frames = getattr(im, "n_frames", 1)
+        return _pick_frame(path, frame, n_frames, default=0), n_frames
+
+
 def load_image(
     path: str | Path, *, frame: int | None = None, us_region: bool = True, max_pixels: int | None = None
 ) -> np.ndarray:
@@ -216,7 +235,7 @@ def _pick_frame(path: Path, frame: int | None, n_frames: int, default: int) -> i
     if frame is None:
         return default
     if not 0 <= frame < n_frames:
-        raise ImageReadError(
+        raise FrameError(
             f"{path}: frame {frame} requested but the file has {n_frames} frame(s); "
             f"use a frame from 0 to {n_frames - 1}."
         )

@@ -7,8 +7,9 @@ Routes: `GET /` (the web page; its script and style under `/static/`), `GET /hea
 `GET /v1/model` (the package's identity, operating point, intended use and validation results), `POST /v1/preview`
 (the decoded image, to draw the lesion box on) and `POST /v1/predict` (probability, call at the frozen threshold, heat
 map, a warning when the lesion box is implausible, and with the radiologist's BI-RADS the call with AI by the
-package's reader rule), and the OpenAPI description at `/openapi.json`. FastAPI's `/docs` and `/redoc` pages are off:
-they load their scripts from a CDN, and nothing this service serves may make an outside request.
+package's reader rule; `frame` picks a multi-frame image's frame), and the OpenAPI description at `/openapi.json`. A
+form field that a route does not take is refused (422) naming those it takes. FastAPI's `/docs` and `/redoc` pages
+are off: they load their scripts from a CDN, and nothing this service serves may make an outside request.
 
 Security: `/v1/*` needs the bearer token (`alnus.serve.security`), checked before any of the body is read; a body
 over the upload limit is refused while it is read (413); the file's kind comes from its bytes (415); an image that
@@ -40,10 +41,11 @@ from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException
 
 from alnus import __version__
+from alnus.data.images import parse_frame
 from alnus.errors import AlnusError
 from alnus.serve.clients import PER_CLIENT, ClientSlots, client_address
 from alnus.serve.security import SECURITY_HEADERS, Access, host_is_loopback_header
-from alnus.serve.service import ModelService, log_failure
+from alnus.serve.service import QUOTED_CHARS, ModelService, log_failure
 from alnus.serve.uploads import (
     ACCEPTED,
     DEFAULT_MAX_UPLOAD_MB,
@@ -59,8 +61,11 @@ logger = logging.getLogger("alnus.serve")
 
 STATIC_DIR = Path(str(resources.files("alnus.serve") / "static"))
 _STATIC_FILES = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
-# Form fields a request may send besides the file (roi, heatmap, birads); each a short text.
-MAX_FIELDS = 4
+# The form fields each route takes (the file `image`, then short texts); any other is refused, naming them.
+PREDICT_FIELDS = ("image", "roi", "heatmap", "birads", "frame")
+PREVIEW_FIELDS = ("image", "frame")
+# Text fields a request may send besides the file (those of PREDICT_FIELDS); each a short text.
+MAX_FIELDS = len(PREDICT_FIELDS) - 1
 MAX_FIELD_BYTES = 1024
 ROUTES = frozenset({"/", "/healthz", "/openapi.json", "/v1/model", "/v1/preview", "/v1/predict"})
 # Declared for the OpenAPI description (module level: FastAPI resolves annotations in the module's namespace).
@@ -68,6 +73,13 @@ BEARER = HTTPBearer(auto_error=False, description="The service's token (--token-
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 _IMAGE_FIELD = {"type": "string", "format": "binary", "description": f"The image: {ACCEPTED} (told by its bytes)."}
+_FRAME_FIELD = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "The 0-based frame of a multi-frame image (a DICOM cine loop, a multi-page TIFF); default: a "
+    "DICOM's middle frame, a TIFF's first page. The answer's `frame` says which was used and how many the file has "
+    "(null for a single-frame image).",
+}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -98,6 +110,7 @@ _PREDICT_BODY = {
                             "sent).",
                             "example": "4a",
                         },
+                        "frame": _FRAME_FIELD,
                     },
                 }
             }
@@ -109,7 +122,11 @@ _PREVIEW_BODY = {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["image"], "properties": {"image": _IMAGE_FIELD}}
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": _IMAGE_FIELD, "frame": _FRAME_FIELD},
+                }
             }
         },
     }
@@ -178,12 +195,49 @@ def _text_field(form: Any, name: str) -> str | None:
     raise ApiError(422, f"{name}: send it as a text field, not a file.")
 
 
+def _frame(form: Any) -> int | None:
+    """The `frame` a request sent, as `alnus predict` reads a manifest's frame column (None: none sent)."""
+    text = _text_field(form, "frame")
+    try:
+        return parse_frame(text)
+    except ValueError:
+        shown = str(text)[:QUOTED_CHARS]
+        raise ApiError(
+            422,
+            f"frame: {shown!r} is not a whole number >= 0; send the 0-based index of the frame to use, or no frame for "
+            "a DICOM's middle frame (a TIFF's first page).",
+        ) from None
+
+
+def _names(fields: tuple[str, ...]) -> str:
+    return ", ".join(fields[:-1]) + f" and {fields[-1]}" if len(fields) > 1 else fields[0]
+
+
+def _unknown_fields(form: Any, route: str, fields: tuple[str, ...]) -> None:
+    """Refuse a field the route does not take (a new-user review: `foo=bar` and `frame=0` were ignored silently)."""
+    unknown = [name for name in dict.fromkeys(form.keys()) if name not in fields]
+    if not unknown:
+        return
+    name = unknown[0]
+    shown = name if len(name) <= QUOTED_CHARS else name[:QUOTED_CHARS] + "..."
+    mask = " (a mask is not taken: send the lesion box as roi=x,y,w,h)" if "mask" in name.lower() else ""
+    raise ApiError(
+        422,
+        f"{shown}: not a field of {route}{mask}; it takes {_names(fields)} (see /openapi.json).",
+    )
+
+
 @contextlib.asynccontextmanager
 async def _upload(
-    request: Request, max_upload_bytes: int, work_dir: Path | None, timeout_s: float | None = None
+    request: Request,
+    fields: tuple[str, ...],
+    max_upload_bytes: int,
+    work_dir: Path | None,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[tuple[Path, Any]]:
-    """Read a multipart body within the size limit and copy its `image` file into a private folder; yield the copy's
-    path and the form. The folder is the caller's to remove once done with the copy; it is removed here on failure."""
+    """Read a multipart body within the size limit, refuse fields other than `fields`, and copy its `image` file into
+    a private folder; yield the copy's path and the form. The folder is the caller's to remove once done with the
+    copy; it is removed here on failure."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(
@@ -195,7 +249,10 @@ async def _upload(
         request.scope,
         limit_body(request.receive, max_upload_bytes, request.headers.get("content-length"), timeout_s),
     )
-    async with limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES) as form:
+    route = request.url.path
+    form = await limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+    try:
+        _unknown_fields(form, route, fields)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "image: no file in the field `image`; send the image as a multipart file field.")
@@ -206,6 +263,8 @@ async def _upload(
         except BaseException:
             remove_upload_folder(folder)
             raise
+    finally:
+        await form.close()
 
 
 # How often a request waiting for the worker looks whether its client is still there (seconds).
@@ -303,12 +362,13 @@ def create_app(
         return {**service.info, "max_upload_mb": max_upload_bytes / MB, "accepted": ACCEPTED}
 
     async def previewed(request: Request) -> dict[str, Any]:
-        async with _upload(request, max_upload_bytes, *upload_settings) as (path, _):
-            pass
-        return await _while_connected(request, service.preview(path, cleanup=lambda: remove_upload_folder(path.parent)))
+        async with _upload(request, PREVIEW_FIELDS, max_upload_bytes, *upload_settings) as (path, form):
+            frame = _frame(form)
+        work = service.preview(path, cleanup=lambda: remove_upload_folder(path.parent), frame=frame)
+        return await _while_connected(request, work)
 
     async def predicted(request: Request) -> dict[str, Any]:
-        async with _upload(request, max_upload_bytes, *upload_settings) as (path, form):
+        async with _upload(request, PREDICT_FIELDS, max_upload_bytes, *upload_settings) as (path, form):
             roi = _text_field(form, "roi")
             wanted = _flag(_text_field(form, "heatmap"), service.settings.heatmap)
             if wanted and not service.settings.heatmap:
@@ -316,7 +376,10 @@ def create_app(
             if len(form.getlist("birads")) > 1:
                 raise ApiError(422, "birads: sent more than once; send one BI-RADS reading per image.")
             birads = service.birads(_text_field(form, "birads"))
-        work = service.predict(path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent), birads=birads)
+            frame = _frame(form)
+        work = service.predict(
+            path, roi, wanted, cleanup=lambda: remove_upload_folder(path.parent), birads=birads, frame=frame
+        )
         return await _while_connected(request, work)
 
     # A place is taken before the body is read (a refused upload costs nothing) and given back however the request

@@ -36,7 +36,7 @@ from PIL import Image
 
 from alnus.combine import apply_reader_rule, reading_problem
 from alnus.data.dataset import PreprocessSpec
-from alnus.data.images import load_image
+from alnus.data.images import FrameError, frame_choice, load_image
 from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
 from alnus.data.tta import all_views
 from alnus.errors import AlnusError
@@ -285,6 +285,7 @@ class _Job:
     roi: str | None = None
     heatmap: bool = False
     birads: str | None = None
+    frame: int | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -295,11 +296,15 @@ class _Ready:
     job: _Job
     image: np.ndarray
     box: Box | None
+    frame: int = 0
+    frames: int = 1
 
     @property
     def row(self) -> dict[str, str]:
-        """The manifest-like row of the prediction path (absolute image path; the box, when one was sent)."""
-        return {"image": str(self.job.path), **({"roi": format_box(self.box)} if self.box is not None else {})}
+        """The manifest-like row of the prediction path (absolute image path; the box, when one was sent; the frame
+        decoded, so that the heat map is drawn on the same one)."""
+        row = {"image": str(self.job.path), "frame": str(self.frame)}
+        return row | ({"roi": format_box(self.box)} if self.box is not None else {})
 
 
 class ModelService:
@@ -336,9 +341,12 @@ class ModelService:
         for job in dropped:
             job.future.cancel()
 
-    async def preview(self, path: Path, cleanup: Callable[[], None] | None = None) -> dict[str, Any]:
-        """The decoded image to draw the lesion box on (see `_preview`), from the worker."""
-        return await self._submit(_Job("preview", path), cleanup)
+    async def preview(
+        self, path: Path, cleanup: Callable[[], None] | None = None, frame: int | None = None
+    ) -> dict[str, Any]:
+        """The decoded image (its `frame`; None: the default one) to draw the lesion box on (see `_preview`), from
+        the worker."""
+        return await self._submit(_Job("preview", path, frame=frame), cleanup)
 
     def birads(self, value: str | None) -> str | None:
         """The radiologist's BI-RADS a request sent, checked (None: none sent); a 422 when it is not a category or
@@ -366,6 +374,7 @@ class ModelService:
         heatmap: bool,
         cleanup: Callable[[], None] | None = None,
         birads: str | None = None,
+        frame: int | None = None,
     ) -> dict[str, Any]:
         """Probability, call at the frozen threshold, (when asked) heat map and (with a BI-RADS reading) the
         radiologist's call and the call with AI of one uploaded image file.
@@ -375,6 +384,7 @@ class ModelService:
             cleanup: called once the file is no longer needed: when the job ends, or when it is dropped from the
                 queue because its caller stopped waiting (timeout), even after this call has returned.
             birads: the radiologist's BI-RADS, checked by `birads` (None: none sent).
+            frame: the 0-based frame of a multi-frame image (None: a DICOM's middle frame, a TIFF's first page).
         """
         try:
             reading = self.birads(birads)
@@ -382,7 +392,7 @@ class ModelService:
             if cleanup is not None:
                 cleanup()
             raise
-        answer, explanation = await self._submit(_Job("predict", path, roi, heatmap, reading), cleanup)
+        answer, explanation = await self._submit(_Job("predict", path, roi, heatmap, reading, frame), cleanup)
         if explanation is not None:
             # Drawn off the worker, which runs the next batch meanwhile: the overlay on the original image, its PNG.
             answer["heatmap"] = await asyncio.wrap_future(self._drawing.submit(_overlay_uri, explanation))
@@ -425,7 +435,7 @@ class ModelService:
         try:
             for job in live:
                 if job.kind == "preview":
-                    self._answer_with(job, lambda job=job: self._preview(job.path))
+                    self._answer_with(job, lambda job=job: self._preview(job.path, job.frame))
             for heatmap in (False, True):
                 group = [job for job in live if job.kind == "predict" and job.heatmap == heatmap]
                 if group:
@@ -468,27 +478,34 @@ class ModelService:
         for item in ready:
             self._answer_with(item.job, lambda item=item: self._infer([item], heatmap)[0])
 
-    def _decode(self, path: Path) -> np.ndarray:
+    def _decode(self, path: Path, frame: int | None = None) -> tuple[np.ndarray, int, int]:
+        """The image's `frame` (None: the default one), decoded; the frame's index, and how many the file has."""
         try:
-            return load_image(path, max_pixels=self.settings.max_pixels)
+            index, frames = frame_choice(path, frame, max_pixels=self.settings.max_pixels)
+            return load_image(path, frame=index, max_pixels=self.settings.max_pixels), index, frames
+        except FrameError as exc:
+            raise ApiError(422, f"frame: {_scrub(str(exc), path.parent)}") from None
         except AlnusError as exc:
             raise ApiError(422, f"image: {_scrub(str(exc), path.parent)}") from None
 
-    def _preview(self, path: Path) -> dict[str, Any]:
+    def _preview(self, path: Path, frame: int | None = None) -> dict[str, Any]:
         """The decoded image as the model sees it before cropping (grey, DICOM cut to its ultrasound region), scaled
         to at most `PREVIEW_SIDE` pixels, with its full size: the page draws the lesion box on it in those pixels."""
-        image = self._decode(path)
+        image, index, frames = self._decode(path, frame)
         height, width = image.shape
         picture = Image.fromarray(image)
         if max(width, height) > PREVIEW_SIDE:
             scale = PREVIEW_SIDE / max(width, height)
             picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))))
-        return {"width": width, "height": height, "image": _data_uri(_png(picture))}
+        return {
+            "width": width, "height": height, "image": _data_uri(_png(picture)),
+            "frame": _frame_info(index, frames, frame is not None),
+        }  # fmt: skip
 
     def _prepare(self, job: _Job) -> _Ready:
         """Check the box, decode the image, check that the box lies inside it."""
         box = self._box(job.roi)
-        image = self._decode(job.path)
+        image, index, frames = self._decode(job.path, job.frame)
         height, width = image.shape
         if box is not None and not box_inside(box, image.shape):
             raise ApiError(
@@ -496,7 +513,7 @@ class ModelService:
                 f"roi: the box {format_box(box)} (x,y,w,h) extends outside the {width} x {height} image; draw it "
                 "inside the image, in pixels of the decoded image.",
             )
-        return _Ready(job=job, image=image, box=box)
+        return _Ready(job=job, image=image, box=box, frame=index, frames=frames)
 
     def _infer(self, ready: list[_Ready], heatmap: bool) -> list[tuple[dict[str, Any], Explanation | None]]:
         """The answers of decoded images, each with its heat map's explanation (to draw) when asked: one forward pass
@@ -547,6 +564,7 @@ class ModelService:
             ready, probabilities, calls, readers, warnings, drawn, strict=True
         ):
             answer = self._answer(probability, call, item.box, item.image.shape, warning)
+            answer["frame"] = _frame_info(item.frame, item.frames, item.job.frame is not None)
             answer["reader_with_ai"] = reader
             answers.append((answer, explanation))
         return answers
@@ -636,6 +654,7 @@ class ModelService:
             "roi": None if box is None else {"box": list(box), "used": info["input"]["needs_roi"]},
             "warning": warning or None,
             "image_size": {"width": int(shape[1]), "height": int(shape[0])},
+            "frame": None,
             "model": {k: info["model"][k] for k in ("name", "version", "weights_sha256")},
             "heatmap": None,
             "heatmap_note": None,
@@ -662,6 +681,12 @@ class ModelService:
             raise ServeError(f"{self.predictor.package_dir} cannot be served: on a blank image, {reason}") from None
         finally:
             remove_upload_folder(folder)
+
+
+def _frame_info(index: int, frames: int, sent: bool) -> dict[str, Any] | None:
+    """Which frame of a multi-frame image was used (0-based), of how many, and whether the request chose it (else a
+    DICOM's middle frame, a TIFF's first page); None for a single-frame image."""
+    return None if frames == 1 else {"index": index, "count": frames, "sent": sent}
 
 
 def _unexpected(exc: BaseException | None = None) -> ApiError:
