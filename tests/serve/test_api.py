@@ -374,7 +374,30 @@ def test_requests_that_are_not_multipart_or_send_no_file_are_refused(package: Pa
     no_file = client.post("/v1/predict", headers=AUTH, files={"roi": (None, "1,1,5,5")})
     assert no_file.status_code == 422 and "image: no file" in no_file.json()["detail"]
     two = client.post("/v1/predict", headers=AUTH, files=[("image", ("a.png", b"1")), ("image", ("b.png", b"2"))])
-    assert two.status_code == 400 and "Too many files" in two.json()["detail"]
+    assert two.status_code == 422 and "/v1/predict takes one file, the image" in two.json()["detail"]
+    _assert_still_serving(client)
+
+
+def test_a_mask_upload_is_refused_in_the_services_words(package: Path, tmp_path: Path) -> None:
+    """A new-user review: an image sent with its mask file got Starlette's `Too many files. Maximum number of files
+    is 1.`; the answer now says that the service takes one image and the lesion box as text, not mask files."""
+    client = client_for(predictor_of(package), tmp_path, heatmap=False)
+    image, mask = png_bytes(grey_image()), png_bytes(np.zeros((60, 80), dtype=np.uint8))
+    with_mask = client.post("/v1/predict", headers=AUTH, data={"roi": format_box(BOX)},
+                            files=[("image", ("a.png", image)), ("mask", ("a_mask.png", mask))])  # fmt: skip
+    assert with_mask.status_code == 422, with_mask.text
+    assert with_mask.json()["detail"] == (
+        "/v1/predict takes one file, the image (field `image`) and the lesion box as text (roi=x,y,w,h in pixels of "
+        "the image), not a mask or other files; send the image as the only file."
+    )
+    mask_only = client.post("/v1/predict", headers=AUTH, files={"mask": ("a_mask.png", mask)})
+    assert mask_only.status_code == 422, mask_only.text
+    detail = mask_only.json()["detail"]
+    assert detail.startswith("mask: not a field of /v1/predict (a mask is not taken: send the lesion box as "), detail
+    preview = client.post("/v1/preview", headers=AUTH, files=[("image", ("a.png", image)), ("mask", ("m.png", mask))])
+    assert preview.status_code == 422
+    assert "/v1/preview takes one file, the image (field `image`), not a mask" in preview.json()["detail"]
+    assert_no_uploads_left(tmp_path / "uploads")
     _assert_still_serving(client)
 
 
@@ -385,6 +408,9 @@ def test_unknown_form_fields_are_refused_naming_the_accepted_ones(package: Path,
         ({"foo": "bar"}, "foo: not a field of /v1/predict; it takes image, roi, heatmap, birads and frame"),
         ({"rio": format_box(BOX)}, "rio: not a field of /v1/predict; it takes image, roi, heatmap, birads and frame"),
         ({"a" * 300: "1"}, "aaaaaaaaaaaaaaaaaaaa...: not a field of /v1/predict;"),
+        # Five text fields: Starlette's own limit, told in the same words.
+        ({"roi": format_box(BOX), "heatmap": "false", "birads": "", "frame": "0", "foo": "bar"},
+         "/v1/predict takes the fields image, roi, heatmap, birads and frame, each once; send only those."),
     ):  # fmt: skip
         fields = {"image": ("scan.png", png_bytes(grey_image()), "image/png")}
         response = client.post("/v1/predict", files=fields, data=data, headers=AUTH)

@@ -213,6 +213,20 @@ def _names(fields: tuple[str, ...]) -> str:
     return ", ".join(fields[:-1]) + f" and {fields[-1]}" if len(fields) > 1 else fields[0]
 
 
+def _refused_form(problem: str, route: str, fields: tuple[str, ...]) -> ApiError:
+    """Starlette's refusal of a multipart body (too many files or fields), in the service's words."""
+    if problem.startswith("Too many files"):
+        box = " and the lesion box as text (roi=x,y,w,h in pixels of the image)" if "roi" in fields else ""
+        return ApiError(
+            422,
+            f"{route} takes one file, the image (field `image`){box}, not a mask or other files; send the image as "
+            "the only file.",
+        )
+    if problem.startswith("Too many fields"):
+        return ApiError(422, f"{route} takes the fields {_names(fields)}, each once; send only those.")
+    return ApiError(400, f"the form could not be read ({problem}); send multipart/form-data with {_names(fields)}.")
+
+
 def _unknown_fields(form: Any, route: str, fields: tuple[str, ...]) -> None:
     """Refuse a field the route does not take (a new-user review: `foo=bar` and `frame=0` were ignored silently)."""
     unknown = [name for name in dict.fromkeys(form.keys()) if name not in fields]
@@ -250,7 +264,10 @@ async def _upload(
         limit_body(request.receive, max_upload_bytes, request.headers.get("content-length"), timeout_s),
     )
     route = request.url.path
-    form = await limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+    try:
+        form = await limited.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+    except HTTPException as exc:
+        raise _refused_form(str(exc.detail), route, fields) from None
     try:
         _unknown_fields(form, route, fields)
         upload = form.get("image")
