@@ -306,3 +306,61 @@ def test_a_client_over_its_per_client_limit_is_told_so_and_can_go_on(
         context.close()
     assert answers == [200]
     assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_editing_the_box_or_the_birads_takes_the_result_away_until_predict(
+    rule_server: LiveServer, browser: Any, phantom_png: Path
+) -> None:
+    """A new-user review: after a prediction, typing in the box field, drawing a new box or choosing another BI-RADS
+    left the old probability, call and heat map (with the old box) on screen, the status still "Done.". Each edit now
+    takes the result away; only Predict shows one again, made with what is on the page."""
+    context, page, watch = _open(browser, VIEWPORT)
+
+    def predicted() -> None:
+        page.click("#predict")
+        page.locator("#status", has_text="Done.").wait_for()
+        assert page.locator("#result").is_visible() and page.locator("#heatmap").is_visible()
+        _settled_scroll(page)  # the result is scrolled into view: the canvas is where it stops
+
+    def result_taken_away() -> None:
+        page.locator("#result").wait_for(state="hidden")
+        assert page.locator("#heatmap-figure").is_hidden() and page.locator("#status").inner_text() == ""
+        assert "changed: press Predict" in page.locator("#no-result").inner_text()
+
+    try:
+        page.goto(rule_server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        predicted()
+        page.locator("#roi").press("End")
+        page.locator("#roi").press_sequentially("0")  # the height typed longer: another box
+        result_taken_away()
+        page.locator("#roi").press("Backspace")  # back to the box of the result taken away: still none shown
+        assert page.locator("#result").is_hidden()
+        predicted()
+        _drag(page, (0.1, 0.1), (0.5, 0.6))  # a new box drawn
+        result_taken_away()
+        predicted()
+        page.select_option("#birads", "4a")  # a BI-RADS chosen after the prediction
+        result_taken_away()
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+            predicted()
+        assert answer.value.json()["reader_with_ai"]["birads"] == "4a"
+        assert page.locator("#reader-birads").inner_text() == "4a"
+        page.click("#roi")  # a click on the canvas or in the field that changes nothing keeps the result
+        page.locator("#canvas").click()
+        assert page.locator("#result").is_visible() and page.locator("#status").inner_text() == "Done."
+        # A new image: the result panel's first words again.
+        second = phantom_png.parent / "another.png"
+        second.write_bytes(phantom_png.read_bytes())
+        page.set_input_files("#file", str(second))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        assert page.locator("#result").is_hidden()
+        assert page.locator("#no-result").inner_text() == "Choose an image, draw the lesion box, then press Predict."
+    finally:
+        context.close()
+    assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []

@@ -6,6 +6,7 @@
 (() => {
   const TOKEN_KEY = "alnus-token";
   const $ = (id) => document.getElementById(id);
+  let NO_RESULT = ""; // the result panel's words before any prediction (from the page)
 
   const state = {
     auth: "bearer",
@@ -15,6 +16,8 @@
     picture: null, // the preview drawn on the canvas (may be scaled down)
     box: null, // [x, y, w, h] in image pixels
     drag: null,
+    fileCount: 0, // images chosen so far: tells one image's inputs from another's
+    shownFor: null, // the inputs (`inputsKey`) of the result on screen; null when none is shown
   };
 
   class ApiError extends Error {
@@ -166,6 +169,7 @@
   async function chooseFile(file) {
     if (!file) return;
     state.file = file;
+    state.fileCount += 1;
     state.image = null;
     state.picture = null;
     setBox(null);
@@ -247,6 +251,7 @@
     $("roi").value = box ? box.join(",") : "";
     drawImage();
     updatePredict();
+    inputsEdited();
   }
 
   function onPointerDown(event) {
@@ -288,6 +293,21 @@
       if (!typing) say("error", "The lesion box must be four whole numbers x,y,w,h (width and height above 0).");
     }
     updatePredict();
+    inputsEdited();
+  }
+
+  // What a prediction is made of: the image, the lesion box and the BI-RADS reading.
+  function inputsKey() {
+    const birads = state.info && state.info.reader_rule ? $("birads").value : "";
+    return [state.fileCount, state.box ? state.box.join(",") : "", birads].join("|");
+  }
+
+  // A result made with another box or BI-RADS than those now on the page is no longer theirs: it is taken away
+  // (a new-user review: the old probability, call and heat map stayed with "Done." after the box was changed).
+  function inputsEdited() {
+    if (state.shownFor === null || state.shownFor === inputsKey()) return;
+    clearResult("The lesion box or the BI-RADS changed: press Predict for the result with them.");
+    say("status", "");
   }
 
   function updatePredict() {
@@ -296,8 +316,10 @@
   }
 
   // --------------------------------------------------------------------------------------------------- predict
-  function clearResult() {
+  function clearResult(why) {
+    state.shownFor = null;
     show("result", false);
+    say("no-result", why || NO_RESULT);
     show("no-result", true);
     $("heatmap").removeAttribute("src");
   }
@@ -310,6 +332,7 @@
     form.append("heatmap", state.info.heatmap ? "true" : "false");
     const birads = state.info.reader_rule ? $("birads").value : "";
     if (birads) form.append("birads", birads);
+    const sentFor = inputsKey();
     $("predict").disabled = true;
     say("error", "");
     say("status", "Predicting…");
@@ -322,7 +345,12 @@
       return failed(error);
     }
     updatePredict();
+    if (inputsKey() !== sentFor) {
+      say("status", "The lesion box or the BI-RADS changed while predicting: press Predict for the result with them.");
+      return;
+    }
     showResult(result);
+    state.shownFor = sentFor;
     say("status", "Done.");
   }
 
@@ -425,10 +453,12 @@
     $("roi").addEventListener("change", onRoiTyped);
     $("roi").addEventListener("input", onRoiTyped);
     $("clear-box").addEventListener("click", () => setBox(null));
+    $("birads").addEventListener("change", inputsEdited);
     $("predict").addEventListener("click", predict);
   }
 
   async function start() {
+    NO_RESULT = $("no-result").textContent.trim();
     wire();
     try {
       const health = await api("/healthz");
