@@ -364,3 +364,46 @@ def test_editing_the_box_or_the_birads_takes_the_result_away_until_predict(
         context.close()
     assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
     assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_a_malformed_typed_box_is_explained_under_the_image(
+    server: LiveServer, browser: Any, phantom_png: Path
+) -> None:
+    """A new-user review: typing `167,4,264` only greyed out Predict while the hint still said "drag across the
+    lesion… (or type x,y,w,h)". The hint now says what is wrong, as the service's refusal does; leaving the field says
+    it as an error; a box that parses brings the hint back."""
+    context, page, watch = _open(browser, VIEWPORT)
+    hint, roi = page.locator("#roi-hint"), page.locator("#roi")
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        usual = hint.inner_text()
+        assert usual.startswith("This model needs the lesion box: drag across the lesion")
+        for typed, said in (
+            ("167,4,264", "The box '167,4,264' has 3 number(s); expected 4: x,y,w,h in pixels of the image."),
+            ("10,10,20,x", "In the box '10,10,20,x', h='x' is not a whole number of pixels."),
+            ("10,,20,20", "In the box '10,,20,20', y='' is not a whole number of pixels."),
+            ("10,10,20.5,20", "In the box '10,10,20.5,20', w='20.5' is not a whole number of pixels."),
+            ("10,10,0,20", "The box's width and height must be above 0 (got w=0, h=20)."),
+            ("100,10,64,48", "The box 100,10,64,48 extends outside the 128 × 96 image; keep it inside, in pixels of"),
+        ):
+            roi.fill("")
+            roi.press_sequentially(typed)
+            assert hint.inner_text().startswith(said), (typed, hint.inner_text())
+            assert page.locator("#predict").is_disabled()
+            assert page.locator("#error").inner_text().strip() == ""  # while typing, not yet an error
+        roi.press("Tab")  # the field left: the reason is said as an error too
+        page.locator("#error", has_text="extends outside the 128 × 96 image").wait_for()
+        roi.fill("")
+        roi.press_sequentially("[32, 24, 64, 48]")  # as the service reads it, brackets included
+        assert hint.inner_text() == usual and page.locator("#predict").is_enabled()
+        assert page.locator("#error").inner_text().strip() == ""
+        page.click("#predict")
+        page.locator("#status", has_text="Done.").wait_for()
+    finally:
+        context.close()
+    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []

@@ -6,6 +6,8 @@
 (() => {
   const TOKEN_KEY = "alnus-token";
   const $ = (id) => document.getElementById(id);
+  // A number as the service reads one in a box (plain ASCII digits; alnus.data.roi).
+  const NUMBER = /^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
   let NO_RESULT = ""; // the result panel's words before any prediction (from the page)
 
   const state = {
@@ -18,6 +20,7 @@
     drag: null,
     fileCount: 0, // images chosen so far: tells one image's inputs from another's
     shownFor: null, // the inputs (`inputsKey`) of the result on screen; null when none is shown
+    roiHint: "", // what the hint under the image says when the typed box is fine
   };
 
   class ApiError extends Error {
@@ -107,12 +110,10 @@
         (input.needs_roi ? "the lesion box (" + input.roi_mode + " crop, margin " + input.roi_margin + ")" : "the whole image") +
           ", resized to " + input.size + " px"
     );
-    say(
-      "roi-hint",
-      input.needs_roi
-        ? "This model needs the lesion box: drag across the lesion on the image (or type x,y,w,h)."
-        : "This model looks at the whole image; a box is drawn on the heat map only."
-    );
+    state.roiHint = input.needs_roi
+      ? "This model needs the lesion box: drag across the lesion on the image (or type x,y,w,h)."
+      : "This model looks at the whole image; a box is drawn on the heat map only.";
+    showBoxProblem("");
     const use = $("intended-use");
     use.replaceChildren(
       ...info.intended_use.map((line) => {
@@ -249,6 +250,7 @@
   function setBox(box) {
     state.box = box;
     $("roi").value = box ? box.join(",") : "";
+    showBoxProblem("");
     drawImage();
     updatePredict();
     inputsEdited();
@@ -278,22 +280,61 @@
   }
 
   // While typing (`input`) a box that parses is taken at once, so Predict is ready before the field loses focus; a
-  // half-typed one is not an error yet. On `change` (the field left) one that does not parse is said.
+  // half-typed one is not an error yet, but the hint under the image says what is wrong with it (a new-user review:
+  // Predict only greyed out, without a word). On `change` (the field left) that is said as an error.
   function onRoiTyped(event) {
     const typing = event && event.type === "input";
     const text = $("roi").value.trim();
     if (!text) return setBox(null);
-    const parts = text.split(",").map((part) => Number(part.trim()));
-    if (parts.length === 4 && parts.every((v) => Number.isInteger(v)) && parts[2] > 0 && parts[3] > 0) {
-      state.box = parts;
+    const problem = boxProblem(text);
+    if (!problem) {
+      state.box = boxFields(text).map(Number);
       say("error", "");
       drawImage();
     } else {
       state.box = null;
-      if (!typing) say("error", "The lesion box must be four whole numbers x,y,w,h (width and height above 0).");
+      if (!typing) say("error", problem);
     }
+    showBoxProblem(problem);
     updatePredict();
     inputsEdited();
+  }
+
+  // Why a typed box is not one, in the words of the service's refusal (alnus.data.roi.parse_box, and the box lying
+  // inside the image); "" when it is one.
+  function boxProblem(text) {
+    const fields = boxFields(text);
+    if (fields.length !== 4) {
+      return "The box '" + text + "' has " + fields.length + " number(s); expected 4: x,y,w,h in pixels of the image.";
+    }
+    const names = ["x", "y", "w", "h"];
+    for (let i = 0; i < 4; i++) {
+      if (!NUMBER.test(fields[i]) || !Number.isInteger(Number(fields[i]))) {
+        return "In the box '" + text + "', " + names[i] + "='" + fields[i] + "' is not a whole number of pixels.";
+      }
+    }
+    const [x, y, w, h] = fields.map(Number);
+    if (w <= 0 || h <= 0) return "The box's width and height must be above 0 (got w=" + w + ", h=" + h + ").";
+    const image = state.image;
+    if (image && (x < 0 || y < 0 || x + w > image.width || y + h > image.height)) {
+      return (
+        "The box " + [x, y, w, h].join(",") + " extends outside the " + image.width + " × " + image.height +
+        " image; keep it inside, in pixels of the image."
+      );
+    }
+    return "";
+  }
+
+  // The box's fields as typed: x,y,w,h, also in brackets ([x, y, w, h] or (x, y, w, h)) as the service reads them.
+  function boxFields(text) {
+    const inner = /^[[(].*[\])]$/.test(text) ? text.slice(1, -1) : text;
+    return inner.split(",").map((field) => field.trim());
+  }
+
+  // The hint under the image: what is wrong with the typed box, or (none) what the model needs.
+  function showBoxProblem(problem) {
+    say("roi-hint", problem || state.roiHint);
+    $("roi-hint").classList.toggle("problem", Boolean(problem));
   }
 
   // What a prediction is made of: the image, the lesion box and the BI-RADS reading.
