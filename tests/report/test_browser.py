@@ -144,3 +144,38 @@ def test_on_a_phone_the_page_is_no_wider_than_the_screen(report_run: Path, brows
         page.screenshot(path=str(tmp_path / "report-390.png"), full_page=False)
     finally:
         context.close()
+
+
+# A4 (210 mm) less the margins of the report's `@page` rule (12 mm a side), in CSS pixels (96 per inch): the width
+# a printed page lays the report out in. US Letter is wider, so a report that fits A4 fits it too.
+A4_PRINTED = {"width": round((210 - 2 * 12) / 25.4 * 96), "height": round((297 - 2 * 12) / 25.4 * 96)}
+
+
+@pytest.mark.parametrize("run", ["report_run", "long_values_run"])
+def test_printed_tables_fit_the_page(run: str, request: pytest.FixtureRequest, browser: Any, tmp_path: Path) -> None:
+    """A new user's review: printed at A4, the results tables lost their right-hand columns (specificity, PPV, NPV,
+    threshold) to the screen's scroll box; on paper every table fits the page and nothing is wider than it."""
+    report = RunFolder(request.getfixturevalue(run)).report
+    context, page, _, _ = _open(browser, report, javascript=True, viewport=A4_PRINTED)
+    try:
+        page.emulate_media(media="print")
+        assert page.evaluate("document.documentElement.scrollWidth") <= A4_PRINTED["width"]
+        tables = page.evaluate(
+            "() => Array.from(document.querySelectorAll('table'), t => [t.id, t.getBoundingClientRect().right, "
+            "t.getBoundingClientRect().width, t.parentElement.clientWidth])"
+        )
+        assert len(tables) >= 5
+        too_wide = [t for t in tables if t[1] > A4_PRINTED["width"] + 1 or t[2] > t[3] + 1]
+        assert too_wide == []
+        clipped = page.evaluate(
+            "() => Array.from(document.querySelectorAll('.table-wrap, table'))"
+            ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.id || e.className)"
+        )
+        assert clipped == []  # a scroll box would clip on paper
+        last = page.locator("#table-results-patient thead th").last.bounding_box()
+        assert last["x"] + last["width"] <= A4_PRINTED["width"]
+        page.screenshot(path=str(tmp_path / "printed.png"), full_page=True)
+        pdf = page.pdf(format="A4", print_background=True)
+        assert pdf.startswith(b"%PDF")
+    finally:
+        context.close()
