@@ -471,3 +471,39 @@ def test_a_study_that_keeps_the_last_epoch_says_so_throughout_its_report(tmp_pat
     assert "The epoch with the best validation AUC is kept" not in text and "epoch selection" not in text
     assert "same validation cases also chose the model's threshold, so they flatter" in text
     assert "last epoch 2 (not chosen on validation" in text
+
+
+def test_a_heat_maps_caption_shows_the_probability_its_call_was_made_on(report_run: Path, metrics: dict) -> None:
+    """A new user's review: an FP caption read "P(positive) = 0.371" under a frozen threshold of 0.477, since the call
+    is made on the patient's mean probability; each caption now shows that probability and the threshold."""
+    point = metrics["models"]["tiny_cnn"]["threshold"]
+    assert point["level"] == "patient" and point["aggregate"] == "mean"
+    html = RunFolder(report_run).report.read_text(encoding="utf-8")
+    captions = re.findall(r'<figure id="tiny_cnn-external_test-(TP|FP|TN|FN)-\d+">.*?<figcaption>(.*?)</figcaption>',
+                          html)  # fmt: skip
+    assert {outcome for outcome, _ in captions} >= {"TP", "TN"}
+    said = re.compile(r"P\(positive\) = [0-9.]+ \(this image\); patient mean P\(positive\) = ([0-9.]+) \(\d+ images?\) "
+                      rf"(\u2265|&lt;) threshold {point['value']:.3f}; ")  # fmt: skip
+    for outcome, caption in captions:
+        found = said.match(caption)
+        assert found, caption
+        called = outcome in ("TP", "FP")
+        assert (found[2] == "\u2265") == called
+    text = " ".join(read_page(html).section_text["heatmaps-tiny_cnn-external_test"].split())
+    assert "the call is made on the patient's probability shown after it (call = mean probability" in text
+
+
+def test_the_probability_of_a_call_is_the_units_at_patient_level_and_nothing_at_image_level() -> None:
+    from alnus.report.build import unit_calls
+
+    predictions = pd.DataFrame({"image": ["a1", "a2", "b1"], "patient_id": ["A", "A", "B"], "prob": [0.2, 0.8, 0.4]})
+    point = {"value": 0.477, "rule": "youden", "target": None, "level": "patient", "aggregate": "mean"}
+    assert unit_calls(predictions, point, "malignant") == {
+        "a1": "patient mean P(malignant) = 0.500 (2 images) \u2265 threshold 0.477",
+        "a2": "patient mean P(malignant) = 0.500 (2 images) \u2265 threshold 0.477",
+        "b1": "patient mean P(malignant) = 0.400 (1 image) < threshold 0.477",
+    }
+    assert unit_calls(predictions, {**point, "aggregate": "max"}, "malignant")["a1"].startswith(
+        "patient max P(malignant) = 0.800"
+    )
+    assert unit_calls(predictions, {**point, "level": "image"}, "malignant") == {}

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from alnus._io import atomic_write_text, file_problem
 from alnus._levels import patients_first
 from alnus._text import no_bidi
 from alnus.models.package import is_ensemble, kept_last_epoch
+from alnus.operating_point import apply_operating_point, describe
 from alnus.report import tables
 from alnus.report._inputs import (
     ReportError,
@@ -191,8 +192,16 @@ def padding_maps(index: pd.DataFrame) -> pd.Series:
 
 
 def _tile(
-    row: pd.Series, folder: Path, positive: str, number: int, missing: list[str], empty: bool, padding: bool = False
+    row: pd.Series,
+    folder: Path,
+    positive: str,
+    number: int,
+    missing: list[str],
+    empty: bool,
+    padding: bool = False,
+    call: str | None = None,
 ) -> Image | None:
+    """A heat map with its caption; `call` (`unit_calls`) is what the call was made on when not the image's P."""
     path = folder / str(row["png"])
     # Only files of the heat-map folder itself are embedded, whatever index.csv names.
     inside = path.resolve().parent == folder.resolve()
@@ -202,6 +211,8 @@ def _tile(
         return None
     prob = pd.to_numeric(row["prob"], errors="coerce")
     parts = [f"P({positive}) = {prob:.3f}" if pd.notna(prob) else "P not recorded"]
+    if call is not None:
+        parts = [f"{parts[0]} (this image)", call]
     for column, label in (("label", "label"), ("patient_id", "patient")):
         if str(row.get(column, "")).strip():
             parts.append(f"{label} {row[column]}")
@@ -223,8 +234,49 @@ def _kept_last_epoch(run: RunFolder, model: str) -> bool:
     return isinstance(meta, dict) and kept_last_epoch(meta)
 
 
-def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, positive: str, run: RunFolder) -> Block:
+def unit_calls(predictions: pd.DataFrame, point: Mapping[str, Any], positive: str) -> dict[str, str]:
+    """Per image, the probability its call was made on, in words, where the threshold is not at image level: e.g.
+    `patient mean P(malignant) = 0.512 (3 images) >= threshold 0.477` (`alnus.operating_point`). Empty at image
+    level, where the image's own probability is the one called."""
+    if point["level"] == "image":
+        return {}
+    calls = apply_operating_point(predictions, point)
+    value, unit = float(point["value"]), f"{point['level']} {point['aggregate']}"
+    words = {}
+    for image, u, n, call in zip(predictions["image"], calls["unit_prob"], calls["n_images"], calls["call"],
+                                 strict=True):  # fmt: skip
+        sign = "\u2265" if call else "<"
+        words[str(image)] = (
+            f"{unit} P({positive}) = {u:.3f} ({n} image{'s' if n != 1 else ''}) {sign} threshold {value:.3f}"
+        )
+    return words
+
+
+def _unit_calls(run: RunFolder, model: str, split: str, point: Mapping[str, Any], positive: str) -> dict[str, str]:
+    """`unit_calls` of a model's predictions of a split; empty where they cannot be read (the captions then show the
+    image's probability only)."""
+    from alnus.evaluate import EvaluateError, read_predictions
+
+    if point.get("level", "image") == "image":
+        return {}
+    try:
+        predictions = read_predictions(run.root, model).get(split)
+    except (EvaluateError, OSError, ValueError):
+        return {}
+    return {} if predictions is None else unit_calls(predictions, point, positive)
+
+
+def _gallery_block(
+    model: str,
+    split: str,
+    index: pd.DataFrame,
+    folder: Path,
+    positive: str,
+    run: RunFolder,
+    point: Mapping[str, Any] | None = None,
+) -> Block:
     block = Block(f"heatmaps-{model}-{split}", f"{model}, {split}")
+    calls = _unit_calls(run, model, split, point, positive) if point else {}
     missing: list[str] = []
     index = index.assign(_empty=empty_maps(index), _padding=padding_maps(index))
     absent = []
@@ -237,19 +289,22 @@ def _gallery_block(model: str, split: str, index: pd.DataFrame, folder: Path, po
         # patient's second image after the other patients' first.
         rows["_p"] = pd.to_numeric(rows["prob"], errors="coerce")
         rows = patients_first(rows.sort_values("_p", ascending=outcome in ("TN", "FN"), na_position="last"))
-        tiles = [
-            _tile(row, folder, positive, i, missing, bool(row["_empty"]), bool(row["_padding"]))
-            for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows())
-        ]
+        tiles = []
+        for i, (_, row) in enumerate(rows.head(PER_OUTCOME).iterrows()):
+            flags = bool(row["_empty"]), bool(row["_padding"])
+            tiles.append(_tile(row, folder, positive, i, missing, *flags, call=calls.get(str(row["image"]))))
         shown = [tile for tile in tiles if tile is not None]
         block.groups.append(
             (f"{outcome}: {_OUTCOME_NAMES[outcome]} ({len(shown)} shown of the {len(rows)} explained)", shown)
         )
     methods = ", ".join(m for m in index["method"].unique() if m) if "method" in index.columns else ""
+    called = "the call is made at the frozen threshold's level."
+    if calls:
+        called = f"the call is made on the {point['level']}'s probability shown after it ({describe(point)})."
     block.paragraphs.append(
         f"{len(index)} images explained{' by ' + methods if methods else ''} (a few of each outcome, chosen from the "
         f"split's predictions); up to {PER_OUTCOME} of each outcome shown, the most confident first. P is the image's "
-        "probability; the call is made at the frozen threshold's level."
+        f"probability; {called}"
     )
     if absent:
         block.paragraphs.append(
@@ -323,7 +378,8 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
                 continue
             if "method" in index.columns:
                 methods += [m for m in index["method"].unique() if m and m not in methods]
-            section.blocks.append(_gallery_block(model, split, index, folder, positive, inputs.run))
+            point = inputs.metrics["models"][model].get("threshold")
+            section.blocks.append(_gallery_block(model, split, index, folder, positive, inputs.run, point))
     if section.blocks:
         section.paragraphs.append(
             "Where the network looked: the heat map over the network's input crop, with the lesion outline where "
