@@ -89,6 +89,62 @@ def test_roc_figure_has_the_curve_the_band_the_operating_point_and_labelled_read
     assert png_bytes(fig).startswith(PNG)
 
 
+def _renderer(fig):  # noqa: ANN001, ANN202 - a matplotlib Figure and its renderer
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _label_boxes(fig) -> list[tuple]:  # noqa: ANN001 - a matplotlib Figure
+    """The shown reader cut-off labels of a ROC figure, drawn: (text, box in pixels, the labelled point in pixels)."""
+    renderer = _renderer(fig)
+    ax = fig.axes[0]
+    return [(t.get_text(), t.get_window_extent(renderer), ax.transData.transform(t.xy))
+            for t in by_gid(fig, "reader_cut:") if t.get_visible()]  # fmt: skip
+
+
+def test_cut_offs_that_give_the_same_point_share_one_label() -> None:
+    """A new user's review: a reader's >= 4c and >= 5 at one point were two labels drawn on top of each other, read
+    as ">= 5c"; they are one label, in cut-off order."""
+    y, p = scores(80)
+    readers = [ReaderPoint("r1", ">=3", 0.7, 1.0), ReaderPoint("r1", ">=4a", 0.3, 0.67, study_cut=True),
+               ReaderPoint("r1", ">=4b", 0.1, 0.17), ReaderPoint("r1", ">=4c", 0.0, 0.17),
+               ReaderPoint("r1", ">=5", 0.0, 0.17)]  # fmt: skip
+    fig = roc_figure(y, p, readers=readers, operating_point=0.5, n_boot=20)
+    labels = _label_boxes(fig)
+    assert sorted(text for text, _, _ in labels) == ["\u22653", "\u22654a", "\u22654b", "\u22654c, \u22655"]
+    assert len(by_gid(fig, "reader:r1:")) == 5  # every point is still drawn
+    boxes = [box for _, box, _ in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_labels_of_near_points_do_not_overlap_and_stay_beside_their_points() -> None:
+    """A new user's review: two readers' labels piled up near (0.65, 1.0); each shown label now overlaps no other
+    label and no reader's point, lies inside the plot and near its own point."""
+    y, p = scores(80)
+    readers = [ReaderPoint("r1", ">=3", 0.65, 1.0), ReaderPoint("r1", ">=4a", 0.63, 0.98, study_cut=True),
+               ReaderPoint("r1", ">=4b", 0.62, 0.97), ReaderPoint("r1", ">=5", 0.05, 0.3),
+               ReaderPoint("r2", ">=3", 0.66, 1.0), ReaderPoint("r2", ">=4a", 0.64, 0.99, study_cut=True),
+               ReaderPoint("r2", ">=4b", 0.67, 0.98), ReaderPoint("r2", ">=5", 0.06, 0.31)]  # fmt: skip
+    fig = roc_figure(y, p, readers=readers, operating_point=0.5, n_boot=20)
+    labels = _label_boxes(fig)
+    assert len(labels) >= 6 and [text for text, _, _ in labels].count("\u22655") == 2
+    boxes = [box for _, box, _ in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    ax = fig.axes[0]
+    renderer = _renderer(fig)
+    frame = ax.get_window_extent(renderer)
+    half = renderer.points_to_pixels(3)
+    for x, y_ in ax.transData.transform([(r.fpr, r.tpr) for r in readers]):
+        assert not any(b.x0 < x + half and x - half < b.x1 and b.y0 < y_ + half and y_ - half < b.y1 for b in boxes)
+    reach = renderer.points_to_pixels(40)
+    for _, box, (x, y_) in labels:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert abs((box.x0 + box.x1) / 2 - x) < reach and abs((box.y0 + box.y1) / 2 - y_) < reach
+
+
 def test_roc_band_holds_the_curve_and_narrows_with_more_cases() -> None:
     """issue 8.3: the pointwise bootstrap band contains the empirical sensitivity at every specificity, which is
     the ROC curve's (largest TPR with FPR <= 1 - specificity), and is narrower for a larger sample."""

@@ -59,6 +59,10 @@ _READER_MARKERS = ("o", "s", "^", "v", "P", "X", "D", "h")
 _READER_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 # With more readers than this, only the first reader's cut-offs are labelled (the others follow the same order).
 _LABELLED_READERS = 2
+# Where a cut-off's label may go around its point (offset in points; right-below first), tried in turn until one
+# overlaps no other label and no point and stays inside the plot: near points' labels move apart instead of
+# overprinting (">=5" over ">=4c" read as ">=5c"); a label with no such place is left out.
+_LABEL_PLACES = tuple((dx, dy) for ring in (5, 14, 23) for dx, dy in ((4, -ring), (4, ring), (-4, ring), (-4, -ring)))
 _TEST_SPLITS = ("internal_test", "external_test")
 
 
@@ -190,7 +194,8 @@ def roc_figure(
     seed: int = 0,
 ) -> MplFigure:
     """ROC curve with its pointwise bootstrap CI band (`roc_band`), the model's frozen operating point and the
-    readers' operating points (each reader's BI-RADS cut-offs joined in order, labelled).
+    readers' operating points (each reader's BI-RADS cut-offs joined in order, labelled: cut-offs that give one
+    point share a label, near points' labels are moved apart, or left out where there is no room).
 
     Args:
         y, prob: case labels (0/1) and probabilities.
@@ -217,18 +222,52 @@ def roc_figure(
         point = f"model at frozen threshold {operating_point:.3g} (sens {100 * t:.0f}%, spec {100 * (1 - x):.0f}%)"
         ax.plot(x, t, marker="D", markersize=8, color=PALETTE[1], markeredgecolor="black", linestyle="none",
                 gid="operating_point", label=point)  # fmt: skip
-    _draw_readers(ax, readers)
+    labels = _draw_readers(ax, readers)
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
     ax.set_title(plain(title))
     _square_axes(ax)
     # Below the plot: a legend inside would hide the curve or the readers' points.
     fig.legend(loc="outside lower center", frameon=False)
+    points = [(r.fpr, r.tpr) for r in readers]
+    if operating_point is not None:
+        points.append(_rates(yb, p >= operating_point))
+    _place_labels(fig, ax, labels, points)
     return fig
 
 
-def _draw_readers(ax: Any, readers: Sequence[ReaderPoint]) -> None:
-    """Each reader's points joined in cut-off order; the study's cut filled, the others hollow; cut-offs labelled."""
+def _place_labels(fig: MplFigure, ax: Any, labels: Sequence[Any], points: Sequence[tuple[float, float]]) -> None:
+    """Move each label to the first of `_LABEL_PLACES` around its point where it overlaps no label placed before it
+    and no marker of `points` and lies inside the plot; hide it where there is no such place."""
+    if not labels:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    canvas = FigureCanvasAgg(fig)
+    fig.draw_without_rendering()  # the constrained layout, so that the plot's box is final (labels are not in it)
+    renderer = canvas.get_renderer()
+    half, gap = renderer.points_to_pixels(3), renderer.points_to_pixels(1.5)  # a marker is 6 points wide
+    taken = [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in ax.transData.transform(points)]
+    frame = ax.get_window_extent(renderer)
+    for label in labels:
+        for dx, dy in _LABEL_PLACES:
+            label.xyann = (dx, dy)
+            label.set_horizontalalignment("left" if dx > 0 else "right")
+            label.set_verticalalignment("top" if dy < 0 else "bottom")
+            box = label.get_window_extent(renderer).padded(gap)  # apart enough to be read as two
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                break
+        else:
+            label.set_visible(False)
+
+
+def _draw_readers(ax: Any, readers: Sequence[ReaderPoint]) -> list[Any]:
+    """Each reader's points joined in cut-off order; the study's cut filled, the others hollow; cut-offs labelled,
+    one label for the cut-offs of a reader that give the same point (">=4c, >=5"). Returns the labels."""
+    labels = []
     names = list(dict.fromkeys(r.reader for r in readers))
     for i, name in enumerate(names):
         mine = [r for r in readers if r.reader == name]
@@ -241,13 +280,18 @@ def _draw_readers(ax: Any, readers: Sequence[ReaderPoint]) -> None:
             ax.plot(point.fpr, point.tpr, marker=marker, markersize=6, linestyle="none", color=colour,
                     markerfacecolor=colour if point.study_cut else "white", markeredgecolor=colour,
                     gid=f"reader:{name}:{point.cut}")  # fmt: skip
-            if labelled:
-                ax.annotate(_cut_text(point.cut), (point.fpr, point.tpr), xytext=(4, -9), textcoords="offset points",
-                            fontsize=7, color=colour, gid=f"reader_cut:{name}:{point.cut}")  # fmt: skip
+        same: dict[tuple[float, float], list[str]] = {}
+        for point in mine if labelled else ():
+            same.setdefault((point.fpr, point.tpr), []).append(point.cut)
+        for (fpr, tpr), cuts in same.items():
+            labels.append(ax.annotate(", ".join(map(_cut_text, cuts)), (fpr, tpr), xytext=_LABEL_PLACES[0],
+                                      textcoords="offset points", fontsize=7, color=colour, in_layout=False,
+                                      gid=f"reader_cut:{name}:{','.join(cuts)}"))  # fmt: skip
         study = next((r for r in mine if r.study_cut), mine[0])
         ax.plot([], [], marker=marker, color=colour, linestyle="--" if len(mine) > 1 else "none",
                 label=f"reader {plain(name, 20)} ({_cut_text(study.cut)}: sens {100 * study.tpr:.0f}%, "
                 f"spec {100 * (1 - study.fpr):.0f}%)")  # fmt: skip
+    return labels
 
 
 def _cut_text(cut: str) -> str:
