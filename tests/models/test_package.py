@@ -298,6 +298,20 @@ def test_an_unknown_input_channel_mode_is_named(trained):
         load_package(folder)
 
 
+def test_an_input_size_edited_away_from_the_packaged_one_is_refused(trained):
+    """An attack review: the shipped package's training record says `size: null` (native), so an edited
+    preprocess.size (1024) was accepted and turned a malignant call benign; input_size, written from the same spec,
+    says what the network was packaged with."""
+    _, folder, _ = trained
+    path = folder / "metadata.json"
+    meta = json.loads(path.read_text())
+    assert meta["preprocess"]["size"] == meta["input_size"] == 32
+    read_metadata(folder)
+    path.write_text(json.dumps({**meta, "preprocess": {**meta["preprocess"], "size": 64}}))
+    with pytest.raises(PackageError, match=r"preprocess.size 64 differs from input_size 32, the size the network"):
+        read_metadata(folder)
+
+
 def test_labels_edited_away_from_the_training_record_are_refused(trained):
     """Attack review: `"positive_label": "benign"` (or the same key appended a second time, which JSON lets win)
     turned every call round while the card still spoke of malignancy."""

@@ -471,10 +471,19 @@ def _check_against_training(meta: Mapping[str, Any], path: Path) -> None:
                 f"{path}: label_names {list(meta['label_names'])} differ from the training record's labels "
                 f"{trained_labels}; restore metadata.json from the run folder's package, or train again"
             )
+    pre = meta["preprocess"]
+    written = meta.get("input_size")
+    if written is not None and pre.get("size") != written:
+        # `save_package` writes both from one spec: an edited size (a training record's `size: null`, "native", gives
+        # nothing to compare it with there) would feed the network inputs of another scale.
+        raise PackageError(
+            f"{path}: preprocess.size {pre.get('size')!r} differs from input_size {written!r}, the size the network "
+            "was packaged with: it would see inputs of another scale; restore metadata.json from the run folder's "
+            "package, or train again"
+        )
     trained = training.get("preprocess") if isinstance(training, Mapping) else None
     if not isinstance(trained, Mapping):
         return
-    pre = meta["preprocess"]
     pairs = {
         "grey": (pre.get("grey", "none"), trained.get("grey", "none")),
         "max_crop": (pre.get("max_crop"), trained.get("max_crop")),
