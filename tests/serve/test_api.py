@@ -367,6 +367,44 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(package: Path, tmp_pa
     _assert_still_serving(client)
 
 
+def test_a_client_that_leaves_while_sending_is_logged_in_one_line(
+    package: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An attack review: an upload cut off by its client logged `ERROR ... a request failed: ClientDisconnect` and a
+    stack of about 50 lines, so any client could flood the log."""
+    client = client_for(predictor_of(package), tmp_path)
+    content = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))
+    app, boundary = client.app, "alnusboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    pieces = [head, content[: len(content) // 2]]  # then the client is gone
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": True}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    headers = [(b"authorization", AUTH["Authorization"].encode()), (b"host", b"testserver"),
+               (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="alnus.serve"):
+        asyncio.run(app(scope, receive, send))
+    assert statuses == [499]
+    said = [r for r in caplog.records if r.name == "alnus.serve"]
+    assert {r.levelno for r in said} == {logging.INFO}, [r.getMessage() for r in said]  # the line and the access log
+    assert "closed the connection while sending /v1/predict" in said[0].getMessage()
+    assert "Traceback" not in caplog.text and "ClientDisconnect" not in caplog.text
+    _assert_still_serving(client)
+    assert_no_uploads_left(tmp_path / "uploads")
+
+
 def test_requests_that_are_not_multipart_or_send_no_file_are_refused(package: Path, tmp_path: Path) -> None:
     client = client_for(predictor_of(package), tmp_path)
     raw = client.post("/v1/predict", content=png_bytes(grey_image()), headers={**AUTH, "Content-Type": "image/png"})

@@ -39,6 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from alnus import __version__
 from alnus.data.images import parse_frame
@@ -352,6 +353,13 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # A client that leaves while sending is no failure of the service: one line, not a stack in the log (an
+        # attack review: half-sent uploads filled the log with ERROR traces).
+        logger.info("a client closed the connection while sending %s; nothing was answered", request.url.path)
+        return JSONResponse({"detail": "the client closed the connection before its request arrived."}, 499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
