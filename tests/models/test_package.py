@@ -333,3 +333,16 @@ def test_labels_edited_away_from_the_training_record_are_refused(trained):
     path.write_text(original.rstrip().removesuffix("}") + ', "positive_label": "negative"}')
     with pytest.raises(PackageError, match=r"not valid JSON \(the key 'positive_label' is given twice\)"):
         read_metadata(folder)
+
+
+@pytest.mark.parametrize("name", ["metadata.json", "weights.safetensors"])
+def test_a_package_file_that_is_a_symbolic_link_is_refused(trained, tmp_path, name):
+    """An attack review: a plain package read its metadata and weights through links (one leading outside it), which
+    an ensemble's members and the service's model card refuse."""
+    _, folder, _ = trained
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (folder / name).rename(outside / name)
+    (folder / name).symlink_to(outside / name)
+    with pytest.raises(PackageError, match=rf"{name} is a symbolic link; a model package's files are plain files"):
+        load_package(folder)

@@ -174,6 +174,7 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{folder} is a run folder, not a model package; pass one of: {', '.join(map(str, found))}"
             )
         raise PackageError(f"model package {folder} has no {METADATA_FILE}; it is incomplete: train again")
+    _refuse_file_link(path)
     if path.stat().st_size > MAX_METADATA_BYTES:
         raise PackageError(
             f"{path} is {path.stat().st_size:,} bytes, far more than a package's metadata; it is damaged or not ours"
@@ -437,6 +438,16 @@ def _check_model_keys(meta: dict[str, Any], path: Path) -> None:
         raise PackageError(
             f"{path}: positive_label = {meta['positive_label']!r} is not one of label_names {names}; "
             "the package is damaged"
+        )
+
+
+def _refuse_file_link(path: Path) -> None:
+    """A package's metadata and weights are plain files inside its folder, as an ensemble's members are: a symbolic
+    link could lead anywhere (an attack review: a plain package took links that ensembles and the service refuse)."""
+    if path.is_symlink():
+        raise PackageError(
+            f"{path} is a symbolic link; a model package's files are plain files inside its folder (nothing is read "
+            f"from elsewhere): copy the package without links (cp -rL {path.parent} NEW_FOLDER)"
         )
 
 
@@ -796,6 +807,7 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise PackageError(f"model package {folder} has no {WEIGHTS_FILE}; it is incomplete: train again")
+    _refuse_file_link(weights)
     if file_sha256(weights) != meta["weights_sha256"]:
         raise PackageError(
             f"{weights} does not match {folder / METADATA_FILE} (SHA-256 differs): the files come from "
