@@ -839,3 +839,26 @@ def test_a_manifests_images_are_named_from_where_the_predictions_are_read(
     assert _csv(stdout)["image"].tolist() == ["site/images/a.png"]
     code, _, _ = _predict(str(data / "model"), "site/images/a.png", "--out", "results/one.csv")
     assert pd.read_csv(tmp_path / "results" / "one.csv")["image"].tolist() == ["../site/images/a.png"]
+
+
+def test_a_package_that_does_not_list_its_development_images_says_it_cannot_warn(data: Path, tmp_path: Path) -> None:
+    """An attack review: a package without development_images.json predicted its own training images without a word,
+    where one with the file warns; the user is told the check is off."""
+    from alnus.data.seen import development_record, write_development_images
+
+    image = str(data / "export" / "a.png")
+    listing = shutil.copytree(data / "model", tmp_path / "listing")
+    meta = json.loads((listing / "metadata.json").read_text())
+    meta["training_data_hash"] = "ab" * 32
+    (listing / "metadata.json").write_text(json.dumps(meta))
+    rows = [{"image": str(data / "export" / "sub" / "c.png"), "split": "train"}]
+    write_development_images(listing, development_record(rows, meta["training_data_hash"], None))
+    code, _, stderr = _predict(str(listing), image, "--format", "csv")
+    assert code == 0 and "does not list the images it was trained" not in " ".join(stderr.split()), stderr
+    older = data / "model"  # saved without the file, as a package written before alnus recorded them
+    assert not (older / "development_images.json").exists()
+    code, _, stderr = _predict(str(older), image, "--format", "csv")
+    said = " ".join(stderr.split())
+    assert code == 0 and "this package does not list the images it was trained and selected on" in said
+    code, _, stderr = _predict(str(older), image, "--format", "csv", "-q")
+    assert "does not list the images" not in stderr

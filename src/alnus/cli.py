@@ -1305,6 +1305,12 @@ def predict(
         )
     for line in [] if quiet else package_notes(package, predictor.metadata):
         err_console.print(escape(line), highlight=False, soft_wrap=True)
+    if predictor.seen is None and not quiet:
+        _note(
+            "this package does not list the images it was trained and selected on (it has no "
+            "development_images.json: it was written before alnus recorded them), so it cannot warn when an image is "
+            "one of them: make sure the images are new to it."
+        )
     for note in table.attrs.get("notes", []):
         _note(note)
     with _progress_bar(len(table)) as progress:
