@@ -862,3 +862,25 @@ def test_a_package_that_does_not_list_its_development_images_says_it_cannot_warn
     assert code == 0 and "this package does not list the images it was trained and selected on" in said
     code, _, stderr = _predict(str(older), image, "--format", "csv", "-q")
     assert "does not list the images" not in stderr
+
+
+def test_the_frame_read_from_a_cine_loop_is_in_the_output(data: Path, tmp_path: Path) -> None:
+    """A new user's review: a 3-frame DICOM was predicted on its middle frame without a word, and a manifest listing
+    it at frames 0 and 2 gave two rows that differ only in `prob`. The frame read and the file's count are columns."""
+    from tests.serve.conftest import dicom_bytes
+
+    rng = np.random.default_rng(1)
+    loop = tmp_path / "loop.dcm"
+    loop.write_bytes(dicom_bytes(rng.integers(0, 255, (3, 48, 64), dtype=np.uint8)))
+    single = str(data / "export" / "a.png")
+    code, stdout, stderr = _predict(str(data / "model"), str(loop), single, "--format", "csv")
+    assert code == 0, stderr
+    out = _csv(stdout)
+    assert out["frame"].tolist() == ["1", ""] and out["n_frames"].tolist() == ["3", ""]
+    (tmp_path / "m.csv").write_text("image,frame\nloop.dcm,0\nloop.dcm,2\n")
+    code, stdout, _ = _predict(str(data / "model"), "--manifest", str(tmp_path / "m.csv"), "--format", "csv")
+    out = _csv(stdout)
+    assert code == 0 and out["frame"].tolist() == [0, 2] and out["n_frames"].tolist() == [3, 3]
+    # A file of one frame adds no such columns.
+    code, stdout, _ = _predict(str(data / "model"), single, "--format", "csv")
+    assert "frame" not in _csv(stdout).columns

@@ -42,7 +42,7 @@ from alnus._hardware import Precision, autocast, choose_precision
 from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
-from alnus.data.images import load_image, parse_frame
+from alnus.data.images import frame_choice, is_dicom, load_image, parse_frame
 from alnus.data.inputs import KEPT_PREFIX
 from alnus.data.roi import (
     Box,
@@ -74,9 +74,9 @@ MAX_CARD_BYTES = 1024 * 1024
 # Every column `Predictor.predict_inputs` (and `alnus predict --heatmaps`) may write: a manifest column kept with
 # `--keep` must not take one of these names.
 NEW_DATA_COLUMNS = frozenset({
-    "image", "patient_id", "study_id", "site", "roi", "mask", "prob", "patient_prob", "study_prob", "n_images", "call",
-    "call_level", "prediction", "threshold", "birads", "reader_call", "with_ai_call", "ruled_out", "with_ai", "engine",
-    "error", "warning", "heatmap",
+    "image", "patient_id", "study_id", "site", "roi", "mask", "frame", "n_frames", "prob", "patient_prob", "study_prob",
+    "n_images", "call", "call_level", "prediction", "threshold", "birads", "reader_call", "with_ai_call", "ruled_out",
+    "with_ai", "engine", "error", "warning", "heatmap",
 })  # fmt: skip
 
 
@@ -554,6 +554,7 @@ class Predictor:
             raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
         errors = [r.get("error", "") for r in records]
         warned, seen = [""] * len(records), [""] * len(records)
+        frames: list[tuple[int, int] | None] = [None] * len(records)
         probs = np.full(len(records), np.nan)
         pending: list[tuple[int, list[torch.Tensor]]] = []
 
@@ -567,6 +568,7 @@ class Predictor:
             if not errors[i]:
                 try:
                     inputs, warned[i], seen[i] = self._image_inputs(row)
+                    frames[i] = self._frame_of(row)
                     pending.append((i, inputs))
                 except (AlnusError, ValueError, OSError) as exc:
                     named = row.get("image") or row["path"]
@@ -578,7 +580,15 @@ class Predictor:
             if progress is not None:
                 progress(i + 1, len(records))
         flush()
-        return self._new_data_table(records, probs, errors, warned, seen)
+        return self._new_data_table(records, probs, errors, warned, seen, frames)
+
+    def _frame_of(self, row: Mapping[str, str]) -> tuple[int, int] | None:
+        """(the frame predicted, the file's number of frames) of a DICOM, or of a file a frame was asked of; None for
+        other files (counting a TIFF's pages reads every page's header)."""
+        frame = parse_frame(row.get("frame", ""))
+        if frame is None and not is_dicom(row["path"]):
+            return None
+        return frame_choice(row["path"], frame, max_pixels=self.max_pixels)
 
     def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
         """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
@@ -606,10 +616,17 @@ class Predictor:
         return "" if self.seen is None else self.seen.warning(image)
 
     def _new_data_table(
-        self, records: list[dict[str, str]], probs: np.ndarray, errors: list[str], warned: list[str], seen: list[str]
+        self,
+        records: list[dict[str, str]],
+        probs: np.ndarray,
+        errors: list[str],
+        warned: list[str],
+        seen: list[str],
+        frames: Sequence[tuple[int, int] | None] = (),
     ) -> pd.DataFrame:
         """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors,
-        warnings (`warned`: the lesion boxes'; `seen`: an image the model learned from)."""
+        warnings (`warned`: the lesion boxes'; `seen`: an image the model learned from); `frame` and `n_frames` (the
+        frame predicted, 0-based, of how many) when any image has several frames (`frames`)."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
         # The lesion's box (or mask) says which lesion a row is when one image is listed with two of them.
@@ -619,6 +636,10 @@ class Predictor:
             values = [r.get(named) or r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
+        if any(f is not None and f[1] > 1 for f in frames):
+            # Which frame of a cine loop was read (a DICOM's middle one unless the row asked for another).
+            out["frame"] = ["" if f is None else str(f[0]) for f in frames]
+            out["n_frames"] = ["" if f is None else str(f[1]) for f in frames]
         for key in [k for k in (records[0] if records else {}) if k.startswith(KEPT_PREFIX)]:
             out[key.removeprefix(KEPT_PREFIX)] = [r.get(key, "") for r in records]  # `--keep`: as the manifest has it
         out["prob"] = probs
