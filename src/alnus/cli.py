@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="alnus",
-    help="Predict axillary lymph node metastasis from breast ultrasound, and run the validation study around it.",
+    help="Predict axillary lymph node metastasis (or another label a study trains on) from breast ultrasound, and run "
+    "the validation study around it. The shipped model (models/breast-us-malignancy) predicts malignancy, not lymph "
+    "node status: no public data set has those labels.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
