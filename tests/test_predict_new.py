@@ -230,7 +230,14 @@ def test_heat_maps_are_written_for_the_predicted_images(data: Path, tmp_path: Pa
     assert table["heatmap"].tolist() == [str(folder / "0001_a.png"), "", str(folder / "0003_IM0001.png")]
     assert sorted(p.name for p in folder.iterdir()) == ["0001_a.png", "0003_IM0001.png"]
     with Image.open(folder / "0001_a.png") as overlay:
-        assert overlay.mode == "RGB" and overlay.size == (64, 48)  # on the original image
+        # On the original image (64 x 48), above a strip that names the colours and the probability (a new user's
+        # review: a PNG read on its own said none of it).
+        assert overlay.mode == "RGB" and overlay.size[0] == 64 and overlay.size[1] > 48
+        strip = np.asarray(overlay)[48:]
+    from alnus.explain import _LESION_COLOUR
+
+    assert (strip == np.asarray(_LESION_COLOUR, dtype=np.uint8)).all(axis=2).any()  # the lesion's swatch
+    assert (strip > 200).all(axis=2).sum() > 20  # the white caption's text
 
 
 def test_the_notes_come_from_the_model_card(data: Path, tmp_path: Path) -> None:

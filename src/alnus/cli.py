@@ -1129,7 +1129,12 @@ def _write_heatmaps(predictor, table, result, folder: Path) -> list[str]:  # noq
             continue
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(row["image"]).stem)[:80] or "image"
         path = folder / f"{i + 1:04d}_{stem}.png"
-        atomic_write_bytes(path, explanation.overlay_png(width=OVERLAY_WIDTH))
+        got = result.iloc[i]
+        caption = f"P({predictor.positive_label}) = {got['prob']:.3f}"
+        if got.get("prediction"):
+            whose = "image" if got.get("call_level") in ("image", "", None) else str(got["call_level"])
+            caption += f"; the {whose}'s call: {got['prediction']}"
+        atomic_write_bytes(path, explanation.overlay_png(width=OVERLAY_WIDTH, caption=caption))
         written[i] = str(path)
     return written
 

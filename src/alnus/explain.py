@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from torch import nn
 
@@ -301,11 +301,56 @@ class Explanation:
             draw.rectangle(corners, outline=outline, width=_line_width(image))
         return picture
 
-    def overlay_png(self, *, width: int | None = None) -> bytes:
-        """The overlay as PNG bytes (scaled down to `width` pixels when wider)."""
+    def overlay_png(self, *, width: int | None = None, caption: str = "") -> bytes:
+        """The overlay as PNG bytes (scaled down to `width` pixels when wider); with `caption`, a strip below it says
+        what its colours are, then the caption (a file read on its own, away from the page or report that explains
+        them)."""
+        picture = self.overlay(width=width)
+        if caption:
+            whole = self.crop_box == (0, 0, self.image.shape[1], self.image.shape[0])
+            outline = "lesion outline" if self.lesion_mask is not None else "lesion box"
+            crop = [] if whole else [("what the network saw", _CROP_COLOUR, True)]
+            parts = [(outline, _LESION_COLOUR, True), *crop,
+                     ("heat map: blue (little weight, see-through) to red (most)", (230, 230, 230), False),
+                     (caption, (255, 255, 255), False)]  # fmt: skip
+            picture = _with_legend(picture, parts)
         buffer = io.BytesIO()
-        self.overlay(width=width).save(buffer, format="PNG", optimize=True)
+        picture.save(buffer, format="PNG", optimize=True)
         return buffer.getvalue()
+
+
+def _with_legend(picture: Image.Image, parts: list[tuple[str, tuple[int, int, int], bool]]) -> Image.Image:
+    """`picture` above a dark strip holding `parts` (text, colour, whether a square of the colour goes first), each
+    kept whole, folded onto as many lines as the picture's width needs."""
+    font = ImageFont.load_default(size=max(11, min(18, picture.width // 40)))
+    gap, pad = font.size, font.size // 2
+    measure = ImageDraw.Draw(picture)
+    lines: list[list[tuple[str, tuple[int, int, int], bool]]] = [[]]
+    used = pad
+    for text, colour, swatch in parts:
+        length = measure.textlength(text, font=font) + (font.size if swatch else 0)
+        if lines[-1] and used + length > picture.width - pad:
+            lines.append([])
+            used = pad
+        lines[-1].append((text, colour, swatch))
+        used += length + gap
+    height = pad * 2 + len(lines) * (font.size + pad)
+    framed = Image.new("RGB", (picture.width, picture.height + height), (24, 24, 24))
+    framed.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(framed)
+    y = picture.height + pad
+    for line in lines:
+        x = pad
+        for text, colour, swatch in line:
+            if swatch:
+                side = font.size * 2 // 3
+                top = y + (font.size - side) // 2 + 1
+                draw.rectangle((x, top, x + side, top + side), outline=colour, width=2)
+                x += font.size
+            draw.text((x, y), text, fill=colour, font=font)
+            x += draw.textlength(text, font=font) + gap
+        y += font.size + pad
+    return framed
 
 
 def _line_width(image: np.ndarray) -> int:
