@@ -536,6 +536,20 @@ def test_warnings_for_a_non_us_dicom_and_an_image_too_small_for_a_lesion(study: 
     assert report["image"].tolist() == ["img/mammo.dcm", "img/none.dcm", "img/thumb.png"]
 
 
+def test_patient_ids_that_differ_only_in_leading_zeros_are_warned_about(tmp_path: Path) -> None:
+    """An attack review: "001", "01" and "1" were counted as three patients without a word; a spreadsheet that read
+    the IDs as numbers writes "1" for "001", and one patient in two splits would leak."""
+    ids = ["001", "1", "01", "002", "P1", "10"]
+    rows = [{"image": f"{i}.png", "patient_id": pid, "label": "benign" if i % 2 else "malignant"}
+            for i, pid in enumerate(ids)]  # fmt: skip
+    manifest = write_csv_rows(tmp_path / "manifest.csv", rows)
+    result = validate_manifest(read_manifest(manifest), tmp_path, labels=LABELS, check_images=False)
+    warned = [w for w in result.warnings if w.column == "patient_id"]
+    assert [w.row for w in warned] == [2, 3, 4]  # 002, P1 and 10 have no other spelling
+    assert "patient IDs '001' (rows 2); '1' (rows 3); '01' (rows 4) differ only in leading zeros" in warned[0].reason
+    assert result.ok and len(result.valid) == len(ids)  # warned, not excluded
+
+
 def test_report_lists_problems_then_warnings(study: Study, tmp_path: Path) -> None:
     """issue 7.15: one table for the run folder, problems (severity error) and warnings together."""
     result, _ = check(study(with_row({"label": ""})))

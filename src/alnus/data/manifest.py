@@ -344,6 +344,7 @@ def validate_manifest(
     shapes = _check_rows(table, root, labels, check_images, max_pixels, add, warn)
     _check_duplicates(table, root, numbers, check_images, shapes, add)
     _check_patients(table, numbers, add)
+    _check_zero_padded_ids(table, numbers, warn)
 
     found.sort(key=lambda item: item[0])
     warned.sort(key=lambda item: item[0])
@@ -775,6 +776,27 @@ def _check_patients(table: pd.DataFrame, numbers: list[int], add: _Add) -> None:
                 reason = f"patient {patient!r} {what} ({', '.join(values)}; rows {rows}); {why}"
                 for position in positions:
                     add(position, column, reason)
+
+
+def _check_zero_padded_ids(table: pd.DataFrame, numbers: list[int], warn: _Add) -> None:
+    """Warn where patient IDs differ only in leading zeros ("001", "01", "1"): a spreadsheet that read the IDs as
+    numbers drops them, so such IDs are often one patient written two ways, and alnus counts them as different
+    patients (which could put one patient in two splits). An attack review: 20 rows with "001" and "1" were counted
+    as 19 patients without a word."""
+    by_number: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for position, patient in enumerate(table["patient_id"]):
+        if patient.isascii() and patient.isdigit():
+            by_number[int(patient)][patient].append(position)
+    for spellings in by_number.values():
+        if len(spellings) < 2:
+            continue
+        rows = {name: ", ".join(str(numbers[p]) for p in positions[:5]) for name, positions in spellings.items()}
+        written = "; ".join(f"{name!r} (rows {where})" for name, where in rows.items())
+        reason = (f"patient IDs {written} differ only in leading zeros: alnus counts them as different patients; if "
+                  "they are one (a spreadsheet drops leading zeros), write the ID one way")  # fmt: skip
+        for positions in spellings.values():
+            for position in positions:
+                warn(position, "patient_id", reason)
 
 
 def _unique(values: Iterable[str]) -> list[str]:
