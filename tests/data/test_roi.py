@@ -60,6 +60,9 @@ def test_parse_box_formats(text: str, box: tuple[int, int, int, int]) -> None:
         ("\uff11,2,3,4", "x='\uff11' is not a number"),  # a full-width 1
         ("1,2,inf,4", "w='inf' is not a number"),
         ("1,2,0,4", "width and height must be positive (got w=0, h=4)"),
+        # An attack review: 1e308 was taken as a pixel and quoted with its 309 digits in a later message.
+        ("1e308,1,1,1", "x='1e308' is beyond any image (1,000,000,000 pixels at most)"),
+        ("1," + "9" * 400 + ",1,1", "y='" + "9" * 77 + "...' is beyond any image"),
         ("1,2,3,-4", "width and height must be positive"),
         (
             "10;20;30;40",

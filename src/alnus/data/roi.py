@@ -3,7 +3,6 @@ boxes unlike a drawn lesion box."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -84,6 +83,11 @@ class RoiPolicy:
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
+# The largest coordinate or side a box may have: beyond the pixels any decodable image has on a side.
+MAX_COORDINATE = 10**9
+_QUOTED = 80
+
+
 def parse_box(text: str) -> Box:
     """Parse an `x,y,w,h` box (also `[x, y, w, h]` or `(x, y, w, h)`) in pixels.
 
@@ -93,6 +97,8 @@ def parse_box(text: str) -> Box:
     """
     raw = str(text).strip()
     inner = raw
+    # What a message quotes: a crafted cell of thousands of digits would otherwise fill the terminal and the tables.
+    raw = raw if len(raw) <= _QUOTED else raw[: _QUOTED - 3] + "..."
     if inner[:1] in "[(" and inner[-1:] in "])":
         inner = inner[1:-1]
     fields = [f.strip() for f in inner.split(",")]
@@ -113,9 +119,12 @@ def parse_box(text: str) -> Box:
         # Plain ASCII numbers only: float() also reads '1_0' as 10 and full-width or other scripts' digits.
         if not _NUMBER.fullmatch(field):
             raise RoiError(f"roi {raw!r}: {name}={field!r} is not a number; expected x,y,w,h in pixels.")
+        shown = field if len(field) <= _QUOTED else field[: _QUOTED - 3] + "..."
         number = float(field)
-        if not math.isfinite(number) or not number.is_integer():
-            raise RoiError(f"roi {raw!r}: {name}={field!r} is not a whole number of pixels.")
+        if abs(number) > MAX_COORDINATE:  # infinity too: the pattern admits no NaN
+            raise RoiError(f"roi {raw!r}: {name}={shown!r} is beyond any image ({MAX_COORDINATE:,} pixels at most).")
+        if not number.is_integer():
+            raise RoiError(f"roi {raw!r}: {name}={shown!r} is not a whole number of pixels.")
         values.append(int(number))
     x, y, w, h = values
     if w <= 0 or h <= 0:
