@@ -459,6 +459,9 @@ def test_the_terminal_reader_panel_names_a_shared_test_once_and_fits_a_100_colum
     cli._print_frame(shown, title)
     printed = capsys.readouterr().out
     assert "…" not in printed and len([line for line in printed.splitlines() if "0.711" in line]) == 2
+    # The title's two parts are two lines: no line of it ends on a dangling "; " (a new user's review).
+    assert title.splitlines()[1].startswith("test: Obuchowski-Rockette")
+    assert not any(line.rstrip().endswith(";") for line in printed.splitlines())
     # One reader: the rows are different tests (DeLong, McNemar), so the column stays.
     one = {**compared, "n_readers": 1, "panel": [{**rows[0], "method": "DeLong"}, {**rows[1], "method": "McNemar"}]}
     shown, title = cli._readers_panel("tiny_cnn", "external_test", one)

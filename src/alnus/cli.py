@@ -2206,11 +2206,12 @@ def _readers_panel(name: str, split: str, compared: dict) -> tuple:
         shown = shown.drop(columns="test")
     if not panel["note"].fillna("").astype(str).str.strip().any():
         shown = shown.drop(columns="note")
+    # Two lines, what is compared and how, rather than one that wraps at any "; " (a new user's review).
     title = escape(
         f"{name} vs {compared['n_readers']} reader(s), {split}, per {compared['level']}; "
-        f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}"
-        + (f"; test: {tests[0]}" if one_test else "")
-        + "; all rows in tables/readers_*"
+        f"reader calls {compared.get('reader_calls', 'BI-RADS >= 4a')}\n"
+        + (f"test: {tests[0]}; " if one_test else "")
+        + "all rows in tables/readers_*"
     )
     return shown, title
 
