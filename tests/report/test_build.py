@@ -507,3 +507,12 @@ def test_the_probability_of_a_call_is_the_units_at_patient_level_and_nothing_at_
         "patient max P(malignant) = 0.800"
     )
     assert unit_calls(predictions, {**point, "level": "image"}, "malignant") == {}
+
+
+def test_a_clinical_columns_median_and_quartiles_share_their_decimal_places() -> None:
+    """A new user's review: the case characteristics read "0.13 (0.0565 to 0.196)", three significant digits each."""
+    from alnus.report.tables import _clinical_cell
+
+    assert _clinical_cell(pd.Series(["0.0565", "0.13", "0.196", "0.05", "0.2"])) == "0.130 (0.057 to 0.196); 5/5"
+    assert _clinical_cell(pd.Series(["57", "49", "65", "", "71", "60"])) == "60 (57 to 65); 5/6"  # ages: whole years
+    assert _clinical_cell(pd.Series(["14.2", "9.5", "22.1"])) == "14.2 (11.8 to 18.1); 3/3"

@@ -173,6 +173,15 @@ def clinical_columns(splits: pd.DataFrame) -> list[str]:
     return [c for c in splits.columns if c not in _NOT_CLINICAL and c not in paths and not c.startswith("reader_")]
 
 
+def _places(numbers: pd.Series, shown: tuple[float, ...]) -> int:
+    """Decimal places for a median and its quartiles, the same for the three (a new user's review: "0.13 (0.0565 to
+    0.196)" mixed them): none for whole numbers (ages), else enough for three significant digits of the largest."""
+    if (numbers == numbers.round()).all() and all(float(v).is_integer() for v in shown):
+        return 0
+    largest = max(abs(float(v)) for v in shown)
+    return int(min(4, max(0, 2 - math.floor(math.log10(largest))))) if largest > 0 else 2
+
+
 def _clinical_cell(values: pd.Series) -> str:
     filled = values[values.str.strip() != ""]
     if filled.empty:
@@ -181,7 +190,8 @@ def _clinical_cell(values: pd.Series) -> str:
     share = f"{len(filled)}/{len(values)}"
     if numbers.notna().all():
         q1, median, q3 = numbers.quantile([0.25, 0.5, 0.75])
-        return f"{median:.3g} ({q1:.3g} to {q3:.3g}); {share}"  # rounded for people: three significant digits
+        places = _places(numbers, (q1, median, q3))
+        return f"{median:.{places}f} ({q1:.{places}f} to {q3:.{places}f}); {share}"
     counts = filled.value_counts()
     top = ", ".join(f"{name} ({n})" for name, n in counts.head(3).items())
     more = f", {len(counts) - 3} more" if len(counts) > 3 else ""
