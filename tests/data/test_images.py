@@ -432,7 +432,7 @@ def test_only_the_formats_alnus_reads_are_decoded_whatever_the_name(
     ran = tmp_path / "ran"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\nexit 0\n")
+    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$*" >> {ran}\nexit 0\n')
     (bin_dir / "gs").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     path = tmp_path / "scan.png"
