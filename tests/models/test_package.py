@@ -94,6 +94,7 @@ def _retyped(folder, change) -> None:
             r"is stored as I32, where the network holds F32",
         ),
         (lambda k, t: t.double() if t.is_floating_point() else t, r"is stored as F64, where the network holds F32"),
+        (lambda k, t: t.bfloat16() if t.is_floating_point() else t, r"is stored as BF16, where the network holds F32"),
         (
             lambda k, t: t.float() if k.endswith("num_batches_tracked") else t,
             r"num_batches_tracked is stored as F32, where the network holds I64",
@@ -111,7 +112,7 @@ def _retyped(folder, change) -> None:
             r"holds NaN or infinite values",
         ),
     ],
-    ids=["int32", "float64", "counter-as-float", "inf-bias", "nan-weight"],
+    ids=["int32", "float64", "bfloat16", "counter-as-float", "inf-bias", "nan-weight"],
 )
 def test_weights_of_another_type_or_not_finite_are_refused(trained, change, message):
     """An attack review: integer weights (every image called 1.0), float64 ones and an infinite bias (every image the
@@ -310,6 +311,11 @@ def test_an_input_size_edited_away_from_the_packaged_one_is_refused(trained):
     path.write_text(json.dumps({**meta, "preprocess": {**meta["preprocess"], "size": 64}}))
     with pytest.raises(PackageError, match=r"preprocess.size 64 differs from input_size 32, the size the network"):
         read_metadata(folder)
+    # A second attack review: deleting input_size (or writing null) took the check away.
+    for edited in ({k: v for k, v in meta.items() if k != "input_size"}, {**meta, "input_size": None}):
+        path.write_text(json.dumps({**edited, "preprocess": {**meta["preprocess"], "size": 64}}))
+        with pytest.raises(PackageError, match=r"input_size = None is not the size the network was packaged with"):
+            read_metadata(folder)
 
 
 def test_labels_edited_away_from_the_training_record_are_refused(trained):
@@ -345,4 +351,7 @@ def test_a_package_file_that_is_a_symbolic_link_is_refused(trained, tmp_path, na
     (folder / name).rename(outside / name)
     (folder / name).symlink_to(outside / name)
     with pytest.raises(PackageError, match=rf"{name} is a symbolic link; a model package's files are plain files"):
+        load_package(folder)
+    (outside / name).unlink()  # a link to nothing: named as a link, not as a missing file
+    with pytest.raises(PackageError, match=rf"{name} is a symbolic link"):
         load_package(folder)

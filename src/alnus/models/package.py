@@ -164,6 +164,7 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
             raise PackageError(f"{folder} is a symbolic link that leads to no folder (its target is missing, or the "
                                "links go round in a loop); pass the package folder itself")  # fmt: skip
         raise PackageError(f"model package {folder} not found; train a model first (alnus train CONFIG)")
+    _refuse_file_link(path)  # first: a link to nothing is named as a link, not as a missing file
     if not path.is_file():
         inner = Path(folder) / "model" / METADATA_FILE
         if inner.is_file():
@@ -174,7 +175,6 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{folder} is a run folder, not a model package; pass one of: {', '.join(map(str, found))}"
             )
         raise PackageError(f"model package {folder} has no {METADATA_FILE}; it is incomplete: train again")
-    _refuse_file_link(path)
     if path.stat().st_size > MAX_METADATA_BYTES:
         raise PackageError(
             f"{path} is {path.stat().st_size:,} bytes, far more than a package's metadata; it is damaged or not ours"
@@ -484,7 +484,13 @@ def _check_against_training(meta: Mapping[str, Any], path: Path) -> None:
             )
     pre = meta["preprocess"]
     written = meta.get("input_size")
-    if written is not None and pre.get("size") != written:
+    if isinstance(written, bool) or not isinstance(written, int) or written < 1:
+        # Written by every `save_package`; without it an edited preprocess.size would have nothing to be held to.
+        raise PackageError(
+            f"{path}: input_size = {written!r} is not the size the network was packaged with (a whole number of "
+            "pixels); restore metadata.json from the run folder's package, or train again"
+        )
+    if pre.get("size") != written:
         # `save_package` writes both from one spec: an edited size (a training record's `size: null`, "native", gives
         # nothing to compare it with there) would feed the network inputs of another scale.
         raise PackageError(
@@ -805,9 +811,9 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
             "alnus.predict.Predictor (or alnus.models.package.load_members)"
         )
     weights = folder / WEIGHTS_FILE
+    _refuse_file_link(weights)  # first: a link to nothing is named as a link, not as a missing file
     if not weights.is_file():
         raise PackageError(f"model package {folder} has no {WEIGHTS_FILE}; it is incomplete: train again")
-    _refuse_file_link(weights)
     if file_sha256(weights) != meta["weights_sha256"]:
         raise PackageError(
             f"{weights} does not match {folder / METADATA_FILE} (SHA-256 differs): the files come from "
@@ -842,7 +848,7 @@ def load_package(folder: str | os.PathLike[str], *, map_location: str = "cpu") -
 
 # The stored types a network's tensor may have: float16 weights (a shipped copy) are widened to the network's float32;
 # any other change of type (integers, float64) would be cast without a word.
-_WIDENED = {"F16": "F32", "BF16": "F32"}
+_WIDENED = {"F16": "F32"}
 
 
 def _check_weight_types(weights: Path, model: torch.nn.Module) -> None:
