@@ -891,3 +891,34 @@ def test_the_frame_read_from_a_cine_loop_is_in_the_output(data: Path, tmp_path: 
     # A file of one frame adds no such columns.
     code, stdout, _ = _predict(str(data / "model"), single, "--format", "csv")
     assert "frame" not in _csv(stdout).columns
+
+
+def test_written_paths_read_back_through_a_linked_folder_with_masks_and_heat_maps(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second attack review of the paths written from where the output is read: an --out folder reached through a
+    link gave paths from its target, a mask named on the command line and the heat-map column stayed relative to the
+    current folder, and a Windows path was made relative."""
+    site = tmp_path / "site"
+    shutil.copytree(data / "export", site)
+    Image.fromarray(np.full((48, 64), 255, dtype=np.uint8)).save(site / "mask.png")
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (site / "m.csv").write_text("image,mask\na.png,mask.png\n")
+    code, _, stderr = _predict(str(data / "model"), "--manifest", "site/m.csv", "--out", "link/p.csv")
+    assert code == 0, stderr
+    code, again, _ = _predict(str(data / "model"), "--manifest", "link/p.csv", "--format", "csv")
+    assert code == 0 and _csv(again)["error"].tolist() == [""]
+    code, _, _ = _predict(str(data / "model"), "site/a.png", "--mask", "site/mask.png", "--heatmaps", "maps",
+                          "--out", "out/q.csv")  # fmt: skip
+    written = pd.read_csv(tmp_path / "out" / "q.csv", dtype=str, keep_default_na=False)
+    assert written[["image", "mask", "heatmap"]].values.tolist() == [
+        ["../site/a.png", "../site/mask.png", "../maps/0001_a.png"]
+    ]
+    code, again, _ = _predict(str(data / "model"), "--manifest", "out/q.csv", "--format", "csv")
+    assert code == 0 and _csv(again)["error"].tolist() == [""]
+    (site / "w.csv").write_text("image\nC:\\data\\x.png\n")
+    code, _, _ = _predict(str(data / "model"), "--manifest", "site/w.csv", "--out", "out/w.csv")
+    assert pd.read_csv(tmp_path / "out" / "w.csv")["image"].tolist() == ["C:\\data\\x.png"]

@@ -1326,7 +1326,7 @@ def predict(
         result.insert(result.columns.get_loc("engine"), "heatmap", _write_heatmaps(predictor, table, result, heatmaps))
         if predictor.heatmap_note:
             _note(f"heat maps: {predictor.heatmap_note}")
-    _paths_from(result, table, Path.cwd() if out is None else out.resolve().parent)
+    _paths_from(result, table, Path.cwd() if out is None else Path(os.path.abspath(out)).parent)
     title = escape(f"P({predictor.positive_label}) from {package}")
     if out is not None:
         from alnus._io import atomic_write_text
@@ -1402,13 +1402,16 @@ def _paths_from(result, table, base: Path) -> None:  # noqa: ANN001 - pandas Dat
     """Show each manifest row's image and mask (written relative to the manifest) as paths from `base`, where the
     output is read (the --out file's folder, else the current one), so that the predictions find their images and
     can be read again as a manifest; a path given absolute, or one that shares no folder with `base`, is absolute.
-    Images named on the command line stay as typed, unless a written file sits elsewhere (a new user's review)."""
+    Images, masks and heat maps named from the current folder stay as typed, unless a written file sits elsewhere (a
+    new user's review). `base` is not resolved: a manifest's paths are read without resolving links either."""
+    from pathlib import PureWindowsPath
+
     manifest_rows = table["source"].astype(str) != table["image"].astype(str)
-    here = base == Path.cwd().resolve() or base == Path.cwd()
+    here = os.path.abspath(base) == os.path.abspath(Path.cwd())
 
     def shown(written: str, absolute: str) -> str:
-        if not written or Path(written).is_absolute():
-            return written
+        if not written or Path(written).is_absolute() or PureWindowsPath(written).is_absolute():
+            return written  # as given: an absolute path (a Windows one too) leads where it led
         relative = os.path.relpath(absolute, base)
         # Relative where the two share a folder below the root (`../site/a.png`); absolute otherwise (`/tmp/a.png`
         # seen from /work/main, rather than `../../tmp/a.png`).
@@ -1418,8 +1421,10 @@ def _paths_from(result, table, base: Path) -> None:  # noqa: ANN001 - pandas Dat
         if not manifest_rows.iloc[i] and here:
             continue
         result.loc[i, "image"] = shown(str(result["image"].iloc[i]), str(table["path"].iloc[i]))
-        if "mask" in result.columns and table["mask"].iloc[i] and manifest_rows.iloc[i]:
-            result.loc[i, "mask"] = shown(str(result["mask"].iloc[i]), str(table["mask"].iloc[i]))
+        if "mask" in result.columns and table["mask"].iloc[i]:
+            result.loc[i, "mask"] = shown(str(result["mask"].iloc[i]), os.path.abspath(str(table["mask"].iloc[i])))
+    if "heatmap" in result.columns and not here:
+        result["heatmap"] = [shown(str(h), os.path.abspath(str(h))) for h in result["heatmap"]]
 
 
 def _birads_columns(package: Path) -> tuple[str, ...]:
