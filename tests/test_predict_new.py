@@ -883,7 +883,15 @@ def test_the_frame_read_from_a_cine_loop_is_in_the_output(data: Path, tmp_path: 
     code, stdout, stderr = _predict(str(data / "model"), str(loop), single, "--format", "csv")
     assert code == 0, stderr
     out = _csv(stdout)
-    assert out["frame"].tolist() == ["1", ""] and out["n_frames"].tolist() == ["3", ""]
+    assert out["frame"].tolist() == [1, 0] and out["n_frames"].tolist() == [3, 1]
+    code, stdout, _ = _predict(str(data / "model"), str(loop), "--format", "json")
+    assert json.loads(stdout.splitlines()[0])["frame"] == 1  # a number in JSON, as n_images is
+    # A second attack review: a multi-page TIFF with no frame asked for had blank columns (it reads page 0).
+    pages = [Image.fromarray(rng.integers(0, 255, (48, 64), dtype=np.uint8)) for _ in range(3)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    code, stdout, _ = _predict(str(data / "model"), str(tmp_path / "pages.tif"), str(loop), "--format", "csv")
+    out = _csv(stdout)
+    assert code == 0 and out["frame"].tolist() == [0, 1] and out["n_frames"].tolist() == [3, 3]
     (tmp_path / "m.csv").write_text("image,frame\nloop.dcm,0\nloop.dcm,2\n")
     code, stdout, _ = _predict(str(data / "model"), "--manifest", str(tmp_path / "m.csv"), "--format", "csv")
     out = _csv(stdout)

@@ -1345,8 +1345,8 @@ def predict(
     if predictor.metadata.get("reader_rule") is not None and unread and not birads:
         _note(
             f"the manifest's column {unread[0]!r} is not read as the radiologist's BI-RADS: this package's reader "
-            f"rule reads {' or '.join(repr(c) for c in columns)}; rename the column to get the radiologist's call "
-            "with AI beside the model's."
+            f"rule reads {' or '.join(repr(c) for c in columns)}; put the readings in one of those columns to get "
+            "the radiologist's call with AI beside the model's."
         )
     if predictor.metadata.get("reader_rule") is None and table["birads"].astype(str).str.strip().ne("").any():
         _note(

@@ -42,7 +42,7 @@ from alnus._hardware import Precision, autocast, choose_precision
 from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
-from alnus.data.images import frame_choice, is_dicom, load_image, parse_frame
+from alnus.data.images import frame_choice, load_image, parse_frame
 from alnus.data.inputs import KEPT_PREFIX
 from alnus.data.roi import (
     Box,
@@ -582,13 +582,9 @@ class Predictor:
         flush()
         return self._new_data_table(records, probs, errors, warned, seen, frames)
 
-    def _frame_of(self, row: Mapping[str, str]) -> tuple[int, int] | None:
-        """(the frame predicted, the file's number of frames) of a DICOM, or of a file a frame was asked of; None for
-        other files (counting a TIFF's pages reads every page's header)."""
-        frame = parse_frame(row.get("frame", ""))
-        if frame is None and not is_dicom(row["path"]):
-            return None
-        return frame_choice(row["path"], frame, max_pixels=self.max_pixels)
+    def _frame_of(self, row: Mapping[str, str]) -> tuple[int, int]:
+        """(the frame predicted, the file's number of frames), from its header (a multi-page TIFF's too)."""
+        return frame_choice(row["path"], parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
 
     def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
         """One new image as each network's input (1, size, size), and its lesion box's warning ("" when none); raises
@@ -638,8 +634,8 @@ class Predictor:
                 out[column] = values
         if any(f is not None and f[1] > 1 for f in frames):
             # Which frame of a cine loop was read (a DICOM's middle one unless the row asked for another).
-            out["frame"] = ["" if f is None else str(f[0]) for f in frames]
-            out["n_frames"] = ["" if f is None else str(f[1]) for f in frames]
+            out["frame"] = pd.array([None if f is None else f[0] for f in frames], dtype="Int64")
+            out["n_frames"] = pd.array([None if f is None else f[1] for f in frames], dtype="Int64")
         for key in [k for k in (records[0] if records else {}) if k.startswith(KEPT_PREFIX)]:
             out[key.removeprefix(KEPT_PREFIX)] = [r.get(key, "") for r in records]  # `--keep`: as the manifest has it
         out["prob"] = probs

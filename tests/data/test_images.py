@@ -730,6 +730,10 @@ def test_parse_frame_is_one_rule_for_every_stage() -> None:
     for bad in ("-1", "+1", "1.0", "x", "²"):
         with pytest.raises(ValueError, match="not a whole number >= 0"):
             parse_frame(bad)
+    # An attack review: 5000 digits got Python's "Exceeds the limit (4300 digits) for integer string conversion".
+    with pytest.raises(ValueError, match=r"frame 99999999999999999999\.\.\. \(5000 digits\) is beyond any file"):
+        parse_frame("9" * 5000)
+    assert parse_frame("000000000012") == 12
 
 
 def test_a_deflated_dicom_is_refused_before_it_is_inflated(tmp_path) -> None:

@@ -72,7 +72,9 @@ def parse_frame(cell: object) -> int | None:
     if not text:
         return None
     if not re.fullmatch(r"[0-9]+", text):
-        raise ValueError(f"frame {cell!r} is not a whole number >= 0 (the 0-based frame index)")
+        raise ValueError(f"frame {cell!r:.80} is not a whole number >= 0 (the 0-based frame index)")
+    if len(text.lstrip("0")) > 9:  # no file has a billion frames; int() refuses over 4300 digits in its own words
+        raise ValueError(f"frame {text[:20]}... ({len(text)} digits) is beyond any file's frames")
     return int(text)
 
 
