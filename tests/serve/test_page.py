@@ -366,6 +366,48 @@ def test_editing_the_box_or_the_birads_takes_the_result_away_until_predict(
     assert _failures(watch) == [] and watch.dialogs == []
 
 
+def test_a_late_answer_to_an_earlier_prediction_changes_nothing(
+    server: LiveServer, browser: Any, phantom_png: Path
+) -> None:
+    """A second attack review: predict with box A (its answer held back), change the box to B and predict: B's result
+    showed, then A's late answer put "changed while predicting" under it. An answer to any but the last request sent
+    is now ignored."""
+    context, page, watch = _open(browser, VIEWPORT)
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if held or route.request.method != "POST":
+            route.continue_()
+        else:
+            held.append(route)
+
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="128 × 96").wait_for()
+        page.route("**/v1/predict", hold_the_first)
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        page.click("#predict")
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('Predicting')")
+        assert len(held) == 1
+        _drag(page, (0.1, 0.1), (0.5, 0.6))  # box B, then Predict again
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as second:
+            page.click("#predict")
+        page.locator("#status", has_text="Done.").wait_for()
+        shown = page.locator("#probability").inner_text()
+        assert shown == f"{second.value.json()['probability']:.3f}"
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")):
+            held[0].continue_()  # A's answer arrives last
+        page.wait_for_timeout(300)
+        assert page.locator("#status").inner_text() == "Done." and page.locator("#probability").inner_text() == shown
+        assert page.locator("#result").is_visible()
+    finally:
+        context.close()
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
 def test_a_malformed_typed_box_is_explained_under_the_image(
     server: LiveServer, browser: Any, phantom_png: Path
 ) -> None:

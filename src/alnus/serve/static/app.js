@@ -21,6 +21,7 @@
     fileCount: 0, // images chosen so far: tells one image's inputs from another's
     shownFor: null, // the inputs (`inputsKey`) of the result on screen; null when none is shown
     roiHint: "", // what the hint under the image says when the typed box is fine
+    asked: 0, // predictions sent so far: an answer to an earlier one than the last is not shown
   };
 
   class ApiError extends Error {
@@ -374,6 +375,7 @@
     const birads = state.info.reader_rule ? $("birads").value : "";
     if (birads) form.append("birads", birads);
     const sentFor = inputsKey();
+    const ticket = ++state.asked;
     $("predict").disabled = true;
     say("error", "");
     say("status", "Predicting…");
@@ -381,10 +383,15 @@
     try {
       result = await api("/v1/predict", { method: "POST", body: form });
     } catch (error) {
+      if (ticket !== state.asked) return; // a later prediction was asked for: its answer speaks
       say("status", "");
       updatePredict();
       return failed(error);
     }
+    // A later prediction was asked for (the box changed and Predict was pressed again): this answer is not shown and
+    // says nothing, whenever it comes (a second attack review: a late first answer put "changed while predicting"
+    // under the second's result).
+    if (ticket !== state.asked) return;
     updatePredict();
     if (inputsKey() !== sentFor) {
       say("status", "The lesion box or the BI-RADS changed while predicting: press Predict for the result with them.");
