@@ -324,14 +324,15 @@ def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_serving(
     assert_no_uploads_left(tmp_path / "uploads")
 
 
-async def _chunked_upload(app: Any, content: bytes, *, chunk: int) -> tuple[int, int]:
-    """POST a multipart body without Content-Length to the ASGI app, `chunk` bytes per message; return the status
-    and how many messages the app pulled."""
-    boundary = "alnusboundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
-    body = head + content + f"\r\n--{boundary}--\r\n".encode()
-    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)]
+_BOUNDARY = "alnusboundary"
+# The first part of a multipart body whose file field `image` follows.
+_IMAGE_PART = (f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+
+
+async def _raw_post(app: Any, pieces: list[bytes], *, complete: bool = True) -> tuple[int, int]:
+    """POST `pieces` of a multipart body, without Content-Length, to the ASGI app, one message each, then (or, with
+    `complete` False, before its end) the client is gone; return the status and how many messages the app pulled."""
     pulled, statuses = 0, []
 
     async def receive() -> dict[str, Any]:
@@ -339,19 +340,27 @@ async def _chunked_upload(app: Any, content: bytes, *, chunk: int) -> tuple[int,
         pulled += 1
         if pulled > len(pieces):
             return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": pieces[pulled - 1], "more_body": pulled < len(pieces)}
+        more = pulled < len(pieces) or not complete
+        return {"type": "http.request", "body": pieces[pulled - 1], "more_body": more}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
     headers = [(b"authorization", AUTH["Authorization"].encode()), (b"host", b"testserver"),
-               (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]  # fmt: skip
+               (b"content-type", f"multipart/form-data; boundary={_BOUNDARY}".encode())]  # fmt: skip
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
              "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}  # fmt: skip
     await app(scope, receive, send)
     return statuses[0], pulled
+
+
+async def _chunked_upload(app: Any, content: bytes, *, chunk: int) -> tuple[int, int]:
+    """POST a multipart body without Content-Length to the ASGI app, `chunk` bytes per message; return the status
+    and how many messages the app pulled."""
+    body = _IMAGE_PART + content + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    return await _raw_post(app, [body[i : i + chunk] for i in range(0, len(body), chunk)])
 
 
 def test_a_body_over_the_limit_is_refused_while_it_is_read(package: Path, tmp_path: Path) -> None:
@@ -374,29 +383,9 @@ def test_a_client_that_leaves_while_sending_is_logged_in_one_line(
     stack of about 50 lines, so any client could flood the log."""
     client = client_for(predictor_of(package), tmp_path)
     content = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))
-    app, boundary = client.app, "alnusboundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
-    pieces = [head, content[: len(content) // 2]]  # then the client is gone
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        if pieces:
-            return {"type": "http.request", "body": pieces.pop(0), "more_body": True}
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    headers = [(b"authorization", AUTH["Authorization"].encode()), (b"host", b"testserver"),
-               (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]  # fmt: skip
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}  # fmt: skip
     with caplog.at_level(logging.INFO, logger="alnus.serve"):
-        asyncio.run(app(scope, receive, send))
-    assert statuses == [499]
+        status, _ = asyncio.run(_raw_post(client.app, [_IMAGE_PART, content[: len(content) // 2]], complete=False))
+    assert status == 499
     said = [r for r in caplog.records if r.name == "alnus.serve"]
     assert {r.levelno for r in said} == {logging.INFO}, [r.getMessage() for r in said]  # the line and the access log
     assert "closed the connection while sending /v1/predict" in said[0].getMessage()

@@ -95,6 +95,15 @@ def _assert_answer_below_the_header(page: Any) -> None:
         assert shown["y"] + shown["height"] <= page.viewport_size["height"], (part, shown)
 
 
+def _load_phantom(page: Any, live: LiveServer, image: Path) -> None:
+    """Open the service's page, give the token and choose `image` (the 128 x 96 phantom), ready for a box."""
+    page.goto(live.url + "/", wait_until="load")
+    _enter_token(page, TOKEN)
+    page.locator("#work").wait_for(state="visible")
+    page.set_input_files("#file", str(image))
+    page.locator("#status", has_text="128 × 96").wait_for()
+
+
 def _open(browser: Any, viewport: dict[str, int]) -> tuple[Any, Any, Watch]:
     """A fresh browser context and page at `viewport`, with what the page asks of the outside world recorded."""
     context = browser.new_context(viewport=viewport)
@@ -328,11 +337,7 @@ def test_editing_the_box_or_the_birads_takes_the_result_away_until_predict(
         assert "changed: press Predict" in page.locator("#no-result").inner_text()
 
     try:
-        page.goto(rule_server.url + "/", wait_until="load")
-        _enter_token(page, TOKEN)
-        page.locator("#work").wait_for(state="visible")
-        page.set_input_files("#file", str(phantom_png))
-        page.locator("#status", has_text="128 × 96").wait_for()
+        _load_phantom(page, rule_server, phantom_png)
         _drag(page, (0.25, 0.25), (0.75, 0.75))
         predicted()
         page.locator("#roi").press("End")
@@ -382,11 +387,7 @@ def test_a_late_answer_to_an_earlier_prediction_changes_nothing(
             held.append(route)
 
     try:
-        page.goto(server.url + "/", wait_until="load")
-        _enter_token(page, TOKEN)
-        page.locator("#work").wait_for(state="visible")
-        page.set_input_files("#file", str(phantom_png))
-        page.locator("#status", has_text="128 × 96").wait_for()
+        _load_phantom(page, server, phantom_png)
         page.route("**/v1/predict", hold_the_first)
         _drag(page, (0.25, 0.25), (0.75, 0.75))
         page.click("#predict")
@@ -417,11 +418,7 @@ def test_a_malformed_typed_box_is_explained_under_the_image(
     context, page, watch = _open(browser, VIEWPORT)
     hint, roi = page.locator("#roi-hint"), page.locator("#roi")
     try:
-        page.goto(server.url + "/", wait_until="load")
-        _enter_token(page, TOKEN)
-        page.locator("#work").wait_for(state="visible")
-        page.set_input_files("#file", str(phantom_png))
-        page.locator("#status", has_text="128 × 96").wait_for()
+        _load_phantom(page, server, phantom_png)
         usual = hint.inner_text()
         assert usual.startswith("This model needs the lesion box: drag across the lesion")
         for typed, said in (
