@@ -707,7 +707,9 @@ def test_a_column_spelt_another_way_is_refused(tmp_path: Path, name: str) -> Non
         collect_inputs(manifest=tmp_path / "m.csv")
 
 
-def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Path, tmp_path: Path) -> None:
+def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--keep label` copies the manifest's cells into the output as written, row for row (an error row and an image
     named on the command line included; a repeat with the same cells is read once), defused in CSV like any
     cell (new-user review: checking predictions against the truth meant joining files by hand)."""
@@ -716,6 +718,7 @@ def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Pat
             ("b.png", "P3", "=1+1", "w")]  # fmt: skip
     manifest = export / "kept.csv"
     pd.DataFrame(rows, columns=["image", "patient_id", "label", "note"]).to_csv(manifest, index=False)
+    monkeypatch.chdir(data)
     code, stdout, _ = _predict(str(data / "model"), str(export / "sub" / "c.png"), "--manifest", str(manifest),
                                "--keep", "label", "--keep", "note", "--keep", "label")  # fmt: skip
     assert code == 1  # fake.png is no image
@@ -728,8 +731,8 @@ def test_manifest_columns_kept_with_keep_travel_beside_the_predictions(data: Pat
     ]
     columns = out.columns.tolist()
     assert columns.index("patient_id") < columns.index("label") < columns.index("note") < columns.index("prob")
-    # The manifest's rows name their images from where the output is read (here, outside the current folder).
-    assert out.loc[out["error"] != "", "image"].tolist() == [str(export / "fake.png")]
+    # The manifest's rows name their images from where the output is read: the current folder, here data's.
+    assert out.loc[out["error"] != "", "image"].tolist() == ["export/fake.png"]
     assert set(columns) - {"label", "note"} <= NEW_DATA_COLUMNS
 
 
