@@ -554,7 +554,7 @@ class Predictor:
             raise PredictError("the input table has no `path` column; build it with alnus.data.inputs.collect_inputs.")
         errors = [r.get("error", "") for r in records]
         warned, seen = [""] * len(records), [""] * len(records)
-        frames: list[tuple[int, int] | None] = [None] * len(records)
+        frames: list[tuple[int, int | None] | None] = [None] * len(records)
         probs = np.full(len(records), np.nan)
         pending: list[tuple[int, list[torch.Tensor]]] = []
 
@@ -582,8 +582,9 @@ class Predictor:
         flush()
         return self._new_data_table(records, probs, errors, warned, seen, frames)
 
-    def _frame_of(self, row: Mapping[str, str]) -> tuple[int, int]:
-        """(the frame predicted, the file's number of frames), from its header (a multi-page TIFF's too)."""
+    def _frame_of(self, row: Mapping[str, str]) -> tuple[int, int | None]:
+        """(the frame predicted, the file's number of frames) from its header (`frame_choice`: the count is None for
+        a PNG, JPEG, BMP or TIFF with no frame asked, whose first frame is read and whose pages are not counted)."""
         return frame_choice(row["path"], parse_frame(row.get("frame", "")), max_pixels=self.max_pixels)
 
     def network_inputs(self, row: Mapping[str, str]) -> tuple[list[torch.Tensor], str]:
@@ -618,11 +619,11 @@ class Predictor:
         errors: list[str],
         warned: list[str],
         seen: list[str],
-        frames: Sequence[tuple[int, int] | None] = (),
+        frames: Sequence[tuple[int, int | None] | None] = (),
     ) -> pd.DataFrame:
         """The output of `predict_inputs`: ids, probabilities, calls on the predicted images, engine, errors,
         warnings (`warned`: the lesion boxes'; `seen`: an image the model learned from); `frame` and `n_frames` (the
-        frame predicted, 0-based, of how many) when any image has several frames (`frames`)."""
+        frame predicted, 0-based, of how many where counted) when any image has several frames (`frames`)."""
         out = pd.DataFrame({"image": [r.get("image", r["path"]) for r in records]})
         out["patient_id"] = [r.get("patient_id", "") for r in records]
         # The lesion's box (or mask) says which lesion a row is when one image is listed with two of them.
@@ -632,7 +633,7 @@ class Predictor:
             values = [r.get(named) or r.get(column, "") for r in records]
             if any(values):
                 out[column] = values
-        if any(f is not None and f[1] > 1 for f in frames):
+        if any(f is not None and (f[1] or 1) > 1 for f in frames):
             # Which frame of a cine loop was read (a DICOM's middle one unless the row asked for another).
             out["frame"] = pd.array([None if f is None else f[0] for f in frames], dtype="Int64")
             out["n_frames"] = pd.array([None if f is None else f[1] for f in frames], dtype="Int64")

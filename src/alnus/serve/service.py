@@ -297,7 +297,7 @@ class _Ready:
     image: np.ndarray
     box: Box | None
     frame: int = 0
-    frames: int = 1
+    frames: int | None = 1
 
     @property
     def row(self) -> dict[str, str]:
@@ -478,7 +478,7 @@ class ModelService:
         for item in ready:
             self._answer_with(item.job, lambda item=item: self._infer([item], heatmap)[0])
 
-    def _decode(self, path: Path, frame: int | None = None) -> tuple[np.ndarray, int, int]:
+    def _decode(self, path: Path, frame: int | None = None) -> tuple[np.ndarray, int, int | None]:
         """The image's `frame` (None: the default one), decoded; the frame's index, and how many the file has."""
         try:
             index, frames = frame_choice(path, frame, max_pixels=self.settings.max_pixels)
@@ -683,10 +683,11 @@ class ModelService:
             remove_upload_folder(folder)
 
 
-def _frame_info(index: int, frames: int, sent: bool) -> dict[str, Any] | None:
+def _frame_info(index: int, frames: int | None, sent: bool) -> dict[str, Any] | None:
     """Which frame of a multi-frame image was used (0-based), of how many, and whether the request chose it (else a
-    DICOM's middle frame, a TIFF's first page); None for a single-frame image."""
-    return None if frames == 1 else {"index": index, "count": frames, "sent": sent}
+    DICOM's middle frame); None for a single-frame image, and for a PNG, JPEG, BMP or TIFF sent without a frame (its
+    first frame is read, and a TIFF's pages are not counted: `frame_choice`)."""
+    return None if frames in (None, 1) else {"index": index, "count": frames, "sent": sent}
 
 
 def _unexpected(exc: BaseException | None = None) -> ApiError:
