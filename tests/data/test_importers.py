@@ -707,3 +707,23 @@ def test_real_busbra_bbox_matches_every_mask_but_one(shared_data: Path) -> None:
     df = import_busbra(src, src)
     mismatched = [i for i, m, r in zip(df["ID"], df["mask"], df["roi"], strict=True) if _mask_box_of(src / m) != r]
     assert mismatched == ["bus_0845-s"]
+
+
+def test_folders_dicom_header_warnings_do_not_print_ids(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A malformed StudyInstanceUID or an over-long PatientID made pydicom warn on stderr, quoting the raw UID that the
+    manifest pseudonymises; the values still group patients, and nothing is printed."""
+    import warnings
+
+    src = tmp_path / "export"
+    bad = _dicom(src / "positive" / "1.2.3.1", StudyInstanceUID="1.2.826.0.1.3680043.8.498.1")
+    bad.write_bytes(bad.read_bytes().replace(b"3680043.8.498.1", b"3680043_8.498.1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns while writing the over-long value too
+        _dicom(src / "negative" / "1.2.3.2", PatientID="MRN-" + "7" * 96)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, df = run_import("folders", src, tmp_path / "out")
+    assert not caught, [str(w.message) for w in caught]
+    assert "3680043_8" not in capfd.readouterr().err
+    ids = dict(zip(df["image"].str.rsplit("/", n=1).str[-1], df["patient_id"], strict=True))
+    assert ids["1.2.3.1"].startswith("STUDY-") and ids["1.2.3.2"].startswith("DCM-")

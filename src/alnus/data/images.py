@@ -198,6 +198,15 @@ def load_image(
     return np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings while a header is read: they are about values alnus does not use (a malformed UID,
+    an over-long ID) and quote them, identifiers included, on stderr; what alnus needs it checks itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+        yield
+
+
 def dicom_modality(path: str | Path) -> str | None:
     """A DICOM file's Modality ("US" for ultrasound), None when the tag is absent or empty.
 
@@ -206,7 +215,7 @@ def dicom_modality(path: str | Path) -> str | None:
     import pydicom
 
     path = _existing_file(path)
-    with _regular_file(path) as fh:
+    with _regular_file(path) as fh, quiet_pydicom():
         try:
             value: str | None = str(
                 pydicom.dcmread(fh, specific_tags=["Modality"], stop_before_pixels=True).get("Modality", "") or ""
@@ -389,7 +398,7 @@ def _read_dicom(path: Path, *, pixels: bool) -> Dataset:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     deflated = False
-    with _regular_file(path) as fh:
+    with _regular_file(path) as fh, quiet_pydicom():
         # The path is a regular file now (`_regular_file` checked it): its file meta group alone is read by name.
         with contextlib.suppress(Exception):  # pydicom raises many types; a bare data set has no file meta
             deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
-from alnus.data.images import PILLOW_FORMATS, ImageReadError, image_shape, is_dicom, not_an_image
+from alnus.data.images import PILLOW_FORMATS, ImageReadError, image_shape, is_dicom, not_an_image, quiet_pydicom
 from alnus.data.manifest import control_characters, show_controls
 from alnus.errors import AlnusError
 
@@ -524,9 +524,9 @@ def dicom_patient(path: Path) -> tuple[str, str]:
 
     values: dict[str, str] = {}
     try:
-        with open_regular(path) as fh:
+        with open_regular(path) as fh, quiet_pydicom():
             ds = pydicom.dcmread(fh, specific_tags=["PatientID", "StudyInstanceUID"], stop_before_pixels=True)
-        values = {key: str(ds.get(key, "") or "").strip() for key in ("PatientID", "StudyInstanceUID")}
+            values = {key: str(ds.get(key, "") or "").strip() for key in ("PatientID", "StudyInstanceUID")}
     except Exception:  # NotAFileError, and the many types pydicom raises; validation reports unreadable files
         values = {}
     if values.get("PatientID"):
