@@ -167,15 +167,15 @@ def test_the_output_names_a_mask_as_it_was_written(data: Path, monkeypatch: pyte
 
 def test_a_mask_is_decoded_once_per_image_and_crops_as_before(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warning and the crop share one decode of the mask; the input is the one `preprocess` makes from the mask."""
-    import alnus.data.roi as roi
+    import alnus.data.masks as masks
 
     predictor = Predictor(data / "mask", device="cpu")
     image = np.asarray(Image.open(data / "a.png"))
     spec = predictor.networks[0].spec
     expected = predictor.predict_arrays([image], rows=[{"mask": "speck.png"}], root=data)
     decoded: list[str] = []
-    real = roi.load_image
-    monkeypatch.setattr(roi, "load_image", lambda path, **kw: decoded.append(str(path)) or real(path, **kw))
+    real = masks.load_image
+    monkeypatch.setattr(masks, "load_image", lambda path, **kw: decoded.append(str(path)) or real(path, **kw))
     got = predictor.predict_inputs(_rows(data, [""], [str(data / "speck.png")]))
     assert decoded == [str(data / "speck.png")]
     assert np.allclose(got["prob"].to_numpy(), expected[0], atol=1e-6)

@@ -35,6 +35,7 @@ from alnus._io import atomic_write_bytes, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import PreprocessSpec, _to_tensor, letterbox_box, preprocess
 from alnus.data.images import load_image, parse_frame
+from alnus.data.masks import load_mask
 from alnus.data.roi import Box, box_from_mask, box_inside, mask_path, parse_box, roi_box
 from alnus.errors import AlnusError
 from alnus.models.registry import UltrasoundNet, get_submodule
@@ -507,7 +508,7 @@ def _lesion(
     mask = None
     rel = mask_path(row)
     if rel is not None:
-        mask = load_image(root / rel, max_pixels=max_pixels) > 0
+        mask = load_mask(root / rel, max_pixels=max_pixels)
         if mask.shape != shape:
             raise ExplainError(f"{where}: mask {rel} is {mask.shape[::-1]} (W, H) but the image is {shape[::-1]}.")
     box = None

@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from alnus.data.images import ImageReadError, image_shape, load_image
+from alnus.data.images import ImageReadError, image_shape
+from alnus.data.masks import lesion_pixels, load_mask
 from alnus.data.roi import mask_path
 from alnus.errors import AlnusError
 
@@ -38,22 +39,8 @@ class ShapeTargetError(AlnusError):
     """A mask that cannot serve as a shape target; the message names the image and what to do."""
 
 
-def mask_pixels(mask: np.ndarray) -> np.ndarray:
-    """The lesion's pixels of a 2-D mask: those at or above half its maximum (for a 0/1 or 0/255 mask, the nonzero
-    ones; a mask saved with soft edges or as JPEG loses its halo). All False for an empty mask.
-
-    Raises:
-        ValueError: the mask is not 2-D.
-    """
-    if mask.ndim != 2:
-        raise ValueError(f"a mask must be a 2-D (H, W) array, got shape {mask.shape}")
-    values = np.nan_to_num(mask.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    peak = float(values.max()) if values.size else 0.0
-    return values >= peak / 2 if peak > 0 else np.zeros(mask.shape, dtype=bool)
-
-
 def mask_shape(mask: np.ndarray) -> np.ndarray:
-    """The three descriptors (`DESCRIPTORS`) of a 2-D mask's lesion pixels (`mask_pixels`), as float64.
+    """The three descriptors (`DESCRIPTORS`) of a 2-D mask's lesion pixels (`masks.lesion_pixels`), as float64.
 
     Raises:
         ValueError: the mask is not 2-D or has no lesion pixel.
@@ -61,7 +48,7 @@ def mask_shape(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
     from scipy.spatial import ConvexHull, QhullError
 
-    inside = mask_pixels(mask)
+    inside = lesion_pixels(mask)
     if not inside.any():
         raise ValueError("the mask is empty (no nonzero pixel)")
     rows = np.flatnonzero(inside.any(axis=1))
@@ -165,7 +152,7 @@ def mask_descriptors(
             continue
         image = row.get("image", f"row {i + 1}")
         try:
-            mask = load_image(root / rel, max_pixels=max_pixels)
+            mask = load_mask(root / rel, max_pixels=max_pixels)
             shape = image_shape(root / image, max_pixels=max_pixels) if "image" in row else mask.shape
         except (ImageReadError, OSError) as exc:
             raise ShapeTargetError(
@@ -177,7 +164,7 @@ def mask_descriptors(
                 f"{where}: image {image}'s mask {rel} is {mask.shape[1]}x{mask.shape[0]} but the image is "
                 f"{shape[1]}x{shape[0]}; the mask must be drawn on the image (fix it), {remedy}"
             )
-        inside = mask_pixels(mask)
+        inside = lesion_pixels(mask)
         if not inside.any():
             skipped["an empty mask"] += 1
         elif inside.mean() > MAX_MASK_FRACTION:

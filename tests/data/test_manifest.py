@@ -46,6 +46,14 @@ def write_png(path: Path, size: tuple[int, int] = SIZE) -> None:
     Image.fromarray(pixels).save(path)
 
 
+def write_mask(path: Path, size: tuple[int, int] = SIZE) -> None:
+    """A lesion mask: 255 inside a rectangle, 0 elsewhere."""
+    pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+    pixels[size[1] // 4 : size[1] // 2, size[0] // 4 : size[0] // 2] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
 def write_csv_rows(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str] | None = None) -> Path:
     columns = list(columns or dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -239,7 +247,7 @@ def test_non_numeric_or_malformed_roi(study: Study, roi: str, reason: str) -> No
 def test_mask_size_mismatch(study: Study, tmp_path: Path) -> None:
     manifest = study([{**row, "mask": f"masks/{i}.png"} for i, row in enumerate(clean_rows())])
     for i in range(3):
-        write_png(tmp_path / "masks" / f"{i}.png", SIZE if i != 1 else (20, 30))
+        write_mask(tmp_path / "masks" / f"{i}.png", SIZE if i != 1 else (20, 30))
     result, message = check(manifest)
     assert "row 3, column 'mask': mask masks/1.png is 20x30 but the image is 40x30" in message
     assert [p.row for p in result.problems] == [3]
@@ -250,7 +258,7 @@ def test_mask_missing_or_unreadable(study: Study, tmp_path: Path) -> None:
     rows[0]["mask_tumor"] = "masks/t0.png;masks/gone.png"
     rows[2]["mask_tumor"] = "masks/bad.png"
     manifest = study(rows)
-    write_png(tmp_path / "masks" / "t0.png")
+    write_mask(tmp_path / "masks" / "t0.png")
     (tmp_path / "masks" / "bad.png").write_text("not an image")
     _, message = check(manifest)
     assert f"row 2, column 'mask_tumor': mask file not found: {tmp_path / 'masks' / 'gone.png'}" in message
@@ -602,7 +610,7 @@ def test_combine_manifests_rebases_paths(tmp_path: Path) -> None:
     for site in ("siteA", "siteB"):
         # Named per site so that the two images differ in content, not only in path.
         write_png(tmp_path / site / "img" / f"{site}.png")
-        write_png(tmp_path / site / "masks" / "x.png")
+        write_mask(tmp_path / site / "masks" / "x.png")
     a = write_csv_rows(
         tmp_path / "siteA" / "manifest.csv",
         [

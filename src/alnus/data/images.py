@@ -198,6 +198,24 @@ def load_image(
     return np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
+def alpha_channel(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray | None:
+    """The first frame's alpha channel (uint8 (H, W), 255 opaque) of an image read by Pillow; None for a file without
+    one (and for DICOM). A palette image's transparency counts as alpha. Fails as `load_image` would."""
+    path, limit = _existing_file(path), _limit(max_pixels)
+    if is_dicom(path):
+        return None
+    with _open_pillow(path, limit) as im:
+        if "A" not in im.getbands() and "transparency" not in im.info:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning; our limit was checked above
+                rgba = im.convert("RGBA")
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageReadError(f"{path}: file is truncated or corrupt; re-export it ({exc}).") from exc
+        return np.asarray(rgba)[..., 3].copy()
+
+
 @contextlib.contextmanager
 def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's warnings while a header is read: they are about values alnus does not use (a malformed UID,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
-from alnus.data.images import PILLOW_FORMATS, ImageReadError, image_shape, is_dicom, not_an_image, quiet_pydicom
+from alnus.data.images import ImageReadError, image_shape, is_dicom, not_an_image, quiet_pydicom
 from alnus.data.manifest import control_characters, show_controls
+from alnus.data.masks import load_mask
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -66,16 +66,11 @@ def _format_box(box: Box) -> str:
 
 
 def _mask_array(path: Path, max_pixels: int | None = None) -> np.ndarray:
-    """A mask decoded with Pillow as boolean (H, W): any non-zero grey level is foreground.
-
-    Its header is checked first (`image_shape`: a regular file, within the decoded-size limit).
-    """
-    _image_size(path, max_pixels)
+    """A mask's lesion as boolean (H, W), by the rule every mask is read with (`alnus.data.masks.load_mask`)."""
     try:
-        with Image.open(path, formats=PILLOW_FORMATS) as im:
-            return np.asarray(im.convert("L")) > 0
-    except OSError as exc:
-        raise DatasetImportError(f"{path}: cannot decode mask ({exc}); re-export or remove the file.") from exc
+        return load_mask(path, max_pixels=max_pixels)
+    except ImageReadError as exc:
+        raise DatasetImportError(f"cannot use the mask: {exc}; re-export or remove the file.") from None
 
 
 def _box(mask: np.ndarray) -> Box | None:

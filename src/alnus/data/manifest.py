@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from alnus._io import FILE_NOT_FOUND, file_problem, file_sha256, split_paths, spreadsheet_formula
-from alnus.data.images import ImageReadError, dicom_modality, image_shape, is_dicom, load_image, parse_frame
+from alnus.data.images import ImageReadError, dicom_modality, is_dicom, load_image, parse_frame
+from alnus.data.masks import MaskError, load_mask
 from alnus.data.roi import RoiError, box_inside, format_box, parse_box
 from alnus.errors import AlnusError
 
@@ -595,7 +596,7 @@ def _unknown_label(label: str, allowed: Sequence[str]) -> str:
 
 
 class _ImageChecks:
-    """Decode each image and read each mask header once (a file may appear in several rows)."""
+    """Decode each image and each mask once (a file may appear in several rows)."""
 
     def __init__(self, max_pixels: int | None) -> None:
         self.max_pixels = max_pixels
@@ -617,12 +618,14 @@ class _ImageChecks:
             return f"unreadable image: {exc}"
 
     def mask(self, path: Path, cell: str) -> tuple[int, int] | str:
-        """The mask's (H, W) from its header, or the reason it cannot be used (`cell`: the path as written)."""
+        """The mask's (H, W), or the reason it cannot be used (`cell`: the path as written)."""
         if path not in self._masks:
             problem = _missing(path, "mask", cell)
             if problem is None:
                 try:
-                    self._masks[path] = image_shape(path, max_pixels=self.max_pixels)
+                    self._masks[path] = load_mask(path, max_pixels=self.max_pixels).shape[:2]
+                except MaskError as exc:
+                    problem = str(exc)
                 except ImageReadError as exc:
                     problem = f"unreadable mask: {exc}"
             if problem is not None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alnus._io import split_paths
-from alnus.data.images import load_image
+from alnus.data.masks import load_mask
 from alnus.errors import AlnusError
 
 Box = tuple[int, int, int, int]
@@ -291,7 +291,7 @@ def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pi
             "manifest; on the command line, to the working folder)."
         )
     try:
-        mask = load_image(path, max_pixels=max_pixels)
+        mask = load_mask(path, max_pixels=max_pixels)
     except AlnusError as exc:
         raise RoiError(f"image {image}: its lesion mask {shown} cannot be used: {exc}") from None
     if mask.shape != tuple(shape[:2]):
