@@ -18,7 +18,7 @@ import pytest
 from alnus.data.phantom import phantom_image
 from alnus.serve import Access, ModelService, Settings, create_app
 from tests._browser import Watch
-from tests.serve.conftest import HOSTILE, TOKEN, LiveServer, png_bytes, predictor_of
+from tests.serve.conftest import HOSTILE, TOKEN, LiveServer, dicom_bytes, grey_image, png_bytes, predictor_of
 
 pytestmark = pytest.mark.browser
 
@@ -445,4 +445,213 @@ def test_a_malformed_typed_box_is_explained_under_the_image(
     finally:
         context.close()
     assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
+# ------------------------------------------------------------------------------------------- a cine loop's frames
+def _cine(path: Path, frames: list[np.ndarray]) -> Path:
+    """A DICOM cine loop of `frames` (80 x 60 each) written to `path`."""
+    path.write_bytes(dicom_bytes(np.stack(frames)))
+    return path
+
+
+def _shown_frame(page: Any, frames: list[np.ndarray]) -> int:
+    """Which of `frames` the canvas shows: the one whose mean grey level is nearest the canvas's (the lesion box drawn
+    over it moves the mean a little, far less than the frames of these tests differ)."""
+    mean = page.evaluate(
+        """() => {
+            const canvas = document.querySelector("#canvas");
+            const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            let sum = 0;
+            for (let i = 0; i < data.length; i += 4) sum += data[i];
+            return sum / (data.length / 4);
+        }"""
+    )
+    return int(np.argmin([abs(float(f.mean()) - mean) for f in frames]))
+
+
+# Chromium does not give Playwright the body of a multipart request with a file: the page's fetch is watched instead
+# (an init script runs whatever the page's CSP, before the page's own script).
+RECORD_FORMS = """(() => {
+    const fetched = window.fetch;
+    window.sentForms = [];
+    window.fetch = (url, options) => {
+        const body = options && options.body;
+        if (body instanceof FormData) {
+            const fields = Object.fromEntries([...body].filter(([, value]) => typeof value === "string"));
+            window.sentForms.push({ url: String(url), fields });
+        }
+        return fetched(url, options);
+    };
+})();"""
+
+
+def _frames_sent(page: Any, route: str) -> list[str | None]:
+    """The `frame` field of each request to `route` the page has sent so far (None: none sent)."""
+    forms = page.evaluate("() => window.sentForms")
+    return [form["fields"].get("frame") for form in forms if form["url"] == route]
+
+
+def test_a_cine_loops_frame_is_chosen_on_the_page_shown_and_predicted(
+    server: LiveServer, browser: Any, phantom_png: Path, tmp_path: Path
+) -> None:
+    """A clinician's cine loop was predicted on its middle frame with no way to choose another. The page now shows a
+    picker for a file of several frames (counted from 0, as `alnus predict` counts them), draws the frame chosen,
+    sends it, and says which frame the result is of; a new file starts again at its middle frame; a PNG has none."""
+    frames = [grey_image(), 255 - grey_image(), grey_image() // 3]
+    cine = _cine(tmp_path / "cine.dcm", frames)
+    context, page, watch = _open(browser, VIEWPORT)
+    frame, slider, hint = page.locator("#frame"), page.locator("#frame-slider"), page.locator("#frame-hint")
+
+    page.add_init_script(RECORD_FORMS)
+
+    def predicted(expected: str | None) -> dict[str, Any]:
+        with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+            page.click("#predict")
+        assert _frames_sent(page, "/v1/predict")[-1] == expected
+        page.locator("#status", has_text="Done.").wait_for()
+        return answer.value.json()
+
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        assert page.locator("#frame-row").is_hidden()
+        page.set_input_files("#file", str(cine))
+        page.locator("#status", has_text="80 × 60 pixels loaded; frame 1 of frames 0–2 (the middle one)").wait_for()
+        assert page.locator("#frame-row").is_visible() and page.locator("#frame-range").inner_text() == "of frames 0–2"
+        assert frame.input_value() == "1" and slider.input_value() == "1"
+        assert frame.get_attribute("max") == "2" and slider.get_attribute("max") == "2"
+        assert page.locator("label[for=frame]").inner_text() == "Frame" and slider.get_attribute("aria-label")
+        assert "counted from 0 as in the frame column of alnus predict" in hint.inner_text()
+        assert _shown_frame(page, frames) == 1
+
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        box = page.input_value("#roi")
+        assert predicted("1")["frame"] == {"index": 1, "count": 3, "sent": True}
+        assert page.locator("#result-frame").inner_text().startswith("The result of frame 1 (of frames 0–2,")
+
+        # Another frame: the result of the last one is taken away, the frame's picture drawn, the box kept.
+        frame.fill("2")
+        page.locator("#result").wait_for(state="hidden")
+        assert page.locator("#no-result").inner_text().startswith("The lesion box or the frame changed: press Predict")
+        page.locator("#status", has_text="Frame 2 of frames 0–2 is shown.").wait_for()
+        assert slider.input_value() == "2" and _shown_frame(page, frames) == 2 and page.input_value("#roi") == box
+        answer = predicted("2")
+        assert answer["frame"] == {"index": 2, "count": 3, "sent": True}
+        assert page.locator("#result-frame").inner_text().startswith("The result of frame 2 (")
+        page.screenshot(path=str(tmp_path / "serve-page-cine-result.png"), full_page=True)
+
+        # With the keyboard: the slider's arrow keys.
+        slider.focus()
+        page.keyboard.press("ArrowLeft")
+        page.keyboard.press("ArrowLeft")
+        page.locator("#status", has_text="Frame 0 of frames 0–2 is shown.").wait_for()
+        assert frame.input_value() == "0" and _shown_frame(page, frames) == 0
+        assert page.locator("#result").is_hidden()
+        assert predicted("0")["frame"]["index"] == 0
+
+        # A frame the file does not have is told under the picker, and as an error once the field is left.
+        frame.fill("3")
+        told = "Frame '3' is not one of this file's: choose a whole number from 0 to 2 (frames are counted from 0)."
+        assert hint.inner_text() == told
+        assert page.locator("#predict").is_disabled() and page.locator("#error").inner_text().strip() == ""
+        frame.press("Tab")
+        page.locator("#error", has_text="Frame '3' is not one of this file's").wait_for()
+        frame.fill("2")
+        page.locator("#status", has_text="Frame 2 of frames 0–2 is shown.").wait_for()
+        assert page.locator("#predict").is_enabled() and page.locator("#error").inner_text().strip() == ""
+        assert "counted from 0" in hint.inner_text()
+
+        # A new file starts again at its middle frame.
+        again = _cine(tmp_path / "again.dcm", frames)
+        page.set_input_files("#file", str(again))
+        page.locator("#status", has_text="frame 1 of frames 0–2 (the middle one)").wait_for()
+        assert frame.input_value() == "1" and slider.input_value() == "1" and _shown_frame(page, frames) == 1
+        assert page.locator("#result").is_hidden() and page.input_value("#roi") == ""
+        # The frame field, focused when the file was chosen, is left as the picker is hidden: no error of that.
+        assert page.locator("#error").inner_text().strip() == "" and "counted from 0 as" in hint.inner_text()
+        page.screenshot(path=str(tmp_path / "serve-page-cine.png"), full_page=True)
+        page.set_viewport_size(NARROW)  # on a phone the picker wraps, nothing wider than the window
+        assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 1
+        assert slider.bounding_box()["width"] >= 100
+        page.screenshot(path=str(tmp_path / "serve-page-cine-narrow.png"), full_page=True)
+        page.set_viewport_size(VIEWPORT)
+
+        # A PNG has one frame: no picker, no frame sent, none said in the result.
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="Image of 128 × 96 pixels loaded.").wait_for()
+        assert page.locator("#frame-row").is_hidden() and hint.is_hidden()
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        assert predicted(None)["frame"] is None
+        assert page.locator("#result-frame").is_hidden()
+        assert page.locator("#no-result").is_hidden()
+        page.locator("#roi").press("End")
+        page.locator("#roi").press_sequentially("0")
+        assert page.locator("#no-result").inner_text().startswith("The lesion box changed: press Predict")
+    finally:
+        context.close()
+    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
+def test_frames_picked_faster_than_they_arrive_are_asked_for_one_at_a_time(
+    server: LiveServer, browser: Any, phantom_png: Path, tmp_path: Path
+) -> None:
+    """A slider scrubbed through a loop would send a preview per step, more than one client may have in progress
+    (429). While one frame's picture is on its way, the page only notes the frame wanted, asks for the last one when
+    it arrives, and keeps Predict off until the frame it would send is the one drawn. An earlier file's late preview
+    does not replace a newer file's."""
+    frames = [grey_image() // 4 + 40 * k for k in range(5)]
+    cine = _cine(tmp_path / "cine.dcm", frames)
+    context, page, watch = _open(browser, VIEWPORT)
+    page.add_init_script(RECORD_FORMS)
+    held: list[Any] = []
+
+    def hold_while_asked(route: Any) -> None:
+        if hold:
+            held.append(route)
+        else:
+            route.continue_()
+
+    try:
+        page.goto(server.url + "/", wait_until="load")
+        _enter_token(page, TOKEN)
+        page.locator("#work").wait_for(state="visible")
+        hold = False
+        page.route("**/v1/preview", hold_while_asked)
+        page.set_input_files("#file", str(cine))
+        page.locator("#status", has_text="frame 2 of frames 0–4 (the middle one)").wait_for()
+        _drag(page, (0.25, 0.25), (0.75, 0.75))
+        assert page.locator("#predict").is_enabled()
+
+        hold = True
+        page.locator("#frame-slider").focus()
+        page.keyboard.press("ArrowRight")
+        page.locator("#status", has_text="Reading frame 3").wait_for()
+        page.keyboard.press("ArrowRight")
+        assert page.locator("#frame").input_value() == "4" and page.locator("#predict").is_disabled()
+        page.wait_for_timeout(300)
+        assert _frames_sent(page, "/v1/preview") == [None, "3"] and len(held) == 1
+        hold = False
+        held.pop().continue_()  # frame 3 arrives: frame 4 is asked for then
+        page.locator("#status", has_text="Frame 4 of frames 0–4 is shown.").wait_for()
+        assert _frames_sent(page, "/v1/preview") == [None, "3", "4"] and _shown_frame(page, frames) == 4
+        assert page.locator("#predict").is_enabled()
+
+        # A late preview of the cine loop arrives after the PNG chosen next: the PNG stays, without a picker.
+        hold = True
+        page.set_input_files("#file", str(_cine(tmp_path / "late.dcm", frames)))
+        page.locator("#status", has_text="Reading the image").wait_for()
+        hold = False
+        page.set_input_files("#file", str(phantom_png))
+        page.locator("#status", has_text="Image of 128 × 96 pixels loaded.").wait_for()
+        with page.expect_response(lambda r: r.url.endswith("/v1/preview")):
+            held.pop().continue_()
+        page.wait_for_timeout(300)
+        assert page.locator("#status").inner_text() == "Image of 128 × 96 pixels loaded."
+        assert page.locator("#frame-row").is_hidden()
+        assert page.evaluate("() => document.querySelector('#canvas').width") == 128
+    finally:
+        context.close()
     assert _failures(watch) == [] and watch.dialogs == []

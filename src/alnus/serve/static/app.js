@@ -22,6 +22,13 @@
     shownFor: null, // the inputs (`inputsKey`) of the result on screen; null when none is shown
     roiHint: "", // what the hint under the image says when the typed box is fine
     asked: 0, // predictions sent so far: an answer to an earlier one than the last is not shown
+    // A file of several frames (a DICOM cine loop). Frames are counted from 0, as the service and the frame column of
+    // `alnus predict` count them, so that a frame chosen here is the same frame there.
+    frames: null, // how many frames the file has; null for a single image
+    frame: null, // the frame chosen; null when there is no choice, or what is typed is not one of the file's frames
+    shownFrame: null, // the frame whose picture is on the canvas (the box is drawn on it, Predict sends it)
+    frameHint: "", // what the hint under the frame picker says when the frame typed is fine
+    previewing: false, // a frame's picture is on its way: one at a time (see `loadFrame`)
   };
 
   class ApiError extends Error {
@@ -172,8 +179,11 @@
     if (!file) return;
     state.file = file;
     state.fileCount += 1;
+    const chosen = state.fileCount;
     state.image = null;
     state.picture = null;
+    // A new file is read at its default frame (a cine loop's middle one) until another is chosen for it.
+    showFrames(null);
     setBox(null);
     // A new image may be another patient's: their reading is not carried over.
     $("birads").value = "";
@@ -181,30 +191,147 @@
     say("error", "");
     say("status", "Reading the image…");
     updatePredict();
-    const form = new FormData();
-    form.append("image", file);
-    let preview;
     try {
-      preview = await api("/v1/preview", { method: "POST", body: form });
+      const preview = await askPreview(file, null);
+      if (chosen !== state.fileCount) return; // another file was chosen meanwhile: its own preview is shown
+      showFrames(preview.frame);
+      if (!(await showPicture(preview, chosen))) return;
+      const frame = state.frames ? "; frame " + frameOf(state.shownFrame) + " (the middle one) is shown" : "";
+      say("status", "Image of " + preview.width + " × " + preview.height + " pixels loaded" + frame + ".");
     } catch (error) {
+      if (chosen !== state.fileCount) return;
       state.file = null;
+      showFrames(null);
       say("status", "");
       drawImage();
-      return failed(error);
+      failed(error);
     }
+    updatePredict();
+  }
+
+  // The decoded image (`frame`: null for the file's default one) as the service shows it, to draw the box on.
+  async function askPreview(file, frame) {
+    const form = new FormData();
+    form.append("image", file);
+    if (frame !== null) form.append("frame", String(frame));
+    return api("/v1/preview", { method: "POST", body: form });
+  }
+
+  // Draw a preview on the canvas once its picture is decoded; false when another file was chosen meanwhile.
+  async function showPicture(preview, chosen) {
     const picture = new Image();
     picture.alt = "";
-    picture.onload = () => {
-      state.image = { width: preview.width, height: preview.height };
-      state.picture = picture;
-      const canvas = $("canvas");
-      canvas.width = picture.naturalWidth;
-      canvas.height = picture.naturalHeight;
-      drawImage();
-      say("status", "Image of " + preview.width + " × " + preview.height + " pixels loaded.");
-      updatePredict();
-    };
     picture.src = preview.image;
+    try {
+      await picture.decode();
+    } catch (error) {
+      throw new ApiError(0, "The browser could not show the service's picture of the image; choose the file again.");
+    }
+    if (chosen !== state.fileCount) return false;
+    state.image = { width: preview.width, height: preview.height };
+    state.picture = picture;
+    state.shownFrame = preview.frame ? preview.frame.index : null;
+    const canvas = $("canvas");
+    canvas.width = picture.naturalWidth;
+    canvas.height = picture.naturalHeight;
+    drawImage();
+    return true;
+  }
+
+  // -------------------------------------------------------------------------------------------------- the frame
+  // The picker is shown when the service says the file has more than one frame (`frame` of its answer), set to the
+  // frame it read. A PNG or TIFF sent without a frame comes back without a count (counting a crafted TIFF's pages
+  // is slow: alnus.data.images.frame_choice), so a multi-page TIFF gets no picker and is read at its first page.
+  function showFrames(info) {
+    const count = info && info.count > 1 ? info.count : null;
+    state.frames = count;
+    state.frame = count ? info.index : null;
+    state.shownFrame = null;
+    show("frame-row", Boolean(count));
+    show("frame-hint", Boolean(count));
+    if (!count) return;
+    for (const id of ["frame", "frame-slider"]) {
+      $(id).max = String(count - 1);
+      $(id).value = String(info.index);
+    }
+    say("frame-range", "of " + frameRange());
+    state.frameHint =
+      "This file has " + count + " frames (a cine loop), counted from 0 as in the frame column of alnus predict: " +
+      "frame 0 is the first, frame " + (count - 1) + " the last. The middle one is shown first; Predict uses the " +
+      "frame shown, with the box drawn on it.";
+    showFrameProblem("");
+  }
+
+  function frameRange() {
+    return "frames 0–" + (state.frames - 1);
+  }
+
+  // "2 of frames 0–4": a frame as the page names it (counted from 0, with the file's range so that it cannot be
+  // read as counted from 1).
+  function frameOf(index) {
+    return index + " of " + frameRange();
+  }
+
+  // Why the text in the frame field is not one of the file's frames; "" when it is one.
+  function frameProblem(text) {
+    if (/^[0-9]+$/.test(text) && Number(text) < state.frames) return "";
+    const typed = text ? "Frame '" + text + "' is not one of this file's: choose" : "Choose";
+    return typed + " a whole number from 0 to " + (state.frames - 1) + " (frames are counted from 0).";
+  }
+
+  function showFrameProblem(problem) {
+    say("frame-hint", problem || state.frameHint);
+    $("frame-hint").classList.toggle("problem", Boolean(problem));
+  }
+
+  // A frame picked with the slider or typed: taken at once when it is one of the file's (its picture is asked for);
+  // while typing, a number that is not one is told under the picker, and on leaving the field as an error too.
+  function onFramePicked(event) {
+    // A `change` that comes as the picker is hidden (a new file chosen while the field had focus) picks nothing.
+    if (!state.frames) return;
+    const text = event.target.value.trim();
+    const problem = frameProblem(text);
+    state.frame = problem ? null : Number(text);
+    if (!problem) {
+      const other = event.target.id === "frame" ? "frame-slider" : "frame";
+      $(other).value = String(state.frame);
+      say("error", "");
+    } else if (event.type === "change") {
+      say("error", problem);
+    }
+    showFrameProblem(problem);
+    updatePredict();
+    inputsEdited();
+    if (!problem) loadFrame();
+  }
+
+  // The picture of the frame chosen, asked for one at a time: while one is on its way, more choices (a slider
+  // dragged, an arrow key held) only change which frame is wanted, and the last one is asked for when it comes. One
+  // client may have only a few requests in progress at once (alnus.serve.clients); Predict waits for the frame it
+  // would send to be the one on the canvas.
+  async function loadFrame() {
+    if (state.previewing) return;
+    state.previewing = true;
+    try {
+      while (state.file && state.frames && state.frame !== null && state.frame !== state.shownFrame) {
+        const chosen = state.fileCount;
+        const wanted = state.frame;
+        say("status", "Reading frame " + wanted + "…");
+        try {
+          const preview = await askPreview(state.file, wanted);
+          if (chosen !== state.fileCount || !(await showPicture(preview, chosen))) continue;
+        } catch (error) {
+          if (chosen !== state.fileCount) continue;
+          say("status", "");
+          failed(error); // the picker stays as it is: choosing a frame again asks again
+          return;
+        }
+        if (state.frame === state.shownFrame) say("status", "Frame " + frameOf(state.shownFrame) + " is shown.");
+      }
+    } finally {
+      state.previewing = false;
+      updatePredict();
+    }
   }
 
   function drawImage() {
@@ -338,23 +465,37 @@
     $("roi-hint").classList.toggle("problem", Boolean(problem));
   }
 
-  // What a prediction is made of: the image, the lesion box and the BI-RADS reading.
+  // What a prediction is made of: the image (and its frame), the lesion box and the BI-RADS reading.
   function inputsKey() {
     const birads = state.info && state.info.reader_rule ? $("birads").value : "";
-    return [state.fileCount, state.box ? state.box.join(",") : "", birads].join("|");
+    const frame = state.frames ? String(state.frame) : "";
+    return [state.fileCount, frame, state.box ? state.box.join(",") : "", birads].join("|");
   }
 
-  // A result made with another box or BI-RADS than those now on the page is no longer theirs: it is taken away
-  // (a new-user review: the old probability, call and heat map stayed with "Done." after the box was changed).
+  // The inputs a clinician can change after a prediction, named as a sentence starts ("The lesion box or the frame").
+  function inputsNamed() {
+    const names = ["lesion box"];
+    if (state.info && state.info.reader_rule) names.push("BI-RADS");
+    if (state.frames) names.push("frame");
+    const listed = names.map((name) => "the " + name);
+    const words = listed.length > 1 ? listed.slice(0, -1).join(", ") + " or " + listed[listed.length - 1] : listed[0];
+    return words.charAt(0).toUpperCase() + words.slice(1);
+  }
+
+  // A result made with another box, BI-RADS or frame than those now on the page is no longer theirs: it is taken
+  // away (a new-user review: the old probability, call and heat map stayed with "Done." after the box was changed).
   function inputsEdited() {
     if (state.shownFor === null || state.shownFor === inputsKey()) return;
-    clearResult("The lesion box or the BI-RADS changed: press Predict for the result with them.");
+    clearResult(inputsNamed() + " changed: press Predict for the result with them.");
     say("status", "");
   }
 
+  // Predict needs the image on the canvas, the box when the model needs one, and for a cine loop the frame chosen
+  // on the canvas (the box is drawn on that one).
   function updatePredict() {
     const needsBox = state.info && state.info.input.needs_roi;
-    $("predict").disabled = !state.file || !state.image || (needsBox && !state.box);
+    const frameShown = !state.frames || (state.frame !== null && state.frame === state.shownFrame);
+    $("predict").disabled = !state.file || !state.image || (needsBox && !state.box) || !frameShown;
   }
 
   // --------------------------------------------------------------------------------------------------- predict
@@ -374,6 +515,7 @@
     form.append("heatmap", state.info.heatmap ? "true" : "false");
     const birads = state.info.reader_rule ? $("birads").value : "";
     if (birads) form.append("birads", birads);
+    if (state.frames) form.append("frame", String(state.frame));
     const sentFor = inputsKey();
     const ticket = ++state.asked;
     $("predict").disabled = true;
@@ -394,7 +536,7 @@
     if (ticket !== state.asked) return;
     updatePredict();
     if (inputsKey() !== sentFor) {
-      say("status", "The lesion box or the BI-RADS changed while predicting: press Predict for the result with them.");
+      say("status", inputsNamed() + " changed while predicting: press Predict for the result with them.");
       return;
     }
     showResult(result);
@@ -418,6 +560,11 @@
       );
     }
     say("threshold-note", result.threshold_note);
+    // Which frame of a cine loop the result is of (null for a single image).
+    const frame = result.frame;
+    const frames = frame ? "frames 0–" + (frame.count - 1) + ", counted from 0 as in alnus predict" : "";
+    say("result-frame", frame ? "The result of frame " + frame.index + " (of " + frames + ")." : "");
+    show("result-frame", Boolean(frame));
     showReader(result.reader_with_ai);
     // An implausible lesion box (tiny, or nearly the whole image): the probability is shown, with the reason.
     say("box-warning", result.warning ? "Warning: " + result.warning : "");
@@ -502,6 +649,9 @@
     $("roi").addEventListener("input", onRoiTyped);
     $("clear-box").addEventListener("click", () => setBox(null));
     $("birads").addEventListener("change", inputsEdited);
+    $("frame").addEventListener("input", onFramePicked);
+    $("frame").addEventListener("change", onFramePicked);
+    $("frame-slider").addEventListener("input", onFramePicked);
     $("predict").addEventListener("click", predict);
   }
 
