@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "alnus.data": 2,
     "alnus.data.images": 2,
     "alnus.data.roi": 2,
+    "alnus.data.masks": 2,
     "alnus.data.augment": 2,
     "alnus.data.manifest": 2,
     "alnus.data.split": 2,
