@@ -258,10 +258,14 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
     """The paper's table at one level: a row per model x operating point x split, each proportion over its CI."""
     rows, measured = [], []
     for model, entry in metrics["models"].items():
-        sets = [(f"frozen: {rule_name(entry['threshold'])}", entry["splits"])]
+        # Each operating point with the threshold it was chosen as: an alternative rule's was chosen on its own
+        # cases (61 validation images, say, where the frozen one counted 29 patients).
+        sets = [(f"frozen: {rule_name(entry['threshold'])}", entry["splits"], entry["threshold"])]
         if entry.get("alternative"):
-            sets.append((f"alternative: {entry['alternative']['name']}", entry["alternative"]["splits"]))
-        for point, by_split in sets:
+            alternative = entry["alternative"]
+            sets.append((f"alternative: {alternative['name']}", alternative["splits"],
+                         alternative.get("threshold", entry["threshold"])))  # fmt: skip
+        for point, by_split, threshold in sets:
             for split in SPLITS:
                 m = by_split.get(split, {}).get(level)
                 if m is None:
@@ -272,7 +276,7 @@ def results_table(metrics: Mapping[str, Any], level: str) -> Table | None:
                     Cell(model, point), split, f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
                     auc_cell(m[auc_key] if auc_key else None),
                     *(proportion_cell(m[k]) for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")),
-                    Cell(f"{m['threshold']:.4g}", _frozen_on(entry["threshold"]), numeric=True),
+                    Cell(f"{m['threshold']:.4g}", _frozen_on(threshold), numeric=True),
                 ])  # fmt: skip
     if not rows:
         return None
