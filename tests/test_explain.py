@@ -589,3 +589,19 @@ def test_an_overlay_of_a_large_image_is_drawn_at_the_overlays_size() -> None:
     pixels = np.asarray(picture)
     assert tuple(pixels[120, 120]) == LIME and tuple(pixels[90, 150]) == CYAN  # mask outline and crop box, scaled
     assert tuple(pixels[20, 20]) == (100, 100, 100)  # no heat there: the grey image
+
+
+def test_a_narrow_images_legend_is_folded_between_words_not_cut() -> None:
+    """A new user's review: a BUS-BRA image 276 px wide showed 'heat map: blue (little weight, see-through) to red
+    (mo' in its PNG's legend, the rest cut off at the right edge; each part was kept whole on a line too short."""
+    from alnus.explain import _with_legend
+
+    picture = Image.new("RGB", (276, 100), (128, 128, 128))
+    parts = [("lesion outline", LIME, True), ("what the network saw", CYAN, True),
+             ("heat map: blue (little weight, see-through) to red (most)", (230, 230, 230), False),
+             ("P(malignant) = 0.186; the patient's call: benign", (255, 255, 255), False)]  # fmt: skip
+    strip = np.asarray(_with_legend(picture, parts))[100:]
+    background = (strip == np.asarray((24, 24, 24), dtype=np.uint8)).all(axis=2)
+    assert background[:, -4:].all()  # nothing written up to the right edge
+    rows_with_text = np.flatnonzero(~background.all(axis=1))
+    assert rows_with_text.size > 0 and strip.shape[0] > 4 * 11  # the legend took more lines instead

@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,13 +322,19 @@ class Explanation:
 
 def _with_legend(picture: Image.Image, parts: list[tuple[str, tuple[int, int, int], bool]]) -> Image.Image:
     """`picture` above a dark strip holding `parts` (text, colour, whether a square of the colour goes first), each
-    kept whole, folded onto as many lines as the picture's width needs."""
+    kept whole where a line holds it, else broken between words, folded onto as many lines as the picture's width
+    needs."""
     font = ImageFont.load_default(size=max(11, min(18, picture.width // 40)))
     gap, pad = font.size, font.size // 2
     measure = ImageDraw.Draw(picture)
+    pieces = []
+    for text, colour, swatch in parts:
+        room = picture.width - 2 * pad - (font.size if swatch else 0)
+        for i, piece in enumerate(_fold(text, room, lambda t: measure.textlength(t, font=font))):
+            pieces.append((piece, colour, swatch and i == 0))
     lines: list[list[tuple[str, tuple[int, int, int], bool]]] = [[]]
     used = pad
-    for text, colour, swatch in parts:
+    for text, colour, swatch in pieces:
         length = measure.textlength(text, font=font) + (font.size if swatch else 0)
         if lines[-1] and used + length > picture.width - pad:
             lines.append([])
@@ -352,6 +358,19 @@ def _with_legend(picture: Image.Image, parts: list[tuple[str, tuple[int, int, in
             x += draw.textlength(text, font=font) + gap
         y += font.size + pad
     return framed
+
+
+def _fold(text: str, room: float, length: Callable[[str], float]) -> list[str]:
+    """`text` as one piece when `length` of it fits `room`, else as pieces broken between words that each fit (a
+    word longer than `room` stays whole): a narrow image's legend was cut at its right edge."""
+    pieces: list[str] = []
+    for word in text.split(" "):
+        joined = f"{pieces[-1]} {word}" if pieces else word
+        if pieces and length(joined) <= room:
+            pieces[-1] = joined
+        else:
+            pieces.append(word)
+    return pieces
 
 
 def _line_width(image: np.ndarray) -> int:
