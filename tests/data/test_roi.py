@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,36 @@ def test_mask_decoding_honours_max_pixels_and_refuses_a_fifo(tmp_path: Path) -> 
         os.mkfifo(tmp_path / "pipe.png")
         with pytest.raises(AlnusError, match="named pipe"):
             roi_box({"image": "a.png", "mask": "pipe.png"}, tmp_path, SHAPE, policy)
+
+
+def test_a_whole_frame_mask_or_box_on_a_cropped_dicom_says_where_it_was_cropped(tmp_path: Path) -> None:
+    """A new user's review: a DICOM with an ultrasound region is read cropped to it, and a mask drawn on the whole
+    frame was refused with 'the image is 485x537' (its viewer shows 645x657) and nothing about the crop; a box read
+    on the whole frame was moved silently or refused the same way. Both errors now say where the crop lies, in
+    `alnus predict` (roi_box) and in `alnus data validate` (validate_manifest)."""
+    import pandas as pd
+
+    from alnus.data.images import image_shape
+    from alnus.data.manifest import validate_manifest
+    from tests.data.test_images import _write_dicom
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)
+    _write_dicom(tmp_path / "r.dcm", pixels, regions=[(1, 10, 5, 49, 34)])  # x 10-49, y 5-34: a 40x30 crop
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    _write_mask(tmp_path / "frame_mask.png", (40, 60), (20, 10, 8, 8))
+    said = r"cropped to its ultrasound region, x 10-49 and y 5-34 of its 60x40 frame: .* subtract 10 from x and 5"
+    shape = image_shape(tmp_path / "r.dcm")
+    with pytest.raises(AlnusError, match=r"mask frame_mask\.png is 60x40 but the image is 40x30; .*" + said):
+        roi_box({"image": "r.dcm", "mask": "frame_mask.png"}, tmp_path, shape, RoiPolicy("box"))
+    with pytest.raises(AlnusError, match=r"roi 30,10,20,8 extends outside the 40x30 image; .*" + said):
+        roi_box({"image": "r.dcm", "roi": "30,10,20,8"}, tmp_path, shape, RoiPolicy("box"))
+    with pytest.raises(AlnusError, match=r"the 80x60 image; fix the box \(the roi column, or --roi: .*\)\.$"):
+        roi_box({"image": "plain.png", "roi": "70,10,20,10"}, tmp_path, SHAPE, RoiPolicy("box"))  # not a DICOM
+
+    table = pd.DataFrame({"image": ["r.dcm", "r.dcm", "plain.png"], "patient_id": ["a", "b", "c"],
+                          "label": ["benign", "malignant", "benign"], "roi": ["", "30,10,20,8", ""],
+                          "mask": ["frame_mask.png", "", "small_mask.png"]})  # fmt: skip
+    _write_mask(tmp_path / "small_mask.png", (30, 40), (1, 1, 5, 5))
+    reasons = {(p.row, p.column): p.reason for p in validate_manifest(table, tmp_path, check_images=True).problems}
+    assert re.search(said, reasons[(2, "mask")]) and re.search(said, reasons[(3, "roi")])  # spreadsheet rows
+    assert "ultrasound region" not in reasons[(4, "mask")]  # a PNG's mask of the wrong size: no word of a crop

@@ -158,6 +158,27 @@ def image_shape(path: str | Path, *, us_region: bool = True, max_pixels: int | N
         return im.height, im.width
 
 
+def us_region_note(path: str | Path) -> str:
+    """Where a DICOM that `load_image` crops to its ultrasound region was cropped, as a sentence for an error about
+    a mask or box of the wrong size or place; "" for any other file (or one whose header cannot be read)."""
+    try:
+        if not is_dicom(path):
+            return ""
+        ds = _read_dicom(Path(path), pixels=False)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        box = _us_region_box(ds, Path(path), rows, columns)
+    except (AlnusError, OSError, AttributeError, TypeError, ValueError):
+        return ""
+    if box is None or box == (0, rows, 0, columns):
+        return ""
+    y0, y1, x0, x1 = box
+    return (
+        f"alnus reads this DICOM cropped to its ultrasound region, x {x0}-{x1 - 1} and y {y0}-{y1 - 1} of its "
+        f"{columns}x{rows} frame: masks and boxes are in pixels of that {x1 - x0}x{y1 - y0} crop, so subtract {x0} "
+        f"from x and {y0} from y of a box read on the whole frame"
+    )
+
+
 def frame_choice(
     path: str | Path, frame: int | None = None, *, max_pixels: int | None = None
 ) -> tuple[int, int | None]:

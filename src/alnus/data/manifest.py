@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from alnus._io import FILE_NOT_FOUND, file_problem, file_sha256, split_paths, spreadsheet_formula
-from alnus.data.images import ImageReadError, dicom_modality, is_dicom, load_image, parse_frame
+from alnus.data.images import ImageReadError, dicom_modality, is_dicom, load_image, parse_frame, us_region_note
 from alnus.data.masks import MaskError, load_mask
 from alnus.data.roi import RoiError, box_inside, format_box, parse_box
 from alnus.errors import AlnusError
@@ -569,7 +569,9 @@ def _check_rows(
                 add(position, "roi", str(exc))
             else:
                 if shape is not None and not box_inside(box, shape):
-                    add(position, "roi", f"box {format_box(box)} extends outside the {_size(shape)} image")
+                    cropped = us_region_note(_resolve(root, image)) if image else ""
+                    outside = f"box {format_box(box)} extends outside the {_size(shape)} image"
+                    add(position, "roi", outside + (f"; {cropped}" if cropped else ""))
         if not check_images:
             continue
         for column in masks:
@@ -578,11 +580,12 @@ def _check_rows(
                 if isinstance(outcome, str):
                     add(position, column, outcome)
                 elif shape is not None and outcome != shape:
+                    cropped = us_region_note(_resolve(root, image))
                     add(
                         position,
                         column,
                         f"mask {part} is {_size(outcome)} but the image is {_size(shape)}; "
-                        "a mask must be drawn on the decoded image",
+                        "a mask must be drawn on the decoded image" + (f"; {cropped}" if cropped else ""),
                     )
     return shapes
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alnus._io import split_paths
+from alnus.data.images import us_region_note
 from alnus.data.masks import load_mask
 from alnus.errors import AlnusError
 
@@ -295,14 +296,16 @@ def _mask_box(row: Mapping[str, str], root: Path, shape: tuple[int, int], max_pi
     except AlnusError as exc:
         raise RoiError(f"image {image}: its lesion mask {shown} cannot be used: {exc}") from None
     if mask.shape != tuple(shape[:2]):
+        cropped = us_region_note(Path(root) / str(image))
         raise RoiError(
             f"image {image}: mask {shown} is {mask.shape[1]}x{mask.shape[0]} but the image is "
-            f"{shape[1]}x{shape[0]}; the mask must be drawn on the decoded image."
+            f"{shape[1]}x{shape[0]}; the mask must be drawn on the decoded image"
+            + (f"; {cropped}." if cropped else ".")
         )
     return box_from_mask(mask)
 
 
-def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
+def _column_box(row: Mapping[str, str], root: Path, shape: tuple[int, int]) -> Box | None:
     text = str(row.get("roi", "") or "").strip()
     if not text:
         return None
@@ -312,9 +315,11 @@ def _column_box(row: Mapping[str, str], shape: tuple[int, int]) -> Box | None:
     except RoiError as exc:
         raise RoiError(f"image {image}: {exc}") from None
     if not box_inside(box, shape):
+        cropped = us_region_note(Path(root) / str(image))
         raise RoiError(
             f"image {image}: roi {format_box(box)} extends outside the {shape[1]}x{shape[0]} image; "
-            "fix the box (the roi column, or --roi: x,y,w,h in pixels of the decoded image)."
+            "fix the box (the roi column, or --roi: x,y,w,h in pixels of the decoded image)"
+            + (f"; {cropped}." if cropped else ".")
         )
     return box
 
@@ -334,7 +339,7 @@ def lesion_box(
     """
     if policy.mode == "whole":
         return None
-    from_column = partial(_column_box, row, shape)
+    from_column = partial(_column_box, row, root, shape)
     from_mask = partial(_mask_box, row, root, shape, max_pixels)
     for source in (from_column, from_mask) if policy.mode == "box" else (from_mask, from_column):
         box = source()
