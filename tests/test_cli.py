@@ -369,6 +369,30 @@ def test_the_predictions_table_wraps_words_whole_where_the_terminal_has_room() -
     assert max(map(len, narrow.splitlines())) <= 80 and narrow.count("0.1626") == 2
 
 
+def test_the_predictions_table_names_masks_and_heat_maps_by_their_file_name() -> None:
+    """A new user's review: with a manifest's mask column the table showed the image's file name but each mask's full
+    path, folded over seven lines of every row at 150 columns; the CSV and JSON keep the paths."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from alnus.cli import _predictions_table
+
+    folder = "/work/shared/data/BrEaST-Lesions-USG"
+    result = pd.DataFrame({
+        "image": [f"{folder}/images/case070.png", f"{folder}/images/case256.png"],
+        "mask": [f"{folder}/masks/case070_tumor.png", ""], "label": ["benign", "benign"], "prob": [0.9718, 0.3963],
+        "call": [1, 0], "heatmap": ["/tmp/maps/0001_case070.png", "/tmp/maps/0002_case256.png"],
+    })  # fmt: skip
+    buffer = io.StringIO()
+    Console(file=buffer, width=150, no_color=True).print(_predictions_table(result, "predictions", 150))
+    text = buffer.getvalue()
+    assert "case070_tumor.png" in text and "0001_case070.png" in text
+    assert "/work/shared" not in text and "/tmp/maps" not in text
+    assert len(text.splitlines()) <= 8  # title, header, one line per row, rules
+
+
 def test_the_demo_ends_with_commands_a_new_user_can_paste(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """New-user review: `make demo` ended with the report's path and no hint of what to do with the model; attack
     and new-user reviews: the hint must paste as one working command (the alnus that ran, quoted, no emoji codes,

@@ -1029,9 +1029,11 @@ def _predictions_table(result, title: str, width: int = 160) -> Table:  # noqa: 
 
     # The engine and the threshold are said once, on stderr, with the call rule.
     shown = result.drop(columns=["engine", "threshold"], errors="ignore")
-    # On a terminal the file name tells the rows apart; the full path is in --out / CSV / JSON.
-    if "image" in shown.columns:
-        shown = shown.assign(image=[Path(str(p)).name if not pd.isna(p) else p for p in shown["image"]])
+    # On a terminal the file name tells the rows apart; the full path is in --out / CSV / JSON. So for a mask and a
+    # heat map (a new user's review: a mask's full path folded over seven lines of every row).
+    for column in ("image", "mask", "heatmap"):
+        if column in shown.columns:
+            shown = shown.assign(**{column: [Path(str(p)).name if not _blank(p) else p for p in shown[column]]})
     # A warning's first clause names the box; its reasons are printed on stderr and kept in the CSV / JSON.
     if "warning" in shown.columns:
         shown = shown.assign(warning=[str(w).split(":")[0] if not pd.isna(w) else w for w in shown["warning"]])
