@@ -516,6 +516,22 @@ def test_alnus_explain_writes_overlays_and_an_index(tiny_run: Path) -> None:
     assert folder.stat().st_mode & 0o777 == RunFolder(tiny_run).figures.parent.stat().st_mode & 0o777
 
 
+def test_alnus_explain_says_the_report_shows_the_earlier_maps_until_rebuilt(tiny_run: Path) -> None:
+    """A new user's review: after `alnus explain RUN` the report still showed the earlier heat maps, and nothing said
+    so (`alnus evaluate` says it of its numbers)."""
+    report = RunFolder(tiny_run).report
+    assert not report.exists()
+    quiet = runner.invoke(app, ["explain", str(tiny_run), "--n", "2", "--device", "cpu"])
+    assert quiet.exit_code == 0 and "rebuilds it" not in quiet.output  # no report yet: nothing to say
+    report.write_text("<html></html>", encoding="utf-8")
+    try:
+        result = runner.invoke(app, ["explain", str(tiny_run), "--n", "2", "--device", "cpu"])
+    finally:
+        report.unlink()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"still shows the earlier heat maps; `alnus report {tiny_run}` rebuilds it" in said
+
+
 def test_alnus_explain_errors_are_clear(tiny_run: Path) -> None:
     """Issue 8.1: an unknown method or split names the choices; a busy run folder is refused."""
     result = runner.invoke(app, ["explain", str(tiny_run), "--method", "lime"])

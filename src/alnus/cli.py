@@ -2095,6 +2095,9 @@ def explain(
             notes = pd.Series(dtype=str)
         for text in dict.fromkeys(n for n in notes if n):
             console.print(f"  [yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+    report = RunFolder(run).report
+    if report.is_file():  # as after `alnus evaluate`: a new user opened the report for the maps just written
+        _note(f"{report} still shows the earlier heat maps; `alnus report {run}` rebuilds it with these.")
 
 
 _THRESHOLD_STATUS = {
