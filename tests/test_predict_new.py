@@ -947,3 +947,17 @@ def test_written_paths_read_back_through_a_linked_folder_with_masks_and_heat_map
     (site / "w.csv").write_text("image\nC:\\data\\x.png\n")
     code, _, _ = _predict(str(data / "model"), "--manifest", "site/w.csv", "--out", "out/w.csv")
     assert pd.read_csv(tmp_path / "out" / "w.csv")["image"].tolist() == ["C:\\data\\x.png"]
+
+
+def test_a_heat_map_of_a_cine_loop_names_its_frame() -> None:
+    """A new user's review: `--heatmaps` on a 10-frame DICOM wrote a PNG whose caption gave the probability and the
+    call but not which frame it maps; a file of one frame says nothing of frames."""
+    from alnus.cli import _heatmap_caption
+
+    row = {"prob": 0.8872, "prediction": "malignant", "call_level": "patient", "frame": 5, "n_frames": "10"}
+    assert _heatmap_caption(row, "malignant") == (
+        "P(malignant) = 0.887; the patient's call: malignant; frame 5 of 10 (numbered from 0)"
+    )
+    single = {**row, "frame": 0, "n_frames": float("nan")}
+    assert _heatmap_caption(single, "malignant") == "P(malignant) = 0.887; the patient's call: malignant"
+    assert "frame" not in _heatmap_caption({"prob": 0.5, "frame": 0, "n_frames": 1}, "positive")

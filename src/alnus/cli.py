@@ -1131,14 +1131,24 @@ def _write_heatmaps(predictor, table, result, folder: Path) -> list[str]:  # noq
             continue
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(row["image"]).stem)[:80] or "image"
         path = folder / f"{i + 1:04d}_{stem}.png"
-        got = result.iloc[i]
-        caption = f"P({predictor.positive_label}) = {got['prob']:.3f}"
-        if got.get("prediction"):
-            whose = "image" if got.get("call_level") in ("image", "", None) else str(got["call_level"])
-            caption += f"; the {whose}'s call: {got['prediction']}"
+        caption = _heatmap_caption(result.iloc[i].to_dict(), predictor.positive_label)
         atomic_write_bytes(path, explanation.overlay_png(width=OVERLAY_WIDTH, caption=caption))
         written[i] = str(path)
     return written
+
+
+def _heatmap_caption(got: dict, positive_label: str) -> str:
+    """The line under a heat-map PNG: the probability and the call, and which frame of a multi-frame file (a new
+    user's review: the map of a cine loop did not say which of its frames it was)."""
+    caption = f"P({positive_label}) = {got['prob']:.3f}"
+    if got.get("prediction"):
+        whose = "image" if got.get("call_level") in ("image", "", None) else str(got["call_level"])
+        caption += f"; the {whose}'s call: {got['prediction']}"
+    try:
+        frame, frames = int(got.get("frame")), int(got.get("n_frames"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return caption
+    return caption + (f"; frame {frame} of {frames} (numbered from 0)" if frames > 1 else "")
 
 
 def _note(text: str) -> None:
