@@ -304,12 +304,15 @@ def _zip() -> bytes:
         (_png_header_only(30000, 30000), "1,1,5,5", 422, "decompression bomb"),
         (dicom_bytes(None), "1,1,5,5", 422, "no pixel data"),
         (png_bytes(grey_image()), "70,50,20,20", 422, "roi: the box 70,50,20,20 (x,y,w,h) extends outside the 80 x 60"),
+        # A box read on a DICOM's whole frame (a new user's review): the answer says where the region's crop lies.
+        (dicom_bytes(grey_image()), "70,50,12,12", 422, "x 6-85 and y 6-65 of its 92x72 frame"),
         (png_bytes(grey_image()), "1,2,3", 422, "roi: roi '1,2,3' has 3 field(s)"),
         (png_bytes(grey_image()), None, 422, "roi: this model looks at the lesion only"),
         (png_bytes(grey_image()), "1,1,-5,5", 422, "width and height must be positive"),
     ],
     ids=(
-        "empty text zip gif truncated bomb dicom-no-pixels roi-outside roi-malformed roi-missing roi-negative"
+        "empty text zip gif truncated bomb dicom-no-pixels roi-outside roi-outside-dicom-crop roi-malformed "
+        "roi-missing roi-negative"
     ).split(),
 )
 def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_serving(

@@ -36,7 +36,7 @@ from PIL import Image
 
 from alnus.combine import apply_reader_rule, reading_problem
 from alnus.data.dataset import PreprocessSpec
-from alnus.data.images import FrameError, frame_choice, load_image
+from alnus.data.images import FrameError, frame_choice, load_image, us_region_note
 from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
 from alnus.data.tta import all_views
 from alnus.errors import AlnusError
@@ -508,10 +508,11 @@ class ModelService:
         image, index, frames = self._decode(job.path, job.frame)
         height, width = image.shape
         if box is not None and not box_inside(box, image.shape):
+            cropped = us_region_note(job.path)  # a box read on a DICOM's whole frame: say where the crop lies
             raise ApiError(
                 422,
                 f"roi: the box {format_box(box)} (x,y,w,h) extends outside the {width} x {height} image; draw it "
-                "inside the image, in pixels of the decoded image.",
+                "inside the image, in pixels of the decoded image" + (f"; {cropped}." if cropped else "."),
             )
         return _Ready(job=job, image=image, box=box, frame=index, frames=frames)
 
