@@ -283,7 +283,7 @@ def test_cli_cv_keeping_each_folds_last_epoch(phantom, cv_run, tmp_path):
     mixed = runner.invoke(app, ["cv-compare", str(chose), str(kept), "--out", str(tmp_path / "c.json")])
     assert mixed.exit_code == 0, mixed.output
     flat = " ".join(mixed.output.split())
-    assert "Warning: tiny chose each fold's epoch on the patients that score it and tiny_last did not" in flat
+    assert "Warning: tiny chose each fold's epoch on the patients that score it and tiny_last kept the last" in flat
     rows = json.loads((tmp_path / "c.json").read_text())["models"]
     assert [r["selection"] for r in rows] == ["val_auc", "last"]
     # Each fold's kept and last epochs are read from its run: the warning needs a fold whose chosen epoch was not the
@@ -776,3 +776,21 @@ def test_a_missing_manifest_stops_cv_before_any_fold_folder_is_made(tmp_path):
     ):
         run_cv(load_config(config), 2)
     assert not (tmp_path / "runs").exists()
+
+
+def test_cv_compare_does_not_say_nothing_was_chosen_when_an_epoch_was():
+    """New-user review: a configuration choosing by validation AUC whose folds happened to choose their last epochs
+    was said to have chosen nothing; the fold AUCs are those of keeping the last, but an epoch was chosen."""
+    from alnus.cli import _selection_words
+
+    chose_last = {"model": "a", "selection": "val_auc", "kept_epochs": [2, 2], "last_epochs": [2, 2]}
+    by_rule = {"model": "b", "selection": "last", "kept_epochs": [2, 2], "last_epochs": [2, 2]}
+    chose_earlier = {"model": "c", "selection": "val_auc", "kept_epochs": [1, 2], "last_epochs": [2, 2]}
+    said, warning = _selection_words([chose_last, by_rule])
+    assert "nothing was chosen" not in said and "the last every time" in said and warning == ""
+    said, warning = _selection_words([by_rule, {**by_rule, "model": "d"}])
+    assert said.endswith("nothing was chosen on the patients that score it.") and warning == ""
+    said, warning = _selection_words([chose_earlier, chose_last])
+    assert said.startswith("a kept each fold's last epoch; c chose it") and warning.startswith("c chose each fold's")
+    said, warning = _selection_words([chose_earlier])
+    assert "lean optimistic" in said and warning == ""

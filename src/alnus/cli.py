@@ -718,23 +718,9 @@ def cv_compare(
                 "tested is the within-fold one.",
                 highlight=False,
             )
-    # A configuration that chose by validation AUC but kept each fold's last epoch anyway chose nothing.
-    chosen = [m["model"] for m in result["models"] if m.get("selection") != "last" and not _kept_last(m)]
-    kept = [m["model"] for m in result["models"] if m.get("selection") == "last" or _kept_last(m)]
-    if not kept:
-        selection = ("Each fold's epoch was chosen on that fold's own validation patients, so fold AUCs lean "
-                     "optimistic, more so with more epochs to choose from.")  # fmt: skip
-    elif not chosen:
-        selection = "Each fold kept its last epoch: nothing was chosen on the patients that score it."
-    else:
-        selection = (f"{', '.join(kept)} kept each fold's last epoch; {', '.join(chosen)} chose it on the patients "
-                     "that score it, whose fold AUCs lean optimistic.")  # fmt: skip
-        console.print(
-            f"[yellow]Warning:[/yellow] {escape(', '.join(chosen))} chose each fold's epoch on the patients that score "
-            f"it and {escape(', '.join(kept))} did not, so the differences favour the former by that selection alone; "
-            "cross-validate the configurations with the same train.selection_metric to compare them fairly.",
-            highlight=False,
-        )
+    selection, warning = _selection_words(result["models"])
+    if warning:
+        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
     console.print(
         "Tested: within each fold, the two configurations' AUCs on the fold's patients (paired DeLong); the mean of "
         "the fold differences, its variance the sum of the folds' / K^2 (the folds hold different patients); "
@@ -1007,6 +993,28 @@ def _blank(value: object) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value)) or str(value).strip() == ""
+
+
+def _selection_words(models: list[dict]) -> tuple[str, str]:
+    """What cv-compare says of how each compared configuration kept its folds' epochs, and a warning ("" for none)
+    when some chose them on the patients that score them and others kept the last (by rule, or because the epoch
+    chosen was the last in every fold: the same AUCs as keeping the last, though an epoch was chosen)."""
+    chosen = [m["model"] for m in models if m.get("selection") != "last" and not _kept_last(m)]
+    kept = [m["model"] for m in models if m.get("selection") == "last" or _kept_last(m)]
+    if not kept:
+        return ("Each fold's epoch was chosen on that fold's own validation patients, so fold AUCs lean optimistic, "
+                "more so with more epochs to choose from."), ""  # fmt: skip
+    if not chosen and all(m.get("selection") == "last" for m in models):
+        return "Each fold kept its last epoch: nothing was chosen on the patients that score it.", ""
+    if not chosen:
+        said = ("Each fold kept its last epoch, by rule or because the epoch chosen on the fold's validation "
+                "patients was the last every time: the fold AUCs are those that keeping the last gives.")  # fmt: skip
+        return said, ""
+    return (f"{', '.join(kept)} kept each fold's last epoch; {', '.join(chosen)} chose it on the patients that score "
+            "it, whose fold AUCs lean optimistic."), (
+            f"{', '.join(chosen)} chose each fold's epoch on the patients that score it and {', '.join(kept)} kept "
+            "the last, so the differences favour the former by that selection alone; cross-validate the "
+            "configurations with the same train.selection_metric to compare them fairly.")  # fmt: skip
 
 
 def _kept_last(row: dict) -> bool:
