@@ -178,6 +178,8 @@ def test_an_auc_interval_of_no_width_is_not_shown_as_one() -> None:
     assert auc_cell({"estimate": 1.0, "ci_low": 1.0, "ci_high": 1.0}).sub == NO_WIDTH
     assert auc_cell({"estimate": 0.8, "ci_low": 0.7, "ci_high": 0.9}).sub == "0.70-0.90"
     assert interval(0.0, 0.0, 0.0) == f"0.000 ({NO_WIDTH})" and interval(0.1, -0.1, 0.3) == "0.100 (-0.100 to 0.300)"
+    # A difference is written with its signs, as the terminal and the docs write it (new-user review).
+    assert interval(-0.163, -0.429, 0.102, signed=True) == "-0.163 (-0.429 to +0.102)"
     proportion = {"k": 2, "n": 2, "estimate": 1.0, "ci_low": 0.16, "ci_high": 1.0}
     rates = dict.fromkeys(("accuracy", "sensitivity", "specificity", "ppv", "npv"), proportion)
     auc = {"estimate": 1.0, "ci_low": 1.0, "ci_high": 1.0}

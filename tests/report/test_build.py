@@ -207,7 +207,7 @@ def test_model_comparisons_are_tabled_with_delong_and_holm(report_run: Path) -> 
     page = read_page(render_report(report_context(inputs, read_figures_index(report_run), {})))
     (row,) = _rows(page, "table-model-comparisons")
     assert row == {"split": "external_test", "model A": "tiny_cnn", "model B": "other", "AUC A": "0.912",
-                   "AUC B": "0.810", "difference (95% CI)": "0.102 (-0.012 to 0.216)", "P": "0.089",
+                   "AUC B": "0.810", "difference (95% CI)": "+0.102 (-0.012 to +0.216)", "P": "0.089",
                    "P (Holm)": "0.179"}  # fmt: skip
     assert "DeLong" in page.section_text["comparisons-delong"]
 

@@ -89,14 +89,21 @@ def num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "n/a"
 
 
-def interval(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
+def interval(
+    estimate: float | None, low: float | None, high: float | None, digits: int = 3, *, signed: bool = False
+) -> str:
+    """`estimate (low to high)`; `signed` (a difference): each with its sign, as the terminal and docs write them."""
     if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
         return "n/a"
+
+    def shown(x: float) -> str:
+        return f"{x:+.{digits}f}" if signed else num(x, digits)
+
     if low is None or high is None or any(isinstance(v, float) and math.isnan(v) for v in (low, high)):
-        return num(estimate, digits)
+        return shown(estimate)
     if low == high:
-        return f"{num(estimate, digits)} ({NO_WIDTH})"
-    return f"{num(estimate, digits)} ({num(low, digits)} to {num(high, digits)})"
+        return f"{shown(estimate)} ({NO_WIDTH})"
+    return f"{shown(estimate)} ({shown(low)} to {shown(high)})"
 
 
 def proportion_cell(p: Mapping[str, Any] | None) -> Cell:
@@ -314,7 +321,8 @@ def _proportion_ci(metrics: Mapping[str, Any], level: str) -> str:
 def comparisons_table(metrics: Mapping[str, Any]) -> Table | None:
     rows = [
         [split, c["model_a"], c["model_b"], num(c["auc_a"]), num(c["auc_b"]),
-         interval(c["difference"], c["ci_low"], c["ci_high"]), format_p(c["p"]), format_p(c.get("p_holm"))]
+         interval(c["difference"], c["ci_low"], c["ci_high"], signed=True), format_p(c["p"]),
+         format_p(c.get("p_holm"))]
         for split in SPLITS
         for c in metrics.get("comparisons", {}).get(split, [])
     ]  # fmt: skip
@@ -395,7 +403,7 @@ def panel_table(split: str, model: str, compared: Mapping[str, Any]) -> Table:
             rows.append([r["metric"], str(r.get("n", "")), "", "", "", "", r.get("note") or "not computed"])
             continue
         difference = (
-            interval(r["difference"], r["ci_low"], r["ci_high"])
+            interval(r["difference"], r["ci_low"], r["ci_high"], signed=True)
             if auc
             else f"{_points(r['difference'])} ({100 * r['ci_low']:+.1f} to {100 * r['ci_high']:+.1f})"
         )
