@@ -214,6 +214,10 @@ def test_calibration_figure_shows_bins_with_counts_and_the_calibration_numbers()
     assert len(counts) == 5 and sum(counts) == 200
     bars = by_gid(fig, "probability_histogram")
     assert sum(int(b.get_height()) for b in bars) == 200, "every case in the histogram, positives and negatives"
+    small = calibration_figure(*scores(60, seed=2), n_bins=2, title="few cases")  # up to 10 a bar: 2.5 was a tick
+    small.canvas.draw()
+    ticks = small.axes[1].get_yticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), "the histogram counts cases (new-user review)"
     title = fig.axes[0].get_title()
     assert "Brier" in title and "slope" in title and "intercept" in title
 

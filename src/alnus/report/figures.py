@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import MaxNLocator
 
 from alnus import stats
 from alnus._io import atomic_write_bytes, atomic_write_text
@@ -418,6 +419,7 @@ def calibration_figure(
                 histtype="bar", stacked=True, gid="probability_histogram")  # fmt: skip
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("cases")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no tick at 2.5 cases
     handles, labels = top.get_legend_handles_labels()
     more, more_labels = bottom.get_legend_handles_labels()
     fig.legend(handles + more, labels + [f"{name} cases" for name in more_labels], loc="outside lower center",
