@@ -961,3 +961,16 @@ def test_a_heat_map_of_a_cine_loop_names_its_frame() -> None:
     single = {**row, "frame": 0, "n_frames": float("nan")}
     assert _heatmap_caption(single, "malignant") == "P(malignant) = 0.887; the patient's call: malignant"
     assert "frame" not in _heatmap_caption({"prob": 0.5, "frame": 0, "n_frames": 1}, "positive")
+
+
+def test_out_makes_its_missing_folders_as_heatmaps_does(data: Path, tmp_path: Path) -> None:
+    """New-user review: `--out out/x.csv` failed when out/ was missing, while `--heatmaps out/hm` made its folders.
+    Both make them now; a file where a folder should be is still refused before any image is predicted."""
+    image = str(data / "export" / "a.png")
+    out = tmp_path / "results" / "today" / "p.csv"
+    _predict(str(data / "model"), image, "--out", str(out), "--heatmaps", str(tmp_path / "results" / "maps"))
+    assert out.is_file() and "prob" in out.read_text().splitlines()[0]
+    (tmp_path / "afile").write_text("keep\n")
+    with pytest.raises(AlnusError, match=r"--out .*p\.csv: .*afile is a file, not a folder"):
+        _predict(str(data / "model"), image, "--out", str(tmp_path / "afile" / "sub" / "p.csv"))
+    assert (tmp_path / "afile").read_text() == "keep\n"

@@ -830,13 +830,14 @@ def _refuse_run_folder(package: Path, command: str = "predict") -> None:
 
 
 def _check_targets(out: Path | None, heatmaps: Path | None) -> None:
-    """--out must name a regular file (or a new one) in an existing folder and --heatmaps a folder, checked before
+    """--out must name a regular file (or a new one; missing folders are made) and --heatmaps a folder, checked before
     any image is predicted: a device, FIFO or link there would be replaced, and a late failure loses the results."""
     if out is not None:
         if out.is_symlink() or (out.exists() and not out.is_file()):
             raise AlnusError(f"--out {out} is not a regular file (a folder, device, FIFO or link); name a file.")
-        if not out.parent.is_dir():
-            raise AlnusError(f"--out {out}: the folder {out.parent} does not exist; create it or name another.")
+        blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise AlnusError(f"--out {out}: {blocking} is a file, not a folder; name a file in a folder.")
     if heatmaps is not None:
         if heatmaps.is_symlink() and not heatmaps.exists():
             raise AlnusError(f"--heatmaps {heatmaps} is a link to {os.readlink(heatmaps)}, which does not exist; name "
@@ -864,9 +865,10 @@ def _check_writable(out: Path | None, heatmaps: Path | None) -> None:
     if out is not None:
         if out.exists() and (not os.stat(out).st_mode & stat.S_IWUSR or not os.access(out, os.W_OK)):
             raise AlnusError(f"--out {out} is read-only; make it writable to replace it, or name another file.")
-        problem = _cannot_create_in(out.parent)
+        existing = next(a for a in out.parents if a.exists())
+        problem = _cannot_create_in(existing)
         if problem:
-            raise AlnusError(f"--out {out}: no file can be written in {out.parent} ({problem}); name another folder.")
+            raise AlnusError(f"--out {out}: no file can be written in {existing} ({problem}); name another folder.")
     if heatmaps is not None:
         existing = next(a for a in (heatmaps, *heatmaps.parents) if a.exists())
         problem = _cannot_create_in(existing)
@@ -1258,7 +1260,10 @@ def predict(
         ),
     ] = None,
     out_name: Annotated[
-        str | None, typer.Option("--out", metavar="<path>", help="Write the predictions to this file (in --format).")
+        str | None,
+        typer.Option(
+            "--out", metavar="<path>", help="Write the predictions to this file (in --format); its folders are made."
+        ),
     ] = None,
     heatmaps: Annotated[
         Path | None, typer.Option(help="Write a heat-map overlay (Grad-CAM) PNG per image into this folder.")
@@ -1351,6 +1356,7 @@ def predict(
     if out is not None:
         from alnus._io import atomic_write_text
 
+        out.parent.mkdir(parents=True, exist_ok=True)  # as --heatmaps makes its folder
         atomic_write_text(out, _render(result, fmt, title, array=out.suffix.lower() == ".json"))
         if sys.stdout.isatty():
             console.print(_predictions_table(result, title, console.width))
