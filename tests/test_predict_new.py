@@ -413,7 +413,11 @@ def test_a_missing_manifest_image_says_where_it_was_looked_for(data: Path, tmp_p
     table = Predictor(data / "model", device="cpu").predict_inputs(collect_inputs(manifest=manifest))
     error = table["error"].iloc[0]
     assert error.startswith("images/case001.png: file not found")
-    assert f"(looked for {tmp_path / 'lists' / 'images' / 'case001.png'})" in error
+    assert error.endswith(f"(relative to the manifest) (looked for {tmp_path / 'lists' / 'images' / 'case001.png'}).")
+    # README's real-data examples from a clone with no data beside it: where the data belongs (new-user review).
+    manifest.write_text('image,roi\n../../shared/data/BrEaST-Lesions-USG/images/case001.png,"1,1,10,10"\n')
+    error = Predictor(data / "model", device="cpu").predict_inputs(collect_inputs(manifest=manifest))["error"].iloc[0]
+    assert "). (" not in error and "README's section 'A model trained on real breast ultrasound images'" in error
 
 
 def test_one_image_listed_for_two_patients_is_predicted_for_each_and_said(data: Path, tmp_path: Path) -> None:

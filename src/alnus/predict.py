@@ -43,7 +43,7 @@ from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import frame_choice, load_image, parse_frame
-from alnus.data.inputs import KEPT_PREFIX
+from alnus.data.inputs import KEPT_PREFIX, shared_data_hint
 from alnus.data.roi import (
     Box,
     RoiError,
@@ -574,7 +574,9 @@ class Predictor:
                     named = row.get("image") or row["path"]
                     errors[i] = _as_named(str(exc) or type(exc).__name__, row["path"], named)
                     if named != row["path"] and not Path(row["path"]).exists():
-                        errors[i] += f" (looked for {row['path']})"  # a relative name: where it was resolved
+                        # A relative name: where it was resolved, and where README's real data belongs.
+                        where = f" (looked for {row['path']}){shared_data_hint(row['path'])}"
+                        errors[i] = f"{errors[i].removesuffix('.')}{where}."
             if len(pending) >= self.batch_size:
                 flush()
             if progress is not None:

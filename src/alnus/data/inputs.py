@@ -75,7 +75,7 @@ def _table_hint(name: str) -> str:
     return ""
 
 
-def _shared_data_hint(name: str) -> str:
+def shared_data_hint(name: str) -> str:
     """Where README's real-data examples expect the public datasets, for a missing path inside shared/data."""
     if "shared/data/" not in Path(name).as_posix():
         return ""
@@ -87,7 +87,7 @@ def _file_row(arg: str, path: Path) -> dict[str, str]:
     """A file named on the command line: read whatever its ending, unless it is plainly not an image."""
     problem = file_problem(path)
     if problem == FILE_NOT_FOUND:
-        return _row(arg, path, arg, f"{arg}: file or folder not found; check the path{_shared_data_hint(arg)}.")
+        return _row(arg, path, arg, f"{arg}: file or folder not found; check the path{shared_data_hint(arg)}.")
     if problem is not None:
         return _row(arg, path, arg, f"{arg}: {problem}; point to an image file.")
     suffix = path.suffix.lower()
