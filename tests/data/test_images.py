@@ -775,3 +775,20 @@ def test_the_first_page_of_a_many_page_tiff_is_read_without_counting_pages(tmp_p
 
     monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "n_frames", property(no_count))
     assert int(load_image(path)[0, 0]) == 10
+
+
+@pytest.mark.parametrize("bound", [[0, 1], "nan", "1e400"])
+def test_dicom_region_bound_not_one_number_is_refused(tmp_path: Path, bound: object) -> None:
+    # A crafted file: a region's location with two values, or (as DS) no whole number; it crashed with TypeError.
+    path = tmp_path / "r.dcm"
+    ds = _write_dicom(path, np.zeros((20, 30), dtype=np.uint8), regions=[(1, 2, 3, 11, 12)])
+    (region,) = ds.SequenceOfUltrasoundRegions
+    if isinstance(bound, str):
+        region.add_new("RegionLocationMinX0", "DS", bound)
+    else:
+        region.RegionLocationMinX0 = bound
+    ds.save_as(path, enforce_file_format=True)
+    for read in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match="not one whole number each; load it with us_region=False"):
+            read(path)
+    assert load_image(path, us_region=False).shape == (20, 30)

@@ -534,7 +534,13 @@ def _us_region_box(ds: Dataset, path: Path, rows: int, columns: int) -> tuple[in
                 f"{path}: an ultrasound region lacks its location ({', '.join(_REGION_BOUNDS)}); "
                 "load it with us_region=False or re-export the file."
             )
-        bounds.append([int(region.get(key)) for key in _REGION_BOUNDS])
+        try:
+            bounds.append([int(region.get(key)) for key in _REGION_BOUNDS])
+        except (TypeError, ValueError, OverflowError):  # several values, or a number that is no pixel (NaN, inf)
+            raise ImageReadError(
+                f"{path}: an ultrasound region's location ({', '.join(_REGION_BOUNDS)}) is not one whole number "
+                "each; load it with us_region=False or re-export the file."
+            ) from None
     x0, y0 = max(min(b[0] for b in bounds), 0), max(min(b[1] for b in bounds), 0)
     x1, y1 = min(max(b[2] for b in bounds) + 1, columns), min(max(b[3] for b in bounds) + 1, rows)
     if x0 >= x1 or y0 >= y1:
