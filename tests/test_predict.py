@@ -252,6 +252,22 @@ def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
         predict_run(run, splits=["test"])
 
 
+def test_predict_run_refuses_a_package_trained_on_another_split(tmp_path: Path) -> None:
+    """A package copied in from another run (or left by a training cut short after the run was split again) was
+    predicted and evaluated on this split, whose val and test patients it may have trained on."""
+    from alnus.ensemble import run_training_hash
+
+    run = make_run(tmp_path)
+    metadata = run / "models" / "tiny_cnn" / "model" / "metadata.json"
+    meta = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**meta, "training_data_hash": "0" * 64}))
+    with pytest.raises(PredictError, match=r"trained on other data than the train and val split .*Train it again"):
+        predict_run(run, device="cpu", splits=["val"])
+    assert not (run / "models" / "tiny_cnn" / "predictions" / "val.csv").exists()
+    metadata.write_text(json.dumps({**meta, "training_data_hash": run_training_hash(run)}))
+    assert predict_run(run, device="cpu", splits=["val"])["tiny_cnn"]["rows"]["val"] > 0
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 def test_cli_predict_run_and_predict(tmp_path: Path) -> None:
     """`alnus predict-run RUN` is the study's stage; `alnus predict PACKAGE IMAGE...` predicts new images."""

@@ -889,6 +889,26 @@ def _check_ensemble_data(run: RunFolder, model: str) -> None:
         )
 
 
+def _check_training_data(run: RunFolder, model: str, expected: Callable[[], str]) -> None:
+    """A trained package predicts a run's splits only when it was trained and selected on the run's train and val
+    rows: one trained on another split (copied in from another run, or left by a training stopped after the run was
+    prepared again) may have learned this split's validation or test patients."""
+    from alnus.models.package import read_metadata
+
+    meta = read_metadata(run.model(model).package)
+    recorded = meta.get("training_data_hash")
+    if is_ensemble(meta) or not isinstance(recorded, str) or not recorded:
+        return  # an ensemble's members were checked when it was built (`_check_ensemble_data`)
+    if recorded != expected():
+        raise PredictError(
+            f"{run.model(model).package} was trained on other data than the train and val split of {run.root} "
+            f"(training-data hash {recorded[:12]}..., this run's {expected()[:12]}...): it may have seen patients "
+            "that this split puts in validation or a test, which would make its results look better than they are "
+            "(or the training images changed since it was trained). Train it again in this run (`alnus train "
+            "CONFIG`, or `alnus study CONFIG`), or put back the package that training wrote there."
+        )
+
+
 def predict_run(
     run_dir: str | os.PathLike[str],
     *,
@@ -905,10 +925,11 @@ def predict_run(
 
     Each CSV has exactly the split's rows of `splits.csv` and the columns image, patient_id, study_id, site,
     label, y, prob. `predictions.json` (written last) records the weights (and TTA views) they came from, so evaluate
-    can tell predictions of an older training. An ensemble of the run is refused when the run was prepared again
-    after it was built. Splits without rows are skipped. Images are read through the run's
-    image cache (`runs/<name>/cache`, shared with training). The study's predictions always run on PyTorch (the
-    weights it trained), never on an ONNX export of them.
+    can tell predictions of an older training. A trained package whose training-data hash is not the run's train and
+    val rows' is refused, as is an ensemble of the run when the run was prepared again after it was built. Splits
+    without rows are skipped. Images are read through the run's image cache (`runs/<name>/cache`, shared with
+    training). The study's predictions always run on PyTorch (the weights it trained), never on an ONNX export of
+    them.
 
     Args:
         precision: see `Predictor`; the study predicts in fp32, the reference every engine is checked against
@@ -926,9 +947,19 @@ def predict_run(
     names = run_models(run_dir, models or [])
     cache = ImageCache(run.cache)
     summary: dict[str, Any] = {}
+    training_hash: list[str] = []  # the run's, computed (every training image hashed) only when a package needs it
+
+    def expected() -> str:
+        from alnus.ensemble import run_training_hash
+
+        if not training_hash:
+            training_hash.append(run_training_hash(run_dir))
+        return training_hash[0]
+
     for model in names:
         where = run.model(model)
         _check_ensemble_data(run, model)
+        _check_training_data(run, model, expected)
         predictor = Predictor(
             where.package,
             device=device,
