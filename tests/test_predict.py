@@ -261,7 +261,8 @@ def test_predict_run_refuses_a_package_trained_on_another_split(tmp_path: Path) 
     metadata = run / "models" / "tiny_cnn" / "model" / "metadata.json"
     meta = json.loads(metadata.read_text())
     metadata.write_text(json.dumps({**meta, "training_data_hash": "0" * 64}))
-    with pytest.raises(PredictError, match=r"trained on other data than the train and val split .*Train it again"):
+    refused = r"trained on other data than the train and val split .*train it again in this run: delete .*tiny_cnn and"
+    with pytest.raises(PredictError, match=refused):
         predict_run(run, device="cpu", splits=["val"])
     assert not (run / "models" / "tiny_cnn" / "predictions" / "val.csv").exists()
     metadata.write_text(json.dumps({**meta, "training_data_hash": run_training_hash(run)}))

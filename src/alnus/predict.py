@@ -904,8 +904,9 @@ def _check_training_data(run: RunFolder, model: str, expected: Callable[[], str]
             f"{run.model(model).package} was trained on other data than the train and val split of {run.root} "
             f"(training-data hash {recorded[:12]}..., this run's {expected()[:12]}...): it may have seen patients "
             "that this split puts in validation or a test, which would make its results look better than they are "
-            "(or the training images changed since it was trained). Train it again in this run (`alnus train "
-            "CONFIG`, or `alnus study CONFIG`), or put back the package that training wrote there."
+            "(or the training images changed since it was trained). Put back the package that training wrote there, "
+            f"or train it again in this run: delete {run.model(model).root} and run `alnus study CONFIG` (or "
+            "`alnus train CONFIG`)."
         )
 
 
