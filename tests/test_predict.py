@@ -252,6 +252,32 @@ def test_predict_run_needs_a_prepared_run_with_models(tmp_path: Path) -> None:
         predict_run(run, splits=["test"])
 
 
+def test_evaluate_refuses_a_prediction_table_changed_after_predict_run(tmp_path: Path) -> None:
+    """A probability edited by hand (still in [0, 1]), or a table left by an earlier prediction, was evaluated as the
+    model's: predictions.json records each table's SHA-256 as written."""
+    from alnus.explain import ExplainError, case_table
+
+    run = make_run(tmp_path)
+    predict_run(run, device="cpu")
+    evaluate_run(run, n_boot=50)
+    path = run / "models" / "tiny_cnn" / "predictions" / "external_test.csv"
+    original = path.read_bytes()
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    write_csv(table.assign(prob=np.where(table["y"] == "1", "0.99", "0.01")), path)
+    with pytest.raises(AlnusError, match=r"external_test.csv changed after `alnus predict-run` wrote it.*predict-run"):
+        evaluate_run(run, n_boot=50)
+    predictor = Predictor(run / "models" / "tiny_cnn" / "model", device="cpu")
+    with pytest.raises(ExplainError, match=r"external_test.csv changed after `alnus predict-run`"):
+        case_table(run, "tiny_cnn", "external_test", predictor)
+    path.write_bytes(original)
+    evaluate_run(run, n_boot=50)
+    # Predicting one split leaves the others' tables, which the new stamp does not vouch for.
+    predict_run(run, device="cpu", splits=["val"])
+    with pytest.raises(AlnusError, match=r"internal_test.csv was not written by the `alnus predict-run` .*\(it "
+                       r"predicted val\)"):  # fmt: skip
+        evaluate_run(run, n_boot=50)
+
+
 def test_predict_run_refuses_a_package_trained_on_another_split(tmp_path: Path) -> None:
     """A package copied in from another run (or left by a training cut short after the run was split again) was
     predicted and evaluated on this split, whose val and test patients it may have trained on."""

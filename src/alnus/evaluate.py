@@ -908,13 +908,32 @@ def _read_splits(run_dir: Path) -> pd.DataFrame | None:
     return read_splits(run_dir) if RunFolder(run_dir).splits.is_file() else None
 
 
+def prediction_table_problem(digests: Mapping[str, Any] | None, split: str, path: Path) -> str:
+    """Why the table `path` of `split` is not the one `predict_run` wrote ("" when it is), by the SHA-256 digests its
+    `predictions.json` records (None: a stamp from before they were recorded, nothing to check)."""
+    if digests is None:
+        return ""
+    if split not in digests:
+        return (
+            f"{path} was not written by the `alnus predict-run` that wrote predictions.json (it predicted "
+            f"{', '.join(map(str, digests)) or 'no split'}), so it may come from other weights"
+        )
+    if file_sha256(path) != digests[split]:
+        return (
+            f"{path} changed after `alnus predict-run` wrote it (its SHA-256 is not the one predictions.json "
+            "records): edited by hand or copied from elsewhere, its results would not be the model's"
+        )
+    return ""
+
+
 def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, pd.DataFrame]:
     """The prediction tables of one model, checked against the package and splits.csv.
 
     Raises EvaluateError when `predictions.json` is missing (predicting did not finish) or names other weights
-    (or TTA views) than the package's (the model was retrained after predicting), when the validation predictions
-    are missing, when a split of splits.csv has no predictions, or when a table's images, or an image's y, label,
-    patient_id, site or study_id, differ from the split's rows (`alnus.runfolder.prediction_mismatch`).
+    (or TTA views) than the package's (the model was retrained after predicting), when a table is not the one that
+    predicting wrote (its SHA-256 in `predictions.json` differs, or it is not listed there), when the validation
+    predictions are missing, when a split of splits.csv has no predictions, or when a table's images, or an image's
+    y, label, patient_id, site or study_id, differ from the split's rows (`alnus.runfolder.prediction_mismatch`).
     """
     from alnus.models.package import read_metadata
 
@@ -929,8 +948,12 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
     try:
         recorded = json.loads(stamp.read_text(encoding="utf-8"))
         recorded_sha, recorded_tta = recorded.get("weights_sha256"), recorded.get("tta", [])
+        # Stamps written before tables were hashed have none; those tables are read unchecked.
+        digests = recorded.get("sha256")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise EvaluateError(f"{stamp} is damaged (not a JSON object); {again}.") from None
+    if digests is not None and not isinstance(digests, dict):
+        raise EvaluateError(f"{stamp} is damaged (its sha256 is not a table of digests); {again}.")
     meta = read_metadata(where.package)
     if recorded_sha != meta["weights_sha256"]:
         raise EvaluateError(
@@ -951,6 +974,9 @@ def read_predictions(run_dir: str | os.PathLike[str], model: str) -> dict[str, p
             if expected is None and split != "val":
                 continue
             raise EvaluateError(f"{path} not found: model {model} has no {split} predictions; {again}.")
+        problem = prediction_table_problem(digests, split, path)
+        if problem:
+            raise EvaluateError(f"{problem}; {again}.")
         try:
             raw = pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]}, keep_default_na=False)
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

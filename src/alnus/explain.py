@@ -38,6 +38,7 @@ from alnus.data.images import load_image, parse_frame
 from alnus.data.masks import load_mask
 from alnus.data.roi import Box, box_from_mask, box_inside, mask_path, parse_box, roi_box
 from alnus.errors import AlnusError
+from alnus.evaluate import prediction_table_problem
 from alnus.models.registry import UltrasoundNet, get_submodule
 from alnus.operating_point import apply_operating_point
 from alnus.predict import Predictor
@@ -699,6 +700,10 @@ def _predictions(run_dir: Path, model: str, split: str, predictor: Predictor) ->
     path = where.predictions_csv(split)
     if not path.is_file():
         raise ExplainError(f"{path} not found: model {model} has no {split} predictions (the split may be empty).")
+    digests = stamp.get("sha256")
+    problem = prediction_table_problem(digests if isinstance(digests, dict) else None, split, path)
+    if problem:
+        raise ExplainError(f"{problem}; {again}.")
     return pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str, "site": str, "label": str},
                        keep_default_na=False)  # fmt: skip
 

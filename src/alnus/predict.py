@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from alnus._hardware import Precision, autocast, choose_precision
-from alnus._io import NotAFileError, atomic_write_text, open_regular, write_csv
+from alnus._io import NotAFileError, atomic_write_text, file_sha256, open_regular, write_csv
 from alnus._levels import unit_keys
 from alnus.data.dataset import ImageCache, PreprocessSpec, UltrasoundDataset, _to_tensor, preprocess
 from alnus.data.images import frame_choice, load_image, parse_frame
@@ -975,6 +975,7 @@ def predict_run(
         stamp.unlink(missing_ok=True)
         written: dict[str, str] = {}
         counts: dict[str, int] = {}
+        digests: dict[str, str] = {}
         for split in splits:
             rows = table[table["split"] == split]
             if rows.empty:
@@ -986,7 +987,7 @@ def predict_run(
                     out[column] = ""
             path = where.predictions_csv(split)
             write_csv(out[list(PREDICTION_COLUMNS)], path)
-            written[split], counts[split] = str(path), len(out)
+            written[split], counts[split], digests[split] = str(path), len(out), file_sha256(path)
         record = {
             "weights_sha256": predictor.metadata["weights_sha256"],
             "tta": predictor.tta,
@@ -994,6 +995,8 @@ def predict_run(
             "device": str(predictor.device),
             "precision": predictor.precision.name,
             "rows": counts,
+            # Each table as written: evaluate refuses one edited since, or one left by an earlier prediction.
+            "sha256": digests,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
