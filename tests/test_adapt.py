@@ -728,3 +728,28 @@ def test_two_packages_calls_are_compared_when_they_call_the_same_cases(capsys: p
     assert "on the same 10 studies: sensitivity 100.0% vs 100.0%" in " ".join(capsys.readouterr().out.split())
     cli._show_calls_compared({**found, "level": "image"})
     assert "images of one patient count as independent cases here" in " ".join(capsys.readouterr().err.split())
+
+
+def test_threshold_and_reader_rule_are_not_set_on_images_the_package_was_trained_on(site: Path) -> None:
+    """An attack review: `alnus threshold` and `alnus reader-rule` froze their value on the package's own training
+    images (100% sensitivity and specificity there) without a word, though the package lists them; its validation
+    images stay allowed, as `alnus evaluate` freezes on them."""
+    from alnus.adapt import freeze_reader_rule
+    from alnus.data.seen import development_record, write_development_images
+
+    package, folder = site / "model", site / "site"
+    digest = "ab" * 32
+    metadata = package / "metadata.json"
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "training_data_hash": digest}))
+    rows = [{"image": str(folder / f"im{i:02d}.png"), "split": "train" if i < 4 else "val"} for i in range(8)]
+    write_development_images(package, development_record(rows, digest, None))
+    table = pd.read_csv(folder / "validation.csv")
+    table.assign(reader_birads=["4a", "4a", "3", "5"] * 6).to_csv(folder / "validation.csv", index=False)
+    code, _, stderr = run_cli("threshold", str(package), "--manifest", str(folder / "validation.csv"), "--refreeze")
+    said = " ".join(stderr.split())
+    assert code == 2 and "4 of the 24 images (4 patient(s); rows 2, 3, 4, 5, e.g. im00.png)" in said, stderr
+    assert "a threshold set on them would fit the model's own training data" in said and "Remove those" in said
+    with pytest.raises(AdaptError, match="a reader rule set on them would fit the model's own training data"):
+        freeze_reader_rule(package, folder / "validation.csv", refreeze=True)
+    table.iloc[4:].to_csv(folder / "unseen.csv", index=False)  # validation images (4-7) and new ones
+    assert run_cli("threshold", str(package), "--manifest", str(folder / "unseen.csv"), "--refreeze")[0] == 0

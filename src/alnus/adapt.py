@@ -724,6 +724,7 @@ def freeze_on_labelled(
         if target is None:
             raise AdaptError(f"rule {rule} needs a target (e.g. --target 0.9).")
     predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
+    _refuse_training_images(predictor, table, manifest, package_dir, "a threshold", max_pixels)
     predictions = predictor.predict_table(table, manifest.parent)
     wanted = choose_frozen_threshold(predictions, rule=rule, target=target, level=level, aggregate=aggregate)
     wanted["frozen_on"] = f"{manifest.name} (labelled validation patients given to `alnus threshold`)"
@@ -843,23 +844,50 @@ def _seen_among(
 ) -> str:
     """What to say when some of the scored images are images the package learned from ("" when none, or when the
     package does not list them)."""
-    from alnus.data.images import load_image, parse_frame
-
-    if predictor.seen is None:
-        return ""
-    frames = table["frame"] if "frame" in table.columns else pd.Series("", index=table.index)
-    hits = []
-    for i, (image, frame) in enumerate(zip(table["image"].astype(str), frames, strict=True)):
-        path = Path(image) if Path(image).is_absolute() else root / image
-        frame = "" if pd.isna(frame) else str(frame)
-        if predictor.seen.match(load_image(path, frame=parse_frame(frame), max_pixels=max_pixels)) is not None:
-            hits.append(i)
+    hits = [i for i, _ in _development_hits(predictor, table, root, max_pixels)]
     if not hits:
         return ""
     patients = table["patient_id"].iloc[hits].astype(str).nunique() if "patient_id" in table.columns else len(hits)
     return (f"{len(hits)} of the {len(table)} images ({patients} patient(s), e.g. {table['image'].iloc[hits[0]]}) "
             f"are images {package} was trained or selected on: these numbers are not a test of it; score it on "
             "patients it never saw.")  # fmt: skip
+
+
+def _development_hits(predictor: Any, table: pd.DataFrame, root: Path, max_pixels: int | None) -> list[tuple[int, str]]:
+    """(row position, split) of each image of `table` that the package learned from: `train` or `val` (none when the
+    package does not list its development images)."""
+    from alnus.data.images import load_image, parse_frame
+
+    if predictor.seen is None:
+        return []
+    frames = table["frame"] if "frame" in table.columns else pd.Series("", index=table.index)
+    hits = []
+    for i, (image, frame) in enumerate(zip(table["image"].astype(str), frames, strict=True)):
+        path = Path(image) if Path(image).is_absolute() else root / image
+        frame = "" if pd.isna(frame) else str(frame)
+        found = predictor.seen.match(load_image(path, frame=parse_frame(frame), max_pixels=max_pixels))
+        if found is not None:
+            hits.append((i, found[0]))
+    return hits
+
+
+def _refuse_training_images(
+    predictor: Any, table: pd.DataFrame, manifest: Path, package: Path, what: str, max_pixels: int | None
+) -> None:
+    """Refuse to set `what` on images the package was trained on: its probabilities there are those of its own
+    training data, so a value chosen on them does not hold for new patients. Its validation images are allowed (they
+    are where `alnus evaluate` froze it)."""
+    trained = [i for i, split in _development_hits(predictor, table, manifest.parent, max_pixels) if split == "train"]
+    if not trained:
+        return
+    rows = ", ".join(str(int(table.index[i]) + 2) for i in trained[:5]) + (" ..." if len(trained) > 5 else "")
+    patients = table["patient_id"].iloc[trained].astype(str).nunique()
+    raise AdaptError(
+        f"{manifest}: {len(trained)} of the {len(table)} images ({patients} patient(s); rows {rows}, e.g. "
+        f"{table['image'].iloc[trained[0]]}) are images {package} was trained on (or near copies of them): {what} "
+        "set on them would fit the model's own training data and not hold for new patients. Remove those patients' "
+        "rows, or use labelled patients the model never saw."
+    )
 
 
 def _compare_calls(calls: list[tuple[str, str, np.ndarray, np.ndarray]]) -> dict[str, Any] | str | None:
@@ -975,6 +1003,7 @@ def freeze_reader_rule(
     point = meta.get("threshold") or {}
     level, aggregate = point.get("level", "patient"), point.get("aggregate", "mean")
     predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
+    _refuse_training_images(predictor, table, manifest, package_dir, "a reader rule", max_pixels)
     predictions = predictor.predict_table(table, manifest.parent)
     rule = reader_rule_on_validation(table, predictions, column, positive_from=positive_from, level=level,
                                      aggregate=aggregate)  # fmt: skip
