@@ -1799,7 +1799,8 @@ def _remove_reader_rule(package: Path, manifest: Path | None, refreeze: bool, re
             ) from None
     console.print(
         f"Removed {escape(printable(package))}'s reader rule (kept in metadata.json's reader_rule_history)"
-        f"{' and its block in the model card' if removed else ''}: predict no longer gives the call with AI.",
+        f"{' and its block in the model card' if removed else ''}: predict no longer gives the call with AI (a "
+        "running `alnus serve` refuses predictions until it is restarted).",
         highlight=False,
         soft_wrap=True,
     )

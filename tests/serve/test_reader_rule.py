@@ -167,3 +167,29 @@ def test_a_repeated_birads_or_a_plain_4_under_a_4b_rule_is_a_422_not_a_guess(
     assert response.status_code == 422 and "plain BI-RADS 4" in response.json()["detail"]
     assert _post(client, birads="4b").status_code == 200
     assert_no_uploads_left(tmp_path / "uploads")
+
+
+def test_a_package_changed_on_disk_while_serving_is_a_503_until_the_service_restarts(
+    rule_package: Path, tmp_path: Path
+) -> None:
+    """An attack review: `alnus reader-rule --remove` (for a site where the rule does not hold) said "predict no longer
+    gives the call with AI", but a running service went on applying the removed rule, as it would a threshold frozen
+    again: the package is loaded once. A rewrite that changes nothing an answer depends on is not refused."""
+    import shutil
+
+    from alnus.models.package import remove_reader_rule
+
+    package = tmp_path / "model"
+    shutil.copytree(rule_package, package)
+    client = client_for(predictor_of(package), tmp_path)
+    assert _post(client, birads="4a").json()["reader_with_ai"] is not None
+    metadata = package / "metadata.json"
+    metadata.write_text(json.dumps(json.loads(metadata.read_text()), indent=1))  # same content, other bytes
+    assert _post(client, birads="4a").status_code == 200
+    remove_reader_rule(package)
+    for fields in ({"birads": "4a"}, {}):
+        response = _post(client, **fields)
+        assert response.status_code == 503, response.text
+        said = response.json()["detail"]
+        assert "changed on disk after the service started (reader_rule)" in said and "restart `alnus serve`" in said
+    assert_no_uploads_left(tmp_path / "uploads")

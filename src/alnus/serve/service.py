@@ -41,6 +41,7 @@ from alnus.data.roi import Box, RoiError, box_inside, format_box, parse_box
 from alnus.data.tta import all_views
 from alnus.errors import AlnusError
 from alnus.explain import OVERLAY_WIDTH, Explanation, explain_images
+from alnus.models.package import METADATA_FILE, read_metadata
 from alnus.operating_point import apply_operating_point, describe, rule_name
 from alnus.predict import ModelOutputError, Predictor
 from alnus.predict import read_card as read_package_card
@@ -68,6 +69,9 @@ DRAWING_THREADS = 2
 MAX_CARD_BYTES = 1 << 20
 # Characters of a refused BI-RADS value quoted back in the error.
 QUOTED_CHARS = 20
+# What an answer depends on in the package's metadata.json: a threshold frozen again, a reader rule set or removed, or
+# weights trained again there make the package loaded at start another one than the package on disk.
+ANSWERING_KEYS = ("weights_sha256", "threshold", "reader_rule", "preprocess", "tta", "label_names", "positive_label")
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,8 @@ class ModelService:
         if self.settings.timeout_s <= 0:
             raise AlnusError(f"the timeout must be above 0 seconds, got {self.settings.timeout_s}.")
         self.info = model_info(predictor, self.settings)
+        self._loaded = {key: predictor.metadata.get(key) for key in ANSWERING_KEYS}
+        self._metadata_seen = _file_signature(predictor.package_dir / METADATA_FILE)
         self._pending: list[_Job] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alnus-predict")
@@ -340,6 +346,28 @@ class ModelService:
             dropped, self._pending = self._pending, []
         for job in dropped:
             job.future.cancel()
+
+    def check_package(self) -> None:
+        """A 503 when the package's metadata.json now says something else than at start about what an answer depends
+        on (`ANSWERING_KEYS`): the service would answer with a threshold, reader rule or weights the package no longer
+        has. The file is read again only when its size, time or inode changed."""
+        path = self.predictor.package_dir / METADATA_FILE
+        signature = _file_signature(path)
+        if signature == self._metadata_seen:
+            return
+        try:
+            now = read_metadata(self.predictor.package_dir)
+        except AlnusError:
+            changed = ["metadata.json"]
+        else:
+            changed = [key for key in ANSWERING_KEYS if now.get(key) != self._loaded[key]]
+        if changed:
+            raise ApiError(
+                503,
+                f"the model package changed on disk after the service started ({', '.join(changed)}): answers would "
+                "not be the package's any more; restart `alnus serve` to load it as it is now.",
+            )
+        self._metadata_seen = signature  # rewritten with the same content (an export recorded, say)
 
     async def preview(
         self, path: Path, cleanup: Callable[[], None] | None = None, frame: int | None = None
@@ -387,6 +415,7 @@ class ModelService:
             frame: the 0-based frame of a multi-frame image (None: a DICOM's middle frame, a TIFF's first page).
         """
         try:
+            self.check_package()
             reading = self.birads(birads)
         except ApiError:
             if cleanup is not None:
@@ -689,6 +718,15 @@ def _frame_info(index: int, frames: int | None, sent: bool) -> dict[str, Any] | 
     DICOM's middle frame); None for a single-frame image, and for a PNG, JPEG, BMP or TIFF sent without a frame (its
     first frame is read, and a TIFF's pages are not counted: `frame_choice`)."""
     return None if frames in (None, 1) else {"index": index, "count": frames, "sent": sent}
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, modification time) of a file, None when it cannot be read: an atomic rewrite changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _unexpected(exc: BaseException | None = None) -> ApiError:
