@@ -95,6 +95,21 @@ def test_other_settings_never_overwrite_the_run_config_unrecorded(studied: tuple
     assert yaml.safe_load(run.config.read_text())["train"]["epochs"] == 5
 
 
+def test_a_study_refused_for_changed_training_settings_leaves_the_run_config_as_it_was(
+    studied: tuple[Path, Path],
+) -> None:
+    """An attack review: `alnus study` with another train.epochs rewrote config.yaml, then refused to resume the
+    model's checkpoint; the report then described settings no model was trained with ("up to 3 epochs" for a model
+    trained with 2). `alnus train` already checked before writing."""
+    root, config = studied
+    shutil.copytree(load_config(config).run_dir, root / "runs" / "refused", ignore=shutil.ignore_patterns(".lock*"))
+    run = RunFolder(root / "runs" / "refused")
+    before = run.config.read_text()
+    with pytest.raises(TrainError, match=r"cannot resume .*train.epochs: 2 -> 3"):
+        run_study(load_config(config, ["name=refused", "train.epochs=3"]))
+    assert run.config.read_text() == before and not run.history.exists()
+
+
 def test_a_bad_reader_cell_stops_the_study_before_training(studied: tuple[Path, Path], tmp_path: Path) -> None:
     """Issue 7.7: reader cells are checked when the run is prepared, not after the models are trained."""
     root, config = studied

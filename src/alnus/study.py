@@ -251,6 +251,11 @@ def run_study(cfg: Config, *, console: Console | None = None) -> dict:
 
     check_manifest(cfg)
     with lock_run(cfg.run_dir, command=f"alnus study ({cfg.name})"):
+        # Checked before prepare_run rewrites config.yaml (as `run_training` does): a refused run must leave the folder
+        # as it was, or its report would describe settings that no model of it was trained with.
+        for backbone in cfg.models:
+            if trained_package(cfg, backbone) is None:
+                resumable_checkpoint(cfg, cfg.run_dir, backbone, resume=True)
         if console is not None:
             console.print("validating the manifest and splitting by patient ...", highlight=False)
         run_dir = prepare_run(cfg)
