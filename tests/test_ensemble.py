@@ -384,6 +384,11 @@ def test_predict_run_and_evaluate_freeze_the_ensembles_threshold_on_validation(t
                                  "--member", str(pkg(run, "tiny_box")), "--tta", "hflip"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "ensemble of 2: tiny_cnn x2" in result.output and "training-data hash checked" in result.output
+    # The next commands as this alnus was started, as adapt and study say them (new-user review: a bare `alnus`).
+    from alnus.cli import _alnus_command
+
+    said = " ".join(result.output.split())
+    assert f"Next: {_alnus_command()} predict-run {run} --model ens, then {_alnus_command()} evaluate {run}" in said
     result = runner.invoke(app, ["predict-run", str(run), "--model", "ens", "--model", "tiny_cnn", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     folder = RunFolder(run).model("ens")

@@ -2352,16 +2352,18 @@ def ensemble(
         )
     for note in built.notes:
         _note(note)
-    predict = f"alnus predict-run {escape(str(run))} --model {escape(name)}"
+    # Commands to paste, as this alnus was started (as adapt and study say them).
+    alnus, folder = escape(_alnus_command()), escape(_shell_path(Path(run)))
+    predict = f"{alnus} predict-run {folder} --model {escape(shlex.quote(name))}"
     if built.kept:
         advice = (
-            f"Next: alnus evaluate {escape(str(run))} (applies its kept threshold) and alnus report; first {predict} "
-            "if it has no predictions yet."
+            f"Next: {alnus} evaluate {folder} (applies its kept threshold) and {alnus} report {folder}; first "
+            f"{predict} if it has no predictions yet."
         )
     else:
         advice = (
-            f"Next: {predict}, then alnus evaluate {escape(str(run))} (freezes its threshold on validation) and "
-            "alnus report."
+            f"Next: {predict}, then {alnus} evaluate {folder} (freezes its threshold on validation) and {alnus} "
+            f"report {folder}."
         )
     console.print(advice, highlight=False, soft_wrap=True)
 
