@@ -228,3 +228,22 @@ def test_the_per_reader_table_shows_each_difference_and_names_where_test_and_int
     # An attack review: a NaN difference in a hand-edited metrics.json showed "n/a (-64.6 to +15.2)".
     no_estimate = per_reader_table("external_test", "m", {"per_reader": [{**row, "sensitivity_diff": float("nan")}]})
     assert no_estimate.cells[0][2].sub == ""
+
+
+def test_heat_maps_labelled_with_calls_the_model_no_longer_makes_are_not_shown(
+    report_run: Path, tmp_path: Path
+) -> None:
+    """An attack review: after `alnus evaluate RUN --refreeze` moved the threshold, `alnus report RUN` showed the heat
+    maps under the outcomes of the old threshold (a true positive now, captioned a false negative) beside results at
+    the new one. The index's call of one image is set as another threshold would have made it."""
+    run = _copy(report_run, tmp_path)
+    folder = run.heatmaps_for("tiny_cnn", "external_test")
+    index = pd.read_csv(folder / "index.csv", dtype=str, keep_default_na=False)
+    index.loc[0, "call"] = "0" if index.loc[0, "call"] == "1" else "1"
+    index.loc[0, "outcome"] = {"TP": "FN", "FN": "TP", "FP": "TN", "TN": "FP"}[index.loc[0, "outcome"]]
+    index.to_csv(folder / "index.csv", index=False)
+    html = build_report(run.root, figures=read_figures_index(run.root)).read_text(encoding="utf-8")
+    said = " ".join(html.split())
+    assert "The heat maps of tiny_cnn, external_test are not shown: 1 of the" in said
+    assert "alnus explain RUN" in said and 'id="heatmaps-tiny_cnn-external_test"' not in html
+    assert 'id="heatmaps-tiny_cnn-internal_test"' in html  # the other split's maps still match

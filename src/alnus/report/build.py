@@ -25,6 +25,7 @@ from alnus import __version__
 from alnus._io import atomic_write_text, file_problem
 from alnus._levels import patients_first
 from alnus._text import no_bidi
+from alnus.errors import AlnusError
 from alnus.models.package import is_ensemble, kept_last_epoch
 from alnus.operating_point import apply_operating_point, describe
 from alnus.report import tables
@@ -359,11 +360,48 @@ def _faithfulness(index: pd.DataFrame) -> str | None:
     )
 
 
+def _current_calls(run: RunFolder, model: str) -> dict[str, dict[str, tuple[float, int]]] | None:
+    """(probability, call) of every predicted image, per split, at the model's frozen threshold now; None when the
+    package, its threshold or its predictions cannot be read (what needs them says so elsewhere in the report)."""
+    from alnus.evaluate import read_predictions
+    from alnus.models.package import read_metadata
+    from alnus.operating_point import apply_operating_point
+
+    try:
+        point = read_metadata(run.model(model).package)["threshold"]
+        tables = read_predictions(run.root, model) if point is not None else {}
+    except AlnusError:
+        return None
+    if point is None:
+        return None
+    found = {}
+    for split, table in tables.items():
+        calls = apply_operating_point(table, point)["call"]
+        found[split] = {im: (float(p), int(c)) for im, p, c in zip(table["image"], table["prob"], calls, strict=True)}
+    return found
+
+
+def _stale_heatmaps(index: pd.DataFrame, current: dict[str, tuple[float, int]] | None) -> int:
+    """How many explained images no longer have the probability or the call the heat map was labelled with (the
+    model was predicted again, or its threshold frozen again, after `alnus explain`). Not checked (0) without the
+    model's current calls, or for an index.csv without the image and call columns that `alnus explain` writes."""
+    if current is None or "image" not in index.columns or "call" not in index.columns:
+        return 0
+    stale = 0
+    for image, prob, call in zip(index["image"], pd.to_numeric(index["prob"], errors="coerce"),
+                                 pd.to_numeric(index["call"], errors="coerce"), strict=True):  # fmt: skip
+        now = current.get(image)
+        if now is None or not abs(prob - now[0]) <= 1e-9 or call != now[1]:
+            stale += 1
+    return stale
+
+
 def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
     section = Section("heatmaps", "Heat maps")
     positive = str(inputs.config.get("data", {}).get("positive_label", "positive"))
     methods: list[str] = []
     for model in inputs.models:
+        current = _current_calls(inputs.run, model)
         for split in EVALUATION_SPLITS:
             folder = inputs.run.heatmaps_for(model, split)
             if folder.exists() and not inputs.run.is_inside(folder):
@@ -375,6 +413,16 @@ def _heatmaps_section(inputs: RunInputs) -> tuple[Section, list[str]]:
                 continue
             index = _read_index(folder / "index.csv")
             if index is None or index.empty:
+                continue
+            stale = _stale_heatmaps(index, None if current is None else current.get(split, {}))
+            if stale:
+                # Their TP/FP/FN/TN and probabilities would contradict the results beside them.
+                section.paragraphs.append(
+                    f"The heat maps of {model}, {split} are not shown: {stale} of the {len(index)} explained images "
+                    "no longer have the probability or the call they were labelled with (the model was predicted "
+                    "again, or its threshold frozen again, after they were made); run `alnus explain RUN` (RUN: "
+                    "this run's folder), then `alnus report RUN` again."
+                )
                 continue
             if "method" in index.columns:
                 methods += [m for m in index["method"].unique() if m and m not in methods]
