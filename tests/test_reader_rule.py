@@ -627,3 +627,27 @@ def test_score_shows_one_table_for_a_reader_rule_two_packages_share(site: Path) 
     assert code == 0, stdout + stderr
     assert stdout.count("the radiologist with AI") == 1
     assert "its reader rule is the same as the first package's, with the same results" in " ".join(stderr.split())
+
+
+def test_a_run_packages_rule_is_not_set_on_the_runs_test_patients(site: Path) -> None:
+    """An attack review: `alnus evaluate` says to set a run package's rule with `alnus reader-rule` when the run has
+    several readers, and the command took the run's external test patients as readily as its validation ones."""
+    import shutil
+
+    from alnus.adapt import AdaptError, freeze_reader_rule
+
+    run = site / "runs" / "demo"
+    package = run / "models" / "tiny_cnn" / "model"
+    shutil.copytree(site / "model", package)
+    (run / "config.yaml").write_text("name: demo\n")
+    table = pd.read_csv(site / "site" / "validation.csv", dtype=str)
+    splits = table.assign(image=[str(site / "site" / p) for p in table["image"]], site="a",
+                          split=["external_test"] * 6 + ["val"] * 18)  # fmt: skip
+    splits.to_csv(run / "splits.csv", index=False)
+    with pytest.raises(AdaptError, match=r"6 of the 24 images \(rows 2, 3, 4, 5, 6 \.\.\., e\.g\. im00\.png\) are test "
+                       r"images of the run .*Set it on the run's validation patients"):  # fmt: skip
+        freeze_reader_rule(package, site / "site" / "validation.csv")
+    assert read_metadata(package)["reader_rule"] is None
+    table.iloc[6:].to_csv(site / "site" / "val_only.csv", index=False)
+    rule, _ = freeze_reader_rule(package, site / "site" / "val_only.csv")
+    assert read_metadata(package)["reader_rule"]["value"] == rule["value"]

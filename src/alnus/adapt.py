@@ -890,6 +890,37 @@ def _refuse_training_images(
     )
 
 
+def _refuse_run_test_images(table: pd.DataFrame, manifest: Path, package: Path, what: str) -> None:
+    """For a package of a run: refuse to set `what` on the run's internal or external test images (by content), which
+    must stay unseen by every choice the model carries; the run's validation patients are where it is set."""
+    from alnus.runfolder import read_splits
+
+    run = next((p for p in package.resolve().parents if _is_run_folder(p)), None)
+    if run is None:
+        return
+    splits = read_splits(run)
+    tests = splits[splits["split"].isin(("internal_test", "external_test"))]
+    held = {}
+    for image in tests["image"].astype(str):
+        path = Path(image) if Path(image).is_absolute() else run / image
+        with contextlib.suppress(OSError, AlnusError):  # a test image moved away cannot be among these
+            held[file_sha256(path)] = image
+    found = []
+    for position, image in enumerate(table["image"].astype(str)):
+        path = Path(image) if Path(image).is_absolute() else manifest.parent / image
+        with contextlib.suppress(OSError, AlnusError):
+            if file_sha256(path) in held:
+                found.append(position)
+    if found:
+        rows = ", ".join(str(int(table.index[i]) + 2) for i in found[:5]) + (" ..." if len(found) > 5 else "")
+        raise AdaptError(
+            f"{manifest}: {len(found)} of the {len(table)} images (rows {rows}, e.g. {table['image'].iloc[found[0]]}) "
+            f"are test images of the run {run} that {package} belongs to: {what} set on them would make its results "
+            "on those patients optimistic. Set it on the run's validation patients (the val rows of "
+            f"{run / 'splits.csv'})."
+        )
+
+
 def _compare_calls(calls: list[tuple[str, str, np.ndarray, np.ndarray]]) -> dict[str, Any] | str | None:
     """The two packages' calls on the same cases: exact McNemar tests of sensitivity and specificity (first minus
     second); why not when one has no threshold or the two call at different levels."""
@@ -1002,6 +1033,7 @@ def freeze_reader_rule(
         )
     point = meta.get("threshold") or {}
     level, aggregate = point.get("level", "patient"), point.get("aggregate", "mean")
+    _refuse_run_test_images(table, manifest, package_dir, "a reader rule")
     predictor = Predictor(package_dir, device="cpu", precision="fp32", engine="torch", max_pixels=max_pixels)
     _refuse_training_images(predictor, table, manifest, package_dir, "a reader rule", max_pixels)
     predictions = predictor.predict_table(table, manifest.parent)

@@ -1439,8 +1439,9 @@ def _freeze_reader_rules(
     if splits is None or readers["reader_scale"] != "birads" or not columns:
         return {}
     if len(columns) > 1:
-        why = (f"{len(columns)} readers ({', '.join(columns)}): a package carries one reader's rule; set it with "
-               "`alnus reader-rule PACKAGE --manifest CSV --reader COLUMN`")  # fmt: skip
+        why = (f"{len(columns)} readers ({', '.join(columns)}): a package carries one reader's rule; set it on the "
+               "run's validation patients (the val rows of splits.csv) with `alnus reader-rule PACKAGE --manifest CSV "
+               "--reader COLUMN`")  # fmt: skip
         return {model: {"status": "none", "reason": why} for model in tables}
     val_rows = splits[splits["split"] == "val"]
     out: dict[str, Any] = {}
