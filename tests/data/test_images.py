@@ -792,3 +792,19 @@ def test_dicom_region_bound_not_one_number_is_refused(tmp_path: Path, bound: obj
         with pytest.raises(ImageReadError, match="not one whole number each; load it with us_region=False"):
             read(path)
     assert load_image(path, us_region=False).shape == (20, 30)
+
+
+def test_uncompressed_colour_dicom_without_planar_configuration_is_named(tmp_path: Path) -> None:
+    """Attack review: an RGB DICOM lacking Planar Configuration (type 1C) was refused as "pixel data is truncated or
+    corrupt", which sent a user looking for damage; the header's gap is named, and with the tag it decodes."""
+    rgb = np.random.default_rng(0).integers(0, 256, size=(32, 40, 3), dtype=np.uint8)
+    path = tmp_path / "rgb.dcm"
+    ds = _write_dicom(path, rgb, "RGB")
+    del ds.PlanarConfiguration
+    ds.save_as(path, enforce_file_format=True)
+    for read in (load_image, image_shape):
+        with pytest.raises(ImageReadError, match=r"rgb\.dcm: DICOM colour image \(3 samples per pixel, .*Planar Conf"):
+            read(path)
+    ds.PlanarConfiguration = 0
+    ds.save_as(path, enforce_file_format=True)
+    assert load_image(path).shape == (32, 40)

@@ -474,6 +474,7 @@ def _check_dicom_header(ds: Dataset, path: Path, max_pixels: int) -> tuple[int, 
             f"{path}: DICOM photometric interpretation {photometric!r} is not supported "
             f"(supported: {', '.join(sorted(_SUPPORTED_PHOTOMETRIC))}); export the image as PNG."
         )
+    _check_planar_configuration(ds, path)
     # Only one frame is ever decoded, so the limit is per frame; a long cine loop is not a bomb.
     per_pixel = _dicom_bytes_per_pixel(ds, photometric)
     if rows * columns * per_pixel > max_pixels:
@@ -482,6 +483,22 @@ def _check_dicom_header(ds: Dataset, path: Path, max_pixels: int) -> tuple[int, 
             f"{max_pixels:,} {_LIMIT_HINT}; or export it smaller."
         )
     return rows, columns, max(n_frames, 1), _dicom_decoder(ds, path)
+
+
+def _check_planar_configuration(ds: Dataset, path: Path) -> None:
+    """An uncompressed colour image must say how its samples are stored (Planar Configuration, type 1C): without it
+    pydicom cannot decode it, and guessing would scramble a planar image into another picture without a word."""
+    try:
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        compressed = bool(ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_compressed)
+    except (AttributeError, TypeError, ValueError):
+        return  # the decoder says what is wrong with these
+    if samples > 1 and not compressed and ds.get("PlanarConfiguration") is None:
+        raise ImageReadError(
+            f"{path}: DICOM colour image ({samples} samples per pixel, uncompressed) lacks Planar Configuration "
+            "(0028,0006), which says whether its colour samples are interleaved or in planes; re-export the file "
+            "from the scanner or PACS, or export the image as PNG."
+        )
 
 
 def _dicom_bytes_per_pixel(ds: Dataset, photometric: str) -> int:
