@@ -327,6 +327,10 @@ def test_a_tampered_fold_prediction_file_is_refused(cv_run, tmp_path, edit, mess
     cfg, _ = cv_run
     run = tmp_path / "fold"
     shutil.copytree(Path(cfg.runs_dir) / f"{cfg.name}_cv1", run)
+    # A package from before the table's SHA-256 was recorded (which refuses every edit): the table's own checks.
+    metadata = run / "models" / "tiny_cnn" / "model" / "metadata.json"
+    metadata.write_text(json.dumps({k: v for k, v in json.loads(metadata.read_text()).items()
+                                    if k != "val_predictions_sha256"}))  # fmt: skip
     path = run / "models" / "tiny_cnn" / "val_predictions_best.csv"
     good = fold_predictions(run, "tiny_cnn", "positive")
     assert len(good) and set(good["y"]) <= {0, 1}
@@ -794,3 +798,23 @@ def test_cv_compare_does_not_say_nothing_was_chosen_when_an_epoch_was():
     assert said.startswith("a kept each fold's last epoch; c chose it") and warning.startswith("c chose each fold's")
     said, warning = _selection_words([chose_earlier])
     assert "lean optimistic" in said and warning == ""
+
+
+def test_a_folds_val_predictions_edited_by_hand_are_refused(cv_run, tmp_path):
+    """Attack review: probabilities edited in a finished fold's val_predictions_best.csv (still in [0, 1]) made its
+    AUC 1.000 when `alnus cv` was run again; the fold's package records the table's SHA-256 as training wrote it."""
+    import shutil
+
+    from alnus.cv import fold_predictions
+    from alnus.models.package import read_metadata
+
+    cfg, _ = cv_run
+    run_dir = Path(shutil.copytree(Path(cfg.runs_dir) / f"{cfg.name}_cv0", tmp_path / f"{cfg.name}_cv0"))
+    table = run_dir / "models" / "tiny_cnn" / "val_predictions_best.csv"
+    assert read_metadata(run_dir / "models" / "tiny_cnn" / "model")["val_predictions_sha256"] == file_sha256(table)
+    assert len(fold_predictions(run_dir, "tiny_cnn", cfg.data.positive_label)) > 0
+    edited = pd.read_csv(table, keep_default_na=False)
+    edited["prob"] = np.where(edited["y"] == 1, 0.99, 0.01)
+    edited.to_csv(table, index=False)
+    with pytest.raises(CvError, match=r"val_predictions_best\.csv changed after training wrote it.*delete .*tiny_cnn"):
+        fold_predictions(run_dir, "tiny_cnn", cfg.data.positive_label)

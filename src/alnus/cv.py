@@ -30,7 +30,7 @@ import pandas as pd
 from rich.console import Console
 
 from alnus import stats
-from alnus._io import atomic_write_text
+from alnus._io import atomic_write_text, file_sha256
 from alnus._levels import aggregate_cases, case_ids, unit_keys
 from alnus._text import escape
 from alnus.config import Config, Source, apply_overrides, config_from_dict, stable_hash, training_settings
@@ -148,6 +148,11 @@ def fold_predictions(run_dir: Path, backbone: str, positive_label: str) -> pd.Da
     retrain = f"delete {RunFolder(run_dir).model(backbone).root} and run `alnus cv` again to train that fold anew"
     if not path.is_file():
         raise CvError(f"{path} not found: {backbone} of {run_dir.name} has no validation predictions; {retrain}.")
+    if _written_digest(run_dir, backbone) not in (None, file_sha256(path)):
+        raise CvError(
+            f"{path} changed after training wrote it (its SHA-256 is not the one the fold's model package records): "
+            f"a probability edited by hand, or a table of another training; {retrain}."
+        )
     val = read_splits(run_dir)
     val = val[val["split"] == "val"].reset_index(drop=True)
     try:
@@ -184,6 +189,17 @@ def fold_predictions(run_dir: Path, backbone: str, positive_label: str) -> pd.Da
             "epoch": preds["epoch"].to_numpy() if "epoch" in preds.columns else np.nan,
         }
     )
+
+
+def _written_digest(run_dir: Path, backbone: str) -> str | None:
+    """The SHA-256 of `val_predictions_best.csv` that the fold's package recorded when training wrote it; None for a
+    package from before it was recorded, or none that can be read (what needs the package says so)."""
+    try:
+        meta = json.loads(RunFolder(run_dir).model(backbone).metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    digest = meta.get("val_predictions_sha256") if isinstance(meta, dict) else None
+    return digest if isinstance(digest, str) else None
 
 
 def _patient_name(key: str) -> str:

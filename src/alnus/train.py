@@ -883,6 +883,10 @@ def write_package(
             },  # fmt: skip
             "run": cfg.name,
             "settings_hash": stable_hash(settings),
+            # The chosen epoch's val predictions as written, so that `alnus cv` can tell a hand-edited table.
+            "val_predictions_sha256": (
+                file_sha256(model_dir.val_predictions_best) if model_dir.val_predictions_best.is_file() else None
+            ),
             "training": training_record(cfg),
             "tta": list(cfg.preprocess.tta),
             "precision": {"name": engine.precision.name, "reason": engine.precision.reason},
