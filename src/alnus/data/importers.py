@@ -26,6 +26,7 @@ from alnus._io import open_regular, split_paths, spreadsheet_formula, write_csv
 from alnus.data.images import ImageReadError, image_shape, is_dicom, not_an_image, quiet_pydicom
 from alnus.data.manifest import control_characters, show_controls
 from alnus.data.masks import load_mask
+from alnus.data.roi import Box, box_from_mask, format_box
 from alnus.errors import AlnusError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -36,8 +37,6 @@ IGNORED_NAMES = frozenset({"DICOMDIR", "Thumbs.db"})
 MASK_NAME = re.compile(r"_mask", re.IGNORECASE)
 MANIFEST_NAME = "manifest.csv"
 _LIST_LIMIT = 10
-
-Box = tuple[int, int, int, int]
 
 
 class DatasetImportError(AlnusError):
@@ -61,26 +60,12 @@ def _rebase(path: Path, out: Path) -> str:
         return Path(path).as_posix()
 
 
-def _format_box(box: Box) -> str:
-    return ",".join(str(v) for v in box)
-
-
 def _mask_array(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """A mask's lesion as boolean (H, W), by the rule every mask is read with (`alnus.data.masks.load_mask`)."""
     try:
         return load_mask(path, max_pixels=max_pixels)
     except ImageReadError as exc:
         raise DatasetImportError(f"cannot use the mask: {exc}; re-export or remove the file.") from None
-
-
-def _box(mask: np.ndarray) -> Box | None:
-    """Bounding box (x, y, w, h) of the foreground, 0-based top-left corner, w/h in pixels; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    x0, y0 = int(cols[0]), int(rows[0])
-    return x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1
 
 
 def _image_size(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
@@ -103,7 +88,7 @@ def _masks_box(image: Path, masks: list[Path], max_pixels: int | None = None) ->
                 f"{mask_file}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image.name} is "
                 f"{size[0]}x{size[1]}; a mask must be drawn on its image."
             )
-        box = _box(mask)
+        box = box_from_mask(mask)
         if box is not None:
             boxes.append(box)
     if not boxes:
@@ -251,7 +236,7 @@ def _busbra_roi(bbox: str) -> str:
     x, y, w, h = values
     if x < 1 or y < 1 or w < 0 or h < 0:
         raise ValueError(bbox)
-    return _format_box((x - 1, y - 1, w + 1, h + 1))
+    return format_box((x - 1, y - 1, w + 1, h + 1))
 
 
 def import_busbra(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.DataFrame:
@@ -340,7 +325,7 @@ def import_breast(
         box = _masks_box(image, masks[:1], max_pixels)
         if box is None:
             raise DatasetImportError(f"{masks[0]}: tumour mask is empty; re-export it or remove it from mask_tumor.")
-        rois.append(_format_box(box))
+        rois.append(format_box(box))
     patient = [f"BREAST-{c:03d}" for c in cases]
     manifest = pd.DataFrame(
         {
@@ -446,7 +431,7 @@ def import_busi(
                     "study_id": stem,
                     "label": class_dir.name,
                     "site": "BUSI",
-                    "roi": _format_box(box) if box else "",
+                    "roi": format_box(box) if box else "",
                     "mask": _rebase(mask_files[0], out) if mask_files else "",
                 }
             )
