@@ -52,6 +52,12 @@ def phantom_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Waits use locators (Playwright's own world): the page's CSP forbids eval, which `wait_for_function` needs.
+def _assert_page_was_clean(watch: Watch, url: str) -> None:
+    """The page asked nothing of any server but its own, and logged no error nor opened a dialog."""
+    assert [u for u in watch.requests if not u.startswith((url + "/", "data:", "blob:"))] == []
+    assert _failures(watch) == [] and watch.dialogs == []
+
+
 def _failures(watch: Watch) -> list[str]:
     """Console errors other than the browser's own line for an answer with an error status (the 401 asked for)."""
     return [e for e in watch.errors if "Failed to load resource" not in e]
@@ -214,8 +220,7 @@ def test_a_dropped_text_file_is_refused_with_the_services_message(server: LiveSe
         assert page.locator("#predict").is_disabled()
     finally:
         context.close()
-    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
-    assert _failures(watch) == [] and watch.dialogs == []
+    _assert_page_was_clean(watch, server.url)
 
 
 def test_with_a_reader_rule_the_radiologists_birads_gives_both_calls(
@@ -264,8 +269,7 @@ def test_with_a_reader_rule_the_radiologists_birads_gives_both_calls(
         assert page.input_value("#birads") == ""
     finally:
         context.close()
-    assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
-    assert _failures(watch) == [] and watch.dialogs == []
+    _assert_page_was_clean(watch, rule_server.url)
 
 
 def test_a_client_over_its_per_client_limit_is_told_so_and_can_go_on(
@@ -367,8 +371,7 @@ def test_editing_the_box_or_the_birads_takes_the_result_away_until_predict(
         assert page.locator("#no-result").inner_text() == "Choose an image, draw the lesion box, then press Predict."
     finally:
         context.close()
-    assert [url for url in watch.requests if not url.startswith((rule_server.url + "/", "data:", "blob:"))] == []
-    assert _failures(watch) == [] and watch.dialogs == []
+    _assert_page_was_clean(watch, rule_server.url)
 
 
 def test_a_late_answer_to_an_earlier_prediction_changes_nothing(
@@ -444,8 +447,7 @@ def test_a_malformed_typed_box_is_explained_under_the_image(
         page.locator("#status", has_text="Done.").wait_for()
     finally:
         context.close()
-    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
-    assert _failures(watch) == [] and watch.dialogs == []
+    _assert_page_was_clean(watch, server.url)
 
 
 # ------------------------------------------------------------------------------------------- a cine loop's frames
@@ -591,8 +593,7 @@ def test_a_cine_loops_frame_is_chosen_on_the_page_shown_and_predicted(
         assert page.locator("#no-result").inner_text().startswith("The lesion box changed: press Predict")
     finally:
         context.close()
-    assert [url for url in watch.requests if not url.startswith((server.url + "/", "data:", "blob:"))] == []
-    assert _failures(watch) == [] and watch.dialogs == []
+    _assert_page_was_clean(watch, server.url)
 
 
 def test_frames_picked_faster_than_they_arrive_are_asked_for_one_at_a_time(
